@@ -1,0 +1,395 @@
+//! Config loading and the device-class schema.
+//!
+//! Every edgeloop config is loaded in two steps, as ripgrep splits low-level and high-level arguments: parse
+//! the raw TOML into serde structs that deny unknown fields, then `validate()` into a resolved form. Either
+//! step fails with one [`ConfigError`] naming the file, the key path and the reason, for example
+//! `factory-vibration.toml: sensors[0].rate_hz: must be > 0`.
+//!
+//! [`ClassConfig`] is the schema of `firmware-configs/*.toml`: what a device class measures and how its
+//! agent buffers and uploads. The agent's and control plane's own runtime configs live in their crates and
+//! reuse [`load_toml`] and [`ConfigError`].
+
+use crate::features::{FeatureKind, PipelineSpec, SensorSpec};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// A config that cannot be used, and exactly why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    /// The file, as given by the user.
+    pub file: String,
+    /// Dotted key path, `sensors[0].rate_hz`; empty when the file as a whole is at fault.
+    pub key: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}: {}", self.file, self.reason)
+        } else {
+            write!(f, "{}: {}: {}", self.file, self.key, self.reason)
+        }
+    }
+}
+
+impl ConfigError {
+    pub fn new(file: impl Into<String>, key: impl Into<String>, reason: impl Into<String>) -> Self {
+        ConfigError { file: file.into(), key: key.into(), reason: reason.into() }
+    }
+}
+
+/// Collects validation errors against one file.
+pub struct Checker<'a> {
+    file: &'a str,
+}
+
+impl<'a> Checker<'a> {
+    pub fn new(file: &'a str) -> Self {
+        Checker { file }
+    }
+    /// `Err` naming `key` and `reason` unless `ok`.
+    pub fn check(&self, ok: bool, key: impl Into<String>, reason: impl Into<String>) -> Result<(), ConfigError> {
+        if ok {
+            Ok(())
+        } else {
+            Err(ConfigError::new(self.file, key, reason))
+        }
+    }
+    pub fn fail(&self, key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+        ConfigError::new(self.file, key, reason)
+    }
+}
+
+/// Parses TOML text into `T`, naming the key path of any error. `file` is only used in messages.
+pub fn parse_toml<T: DeserializeOwned>(file: &str, text: &str) -> Result<T, ConfigError> {
+    let de = toml::Deserializer::new(text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = e.path().to_string();
+        let key = if key == "." { String::new() } else { key };
+        // toml's message may span lines (it quotes the offending line); keep the first.
+        let inner = e.into_inner();
+        let reason = inner.message().lines().next().unwrap_or("invalid TOML").trim().to_string();
+        let reason = match inner.span() {
+            Some(span) => format!("{reason} (at line {})", line_of(text, span.start)),
+            None => reason,
+        };
+        ConfigError::new(file, key, reason)
+    })
+}
+
+fn line_of(text: &str, offset: usize) -> usize {
+    text[..offset.min(text.len())].bytes().filter(|&b| b == b'\n').count() + 1
+}
+
+/// Reads and parses a TOML file; messages name the file by its file name.
+pub fn load_toml<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let file = display_name(path);
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::new(&file, "", format!("cannot read: {e}")))?;
+    parse_toml(&file, &text)
+}
+
+/// The name used for a config file in messages: its file name.
+pub fn display_name(path: &Path) -> String {
+    path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| path.display().to_string())
+}
+
+fn default_hop() -> Option<usize> {
+    None
+}
+fn default_channels() -> usize {
+    1
+}
+fn default_rolling() -> usize {
+    60
+}
+fn default_batch_max_records() -> usize {
+    200
+}
+fn default_heartbeat_secs() -> u64 {
+    10
+}
+fn default_ack_timeout_secs() -> u64 {
+    5
+}
+fn default_max_inflight_batches() -> usize {
+    16
+}
+fn default_outbox_max_bytes() -> u64 {
+    64 * 1024 * 1024
+}
+fn default_commit_max_records() -> usize {
+    512
+}
+fn default_commit_interval_ms() -> u64 {
+    50
+}
+
+/// Fast or slow, as the pipeline treats it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SignalKind {
+    Fast,
+    Slow,
+}
+
+/// One sensor of a device class, raw.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SensorConfig {
+    pub name: String,
+    pub kind: SignalKind,
+    /// Nominal sampling rate.
+    pub rate_hz: f64,
+    #[serde(default = "default_channels")]
+    pub channels: usize,
+    /// Fast signals: samples per window.
+    #[serde(default)]
+    pub window: Option<usize>,
+    /// Fast signals: samples between windows (default: the window, no overlap).
+    #[serde(default = "default_hop")]
+    pub hop: Option<usize>,
+    /// Slow signals: rolling window in samples.
+    #[serde(default = "default_rolling")]
+    pub rolling: usize,
+    /// Physically valid range; readings outside it are cleaned out of training sets.
+    pub valid_min: Option<f64>,
+    pub valid_max: Option<f64>,
+    #[serde(default)]
+    pub unit: String,
+}
+
+/// How the agent uploads.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UplinkConfig {
+    #[serde(default = "default_batch_max_records")]
+    pub batch_max_records: usize,
+    #[serde(default = "default_heartbeat_secs")]
+    pub heartbeat_secs: u64,
+    /// Without ack progress for this long, unacknowledged batches are sent again.
+    #[serde(default = "default_ack_timeout_secs")]
+    pub ack_timeout_secs: u64,
+    #[serde(default = "default_max_inflight_batches")]
+    pub max_inflight_batches: usize,
+}
+
+impl Default for UplinkConfig {
+    fn default() -> Self {
+        UplinkConfig {
+            batch_max_records: default_batch_max_records(),
+            heartbeat_secs: default_heartbeat_secs(),
+            ack_timeout_secs: default_ack_timeout_secs(),
+            max_inflight_batches: default_max_inflight_batches(),
+        }
+    }
+}
+
+/// How the agent buffers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxConfig {
+    /// Bound on stored record bytes; past it the oldest records are dropped and reported.
+    #[serde(default = "default_outbox_max_bytes")]
+    pub max_bytes: u64,
+    /// Group commit: at most this many records per durable commit.
+    #[serde(default = "default_commit_max_records")]
+    pub commit_max_records: usize,
+    /// Group commit: a commit happens at least this often while records are pending.
+    #[serde(default = "default_commit_interval_ms")]
+    pub commit_interval_ms: u64,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        OutboxConfig {
+            max_bytes: default_outbox_max_bytes(),
+            commit_max_records: default_commit_max_records(),
+            commit_interval_ms: default_commit_interval_ms(),
+        }
+    }
+}
+
+/// A device class, as written in `firmware-configs/<class>.toml`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassConfig {
+    pub class: String,
+    #[serde(default)]
+    pub description: String,
+    pub sensors: Vec<SensorConfig>,
+    #[serde(default)]
+    pub uplink: UplinkConfig,
+    #[serde(default)]
+    pub outbox: OutboxConfig,
+}
+
+impl ClassConfig {
+    /// Loads and validates a class file.
+    pub fn load(path: &Path) -> Result<ClassConfig, ConfigError> {
+        let raw: ClassConfig = load_toml(path)?;
+        raw.validate(&display_name(path))?;
+        Ok(raw)
+    }
+
+    /// Parses and validates class TOML given as text.
+    pub fn from_toml(file: &str, text: &str) -> Result<ClassConfig, ConfigError> {
+        let raw: ClassConfig = parse_toml(file, text)?;
+        raw.validate(file)?;
+        Ok(raw)
+    }
+
+    /// Every rule the types cannot express.
+    pub fn validate(&self, file: &str) -> Result<(), ConfigError> {
+        let c = Checker::new(file);
+        c.check(crate::topics::validate_device_id(&self.class).is_ok(), "class", "must be 1 to 64 characters of A-Z, a-z, 0-9, '-', '_' or '.'")?;
+        c.check(!self.sensors.is_empty(), "sensors", "at least one sensor is required")?;
+        for (i, s) in self.sensors.iter().enumerate() {
+            let key = |k: &str| format!("sensors[{i}].{k}");
+            c.check(!s.name.is_empty(), key("name"), "must not be empty")?;
+            c.check(
+                !self.sensors[..i].iter().any(|o| o.name == s.name),
+                key("name"),
+                format!("duplicate sensor name `{}`", s.name),
+            )?;
+            c.check(s.rate_hz.is_finite() && s.rate_hz > 0.0, key("rate_hz"), "must be > 0")?;
+            c.check((1..=64).contains(&s.channels), key("channels"), "must be between 1 and 64")?;
+            if let (Some(lo), Some(hi)) = (s.valid_min, s.valid_max) {
+                c.check(lo < hi, key("valid_max"), format!("must be greater than valid_min ({lo})"))?;
+            }
+            match s.kind {
+                SignalKind::Fast => {
+                    let window = s.window.ok_or_else(|| c.fail(key("window"), "is required for a fast signal"))?;
+                    c.check((2..=1 << 20).contains(&window), key("window"), "must be between 2 and 1048576")?;
+                    if let Some(hop) = s.hop {
+                        c.check(hop >= 1 && hop <= window, key("hop"), format!("must be between 1 and the window ({window})"))?;
+                    }
+                }
+                SignalKind::Slow => {
+                    c.check(s.window.is_none(), key("window"), "applies to fast signals only; use `rolling`")?;
+                    c.check((1..=100_000).contains(&s.rolling), key("rolling"), "must be between 1 and 100000")?;
+                }
+            }
+        }
+        let u = &self.uplink;
+        c.check((1..=10_000).contains(&u.batch_max_records), "uplink.batch_max_records", "must be between 1 and 10000")?;
+        c.check(u.heartbeat_secs > 0, "uplink.heartbeat_secs", "must be > 0")?;
+        c.check(u.ack_timeout_secs > 0, "uplink.ack_timeout_secs", "must be > 0")?;
+        c.check(u.max_inflight_batches > 0, "uplink.max_inflight_batches", "must be > 0")?;
+        let o = &self.outbox;
+        c.check(o.max_bytes >= 1024, "outbox.max_bytes", "must be at least 1024")?;
+        c.check(o.commit_max_records > 0, "outbox.commit_max_records", "must be > 0")?;
+        c.check(o.commit_interval_ms > 0, "outbox.commit_interval_ms", "must be > 0")?;
+        Ok(())
+    }
+
+    /// The feature pipeline this class runs.
+    pub fn pipeline(&self) -> PipelineSpec {
+        let sensors = self
+            .sensors
+            .iter()
+            .map(|s| SensorSpec {
+                name: s.name.clone(),
+                channels: s.channels,
+                features: match s.kind {
+                    SignalKind::Fast => {
+                        // validate() guarantees the window.
+                        let window = s.window.unwrap_or(2);
+                        FeatureKind::Window { window, hop: s.hop.unwrap_or(window) }
+                    }
+                    SignalKind::Slow => FeatureKind::Slow { rolling: s.rolling },
+                },
+            })
+            .collect();
+        PipelineSpec { version: 1, sensors }
+    }
+}
+
+/// Resolves `relative` against the directory of the config file `base`.
+pub fn resolve_relative(base: &Path, relative: &Path) -> PathBuf {
+    if relative.is_absolute() {
+        relative.to_path_buf()
+    } else {
+        base.parent().unwrap_or(Path::new(".")).join(relative)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+class = "factory-vibration"
+[[sensors]]
+name = "accel"
+kind = "fast"
+rate_hz = 2000
+channels = 3
+window = 256
+"#;
+
+    #[test]
+    fn good_config_resolves_pipeline() {
+        let c = ClassConfig::from_toml("f.toml", GOOD).unwrap();
+        let p = c.pipeline();
+        assert_eq!(p.sensors[0].features, FeatureKind::Window { window: 256, hop: 256 });
+        assert_eq!(p.sensors[0].width(), 24);
+        assert_eq!(c.outbox.max_bytes, 64 * 1024 * 1024);
+    }
+
+    #[test]
+    fn zero_rate_names_file_key_reason() {
+        let text = GOOD.replace("rate_hz = 2000", "rate_hz = 0");
+        let err = ClassConfig::from_toml("factory-vibration.toml", &text).unwrap_err();
+        assert_eq!(err.to_string(), "factory-vibration.toml: sensors[0].rate_hz: must be > 0");
+    }
+
+    #[test]
+    fn unknown_field_names_path() {
+        let text = GOOD.replace("window = 256", "window = 256\nwindw = 3");
+        let err = ClassConfig::from_toml("x.toml", &text).unwrap_err();
+        assert_eq!(err.key, "sensors[0].windw");
+        assert!(err.reason.contains("unknown field `windw`"), "{err}");
+    }
+
+    #[test]
+    fn wrong_type_names_path() {
+        let text = GOOD.replace("channels = 3", "channels = \"three\"");
+        let err = ClassConfig::from_toml("x.toml", &text).unwrap_err();
+        assert_eq!(err.key, "sensors[0].channels");
+        assert!(err.reason.contains("line"), "{err}");
+    }
+
+    #[test]
+    fn semantic_rules() {
+        let cases = [
+            (GOOD.replace("window = 256", ""), "sensors[0].window"),
+            (GOOD.replace("window = 256", "window = 256\nhop = 300"), "sensors[0].hop"),
+            (GOOD.replace("channels = 3", "channels = 0"), "sensors[0].channels"),
+            (format!("{GOOD}\n[outbox]\nmax_bytes = 10"), "outbox.max_bytes"),
+            (GOOD.replace("factory-vibration", "bad class"), "class"),
+            (format!("{GOOD}valid_min = 5.0\nvalid_max = 1.0\n"), "sensors[0].valid_max"),
+        ];
+        for (text, key) in cases {
+            let err = ClassConfig::from_toml("x.toml", &text).unwrap_err();
+            assert_eq!(err.key, key, "{err}");
+        }
+    }
+
+    #[test]
+    fn shipped_firmware_configs_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../firmware-configs");
+        let mut n = 0;
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let c = ClassConfig::load(&path).unwrap_or_else(|e| panic!("{e}"));
+                assert_eq!(Some(c.class.as_str()), path.file_stem().and_then(|s| s.to_str()));
+                n += 1;
+            }
+        }
+        assert!(n >= 2, "expected at least two firmware configs, found {n}");
+    }
+}

@@ -1,0 +1,355 @@
+//! The wire messages and their CBOR codec.
+//!
+//! Every MQTT payload edgeloop sends is one [`Envelope`]: `{v, device, seq, sent_at, body, sig}`. The body is
+//! a telemetry batch or a status heartbeat going up, or an acknowledgement coming down. [`decode`] is the only
+//! way bytes become an envelope: it enforces a size limit, a nesting-depth limit and the protocol version, and
+//! each failure is a [`DecodeError`] with a stable [`DecodeError::reason`] for metrics.
+//!
+//! This module owns the shapes and the codec; what the messages *mean* (ack semantics, dedup) is documented in
+//! `docs/protocol.md` and enforced by the agent's uplink and the control plane's ingest.
+
+use serde::{Deserialize, Serialize};
+
+/// The protocol version this build speaks. Decoding rejects any other.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Default cap on one encoded message, in bytes.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 256 * 1024;
+/// Cap on CBOR nesting depth. The deepest legal message nests about 6 levels.
+pub const MAX_DEPTH: usize = 16;
+
+/// Flag bit set on a record whose score crossed the model's decision threshold.
+pub const FLAG_ANOMALY: u32 = 1;
+
+/// One message on the wire.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Protocol version; always [`PROTOCOL_VERSION`] when produced by this build.
+    pub v: u16,
+    /// The device the message is from (uplink) or for (downlink).
+    pub device: String,
+    /// Message sequence. Telemetry: the batch's `to`. Status: a per-boot counter. Ack: the acked `upto`.
+    pub seq: u64,
+    /// Sender's clock, milliseconds since the Unix epoch.
+    pub sent_at: u64,
+    pub body: Body,
+    /// Ed25519 signature over the envelope encoded with `sig` absent; `None` while signing is off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sig: Option<serde_bytes::ByteBuf>,
+}
+
+/// What an envelope carries. Encoded as a map with a `type` key next to the body's own fields.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Body {
+    Telemetry(TelemetryBatch),
+    Status(Status),
+    Ack(Ack),
+}
+
+impl Body {
+    /// The body's wire name, as in the `type` key.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Body::Telemetry(_) => "telemetry",
+            Body::Status(_) => "status",
+            Body::Ack(_) => "ack",
+        }
+    }
+}
+
+/// A run of outbox records. The batch *covers* the sequence range `from..=to`: every sequence number in that
+/// range that is not among `records` was dropped by the agent's outbox policy (and reported in status) or was
+/// already acknowledged. This is what lets the control plane advance a cumulative acknowledgement over gaps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TelemetryBatch {
+    pub from: u64,
+    pub to: u64,
+    pub records: Vec<Record>,
+}
+
+/// One feature vector with its score: the unit the outbox stores and the control plane keeps.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// Per-device sequence number, starting at 1, monotonic across agent restarts.
+    pub seq: u64,
+    /// Event time of the last sample in the window, milliseconds since the Unix epoch.
+    pub ts_ms: u64,
+    pub sensor: String,
+    pub features: Vec<f32>,
+    /// The active model's score, if a model was loaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score: Option<f32>,
+    /// Bit set of `FLAG_*` values.
+    #[serde(default)]
+    pub flags: u32,
+}
+
+/// An inclusive range of sequence numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeqRange {
+    pub from: u64,
+    pub to: u64,
+}
+
+impl SeqRange {
+    pub fn len(&self) -> u64 {
+        self.to - self.from + 1
+    }
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+    pub fn contains(&self, seq: u64) -> bool {
+        (self.from..=self.to).contains(&seq)
+    }
+}
+
+/// A heartbeat: the agent's health and the outbox's bookkeeping.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct Status {
+    /// Device class, as named in its firmware config.
+    pub class: String,
+    pub uptime_s: u64,
+    /// Records waiting in the outbox, and their size.
+    pub outbox_depth: u64,
+    pub outbox_bytes: u64,
+    /// Highest sequence number appended so far (0 if none).
+    pub last_seq: u64,
+    /// Highest cumulative acknowledgement received.
+    pub acked_upto: u64,
+    /// Records dropped by the outbox's byte bound since the device's first start.
+    pub dropped_total: u64,
+    /// The dropped ranges (merged, oldest first; the newest 256 are kept if there are more).
+    pub dropped_ranges: Vec<SeqRange>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inference_p50_us: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inference_p95_us: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rss_bytes: Option<u64>,
+    /// Malformed samples the agent's sources refused.
+    #[serde(default)]
+    pub bad_samples: u64,
+}
+
+/// Cumulative end-to-end acknowledgement: every record of this device with `seq <= upto` is durably stored by
+/// the control plane (or was declared dropped by the agent). The agent may delete them from its outbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {
+    pub upto: u64,
+}
+
+/// Why bytes did not become an envelope.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum DecodeError {
+    #[error("message is {size} bytes, over the {limit}-byte limit")]
+    TooLarge { size: usize, limit: usize },
+    #[error("not valid CBOR: {0}")]
+    Cbor(String),
+    #[error("CBOR nested deeper than {0} levels")]
+    TooDeep(usize),
+    #[error("unsupported protocol version {found}; this build speaks version {supported}")]
+    Version { found: i128, supported: u16 },
+    #[error("envelope does not match the schema: {0}")]
+    Schema(String),
+    #[error("invalid envelope: {0}")]
+    Invalid(String),
+}
+
+impl DecodeError {
+    /// A stable, low-cardinality name for metrics labels.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            DecodeError::TooLarge { .. } => "too_large",
+            DecodeError::Cbor(_) => "malformed_cbor",
+            DecodeError::TooDeep(_) => "too_deep",
+            DecodeError::Version { .. } => "unsupported_version",
+            DecodeError::Schema(_) => "schema",
+            DecodeError::Invalid(_) => "invalid",
+        }
+    }
+}
+
+impl Envelope {
+    /// A new unsigned envelope of the current protocol version.
+    pub fn new(device: impl Into<String>, seq: u64, sent_at: u64, body: Body) -> Self {
+        Envelope { v: PROTOCOL_VERSION, device: device.into(), seq, sent_at, body, sig: None }
+    }
+
+    /// Checks that hold for any well-formed message, whatever its origin.
+    pub fn validate(&self) -> Result<(), DecodeError> {
+        crate::topics::validate_device_id(&self.device).map_err(|e| DecodeError::Invalid(e.to_string()))?;
+        if let Body::Telemetry(batch) = &self.body {
+            batch.validate()?;
+        }
+        Ok(())
+    }
+}
+
+impl TelemetryBatch {
+    /// `from <= to`, records strictly ascending inside `from..=to`, sequence numbers start at 1.
+    pub fn validate(&self) -> Result<(), DecodeError> {
+        if self.from == 0 || self.from > self.to {
+            return Err(DecodeError::Invalid(format!(
+                "telemetry range from={} to={} is empty or starts at 0",
+                self.from, self.to
+            )));
+        }
+        let mut prev = self.from - 1;
+        for (i, r) in self.records.iter().enumerate() {
+            if r.seq <= prev || r.seq > self.to {
+                return Err(DecodeError::Invalid(format!(
+                    "records[{i}].seq={} is out of order or outside {}..={}",
+                    r.seq, self.from, self.to
+                )));
+            }
+            prev = r.seq;
+        }
+        Ok(())
+    }
+}
+
+/// Encodes an envelope to CBOR.
+pub fn encode(env: &Envelope) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256);
+    // Writing to a Vec cannot fail, and every field type serialises.
+    ciborium::into_writer(env, &mut out).expect("CBOR encoding into a Vec is infallible");
+    out
+}
+
+/// Decodes and validates an envelope, enforcing `max_bytes`, [`MAX_DEPTH`] and [`PROTOCOL_VERSION`].
+pub fn decode(bytes: &[u8], max_bytes: usize) -> Result<Envelope, DecodeError> {
+    if bytes.len() > max_bytes {
+        return Err(DecodeError::TooLarge { size: bytes.len(), limit: max_bytes });
+    }
+    let value: ciborium::Value =
+        ciborium::de::from_reader_with_recursion_limit(bytes, MAX_DEPTH).map_err(|e| match e {
+            ciborium::de::Error::RecursionLimitExceeded => DecodeError::TooDeep(MAX_DEPTH),
+            other => DecodeError::Cbor(other.to_string()),
+        })?;
+    let map = value
+        .as_map()
+        .ok_or_else(|| DecodeError::Schema("top level is not a map".into()))?;
+    let version = map
+        .iter()
+        .find(|(k, _)| k.as_text() == Some("v"))
+        .and_then(|(_, v)| v.as_integer())
+        .ok_or_else(|| DecodeError::Schema("missing integer field `v`".into()))?;
+    let version = i128::from(version);
+    if version != i128::from(PROTOCOL_VERSION) {
+        return Err(DecodeError::Version { found: version, supported: PROTOCOL_VERSION });
+    }
+    let env: Envelope = value.deserialized().map_err(|e| DecodeError::Schema(e.to_string()))?;
+    env.validate()?;
+    Ok(env)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn telemetry(records: Vec<Record>, from: u64, to: u64) -> Envelope {
+        Envelope::new("dev-1", to, 1_700_000_000_000, Body::Telemetry(TelemetryBatch { from, to, records }))
+    }
+
+    fn record(seq: u64) -> Record {
+        Record { seq, ts_ms: 1000 + seq, sensor: "temp".into(), features: vec![1.0, 2.5], score: Some(0.25), flags: 0 }
+    }
+
+    #[test]
+    fn round_trip_each_body() {
+        let bodies = vec![
+            Body::Telemetry(TelemetryBatch { from: 1, to: 3, records: vec![record(1), record(3)] }),
+            Body::Status(Status { class: "c".into(), dropped_ranges: vec![SeqRange { from: 2, to: 2 }], ..Default::default() }),
+            Body::Ack(Ack { upto: 42 }),
+        ];
+        for body in bodies {
+            let env = Envelope::new("dev-1", 7, 9, body);
+            let bytes = encode(&env);
+            assert_eq!(decode(&bytes, DEFAULT_MAX_MESSAGE_BYTES), Ok(env));
+        }
+    }
+
+    #[test]
+    fn body_type_is_a_plain_key() {
+        let bytes = encode(&Envelope::new("d", 1, 2, Body::Ack(Ack { upto: 5 })));
+        let v: ciborium::Value = ciborium::from_reader(&bytes[..]).unwrap();
+        let body = v.as_map().unwrap().iter().find(|(k, _)| k.as_text() == Some("body")).unwrap().1.clone();
+        let keys: Vec<_> = body.as_map().unwrap().iter().map(|(k, _)| k.as_text().unwrap().to_string()).collect();
+        assert_eq!(keys, vec!["type", "upto"]);
+    }
+
+    #[test]
+    fn oversize_rejected_before_parsing() {
+        let err = decode(&vec![0u8; 1001], 1000).unwrap_err();
+        assert_eq!(err, DecodeError::TooLarge { size: 1001, limit: 1000 });
+        assert_eq!(err.reason(), "too_large");
+    }
+
+    #[test]
+    fn wrong_version_named() {
+        let mut env = telemetry(vec![record(1)], 1, 1);
+        env.v = 9;
+        let err = decode(&encode(&env), DEFAULT_MAX_MESSAGE_BYTES).unwrap_err();
+        assert_eq!(err, DecodeError::Version { found: 9, supported: 1 });
+        assert!(err.to_string().contains("unsupported protocol version 9"));
+    }
+
+    #[test]
+    fn garbage_is_malformed() {
+        let err = decode(&[0xff, 0x00, 0x13], DEFAULT_MAX_MESSAGE_BYTES).unwrap_err();
+        assert_eq!(err.reason(), "malformed_cbor");
+    }
+
+    #[test]
+    fn missing_field_names_it() {
+        let mut v: ciborium::Value = ciborium::Value::serialized(&telemetry(vec![], 1, 1)).unwrap();
+        v.as_map_mut().unwrap().retain(|(k, _)| k.as_text() != Some("seq"));
+        let mut bytes = Vec::new();
+        ciborium::into_writer(&v, &mut bytes).unwrap();
+        let err = decode(&bytes, DEFAULT_MAX_MESSAGE_BYTES).unwrap_err();
+        assert_eq!(err.reason(), "schema");
+        assert!(err.to_string().contains("seq"), "{err}");
+    }
+
+    #[test]
+    fn deep_nesting_rejected() {
+        let mut bytes = vec![0x81u8; 64]; // 64 nested one-element arrays
+        bytes.push(0x00);
+        assert_eq!(decode(&bytes, DEFAULT_MAX_MESSAGE_BYTES).unwrap_err().reason(), "too_deep");
+    }
+
+    #[test]
+    fn records_out_of_range_rejected() {
+        let env = telemetry(vec![record(5), record(4)], 1, 5);
+        let err = decode(&encode(&env), DEFAULT_MAX_MESSAGE_BYTES).unwrap_err();
+        assert!(err.to_string().contains("records[1].seq=4"), "{err}");
+        let env = telemetry(vec![record(9)], 1, 5);
+        assert_eq!(decode(&encode(&env), DEFAULT_MAX_MESSAGE_BYTES).unwrap_err().reason(), "invalid");
+    }
+
+    #[test]
+    fn bad_device_id_rejected() {
+        let env = Envelope::new("a/b", 1, 1, Body::Ack(Ack { upto: 1 }));
+        assert_eq!(decode(&encode(&env), DEFAULT_MAX_MESSAGE_BYTES).unwrap_err().reason(), "invalid");
+    }
+
+    proptest! {
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode(&bytes, DEFAULT_MAX_MESSAGE_BYTES);
+        }
+
+        #[test]
+        fn telemetry_round_trips(seqs in proptest::collection::btree_set(1u64..1_000_000, 0..20),
+                                 feature in -1e30f32..1e30f32) {
+            let records: Vec<Record> = seqs.iter().map(|&s| Record { features: vec![feature], ..record(s) }).collect();
+            let from = seqs.iter().next().copied().unwrap_or(1);
+            let to = seqs.iter().last().copied().unwrap_or(1).max(from);
+            let env = telemetry(records, from, to);
+            prop_assert_eq!(decode(&encode(&env), DEFAULT_MAX_MESSAGE_BYTES), Ok(env));
+        }
+    }
+}

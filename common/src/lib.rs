@@ -1,0 +1,28 @@
+//! Everything the edgeloop agent and control plane share, and nothing else.
+//!
+//! # Layout
+//!
+//! - [`envelope`]: the wire messages (telemetry batches, status heartbeats, acknowledgements) inside the
+//!   versioned envelope, and the CBOR codec that enforces size, depth and version limits.
+//! - [`topics`]: the MQTT topic scheme `edgeloop/v1/{device}/{up|down}/{channel}`.
+//! - [`config`]: the device-class schema that `firmware-configs/*.toml` follow, and the error type every
+//!   edgeloop config loader uses (file, key path, reason).
+//! - [`features`]: feature pipeline v1, the one implementation of feature extraction that both the agent and
+//!   the control plane run, with its serialisable spec.
+//! - [`durable`]: a sled database whose commit is power-loss durable (flush, then `fdatasync`).
+//!
+//! The agent and the control plane never depend on each other; whatever they must agree on lives here.
+
+pub mod config;
+pub mod durable;
+pub mod envelope;
+pub mod features;
+pub mod topics;
+
+/// Milliseconds since the Unix epoch, the time unit used on the wire.
+pub fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
