@@ -1,1 +1,25 @@
-//! placeholder
+//! The edgeloop agent: the daemon that runs on each edge device.
+//!
+//! # Layout
+//!
+//! - [`config`]: the agent's own config (`agent.toml`): identity, broker, storage, sources, model.
+//! - [`source`]: where samples come from: an in-process channel, a UDP JSON-lines listener, stdin.
+//! - [`collector`]: samples to feature vectors (common's pipeline) to scores (tract) to durable outbox records,
+//!   group-committed off the async workers.
+//! - [`inference`]: loading an ONNX model with tract and running it, with latency bookkeeping.
+//! - [`outbox`]: the sled outbox: monotonic sequence numbers, a byte bound that drops oldest first and
+//!   reports what it dropped, deletion only on end-to-end acknowledgement.
+//! - [`uplink`]: MQTT: a pure state machine deciding what to send, and the thin rumqttc shell around it.
+//! - [`health`]: heartbeat contents (outbox depth, drops, latency percentiles, RSS).
+//! - [`daemon`]: starts the pieces above under one cancellation token and stops them cleanly.
+
+pub mod collector;
+pub mod config;
+pub mod daemon;
+pub mod health;
+pub mod inference;
+pub mod outbox;
+pub mod source;
+pub mod uplink;
+
+pub use daemon::{Agent, AgentHandle};

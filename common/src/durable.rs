@@ -45,11 +45,7 @@ pub struct DurableDb {
 
 impl DurableDb {
     pub fn open(dir: &Path, mode: Durability) -> Result<Self, DurableError> {
-        let db = sled::Config::new()
-            .path(dir)
-            .flush_every_ms(Some(500))
-            .open()
-            .map_err(|source| DurableError::Open { path: dir.to_path_buf(), source })?;
+        let db = open_sled(dir).map_err(|source| DurableError::Open { path: dir.to_path_buf(), source })?;
         let data_path = dir.join("db");
         let data_file = match mode {
             Durability::Fsync => {
@@ -84,6 +80,22 @@ impl DurableDb {
             f.sync_data().map_err(|source| DurableError::Sync { path: self.path.clone(), source })?;
         }
         Ok(())
+    }
+}
+
+/// Opens sled, waiting up to two seconds for the lock a just-stopped instance (in this process or a
+/// previous one) may still hold while its flusher thread winds down.
+fn open_sled(dir: &Path) -> Result<sled::Db, sled::Error> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        match sled::Config::new().path(dir).flush_every_ms(Some(500)).open() {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
     }
 }
 

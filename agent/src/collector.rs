@@ -1,0 +1,234 @@
+//! From samples to durable records: feature pipeline, inference, outbox append, group commit.
+//!
+//! Samples arrive on a channel. The async loop only gathers them into groups (up to `commit_max_records`, or
+//! whatever arrived within `commit_interval`); each group is processed on a blocking thread: features with
+//! common's pipeline, a score from the model when one is loaded, one outbox append and one durable commit.
+//! Only then are the records counted as appended and the uplink woken. On shutdown the samples already taken
+//! are processed and committed before the loop returns.
+
+use crate::health::Health;
+use crate::inference::Model;
+use crate::outbox::{NewRecord, Outbox, OutboxError};
+use crate::source::Sample;
+use edgeloop_common::envelope::FLAG_ANOMALY;
+use edgeloop_common::features::{Pipeline, PipelineSpec};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+
+/// The blocking half: owns the pipeline state and the model.
+pub struct Collector {
+    pipeline: Pipeline,
+    model: Option<Model>,
+    model_sensor: String,
+    threshold: Option<f32>,
+    outbox: Arc<Outbox>,
+    health: Arc<Health>,
+}
+
+impl Collector {
+    pub fn new(spec: &PipelineSpec, model: Option<Model>, model_sensor: String, threshold: Option<f32>, outbox: Arc<Outbox>, health: Arc<Health>) -> Self {
+        health.set_model_version(model.as_ref().map(|m| m.version().to_string()));
+        Collector { pipeline: Pipeline::new(spec), model, model_sensor, threshold, outbox, health }
+    }
+
+    fn reject(&self, sensor: &str, reason: &str) {
+        let n = self.health.bad_samples.fetch_add(1, Ordering::Relaxed) + 1;
+        if n.is_power_of_two() {
+            tracing::warn!(sensor, reason, rejected_total = n, "bad sample refused");
+        }
+    }
+
+    /// Turns samples into records. Blocking (inference).
+    pub fn process(&mut self, samples: Vec<Sample>, now_ms: u64) -> Vec<NewRecord> {
+        let mut out = Vec::new();
+        self.health.samples.fetch_add(samples.len() as u64, Ordering::Relaxed);
+        for s in samples {
+            if s.values.iter().any(|v| !v.is_finite()) {
+                self.reject(&s.sensor, "non-finite value");
+                continue;
+            }
+            let Some(p) = self.pipeline.sensor_mut(&s.sensor) else {
+                self.reject(&s.sensor, "unknown sensor for this class");
+                continue;
+            };
+            let features = match p.push(&s.values) {
+                Ok(Some(f)) => f,
+                Ok(None) => continue,
+                Err(e) => {
+                    self.reject(&s.sensor, &e.to_string());
+                    continue;
+                }
+            };
+            let mut score = None;
+            if s.sensor == self.model_sensor {
+                if let Some(model) = &mut self.model {
+                    match model.score(&features) {
+                        Ok((v, took)) => {
+                            self.health.record_latency(took);
+                            score = Some(v);
+                        }
+                        Err(e) => {
+                            let n = self.health.inference_errors.fetch_add(1, Ordering::Relaxed) + 1;
+                            if n.is_power_of_two() {
+                                tracing::warn!(error = %e, errors_total = n, "inference failed; record kept without a score");
+                            }
+                        }
+                    }
+                }
+            }
+            let flags = match (score, self.threshold) {
+                (Some(v), Some(t)) if v > t => FLAG_ANOMALY,
+                _ => 0,
+            };
+            out.push(NewRecord { ts_ms: s.ts_ms.unwrap_or(now_ms), sensor: s.sensor, features, score, flags });
+        }
+        out
+    }
+
+    /// Appends and commits durably. Blocking.
+    pub fn persist(&self, records: Vec<NewRecord>) -> Result<(), OutboxError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let n = records.len() as u64;
+        let outcome = self.outbox.append(records)?;
+        self.outbox.commit()?;
+        self.health.records_appended.fetch_add(n, Ordering::Relaxed);
+        for r in &outcome.dropped {
+            tracing::warn!(from = r.from, to = r.to, "outbox full: oldest records dropped (reported in status)");
+        }
+        Ok(())
+    }
+}
+
+/// Group-commit settings.
+#[derive(Debug, Clone, Copy)]
+pub struct CommitParams {
+    pub max_records: usize,
+    pub interval: Duration,
+}
+
+/// The async loop around a [`Collector`]. Returns when cancelled (after committing what it took) or when
+/// every sender is gone.
+pub async fn run(
+    mut collector: Collector,
+    mut rx: mpsc::Receiver<Sample>,
+    params: CommitParams,
+    durable: Arc<Notify>,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    loop {
+        let mut group = Vec::new();
+        let first = tokio::select! {
+            _ = cancel.cancelled() => None,
+            s = rx.recv() => s,
+        };
+        let Some(first) = first else { break };
+        group.push(first);
+        let deadline = tokio::time::sleep(params.interval);
+        tokio::pin!(deadline);
+        while group.len() < params.max_records {
+            tokio::select! {
+                _ = &mut deadline => break,
+                _ = cancel.cancelled() => break,
+                s = rx.recv() => match s {
+                    Some(s) => group.push(s),
+                    None => break,
+                },
+            }
+        }
+        collector = process_group(collector, group).await?;
+        durable.notify_one();
+    }
+    // Shutdown: what was already taken from sources is committed, not lost.
+    rx.close();
+    let mut rest = Vec::new();
+    while let Ok(s) = rx.try_recv() {
+        rest.push(s);
+    }
+    if !rest.is_empty() {
+        process_group(collector, rest).await?;
+        durable.notify_one();
+    }
+    Ok(())
+}
+
+async fn process_group(mut collector: Collector, group: Vec<Sample>) -> anyhow::Result<Collector> {
+    tokio::task::spawn_blocking(move || {
+        let records = collector.process(group, edgeloop_common::unix_millis());
+        collector.persist(records).map(|_| collector)
+    })
+    .await?
+    .map_err(|e| anyhow::anyhow!(e).context("appending to the outbox"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edgeloop_common::durable::Durability;
+    use edgeloop_common::features::{FeatureKind, SensorSpec};
+
+    fn collector(dir: &std::path::Path, model: bool) -> Collector {
+        let spec = PipelineSpec { version: 1, sensors: vec![SensorSpec { name: "t".into(), channels: 2, features: FeatureKind::Slow { rolling: 4 } }] };
+        let outbox = Arc::new(Outbox::open(dir, Durability::Flush, 1 << 20).unwrap());
+        let model = model.then(|| Model::load_bytes(&crate::inference::mean_square_onnx(10), 10).unwrap());
+        Collector::new(&spec, model, "t".into(), Some(50.0), outbox, Arc::new(Health::default()))
+    }
+
+    fn sample(sensor: &str, values: Vec<f64>) -> Sample {
+        Sample { sensor: sensor.into(), ts_ms: Some(7), values }
+    }
+
+    #[test]
+    fn scores_flags_and_rejects() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = collector(dir.path(), true);
+        let recs = c.process(
+            vec![
+                sample("t", vec![1.0, 2.0]),
+                sample("t", vec![100.0, 2.0]),
+                sample("nope", vec![1.0]),
+                sample("t", vec![f64::NAN, 1.0]),
+                sample("t", vec![1.0]),
+            ],
+            99,
+        );
+        assert_eq!(recs.len(), 2);
+        assert_eq!(recs[0].features.len(), 10);
+        assert_eq!(recs[0].flags, 0);
+        assert_eq!(recs[1].flags, FLAG_ANOMALY, "score {:?}", recs[1].score);
+        assert!(recs[1].score.unwrap() > 50.0);
+        assert_eq!(c.health.bad_samples.load(Ordering::Relaxed), 3);
+        c.persist(recs).unwrap();
+        assert_eq!(c.outbox.stats().durable_seq, 2);
+        assert!(c.health.latency_percentiles().is_some());
+    }
+
+    #[test]
+    fn without_model_collects_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = collector(dir.path(), false);
+        let recs = c.process(vec![sample("t", vec![1.0, 2.0])], 99);
+        assert_eq!(recs[0].score, None);
+        assert_eq!(recs[0].ts_ms, 7);
+    }
+
+    #[tokio::test]
+    async fn shutdown_commits_taken_samples() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = collector(dir.path(), false);
+        let outbox = c.outbox.clone();
+        let (tx, rx) = mpsc::channel(100);
+        for i in 0..50 {
+            tx.send(sample("t", vec![i as f64, 0.0])).await.unwrap();
+        }
+        let cancel = CancellationToken::new();
+        cancel.cancel();
+        let params = CommitParams { max_records: 10, interval: Duration::from_secs(60) };
+        run(c, rx, params, Arc::new(Notify::new()), cancel).await.unwrap();
+        assert_eq!(outbox.stats().durable_seq, 50);
+    }
+}

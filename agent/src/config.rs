@@ -1,0 +1,263 @@
+//! The agent's runtime config, `agent.toml`.
+//!
+//! It says who the device is and where it sends: identity (`[device]`), the broker (`[mqtt]`), where state
+//! lives (`[storage]`), where samples come from (`[[sources]]`) and which model to run (`[inference]`). What the
+//! device measures and how it buffers comes from its class file in `firmware-configs/`, which `[device]`
+//! points at. Loading follows common's two steps: parse (unknown keys refused), then [`RawConfig::validate`].
+
+use edgeloop_common::config::{display_name, load_toml, resolve_relative, Checker, ClassConfig, ConfigError};
+use edgeloop_common::durable::Durability;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+fn default_keep_alive_secs() -> u64 {
+    30
+}
+fn default_reconnect_min_ms() -> u64 {
+    100
+}
+fn default_reconnect_max_ms() -> u64 {
+    5_000
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub device: DeviceSection,
+    pub mqtt: MqttSection,
+    pub storage: StorageSection,
+    #[serde(default)]
+    pub inference: InferenceSection,
+    #[serde(default)]
+    pub sources: Vec<SourceConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceSection {
+    pub id: String,
+    /// Path to the class file, relative to this config file.
+    pub class_config: PathBuf,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttSection {
+    /// `mqtt://host:port`.
+    pub url: String,
+    #[serde(default = "default_keep_alive_secs")]
+    pub keep_alive_secs: u64,
+    #[serde(default = "default_reconnect_min_ms")]
+    pub reconnect_min_ms: u64,
+    #[serde(default = "default_reconnect_max_ms")]
+    pub reconnect_max_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageSection {
+    pub data_dir: PathBuf,
+    #[serde(default)]
+    pub durability: Durability,
+    /// Overrides the class's `outbox.max_bytes` for this device (a smaller disk, say).
+    #[serde(default)]
+    pub outbox_max_bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct InferenceSection {
+    /// An ONNX file mapping one feature vector `[1, width]` to `[1, 1]` (a score). Without one the agent
+    /// collects only.
+    #[serde(default)]
+    pub model: Option<PathBuf>,
+    /// Which sensor's feature vectors the model scores; default: the class's first sensor.
+    #[serde(default)]
+    pub sensor: Option<String>,
+    /// Scores above this set the anomaly flag.
+    #[serde(default)]
+    pub threshold: Option<f32>,
+}
+
+/// One sample source.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SourceConfig {
+    /// JSON lines over UDP: `{"sensor": "...", "ts_ms": ..., "values": [...]}`.
+    Udp { listen: SocketAddr },
+    /// The same JSON lines on standard input.
+    Stdin,
+}
+
+/// A validated config with paths resolved and the class file loaded.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub device_id: String,
+    pub class: ClassConfig,
+    pub mqtt_host: String,
+    pub mqtt_port: u16,
+    pub keep_alive: Duration,
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+    pub data_dir: PathBuf,
+    pub durability: Durability,
+    pub outbox_max_bytes: u64,
+    pub model: Option<PathBuf>,
+    pub model_sensor: String,
+    pub threshold: Option<f32>,
+    pub sources: Vec<SourceConfig>,
+}
+
+impl AgentConfig {
+    /// Loads `agent.toml` and the class file it names.
+    pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
+        let raw: RawConfig = load_toml(path)?;
+        raw.validate(path)
+    }
+}
+
+/// Splits `mqtt://host:port` (port 1883 by default).
+pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), String> {
+    let rest = url.strip_prefix("mqtt://").ok_or_else(|| format!("`{url}` must start with mqtt://"))?;
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((h, p)) => (h, p.parse::<u16>().map_err(|_| format!("`{p}` is not a port number"))?),
+        None => (rest, 1883),
+    };
+    if host.is_empty() {
+        return Err(format!("`{url}` has no host"));
+    }
+    Ok((host.trim_start_matches('[').trim_end_matches(']').to_string(), port))
+}
+
+impl RawConfig {
+    pub fn validate(self, path: &Path) -> Result<AgentConfig, ConfigError> {
+        let file = display_name(path);
+        let c = Checker::new(&file);
+        edgeloop_common::topics::validate_device_id(&self.device.id).map_err(|e| c.fail("device.id", e.to_string()))?;
+        let class_path = resolve_relative(path, &self.device.class_config);
+        let class = ClassConfig::load(&class_path).map_err(|e| {
+            if e.reason.starts_with("cannot read") {
+                c.fail("device.class_config", format!("{}: {}", class_path.display(), e.reason))
+            } else {
+                e
+            }
+        })?;
+        let (mqtt_host, mqtt_port) = parse_mqtt_url(&self.mqtt.url).map_err(|r| c.fail("mqtt.url", r))?;
+        c.check(self.mqtt.keep_alive_secs >= 5, "mqtt.keep_alive_secs", "must be at least 5")?;
+        c.check(self.mqtt.reconnect_min_ms > 0, "mqtt.reconnect_min_ms", "must be > 0")?;
+        c.check(
+            self.mqtt.reconnect_max_ms >= self.mqtt.reconnect_min_ms,
+            "mqtt.reconnect_max_ms",
+            "must be at least mqtt.reconnect_min_ms",
+        )?;
+        let outbox_max_bytes = self.storage.outbox_max_bytes.unwrap_or(class.outbox.max_bytes);
+        c.check(outbox_max_bytes >= 1024, "storage.outbox_max_bytes", "must be at least 1024")?;
+        let model_sensor = match &self.inference.sensor {
+            Some(s) => {
+                c.check(class.sensors.iter().any(|x| &x.name == s), "inference.sensor", format!("class `{}` has no sensor `{s}`", class.class))?;
+                s.clone()
+            }
+            None => class.sensors[0].name.clone(),
+        };
+        if let Some(t) = self.inference.threshold {
+            c.check(t.is_finite(), "inference.threshold", "must be a finite number")?;
+        }
+        let model = self.inference.model.map(|m| resolve_relative(path, &m));
+        if let Some(m) = &model {
+            c.check(m.is_file(), "inference.model", format!("{} is not a readable file", m.display()))?;
+        }
+        Ok(AgentConfig {
+            device_id: self.device.id,
+            class,
+            mqtt_host,
+            mqtt_port,
+            keep_alive: Duration::from_secs(self.mqtt.keep_alive_secs),
+            reconnect_min: Duration::from_millis(self.mqtt.reconnect_min_ms),
+            reconnect_max: Duration::from_millis(self.mqtt.reconnect_max_ms),
+            data_dir: resolve_relative(path, &self.storage.data_dir),
+            durability: self.storage.durability,
+            outbox_max_bytes,
+            model,
+            model_sensor,
+            threshold: self.inference.threshold,
+            sources: self.sources,
+        })
+    }
+}
+
+impl AgentConfig {
+    /// A config built in code, for in-process agents (simulators, tests).
+    pub fn in_process(device_id: &str, class: ClassConfig, mqtt: (String, u16), data_dir: PathBuf) -> AgentConfig {
+        AgentConfig {
+            device_id: device_id.to_string(),
+            model_sensor: class.sensors[0].name.clone(),
+            outbox_max_bytes: class.outbox.max_bytes,
+            class,
+            mqtt_host: mqtt.0,
+            mqtt_port: mqtt.1,
+            keep_alive: Duration::from_secs(30),
+            reconnect_min: Duration::from_millis(default_reconnect_min_ms()),
+            reconnect_max: Duration::from_millis(1_000),
+            data_dir,
+            durability: Durability::Fsync,
+            model: None,
+            threshold: None,
+            sources: Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    const CLASS: &str = "class = \"c1\"\n[[sensors]]\nname = \"t\"\nkind = \"slow\"\nrate_hz = 1\n";
+
+    fn agent_toml(extra: &str) -> String {
+        format!(
+            "[device]\nid = \"dev-1\"\nclass_config = \"c1.toml\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:1883\"\n[storage]\ndata_dir = \"state\"\n{extra}"
+        )
+    }
+
+    #[test]
+    fn resolves_paths_and_class() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "c1.toml", CLASS);
+        let p = write(dir.path(), "agent.toml", &agent_toml("[[sources]]\nkind = \"udp\"\nlisten = \"127.0.0.1:9000\"\n"));
+        let c = AgentConfig::load(&p).unwrap();
+        assert_eq!(c.data_dir, dir.path().join("state"));
+        assert_eq!((c.mqtt_host.as_str(), c.mqtt_port), ("127.0.0.1", 1883));
+        assert_eq!(c.model_sensor, "t");
+        assert_eq!(c.sources, vec![SourceConfig::Udp { listen: "127.0.0.1:9000".parse().unwrap() }]);
+    }
+
+    #[test]
+    fn errors_name_file_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "c1.toml", CLASS);
+        let cases = [
+            (agent_toml("").replace("dev-1", "dev 1"), "agent.toml: device.id: "),
+            (agent_toml("").replace("mqtt://", "http://"), "agent.toml: mqtt.url: "),
+            (agent_toml("[inference]\nsensor = \"nope\"\n"), "agent.toml: inference.sensor: class `c1` has no sensor `nope`"),
+            (agent_toml("").replace("c1.toml", "missing.toml"), "agent.toml: device.class_config: "),
+            (agent_toml("[[sources]]\nkind = \"serial\"\n"), "agent.toml: sources[0].kind: unknown variant `serial`"),
+        ];
+        for (text, want) in cases {
+            let p = write(dir.path(), "agent.toml", &text);
+            let err = AgentConfig::load(&p).unwrap_err().to_string();
+            assert!(err.starts_with(want), "{err:?} does not start with {want:?}");
+        }
+        write(dir.path(), "c1.toml", &CLASS.replace("rate_hz = 1", "rate_hz = 0"));
+        let p = write(dir.path(), "agent.toml", &agent_toml(""));
+        assert_eq!(AgentConfig::load(&p).unwrap_err().to_string(), "c1.toml: sensors[0].rate_hz: must be > 0");
+    }
+}

@@ -1,0 +1,134 @@
+//! Starting and stopping an agent.
+//!
+//! [`Agent::start`] opens the outbox, loads the model, and spawns three subsystems that each own a task:
+//! the sources, the collector and the uplink. Shutdown runs in order, so nothing already taken is lost:
+//! sources stop first, the collector commits whatever they delivered, then the uplink sends a last heartbeat
+//! and hangs up. Each phase has a deadline.
+
+use crate::collector::{self, Collector, CommitParams};
+use crate::config::{AgentConfig, SourceConfig};
+use crate::health::Health;
+use crate::inference::Model;
+use crate::outbox::Outbox;
+use crate::source::{stdin::StdinSource, udp::UdpSource, SampleSink, Source};
+use crate::uplink::{Uplink, UplinkCounters};
+use anyhow::Context;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// How long the collector may take to commit after the sources stop.
+const COLLECTOR_DEADLINE: Duration = Duration::from_secs(10);
+/// How long the uplink may take to say goodbye.
+const UPLINK_DEADLINE: Duration = Duration::from_secs(2);
+
+pub struct Agent;
+
+/// A running agent.
+pub struct AgentHandle {
+    pub device: String,
+    pub health: Arc<Health>,
+    pub outbox: Arc<Outbox>,
+    pub counters: Arc<UplinkCounters>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl AgentHandle {
+    /// Waits for the agent to stop (after its cancellation token fired).
+    pub async fn join(self) -> anyhow::Result<()> {
+        self.task.await.context("agent task panicked")?
+    }
+}
+
+impl Agent {
+    /// Starts an agent with the sources in its config plus `extra` (an in-process channel, say). It runs until
+    /// `cancel` fires.
+    pub async fn start(cfg: AgentConfig, extra: Vec<Box<dyn Source>>, cancel: CancellationToken) -> anyhow::Result<AgentHandle> {
+        std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
+        let outbox_dir = cfg.data_dir.join("outbox");
+        let (durability, max_bytes) = (cfg.durability, cfg.outbox_max_bytes);
+        let outbox = tokio::task::spawn_blocking(move || Outbox::open(&outbox_dir, durability, max_bytes))
+            .await?
+            .with_context(|| format!("opening the outbox in {}", cfg.data_dir.display()))?;
+        let outbox = Arc::new(outbox);
+        let spec = cfg.class.pipeline();
+        let model = match &cfg.model {
+            Some(path) => {
+                let width = spec.sensors.iter().find(|s| s.name == cfg.model_sensor).map(|s| s.width()).unwrap_or(0);
+                let path = path.clone();
+                let m = tokio::task::spawn_blocking(move || Model::load_file(&path, width)).await?.context("loading the model")?;
+                tracing::info!(version = m.version(), width, "model loaded");
+                Some(m)
+            }
+            None => {
+                tracing::info!("no model configured: collecting only");
+                None
+            }
+        };
+        let health = Arc::new(Health::default());
+        let counters = Arc::new(UplinkCounters::default());
+        let collector = Collector::new(&spec, model, cfg.model_sensor.clone(), cfg.threshold, outbox.clone(), health.clone());
+
+        let mut sources = extra;
+        for s in &cfg.sources {
+            match s {
+                SourceConfig::Udp { listen } => {
+                    let src = UdpSource::bind(*listen).await?;
+                    tracing::info!(addr = %src.local_addr()?, "UDP source listening");
+                    sources.push(Box::new(src));
+                }
+                SourceConfig::Stdin => sources.push(Box::new(StdinSource)),
+            }
+        }
+
+        let (tx, rx) = mpsc::channel(4096);
+        let sink = SampleSink::new(tx, health.clone());
+        let sources_cancel = cancel.child_token();
+        let mut source_tasks = Vec::new();
+        for src in sources {
+            let name = src.name();
+            let fut = src.run(sink.clone(), sources_cancel.clone());
+            source_tasks.push(tokio::spawn(async move {
+                if let Err(e) = fut.await {
+                    tracing::error!(source = %name, error = format!("{e:#}"), "source stopped");
+                }
+            }));
+        }
+        drop(sink);
+
+        let durable = Arc::new(Notify::new());
+        let commit = CommitParams {
+            max_records: cfg.class.outbox.commit_max_records,
+            interval: Duration::from_millis(cfg.class.outbox.commit_interval_ms),
+        };
+        let collector_cancel = CancellationToken::new();
+        let collector_task = tokio::spawn(collector::run(collector, rx, commit, durable.clone(), collector_cancel.clone()));
+        let uplink_cancel = CancellationToken::new();
+        let uplink = Uplink::from_config(&cfg, outbox.clone(), health.clone(), counters.clone());
+        let uplink_task = tokio::spawn(uplink.run(durable, uplink_cancel.clone()));
+
+        let device = cfg.device_id.clone();
+        let task = tokio::spawn(async move {
+            cancel.cancelled().await;
+            tracing::info!("stopping: sources");
+            for t in source_tasks {
+                let _ = t.await;
+            }
+            collector_cancel.cancel();
+            let collected = match tokio::time::timeout(COLLECTOR_DEADLINE, collector_task).await {
+                Ok(r) => r.context("collector panicked")?,
+                Err(_) => Err(anyhow::anyhow!("collector did not finish within {COLLECTOR_DEADLINE:?}")),
+            };
+            tracing::info!("stopping: uplink");
+            uplink_cancel.cancel();
+            match tokio::time::timeout(UPLINK_DEADLINE, uplink_task).await {
+                Ok(r) => r.context("uplink panicked")??,
+                Err(_) => tracing::warn!("uplink did not stop within {UPLINK_DEADLINE:?}; abandoned"),
+            }
+            collected
+        });
+        Ok(AgentHandle { device, health, outbox, counters, task })
+    }
+}

@@ -1,0 +1,174 @@
+//! Running an ONNX model with tract.
+//!
+//! A [`Model`] is loaded once (from a file or from bytes), optimised for a fixed input of one feature
+//! vector `[1, width]`, and run with one reused tract state, the cheap path. Its output's first value is
+//! the record's score. A non-finite output is an error, never a score.
+//!
+//! This module runs models; choosing, verifying and swapping them is the updater's job. Calls are blocking
+//! CPU work: the collector makes them from a blocking thread.
+
+use ring::digest;
+use std::path::Path;
+use std::time::Instant;
+use tract_onnx::prelude::*;
+
+#[derive(Debug, thiserror::Error)]
+pub enum InferenceError {
+    #[error("reading model {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("loading ONNX model: {0:#}")]
+    Load(String),
+    #[error("model expects {expected} features, got {got}")]
+    Width { expected: usize, got: usize },
+    #[error("running model: {0:#}")]
+    Run(String),
+    #[error("model produced a non-finite score ({0})")]
+    NonFinite(f32),
+}
+
+/// A loaded, optimised model and its reusable state.
+pub struct Model {
+    state: TypedSimpleState,
+    width: usize,
+    /// `sha256:<first 12 hex digits>` of the ONNX bytes.
+    version: String,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model").field("width", &self.width).field("version", &self.version).finish()
+    }
+}
+
+impl Model {
+    pub fn load_file(path: &Path, width: usize) -> Result<Model, InferenceError> {
+        let bytes = std::fs::read(path).map_err(|source| InferenceError::Read { path: path.display().to_string(), source })?;
+        Model::load_bytes(&bytes, width)
+    }
+
+    /// Loads ONNX bytes for an input of `[1, width]` f32 features.
+    pub fn load_bytes(bytes: &[u8], width: usize) -> Result<Model, InferenceError> {
+        let load = || -> TractResult<TypedSimpleState> {
+            let model = tract_onnx::onnx()
+                .model_for_read(&mut &bytes[..])?
+                .with_input_fact(0, f32::fact([1, width]).into())?
+                .into_optimized()?
+                .into_runnable()?;
+            TypedSimpleState::new(&model)
+        };
+        let state = load().map_err(|e| InferenceError::Load(format!("{e:#}")))?;
+        let hash = digest::digest(&digest::SHA256, bytes);
+        let hex: String = hash.as_ref()[..6].iter().map(|b| format!("{b:02x}")).collect();
+        Ok(Model { state, width, version: format!("sha256:{hex}") })
+    }
+
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
+    /// Scores one feature vector; returns the score and the time it took.
+    pub fn score(&mut self, features: &[f32]) -> Result<(f32, std::time::Duration), InferenceError> {
+        if features.len() != self.width {
+            return Err(InferenceError::Width { expected: self.width, got: features.len() });
+        }
+        let started = Instant::now();
+        let input = Tensor::from_shape(&[1, self.width], features).map_err(|e| InferenceError::Run(format!("{e:#}")))?;
+        let out = self.state.run(tvec!(input.into())).map_err(|e| InferenceError::Run(format!("{e:#}")))?;
+        let elapsed = started.elapsed();
+        let view = out[0].to_plain_array_view::<f32>().map_err(|e| InferenceError::Run(format!("{e:#}")))?;
+        let score = *view.iter().next().ok_or_else(|| InferenceError::Run("model output is empty".into()))?;
+        if !score.is_finite() {
+            return Err(InferenceError::NonFinite(score));
+        }
+        Ok((score, elapsed))
+    }
+}
+
+/// A reference model for a fresh fleet, benchmarks and tests: the mean square of the feature vector,
+/// `[1, width] -> [1, 1]`, as a standard ONNX graph (opset 13: `Mul`, then `ReduceMean` over axis 1).
+pub fn mean_square_onnx(width: usize) -> Vec<u8> {
+    use prost::Message;
+    use tract_onnx::pb;
+    let tensor_type = |dims: &[i64]| pb::TypeProto {
+        value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+            elem_type: pb::tensor_proto::DataType::Float as i32,
+            shape: Some(pb::TensorShapeProto {
+                dim: dims
+                    .iter()
+                    .map(|&d| pb::tensor_shape_proto::Dimension {
+                        value: Some(pb::tensor_shape_proto::dimension::Value::DimValue(d)),
+                        ..Default::default()
+                    })
+                    .collect(),
+            }),
+        })),
+        ..Default::default()
+    };
+    let node = |op: &str, inputs: &[&str], output: &str, attribute: Vec<pb::AttributeProto>| pb::NodeProto {
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: vec![output.to_string()],
+        name: output.to_string(),
+        op_type: op.to_string(),
+        attribute,
+        ..Default::default()
+    };
+    let axes = pb::AttributeProto {
+        name: "axes".into(),
+        r#type: pb::attribute_proto::AttributeType::Ints as i32,
+        ints: vec![1],
+        ..Default::default()
+    };
+    let keepdims = pb::AttributeProto {
+        name: "keepdims".into(),
+        r#type: pb::attribute_proto::AttributeType::Int as i32,
+        i: 1,
+        ..Default::default()
+    };
+    let graph = pb::GraphProto {
+        name: "mean_square".into(),
+        node: vec![
+            node("Mul", &["features", "features"], "squared", vec![]),
+            node("ReduceMean", &["squared"], "score", vec![axes, keepdims]),
+        ],
+        input: vec![pb::ValueInfoProto { name: "features".into(), r#type: Some(tensor_type(&[1, width as i64])), ..Default::default() }],
+        output: vec![pb::ValueInfoProto { name: "score".into(), r#type: Some(tensor_type(&[1, 1])), ..Default::default() }],
+        ..Default::default()
+    };
+    let model = pb::ModelProto {
+        ir_version: 8,
+        opset_import: vec![pb::OperatorSetIdProto { domain: String::new(), version: 13 }],
+        producer_name: "edgeloop".into(),
+        graph: Some(graph),
+        ..Default::default()
+    };
+    model.encode_to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reference_model_scores_mean_square() {
+        let mut m = Model::load_bytes(&mean_square_onnx(4), 4).unwrap();
+        let (score, _) = m.score(&[1.0, 2.0, 3.0, 4.0]).unwrap();
+        assert!((score - 7.5).abs() < 1e-6, "{score}");
+        assert!(m.version().starts_with("sha256:"));
+        assert!(matches!(m.score(&[1.0]), Err(InferenceError::Width { expected: 4, got: 1 })));
+    }
+
+    #[test]
+    fn garbage_model_is_a_load_error() {
+        assert!(matches!(Model::load_bytes(b"not onnx", 4), Err(InferenceError::Load(_))));
+    }
+
+    #[test]
+    fn overflow_is_non_finite() {
+        let mut m = Model::load_bytes(&mean_square_onnx(1), 1).unwrap();
+        assert!(matches!(m.score(&[f32::MAX]), Err(InferenceError::NonFinite(_))));
+    }
+}

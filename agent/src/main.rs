@@ -1,0 +1,79 @@
+//! `edgeloop-agent --config agent.toml`: the edge daemon.
+//!
+//! Exit codes: 0 after a clean stop (ctrl-c or SIGTERM), 2 for a bad config, 1 for any other failure.
+
+use clap::Parser;
+use edgeloop_agent::config::AgentConfig;
+use edgeloop_agent::Agent;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "edgeloop-agent", version, about = "The edgeloop edge agent")]
+struct Cli {
+    /// Path to agent.toml.
+    #[arg(long, short)]
+    config: PathBuf,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,rumqttc=warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let cfg = match AgentConfig::load(&cli.config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("edgeloop-agent: bad configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("edgeloop-agent: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("edgeloop-agent: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    let cancel = CancellationToken::new();
+    tracing::info!(device = %cfg.device_id, class = %cfg.class.class, broker = %format!("{}:{}", cfg.mqtt_host, cfg.mqtt_port), "starting");
+    let agent = Agent::start(cfg, Vec::new(), cancel.clone()).await?;
+    shutdown_signal().await;
+    tracing::info!("shutdown requested");
+    cancel.cancel();
+    agent.join().await
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

@@ -1,0 +1,269 @@
+//! The MQTT uplink: drains the outbox to the control plane and deletes records only on its end-to-end
+//! acknowledgement.
+//!
+//! Two tasks. The rumqttc event loop runs alone in its own task: it reconnects with exponential backoff and
+//! turns connection changes and acknowledgements into [`LinkEvent`]s on an unbounded channel, so it never
+//! waits on the driver. The driver owns the pure [`state::UplinkState`], reads committed batches from the
+//! outbox, publishes them (QoS 1), applies acknowledgements and sends heartbeats. Publishing never happens
+//! from the event-loop task, which would deadlock once the request channel filled.
+
+pub mod state;
+
+use crate::config::AgentConfig;
+use crate::health::Health;
+use crate::outbox::Outbox;
+use edgeloop_common::envelope::{self, Ack, Body, Envelope, Status, TelemetryBatch, DEFAULT_MAX_MESSAGE_BYTES};
+use edgeloop_common::topics::{self, Channel};
+use edgeloop_common::unix_millis;
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use state::{Tick, UplinkParams, UplinkState};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+
+/// What the event loop tells the driver.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LinkEvent {
+    Connected,
+    Disconnected,
+    Ack(u64),
+}
+
+/// Counters for tests and the fleet runner.
+#[derive(Debug, Default)]
+pub struct UplinkCounters {
+    pub batches_sent: std::sync::atomic::AtomicU64,
+    pub resends: std::sync::atomic::AtomicU64,
+    pub connects: std::sync::atomic::AtomicU64,
+}
+
+/// Everything the uplink needs.
+pub struct Uplink {
+    pub device: String,
+    pub class: String,
+    pub options: MqttOptions,
+    pub reconnect: (Duration, Duration),
+    pub batch_max: usize,
+    pub heartbeat: Duration,
+    pub params: UplinkParams,
+    pub outbox: Arc<Outbox>,
+    pub health: Arc<Health>,
+    pub counters: Arc<UplinkCounters>,
+}
+
+impl Uplink {
+    pub fn from_config(cfg: &AgentConfig, outbox: Arc<Outbox>, health: Arc<Health>, counters: Arc<UplinkCounters>) -> Self {
+        let mut options = MqttOptions::new(cfg.device_id.clone(), cfg.mqtt_host.clone(), cfg.mqtt_port);
+        options
+            .set_keep_alive(cfg.keep_alive)
+            .set_clean_session(true)
+            .set_max_packet_size(DEFAULT_MAX_MESSAGE_BYTES + 1024, DEFAULT_MAX_MESSAGE_BYTES + 1024)
+            .set_inflight(64)
+            .set_request_channel_capacity(64);
+        let u = &cfg.class.uplink;
+        Uplink {
+            device: cfg.device_id.clone(),
+            class: cfg.class.class.clone(),
+            options,
+            reconnect: (cfg.reconnect_min, cfg.reconnect_max),
+            batch_max: u.batch_max_records,
+            heartbeat: Duration::from_secs(u.heartbeat_secs),
+            params: UplinkParams { max_inflight_batches: u.max_inflight_batches, ack_timeout_ms: u.ack_timeout_secs * 1000 },
+            outbox,
+            health,
+            counters,
+        }
+    }
+
+    /// Runs until cancelled. `durable` is notified whenever the collector commits records.
+    pub async fn run(self, durable: Arc<Notify>, cancel: CancellationToken) -> anyhow::Result<()> {
+        let (client, eventloop) = AsyncClient::new(self.options.clone(), 64);
+        let (tx, rx) = mpsc::unbounded_channel();
+        let ack_topic = topics::topic(&self.device, Channel::Ack);
+        let link_cancel = cancel.child_token();
+        let link = tokio::spawn(event_loop(eventloop, ack_topic.clone(), self.reconnect, tx, link_cancel.clone(), self.counters.clone()));
+        let result = Driver { up: &self, client: &client, state: UplinkState::new(self.params, self.outbox.stats().acked), started: Instant::now(), status_seq: 0 }
+            .run(rx, &ack_topic, durable, cancel)
+            .await;
+        // Let the last heartbeat go out, then hang up.
+        let _ = client.try_disconnect();
+        let _ = tokio::time::timeout(Duration::from_millis(500), async {
+            while !link.is_finished() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        link_cancel.cancel();
+        let _ = link.await;
+        result
+    }
+}
+
+struct Driver<'a> {
+    up: &'a Uplink,
+    client: &'a AsyncClient,
+    state: UplinkState,
+    started: Instant,
+    status_seq: u64,
+}
+
+impl Driver<'_> {
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    async fn run(
+        mut self,
+        mut rx: mpsc::UnboundedReceiver<LinkEvent>,
+        ack_topic: &str,
+        durable: Arc<Notify>,
+        cancel: CancellationToken,
+    ) -> anyhow::Result<()> {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        let mut heartbeat = tokio::time::interval(self.up.heartbeat);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            self.send_ready(&cancel).await?;
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                ev = rx.recv() => match ev {
+                    Some(LinkEvent::Connected) => {
+                        let now = self.now_ms();
+                        self.state.connected(now);
+                        self.client.subscribe(ack_topic, QoS::AtLeastOnce).await?;
+                        self.send_status().await?;
+                    }
+                    Some(LinkEvent::Disconnected) => self.state.disconnected(),
+                    Some(LinkEvent::Ack(upto)) => {
+                        let now = self.now_ms();
+                        if let Some(upto) = self.state.ack(upto, now) {
+                            let outbox = self.up.outbox.clone();
+                            tokio::task::spawn_blocking(move || outbox.ack(upto)).await??;
+                        }
+                    }
+                    None => break,
+                },
+                _ = durable.notified() => {}
+                _ = tick.tick() => {
+                    let now = self.now_ms();
+                    if let Tick::Resend { from } = self.state.tick(now) {
+                        self.up.counters.resends.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        tracing::debug!(device = %self.up.device, from, "no acknowledgement in time; sending again");
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    if self.state.is_connected() {
+                        self.send_status().await?;
+                    }
+                }
+            }
+        }
+        if self.state.is_connected() {
+            let _ = tokio::time::timeout(Duration::from_millis(500), self.send_status()).await;
+        }
+        Ok(())
+    }
+
+    /// Publishes batches while the state machine allows and the outbox has committed records.
+    async fn send_ready(&mut self, cancel: &CancellationToken) -> anyhow::Result<()> {
+        while let Some(from) = self.state.next_from() {
+            let outbox = self.up.outbox.clone();
+            let max = self.up.batch_max;
+            let records = tokio::task::spawn_blocking(move || outbox.read_batch(from, max)).await??;
+            let Some(last) = records.last() else { return Ok(()) };
+            let to = last.seq;
+            let env = Envelope::new(self.up.device.clone(), to, unix_millis(), Body::Telemetry(TelemetryBatch { from, to, records }));
+            let topic = topics::topic(&self.up.device, Channel::Telemetry);
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                r = self.client.publish(topic, QoS::AtLeastOnce, false, envelope::encode(&env)) => r?,
+            }
+            let now = self.now_ms();
+            self.state.sent(from, to, now);
+            self.up.counters.batches_sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    async fn send_status(&mut self) -> anyhow::Result<()> {
+        let s = self.up.outbox.stats();
+        let mut status = Status {
+            class: self.up.class.clone(),
+            outbox_depth: s.depth,
+            outbox_bytes: s.bytes,
+            last_seq: s.durable_seq,
+            acked_upto: s.acked,
+            dropped_total: s.dropped_total,
+            dropped_ranges: s.dropped_ranges,
+            ..Default::default()
+        };
+        self.up.health.fill(&mut status);
+        self.status_seq += 1;
+        let env = Envelope::new(self.up.device.clone(), self.status_seq, unix_millis(), Body::Status(status));
+        self.client
+            .publish(topics::topic(&self.up.device, Channel::Status), QoS::AtLeastOnce, false, envelope::encode(&env))
+            .await?;
+        Ok(())
+    }
+}
+
+/// Polls the rumqttc event loop, reconnecting with exponential backoff. Does nothing else.
+async fn event_loop(
+    mut eventloop: EventLoop,
+    ack_topic: String,
+    (min, max): (Duration, Duration),
+    tx: mpsc::UnboundedSender<LinkEvent>,
+    cancel: CancellationToken,
+    counters: Arc<UplinkCounters>,
+) {
+    let mut backoff = min;
+    let mut connected = false;
+    let mut failures = 0u64;
+    loop {
+        let ev = tokio::select! {
+            _ = cancel.cancelled() => return,
+            ev = eventloop.poll() => ev,
+        };
+        match ev {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                connected = true;
+                backoff = min;
+                counters.connects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::info!("connected to the broker");
+                let _ = tx.send(LinkEvent::Connected);
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) if p.topic == ack_topic => {
+                match envelope::decode(&p.payload, DEFAULT_MAX_MESSAGE_BYTES) {
+                    Ok(Envelope { body: Body::Ack(Ack { upto }), .. }) => {
+                        let _ = tx.send(LinkEvent::Ack(upto));
+                    }
+                    Ok(other) => tracing::warn!(topic = %p.topic, kind = other.body.kind(), "unexpected message on the ack topic"),
+                    Err(e) => tracing::warn!(topic = %p.topic, error = %e, "malformed acknowledgement dropped"),
+                }
+            }
+            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {
+                let _ = tx.send(LinkEvent::Disconnected);
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                if connected {
+                    tracing::warn!(error = %e, "broker connection lost; reconnecting");
+                    let _ = tx.send(LinkEvent::Disconnected);
+                    connected = false;
+                } else {
+                    failures += 1;
+                    if failures.is_power_of_two() {
+                        tracing::warn!(error = %e, attempts = failures, "cannot reach the broker; retrying");
+                    }
+                }
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(max);
+            }
+        }
+    }
+}
