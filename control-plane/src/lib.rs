@@ -1,1 +1,25 @@
-//! placeholder
+//! The edgeloop control plane: where fleet telemetry lands and where operators look.
+//!
+//! # Layout
+//!
+//! - [`config`]: `control-plane.toml`: data dir, durability, broker (embedded or external), API address.
+//! - [`broker`]: the embedded rumqttd broker on its own thread.
+//! - [`store`]: the telemetry store: records keyed by (device, seq), and each device's cumulative
+//!   acknowledgement watermark, committed durably before any acknowledgement goes out.
+//! - [`registry`]: the device registry: class, first and last seen, counters, last heartbeat.
+//! - [`ingest`]: decoding, validation, dedup and storage of uplink messages ([`ingest::Ingestor`], pure of
+//!   network I/O), and the MQTT service that feeds it and publishes acknowledgements.
+//! - [`metrics`]: counters, rendered in the Prometheus text format.
+//! - [`api`]: the operator HTTP API (axum).
+//! - [`server`]: starts all of the above under one cancellation token.
+
+pub mod api;
+pub mod broker;
+pub mod config;
+pub mod ingest;
+pub mod metrics;
+pub mod registry;
+pub mod server;
+pub mod store;
+
+pub use server::{ControlPlane, ControlPlaneHandle};

@@ -1,0 +1,131 @@
+//! The operator HTTP API (axum): health, devices, telemetry and metrics.
+//!
+//! Handlers are thin: they validate the request, call the store or registry (scans run on the blocking
+//! pool) and shape JSON. Every error is an [`error::ApiError`].
+
+pub mod error;
+
+use crate::metrics::Metrics;
+use crate::registry::{Device, Registry};
+use crate::store::{Query, TelemetryStore};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query as QueryParams, State};
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use edgeloop_common::envelope::Record;
+use error::ApiError;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Largest `limit` a telemetry query may ask for.
+pub const MAX_LIMIT: usize = 10_000;
+const DEFAULT_LIMIT: usize = 1_000;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub store: TelemetryStore,
+    pub registry: Arc<Registry>,
+    pub metrics: Arc<Metrics>,
+    pub started: Instant,
+    pub offline_after_ms: u64,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/api/v1/health", get(health))
+        .route("/api/v1/devices", get(devices))
+        .route("/api/v1/devices/{id}", get(device))
+        .route("/api/v1/devices/{id}/telemetry", get(telemetry))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError::not_found("no such route") })
+        .with_state(state)
+}
+
+#[derive(Serialize)]
+struct Health {
+    status: &'static str,
+    version: &'static str,
+    uptime_s: u64,
+    devices: usize,
+}
+
+async fn health(State(s): State<AppState>) -> Json<Health> {
+    Json(Health { status: "ok", version: env!("CARGO_PKG_VERSION"), uptime_s: s.started.elapsed().as_secs(), devices: s.registry.len() })
+}
+
+/// A device as the API shows it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct DeviceView {
+    #[serde(flatten)]
+    pub device: Device,
+    pub online: bool,
+}
+
+fn view(d: Device, offline_after_ms: u64) -> DeviceView {
+    let online = edgeloop_common::unix_millis().saturating_sub(d.last_seen_ms) < offline_after_ms;
+    DeviceView { device: d, online }
+}
+
+async fn devices(State(s): State<AppState>) -> Json<Vec<DeviceView>> {
+    Json(s.registry.list().into_iter().map(|d| view(d, s.offline_after_ms)).collect())
+}
+
+fn known_device(s: &AppState, id: &str) -> Result<Device, ApiError> {
+    edgeloop_common::topics::validate_device_id(id).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    s.registry.get(id).ok_or_else(|| ApiError::not_found(format!("no device `{id}`")))
+}
+
+async fn device(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<DeviceView>, ApiError> {
+    let d = known_device(&s, &id)?;
+    Ok(Json(view(d, s.offline_after_ms)))
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryParams {
+    /// Event-time bounds in Unix milliseconds, inclusive.
+    pub from: Option<u64>,
+    pub to: Option<u64>,
+    pub limit: Option<usize>,
+    /// Paging: only records with a higher sequence number.
+    pub after_seq: Option<u64>,
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+pub struct TelemetryPage {
+    pub device: String,
+    pub records: Vec<Record>,
+    /// Pass as `after_seq` to get the next page; absent on the last page.
+    pub next_after_seq: Option<u64>,
+}
+
+async fn telemetry(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    params: Result<QueryParams<TelemetryParams>, QueryRejection>,
+) -> Result<Json<TelemetryPage>, ApiError> {
+    let QueryParams(p) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    known_device(&s, &id)?;
+    let limit = p.limit.unwrap_or(DEFAULT_LIMIT);
+    if limit == 0 || limit > MAX_LIMIT {
+        return Err(ApiError::bad_request(format!("limit must be between 1 and {MAX_LIMIT}, got {limit}")));
+    }
+    if let (Some(f), Some(t)) = (p.from, p.to) {
+        if f > t {
+            return Err(ApiError::bad_request(format!("from ({f}) is after to ({t})")));
+        }
+    }
+    let q = Query { after_seq: p.after_seq.unwrap_or(0), from_ms: p.from, to_ms: p.to, limit };
+    let store = s.store.clone();
+    let dev = id.clone();
+    let records = tokio::task::spawn_blocking(move || store.query(&dev, q)).await.map_err(ApiError::internal)?.map_err(ApiError::internal)?;
+    let next_after_seq = (records.len() == limit).then(|| records.last().map(|r| r.seq)).flatten();
+    Ok(Json(TelemetryPage { device: id, records, next_after_seq }))
+}
+
+async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
+    (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render(s.registry.len()))
+}

@@ -1,0 +1,64 @@
+//! The embedded MQTT broker (rumqttd).
+//!
+//! rumqttd's `Broker::start()` blocks forever and has no shutdown, so it runs on its own named thread for
+//! the life of the process; [`start_embedded`] returns once the listener accepts connections. Deployments
+//! that need persistence, per-topic ACLs or clustering use an external broker instead (`mode = "external"`).
+
+use anyhow::Context;
+use edgeloop_common::envelope::DEFAULT_MAX_MESSAGE_BYTES;
+use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+/// Starts rumqttd on `listen` and waits until it accepts TCP connections.
+pub fn start_embedded(listen: SocketAddr, max_message_bytes: usize) -> anyhow::Result<()> {
+    let server = ServerSettings {
+        name: "edgeloop".into(),
+        listen,
+        tls: None,
+        next_connection_delay_ms: 0,
+        connections: ConnectionSettings {
+            connection_timeout_ms: 10_000,
+            max_payload_size: max_message_bytes.max(DEFAULT_MAX_MESSAGE_BYTES) + 1024,
+            max_inflight_count: 256,
+            auth: None,
+            external_auth: None,
+            dynamic_filters: true,
+        },
+    };
+    let config = Config {
+        id: 0,
+        router: RouterConfig {
+            max_connections: 20_000,
+            max_outgoing_packet_count: 1_000,
+            // Each topic keeps a ring of `count` segments; a payload must fit in one.
+            max_segment_size: 2 * (max_message_bytes.max(DEFAULT_MAX_MESSAGE_BYTES) + 1024),
+            max_segment_count: 2,
+            ..Default::default()
+        },
+        v4: Some(HashMap::from([("edgeloop".to_string(), server)])),
+        ..Default::default()
+    };
+    std::thread::Builder::new()
+        .name("mqtt-broker".into())
+        .spawn(move || {
+            let mut broker = Broker::new(config);
+            if let Err(e) = broker.start() {
+                tracing::error!(error = %e, "embedded broker stopped");
+            }
+        })
+        .context("spawning the broker thread")?;
+    let target = if listen.ip().is_unspecified() { SocketAddr::from(([127, 0, 0, 1], listen.port())) } else { listen };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if TcpStream::connect_timeout(&target, Duration::from_millis(200)).is_ok() {
+            tracing::info!(%listen, "embedded MQTT broker listening");
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("the embedded broker did not start listening on {listen} within 10 s (is the port taken?)");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

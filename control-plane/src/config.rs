@@ -1,0 +1,193 @@
+//! The control plane's config, `control-plane.toml`, parsed then validated with common's loader, so every
+//! error names the file, the key and the reason.
+
+use edgeloop_common::config::{display_name, load_toml, parse_toml, resolve_relative, Checker, ConfigError};
+use edgeloop_common::durable::Durability;
+use edgeloop_common::envelope::DEFAULT_MAX_MESSAGE_BYTES;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+fn default_api_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+fn default_max_message_bytes() -> usize {
+    DEFAULT_MAX_MESSAGE_BYTES
+}
+fn default_commit_max_messages() -> usize {
+    512
+}
+fn default_offline_after_secs() -> u64 {
+    60
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    pub data_dir: PathBuf,
+    #[serde(default)]
+    pub durability: Durability,
+    pub broker: BrokerConfig,
+    #[serde(default)]
+    pub api: ApiConfig,
+    #[serde(default)]
+    pub ingest: IngestConfig,
+}
+
+/// Which broker the control plane uses.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(tag = "mode", rename_all = "snake_case", deny_unknown_fields)]
+pub enum BrokerConfig {
+    /// Run rumqttd inside the control plane, listening here.
+    Embedded { listen: SocketAddr },
+    /// Connect to an existing broker, `mqtt://host:port`.
+    External { url: String },
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    #[serde(default = "default_api_listen")]
+    pub listen: SocketAddr,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig { listen: default_api_listen() }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestConfig {
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
+    /// Group commit: at most this many messages per durable commit.
+    #[serde(default = "default_commit_max_messages")]
+    pub commit_max_messages: usize,
+    /// A device with no message for this long shows as offline.
+    #[serde(default = "default_offline_after_secs")]
+    pub offline_after_secs: u64,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            max_message_bytes: default_max_message_bytes(),
+            commit_max_messages: default_commit_max_messages(),
+            offline_after_secs: default_offline_after_secs(),
+        }
+    }
+}
+
+/// A validated config.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub durability: Durability,
+    pub broker: BrokerConfig,
+    /// Host and port the ingest client connects to.
+    pub mqtt_host: String,
+    pub mqtt_port: u16,
+    pub api_listen: SocketAddr,
+    pub ingest: IngestConfig,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let raw: RawConfig = load_toml(path)?;
+        raw.validate(&display_name(path), Some(path))
+    }
+
+    pub fn from_toml(file: &str, text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = parse_toml(file, text)?;
+        raw.validate(file, None)
+    }
+
+    /// A config built in code (the demo, tests): embedded broker and API on the given addresses.
+    pub fn embedded(data_dir: PathBuf, mqtt: SocketAddr, api: SocketAddr) -> Config {
+        Config {
+            data_dir,
+            durability: Durability::Fsync,
+            broker: BrokerConfig::Embedded { listen: mqtt },
+            mqtt_host: loopback_for(mqtt).ip().to_string(),
+            mqtt_port: mqtt.port(),
+            api_listen: api,
+            ingest: IngestConfig::default(),
+        }
+    }
+}
+
+/// Where to connect to reach a listener bound to `addr` (0.0.0.0 is reached on loopback).
+fn loopback_for(addr: SocketAddr) -> SocketAddr {
+    if addr.ip().is_unspecified() {
+        SocketAddr::from(([127, 0, 0, 1], addr.port()))
+    } else {
+        addr
+    }
+}
+
+impl RawConfig {
+    pub fn validate(self, file: &str, path: Option<&Path>) -> Result<Config, ConfigError> {
+        let c = Checker::new(file);
+        let (mqtt_host, mqtt_port) = match &self.broker {
+            BrokerConfig::Embedded { listen } => {
+                c.check(listen.port() != 0, "broker.listen", "needs an explicit port")?;
+                let a = loopback_for(*listen);
+                (a.ip().to_string(), a.port())
+            }
+            BrokerConfig::External { url } => {
+                let rest = url.strip_prefix("mqtt://").ok_or_else(|| c.fail("broker.url", format!("`{url}` must start with mqtt://")))?;
+                let (h, p) = rest.trim_end_matches('/').rsplit_once(':').unwrap_or((rest, "1883"));
+                let port = p.parse::<u16>().map_err(|_| c.fail("broker.url", format!("`{p}` is not a port number")))?;
+                c.check(!h.is_empty(), "broker.url", "has no host")?;
+                (h.to_string(), port)
+            }
+        };
+        let i = &self.ingest;
+        c.check((1024..=16 << 20).contains(&i.max_message_bytes), "ingest.max_message_bytes", "must be between 1024 and 16777216")?;
+        c.check(i.commit_max_messages > 0, "ingest.commit_max_messages", "must be > 0")?;
+        c.check(i.offline_after_secs > 0, "ingest.offline_after_secs", "must be > 0")?;
+        let data_dir = match path {
+            Some(p) => resolve_relative(p, &self.data_dir),
+            None => self.data_dir,
+        };
+        Ok(Config {
+            data_dir,
+            durability: self.durability,
+            broker: self.broker,
+            mqtt_host,
+            mqtt_port,
+            api_listen: self.api.listen,
+            ingest: self.ingest,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_and_external() {
+        let c = Config::from_toml("cp.toml", "data_dir = \"d\"\n[broker]\nmode = \"embedded\"\nlisten = \"0.0.0.0:1883\"\n").unwrap();
+        assert_eq!((c.mqtt_host.as_str(), c.mqtt_port), ("127.0.0.1", 1883));
+        let c = Config::from_toml("cp.toml", "data_dir = \"d\"\n[broker]\nmode = \"external\"\nurl = \"mqtt://mq.local:8883\"\n").unwrap();
+        assert_eq!((c.mqtt_host.as_str(), c.mqtt_port), ("mq.local", 8883));
+    }
+
+    #[test]
+    fn errors_name_key() {
+        let cases = [
+            ("data_dir = \"d\"\n[broker]\nmode = \"external\"\nurl = \"tcp://x\"\n", "cp.toml: broker.url: `tcp://x` must start with mqtt://"),
+            ("data_dir = \"d\"\n[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:0\"\n", "cp.toml: broker.listen: needs an explicit port"),
+            ("data_dir = \"d\"\n[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:1\"\n[ingest]\nmax_message_bytes = 1\n", "cp.toml: ingest.max_message_bytes: must be between 1024 and 16777216"),
+        ];
+        for (text, want) in cases {
+            assert_eq!(Config::from_toml("cp.toml", text).unwrap_err().to_string(), want);
+        }
+        let err = Config::from_toml("cp.toml", "data_dir = \"d\"\n[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:1\"\ncolour = 1\n").unwrap_err();
+        assert_eq!(err.key, "broker");
+        assert!(err.reason.contains("unknown field `colour`"), "{err}");
+    }
+}

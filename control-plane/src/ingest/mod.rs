@@ -1,0 +1,208 @@
+//! Ingest: uplink messages in, stored records and acknowledgements out.
+//!
+//! [`Ingestor`] holds the rules and does no network I/O: it parses the topic, decodes the envelope (size,
+//! depth, version), checks that the envelope's device and body match the topic, stores each record unless
+//! (device, seq) is already stored, advances the device's cumulative watermark, and updates the registry.
+//! Every refusal is counted by reason and logged (rate-limited) with its origin, and never stops the loop.
+//!
+//! The watermark rule: a batch covering `from..=to` advances the watermark `W` to `max(W, to)` only if
+//! `from <= W + 1`, that is, only if nothing between the watermark and the batch can be missing. A batch
+//! that arrives ahead of a lost one is stored but waits for the resend to advance the watermark.
+//!
+//! [`service`] feeds it from MQTT, group-commits, and publishes acknowledgements only after the commit.
+
+pub mod service;
+
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::store::{StoreError, TelemetryStore};
+use edgeloop_common::envelope::{self, Body, Envelope};
+use edgeloop_common::topics::{self, Channel};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// What one message led to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Telemetry handled: acknowledge `upto` to `device` once committed.
+    Ack { device: String, upto: u64 },
+    /// A heartbeat, recorded.
+    Status,
+    /// Refused, for this reason (also counted in metrics).
+    Rejected(&'static str),
+}
+
+pub struct Ingestor {
+    store: TelemetryStore,
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    max_message_bytes: usize,
+}
+
+impl Ingestor {
+    pub fn new(store: TelemetryStore, registry: Arc<Registry>, metrics: Arc<Metrics>, max_message_bytes: usize) -> Self {
+        Ingestor { store, registry, metrics, max_message_bytes }
+    }
+
+    pub fn store(&self) -> &TelemetryStore {
+        &self.store
+    }
+
+    fn reject(&self, device: Option<&str>, topic: &str, reason: &'static str, detail: &str, now_ms: u64) -> Result<Outcome, StoreError> {
+        self.metrics.reject(reason);
+        let total: u64 = self.metrics.rejected(reason);
+        if total.is_power_of_two() {
+            tracing::warn!(topic, reason, detail, rejected_for_reason = total, "uplink message refused");
+        }
+        if let Some(d) = device {
+            // Only known devices are charged; a junk topic must not create registry entries.
+            if self.registry.get(d).is_some() {
+                self.registry.update(d, now_ms, |d| d.rejected += 1)?;
+            }
+        }
+        Ok(Outcome::Rejected(reason))
+    }
+
+    /// Handles one message. Writes are not durable until [`Ingestor::commit`].
+    pub fn handle(&self, topic: &str, payload: &[u8], now_ms: u64) -> Result<Outcome, StoreError> {
+        self.metrics.messages_received.fetch_add(1, Ordering::Relaxed);
+        let (device, channel) = match topics::parse(topic) {
+            Ok(x) => x,
+            Err(e) => return self.reject(None, topic, "bad_topic", &e.to_string(), now_ms),
+        };
+        let env = match envelope::decode(payload, self.max_message_bytes) {
+            Ok(env) => env,
+            Err(e) => return self.reject(Some(device), topic, e.reason(), &e.to_string(), now_ms),
+        };
+        if env.device != device {
+            let detail = format!("envelope says device `{}`", env.device);
+            return self.reject(Some(device), topic, "device_mismatch", &detail, now_ms);
+        }
+        match (channel, env.body) {
+            (Channel::Telemetry, Body::Telemetry(batch)) => {
+                let (mut new, mut dup) = (0u64, 0u64);
+                for rec in &batch.records {
+                    if self.store.insert(device, rec)? {
+                        new += 1;
+                    } else {
+                        dup += 1;
+                    }
+                }
+                let mut upto = self.store.watermark(device)?;
+                if batch.from <= upto.saturating_add(1) && batch.to > upto {
+                    upto = batch.to;
+                    self.store.set_watermark(device, upto)?;
+                }
+                self.metrics.records_ingested.fetch_add(new, Ordering::Relaxed);
+                self.metrics.records_duplicate.fetch_add(dup, Ordering::Relaxed);
+                self.registry.update(device, now_ms, |d| {
+                    d.records += new;
+                    d.duplicates += dup;
+                    d.acked_upto = upto;
+                })?;
+                Ok(Outcome::Ack { device: device.to_string(), upto })
+            }
+            (Channel::Status, Body::Status(status)) => {
+                self.metrics.status_messages.fetch_add(1, Ordering::Relaxed);
+                self.registry.update(device, now_ms, |d| {
+                    d.class = status.class.clone();
+                    d.last_status = Some(status);
+                })?;
+                Ok(Outcome::Status)
+            }
+            (Channel::Report, Body::Status(_) | Body::Telemetry(_)) | (_, Body::Ack(_)) => {
+                self.reject(Some(device), topic, "wrong_channel", "body does not belong on this topic", now_ms)
+            }
+            (ch, body) => {
+                let detail = format!("a {} body on the {ch} topic", body.kind());
+                self.reject(Some(device), topic, "wrong_channel", &detail, now_ms)
+            }
+        }
+    }
+
+    /// Makes everything handled so far durable. Blocking.
+    pub fn commit(&self) -> Result<(), StoreError> {
+        self.store.commit()?;
+        self.metrics.commits.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+/// Encodes the acknowledgement envelope for `device`.
+pub fn ack_payload(device: &str, upto: u64) -> Vec<u8> {
+    envelope::encode(&Envelope::new(device, upto, edgeloop_common::unix_millis(), Body::Ack(envelope::Ack { upto })))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edgeloop_common::durable::{DurableDb, Durability};
+    use edgeloop_common::envelope::{Record, SeqRange, Status, TelemetryBatch, DEFAULT_MAX_MESSAGE_BYTES};
+
+    fn ingestor(dir: &std::path::Path) -> Ingestor {
+        let db = DurableDb::open(dir, Durability::Flush).unwrap();
+        let registry = Arc::new(Registry::open(&db).unwrap());
+        Ingestor::new(TelemetryStore::open(db).unwrap(), registry, Arc::new(Metrics::default()), DEFAULT_MAX_MESSAGE_BYTES)
+    }
+
+    fn batch(device: &str, from: u64, seqs: &[u64]) -> Vec<u8> {
+        let records = seqs.iter().map(|&seq| Record { seq, ts_ms: seq, sensor: "t".into(), features: vec![0.5], score: None, flags: 0 }).collect();
+        let to = *seqs.last().unwrap();
+        envelope::encode(&Envelope::new(device, to, 0, Body::Telemetry(TelemetryBatch { from, to, records })))
+    }
+
+    const T: &str = "edgeloop/v1/d1/up/telemetry";
+
+    #[test]
+    fn stores_dedups_and_acks_cumulatively() {
+        let dir = tempfile::tempdir().unwrap();
+        let ing = ingestor(dir.path());
+        assert_eq!(ing.handle(T, &batch("d1", 1, &[1, 2, 3]), 1).unwrap(), Outcome::Ack { device: "d1".into(), upto: 3 });
+        // Batch 7..9 arrives before 4..6 (lost, resent later): stored, watermark waits.
+        assert_eq!(ing.handle(T, &batch("d1", 7, &[7, 8, 9]), 2).unwrap(), Outcome::Ack { device: "d1".into(), upto: 3 });
+        assert_eq!(ing.handle(T, &batch("d1", 4, &[4, 5, 6]), 3).unwrap(), Outcome::Ack { device: "d1".into(), upto: 6 });
+        assert_eq!(ing.handle(T, &batch("d1", 7, &[7, 8, 9]), 4).unwrap(), Outcome::Ack { device: "d1".into(), upto: 9 });
+        assert_eq!(ing.store().count("d1").unwrap(), 9);
+        assert_eq!(ing.metrics.records_duplicate.load(Ordering::Relaxed), 3);
+        // A batch whose range covers dropped records (10..12 never sent) advances over them.
+        assert_eq!(ing.handle(T, &batch("d1", 10, &[13]), 5).unwrap(), Outcome::Ack { device: "d1".into(), upto: 13 });
+        let d = ing.registry.get("d1").unwrap();
+        assert_eq!((d.records, d.duplicates, d.acked_upto), (10, 3, 13));
+    }
+
+    #[test]
+    fn refusals_are_counted_by_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let ing = ingestor(dir.path());
+        let mut wrong_version = Envelope::new("d1", 1, 0, Body::Status(Status::default()));
+        wrong_version.v = 2;
+        let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+            (T, vec![0xde, 0xad, 0xbe, 0xef], "malformed_cbor"),
+            (T, vec![0u8; DEFAULT_MAX_MESSAGE_BYTES + 1], "too_large"),
+            (T, envelope::encode(&wrong_version), "unsupported_version"),
+            (T, batch("d2", 1, &[1]), "device_mismatch"),
+            ("edgeloop/v1/d1/up/status", batch("d1", 1, &[1]), "wrong_channel"),
+            ("junk/topic", batch("d1", 1, &[1]), "bad_topic"),
+        ];
+        for (topic, payload, reason) in cases {
+            assert_eq!(ing.handle(topic, &payload, 1).unwrap(), Outcome::Rejected(reason));
+            assert_eq!(ing.metrics.rejected(reason), 1, "{reason}");
+        }
+        assert_eq!(ing.store().count("d1").unwrap(), 0);
+        assert!(ing.registry.get("d1").is_none(), "refused traffic does not register devices");
+        // Good traffic still goes through.
+        assert_eq!(ing.handle(T, &batch("d1", 1, &[1]), 1).unwrap(), Outcome::Ack { device: "d1".into(), upto: 1 });
+    }
+
+    #[test]
+    fn status_updates_registry() {
+        let dir = tempfile::tempdir().unwrap();
+        let ing = ingestor(dir.path());
+        let st = Status { class: "c".into(), dropped_total: 3, dropped_ranges: vec![SeqRange { from: 1, to: 3 }], ..Default::default() };
+        let msg = envelope::encode(&Envelope::new("d1", 1, 0, Body::Status(st)));
+        assert_eq!(ing.handle("edgeloop/v1/d1/up/status", &msg, 5).unwrap(), Outcome::Status);
+        let d = ing.registry.get("d1").unwrap();
+        assert_eq!(d.class, "c");
+        assert_eq!(d.dropped_ranges(), &[SeqRange { from: 1, to: 3 }]);
+    }
+}

@@ -1,0 +1,107 @@
+//! The device registry: what the control plane knows about each device.
+//!
+//! An entry appears with a device's first accepted message and is updated by every message after: last seen,
+//! record and duplicate counts, rejections, the acknowledgement watermark and the latest heartbeat (class,
+//! outbox depth, dropped ranges, model version, latency, RSS). Entries live in memory and are written to sled
+//! with the telemetry they describe, so one commit covers both.
+
+use edgeloop_common::durable::DurableDb;
+use edgeloop_common::envelope::{SeqRange, Status};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::RwLock;
+
+use crate::store::StoreError;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct Device {
+    pub id: String,
+    /// From the latest heartbeat; empty until one arrives.
+    pub class: String,
+    pub first_seen_ms: u64,
+    pub last_seen_ms: u64,
+    pub records: u64,
+    pub duplicates: u64,
+    pub rejected: u64,
+    pub acked_upto: u64,
+    pub last_status: Option<Status>,
+}
+
+impl Device {
+    /// Dropped ranges the agent has reported.
+    pub fn dropped_ranges(&self) -> &[SeqRange] {
+        self.last_status.as_ref().map_or(&[], |s| &s.dropped_ranges)
+    }
+}
+
+#[derive(Debug)]
+pub struct Registry {
+    tree: sled::Tree,
+    devices: RwLock<BTreeMap<String, Device>>,
+}
+
+impl Registry {
+    pub fn open(db: &DurableDb) -> Result<Registry, StoreError> {
+        let tree = db.tree("devices")?;
+        let mut devices = BTreeMap::new();
+        for kv in tree.iter() {
+            let (k, v) = kv?;
+            let id = String::from_utf8_lossy(&k).into_owned();
+            let d: Device = ciborium::from_reader(&v[..]).map_err(|e| StoreError::Corrupt { device: id.clone(), seq: 0, reason: e.to_string() })?;
+            devices.insert(id, d);
+        }
+        Ok(Registry { tree, devices: RwLock::new(devices) })
+    }
+
+    /// Applies `f` to the device's entry (creating it), and writes it through to sled.
+    pub fn update(&self, id: &str, now_ms: u64, f: impl FnOnce(&mut Device)) -> Result<(), StoreError> {
+        let mut devices = self.devices.write().unwrap_or_else(|p| p.into_inner());
+        let d = devices.entry(id.to_string()).or_insert_with(|| Device { id: id.to_string(), first_seen_ms: now_ms, ..Default::default() });
+        d.last_seen_ms = d.last_seen_ms.max(now_ms);
+        f(d);
+        let mut buf = Vec::new();
+        ciborium::into_writer(&*d, &mut buf).expect("CBOR encoding into a Vec is infallible");
+        self.tree.insert(id.as_bytes(), buf)?;
+        Ok(())
+    }
+
+    pub fn get(&self, id: &str) -> Option<Device> {
+        self.devices.read().unwrap_or_else(|p| p.into_inner()).get(id).cloned()
+    }
+
+    pub fn list(&self) -> Vec<Device> {
+        self.devices.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.devices.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edgeloop_common::durable::Durability;
+
+    #[test]
+    fn updates_persist() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = DurableDb::open(dir.path(), Durability::Flush).unwrap();
+            let r = Registry::open(&db).unwrap();
+            r.update("d1", 10, |d| d.records += 5).unwrap();
+            r.update("d1", 20, |d| d.class = "c".into()).unwrap();
+            let d = r.get("d1").unwrap();
+            assert_eq!((d.first_seen_ms, d.last_seen_ms, d.records, d.class.as_str()), (10, 20, 5, "c"));
+            db.commit().unwrap();
+        }
+        let db = DurableDb::open(dir.path(), Durability::Flush).unwrap();
+        let r = Registry::open(&db).unwrap();
+        assert_eq!(r.get("d1").unwrap().records, 5);
+        assert_eq!(r.len(), 1);
+    }
+}

@@ -1,0 +1,92 @@
+//! Starting and stopping a control plane: store, registry, broker, ingest and API under one cancellation
+//! token. Stopping lets ingest commit what it took, and the API finish its requests.
+
+use crate::api::{self, AppState};
+use crate::broker;
+use crate::config::{BrokerConfig, Config};
+use crate::ingest::{service, Ingestor};
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::store::TelemetryStore;
+use anyhow::Context;
+use edgeloop_common::durable::DurableDb;
+use rumqttc::MqttOptions;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub struct ControlPlane;
+
+/// A running control plane.
+pub struct ControlPlaneHandle {
+    pub api_addr: SocketAddr,
+    /// Where agents connect.
+    pub mqtt_addr: (String, u16),
+    pub store: TelemetryStore,
+    pub registry: Arc<Registry>,
+    pub metrics: Arc<Metrics>,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl ControlPlaneHandle {
+    /// Waits until the control plane has stopped (after its cancellation token fired).
+    pub async fn join(self) -> anyhow::Result<()> {
+        self.task.await.context("control plane task panicked")?
+    }
+}
+
+impl ControlPlane {
+    pub async fn start(cfg: Config, cancel: CancellationToken) -> anyhow::Result<ControlPlaneHandle> {
+        std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
+        let dir = cfg.data_dir.join("store");
+        let durability = cfg.durability;
+        let (store, registry) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let db = DurableDb::open(&dir, durability)?;
+            let registry = Registry::open(&db)?;
+            Ok((TelemetryStore::open(db)?, registry))
+        })
+        .await?
+        .context("opening the store")?;
+        let registry = Arc::new(registry);
+        let metrics = Arc::new(Metrics::default());
+
+        if let BrokerConfig::Embedded { listen } = cfg.broker {
+            let max = cfg.ingest.max_message_bytes;
+            tokio::task::spawn_blocking(move || broker::start_embedded(listen, max)).await??;
+        }
+
+        let mut options = MqttOptions::new(format!("edgeloop-cp-{}", std::process::id()), cfg.mqtt_host.clone(), cfg.mqtt_port);
+        let max_packet = cfg.ingest.max_message_bytes + 4096;
+        options.set_keep_alive(Duration::from_secs(30)).set_clean_session(true).set_max_packet_size(max_packet, max_packet).set_inflight(1024);
+        let ingestor = Ingestor::new(store.clone(), registry.clone(), metrics.clone(), cfg.ingest.max_message_bytes);
+        let ingest_cancel = cancel.child_token();
+        let ingest = tokio::spawn(service::run(options, ingestor, metrics.clone(), cfg.ingest.commit_max_messages, ingest_cancel));
+
+        let listener = tokio::net::TcpListener::bind(cfg.api_listen).await.with_context(|| format!("binding the API to {}", cfg.api_listen))?;
+        let api_addr = listener.local_addr()?;
+        let state = AppState {
+            store: store.clone(),
+            registry: registry.clone(),
+            metrics: metrics.clone(),
+            started: Instant::now(),
+            offline_after_ms: cfg.ingest.offline_after_secs * 1000,
+        };
+        let api_cancel = cancel.clone();
+        let api = tokio::spawn(async move {
+            axum::serve(listener, api::router(state)).with_graceful_shutdown(async move { api_cancel.cancelled().await }).await
+        });
+        tracing::info!(%api_addr, mqtt = %format!("{}:{}", cfg.mqtt_host, cfg.mqtt_port), "control plane running");
+
+        let task = tokio::spawn(async move {
+            let ingested = ingest.await.context("ingest panicked")?;
+            match tokio::time::timeout(Duration::from_secs(5), api).await {
+                Ok(r) => r.context("API panicked")?.context("API server")?,
+                Err(_) => tracing::warn!("API did not stop within 5 s; abandoned"),
+            }
+            ingested
+        });
+        Ok(ControlPlaneHandle { api_addr, mqtt_addr: (cfg.mqtt_host, cfg.mqtt_port), store, registry, metrics, task })
+    }
+}
