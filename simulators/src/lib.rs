@@ -1,1 +1,36 @@
-//! x
+//! Device simulators, fault injection and the demo.
+//!
+//! # Layout
+//!
+//! - [`signals`]: seeded synthetic signals per device class.
+//! - [`fleet`]: many in-process agents, each with its own identity, data dir and signal seed.
+//! - [`proxy`]: a fault-injecting TCP proxy (cut connections, blackhole, refuse, delay) for tests and chaos.
+//! - [`demo`]: `edgeloop-sim demo`: a control plane plus a fleet, with a JSON summary at the end.
+//! - [`http`]: a minimal HTTP/1.1 GET client for talking to the operator API from tests and tools.
+
+pub mod demo;
+pub mod fleet;
+pub mod http;
+pub mod proxy;
+pub mod signals;
+
+/// The firmware configs shipped in `firmware-configs/`, built in so the binaries run from anywhere.
+pub const FIRMWARE_CONFIGS: &[(&str, &str)] = &[
+    ("factory-vibration.toml", include_str!("../../firmware-configs/factory-vibration.toml")),
+    ("city-air-quality.toml", include_str!("../../firmware-configs/city-air-quality.toml")),
+];
+
+/// The built-in class config named `class`.
+pub fn class_config(class: &str) -> anyhow::Result<edgeloop_common::config::ClassConfig> {
+    let file = format!("{class}.toml");
+    let (_, text) = FIRMWARE_CONFIGS
+        .iter()
+        .find(|(f, _)| *f == file)
+        .ok_or_else(|| anyhow::anyhow!("no built-in firmware config for class `{class}`"))?;
+    Ok(edgeloop_common::config::ClassConfig::from_toml(&file, text)?)
+}
+
+/// A free loopback TCP port (bound then released; a small race is accepted for tests and demos).
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
