@@ -29,7 +29,14 @@ pub struct Collector {
 }
 
 impl Collector {
-    pub fn new(spec: &PipelineSpec, model: Option<Model>, model_sensor: String, threshold: Option<f32>, outbox: Arc<Outbox>, health: Arc<Health>) -> Self {
+    pub fn new(
+        spec: &PipelineSpec,
+        model: Option<Model>,
+        model_sensor: String,
+        threshold: Option<f32>,
+        outbox: Arc<Outbox>,
+        health: Arc<Health>,
+    ) -> Self {
         health.set_model_version(model.as_ref().map(|m| m.version().to_string()));
         Collector { pipeline: Pipeline::new(spec), model, model_sensor, threshold, outbox, health }
     }
@@ -172,7 +179,10 @@ mod tests {
     use edgeloop_common::features::{FeatureKind, SensorSpec};
 
     fn collector(dir: &std::path::Path, model: bool) -> Collector {
-        let spec = PipelineSpec { version: 1, sensors: vec![SensorSpec { name: "t".into(), channels: 2, features: FeatureKind::Slow { rolling: 4 } }] };
+        let spec = PipelineSpec {
+            version: 1,
+            sensors: vec![SensorSpec { name: "t".into(), channels: 2, features: FeatureKind::Slow { rolling: 4 } }],
+        };
         let outbox = Arc::new(Outbox::open(dir, Durability::Flush, 1 << 20).unwrap());
         let model = model.then(|| Model::load_bytes(&crate::inference::mean_square_onnx(10), 10).unwrap());
         Collector::new(&spec, model, "t".into(), Some(50.0), outbox, Arc::new(Health::default()))

@@ -157,7 +157,11 @@ impl RawConfig {
         c.check(outbox_max_bytes >= 1024, "storage.outbox_max_bytes", "must be at least 1024")?;
         let model_sensor = match &self.inference.sensor {
             Some(s) => {
-                c.check(class.sensors.iter().any(|x| &x.name == s), "inference.sensor", format!("class `{}` has no sensor `{s}`", class.class))?;
+                c.check(
+                    class.sensors.iter().any(|x| &x.name == s),
+                    "inference.sensor",
+                    format!("class `{}` has no sensor `{s}`", class.class),
+                )?;
                 s.clone()
             }
             None => class.sensors[0].name.clone(),
@@ -232,7 +236,8 @@ mod tests {
     fn resolves_paths_and_class() {
         let dir = tempfile::tempdir().unwrap();
         write(dir.path(), "c1.toml", CLASS);
-        let p = write(dir.path(), "agent.toml", &agent_toml("[[sources]]\nkind = \"udp\"\nlisten = \"127.0.0.1:9000\"\n"));
+        let p =
+            write(dir.path(), "agent.toml", &agent_toml("[[sources]]\nkind = \"udp\"\nlisten = \"127.0.0.1:9000\"\n"));
         let c = AgentConfig::load(&p).unwrap();
         assert_eq!(c.data_dir, dir.path().join("state"));
         assert_eq!((c.mqtt_host.as_str(), c.mqtt_port), ("127.0.0.1", 1883));
@@ -247,7 +252,10 @@ mod tests {
         let cases = [
             (agent_toml("").replace("dev-1", "dev 1"), "agent.toml: device.id: "),
             (agent_toml("").replace("mqtt://", "http://"), "agent.toml: mqtt.url: "),
-            (agent_toml("[inference]\nsensor = \"nope\"\n"), "agent.toml: inference.sensor: class `c1` has no sensor `nope`"),
+            (
+                agent_toml("[inference]\nsensor = \"nope\"\n"),
+                "agent.toml: inference.sensor: class `c1` has no sensor `nope`",
+            ),
             (agent_toml("").replace("c1.toml", "missing.toml"), "agent.toml: device.class_config: "),
             (agent_toml("[[sources]]\nkind = \"serial\"\n"), "agent.toml: sources[0].kind: unknown variant `serial`"),
         ];

@@ -45,8 +45,13 @@ impl AgentHandle {
 impl Agent {
     /// Starts an agent with the sources in its config plus `extra` (an in-process channel, say). It runs until
     /// `cancel` fires.
-    pub async fn start(cfg: AgentConfig, extra: Vec<Box<dyn Source>>, cancel: CancellationToken) -> anyhow::Result<AgentHandle> {
-        std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
+    pub async fn start(
+        cfg: AgentConfig,
+        extra: Vec<Box<dyn Source>>,
+        cancel: CancellationToken,
+    ) -> anyhow::Result<AgentHandle> {
+        std::fs::create_dir_all(&cfg.data_dir)
+            .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
         let outbox_dir = cfg.data_dir.join("outbox");
         let (durability, max_bytes) = (cfg.durability, cfg.outbox_max_bytes);
         let outbox = tokio::task::spawn_blocking(move || Outbox::open(&outbox_dir, durability, max_bytes))
@@ -58,7 +63,9 @@ impl Agent {
             Some(path) => {
                 let width = spec.sensors.iter().find(|s| s.name == cfg.model_sensor).map(|s| s.width()).unwrap_or(0);
                 let path = path.clone();
-                let m = tokio::task::spawn_blocking(move || Model::load_file(&path, width)).await?.context("loading the model")?;
+                let m = tokio::task::spawn_blocking(move || Model::load_file(&path, width))
+                    .await?
+                    .context("loading the model")?;
                 tracing::info!(version = m.version(), width, "model loaded");
                 Some(m)
             }
@@ -69,7 +76,8 @@ impl Agent {
         };
         let health = Arc::new(Health::default());
         let counters = Arc::new(UplinkCounters::default());
-        let collector = Collector::new(&spec, model, cfg.model_sensor.clone(), cfg.threshold, outbox.clone(), health.clone());
+        let collector =
+            Collector::new(&spec, model, cfg.model_sensor.clone(), cfg.threshold, outbox.clone(), health.clone());
 
         let mut sources = extra;
         for s in &cfg.sources {
@@ -104,7 +112,8 @@ impl Agent {
             interval: Duration::from_millis(cfg.class.outbox.commit_interval_ms),
         };
         let collector_cancel = CancellationToken::new();
-        let collector_task = tokio::spawn(collector::run(collector, rx, commit, durable.clone(), collector_cancel.clone()));
+        let collector_task =
+            tokio::spawn(collector::run(collector, rx, commit, durable.clone(), collector_cancel.clone()));
         let uplink_cancel = CancellationToken::new();
         let uplink = Uplink::from_config(&cfg, outbox.clone(), health.clone(), counters.clone());
         let uplink_task = tokio::spawn(uplink.run(durable, uplink_cancel.clone()));

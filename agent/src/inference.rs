@@ -42,7 +42,8 @@ impl std::fmt::Debug for Model {
 
 impl Model {
     pub fn load_file(path: &Path, width: usize) -> Result<Model, InferenceError> {
-        let bytes = std::fs::read(path).map_err(|source| InferenceError::Read { path: path.display().to_string(), source })?;
+        let bytes =
+            std::fs::read(path).map_err(|source| InferenceError::Read { path: path.display().to_string(), source })?;
         Model::load_bytes(&bytes, width)
     }
 
@@ -76,7 +77,8 @@ impl Model {
             return Err(InferenceError::Width { expected: self.width, got: features.len() });
         }
         let started = Instant::now();
-        let input = Tensor::from_shape(&[1, self.width], features).map_err(|e| InferenceError::Run(format!("{e:#}")))?;
+        let input =
+            Tensor::from_shape(&[1, self.width], features).map_err(|e| InferenceError::Run(format!("{e:#}")))?;
         let out = self.state.run(tvec!(input.into())).map_err(|e| InferenceError::Run(format!("{e:#}")))?;
         let elapsed = started.elapsed();
         let view = out[0].to_plain_array_view::<f32>().map_err(|e| InferenceError::Run(format!("{e:#}")))?;
@@ -134,8 +136,16 @@ pub fn mean_square_onnx(width: usize) -> Vec<u8> {
             node("Mul", &["features", "features"], "squared", vec![]),
             node("ReduceMean", &["squared"], "score", vec![axes, keepdims]),
         ],
-        input: vec![pb::ValueInfoProto { name: "features".into(), r#type: Some(tensor_type(&[1, width as i64])), ..Default::default() }],
-        output: vec![pb::ValueInfoProto { name: "score".into(), r#type: Some(tensor_type(&[1, 1])), ..Default::default() }],
+        input: vec![pb::ValueInfoProto {
+            name: "features".into(),
+            r#type: Some(tensor_type(&[1, width as i64])),
+            ..Default::default()
+        }],
+        output: vec![pb::ValueInfoProto {
+            name: "score".into(),
+            r#type: Some(tensor_type(&[1, 1])),
+            ..Default::default()
+        }],
         ..Default::default()
     };
     let model = pb::ModelProto {

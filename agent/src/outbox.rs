@@ -11,7 +11,7 @@
 //!
 //! The outbox owns storage and accounting; when and what to send is the uplink's business.
 
-use edgeloop_common::durable::{DurableDb, DurableError, Durability};
+use edgeloop_common::durable::{Durability, DurableDb, DurableError};
 use edgeloop_common::envelope::{Record, SeqRange};
 use std::path::Path;
 use std::sync::Mutex;
@@ -161,7 +161,14 @@ impl Outbox {
         let first = acc.next_seq;
         let mut encoded = Vec::with_capacity(records.len());
         for (i, r) in records.into_iter().enumerate() {
-            let rec = Record { seq: first + i as u64, ts_ms: r.ts_ms, sensor: r.sensor, features: r.features, score: r.score, flags: r.flags };
+            let rec = Record {
+                seq: first + i as u64,
+                ts_ms: r.ts_ms,
+                sensor: r.sensor,
+                features: r.features,
+                score: r.score,
+                flags: r.flags,
+            };
             let mut buf = Vec::with_capacity(64 + 5 * rec.features.len());
             ciborium::into_writer(&rec, &mut buf).expect("CBOR encoding into a Vec is infallible");
             encoded.push((rec.seq, buf));
@@ -239,8 +246,8 @@ impl Outbox {
         for kv in self.tree.range(record_key(from)..=record_key(durable)).take(max) {
             let (k, v) = kv?;
             let seq = seq_of(&k);
-            let rec: Record = ciborium::from_reader(&v[..])
-                .map_err(|e| OutboxError::Corrupt { seq, reason: e.to_string() })?;
+            let rec: Record =
+                ciborium::from_reader(&v[..]).map_err(|e| OutboxError::Corrupt { seq, reason: e.to_string() })?;
             out.push(rec);
         }
         Ok(out)
@@ -332,7 +339,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let one = {
             let mut b = Vec::new();
-            ciborium::into_writer(&Record { seq: 1, ts_ms: 1, sensor: "t".into(), features: vec![1.0; 4], score: None, flags: 0 }, &mut b).unwrap();
+            ciborium::into_writer(
+                &Record { seq: 1, ts_ms: 1, sensor: "t".into(), features: vec![1.0; 4], score: None, flags: 0 },
+                &mut b,
+            )
+            .unwrap();
             b.len() as u64
         };
         let ob = open(dir.path(), one * 10);

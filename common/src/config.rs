@@ -244,7 +244,11 @@ impl ClassConfig {
     /// Every rule the types cannot express.
     pub fn validate(&self, file: &str) -> Result<(), ConfigError> {
         let c = Checker::new(file);
-        c.check(crate::topics::validate_device_id(&self.class).is_ok(), "class", "must be 1 to 64 characters of A-Z, a-z, 0-9, '-', '_' or '.'")?;
+        c.check(
+            crate::topics::validate_device_id(&self.class).is_ok(),
+            "class",
+            "must be 1 to 64 characters of A-Z, a-z, 0-9, '-', '_' or '.'",
+        )?;
         c.check(!self.sensors.is_empty(), "sensors", "at least one sensor is required")?;
         for (i, s) in self.sensors.iter().enumerate() {
             let key = |k: &str| format!("sensors[{i}].{k}");
@@ -264,7 +268,11 @@ impl ClassConfig {
                     let window = s.window.ok_or_else(|| c.fail(key("window"), "is required for a fast signal"))?;
                     c.check((2..=1 << 20).contains(&window), key("window"), "must be between 2 and 1048576")?;
                     if let Some(hop) = s.hop {
-                        c.check(hop >= 1 && hop <= window, key("hop"), format!("must be between 1 and the window ({window})"))?;
+                        c.check(
+                            hop >= 1 && hop <= window,
+                            key("hop"),
+                            format!("must be between 1 and the window ({window})"),
+                        )?;
                     }
                 }
                 SignalKind::Slow => {
@@ -274,7 +282,11 @@ impl ClassConfig {
             }
         }
         let u = &self.uplink;
-        c.check((1..=10_000).contains(&u.batch_max_records), "uplink.batch_max_records", "must be between 1 and 10000")?;
+        c.check(
+            (1..=10_000).contains(&u.batch_max_records),
+            "uplink.batch_max_records",
+            "must be between 1 and 10000",
+        )?;
         c.check(u.heartbeat_secs > 0, "uplink.heartbeat_secs", "must be > 0")?;
         c.check(u.ack_timeout_secs > 0, "uplink.ack_timeout_secs", "must be > 0")?;
         c.check(u.max_inflight_batches > 0, "uplink.max_inflight_batches", "must be > 0")?;

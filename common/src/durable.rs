@@ -49,7 +49,8 @@ impl DurableDb {
         let data_path = dir.join("db");
         let data_file = match mode {
             Durability::Fsync => {
-                let f = File::open(&data_path).map_err(|source| DurableError::Sync { path: data_path.clone(), source })?;
+                let f =
+                    File::open(&data_path).map_err(|source| DurableError::Sync { path: data_path.clone(), source })?;
                 // Make the directory entries of a freshly created store durable once.
                 if let Ok(d) = File::open(dir) {
                     d.sync_all().map_err(|source| DurableError::Sync { path: dir.to_path_buf(), source })?;

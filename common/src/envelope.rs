@@ -228,9 +228,7 @@ pub fn decode(bytes: &[u8], max_bytes: usize) -> Result<Envelope, DecodeError> {
             ciborium::de::Error::RecursionLimitExceeded => DecodeError::TooDeep(MAX_DEPTH),
             other => DecodeError::Cbor(other.to_string()),
         })?;
-    let map = value
-        .as_map()
-        .ok_or_else(|| DecodeError::Schema("top level is not a map".into()))?;
+    let map = value.as_map().ok_or_else(|| DecodeError::Schema("top level is not a map".into()))?;
     let version = map
         .iter()
         .find(|(k, _)| k.as_text() == Some("v"))
@@ -262,7 +260,11 @@ mod tests {
     fn round_trip_each_body() {
         let bodies = vec![
             Body::Telemetry(TelemetryBatch { from: 1, to: 3, records: vec![record(1), record(3)] }),
-            Body::Status(Status { class: "c".into(), dropped_ranges: vec![SeqRange { from: 2, to: 2 }], ..Default::default() }),
+            Body::Status(Status {
+                class: "c".into(),
+                dropped_ranges: vec![SeqRange { from: 2, to: 2 }],
+                ..Default::default()
+            }),
             Body::Ack(Ack { upto: 42 }),
         ];
         for body in bodies {

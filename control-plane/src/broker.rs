@@ -11,6 +11,12 @@ use std::collections::HashMap;
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+/// The largest payload the embedded broker forwards: twice ingest's limit, so that an oversize message
+/// still reaches ingest and is counted as `too_large` instead of vanishing at the broker.
+pub fn broker_max_payload(max_message_bytes: usize) -> usize {
+    2 * max_message_bytes.max(DEFAULT_MAX_MESSAGE_BYTES) + 1024
+}
+
 /// Starts rumqttd on `listen` and waits until it accepts TCP connections.
 pub fn start_embedded(listen: SocketAddr, max_message_bytes: usize) -> anyhow::Result<()> {
     let server = ServerSettings {
@@ -20,7 +26,7 @@ pub fn start_embedded(listen: SocketAddr, max_message_bytes: usize) -> anyhow::R
         next_connection_delay_ms: 0,
         connections: ConnectionSettings {
             connection_timeout_ms: 10_000,
-            max_payload_size: max_message_bytes.max(DEFAULT_MAX_MESSAGE_BYTES) + 1024,
+            max_payload_size: broker_max_payload(max_message_bytes),
             max_inflight_count: 256,
             auth: None,
             external_auth: None,
@@ -33,7 +39,7 @@ pub fn start_embedded(listen: SocketAddr, max_message_bytes: usize) -> anyhow::R
             max_connections: 20_000,
             max_outgoing_packet_count: 1_000,
             // Each topic keeps a ring of `count` segments; a payload must fit in one.
-            max_segment_size: 2 * (max_message_bytes.max(DEFAULT_MAX_MESSAGE_BYTES) + 1024),
+            max_segment_size: broker_max_payload(max_message_bytes) + 4096,
             max_segment_count: 2,
             ..Default::default()
         },

@@ -137,7 +137,9 @@ impl RawConfig {
                 (a.ip().to_string(), a.port())
             }
             BrokerConfig::External { url } => {
-                let rest = url.strip_prefix("mqtt://").ok_or_else(|| c.fail("broker.url", format!("`{url}` must start with mqtt://")))?;
+                let rest = url
+                    .strip_prefix("mqtt://")
+                    .ok_or_else(|| c.fail("broker.url", format!("`{url}` must start with mqtt://")))?;
                 let (h, p) = rest.trim_end_matches('/').rsplit_once(':').unwrap_or((rest, "1883"));
                 let port = p.parse::<u16>().map_err(|_| c.fail("broker.url", format!("`{p}` is not a port number")))?;
                 c.check(!h.is_empty(), "broker.url", "has no host")?;
@@ -145,7 +147,11 @@ impl RawConfig {
             }
         };
         let i = &self.ingest;
-        c.check((1024..=16 << 20).contains(&i.max_message_bytes), "ingest.max_message_bytes", "must be between 1024 and 16777216")?;
+        c.check(
+            (1024..=16 << 20).contains(&i.max_message_bytes),
+            "ingest.max_message_bytes",
+            "must be between 1024 and 16777216",
+        )?;
         c.check(i.commit_max_messages > 0, "ingest.commit_max_messages", "must be > 0")?;
         c.check(i.offline_after_secs > 0, "ingest.offline_after_secs", "must be > 0")?;
         let data_dir = match path {
@@ -170,9 +176,17 @@ mod tests {
 
     #[test]
     fn embedded_and_external() {
-        let c = Config::from_toml("cp.toml", "data_dir = \"d\"\n[broker]\nmode = \"embedded\"\nlisten = \"0.0.0.0:1883\"\n").unwrap();
+        let c = Config::from_toml(
+            "cp.toml",
+            "data_dir = \"d\"\n[broker]\nmode = \"embedded\"\nlisten = \"0.0.0.0:1883\"\n",
+        )
+        .unwrap();
         assert_eq!((c.mqtt_host.as_str(), c.mqtt_port), ("127.0.0.1", 1883));
-        let c = Config::from_toml("cp.toml", "data_dir = \"d\"\n[broker]\nmode = \"external\"\nurl = \"mqtt://mq.local:8883\"\n").unwrap();
+        let c = Config::from_toml(
+            "cp.toml",
+            "data_dir = \"d\"\n[broker]\nmode = \"external\"\nurl = \"mqtt://mq.local:8883\"\n",
+        )
+        .unwrap();
         assert_eq!((c.mqtt_host.as_str(), c.mqtt_port), ("mq.local", 8883));
     }
 
@@ -186,7 +200,11 @@ mod tests {
         for (text, want) in cases {
             assert_eq!(Config::from_toml("cp.toml", text).unwrap_err().to_string(), want);
         }
-        let err = Config::from_toml("cp.toml", "data_dir = \"d\"\n[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:1\"\ncolour = 1\n").unwrap_err();
+        let err = Config::from_toml(
+            "cp.toml",
+            "data_dir = \"d\"\n[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:1\"\ncolour = 1\n",
+        )
+        .unwrap_err();
         assert_eq!(err.key, "broker");
         assert!(err.reason.contains("unknown field `colour`"), "{err}");
     }

@@ -31,9 +31,24 @@ impl Metrics {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}");
         };
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        counter(&mut out, "edgeloop_messages_received_total", "Uplink MQTT messages received.", get(&self.messages_received));
-        counter(&mut out, "edgeloop_records_ingested_total", "Telemetry records stored (first copy).", get(&self.records_ingested));
-        counter(&mut out, "edgeloop_records_duplicate_total", "Telemetry records received again and not stored twice.", get(&self.records_duplicate));
+        counter(
+            &mut out,
+            "edgeloop_messages_received_total",
+            "Uplink MQTT messages received.",
+            get(&self.messages_received),
+        );
+        counter(
+            &mut out,
+            "edgeloop_records_ingested_total",
+            "Telemetry records stored (first copy).",
+            get(&self.records_ingested),
+        );
+        counter(
+            &mut out,
+            "edgeloop_records_duplicate_total",
+            "Telemetry records received again and not stored twice.",
+            get(&self.records_duplicate),
+        );
         counter(&mut out, "edgeloop_status_messages_total", "Heartbeats received.", get(&self.status_messages));
         counter(&mut out, "edgeloop_acks_sent_total", "End-to-end acknowledgements published.", get(&self.acks_sent));
         counter(&mut out, "edgeloop_store_commits_total", "Durable store commits (group commits).", get(&self.commits));

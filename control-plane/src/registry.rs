@@ -47,7 +47,11 @@ impl Registry {
         for kv in tree.iter() {
             let (k, v) = kv?;
             let id = String::from_utf8_lossy(&k).into_owned();
-            let d: Device = ciborium::from_reader(&v[..]).map_err(|e| StoreError::Corrupt { device: id.clone(), seq: 0, reason: e.to_string() })?;
+            let d: Device = ciborium::from_reader(&v[..]).map_err(|e| StoreError::Corrupt {
+                device: id.clone(),
+                seq: 0,
+                reason: e.to_string(),
+            })?;
             devices.insert(id, d);
         }
         Ok(Registry { tree, devices: RwLock::new(devices) })
@@ -56,7 +60,11 @@ impl Registry {
     /// Applies `f` to the device's entry (creating it), and writes it through to sled.
     pub fn update(&self, id: &str, now_ms: u64, f: impl FnOnce(&mut Device)) -> Result<(), StoreError> {
         let mut devices = self.devices.write().unwrap_or_else(|p| p.into_inner());
-        let d = devices.entry(id.to_string()).or_insert_with(|| Device { id: id.to_string(), first_seen_ms: now_ms, ..Default::default() });
+        let d = devices.entry(id.to_string()).or_insert_with(|| Device {
+            id: id.to_string(),
+            first_seen_ms: now_ms,
+            ..Default::default()
+        });
         d.last_seen_ms = d.last_seen_ms.max(now_ms);
         f(d);
         let mut buf = Vec::new();

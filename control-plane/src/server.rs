@@ -39,7 +39,8 @@ impl ControlPlaneHandle {
 
 impl ControlPlane {
     pub async fn start(cfg: Config, cancel: CancellationToken) -> anyhow::Result<ControlPlaneHandle> {
-        std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
+        std::fs::create_dir_all(&cfg.data_dir)
+            .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
         let dir = cfg.data_dir.join("store");
         let durability = cfg.durability;
         let (store, registry) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
@@ -57,14 +58,28 @@ impl ControlPlane {
             tokio::task::spawn_blocking(move || broker::start_embedded(listen, max)).await??;
         }
 
-        let mut options = MqttOptions::new(format!("edgeloop-cp-{}", std::process::id()), cfg.mqtt_host.clone(), cfg.mqtt_port);
-        let max_packet = cfg.ingest.max_message_bytes + 4096;
-        options.set_keep_alive(Duration::from_secs(30)).set_clean_session(true).set_max_packet_size(max_packet, max_packet).set_inflight(1024);
+        let mut options =
+            MqttOptions::new(format!("edgeloop-cp-{}", std::process::id()), cfg.mqtt_host.clone(), cfg.mqtt_port);
+        // Accept whatever the broker forwards, so oversize messages are counted by ingest, not fatal to the link.
+        let max_packet = broker::broker_max_payload(cfg.ingest.max_message_bytes) + 4096;
+        options
+            .set_keep_alive(Duration::from_secs(30))
+            .set_clean_session(true)
+            .set_max_packet_size(max_packet, max_packet)
+            .set_inflight(1024);
         let ingestor = Ingestor::new(store.clone(), registry.clone(), metrics.clone(), cfg.ingest.max_message_bytes);
         let ingest_cancel = cancel.child_token();
-        let ingest = tokio::spawn(service::run(options, ingestor, metrics.clone(), cfg.ingest.commit_max_messages, ingest_cancel));
+        let ingest = tokio::spawn(service::run(
+            options,
+            ingestor,
+            metrics.clone(),
+            cfg.ingest.commit_max_messages,
+            ingest_cancel,
+        ));
 
-        let listener = tokio::net::TcpListener::bind(cfg.api_listen).await.with_context(|| format!("binding the API to {}", cfg.api_listen))?;
+        let listener = tokio::net::TcpListener::bind(cfg.api_listen)
+            .await
+            .with_context(|| format!("binding the API to {}", cfg.api_listen))?;
         let api_addr = listener.local_addr()?;
         let state = AppState {
             store: store.clone(),
@@ -75,7 +90,9 @@ impl ControlPlane {
         };
         let api_cancel = cancel.clone();
         let api = tokio::spawn(async move {
-            axum::serve(listener, api::router(state)).with_graceful_shutdown(async move { api_cancel.cancelled().await }).await
+            axum::serve(listener, api::router(state))
+                .with_graceful_shutdown(async move { api_cancel.cancelled().await })
+                .await
         });
         tracing::info!(%api_addr, mqtt = %format!("{}:{}", cfg.mqtt_host, cfg.mqtt_port), "control plane running");
 

@@ -94,8 +94,11 @@ impl TelemetryStore {
                 break;
             }
             let (k, v) = kv?;
-            let rec: Record = ciborium::from_reader(&v[..])
-                .map_err(|e| StoreError::Corrupt { device: device.to_string(), seq: seq_of(&k), reason: e.to_string() })?;
+            let rec: Record = ciborium::from_reader(&v[..]).map_err(|e| StoreError::Corrupt {
+                device: device.to_string(),
+                seq: seq_of(&k),
+                reason: e.to_string(),
+            })?;
             if q.from_ms.is_some_and(|f| rec.ts_ms < f) || q.to_ms.is_some_and(|t| rec.ts_ms > t) {
                 continue;
             }

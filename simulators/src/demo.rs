@@ -38,7 +38,11 @@ pub struct Summary {
 /// Runs the demo until `duration` passes (then returns the summary) or `stop` fires.
 pub async fn run(opts: DemoOptions, stop: CancellationToken) -> anyhow::Result<Summary> {
     let mqtt_port = crate::free_port()?;
-    let cfg = Config::embedded(opts.data_dir.join("control-plane"), SocketAddr::from(([127, 0, 0, 1], mqtt_port)), SocketAddr::from(([127, 0, 0, 1], 0)));
+    let cfg = Config::embedded(
+        opts.data_dir.join("control-plane"),
+        SocketAddr::from(([127, 0, 0, 1], mqtt_port)),
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+    );
     let cp_cancel = CancellationToken::new();
     let cp = ControlPlane::start(cfg, cp_cancel.clone()).await.context("starting the control plane")?;
     println!("edgeloop demo: {} devices", opts.devices);
@@ -86,13 +90,22 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> anyhow::Result<S
                 let s = d.agent.outbox.stats();
                 (g + s.durable_seq, a + s.acked)
             });
-            println!("  t={:>4}s  records generated {gen:>8}  acknowledged {acked:>8}  ingested {:>8}", started.elapsed().as_secs(), cp.metrics.records_ingested.load(std::sync::atomic::Ordering::Relaxed));
+            println!(
+                "  t={:>4}s  records generated {gen:>8}  acknowledged {acked:>8}  ingested {:>8}",
+                started.elapsed().as_secs(),
+                cp.metrics.records_ingested.load(std::sync::atomic::Ordering::Relaxed)
+            );
         }
     }
 
     // Drain: every outbox empties (acknowledged), or the timeout passes.
     let deadline = Instant::now() + opts.drain_timeout;
-    while Instant::now() < deadline && devices.iter().any(|d| { let s = d.agent.outbox.stats(); s.acked < s.durable_seq }) {
+    while Instant::now() < deadline
+        && devices.iter().any(|d| {
+            let s = d.agent.outbox.stats();
+            s.acked < s.durable_seq
+        })
+    {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     fleet_cancel.cancel();

@@ -47,7 +47,12 @@ pub async fn start(spec: &FleetSpec, n: usize, cancel: &CancellationToken) -> an
         (spec.customise)(&mut cfg);
         let (tx, source) = ChannelSource::new(1024);
         let agent = Agent::start(cfg, vec![Box::new(source)], cancel.child_token()).await?;
-        out.push(SimDevice { agent, samples: tx, generator: Generator::new(class.clone(), i as u64, edgeloop_common::unix_millis()), class: class.class });
+        out.push(SimDevice {
+            agent,
+            samples: tx,
+            generator: Generator::new(class.clone(), i as u64, edgeloop_common::unix_millis()),
+            class: class.class,
+        });
     }
     Ok(out)
 }

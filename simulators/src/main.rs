@@ -31,7 +31,10 @@ enum Command {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,rumqttd::server::broker=off".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,rumqttd::server::broker=off".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let Command::Demo { devices, duration, data_dir } = Cli::parse().command;
@@ -39,8 +42,14 @@ fn main() -> ExitCode {
         eprintln!("edgeloop-sim: --devices must be at least 1");
         return ExitCode::from(2);
     }
-    let data_dir = data_dir.unwrap_or_else(|| std::env::temp_dir().join(format!("edgeloop-demo-{}", std::process::id())));
-    let opts = DemoOptions { devices, duration: duration.map(Duration::from_secs), data_dir, drain_timeout: Duration::from_secs(60) };
+    let data_dir =
+        data_dir.unwrap_or_else(|| std::env::temp_dir().join(format!("edgeloop-demo-{}", std::process::id())));
+    let opts = DemoOptions {
+        devices,
+        duration: duration.map(Duration::from_secs),
+        data_dir,
+        drain_timeout: Duration::from_secs(60),
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {

@@ -42,7 +42,13 @@ impl FaultProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let (generation, _) = watch::channel(0u64);
-        let ctl = Arc::new(Control { mode: AtomicU8::new(0), delay_ms: AtomicU64::new(0), cuts: AtomicU64::new(0), accepted: AtomicU64::new(0), generation });
+        let ctl = Arc::new(Control {
+            mode: AtomicU8::new(0),
+            delay_ms: AtomicU64::new(0),
+            cuts: AtomicU64::new(0),
+            accepted: AtomicU64::new(0),
+            generation,
+        });
         let c = ctl.clone();
         tokio::spawn(async move {
             loop {

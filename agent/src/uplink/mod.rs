@@ -53,7 +53,12 @@ pub struct Uplink {
 }
 
 impl Uplink {
-    pub fn from_config(cfg: &AgentConfig, outbox: Arc<Outbox>, health: Arc<Health>, counters: Arc<UplinkCounters>) -> Self {
+    pub fn from_config(
+        cfg: &AgentConfig,
+        outbox: Arc<Outbox>,
+        health: Arc<Health>,
+        counters: Arc<UplinkCounters>,
+    ) -> Self {
         let mut options = MqttOptions::new(cfg.device_id.clone(), cfg.mqtt_host.clone(), cfg.mqtt_port);
         options
             .set_keep_alive(cfg.keep_alive)
@@ -69,7 +74,10 @@ impl Uplink {
             reconnect: (cfg.reconnect_min, cfg.reconnect_max),
             batch_max: u.batch_max_records,
             heartbeat: Duration::from_secs(u.heartbeat_secs),
-            params: UplinkParams { max_inflight_batches: u.max_inflight_batches, ack_timeout_ms: u.ack_timeout_secs * 1000 },
+            params: UplinkParams {
+                max_inflight_batches: u.max_inflight_batches,
+                ack_timeout_ms: u.ack_timeout_secs * 1000,
+            },
             outbox,
             health,
             counters,
@@ -82,10 +90,23 @@ impl Uplink {
         let (tx, rx) = mpsc::unbounded_channel();
         let ack_topic = topics::topic(&self.device, Channel::Ack);
         let link_cancel = cancel.child_token();
-        let link = tokio::spawn(event_loop(eventloop, ack_topic.clone(), self.reconnect, tx, link_cancel.clone(), self.counters.clone()));
-        let result = Driver { up: &self, client: &client, state: UplinkState::new(self.params, self.outbox.stats().acked), started: Instant::now(), status_seq: 0 }
-            .run(rx, &ack_topic, durable, cancel)
-            .await;
+        let link = tokio::spawn(event_loop(
+            eventloop,
+            ack_topic.clone(),
+            self.reconnect,
+            tx,
+            link_cancel.clone(),
+            self.counters.clone(),
+        ));
+        let result = Driver {
+            up: &self,
+            client: &client,
+            state: UplinkState::new(self.params, self.outbox.stats().acked),
+            started: Instant::now(),
+            status_seq: 0,
+        }
+        .run(rx, &ack_topic, durable, cancel)
+        .await;
         // Let the last heartbeat go out, then hang up.
         let _ = client.try_disconnect();
         let _ = tokio::time::timeout(Duration::from_millis(500), async {
@@ -173,7 +194,12 @@ impl Driver<'_> {
             let records = tokio::task::spawn_blocking(move || outbox.read_batch(from, max)).await??;
             let Some(last) = records.last() else { return Ok(()) };
             let to = last.seq;
-            let env = Envelope::new(self.up.device.clone(), to, unix_millis(), Body::Telemetry(TelemetryBatch { from, to, records }));
+            let env = Envelope::new(
+                self.up.device.clone(),
+                to,
+                unix_millis(),
+                Body::Telemetry(TelemetryBatch { from, to, records }),
+            );
             let topic = topics::topic(&self.up.device, Channel::Telemetry);
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
@@ -238,7 +264,9 @@ async fn event_loop(
                     Ok(Envelope { body: Body::Ack(Ack { upto }), .. }) => {
                         let _ = tx.send(LinkEvent::Ack(upto));
                     }
-                    Ok(other) => tracing::warn!(topic = %p.topic, kind = other.body.kind(), "unexpected message on the ack topic"),
+                    Ok(other) => {
+                        tracing::warn!(topic = %p.topic, kind = other.body.kind(), "unexpected message on the ack topic")
+                    }
                     Err(e) => tracing::warn!(topic = %p.topic, error = %e, "malformed acknowledgement dropped"),
                 }
             }

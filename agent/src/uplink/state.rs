@@ -22,7 +22,9 @@ pub struct UplinkParams {
 pub enum Tick {
     Idle,
     /// No acknowledgement progress within the timeout: the unacknowledged batches will be sent again.
-    Resend { from: u64 },
+    Resend {
+        from: u64,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -40,7 +42,14 @@ pub struct UplinkState {
 impl UplinkState {
     /// `acked` is the outbox's persisted acknowledgement.
     pub fn new(params: UplinkParams, acked: u64) -> Self {
-        UplinkState { params, connected: false, acked, cursor: acked + 1, inflight: VecDeque::new(), last_progress_ms: 0 }
+        UplinkState {
+            params,
+            connected: false,
+            acked,
+            cursor: acked + 1,
+            inflight: VecDeque::new(),
+            last_progress_ms: 0,
+        }
     }
 
     pub fn acked(&self) -> u64 {
@@ -105,7 +114,10 @@ impl UplinkState {
 
     /// Checks the acknowledgement timeout.
     pub fn tick(&mut self, now_ms: u64) -> Tick {
-        if self.connected && !self.inflight.is_empty() && now_ms.saturating_sub(self.last_progress_ms) >= self.params.ack_timeout_ms {
+        if self.connected
+            && !self.inflight.is_empty()
+            && now_ms.saturating_sub(self.last_progress_ms) >= self.params.ack_timeout_ms
+        {
             self.rewind(now_ms);
             return Tick::Resend { from: self.cursor };
         }

@@ -29,7 +29,11 @@ impl ApiError {
     /// Logs `cause` and returns a generic 500.
     pub fn internal(cause: impl std::fmt::Display) -> Self {
         tracing::error!(error = %cause, "API request failed");
-        ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, error: "internal", detail: "internal error; see the control plane's log".into() }
+        ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            error: "internal",
+            detail: "internal error; see the control plane's log".into(),
+        }
     }
 }
 

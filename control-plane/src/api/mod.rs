@@ -53,7 +53,12 @@ struct Health {
 }
 
 async fn health(State(s): State<AppState>) -> Json<Health> {
-    Json(Health { status: "ok", version: env!("CARGO_PKG_VERSION"), uptime_s: s.started.elapsed().as_secs(), devices: s.registry.len() })
+    Json(Health {
+        status: "ok",
+        version: env!("CARGO_PKG_VERSION"),
+        uptime_s: s.started.elapsed().as_secs(),
+        devices: s.registry.len(),
+    })
 }
 
 /// A device as the API shows it.
@@ -121,7 +126,10 @@ async fn telemetry(
     let q = Query { after_seq: p.after_seq.unwrap_or(0), from_ms: p.from, to_ms: p.to, limit };
     let store = s.store.clone();
     let dev = id.clone();
-    let records = tokio::task::spawn_blocking(move || store.query(&dev, q)).await.map_err(ApiError::internal)?.map_err(ApiError::internal)?;
+    let records = tokio::task::spawn_blocking(move || store.query(&dev, q))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(ApiError::internal)?;
     let next_after_seq = (records.len() == limit).then(|| records.last().map(|r| r.seq)).flatten();
     Ok(Json(TelemetryPage { device: id, records, next_after_seq }))
 }

@@ -40,7 +40,12 @@ pub struct Ingestor {
 }
 
 impl Ingestor {
-    pub fn new(store: TelemetryStore, registry: Arc<Registry>, metrics: Arc<Metrics>, max_message_bytes: usize) -> Self {
+    pub fn new(
+        store: TelemetryStore,
+        registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
+        max_message_bytes: usize,
+    ) -> Self {
         Ingestor { store, registry, metrics, max_message_bytes }
     }
 
@@ -48,7 +53,14 @@ impl Ingestor {
         &self.store
     }
 
-    fn reject(&self, device: Option<&str>, topic: &str, reason: &'static str, detail: &str, now_ms: u64) -> Result<Outcome, StoreError> {
+    fn reject(
+        &self,
+        device: Option<&str>,
+        topic: &str,
+        reason: &'static str,
+        detail: &str,
+        now_ms: u64,
+    ) -> Result<Outcome, StoreError> {
         self.metrics.reject(reason);
         let total: u64 = self.metrics.rejected(reason);
         if total.is_power_of_two() {
@@ -136,17 +148,25 @@ pub fn ack_payload(device: &str, upto: u64) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use edgeloop_common::durable::{DurableDb, Durability};
+    use edgeloop_common::durable::{Durability, DurableDb};
     use edgeloop_common::envelope::{Record, SeqRange, Status, TelemetryBatch, DEFAULT_MAX_MESSAGE_BYTES};
 
     fn ingestor(dir: &std::path::Path) -> Ingestor {
         let db = DurableDb::open(dir, Durability::Flush).unwrap();
         let registry = Arc::new(Registry::open(&db).unwrap());
-        Ingestor::new(TelemetryStore::open(db).unwrap(), registry, Arc::new(Metrics::default()), DEFAULT_MAX_MESSAGE_BYTES)
+        Ingestor::new(
+            TelemetryStore::open(db).unwrap(),
+            registry,
+            Arc::new(Metrics::default()),
+            DEFAULT_MAX_MESSAGE_BYTES,
+        )
     }
 
     fn batch(device: &str, from: u64, seqs: &[u64]) -> Vec<u8> {
-        let records = seqs.iter().map(|&seq| Record { seq, ts_ms: seq, sensor: "t".into(), features: vec![0.5], score: None, flags: 0 }).collect();
+        let records = seqs
+            .iter()
+            .map(|&seq| Record { seq, ts_ms: seq, sensor: "t".into(), features: vec![0.5], score: None, flags: 0 })
+            .collect();
         let to = *seqs.last().unwrap();
         envelope::encode(&Envelope::new(device, to, 0, Body::Telemetry(TelemetryBatch { from, to, records })))
     }
@@ -157,11 +177,23 @@ mod tests {
     fn stores_dedups_and_acks_cumulatively() {
         let dir = tempfile::tempdir().unwrap();
         let ing = ingestor(dir.path());
-        assert_eq!(ing.handle(T, &batch("d1", 1, &[1, 2, 3]), 1).unwrap(), Outcome::Ack { device: "d1".into(), upto: 3 });
+        assert_eq!(
+            ing.handle(T, &batch("d1", 1, &[1, 2, 3]), 1).unwrap(),
+            Outcome::Ack { device: "d1".into(), upto: 3 }
+        );
         // Batch 7..9 arrives before 4..6 (lost, resent later): stored, watermark waits.
-        assert_eq!(ing.handle(T, &batch("d1", 7, &[7, 8, 9]), 2).unwrap(), Outcome::Ack { device: "d1".into(), upto: 3 });
-        assert_eq!(ing.handle(T, &batch("d1", 4, &[4, 5, 6]), 3).unwrap(), Outcome::Ack { device: "d1".into(), upto: 6 });
-        assert_eq!(ing.handle(T, &batch("d1", 7, &[7, 8, 9]), 4).unwrap(), Outcome::Ack { device: "d1".into(), upto: 9 });
+        assert_eq!(
+            ing.handle(T, &batch("d1", 7, &[7, 8, 9]), 2).unwrap(),
+            Outcome::Ack { device: "d1".into(), upto: 3 }
+        );
+        assert_eq!(
+            ing.handle(T, &batch("d1", 4, &[4, 5, 6]), 3).unwrap(),
+            Outcome::Ack { device: "d1".into(), upto: 6 }
+        );
+        assert_eq!(
+            ing.handle(T, &batch("d1", 7, &[7, 8, 9]), 4).unwrap(),
+            Outcome::Ack { device: "d1".into(), upto: 9 }
+        );
         assert_eq!(ing.store().count("d1").unwrap(), 9);
         assert_eq!(ing.metrics.records_duplicate.load(Ordering::Relaxed), 3);
         // A batch whose range covers dropped records (10..12 never sent) advances over them.
@@ -198,7 +230,12 @@ mod tests {
     fn status_updates_registry() {
         let dir = tempfile::tempdir().unwrap();
         let ing = ingestor(dir.path());
-        let st = Status { class: "c".into(), dropped_total: 3, dropped_ranges: vec![SeqRange { from: 1, to: 3 }], ..Default::default() };
+        let st = Status {
+            class: "c".into(),
+            dropped_total: 3,
+            dropped_ranges: vec![SeqRange { from: 1, to: 3 }],
+            ..Default::default()
+        };
         let msg = envelope::encode(&Envelope::new("d1", 1, 0, Body::Status(st)));
         assert_eq!(ing.handle("edgeloop/v1/d1/up/status", &msg, 5).unwrap(), Outcome::Status);
         let d = ing.registry.get("d1").unwrap();

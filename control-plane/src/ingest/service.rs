@@ -32,7 +32,13 @@ struct PendingAcks {
 
 /// Connects to the broker and runs ingest until `cancel` fires. Returns after the ingest thread has
 /// committed everything it took.
-pub async fn run(options: MqttOptions, ingestor: Ingestor, metrics: Arc<Metrics>, commit_max: usize, cancel: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    options: MqttOptions,
+    ingestor: Ingestor,
+    metrics: Arc<Metrics>,
+    commit_max: usize,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
     let (client, eventloop) = AsyncClient::new(options, 1024);
     let (msg_tx, msg_rx) = mpsc::channel::<Message>(8192);
     let pending = Arc::new(PendingAcks::default());
@@ -60,7 +66,12 @@ pub async fn run(options: MqttOptions, ingestor: Ingestor, metrics: Arc<Metrics>
     result
 }
 
-fn ingest_thread(ingestor: Ingestor, mut rx: mpsc::Receiver<Message>, commit_max: usize, pending: &PendingAcks) -> anyhow::Result<()> {
+fn ingest_thread(
+    ingestor: Ingestor,
+    mut rx: mpsc::Receiver<Message>,
+    commit_max: usize,
+    pending: &PendingAcks,
+) -> anyhow::Result<()> {
     while let Some(first) = rx.blocking_recv() {
         let mut group = vec![first];
         while group.len() < commit_max {
@@ -103,7 +114,13 @@ fn ingest_thread(ingestor: Ingestor, mut rx: mpsc::Receiver<Message>, commit_max
     Ok(())
 }
 
-async fn ack_task(client: AsyncClient, pending: Arc<PendingAcks>, metrics: Arc<Metrics>, mut connected: mpsc::UnboundedReceiver<()>, cancel: CancellationToken) {
+async fn ack_task(
+    client: AsyncClient,
+    pending: Arc<PendingAcks>,
+    metrics: Arc<Metrics>,
+    mut connected: mpsc::UnboundedReceiver<()>,
+    cancel: CancellationToken,
+) {
     loop {
         tokio::select! {
             _ = cancel.cancelled() => {
@@ -132,12 +149,19 @@ async fn publish_pending(client: &AsyncClient, pending: &PendingAcks, metrics: &
                 metrics.acks_sent.fetch_add(1, Ordering::Relaxed);
                 tracing::trace!(%device, upto, "ack sent");
             }
-            Err(e) => tracing::warn!(%device, error = %e, "ack not sent; the agent will resend and be acknowledged then"),
+            Err(e) => {
+                tracing::warn!(%device, error = %e, "ack not sent; the agent will resend and be acknowledged then")
+            }
         }
     }
 }
 
-async fn event_loop(mut eventloop: EventLoop, msgs: mpsc::Sender<Message>, connected: mpsc::UnboundedSender<()>, cancel: CancellationToken) {
+async fn event_loop(
+    mut eventloop: EventLoop,
+    msgs: mpsc::Sender<Message>,
+    connected: mpsc::UnboundedSender<()>,
+    cancel: CancellationToken,
+) {
     let mut backoff = Duration::from_millis(100);
     loop {
         let ev = tokio::select! {

@@ -1,0 +1,8 @@
+//! Integration tests of the telemetry path: real broker, real agents, real store.
+
+mod cross_process;
+mod demo;
+mod malformed;
+mod nothing_lost;
+mod outbox_full;
+mod support;

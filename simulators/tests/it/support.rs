@@ -1,0 +1,57 @@
+//! Shared helpers: a control plane on free ports, waiting with deadlines, reading stored sequences.
+
+use edgeloop_control_plane::config::Config;
+use edgeloop_control_plane::{ControlPlane, ControlPlaneHandle};
+use edgeloop_simulators::free_port;
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+pub async fn start_cp(dir: &Path, tweak: impl FnOnce(&mut Config)) -> (ControlPlaneHandle, CancellationToken) {
+    let mqtt = SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
+    let mut cfg = Config::embedded(dir.join("cp"), mqtt, SocketAddr::from(([127, 0, 0, 1], 0)));
+    tweak(&mut cfg);
+    let cancel = CancellationToken::new();
+    let cp = ControlPlane::start(cfg, cancel.clone()).await.unwrap();
+    (cp, cancel)
+}
+
+/// Polls `cond` every 50 ms until it holds; panics with `what` after `limit`.
+pub async fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Every stored sequence number of `device`, read through the operator API page by page.
+pub async fn stored_seqs(api: SocketAddr, device: &str) -> Vec<u64> {
+    let mut seqs = Vec::new();
+    let mut after = 0;
+    loop {
+        let page: edgeloop_control_plane::api::TelemetryPage = edgeloop_simulators::http::get_json(
+            api,
+            &format!("/api/v1/devices/{device}/telemetry?limit=5000&after_seq={after}"),
+        )
+        .await
+        .unwrap();
+        seqs.extend(page.records.iter().map(|r| r.seq));
+        match page.next_after_seq {
+            Some(n) => after = n,
+            None => return seqs,
+        }
+    }
+}
+
+/// Asserts `seqs` is exactly `1..=last`, each once.
+pub fn assert_gap_free(device: &str, seqs: &[u64], last: u64) {
+    let set: BTreeSet<u64> = seqs.iter().copied().collect();
+    assert_eq!(set.len(), seqs.len(), "{device}: duplicate sequence numbers stored");
+    let missing: Vec<u64> = (1..=last).filter(|s| !set.contains(s)).take(10).collect();
+    assert!(missing.is_empty(), "{device}: missing seqs (first 10): {missing:?} of 1..={last}");
+    assert_eq!(set.len() as u64, last, "{device}: stored beyond the last appended seq");
+    assert_eq!(seqs.iter().sum::<u64>(), last * (last + 1) / 2, "{device}: seq checksum");
+}
