@@ -6,10 +6,14 @@
 
 use anyhow::Context;
 use edgeloop_common::envelope::DEFAULT_MAX_MESSAGE_BYTES;
-use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
+use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, SegmentConfig, ServerSettings};
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
+
+/// Memory the embedded broker may hold for the uplink subscription: how far ingest may lag behind the
+/// fleet before the broker skips messages (which agents then resend).
+pub const UPLINK_RING_BYTES: usize = 128 << 20;
 
 /// The largest payload the embedded broker forwards: twice ingest's limit, so that an oversize message
 /// still reaches ingest and is counted as `too_large` instead of vanishing at the broker.
@@ -38,9 +42,17 @@ pub fn start_embedded(listen: SocketAddr, max_message_bytes: usize) -> anyhow::R
         router: RouterConfig {
             max_connections: 20_000,
             max_outgoing_packet_count: 1_000,
-            // Each topic keeps a ring of `count` segments; a payload must fit in one.
+            // rumqttd keeps one in-memory ring of segments per subscription filter, and a subscriber that
+            // falls further behind than the ring silently skips ahead. Per-device filters (acks) carry little,
+            // so their ring is small; the control plane's single uplink filter carries the whole fleet, so its
+            // ring must absorb a fleet-wide burst (see UPLINK_RING_BYTES). What is skipped anyway is never
+            // acknowledged, and agents send it again.
             max_segment_size: broker_max_payload(max_message_bytes) + 4096,
             max_segment_count: 2,
+            custom_segment: Some(HashMap::from([(
+                edgeloop_common::topics::ALL_UPLINK.to_string(),
+                SegmentConfig { max_segment_size: UPLINK_RING_BYTES / 4, max_segment_count: 4 },
+            )])),
             ..Default::default()
         },
         v4: Some(HashMap::from([("edgeloop".to_string(), server)])),

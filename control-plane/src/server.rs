@@ -69,13 +69,21 @@ impl ControlPlane {
             .set_inflight(1024);
         let ingestor = Ingestor::new(store.clone(), registry.clone(), metrics.clone(), cfg.ingest.max_message_bytes);
         let ingest_cancel = cancel.child_token();
+        let (subscribed_tx, mut subscribed) = tokio::sync::watch::channel(false);
         let ingest = tokio::spawn(service::run(
             options,
             ingestor,
             metrics.clone(),
             cfg.ingest.commit_max_messages,
+            subscribed_tx,
             ingest_cancel,
         ));
+        // Messages published before ingest subscribes are not delivered to it (agents resend them after their
+        // ack timeout); wait briefly so that a fresh fleet starts without that delay.
+        if tokio::time::timeout(Duration::from_secs(5), subscribed.wait_for(|s| *s)).await.is_err() {
+            let broker = format!("{}:{}", cfg.mqtt_host, cfg.mqtt_port);
+            tracing::warn!(%broker, "ingest is not subscribed yet; carrying on, it keeps retrying");
+        }
 
         let listener = tokio::net::TcpListener::bind(cfg.api_listen)
             .await

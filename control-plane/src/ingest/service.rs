@@ -30,13 +30,18 @@ struct PendingAcks {
     notify: Notify,
 }
 
-/// Connects to the broker and runs ingest until `cancel` fires. Returns after the ingest thread has
-/// committed everything it took.
+/// Connects to the broker and runs ingest until `cancel` fires. `subscribed` turns true whenever the broker
+/// confirms the uplink subscription (after each connect).
+///
+/// Shutdown: intake stops first (messages arriving later are never acknowledged, so agents resend them to the
+/// next run); the ingest thread commits what it took; its acknowledgements are published; then the MQTT
+/// link closes. Each wait has a deadline.
 pub async fn run(
     options: MqttOptions,
     ingestor: Ingestor,
     metrics: Arc<Metrics>,
     commit_max: usize,
+    subscribed: tokio::sync::watch::Sender<bool>,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
     let (client, eventloop) = AsyncClient::new(options, 1024);
@@ -49,22 +54,40 @@ pub async fn run(
         .name("ingest".into())
         .spawn(move || ingest_thread(ingestor, msg_rx, commit_max, &worker_pending))?;
 
-    let link_cancel = cancel.child_token();
-    let link = tokio::spawn(event_loop(eventloop, msg_tx, conn_tx, link_cancel.clone()));
-    let acks = tokio::spawn(ack_task(client.clone(), pending.clone(), metrics, conn_rx, cancel.clone()));
+    let intake_stop = CancellationToken::new();
+    let link_cancel = CancellationToken::new();
+    let link =
+        tokio::spawn(event_loop(eventloop, msg_tx, conn_tx, subscribed, intake_stop.clone(), link_cancel.clone()));
+    let acks_stop = CancellationToken::new();
+    let acks = tokio::spawn(ack_task(client.clone(), pending.clone(), metrics, conn_rx, acks_stop.clone()));
 
     cancel.cancelled().await;
-    link_cancel.cancel();
-    let _ = link.await; // drops msg_tx: the ingest thread drains, commits and returns
-    let joined = tokio::task::spawn_blocking(move || worker.join()).await?;
+    intake_stop.cancel(); // the event loop drops its sender: the ingest thread drains, commits and returns
+    let joined = tokio::time::timeout(SHUTDOWN_DEADLINE, tokio::task::spawn_blocking(move || worker.join())).await;
     let result = match joined {
-        Ok(r) => r,
-        Err(_) => Err(anyhow::anyhow!("ingest thread panicked")),
+        Ok(Ok(Ok(r))) => r,
+        Ok(Ok(Err(_))) => Err(anyhow::anyhow!("ingest thread panicked")),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Err(anyhow::anyhow!(
+            "ingest did not commit within {SHUTDOWN_DEADLINE:?}; unacknowledged data will be resent"
+        )),
     };
-    let _ = acks.await;
+    acks_stop.cancel(); // publishes the last acknowledgements, then returns
+    let _ = tokio::time::timeout(Duration::from_secs(2), acks).await;
     let _ = client.try_disconnect();
+    // Let the event loop flush the acknowledgements and the disconnect.
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        while !link.is_finished() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    link_cancel.cancel();
     result
 }
+
+/// How long shutdown waits for the ingest thread's last commit.
+const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(10);
 
 fn ingest_thread(
     ingestor: Ingestor,
@@ -124,8 +147,7 @@ async fn ack_task(
     loop {
         tokio::select! {
             _ = cancel.cancelled() => {
-                // Give acknowledgements of the final commit a chance to go out.
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                // Called after the ingest thread's final commit: these are its acknowledgements.
                 publish_pending(&client, &pending, &metrics).await;
                 return;
             }
@@ -160,12 +182,19 @@ async fn event_loop(
     mut eventloop: EventLoop,
     msgs: mpsc::Sender<Message>,
     connected: mpsc::UnboundedSender<()>,
+    subscribed: tokio::sync::watch::Sender<bool>,
+    intake_stop: CancellationToken,
     cancel: CancellationToken,
 ) {
+    let mut msgs = Some(msgs);
     let mut backoff = Duration::from_millis(100);
     loop {
         let ev = tokio::select! {
             _ = cancel.cancelled() => return,
+            _ = intake_stop.cancelled(), if msgs.is_some() => {
+                msgs = None;
+                continue;
+            }
             ev = eventloop.poll() => ev,
         };
         match ev {
@@ -174,15 +203,24 @@ async fn event_loop(
                 tracing::info!("ingest connected to the broker");
                 let _ = connected.send(());
             }
+            Ok(Event::Incoming(Packet::SubAck(_))) => {
+                subscribed.send_replace(true);
+            }
             Ok(Event::Incoming(Packet::Publish(p))) => {
-                let send = msgs.send((p.topic, p.payload.to_vec()));
+                let Some(tx) = &msgs else { continue };
                 tokio::select! {
                     _ = cancel.cancelled() => return,
-                    r = send => if r.is_err() { return },
+                    _ = intake_stop.cancelled() => msgs = None,
+                    r = tx.send((p.topic, p.payload.to_vec())) => if r.is_err() { return },
                 }
             }
+            Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => return,
             Ok(_) => {}
             Err(e) => {
+                subscribed.send_replace(false);
+                if msgs.is_none() {
+                    return;
+                }
                 tracing::warn!(error = %e, "ingest lost the broker; reconnecting");
                 tokio::select! {
                     _ = cancel.cancelled() => return,
