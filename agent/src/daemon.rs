@@ -26,6 +26,71 @@ const UPLINK_DEADLINE: Duration = Duration::from_secs(2);
 
 pub struct Agent;
 
+type Task = JoinHandle<anyhow::Result<()>>;
+
+/// Waits for the stop signal, or for a subsystem to fail on its own (then stops the others and reports the
+/// failure, so the process exits non-zero and its supervisor restarts it); then stops in order.
+async fn supervise(
+    cancel: CancellationToken,
+    source_tasks: Vec<JoinHandle<()>>,
+    collector: Task,
+    collector_cancel: CancellationToken,
+    uplink: Task,
+    uplink_cancel: CancellationToken,
+) -> anyhow::Result<()> {
+    let (mut collector, mut uplink) = (Some(collector), Some(uplink));
+    let mut failure: Option<anyhow::Error> = None;
+    tokio::select! {
+        biased;
+        _ = cancel.cancelled() => {}
+        r = async { collector.as_mut().expect("present until taken").await } => {
+            collector = None;
+            // Ending by itself is a failure unless a stop was already under way (sources closing).
+            failure = match outcome("collector", r) {
+                Err(e) => Some(e),
+                Ok(()) if !cancel.is_cancelled() => Some(anyhow::anyhow!("collector stopped unexpectedly")),
+                Ok(()) => None,
+            };
+        }
+        r = async { uplink.as_mut().expect("present until taken").await } => {
+            uplink = None;
+            failure = Some(outcome("uplink", r).err().unwrap_or_else(|| anyhow::anyhow!("uplink stopped unexpectedly")));
+        }
+    }
+    if let Some(e) = &failure {
+        tracing::error!(error = format!("{e:#}"), "subsystem failed; stopping the agent");
+    }
+    cancel.cancel();
+    tracing::info!("stopping: sources");
+    for t in source_tasks {
+        let _ = t.await;
+    }
+    collector_cancel.cancel();
+    if let Some(t) = collector {
+        let r = match tokio::time::timeout(COLLECTOR_DEADLINE, t).await {
+            Ok(r) => outcome("collector", r),
+            Err(_) => Err(anyhow::anyhow!("collector did not commit within {COLLECTOR_DEADLINE:?}")),
+        };
+        failure = failure.or(r.err());
+    }
+    tracing::info!("stopping: uplink");
+    uplink_cancel.cancel();
+    if let Some(t) = uplink {
+        match tokio::time::timeout(UPLINK_DEADLINE, t).await {
+            Ok(r) => failure = failure.or(outcome("uplink", r).err()),
+            Err(_) => tracing::warn!("uplink did not stop within {UPLINK_DEADLINE:?}; abandoned"),
+        }
+    }
+    failure.map_or(Ok(()), Err)
+}
+
+fn outcome(what: &str, r: Result<anyhow::Result<()>, tokio::task::JoinError>) -> anyhow::Result<()> {
+    match r {
+        Ok(r) => r.with_context(|| format!("{what} failed")),
+        Err(e) => Err(anyhow::anyhow!("{what} panicked: {e}")),
+    }
+}
+
 /// A running agent.
 pub struct AgentHandle {
     pub device: String,
@@ -36,7 +101,7 @@ pub struct AgentHandle {
 }
 
 impl AgentHandle {
-    /// Waits for the agent to stop (after its cancellation token fired).
+    /// Waits for the agent to stop (after its cancellation token fired, or a subsystem failed).
     pub async fn join(self) -> anyhow::Result<()> {
         self.task.await.context("agent task panicked")?
     }
@@ -119,25 +184,8 @@ impl Agent {
         let uplink_task = tokio::spawn(uplink.run(durable, uplink_cancel.clone()));
 
         let device = cfg.device_id.clone();
-        let task = tokio::spawn(async move {
-            cancel.cancelled().await;
-            tracing::info!("stopping: sources");
-            for t in source_tasks {
-                let _ = t.await;
-            }
-            collector_cancel.cancel();
-            let collected = match tokio::time::timeout(COLLECTOR_DEADLINE, collector_task).await {
-                Ok(r) => r.context("collector panicked")?,
-                Err(_) => Err(anyhow::anyhow!("collector did not finish within {COLLECTOR_DEADLINE:?}")),
-            };
-            tracing::info!("stopping: uplink");
-            uplink_cancel.cancel();
-            match tokio::time::timeout(UPLINK_DEADLINE, uplink_task).await {
-                Ok(r) => r.context("uplink panicked")??,
-                Err(_) => tracing::warn!("uplink did not stop within {UPLINK_DEADLINE:?}; abandoned"),
-            }
-            collected
-        });
+        let task =
+            tokio::spawn(supervise(cancel, source_tasks, collector_task, collector_cancel, uplink_task, uplink_cancel));
         Ok(AgentHandle { device, health, outbox, counters, task })
     }
 }

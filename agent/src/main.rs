@@ -52,10 +52,15 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let cancel = CancellationToken::new();
     tracing::info!(device = %cfg.device_id, class = %cfg.class.class, broker = %format!("{}:{}", cfg.mqtt_host, cfg.mqtt_port), "starting");
     let agent = Agent::start(cfg, Vec::new(), cancel.clone()).await?;
-    shutdown_signal().await;
-    tracing::info!("shutdown requested");
-    cancel.cancel();
-    agent.join().await
+    let mut stopped = tokio::spawn(agent.join());
+    tokio::select! {
+        _ = shutdown_signal() => {
+            tracing::info!("shutdown requested");
+            cancel.cancel();
+            stopped.await?
+        }
+        r = &mut stopped => r?,
+    }
 }
 
 async fn shutdown_signal() {

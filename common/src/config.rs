@@ -194,7 +194,7 @@ pub struct OutboxConfig {
     /// Bound on stored record bytes; past it the oldest records are dropped and reported.
     #[serde(default = "default_outbox_max_bytes")]
     pub max_bytes: u64,
-    /// Group commit: at most this many records per durable commit.
+    /// Group commit: at most this many samples are turned into records per durable commit.
     #[serde(default = "default_commit_max_records")]
     pub commit_max_records: usize,
     /// Group commit: a commit happens at least this often while records are pending.

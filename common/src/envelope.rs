@@ -112,7 +112,7 @@ pub struct Status {
     /// Records waiting in the outbox, and their size.
     pub outbox_depth: u64,
     pub outbox_bytes: u64,
-    /// Highest sequence number appended so far (0 if none).
+    /// Highest sequence number appended and committed durably (0 if none).
     pub last_seq: u64,
     /// Highest cumulative acknowledgement received.
     pub acked_upto: u64,

@@ -73,6 +73,18 @@ impl Registry {
         Ok(())
     }
 
+    /// Counts a refused message against a known device without marking it as seen. Returns false if the
+    /// device is unknown (junk must not create entries).
+    pub fn count_rejection(&self, id: &str) -> Result<bool, StoreError> {
+        let mut devices = self.devices.write().unwrap_or_else(|p| p.into_inner());
+        let Some(d) = devices.get_mut(id) else { return Ok(false) };
+        d.rejected += 1;
+        let mut buf = Vec::new();
+        ciborium::into_writer(&*d, &mut buf).expect("CBOR encoding into a Vec is infallible");
+        self.tree.insert(id.as_bytes(), buf)?;
+        Ok(true)
+    }
+
     pub fn get(&self, id: &str) -> Option<Device> {
         self.devices.read().unwrap_or_else(|p| p.into_inner()).get(id).cloned()
     }

@@ -158,7 +158,11 @@ impl Driver<'_> {
                     Some(LinkEvent::Disconnected) => self.state.disconnected(),
                     Some(LinkEvent::Ack(upto)) => {
                         let now = self.now_ms();
-                        if let Some(upto) = self.state.ack(upto, now) {
+                        let appended = self.up.outbox.stats().durable_seq;
+                        if upto > appended {
+                            // Acknowledging what was never sent would delete future records unseen.
+                            tracing::warn!(device = %self.up.device, upto, appended, "acknowledgement beyond the last record ignored");
+                        } else if let Some(upto) = self.state.ack(upto, now) {
                             let outbox = self.up.outbox.clone();
                             tokio::task::spawn_blocking(move || outbox.ack(upto)).await??;
                         }
@@ -192,18 +196,11 @@ impl Driver<'_> {
             let outbox = self.up.outbox.clone();
             let max = self.up.batch_max;
             let records = tokio::task::spawn_blocking(move || outbox.read_batch(from, max)).await??;
-            let Some(last) = records.last() else { return Ok(()) };
-            let to = last.seq;
-            let env = Envelope::new(
-                self.up.device.clone(),
-                to,
-                unix_millis(),
-                Body::Telemetry(TelemetryBatch { from, to, records }),
-            );
+            let Some((to, payload)) = encode_batch(&self.up.device, from, records) else { return Ok(()) };
             let topic = topics::topic(&self.up.device, Channel::Telemetry);
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
-                r = self.client.publish(topic, QoS::AtLeastOnce, false, envelope::encode(&env)) => r?,
+                r = self.client.publish(topic, QoS::AtLeastOnce, false, payload) => r?,
             }
             let now = self.now_ms();
             self.state.sent(from, to, now);
@@ -234,6 +231,33 @@ impl Driver<'_> {
     }
 }
 
+/// Payload budget of one telemetry message, below the protocol's limit with room for the envelope.
+const BATCH_BYTES: usize = DEFAULT_MAX_MESSAGE_BYTES - 4096;
+
+/// Encodes a batch starting at `from`, halving it until it fits [`BATCH_BYTES`]. Returns the batch's last
+/// sequence number and the payload; `None` if there is nothing to send.
+fn encode_batch(
+    device: &str,
+    from: u64,
+    mut records: Vec<edgeloop_common::envelope::Record>,
+) -> Option<(u64, Vec<u8>)> {
+    loop {
+        let to = records.last()?.seq;
+        let n = records.len();
+        let env = Envelope::new(device, to, unix_millis(), Body::Telemetry(TelemetryBatch { from, to, records }));
+        let payload = envelope::encode(&env);
+        if payload.len() <= BATCH_BYTES || n == 1 {
+            return Some((to, payload));
+        }
+        // Take the records back out of the envelope built above (always a telemetry body).
+        records = match env.body {
+            Body::Telemetry(batch) => batch.records,
+            _ => return None,
+        };
+        records.truncate(n / 2);
+    }
+}
+
 /// Polls the rumqttc event loop, reconnecting with exponential backoff. Does nothing else.
 async fn event_loop(
     mut eventloop: EventLoop,
@@ -261,8 +285,13 @@ async fn event_loop(
             }
             Ok(Event::Incoming(Packet::Publish(p))) if p.topic == ack_topic => {
                 match envelope::decode(&p.payload, DEFAULT_MAX_MESSAGE_BYTES) {
-                    Ok(Envelope { body: Body::Ack(Ack { upto }), .. }) => {
+                    Ok(Envelope { body: Body::Ack(Ack { upto }), device, .. })
+                        if topics::topic(&device, Channel::Ack) == ack_topic =>
+                    {
                         let _ = tx.send(LinkEvent::Ack(upto));
+                    }
+                    Ok(Envelope { body: Body::Ack(_), device, .. }) => {
+                        tracing::warn!(topic = %p.topic, %device, "acknowledgement for another device dropped");
                     }
                     Ok(other) => {
                         tracing::warn!(topic = %p.topic, kind = other.body.kind(), "unexpected message on the ack topic")
@@ -293,5 +322,32 @@ async fn event_loop(
                 backoff = (backoff * 2).min(max);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edgeloop_common::envelope::Record;
+
+    #[test]
+    fn oversize_batches_are_split_to_fit() {
+        let records: Vec<Record> = (1..=2000)
+            .map(|seq| Record {
+                seq,
+                ts_ms: seq,
+                sensor: "accel".into(),
+                features: vec![1.5; 96],
+                score: None,
+                flags: 0,
+            })
+            .collect();
+        let (to, payload) = encode_batch("d", 1, records).unwrap();
+        assert!(payload.len() <= BATCH_BYTES);
+        assert!((250..2000).contains(&to), "to = {to}");
+        let env = envelope::decode(&payload, DEFAULT_MAX_MESSAGE_BYTES).unwrap();
+        let Body::Telemetry(b) = env.body else { panic!("not telemetry") };
+        assert_eq!((b.from, b.to, b.records.len() as u64), (1, to, to));
+        assert!(encode_batch("d", 1, Vec::new()).is_none());
     }
 }

@@ -59,7 +59,6 @@ impl Ingestor {
         topic: &str,
         reason: &'static str,
         detail: &str,
-        now_ms: u64,
     ) -> Result<Outcome, StoreError> {
         self.metrics.reject(reason);
         let total: u64 = self.metrics.rejected(reason);
@@ -67,10 +66,8 @@ impl Ingestor {
             tracing::warn!(topic, reason, detail, rejected_for_reason = total, "uplink message refused");
         }
         if let Some(d) = device {
-            // Only known devices are charged; a junk topic must not create registry entries.
-            if self.registry.get(d).is_some() {
-                self.registry.update(d, now_ms, |d| d.rejected += 1)?;
-            }
+            // Only known devices are charged, and junk does not make a device look alive.
+            self.registry.count_rejection(d)?;
         }
         Ok(Outcome::Rejected(reason))
     }
@@ -80,15 +77,15 @@ impl Ingestor {
         self.metrics.messages_received.fetch_add(1, Ordering::Relaxed);
         let (device, channel) = match topics::parse(topic) {
             Ok(x) => x,
-            Err(e) => return self.reject(None, topic, "bad_topic", &e.to_string(), now_ms),
+            Err(e) => return self.reject(None, topic, "bad_topic", &e.to_string()),
         };
         let env = match envelope::decode(payload, self.max_message_bytes) {
             Ok(env) => env,
-            Err(e) => return self.reject(Some(device), topic, e.reason(), &e.to_string(), now_ms),
+            Err(e) => return self.reject(Some(device), topic, e.reason(), &e.to_string()),
         };
         if env.device != device {
             let detail = format!("envelope says device `{}`", env.device);
-            return self.reject(Some(device), topic, "device_mismatch", &detail, now_ms);
+            return self.reject(Some(device), topic, "device_mismatch", &detail);
         }
         match (channel, env.body) {
             (Channel::Telemetry, Body::Telemetry(batch)) => {
@@ -123,11 +120,11 @@ impl Ingestor {
                 Ok(Outcome::Status)
             }
             (Channel::Report, Body::Status(_) | Body::Telemetry(_)) | (_, Body::Ack(_)) => {
-                self.reject(Some(device), topic, "wrong_channel", "body does not belong on this topic", now_ms)
+                self.reject(Some(device), topic, "wrong_channel", "body does not belong on this topic")
             }
             (ch, body) => {
                 let detail = format!("a {} body on the {ch} topic", body.kind());
-                self.reject(Some(device), topic, "wrong_channel", &detail, now_ms)
+                self.reject(Some(device), topic, "wrong_channel", &detail)
             }
         }
     }
