@@ -55,3 +55,32 @@ impl Source for UdpSource {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::health::Health;
+    use std::sync::Arc;
+
+    #[tokio::test]
+    async fn datagrams_of_lines_become_samples_and_junk_is_counted() {
+        let src = UdpSource::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = src.local_addr().unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(16);
+        let health = Arc::new(Health::default());
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(Box::new(src).run(SampleSink::new(tx, health.clone()), cancel.clone()));
+        let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        sock.send_to(b"{\"sensor\":\"a\",\"values\":[1]}\nnot json\n{\"sensor\":\"b\",\"values\":[2,3]}\n", addr)
+            .await
+            .unwrap();
+        sock.send_to(&[0xff, 0xfe], addr).await.unwrap();
+        sock.send_to(b"{\"sensor\":\"c\",\"values\":[4]}", addr).await.unwrap();
+        let names: Vec<String> =
+            vec![rx.recv().await.unwrap().sensor, rx.recv().await.unwrap().sensor, rx.recv().await.unwrap().sensor];
+        assert_eq!(names, ["a", "b", "c"]);
+        assert_eq!(health.bad_samples.load(std::sync::atomic::Ordering::Relaxed), 2);
+        cancel.cancel();
+        task.await.unwrap().unwrap();
+    }
+}

@@ -1,5 +1,6 @@
 //! Integration tests of the telemetry path: real broker, real agents, real store.
 
+mod api;
 mod cross_process;
 mod demo;
 mod malformed;
