@@ -29,7 +29,8 @@ pub struct Agent;
 type Task = JoinHandle<anyhow::Result<()>>;
 
 /// Waits for the stop signal, or for a subsystem to fail on its own (then stops the others and reports the
-/// failure, so the process exits non-zero and its supervisor restarts it); then stops in order.
+/// failure, so the process exits non-zero and its supervisor restarts it); then stops in order. The
+/// collector finishing cleanly because every source ended is not a failure: the uplink goes on draining.
 async fn supervise(
     cancel: CancellationToken,
     source_tasks: Vec<JoinHandle<()>>,
@@ -40,21 +41,27 @@ async fn supervise(
 ) -> anyhow::Result<()> {
     let (mut collector, mut uplink) = (Some(collector), Some(uplink));
     let mut failure: Option<anyhow::Error> = None;
-    tokio::select! {
-        biased;
-        _ = cancel.cancelled() => {}
-        r = async { collector.as_mut().expect("present until taken").await } => {
-            collector = None;
-            // Ending by itself is a failure unless a stop was already under way (sources closing).
-            failure = match outcome("collector", r) {
-                Err(e) => Some(e),
-                Ok(()) if !cancel.is_cancelled() => Some(anyhow::anyhow!("collector stopped unexpectedly")),
-                Ok(()) => None,
-            };
-        }
-        r = async { uplink.as_mut().expect("present until taken").await } => {
-            uplink = None;
-            failure = Some(outcome("uplink", r).err().unwrap_or_else(|| anyhow::anyhow!("uplink stopped unexpectedly")));
+    loop {
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            r = async { collector.as_mut().expect("present until taken").await }, if collector.is_some() => {
+                collector = None;
+                match outcome("collector", r) {
+                    // Every source has ended (stdin closed, say): nothing more to collect, but the uplink
+                    // keeps draining the outbox until the agent is stopped.
+                    Ok(()) => tracing::info!("all sources ended; the uplink keeps draining the outbox"),
+                    Err(e) => {
+                        failure = Some(e);
+                        break;
+                    }
+                }
+            }
+            r = async { uplink.as_mut().expect("present until taken").await } => {
+                uplink = None;
+                failure = Some(outcome("uplink", r).err().unwrap_or_else(|| anyhow::anyhow!("uplink stopped unexpectedly")));
+                break;
+            }
         }
     }
     if let Some(e) = &failure {

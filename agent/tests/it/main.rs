@@ -34,3 +34,30 @@ fn missing_config_file_exits_2() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("agent.toml: cannot read"));
 }
+
+#[test]
+fn runs_without_sources_until_sigterm_then_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("c.toml"),
+        "class = \"c\"\n[[sensors]]\nname = \"t\"\nkind = \"slow\"\nrate_hz = 1\n",
+    )
+    .unwrap();
+    let cfg = dir.path().join("agent.toml");
+    // Port 9 (discard) on loopback: nothing listens, so the uplink keeps retrying.
+    std::fs::write(&cfg, "[device]\nid = \"idle-1\"\nclass_config = \"c.toml\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:9\"\n[storage]\ndata_dir = \"state\"\n").unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edgeloop-agent"))
+        .arg("--config")
+        .arg(&cfg)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    assert!(child.try_wait().unwrap().is_none(), "the agent exited although nothing asked it to");
+    assert!(dir.path().join("state/outbox/db").exists(), "the outbox was opened");
+    let ok = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success();
+    assert!(ok);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+}
