@@ -299,23 +299,23 @@ impl ClassConfig {
 
     /// The feature pipeline this class runs.
     pub fn pipeline(&self) -> PipelineSpec {
-        let sensors = self
-            .sensors
-            .iter()
-            .map(|s| SensorSpec {
-                name: s.name.clone(),
-                channels: s.channels,
-                features: match s.kind {
-                    SignalKind::Fast => {
-                        // validate() guarantees the window.
-                        let window = s.window.unwrap_or(2);
-                        FeatureKind::Window { window, hop: s.hop.unwrap_or(window) }
-                    }
-                    SignalKind::Slow => FeatureKind::Slow { rolling: s.rolling },
-                },
-            })
-            .collect();
-        PipelineSpec { version: 1, sensors }
+        PipelineSpec { version: 1, sensors: self.sensors.iter().map(ClassConfig::sensor_spec).collect() }
+    }
+
+    /// How one sensor's samples become features.
+    pub fn sensor_spec(s: &SensorConfig) -> SensorSpec {
+        SensorSpec {
+            name: s.name.clone(),
+            channels: s.channels,
+            features: match s.kind {
+                SignalKind::Fast => {
+                    // validate() guarantees the window.
+                    let window = s.window.unwrap_or(2);
+                    FeatureKind::Window { window, hop: s.hop.unwrap_or(window) }
+                }
+                SignalKind::Slow => FeatureKind::Slow { rolling: s.rolling },
+            },
+        }
     }
 }
 

@@ -10,16 +10,23 @@
 //! - [`ingest`]: decoding, validation, dedup and storage of uplink messages ([`ingest::Ingestor`], pure of
 //!   network I/O), and the MQTT service that feeds it and publishes acknowledgements.
 //! - [`metrics`]: counters, rendered in the Prometheus text format.
+//! - [`dataset`]: training sets from stored telemetry: cleaning, imputation, features, time split,
+//!   standardisation, quality report.
+//! - [`training`]: candle training (autoencoder), hyper-parameter search, ONNX export and verification.
+//! - [`models`]: the model registry: versions, manifests, lineage, promotion, artifacts, labels.
 //! - [`api`]: the operator HTTP API (axum).
 //! - [`server`]: starts all of the above under one cancellation token.
 
 pub mod api;
 pub mod broker;
 pub mod config;
+pub mod dataset;
 pub mod ingest;
 pub mod metrics;
+pub mod models;
 pub mod registry;
 pub mod server;
 pub mod store;
+pub mod training;
 
 pub use server::{ControlPlane, ControlPlaneHandle};

@@ -1,0 +1,421 @@
+//! Training sets built from stored telemetry.
+//!
+//! A [`DatasetSpec`] selects a device class (optionally some of its devices), one sensor and a time range.
+//! [`build`] then, per device:
+//! 1. **cleans** with the rules of the class's firmware config ([`clean`]): non-finite values, readings
+//!    outside the valid range, duplicate sequence numbers, duplicate timestamps, records out of order;
+//! 2. **imputes** short gaps of a slow signal (linear or hold, up to `max_gap` samples) and marks longer gaps,
+//!    where the feature pipeline restarts ([`impute`]);
+//! 3. **computes features** with common's pipeline, the code the agent runs. Slow signals are rebuilt from
+//!    the raw `value` feature each record carries; fast signals keep the window features the agent computed,
+//!    since their raw samples never leave the device.
+//!
+//! Then it splits all rows **by time** into train, validation and test (no row of a later split is older
+//! than any row of an earlier one), fits the [`Standardizer`] on the training split only, and writes a
+//! [`QualityReport`]. The dataset's content hash goes into each model's lineage.
+
+pub mod clean;
+pub mod impute;
+
+use crate::store::{Query, StoreError, TelemetryStore};
+use edgeloop_common::config::{ClassConfig, SensorConfig, SignalKind};
+use edgeloop_common::envelope::Record;
+use edgeloop_common::features::{SensorPipeline, SensorSpec, SLOW_FEATURES};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// How short gaps are filled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ImputeMethod {
+    #[default]
+    Linear,
+    Hold,
+}
+
+/// What to build.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DatasetSpec {
+    pub class: String,
+    /// Only these devices; all devices of the class when empty.
+    #[serde(default)]
+    pub devices: Vec<String>,
+    /// The sensor whose feature vectors make the rows; the class's first sensor when absent.
+    #[serde(default)]
+    pub sensor: Option<String>,
+    #[serde(default)]
+    pub from_ms: Option<u64>,
+    #[serde(default)]
+    pub to_ms: Option<u64>,
+    #[serde(default)]
+    pub impute: ImputeMethod,
+    /// Longest gap, in samples, that is filled; longer gaps restart the pipeline.
+    #[serde(default = "default_max_gap")]
+    pub max_gap: usize,
+    /// Shares of the time range for training and validation; the rest is the test split.
+    #[serde(default = "default_train_share")]
+    pub train_share: f64,
+    #[serde(default = "default_val_share")]
+    pub val_share: f64,
+}
+
+fn default_max_gap() -> usize {
+    5
+}
+fn default_train_share() -> f64 {
+    0.7
+}
+fn default_val_share() -> f64 {
+    0.15
+}
+
+impl DatasetSpec {
+    pub fn new(class: &str) -> Self {
+        DatasetSpec {
+            class: class.to_string(),
+            devices: Vec::new(),
+            sensor: None,
+            from_ms: None,
+            to_ms: None,
+            impute: ImputeMethod::default(),
+            max_gap: default_max_gap(),
+            train_share: default_train_share(),
+            val_share: default_val_share(),
+        }
+    }
+}
+
+/// One training example.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Row {
+    pub device: String,
+    pub ts_ms: u64,
+    pub features: Vec<f32>,
+    /// Operator or simulator label covering this time, if any (0 means normal).
+    pub label: Option<u32>,
+}
+
+/// Per-feature mean and standard deviation, fitted on the training split.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Standardizer {
+    pub mean: Vec<f32>,
+    pub std: Vec<f32>,
+}
+
+impl Standardizer {
+    /// Fits on `rows`; a feature with (near) zero spread gets a std of 1.
+    pub fn fit(rows: &[Row], width: usize) -> Standardizer {
+        let n = rows.len().max(1) as f64;
+        let mut mean = vec![0f64; width];
+        for r in rows {
+            for (m, &x) in mean.iter_mut().zip(&r.features) {
+                *m += x as f64 / n;
+            }
+        }
+        let mut var = vec![0f64; width];
+        for r in rows {
+            for ((v, &x), m) in var.iter_mut().zip(&r.features).zip(&mean) {
+                *v += (x as f64 - m).powi(2) / n;
+            }
+        }
+        let std = var.iter().map(|v| if v.sqrt() > 1e-6 { v.sqrt() as f32 } else { 1.0 }).collect();
+        Standardizer { mean: mean.iter().map(|&m| m as f32).collect(), std }
+    }
+
+    pub fn apply(&self, x: &[f32]) -> Vec<f32> {
+        x.iter().zip(&self.mean).zip(&self.std).map(|((x, m), s)| (x - m) / s).collect()
+    }
+}
+
+/// What building did to the data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct QualityReport {
+    pub devices: usize,
+    pub records_in: u64,
+    /// Records removed by cleaning, by rule.
+    pub dropped: BTreeMap<String, u64>,
+    /// Samples filled in by imputation.
+    pub imputed: u64,
+    /// Gaps longer than `max_gap`, left unfilled.
+    pub long_gaps: u64,
+    pub rows: u64,
+    pub train: u64,
+    pub val: u64,
+    pub test: u64,
+    /// Rows per label; unlabelled rows count under "unlabelled".
+    pub class_balance: BTreeMap<String, u64>,
+}
+
+/// A built dataset.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Dataset {
+    pub spec: DatasetSpec,
+    pub sensor: SensorSpec,
+    pub feature_names: Vec<String>,
+    pub train: Vec<Row>,
+    pub val: Vec<Row>,
+    pub test: Vec<Row>,
+    pub standardizer: Standardizer,
+    pub report: QualityReport,
+    /// `sha256:<hex>` of the spec and every row.
+    pub hash: String,
+}
+
+impl Dataset {
+    pub fn width(&self) -> usize {
+        self.feature_names.len()
+    }
+
+    pub fn has_labels(&self) -> bool {
+        self.train.iter().chain(&self.val).chain(&self.test).any(|r| r.label.is_some_and(|l| l > 0))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatasetError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("class `{class}` has no sensor `{sensor}`")]
+    NoSensor { class: String, sensor: String },
+    #[error("the split shares must be positive and leave room for a test split (train {train}, val {val})")]
+    Shares { train: f64, val: f64 },
+    #[error("not enough data: {rows} rows after cleaning, need at least {need}")]
+    TooSmall { rows: usize, need: usize },
+}
+
+/// A labelled time range of one device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Label {
+    pub device: String,
+    pub from_ms: u64,
+    pub to_ms: u64,
+    pub label: u32,
+}
+
+/// The label of `device` at `ts`, if a range covers it (the last matching range wins).
+pub fn label_at(labels: &[Label], device: &str, ts: u64) -> Option<u32> {
+    labels.iter().rev().find(|l| l.device == device && (l.from_ms..=l.to_ms).contains(&ts)).map(|l| l.label)
+}
+
+/// Rows of one device, from its stored records, after cleaning, imputation and feature computation.
+pub fn device_rows(
+    device: &str,
+    records: &[Record],
+    sensor: &SensorConfig,
+    spec: &DatasetSpec,
+    labels: &[Label],
+    report: &mut QualityReport,
+) -> Vec<Row> {
+    let pipeline_spec = ClassConfig::sensor_spec(sensor);
+    let mine: Vec<&Record> = records.iter().filter(|r| r.sensor == sensor.name).collect();
+    report.records_in += mine.len() as u64;
+    let mut rows = Vec::new();
+    match sensor.kind {
+        SignalKind::Fast => {
+            let kept = clean::clean_fast(&mine, sensor, &mut report.dropped);
+            for (ts, features) in kept {
+                rows.push(Row { device: device.to_string(), ts_ms: ts, features, label: label_at(labels, device, ts) });
+            }
+        }
+        SignalKind::Slow => {
+            let width = SLOW_FEATURES.len();
+            let raw: Vec<(u64, Vec<f64>)> = mine
+                .iter()
+                .map(|r| {
+                    let values = (0..sensor.channels)
+                        .map(|c| r.features.get(c * width).copied().unwrap_or(f32::NAN) as f64)
+                        .collect();
+                    (r.ts_ms, values)
+                })
+                .collect();
+            let seqs: Vec<u64> = mine.iter().map(|r| r.seq).collect();
+            let kept = clean::clean_slow(&raw, &seqs, sensor, &mut report.dropped);
+            let period_ms = 1000.0 / sensor.rate_hz;
+            let segments = impute::fill(&kept, period_ms, spec.max_gap, spec.impute, report);
+            for segment in segments {
+                let mut p = SensorPipeline::new(pipeline_spec.clone());
+                for (ts, values) in segment {
+                    if let Ok(Some(features)) = p.push(&values) {
+                        rows.push(Row {
+                            device: device.to_string(),
+                            ts_ms: ts,
+                            features,
+                            label: label_at(labels, device, ts),
+                        });
+                    }
+                }
+            }
+        }
+    }
+    rows
+}
+
+/// Splits rows by time: the oldest `train` share, then `val`, then the rest. Rows with equal timestamps
+/// always land in the same split.
+pub fn split_by_time(mut rows: Vec<Row>, train: f64, val: f64) -> (Vec<Row>, Vec<Row>, Vec<Row>) {
+    rows.sort_by(|a, b| a.ts_ms.cmp(&b.ts_ms).then_with(|| a.device.cmp(&b.device)));
+    if rows.is_empty() {
+        return (Vec::new(), Vec::new(), Vec::new());
+    }
+    let cut = |share: f64| rows[((rows.len() as f64 * share) as usize).min(rows.len() - 1)].ts_ms;
+    let (t1, t2) = (cut(train), cut(train + val));
+    let mut out = (Vec::new(), Vec::new(), Vec::new());
+    for r in rows {
+        if r.ts_ms < t1 {
+            out.0.push(r);
+        } else if r.ts_ms < t2 {
+            out.1.push(r);
+        } else {
+            out.2.push(r);
+        }
+    }
+    out
+}
+
+/// Fewest rows a dataset may have.
+pub const MIN_ROWS: usize = 30;
+
+/// Builds a dataset from the store. Blocking.
+pub fn build(
+    store: &TelemetryStore,
+    class: &ClassConfig,
+    devices: &[String],
+    labels: &[Label],
+    spec: &DatasetSpec,
+) -> Result<Dataset, DatasetError> {
+    if !(spec.train_share > 0.0 && spec.val_share > 0.0 && spec.train_share + spec.val_share < 1.0) {
+        return Err(DatasetError::Shares { train: spec.train_share, val: spec.val_share });
+    }
+    let sensor_name = spec.sensor.clone().unwrap_or_else(|| class.sensors[0].name.clone());
+    let sensor = class
+        .sensors
+        .iter()
+        .find(|s| s.name == sensor_name)
+        .ok_or_else(|| DatasetError::NoSensor { class: class.class.clone(), sensor: sensor_name.clone() })?;
+    let mut report = QualityReport { devices: devices.len(), ..Default::default() };
+    let mut rows = Vec::new();
+    for device in devices {
+        let mut records = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = store
+                .query(device, Query { after_seq: after, from_ms: spec.from_ms, to_ms: spec.to_ms, limit: 10_000 })?;
+            let Some(last) = page.last() else { break };
+            after = last.seq;
+            let full = page.len() == 10_000;
+            records.extend(page);
+            if !full {
+                break;
+            }
+        }
+        rows.extend(device_rows(device, &records, sensor, spec, labels, &mut report));
+    }
+    if rows.len() < MIN_ROWS {
+        return Err(DatasetError::TooSmall { rows: rows.len(), need: MIN_ROWS });
+    }
+    Ok(assemble(spec.clone(), ClassConfig::sensor_spec(sensor), rows, report))
+}
+
+/// Splits, standardises, reports and hashes already-cleaned rows.
+pub fn assemble(spec: DatasetSpec, sensor: SensorSpec, rows: Vec<Row>, mut report: QualityReport) -> Dataset {
+    for r in &rows {
+        let key = match r.label {
+            Some(l) => l.to_string(),
+            None => "unlabelled".to_string(),
+        };
+        *report.class_balance.entry(key).or_default() += 1;
+    }
+    let (train, val, test) = split_by_time(rows, spec.train_share, spec.val_share);
+    let feature_names = sensor.feature_names();
+    let standardizer = Standardizer::fit(&train, feature_names.len());
+    report.rows = (train.len() + val.len() + test.len()) as u64;
+    (report.train, report.val, report.test) = (train.len() as u64, val.len() as u64, test.len() as u64);
+    let mut hasher = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buf = Vec::new();
+    ciborium::into_writer(&(&spec, &feature_names, &train, &val, &test), &mut buf)
+        .expect("CBOR encoding into a Vec is infallible");
+    hasher.update(&buf);
+    let hash = format!("sha256:{}", hex(hasher.finish().as_ref()));
+    Dataset { spec, sensor, feature_names, train, val, test, standardizer, report, hash }
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(ts: u64, x: f32) -> Row {
+        // Five features, as a one-channel slow sensor produces.
+        Row { device: "d".into(), ts_ms: ts, features: vec![x, 2.0 * x, 0.0, 0.0, 0.0], label: None }
+    }
+
+    #[test]
+    fn split_has_no_leakage() {
+        let rows: Vec<Row> = (0..100).rev().map(|t| row(t / 2, t as f32)).collect();
+        let (train, val, test) = split_by_time(rows, 0.7, 0.15);
+        assert_eq!(train.len() + val.len() + test.len(), 100);
+        let max = |v: &[Row]| v.iter().map(|r| r.ts_ms).max().unwrap();
+        let min = |v: &[Row]| v.iter().map(|r| r.ts_ms).min().unwrap();
+        assert!(max(&train) < min(&val), "train overlaps validation in time");
+        assert!(max(&val) < min(&test), "validation overlaps test in time");
+        assert!((68..=72).contains(&train.len()), "{}", train.len());
+    }
+
+    #[test]
+    fn standardizer_fits_training_split_only() {
+        // Train values around 0..70, later values far higher: the fit must not see them.
+        let rows: Vec<Row> = (0..100).map(|t| row(t, if t < 70 { (t % 7) as f32 } else { 1000.0 })).collect();
+        let ds = assemble(
+            DatasetSpec::new("c"),
+            SensorSpec {
+                name: "s".into(),
+                channels: 1,
+                features: edgeloop_common::features::FeatureKind::Slow { rolling: 3 },
+            },
+            rows.clone(),
+            QualityReport::default(),
+        );
+        let expected = Standardizer::fit(&ds.train, 5);
+        assert_eq!(ds.standardizer, expected);
+        assert!(ds.standardizer.mean[0] < 7.0, "mean {:?} leaked later rows", ds.standardizer.mean);
+        let all = Standardizer::fit(&rows, 5);
+        assert_ne!(ds.standardizer, all);
+        // Constant features get unit spread instead of a division by zero.
+        let flat = Standardizer::fit(&[row(0, 1.0), row(1, 1.0)], 5);
+        assert_eq!(flat.std, vec![1.0; 5]);
+        assert_eq!(flat.apply(&[3.0, 2.0, 0.0, 0.0, 1.0]), vec![2.0, 0.0, 0.0, 0.0, 1.0]);
+    }
+
+    #[test]
+    fn hash_changes_with_content() {
+        let spec = SensorSpec {
+            name: "s".into(),
+            channels: 1,
+            features: edgeloop_common::features::FeatureKind::Slow { rolling: 3 },
+        };
+        let rows: Vec<Row> = (0..40).map(|t| row(t, t as f32)).collect();
+        let a = assemble(DatasetSpec::new("c"), spec.clone(), rows.clone(), QualityReport::default());
+        let b = assemble(DatasetSpec::new("c"), spec.clone(), rows.clone(), QualityReport::default());
+        let mut changed = rows;
+        changed[3].features[0] = 99.0;
+        let c = assemble(DatasetSpec::new("c"), spec, changed, QualityReport::default());
+        assert_eq!(a.hash, b.hash);
+        assert_ne!(a.hash, c.hash);
+        assert_eq!(a.report.class_balance.get("unlabelled"), Some(&40));
+    }
+
+    #[test]
+    fn labels_cover_ranges() {
+        let labels = vec![
+            Label { device: "d".into(), from_ms: 10, to_ms: 20, label: 1 },
+            Label { device: "d".into(), from_ms: 15, to_ms: 16, label: 0 },
+        ];
+        assert_eq!(label_at(&labels, "d", 12), Some(1));
+        assert_eq!(label_at(&labels, "d", 15), Some(0));
+        assert_eq!(label_at(&labels, "d", 25), None);
+        assert_eq!(label_at(&labels, "e", 12), None);
+    }
+}

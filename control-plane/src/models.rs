@@ -1,0 +1,264 @@
+//! The model registry: every trained or uploaded model version with its manifest, metrics, lineage and
+//! promotion decision, the production version of each device class, the ONNX artifacts (content-addressed by
+//! sha256 on disk) and the operators' labels that training uses.
+//!
+//! Versions and pointers live in sled and are committed durably; an artifact file is written to a temporary
+//! name, synced and renamed before the version that points at it is recorded.
+
+use crate::dataset::{Label, QualityReport};
+use crate::store::StoreError;
+use crate::training::search::Trial;
+use crate::training::Hyper;
+use edgeloop_common::durable::DurableDb;
+use edgeloop_common::features::PipelineSpec;
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// An input with the output the model must give for it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Golden {
+    pub input: Vec<f32>,
+    pub output: Vec<f32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct Metrics {
+    pub val_loss: f64,
+    /// Mean score over the test split (reconstruction error), computed with the exported model.
+    pub test_loss: f64,
+    pub test_auc: Option<f64>,
+    pub test_precision: Option<f64>,
+    pub test_recall: Option<f64>,
+    pub test_f1: Option<f64>,
+    /// Largest relative difference between tract and candle over the validation split.
+    pub export_max_rel_error: f32,
+}
+
+/// Where a model came from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Lineage {
+    pub dataset_hash: String,
+    pub dataset_report: QualityReport,
+    pub hyper: Hyper,
+    pub trials: Vec<Trial>,
+    pub seed: u64,
+    pub metrics: Metrics,
+    /// How the decision threshold was chosen.
+    pub threshold_source: String,
+    pub code_version: String,
+}
+
+/// Whether a version became production, and on what numbers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Promotion {
+    pub promoted: bool,
+    pub metric: String,
+    pub candidate: f64,
+    pub production: Option<f64>,
+    pub production_version: Option<u32>,
+    pub reason: String,
+}
+
+/// A registered model version: the manifest fields of DESIGN.md plus metrics, lineage and promotion.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelVersion {
+    pub name: String,
+    pub version: u32,
+    pub class: String,
+    pub sensor: String,
+    pub kind: String,
+    pub sha256: String,
+    pub size: u64,
+    /// `-1` marks the batch dimension.
+    pub input_shape: Vec<i64>,
+    pub output_shape: Vec<i64>,
+    pub pipeline: PipelineSpec,
+    pub threshold: f32,
+    pub golden: Vec<Golden>,
+    pub lineage: Lineage,
+    pub created_ms: u64,
+    pub promotion: Promotion,
+}
+
+/// Decides promotion: the first version of a class is promoted; a later one only if it beats production on
+/// the same test split.
+pub fn decide(metric: &str, candidate: f64, production: Option<(u32, f64)>, higher_is_better: bool) -> Promotion {
+    let (promoted, reason) = match production {
+        None => (true, "first version of this class".to_string()),
+        Some((v, p)) => {
+            let better = if higher_is_better { candidate > p } else { candidate < p };
+            if better {
+                (true, format!("{metric} {candidate:.6} beats production v{v} ({p:.6}) on the same test split"))
+            } else {
+                (
+                    false,
+                    format!("{metric} {candidate:.6} does not beat production v{v} ({p:.6}) on the same test split"),
+                )
+            }
+        }
+    };
+    Promotion {
+        promoted,
+        metric: metric.to_string(),
+        candidate,
+        production: production.map(|p| p.1),
+        production_version: production.map(|p| p.0),
+        reason,
+    }
+}
+
+pub struct ModelRegistry {
+    db: DurableDb,
+    versions: sled::Tree,
+    production: sled::Tree,
+    labels: sled::Tree,
+    artifacts: PathBuf,
+}
+
+fn version_key(name: &str, version: u32) -> Vec<u8> {
+    let mut k = name.as_bytes().to_vec();
+    k.push(0);
+    k.extend_from_slice(&version.to_be_bytes());
+    k
+}
+
+fn decode<T: serde::de::DeserializeOwned>(what: &str, v: &[u8]) -> Result<T, StoreError> {
+    ciborium::from_reader(v).map_err(|e| StoreError::Corrupt {
+        device: what.to_string(),
+        seq: 0,
+        reason: e.to_string(),
+    })
+}
+
+fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    let mut buf = Vec::new();
+    ciborium::into_writer(v, &mut buf).expect("CBOR encoding into a Vec is infallible");
+    buf
+}
+
+/// True for a 64-digit lowercase hex sha256.
+pub fn is_sha256(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+impl ModelRegistry {
+    pub fn open(db: &DurableDb, data_dir: &Path) -> Result<ModelRegistry, StoreError> {
+        let artifacts = data_dir.join("artifacts");
+        std::fs::create_dir_all(&artifacts).map_err(|e| StoreError::Corrupt {
+            device: artifacts.display().to_string(),
+            seq: 0,
+            reason: e.to_string(),
+        })?;
+        Ok(ModelRegistry {
+            versions: db.tree("model_versions")?,
+            production: db.tree("production")?,
+            labels: db.tree("labels")?,
+            db: db.clone(),
+            artifacts,
+        })
+    }
+
+    /// Stores an artifact under its sha256 (hex) and returns it. Idempotent. Blocking.
+    pub fn put_artifact(&self, bytes: &[u8]) -> std::io::Result<String> {
+        let sha = crate::dataset::hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref());
+        let path = self.artifacts.join(&sha);
+        if path.exists() {
+            return Ok(sha);
+        }
+        let tmp = self.artifacts.join(format!(".{sha}.tmp"));
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        std::fs::File::open(&self.artifacts)?.sync_all()?;
+        Ok(sha)
+    }
+
+    /// The file of an artifact, if the id is a sha256 we hold.
+    pub fn artifact_path(&self, sha: &str) -> Option<PathBuf> {
+        let p = self.artifacts.join(sha);
+        (is_sha256(sha) && p.is_file()).then_some(p)
+    }
+
+    pub fn next_version(&self, name: &str) -> Result<u32, StoreError> {
+        Ok(self.list_of(name)?.last().map_or(1, |m| m.version + 1))
+    }
+
+    /// Records a version (and the production pointer if it was promoted), durably. Blocking.
+    pub fn insert(&self, m: &ModelVersion) -> Result<(), StoreError> {
+        self.versions.insert(version_key(&m.name, m.version), encode(m))?;
+        if m.promotion.promoted {
+            self.production.insert(m.class.as_bytes(), encode(&(m.name.clone(), m.version)))?;
+        }
+        self.db.commit()?;
+        Ok(())
+    }
+
+    pub fn get(&self, name: &str, version: u32) -> Result<Option<ModelVersion>, StoreError> {
+        self.versions.get(version_key(name, version))?.map(|v| decode(name, &v)).transpose()
+    }
+
+    fn list_of(&self, name: &str) -> Result<Vec<ModelVersion>, StoreError> {
+        let mut prefix = name.as_bytes().to_vec();
+        prefix.push(0);
+        self.versions.scan_prefix(prefix).map(|kv| decode(name, &kv?.1)).collect()
+    }
+
+    pub fn list(&self) -> Result<Vec<ModelVersion>, StoreError> {
+        self.versions.iter().map(|kv| decode("model", &kv?.1)).collect()
+    }
+
+    /// The production version of a class.
+    pub fn production(&self, class: &str) -> Result<Option<ModelVersion>, StoreError> {
+        let Some(v) = self.production.get(class.as_bytes())? else { return Ok(None) };
+        let (name, version): (String, u32) = decode(class, &v)?;
+        self.get(&name, version)
+    }
+
+    /// Records an operator's label. Blocking.
+    pub fn add_label(&self, l: &Label) -> Result<(), StoreError> {
+        let mut k = l.device.as_bytes().to_vec();
+        k.push(0);
+        k.extend_from_slice(&l.from_ms.to_be_bytes());
+        k.extend_from_slice(&l.to_ms.to_be_bytes());
+        self.labels.insert(k, encode(l))?;
+        self.db.commit()?;
+        Ok(())
+    }
+
+    pub fn labels(&self) -> Result<Vec<Label>, StoreError> {
+        self.labels.iter().map(|kv| decode("label", &kv?.1)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worse_model_is_not_promoted() {
+        let first = decide("test_loss", 0.5, None, false);
+        assert!(first.promoted);
+        let worse = decide("test_loss", 0.7, Some((1, 0.5)), false);
+        assert!(!worse.promoted, "{}", worse.reason);
+        assert_eq!((worse.production, worse.production_version), (Some(0.5), Some(1)));
+        let better = decide("test_auc", 0.95, Some((3, 0.9)), true);
+        assert!(better.promoted);
+        let tie = decide("test_auc", 0.9, Some((3, 0.9)), true);
+        assert!(!tie.promoted, "a tie keeps production");
+    }
+
+    #[test]
+    fn artifacts_are_content_addressed() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = DurableDb::open(&dir.path().join("db"), edgeloop_common::durable::Durability::Flush).unwrap();
+        let r = ModelRegistry::open(&db, dir.path()).unwrap();
+        let sha = r.put_artifact(b"model bytes").unwrap();
+        assert_eq!(sha, crate::dataset::hex(ring::digest::digest(&ring::digest::SHA256, b"model bytes").as_ref()));
+        assert_eq!(r.put_artifact(b"model bytes").unwrap(), sha);
+        assert_eq!(std::fs::read(r.artifact_path(&sha).unwrap()).unwrap(), b"model bytes");
+        assert!(r.artifact_path("../../etc/passwd").is_none());
+        assert!(r.artifact_path(&"0".repeat(64)).is_none());
+    }
+}

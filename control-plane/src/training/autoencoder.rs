@@ -1,0 +1,105 @@
+//! The dense autoencoder: it learns to reconstruct standardised feature vectors of normal operation, and
+//! its score is the mean squared reconstruction error. Trained with Adam on shuffled mini-batches, seeded,
+//! with early stopping on the validation loss (the best epoch's weights are kept).
+
+use super::mlp::{DenseWeights, Mlp};
+use super::{Hyper, TrainError};
+use crate::dataset::{Row, Standardizer};
+use candle_core::{Device, Tensor};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+/// Layer sizes: `d -> width -> ... -> bottleneck -> ... -> width -> d`, halving per extra depth level.
+pub fn sizes(d: usize, h: &Hyper) -> Vec<usize> {
+    let mut enc = Vec::new();
+    let mut w = h.width.max(2);
+    for _ in 0..h.depth.max(1) {
+        enc.push(w);
+        w = (w / 2).max(2);
+    }
+    let bottleneck = (h.width / 4).clamp(2, d.max(2));
+    let mut s = vec![d];
+    s.extend(&enc);
+    s.push(bottleneck);
+    s.extend(enc.iter().rev());
+    s.push(d);
+    s
+}
+
+/// A trained autoencoder.
+#[derive(Debug, Clone)]
+pub struct Autoencoder {
+    pub weights: Vec<DenseWeights>,
+    pub val_loss: f64,
+    pub epochs_run: usize,
+}
+
+/// Standardised rows as one `[n, d]` tensor.
+pub fn matrix(rows: &[Row], st: &Standardizer, device: &Device) -> candle_core::Result<Tensor> {
+    let d = st.mean.len();
+    let data: Vec<f32> = rows.iter().flat_map(|r| st.apply(&r.features)).collect();
+    Tensor::from_vec(data, (rows.len(), d), device)
+}
+
+/// Per-row mean squared reconstruction error.
+pub fn row_errors(model: &Mlp, x: &Tensor) -> candle_core::Result<Tensor> {
+    model.forward(x)?.sub(x)?.sqr()?.mean(1)
+}
+
+/// Trains on `train`, stopping early on `val`. `on_epoch(epoch, val_loss)` reports progress.
+pub fn train(
+    train: &[Row],
+    val: &[Row],
+    st: &Standardizer,
+    h: &Hyper,
+    seed: u64,
+    on_epoch: &mut dyn FnMut(usize, f64),
+) -> Result<Autoencoder, TrainError> {
+    let device = Device::Cpu;
+    let d = st.mean.len();
+    let model = Mlp::new(&sizes(d, h), seed, &device)?;
+    let xt = matrix(train, st, &device)?;
+    let xv = matrix(val, st, &device)?;
+    let mut opt = AdamW::new(model.vars(), ParamsAdamW { lr: h.lr, weight_decay: 0.0, ..Default::default() })?;
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
+    let mut order: Vec<u32> = (0..train.len() as u32).collect();
+    let (mut best, mut best_loss, mut since_best, mut epochs_run) = (model.weights()?, f64::INFINITY, 0, 0);
+    for epoch in 0..h.epochs {
+        order.shuffle(&mut rng);
+        for chunk in order.chunks(h.batch.max(1)) {
+            let idx = Tensor::from_slice(chunk, chunk.len(), &device)?;
+            let xb = xt.index_select(&idx, 0)?;
+            let loss = model.forward(&xb)?.sub(&xb)?.sqr()?.mean_all()?;
+            opt.backward_step(&loss)?;
+        }
+        epochs_run = epoch + 1;
+        let vl = row_errors(&model, &xv)?.mean_all()?.to_scalar::<f32>()? as f64;
+        on_epoch(epoch, vl);
+        if !vl.is_finite() {
+            return Err(TrainError::Diverged { epoch });
+        }
+        if vl < best_loss - 1e-9 {
+            (best, best_loss, since_best) = (model.weights()?, vl, 0);
+        } else {
+            since_best += 1;
+            if since_best >= h.patience {
+                break;
+            }
+        }
+    }
+    Ok(Autoencoder { weights: best, val_loss: best_loss, epochs_run })
+}
+
+/// Scores raw rows with trained weights: standardise, reconstruct, mean squared error.
+pub fn score(weights: &[DenseWeights], st: &Standardizer, rows: &[Row]) -> Result<Vec<f32>, TrainError> {
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let device = Device::Cpu;
+    let sizes: Vec<usize> = std::iter::once(weights[0].inputs).chain(weights.iter().map(|w| w.outputs)).collect();
+    let model = Mlp::new(&sizes, 0, &device)?;
+    model.load(weights)?;
+    Ok(row_errors(&model, &matrix(rows, st, &device)?)?.to_vec1()?)
+}

@@ -1,0 +1,87 @@
+//! Thresholds and metrics for anomaly scores.
+
+/// The `q` quantile of `scores` (nearest rank).
+pub fn quantile(scores: &[f32], q: f64) -> f32 {
+    if scores.is_empty() {
+        return 0.0;
+    }
+    let mut s = scores.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    s[((s.len() - 1) as f64 * q.clamp(0.0, 1.0)).round() as usize]
+}
+
+/// Precision, recall and F1 of `score > threshold` against `labels` (true = anomaly).
+pub fn prf(scores: &[f32], labels: &[bool], threshold: f32) -> (f64, f64, f64) {
+    let (mut tp, mut fp, mut fn_) = (0f64, 0f64, 0f64);
+    for (&s, &l) in scores.iter().zip(labels) {
+        match (s > threshold, l) {
+            (true, true) => tp += 1.0,
+            (true, false) => fp += 1.0,
+            (false, true) => fn_ += 1.0,
+            _ => {}
+        }
+    }
+    let p = if tp + fp > 0.0 { tp / (tp + fp) } else { 0.0 };
+    let r = if tp + fn_ > 0.0 { tp / (tp + fn_) } else { 0.0 };
+    let f = if p + r > 0.0 { 2.0 * p * r / (p + r) } else { 0.0 };
+    (p, r, f)
+}
+
+/// The threshold (one of the scores) with the best F1 against the labels.
+pub fn best_f1_threshold(scores: &[f32], labels: &[bool]) -> f32 {
+    let mut candidates = scores.to_vec();
+    candidates.sort_by(|a, b| a.total_cmp(b));
+    candidates.dedup();
+    let mut best = (f64::NEG_INFINITY, candidates.last().copied().unwrap_or(0.0));
+    // Thresholds just below each score, so that score is flagged.
+    for &c in &candidates {
+        let t = c - c.abs() * 1e-6 - f32::MIN_POSITIVE;
+        let f = prf(scores, labels, t).2;
+        if f > best.0 {
+            best = (f, t);
+        }
+    }
+    best.1
+}
+
+/// Area under the ROC curve (probability a random anomaly outscores a random normal; ties count half).
+/// `None` without both classes.
+pub fn roc_auc(scores: &[f32], labels: &[bool]) -> Option<f64> {
+    let mut idx: Vec<usize> = (0..scores.len()).collect();
+    idx.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]));
+    let (pos, neg) = labels.iter().fold((0f64, 0f64), |(p, n), &l| if l { (p + 1.0, n) } else { (p, n + 1.0) });
+    if pos == 0.0 || neg == 0.0 {
+        return None;
+    }
+    // Rank-sum with average ranks for ties.
+    let mut rank_sum = 0f64;
+    let mut i = 0;
+    while i < idx.len() {
+        let mut j = i;
+        while j + 1 < idx.len() && scores[idx[j + 1]] == scores[idx[i]] {
+            j += 1;
+        }
+        let avg = (i + j) as f64 / 2.0 + 1.0;
+        rank_sum += (i..=j).filter(|&k| labels[idx[k]]).count() as f64 * avg;
+        i = j + 1;
+    }
+    Some((rank_sum - pos * (pos + 1.0) / 2.0) / (pos * neg))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auc_and_f1() {
+        let s = [0.1, 0.2, 0.3, 0.9, 0.8];
+        let l = [false, false, false, true, true];
+        assert_eq!(roc_auc(&s, &l), Some(1.0));
+        assert_eq!(roc_auc(&[0.5, 0.5], &[true, false]), Some(0.5));
+        assert_eq!(roc_auc(&s, &[false; 5]), None);
+        let t = best_f1_threshold(&s, &l);
+        assert!((0.3..0.8).contains(&t), "{t}");
+        assert_eq!(prf(&s, &l, t), (1.0, 1.0, 1.0));
+        assert_eq!(quantile(&[3.0, 1.0, 2.0], 0.5), 2.0);
+    }
+}

@@ -1,0 +1,208 @@
+//! One training run for a device class, end to end: build the dataset, search, choose the threshold,
+//! export to ONNX, verify the export with tract, evaluate against production on the same test split,
+//! register the version with its lineage, and promote it if it wins. Blocking.
+
+use super::search::{self, Budget};
+use super::{autoencoder, eval, onnx, Hyper, TrainError};
+use crate::dataset::{self, Dataset, DatasetError, DatasetSpec, Row};
+use crate::models::{decide, Golden, Lineage, Metrics, ModelRegistry, ModelVersion};
+use crate::store::{StoreError, TelemetryStore};
+use edgeloop_common::config::ClassConfig;
+use edgeloop_common::features::PipelineSpec;
+use serde::{Deserialize, Serialize};
+
+/// What to train.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainRequest {
+    pub dataset: DatasetSpec,
+    pub trials: usize,
+    #[serde(default)]
+    pub max_seconds: Option<f64>,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default)]
+    pub hyper: Option<Hyper>,
+}
+
+impl TrainRequest {
+    pub fn new(class: &str) -> Self {
+        TrainRequest { dataset: DatasetSpec::new(class), trials: 6, max_seconds: None, seed: 0, hyper: None }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Dataset(#[from] DatasetError),
+    #[error(transparent)]
+    Train(#[from] TrainError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("writing the artifact: {0}")]
+    Artifact(#[from] std::io::Error),
+    #[error("no firmware config for class `{0}`")]
+    UnknownClass(String),
+}
+
+/// Golden vectors kept in the manifest.
+pub const GOLDEN: usize = 8;
+/// Validation quantile used as the threshold when there are no labels.
+pub const THRESHOLD_QUANTILE: f64 = 0.99;
+
+fn raw(rows: &[Row]) -> Vec<Vec<f32>> {
+    rows.iter().map(|r| r.features.clone()).collect()
+}
+
+fn anomalous(rows: &[Row]) -> Vec<bool> {
+    rows.iter().map(|r| r.label.is_some_and(|l| l > 0)).collect()
+}
+
+/// Trains on an already built dataset and registers the result.
+pub fn train_dataset(
+    ds: &Dataset,
+    class: &str,
+    req: &TrainRequest,
+    registry: &ModelRegistry,
+    progress: &mut dyn FnMut(f32, &str),
+) -> Result<ModelVersion, RunError> {
+    let base = req.hyper.clone().unwrap_or_default();
+    let budget = Budget { trials: req.trials.max(1), max_seconds: req.max_seconds };
+    let outcome = search::run(&ds.train, &ds.val, &ds.standardizer, &base, budget, req.seed, &mut |f, m| {
+        progress(0.05 + 0.8 * f, m)
+    })?;
+    let weights = &outcome.model.weights;
+
+    let val_scores = autoencoder::score(weights, &ds.standardizer, &ds.val)?;
+    let labelled = ds.has_labels();
+    let (threshold, threshold_source) = if labelled && anomalous(&ds.val).iter().any(|&a| a) {
+        (
+            eval::best_f1_threshold(&val_scores, &anomalous(&ds.val)),
+            "labels: best F1 on the validation split".to_string(),
+        )
+    } else {
+        (eval::quantile(&val_scores, THRESHOLD_QUANTILE), format!("validation quantile {THRESHOLD_QUANTILE}"))
+    };
+
+    progress(0.88, "exporting to ONNX and verifying with tract");
+    let name = class.to_string();
+    let version = registry.next_version(&name)?;
+    let bytes = onnx::export_autoencoder(
+        weights,
+        &ds.standardizer,
+        &format!("edgeloop {name} v{version}, dataset {}", ds.hash),
+    );
+    let export_err = onnx::verify(&bytes, &raw(&ds.val), &val_scores)?;
+
+    progress(0.93, "evaluating against production on the test split");
+    let test_scores = onnx::run_tract(&bytes, &raw(&ds.test))?;
+    let test_loss = mean(&test_scores);
+    let mut metrics =
+        Metrics { val_loss: outcome.model.val_loss, test_loss, export_max_rel_error: export_err, ..Default::default() };
+    let labels_test = anomalous(&ds.test);
+    if let Some(auc) = eval::roc_auc(&test_scores, &labels_test) {
+        let (p, r, f) = eval::prf(&test_scores, &labels_test, threshold);
+        (metrics.test_auc, metrics.test_precision, metrics.test_recall, metrics.test_f1) =
+            (Some(auc), Some(p), Some(r), Some(f));
+    }
+    let production = match registry.production(class)? {
+        Some(prod) => {
+            let path = registry.artifact_path(&prod.sha256);
+            let prod_bytes = path.map(std::fs::read).transpose()?;
+            match prod_bytes {
+                Some(b) if prod.input_shape.last() == Some(&(ds.width() as i64)) => {
+                    let s = onnx::run_tract(&b, &raw(&ds.test))?;
+                    let m = match metrics.test_auc {
+                        Some(_) => eval::roc_auc(&s, &labels_test).unwrap_or(0.0),
+                        None => mean(&s),
+                    };
+                    Some((prod.version, m))
+                }
+                // A production model we cannot evaluate on this data loses by default.
+                _ => Some((prod.version, if metrics.test_auc.is_some() { f64::NEG_INFINITY } else { f64::INFINITY })),
+            }
+        }
+        None => None,
+    };
+    let promotion = match metrics.test_auc {
+        Some(auc) => decide("test_auc", auc, production, true),
+        None => decide("test_loss", test_loss, production, false),
+    };
+
+    let sha256 = registry.put_artifact(&bytes)?;
+    let golden_rows = &ds.val[..ds.val.len().min(GOLDEN)];
+    let golden = golden_rows
+        .iter()
+        .zip(&val_scores)
+        .map(|(r, &s)| Golden { input: r.features.clone(), output: vec![s] })
+        .collect();
+    let m = ModelVersion {
+        name,
+        version,
+        class: class.to_string(),
+        sensor: ds.sensor.name.clone(),
+        kind: "autoencoder".into(),
+        sha256,
+        size: bytes.len() as u64,
+        input_shape: vec![-1, ds.width() as i64],
+        output_shape: vec![-1, 1],
+        pipeline: PipelineSpec { version: 1, sensors: vec![ds.sensor.clone()] },
+        threshold,
+        golden,
+        lineage: Lineage {
+            dataset_hash: ds.hash.clone(),
+            dataset_report: ds.report.clone(),
+            hyper: outcome.best.hyper.clone(),
+            trials: outcome.trials,
+            seed: req.seed,
+            metrics,
+            threshold_source,
+            code_version: concat!("edgeloop-control-plane ", env!("CARGO_PKG_VERSION")).to_string(),
+        },
+        created_ms: edgeloop_common::unix_millis(),
+        promotion,
+    };
+    registry.insert(&m)?;
+    progress(
+        1.0,
+        &format!(
+            "registered {} v{} ({})",
+            m.name,
+            m.version,
+            if m.promotion.promoted { "promoted" } else { "not promoted" }
+        ),
+    );
+    Ok(m)
+}
+
+fn mean(v: &[f32]) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64
+}
+
+/// Builds the dataset from the store, then trains and registers.
+pub fn train_class(
+    store: &TelemetryStore,
+    devices: &[String],
+    class: &ClassConfig,
+    registry: &ModelRegistry,
+    req: &TrainRequest,
+    progress: &mut dyn FnMut(f32, &str),
+) -> Result<ModelVersion, RunError> {
+    progress(0.0, "building the dataset");
+    let labels = registry.labels()?;
+    let ds = dataset::build(store, class, devices, &labels, &req.dataset)?;
+    progress(
+        0.05,
+        &format!(
+            "dataset {}: {} rows ({} train, {} val, {} test)",
+            &ds.hash[..19],
+            ds.report.rows,
+            ds.report.train,
+            ds.report.val,
+            ds.report.test
+        ),
+    );
+    train_dataset(&ds, &class.class, req, registry, progress)
+}

@@ -1,0 +1,127 @@
+//! Training tests on synthetic data with known structure and injected anomalies.
+
+use super::run::{train_dataset, TrainRequest};
+use super::{autoencoder, eval, onnx, Hyper};
+use crate::dataset::{assemble, Dataset, DatasetSpec, QualityReport, Row};
+use crate::models::ModelRegistry;
+use edgeloop_common::durable::{Durability, DurableDb};
+use edgeloop_common::features::{FeatureKind, SensorSpec};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// Five correlated features; anomalies (label 1) break the correlation in the last 30% of time.
+pub fn synthetic(n: usize, seed: u64) -> Dataset {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let rows = (0..n)
+        .map(|i| {
+            let a: f32 = rng.gen_range(-2.0..2.0);
+            let b: f32 = rng.gen_range(-1.0..1.0);
+            let noise = |rng: &mut StdRng| rng.gen_range(-0.05f32..0.05);
+            let anomaly = i > n * 7 / 10 && i % 10 == 0;
+            let second = if anomaly { -2.0 * a + 1.5 } else { 2.0 * a };
+            let features = vec![a, second + noise(&mut rng), b, a + b + noise(&mut rng), 10.0 + a * b];
+            Row { device: format!("d{}", i % 3), ts_ms: 1_000 * i as u64, features, label: Some(anomaly as u32) }
+        })
+        .collect();
+    let sensor = SensorSpec { name: "s".into(), channels: 1, features: FeatureKind::Slow { rolling: 1 } };
+    let mut spec = DatasetSpec::new("synthetic");
+    spec.train_share = 0.6;
+    spec.val_share = 0.2;
+    assemble(spec, sensor, rows, QualityReport::default())
+}
+
+fn quick() -> Hyper {
+    Hyper { width: 16, depth: 1, lr: 5e-3, epochs: 40, batch: 32, patience: 5 }
+}
+
+#[test]
+fn autoencoder_separates_injected_anomalies() {
+    let ds = synthetic(3000, 1);
+    let m = autoencoder::train(&ds.train, &ds.val, &ds.standardizer, &quick(), 7, &mut |_, _| {}).unwrap();
+    let scores = autoencoder::score(&m.weights, &ds.standardizer, &ds.test).unwrap();
+    let labels: Vec<bool> = ds.test.iter().map(|r| r.label == Some(1)).collect();
+    assert!(labels.iter().filter(|&&l| l).count() > 20);
+    let auc = eval::roc_auc(&scores, &labels).unwrap();
+    assert!(auc >= 0.9, "ROC AUC {auc}");
+}
+
+#[test]
+fn export_matches_candle_and_loads_from_bytes() {
+    let ds = synthetic(800, 2);
+    let m =
+        autoencoder::train(&ds.train, &ds.val, &ds.standardizer, &Hyper { epochs: 5, ..quick() }, 3, &mut |_, _| {})
+            .unwrap();
+    let bytes = onnx::export_autoencoder(&m.weights, &ds.standardizer, "test");
+    let expected = autoencoder::score(&m.weights, &ds.standardizer, &ds.val).unwrap();
+    let rows: Vec<Vec<f32>> = ds.val.iter().map(|r| r.features.clone()).collect();
+    let worst = onnx::verify(&bytes, &rows, &expected).unwrap();
+    assert!(worst <= onnx::TOLERANCE);
+    // A wrong expectation is caught.
+    let mut wrong = expected.clone();
+    wrong[3] *= 1.01;
+    assert!(onnx::verify(&bytes, &rows, &wrong).is_err());
+}
+
+#[test]
+fn same_seed_same_model_bytes() {
+    let ds = synthetic(600, 3);
+    let h = Hyper { epochs: 4, ..quick() };
+    let export = |seed| {
+        let m = autoencoder::train(&ds.train, &ds.val, &ds.standardizer, &h, seed, &mut |_, _| {}).unwrap();
+        onnx::export_autoencoder(&m.weights, &ds.standardizer, "x")
+    };
+    assert_eq!(export(11), export(11));
+    assert_ne!(export(11), export(12));
+}
+
+#[test]
+fn worse_model_is_not_promoted_and_lineage_is_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = DurableDb::open(&dir.path().join("db"), Durability::Flush).unwrap();
+    let registry = ModelRegistry::open(&db, dir.path()).unwrap();
+    let ds = synthetic(1500, 4);
+    let mut req = TrainRequest::new("synthetic");
+    req.trials = 1;
+    req.hyper = Some(quick());
+    let first = train_dataset(&ds, "synthetic", &req, &registry, &mut |_, _| {}).unwrap();
+    assert!(first.promotion.promoted, "{}", first.promotion.reason);
+    assert_eq!(first.lineage.dataset_hash, ds.hash);
+    assert_eq!(first.golden.len(), 8);
+    assert!(first.lineage.metrics.test_auc.unwrap() >= 0.9);
+    // A crippled model: one epoch at a tiny learning rate.
+    req.hyper = Some(Hyper { epochs: 1, lr: 1e-6, ..quick() });
+    let second = train_dataset(&ds, "synthetic", &req, &registry, &mut |_, _| {}).unwrap();
+    assert_eq!(second.version, 2);
+    assert!(!second.promotion.promoted, "{}", second.promotion.reason);
+    assert_eq!(second.promotion.production_version, Some(1));
+    assert_eq!(registry.production("synthetic").unwrap().unwrap().version, 1);
+    // The artifact on disk is what the manifest says.
+    let bytes = std::fs::read(registry.artifact_path(&second.sha256).unwrap()).unwrap();
+    assert_eq!(bytes.len() as u64, second.size);
+    // Golden vectors reproduce through tract.
+    let inputs: Vec<Vec<f32>> = first.golden.iter().map(|g| g.input.clone()).collect();
+    let outputs: Vec<f32> = first.golden.iter().map(|g| g.output[0]).collect();
+    let prod = std::fs::read(registry.artifact_path(&first.sha256).unwrap()).unwrap();
+    onnx::verify(&prod, &inputs, &outputs).unwrap();
+}
+
+#[test]
+fn search_records_every_trial_and_keeps_the_best() {
+    let ds = synthetic(600, 5);
+    let base = Hyper { epochs: 9, ..quick() };
+    let out = super::search::run(
+        &ds.train,
+        &ds.val,
+        &ds.standardizer,
+        &base,
+        super::search::Budget { trials: 4, max_seconds: None },
+        1,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    // Rung 0: 4 trials at 3 epochs; rung 1: the best 2 at 9 epochs.
+    assert_eq!(out.trials.len(), 6, "{:?}", out.trials.iter().map(|t| (t.id, t.rung)).collect::<Vec<_>>());
+    let best = out.trials.iter().map(|t| t.val_loss).fold(f64::INFINITY, f64::min);
+    assert_eq!(out.best.val_loss, best);
+    assert_eq!(out.model.val_loss, best);
+}
