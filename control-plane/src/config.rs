@@ -1,7 +1,9 @@
 //! The control plane's config, `control-plane.toml`, parsed then validated with common's loader, so every
 //! error names the file, the key and the reason.
 
-use edgeloop_common::config::{display_name, load_toml, parse_toml, resolve_relative, Checker, ConfigError};
+use edgeloop_common::config::{
+    display_name, load_toml, parse_toml, resolve_relative, Checker, ClassConfig, ConfigError,
+};
 use edgeloop_common::durable::Durability;
 use edgeloop_common::envelope::DEFAULT_MAX_MESSAGE_BYTES;
 use serde::{Deserialize, Serialize};
@@ -32,6 +34,36 @@ pub struct RawConfig {
     pub api: ApiConfig,
     #[serde(default)]
     pub ingest: IngestConfig,
+    #[serde(default)]
+    pub training: TrainingConfig,
+}
+
+fn default_trials() -> usize {
+    6
+}
+
+/// Training defaults, and where the device classes are described.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainingConfig {
+    /// Folder of firmware configs (`<class>.toml`), relative to this file. Classes without one cannot be
+    /// trained.
+    #[serde(default)]
+    pub classes_dir: Option<PathBuf>,
+    /// Hyper-parameter configurations tried per training.
+    #[serde(default = "default_trials")]
+    pub trials: usize,
+    /// Time budget of one search, in seconds.
+    #[serde(default)]
+    pub max_seconds: Option<f64>,
+    #[serde(default)]
+    pub seed: u64,
+}
+
+impl Default for TrainingConfig {
+    fn default() -> Self {
+        TrainingConfig { classes_dir: None, trials: default_trials(), max_seconds: None, seed: 0 }
+    }
 }
 
 /// Which broker the control plane uses.
@@ -91,6 +123,9 @@ pub struct Config {
     pub mqtt_port: u16,
     pub api_listen: SocketAddr,
     pub ingest: IngestConfig,
+    pub training: TrainingConfig,
+    /// Device classes known to training, by name, loaded from `training.classes_dir`.
+    pub classes: std::collections::BTreeMap<String, ClassConfig>,
 }
 
 impl Config {
@@ -114,6 +149,8 @@ impl Config {
             mqtt_port: mqtt.port(),
             api_listen: api,
             ingest: IngestConfig::default(),
+            training: TrainingConfig::default(),
+            classes: Default::default(),
         }
     }
 }
@@ -154,10 +191,31 @@ impl RawConfig {
         )?;
         c.check(i.commit_max_messages > 0, "ingest.commit_max_messages", "must be > 0")?;
         c.check(i.offline_after_secs > 0, "ingest.offline_after_secs", "must be > 0")?;
-        let data_dir = match path {
-            Some(p) => resolve_relative(p, &self.data_dir),
-            None => self.data_dir,
+        let t = &self.training;
+        c.check((1..=1000).contains(&t.trials), "training.trials", "must be between 1 and 1000")?;
+        if let Some(s) = t.max_seconds {
+            c.check(s.is_finite() && s > 0.0, "training.max_seconds", "must be > 0")?;
+        }
+        let resolve = |p: &Path| match path {
+            Some(base) => resolve_relative(base, p),
+            None => p.to_path_buf(),
         };
+        let mut classes = std::collections::BTreeMap::new();
+        if let Some(dir) = &t.classes_dir {
+            let dir = resolve(dir);
+            let entries = std::fs::read_dir(&dir)
+                .map_err(|e| c.fail("training.classes_dir", format!("{}: {e}", dir.display())))?;
+            let mut files: Vec<PathBuf> = entries
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+                .collect();
+            files.sort();
+            for f in files {
+                let class = ClassConfig::load(&f)?;
+                classes.insert(class.class.clone(), class);
+            }
+        }
+        let data_dir = resolve(&self.data_dir);
         Ok(Config {
             data_dir,
             durability: self.durability,
@@ -166,6 +224,8 @@ impl RawConfig {
             mqtt_port,
             api_listen: self.api.listen,
             ingest: self.ingest,
+            training: self.training,
+            classes,
         })
     }
 }
@@ -188,6 +248,30 @@ mod tests {
         )
         .unwrap();
         assert_eq!((c.mqtt_host.as_str(), c.mqtt_port), ("mq.local", 8883));
+    }
+
+    #[test]
+    fn loads_classes_and_names_a_bad_one() {
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("../firmware-configs");
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("cp.toml");
+        let text = |classes: &Path| {
+            format!("data_dir = \"d\"\n[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:1883\"\n[training]\nclasses_dir = \"{}\"\n", classes.display())
+        };
+        std::fs::write(&p, text(&shipped)).unwrap();
+        let c = Config::load(&p).unwrap();
+        assert!(c.classes.contains_key("factory-vibration") && c.classes.contains_key("city-air-quality"));
+        let classes = dir.path().join("classes");
+        std::fs::create_dir(&classes).unwrap();
+        std::fs::write(
+            classes.join("bad.toml"),
+            "class = \"bad\"\n[[sensors]]\nname = \"t\"\nkind = \"slow\"\nrate_hz = -1\n",
+        )
+        .unwrap();
+        std::fs::write(&p, text(&classes)).unwrap();
+        assert_eq!(Config::load(&p).unwrap_err().to_string(), "bad.toml: sensors[0].rate_hz: must be > 0");
+        std::fs::write(&p, text(&dir.path().join("missing"))).unwrap();
+        assert!(Config::load(&p).unwrap_err().to_string().starts_with("cp.toml: training.classes_dir: "));
     }
 
     #[test]

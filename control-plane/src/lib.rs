@@ -14,6 +14,7 @@
 //!   standardisation, quality report.
 //! - [`training`]: candle training (autoencoder), hyper-parameter search, ONNX export and verification.
 //! - [`models`]: the model registry: versions, manifests, lineage, promotion, artifacts, labels.
+//! - [`learning`]: training jobs on request, one at a time, with progress.
 //! - [`api`]: the operator HTTP API (axum).
 //! - [`server`]: starts all of the above under one cancellation token.
 
@@ -22,6 +23,7 @@ pub mod broker;
 pub mod config;
 pub mod dataset;
 pub mod ingest;
+pub mod learning;
 pub mod metrics;
 pub mod models;
 pub mod registry;

@@ -1,9 +1,15 @@
-//! `edgeloop-control-plane run --config control-plane.toml`.
+//! `edgeloop-control-plane run --config control-plane.toml`, and
+//! `edgeloop-control-plane train --config control-plane.toml --class C [--from T --to T] [--trials N]`.
 //!
 //! Exit codes: 0 after a clean stop (ctrl-c or SIGTERM), 2 for a bad config, 1 for any other failure.
 
 use clap::{Parser, Subcommand};
+use edgeloop_common::durable::DurableDb;
 use edgeloop_control_plane::config::Config;
+use edgeloop_control_plane::models::ModelRegistry;
+use edgeloop_control_plane::registry::Registry;
+use edgeloop_control_plane::store::TelemetryStore;
+use edgeloop_control_plane::training::run::{train_class, TrainRequest};
 use edgeloop_control_plane::ControlPlane;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -24,6 +30,28 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Train a model for a device class from the stored telemetry, offline (stop the control plane first, or
+    /// use POST /api/v1/train while it runs).
+    Train {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        class: String,
+        /// Sensor whose feature vectors are used (default: the class's first).
+        #[arg(long)]
+        sensor: Option<String>,
+        /// Start of the time range, Unix milliseconds.
+        #[arg(long)]
+        from: Option<u64>,
+        /// End of the time range, Unix milliseconds.
+        #[arg(long)]
+        to: Option<u64>,
+        /// Hyper-parameter configurations to try (default: training.trials).
+        #[arg(long)]
+        trials: Option<usize>,
+        #[arg(long)]
+        seed: Option<u64>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -34,7 +62,10 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let Command::Run { config } = Cli::parse().command;
+    let command = Cli::parse().command;
+    let config = match &command {
+        Command::Run { config } | Command::Train { config, .. } => config.clone(),
+    };
     let cfg = match Config::load(&config) {
         Ok(c) => c,
         Err(e) => {
@@ -49,13 +80,87 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(run(cfg)) {
+    let result = match command {
+        Command::Run { .. } => runtime.block_on(run(cfg)),
+        Command::Train { class, sensor, from, to, trials, seed, .. } => {
+            let mut req = TrainRequest::new(&class);
+            (req.dataset.sensor, req.dataset.from_ms, req.dataset.to_ms) = (sensor, from, to);
+            req.trials = trials.unwrap_or(cfg.training.trials);
+            req.seed = seed.unwrap_or(cfg.training.seed);
+            req.max_seconds = cfg.training.max_seconds;
+            if let (Some(f), Some(t)) = (from, to) {
+                if f > t {
+                    eprintln!("edgeloop-control-plane: --from ({f}) is after --to ({t})");
+                    return ExitCode::from(2);
+                }
+            }
+            train_offline(cfg, req)
+        }
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("edgeloop-control-plane: {e:#}");
             ExitCode::from(1)
         }
     }
+}
+
+/// `train`: opens the store directly, trains with a progress bar, prints the trial table and the decision.
+fn train_offline(cfg: Config, req: TrainRequest) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let class = cfg.classes.get(&req.dataset.class).cloned().with_context(|| {
+        format!("no firmware config for class `{}` (set training.classes_dir in the config)", req.dataset.class)
+    })?;
+    let db = DurableDb::open(&cfg.data_dir.join("store"), cfg.durability)
+        .context("opening the store (is the control plane running? stop it, or use POST /api/v1/train)")?;
+    let devices_registry = Registry::open(&db)?;
+    let models = ModelRegistry::open(&db, &cfg.data_dir)?;
+    let store = TelemetryStore::open(db)?;
+    let devices: Vec<String> = if req.dataset.devices.is_empty() {
+        devices_registry.list().into_iter().filter(|d| d.class == class.class).map(|d| d.id).collect()
+    } else {
+        req.dataset.devices.clone()
+    };
+    anyhow::ensure!(!devices.is_empty(), "no device of class `{}` is in the store", class.class);
+    let bar = indicatif::ProgressBar::new(1000);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {percent:>3}% {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let mut progress = |f: f32, m: &str| {
+        bar.set_position((f * 1000.0) as u64);
+        bar.set_message(m.to_string());
+    };
+    let m = train_class(&store, &devices, &class, &models, &req, &mut progress)?;
+    bar.finish_and_clear();
+    println!(
+        "{:>5} {:>4} {:>6} {:>5} {:>9} {:>5} {:>6} {:>12} {:>8}",
+        "trial", "rung", "width", "depth", "lr", "batch", "epochs", "val_loss", "seconds"
+    );
+    for t in &m.lineage.trials {
+        let h = &t.hyper;
+        println!(
+            "{:>5} {:>4} {:>6} {:>5} {:>9.2e} {:>5} {:>6} {:>12.6} {:>8.2}",
+            t.id, t.rung, h.width, h.depth, h.lr, h.batch, t.epochs_run, t.val_loss, t.seconds
+        );
+    }
+    let r = &m.lineage.dataset_report;
+    let mt = &m.lineage.metrics;
+    println!(
+        "dataset   {} ({} devices, {} records in, {} rows: {} train / {} val / {} test)",
+        m.lineage.dataset_hash, r.devices, r.records_in, r.rows, r.train, r.val, r.test
+    );
+    println!("cleaning  dropped {:?}, imputed {}, long gaps {}", r.dropped, r.imputed, r.long_gaps);
+    println!("model     {} v{} ({}), sha256 {}, {} bytes", m.name, m.version, m.kind, m.sha256, m.size);
+    println!("threshold {:.6} ({})", m.threshold, m.lineage.threshold_source);
+    println!(
+        "metrics   val loss {:.6}, test loss {:.6}, test AUC {:?}, export max rel. error {:.2e}",
+        mt.val_loss, mt.test_loss, mt.test_auc, mt.export_max_rel_error
+    );
+    println!("promotion {}: {}", if m.promotion.promoted { "PROMOTED" } else { "not promoted" }, m.promotion.reason);
+    Ok(())
 }
 
 async fn run(cfg: Config) -> anyhow::Result<()> {

@@ -5,7 +5,9 @@ use crate::api::{self, AppState};
 use crate::broker;
 use crate::config::{BrokerConfig, Config};
 use crate::ingest::{service, Ingestor};
+use crate::learning::Learning;
 use crate::metrics::Metrics;
+use crate::models::ModelRegistry;
 use crate::registry::Registry;
 use crate::store::TelemetryStore;
 use anyhow::Context;
@@ -27,6 +29,7 @@ pub struct ControlPlaneHandle {
     pub store: TelemetryStore,
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
+    pub learning: Arc<Learning>,
     task: JoinHandle<anyhow::Result<()>>,
 }
 
@@ -43,15 +46,24 @@ impl ControlPlane {
             .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
         let dir = cfg.data_dir.join("store");
         let durability = cfg.durability;
-        let (store, registry) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let data_dir = cfg.data_dir.clone();
+        let (store, registry, models) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
             let db = DurableDb::open(&dir, durability)?;
             let registry = Registry::open(&db)?;
-            Ok((TelemetryStore::open(db)?, registry))
+            let models = ModelRegistry::open(&db, &data_dir)?;
+            Ok((TelemetryStore::open(db)?, registry, models))
         })
         .await?
         .context("opening the store")?;
         let registry = Arc::new(registry);
         let metrics = Arc::new(Metrics::default());
+        let learning = Arc::new(Learning::new(
+            store.clone(),
+            registry.clone(),
+            Arc::new(models),
+            cfg.classes.clone(),
+            cfg.training.clone(),
+        ));
 
         if let BrokerConfig::Embedded { listen } = cfg.broker {
             let max = cfg.ingest.max_message_bytes;
@@ -95,6 +107,7 @@ impl ControlPlane {
             metrics: metrics.clone(),
             started: Instant::now(),
             offline_after_ms: cfg.ingest.offline_after_secs * 1000,
+            learning: learning.clone(),
         };
         let api_cancel = cancel.clone();
         let api = tokio::spawn(async move {
@@ -112,6 +125,14 @@ impl ControlPlane {
             }
             ingested
         });
-        Ok(ControlPlaneHandle { api_addr, mqtt_addr: (cfg.mqtt_host, cfg.mqtt_port), store, registry, metrics, task })
+        Ok(ControlPlaneHandle {
+            api_addr,
+            mqtt_addr: (cfg.mqtt_host, cfg.mqtt_port),
+            store,
+            registry,
+            metrics,
+            learning,
+            task,
+        })
     }
 }

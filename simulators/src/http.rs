@@ -1,22 +1,72 @@
-//! A minimal HTTP/1.1 client (GET, `Connection: close`) for the operator API. Enough for tests, the demo
-//! and tools; not a general client.
+//! A minimal HTTP/1.1 client (`Connection: close`) for the operator API. Enough for tests, the demo and
+//! tools; not a general client.
 
 use anyhow::Context;
 use std::net::SocketAddr;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Sends `GET path` and returns the status code and body.
-pub async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+/// A response: status, headers (names lower-cased) and body bytes.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Sends one request. `body` is sent as JSON when present.
+pub async fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> anyhow::Result<Response> {
     let mut s = tokio::net::TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (n, v) in headers {
+        head.push_str(&format!("{n}: {v}\r\n"));
+    }
+    if let Some(b) = body {
+        head.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", b.len()));
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes()).await?;
+    if let Some(b) = body {
+        s.write_all(b).await?;
+    }
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).await?;
-    let text = String::from_utf8_lossy(&buf);
-    let (head, body) = text.split_once("\r\n\r\n").context("response has no header end")?;
-    let status = head.split_whitespace().nth(1).and_then(|c| c.parse().ok()).context("response has no status code")?;
-    let chunked = head.lines().any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding: chunked"));
-    let body = if chunked { dechunk(body)? } else { body.to_string() };
-    Ok((status, body))
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").context("response has no header end")?;
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    let raw = &buf[end + 4..];
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .context("response has no status code")?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let chunked = headers.iter().any(|(n, v)| n == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
+    let body = if chunked { dechunk(raw)? } else { raw.to_vec() };
+    Ok(Response { status, headers, body })
+}
+
+/// Sends `GET path` and returns the status code and body text.
+pub async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    let r = request(addr, "GET", path, &[], None).await?;
+    Ok((r.status, r.text()))
 }
 
 /// GET and parse JSON, failing on a non-2xx status.
@@ -26,15 +76,23 @@ pub async fn get_json<T: serde::de::DeserializeOwned>(addr: SocketAddr, path: &s
     serde_json::from_str(&body).with_context(|| format!("GET {path}: body is not the expected JSON"))
 }
 
-fn dechunk(mut s: &str) -> anyhow::Result<String> {
-    let mut out = String::new();
+/// POSTs a JSON value; returns the status and body text.
+pub async fn post_json(addr: SocketAddr, path: &str, body: &serde_json::Value) -> anyhow::Result<(u16, String)> {
+    let r = request(addr, "POST", path, &[], Some(body.to_string().as_bytes())).await?;
+    Ok((r.status, r.text()))
+}
+
+fn dechunk(mut s: &[u8]) -> anyhow::Result<Vec<u8>> {
+    let mut out = Vec::new();
     loop {
-        let (size, rest) = s.split_once("\r\n").context("bad chunk header")?;
+        let line_end = s.windows(2).position(|w| w == b"\r\n").context("bad chunk header")?;
+        let size = std::str::from_utf8(&s[..line_end]).context("bad chunk header")?;
         let n = usize::from_str_radix(size.trim(), 16).context("bad chunk size")?;
         if n == 0 {
             return Ok(out);
         }
-        out.push_str(rest.get(..n).context("short chunk")?);
+        let rest = &s[line_end + 2..];
+        out.extend_from_slice(rest.get(..n).context("short chunk")?);
         s = rest.get(n + 2..).context("short chunk")?;
     }
 }

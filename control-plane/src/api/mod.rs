@@ -1,10 +1,13 @@
-//! The operator HTTP API (axum): health, devices, telemetry and metrics.
+//! The operator HTTP API (axum): health, devices, telemetry and metrics here; training jobs, models,
+//! artifacts and labels in [`learning`].
 //!
 //! Handlers are thin: they validate the request, call the store or registry (scans run on the blocking
 //! pool) and shape JSON. Every error is an [`error::ApiError`].
 
 pub mod error;
+pub mod learning;
 
+use crate::learning::Learning;
 use crate::metrics::Metrics;
 use crate::registry::{Device, Registry};
 use crate::store::{Query, TelemetryStore};
@@ -12,7 +15,7 @@ use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query as QueryParams, State};
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use edgeloop_common::envelope::Record;
 use error::ApiError;
@@ -31,6 +34,7 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub started: Instant,
     pub offline_after_ms: u64,
+    pub learning: Arc<Learning>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -39,6 +43,13 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/devices", get(devices))
         .route("/api/v1/devices/{id}", get(device))
         .route("/api/v1/devices/{id}/telemetry", get(telemetry))
+        .route("/api/v1/train", post(learning::train))
+        .route("/api/v1/jobs", get(learning::jobs))
+        .route("/api/v1/jobs/{id}", get(learning::job))
+        .route("/api/v1/models", get(learning::models))
+        .route("/api/v1/models/{name}/{version}", get(learning::model))
+        .route("/api/v1/artifacts/{sha256}", get(learning::artifact))
+        .route("/api/v1/labels", get(learning::labels).post(learning::add_label))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::not_found("no such route") })
         .with_state(state)

@@ -3,6 +3,7 @@
 mod api;
 mod cross_process;
 mod demo;
+mod learning;
 mod malformed;
 mod nothing_lost;
 mod outbox_full;

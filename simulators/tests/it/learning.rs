@@ -1,0 +1,135 @@
+//! The learning loop over real stored telemetry: a training job through the API, the registered model and
+//! its artifact (with Range), the same model running in the agent's tract, and the offline CLI.
+
+use crate::support::{start_cp, wait_for};
+use edgeloop_control_plane::models::ModelVersion;
+use edgeloop_simulators::fleet::{self, FleetSpec};
+use edgeloop_simulators::http::{get, get_json, post_json, request};
+use serde_json::json;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn train_register_serve_and_retrain_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let class = edgeloop_simulators::class_config("city-air-quality").unwrap();
+    let c2 = class.clone();
+    let (cp, cp_cancel) = start_cp(dir.path(), move |c| {
+        c.classes.insert(c2.class.clone(), c2);
+    })
+    .await;
+    let cancel = CancellationToken::new();
+    let spec = FleetSpec::new(vec![class.clone()], cp.mqtt_addr.clone(), &dir.path().join("agents"));
+    let mut devices = fleet::start(&spec, 3, &cancel).await.unwrap();
+    for d in &mut devices {
+        for s in d.generator.take(600) {
+            d.samples.send(s).await.unwrap();
+        }
+    }
+    let outboxes: Vec<_> = devices.iter().map(|d| d.agent.outbox.clone()).collect();
+    wait_for("telemetry stored", Duration::from_secs(30), || outboxes.iter().all(|o| o.stats().acked == 600)).await;
+    // Heartbeats tell the registry each device's class.
+    wait_for("classes known", Duration::from_secs(20), || {
+        cp.registry.list().iter().filter(|d| d.class == "city-air-quality").count() == 3
+    })
+    .await;
+    let api = cp.api_addr;
+
+    // Refusals first.
+    let (status, body) = post_json(api, "/api/v1/train", &json!({"class": "no-such-class"})).await.unwrap();
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("no-such-class"));
+    let (status, body) =
+        post_json(api, "/api/v1/train", &json!({"class": "city-air-quality", "trials": 0})).await.unwrap();
+    assert_eq!(status, 400, "{body}");
+    let r = request(api, "POST", "/api/v1/train", &[], Some(b"{not json")).await.unwrap();
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("\"error\":\"bad_request\""));
+
+    let (status, body) =
+        post_json(api, "/api/v1/train", &json!({"class": "city-air-quality", "trials": 2, "seed": 3})).await.unwrap();
+    assert_eq!(status, 202, "{body}");
+    let job: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let id = job["job"].as_u64().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let job = loop {
+        let j: serde_json::Value = get_json(api, &format!("/api/v1/jobs/{id}")).await.unwrap();
+        match j["state"].as_str() {
+            Some("succeeded") => break j,
+            Some("failed") => panic!("training failed: {j}"),
+            _ => {}
+        }
+        assert!(Instant::now() < deadline, "training did not finish: {j}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(job["result"]["version"], 1);
+    assert_eq!(job["result"]["promoted"], true);
+    assert_eq!(job["progress"], 1.0);
+
+    let models: serde_json::Value = get_json(api, "/api/v1/models").await.unwrap();
+    assert_eq!(models.as_array().unwrap().len(), 1);
+    assert_eq!(models[0]["production"], true);
+    let m: ModelVersion = get_json(api, "/api/v1/models/city-air-quality/1").await.unwrap();
+    assert_eq!(m.sensor, "pm25");
+    assert_eq!(m.input_shape, vec![-1, 5]);
+    assert_eq!(m.lineage.dataset_report.devices, 3);
+    assert!(m.lineage.dataset_report.rows >= 800, "{:?}", m.lineage.dataset_report);
+    assert!(m.lineage.trials.len() >= 2);
+    assert_eq!(m.golden.len(), 8);
+    assert!(m.lineage.metrics.export_max_rel_error <= 1e-4);
+
+    // The artifact: whole, and by range.
+    let whole = request(api, "GET", &format!("/api/v1/artifacts/{}", m.sha256), &[], None).await.unwrap();
+    assert_eq!(whole.status, 200);
+    assert_eq!(whole.body.len() as u64, m.size);
+    let digest = ring::digest::digest(&ring::digest::SHA256, &whole.body);
+    assert_eq!(edgeloop_control_plane::dataset::hex(digest.as_ref()), m.sha256);
+    let part =
+        request(api, "GET", &format!("/api/v1/artifacts/{}", m.sha256), &[("Range", "bytes=10-")], None).await.unwrap();
+    assert_eq!(part.status, 206);
+    assert_eq!(part.body, whole.body[10..]);
+    assert_eq!(part.header("content-range"), Some(format!("bytes 10-{}/{}", m.size - 1, m.size).as_str()));
+    let bad = request(api, "GET", &format!("/api/v1/artifacts/{}", m.sha256), &[("Range", "bytes=99999999-")], None)
+        .await
+        .unwrap();
+    assert_eq!(bad.status, 416);
+    let (status, _) = get(api, &format!("/api/v1/artifacts/{}", "a".repeat(64))).await.unwrap();
+    assert_eq!(status, 404);
+
+    // The agent's own inference runs the exported model and reproduces the golden vectors.
+    let mut model = edgeloop_agent::inference::Model::load_bytes(&whole.body, 5).unwrap();
+    for g in &m.golden {
+        let (score, _) = model.score(&g.input).unwrap();
+        assert!((score - g.output[0]).abs() <= 1e-4 * g.output[0].abs().max(1e-3), "{score} vs {}", g.output[0]);
+    }
+
+    let (status, body) =
+        post_json(api, "/api/v1/labels", &json!({"device": "sim-0000", "from": 1, "to": 2, "label": 1})).await.unwrap();
+    assert_eq!(status, 201, "{body}");
+    let (status, _) =
+        post_json(api, "/api/v1/labels", &json!({"device": "sim-0000", "from": 5, "to": 2, "label": 1})).await.unwrap();
+    assert_eq!(status, 400);
+
+    // Stop everything, then train again offline with the CLI on the same store.
+    cancel.cancel();
+    for d in devices {
+        d.agent.join().await.unwrap();
+    }
+    cp_cancel.cancel();
+    cp.join().await.unwrap();
+    let cfg = dir.path().join("cp.toml");
+    let classes = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../firmware-configs");
+    std::fs::write(&cfg, format!("data_dir = \"cp\"\n[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:1\"\n[training]\nclasses_dir = \"{}\"\n", classes.display())).unwrap();
+    let bin = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().join("edgeloop-control-plane");
+    let out = std::process::Command::new(bin)
+        .args(["train", "--config"])
+        .arg(&cfg)
+        .args(["--class", "city-air-quality", "--trials", "1"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("city-air-quality v2"), "{stdout}");
+    assert!(stdout.contains("promotion"), "{stdout}");
+    assert!(stdout.lines().next().unwrap_or("").contains("val_loss"), "{stdout}");
+}
