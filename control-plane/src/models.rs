@@ -33,6 +33,11 @@ pub struct Metrics {
     pub test_f1: Option<f64>,
     /// Largest relative difference between tract and candle over the validation split.
     pub export_max_rel_error: f32,
+    /// Classifiers: accuracy on the test split, and that of always answering the most common label.
+    #[serde(default)]
+    pub test_accuracy: Option<f64>,
+    #[serde(default)]
+    pub majority_accuracy: Option<f64>,
 }
 
 /// Where a model came from.
@@ -189,7 +194,7 @@ impl ModelRegistry {
     pub fn insert(&self, m: &ModelVersion) -> Result<(), StoreError> {
         self.versions.insert(version_key(&m.name, m.version), encode(m))?;
         if m.promotion.promoted {
-            self.production.insert(m.class.as_bytes(), encode(&(m.name.clone(), m.version)))?;
+            self.production.insert(m.name.as_bytes(), encode(&(m.name.clone(), m.version)))?;
         }
         self.db.commit()?;
         Ok(())
@@ -209,10 +214,11 @@ impl ModelRegistry {
         self.versions.iter().map(|kv| decode("model", &kv?.1)).collect()
     }
 
-    /// The production version of a class.
-    pub fn production(&self, class: &str) -> Result<Option<ModelVersion>, StoreError> {
-        let Some(v) = self.production.get(class.as_bytes())? else { return Ok(None) };
-        let (name, version): (String, u32) = decode(class, &v)?;
+    /// The production version of a model line (`<class>` for anomaly models, `<class>-classifier` for
+    /// classifiers).
+    pub fn production(&self, name: &str) -> Result<Option<ModelVersion>, StoreError> {
+        let Some(v) = self.production.get(name.as_bytes())? else { return Ok(None) };
+        let (name, version): (String, u32) = decode(name, &v)?;
         self.get(&name, version)
     }
 

@@ -5,7 +5,7 @@ use super::AppState;
 use crate::dataset::{DatasetSpec, ImputeMethod, Label};
 use crate::learning::{Job, RequestError};
 use crate::models::ModelVersion;
-use crate::training::run::TrainRequest;
+use crate::training::run::{ModelKind, TrainRequest};
 use axum::body::Body;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
@@ -35,6 +35,9 @@ pub struct TrainBody {
     pub seed: Option<u64>,
     #[serde(default)]
     pub impute: Option<ImputeMethod>,
+    /// `autoencoder` (default) or `classifier`.
+    #[serde(default)]
+    pub kind: ModelKind,
 }
 
 #[derive(Serialize, Deserialize, Debug)]
@@ -70,6 +73,7 @@ pub async fn train(
     }
     let req = TrainRequest {
         dataset,
+        kind: b.kind,
         trials,
         max_seconds: b.max_seconds,
         seed: b.seed.unwrap_or(s.learning.defaults.seed),
@@ -114,7 +118,7 @@ pub async fn models(State(s): State<AppState>) -> Result<Json<Vec<ModelSummary>>
         let list = models.list()?;
         let mut out = Vec::with_capacity(list.len());
         for m in list {
-            let production = models.production(&m.class)?.is_some_and(|p| p.name == m.name && p.version == m.version);
+            let production = models.production(&m.name)?.is_some_and(|p| p.version == m.version);
             out.push(ModelSummary {
                 production,
                 promoted: m.promotion.promoted,

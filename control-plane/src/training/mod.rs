@@ -11,6 +11,7 @@
 //! for a seed: initial weights and batch order come from seeded generators, not candle's.
 
 pub mod autoencoder;
+pub mod classifier;
 pub mod eval;
 pub mod mlp;
 pub mod onnx;

@@ -80,12 +80,16 @@ fn int(name: &str, v: i64) -> pb::AttributeProto {
     }
 }
 
-/// Exports an autoencoder: raw features `[N, d]` to reconstruction error `[N, 1]`.
-pub fn export_autoencoder(weights: &[DenseWeights], st: &Standardizer, doc: &str) -> Vec<u8> {
+/// The graph's common part: standardisation, then the dense layers. Returns the last layer's output name.
+fn dense_body(
+    weights: &[DenseWeights],
+    st: &Standardizer,
+    initializer: &mut Vec<pb::TensorProto>,
+    nodes: &mut Vec<pb::NodeProto>,
+) -> String {
     let d = st.mean.len() as i64;
-    let mut initializer = vec![tensor("mean", &[d], &st.mean), tensor("std", &[d], &st.std)];
-    let mut nodes =
-        vec![node("Sub", &[INPUT, "mean"], "centred", vec![]), node("Div", &["centred", "std"], "z0", vec![])];
+    initializer.extend([tensor("mean", &[d], &st.mean), tensor("std", &[d], &st.std)]);
+    nodes.extend([node("Sub", &[INPUT, "mean"], "centred", vec![]), node("Div", &["centred", "std"], "z0", vec![])]);
     let mut x = "z0".to_string();
     for (i, l) in weights.iter().enumerate() {
         let (w, b) = (format!("w{i}"), format!("b{i}"));
@@ -101,15 +105,42 @@ pub fn export_autoencoder(weights: &[DenseWeights], st: &Standardizer, doc: &str
             x = r;
         }
     }
+    x
+}
+
+/// Exports an autoencoder: raw features `[N, d]` to reconstruction error `[N, 1]`.
+pub fn export_autoencoder(weights: &[DenseWeights], st: &Standardizer, doc: &str) -> Vec<u8> {
+    let (mut initializer, mut nodes) = (Vec::new(), Vec::new());
+    let x = dense_body(weights, st, &mut initializer, &mut nodes);
     nodes.push(node("Sub", &[&x, "z0"], "residual", vec![]));
     nodes.push(node("Mul", &["residual", "residual"], "squared", vec![]));
     nodes.push(node("ReduceMean", &["squared"], OUTPUT, vec![ints("axes", &[1]), int("keepdims", 1)]));
+    model("edgeloop_autoencoder", nodes, initializer, st.mean.len() as i64, 1, doc)
+}
+
+/// Exports a classifier: raw features `[N, d]` to class probabilities `[N, k]` (`Softmax` in the graph).
+pub fn export_classifier(weights: &[DenseWeights], st: &Standardizer, doc: &str) -> Vec<u8> {
+    let (mut initializer, mut nodes) = (Vec::new(), Vec::new());
+    let x = dense_body(weights, st, &mut initializer, &mut nodes);
+    nodes.push(node("Softmax", &[&x], OUTPUT, vec![int("axis", 1)]));
+    let k = weights.last().map_or(1, |l| l.outputs) as i64;
+    model("edgeloop_classifier", nodes, initializer, st.mean.len() as i64, k, doc)
+}
+
+fn model(
+    name: &str,
+    nodes: Vec<pb::NodeProto>,
+    initializer: Vec<pb::TensorProto>,
+    d: i64,
+    outputs: i64,
+    doc: &str,
+) -> Vec<u8> {
     let graph = pb::GraphProto {
-        name: "edgeloop_autoencoder".into(),
+        name: name.into(),
         node: nodes,
         initializer,
         input: vec![value_info(INPUT, &[None, Some(d)])],
-        output: vec![value_info(OUTPUT, &[None, Some(1)])],
+        output: vec![value_info(OUTPUT, &[None, Some(outputs)])],
         doc_string: doc.into(),
         ..Default::default()
     };
@@ -124,7 +155,8 @@ pub fn export_autoencoder(weights: &[DenseWeights], st: &Standardizer, doc: &str
     .encode_to_vec()
 }
 
-/// Runs an exported model with tract on `rows` (raw features), returning one score per row.
+/// Runs an exported model with tract on `rows` (raw features), returning its outputs row-major (one score
+/// per row for an autoencoder, `k` probabilities per row for a classifier).
 pub fn run_tract(onnx: &[u8], rows: &[Vec<f32>]) -> Result<Vec<f32>, TrainError> {
     if rows.is_empty() {
         return Ok(Vec::new());

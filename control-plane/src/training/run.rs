@@ -3,7 +3,7 @@
 //! register the version with its lineage, and promote it if it wins. Blocking.
 
 use super::search::{self, Budget};
-use super::{autoencoder, eval, onnx, Hyper, TrainError};
+use super::{autoencoder, classifier, eval, onnx, Hyper, TrainError};
 use crate::dataset::{self, Dataset, DatasetError, DatasetSpec, Row};
 use crate::models::{decide, Golden, Lineage, Metrics, ModelRegistry, ModelVersion};
 use crate::store::{StoreError, TelemetryStore};
@@ -11,10 +11,23 @@ use edgeloop_common::config::ClassConfig;
 use edgeloop_common::features::PipelineSpec;
 use serde::{Deserialize, Serialize};
 
+/// Which kind of model to train.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelKind {
+    /// Anomaly scores from reconstruction error; needs no labels.
+    #[default]
+    Autoencoder,
+    /// Class probabilities, from labelled rows.
+    Classifier,
+}
+
 /// What to train.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainRequest {
     pub dataset: DatasetSpec,
+    #[serde(default)]
+    pub kind: ModelKind,
     pub trials: usize,
     #[serde(default)]
     pub max_seconds: Option<f64>,
@@ -26,7 +39,14 @@ pub struct TrainRequest {
 
 impl TrainRequest {
     pub fn new(class: &str) -> Self {
-        TrainRequest { dataset: DatasetSpec::new(class), trials: 6, max_seconds: None, seed: 0, hyper: None }
+        TrainRequest {
+            dataset: DatasetSpec::new(class),
+            kind: ModelKind::Autoencoder,
+            trials: 6,
+            max_seconds: None,
+            seed: 0,
+            hyper: None,
+        }
     }
 }
 
@@ -42,6 +62,8 @@ pub enum RunError {
     Artifact(#[from] std::io::Error),
     #[error("no firmware config for class `{0}`")]
     UnknownClass(String),
+    #[error("a classifier needs labelled rows in the training split and at least two labels")]
+    NoLabels,
 }
 
 /// Golden vectors kept in the manifest.
@@ -59,6 +81,19 @@ fn anomalous(rows: &[Row]) -> Vec<bool> {
 
 /// Trains on an already built dataset and registers the result.
 pub fn train_dataset(
+    ds: &Dataset,
+    class: &str,
+    req: &TrainRequest,
+    registry: &ModelRegistry,
+    progress: &mut dyn FnMut(f32, &str),
+) -> Result<ModelVersion, RunError> {
+    match req.kind {
+        ModelKind::Autoencoder => train_autoencoder(ds, class, req, registry, progress),
+        ModelKind::Classifier => train_classifier(ds, class, req, registry, progress),
+    }
+}
+
+fn train_autoencoder(
     ds: &Dataset,
     class: &str,
     req: &TrainRequest,
@@ -156,6 +191,127 @@ pub fn train_dataset(
             seed: req.seed,
             metrics,
             threshold_source,
+            code_version: concat!("edgeloop-control-plane ", env!("CARGO_PKG_VERSION")).to_string(),
+        },
+        created_ms: edgeloop_common::unix_millis(),
+        promotion,
+    };
+    registry.insert(&m)?;
+    progress(
+        1.0,
+        &format!(
+            "registered {} v{} ({})",
+            m.name,
+            m.version,
+            if m.promotion.promoted { "promoted" } else { "not promoted" }
+        ),
+    );
+    Ok(m)
+}
+
+fn train_classifier(
+    ds: &Dataset,
+    class: &str,
+    req: &TrainRequest,
+    registry: &ModelRegistry,
+    progress: &mut dyn FnMut(f32, &str),
+) -> Result<ModelVersion, RunError> {
+    let (_, train_labels) = classifier::labelled(&ds.train);
+    if train_labels.is_empty() || train_labels.iter().all(|&l| l == train_labels[0]) {
+        return Err(RunError::NoLabels);
+    }
+    // Random search: each drawn configuration trained in full; the best validation loss wins.
+    let base = req.hyper.clone().unwrap_or_default();
+    let configs = search::draw(&base, req.trials.max(1), req.seed);
+    let mut trials = Vec::new();
+    let mut best: Option<(search::Trial, classifier::Classifier)> = None;
+    for (i, h) in configs.iter().enumerate() {
+        let t0 = std::time::Instant::now();
+        let c = classifier::train(&ds.train, &ds.val, &ds.standardizer, h, req.seed.wrapping_add(i as u64))?;
+        let trial = search::Trial {
+            id: i,
+            rung: 0,
+            hyper: h.clone(),
+            epochs_run: c.epochs_run,
+            val_loss: c.val_loss,
+            seconds: t0.elapsed().as_secs_f64(),
+        };
+        progress(0.05 + 0.8 * (i + 1) as f32 / configs.len() as f32, &format!("trial {i}: val loss {:.5}", c.val_loss));
+        if best.as_ref().is_none_or(|(b, _)| c.val_loss < b.val_loss) {
+            best = Some((trial.clone(), c));
+        }
+        trials.push(trial);
+    }
+    let (best_trial, model) = best.ok_or(TrainError::NoTrial)?;
+
+    progress(0.88, "exporting to ONNX and verifying with tract");
+    let (val_rows, _) = classifier::labelled(&ds.val);
+    let val_probs = classifier::probabilities(&model, &ds.standardizer, &val_rows)?;
+    let name = format!("{class}-classifier");
+    let version = registry.next_version(&name)?;
+    let bytes = onnx::export_classifier(
+        &model.weights,
+        &ds.standardizer,
+        &format!("edgeloop {name} v{version}, dataset {}", ds.hash),
+    );
+    let export_err = onnx::verify(&bytes, &raw(&val_rows), &val_probs)?;
+
+    let (test_rows, test_labels) = classifier::labelled(&ds.test);
+    let accuracy_of = |onnx_bytes: &[u8], k: usize| -> Result<f64, TrainError> {
+        let probs = onnx::run_tract(onnx_bytes, &raw(&test_rows))?;
+        Ok(classifier::accuracy_vs_majority(&classifier::argmax(&probs, k), &test_labels).0)
+    };
+    let test_probs = onnx::run_tract(&bytes, &raw(&test_rows))?;
+    let (acc, majority) =
+        classifier::accuracy_vs_majority(&classifier::argmax(&test_probs, model.classes), &test_labels);
+    let production = match registry.production(&name)? {
+        Some(prod) => {
+            let same_shape = prod.input_shape.last() == Some(&(ds.width() as i64))
+                && prod.output_shape.last() == Some(&(model.classes as i64));
+            let bytes = registry.artifact_path(&prod.sha256).map(std::fs::read).transpose()?;
+            match bytes {
+                Some(b) if same_shape => Some((prod.version, accuracy_of(&b, model.classes)?)),
+                _ => Some((prod.version, f64::NEG_INFINITY)),
+            }
+        }
+        None => None,
+    };
+    let promotion = decide("test_accuracy", acc, production, true);
+    let sha256 = registry.put_artifact(&bytes)?;
+    let k = model.classes;
+    let golden = val_rows
+        .iter()
+        .take(GOLDEN)
+        .enumerate()
+        .map(|(i, r)| Golden { input: r.features.clone(), output: val_probs[i * k..(i + 1) * k].to_vec() })
+        .collect();
+    let m = ModelVersion {
+        name,
+        version,
+        class: class.to_string(),
+        sensor: ds.sensor.name.clone(),
+        kind: "classifier".into(),
+        sha256,
+        size: bytes.len() as u64,
+        input_shape: vec![-1, ds.width() as i64],
+        output_shape: vec![-1, k as i64],
+        pipeline: PipelineSpec { version: 1, sensors: vec![ds.sensor.clone()] },
+        threshold: 0.0,
+        golden,
+        lineage: Lineage {
+            dataset_hash: ds.hash.clone(),
+            dataset_report: ds.report.clone(),
+            hyper: best_trial.hyper.clone(),
+            trials,
+            seed: req.seed,
+            metrics: Metrics {
+                val_loss: model.val_loss,
+                export_max_rel_error: export_err,
+                test_accuracy: Some(acc),
+                majority_accuracy: Some(majority),
+                ..Default::default()
+            },
+            threshold_source: "none: the most probable class is the answer".into(),
             code_version: concat!("edgeloop-control-plane ", env!("CARGO_PKG_VERSION")).to_string(),
         },
         created_ms: edgeloop_common::unix_millis(),

@@ -125,3 +125,64 @@ fn search_records_every_trial_and_keeps_the_best() {
     assert_eq!(out.best.val_loss, best);
     assert_eq!(out.model.val_loss, best);
 }
+
+/// Three well-separated labelled clusters, unbalanced (60/25/15).
+fn clusters(n: usize, seed: u64) -> Dataset {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let rows = (0..n)
+        .map(|i| {
+            let u: f32 = rng.gen_range(0.0..1.0);
+            let label = if u < 0.6 {
+                0
+            } else if u < 0.85 {
+                1
+            } else {
+                2
+            };
+            let c = [(0.0f32, 0.0f32), (3.0, 1.0), (-2.0, 3.0)][label as usize];
+            let features = vec![
+                c.0 + rng.gen_range(-0.8..0.8),
+                c.1 + rng.gen_range(-0.8..0.8),
+                rng.gen_range(-1.0..1.0),
+                5.0,
+                c.0 * c.1,
+            ];
+            Row { device: "d".into(), ts_ms: i as u64 * 1000, features, label: Some(label) }
+        })
+        .collect();
+    let sensor = SensorSpec { name: "s".into(), channels: 1, features: FeatureKind::Slow { rolling: 1 } };
+    assemble(DatasetSpec::new("clusters"), sensor, rows, QualityReport::default())
+}
+
+#[test]
+fn classifier_beats_the_majority_class_by_a_wide_margin() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = DurableDb::open(&dir.path().join("db"), Durability::Flush).unwrap();
+    let registry = ModelRegistry::open(&db, dir.path()).unwrap();
+    let ds = clusters(1500, 9);
+    let mut req = TrainRequest::new("clusters");
+    req.kind = super::run::ModelKind::Classifier;
+    req.trials = 2;
+    req.hyper = Some(quick());
+    let m = train_dataset(&ds, "clusters", &req, &registry, &mut |_, _| {}).unwrap();
+    let (acc, majority) = (m.lineage.metrics.test_accuracy.unwrap(), m.lineage.metrics.majority_accuracy.unwrap());
+    assert!(acc >= 0.95 && acc - majority >= 0.25, "accuracy {acc}, majority {majority}");
+    assert_eq!(
+        (m.name.as_str(), m.kind.as_str(), m.output_shape.clone()),
+        ("clusters-classifier", "classifier", vec![-1, 3])
+    );
+    assert!(m.promotion.promoted);
+    // Golden probabilities sum to one and reproduce through tract.
+    let bytes = std::fs::read(registry.artifact_path(&m.sha256).unwrap()).unwrap();
+    let inputs: Vec<Vec<f32>> = m.golden.iter().map(|g| g.input.clone()).collect();
+    let outputs: Vec<f32> = m.golden.iter().flat_map(|g| g.output.clone()).collect();
+    onnx::verify(&bytes, &inputs, &outputs).unwrap();
+    assert!(m.golden.iter().all(|g| (g.output.iter().sum::<f32>() - 1.0).abs() < 1e-5));
+    // Without labels a classifier is refused.
+    let unlabelled = synthetic(300, 1);
+    let mut none = unlabelled.clone();
+    for r in none.train.iter_mut() {
+        r.label = None;
+    }
+    assert!(matches!(train_dataset(&none, "x", &req, &registry, &mut |_, _| {}), Err(super::run::RunError::NoLabels)));
+}
