@@ -58,11 +58,14 @@ pub struct TrainingConfig {
     pub max_seconds: Option<f64>,
     #[serde(default)]
     pub seed: u64,
+    /// Retraining triggers, one entry per class.
+    #[serde(default)]
+    pub triggers: Vec<crate::triggers::TriggerConfig>,
 }
 
 impl Default for TrainingConfig {
     fn default() -> Self {
-        TrainingConfig { classes_dir: None, trials: default_trials(), max_seconds: None, seed: 0 }
+        TrainingConfig { classes_dir: None, trials: default_trials(), max_seconds: None, seed: 0, triggers: Vec::new() }
     }
 }
 
@@ -214,6 +217,26 @@ impl RawConfig {
                 let class = ClassConfig::load(&f)?;
                 classes.insert(class.class.clone(), class);
             }
+        }
+        for (i, trig) in t.triggers.iter().enumerate() {
+            let key = |k: &str| format!("training.triggers[{i}].{k}");
+            c.check(
+                classes.contains_key(&trig.class),
+                key("class"),
+                format!("no firmware config for class `{}` in training.classes_dir", trig.class),
+            )?;
+            c.check(trig.check_secs > 0, key("check_secs"), "must be > 0")?;
+            c.check(trig.drift_window_secs > 0, key("drift_window_secs"), "must be > 0")?;
+            c.check(trig.every_secs != Some(0), key("every_secs"), "must be > 0")?;
+            c.check(trig.new_records != Some(0), key("new_records"), "must be > 0")?;
+            if let Some(p) = trig.psi_threshold {
+                c.check(p.is_finite() && p > 0.0, key("psi_threshold"), "must be > 0")?;
+            }
+            c.check(
+                trig.every_secs.is_some() || trig.new_records.is_some() || trig.psi_threshold.is_some(),
+                format!("training.triggers[{i}]"),
+                "needs at least one of every_secs, new_records, psi_threshold",
+            )?;
         }
         let data_dir = resolve(&self.data_dir);
         Ok(Config {

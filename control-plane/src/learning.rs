@@ -10,6 +10,7 @@ use crate::models::ModelRegistry;
 use crate::registry::Registry;
 use crate::store::TelemetryStore;
 use crate::training::run::{train_class, TrainRequest};
+use crate::triggers::TriggerEvent;
 use edgeloop_common::config::ClassConfig;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -69,7 +70,11 @@ pub struct Learning {
     jobs: Mutex<BTreeMap<u64, Job>>,
     next_id: AtomicU64,
     one_at_a_time: Semaphore,
+    trigger_events: Mutex<Vec<TriggerEvent>>,
 }
+
+/// Trigger events kept for the API (the oldest are forgotten first).
+const MAX_TRIGGER_EVENTS: usize = 1000;
 
 impl Learning {
     pub fn new(
@@ -88,6 +93,7 @@ impl Learning {
             jobs: Mutex::new(BTreeMap::new()),
             next_id: AtomicU64::new(1),
             one_at_a_time: Semaphore::new(1),
+            trigger_events: Mutex::new(Vec::new()),
         }
     }
 
@@ -107,6 +113,23 @@ impl Learning {
         if let Some(j) = self.jobs().get_mut(&id) {
             f(j);
         }
+    }
+
+    /// Records accepted so far from the devices of `class`.
+    pub fn records_of(&self, class: &str) -> u64 {
+        self.devices.list().iter().filter(|d| d.class == class).map(|d| d.records).sum()
+    }
+
+    pub fn record_trigger(&self, e: TriggerEvent) {
+        let mut events = self.trigger_events.lock().unwrap_or_else(|p| p.into_inner());
+        if events.len() == MAX_TRIGGER_EVENTS {
+            events.remove(0);
+        }
+        events.push(e);
+    }
+
+    pub fn trigger_events(&self) -> Vec<TriggerEvent> {
+        self.trigger_events.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// The devices of `class` known to the registry.

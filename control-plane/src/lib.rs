@@ -15,6 +15,8 @@
 //! - [`training`]: candle training (autoencoder), hyper-parameter search, ONNX export and verification.
 //! - [`models`]: the model registry: versions, manifests, lineage, promotion, artifacts, labels.
 //! - [`learning`]: training jobs on request, one at a time, with progress.
+//! - [`drift`]: population stability index of features against the training distribution.
+//! - [`triggers`]: retraining per class on a schedule, after N new records, or on drift.
 //! - [`api`]: the operator HTTP API (axum).
 //! - [`server`]: starts all of the above under one cancellation token.
 
@@ -22,6 +24,7 @@ pub mod api;
 pub mod broker;
 pub mod config;
 pub mod dataset;
+pub mod drift;
 pub mod ingest;
 pub mod learning;
 pub mod metrics;
@@ -30,5 +33,6 @@ pub mod registry;
 pub mod server;
 pub mod store;
 pub mod training;
+pub mod triggers;
 
 pub use server::{ControlPlane, ControlPlaneHandle};

@@ -52,6 +52,9 @@ pub struct Lineage {
     /// How the decision threshold was chosen.
     pub threshold_source: String,
     pub code_version: String,
+    /// The training split's distribution per feature, for drift detection.
+    #[serde(default)]
+    pub reference: crate::drift::Reference,
 }
 
 /// Whether a version became production, and on what numbers.

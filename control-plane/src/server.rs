@@ -64,6 +64,7 @@ impl ControlPlane {
             cfg.classes.clone(),
             cfg.training.clone(),
         ));
+        tokio::spawn(crate::triggers::run(learning.clone(), cancel.child_token()));
 
         if let BrokerConfig::Embedded { listen } = cfg.broker {
             let max = cfg.ingest.max_message_bytes;

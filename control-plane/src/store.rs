@@ -107,6 +107,18 @@ impl TelemetryStore {
         Ok(out)
     }
 
+    /// The newest record (highest seq) of `device`.
+    pub fn last(&self, device: &str) -> Result<Option<Record>, StoreError> {
+        let Some(kv) = self.records.range(key(device, 0)..=key(device, u64::MAX)).next_back() else { return Ok(None) };
+        let (k, v) = kv?;
+        let rec = ciborium::from_reader(&v[..]).map_err(|e| StoreError::Corrupt {
+            device: device.to_string(),
+            seq: seq_of(&k),
+            reason: e.to_string(),
+        })?;
+        Ok(Some(rec))
+    }
+
     /// Number of records stored for `device`.
     pub fn count(&self, device: &str) -> Result<u64, StoreError> {
         let mut n = 0;
@@ -141,6 +153,8 @@ mod tests {
         assert_eq!(s.query("a", Query { from_ms: Some(150), ..q }).unwrap().len(), 1);
         assert_eq!(s.query("a", Query { after_seq: 1, ..q }).unwrap()[0].seq, 2);
         assert_eq!(s.count("ab").unwrap(), 1);
+        assert_eq!(s.last("a").unwrap().map(|r| r.seq), Some(2));
+        assert_eq!(s.last("nobody").unwrap(), None);
         assert_eq!(s.watermark("a").unwrap(), 0);
         s.set_watermark("a", 2).unwrap();
         s.commit().unwrap();

@@ -256,6 +256,10 @@ pub async fn add_label(
     Ok((StatusCode::CREATED, Json(label)))
 }
 
+pub async fn triggers(State(s): State<AppState>) -> Json<Vec<crate::triggers::TriggerEvent>> {
+    Json(s.learning.trigger_events())
+}
+
 pub async fn labels(State(s): State<AppState>) -> Result<Json<Vec<Label>>, ApiError> {
     s.learning.models.labels().map(Json).map_err(ApiError::internal)
 }

@@ -50,6 +50,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/models/{name}/{version}", get(learning::model))
         .route("/api/v1/artifacts/{sha256}", get(learning::artifact))
         .route("/api/v1/labels", get(learning::labels).post(learning::add_label))
+        .route("/api/v1/triggers", get(learning::triggers))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::not_found("no such route") })
         .with_state(state)

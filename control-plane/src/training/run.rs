@@ -192,6 +192,7 @@ fn train_autoencoder(
             metrics,
             threshold_source,
             code_version: concat!("edgeloop-control-plane ", env!("CARGO_PKG_VERSION")).to_string(),
+            reference: reference(ds),
         },
         created_ms: edgeloop_common::unix_millis(),
         promotion,
@@ -313,6 +314,7 @@ fn train_classifier(
             },
             threshold_source: "none: the most probable class is the answer".into(),
             code_version: concat!("edgeloop-control-plane ", env!("CARGO_PKG_VERSION")).to_string(),
+            reference: reference(ds),
         },
         created_ms: edgeloop_common::unix_millis(),
         promotion,
@@ -328,6 +330,10 @@ fn train_classifier(
         ),
     );
     Ok(m)
+}
+
+fn reference(ds: &Dataset) -> crate::drift::Reference {
+    crate::drift::Reference::fit(&ds.train.iter().map(|r| r.features.as_slice()).collect::<Vec<_>>())
 }
 
 fn mean(v: &[f32]) -> f64 {

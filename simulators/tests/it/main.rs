@@ -8,3 +8,4 @@ mod malformed;
 mod nothing_lost;
 mod outbox_full;
 mod support;
+mod triggers;
