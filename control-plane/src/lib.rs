@@ -12,7 +12,8 @@
 //! - [`metrics`]: counters, rendered in the Prometheus text format.
 //! - [`dataset`]: training sets from stored telemetry: cleaning, imputation, features, time split,
 //!   standardisation, quality report.
-//! - [`training`]: candle training (autoencoder), hyper-parameter search, ONNX export and verification.
+//! - [`training`]: candle training (autoencoder, classifier), hyper-parameter search, ONNX export and
+//!   verification.
 //! - [`models`]: the model registry: versions, manifests, lineage, promotion, artifacts, labels.
 //! - [`learning`]: training jobs on request, one at a time, with progress.
 //! - [`drift`]: population stability index of features against the training distribution.

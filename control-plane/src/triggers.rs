@@ -173,7 +173,9 @@ pub async fn run(learning: Arc<Learning>, cancel: CancellationToken) {
                 .unwrap_or_default();
             let state = states.entry(cfg.class.clone()).or_default();
             let Some(cause) = evaluate(cfg, state, now, records, &psi, &names) else { continue };
-            let started = learning.start(TrainRequest::new(&cfg.class), &format!("trigger: {cause:?}"));
+            let mut req = TrainRequest::new(&cfg.class);
+            (req.trials, req.seed) = (learning.defaults.trials, learning.defaults.seed);
+            let started = learning.start(req, &format!("trigger: {cause:?}"));
             tracing::info!(class = %cfg.class, ?cause, job = ?started.as_ref().ok(), "retraining trigger fired");
             let (job, error) = match started {
                 Ok(id) => (Some(id), None),

@@ -6,11 +6,13 @@
 //! - [`fleet`]: many in-process agents, each with its own identity, data dir and signal seed.
 //! - [`proxy`]: a fault-injecting TCP proxy (cut connections, blackhole, refuse, delay) for tests and chaos.
 //! - [`demo`]: `edgeloop-sim demo`: a control plane plus a fleet, with a JSON summary at the end.
-//! - [`http`]: a minimal HTTP/1.1 GET client for talking to the operator API from tests and tools.
+//! - [`http`]: a minimal HTTP/1.1 client for talking to the operator API from tests and tools.
+//! - [`nab`]: the Numenta Anomaly Benchmark replayed through the real loop, and NAB's scorer.
 
 pub mod demo;
 pub mod fleet;
 pub mod http;
+pub mod nab;
 pub mod proxy;
 pub mod signals;
 

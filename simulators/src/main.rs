@@ -27,6 +27,49 @@ enum Command {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
+    /// Replay NAB files through agents and the control plane; write scored CSVs and print NAB's score.
+    Nab {
+        /// NAB data folder: `<category>/<file>.csv` and `labels/combined_windows.json`.
+        #[arg(long)]
+        data: PathBuf,
+        /// Where `<category>/<file>.csv` outputs go.
+        #[arg(long)]
+        out: PathBuf,
+        /// Only files whose path contains this.
+        #[arg(long)]
+        only: Option<String>,
+        /// Retrain after each further share of a file (0.15 = every 15% of the rows).
+        #[arg(long, default_value_t = 0.15)]
+        retrain_every: f64,
+        /// Hyper-parameter configurations per training.
+        #[arg(long, default_value_t = 3)]
+        trials: usize,
+    },
+}
+
+fn nab(data: PathBuf, out: PathBuf, only: Option<String>, retrain_every: f64, trials: usize) -> ExitCode {
+    if !(retrain_every > 0.0 && retrain_every <= 1.0) || trials == 0 {
+        eprintln!("edgeloop-sim: --retrain-every must be in (0, 1] and --trials at least 1");
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("edgeloop-sim: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let opts = edgeloop_simulators::nab::NabOptions { data, out, only, retrain_every, trials };
+    match runtime.block_on(edgeloop_simulators::nab::run(opts)) {
+        Ok(report) => {
+            println!("{}", serde_json::to_string(&report).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("edgeloop-sim: {e:#}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -37,7 +80,10 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let Command::Demo { devices, duration, data_dir } = Cli::parse().command;
+    let (devices, duration, data_dir) = match Cli::parse().command {
+        Command::Demo { devices, duration, data_dir } => (devices, duration, data_dir),
+        Command::Nab { data, out, only, retrain_every, trials } => return nab(data, out, only, retrain_every, trials),
+    };
     if devices == 0 {
         eprintln!("edgeloop-sim: --devices must be at least 1");
         return ExitCode::from(2);

@@ -89,7 +89,8 @@ impl Uplink {
         let (client, eventloop) = AsyncClient::new(self.options.clone(), 64);
         let (tx, rx) = mpsc::unbounded_channel();
         let ack_topic = topics::topic(&self.device, Channel::Ack);
-        let link_cancel = cancel.child_token();
+        // Not a child of `cancel`: the event loop must outlive the driver, which still publishes while it stops.
+        let link_cancel = CancellationToken::new();
         let link = tokio::spawn(event_loop(
             eventloop,
             ack_topic.clone(),

@@ -148,9 +148,10 @@ pub async fn model(
 ) -> Result<Json<ModelVersion>, ApiError> {
     let version: u32 =
         version.parse().map_err(|_| ApiError::bad_request(format!("version `{version}` is not a number")))?;
-    s.learning
-        .models
-        .get(&name, version)
+    let (models, n) = (s.learning.models.clone(), name.clone());
+    tokio::task::spawn_blocking(move || models.get(&n, version))
+        .await
+        .map_err(ApiError::internal)?
         .map_err(ApiError::internal)?
         .map(Json)
         .ok_or_else(|| ApiError::not_found(format!("no model {name} v{version}")))
@@ -261,7 +262,12 @@ pub async fn triggers(State(s): State<AppState>) -> Json<Vec<crate::triggers::Tr
 }
 
 pub async fn labels(State(s): State<AppState>) -> Result<Json<Vec<Label>>, ApiError> {
-    s.learning.models.labels().map(Json).map_err(ApiError::internal)
+    let models = s.learning.models.clone();
+    tokio::task::spawn_blocking(move || models.labels())
+        .await
+        .map_err(ApiError::internal)?
+        .map(Json)
+        .map_err(ApiError::internal)
 }
 
 #[cfg(test)]

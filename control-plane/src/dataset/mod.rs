@@ -187,7 +187,9 @@ pub enum DatasetError {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Label {
     pub device: String,
+    #[serde(rename = "from")]
     pub from_ms: u64,
+    #[serde(rename = "to")]
     pub to_ms: u64,
     pub label: u32,
 }

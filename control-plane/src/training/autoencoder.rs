@@ -67,10 +67,12 @@ pub fn train(
     let mut order: Vec<u32> = (0..train.len() as u32).collect();
     let (mut best, mut best_loss, mut since_best, mut epochs_run) = (model.weights()?, f64::INFINITY, 0, 0);
     for epoch in 0..h.epochs {
+        // One gather per epoch, then contiguous batches: cheaper than a gather per batch.
         order.shuffle(&mut rng);
-        for chunk in order.chunks(h.batch.max(1)) {
-            let idx = Tensor::from_slice(chunk, chunk.len(), &device)?;
-            let xb = xt.index_select(&idx, 0)?;
+        let shuffled = xt.index_select(&Tensor::from_slice(&order, order.len(), &device)?, 0)?;
+        let batch = h.batch.max(1);
+        for start in (0..order.len()).step_by(batch) {
+            let xb = shuffled.narrow(0, start, batch.min(order.len() - start))?;
             let loss = model.forward(&xb)?.sub(&xb)?.sqr()?.mean_all()?;
             opt.backward_step(&loss)?;
         }

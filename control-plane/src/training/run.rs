@@ -102,7 +102,9 @@ fn train_autoencoder(
 ) -> Result<ModelVersion, RunError> {
     let base = req.hyper.clone().unwrap_or_default();
     let budget = Budget { trials: req.trials.max(1), max_seconds: req.max_seconds };
-    let outcome = search::run(&ds.train, &ds.val, &ds.standardizer, &base, budget, req.seed, &mut |f, m| {
+    // The autoencoder learns normal operation: rows labelled as anomalies stay out of its training split.
+    let normal: Vec<dataset::Row> = ds.train.iter().filter(|r| r.label.is_none_or(|l| l == 0)).cloned().collect();
+    let outcome = search::run(&normal, &ds.val, &ds.standardizer, &base, budget, req.seed, &mut |f, m| {
         progress(0.05 + 0.8 * f, m)
     })?;
     let weights = &outcome.model.weights;

@@ -5,6 +5,7 @@ mod cross_process;
 mod demo;
 mod learning;
 mod malformed;
+mod nab;
 mod nothing_lost;
 mod outbox_full;
 mod support;

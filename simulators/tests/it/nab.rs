@@ -1,0 +1,42 @@
+//! The NAB replay on one shared file writes a well-formed output: one row per input row, in order, each
+//! score in [0, 1], and a scored report.
+
+use edgeloop_simulators::nab::{self, NabOptions};
+use std::path::Path;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nab_replay_writes_well_formed_scores() {
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/nab");
+    assert!(data.join("labels/combined_windows.json").exists(), "the shared NAB data is missing at {}", data.display());
+    let out = tempfile::tempdir().unwrap();
+    let opts = NabOptions {
+        data: data.clone(),
+        out: out.path().to_path_buf(),
+        only: Some("speed_7578".into()),
+        retrain_every: 0.3,
+        trials: 1,
+    };
+    let report = nab::run(opts).await.unwrap();
+    assert_eq!((report.files, report.rows), (1, 1127));
+    assert!(report.trainings >= 2 && report.promoted >= 1, "{report:?}");
+    assert!((0.0..=100.0).contains(&report.standard_score), "{report:?}");
+
+    let input = std::fs::read_to_string(data.join("realTraffic/speed_7578.csv")).unwrap();
+    let output = std::fs::read_to_string(out.path().join("realTraffic/speed_7578.csv")).unwrap();
+    let (inp, outp): (Vec<&str>, Vec<&str>) = (input.lines().collect(), output.lines().collect());
+    assert_eq!(outp[0], "timestamp,value,anomaly_score");
+    assert_eq!(inp.len(), outp.len());
+    let mut scored = 0;
+    for (i, o) in inp.iter().zip(&outp).skip(1) {
+        let (ts_in, v_in) = i.split_once(',').unwrap();
+        let cols: Vec<&str> = o.split(',').collect();
+        assert_eq!(cols.len(), 3, "{o}");
+        assert_eq!(cols[0], ts_in);
+        assert_eq!(cols[1].parse::<f64>().unwrap(), v_in.parse::<f64>().unwrap());
+        let s: f64 = cols[2].parse().unwrap();
+        assert!((0.0..=1.0).contains(&s), "{o}");
+        scored += (s > 0.0) as usize;
+    }
+    // Rows after the first model (trained on the first 15%) carry the agent's scores.
+    assert!(scored > 700, "only {scored} rows scored");
+}
