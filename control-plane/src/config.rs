@@ -215,7 +215,14 @@ impl RawConfig {
             files.sort();
             for f in files {
                 let class = ClassConfig::load(&f)?;
-                classes.insert(class.class.clone(), class);
+                let name = class.class.clone();
+                if classes.insert(name.clone(), class).is_some() {
+                    return Err(ConfigError::new(
+                        display_name(&f),
+                        "class",
+                        format!("class `{name}` is already defined by another file in {}", dir.display()),
+                    ));
+                }
             }
         }
         for (i, trig) in t.triggers.iter().enumerate() {
@@ -293,6 +300,18 @@ mod tests {
         .unwrap();
         std::fs::write(&p, text(&classes)).unwrap();
         assert_eq!(Config::load(&p).unwrap_err().to_string(), "bad.toml: sensors[0].rate_hz: must be > 0");
+        std::fs::write(
+            classes.join("bad.toml"),
+            "class = \"twin\"\n[[sensors]]\nname = \"t\"\nkind = \"slow\"\nrate_hz = 1\n",
+        )
+        .unwrap();
+        std::fs::write(
+            classes.join("copy.toml"),
+            "class = \"twin\"\n[[sensors]]\nname = \"t\"\nkind = \"slow\"\nrate_hz = 1\n",
+        )
+        .unwrap();
+        let err = Config::load(&p).unwrap_err().to_string();
+        assert!(err.starts_with("copy.toml: class: class `twin` is already defined"), "{err}");
         std::fs::write(&p, text(&dir.path().join("missing"))).unwrap();
         assert!(Config::load(&p).unwrap_err().to_string().starts_with("cp.toml: training.classes_dir: "));
     }

@@ -228,7 +228,11 @@ fn train_classifier(
     let configs = search::draw(&base, req.trials.max(1), req.seed);
     let mut trials = Vec::new();
     let mut best: Option<(search::Trial, classifier::Classifier)> = None;
+    let deadline = req.max_seconds.map(|s| std::time::Instant::now() + std::time::Duration::from_secs_f64(s));
     for (i, h) in configs.iter().enumerate() {
+        if best.is_some() && deadline.is_some_and(|d| std::time::Instant::now() > d) {
+            break;
+        }
         let t0 = std::time::Instant::now();
         let c = classifier::train(&ds.train, &ds.val, &ds.standardizer, h, req.seed.wrapping_add(i as u64))?;
         let trial = search::Trial {
