@@ -51,7 +51,6 @@ impl Collector {
     /// Turns samples into records. Blocking (inference).
     pub fn process(&mut self, samples: Vec<Sample>, now_ms: u64) -> Vec<NewRecord> {
         let mut out = Vec::new();
-        self.health.samples.fetch_add(samples.len() as u64, Ordering::Relaxed);
         for s in samples {
             if s.values.iter().any(|v| !v.is_finite()) {
                 self.reject(&s.sensor, "non-finite value");
@@ -165,8 +164,12 @@ pub async fn run(
 
 async fn process_group(mut collector: Collector, group: Vec<Sample>) -> anyhow::Result<Collector> {
     tokio::task::spawn_blocking(move || {
+        let n = group.len() as u64;
         let records = collector.process(group, edgeloop_common::unix_millis());
-        collector.persist(records).map(|_| collector)
+        collector.persist(records)?;
+        // Counted once their records are durable, so "every sample handled" implies "every record committed".
+        collector.health.samples.fetch_add(n, Ordering::Relaxed);
+        Ok::<_, OutboxError>(collector)
     })
     .await?
     .map_err(|e| anyhow::anyhow!(e).context("appending to the outbox"))

@@ -15,6 +15,7 @@ const LATENCY_WINDOW: usize = 1024;
 #[derive(Debug)]
 pub struct Health {
     started: Instant,
+    /// Samples handled: turned into durable records, or refused.
     pub samples: AtomicU64,
     pub bad_samples: AtomicU64,
     /// Records made durable in the outbox.

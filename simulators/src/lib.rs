@@ -20,6 +20,8 @@ pub mod signals;
 pub const FIRMWARE_CONFIGS: &[(&str, &str)] = &[
     ("factory-vibration.toml", include_str!("../../firmware-configs/factory-vibration.toml")),
     ("city-air-quality.toml", include_str!("../../firmware-configs/city-air-quality.toml")),
+    ("factory-machine-temperature.toml", include_str!("../../firmware-configs/factory-machine-temperature.toml")),
+    ("city-traffic.toml", include_str!("../../firmware-configs/city-traffic.toml")),
 ];
 
 /// The built-in class config named `class`.

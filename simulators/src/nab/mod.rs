@@ -67,6 +67,8 @@ pub struct FileReport {
     pub file: String,
     pub rows: usize,
     pub models: usize,
+    /// Rows that carry a model's score (the rest precede the first model).
+    pub scored: usize,
     pub tp: usize,
     pub fp: usize,
     pub fn_: usize,
@@ -187,7 +189,7 @@ async fn run_file(
     s: &Series,
     opts: &NabOptions,
     work: &Path,
-) -> anyhow::Result<(Vec<f64>, usize, usize, usize)> {
+) -> anyhow::Result<(Vec<f64>, usize, usize, usize, usize)> {
     let class = class_config(s);
     let dir = work.join(&class.class);
     let mut cfg = AgentConfig::in_process(&class.class, class.clone(), cp.mqtt_addr.clone(), dir.join("agent"));
@@ -266,12 +268,14 @@ async fn run_file(
             }
         }
     }
+    let mut scored = 0;
     for (k, ts) in s.ts_ms.iter().enumerate() {
         if let Some(v) = by_ts.get(ts) {
             scores[k] = *v;
+            scored += 1;
         }
     }
-    Ok((scores, models.len(), trainings, promoted))
+    Ok((scores, models.len(), trainings, promoted, scored))
 }
 
 /// Runs every selected file, writes the outputs, and scores them.
@@ -301,13 +305,21 @@ pub async fn run(opts: NabOptions) -> anyhow::Result<NabReport> {
     let (mut trainings, mut promoted, mut rows) = (0, 0, 0);
     for s in &files {
         let t0 = Instant::now();
-        let (scores, models, t, p) =
+        let (scores, models, t, p, scored_rows) =
             run_file(&cp, s, &opts, &work).await.with_context(|| format!("replaying {}", s.key))?;
         tracing::info!(file = %s.key, rows = s.values.len(), models, seconds = t0.elapsed().as_secs_f64(), "replayed");
         eprintln!("  {:<60} {:>6} rows  {} models  {:.1} s", s.key, s.values.len(), models, t0.elapsed().as_secs_f64());
         (trainings, promoted, rows) = (trainings + t, promoted + p, rows + s.values.len());
         write_output(&opts.out, s, &scores)?;
-        per_file.push(FileReport { file: s.key.clone(), rows: s.values.len(), models, tp: 0, fp: 0, fn_: 0 });
+        per_file.push(FileReport {
+            file: s.key.clone(),
+            rows: s.values.len(),
+            models,
+            scored: scored_rows,
+            tp: 0,
+            fp: 0,
+            fn_: 0,
+        });
         scored.push(scorer::FileScores {
             ts: s.ts_ms.clone(),
             scores,
