@@ -165,51 +165,27 @@ fn train_autoencoder(
         None => decide("test_loss", test_loss, production, false),
     };
 
-    let sha256 = registry.put_artifact(&bytes)?;
     let golden_rows = &ds.val[..ds.val.len().min(GOLDEN)];
     let golden = golden_rows
         .iter()
         .zip(&val_scores)
         .map(|(r, &s)| Golden { input: r.features.clone(), output: vec![s] })
         .collect();
-    let m = ModelVersion {
+    let candidate = Candidate {
         name,
         version,
-        class: class.to_string(),
-        sensor: ds.sensor.name.clone(),
-        kind: "autoencoder".into(),
-        sha256,
-        size: bytes.len() as u64,
-        input_shape: vec![-1, ds.width() as i64],
-        output_shape: vec![-1, 1],
-        pipeline: PipelineSpec { version: 1, sensors: vec![ds.sensor.clone()] },
+        kind: "autoencoder",
+        bytes,
+        outputs: 1,
         threshold,
+        threshold_source,
         golden,
-        lineage: Lineage {
-            dataset_hash: ds.hash.clone(),
-            dataset_report: ds.report.clone(),
-            hyper: outcome.best.hyper.clone(),
-            trials: outcome.trials,
-            seed: req.seed,
-            metrics,
-            threshold_source,
-            code_version: concat!("edgeloop-control-plane ", env!("CARGO_PKG_VERSION")).to_string(),
-            reference: reference(ds),
-        },
-        created_ms: edgeloop_common::unix_millis(),
+        hyper: outcome.best.hyper.clone(),
+        trials: outcome.trials,
+        metrics,
         promotion,
     };
-    registry.insert(&m)?;
-    progress(
-        1.0,
-        &format!(
-            "registered {} v{} ({})",
-            m.name,
-            m.version,
-            if m.promotion.promoted { "promoted" } else { "not promoted" }
-        ),
-    );
-    Ok(m)
+    register(ds, class, req, registry, candidate, progress)
 }
 
 fn train_classifier(
@@ -284,7 +260,6 @@ fn train_classifier(
         None => None,
     };
     let promotion = decide("test_accuracy", acc, production, true);
-    let sha256 = registry.put_artifact(&bytes)?;
     let k = model.classes;
     let golden = val_rows
         .iter()
@@ -292,49 +267,86 @@ fn train_classifier(
         .enumerate()
         .map(|(i, r)| Golden { input: r.features.clone(), output: val_probs[i * k..(i + 1) * k].to_vec() })
         .collect();
-    let m = ModelVersion {
+    let metrics = Metrics {
+        val_loss: model.val_loss,
+        export_max_rel_error: export_err,
+        test_accuracy: Some(acc),
+        majority_accuracy: Some(majority),
+        ..Default::default()
+    };
+    let candidate = Candidate {
         name,
         version,
+        kind: "classifier",
+        bytes,
+        outputs: k,
+        threshold: 0.0,
+        threshold_source: "none: the most probable class is the answer".into(),
+        golden,
+        hyper: best_trial.hyper.clone(),
+        trials,
+        metrics,
+        promotion,
+    };
+    register(ds, class, req, registry, candidate, progress)
+}
+
+/// A trained, exported and evaluated model about to be registered.
+struct Candidate {
+    name: String,
+    version: u32,
+    kind: &'static str,
+    bytes: Vec<u8>,
+    outputs: usize,
+    threshold: f32,
+    threshold_source: String,
+    golden: Vec<Golden>,
+    hyper: Hyper,
+    trials: Vec<search::Trial>,
+    metrics: Metrics,
+    promotion: crate::models::Promotion,
+}
+
+/// Stores the artifact, records the version with its lineage (and the production pointer if promoted).
+fn register(
+    ds: &Dataset,
+    class: &str,
+    req: &TrainRequest,
+    registry: &ModelRegistry,
+    c: Candidate,
+    progress: &mut dyn FnMut(f32, &str),
+) -> Result<ModelVersion, RunError> {
+    let sha256 = registry.put_artifact(&c.bytes)?;
+    let m = ModelVersion {
+        name: c.name,
+        version: c.version,
         class: class.to_string(),
         sensor: ds.sensor.name.clone(),
-        kind: "classifier".into(),
+        kind: c.kind.into(),
         sha256,
-        size: bytes.len() as u64,
+        size: c.bytes.len() as u64,
         input_shape: vec![-1, ds.width() as i64],
-        output_shape: vec![-1, k as i64],
+        output_shape: vec![-1, c.outputs as i64],
         pipeline: PipelineSpec { version: 1, sensors: vec![ds.sensor.clone()] },
-        threshold: 0.0,
-        golden,
+        threshold: c.threshold,
+        golden: c.golden,
         lineage: Lineage {
             dataset_hash: ds.hash.clone(),
             dataset_report: ds.report.clone(),
-            hyper: best_trial.hyper.clone(),
-            trials,
+            hyper: c.hyper,
+            trials: c.trials,
             seed: req.seed,
-            metrics: Metrics {
-                val_loss: model.val_loss,
-                export_max_rel_error: export_err,
-                test_accuracy: Some(acc),
-                majority_accuracy: Some(majority),
-                ..Default::default()
-            },
-            threshold_source: "none: the most probable class is the answer".into(),
+            metrics: c.metrics,
+            threshold_source: c.threshold_source,
             code_version: concat!("edgeloop-control-plane ", env!("CARGO_PKG_VERSION")).to_string(),
             reference: reference(ds),
         },
         created_ms: edgeloop_common::unix_millis(),
-        promotion,
+        promotion: c.promotion,
     };
     registry.insert(&m)?;
-    progress(
-        1.0,
-        &format!(
-            "registered {} v{} ({})",
-            m.name,
-            m.version,
-            if m.promotion.promoted { "promoted" } else { "not promoted" }
-        ),
-    );
+    let verdict = if m.promotion.promoted { "promoted" } else { "not promoted" };
+    progress(1.0, &format!("registered {} v{} ({verdict})", m.name, m.version));
     Ok(m)
 }
 
