@@ -33,7 +33,7 @@ type Task = JoinHandle<anyhow::Result<()>>;
 /// collector finishing cleanly because every source ended is not a failure: the uplink goes on draining.
 async fn supervise(
     cancel: CancellationToken,
-    source_tasks: Vec<JoinHandle<()>>,
+    source_tasks: Vec<JoinHandle<anyhow::Result<()>>>,
     collector: Task,
     collector_cancel: CancellationToken,
     uplink: Task,
@@ -70,7 +70,9 @@ async fn supervise(
     cancel.cancel();
     tracing::info!("stopping: sources");
     for t in source_tasks {
-        let _ = t.await;
+        if let Ok(Err(e)) = t.await {
+            failure = failure.or(Some(e));
+        }
     }
     collector_cancel.cancel();
     if let Some(t) = collector {
@@ -170,10 +172,16 @@ impl Agent {
         for src in sources {
             let name = src.name();
             let fut = src.run(sink.clone(), sources_cancel.clone());
+            let stop = cancel.clone();
             source_tasks.push(tokio::spawn(async move {
-                if let Err(e) = fut.await {
-                    tracing::error!(source = %name, error = format!("{e:#}"), "source stopped");
+                // A source that fails (a socket error, say) stops the agent: the failure is reported and the
+                // process exits non-zero, rather than running on without input.
+                let r = fut.await.map_err(|e| e.context(format!("source `{name}` failed")));
+                if let Err(e) = &r {
+                    tracing::error!(error = format!("{e:#}"), "source failed; stopping the agent");
+                    stop.cancel();
                 }
+                r
             }));
         }
         drop(sink);

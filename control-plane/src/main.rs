@@ -168,10 +168,16 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     let cp = ControlPlane::start(cfg, cancel.clone()).await?;
     println!("api: http://{}", cp.api_addr);
     println!("mqtt: mqtt://{}:{}", cp.mqtt_addr.0, cp.mqtt_addr.1);
-    shutdown_signal().await;
-    tracing::info!("shutdown requested");
-    cancel.cancel();
-    cp.join().await
+    let mut stopped = tokio::spawn(cp.join());
+    tokio::select! {
+        _ = shutdown_signal() => {
+            tracing::info!("shutdown requested");
+            cancel.cancel();
+            stopped.await?
+        }
+        // The control plane stopped by itself (a store failure): exit non-zero so a supervisor restarts it.
+        r = &mut stopped => r?.and_then(|()| Err(anyhow::anyhow!("the control plane stopped unexpectedly"))),
+    }
 }
 
 async fn shutdown_signal() {

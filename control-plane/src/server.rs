@@ -118,8 +118,11 @@ impl ControlPlane {
         });
         tracing::info!(%api_addr, mqtt = %format!("{}:{}", cfg.mqtt_host, cfg.mqtt_port), "control plane running");
 
+        let stop_all = cancel.clone();
         let task = tokio::spawn(async move {
             let ingested = ingest.await.context("ingest panicked")?;
+            // Ingest ends on a stop request, or by itself on a store failure: either way, stop the rest.
+            stop_all.cancel();
             match tokio::time::timeout(Duration::from_secs(5), api).await {
                 Ok(r) => r.context("API panicked")?.context("API server")?,
                 Err(_) => tracing::warn!("API did not stop within 5 s; abandoned"),

@@ -175,6 +175,8 @@ pub async fn run(learning: Arc<Learning>, cancel: CancellationToken) {
             let Some(cause) = evaluate(cfg, state, now, records, &psi, &names) else { continue };
             let mut req = TrainRequest::new(&cfg.class);
             (req.trials, req.seed) = (learning.defaults.trials, learning.defaults.seed);
+            // Retrain the sensor the production model watches (the class's first one if none yet).
+            req.dataset.sensor = learning.models.production(&cfg.class).ok().flatten().map(|m| m.sensor);
             let started = learning.start(req, &format!("trigger: {cause:?}"));
             tracing::info!(class = %cfg.class, ?cause, job = ?started.as_ref().ok(), "retraining trigger fired");
             let (job, error) = match started {

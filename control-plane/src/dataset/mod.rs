@@ -181,6 +181,8 @@ pub enum DatasetError {
     Shares { train: f64, val: f64 },
     #[error("not enough data: {rows} rows after cleaning, need at least {need}")]
     TooSmall { rows: usize, need: usize },
+    #[error("the time split left the {split} split empty ({rows} rows share too few distinct timestamps)")]
+    EmptySplit { split: &'static str, rows: usize },
 }
 
 /// A labelled time range of one device.
@@ -315,7 +317,14 @@ pub fn build(
     if rows.len() < MIN_ROWS {
         return Err(DatasetError::TooSmall { rows: rows.len(), need: MIN_ROWS });
     }
-    Ok(assemble(spec.clone(), ClassConfig::sensor_spec(sensor), rows, report))
+    let n = rows.len();
+    let ds = assemble(spec.clone(), ClassConfig::sensor_spec(sensor), rows, report);
+    for (split, len) in [("training", ds.train.len()), ("validation", ds.val.len()), ("test", ds.test.len())] {
+        if len == 0 {
+            return Err(DatasetError::EmptySplit { split, rows: n });
+        }
+    }
+    Ok(ds)
 }
 
 /// Splits, standardises, reports and hashes already-cleaned rows.

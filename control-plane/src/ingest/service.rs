@@ -50,9 +50,12 @@ pub async fn run(
     let (conn_tx, conn_rx) = mpsc::unbounded_channel::<()>();
 
     let worker_pending = pending.clone();
-    let worker = std::thread::Builder::new()
-        .name("ingest".into())
-        .spawn(move || ingest_thread(ingestor, msg_rx, commit_max, &worker_pending))?;
+    let (worker_done, mut worker_ended) = tokio::sync::oneshot::channel::<()>();
+    let worker = std::thread::Builder::new().name("ingest".into()).spawn(move || {
+        let r = ingest_thread(ingestor, msg_rx, commit_max, &worker_pending);
+        let _ = worker_done.send(());
+        r
+    })?;
 
     let intake_stop = CancellationToken::new();
     let link_cancel = CancellationToken::new();
@@ -61,7 +64,12 @@ pub async fn run(
     let acks_stop = CancellationToken::new();
     let acks = tokio::spawn(ack_task(client.clone(), pending.clone(), metrics, conn_rx, acks_stop.clone()));
 
-    cancel.cancelled().await;
+    // Run until asked to stop, or until the ingest thread ends by itself (a store failure or a panic): then
+    // stop everything and report it, so the process exits non-zero instead of running without ingest.
+    tokio::select! {
+        _ = cancel.cancelled() => {}
+        _ = &mut worker_ended => tracing::error!("ingest stopped by itself; shutting the control plane down"),
+    }
     intake_stop.cancel(); // the event loop drops its sender: the ingest thread drains, commits and returns
     let joined = tokio::time::timeout(SHUTDOWN_DEADLINE, tokio::task::spawn_blocking(move || worker.join())).await;
     let result = match joined {
@@ -112,17 +120,20 @@ fn ingest_thread(
                     *e = (*e).max(upto);
                 }
                 Ok(_) => {}
-                // A store failure (disk full, say) must not be acknowledged; the agents will resend.
+                // A store that cannot take writes (disk full, I/O error) is not to be trusted with later
+                // ones either: stop ingest, acknowledging nothing from this group. The process exits non-zero,
+                // restarts from what is on disk, and agents resend whatever was not acknowledged.
                 Err(e) => {
-                    tracing::error!(error = %e, "store write failed; the batch stays unacknowledged");
-                    acks.clear();
-                    break;
+                    tracing::error!(error = %e, "store write failed; stopping ingest without acknowledging this group");
+                    return Err(anyhow::Error::new(e).context("store write failed"));
                 }
             }
         }
         if let Err(e) = ingestor.commit() {
-            tracing::error!(error = %e, "store commit failed; nothing from this group is acknowledged");
-            continue;
+            // After a failed fdatasync the kernel may have dropped the dirty pages, and a later sync can succeed
+            // without them: later acknowledgements would cover lost data. Stop instead.
+            tracing::error!(error = %e, "store commit failed; stopping ingest without acknowledging this group");
+            return Err(anyhow::Error::new(e).context("store commit failed"));
         }
         if !acks.is_empty() {
             let mut p = pending.acks.lock().unwrap_or_else(|p| p.into_inner());

@@ -182,6 +182,9 @@ pub const TOLERANCE: f32 = 1e-4;
 /// Checks that tract, loading `onnx` from bytes, reproduces `expected` on `rows` within [`TOLERANCE`]
 /// (relative, with an absolute floor of 1e-6). Returns the largest relative error seen.
 pub fn verify(onnx: &[u8], rows: &[Vec<f32>], expected: &[f32]) -> Result<f32, TrainError> {
+    if rows.is_empty() {
+        return Err(TrainError::Mismatch("nothing to verify the export on".into()));
+    }
     let got = run_tract(onnx, rows)?;
     if got.len() != expected.len() {
         return Err(TrainError::Mismatch(format!("{} scores from tract, {} from candle", got.len(), expected.len())));

@@ -62,7 +62,7 @@ pub enum RunError {
     Artifact(#[from] std::io::Error),
     #[error("no firmware config for class `{0}`")]
     UnknownClass(String),
-    #[error("a classifier needs labelled rows in the training split and at least two labels")]
+    #[error("a classifier needs at least two labels in the training split, and labelled rows in the validation and test splits")]
     NoLabels,
 }
 
@@ -102,9 +102,12 @@ fn train_autoencoder(
 ) -> Result<ModelVersion, RunError> {
     let base = req.hyper.clone().unwrap_or_default();
     let budget = Budget { trials: req.trials.max(1), max_seconds: req.max_seconds };
-    // The autoencoder learns normal operation: rows labelled as anomalies stay out of its training split.
-    let normal: Vec<dataset::Row> = ds.train.iter().filter(|r| r.label.is_none_or(|l| l == 0)).cloned().collect();
-    let outcome = search::run(&normal, &ds.val, &ds.standardizer, &base, budget, req.seed, &mut |f, m| {
+    // The autoencoder learns normal operation: rows labelled as anomalies stay out of its training split and
+    // of the validation loss that early stopping and the search minimise (the threshold still sees them).
+    let is_normal = |r: &&dataset::Row| r.label.is_none_or(|l| l == 0);
+    let normal: Vec<dataset::Row> = ds.train.iter().filter(is_normal).cloned().collect();
+    let normal_val: Vec<dataset::Row> = ds.val.iter().filter(is_normal).cloned().collect();
+    let outcome = search::run(&normal, &normal_val, &ds.standardizer, &base, budget, req.seed, &mut |f, m| {
         progress(0.05 + 0.8 * f, m)
     })?;
     let weights = &outcome.model.weights;
@@ -141,7 +144,8 @@ fn train_autoencoder(
         (metrics.test_auc, metrics.test_precision, metrics.test_recall, metrics.test_f1) =
             (Some(auc), Some(p), Some(r), Some(f));
     }
-    let production = match registry.production(class)? {
+    let current = registry.production(class)?;
+    let production = match &current {
         Some(prod) => {
             let path = registry.artifact_path(&prod.sha256);
             let prod_bytes = path.map(std::fs::read).transpose()?;
@@ -160,10 +164,11 @@ fn train_autoencoder(
         }
         None => None,
     };
-    let promotion = match metrics.test_auc {
+    let mut promotion = match metrics.test_auc {
         Some(auc) => decide("test_auc", auc, production, true),
         None => decide("test_loss", test_loss, production, false),
     };
+    keep_other_sensor(&mut promotion, current.as_ref(), &ds.sensor.name);
 
     let golden_rows = &ds.val[..ds.val.len().min(GOLDEN)];
     let golden = golden_rows
@@ -196,7 +201,10 @@ fn train_classifier(
     progress: &mut dyn FnMut(f32, &str),
 ) -> Result<ModelVersion, RunError> {
     let (_, train_labels) = classifier::labelled(&ds.train);
-    if train_labels.is_empty() || train_labels.iter().all(|&l| l == train_labels[0]) {
+    let (_, val_labels) = classifier::labelled(&ds.val);
+    let (_, test_labels) = classifier::labelled(&ds.test);
+    // Early stopping, export verification and promotion all need labelled validation and test rows.
+    if train_labels.iter().all(|&l| l == train_labels[0]) || val_labels.is_empty() || test_labels.is_empty() {
         return Err(RunError::NoLabels);
     }
     // Random search: each drawn configuration trained in full; the best validation loss wins.
@@ -247,7 +255,8 @@ fn train_classifier(
     let test_probs = onnx::run_tract(&bytes, &raw(&test_rows))?;
     let (acc, majority) =
         classifier::accuracy_vs_majority(&classifier::argmax(&test_probs, model.classes), &test_labels);
-    let production = match registry.production(&name)? {
+    let current = registry.production(&name)?;
+    let production = match &current {
         Some(prod) => {
             let same_shape = prod.input_shape.last() == Some(&(ds.width() as i64))
                 && prod.output_shape.last() == Some(&(model.classes as i64));
@@ -259,7 +268,8 @@ fn train_classifier(
         }
         None => None,
     };
-    let promotion = decide("test_accuracy", acc, production, true);
+    let mut promotion = decide("test_accuracy", acc, production, true);
+    keep_other_sensor(&mut promotion, current.as_ref(), &ds.sensor.name);
     let k = model.classes;
     let golden = val_rows
         .iter()
@@ -348,6 +358,17 @@ fn register(
     let verdict = if m.promotion.promoted { "promoted" } else { "not promoted" };
     progress(1.0, &format!("registered {} v{} ({verdict})", m.name, m.version));
     Ok(m)
+}
+
+/// A production model of another sensor is not comparable with this one: it stays in production.
+fn keep_other_sensor(p: &mut crate::models::Promotion, production: Option<&ModelVersion>, sensor: &str) {
+    if let Some(prod) = production.filter(|prod| prod.sensor != sensor) {
+        p.promoted = false;
+        p.reason = format!(
+            "production v{} models sensor `{}`, not `{sensor}`; not compared and not replaced",
+            prod.version, prod.sensor
+        );
+    }
 }
 
 fn reference(ds: &Dataset) -> crate::drift::Reference {

@@ -186,3 +186,40 @@ fn classifier_beats_the_majority_class_by_a_wide_margin() {
     }
     assert!(matches!(train_dataset(&none, "x", &req, &registry, &mut |_, _| {}), Err(super::run::RunError::NoLabels)));
 }
+
+#[test]
+fn a_model_of_another_sensor_never_replaces_production() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = DurableDb::open(&dir.path().join("db"), Durability::Flush).unwrap();
+    let registry = ModelRegistry::open(&db, dir.path()).unwrap();
+    let mut req = TrainRequest::new("synthetic");
+    req.trials = 1;
+    // A poor first model of sensor `s` (one epoch at a tiny learning rate)...
+    req.hyper = Some(Hyper { epochs: 1, lr: 1e-6, ..quick() });
+    let ds = synthetic(1200, 6);
+    let first = train_dataset(&ds, "synthetic", &req, &registry, &mut |_, _| {}).unwrap();
+    assert!(first.promotion.promoted);
+    // ...and a much better model of another sensor of the same width: not compared, not promoted.
+    let mut other = ds.clone();
+    other.sensor.name = "other".into();
+    req.hyper = Some(quick());
+    let second = train_dataset(&other, "synthetic", &req, &registry, &mut |_, _| {}).unwrap();
+    assert!(!second.promotion.promoted, "{}", second.promotion.reason);
+    assert!(second.promotion.reason.contains("models sensor `s`"), "{}", second.promotion.reason);
+    assert_eq!(registry.production("synthetic").unwrap().unwrap().version, first.version);
+}
+
+#[test]
+fn classifier_needs_labelled_validation_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = DurableDb::open(&dir.path().join("db"), Durability::Flush).unwrap();
+    let registry = ModelRegistry::open(&db, dir.path()).unwrap();
+    let mut ds = clusters(600, 3);
+    ds.val.iter_mut().for_each(|r| r.label = None);
+    let mut req = TrainRequest::new("clusters");
+    req.kind = super::run::ModelKind::Classifier;
+    req.trials = 1;
+    let r = train_dataset(&ds, "clusters", &req, &registry, &mut |_, _| {});
+    assert!(matches!(r, Err(super::run::RunError::NoLabels)), "{:?}", r.map(|m| m.version));
+    assert!(onnx::verify(&[], &[], &[]).is_err(), "verifying on nothing is not a verification");
+}
