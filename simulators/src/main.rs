@@ -27,6 +27,24 @@ enum Command {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
+    /// Run N in-process agents (each with its own identity, data dir and signal seed) against a broker.
+    Fleet {
+        #[arg(long, default_value_t = 10)]
+        devices: usize,
+        /// Comma-separated classes, cycled over the devices.
+        #[arg(long, default_value = "factory-vibration,city-air-quality,factory-machine-temperature,city-traffic")]
+        classes: String,
+        /// The broker, `mqtt://host:port`.
+        #[arg(long)]
+        broker: String,
+        #[arg(long)]
+        duration: Option<u64>,
+        /// Inject the generators' scheduled faults.
+        #[arg(long)]
+        faults: bool,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
     /// Replay NAB files through agents and the control plane; write scored CSVs and print NAB's score.
     Nab {
         /// NAB data folder: `<category>/<file>.csv` and `labels/combined_windows.json`.
@@ -45,6 +63,68 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         trials: usize,
     },
+}
+
+fn fleet(
+    devices: usize,
+    classes: String,
+    broker: String,
+    duration: Option<u64>,
+    faults: bool,
+    data_dir: Option<PathBuf>,
+) -> ExitCode {
+    let broker = match edgeloop_agent::config::parse_mqtt_url(&broker) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("edgeloop-sim: --broker: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if devices == 0 {
+        eprintln!("edgeloop-sim: --devices must be at least 1");
+        return ExitCode::from(2);
+    }
+    let classes: Vec<String> = classes.split(',').map(|c| c.trim().to_string()).filter(|c| !c.is_empty()).collect();
+    for c in &classes {
+        if let Err(e) = edgeloop_simulators::class_config(c) {
+            eprintln!("edgeloop-sim: --classes: {e:#}");
+            return ExitCode::from(2);
+        }
+    }
+    let data_root =
+        data_dir.unwrap_or_else(|| std::env::temp_dir().join(format!("edgeloop-fleet-{}", std::process::id())));
+    let opts = edgeloop_simulators::fleet::RunOptions {
+        devices,
+        classes,
+        broker,
+        data_root,
+        duration: duration.map(Duration::from_secs),
+        faults,
+        slow_samples_per_tick: 2,
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("edgeloop-sim: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    runtime.spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        s.cancel();
+    });
+    match runtime.block_on(edgeloop_simulators::fleet::run(opts, stop)) {
+        Ok(summary) => {
+            println!("{}", serde_json::to_string(&summary).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("edgeloop-sim: {e:#}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 fn nab(data: PathBuf, out: PathBuf, only: Option<String>, retrain_every: f64, trials: usize) -> ExitCode {
@@ -83,6 +163,9 @@ fn main() -> ExitCode {
     let (devices, duration, data_dir) = match Cli::parse().command {
         Command::Demo { devices, duration, data_dir } => (devices, duration, data_dir),
         Command::Nab { data, out, only, retrain_every, trials } => return nab(data, out, only, retrain_every, trials),
+        Command::Fleet { devices, classes, broker, duration, faults, data_dir } => {
+            return fleet(devices, classes, broker, duration, faults, data_dir)
+        }
     };
     if devices == 0 {
         eprintln!("edgeloop-sim: --devices must be at least 1");

@@ -3,6 +3,7 @@
 mod api;
 mod cross_process;
 mod demo;
+mod fleet;
 mod learning;
 mod malformed;
 mod nab;
