@@ -5,6 +5,8 @@
 //! a record survives a power cut therefore needs one more step: `fdatasync` on the database file after the
 //! flush. [`DurableDb::commit`] does both, and callers group-commit: write a batch, commit once.
 //!
+//! sled's own background flusher is turned off: durability comes from explicit commits only.
+//!
 //! This module owns opening and committing; what is stored, and under which keys, belongs to the store types
 //! built on top (the agent's outbox, the control plane's telemetry store and registry).
 
@@ -84,12 +86,15 @@ impl DurableDb {
     }
 }
 
-/// Opens sled, waiting up to two seconds for the lock a just-stopped instance (in this process or a
+/// Opens sled with its periodic background flusher off: every state change that matters is committed
+/// explicitly (group commits on both sides; the agent commits acknowledged deletions every few seconds and at
+/// shutdown). A fleet of thousands of in-process agents would otherwise run a flusher thread per database.
+/// Waits up to two seconds for the lock a just-stopped instance (in this process or a
 /// previous one) may still hold while its flusher thread winds down.
 fn open_sled(dir: &Path) -> Result<sled::Db, sled::Error> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
     loop {
-        match sled::Config::new().path(dir).flush_every_ms(Some(500)).open() {
+        match sled::Config::new().path(dir).flush_every_ms(None).open() {
             Err(sled::Error::Io(e))
                 if e.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline =>
             {

@@ -105,6 +105,8 @@ impl Uplink {
             state: UplinkState::new(self.params, self.outbox.stats().acked),
             started: Instant::now(),
             status_seq: 0,
+            deletions_pending: false,
+            last_commit: Instant::now(),
         }
         .run(rx, &ack_topic, durable, cancel)
         .await;
@@ -128,9 +130,26 @@ struct Driver<'a> {
     state: UplinkState,
     started: Instant,
     status_seq: u64,
+    /// Acknowledged deletions not yet committed to disk, and when the last commit ran.
+    deletions_pending: bool,
+    last_commit: Instant,
 }
 
+/// How often acknowledged deletions are committed. Losing them to a crash only means resending records the
+/// control plane already has (and deduplicates), so they need not be committed one by one.
+const DELETION_COMMIT_EVERY: Duration = Duration::from_secs(2);
+
 impl Driver<'_> {
+    /// Commits acknowledged deletions if there are any (and `force`, or enough time has passed).
+    async fn commit_deletions(&mut self, force: bool) -> anyhow::Result<()> {
+        if self.deletions_pending && (force || self.last_commit.elapsed() >= DELETION_COMMIT_EVERY) {
+            let outbox = self.up.outbox.clone();
+            tokio::task::spawn_blocking(move || outbox.commit()).await??;
+            (self.deletions_pending, self.last_commit) = (false, Instant::now());
+        }
+        Ok(())
+    }
+
     fn now_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
     }
@@ -166,12 +185,14 @@ impl Driver<'_> {
                         } else if let Some(upto) = self.state.ack(upto, now) {
                             let outbox = self.up.outbox.clone();
                             tokio::task::spawn_blocking(move || outbox.ack(upto)).await??;
+                            self.deletions_pending = true;
                         }
                     }
                     None => break,
                 },
                 _ = durable.notified() => {}
                 _ = tick.tick() => {
+                    self.commit_deletions(false).await?;
                     let now = self.now_ms();
                     if let Tick::Resend { from } = self.state.tick(now) {
                         self.up.counters.resends.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -185,6 +206,7 @@ impl Driver<'_> {
                 }
             }
         }
+        self.commit_deletions(true).await?;
         if self.state.is_connected() {
             let _ = tokio::time::timeout(Duration::from_millis(500), self.send_status()).await;
         }
