@@ -12,7 +12,7 @@ use edgeloop_control_plane::ControlPlane;
 use serde::Serialize;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// Demo options.
@@ -65,49 +65,20 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> anyhow::Result<S
     let fleet_cancel = CancellationToken::new();
     let mut devices = fleet::start(&spec, opts.devices, &fleet_cancel).await?;
 
-    let started = Instant::now();
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
-    let mut last_report = Instant::now();
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            _ = tick.tick() => {}
-        }
-        if opts.duration.is_some_and(|d| started.elapsed() >= d) {
-            break;
-        }
-        for d in &mut devices {
-            let per_tick = if d.class == "factory-vibration" { 200 } else { 2 };
-            for s in d.generator.take(per_tick) {
-                if d.samples.send(s).await.is_err() {
-                    anyhow::bail!("agent {} stopped unexpectedly", d.agent.device);
-                }
-            }
-        }
-        if last_report.elapsed() >= Duration::from_secs(5) {
-            last_report = Instant::now();
-            let (gen, acked) = devices.iter().fold((0, 0), |(g, a), d| {
-                let s = d.agent.outbox.stats();
-                (g + s.durable_seq, a + s.acked)
-            });
-            println!(
-                "  t={:>4}s  records generated {gen:>8}  acknowledged {acked:>8}  ingested {:>8}",
-                started.elapsed().as_secs(),
-                cp.metrics.records_ingested.load(std::sync::atomic::Ordering::Relaxed)
-            );
-        }
-    }
-
-    // Drain: every outbox empties (acknowledged), or the timeout passes.
-    let deadline = Instant::now() + opts.drain_timeout;
-    while Instant::now() < deadline
-        && devices.iter().any(|d| {
+    let ingested = cp.metrics.clone();
+    let mut report = |elapsed: Duration, devices: &[fleet::SimDevice]| {
+        let (gen, acked) = devices.iter().fold((0, 0), |(g, a), d| {
             let s = d.agent.outbox.stats();
-            s.acked < s.durable_seq
-        })
-    {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+            (g + s.durable_seq, a + s.acked)
+        });
+        println!(
+            "  t={:>4}s  records generated {gen:>8}  acknowledged {acked:>8}  ingested {:>8}",
+            elapsed.as_secs(),
+            ingested.records_ingested.load(std::sync::atomic::Ordering::Relaxed)
+        );
+    };
+    fleet::feed(&mut devices, 2, opts.duration, &stop, &mut report).await?;
+    fleet::drain(&devices, opts.drain_timeout).await;
     fleet_cancel.cancel();
     let mut summary = Summary { devices: devices.len(), generated: 0, acknowledged: 0, stored: 0, dropped: 0 };
     for d in devices {

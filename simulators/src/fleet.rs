@@ -17,6 +17,8 @@ pub struct SimDevice {
     pub samples: mpsc::Sender<Sample>,
     pub generator: Generator,
     pub class: String,
+    /// A fast (windowed) class: fed in real time rather than accelerated.
+    pub fast: bool,
 }
 
 /// How to build each agent.
@@ -51,10 +53,60 @@ pub async fn start(spec: &FleetSpec, n: usize, cancel: &CancellationToken) -> an
             agent,
             samples: tx,
             generator: Generator::new(class.clone(), i as u64, edgeloop_common::unix_millis()),
+            fast: class.sensors[0].kind == edgeloop_common::config::SignalKind::Fast,
             class: class.class,
         });
     }
     Ok(out)
+}
+
+/// Feeds every device once per 100 ms tick (fast classes 200 samples, real time at 2 kHz; slow classes
+/// `slow_per_tick`, accelerated) until `duration` passes or `stop` fires. `report(elapsed, devices)` is called
+/// every 5 s.
+pub async fn feed(
+    devices: &mut [SimDevice],
+    slow_per_tick: usize,
+    duration: Option<std::time::Duration>,
+    stop: &CancellationToken,
+    report: &mut dyn FnMut(std::time::Duration, &[SimDevice]),
+) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
+    let mut last_report = std::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = tick.tick() => {}
+        }
+        if duration.is_some_and(|d| started.elapsed() >= d) {
+            return Ok(());
+        }
+        for d in devices.iter_mut() {
+            let n = if d.fast { 200 } else { slow_per_tick };
+            for s in d.generator.take(n) {
+                if d.samples.send(s).await.is_err() {
+                    anyhow::bail!("agent {} stopped unexpectedly", d.agent.device);
+                }
+            }
+        }
+        if last_report.elapsed() >= std::time::Duration::from_secs(5) {
+            last_report = std::time::Instant::now();
+            report(started.elapsed(), devices);
+        }
+    }
+}
+
+/// Waits until every outbox is acknowledged, or `limit` passes.
+pub async fn drain(devices: &[SimDevice], limit: std::time::Duration) {
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline
+        && devices.iter().any(|d| {
+            let s = d.agent.outbox.stats();
+            s.acked < s.durable_seq
+        })
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
 
 /// Options of `edgeloop-sim fleet`.
@@ -100,39 +152,8 @@ pub async fn run(opts: RunOptions, stop: CancellationToken) -> anyhow::Result<Ru
             fault_windows += d.generator.labels().len();
         }
     }
-    let started = std::time::Instant::now();
-    let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            _ = tick.tick() => {}
-        }
-        if opts.duration.is_some_and(|d| started.elapsed() >= d) {
-            break;
-        }
-        for d in &mut devices {
-            let fast = spec
-                .classes
-                .iter()
-                .find(|c| c.class == d.class)
-                .is_some_and(|c| c.sensors[0].kind == edgeloop_common::config::SignalKind::Fast);
-            let n = if fast { 200 } else { opts.slow_samples_per_tick };
-            for s in d.generator.take(n) {
-                if d.samples.send(s).await.is_err() {
-                    anyhow::bail!("agent {} stopped unexpectedly", d.agent.device);
-                }
-            }
-        }
-    }
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    while std::time::Instant::now() < deadline
-        && devices.iter().any(|d| {
-            let s = d.agent.outbox.stats();
-            s.acked < s.durable_seq
-        })
-    {
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    feed(&mut devices, opts.slow_samples_per_tick, opts.duration, &stop, &mut |_, _| {}).await?;
+    drain(&devices, std::time::Duration::from_secs(60)).await;
     cancel.cancel();
     let mut sum =
         RunSummary { devices: devices.len(), generated: 0, acknowledged: 0, dropped: 0, bad_samples: 0, fault_windows };

@@ -102,6 +102,26 @@ fn fleet(
         faults,
         slow_samples_per_tick: 2,
     };
+    run_to_summary(|stop| edgeloop_simulators::fleet::run(opts, stop))
+}
+
+fn nab(data: PathBuf, out: PathBuf, only: Option<String>, retrain_every: f64, trials: usize) -> ExitCode {
+    if !(retrain_every > 0.0 && retrain_every <= 1.0) || trials == 0 {
+        eprintln!("edgeloop-sim: --retrain-every must be in (0, 1] and --trials at least 1");
+        return ExitCode::from(2);
+    }
+    let opts = edgeloop_simulators::nab::NabOptions { data, out, only, retrain_every, trials };
+    run_to_summary(|_stop| edgeloop_simulators::nab::run(opts))
+}
+
+/// Runs `work` on a multi-threaded runtime, with ctrl-c firing its stop token, and prints its result as the
+/// last line: JSON on success (exit 0), the error chain on failure (exit 1).
+fn run_to_summary<F, Fut, T>(work: F) -> ExitCode
+where
+    F: FnOnce(CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+    T: serde::Serialize,
+{
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -115,34 +135,9 @@ fn fleet(
         let _ = tokio::signal::ctrl_c().await;
         s.cancel();
     });
-    match runtime.block_on(edgeloop_simulators::fleet::run(opts, stop)) {
+    match runtime.block_on(work(stop)) {
         Ok(summary) => {
             println!("{}", serde_json::to_string(&summary).unwrap_or_default());
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("edgeloop-sim: {e:#}");
-            ExitCode::from(1)
-        }
-    }
-}
-
-fn nab(data: PathBuf, out: PathBuf, only: Option<String>, retrain_every: f64, trials: usize) -> ExitCode {
-    if !(retrain_every > 0.0 && retrain_every <= 1.0) || trials == 0 {
-        eprintln!("edgeloop-sim: --retrain-every must be in (0, 1] and --trials at least 1");
-        return ExitCode::from(2);
-    }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("edgeloop-sim: cannot start the runtime: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    let opts = edgeloop_simulators::nab::NabOptions { data, out, only, retrain_every, trials };
-    match runtime.block_on(edgeloop_simulators::nab::run(opts)) {
-        Ok(report) => {
-            println!("{}", serde_json::to_string(&report).unwrap_or_default());
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -156,7 +151,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,rumqttd::server::broker=off".into()),
+                .unwrap_or_else(|_| "warn,rumqttd::server::broker=off,rumqttd::router::routing=off".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -179,27 +174,5 @@ fn main() -> ExitCode {
         data_dir,
         drain_timeout: Duration::from_secs(60),
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("edgeloop-sim: cannot start the runtime: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    let stop = CancellationToken::new();
-    let s = stop.clone();
-    runtime.spawn(async move {
-        let _ = tokio::signal::ctrl_c().await;
-        s.cancel();
-    });
-    match runtime.block_on(demo::run(opts, stop)) {
-        Ok(summary) => {
-            println!("{}", serde_json::to_string(&summary).unwrap_or_default());
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("edgeloop-sim: {e:#}");
-            ExitCode::from(1)
-        }
-    }
+    run_to_summary(|stop| demo::run(opts, stop))
 }
