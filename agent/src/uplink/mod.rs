@@ -112,14 +112,11 @@ impl Uplink {
         .await;
         // Let the last heartbeat go out, then hang up.
         let _ = client.try_disconnect();
-        let _ = tokio::time::timeout(Duration::from_millis(500), async {
-            while !link.is_finished() {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        })
-        .await;
-        link_cancel.cancel();
-        let _ = link.await;
+        let mut link = link;
+        if tokio::time::timeout(Duration::from_millis(500), &mut link).await.is_err() {
+            link_cancel.cancel();
+            let _ = link.await;
+        }
         result
     }
 }

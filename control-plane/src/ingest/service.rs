@@ -84,13 +84,11 @@ pub async fn run(
     let _ = tokio::time::timeout(Duration::from_secs(2), acks).await;
     let _ = client.try_disconnect();
     // Let the event loop flush the acknowledgements and the disconnect.
-    let _ = tokio::time::timeout(Duration::from_millis(500), async {
-        while !link.is_finished() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
-    link_cancel.cancel();
+    let mut link = link;
+    if tokio::time::timeout(Duration::from_millis(500), &mut link).await.is_err() {
+        link_cancel.cancel();
+        let _ = link.await;
+    }
     result
 }
 
