@@ -7,9 +7,9 @@
 //! are processed and committed before the loop returns.
 
 use crate::health::Health;
-use crate::inference::Model;
 use crate::outbox::{NewRecord, Outbox, OutboxError};
 use crate::source::Sample;
+use crate::updater::slot::ModelSlot;
 use edgeloop_common::envelope::FLAG_ANOMALY;
 use edgeloop_common::features::{Pipeline, PipelineSpec};
 use std::sync::atomic::Ordering;
@@ -21,9 +21,8 @@ use tokio_util::sync::CancellationToken;
 /// The blocking half: owns the pipeline state and the model.
 pub struct Collector {
     pipeline: Pipeline,
-    model: Option<Model>,
+    slot: Arc<ModelSlot>,
     model_sensor: String,
-    threshold: Option<f32>,
     outbox: Arc<Outbox>,
     health: Arc<Health>,
 }
@@ -31,14 +30,12 @@ pub struct Collector {
 impl Collector {
     pub fn new(
         spec: &PipelineSpec,
-        model: Option<Model>,
+        slot: Arc<ModelSlot>,
         model_sensor: String,
-        threshold: Option<f32>,
         outbox: Arc<Outbox>,
         health: Arc<Health>,
     ) -> Self {
-        health.set_model_version(model.as_ref().map(|m| m.version().to_string()));
-        Collector { pipeline: Pipeline::new(spec), model, model_sensor, threshold, outbox, health }
+        Collector { pipeline: Pipeline::new(spec), slot, model_sensor, outbox, health }
     }
 
     fn reject(&self, sensor: &str, reason: &str) {
@@ -68,27 +65,9 @@ impl Collector {
                     continue;
                 }
             };
-            let mut score = None;
-            if s.sensor == self.model_sensor {
-                if let Some(model) = &mut self.model {
-                    match model.score(&features) {
-                        Ok((v, took)) => {
-                            self.health.record_latency(took);
-                            score = Some(v);
-                        }
-                        Err(e) => {
-                            let n = self.health.inference_errors.fetch_add(1, Ordering::Relaxed) + 1;
-                            if n.is_power_of_two() {
-                                tracing::warn!(error = %e, errors_total = n, "inference failed; record kept without a score");
-                            }
-                        }
-                    }
-                }
-            }
-            let flags = match (score, self.threshold) {
-                (Some(v), Some(t)) if v > t => FLAG_ANOMALY,
-                _ => 0,
-            };
+            let (score, flagged) =
+                if s.sensor == self.model_sensor { self.slot.score(&features) } else { (None, false) };
+            let flags = if flagged { FLAG_ANOMALY } else { 0 };
             out.push(NewRecord { ts_ms: s.ts_ms.unwrap_or(now_ms), sensor: s.sensor, features, score, flags });
         }
         out
@@ -178,6 +157,8 @@ async fn process_group(mut collector: Collector, group: Vec<Sample>) -> anyhow::
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::inference::Model;
+    use crate::updater::slot::{Loaded, ModelInfo};
     use edgeloop_common::durable::Durability;
     use edgeloop_common::features::{FeatureKind, SensorSpec};
 
@@ -187,8 +168,13 @@ mod tests {
             sensors: vec![SensorSpec { name: "t".into(), channels: 2, features: FeatureKind::Slow { rolling: 4 } }],
         };
         let outbox = Arc::new(Outbox::open(dir, Durability::Flush, 1 << 20).unwrap());
-        let model = model.then(|| Model::load_bytes(&crate::inference::mean_square_onnx(10), 10).unwrap());
-        Collector::new(&spec, model, "t".into(), Some(50.0), outbox, Arc::new(Health::default()))
+        let health = Arc::new(Health::default());
+        let (slot, _events) = ModelSlot::new(health.clone(), Some(50.0));
+        if model {
+            let model = Model::load_bytes(&crate::inference::mean_square_onnx(10), 10).unwrap();
+            slot.set_active(Some(Loaded { info: ModelInfo::configured(&model), model }));
+        }
+        Collector::new(&spec, slot, "t".into(), outbox, health)
     }
 
     fn sample(sensor: &str, values: Vec<f64>) -> Sample {

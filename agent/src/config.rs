@@ -32,6 +32,34 @@ pub struct RawConfig {
     pub inference: InferenceSection,
     #[serde(default)]
     pub sources: Vec<SourceConfig>,
+    /// Signed model updates; without this section the agent ignores desired states.
+    #[serde(default)]
+    pub updates: Option<UpdatesSection>,
+}
+
+fn default_max_artifact_bytes() -> u64 {
+    64 << 20
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdatesSection {
+    /// Where artifact paths in desired states are resolved, e.g. `http://control-plane:8080`.
+    pub artifact_base_url: String,
+    /// The control plane's public keys this agent trusts. List the old and the new key while a key rotates.
+    pub trusted_keys: Vec<TrustedKeyConfig>,
+    #[serde(default = "default_max_artifact_bytes")]
+    pub max_artifact_bytes: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustedKeyConfig {
+    /// The 32-byte Ed25519 public key in hex, as `edgeloop-control-plane keys generate` prints it.
+    pub public_key: String,
+    /// The end of this key's grace period, Unix milliseconds.
+    #[serde(default)]
+    pub not_after_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -108,6 +136,7 @@ pub struct AgentConfig {
     pub model_sensor: String,
     pub threshold: Option<f32>,
     pub sources: Vec<SourceConfig>,
+    pub updates: Option<crate::updater::UpdaterConfig>,
 }
 
 impl AgentConfig {
@@ -173,7 +202,31 @@ impl RawConfig {
         if let Some(m) = &model {
             c.check(m.is_file(), "inference.model", format!("{} is not a readable file", m.display()))?;
         }
+        let updates = match self.updates {
+            None => None,
+            Some(u) => {
+                c.check(
+                    u.artifact_base_url.starts_with("http://") || u.artifact_base_url.starts_with("https://"),
+                    "updates.artifact_base_url",
+                    format!("`{}` must start with http:// or https://", u.artifact_base_url),
+                )?;
+                c.check(!u.trusted_keys.is_empty(), "updates.trusted_keys", "must list at least one key")?;
+                c.check(u.max_artifact_bytes > 0, "updates.max_artifact_bytes", "must be > 0")?;
+                let mut trusted = Vec::new();
+                for (i, k) in u.trusted_keys.iter().enumerate() {
+                    let key = edgeloop_common::signing::TrustedKey::from_hex(&k.public_key, k.not_after_ms)
+                        .map_err(|r| c.fail(format!("updates.trusted_keys[{i}].public_key"), r))?;
+                    trusted.push(key);
+                }
+                Some(crate::updater::UpdaterConfig {
+                    trusted,
+                    artifact_base: u.artifact_base_url,
+                    max_artifact_bytes: u.max_artifact_bytes,
+                })
+            }
+        };
         Ok(AgentConfig {
+            updates,
             device_id: self.device.id,
             class,
             mqtt_host,
@@ -210,6 +263,7 @@ impl AgentConfig {
             model: None,
             threshold: None,
             sources: Vec::new(),
+            updates: None,
         }
     }
 }
@@ -258,6 +312,14 @@ mod tests {
             ),
             (agent_toml("").replace("c1.toml", "missing.toml"), "agent.toml: device.class_config: "),
             (agent_toml("[[sources]]\nkind = \"serial\"\n"), "agent.toml: sources[0].kind: unknown variant `serial`"),
+            (
+                agent_toml("[updates]\nartifact_base_url = \"http://cp:8080\"\n[[updates.trusted_keys]]\npublic_key = \"abc\"\n"),
+                "agent.toml: updates.trusted_keys[0].public_key: `abc` is not 64 hex digits",
+            ),
+            (
+                agent_toml("[updates]\nartifact_base_url = \"ftp://cp\"\ntrusted_keys = []\n"),
+                "agent.toml: updates.artifact_base_url: `ftp://cp` must start with http",
+            ),
         ];
         for (text, want) in cases {
             let p = write(dir.path(), "agent.toml", &text);

@@ -11,6 +11,9 @@ use crate::health::Health;
 use crate::inference::Model;
 use crate::outbox::Outbox;
 use crate::source::{stdin::StdinSource, udp::UdpSource, SampleSink, Source};
+use crate::updater::slot::{Loaded, ModelInfo, ModelSlot};
+use crate::updater::state::Identity;
+use crate::updater::{self, Files, Updater};
 use crate::uplink::{Uplink, UplinkCounters};
 use anyhow::Context;
 use std::sync::Arc;
@@ -133,25 +136,31 @@ impl Agent {
             .with_context(|| format!("opening the outbox in {}", cfg.data_dir.display()))?;
         let outbox = Arc::new(outbox);
         let spec = cfg.class.pipeline();
-        let model = match &cfg.model {
-            Some(path) => {
-                let width = spec.sensors.iter().find(|s| s.name == cfg.model_sensor).map(|s| s.width()).unwrap_or(0);
+        let width = spec.sensors.iter().find(|s| s.name == cfg.model_sensor).map(|s| s.width()).unwrap_or(0);
+        let health = Arc::new(Health::default());
+        let counters = Arc::new(UplinkCounters::default());
+        let (slot, slot_events) = ModelSlot::new(health.clone(), cfg.threshold);
+        let files = Files::new(&cfg.data_dir);
+        // The updater's pointer names the model to run; the config's model file is for devices without one.
+        let pointer = {
+            let (files, slot) = (files.clone(), slot.clone());
+            tokio::task::spawn_blocking(move || updater::restore(&files, &slot, width))
+                .await?
+                .context("restoring the updater's state")?
+        };
+        match (slot.active_info(), &cfg.model) {
+            (Some(info), _) => tracing::info!(model = info.label(), "model restored from the update pointer"),
+            (None, Some(path)) => {
                 let path = path.clone();
                 let m = tokio::task::spawn_blocking(move || Model::load_file(&path, width))
                     .await?
                     .context("loading the model")?;
                 tracing::info!(version = m.version(), width, "model loaded");
-                Some(m)
+                slot.set_active(Some(Loaded { info: ModelInfo::configured(&m), model: m }));
             }
-            None => {
-                tracing::info!("no model configured: collecting only");
-                None
-            }
-        };
-        let health = Arc::new(Health::default());
-        let counters = Arc::new(UplinkCounters::default());
-        let collector =
-            Collector::new(&spec, model, cfg.model_sensor.clone(), cfg.threshold, outbox.clone(), health.clone());
+            (None, None) => tracing::info!("no model yet: collecting only"),
+        }
+        let collector = Collector::new(&spec, slot.clone(), cfg.model_sensor.clone(), outbox.clone(), health.clone());
 
         let mut sources = extra;
         for s in &cfg.sources {
@@ -186,6 +195,33 @@ impl Agent {
         }
         drop(sink);
 
+        // Model updates: the uplink hands over desired states and sends the updater's reports.
+        let (reports_tx, reports_rx) = mpsc::unbounded_channel();
+        let (desired_tx, desired_rx) = tokio::sync::watch::channel(None);
+        let updates_enabled = cfg.updates.is_some();
+        if let Some(ucfg) = cfg.updates.clone() {
+            let me = Identity {
+                device: cfg.device_id.clone(),
+                class: cfg.class.class.clone(),
+                sensor: cfg.model_sensor.clone(),
+                width,
+                max_artifact_bytes: ucfg.max_artifact_bytes,
+            };
+            let up = Updater::new(ucfg, me, files, slot, slot_events, reports_tx, health.clone(), pointer)?;
+            let stop = cancel.clone();
+            let fut = up.run(desired_rx, cancel.child_token());
+            source_tasks.push(tokio::spawn(async move {
+                let r = fut.await.map_err(|e| e.context("updater failed"));
+                if let Err(e) = &r {
+                    tracing::error!(error = format!("{e:#}"), "updater failed; stopping the agent");
+                    stop.cancel();
+                }
+                r
+            }));
+        } else {
+            drop((reports_tx, desired_rx, slot_events));
+        }
+
         let durable = Arc::new(Notify::new());
         let commit = CommitParams {
             max_records: cfg.class.outbox.commit_max_records,
@@ -195,7 +231,10 @@ impl Agent {
         let collector_task =
             tokio::spawn(collector::run(collector, rx, commit, durable.clone(), collector_cancel.clone()));
         let uplink_cancel = CancellationToken::new();
-        let uplink = Uplink::from_config(&cfg, outbox.clone(), health.clone(), counters.clone());
+        let mut uplink = Uplink::from_config(&cfg, outbox.clone(), health.clone(), counters.clone());
+        if updates_enabled {
+            uplink.updates = Some((desired_tx, reports_rx));
+        }
         let uplink_task = tokio::spawn(uplink.run(durable, uplink_cancel.clone()));
 
         let device = cfg.device_id.clone();

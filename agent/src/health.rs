@@ -4,6 +4,7 @@
 //! atomic or a short critical section.
 
 use edgeloop_common::envelope::Status;
+use edgeloop_common::update::UpdateReport;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -22,6 +23,7 @@ pub struct Health {
     pub records_appended: AtomicU64,
     pub inference_errors: AtomicU64,
     model_version: Mutex<Option<String>>,
+    update: Mutex<Option<UpdateReport>>,
     latencies_us: Mutex<VecDeque<u32>>,
 }
 
@@ -34,6 +36,7 @@ impl Default for Health {
             records_appended: AtomicU64::new(0),
             inference_errors: AtomicU64::new(0),
             model_version: Mutex::new(None),
+            update: Mutex::new(None),
             latencies_us: Mutex::new(VecDeque::with_capacity(LATENCY_WINDOW)),
         }
     }
@@ -46,6 +49,15 @@ impl Health {
 
     pub fn model_version(&self) -> Option<String> {
         self.model_version.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The latest update report, repeated in every heartbeat.
+    pub fn set_update(&self, r: UpdateReport) {
+        *self.update.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+    }
+
+    pub fn update(&self) -> Option<UpdateReport> {
+        self.update.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     pub fn record_latency(&self, d: Duration) {
@@ -77,6 +89,7 @@ impl Health {
         }
         status.rss_bytes = rss_bytes();
         status.bad_samples = self.bad_samples.load(Ordering::Relaxed);
+        status.update = self.update();
     }
 }
 

@@ -7,7 +7,6 @@
 //! This module runs models; choosing, verifying and swapping them is the updater's job. Calls are blocking
 //! CPU work: the collector makes them from a blocking thread.
 
-use ring::digest;
 use std::path::Path;
 use std::time::Instant;
 use tract_onnx::prelude::*;
@@ -32,6 +31,8 @@ pub struct Model {
     width: usize,
     /// `sha256:<first 12 hex digits>` of the ONNX bytes.
     version: String,
+    /// SHA-256 of the ONNX bytes, hex.
+    sha256: String,
 }
 
 impl std::fmt::Debug for Model {
@@ -58,31 +59,40 @@ impl Model {
             TypedSimpleState::new(&model)
         };
         let state = load().map_err(|e| InferenceError::Load(format!("{e:#}")))?;
-        let hash = digest::digest(&digest::SHA256, bytes);
-        let hex: String = hash.as_ref()[..6].iter().map(|b| format!("{b:02x}")).collect();
-        Ok(Model { state, width, version: format!("sha256:{hex}") })
+        let sha256 = edgeloop_common::signing::sha256_hex(bytes);
+        Ok(Model { state, width, version: format!("sha256:{}", &sha256[..12]), sha256 })
     }
 
     pub fn version(&self) -> &str {
         &self.version
     }
 
+    pub fn sha256(&self) -> &str {
+        &self.sha256
+    }
+
     pub fn width(&self) -> usize {
         self.width
     }
 
-    /// Scores one feature vector; returns the score and the time it took.
-    pub fn score(&mut self, features: &[f32]) -> Result<(f32, std::time::Duration), InferenceError> {
+    /// Every value of the model's first output for one feature vector (the self-test compares them all).
+    pub fn outputs(&mut self, features: &[f32]) -> Result<Vec<f32>, InferenceError> {
         if features.len() != self.width {
             return Err(InferenceError::Width { expected: self.width, got: features.len() });
         }
-        let started = Instant::now();
         let input =
             Tensor::from_shape(&[1, self.width], features).map_err(|e| InferenceError::Run(format!("{e:#}")))?;
         let out = self.state.run(tvec!(input.into())).map_err(|e| InferenceError::Run(format!("{e:#}")))?;
-        let elapsed = started.elapsed();
         let view = out[0].to_plain_array_view::<f32>().map_err(|e| InferenceError::Run(format!("{e:#}")))?;
-        let score = *view.iter().next().ok_or_else(|| InferenceError::Run("model output is empty".into()))?;
+        Ok(view.iter().copied().collect())
+    }
+
+    /// Scores one feature vector; returns the score and the time it took.
+    pub fn score(&mut self, features: &[f32]) -> Result<(f32, std::time::Duration), InferenceError> {
+        let started = Instant::now();
+        let out = self.outputs(features)?;
+        let elapsed = started.elapsed();
+        let score = *out.first().ok_or_else(|| InferenceError::Run("model output is empty".into()))?;
         if !score.is_finite() {
             return Err(InferenceError::NonFinite(score));
         }

@@ -10,6 +10,8 @@
 //! - [`outbox`]: the sled outbox: monotonic sequence numbers, a byte bound that drops oldest first and
 //!   reports what it dropped, deletion only on end-to-end acknowledgement.
 //! - [`uplink`]: MQTT: a pure state machine deciding what to send, and the thin rumqttc shell around it.
+//! - [`updater`]: signed model updates: verification, resumable download, self-test, shadow, atomic
+//!   activation, watch and automatic revert, with the model slot the collector scores through.
 //! - [`health`]: heartbeat contents (outbox depth, drops, latency percentiles, RSS).
 //! - [`daemon`]: starts the pieces above under one cancellation token and stops them cleanly.
 
@@ -20,6 +22,7 @@ pub mod health;
 pub mod inference;
 pub mod outbox;
 pub mod source;
+pub mod updater;
 pub mod uplink;
 
 pub use daemon::{Agent, AgentHandle};

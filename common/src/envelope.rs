@@ -44,6 +44,10 @@ pub enum Body {
     Telemetry(TelemetryBatch),
     Status(Status),
     Ack(Ack),
+    /// The control plane's signed [`crate::update::DesiredState`], on `down/desired` (retained).
+    Desired(crate::signing::Signed),
+    /// An update's progress, on `up/report`.
+    Report(crate::update::UpdateReport),
 }
 
 impl Body {
@@ -53,6 +57,8 @@ impl Body {
             Body::Telemetry(_) => "telemetry",
             Body::Status(_) => "status",
             Body::Ack(_) => "ack",
+            Body::Desired(_) => "desired",
+            Body::Report(_) => "report",
         }
     }
 }
@@ -131,6 +137,9 @@ pub struct Status {
     /// Malformed samples the agent's sources refused.
     #[serde(default)]
     pub bad_samples: u64,
+    /// The latest model update and where it stands.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update: Option<crate::update::UpdateReport>,
 }
 
 /// Cumulative end-to-end acknowledgement: every record of this device with `seq <= upto` is durably stored by

@@ -9,6 +9,8 @@
 //!   edgeloop config loader uses (file, key path, reason).
 //! - [`features`]: feature pipeline v1, the one implementation of feature extraction that both the agent and
 //!   the control plane run, with its serialisable spec.
+//! - [`signing`]: Ed25519 signatures over CBOR bytes, key ids and trusted-key lists (rotation).
+//! - [`update`]: the model manifest, the per-device desired state and update reports.
 //! - [`durable`]: a sled database whose commit is power-loss durable (flush, then `fdatasync`).
 //!
 //! The agent and the control plane never depend on each other; whatever they must agree on lives here.
@@ -17,7 +19,9 @@ pub mod config;
 pub mod durable;
 pub mod envelope;
 pub mod features;
+pub mod signing;
 pub mod topics;
+pub mod update;
 
 /// Milliseconds since the Unix epoch, the time unit used on the wire.
 pub fn unix_millis() -> u64 {

@@ -13,13 +13,15 @@ use crate::config::AgentConfig;
 use crate::health::Health;
 use crate::outbox::Outbox;
 use edgeloop_common::envelope::{self, Ack, Body, Envelope, Status, TelemetryBatch, DEFAULT_MAX_MESSAGE_BYTES};
+use edgeloop_common::signing::Signed;
 use edgeloop_common::topics::{self, Channel};
 use edgeloop_common::unix_millis;
+use edgeloop_common::update::UpdateReport;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use state::{Tick, UplinkParams, UplinkState};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 /// What the event loop tells the driver.
@@ -50,6 +52,8 @@ pub struct Uplink {
     pub outbox: Arc<Outbox>,
     pub health: Arc<Health>,
     pub counters: Arc<UplinkCounters>,
+    /// Model updates: where desired states go, and the reports to send.
+    pub updates: Option<(watch::Sender<Option<Signed>>, mpsc::UnboundedReceiver<UpdateReport>)>,
 }
 
 impl Uplink {
@@ -81,19 +85,25 @@ impl Uplink {
             outbox,
             health,
             counters,
+            updates: None,
         }
     }
 
     /// Runs until cancelled. `durable` is notified whenever the collector commits records.
-    pub async fn run(self, durable: Arc<Notify>, cancel: CancellationToken) -> anyhow::Result<()> {
+    pub async fn run(mut self, durable: Arc<Notify>, cancel: CancellationToken) -> anyhow::Result<()> {
         let (client, eventloop) = AsyncClient::new(self.options.clone(), 64);
         let (tx, rx) = mpsc::unbounded_channel();
         let ack_topic = topics::topic(&self.device, Channel::Ack);
+        let (desired_tx, reports) = match self.updates.take() {
+            Some((d, r)) => (Some(d), Some(r)),
+            None => (None, None),
+        };
         // Not a child of `cancel`: the event loop must outlive the driver, which still publishes while it stops.
         let link_cancel = CancellationToken::new();
         let link = tokio::spawn(event_loop(
             eventloop,
             ack_topic.clone(),
+            desired_tx,
             self.reconnect,
             tx,
             link_cancel.clone(),
@@ -107,6 +117,7 @@ impl Uplink {
             status_seq: 0,
             deletions_pending: false,
             last_commit: Instant::now(),
+            reports,
         }
         .run(rx, &ack_topic, durable, cancel)
         .await;
@@ -130,6 +141,7 @@ struct Driver<'a> {
     /// Acknowledged deletions not yet committed to disk, and when the last commit ran.
     deletions_pending: bool,
     last_commit: Instant,
+    reports: Option<mpsc::UnboundedReceiver<UpdateReport>>,
 }
 
 /// How often acknowledged deletions are committed. Losing them to a crash only means resending records the
@@ -170,6 +182,10 @@ impl Driver<'_> {
                         let now = self.now_ms();
                         self.state.connected(now);
                         self.client.subscribe(ack_topic, QoS::AtLeastOnce).await?;
+                        if self.reports.is_some() {
+                            let desired = topics::topic(&self.up.device, Channel::Desired);
+                            self.client.subscribe(desired, QoS::AtLeastOnce).await?;
+                        }
                         self.send_status().await?;
                     }
                     Some(LinkEvent::Disconnected) => self.state.disconnected(),
@@ -188,6 +204,15 @@ impl Driver<'_> {
                     None => break,
                 },
                 _ = durable.notified() => {}
+                Some(report) = async { self.reports.as_mut()?.recv().await }, if self.reports.is_some() => {
+                    // Offline, the report waits for the next heartbeat, which carries the latest one.
+                    if self.state.is_connected() {
+                        self.status_seq += 1;
+                        let env = Envelope::new(self.up.device.clone(), self.status_seq, unix_millis(), Body::Report(report));
+                        let topic = topics::topic(&self.up.device, Channel::Report);
+                        self.client.publish(topic, QoS::AtLeastOnce, false, envelope::encode(&env)).await?;
+                    }
+                }
                 _ = tick.tick() => {
                     self.commit_deletions(false).await?;
                     let now = self.now_ms();
@@ -282,6 +307,7 @@ fn encode_batch(
 async fn event_loop(
     mut eventloop: EventLoop,
     ack_topic: String,
+    desired: Option<watch::Sender<Option<Signed>>>,
     (min, max): (Duration, Duration),
     tx: mpsc::UnboundedSender<LinkEvent>,
     cancel: CancellationToken,
@@ -317,6 +343,23 @@ async fn event_loop(
                         tracing::warn!(topic = %p.topic, kind = other.body.kind(), "unexpected message on the ack topic")
                     }
                     Err(e) => tracing::warn!(topic = %p.topic, error = %e, "malformed acknowledgement dropped"),
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(p)))
+                if desired.is_some() && topics::parse(&p.topic).ok().map(|t| t.1) == Some(Channel::Desired) =>
+            {
+                match envelope::decode(&p.payload, DEFAULT_MAX_MESSAGE_BYTES) {
+                    Ok(Envelope { body: Body::Desired(signed), device, .. })
+                        if topics::topic(&device, Channel::Ack) == ack_topic =>
+                    {
+                        if let Some(d) = &desired {
+                            d.send_replace(Some(signed));
+                        }
+                    }
+                    Ok(other) => {
+                        tracing::warn!(topic = %p.topic, device = %other.device, kind = other.body.kind(), "unexpected message on the desired topic")
+                    }
+                    Err(e) => tracing::warn!(topic = %p.topic, error = %e, "malformed desired state dropped"),
                 }
             }
             Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {

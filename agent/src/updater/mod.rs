@@ -1,0 +1,549 @@
+//! The updater: brings signed models onto the device and takes misbehaving ones off again.
+//!
+//! [`state`] decides (verification, download guard, hash, self-test, shadow and watch verdicts) and
+//! [`slot`] is where the collector finds its model. This module is the thin shell around them:
+//!
+//! 1. the uplink hands over the newest retained desired state ([`tokio::sync::watch`]: newest wins);
+//! 2. it is verified (signature by a trusted key, device, class, sequence above the persisted one, expiry);
+//!    the accepted sequence and the pending update are persisted before anything else happens;
+//! 3. the artifact is downloaded into `staging/<sha256>.part`, resuming with `Range` after an interruption or
+//!    a restart, never accepting more bytes than the signed size;
+//! 4. its sha256 is checked, then it moves to `models/<sha256>.onnx`;
+//! 5. it is loaded into tract and self-tested on the manifest's golden vectors;
+//! 6. optionally it runs in shadow beside the active model;
+//! 7. it is activated: the pointer file (`updates.cbor`, written to a temporary file, synced and renamed)
+//!    names it active and the old model previous;
+//! 8. it is watched; the slot reverts to the previous model by itself on NaN or slowness.
+//!
+//! Every transition is an [`UpdateReport`] on `up/report` (and in every heartbeat). After a crash, the pointer
+//! file says where to resume: a pending download resumes, a watch restarts, and the active model is whatever
+//! the pointer names, so an agent that had a working model never comes back without one.
+
+pub mod slot;
+pub mod state;
+
+use crate::health::Health;
+use crate::inference::Model;
+use anyhow::Context;
+use edgeloop_common::signing::{Signed, TrustedKey};
+use edgeloop_common::unix_millis;
+use edgeloop_common::update::{DesiredState, Manifest, Phase, UpdateReport};
+use serde::{Deserialize, Serialize};
+use slot::{Loaded, ModelInfo, ModelSlot, SlotEvent};
+use state::{Identity, Rejection, WatchTracker};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+/// What the updater needs from the agent's config.
+#[derive(Debug, Clone)]
+pub struct UpdaterConfig {
+    pub trusted: Vec<TrustedKey>,
+    /// Base URL artifact paths are resolved against, e.g. `http://control-plane:8080`.
+    pub artifact_base: String,
+    pub max_artifact_bytes: u64,
+}
+
+/// An update in progress, persisted so that a restart resumes it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Pending {
+    pub desired: DesiredState,
+    pub manifest: Manifest,
+    pub phase: Phase,
+}
+
+/// The persisted pointer: what runs, what ran before, and what is on its way.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct Pointer {
+    /// Highest desired-state sequence accepted.
+    pub last_seq: u64,
+    pub active: Option<ModelInfo>,
+    pub previous: Option<ModelInfo>,
+    pub pending: Option<Pending>,
+}
+
+/// The updater's files under `<data_dir>/updates`.
+#[derive(Debug, Clone)]
+pub struct Files {
+    dir: PathBuf,
+}
+
+impl Files {
+    pub fn new(data_dir: &Path) -> Files {
+        Files { dir: data_dir.join("updates") }
+    }
+    fn pointer(&self) -> PathBuf {
+        self.dir.join("updates.cbor")
+    }
+    pub fn model(&self, sha256: &str) -> PathBuf {
+        self.dir.join("models").join(format!("{sha256}.onnx"))
+    }
+    pub fn staging(&self, sha256: &str) -> PathBuf {
+        self.dir.join("staging").join(format!("{sha256}.part"))
+    }
+
+    pub fn load_pointer(&self) -> anyhow::Result<Pointer> {
+        let path = self.pointer();
+        match std::fs::read(&path) {
+            Ok(bytes) => ciborium::from_reader(&bytes[..]).with_context(|| format!("{} is corrupt", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Pointer::default()),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    /// Replaces the pointer atomically and durably: temporary file, fsync, rename, fsync of the directory.
+    pub fn save_pointer(&self, p: &Pointer) -> anyhow::Result<()> {
+        std::fs::create_dir_all(&self.dir).with_context(|| format!("creating {}", self.dir.display()))?;
+        let tmp = self.dir.join("updates.cbor.tmp");
+        let bytes = edgeloop_common::signing::to_cbor(p);
+        let mut f = std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+        f.write_all(&bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, self.pointer())?;
+        std::fs::File::open(&self.dir)?.sync_all()?;
+        Ok(())
+    }
+
+    /// Loads a stored model, checking its hash first.
+    pub fn load_model(&self, info: &ModelInfo, width: usize) -> anyhow::Result<Model> {
+        let path = self.model(&info.sha256);
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        let got = edgeloop_common::signing::sha256_hex(&bytes);
+        anyhow::ensure!(got == info.sha256, "{} has sha256 {got}, expected {}", path.display(), info.sha256);
+        Ok(Model::load_bytes(&bytes, width)?)
+    }
+}
+
+/// Restores the model the pointer names into the slot (falling back to the previous one), and returns the
+/// pointer. Returns `None` in the pointer's `active` when nothing was ever installed. Blocking.
+pub fn restore(files: &Files, slot: &ModelSlot, width: usize) -> anyhow::Result<Pointer> {
+    let mut p = files.load_pointer()?;
+    let watching = matches!(&p.pending, Some(Pending { phase: Phase::Watching, .. }));
+    let load = |info: &Option<ModelInfo>| -> Option<Loaded> {
+        let info = info.as_ref()?;
+        match files.load_model(info, width) {
+            Ok(model) => Some(Loaded { model, info: info.clone() }),
+            Err(e) => {
+                tracing::error!(error = format!("{e:#}"), model = info.label(), "stored model unusable");
+                None
+            }
+        }
+    };
+    let active = load(&p.active);
+    if watching {
+        // The agent stopped while watching a new model: restart the watch, with the previous model at hand.
+        let previous = load(&p.previous);
+        let pending = p.pending.as_ref().expect("checked above");
+        slot.set_active(previous);
+        if let Some(new) = active {
+            let policy = pending.desired.policy;
+            slot.activate(new, WatchTracker::new(policy.watch_windows, policy.latency_budget_us));
+            tracing::info!("resuming the watch of the model activated before the restart");
+        }
+        return Ok(p);
+    }
+    match active {
+        Some(l) => slot.set_active(Some(l)),
+        None if p.active.is_some() => {
+            // The active file is gone or damaged: fall back to the previous model rather than to nothing.
+            let prev = load(&p.previous);
+            if prev.is_some() {
+                p.active = p.previous.take();
+                files.save_pointer(&p)?;
+            }
+            slot.set_active(prev);
+        }
+        None => {}
+    }
+    Ok(p)
+}
+
+/// Why an update step failed.
+#[derive(Debug)]
+enum StepError {
+    /// The update is abandoned with this report phase and reason.
+    Fail(String),
+    /// The agent is stopping.
+    Cancelled,
+}
+
+pub struct Updater {
+    pub cfg: UpdaterConfig,
+    pub me: Identity,
+    pub files: Files,
+    pub slot: Arc<ModelSlot>,
+    pub events: mpsc::UnboundedReceiver<SlotEvent>,
+    pub reports: mpsc::UnboundedSender<UpdateReport>,
+    pub health: Arc<Health>,
+    pub pointer: Pointer,
+    http: reqwest::Client,
+}
+
+/// Download attempts before an update fails, and the first backoff between them.
+const DOWNLOAD_ATTEMPTS: u32 = 6;
+const DOWNLOAD_BACKOFF: Duration = Duration::from_millis(250);
+
+impl Updater {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        cfg: UpdaterConfig,
+        me: Identity,
+        files: Files,
+        slot: Arc<ModelSlot>,
+        events: mpsc::UnboundedReceiver<SlotEvent>,
+        reports: mpsc::UnboundedSender<UpdateReport>,
+        health: Arc<Health>,
+        pointer: Pointer,
+    ) -> anyhow::Result<Updater> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .read_timeout(Duration::from_secs(30))
+            .build()
+            .context("building the HTTP client")?;
+        Ok(Updater { cfg, me, files, slot, events, reports, health, pointer, http })
+    }
+
+    fn report(&self, d: Option<&DesiredState>, sha256: &str, phase: Phase, reason: impl Into<String>) -> UpdateReport {
+        UpdateReport {
+            seq: d.map_or(0, |d| d.seq),
+            rollout: d.and_then(|d| d.rollout.clone()),
+            sha256: sha256.to_string(),
+            phase,
+            reason: reason.into(),
+            active_sha256: self.slot.active_info().map(|i| i.sha256),
+            shadow_agreement: None,
+            anomaly_rate: None,
+            baseline_anomaly_rate: None,
+            p95_us: None,
+            at_ms: unix_millis(),
+        }
+    }
+
+    fn send(&self, r: UpdateReport) {
+        tracing::info!(phase = ?r.phase, seq = r.seq, sha256 = %r.sha256, reason = %r.reason, "update");
+        self.health.set_update(r.clone());
+        let _ = self.reports.send(r);
+    }
+
+    async fn save(&self) -> anyhow::Result<()> {
+        let (files, p) = (self.files.clone(), self.pointer.clone());
+        tokio::task::spawn_blocking(move || files.save_pointer(&p)).await?
+    }
+
+    /// Runs until cancelled: resumes a pending update, then handles each new desired state.
+    pub async fn run(
+        mut self,
+        mut desired: watch::Receiver<Option<Signed>>,
+        cancel: CancellationToken,
+    ) -> anyhow::Result<()> {
+        if let Some(p) = self.pointer.pending.clone() {
+            tracing::info!(seq = p.desired.seq, phase = ?p.phase, "resuming the update interrupted by a restart");
+            self.apply(p.desired, p.manifest, p.phase == Phase::Watching, &cancel).await?;
+        }
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                changed = desired.changed() => {
+                    if changed.is_err() {
+                        return Ok(());
+                    }
+                    let signed = desired.borrow_and_update().clone();
+                    if let Some(signed) = signed {
+                        self.handle(signed, &cancel).await?;
+                    }
+                }
+                // Slot events outside an update (none are expected) are drained so they cannot pile up.
+                Some(_) = self.events.recv() => {}
+            }
+        }
+    }
+
+    /// Verifies one desired state and applies it if it is good.
+    pub async fn handle(&mut self, signed: Signed, cancel: &CancellationToken) -> anyhow::Result<()> {
+        let now = unix_millis();
+        match state::verify_desired(&signed, &self.cfg.trusted, &self.me, self.pointer.last_seq, now) {
+            Ok((d, m)) => {
+                self.pointer.last_seq = d.seq;
+                if let Some(old) = self.pointer.pending.take() {
+                    tracing::info!(seq = old.desired.seq, "pending update superseded");
+                }
+                self.pointer.pending =
+                    Some(Pending { desired: d.clone(), manifest: m.clone(), phase: Phase::Downloading });
+                self.save().await?;
+                self.apply(d, m, false, cancel).await
+            }
+            // The retained state comes again on every reconnect: the one already accepted is not news.
+            Err(Rejection::Replayed { seq, last }) if seq == last => Ok(()),
+            Err(r) => {
+                let unverified: Option<DesiredState> = ciborium::from_reader(&signed.payload[..]).ok();
+                tracing::warn!(reason = r.reason(), error = %r, "desired state refused");
+                let mut rep = self.report(None, "", Phase::Rejected, format!("{}: {r}", r.reason()));
+                // Echo the (unverified) sequence so an operator can tell which state was refused.
+                rep.seq = unverified.map_or(0, |d| d.seq);
+                self.send(rep);
+                Ok(())
+            }
+        }
+    }
+
+    /// Takes an accepted update through download, checks, shadow, activation and watch.
+    async fn apply(
+        &mut self,
+        d: DesiredState,
+        m: Manifest,
+        resume_watch: bool,
+        cancel: &CancellationToken,
+    ) -> anyhow::Result<()> {
+        let outcome = if resume_watch { self.watch(&d, &m, cancel).await } else { self.install(&d, &m, cancel).await };
+        match outcome {
+            Ok(()) => Ok(()),
+            Err(StepError::Cancelled) => Ok(()),
+            Err(StepError::Fail(reason)) => {
+                self.pointer.pending = None;
+                self.save().await?;
+                self.send(self.report(Some(&d), &m.sha256, Phase::Failed, reason));
+                Ok(())
+            }
+        }
+    }
+
+    async fn set_phase(&mut self, phase: Phase) -> Result<(), StepError> {
+        if let Some(p) = self.pointer.pending.as_mut() {
+            p.phase = phase;
+        }
+        self.save().await.map_err(|e| StepError::Fail(format!("saving the update pointer: {e:#}")))
+    }
+
+    async fn install(&mut self, d: &DesiredState, m: &Manifest, cancel: &CancellationToken) -> Result<(), StepError> {
+        if self.slot.active_info().is_some_and(|a| a.sha256 == m.sha256) {
+            // Already running it (a re-issued state, or a rollback to the model still active).
+            self.pointer.pending = None;
+            self.save().await.map_err(|e| StepError::Fail(format!("{e:#}")))?;
+            self.send(self.report(Some(d), &m.sha256, Phase::Applied, "already active"));
+            return Ok(());
+        }
+        self.send(self.report(Some(d), &m.sha256, Phase::Downloading, format!("{} bytes", m.size)));
+        self.download(d, m, cancel).await?;
+        let candidate = self.load_and_self_test(m).await?;
+        self.set_phase(Phase::Verified).await?;
+        self.send(self.report(Some(d), &m.sha256, Phase::Verified, "sha256, load and golden vectors passed"));
+        let candidate = if d.policy.shadow_windows > 0 && self.slot.active_info().is_some() {
+            self.set_phase(Phase::Shadow).await?;
+            self.send(self.report(Some(d), &m.sha256, Phase::Shadow, format!("{} windows", d.policy.shadow_windows)));
+            self.slot.start_shadow(candidate, d.policy.shadow_windows);
+            let (candidate, agreement) = loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return Err(StepError::Cancelled),
+                    ev = self.events.recv() => match ev {
+                        Some(SlotEvent::ShadowDone { candidate, agreement }) => break (*candidate, agreement),
+                        Some(_) => {}
+                        None => return Err(StepError::Cancelled),
+                    }
+                }
+            };
+            let mut r =
+                self.report(Some(d), &m.sha256, Phase::Shadow, format!("shadow done: agreement {agreement:.3}"));
+            r.shadow_agreement = Some(agreement);
+            self.send(r);
+            candidate
+        } else {
+            candidate
+        };
+        // Activate: the pointer first, so that a crash from here on comes back to the new model and its watch.
+        let info = candidate.info.clone();
+        self.pointer.previous = self.pointer.active.replace(info);
+        self.set_phase(Phase::Watching).await?;
+        self.slot.activate(candidate, WatchTracker::new(d.policy.watch_windows, d.policy.latency_budget_us));
+        self.send(self.report(
+            Some(d),
+            &m.sha256,
+            Phase::Watching,
+            format!("watching {} windows", d.policy.watch_windows),
+        ));
+        self.watch(d, m, cancel).await
+    }
+
+    async fn watch(&mut self, d: &DesiredState, m: &Manifest, cancel: &CancellationToken) -> Result<(), StepError> {
+        loop {
+            let ev = tokio::select! {
+                _ = cancel.cancelled() => return Err(StepError::Cancelled),
+                ev = self.events.recv() => ev.ok_or(StepError::Cancelled)?,
+            };
+            let (phase, reason, rate, baseline, p95) = match ev {
+                SlotEvent::WatchPassed { anomaly_rate, baseline, p95_us } => {
+                    (Phase::Applied, "watch passed".to_string(), anomaly_rate, baseline, p95_us)
+                }
+                SlotEvent::Reverted { reason, anomaly_rate, baseline, p95_us } => {
+                    self.pointer.active = self.pointer.previous.take();
+                    (Phase::Reverted, reason, anomaly_rate, baseline, p95_us)
+                }
+                SlotEvent::ShadowDone { .. } => continue,
+            };
+            self.pointer.pending = None;
+            self.save().await.map_err(|e| StepError::Fail(format!("{e:#}")))?;
+            let mut r = self.report(Some(d), &m.sha256, phase, reason);
+            (r.anomaly_rate, r.baseline_anomaly_rate, r.p95_us) = (Some(rate), Some(baseline), p95);
+            self.send(r);
+            return Ok(());
+        }
+    }
+
+    fn url(&self, artifact: &str) -> String {
+        if artifact.starts_with("http://") || artifact.starts_with("https://") {
+            artifact.to_string()
+        } else {
+            format!("{}{}", self.cfg.artifact_base.trim_end_matches('/'), artifact)
+        }
+    }
+
+    /// Downloads into the staging file (resuming), checks size and hash, and moves it into `models/`.
+    async fn download(&self, d: &DesiredState, m: &Manifest, cancel: &CancellationToken) -> Result<(), StepError> {
+        let final_path = self.files.model(&m.sha256);
+        if final_path.is_file() {
+            return Ok(());
+        }
+        let part = self.files.staging(&m.sha256);
+        let url = self.url(&d.artifact);
+        let mut backoff = DOWNLOAD_BACKOFF;
+        for attempt in 1..=DOWNLOAD_ATTEMPTS {
+            match self.fetch(&url, &part, m, cancel).await {
+                Ok(()) => break,
+                Err(Fetch::Fatal(e)) => {
+                    let _ = std::fs::remove_file(&part);
+                    return Err(StepError::Fail(e));
+                }
+                Err(Fetch::Cancelled) => return Err(StepError::Cancelled),
+                Err(Fetch::Retry(e)) => {
+                    tracing::warn!(attempt, error = %e, %url, "artifact download interrupted; resuming");
+                    if attempt == DOWNLOAD_ATTEMPTS {
+                        return Err(StepError::Fail(format!("download failed {attempt} times: {e}")));
+                    }
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Err(StepError::Cancelled),
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff *= 2;
+                }
+            }
+        }
+        let (part2, final2, m2) = (part.clone(), final_path.clone(), m.clone());
+        tokio::task::spawn_blocking(move || -> Result<(), String> {
+            let bytes = std::fs::read(&part2).map_err(|e| format!("reading {}: {e}", part2.display()))?;
+            if let Err(e) = state::check_artifact(&bytes, &m2) {
+                let _ = std::fs::remove_file(&part2);
+                return Err(e);
+            }
+            let dir = final2.parent().expect("models dir");
+            std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+            std::fs::rename(&part2, &final2).map_err(|e| format!("moving the artifact into place: {e}"))?;
+            std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(|e| format!("syncing {}: {e}", dir.display()))
+        })
+        .await
+        .map_err(|e| StepError::Fail(e.to_string()))?
+        .map_err(StepError::Fail)?;
+        Ok(())
+    }
+
+    /// One HTTP request: continues the staging file from its length.
+    async fn fetch(&self, url: &str, part: &Path, m: &Manifest, cancel: &CancellationToken) -> Result<(), Fetch> {
+        use tokio::io::AsyncWriteExt;
+        let io = |e: std::io::Error| Fetch::Fatal(format!("staging file {}: {e}", part.display()));
+        if let Some(dir) = part.parent() {
+            tokio::fs::create_dir_all(dir).await.map_err(io)?;
+        }
+        let mut have = tokio::fs::metadata(part).await.map(|md| md.len()).unwrap_or(0);
+        if have > m.size {
+            have = 0;
+        }
+        if have == m.size {
+            return Ok(());
+        }
+        let mut req = self.http.get(url);
+        if have > 0 {
+            req = req.header(reqwest::header::RANGE, format!("bytes={have}-"));
+        }
+        let mut resp = tokio::select! {
+            _ = cancel.cancelled() => return Err(Fetch::Cancelled),
+            r = req.send() => r.map_err(|e| Fetch::Retry(format!("{e}")))?,
+        };
+        let status = resp.status();
+        let append = match status.as_u16() {
+            206 if have > 0 => true,
+            200 => false,
+            404 => return Err(Fetch::Fatal(format!("{url}: 404, the control plane has no such artifact"))),
+            s if s >= 500 => return Err(Fetch::Retry(format!("{url}: HTTP {s}"))),
+            s => return Err(Fetch::Fatal(format!("{url}: HTTP {s}"))),
+        };
+        if !append {
+            have = 0;
+        }
+        if let Some(len) = resp.content_length() {
+            state::accept_chunk(have, len as usize, m.size).map_err(Fetch::Fatal)?;
+        }
+        let mut file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(append)
+            .truncate(!append)
+            .open(part)
+            .await
+            .map_err(io)?;
+        loop {
+            let chunk = tokio::select! {
+                _ = cancel.cancelled() => {
+                    let _ = file.sync_data().await;
+                    return Err(Fetch::Cancelled);
+                }
+                c = resp.chunk() => c.map_err(|e| Fetch::Retry(format!("{e}"))),
+            };
+            let chunk = match chunk {
+                Ok(Some(c)) => c,
+                Ok(None) => break,
+                Err(e) => {
+                    let _ = file.sync_data().await;
+                    return Err(e);
+                }
+            };
+            state::accept_chunk(have, chunk.len(), m.size).map_err(Fetch::Fatal)?;
+            file.write_all(&chunk).await.map_err(io)?;
+            have += chunk.len() as u64;
+        }
+        file.sync_data().await.map_err(io)?;
+        if have < m.size {
+            return Err(Fetch::Retry(format!("connection closed at {have} of {} bytes", m.size)));
+        }
+        Ok(())
+    }
+
+    async fn load_and_self_test(&self, m: &Manifest) -> Result<Loaded, StepError> {
+        let (files, m2, width) = (self.files.clone(), m.clone(), self.me.width);
+        tokio::task::spawn_blocking(move || -> Result<Loaded, String> {
+            let info = ModelInfo {
+                name: m2.name.clone(),
+                version: m2.version,
+                sha256: m2.sha256.clone(),
+                threshold: Some(m2.threshold),
+            };
+            let mut model = files.load_model(&info, width).map_err(|e| format!("load: {e:#}"))?;
+            let outputs: Vec<Result<Vec<f32>, String>> =
+                m2.golden.iter().map(|g| model.outputs(&g.input).map_err(|e| e.to_string())).collect();
+            state::self_test(&m2.golden, &outputs, m2.golden_tolerance).map_err(|e| format!("self-test: {e}"))?;
+            Ok(Loaded { model, info })
+        })
+        .await
+        .map_err(|e| StepError::Fail(e.to_string()))?
+        .map_err(StepError::Fail)
+    }
+}
+
+enum Fetch {
+    Retry(String),
+    Fatal(String),
+    Cancelled,
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,465 @@
+//! The updater's decisions, with no I/O: which desired states to accept, whether downloaded bytes are the
+//! signed artifact, whether a model passes its golden vectors, and how the shadow and watch phases judge a
+//! candidate window by window. Time comes in as an argument; everything here is tested exhaustively.
+
+use edgeloop_common::signing::{Signed, TrustedKey, VerifyError};
+use edgeloop_common::update::{DesiredState, Golden, Manifest};
+use serde::{Deserialize, Serialize};
+
+/// Why a desired state was refused before anything was downloaded.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum Rejection {
+    #[error("desired state: {0}")]
+    DesiredSignature(VerifyError),
+    #[error("manifest: {0}")]
+    ManifestSignature(VerifyError),
+    #[error("desired state is for device `{0}`")]
+    WrongDevice(String),
+    #[error("desired state is for class `{got}`, this device is `{expected}`")]
+    WrongClass { expected: String, got: String },
+    #[error("sequence {seq} is not above the last accepted {last}")]
+    Replayed { seq: u64, last: u64 },
+    #[error("desired state expired at {expires_ms} ms (now {now_ms} ms)")]
+    Expired { expires_ms: u64, now_ms: u64 },
+    #[error("manifest: {0}")]
+    BadManifest(String),
+}
+
+impl Rejection {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Rejection::DesiredSignature(e) | Rejection::ManifestSignature(e) => e.reason(),
+            Rejection::WrongDevice(_) => "wrong_device",
+            Rejection::WrongClass { .. } => "wrong_class",
+            Rejection::Replayed { .. } => "replayed",
+            Rejection::Expired { .. } => "expired",
+            Rejection::BadManifest(_) => "bad_manifest",
+        }
+    }
+}
+
+/// What the device is, for verifying desired states.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub device: String,
+    pub class: String,
+    pub sensor: String,
+    /// Width of that sensor's feature vector.
+    pub width: usize,
+    pub max_artifact_bytes: u64,
+}
+
+/// Verifies a desired state and the manifest inside it. `last_seq` is the highest sequence accepted so far.
+pub fn verify_desired(
+    signed: &Signed,
+    trusted: &[TrustedKey],
+    me: &Identity,
+    last_seq: u64,
+    now_ms: u64,
+) -> Result<(DesiredState, Manifest), Rejection> {
+    let desired: DesiredState = signed.verify(trusted, now_ms).map_err(Rejection::DesiredSignature)?;
+    if desired.device != me.device {
+        return Err(Rejection::WrongDevice(desired.device));
+    }
+    if desired.class != me.class {
+        return Err(Rejection::WrongClass { expected: me.class.clone(), got: desired.class });
+    }
+    if desired.seq <= last_seq {
+        return Err(Rejection::Replayed { seq: desired.seq, last: last_seq });
+    }
+    if now_ms > desired.expires_ms {
+        return Err(Rejection::Expired { expires_ms: desired.expires_ms, now_ms });
+    }
+    let manifest: Manifest = desired.manifest.verify(trusted, now_ms).map_err(Rejection::ManifestSignature)?;
+    if manifest.class != me.class {
+        return Err(Rejection::WrongClass { expected: me.class.clone(), got: manifest.class });
+    }
+    check_manifest(&manifest, me).map_err(Rejection::BadManifest)?;
+    Ok((desired, manifest))
+}
+
+fn check_manifest(m: &Manifest, me: &Identity) -> Result<(), String> {
+    if m.sha256.len() != 64 || !m.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!("sha256 `{}` is not 64 hex digits", m.sha256));
+    }
+    if m.size == 0 || m.size > me.max_artifact_bytes {
+        return Err(format!("size {} is outside 1..={} bytes", m.size, me.max_artifact_bytes));
+    }
+    if m.sensor != me.sensor {
+        return Err(format!("model scores sensor `{}`, this device scores `{}`", m.sensor, me.sensor));
+    }
+    if m.input_width() != Some(me.width) {
+        return Err(format!("input shape {:?} does not take {} features", m.input_shape, me.width));
+    }
+    if !m.threshold.is_finite() {
+        return Err("threshold is not finite".into());
+    }
+    if m.golden.is_empty() {
+        return Err("no golden vectors to self-test with".into());
+    }
+    Ok(())
+}
+
+/// Guards a download: never more bytes than the signed size.
+pub fn accept_chunk(have: u64, chunk: usize, signed_size: u64) -> Result<(), String> {
+    let total = have + chunk as u64;
+    if total > signed_size {
+        return Err(format!("server sent {total} bytes or more; the manifest signs {signed_size}"));
+    }
+    Ok(())
+}
+
+/// Checks downloaded bytes against the manifest's size and SHA-256.
+pub fn check_artifact(bytes: &[u8], m: &Manifest) -> Result<(), String> {
+    if bytes.len() as u64 != m.size {
+        return Err(format!("artifact is {} bytes, the manifest signs {}", bytes.len(), m.size));
+    }
+    let got = edgeloop_common::signing::sha256_hex(bytes);
+    if !got.eq_ignore_ascii_case(&m.sha256) {
+        return Err(format!("artifact sha256 {got} does not match the signed {}", m.sha256));
+    }
+    Ok(())
+}
+
+/// Compares a model's outputs on the golden inputs with the expected outputs.
+pub fn self_test(golden: &[Golden], outputs: &[Result<Vec<f32>, String>], tolerance: f32) -> Result<(), String> {
+    for (i, (g, out)) in golden.iter().zip(outputs).enumerate() {
+        let out = out.as_ref().map_err(|e| format!("golden[{i}]: {e}"))?;
+        if out.len() < g.output.len() {
+            return Err(format!("golden[{i}]: {} outputs, expected {}", out.len(), g.output.len()));
+        }
+        for (j, (&want, &got)) in g.output.iter().zip(out).enumerate() {
+            let allowed = tolerance * want.abs().max(1.0);
+            if !got.is_finite() || (got - want).abs() > allowed {
+                return Err(format!("golden[{i}] output {j}: got {got}, expected {want} (tolerance {allowed})"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What one window of the candidate gave, while shadowed or watched.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum WindowOutcome {
+    /// A finite score, whether it crossed the threshold, and how long inference took.
+    Scored { flagged: bool, latency_us: u32 },
+    /// The model produced NaN or infinity.
+    NonFinite,
+}
+
+/// Counts shadow windows and how often the candidate agreed with the active model.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ShadowTracker {
+    pub target: u32,
+    pub seen: u32,
+    pub agreed: u32,
+}
+
+impl ShadowTracker {
+    pub fn new(target: u32) -> Self {
+        ShadowTracker { target, ..Default::default() }
+    }
+    /// `active_flag`: the active model's decision (none if it gave no score); returns true when done.
+    pub fn observe(&mut self, active_flag: Option<bool>, candidate: WindowOutcome) -> bool {
+        self.seen += 1;
+        if let (Some(a), WindowOutcome::Scored { flagged, .. }) = (active_flag, candidate) {
+            if a == flagged {
+                self.agreed += 1;
+            }
+        }
+        self.seen >= self.target
+    }
+    pub fn agreement(&self) -> f32 {
+        if self.seen == 0 {
+            return 1.0;
+        }
+        self.agreed as f32 / self.seen as f32
+    }
+}
+
+/// The watch's verdict after a window.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    Continue,
+    Passed,
+    Revert(String),
+}
+
+/// Watches a newly activated model: a non-finite output, or latency over budget (in more than a tenth of the
+/// windows, so one scheduling hiccup does not revert), reverts it; `target` clean windows pass it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct WatchTracker {
+    pub target: u32,
+    pub budget_us: u32,
+    pub seen: u32,
+    pub flagged: u32,
+    pub over_budget: u32,
+    latencies: Vec<u32>,
+}
+
+impl WatchTracker {
+    pub fn new(target: u32, budget_us: u32) -> Self {
+        WatchTracker { target: target.max(1), budget_us, ..Default::default() }
+    }
+
+    pub fn observe(&mut self, w: WindowOutcome) -> Verdict {
+        self.seen += 1;
+        match w {
+            WindowOutcome::NonFinite => {
+                return Verdict::Revert(format!("non-finite output in watched window {}", self.seen));
+            }
+            WindowOutcome::Scored { flagged, latency_us } => {
+                self.flagged += u32::from(flagged);
+                self.latencies.push(latency_us);
+                if self.budget_us > 0 && latency_us > self.budget_us {
+                    self.over_budget += 1;
+                }
+            }
+        }
+        if self.budget_us > 0 && self.over_budget * 10 > self.target.max(10) {
+            return Verdict::Revert(format!(
+                "inference over the {} us budget in {} of {} windows",
+                self.budget_us, self.over_budget, self.seen
+            ));
+        }
+        if self.seen >= self.target {
+            Verdict::Passed
+        } else {
+            Verdict::Continue
+        }
+    }
+
+    pub fn anomaly_rate(&self) -> f32 {
+        if self.seen == 0 {
+            0.0
+        } else {
+            self.flagged as f32 / self.seen as f32
+        }
+    }
+
+    pub fn p95_us(&self) -> Option<u32> {
+        let mut l = self.latencies.clone();
+        if l.is_empty() {
+            return None;
+        }
+        l.sort_unstable();
+        Some(l[((l.len() - 1) * 95) / 100])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edgeloop_common::features::PipelineSpec;
+    use edgeloop_common::signing::{to_cbor, Signer};
+    use edgeloop_common::update::{ManifestLineage, UpdatePolicy};
+
+    const NOW: u64 = 1_000_000;
+
+    fn me() -> Identity {
+        Identity {
+            device: "d1".into(),
+            class: "press".into(),
+            sensor: "temp".into(),
+            width: 4,
+            max_artifact_bytes: 1 << 20,
+        }
+    }
+
+    fn manifest(bytes: &[u8]) -> Manifest {
+        Manifest {
+            name: "press".into(),
+            version: 2,
+            class: "press".into(),
+            sensor: "temp".into(),
+            sha256: edgeloop_common::signing::sha256_hex(bytes),
+            size: bytes.len() as u64,
+            input_shape: vec![-1, 4],
+            output_shape: vec![-1, 1],
+            pipeline: PipelineSpec { version: 1, sensors: vec![] },
+            threshold: 1.0,
+            golden: vec![Golden { input: vec![1.0; 4], output: vec![1.0] }],
+            golden_tolerance: 1e-4,
+            lineage: ManifestLineage::default(),
+            created_ms: 0,
+        }
+    }
+
+    fn desired(signer: &Signer, m: &Manifest, seq: u64) -> DesiredState {
+        DesiredState {
+            device: "d1".into(),
+            class: "press".into(),
+            seq,
+            issued_ms: NOW,
+            expires_ms: NOW + 60_000,
+            rollout: Some("r1".into()),
+            manifest: Signed::sign(m, signer),
+            artifact: format!("/api/v1/artifacts/{}", m.sha256),
+            policy: UpdatePolicy::default(),
+        }
+    }
+
+    fn signer() -> Signer {
+        Signer::from_pkcs8(&Signer::generate_pkcs8()).unwrap()
+    }
+
+    #[test]
+    fn a_good_desired_state_is_accepted() {
+        let s = signer();
+        let m = manifest(b"onnx");
+        let signed = Signed::sign(&desired(&s, &m, 5), &s);
+        let (d, got) = verify_desired(&signed, &[s.trusted(None)], &me(), 4, NOW).unwrap();
+        assert_eq!((d.seq, got), (5, m));
+    }
+
+    #[test]
+    fn unknown_key_rejected() {
+        let (s, stranger) = (signer(), signer());
+        let m = manifest(b"onnx");
+        let signed = Signed::sign(&desired(&stranger, &m, 5), &stranger);
+        let r = verify_desired(&signed, &[s.trusted(None)], &me(), 0, NOW).unwrap_err();
+        assert_eq!(r.reason(), "unknown_key");
+        // A desired state signed by a trusted key but carrying a manifest signed by a stranger fails too.
+        let signed = Signed::sign(&desired(&stranger, &m, 5), &s);
+        let r = verify_desired(&signed, &[s.trusted(None)], &me(), 0, NOW).unwrap_err();
+        assert!(matches!(r, Rejection::ManifestSignature(VerifyError::UnknownKey(_))), "{r:?}");
+    }
+
+    #[test]
+    fn unsigned_rejected() {
+        let s = signer();
+        let d = desired(&s, &manifest(b"onnx"), 5);
+        let unsigned = Signed { payload: to_cbor(&d), key_id: String::new(), sig: Vec::new() };
+        let r = verify_desired(&unsigned, &[s.trusted(None)], &me(), 0, NOW).unwrap_err();
+        assert_eq!(r, Rejection::DesiredSignature(VerifyError::Unsigned));
+        // Signed, but the payload was changed afterwards (a seq bumped by hand, say).
+        let mut signed = Signed::sign(&d, &s);
+        let mut bumped = d.clone();
+        bumped.seq = 99;
+        signed.payload = to_cbor(&bumped);
+        let r = verify_desired(&signed, &[s.trusted(None)], &me(), 0, NOW).unwrap_err();
+        assert_eq!(r.reason(), "bad_signature");
+    }
+
+    #[test]
+    fn rollback_replayed_desired_state_rejected() {
+        let s = signer();
+        let m = manifest(b"onnx");
+        for seq in [3, 4] {
+            let signed = Signed::sign(&desired(&s, &m, seq), &s);
+            let r = verify_desired(&signed, &[s.trusted(None)], &me(), 4, NOW).unwrap_err();
+            assert_eq!(r, Rejection::Replayed { seq, last: 4 });
+        }
+    }
+
+    #[test]
+    fn freeze_expired_manifest_rejected() {
+        let s = signer();
+        let d = desired(&s, &manifest(b"onnx"), 5);
+        let signed = Signed::sign(&d, &s);
+        let later = d.expires_ms + 1;
+        let r = verify_desired(&signed, &[s.trusted(None)], &me(), 0, later).unwrap_err();
+        assert_eq!(r, Rejection::Expired { expires_ms: d.expires_ms, now_ms: later });
+    }
+
+    #[test]
+    fn mix_and_match_wrong_device_class_rejected() {
+        let s = signer();
+        let mut m = manifest(b"onnx");
+        // A desired state for the right class carrying another class's (validly signed) manifest.
+        m.class = "city-traffic".into();
+        let signed = Signed::sign(&desired(&s, &m, 5), &s);
+        let r = verify_desired(&signed, &[s.trusted(None)], &me(), 0, NOW).unwrap_err();
+        assert_eq!(r.reason(), "wrong_class");
+        // A desired state addressed to another class, or another device.
+        let mut d = desired(&s, &manifest(b"onnx"), 5);
+        d.class = "city-traffic".into();
+        let r = verify_desired(&Signed::sign(&d, &s), &[s.trusted(None)], &me(), 0, NOW).unwrap_err();
+        assert_eq!(r.reason(), "wrong_class");
+        let mut d = desired(&s, &manifest(b"onnx"), 5);
+        d.device = "d2".into();
+        let r = verify_desired(&Signed::sign(&d, &s), &[s.trusted(None)], &me(), 0, NOW).unwrap_err();
+        assert_eq!(r, Rejection::WrongDevice("d2".into()));
+    }
+
+    #[test]
+    fn manifests_that_cannot_run_here_are_rejected() {
+        let s = signer();
+        type Breaker = fn(&mut Manifest);
+        let cases: Vec<(Breaker, &str)> = vec![
+            (|m| m.sha256 = "xyz".into(), "sha256"),
+            (|m| m.size = 2 << 20, "size"),
+            (|m| m.sensor = "vibration".into(), "sensor"),
+            (|m| m.input_shape = vec![-1, 5], "input shape"),
+            (|m| m.golden.clear(), "golden"),
+            (|m| m.threshold = f32::NAN, "threshold"),
+        ];
+        for (break_it, word) in cases {
+            let mut m = manifest(b"onnx");
+            break_it(&mut m);
+            let signed = Signed::sign(&desired(&s, &m, 5), &s);
+            let r = verify_desired(&signed, &[s.trusted(None)], &me(), 0, NOW).unwrap_err();
+            assert!(r.to_string().contains(word), "{r} lacks {word}");
+        }
+    }
+
+    #[test]
+    fn arbitrary_software_tampered_artifact_rejected() {
+        let m = manifest(b"the signed model");
+        assert!(check_artifact(b"the signed model", &m).is_ok());
+        let e = check_artifact(b"the signed modeL", &m).unwrap_err();
+        assert!(e.contains("does not match the signed"), "{e}");
+        let e = check_artifact(b"short", &m).unwrap_err();
+        assert!(e.contains("bytes"), "{e}");
+    }
+
+    #[test]
+    fn endless_data_oversize_artifact_aborted() {
+        assert!(accept_chunk(0, 10, 10).is_ok());
+        assert!(accept_chunk(5, 5, 10).is_ok());
+        let e = accept_chunk(8, 3, 10).unwrap_err();
+        assert!(e.contains("11 bytes"), "{e}");
+    }
+
+    #[test]
+    fn self_test_compares_within_tolerance() {
+        let g = vec![Golden { input: vec![0.0], output: vec![2.0, 100.0] }];
+        assert!(self_test(&g, &[Ok(vec![2.00001, 100.001])], 1e-4).is_ok());
+        assert!(self_test(&g, &[Ok(vec![2.1, 100.0])], 1e-4).unwrap_err().contains("output 0"));
+        assert!(self_test(&g, &[Ok(vec![2.0, f32::NAN])], 1e-4).is_err());
+        assert!(self_test(&g, &[Ok(vec![2.0])], 1e-4).unwrap_err().contains("1 outputs"));
+        assert!(self_test(&g, &[Err("boom".into())], 1e-4).unwrap_err().contains("boom"));
+    }
+
+    #[test]
+    fn shadow_counts_agreement() {
+        let mut t = ShadowTracker::new(4);
+        let s = |flagged| WindowOutcome::Scored { flagged, latency_us: 1 };
+        assert!(!t.observe(Some(true), s(true)));
+        assert!(!t.observe(Some(false), s(true)));
+        assert!(!t.observe(Some(false), WindowOutcome::NonFinite));
+        assert!(t.observe(Some(false), s(false)));
+        assert_eq!(t.agreement(), 0.5);
+    }
+
+    #[test]
+    fn watch_passes_clean_windows_and_reverts_on_nan_or_slowness() {
+        let ok = WindowOutcome::Scored { flagged: false, latency_us: 10 };
+        let mut w = WatchTracker::new(3, 100);
+        assert_eq!(w.observe(ok), Verdict::Continue);
+        assert_eq!(w.observe(WindowOutcome::Scored { flagged: true, latency_us: 10 }), Verdict::Continue);
+        assert_eq!(w.observe(ok), Verdict::Passed);
+        assert!((w.anomaly_rate() - 1.0 / 3.0).abs() < 1e-6);
+        assert_eq!(w.p95_us(), Some(10));
+
+        let mut w = WatchTracker::new(3, 100);
+        assert_eq!(w.observe(ok), Verdict::Continue);
+        assert!(matches!(w.observe(WindowOutcome::NonFinite), Verdict::Revert(r) if r.contains("non-finite")));
+
+        let mut w = WatchTracker::new(20, 100);
+        let slow = WindowOutcome::Scored { flagged: false, latency_us: 500 };
+        assert_eq!(w.observe(slow), Verdict::Continue, "one slow window is tolerated");
+        assert_eq!(w.observe(slow), Verdict::Continue);
+        assert!(matches!(w.observe(slow), Verdict::Revert(r) if r.contains("budget")));
+    }
+}

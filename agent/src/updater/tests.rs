@@ -1,0 +1,376 @@
+//! The updater shell against a real HTTP server on loopback and real files: the attack tests that need the
+//! download path, resumption, self-test, watch and revert. The server is a few lines over a TCP socket so
+//! each test can misbehave exactly as the attack needs.
+
+use super::slot::{Loaded, ModelInfo, ModelSlot};
+use super::state::{Identity, WatchTracker};
+use super::*;
+use crate::inference::mean_square_onnx;
+use edgeloop_common::features::PipelineSpec;
+use edgeloop_common::signing::Signer;
+use edgeloop_common::update::{Golden, ManifestLineage, UpdatePolicy};
+use std::sync::Mutex;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const WIDTH: usize = 4;
+
+/// How the test server answers.
+#[derive(Clone, Default)]
+struct Behaviour {
+    body: Vec<u8>,
+    /// Close the connection after this many body bytes (first request only).
+    cut_first_after: Option<usize>,
+    /// Send this many extra bytes beyond the body, with no Content-Length (an endless server).
+    extra: usize,
+}
+
+/// Serves `behaviour` at any path; records each request's Range header.
+async fn serve(b: Behaviour) -> (String, Arc<Mutex<Vec<Option<String>>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let ranges = Arc::new(Mutex::new(Vec::new()));
+    let seen = ranges.clone();
+    tokio::spawn(async move {
+        let mut n = 0;
+        while let Ok((mut sock, _)) = listener.accept().await {
+            n += 1;
+            let mut buf = vec![0u8; 4096];
+            let mut len = 0;
+            while !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+                let r = sock.read(&mut buf[len..]).await.unwrap();
+                if r == 0 {
+                    break;
+                }
+                len += r;
+            }
+            let req = String::from_utf8_lossy(&buf[..len]).to_string();
+            let range = req.lines().find_map(|l| {
+                l.to_ascii_lowercase().strip_prefix("range: bytes=").map(|r| r.trim_end_matches('-').to_string())
+            });
+            seen.lock().unwrap().push(range.clone());
+            let from: usize = range.and_then(|r| r.parse().ok()).unwrap_or(0);
+            let mut body = b.body[from.min(b.body.len())..].to_vec();
+            let status = if from > 0 { "206 Partial Content" } else { "200 OK" };
+            let head = if b.extra > 0 {
+                body.extend(std::iter::repeat_n(7u8, b.extra));
+                format!("HTTP/1.1 {status}\r\nConnection: close\r\n\r\n")
+            } else {
+                format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len())
+            };
+            let _ = sock.write_all(head.as_bytes()).await;
+            let cut = if n == 1 { b.cut_first_after } else { None };
+            let _ = sock.write_all(&body[..cut.unwrap_or(body.len()).min(body.len())]).await;
+            let _ = sock.shutdown().await;
+        }
+    });
+    (format!("http://{addr}"), ranges)
+}
+
+fn signer() -> Signer {
+    Signer::from_pkcs8(&Signer::generate_pkcs8()).unwrap()
+}
+
+fn manifest(bytes: &[u8], golden_out: f32) -> Manifest {
+    Manifest {
+        name: "press".into(),
+        version: 2,
+        class: "press".into(),
+        sensor: "temp".into(),
+        sha256: edgeloop_common::signing::sha256_hex(bytes),
+        size: bytes.len() as u64,
+        input_shape: vec![-1, WIDTH as i64],
+        output_shape: vec![-1, 1],
+        pipeline: PipelineSpec { version: 1, sensors: vec![] },
+        threshold: 100.0,
+        golden: vec![Golden { input: vec![1.0, 2.0, 3.0, 4.0], output: vec![golden_out] }],
+        golden_tolerance: 1e-4,
+        lineage: ManifestLineage::default(),
+        created_ms: 0,
+    }
+}
+
+fn desired(s: &Signer, m: &Manifest, seq: u64, policy: UpdatePolicy) -> Signed {
+    let now = unix_millis();
+    let d = DesiredState {
+        device: "d1".into(),
+        class: "press".into(),
+        seq,
+        issued_ms: now,
+        expires_ms: now + 600_000,
+        rollout: Some("r1".into()),
+        manifest: Signed::sign(m, s),
+        artifact: format!("/api/v1/artifacts/{}", m.sha256),
+        policy,
+    };
+    Signed::sign(&d, s)
+}
+
+struct Rig {
+    up: Updater,
+    reports: mpsc::UnboundedReceiver<UpdateReport>,
+    slot: Arc<ModelSlot>,
+    files: Files,
+    _dir: tempfile::TempDir,
+}
+
+fn rig(s: &Signer, base: &str, dir: Option<tempfile::TempDir>) -> Rig {
+    let dir = dir.unwrap_or_else(|| tempfile::tempdir().unwrap());
+    let health = Arc::new(Health::default());
+    let (slot, events) = ModelSlot::new(health.clone(), None);
+    let files = Files::new(dir.path());
+    let pointer = restore(&files, &slot, WIDTH).unwrap();
+    let (tx, reports) = mpsc::unbounded_channel();
+    let cfg = UpdaterConfig { trusted: vec![s.trusted(None)], artifact_base: base.into(), max_artifact_bytes: 1 << 20 };
+    let me = Identity {
+        device: "d1".into(),
+        class: "press".into(),
+        sensor: "temp".into(),
+        width: WIDTH,
+        max_artifact_bytes: 1 << 20,
+    };
+    let up = Updater::new(cfg, me, files.clone(), slot.clone(), events, tx, health, pointer).unwrap();
+    Rig { up, reports, slot, files, _dir: dir }
+}
+
+fn phases(rx: &mut mpsc::UnboundedReceiver<UpdateReport>) -> Vec<(Phase, String)> {
+    let mut v = Vec::new();
+    while let Ok(r) = rx.try_recv() {
+        v.push((r.phase, r.reason));
+    }
+    v
+}
+
+/// The reference model scores mean square: 7.5 for the golden input.
+fn good_model() -> (Vec<u8>, Manifest) {
+    let bytes = mean_square_onnx(WIDTH);
+    let m = manifest(&bytes, 7.5);
+    (bytes, m)
+}
+
+/// Feeds windows through the slot from a blocking thread, as the collector does, until the update settles.
+async fn feed(slot: &Arc<ModelSlot>, window: [f32; WIDTH], n: usize) {
+    let slot = slot.clone();
+    tokio::task::spawn_blocking(move || {
+        for _ in 0..n {
+            slot.score(&window);
+        }
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn installs_activates_and_applies_after_the_watch() {
+    let s = signer();
+    let (bytes, m) = good_model();
+    let (base, _) = serve(Behaviour { body: bytes.clone(), ..Default::default() }).await;
+    let mut r = rig(&s, &base, None);
+    let cancel = CancellationToken::new();
+    let policy = UpdatePolicy { shadow_windows: 0, watch_windows: 5, latency_budget_us: 0 };
+    let slot = r.slot.clone();
+    let feeder = tokio::spawn(async move {
+        for _ in 0..200 {
+            feed(&slot, [1.0; WIDTH], 1).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    r.up.handle(desired(&s, &m, 1, policy), &cancel).await.unwrap();
+    feeder.abort();
+    let got: Vec<Phase> = phases(&mut r.reports).into_iter().map(|p| p.0).collect();
+    assert_eq!(got, vec![Phase::Downloading, Phase::Verified, Phase::Watching, Phase::Applied]);
+    assert_eq!(r.slot.active_info().unwrap().sha256, m.sha256);
+    let p = r.files.load_pointer().unwrap();
+    assert_eq!((p.last_seq, p.active.unwrap().sha256, p.pending), (1, m.sha256.clone(), None));
+    assert_eq!(std::fs::read(r.files.model(&m.sha256)).unwrap(), bytes);
+}
+
+#[tokio::test]
+async fn arbitrary_software_tampered_artifact_rejected() {
+    let s = signer();
+    let (mut bytes, m) = good_model();
+    // Same size, one byte changed on the way.
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    let (base, _) = serve(Behaviour { body: bytes, ..Default::default() }).await;
+    let mut r = rig(&s, &base, None);
+    r.up.handle(desired(&s, &m, 1, UpdatePolicy::default()), &CancellationToken::new()).await.unwrap();
+    let got = phases(&mut r.reports);
+    let (phase, reason) = got.last().unwrap();
+    assert_eq!(*phase, Phase::Failed);
+    assert!(reason.contains("does not match the signed"), "{reason}");
+    assert!(r.slot.active_info().is_none(), "the tampered model never runs");
+    assert!(!r.files.model(&m.sha256).exists() && !r.files.staging(&m.sha256).exists());
+}
+
+#[tokio::test]
+async fn endless_data_oversize_artifact_aborted() {
+    let s = signer();
+    let (bytes, m) = good_model();
+    let (base, _) = serve(Behaviour { body: bytes, extra: 10 << 20, ..Default::default() }).await;
+    let mut r = rig(&s, &base, None);
+    r.up.handle(desired(&s, &m, 1, UpdatePolicy::default()), &CancellationToken::new()).await.unwrap();
+    let (phase, reason) = phases(&mut r.reports).pop().unwrap();
+    assert_eq!(phase, Phase::Failed);
+    assert!(reason.contains("the manifest signs"), "{reason}");
+    assert!(!r.files.staging(&m.sha256).exists(), "the oversize download is deleted");
+    assert!(r.slot.active_info().is_none());
+}
+
+#[tokio::test]
+async fn interrupted_download_resumes_with_range() {
+    let s = signer();
+    let (bytes, m) = good_model();
+    let half = bytes.len() / 2;
+    let (base, ranges) = serve(Behaviour { body: bytes, cut_first_after: Some(half), ..Default::default() }).await;
+    let mut r = rig(&s, &base, None);
+    let slot = r.slot.clone();
+    let feeder = tokio::spawn(async move {
+        loop {
+            feed(&slot, [1.0; WIDTH], 1).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    let policy = UpdatePolicy { shadow_windows: 0, watch_windows: 3, latency_budget_us: 0 };
+    r.up.handle(desired(&s, &m, 1, policy), &CancellationToken::new()).await.unwrap();
+    feeder.abort();
+    assert_eq!(*ranges.lock().unwrap(), vec![None, Some(half.to_string())]);
+    assert_eq!(phases(&mut r.reports).pop().unwrap().0, Phase::Applied);
+}
+
+#[tokio::test]
+async fn selftest_failure_keeps_active_model() {
+    let s = signer();
+    let old = Model::load_bytes(&mean_square_onnx(WIDTH), WIDTH).unwrap();
+    // A different model (the reference for width 4 scores 7.5), whose manifest promises another output.
+    let (bytes, mut m) = good_model();
+    m.golden[0].output = vec![8.0];
+    let (base, _) = serve(Behaviour { body: bytes, ..Default::default() }).await;
+    let mut r = rig(&s, &base, None);
+    r.slot.set_active(Some(Loaded {
+        info: ModelInfo { sha256: "0".repeat(64), ..ModelInfo::configured(&old) },
+        model: old,
+    }));
+    r.up.handle(desired(&s, &m, 1, UpdatePolicy::default()), &CancellationToken::new()).await.unwrap();
+    let (phase, reason) = phases(&mut r.reports).pop().unwrap();
+    assert_eq!(phase, Phase::Failed);
+    assert!(reason.starts_with("self-test: golden[0] output 0: got 7.5, expected 8"), "{reason}");
+    assert_eq!(r.slot.active_info().unwrap().sha256, "0".repeat(64), "the active model is unchanged");
+    assert!(r.files.load_pointer().unwrap().pending.is_none());
+}
+
+#[tokio::test]
+async fn runtime_nan_auto_reverts() {
+    let s = signer();
+    let (bytes, m) = good_model();
+    let (base, _) = serve(Behaviour { body: bytes, ..Default::default() }).await;
+    let mut r = rig(&s, &base, None);
+    let previous = Model::load_bytes(&mean_square_onnx(WIDTH), WIDTH).unwrap();
+    let prev_info = ModelInfo { sha256: "a".repeat(64), ..ModelInfo::configured(&previous) };
+    r.slot.set_active(Some(Loaded { info: prev_info.clone(), model: previous }));
+    r.up.pointer.active = Some(prev_info.clone());
+    let slot = r.slot.clone();
+    // Once activated, the new model meets inputs it overflows on: its score is infinite.
+    let feeder = tokio::spawn(async move {
+        loop {
+            feed(&slot, [f32::MAX; WIDTH], 1).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    let policy = UpdatePolicy { shadow_windows: 0, watch_windows: 50, latency_budget_us: 0 };
+    r.up.handle(desired(&s, &m, 1, policy), &CancellationToken::new()).await.unwrap();
+    feeder.abort();
+    let (phase, reason) = phases(&mut r.reports).pop().unwrap();
+    assert_eq!(phase, Phase::Reverted);
+    assert!(reason.contains("non-finite"), "{reason}");
+    assert_eq!(r.slot.active_info().unwrap(), prev_info, "the previous model runs again");
+    let p = r.files.load_pointer().unwrap();
+    assert_eq!(p.active, Some(prev_info), "the pointer names the previous model");
+    assert!(p.pending.is_none());
+}
+
+#[tokio::test]
+async fn shadow_reports_agreement_then_activates() {
+    let s = signer();
+    let (bytes, m) = good_model();
+    let (base, _) = serve(Behaviour { body: bytes, ..Default::default() }).await;
+    let mut r = rig(&s, &base, None);
+    let old = Model::load_bytes(&mean_square_onnx(WIDTH), WIDTH).unwrap();
+    r.slot.set_active(Some(Loaded {
+        info: ModelInfo { sha256: "b".repeat(64), threshold: Some(0.5), ..ModelInfo::configured(&old) },
+        model: old,
+    }));
+    let slot = r.slot.clone();
+    let feeder = tokio::spawn(async move {
+        loop {
+            // Mean square 1.0: the old model (threshold 0.5) flags it, the new one (threshold 100) does not.
+            feed(&slot, [1.0; WIDTH], 1).await;
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    });
+    let policy = UpdatePolicy { shadow_windows: 10, watch_windows: 3, latency_budget_us: 0 };
+    r.up.handle(desired(&s, &m, 1, policy), &CancellationToken::new()).await.unwrap();
+    feeder.abort();
+    let mut got = Vec::new();
+    let mut agreement = None;
+    while let Ok(rep) = r.reports.try_recv() {
+        agreement = agreement.or(rep.shadow_agreement);
+        got.push(rep.phase);
+    }
+    assert_eq!(
+        got,
+        vec![Phase::Downloading, Phase::Verified, Phase::Shadow, Phase::Shadow, Phase::Watching, Phase::Applied]
+    );
+    assert_eq!(agreement, Some(0.0));
+}
+
+#[tokio::test]
+async fn restart_mid_watch_resumes_the_watch_with_the_previous_model_at_hand() {
+    let s = signer();
+    let (bytes, m) = good_model();
+    let dir = tempfile::tempdir().unwrap();
+    let files = Files::new(dir.path());
+    std::fs::create_dir_all(files.model("x").parent().unwrap()).unwrap();
+    std::fs::write(files.model(&m.sha256), &bytes).unwrap();
+    let prev_info = ModelInfo { name: "p".into(), version: 1, sha256: m.sha256.clone(), threshold: None };
+    let new_info = ModelInfo { name: "press".into(), version: 2, sha256: m.sha256.clone(), threshold: Some(100.0) };
+    let d: DesiredState =
+        desired(&s, &m, 3, UpdatePolicy { shadow_windows: 0, watch_windows: 2, latency_budget_us: 0 })
+            .verify(&[s.trusted(None)], unix_millis())
+            .unwrap();
+    files
+        .save_pointer(&Pointer {
+            last_seq: 3,
+            active: Some(new_info.clone()),
+            previous: Some(prev_info),
+            pending: Some(Pending { desired: d, manifest: m.clone(), phase: Phase::Watching }),
+        })
+        .unwrap();
+    let r = rig(&s, "http://127.0.0.1:1", Some(dir));
+    assert_eq!(r.slot.active_info(), Some(new_info.clone()));
+    assert!(r.slot.busy(), "the watch restarted");
+    let cancel = CancellationToken::new();
+    let slot = r.slot.clone();
+    let feeder = tokio::spawn(async move {
+        loop {
+            feed(&slot, [1.0; WIDTH], 1).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    let (_tx, rx) = watch::channel(None);
+    let c2 = cancel.clone();
+    let run = tokio::spawn(async move {
+        r.up.run(rx, c2).await.unwrap();
+        r.reports
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cancel.cancel();
+    let mut reports = run.await.unwrap();
+    feeder.abort();
+    assert_eq!(phases(&mut reports).pop().unwrap().0, Phase::Applied);
+    assert!(r.files.load_pointer().unwrap().pending.is_none());
+}
+
+#[test]
+fn watch_tracker_default_target_is_at_least_one() {
+    assert_eq!(WatchTracker::new(0, 0).target, 1);
+}

@@ -1,0 +1,150 @@
+//! Model updates: the signed model manifest, the signed per-device desired state, and the reports an agent
+//! sends as an update moves through its phases.
+//!
+//! The control plane signs a [`Manifest`] when a version is registered and a [`DesiredState`] each time it
+//! points a device at a model. The desired state carries the signed manifest inside it, and its own
+//! per-device `seq`: an agent refuses any sequence it has already passed (replay and downgrade protection);
+//! a rollback is a new, higher sequence pointing at an older model.
+
+use crate::features::PipelineSpec;
+use crate::signing::Signed;
+use serde::{Deserialize, Serialize};
+
+/// An input with the output the model must give for it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Golden {
+    pub input: Vec<f32>,
+    pub output: Vec<f32>,
+}
+
+/// Where a model came from, as far as a device needs to know.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct ManifestLineage {
+    pub dataset_hash: String,
+    /// Hyper-parameters and metrics, as JSON text.
+    pub hyper: String,
+    pub metrics: String,
+    pub code_version: String,
+}
+
+/// Everything a device needs to verify and run one model version (DESIGN.md, Model manifest).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub name: String,
+    pub version: u32,
+    pub class: String,
+    /// The sensor whose feature vectors the model scores.
+    pub sensor: String,
+    /// SHA-256 of the ONNX file, hex.
+    pub sha256: String,
+    pub size: u64,
+    /// `-1` marks the batch dimension.
+    pub input_shape: Vec<i64>,
+    pub output_shape: Vec<i64>,
+    pub pipeline: PipelineSpec,
+    /// Scores above this are flagged as anomalies.
+    pub threshold: f32,
+    pub golden: Vec<Golden>,
+    /// Largest absolute difference per output allowed in the self-test (relative to `max(1, |expected|)`).
+    pub golden_tolerance: f32,
+    pub lineage: ManifestLineage,
+    pub created_ms: u64,
+}
+
+impl Manifest {
+    /// Width of the feature vector the model takes.
+    pub fn input_width(&self) -> Option<usize> {
+        self.input_shape.last().and_then(|&w| usize::try_from(w).ok()).filter(|&w| w > 0)
+    }
+}
+
+/// How the agent should bring the model in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdatePolicy {
+    /// Windows the candidate runs beside the active model before it is activated (0: no shadow phase).
+    pub shadow_windows: u32,
+    /// Windows the new model is watched after activation before the update counts as applied.
+    pub watch_windows: u32,
+    /// Inference latency allowed while watching, microseconds (0: no budget).
+    pub latency_budget_us: u32,
+}
+
+impl Default for UpdatePolicy {
+    fn default() -> Self {
+        UpdatePolicy { shadow_windows: 0, watch_windows: 20, latency_budget_us: 0 }
+    }
+}
+
+/// What one device should run. Published retained on `edgeloop/v1/{device}/down/desired`, signed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DesiredState {
+    pub device: String,
+    pub class: String,
+    /// Per device, strictly increasing.
+    pub seq: u64,
+    pub issued_ms: u64,
+    /// The agent refuses the state after this time (freeze protection).
+    pub expires_ms: u64,
+    /// The rollout this state belongs to, if any.
+    pub rollout: Option<String>,
+    /// The signed [`Manifest`] of the model to run.
+    pub manifest: Signed,
+    /// Where to download the artifact: a path on the control plane's API (or an absolute URL).
+    pub artifact: String,
+    pub policy: UpdatePolicy,
+}
+
+/// The phases an update goes through on a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Verified and accepted; the artifact is being downloaded.
+    Downloading,
+    /// Downloaded, hash checked, loaded and self-tested.
+    Verified,
+    /// Running beside the active model.
+    Shadow,
+    /// Active and being watched.
+    Watching,
+    /// Active and past its watch: the update succeeded.
+    Applied,
+    /// Refused before download: signature, class, sequence or expiry.
+    Rejected,
+    /// Download, hash, load or self-test failed; the active model is unchanged.
+    Failed,
+    /// Activated, then misbehaved, and the previous model was restored.
+    Reverted,
+}
+
+impl Phase {
+    /// Whether the update has ended, well or badly.
+    pub fn is_final(self) -> bool {
+        matches!(self, Phase::Applied | Phase::Rejected | Phase::Failed | Phase::Reverted)
+    }
+    /// Whether the update ended badly.
+    pub fn is_failure(self) -> bool {
+        matches!(self, Phase::Rejected | Phase::Failed | Phase::Reverted)
+    }
+}
+
+/// One transition of an update on a device, sent on `up/report` and repeated in every heartbeat.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UpdateReport {
+    /// The desired-state sequence this is about (0 if the state could not be read).
+    pub seq: u64,
+    pub rollout: Option<String>,
+    /// SHA-256 of the model concerned.
+    pub sha256: String,
+    pub phase: Phase,
+    pub reason: String,
+    /// SHA-256 of the model the agent runs now.
+    pub active_sha256: Option<String>,
+    /// Share of shadow windows where candidate and active model made the same anomaly decision.
+    pub shadow_agreement: Option<f32>,
+    /// Share of windows the new model flagged while watched, and the previous model's share before it.
+    pub anomaly_rate: Option<f32>,
+    pub baseline_anomaly_rate: Option<f32>,
+    /// p95 inference latency of the new model while watched, microseconds.
+    pub p95_us: Option<u32>,
+    pub at_ms: u64,
+}
