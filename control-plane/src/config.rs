@@ -36,6 +36,57 @@ pub struct RawConfig {
     pub ingest: IngestConfig,
     #[serde(default)]
     pub training: TrainingConfig,
+    #[serde(default)]
+    pub rollouts: RolloutsConfig,
+}
+
+fn default_tick_ms() -> u64 {
+    250
+}
+fn default_desired_ttl_secs() -> u64 {
+    7 * 24 * 3600
+}
+
+/// Signing and rollouts.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutsConfig {
+    /// The active Ed25519 signing key (PKCS#8, from `keys generate`), relative to this file. Default:
+    /// `<data_dir>/signing.key`, created on first start.
+    #[serde(default)]
+    pub signing_key: Option<PathBuf>,
+    /// How often the rollout engine runs, milliseconds.
+    #[serde(default = "default_tick_ms")]
+    pub tick_ms: u64,
+    /// How long a desired state stays valid; the control plane re-issues it (a new sequence) at half-life,
+    /// so a device that was away a long time never runs on stale instructions.
+    #[serde(default = "default_desired_ttl_secs")]
+    pub desired_ttl_secs: u64,
+    /// Classes whose newly promoted models roll out by themselves, and how.
+    #[serde(default)]
+    pub auto: Vec<AutoRollout>,
+}
+
+impl Default for RolloutsConfig {
+    fn default() -> Self {
+        RolloutsConfig {
+            signing_key: None,
+            tick_ms: default_tick_ms(),
+            desired_ttl_secs: default_desired_ttl_secs(),
+            auto: Vec::new(),
+        }
+    }
+}
+
+/// A class's default rollout strategy, used when a trained version is promoted.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AutoRollout {
+    pub class: String,
+    #[serde(default = "crate::rollout::default_stages")]
+    pub stages: Vec<crate::rollout::engine::Stage>,
+    #[serde(default)]
+    pub gates: crate::rollout::engine::Gates,
 }
 
 fn default_trials() -> usize {
@@ -127,6 +178,7 @@ pub struct Config {
     pub api_listen: SocketAddr,
     pub ingest: IngestConfig,
     pub training: TrainingConfig,
+    pub rollouts: RolloutsConfig,
     /// Device classes known to training, by name, loaded from `training.classes_dir`.
     pub classes: std::collections::BTreeMap<String, ClassConfig>,
 }
@@ -153,6 +205,7 @@ impl Config {
             api_listen: api,
             ingest: IngestConfig::default(),
             training: TrainingConfig::default(),
+            rollouts: RolloutsConfig::default(),
             classes: Default::default(),
         }
     }
@@ -245,8 +298,22 @@ impl RawConfig {
                 "needs at least one of every_secs, new_records, psi_threshold",
             )?;
         }
+        let r = &self.rollouts;
+        c.check((10..=60_000).contains(&r.tick_ms), "rollouts.tick_ms", "must be between 10 and 60000")?;
+        c.check(r.desired_ttl_secs >= 60, "rollouts.desired_ttl_secs", "must be at least 60")?;
+        for (i, a) in r.auto.iter().enumerate() {
+            c.check(
+                classes.is_empty() || classes.contains_key(&a.class),
+                format!("rollouts.auto[{i}].class"),
+                format!("no firmware config for class `{}` in training.classes_dir", a.class),
+            )?;
+            c.check(!a.stages.is_empty(), format!("rollouts.auto[{i}].stages"), "needs at least one stage")?;
+        }
+        let mut rollouts = self.rollouts;
+        rollouts.signing_key = rollouts.signing_key.map(|k| resolve(&k));
         let data_dir = resolve(&self.data_dir);
         Ok(Config {
+            rollouts,
             data_dir,
             durability: self.durability,
             broker: self.broker,

@@ -18,19 +18,25 @@
 //! - [`learning`]: training jobs on request, one at a time, with progress.
 //! - [`drift`]: population stability index of features against the training distribution.
 //! - [`triggers`]: retraining per class on a schedule, after N new records, or on drift.
+//! - [`keys`]: the Ed25519 signing key file.
+//! - [`rollout`]: staged rollouts of signed models, gated on install results and model behaviour.
+//! - [`audit`]: the audit log of every mutating operator call.
 //! - [`api`]: the operator HTTP API (axum).
 //! - [`server`]: starts all of the above under one cancellation token.
 
 pub mod api;
+pub mod audit;
 pub mod broker;
 pub mod config;
 pub mod dataset;
 pub mod drift;
 pub mod ingest;
+pub mod keys;
 pub mod learning;
 pub mod metrics;
 pub mod models;
 pub mod registry;
+pub mod rollout;
 pub mod server;
 pub mod store;
 pub mod training;

@@ -11,6 +11,8 @@ pub struct Metrics {
     pub records_ingested: AtomicU64,
     pub records_duplicate: AtomicU64,
     pub status_messages: AtomicU64,
+    pub update_reports: AtomicU64,
+    pub desired_published: AtomicU64,
     pub acks_sent: AtomicU64,
     pub commits: AtomicU64,
     rejected: Mutex<BTreeMap<&'static str, u64>>,
@@ -50,6 +52,13 @@ impl Metrics {
             get(&self.records_duplicate),
         );
         counter(&mut out, "edgeloop_status_messages_total", "Heartbeats received.", get(&self.status_messages));
+        counter(&mut out, "edgeloop_update_reports_total", "Model update reports received.", get(&self.update_reports));
+        counter(
+            &mut out,
+            "edgeloop_desired_published_total",
+            "Signed desired states published.",
+            get(&self.desired_published),
+        );
         counter(&mut out, "edgeloop_acks_sent_total", "End-to-end acknowledgements published.", get(&self.acks_sent));
         counter(&mut out, "edgeloop_store_commits_total", "Durable store commits (group commits).", get(&self.commits));
         let _ = writeln!(out, "# HELP edgeloop_messages_rejected_total Uplink messages refused, by reason.\n# TYPE edgeloop_messages_rejected_total counter");

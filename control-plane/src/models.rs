@@ -15,12 +15,7 @@ use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-/// An input with the output the model must give for it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Golden {
-    pub input: Vec<f32>,
-    pub output: Vec<f32>,
-}
+pub use edgeloop_common::update::Golden;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct Metrics {
@@ -87,6 +82,36 @@ pub struct ModelVersion {
     pub lineage: Lineage,
     pub created_ms: u64,
     pub promotion: Promotion,
+}
+
+impl ModelVersion {
+    /// The manifest devices verify (DESIGN.md, Model manifest), ready to sign.
+    pub fn manifest(&self) -> edgeloop_common::update::Manifest {
+        let l = &self.lineage;
+        edgeloop_common::update::Manifest {
+            name: self.name.clone(),
+            version: self.version,
+            class: self.class.clone(),
+            sensor: self.sensor.clone(),
+            sha256: self.sha256.clone(),
+            size: self.size,
+            input_shape: self.input_shape.clone(),
+            output_shape: self.output_shape.clone(),
+            pipeline: self.pipeline.clone(),
+            threshold: self.threshold,
+            golden: self.golden.clone(),
+            // tract on another CPU may differ from the exporter in the last bits; 1e-3 relative is far below
+            // any difference a wrong model makes.
+            golden_tolerance: 1e-3,
+            lineage: edgeloop_common::update::ManifestLineage {
+                dataset_hash: l.dataset_hash.clone(),
+                hyper: serde_json::to_string(&l.hyper).unwrap_or_default(),
+                metrics: serde_json::to_string(&l.metrics).unwrap_or_default(),
+                code_version: l.code_version.clone(),
+            },
+            created_ms: self.created_ms,
+        }
+    }
 }
 
 /// Decides promotion: the first version of a class is promoted; a later one only if it beats production on
@@ -211,6 +236,11 @@ impl ModelRegistry {
         let mut prefix = name.as_bytes().to_vec();
         prefix.push(0);
         self.versions.scan_prefix(prefix).map(|kv| decode(name, &kv?.1)).collect()
+    }
+
+    /// The version whose artifact has this sha256.
+    pub fn by_sha(&self, sha: &str) -> Result<Option<ModelVersion>, StoreError> {
+        Ok(self.list()?.into_iter().find(|m| m.sha256 == sha))
     }
 
     pub fn list(&self) -> Result<Vec<ModelVersion>, StoreError> {

@@ -7,6 +7,7 @@
 
 use edgeloop_common::durable::DurableDb;
 use edgeloop_common::envelope::{SeqRange, Status};
+use edgeloop_common::update::UpdateReport;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::RwLock;
@@ -25,9 +26,31 @@ pub struct Device {
     pub rejected: u64,
     pub acked_upto: u64,
     pub last_status: Option<Status>,
+    /// The latest update reports, oldest first (the newest [`UPDATE_HISTORY`] are kept).
+    #[serde(default)]
+    pub updates: Vec<UpdateReport>,
 }
 
+/// Update reports kept per device.
+pub const UPDATE_HISTORY: usize = 64;
+
 impl Device {
+    /// Records an update report (from `up/report` or a heartbeat) unless it is one already known.
+    pub fn add_update(&mut self, r: UpdateReport) {
+        if self.updates.iter().rev().take(8).any(|u| *u == r) {
+            return;
+        }
+        if self.updates.len() == UPDATE_HISTORY {
+            self.updates.remove(0);
+        }
+        self.updates.push(r);
+    }
+
+    /// The newest update report.
+    pub fn latest_update(&self) -> Option<&UpdateReport> {
+        self.updates.iter().max_by_key(|u| (u.at_ms, u.seq))
+    }
+
     /// Dropped ranges the agent has reported.
     pub fn dropped_ranges(&self) -> &[SeqRange] {
         self.last_status.as_ref().map_or(&[], |s| &s.dropped_ranges)

@@ -2,6 +2,7 @@
 //! token. Stopping lets ingest commit what it took, and the API finish its requests.
 
 use crate::api::{self, AppState};
+use crate::audit::AuditLog;
 use crate::broker;
 use crate::config::{BrokerConfig, Config};
 use crate::ingest::{service, Ingestor};
@@ -9,6 +10,8 @@ use crate::learning::Learning;
 use crate::metrics::Metrics;
 use crate::models::ModelRegistry;
 use crate::registry::Registry;
+use crate::rollout::store::RolloutStore;
+use crate::rollout::Rollouts;
 use crate::store::TelemetryStore;
 use anyhow::Context;
 use edgeloop_common::durable::DurableDb;
@@ -30,6 +33,7 @@ pub struct ControlPlaneHandle {
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
     pub learning: Arc<Learning>,
+    pub rollouts: Arc<Rollouts>,
     task: JoinHandle<anyhow::Result<()>>,
 }
 
@@ -47,23 +51,35 @@ impl ControlPlane {
         let dir = cfg.data_dir.join("store");
         let durability = cfg.durability;
         let data_dir = cfg.data_dir.clone();
-        let (store, registry, models) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-            let db = DurableDb::open(&dir, durability)?;
-            let registry = Registry::open(&db)?;
-            let models = ModelRegistry::open(&db, &data_dir)?;
-            Ok((TelemetryStore::open(db)?, registry, models))
-        })
-        .await?
-        .context("opening the store")?;
+        let key_path = cfg.rollouts.signing_key.clone().unwrap_or_else(|| cfg.data_dir.join("signing.key"));
+        let (store, registry, models, rollout_store, audit, signer) =
+            tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+                let signer = crate::keys::load_or_create(&key_path)?;
+                let db = DurableDb::open(&dir, durability)?;
+                let registry = Registry::open(&db)?;
+                let models = ModelRegistry::open(&db, &data_dir)?;
+                let rollout_store = RolloutStore::open(&db)?;
+                let audit = AuditLog::open(&db)?;
+                Ok((TelemetryStore::open(db)?, registry, models, rollout_store, audit, signer))
+            })
+            .await?
+            .context("opening the store")?;
         let registry = Arc::new(registry);
         let metrics = Arc::new(Metrics::default());
-        let learning = Arc::new(Learning::new(
-            store.clone(),
+        let models = Arc::new(models);
+        tracing::info!(key_id = signer.key_id(), public_key = %signer.public_key_hex(), "signing key loaded");
+        let rollouts = Arc::new(Rollouts::open(
+            rollout_store,
+            signer,
+            models.clone(),
             registry.clone(),
-            Arc::new(models),
-            cfg.classes.clone(),
-            cfg.training.clone(),
-        ));
+            metrics.clone(),
+            cfg.rollouts.clone(),
+            cfg.ingest.offline_after_secs * 1000,
+        )?);
+        let audit = Arc::new(audit);
+        let learning =
+            Arc::new(Learning::new(store.clone(), registry.clone(), models, cfg.classes.clone(), cfg.training.clone()));
         tokio::spawn(crate::triggers::run(learning.clone(), cancel.child_token()));
 
         if let BrokerConfig::Embedded { listen } = cfg.broker {
@@ -98,6 +114,15 @@ impl ControlPlane {
             tracing::warn!(%broker, "ingest is not subscribed yet; carrying on, it keeps retrying");
         }
 
+        let mut rollout_options = MqttOptions::new(
+            format!("edgeloop-cp-rollouts-{}", std::process::id()),
+            cfg.mqtt_host.clone(),
+            cfg.mqtt_port,
+        );
+        rollout_options.set_keep_alive(Duration::from_secs(30)).set_clean_session(true).set_inflight(1024);
+        let rollout_task =
+            tokio::spawn(crate::rollout::service::run(rollouts.clone(), rollout_options, cancel.child_token()));
+
         let listener = tokio::net::TcpListener::bind(cfg.api_listen)
             .await
             .with_context(|| format!("binding the API to {}", cfg.api_listen))?;
@@ -109,6 +134,8 @@ impl ControlPlane {
             started: Instant::now(),
             offline_after_ms: cfg.ingest.offline_after_secs * 1000,
             learning: learning.clone(),
+            rollouts: rollouts.clone(),
+            audit,
         };
         let api_cancel = cancel.clone();
         let api = tokio::spawn(async move {
@@ -127,6 +154,10 @@ impl ControlPlane {
                 Ok(r) => r.context("API panicked")?.context("API server")?,
                 Err(_) => tracing::warn!("API did not stop within 5 s; abandoned"),
             }
+            match tokio::time::timeout(Duration::from_secs(5), rollout_task).await {
+                Ok(r) => r.context("rollout service panicked")?.context("rollout service")?,
+                Err(_) => tracing::warn!("rollout service did not stop within 5 s; abandoned"),
+            }
             ingested
         });
         Ok(ControlPlaneHandle {
@@ -136,6 +167,7 @@ impl ControlPlane {
             registry,
             metrics,
             learning,
+            rollouts,
             task,
         })
     }

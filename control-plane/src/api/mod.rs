@@ -6,6 +6,7 @@
 
 pub mod error;
 pub mod learning;
+pub mod rollouts;
 
 use crate::learning::Learning;
 use crate::metrics::Metrics;
@@ -35,6 +36,8 @@ pub struct AppState {
     pub started: Instant,
     pub offline_after_ms: u64,
     pub learning: Arc<Learning>,
+    pub rollouts: Arc<crate::rollout::Rollouts>,
+    pub audit: Arc<crate::audit::AuditLog>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -46,14 +49,50 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/train", post(learning::train))
         .route("/api/v1/jobs", get(learning::jobs))
         .route("/api/v1/jobs/{id}", get(learning::job))
-        .route("/api/v1/models", get(learning::models))
+        .route("/api/v1/models", get(learning::models).post(rollouts::upload))
         .route("/api/v1/models/{name}/{version}", get(learning::model))
         .route("/api/v1/artifacts/{sha256}", get(learning::artifact))
         .route("/api/v1/labels", get(learning::labels).post(learning::add_label))
         .route("/api/v1/triggers", get(learning::triggers))
+        .route("/api/v1/rollouts", get(rollouts::list).post(rollouts::create))
+        .route("/api/v1/rollouts/{id}", get(rollouts::get))
+        .route("/api/v1/rollouts/{id}/{action}", post(rollouts::act))
+        .route("/api/v1/devices/{id}/tags", post(rollouts::set_tags))
+        .route("/api/v1/audit", get(rollouts::audit))
+        .route("/api/v1/signing-key", get(rollouts::signing_key))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::not_found("no such route") })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), audit_mutations))
         .with_state(state)
+}
+
+/// Writes every mutating call (anything but GET and HEAD) to the audit log, with its outcome.
+async fn audit_mutations(
+    State(s): State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let method = req.method().clone();
+    if method == axum::http::Method::GET || method == axum::http::Method::HEAD {
+        return next.run(req).await;
+    }
+    let action = format!("{method} {}", req.uri().path());
+    let detail = req.uri().query().unwrap_or_default().to_string();
+    let resp = next.run(req).await;
+    let entry = crate::audit::AuditEntry {
+        at_ms: edgeloop_common::unix_millis(),
+        // Operator identity arrives with bearer tokens; until then every caller is anonymous.
+        who: "anonymous".into(),
+        action,
+        status: resp.status().as_u16(),
+        detail,
+    };
+    let audit = s.audit.clone();
+    match tokio::task::spawn_blocking(move || audit.record(&entry)).await {
+        Ok(Ok(())) => resp,
+        Ok(Err(e)) => ApiError::internal(format!("audit log: {e}")).into_response(),
+        Err(e) => ApiError::internal(e).into_response(),
+    }
 }
 
 #[derive(Serialize)]

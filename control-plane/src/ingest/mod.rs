@@ -115,12 +115,17 @@ impl Ingestor {
                 self.metrics.status_messages.fetch_add(1, Ordering::Relaxed);
                 self.registry.update(device, now_ms, |d| {
                     d.class = status.class.clone();
+                    if let Some(u) = status.update.clone() {
+                        d.add_update(u);
+                    }
                     d.last_status = Some(status);
                 })?;
                 Ok(Outcome::Status)
             }
-            (Channel::Report, Body::Status(_) | Body::Telemetry(_)) | (_, Body::Ack(_)) => {
-                self.reject(Some(device), topic, "wrong_channel", "body does not belong on this topic")
+            (Channel::Report, Body::Report(report)) => {
+                self.metrics.update_reports.fetch_add(1, Ordering::Relaxed);
+                self.registry.update(device, now_ms, |d| d.add_update(report))?;
+                Ok(Outcome::Status)
             }
             (ch, body) => {
                 let detail = format!("a {} body on the {ch} topic", body.kind());

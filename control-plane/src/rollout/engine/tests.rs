@@ -1,0 +1,294 @@
+use super::*;
+
+fn model(v: u32) -> ModelRef {
+    ModelRef { name: "press".into(), version: v, sha256: format!("{v:064}") }
+}
+
+fn spec() -> RolloutSpec {
+    RolloutSpec {
+        class: "press".into(),
+        tags: vec![],
+        model: model(2),
+        previous: Some(model(1)),
+        stages: vec![
+            Stage { name: "canary".into(), share: Share::Count(1), bake_secs: 10 },
+            Stage { name: "half".into(), share: Share::Percent(50.0), bake_secs: 10 },
+            Stage { name: "all".into(), share: Share::Percent(100.0), bake_secs: 0 },
+        ],
+        gates: Gates::default(),
+        on_breach: OnBreach::Rollback,
+        manual_approval: false,
+        policy: UpdatePolicy::default(),
+    }
+}
+
+fn fleet(n: usize) -> Vec<FleetDevice> {
+    (0..n)
+        .map(|i| FleetDevice {
+            id: format!("d{i:02}"),
+            class: "press".into(),
+            tags: vec![],
+            online: true,
+            report: None,
+        })
+        .collect()
+}
+
+/// The report a well-behaved device sends once the update is applied.
+fn applied(r: &Rollout, sha: &str, rate: f32, baseline: f32) -> UpdateReport {
+    UpdateReport {
+        seq: 1,
+        rollout: Some(r.id.clone()),
+        sha256: sha.to_string(),
+        phase: Phase::Applied,
+        reason: "watch passed".into(),
+        active_sha256: Some(sha.to_string()),
+        shadow_agreement: None,
+        anomaly_rate: Some(rate),
+        baseline_anomaly_rate: Some(baseline),
+        p95_us: Some(100),
+        at_ms: 0,
+    }
+}
+
+/// Every device that was commanded reports `report`.
+fn report_all(fleet: &mut [FleetDevice], cmds: &[Command], f: impl Fn(&Command) -> UpdateReport) {
+    for c in cmds {
+        let d = fleet.iter_mut().find(|d| d.id == c.device).unwrap();
+        d.report = Some(f(c));
+    }
+}
+
+#[test]
+fn shares_round_up_and_stay_within_the_fleet() {
+    assert_eq!(Share::Percent(50.0).of(5), 3);
+    assert_eq!(Share::Percent(1.0).of(10), 1, "a percentage stage takes at least one device");
+    assert_eq!(Share::Count(3).of(2), 2);
+    assert_eq!(Share::Percent(100.0).of(0), 0);
+}
+
+#[test]
+fn stages_advance_after_reports_and_bake_then_complete() {
+    let mut f = fleet(10);
+    let mut r = Rollout::new("r1".into(), spec(), 0);
+    let canary = r.tick(&f, 0);
+    assert_eq!(canary.len(), 1, "{canary:?}");
+    assert_eq!(r.tick(&f, 20_000), vec![], "no report yet: the stage waits");
+    report_all(&mut f, &canary, |c| applied(&r, &c.model.sha256, 0.01, 0.01));
+    // Reports are in, but the bake time counts from the stage start.
+    let mut r2 = r.clone();
+    r2.stage_started_ms = 15_000;
+    assert_eq!(r2.tick(&f, 20_000), vec![]);
+    let half = r.tick(&f, 20_000);
+    assert_eq!((r.stage, half.len()), (1, 4), "50% of 10 is 5 devices, one already has it");
+    report_all(&mut f, &half, |c| applied(&r, &c.model.sha256, 0.01, 0.01));
+    let rest = r.tick(&f, 30_000);
+    assert_eq!((r.stage, rest.len()), (2, 5));
+    report_all(&mut f, &rest, |c| applied(&r, &c.model.sha256, 0.01, 0.01));
+    assert_eq!(r.tick(&f, 30_001), vec![]);
+    assert_eq!(r.state, State::Completed);
+    assert_eq!(r.devices.len(), 10);
+    assert!(r.gates.iter().all(|g| g.ok), "{:?}", r.gates);
+    assert_eq!(r.phase_counts().get("applied"), Some(&10));
+}
+
+#[test]
+fn canary_breach_rolls_back() {
+    let mut f = fleet(10);
+    let mut r = Rollout::new("r1".into(), spec(), 0);
+    let canary = r.tick(&f, 0);
+    // The new model scores everything as anomalous; the old one flagged 1%.
+    report_all(&mut f, &canary, |c| applied(&r, &c.model.sha256, 1.0, 0.01));
+    let back = r.tick(&f, 20_000);
+    assert!(matches!(&r.state, State::RolledBack { reason } if reason.contains("anomaly_ratio")), "{:?}", r.state);
+    assert_eq!(back.len(), 1);
+    assert_eq!((back[0].device.as_str(), &back[0].model), (canary[0].device.as_str(), &model(1)));
+    let gate = r.gates.iter().find(|g| g.gate == "anomaly_ratio").unwrap();
+    assert_eq!((gate.value, gate.ok), (Some(50.0), false));
+    // Devices outside the canary never receive the bad model, whatever happens next.
+    for t in 1..5 {
+        assert_eq!(r.tick(&f, 20_000 + t * 60_000), vec![]);
+    }
+    assert_eq!(r.devices.len(), 1);
+}
+
+#[test]
+fn failed_installs_pause_when_configured_to() {
+    let mut s = spec();
+    s.on_breach = OnBreach::Pause;
+    s.stages[0].share = Share::Count(4);
+    s.gates.min_reports = 2;
+    let mut f = fleet(10);
+    let mut r = Rollout::new("r1".into(), s, 0);
+    let cmds = r.tick(&f, 0);
+    // One failure among one report: below min_reports, no verdict yet.
+    report_all(&mut f, &cmds[..1], |c| UpdateReport { phase: Phase::Failed, ..applied(&r, &c.model.sha256, 0.0, 0.0) });
+    r.tick(&f, 1);
+    assert_eq!(r.state, State::Running);
+    report_all(&mut f, &cmds[1..2], |c| UpdateReport {
+        phase: Phase::Reverted,
+        ..applied(&r, &c.model.sha256, 0.0, 0.0)
+    });
+    assert_eq!(r.tick(&f, 2), vec![], "pausing issues nothing");
+    assert!(matches!(&r.state, State::Paused { reason } if reason.contains("failed_installs")), "{:?}", r.state);
+    assert!(r.act(Action::Approve, 3).is_err());
+    r.act(Action::Resume, 3).unwrap();
+    assert_eq!(r.state, State::Running);
+}
+
+#[test]
+fn late_joiner_gets_rollout() {
+    let mut f = fleet(4);
+    let mut s = spec();
+    s.stages = vec![Stage { name: "all".into(), share: Share::Percent(100.0), bake_secs: 0 }];
+    let mut r = Rollout::new("r1".into(), s, 0);
+    let first = r.tick(&f, 0);
+    assert_eq!(first.len(), 4);
+    report_all(&mut f, &first, |c| applied(&r, &c.model.sha256, 0.0, 0.0));
+    r.tick(&f, 1);
+    assert_eq!(r.state, State::Completed);
+    // A device of the class joins after completion; one of another class does not match.
+    f.push(FleetDevice { id: "new".into(), class: "press".into(), tags: vec![], online: true, report: None });
+    f.push(FleetDevice { id: "other".into(), class: "city-traffic".into(), tags: vec![], online: true, report: None });
+    let late = r.tick(&f, 2);
+    assert_eq!(late, vec![Command { device: "new".into(), model: model(2), rollout: "r1".into() }]);
+    // Once a newer rollout for the class exists, this one stops taking in devices.
+    r.supersede("r2", 3);
+    f.push(FleetDevice { id: "newer".into(), class: "press".into(), tags: vec![], online: true, report: None });
+    assert_eq!(r.tick(&f, 4), vec![]);
+}
+
+#[test]
+fn late_joiners_during_a_stage_fill_its_share() {
+    let mut f = fleet(4);
+    let mut s = spec();
+    s.stages[0].share = Share::Percent(50.0);
+    let mut r = Rollout::new("r1".into(), s, 0);
+    assert_eq!(r.tick(&f, 0).len(), 2);
+    f.extend((10..14).map(|i| FleetDevice {
+        id: format!("d{i}"),
+        class: "press".into(),
+        tags: vec![],
+        online: true,
+        report: None,
+    }));
+    assert_eq!(r.tick(&f, 1).len(), 2, "8 devices now: 50% is 4");
+}
+
+#[test]
+fn order_is_stable_and_differs_between_rollouts() {
+    let f = fleet(50);
+    let pick = |id: &str| {
+        let mut s = spec();
+        s.stages[0].share = Share::Count(5);
+        let mut r = Rollout::new(id.into(), s, 0);
+        let mut v: Vec<String> = r.tick(&f, 0).into_iter().map(|c| c.device).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(pick("r1"), pick("r1"));
+    assert_ne!(pick("r1"), pick("r2"));
+    let first5: Vec<String> = (0..5).map(|i| format!("d{i:02}")).collect();
+    assert_ne!(pick("r1"), first5, "not simply the first devices by id");
+}
+
+#[test]
+fn selector_tags_limit_the_devices() {
+    let mut f = fleet(6);
+    for d in f.iter_mut().take(3) {
+        d.tags = vec!["site-a".into()];
+    }
+    let mut s = spec();
+    s.tags = vec!["site-a".into()];
+    s.stages = vec![Stage { name: "all".into(), share: Share::Percent(100.0), bake_secs: 0 }];
+    let mut r = Rollout::new("r1".into(), s, 0);
+    let mut got: Vec<String> = r.tick(&f, 0).into_iter().map(|c| c.device).collect();
+    got.sort();
+    assert_eq!(got, vec!["d00", "d01", "d02"]);
+}
+
+#[test]
+fn manual_approval_holds_between_stages() {
+    let mut f = fleet(4);
+    let mut s = spec();
+    s.manual_approval = true;
+    s.stages[0].bake_secs = 0;
+    let mut r = Rollout::new("r1".into(), s, 0);
+    let c = r.tick(&f, 0);
+    report_all(&mut f, &c, |c| applied(&r, &c.model.sha256, 0.0, 0.0));
+    assert_eq!(r.tick(&f, 1), vec![]);
+    assert_eq!(r.state, State::AwaitingApproval);
+    assert_eq!(r.tick(&f, 100_000), vec![], "waits as long as it takes");
+    r.act(Action::Approve, 100_001).unwrap();
+    assert_eq!((r.stage, &r.state), (1, &State::Running));
+    assert_eq!(r.tick(&f, 100_002).len(), 1, "50% of 4 is 2, one already has it");
+}
+
+#[test]
+fn offline_devices_do_not_block_but_count_against_their_gate() {
+    let mut f = fleet(4);
+    let mut s = spec();
+    s.stages = vec![Stage { name: "all".into(), share: Share::Percent(100.0), bake_secs: 0 }];
+    s.gates.max_offline = Some(1);
+    let mut r = Rollout::new("r1".into(), s, 0);
+    let c = r.tick(&f, 0);
+    report_all(&mut f, &c[..3], |c| applied(&r, &c.model.sha256, 0.0, 0.0));
+    f.iter_mut().find(|d| d.id == c[3].device).unwrap().online = false;
+    r.tick(&f, 1);
+    assert_eq!(r.state, State::Completed, "the offline device does not hold the stage");
+    let mut r = Rollout::new("r2".into(), r.spec.clone(), 0);
+    let c = r.tick(&f, 0);
+    for d in f.iter_mut().filter(|d| c.iter().any(|c| c.device == d.id)).take(2) {
+        d.online = false;
+    }
+    r.tick(&f, 1);
+    assert!(matches!(&r.state, State::RolledBack { reason } if reason.contains("offline_devices")), "{:?}", r.state);
+}
+
+#[test]
+fn breach_without_a_previous_model_pauses() {
+    let mut f = fleet(2);
+    let mut s = spec();
+    s.previous = None;
+    let mut r = Rollout::new("r1".into(), s, 0);
+    let c = r.tick(&f, 0);
+    report_all(&mut f, &c, |c| applied(&r, &c.model.sha256, 1.0, 0.0));
+    assert_eq!(r.tick(&f, 1), vec![]);
+    assert!(matches!(&r.state, State::Paused { reason } if reason.contains("no previous model")), "{:?}", r.state);
+}
+
+#[test]
+fn reports_about_other_rollouts_or_models_are_ignored() {
+    let mut f = fleet(1);
+    let mut r = Rollout::new("r1".into(), spec(), 0);
+    let c = r.tick(&f, 0);
+    report_all(&mut f, &c, |c| UpdateReport { rollout: Some("r0".into()), ..applied(&r, &c.model.sha256, 1.0, 0.0) });
+    r.tick(&f, 1);
+    assert_eq!(r.devices[&c[0].device].phase, None);
+    assert_eq!(r.state, State::Running);
+}
+
+#[test]
+fn specs_are_validated() {
+    let mut s = spec();
+    s.stages[1].share = Share::Percent(0.0);
+    assert_eq!(s.validate().unwrap_err(), "stages[1].percent: 0 is not in (0, 100]");
+    let mut s = spec();
+    s.stages.clear();
+    assert!(s.validate().unwrap_err().starts_with("stages:"));
+    let mut s = spec();
+    s.gates.max_failed_ratio = 2.0;
+    assert!(s.validate().unwrap_err().starts_with("gates.max_failed_ratio"));
+    assert!(spec().validate().is_ok());
+}
+
+#[test]
+fn operator_actions_follow_the_state() {
+    let mut r = Rollout::new("r1".into(), spec(), 0);
+    assert_eq!(r.act(Action::Resume, 1).unwrap_err(), "cannot resume a rollout that is running");
+    r.act(Action::Pause, 1).unwrap();
+    r.act(Action::Abort, 2).unwrap();
+    assert_eq!(r.state, State::Aborted);
+    assert!(r.act(Action::Pause, 3).is_err());
+    assert_eq!(r.tick(&fleet(3), 4), vec![], "an aborted rollout issues nothing");
+}

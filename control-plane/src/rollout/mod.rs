@@ -1,0 +1,22 @@
+//! Rollouts: moving signed model versions onto the fleet in stages, gated on how the model behaves.
+//!
+//! - [`engine`]: the pure state machine (stages, device order, gates, breach handling, late joiners).
+//! - [`store`]: rollouts, issued desired states and device tags in sled.
+//! - [`service`]: the thin shell: ticks the engine with the registry's view of the fleet, signs and
+//!   persists desired states, then publishes them retained on `down/desired`.
+
+pub mod engine;
+pub mod service;
+pub mod store;
+
+pub use service::{CreateRollout, Rollouts};
+
+/// The default strategy: one canary device, then half the class, then all of it.
+pub fn default_stages() -> Vec<engine::Stage> {
+    use engine::{Share, Stage};
+    vec![
+        Stage { name: "canary".into(), share: Share::Count(1), bake_secs: 30 },
+        Stage { name: "half".into(), share: Share::Percent(50.0), bake_secs: 30 },
+        Stage { name: "all".into(), share: Share::Percent(100.0), bake_secs: 0 },
+    ]
+}
