@@ -103,6 +103,12 @@ impl Model {
 /// A reference model for a fresh fleet, benchmarks and tests: the mean square of the feature vector,
 /// `[1, width] -> [1, 1]`, as a standard ONNX graph (opset 13: `Mul`, then `ReduceMean` over axis 1).
 pub fn mean_square_onnx(width: usize) -> Vec<u8> {
+    mean_square_onnx_with_doc(width, "")
+}
+
+/// [`mean_square_onnx`] with a doc string in the graph, which makes otherwise identical files distinct
+/// artifacts (a re-thresholded copy, say).
+pub fn mean_square_onnx_with_doc(width: usize, doc: &str) -> Vec<u8> {
     use prost::Message;
     use tract_onnx::pb;
     let tensor_type = |dims: &[i64]| pb::TypeProto {
@@ -162,6 +168,7 @@ pub fn mean_square_onnx(width: usize) -> Vec<u8> {
         ir_version: 8,
         opset_import: vec![pb::OperatorSetIdProto { domain: String::new(), version: 13 }],
         producer_name: "edgeloop".into(),
+        doc_string: doc.to_string(),
         graph: Some(graph),
         ..Default::default()
     };

@@ -1,5 +1,6 @@
 //! `edgeloop-control-plane run --config control-plane.toml`, and
-//! `edgeloop-control-plane train --config control-plane.toml --class C [--from T --to T] [--trials N]`.
+//! `edgeloop-control-plane train --config control-plane.toml --class C [--from T --to T] [--trials N]`, and
+//! `edgeloop-control-plane keys generate --out FILE` / `keys show --key FILE`.
 //!
 //! Exit codes: 0 after a clean stop (ctrl-c or SIGTERM), 2 for a bad config, 1 for any other failure.
 
@@ -52,6 +53,25 @@ enum Command {
         #[arg(long)]
         seed: Option<u64>,
     },
+    /// Manage the Ed25519 key that signs model manifests and desired states.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Write a new PKCS#8 key (mode 0600) and print its key id and public key, for agents' trusted_keys.
+    Generate {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print the key id and public key of an existing key file.
+    Show {
+        #[arg(long)]
+        key: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -65,6 +85,22 @@ fn main() -> ExitCode {
     let command = Cli::parse().command;
     let config = match &command {
         Command::Run { config } | Command::Train { config, .. } => config.clone(),
+        Command::Keys { command } => {
+            let r = match command {
+                KeysCommand::Generate { out } => edgeloop_control_plane::keys::generate(out),
+                KeysCommand::Show { key } => edgeloop_control_plane::keys::load(key),
+            };
+            return match r {
+                Ok(s) => {
+                    println!("key_id = \"{}\"\npublic_key = \"{}\"", s.key_id(), s.public_key_hex());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("edgeloop-control-plane: {e:#}");
+                    ExitCode::from(1)
+                }
+            };
+        }
     };
     let cfg = match Config::load(&config) {
         Ok(c) => c,
@@ -96,6 +132,7 @@ fn main() -> ExitCode {
             }
             train_offline(cfg, req)
         }
+        Command::Keys { .. } => unreachable!("handled before the config is read"),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

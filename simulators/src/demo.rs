@@ -58,10 +58,10 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> anyhow::Result<S
         std::fs::write(models.join(format!("{}.onnx", c.class)), edgeloop_agent::inference::mean_square_onnx(width))?;
     }
     let mut spec = FleetSpec::new(classes, cp.mqtt_addr.clone(), &opts.data_dir.join("agents"));
-    spec.customise = |cfg| {
+    spec.customise = std::sync::Arc::new(|cfg| {
         let dir = cfg.data_dir.parent().and_then(|p| p.parent()).map(|p| p.join("models"));
         cfg.model = dir.map(|d| d.join(format!("{}.onnx", cfg.class.class)));
-    };
+    });
     let fleet_cancel = CancellationToken::new();
     let mut devices = fleet::start(&spec, opts.devices, &fleet_cancel).await?;
 

@@ -28,21 +28,30 @@ pub struct FleetSpec {
     pub mqtt: (String, u16),
     pub data_root: PathBuf,
     /// Tweaks applied to every agent config (model, durability, byte bound...).
-    pub customise: fn(&mut AgentConfig),
+    pub customise: Customise,
+    /// Index of the first device (`sim-{first_index:04}`), to add devices to a running fleet.
+    pub first_index: usize,
 }
 
-fn no_change(_: &mut AgentConfig) {}
+/// A tweak applied to each agent's config.
+pub type Customise = std::sync::Arc<dyn Fn(&mut AgentConfig) + Send + Sync>;
 
 impl FleetSpec {
     pub fn new(classes: Vec<ClassConfig>, mqtt: (String, u16), data_root: &Path) -> Self {
-        FleetSpec { classes, mqtt, data_root: data_root.to_path_buf(), customise: no_change }
+        FleetSpec {
+            classes,
+            mqtt,
+            data_root: data_root.to_path_buf(),
+            customise: std::sync::Arc::new(|_| {}),
+            first_index: 0,
+        }
     }
 }
 
 /// Starts `n` agents named `sim-0000`.., cycling through the classes.
 pub async fn start(spec: &FleetSpec, n: usize, cancel: &CancellationToken) -> anyhow::Result<Vec<SimDevice>> {
     let mut out = Vec::with_capacity(n);
-    for i in 0..n {
+    for i in spec.first_index..spec.first_index + n {
         let class = spec.classes[i % spec.classes.len()].clone();
         let id = format!("sim-{i:04}");
         let mut cfg = AgentConfig::in_process(&id, class.clone(), spec.mqtt.clone(), spec.data_root.join(&id));
@@ -68,7 +77,7 @@ pub async fn feed(
     slow_per_tick: usize,
     duration: Option<std::time::Duration>,
     stop: &CancellationToken,
-    report: &mut dyn FnMut(std::time::Duration, &[SimDevice]),
+    report: &mut (dyn FnMut(std::time::Duration, &[SimDevice]) + Send),
 ) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));

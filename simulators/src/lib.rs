@@ -6,6 +6,7 @@
 //! - [`fleet`]: many in-process agents, each with its own identity, data dir and signal seed.
 //! - [`proxy`]: a fault-injecting TCP proxy (cut connections, blackhole, refuse, delay) for tests and chaos.
 //! - [`demo`]: `edgeloop-sim demo`: a control plane plus a fleet, with a JSON summary at the end.
+//! - [`rollouts`]: uploading models and driving rollouts through the operator API; agents' trust config.
 //! - [`http`]: a minimal HTTP/1.1 client for talking to the operator API from tests and tools.
 //! - [`nab`]: the Numenta Anomaly Benchmark replayed through the real loop, and NAB's scorer.
 
@@ -14,6 +15,7 @@ pub mod fleet;
 pub mod http;
 pub mod nab;
 pub mod proxy;
+pub mod rollouts;
 pub mod signals;
 
 /// The firmware configs shipped in `firmware-configs/`, built in so the binaries run from anywhere.

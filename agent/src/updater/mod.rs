@@ -318,7 +318,10 @@ impl Updater {
     }
 
     async fn install(&mut self, d: &DesiredState, m: &Manifest, cancel: &CancellationToken) -> Result<(), StepError> {
-        if self.slot.active_info().is_some_and(|a| a.sha256 == m.sha256) {
+        let same = |a: &ModelInfo| {
+            a.sha256 == m.sha256 && a.version == m.version && a.name == m.name && a.threshold == Some(m.threshold)
+        };
+        if self.slot.active_info().is_some_and(|a| same(&a)) {
             // Already running it (a re-issued state, or a rollback to the model still active).
             self.pointer.pending = None;
             self.save().await.map_err(|e| StepError::Fail(format!("{e:#}")))?;

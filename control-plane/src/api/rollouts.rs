@@ -35,7 +35,6 @@ impl From<RolloutError> for ApiError {
 /// One stage as the API shows it.
 #[derive(Serialize, Deserialize, Debug)]
 pub struct StageView {
-    pub name: String,
     #[serde(flatten)]
     pub stage: crate::rollout::engine::Stage,
     /// `done`, `current` or `pending`.
@@ -70,7 +69,6 @@ pub fn view(r: Rollout) -> RolloutView {
         .iter()
         .enumerate()
         .map(|(i, s)| StageView {
-            name: s.name.clone(),
             stage: s.clone(),
             status: if i < r.stage || (i == r.stage && finished) {
                 "done"

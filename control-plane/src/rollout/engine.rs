@@ -135,7 +135,7 @@ impl RolloutSpec {
             }
         }
         if let Some(r) = g.max_anomaly_ratio {
-            if !(r > 0.0) {
+            if r.is_nan() || r <= 0.0 {
                 return Err(format!("gates.max_anomaly_ratio: {r} must be > 0"));
             }
         }

@@ -9,5 +9,6 @@ mod malformed;
 mod nab;
 mod nothing_lost;
 mod outbox_full;
+mod rollouts;
 mod support;
 mod triggers;

@@ -1,0 +1,83 @@
+//! Driving signed updates from the simulator side, through the operator API only: upload a model, start a
+//! rollout, watch it, and configure simulated agents to trust the control plane's key.
+
+use crate::http;
+use base64::Engine as _;
+use edgeloop_agent::updater::UpdaterConfig;
+use edgeloop_common::signing::TrustedKey;
+use edgeloop_common::update::Golden;
+use edgeloop_control_plane::api::rollouts::{RolloutView, SigningKey};
+use edgeloop_control_plane::models::ModelVersion;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// The updater config a simulated agent needs to take updates from the control plane at `api`.
+pub async fn updater_config(api: SocketAddr) -> anyhow::Result<UpdaterConfig> {
+    let key: SigningKey = http::get_json(api, "/api/v1/signing-key").await?;
+    let trusted = TrustedKey::from_hex(&key.public_key, None).map_err(anyhow::Error::msg)?;
+    Ok(UpdaterConfig { trusted: vec![trusted], artifact_base: format!("http://{api}"), max_artifact_bytes: 64 << 20 })
+}
+
+/// A reference model for `class`'s first sensor: the mean square of the features, flagging scores above
+/// `threshold`. A threshold below zero flags everything: a deliberately bad model.
+pub async fn upload_reference_model(
+    api: SocketAddr,
+    name: &str,
+    class: &edgeloop_common::config::ClassConfig,
+    threshold: f32,
+) -> anyhow::Result<ModelVersion> {
+    let width = class.pipeline().sensors[0].width();
+    let onnx = edgeloop_agent::inference::mean_square_onnx_with_doc(width, &format!("{name}, threshold {threshold}"));
+    let golden: Vec<Golden> = (0..3)
+        .map(|k| {
+            let input: Vec<f32> = (0..width).map(|i| (i as f32 * 0.5 - k as f32).sin()).collect();
+            let ms = input.iter().map(|x| x * x).sum::<f32>() / width as f32;
+            Golden { input, output: vec![ms] }
+        })
+        .collect();
+    let body = serde_json::json!({
+        "name": name,
+        "class": class.class,
+        "sensor": class.sensors[0].name,
+        "threshold": threshold,
+        "golden": golden,
+        "onnx_base64": base64::engine::general_purpose::STANDARD.encode(&onnx),
+        "description": "edgeloop reference model (mean square of the features)",
+    });
+    let (status, text) = http::post_json(api, "/api/v1/models", &body).await?;
+    anyhow::ensure!(status == 201, "uploading {name}: HTTP {status}: {text}");
+    Ok(serde_json::from_str(&text)?)
+}
+
+/// Starts a rollout from a JSON request; returns its view.
+pub async fn create(api: SocketAddr, req: &serde_json::Value) -> anyhow::Result<RolloutView> {
+    let (status, text) = http::post_json(api, "/api/v1/rollouts", req).await?;
+    anyhow::ensure!(status == 201, "creating a rollout: HTTP {status}: {text}");
+    Ok(serde_json::from_str(&text)?)
+}
+
+/// Polls a rollout until `done` holds for it, or `limit` passes (then the last view is in the error).
+pub async fn wait(
+    api: SocketAddr,
+    id: &str,
+    limit: Duration,
+    done: impl Fn(&RolloutView) -> bool,
+) -> anyhow::Result<RolloutView> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let v: RolloutView = http::get_json(api, &format!("/api/v1/rollouts/{id}")).await?;
+        if done(&v) {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!(
+                "rollout {id} still {:?} at stage {} after {limit:?}; phases {:?}; events {:?}",
+                v.state,
+                v.stage,
+                v.phases,
+                v.events.iter().map(|e| e.what.as_str()).collect::<Vec<_>>()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -1,0 +1,229 @@
+//! Signed rollouts end to end, in process: a real control plane (embedded broker, API, rollout engine) and
+//! simulated agents that download, verify, self-test, activate and watch real ONNX models.
+
+use crate::support::{start_cp, wait_for};
+use edgeloop_common::update::Phase;
+use edgeloop_control_plane::rollout::engine::State;
+use edgeloop_simulators::fleet::{self, FleetSpec, SimDevice};
+use edgeloop_simulators::{class_config, free_port, rollouts};
+use serde_json::json;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+const CLASS: &str = "city-air-quality";
+
+/// Starts `n` agents that trust the control plane at `api`, and feeds them until `stop` fires.
+async fn fleet_for(
+    api: SocketAddr,
+    mqtt: (String, u16),
+    root: &std::path::Path,
+    n: usize,
+    first: usize,
+    cancel: &CancellationToken,
+) -> Vec<SimDevice> {
+    let updates = rollouts::updater_config(api).await.unwrap();
+    let mut spec = FleetSpec::new(vec![class_config(CLASS).unwrap()], mqtt, root);
+    spec.customise = Arc::new(move |c| c.updates = Some(updates.clone()));
+    spec.first_index = first;
+    fleet::start(&spec, n, cancel).await.unwrap()
+}
+
+fn feed_forever(mut devices: Vec<SimDevice>, stop: CancellationToken) -> tokio::task::JoinHandle<Vec<SimDevice>> {
+    tokio::spawn(async move {
+        fleet::feed(&mut devices, 10, None, &stop, &mut |_, _| {}).await.unwrap();
+        devices
+    })
+}
+
+fn stages(canary_bake: u64) -> serde_json::Value {
+    json!([
+        {"name": "canary", "share": {"count": 1}, "bake_secs": canary_bake},
+        {"name": "half", "share": {"percent": 50.0}, "bake_secs": 0},
+        {"name": "all", "share": {"percent": 100.0}, "bake_secs": 0},
+    ])
+}
+
+/// Update reports the control plane holds for a device, as (sha256, phase).
+fn history(cp: &edgeloop_control_plane::ControlPlaneHandle, device: &str) -> Vec<(String, Phase)> {
+    cp.registry.get(device).map(|d| d.updates.iter().map(|u| (u.sha256.clone(), u.phase)).collect()).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollout_completes_then_canary_breach_rolls_back_and_late_joiner_gets_rollout() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cp, cp_cancel) = start_cp(dir.path(), |c| c.rollouts.tick_ms = 50).await;
+    let api = cp.api_addr;
+    let class = class_config(CLASS).unwrap();
+    let good = rollouts::upload_reference_model(api, CLASS, &class, 1e9).await.unwrap();
+    let bad = rollouts::upload_reference_model(api, CLASS, &class, -1.0).await.unwrap();
+    assert_eq!((good.version, bad.version), (1, 2));
+
+    let fleet_cancel = CancellationToken::new();
+    let devices = fleet_for(api, cp.mqtt_addr.clone(), &dir.path().join("fleet"), 6, 0, &fleet_cancel).await;
+    let ids: Vec<String> = devices.iter().map(|d| d.agent.device.clone()).collect();
+    let stop_feed = CancellationToken::new();
+    let feeding = feed_forever(devices, stop_feed.clone());
+    wait_for("all devices registered with their class", Duration::from_secs(20), || {
+        ids.iter().all(|id| cp.registry.get(id).is_some_and(|d| d.class == CLASS))
+    })
+    .await;
+
+    // 1. The good model goes canary -> 50% -> 100%.
+    let r1 = rollouts::create(api, &json!({"model": CLASS, "version": 1, "stages": stages(0)})).await.unwrap();
+    let done = rollouts::wait(api, &r1.id, Duration::from_secs(60), |v| v.state == State::Completed).await.unwrap();
+    assert_eq!(done.phases.get("applied"), Some(&6), "{:?}", done.phases);
+    assert!(done.stages.iter().all(|s| s.status == "done"));
+    for id in &ids {
+        let d = cp.registry.get(id).unwrap();
+        assert_eq!(d.latest_update().unwrap().active_sha256.as_deref(), Some(good.sha256.as_str()), "{id}");
+        let phases: Vec<Phase> = d.updates.iter().map(|u| u.phase).collect();
+        for p in [Phase::Downloading, Phase::Verified, Phase::Watching, Phase::Applied] {
+            assert!(phases.contains(&p), "{id}: {p:?} missing from {phases:?}");
+        }
+    }
+
+    // 2. late_joiner_gets_rollout: a device that joins after completion receives the model too.
+    let late = fleet_for(api, cp.mqtt_addr.clone(), &dir.path().join("fleet"), 1, 6, &fleet_cancel).await;
+    let late_id = late[0].agent.device.clone();
+    let late_feed_stop = CancellationToken::new();
+    let late_feeding = feed_forever(late, late_feed_stop.clone());
+    rollouts::wait(api, &r1.id, Duration::from_secs(30), |v| {
+        v.devices.get(&late_id).is_some_and(|t| t.phase == Some(Phase::Applied))
+    })
+    .await
+    .unwrap();
+
+    // 3. canary_breach_rolls_back: a model that flags everything breaches the anomaly gate at the canary.
+    let r2 = rollouts::create(api, &json!({"model": CLASS, "version": 2, "stages": stages(1)})).await.unwrap();
+    assert_eq!(r2.previous.as_ref().map(|p| p.version), Some(1), "the rollback target is the last completed model");
+    let back = rollouts::wait(api, &r2.id, Duration::from_secs(60), |v| matches!(v.state, State::RolledBack { .. }))
+        .await
+        .unwrap();
+    let State::RolledBack { reason } = &back.state else { unreachable!() };
+    assert!(reason.contains("anomaly_ratio") && reason.contains("canary"), "{reason}");
+    assert_eq!(back.devices.len(), 1, "only the canary was reached: {:?}", back.devices.keys());
+    let canary = back.devices.keys().next().unwrap().clone();
+    wait_for("the canary runs the previous model again", Duration::from_secs(30), || {
+        cp.registry
+            .get(&canary)
+            .and_then(|d| d.latest_update().cloned())
+            .is_some_and(|u| u.phase == Phase::Applied && u.active_sha256.as_deref() == Some(good.sha256.as_str()))
+    })
+    .await;
+    let all: Vec<String> = ids.iter().cloned().chain([late_id.clone()]).collect();
+    for id in all.iter().filter(|id| **id != canary) {
+        assert!(
+            history(&cp, id).iter().all(|(sha, _)| *sha != bad.sha256),
+            "{id} outside the canary heard of the bad model: {:?}",
+            history(&cp, id)
+        );
+    }
+    // The whole fleet runs the good model, and the API's audit log holds every mutating call.
+    for id in &all {
+        let u = cp.registry.get(id).unwrap().latest_update().cloned().unwrap();
+        assert_eq!(u.active_sha256.as_deref(), Some(good.sha256.as_str()), "{id}");
+    }
+    let audit: Vec<edgeloop_control_plane::audit::AuditEntry> =
+        edgeloop_simulators::http::get_json(api, "/api/v1/audit").await.unwrap();
+    let actions: Vec<&str> = audit.iter().map(|e| e.action.as_str()).collect();
+    assert_eq!(actions.iter().filter(|a| **a == "POST /api/v1/rollouts").count(), 2, "{actions:?}");
+    assert_eq!(actions.iter().filter(|a| **a == "POST /api/v1/models").count(), 2, "{actions:?}");
+
+    stop_feed.cancel();
+    late_feed_stop.cancel();
+    let mut devices = feeding.await.unwrap();
+    devices.extend(late_feeding.await.unwrap());
+    fleet_cancel.cancel();
+    for d in devices {
+        d.agent.join().await.unwrap();
+    }
+    cp_cancel.cancel();
+    cp.join().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_plane_restart_mid_rollout_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mqtt = SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
+    let api_addr = SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
+    let start = |cancel: CancellationToken| {
+        let mut cfg = edgeloop_control_plane::config::Config::embedded(dir.path().join("cp"), mqtt, api_addr);
+        cfg.rollouts.tick_ms = 50;
+        edgeloop_control_plane::ControlPlane::start(cfg, cancel)
+    };
+    let cp_cancel = CancellationToken::new();
+    let cp = start(cp_cancel.clone()).await.unwrap();
+    let class = class_config(CLASS).unwrap();
+    let good = rollouts::upload_reference_model(api_addr, CLASS, &class, 1e9).await.unwrap();
+    let fleet_cancel = CancellationToken::new();
+    let devices = fleet_for(api_addr, cp.mqtt_addr.clone(), &dir.path().join("fleet"), 4, 0, &fleet_cancel).await;
+    let ids: Vec<String> = devices.iter().map(|d| d.agent.device.clone()).collect();
+    let stop_feed = CancellationToken::new();
+    let feeding = feed_forever(devices, stop_feed.clone());
+    wait_for("devices registered", Duration::from_secs(20), || {
+        ids.iter().all(|id| cp.registry.get(id).is_some_and(|d| d.class == CLASS))
+    })
+    .await;
+    let r = rollouts::create(
+        api_addr,
+        &json!({"model": CLASS, "version": 1, "stages": stages(0), "manual_approval": true}),
+    )
+    .await
+    .unwrap();
+    let held =
+        rollouts::wait(api_addr, &r.id, Duration::from_secs(60), |v| v.state == State::AwaitingApproval).await.unwrap();
+    assert_eq!(held.devices.len(), 1);
+
+    // The control plane stops (its broker with it) and comes back on the same data dir and ports.
+    cp_cancel.cancel();
+    cp.join().await.unwrap();
+    let cp_cancel = CancellationToken::new();
+    let cp = start(cp_cancel.clone()).await.unwrap();
+    let after: edgeloop_control_plane::api::rollouts::RolloutView =
+        edgeloop_simulators::http::get_json(api_addr, &format!("/api/v1/rollouts/{}", r.id)).await.unwrap();
+    assert_eq!((after.state, after.stage, after.devices.len()), (State::AwaitingApproval, 0, 1), "state survived");
+
+    let (status, body) =
+        edgeloop_simulators::http::post_json(api_addr, &format!("/api/v1/rollouts/{}/approve", r.id), &json!({}))
+            .await
+            .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let done = rollouts::wait(api_addr, &r.id, Duration::from_secs(60), |v| {
+        v.state == State::AwaitingApproval && v.stage == 1
+    })
+    .await
+    .unwrap();
+    assert_eq!(done.devices.len(), 2);
+    let (status, _) =
+        edgeloop_simulators::http::post_json(api_addr, &format!("/api/v1/rollouts/{}/approve", r.id), &json!({}))
+            .await
+            .unwrap();
+    assert_eq!(status, 200);
+    let done = rollouts::wait(api_addr, &r.id, Duration::from_secs(60), |v| v.state == State::Completed).await.unwrap();
+    assert_eq!(done.phases.get("applied"), Some(&4), "{:?}", done.phases);
+    for id in &ids {
+        let u = cp.registry.get(id).unwrap().latest_update().cloned().unwrap();
+        assert_eq!(u.active_sha256.as_deref(), Some(good.sha256.as_str()), "{id}");
+    }
+    // A wrong action is refused with a reason, and unknown rollouts are 404.
+    let (status, body) =
+        edgeloop_simulators::http::post_json(api_addr, &format!("/api/v1/rollouts/{}/resume", r.id), &json!({}))
+            .await
+            .unwrap();
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("cannot resume a rollout that is completed"), "{body}");
+    let (status, _) =
+        edgeloop_simulators::http::post_json(api_addr, "/api/v1/rollouts/r99/pause", &json!({})).await.unwrap();
+    assert_eq!(status, 404);
+
+    stop_feed.cancel();
+    let devices = feeding.await.unwrap();
+    fleet_cancel.cancel();
+    for d in devices {
+        d.agent.join().await.unwrap();
+    }
+    cp_cancel.cancel();
+    cp.join().await.unwrap();
+}
