@@ -49,7 +49,12 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/train", post(learning::train))
         .route("/api/v1/jobs", get(learning::jobs))
         .route("/api/v1/jobs/{id}", get(learning::job))
-        .route("/api/v1/models", get(learning::models).post(rollouts::upload))
+        .route(
+            "/api/v1/models",
+            get(learning::models)
+                .post(rollouts::upload)
+                .layer(axum::extract::DefaultBodyLimit::max(rollouts::MAX_UPLOAD_BYTES)),
+        )
         .route("/api/v1/models/{name}/{version}", get(learning::model))
         .route("/api/v1/artifacts/{sha256}", get(learning::artifact))
         .route("/api/v1/labels", get(learning::labels).post(learning::add_label))

@@ -207,6 +207,10 @@ pub struct Upload {
     pub description: String,
 }
 
+/// Largest `POST /api/v1/models` body: a 64 MiB model in base64, plus its golden vectors. Every other route
+/// keeps axum's 2 MiB default.
+pub const MAX_UPLOAD_BYTES: usize = 96 << 20;
+
 /// Relative tolerance for uploaded models' golden vectors.
 const UPLOAD_TOLERANCE: f32 = 1e-3;
 

@@ -2,83 +2,15 @@
 //! After the drain, each stored sequence is one gap-free run with no duplicates, up to the last sequence
 //! the agent appended. (Samples in the agent's memory at a kill never got a sequence number.)
 
-use crate::support::{assert_gap_free, stored_seqs};
+use crate::support::{assert_gap_free, stored_seqs, Proc};
 use edgeloop_agent::outbox::Outbox;
 use edgeloop_common::durable::Durability;
 use edgeloop_control_plane::api::DeviceView;
 use edgeloop_simulators::free_port;
 use std::net::{SocketAddr, UdpSocket};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// A workspace binary, built next to this test by `cargo test --workspace`.
-fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(Path::parent).unwrap();
-    let path = dir.join(name);
-    assert!(path.exists(), "{} not built; run `cargo test --workspace` (it builds every binary)", path.display());
-    path
-}
-
-struct Proc {
-    name: &'static str,
-    args: Vec<String>,
-    log: PathBuf,
-    child: Option<Child>,
-}
-
-impl Proc {
-    fn start(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
-        let child = Command::new(binary(self.name))
-            .args(&self.args)
-            .env("RUST_LOG", "info,rumqttd=warn,rumqttc=warn")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        self.child = Some(child);
-    }
-
-    fn sigkill(&mut self) {
-        let mut c = self.child.take().unwrap();
-        c.kill().unwrap();
-        c.wait().unwrap();
-    }
-
-    fn sigterm(&mut self) {
-        let mut c = self.child.take().unwrap();
-        let ok = Command::new("kill").args(["-TERM", &c.id().to_string()]).status().unwrap().success();
-        assert!(ok);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(st) = c.try_wait().unwrap() {
-                assert!(
-                    st.success(),
-                    "{} exited with {st} after SIGTERM; log: {}",
-                    self.name,
-                    std::fs::read_to_string(&self.log).unwrap_or_default()
-                );
-                return;
-            }
-            assert!(Instant::now() < deadline, "{} ignored SIGTERM", self.name);
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 async fn device(api: SocketAddr, id: &str) -> Option<DeviceView> {
     edgeloop_simulators::http::get_json(api, &format!("/api/v1/devices/{id}")).await.ok()

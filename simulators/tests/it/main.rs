@@ -9,6 +9,7 @@ mod malformed;
 mod nab;
 mod nothing_lost;
 mod outbox_full;
+mod process_rollout;
 mod rollouts;
 mod support;
 mod triggers;

@@ -5,7 +5,8 @@ use edgeloop_control_plane::{ControlPlane, ControlPlaneHandle};
 use edgeloop_simulators::free_port;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -54,4 +55,70 @@ pub fn assert_gap_free(device: &str, seqs: &[u64], last: u64) {
     assert!(missing.is_empty(), "{device}: missing seqs (first 10): {missing:?} of 1..={last}");
     assert_eq!(set.len() as u64, last, "{device}: stored beyond the last appended seq");
     assert_eq!(seqs.iter().sum::<u64>(), last * (last + 1) / 2, "{device}: seq checksum");
+}
+
+/// A workspace binary, built next to this test by `cargo test --workspace`.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let path = dir.join(name);
+    assert!(path.exists(), "{} not built; run `cargo test --workspace` (it builds every binary)", path.display());
+    path
+}
+
+pub struct Proc {
+    pub name: &'static str,
+    pub args: Vec<String>,
+    pub log: PathBuf,
+    pub child: Option<Child>,
+}
+
+impl Proc {
+    pub fn start(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let child = Command::new(binary(self.name))
+            .args(&self.args)
+            .env("RUST_LOG", "info,rumqttd=warn,rumqttc=warn")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    pub fn sigkill(&mut self) {
+        let mut c = self.child.take().unwrap();
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+
+    pub fn sigterm(&mut self) {
+        let mut c = self.child.take().unwrap();
+        let ok = Command::new("kill").args(["-TERM", &c.id().to_string()]).status().unwrap().success();
+        assert!(ok);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(st) = c.try_wait().unwrap() {
+                assert!(
+                    st.success(),
+                    "{} exited with {st} after SIGTERM; log: {}",
+                    self.name,
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+                return;
+            }
+            assert!(Instant::now() < deadline, "{} ignored SIGTERM", self.name);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
 }

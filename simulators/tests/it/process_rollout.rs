@@ -1,0 +1,290 @@
+//! Signed rollouts with real processes: the control-plane binary, agent binaries with their own data dirs,
+//! UDP-fed samples, and the CLI-generated signing key. One agent is SIGKILLed mid-download and resumes.
+
+use crate::support::{wait_for, Proc};
+use base64::Engine as _;
+use edgeloop_agent::updater::Files;
+use edgeloop_common::config::ClassConfig;
+use edgeloop_common::update::{Golden, Phase};
+use edgeloop_control_plane::api::DeviceView;
+use edgeloop_control_plane::models::ModelVersion;
+use edgeloop_control_plane::rollout::engine::State;
+use edgeloop_simulators::{free_port, http, rollouts};
+use serde_json::json;
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const PROBE: &str = "class = \"probe\"\n[[sensors]]\nname = \"t\"\nkind = \"slow\"\nrate_hz = 100\n[uplink]\nheartbeat_secs = 1\nack_timeout_secs = 1\n";
+
+struct Site {
+    dir: PathBuf,
+    api: SocketAddr,
+    mqtt: u16,
+    public_key: String,
+    cp: Proc,
+}
+
+/// Writes a signing key with the CLI, a control-plane config using it, and starts the control plane.
+async fn site(d: &Path) -> Site {
+    let (mqtt, api_port) = (free_port().unwrap(), free_port().unwrap());
+    let api = SocketAddr::from(([127, 0, 0, 1], api_port));
+    let out = std::process::Command::new(crate::support::binary("edgeloop-control-plane"))
+        .args(["keys", "generate", "--out"])
+        .arg(d.join("signing.key"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let public_key =
+        stdout.lines().find_map(|l| l.strip_prefix("public_key = \"")).unwrap().trim_end_matches('"').to_string();
+    std::fs::write(d.join("probe.toml"), PROBE).unwrap();
+    std::fs::write(
+        d.join("cp.toml"),
+        format!("data_dir = \"cp\"\n[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:{mqtt}\"\n[api]\nlisten = \"{api}\"\n[rollouts]\nsigning_key = \"signing.key\"\ntick_ms = 100\n"),
+    )
+    .unwrap();
+    let mut cp = Proc {
+        name: "edgeloop-control-plane",
+        args: vec!["run".into(), "--config".into(), d.join("cp.toml").display().to_string()],
+        log: d.join("cp.log"),
+        child: None,
+    };
+    cp.start();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while http::get(api, "/api/v1/health").await.is_err() {
+        assert!(std::time::Instant::now() < deadline, "control plane did not start");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Site { dir: d.to_path_buf(), api, mqtt, public_key, cp }
+}
+
+/// An agent process fed over UDP, trusting the site's key and fetching artifacts from `artifacts`.
+fn agent(site: &Site, id: &str, artifacts: SocketAddr) -> (Proc, u16) {
+    let udp = free_port().unwrap();
+    std::fs::write(
+        site.dir.join(format!("{id}.toml")),
+        format!(
+            "[device]\nid = \"{id}\"\nclass_config = \"probe.toml\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:{}\"\nreconnect_max_ms = 300\n[storage]\ndata_dir = \"{id}\"\n[[sources]]\nkind = \"udp\"\nlisten = \"127.0.0.1:{udp}\"\n[updates]\nartifact_base_url = \"http://{artifacts}\"\n[[updates.trusted_keys]]\npublic_key = \"{}\"\n",
+            site.mqtt, site.public_key
+        ),
+    )
+    .unwrap();
+    let p = Proc {
+        name: "edgeloop-agent",
+        args: vec!["--config".into(), site.dir.join(format!("{id}.toml")).display().to_string()],
+        log: site.dir.join(format!("{id}.log")),
+        child: None,
+    };
+    (p, udp)
+}
+
+/// Sends samples to every port, about 100 per second each, until `stop`.
+fn feed(ports: Vec<u16>, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let sock = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut i = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            i += 1;
+            for p in &ports {
+                let line = format!("{{\"sensor\":\"t\",\"values\":[{}]}}\n", (i % 20) as f64 * 0.1);
+                let _ = sock.send_to(line.as_bytes(), ("127.0.0.1", *p));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    })
+}
+
+/// Uploads the mean-square model for the probe class, padded with `pad` bytes of doc string.
+async fn upload(api: SocketAddr, pad: usize) -> ModelVersion {
+    let class = ClassConfig::from_toml("probe.toml", PROBE).unwrap();
+    let width = class.pipeline().sensors[0].width();
+    let onnx = edgeloop_agent::inference::mean_square_onnx_with_doc(width, &"edgeloop ".repeat(pad / 9));
+    let input: Vec<f32> = (0..width).map(|i| i as f32 * 0.25).collect();
+    let ms = input.iter().map(|x| x * x).sum::<f32>() / width as f32;
+    let body = json!({
+        "name": "probe", "class": "probe", "sensor": "t", "threshold": 1e9,
+        "golden": [Golden { input, output: vec![ms] }],
+        "onnx_base64": base64::engine::general_purpose::STANDARD.encode(&onnx),
+    });
+    let (status, text) = http::post_json(api, "/api/v1/models", &body).await.unwrap();
+    assert_eq!(status, 201, "{text}");
+    serde_json::from_str(&text).unwrap()
+}
+
+/// The model an agent process runs, read from its own files: the pointer's active model, hashed on disk.
+fn active_on_disk(data_dir: &Path) -> Option<String> {
+    let files = Files::new(data_dir);
+    let active = files.load_pointer().ok()?.active?;
+    let bytes = std::fs::read(files.model(&active.sha256)).ok()?;
+    Some(edgeloop_common::signing::sha256_hex(&bytes))
+}
+
+async fn device(api: SocketAddr, id: &str) -> Option<DeviceView> {
+    http::get_json(api, &format!("/api/v1/devices/{id}")).await.ok()
+}
+
+fn policy() -> serde_json::Value {
+    json!({"shadow_windows": 0, "watch_windows": 5, "latency_budget_us": 0})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_processes_roll_out_a_signed_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut site = site(dir.path()).await;
+    let ids = ["proc-a", "proc-b", "proc-c"];
+    let mut procs = Vec::new();
+    let mut ports = Vec::new();
+    for id in ids {
+        let (mut p, udp) = agent(&site, id, site.api);
+        p.start();
+        procs.push(p);
+        ports.push(udp);
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let feeder = feed(ports, stop.clone());
+    let model = upload(site.api, 0).await;
+    for id in ids {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while device(site.api, id).await.is_none_or(|d| d.device.class != "probe") {
+            assert!(std::time::Instant::now() < deadline, "{id} never reported");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    let stages = json!([
+        {"name": "canary", "share": {"count": 1}, "bake_secs": 0},
+        {"name": "half", "share": {"percent": 50.0}, "bake_secs": 0},
+        {"name": "all", "share": {"percent": 100.0}, "bake_secs": 0},
+    ]);
+    let r = rollouts::create(site.api, &json!({"model": "probe", "version": 1, "stages": stages, "policy": policy()}))
+        .await
+        .unwrap();
+    let done = rollouts::wait(site.api, &r.id, Duration::from_secs(90), |v| v.state == State::Completed).await.unwrap();
+    assert_eq!(done.phases.get("applied"), Some(&3), "{:?}", done.phases);
+    for (id, stage) in ids.iter().map(|id| (id, done.devices[*id].stage)) {
+        assert!(stage <= 2, "{id} stage {stage}");
+        assert_eq!(active_on_disk(&dir.path().join(id)).as_deref(), Some(model.sha256.as_str()), "{id}");
+        let v = device(site.api, id).await.unwrap();
+        let phases: Vec<Phase> = v.device.updates.iter().map(|u| u.phase).collect();
+        assert_eq!(phases, vec![Phase::Downloading, Phase::Verified, Phase::Watching, Phase::Applied], "{id}");
+    }
+    assert_eq!(done.stages.iter().map(|s| s.devices).collect::<Vec<_>>(), vec![1, 1, 1]);
+    stop.store(true, Ordering::Relaxed);
+    feeder.join().unwrap();
+    for mut p in procs {
+        p.sigterm();
+    }
+    site.cp.sigterm();
+}
+
+/// Serves the control plane's artifact files slowly (16 KiB every 20 ms), honouring `Range`, and records
+/// each request's starting offset.
+async fn slow_artifacts(artifacts_dir: PathBuf) -> (SocketAddr, Arc<Mutex<Vec<u64>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let starts = Arc::new(Mutex::new(Vec::new()));
+    let seen = starts.clone();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            let (dir, seen) = (artifacts_dir.clone(), seen.clone());
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 8192];
+                let mut len = 0;
+                while !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+                    match sock.read(&mut buf[len..]).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => len += n,
+                    }
+                }
+                let req = String::from_utf8_lossy(&buf[..len]).to_string();
+                let path = req.split_whitespace().nth(1).unwrap_or("/").to_string();
+                let sha = path.rsplit('/').next().unwrap_or_default().to_string();
+                let Ok(bytes) = std::fs::read(dir.join(&sha)) else {
+                    let _ = sock.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n").await;
+                    return;
+                };
+                let from: u64 = req
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("range: bytes=")
+                            .map(|r| r.trim_end_matches('-').to_string())
+                    })
+                    .and_then(|r| r.parse().ok())
+                    .unwrap_or(0);
+                seen.lock().unwrap().push(from);
+                let body = &bytes[from as usize..];
+                let head = if from > 0 {
+                    format!(
+                        "HTTP/1.1 206 Partial Content\r\nContent-Length: {}\r\nContent-Range: bytes {from}-{}/{}\r\n\r\n",
+                        body.len(),
+                        bytes.len() - 1,
+                        bytes.len()
+                    )
+                } else {
+                    format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len())
+                };
+                if sock.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                for chunk in body.chunks(16 * 1024) {
+                    if sock.write_all(chunk).await.is_err() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            });
+        }
+    });
+    (addr, starts)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_killed_mid_download_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut site = site(dir.path()).await;
+    let (slow, starts) = slow_artifacts(dir.path().join("cp/artifacts")).await;
+    let (mut p, udp) = agent(&site, "proc-k", slow);
+    p.start();
+    let stop = Arc::new(AtomicBool::new(false));
+    let feeder = feed(vec![udp], stop.clone());
+    // About 2 MiB: some 2.5 s through the slow server.
+    let model = upload(site.api, 2 << 20).await;
+    assert!(model.size > 2_000_000);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while device(site.api, "proc-k").await.is_none_or(|d| d.device.class != "probe") {
+        assert!(std::time::Instant::now() < deadline, "proc-k never reported");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let stages = json!([{"name": "all", "share": {"percent": 100.0}, "bake_secs": 0}]);
+    let r = rollouts::create(site.api, &json!({"model": "probe", "version": 1, "stages": stages, "policy": policy()}))
+        .await
+        .unwrap();
+
+    // SIGKILL once a good part, but not all, of the artifact is staged.
+    let staging = Files::new(&dir.path().join("proc-k")).staging(&model.sha256);
+    let size = model.size;
+    wait_for("a partial download", Duration::from_secs(30), || {
+        std::fs::metadata(&staging).is_ok_and(|m| m.len() > 256 * 1024 && m.len() < size)
+    })
+    .await;
+    p.sigkill();
+    let kept = std::fs::metadata(&staging).unwrap().len();
+    assert!(kept > 0 && kept < size, "staged {kept} of {size}");
+    p.start();
+
+    let done = rollouts::wait(site.api, &r.id, Duration::from_secs(60), |v| v.state == State::Completed).await.unwrap();
+    assert_eq!(done.devices["proc-k"].phase, Some(Phase::Applied));
+    assert_eq!(active_on_disk(&dir.path().join("proc-k")).as_deref(), Some(model.sha256.as_str()));
+    let starts = starts.lock().unwrap().clone();
+    assert_eq!(starts[0], 0, "{starts:?}");
+    assert!(starts[1..].iter().any(|&s| s > 0 && s <= kept), "the restarted agent resumed with Range: {starts:?}");
+    assert!(!staging.exists(), "the staging file became the model");
+    stop.store(true, Ordering::Relaxed);
+    feeder.join().unwrap();
+    p.sigterm();
+    site.cp.sigterm();
+}
