@@ -19,4 +19,7 @@ async fn demo_summary_counts_agree() {
     assert_eq!(s.acknowledged, s.generated, "{s:?}");
     assert_eq!(s.stored, s.generated, "{s:?}");
     assert_eq!(s.dropped, 0);
+    assert_eq!(s.rollouts_completed, 2, "{s:?}");
+    let per_model: Vec<(&str, usize)> = s.devices_per_model.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    assert_eq!(per_model, vec![("city-air-quality v1", 2), ("factory-vibration v1", 2)], "{s:?}");
 }
