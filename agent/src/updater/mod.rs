@@ -273,6 +273,7 @@ impl Updater {
                 self.pointer.pending =
                     Some(Pending { desired: d.clone(), manifest: m.clone(), phase: Phase::Downloading });
                 self.save().await?;
+                self.clean_staging(&m.sha256).await;
                 self.apply(d, m, false, cancel).await
             }
             // The retained state comes again on every reconnect: the one already accepted is not news.
@@ -287,6 +288,21 @@ impl Updater {
                 Ok(())
             }
         }
+    }
+
+    /// Removes staged downloads of anything but `keep` (updates superseded mid-download).
+    async fn clean_staging(&self, keep: &str) {
+        let dir = self.files.staging(keep).parent().map(Path::to_path_buf);
+        let Some(dir) = dir else { return };
+        let keep = format!("{keep}.part");
+        let _ = tokio::task::spawn_blocking(move || {
+            for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                if e.file_name().to_string_lossy() != keep {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        })
+        .await;
     }
 
     /// Takes an accepted update through download, checks, shadow, activation and watch.

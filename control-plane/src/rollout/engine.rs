@@ -463,16 +463,19 @@ impl Rollout {
         out
     }
 
+    /// Every online device reached has reported a final phase (offline ones do not hold the stage, but at
+    /// least one device must have reported: an offline canary proves nothing), and the bake time has passed.
     fn stage_done(&self, now_ms: u64) -> bool {
         let bake = self.spec.stages[self.stage].bake_secs * 1000;
-        let mut any = false;
+        let mut finals = 0;
         for t in self.devices.values() {
-            any = true;
-            if !t.phase.is_some_and(Phase::is_final) && t.online {
+            if t.phase.is_some_and(Phase::is_final) {
+                finals += 1;
+            } else if t.online {
                 return false;
             }
         }
-        any && now_ms.saturating_sub(self.stage_started_ms) >= bake
+        finals > 0 && now_ms.saturating_sub(self.stage_started_ms) >= bake
     }
 
     fn breach(&mut self, reason: String, now_ms: u64) -> Vec<Command> {

@@ -280,14 +280,48 @@ impl Rollouts {
             sha256: mv.sha256,
             issued_ms: now_ms,
             expires_ms,
+            policy,
             payload: payload.clone(),
         };
         self.store.put_issued(device, &issued)?;
         Ok((topics::topic(device, Channel::Desired), payload))
     }
 
+    /// Auto-rollout: for each class configured for it, a production version that no rollout has carried yet
+    /// starts one with the class's default strategy. Blocking.
+    fn auto_rollouts(&self, now_ms: u64) -> Result<(), StoreError> {
+        for auto in &self.cfg.auto {
+            let Some(prod) = self.models.production(&auto.class)? else { continue };
+            let seen = self.lock().values().any(|r| r.spec.class == auto.class && r.spec.model.sha256 == prod.sha256);
+            if seen {
+                continue;
+            }
+            let req = CreateRollout {
+                model: prod.name.clone(),
+                version: prod.version,
+                class: Some(auto.class.clone()),
+                tags: Vec::new(),
+                stages: Some(auto.stages.clone()),
+                gates: Some(auto.gates.clone()),
+                on_breach: OnBreach::Rollback,
+                manual_approval: false,
+                policy: None,
+                previous: None,
+            };
+            match self.create(req, now_ms) {
+                Ok(r) => {
+                    tracing::info!(rollout = %r.id, model = %prod.name, version = prod.version, "promoted version rolls out by itself")
+                }
+                Err(RolloutError::Store(e)) => return Err(e),
+                Err(e) => tracing::error!(class = %auto.class, error = %e, "auto-rollout refused"),
+            }
+        }
+        Ok(())
+    }
+
     /// One engine step over every live rollout. Blocking (signing, sled, commit).
     pub fn tick(&self, now_ms: u64) -> Result<Vec<Publication>, StoreError> {
+        self.auto_rollouts(now_ms)?;
         let fleet = self.fleet(now_ms);
         let mut out = Vec::new();
         let mut dirty = false;
@@ -328,7 +362,7 @@ impl Rollouts {
         for (device, i) in self.store.all_issued()? {
             if now_ms.saturating_sub(i.issued_ms) >= half {
                 let class = self.registry.get(&device).map(|d| d.class).unwrap_or_default();
-                let policy = UpdatePolicy::default();
+                let policy = i.policy;
                 let model = ModelRef { name: i.name.clone(), version: i.version, sha256: i.sha256.clone() };
                 out.push(self.issue(&device, &class, &model, i.rollout.as_deref(), policy, now_ms)?);
             }
@@ -408,5 +442,126 @@ async fn publish(client: &AsyncClient, metrics: &Metrics, items: Vec<Publication
                 tracing::error!(%topic, error = %e, "cannot queue a desired state; it is published again at start")
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::AutoRollout;
+    use crate::models::{Lineage, Metrics as ModelMetrics, ModelVersion, Promotion};
+    use edgeloop_common::durable::{Durability, DurableDb};
+
+    fn version(v: u32, promoted: bool) -> ModelVersion {
+        ModelVersion {
+            name: "press".into(),
+            version: v,
+            class: "press".into(),
+            sensor: "t".into(),
+            kind: "autoencoder".into(),
+            sha256: format!("{v:064}"),
+            size: 10,
+            input_shape: vec![-1, 4],
+            output_shape: vec![-1, 1],
+            pipeline: edgeloop_common::features::PipelineSpec { version: 1, sensors: vec![] },
+            threshold: 1.0,
+            golden: vec![],
+            lineage: Lineage {
+                dataset_hash: String::new(),
+                dataset_report: Default::default(),
+                hyper: Default::default(),
+                trials: vec![],
+                seed: 0,
+                metrics: ModelMetrics::default(),
+                threshold_source: String::new(),
+                code_version: String::new(),
+                reference: Default::default(),
+            },
+            created_ms: 0,
+            promotion: Promotion {
+                promoted,
+                metric: String::new(),
+                candidate: 0.0,
+                production: None,
+                production_version: None,
+                reason: String::new(),
+            },
+        }
+    }
+
+    fn open(dir: &std::path::Path, auto: bool) -> (Rollouts, Arc<ModelRegistry>) {
+        let db = DurableDb::open(&dir.join("db"), Durability::Flush).unwrap();
+        let models = Arc::new(ModelRegistry::open(&db, dir).unwrap());
+        let mut cfg = RolloutsConfig::default();
+        if auto {
+            cfg.auto = vec![AutoRollout {
+                class: "press".into(),
+                stages: super::super::default_stages(),
+                gates: Gates::default(),
+            }];
+        }
+        let signer = Signer::from_pkcs8(&Signer::generate_pkcs8()).unwrap();
+        let r = Rollouts::open(
+            RolloutStore::open(&db).unwrap(),
+            signer,
+            models.clone(),
+            Arc::new(Registry::open(&db).unwrap()),
+            Arc::new(Metrics::default()),
+            cfg,
+            60_000,
+        )
+        .unwrap();
+        (r, models)
+    }
+
+    #[test]
+    fn a_promoted_version_rolls_out_by_itself_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let (r, models) = open(dir.path(), true);
+        r.tick(1).unwrap();
+        assert!(r.list().is_empty(), "nothing in production yet");
+        models.insert(&version(1, true)).unwrap();
+        models.insert(&version(2, false)).unwrap();
+        r.tick(2).unwrap();
+        r.tick(3).unwrap();
+        let all = r.list();
+        assert_eq!(all.len(), 1, "one rollout per promoted version");
+        assert_eq!((all[0].spec.model.version, all[0].spec.stages.len()), (1, 3));
+        models.insert(&version(3, true)).unwrap();
+        r.tick(4).unwrap();
+        let mut all = r.list();
+        all.sort_by_key(|x| x.created_ms);
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[1].spec.model.version, 3);
+        assert_eq!(all[1].spec.previous.as_ref().map(|p| p.version), None, "v1 never completed");
+        assert!(matches!(all[0].state, State::Superseded { .. }));
+    }
+
+    #[test]
+    fn without_auto_nothing_starts_and_requests_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let (r, models) = open(dir.path(), false);
+        models.insert(&version(1, true)).unwrap();
+        r.tick(1).unwrap();
+        assert!(r.list().is_empty());
+        let req = |v: u32, class: Option<&str>| CreateRollout {
+            model: "press".into(),
+            version: v,
+            class: class.map(String::from),
+            tags: vec![],
+            stages: None,
+            gates: None,
+            on_breach: OnBreach::Rollback,
+            manual_approval: false,
+            policy: None,
+            previous: None,
+        };
+        assert!(matches!(r.create(req(9, None), 1), Err(RolloutError::NotFound(_))));
+        let e = r.create(req(1, Some("city-traffic")), 1).unwrap_err();
+        assert!(e.to_string().contains("is for class `press`"), "{e}");
+        assert_eq!(r.create(req(1, None), 1).unwrap().id, "r1");
+        assert!(r.set_tags("d1", vec!["bad tag".into()]).unwrap_err().to_string().contains("tag `bad tag`"));
+        r.set_tags("d1", vec!["site:a".into()]).unwrap();
+        assert_eq!(r.tags("d1"), vec!["site:a"]);
     }
 }

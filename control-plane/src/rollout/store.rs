@@ -16,6 +16,8 @@ pub struct Issued {
     pub sha256: String,
     pub issued_ms: u64,
     pub expires_ms: u64,
+    #[serde(default)]
+    pub policy: edgeloop_common::update::UpdatePolicy,
     /// The signed envelope as published, to publish again after a restart.
     #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,

@@ -292,3 +292,13 @@ fn operator_actions_follow_the_state() {
     assert!(r.act(Action::Pause, 3).is_err());
     assert_eq!(r.tick(&fleet(3), 4), vec![], "an aborted rollout issues nothing");
 }
+
+#[test]
+fn an_offline_canary_does_not_pass_its_stage() {
+    let mut f = fleet(4);
+    let mut r = Rollout::new("r1".into(), spec(), 0);
+    let c = r.tick(&f, 0);
+    f.iter_mut().find(|d| d.id == c[0].device).unwrap().online = false;
+    assert_eq!(r.tick(&f, 60_000), vec![], "no report from the canary: the stage waits");
+    assert_eq!((r.stage, &r.state), (0, &State::Running));
+}
