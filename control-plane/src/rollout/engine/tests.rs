@@ -302,3 +302,41 @@ fn an_offline_canary_does_not_pass_its_stage() {
     assert_eq!(r.tick(&f, 60_000), vec![], "no report from the canary: the stage waits");
     assert_eq!((r.stage, &r.state), (0, &State::Running));
 }
+
+#[test]
+fn low_shadow_agreement_and_slow_inference_breach_their_gates() {
+    let mut s = spec();
+    s.stages[0].share = Share::Count(2);
+    s.gates.min_shadow_agreement = Some(0.9);
+    s.gates.max_anomaly_ratio = None;
+    let mut f = fleet(6);
+    let mut r = Rollout::new("r1".into(), s.clone(), 0);
+    let c = r.tick(&f, 0);
+    report_all(&mut f, &c, |c| UpdateReport { shadow_agreement: Some(0.5), ..applied(&r, &c.model.sha256, 0.0, 0.0) });
+    r.tick(&f, 20_000);
+    let g = r.gates.iter().find(|g| g.gate == "shadow_agreement").unwrap();
+    assert_eq!((g.value, g.ok), (Some(0.5), false));
+    assert!(matches!(&r.state, State::RolledBack { reason } if reason.contains("shadow_agreement")), "{:?}", r.state);
+
+    let mut s = s;
+    s.gates.min_shadow_agreement = None;
+    s.gates.max_p95_us = Some(1_000);
+    let mut f = fleet(6);
+    let mut r = Rollout::new("r2".into(), s, 0);
+    let c = r.tick(&f, 0);
+    report_all(&mut f, &c, |c| UpdateReport { p95_us: Some(5_000), ..applied(&r, &c.model.sha256, 0.0, 0.0) });
+    r.tick(&f, 20_000);
+    assert!(matches!(&r.state, State::RolledBack { reason } if reason.contains("p95_latency_us")), "{:?}", r.state);
+    // Within limits, both gates hold and show their values.
+    let mut f = fleet(6);
+    let mut s = spec();
+    s.gates.min_shadow_agreement = Some(0.9);
+    s.gates.max_p95_us = Some(1_000);
+    let mut r = Rollout::new("r3".into(), s, 0);
+    let c = r.tick(&f, 0);
+    report_all(&mut f, &c, |c| UpdateReport { shadow_agreement: Some(0.95), ..applied(&r, &c.model.sha256, 0.0, 0.0) });
+    r.tick(&f, 1);
+    assert_eq!(r.state, State::Running);
+    assert!(r.gates.iter().all(|g| g.ok), "{:?}", r.gates);
+    assert_eq!(r.gates.len(), 4);
+}
