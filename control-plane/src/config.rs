@@ -135,11 +135,19 @@ pub enum BrokerConfig {
 pub struct ApiConfig {
     #[serde(default = "default_api_listen")]
     pub listen: SocketAddr,
+    /// Ask every request but health, artifacts and enrollment for an operator's bearer token. Turning it off
+    /// leaves the API open to anyone who can reach it (a warning is logged at start).
+    #[serde(default = "default_true")]
+    pub require_tokens: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl Default for ApiConfig {
     fn default() -> Self {
-        ApiConfig { listen: default_api_listen() }
+        ApiConfig { listen: default_api_listen(), require_tokens: true }
     }
 }
 
@@ -176,6 +184,7 @@ pub struct Config {
     pub mqtt_host: String,
     pub mqtt_port: u16,
     pub api_listen: SocketAddr,
+    pub require_tokens: bool,
     pub ingest: IngestConfig,
     pub training: TrainingConfig,
     pub rollouts: RolloutsConfig,
@@ -203,6 +212,7 @@ impl Config {
             mqtt_host: loopback_for(mqtt).ip().to_string(),
             mqtt_port: mqtt.port(),
             api_listen: api,
+            require_tokens: true,
             ingest: IngestConfig::default(),
             training: TrainingConfig::default(),
             rollouts: RolloutsConfig::default(),
@@ -320,6 +330,7 @@ impl RawConfig {
             mqtt_host,
             mqtt_port,
             api_listen: self.api.listen,
+            require_tokens: self.api.require_tokens,
             ingest: self.ingest,
             training: self.training,
             classes,

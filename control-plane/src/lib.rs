@@ -20,6 +20,7 @@
 //! - [`triggers`]: retraining per class on a schedule, after N new records, or on drift.
 //! - [`keys`]: the Ed25519 signing key file.
 //! - [`rollout`]: staged rollouts of signed models, gated on install results and model behaviour.
+//! - [`operators`]: operator bearer tokens (hashed, with roles) and their file.
 //! - [`audit`]: the audit log of every mutating operator call.
 //! - [`api`]: the operator HTTP API (axum).
 //! - [`server`]: starts all of the above under one cancellation token.
@@ -35,6 +36,7 @@ pub mod keys;
 pub mod learning;
 pub mod metrics;
 pub mod models;
+pub mod operators;
 pub mod registry;
 pub mod rollout;
 pub mod server;

@@ -1,6 +1,7 @@
 //! `edgeloop-control-plane run --config control-plane.toml`, and
 //! `edgeloop-control-plane train --config control-plane.toml --class C [--from T --to T] [--trials N]`, and
-//! `edgeloop-control-plane keys generate --out FILE` / `keys show --key FILE`.
+//! `edgeloop-control-plane keys generate --out FILE` / `keys show --key FILE`, and
+//! `edgeloop-control-plane tokens create|list|revoke --config control-plane.toml`.
 //!
 //! Exit codes: 0 after a clean stop (ctrl-c or SIGTERM), 2 for a bad config, 1 for any other failure.
 
@@ -8,6 +9,7 @@ use clap::{Parser, Subcommand};
 use edgeloop_common::durable::DurableDb;
 use edgeloop_control_plane::config::Config;
 use edgeloop_control_plane::models::ModelRegistry;
+use edgeloop_control_plane::operators::{Role, TokenStore};
 use edgeloop_control_plane::registry::Registry;
 use edgeloop_control_plane::store::TelemetryStore;
 use edgeloop_control_plane::training::run::{train_class, TrainRequest};
@@ -53,10 +55,42 @@ enum Command {
         #[arg(long)]
         seed: Option<u64>,
     },
+    /// Manage operator bearer tokens (works while the control plane runs).
+    Tokens {
+        #[command(subcommand)]
+        command: TokensCommand,
+    },
     /// Manage the Ed25519 key that signs model manifests and desired states.
     Keys {
         #[command(subcommand)]
         command: KeysCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokensCommand {
+    /// Create a token and print it (only its hash is stored; it cannot be shown again).
+    Create {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// viewer, operator or admin.
+        #[arg(long)]
+        role: String,
+        /// Who or what uses it.
+        #[arg(long, default_value = "operator")]
+        name: String,
+    },
+    /// List tokens (ids, names, roles; never secrets).
+    List {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Revoke a token by id; requests with it get 401 from then on.
+    Revoke {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        id: String,
     },
 }
 
@@ -74,6 +108,47 @@ enum KeysCommand {
     },
 }
 
+fn tokens(command: &TokensCommand) -> ExitCode {
+    let (TokensCommand::Create { config, .. } | TokensCommand::List { config } | TokensCommand::Revoke { config, .. }) =
+        command;
+    let cfg = match Config::load(config) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("edgeloop-control-plane: bad configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let run = || -> anyhow::Result<()> {
+        let store = TokenStore::open(&cfg.data_dir)?;
+        match command {
+            TokensCommand::Create { role, name, .. } => {
+                let role: Role = role.parse().map_err(anyhow::Error::msg)?;
+                let (e, token) = store.create(name, role)?;
+                eprintln!("created token {} for {} with role {}; it is shown once:", e.id, e.name, e.role);
+                println!("{token}");
+            }
+            TokensCommand::List { .. } => {
+                for t in store.list()? {
+                    let state = if t.revoked { "revoked" } else { "active" };
+                    println!("{}\t{}\t{}\t{state}", t.id, t.role, t.name);
+                }
+            }
+            TokensCommand::Revoke { id, .. } => {
+                let t = store.revoke(id)?;
+                println!("revoked {} ({}, {})", t.id, t.name, t.role);
+            }
+        }
+        Ok(())
+    };
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("edgeloop-control-plane: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -85,6 +160,7 @@ fn main() -> ExitCode {
     let command = Cli::parse().command;
     let config = match &command {
         Command::Run { config } | Command::Train { config, .. } => config.clone(),
+        Command::Tokens { command } => return tokens(command),
         Command::Keys { command } => {
             let r = match command {
                 KeysCommand::Generate { out } => edgeloop_control_plane::keys::generate(out),
@@ -132,7 +208,7 @@ fn main() -> ExitCode {
             }
             train_offline(cfg, req)
         }
-        Command::Keys { .. } => unreachable!("handled before the config is read"),
+        Command::Keys { .. } | Command::Tokens { .. } => unreachable!("handled before the config is read"),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -34,6 +34,8 @@ pub struct ControlPlaneHandle {
     pub metrics: Arc<Metrics>,
     pub learning: Arc<Learning>,
     pub rollouts: Arc<Rollouts>,
+    /// The admin token created on first start (also in `<data_dir>/admin.token`), if this start made one.
+    pub admin_token: Option<String>,
     task: JoinHandle<anyhow::Result<()>>,
 }
 
@@ -78,6 +80,22 @@ impl ControlPlane {
             cfg.ingest.offline_after_secs * 1000,
         )?);
         let audit = Arc::new(audit);
+        let operators = {
+            let data_dir = cfg.data_dir.clone();
+            tokio::task::spawn_blocking(move || crate::operators::TokenStore::open(&data_dir)).await??
+        };
+        let admin_token = if cfg.require_tokens {
+            let t = operators.bootstrap()?;
+            if t.is_some() {
+                let path = cfg.data_dir.join("admin.token");
+                tracing::info!(path = %path.display(), "first start: an admin token was written here (mode 0600)");
+            }
+            t
+        } else {
+            tracing::warn!("api.require_tokens = false: the operator API is open to anyone who can reach it");
+            None
+        };
+        let operators = Arc::new(operators);
         let learning =
             Arc::new(Learning::new(store.clone(), registry.clone(), models, cfg.classes.clone(), cfg.training.clone()));
         tokio::spawn(crate::triggers::run(learning.clone(), cancel.child_token()));
@@ -136,6 +154,8 @@ impl ControlPlane {
             learning: learning.clone(),
             rollouts: rollouts.clone(),
             audit,
+            operators,
+            require_tokens: cfg.require_tokens,
         };
         let api_cancel = cancel.clone();
         let api = tokio::spawn(async move {
@@ -168,6 +188,7 @@ impl ControlPlane {
             metrics,
             learning,
             rollouts,
+            admin_token,
             task,
         })
     }

@@ -69,10 +69,15 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> anyhow::Result<S
     let cp_cancel = CancellationToken::new();
     let cp = ControlPlane::start(cfg, cp_cancel.clone()).await.context("starting the control plane")?;
     let api = cp.api_addr;
+    let token_path = opts.data_dir.join("control-plane/admin.token");
+    let token = std::fs::read_to_string(&token_path)
+        .with_context(|| format!("reading the admin token {}", token_path.display()))?;
+    crate::http::authorize(api, &token);
     println!("edgeloop demo: {} devices", opts.devices);
     println!("  operator API: http://{api}/api/v1/devices   rollouts: http://{api}/api/v1/rollouts   metrics: http://{api}/metrics");
     println!("  MQTT broker:  mqtt://{}:{}", cp.mqtt_addr.0, cp.mqtt_addr.1);
     println!("  signing key:  {} (agents trust it)", cp.rollouts.key_id());
+    println!("  admin token:  {} (send it as `Authorization: Bearer <token>`)", token_path.display());
     println!("  data:         {}", opts.data_dir.display());
 
     let classes = vec![crate::class_config("factory-vibration")?, crate::class_config("city-air-quality")?];

@@ -22,6 +22,21 @@ impl Response {
     }
 }
 
+/// Bearer tokens per server, added to every request to that server that does not set its own
+/// `Authorization` header (like a netrc file for the operator API).
+static TOKENS: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<SocketAddr, String>>> =
+    std::sync::OnceLock::new();
+
+/// Sends `token` as the bearer token on later requests to `addr`.
+pub fn authorize(addr: SocketAddr, token: &str) {
+    let map = TOKENS.get_or_init(Default::default);
+    map.lock().unwrap_or_else(|p| p.into_inner()).insert(addr, token.trim().to_string());
+}
+
+fn token_for(addr: SocketAddr) -> Option<String> {
+    TOKENS.get()?.lock().unwrap_or_else(|p| p.into_inner()).get(&addr).cloned()
+}
+
 /// Sends one request. `body` is sent as JSON when present.
 pub async fn request(
     addr: SocketAddr,
@@ -34,6 +49,11 @@ pub async fn request(
     let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     for (n, v) in headers {
         head.push_str(&format!("{n}: {v}\r\n"));
+    }
+    if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("authorization")) {
+        if let Some(t) = token_for(addr) {
+            head.push_str(&format!("Authorization: Bearer {t}\r\n"));
+        }
     }
     if let Some(b) = body {
         head.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", b.len()));

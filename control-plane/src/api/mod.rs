@@ -10,6 +10,7 @@ pub mod rollouts;
 
 use crate::learning::Learning;
 use crate::metrics::Metrics;
+use crate::operators::Role;
 use crate::registry::{Device, Registry};
 use crate::store::{Query, TelemetryStore};
 use axum::extract::rejection::QueryRejection;
@@ -38,6 +39,9 @@ pub struct AppState {
     pub learning: Arc<Learning>,
     pub rollouts: Arc<crate::rollout::Rollouts>,
     pub audit: Arc<crate::audit::AuditLog>,
+    pub operators: Arc<crate::operators::TokenStore>,
+    /// Whether the API asks for bearer tokens (`api.require_tokens`).
+    pub require_tokens: bool,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -67,27 +71,74 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/signing-key", get(rollouts::signing_key))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::not_found("no such route") })
-        .layer(axum::middleware::from_fn_with_state(state.clone(), audit_mutations))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), authorize_and_audit))
         .with_state(state)
 }
 
-/// Writes every mutating call (anything but GET and HEAD) to the audit log, with its outcome.
-async fn audit_mutations(
+/// The role a request needs, or `None` for the few open routes: health, artifacts (devices fetch them;
+/// they are content-addressed and only run after their signed manifest checks out) and enrollment (it
+/// carries its own token).
+pub fn required_role(method: &axum::http::Method, path: &str) -> Option<Role> {
+    let read = method == axum::http::Method::GET || method == axum::http::Method::HEAD;
+    if path == "/api/v1/health" || (read && path.starts_with("/api/v1/artifacts/")) || path == "/api/v1/enroll" {
+        return None;
+    }
+    let admin = path.starts_with("/api/v1/tokens")
+        || path.starts_with("/api/v1/enrollment-tokens")
+        || (path.starts_with("/api/v1/devices/") && path.ends_with("/revoke"));
+    Some(if admin {
+        Role::Admin
+    } else if read {
+        Role::Viewer
+    } else {
+        Role::Operator
+    })
+}
+
+/// Checks the bearer token against the route's role (401 without a valid token, 403 with too low a role),
+/// then writes every mutating call (anything but GET and HEAD) to the audit log with who made it and how it
+/// ended.
+async fn authorize_and_audit(
     State(s): State<AppState>,
-    req: axum::extract::Request,
+    mut req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
     let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let mut who = "anonymous".to_string();
+    if let (Some(need), true) = (required_role(&method, &path), s.require_tokens) {
+        let header = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+        let op = match s.operators.authenticate(header) {
+            Ok(op) => op,
+            Err(e) => {
+                s.metrics.reject("api_unauthorized");
+                let mut r = ApiError { status: StatusCode::UNAUTHORIZED, error: "unauthorized", detail: e.to_string() }
+                    .into_response();
+                r.headers_mut().insert(header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
+                return r;
+            }
+        };
+        if op.role < need {
+            s.metrics.reject("api_forbidden");
+            return ApiError {
+                status: StatusCode::FORBIDDEN,
+                error: "forbidden",
+                detail: format!("{method} {path} needs the {need} role; token `{}` has {}", op.name, op.role),
+            }
+            .into_response();
+        }
+        who = format!("{} ({})", op.name, op.id);
+        req.extensions_mut().insert(op);
+    }
     if method == axum::http::Method::GET || method == axum::http::Method::HEAD {
         return next.run(req).await;
     }
-    let action = format!("{method} {}", req.uri().path());
+    let action = format!("{method} {path}");
     let detail = req.uri().query().unwrap_or_default().to_string();
     let resp = next.run(req).await;
     let entry = crate::audit::AuditEntry {
         at_ms: edgeloop_common::unix_millis(),
-        // Operator identity arrives with bearer tokens; until then every caller is anonymous.
-        who: "anonymous".into(),
+        who,
         action,
         status: resp.status().as_u16(),
         detail,

@@ -47,6 +47,7 @@ async fn nothing_lost_across_process_kills() {
     };
     cp.start();
     agent.start();
+    crate::support::authorize_from_file(api, &d.join("cp/admin.token")).await;
 
     // Feed samples over UDP at about 500 per second, whatever is running.
     let stop = Arc::new(AtomicBool::new(false));

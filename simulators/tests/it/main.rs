@@ -8,6 +8,7 @@ mod learning;
 mod malformed;
 mod nab;
 mod nothing_lost;
+mod operators;
 mod outbox_full;
 mod process_rollout;
 mod rollouts;

@@ -59,6 +59,7 @@ async fn site(d: &Path) -> Site {
         assert!(std::time::Instant::now() < deadline, "control plane did not start");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    crate::support::authorize_from_file(api, &d.join("cp/admin.token")).await;
     Site { dir: d.to_path_buf(), api, mqtt, public_key, cp }
 }
 

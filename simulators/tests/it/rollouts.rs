@@ -155,6 +155,7 @@ async fn control_plane_restart_mid_rollout_resumes() {
     };
     let cp_cancel = CancellationToken::new();
     let cp = start(cp_cancel.clone()).await.unwrap();
+    edgeloop_simulators::http::authorize(api_addr, cp.admin_token.as_deref().unwrap());
     let class = class_config(CLASS).unwrap();
     let good = rollouts::upload_reference_model(api_addr, CLASS, &class, 1e9).await.unwrap();
     let fleet_cancel = CancellationToken::new();

@@ -16,6 +16,9 @@ pub async fn start_cp(dir: &Path, tweak: impl FnOnce(&mut Config)) -> (ControlPl
     tweak(&mut cfg);
     let cancel = CancellationToken::new();
     let cp = ControlPlane::start(cfg, cancel.clone()).await.unwrap();
+    if let Some(t) = &cp.admin_token {
+        edgeloop_simulators::http::authorize(cp.api_addr, t);
+    }
     (cp, cancel)
 }
 
@@ -121,4 +124,11 @@ impl Drop for Proc {
             let _ = c.wait();
         }
     }
+}
+
+/// Waits for a control-plane process to write its first-start admin token, then uses it for `api`.
+pub async fn authorize_from_file(api: SocketAddr, token_file: &Path) {
+    wait_for("the control plane's admin token", Duration::from_secs(30), || token_file.is_file()).await;
+    let token = std::fs::read_to_string(token_file).unwrap();
+    edgeloop_simulators::http::authorize(api, &token);
 }

@@ -1,0 +1,263 @@
+//! Operator tokens and roles.
+//!
+//! A token reads `elt_<id>_<secret>`: an 8-hex-digit id and 64 hex digits of secret from the system RNG.
+//! Only the SHA-256 of the secret is stored (the secret has 256 bits of entropy, so a plain hash is enough),
+//! in `<data_dir>/operators.json`, written atomically with mode 0600. The CLI (`tokens create|list|revoke`)
+//! edits that file while the control plane runs; the control plane re-reads it when it changes.
+//!
+//! Roles are ordered: a viewer reads, an operator also changes things (training, labels, rollouts, tags,
+//! models), an admin also manages devices' enrollment and revocation.
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Viewer,
+    Operator,
+    Admin,
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Role, String> {
+        match s {
+            "viewer" => Ok(Role::Viewer),
+            "operator" => Ok(Role::Operator),
+            "admin" => Ok(Role::Admin),
+            other => Err(format!("unknown role `{other}`; use viewer, operator or admin")),
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        })
+    }
+}
+
+/// A stored token: everything but the secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenEntry {
+    pub id: String,
+    pub name: String,
+    pub role: Role,
+    /// SHA-256 of the secret part, hex.
+    pub sha256: String,
+    pub created_ms: u64,
+    #[serde(default)]
+    pub revoked: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenFile {
+    pub tokens: Vec<TokenEntry>,
+}
+
+/// Who made a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Operator {
+    pub id: String,
+    pub name: String,
+    pub role: Role,
+}
+
+/// Why a bearer token was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("no bearer token: send `Authorization: Bearer <token>`")]
+    Missing,
+    #[error("the bearer token is not of the form elt_<id>_<secret>")]
+    Malformed,
+    #[error("unknown or revoked token")]
+    Invalid,
+}
+
+fn random_hex(bytes: usize) -> String {
+    use ring::rand::SecureRandom;
+    let mut b = vec![0u8; bytes];
+    ring::rand::SystemRandom::new().fill(&mut b).expect("the system RNG works");
+    edgeloop_common::signing::hex(&b)
+}
+
+/// Equal-time comparison of two hex digests.
+fn same(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The token file, as the control plane and the CLI use it.
+pub struct TokenStore {
+    path: PathBuf,
+    cache: Mutex<(Option<SystemTime>, TokenFile)>,
+}
+
+impl TokenStore {
+    pub fn path(data_dir: &Path) -> PathBuf {
+        data_dir.join("operators.json")
+    }
+
+    pub fn open(data_dir: &Path) -> anyhow::Result<TokenStore> {
+        let s = TokenStore { path: Self::path(data_dir), cache: Mutex::new((None, TokenFile::default())) };
+        s.refresh()?;
+        Ok(s)
+    }
+
+    fn read(&self) -> anyhow::Result<(Option<SystemTime>, TokenFile)> {
+        match std::fs::metadata(&self.path) {
+            Ok(meta) => {
+                if meta.permissions().mode() & 0o077 != 0 {
+                    tracing::warn!(path = %self.path.display(), "operator token file is readable by others; run chmod 600");
+                }
+                let text =
+                    std::fs::read_to_string(&self.path).with_context(|| format!("reading {}", self.path.display()))?;
+                let file: TokenFile = serde_json::from_str(&text)
+                    .with_context(|| format!("{} is not a token file", self.path.display()))?;
+                Ok((meta.modified().ok(), file))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok((None, TokenFile::default())),
+            Err(e) => Err(e).with_context(|| format!("reading {}", self.path.display())),
+        }
+    }
+
+    /// Re-reads the file if it changed since the last read.
+    fn refresh(&self) -> anyhow::Result<()> {
+        let mtime = std::fs::metadata(&self.path).ok().and_then(|m| m.modified().ok());
+        let mut c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if c.0 != mtime || mtime.is_none() {
+            *c = self.read()?;
+        }
+        Ok(())
+    }
+
+    pub fn list(&self) -> anyhow::Result<Vec<TokenEntry>> {
+        self.refresh()?;
+        Ok(self.cache.lock().unwrap_or_else(|p| p.into_inner()).1.tokens.clone())
+    }
+
+    fn write(&self, f: &TokenFile) -> anyhow::Result<()> {
+        let dir = self.path.parent().context("token file has no directory")?;
+        std::fs::create_dir_all(dir)?;
+        let tmp = dir.join(".operators.json.tmp");
+        let mut out = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+        out.write_all(serde_json::to_string_pretty(f)?.as_bytes())?;
+        out.sync_all()?;
+        std::fs::rename(&tmp, &self.path)?;
+        std::fs::File::open(dir)?.sync_all()?;
+        *self.cache.lock().unwrap_or_else(|p| p.into_inner()) = self.read()?;
+        Ok(())
+    }
+
+    /// Creates a token and returns it; only its hash is kept.
+    pub fn create(&self, name: &str, role: Role) -> anyhow::Result<(TokenEntry, String)> {
+        anyhow::ensure!(
+            !name.is_empty()
+                && name.len() <= 64
+                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.@".contains(&b)),
+            "name `{name}` must be 1 to 64 characters of A-Z, a-z, 0-9, '-', '_', '.', '@'"
+        );
+        let (_, mut file) = self.read()?;
+        let id = random_hex(4);
+        let secret = random_hex(32);
+        let entry = TokenEntry {
+            id: id.clone(),
+            name: name.to_string(),
+            role,
+            sha256: edgeloop_common::signing::sha256_hex(secret.as_bytes()),
+            created_ms: edgeloop_common::unix_millis(),
+            revoked: false,
+        };
+        file.tokens.push(entry.clone());
+        self.write(&file)?;
+        Ok((entry, format!("elt_{id}_{secret}")))
+    }
+
+    pub fn revoke(&self, id: &str) -> anyhow::Result<TokenEntry> {
+        let (_, mut file) = self.read()?;
+        let t = file.tokens.iter_mut().find(|t| t.id == id).with_context(|| format!("no token with id `{id}`"))?;
+        t.revoked = true;
+        let out = t.clone();
+        self.write(&file)?;
+        Ok(out)
+    }
+
+    /// Checks an `Authorization` header value.
+    pub fn authenticate(&self, header: Option<&str>) -> Result<Operator, AuthError> {
+        let value = header.ok_or(AuthError::Missing)?;
+        let token = value.strip_prefix("Bearer ").ok_or(AuthError::Missing)?.trim();
+        let rest = token.strip_prefix("elt_").ok_or(AuthError::Malformed)?;
+        let (id, secret) = rest.split_once('_').ok_or(AuthError::Malformed)?;
+        if let Err(e) = self.refresh() {
+            tracing::error!(
+                error = format!("{e:#}"),
+                "cannot read the operator token file; keeping the last good copy"
+            );
+        }
+        let c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let t = c.1.tokens.iter().find(|t| t.id == id && !t.revoked).ok_or(AuthError::Invalid)?;
+        if !same(&t.sha256, &edgeloop_common::signing::sha256_hex(secret.as_bytes())) {
+            return Err(AuthError::Invalid);
+        }
+        Ok(Operator { id: t.id.clone(), name: t.name.clone(), role: t.role })
+    }
+
+    /// On first start, creates an admin token and writes it to `admin.token` (mode 0600) beside the token
+    /// file. Returns the token when it made one.
+    pub fn bootstrap(&self) -> anyhow::Result<Option<String>> {
+        if !self.list()?.is_empty() {
+            return Ok(None);
+        }
+        let (_, token) = self.create("bootstrap-admin", Role::Admin)?;
+        let path = self.path.with_file_name("admin.token");
+        let mut f = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&path)?;
+        f.write_all(token.as_bytes())?;
+        f.sync_all()?;
+        Ok(Some(token))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_authenticate_by_role_and_revoke() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = TokenStore::open(dir.path()).unwrap();
+        let (e, token) = s.create("alice", Role::Operator).unwrap();
+        let op = s.authenticate(Some(&format!("Bearer {token}"))).unwrap();
+        assert_eq!((op.name.as_str(), op.role), ("alice", Role::Operator));
+        assert_eq!(s.authenticate(None), Err(AuthError::Missing));
+        assert_eq!(s.authenticate(Some("Basic abc")), Err(AuthError::Missing));
+        assert_eq!(s.authenticate(Some("Bearer nope")), Err(AuthError::Malformed));
+        let wrong = format!("Bearer elt_{}_{}", e.id, "0".repeat(64));
+        assert_eq!(s.authenticate(Some(&wrong)), Err(AuthError::Invalid));
+        let text = std::fs::read_to_string(TokenStore::path(dir.path())).unwrap();
+        assert!(!text.contains(token.rsplit('_').next().unwrap()), "the secret is never stored");
+        assert_eq!(std::fs::metadata(TokenStore::path(dir.path())).unwrap().permissions().mode() & 0o777, 0o600);
+        // Another handle (the CLI) revokes; this one notices the file changed.
+        TokenStore::open(dir.path()).unwrap().revoke(&e.id).unwrap();
+        assert_eq!(s.authenticate(Some(&format!("Bearer {token}"))), Err(AuthError::Invalid));
+        assert!(Role::Admin > Role::Operator && Role::Operator > Role::Viewer);
+        assert!("root".parse::<Role>().unwrap_err().contains("unknown role"));
+    }
+
+    #[test]
+    fn bootstrap_writes_one_admin_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = TokenStore::open(dir.path()).unwrap();
+        let token = s.bootstrap().unwrap().unwrap();
+        assert_eq!(std::fs::read_to_string(dir.path().join("admin.token")).unwrap(), token);
+        assert_eq!(s.authenticate(Some(&format!("Bearer {token}"))).unwrap().role, Role::Admin);
+        assert_eq!(s.bootstrap().unwrap(), None, "only on first start");
+    }
+}
