@@ -318,7 +318,6 @@ fn low_shadow_agreement_and_slow_inference_breach_their_gates() {
     assert_eq!((g.value, g.ok), (Some(0.5), false));
     assert!(matches!(&r.state, State::RolledBack { reason } if reason.contains("shadow_agreement")), "{:?}", r.state);
 
-    let mut s = s;
     s.gates.min_shadow_agreement = None;
     s.gates.max_p95_us = Some(1_000);
     let mut f = fleet(6);
