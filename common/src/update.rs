@@ -1,7 +1,7 @@
 //! Model updates: the signed model manifest, the signed per-device desired state, and the reports an agent
 //! sends as an update moves through its phases.
 //!
-//! The control plane signs a [`Manifest`] when a version is registered and a [`DesiredState`] each time it
+//! The control plane signs a [`Manifest`] and a [`DesiredState`] each time it
 //! points a device at a model. The desired state carries the signed manifest inside it, and its own
 //! per-device `seq`: an agent refuses any sequence it has already passed (replay and downgrade protection);
 //! a rollback is a new, higher sequence pointing at an older model.
@@ -60,6 +60,7 @@ impl Manifest {
 
 /// How the agent should bring the model in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct UpdatePolicy {
     /// Windows the candidate runs beside the active model before it is activated (0: no shadow phase).
     pub shadow_windows: u32,

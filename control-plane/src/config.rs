@@ -317,7 +317,8 @@ impl RawConfig {
                 format!("rollouts.auto[{i}].class"),
                 format!("no firmware config for class `{}` in training.classes_dir", a.class),
             )?;
-            c.check(!a.stages.is_empty(), format!("rollouts.auto[{i}].stages"), "needs at least one stage")?;
+            crate::rollout::engine::validate_stages(&a.stages)
+                .map_err(|r| c.fail(format!("rollouts.auto[{i}].stages"), r))?;
         }
         let mut rollouts = self.rollouts;
         rollouts.signing_key = rollouts.signing_key.map(|k| resolve(&k));

@@ -53,10 +53,16 @@ impl ControlPlane {
         let dir = cfg.data_dir.join("store");
         let durability = cfg.durability;
         let data_dir = cfg.data_dir.clone();
-        let key_path = cfg.rollouts.signing_key.clone().unwrap_or_else(|| cfg.data_dir.join("signing.key"));
+        // A configured key must exist (a typo must not silently mint a key no agent trusts); the default one is
+        // created on first start.
+        let configured_key = cfg.rollouts.signing_key.clone();
+        let default_key = cfg.data_dir.join("signing.key");
         let (store, registry, models, rollout_store, audit, signer) =
             tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-                let signer = crate::keys::load_or_create(&key_path)?;
+                let signer = match &configured_key {
+                    Some(path) => crate::keys::load(path).context("rollouts.signing_key")?,
+                    None => crate::keys::load_or_create(&default_key)?,
+                };
                 let db = DurableDb::open(&dir, durability)?;
                 let registry = Registry::open(&db)?;
                 let models = ModelRegistry::open(&db, &data_dir)?;

@@ -138,10 +138,18 @@ pub fn restore(files: &Files, slot: &ModelSlot, width: usize) -> anyhow::Result<
         let previous = load(&p.previous);
         let pending = p.pending.as_ref().expect("checked above");
         slot.set_active(previous);
-        if let Some(new) = active {
-            let policy = pending.desired.policy;
-            slot.activate(new, WatchTracker::new(policy.watch_windows, policy.latency_budget_us));
-            tracing::info!("resuming the watch of the model activated before the restart");
+        match active {
+            Some(new) => {
+                let policy = pending.desired.policy;
+                slot.activate(new, WatchTracker::new(policy.watch_windows, policy.latency_budget_us));
+                tracing::info!("resuming the watch of the model activated before the restart");
+            }
+            None => {
+                // The new model cannot be loaded any more: the previous one runs, and the update is over.
+                p.active = p.previous.take();
+                p.pending = None;
+                files.save_pointer(&p)?;
+            }
         }
         return Ok(p);
     }
@@ -281,8 +289,14 @@ impl Updater {
             Err(r) => {
                 let unverified: Option<DesiredState> = ciborium::from_reader(&signed.payload[..]).ok();
                 tracing::warn!(reason = r.reason(), error = %r, "desired state refused");
-                let mut rep = self.report(None, "", Phase::Rejected, format!("{}: {r}", r.reason()));
-                // Echo the (unverified) sequence so an operator can tell which state was refused.
+                // Echo the (unverified) sequence, rollout and model so that the operator and the rollout can tell
+                // which state was refused. Nothing else is taken from it.
+                let sha = unverified
+                    .as_ref()
+                    .and_then(|d| ciborium::from_reader::<Manifest, _>(&d.manifest.payload[..]).ok())
+                    .map(|m| m.sha256)
+                    .unwrap_or_default();
+                let mut rep = self.report(unverified.as_ref(), &sha, Phase::Rejected, format!("{}: {r}", r.reason()));
                 rep.seq = unverified.map_or(0, |d| d.seq);
                 self.send(rep);
                 Ok(())

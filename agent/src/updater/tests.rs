@@ -371,6 +371,35 @@ async fn restart_mid_watch_resumes_the_watch_with_the_previous_model_at_hand() {
 }
 
 #[test]
+fn restart_mid_watch_with_the_new_model_gone_falls_back_to_the_previous() {
+    let s = signer();
+    let (bytes, m) = good_model();
+    let dir = tempfile::tempdir().unwrap();
+    let files = Files::new(dir.path());
+    std::fs::create_dir_all(files.model("x").parent().unwrap()).unwrap();
+    let prev_bytes = crate::inference::mean_square_onnx_with_doc(WIDTH, "previous");
+    let prev_sha = edgeloop_common::signing::sha256_hex(&prev_bytes);
+    std::fs::write(files.model(&prev_sha), &prev_bytes).unwrap();
+    let prev_info = ModelInfo { name: "p".into(), version: 1, sha256: prev_sha, threshold: None };
+    let new_info = ModelInfo { name: "press".into(), version: 2, sha256: m.sha256.clone(), threshold: Some(100.0) };
+    let _ = bytes; // the new model's file was never written (or was lost)
+    let d: DesiredState = desired(&s, &m, 3, UpdatePolicy::default()).verify(&[s.trusted(None)], unix_millis()).unwrap();
+    files
+        .save_pointer(&Pointer {
+            last_seq: 3,
+            active: Some(new_info),
+            previous: Some(prev_info.clone()),
+            pending: Some(Pending { desired: d, manifest: m, phase: Phase::Watching }),
+        })
+        .unwrap();
+    let r = rig(&s, "http://127.0.0.1:1", Some(dir));
+    assert_eq!(r.slot.active_info(), Some(prev_info.clone()));
+    assert!(!r.slot.busy());
+    let p = r.files.load_pointer().unwrap();
+    assert_eq!((p.active, p.previous, p.pending), (Some(prev_info), None, None));
+}
+
+#[test]
 fn watch_tracker_default_target_is_at_least_one() {
     assert_eq!(WatchTracker::new(0, 0).target, 1);
 }

@@ -211,6 +211,12 @@ pub struct Upload {
 /// keeps axum's 2 MiB default.
 pub const MAX_UPLOAD_BYTES: usize = 96 << 20;
 
+/// Golden vectors an uploaded model may carry: they travel inside every desired state, which must stay well
+/// under the agent's 256 KiB message limit.
+const MAX_GOLDEN: usize = 16;
+/// Largest encoded golden vectors an upload may carry.
+const MAX_GOLDEN_BYTES: usize = 128 * 1024;
+
 /// Relative tolerance for uploaded models' golden vectors.
 const UPLOAD_TOLERANCE: f32 = 1e-3;
 
@@ -241,6 +247,9 @@ fn register_upload(learning: &crate::learning::Learning, u: Upload) -> Result<Mo
     let onnx = base64::engine::general_purpose::STANDARD
         .decode(u.onnx_base64.trim())
         .map_err(|e| ApiError::bad_request(format!("onnx_base64: not base64: {e}")))?;
+    if u.golden.len() > MAX_GOLDEN {
+        return Err(ApiError::bad_request(format!("golden: {} vectors, at most {MAX_GOLDEN}", u.golden.len())));
+    }
     let Some(first) = u.golden.first() else {
         return Err(ApiError::bad_request("golden: at least one golden vector is needed"));
     };
@@ -298,6 +307,12 @@ fn register_upload(learning: &crate::learning::Learning, u: Upload) -> Result<Mo
         out_len = got.len();
     }
     let models = &learning.models;
+    let golden_bytes = edgeloop_common::signing::to_cbor(&u.golden).len();
+    if golden_bytes > MAX_GOLDEN_BYTES {
+        return Err(ApiError::bad_request(format!(
+            "golden: {golden_bytes} bytes encoded, over {MAX_GOLDEN_BYTES}; send fewer or shorter golden vectors"
+        )));
+    }
     let sha256 = models.put_artifact(&onnx).map_err(ApiError::internal)?;
     let version = models.next_version(&u.name).map_err(ApiError::internal)?;
     let m = ModelVersion {

@@ -41,6 +41,7 @@ impl Share {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Stage {
     pub name: String,
     pub share: Share,
@@ -50,7 +51,7 @@ pub struct Stage {
 
 /// The limits a stage must stay within. `None` turns a gate off.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct Gates {
     /// Largest share of final reports that may be failures (rejected, failed, reverted)...
     pub max_failed_ratio: f64,
@@ -108,23 +109,29 @@ pub struct RolloutSpec {
     pub policy: UpdatePolicy,
 }
 
+/// Checks a list of stages: at least one, each named, with a share in range.
+pub fn validate_stages(stages: &[Stage]) -> Result<(), String> {
+    if stages.is_empty() {
+        return Err("stages: at least one stage is needed".into());
+    }
+    for (i, s) in stages.iter().enumerate() {
+        if s.name.is_empty() {
+            return Err(format!("stages[{i}].name: must not be empty"));
+        }
+        match s.share {
+            Share::Percent(p) if !(p > 0.0 && p <= 100.0) => {
+                return Err(format!("stages[{i}].percent: {p} is not in (0, 100]"))
+            }
+            Share::Count(0) => return Err(format!("stages[{i}].count: must be at least 1")),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 impl RolloutSpec {
     pub fn validate(&self) -> Result<(), String> {
-        if self.stages.is_empty() {
-            return Err("stages: at least one stage is needed".into());
-        }
-        for (i, s) in self.stages.iter().enumerate() {
-            if s.name.is_empty() {
-                return Err(format!("stages[{i}].name: must not be empty"));
-            }
-            match s.share {
-                Share::Percent(p) if !(p > 0.0 && p <= 100.0) => {
-                    return Err(format!("stages[{i}].percent: {p} is not in (0, 100]"))
-                }
-                Share::Count(0) => return Err(format!("stages[{i}].count: must be at least 1")),
-                _ => {}
-            }
-        }
+        validate_stages(&self.stages)?;
         let g = &self.gates;
         if !(0.0..=1.0).contains(&g.max_failed_ratio) {
             return Err(format!("gates.max_failed_ratio: {} is not in [0, 1]", g.max_failed_ratio));
@@ -322,6 +329,10 @@ impl Rollout {
         };
         if assigning {
             out.extend(self.assign(fleet, now_ms));
+        }
+        // A rolled-back rollout only follows its devices back to the previous model.
+        if let State::RolledBack { .. } = self.state {
+            return out;
         }
         if self.state == State::Running {
             self.gates = self.evaluate();

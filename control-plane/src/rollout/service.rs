@@ -125,8 +125,11 @@ impl Rollouts {
         self.rollouts.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Every rollout, oldest first.
     pub fn list(&self) -> Vec<Rollout> {
-        self.lock().values().cloned().collect()
+        let mut all: Vec<Rollout> = self.lock().values().cloned().collect();
+        all.sort_by_key(|r| (r.created_ms, r.id.len(), r.id.clone()));
+        all
     }
 
     pub fn get(&self, id: &str) -> Option<Rollout> {
@@ -327,7 +330,8 @@ impl Rollouts {
         let mut dirty = false;
         let mut all = self.lock();
         for r in all.values_mut() {
-            if !(r.state.is_active() || (r.state == State::Completed && !r.superseded)) {
+            let follows = matches!(r.state, State::Completed | State::RolledBack { .. }) && !r.superseded;
+            if !(r.state.is_active() || follows) {
                 continue;
             }
             let before = r.clone();
@@ -422,7 +426,8 @@ pub async fn run(rollouts: Arc<Rollouts>, options: MqttOptions, cancel: Cancella
         match tokio::task::spawn_blocking(move || r.tick(unix_millis())).await? {
             Ok(p) => publish(&client, &rollouts.metrics, p).await,
             Err(e) => {
-                // Nothing was published for this step; the next one tries again from the same stored state.
+                // Nothing was published for this step. The next one starts from the state in memory; desired
+                // states written but not published are published again at the next start.
                 tracing::error!(error = %e, "rollout step failed");
             }
         }

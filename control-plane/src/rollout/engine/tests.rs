@@ -110,6 +110,11 @@ fn canary_breach_rolls_back() {
         assert_eq!(r.tick(&f, 20_000 + t * 60_000), vec![]);
     }
     assert_eq!(r.devices.len(), 1);
+    // The rollout follows the canary back to the previous model.
+    report_all(&mut f, &back, |c| applied(&r, &c.model.sha256, 0.01, 1.0));
+    r.tick(&f, 400_000);
+    let t = &r.devices[&back[0].device];
+    assert_eq!((t.phase, t.sha256.as_str()), (Some(Phase::Applied), model(1).sha256.as_str()));
 }
 
 #[test]
