@@ -35,6 +35,23 @@ pub struct RawConfig {
     /// Signed model updates; without this section the agent ignores desired states.
     #[serde(default)]
     pub updates: Option<UpdatesSection>,
+    #[serde(default)]
+    pub identity: IdentitySection,
+}
+
+/// The device's key and enrollment.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentitySection {
+    /// The device's Ed25519 key, created on first start; default `<data_dir>/identity.key`.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// The control plane's API to enroll with, e.g. `http://control-plane:8080`.
+    #[serde(default)]
+    pub enroll_url: Option<String>,
+    /// A file holding the class's enrollment token (needed only until the device has enrolled).
+    #[serde(default)]
+    pub enrollment_token_file: Option<PathBuf>,
 }
 
 fn default_max_artifact_bytes() -> u64 {
@@ -137,6 +154,7 @@ pub struct AgentConfig {
     pub threshold: Option<f32>,
     pub sources: Vec<SourceConfig>,
     pub updates: Option<crate::updater::UpdaterConfig>,
+    pub identity: crate::identity::IdentityConfig,
 }
 
 impl AgentConfig {
@@ -225,7 +243,34 @@ impl RawConfig {
                 })
             }
         };
+        let data_dir = resolve_relative(path, &self.storage.data_dir);
+        let mut identity = crate::identity::IdentityConfig::in_data_dir(&data_dir);
+        if let Some(k) = &self.identity.key_file {
+            identity.key_file = resolve_relative(path, k);
+        }
+        match (&self.identity.enroll_url, &self.identity.enrollment_token_file) {
+            (Some(url), Some(file)) => {
+                c.check(
+                    url.starts_with("http://") || url.starts_with("https://"),
+                    "identity.enroll_url",
+                    format!("`{url}` must start with http:// or https://"),
+                )?;
+                let file = resolve_relative(path, file);
+                let token = std::fs::read_to_string(&file)
+                    .map_err(|e| c.fail("identity.enrollment_token_file", format!("{}: {e}", file.display())))?;
+                crate::identity::warn_if_exposed(&file);
+                identity.enroll = Some(crate::identity::Enroll { url: url.clone(), token: token.trim().to_string() });
+            }
+            (None, None) => {}
+            (Some(_), None) => {
+                return Err(c.fail("identity.enrollment_token_file", "is needed with identity.enroll_url"))
+            }
+            (None, Some(_)) => {
+                return Err(c.fail("identity.enroll_url", "is needed with identity.enrollment_token_file"))
+            }
+        }
         Ok(AgentConfig {
+            identity,
             updates,
             device_id: self.device.id,
             class,
@@ -248,6 +293,7 @@ impl RawConfig {
 impl AgentConfig {
     /// A config built in code, for in-process agents (simulators, tests).
     pub fn in_process(device_id: &str, class: ClassConfig, mqtt: (String, u16), data_dir: PathBuf) -> AgentConfig {
+        let identity = crate::identity::IdentityConfig::in_data_dir(&data_dir);
         AgentConfig {
             device_id: device_id.to_string(),
             model_sensor: class.sensors[0].name.clone(),
@@ -264,6 +310,7 @@ impl AgentConfig {
             threshold: None,
             sources: Vec::new(),
             updates: None,
+            identity,
         }
     }
 }

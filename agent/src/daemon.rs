@@ -135,6 +135,19 @@ impl Agent {
             .await?
             .with_context(|| format!("opening the outbox in {}", cfg.data_dir.display()))?;
         let outbox = Arc::new(outbox);
+        let key_file = cfg.identity.key_file.clone();
+        let key = Arc::new(
+            tokio::task::spawn_blocking(move || crate::identity::load_or_create_key(&key_file))
+                .await?
+                .context("loading the device key")?,
+        );
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(30))
+            .build()
+            .context("building the HTTP client")?;
+        let credentials =
+            crate::identity::credentials(&cfg.identity, &http, &cfg.device_id, &cfg.class.class, &key, &cancel).await?;
         let spec = cfg.class.pipeline();
         let width = spec.sensors.iter().find(|s| s.name == cfg.model_sensor).map(|s| s.width()).unwrap_or(0);
         let health = Arc::new(Health::default());
@@ -231,7 +244,10 @@ impl Agent {
         let collector_task =
             tokio::spawn(collector::run(collector, rx, commit, durable.clone(), collector_cancel.clone()));
         let uplink_cancel = CancellationToken::new();
-        let mut uplink = Uplink::from_config(&cfg, outbox.clone(), health.clone(), counters.clone());
+        let mut uplink = Uplink::from_config(&cfg, outbox.clone(), health.clone(), counters.clone(), key);
+        if let Some(c) = credentials {
+            uplink.options.set_credentials(c.username, c.password);
+        }
         if updates_enabled {
             uplink.updates = Some((desired_tx, reports_rx));
         }

@@ -12,6 +12,7 @@
 //! - [`uplink`]: MQTT: a pure state machine deciding what to send, and the thin rumqttc shell around it.
 //! - [`updater`]: signed model updates: verification, resumable download, self-test, shadow, atomic
 //!   activation, watch and automatic revert, with the model slot the collector scores through.
+//! - [`identity`]: the device key (signs every envelope), enrollment and MQTT credentials.
 //! - [`health`]: heartbeat contents (outbox depth, drops, latency percentiles, RSS).
 //! - [`daemon`]: starts the pieces above under one cancellation token and stops them cleanly.
 
@@ -19,6 +20,7 @@ pub mod collector;
 pub mod config;
 pub mod daemon;
 pub mod health;
+pub mod identity;
 pub mod inference;
 pub mod outbox;
 pub mod source;

@@ -21,9 +21,17 @@ pub fn broker_max_payload(max_message_bytes: usize) -> usize {
     2 * max_message_bytes.max(DEFAULT_MAX_MESSAGE_BYTES) + 1024
 }
 
-/// Starts rumqttd on `listen` and waits until it accepts TCP connections.
-pub fn start_embedded(listen: SocketAddr, max_message_bytes: usize) -> anyhow::Result<()> {
-    let server = ServerSettings {
+/// Who may connect: `(client id, username, password) -> admitted`.
+pub type Admission = std::sync::Arc<dyn Fn(&str, &str, &str) -> bool + Send + Sync>;
+
+/// Starts rumqttd on `listen` and waits until it accepts TCP connections. With `admission`, every CONNECT
+/// must carry credentials it accepts.
+pub fn start_embedded(
+    listen: SocketAddr,
+    max_message_bytes: usize,
+    admission: Option<Admission>,
+) -> anyhow::Result<()> {
+    let mut server = ServerSettings {
         name: "edgeloop".into(),
         listen,
         tls: None,
@@ -37,6 +45,15 @@ pub fn start_embedded(listen: SocketAddr, max_message_bytes: usize) -> anyhow::R
             dynamic_filters: true,
         },
     };
+    if let Some(admit) = admission {
+        server.set_auth_handler(move |client_id: String, user: String, pass: String| {
+            let ok = admit(&client_id, &user, &pass);
+            if !ok {
+                tracing::warn!(%client_id, %user, "broker refused a client: not enrolled, revoked or wrong credentials");
+            }
+            std::future::ready(ok)
+        });
+    }
     let config = Config {
         id: 0,
         router: RouterConfig {

@@ -38,6 +38,24 @@ pub struct RawConfig {
     pub training: TrainingConfig,
     #[serde(default)]
     pub rollouts: RolloutsConfig,
+    #[serde(default)]
+    pub devices: DevicesConfig,
+}
+
+/// Device identity.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DevicesConfig {
+    /// Admit only enrolled devices at the embedded broker, and accept only uplinks signed with the sender's
+    /// enrolled key. Turning it off trusts anything that reaches the broker (a warning is logged at start).
+    #[serde(default = "default_true")]
+    pub require_enrollment: bool,
+}
+
+impl Default for DevicesConfig {
+    fn default() -> Self {
+        DevicesConfig { require_enrollment: true }
+    }
 }
 
 fn default_tick_ms() -> u64 {
@@ -185,6 +203,9 @@ pub struct Config {
     pub mqtt_port: u16,
     pub api_listen: SocketAddr,
     pub require_tokens: bool,
+    /// Devices must enroll: the embedded broker admits only enrolled devices, and ingest accepts only
+    /// envelopes signed with the sender's enrolled key (`devices.require_enrollment`).
+    pub require_enrollment: bool,
     pub ingest: IngestConfig,
     pub training: TrainingConfig,
     pub rollouts: RolloutsConfig,
@@ -213,6 +234,7 @@ impl Config {
             mqtt_port: mqtt.port(),
             api_listen: api,
             require_tokens: true,
+            require_enrollment: true,
             ingest: IngestConfig::default(),
             training: TrainingConfig::default(),
             rollouts: RolloutsConfig::default(),
@@ -332,6 +354,7 @@ impl RawConfig {
             mqtt_port,
             api_listen: self.api.listen,
             require_tokens: self.api.require_tokens,
+            require_enrollment: self.devices.require_enrollment,
             ingest: self.ingest,
             training: self.training,
             classes,

@@ -3,7 +3,8 @@
 //! # Layout
 //!
 //! - [`config`]: `control-plane.toml`: data dir, durability, broker (embedded or external), API address.
-//! - [`broker`]: the embedded rumqttd broker on its own thread.
+//! - [`broker`]: the embedded rumqttd broker on its own thread, on loopback.
+//! - [`broker_front`]: the devices' MQTT listener in front of it (TLS, client ids, cutting revoked devices).
 //! - [`store`]: the telemetry store: records keyed by (device, seq), and each device's cumulative
 //!   acknowledgement watermark, committed durably before any acknowledgement goes out.
 //! - [`registry`]: the device registry: class, first and last seen, counters, last heartbeat.
@@ -20,6 +21,7 @@
 //! - [`triggers`]: retraining per class on a schedule, after N new records, or on drift.
 //! - [`keys`]: the Ed25519 signing key file.
 //! - [`rollout`]: staged rollouts of signed models, gated on install results and model behaviour.
+//! - [`enrollment`]: device identity: enrollment tokens, enrolled keys, broker credentials, revocation.
 //! - [`operators`]: operator bearer tokens (hashed, with roles) and their file.
 //! - [`audit`]: the audit log of every mutating operator call.
 //! - [`api`]: the operator HTTP API (axum).
@@ -28,9 +30,11 @@
 pub mod api;
 pub mod audit;
 pub mod broker;
+pub mod broker_front;
 pub mod config;
 pub mod dataset;
 pub mod drift;
+pub mod enrollment;
 pub mod ingest;
 pub mod keys;
 pub mod learning;

@@ -24,6 +24,9 @@ use tokio_util::sync::CancellationToken;
 
 pub struct ControlPlane;
 
+/// The MQTT username of the control plane's own clients on the embedded broker.
+pub const SERVICE_USER: &str = "edgeloop-control-plane";
+
 /// A running control plane.
 pub struct ControlPlaneHandle {
     pub api_addr: SocketAddr,
@@ -36,6 +39,9 @@ pub struct ControlPlaneHandle {
     pub rollouts: Arc<Rollouts>,
     /// The admin token created on first start (also in `<data_dir>/admin.token`), if this start made one.
     pub admin_token: Option<String>,
+    pub enrollment: Arc<crate::enrollment::Enrollment>,
+    /// The embedded broker's front door (live device connections).
+    pub front: Arc<crate::broker_front::Front>,
     task: JoinHandle<anyhow::Result<()>>,
 }
 
@@ -57,7 +63,7 @@ impl ControlPlane {
         // created on first start.
         let configured_key = cfg.rollouts.signing_key.clone();
         let default_key = cfg.data_dir.join("signing.key");
-        let (store, registry, models, rollout_store, audit, signer) =
+        let (store, registry, models, rollout_store, audit, signer, enrollment) =
             tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
                 let signer = match &configured_key {
                     Some(path) => crate::keys::load(path).context("rollouts.signing_key")?,
@@ -68,11 +74,13 @@ impl ControlPlane {
                 let models = ModelRegistry::open(&db, &data_dir)?;
                 let rollout_store = RolloutStore::open(&db)?;
                 let audit = AuditLog::open(&db)?;
-                Ok((TelemetryStore::open(db)?, registry, models, rollout_store, audit, signer))
+                let enrollment = crate::enrollment::Enrollment::open(&db)?;
+                Ok((TelemetryStore::open(db)?, registry, models, rollout_store, audit, signer, enrollment))
             })
             .await?
             .context("opening the store")?;
         let registry = Arc::new(registry);
+        let enrollment = Arc::new(enrollment);
         let metrics = Arc::new(Metrics::default());
         let models = Arc::new(models);
         tracing::info!(key_id = signer.key_id(), public_key = %signer.public_key_hex(), "signing key loaded");
@@ -106,13 +114,40 @@ impl ControlPlane {
             Arc::new(Learning::new(store.clone(), registry.clone(), models, cfg.classes.clone(), cfg.training.clone()));
         tokio::spawn(crate::triggers::run(learning.clone(), cancel.child_token()));
 
-        if let BrokerConfig::Embedded { listen } = cfg.broker {
-            let max = cfg.ingest.max_message_bytes;
-            tokio::task::spawn_blocking(move || broker::start_embedded(listen, max)).await??;
-        }
+        // The control plane's own MQTT clients log in with a per-process secret.
+        let service_secret = crate::enrollment::random_hex(24);
+        let front = Arc::new(crate::broker_front::Front::default());
+        let (broker_host, broker_port) = match cfg.broker {
+            BrokerConfig::Embedded { listen } => {
+                // rumqttd listens on loopback only; devices reach it through the front (TLS, revocation).
+                let internal = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+                // rumqttd's thread outlives this control plane (it cannot be stopped), so it holds the
+                // enrollment store weakly: the store, and its sled database, close when the control plane stops.
+                let admission: Option<broker::Admission> = cfg.require_enrollment.then(|| {
+                    let (enrollment, secret) = (Arc::downgrade(&enrollment), service_secret.clone());
+                    Arc::new(move |client: &str, user: &str, pass: &str| {
+                        let Some(enrollment) = enrollment.upgrade() else { return false };
+                        (user == SERVICE_USER && client.starts_with("edgeloop-cp-") && pass == secret)
+                            || enrollment.admit(client, user, pass)
+                    }) as broker::Admission
+                });
+                let max = cfg.ingest.max_message_bytes;
+                tokio::task::spawn_blocking(move || broker::start_embedded(internal, max, admission)).await??;
+                let listener = tokio::net::TcpListener::bind(listen)
+                    .await
+                    .with_context(|| format!("binding the MQTT listener to {listen}"))?;
+                tracing::info!(%listen, "MQTT listener for devices");
+                tokio::spawn(crate::broker_front::serve(listener, internal, None, front.clone(), cancel.child_token()));
+                (internal.ip().to_string(), internal.port())
+            }
+            BrokerConfig::External { .. } => (cfg.mqtt_host.clone(), cfg.mqtt_port),
+        };
 
         let mut options =
-            MqttOptions::new(format!("edgeloop-cp-{}", std::process::id()), cfg.mqtt_host.clone(), cfg.mqtt_port);
+            MqttOptions::new(format!("edgeloop-cp-{}", std::process::id()), broker_host.clone(), broker_port);
+        if matches!(cfg.broker, BrokerConfig::Embedded { .. }) {
+            options.set_credentials(SERVICE_USER, service_secret.clone());
+        }
         // Accept whatever the broker forwards, so oversize messages are counted by ingest, not fatal to the link.
         let max_packet = broker::broker_max_payload(cfg.ingest.max_message_bytes) + 4096;
         options
@@ -120,7 +155,8 @@ impl ControlPlane {
             .set_clean_session(true)
             .set_max_packet_size(max_packet, max_packet)
             .set_inflight(1024);
-        let ingestor = Ingestor::new(store.clone(), registry.clone(), metrics.clone(), cfg.ingest.max_message_bytes);
+        let ingestor = Ingestor::new(store.clone(), registry.clone(), metrics.clone(), cfg.ingest.max_message_bytes)
+            .with_enrollment(cfg.require_enrollment.then(|| enrollment.clone()));
         let ingest_cancel = cancel.child_token();
         let (subscribed_tx, mut subscribed) = tokio::sync::watch::channel(false);
         let ingest = tokio::spawn(service::run(
@@ -138,12 +174,12 @@ impl ControlPlane {
             tracing::warn!(%broker, "ingest is not subscribed yet; carrying on, it keeps retrying");
         }
 
-        let mut rollout_options = MqttOptions::new(
-            format!("edgeloop-cp-rollouts-{}", std::process::id()),
-            cfg.mqtt_host.clone(),
-            cfg.mqtt_port,
-        );
+        let mut rollout_options =
+            MqttOptions::new(format!("edgeloop-cp-rollouts-{}", std::process::id()), broker_host, broker_port);
         rollout_options.set_keep_alive(Duration::from_secs(30)).set_clean_session(true).set_inflight(1024);
+        if matches!(cfg.broker, BrokerConfig::Embedded { .. }) {
+            rollout_options.set_credentials(SERVICE_USER, service_secret);
+        }
         let rollout_task =
             tokio::spawn(crate::rollout::service::run(rollouts.clone(), rollout_options, cancel.child_token()));
 
@@ -162,6 +198,8 @@ impl ControlPlane {
             audit,
             operators,
             require_tokens: cfg.require_tokens,
+            enrollment: enrollment.clone(),
+            front: front.clone(),
         };
         let api_cancel = cancel.clone();
         let api = tokio::spawn(async move {
@@ -195,6 +233,8 @@ impl ControlPlane {
             learning,
             rollouts,
             admin_token,
+            enrollment,
+            front,
             task,
         })
     }

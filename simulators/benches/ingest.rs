@@ -2,6 +2,9 @@
 //! durably and acknowledged; a device sends its next batch within a window of 4 unacknowledged ones. Runs
 //! with fsync commits and flush-only commits, interleaved, three rounds each; prints medians and the ratio.
 //!
+//! Each device is enrolled and signs its batches, and ingest verifies each one, except in the rounds with
+//! signatures off (`devices.require_enrollment = false`), which measure what verification costs.
+//!
 //! `cargo bench -p edgeloop-simulators --bench ingest`
 
 use edgeloop_common::durable::Durability;
@@ -18,8 +21,16 @@ const BATCHES: u64 = 40;
 const BATCH: u64 = 100;
 const WINDOW: u64 = 4;
 
-async fn device(id: String, host: String, port: u16) -> anyhow::Result<u64> {
+async fn device(
+    id: String,
+    host: String,
+    port: u16,
+    identity: Option<(ring::signature::Ed25519KeyPair, edgeloop_agent::identity::Credentials)>,
+) -> anyhow::Result<u64> {
     let mut opts = MqttOptions::new(id.clone(), host, port);
+    if let Some((_, c)) = &identity {
+        opts.set_credentials(c.username.clone(), c.password.clone());
+    }
     opts.set_max_packet_size(1 << 20, 1 << 20).set_inflight(100).set_keep_alive(Duration::from_secs(30));
     let (client, mut el) = AsyncClient::new(opts, 64);
     let ack_topic = format!("edgeloop/v1/{id}/down/ack");
@@ -66,7 +77,10 @@ async fn device(id: String, host: String, port: u16) -> anyhow::Result<u64> {
                     flags: 0,
                 })
                 .collect();
-            let env = Envelope::new(id.clone(), to, 0, Body::Telemetry(TelemetryBatch { from, to, records }));
+            let mut env = Envelope::new(id.clone(), to, 0, Body::Telemetry(TelemetryBatch { from, to, records }));
+            if let Some((key, _)) = &identity {
+                env.sign(key);
+            }
             client.publish(&topic, QoS::AtLeastOnce, false, envelope::encode(&env)).await?;
             next = to + 1;
         }
@@ -87,13 +101,28 @@ async fn device(id: String, host: String, port: u16) -> anyhow::Result<u64> {
     Ok(resends)
 }
 
-async fn round(mode: Durability) -> anyhow::Result<f64> {
+async fn round(mode: Durability, signed: bool) -> anyhow::Result<f64> {
     let dir = tempfile::tempdir()?;
     let mqtt = SocketAddr::from(([127, 0, 0, 1], edgeloop_simulators::free_port()?));
     let mut cfg = Config::embedded(dir.path().to_path_buf(), mqtt, SocketAddr::from(([127, 0, 0, 1], 0)));
     cfg.durability = mode;
+    cfg.require_enrollment = signed;
     let cancel = CancellationToken::new();
     let cp = ControlPlane::start(cfg, cancel.clone()).await?;
+    let mut identities = Vec::new();
+    for i in 0..DEVICES {
+        identities.push(if signed {
+            if let Some(t) = &cp.admin_token {
+                edgeloop_simulators::http::authorize(cp.api_addr, t);
+            }
+            let key = edgeloop_simulators::device::new_key();
+            let creds =
+                edgeloop_simulators::device::enroll(cp.api_addr, &format!("bench-{i:03}"), "bench", &key).await?;
+            Some((key, creds))
+        } else {
+            None
+        });
+    }
     let started = Instant::now();
     let m = cp.metrics.clone();
     let progress = tokio::spawn(async move {
@@ -109,8 +138,10 @@ async fn round(mode: Durability) -> anyhow::Result<f64> {
             );
         }
     });
-    let tasks: Vec<_> = (0..DEVICES)
-        .map(|i| tokio::spawn(device(format!("bench-{i:03}"), cp.mqtt_addr.0.clone(), cp.mqtt_addr.1)))
+    let tasks: Vec<_> = identities
+        .into_iter()
+        .enumerate()
+        .map(|(i, id)| tokio::spawn(device(format!("bench-{i:03}"), cp.mqtt_addr.0.clone(), cp.mqtt_addr.1, id)))
         .collect();
     let mut resends = 0;
     for t in tasks {
@@ -138,15 +169,18 @@ fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "error".into()))
         .init();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let (mut durable, mut flush) = (Vec::new(), Vec::new());
+    let (mut durable, mut flush, mut unsigned) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..3 {
-        durable.push(rt.block_on(round(Durability::Fsync))?);
-        flush.push(rt.block_on(round(Durability::Flush))?);
+        durable.push(rt.block_on(round(Durability::Fsync, true))?);
+        unsigned.push(rt.block_on(round(Durability::Fsync, false))?);
+        flush.push(rt.block_on(round(Durability::Flush, true))?);
     }
-    let (d, f) = (median(durable), median(flush));
+    let (d, f, u) = (median(durable), median(flush), median(unsigned));
     println!("ingest end to end (publish -> stored -> committed -> acked), {DEVICES} devices x {BATCHES} batches x {BATCH} records");
-    println!("  fsync commits: median {d:>10.0} records/s");
-    println!("  flush only:    median {f:>10.0} records/s");
+    println!("  fsync commits, signed uplinks verified: median {d:>10.0} records/s");
+    println!("  fsync commits, signatures off:          median {u:>10.0} records/s");
+    println!("  flush only, signed uplinks verified:    median {f:>10.0} records/s");
+    println!("  verified / signatures off: {:.2}", d / u);
     println!("  durable / flush-only: {:.2}", d / f);
     // rumqttd's broker thread cannot be stopped; leave without waiting for it.
     std::process::exit(0);

@@ -50,6 +50,7 @@ async fn bench(agents: usize, runs: usize) -> anyhow::Result<()> {
         // dominating what this measures (on devices each agent has its disk to itself).
         c.durability = edgeloop_common::durable::Durability::Flush;
     });
+    spec.enroll_with(api, agents).await?;
     let fleet_cancel = CancellationToken::new();
     let t = Instant::now();
     let devices = fleet::start(&spec, agents, &fleet_cancel).await?;

@@ -84,6 +84,7 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> anyhow::Result<S
     let updates = rollouts::updater_config(api).await?;
     let mut spec = FleetSpec::new(classes.clone(), cp.mqtt_addr.clone(), &opts.data_dir.join("agents"));
     spec.customise = std::sync::Arc::new(move |cfg| cfg.updates = Some(updates.clone()));
+    spec.enroll_with(api, opts.devices).await?;
     let fleet_cancel = CancellationToken::new();
     let mut devices = fleet::start(&spec, opts.devices, &fleet_cancel).await?;
 

@@ -31,12 +31,29 @@ pub struct FleetSpec {
     pub customise: Customise,
     /// Index of the first device (`sim-{first_index:04}`), to add devices to a running fleet.
     pub first_index: usize,
+    /// Enrollment per class: each agent enrolls with its class's token on first start.
+    pub enroll: std::collections::HashMap<String, edgeloop_agent::identity::Enroll>,
 }
 
 /// A tweak applied to each agent's config.
 pub type Customise = std::sync::Arc<dyn Fn(&mut AgentConfig) + Send + Sync>;
 
 impl FleetSpec {
+    /// Creates an enrollment token for each class through the control plane's API at `api` (the caller's
+    /// admin token must be registered with [`crate::http::authorize`]), good for `uses` devices each.
+    pub async fn enroll_with(&mut self, api: std::net::SocketAddr, uses: usize) -> anyhow::Result<()> {
+        for c in &self.classes {
+            let body = serde_json::json!({"class": c.class, "uses": uses.max(1), "expires_in_secs": 3600});
+            let (status, text) = crate::http::post_json(api, "/api/v1/enrollment-tokens", &body).await?;
+            anyhow::ensure!(status == 201, "creating an enrollment token for {}: HTTP {status}: {text}", c.class);
+            let v: serde_json::Value = serde_json::from_str(&text)?;
+            let token = v["token"].as_str().unwrap_or_default().to_string();
+            let e = edgeloop_agent::identity::Enroll { url: format!("http://{api}"), token };
+            self.enroll.insert(c.class.clone(), e);
+        }
+        Ok(())
+    }
+
     pub fn new(classes: Vec<ClassConfig>, mqtt: (String, u16), data_root: &Path) -> Self {
         FleetSpec {
             classes,
@@ -44,6 +61,7 @@ impl FleetSpec {
             data_root: data_root.to_path_buf(),
             customise: std::sync::Arc::new(|_| {}),
             first_index: 0,
+            enroll: Default::default(),
         }
     }
 }
@@ -55,6 +73,7 @@ pub async fn start(spec: &FleetSpec, n: usize, cancel: &CancellationToken) -> an
         let class = spec.classes[i % spec.classes.len()].clone();
         let id = format!("sim-{i:04}");
         let mut cfg = AgentConfig::in_process(&id, class.clone(), spec.mqtt.clone(), spec.data_root.join(&id));
+        cfg.identity.enroll = spec.enroll.get(&class.class).cloned();
         (spec.customise)(&mut cfg);
         let (tx, source) = ChannelSource::new(1024);
         let agent = Agent::start(cfg, vec![Box::new(source)], cancel.child_token()).await?;
@@ -131,6 +150,8 @@ pub struct RunOptions {
     pub faults: bool,
     /// Event time advanced per 100 ms tick for slow classes, in samples (fast classes run in real time).
     pub slow_samples_per_tick: usize,
+    /// The control plane's API, to enroll the agents (with the admin token registered for it).
+    pub enroll_api: Option<std::net::SocketAddr>,
 }
 
 /// The fleet's closing numbers.
@@ -149,7 +170,10 @@ pub struct RunSummary {
 pub async fn run(opts: RunOptions, stop: CancellationToken) -> anyhow::Result<RunSummary> {
     let classes = opts.classes.iter().map(|c| crate::class_config(c)).collect::<anyhow::Result<Vec<_>>>()?;
     anyhow::ensure!(!classes.is_empty(), "name at least one class");
-    let spec = FleetSpec::new(classes, opts.broker.clone(), &opts.data_root);
+    let mut spec = FleetSpec::new(classes, opts.broker.clone(), &opts.data_root);
+    if let Some(api) = opts.enroll_api {
+        spec.enroll_with(api, opts.devices).await?;
+    }
     let cancel = CancellationToken::new();
     let mut devices = start(&spec, opts.devices, &cancel).await?;
     let now = edgeloop_common::unix_millis();

@@ -3,6 +3,7 @@
 //! # Layout
 //!
 //! - [`signals`]: seeded synthetic signals per device class.
+//! - [`device`]: a raw enrolled device speaking MQTT directly, for crafted messages (junk, forgeries).
 //! - [`fleet`]: many in-process agents, each with its own identity, data dir and signal seed.
 //! - [`proxy`]: a fault-injecting TCP proxy (cut connections, blackhole, refuse, delay) for tests and chaos.
 //! - [`demo`]: `edgeloop-sim demo`: a control plane plus a fleet, with a JSON summary at the end.
@@ -11,6 +12,7 @@
 //! - [`nab`]: the Numenta Anomaly Benchmark replayed through the real loop, and NAB's scorer.
 
 pub mod demo;
+pub mod device;
 pub mod fleet;
 pub mod http;
 pub mod nab;

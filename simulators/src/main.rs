@@ -44,6 +44,12 @@ enum Command {
         faults: bool,
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// The control plane's API (`host:port`), to enroll the agents.
+        #[arg(long)]
+        api: Option<std::net::SocketAddr>,
+        /// A file holding an admin token of that control plane (it creates the enrollment tokens).
+        #[arg(long)]
+        admin_token: Option<PathBuf>,
     },
     /// Replay NAB files through agents and the control plane; write scored CSVs and print NAB's score.
     Nab {
@@ -65,6 +71,7 @@ enum Command {
     },
 }
 
+#[allow(clippy::too_many_arguments)]
 fn fleet(
     devices: usize,
     classes: String,
@@ -72,7 +79,23 @@ fn fleet(
     duration: Option<u64>,
     faults: bool,
     data_dir: Option<PathBuf>,
+    api: Option<std::net::SocketAddr>,
+    admin_token: Option<PathBuf>,
 ) -> ExitCode {
+    match (&api, &admin_token) {
+        (Some(a), Some(t)) => match std::fs::read_to_string(t) {
+            Ok(token) => edgeloop_simulators::http::authorize(*a, &token),
+            Err(e) => {
+                eprintln!("edgeloop-sim: --admin-token {}: {e}", t.display());
+                return ExitCode::from(2);
+            }
+        },
+        (None, None) => {}
+        _ => {
+            eprintln!("edgeloop-sim: --api and --admin-token go together");
+            return ExitCode::from(2);
+        }
+    }
     let broker = match edgeloop_agent::config::parse_mqtt_url(&broker) {
         Ok(b) => b,
         Err(e) => {
@@ -101,6 +124,7 @@ fn fleet(
         duration: duration.map(Duration::from_secs),
         faults,
         slow_samples_per_tick: 2,
+        enroll_api: api,
     };
     run_to_summary(|stop| edgeloop_simulators::fleet::run(opts, stop))
 }
@@ -158,8 +182,8 @@ fn main() -> ExitCode {
     let (devices, duration, data_dir) = match Cli::parse().command {
         Command::Demo { devices, duration, data_dir } => (devices, duration, data_dir),
         Command::Nab { data, out, only, retrain_every, trials } => return nab(data, out, only, retrain_every, trials),
-        Command::Fleet { devices, classes, broker, duration, faults, data_dir } => {
-            return fleet(devices, classes, broker, duration, faults, data_dir)
+        Command::Fleet { devices, classes, broker, duration, faults, data_dir, api, admin_token } => {
+            return fleet(devices, classes, broker, duration, faults, data_dir, api, admin_token)
         }
     };
     if devices == 0 {

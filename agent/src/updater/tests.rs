@@ -383,7 +383,8 @@ fn restart_mid_watch_with_the_new_model_gone_falls_back_to_the_previous() {
     let prev_info = ModelInfo { name: "p".into(), version: 1, sha256: prev_sha, threshold: None };
     let new_info = ModelInfo { name: "press".into(), version: 2, sha256: m.sha256.clone(), threshold: Some(100.0) };
     let _ = bytes; // the new model's file was never written (or was lost)
-    let d: DesiredState = desired(&s, &m, 3, UpdatePolicy::default()).verify(&[s.trusted(None)], unix_millis()).unwrap();
+    let d: DesiredState =
+        desired(&s, &m, 3, UpdatePolicy::default()).verify(&[s.trusted(None)], unix_millis()).unwrap();
     files
         .save_pointer(&Pointer {
             last_seq: 3,

@@ -17,6 +17,7 @@ use edgeloop_common::signing::Signed;
 use edgeloop_common::topics::{self, Channel};
 use edgeloop_common::unix_millis;
 use edgeloop_common::update::UpdateReport;
+use ring::signature::Ed25519KeyPair;
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use state::{Tick, UplinkParams, UplinkState};
 use std::sync::Arc;
@@ -52,6 +53,8 @@ pub struct Uplink {
     pub outbox: Arc<Outbox>,
     pub health: Arc<Health>,
     pub counters: Arc<UplinkCounters>,
+    /// The device key: every envelope is signed with it.
+    pub key: Arc<Ed25519KeyPair>,
     /// Model updates: where desired states go, and the reports to send.
     pub updates: Option<(watch::Sender<Option<Signed>>, mpsc::UnboundedReceiver<UpdateReport>)>,
 }
@@ -62,6 +65,7 @@ impl Uplink {
         outbox: Arc<Outbox>,
         health: Arc<Health>,
         counters: Arc<UplinkCounters>,
+        key: Arc<Ed25519KeyPair>,
     ) -> Self {
         let mut options = MqttOptions::new(cfg.device_id.clone(), cfg.mqtt_host.clone(), cfg.mqtt_port);
         options
@@ -86,6 +90,7 @@ impl Uplink {
             health,
             counters,
             updates: None,
+            key,
         }
     }
 
@@ -208,7 +213,8 @@ impl Driver<'_> {
                     // Offline, the report waits for the next heartbeat, which carries the latest one.
                     if self.state.is_connected() {
                         self.status_seq += 1;
-                        let env = Envelope::new(self.up.device.clone(), self.status_seq, unix_millis(), Body::Report(report));
+                        let mut env = Envelope::new(self.up.device.clone(), self.status_seq, unix_millis(), Body::Report(report));
+                        env.sign(&self.up.key);
                         let topic = topics::topic(&self.up.device, Channel::Report);
                         self.client.publish(topic, QoS::AtLeastOnce, false, envelope::encode(&env)).await?;
                     }
@@ -241,7 +247,7 @@ impl Driver<'_> {
             let outbox = self.up.outbox.clone();
             let max = self.up.batch_max;
             let records = tokio::task::spawn_blocking(move || outbox.read_batch(from, max)).await??;
-            let Some((to, payload)) = encode_batch(&self.up.device, from, records) else { return Ok(()) };
+            let Some((to, payload)) = encode_batch(&self.up.device, from, records, &self.up.key) else { return Ok(()) };
             let topic = topics::topic(&self.up.device, Channel::Telemetry);
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
@@ -268,7 +274,8 @@ impl Driver<'_> {
         };
         self.up.health.fill(&mut status);
         self.status_seq += 1;
-        let env = Envelope::new(self.up.device.clone(), self.status_seq, unix_millis(), Body::Status(status));
+        let mut env = Envelope::new(self.up.device.clone(), self.status_seq, unix_millis(), Body::Status(status));
+        env.sign(&self.up.key);
         self.client
             .publish(topics::topic(&self.up.device, Channel::Status), QoS::AtLeastOnce, false, envelope::encode(&env))
             .await?;
@@ -285,11 +292,13 @@ fn encode_batch(
     device: &str,
     from: u64,
     mut records: Vec<edgeloop_common::envelope::Record>,
+    key: &Ed25519KeyPair,
 ) -> Option<(u64, Vec<u8>)> {
     loop {
         let to = records.last()?.seq;
         let n = records.len();
-        let env = Envelope::new(device, to, unix_millis(), Body::Telemetry(TelemetryBatch { from, to, records }));
+        let mut env = Envelope::new(device, to, unix_millis(), Body::Telemetry(TelemetryBatch { from, to, records }));
+        env.sign(key);
         let payload = envelope::encode(&env);
         if payload.len() <= BATCH_BYTES || n == 1 {
             return Some((to, payload));
@@ -405,12 +414,16 @@ mod tests {
                 flags: 0,
             })
             .collect();
-        let (to, payload) = encode_batch("d", 1, records).unwrap();
+        let rng = ring::rand::SystemRandom::new();
+        let key = Ed25519KeyPair::from_pkcs8(Ed25519KeyPair::generate_pkcs8(&rng).unwrap().as_ref()).unwrap();
+        let (to, payload) = encode_batch("d", 1, records, &key).unwrap();
         assert!(payload.len() <= BATCH_BYTES);
         assert!((250..2000).contains(&to), "to = {to}");
         let env = envelope::decode(&payload, DEFAULT_MAX_MESSAGE_BYTES).unwrap();
-        let Body::Telemetry(b) = env.body else { panic!("not telemetry") };
+        let Body::Telemetry(b) = env.body.clone() else { panic!("not telemetry") };
         assert_eq!((b.from, b.to, b.records.len() as u64), (1, to, to));
-        assert!(encode_batch("d", 1, Vec::new()).is_none());
+        use ring::signature::KeyPair;
+        assert_eq!(env.verify(key.public_key().as_ref()), Ok(()), "every batch is signed");
+        assert!(encode_batch("d", 1, Vec::new(), &key).is_none());
     }
 }

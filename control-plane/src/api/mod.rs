@@ -5,6 +5,7 @@
 //! pool) and shape JSON. Every error is an [`error::ApiError`].
 
 pub mod error;
+pub mod identity;
 pub mod learning;
 pub mod rollouts;
 
@@ -42,6 +43,8 @@ pub struct AppState {
     pub operators: Arc<crate::operators::TokenStore>,
     /// Whether the API asks for bearer tokens (`api.require_tokens`).
     pub require_tokens: bool,
+    pub enrollment: Arc<crate::enrollment::Enrollment>,
+    pub front: Arc<crate::broker_front::Front>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -68,6 +71,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/rollouts/{id}/{action}", post(rollouts::act))
         .route("/api/v1/devices/{id}/tags", post(rollouts::set_tags))
         .route("/api/v1/audit", get(rollouts::audit))
+        .route("/api/v1/enroll", post(identity::enroll))
+        .route("/api/v1/enrollment-tokens", get(identity::tokens).post(identity::create_token))
+        .route("/api/v1/enrollments", get(identity::enrolled))
+        .route("/api/v1/devices/{id}/revoke", post(identity::revoke))
         .route("/api/v1/signing-key", get(rollouts::signing_key))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::not_found("no such route") })

@@ -37,6 +37,8 @@ pub struct Ingestor {
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     max_message_bytes: usize,
+    /// When set, every envelope must be signed with its device's enrolled key.
+    enrollment: Option<Arc<crate::enrollment::Enrollment>>,
 }
 
 impl Ingestor {
@@ -46,7 +48,13 @@ impl Ingestor {
         metrics: Arc<Metrics>,
         max_message_bytes: usize,
     ) -> Self {
-        Ingestor { store, registry, metrics, max_message_bytes }
+        Ingestor { store, registry, metrics, max_message_bytes, enrollment: None }
+    }
+
+    /// Requires every envelope to be signed with its device's enrolled key (`None`: signatures unchecked).
+    pub fn with_enrollment(mut self, enrollment: Option<Arc<crate::enrollment::Enrollment>>) -> Self {
+        self.enrollment = enrollment;
+        self
     }
 
     pub fn store(&self) -> &TelemetryStore {
@@ -86,6 +94,20 @@ impl Ingestor {
         if env.device != device {
             let detail = format!("envelope says device `{}`", env.device);
             return self.reject(Some(device), topic, "device_mismatch", &detail);
+        }
+        if let Some(en) = &self.enrollment {
+            // The topic names the device; only that device's enrolled key may speak for it.
+            let key = match en.public_key(device) {
+                Ok(k) => k,
+                Err(reason) => return self.reject(Some(device), topic, reason, "no enrolled key for this device"),
+            };
+            if let Err(e) = env.verify(&key) {
+                let reason = match e {
+                    edgeloop_common::envelope::SignatureError::Unsigned => "unsigned",
+                    edgeloop_common::envelope::SignatureError::BadSignature => "bad_signature",
+                };
+                return self.reject(Some(device), topic, reason, &e.to_string());
+            }
         }
         match (channel, env.body) {
             (Channel::Telemetry, Body::Telemetry(batch)) => {

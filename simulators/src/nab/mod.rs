@@ -194,6 +194,8 @@ async fn run_file(
     let dir = work.join(&class.class);
     let mut cfg = AgentConfig::in_process(&class.class, class.clone(), cp.mqtt_addr.clone(), dir.join("agent"));
     cfg.durability = edgeloop_common::durable::Durability::Flush;
+    let token = crate::device::enrollment_token(cp.api_addr, &class.class, 1).await?;
+    cfg.identity.enroll = Some(edgeloop_agent::identity::Enroll { url: format!("http://{}", cp.api_addr), token });
     let mut dev = Device { cfg, agent: None, sent: 0 };
     dev.start().await?;
     let n = s.values.len();
@@ -300,6 +302,9 @@ pub async fn run(opts: NabOptions) -> anyhow::Result<NabReport> {
     }
     let cancel = CancellationToken::new();
     let cp = ControlPlane::start(cfg, cancel.clone()).await?;
+    if let Some(t) = &cp.admin_token {
+        crate::http::authorize(cp.api_addr, t);
+    }
     let mut scored = Vec::new();
     let mut per_file = Vec::new();
     let (mut trainings, mut promoted, mut rows) = (0, 0, 0);

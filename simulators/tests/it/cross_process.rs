@@ -30,7 +30,7 @@ async fn nothing_lost_across_process_kills() {
     .unwrap();
     std::fs::write(
         d.join("agent.toml"),
-        format!("[device]\nid = \"proc-1\"\nclass_config = \"probe.toml\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:{mqtt}\"\nreconnect_max_ms = 300\n[storage]\ndata_dir = \"agent\"\n[[sources]]\nkind = \"udp\"\nlisten = \"127.0.0.1:{udp}\"\n"),
+        format!("[device]\nid = \"proc-1\"\nclass_config = \"probe.toml\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:{mqtt}\"\nreconnect_max_ms = 300\n[storage]\ndata_dir = \"agent\"\n[[sources]]\nkind = \"udp\"\nlisten = \"127.0.0.1:{udp}\"\n[identity]\nenroll_url = \"http://{api}\"\nenrollment_token_file = \"enroll.token\"\n"),
     )
     .unwrap();
     let mut cp = Proc {
@@ -46,8 +46,11 @@ async fn nothing_lost_across_process_kills() {
         child: None,
     };
     cp.start();
-    agent.start();
     crate::support::authorize_from_file(api, &d.join("cp/admin.token")).await;
+    crate::support::wait_for_api(api).await;
+    let token = edgeloop_simulators::device::enrollment_token(api, "probe", 1).await.unwrap();
+    std::fs::write(d.join("enroll.token"), token).unwrap();
+    agent.start();
 
     // Feed samples over UDP at about 500 per second, whatever is running.
     let stop = Arc::new(AtomicBool::new(false));

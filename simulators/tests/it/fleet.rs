@@ -19,6 +19,7 @@ async fn fleet_of_every_class_drains_completely() {
         duration: Some(Duration::from_secs(3)),
         faults: true,
         slow_samples_per_tick: 20,
+        enroll_api: Some(cp.api_addr),
     };
     let s = run(opts, CancellationToken::new()).await.unwrap();
     assert_eq!(s.devices, 8);

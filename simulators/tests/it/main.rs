@@ -14,3 +14,4 @@ mod process_rollout;
 mod rollouts;
 mod support;
 mod triggers;
+mod trust;

@@ -3,9 +3,10 @@
 
 use crate::support::{start_cp, stored_seqs, wait_for};
 use edgeloop_common::envelope::{self, Body, Envelope, Status};
+use edgeloop_simulators::device;
 use edgeloop_simulators::fleet::{self, FleetSpec};
 use rand::{Rng, SeedableRng};
-use rumqttc::{AsyncClient, MqttOptions, QoS};
+use rumqttc::QoS;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
@@ -23,15 +24,17 @@ async fn malformed_uplink_counted_and_good_traffic_flows() {
     let cancel = CancellationToken::new();
     let mut class = edgeloop_simulators::class_config("city-air-quality").unwrap();
     class.uplink.ack_timeout_secs = 1;
-    let spec = FleetSpec::new(vec![class], cp.mqtt_addr.clone(), &dir.path().join("agents"));
+    let mut spec = FleetSpec::new(vec![class], cp.mqtt_addr.clone(), &dir.path().join("agents"));
+    spec.enroll_with(cp.api_addr, 1).await.unwrap();
     let mut devices = fleet::start(&spec, 1, &cancel).await.unwrap();
     let device = devices[0].agent.device.clone();
 
-    // The attacker: a plain MQTT client publishing junk on the device's topic.
-    let mut opts = MqttOptions::new("attacker", cp.mqtt_addr.0.clone(), cp.mqtt_addr.1);
-    opts.set_max_packet_size(1 << 20, 1 << 20);
-    let (client, mut eventloop) = AsyncClient::new(opts, 64);
-    let el = tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+    // The attacker: an enrolled device of its own, publishing junk on the victim's topic (the broker has no
+    // per-topic ACLs; ingest is what refuses it).
+    let key = device::new_key();
+    let creds = device::enroll(cp.api_addr, "attacker", "city-air-quality", &key).await.unwrap();
+    let (client, connected, el) = device::connect(cp.mqtt_addr.clone(), "attacker", Some(&creds)).await;
+    assert_eq!(connected, device::Connected::Yes);
     let topic = format!("edgeloop/v1/{device}/up/telemetry");
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     const RANDOM: u64 = 20;

@@ -30,7 +30,8 @@ async fn nothing_lost_through_connection_cuts() {
     class.uplink.ack_timeout_secs = 1;
     class.uplink.heartbeat_secs = 1;
     class.uplink.batch_max_records = 50;
-    let spec = FleetSpec::new(vec![class], ("127.0.0.1".into(), proxy.addr().port()), &dir.path().join("agents"));
+    let mut spec = FleetSpec::new(vec![class], ("127.0.0.1".into(), proxy.addr().port()), &dir.path().join("agents"));
+    spec.enroll_with(cp.api_addr, 64).await.unwrap();
     let mut devices = fleet::start(&spec, DEVICES, &cancel).await.unwrap();
 
     // 20 rounds of 100 samples per device, 100 ms apart; cut everything every 5th round.

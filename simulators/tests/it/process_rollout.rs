@@ -26,6 +26,7 @@ struct Site {
     mqtt: u16,
     public_key: String,
     cp: Proc,
+    enrollment_token: String,
 }
 
 /// Writes a signing key with the CLI, a control-plane config using it, and starts the control plane.
@@ -60,7 +61,8 @@ async fn site(d: &Path) -> Site {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     crate::support::authorize_from_file(api, &d.join("cp/admin.token")).await;
-    Site { dir: d.to_path_buf(), api, mqtt, public_key, cp }
+    let enrollment_token = edgeloop_simulators::device::enrollment_token(api, "probe", 10).await.unwrap();
+    Site { dir: d.to_path_buf(), api, mqtt, public_key, cp, enrollment_token }
 }
 
 /// An agent process fed over UDP, trusting the site's key and fetching artifacts from `artifacts`.
@@ -69,11 +71,12 @@ fn agent(site: &Site, id: &str, artifacts: SocketAddr) -> (Proc, u16) {
     std::fs::write(
         site.dir.join(format!("{id}.toml")),
         format!(
-            "[device]\nid = \"{id}\"\nclass_config = \"probe.toml\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:{}\"\nreconnect_max_ms = 300\n[storage]\ndata_dir = \"{id}\"\n[[sources]]\nkind = \"udp\"\nlisten = \"127.0.0.1:{udp}\"\n[updates]\nartifact_base_url = \"http://{artifacts}\"\n[[updates.trusted_keys]]\npublic_key = \"{}\"\n",
-            site.mqtt, site.public_key
+            "[device]\nid = \"{id}\"\nclass_config = \"probe.toml\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:{}\"\nreconnect_max_ms = 300\n[storage]\ndata_dir = \"{id}\"\n[[sources]]\nkind = \"udp\"\nlisten = \"127.0.0.1:{udp}\"\n[updates]\nartifact_base_url = \"http://{artifacts}\"\n[[updates.trusted_keys]]\npublic_key = \"{}\"\n[identity]\nenroll_url = \"http://{}\"\nenrollment_token_file = \"{id}.enroll\"\n",
+            site.mqtt, site.public_key, site.api
         ),
     )
     .unwrap();
+    std::fs::write(site.dir.join(format!("{id}.enroll")), &site.enrollment_token).unwrap();
     let p = Proc {
         name: "edgeloop-agent",
         args: vec!["--config".into(), site.dir.join(format!("{id}.toml")).display().to_string()],

@@ -27,6 +27,7 @@ async fn fleet_for(
     let mut spec = FleetSpec::new(vec![class_config(CLASS).unwrap()], mqtt, root);
     spec.customise = Arc::new(move |c| c.updates = Some(updates.clone()));
     spec.first_index = first;
+    spec.enroll_with(api, n).await.unwrap();
     fleet::start(&spec, n, cancel).await.unwrap()
 }
 

@@ -132,3 +132,12 @@ pub async fn authorize_from_file(api: SocketAddr, token_file: &Path) {
     let token = std::fs::read_to_string(token_file).unwrap();
     edgeloop_simulators::http::authorize(api, &token);
 }
+
+/// Waits until the operator API answers.
+pub async fn wait_for_api(api: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while edgeloop_simulators::http::get(api, "/api/v1/health").await.is_err() {
+        assert!(Instant::now() < deadline, "the API at {api} did not come up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -1,0 +1,204 @@
+//! The device's identity: its Ed25519 key (created on first start, mode 0600), the MQTT credentials it got by
+//! enrolling, and the enrollment call itself.
+//!
+//! Every envelope the agent sends is signed with the key, so a client that reaches the broker still cannot
+//! speak for this device. The key never leaves the device; enrollment sends only the public half.
+
+use anyhow::Context;
+use ring::signature::{Ed25519KeyPair, KeyPair};
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Warns when a file holding a secret can be read by group or others.
+pub fn warn_if_exposed(path: &Path) {
+    if let Ok(m) = std::fs::metadata(path) {
+        let mode = m.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(path = %path.display(), mode = format!("{mode:o}"), "secret file is readable by others; run chmod 600");
+        }
+    }
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Loads the device key, creating it on first start. Blocking.
+pub fn load_or_create_key(path: &Path) -> anyhow::Result<Ed25519KeyPair> {
+    if path.exists() {
+        warn_if_exposed(path);
+        let bytes = std::fs::read(path).with_context(|| format!("reading device key {}", path.display()))?;
+        return Ed25519KeyPair::from_pkcs8(&bytes)
+            .map_err(|e| anyhow::anyhow!("device key {} is not an Ed25519 PKCS#8 key: {e}", path.display()));
+    }
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).map_err(|_| anyhow::anyhow!("the system RNG failed"))?;
+    write_private(path, pkcs8.as_ref())?;
+    let pair = Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    tracing::info!(path = %path.display(), "device key created");
+    Ok(pair)
+}
+
+pub fn public_key_hex(pair: &Ed25519KeyPair) -> String {
+    edgeloop_common::signing::hex(pair.public_key().as_ref())
+}
+
+/// MQTT credentials from enrollment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl Credentials {
+    pub fn load(path: &Path) -> anyhow::Result<Option<Credentials>> {
+        match std::fs::read(path) {
+            Ok(b) => {
+                warn_if_exposed(path);
+                Ok(Some(serde_json::from_slice(&b).with_context(|| format!("{} is corrupt", path.display()))?))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    pub fn save(&self, path: &Path) -> anyhow::Result<()> {
+        write_private(path, &serde_json::to_vec(self)?)
+    }
+}
+
+/// Where the device enrolls, and with what.
+#[derive(Debug, Clone)]
+pub struct Enroll {
+    /// The control plane's API, e.g. `http://control-plane:8080`.
+    pub url: String,
+    pub token: String,
+}
+
+/// The identity settings of an agent.
+#[derive(Debug, Clone)]
+pub struct IdentityConfig {
+    pub key_file: PathBuf,
+    pub credentials_file: PathBuf,
+    pub enroll: Option<Enroll>,
+}
+
+impl IdentityConfig {
+    pub fn in_data_dir(data_dir: &Path) -> IdentityConfig {
+        IdentityConfig {
+            key_file: data_dir.join("identity.key"),
+            credentials_file: data_dir.join("credentials.json"),
+            enroll: None,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct EnrollBody<'a> {
+    device: &'a str,
+    class: &'a str,
+    public_key: String,
+    token: &'a str,
+}
+
+/// Enrolls once. A refusal (4xx) is final and names the reason; a network or server error is `Ok(None)`, to
+/// retry.
+pub async fn enroll_once(
+    http: &reqwest::Client,
+    e: &Enroll,
+    device: &str,
+    class: &str,
+    pair: &Ed25519KeyPair,
+) -> anyhow::Result<Option<Credentials>> {
+    let url = format!("{}/api/v1/enroll", e.url.trim_end_matches('/'));
+    let body = EnrollBody { device, class, public_key: public_key_hex(pair), token: &e.token };
+    let resp = match http.post(&url).json(&body).send().await {
+        Ok(r) => r,
+        Err(err) => {
+            tracing::warn!(%url, error = %err, "cannot reach the control plane to enroll; retrying");
+            return Ok(None);
+        }
+    };
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(Some(resp.json().await.context("enrollment answer is not credentials")?));
+    }
+    let text = resp.text().await.unwrap_or_default();
+    if status.is_server_error() {
+        tracing::warn!(%url, %status, body = %text, "enrollment failed on the server; retrying");
+        return Ok(None);
+    }
+    anyhow::bail!("enrollment refused ({status}): {text}")
+}
+
+/// Returns the stored credentials, or enrolls (retrying until it gets an answer) and stores them. `None`
+/// when there are none and no enrollment is configured.
+pub async fn credentials(
+    cfg: &IdentityConfig,
+    http: &reqwest::Client,
+    device: &str,
+    class: &str,
+    pair: &Ed25519KeyPair,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> anyhow::Result<Option<Credentials>> {
+    if let Some(c) = Credentials::load(&cfg.credentials_file)? {
+        return Ok(Some(c));
+    }
+    let Some(e) = &cfg.enroll else { return Ok(None) };
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        if let Some(c) = enroll_once(http, e, device, class, pair).await? {
+            c.save(&cfg.credentials_file)?;
+            tracing::info!(device, "enrolled; credentials stored");
+            return Ok(Some(c));
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => anyhow::bail!("stopped before enrolling"),
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_is_created_private_and_reloaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("id/identity.key");
+        let a = load_or_create_key(&p).unwrap();
+        assert_eq!(std::fs::metadata(&p).unwrap().permissions().mode() & 0o777, 0o600);
+        let b = load_or_create_key(&p).unwrap();
+        assert_eq!(public_key_hex(&a), public_key_hex(&b));
+        std::fs::write(&p, b"junk").unwrap();
+        assert!(load_or_create_key(&p).unwrap_err().to_string().contains("not an Ed25519 PKCS#8 key"));
+        let c = Credentials { username: "d".into(), password: "p".into() };
+        let cp = dir.path().join("credentials.json");
+        assert_eq!(Credentials::load(&cp).unwrap(), None);
+        c.save(&cp).unwrap();
+        assert_eq!(Credentials::load(&cp).unwrap(), Some(c));
+        assert_eq!(std::fs::metadata(&cp).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+}

@@ -1,0 +1,86 @@
+//! A raw simulated device: its own key, enrolled through the API, speaking MQTT directly. For tests and
+//! tools that need to craft messages an agent would never send (junk, forgeries, replays).
+
+use crate::http;
+use edgeloop_agent::identity::Credentials;
+use ring::signature::{Ed25519KeyPair, KeyPair};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet};
+use std::net::SocketAddr;
+
+/// A fresh Ed25519 key.
+pub fn new_key() -> Ed25519KeyPair {
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).expect("the system RNG works");
+    Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).expect("a fresh key parses")
+}
+
+/// Creates a one-use enrollment token for `class` (with the admin token registered for `api`).
+pub async fn enrollment_token(api: SocketAddr, class: &str, uses: u32) -> anyhow::Result<String> {
+    let body = serde_json::json!({"class": class, "uses": uses, "expires_in_secs": 3600});
+    let (status, text) = http::post_json(api, "/api/v1/enrollment-tokens", &body).await?;
+    anyhow::ensure!(status == 201, "creating an enrollment token: HTTP {status}: {text}");
+    let v: serde_json::Value = serde_json::from_str(&text)?;
+    Ok(v["token"].as_str().unwrap_or_default().to_string())
+}
+
+/// Enrolls `device` of `class` with `key`; returns its MQTT credentials.
+pub async fn enroll(api: SocketAddr, device: &str, class: &str, key: &Ed25519KeyPair) -> anyhow::Result<Credentials> {
+    let token = enrollment_token(api, class, 1).await?;
+    let body = serde_json::json!({
+        "device": device, "class": class, "token": token,
+        "public_key": edgeloop_common::signing::hex(key.public_key().as_ref()),
+    });
+    let (status, text) = http::post_json(api, "/api/v1/enroll", &body).await?;
+    anyhow::ensure!(status == 200, "enrolling {device}: HTTP {status}: {text}");
+    Ok(serde_json::from_str(&text)?)
+}
+
+/// How an MQTT connection attempt ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Connected {
+    Yes,
+    /// Refused or closed by the broker before CONNACK.
+    Refused(String),
+}
+
+/// Connects a raw client; returns it once CONNACK arrives (or why not), with its event loop running.
+pub async fn connect(
+    mqtt: (String, u16),
+    client_id: &str,
+    credentials: Option<&Credentials>,
+) -> (AsyncClient, Connected, tokio::task::JoinHandle<()>) {
+    let mut opts = MqttOptions::new(client_id, mqtt.0, mqtt.1);
+    opts.set_max_packet_size(1 << 20, 1 << 20);
+    if let Some(c) = credentials {
+        opts.set_credentials(c.username.clone(), c.password.clone());
+    }
+    let (client, mut eventloop) = AsyncClient::new(opts, 64);
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(async move {
+        let mut tx = Some(tx);
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    if let Some(t) = tx.take() {
+                        let _ = t.send(Connected::Yes);
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    if let Some(t) = tx.take() {
+                        let _ = t.send(Connected::Refused(e.to_string()));
+                    }
+                    if tx.is_none() {
+                        // Keep trying like a device would, quietly.
+                        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    }
+                }
+            }
+        }
+    });
+    let outcome = tokio::time::timeout(std::time::Duration::from_secs(10), rx)
+        .await
+        .map(|r| r.unwrap_or(Connected::Refused("event loop ended".into())))
+        .unwrap_or(Connected::Refused("no answer in 10 s".into()));
+    (client, outcome, task)
+}

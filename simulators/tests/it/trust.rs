@@ -1,0 +1,173 @@
+//! Device identity at the trust boundary, on a real control plane: only enrolled devices get past the broker,
+//! only a device's own key speaks for it, replays are not double counted, and revocation cuts a device off.
+
+use crate::support::{start_cp, stored_seqs, wait_for};
+use edgeloop_common::envelope::{self, Body, Envelope, Record, TelemetryBatch};
+use edgeloop_simulators::device::{self, Connected};
+use edgeloop_simulators::fleet::{self, FleetSpec};
+use rumqttc::QoS;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+const CLASS: &str = "city-air-quality";
+
+fn batch(device: &str, from: u64, to: u64) -> Envelope {
+    let records = (from..=to)
+        .map(|seq| Record {
+            seq,
+            ts_ms: 1_700_000_000_000 + seq,
+            sensor: "pm25".into(),
+            features: vec![1.0; 4],
+            score: None,
+            flags: 0,
+        })
+        .collect();
+    Envelope::new(device, to, 0, Body::Telemetry(TelemetryBatch { from, to, records }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unenrolled_client_refused_by_broker() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cp, cancel) = start_cp(dir.path(), |_| {}).await;
+    let (_, outcome, task) = device::connect(cp.mqtt_addr.clone(), "stranger", None).await;
+    assert!(matches!(outcome, Connected::Refused(_)), "{outcome:?}");
+    task.abort();
+    // Credentials of one device do not work under another client id, nor a guessed password.
+    let key = device::new_key();
+    let creds = device::enroll(cp.api_addr, "dev-a", CLASS, &key).await.unwrap();
+    let (_, outcome, task) = device::connect(cp.mqtt_addr.clone(), "dev-b", Some(&creds)).await;
+    assert!(matches!(outcome, Connected::Refused(_)), "{outcome:?}");
+    task.abort();
+    let guessed = edgeloop_agent::identity::Credentials { username: "dev-a".into(), password: "hunter2".into() };
+    let (_, outcome, task) = device::connect(cp.mqtt_addr.clone(), "dev-a", Some(&guessed)).await;
+    assert!(matches!(outcome, Connected::Refused(_)), "{outcome:?}");
+    task.abort();
+    let (_, outcome, task) = device::connect(cp.mqtt_addr.clone(), "dev-a", Some(&creds)).await;
+    assert_eq!(outcome, Connected::Yes);
+    task.abort();
+    cancel.cancel();
+    cp.join().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_uplink_other_device_rejected() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cp, cancel) = start_cp(dir.path(), |_| {}).await;
+    let (key_a, key_b) = (device::new_key(), device::new_key());
+    let creds_a = device::enroll(cp.api_addr, "dev-a", CLASS, &key_a).await.unwrap();
+    device::enroll(cp.api_addr, "dev-b", CLASS, &key_b).await.unwrap();
+    let (client, outcome, task) = device::connect(cp.mqtt_addr.clone(), "dev-a", Some(&creds_a)).await;
+    assert_eq!(outcome, Connected::Yes);
+    // Valid CBOR in B's name on B's topic, signed with A's own key.
+    let mut forged = batch("dev-b", 1, 5);
+    forged.sign(&key_a);
+    client.publish("edgeloop/v1/dev-b/up/telemetry", QoS::AtLeastOnce, false, envelope::encode(&forged)).await.unwrap();
+    // Unsigned, in B's name.
+    let unsigned = batch("dev-b", 1, 5);
+    client
+        .publish("edgeloop/v1/dev-b/up/telemetry", QoS::AtLeastOnce, false, envelope::encode(&unsigned))
+        .await
+        .unwrap();
+    // A's own, properly signed: accepted.
+    let mut own = batch("dev-a", 1, 5);
+    own.sign(&key_a);
+    client.publish("edgeloop/v1/dev-a/up/telemetry", QoS::AtLeastOnce, false, envelope::encode(&own)).await.unwrap();
+    wait_for("A's records stored", Duration::from_secs(10), || cp.store.count("dev-a").unwrap() == 5).await;
+    wait_for("both forgeries counted", Duration::from_secs(10), || {
+        cp.metrics.rejected("bad_signature") == 1 && cp.metrics.rejected("unsigned") == 1
+    })
+    .await;
+    assert_eq!(cp.store.count("dev-b").unwrap(), 0, "nothing stored in B's name");
+    let (_, text) = edgeloop_simulators::http::get(cp.api_addr, "/metrics").await.unwrap();
+    assert!(text.contains("edgeloop_messages_rejected_total{reason=\"bad_signature\"} 1"), "{text}");
+    task.abort();
+    cancel.cancel();
+    cp.join().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replayed_uplink_not_double_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cp, cancel) = start_cp(dir.path(), |_| {}).await;
+    let key = device::new_key();
+    let creds = device::enroll(cp.api_addr, "dev-a", CLASS, &key).await.unwrap();
+    let (client, outcome, task) = device::connect(cp.mqtt_addr.clone(), "dev-a", Some(&creds)).await;
+    assert_eq!(outcome, Connected::Yes);
+    let mut env = batch("dev-a", 1, 10);
+    env.sign(&key);
+    let bytes = envelope::encode(&env);
+    // The same signed message, captured and sent again three times.
+    for _ in 0..4 {
+        client.publish("edgeloop/v1/dev-a/up/telemetry", QoS::AtLeastOnce, false, bytes.clone()).await.unwrap();
+    }
+    wait_for("the replays counted as duplicates", Duration::from_secs(10), || {
+        cp.registry.get("dev-a").is_some_and(|d| d.duplicates == 30)
+    })
+    .await;
+    assert_eq!(stored_seqs(cp.api_addr, "dev-a").await, (1..=10).collect::<Vec<u64>>());
+    assert_eq!(cp.registry.get("dev-a").unwrap().records, 10);
+    task.abort();
+    cancel.cancel();
+    cp.join().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_device_cut_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cp, cp_cancel) = start_cp(dir.path(), |_| {}).await;
+    let mut class = edgeloop_simulators::class_config(CLASS).unwrap();
+    class.uplink.ack_timeout_secs = 1;
+    let mut spec = FleetSpec::new(vec![class], cp.mqtt_addr.clone(), &dir.path().join("agents"));
+    spec.enroll_with(cp.api_addr, 1).await.unwrap();
+    let cancel = CancellationToken::new();
+    let mut devices = fleet::start(&spec, 1, &cancel).await.unwrap();
+    let id = devices[0].agent.device.clone();
+    for s in devices[0].generator.take(50) {
+        devices[0].samples.send(s).await.unwrap();
+    }
+    let outbox = devices[0].agent.outbox.clone();
+    wait_for("first records acknowledged", Duration::from_secs(20), || outbox.stats().acked == 50).await;
+    assert_eq!(cp.front.connections(&id), 1);
+
+    let (status, body) = edgeloop_simulators::http::post_json(
+        cp.api_addr,
+        &format!("/api/v1/devices/{id}/revoke"),
+        &serde_json::json!({}),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["connections_cut"], 1);
+    // The agent keeps collecting and retrying, but the broker refuses it and nothing more is stored.
+    for s in devices[0].generator.take(50) {
+        devices[0].samples.send(s).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(cp.front.connections(&id), 0, "the broker does not let it back in");
+    assert_eq!(cp.store.count(&id).unwrap(), 50);
+    assert!(outbox.stats().acked == 50 && outbox.stats().durable_seq == 100, "{:?}", outbox.stats());
+    let (_, enrolled) = edgeloop_simulators::http::get(cp.api_addr, "/api/v1/enrollments").await.unwrap();
+    assert!(enrolled.contains("\"revoked\":true"), "{enrolled}");
+    // Revoking is for admins only.
+    let store = edgeloop_control_plane::operators::TokenStore::open(&dir.path().join("cp")).unwrap();
+    let (_, op) = store.create("otto", edgeloop_control_plane::operators::Role::Operator).unwrap();
+    let auth = format!("Bearer {op}");
+    let r = edgeloop_simulators::http::request(
+        cp.api_addr,
+        "POST",
+        &format!("/api/v1/devices/{id}/revoke"),
+        &[("Authorization", &auth)],
+        Some(b"{}"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 403);
+
+    cancel.cancel();
+    for d in devices.drain(..) {
+        d.agent.join().await.unwrap();
+    }
+    cp_cancel.cancel();
+    cp.join().await.unwrap();
+}
