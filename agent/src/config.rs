@@ -37,6 +37,17 @@ pub struct RawConfig {
     pub updates: Option<UpdatesSection>,
     #[serde(default)]
     pub identity: IdentitySection,
+    #[serde(default)]
+    pub tls: TlsSection,
+}
+
+/// Trust: the one CA the control plane's certificates (broker and API) must chain to.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// PEM file of the fleet's CA (`ca.pem` from `edgeloop-control-plane certs init`, or your own).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// The device's key and enrollment.
@@ -143,6 +154,10 @@ pub struct AgentConfig {
     pub class: ClassConfig,
     pub mqtt_host: String,
     pub mqtt_port: u16,
+    /// `mqtts://`: TLS to the broker, checked against `tls_ca`.
+    pub mqtt_tls: bool,
+    /// The pinned CA (PEM) for the broker and the control plane's HTTPS.
+    pub tls_ca: Option<Vec<u8>>,
     pub keep_alive: Duration,
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
@@ -167,16 +182,28 @@ impl AgentConfig {
 
 /// Splits `mqtt://host:port` (port 1883 by default).
 pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), String> {
-    let rest = url.strip_prefix("mqtt://").ok_or_else(|| format!("`{url}` must start with mqtt://"))?;
+    match parse_broker_url(url)? {
+        (h, p, false) => Ok((h, p)),
+        (_, _, true) => Err(format!("`{url}`: use mqtt:// here")),
+    }
+}
+
+/// Splits `mqtt://host:port` (port 1883) or `mqtts://host:port` (TLS, port 8883); the flag says TLS.
+pub fn parse_broker_url(url: &str) -> Result<(String, u16, bool), String> {
+    let (rest, tls) = match (url.strip_prefix("mqtts://"), url.strip_prefix("mqtt://")) {
+        (Some(r), _) => (r, true),
+        (None, Some(r)) => (r, false),
+        (None, None) => return Err(format!("`{url}` must start with mqtts:// (or mqtt:// for plaintext)")),
+    };
     let rest = rest.trim_end_matches('/');
     let (host, port) = match rest.rsplit_once(':') {
         Some((h, p)) => (h, p.parse::<u16>().map_err(|_| format!("`{p}` is not a port number"))?),
-        None => (rest, 1883),
+        None => (rest, if tls { 8883 } else { 1883 }),
     };
     if host.is_empty() {
         return Err(format!("`{url}` has no host"));
     }
-    Ok((host.trim_start_matches('[').trim_end_matches(']').to_string(), port))
+    Ok((host.trim_start_matches('[').trim_end_matches(']').to_string(), port, tls))
 }
 
 impl RawConfig {
@@ -192,7 +219,21 @@ impl RawConfig {
                 e
             }
         })?;
-        let (mqtt_host, mqtt_port) = parse_mqtt_url(&self.mqtt.url).map_err(|r| c.fail("mqtt.url", r))?;
+        let (mqtt_host, mqtt_port, mqtt_tls) = parse_broker_url(&self.mqtt.url).map_err(|r| c.fail("mqtt.url", r))?;
+        let tls_ca = match &self.tls.ca_file {
+            Some(f) => {
+                let f = resolve_relative(path, f);
+                let pem = std::fs::read(&f).map_err(|e| c.fail("tls.ca_file", format!("{}: {e}", f.display())))?;
+                edgeloop_common::tls::client_config(&pem).map_err(|e| c.fail("tls.ca_file", e.to_string()))?;
+                Some(pem)
+            }
+            None => None,
+        };
+        c.check(
+            !mqtt_tls || tls_ca.is_some(),
+            "tls.ca_file",
+            "is needed for mqtts:// (the CA the broker's certificate is checked against)",
+        )?;
         c.check(self.mqtt.keep_alive_secs >= 5, "mqtt.keep_alive_secs", "must be at least 5")?;
         c.check(self.mqtt.reconnect_min_ms > 0, "mqtt.reconnect_min_ms", "must be > 0")?;
         c.check(
@@ -276,6 +317,8 @@ impl RawConfig {
             class,
             mqtt_host,
             mqtt_port,
+            mqtt_tls,
+            tls_ca,
             keep_alive: Duration::from_secs(self.mqtt.keep_alive_secs),
             reconnect_min: Duration::from_millis(self.mqtt.reconnect_min_ms),
             reconnect_max: Duration::from_millis(self.mqtt.reconnect_max_ms),
@@ -301,6 +344,8 @@ impl AgentConfig {
             class,
             mqtt_host: mqtt.0,
             mqtt_port: mqtt.1,
+            mqtt_tls: false,
+            tls_ca: None,
             keep_alive: Duration::from_secs(30),
             reconnect_min: Duration::from_millis(default_reconnect_min_ms()),
             reconnect_max: Duration::from_millis(1_000),
@@ -353,6 +398,8 @@ mod tests {
         let cases = [
             (agent_toml("").replace("dev-1", "dev 1"), "agent.toml: device.id: "),
             (agent_toml("").replace("mqtt://", "http://"), "agent.toml: mqtt.url: "),
+            (agent_toml("").replace("mqtt://", "mqtts://"), "agent.toml: tls.ca_file: is needed for mqtts://"),
+            (agent_toml("[tls]\nca_file = \"nope.pem\"\n"), "agent.toml: tls.ca_file: "),
             (
                 agent_toml("[inference]\nsensor = \"nope\"\n"),
                 "agent.toml: inference.sensor: class `c1` has no sensor `nope`",
@@ -376,5 +423,13 @@ mod tests {
         write(dir.path(), "c1.toml", &CLASS.replace("rate_hz = 1", "rate_hz = 0"));
         let p = write(dir.path(), "agent.toml", &agent_toml(""));
         assert_eq!(AgentConfig::load(&p).unwrap_err().to_string(), "c1.toml: sensors[0].rate_hz: must be > 0");
+    }
+
+    #[test]
+    fn packaged_config_parses() {
+        let raw: RawConfig =
+            edgeloop_common::config::parse_toml("agent.toml", include_str!("../packaging/agent.toml")).unwrap();
+        assert!(raw.mqtt.url.starts_with("mqtts://"));
+        assert!(raw.tls.ca_file.is_some() && raw.identity.enroll_url.is_some());
     }
 }

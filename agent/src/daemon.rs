@@ -141,11 +141,10 @@ impl Agent {
                 .await?
                 .context("loading the device key")?,
         );
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .timeout(Duration::from_secs(30))
-            .build()
-            .context("building the HTTP client")?;
+        let http = crate::identity::http_client(cfg.tls_ca.as_deref(), Some(Duration::from_secs(30)))?;
+        if !cfg.mqtt_tls {
+            tracing::warn!(broker = %format!("{}:{}", cfg.mqtt_host, cfg.mqtt_port), "plaintext MQTT (mqtt://): anyone on the network can read this device's traffic");
+        }
         let credentials =
             crate::identity::credentials(&cfg.identity, &http, &cfg.device_id, &cfg.class.class, &key, &cancel).await?;
         let spec = cfg.class.pipeline();
@@ -220,7 +219,8 @@ impl Agent {
                 width,
                 max_artifact_bytes: ucfg.max_artifact_bytes,
             };
-            let up = Updater::new(ucfg, me, files, slot, slot_events, reports_tx, health.clone(), pointer)?;
+            let up = Updater::new(ucfg, me, files, slot, slot_events, reports_tx, health.clone(), pointer)?
+                .with_http(crate::identity::http_client(cfg.tls_ca.as_deref(), None)?);
             let stop = cancel.clone();
             let fut = up.run(desired_rx, cancel.child_token());
             source_tasks.push(tokio::spawn(async move {

@@ -87,6 +87,21 @@ impl Credentials {
     }
 }
 
+/// The agent's HTTP client: trusting only the pinned CA when one is configured. `timeout` bounds whole
+/// requests (enrollment); downloads have only connect and read deadlines.
+pub fn http_client(ca_pem: Option<&[u8]>, timeout: Option<Duration>) -> anyhow::Result<reqwest::Client> {
+    let mut b =
+        reqwest::Client::builder().connect_timeout(Duration::from_secs(10)).read_timeout(Duration::from_secs(30));
+    if let Some(t) = timeout {
+        b = b.timeout(t);
+    }
+    if let Some(ca) = ca_pem {
+        let cert = reqwest::Certificate::from_pem(ca).context("the CA file is not a PEM certificate")?;
+        b = b.tls_built_in_root_certs(false).add_root_certificate(cert);
+    }
+    b.build().context("building the HTTP client")
+}
+
 /// Where the device enrolls, and with what.
 #[derive(Debug, Clone)]
 pub struct Enroll {

@@ -10,6 +10,7 @@
 //! - [`features`]: feature pipeline v1, the one implementation of feature extraction that both the agent and
 //!   the control plane run, with its serialisable spec.
 //! - [`signing`]: Ed25519 signatures over CBOR bytes, key ids and trusted-key lists (rotation).
+//! - [`tls`]: rustls client and server settings (ring provider, trust pinned to the fleet's CA).
 //! - [`update`]: the model manifest, the per-device desired state and update reports.
 //! - [`durable`]: a sled database whose commit is power-loss durable (flush, then `fdatasync`).
 //!
@@ -20,6 +21,7 @@ pub mod durable;
 pub mod envelope;
 pub mod features;
 pub mod signing;
+pub mod tls;
 pub mod topics;
 pub mod update;
 

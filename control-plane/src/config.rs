@@ -40,6 +40,28 @@ pub struct RawConfig {
     pub rollouts: RolloutsConfig,
     #[serde(default)]
     pub devices: DevicesConfig,
+    /// TLS for the MQTT listener and the API: `cert` and `key` (from `certs init` or your PKI), or
+    /// `plaintext = true` to run without it.
+    pub tls: Option<TlsSection>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// Run the MQTT listener and the API without TLS (a warning is logged at start).
+    #[serde(default)]
+    pub plaintext: bool,
+}
+
+/// Where the server certificate and key are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// Device identity.
@@ -206,6 +228,8 @@ pub struct Config {
     /// Devices must enroll: the embedded broker admits only enrolled devices, and ingest accepts only
     /// envelopes signed with the sender's enrolled key (`devices.require_enrollment`).
     pub require_enrollment: bool,
+    /// `None`: plaintext, as the config explicitly asked.
+    pub tls: Option<TlsFiles>,
     pub ingest: IngestConfig,
     pub training: TrainingConfig,
     pub rollouts: RolloutsConfig,
@@ -235,6 +259,7 @@ impl Config {
             api_listen: api,
             require_tokens: true,
             require_enrollment: true,
+            tls: None,
             ingest: IngestConfig::default(),
             training: TrainingConfig::default(),
             rollouts: RolloutsConfig::default(),
@@ -342,6 +367,27 @@ impl RawConfig {
             crate::rollout::engine::validate_stages(&a.stages)
                 .map_err(|r| c.fail(format!("rollouts.auto[{i}].stages"), r))?;
         }
+        let tls = match &self.tls {
+            None => {
+                return Err(c.fail(
+                    "tls",
+                    "missing: set cert and key (`edgeloop-control-plane certs init` makes a development pair), or plaintext = true",
+                ))
+            }
+            Some(TlsSection { plaintext: true, cert: None, key: None }) => None,
+            Some(TlsSection { plaintext: true, .. }) => {
+                return Err(c.fail("tls.plaintext", "cannot be true together with cert and key"))
+            }
+            Some(TlsSection { cert: Some(cert), key: Some(key), .. }) => {
+                let (cert, key) = (resolve(cert), resolve(key));
+                for (k, p) in [("tls.cert", &cert), ("tls.key", &key)] {
+                    c.check(p.is_file(), k, format!("{} is not a readable file", p.display()))?;
+                }
+                Some(TlsFiles { cert, key })
+            }
+            Some(TlsSection { cert: None, .. }) => return Err(c.fail("tls.cert", "is needed (with tls.key)")),
+            Some(TlsSection { key: None, .. }) => return Err(c.fail("tls.key", "is needed (with tls.cert)")),
+        };
         let mut rollouts = self.rollouts;
         rollouts.signing_key = rollouts.signing_key.map(|k| resolve(&k));
         let data_dir = resolve(&self.data_dir);
@@ -355,6 +401,7 @@ impl RawConfig {
             api_listen: self.api.listen,
             require_tokens: self.api.require_tokens,
             require_enrollment: self.devices.require_enrollment,
+            tls,
             ingest: self.ingest,
             training: self.training,
             classes,
@@ -370,13 +417,13 @@ mod tests {
     fn embedded_and_external() {
         let c = Config::from_toml(
             "cp.toml",
-            "data_dir = \"d\"\n[broker]\nmode = \"embedded\"\nlisten = \"0.0.0.0:1883\"\n",
+            "data_dir = \"d\"\n[broker]\nmode = \"embedded\"\nlisten = \"0.0.0.0:1883\"\n[tls]\nplaintext = true\n",
         )
         .unwrap();
         assert_eq!((c.mqtt_host.as_str(), c.mqtt_port), ("127.0.0.1", 1883));
         let c = Config::from_toml(
             "cp.toml",
-            "data_dir = \"d\"\n[broker]\nmode = \"external\"\nurl = \"mqtt://mq.local:8883\"\n",
+            "data_dir = \"d\"\n[broker]\nmode = \"external\"\nurl = \"mqtt://mq.local:8883\"\n[tls]\nplaintext = true\n",
         )
         .unwrap();
         assert_eq!((c.mqtt_host.as_str(), c.mqtt_port), ("mq.local", 8883));
@@ -388,7 +435,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("cp.toml");
         let text = |classes: &Path| {
-            format!("data_dir = \"d\"\n[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:1883\"\n[training]\nclasses_dir = \"{}\"\n", classes.display())
+            format!("data_dir = \"d\"\n[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:1883\"\n[tls]\nplaintext = true\n[training]\nclasses_dir = \"{}\"\n", classes.display())
         };
         std::fs::write(&p, text(&shipped)).unwrap();
         let c = Config::load(&p).unwrap();
@@ -423,6 +470,9 @@ mod tests {
         let cases = [
             ("data_dir = \"d\"\n[broker]\nmode = \"external\"\nurl = \"tcp://x\"\n", "cp.toml: broker.url: `tcp://x` must start with mqtt://"),
             ("data_dir = \"d\"\n[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:0\"\n", "cp.toml: broker.listen: needs an explicit port"),
+            ("data_dir = \"d\"\n[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:1\"\n", "cp.toml: tls: missing: set cert and key (`edgeloop-control-plane certs init` makes a development pair), or plaintext = true"),
+            ("data_dir = \"d\"\n[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:1\"\n[tls]\ncert = \"c.pem\"\n", "cp.toml: tls.key: is needed (with tls.cert)"),
+            ("data_dir = \"d\"\n[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:1\"\n[tls]\ncert = \"nope.pem\"\nkey = \"nope.key\"\n", "cp.toml: tls.cert: nope.pem is not a readable file"),
             ("data_dir = \"d\"\n[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:1\"\n[ingest]\nmax_message_bytes = 1\n", "cp.toml: ingest.max_message_bytes: must be between 1024 and 16777216"),
         ];
         for (text, want) in cases {
@@ -435,5 +485,14 @@ mod tests {
         .unwrap_err();
         assert_eq!(err.key, "broker");
         assert!(err.reason.contains("unknown field `colour`"), "{err}");
+    }
+
+    #[test]
+    fn packaged_config_parses() {
+        let text = include_str!("../packaging/control-plane.toml");
+        let raw: RawConfig = parse_toml("control-plane.toml", text).unwrap();
+        let tls = raw.tls.unwrap();
+        assert!(tls.cert.is_some() && tls.key.is_some() && !tls.plaintext);
+        assert!(raw.devices.require_enrollment && raw.api.require_tokens);
     }
 }

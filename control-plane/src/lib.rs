@@ -19,6 +19,7 @@
 //! - [`learning`]: training jobs on request, one at a time, with progress.
 //! - [`drift`]: population stability index of features against the training distribution.
 //! - [`triggers`]: retraining per class on a schedule, after N new records, or on drift.
+//! - [`certs`]: `certs init`, a development CA and server certificate.
 //! - [`keys`]: the Ed25519 signing key file.
 //! - [`rollout`]: staged rollouts of signed models, gated on install results and model behaviour.
 //! - [`enrollment`]: device identity: enrollment tokens, enrolled keys, broker credentials, revocation.
@@ -31,6 +32,7 @@ pub mod api;
 pub mod audit;
 pub mod broker;
 pub mod broker_front;
+pub mod certs;
 pub mod config;
 pub mod dataset;
 pub mod drift;

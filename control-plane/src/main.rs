@@ -60,10 +60,28 @@ enum Command {
         #[command(subcommand)]
         command: TokensCommand,
     },
+    /// Create TLS material for a first setup.
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
     /// Manage the Ed25519 key that signs model manifests and desired states.
     Keys {
         #[command(subcommand)]
         command: KeysCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Write a development CA (ca.pem, ca.key) and a server certificate it signed (server.pem, server.key)
+    /// for localhost, 127.0.0.1, ::1 and every --name. Never overwrites.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// A further host name or IP address the server is reached by (repeatable).
+        #[arg(long = "name")]
+        names: Vec<String>,
     },
 }
 
@@ -161,6 +179,21 @@ fn main() -> ExitCode {
     let config = match &command {
         Command::Run { config } | Command::Train { config, .. } => config.clone(),
         Command::Tokens { command } => return tokens(command),
+        Command::Certs { command: CertsCommand::Init { dir, names } } => {
+            return match edgeloop_control_plane::certs::init(dir, names) {
+                Ok(f) => {
+                    println!("CA certificate (agents pin it):  {}", f.ca.display());
+                    println!("CA key (keep it offline):        {}", f.ca_key.display());
+                    println!("server certificate ([tls] cert): {}", f.cert.display());
+                    println!("server key ([tls] key):          {}", f.key.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("edgeloop-control-plane: {e:#}");
+                    ExitCode::from(1)
+                }
+            };
+        }
         Command::Keys { command } => {
             let r = match command {
                 KeysCommand::Generate { out } => edgeloop_control_plane::keys::generate(out),
@@ -208,7 +241,9 @@ fn main() -> ExitCode {
             }
             train_offline(cfg, req)
         }
-        Command::Keys { .. } | Command::Tokens { .. } => unreachable!("handled before the config is read"),
+        Command::Keys { .. } | Command::Tokens { .. } | Command::Certs { .. } => {
+            unreachable!("handled before the config is read")
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

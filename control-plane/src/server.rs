@@ -114,6 +114,23 @@ impl ControlPlane {
             Arc::new(Learning::new(store.clone(), registry.clone(), models, cfg.classes.clone(), cfg.training.clone()));
         tokio::spawn(crate::triggers::run(learning.clone(), cancel.child_token()));
 
+        let tls = match &cfg.tls {
+            Some(files) => {
+                let read = |p: &std::path::Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+                let (cert, key) = (read(&files.cert)?, read(&files.key)?);
+                crate::keys::warn_if_exposed(&files.key);
+                let mqtt = edgeloop_common::tls::server_config(&cert, &key, &[])?;
+                let https = edgeloop_common::tls::server_config(&cert, &key, &[b"http/1.1"])?;
+                Some((
+                    tokio_rustls::TlsAcceptor::from(Arc::new(mqtt)),
+                    tokio_rustls::TlsAcceptor::from(Arc::new(https)),
+                ))
+            }
+            None => {
+                tracing::warn!("tls.plaintext: the MQTT listener and the API run WITHOUT TLS; anyone on the network can read and alter their traffic");
+                None
+            }
+        };
         // The control plane's own MQTT clients log in with a per-process secret.
         let service_secret = crate::enrollment::random_hex(24);
         let front = Arc::new(crate::broker_front::Front::default());
@@ -137,7 +154,14 @@ impl ControlPlane {
                     .await
                     .with_context(|| format!("binding the MQTT listener to {listen}"))?;
                 tracing::info!(%listen, "MQTT listener for devices");
-                tokio::spawn(crate::broker_front::serve(listener, internal, None, front.clone(), cancel.child_token()));
+                let mqtt_tls = tls.as_ref().map(|t| t.0.clone());
+                tokio::spawn(crate::broker_front::serve(
+                    listener,
+                    internal,
+                    mqtt_tls,
+                    front.clone(),
+                    cancel.child_token(),
+                ));
                 (internal.ip().to_string(), internal.port())
             }
             BrokerConfig::External { .. } => (cfg.mqtt_host.clone(), cfg.mqtt_port),
@@ -202,10 +226,16 @@ impl ControlPlane {
             front: front.clone(),
         };
         let api_cancel = cancel.clone();
+        let https = tls.map(|t| t.1);
         let api = tokio::spawn(async move {
-            axum::serve(listener, api::router(state))
-                .with_graceful_shutdown(async move { api_cancel.cancelled().await })
-                .await
+            let stop = async move { api_cancel.cancelled().await };
+            match https {
+                Some(acceptor) => {
+                    let listener = api::tls::TlsListener::new(listener, acceptor)?;
+                    axum::serve(listener, api::router(state)).with_graceful_shutdown(stop).await
+                }
+                None => axum::serve(listener, api::router(state)).with_graceful_shutdown(stop).await,
+            }
         });
         tracing::info!(%api_addr, mqtt = %format!("{}:{}", cfg.mqtt_host, cfg.mqtt_port), "control plane running");
 

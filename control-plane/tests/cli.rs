@@ -28,7 +28,11 @@ fn keys_generate_writes_a_private_key_and_prints_its_id() {
 fn tokens_create_list_revoke() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = dir.path().join("cp.toml");
-    std::fs::write(&cfg, "data_dir = \"cp\"\n[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:1883\"\n").unwrap();
+    std::fs::write(
+        &cfg,
+        "data_dir = \"cp\"\n[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:1883\"\n[tls]\nplaintext = true\n",
+    )
+    .unwrap();
     let bin = env!("CARGO_BIN_EXE_edgeloop-control-plane");
     let run = |args: &[&str]| Command::new(bin).args(args).arg("--config").arg(&cfg).output().unwrap();
     let out = run(&["tokens", "create", "--role", "viewer", "--name", "grafana"]);

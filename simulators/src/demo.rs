@@ -61,11 +61,19 @@ const ROLLOUT_GRACE: Duration = Duration::from_secs(90);
 /// `stop` fires.
 pub async fn run(opts: DemoOptions, stop: CancellationToken) -> anyhow::Result<Summary> {
     let mqtt_port = crate::free_port()?;
-    let cfg = Config::embedded(
+    let mut cfg = Config::embedded(
         opts.data_dir.join("control-plane"),
         SocketAddr::from(([127, 0, 0, 1], mqtt_port)),
         SocketAddr::from(([127, 0, 0, 1], 0)),
     );
+    // TLS everywhere: a development CA and server certificate, made once per data dir.
+    let tls_dir = opts.data_dir.join("tls");
+    let (ca, cert, key) = (tls_dir.join("ca.pem"), tls_dir.join("server.pem"), tls_dir.join("server.key"));
+    if !ca.exists() {
+        edgeloop_control_plane::certs::init(&tls_dir, &[]).context("creating the demo's TLS certificates")?;
+    }
+    cfg.tls = Some(edgeloop_control_plane::config::TlsFiles { cert, key });
+    let ca_pem = std::fs::read(&ca).with_context(|| format!("reading {}", ca.display()))?;
     let cp_cancel = CancellationToken::new();
     let cp = ControlPlane::start(cfg, cp_cancel.clone()).await.context("starting the control plane")?;
     let api = cp.api_addr;
@@ -73,9 +81,11 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> anyhow::Result<S
     let token = std::fs::read_to_string(&token_path)
         .with_context(|| format!("reading the admin token {}", token_path.display()))?;
     crate::http::authorize(api, &token);
+    crate::http::trust(api, &ca_pem)?;
     println!("edgeloop demo: {} devices", opts.devices);
-    println!("  operator API: http://{api}/api/v1/devices   rollouts: http://{api}/api/v1/rollouts   metrics: http://{api}/metrics");
-    println!("  MQTT broker:  mqtt://{}:{}", cp.mqtt_addr.0, cp.mqtt_addr.1);
+    println!("  operator API: https://{api}/api/v1/devices   rollouts: https://{api}/api/v1/rollouts   metrics: https://{api}/metrics");
+    println!("  MQTT broker:  mqtts://{}:{}  (TLS; CA {})", cp.mqtt_addr.0, cp.mqtt_addr.1, ca.display());
+    println!("  devices:      enrolled with per-class tokens; every uplink signed and verified");
     println!("  signing key:  {} (agents trust it)", cp.rollouts.key_id());
     println!("  admin token:  {} (send it as `Authorization: Bearer <token>`)", token_path.display());
     println!("  data:         {}", opts.data_dir.display());
@@ -84,6 +94,7 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> anyhow::Result<S
     let updates = rollouts::updater_config(api).await?;
     let mut spec = FleetSpec::new(classes.clone(), cp.mqtt_addr.clone(), &opts.data_dir.join("agents"));
     spec.customise = std::sync::Arc::new(move |cfg| cfg.updates = Some(updates.clone()));
+    spec.tls_ca = Some(ca_pem.clone());
     spec.enroll_with(api, opts.devices).await?;
     let fleet_cancel = CancellationToken::new();
     let mut devices = fleet::start(&spec, opts.devices, &fleet_cancel).await?;

@@ -48,9 +48,16 @@ pub async fn connect(
     mqtt: (String, u16),
     client_id: &str,
     credentials: Option<&Credentials>,
+    tls_ca: Option<&[u8]>,
 ) -> (AsyncClient, Connected, tokio::task::JoinHandle<()>) {
     let mut opts = MqttOptions::new(client_id, mqtt.0, mqtt.1);
     opts.set_max_packet_size(1 << 20, 1 << 20);
+    if let Some(ca) = tls_ca {
+        let cfg = edgeloop_common::tls::client_config(ca).expect("a valid CA PEM");
+        opts.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(
+            std::sync::Arc::new(cfg),
+        )));
+    }
     if let Some(c) = credentials {
         opts.set_credentials(c.username.clone(), c.password.clone());
     }

@@ -19,6 +19,8 @@ pub struct SimDevice {
     pub class: String,
     /// A fast (windowed) class: fed in real time rather than accelerated.
     pub fast: bool,
+    /// Samples handed to the agent so far.
+    pub sent: u64,
 }
 
 /// How to build each agent.
@@ -31,6 +33,8 @@ pub struct FleetSpec {
     pub customise: Customise,
     /// Index of the first device (`sim-{first_index:04}`), to add devices to a running fleet.
     pub first_index: usize,
+    /// The fleet's CA (PEM): agents speak mqtts:// and HTTPS, trusting only it.
+    pub tls_ca: Option<Vec<u8>>,
     /// Enrollment per class: each agent enrolls with its class's token on first start.
     pub enroll: std::collections::HashMap<String, edgeloop_agent::identity::Enroll>,
 }
@@ -48,7 +52,7 @@ impl FleetSpec {
             anyhow::ensure!(status == 201, "creating an enrollment token for {}: HTTP {status}: {text}", c.class);
             let v: serde_json::Value = serde_json::from_str(&text)?;
             let token = v["token"].as_str().unwrap_or_default().to_string();
-            let e = edgeloop_agent::identity::Enroll { url: format!("http://{api}"), token };
+            let e = edgeloop_agent::identity::Enroll { url: crate::http::base_url(api), token };
             self.enroll.insert(c.class.clone(), e);
         }
         Ok(())
@@ -62,6 +66,7 @@ impl FleetSpec {
             customise: std::sync::Arc::new(|_| {}),
             first_index: 0,
             enroll: Default::default(),
+            tls_ca: None,
         }
     }
 }
@@ -74,6 +79,9 @@ pub async fn start(spec: &FleetSpec, n: usize, cancel: &CancellationToken) -> an
         let id = format!("sim-{i:04}");
         let mut cfg = AgentConfig::in_process(&id, class.clone(), spec.mqtt.clone(), spec.data_root.join(&id));
         cfg.identity.enroll = spec.enroll.get(&class.class).cloned();
+        if let Some(ca) = &spec.tls_ca {
+            (cfg.mqtt_tls, cfg.tls_ca) = (true, Some(ca.clone()));
+        }
         (spec.customise)(&mut cfg);
         let (tx, source) = ChannelSource::new(1024);
         let agent = Agent::start(cfg, vec![Box::new(source)], cancel.child_token()).await?;
@@ -82,6 +90,7 @@ pub async fn start(spec: &FleetSpec, n: usize, cancel: &CancellationToken) -> an
             samples: tx,
             generator: Generator::new(class.clone(), i as u64, edgeloop_common::unix_millis()),
             fast: class.sensors[0].kind == edgeloop_common::config::SignalKind::Fast,
+            sent: 0,
             class: class.class,
         });
     }
@@ -115,6 +124,7 @@ pub async fn feed(
                 if d.samples.send(s).await.is_err() {
                     anyhow::bail!("agent {} stopped unexpectedly", d.agent.device);
                 }
+                d.sent += 1;
             }
         }
         if last_report.elapsed() >= std::time::Duration::from_secs(5) {
@@ -124,13 +134,14 @@ pub async fn feed(
     }
 }
 
-/// Waits until every outbox is acknowledged, or `limit` passes.
+/// Waits until every agent has committed every sample fed to it (through [`feed`]) and every outbox is
+/// acknowledged, or `limit` passes.
 pub async fn drain(devices: &[SimDevice], limit: std::time::Duration) {
     let deadline = std::time::Instant::now() + limit;
     while std::time::Instant::now() < deadline
         && devices.iter().any(|d| {
             let s = d.agent.outbox.stats();
-            s.acked < s.durable_seq
+            s.acked < s.durable_seq || d.agent.health.samples.load(std::sync::atomic::Ordering::Relaxed) < d.sent
         })
     {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;

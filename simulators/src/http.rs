@@ -37,6 +37,32 @@ fn token_for(addr: SocketAddr) -> Option<String> {
     TOKENS.get()?.lock().unwrap_or_else(|p| p.into_inner()).get(&addr).cloned()
 }
 
+type TlsMap = std::collections::HashMap<SocketAddr, std::sync::Arc<rustls::ClientConfig>>;
+static TLS: std::sync::OnceLock<std::sync::Mutex<TlsMap>> = std::sync::OnceLock::new();
+
+/// Speaks HTTPS to `addr` from now on, trusting only the CA in `ca_pem`.
+pub fn trust(addr: SocketAddr, ca_pem: &[u8]) -> anyhow::Result<()> {
+    let cfg = edgeloop_common::tls::client_config(ca_pem)?;
+    TLS.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner()).insert(addr, std::sync::Arc::new(cfg));
+    Ok(())
+}
+
+fn tls_for(addr: SocketAddr) -> Option<std::sync::Arc<rustls::ClientConfig>> {
+    TLS.get()?.lock().unwrap_or_else(|p| p.into_inner()).get(&addr).cloned()
+}
+
+/// The base URL of a server: `https://` once [`trust`] was called for it.
+pub fn base_url(addr: SocketAddr) -> String {
+    if tls_for(addr).is_some() {
+        format!("https://{addr}")
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
+
 /// Sends one request. `body` is sent as JSON when present.
 pub async fn request(
     addr: SocketAddr,
@@ -45,7 +71,18 @@ pub async fn request(
     headers: &[(&str, &str)],
     body: Option<&[u8]>,
 ) -> anyhow::Result<Response> {
-    let mut s = tokio::net::TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
+    let tcp = tokio::net::TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
+    let mut s: Box<dyn Stream> = match tls_for(addr) {
+        Some(cfg) => {
+            let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+            let tls = tokio_rustls::TlsConnector::from(cfg)
+                .connect(name, tcp)
+                .await
+                .with_context(|| format!("TLS to {addr}"))?;
+            Box::new(tls)
+        }
+        None => Box::new(tcp),
+    };
     let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     for (n, v) in headers {
         head.push_str(&format!("{n}: {v}\r\n"));
@@ -64,7 +101,12 @@ pub async fn request(
         s.write_all(b).await?;
     }
     let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await?;
+    if let Err(e) = s.read_to_end(&mut buf).await {
+        // A TLS peer that closes without close_notify after a complete response is not an error here.
+        if e.kind() != std::io::ErrorKind::UnexpectedEof || buf.is_empty() {
+            return Err(e.into());
+        }
+    }
     let end = buf.windows(4).position(|w| w == b"\r\n\r\n").context("response has no header end")?;
     let head = String::from_utf8_lossy(&buf[..end]).into_owned();
     let raw = &buf[end + 4..];

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 pub async fn updater_config(api: SocketAddr) -> anyhow::Result<UpdaterConfig> {
     let key: SigningKey = http::get_json(api, "/api/v1/signing-key").await?;
     let trusted = TrustedKey::from_hex(&key.public_key, None).map_err(anyhow::Error::msg)?;
-    Ok(UpdaterConfig { trusted: vec![trusted], artifact_base: format!("http://{api}"), max_artifact_bytes: 64 << 20 })
+    Ok(UpdaterConfig { trusted: vec![trusted], artifact_base: http::base_url(api), max_artifact_bytes: 64 << 20 })
 }
 
 /// A reference model for `class`'s first sensor: the mean square of the features, flagging scores above

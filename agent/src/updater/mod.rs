@@ -214,6 +214,12 @@ impl Updater {
         Ok(Updater { cfg, me, files, slot, events, reports, health, pointer, http })
     }
 
+    /// Uses `http` for downloads (the agent's client, pinned to the fleet's CA).
+    pub fn with_http(mut self, http: reqwest::Client) -> Self {
+        self.http = http;
+        self
+    }
+
     fn report(&self, d: Option<&DesiredState>, sha256: &str, phase: Phase, reason: impl Into<String>) -> UpdateReport {
         UpdateReport {
             seq: d.map_or(0, |d| d.seq),

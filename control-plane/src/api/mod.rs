@@ -8,6 +8,7 @@ pub mod error;
 pub mod identity;
 pub mod learning;
 pub mod rollouts;
+pub mod tls;
 
 use crate::learning::Learning;
 use crate::metrics::Metrics;

@@ -195,7 +195,7 @@ async fn run_file(
     let mut cfg = AgentConfig::in_process(&class.class, class.clone(), cp.mqtt_addr.clone(), dir.join("agent"));
     cfg.durability = edgeloop_common::durable::Durability::Flush;
     let token = crate::device::enrollment_token(cp.api_addr, &class.class, 1).await?;
-    cfg.identity.enroll = Some(edgeloop_agent::identity::Enroll { url: format!("http://{}", cp.api_addr), token });
+    cfg.identity.enroll = Some(edgeloop_agent::identity::Enroll { url: crate::http::base_url(cp.api_addr), token });
     let mut dev = Device { cfg, agent: None, sent: 0 };
     dev.start().await?;
     let n = s.values.len();

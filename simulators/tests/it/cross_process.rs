@@ -1,4 +1,5 @@
-//! The control-plane and agent binaries as real processes, each SIGKILLed and restarted twice mid-stream.
+//! The control-plane and agent binaries as real processes (TLS, an enrolled agent, signed uplinks), each
+//! SIGKILLed and restarted twice mid-stream.
 //! After the drain, each stored sequence is one gap-free run with no duplicates, up to the last sequence
 //! the agent appended. (Samples in the agent's memory at a kill never got a sequence number.)
 
@@ -22,7 +23,10 @@ async fn nothing_lost_across_process_kills() {
     let d = dir.path();
     let (mqtt, api_port, udp) = (free_port().unwrap(), free_port().unwrap(), free_port().unwrap());
     let api = SocketAddr::from(([127, 0, 0, 1], api_port));
-    std::fs::write(d.join("cp.toml"), format!("data_dir = \"cp\"\n[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:{mqtt}\"\n[api]\nlisten = \"{api}\"\n")).unwrap();
+    let ca = crate::support::certs_init(d);
+    let tls = crate::support::CP_TLS;
+    std::fs::write(d.join("cp.toml"), format!("data_dir = \"cp\"\n[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:{mqtt}\"\n[api]\nlisten = \"{api}\"\n{tls}")).unwrap();
+    edgeloop_simulators::http::trust(api, &ca).unwrap();
     std::fs::write(
         d.join("probe.toml"),
         "class = \"probe\"\n[[sensors]]\nname = \"t\"\nkind = \"slow\"\nrate_hz = 100\n[uplink]\nheartbeat_secs = 1\nack_timeout_secs = 1\nbatch_max_records = 50\n",
@@ -30,7 +34,7 @@ async fn nothing_lost_across_process_kills() {
     .unwrap();
     std::fs::write(
         d.join("agent.toml"),
-        format!("[device]\nid = \"proc-1\"\nclass_config = \"probe.toml\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:{mqtt}\"\nreconnect_max_ms = 300\n[storage]\ndata_dir = \"agent\"\n[[sources]]\nkind = \"udp\"\nlisten = \"127.0.0.1:{udp}\"\n[identity]\nenroll_url = \"http://{api}\"\nenrollment_token_file = \"enroll.token\"\n"),
+        format!("[device]\nid = \"proc-1\"\nclass_config = \"probe.toml\"\n[mqtt]\nurl = \"mqtts://127.0.0.1:{mqtt}\"\nreconnect_max_ms = 300\n[storage]\ndata_dir = \"agent\"\n[[sources]]\nkind = \"udp\"\nlisten = \"127.0.0.1:{udp}\"\n[identity]\nenroll_url = \"https://{api}\"\nenrollment_token_file = \"enroll.token\"\n{}", crate::support::AGENT_TLS),
     )
     .unwrap();
     let mut cp = Proc {

@@ -120,7 +120,7 @@ async fn train_register_serve_and_retrain_offline() {
     cp.join().await.unwrap();
     let cfg = dir.path().join("cp.toml");
     let classes = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../firmware-configs");
-    std::fs::write(&cfg, format!("data_dir = \"cp\"\n[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:1\"\n[training]\nclasses_dir = \"{}\"\n", classes.display())).unwrap();
+    std::fs::write(&cfg, format!("data_dir = \"cp\"\n[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:1\"\n[tls]\nplaintext = true\n[training]\nclasses_dir = \"{}\"\n", classes.display())).unwrap();
     let bin = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().join("edgeloop-control-plane");
     let out = std::process::Command::new(bin)
         .args(["train", "--config"])

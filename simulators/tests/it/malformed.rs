@@ -33,7 +33,7 @@ async fn malformed_uplink_counted_and_good_traffic_flows() {
     // per-topic ACLs; ingest is what refuses it).
     let key = device::new_key();
     let creds = device::enroll(cp.api_addr, "attacker", "city-air-quality", &key).await.unwrap();
-    let (client, connected, el) = device::connect(cp.mqtt_addr.clone(), "attacker", Some(&creds)).await;
+    let (client, connected, el) = device::connect(cp.mqtt_addr.clone(), "attacker", Some(&creds), None).await;
     assert_eq!(connected, device::Connected::Yes);
     let topic = format!("edgeloop/v1/{device}/up/telemetry");
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);

@@ -43,9 +43,11 @@ async fn site(d: &Path) -> Site {
     let public_key =
         stdout.lines().find_map(|l| l.strip_prefix("public_key = \"")).unwrap().trim_end_matches('"').to_string();
     std::fs::write(d.join("probe.toml"), PROBE).unwrap();
+    let ca = crate::support::certs_init(d);
+    edgeloop_simulators::http::trust(api, &ca).unwrap();
     std::fs::write(
         d.join("cp.toml"),
-        format!("data_dir = \"cp\"\n[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:{mqtt}\"\n[api]\nlisten = \"{api}\"\n[rollouts]\nsigning_key = \"signing.key\"\ntick_ms = 100\n"),
+        format!("data_dir = \"cp\"\n[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:{mqtt}\"\n[api]\nlisten = \"{api}\"\n[rollouts]\nsigning_key = \"signing.key\"\ntick_ms = 100\n{}", crate::support::CP_TLS),
     )
     .unwrap();
     let mut cp = Proc {
@@ -65,14 +67,15 @@ async fn site(d: &Path) -> Site {
     Site { dir: d.to_path_buf(), api, mqtt, public_key, cp, enrollment_token }
 }
 
-/// An agent process fed over UDP, trusting the site's key and fetching artifacts from `artifacts`.
-fn agent(site: &Site, id: &str, artifacts: SocketAddr) -> (Proc, u16) {
+/// An agent process fed over UDP (mqtts, enrolled), trusting the site's key and fetching artifacts from the
+/// `artifacts` base URL.
+fn agent(site: &Site, id: &str, artifacts: &str) -> (Proc, u16) {
     let udp = free_port().unwrap();
     std::fs::write(
         site.dir.join(format!("{id}.toml")),
         format!(
-            "[device]\nid = \"{id}\"\nclass_config = \"probe.toml\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:{}\"\nreconnect_max_ms = 300\n[storage]\ndata_dir = \"{id}\"\n[[sources]]\nkind = \"udp\"\nlisten = \"127.0.0.1:{udp}\"\n[updates]\nartifact_base_url = \"http://{artifacts}\"\n[[updates.trusted_keys]]\npublic_key = \"{}\"\n[identity]\nenroll_url = \"http://{}\"\nenrollment_token_file = \"{id}.enroll\"\n",
-            site.mqtt, site.public_key, site.api
+            "[device]\nid = \"{id}\"\nclass_config = \"probe.toml\"\n[mqtt]\nurl = \"mqtts://127.0.0.1:{}\"\nreconnect_max_ms = 300\n[storage]\ndata_dir = \"{id}\"\n[[sources]]\nkind = \"udp\"\nlisten = \"127.0.0.1:{udp}\"\n[updates]\nartifact_base_url = \"{artifacts}\"\n[[updates.trusted_keys]]\npublic_key = \"{}\"\n[identity]\nenroll_url = \"https://{}\"\nenrollment_token_file = \"{id}.enroll\"\n{}",
+            site.mqtt, site.public_key, site.api, crate::support::AGENT_TLS
         ),
     )
     .unwrap();
@@ -143,7 +146,7 @@ async fn real_processes_roll_out_a_signed_model() {
     let mut procs = Vec::new();
     let mut ports = Vec::new();
     for id in ids {
-        let (mut p, udp) = agent(&site, id, site.api);
+        let (mut p, udp) = agent(&site, id, &format!("https://{}", site.api));
         p.start();
         procs.push(p);
         ports.push(udp);
@@ -251,7 +254,8 @@ async fn agent_killed_mid_download_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let mut site = site(dir.path()).await;
     let (slow, starts) = slow_artifacts(dir.path().join("cp/artifacts")).await;
-    let (mut p, udp) = agent(&site, "proc-k", slow);
+    // The slow server speaks plain HTTP: artifacts are checked against their signed sha256 either way.
+    let (mut p, udp) = agent(&site, "proc-k", &format!("http://{slow}"));
     p.start();
     let stop = Arc::new(AtomicBool::new(false));
     let feeder = feed(vec![udp], stop.clone());

@@ -141,3 +141,19 @@ pub async fn wait_for_api(api: SocketAddr) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// Runs `edgeloop-control-plane certs init --dir <dir>/tls`; returns the CA's PEM.
+pub fn certs_init(dir: &Path) -> Vec<u8> {
+    let out = Command::new(binary("edgeloop-control-plane"))
+        .args(["certs", "init", "--dir"])
+        .arg(dir.join("tls"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::read(dir.join("tls/ca.pem")).unwrap()
+}
+
+/// The `[tls]` section of a control-plane config using [`certs_init`]'s files.
+pub const CP_TLS: &str = "[tls]\ncert = \"tls/server.pem\"\nkey = \"tls/server.key\"\n";
+/// The `[tls]` section of an agent config pinning [`certs_init`]'s CA.
+pub const AGENT_TLS: &str = "[tls]\nca_file = \"tls/ca.pem\"\n";

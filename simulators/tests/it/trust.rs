@@ -29,20 +29,20 @@ fn batch(device: &str, from: u64, to: u64) -> Envelope {
 async fn unenrolled_client_refused_by_broker() {
     let dir = tempfile::tempdir().unwrap();
     let (cp, cancel) = start_cp(dir.path(), |_| {}).await;
-    let (_, outcome, task) = device::connect(cp.mqtt_addr.clone(), "stranger", None).await;
+    let (_, outcome, task) = device::connect(cp.mqtt_addr.clone(), "stranger", None, None).await;
     assert!(matches!(outcome, Connected::Refused(_)), "{outcome:?}");
     task.abort();
     // Credentials of one device do not work under another client id, nor a guessed password.
     let key = device::new_key();
     let creds = device::enroll(cp.api_addr, "dev-a", CLASS, &key).await.unwrap();
-    let (_, outcome, task) = device::connect(cp.mqtt_addr.clone(), "dev-b", Some(&creds)).await;
+    let (_, outcome, task) = device::connect(cp.mqtt_addr.clone(), "dev-b", Some(&creds), None).await;
     assert!(matches!(outcome, Connected::Refused(_)), "{outcome:?}");
     task.abort();
     let guessed = edgeloop_agent::identity::Credentials { username: "dev-a".into(), password: "hunter2".into() };
-    let (_, outcome, task) = device::connect(cp.mqtt_addr.clone(), "dev-a", Some(&guessed)).await;
+    let (_, outcome, task) = device::connect(cp.mqtt_addr.clone(), "dev-a", Some(&guessed), None).await;
     assert!(matches!(outcome, Connected::Refused(_)), "{outcome:?}");
     task.abort();
-    let (_, outcome, task) = device::connect(cp.mqtt_addr.clone(), "dev-a", Some(&creds)).await;
+    let (_, outcome, task) = device::connect(cp.mqtt_addr.clone(), "dev-a", Some(&creds), None).await;
     assert_eq!(outcome, Connected::Yes);
     task.abort();
     cancel.cancel();
@@ -56,7 +56,7 @@ async fn forged_uplink_other_device_rejected() {
     let (key_a, key_b) = (device::new_key(), device::new_key());
     let creds_a = device::enroll(cp.api_addr, "dev-a", CLASS, &key_a).await.unwrap();
     device::enroll(cp.api_addr, "dev-b", CLASS, &key_b).await.unwrap();
-    let (client, outcome, task) = device::connect(cp.mqtt_addr.clone(), "dev-a", Some(&creds_a)).await;
+    let (client, outcome, task) = device::connect(cp.mqtt_addr.clone(), "dev-a", Some(&creds_a), None).await;
     assert_eq!(outcome, Connected::Yes);
     // Valid CBOR in B's name on B's topic, signed with A's own key.
     let mut forged = batch("dev-b", 1, 5);
@@ -91,7 +91,7 @@ async fn replayed_uplink_not_double_counted() {
     let (cp, cancel) = start_cp(dir.path(), |_| {}).await;
     let key = device::new_key();
     let creds = device::enroll(cp.api_addr, "dev-a", CLASS, &key).await.unwrap();
-    let (client, outcome, task) = device::connect(cp.mqtt_addr.clone(), "dev-a", Some(&creds)).await;
+    let (client, outcome, task) = device::connect(cp.mqtt_addr.clone(), "dev-a", Some(&creds), None).await;
     assert_eq!(outcome, Connected::Yes);
     let mut env = batch("dev-a", 1, 10);
     env.sign(&key);
@@ -169,5 +169,42 @@ async fn revoked_device_cut_off() {
         d.agent.join().await.unwrap();
     }
     cp_cancel.cancel();
+    cp.join().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_wrong_ca_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = edgeloop_control_plane::certs::init(&dir.path().join("tls"), &[]).unwrap();
+    let other = edgeloop_control_plane::certs::init(&dir.path().join("other"), &[]).unwrap();
+    let tls = edgeloop_control_plane::config::TlsFiles { cert: good.cert.clone(), key: good.key.clone() };
+    let (cp, cancel) = start_cp(dir.path(), move |c| c.tls = Some(tls)).await;
+    let (ca, wrong_ca) = (std::fs::read(&good.ca).unwrap(), std::fs::read(&other.ca).unwrap());
+
+    // HTTPS: plaintext is refused, the wrong CA fails the handshake, the right one works.
+    assert!(edgeloop_simulators::http::get(cp.api_addr, "/api/v1/health").await.is_err(), "plaintext to a TLS API");
+    edgeloop_simulators::http::trust(cp.api_addr, &wrong_ca).unwrap();
+    let e = edgeloop_simulators::http::get(cp.api_addr, "/api/v1/health").await.unwrap_err();
+    assert!(format!("{e:#}").contains("TLS"), "{e:#}");
+    edgeloop_simulators::http::trust(cp.api_addr, &ca).unwrap();
+    let (status, _) = edgeloop_simulators::http::get(cp.api_addr, "/api/v1/health").await.unwrap();
+    assert_eq!(status, 200);
+
+    // MQTT: an enrolled device that pins another CA never gets to CONNECT; with the right CA it does.
+    let key = device::new_key();
+    let creds = device::enroll(cp.api_addr, "dev-a", CLASS, &key).await.unwrap();
+    let (_, outcome, task) = device::connect(cp.mqtt_addr.clone(), "dev-a", Some(&creds), Some(&wrong_ca)).await;
+    assert!(
+        matches!(&outcome, Connected::Refused(e) if e.to_lowercase().contains("certificate") || e.contains("Tls")),
+        "{outcome:?}"
+    );
+    task.abort();
+    let (_, outcome, task) = device::connect(cp.mqtt_addr.clone(), "dev-a", Some(&creds), None).await;
+    assert!(matches!(outcome, Connected::Refused(_)), "plaintext MQTT to a TLS listener: {outcome:?}");
+    task.abort();
+    let (_, outcome, task) = device::connect(cp.mqtt_addr.clone(), "dev-a", Some(&creds), Some(&ca)).await;
+    assert_eq!(outcome, Connected::Yes);
+    task.abort();
+    cancel.cancel();
     cp.join().await.unwrap();
 }
