@@ -166,8 +166,28 @@ impl Default for TrainingConfig {
 pub enum BrokerConfig {
     /// Run rumqttd inside the control plane, listening here.
     Embedded { listen: SocketAddr },
-    /// Connect to an existing broker, `mqtt://host:port`.
-    External { url: String },
+    /// Connect to an existing broker, `mqtts://host:port` (or `mqtt://` for plaintext).
+    External {
+        url: String,
+        /// The control plane's MQTT username on that broker.
+        #[serde(default)]
+        username: Option<String>,
+        /// A file holding its password.
+        #[serde(default)]
+        password_file: Option<PathBuf>,
+        /// The CA the broker's certificate must chain to (needed for mqtts://).
+        #[serde(default)]
+        ca_file: Option<PathBuf>,
+    },
+}
+
+/// How the control plane logs in to an external broker.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ExternalLogin {
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// PEM of the CA to check the broker against; `Some` means TLS.
+    pub tls_ca: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -223,6 +243,8 @@ pub struct Config {
     /// Host and port the ingest client connects to.
     pub mqtt_host: String,
     pub mqtt_port: u16,
+    /// Login and TLS for an external broker.
+    pub external: ExternalLogin,
     pub api_listen: SocketAddr,
     pub require_tokens: bool,
     /// Devices must enroll: the embedded broker admits only enrolled devices, and ingest accepts only
@@ -256,6 +278,7 @@ impl Config {
             broker: BrokerConfig::Embedded { listen: mqtt },
             mqtt_host: loopback_for(mqtt).ip().to_string(),
             mqtt_port: mqtt.port(),
+            external: ExternalLogin::default(),
             api_listen: api,
             require_tokens: true,
             require_enrollment: true,
@@ -286,14 +309,57 @@ impl RawConfig {
                 let a = loopback_for(*listen);
                 (a.ip().to_string(), a.port())
             }
-            BrokerConfig::External { url } => {
-                let rest = url
-                    .strip_prefix("mqtt://")
-                    .ok_or_else(|| c.fail("broker.url", format!("`{url}` must start with mqtt://")))?;
-                let (h, p) = rest.trim_end_matches('/').rsplit_once(':').unwrap_or((rest, "1883"));
+            BrokerConfig::External { url, .. } => {
+                let (rest, tls) = match (url.strip_prefix("mqtts://"), url.strip_prefix("mqtt://")) {
+                    (Some(r), _) => (r, true),
+                    (None, Some(r)) => (r, false),
+                    _ => return Err(c.fail("broker.url", format!("`{url}` must start with mqtts:// or mqtt://"))),
+                };
+                let default_port = if tls { "8883" } else { "1883" };
+                let (h, p) = rest.trim_end_matches('/').rsplit_once(':').unwrap_or((rest, default_port));
                 let port = p.parse::<u16>().map_err(|_| c.fail("broker.url", format!("`{p}` is not a port number")))?;
                 c.check(!h.is_empty(), "broker.url", "has no host")?;
                 (h.to_string(), port)
+            }
+        };
+        let external = match &self.broker {
+            BrokerConfig::Embedded { .. } => ExternalLogin::default(),
+            BrokerConfig::External { url, username, password_file, ca_file } => {
+                let password = match password_file {
+                    Some(f) => {
+                        let f = match path {
+                            Some(base) => resolve_relative(base, f),
+                            None => f.clone(),
+                        };
+                        let text = std::fs::read_to_string(&f)
+                            .map_err(|e| c.fail("broker.password_file", format!("{}: {e}", f.display())))?;
+                        crate::keys::warn_if_exposed(&f);
+                        Some(text.trim().to_string())
+                    }
+                    None => None,
+                };
+                c.check(
+                    password.is_none() || username.is_some(),
+                    "broker.username",
+                    "is needed with broker.password_file",
+                )?;
+                let tls_ca = match ca_file {
+                    Some(f) => {
+                        let f = match path {
+                            Some(base) => resolve_relative(base, f),
+                            None => f.clone(),
+                        };
+                        let pem =
+                            std::fs::read(&f).map_err(|e| c.fail("broker.ca_file", format!("{}: {e}", f.display())))?;
+                        edgeloop_common::tls::client_config(&pem)
+                            .map_err(|e| c.fail("broker.ca_file", e.to_string()))?;
+                        Some(pem)
+                    }
+                    None => None,
+                };
+                let tls = url.starts_with("mqtts://");
+                c.check(tls == tls_ca.is_some(), "broker.ca_file", "is needed with mqtts:// and only then")?;
+                ExternalLogin { username: username.clone(), password, tls_ca }
             }
         };
         let i = &self.ingest;
@@ -398,6 +464,7 @@ impl RawConfig {
             broker: self.broker,
             mqtt_host,
             mqtt_port,
+            external,
             api_listen: self.api.listen,
             require_tokens: self.api.require_tokens,
             require_enrollment: self.devices.require_enrollment,

@@ -25,9 +25,11 @@
 //! - [`enrollment`]: device identity: enrollment tokens, enrolled keys, broker credentials, revocation.
 //! - [`operators`]: operator bearer tokens (hashed, with roles) and their file.
 //! - [`audit`]: the audit log of every mutating operator call.
+//! - [`acl`]: the topic ACL file for external brokers (mosquitto format, `%u` patterns).
 //! - [`api`]: the operator HTTP API (axum).
 //! - [`server`]: starts all of the above under one cancellation token.
 
+pub mod acl;
 pub mod api;
 pub mod audit;
 pub mod broker;

@@ -60,6 +60,11 @@ enum Command {
         #[command(subcommand)]
         command: TokensCommand,
     },
+    /// Helpers for running on an external broker.
+    Broker {
+        #[command(subcommand)]
+        command: BrokerCommand,
+    },
     /// Create TLS material for a first setup.
     Certs {
         #[command(subcommand)]
@@ -69,6 +74,19 @@ enum Command {
     Keys {
         #[command(subcommand)]
         command: KeysCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum BrokerCommand {
+    /// Print (or write) the topic ACL file: each device publishes only its own up/* topics and reads only its
+    /// own down/* topics; the control plane's user reads all uplinks and writes all downlinks.
+    Acl {
+        /// The control plane's username on the broker.
+        #[arg(long, default_value = "edgeloop-control-plane")]
+        service_user: String,
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
 }
 
@@ -179,6 +197,22 @@ fn main() -> ExitCode {
     let config = match &command {
         Command::Run { config } | Command::Train { config, .. } => config.clone(),
         Command::Tokens { command } => return tokens(command),
+        Command::Broker { command: BrokerCommand::Acl { service_user, out } } => {
+            let acl = edgeloop_control_plane::acl::mosquitto_acl(service_user);
+            return match out {
+                None => {
+                    print!("{acl}");
+                    ExitCode::SUCCESS
+                }
+                Some(p) => match std::fs::write(p, acl) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("edgeloop-control-plane: writing {}: {e}", p.display());
+                        ExitCode::from(1)
+                    }
+                },
+            };
+        }
         Command::Certs { command: CertsCommand::Init { dir, names } } => {
             return match edgeloop_control_plane::certs::init(dir, names) {
                 Ok(f) => {
@@ -241,7 +275,7 @@ fn main() -> ExitCode {
             }
             train_offline(cfg, req)
         }
-        Command::Keys { .. } | Command::Tokens { .. } | Command::Certs { .. } => {
+        Command::Keys { .. } | Command::Tokens { .. } | Command::Certs { .. } | Command::Broker { .. } => {
             unreachable!("handled before the config is read")
         }
     };

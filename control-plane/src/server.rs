@@ -167,11 +167,22 @@ impl ControlPlane {
             BrokerConfig::External { .. } => (cfg.mqtt_host.clone(), cfg.mqtt_port),
         };
 
+        let login = |o: &mut MqttOptions| {
+            if matches!(cfg.broker, BrokerConfig::Embedded { .. }) {
+                o.set_credentials(SERVICE_USER, service_secret.clone());
+                return;
+            }
+            let e = &cfg.external;
+            if let Some(u) = &e.username {
+                o.set_credentials(u.clone(), e.password.clone().unwrap_or_default());
+            }
+            if let Some(tls) = e.tls_ca.as_deref().and_then(|ca| edgeloop_common::tls::client_config(ca).ok()) {
+                o.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(Arc::new(tls))));
+            }
+        };
         let mut options =
             MqttOptions::new(format!("edgeloop-cp-{}", std::process::id()), broker_host.clone(), broker_port);
-        if matches!(cfg.broker, BrokerConfig::Embedded { .. }) {
-            options.set_credentials(SERVICE_USER, service_secret.clone());
-        }
+        login(&mut options);
         // Accept whatever the broker forwards, so oversize messages are counted by ingest, not fatal to the link.
         let max_packet = broker::broker_max_payload(cfg.ingest.max_message_bytes) + 4096;
         options
@@ -201,9 +212,7 @@ impl ControlPlane {
         let mut rollout_options =
             MqttOptions::new(format!("edgeloop-cp-rollouts-{}", std::process::id()), broker_host, broker_port);
         rollout_options.set_keep_alive(Duration::from_secs(30)).set_clean_session(true).set_inflight(1024);
-        if matches!(cfg.broker, BrokerConfig::Embedded { .. }) {
-            rollout_options.set_credentials(SERVICE_USER, service_secret);
-        }
+        login(&mut rollout_options);
         let rollout_task =
             tokio::spawn(crate::rollout::service::run(rollouts.clone(), rollout_options, cancel.child_token()));
 

@@ -6,6 +6,7 @@ mod demo;
 mod fleet;
 mod learning;
 mod malformed;
+mod mosquitto;
 mod nab;
 mod nothing_lost;
 mod operators;

@@ -1,0 +1,223 @@
+//! An external broker: Debian's mosquitto with the ACL file `edgeloop-control-plane broker acl` writes.
+//! Device A cannot publish to or read from device B's topics, and a fleet works normally through it.
+//! `.ci/run` installs mosquitto; this test starts its own instance on a free loopback port.
+
+use crate::support::{binary, start_cp, wait_for};
+use edgeloop_simulators::fleet::{self, FleetSpec};
+use edgeloop_simulators::free_port;
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+struct Mosquitto {
+    child: Child,
+    port: u16,
+    passwd: std::path::PathBuf,
+}
+
+impl Mosquitto {
+    fn start(dir: &Path) -> Mosquitto {
+        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("mosquitto is not installed: `apt-get install mosquitto mosquitto-clients` (.ci/run does)");
+        let port = free_port().unwrap();
+        let passwd = dir.join("passwd");
+        std::fs::write(&passwd, "").unwrap();
+        // The control plane's user exists before mosquitto starts (a SIGHUP before it has installed its
+        // handlers would kill it).
+        let ok = Command::new("mosquitto_passwd")
+            .arg("-b")
+            .arg(&passwd)
+            .args(["edgeloop-control-plane", "cp-secret"])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+        let out = Command::new(binary("edgeloop-control-plane"))
+            .args(["broker", "acl", "--out"])
+            .arg(dir.join("acl"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\nacl_file {}\npersistence false\nlog_dest stderr\n",
+                passwd.display(),
+                dir.join("acl").display()
+            ),
+        )
+        .unwrap();
+        let m = Mosquitto {
+            child: Command::new(bin)
+                .arg("-c")
+                .arg(&conf)
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(dir.join("mosquitto.log")).unwrap())
+                .spawn()
+                .unwrap(),
+            port,
+            passwd,
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "mosquitto did not start listening");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        m
+    }
+
+    /// Adds a user to the password file and makes mosquitto reload it.
+    fn add_user(&self, user: &str, password: &str) {
+        let ok = Command::new("mosquitto_passwd").arg("-b").arg(&self.passwd).args([user, password]).status().unwrap();
+        assert!(ok.success());
+        let ok = Command::new("kill").args(["-HUP", &self.child.id().to_string()]).status().unwrap();
+        assert!(ok.success());
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A raw client that forwards every message it receives.
+async fn client(port: u16, user: &str, password: &str) -> (AsyncClient, mpsc::UnboundedReceiver<(String, Vec<u8>)>) {
+    let mut opts = MqttOptions::new(user, "127.0.0.1", port);
+    opts.set_credentials(user, password);
+    let (c, mut el) = AsyncClient::new(opts, 64);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (ready_tx, ready) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let mut ready_tx = Some(ready_tx);
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    if let Some(r) = ready_tx.take() {
+                        let _ = r.send(());
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let _ = tx.send((p.topic.clone(), p.payload.to_vec()));
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), ready).await.expect("no CONNACK").unwrap();
+    (c, rx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_acl_keeps_devices_to_their_own_topics() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = Mosquitto::start(dir.path());
+    m.add_user("dev-a", "pass-a");
+    m.add_user("dev-b", "pass-b");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (cp, mut cp_rx) = client(m.port, "edgeloop-control-plane", "cp-secret").await;
+    let (a, mut a_rx) = client(m.port, "dev-a", "pass-a").await;
+    let (b, mut b_rx) = client(m.port, "dev-b", "pass-b").await;
+    cp.subscribe("edgeloop/v1/+/up/#", QoS::AtLeastOnce).await.unwrap();
+    b.subscribe("edgeloop/v1/dev-b/down/#", QoS::AtLeastOnce).await.unwrap();
+    // A tries to listen in on B's downlink, and to speak on B's uplink.
+    a.subscribe("edgeloop/v1/dev-b/down/#", QoS::AtLeastOnce).await.unwrap();
+    a.subscribe("edgeloop/v1/+/down/#", QoS::AtLeastOnce).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    a.publish("edgeloop/v1/dev-b/up/telemetry", QoS::AtLeastOnce, false, b"forged".to_vec()).await.unwrap();
+    a.publish("edgeloop/v1/dev-a/up/telemetry", QoS::AtLeastOnce, false, b"mine".to_vec()).await.unwrap();
+    cp.publish("edgeloop/v1/dev-b/down/ack", QoS::AtLeastOnce, false, b"for b".to_vec()).await.unwrap();
+    b.publish("edgeloop/v1/dev-b/up/status", QoS::AtLeastOnce, false, b"b's own".to_vec()).await.unwrap();
+
+    let recv = |rx: &mut mpsc::UnboundedReceiver<(String, Vec<u8>)>| {
+        let mut got = Vec::new();
+        while let Ok(m) = rx.try_recv() {
+            got.push(m);
+        }
+        got
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let at_cp = recv(&mut cp_rx);
+    assert!(at_cp.contains(&("edgeloop/v1/dev-a/up/telemetry".into(), b"mine".to_vec())), "{at_cp:?}");
+    assert!(at_cp.contains(&("edgeloop/v1/dev-b/up/status".into(), b"b's own".to_vec())), "{at_cp:?}");
+    assert!(!at_cp.iter().any(|(_, p)| p == b"forged"), "A's publish on B's topic got through: {at_cp:?}");
+    assert_eq!(recv(&mut b_rx), vec![("edgeloop/v1/dev-b/down/ack".into(), b"for b".to_vec())]);
+    assert_eq!(recv(&mut a_rx), vec![], "A read B's downlink");
+    // A user unknown to the broker is refused.
+    let mut opts = MqttOptions::new("dev-c", "127.0.0.1", m.port);
+    opts.set_credentials("dev-c", "guess");
+    let (_c, mut el) = AsyncClient::new(opts, 8);
+    assert!(tokio::time::timeout(Duration::from_secs(5), el.poll()).await.unwrap().is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_works_through_mosquitto() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = Mosquitto::start(dir.path());
+    std::fs::write(dir.path().join("cp.password"), "cp-secret").unwrap();
+    let port = m.port;
+    let pw = dir.path().join("cp.password");
+    let (cp, cp_cancel) = start_cp(dir.path(), move |c| {
+        c.broker = edgeloop_control_plane::config::BrokerConfig::External {
+            url: format!("mqtt://127.0.0.1:{port}"),
+            username: Some("edgeloop-control-plane".into()),
+            password_file: None,
+            ca_file: None,
+        };
+        (c.mqtt_host, c.mqtt_port) = ("127.0.0.1".into(), port);
+        c.external = edgeloop_control_plane::config::ExternalLogin {
+            username: Some("edgeloop-control-plane".into()),
+            password: Some(std::fs::read_to_string(&pw).unwrap()),
+            tls_ca: None,
+        };
+    })
+    .await;
+    let mut class = edgeloop_simulators::class_config("city-air-quality").unwrap();
+    class.uplink.ack_timeout_secs = 1;
+    let mut spec = FleetSpec::new(vec![class], ("127.0.0.1".into(), port), &dir.path().join("agents"));
+    spec.enroll_with(cp.api_addr, 2).await.unwrap();
+    let cancel = CancellationToken::new();
+    let mut devices = fleet::start(&spec, 2, &cancel).await.unwrap();
+    // Enrollment gave each agent its credentials; the operator provisions them into the broker.
+    for d in &devices {
+        let creds = edgeloop_agent::identity::Credentials::load(
+            &dir.path().join("agents").join(&d.agent.device).join("credentials.json"),
+        )
+        .unwrap()
+        .unwrap();
+        m.add_user(&creds.username, &creds.password);
+    }
+    for d in devices.iter_mut() {
+        for s in d.generator.take(100) {
+            d.samples.send(s).await.unwrap();
+        }
+    }
+    for d in &devices {
+        let outbox = d.agent.outbox.clone();
+        let log = dir.path().join("mosquitto.log");
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while outbox.stats().acked < 100 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "not acknowledged through mosquitto: {:?}\n{}",
+                outbox.stats(),
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(cp.store.count(&d.agent.device).unwrap(), 100);
+    }
+    cancel.cancel();
+    for d in devices.drain(..) {
+        d.agent.join().await.unwrap();
+    }
+    cp_cancel.cancel();
+    cp.join().await.unwrap();
+}
