@@ -2,7 +2,7 @@
 //! Device A cannot publish to or read from device B's topics, and a fleet works normally through it.
 //! `.ci/run` installs mosquitto; this test starts its own instance on a free loopback port.
 
-use crate::support::{binary, start_cp, wait_for};
+use crate::support::{binary, start_cp};
 use edgeloop_simulators::fleet::{self, FleetSpec};
 use edgeloop_simulators::free_port;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
