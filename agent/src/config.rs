@@ -135,6 +135,10 @@ pub struct InferenceSection {
     /// Scores above this set the anomaly flag.
     #[serde(default)]
     pub threshold: Option<f32>,
+    /// `model` is a local file no signed update delivered: the agent runs it only when this says so. Models
+    /// from the control plane always arrive signed, through `[updates]`, and replace it.
+    #[serde(default)]
+    pub allow_unsigned_model: bool,
 }
 
 /// One sample source.
@@ -259,6 +263,11 @@ impl RawConfig {
         }
         let model = self.inference.model.map(|m| resolve_relative(path, &m));
         if let Some(m) = &model {
+            c.check(
+                self.inference.allow_unsigned_model,
+                "inference.model",
+                "a local model file is not signed; set inference.allow_unsigned_model = true to run it anyway, or deliver models as signed updates",
+            )?;
             c.check(m.is_file(), "inference.model", format!("{} is not a readable file", m.display()))?;
         }
         let updates = match self.updates {
@@ -406,6 +415,7 @@ mod tests {
             ),
             (agent_toml("").replace("c1.toml", "missing.toml"), "agent.toml: device.class_config: "),
             (agent_toml("[[sources]]\nkind = \"serial\"\n"), "agent.toml: sources[0].kind: unknown variant `serial`"),
+            (agent_toml("[inference]\nmodel = \"m.onnx\"\n"), "agent.toml: inference.model: a local model file is not signed"),
             (
                 agent_toml("[updates]\nartifact_base_url = \"http://cp:8080\"\n[[updates.trusted_keys]]\npublic_key = \"abc\"\n"),
                 "agent.toml: updates.trusted_keys[0].public_key: `abc` is not 64 hex digits",

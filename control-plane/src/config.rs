@@ -222,6 +222,14 @@ pub struct IngestConfig {
     /// A device with no message for this long shows as offline.
     #[serde(default = "default_offline_after_secs")]
     pub offline_after_secs: u64,
+    /// Uplink messages a second each device may send on average (bursts of twice that); over it, messages
+    /// are refused and counted as `rate_limited` (agents send them again). 0 turns the limit off.
+    #[serde(default = "default_device_rate")]
+    pub device_messages_per_sec: f64,
+}
+
+fn default_device_rate() -> f64 {
+    100.0
 }
 
 impl Default for IngestConfig {
@@ -230,6 +238,7 @@ impl Default for IngestConfig {
             max_message_bytes: default_max_message_bytes(),
             commit_max_messages: default_commit_max_messages(),
             offline_after_secs: default_offline_after_secs(),
+            device_messages_per_sec: default_device_rate(),
         }
     }
 }
@@ -370,6 +379,11 @@ impl RawConfig {
         )?;
         c.check(i.commit_max_messages > 0, "ingest.commit_max_messages", "must be > 0")?;
         c.check(i.offline_after_secs > 0, "ingest.offline_after_secs", "must be > 0")?;
+        c.check(
+            i.device_messages_per_sec.is_finite() && i.device_messages_per_sec >= 0.0,
+            "ingest.device_messages_per_sec",
+            "must be a number >= 0",
+        )?;
         let t = &self.training;
         c.check((1..=1000).contains(&t.trials), "training.trials", "must be between 1 and 1000")?;
         if let Some(s) = t.max_seconds {

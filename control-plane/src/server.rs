@@ -191,7 +191,8 @@ impl ControlPlane {
             .set_max_packet_size(max_packet, max_packet)
             .set_inflight(1024);
         let ingestor = Ingestor::new(store.clone(), registry.clone(), metrics.clone(), cfg.ingest.max_message_bytes)
-            .with_enrollment(cfg.require_enrollment.then(|| enrollment.clone()));
+            .with_enrollment(cfg.require_enrollment.then(|| enrollment.clone()))
+            .with_rate_limit(cfg.ingest.device_messages_per_sec);
         let ingest_cancel = cancel.child_token();
         let (subscribed_tx, mut subscribed) = tokio::sync::watch::channel(false);
         let ingest = tokio::spawn(service::run(

@@ -39,6 +39,39 @@ pub struct Ingestor {
     max_message_bytes: usize,
     /// When set, every envelope must be signed with its device's enrolled key.
     enrollment: Option<Arc<crate::enrollment::Enrollment>>,
+    limiter: RateLimiter,
+}
+
+/// A token bucket per device: `rate` messages a second on average, bursts of up to `burst`.
+#[derive(Debug)]
+pub struct RateLimiter {
+    rate: f64,
+    burst: f64,
+    buckets: std::sync::Mutex<std::collections::HashMap<String, (f64, u64)>>,
+}
+
+impl RateLimiter {
+    /// `rate` of 0 turns the limit off.
+    pub fn new(rate: f64) -> RateLimiter {
+        RateLimiter { rate, burst: (rate * 2.0).max(1.0), buckets: Default::default() }
+    }
+
+    /// Takes one message's token for `device` at `now_ms`; false when the device is over its rate.
+    pub fn admit(&self, device: &str, now_ms: u64) -> bool {
+        if self.rate <= 0.0 {
+            return true;
+        }
+        let mut b = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let (tokens, last) = b.entry(device.to_string()).or_insert((self.burst, now_ms));
+        *tokens = (*tokens + now_ms.saturating_sub(*last) as f64 / 1000.0 * self.rate).min(self.burst);
+        *last = now_ms.max(*last);
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 impl Ingestor {
@@ -48,7 +81,15 @@ impl Ingestor {
         metrics: Arc<Metrics>,
         max_message_bytes: usize,
     ) -> Self {
-        Ingestor { store, registry, metrics, max_message_bytes, enrollment: None }
+        Ingestor { store, registry, metrics, max_message_bytes, enrollment: None, limiter: RateLimiter::new(0.0) }
+    }
+
+    /// Limits each device to `per_sec` uplink messages a second (bursts of twice that); 0 turns it off.
+    /// Refused messages are counted as `rate_limited`; agents send unacknowledged records again, so nothing
+    /// is lost.
+    pub fn with_rate_limit(mut self, per_sec: f64) -> Self {
+        self.limiter = RateLimiter::new(per_sec);
+        self
     }
 
     /// Requires every envelope to be signed with its device's enrolled key (`None`: signatures unchecked).
@@ -87,6 +128,9 @@ impl Ingestor {
             Ok(x) => x,
             Err(e) => return self.reject(None, topic, "bad_topic", &e.to_string()),
         };
+        if !self.limiter.admit(device, now_ms) {
+            return self.reject(Some(device), topic, "rate_limited", "over the per-device message rate");
+        }
         let env = match envelope::decode(payload, self.max_message_bytes) {
             Ok(env) => env,
             Err(e) => return self.reject(Some(device), topic, e.reason(), &e.to_string()),
@@ -265,5 +309,18 @@ mod tests {
         let d = ing.registry.get("d1").unwrap();
         assert_eq!(d.class, "c");
         assert_eq!(d.dropped_ranges(), &[SeqRange { from: 1, to: 3 }]);
+    }
+
+    #[test]
+    fn rate_limit_refills_over_time() {
+        let l = RateLimiter::new(10.0);
+        let admitted = (0..30).filter(|_| l.admit("d1", 1_000)).count();
+        assert_eq!(admitted, 20, "a burst of twice the rate");
+        assert!(!l.admit("d1", 1_000));
+        assert!(l.admit("d2", 1_000), "buckets are per device");
+        assert!(l.admit("d1", 1_100), "100 ms later: one more token");
+        assert!(!l.admit("d1", 1_100));
+        assert_eq!((0..50).filter(|_| l.admit("d1", 10_000)).count(), 20, "refills to the burst, not beyond");
+        assert!((0..1000).all(|_| RateLimiter::new(0.0).admit("d", 0)), "0 turns it off");
     }
 }
