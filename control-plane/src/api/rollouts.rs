@@ -41,6 +41,8 @@ pub struct StageView {
     pub status: String,
     /// Devices this stage took in.
     pub devices: usize,
+    /// The gates over this stage's devices, against their thresholds.
+    pub gates: Vec<GateValue>,
 }
 
 /// A rollout with its stages, live gate values and devices per phase.
@@ -79,6 +81,7 @@ pub fn view(r: Rollout) -> RolloutView {
             }
             .into(),
             devices: r.devices.values().filter(|t| t.stage == i).count(),
+            gates: r.evaluate_stage(i),
         })
         .collect();
     let gates = if r.gates.is_empty() { r.evaluate() } else { r.gates.clone() };

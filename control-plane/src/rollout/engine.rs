@@ -417,8 +417,16 @@ impl Rollout {
 
     /// Gate values over every device the rollout has reached so far.
     pub fn evaluate(&self) -> Vec<GateValue> {
+        self.evaluate_over(self.devices.values().collect())
+    }
+
+    /// Gate values over the devices one stage took in (what an operator compares stage by stage).
+    pub fn evaluate_stage(&self, stage: usize) -> Vec<GateValue> {
+        self.evaluate_over(self.devices.values().filter(|t| t.stage == stage).collect())
+    }
+
+    fn evaluate_over(&self, targets: Vec<&Target>) -> Vec<GateValue> {
         let g = &self.spec.gates;
-        let targets: Vec<&Target> = self.devices.values().collect();
         let finals: Vec<&&Target> = targets.iter().filter(|t| t.phase.is_some_and(Phase::is_final)).collect();
         let failed = finals.iter().filter(|t| t.phase.is_some_and(Phase::is_failure)).count();
         let mut out = Vec::new();

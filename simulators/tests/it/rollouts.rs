@@ -76,6 +76,13 @@ async fn rollout_completes_then_canary_breach_rolls_back_and_late_joiner_gets_ro
     let done = rollouts::wait(api, &r1.id, Duration::from_secs(60), |v| v.state == State::Completed).await.unwrap();
     assert_eq!(done.phases.get("applied"), Some(&6), "{:?}", done.phases);
     assert!(done.stages.iter().all(|s| s.status == "done"));
+    // Per stage, each gate's value against its threshold: no failures, anomaly rate far under the limit.
+    for s in &done.stages {
+        let failed = s.gates.iter().find(|g| g.gate == "failed_installs").unwrap();
+        assert_eq!((failed.value, failed.threshold, failed.ok), (Some(0.0), 0.2, true), "{}", s.stage.name);
+        let anomaly = s.gates.iter().find(|g| g.gate == "anomaly_ratio").unwrap();
+        assert!(anomaly.ok && anomaly.value.is_some_and(|v| v < 1.0), "{anomaly:?}");
+    }
     for id in &ids {
         let d = cp.registry.get(id).unwrap();
         assert_eq!(d.latest_update().unwrap().active_sha256.as_deref(), Some(good.sha256.as_str()), "{id}");
