@@ -21,6 +21,28 @@ pub struct SimDevice {
     pub fast: bool,
     /// Samples handed to the agent so far.
     pub sent: u64,
+    /// What the agent was started with, and its own stop token, to restart it.
+    pub cfg: AgentConfig,
+    pub cancel: CancellationToken,
+}
+
+impl SimDevice {
+    /// Stops the agent (it commits what it took) and starts it again on the same data dir, as a device that
+    /// reboots does.
+    pub async fn restart(self, fleet_cancel: &CancellationToken) -> anyhow::Result<SimDevice> {
+        let d = self;
+        d.cancel.cancel();
+        d.agent.join().await?;
+        let (tx, source) = ChannelSource::new(1024);
+        let cancel = fleet_cancel.child_token();
+        let agent = Agent::start(d.cfg.clone(), vec![Box::new(source)], cancel.clone()).await?;
+        let SimDevice { generator, class, fast, cfg, .. } = d;
+        let mut this = SimDevice { agent, samples: tx, generator, class, fast, sent: 0, cfg, cancel };
+        // What the old agent took is committed; what was still queued never got a sequence number (a device's
+        // readings in memory at a reboot). Counting starts again with the new agent.
+        this.sent = 0;
+        Ok(this)
+    }
 }
 
 /// How to build each agent.
@@ -84,13 +106,16 @@ pub async fn start(spec: &FleetSpec, n: usize, cancel: &CancellationToken) -> an
         }
         (spec.customise)(&mut cfg);
         let (tx, source) = ChannelSource::new(1024);
-        let agent = Agent::start(cfg, vec![Box::new(source)], cancel.child_token()).await?;
+        let agent_cancel = cancel.child_token();
+        let agent = Agent::start(cfg.clone(), vec![Box::new(source)], agent_cancel.clone()).await?;
         out.push(SimDevice {
             agent,
             samples: tx,
             generator: Generator::new(class.clone(), i as u64, edgeloop_common::unix_millis()),
             fast: class.sensors[0].kind == edgeloop_common::config::SignalKind::Fast,
             sent: 0,
+            cfg,
+            cancel: agent_cancel,
             class: class.class,
         });
     }

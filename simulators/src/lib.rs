@@ -6,11 +6,13 @@
 //! - [`device`]: a raw enrolled device speaking MQTT directly, for crafted messages (junk, forgeries).
 //! - [`fleet`]: many in-process agents, each with its own identity, data dir and signal seed.
 //! - [`proxy`]: a fault-injecting TCP proxy (cut connections, blackhole, refuse, delay) for tests and chaos.
+//! - [`chaos`]: `edgeloop-sim chaos`: the fleet under a fault schedule, then a total-queue check.
 //! - [`demo`]: `edgeloop-sim demo`: a control plane plus a fleet, with a JSON summary at the end.
 //! - [`rollouts`]: uploading models and driving rollouts through the operator API; agents' trust config.
 //! - [`http`]: a minimal HTTP/1.1 client for talking to the operator API from tests and tools.
 //! - [`nab`]: the Numenta Anomaly Benchmark replayed through the real loop, and NAB's scorer.
 
+pub mod chaos;
 pub mod demo;
 pub mod device;
 pub mod fleet;

@@ -1,0 +1,357 @@
+//! `edgeloop-sim chaos`: a fleet under a fault schedule, then a total-queue check in the manner of Jepsen's.
+//!
+//! The fleet runs against an in-process control plane through a fault proxy. Faults come from a seeded
+//! schedule: connections cut, traffic blackholed, delay, the control plane stopped and started again on the
+//! same data, agents restarted, a rogue device publishing corrupted copies of real payloads on others' topics,
+//! small outboxes that overflow while the link is down (a full disk), and event clocks skewed by hours on some
+//! devices. Then the faults stop, the fleet drains, every agent stops (sending its last heartbeat), and the
+//! checker compares what each agent holds with what the control plane stored:
+//!
+//! - `lost`: sequence numbers the agent had acknowledged that are neither stored nor reported dropped;
+//! - `duplicates_stored`: records stored more than once for one (device, seq);
+//! - `dropped_by_policy` (the agents' outboxes) against `dropped_reported` (the drops their heartbeats told).
+//!
+//! The run passes when nothing is lost or duplicated and every drop was reported.
+
+use crate::fleet::{self, FleetSpec, SimDevice};
+use crate::proxy::{FaultProxy, Mode};
+use anyhow::Context;
+use edgeloop_control_plane::config::Config;
+use edgeloop_control_plane::store::Query;
+use edgeloop_control_plane::{ControlPlane, ControlPlaneHandle};
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+/// The outbox bound of the devices with a small disk.
+const SMALL_DISK: u64 = 6 * 1024;
+
+/// Refusals of corrupted or forged uplinks, by the reasons they show up under.
+const CORRUPT_REASONS: [&str; 6] = ["malformed_cbor", "schema", "invalid", "unsigned", "bad_signature", "too_deep"];
+
+/// The kinds of fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Fault {
+    Cut,
+    Blackhole,
+    Delay,
+    RestartControlPlane,
+    RestartAgents,
+    Corrupt,
+    DiskFull,
+    ClockSkew,
+}
+
+impl Fault {
+    pub const ALL: [Fault; 8] = [
+        Fault::Cut,
+        Fault::Blackhole,
+        Fault::Delay,
+        Fault::RestartControlPlane,
+        Fault::RestartAgents,
+        Fault::Corrupt,
+        Fault::DiskFull,
+        Fault::ClockSkew,
+    ];
+
+    pub fn parse(s: &str) -> Result<Vec<Fault>, String> {
+        if s == "all" {
+            return Ok(Fault::ALL.to_vec());
+        }
+        s.split(',')
+            .map(|f| match f.trim() {
+                "cut" => Ok(Fault::Cut),
+                "blackhole" => Ok(Fault::Blackhole),
+                "delay" => Ok(Fault::Delay),
+                "restart-control-plane" => Ok(Fault::RestartControlPlane),
+                "restart-agents" => Ok(Fault::RestartAgents),
+                "corrupt" => Ok(Fault::Corrupt),
+                "disk-full" => Ok(Fault::DiskFull),
+                "clock-skew" => Ok(Fault::ClockSkew),
+                other => Err(format!(
+                    "unknown fault `{other}`; use all, or a list of cut, blackhole, delay, restart-control-plane, restart-agents, corrupt, disk-full, clock-skew"
+                )),
+            })
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ChaosOptions {
+    pub devices: usize,
+    pub classes: Vec<String>,
+    pub duration: Duration,
+    pub faults: Vec<Fault>,
+    pub data_root: PathBuf,
+    pub seed: u64,
+    /// Longest wait for the fleet to drain once the faults stop.
+    pub drain_timeout: Duration,
+}
+
+/// The checker's report.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ChaosReport {
+    pub devices: usize,
+    pub duration_s: u64,
+    pub faults_injected: std::collections::BTreeMap<String, u64>,
+    pub generated: u64,
+    pub acknowledged: u64,
+    pub stored: u64,
+    pub lost: u64,
+    pub duplicates_stored: u64,
+    pub dropped_by_policy: u64,
+    pub dropped_reported: u64,
+    /// Unacknowledged records still in outboxes when the drain gave up (not lost: still on the devices).
+    pub unacknowledged: u64,
+    pub corrupted_rejected: u64,
+    pub ok: bool,
+}
+
+async fn start_cp(cfg: &Config) -> anyhow::Result<(ControlPlaneHandle, CancellationToken)> {
+    let cancel = CancellationToken::new();
+    let cp = ControlPlane::start(cfg.clone(), cancel.clone()).await.context("starting the control plane")?;
+    Ok((cp, cancel))
+}
+
+/// Runs the fleet under faults, drains, checks, and returns the report.
+pub async fn run(opts: ChaosOptions, stop: CancellationToken) -> anyhow::Result<ChaosReport> {
+    let classes = opts.classes.iter().map(|c| crate::class_config(c)).collect::<anyhow::Result<Vec<_>>>()?;
+    anyhow::ensure!(!classes.is_empty(), "name at least one class");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed);
+    let has = |f: Fault| opts.faults.contains(&f);
+    let mut injected = std::collections::BTreeMap::<String, u64>::new();
+    let mut count = |f: Fault| *injected.entry(format!("{f:?}").to_lowercase()).or_insert(0) += 1;
+
+    let mqtt = SocketAddr::from(([127, 0, 0, 1], crate::free_port()?));
+    let api = SocketAddr::from(([127, 0, 0, 1], crate::free_port()?));
+    let mut cfg = Config::embedded(opts.data_root.join("control-plane"), mqtt, api);
+    cfg.durability = edgeloop_common::durable::Durability::Fsync;
+    let (mut cp, mut cp_cancel) = start_cp(&cfg).await?;
+    if let Some(t) = &cp.admin_token {
+        crate::http::authorize(api, t);
+    }
+    let proxy_cancel = CancellationToken::new();
+    let proxy = FaultProxy::start(mqtt, proxy_cancel.clone()).await?;
+
+    let mut spec =
+        FleetSpec::new(classes.clone(), ("127.0.0.1".into(), proxy.addr().port()), &opts.data_root.join("agents"));
+    spec.enroll_with(api, opts.devices).await?;
+    if has(Fault::DiskFull) {
+        // Every fifth device has a small disk: its outbox overflows while the link is down, and drops oldest.
+        spec.customise = std::sync::Arc::new(|c| {
+            if c.device_id.ends_with('0') || c.device_id.ends_with('5') {
+                c.outbox_max_bytes = SMALL_DISK;
+            }
+        });
+    }
+    let fleet_cancel = CancellationToken::new();
+    let mut devices = fleet::start(&spec, opts.devices, &fleet_cancel).await?;
+    if has(Fault::DiskFull) {
+        for _ in devices.iter().filter(|d| d.cfg.outbox_max_bytes == SMALL_DISK) {
+            count(Fault::DiskFull);
+        }
+    }
+    if has(Fault::ClockSkew) {
+        // Every seventh device's clock is hours off, ahead or behind.
+        let now = edgeloop_common::unix_millis();
+        for (i, d) in devices.iter_mut().enumerate().filter(|(i, _)| i % 7 == 3) {
+            let skew: i64 = if i % 2 == 0 { 3 * 3_600_000 } else { -5 * 3_600_000 };
+            let class = spec.classes[i % spec.classes.len()].clone();
+            d.generator = crate::signals::Generator::new(class, i as u64, now.saturating_add_signed(skew));
+            count(Fault::ClockSkew);
+        }
+    }
+    // The rogue device for corrupted payloads: enrolled in its own name, speaking on others' topics.
+    let rogue = if has(Fault::Corrupt) {
+        let key = crate::device::new_key();
+        let creds = crate::device::enroll(api, "chaos-rogue", &spec.classes[0].class, &key).await?;
+        let (client, _, task) =
+            crate::device::connect(("127.0.0.1".into(), mqtt.port()), "chaos-rogue", Some(&creds), None).await;
+        Some((client, task))
+    } else {
+        None
+    };
+
+    let started = Instant::now();
+    let mut next_fault = Instant::now() + Duration::from_secs(2);
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    // Scheduled faults come round in a seeded order, so that every kind fires in a short run too.
+    let mut schedule: Vec<Fault> =
+        opts.faults.iter().copied().filter(|f| !matches!(f, Fault::DiskFull | Fault::ClockSkew)).collect();
+    {
+        use rand::seq::SliceRandom;
+        schedule.shuffle(&mut rng);
+    }
+    let mut turn = 0usize;
+    let mut heal_at: Option<Instant> = None;
+    let mut corrupted_before = 0u64;
+    while started.elapsed() < opts.duration && !stop.is_cancelled() {
+        tick.tick().await;
+        for d in devices.iter_mut() {
+            let n = if d.fast { 200 } else { 5 };
+            for s in d.generator.take(n) {
+                if d.samples.try_send(s).is_ok() {
+                    d.sent += 1;
+                }
+            }
+        }
+        if heal_at.is_some_and(|t| Instant::now() >= t) {
+            proxy.set_mode(Mode::Pass);
+            proxy.set_delay(Duration::ZERO);
+            heal_at = None;
+        }
+        if Instant::now() < next_fault || schedule.is_empty() {
+            continue;
+        }
+        next_fault = Instant::now() + Duration::from_millis(rng.gen_range(1_500..4_000));
+        let f = schedule[turn % schedule.len()];
+        turn += 1;
+        count(f);
+        match f {
+            Fault::Cut => proxy.cut_all(),
+            Fault::Blackhole => {
+                proxy.set_mode(Mode::Blackhole);
+                heal_at = Some(Instant::now() + Duration::from_millis(rng.gen_range(2_000..5_000)));
+            }
+            Fault::Delay => {
+                proxy.set_delay(Duration::from_millis(rng.gen_range(50..300)));
+                heal_at = Some(Instant::now() + Duration::from_millis(rng.gen_range(1_000..3_000)));
+            }
+            Fault::RestartControlPlane => {
+                corrupted_before += CORRUPT_REASONS.iter().map(|x| cp.metrics.rejected(x)).sum::<u64>();
+                cp_cancel.cancel();
+                cp.join().await.context("stopping the control plane")?;
+                proxy.cut_all();
+                tokio::time::sleep(Duration::from_millis(rng.gen_range(200..1_500))).await;
+                (cp, cp_cancel) = start_cp(&cfg).await?;
+            }
+            Fault::RestartAgents => {
+                let k = (devices.len() / 4).max(1);
+                for _ in 0..k {
+                    let i = rng.gen_range(0..devices.len());
+                    let d = devices.remove(i);
+                    devices.insert(i, d.restart(&fleet_cancel).await.with_context(|| format!("restarting agent {i}"))?);
+                }
+            }
+            Fault::Corrupt => {
+                if let Some((client, _)) = &rogue {
+                    corrupt_some(client, &devices, &mut rng).await;
+                }
+            }
+            Fault::DiskFull | Fault::ClockSkew => {}
+        }
+    }
+    proxy.set_mode(Mode::Pass);
+    proxy.set_delay(Duration::ZERO);
+    fleet::drain(&devices, opts.drain_timeout).await;
+    let mut report = check(&cp, devices, &fleet_cancel, started.elapsed(), injected).await?;
+    report.corrupted_rejected += corrupted_before;
+    if let Some((_, task)) = rogue {
+        task.abort();
+    }
+    proxy_cancel.cancel();
+    cp_cancel.cancel();
+    cp.join().await?;
+    Ok(report)
+}
+
+/// Publishes bit-flipped copies of plausible payloads on some devices' telemetry topics.
+async fn corrupt_some(client: &rumqttc::AsyncClient, devices: &[SimDevice], rng: &mut rand::rngs::StdRng) {
+    for _ in 0..5 {
+        let d = &devices[rng.gen_range(0..devices.len())];
+        let records = vec![edgeloop_common::envelope::Record {
+            seq: 1,
+            ts_ms: edgeloop_common::unix_millis(),
+            sensor: "x".into(),
+            features: vec![1.0; 8],
+            score: None,
+            flags: 0,
+        }];
+        let env = edgeloop_common::envelope::Envelope::new(
+            d.agent.device.clone(),
+            1,
+            0,
+            edgeloop_common::envelope::Body::Telemetry(edgeloop_common::envelope::TelemetryBatch {
+                from: 1,
+                to: 1,
+                records,
+            }),
+        );
+        let mut bytes = edgeloop_common::envelope::encode(&env);
+        for _ in 0..rng.gen_range(1..4) {
+            let i = rng.gen_range(0..bytes.len());
+            bytes[i] ^= 1 << rng.gen_range(0..8);
+        }
+        let topic = edgeloop_common::topics::topic(&d.agent.device, edgeloop_common::topics::Channel::Telemetry);
+        let _ = client.publish(topic, rumqttc::QoS::AtLeastOnce, false, bytes).await;
+    }
+}
+
+/// Stops every agent (their last heartbeats report their drops), then compares outboxes with the store.
+async fn check(
+    cp: &ControlPlaneHandle,
+    devices: Vec<SimDevice>,
+    fleet_cancel: &CancellationToken,
+    elapsed: Duration,
+    injected: std::collections::BTreeMap<String, u64>,
+) -> anyhow::Result<ChaosReport> {
+    let mut r = ChaosReport {
+        devices: devices.len(),
+        duration_s: elapsed.as_secs(),
+        faults_injected: injected,
+        generated: 0,
+        acknowledged: 0,
+        stored: 0,
+        lost: 0,
+        duplicates_stored: 0,
+        dropped_by_policy: 0,
+        dropped_reported: 0,
+        unacknowledged: 0,
+        corrupted_rejected: CORRUPT_REASONS.iter().map(|x| cp.metrics.rejected(x)).sum(),
+        ok: false,
+    };
+    fleet_cancel.cancel();
+    let mut outboxes = Vec::new();
+    for d in devices {
+        let outbox = d.agent.outbox.clone();
+        let id = d.agent.device.clone();
+        drop(d.samples);
+        d.agent.join().await.with_context(|| format!("stopping agent {id}"))?;
+        outboxes.push((id, outbox));
+    }
+    // The last heartbeats travel through the broker to ingest.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for (id, outbox) in outboxes {
+        let s = outbox.stats();
+        r.generated += s.last_seq;
+        r.acknowledged += s.acked;
+        r.unacknowledged += s.last_seq - s.acked.min(s.last_seq);
+        r.dropped_by_policy += s.dropped_total;
+        let reported = cp.registry.get(&id).and_then(|d| d.last_status).map_or(0, |st| st.dropped_total);
+        r.dropped_reported += reported;
+        let mut seen = BTreeSet::new();
+        let mut after = 0;
+        loop {
+            let page = cp.store.query(&id, Query { after_seq: after, from_ms: None, to_ms: None, limit: 10_000 })?;
+            for rec in &page {
+                if !seen.insert(rec.seq) {
+                    r.duplicates_stored += 1;
+                }
+            }
+            r.stored += page.len() as u64;
+            match page.last() {
+                Some(last) if page.len() == 10_000 => after = last.seq,
+                _ => break,
+            }
+        }
+        let dropped: Vec<_> = s.dropped_ranges.clone();
+        r.lost += (1..=s.acked).filter(|q| !seen.contains(q) && !dropped.iter().any(|d| d.contains(*q))).count() as u64;
+    }
+    r.ok = r.lost == 0 && r.duplicates_stored == 0 && r.dropped_by_policy == r.dropped_reported;
+    Ok(r)
+}
