@@ -270,6 +270,19 @@ impl RawConfig {
             )?;
             c.check(m.is_file(), "inference.model", format!("{} is not a readable file", m.display()))?;
         }
+        let pinned = |key: &str, url: &str| {
+            c.check(
+                !url.starts_with("https://") || tls_ca.is_some(),
+                key,
+                format!("`{url}` is HTTPS: set tls.ca_file to the CA its certificate chains to"),
+            )
+        };
+        if let Some(u) = &self.updates {
+            pinned("updates.artifact_base_url", &u.artifact_base_url)?;
+        }
+        if let Some(u) = &self.identity.enroll_url {
+            pinned("identity.enroll_url", u)?;
+        }
         let updates = match self.updates {
             None => None,
             Some(u) => {

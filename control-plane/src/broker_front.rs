@@ -163,16 +163,122 @@ async fn relay<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     let _ = broker.set_nodelay(true);
     broker.write_all(&connect).await.map_err(|e| e.to_string())?;
     let cancel = cancel.clone();
+    let id = client_id.clone();
     let task = tokio::spawn(async move {
+        let (mut client_r, mut client_w) = tokio::io::split(client);
+        let (mut broker_r, mut broker_w) = broker.into_split();
         tokio::select! {
             _ = cancel.cancelled() => {}
-            _ = tokio::io::copy_bidirectional(&mut client, &mut broker) => {}
+            _ = tokio::io::copy(&mut broker_r, &mut client_w) => {}
+            r = guard_uplink(&mut client_r, &mut broker_w, &id) => {
+                if let Err(e) = r {
+                    tracing::warn!(client_id = %id, reason = %e, "broker front: device connection closed");
+                }
+            }
         }
     });
     let n = front.add(&client_id, task.abort_handle());
     let _ = task.await;
     front.remove(&client_id, n);
     Ok(())
+}
+
+/// The largest MQTT packet a device may send through the front (a telemetry batch is at most 256 KiB).
+const MAX_PACKET_BYTES: usize = 1 << 20;
+
+/// Why a device's packet was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Violation {
+    Publish(String),
+    Subscribe(String),
+    Malformed(&'static str),
+}
+
+impl std::fmt::Display for Violation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Violation::Publish(t) => write!(f, "publish to `{t}`, which is not one of its own up/ topics"),
+            Violation::Subscribe(t) => write!(f, "subscription to `{t}`, which is not one of its own down/ topics"),
+            Violation::Malformed(w) => write!(f, "malformed packet: {w}"),
+        }
+    }
+}
+
+/// The topic rules of the embedded broker, which has no ACLs of its own: a device publishes only to
+/// `edgeloop/v1/{its id}/up/...` and subscribes only to `edgeloop/v1/{its id}/down/...`. `packet` is one
+/// whole MQTT 3.1.1 or 5 packet (fixed header included).
+pub fn check_packet(client_id: &str, packet: &[u8], header_len: usize) -> Result<(), Violation> {
+    let body = &packet[header_len..];
+    let string_at = |at: usize| -> Result<(usize, &str), Violation> {
+        let hi = *body.get(at).ok_or(Violation::Malformed("truncated"))?;
+        let lo = *body.get(at + 1).ok_or(Violation::Malformed("truncated"))?;
+        let n = usize::from(u16::from_be_bytes([hi, lo]));
+        let s = body.get(at + 2..at + 2 + n).ok_or(Violation::Malformed("truncated"))?;
+        Ok((at + 2 + n, std::str::from_utf8(s).map_err(|_| Violation::Malformed("topic is not UTF-8"))?))
+    };
+    let up = format!("{}/{client_id}/up/", edgeloop_common::topics::PREFIX);
+    let down = format!("{}/{client_id}/down/", edgeloop_common::topics::PREFIX);
+    match packet[0] >> 4 {
+        3 => {
+            let (_, topic) = string_at(0)?;
+            if !topic.starts_with(&up) || topic.contains(['+', '#']) {
+                return Err(Violation::Publish(topic.to_string()));
+            }
+        }
+        8 => {
+            // Packet id, then (MQTT 5) properties, then filters each followed by an options byte. Only MQTT
+            // 3.1.1 layouts are parsed; a v5 SUBSCRIBE starts with a property length and fails the check below.
+            let mut at = 2;
+            while at < body.len() {
+                let (next, filter) = string_at(at)?;
+                if !filter.starts_with(&down) {
+                    return Err(Violation::Subscribe(filter.to_string()));
+                }
+                at = next + 1;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Relays a device's packets to the broker, one whole packet at a time, refusing any that break the topic
+/// rules (the connection is closed).
+async fn guard_uplink<R: AsyncRead + Unpin, W: tokio::io::AsyncWrite + Unpin>(
+    from: &mut R,
+    to: &mut W,
+    client_id: &str,
+) -> Result<(), String> {
+    let mut packet = Vec::with_capacity(1024);
+    loop {
+        packet.clear();
+        let mut b = [0u8; 1];
+        if from.read_exact(&mut b).await.is_err() {
+            return Ok(());
+        }
+        packet.push(b[0]);
+        let (mut len, mut mult) = (0usize, 1usize);
+        for i in 0..4 {
+            from.read_exact(&mut b).await.map_err(|e| e.to_string())?;
+            packet.push(b[0]);
+            len += usize::from(b[0] & 0x7f) * mult;
+            mult *= 128;
+            if b[0] & 0x80 == 0 {
+                break;
+            }
+            if i == 3 {
+                return Err("malformed remaining length".into());
+            }
+        }
+        if len > MAX_PACKET_BYTES {
+            return Err(format!("a {len}-byte packet is over {MAX_PACKET_BYTES}"));
+        }
+        let header_len = packet.len();
+        packet.resize(header_len + len, 0);
+        from.read_exact(&mut packet[header_len..]).await.map_err(|e| e.to_string())?;
+        check_packet(client_id, &packet, header_len).map_err(|v| v.to_string())?;
+        to.write_all(&packet).await.map_err(|e| e.to_string())?;
+    }
 }
 
 #[cfg(test)]
@@ -202,5 +308,44 @@ mod tests {
         assert!(read_connect(&mut &[0x10u8, 3, 0, 4][..]).await.is_err());
         let huge = [0x10u8, 0xff, 0xff, 0x7f];
         assert!(read_connect(&mut &huge[..]).await.unwrap_err().contains("over"));
+    }
+
+    fn publish(topic: &str) -> Vec<u8> {
+        let mut body = (topic.len() as u16).to_be_bytes().to_vec();
+        body.extend_from_slice(topic.as_bytes());
+        body.extend_from_slice(&[0, 1, b'x']);
+        let mut p = vec![0x32, body.len() as u8];
+        p.extend(body);
+        p
+    }
+
+    fn subscribe(filters: &[&str]) -> Vec<u8> {
+        let mut body = vec![0, 1];
+        for f in filters {
+            body.extend_from_slice(&(f.len() as u16).to_be_bytes());
+            body.extend_from_slice(f.as_bytes());
+            body.push(1);
+        }
+        let mut p = vec![0x82, body.len() as u8];
+        p.extend(body);
+        p
+    }
+
+    #[test]
+    fn devices_keep_to_their_own_topics() {
+        let ok = |p: &[u8]| check_packet("dev-a", p, 2);
+        assert_eq!(ok(&publish("edgeloop/v1/dev-a/up/telemetry")), Ok(()));
+        assert!(matches!(ok(&publish("edgeloop/v1/dev-b/up/telemetry")), Err(Violation::Publish(_))));
+        assert!(matches!(ok(&publish("edgeloop/v1/dev-b/down/ack")), Err(Violation::Publish(_))), "forged ack");
+        assert!(matches!(ok(&publish("edgeloop/v1/dev-a/down/desired")), Err(Violation::Publish(_))));
+        assert!(matches!(ok(&publish("edgeloop/v1/dev-a-2/up/x")), Err(Violation::Publish(_))), "prefix of another id");
+        assert_eq!(ok(&subscribe(&["edgeloop/v1/dev-a/down/ack", "edgeloop/v1/dev-a/down/desired"])), Ok(()));
+        assert!(matches!(
+            ok(&subscribe(&["edgeloop/v1/dev-a/down/ack", "edgeloop/v1/+/up/#"])),
+            Err(Violation::Subscribe(_))
+        ));
+        assert!(matches!(ok(&subscribe(&["#"])), Err(Violation::Subscribe(_))));
+        assert!(matches!(ok(&[0x32, 1, 0]), Err(Violation::Malformed(_))));
+        assert_eq!(ok(&[0xc0, 0]), Ok(()), "PINGREQ passes");
     }
 }

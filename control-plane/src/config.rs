@@ -549,7 +549,7 @@ mod tests {
     #[test]
     fn errors_name_key() {
         let cases = [
-            ("data_dir = \"d\"\n[broker]\nmode = \"external\"\nurl = \"tcp://x\"\n", "cp.toml: broker.url: `tcp://x` must start with mqtt://"),
+            ("data_dir = \"d\"\n[broker]\nmode = \"external\"\nurl = \"tcp://x\"\n", "cp.toml: broker.url: `tcp://x` must start with mqtts:// or mqtt://"),
             ("data_dir = \"d\"\n[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:0\"\n", "cp.toml: broker.listen: needs an explicit port"),
             ("data_dir = \"d\"\n[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:1\"\n", "cp.toml: tls: missing: set cert and key (`edgeloop-control-plane certs init` makes a development pair), or plaintext = true"),
             ("data_dir = \"d\"\n[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:1\"\n[tls]\ncert = \"c.pem\"\n", "cp.toml: tls.key: is needed (with tls.cert)"),

@@ -53,7 +53,9 @@ pub enum EnrollError {
     Bad(String),
     #[error("enrollment token refused: {0}")]
     Token(&'static str),
-    #[error("device `{0}` is enrolled with another key; an admin must revoke it first")]
+    #[error(
+        "device `{0}` is enrolled with another key; a replaced device enrolls under a new id (revoke the old one)"
+    )]
     Conflict(String),
     #[error("device `{0}` is revoked")]
     Revoked(String),

@@ -347,9 +347,11 @@ fn train_offline(cfg: Config, req: TrainRequest) -> anyhow::Result<()> {
 
 async fn run(cfg: Config) -> anyhow::Result<()> {
     let cancel = CancellationToken::new();
+    let tls = cfg.tls.is_some();
     let cp = ControlPlane::start(cfg, cancel.clone()).await?;
-    println!("api: http://{}", cp.api_addr);
-    println!("mqtt: mqtt://{}:{}", cp.mqtt_addr.0, cp.mqtt_addr.1);
+    let (http, mqtt) = if tls { ("https", "mqtts") } else { ("http", "mqtt") };
+    println!("api: {http}://{}", cp.api_addr);
+    println!("mqtt: {mqtt}://{}:{}", cp.mqtt_addr.0, cp.mqtt_addr.1);
     let mut stopped = tokio::spawn(cp.join());
     tokio::select! {
         _ = shutdown_signal() => {

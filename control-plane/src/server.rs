@@ -131,6 +131,9 @@ impl ControlPlane {
                 None
             }
         };
+        if !cfg.require_enrollment {
+            tracing::warn!("devices.require_enrollment = false: any client that reaches the broker is admitted, and uplinks are not checked for signatures");
+        }
         // The control plane's own MQTT clients log in with a per-process secret.
         let service_secret = crate::enrollment::random_hex(24);
         let front = Arc::new(crate::broker_front::Front::default());
@@ -247,7 +250,7 @@ impl ControlPlane {
                 None => axum::serve(listener, api::router(state)).with_graceful_shutdown(stop).await,
             }
         });
-        tracing::info!(%api_addr, mqtt = %format!("{}:{}", cfg.mqtt_host, cfg.mqtt_port), "control plane running");
+        tracing::info!(%api_addr, mqtt = %format!("{}:{}", cfg.mqtt_host, cfg.mqtt_port), tls = cfg.tls.is_some(), "control plane running");
 
         let stop_all = cancel.clone();
         let task = tokio::spawn(async move {

@@ -272,8 +272,9 @@ async fn corrupt_some(client: &rumqttc::AsyncClient, devices: &[SimDevice], rng:
             score: None,
             flags: 0,
         }];
+        let _ = d;
         let env = edgeloop_common::envelope::Envelope::new(
-            d.agent.device.clone(),
+            "chaos-rogue",
             1,
             0,
             edgeloop_common::envelope::Body::Telemetry(edgeloop_common::envelope::TelemetryBatch {
@@ -287,7 +288,8 @@ async fn corrupt_some(client: &rumqttc::AsyncClient, devices: &[SimDevice], rng:
             let i = rng.gen_range(0..bytes.len());
             bytes[i] ^= 1 << rng.gen_range(0..8);
         }
-        let topic = edgeloop_common::topics::topic(&d.agent.device, edgeloop_common::topics::Channel::Telemetry);
+        // On its own topic: the broker's front closes a device that publishes on another's.
+        let topic = edgeloop_common::topics::topic("chaos-rogue", edgeloop_common::topics::Channel::Telemetry);
         let _ = client.publish(topic, rumqttc::QoS::AtLeastOnce, false, bytes).await;
     }
 }

@@ -177,6 +177,17 @@ impl Ingestor {
                 })?;
                 Ok(Outcome::Ack { device: device.to_string(), upto })
             }
+            (Channel::Status, Body::Status(status))
+                if self.enrollment.as_ref().and_then(|e| e.get(device)).is_some_and(|e| e.class != status.class) =>
+            {
+                // A device is of the class it enrolled for; claiming another would get it that class's models.
+                self.reject(
+                    Some(device),
+                    topic,
+                    "class_mismatch",
+                    &format!("heartbeat claims class `{}`", status.class),
+                )
+            }
             (Channel::Status, Body::Status(status)) => {
                 self.metrics.status_messages.fetch_add(1, Ordering::Relaxed);
                 self.registry.update(device, now_ms, |d| {
@@ -322,5 +333,64 @@ mod tests {
         assert!(!l.admit("d1", 1_100));
         assert_eq!((0..50).filter(|_| l.admit("d1", 10_000)).count(), 20, "refills to the burst, not beyond");
         assert!((0..1000).all(|_| RateLimiter::new(0.0).admit("d", 0)), "0 turns it off");
+    }
+
+    #[test]
+    fn forged_uplink_other_device_rejected_by_ingest() {
+        // Behind a broker without topic rules, ingest alone must tell a forgery from the real thing.
+        let dir = tempfile::tempdir().unwrap();
+        let db = DurableDb::open(dir.path(), Durability::Flush).unwrap();
+        let en = Arc::new(crate::enrollment::Enrollment::open(&db).unwrap());
+        let metrics = Arc::new(Metrics::default());
+        let ing = Ingestor::new(
+            TelemetryStore::open(db).unwrap(),
+            Arc::new(Registry::open(&en_db(&dir)).unwrap()),
+            metrics.clone(),
+            DEFAULT_MAX_MESSAGE_BYTES,
+        )
+        .with_enrollment(Some(en.clone()));
+        let key = |seed: u8| ring::signature::Ed25519KeyPair::from_seed_unchecked(&[seed; 32]).unwrap();
+        use ring::signature::KeyPair;
+        let (a, b) = (key(1), key(2));
+        let (_, token) = en.create_token("c", 5, u64::MAX, 0).unwrap();
+        en.enroll("dev-a", "c", &edgeloop_common::signing::hex(a.public_key().as_ref()), &token, 1).unwrap();
+        en.enroll("dev-b", "c", &edgeloop_common::signing::hex(b.public_key().as_ref()), &token, 1).unwrap();
+        let signed = |device: &str, k: &ring::signature::Ed25519KeyPair| {
+            let mut env = envelope::decode(&batch(device, 1, &[1, 2]), DEFAULT_MAX_MESSAGE_BYTES).unwrap();
+            env.sign(k);
+            envelope::encode(&env)
+        };
+        let topic_b = "edgeloop/v1/dev-b/up/telemetry";
+        assert_eq!(ing.handle(topic_b, &signed("dev-b", &a), 5).unwrap(), Outcome::Rejected("bad_signature"));
+        assert_eq!(ing.handle(topic_b, &batch("dev-b", 1, &[1, 2]), 5).unwrap(), Outcome::Rejected("unsigned"));
+        assert_eq!(
+            ing.handle("edgeloop/v1/dev-c/up/telemetry", &signed("dev-c", &a), 5).unwrap(),
+            Outcome::Rejected("not_enrolled")
+        );
+        assert_eq!(
+            ing.handle(topic_b, &signed("dev-b", &b), 5).unwrap(),
+            Outcome::Ack { device: "dev-b".into(), upto: 2 }
+        );
+        en.revoke("dev-b", 6).unwrap();
+        assert_eq!(ing.handle(topic_b, &signed("dev-b", &b), 7).unwrap(), Outcome::Rejected("revoked"));
+        assert_eq!((metrics.rejected("bad_signature"), metrics.rejected("unsigned")), (1, 1));
+        // An enrolled device is of its enrolled class, whatever its heartbeat claims.
+        let status = |class: &str| {
+            let mut env = Envelope::new(
+                "dev-a",
+                1,
+                0,
+                Body::Status(envelope::Status { class: class.into(), ..Default::default() }),
+            );
+            env.sign(&a);
+            envelope::encode(&env)
+        };
+        let topic_a = "edgeloop/v1/dev-a/up/status";
+        assert_eq!(ing.handle(topic_a, &status("other"), 8).unwrap(), Outcome::Rejected("class_mismatch"));
+        assert_eq!(ing.handle(topic_a, &status("c"), 8).unwrap(), Outcome::Status);
+    }
+
+    fn en_db(dir: &tempfile::TempDir) -> DurableDb {
+        DurableDb::open(&dir.path().join("registry"), Durability::Flush).unwrap()
     }
 }
