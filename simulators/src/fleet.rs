@@ -32,7 +32,18 @@ impl SimDevice {
     pub async fn restart(self, fleet_cancel: &CancellationToken) -> anyhow::Result<SimDevice> {
         let d = self;
         d.cancel.cancel();
+        let outbox = d.agent.outbox.clone();
         d.agent.join().await?;
+        // A subsystem that missed its stop deadline may still hold the outbox (and its file lock) for a moment.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while std::sync::Arc::strong_count(&outbox) > 1 {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "the stopped agent still holds its outbox after 60 s"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        drop(outbox);
         let (tx, source) = ChannelSource::new(1024);
         let cancel = fleet_cancel.child_token();
         let agent = Agent::start(d.cfg.clone(), vec![Box::new(source)], cancel.clone()).await?;

@@ -5,6 +5,7 @@
 //! - [`signals`]: seeded synthetic signals per device class.
 //! - [`device`]: a raw enrolled device speaking MQTT directly, for crafted messages (junk, forgeries).
 //! - [`fleet`]: many in-process agents, each with its own identity, data dir and signal seed.
+//! - [`processes`]: the fleet as `edgeloop-agent` processes fed over UDP (`fleet --processes`).
 //! - [`proxy`]: a fault-injecting TCP proxy (cut connections, blackhole, refuse, delay) for tests and chaos.
 //! - [`chaos`]: `edgeloop-sim chaos`: the fleet under a fault schedule, then a total-queue check.
 //! - [`demo`]: `edgeloop-sim demo`: a control plane plus a fleet, with a JSON summary at the end.
@@ -18,6 +19,7 @@ pub mod device;
 pub mod fleet;
 pub mod http;
 pub mod nab;
+pub mod processes;
 pub mod proxy;
 pub mod rollouts;
 pub mod signals;

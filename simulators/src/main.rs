@@ -50,6 +50,12 @@ enum Command {
         /// A file holding an admin token of that control plane (it creates the enrollment tokens).
         #[arg(long)]
         admin_token: Option<PathBuf>,
+        /// Run each agent as its own `edgeloop-agent` process (found next to this binary), fed over UDP.
+        #[arg(long)]
+        processes: bool,
+        /// The CA the agents pin, for mqtts:// brokers and an HTTPS API.
+        #[arg(long)]
+        ca: Option<PathBuf>,
     },
     /// Run a fleet under a fault schedule against an in-process control plane, drain, and check that nothing
     /// acknowledged was lost, nothing was stored twice and every drop was reported (JSON report; exit 1 if not).
@@ -87,6 +93,57 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         trials: usize,
     },
+}
+
+#[allow(clippy::too_many_arguments)]
+fn process_fleet(
+    devices: usize,
+    classes: String,
+    broker: String,
+    duration: Option<u64>,
+    data_dir: Option<PathBuf>,
+    api: Option<std::net::SocketAddr>,
+    admin_token: Option<PathBuf>,
+    ca: Option<PathBuf>,
+) -> ExitCode {
+    if let Err(e) = edgeloop_agent::config::parse_broker_url(&broker) {
+        eprintln!("edgeloop-sim: --broker: {e}");
+        return ExitCode::from(2);
+    }
+    if let (Some(a), Some(t)) = (&api, &admin_token) {
+        match std::fs::read_to_string(t) {
+            Ok(token) => edgeloop_simulators::http::authorize(*a, &token),
+            Err(e) => {
+                eprintln!("edgeloop-sim: --admin-token {}: {e}", t.display());
+                return ExitCode::from(2);
+            }
+        }
+    }
+    if let (Some(a), Some(ca)) = (&api, &ca) {
+        match std::fs::read(ca).map_err(anyhow::Error::from).and_then(|pem| edgeloop_simulators::http::trust(*a, &pem))
+        {
+            Ok(()) => {}
+            Err(e) => {
+                eprintln!("edgeloop-sim: --ca {}: {e:#}", ca.display());
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let classes: Vec<String> = classes.split(',').map(|c| c.trim().to_string()).filter(|c| !c.is_empty()).collect();
+    let data_root =
+        data_dir.unwrap_or_else(|| std::env::temp_dir().join(format!("edgeloop-fleet-{}", std::process::id())));
+    let opts = edgeloop_simulators::processes::ProcessFleetOptions {
+        devices,
+        classes,
+        broker_url: broker,
+        api,
+        ca_file: ca.map(|c| std::fs::canonicalize(&c).unwrap_or(c)),
+        data_root,
+        duration: Duration::from_secs(duration.unwrap_or(30)),
+        slow_samples_per_tick: 2,
+        agent_bin: edgeloop_simulators::processes::agent_binary(),
+    };
+    run_to_summary(|stop| edgeloop_simulators::processes::run(opts, stop))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -248,8 +305,11 @@ fn main() -> ExitCode {
         Command::Chaos { devices, duration, faults, classes, seed, data_dir } => {
             return chaos(devices, duration, faults, classes, seed, data_dir)
         }
-        Command::Fleet { devices, classes, broker, duration, faults, data_dir, api, admin_token } => {
-            return fleet(devices, classes, broker, duration, faults, data_dir, api, admin_token)
+        Command::Fleet { devices, classes, broker, duration, faults, data_dir, api, admin_token, processes, ca } => {
+            if processes {
+                return process_fleet(devices, classes, broker, duration, data_dir, api, admin_token, ca);
+            }
+            return fleet(devices, classes, broker, duration, faults, data_dir, api, admin_token);
         }
     };
     if devices == 0 {

@@ -12,6 +12,7 @@ mod nab;
 mod nothing_lost;
 mod operators;
 mod outbox_full;
+mod process_fleet;
 mod process_rollout;
 mod rollouts;
 mod support;
