@@ -94,6 +94,15 @@ pub fn evaluate(
     None
 }
 
+/// Moves the trigger's clock to a training that started after the last one it knows of.
+pub fn note_training(state: &mut TriggerState, started_ms: Option<u64>, records_now: u64) {
+    if let Some(t) = started_ms {
+        if state.last_train_ms.is_none_or(|last| t > last) {
+            *state = TriggerState { last_train_ms: Some(t), records_at_last_train: records_now };
+        }
+    }
+}
+
 /// A trigger that fired.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TriggerEvent {
@@ -172,6 +181,14 @@ pub async fn run(learning: Arc<Learning>, cancel: CancellationToken) {
                 .map(|m| m.pipeline.sensors[0].feature_names())
                 .unwrap_or_default();
             let state = states.entry(cfg.class.clone()).or_default();
+            // A training started elsewhere (the API, an operator) resets the clock as a triggered one does.
+            let latest = learning
+                .list_jobs()
+                .iter()
+                .filter(|j| j.class == cfg.class && j.state == JobState::Succeeded)
+                .map(|j| j.created_ms)
+                .max();
+            note_training(state, latest, records);
             let Some(cause) = evaluate(cfg, state, now, records, &psi, &names) else { continue };
             let mut req = TrainRequest::new(&cfg.class);
             (req.trials, req.seed) = (learning.defaults.trials, learning.defaults.seed);
@@ -237,5 +254,19 @@ mod tests {
             Some(Cause::Drift { feature: "delta".into(), psi: 0.4, threshold: 0.25 })
         );
         assert_eq!(evaluate(&c, &s, 1, 5, &[], &names), None, "no measurement, no drift");
+    }
+
+    #[test]
+    fn a_training_started_elsewhere_resets_the_clock() {
+        let c = TriggerConfig { every_secs: Some(60), ..cfg() };
+        let mut st = TriggerState { last_train_ms: Some(0), records_at_last_train: 10 };
+        assert!(evaluate(&c, &st, 61_000, 20, &[], &[]).is_some(), "due without the API training");
+        note_training(&mut st, Some(30_000), 20);
+        assert_eq!(st, TriggerState { last_train_ms: Some(30_000), records_at_last_train: 20 });
+        assert_eq!(evaluate(&c, &st, 61_000, 20, &[], &[]), None, "an operator's training at 30 s counts");
+        note_training(&mut st, Some(10_000), 99);
+        assert_eq!(st.last_train_ms, Some(30_000), "an older job changes nothing");
+        note_training(&mut st, None, 99);
+        assert_eq!(st.records_at_last_train, 20);
     }
 }

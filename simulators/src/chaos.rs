@@ -109,6 +109,8 @@ pub struct ChaosReport {
     /// Unacknowledged records still in outboxes when the drain gave up (not lost: still on the devices).
     pub unacknowledged: u64,
     pub corrupted_rejected: u64,
+    /// Control-plane stops that missed their deadline (ingest's last commit); nothing acknowledged is at risk.
+    pub control_plane_unclean_stops: u64,
     pub ok: bool,
 }
 
@@ -190,6 +192,7 @@ pub async fn run(opts: ChaosOptions, stop: CancellationToken) -> anyhow::Result<
     let mut turn = 0usize;
     let mut heal_at: Option<Instant> = None;
     let mut corrupted_before = 0u64;
+    let mut unclean_stops = 0u64;
     while started.elapsed() < opts.duration && !stop.is_cancelled() {
         tick.tick().await;
         for d in devices.iter_mut() {
@@ -225,7 +228,12 @@ pub async fn run(opts: ChaosOptions, stop: CancellationToken) -> anyhow::Result<
             Fault::RestartControlPlane => {
                 corrupted_before += CORRUPT_REASONS.iter().map(|x| cp.metrics.rejected(x)).sum::<u64>();
                 cp_cancel.cancel();
-                cp.join().await.context("stopping the control plane")?;
+                if let Err(e) = cp.join().await {
+                    // An overloaded control plane may miss its stop deadline; what it did not acknowledge is
+                    // sent again, which is exactly what the checker verifies.
+                    tracing::warn!(error = format!("{e:#}"), "control plane stopped uncleanly");
+                    unclean_stops += 1;
+                }
                 proxy.cut_all();
                 tokio::time::sleep(Duration::from_millis(rng.gen_range(200..1_500))).await;
                 (cp, cp_cancel) = start_cp(&cfg).await?;
@@ -251,6 +259,7 @@ pub async fn run(opts: ChaosOptions, stop: CancellationToken) -> anyhow::Result<
     fleet::drain(&devices, opts.drain_timeout).await;
     let mut report = check(&cp, devices, &fleet_cancel, started.elapsed(), injected).await?;
     report.corrupted_rejected += corrupted_before;
+    report.control_plane_unclean_stops = unclean_stops;
     if let Some((_, task)) = rogue {
         task.abort();
     }
@@ -315,6 +324,7 @@ async fn check(
         dropped_reported: 0,
         unacknowledged: 0,
         corrupted_rejected: CORRUPT_REASONS.iter().map(|x| cp.metrics.rejected(x)).sum(),
+        control_plane_unclean_stops: 0,
         ok: false,
     };
     fleet_cancel.cancel();
