@@ -194,12 +194,12 @@ impl Driver<'_> {
                     Some(LinkEvent::Connected) => {
                         let now = self.now_ms();
                         self.state.connected(now);
-                        self.client.subscribe(ack_topic, QoS::AtLeastOnce).await?;
+                        or_stop(&cancel, self.client.subscribe(ack_topic, QoS::AtLeastOnce)).await?;
                         if self.reports.is_some() {
                             let desired = topics::topic(&self.up.device, Channel::Desired);
-                            self.client.subscribe(desired, QoS::AtLeastOnce).await?;
+                            or_stop(&cancel, self.client.subscribe(desired, QoS::AtLeastOnce)).await?;
                         }
-                        self.send_status().await?;
+                        or_stop(&cancel, self.send_status()).await?;
                     }
                     Some(LinkEvent::Disconnected) => self.state.disconnected(),
                     Some(LinkEvent::Ack(upto)) => {
@@ -224,7 +224,7 @@ impl Driver<'_> {
                         let mut env = Envelope::new(self.up.device.clone(), self.status_seq, unix_millis(), Body::Report(report));
                         env.sign(&self.up.key);
                         let topic = topics::topic(&self.up.device, Channel::Report);
-                        self.client.publish(topic, QoS::AtLeastOnce, false, envelope::encode(&env)).await?;
+                        or_stop(&cancel, self.client.publish(topic, QoS::AtLeastOnce, false, envelope::encode(&env))).await?;
                     }
                 }
                 _ = tick.tick() => {
@@ -237,7 +237,7 @@ impl Driver<'_> {
                 }
                 _ = heartbeat.tick() => {
                     if self.state.is_connected() {
-                        self.send_status().await?;
+                        or_stop(&cancel, self.send_status()).await?;
                     }
                 }
             }
@@ -288,6 +288,19 @@ impl Driver<'_> {
             .publish(topics::topic(&self.up.device, Channel::Status), QoS::AtLeastOnce, false, envelope::encode(&env))
             .await?;
         Ok(())
+    }
+}
+
+/// Awaits a request to the MQTT client unless the uplink is told to stop first. While the link is down the
+/// client's request queue does not drain, and a full queue must not keep the uplink (and its outbox) from
+/// stopping.
+async fn or_stop<E: Into<anyhow::Error>>(
+    cancel: &CancellationToken,
+    f: impl std::future::Future<Output = Result<(), E>>,
+) -> anyhow::Result<()> {
+    tokio::select! {
+        _ = cancel.cancelled() => Ok(()),
+        r = f => r.map_err(Into::into),
     }
 }
 
