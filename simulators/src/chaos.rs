@@ -236,7 +236,19 @@ pub async fn run(opts: ChaosOptions, stop: CancellationToken) -> anyhow::Result<
                 }
                 proxy.cut_all();
                 tokio::time::sleep(Duration::from_millis(rng.gen_range(200..1_500))).await;
-                (cp, cp_cancel) = start_cp(&cfg).await?;
+                // After an unclean stop, the old ingest may hold the store a little longer: a process would have
+                // exited; in process, wait for it to let go.
+                let deadline = Instant::now() + Duration::from_secs(120);
+                (cp, cp_cancel) = loop {
+                    match start_cp(&cfg).await {
+                        Ok(x) => break x,
+                        Err(e) if Instant::now() < deadline => {
+                            tracing::warn!(error = format!("{e:#}"), "control plane not restartable yet; retrying");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                };
             }
             Fault::RestartAgents => {
                 let k = (devices.len() / 4).max(1);
