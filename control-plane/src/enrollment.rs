@@ -146,6 +146,19 @@ impl Enrollment {
         Ok((t, format!("ele_{id}_{secret}")))
     }
 
+    /// Withdraws an enrollment token: no device can enroll with it any more. Blocking.
+    pub fn revoke_token(&self, id: &str) -> Result<EnrollmentToken, EnrollError> {
+        let _one_at_a_time = self.token_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut t: EnrollmentToken = match self.tokens.get(id.as_bytes())? {
+            Some(v) => decode("enrollment token", &v)?,
+            None => return Err(EnrollError::Bad(format!("no enrollment token `{id}`"))),
+        };
+        t.uses_left = 0;
+        self.tokens.insert(id.as_bytes(), encode(&t))?;
+        self.db.commit().map_err(StoreError::from)?;
+        Ok(t)
+    }
+
     pub fn tokens(&self) -> Result<Vec<EnrollmentToken>, StoreError> {
         self.tokens.iter().map(|kv| decode("enrollment token", &kv?.1)).collect()
     }
@@ -270,6 +283,10 @@ mod tests {
         let c1 = en.enroll("d1", "press", KEY_A, &token, 1).unwrap();
         en.enroll("d2", "press", KEY_B, &token, 2).unwrap();
         assert_eq!(en.enroll("d3", "press", KEY_A, &token, 3), Err(EnrollError::Token("no uses left")));
+        let (t2, token2) = en.create_token("press", 5, 10_000, 0).unwrap();
+        en.revoke_token(&t2.id).unwrap();
+        assert_eq!(en.enroll("d4", "press", KEY_A, &token2, 4), Err(EnrollError::Token("no uses left")), "withdrawn");
+        assert!(matches!(en.revoke_token("nope"), Err(EnrollError::Bad(_))));
         assert!(en.admit("d1", "d1", &c1.password));
         assert!(!en.admit("d1", "d1", "guess"));
         assert!(!en.admit("d2", "d1", &c1.password), "client id must be the username");

@@ -89,6 +89,21 @@ pub async fn create_token(
     Ok((StatusCode::CREATED, Json(CreatedEnrollmentToken { token, entry })))
 }
 
+pub async fn revoke_token(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<EnrollmentToken>, ApiError> {
+    let en = s.enrollment.clone();
+    let t =
+        tokio::task::spawn_blocking(move || en.revoke_token(&id)).await.map_err(ApiError::internal)?.map_err(|e| {
+            match e {
+                EnrollError::Bad(d) => ApiError::not_found(d),
+                other => other.into(),
+            }
+        })?;
+    Ok(Json(t))
+}
+
 pub async fn tokens(State(s): State<AppState>) -> Result<Json<Vec<EnrollmentToken>>, ApiError> {
     Ok(Json(s.enrollment.tokens().map_err(ApiError::internal)?))
 }

@@ -74,6 +74,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/audit", get(rollouts::audit))
         .route("/api/v1/enroll", post(identity::enroll))
         .route("/api/v1/enrollment-tokens", get(identity::tokens).post(identity::create_token))
+        .route("/api/v1/enrollment-tokens/{id}/revoke", post(identity::revoke_token))
         .route("/api/v1/enrollments", get(identity::enrolled))
         .route("/api/v1/devices/{id}/revoke", post(identity::revoke))
         .route("/api/v1/signing-key", get(rollouts::signing_key))
@@ -103,6 +104,33 @@ pub fn required_role(method: &axum::http::Method, path: &str) -> Option<Role> {
     })
 }
 
+/// Records a refused attempt to change something (reads are not audited), then returns the refusal.
+async fn audit_refusal(
+    s: &AppState,
+    who: String,
+    method: &axum::http::Method,
+    path: &str,
+    resp: axum::response::Response,
+    detail: String,
+) -> axum::response::Response {
+    if method == axum::http::Method::GET || method == axum::http::Method::HEAD {
+        return resp;
+    }
+    let entry = crate::audit::AuditEntry {
+        at_ms: edgeloop_common::unix_millis(),
+        who,
+        action: format!("{method} {path}"),
+        status: resp.status().as_u16(),
+        detail,
+    };
+    let audit = s.audit.clone();
+    match tokio::task::spawn_blocking(move || audit.record(&entry)).await {
+        Ok(Ok(())) => resp,
+        Ok(Err(e)) => ApiError::internal(format!("audit log: {e}")).into_response(),
+        Err(e) => ApiError::internal(e).into_response(),
+    }
+}
+
 /// Checks the bearer token against the route's role (401 without a valid token, 403 with too low a role),
 /// then writes every mutating call (anything but GET and HEAD) to the audit log with who made it and how it
 /// ended.
@@ -123,17 +151,15 @@ async fn authorize_and_audit(
                 let mut r = ApiError { status: StatusCode::UNAUTHORIZED, error: "unauthorized", detail: e.to_string() }
                     .into_response();
                 r.headers_mut().insert(header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
-                return r;
+                return audit_refusal(&s, "unauthenticated".into(), &method, &path, r, e.to_string()).await;
             }
         };
         if op.role < need {
             s.metrics.reject("api_forbidden");
-            return ApiError {
-                status: StatusCode::FORBIDDEN,
-                error: "forbidden",
-                detail: format!("{method} {path} needs the {need} role; token `{}` has {}", op.name, op.role),
-            }
-            .into_response();
+            let detail = format!("{method} {path} needs the {need} role; token `{}` has {}", op.name, op.role);
+            let r =
+                ApiError { status: StatusCode::FORBIDDEN, error: "forbidden", detail: detail.clone() }.into_response();
+            return audit_refusal(&s, format!("{} ({})", op.name, op.id), &method, &path, r, detail).await;
         }
         who = format!("{} ({})", op.name, op.id);
         req.extensions_mut().insert(op);

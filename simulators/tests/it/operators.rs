@@ -23,6 +23,13 @@ async fn missing_token_401() {
     let r = request(cp.api_addr, "GET", "/api/v1/devices", &forged, None).await.unwrap();
     assert_eq!(r.status, 401);
     assert!(r.text().contains("unknown or revoked token"), "{}", r.text());
+    // The refused attempt to change something is audited, as unauthenticated.
+    let audit: Vec<edgeloop_control_plane::audit::AuditEntry> =
+        edgeloop_simulators::http::get_json(cp.api_addr, "/api/v1/audit").await.unwrap();
+    assert!(
+        audit.iter().any(|e| e.who == "unauthenticated" && e.action == "POST /api/v1/rollouts" && e.status == 401),
+        "{audit:?}"
+    );
     // Health stays open for load balancers; it tells nothing but liveness.
     let r = request(cp.api_addr, "GET", "/api/v1/health", none, None).await.unwrap();
     assert_eq!(r.status, 200);
@@ -65,7 +72,10 @@ async fn viewer_cannot_create_rollout_403() {
         (last.who.as_str(), last.action.as_str(), last.status),
         (format!("otto ({})", op_entry.id).as_str(), "POST /api/v1/rollouts", 404)
     );
-    assert!(audit.iter().all(|e| !e.who.starts_with("vera")), "refused calls never reach the handler");
+    // The viewer's refused attempt is in the audit log too, with its 403 and the reason.
+    let refused = audit.iter().find(|e| e.who.starts_with("vera")).expect("the refused attempt is audited");
+    assert_eq!((refused.action.as_str(), refused.status), ("POST /api/v1/rollouts", 403));
+    assert!(refused.detail.contains("needs the operator role"), "{refused:?}");
 
     // Revoked from the CLI's side: the next request is 401.
     store.revoke(&op_entry.id).unwrap();
