@@ -199,8 +199,21 @@ impl Envelope {
     /// declaration order, definite lengths, floats in their shortest exact form), so the verifier re-encodes
     /// what it decoded and gets the same bytes.
     pub fn signing_bytes(&self) -> Vec<u8> {
-        let unsigned = Envelope { sig: None, ..self.clone() };
-        encode(&unsigned)
+        // The same map as an `Envelope` whose `sig` is `None` (skipped), borrowed rather than cloned: ingest
+        // does this for every message.
+        #[derive(Serialize)]
+        struct Unsigned<'a> {
+            v: u16,
+            device: &'a str,
+            seq: u64,
+            sent_at: u64,
+            body: &'a Body,
+        }
+        let unsigned =
+            Unsigned { v: self.v, device: &self.device, seq: self.seq, sent_at: self.sent_at, body: &self.body };
+        let mut out = Vec::with_capacity(256);
+        ciborium::into_writer(&unsigned, &mut out).expect("CBOR encoding into a Vec is infallible");
+        out
     }
 
     /// Signs this envelope with the device's key.
@@ -422,5 +435,13 @@ mod tests {
             b.records[0].features[0] += 1.0;
         }
         assert_eq!(changed.verify(a.public_key().as_ref()), Err(SignatureError::BadSignature));
+    }
+
+    #[test]
+    fn signing_bytes_are_the_envelope_without_its_signature() {
+        let mut env = telemetry(vec![record(1), record(2)], 1, 2);
+        let unsigned = encode(&env);
+        env.sig = Some(serde_bytes::ByteBuf::from(vec![7u8; 64]));
+        assert_eq!(env.signing_bytes(), unsigned);
     }
 }

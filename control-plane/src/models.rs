@@ -194,7 +194,7 @@ impl ModelRegistry {
 
     /// Stores an artifact under its sha256 (hex) and returns it. Idempotent. Blocking.
     pub fn put_artifact(&self, bytes: &[u8]) -> std::io::Result<String> {
-        let sha = crate::dataset::hex(ring::digest::digest(&ring::digest::SHA256, bytes).as_ref());
+        let sha = edgeloop_common::signing::sha256_hex(bytes);
         let path = self.artifacts.join(&sha);
         if path.exists() {
             return Ok(sha);
@@ -294,7 +294,7 @@ mod tests {
         let db = DurableDb::open(&dir.path().join("db"), edgeloop_common::durable::Durability::Flush).unwrap();
         let r = ModelRegistry::open(&db, dir.path()).unwrap();
         let sha = r.put_artifact(b"model bytes").unwrap();
-        assert_eq!(sha, crate::dataset::hex(ring::digest::digest(&ring::digest::SHA256, b"model bytes").as_ref()));
+        assert_eq!(sha, edgeloop_common::signing::sha256_hex(b"model bytes"));
         assert_eq!(r.put_artifact(b"model bytes").unwrap(), sha);
         assert_eq!(std::fs::read(r.artifact_path(&sha).unwrap()).unwrap(), b"model bytes");
         assert!(r.artifact_path("../../etc/passwd").is_none());

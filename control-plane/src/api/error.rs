@@ -37,6 +37,11 @@ impl ApiError {
     }
 }
 
+/// A JSON body, or a 400 naming what was wrong with it.
+pub fn json<T>(body: Result<axum::Json<T>, axum::extract::rejection::JsonRejection>) -> Result<T, ApiError> {
+    body.map(|axum::Json(b)| b).map_err(|e| ApiError::bad_request(e.body_text()))
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         (self.status, Json(Body { error: self.error, detail: &self.detail })).into_response()

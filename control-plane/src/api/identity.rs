@@ -1,7 +1,7 @@
 //! API of device identity: enrollment (open: it carries its own token), enrollment tokens and revocation
 //! (admin), and the enrolled devices (viewer).
 
-use super::error::ApiError;
+use super::error::{json, ApiError};
 use super::AppState;
 use crate::enrollment::{Credentials, EnrollError, Enrolled, EnrollmentToken};
 use axum::extract::rejection::JsonRejection;
@@ -9,10 +9,6 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
 use serde::{Deserialize, Serialize};
-
-fn json<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
-    body.map(|Json(b)| b).map_err(|e| ApiError::bad_request(e.body_text()))
-}
 
 impl From<EnrollError> for ApiError {
     fn from(e: EnrollError) -> Self {

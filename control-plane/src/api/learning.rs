@@ -1,6 +1,6 @@
 //! API of the learning loop: training jobs, model versions, artifacts (with `Range`), labels.
 
-use super::error::ApiError;
+use super::error::{json, ApiError};
 use super::AppState;
 use crate::dataset::{DatasetSpec, ImputeMethod, Label};
 use crate::learning::{Job, RequestError};
@@ -43,10 +43,6 @@ pub struct TrainBody {
 #[derive(Serialize, Deserialize, Debug)]
 pub struct Accepted {
     pub job: u64,
-}
-
-fn json<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
-    body.map(|Json(b)| b).map_err(|e| ApiError::bad_request(e.body_text()))
 }
 
 pub async fn train(

@@ -104,8 +104,9 @@ pub fn required_role(method: &axum::http::Method, path: &str) -> Option<Role> {
     })
 }
 
-/// Records a refused attempt to change something (reads are not audited), then returns the refusal.
-async fn audit_refusal(
+/// Writes a call that tried to change something to the audit log (reads are not audited), then returns its
+/// answer; an audit log that cannot be written turns the answer into a 500.
+async fn audited(
     s: &AppState,
     who: String,
     method: &axum::http::Method,
@@ -151,7 +152,7 @@ async fn authorize_and_audit(
                 let mut r = ApiError { status: StatusCode::UNAUTHORIZED, error: "unauthorized", detail: e.to_string() }
                     .into_response();
                 r.headers_mut().insert(header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
-                return audit_refusal(&s, "unauthenticated".into(), &method, &path, r, e.to_string()).await;
+                return audited(&s, "unauthenticated".into(), &method, &path, r, e.to_string()).await;
             }
         };
         if op.role < need {
@@ -159,7 +160,7 @@ async fn authorize_and_audit(
             let detail = format!("{method} {path} needs the {need} role; token `{}` has {}", op.name, op.role);
             let r =
                 ApiError { status: StatusCode::FORBIDDEN, error: "forbidden", detail: detail.clone() }.into_response();
-            return audit_refusal(&s, format!("{} ({})", op.name, op.id), &method, &path, r, detail).await;
+            return audited(&s, format!("{} ({})", op.name, op.id), &method, &path, r, detail).await;
         }
         who = format!("{} ({})", op.name, op.id);
         req.extensions_mut().insert(op);
@@ -167,22 +168,9 @@ async fn authorize_and_audit(
     if method == axum::http::Method::GET || method == axum::http::Method::HEAD {
         return next.run(req).await;
     }
-    let action = format!("{method} {path}");
     let detail = req.uri().query().unwrap_or_default().to_string();
     let resp = next.run(req).await;
-    let entry = crate::audit::AuditEntry {
-        at_ms: edgeloop_common::unix_millis(),
-        who,
-        action,
-        status: resp.status().as_u16(),
-        detail,
-    };
-    let audit = s.audit.clone();
-    match tokio::task::spawn_blocking(move || audit.record(&entry)).await {
-        Ok(Ok(())) => resp,
-        Ok(Err(e)) => ApiError::internal(format!("audit log: {e}")).into_response(),
-        Err(e) => ApiError::internal(e).into_response(),
-    }
+    audited(&s, who, &method, &path, resp, detail).await
 }
 
 #[derive(Serialize)]

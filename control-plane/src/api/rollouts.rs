@@ -1,7 +1,7 @@
 //! API of signed updates: rollouts and their actions, device tags, the audit log, model upload and the
 //! signing key's public half.
 
-use super::error::ApiError;
+use super::error::{json, ApiError};
 use super::AppState;
 use crate::models::{Lineage, Metrics, ModelVersion, Promotion};
 use crate::rollout::engine::{Action, GateValue, Rollout, State as RolloutState, Target};
@@ -16,10 +16,6 @@ use edgeloop_common::config::ClassConfig;
 use edgeloop_common::update::Golden;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-
-fn json<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
-    body.map(|Json(b)| b).map_err(|e| ApiError::bad_request(e.body_text()))
-}
 
 impl From<RolloutError> for ApiError {
     fn from(e: RolloutError) -> Self {

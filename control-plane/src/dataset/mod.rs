@@ -346,12 +346,8 @@ pub fn assemble(spec: DatasetSpec, sensor: SensorSpec, rows: Vec<Row>, mut repor
     ciborium::into_writer(&(&spec, &feature_names, &train, &val, &test), &mut buf)
         .expect("CBOR encoding into a Vec is infallible");
     hasher.update(&buf);
-    let hash = format!("sha256:{}", hex(hasher.finish().as_ref()));
+    let hash = format!("sha256:{}", edgeloop_common::signing::hex(hasher.finish().as_ref()));
     Dataset { spec, sensor, feature_names, train, val, test, standardizer, report, hash }
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

@@ -84,7 +84,7 @@ async fn train_register_serve_and_retrain_offline() {
     assert_eq!(whole.status, 200);
     assert_eq!(whole.body.len() as u64, m.size);
     let digest = ring::digest::digest(&ring::digest::SHA256, &whole.body);
-    assert_eq!(edgeloop_control_plane::dataset::hex(digest.as_ref()), m.sha256);
+    assert_eq!(edgeloop_common::signing::hex(digest.as_ref()), m.sha256);
     let part =
         request(api, "GET", &format!("/api/v1/artifacts/{}", m.sha256), &[("Range", "bytes=10-")], None).await.unwrap();
     assert_eq!(part.status, 206);
