@@ -47,6 +47,13 @@ pub fn trust(addr: SocketAddr, ca_pem: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Speaks plain HTTP to `addr` again (a port reused by a server without TLS).
+pub fn forget_tls(addr: SocketAddr) {
+    if let Some(m) = TLS.get() {
+        m.lock().unwrap_or_else(|p| p.into_inner()).remove(&addr);
+    }
+}
+
 fn tls_for(addr: SocketAddr) -> Option<std::sync::Arc<rustls::ClientConfig>> {
     TLS.get()?.lock().unwrap_or_else(|p| p.into_inner()).get(&addr).cloned()
 }

@@ -19,6 +19,9 @@ pub async fn start_cp(dir: &Path, tweak: impl FnOnce(&mut Config)) -> (ControlPl
     if let Some(t) = &cp.admin_token {
         edgeloop_simulators::http::authorize(cp.api_addr, t);
     }
+    // Ports are reused across the tests of this binary: a plaintext control plane must not inherit a CA
+    // another test registered for the same address (a TLS one registers its own after this).
+    edgeloop_simulators::http::forget_tls(cp.api_addr);
     (cp, cancel)
 }
 
