@@ -29,6 +29,12 @@ pub struct Device {
     /// The latest update reports, oldest first (the newest [`UPDATE_HISTORY`] are kept).
     #[serde(default)]
     pub updates: Vec<UpdateReport>,
+    /// Stored records the device's model flagged as anomalous, and when the latest of them arrived
+    /// (control-plane clock).
+    #[serde(default)]
+    pub anomalies: u64,
+    #[serde(default)]
+    pub last_anomaly_ms: Option<u64>,
 }
 
 /// Update reports kept per device.

@@ -155,10 +155,11 @@ impl Ingestor {
         }
         match (channel, env.body) {
             (Channel::Telemetry, Body::Telemetry(batch)) => {
-                let (mut new, mut dup) = (0u64, 0u64);
+                let (mut new, mut dup, mut flagged) = (0u64, 0u64, 0u64);
                 for rec in &batch.records {
                     if self.store.insert(device, rec)? {
                         new += 1;
+                        flagged += u64::from(rec.flags & edgeloop_common::envelope::FLAG_ANOMALY != 0);
                     } else {
                         dup += 1;
                     }
@@ -174,6 +175,10 @@ impl Ingestor {
                     d.records += new;
                     d.duplicates += dup;
                     d.acked_upto = upto;
+                    if flagged > 0 {
+                        d.anomalies += flagged;
+                        d.last_anomaly_ms = Some(now_ms);
+                    }
                 })?;
                 Ok(Outcome::Ack { device: device.to_string(), upto })
             }
@@ -279,6 +284,34 @@ mod tests {
         assert_eq!(ing.handle(T, &batch("d1", 10, &[13]), 5).unwrap(), Outcome::Ack { device: "d1".into(), upto: 13 });
         let d = ing.registry.get("d1").unwrap();
         assert_eq!((d.records, d.duplicates, d.acked_upto), (10, 3, 13));
+    }
+
+    #[test]
+    fn flagged_records_are_counted_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let ing = ingestor(dir.path());
+        let flagged = |seqs: &[u64]| {
+            let records = seqs
+                .iter()
+                .map(|&seq| Record {
+                    seq,
+                    ts_ms: seq,
+                    sensor: "t".into(),
+                    features: vec![0.5],
+                    score: Some(0.9),
+                    flags: u32::from(seq % 2 == 0) * envelope::FLAG_ANOMALY,
+                })
+                .collect();
+            let (from, to) = (seqs[0], *seqs.last().unwrap());
+            envelope::encode(&Envelope::new("d1", to, 0, Body::Telemetry(TelemetryBatch { from, to, records })))
+        };
+        ing.handle(T, &flagged(&[1, 2, 3, 4]), 10).unwrap();
+        // The resent batch is all duplicates: nothing new is flagged.
+        ing.handle(T, &flagged(&[1, 2, 3, 4]), 20).unwrap();
+        let d = ing.registry.get("d1").unwrap();
+        assert_eq!((d.anomalies, d.last_anomaly_ms), (2, Some(10)));
+        ing.handle(T, &batch("d1", 5, &[5, 6]), 30).unwrap();
+        assert_eq!(ing.registry.get("d1").unwrap().last_anomaly_ms, Some(10), "unflagged records change nothing");
     }
 
     #[test]
