@@ -71,6 +71,14 @@ pub struct Learning {
     next_id: AtomicU64,
     one_at_a_time: Semaphore,
     trigger_events: Mutex<Vec<TriggerEvent>>,
+    drift: Mutex<BTreeMap<String, DriftReading>>,
+}
+
+/// The latest drift measurement of a class: PSI per feature against its production model's training set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DriftReading {
+    pub at_ms: u64,
+    pub psi: Vec<f64>,
 }
 
 /// Trigger events kept for the API (the oldest are forgotten first).
@@ -94,6 +102,7 @@ impl Learning {
             next_id: AtomicU64::new(1),
             one_at_a_time: Semaphore::new(1),
             trigger_events: Mutex::new(Vec::new()),
+            drift: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -126,6 +135,15 @@ impl Learning {
             events.remove(0);
         }
         events.push(e);
+    }
+
+    /// Keeps the latest drift measurement of `class`.
+    pub fn record_drift(&self, class: &str, reading: DriftReading) {
+        self.drift.lock().unwrap_or_else(|p| p.into_inner()).insert(class.to_string(), reading);
+    }
+
+    pub fn drift(&self, class: &str) -> Option<DriftReading> {
+        self.drift.lock().unwrap_or_else(|p| p.into_inner()).get(class).cloned()
     }
 
     pub fn trigger_events(&self) -> Vec<TriggerEvent> {

@@ -27,6 +27,7 @@
 //! - [`audit`]: the audit log of every mutating operator call.
 //! - [`acl`]: the topic ACL file for external brokers (mosquitto format, `%u` patterns).
 //! - [`api`]: the operator HTTP API (axum).
+//! - [`dashboard`]: the operator dashboard in the browser, served at `/` beside the API.
 //! - [`server`]: starts all of the above under one cancellation token.
 
 pub mod acl;
@@ -36,6 +37,7 @@ pub mod broker;
 pub mod broker_front;
 pub mod certs;
 pub mod config;
+pub mod dashboard;
 pub mod dataset;
 pub mod drift;
 pub mod enrollment;

@@ -237,6 +237,7 @@ impl ControlPlane {
             require_tokens: cfg.require_tokens,
             enrollment: enrollment.clone(),
             front: front.clone(),
+            tls: tls.is_some(),
         };
         let api_cancel = cancel.clone();
         let https = tls.map(|t| t.1);

@@ -8,7 +8,7 @@
 
 use crate::dataset::{self, DatasetSpec, QualityReport};
 use crate::drift;
-use crate::learning::{JobState, Learning};
+use crate::learning::{DriftReading, JobState, Learning};
 use crate::store::Query;
 use crate::training::run::TrainRequest;
 use serde::{Deserialize, Serialize};
@@ -169,7 +169,11 @@ pub async fn run(learning: Arc<Learning>, cancel: CancellationToken) {
             let psi = match cfg.psi_threshold {
                 Some(_) => {
                     let (l, c) = (learning.clone(), cfg.clone());
-                    tokio::task::spawn_blocking(move || measure_drift(&l, &c)).await.unwrap_or_default()
+                    let psi = tokio::task::spawn_blocking(move || measure_drift(&l, &c)).await.unwrap_or_default();
+                    if !psi.is_empty() {
+                        learning.record_drift(&cfg.class, DriftReading { at_ms: now, psi: psi.clone() });
+                    }
+                    psi
                 }
                 None => Vec::new(),
             };

@@ -83,6 +83,7 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> anyhow::Result<S
     crate::http::authorize(api, &token);
     crate::http::trust(api, &ca_pem)?;
     println!("edgeloop demo: {} devices", opts.devices);
+    println!("  dashboard:    https://{api}/  (log in with the admin token below; the browser must trust the CA)");
     println!("  operator API: https://{api}/api/v1/devices   rollouts: https://{api}/api/v1/rollouts   metrics: https://{api}/metrics");
     println!("  MQTT broker:  mqtts://{}:{}  (TLS; CA {})", cp.mqtt_addr.0, cp.mqtt_addr.1, ca.display());
     println!("  devices:      enrolled with per-class tokens; every uplink signed and verified");

@@ -46,7 +46,15 @@ pub struct AppState {
     pub require_tokens: bool,
     pub enrollment: Arc<crate::enrollment::Enrollment>,
     pub front: Arc<crate::broker_front::Front>,
+    /// Whether the API is served over TLS (the dashboard's session cookie is then `Secure`).
+    pub tls: bool,
 }
+
+/// The cookie the dashboard keeps the operator's token in (HttpOnly, SameSite=Strict).
+pub const SESSION_COOKIE: &str = "edgeloop_session";
+/// The header the dashboard's script sends with every change. A change authenticated by the session cookie
+/// alone is refused without it: a form or script on another site cannot add it.
+pub const DASHBOARD_HEADER: &str = "x-edgeloop-dashboard";
 
 pub fn router(state: AppState) -> Router {
     Router::new()
@@ -79,17 +87,22 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/devices/{id}/revoke", post(identity::revoke))
         .route("/api/v1/signing-key", get(rollouts::signing_key))
         .route("/metrics", get(metrics))
-        .fallback(|| async { ApiError::not_found("no such route") })
+        .merge(crate::dashboard::routes())
+        .fallback(fallback)
         .layer(axum::middleware::from_fn_with_state(state.clone(), authorize_and_audit))
         .with_state(state)
 }
 
 /// The role a request needs, or `None` for the few open routes: health, artifacts (devices fetch them;
-/// they are content-addressed and only run after their signed manifest checks out) and enrollment (it
-/// carries its own token).
+/// they are content-addressed and only run after their signed manifest checks out), enrollment (it
+/// carries its own token), and the dashboard's login page and static assets. Dashboard pages are reads.
 pub fn required_role(method: &axum::http::Method, path: &str) -> Option<Role> {
     let read = method == axum::http::Method::GET || method == axum::http::Method::HEAD;
-    if path == "/api/v1/health" || (read && path.starts_with("/api/v1/artifacts/")) || path == "/api/v1/enroll" {
+    if path == "/api/v1/health"
+        || (read && path.starts_with("/api/v1/artifacts/"))
+        || path == "/api/v1/enroll"
+        || crate::dashboard::is_open(path)
+    {
         return None;
     }
     let admin = path.starts_with("/api/v1/tokens")
@@ -142,11 +155,20 @@ async fn authorize_and_audit(
 ) -> axum::response::Response {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    let read = method == axum::http::Method::GET || method == axum::http::Method::HEAD;
     let mut who = "anonymous".to_string();
     if let (Some(need), true) = (required_role(&method, &path), s.require_tokens) {
-        let header = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-        let op = match s.operators.authenticate(header) {
+        let bearer = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let cookie = session_cookie(req.headers()).map(|t| format!("Bearer {t}"));
+        let from_cookie = bearer.is_none() && cookie.is_some();
+        let op = match s.operators.authenticate(bearer.or(cookie).as_deref()) {
             Ok(op) => op,
+            Err(_) if read && crate::dashboard::is_page(&path) => {
+                // A browser without a (valid) session goes to the login page, and comes back after it.
+                let back = req.uri().path_and_query().map_or("/", |p| p.as_str()).to_string();
+                let query: String = url_encode(&back);
+                return axum::response::Redirect::to(&format!("/login?next={query}")).into_response();
+            }
             Err(e) => {
                 s.metrics.reject("api_unauthorized");
                 let mut r = ApiError { status: StatusCode::UNAUTHORIZED, error: "unauthorized", detail: e.to_string() }
@@ -163,14 +185,55 @@ async fn authorize_and_audit(
             return audited(&s, format!("{} ({})", op.name, op.id), &method, &path, r, detail).await;
         }
         who = format!("{} ({})", op.name, op.id);
+        if from_cookie && !read && !req.headers().contains_key(DASHBOARD_HEADER) {
+            s.metrics.reject("api_forbidden");
+            let detail = format!(
+                "{method} {path} was authenticated by the dashboard's session cookie only; changes made that way must \
+                 come from the dashboard (header {DASHBOARD_HEADER}), or send Authorization: Bearer"
+            );
+            let r =
+                ApiError { status: StatusCode::FORBIDDEN, error: "forbidden", detail: detail.clone() }.into_response();
+            return audited(&s, who, &method, &path, r, detail).await;
+        }
         req.extensions_mut().insert(op);
     }
-    if method == axum::http::Method::GET || method == axum::http::Method::HEAD {
+    if read {
         return next.run(req).await;
     }
     let detail = req.uri().query().unwrap_or_default().to_string();
     let resp = next.run(req).await;
     audited(&s, who, &method, &path, resp, detail).await
+}
+
+/// The dashboard's session token from the `Cookie` header, if any.
+pub fn session_cookie(headers: &axum::http::HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, v)| *k == SESSION_COOKIE && !v.is_empty())
+        .map(|(_, v)| v.to_string())
+}
+
+/// Percent-encodes everything but unreserved characters and `/`.
+fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' | b'/' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// Unknown paths: a JSON error under `/api/`, a page elsewhere.
+async fn fallback(uri: axum::http::Uri, who: crate::dashboard::layout::Who) -> axum::response::Response {
+    if crate::dashboard::is_page(uri.path()) {
+        crate::dashboard::not_found(Some(&who), uri.path())
+    } else {
+        ApiError::not_found("no such route").into_response()
+    }
 }
 
 #[derive(Serialize)]

@@ -3,6 +3,7 @@
 mod api;
 mod chaos;
 mod cross_process;
+mod dashboard;
 mod demo;
 mod fleet;
 mod learning;
