@@ -323,8 +323,19 @@ async fn operator_and_viewer_use_the_dashboard_in_headless_chromium() {
     let canary = js(&c, "return document.querySelector('#stage-table tr[data-status]').dataset.status;").await;
     assert_eq!(canary, "done");
 
-    // Pause it.
-    c.find(Locator::Css("#action-pause")).await.unwrap().click().await.unwrap();
+    // Pause it, with the keyboard only: Tab from the top of the page to the button, then Enter.
+    js(&c, "document.activeElement && document.activeElement.blur(); window.scrollTo(0, 0); return null;").await;
+    let mut tabs = 0;
+    loop {
+        let active = c.active_element().await.unwrap();
+        if active.attr("id").await.unwrap().as_deref() == Some("action-pause") {
+            active.send_keys("\u{E007}").await.unwrap();
+            break;
+        }
+        tabs += 1;
+        assert!(tabs <= 30, "the pause button is not reachable with Tab");
+        active.send_keys("\u{E004}").await.unwrap();
+    }
     wait_js(
         &c,
         "the paused state",
