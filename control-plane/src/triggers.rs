@@ -23,6 +23,9 @@ fn default_drift_window_secs() -> u64 {
 fn default_check_secs() -> u64 {
     60
 }
+fn default_min_interval_secs() -> u64 {
+    600
+}
 
 /// One class's triggers, from `[[training.triggers]]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -44,6 +47,11 @@ pub struct TriggerConfig {
     /// How often the triggers are checked.
     #[serde(default = "default_check_secs")]
     pub check_secs: u64,
+    /// No trigger fires within this long of the class's last training, whatever started it: a drift that
+    /// outlasts one retraining (the new model's training set still holds little of the new regime) must not
+    /// start a training at every check.
+    #[serde(default = "default_min_interval_secs")]
+    pub min_interval_secs: u64,
 }
 
 /// Why a training was started.
@@ -71,6 +79,9 @@ pub fn evaluate(
     psi: &[f64],
     names: &[String],
 ) -> Option<Cause> {
+    if state.last_train_ms.is_some_and(|t| now_ms.saturating_sub(t) < cfg.min_interval_secs * 1000) {
+        return None;
+    }
     if let Some(every) = cfg.every_secs {
         let since = state.last_train_ms.map(|t| now_ms.saturating_sub(t) / 1000);
         if since.is_none_or(|s| s >= every) && records_now > 0 {
@@ -222,6 +233,7 @@ mod tests {
             psi_threshold: None,
             drift_window_secs: 60,
             check_secs: 1,
+            min_interval_secs: 0,
         }
     }
 
@@ -258,6 +270,17 @@ mod tests {
             Some(Cause::Drift { feature: "delta".into(), psi: 0.4, threshold: 0.25 })
         );
         assert_eq!(evaluate(&c, &s, 1, 5, &[], &names), None, "no measurement, no drift");
+    }
+
+    #[test]
+    fn nothing_fires_within_the_minimum_interval_of_the_last_training() {
+        let c = TriggerConfig { psi_threshold: Some(0.25), new_records: Some(10), min_interval_secs: 600, ..cfg() };
+        let s = TriggerState { last_train_ms: Some(1_000), records_at_last_train: 0 };
+        let names = vec!["value".to_string()];
+        assert_eq!(evaluate(&c, &s, 600_999, 50, &[0.9], &names), None, "599.999 s after the last training");
+        assert_eq!(evaluate(&c, &s, 601_000, 50, &[0.9], &names), Some(Cause::NewRecords { count: 50, threshold: 10 }));
+        let never = TriggerState::default();
+        assert!(evaluate(&c, &never, 1, 50, &[0.9], &names).is_some(), "a class never trained is not held back");
     }
 
     #[test]

@@ -23,6 +23,7 @@ async fn count_then_drift_trigger_retraining() {
             // One reading a minute: the last 100 minutes of each device.
             drift_window_secs: 6000,
             check_secs: 1,
+            min_interval_secs: 0,
         }];
     })
     .await;
