@@ -149,6 +149,26 @@ pub enum SourceConfig {
     Udp { listen: SocketAddr },
     /// The same JSON lines on standard input.
     Stdin,
+    /// A Modbus TCP device, polled; the class file's `[modbus]` map says which registers hold what.
+    Modbus {
+        address: SocketAddr,
+        /// The unit (slave) id; devices behind a gateway have their own, a plain TCP device answers 1 or 255.
+        #[serde(default = "default_modbus_unit")]
+        unit: u8,
+        /// How often to read every register. Default: the fastest mapped sensor's nominal period.
+        #[serde(default)]
+        poll_ms: Option<u64>,
+        /// How long a connection or a read may take.
+        #[serde(default = "default_modbus_timeout_ms")]
+        timeout_ms: u64,
+    },
+}
+
+fn default_modbus_unit() -> u8 {
+    1
+}
+fn default_modbus_timeout_ms() -> u64 {
+    2000
 }
 
 /// A validated config with paths resolved and the class file loaded.
@@ -245,6 +265,27 @@ impl RawConfig {
             "mqtt.reconnect_max_ms",
             "must be at least mqtt.reconnect_min_ms",
         )?;
+        for (i, s) in self.sources.iter().enumerate() {
+            if let SourceConfig::Modbus { poll_ms, timeout_ms, .. } = s {
+                c.check(
+                    class.modbus.is_some(),
+                    format!("sources[{i}]"),
+                    format!("a modbus source needs a [modbus] register map in the class file of `{}`", class.class),
+                )?;
+                if let Some(p) = poll_ms {
+                    c.check(
+                        (10..=3_600_000).contains(p),
+                        format!("sources[{i}].poll_ms"),
+                        "must be between 10 and 3600000",
+                    )?;
+                }
+                c.check(
+                    (10..=600_000).contains(timeout_ms),
+                    format!("sources[{i}].timeout_ms"),
+                    "must be between 10 and 600000",
+                )?;
+            }
+        }
         let outbox_max_bytes = self.storage.outbox_max_bytes.unwrap_or(class.outbox.max_bytes);
         c.check(outbox_max_bytes >= 1024, "storage.outbox_max_bytes", "must be at least 1024")?;
         let model_sensor = match &self.inference.sensor {

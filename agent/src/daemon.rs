@@ -10,7 +10,7 @@ use crate::config::{AgentConfig, SourceConfig};
 use crate::health::Health;
 use crate::inference::Model;
 use crate::outbox::Outbox;
-use crate::source::{stdin::StdinSource, udp::UdpSource, SampleSink, Source};
+use crate::source::{modbus::ModbusSource, stdin::StdinSource, udp::UdpSource, SampleSink, Source};
 use crate::updater::slot::{Loaded, ModelInfo, ModelSlot};
 use crate::updater::state::Identity;
 use crate::updater::{self, Files, Updater};
@@ -183,6 +183,25 @@ impl Agent {
                     sources.push(Box::new(src));
                 }
                 SourceConfig::Stdin => sources.push(Box::new(StdinSource)),
+                SourceConfig::Modbus { address, unit, poll_ms, timeout_ms } => {
+                    // Config validation guarantees the map.
+                    let map = cfg.class.modbus.clone().context("the class has no [modbus] register map")?;
+                    let names: Vec<String> = cfg.class.sensors.iter().map(|s| s.name.clone()).collect();
+                    let fastest = cfg
+                        .class
+                        .sensors
+                        .iter()
+                        .filter(|s| map.of(&s.name).next().is_some())
+                        .map(|s| s.rate_hz)
+                        .fold(0.0f64, f64::max);
+                    let poll = poll_ms.map(Duration::from_millis).unwrap_or_else(|| {
+                        Duration::from_secs_f64(if fastest > 0.0 { 1.0 / fastest } else { 1.0 })
+                            .max(Duration::from_millis(10))
+                    });
+                    let src = ModbusSource::new(*address, *unit, poll, Duration::from_millis(*timeout_ms), map, &names);
+                    tracing::info!(source = %src.name(), ?poll, "Modbus source polling");
+                    sources.push(Box::new(src));
+                }
             }
         }
 

@@ -224,6 +224,9 @@ pub struct ClassConfig {
     pub uplink: UplinkConfig,
     #[serde(default)]
     pub outbox: OutboxConfig,
+    /// Where a Modbus device of this class holds each sensor's values (for the agent's Modbus source).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub modbus: Option<crate::modbus::ModbusMap>,
 }
 
 impl ClassConfig {
@@ -294,6 +297,10 @@ impl ClassConfig {
         c.check(o.max_bytes >= 1024, "outbox.max_bytes", "must be at least 1024")?;
         c.check(o.commit_max_records > 0, "outbox.commit_max_records", "must be > 0")?;
         c.check(o.commit_interval_ms > 0, "outbox.commit_interval_ms", "must be > 0")?;
+        if let Some(m) = &self.modbus {
+            m.check(|name| self.sensors.iter().find(|s| s.name == name).map(|s| s.channels))
+                .map_err(|(key, reason)| c.fail(key, reason))?;
+        }
         Ok(())
     }
 

@@ -9,6 +9,7 @@
 //!   edgeloop config loader uses (file, key path, reason).
 //! - [`features`]: feature pipeline v1, the one implementation of feature extraction that both the agent and
 //!   the control plane run, with its serialisable spec.
+//! - [`modbus`]: a class's Modbus register map (tables, addresses, types, scale and offset).
 //! - [`signing`]: Ed25519 signatures over CBOR bytes, key ids and trusted-key lists (rotation).
 //! - [`tls`]: rustls client and server settings (ring provider, trust pinned to the fleet's CA).
 //! - [`update`]: the model manifest, the per-device desired state and update reports.
@@ -20,6 +21,7 @@ pub mod config;
 pub mod durable;
 pub mod envelope;
 pub mod features;
+pub mod modbus;
 pub mod signing;
 pub mod tls;
 pub mod topics;

@@ -1,9 +1,10 @@
 //! Where samples come from.
 //!
-//! A [`Source`] produces [`Sample`]s into a [`SampleSink`] until it is cancelled. Three ship with the agent:
+//! A [`Source`] produces [`Sample`]s into a [`SampleSink`] until it is cancelled. Four ship with the agent:
 //! - [`channel::ChannelSource`]: an in-process channel, for the fleet runner and embedding;
 //! - [`udp::UdpSource`]: JSON lines over UDP, so firmware in any language can feed the agent;
-//! - [`stdin::StdinSource`]: the same JSON lines on standard input.
+//! - [`stdin::StdinSource`]: the same JSON lines on standard input;
+//! - [`modbus::ModbusSource`]: a Modbus TCP device's registers, polled, as the class's `[modbus]` map says.
 //!
 //! Sources parse; they do not judge. Whether a sample fits the class (known sensor, channel count, finite
 //! values) is the collector's check. A line that does not parse is counted and logged (rate-limited) with its
@@ -11,6 +12,7 @@
 
 pub mod channel;
 pub mod json;
+pub mod modbus;
 pub mod stdin;
 pub mod udp;
 
