@@ -1,25 +1,46 @@
-//! `edgeloop-sim demo`: a control plane with its embedded broker, and a fleet of in-process agents fed by
-//! synthetic signals, each scoring its features with the reference model.
+//! `edgeloop-sim demo`: the whole loop, told as a story, on one machine.
 //!
-//! The agents start with no model and trust the control plane's signing key. Once they have connected, the
-//! demo uploads a reference model per class and starts a signed rollout for each: one canary device, then
-//! half the class, then all of it, each stage gated on install results and on the anomaly rate the devices
-//! report. Vibration devices are fed in real time (2 kHz); slow air-quality devices run 600 times faster than
-//! real time (one reading per 100 ms tick instead of one a minute), so that a short demo still shows them.
-//! With a duration, the demo waits for the rollouts to finish, stops feeding, waits for every outbox to drain,
-//! and prints a one-line JSON summary.
+//! A control plane (embedded broker, TLS, enrollment, dashboard) and a fleet of in-process agents across the
+//! four device classes, fed by the seeded generators:
+//!
+//! 1. The fleet starts with no model and streams; the control plane stores everything.
+//! 2. The first model of each class is trained with candle on what was collected, exported to ONNX, verified
+//!    and promoted.
+//! 3. Each promoted version rolls out by itself, signed: one canary device, then half the class, then all of it.
+//! 4. A bearing fault is injected into one factory machine; its agent flags it with the model it now runs.
+//! 5. Holidays come to the city: the traffic pattern drifts, the drift trigger retrains, and the new version
+//!    rolls out.
+//!
+//! Vibration devices are fed in real time (2 kHz). Slow classes run hundreds to thousands of times faster than
+//! real time, so that days of traffic pass in seconds. `--fast` compresses the story further for CI. With a
+//! duration, the demo stops at that time (waiting for rollouts under way to settle), drains every outbox and
+//! prints a one-line JSON summary, with the anomalies flagged and their precision and recall against the
+//! generators' ground truth.
 
-use crate::fleet::{self, FleetSpec};
+use crate::fleet::{self, FleetSpec, SimDevice};
 use crate::rollouts;
+use crate::signals::{Fault, GroundTruth};
 use anyhow::Context;
-use edgeloop_control_plane::config::Config;
-use edgeloop_control_plane::ControlPlane;
+use edgeloop_common::envelope::FLAG_ANOMALY;
+use edgeloop_control_plane::config::{AutoRollout, Config};
+use edgeloop_control_plane::learning::JobState;
+use edgeloop_control_plane::rollout::engine::{Share, Stage, State};
+use edgeloop_control_plane::store::Query;
+use edgeloop_control_plane::training::run::TrainRequest;
+use edgeloop_control_plane::triggers::{Cause, TriggerConfig};
+use edgeloop_control_plane::{ControlPlane, ControlPlaneHandle};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
+
+/// The four classes, in the order devices cycle through them.
+pub const CLASSES: [&str; 4] = ["factory-vibration", "factory-machine-temperature", "city-air-quality", "city-traffic"];
+const FAULT_CLASS: &str = "factory-vibration";
+const DRIFT_CLASS: &str = "city-traffic";
 
 /// Demo options.
 #[derive(Debug, Clone)]
@@ -29,50 +50,173 @@ pub struct DemoOptions {
     pub data_dir: PathBuf,
     /// Longest wait for outboxes to drain at the end.
     pub drain_timeout: Duration,
+    /// Compress the story (shorter collection, smaller searches) for CI.
+    pub fast: bool,
+}
+
+/// How fast the story goes.
+#[derive(Debug, Clone, Copy)]
+struct Pace {
+    collect: Duration,
+    trials: usize,
+    train_seconds: f64,
+    /// Event time each 100 ms tick moves slow classes on (vibration runs in real time).
+    tick_event_ms: u64,
+    bake_secs: u64,
+    fault: Duration,
+    /// Least time between two trainings of a class started by its trigger.
+    min_retrain_interval_secs: u64,
+}
+
+impl Pace {
+    fn of(fast: bool) -> Pace {
+        if fast {
+            Pace {
+                collect: Duration::from_secs(15),
+                trials: 1,
+                train_seconds: 4.0,
+                // Sixteen days of slow signals in the 15 s of collection: two weeks, so that the training,
+                // validation and test splits (by time) each see weekdays and weekends.
+                tick_event_ms: 16 * 86_400_000 / 150,
+                bake_secs: 1,
+                fault: Duration::from_secs(10),
+                min_retrain_interval_secs: 20,
+            }
+        } else {
+            Pace {
+                collect: Duration::from_secs(40),
+                trials: 3,
+                train_seconds: 10.0,
+                tick_event_ms: 16 * 86_400_000 / 400,
+                bake_secs: 3,
+                fault: Duration::from_secs(20),
+                min_retrain_interval_secs: 40,
+            }
+        }
+    }
+}
+
+/// Holidays injected into the traffic devices, in days of event time, and the drift window.
+const HOLIDAY_DAYS: u64 = 8;
+const DRIFT_WINDOW_SECS: u64 = 7 * 86_400;
+const PSI_THRESHOLD: f64 = 0.25;
+
+/// Anomaly detection per class, against the generators' ground truth (holidays are drift, not anomalies).
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Detection {
+    /// Stored records the device's model scored, and those it flagged.
+    pub scored: u64,
+    pub flagged: u64,
+    /// Scored records inside an injected fault window.
+    pub in_fault: u64,
+    pub true_positives: u64,
+    pub precision: Option<f64>,
+    pub recall: Option<f64>,
+}
+
+impl Detection {
+    fn finish(&mut self) {
+        self.precision = (self.flagged > 0).then(|| self.true_positives as f64 / self.flagged as f64);
+        self.recall = (self.in_fault > 0).then(|| self.true_positives as f64 / self.in_fault as f64);
+    }
+    fn add(&mut self, o: &Detection) {
+        self.scored += o.scored;
+        self.flagged += o.flagged;
+        self.in_fault += o.in_fault;
+        self.true_positives += o.true_positives;
+    }
 }
 
 /// The final line.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Summary {
     pub devices: usize,
     pub generated: u64,
     pub acknowledged: u64,
     pub stored: u64,
     pub dropped: u64,
-    /// Signed rollouts that reached every stage (one per class).
+    /// Model versions trained and promoted during the demo.
+    pub models_promoted: usize,
+    /// Signed rollouts that reached every stage.
     pub rollouts_completed: usize,
     /// Devices per active model (`name vN`, or `none`), as the devices last reported.
     pub devices_per_model: BTreeMap<String, usize>,
+    /// Records the devices' models flagged, over all classes.
+    pub anomalies_flagged: u64,
+    /// Precision and recall of the flags over all classes, against the injected faults.
+    pub precision: Option<f64>,
+    pub recall: Option<f64>,
+    pub detection: BTreeMap<String, Detection>,
+    /// The chapters of the story that were told (1 to 5).
+    pub chapters: usize,
 }
 
-/// The stages each class's rollout goes through: one canary device, half the class, all of it.
-fn demo_stages() -> serde_json::Value {
-    serde_json::json!([
-        {"name": "canary", "share": {"count": 1}, "bake_secs": 1},
-        {"name": "half", "share": {"percent": 50.0}, "bake_secs": 1},
-        {"name": "all", "share": {"percent": 100.0}, "bake_secs": 0},
-    ])
+/// Prints a line of the story, stamped with the time since the start.
+#[derive(Clone)]
+struct Narrator {
+    started: Instant,
 }
 
-/// How long the rollouts may take beyond the demo's duration.
-const ROLLOUT_GRACE: Duration = Duration::from_secs(90);
+impl Narrator {
+    fn say(&self, what: impl std::fmt::Display) {
+        println!("[{:>4}s] {what}", self.started.elapsed().as_secs());
+    }
+}
 
-/// Runs the demo until `duration` passes and the rollouts have finished (then returns the summary), or until
-/// `stop` fires.
-pub async fn run(opts: DemoOptions, stop: CancellationToken) -> anyhow::Result<Summary> {
-    let mqtt_port = crate::free_port()?;
+/// Changes the feeding task applies to the generators at its next tick.
+type Injections = Arc<Mutex<Vec<(String, Fault, u64)>>>;
+
+fn stages(bake_secs: u64) -> Vec<Stage> {
+    vec![
+        Stage { name: "canary".into(), share: Share::Count(1), bake_secs },
+        Stage { name: "half".into(), share: Share::Percent(50.0), bake_secs },
+        Stage { name: "all".into(), share: Share::Percent(100.0), bake_secs: 0 },
+    ]
+}
+
+/// The control plane's configuration for the demo: TLS, the four classes, a rollout per promoted version,
+/// and a drift trigger on the traffic class.
+fn config(data_dir: &std::path::Path, mqtt_port: u16, pace: Pace) -> anyhow::Result<Config> {
     let mut cfg = Config::embedded(
-        opts.data_dir.join("control-plane"),
+        data_dir.join("control-plane"),
         SocketAddr::from(([127, 0, 0, 1], mqtt_port)),
         SocketAddr::from(([127, 0, 0, 1], 0)),
     );
-    // TLS everywhere: a development CA and server certificate, made once per data dir.
-    let tls_dir = opts.data_dir.join("tls");
+    let tls_dir = data_dir.join("tls");
     let (ca, cert, key) = (tls_dir.join("ca.pem"), tls_dir.join("server.pem"), tls_dir.join("server.key"));
     if !ca.exists() {
         edgeloop_control_plane::certs::init(&tls_dir, &[]).context("creating the demo's TLS certificates")?;
     }
     cfg.tls = Some(edgeloop_control_plane::config::TlsFiles { cert, key });
+    for c in CLASSES {
+        cfg.classes.insert(c.to_string(), crate::class_config(c)?);
+        cfg.rollouts.auto.push(AutoRollout {
+            class: c.to_string(),
+            stages: stages(pace.bake_secs),
+            gates: Default::default(),
+        });
+    }
+    (cfg.training.trials, cfg.training.max_seconds) = (pace.trials, Some(pace.train_seconds));
+    cfg.rollouts.tick_ms = 200;
+    cfg.training.triggers = vec![TriggerConfig {
+        class: DRIFT_CLASS.into(),
+        every_secs: None,
+        new_records: None,
+        psi_threshold: Some(PSI_THRESHOLD),
+        drift_window_secs: DRIFT_WINDOW_SECS,
+        check_secs: 1,
+        // The holidays outlast a retraining; the story has room for one every so often.
+        min_interval_secs: pace.min_retrain_interval_secs,
+    }];
+    Ok(cfg)
+}
+
+/// Runs the demo until `duration` passes (then returns the summary), or until `stop` fires. Without a
+/// duration, the story runs to its end and the fleet keeps streaming until `stop`.
+pub async fn run(opts: DemoOptions, stop: CancellationToken) -> anyhow::Result<Summary> {
+    let pace = Pace::of(opts.fast);
+    let cfg = config(&opts.data_dir, crate::free_port()?, pace)?;
+    let ca = opts.data_dir.join("tls/ca.pem");
     let ca_pem = std::fs::read(&ca).with_context(|| format!("reading {}", ca.display()))?;
     let cp_cancel = CancellationToken::new();
     let cp = ControlPlane::start(cfg, cp_cancel.clone()).await.context("starting the control plane")?;
@@ -82,112 +226,365 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> anyhow::Result<S
         .with_context(|| format!("reading the admin token {}", token_path.display()))?;
     crate::http::authorize(api, &token);
     crate::http::trust(api, &ca_pem)?;
-    println!("edgeloop demo: {} devices", opts.devices);
+    println!(
+        "edgeloop demo: {} devices across {} classes{}",
+        opts.devices,
+        CLASSES.len(),
+        if opts.fast { " (fast)" } else { "" }
+    );
     println!("  dashboard:    https://{api}/  (log in with the admin token below; the browser must trust the CA)");
     println!("  operator API: https://{api}/api/v1/devices   rollouts: https://{api}/api/v1/rollouts   metrics: https://{api}/metrics");
+    println!(
+        "  admin token:  {} (paste it into the dashboard, or send `Authorization: Bearer <token>`)",
+        token_path.display()
+    );
     println!("  MQTT broker:  mqtts://{}:{}  (TLS; CA {})", cp.mqtt_addr.0, cp.mqtt_addr.1, ca.display());
     println!("  devices:      enrolled with per-class tokens; every uplink signed and verified");
     println!("  signing key:  {} (agents trust it)", cp.rollouts.key_id());
-    println!("  admin token:  {} (send it as `Authorization: Bearer <token>`)", token_path.display());
     println!("  data:         {}", opts.data_dir.display());
 
-    let classes = vec![crate::class_config("factory-vibration")?, crate::class_config("city-air-quality")?];
+    let classes = CLASSES.iter().map(|c| crate::class_config(c)).collect::<anyhow::Result<Vec<_>>>()?;
     let updates = rollouts::updater_config(api).await?;
-    let mut spec = FleetSpec::new(classes.clone(), cp.mqtt_addr.clone(), &opts.data_dir.join("agents"));
-    spec.customise = std::sync::Arc::new(move |cfg| cfg.updates = Some(updates.clone()));
+    let mut spec = FleetSpec::new(classes, cp.mqtt_addr.clone(), &opts.data_dir.join("agents"));
+    spec.customise = Arc::new(move |cfg| cfg.updates = Some(updates.clone()));
     spec.tls_ca = Some(ca_pem.clone());
     spec.enroll_with(api, opts.devices).await?;
     let fleet_cancel = CancellationToken::new();
     let mut devices = fleet::start(&spec, opts.devices, &fleet_cancel).await?;
+    let classes_of: BTreeMap<String, String> =
+        devices.iter().map(|d| (d.agent.device.clone(), d.class.clone())).collect();
 
-    // Feed until told to stop: the rollouts' watch phases need windows flowing.
+    let narrator = Narrator { started: Instant::now() };
+    let injections: Injections = Arc::default();
     let feed_stop = stop.child_token();
-    let ingested = cp.metrics.clone();
-    let status = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    let line = status.clone();
     let feed_task = {
-        let feed_stop = feed_stop.clone();
+        let (feed_stop, injections, ingested) = (feed_stop.clone(), injections.clone(), cp.metrics.clone());
+        let narrator = narrator.clone();
         tokio::spawn(async move {
-            let mut report = |elapsed: Duration, devices: &[fleet::SimDevice]| {
-                let (gen, acked) = devices.iter().fold((0, 0), |(g, a), d| {
-                    let s = d.agent.outbox.stats();
-                    (g + s.durable_seq, a + s.acked)
-                });
-                println!(
-                    "  t={:>4}s  records generated {gen:>8}  acknowledged {acked:>8}  ingested {:>8}  {}",
-                    elapsed.as_secs(),
-                    ingested.records_ingested.load(std::sync::atomic::Ordering::Relaxed),
-                    line.lock().unwrap_or_else(|p| p.into_inner())
-                );
+            let mut last_report = Instant::now();
+            let mut on_tick = |_: Duration, devices: &mut [SimDevice]| {
+                for (device, fault, len_ms) in injections.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+                    if let Some(d) = devices.iter_mut().find(|d| d.agent.device == device) {
+                        d.generator.inject(fault, len_ms);
+                    }
+                }
+                if last_report.elapsed() >= Duration::from_secs(10) {
+                    last_report = Instant::now();
+                    let (gen, acked) = devices.iter().fold((0, 0), |(g, a), d| {
+                        let s = d.agent.outbox.stats();
+                        (g + s.durable_seq, a + s.acked)
+                    });
+                    narrator.say(format_args!(
+                        "  fleet: {gen} records generated, {acked} acknowledged, {} stored",
+                        ingested.records_ingested.load(std::sync::atomic::Ordering::Relaxed)
+                    ));
+                }
             };
-            let r = fleet::feed(&mut devices, 2, None, &feed_stop, &mut report).await;
+            // Slow classes: as many samples of each sensor as its rate gives in `tick_event_ms` of event time.
+            let per_tick = move |d: &SimDevice| {
+                if d.fast {
+                    200
+                } else {
+                    let cfg = &d.cfg.class;
+                    let n = cfg.sensors.iter().map(|s| s.rate_hz * pace.tick_event_ms as f64 / 1000.0).sum::<f64>();
+                    n.round().max(1.0) as usize
+                }
+            };
+            let r = fleet::feed_ticks(&mut devices, &per_tick, None, &feed_stop, &mut on_tick).await;
             (devices, r)
         })
     };
+    let watcher = tokio::spawn(watch(cp.rollouts.clone(), cp.learning.clone(), narrator.clone(), feed_stop.clone()));
 
-    let started = std::time::Instant::now();
-    let ids: Vec<String> = (0..opts.devices).map(|i| format!("sim-{i:04}")).collect();
-    let registered = async {
-        while !ids.iter().all(|id| cp.registry.get(id).is_some_and(|d| !d.class.is_empty())) {
-            tokio::time::sleep(Duration::from_millis(100)).await;
+    // The story, until it ends, the duration passes or the demo is stopped.
+    let chapters = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let story = tell(&cp, &classes_of, pace, &narrator, &injections, &chapters);
+    let deadline = async {
+        match opts.duration {
+            Some(d) => tokio::time::sleep(d).await,
+            None => std::future::pending().await,
         }
     };
+    tokio::pin!(deadline);
     tokio::select! {
-        _ = registered => {}
-        _ = tokio::time::sleep(Duration::from_secs(30)) => anyhow::bail!("devices did not all connect within 30 s"),
-        _ = stop.cancelled() => {}
-    }
-    let mut ids_by_class = Vec::new();
-    for c in classes.iter().filter(|c| ids.iter().any(|id| cp.registry.get(id).is_some_and(|d| d.class == c.class))) {
-        let m = rollouts::upload_reference_model(api, &c.class, c, 1e9).await?;
-        let req = serde_json::json!({"model": m.name, "version": m.version, "stages": demo_stages()});
-        let r = rollouts::create(api, &req).await?;
-        println!("  rollout {} started: {} v{} to class {}, canary -> 50% -> 100%", r.id, m.name, m.version, c.class);
-        ids_by_class.push(r.id);
-    }
-    // Wait for the duration and for every rollout to finish (or the grace period, or a stop).
-    loop {
-        let views: Vec<_> = ids_by_class.iter().filter_map(|id| cp.rollouts.get(id)).collect();
-        *status.lock().unwrap_or_else(|p| p.into_inner()) = views
-            .iter()
-            .map(|r| format!("{}: stage {} {:?}", r.id, r.spec.stages[r.stage].name, r.state))
-            .collect::<Vec<_>>()
-            .join("  ");
-        let settled = views.iter().all(|r| !r.state.is_active());
-        let elapsed = started.elapsed();
-        match opts.duration {
-            Some(d) if elapsed >= d && settled => break,
-            Some(d) if elapsed >= d + ROLLOUT_GRACE => {
-                println!("  rollouts did not settle within {ROLLOUT_GRACE:?} after the demo's duration");
-                break;
+        r = story => {
+            r?;
+            match opts.duration {
+                Some(_) => narrator.say("the story is told; streaming on until the demo's duration"),
+                None => narrator.say(format_args!(
+                    "the story is told; the fleet streams on. Open https://{api}/ to look around, Ctrl-C to stop")),
             }
-            _ => {}
+            tokio::select! { _ = &mut deadline => {} _ = stop.cancelled() => {} }
         }
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
-        }
+        _ = &mut deadline => narrator.say("the demo's duration is up"),
+        _ = stop.cancelled() => narrator.say("stopping"),
+    }
+    // Let rollouts under way finish (they need windows flowing), unless told to stop now.
+    let grace = Instant::now() + Duration::from_secs(60);
+    while cp.rollouts.list().iter().any(|r| r.state.is_active()) && Instant::now() < grace && !stop.is_cancelled() {
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
     feed_stop.cancel();
+    let _ = watcher.await;
     let (devices, fed) = feed_task.await.context("feeding task")?;
     fed?;
+    narrator.say("draining every outbox");
     fleet::drain(&devices, opts.drain_timeout).await;
     fleet_cancel.cancel();
-    let rollouts_completed = ids_by_class
-        .iter()
-        .filter(|id| {
-            cp.rollouts.get(id).is_some_and(|r| r.state == edgeloop_control_plane::rollout::engine::State::Completed)
+    let summary = summarise(&cp, devices, chapters.load(std::sync::atomic::Ordering::Relaxed)).await?;
+    cp_cancel.cancel();
+    cp.join().await?;
+    Ok(summary)
+}
+
+/// Prints what the control plane does by itself: rollout events and retraining triggers.
+async fn watch(
+    rollouts: Arc<edgeloop_control_plane::rollout::Rollouts>,
+    learning: Arc<edgeloop_control_plane::learning::Learning>,
+    narrator: Narrator,
+    stop: CancellationToken,
+) {
+    let mut seen: BTreeMap<String, usize> = BTreeMap::new();
+    let mut triggers = 0;
+    loop {
+        for r in rollouts.list() {
+            let n = seen.entry(r.id.clone()).or_default();
+            for e in &r.events[*n..] {
+                narrator.say(format_args!(
+                    "  rollout {} ({} v{}): {}",
+                    r.id, r.spec.model.name, r.spec.model.version, e.what
+                ));
+            }
+            *n = r.events.len();
+        }
+        let events = learning.trigger_events();
+        for e in &events[triggers.min(events.len())..] {
+            let what = match &e.cause {
+                Cause::Drift { feature, psi, threshold } => {
+                    format!("feature `{feature}` drifted: PSI {psi:.2} over {threshold}")
+                }
+                other => format!("{other:?}"),
+            };
+            narrator.say(format_args!(
+                "  retraining trigger on {}: {what}; {}",
+                e.class,
+                e.job.map_or_else(|| e.error.clone().unwrap_or_default(), |j| format!("training job {j}"))
+            ));
+        }
+        triggers = events.len();
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+    }
+}
+
+async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    while !cond() {
+        anyhow::ensure!(Instant::now() < deadline, "the demo waited {limit:?} for {what}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Ok(())
+}
+
+/// The version of `class` in production, if any.
+fn production(cp: &ControlPlaneHandle, class: &str) -> Option<edgeloop_control_plane::models::ModelVersion> {
+    cp.learning.models.production(class).ok().flatten()
+}
+
+/// Waits for the rollout of `class`'s production version to end (completed, rolled back...) and says how it
+/// ended.
+async fn rolled_out(cp: &ControlPlaneHandle, say: &Narrator, class: &str, limit: Duration) -> anyhow::Result<bool> {
+    let sha = production(cp, class).map(|m| m.sha256).unwrap_or_default();
+    // A breach pauses a first rollout (there is nothing to roll back to): that ends it for the story.
+    let ended = || {
+        cp.rollouts
+            .list()
+            .into_iter()
+            .find(|r| r.spec.model.sha256 == sha && (!r.state.is_active() || matches!(r.state, State::Paused { .. })))
+    };
+    wait_until(&format!("the rollout of {class}"), limit, || ended().is_some()).await?;
+    let r = ended().context("rollout vanished")?;
+    let done = r.state == State::Completed;
+    if done {
+        say.say(format_args!(
+            "  {class}: {} v{} runs on all {} devices",
+            r.spec.model.name,
+            r.spec.model.version,
+            r.devices.len()
+        ));
+    } else {
+        say.say(format_args!("  {class}: rollout {} ended {:?}; the devices keep the model they had", r.id, r.state));
+    }
+    Ok(done)
+}
+
+async fn tell(
+    cp: &ControlPlaneHandle,
+    classes_of: &BTreeMap<String, String>,
+    pace: Pace,
+    say: &Narrator,
+    injections: &Injections,
+    chapters: &std::sync::atomic::AtomicUsize,
+) -> anyhow::Result<()> {
+    let chapter = |n: usize, what: &str| {
+        chapters.store(n, std::sync::atomic::Ordering::Relaxed);
+        say.say(format_args!("== {n}/5 {what}"));
+    };
+    let present: Vec<&str> = CLASSES.iter().copied().filter(|c| classes_of.values().any(|v| v == c)).collect();
+
+    chapter(1, "The fleet starts with no model and collects data");
+    wait_until("every device to connect", Duration::from_secs(60), || {
+        classes_of.keys().all(|id| cp.registry.get(id).is_some_and(|d| !d.class.is_empty()))
+    })
+    .await?;
+    say.say(format_args!("  {} devices connected: {}", classes_of.len(), present.join(", ")));
+    tokio::time::sleep(pace.collect).await;
+    for c in &present {
+        say.say(format_args!("  {c}: {} records stored", cp.learning.records_of(c)));
+    }
+
+    chapter(2, "The first model of each class is trained (candle, CPU), exported to ONNX and verified");
+    let mut jobs = Vec::new();
+    for c in &present {
+        let mut req = TrainRequest::new(c);
+        (req.trials, req.max_seconds) = (pace.trials, Some(pace.train_seconds));
+        let job = cp.learning.start(req, "demo: first training").map_err(|e| anyhow::anyhow!("training {c}: {e}"))?;
+        jobs.push((c.to_string(), job));
+    }
+    // Say how each training ended, in the order they end.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !jobs.is_empty() {
+        anyhow::ensure!(Instant::now() < deadline, "the first trainings took more than 300 s");
+        let Some(i) = jobs.iter().position(|(_, job)| {
+            cp.learning.job(*job).is_some_and(|j| matches!(j.state, JobState::Succeeded | JobState::Failed))
+        }) else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let (class, job) = jobs.remove(i);
+        let j = cp.learning.job(job).context("job vanished")?;
+        match (&j.result, &j.error) {
+            (Some(r), _) => {
+                let m = cp.learning.models.get(&r.name, r.version)?.context("trained model missing")?;
+                say.say(format_args!(
+                    "  {class}: {} v{} ({}, {} inputs, {} trials), threshold {:.4} ({}); export matches candle within {:.1e}; {}",
+                    r.name,
+                    r.version,
+                    m.kind,
+                    m.input_shape.last().copied().unwrap_or(0),
+                    m.lineage.trials.len(),
+                    m.threshold,
+                    m.lineage.threshold_source,
+                    m.lineage.metrics.export_max_rel_error,
+                    if r.promoted { "promoted" } else { "not promoted" }
+                ));
+            }
+            (None, e) => anyhow::bail!("training {class} failed: {}", e.clone().unwrap_or_default()),
+        }
+    }
+
+    chapter(3, "Each promoted version rolls out signed: canary, then half the class, then all of it");
+    for c in &present {
+        rolled_out(cp, say, c, Duration::from_secs(180)).await?;
+    }
+
+    chapter(4, "A bearing fault on a factory machine");
+    if let Some((device, _)) = classes_of.iter().find(|(_, c)| c.as_str() == FAULT_CLASS) {
+        let len_ms = pace.fault.as_millis() as u64;
+        injections.lock().unwrap_or_else(|p| p.into_inner()).push((device.clone(), Fault::BearingOuter, len_ms));
+        say.say(format_args!(
+            "  injected an outer-race bearing defect (BPFO tones) into {device} for {:?}",
+            pace.fault
+        ));
+        let since = cp.registry.get(device).map_or(0, |d| d.anomalies);
+        tokio::time::sleep(pace.fault + Duration::from_secs(2)).await;
+        let now = cp.registry.get(device).map_or(0, |d| d.anomalies);
+        say.say(format_args!("  {device} flagged {} windows during the fault with the model it runs", now - since));
+    }
+
+    chapter(5, "Holidays change the city's traffic; the drift trigger retrains and the new version rolls out");
+    let before = production(cp, DRIFT_CLASS).map(|m| m.version);
+    let traffic: Vec<&String> = classes_of.iter().filter(|(_, c)| c.as_str() == DRIFT_CLASS).map(|(d, _)| d).collect();
+    if traffic.is_empty() || before.is_none() {
+        say.say("  no traffic devices in this fleet; nothing to drift");
+        return Ok(());
+    }
+    {
+        let mut q = injections.lock().unwrap_or_else(|p| p.into_inner());
+        for d in &traffic {
+            q.push((d.to_string(), Fault::Holiday, HOLIDAY_DAYS * 86_400_000));
+        }
+    }
+    say.say(format_args!("  {HOLIDAY_DAYS} days of holidays begin on {} traffic devices", traffic.len()));
+    wait_until("the drift trigger's training", Duration::from_secs(240), || {
+        cp.learning.trigger_events().iter().any(|e| {
+            matches!(e.cause, Cause::Drift { .. })
+                && e.job.is_some_and(|j| {
+                    cp.learning.job(j).is_some_and(|j| matches!(j.state, JobState::Succeeded | JobState::Failed))
+                })
         })
-        .count();
+    })
+    .await?;
+    let events = cp.learning.trigger_events();
+    let job = events.iter().filter(|e| matches!(e.cause, Cause::Drift { .. })).find_map(|e| e.job).context("no job")?;
+    let j = cp.learning.job(job).context("job vanished")?;
+    match &j.result {
+        Some(r) if r.promoted => {
+            say.say(format_args!("  {} v{} promoted: {}", r.name, r.version, r.reason));
+            rolled_out(cp, say, DRIFT_CLASS, Duration::from_secs(180)).await?;
+        }
+        Some(r) => say.say(format_args!("  {} v{} was not promoted: {}", r.name, r.version, r.reason)),
+        None => say.say(format_args!("  the retraining failed: {}", j.error.unwrap_or_default())),
+    }
+    Ok(())
+}
+
+/// Scores every stored record of `device` against its ground truth.
+fn detection(cp: &ControlPlaneHandle, device: &str, labels: &[GroundTruth]) -> anyhow::Result<Detection> {
+    let faults: Vec<&GroundTruth> = labels.iter().filter(|l| l.fault != Fault::Holiday).collect();
+    let mut out = Detection::default();
+    let mut after = 0;
+    loop {
+        let page = cp.store.query(device, Query { after_seq: after, from_ms: None, to_ms: None, limit: 10_000 })?;
+        for r in &page {
+            if r.score.is_none() {
+                continue;
+            }
+            let flagged = r.flags & FLAG_ANOMALY != 0;
+            let truth = faults.iter().any(|l| (l.from_ms..=l.to_ms).contains(&r.ts_ms));
+            out.scored += 1;
+            out.flagged += u64::from(flagged);
+            out.in_fault += u64::from(truth);
+            out.true_positives += u64::from(flagged && truth);
+        }
+        match page.last() {
+            Some(r) if page.len() == 10_000 => after = r.seq,
+            _ => break,
+        }
+    }
+    Ok(out)
+}
+
+async fn summarise(cp: &ControlPlaneHandle, devices: Vec<SimDevice>, chapters: usize) -> anyhow::Result<Summary> {
+    let rollouts = cp.rollouts.list();
     let mut summary = Summary {
         devices: devices.len(),
         generated: 0,
         acknowledged: 0,
         stored: 0,
         dropped: 0,
-        rollouts_completed,
+        models_promoted: cp.learning.models.list()?.iter().filter(|m| m.promotion.promoted).count(),
+        rollouts_completed: rollouts.iter().filter(|r| r.state == State::Completed).count(),
         devices_per_model: BTreeMap::new(),
+        anomalies_flagged: 0,
+        precision: None,
+        recall: None,
+        detection: BTreeMap::new(),
+        chapters,
     };
+    let mut all = Detection::default();
     for d in devices {
         drop(d.samples);
         let outbox = d.agent.outbox.clone();
@@ -203,8 +600,12 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> anyhow::Result<S
         summary.acknowledged += s.acked;
         summary.dropped += s.dropped_total;
         summary.stored += cp.store.count(&id)?;
+        let det = detection(cp, &id, d.generator.labels())?;
+        summary.detection.entry(d.class.clone()).or_default().add(&det);
+        all.add(&det);
     }
-    cp_cancel.cancel();
-    cp.join().await?;
+    summary.detection.values_mut().for_each(Detection::finish);
+    all.finish();
+    (summary.anomalies_flagged, summary.precision, summary.recall) = (all.flagged, all.precision, all.recall);
     Ok(summary)
 }

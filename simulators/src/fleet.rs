@@ -143,9 +143,28 @@ pub async fn feed(
     stop: &CancellationToken,
     report: &mut (dyn FnMut(std::time::Duration, &[SimDevice]) + Send),
 ) -> anyhow::Result<()> {
+    let mut last_report = std::time::Instant::now();
+    let mut every_tick = |elapsed: std::time::Duration, devices: &mut [SimDevice]| {
+        if last_report.elapsed() >= std::time::Duration::from_secs(5) {
+            last_report = std::time::Instant::now();
+            report(elapsed, devices);
+        }
+    };
+    let per_tick = move |d: &SimDevice| if d.fast { 200 } else { slow_per_tick };
+    feed_ticks(devices, &per_tick, duration, stop, &mut every_tick).await
+}
+
+/// As [`feed`], with `per_tick(device)` samples per device and tick, calling `on_tick(elapsed, devices)` after
+/// every 100 ms tick, where it may change the devices' generators (to inject a fault, say).
+pub async fn feed_ticks(
+    devices: &mut [SimDevice],
+    per_tick: &(dyn Fn(&SimDevice) -> usize + Send + Sync),
+    duration: Option<std::time::Duration>,
+    stop: &CancellationToken,
+    on_tick: &mut (dyn FnMut(std::time::Duration, &mut [SimDevice]) + Send),
+) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(100));
-    let mut last_report = std::time::Instant::now();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),
@@ -155,7 +174,7 @@ pub async fn feed(
             return Ok(());
         }
         for d in devices.iter_mut() {
-            let n = if d.fast { 200 } else { slow_per_tick };
+            let n = per_tick(d);
             for s in d.generator.take(n) {
                 if d.samples.send(s).await.is_err() {
                     anyhow::bail!("agent {} stopped unexpectedly", d.agent.device);
@@ -163,10 +182,7 @@ pub async fn feed(
                 d.sent += 1;
             }
         }
-        if last_report.elapsed() >= std::time::Duration::from_secs(5) {
-            last_report = std::time::Instant::now();
-            report(started.elapsed(), devices);
-        }
+        on_tick(started.elapsed(), devices);
     }
 }
 

@@ -8,9 +8,12 @@
 //! - [`processes`]: the fleet as `edgeloop-agent` processes fed over UDP (`fleet --processes`).
 //! - [`proxy`]: a fault-injecting TCP proxy (cut connections, blackhole, refuse, delay) for tests and chaos.
 //! - [`chaos`]: `edgeloop-sim chaos`: the fleet under a fault schedule, then a total-queue check.
-//! - [`demo`]: `edgeloop-sim demo`: a control plane plus a fleet, with a JSON summary at the end.
+//! - [`demo`]: `edgeloop-sim demo`: the whole loop told as a story, with a JSON summary at the end.
+//! - [`load`]: `edgeloop-sim load`: a control-plane process under N devices' telemetry; throughput, latency,
+//!   CPU and memory.
 //! - [`rollouts`]: uploading models and driving rollouts through the operator API; agents' trust config.
 //! - [`http`]: a minimal HTTP/1.1 client for talking to the operator API from tests and tools.
+//! - [`modbus_device`]: `edgeloop-sim modbus-device`: a class's simulated device as a Modbus TCP server.
 //! - [`nab`]: the Numenta Anomaly Benchmark replayed through the real loop, and NAB's scorer.
 
 pub mod chaos;
@@ -18,6 +21,8 @@ pub mod demo;
 pub mod device;
 pub mod fleet;
 pub mod http;
+pub mod load;
+pub mod modbus_device;
 pub mod nab;
 pub mod processes;
 pub mod proxy;

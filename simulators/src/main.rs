@@ -26,6 +26,9 @@ enum Command {
         /// Where the control plane and agents keep their state (default: a new temporary directory).
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Compress the story (shorter collection, one-trial searches, shorter bakes and fault), for CI.
+        #[arg(long)]
+        fast: bool,
     },
     /// Run N in-process agents (each with its own identity, data dir and signal seed) against a broker.
     Fleet {
@@ -74,6 +77,45 @@ enum Command {
         seed: u64,
         #[arg(long)]
         data_dir: Option<PathBuf>,
+    },
+    /// Start a control-plane process, connect N devices sending `rate` records a second each, and measure
+    /// throughput, generation-to-ack latency (p50/p95/p99) and the control plane's CPU and RSS (JSON report).
+    Load {
+        #[arg(long, default_value_t = 100)]
+        devices: usize,
+        /// Records a second per device.
+        #[arg(long, default_value_t = 10.0)]
+        rate: f64,
+        /// Seconds of measurement, after every device has connected.
+        #[arg(long, default_value_t = 60)]
+        duration: u64,
+        /// How often each device sends its batch, milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        batch_ms: u64,
+        /// MQTT and the API without TLS.
+        #[arg(long)]
+        plaintext: bool,
+        /// `fsync` (the default) or `flush`.
+        #[arg(long, default_value = "fsync")]
+        durability: String,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// The control-plane binary (default: `edgeloop-control-plane` next to this one).
+        #[arg(long)]
+        control_plane: Option<PathBuf>,
+    },
+    /// Serve a simulated device of a class as a Modbus TCP server, its registers following the class's
+    /// `[modbus]` map and fed by the class's generator, until Ctrl-C.
+    ModbusDevice {
+        #[arg(long, default_value = "factory-machine-temperature")]
+        class: String,
+        #[arg(long, default_value = "127.0.0.1:5020")]
+        listen: std::net::SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// How many times faster than the sensors' nominal rate the registers change.
+        #[arg(long, default_value_t = 1.0)]
+        speed: f64,
     },
     /// Replay NAB files through agents and the control plane; write scored CSVs and print NAB's score.
     Nab {
@@ -260,6 +302,39 @@ fn chaos(
     code
 }
 
+fn modbus_device(class: String, listen: std::net::SocketAddr, seed: u64, speed: f64) -> ExitCode {
+    let class = match edgeloop_simulators::class_config(&class) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("edgeloop-sim: --class: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("edgeloop-sim: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(async move {
+        let stop = CancellationToken::new();
+        let name = class.class.clone();
+        let dev = edgeloop_simulators::modbus_device::start(class, listen, seed, speed, stop.clone()).await?;
+        println!("simulated {name} device: Modbus TCP on {} (unit id any); Ctrl-C to stop", dev.addr);
+        let _ = tokio::signal::ctrl_c().await;
+        stop.cancel();
+        dev.task.await?
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("edgeloop-sim: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn run_to_summary<F, Fut, T>(work: F) -> ExitCode
 where
     F: FnOnce(CancellationToken) -> Fut,
@@ -299,9 +374,27 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let (devices, duration, data_dir) = match Cli::parse().command {
-        Command::Demo { devices, duration, data_dir } => (devices, duration, data_dir),
+    let (devices, duration, data_dir, fast) = match Cli::parse().command {
+        Command::Demo { devices, duration, data_dir, fast } => (devices, duration, data_dir, fast),
         Command::Nab { data, out, only, retrain_every, trials } => return nab(data, out, only, retrain_every, trials),
+        Command::Load { devices, rate, duration, batch_ms, plaintext, durability, data_dir, control_plane } => {
+            if durability != "fsync" && durability != "flush" {
+                eprintln!("edgeloop-sim: --durability must be fsync or flush, got `{durability}`");
+                return ExitCode::from(2);
+            }
+            let opts = edgeloop_simulators::load::LoadOptions {
+                devices,
+                rate,
+                duration: Duration::from_secs(duration),
+                batch_ms,
+                data_dir: data_dir.unwrap_or_else(edgeloop_simulators::load::default_data_dir),
+                cp_bin: control_plane.unwrap_or_else(edgeloop_simulators::load::control_plane_binary),
+                tls: !plaintext,
+                durability,
+            };
+            return run_to_summary(|stop| edgeloop_simulators::load::run(opts, stop));
+        }
+        Command::ModbusDevice { class, listen, seed, speed } => return modbus_device(class, listen, seed, speed),
         Command::Chaos { devices, duration, faults, classes, seed, data_dir } => {
             return chaos(devices, duration, faults, classes, seed, data_dir)
         }
@@ -323,6 +416,7 @@ fn main() -> ExitCode {
         duration: duration.map(Duration::from_secs),
         data_dir,
         drain_timeout: Duration::from_secs(60),
+        fast,
     };
     run_to_summary(|stop| demo::run(opts, stop))
 }

@@ -23,6 +23,8 @@ use std::f64::consts::PI;
 
 /// Shaft frequency of the simulated rotating machine, Hz.
 pub const SHAFT_HZ: f64 = 29.5;
+/// Period of the machine's load changes, seconds.
+pub const LOAD_PERIOD_S: f64 = 12.0;
 /// Ball-pass frequencies of its bearing, as multiples of the shaft frequency.
 pub const BPFO_ORDER: f64 = 3.58;
 pub const BPFI_ORDER: f64 = 5.42;
@@ -151,6 +153,21 @@ impl Generator {
         &self.labels
     }
 
+    /// Event time of the next sample of the first sensor.
+    pub fn now_ms(&self) -> u64 {
+        let s = &self.class.sensors[0];
+        self.start_ms + (self.n[0] as f64 / s.rate_hz * 1000.0) as u64
+    }
+
+    /// Injects `fault` from the next sample on, for `len_ms` of event time, and records it as ground truth.
+    /// Returns the window.
+    pub fn inject(&mut self, fault: Fault, len_ms: u64) -> GroundTruth {
+        let from_ms = self.now_ms();
+        let window = GroundTruth { from_ms, to_ms: from_ms + len_ms, fault };
+        self.labels.push(window.clone());
+        window
+    }
+
     fn active(&self, ts: u64) -> Option<(Fault, f64)> {
         self.labels
             .iter()
@@ -202,7 +219,7 @@ impl Generator {
     fn vibration(&mut self, t: f64, channel: usize, fault: Option<(Fault, f64)>) -> f64 {
         let w = 2.0 * PI * SHAFT_HZ * t;
         let phase = channel as f64 * 0.7;
-        let load = 1.0 + 0.2 * (2.0 * PI * t / 45.0).sin();
+        let load = 1.0 + 0.2 * (2.0 * PI * t / LOAD_PERIOD_S).sin();
         let one_x = match fault {
             Some((Fault::Imbalance, _)) => 3.0,
             _ => 1.0,
