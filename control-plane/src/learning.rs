@@ -2,16 +2,20 @@
 //! that the API shows.
 //!
 //! A job records its state (queued, running, succeeded, failed), a progress fraction and message, and its
-//! result: the registered version and whether it was promoted. Jobs live in memory; what they produce (model
-//! versions, promotion decisions) is durable in the model registry.
+//! result: the registered version and whether it was promoted. Jobs and the triggers' events are kept in
+//! sled (tree `jobs` and `trigger_events`), so the API shows them after a restart; a job that was queued or
+//! running when the control plane stopped is marked failed at the next start, with that reason. Progress
+//! within a running job is kept in memory only. What jobs produce (model versions, promotion decisions) is
+//! durable in the model registry.
 
 use crate::config::TrainingConfig;
 use crate::models::ModelRegistry;
 use crate::registry::Registry;
-use crate::store::TelemetryStore;
+use crate::store::{StoreError, TelemetryStore};
 use crate::training::run::{train_class, TrainRequest};
 use crate::triggers::TriggerEvent;
 use edgeloop_common::config::ClassConfig;
+use edgeloop_common::durable::DurableDb;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -72,6 +76,9 @@ pub struct Learning {
     one_at_a_time: Semaphore,
     trigger_events: Mutex<Vec<TriggerEvent>>,
     drift: Mutex<BTreeMap<String, DriftReading>>,
+    db: DurableDb,
+    jobs_tree: sled::Tree,
+    triggers_tree: sled::Tree,
 }
 
 /// The latest drift measurement of a class: PSI per feature against its production model's training set.
@@ -84,25 +91,71 @@ pub struct DriftReading {
 /// Trigger events kept for the API (the oldest are forgotten first).
 const MAX_TRIGGER_EVENTS: usize = 1000;
 
+fn decode<T: serde::de::DeserializeOwned>(tree: &str, v: &[u8]) -> Result<T, StoreError> {
+    ciborium::from_reader(v).map_err(|e| StoreError::Corrupt { device: tree.into(), seq: 0, reason: e.to_string() })
+}
+
 impl Learning {
+    /// Opens the learning service on `db`, restoring the jobs and trigger events kept there. Jobs that were
+    /// queued or running when the control plane stopped are marked failed.
     pub fn new(
+        db: &DurableDb,
         store: TelemetryStore,
         devices: Arc<Registry>,
         models: Arc<ModelRegistry>,
         classes: BTreeMap<String, ClassConfig>,
         defaults: TrainingConfig,
-    ) -> Self {
-        Learning {
+    ) -> Result<Self, StoreError> {
+        let (jobs_tree, triggers_tree) = (db.tree("jobs")?, db.tree("trigger_events")?);
+        let now = edgeloop_common::unix_millis();
+        let mut jobs = BTreeMap::new();
+        for kv in jobs_tree.iter() {
+            let (_, v) = kv?;
+            let mut job: Job = decode("jobs", &v)?;
+            if matches!(job.state, JobState::Queued | JobState::Running) {
+                job.state = JobState::Failed;
+                job.finished_ms = Some(now);
+                job.error = Some("interrupted: the control plane stopped before this training finished".into());
+                jobs_tree.insert(job.id.to_be_bytes(), edgeloop_common::signing::to_cbor(&job))?;
+            }
+            jobs.insert(job.id, job);
+        }
+        let mut events = Vec::new();
+        for kv in triggers_tree.iter().rev().take(MAX_TRIGGER_EVENTS) {
+            let (_, v) = kv?;
+            events.push(decode::<TriggerEvent>("trigger_events", &v)?);
+        }
+        events.reverse();
+        db.commit()?;
+        let next = jobs.keys().next_back().map_or(1, |id| id + 1);
+        Ok(Learning {
             store,
             devices,
             models,
             classes,
             defaults,
-            jobs: Mutex::new(BTreeMap::new()),
-            next_id: AtomicU64::new(1),
+            jobs: Mutex::new(jobs),
+            next_id: AtomicU64::new(next),
             one_at_a_time: Semaphore::new(1),
-            trigger_events: Mutex::new(Vec::new()),
+            trigger_events: Mutex::new(events),
             drift: Mutex::new(BTreeMap::new()),
+            db: db.clone(),
+            jobs_tree,
+            triggers_tree,
+        })
+    }
+
+    /// Writes job `id` as it is now, durably. A failure is logged: the job goes on, and the API shows it
+    /// until the next restart.
+    fn persist(&self, id: u64) {
+        let Some(job) = self.job(id) else { return };
+        let written = self
+            .jobs_tree
+            .insert(id.to_be_bytes(), edgeloop_common::signing::to_cbor(&job))
+            .map_err(StoreError::from)
+            .and_then(|_| self.db.commit().map_err(StoreError::from));
+        if let Err(e) = written {
+            tracing::error!(job = id, error = %e, "cannot keep the training job in the store");
         }
     }
 
@@ -130,6 +183,19 @@ impl Learning {
     }
 
     pub fn record_trigger(&self, e: TriggerEvent) {
+        let key = self.triggers_tree.last().ok().flatten().map_or(1, |(k, _)| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&k[..8]);
+            u64::from_be_bytes(b) + 1
+        });
+        let written = self
+            .triggers_tree
+            .insert(key.to_be_bytes(), edgeloop_common::signing::to_cbor(&e))
+            .map_err(StoreError::from)
+            .and_then(|_| self.db.commit().map_err(StoreError::from));
+        if let Err(err) = written {
+            tracing::error!(error = %err, "cannot keep the trigger event in the store");
+        }
         let mut events = self.trigger_events.lock().unwrap_or_else(|p| p.into_inner());
         if events.len() == MAX_TRIGGER_EVENTS {
             events.remove(0);
@@ -197,11 +263,13 @@ impl Learning {
                 finished_ms: None,
             },
         );
+        self.persist(id);
         tracing::info!(job = id, %class, cause, "training queued");
         let this = self.clone();
         tokio::spawn(async move {
             let Ok(_permit) = this.one_at_a_time.acquire().await else { return };
             this.update(id, |j| j.state = JobState::Running);
+            this.persist(id);
             let worker = this.clone();
             let outcome = tokio::task::spawn_blocking(move || {
                 let class_cfg = worker.classes.get(&class).cloned();
@@ -232,6 +300,7 @@ impl Learning {
                             reason: m.promotion.reason,
                         });
                     });
+                    this.persist(id);
                 }
                 Ok(Err(e)) => this.fail(id, now, e),
                 Err(e) => this.fail(id, now, format!("training panicked: {e}")),
@@ -247,5 +316,65 @@ impl Learning {
             j.finished_ms = Some(now);
             j.error = Some(e);
         });
+        self.persist(id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::triggers::Cause;
+    use edgeloop_common::durable::Durability;
+
+    fn open(dir: &std::path::Path) -> Learning {
+        let db = DurableDb::open(&dir.join("store"), Durability::Flush).unwrap();
+        let registry = Arc::new(Registry::open(&db).unwrap());
+        let models = Arc::new(ModelRegistry::open(&db, dir).unwrap());
+        let store = TelemetryStore::open(db.clone()).unwrap();
+        Learning::new(&db, store, registry, models, BTreeMap::new(), TrainingConfig::default()).unwrap()
+    }
+
+    fn job(id: u64, state: JobState) -> Job {
+        Job {
+            id,
+            class: "press".into(),
+            cause: "api".into(),
+            state,
+            progress: 0.5,
+            message: String::new(),
+            result: None,
+            error: None,
+            created_ms: id,
+            finished_ms: None,
+        }
+    }
+
+    #[test]
+    fn jobs_and_trigger_events_survive_a_restart_and_interrupted_jobs_fail() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let l = open(dir.path());
+            for (id, state) in [(1, JobState::Succeeded), (2, JobState::Running), (3, JobState::Queued)] {
+                l.jobs().insert(id, job(id, state));
+                l.persist(id);
+            }
+            l.record_trigger(TriggerEvent {
+                class: "press".into(),
+                at_ms: 5,
+                cause: Cause::NewRecords { count: 10, threshold: 10 },
+                job: Some(1),
+                error: None,
+            });
+        }
+        let l = open(dir.path());
+        let jobs = l.list_jobs();
+        let states: Vec<(u64, JobState)> = jobs.iter().map(|j| (j.id, j.state)).collect();
+        assert_eq!(states, [(1, JobState::Succeeded), (2, JobState::Failed), (3, JobState::Failed)]);
+        assert!(jobs[1].error.as_deref().unwrap().contains("interrupted"), "{:?}", jobs[1]);
+        assert!(jobs[2].finished_ms.is_some());
+        assert_eq!(l.trigger_events().len(), 1);
+        assert_eq!(l.trigger_events()[0].job, Some(1));
+        // New jobs continue the numbering.
+        assert_eq!(l.next_id.load(Ordering::Relaxed), 4);
     }
 }

@@ -63,7 +63,7 @@ impl ControlPlane {
         // created on first start.
         let configured_key = cfg.rollouts.signing_key.clone();
         let default_key = cfg.data_dir.join("signing.key");
-        let (store, registry, models, rollout_store, audit, signer, enrollment) =
+        let (store, registry, models, rollout_store, audit, signer, enrollment, db) =
             tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
                 let signer = match &configured_key {
                     Some(path) => crate::keys::load(path).context("rollouts.signing_key")?,
@@ -75,7 +75,7 @@ impl ControlPlane {
                 let rollout_store = RolloutStore::open(&db)?;
                 let audit = AuditLog::open(&db)?;
                 let enrollment = crate::enrollment::Enrollment::open(&db)?;
-                Ok((TelemetryStore::open(db)?, registry, models, rollout_store, audit, signer, enrollment))
+                Ok((TelemetryStore::open(db.clone())?, registry, models, rollout_store, audit, signer, enrollment, db))
             })
             .await?
             .context("opening the store")?;
@@ -110,8 +110,14 @@ impl ControlPlane {
             None
         };
         let operators = Arc::new(operators);
-        let learning =
-            Arc::new(Learning::new(store.clone(), registry.clone(), models, cfg.classes.clone(), cfg.training.clone()));
+        let learning = Arc::new(Learning::new(
+            &db,
+            store.clone(),
+            registry.clone(),
+            models,
+            cfg.classes.clone(),
+            cfg.training.clone(),
+        )?);
         tokio::spawn(crate::triggers::run(learning.clone(), cancel.child_token()));
 
         let tls = match &cfg.tls {
