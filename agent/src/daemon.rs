@@ -164,10 +164,10 @@ impl Agent {
             (Some(info), _) => tracing::info!(model = info.label(), "model restored from the update pointer"),
             (None, Some(path)) => {
                 let path = path.clone();
-                let m = tokio::task::spawn_blocking(move || Model::load_file(&path, width))
+                let m = tokio::task::spawn_blocking(move || Model::load_configured(&path, width))
                     .await?
                     .context("loading the model")?;
-                tracing::info!(version = m.version(), width, "model loaded");
+                tracing::info!(version = m.version(), width, frames = m.frames(), "model loaded");
                 slot.set_active(Some(Loaded { info: ModelInfo::configured(&m), model: m }));
             }
             (None, None) => tracing::info!("no model yet: collecting only"),

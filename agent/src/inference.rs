@@ -4,6 +4,10 @@
 //! vector `[1, width]`, and run with one reused tract state, the cheap path. Its output's first value is
 //! the record's score. A non-finite output is an error, never a score.
 //!
+//! A windowed model (a forecaster) takes the last `frames` feature vectors at once, `[1, frames × width]`,
+//! oldest first: [`Model::score`] keeps that history itself and scores from the `frames`-th vector on, so the
+//! collector still hands it one vector per window.
+//!
 //! This module runs models; choosing, verifying and swapping them is the updater's job. Calls are blocking
 //! CPU work: the collector makes them from a blocking thread.
 
@@ -23,12 +27,19 @@ pub enum InferenceError {
     Run(String),
     #[error("model produced a non-finite score ({0})")]
     NonFinite(f32),
+    /// A windowed model has not seen enough vectors yet; not an error of the model.
+    #[error("windowed model warming up ({have} of {need} vectors)")]
+    WarmingUp { have: usize, need: usize },
 }
 
 /// A loaded, optimised model and its reusable state.
 pub struct Model {
     state: TypedSimpleState,
+    /// Input width: `frames` feature vectors.
     width: usize,
+    frames: usize,
+    /// The latest `frames` feature vectors, flattened, oldest first (windowed models only).
+    history: std::collections::VecDeque<f32>,
     /// `sha256:<first 12 hex digits>` of the ONNX bytes.
     version: String,
     /// SHA-256 of the ONNX bytes, hex.
@@ -60,7 +71,43 @@ impl Model {
         };
         let state = load().map_err(|e| InferenceError::Load(format!("{e:#}")))?;
         let sha256 = edgeloop_common::signing::sha256_hex(bytes);
-        Ok(Model { state, width, version: format!("sha256:{}", &sha256[..12]), sha256 })
+        Ok(Model {
+            state,
+            width,
+            frames: 1,
+            history: std::collections::VecDeque::new(),
+            version: format!("sha256:{}", &sha256[..12]),
+            sha256,
+        })
+    }
+
+    /// Loads a model file named by the agent's config for vectors of `frame_width` features: a model whose
+    /// declared input is a whole multiple `k` of that width (a forecaster) is loaded as windowed over `k`.
+    pub fn load_configured(path: &Path, frame_width: usize) -> Result<Model, InferenceError> {
+        let bytes =
+            std::fs::read(path).map_err(|source| InferenceError::Read { path: path.display().to_string(), source })?;
+        let frames = declared_width(&bytes)
+            .filter(|&w| frame_width > 0 && w > frame_width && w % frame_width == 0)
+            .map_or(1, |w| w / frame_width);
+        Model::load_bytes(&bytes, frame_width * frames)?.windowed(frames)
+    }
+
+    /// Makes this a windowed model over `frames` feature vectors (its width must divide evenly).
+    pub fn windowed(mut self, frames: usize) -> Result<Model, InferenceError> {
+        if frames == 0 || self.width % frames != 0 {
+            return Err(InferenceError::Load(format!(
+                "a window of {frames} vectors does not divide the model's {} inputs",
+                self.width
+            )));
+        }
+        self.frames = frames;
+        self.history = std::collections::VecDeque::with_capacity(self.width);
+        Ok(self)
+    }
+
+    /// How many feature vectors one input holds (1 for a model that scores each vector alone).
+    pub fn frames(&self) -> usize {
+        self.frames
     }
 
     pub fn version(&self) -> &str {
@@ -90,13 +137,42 @@ impl Model {
     /// Scores one feature vector; returns the score and the time it took.
     pub fn score(&mut self, features: &[f32]) -> Result<(f32, std::time::Duration), InferenceError> {
         let started = Instant::now();
-        let out = self.outputs(features)?;
+        let out = if self.frames > 1 {
+            let frame = self.width / self.frames;
+            if features.len() != frame {
+                return Err(InferenceError::Width { expected: frame, got: features.len() });
+            }
+            if self.history.len() == self.width {
+                self.history.drain(..frame);
+            }
+            self.history.extend(features);
+            if self.history.len() < self.width {
+                return Err(InferenceError::WarmingUp { have: self.history.len() / frame, need: self.frames });
+            }
+            let window: Vec<f32> = self.history.iter().copied().collect();
+            self.outputs(&window)?
+        } else {
+            self.outputs(features)?
+        };
         let elapsed = started.elapsed();
         let score = *out.first().ok_or_else(|| InferenceError::Run("model output is empty".into()))?;
         if !score.is_finite() {
             return Err(InferenceError::NonFinite(score));
         }
         Ok((score, elapsed))
+    }
+}
+
+/// The width an ONNX model declares for its first input (the last dimension), when it declares a number.
+pub fn declared_width(bytes: &[u8]) -> Option<usize> {
+    use prost::Message;
+    use tract_onnx::pb;
+    let model = pb::ModelProto::decode(bytes).ok()?;
+    let input = model.graph?.input.into_iter().next()?;
+    let Some(pb::type_proto::Value::TensorType(t)) = input.r#type?.value else { return None };
+    match t.shape?.dim.last()?.value.clone()? {
+        pb::tensor_shape_proto::dimension::Value::DimValue(v) => usize::try_from(v).ok(),
+        _ => None,
     }
 }
 
@@ -178,6 +254,30 @@ pub fn mean_square_onnx_with_doc(width: usize, doc: &str) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_windowed_model_scores_the_latest_vectors_once_it_has_enough() {
+        // Three vectors of two features: the model sees [oldest, middle, newest].
+        let mut m = Model::load_bytes(&mean_square_onnx(6), 6).unwrap().windowed(3).unwrap();
+        assert_eq!(m.frames(), 3);
+        assert!(matches!(m.score(&[1.0, 1.0]), Err(InferenceError::WarmingUp { have: 1, need: 3 })));
+        assert!(matches!(m.score(&[1.0, 1.0]), Err(InferenceError::WarmingUp { have: 2, need: 3 })));
+        assert!((m.score(&[1.0, 1.0]).unwrap().0 - 1.0).abs() < 1e-6);
+        // The oldest vector leaves: [1, 1, 1, 1, 2, 2] -> (4 + 8) / 6.
+        assert!((m.score(&[2.0, 2.0]).unwrap().0 - 2.0).abs() < 1e-6);
+        assert!(matches!(m.score(&[1.0; 6]), Err(InferenceError::Width { expected: 2, got: 6 })));
+        // The self-test feeds whole windows.
+        assert_eq!(m.outputs(&[0.0, 0.0, 0.0, 0.0, 3.0, 3.0]).unwrap(), vec![3.0]);
+        assert!(Model::load_bytes(&mean_square_onnx(6), 6).unwrap().windowed(4).is_err(), "4 does not divide 6");
+        // A configured file declaring 6 inputs, for vectors of 2: a window of 3.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.onnx");
+        std::fs::write(&path, mean_square_onnx(6)).unwrap();
+        assert_eq!(declared_width(&mean_square_onnx(6)), Some(6));
+        assert_eq!(Model::load_configured(&path, 2).unwrap().frames(), 3);
+        assert_eq!(Model::load_configured(&path, 6).unwrap().frames(), 1);
+        assert_eq!(Model::load_configured(&path, 4).unwrap().frames(), 1, "6 is no whole multiple of 4");
+    }
 
     #[test]
     fn reference_model_scores_mean_square() {

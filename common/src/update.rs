@@ -49,6 +49,19 @@ pub struct Manifest {
     pub golden_tolerance: f32,
     pub lineage: ManifestLineage,
     pub created_ms: u64,
+    /// Feature vectors per input: a forecaster scores the latest vector against the ones before it and takes
+    /// `frames` consecutive vectors, oldest first (`input_shape` is `[-1, frames × width]`). Absent means 1,
+    /// and a manifest of 1 encodes as before.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub frames: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn is_one(n: &u32) -> bool {
+    *n == 1
 }
 
 impl Manifest {

@@ -27,7 +27,7 @@ fn main() {
     let train = rows(100_000, 1);
     let val = rows(10_000, 2);
     let st = Standardizer::fit(&train, 32);
-    let h = Hyper { width: 64, depth: 1, lr: 1e-3, epochs: 1, batch: 256, patience: 100 };
+    let h = Hyper { width: 64, depth: 1, lr: 1e-3, epochs: 1, batch: 256, patience: 100, window: 0 };
     assert_eq!(autoencoder::sizes(32, &h), vec![32, 64, 16, 64, 32]);
     // Per-epoch cost as the slope between 1-epoch and 4-epoch runs (set-up excluded), five times each.
     let (mut one, mut four) = (Vec::new(), Vec::new());
@@ -49,7 +49,7 @@ fn main() {
         (t4 - t1) / 3.0,
         t1 - (t4 - t1) / 3.0
     );
-    let base = Hyper { width: 64, depth: 1, lr: 1e-3, epochs: 9, batch: 256, patience: 100 };
+    let base = Hyper { width: 64, depth: 1, lr: 1e-3, epochs: 9, batch: 256, patience: 100, window: 0 };
     let t = Instant::now();
     let out = search::run(&train, &val, &st, &base, Budget { trials: 6, max_seconds: None }, 7, &mut |_, _| {})
         .expect("search");

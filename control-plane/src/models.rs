@@ -50,6 +50,9 @@ pub struct Lineage {
     /// The training split's distribution per feature, for drift detection.
     #[serde(default)]
     pub reference: crate::drift::Reference,
+    /// Why this kind of model (autoencoder or forecaster) was chosen, with the numbers.
+    #[serde(default)]
+    pub selection: String,
 }
 
 /// Whether a version became production, and on what numbers.
@@ -82,6 +85,13 @@ pub struct ModelVersion {
     pub lineage: Lineage,
     pub created_ms: u64,
     pub promotion: Promotion,
+    /// Feature vectors per input: more than 1 for a forecaster (`input_shape` is `[-1, frames × width]`).
+    #[serde(default = "one")]
+    pub frames: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 impl ModelVersion {
@@ -103,6 +113,7 @@ impl ModelVersion {
             // tract on another CPU may differ from the exporter in the last bits; 1e-3 relative is far below
             // any difference a wrong model makes.
             golden_tolerance: 1e-3,
+            frames: self.frames,
             lineage: edgeloop_common::update::ManifestLineage {
                 dataset_hash: l.dataset_hash.clone(),
                 hyper: serde_json::to_string(&l.hyper).unwrap_or_default(),

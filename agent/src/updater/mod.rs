@@ -113,7 +113,8 @@ impl Files {
         let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
         let got = edgeloop_common::signing::sha256_hex(&bytes);
         anyhow::ensure!(got == info.sha256, "{} has sha256 {got}, expected {}", path.display(), info.sha256);
-        Ok(Model::load_bytes(&bytes, width)?)
+        let frames = (info.frames as usize).max(1);
+        Ok(Model::load_bytes(&bytes, width * frames)?.windowed(frames)?)
     }
 }
 
@@ -565,6 +566,7 @@ impl Updater {
                 version: m2.version,
                 sha256: m2.sha256.clone(),
                 threshold: Some(m2.threshold),
+                frames: m2.frames,
             };
             let mut model = files.load_model(&info, width).map_err(|e| format!("load: {e:#}"))?;
             let outputs: Vec<Result<Vec<f32>, String>> =

@@ -22,12 +22,25 @@ pub struct ModelInfo {
     pub sha256: String,
     /// Scores above it set the anomaly flag; `None` falls back to the agent's configured threshold.
     pub threshold: Option<f32>,
+    /// Feature vectors per input (a forecaster's window); 1 for a model that scores each vector alone.
+    #[serde(default = "one")]
+    pub frames: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 impl ModelInfo {
     /// A model named by the agent's config file rather than delivered by an update.
     pub fn configured(model: &Model) -> ModelInfo {
-        ModelInfo { name: "configured".into(), version: 0, sha256: model.sha256().to_string(), threshold: None }
+        ModelInfo {
+            name: "configured".into(),
+            version: 0,
+            sha256: model.sha256().to_string(),
+            threshold: None,
+            frames: model.frames() as u32,
+        }
     }
 
     pub fn label(&self) -> String {
@@ -150,6 +163,7 @@ impl ModelSlot {
                 let latency_us = took.as_micros().min(u32::MAX as u128) as u32;
                 (Some(v), flagged, Some(WindowOutcome::Scored { flagged, latency_us }))
             }
+            Err(InferenceError::WarmingUp { .. }) => (None, false, None),
             Err(e) => {
                 let n = self.health.inference_errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
                 if n.is_power_of_two() {
@@ -167,13 +181,15 @@ impl ModelSlot {
         if let Some((cand, tracker)) = inner.shadow.as_mut() {
             let t = cand.info.threshold.or(self.fallback_threshold);
             let c = match cand.model.score(features) {
-                Ok((v, took)) => WindowOutcome::Scored {
+                Ok((v, took)) => Some(WindowOutcome::Scored {
                     flagged: t.is_some_and(|t| v > t),
                     latency_us: took.as_micros().min(u32::MAX as u128) as u32,
-                },
-                Err(_) => WindowOutcome::NonFinite,
+                }),
+                // A windowed candidate warming up has nothing to compare yet.
+                Err(InferenceError::WarmingUp { .. }) => None,
+                Err(_) => Some(WindowOutcome::NonFinite),
             };
-            if tracker.observe(score.map(|_| flagged), c) {
+            if c.is_some_and(|c| tracker.observe(score.map(|_| flagged), c)) {
                 let (candidate, tracker) = inner.shadow.take().expect("checked above");
                 let _ = self
                     .events

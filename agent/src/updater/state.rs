@@ -49,6 +49,9 @@ pub struct Identity {
     pub max_artifact_bytes: u64,
 }
 
+/// The longest window of feature vectors a model may ask for.
+pub const MAX_FRAMES: u32 = 256;
+
 /// Verifies a desired state and the manifest inside it. `last_seq` is the highest sequence accepted so far.
 pub fn verify_desired(
     signed: &Signed,
@@ -88,8 +91,11 @@ fn check_manifest(m: &Manifest, me: &Identity) -> Result<(), String> {
     if m.sensor != me.sensor {
         return Err(format!("model scores sensor `{}`, this device scores `{}`", m.sensor, me.sensor));
     }
-    if m.input_width() != Some(me.width) {
-        return Err(format!("input shape {:?} does not take {} features", m.input_shape, me.width));
+    if !(1..=MAX_FRAMES).contains(&m.frames) {
+        return Err(format!("a window of {} feature vectors is outside 1..={MAX_FRAMES}", m.frames));
+    }
+    if m.input_width() != Some(me.width * m.frames as usize) {
+        return Err(format!("input shape {:?} does not take {} × {} features", m.input_shape, m.frames, me.width));
     }
     if !m.threshold.is_finite() {
         return Err("threshold is not finite".into());
@@ -282,6 +288,7 @@ mod tests {
             golden_tolerance: 1e-4,
             lineage: ManifestLineage::default(),
             created_ms: 0,
+            frames: 1,
         }
     }
 

@@ -337,6 +337,7 @@ fn register_upload(learning: &crate::learning::Learning, u: Upload) -> Result<Mo
             threshold_source: "given by the uploader".into(),
             code_version: format!("uploaded: {}", u.description),
             reference: Default::default(),
+            selection: "uploaded by an operator".into(),
         },
         created_ms: edgeloop_common::unix_millis(),
         promotion: Promotion {
@@ -347,6 +348,7 @@ fn register_upload(learning: &crate::learning::Learning, u: Upload) -> Result<Mo
             production_version: None,
             reason: "uploaded by an operator; it reaches devices through a rollout".into(),
         },
+        frames: 1,
     };
     models.insert(&m).map_err(ApiError::internal)?;
     Ok(m)

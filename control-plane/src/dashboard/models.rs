@@ -159,7 +159,8 @@ pub async fn detail(State(s): State<AppState>, who: Who, Path((name, version)): 
             h2 #summary-h { "Summary" }
             dl.grid {
                 dt { "Class / sensor" } dd { (m.class) " / " (m.sensor) }
-                dt { "Kind" } dd { (m.kind) }
+                dt { "Kind" } dd { (m.kind) @if m.frames > 1 { " over windows of " (m.frames) " vectors" } }
+                @if !l.selection.is_empty() { dt { "Why this kind" } dd #selection { (l.selection) } }
                 dt { "Created" } dd { (datetime(m.created_ms)) " UTC" }
                 dt { "Artifact" } dd { (sha(&m.sha256)) " " (bytes(m.size)) " " a href=(format!("/api/v1/artifacts/{}", m.sha256)) { "download" } }
                 dt { "Input → output" } dd { code { (format!("{:?}", m.input_shape)) } " → " code { (format!("{:?}", m.output_shape)) } }

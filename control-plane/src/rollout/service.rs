@@ -481,6 +481,7 @@ mod tests {
                 threshold_source: String::new(),
                 code_version: String::new(),
                 reference: Default::default(),
+                selection: String::new(),
             },
             created_ms: 0,
             promotion: Promotion {
@@ -491,6 +492,7 @@ mod tests {
                 production_version: None,
                 reason: String::new(),
             },
+            frames: 1,
         }
     }
 

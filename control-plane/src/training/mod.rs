@@ -2,6 +2,7 @@
 //!
 //! - [`mlp`]: the dense network with seeded weights we can export;
 //! - [`autoencoder`]: anomaly scores as reconstruction error;
+//! - [`forecaster`]: anomaly scores as the standardised residual of a one-step forecast over a window;
 //! - [`search`]: random search with successive halving over the hyper-parameters;
 //! - [`onnx`]: export to a standard ONNX graph (standardisation and score inside) and its verification
 //!   with tract;
@@ -13,6 +14,7 @@
 pub mod autoencoder;
 pub mod classifier;
 pub mod eval;
+pub mod forecaster;
 pub mod mlp;
 pub mod onnx;
 pub mod run;
@@ -33,11 +35,14 @@ pub struct Hyper {
     pub batch: usize,
     /// Epochs without validation improvement before stopping.
     pub patience: usize,
+    /// Forecasters: feature vectors per input (the history plus the one scored); 0 for other models.
+    #[serde(default)]
+    pub window: usize,
 }
 
 impl Default for Hyper {
     fn default() -> Self {
-        Hyper { width: 32, depth: 1, lr: 3e-3, epochs: 60, batch: 64, patience: 6 }
+        Hyper { width: 32, depth: 1, lr: 3e-3, epochs: 60, batch: 64, patience: 6, window: 0 }
     }
 }
 

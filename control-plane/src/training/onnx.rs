@@ -118,6 +118,58 @@ pub fn export_autoencoder(weights: &[DenseWeights], st: &Standardizer, doc: &str
     model("edgeloop_autoencoder", nodes, initializer, st.mean.len() as i64, 1, doc)
 }
 
+/// Exports a forecaster: raw windows `[N, frames × d]` (oldest vector first) to the score `[N, 1]`: the
+/// standardised history (selected with a constant 0/1 matrix, so only `MatMul` is needed) goes through the
+/// dense layers, and the score is the mean over features of the squared residual against the standardised
+/// last vector, divided by each feature's residual spread.
+pub fn export_forecaster(f: &super::forecaster::Forecaster, st: &Standardizer, doc: &str) -> Vec<u8> {
+    let d = st.mean.len();
+    let (frames, total) = (f.frames, f.frames * d);
+    let (hist, mut initializer, mut nodes) = ((frames - 1) * d, Vec::new(), Vec::new());
+    let tiled = |v: &[f32]| -> Vec<f32> { (0..frames).flat_map(|_| v.iter().copied()).collect() };
+    let mut select_hist = vec![0f32; total * hist];
+    for i in 0..hist {
+        select_hist[i * hist + i] = 1.0;
+    }
+    let mut select_last = vec![0f32; total * d];
+    for j in 0..d {
+        select_last[(hist + j) * d + j] = 1.0;
+    }
+    initializer.extend([
+        tensor("mean", &[total as i64], &tiled(&st.mean)),
+        tensor("std", &[total as i64], &tiled(&st.std)),
+        tensor("select_history", &[total as i64, hist as i64], &select_hist),
+        tensor("select_last", &[total as i64, d as i64], &select_last),
+        tensor("residual_std", &[d as i64], &f.residual_std),
+    ]);
+    nodes.extend([
+        node("Sub", &[INPUT, "mean"], "centred", vec![]),
+        node("Div", &["centred", "std"], "z", vec![]),
+        node("MatMul", &["z", "select_history"], "history", vec![]),
+        node("MatMul", &["z", "select_last"], "last", vec![]),
+    ]);
+    let mut x = "history".to_string();
+    for (i, l) in f.weights.iter().enumerate() {
+        let (w, b) = (format!("w{i}"), format!("b{i}"));
+        initializer.push(tensor(&w, &[l.inputs as i64, l.outputs as i64], &l.w));
+        initializer.push(tensor(&b, &[l.outputs as i64], &l.b));
+        let (mm, add) = (format!("matmul{i}"), format!("dense{i}"));
+        nodes.push(node("MatMul", &[&x, &w], &mm, vec![]));
+        nodes.push(node("Add", &[&mm, &b], &add, vec![]));
+        x = add;
+        if l.relu {
+            let r = format!("relu{i}");
+            nodes.push(node("Relu", &[&x], &r, vec![]));
+            x = r;
+        }
+    }
+    nodes.push(node("Sub", &[&x, "last"], "residual", vec![]));
+    nodes.push(node("Div", &["residual", "residual_std"], "scaled", vec![]));
+    nodes.push(node("Mul", &["scaled", "scaled"], "squared", vec![]));
+    nodes.push(node("ReduceMean", &["squared"], OUTPUT, vec![ints("axes", &[1]), int("keepdims", 1)]));
+    model("edgeloop_forecaster", nodes, initializer, total as i64, 1, doc)
+}
+
 /// Exports a classifier: raw features `[N, d]` to class probabilities `[N, k]` (`Softmax` in the graph).
 pub fn export_classifier(weights: &[DenseWeights], st: &Standardizer, doc: &str) -> Vec<u8> {
     let (mut initializer, mut nodes) = (Vec::new(), Vec::new());

@@ -2,6 +2,8 @@
 //! export to ONNX, verify the export with tract, evaluate against production on the same test split,
 //! register the version with its lineage, and promote it if it wins. Blocking.
 
+use super::forecaster::{self, Forecaster};
+use super::mlp::DenseWeights;
 use super::search::{self, Budget};
 use super::{autoencoder, classifier, eval, onnx, Hyper, TrainError};
 use crate::dataset::{self, Dataset, DatasetError, DatasetSpec, Row};
@@ -112,6 +114,26 @@ fn train_autoencoder(
     })?;
     let weights = &outcome.model.weights;
 
+    // (a2) A forecaster over windows of the same rows, and the choice between the two on validation data.
+    progress(0.6, "training a forecaster over windows of the same rows");
+    let deadline = req.max_seconds.map(|s| std::time::Instant::now() + std::time::Duration::from_secs_f64(s));
+    let forecast =
+        forecaster::search(&normal, &normal_val, &ds.standardizer, &base, req.trials.max(1), deadline, req.seed);
+    let choice = match &forecast {
+        Ok((f, _)) => choose(ds, weights, f, req.seed)?,
+        Err(e) => Choice { forecaster: false, reason: format!("autoencoder: no forecaster could be trained ({e})") },
+    };
+    progress(0.8, &choice.reason);
+    let (forecast, f_trials) = match forecast {
+        Ok((f, t)) => (Some(f), t),
+        Err(_) => (None, Vec::new()),
+    };
+    if let (true, Some(f)) = (choice.forecaster, forecast) {
+        let mut trials = outcome.trials;
+        trials.extend(f_trials);
+        return forecaster_candidate(ds, class, req, registry, f, trials, choice.reason, progress);
+    }
+
     let val_scores = autoencoder::score(weights, &ds.standardizer, &ds.val)?;
     let labelled = ds.has_labels();
     let (threshold, threshold_source) = if labelled && anomalous(&ds.val).iter().any(|&a| a) {
@@ -145,29 +167,7 @@ fn train_autoencoder(
             (Some(auc), Some(p), Some(r), Some(f));
     }
     let current = registry.production(class)?;
-    let production = match &current {
-        Some(prod) => {
-            let path = registry.artifact_path(&prod.sha256);
-            let prod_bytes = path.map(std::fs::read).transpose()?;
-            match prod_bytes {
-                Some(b) if prod.input_shape.last() == Some(&(ds.width() as i64)) => {
-                    let s = onnx::run_tract(&b, &raw(&ds.test))?;
-                    let m = match metrics.test_auc {
-                        Some(_) => eval::roc_auc(&s, &labels_test).unwrap_or(0.0),
-                        None => mean(&s),
-                    };
-                    Some((prod.version, m))
-                }
-                // A production model we cannot evaluate on this data loses by default.
-                _ => Some((prod.version, if metrics.test_auc.is_some() { f64::NEG_INFINITY } else { f64::INFINITY })),
-            }
-        }
-        None => None,
-    };
-    let mut promotion = match metrics.test_auc {
-        Some(auc) => decide("test_auc", auc, production, true),
-        None => decide("test_loss", test_loss, production, false),
-    };
+    let mut promotion = against_production(ds, registry, current.as_ref(), &bytes, 1, &metrics, req.seed)?;
     keep_other_sensor(&mut promotion, current.as_ref(), &ds.sensor.name);
 
     let golden_rows = &ds.val[..ds.val.len().min(GOLDEN)];
@@ -186,11 +186,182 @@ fn train_autoencoder(
         threshold_source,
         golden,
         hyper: outcome.best.hyper.clone(),
-        trials: outcome.trials,
+        trials: {
+            let mut t = outcome.trials;
+            t.extend(f_trials);
+            t
+        },
         metrics,
         promotion,
+        frames: 1,
+        selection: choice.reason,
     };
     register(ds, class, req, registry, candidate, progress)
+}
+
+/// Which of the two anomaly models a class gets, and why.
+struct Choice {
+    forecaster: bool,
+    reason: String,
+}
+
+/// Compares the autoencoder and the forecaster on the validation split: on its labelled windows when it has
+/// labels of both kinds, else on its windows with synthetic anomalies (out-of-context readings, which only a
+/// forecaster can see, and 4-sigma spikes, which both can). The forecaster must win by more than 0.01 of
+/// ROC AUC; the simpler model keeps ties.
+fn choose(ds: &Dataset, ae: &[DenseWeights], f: &Forecaster, seed: u64) -> Result<Choice, TrainError> {
+    let d = ds.width();
+    let vw = forecaster::windows(&ds.val, f.frames, d);
+    let labelled = vw.anomalous.iter().any(|a| *a) && vw.anomalous.iter().any(|a| !*a);
+    let (x, y, how) = if labelled {
+        (vw.x.clone(), vw.anomalous.clone(), "labelled validation windows")
+    } else {
+        let (x, y) = forecaster::with_synthetic_anomalies(&vw, &ds.standardizer, seed);
+        (x, y, "validation windows with synthetic anomalies (out-of-context readings, 4-sigma spikes; no labels)")
+    };
+    let last = (f.frames - 1) * d;
+    let rows: Vec<Row> =
+        x.iter().map(|w| Row { device: String::new(), ts_ms: 0, features: w[last..].to_vec(), label: None }).collect();
+    let ae_auc = eval::roc_auc(&autoencoder::score(ae, &ds.standardizer, &rows)?, &y);
+    let f_auc = eval::roc_auc(&forecaster::score(f, &ds.standardizer, &x)?, &y);
+    Ok(match (ae_auc, f_auc) {
+        (Some(a), Some(b)) => {
+            let pick = b > a + 0.01;
+            Choice {
+                forecaster: pick,
+                reason: format!(
+                    "{}: ROC AUC forecaster (window {}) {b:.3} vs autoencoder {a:.3} on {} {how}",
+                    if pick { "forecaster" } else { "autoencoder" },
+                    f.frames,
+                    x.len()
+                ),
+            }
+        }
+        _ => Choice {
+            forecaster: false,
+            reason: format!("autoencoder: too few validation windows ({}) to compare with the forecaster", x.len()),
+        },
+    })
+}
+
+/// Threshold, export, verification, test metrics and promotion of a chosen forecaster.
+#[allow(clippy::too_many_arguments)]
+fn forecaster_candidate(
+    ds: &Dataset,
+    class: &str,
+    req: &TrainRequest,
+    registry: &ModelRegistry,
+    f: Forecaster,
+    trials: Vec<search::Trial>,
+    selection: String,
+    progress: &mut dyn FnMut(f32, &str),
+) -> Result<ModelVersion, RunError> {
+    let (d, frames) = (ds.width(), f.frames);
+    let vw = forecaster::windows(&ds.val, frames, d);
+    let val_scores = forecaster::score(&f, &ds.standardizer, &vw.x)?;
+    let (threshold, threshold_source) = if vw.anomalous.iter().any(|&a| a) {
+        (eval::best_f1_threshold(&val_scores, &vw.anomalous), "labels: best F1 on the validation split".to_string())
+    } else {
+        (eval::quantile(&val_scores, THRESHOLD_QUANTILE), format!("validation quantile {THRESHOLD_QUANTILE}"))
+    };
+    progress(0.88, "exporting the forecaster to ONNX and verifying with tract");
+    let name = class.to_string();
+    let version = registry.next_version(&name)?;
+    let bytes =
+        onnx::export_forecaster(&f, &ds.standardizer, &format!("edgeloop {name} v{version}, dataset {}", ds.hash));
+    let export_err = onnx::verify(&bytes, &vw.x, &val_scores)?;
+    progress(0.93, "evaluating against production on the test split");
+    let tw = forecaster::windows(&ds.test, frames, d);
+    let test_scores = onnx::run_tract(&bytes, &tw.x)?;
+    let mut metrics = Metrics {
+        val_loss: f.val_loss,
+        test_loss: mean(&test_scores),
+        export_max_rel_error: export_err,
+        ..Default::default()
+    };
+    if let Some(auc) = eval::roc_auc(&test_scores, &tw.anomalous) {
+        let (p, r, f1) = eval::prf(&test_scores, &tw.anomalous, threshold);
+        (metrics.test_auc, metrics.test_precision, metrics.test_recall, metrics.test_f1) =
+            (Some(auc), Some(p), Some(r), Some(f1));
+    }
+    let current = registry.production(class)?;
+    let mut promotion = against_production(ds, registry, current.as_ref(), &bytes, frames, &metrics, req.seed)?;
+    keep_other_sensor(&mut promotion, current.as_ref(), &ds.sensor.name);
+    let golden =
+        vw.x.iter().zip(&val_scores).take(GOLDEN).map(|(x, &s)| Golden { input: x.clone(), output: vec![s] }).collect();
+    let hyper = trials
+        .iter()
+        .filter(|t| t.hyper.window == frames)
+        .min_by(|a, b| a.val_loss.total_cmp(&b.val_loss))
+        .map(|t| t.hyper.clone())
+        .unwrap_or_default();
+    let candidate = Candidate {
+        name,
+        version,
+        kind: "forecaster",
+        bytes,
+        outputs: 1,
+        threshold,
+        threshold_source,
+        golden,
+        hyper,
+        trials,
+        metrics,
+        promotion,
+        frames,
+        selection,
+    };
+    register(ds, class, req, registry, candidate, progress)
+}
+
+/// The promotion decision against the class's production version, on the same test split. A production
+/// model of the same input form is compared as before: test ROC AUC with labels, else mean test score
+/// (lower wins). Models of different forms (an autoencoder and a forecaster, or forecasters over different
+/// windows) score on different scales, so both are run on the same test windows (the longer window's) and
+/// compared by ROC AUC: against the labels when there are both kinds, else against synthetic anomalies.
+fn against_production(
+    ds: &Dataset,
+    registry: &ModelRegistry,
+    current: Option<&ModelVersion>,
+    bytes: &[u8],
+    frames: usize,
+    metrics: &Metrics,
+    seed: u64,
+) -> Result<crate::models::Promotion, RunError> {
+    let d = ds.width();
+    let higher_is_better = metrics.test_auc.is_some();
+    let (metric, candidate) = match metrics.test_auc {
+        Some(auc) => ("test_auc", auc),
+        None => ("test_loss", metrics.test_loss),
+    };
+    let Some(prod) = current else { return Ok(decide(metric, candidate, None, higher_is_better)) };
+    let pf = prod.frames.max(1) as usize;
+    let prod_bytes = registry.artifact_path(&prod.sha256).map(std::fs::read).transpose()?;
+    let Some(pb) = prod_bytes.filter(|_| prod.input_shape.last() == Some(&((d * pf) as i64))) else {
+        // A production model we cannot evaluate on this data loses by default.
+        let lost = if higher_is_better { f64::NEG_INFINITY } else { f64::INFINITY };
+        return Ok(decide(metric, candidate, Some((prod.version, lost)), higher_is_better));
+    };
+    if pf == frames {
+        let inputs = if frames == 1 { raw(&ds.test) } else { forecaster::windows(&ds.test, frames, d).x };
+        let labels = if frames == 1 { anomalous(&ds.test) } else { forecaster::windows(&ds.test, frames, d).anomalous };
+        let s = onnx::run_tract(&pb, &inputs)?;
+        let p = if higher_is_better { eval::roc_auc(&s, &labels).unwrap_or(0.0) } else { mean(&s) };
+        return Ok(decide(metric, candidate, Some((prod.version, p)), higher_is_better));
+    }
+    let w = forecaster::windows(&ds.test, pf.max(frames), d);
+    let labelled = w.anomalous.iter().any(|a| *a) && w.anomalous.iter().any(|a| !*a);
+    let (x, y, name) = if labelled {
+        (w.x.clone(), w.anomalous.clone(), "test_auc_same_windows")
+    } else {
+        let (x, y) = forecaster::with_synthetic_anomalies(&w, &ds.standardizer, seed);
+        (x, y, "test_synthetic_anomaly_auc")
+    };
+    let cut = |n: usize| -> Vec<Vec<f32>> { x.iter().map(|v| v[v.len() - n * d..].to_vec()).collect() };
+    let auc = |b: &[u8], n: usize| -> Result<f64, RunError> {
+        Ok(eval::roc_auc(&onnx::run_tract(b, &cut(n))?, &y).unwrap_or(0.0))
+    };
+    Ok(decide(name, auc(bytes, frames)?, Some((prod.version, auc(&pb, pf)?)), true))
 }
 
 fn train_classifier(
@@ -297,6 +468,8 @@ fn train_classifier(
         trials,
         metrics,
         promotion,
+        frames: 1,
+        selection: "classifier: asked for".into(),
     };
     register(ds, class, req, registry, candidate, progress)
 }
@@ -315,6 +488,10 @@ struct Candidate {
     trials: Vec<search::Trial>,
     metrics: Metrics,
     promotion: crate::models::Promotion,
+    /// Feature vectors per input (1 but for forecasters).
+    frames: usize,
+    /// Why this kind of model was chosen.
+    selection: String,
 }
 
 /// Stores the artifact, records the version with its lineage (and the production pointer if promoted).
@@ -335,7 +512,8 @@ fn register(
         kind: c.kind.into(),
         sha256,
         size: c.bytes.len() as u64,
-        input_shape: vec![-1, ds.width() as i64],
+        input_shape: vec![-1, (ds.width() * c.frames) as i64],
+        frames: c.frames as u32,
         output_shape: vec![-1, c.outputs as i64],
         pipeline: PipelineSpec { version: 1, sensors: vec![ds.sensor.clone()] },
         threshold: c.threshold,
@@ -350,6 +528,7 @@ fn register(
             threshold_source: c.threshold_source,
             code_version: concat!("edgeloop-control-plane ", env!("CARGO_PKG_VERSION")).to_string(),
             reference: reference(ds),
+            selection: c.selection,
         },
         created_ms: edgeloop_common::unix_millis(),
         promotion: c.promotion,

@@ -72,7 +72,9 @@ async fn train_register_serve_and_retrain_offline() {
     assert_eq!(models[0]["production"], true);
     let m: ModelVersion = get_json(api, "/api/v1/models/city-air-quality/1").await.unwrap();
     assert_eq!(m.sensor, "pm25");
-    assert_eq!(m.input_shape, vec![-1, 5]);
+    // An autoencoder takes one vector of 5 features, a forecaster a window of them; the choice is recorded.
+    assert_eq!(m.input_shape, vec![-1, 5 * m.frames as i64]);
+    assert!(m.lineage.selection.contains("ROC AUC"), "{}", m.lineage.selection);
     assert_eq!(m.lineage.dataset_report.devices, 3);
     assert!(m.lineage.dataset_report.rows >= 800, "{:?}", m.lineage.dataset_report);
     assert!(m.lineage.trials.len() >= 2);
@@ -98,9 +100,9 @@ async fn train_register_serve_and_retrain_offline() {
     assert_eq!(status, 404);
 
     // The agent's own inference runs the exported model and reproduces the golden vectors.
-    let mut model = edgeloop_agent::inference::Model::load_bytes(&whole.body, 5).unwrap();
+    let mut model = edgeloop_agent::inference::Model::load_bytes(&whole.body, 5 * m.frames as usize).unwrap();
     for g in &m.golden {
-        let (score, _) = model.score(&g.input).unwrap();
+        let score = model.outputs(&g.input).unwrap()[0];
         assert!((score - g.output[0]).abs() <= 1e-4 * g.output[0].abs().max(1e-3), "{score} vs {}", g.output[0]);
     }
 
