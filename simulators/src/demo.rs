@@ -66,6 +66,8 @@ struct Pace {
     fault: Duration,
     /// Least time between two trainings of a class started by its trigger.
     min_retrain_interval_secs: u64,
+    /// Most epochs a trial trains (early stopping may end it sooner).
+    epochs: usize,
 }
 
 impl Pace {
@@ -81,6 +83,7 @@ impl Pace {
                 bake_secs: 1,
                 fault: Duration::from_secs(10),
                 min_retrain_interval_secs: 20,
+                epochs: 12,
             }
         } else {
             Pace {
@@ -91,10 +94,14 @@ impl Pace {
                 bake_secs: 3,
                 fault: Duration::from_secs(20),
                 min_retrain_interval_secs: 40,
+                epochs: 60,
             }
         }
     }
 }
+
+/// Without a duration, how long the fleet streams on after the story, before the summary.
+const AFTERWORD: Duration = Duration::from_secs(60);
 
 /// Holidays injected into the traffic devices, in days of event time, and the drift window.
 const HOLIDAY_DAYS: u64 = 8;
@@ -212,7 +219,8 @@ fn config(data_dir: &std::path::Path, mqtt_port: u16, pace: Pace) -> anyhow::Res
 }
 
 /// Runs the demo until `duration` passes (then returns the summary), or until `stop` fires. Without a
-/// duration, the story runs to its end and the fleet keeps streaming until `stop`.
+/// duration, the story runs to its end and the fleet streams on for a minute more (about three minutes in
+/// all).
 pub async fn run(opts: DemoOptions, stop: CancellationToken) -> anyhow::Result<Summary> {
     let pace = Pace::of(opts.fast);
     let cfg = config(&opts.data_dir, crate::free_port()?, pace)?;
@@ -312,9 +320,15 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> anyhow::Result<S
             match opts.duration {
                 Some(_) => narrator.say("the story is told; streaming on until the demo's duration"),
                 None => narrator.say(format_args!(
-                    "the story is told; the fleet streams on. Open https://{api}/ to look around, Ctrl-C to stop")),
+                    "the story is told; the fleet streams on for {}s: open https://{api}/ to look around \
+                     (--duration SECS to stay longer, Ctrl-C to end now)", AFTERWORD.as_secs())),
             }
-            tokio::select! { _ = &mut deadline => {} _ = stop.cancelled() => {} }
+            let afterword = tokio::time::sleep(AFTERWORD);
+            tokio::select! {
+                _ = &mut deadline => {}
+                _ = afterword, if opts.duration.is_none() => {}
+                _ = stop.cancelled() => {}
+            }
         }
         _ = &mut deadline => narrator.say("the demo's duration is up"),
         _ = stop.cancelled() => narrator.say("stopping"),
@@ -450,6 +464,7 @@ async fn tell(
     for c in &present {
         let mut req = TrainRequest::new(c);
         (req.trials, req.max_seconds) = (pace.trials, Some(pace.train_seconds));
+        req.hyper = Some(edgeloop_control_plane::training::Hyper { epochs: pace.epochs, ..Default::default() });
         let job = cp.learning.start(req, "demo: first training").map_err(|e| anyhow::anyhow!("training {c}: {e}"))?;
         jobs.push((c.to_string(), job));
     }
