@@ -101,7 +101,7 @@ impl Pace {
 }
 
 /// Without a duration, how long the fleet streams on after the story, before the summary.
-const AFTERWORD: Duration = Duration::from_secs(60);
+const AFTERWORD: Duration = Duration::from_secs(30);
 
 /// Holidays injected into the traffic devices, in days of event time, and the drift window.
 const HOLIDAY_DAYS: u64 = 8;
@@ -219,8 +219,8 @@ fn config(data_dir: &std::path::Path, mqtt_port: u16, pace: Pace) -> anyhow::Res
 }
 
 /// Runs the demo until `duration` passes (then returns the summary), or until `stop` fires. Without a
-/// duration, the story runs to its end and the fleet streams on for a minute more (about three minutes in
-/// all).
+/// duration, the story runs to its end and the fleet streams on for half a minute more (a little over three
+/// minutes in all).
 pub async fn run(opts: DemoOptions, stop: CancellationToken) -> anyhow::Result<Summary> {
     let pace = Pace::of(opts.fast);
     let cfg = config(&opts.data_dir, crate::free_port()?, pace)?;
