@@ -318,14 +318,19 @@ fn train_offline(cfg: Config, req: TrainRequest) -> anyhow::Result<()> {
     let m = train_class(&store, &devices, &class, &models, &req, &mut progress)?;
     bar.finish_and_clear();
     println!(
-        "{:>5} {:>4} {:>6} {:>5} {:>9} {:>5} {:>6} {:>12} {:>8}",
-        "trial", "rung", "width", "depth", "lr", "batch", "epochs", "val_loss", "seconds"
+        "{:>5} {:>10} {:>4} {:>6} {:>5} {:>9} {:>5} {:>6} {:>12} {:>8}",
+        "trial", "model", "rung", "width", "depth", "lr", "batch", "epochs", "val_loss", "seconds"
     );
     for t in &m.lineage.trials {
         let h = &t.hyper;
+        let model = match (h.window, m.kind.as_str()) {
+            (w, _) if w > 0 => format!("fcst/{w}"),
+            (_, "classifier") => "classifier".to_string(),
+            _ => "ae".to_string(),
+        };
         println!(
-            "{:>5} {:>4} {:>6} {:>5} {:>9.2e} {:>5} {:>6} {:>12.6} {:>8.2}",
-            t.id, t.rung, h.width, h.depth, h.lr, h.batch, t.epochs_run, t.val_loss, t.seconds
+            "{:>5} {:>10} {:>4} {:>6} {:>5} {:>9.2e} {:>5} {:>6} {:>12.6} {:>8.2}",
+            t.id, model, t.rung, h.width, h.depth, h.lr, h.batch, t.epochs_run, t.val_loss, t.seconds
         );
     }
     let r = &m.lineage.dataset_report;
@@ -336,6 +341,7 @@ fn train_offline(cfg: Config, req: TrainRequest) -> anyhow::Result<()> {
     );
     println!("cleaning  dropped {:?}, imputed {}, long gaps {}", r.dropped, r.imputed, r.long_gaps);
     println!("model     {} v{} ({}), sha256 {}, {} bytes", m.name, m.version, m.kind, m.sha256, m.size);
+    println!("choice    {}", m.lineage.selection);
     println!("threshold {:.6} ({})", m.threshold, m.lineage.threshold_source);
     println!(
         "metrics   val loss {:.6}, test loss {:.6}, test AUC {:?}, export max rel. error {:.2e}",
