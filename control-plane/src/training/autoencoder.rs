@@ -2,7 +2,7 @@
 //! its score is the mean squared reconstruction error. Trained with Adam on shuffled mini-batches, seeded,
 //! with early stopping on the validation loss (the best epoch's weights are kept).
 
-use super::mlp::{DenseWeights, Mlp};
+use super::mlp::{DenseWeights, EarlyStopping, Mlp};
 use super::{Hyper, TrainError};
 use crate::dataset::{Row, Standardizer};
 use candle_core::{Device, Tensor};
@@ -65,7 +65,7 @@ pub fn train(
     let mut opt = AdamW::new(model.vars(), ParamsAdamW { lr: h.lr, weight_decay: 0.0, ..Default::default() })?;
     let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
     let mut order: Vec<u32> = (0..train.len() as u32).collect();
-    let (mut best, mut best_loss, mut since_best, mut epochs_run) = (model.weights()?, f64::INFINITY, 0, 0);
+    let (mut stop, mut epochs_run) = (EarlyStopping::new(&model, h.patience)?, 0);
     for epoch in 0..h.epochs {
         // One gather per epoch, then contiguous batches: cheaper than a gather per batch.
         order.shuffle(&mut rng);
@@ -79,19 +79,11 @@ pub fn train(
         epochs_run = epoch + 1;
         let vl = row_errors(&model, &xv)?.mean_all()?.to_scalar::<f32>()? as f64;
         on_epoch(epoch, vl);
-        if !vl.is_finite() {
-            return Err(TrainError::Diverged { epoch });
-        }
-        if vl < best_loss - 1e-9 {
-            (best, best_loss, since_best) = (model.weights()?, vl, 0);
-        } else {
-            since_best += 1;
-            if since_best >= h.patience {
-                break;
-            }
+        if stop.observe(&model, epoch, vl)? {
+            break;
         }
     }
-    Ok(Autoencoder { weights: best, val_loss: best_loss, epochs_run })
+    Ok(Autoencoder { weights: stop.best, val_loss: stop.best_loss, epochs_run })
 }
 
 /// Scores raw rows with trained weights: standardise, reconstruct, mean squared error.

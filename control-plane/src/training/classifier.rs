@@ -2,7 +2,7 @@
 //! with cross-entropy, seeded, with early stopping on validation loss. Rows without a label are left out.
 
 use super::autoencoder::matrix;
-use super::mlp::{DenseWeights, Mlp};
+use super::mlp::{DenseWeights, EarlyStopping, Mlp};
 use super::{Hyper, TrainError};
 use crate::dataset::{Row, Standardizer};
 use candle_core::{Device, Tensor};
@@ -51,7 +51,7 @@ pub fn train(train: &[Row], val: &[Row], st: &Standardizer, h: &Hyper, seed: u64
     let mut opt = AdamW::new(model.vars(), ParamsAdamW { lr: h.lr, weight_decay: 0.0, ..Default::default() })?;
     let mut rng = StdRng::seed_from_u64(seed ^ 0xc1a55);
     let mut order: Vec<u32> = (0..tr.len() as u32).collect();
-    let (mut best, mut best_loss, mut since, mut epochs_run) = (model.weights()?, f64::INFINITY, 0, 0);
+    let (mut stop, mut epochs_run) = (EarlyStopping::new(&model, h.patience)?, 0);
     for epoch in 0..h.epochs {
         order.shuffle(&mut rng);
         for chunk in order.chunks(h.batch.max(1)) {
@@ -60,19 +60,11 @@ pub fn train(train: &[Row], val: &[Row], st: &Standardizer, h: &Hyper, seed: u64
         }
         epochs_run = epoch + 1;
         let vl = if va.is_empty() { 0.0 } else { loss(&model, &xv, &yv)?.to_scalar::<f32>()? as f64 };
-        if !vl.is_finite() {
-            return Err(TrainError::Diverged { epoch });
-        }
-        if vl < best_loss - 1e-9 {
-            (best, best_loss, since) = (model.weights()?, vl, 0);
-        } else {
-            since += 1;
-            if since >= h.patience {
-                break;
-            }
+        if stop.observe(&model, epoch, vl)? {
+            break;
         }
     }
-    Ok(Classifier { weights: best, classes, val_loss: best_loss, epochs_run })
+    Ok(Classifier { weights: stop.best, classes, val_loss: stop.best_loss, epochs_run })
 }
 
 /// Class probabilities per row, row-major `[rows, classes]`.

@@ -7,7 +7,7 @@
 //! taken within one split only, so no window straddles the time split; a window does not span a gap longer
 //! than [`MAX_GAP_FACTOR`] times the device's usual spacing.
 
-use super::mlp::{DenseWeights, Mlp};
+use super::mlp::{DenseWeights, EarlyStopping, Mlp};
 use super::{Hyper, TrainError};
 use crate::dataset::{Row, Standardizer};
 use candle_core::{Device, Tensor};
@@ -129,7 +129,7 @@ pub fn train(
     let mut opt = AdamW::new(model.vars(), ParamsAdamW { lr: h.lr, weight_decay: 0.0, ..Default::default() })?;
     let mut rng = StdRng::seed_from_u64(seed ^ 0xf0ca);
     let mut order: Vec<u32> = (0..train.len() as u32).collect();
-    let (mut best, mut best_loss, mut since_best, mut epochs_run) = (model.weights()?, f64::INFINITY, 0, 0);
+    let (mut stop, mut epochs_run) = (EarlyStopping::new(&model, h.patience)?, 0);
     for epoch in 0..h.epochs {
         order.shuffle(&mut rng);
         let idx = Tensor::from_slice(&order, order.len(), &dev)?;
@@ -142,24 +142,16 @@ pub fn train(
         }
         epochs_run = epoch + 1;
         let vl = model.forward(&hv)?.sub(&cv)?.sqr()?.mean_all()?.to_scalar::<f32>()? as f64;
-        if !vl.is_finite() {
-            return Err(TrainError::Diverged { epoch });
-        }
-        if vl < best_loss - 1e-9 {
-            (best, best_loss, since_best) = (model.weights()?, vl, 0);
-        } else {
-            since_best += 1;
-            if since_best >= h.patience {
-                break;
-            }
+        if stop.observe(&model, epoch, vl)? {
+            break;
         }
     }
-    model.load(&best)?;
+    model.load(&stop.best)?;
     // Each feature's residual spread on the training split, floored so a feature it predicts perfectly
     // cannot blow the score up.
     let resid = model.forward(&ht)?.sub(&ct)?.sqr()?.mean(0)?.to_vec1::<f32>()?;
     let residual_std = resid.iter().map(|v| v.sqrt().max(1e-3)).collect();
-    Ok(Forecaster { frames, weights: best, residual_std, val_loss: best_loss, epochs_run })
+    Ok(Forecaster { frames, weights: stop.best, residual_std, val_loss: stop.best_loss, epochs_run })
 }
 
 /// Scores raw windows with candle: mean over features of (residual / residual spread)².

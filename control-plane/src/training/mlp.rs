@@ -88,6 +88,35 @@ impl Mlp {
     }
 }
 
+/// Early stopping on the validation loss: keeps the best epoch's weights, and says when `patience` epochs in
+/// a row have not improved on it. A non-finite loss is divergence.
+pub struct EarlyStopping {
+    pub best: Vec<DenseWeights>,
+    pub best_loss: f64,
+    since_best: usize,
+    patience: usize,
+}
+
+impl EarlyStopping {
+    pub fn new(model: &Mlp, patience: usize) -> candle_core::Result<EarlyStopping> {
+        Ok(EarlyStopping { best: model.weights()?, best_loss: f64::INFINITY, since_best: 0, patience })
+    }
+
+    /// Records epoch `epoch`'s validation loss; `Ok(true)` means stop now.
+    pub fn observe(&mut self, model: &Mlp, epoch: usize, val_loss: f64) -> Result<bool, super::TrainError> {
+        if !val_loss.is_finite() {
+            return Err(super::TrainError::Diverged { epoch });
+        }
+        if val_loss < self.best_loss - 1e-9 {
+            (self.best, self.best_loss, self.since_best) = (model.weights()?, val_loss, 0);
+            Ok(false)
+        } else {
+            self.since_best += 1;
+            Ok(self.since_best >= self.patience)
+        }
+    }
+}
+
 /// Runs `weights` on one row without candle: the reference the exports are checked against.
 pub fn forward_plain(weights: &[DenseWeights], x: &[f32]) -> Vec<f32> {
     let mut x = x.to_vec();

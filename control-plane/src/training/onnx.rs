@@ -90,7 +90,18 @@ fn dense_body(
     let d = st.mean.len() as i64;
     initializer.extend([tensor("mean", &[d], &st.mean), tensor("std", &[d], &st.std)]);
     nodes.extend([node("Sub", &[INPUT, "mean"], "centred", vec![]), node("Div", &["centred", "std"], "z0", vec![])]);
-    let mut x = "z0".to_string();
+    dense_layers(weights, "z0", initializer, nodes)
+}
+
+/// The dense layers (`MatMul`, `Add`, `Relu`) applied to the tensor named `input`. Returns the last output's
+/// name.
+fn dense_layers(
+    weights: &[DenseWeights],
+    input: &str,
+    initializer: &mut Vec<pb::TensorProto>,
+    nodes: &mut Vec<pb::NodeProto>,
+) -> String {
+    let mut x = input.to_string();
     for (i, l) in weights.iter().enumerate() {
         let (w, b) = (format!("w{i}"), format!("b{i}"));
         initializer.push(tensor(&w, &[l.inputs as i64, l.outputs as i64], &l.w));
@@ -148,21 +159,7 @@ pub fn export_forecaster(f: &super::forecaster::Forecaster, st: &Standardizer, d
         node("MatMul", &["z", "select_history"], "history", vec![]),
         node("MatMul", &["z", "select_last"], "last", vec![]),
     ]);
-    let mut x = "history".to_string();
-    for (i, l) in f.weights.iter().enumerate() {
-        let (w, b) = (format!("w{i}"), format!("b{i}"));
-        initializer.push(tensor(&w, &[l.inputs as i64, l.outputs as i64], &l.w));
-        initializer.push(tensor(&b, &[l.outputs as i64], &l.b));
-        let (mm, add) = (format!("matmul{i}"), format!("dense{i}"));
-        nodes.push(node("MatMul", &[&x, &w], &mm, vec![]));
-        nodes.push(node("Add", &[&mm, &b], &add, vec![]));
-        x = add;
-        if l.relu {
-            let r = format!("relu{i}");
-            nodes.push(node("Relu", &[&x], &r, vec![]));
-            x = r;
-        }
-    }
+    let x = dense_layers(&f.weights, "history", &mut initializer, &mut nodes);
     nodes.push(node("Sub", &[&x, "last"], "residual", vec![]));
     nodes.push(node("Div", &["residual", "residual_std"], "scaled", vec![]));
     nodes.push(node("Mul", &["scaled", "scaled"], "squared", vec![]));

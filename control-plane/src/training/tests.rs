@@ -30,6 +30,14 @@ pub fn synthetic(n: usize, seed: u64) -> Dataset {
     assemble(spec, sensor, rows, QualityReport::default())
 }
 
+/// A model registry in a new temporary directory (kept alive by the returned guard).
+fn registry() -> (tempfile::TempDir, ModelRegistry) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = DurableDb::open(&dir.path().join("db"), Durability::Flush).unwrap();
+    let registry = ModelRegistry::open(&db, dir.path()).unwrap();
+    (dir, registry)
+}
+
 fn quick() -> Hyper {
     Hyper { width: 16, depth: 1, lr: 5e-3, epochs: 40, batch: 32, patience: 5, window: 0 }
 }
@@ -76,9 +84,7 @@ fn same_seed_same_model_bytes() {
 
 #[test]
 fn worse_model_is_not_promoted_and_lineage_is_recorded() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = DurableDb::open(&dir.path().join("db"), Durability::Flush).unwrap();
-    let registry = ModelRegistry::open(&db, dir.path()).unwrap();
+    let (_dir, registry) = registry();
     let ds = synthetic(1500, 4);
     let mut req = TrainRequest::new("synthetic");
     req.trials = 1;
@@ -156,9 +162,7 @@ fn clusters(n: usize, seed: u64) -> Dataset {
 
 #[test]
 fn classifier_beats_the_majority_class_by_a_wide_margin() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = DurableDb::open(&dir.path().join("db"), Durability::Flush).unwrap();
-    let registry = ModelRegistry::open(&db, dir.path()).unwrap();
+    let (_dir, registry) = registry();
     let ds = clusters(1500, 9);
     let mut req = TrainRequest::new("clusters");
     req.kind = super::run::ModelKind::Classifier;
@@ -189,9 +193,7 @@ fn classifier_beats_the_majority_class_by_a_wide_margin() {
 
 #[test]
 fn a_model_of_another_sensor_never_replaces_production() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = DurableDb::open(&dir.path().join("db"), Durability::Flush).unwrap();
-    let registry = ModelRegistry::open(&db, dir.path()).unwrap();
+    let (_dir, registry) = registry();
     let mut req = TrainRequest::new("synthetic");
     req.trials = 1;
     // A poor first model of sensor `s` (one epoch at a tiny learning rate)...
@@ -211,9 +213,7 @@ fn a_model_of_another_sensor_never_replaces_production() {
 
 #[test]
 fn classifier_needs_labelled_validation_rows() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = DurableDb::open(&dir.path().join("db"), Durability::Flush).unwrap();
-    let registry = ModelRegistry::open(&db, dir.path()).unwrap();
+    let (_dir, registry) = registry();
     let mut ds = clusters(600, 3);
     ds.val.iter_mut().for_each(|r| r.label = None);
     let mut req = TrainRequest::new("clusters");
@@ -245,9 +245,7 @@ fn sines(n: usize, seed: u64) -> Dataset {
 
 #[test]
 fn a_forecaster_is_chosen_where_context_matters_and_beats_an_autoencoder_in_production() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = DurableDb::open(&dir.path().join("db"), Durability::Flush).unwrap();
-    let registry = ModelRegistry::open(&db, dir.path()).unwrap();
+    let (_dir, registry) = registry();
     let ds = sines(3000, 9);
     // In production: an autoencoder of the same class, as an earlier training would have left it.
     let ae = autoencoder::train(&ds.train, &ds.val, &ds.standardizer, &quick(), 1, &mut |_, _| {}).unwrap();
@@ -288,9 +286,7 @@ fn a_forecaster_is_chosen_where_context_matters_and_beats_an_autoencoder_in_prod
 
 #[test]
 fn the_autoencoder_is_kept_where_readings_are_independent() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = DurableDb::open(&dir.path().join("db"), Durability::Flush).unwrap();
-    let registry = ModelRegistry::open(&db, dir.path()).unwrap();
+    let (_dir, registry) = registry();
     let ds = synthetic(1500, 4);
     let mut req = TrainRequest::new("synthetic");
     req.trials = 1;
