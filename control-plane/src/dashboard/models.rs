@@ -67,7 +67,7 @@ pub async fn list(State(s): State<AppState>, who: Who) -> Response {
         }
         section #jobs data-live aria-labelledby="jobs-h" {
             h2 #jobs-h { "Training jobs" }
-            @if jobs.is_empty() { p.muted { "No training since the control plane started." } }
+            @if jobs.is_empty() { p.muted { "No training yet." } }
             @else {
                 div.scroll { table {
                     thead { tr { th.num { "Job" } th { "Class" } th { "Cause" } th { "State" } th { "Progress" } th { "Result" } } }
