@@ -79,6 +79,8 @@ pub struct Learning {
     db: DurableDb,
     jobs_tree: sled::Tree,
     triggers_tree: sled::Tree,
+    /// Serialises writes to the two trees, so that the last write of a job is of its latest state.
+    write_lock: Mutex<()>,
 }
 
 /// The latest drift measurement of a class: PSI per feature against its production model's training set.
@@ -142,21 +144,32 @@ impl Learning {
             db: db.clone(),
             jobs_tree,
             triggers_tree,
+            write_lock: Mutex::new(()),
         })
     }
 
+    /// Inserts into one of the service's trees and commits (flush and `fdatasync`). Blocking.
+    fn write(&self, tree: &sled::Tree, key: u64, value: Vec<u8>) -> Result<(), StoreError> {
+        tree.insert(key.to_be_bytes(), value)?;
+        self.db.commit()?;
+        Ok(())
+    }
+
     /// Writes job `id` as it is now, durably. A failure is logged: the job goes on, and the API shows it
-    /// until the next restart.
+    /// until the next restart. Blocking: async callers use [`Learning::persist_soon`].
     fn persist(&self, id: u64) {
+        let _serial = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
         let Some(job) = self.job(id) else { return };
-        let written = self
-            .jobs_tree
-            .insert(id.to_be_bytes(), edgeloop_common::signing::to_cbor(&job))
-            .map_err(StoreError::from)
-            .and_then(|_| self.db.commit().map_err(StoreError::from));
-        if let Err(e) = written {
+        if let Err(e) = self.write(&self.jobs_tree, id, edgeloop_common::signing::to_cbor(&job)) {
             tracing::error!(job = id, error = %e, "cannot keep the training job in the store");
         }
+    }
+
+    /// [`Learning::persist`] on the blocking pool, off the async workers. Each write reads the job's state
+    /// when it runs, under the write lock, so the last one written is the latest.
+    fn persist_soon(self: &Arc<Self>, id: u64) {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.persist(id));
     }
 
     fn jobs(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Job>> {
@@ -182,19 +195,18 @@ impl Learning {
         self.devices.list().iter().filter(|d| d.class == class).map(|d| d.records).sum()
     }
 
+    /// Keeps a trigger event, durably and in the list the API shows. Blocking.
     pub fn record_trigger(&self, e: TriggerEvent) {
-        let key = self.triggers_tree.last().ok().flatten().map_or(1, |(k, _)| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&k[..8]);
-            u64::from_be_bytes(b) + 1
-        });
-        let written = self
-            .triggers_tree
-            .insert(key.to_be_bytes(), edgeloop_common::signing::to_cbor(&e))
-            .map_err(StoreError::from)
-            .and_then(|_| self.db.commit().map_err(StoreError::from));
-        if let Err(err) = written {
-            tracing::error!(error = %err, "cannot keep the trigger event in the store");
+        {
+            let _serial = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+            let key = self.triggers_tree.last().ok().flatten().map_or(1, |(k, _)| {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&k[..8]);
+                u64::from_be_bytes(b) + 1
+            });
+            if let Err(err) = self.write(&self.triggers_tree, key, edgeloop_common::signing::to_cbor(&e)) {
+                tracing::error!(error = %err, "cannot keep the trigger event in the store");
+            }
         }
         let mut events = self.trigger_events.lock().unwrap_or_else(|p| p.into_inner());
         if events.len() == MAX_TRIGGER_EVENTS {
@@ -263,13 +275,13 @@ impl Learning {
                 finished_ms: None,
             },
         );
-        self.persist(id);
+        self.persist_soon(id);
         tracing::info!(job = id, %class, cause, "training queued");
         let this = self.clone();
         tokio::spawn(async move {
             let Ok(_permit) = this.one_at_a_time.acquire().await else { return };
             this.update(id, |j| j.state = JobState::Running);
-            this.persist(id);
+            this.persist_soon(id);
             let worker = this.clone();
             let outcome = tokio::task::spawn_blocking(move || {
                 let class_cfg = worker.classes.get(&class).cloned();
@@ -300,7 +312,7 @@ impl Learning {
                             reason: m.promotion.reason,
                         });
                     });
-                    this.persist(id);
+                    this.persist_soon(id);
                 }
                 Ok(Err(e)) => this.fail(id, now, e),
                 Err(e) => this.fail(id, now, format!("training panicked: {e}")),
@@ -309,14 +321,14 @@ impl Learning {
         Ok(id)
     }
 
-    fn fail(&self, id: u64, now: u64, e: String) {
+    fn fail(self: &Arc<Self>, id: u64, now: u64, e: String) {
         tracing::warn!(job = id, error = %e, "training failed");
         self.update(id, |j| {
             j.state = JobState::Failed;
             j.finished_ms = Some(now);
             j.error = Some(e);
         });
-        self.persist(id);
+        self.persist_soon(id);
     }
 }
 

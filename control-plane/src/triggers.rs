@@ -216,7 +216,12 @@ pub async fn run(learning: Arc<Learning>, cancel: CancellationToken) {
                 Err(e) => (None, Some(e.to_string())),
             };
             *state = TriggerState { last_train_ms: Some(now), records_at_last_train: records };
-            learning.record_trigger(TriggerEvent { class: cfg.class.clone(), at_ms: now, cause, job, error });
+            let event = TriggerEvent { class: cfg.class.clone(), at_ms: now, cause, job, error };
+            let l = learning.clone();
+            // A durable write (fdatasync): off the async workers.
+            if let Err(e) = tokio::task::spawn_blocking(move || l.record_trigger(event)).await {
+                tracing::error!(error = %e, "recording the trigger event panicked");
+            }
         }
     }
 }

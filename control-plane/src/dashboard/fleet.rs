@@ -233,7 +233,7 @@ fn sensor_charts(sensor: &str, records: &[&Record], names: &[String], threshold:
 /// the pipeline of a registered model of the class, else guessed from the width (pipeline v1 has two
 /// families of different widths).
 fn feature_names(
-    s: &AppState,
+    models: &[crate::models::ModelVersion],
     class_name: &str,
     sensor: &str,
     class: Option<&edgeloop_common::config::ClassConfig>,
@@ -243,11 +243,10 @@ fn feature_names(
     if let Some(x) = class.and_then(|c| c.sensors.iter().find(|x| x.name == sensor)) {
         return edgeloop_common::config::ClassConfig::sensor_spec(x).feature_names();
     }
-    let from_model = s.learning.models.list().ok().and_then(|ms| {
-        ms.into_iter()
-            .filter(|m| m.class == class_name)
-            .find_map(|m| m.pipeline.sensors.into_iter().find(|x| x.name == sensor))
-    });
+    let from_model = models
+        .iter()
+        .filter(|m| m.class == class_name)
+        .find_map(|m| m.pipeline.sensors.iter().find(|x| x.name == sensor).cloned());
     if let Some(spec) = from_model {
         return spec.feature_names();
     }
@@ -276,17 +275,16 @@ pub async fn device(State(s): State<AppState>, who: Who, Path(id): Path<String>)
             &format!("No device `{id}` has reported to this control plane."),
         );
     };
+    // The store and the model registry are read on the blocking pool.
     let st = s.clone();
     let dev = id.clone();
-    let records = match tokio::task::spawn_blocking(move || recent(&st, &dev, CHART_RECORDS)).await {
-        Ok(Ok(r)) => r,
-        Ok(Err(e)) => {
-            return page_error(
-                Some(&who),
-                StatusCode::INTERNAL_SERVER_ERROR,
-                &format!("Reading the device's records failed: {e}"),
-            )
-        }
+    let read = tokio::task::spawn_blocking(move || -> Result<_, String> {
+        let records = recent(&st, &dev, CHART_RECORDS).map_err(|e| e.to_string())?;
+        let models = st.learning.models.list().map_err(|e| e.to_string())?;
+        Ok((records, models))
+    });
+    let (records, models) = match read.await.map_err(|e| e.to_string()).and_then(|r| r) {
+        Ok(r) => r,
         Err(e) => {
             return page_error(
                 Some(&who),
@@ -298,8 +296,7 @@ pub async fn device(State(s): State<AppState>, who: Who, Path(id): Path<String>)
     let now = edgeloop_common::unix_millis();
     // The threshold of the model the device runs, when the registry knows it.
     let active = d.latest_update().and_then(|u| u.active_sha256.clone());
-    let threshold =
-        active.and_then(|sha| s.learning.models.by_sha(&sha).ok().flatten()).map(|m| f64::from(m.threshold));
+    let threshold = active.and_then(|sha| models.iter().find(|m| m.sha256 == sha)).map(|m| f64::from(m.threshold));
     let class = s.learning.classes.get(&d.class);
     let mut sensors: BTreeMap<&str, Vec<&Record>> = BTreeMap::new();
     for r in &records {
@@ -324,7 +321,7 @@ pub async fn device(State(s): State<AppState>, who: Who, Path(id): Path<String>)
             h2 #charts-h { "Live data" span.muted { " (last " (records.len()) " records; red dots are windows the model flagged)" } }
             @if records.is_empty() { p.muted { "No records stored yet." } }
             @for (sensor, rs) in &sensors {
-                (sensor_charts(sensor, rs, &feature_names(&s, &d.class, sensor, class, rs), threshold))
+                (sensor_charts(sensor, rs, &feature_names(&models, &d.class, sensor, class, rs), threshold))
             }
         }
         section #heartbeat data-live aria-labelledby="heartbeat-h" {
