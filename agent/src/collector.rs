@@ -165,7 +165,11 @@ mod tests {
     fn collector(dir: &std::path::Path, model: bool) -> Collector {
         let spec = PipelineSpec {
             version: 1,
-            sensors: vec![SensorSpec { name: "t".into(), channels: 2, features: FeatureKind::Slow { rolling: 4 } }],
+            sensors: vec![SensorSpec {
+                name: "t".into(),
+                channels: 2,
+                features: FeatureKind::Slow { rolling: 4, season: 0 },
+            }],
         };
         let outbox = Arc::new(Outbox::open(dir, Durability::Flush, 1 << 20).unwrap());
         let health = Arc::new(Health::default());

@@ -109,6 +109,9 @@ pub struct AgentHandle {
     pub health: Arc<Health>,
     pub outbox: Arc<Outbox>,
     pub counters: Arc<UplinkCounters>,
+    /// Where the collector takes its model from: [`ModelSlot::set_active`] swaps it between two samples,
+    /// keeping the feature pipeline's state (a restart would begin its rolling and seasonal windows anew).
+    pub slot: Arc<ModelSlot>,
     task: JoinHandle<anyhow::Result<()>>,
 }
 
@@ -173,6 +176,7 @@ impl Agent {
             (None, None) => tracing::info!("no model yet: collecting only"),
         }
         let collector = Collector::new(&spec, slot.clone(), cfg.model_sensor.clone(), outbox.clone(), health.clone());
+        let handle_slot = slot.clone();
 
         let mut sources = extra;
         for s in &cfg.sources {
@@ -275,6 +279,6 @@ impl Agent {
         let device = cfg.device_id.clone();
         let task =
             tokio::spawn(supervise(cancel, source_tasks, collector_task, collector_cancel, uplink_task, uplink_cancel));
-        Ok(AgentHandle { device, health, outbox, counters, task })
+        Ok(AgentHandle { device, health, outbox, counters, slot: handle_slot, task })
     }
 }

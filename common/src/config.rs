@@ -154,6 +154,10 @@ pub struct SensorConfig {
     /// Slow signals: rolling window in samples.
     #[serde(default = "default_rolling")]
     pub rolling: usize,
+    /// Slow signals: samples in one cycle of the process (a day or a week of readings; 0, the default, for
+    /// none). Adds the change from one season earlier and its z-score to the features.
+    #[serde(default)]
+    pub season: usize,
     /// Physically valid range; readings outside it are cleaned out of training sets.
     pub valid_min: Option<f64>,
     pub valid_max: Option<f64>,
@@ -277,10 +281,12 @@ impl ClassConfig {
                             format!("must be between 1 and the window ({window})"),
                         )?;
                     }
+                    c.check(s.season == 0, key("season"), "applies to slow signals only")?;
                 }
                 SignalKind::Slow => {
                     c.check(s.window.is_none(), key("window"), "applies to fast signals only; use `rolling`")?;
                     c.check((1..=100_000).contains(&s.rolling), key("rolling"), "must be between 1 and 100000")?;
+                    c.check(s.season <= 100_000, key("season"), "must be at most 100000 samples (0 for none)")?;
                 }
             }
         }
@@ -320,7 +326,7 @@ impl ClassConfig {
                     let window = s.window.unwrap_or(2);
                     FeatureKind::Window { window, hop: s.hop.unwrap_or(window) }
                 }
-                SignalKind::Slow => FeatureKind::Slow { rolling: s.rolling },
+                SignalKind::Slow => FeatureKind::Slow { rolling: s.rolling, season: s.season },
             },
         }
     }

@@ -8,6 +8,10 @@
 //!   each reduced to [`WINDOW_FEATURES`]: mean, std, min, max, rms, peak-to-peak, kurtosis, crest factor.
 //! - **Slow signals** (temperature, air quality): one vector per sample per channel with [`SLOW_FEATURES`]:
 //!   value, delta from the previous sample, rolling mean, rolling std and z-score over the last `rolling` samples.
+//!   A slow signal with a `season` (the samples in one cycle of the process, a day or a week of readings) adds
+//!   [`SEASON_FEATURES`]: the change from the same point one season earlier, and that change's z-score against
+//!   the changes of the last season. A rolling window cannot hold a day or a week of context; these two do, in
+//!   `2 × season` numbers per channel.
 //!
 //! Every output is finite for any finite input: statistics are computed on values scaled by the window's
 //! largest magnitude, degenerate ratios (zero variance, zero rms) are defined as 0, and the results saturate at
@@ -21,6 +25,10 @@ use std::collections::VecDeque;
 pub const WINDOW_FEATURES: [&str; 8] = ["mean", "std", "min", "max", "rms", "p2p", "kurtosis", "crest"];
 /// Names of the slow-signal features, in output order.
 pub const SLOW_FEATURES: [&str; 5] = ["value", "delta", "rolling_mean", "rolling_std", "zscore"];
+/// Names of the features a slow signal with a season adds after [`SLOW_FEATURES`].
+pub const SEASON_FEATURES: [&str; 2] = ["season_delta", "season_zscore"];
+const SLOW_SEASON_FEATURES: [&str; 7] =
+    ["value", "delta", "rolling_mean", "rolling_std", "zscore", "season_delta", "season_zscore"];
 
 /// The whole pipeline: one entry per sensor.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -47,8 +55,17 @@ pub struct SensorSpec {
 pub enum FeatureKind {
     /// Windowed statistics; a vector every `hop` samples once `window` samples are buffered.
     Window { window: usize, hop: usize },
-    /// Per-sample features with a rolling window of `rolling` samples.
-    Slow { rolling: usize },
+    /// Per-sample features with a rolling window of `rolling` samples, and with `season` > 0 the seasonal
+    /// features over `season` samples (absent from older specs, which mean 0).
+    Slow {
+        rolling: usize,
+        #[serde(default, skip_serializing_if = "is_zero")]
+        season: usize,
+    },
+}
+
+fn is_zero(x: &usize) -> bool {
+    *x == 0
 }
 
 impl SensorSpec {
@@ -60,7 +77,8 @@ impl SensorSpec {
     fn per_channel(&self) -> &'static [&'static str] {
         match self.features {
             FeatureKind::Window { .. } => &WINDOW_FEATURES,
-            FeatureKind::Slow { .. } => &SLOW_FEATURES,
+            FeatureKind::Slow { season: 0, .. } => &SLOW_FEATURES,
+            FeatureKind::Slow { .. } => &SLOW_SEASON_FEATURES,
         }
     }
 
@@ -83,6 +101,36 @@ pub struct SensorPipeline {
     buffers: Vec<VecDeque<f64>>,
     /// Slow signals: the previous sample per channel.
     previous: Vec<Option<f64>>,
+    /// Slow signals with a season: per channel, the last season of values and of seasonal changes.
+    seasons: Vec<Season>,
+}
+
+/// The seasonal state of one channel.
+#[derive(Debug, Clone, Default)]
+struct Season {
+    values: VecDeque<f64>,
+    changes: VecDeque<f64>,
+}
+
+impl Season {
+    /// Adds `v` and returns its change from one season earlier (0 until a season has passed) and that change's
+    /// z-score against the changes of the season before it (0 until there are two, or while they are constant).
+    fn push(&mut self, v: f64, season: usize) -> (f64, f64) {
+        let mut out = (0.0, 0.0);
+        if self.values.len() == season {
+            let then = self.values.pop_front().unwrap_or(v);
+            let change = (v / 2.0 - then / 2.0) * 2.0;
+            let (mean, std) = mean_std(self.changes.make_contiguous());
+            let z = if std > 0.0 && self.changes.len() >= 2 { (change / 2.0 - mean / 2.0) / std * 2.0 } else { 0.0 };
+            if self.changes.len() == season {
+                self.changes.pop_front();
+            }
+            self.changes.push_back(change);
+            out = (change, z);
+        }
+        self.values.push_back(v);
+        out
+    }
 }
 
 /// A sample whose channel count differs from the spec.
@@ -98,11 +146,12 @@ impl SensorPipeline {
     pub fn new(spec: SensorSpec) -> Self {
         let cap = match spec.features {
             FeatureKind::Window { window, .. } => window,
-            FeatureKind::Slow { rolling } => rolling,
+            FeatureKind::Slow { rolling, .. } => rolling,
         };
         SensorPipeline {
             buffers: vec![VecDeque::with_capacity(cap); spec.channels],
             previous: vec![None; spec.channels],
+            seasons: vec![Season::default(); spec.channels],
             spec,
         }
     }
@@ -122,7 +171,7 @@ impl SensorPipeline {
         }
         Ok(match self.spec.features {
             FeatureKind::Window { window, hop } => self.push_window(values, window, hop),
-            FeatureKind::Slow { rolling } => Some(self.push_slow(values, rolling)),
+            FeatureKind::Slow { rolling, season } => Some(self.push_slow(values, rolling, season)),
         })
     }
 
@@ -142,9 +191,10 @@ impl SensorPipeline {
         Some(out)
     }
 
-    fn push_slow(&mut self, values: &[f64], rolling: usize) -> Vec<f32> {
+    fn push_slow(&mut self, values: &[f64], rolling: usize, season: usize) -> Vec<f32> {
         let mut out = Vec::with_capacity(self.spec.width());
-        for ((buf, prev), &v) in self.buffers.iter_mut().zip(&mut self.previous).zip(values) {
+        let channels = self.buffers.iter_mut().zip(&mut self.previous).zip(&mut self.seasons);
+        for (((buf, prev), seasonal), &v) in channels.zip(values) {
             if buf.len() == rolling.max(1) {
                 buf.pop_front();
             }
@@ -154,6 +204,10 @@ impl SensorPipeline {
             let (mean, std) = mean_std(buf.make_contiguous());
             let z = if std > 0.0 { (v / 2.0 - mean / 2.0) / std * 2.0 } else { 0.0 };
             out.extend([v, delta, mean, std, z].iter().map(|&x| saturate(x)));
+            if season > 0 {
+                let (change, change_z) = seasonal.push(v, season);
+                out.extend([saturate(change), saturate(change_z)]);
+            }
         }
         out
     }
@@ -270,7 +324,7 @@ mod tests {
 
     #[test]
     fn slow_features() {
-        let spec = SensorSpec { name: "t".into(), channels: 1, features: FeatureKind::Slow { rolling: 3 } };
+        let spec = SensorSpec { name: "t".into(), channels: 1, features: FeatureKind::Slow { rolling: 3, season: 0 } };
         assert_eq!(spec.feature_names(), SLOW_FEATURES);
         let mut p = SensorPipeline::new(spec);
         assert_eq!(p.push(&[10.0]).unwrap().unwrap(), vec![10.0, 0.0, 10.0, 0.0, 0.0]);
@@ -284,12 +338,49 @@ mod tests {
     }
 
     #[test]
+    fn seasonal_features_compare_with_one_season_earlier() {
+        let spec = SensorSpec { name: "t".into(), channels: 1, features: FeatureKind::Slow { rolling: 2, season: 3 } };
+        assert_eq!(spec.width(), 7);
+        assert_eq!(&spec.feature_names()[5..], SEASON_FEATURES);
+        let mut p = SensorPipeline::new(spec);
+        // Until a season has passed there is nothing to compare with.
+        for v in [1.0, 5.0, 9.0] {
+            assert_eq!(&p.push(&[v]).unwrap().unwrap()[5..], &[0.0, 0.0]);
+        }
+        // A repeating cycle changes by 0 from one season to the next.
+        let cycle: Vec<Vec<f32>> = [1.0, 5.0, 9.0, 1.0].iter().map(|&v| p.push(&[v]).unwrap().unwrap()).collect();
+        assert!(cycle.iter().all(|f| f[5] == 0.0 && f[6] == 0.0), "{cycle:?}");
+        // A value that breaks the cycle: +4 from the same point last season, while the changes were all 0
+        // (their spread is 0, so the z-score stays 0 rather than dividing by it).
+        let broken = p.push(&[9.0]).unwrap().unwrap();
+        assert_eq!(broken[5], 4.0);
+        assert_eq!(broken[6], 0.0);
+        // Back in the cycle: the change is 0 again, and now its z-score is measured against the +4 (mean 4/3,
+        // spread sqrt(32/9)): (0 - 4/3) / 1.8856 = -0.7071.
+        let back = p.push(&[9.0]).unwrap().unwrap();
+        assert_eq!(back[5], 0.0);
+        assert!((back[6] + 0.70710677).abs() < 1e-5, "{back:?}");
+        // Specs without a season encode as before (so signed manifests verify), and older specs read as 0.
+        #[derive(Serialize)]
+        #[serde(tag = "kind", rename_all = "snake_case")]
+        enum Before {
+            Slow { rolling: usize },
+        }
+        let (mut before, mut now) = (Vec::new(), Vec::new());
+        ciborium::into_writer(&Before::Slow { rolling: 12 }, &mut before).unwrap();
+        ciborium::into_writer(&FeatureKind::Slow { rolling: 12, season: 0 }, &mut now).unwrap();
+        assert_eq!(before, now);
+        let read: FeatureKind = ciborium::from_reader(&before[..]).unwrap();
+        assert_eq!(read, FeatureKind::Slow { rolling: 12, season: 0 });
+    }
+
+    #[test]
     fn spec_serialises() {
         let spec = PipelineSpec {
             version: 1,
             sensors: vec![
                 window_spec(256, 128, 3),
-                SensorSpec { name: "t".into(), channels: 1, features: FeatureKind::Slow { rolling: 60 } },
+                SensorSpec { name: "t".into(), channels: 1, features: FeatureKind::Slow { rolling: 60, season: 0 } },
             ],
         };
         let mut bytes = Vec::new();
@@ -330,9 +421,9 @@ mod tests {
 
         #[test]
         fn slow_output_finite_and_deterministic(
-            samples in proptest::collection::vec(finite(), 1..64), rolling in 1usize..20,
+            samples in proptest::collection::vec(finite(), 1..64), rolling in 1usize..20, season in 0usize..8,
         ) {
-            let spec = SensorSpec { name: "t".into(), channels: 1, features: FeatureKind::Slow { rolling } };
+            let spec = SensorSpec { name: "t".into(), channels: 1, features: FeatureKind::Slow { rolling, season } };
             let run = || {
                 let mut p = SensorPipeline::new(spec.clone());
                 samples.iter().map(|&s| p.push(&[s]).unwrap().unwrap()).collect::<Vec<_>>()
@@ -340,6 +431,7 @@ mod tests {
             let (a, b) = (run(), run());
             prop_assert_eq!(&a, &b);
             prop_assert!(a.iter().flatten().all(|x| x.is_finite()));
+            prop_assert!(a.iter().all(|v| v.len() == spec.width()));
         }
     }
 }
