@@ -18,7 +18,7 @@ fn rows(n: usize, seed: u64) -> Vec<Row> {
             let base: Vec<f32> = (0..8).map(|_| rng.gen_range(-1.0..1.0)).collect();
             let features =
                 (0..32).map(|j| base[j % 8] * (1.0 + j as f32 / 32.0) + rng.gen_range(-0.05..0.05)).collect();
-            Row { device: "bench".into(), ts_ms: i as u64, features, label: None }
+            Row { device: "bench".into(), ts_ms: i as u64, features, label: None, flagged: false }
         })
         .collect()
 }

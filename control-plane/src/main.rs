@@ -54,6 +54,9 @@ enum Command {
         trials: Option<usize>,
         #[arg(long)]
         seed: Option<u64>,
+        /// Keep the rows the agents flagged out of training (while they are at most 10% of it).
+        #[arg(long)]
+        exclude_flagged: bool,
     },
     /// Manage operator bearer tokens (works while the control plane runs).
     Tokens {
@@ -261,8 +264,9 @@ fn main() -> ExitCode {
     };
     let result = match command {
         Command::Run { .. } => runtime.block_on(run(cfg)),
-        Command::Train { class, sensor, from, to, trials, seed, .. } => {
+        Command::Train { class, sensor, from, to, trials, seed, exclude_flagged, .. } => {
             let mut req = TrainRequest::new(&class);
+            req.dataset.exclude_flagged = exclude_flagged;
             (req.dataset.sensor, req.dataset.from_ms, req.dataset.to_ms) = (sensor, from, to);
             req.trials = trials.unwrap_or(cfg.training.trials);
             req.seed = seed.unwrap_or(cfg.training.seed);

@@ -52,6 +52,9 @@ pub struct TriggerConfig {
     /// start a training at every check.
     #[serde(default = "default_min_interval_secs")]
     pub min_interval_secs: u64,
+    /// Triggered trainings keep the rows the agents flagged out of training (`DatasetSpec::exclude_flagged`).
+    #[serde(default)]
+    pub exclude_flagged: bool,
 }
 
 /// Why a training was started.
@@ -207,6 +210,7 @@ pub async fn run(learning: Arc<Learning>, cancel: CancellationToken) {
             let Some(cause) = evaluate(cfg, state, now, records, &psi, &names) else { continue };
             let mut req = TrainRequest::new(&cfg.class);
             (req.trials, req.seed) = (learning.defaults.trials, learning.defaults.seed);
+            req.dataset.exclude_flagged = cfg.exclude_flagged;
             // Retrain the sensor the production model watches (the class's first one if none yet).
             req.dataset.sensor = learning.models.production(&cfg.class).ok().flatten().map(|m| m.sensor);
             let started = learning.start(req, &format!("trigger: {cause:?}"));
@@ -239,6 +243,7 @@ mod tests {
             drift_window_secs: 60,
             check_secs: 1,
             min_interval_secs: 0,
+            exclude_flagged: false,
         }
     }
 

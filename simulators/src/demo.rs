@@ -214,6 +214,8 @@ fn config(data_dir: &std::path::Path, mqtt_port: u16, pace: Pace) -> anyhow::Res
         check_secs: 1,
         // The holidays outlast a retraining; the story has room for one every so often.
         min_interval_secs: pace.min_retrain_interval_secs,
+        // The holidays are drift to learn, flagged or not.
+        exclude_flagged: false,
     }];
     Ok(cfg)
 }

@@ -35,6 +35,9 @@ pub struct TrainBody {
     pub seed: Option<u64>,
     #[serde(default)]
     pub impute: Option<ImputeMethod>,
+    /// Keep the rows the agents flagged out of an anomaly model's training (see `DatasetSpec`).
+    #[serde(default)]
+    pub exclude_flagged: bool,
     /// `autoencoder` (default) or `classifier`.
     #[serde(default)]
     pub kind: ModelKind,
@@ -67,6 +70,7 @@ pub async fn train(
     if let Some(m) = b.impute {
         dataset.impute = m;
     }
+    dataset.exclude_flagged = b.exclude_flagged;
     let req = TrainRequest {
         dataset,
         kind: b.kind,

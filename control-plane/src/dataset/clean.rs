@@ -98,6 +98,7 @@ mod tests {
             window: Some(4),
             hop: None,
             rolling: 3,
+            season: 0,
             valid_min: Some(-10.0),
             valid_max: Some(10.0),
             unit: String::new(),

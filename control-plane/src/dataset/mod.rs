@@ -19,8 +19,8 @@ pub mod impute;
 
 use crate::store::{Query, StoreError, TelemetryStore};
 use edgeloop_common::config::{ClassConfig, SensorConfig, SignalKind};
-use edgeloop_common::envelope::Record;
-use edgeloop_common::features::{SensorPipeline, SensorSpec, SLOW_FEATURES};
+use edgeloop_common::envelope::{Record, FLAG_ANOMALY};
+use edgeloop_common::features::{SensorPipeline, SensorSpec};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -57,7 +57,16 @@ pub struct DatasetSpec {
     pub train_share: f64,
     #[serde(default = "default_val_share")]
     pub val_share: f64,
+    /// Keep rows the agents' model flagged out of an anomaly model's training (as rows labelled anomalous
+    /// are), so that a retraining does not learn the anomalies it was meant to catch; unless they are more
+    /// than [`MAX_EXCLUDED_FLAGGED`] of the training split, which is drift to learn rather than anomalies.
+    #[serde(default)]
+    pub exclude_flagged: bool,
 }
+
+/// Above this share of flagged training rows, `exclude_flagged` keeps them all: the flags mean the
+/// production model no longer fits, and the new one must learn what it sees.
+pub const MAX_EXCLUDED_FLAGGED: f64 = 0.1;
 
 fn default_max_gap() -> usize {
     5
@@ -81,6 +90,7 @@ impl DatasetSpec {
             max_gap: default_max_gap(),
             train_share: default_train_share(),
             val_share: default_val_share(),
+            exclude_flagged: false,
         }
     }
 }
@@ -93,6 +103,13 @@ pub struct Row {
     pub features: Vec<f32>,
     /// Operator or simulator label covering this time, if any (0 means normal).
     pub label: Option<u32>,
+    /// The agent's model flagged the record as an anomaly when it scored it (imputed rows: never).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub flagged: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// Per-feature mean and standard deviation, fitted on the training split.
@@ -144,6 +161,9 @@ pub struct QualityReport {
     pub test: u64,
     /// Rows per label; unlabelled rows count under "unlabelled".
     pub class_balance: BTreeMap<String, u64>,
+    /// Rows whose record the agent's model flagged as an anomaly.
+    #[serde(default)]
+    pub flagged: u64,
 }
 
 /// A built dataset.
@@ -213,16 +233,26 @@ pub fn device_rows(
     let pipeline_spec = ClassConfig::sensor_spec(sensor);
     let mine: Vec<&Record> = records.iter().filter(|r| r.sensor == sensor.name).collect();
     report.records_in += mine.len() as u64;
+    let flagged_at: std::collections::HashSet<u64> =
+        mine.iter().filter(|r| r.flags & FLAG_ANOMALY != 0).map(|r| r.ts_ms).collect();
+    let row = |ts: u64, features: Vec<f32>| Row {
+        device: device.to_string(),
+        ts_ms: ts,
+        features,
+        label: label_at(labels, device, ts),
+        flagged: flagged_at.contains(&ts),
+    };
     let mut rows = Vec::new();
     match sensor.kind {
         SignalKind::Fast => {
             let kept = clean::clean_fast(&mine, sensor, &mut report.dropped);
             for (ts, features) in kept {
-                rows.push(Row { device: device.to_string(), ts_ms: ts, features, label: label_at(labels, device, ts) });
+                rows.push(row(ts, features));
             }
         }
         SignalKind::Slow => {
-            let width = SLOW_FEATURES.len();
+            // Each channel's features start with its value (a seasonal sensor has more features per channel).
+            let width = pipeline_spec.width() / sensor.channels.max(1);
             let raw: Vec<(u64, Vec<f64>)> = mine
                 .iter()
                 .map(|r| {
@@ -240,12 +270,7 @@ pub fn device_rows(
                 let mut p = SensorPipeline::new(pipeline_spec.clone());
                 for (ts, values) in segment {
                     if let Ok(Some(features)) = p.push(&values) {
-                        rows.push(Row {
-                            device: device.to_string(),
-                            ts_ms: ts,
-                            features,
-                            label: label_at(labels, device, ts),
-                        });
+                        rows.push(row(ts, features));
                     }
                 }
             }
@@ -335,6 +360,7 @@ pub fn assemble(spec: DatasetSpec, sensor: SensorSpec, rows: Vec<Row>, mut repor
             None => "unlabelled".to_string(),
         };
         *report.class_balance.entry(key).or_default() += 1;
+        report.flagged += r.flagged as u64;
     }
     let (train, val, test) = split_by_time(rows, spec.train_share, spec.val_share);
     let feature_names = sensor.feature_names();
@@ -356,7 +382,7 @@ mod tests {
 
     fn row(ts: u64, x: f32) -> Row {
         // Five features, as a one-channel slow sensor produces.
-        Row { device: "d".into(), ts_ms: ts, features: vec![x, 2.0 * x, 0.0, 0.0, 0.0], label: None }
+        Row { device: "d".into(), ts_ms: ts, features: vec![x, 2.0 * x, 0.0, 0.0, 0.0], label: None, flagged: false }
     }
 
     #[test]
@@ -380,7 +406,7 @@ mod tests {
             SensorSpec {
                 name: "s".into(),
                 channels: 1,
-                features: edgeloop_common::features::FeatureKind::Slow { rolling: 3 },
+                features: edgeloop_common::features::FeatureKind::Slow { rolling: 3, season: 0 },
             },
             rows.clone(),
             QualityReport::default(),
@@ -401,7 +427,7 @@ mod tests {
         let spec = SensorSpec {
             name: "s".into(),
             channels: 1,
-            features: edgeloop_common::features::FeatureKind::Slow { rolling: 3 },
+            features: edgeloop_common::features::FeatureKind::Slow { rolling: 3, season: 0 },
         };
         let rows: Vec<Row> = (0..40).map(|t| row(t, t as f32)).collect();
         let a = assemble(DatasetSpec::new("c"), spec.clone(), rows.clone(), QualityReport::default());
@@ -412,6 +438,45 @@ mod tests {
         assert_eq!(a.hash, b.hash);
         assert_ne!(a.hash, c.hash);
         assert_eq!(a.report.class_balance.get("unlabelled"), Some(&40));
+    }
+
+    #[test]
+    fn seasonal_multichannel_rows_match_the_agents_features() {
+        // Two channels with a season: seven features per channel, each channel's value first. The dataset reads
+        // the values back from the stored records and recomputes the features; with no gap they are the
+        // agent's own.
+        let sensor = SensorConfig {
+            name: "t".into(),
+            kind: SignalKind::Slow,
+            rate_hz: 1.0,
+            channels: 2,
+            window: None,
+            hop: None,
+            rolling: 3,
+            season: 4,
+            valid_min: None,
+            valid_max: None,
+            unit: String::new(),
+        };
+        let mut agent = SensorPipeline::new(ClassConfig::sensor_spec(&sensor));
+        let values = |i: u64| vec![(i % 4) as f64 + 0.5 * i as f64, 100.0 - (i % 3) as f64];
+        let records: Vec<Record> = (1..=20u64)
+            .map(|i| Record {
+                seq: i,
+                ts_ms: i * 1000,
+                sensor: "t".into(),
+                features: agent.push(&values(i)).unwrap().unwrap(),
+                score: None,
+                flags: 0,
+            })
+            .collect();
+        let mut report = QualityReport::default();
+        let rows = device_rows("d", &records, &sensor, &DatasetSpec::new("c"), &[], &mut report);
+        assert_eq!(rows.len(), 20);
+        for (row, rec) in rows.iter().zip(&records) {
+            assert_eq!(row.features.len(), 14);
+            assert_eq!(row.features, rec.features, "row at {}", row.ts_ms);
+        }
     }
 
     #[test]

@@ -251,7 +251,7 @@ mod tests {
     use super::*;
 
     fn row(device: &str, ts_ms: u64, v: f32, label: Option<u32>) -> Row {
-        Row { device: device.into(), ts_ms, features: vec![v, v * 2.0], label }
+        Row { device: device.into(), ts_ms, features: vec![v, v * 2.0], label, flagged: false }
     }
 
     #[test]
@@ -276,7 +276,7 @@ mod tests {
             .map(|i| {
                 let phase = if jump_at.is_some_and(|j| i >= j && i < j + 5) { 3.0 } else { 0.0 };
                 let v = (i as f32 * 0.3 + phase).sin();
-                Row { device: "s".into(), ts_ms: i as u64 * 1000, features: vec![v], label: None }
+                Row { device: "s".into(), ts_ms: i as u64 * 1000, features: vec![v], label: None, flagged: false }
             })
             .collect()
     }

@@ -95,6 +95,21 @@ pub fn train_dataset(
     }
 }
 
+/// Whether the flagged rows stay out of training: `Some(what was done)` when the dataset asks for it and they
+/// are at most [`dataset::MAX_EXCLUDED_FLAGGED`] of the training split.
+fn excluded_flagged(ds: &Dataset) -> Option<String> {
+    if !ds.spec.exclude_flagged {
+        return None;
+    }
+    let flagged = ds.train.iter().filter(|r| r.flagged).count();
+    let share = flagged as f64 / ds.train.len().max(1) as f64;
+    if share > dataset::MAX_EXCLUDED_FLAGGED {
+        tracing::info!(flagged, share, "flagged rows kept in training: too many to be anomalies (drift)");
+        return None;
+    }
+    Some(format!("{flagged} training rows the agents flagged kept out of training"))
+}
+
 fn train_autoencoder(
     ds: &Dataset,
     class: &str,
@@ -105,8 +120,13 @@ fn train_autoencoder(
     let base = req.hyper.clone().unwrap_or_default();
     let budget = Budget { trials: req.trials.max(1), max_seconds: req.max_seconds };
     // The autoencoder learns normal operation: rows labelled as anomalies stay out of its training split and
-    // of the validation loss that early stopping and the search minimise (the threshold still sees them).
-    let is_normal = |r: &&dataset::Row| r.label.is_none_or(|l| l == 0);
+    // of the validation loss that early stopping and the search minimise (the threshold still sees them), and
+    // so do rows the agents flagged when the dataset asks for it (and they are few enough to be anomalies).
+    let exclude = excluded_flagged(ds);
+    let is_normal = |r: &&dataset::Row| r.label.is_none_or(|l| l == 0) && !(exclude.is_some() && r.flagged);
+    if let Some(note) = &exclude {
+        progress(0.05, note);
+    }
     let normal: Vec<dataset::Row> = ds.train.iter().filter(is_normal).cloned().collect();
     let normal_val: Vec<dataset::Row> = ds.val.iter().filter(is_normal).cloned().collect();
     let outcome = search::run(&normal, &normal_val, &ds.standardizer, &base, budget, req.seed, &mut |f, m| {
@@ -119,10 +139,13 @@ fn train_autoencoder(
     let deadline = req.max_seconds.map(|s| std::time::Instant::now() + std::time::Duration::from_secs_f64(s));
     let forecast =
         forecaster::search(&normal, &normal_val, &ds.standardizer, &base, req.trials.max(1), deadline, req.seed);
-    let choice = match &forecast {
+    let mut choice = match &forecast {
         Ok((f, _)) => choose(ds, weights, f, req.seed)?,
         Err(e) => Choice { forecaster: false, reason: format!("autoencoder: no forecaster could be trained ({e})") },
     };
+    if let Some(note) = &exclude {
+        choice.reason = format!("{}; {note}", choice.reason);
+    }
     progress(0.8, &choice.reason);
     let (forecast, f_trials) = match forecast {
         Ok((f, t)) => (Some(f), t),
@@ -220,8 +243,10 @@ fn choose(ds: &Dataset, ae: &[DenseWeights], f: &Forecaster, seed: u64) -> Resul
         (x, y, "validation windows with synthetic anomalies (out-of-context readings, 4-sigma spikes; no labels)")
     };
     let last = (f.frames - 1) * d;
-    let rows: Vec<Row> =
-        x.iter().map(|w| Row { device: String::new(), ts_ms: 0, features: w[last..].to_vec(), label: None }).collect();
+    let rows: Vec<Row> = x
+        .iter()
+        .map(|w| Row { device: String::new(), ts_ms: 0, features: w[last..].to_vec(), label: None, flagged: false })
+        .collect();
     let ae_auc = eval::roc_auc(&autoencoder::score(ae, &ds.standardizer, &rows)?, &y);
     let f_auc = eval::roc_auc(&forecaster::score(f, &ds.standardizer, &x)?, &y);
     Ok(match (ae_auc, f_auc) {

@@ -20,10 +20,16 @@ pub fn synthetic(n: usize, seed: u64) -> Dataset {
             let anomaly = i > n * 7 / 10 && i % 10 == 0;
             let second = if anomaly { -2.0 * a + 1.5 } else { 2.0 * a };
             let features = vec![a, second + noise(&mut rng), b, a + b + noise(&mut rng), 10.0 + a * b];
-            Row { device: format!("d{}", i % 3), ts_ms: 1_000 * i as u64, features, label: Some(anomaly as u32) }
+            Row {
+                device: format!("d{}", i % 3),
+                ts_ms: 1_000 * i as u64,
+                features,
+                label: Some(anomaly as u32),
+                flagged: false,
+            }
         })
         .collect();
-    let sensor = SensorSpec { name: "s".into(), channels: 1, features: FeatureKind::Slow { rolling: 1 } };
+    let sensor = SensorSpec { name: "s".into(), channels: 1, features: FeatureKind::Slow { rolling: 1, season: 0 } };
     let mut spec = DatasetSpec::new("synthetic");
     spec.train_share = 0.6;
     spec.val_share = 0.2;
@@ -153,10 +159,10 @@ fn clusters(n: usize, seed: u64) -> Dataset {
                 5.0,
                 c.0 * c.1,
             ];
-            Row { device: "d".into(), ts_ms: i as u64 * 1000, features, label: Some(label) }
+            Row { device: "d".into(), ts_ms: i as u64 * 1000, features, label: Some(label), flagged: false }
         })
         .collect();
-    let sensor = SensorSpec { name: "s".into(), channels: 1, features: FeatureKind::Slow { rolling: 1 } };
+    let sensor = SensorSpec { name: "s".into(), channels: 1, features: FeatureKind::Slow { rolling: 1, season: 0 } };
     assemble(DatasetSpec::new("clusters"), sensor, rows, QualityReport::default())
 }
 
@@ -233,10 +239,10 @@ fn sines(n: usize, seed: u64) -> Dataset {
             let v = (k * std::f32::consts::TAU / 20.0 + dev as f32).sin() + rng.gen_range(-0.02..0.02);
             let mut n = || rng.gen_range(-0.02f32..0.02);
             let features = vec![v, 0.5 * v + n(), -v + n(), 0.2 * v + n(), 1.0 + n()];
-            Row { device: format!("d{dev}"), ts_ms: 1_000 * (i / 3) as u64, features, label: None }
+            Row { device: format!("d{dev}"), ts_ms: 1_000 * (i / 3) as u64, features, label: None, flagged: false }
         })
         .collect();
-    let sensor = SensorSpec { name: "s".into(), channels: 1, features: FeatureKind::Slow { rolling: 1 } };
+    let sensor = SensorSpec { name: "s".into(), channels: 1, features: FeatureKind::Slow { rolling: 1, season: 0 } };
     let mut spec = DatasetSpec::new("sines");
     spec.train_share = 0.6;
     spec.val_share = 0.2;
@@ -294,4 +300,57 @@ fn the_autoencoder_is_kept_where_readings_are_independent() {
     let m = train_dataset(&ds, "synthetic", &req, &registry, &mut |_, _| {}).unwrap();
     assert_eq!((m.kind.as_str(), m.frames), ("autoencoder", 1), "{}", m.lineage.selection);
     assert!(m.lineage.selection.contains("labelled validation windows"), "{}", m.lineage.selection);
+}
+
+/// Correlated rows, no labels; every `every`-th row breaks the correlation and is flagged, as a production
+/// model would have flagged it.
+fn flagged_anomalies(n: usize, every: usize, exclude: bool) -> (Dataset, Vec<bool>) {
+    let mut rng = StdRng::seed_from_u64(21);
+    let mut truth = Vec::new();
+    let rows = (0..n)
+        .map(|i| {
+            let a: f32 = rng.gen_range(-2.0..2.0);
+            let b: f32 = rng.gen_range(-1.0..1.0);
+            let anomaly = i % every == 0;
+            let second = if anomaly { -2.0 * a + 1.5 } else { 2.0 * a };
+            truth.push(anomaly);
+            let features = vec![a, second, b, a + b, 10.0 + a * b];
+            Row { device: "d".into(), ts_ms: 1_000 * i as u64, features, label: None, flagged: anomaly }
+        })
+        .collect();
+    let sensor = SensorSpec { name: "s".into(), channels: 1, features: FeatureKind::Slow { rolling: 1, season: 0 } };
+    let mut spec = DatasetSpec::new("flagged");
+    spec.exclude_flagged = exclude;
+    let ds = assemble(spec, sensor, rows, QualityReport::default());
+    let test_truth = ds.test.iter().map(|r| truth[(r.ts_ms / 1_000) as usize]).collect();
+    (ds, test_truth)
+}
+
+#[test]
+fn flagged_rows_stay_out_of_retraining_unless_they_are_drift() {
+    let train = |every: usize, exclude: bool| {
+        let (_dir, registry) = registry();
+        let (ds, truth) = flagged_anomalies(3000, every, exclude);
+        let mut req = TrainRequest::new("flagged");
+        req.trials = 1;
+        req.hyper = Some(Hyper { width: 24, depth: 2, epochs: 60, ..quick() });
+        let m = train_dataset(&ds, "flagged", &req, &registry, &mut |_, _| {}).unwrap();
+        assert_eq!(m.frames, 1, "point-wise rows: the autoencoder is kept ({})", m.lineage.selection);
+        let flagged = ds.train.iter().chain(&ds.val).chain(&ds.test).filter(|r| r.flagged).count();
+        assert_eq!((ds.report.flagged as usize, flagged), (3000 / every, 3000 / every), "the report counts them");
+        let bytes = std::fs::read(registry.artifact_path(&m.sha256).unwrap()).unwrap();
+        let rows: Vec<Vec<f32>> = ds.test.iter().map(|r| r.features.clone()).collect();
+        let scores = onnx::run_tract(&bytes, &rows).unwrap();
+        (eval::roc_auc(&scores, &truth).unwrap(), m.lineage.selection)
+    };
+    // 1 row in 15 flagged (under the 10% cap): kept out, and the model separates them better for it.
+    let (auc_kept_in, note_in) = train(15, false);
+    let (auc_kept_out, note_out) = train(15, true);
+    assert!(!note_in.contains("kept out"), "{note_in}");
+    assert!(note_out.contains("training rows the agents flagged kept out of training"), "{note_out}");
+    assert!(auc_kept_out > auc_kept_in, "AUC {auc_kept_out} kept out vs {auc_kept_in} learned");
+    assert!(auc_kept_out >= 0.95, "AUC {auc_kept_out}");
+    // 1 row in 5 (over the cap): that is drift, and the model learns it.
+    let (_, note_drift) = train(5, true);
+    assert!(!note_drift.contains("kept out"), "{note_drift}");
 }

@@ -24,6 +24,7 @@ async fn count_then_drift_trigger_retraining() {
             drift_window_secs: 6000,
             check_secs: 1,
             min_interval_secs: 0,
+            exclude_flagged: false,
         }];
     })
     .await;
