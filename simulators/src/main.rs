@@ -128,12 +128,18 @@ enum Command {
         /// Only files whose path contains this.
         #[arg(long)]
         only: Option<String>,
-        /// Retrain after each further share of a file (0.15 = every 15% of the rows).
-        #[arg(long, default_value_t = 0.15)]
+        /// Retrain after each further share of a file (0.1 = every 10% of the rows).
+        #[arg(long, default_value_t = 0.1)]
         retrain_every: f64,
         /// Hyper-parameter configurations per training.
         #[arg(long, default_value_t = 3)]
         trials: usize,
+        /// Seed of every training (the search and the weights).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Keep the rows the agent flagged out of each retraining (as `exclude_flagged` in the train API).
+        #[arg(long)]
+        exclude_flagged: bool,
     },
 }
 
@@ -246,12 +252,11 @@ fn fleet(
     run_to_summary(|stop| edgeloop_simulators::fleet::run(opts, stop))
 }
 
-fn nab(data: PathBuf, out: PathBuf, only: Option<String>, retrain_every: f64, trials: usize) -> ExitCode {
-    if !(retrain_every > 0.0 && retrain_every <= 1.0) || trials == 0 {
+fn nab(opts: edgeloop_simulators::nab::NabOptions) -> ExitCode {
+    if !(opts.retrain_every > 0.0 && opts.retrain_every <= 1.0) || opts.trials == 0 {
         eprintln!("edgeloop-sim: --retrain-every must be in (0, 1] and --trials at least 1");
         return ExitCode::from(2);
     }
-    let opts = edgeloop_simulators::nab::NabOptions { data, out, only, retrain_every, trials };
     run_to_summary(|_stop| edgeloop_simulators::nab::run(opts))
 }
 
@@ -376,7 +381,11 @@ fn main() -> ExitCode {
         .init();
     let (devices, duration, data_dir, fast) = match Cli::parse().command {
         Command::Demo { devices, duration, data_dir, fast } => (devices, duration, data_dir, fast),
-        Command::Nab { data, out, only, retrain_every, trials } => return nab(data, out, only, retrain_every, trials),
+        Command::Nab { data, out, only, retrain_every, trials, seed, exclude_flagged } => {
+            let opts =
+                edgeloop_simulators::nab::NabOptions { data, out, only, retrain_every, trials, seed, exclude_flagged };
+            return nab(opts);
+        }
         Command::Load { devices, rate, duration, batch_ms, plaintext, durability, data_dir, control_plane } => {
             if durability != "fsync" && durability != "flush" {
                 eprintln!("edgeloop-sim: --durability must be fsync or flush, got `{durability}`");

@@ -1,15 +1,24 @@
 //! `edgeloop-sim nab`: the Numenta Anomaly Benchmark replayed through the real loop.
 //!
-//! Each file is one simulated device of its own class (one slow sensor, `value`). Its rows are streamed in
+//! Each file is one simulated device of its own class (one slow sensor, `value`, with a season of a week or
+//! a day of rows when the first training can see two of them: [`season_rows`]). Its rows are streamed in
 //! order, on event time and as fast as the machine allows, through an in-process agent, the embedded broker
 //! and the control plane's ingest into the store. The control plane trains the first model on the first 15%
 //! of the rows (NAB's probationary period) with a training job, as an operator's `POST /api/v1/train` would,
-//! and retrains each time another `retrain_every` share of the file has arrived. Every promoted model is
-//! installed in the agent, which is restarted with it (until signed rollouts exist, this stands in for one),
-//! and scores each later row online, with no look-ahead. The scores the agent attached to its records are
-//! read back from the store and written to `<out>/<category>/<file>.csv` as `timestamp,value,anomaly_score`,
-//! one row per input row, each score mapped into [0, 1] as `s / (s + threshold)` of the model that made it
-//! (0 before the first model).
+//! and retrains each time another `retrain_every` share of the file has arrived (with `--exclude-flagged`,
+//! keeping the rows the agent flagged out of training). Every promoted model is put
+//! in the running agent's model slot between two samples (what an applied update does, without the rollout's
+//! stages, which a lone device does not need), so the feature pipeline keeps its state, and it scores each
+//! later row online, with no look-ahead. The scores the agent attached to its records are read back from the
+//! store and mapped into [0, 1] as `s / (s + threshold)` of the model that made it (0 before the first model).
+//!
+//! The `anomaly_score` column written to `<out>/<category>/<file>.csv` (`timestamp,value,anomaly_score`, one
+//! row per input row) is that score where it rises above every score of the day before it (one day of rows
+//! at the file's median spacing) and, within the rolling window of the last score kept, also above 1.25 times
+//! that one; else 0: [`onset`]. NAB counts one detection per anomaly window and charges every flagged row
+//! outside one, so an alert is worth raising when a score climbs, not again at each row while it stays high.
+//! The step is causal (it looks only back). The agent's mapped scores as they are go to
+//! `<out>/without-onset/<category>/<file>.csv`, and the report gives the score with and without the step.
 //!
 //! [`scorer`] then computes NAB's standard-profile score over the files.
 
@@ -20,12 +29,15 @@ use crate::free_port;
 use anyhow::Context;
 use data::Series;
 use edgeloop_agent::config::AgentConfig;
+use edgeloop_agent::inference::Model;
 use edgeloop_agent::source::channel::ChannelSource;
 use edgeloop_agent::source::Sample;
+use edgeloop_agent::updater::slot::{Loaded, ModelInfo};
 use edgeloop_agent::{Agent, AgentHandle};
 use edgeloop_common::config::{ClassConfig, OutboxConfig, SensorConfig, SignalKind, UplinkConfig};
 use edgeloop_control_plane::config::Config;
 use edgeloop_control_plane::learning::JobState;
+use edgeloop_control_plane::models::ModelVersion;
 use edgeloop_control_plane::store::Query;
 use edgeloop_control_plane::training::run::TrainRequest;
 use edgeloop_control_plane::{ControlPlane, ControlPlaneHandle};
@@ -46,6 +58,12 @@ pub struct NabOptions {
     /// Share of a file between retrainings.
     pub retrain_every: f64,
     pub trials: usize,
+    /// Seed of every training (the search and the weights).
+    pub seed: u64,
+    /// Retrainings keep the rows the agent flagged out of training ([`DatasetSpec::exclude_flagged`]).
+    ///
+    /// [`DatasetSpec::exclude_flagged`]: edgeloop_control_plane::dataset::DatasetSpec::exclude_flagged
+    pub exclude_flagged: bool,
 }
 
 /// What the run reports.
@@ -59,6 +77,8 @@ pub struct NabReport {
     /// NAB standard profile, normalised (0 null, 100 perfect), threshold optimised over these files.
     pub standard_score: f64,
     pub threshold: f64,
+    /// The same, scoring the agent's mapped scores as they are (without the [`onset`] step).
+    pub standard_score_without_onset: f64,
     pub per_file: Vec<FileReport>,
 }
 
@@ -69,10 +89,15 @@ pub struct FileReport {
     pub models: usize,
     /// Rows that carry a model's score (the rest precede the first model).
     pub scored: usize,
+    /// Each model the agent ran, in order: `v{version} {kind}` with `/{frames}` for a windowed model.
+    pub chosen: Vec<String>,
     pub tp: usize,
     pub fp: usize,
     pub fn_: usize,
 }
+
+/// The slow-signal features' rolling window, in rows.
+const ROLLING: usize = 12;
 
 /// A class name for a NAB file: its stem, made a valid id.
 fn class_for(s: &Series) -> String {
@@ -82,11 +107,32 @@ fn class_for(s: &Series) -> String {
     format!("nab-{}", &id[..id.len().min(56)])
 }
 
-fn class_config(s: &Series) -> ClassConfig {
-    // The nominal period: the median spacing of the timestamps.
-    let mut gaps: Vec<u64> = s.ts_ms.windows(2).map(|w| w[1].saturating_sub(w[0])).filter(|&g| g > 0).collect();
+/// The season for a file, in rows, chosen from what the first training can see: a week, else a day, of the
+/// file's own period, when the probationary rows hold at least two of them and the file is sampled regularly
+/// (mean spacing within 10% of the median; a season counted in rows means nothing otherwise); else none.
+fn season_rows(ts_ms: &[u64], period_ms: u64) -> usize {
+    let p = scorer::probation(ts_ms.len());
+    if p < 2 {
+        return 0;
+    }
+    let mean_ms = (ts_ms[p - 1] - ts_ms[0]) as f64 / (p - 1) as f64;
+    if mean_ms > 1.1 * period_ms as f64 {
+        return 0;
+    }
+    let day = (86_400_000.0 / period_ms as f64).round() as usize;
+    [7 * day, day].into_iter().find(|&rows| rows > 0 && 2 * rows <= p).unwrap_or(0)
+}
+
+/// The nominal period: the median spacing of the timestamps.
+fn period_ms(ts_ms: &[u64]) -> u64 {
+    let mut gaps: Vec<u64> = ts_ms.windows(2).map(|w| w[1].saturating_sub(w[0])).filter(|&g| g > 0).collect();
     gaps.sort_unstable();
-    let period_ms = gaps.get(gaps.len() / 2).copied().unwrap_or(60_000).max(1);
+    gaps.get(gaps.len() / 2).copied().unwrap_or(60_000).max(1)
+}
+
+fn class_config(s: &Series) -> ClassConfig {
+    let period_ms = period_ms(&s.ts_ms);
+    let season = season_rows(&s.ts_ms, period_ms);
     ClassConfig {
         class: class_for(s),
         description: format!("NAB {}", s.key),
@@ -97,7 +143,8 @@ fn class_config(s: &Series) -> ClassConfig {
             channels: 1,
             window: None,
             hop: None,
-            rolling: 12,
+            rolling: ROLLING,
+            season,
             valid_min: None,
             valid_max: None,
             unit: String::new(),
@@ -165,15 +212,15 @@ impl Device {
     }
 }
 
-/// Waits for a training job and returns (version, promoted, threshold).
-async fn await_job(cp: &ControlPlaneHandle, id: u64) -> anyhow::Result<Option<(u32, bool, f32, String)>> {
+/// Waits for a training job and returns whether it promoted its version, and the version.
+async fn await_job(cp: &ControlPlaneHandle, id: u64) -> anyhow::Result<Option<(bool, ModelVersion)>> {
     loop {
         let job = cp.learning.job(id).context("job vanished")?;
         match job.state {
             JobState::Succeeded => {
                 let r = job.result.context("succeeded without a result")?;
                 let m = cp.learning.models.get(&r.name, r.version)?.context("registered model missing")?;
-                return Ok(Some((r.version, r.promoted, m.threshold, m.sha256)));
+                return Ok(Some((r.promoted, m)));
             }
             JobState::Failed => {
                 tracing::warn!(error = ?job.error, "training failed; the current model stays");
@@ -184,13 +231,19 @@ async fn await_job(cp: &ControlPlaneHandle, id: u64) -> anyhow::Result<Option<(u
     }
 }
 
-/// Runs one file through the loop; returns its scores in [0, 1] per row, models used, trainings, promotions.
-async fn run_file(
-    cp: &ControlPlaneHandle,
-    s: &Series,
-    opts: &NabOptions,
-    work: &Path,
-) -> anyhow::Result<(Vec<f64>, usize, usize, usize, usize)> {
+/// What replaying one file gave.
+struct Replay {
+    /// Per row, in [0, 1].
+    scores: Vec<f64>,
+    chosen: Vec<String>,
+    trainings: usize,
+    promoted: usize,
+    /// Rows that carry a model's score.
+    scored: usize,
+}
+
+/// Runs one file through the loop.
+async fn run_file(cp: &ControlPlaneHandle, s: &Series, opts: &NabOptions, work: &Path) -> anyhow::Result<Replay> {
     let class = class_config(s);
     let dir = work.join(&class.class);
     let mut cfg = AgentConfig::in_process(&class.class, class.clone(), cp.mqtt_addr.clone(), dir.join("agent"));
@@ -204,6 +257,7 @@ async fn run_file(
     let step = ((opts.retrain_every * n as f64) as usize).max(50);
     // (first seq the model scored, threshold) in order.
     let mut models: Vec<(u64, f32)> = Vec::new();
+    let mut chosen = Vec::new();
     let (mut trainings, mut promoted) = (0, 0);
     let mut next_train = first;
     let mut i = 0;
@@ -226,28 +280,37 @@ async fn run_file(
         }
         let mut req = TrainRequest::new(&class.class);
         req.trials = opts.trials;
+        req.seed = opts.seed;
+        req.dataset.exclude_flagged = opts.exclude_flagged;
         let job = cp.learning.start(req, "nab replay")?;
         trainings += 1;
-        if let Some((version, is_promoted, threshold, sha)) = await_job(cp, job).await? {
-            if is_promoted {
-                promoted += 1;
-                let path = dir.join(format!("model-v{version}.onnx"));
-                let artifact = cp.learning.models.artifact_path(&sha).context("artifact missing")?;
-                std::fs::copy(artifact, &path)?;
-                dev.stop().await?;
-                let from_seq = edgeloop_agent::outbox::Outbox::open(
-                    &dev.cfg.data_dir.join("outbox"),
-                    dev.cfg.durability,
-                    1 << 30,
-                )?
-                .stats()
-                .last_seq
-                    + 1;
-                dev.cfg.model = Some(path);
-                dev.cfg.threshold = Some(threshold);
-                dev.start().await?;
-                models.push((from_seq, threshold));
-            }
+        if let Some((true, m)) = await_job(cp, job).await? {
+            promoted += 1;
+            let artifact = cp.learning.models.artifact_path(&m.sha256).context("artifact missing")?;
+            let (width, frames) = (class.pipeline().sensors[0].width(), m.frames as usize);
+            let model = tokio::task::spawn_blocking(move || -> anyhow::Result<Model> {
+                let bytes = std::fs::read(&artifact).with_context(|| format!("reading {}", artifact.display()))?;
+                Ok(Model::load_bytes(&bytes, width * frames)?.windowed(frames)?)
+            })
+            .await??;
+            let agent = &dev.handle()?.0;
+            // Everything sent so far is committed: the next record is the new model's first.
+            let from_seq = agent.outbox.stats().last_seq + 1;
+            let info = ModelInfo {
+                name: m.name.clone(),
+                version: m.version,
+                sha256: m.sha256.clone(),
+                threshold: Some(m.threshold),
+                frames: m.frames,
+            };
+            agent.slot.set_active(Some(Loaded { model, info }));
+            models.push((from_seq, m.threshold));
+            tracing::info!(class = %class.class, version = m.version, kind = %m.kind, selection = %m.lineage.selection, "installed");
+            chosen.push(if m.frames > 1 {
+                format!("v{} {}/{}", m.version, m.kind, m.frames)
+            } else {
+                format!("v{} {}", m.version, m.kind)
+            });
         }
         next_train = i + step;
     }
@@ -278,7 +341,7 @@ async fn run_file(
             scored += 1;
         }
     }
-    Ok((scores, models.len(), trainings, promoted, scored))
+    Ok(Replay { scores, chosen, trainings, promoted, scored })
 }
 
 /// Runs every selected file, writes the outputs, and scores them.
@@ -306,31 +369,34 @@ pub async fn run(opts: NabOptions) -> anyhow::Result<NabReport> {
     if let Some(t) = &cp.admin_token {
         crate::http::authorize(cp.api_addr, t);
     }
-    let mut scored = Vec::new();
+    let (mut scored, mut raw) = (Vec::new(), Vec::new());
     let mut per_file = Vec::new();
     let (mut trainings, mut promoted, mut rows) = (0, 0, 0);
     for s in &files {
         let t0 = Instant::now();
-        let (scores, models, t, p, scored_rows) =
+        let Replay { scores, chosen, trainings: t, promoted: p, scored: scored_rows } =
             run_file(&cp, s, &opts, &work).await.with_context(|| format!("replaying {}", s.key))?;
+        let models = chosen.len();
         tracing::info!(file = %s.key, rows = s.values.len(), models, seconds = t0.elapsed().as_secs_f64(), "replayed");
         eprintln!("  {:<60} {:>6} rows  {} models  {:.1} s", s.key, s.values.len(), models, t0.elapsed().as_secs_f64());
         (trainings, promoted, rows) = (trainings + t, promoted + p, rows + s.values.len());
-        write_output(&opts.out, s, &scores)?;
+        let day_rows = (86_400_000 / period_ms(&s.ts_ms)).max(1) as usize;
+        let alerts = onset(&scores, day_rows, ROLLING);
+        write_output(&opts.out, s, &alerts)?;
+        write_output(&opts.out.join("without-onset"), s, &scores)?;
         per_file.push(FileReport {
             file: s.key.clone(),
             rows: s.values.len(),
             models,
             scored: scored_rows,
+            chosen,
             tp: 0,
             fp: 0,
             fn_: 0,
         });
-        scored.push(scorer::FileScores {
-            ts: s.ts_ms.clone(),
-            scores,
-            windows: windows.get(&s.key).cloned().unwrap_or_default(),
-        });
+        let file_windows = windows.get(&s.key).cloned().unwrap_or_default();
+        raw.push(scorer::FileScores { ts: s.ts_ms.clone(), scores, windows: file_windows.clone() });
+        scored.push(scorer::FileScores { ts: s.ts_ms.clone(), scores: alerts, windows: file_windows });
     }
     cancel.cancel();
     cp.join().await?;
@@ -347,8 +413,34 @@ pub async fn run(opts: NabOptions) -> anyhow::Result<NabReport> {
         promoted,
         standard_score: best.score,
         threshold: best.threshold,
+        standard_score_without_onset: scorer::optimise(&raw).score,
         per_file,
     })
+}
+
+/// A climb's later rows are kept only if they exceed the last kept score by this factor.
+pub const CLIMB_FACTOR: f64 = 1.25;
+
+/// Keeps a score where it rises above every score of the `rows` rows before it, and, within `climb` rows of
+/// the last score kept, only where it also exceeds that one by [`CLIMB_FACTOR`]; 0 elsewhere. A score that
+/// climbs over several rows (the rolling features carry a change for their window) thus raises one alert,
+/// or another only when it grows by a quarter. Looks only back.
+pub fn onset(scores: &[f64], rows: usize, climb: usize) -> Vec<f64> {
+    let mut last: Option<(usize, f64)> = None;
+    scores
+        .iter()
+        .enumerate()
+        .map(|(i, &s)| {
+            let rises = scores[i.saturating_sub(rows)..i].iter().all(|&b| s > b);
+            let in_climb = last.is_some_and(|(at, kept)| i - at <= climb && s < CLIMB_FACTOR * kept);
+            if rises && !in_climb {
+                last = Some((i, s));
+                s
+            } else {
+                0.0
+            }
+        })
+        .collect()
 }
 
 fn tempfile_dir(out: &Path) -> anyhow::Result<PathBuf> {
@@ -368,4 +460,43 @@ fn write_output(out: &Path, s: &Series, scores: &[f64]) -> anyhow::Result<()> {
     }
     std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn onset_keeps_a_score_only_where_it_climbs_above_the_rows_before() {
+        let s = [0.1, 0.5, 0.9, 0.9, 0.8, 0.2, 0.3, 0.95];
+        // Rising over the last 2 rows: 0.5 and 0.9 climb, the second 0.9 ties, 0.8 and 0.2 fall, 0.3 is below
+        // the 0.8 two rows back, 0.95 climbs.
+        assert_eq!(onset(&s, 2, 0), vec![0.1, 0.5, 0.9, 0.0, 0.0, 0.0, 0.0, 0.95]);
+        // With one row of memory, 0.3 climbs from 0.2.
+        assert_eq!(onset(&s, 1, 0)[6], 0.3);
+        // No memory keeps every score.
+        assert_eq!(onset(&s, 0, 0), s.to_vec());
+        // Within a climb of 3 rows, 0.5 is kept (more than 1.25 × 0.1), 0.9 too (more than 1.25 × 0.5), and
+        // 0.95 is more than 3 rows after 0.9.
+        assert_eq!(onset(&s, 2, 3), vec![0.1, 0.5, 0.9, 0.0, 0.0, 0.0, 0.0, 0.95]);
+        // A slow climb raises one alert: 0.60 and 0.66 are under 1.25 × 0.55; 0.70 exceeds 1.25 × 0.55 = 0.6875.
+        let slow = [0.55, 0.60, 0.66, 0.70];
+        assert_eq!(onset(&slow, 4, 12), vec![0.55, 0.0, 0.0, 0.70]);
+        // Without the climb rule each of them is a new high.
+        assert_eq!(onset(&slow, 4, 0), slow.to_vec());
+    }
+
+    #[test]
+    fn season_is_a_week_or_a_day_that_the_first_training_sees_twice() {
+        let every = |ms: u64, n: u64| (0..n).map(|i| i * ms).collect::<Vec<u64>>();
+        // 30-minute rows: the probation holds 750 rows, two weeks of 336.
+        assert_eq!(season_rows(&every(1_800_000, 10_000), 1_800_000), 336);
+        // 5-minute rows: 750 rows hold two days of 288, not two weeks.
+        assert_eq!(season_rows(&every(300_000, 20_000), 300_000), 288);
+        // A short file: its 375 probationary rows do not hold two days.
+        assert_eq!(season_rows(&every(300_000, 2_500), 300_000), 0);
+        // Irregular spacing (gaps that double the mean): no season counted in rows.
+        let gappy: Vec<u64> = (0..10_000u64).map(|i| i * 1_800_000 + (i / 10) * 18_000_000).collect();
+        assert_eq!(season_rows(&gappy, 1_800_000), 0);
+    }
 }

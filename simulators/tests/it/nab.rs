@@ -15,6 +15,8 @@ async fn nab_replay_writes_well_formed_scores() {
         only: Some("speed_7578".into()),
         retrain_every: 0.3,
         trials: 1,
+        seed: 0,
+        exclude_flagged: true,
     };
     let report = nab::run(opts).await.unwrap();
     assert_eq!((report.files, report.rows), (1, 1127));
@@ -35,6 +37,23 @@ async fn nab_replay_writes_well_formed_scores() {
         let s: f64 = cols[2].parse().unwrap();
         assert!((0.0..=1.0).contains(&s), "{o}");
     }
+    // The agent's scores as they are, beside: the onset step only zeroes rows, and keeps some.
+    let raw = std::fs::read_to_string(out.path().join("without-onset/realTraffic/speed_7578.csv")).unwrap();
+    let raw: Vec<&str> = raw.lines().collect();
+    assert_eq!(raw.len(), outp.len());
+    let score = |line: &str| line.rsplit(',').next().unwrap().parse::<f64>().unwrap();
+    let (mut kept, mut zeroed) = (0, 0);
+    for (r, o) in raw.iter().zip(&outp).skip(1) {
+        let (r, o) = (score(r), score(o));
+        assert!(o == r || o == 0.0, "onset changed a score: {r} -> {o}");
+        if o > 0.0 {
+            kept += 1;
+        } else if r > 0.0 {
+            zeroed += 1;
+        }
+    }
+    assert!(kept > 0 && zeroed > kept, "{kept} kept, {zeroed} zeroed");
+    assert!((0.0..=100.0).contains(&report.standard_score_without_onset), "{report:?}");
     // Rows after the first model (trained on the first 15%, 169 rows) carry the agent's scores.
     let scored = report.per_file[0].scored;
     assert!((900..=1127 - 169).contains(&scored), "{scored} rows scored");
