@@ -396,11 +396,24 @@ window = 256
             (format!("{GOOD}\n[outbox]\nmax_bytes = 10"), "outbox.max_bytes"),
             (GOOD.replace("factory-vibration", "bad class"), "class"),
             (format!("{GOOD}valid_min = 5.0\nvalid_max = 1.0\n"), "sensors[0].valid_max"),
+            (format!("{GOOD}season = 288\n"), "sensors[0].season"),
         ];
         for (text, key) in cases {
             let err = ClassConfig::from_toml("x.toml", &text).unwrap_err();
             assert_eq!(err.key, key, "{err}");
         }
+    }
+
+    #[test]
+    fn a_slow_sensor_with_a_season_has_seven_features() {
+        let slow = "class = \"c\"\n[[sensors]]\nname = \"t\"\nkind = \"slow\"\nrate_hz = 1\nrolling = 12\n";
+        let c = ClassConfig::from_toml("c.toml", &format!("{slow}season = 288\n")).unwrap();
+        assert_eq!(c.pipeline().sensors[0].features, FeatureKind::Slow { rolling: 12, season: 288 });
+        assert_eq!(c.pipeline().sensors[0].width(), 7);
+        let plain = ClassConfig::from_toml("c.toml", slow).unwrap();
+        assert_eq!(plain.pipeline().sensors[0].width(), 5);
+        let err = ClassConfig::from_toml("c.toml", &format!("{slow}season = 100001\n")).unwrap_err();
+        assert_eq!(err.to_string(), "c.toml: sensors[0].season: must be at most 100000 samples (0 for none)");
     }
 
     #[test]
