@@ -27,8 +27,16 @@ pub const WINDOW_FEATURES: [&str; 8] = ["mean", "std", "min", "max", "rms", "p2p
 pub const SLOW_FEATURES: [&str; 5] = ["value", "delta", "rolling_mean", "rolling_std", "zscore"];
 /// Names of the features a slow signal with a season adds after [`SLOW_FEATURES`].
 pub const SEASON_FEATURES: [&str; 2] = ["season_delta", "season_zscore"];
-const SLOW_SEASON_FEATURES: [&str; 7] =
-    ["value", "delta", "rolling_mean", "rolling_std", "zscore", "season_delta", "season_zscore"];
+/// [`SLOW_FEATURES`] followed by [`SEASON_FEATURES`].
+const SLOW_SEASON_FEATURES: [&str; 7] = {
+    let mut out = [""; 7];
+    let mut i = 0;
+    while i < out.len() {
+        out[i] = if i < SLOW_FEATURES.len() { SLOW_FEATURES[i] } else { SEASON_FEATURES[i - SLOW_FEATURES.len()] };
+        i += 1;
+    }
+    out
+};
 
 /// The whole pipeline: one entry per sensor.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
