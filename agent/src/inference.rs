@@ -134,16 +134,35 @@ impl Model {
         Ok(view.iter().copied().collect())
     }
 
+    /// Width of one feature vector: the model's input width over its frames.
+    pub fn frame_width(&self) -> usize {
+        self.width / self.frames
+    }
+
+    /// Replaces a windowed model's history with the newest vectors of `recent` (flattened, oldest first,
+    /// `frame` floats each), so a model swapped in mid-stream scores from the next vector on instead of
+    /// warming up, and a model restored after a gap never sees a window with a hole in it. A model over one
+    /// vector, or vectors of another width, keep nothing.
+    pub fn prime(&mut self, frame: usize, recent: &std::collections::VecDeque<f32>) {
+        self.history.clear();
+        if self.frames < 2 || frame != self.frame_width() || recent.len() % frame != 0 {
+            return;
+        }
+        // One vector short of a window at most: the next score call adds the newest.
+        let keep = recent.len().min(self.width - frame);
+        self.history.extend(recent.iter().skip(recent.len() - keep));
+    }
+
     /// Scores one feature vector; returns the score and the time it took.
     pub fn score(&mut self, features: &[f32]) -> Result<(f32, std::time::Duration), InferenceError> {
         let started = Instant::now();
         let out = if self.frames > 1 {
-            let frame = self.width / self.frames;
+            let frame = self.frame_width();
             if features.len() != frame {
                 return Err(InferenceError::Width { expected: frame, got: features.len() });
             }
-            if self.history.len() == self.width {
-                self.history.drain(..frame);
+            if self.history.len() + frame > self.width {
+                self.history.drain(..self.history.len() + frame - self.width);
             }
             self.history.extend(features);
             if self.history.len() < self.width {
@@ -277,6 +296,23 @@ mod tests {
         assert_eq!(Model::load_configured(&path, 2).unwrap().frames(), 3);
         assert_eq!(Model::load_configured(&path, 6).unwrap().frames(), 1);
         assert_eq!(Model::load_configured(&path, 4).unwrap().frames(), 1, "6 is no whole multiple of 4");
+    }
+
+    #[test]
+    fn a_primed_windowed_model_scores_from_the_next_vector() {
+        let recent: std::collections::VecDeque<f32> = [9.0, 9.0, 1.0, 1.0, 2.0, 2.0].into_iter().collect();
+        let mut m = Model::load_bytes(&mean_square_onnx(6), 6).unwrap().windowed(3).unwrap();
+        m.prime(2, &recent);
+        // The two newest vectors and the new one: [1, 1, 2, 2, 3, 3] -> (2 + 8 + 18) / 6.
+        assert!((m.score(&[3.0, 3.0]).unwrap().0 - 28.0 / 6.0).abs() < 1e-5);
+        // Fewer vectors than a window: it warms up for the rest only.
+        let short: std::collections::VecDeque<f32> = [1.0, 1.0].into_iter().collect();
+        m.prime(2, &short);
+        assert!(matches!(m.score(&[1.0, 1.0]), Err(InferenceError::WarmingUp { have: 2, need: 3 })));
+        assert!((m.score(&[1.0, 1.0]).unwrap().0 - 1.0).abs() < 1e-6);
+        // Vectors of another width replace the history with nothing.
+        m.prime(3, &[1.0; 6].into_iter().collect());
+        assert!(matches!(m.score(&[1.0, 1.0]), Err(InferenceError::WarmingUp { have: 1, need: 3 })));
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! watch tracker and, when a watched model misbehaves, restores the previous model right there, before the
 //! next window, then tells the updater through an event.
 
-use super::state::{ShadowTracker, Verdict, WatchTracker, WindowOutcome};
+use super::state::{ShadowTracker, Verdict, WatchTracker, WindowOutcome, MAX_FRAMES};
 use crate::health::Health;
 use crate::inference::{InferenceError, Model};
 use serde::{Deserialize, Serialize};
@@ -66,6 +66,32 @@ pub enum SlotEvent {
 /// Windows kept to estimate the active model's anomaly rate (the baseline a new model is compared with).
 const BASELINE_WINDOWS: usize = 256;
 
+/// The feature vectors the slot has scored lately, newest last, so that a windowed model swapped in (a new
+/// version, a shadowed candidate, the previous one restored) starts from the stream's own recent history.
+#[derive(Default)]
+struct Recent {
+    /// Floats per vector; a vector of another width starts the history over.
+    frame: usize,
+    floats: VecDeque<f32>,
+}
+
+impl Recent {
+    fn push(&mut self, features: &[f32]) {
+        if features.len() != self.frame {
+            self.frame = features.len();
+            self.floats.clear();
+        }
+        if self.floats.len() == self.frame * MAX_FRAMES as usize {
+            self.floats.drain(..self.frame);
+        }
+        self.floats.extend(features);
+    }
+
+    fn prime(&self, loaded: &mut Loaded) {
+        loaded.model.prime(self.frame, &self.floats);
+    }
+}
+
 struct Watch {
     tracker: WatchTracker,
     previous: Option<Loaded>,
@@ -78,6 +104,7 @@ struct Inner {
     shadow: Option<(Loaded, ShadowTracker)>,
     watch: Option<Watch>,
     recent_flags: VecDeque<bool>,
+    recent: Recent,
 }
 
 impl Inner {
@@ -115,8 +142,11 @@ impl ModelSlot {
     }
 
     /// Installs the active model directly (at start, from the persisted pointer or the config file).
-    pub fn set_active(&self, loaded: Option<Loaded>) {
+    pub fn set_active(&self, mut loaded: Option<Loaded>) {
         let mut g = self.lock();
+        if let Some(l) = loaded.as_mut() {
+            g.recent.prime(l);
+        }
         self.publish_version(loaded.as_ref());
         g.active = loaded;
         g.recent_flags.clear();
@@ -127,13 +157,16 @@ impl ModelSlot {
     }
 
     /// Runs `candidate` beside the active model for `windows` windows.
-    pub fn start_shadow(&self, candidate: Loaded, windows: u32) {
-        self.lock().shadow = Some((candidate, ShadowTracker::new(windows)));
+    pub fn start_shadow(&self, mut candidate: Loaded, windows: u32) {
+        let mut g = self.lock();
+        g.recent.prime(&mut candidate);
+        g.shadow = Some((candidate, ShadowTracker::new(windows)));
     }
 
     /// Makes `new` the active model and watches it; the previous one stays loaded until the watch ends.
-    pub fn activate(&self, new: Loaded, watch: WatchTracker) {
+    pub fn activate(&self, mut new: Loaded, watch: WatchTracker) {
         let mut g = self.lock();
+        g.recent.prime(&mut new);
         let baseline = g.baseline();
         self.publish_version(Some(&new));
         let previous = g.active.replace(new);
@@ -153,7 +186,10 @@ impl ModelSlot {
     pub fn score(&self, features: &[f32]) -> (Option<f32>, bool) {
         let mut g = self.lock();
         let inner = &mut *g;
-        let Some(active) = inner.active.as_mut() else { return (None, false) };
+        let Some(active) = inner.active.as_mut() else {
+            inner.recent.push(features);
+            return (None, false);
+        };
         let threshold = active.info.threshold.or(self.fallback_threshold);
         let result = active.model.score(features);
         let (score, flagged, outcome) = match result {
@@ -178,6 +214,8 @@ impl ModelSlot {
             }
             inner.recent_flags.push_back(flagged);
         }
+        // Before a revert below, so the restored model's history ends with this vector.
+        inner.recent.push(features);
         if let Some((cand, tracker)) = inner.shadow.as_mut() {
             let t = cand.info.threshold.or(self.fallback_threshold);
             let c = match cand.model.score(features) {
@@ -212,6 +250,9 @@ impl ModelSlot {
                     tracing::warn!(%reason, "new model misbehaves; previous model restored");
                     self.publish_version(w.previous.as_ref());
                     inner.active = w.previous;
+                    if let Some(previous) = inner.active.as_mut() {
+                        inner.recent.prime(previous);
+                    }
                     inner.recent_flags.clear();
                     let _ = self.events.send(SlotEvent::Reverted {
                         reason,
@@ -223,5 +264,36 @@ impl ModelSlot {
             }
         }
         (score, flagged)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inference::mean_square_onnx;
+
+    /// Mean square over a window of three vectors of two features.
+    fn windowed(version: u32) -> Loaded {
+        let model = Model::load_bytes(&mean_square_onnx(6), 6).unwrap().windowed(3).unwrap();
+        let info = ModelInfo { name: "m".into(), version, sha256: model.sha256().into(), threshold: None, frames: 3 };
+        Loaded { model, info }
+    }
+
+    #[test]
+    fn a_windowed_model_swapped_in_scores_from_the_next_vector() {
+        let (slot, _events) = ModelSlot::new(Arc::new(Health::default()), None);
+        // Vectors arriving before any model still count as history.
+        assert_eq!(slot.score(&[1.0, 1.0]), (None, false));
+        slot.set_active(Some(windowed(1)));
+        assert_eq!(slot.score(&[1.0, 1.0]), (None, false), "two of three vectors");
+        assert_eq!(slot.score(&[1.0, 1.0]).0, Some(1.0));
+        // A new version scores the very next window, [1, 1, 1, 1, 4, 4].
+        slot.set_active(Some(windowed(2)));
+        assert_eq!(slot.score(&[4.0, 4.0]).0, Some(6.0));
+        // Through the updater's path as well: the shadowed candidate and the activated model.
+        slot.start_shadow(windowed(3), 100);
+        slot.activate(windowed(4), WatchTracker::new(100, 0));
+        assert_eq!(slot.score(&[1.0, 1.0]).0, Some(6.0), "[1, 1, 4, 4, 1, 1]");
+        assert_eq!(slot.active_info().unwrap().version, 4);
     }
 }
