@@ -10,6 +10,27 @@ pub fn quantile(scores: &[f32], q: f64) -> f32 {
     s[((s.len() - 1) as f64 * q.clamp(0.0, 1.0)).round() as usize]
 }
 
+/// Stretches of time [`stretch_quantile`] takes its quantile in, at most.
+pub const STRETCHES: usize = 5;
+/// Scores per stretch, at least.
+pub const MIN_STRETCH: usize = 20;
+
+/// The `q` quantile of `scores` (in time order) taken in each of [`STRETCHES`] consecutive stretches, and the
+/// median of those: an anomaly in one stretch (or two of five) does not raise it, where the plain quantile of
+/// a small validation split sits on the anomaly's own scores and a model then misses the next one like it.
+/// Three stretches when there are fewer than `5 × MIN_STRETCH` scores, the plain quantile below three.
+pub fn stretch_quantile(scores: &[f32], q: f64) -> f32 {
+    let k = match scores.len() / MIN_STRETCH {
+        n if n >= STRETCHES => STRETCHES,
+        n if n >= 3 => 3,
+        _ => return quantile(scores, q),
+    };
+    let mut per: Vec<f32> =
+        (0..k).map(|i| quantile(&scores[i * scores.len() / k..(i + 1) * scores.len() / k], q)).collect();
+    per.sort_by(|a, b| a.total_cmp(b));
+    per[k / 2]
+}
+
 /// Precision, recall and F1 of `score > threshold` against `labels` (true = anomaly).
 pub fn prf(scores: &[f32], labels: &[bool], threshold: f32) -> (f64, f64, f64) {
     let (mut tp, mut fp, mut fn_) = (0f64, 0f64, 0f64);
@@ -83,5 +104,35 @@ mod tests {
         assert!((0.3..0.8).contains(&t), "{t}");
         assert_eq!(prf(&s, &l, t), (1.0, 1.0, 1.0));
         assert_eq!(quantile(&[3.0, 1.0, 2.0], 0.5), 2.0);
+    }
+
+    #[test]
+    fn one_anomalous_stretch_does_not_raise_the_stretch_quantile() {
+        // 200 normal scores, 0 to 1 in a fixed shuffle, then four anomalous ones of 50 inside the third stretch.
+        let normal: Vec<f32> = (0..200).map(|i| ((i * 37) % 200) as f32 / 200.0).collect();
+        let mut s = normal.clone();
+        for k in 0..4 {
+            s[90 + k] = 50.0;
+        }
+        assert_eq!(quantile(&s, 0.99), 50.0, "the plain quantile sits on the anomaly");
+        let robust = stretch_quantile(&s, 0.99);
+        assert!(robust < 1.0, "{robust}");
+        // Without the anomaly both are the top of the normal scores.
+        let (plain, robust) = (quantile(&normal, 0.99), stretch_quantile(&normal, 0.99));
+        assert!((0.97..1.0).contains(&plain) && (0.95..1.0).contains(&robust), "{plain} {robust}");
+        // Two anomalous stretches of five still leave it on the normal ones; three of five do not.
+        for k in 0..4 {
+            s[10 + k] = 50.0;
+        }
+        assert!(stretch_quantile(&s, 0.99) < 1.0);
+        for k in 0..4 {
+            s[170 + k] = 50.0;
+        }
+        assert_eq!(stretch_quantile(&s, 0.99), 50.0);
+        // Few scores: three stretches, then the plain quantile.
+        let mut three: Vec<f32> = [0, 20, 40].iter().map(|&i| quantile(&s[i..i + 20], 0.5)).collect();
+        three.sort_by(|a, b| a.total_cmp(b));
+        assert_eq!(stretch_quantile(&s[..60], 0.5), three[1]);
+        assert_eq!(stretch_quantile(&s[..59], 0.99), quantile(&s[..59], 0.99));
     }
 }

@@ -73,6 +73,11 @@ pub const GOLDEN: usize = 8;
 /// Validation quantile used as the threshold when there are no labels.
 pub const THRESHOLD_QUANTILE: f64 = 0.99;
 
+/// How the threshold was set when there are no labels, for the lineage.
+fn threshold_by_quantile() -> String {
+    format!("validation quantile {THRESHOLD_QUANTILE} (median over up to {} stretches of time)", eval::STRETCHES)
+}
+
 fn raw(rows: &[Row]) -> Vec<Vec<f32>> {
     rows.iter().map(|r| r.features.clone()).collect()
 }
@@ -165,7 +170,7 @@ fn train_autoencoder(
             "labels: best F1 on the validation split".to_string(),
         )
     } else {
-        (eval::quantile(&val_scores, THRESHOLD_QUANTILE), format!("validation quantile {THRESHOLD_QUANTILE}"))
+        (eval::stretch_quantile(&val_scores, THRESHOLD_QUANTILE), threshold_by_quantile())
     };
 
     progress(0.88, "exporting to ONNX and verifying with tract");
@@ -287,7 +292,7 @@ fn forecaster_candidate(
     let (threshold, threshold_source) = if vw.anomalous.iter().any(|&a| a) {
         (eval::best_f1_threshold(&val_scores, &vw.anomalous), "labels: best F1 on the validation split".to_string())
     } else {
-        (eval::quantile(&val_scores, THRESHOLD_QUANTILE), format!("validation quantile {THRESHOLD_QUANTILE}"))
+        (eval::stretch_quantile(&val_scores, THRESHOLD_QUANTILE), threshold_by_quantile())
     };
     progress(0.88, "exporting the forecaster to ONNX and verifying with tract");
     let name = class.to_string();
