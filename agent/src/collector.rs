@@ -10,8 +10,11 @@ use crate::health::Health;
 use crate::outbox::{NewRecord, Outbox, OutboxError};
 use crate::source::Sample;
 use crate::updater::slot::ModelSlot;
+use edgeloop_common::config::{ClassConfig, SignalKind};
 use edgeloop_common::envelope::FLAG_ANOMALY;
 use edgeloop_common::features::{Pipeline, PipelineSpec};
+use edgeloop_common::gaps::{Gap, GapFiller, ImputeMethod, DEFAULT_MAX_GAP};
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +24,8 @@ use tokio_util::sync::CancellationToken;
 /// The blocking half: owns the pipeline state and the model.
 pub struct Collector {
     pipeline: Pipeline,
+    /// Slow sensors' gap rule (common's [`GapFiller`]), by sensor name.
+    gaps: HashMap<String, GapFiller>,
     slot: Arc<ModelSlot>,
     model_sensor: String,
     outbox: Arc<Outbox>,
@@ -35,7 +40,31 @@ impl Collector {
         outbox: Arc<Outbox>,
         health: Arc<Health>,
     ) -> Self {
-        Collector { pipeline: Pipeline::new(spec), slot, model_sensor, outbox, health }
+        Collector { pipeline: Pipeline::new(spec), gaps: HashMap::new(), slot, model_sensor, outbox, health }
+    }
+
+    /// The collector for a device class: its feature pipeline, and the gap rule on each slow sensor (its
+    /// nominal period, [`DEFAULT_MAX_GAP`], linear), as datasets apply it by default.
+    pub fn for_class(
+        class: &ClassConfig,
+        slot: Arc<ModelSlot>,
+        model_sensor: String,
+        outbox: Arc<Outbox>,
+        health: Arc<Health>,
+    ) -> Self {
+        let mut c = Collector::new(&class.pipeline(), slot, model_sensor, outbox, health);
+        for s in class.sensors.iter().filter(|s| s.kind == SignalKind::Slow) {
+            c = c.fill_gaps(&s.name, GapFiller::new(ClassConfig::period_ms(s), DEFAULT_MAX_GAP, ImputeMethod::Linear));
+        }
+        c
+    }
+
+    /// Fills `sensor`'s short gaps and starts its features over after long ones, as a dataset does with the
+    /// records (a slow sensor, with its nominal period): the filled readings go through the pipeline and into
+    /// the model's window, without records or scores.
+    pub fn fill_gaps(mut self, sensor: &str, filler: GapFiller) -> Self {
+        self.gaps.insert(sensor.to_string(), filler);
+        self
     }
 
     fn reject(&self, sensor: &str, reason: &str) {
@@ -57,6 +86,25 @@ impl Collector {
                 self.reject(&s.sensor, "unknown sensor for this class");
                 continue;
             };
+            let ts_ms = s.ts_ms.unwrap_or(now_ms);
+            let model_sensor = s.sensor == self.model_sensor;
+            match self.gaps.get_mut(&s.sensor).map(|g| g.next(ts_ms, &s.values)) {
+                None | Some(Gap::None) => {}
+                Some(Gap::Fill(filled)) => {
+                    for (_, values) in filled {
+                        if let (Ok(Some(f)), true) = (p.push(&values), model_sensor) {
+                            self.slot.observe(&f);
+                        }
+                    }
+                }
+                Some(Gap::Restart { missing }) => {
+                    tracing::debug!(sensor = %s.sensor, missing, "long gap: features start over");
+                    p.reset();
+                    if model_sensor {
+                        self.slot.restart();
+                    }
+                }
+            }
             let features = match p.push(&s.values) {
                 Ok(Some(f)) => f,
                 Ok(None) => continue,
@@ -65,10 +113,9 @@ impl Collector {
                     continue;
                 }
             };
-            let (score, flagged) =
-                if s.sensor == self.model_sensor { self.slot.score(&features) } else { (None, false) };
+            let (score, flagged) = if model_sensor { self.slot.score(&features) } else { (None, false) };
             let flags = if flagged { FLAG_ANOMALY } else { 0 };
-            out.push(NewRecord { ts_ms: s.ts_ms.unwrap_or(now_ms), sensor: s.sensor, features, score, flags });
+            out.push(NewRecord { ts_ms, sensor: s.sensor, features, score, flags });
         }
         out
     }

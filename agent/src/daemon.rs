@@ -175,7 +175,8 @@ impl Agent {
             }
             (None, None) => tracing::info!("no model yet: collecting only"),
         }
-        let collector = Collector::new(&spec, slot.clone(), cfg.model_sensor.clone(), outbox.clone(), health.clone());
+        let collector =
+            Collector::for_class(&cfg.class, slot.clone(), cfg.model_sensor.clone(), outbox.clone(), health.clone());
         let handle_slot = slot.clone();
 
         let mut sources = extra;

@@ -141,7 +141,7 @@ impl Model {
 
     /// Replaces a windowed model's history with the newest vectors of `recent` (flattened, oldest first,
     /// `frame` floats each), so a model swapped in mid-stream scores from the next vector on instead of
-    /// warming up, and a model restored after a gap never sees a window with a hole in it. A model over one
+    /// warming up, and a model restored after being set aside never scores a window with a hole in it. A model over one
     /// vector, or vectors of another width, keep nothing.
     pub fn prime(&mut self, frame: usize, recent: &std::collections::VecDeque<f32>) {
         self.history.clear();
@@ -153,6 +153,22 @@ impl Model {
         self.history.extend(recent.iter().skip(recent.len() - keep));
     }
 
+    /// Adds a vector to a windowed model's history without scoring it (a reading the agent filled in for a
+    /// missing one). A model over one vector, or a vector of another width, keeps nothing.
+    pub fn observe(&mut self, features: &[f32]) {
+        if self.frames > 1 && features.len() == self.frame_width() {
+            self.remember(features);
+        }
+    }
+
+    fn remember(&mut self, features: &[f32]) {
+        let frame = features.len();
+        if self.history.len() + frame > self.width {
+            self.history.drain(..self.history.len() + frame - self.width);
+        }
+        self.history.extend(features);
+    }
+
     /// Scores one feature vector; returns the score and the time it took.
     pub fn score(&mut self, features: &[f32]) -> Result<(f32, std::time::Duration), InferenceError> {
         let started = Instant::now();
@@ -161,10 +177,7 @@ impl Model {
             if features.len() != frame {
                 return Err(InferenceError::Width { expected: frame, got: features.len() });
             }
-            if self.history.len() + frame > self.width {
-                self.history.drain(..self.history.len() + frame - self.width);
-            }
-            self.history.extend(features);
+            self.remember(features);
             if self.history.len() < self.width {
                 return Err(InferenceError::WarmingUp { have: self.history.len() / frame, need: self.frames });
             }
@@ -310,6 +323,9 @@ mod tests {
         m.prime(2, &short);
         assert!(matches!(m.score(&[1.0, 1.0]), Err(InferenceError::WarmingUp { have: 2, need: 3 })));
         assert!((m.score(&[1.0, 1.0]).unwrap().0 - 1.0).abs() < 1e-6);
+        // An observed vector enters the window unscored: [1, 1, 5, 5, 2, 2].
+        m.observe(&[5.0, 5.0]);
+        assert!((m.score(&[2.0, 2.0]).unwrap().0 - 10.0).abs() < 1e-5);
         // Vectors of another width replace the history with nothing.
         m.prime(3, &[1.0; 6].into_iter().collect());
         assert!(matches!(m.score(&[1.0, 1.0]), Err(InferenceError::WarmingUp { have: 1, need: 3 })));

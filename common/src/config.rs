@@ -315,6 +315,11 @@ impl ClassConfig {
         PipelineSpec { version: 1, sensors: self.sensors.iter().map(ClassConfig::sensor_spec).collect() }
     }
 
+    /// The nominal time between two readings of a sensor, in ms.
+    pub fn period_ms(s: &SensorConfig) -> f64 {
+        1000.0 / s.rate_hz
+    }
+
     /// How one sensor's samples become features.
     pub fn sensor_spec(s: &SensorConfig) -> SensorSpec {
         SensorSpec {

@@ -151,6 +151,11 @@ pub struct ChannelMismatch {
 }
 
 impl SensorPipeline {
+    /// Starts over, as after a long gap: rolling and seasonal state forgotten.
+    pub fn reset(&mut self) {
+        *self = SensorPipeline::new(self.spec.clone());
+    }
+
     pub fn new(spec: SensorSpec) -> Self {
         let cap = match spec.features {
             FeatureKind::Window { window, .. } => window,

@@ -21,6 +21,7 @@ pub mod config;
 pub mod durable;
 pub mod envelope;
 pub mod features;
+pub mod gaps;
 pub mod modbus;
 pub mod signing;
 pub mod tls;

@@ -87,6 +87,10 @@ impl Recent {
         self.floats.extend(features);
     }
 
+    fn clear(&mut self) {
+        self.floats.clear();
+    }
+
     fn prime(&self, loaded: &mut Loaded) {
         loaded.model.prime(self.frame, &self.floats);
     }
@@ -173,6 +177,33 @@ impl ModelSlot {
         g.watch = Some(Watch { tracker: watch, previous, baseline });
         g.shadow = None;
         g.recent_flags.clear();
+    }
+
+    /// A feature vector the agent filled in for a missing reading: it joins the models' windows and the
+    /// recent history, unscored, as filled rows join a dataset's windows. Blocking.
+    pub fn observe(&self, features: &[f32]) {
+        let mut g = self.lock();
+        let inner = &mut *g;
+        inner.recent.push(features);
+        if let Some(active) = inner.active.as_mut() {
+            active.model.observe(features);
+        }
+        if let Some((candidate, _)) = inner.shadow.as_mut() {
+            candidate.model.observe(features);
+        }
+    }
+
+    /// The stream starts over (after a long gap, where the features start over too): no window spans it.
+    pub fn restart(&self) {
+        let mut g = self.lock();
+        let inner = &mut *g;
+        inner.recent.clear();
+        if let Some(active) = inner.active.as_mut() {
+            inner.recent.prime(active);
+        }
+        if let Some((candidate, _)) = inner.shadow.as_mut() {
+            inner.recent.prime(candidate);
+        }
     }
 
     /// Whether a shadow or watch is under way.
@@ -295,5 +326,13 @@ mod tests {
         slot.activate(windowed(4), WatchTracker::new(100, 0));
         assert_eq!(slot.score(&[1.0, 1.0]).0, Some(6.0), "[1, 1, 4, 4, 1, 1]");
         assert_eq!(slot.active_info().unwrap().version, 4);
+        // A filled-in vector joins the window unscored: [4, 4, 1, 1, 7, 7] after it, then [1, 1, 7, 7, 1, 1].
+        slot.observe(&[7.0, 7.0]);
+        assert_eq!(slot.score(&[1.0, 1.0]).0, Some(17.0));
+        // After a restart the window fills again from nothing.
+        slot.restart();
+        assert_eq!(slot.score(&[1.0, 1.0]), (None, false));
+        assert_eq!(slot.score(&[1.0, 1.0]), (None, false));
+        assert_eq!(slot.score(&[1.0, 1.0]).0, Some(1.0));
     }
 }

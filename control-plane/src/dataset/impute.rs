@@ -1,8 +1,9 @@
-//! Gap filling for slow signals. A gap is the number of samples missing between two readings at the nominal
-//! period. Gaps of at most `max_gap` samples are filled (linear interpolation, or holding the last value);
-//! longer gaps split the series into segments, and the feature pipeline restarts after each.
+//! Gap filling for slow signals, with common's [`GapFiller`] (the rule the agent applies to the readings it
+//! scores): gaps of at most `max_gap` missing samples are filled (linear interpolation, or holding the last
+//! value); longer gaps split the series into segments, and the feature pipeline restarts after each.
 
 use super::{ImputeMethod, QualityReport};
+use edgeloop_common::gaps::{Gap, GapFiller};
 
 /// Readings in time order become segments of regular readings.
 pub fn fill(
@@ -12,26 +13,19 @@ pub fn fill(
     method: ImputeMethod,
     report: &mut QualityReport,
 ) -> Vec<Vec<(u64, Vec<f64>)>> {
+    let mut gaps = GapFiller::new(period_ms, max_gap, method);
     let mut segments: Vec<Vec<(u64, Vec<f64>)>> = Vec::new();
     let mut current: Vec<(u64, Vec<f64>)> = Vec::new();
     for (ts, values) in series {
-        if let Some((last_ts, last)) = current.last() {
-            let steps = ((*ts - last_ts) as f64 / period_ms).round() as i64;
-            let missing = (steps - 1).max(0) as usize;
-            if missing > max_gap {
+        match gaps.next(*ts, values) {
+            Gap::None => {}
+            Gap::Fill(filled) => {
+                report.imputed += filled.len() as u64;
+                current.extend(filled);
+            }
+            Gap::Restart { .. } => {
                 report.long_gaps += 1;
                 segments.push(std::mem::take(&mut current));
-            } else if missing > 0 {
-                let (last_ts, last) = (*last_ts, last.clone());
-                for k in 1..=missing {
-                    let f = k as f64 / (missing + 1) as f64;
-                    let fill = match method {
-                        ImputeMethod::Linear => last.iter().zip(values).map(|(a, b)| a + (b - a) * f).collect(),
-                        ImputeMethod::Hold => last.clone(),
-                    };
-                    current.push((last_ts + (k as f64 * period_ms) as u64, fill));
-                    report.imputed += 1;
-                }
             }
         }
         current.push((*ts, values.clone()));

@@ -24,14 +24,8 @@ use edgeloop_common::features::{SensorPipeline, SensorSpec};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-/// How short gaps are filled.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum ImputeMethod {
-    #[default]
-    Linear,
-    Hold,
-}
+/// How short gaps are filled (the agent fills them the same way, linearly).
+pub use edgeloop_common::gaps::ImputeMethod;
 
 /// What to build.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -69,7 +63,7 @@ pub struct DatasetSpec {
 pub const MAX_EXCLUDED_FLAGGED: f64 = 0.1;
 
 fn default_max_gap() -> usize {
-    5
+    edgeloop_common::gaps::DEFAULT_MAX_GAP
 }
 fn default_train_share() -> f64 {
     0.7
@@ -264,7 +258,7 @@ pub fn device_rows(
                 .collect();
             let seqs: Vec<u64> = mine.iter().map(|r| r.seq).collect();
             let kept = clean::clean_slow(&raw, &seqs, sensor, &mut report.dropped);
-            let period_ms = 1000.0 / sensor.rate_hz;
+            let period_ms = ClassConfig::period_ms(sensor);
             let segments = impute::fill(&kept, period_ms, spec.max_gap, spec.impute, report);
             for segment in segments {
                 let mut p = SensorPipeline::new(pipeline_spec.clone());

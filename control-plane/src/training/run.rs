@@ -292,7 +292,11 @@ fn forecaster_candidate(
     let (threshold, threshold_source) = if vw.anomalous.iter().any(|&a| a) {
         (eval::best_f1_threshold(&val_scores, &vw.anomalous), "labels: best F1 on the validation split".to_string())
     } else {
-        (eval::stretch_quantile(&val_scores, THRESHOLD_QUANTILE), threshold_by_quantile())
+        // Windows come device by device; the stretches are stretches of time.
+        let mut by_time: Vec<(u64, f32)> = vw.ts_ms.iter().copied().zip(val_scores.iter().copied()).collect();
+        by_time.sort_by_key(|p| p.0);
+        let in_time: Vec<f32> = by_time.into_iter().map(|p| p.1).collect();
+        (eval::stretch_quantile(&in_time, THRESHOLD_QUANTILE), threshold_by_quantile())
     };
     progress(0.88, "exporting the forecaster to ONNX and verifying with tract");
     let name = class.to_string();

@@ -136,3 +136,70 @@ async fn train_register_serve_and_retrain_offline() {
     assert!(stdout.contains("promotion"), "{stdout}");
     assert!(stdout.lines().next().unwrap_or("").contains("val_loss"), "{stdout}");
 }
+
+/// The agent fills a slow sensor's short gaps and starts its features over after long ones, as a dataset
+/// does with the stored records, so every row a model trains on has the features the agent computed for that
+/// reading in the field (seasonal ones included, whose phase a missing reading would otherwise shift).
+#[test]
+fn the_agents_features_across_gaps_are_the_datasets() {
+    use edgeloop_agent::collector::Collector;
+    use edgeloop_agent::health::Health;
+    use edgeloop_agent::outbox::Outbox;
+    use edgeloop_agent::source::Sample;
+    use edgeloop_agent::updater::slot::ModelSlot;
+    use edgeloop_common::config::{SensorConfig, SignalKind};
+    use edgeloop_common::envelope::Record;
+    use edgeloop_control_plane::dataset::{device_rows, DatasetSpec, QualityReport};
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut class = edgeloop_simulators::class_config("city-air-quality").unwrap();
+    class.sensors = vec![SensorConfig {
+        name: "t".into(),
+        kind: SignalKind::Slow,
+        rate_hz: 1.0,
+        channels: 1,
+        window: None,
+        hop: None,
+        rolling: 4,
+        season: 6,
+        valid_min: None,
+        valid_max: None,
+        unit: String::new(),
+    }];
+    let health = Arc::new(Health::default());
+    let outbox = Arc::new(Outbox::open(dir.path(), edgeloop_common::durable::Durability::Flush, 1 << 20).unwrap());
+    let (slot, _events) = ModelSlot::new(health.clone(), None);
+    let mut agent = Collector::for_class(&class, slot, "t".into(), outbox, health);
+    // One reading a second with short gaps (1, 2 and 5 missing) and a long one (20 missing).
+    let seconds: Vec<u64> = (0..15).chain(16..30).chain(32..40).chain(45..60).chain(81..100).collect();
+    let value = |t: u64| (t as f64 * 0.7).sin() * 10.0 + t as f64 * 0.1;
+    let samples = seconds.iter().map(|&t| Sample { sensor: "t".into(), ts_ms: Some(t * 1000), values: vec![value(t)] });
+    let records: Vec<Record> = agent
+        .process(samples.collect(), 0)
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| Record {
+            seq: i as u64 + 1,
+            ts_ms: r.ts_ms,
+            sensor: r.sensor,
+            features: r.features,
+            score: None,
+            flags: 0,
+        })
+        .collect();
+    assert_eq!(records.len(), seconds.len(), "one record per reading, none for the filled ones");
+    let mut report = QualityReport::default();
+    let rows = device_rows("d", &records, &class.sensors[0], &DatasetSpec::new(&class.class), &[], &mut report);
+    assert_eq!((report.imputed, report.long_gaps), (8, 1));
+    assert_eq!(rows.len(), seconds.len() + 8);
+    for rec in &records {
+        let row = rows.iter().find(|r| r.ts_ms == rec.ts_ms).unwrap();
+        // The dataset starts from the stored f32 reading, the agent from its f64 one: equal within rounding.
+        let close = row.features.iter().zip(&rec.features).all(|(a, b)| (a - b).abs() <= 1e-5 * (1.0 + b.abs()));
+        assert!(close, "the reading at {} ms: dataset {:?}, agent {:?}", rec.ts_ms, row.features, rec.features);
+    }
+    // The features did change across the gaps (seasonal ones too): the comparison above is not vacuous.
+    assert!(records.iter().all(|r| r.features.len() == 7));
+    assert!(records.iter().filter(|r| r.features[5] != 0.0).count() > 40);
+}
