@@ -54,7 +54,9 @@ async fn nab_replay_writes_well_formed_scores() {
     }
     assert!(kept > 0 && zeroed > kept, "{kept} kept, {zeroed} zeroed");
     assert!((0.0..=100.0).contains(&report.standard_score_without_onset), "{report:?}");
-    // Rows after the first model (trained on the first 15%, 169 rows) carry the agent's scores.
+    // Rows after the first model (trained on the first 15%, 169 rows) carry the agent's scores, except a
+    // forecaster's first readings after each of the file's long gaps (50 of them), where its window starts over
+    // as the dataset's windows do.
     let scored = report.per_file[0].scored;
-    assert!((900..=1127 - 169).contains(&scored), "{scored} rows scored");
+    assert!((800..=1127 - 169).contains(&scored), "{scored} rows scored");
 }
