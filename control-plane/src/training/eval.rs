@@ -54,9 +54,20 @@ pub fn best_f1_threshold(scores: &[f32], labels: &[bool]) -> f32 {
     candidates.sort_by(|a, b| a.total_cmp(b));
     candidates.dedup();
     let mut best = (f64::NEG_INFINITY, candidates.last().copied().unwrap_or(0.0));
-    // Thresholds just below each score, so that score is flagged.
-    for &c in &candidates {
-        let t = c - c.abs() * 1e-6 - f32::MIN_POSITIVE;
+    // A threshold below each score, so that score is flagged: halfway to the next lower score, the widest
+    // margin on both sides (an exported model's scores differ from candle's by up to 1e-4 relative).
+    for (i, &c) in candidates.iter().enumerate() {
+        let t = match i.checked_sub(1).map(|j| candidates[j]) {
+            Some(below) => {
+                let mid = ((below as f64 + c as f64) / 2.0) as f32;
+                if mid < c {
+                    mid
+                } else {
+                    below
+                }
+            }
+            None => c - c.abs() * 1e-6 - f32::MIN_POSITIVE,
+        };
         let f = prf(scores, labels, t).2;
         if f > best.0 {
             best = (f, t);
@@ -101,7 +112,7 @@ mod tests {
         assert_eq!(roc_auc(&[0.5, 0.5], &[true, false]), Some(0.5));
         assert_eq!(roc_auc(&s, &[false; 5]), None);
         let t = best_f1_threshold(&s, &l);
-        assert!((0.3..0.8).contains(&t), "{t}");
+        assert_eq!(t, 0.55, "halfway between the highest normal score and the lowest anomaly");
         assert_eq!(prf(&s, &l, t), (1.0, 1.0, 1.0));
         assert_eq!(quantile(&[3.0, 1.0, 2.0], 0.5), 2.0);
     }
