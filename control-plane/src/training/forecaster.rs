@@ -47,6 +47,12 @@ impl Windows {
 
 /// Cuts `rows` (one split) into windows of `frames` rows per device.
 pub fn windows(rows: &[Row], frames: usize, d: usize) -> Windows {
+    windows_where(rows, frames, d, &|_| true)
+}
+
+/// [`windows`] without the windows that hold a row `keep` refuses (a labelled anomaly, a flagged row kept
+/// out of training): the rows left out are cut around, never bridged, since an agent never sees them missing.
+pub fn windows_where(rows: &[Row], frames: usize, d: usize, keep: &dyn Fn(&Row) -> bool) -> Windows {
     let mut by_device: BTreeMap<&str, Vec<&Row>> = BTreeMap::new();
     for r in rows {
         by_device.entry(&r.device).or_default().push(r);
@@ -60,7 +66,7 @@ pub fn windows(rows: &[Row], frames: usize, d: usize) -> Windows {
         for end in frames.saturating_sub(1)..rs.len() {
             let w = &rs[end + 1 - frames..=end];
             if w.windows(2).any(|p| p[1].ts_ms.saturating_sub(p[0].ts_ms) > limit)
-                || w.iter().any(|r| r.features.len() != d)
+                || w.iter().any(|r| r.features.len() != d || !keep(r))
             {
                 continue;
             }
@@ -170,9 +176,12 @@ pub fn score(f: &Forecaster, st: &Standardizer, w: &[Vec<f32>]) -> Result<Vec<f3
 
 /// Random search over width, depth, learning rate, batch and window; each configuration trained in full with
 /// early stopping; the lowest validation error wins. Returns the winner and every trial.
+/// Windows holding a row `keep` refuses are left out of both splits.
+#[allow(clippy::too_many_arguments)]
 pub fn search(
     train_rows: &[Row],
     val_rows: &[Row],
+    keep: &dyn Fn(&Row) -> bool,
     st: &Standardizer,
     base: &Hyper,
     trials: usize,
@@ -193,7 +202,7 @@ pub fn search(
         if best.is_some() && deadline.is_some_and(|t| std::time::Instant::now() > t) {
             break;
         }
-        let (tw, vw) = (windows(train_rows, h.window, d), windows(val_rows, h.window, d));
+        let (tw, vw) = (windows_where(train_rows, h.window, d, keep), windows_where(val_rows, h.window, d, keep));
         if tw.len() < 16 || vw.is_empty() {
             continue;
         }
@@ -252,6 +261,20 @@ mod tests {
 
     fn row(device: &str, ts_ms: u64, v: f32, label: Option<u32>) -> Row {
         Row { device: device.into(), ts_ms, features: vec![v, v * 2.0], label, flagged: false }
+    }
+
+    #[test]
+    fn windows_cut_around_rows_left_out_instead_of_bridging_them() {
+        // Ten rows a second apart; the anomaly at 5 s is left out of training.
+        let rows: Vec<Row> = (0..10).map(|i| row("a", i * 1000, i as f32, (i == 5).then_some(1))).collect();
+        let normal = |r: &Row| r.label.is_none();
+        let w = windows_where(&rows, 3, 2, &normal);
+        // Windows ending at 2, 3, 4 and 8, 9: none holds the row at 5 s.
+        assert_eq!(w.ts_ms, vec![2000, 3000, 4000, 8000, 9000]);
+        // Dropping the row first would have bridged it: [3, 4, 6] is no window an agent ever sees.
+        let bridged: Vec<Row> = rows.iter().filter(|r| normal(r)).cloned().collect();
+        assert_eq!(windows(&bridged, 3, 2).len(), 7);
+        assert_eq!(windows_where(&rows, 3, 2, &|_| true).x, windows(&rows, 3, 2).x);
     }
 
     #[test]

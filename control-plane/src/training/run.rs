@@ -142,8 +142,17 @@ fn train_autoencoder(
     // (a2) A forecaster over windows of the same rows, and the choice between the two on validation data.
     progress(0.6, "training a forecaster over windows of the same rows");
     let deadline = req.max_seconds.map(|s| std::time::Instant::now() + std::time::Duration::from_secs_f64(s));
-    let forecast =
-        forecaster::search(&normal, &normal_val, &ds.standardizer, &base, req.trials.max(1), deadline, req.seed);
+    // Over all rows, cutting around the ones left out rather than bridging them.
+    let forecast = forecaster::search(
+        &ds.train,
+        &ds.val,
+        &|r| is_normal(&r),
+        &ds.standardizer,
+        &base,
+        req.trials.max(1),
+        deadline,
+        req.seed,
+    );
     let mut choice = match &forecast {
         Ok((f, _)) => choose(ds, weights, f, req.seed)?,
         Err(e) => Choice { forecaster: false, reason: format!("autoencoder: no forecaster could be trained ({e})") },
