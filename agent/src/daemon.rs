@@ -241,6 +241,7 @@ impl Agent {
                 class: cfg.class.class.clone(),
                 sensor: cfg.model_sensor.clone(),
                 width,
+                features: spec.sensors.iter().find(|s| s.name == cfg.model_sensor).cloned(),
                 max_artifact_bytes: ucfg.max_artifact_bytes,
             };
             let up = Updater::new(ucfg, me, files, slot, slot_events, reports_tx, health.clone(), pointer)?

@@ -2,6 +2,7 @@
 //! signed artifact, whether a model passes its golden vectors, and how the shadow and watch phases judge a
 //! candidate window by window. Time comes in as an argument; everything here is tested exhaustively.
 
+use edgeloop_common::features::SensorSpec;
 use edgeloop_common::signing::{Signed, TrustedKey, VerifyError};
 use edgeloop_common::update::{DesiredState, Golden, Manifest};
 use serde::{Deserialize, Serialize};
@@ -46,6 +47,9 @@ pub struct Identity {
     pub sensor: String,
     /// Width of that sensor's feature vector.
     pub width: usize,
+    /// How this device computes that sensor's features; a manifest whose pipeline describes the sensor
+    /// otherwise is refused.
+    pub features: Option<SensorSpec>,
     pub max_artifact_bytes: u64,
 }
 
@@ -96,6 +100,15 @@ fn check_manifest(m: &Manifest, me: &Identity) -> Result<(), String> {
     }
     if m.input_width() != Some(me.width * m.frames as usize) {
         return Err(format!("input shape {:?} does not take {} × {} features", m.input_shape, m.frames, me.width));
+    }
+    let trained_on = m.pipeline.sensors.iter().find(|s| s.name == m.sensor);
+    if let (Some(theirs), Some(mine)) = (trained_on, &me.features) {
+        if theirs != mine {
+            return Err(format!(
+                "model was trained on features {:?} of sensor `{}`, this device computes {:?}",
+                theirs.features, m.sensor, mine.features
+            ));
+        }
     }
     if !m.threshold.is_finite() {
         return Err("threshold is not finite".into());
@@ -256,7 +269,7 @@ impl WatchTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use edgeloop_common::features::PipelineSpec;
+    use edgeloop_common::features::{FeatureKind, PipelineSpec};
     use edgeloop_common::signing::{to_cbor, Signer};
     use edgeloop_common::update::{ManifestLineage, UpdatePolicy};
 
@@ -268,8 +281,14 @@ mod tests {
             class: "press".into(),
             sensor: "temp".into(),
             width: 4,
+            features: Some(temp_features(4)),
             max_artifact_bytes: 1 << 20,
         }
+    }
+
+    /// The sensor's features as some device computes them (the check compares specs, not widths).
+    fn temp_features(rolling: usize) -> SensorSpec {
+        SensorSpec { name: "temp".into(), channels: 1, features: FeatureKind::Slow { rolling, season: 0 } }
     }
 
     fn manifest(bytes: &[u8]) -> Manifest {
@@ -400,6 +419,8 @@ mod tests {
             (|m| m.input_shape = vec![-1, 5], "input shape"),
             (|m| m.golden.clear(), "golden"),
             (|m| m.threshold = f32::NAN, "threshold"),
+            // Trained on a rolling window of 8 where this device computes one of 4.
+            (|m| m.pipeline.sensors = vec![temp_features(8)], "trained on features"),
         ];
         for (break_it, word) in cases {
             let mut m = manifest(b"onnx");
@@ -407,6 +428,13 @@ mod tests {
             let signed = Signed::sign(&desired(&s, &m, 5), &s);
             let r = verify_desired(&signed, &[s.trusted(None)], &me(), 0, NOW).unwrap_err();
             assert!(r.to_string().contains(word), "{r} lacks {word}");
+        }
+        // A pipeline that describes the sensor as this device computes it, or does not describe it, is fine.
+        for sensors in [vec![temp_features(4)], vec![], vec![SensorSpec { name: "other".into(), ..temp_features(8) }]] {
+            let mut m = manifest(b"onnx");
+            m.pipeline.sensors = sensors;
+            let signed = Signed::sign(&desired(&s, &m, 5), &s);
+            assert!(verify_desired(&signed, &[s.trusted(None)], &me(), 0, NOW).is_ok());
         }
     }
 

@@ -127,6 +127,7 @@ fn rig(s: &Signer, base: &str, dir: Option<tempfile::TempDir>) -> Rig {
         class: "press".into(),
         sensor: "temp".into(),
         width: WIDTH,
+        features: None,
         max_artifact_bytes: 1 << 20,
     };
     let up = Updater::new(cfg, me, files.clone(), slot.clone(), events, tx, health, pointer).unwrap();
