@@ -20,7 +20,7 @@ pub mod impute;
 use crate::store::{Query, StoreError, TelemetryStore};
 use edgeloop_common::config::{ClassConfig, SensorConfig, SignalKind};
 use edgeloop_common::envelope::{Record, FLAG_ANOMALY};
-use edgeloop_common::features::{SensorPipeline, SensorSpec};
+use edgeloop_common::features::{SensorPipeline, SensorSpec, SEASON_FEATURES};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -197,6 +197,12 @@ pub enum DatasetError {
     TooSmall { rows: usize, need: usize },
     #[error("the time split left the {split} split empty ({rows} rows share too few distinct timestamps)")]
     EmptySplit { split: &'static str, rows: usize },
+    #[error(
+        "sensor `{sensor}` has `season = {season}` rows, but no row of the training split has a season behind it \
+         (its seasonal features are 0 throughout): a device needs more than {season} readings without a long \
+         gap first; train on a longer time range or lower `season` in the class file"
+    )]
+    NoSeason { sensor: String, season: usize },
 }
 
 /// A labelled time range of one device.
@@ -343,6 +349,14 @@ pub fn build(
             return Err(DatasetError::EmptySplit { split, rows: n });
         }
     }
+    // A model that only ever saw seasonal features at 0 would meet the agents' real ones in sensor units.
+    let seasonal: Vec<usize> = (ds.feature_names.iter().enumerate())
+        .filter(|(_, name)| name.ends_with(SEASON_FEATURES[0]))
+        .map(|(i, _)| i)
+        .collect();
+    if !seasonal.is_empty() && ds.train.iter().all(|r| seasonal.iter().all(|&i| r.features[i] == 0.0)) {
+        return Err(DatasetError::NoSeason { sensor: sensor.name.clone(), season: sensor.season });
+    }
     Ok(ds)
 }
 
@@ -471,6 +485,39 @@ mod tests {
             assert_eq!(row.features.len(), 14);
             assert_eq!(row.features, rec.features, "row at {}", row.ts_ms);
         }
+    }
+
+    #[test]
+    fn a_season_longer_than_the_training_data_is_refused_with_the_key_named() {
+        use edgeloop_common::durable::{Durability, DurableDb};
+        let dir = tempfile::tempdir().unwrap();
+        let store = TelemetryStore::open(DurableDb::open(&dir.path().join("db"), Durability::Flush).unwrap()).unwrap();
+        // 200 readings a second apart: two seasons of 60 fit, not one of 300.
+        let mut agent = SensorPipeline::new(SensorSpec {
+            name: "t".into(),
+            channels: 1,
+            features: edgeloop_common::features::FeatureKind::Slow { rolling: 3, season: 60 },
+        });
+        for i in 1..=200u64 {
+            let features = agent.push(&[(i as f64 * 0.3).sin() * 5.0 + (i % 7) as f64]).unwrap().unwrap();
+            let rec = Record { seq: i, ts_ms: i * 1000, sensor: "t".into(), features, score: None, flags: 0 };
+            store.insert("d", &rec).unwrap();
+        }
+        let class_with = |season: usize| {
+            let mut class = ClassConfig::from_toml(
+                "c.toml",
+                "class = \"c\"\n[[sensors]]\nname = \"t\"\nkind = \"slow\"\nrate_hz = 1.0\nrolling = 3\n",
+            )
+            .unwrap();
+            class.sensors[0].season = season;
+            class
+        };
+        let spec = DatasetSpec::new("c");
+        let ds = build(&store, &class_with(60), &["d".to_string()], &[], &spec).unwrap();
+        assert_eq!(ds.feature_names.len(), 7);
+        let err = build(&store, &class_with(300), &["d".to_string()], &[], &spec).unwrap_err();
+        assert!(matches!(err, DatasetError::NoSeason { season: 300, .. }), "{err}");
+        assert!(err.to_string().contains("`season = 300`") && err.to_string().contains("`t`"), "{err}");
     }
 
     #[test]
