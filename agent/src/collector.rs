@@ -52,19 +52,16 @@ impl Collector {
         outbox: Arc<Outbox>,
         health: Arc<Health>,
     ) -> Self {
+        // Short gaps are filled through the pipeline and the model's window (no records, no scores); after a
+        // long one the features start over, as in a dataset.
         let mut c = Collector::new(&class.pipeline(), slot, model_sensor, outbox, health);
-        for s in class.sensors.iter().filter(|s| s.kind == SignalKind::Slow) {
-            c = c.fill_gaps(&s.name, GapFiller::new(ClassConfig::period_ms(s), DEFAULT_MAX_GAP, ImputeMethod::Linear));
-        }
+        c.gaps = (class.sensors.iter().filter(|s| s.kind == SignalKind::Slow))
+            .map(|s| {
+                let filler = GapFiller::new(ClassConfig::period_ms(s), DEFAULT_MAX_GAP, ImputeMethod::Linear);
+                (s.name.clone(), filler)
+            })
+            .collect();
         c
-    }
-
-    /// Fills `sensor`'s short gaps and starts its features over after long ones, as a dataset does with the
-    /// records (a slow sensor, with its nominal period): the filled readings go through the pipeline and into
-    /// the model's window, without records or scores.
-    pub fn fill_gaps(mut self, sensor: &str, filler: GapFiller) -> Self {
-        self.gaps.insert(sensor.to_string(), filler);
-        self
     }
 
     fn reject(&self, sensor: &str, reason: &str) {
