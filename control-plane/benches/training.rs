@@ -4,7 +4,9 @@
 //!
 //! `cargo bench -p edgeloop-control-plane --bench training`
 
+use candle_core::Device;
 use edgeloop_control_plane::dataset::{Row, Standardizer};
+use edgeloop_control_plane::training::device::Devices;
 use edgeloop_control_plane::training::search::{self, Budget};
 use edgeloop_control_plane::training::{autoencoder, Hyper};
 use rand::rngs::StdRng;
@@ -34,8 +36,16 @@ fn main() {
     for seed in 0..5 {
         for (n, v) in [(1, &mut one), (4, &mut four)] {
             let t = Instant::now();
-            autoencoder::train(&train, &val, &st, &Hyper { epochs: n, ..h.clone() }, seed, &mut |_, _| {})
-                .expect("train");
+            autoencoder::train(
+                &Device::Cpu,
+                &train,
+                &val,
+                &st,
+                &Hyper { epochs: n, ..h.clone() },
+                seed,
+                &mut |_, _| {},
+            )
+            .expect("train");
             v.push(t.elapsed().as_secs_f64());
         }
     }
@@ -51,8 +61,17 @@ fn main() {
     );
     let base = Hyper { width: 64, depth: 1, lr: 1e-3, epochs: 9, batch: 256, patience: 100, window: 0 };
     let t = Instant::now();
-    let out = search::run(&train, &val, &st, &base, Budget { trials: 6, max_seconds: None }, 7, &mut |_, _| {})
-        .expect("search");
+    let out = search::run(
+        &Devices::cpu(),
+        &train,
+        &val,
+        &st,
+        &base,
+        Budget { trials: 6, max_seconds: None },
+        7,
+        &mut |_, _| {},
+    )
+    .expect("search");
     let epochs_total: usize = out.trials.iter().map(|t| t.epochs_run).sum();
     println!(
         "search: 6 configurations, successive halving to 9 epochs: {} trials, {epochs_total} epochs in {:.1} s; best val loss {:.5} (width {}, depth {}, lr {:.1e}, batch {})",

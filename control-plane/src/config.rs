@@ -149,6 +149,10 @@ pub struct TrainingConfig {
     pub max_seconds: Option<f64>,
     #[serde(default)]
     pub seed: u64,
+    /// Where training runs: "auto" (a GPU for large enough steps when built with `cuda` and one is present,
+    /// else the CPU), "cpu" or "cuda:N".
+    #[serde(default)]
+    pub device: crate::training::device::DeviceSetting,
     /// Retraining triggers, one entry per class.
     #[serde(default)]
     pub triggers: Vec<crate::triggers::TriggerConfig>,
@@ -156,7 +160,14 @@ pub struct TrainingConfig {
 
 impl Default for TrainingConfig {
     fn default() -> Self {
-        TrainingConfig { classes_dir: None, trials: default_trials(), max_seconds: None, seed: 0, triggers: Vec::new() }
+        TrainingConfig {
+            classes_dir: None,
+            trials: default_trials(),
+            max_seconds: None,
+            seed: 0,
+            device: Default::default(),
+            triggers: Vec::new(),
+        }
     }
 }
 
@@ -566,6 +577,17 @@ mod tests {
         .unwrap_err();
         assert_eq!(err.key, "broker");
         assert!(err.reason.contains("unknown field `colour`"), "{err}");
+        let base =
+            "data_dir = \"d\"\n[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:1\"\n[tls]\nplaintext = true\n";
+        let err = Config::from_toml("cp.toml", &format!("{base}[training]\ndevice = \"gpu\"\n")).unwrap_err();
+        assert_eq!(err.key, "training.device", "{err}");
+        assert!(
+            err.reason.contains("expected \"auto\", \"cpu\" or \"cuda:N\"") && err.reason.contains("got \"gpu\""),
+            "{err}"
+        );
+        let ok = Config::from_toml("cp.toml", &format!("{base}[training]\ndevice = \"cuda:1\"\n")).unwrap();
+        assert_eq!(ok.training.device, crate::training::device::DeviceSetting::Cuda(1));
+        assert_eq!(Config::from_toml("cp.toml", base).unwrap().training.device, Default::default());
     }
 
     #[test]

@@ -252,6 +252,7 @@ impl Learning {
         if req.max_seconds.is_none() {
             req.max_seconds = self.defaults.max_seconds;
         }
+        req.device = self.defaults.device;
         Ok((req, devices))
     }
 

@@ -271,6 +271,7 @@ fn main() -> ExitCode {
             req.trials = trials.unwrap_or(cfg.training.trials);
             req.seed = seed.unwrap_or(cfg.training.seed);
             req.max_seconds = cfg.training.max_seconds;
+            req.device = cfg.training.device;
             if let (Some(f), Some(t)) = (from, to) {
                 if f > t {
                     eprintln!("edgeloop-control-plane: --from ({f}) is after --to ({t})");
@@ -322,7 +323,7 @@ fn train_offline(cfg: Config, req: TrainRequest) -> anyhow::Result<()> {
     let m = train_class(&store, &devices, &class, &models, &req, &mut progress)?;
     bar.finish_and_clear();
     println!(
-        "{:>5} {:>10} {:>4} {:>6} {:>5} {:>9} {:>5} {:>6} {:>12} {:>8}",
+        "{:>5} {:>10} {:>4} {:>6} {:>5} {:>9} {:>5} {:>6} {:>12} {:>8}  device",
         "trial", "model", "rung", "width", "depth", "lr", "batch", "epochs", "val_loss", "seconds"
     );
     for t in &m.lineage.trials {
@@ -333,8 +334,8 @@ fn train_offline(cfg: Config, req: TrainRequest) -> anyhow::Result<()> {
             _ => "ae".to_string(),
         };
         println!(
-            "{:>5} {:>10} {:>4} {:>6} {:>5} {:>9.2e} {:>5} {:>6} {:>12.6} {:>8.2}",
-            t.id, model, t.rung, h.width, h.depth, h.lr, h.batch, t.epochs_run, t.val_loss, t.seconds
+            "{:>5} {:>10} {:>4} {:>6} {:>5} {:>9.2e} {:>5} {:>6} {:>12.6} {:>8.2}  {}",
+            t.id, model, t.rung, h.width, h.depth, h.lr, h.batch, t.epochs_run, t.val_loss, t.seconds, t.device
         );
     }
     let r = &m.lineage.dataset_report;

@@ -110,6 +110,15 @@ impl ControlPlane {
             None
         };
         let operators = Arc::new(operators);
+        // An explicit `cuda:N` that this build or machine cannot honour stops the start, not the first training.
+        let machine = crate::training::device::Devices::new(cfg.training.device)?.machine();
+        tracing::info!(
+            setting = %cfg.training.device,
+            cuda_built = machine.cuda_built,
+            gpus = machine.gpus,
+            cores = machine.cores,
+            "training devices"
+        );
         let learning = Arc::new(Learning::new(
             &db,
             store.clone(),

@@ -78,6 +78,7 @@ pub async fn train(
         max_seconds: b.max_seconds,
         seed: b.seed.unwrap_or(s.learning.defaults.seed),
         hyper: None,
+        device: s.learning.defaults.device,
     };
     match s.learning.start(req, "api") {
         Ok(job) => Ok((StatusCode::ACCEPTED, Json(Accepted { job }))),

@@ -2,11 +2,11 @@
 //! its score is the mean squared reconstruction error. Trained with Adam on shuffled mini-batches, seeded,
 //! with early stopping on the validation loss (the best epoch's weights are kept).
 
+use super::adam::{Adam, AdamParams};
 use super::mlp::{DenseWeights, EarlyStopping, Mlp};
 use super::{Hyper, TrainError};
 use crate::dataset::{Row, Standardizer};
 use candle_core::{Device, Tensor};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -48,8 +48,27 @@ pub fn row_errors(model: &Mlp, x: &Tensor) -> candle_core::Result<Tensor> {
     model.forward(x)?.sub(x)?.sqr()?.mean(1)
 }
 
-/// Trains on `train`, stopping early on `val`. `on_epoch(epoch, val_loss)` reports progress.
+/// One epoch over the rows of `x` in the order `order`: one gather, then contiguous batches (cheaper than a
+/// gather per batch), each batch's reconstruction loss handed to `step`.
+pub fn run_epoch(
+    model: &Mlp,
+    x: &Tensor,
+    order: &[u32],
+    batch: usize,
+    step: &mut dyn FnMut(&Tensor) -> candle_core::Result<()>,
+) -> candle_core::Result<()> {
+    let shuffled = x.index_select(&Tensor::from_slice(order, order.len(), x.device())?, 0)?;
+    let batch = batch.max(1);
+    for start in (0..order.len()).step_by(batch) {
+        let xb = shuffled.narrow(0, start, batch.min(order.len() - start))?;
+        step(&model.forward(&xb)?.sub(&xb)?.sqr()?.mean_all()?)?;
+    }
+    Ok(())
+}
+
+/// Trains on `device` with `train`, stopping early on `val`. `on_epoch(epoch, val_loss)` reports progress.
 pub fn train(
+    device: &Device,
     train: &[Row],
     val: &[Row],
     st: &Standardizer,
@@ -57,25 +76,17 @@ pub fn train(
     seed: u64,
     on_epoch: &mut dyn FnMut(usize, f64),
 ) -> Result<Autoencoder, TrainError> {
-    let device = Device::Cpu;
     let d = st.mean.len();
-    let model = Mlp::new(&sizes(d, h), seed, &device)?;
-    let xt = matrix(train, st, &device)?;
-    let xv = matrix(val, st, &device)?;
-    let mut opt = AdamW::new(model.vars(), ParamsAdamW { lr: h.lr, weight_decay: 0.0, ..Default::default() })?;
+    let model = Mlp::new(&sizes(d, h), seed, device)?;
+    let xt = matrix(train, st, device)?;
+    let xv = matrix(val, st, device)?;
+    let mut opt = Adam::new(model.vars(), AdamParams::with_lr(h.lr))?;
     let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
     let mut order: Vec<u32> = (0..train.len() as u32).collect();
     let (mut stop, mut epochs_run) = (EarlyStopping::new(&model, h.patience)?, 0);
     for epoch in 0..h.epochs {
-        // One gather per epoch, then contiguous batches: cheaper than a gather per batch.
         order.shuffle(&mut rng);
-        let shuffled = xt.index_select(&Tensor::from_slice(&order, order.len(), &device)?, 0)?;
-        let batch = h.batch.max(1);
-        for start in (0..order.len()).step_by(batch) {
-            let xb = shuffled.narrow(0, start, batch.min(order.len() - start))?;
-            let loss = model.forward(&xb)?.sub(&xb)?.sqr()?.mean_all()?;
-            opt.backward_step(&loss)?;
-        }
+        run_epoch(&model, &xt, &order, h.batch, &mut |loss| opt.backward_step(loss))?;
         epochs_run = epoch + 1;
         let vl = row_errors(&model, &xv)?.mean_all()?.to_scalar::<f32>()? as f64;
         on_epoch(epoch, vl);

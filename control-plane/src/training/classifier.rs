@@ -1,12 +1,12 @@
 //! The MLP classifier for labelled classes: standardised features in, class probabilities out, trained
 //! with cross-entropy, seeded, with early stopping on validation loss. Rows without a label are left out.
 
+use super::adam::{Adam, AdamParams};
 use super::autoencoder::matrix;
 use super::mlp::{DenseWeights, EarlyStopping, Mlp};
 use super::{Hyper, TrainError};
 use crate::dataset::{Row, Standardizer};
 use candle_core::{Device, Tensor};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -40,22 +40,29 @@ fn loss(model: &Mlp, x: &Tensor, y: &Tensor) -> candle_core::Result<Tensor> {
     candle_nn::loss::cross_entropy(&model.forward(x)?, y)
 }
 
-pub fn train(train: &[Row], val: &[Row], st: &Standardizer, h: &Hyper, seed: u64) -> Result<Classifier, TrainError> {
-    let device = Device::Cpu;
+/// Trains on `device`, stopping early on the validation loss.
+pub fn train(
+    device: &Device,
+    train: &[Row],
+    val: &[Row],
+    st: &Standardizer,
+    h: &Hyper,
+    seed: u64,
+) -> Result<Classifier, TrainError> {
     let (tr, ytr) = labelled(train);
     let (va, yva) = labelled(val);
     let classes = ytr.iter().chain(&yva).copied().max().unwrap_or(0) as usize + 1;
-    let model = Mlp::new(&sizes(st.mean.len(), classes, h), seed, &device)?;
-    let (xt, yt) = (matrix(&tr, st, &device)?, Tensor::from_slice(&ytr, ytr.len(), &device)?);
-    let (xv, yv) = (matrix(&va, st, &device)?, Tensor::from_slice(&yva, yva.len(), &device)?);
-    let mut opt = AdamW::new(model.vars(), ParamsAdamW { lr: h.lr, weight_decay: 0.0, ..Default::default() })?;
+    let model = Mlp::new(&sizes(st.mean.len(), classes, h), seed, device)?;
+    let (xt, yt) = (matrix(&tr, st, device)?, Tensor::from_slice(&ytr, ytr.len(), device)?);
+    let (xv, yv) = (matrix(&va, st, device)?, Tensor::from_slice(&yva, yva.len(), device)?);
+    let mut opt = Adam::new(model.vars(), AdamParams::with_lr(h.lr))?;
     let mut rng = StdRng::seed_from_u64(seed ^ 0xc1a55);
     let mut order: Vec<u32> = (0..tr.len() as u32).collect();
     let (mut stop, mut epochs_run) = (EarlyStopping::new(&model, h.patience)?, 0);
     for epoch in 0..h.epochs {
         order.shuffle(&mut rng);
         for chunk in order.chunks(h.batch.max(1)) {
-            let idx = Tensor::from_slice(chunk, chunk.len(), &device)?;
+            let idx = Tensor::from_slice(chunk, chunk.len(), device)?;
             opt.backward_step(&loss(&model, &xt.index_select(&idx, 0)?, &yt.index_select(&idx, 0)?)?)?;
         }
         epochs_run = epoch + 1;

@@ -7,11 +7,12 @@
 //! taken within one split only, so no window straddles the time split; a window does not span a gap longer
 //! than [`MAX_GAP_FACTOR`] times the device's usual spacing.
 
+use super::adam::{Adam, AdamParams};
+use super::device::{Devices, Work};
 use super::mlp::{DenseWeights, EarlyStopping, Mlp};
 use super::{Hyper, TrainError};
 use crate::dataset::{Row, Standardizer};
 use candle_core::{Device, Tensor};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -115,8 +116,9 @@ fn tensors(w: &[Vec<f32>], frames: usize, st: &Standardizer, dev: &Device) -> ca
     Ok((Tensor::from_vec(hist, (w.len(), (frames - 1) * d), dev)?, Tensor::from_vec(cur, (w.len(), d), dev)?))
 }
 
-/// Trains on the training windows, stopping early on the validation windows' mean squared error.
+/// Trains on `dev` with the training windows, stopping early on the validation windows' mean squared error.
 pub fn train(
+    dev: &Device,
     train: &[Vec<f32>],
     val: &[Vec<f32>],
     frames: usize,
@@ -124,21 +126,20 @@ pub fn train(
     h: &Hyper,
     seed: u64,
 ) -> Result<Forecaster, TrainError> {
-    let dev = Device::Cpu;
     let d = st.mean.len();
     if frames < 2 || train.is_empty() || val.is_empty() {
         return Err(TrainError::NoTrial);
     }
-    let model = Mlp::new(&sizes(frames, d, h), seed, &dev)?;
-    let (ht, ct) = tensors(train, frames, st, &dev)?;
-    let (hv, cv) = tensors(val, frames, st, &dev)?;
-    let mut opt = AdamW::new(model.vars(), ParamsAdamW { lr: h.lr, weight_decay: 0.0, ..Default::default() })?;
+    let model = Mlp::new(&sizes(frames, d, h), seed, dev)?;
+    let (ht, ct) = tensors(train, frames, st, dev)?;
+    let (hv, cv) = tensors(val, frames, st, dev)?;
+    let mut opt = Adam::new(model.vars(), AdamParams::with_lr(h.lr))?;
     let mut rng = StdRng::seed_from_u64(seed ^ 0xf0ca);
     let mut order: Vec<u32> = (0..train.len() as u32).collect();
     let (mut stop, mut epochs_run) = (EarlyStopping::new(&model, h.patience)?, 0);
     for epoch in 0..h.epochs {
         order.shuffle(&mut rng);
-        let idx = Tensor::from_slice(&order, order.len(), &dev)?;
+        let idx = Tensor::from_slice(&order, order.len(), dev)?;
         let (hs, cs) = (ht.index_select(&idx, 0)?, ct.index_select(&idx, 0)?);
         let batch = h.batch.max(1);
         for start in (0..order.len()).step_by(batch) {
@@ -176,9 +177,10 @@ pub fn score(f: &Forecaster, st: &Standardizer, w: &[Vec<f32>]) -> Result<Vec<f3
 
 /// Random search over width, depth, learning rate, batch and window; each configuration trained in full with
 /// early stopping; the lowest validation error wins. Returns the winner and every trial.
-/// Windows holding a row `keep` refuses are left out of both splits.
+/// Windows holding a row `keep` refuses are left out of both splits. Each trial runs where `devices` plans it.
 #[allow(clippy::too_many_arguments)]
 pub fn search(
+    devices: &Devices,
     train_rows: &[Row],
     val_rows: &[Row],
     keep: &dyn Fn(&Row) -> bool,
@@ -207,15 +209,11 @@ pub fn search(
             continue;
         }
         let t0 = std::time::Instant::now();
-        let f = train(&tw.x, &vw.x, h.window, st, h, seed.wrapping_add(1000 + i as u64))?;
-        out.push(super::search::Trial {
-            id: i,
-            rung: 0,
-            hyper: h.clone(),
-            epochs_run: f.epochs_run,
-            val_loss: f.val_loss,
-            seconds: t0.elapsed().as_secs_f64(),
-        });
+        let work = Work::of(&sizes(h.window, d, h), h.batch);
+        let (f, plan) =
+            devices.run(work, |dev| train(dev, &tw.x, &vw.x, h.window, st, h, seed.wrapping_add(1000 + i as u64)))?;
+        let f = f?;
+        out.push(super::search::Trial::finished(i, 0, h.clone(), (f.epochs_run, f.val_loss), t0, &plan));
         if best.as_ref().is_none_or(|b| f.val_loss < b.val_loss) {
             best = Some(f);
         }
@@ -311,7 +309,7 @@ mod tests {
         let st = Standardizer::fit(&train_rows, 1);
         let h = Hyper { width: 16, depth: 1, lr: 1e-2, epochs: 40, batch: 64, patience: 5, window: 9 };
         let (tw, vw) = (windows(&train_rows, 9, 1), windows(&val_rows, 9, 1));
-        let f = train(&tw.x, &vw.x, 9, &st, &h, 7).unwrap();
+        let f = train(&Device::Cpu, &tw.x, &vw.x, 9, &st, &h, 7).unwrap();
         let normal = score(&f, &st, &vw.x).unwrap();
         let typical = crate::training::eval::quantile(&normal, 0.99);
         let jumped = sine(400, Some(300));
@@ -321,7 +319,7 @@ mod tests {
         let at_jump = s[300 - 8];
         assert!(at_jump > 5.0 * typical, "score at the jump {at_jump}, normal 99th percentile {typical}");
         // Same seed, same model.
-        let again = train(&tw.x, &vw.x, 9, &st, &h, 7).unwrap();
+        let again = train(&Device::Cpu, &tw.x, &vw.x, 9, &st, &h, 7).unwrap();
         assert_eq!(again.weights, f.weights);
     }
 

@@ -1,5 +1,7 @@
-//! Model training with candle, on the CPU.
+//! Model training with candle, on the CPU or (built with the `cuda` feature) on NVIDIA GPUs.
 //!
+//! - [`device`]: where each trial runs (`training.device`), and the CPU thread pools;
+//! - [`adam`]: the optimiser, two fused passes per parameter tensor;
 //! - [`mlp`]: the dense network with seeded weights we can export;
 //! - [`autoencoder`]: anomaly scores as reconstruction error;
 //! - [`forecaster`]: anomaly scores as the standardised residual of a one-step forecast over a window;
@@ -8,11 +10,14 @@
 //!   with tract;
 //! - [`eval`]: thresholds and metrics.
 //!
-//! Everything here is blocking CPU work: callers run it on a blocking thread. Training is deterministic
-//! for a seed: initial weights and batch order come from seeded generators, not candle's.
+//! Everything here is blocking work: callers run it on a blocking thread. Training is deterministic for a
+//! seed on one device: initial weights and batch order come from seeded generators, not candle's; another
+//! device gives the same model within float rounding (tests/devices.rs). Scoring and export run on the CPU.
 
+pub mod adam;
 pub mod autoencoder;
 pub mod classifier;
+pub mod device;
 pub mod eval;
 pub mod forecaster;
 pub mod mlp;
@@ -50,6 +55,8 @@ impl Default for Hyper {
 pub enum TrainError {
     #[error("candle: {0}")]
     Candle(#[from] candle_core::Error),
+    #[error(transparent)]
+    Device(#[from] device::DeviceError),
     #[error("training diverged at epoch {epoch} (non-finite validation loss)")]
     Diverged { epoch: usize },
     #[error("ONNX export: {0}")]

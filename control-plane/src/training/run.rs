@@ -2,6 +2,7 @@
 //! export to ONNX, verify the export with tract, evaluate against production on the same test split,
 //! register the version with its lineage, and promote it if it wins. Blocking.
 
+use super::device::{DeviceSetting, Devices, Work};
 use super::forecaster::{self, Forecaster};
 use super::mlp::DenseWeights;
 use super::search::{self, Budget};
@@ -37,6 +38,9 @@ pub struct TrainRequest {
     pub seed: u64,
     #[serde(default)]
     pub hyper: Option<Hyper>,
+    /// Where trials run: the control plane's `training.device`, not part of an API request.
+    #[serde(skip)]
+    pub device: DeviceSetting,
 }
 
 impl TrainRequest {
@@ -48,6 +52,7 @@ impl TrainRequest {
             max_seconds: None,
             seed: 0,
             hyper: None,
+            device: DeviceSetting::Auto,
         }
     }
 }
@@ -94,9 +99,10 @@ pub fn train_dataset(
     registry: &ModelRegistry,
     progress: &mut dyn FnMut(f32, &str),
 ) -> Result<ModelVersion, RunError> {
+    let devices = Devices::new(req.device).map_err(TrainError::from)?;
     match req.kind {
-        ModelKind::Autoencoder => train_autoencoder(ds, class, req, registry, progress),
-        ModelKind::Classifier => train_classifier(ds, class, req, registry, progress),
+        ModelKind::Autoencoder => train_autoencoder(&devices, ds, class, req, registry, progress),
+        ModelKind::Classifier => train_classifier(&devices, ds, class, req, registry, progress),
     }
 }
 
@@ -116,6 +122,7 @@ fn excluded_flagged(ds: &Dataset) -> Option<String> {
 }
 
 fn train_autoencoder(
+    devices: &Devices,
     ds: &Dataset,
     class: &str,
     req: &TrainRequest,
@@ -134,9 +141,10 @@ fn train_autoencoder(
     }
     let normal: Vec<dataset::Row> = ds.train.iter().filter(is_normal).cloned().collect();
     let normal_val: Vec<dataset::Row> = ds.val.iter().filter(is_normal).cloned().collect();
-    let outcome = search::run(&normal, &normal_val, &ds.standardizer, &base, budget, req.seed, &mut |f, m| {
-        progress(0.05 + 0.8 * f, m)
-    })?;
+    let outcome =
+        search::run(devices, &normal, &normal_val, &ds.standardizer, &base, budget, req.seed, &mut |f, m| {
+            progress(0.05 + 0.8 * f, m)
+        })?;
     let weights = &outcome.model.weights;
 
     // (a2) A forecaster over windows of the same rows, and the choice between the two on validation data.
@@ -144,6 +152,7 @@ fn train_autoencoder(
     let deadline = req.max_seconds.map(|s| std::time::Instant::now() + std::time::Duration::from_secs_f64(s));
     // Over all rows, cutting around the ones left out rather than bridging them.
     let forecast = forecaster::search(
+        devices,
         &ds.train,
         &ds.val,
         &|r| is_normal(&r),
@@ -408,6 +417,7 @@ fn against_production(
 }
 
 fn train_classifier(
+    devices: &Devices,
     ds: &Dataset,
     class: &str,
     req: &TrainRequest,
@@ -432,15 +442,15 @@ fn train_classifier(
             break;
         }
         let t0 = std::time::Instant::now();
-        let c = classifier::train(&ds.train, &ds.val, &ds.standardizer, h, req.seed.wrapping_add(i as u64))?;
-        let trial = search::Trial {
-            id: i,
-            rung: 0,
-            hyper: h.clone(),
-            epochs_run: c.epochs_run,
-            val_loss: c.val_loss,
-            seconds: t0.elapsed().as_secs_f64(),
-        };
+        // Sized as if for two classes: the output layer is a small part of the work.
+        let work = Work::of(&classifier::sizes(ds.standardizer.mean.len(), 2, h), h.batch);
+        let (c, plan) = devices
+            .run(work, |dev| {
+                classifier::train(dev, &ds.train, &ds.val, &ds.standardizer, h, req.seed.wrapping_add(i as u64))
+            })
+            .map_err(TrainError::from)?;
+        let c = c?;
+        let trial = search::Trial::finished(i, 0, h.clone(), (c.epochs_run, c.val_loss), t0, &plan);
         progress(0.05 + 0.8 * (i + 1) as f32 / configs.len() as f32, &format!("trial {i}: val loss {:.5}", c.val_loss));
         if best.as_ref().is_none_or(|(b, _)| c.val_loss < b.val_loss) {
             best = Some((trial.clone(), c));

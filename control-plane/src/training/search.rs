@@ -6,6 +6,7 @@
 //! the best finished trial wins. Every trial, kept or not, is recorded.
 
 use super::autoencoder::{self, Autoencoder};
+use super::device::{Devices, Plan, Work};
 use super::{Hyper, TrainError};
 use crate::dataset::{Row, Standardizer};
 use rand::rngs::StdRng;
@@ -29,6 +30,32 @@ pub struct Trial {
     pub epochs_run: usize,
     pub val_loss: f64,
     pub seconds: f64,
+    /// Where it trained (`cpu (2 threads)`, `cuda:0`); empty in lineages written before devices were chosen.
+    #[serde(default)]
+    pub device: String,
+}
+
+impl Trial {
+    /// A finished trial of configuration `id` at `rung`, trained under `plan` since `started`.
+    pub fn finished(
+        id: usize,
+        rung: usize,
+        hyper: Hyper,
+        result: (usize, f64),
+        started: Instant,
+        plan: &Plan,
+    ) -> Trial {
+        let (epochs_run, val_loss) = result;
+        Trial {
+            id,
+            rung,
+            hyper,
+            epochs_run,
+            val_loss,
+            seconds: started.elapsed().as_secs_f64(),
+            device: plan.target.to_string(),
+        }
+    }
 }
 
 pub struct Outcome {
@@ -54,8 +81,11 @@ pub fn draw(base: &Hyper, n: usize, seed: u64) -> Vec<Hyper> {
     out
 }
 
-/// Runs the search. `progress(fraction, message)` is called as trials finish.
+/// Runs the search, each trial where `devices` plans it. `progress(fraction, message)` is called as trials
+/// finish.
+#[allow(clippy::too_many_arguments)]
 pub fn run(
+    devices: &Devices,
     train: &[Row],
     val: &[Row],
     st: &Standardizer,
@@ -92,15 +122,12 @@ pub fn run(
             }
             let h = Hyper { epochs, ..configs[i].clone() };
             let t0 = Instant::now();
-            let model = autoencoder::train(train, val, st, &h, seed.wrapping_add(i as u64), &mut |_, _| {})?;
-            let trial = Trial {
-                id: i,
-                rung,
-                hyper: h,
-                epochs_run: model.epochs_run,
-                val_loss: model.val_loss,
-                seconds: t0.elapsed().as_secs_f64(),
-            };
+            let work = Work::of(&autoencoder::sizes(st.mean.len(), &h), h.batch);
+            let (model, plan) = devices.run(work, |dev| {
+                autoencoder::train(dev, train, val, st, &h, seed.wrapping_add(i as u64), &mut |_, _| {})
+            })?;
+            let model = model?;
+            let trial = Trial::finished(i, rung, h, (model.epochs_run, model.val_loss), t0, &plan);
             done_work += epochs;
             progress(
                 (done_work as f32 / total_work.max(1) as f32).min(1.0),

@@ -4,6 +4,7 @@ use super::run::{train_dataset, TrainRequest};
 use super::{autoencoder, eval, onnx, Hyper};
 use crate::dataset::{assemble, Dataset, DatasetSpec, QualityReport, Row};
 use crate::models::ModelRegistry;
+use candle_core::Device;
 use edgeloop_common::durable::{Durability, DurableDb};
 use edgeloop_common::features::{FeatureKind, SensorSpec};
 use rand::rngs::StdRng;
@@ -51,7 +52,8 @@ fn quick() -> Hyper {
 #[test]
 fn autoencoder_separates_injected_anomalies() {
     let ds = synthetic(3000, 1);
-    let m = autoencoder::train(&ds.train, &ds.val, &ds.standardizer, &quick(), 7, &mut |_, _| {}).unwrap();
+    let m =
+        autoencoder::train(&Device::Cpu, &ds.train, &ds.val, &ds.standardizer, &quick(), 7, &mut |_, _| {}).unwrap();
     let scores = autoencoder::score(&m.weights, &ds.standardizer, &ds.test).unwrap();
     let labels: Vec<bool> = ds.test.iter().map(|r| r.label == Some(1)).collect();
     assert!(labels.iter().filter(|&&l| l).count() > 20);
@@ -62,9 +64,16 @@ fn autoencoder_separates_injected_anomalies() {
 #[test]
 fn export_matches_candle_and_loads_from_bytes() {
     let ds = synthetic(800, 2);
-    let m =
-        autoencoder::train(&ds.train, &ds.val, &ds.standardizer, &Hyper { epochs: 5, ..quick() }, 3, &mut |_, _| {})
-            .unwrap();
+    let m = autoencoder::train(
+        &Device::Cpu,
+        &ds.train,
+        &ds.val,
+        &ds.standardizer,
+        &Hyper { epochs: 5, ..quick() },
+        3,
+        &mut |_, _| {},
+    )
+    .unwrap();
     let bytes = onnx::export_autoencoder(&m.weights, &ds.standardizer, "test");
     let expected = autoencoder::score(&m.weights, &ds.standardizer, &ds.val).unwrap();
     let rows: Vec<Vec<f32>> = ds.val.iter().map(|r| r.features.clone()).collect();
@@ -81,7 +90,8 @@ fn same_seed_same_model_bytes() {
     let ds = synthetic(600, 3);
     let h = Hyper { epochs: 4, ..quick() };
     let export = |seed| {
-        let m = autoencoder::train(&ds.train, &ds.val, &ds.standardizer, &h, seed, &mut |_, _| {}).unwrap();
+        let m =
+            autoencoder::train(&Device::Cpu, &ds.train, &ds.val, &ds.standardizer, &h, seed, &mut |_, _| {}).unwrap();
         onnx::export_autoencoder(&m.weights, &ds.standardizer, "x")
     };
     assert_eq!(export(11), export(11));
@@ -122,6 +132,7 @@ fn search_records_every_trial_and_keeps_the_best() {
     let ds = synthetic(600, 5);
     let base = Hyper { epochs: 9, ..quick() };
     let out = super::search::run(
+        &super::device::Devices::cpu(),
         &ds.train,
         &ds.val,
         &ds.standardizer,
@@ -254,7 +265,8 @@ fn a_forecaster_is_chosen_where_context_matters_and_beats_an_autoencoder_in_prod
     let (_dir, registry) = registry();
     let ds = sines(3000, 9);
     // In production: an autoencoder of the same class, as an earlier training would have left it.
-    let ae = autoencoder::train(&ds.train, &ds.val, &ds.standardizer, &quick(), 1, &mut |_, _| {}).unwrap();
+    let ae =
+        autoencoder::train(&Device::Cpu, &ds.train, &ds.val, &ds.standardizer, &quick(), 1, &mut |_, _| {}).unwrap();
     let ae_bytes = onnx::export_autoencoder(&ae.weights, &ds.standardizer, "autoencoder");
     let mut req = TrainRequest::new("sines");
     req.trials = 1;
