@@ -213,13 +213,14 @@ pub async fn detail(State(s): State<AppState>, who: Who, Path((name, version)): 
             h2 #trials-h { "Hyper-parameter search" }
             p { "Chosen: " code { (compact(&hyper)) } }
             div.scroll { table #trial-table {
-                thead { tr { th.num { "Trial" } th.num { "Rung" } th.num { "Width" } th.num { "Depth" } th.num { "Learning rate" } th.num { "Epochs run" } th.num { "Val loss" } th.num { "Seconds" } } }
+                thead { tr { th.num { "Trial" } th.num { "Rung" } th.num { "Width" } th.num { "Depth" } th.num { "Learning rate" } th.num { "Epochs run" } th.num { "Val loss" } th.num { "Seconds" } th { "Device" } } }
                 tbody {
                     @for t in &l.trials {
                         tr class=[(t.val_loss == best).then_some("best")] {
                             td.num { (t.id) } td.num { (t.rung) } td.num { (t.hyper.width) } td.num { (t.hyper.depth) }
                             td.num { (format!("{:.1e}", t.hyper.lr)) } td.num { (t.epochs_run) " / " (t.hyper.epochs) }
                             td.num { (format!("{:.5}", t.val_loss)) } td.num { (format!("{:.2}", t.seconds)) }
+                            td { (t.device) }
                         }
                     }
                 }

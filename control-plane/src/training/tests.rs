@@ -147,6 +147,8 @@ fn search_records_every_trial_and_keeps_the_best() {
     let best = out.trials.iter().map(|t| t.val_loss).fold(f64::INFINITY, f64::min);
     assert_eq!(out.best.val_loss, best);
     assert_eq!(out.model.val_loss, best);
+    // Each trial says where it trained: these small models on one CPU thread.
+    assert!(out.trials.iter().all(|t| t.device == "cpu (1 threads)"), "{:?}", out.trials);
 }
 
 /// Three well-separated labelled clusters, unbalanced (60/25/15).
