@@ -152,6 +152,9 @@ impl ControlPlane {
         // The control plane's own MQTT clients log in with a per-process secret.
         let service_secret = crate::enrollment::random_hex(24);
         let front = Arc::new(crate::broker_front::Front::default());
+        // Where devices reach the broker: the configured port, or, for port 0 (tests and tools that start a
+        // control plane in process), the one the listener was given.
+        let mut device_mqtt_port = cfg.mqtt_port;
         let (broker_host, broker_port) = match cfg.broker {
             BrokerConfig::Embedded { listen } => {
                 // rumqttd listens on loopback only; devices reach it through the front (TLS, revocation).
@@ -171,6 +174,8 @@ impl ControlPlane {
                 let listener = tokio::net::TcpListener::bind(listen)
                     .await
                     .with_context(|| format!("binding the MQTT listener to {listen}"))?;
+                let listen = listener.local_addr().context("the MQTT listener's address")?;
+                device_mqtt_port = listen.port();
                 tracing::info!(%listen, "MQTT listener for devices");
                 let mqtt_tls = tls.as_ref().map(|t| t.0.clone());
                 tokio::spawn(crate::broker_front::serve(
@@ -285,7 +290,7 @@ impl ControlPlane {
         });
         Ok(ControlPlaneHandle {
             api_addr,
-            mqtt_addr: (cfg.mqtt_host, cfg.mqtt_port),
+            mqtt_addr: (cfg.mqtt_host, device_mqtt_port),
             store,
             registry,
             metrics,

@@ -2,7 +2,6 @@
 
 use edgeloop_control_plane::config::Config;
 use edgeloop_control_plane::{ControlPlane, ControlPlaneHandle};
-use edgeloop_simulators::free_port;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -11,7 +10,9 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 pub async fn start_cp(dir: &Path, tweak: impl FnOnce(&mut Config)) -> (ControlPlaneHandle, CancellationToken) {
-    let mqtt = SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
+    // Port 0 for both listeners: the control plane binds them and reports the ports it got
+    // (`mqtt_addr`, `api_addr`), so that parallel tests cannot race for a port picked beforehand.
+    let mqtt = SocketAddr::from(([127, 0, 0, 1], 0));
     let mut cfg = Config::embedded(dir.join("cp"), mqtt, SocketAddr::from(([127, 0, 0, 1], 0)));
     tweak(&mut cfg);
     let cancel = CancellationToken::new();
