@@ -247,8 +247,19 @@ impl Devices {
     }
 
     /// Plans `work`, then runs `f` there; returns what `f` returned and the plan.
+    /// Under `auto`, a GPU that cannot be opened (another process holds its memory, a driver mismatch) sends
+    /// the trial to the CPU with a warning; an explicit `cuda:N` fails instead.
     pub fn run<T: Send>(&self, work: Work, f: impl FnOnce(&Device) -> T + Send) -> Result<(T, Plan), DeviceError> {
-        let plan = plan(self.setting, work, self.machine)?;
+        let mut plan = plan(self.setting, work, self.machine)?;
+        if let (DeviceSetting::Auto, Target::Cuda(n)) = (self.setting, plan.target) {
+            if let Err(e) = self.gpu(n) {
+                tracing::warn!(error = %e, "auto: the GPU cannot be used; training on the CPU");
+                plan = Plan {
+                    target: Target::Cpu { threads: cpu_threads(work, self.machine.cores) },
+                    reason: format!("auto: {e}; on the CPU instead"),
+                };
+            }
+        }
         if self.logged.lock().expect("device log").insert(plan.target) {
             tracing::info!(device = %plan.target, reason = %plan.reason, "training device");
         }
@@ -383,5 +394,24 @@ mod tests {
         assert_eq!(n, (true, 1));
         assert_eq!(plan.target, Target::Cpu { threads: 1 });
         assert!(matches!(d.run_on(Target::Cuda(0), |_| ()), Err(DeviceError::NotBuilt(_))));
+    }
+
+    /// A GPU the driver lists but that cannot be opened: `auto` trains on the CPU and says why; `cuda:0` fails.
+    /// (In a build without CUDA, candle cannot open any GPU, which stands in for the failure.)
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn auto_falls_back_to_the_cpu_when_the_gpu_cannot_be_opened() {
+        let m = Machine { cuda_built: true, gpus: 1, cores: 2 };
+        let auto = Devices::on(DeviceSetting::Auto, m).unwrap();
+        let (on_cpu, plan) = auto.run(Work::of(&BIG, 4096), |dev| dev.is_cpu()).unwrap();
+        assert!(on_cpu);
+        assert_eq!(plan.target, Target::Cpu { threads: 2 });
+        assert!(
+            plan.reason.starts_with("auto: opening GPU 0: ") && plan.reason.ends_with("on the CPU instead"),
+            "{}",
+            plan.reason
+        );
+        let explicit = Devices::on(DeviceSetting::Cuda(0), m).unwrap();
+        assert!(matches!(explicit.run(Work::of(&BIG, 4096), |_| ()), Err(DeviceError::Open { ordinal: 0, .. })));
     }
 }
