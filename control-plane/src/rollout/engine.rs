@@ -67,6 +67,36 @@ pub struct Gates {
     pub max_offline: Option<usize>,
 }
 
+/// The `anomaly_ratio` gate breaches only when flags this improbable or rarer, under a model flagging at
+/// exactly the allowed rate, were seen.
+pub const ANOMALY_SIGNIFICANCE: f64 = 0.01;
+
+/// `P(X ≥ x)` for `X ~ Binomial(n, p)`, summed in log space so that large `n` does not underflow.
+pub fn binomial_tail(x: u64, n: u64, p: f64) -> f64 {
+    if x == 0 {
+        return 1.0;
+    }
+    if x > n || p <= 0.0 {
+        return 0.0;
+    }
+    if p >= 1.0 {
+        return 1.0;
+    }
+    let (lp, lq) = (p.ln(), (1.0 - p).ln());
+    // ln P(X = k), stepped from k = 0.
+    let mut ln_pmf = n as f64 * lq;
+    let mut tail = 0.0;
+    for k in 0..=n {
+        if k >= x {
+            tail += ln_pmf.exp();
+        }
+        if k < n {
+            ln_pmf += ((n - k) as f64).ln() - ((k + 1) as f64).ln() + lp - lq;
+        }
+    }
+    tail.min(1.0)
+}
+
 impl Default for Gates {
     fn default() -> Self {
         Gates {
@@ -454,11 +484,18 @@ impl Rollout {
             let rate = mean(&|t| t.anomaly_rate);
             let base = mean(&|t| t.baseline_anomaly_rate).unwrap_or(0.0).max(g.anomaly_floor);
             let v = rate.map(|r| r / base);
+            // A few watched windows flag by chance: the ratio breaches only when the flags are too many for
+            // a model flagging at `max × base` to have raised them (one-sided binomial test).
+            let k = u64::from(self.spec.policy.watch_windows);
+            let rates: Vec<f64> = targets.iter().filter_map(|t| t.anomaly_rate).map(f64::from).collect();
+            let flagged = rates.iter().map(|r| (r * k as f64).round() as u64).sum::<u64>();
+            let watched = rates.len() as u64 * k;
+            let chance = k == 0 || binomial_tail(flagged, watched, max * base) >= ANOMALY_SIGNIFICANCE;
             out.push(GateValue {
                 gate: "anomaly_ratio".into(),
                 value: v,
                 threshold: max,
-                ok: v.is_none_or(|v| v <= max),
+                ok: v.is_none_or(|v| v <= max || chance),
             });
         }
         if let Some(max) = g.max_p95_us {

@@ -344,3 +344,46 @@ fn low_shadow_agreement_and_slow_inference_breach_their_gates() {
     assert!(r.gates.iter().all(|g| g.ok), "{:?}", r.gates);
     assert_eq!(r.gates.len(), 4);
 }
+
+#[test]
+fn binomial_tail_matches_hand_computed_values() {
+    assert_eq!(binomial_tail(0, 20, 0.06), 1.0);
+    assert_eq!(binomial_tail(21, 20, 0.06), 0.0);
+    // 1 - 0.94^20 = 0.7099...; P(X >= 3) = 0.114972...; P(X >= 5) = 0.005634... (exact sums of the pmf)
+    assert!((binomial_tail(1, 20, 0.06) - (1.0 - 0.94f64.powi(20))).abs() < 1e-12);
+    assert!((binomial_tail(3, 20, 0.06) - 0.114972).abs() < 1e-5, "{}", binomial_tail(3, 20, 0.06));
+    assert!((binomial_tail(5, 20, 0.06) - 0.005634).abs() < 1e-6, "{}", binomial_tail(5, 20, 0.06));
+    // Large n does not underflow: 20,000 windows at 6 %, 1,300 flagged (mean 1,200).
+    let t = binomial_tail(1300, 20_000, 0.06);
+    assert!(t > 0.0 && t < 0.01, "{t}");
+    assert!(binomial_tail(1150, 20_000, 0.06) > 0.9);
+}
+
+/// One canary watching 20 windows: 3 flags against a 1 % baseline is a ratio of 7.5 (the floor makes it 2 %),
+/// but a model flagging at the allowed 6 % raises 3 or more 11 % of the time: no breach. 6 flags would happen
+/// 0.1 % of the time: breach. The next stage's four devices at 3 of 20 each (12 of 80, where 4.8 are expected)
+/// are no accident either.
+#[test]
+fn the_anomaly_gate_does_not_breach_on_a_few_chance_flags() {
+    let mut f = fleet(10);
+    let mut r = Rollout::new("r1".into(), spec(), 0);
+    let canary = r.tick(&f, 0);
+    report_all(&mut f, &canary, |c| applied(&r, &c.model.sha256, 0.15, 0.01));
+    let next = r.tick(&f, 20_000);
+    assert_eq!(r.stage, 1, "{:?} {:?}", r.state, r.gates);
+    let gate = r.gates.iter().find(|g| g.gate == "anomaly_ratio").unwrap();
+    assert!((gate.value.unwrap() - 7.5).abs() < 1e-5 && gate.ok, "{gate:?}");
+
+    let mut f2 = fleet(10);
+    let mut r2 = Rollout::new("r2".into(), spec(), 0);
+    let canary = r2.tick(&f2, 0);
+    report_all(&mut f2, &canary, |c| applied(&r2, &c.model.sha256, 0.30, 0.01));
+    r2.tick(&f2, 20_000);
+    assert!(matches!(&r2.state, State::RolledBack { reason } if reason.contains("anomaly_ratio")), "{:?}", r2.state);
+
+    // The half stage of the first rollout: each of its four devices at 3 of 20.
+    report_all(&mut f, &next, |c| applied(&r, &c.model.sha256, 0.15, 0.01));
+    let rest = r.tick(&f, 40_000);
+    assert!(rest.iter().all(|c| c.model == model(1)), "{rest:?}");
+    assert!(matches!(&r.state, State::RolledBack { reason } if reason.contains("anomaly_ratio")), "{:?}", r.state);
+}
