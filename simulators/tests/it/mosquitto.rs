@@ -164,14 +164,20 @@ async fn fleet_works_through_mosquitto() {
     std::fs::write(dir.path().join("cp.password"), "cp-secret").unwrap();
     let port = m.port;
     let pw = dir.path().join("cp.password");
+    // The control plane's own link to the broker goes through a proxy that the test cuts while devices send:
+    // nothing may be lost on that side either.
+    let cancel = CancellationToken::new();
+    let link =
+        edgeloop_simulators::proxy::FaultProxy::start(([127, 0, 0, 1], port).into(), cancel.clone()).await.unwrap();
+    let link_port = link.addr().port();
     let (cp, cp_cancel) = start_cp(dir.path(), move |c| {
         c.broker = edgeloop_control_plane::config::BrokerConfig::External {
-            url: format!("mqtt://127.0.0.1:{port}"),
+            url: format!("mqtt://127.0.0.1:{link_port}"),
             username: Some("edgeloop-control-plane".into()),
             password_file: None,
             ca_file: None,
         };
-        (c.mqtt_host, c.mqtt_port) = ("127.0.0.1".into(), port);
+        (c.mqtt_host, c.mqtt_port) = ("127.0.0.1".into(), link_port);
         c.external = edgeloop_control_plane::config::ExternalLogin {
             username: Some("edgeloop-control-plane".into()),
             password: Some(std::fs::read_to_string(&pw).unwrap()),
@@ -183,7 +189,6 @@ async fn fleet_works_through_mosquitto() {
     class.uplink.ack_timeout_secs = 1;
     let mut spec = FleetSpec::new(vec![class], ("127.0.0.1".into(), port), &dir.path().join("agents"));
     spec.enroll_with(cp.api_addr, 2).await.unwrap();
-    let cancel = CancellationToken::new();
     let mut devices = fleet::start(&spec, 2, &cancel).await.unwrap();
     // Enrollment gave each agent its credentials; the operator provisions them into the broker.
     for d in &devices {
@@ -194,15 +199,22 @@ async fn fleet_works_through_mosquitto() {
         .unwrap();
         m.add_user(&creds.username, &creds.password);
     }
-    for d in devices.iter_mut() {
-        for s in d.generator.take(100) {
-            d.samples.send(s).await.unwrap();
+    // 5 rounds of 20 samples per device; the control plane's link is cut after each of the first three.
+    for round in 0..5 {
+        for d in devices.iter_mut() {
+            for s in d.generator.take(20) {
+                d.samples.send(s).await.unwrap();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if round < 3 {
+            link.cut_all();
         }
     }
     for d in &devices {
         let outbox = d.agent.outbox.clone();
         let log = dir.path().join("mosquitto.log");
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
         while outbox.stats().acked < 100 {
             assert!(
                 std::time::Instant::now() < deadline,
@@ -214,6 +226,9 @@ async fn fleet_works_through_mosquitto() {
         }
         assert_eq!(cp.store.count(&d.agent.device).unwrap(), 100);
     }
+    // The cuts reached the control plane: both its clients (ingest, rollouts) connected through the proxy
+    // again after them (2 at start, then 2 per cut: 8 in every run seen).
+    assert!(link.accepted() >= 6, "the control plane connected {} time(s) through the proxy", link.accepted());
     cancel.cancel();
     for d in devices.drain(..) {
         d.agent.join().await.unwrap();

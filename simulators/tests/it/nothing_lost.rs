@@ -15,15 +15,10 @@ const RECORDS: u64 = 2_000;
 async fn nothing_lost_through_connection_cuts() {
     let dir = tempfile::tempdir().unwrap();
     let cancel = CancellationToken::new();
-    // The control plane's own ingest link goes through a proxy too, so that it also loses messages the
-    // broker delivers while it is away.
-    let broker = SocketAddr::from(([127, 0, 0, 1], edgeloop_simulators::free_port().unwrap()));
-    let ingest_proxy = FaultProxy::start(broker, cancel.clone()).await.unwrap();
-    let (cp, cp_cancel) = start_cp(dir.path(), |c| {
-        c.broker = edgeloop_control_plane::config::BrokerConfig::Embedded { listen: broker };
-        c.mqtt_port = ingest_proxy.addr().port();
-    })
-    .await;
+    // The devices' links are cut. The control plane's own link to its embedded broker is in-process loopback
+    // and is not cut here; mosquitto::fleet_works_through_mosquitto cuts it for an external broker.
+    let (cp, cp_cancel) = start_cp(dir.path(), |_| {}).await;
+    let broker = SocketAddr::from(([127, 0, 0, 1], cp.mqtt_addr.1));
     let proxy = FaultProxy::start(broker, cancel.clone()).await.unwrap();
 
     let mut class = edgeloop_simulators::class_config("city-air-quality").unwrap();
@@ -44,12 +39,9 @@ async fn nothing_lost_through_connection_cuts() {
         if round % 5 == 2 {
             proxy.cut_all();
         }
-        if round % 5 == 4 {
-            ingest_proxy.cut_all();
-        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(proxy.cuts() >= 3 && ingest_proxy.cuts() >= 3);
+    assert!(proxy.cuts() >= 3);
 
     wait_for("every device's records appended", Duration::from_secs(30), || {
         devices.iter().all(|d| d.agent.outbox.stats().durable_seq == RECORDS)
