@@ -111,7 +111,10 @@ impl ControlPlane {
         };
         let operators = Arc::new(operators);
         // An explicit `cuda:N` that this build or machine cannot honour stops the start, not the first training.
-        let machine = crate::training::device::Devices::new(cfg.training.device)?.machine();
+        // Probing asks the CUDA driver (in CUDA builds), a blocking call: off the async workers.
+        let setting = cfg.training.device;
+        let machine =
+            tokio::task::spawn_blocking(move || crate::training::device::Devices::new(setting)).await??.machine();
         tracing::info!(
             setting = %cfg.training.device,
             cuda_built = machine.cuda_built,

@@ -170,39 +170,39 @@ pub enum DeviceError {
     Pool { threads: usize, message: String },
 }
 
+/// Whether GPU `ordinal` can be asked for on `machine` (the build has CUDA and the driver lists it).
+fn check_gpu(ordinal: usize, machine: Machine) -> Result<(), DeviceError> {
+    if !machine.cuda_built {
+        Err(DeviceError::NotBuilt(DeviceSetting::Cuda(ordinal)))
+    } else if ordinal >= machine.gpus {
+        Err(DeviceError::NoSuchGpu { ordinal, found: machine.gpus })
+    } else {
+        Ok(())
+    }
+}
+
 /// Plans one step of `work` under `setting` on `machine`.
 pub fn plan(setting: DeviceSetting, work: Work, machine: Machine) -> Result<Plan, DeviceError> {
     let cpu = |why: String| Plan { target: Target::Cpu { threads: cpu_threads(work, machine.cores) }, reason: why };
-    match setting {
-        DeviceSetting::Cpu => Ok(cpu("training.device = \"cpu\"".into())),
-        DeviceSetting::Cuda(n) => {
-            if !machine.cuda_built {
-                Err(DeviceError::NotBuilt(setting))
-            } else if n >= machine.gpus {
-                Err(DeviceError::NoSuchGpu { ordinal: n, found: machine.gpus })
-            } else {
-                Ok(Plan { target: Target::Cuda(n), reason: format!("training.device = \"cuda:{n}\"") })
-            }
-        }
-        DeviceSetting::Auto if !machine.cuda_built => Ok(cpu("auto: built without CUDA".into())),
-        DeviceSetting::Auto if machine.gpus == 0 => Ok(cpu("auto: no GPU found".into())),
-        DeviceSetting::Auto if work.macs() < GPU_MIN_MACS => Ok(cpu(format!(
-            "auto: {} parameters × batch {} is {:.1} M multiply-adds per step, under the GPU's {:.0} M",
+    let size = |verdict: &str| {
+        format!(
+            "auto: {} parameters × batch {} is {:.1} M multiply-adds per step, {verdict} the GPU's {:.0} M",
             work.params,
             work.batch,
             work.macs() as f64 / 1e6,
             GPU_MIN_MACS as f64 / 1e6
-        ))),
-        DeviceSetting::Auto => Ok(Plan {
-            target: Target::Cuda(0),
-            reason: format!(
-                "auto: {} parameters × batch {} is {:.1} M multiply-adds per step, at least the GPU's {:.0} M",
-                work.params,
-                work.batch,
-                work.macs() as f64 / 1e6,
-                GPU_MIN_MACS as f64 / 1e6
-            ),
-        }),
+        )
+    };
+    match setting {
+        DeviceSetting::Cpu => Ok(cpu("training.device = \"cpu\"".into())),
+        DeviceSetting::Cuda(n) => {
+            check_gpu(n, machine)?;
+            Ok(Plan { target: Target::Cuda(n), reason: format!("training.device = \"cuda:{n}\"") })
+        }
+        DeviceSetting::Auto if !machine.cuda_built => Ok(cpu("auto: built without CUDA".into())),
+        DeviceSetting::Auto if machine.gpus == 0 => Ok(cpu("auto: no GPU found".into())),
+        DeviceSetting::Auto if work.macs() < GPU_MIN_MACS => Ok(cpu(size("under"))),
+        DeviceSetting::Auto => Ok(Plan { target: Target::Cuda(0), reason: size("at least") }),
     }
 }
 
@@ -224,8 +224,8 @@ impl Devices {
 
     /// As [`Devices::new`], for a given machine.
     pub fn on(setting: DeviceSetting, machine: Machine) -> Result<Devices, DeviceError> {
-        if let DeviceSetting::Cuda(_) = setting {
-            plan(setting, Work { params: 0, batch: 1 }, machine)?;
+        if let DeviceSetting::Cuda(n) = setting {
+            check_gpu(n, machine)?;
         }
         Ok(Devices {
             setting,
@@ -298,13 +298,7 @@ impl Devices {
         if let Some(d) = gpus.get(&ordinal) {
             return Ok(d.clone());
         }
-        if ordinal >= self.machine.gpus {
-            return Err(if self.machine.cuda_built {
-                DeviceError::NoSuchGpu { ordinal, found: self.machine.gpus }
-            } else {
-                DeviceError::NotBuilt(DeviceSetting::Cuda(ordinal))
-            });
-        }
+        check_gpu(ordinal, self.machine)?;
         let d = Device::new_cuda(ordinal).map_err(|e| DeviceError::Open { ordinal, message: e.to_string() })?;
         Ok(gpus.entry(ordinal).or_insert(d).clone())
     }
