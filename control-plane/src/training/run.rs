@@ -366,11 +366,12 @@ fn forecaster_candidate(
     register(ds, class, req, registry, candidate, progress)
 }
 
-/// The promotion decision against the class's production version, on the same test split. A production
-/// model of the same input form is compared as before: test ROC AUC with labels, else mean test score
-/// (lower wins). Models of different forms (an autoencoder and a forecaster, or forecasters over different
-/// windows) score on different scales, so both are run on the same test windows (the longer window's) and
-/// compared by ROC AUC: against the labels when there are both kinds, else against synthetic anomalies.
+/// The promotion decision against the class's production version, on the same test split. With labels on
+/// the test split, a production model of the same input form is compared by test ROC AUC. Otherwise both
+/// models run on the same test windows (the longer window's) and are compared by ROC AUC: against the labels
+/// when the windows hold both kinds, else against synthetic anomalies. Never by mean score: each model's
+/// score is in its own units (a forecaster's residuals are divided by its own training spread), so a model
+/// that scores everything low would win without detecting anything.
 fn against_production(
     ds: &Dataset,
     registry: &ModelRegistry,
@@ -394,12 +395,11 @@ fn against_production(
         let lost = if higher_is_better { f64::NEG_INFINITY } else { f64::INFINITY };
         return Ok(decide(metric, candidate, Some((prod.version, lost)), higher_is_better));
     };
-    if pf == frames {
+    if pf == frames && higher_is_better {
         let inputs = if frames == 1 { raw(&ds.test) } else { forecaster::windows(&ds.test, frames, d).x };
         let labels = if frames == 1 { anomalous(&ds.test) } else { forecaster::windows(&ds.test, frames, d).anomalous };
         let s = onnx::run_tract(&pb, &inputs)?;
-        let p = if higher_is_better { eval::roc_auc(&s, &labels).unwrap_or(0.0) } else { mean(&s) };
-        return Ok(decide(metric, candidate, Some((prod.version, p)), higher_is_better));
+        return Ok(decide(metric, candidate, Some((prod.version, eval::roc_auc(&s, &labels).unwrap_or(0.0))), true));
     }
     let w = forecaster::windows(&ds.test, pf.max(frames), d);
     let labelled = w.anomalous.iter().any(|a| *a) && w.anomalous.iter().any(|a| !*a);

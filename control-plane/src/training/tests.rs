@@ -305,6 +305,50 @@ fn a_forecaster_is_chosen_where_context_matters_and_beats_an_autoencoder_in_prod
 }
 
 #[test]
+fn without_labels_production_is_compared_by_detection_not_by_score_scale() {
+    let (_dir, registry) = registry();
+    let mut ds = synthetic(1500, 4);
+    for r in ds.train.iter_mut().chain(&mut ds.val).chain(&mut ds.test) {
+        r.label = None;
+    }
+    let mut req = TrainRequest::new("synthetic");
+    req.trials = 1;
+    req.hyper = Some(quick());
+    let mut prod = train_dataset(&ds, "synthetic", &req, &registry, &mut |_, _| {}).unwrap();
+    assert!(prod.promotion.promoted, "{}", prod.promotion.reason);
+    // In production: an autoencoder that barely trained, exported with a standardizer 100 times too wide, so
+    // it scores every row near 0 and detects nothing.
+    let cripple = Hyper { epochs: 1, lr: 1e-6, ..quick() };
+    let weak =
+        autoencoder::train(&Device::Cpu, &ds.train, &ds.val, &ds.standardizer, &cripple, 1, &mut |_, _| {}).unwrap();
+    let mut wide = ds.standardizer.clone();
+    wide.std.iter_mut().for_each(|s| *s *= 100.0);
+    let weak_bytes = onnx::export_autoencoder(&weak.weights, &wide, "autoencoder");
+    prod.sha256 = registry.put_artifact(&weak_bytes).unwrap();
+    (prod.kind, prod.frames, prod.input_shape) = ("autoencoder".into(), 1, vec![-1, 5]);
+    registry.insert(&prod).unwrap();
+
+    let m = train_dataset(&ds, "synthetic", &req, &registry, &mut |_, _| {}).unwrap();
+    assert_eq!((m.kind.as_str(), m.frames), ("autoencoder", 1), "{}", m.lineage.selection);
+    // Its mean test score is far above the crippled model's: compared by mean score, it would have lost.
+    let test: Vec<Vec<f32>> = ds.test.iter().map(|r| r.features.clone()).collect();
+    let weak_scores = onnx::run_tract(&weak_bytes, &test).unwrap();
+    let weak_mean = weak_scores.iter().map(|&s| s as f64).sum::<f64>() / weak_scores.len() as f64;
+    assert!(weak_mean < m.lineage.metrics.test_loss / 10.0, "{weak_mean} vs {}", m.lineage.metrics.test_loss);
+    // Compared by how well each finds synthetic anomalies in the same test windows, it wins.
+    assert_eq!(m.promotion.metric, "test_synthetic_anomaly_auc", "{}", m.promotion.reason);
+    assert!(m.promotion.promoted, "{}", m.promotion.reason);
+    assert!(m.promotion.candidate > m.promotion.production.unwrap(), "{}", m.promotion.reason);
+    assert_eq!(registry.production("synthetic").unwrap().unwrap().version, m.version);
+    // The same training again (same seed, same weights; only the version named in the graph differs) ties,
+    // and a tie keeps production.
+    let again = train_dataset(&ds, "synthetic", &req, &registry, &mut |_, _| {}).unwrap();
+    assert!(!again.promotion.promoted, "{}", again.promotion.reason);
+    assert_eq!(again.promotion.candidate, again.promotion.production.unwrap());
+    assert_eq!(registry.production("synthetic").unwrap().unwrap().version, m.version);
+}
+
+#[test]
 fn the_autoencoder_is_kept_where_readings_are_independent() {
     let (_dir, registry) = registry();
     let ds = synthetic(1500, 4);
