@@ -43,8 +43,9 @@ impl Collector {
         Collector { pipeline: Pipeline::new(spec), gaps: HashMap::new(), slot, model_sensor, outbox, health }
     }
 
-    /// The collector for a device class: its feature pipeline, and the gap rule on each slow sensor (its
-    /// nominal period, [`DEFAULT_MAX_GAP`], linear), as datasets apply it by default.
+    /// The collector for a device class: its feature pipeline, and the gap rule on each slow sensor at its
+    /// nominal period: [`DEFAULT_MAX_GAP`] and linear, as datasets apply it by default, and on the model's
+    /// sensor the rule the active model was trained under (its manifest's `gaps`).
     pub fn for_class(
         class: &ClassConfig,
         slot: Arc<ModelSlot>,
@@ -73,6 +74,7 @@ impl Collector {
 
     /// Turns samples into records. Blocking (inference).
     pub fn process(&mut self, samples: Vec<Sample>, now_ms: u64) -> Vec<NewRecord> {
+        self.follow_model_gap_rule();
         let mut out = Vec::new();
         for s in samples {
             if s.values.iter().any(|v| !v.is_finite()) {
@@ -115,6 +117,15 @@ impl Collector {
             out.push(NewRecord { ts_ms, sensor: s.sensor, features, score, flags });
         }
         out
+    }
+
+    /// Fills the model's sensor's gaps as the active model's training did, from the next reading on.
+    fn follow_model_gap_rule(&mut self) {
+        let rule = self.slot.gap_rule();
+        if let Some(g) = self.gaps.get_mut(&self.model_sensor).filter(|g| g.rule() != rule) {
+            tracing::info!(sensor = %self.model_sensor, impute = ?rule.impute, max_gap = rule.max_gap, "gap rule of the model");
+            g.set_rule(rule);
+        }
     }
 
     /// Appends and commits durably. Blocking.
@@ -205,6 +216,7 @@ mod tests {
     use crate::updater::slot::{Loaded, ModelInfo};
     use edgeloop_common::durable::Durability;
     use edgeloop_common::features::{FeatureKind, SensorSpec};
+    use edgeloop_common::gaps::GapRule;
 
     fn collector(dir: &std::path::Path, model: bool) -> Collector {
         let spec = PipelineSpec {
@@ -261,6 +273,34 @@ mod tests {
         let recs = c.process(vec![sample("t", vec![1.0, 2.0])], 99);
         assert_eq!(recs[0].score, None);
         assert_eq!(recs[0].ts_ms, 7);
+    }
+
+    /// Channel 0's delta and rolling mean in the record of a reading of 6 at 4 s, after readings of 0 at 0 s
+    /// and 1 s (two missing at a 1 s period), with an active model trained under `rule`.
+    fn after_a_gap(rule: Option<GapRule>) -> (f32, f32) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = collector(dir.path(), true);
+        if let Some(rule) = rule {
+            let model = Model::load_bytes(&crate::inference::mean_square_onnx(10), 10).unwrap();
+            let info = ModelInfo { gaps: rule, ..ModelInfo::configured(&model) };
+            c.slot.set_active(Some(Loaded { info, model }));
+        }
+        c.gaps.insert("t".into(), GapFiller::new(1000.0, DEFAULT_MAX_GAP, ImputeMethod::Linear));
+        let at = |ts: u64, v: f64| Sample { sensor: "t".into(), ts_ms: Some(ts), values: vec![v, 0.0] };
+        let recs = c.process(vec![at(0, 0.0), at(1000, 0.0), at(4000, 6.0)], 99);
+        assert_eq!(recs.len(), 3, "filled readings make no records");
+        let f = &recs[2].features;
+        (f[1], f[2])
+    }
+
+    #[test]
+    fn fills_gaps_of_the_models_sensor_by_the_active_models_rule() {
+        // A model without a rule (configured from a file): linear, 2 and 4 filled; rolling over 0, 2, 4, 6.
+        assert_eq!(after_a_gap(None), (2.0, 3.0));
+        // Trained with hold: 0 and 0 filled; rolling over 0, 0, 0, 6.
+        assert_eq!(after_a_gap(Some(GapRule { impute: ImputeMethod::Hold, max_gap: 5 })), (6.0, 1.5));
+        // Trained with at most one reading filled: two missing is a long gap, and the features start over.
+        assert_eq!(after_a_gap(Some(GapRule { impute: ImputeMethod::Linear, max_gap: 1 })), (0.0, 6.0));
     }
 
     #[tokio::test]

@@ -11,6 +11,8 @@ use serde::{Deserialize, Serialize};
 
 /// Missing readings filled at most, unless a dataset asks for another limit.
 pub const DEFAULT_MAX_GAP: usize = 5;
+/// The highest limit a rule may set: each filled reading goes through the pipeline and the model's window.
+pub const MAX_GAP_LIMIT: usize = 1000;
 
 /// How short gaps are filled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -19,6 +21,27 @@ pub enum ImputeMethod {
     #[default]
     Linear,
     Hold,
+}
+
+/// The gap rule a model was trained under, which the agent then applies to the readings it scores with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GapRule {
+    /// How short gaps are filled.
+    pub impute: ImputeMethod,
+    /// Missing readings filled at most; after a longer gap the features start over.
+    pub max_gap: usize,
+}
+
+impl Default for GapRule {
+    fn default() -> Self {
+        GapRule { impute: ImputeMethod::Linear, max_gap: DEFAULT_MAX_GAP }
+    }
+}
+
+impl GapRule {
+    pub fn is_default(&self) -> bool {
+        *self == GapRule::default()
+    }
 }
 
 /// What comes before a reading.
@@ -45,6 +68,15 @@ impl GapFiller {
     /// A period that is not a positive number finds no gaps.
     pub fn new(period_ms: f64, max_gap: usize, method: ImputeMethod) -> Self {
         GapFiller { period_ms, max_gap, method, last: None }
+    }
+
+    /// Follows another rule from the next reading on, keeping the last reading.
+    pub fn set_rule(&mut self, rule: GapRule) {
+        (self.method, self.max_gap) = (rule.impute, rule.max_gap);
+    }
+
+    pub fn rule(&self) -> GapRule {
+        GapRule { impute: self.method, max_gap: self.max_gap }
     }
 
     /// The gap before a reading at `ts` (Unix ms) with `values`; the reading becomes the last one when it is
@@ -105,5 +137,17 @@ mod tests {
         // Another number of channels is no gap to fill.
         assert_eq!(hold.next(6000, &[1.0]), Gap::None);
         assert_eq!(GapFiller::new(0.0, 5, ImputeMethod::Linear).next(0, &[1.0]), Gap::None);
+    }
+
+    #[test]
+    fn a_new_rule_applies_from_the_next_reading_and_keeps_the_last() {
+        let mut g = GapFiller::new(1000.0, 5, ImputeMethod::Linear);
+        assert_eq!(g.rule(), GapRule::default());
+        g.next(0, &[2.0]);
+        g.set_rule(GapRule { impute: ImputeMethod::Hold, max_gap: 1 });
+        // Held from the reading before the change, not interpolated.
+        assert_eq!(g.next(2000, &[4.0]), Gap::Fill(vec![(1000, vec![2.0])]));
+        // Two missing readings are now a long gap.
+        assert_eq!(g.next(5000, &[4.0]), Gap::Restart { missing: 2 });
     }
 }

@@ -7,6 +7,7 @@
 //! a rollback is a new, higher sequence pointing at an older model.
 
 use crate::features::PipelineSpec;
+use crate::gaps::GapRule;
 use crate::signing::Signed;
 use serde::{Deserialize, Serialize};
 
@@ -54,6 +55,11 @@ pub struct Manifest {
     /// and a manifest of 1 encodes as before.
     #[serde(default = "one", skip_serializing_if = "is_one")]
     pub frames: u32,
+    /// The gap rule the model's training filled short gaps with, which the agent applies to the model's
+    /// sensor while it runs the model. Absent means the default (linear, up to 5 readings), and a manifest
+    /// with the default encodes as before.
+    #[serde(default, skip_serializing_if = "GapRule::is_default")]
+    pub gaps: GapRule,
 }
 
 fn one() -> u32 {
@@ -161,4 +167,57 @@ pub struct UpdateReport {
     /// p95 inference latency of the new model while watched, microseconds.
     pub p95_us: Option<u32>,
     pub at_ms: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gaps::ImputeMethod;
+
+    fn manifest() -> Manifest {
+        Manifest {
+            name: "press".into(),
+            version: 1,
+            class: "press".into(),
+            sensor: "t".into(),
+            sha256: "0".repeat(64),
+            size: 1,
+            input_shape: vec![-1, 5],
+            output_shape: vec![-1, 1],
+            pipeline: PipelineSpec { version: 1, sensors: vec![] },
+            threshold: 1.0,
+            golden: vec![],
+            golden_tolerance: 1e-3,
+            lineage: ManifestLineage::default(),
+            created_ms: 0,
+            frames: 1,
+            gaps: GapRule::default(),
+        }
+    }
+
+    /// The manifest's top-level keys as encoded in CBOR, and the value under `key`.
+    fn encoded(m: &Manifest, key: &str) -> (Vec<String>, Option<ciborium::Value>) {
+        let v: ciborium::Value = ciborium::from_reader(crate::signing::to_cbor(m).as_slice()).unwrap();
+        let map = v.into_map().unwrap();
+        let keys = map.iter().filter_map(|(k, _)| k.as_text().map(str::to_string)).collect();
+        let value = map.into_iter().find(|(k, _)| k.as_text() == Some(key)).map(|(_, v)| v);
+        (keys, value)
+    }
+
+    #[test]
+    fn the_gap_rule_travels_in_the_manifest_and_the_default_encodes_as_before() {
+        let m = manifest();
+        let (keys, _) = encoded(&m, "gaps");
+        assert!(!keys.iter().any(|k| k == "gaps" || k == "frames"), "{keys:?}");
+        assert!(keys.iter().any(|k| k == "threshold"), "{keys:?}");
+        // A manifest from before the field decodes with the default rule.
+        let old = crate::signing::to_cbor(&m);
+        assert_eq!(ciborium::from_reader::<Manifest, _>(old.as_slice()).unwrap().gaps, GapRule::default());
+        let held = Manifest { gaps: GapRule { impute: ImputeMethod::Hold, max_gap: 3 }, ..m };
+        let (_, gaps) = encoded(&held, "gaps");
+        let gaps = gaps.expect("a rule other than the default is encoded").into_map().unwrap();
+        assert_eq!(gaps[0].1.as_text(), Some("hold"));
+        let back: Manifest = ciborium::from_reader(crate::signing::to_cbor(&held).as_slice()).unwrap();
+        assert_eq!(back, held);
+    }
 }

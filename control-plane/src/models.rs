@@ -11,6 +11,7 @@ use crate::training::search::Trial;
 use crate::training::Hyper;
 use edgeloop_common::durable::DurableDb;
 use edgeloop_common::features::PipelineSpec;
+use edgeloop_common::gaps::GapRule;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -88,6 +89,10 @@ pub struct ModelVersion {
     /// Feature vectors per input: more than 1 for a forecaster (`input_shape` is `[-1, frames × width]`).
     #[serde(default = "one")]
     pub frames: u32,
+    /// The gap rule of the dataset it was trained on (slow sensors; the default for fast ones, which datasets
+    /// do not fill), carried in the manifest so that agents fill gaps the same way while they run it.
+    #[serde(default)]
+    pub gaps: GapRule,
 }
 
 fn one() -> u32 {
@@ -114,6 +119,7 @@ impl ModelVersion {
             // any difference a wrong model makes.
             golden_tolerance: 1e-3,
             frames: self.frames,
+            gaps: self.gaps,
             lineage: edgeloop_common::update::ManifestLineage {
                 dataset_hash: l.dataset_hash.clone(),
                 hyper: serde_json::to_string(&l.hyper).unwrap_or_default(),

@@ -567,6 +567,7 @@ impl Updater {
                 sha256: m2.sha256.clone(),
                 threshold: Some(m2.threshold),
                 frames: m2.frames,
+                gaps: m2.gaps,
             };
             let mut model = files.load_model(&info, width).map_err(|e| format!("load: {e:#}"))?;
             let outputs: Vec<Result<Vec<f32>, String>> =

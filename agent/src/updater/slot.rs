@@ -9,6 +9,7 @@
 use super::state::{ShadowTracker, Verdict, WatchTracker, WindowOutcome, MAX_FRAMES};
 use crate::health::Health;
 use crate::inference::{InferenceError, Model};
+use edgeloop_common::gaps::GapRule;
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -25,6 +26,9 @@ pub struct ModelInfo {
     /// Feature vectors per input (a forecaster's window); 1 for a model that scores each vector alone.
     #[serde(default = "one")]
     pub frames: u32,
+    /// How gaps in the model's sensor are filled while it runs: the rule its training used.
+    #[serde(default)]
+    pub gaps: GapRule,
 }
 
 fn one() -> u32 {
@@ -40,6 +44,7 @@ impl ModelInfo {
             sha256: model.sha256().to_string(),
             threshold: None,
             frames: model.frames() as u32,
+            gaps: GapRule::default(),
         }
     }
 
@@ -158,6 +163,11 @@ impl ModelSlot {
 
     pub fn active_info(&self) -> Option<ModelInfo> {
         self.lock().active.as_ref().map(|l| l.info.clone())
+    }
+
+    /// The gap rule of the active model (the default without one).
+    pub fn gap_rule(&self) -> GapRule {
+        self.lock().active.as_ref().map(|l| l.info.gaps).unwrap_or_default()
     }
 
     /// Runs `candidate` beside the active model for `windows` windows.
@@ -306,7 +316,14 @@ mod tests {
     /// Mean square over a window of three vectors of two features.
     fn windowed(version: u32) -> Loaded {
         let model = Model::load_bytes(&mean_square_onnx(6), 6).unwrap().windowed(3).unwrap();
-        let info = ModelInfo { name: "m".into(), version, sha256: model.sha256().into(), threshold: None, frames: 3 };
+        let info = ModelInfo {
+            name: "m".into(),
+            version,
+            sha256: model.sha256().into(),
+            threshold: None,
+            frames: 3,
+            gaps: GapRule::default(),
+        };
         Loaded { model, info }
     }
 

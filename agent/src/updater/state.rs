@@ -3,6 +3,7 @@
 //! candidate window by window. Time comes in as an argument; everything here is tested exhaustively.
 
 use edgeloop_common::features::SensorSpec;
+use edgeloop_common::gaps::MAX_GAP_LIMIT;
 use edgeloop_common::signing::{Signed, TrustedKey, VerifyError};
 use edgeloop_common::update::{DesiredState, Golden, Manifest};
 use serde::{Deserialize, Serialize};
@@ -112,6 +113,9 @@ fn check_manifest(m: &Manifest, me: &Identity) -> Result<(), String> {
     }
     if !m.threshold.is_finite() {
         return Err("threshold is not finite".into());
+    }
+    if m.gaps.max_gap > MAX_GAP_LIMIT {
+        return Err(format!("gap rule fills up to {} readings, over {MAX_GAP_LIMIT}", m.gaps.max_gap));
     }
     if m.golden.is_empty() {
         return Err("no golden vectors to self-test with".into());
@@ -308,6 +312,7 @@ mod tests {
             lineage: ManifestLineage::default(),
             created_ms: 0,
             frames: 1,
+            gaps: Default::default(),
         }
     }
 
@@ -419,6 +424,7 @@ mod tests {
             (|m| m.input_shape = vec![-1, 5], "input shape"),
             (|m| m.golden.clear(), "golden"),
             (|m| m.threshold = f32::NAN, "threshold"),
+            (|m| m.gaps.max_gap = 1_000_000, "gap rule"),
             // Trained on a rolling window of 8 where this device computes one of 4.
             (|m| m.pipeline.sensors = vec![temp_features(8)], "trained on features"),
         ];

@@ -7,6 +7,7 @@ use super::state::{Identity, WatchTracker};
 use super::*;
 use crate::inference::mean_square_onnx;
 use edgeloop_common::features::PipelineSpec;
+use edgeloop_common::gaps::{GapRule, ImputeMethod};
 use edgeloop_common::signing::Signer;
 use edgeloop_common::update::{Golden, ManifestLineage, UpdatePolicy};
 use std::sync::Mutex;
@@ -87,6 +88,7 @@ fn manifest(bytes: &[u8], golden_out: f32) -> Manifest {
         lineage: ManifestLineage::default(),
         created_ms: 0,
         frames: 1,
+        gaps: Default::default(),
     }
 }
 
@@ -164,7 +166,9 @@ async fn feed(slot: &Arc<ModelSlot>, window: [f32; WIDTH], n: usize) {
 #[tokio::test]
 async fn installs_activates_and_applies_after_the_watch() {
     let s = signer();
-    let (bytes, m) = good_model();
+    let (bytes, mut m) = good_model();
+    // Trained with gaps held, up to 3 readings.
+    m.gaps = GapRule { impute: ImputeMethod::Hold, max_gap: 3 };
     let (base, _) = serve(Behaviour { body: bytes.clone(), ..Default::default() }).await;
     let mut r = rig(&s, &base, None);
     let cancel = CancellationToken::new();
@@ -182,7 +186,10 @@ async fn installs_activates_and_applies_after_the_watch() {
     assert_eq!(got, vec![Phase::Downloading, Phase::Verified, Phase::Watching, Phase::Applied]);
     assert_eq!(r.slot.active_info().unwrap().sha256, m.sha256);
     let p = r.files.load_pointer().unwrap();
-    assert_eq!((p.last_seq, p.active.unwrap().sha256, p.pending), (1, m.sha256.clone(), None));
+    // The collector fills gaps by the model's rule, and the pointer keeps it for the next start.
+    assert_eq!(r.slot.gap_rule(), m.gaps);
+    let active = p.active.unwrap();
+    assert_eq!((p.last_seq, active.sha256, active.gaps, p.pending), (1, m.sha256.clone(), m.gaps, None));
     assert_eq!(std::fs::read(r.files.model(&m.sha256)).unwrap(), bytes);
 }
 
@@ -333,9 +340,22 @@ async fn restart_mid_watch_resumes_the_watch_with_the_previous_model_at_hand() {
     let files = Files::new(dir.path());
     std::fs::create_dir_all(files.model("x").parent().unwrap()).unwrap();
     std::fs::write(files.model(&m.sha256), &bytes).unwrap();
-    let prev_info = ModelInfo { name: "p".into(), version: 1, sha256: m.sha256.clone(), threshold: None, frames: 1 };
-    let new_info =
-        ModelInfo { name: "press".into(), version: 2, sha256: m.sha256.clone(), threshold: Some(100.0), frames: 1 };
+    let prev_info = ModelInfo {
+        name: "p".into(),
+        version: 1,
+        sha256: m.sha256.clone(),
+        threshold: None,
+        frames: 1,
+        gaps: Default::default(),
+    };
+    let new_info = ModelInfo {
+        name: "press".into(),
+        version: 2,
+        sha256: m.sha256.clone(),
+        threshold: Some(100.0),
+        frames: 1,
+        gaps: Default::default(),
+    };
     let d: DesiredState =
         desired(&s, &m, 3, UpdatePolicy { shadow_windows: 0, watch_windows: 2, latency_budget_us: 0 })
             .verify(&[s.trusted(None)], unix_millis())
@@ -383,9 +403,22 @@ fn restart_mid_watch_with_the_new_model_gone_falls_back_to_the_previous() {
     let prev_bytes = crate::inference::mean_square_onnx_with_doc(WIDTH, "previous");
     let prev_sha = edgeloop_common::signing::sha256_hex(&prev_bytes);
     std::fs::write(files.model(&prev_sha), &prev_bytes).unwrap();
-    let prev_info = ModelInfo { name: "p".into(), version: 1, sha256: prev_sha, threshold: None, frames: 1 };
-    let new_info =
-        ModelInfo { name: "press".into(), version: 2, sha256: m.sha256.clone(), threshold: Some(100.0), frames: 1 };
+    let prev_info = ModelInfo {
+        name: "p".into(),
+        version: 1,
+        sha256: prev_sha,
+        threshold: None,
+        frames: 1,
+        gaps: Default::default(),
+    };
+    let new_info = ModelInfo {
+        name: "press".into(),
+        version: 2,
+        sha256: m.sha256.clone(),
+        threshold: Some(100.0),
+        frames: 1,
+        gaps: Default::default(),
+    };
     let _ = bytes; // the new model's file was never written (or was lost)
     let d: DesiredState =
         desired(&s, &m, 3, UpdatePolicy::default()).verify(&[s.trusted(None)], unix_millis()).unwrap();

@@ -324,6 +324,7 @@ fn register_upload(learning: &crate::learning::Learning, u: Upload) -> Result<Mo
         size: onnx.len() as u64,
         input_shape: vec![-1, width as i64],
         output_shape: vec![-1, out_len as i64],
+        gaps: Default::default(),
         pipeline,
         threshold: u.threshold,
         golden: u.golden,

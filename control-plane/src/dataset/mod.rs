@@ -21,6 +21,7 @@ use crate::store::{Query, StoreError, TelemetryStore};
 use edgeloop_common::config::{ClassConfig, SensorConfig, SignalKind};
 use edgeloop_common::envelope::{Record, FLAG_ANOMALY};
 use edgeloop_common::features::{SensorPipeline, SensorSpec, SEASON_FEATURES};
+use edgeloop_common::gaps::MAX_GAP_LIMIT;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -193,6 +194,8 @@ pub enum DatasetError {
     NoSensor { class: String, sensor: String },
     #[error("the split shares must be positive and leave room for a test split (train {train}, val {val})")]
     Shares { train: f64, val: f64 },
+    #[error("max_gap {0} is over {MAX_GAP_LIMIT}: agents fill each missing reading through their pipeline and model")]
+    MaxGap(usize),
     #[error("not enough data: {rows} rows after cleaning, need at least {need}")]
     TooSmall { rows: usize, need: usize },
     #[error("the time split left the {split} split empty ({rows} rows share too few distinct timestamps)")]
@@ -314,6 +317,9 @@ pub fn build(
 ) -> Result<Dataset, DatasetError> {
     if !(spec.train_share > 0.0 && spec.val_share > 0.0 && spec.train_share + spec.val_share < 1.0) {
         return Err(DatasetError::Shares { train: spec.train_share, val: spec.val_share });
+    }
+    if spec.max_gap > MAX_GAP_LIMIT {
+        return Err(DatasetError::MaxGap(spec.max_gap));
     }
     let sensor_name = spec.sensor.clone().unwrap_or_else(|| class.sensors[0].name.clone());
     let sensor = class
@@ -488,7 +494,7 @@ mod tests {
     }
 
     #[test]
-    fn a_season_longer_than_the_training_data_is_refused_with_the_key_named() {
+    fn a_season_longer_than_the_data_or_a_gap_limit_over_the_agents_is_refused() {
         use edgeloop_common::durable::{Durability, DurableDb};
         let dir = tempfile::tempdir().unwrap();
         let store = TelemetryStore::open(DurableDb::open(&dir.path().join("db"), Durability::Flush).unwrap()).unwrap();
@@ -518,6 +524,11 @@ mod tests {
         let err = build(&store, &class_with(300), &["d".to_string()], &[], &spec).unwrap_err();
         assert!(matches!(err, DatasetError::NoSeason { season: 300, .. }), "{err}");
         assert!(err.to_string().contains("`season = 300`") && err.to_string().contains("`t`"), "{err}");
+        // A gap limit agents would refuse in the manifest is refused here, before any work.
+        let wide = DatasetSpec { max_gap: MAX_GAP_LIMIT + 1, ..DatasetSpec::new("c") };
+        let err = build(&store, &class_with(60), &["d".to_string()], &[], &wide).unwrap_err();
+        assert!(matches!(err, DatasetError::MaxGap(1001)), "{err}");
+        assert!(err.to_string().contains("max_gap 1001"), "{err}");
     }
 
     #[test]

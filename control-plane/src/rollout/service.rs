@@ -468,6 +468,7 @@ mod tests {
             size: 10,
             input_shape: vec![-1, 4],
             output_shape: vec![-1, 1],
+            gaps: Default::default(),
             pipeline: edgeloop_common::features::PipelineSpec { version: 1, sensors: vec![] },
             threshold: 1.0,
             golden: vec![],

@@ -11,7 +11,8 @@ use crate::dataset::{self, Dataset, DatasetError, DatasetSpec, Row};
 use crate::models::{decide, Golden, Lineage, Metrics, ModelRegistry, ModelVersion};
 use crate::store::{StoreError, TelemetryStore};
 use edgeloop_common::config::ClassConfig;
-use edgeloop_common::features::PipelineSpec;
+use edgeloop_common::features::{FeatureKind, PipelineSpec};
+use edgeloop_common::gaps::GapRule;
 use serde::{Deserialize, Serialize};
 
 /// Which kind of model to train.
@@ -567,6 +568,10 @@ fn register(
         size: c.bytes.len() as u64,
         input_shape: vec![-1, (ds.width() * c.frames) as i64],
         frames: c.frames as u32,
+        gaps: match ds.sensor.features {
+            FeatureKind::Slow { .. } => GapRule { impute: ds.spec.impute, max_gap: ds.spec.max_gap },
+            FeatureKind::Window { .. } => GapRule::default(),
+        },
         output_shape: vec![-1, c.outputs as i64],
         pipeline: PipelineSpec { version: 1, sensors: vec![ds.sensor.clone()] },
         threshold: c.threshold,

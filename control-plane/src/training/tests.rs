@@ -7,6 +7,7 @@ use crate::models::ModelRegistry;
 use candle_core::Device;
 use edgeloop_common::durable::{Durability, DurableDb};
 use edgeloop_common::features::{FeatureKind, SensorSpec};
+use edgeloop_common::gaps::{GapRule, ImputeMethod};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -346,6 +347,21 @@ fn without_labels_production_is_compared_by_detection_not_by_score_scale() {
     assert!(!again.promotion.promoted, "{}", again.promotion.reason);
     assert_eq!(again.promotion.candidate, again.promotion.production.unwrap());
     assert_eq!(registry.production("synthetic").unwrap().unwrap().version, m.version);
+}
+
+#[test]
+fn the_datasets_gap_rule_goes_into_the_version_and_its_manifest() {
+    let (_dir, registry) = registry();
+    let mut ds = synthetic(600, 4);
+    (ds.spec.impute, ds.spec.max_gap) = (ImputeMethod::Hold, 3);
+    let mut req = TrainRequest::new("synthetic");
+    req.trials = 1;
+    req.hyper = Some(quick());
+    let m = train_dataset(&ds, "synthetic", &req, &registry, &mut |_, _| {}).unwrap();
+    let held = GapRule { impute: ImputeMethod::Hold, max_gap: 3 };
+    assert_eq!(m.gaps, held);
+    assert_eq!(m.manifest().gaps, held);
+    assert_eq!(registry.get("synthetic", m.version).unwrap().unwrap().gaps, held);
 }
 
 #[test]

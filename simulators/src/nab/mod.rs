@@ -302,6 +302,7 @@ async fn run_file(cp: &ControlPlaneHandle, s: &Series, opts: &NabOptions, work: 
                 sha256: m.sha256.clone(),
                 threshold: Some(m.threshold),
                 frames: m.frames,
+                gaps: m.gaps,
             };
             agent.slot.set_active(Some(Loaded { model, info }));
             models.push((from_seq, m.threshold));
