@@ -12,7 +12,7 @@ use crate::source::Sample;
 use crate::updater::slot::ModelSlot;
 use edgeloop_common::config::{ClassConfig, SignalKind};
 use edgeloop_common::envelope::FLAG_ANOMALY;
-use edgeloop_common::features::{Pipeline, PipelineSpec};
+use edgeloop_common::features::{as_stored, FeatureKind, Pipeline, PipelineSpec};
 use edgeloop_common::gaps::{Gap, GapFiller, ImputeMethod, DEFAULT_MAX_GAP};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -87,7 +87,12 @@ impl Collector {
             };
             let ts_ms = s.ts_ms.unwrap_or(now_ms);
             let model_sensor = s.sensor == self.model_sensor;
-            match self.gaps.get_mut(&s.sensor).map(|g| g.next(ts_ms, &s.values)) {
+            // A slow reading's features come from the reading as its record stores it, as a dataset's do.
+            let values = match p.spec().features {
+                FeatureKind::Slow { .. } => s.values.iter().map(|&v| as_stored(v)).collect(),
+                FeatureKind::Window { .. } => s.values,
+            };
+            match self.gaps.get_mut(&s.sensor).map(|g| g.next(ts_ms, &values)) {
                 None | Some(Gap::None) => {}
                 Some(Gap::Fill(filled)) => {
                     for (_, values) in filled {
@@ -104,7 +109,7 @@ impl Collector {
                     }
                 }
             }
-            let features = match p.push(&s.values) {
+            let features = match p.push(&values) {
                 Ok(Some(f)) => f,
                 Ok(None) => continue,
                 Err(e) => {
@@ -215,7 +220,7 @@ mod tests {
     use crate::inference::Model;
     use crate::updater::slot::{Loaded, ModelInfo};
     use edgeloop_common::durable::Durability;
-    use edgeloop_common::features::{FeatureKind, SensorSpec};
+    use edgeloop_common::features::{FeatureKind, SensorPipeline, SensorSpec};
     use edgeloop_common::gaps::GapRule;
 
     fn collector(dir: &std::path::Path, model: bool) -> Collector {
@@ -301,6 +306,31 @@ mod tests {
         assert_eq!(after_a_gap(Some(GapRule { impute: ImputeMethod::Hold, max_gap: 5 })), (6.0, 1.5));
         // Trained with at most one reading filled: two missing is a long gap, and the features start over.
         assert_eq!(after_a_gap(Some(GapRule { impute: ImputeMethod::Linear, max_gap: 1 })), (0.0, 6.0));
+    }
+
+    #[test]
+    fn slow_features_are_the_ones_a_dataset_recomputes_from_the_stored_values() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = collector(dir.path(), false);
+        // A meter past 2^24 counting by 1 (an f32 holds only every other integer there), and a small reading.
+        let at = |i: u64| Sample {
+            sensor: "t".into(),
+            ts_ms: Some(i * 1000),
+            values: vec![16_777_217.0 + i as f64, 0.1 * i as f64],
+        };
+        let recs = c.process((0..8).map(at).collect(), 99);
+        assert_eq!(recs.len(), 8);
+        // What a dataset does: take each record's stored values (the `value` feature of each channel) and run
+        // the pipeline over them.
+        let mut again = SensorPipeline::new(SensorSpec {
+            name: "t".into(),
+            channels: 2,
+            features: FeatureKind::Slow { rolling: 4, season: 0 },
+        });
+        for r in &recs {
+            let stored = [r.features[0] as f64, r.features[5] as f64];
+            assert_eq!(again.push(&stored).unwrap().unwrap(), r.features);
+        }
     }
 
     #[tokio::test]

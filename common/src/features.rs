@@ -243,6 +243,14 @@ impl Pipeline {
     }
 }
 
+/// A slow reading as a record stores it, in its `value` feature: an `f32`, saturated to the finite range.
+/// Datasets recompute a slow sensor's features from that stored value, so the agent computes them from it
+/// too, and a model sees in the field the features of its training rows to the bit, whatever the magnitude
+/// (above 2^24, an `f32` no longer holds every integer).
+pub fn as_stored(reading: f64) -> f64 {
+    saturate(reading) as f64
+}
+
 /// Saturates to the finite `f32` range (the value is already finite).
 fn saturate(x: f64) -> f32 {
     if x.is_nan() {
