@@ -92,6 +92,11 @@ fn manifest(bytes: &[u8], golden_out: f32) -> Manifest {
     }
 }
 
+/// What the slot holds for a delivered model of one vector per input, trained with the default gap rule.
+fn info(name: &str, version: u32, sha256: &str, threshold: Option<f32>) -> ModelInfo {
+    ModelInfo { name: name.into(), version, sha256: sha256.into(), threshold, frames: 1, gaps: Default::default() }
+}
+
 fn desired(s: &Signer, m: &Manifest, seq: u64, policy: UpdatePolicy) -> Signed {
     let now = unix_millis();
     let d = DesiredState {
@@ -340,22 +345,8 @@ async fn restart_mid_watch_resumes_the_watch_with_the_previous_model_at_hand() {
     let files = Files::new(dir.path());
     std::fs::create_dir_all(files.model("x").parent().unwrap()).unwrap();
     std::fs::write(files.model(&m.sha256), &bytes).unwrap();
-    let prev_info = ModelInfo {
-        name: "p".into(),
-        version: 1,
-        sha256: m.sha256.clone(),
-        threshold: None,
-        frames: 1,
-        gaps: Default::default(),
-    };
-    let new_info = ModelInfo {
-        name: "press".into(),
-        version: 2,
-        sha256: m.sha256.clone(),
-        threshold: Some(100.0),
-        frames: 1,
-        gaps: Default::default(),
-    };
+    let prev_info = info("p", 1, &m.sha256, None);
+    let new_info = info("press", 2, &m.sha256, Some(100.0));
     let d: DesiredState =
         desired(&s, &m, 3, UpdatePolicy { shadow_windows: 0, watch_windows: 2, latency_budget_us: 0 })
             .verify(&[s.trusted(None)], unix_millis())
@@ -403,22 +394,8 @@ fn restart_mid_watch_with_the_new_model_gone_falls_back_to_the_previous() {
     let prev_bytes = crate::inference::mean_square_onnx_with_doc(WIDTH, "previous");
     let prev_sha = edgeloop_common::signing::sha256_hex(&prev_bytes);
     std::fs::write(files.model(&prev_sha), &prev_bytes).unwrap();
-    let prev_info = ModelInfo {
-        name: "p".into(),
-        version: 1,
-        sha256: prev_sha,
-        threshold: None,
-        frames: 1,
-        gaps: Default::default(),
-    };
-    let new_info = ModelInfo {
-        name: "press".into(),
-        version: 2,
-        sha256: m.sha256.clone(),
-        threshold: Some(100.0),
-        frames: 1,
-        gaps: Default::default(),
-    };
+    let prev_info = info("p", 1, &prev_sha, None);
+    let new_info = info("press", 2, &m.sha256, Some(100.0));
     let _ = bytes; // the new model's file was never written (or was lost)
     let d: DesiredState =
         desired(&s, &m, 3, UpdatePolicy::default()).verify(&[s.trusted(None)], unix_millis()).unwrap();
