@@ -11,6 +11,7 @@ use crate::drift;
 use crate::learning::{DriftReading, JobState, Learning};
 use crate::store::Query;
 use crate::training::run::TrainRequest;
+use edgeloop_common::gaps::GapRule;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -135,7 +136,8 @@ pub fn measure_drift(learning: &Learning, cfg: &TriggerConfig) -> Vec<f64> {
     let Ok(Some(prod)) = learning.models.production(&cfg.class) else { return Vec::new() };
     let Some(class) = learning.classes.get(&cfg.class) else { return Vec::new() };
     let Some(sensor) = class.sensors.iter().find(|s| s.name == prod.sensor) else { return Vec::new() };
-    let spec = DatasetSpec::new(&cfg.class);
+    // Gaps filled as for the production model's training set, which its reference describes.
+    let spec = with_gap_rule(DatasetSpec::new(&cfg.class), prod.gaps);
     let mut report = QualityReport::default();
     let mut rows = Vec::new();
     for device in learning.devices_of(&cfg.class) {
@@ -147,6 +149,30 @@ pub fn measure_drift(learning: &Learning, cfg: &TriggerConfig) -> Vec<f64> {
         }
     }
     drift::psi(&prod.lineage.reference, &rows.iter().map(|r| r.features.as_slice()).collect::<Vec<_>>())
+}
+
+/// `spec` filling gaps by `rule`.
+fn with_gap_rule(spec: DatasetSpec, rule: GapRule) -> DatasetSpec {
+    DatasetSpec { impute: rule.impute, max_gap: rule.max_gap, ..spec }
+}
+
+/// The training a trigger starts: the configured trials and seed, on the sensor the production model watches
+/// with the gap rule of its training (`production`: its sensor and rule), or on the class's first sensor with
+/// the default rule while there is none.
+fn retrain_request(
+    cfg: &TriggerConfig,
+    trials: usize,
+    seed: u64,
+    production: Option<(String, GapRule)>,
+) -> TrainRequest {
+    let mut req = TrainRequest::new(&cfg.class);
+    (req.trials, req.seed) = (trials, seed);
+    req.dataset.exclude_flagged = cfg.exclude_flagged;
+    if let Some((sensor, rule)) = production {
+        req.dataset = with_gap_rule(req.dataset, rule);
+        req.dataset.sensor = Some(sensor);
+    }
+    req
 }
 
 /// Checks every class's triggers until cancelled.
@@ -208,11 +234,8 @@ pub async fn run(learning: Arc<Learning>, cancel: CancellationToken) {
                 .max();
             note_training(state, latest, records);
             let Some(cause) = evaluate(cfg, state, now, records, &psi, &names) else { continue };
-            let mut req = TrainRequest::new(&cfg.class);
-            (req.trials, req.seed) = (learning.defaults.trials, learning.defaults.seed);
-            req.dataset.exclude_flagged = cfg.exclude_flagged;
-            // Retrain the sensor the production model watches (the class's first one if none yet).
-            req.dataset.sensor = learning.models.production(&cfg.class).ok().flatten().map(|m| m.sensor);
+            let prod = learning.models.production(&cfg.class).ok().flatten().map(|m| (m.sensor, m.gaps));
+            let req = retrain_request(cfg, learning.defaults.trials, learning.defaults.seed, prod);
             let started = learning.start(req, &format!("trigger: {cause:?}"));
             tracing::info!(class = %cfg.class, ?cause, job = ?started.as_ref().ok(), "retraining trigger fired");
             let (job, error) = match started {
@@ -245,6 +268,21 @@ mod tests {
             min_interval_secs: 0,
             exclude_flagged: false,
         }
+    }
+
+    #[test]
+    fn a_triggered_training_keeps_the_production_models_sensor_and_gap_rule() {
+        use edgeloop_common::gaps::ImputeMethod;
+        let c = TriggerConfig { exclude_flagged: true, ..cfg() };
+        let held = GapRule { impute: ImputeMethod::Hold, max_gap: 8 };
+        let req = retrain_request(&c, 7, 3, Some(("pm25".into(), held)));
+        assert_eq!((req.trials, req.seed, req.dataset.exclude_flagged), (7, 3, true));
+        assert_eq!(req.dataset.sensor.as_deref(), Some("pm25"));
+        assert_eq!((req.dataset.impute, req.dataset.max_gap), (ImputeMethod::Hold, 8));
+        // No production model yet: the class's first sensor, the default rule.
+        let first = retrain_request(&c, 7, 3, None);
+        assert_eq!(first.dataset.sensor, None);
+        assert_eq!(GapRule { impute: first.dataset.impute, max_gap: first.dataset.max_gap }, GapRule::default());
     }
 
     #[test]

@@ -355,8 +355,15 @@ impl Updater {
     }
 
     async fn install(&mut self, d: &DesiredState, m: &Manifest, cancel: &CancellationToken) -> Result<(), StepError> {
+        // The same model run the same way: a pointer written before manifests carried a gap rule holds the
+        // default, so a re-issued state whose manifest says otherwise installs the model again, with its rule.
         let same = |a: &ModelInfo| {
-            a.sha256 == m.sha256 && a.version == m.version && a.name == m.name && a.threshold == Some(m.threshold)
+            a.sha256 == m.sha256
+                && a.version == m.version
+                && a.name == m.name
+                && a.threshold == Some(m.threshold)
+                && a.frames == m.frames
+                && a.gaps == m.gaps
         };
         if self.slot.active_info().is_some_and(|a| same(&a)) {
             // Already running it (a re-issued state, or a rollback to the model still active).

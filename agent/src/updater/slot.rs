@@ -328,6 +328,21 @@ mod tests {
     }
 
     #[test]
+    fn model_info_stored_before_the_gap_rule_decodes_with_the_default() {
+        #[derive(Serialize)]
+        struct Before {
+            name: String,
+            version: u32,
+            sha256: String,
+            threshold: Option<f32>,
+        }
+        let before = Before { name: "m".into(), version: 4, sha256: "a".repeat(64), threshold: Some(2.0) };
+        let bytes = edgeloop_common::signing::to_cbor(&before);
+        let info: ModelInfo = ciborium::from_reader(bytes.as_slice()).unwrap();
+        assert_eq!((info.version, info.frames, info.gaps), (4, 1, GapRule::default()));
+    }
+
+    #[test]
     fn a_windowed_model_swapped_in_scores_from_the_next_vector() {
         let (slot, _events) = ModelSlot::new(Arc::new(Health::default()), None);
         // Vectors arriving before any model still count as history.

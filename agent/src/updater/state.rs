@@ -442,6 +442,11 @@ mod tests {
             let signed = Signed::sign(&desired(&s, &m, 5), &s);
             assert!(verify_desired(&signed, &[s.trusted(None)], &me(), 0, NOW).is_ok());
         }
+        // The highest gap limit is fine.
+        let mut m = manifest(b"onnx");
+        m.gaps.max_gap = MAX_GAP_LIMIT;
+        let signed = Signed::sign(&desired(&s, &m, 5), &s);
+        assert!(verify_desired(&signed, &[s.trusted(None)], &me(), 0, NOW).is_ok());
     }
 
     #[test]

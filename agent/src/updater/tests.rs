@@ -199,6 +199,36 @@ async fn installs_activates_and_applies_after_the_watch() {
 }
 
 #[tokio::test]
+async fn the_active_model_under_another_gap_rule_is_installed_again() {
+    let s = signer();
+    let (bytes, mut m) = good_model();
+    let (base, _) = serve(Behaviour { body: bytes.clone(), ..Default::default() }).await;
+    let mut r = rig(&s, &base, None);
+    // Running this very model, as a pointer from before manifests carried a gap rule restores it.
+    let model = Model::load_bytes(&bytes, WIDTH).unwrap();
+    r.slot.set_active(Some(Loaded { info: info("press", 2, &m.sha256, Some(m.threshold)), model }));
+    let policy = UpdatePolicy { shadow_windows: 0, watch_windows: 5, latency_budget_us: 0 };
+    let cancel = CancellationToken::new();
+    r.up.handle(desired(&s, &m, 1, policy), &cancel).await.unwrap();
+    assert_eq!(phases(&mut r.reports), vec![(Phase::Applied, "already active".to_string())]);
+    // The control plane re-issues it with the rule it was trained under: not "already active".
+    m.gaps = GapRule { impute: ImputeMethod::Hold, max_gap: 2 };
+    let slot = r.slot.clone();
+    let feeder = tokio::spawn(async move {
+        for _ in 0..200 {
+            feed(&slot, [1.0; WIDTH], 1).await;
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    r.up.handle(desired(&s, &m, 2, policy), &cancel).await.unwrap();
+    feeder.abort();
+    let got: Vec<Phase> = phases(&mut r.reports).into_iter().map(|p| p.0).collect();
+    assert_eq!(got, vec![Phase::Downloading, Phase::Verified, Phase::Watching, Phase::Applied]);
+    assert_eq!(r.slot.gap_rule(), m.gaps);
+    assert_eq!(r.files.load_pointer().unwrap().active.unwrap().gaps, m.gaps);
+}
+
+#[tokio::test]
 async fn arbitrary_software_tampered_artifact_rejected() {
     let s = signer();
     let (mut bytes, m) = good_model();

@@ -525,6 +525,8 @@ mod tests {
         assert!(matches!(err, DatasetError::NoSeason { season: 300, .. }), "{err}");
         assert!(err.to_string().contains("`season = 300`") && err.to_string().contains("`t`"), "{err}");
         // A gap limit agents would refuse in the manifest is refused here, before any work.
+        let widest = DatasetSpec { max_gap: MAX_GAP_LIMIT, ..DatasetSpec::new("c") };
+        assert!(build(&store, &class_with(60), &["d".to_string()], &[], &widest).is_ok());
         let wide = DatasetSpec { max_gap: MAX_GAP_LIMIT + 1, ..DatasetSpec::new("c") };
         let err = build(&store, &class_with(60), &["d".to_string()], &[], &wide).unwrap_err();
         assert!(matches!(err, DatasetError::MaxGap(1001)), "{err}");

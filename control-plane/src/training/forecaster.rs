@@ -222,9 +222,10 @@ pub fn search(
 }
 
 /// Windows with synthetic anomalies, for choosing a model when there are no labels: every clean window once
-/// as normal, and twice as anomalous: with its last row replaced by the last row of a window at least
-/// `frames` rows away (a reading normal in itself but out of context), and with one feature of its last row
-/// moved by 4 standard deviations (a point anomaly). Seeded.
+/// as normal, and as anomalous with one feature of its last row moved by 4 standard deviations (a point
+/// anomaly) and, where a window has rows before its last, with its last row replaced by the last row of a
+/// window at least `frames` rows away (a reading normal in itself but out of context; in a window of one
+/// row it would be just another normal row). Seeded. With fewer than `2 × frames + 2` windows, no anomalies.
 pub fn with_synthetic_anomalies(w: &Windows, st: &Standardizer, seed: u64) -> (Vec<Vec<f32>>, Vec<bool>) {
     let (d, n) = (w.d, w.len());
     let mut rng = StdRng::seed_from_u64(seed ^ 0x5ca1e);
@@ -235,14 +236,16 @@ pub fn with_synthetic_anomalies(w: &Windows, st: &Standardizer, seed: u64) -> (V
     }
     let last = (w.frames - 1) * d;
     for i in 0..n {
-        let mut j = rng.gen_range(0..n);
-        while j.abs_diff(i) < w.frames {
-            j = rng.gen_range(0..n);
+        if w.frames > 1 {
+            let mut j = rng.gen_range(0..n);
+            while j.abs_diff(i) < w.frames {
+                j = rng.gen_range(0..n);
+            }
+            let mut swapped = w.x[i].clone();
+            swapped[last..].copy_from_slice(&w.x[j][last..]);
+            x.push(swapped);
+            y.push(true);
         }
-        let mut swapped = w.x[i].clone();
-        swapped[last..].copy_from_slice(&w.x[j][last..]);
-        x.push(swapped);
-        y.push(true);
         let mut spiked = w.x[i].clone();
         let f = rng.gen_range(0..d);
         let sign = if rng.gen_bool(0.5) { 1.0 } else { -1.0 };
@@ -333,5 +336,15 @@ mod tests {
         assert_eq!(y.iter().filter(|a| **a).count(), 2 * w.len());
         assert_eq!(&x[..w.len()], &w.x[..]);
         assert_ne!(x[w.len()], w.x[0]);
+        // Rows alone have no context to be out of: only the spikes, each one feature 4 spreads off.
+        let rows1 = windows(&rows, 1, 1);
+        let (x, y) = with_synthetic_anomalies(&rows1, &st, 1);
+        assert_eq!((x.len(), y.iter().filter(|a| **a).count()), (2 * rows1.len(), rows1.len()));
+        for (spiked, row) in x[rows1.len()..].iter().zip(&rows1.x) {
+            assert!((spiked[0] - row[0]).abs() > 3.9 * st.std[0], "{spiked:?} against {row:?}");
+        }
+        // Too few windows for either kind: none anomalous.
+        let few = windows(&rows[..4], 2, 1);
+        assert!(!with_synthetic_anomalies(&few, &st, 1).1.iter().any(|a| *a));
     }
 }

@@ -8,7 +8,7 @@ use super::mlp::DenseWeights;
 use super::search::{self, Budget};
 use super::{autoencoder, classifier, eval, onnx, Hyper, TrainError};
 use crate::dataset::{self, Dataset, DatasetError, DatasetSpec, Row};
-use crate::models::{decide, Golden, Lineage, Metrics, ModelRegistry, ModelVersion};
+use crate::models::{decide, Golden, Lineage, Metrics, ModelRegistry, ModelVersion, Promotion};
 use crate::store::{StoreError, TelemetryStore};
 use edgeloop_common::config::ClassConfig;
 use edgeloop_common::features::{FeatureKind, PipelineSpec};
@@ -410,6 +410,24 @@ fn against_production(
         let (x, y) = forecaster::with_synthetic_anomalies(&w, &ds.standardizer, seed);
         (x, y, "test_synthetic_anomaly_auc")
     };
+    if !y.iter().any(|a| *a) {
+        // No anomaly to find: neither model can show anything, and the candidate has not beaten production.
+        let window = pf.max(frames);
+        return Ok(Promotion {
+            promoted: false,
+            metric: name.to_string(),
+            candidate: 0.0,
+            production: None,
+            production_version: Some(prod.version),
+            reason: format!(
+                "{} test windows of {window} rows are too few for synthetic anomalies (at least {} needed): not \
+                 compared with production v{}, which stays",
+                w.len(),
+                2 * window + 2,
+                prod.version
+            ),
+        });
+    }
     let cut = |n: usize| -> Vec<Vec<f32>> { x.iter().map(|v| v[v.len() - n * d..].to_vec()).collect() };
     let auc = |b: &[u8], n: usize| -> Result<f64, RunError> {
         Ok(eval::roc_auc(&onnx::run_tract(b, &cut(n))?, &y).unwrap_or(0.0))

@@ -350,6 +350,28 @@ fn without_labels_production_is_compared_by_detection_not_by_score_scale() {
 }
 
 #[test]
+fn without_anomalies_to_compare_on_production_stays() {
+    let (_dir, registry) = registry();
+    // 120 rows, no labels, 3 of them in the test split: too few windows for synthetic anomalies.
+    let full = synthetic(120, 4);
+    let rows: Vec<Row> =
+        full.train.iter().chain(&full.val).chain(&full.test).map(|r| Row { label: None, ..r.clone() }).collect();
+    let spec = DatasetSpec { train_share: 0.8, val_share: 0.175, ..DatasetSpec::new("synthetic") };
+    let ds = assemble(spec, full.sensor.clone(), rows, QualityReport::default());
+    assert_eq!(ds.test.len(), 3);
+    let mut req = TrainRequest::new("synthetic");
+    req.trials = 1;
+    req.hyper = Some(quick());
+    let first = train_dataset(&ds, "synthetic", &req, &registry, &mut |_, _| {}).unwrap();
+    assert!(first.promotion.promoted);
+    let second = train_dataset(&ds, "synthetic", &req, &registry, &mut |_, _| {}).unwrap();
+    assert!(!second.promotion.promoted, "{}", second.promotion.reason);
+    assert!(second.promotion.reason.contains("too few for synthetic anomalies"), "{}", second.promotion.reason);
+    assert_eq!(second.promotion.production_version, Some(first.version));
+    assert_eq!(registry.production("synthetic").unwrap().unwrap().version, first.version);
+}
+
+#[test]
 fn the_datasets_gap_rule_goes_into_the_version_and_its_manifest() {
     let (_dir, registry) = registry();
     let mut ds = synthetic(600, 4);
