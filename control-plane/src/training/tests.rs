@@ -384,6 +384,12 @@ fn the_datasets_gap_rule_goes_into_the_version_and_its_manifest() {
     assert_eq!(m.gaps, held);
     assert_eq!(m.manifest().gaps, held);
     assert_eq!(registry.get("synthetic", m.version).unwrap().unwrap().gaps, held);
+    // A fast sensor's rows are window statistics the agent computed; datasets fill no gaps in them, and the
+    // version carries the default rule whatever the spec says.
+    ds.sensor.features = FeatureKind::Window { window: 8, hop: 8 };
+    let fast = train_dataset(&ds, "synthetic", &req, &registry, &mut |_, _| {}).unwrap();
+    assert_eq!(fast.gaps, GapRule::default());
+    assert_eq!(fast.manifest().gaps, GapRule::default());
 }
 
 #[test]
