@@ -168,6 +168,17 @@ async fn feed(slot: &Arc<ModelSlot>, window: [f32; WIDTH], n: usize) {
     .unwrap();
 }
 
+/// Feeds `window` through the slot every `every` until aborted, as a device's stream would.
+fn feed_forever(slot: &Arc<ModelSlot>, window: [f32; WIDTH], every: Duration) -> tokio::task::JoinHandle<()> {
+    let slot = slot.clone();
+    tokio::spawn(async move {
+        loop {
+            feed(&slot, window, 1).await;
+            tokio::time::sleep(every).await;
+        }
+    })
+}
+
 #[tokio::test]
 async fn installs_activates_and_applies_after_the_watch() {
     let s = signer();
@@ -178,13 +189,7 @@ async fn installs_activates_and_applies_after_the_watch() {
     let mut r = rig(&s, &base, None);
     let cancel = CancellationToken::new();
     let policy = UpdatePolicy { shadow_windows: 0, watch_windows: 5, latency_budget_us: 0 };
-    let slot = r.slot.clone();
-    let feeder = tokio::spawn(async move {
-        for _ in 0..200 {
-            feed(&slot, [1.0; WIDTH], 1).await;
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    });
+    let feeder = feed_forever(&r.slot, [1.0; WIDTH], Duration::from_millis(5));
     r.up.handle(desired(&s, &m, 1, policy), &cancel).await.unwrap();
     feeder.abort();
     let got: Vec<Phase> = phases(&mut r.reports).into_iter().map(|p| p.0).collect();
@@ -213,13 +218,7 @@ async fn the_active_model_under_another_gap_rule_is_installed_again() {
     assert_eq!(phases(&mut r.reports), vec![(Phase::Applied, "already active".to_string())]);
     // The control plane re-issues it with the rule it was trained under: not "already active".
     m.gaps = GapRule { impute: ImputeMethod::Hold, max_gap: 2 };
-    let slot = r.slot.clone();
-    let feeder = tokio::spawn(async move {
-        for _ in 0..200 {
-            feed(&slot, [1.0; WIDTH], 1).await;
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    });
+    let feeder = feed_forever(&r.slot, [1.0; WIDTH], Duration::from_millis(5));
     r.up.handle(desired(&s, &m, 2, policy), &cancel).await.unwrap();
     feeder.abort();
     let got: Vec<Phase> = phases(&mut r.reports).into_iter().map(|p| p.0).collect();
@@ -267,13 +266,7 @@ async fn interrupted_download_resumes_with_range() {
     let half = bytes.len() / 2;
     let (base, ranges) = serve(Behaviour { body: bytes, cut_first_after: Some(half), ..Default::default() }).await;
     let mut r = rig(&s, &base, None);
-    let slot = r.slot.clone();
-    let feeder = tokio::spawn(async move {
-        loop {
-            feed(&slot, [1.0; WIDTH], 1).await;
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    });
+    let feeder = feed_forever(&r.slot, [1.0; WIDTH], Duration::from_millis(5));
     let policy = UpdatePolicy { shadow_windows: 0, watch_windows: 3, latency_budget_us: 0 };
     r.up.handle(desired(&s, &m, 1, policy), &CancellationToken::new()).await.unwrap();
     feeder.abort();
@@ -312,14 +305,8 @@ async fn runtime_nan_auto_reverts() {
     let prev_info = ModelInfo { sha256: "a".repeat(64), ..ModelInfo::configured(&previous) };
     r.slot.set_active(Some(Loaded { info: prev_info.clone(), model: previous }));
     r.up.pointer.active = Some(prev_info.clone());
-    let slot = r.slot.clone();
     // Once activated, the new model meets inputs it overflows on: its score is infinite.
-    let feeder = tokio::spawn(async move {
-        loop {
-            feed(&slot, [f32::MAX; WIDTH], 1).await;
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    });
+    let feeder = feed_forever(&r.slot, [f32::MAX; WIDTH], Duration::from_millis(5));
     let policy = UpdatePolicy { shadow_windows: 0, watch_windows: 50, latency_budget_us: 0 };
     r.up.handle(desired(&s, &m, 1, policy), &CancellationToken::new()).await.unwrap();
     feeder.abort();
@@ -343,14 +330,8 @@ async fn shadow_reports_agreement_then_activates() {
         info: ModelInfo { sha256: "b".repeat(64), threshold: Some(0.5), ..ModelInfo::configured(&old) },
         model: old,
     }));
-    let slot = r.slot.clone();
-    let feeder = tokio::spawn(async move {
-        loop {
-            // Mean square 1.0: the old model (threshold 0.5) flags it, the new one (threshold 100) does not.
-            feed(&slot, [1.0; WIDTH], 1).await;
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-    });
+    // Mean square 1.0: the old model (threshold 0.5) flags it, the new one (threshold 100) does not.
+    let feeder = feed_forever(&r.slot, [1.0; WIDTH], Duration::from_millis(2));
     let policy = UpdatePolicy { shadow_windows: 10, watch_windows: 3, latency_budget_us: 0 };
     r.up.handle(desired(&s, &m, 1, policy), &CancellationToken::new()).await.unwrap();
     feeder.abort();
@@ -393,13 +374,7 @@ async fn restart_mid_watch_resumes_the_watch_with_the_previous_model_at_hand() {
     assert_eq!(r.slot.active_info(), Some(new_info.clone()));
     assert!(r.slot.busy(), "the watch restarted");
     let cancel = CancellationToken::new();
-    let slot = r.slot.clone();
-    let feeder = tokio::spawn(async move {
-        loop {
-            feed(&slot, [1.0; WIDTH], 1).await;
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    });
+    let feeder = feed_forever(&r.slot, [1.0; WIDTH], Duration::from_millis(5));
     let (_tx, rx) = watch::channel(None);
     let c2 = cancel.clone();
     let run = tokio::spawn(async move {

@@ -381,7 +381,7 @@ fn against_production(
     frames: usize,
     metrics: &Metrics,
     seed: u64,
-) -> Result<crate::models::Promotion, RunError> {
+) -> Result<Promotion, RunError> {
     let d = ds.width();
     let higher_is_better = metrics.test_auc.is_some();
     let (metric, candidate) = match metrics.test_auc {
@@ -397,12 +397,17 @@ fn against_production(
         return Ok(decide(metric, candidate, Some((prod.version, lost)), higher_is_better));
     };
     if pf == frames && higher_is_better {
-        let inputs = if frames == 1 { raw(&ds.test) } else { forecaster::windows(&ds.test, frames, d).x };
-        let labels = if frames == 1 { anomalous(&ds.test) } else { forecaster::windows(&ds.test, frames, d).anomalous };
+        let (inputs, labels) = if frames == 1 {
+            (raw(&ds.test), anomalous(&ds.test))
+        } else {
+            let w = forecaster::windows(&ds.test, frames, d);
+            (w.x, w.anomalous)
+        };
         let s = onnx::run_tract(&pb, &inputs)?;
         return Ok(decide(metric, candidate, Some((prod.version, eval::roc_auc(&s, &labels).unwrap_or(0.0))), true));
     }
-    let w = forecaster::windows(&ds.test, pf.max(frames), d);
+    let window = pf.max(frames);
+    let w = forecaster::windows(&ds.test, window, d);
     let labelled = w.anomalous.iter().any(|a| *a) && w.anomalous.iter().any(|a| !*a);
     let (x, y, name) = if labelled {
         (w.x.clone(), w.anomalous.clone(), "test_auc_same_windows")
@@ -412,7 +417,6 @@ fn against_production(
     };
     if !y.iter().any(|a| *a) {
         // No anomaly to find: neither model can show anything, and the candidate has not beaten production.
-        let window = pf.max(frames);
         return Ok(Promotion {
             promoted: false,
             metric: name.to_string(),
