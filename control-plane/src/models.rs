@@ -132,18 +132,27 @@ impl ModelVersion {
 }
 
 /// Decides promotion: the first version of a class is promoted; a later one only if it beats production on
-/// the same test split.
-pub fn decide(metric: &str, candidate: f64, production: Option<(u32, f64)>, higher_is_better: bool) -> Promotion {
+/// the same test split by more than `margin` (in the metric's units; 0 for any improvement).
+pub fn decide(
+    metric: &str,
+    candidate: f64,
+    production: Option<(u32, f64)>,
+    higher_is_better: bool,
+    margin: f64,
+) -> Promotion {
     let (promoted, reason) = match production {
         None => (true, "first version of this class".to_string()),
         Some((v, p)) => {
-            let better = if higher_is_better { candidate > p } else { candidate < p };
+            let better = if higher_is_better { candidate > p + margin } else { candidate < p - margin };
+            let by = if margin > 0.0 { format!(" by more than {margin:.6}") } else { String::new() };
             if better {
-                (true, format!("{metric} {candidate:.6} beats production v{v} ({p:.6}) on the same test split"))
+                (true, format!("{metric} {candidate:.6} beats production v{v} ({p:.6}){by} on the same test split"))
             } else {
                 (
                     false,
-                    format!("{metric} {candidate:.6} does not beat production v{v} ({p:.6}) on the same test split"),
+                    format!(
+                        "{metric} {candidate:.6} does not beat production v{v} ({p:.6}){by} on the same test split"
+                    ),
                 )
             }
         }
@@ -294,15 +303,28 @@ mod tests {
 
     #[test]
     fn worse_model_is_not_promoted() {
-        let first = decide("test_loss", 0.5, None, false);
+        let first = decide("test_loss", 0.5, None, false, 0.0);
         assert!(first.promoted);
-        let worse = decide("test_loss", 0.7, Some((1, 0.5)), false);
+        let worse = decide("test_loss", 0.7, Some((1, 0.5)), false, 0.0);
         assert!(!worse.promoted, "{}", worse.reason);
         assert_eq!((worse.production, worse.production_version), (Some(0.5), Some(1)));
-        let better = decide("test_auc", 0.95, Some((3, 0.9)), true);
+        let better = decide("test_auc", 0.95, Some((3, 0.9)), true, 0.0);
         assert!(better.promoted);
-        let tie = decide("test_auc", 0.9, Some((3, 0.9)), true);
+        let tie = decide("test_auc", 0.9, Some((3, 0.9)), true, 0.0);
         assert!(!tie.promoted, "a tie keeps production");
+    }
+
+    #[test]
+    fn a_gain_within_the_margin_keeps_production() {
+        let noise = decide("test_auc", 0.905, Some((3, 0.9)), true, 0.01);
+        assert!(!noise.promoted, "{}", noise.reason);
+        assert!(noise.reason.contains("does not beat production v3") && noise.reason.contains("by more than 0.010000"));
+        let clear = decide("test_auc", 0.915, Some((3, 0.9)), true, 0.01);
+        assert!(clear.promoted, "{}", clear.reason);
+        assert!(clear.reason.contains("beats production v3 (0.900000) by more than 0.010000"), "{}", clear.reason);
+        // Lower is better: the candidate must be lower by more than the margin.
+        assert!(!decide("test_loss", 0.45, Some((1, 0.5)), false, 0.1).promoted);
+        assert!(decide("test_loss", 0.35, Some((1, 0.5)), false, 0.1).promoted);
     }
 
     #[test]

@@ -100,9 +100,75 @@ pub fn roc_auc(scores: &[f32], labels: &[bool]) -> Option<f64> {
     Some((rank_sum - pos * (pos + 1.0) / 2.0) / (pos * neg))
 }
 
+/// Two scorings of the same examples compared by ROC AUC: each AUC, and the standard error of their
+/// difference.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PairedAuc {
+    pub a: f64,
+    pub b: f64,
+    /// Standard error of `a − b`, by DeLong's method.
+    pub se: f64,
+}
+
+/// Each example's placement values under one scoring: for an anomaly, the share of normal examples it
+/// outscores; for a normal one, the share of anomalies that outscore it (ties count half). Their means are
+/// the AUC.
+fn placements(scores: &[f32], labels: &[bool]) -> (Vec<f64>, Vec<f64>) {
+    let sorted = |anomalous: bool| -> Vec<f32> {
+        let mut v: Vec<f32> = scores.iter().zip(labels).filter(|(_, &l)| l == anomalous).map(|(&s, _)| s).collect();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v
+    };
+    let (pos, neg) = (sorted(true), sorted(false));
+    // (how many of `v` are below s, how many equal it).
+    let below_equal = |v: &[f32], s: f32| -> (f64, f64) {
+        let lo = v.partition_point(|x| x.total_cmp(&s).is_lt());
+        let hi = v.partition_point(|x| x.total_cmp(&s).is_le());
+        (lo as f64, (hi - lo) as f64)
+    };
+    let (mut v10, mut v01) = (Vec::with_capacity(pos.len()), Vec::with_capacity(neg.len()));
+    for (&s, &l) in scores.iter().zip(labels) {
+        if l {
+            let (below, equal) = below_equal(&neg, s);
+            v10.push((below + 0.5 * equal) / neg.len() as f64);
+        } else {
+            let (below, equal) = below_equal(&pos, s);
+            v01.push((pos.len() as f64 - below - equal + 0.5 * equal) / pos.len() as f64);
+        }
+    }
+    (v10, v01)
+}
+
+/// Sample covariance of two equally long series.
+fn covariance(x: &[f64], y: &[f64]) -> f64 {
+    let n = x.len() as f64;
+    if n < 2.0 {
+        return 0.0;
+    }
+    let (mx, my) = (x.iter().sum::<f64>() / n, y.iter().sum::<f64>() / n);
+    x.iter().zip(y).map(|(a, b)| (a - mx) * (b - my)).sum::<f64>() / (n - 1.0)
+}
+
+/// Compares scorings `a` and `b` of the same examples by ROC AUC, with the standard error of the difference
+/// from DeLong, DeLong & Clarke-Pearson (1988): the two AUCs are correlated (same examples), and the
+/// covariance of their placement values gives the variance of `a − b`. `None` without both classes.
+pub fn paired_auc(a: &[f32], b: &[f32], labels: &[bool]) -> Option<PairedAuc> {
+    let (a10, a01) = placements(a, labels);
+    let (b10, b01) = placements(b, labels);
+    if a10.is_empty() || a01.is_empty() || a.len() != b.len() {
+        return None;
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let part = |x: &[f64], y: &[f64]| covariance(x, x) + covariance(y, y) - 2.0 * covariance(x, y);
+    let var = part(&a10, &b10) / a10.len() as f64 + part(&a01, &b01) / a01.len() as f64;
+    Some(PairedAuc { a: mean(&a10), b: mean(&b10), se: var.max(0.0).sqrt() })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
 
     #[test]
     fn auc_and_f1() {
@@ -115,6 +181,45 @@ mod tests {
         assert_eq!(t, 0.55, "halfway between the highest normal score and the lowest anomaly");
         assert_eq!(prf(&s, &l, t), (1.0, 1.0, 1.0));
         assert_eq!(quantile(&[3.0, 1.0, 2.0], 0.5), 2.0);
+    }
+
+    #[test]
+    fn paired_auc_matches_delong_computed_pair_by_pair() {
+        // Reference values from DeLong's formulas evaluated over every (anomaly, normal) pair, with ties at
+        // 0.5 (b has a tie: 0.5 and 0.5).
+        let a = [0.1, 0.4, 0.35, 0.8, 0.7, 0.2, 0.65, 0.3, 0.9, 0.5];
+        let b = [0.2, 0.1, 0.6, 0.7, 0.3, 0.4, 0.5, 0.5, 0.8, 0.45];
+        let l = [false, false, true, true, false, false, true, false, true, true];
+        let p = paired_auc(&a, &b, &l).unwrap();
+        assert!((p.a - 0.84).abs() < 1e-12 && (p.b - 0.94).abs() < 1e-12, "{p:?}");
+        assert!((p.se - 0.167_332_005_306_815).abs() < 1e-9, "{p:?}");
+        assert!((roc_auc(&a, &l).unwrap() - p.a).abs() < 1e-12);
+        // The same scoring twice: no difference, no spread.
+        let same = paired_auc(&a, &a, &l).unwrap();
+        assert_eq!((same.a, same.se), (same.b, 0.0));
+        assert!((same.a - 0.84).abs() < 1e-12);
+        assert_eq!(paired_auc(&a, &b, &[false; 10]), None);
+    }
+
+    #[test]
+    fn the_paired_standard_error_shrinks_with_more_examples() {
+        // Two noisy scorings of the same examples; four times the examples halves the standard error.
+        let draw = |n: usize| {
+            let mut rng = StdRng::seed_from_u64(3);
+            let (mut a, mut b, mut l) = (Vec::new(), Vec::new(), Vec::new());
+            for i in 0..n {
+                let anomalous = i % 3 == 0;
+                let signal = if anomalous { 1.0 } else { 0.0 };
+                a.push(signal + rng.gen_range(-1.0f32..1.0));
+                b.push(signal + rng.gen_range(-1.2f32..1.2));
+                l.push(anomalous);
+            }
+            paired_auc(&a, &b, &l).unwrap()
+        };
+        let (small, large) = (draw(600), draw(2400));
+        let ratio = small.se / large.se;
+        assert!((1.6..2.5).contains(&ratio), "{small:?} {large:?}");
+        assert!(large.se > 0.0 && large.a > large.b, "{large:?}");
     }
 
     #[test]

@@ -373,6 +373,13 @@ fn forecaster_candidate(
 /// when the windows hold both kinds, else against synthetic anomalies. Never by mean score: each model's
 /// score is in its own units (a forecaster's residuals are divided by its own training spread), so a model
 /// that scores everything low would win without detecting anything.
+///
+/// The candidate must win by more than [`PROMOTION_Z`] standard errors of the paired AUC difference
+/// ([`eval::paired_auc`]): a difference within the noise of the test windows (and, without labels, of the
+/// draw of synthetic anomalies) keeps production, since replacing a model costs a rollout and the fit of the
+/// threshold it was deployed with. The margin follows the evidence: a few hundred windows need a wide one,
+/// tens of thousands a narrow one, and it does not freeze production near an AUC of 1 as a fixed margin
+/// would.
 fn against_production(
     ds: &Dataset,
     registry: &ModelRegistry,
@@ -388,13 +395,13 @@ fn against_production(
         Some(auc) => ("test_auc", auc),
         None => ("test_loss", metrics.test_loss),
     };
-    let Some(prod) = current else { return Ok(decide(metric, candidate, None, higher_is_better)) };
+    let Some(prod) = current else { return Ok(decide(metric, candidate, None, higher_is_better, 0.0)) };
     let pf = prod.frames.max(1) as usize;
     let prod_bytes = registry.artifact_path(&prod.sha256).map(std::fs::read).transpose()?;
     let Some(pb) = prod_bytes.filter(|_| prod.input_shape.last() == Some(&((d * pf) as i64))) else {
         // A production model we cannot evaluate on this data loses by default.
         let lost = if higher_is_better { f64::NEG_INFINITY } else { f64::INFINITY };
-        return Ok(decide(metric, candidate, Some((prod.version, lost)), higher_is_better));
+        return Ok(decide(metric, candidate, Some((prod.version, lost)), higher_is_better, 0.0));
     };
     if pf == frames && higher_is_better {
         let (inputs, labels) = if frames == 1 {
@@ -403,8 +410,8 @@ fn against_production(
             let w = forecaster::windows(&ds.test, frames, d);
             (w.x, w.anomalous)
         };
-        let s = onnx::run_tract(&pb, &inputs)?;
-        return Ok(decide(metric, candidate, Some((prod.version, eval::roc_auc(&s, &labels).unwrap_or(0.0))), true));
+        let (new, old) = (onnx::run_tract(bytes, &inputs)?, onnx::run_tract(&pb, &inputs)?);
+        return Ok(paired_decision(metric, &new, &old, &labels, prod.version));
     }
     let window = pf.max(frames);
     let w = forecaster::windows(&ds.test, window, d);
@@ -433,10 +440,24 @@ fn against_production(
         });
     }
     let cut = |n: usize| -> Vec<Vec<f32>> { x.iter().map(|v| v[v.len() - n * d..].to_vec()).collect() };
-    let auc = |b: &[u8], n: usize| -> Result<f64, RunError> {
-        Ok(eval::roc_auc(&onnx::run_tract(b, &cut(n))?, &y).unwrap_or(0.0))
+    let (new, old) = (onnx::run_tract(bytes, &cut(frames))?, onnx::run_tract(&pb, &cut(pf))?);
+    Ok(paired_decision(name, &new, &old, &y, prod.version))
+}
+
+/// Standard errors of the paired AUC difference by which a candidate must beat production: a one-sided
+/// test at the 5 % level.
+pub const PROMOTION_Z: f64 = 1.645;
+
+/// The promotion decision from the candidate's and production's scores of the same examples.
+pub(super) fn paired_decision(metric: &str, new: &[f32], old: &[f32], labels: &[bool], version: u32) -> Promotion {
+    let Some(p) = eval::paired_auc(new, old, labels) else {
+        // One class only: neither model can show anything.
+        return decide(metric, 0.0, Some((version, 0.0)), true, 0.0);
     };
-    Ok(decide(name, auc(bytes, frames)?, Some((prod.version, auc(&pb, pf)?)), true))
+    let margin = PROMOTION_Z * p.se;
+    let mut promotion = decide(metric, p.a, Some((version, p.b)), true, margin);
+    promotion.reason.push_str(&format!(" ({PROMOTION_Z} standard errors of the paired difference, {:.6})", p.se));
+    promotion
 }
 
 fn train_classifier(
@@ -515,7 +536,7 @@ fn train_classifier(
         }
         None => None,
     };
-    let mut promotion = decide("test_accuracy", acc, production, true);
+    let mut promotion = decide("test_accuracy", acc, production, true, 0.0);
     keep_other_sensor(&mut promotion, current.as_ref(), &ds.sensor.name);
     let k = model.classes;
     let golden = val_rows

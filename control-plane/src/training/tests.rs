@@ -1,6 +1,6 @@
 //! Training tests on synthetic data with known structure and injected anomalies.
 
-use super::run::{train_dataset, TrainRequest};
+use super::run::{self, train_dataset, TrainRequest};
 use super::{autoencoder, eval, onnx, Hyper};
 use crate::dataset::{assemble, Dataset, DatasetSpec, QualityReport, Row};
 use crate::models::ModelRegistry;
@@ -455,4 +455,28 @@ fn flagged_rows_stay_out_of_retraining_unless_they_are_drift() {
     // 1 row in 5 (over the cap): that is drift, and the model learns it.
     let (_, note_drift) = train(5, true);
     assert!(!note_drift.contains("kept out"), "{note_drift}");
+}
+
+#[test]
+fn a_candidate_wins_only_by_more_than_the_noise_of_the_comparison() {
+    // Ten examples: the candidate's AUC is 0.94 against production's 0.84, but the paired standard error is
+    // 0.167, so 0.1 is within the noise and production stays.
+    let prod = [0.1, 0.4, 0.35, 0.8, 0.7, 0.2, 0.65, 0.3, 0.9, 0.5];
+    let cand = [0.2, 0.1, 0.6, 0.7, 0.3, 0.4, 0.5, 0.5, 0.8, 0.45];
+    let labels = [false, false, true, true, false, false, true, false, true, true];
+    let p = run::paired_decision("test_auc", &cand, &prod, &labels, 3);
+    assert!(!p.promoted, "{}", p.reason);
+    assert!((p.candidate - 0.94).abs() < 1e-12 && (p.production.unwrap() - 0.84).abs() < 1e-12, "{}", p.reason);
+    assert_eq!(p.production_version, Some(3));
+    assert!(p.reason.contains("does not beat production v3") && p.reason.contains("standard errors"), "{}", p.reason);
+    // The same two scorings repeated 40 times: the same AUCs, a standard error a sixth as wide, and the
+    // candidate wins.
+    let many = |s: &[f32]| -> Vec<f32> { s.iter().copied().cycle().take(400).collect() };
+    let labels: Vec<bool> = labels.iter().copied().cycle().take(400).collect();
+    let p = run::paired_decision("test_auc", &many(&cand), &many(&prod), &labels, 3);
+    assert!(p.promoted, "{}", p.reason);
+    assert!((p.candidate - 0.94).abs() < 1e-12, "{}", p.reason);
+    // A candidate that scores exactly as production does ties, and a tie keeps production.
+    let tie = run::paired_decision("test_auc", &many(&prod), &many(&prod), &labels, 3);
+    assert!(!tie.promoted, "{}", tie.reason);
 }
