@@ -139,6 +139,18 @@ fn placements(scores: &[f32], labels: &[bool]) -> (Vec<f64>, Vec<f64>) {
     (v10, v01)
 }
 
+/// Standard error of the difference of two classifiers' accuracies on the same examples (McNemar's): with `b`
+/// examples only the first gets right and `c` only the second, of `n`, it is `√(b + c) / n`. `right_a` and
+/// `right_b` say, per example, whether each got it right.
+pub fn paired_accuracy_se(right_a: &[bool], right_b: &[bool]) -> f64 {
+    let n = right_a.len().min(right_b.len());
+    if n == 0 {
+        return 0.0;
+    }
+    let discordant = right_a.iter().zip(right_b).filter(|(a, b)| a != b).count();
+    (discordant as f64).sqrt() / n as f64
+}
+
 /// Sample covariance of two equally long series.
 fn covariance(x: &[f64], y: &[f64]) -> f64 {
     let n = x.len() as f64;
@@ -199,6 +211,16 @@ mod tests {
         assert_eq!((same.a, same.se), (same.b, 0.0));
         assert!((same.a - 0.84).abs() < 1e-12);
         assert_eq!(paired_auc(&a, &b, &[false; 10]), None);
+    }
+
+    #[test]
+    fn paired_accuracy_error_counts_only_the_examples_the_two_disagree_on() {
+        let a = [true, true, false, false, true];
+        let b = [true, false, true, false, false];
+        // Three discordant examples of five.
+        assert!((paired_accuracy_se(&a, &b) - 3f64.sqrt() / 5.0).abs() < 1e-12);
+        assert_eq!(paired_accuracy_se(&a, &a), 0.0);
+        assert_eq!(paired_accuracy_se(&[], &[]), 0.0);
     }
 
     #[test]

@@ -444,11 +444,12 @@ fn against_production(
     Ok(paired_decision(name, &new, &old, &y, prod.version))
 }
 
-/// Standard errors of the paired AUC difference by which a candidate must beat production: a one-sided
-/// test at the 5 % level.
+/// Standard errors of the paired difference (of ROC AUC, or a classifier's accuracy) by which a candidate
+/// must beat production: a one-sided test at the 5 % level.
 pub const PROMOTION_Z: f64 = 1.645;
 
-/// The promotion decision from the candidate's and production's scores of the same examples.
+/// The promotion decision from the candidate's and production's scores of the same examples (autoencoders and
+/// forecasters; classifiers compare their accuracies the same way, with McNemar's standard error).
 pub(super) fn paired_decision(metric: &str, new: &[f32], old: &[f32], labels: &[bool], version: u32) -> Promotion {
     let Some(p) = eval::paired_auc(new, old, labels) else {
         // One class only: neither model can show anything.
@@ -516,27 +517,38 @@ fn train_classifier(
     let export_err = onnx::verify(&bytes, &raw(&val_rows), &val_probs)?;
 
     let (test_rows, test_labels) = classifier::labelled(&ds.test);
-    let accuracy_of = |onnx_bytes: &[u8], k: usize| -> Result<f64, TrainError> {
-        let probs = onnx::run_tract(onnx_bytes, &raw(&test_rows))?;
-        Ok(classifier::accuracy_vs_majority(&classifier::argmax(&probs, k), &test_labels).0)
+    // Per test row, whether a model's most probable class is the label.
+    let right_of = |onnx_bytes: &[u8], k: usize| -> Result<Vec<bool>, TrainError> {
+        let pred = classifier::argmax(&onnx::run_tract(onnx_bytes, &raw(&test_rows))?, k);
+        Ok(pred.iter().zip(&test_labels).map(|(p, t)| p == t).collect())
     };
     let test_probs = onnx::run_tract(&bytes, &raw(&test_rows))?;
     let (acc, majority) =
         classifier::accuracy_vs_majority(&classifier::argmax(&test_probs, model.classes), &test_labels);
+    let right = right_of(&bytes, model.classes)?;
     let current = registry.production(&name)?;
-    let production = match &current {
+    let mut promotion = match &current {
         Some(prod) => {
             let same_shape = prod.input_shape.last() == Some(&(ds.width() as i64))
                 && prod.output_shape.last() == Some(&(model.classes as i64));
             let bytes = registry.artifact_path(&prod.sha256).map(std::fs::read).transpose()?;
             match bytes {
-                Some(b) if same_shape => Some((prod.version, accuracy_of(&b, model.classes)?)),
-                _ => Some((prod.version, f64::NEG_INFINITY)),
+                Some(b) if same_shape => {
+                    let theirs = right_of(&b, model.classes)?;
+                    let production = theirs.iter().filter(|r| **r).count() as f64 / theirs.len().max(1) as f64;
+                    let se = eval::paired_accuracy_se(&right, &theirs);
+                    let mut p = decide("test_accuracy", acc, Some((prod.version, production)), true, PROMOTION_Z * se);
+                    p.reason.push_str(&format!(
+                        " ({PROMOTION_Z} standard errors of the paired difference, McNemar's, {se:.6})"
+                    ));
+                    p
+                }
+                // A production model we cannot run on this data loses by default.
+                _ => decide("test_accuracy", acc, Some((prod.version, f64::NEG_INFINITY)), true, 0.0),
             }
         }
-        None => None,
+        None => decide("test_accuracy", acc, None, true, 0.0),
     };
-    let mut promotion = decide("test_accuracy", acc, production, true, 0.0);
     keep_other_sensor(&mut promotion, current.as_ref(), &ds.sensor.name);
     let k = model.classes;
     let golden = val_rows

@@ -480,3 +480,28 @@ fn a_candidate_wins_only_by_more_than_the_noise_of_the_comparison() {
     let tie = run::paired_decision("test_auc", &many(&prod), &many(&prod), &labels, 3);
     assert!(!tie.promoted, "{}", tie.reason);
 }
+
+#[test]
+fn a_classifier_replaces_production_only_when_clearly_more_accurate() {
+    let (_dir, registry) = registry();
+    let ds = clusters(1500, 9);
+    let mut req = TrainRequest::new("clusters");
+    req.kind = super::run::ModelKind::Classifier;
+    req.trials = 1;
+    // A poor first classifier (one epoch at a tiny learning rate)...
+    req.hyper = Some(Hyper { epochs: 1, lr: 1e-6, ..quick() });
+    let poor = train_dataset(&ds, "clusters", &req, &registry, &mut |_, _| {}).unwrap();
+    assert!(poor.promotion.promoted, "{}", poor.promotion.reason);
+    // ...is replaced by a trained one, far beyond the noise of the test rows.
+    req.hyper = Some(quick());
+    let good = train_dataset(&ds, "clusters", &req, &registry, &mut |_, _| {}).unwrap();
+    let p = &good.promotion;
+    assert!(p.promoted, "{}", p.reason);
+    assert!(p.candidate > p.production.unwrap() + 0.2, "{}", p.reason);
+    assert!(p.reason.contains("McNemar"), "{}", p.reason);
+    // The same training again answers as it does on every row: nothing shows it better, production stays.
+    let again = train_dataset(&ds, "clusters", &req, &registry, &mut |_, _| {}).unwrap();
+    assert!(!again.promotion.promoted, "{}", again.promotion.reason);
+    assert_eq!(again.promotion.candidate, again.promotion.production.unwrap());
+    assert_eq!(registry.production("clusters-classifier").unwrap().unwrap().version, good.version);
+}
