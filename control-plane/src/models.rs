@@ -65,6 +65,10 @@ pub struct Promotion {
     pub production: Option<f64>,
     pub production_version: Option<u32>,
     pub reason: String,
+    /// How much the candidate had to beat production by, in the metric's units (1.645 standard errors of the
+    /// paired difference); absent where none applied (a first version, or one decided before margins).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub margin: Option<f64>,
 }
 
 /// A registered model version: the manifest fields of DESIGN.md plus metrics, lineage and promotion.
@@ -164,6 +168,7 @@ pub fn decide(
         production: production.map(|p| p.1),
         production_version: production.map(|p| p.0),
         reason,
+        margin: (production.is_some() && margin > 0.0).then_some(margin),
     }
 }
 
@@ -321,10 +326,44 @@ mod tests {
         assert!(noise.reason.contains("does not beat production v3") && noise.reason.contains("by more than 0.010000"));
         let clear = decide("test_auc", 0.915, Some((3, 0.9)), true, 0.01);
         assert!(clear.promoted, "{}", clear.reason);
+        assert_eq!((noise.margin, clear.margin), (Some(0.01), Some(0.01)));
+        assert_eq!(decide("test_auc", 0.9, None, true, 0.01).margin, None, "a first version has no margin");
         assert!(clear.reason.contains("beats production v3 (0.900000) by more than 0.010000"), "{}", clear.reason);
         // Lower is better: the candidate must be lower by more than the margin.
         assert!(!decide("test_loss", 0.45, Some((1, 0.5)), false, 0.1).promoted);
         assert!(decide("test_loss", 0.35, Some((1, 0.5)), false, 0.1).promoted);
+    }
+
+    #[test]
+    fn promotions_stored_before_margins_still_read() {
+        // A promotion as versions before margins stored it: no `margin` field.
+        #[derive(Serialize)]
+        struct Before {
+            promoted: bool,
+            metric: String,
+            candidate: f64,
+            production: Option<f64>,
+            production_version: Option<u32>,
+            reason: String,
+        }
+        let old = Before {
+            promoted: true,
+            metric: "test_auc".into(),
+            candidate: 0.95,
+            production: Some(0.9),
+            production_version: Some(3),
+            reason: "test_auc 0.950000 beats production v3 (0.900000) on the same test split".into(),
+        };
+        let mut bytes = Vec::new();
+        ciborium::into_writer(&old, &mut bytes).unwrap();
+        let read: Promotion = ciborium::from_reader(&bytes[..]).unwrap();
+        assert_eq!((read.promoted, read.candidate, read.margin), (true, 0.95, None));
+        // A margin is kept, and left out of the JSON where there is none.
+        let new = decide("test_auc", 0.95, Some((3, 0.9)), true, 0.02);
+        let mut bytes = Vec::new();
+        ciborium::into_writer(&new, &mut bytes).unwrap();
+        assert_eq!(ciborium::from_reader::<Promotion, _>(&bytes[..]).unwrap(), new);
+        assert!(!serde_json::to_string(&decide("test_auc", 0.95, None, true, 0.0)).unwrap().contains("margin"));
     }
 
     #[test]

@@ -348,6 +348,7 @@ fn register_upload(learning: &crate::learning::Learning, u: Upload) -> Result<Mo
             production: None,
             production_version: None,
             reason: "uploaded by an operator; it reaches devices through a rollout".into(),
+            margin: None,
         },
         frames: 1,
     };

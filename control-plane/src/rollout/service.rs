@@ -492,6 +492,7 @@ mod tests {
                 production: None,
                 production_version: None,
                 reason: String::new(),
+                margin: None,
             },
             frames: 1,
         }

@@ -425,6 +425,7 @@ fn against_production(
     if !y.iter().any(|a| *a) {
         // No anomaly to find: neither model can show anything, and the candidate has not beaten production.
         return Ok(Promotion {
+            margin: None,
             promoted: false,
             metric: name.to_string(),
             candidate: 0.0,

@@ -469,6 +469,7 @@ fn a_candidate_wins_only_by_more_than_the_noise_of_the_comparison() {
     assert!((p.candidate - 0.94).abs() < 1e-12 && (p.production.unwrap() - 0.84).abs() < 1e-12, "{}", p.reason);
     assert_eq!(p.production_version, Some(3));
     assert!(p.reason.contains("does not beat production v3") && p.reason.contains("standard errors"), "{}", p.reason);
+    assert!((p.margin.unwrap() - run::PROMOTION_Z * 0.167_332_005_306_815).abs() < 1e-9, "{:?}", p.margin);
     // The same two scorings repeated 40 times: the same AUCs, a standard error a sixth as wide, and the
     // candidate wins.
     let many = |s: &[f32]| -> Vec<f32> { s.iter().copied().cycle().take(400).collect() };
