@@ -179,6 +179,10 @@ pub async fn detail(State(s): State<AppState>, who: Who, Path((name, version)): 
                     (Some(v), Some(x)) => { "v" (v) ": " (format!("{x:.5}")) }
                     _ => { "none (first version)" }
                 } }
+                dt { "Margin to beat it by" } dd { @match m.promotion.margin {
+                    Some(x) => { (format!("{x:.5}")) " (1.645 standard errors of the paired difference)" }
+                    None => { "none" }
+                } }
             }
         }
         section aria-labelledby="metrics-h" {
