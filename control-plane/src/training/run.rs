@@ -254,8 +254,9 @@ struct Choice {
 
 /// Compares the autoencoder and the forecaster on the validation split: on its labelled windows when it has
 /// labels of both kinds, else on its windows with synthetic anomalies (out-of-context readings, which only a
-/// forecaster can see, and 4-sigma spikes, which both can). The forecaster must win by more than 0.01 of
-/// ROC AUC; the simpler model keeps ties.
+/// forecaster can see, and 4-sigma spikes, which both can). The forecaster must win by more than
+/// [`PROMOTION_Z`] standard errors of the paired AUC difference, as a candidate must to replace production;
+/// the simpler model keeps ties and differences within the noise.
 fn choose(ds: &Dataset, ae: &[DenseWeights], f: &Forecaster, seed: u64) -> Result<Choice, TrainError> {
     let d = ds.width();
     let vw = forecaster::windows(&ds.val, f.frames, d);
@@ -271,22 +272,24 @@ fn choose(ds: &Dataset, ae: &[DenseWeights], f: &Forecaster, seed: u64) -> Resul
         .iter()
         .map(|w| Row { device: String::new(), ts_ms: 0, features: w[last..].to_vec(), label: None, flagged: false })
         .collect();
-    let ae_auc = eval::roc_auc(&autoencoder::score(ae, &ds.standardizer, &rows)?, &y);
-    let f_auc = eval::roc_auc(&forecaster::score(f, &ds.standardizer, &x)?, &y);
-    Ok(match (ae_auc, f_auc) {
-        (Some(a), Some(b)) => {
-            let pick = b > a + 0.01;
+    let ae_scores = autoencoder::score(ae, &ds.standardizer, &rows)?;
+    let f_scores = forecaster::score(f, &ds.standardizer, &x)?;
+    Ok(match eval::paired_auc(&f_scores, &ae_scores, &y) {
+        Some(p) => {
+            let (a, b, margin) = (p.b, p.a, PROMOTION_Z * p.se);
+            let pick = b > a + margin;
             Choice {
                 forecaster: pick,
                 reason: format!(
-                    "{}: ROC AUC forecaster (window {}) {b:.3} vs autoencoder {a:.3} on {} {how}",
+                    "{}: ROC AUC forecaster (window {}) {b:.3} vs autoencoder {a:.3} on {} {how} (the forecaster \
+                     must win by more than {margin:.4}, {PROMOTION_Z} standard errors of the paired difference)",
                     if pick { "forecaster" } else { "autoencoder" },
                     f.frames,
                     x.len()
                 ),
             }
         }
-        _ => Choice {
+        None => Choice {
             forecaster: false,
             reason: format!("autoencoder: too few validation windows ({}) to compare with the forecaster", x.len()),
         },
