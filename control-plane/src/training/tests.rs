@@ -180,14 +180,20 @@ fn clusters(n: usize, seed: u64) -> Dataset {
     assemble(DatasetSpec::new("clusters"), sensor, rows, QualityReport::default())
 }
 
+/// A classifier training of the `clusters` class with `trials` trials and `hyper`.
+fn classifier_request(trials: usize, hyper: Hyper) -> TrainRequest {
+    let mut req = TrainRequest::new("clusters");
+    req.kind = super::run::ModelKind::Classifier;
+    req.trials = trials;
+    req.hyper = Some(hyper);
+    req
+}
+
 #[test]
 fn classifier_beats_the_majority_class_by_a_wide_margin() {
     let (_dir, registry) = registry();
     let ds = clusters(1500, 9);
-    let mut req = TrainRequest::new("clusters");
-    req.kind = super::run::ModelKind::Classifier;
-    req.trials = 2;
-    req.hyper = Some(quick());
+    let req = classifier_request(2, quick());
     let m = train_dataset(&ds, "clusters", &req, &registry, &mut |_, _| {}).unwrap();
     let (acc, majority) = (m.lineage.metrics.test_accuracy.unwrap(), m.lineage.metrics.majority_accuracy.unwrap());
     assert!(acc >= 0.95 && acc - majority >= 0.25, "accuracy {acc}, majority {majority}");
@@ -486,11 +492,8 @@ fn a_candidate_wins_only_by_more_than_the_noise_of_the_comparison() {
 fn a_classifier_replaces_production_only_when_clearly_more_accurate() {
     let (_dir, registry) = registry();
     let ds = clusters(1500, 9);
-    let mut req = TrainRequest::new("clusters");
-    req.kind = super::run::ModelKind::Classifier;
-    req.trials = 1;
     // A poor first classifier (one epoch at a tiny learning rate)...
-    req.hyper = Some(Hyper { epochs: 1, lr: 1e-6, ..quick() });
+    let mut req = classifier_request(1, Hyper { epochs: 1, lr: 1e-6, ..quick() });
     let poor = train_dataset(&ds, "clusters", &req, &registry, &mut |_, _| {}).unwrap();
     assert!(poor.promotion.promoted, "{}", poor.promotion.reason);
     // ...is replaced by a trained one, far beyond the noise of the test rows.
