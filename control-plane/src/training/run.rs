@@ -276,12 +276,13 @@ fn choose(ds: &Dataset, ae: &[DenseWeights], f: &Forecaster, seed: u64) -> Resul
     let f_scores = forecaster::score(f, &ds.standardizer, &x)?;
     Ok(match eval::paired_auc(&f_scores, &ae_scores, &y) {
         Some(p) => {
-            let (a, b, margin) = (p.b, p.a, PROMOTION_Z * p.se);
-            let pick = b > a + margin;
+            // `paired_auc` was given the forecaster's scores first.
+            let (fcst, ae, margin) = (p.a, p.b, PROMOTION_Z * p.se);
+            let pick = fcst > ae + margin;
             Choice {
                 forecaster: pick,
                 reason: format!(
-                    "{}: ROC AUC forecaster (window {}) {b:.3} vs autoencoder {a:.3} on {} {how} (the forecaster \
+                    "{}: ROC AUC forecaster (window {}) {fcst:.3} vs autoencoder {ae:.3} on {} {how} (the forecaster \
                      must win by more than {margin:.4}, {PROMOTION_Z} standard errors of the paired difference)",
                     if pick { "forecaster" } else { "autoencoder" },
                     f.frames,
