@@ -6,6 +6,7 @@ use super::svg;
 use crate::api::AppState;
 use crate::learning::{DriftReading, JobState};
 use crate::models::ModelVersion;
+use crate::training::run::PROMOTION_Z;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -180,7 +181,7 @@ pub async fn detail(State(s): State<AppState>, who: Who, Path((name, version)): 
                     _ => { "none (first version)" }
                 } }
                 dt { "Margin to beat it by" } dd { @match m.promotion.margin {
-                    Some(x) => { (format!("{x:.5}")) " (1.645 standard errors of the paired difference)" }
+                    Some(x) => { (format!("{x:.5} ({} standard errors of the paired difference)", PROMOTION_Z)) }
                     None => { "none" }
                 } }
             }

@@ -163,11 +163,15 @@ fn covariance(x: &[f64], y: &[f64]) -> f64 {
 
 /// Compares scorings `a` and `b` of the same examples by ROC AUC, with the standard error of the difference
 /// from DeLong, DeLong & Clarke-Pearson (1988): the two AUCs are correlated (same examples), and the
-/// covariance of their placement values gives the variance of `a − b`. `None` without both classes.
+/// covariance of their placement values gives the variance of `a − b`. `None` without both classes, or where
+/// the lengths differ.
 pub fn paired_auc(a: &[f32], b: &[f32], labels: &[bool]) -> Option<PairedAuc> {
+    if a.len() != b.len() || a.len() != labels.len() {
+        return None;
+    }
     let (a10, a01) = placements(a, labels);
     let (b10, b01) = placements(b, labels);
-    if a10.is_empty() || a01.is_empty() || a.len() != b.len() {
+    if a10.is_empty() || a01.is_empty() {
         return None;
     }
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;

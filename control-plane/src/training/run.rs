@@ -214,7 +214,8 @@ fn train_autoencoder(
             (Some(auc), Some(p), Some(r), Some(f));
     }
     let current = registry.production(class)?;
-    let mut promotion = against_production(ds, registry, current.as_ref(), &bytes, 1, &metrics, req.seed)?;
+    let tested = Tested { bytes: &bytes, frames: 1, test_scores: &test_scores };
+    let mut promotion = against_production(ds, registry, current.as_ref(), &tested, &metrics, req.seed)?;
     keep_other_sensor(&mut promotion, current.as_ref(), &ds.sensor.name);
 
     let golden_rows = &ds.val[..ds.val.len().min(GOLDEN)];
@@ -342,7 +343,8 @@ fn forecaster_candidate(
             (Some(auc), Some(p), Some(r), Some(f1));
     }
     let current = registry.production(class)?;
-    let mut promotion = against_production(ds, registry, current.as_ref(), &bytes, frames, &metrics, req.seed)?;
+    let tested = Tested { bytes: &bytes, frames, test_scores: &test_scores };
+    let mut promotion = against_production(ds, registry, current.as_ref(), &tested, &metrics, req.seed)?;
     keep_other_sensor(&mut promotion, current.as_ref(), &ds.sensor.name);
     let golden =
         vw.x.iter().zip(&val_scores).take(GOLDEN).map(|(x, &s)| Golden { input: x.clone(), output: vec![s] }).collect();
@@ -388,12 +390,11 @@ fn against_production(
     ds: &Dataset,
     registry: &ModelRegistry,
     current: Option<&ModelVersion>,
-    bytes: &[u8],
-    frames: usize,
+    new: &Tested,
     metrics: &Metrics,
     seed: u64,
 ) -> Result<Promotion, RunError> {
-    let d = ds.width();
+    let (d, frames) = (ds.width(), new.frames);
     let higher_is_better = metrics.test_auc.is_some();
     let (metric, candidate) = match metrics.test_auc {
         Some(auc) => ("test_auc", auc),
@@ -408,14 +409,15 @@ fn against_production(
         return Ok(decide(metric, candidate, Some((prod.version, lost)), higher_is_better, 0.0));
     };
     if pf == frames && higher_is_better {
+        // The candidate's scores of these inputs are its test scores.
         let (inputs, labels) = if frames == 1 {
             (raw(&ds.test), anomalous(&ds.test))
         } else {
             let w = forecaster::windows(&ds.test, frames, d);
             (w.x, w.anomalous)
         };
-        let (new, old) = (onnx::run_tract(bytes, &inputs)?, onnx::run_tract(&pb, &inputs)?);
-        return Ok(paired_decision(metric, &new, &old, &labels, prod.version));
+        let old = onnx::run_tract(&pb, &inputs)?;
+        return Ok(paired_decision(metric, new.test_scores, &old, &labels, prod.version));
     }
     let window = pf.max(frames);
     let w = forecaster::windows(&ds.test, window, d);
@@ -445,8 +447,16 @@ fn against_production(
         });
     }
     let cut = |n: usize| -> Vec<Vec<f32>> { x.iter().map(|v| v[v.len() - n * d..].to_vec()).collect() };
-    let (new, old) = (onnx::run_tract(bytes, &cut(frames))?, onnx::run_tract(&pb, &cut(pf))?);
+    let (new, old) = (onnx::run_tract(new.bytes, &cut(frames))?, onnx::run_tract(&pb, &cut(pf))?);
     Ok(paired_decision(name, &new, &old, &y, prod.version))
+}
+
+/// A trained model up for promotion: its exported file, its window, and its scores of the test split's
+/// inputs (rows, or windows of `frames` rows) in order.
+struct Tested<'a> {
+    bytes: &'a [u8],
+    frames: usize,
+    test_scores: &'a [f32],
 }
 
 /// Standard errors of the paired difference (of ROC AUC, or a classifier's accuracy) by which a candidate
@@ -522,15 +532,14 @@ fn train_classifier(
     let export_err = onnx::verify(&bytes, &raw(&val_rows), &val_probs)?;
 
     let (test_rows, test_labels) = classifier::labelled(&ds.test);
-    // Per test row, whether a model's most probable class is the label.
-    let right_of = |onnx_bytes: &[u8], k: usize| -> Result<Vec<bool>, TrainError> {
-        let pred = classifier::argmax(&onnx::run_tract(onnx_bytes, &raw(&test_rows))?, k);
-        Ok(pred.iter().zip(&test_labels).map(|(p, t)| p == t).collect())
+    // Per test row, whether a model answering `probs` has the label.
+    let right_of = |probs: &[f32], k: usize| -> Vec<bool> {
+        classifier::argmax(probs, k).iter().zip(&test_labels).map(|(p, t)| p == t).collect()
     };
     let test_probs = onnx::run_tract(&bytes, &raw(&test_rows))?;
     let (acc, majority) =
         classifier::accuracy_vs_majority(&classifier::argmax(&test_probs, model.classes), &test_labels);
-    let right = right_of(&bytes, model.classes)?;
+    let right = right_of(&test_probs, model.classes);
     let current = registry.production(&name)?;
     let mut promotion = match &current {
         Some(prod) => {
@@ -539,7 +548,7 @@ fn train_classifier(
             let bytes = registry.artifact_path(&prod.sha256).map(std::fs::read).transpose()?;
             match bytes {
                 Some(b) if same_shape => {
-                    let theirs = right_of(&b, model.classes)?;
+                    let theirs = right_of(&onnx::run_tract(&b, &raw(&test_rows))?, model.classes);
                     let production = theirs.iter().filter(|r| **r).count() as f64 / theirs.len().max(1) as f64;
                     let se = eval::paired_accuracy_se(&right, &theirs);
                     let mut p = decide("test_accuracy", acc, Some((prod.version, production)), true, PROMOTION_Z * se);
