@@ -39,6 +39,9 @@ pub struct RawConfig {
     pub identity: IdentitySection,
     #[serde(default)]
     pub tls: TlsSection,
+    /// The control plane's public keys: acknowledgements and desired states must be signed by one of them.
+    #[serde(default)]
+    pub trusted_keys: Vec<TrustedKeyConfig>,
 }
 
 /// Trust: the one CA the control plane's certificates (broker and API) must chain to.
@@ -74,7 +77,8 @@ fn default_max_artifact_bytes() -> u64 {
 pub struct UpdatesSection {
     /// Where artifact paths in desired states are resolved, e.g. `http://control-plane:8080`.
     pub artifact_base_url: String,
-    /// The control plane's public keys this agent trusts. List the old and the new key while a key rotates.
+    /// More control-plane keys, trusted like the top-level `[[trusted_keys]]` (where they are best listed).
+    #[serde(default)]
     pub trusted_keys: Vec<TrustedKeyConfig>,
     #[serde(default = "default_max_artifact_bytes")]
     pub max_artifact_bytes: u64,
@@ -194,6 +198,9 @@ pub struct AgentConfig {
     pub sources: Vec<SourceConfig>,
     pub updates: Option<crate::updater::UpdaterConfig>,
     pub identity: crate::identity::IdentityConfig,
+    /// The control plane's keys. The uplink deletes records only on an acknowledgement signed by one of them,
+    /// and the updater installs only desired states signed by one of them.
+    pub trusted_keys: Vec<edgeloop_common::signing::TrustedKey>,
 }
 
 impl AgentConfig {
@@ -324,6 +331,21 @@ impl RawConfig {
         if let Some(u) = &self.identity.enroll_url {
             pinned("identity.enroll_url", u)?;
         }
+        let mut trusted_keys = Vec::new();
+        let listed = self.trusted_keys.iter().enumerate().map(|(i, k)| (format!("trusted_keys[{i}]"), k));
+        let in_updates = self.updates.iter().flat_map(|u| u.trusted_keys.iter().enumerate());
+        for (at, k) in listed.chain(in_updates.map(|(i, k)| (format!("updates.trusted_keys[{i}]"), k))) {
+            let key = edgeloop_common::signing::TrustedKey::from_hex(&k.public_key, k.not_after_ms)
+                .map_err(|r| c.fail(format!("{at}.public_key"), r))?;
+            if !trusted_keys.iter().any(|t: &edgeloop_common::signing::TrustedKey| t.id == key.id) {
+                trusted_keys.push(key);
+            }
+        }
+        c.check(
+            !trusted_keys.is_empty(),
+            "trusted_keys",
+            "must list the control plane's public key (`edgeloop-control-plane keys show`): acknowledgements are signed, and the agent deletes nothing from its outbox without a verified one",
+        )?;
         let updates = match self.updates {
             None => None,
             Some(u) => {
@@ -332,16 +354,9 @@ impl RawConfig {
                     "updates.artifact_base_url",
                     format!("`{}` must start with http:// or https://", u.artifact_base_url),
                 )?;
-                c.check(!u.trusted_keys.is_empty(), "updates.trusted_keys", "must list at least one key")?;
                 c.check(u.max_artifact_bytes > 0, "updates.max_artifact_bytes", "must be > 0")?;
-                let mut trusted = Vec::new();
-                for (i, k) in u.trusted_keys.iter().enumerate() {
-                    let key = edgeloop_common::signing::TrustedKey::from_hex(&k.public_key, k.not_after_ms)
-                        .map_err(|r| c.fail(format!("updates.trusted_keys[{i}].public_key"), r))?;
-                    trusted.push(key);
-                }
                 Some(crate::updater::UpdaterConfig {
-                    trusted,
+                    trusted: trusted_keys.clone(),
                     artifact_base: u.artifact_base_url,
                     max_artifact_bytes: u.max_artifact_bytes,
                 })
@@ -376,6 +391,7 @@ impl RawConfig {
         Ok(AgentConfig {
             identity,
             updates,
+            trusted_keys,
             device_id: self.device.id,
             class,
             mqtt_host,
@@ -419,6 +435,7 @@ impl AgentConfig {
             sources: Vec::new(),
             updates: None,
             identity,
+            trusted_keys: Vec::new(),
         }
     }
 }
@@ -435,9 +452,11 @@ mod tests {
 
     const CLASS: &str = "class = \"c1\"\n[[sensors]]\nname = \"t\"\nkind = \"slow\"\nrate_hz = 1\n";
 
+    const KEY: &str = "0101010101010101010101010101010101010101010101010101010101010101";
+
     fn agent_toml(extra: &str) -> String {
         format!(
-            "[device]\nid = \"dev-1\"\nclass_config = \"c1.toml\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:1883\"\n[storage]\ndata_dir = \"state\"\n{extra}"
+            "[device]\nid = \"dev-1\"\nclass_config = \"c1.toml\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:1883\"\n[storage]\ndata_dir = \"state\"\n{extra}\n[[trusted_keys]]\npublic_key = \"{KEY}\"\n"
         )
     }
 
@@ -452,6 +471,25 @@ mod tests {
         assert_eq!((c.mqtt_host.as_str(), c.mqtt_port), ("127.0.0.1", 1883));
         assert_eq!(c.model_sensor, "t");
         assert_eq!(c.sources, vec![SourceConfig::Udp { listen: "127.0.0.1:9000".parse().unwrap() }]);
+        assert_eq!(c.trusted_keys, vec![edgeloop_common::signing::TrustedKey::from_hex(KEY, None).unwrap()]);
+    }
+
+    #[test]
+    fn an_agent_without_a_control_plane_key_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "c1.toml", CLASS);
+        let text = agent_toml("");
+        let without = &text[..text.find("[[trusted_keys]]").unwrap()];
+        let p = write(dir.path(), "agent.toml", without);
+        let err = AgentConfig::load(&p).unwrap_err().to_string();
+        assert!(err.starts_with("agent.toml: trusted_keys: must list the control plane's public key"), "{err}");
+        // Keys listed under [updates] count too, and a key listed twice is kept once.
+        let other = "0202020202020202020202020202020202020202020202020202020202020202";
+        let updates = format!("[updates]\nartifact_base_url = \"http://cp\"\n[[updates.trusted_keys]]\npublic_key = \"{other}\"\n[[updates.trusted_keys]]\npublic_key = \"{KEY}\"\n");
+        let p = write(dir.path(), "agent.toml", &agent_toml(&updates));
+        let c = AgentConfig::load(&p).unwrap();
+        assert_eq!(c.trusted_keys.len(), 2);
+        assert_eq!(c.updates.unwrap().trusted.len(), 2);
     }
 
     #[test]

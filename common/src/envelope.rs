@@ -154,7 +154,7 @@ pub struct Ack {
 pub enum SignatureError {
     #[error("the envelope is not signed")]
     Unsigned,
-    #[error("the signature does not verify with the device's enrolled key")]
+    #[error("the signature does not verify with the signer's key")]
     BadSignature,
 }
 
@@ -229,6 +229,34 @@ impl Envelope {
         ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, public_key)
             .verify(&self.signing_bytes(), sig)
             .map_err(|_| SignatureError::BadSignature)
+    }
+
+    /// Signs this envelope with the control plane's key: how acknowledgements are signed. The signature is
+    /// over the same bytes as a device's ([`Envelope::signing_bytes`]).
+    pub fn sign_by_control_plane(&mut self, signer: &crate::signing::Signer) {
+        self.sig = None;
+        self.sig = Some(serde_bytes::ByteBuf::from(signer.sign_bytes(&self.signing_bytes())));
+    }
+
+    /// Checks a signature made by [`Envelope::sign_by_control_plane`] against the keys an agent trusts at
+    /// `now_ms`: it must verify with one of them that is not retired. Returns that key's id.
+    pub fn verify_by_trusted<'k>(
+        &self,
+        trusted: &'k [crate::signing::TrustedKey],
+        now_ms: u64,
+    ) -> Result<&'k str, SignatureError> {
+        let sig = self.sig.as_ref().ok_or(SignatureError::Unsigned)?;
+        let bytes = self.signing_bytes();
+        trusted
+            .iter()
+            .filter(|k| k.not_after_ms.is_none_or(|until| now_ms <= until))
+            .find(|k| {
+                ring::signature::UnparsedPublicKey::new(&ring::signature::ED25519, &k.public_key)
+                    .verify(&bytes, sig)
+                    .is_ok()
+            })
+            .map(|k| k.id.as_str())
+            .ok_or(SignatureError::BadSignature)
     }
 
     /// Checks that hold for any well-formed message, whatever its origin.
@@ -443,5 +471,36 @@ mod tests {
         let unsigned = encode(&env);
         env.sig = Some(serde_bytes::ByteBuf::from(vec![7u8; 64]));
         assert_eq!(env.signing_bytes(), unsigned);
+    }
+
+    #[test]
+    fn acks_verify_only_with_a_trusted_key_in_force() {
+        use crate::signing::Signer;
+        let (cp, old, stranger) = (
+            Signer::from_pkcs8(&Signer::generate_pkcs8()).unwrap(),
+            Signer::from_pkcs8(&Signer::generate_pkcs8()).unwrap(),
+            Signer::from_pkcs8(&Signer::generate_pkcs8()).unwrap(),
+        );
+        let trusted = [old.trusted(Some(1_000)), cp.trusted(None)];
+        let ack = |upto| Envelope::new("dev-1", upto, 5, Body::Ack(Ack { upto }));
+        let mut signed = ack(9);
+        signed.sign_by_control_plane(&cp);
+        let got = decode(&encode(&signed), DEFAULT_MAX_MESSAGE_BYTES).unwrap();
+        assert_eq!(got.verify_by_trusted(&trusted, 2_000), Ok(cp.key_id()));
+        assert_eq!(ack(9).verify_by_trusted(&trusted, 0), Err(SignatureError::Unsigned));
+        let mut forged = ack(9);
+        forged.sign_by_control_plane(&stranger);
+        assert_eq!(forged.verify_by_trusted(&trusted, 0), Err(SignatureError::BadSignature));
+        // The signature covers the device and the acknowledged point.
+        let (mut other_device, mut raised) = (got.clone(), got.clone());
+        other_device.device = "dev-2".into();
+        raised.body = Body::Ack(Ack { upto: 10_000 });
+        assert_eq!(other_device.verify_by_trusted(&trusted, 0), Err(SignatureError::BadSignature));
+        assert_eq!(raised.verify_by_trusted(&trusted, 0), Err(SignatureError::BadSignature));
+        // A key past its grace period verifies nothing.
+        let mut by_old = ack(3);
+        by_old.sign_by_control_plane(&old);
+        assert_eq!(by_old.verify_by_trusted(&trusted, 999), Ok(old.key_id()));
+        assert_eq!(by_old.verify_by_trusted(&trusted, 1_001), Err(SignatureError::BadSignature));
     }
 }

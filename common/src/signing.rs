@@ -126,9 +126,10 @@ impl TrustedKey {
     }
 }
 
-/// An Ed25519 signing key.
+/// An Ed25519 signing key. Clones share the key.
+#[derive(Clone)]
 pub struct Signer {
-    pair: Ed25519KeyPair,
+    pair: std::sync::Arc<Ed25519KeyPair>,
     key_id: String,
 }
 
@@ -148,7 +149,12 @@ impl Signer {
     pub fn from_pkcs8(bytes: &[u8]) -> Result<Signer, String> {
         let pair = Ed25519KeyPair::from_pkcs8(bytes).map_err(|e| format!("not an Ed25519 PKCS#8 key: {e}"))?;
         let key_id = key_id(pair.public_key().as_ref());
-        Ok(Signer { pair, key_id })
+        Ok(Signer { pair: std::sync::Arc::new(pair), key_id })
+    }
+
+    /// The Ed25519 signature of `bytes`.
+    pub fn sign_bytes(&self, bytes: &[u8]) -> Vec<u8> {
+        self.pair.sign(bytes).as_ref().to_vec()
     }
 
     pub fn key_id(&self) -> &str {

@@ -42,6 +42,12 @@ pub struct ControlPlaneHandle {
     pub enrollment: Arc<crate::enrollment::Enrollment>,
     /// The embedded broker's front door (live device connections).
     pub front: Arc<crate::broker_front::Front>,
+    /// The public half of the signing key: what agents list in `[[trusted_keys]]` to accept this control
+    /// plane's acknowledgements and desired states.
+    pub trusted_key: edgeloop_common::signing::TrustedKey,
+    /// The embedded rumqttd's own loopback port (`None` with an external broker). Only the front and the
+    /// control plane's own clients can log in there.
+    pub internal_broker: Option<SocketAddr>,
     task: JoinHandle<anyhow::Result<()>>,
 }
 
@@ -84,6 +90,9 @@ impl ControlPlane {
         let metrics = Arc::new(Metrics::default());
         let models = Arc::new(models);
         tracing::info!(key_id = signer.key_id(), public_key = %signer.public_key_hex(), "signing key loaded");
+        // Acknowledgements are signed with the same key as desired states: agents trust one list of keys.
+        let ack_signer = signer.clone();
+        let trusted_key = signer.trusted(None);
         let rollouts = Arc::new(Rollouts::open(
             rollout_store,
             signer,
@@ -158,22 +167,44 @@ impl ControlPlane {
         // Where devices reach the broker: the configured port, or, for port 0 (tests and tools that start a
         // control plane in process), the one the listener was given.
         let mut device_mqtt_port = cfg.mqtt_port;
+        let mut internal_broker = None;
         let (broker_host, broker_port) = match cfg.broker {
             BrokerConfig::Embedded { listen } => {
                 // rumqttd listens on loopback only; devices reach it through the front (TLS, revocation).
                 let internal = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-                // rumqttd's thread outlives this control plane (it cannot be stopped), so it holds the
-                // enrollment store weakly: the store, and its sled database, close when the control plane stops.
-                let admission: Option<broker::Admission> = cfg.require_enrollment.then(|| {
-                    let (enrollment, secret) = (Arc::downgrade(&enrollment), service_secret.clone());
+                internal_broker = Some(internal);
+                // Devices never log in to rumqttd with their own credentials. The front admits each device
+                // (enrolled, not revoked, password matching its stored hash) and forwards its CONNECT under a
+                // secret made afresh by this process. rumqttd accepts only that secret and the control plane's
+                // own: a local user who knows a device's password cannot use rumqttd's loopback port.
+                let front_secret = crate::enrollment::random_hex(24);
+                let internal_admission: broker::Admission = {
+                    let (service, front_secret) = (service_secret.clone(), front_secret.clone());
                     Arc::new(move |client: &str, user: &str, pass: &str| {
-                        let Some(enrollment) = enrollment.upgrade() else { return false };
-                        (user == SERVICE_USER && client.starts_with("edgeloop-cp-") && pass == secret)
-                            || enrollment.admit(client, user, pass)
+                        let own = client.starts_with(crate::broker_front::RESERVED_CLIENT_PREFIX);
+                        (own && user == SERVICE_USER && crate::broker_front::same_secret(pass, &service))
+                            || (!own
+                                && user == crate::broker_front::FRONT_USER
+                                && crate::broker_front::same_secret(pass, &front_secret))
+                    })
+                };
+                let max = cfg.ingest.max_message_bytes;
+                tokio::task::spawn_blocking(move || broker::start_embedded(internal, max, Some(internal_admission)))
+                    .await??;
+                // rumqttd's thread outlives this control plane (it cannot be stopped), and so may connections the
+                // front still relays; they hold the enrollment store weakly, so that the store and its sled
+                // database close when the control plane stops.
+                let device_admission: Option<broker::Admission> = cfg.require_enrollment.then(|| {
+                    let enrollment = Arc::downgrade(&enrollment);
+                    Arc::new(move |client: &str, user: &str, pass: &str| {
+                        enrollment.upgrade().is_some_and(|e| e.admit(client, user, pass))
                     }) as broker::Admission
                 });
-                let max = cfg.ingest.max_message_bytes;
-                tokio::task::spawn_blocking(move || broker::start_embedded(internal, max, admission)).await??;
+                let gate = crate::broker_front::Gate {
+                    admission: device_admission,
+                    forward_as: (crate::broker_front::FRONT_USER.to_string(), front_secret),
+                    max_packet_bytes: broker::broker_max_payload(max) + 4096,
+                };
                 let listener = tokio::net::TcpListener::bind(listen)
                     .await
                     .with_context(|| format!("binding the MQTT listener to {listen}"))?;
@@ -186,6 +217,7 @@ impl ControlPlane {
                     internal,
                     mqtt_tls,
                     front.clone(),
+                    Arc::new(gate),
                     cancel.child_token(),
                 ));
                 (internal.ip().to_string(), internal.port())
@@ -227,6 +259,7 @@ impl ControlPlane {
             metrics.clone(),
             cfg.ingest.commit_max_messages,
             subscribed_tx,
+            ack_signer,
             ingest_cancel,
         ));
         // Messages published before ingest subscribes are not delivered to it (agents resend them after their
@@ -302,6 +335,8 @@ impl ControlPlane {
             admin_token,
             enrollment,
             front,
+            trusted_key,
+            internal_broker,
             task,
         })
     }

@@ -44,7 +44,7 @@ fn main() -> anyhow::Result<()> {
     std::fs::write(d.join("model.onnx"), edgeloop_agent::inference::mean_square_onnx(5))?;
     std::fs::write(
         d.join("agent.toml"),
-        format!("[device]\nid = \"rss-1\"\nclass_config = \"probe.toml\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:{}\"\n[storage]\ndata_dir = \"agent\"\n[inference]\nmodel = \"model.onnx\"\nthreshold = 1000.0\nallow_unsigned_model = true\n[[sources]]\nkind = \"udp\"\nlisten = \"127.0.0.1:{udp}\"\n", mqtt.port()),
+        format!("[device]\nid = \"rss-1\"\nclass_config = \"probe.toml\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:{}\"\n[storage]\ndata_dir = \"agent\"\n[inference]\nmodel = \"model.onnx\"\nthreshold = 1000.0\nallow_unsigned_model = true\n[[sources]]\nkind = \"udp\"\nlisten = \"127.0.0.1:{udp}\"\n[[trusted_keys]]\npublic_key = \"{}\"\n", mqtt.port(), edgeloop_common::signing::hex(&cp.trusted_key.public_key)),
     )?;
     let mut child = Command::new(&agent_bin)
         .arg("--config")

@@ -43,7 +43,8 @@ async fn bench(agents: usize, runs: usize) -> anyhow::Result<()> {
     edgeloop_simulators::http::authorize(api, cp.admin_token.as_deref().unwrap_or_default());
     let class = class_config("city-air-quality")?;
     let updates = rollouts::updater_config(api).await?;
-    let mut spec = FleetSpec::new(vec![class.clone()], cp.mqtt_addr.clone(), &dir.path().join("fleet"));
+    let mut spec =
+        FleetSpec::new(vec![class.clone()], cp.mqtt_addr.clone(), &dir.path().join("fleet"), cp.trusted_key.clone());
     spec.customise = std::sync::Arc::new(move |c| {
         c.updates = Some(updates.clone());
         // A thousand agents share two cores here; flush-only commits keep the fleet's own disk work from

@@ -140,8 +140,12 @@ pub async fn run(opts: ChaosOptions, stop: CancellationToken) -> anyhow::Result<
     let proxy_cancel = CancellationToken::new();
     let proxy = FaultProxy::start(mqtt, proxy_cancel.clone()).await?;
 
-    let mut spec =
-        FleetSpec::new(classes.clone(), ("127.0.0.1".into(), proxy.addr().port()), &opts.data_root.join("agents"));
+    let mut spec = FleetSpec::new(
+        classes.clone(),
+        ("127.0.0.1".into(), proxy.addr().port()),
+        &opts.data_root.join("agents"),
+        cp.trusted_key.clone(),
+    );
     spec.enroll_with(api, opts.devices).await?;
     if has(Fault::DiskFull) {
         // Every fifth device has a small disk: its outbox overflows while the link is down, and drops oldest.

@@ -255,7 +255,7 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> anyhow::Result<S
 
     let classes = CLASSES.iter().map(|c| crate::class_config(c)).collect::<anyhow::Result<Vec<_>>>()?;
     let updates = rollouts::updater_config(api).await?;
-    let mut spec = FleetSpec::new(classes, cp.mqtt_addr.clone(), &opts.data_dir.join("agents"));
+    let mut spec = FleetSpec::new(classes, cp.mqtt_addr.clone(), &opts.data_dir.join("agents"), cp.trusted_key.clone());
     spec.customise = Arc::new(move |cfg| cfg.updates = Some(updates.clone()));
     spec.tls_ca = Some(ca_pem.clone());
     spec.enroll_with(api, opts.devices).await?;

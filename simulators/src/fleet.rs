@@ -70,6 +70,8 @@ pub struct FleetSpec {
     pub tls_ca: Option<Vec<u8>>,
     /// Enrollment per class: each agent enrolls with its class's token on first start.
     pub enroll: std::collections::HashMap<String, edgeloop_agent::identity::Enroll>,
+    /// The control plane's keys: agents delete records only on acknowledgements signed by one of them.
+    pub trusted_keys: Vec<edgeloop_common::signing::TrustedKey>,
 }
 
 /// A tweak applied to each agent's config.
@@ -91,8 +93,15 @@ impl FleetSpec {
         Ok(())
     }
 
-    pub fn new(classes: Vec<ClassConfig>, mqtt: (String, u16), data_root: &Path) -> Self {
+    /// Agents of `classes` connecting to `mqtt`, trusting the control plane key `trusted`.
+    pub fn new(
+        classes: Vec<ClassConfig>,
+        mqtt: (String, u16),
+        data_root: &Path,
+        trusted: edgeloop_common::signing::TrustedKey,
+    ) -> Self {
         FleetSpec {
+            trusted_keys: vec![trusted],
             classes,
             mqtt,
             data_root: data_root.to_path_buf(),
@@ -112,6 +121,7 @@ pub async fn start(spec: &FleetSpec, n: usize, cancel: &CancellationToken) -> an
         let id = format!("sim-{i:04}");
         let mut cfg = AgentConfig::in_process(&id, class.clone(), spec.mqtt.clone(), spec.data_root.join(&id));
         cfg.identity.enroll = spec.enroll.get(&class.class).cloned();
+        cfg.trusted_keys = spec.trusted_keys.clone();
         if let Some(ca) = &spec.tls_ca {
             (cfg.mqtt_tls, cfg.tls_ca) = (true, Some(ca.clone()));
         }
@@ -215,6 +225,8 @@ pub struct RunOptions {
     pub slow_samples_per_tick: usize,
     /// The control plane's API, to enroll the agents (with the admin token registered for it).
     pub enroll_api: Option<std::net::SocketAddr>,
+    /// The control plane's keys; when empty, the signing key is read from `enroll_api`.
+    pub trusted_keys: Vec<edgeloop_common::signing::TrustedKey>,
 }
 
 /// The fleet's closing numbers.
@@ -233,7 +245,9 @@ pub struct RunSummary {
 pub async fn run(opts: RunOptions, stop: CancellationToken) -> anyhow::Result<RunSummary> {
     let classes = opts.classes.iter().map(|c| crate::class_config(c)).collect::<anyhow::Result<Vec<_>>>()?;
     anyhow::ensure!(!classes.is_empty(), "name at least one class");
-    let mut spec = FleetSpec::new(classes, opts.broker.clone(), &opts.data_root);
+    let mut keys = crate::rollouts::control_plane_keys(opts.trusted_keys.clone(), opts.enroll_api).await?;
+    let mut spec = FleetSpec::new(classes, opts.broker.clone(), &opts.data_root, keys.remove(0));
+    spec.trusted_keys.extend(keys);
     if let Some(api) = opts.enroll_api {
         spec.enroll_with(api, opts.devices).await?;
     }

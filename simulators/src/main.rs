@@ -59,6 +59,10 @@ enum Command {
         /// The CA the agents pin, for mqtts:// brokers and an HTTPS API.
         #[arg(long)]
         ca: Option<PathBuf>,
+        /// The control plane's public key in hex (`edgeloop-control-plane keys show`); repeat it while a key
+        /// rotates. Without it the key is read from --api.
+        #[arg(long = "trusted-key")]
+        trusted_keys: Vec<String>,
     },
     /// Run a fleet under a fault schedule against an in-process control plane, drain, and check that nothing
     /// acknowledged was lost, nothing was stored twice and every drop was reported (JSON report; exit 1 if not).
@@ -153,6 +157,7 @@ fn process_fleet(
     api: Option<std::net::SocketAddr>,
     admin_token: Option<PathBuf>,
     ca: Option<PathBuf>,
+    trusted_keys: Vec<edgeloop_common::signing::TrustedKey>,
 ) -> ExitCode {
     if let Err(e) = edgeloop_agent::config::parse_broker_url(&broker) {
         eprintln!("edgeloop-sim: --broker: {e}");
@@ -190,6 +195,7 @@ fn process_fleet(
         duration: Duration::from_secs(duration.unwrap_or(30)),
         slow_samples_per_tick: 2,
         agent_bin: edgeloop_simulators::processes::agent_binary(),
+        trusted_keys,
     };
     run_to_summary(|stop| edgeloop_simulators::processes::run(opts, stop))
 }
@@ -204,6 +210,7 @@ fn fleet(
     data_dir: Option<PathBuf>,
     api: Option<std::net::SocketAddr>,
     admin_token: Option<PathBuf>,
+    trusted_keys: Vec<edgeloop_common::signing::TrustedKey>,
 ) -> ExitCode {
     match (&api, &admin_token) {
         (Some(a), Some(t)) => match std::fs::read_to_string(t) {
@@ -248,6 +255,7 @@ fn fleet(
         faults,
         slow_samples_per_tick: 2,
         enroll_api: api,
+        trusted_keys,
     };
     run_to_summary(|stop| edgeloop_simulators::fleet::run(opts, stop))
 }
@@ -407,11 +415,33 @@ fn main() -> ExitCode {
         Command::Chaos { devices, duration, faults, classes, seed, data_dir } => {
             return chaos(devices, duration, faults, classes, seed, data_dir)
         }
-        Command::Fleet { devices, classes, broker, duration, faults, data_dir, api, admin_token, processes, ca } => {
-            if processes {
-                return process_fleet(devices, classes, broker, duration, data_dir, api, admin_token, ca);
+        Command::Fleet {
+            devices,
+            classes,
+            broker,
+            duration,
+            faults,
+            data_dir,
+            api,
+            admin_token,
+            processes,
+            ca,
+            trusted_keys,
+        } => {
+            let mut keys = Vec::new();
+            for k in &trusted_keys {
+                match edgeloop_common::signing::TrustedKey::from_hex(k, None) {
+                    Ok(key) => keys.push(key),
+                    Err(e) => {
+                        eprintln!("edgeloop-sim: --trusted-key: {e}");
+                        return ExitCode::from(2);
+                    }
+                }
             }
-            return fleet(devices, classes, broker, duration, faults, data_dir, api, admin_token);
+            if processes {
+                return process_fleet(devices, classes, broker, duration, data_dir, api, admin_token, ca, keys);
+            }
+            return fleet(devices, classes, broker, duration, faults, data_dir, api, admin_token, keys);
         }
     };
     if devices == 0 {

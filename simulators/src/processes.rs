@@ -27,6 +27,8 @@ pub struct ProcessFleetOptions {
     pub slow_samples_per_tick: usize,
     /// The `edgeloop-agent` binary.
     pub agent_bin: PathBuf,
+    /// The control plane's keys the agents trust; when empty, the signing key is read from `api`.
+    pub trusted_keys: Vec<edgeloop_common::signing::TrustedKey>,
 }
 
 struct Proc {
@@ -48,6 +50,7 @@ pub fn agent_binary() -> PathBuf {
 
 fn write_config(
     opts: &ProcessFleetOptions,
+    keys: &[edgeloop_common::signing::TrustedKey],
     id: &str,
     class: &str,
     udp: u16,
@@ -68,6 +71,12 @@ fn write_config(
     }
     if let Some(ca) = &opts.ca_file {
         text.push_str(&format!("[tls]\nca_file = \"{}\"\n", ca.display()));
+    }
+    for k in keys {
+        text.push_str(&format!(
+            "[[trusted_keys]]\npublic_key = \"{}\"\n",
+            edgeloop_common::signing::hex(&k.public_key)
+        ));
     }
     let path = dir.join("agent.toml");
     std::fs::write(&path, text)?;
@@ -98,13 +107,14 @@ pub async fn run(opts: ProcessFleetOptions, stop: CancellationToken) -> anyhow::
             tokens.insert(c.clone(), f);
         }
     }
+    let keys = crate::rollouts::control_plane_keys(opts.trusted_keys.clone(), opts.api).await?;
     let now = edgeloop_common::unix_millis();
     let mut procs = Vec::new();
     for i in 0..opts.devices {
         let class = &opts.classes[i % opts.classes.len()];
         let id = format!("simp-{i:04}");
         let udp = crate::free_port()?;
-        let cfg = write_config(&opts, &id, class, udp, tokens.get(class).map(PathBuf::as_path))?;
+        let cfg = write_config(&opts, &keys, &id, class, udp, tokens.get(class).map(PathBuf::as_path))?;
         let log = std::fs::File::create(opts.data_root.join(&id).join("agent.log"))?;
         let child = Command::new(&opts.agent_bin)
             .arg("--config")

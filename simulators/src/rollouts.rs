@@ -18,6 +18,19 @@ pub async fn updater_config(api: SocketAddr) -> anyhow::Result<UpdaterConfig> {
     Ok(UpdaterConfig { trusted: vec![trusted], artifact_base: http::base_url(api), max_artifact_bytes: 64 << 20 })
 }
 
+/// The control plane's keys agents are to trust: `given` if any, else the signing key the API at `api`
+/// publishes (fetched over the connection the caller set up, pinned CA included).
+pub async fn control_plane_keys(given: Vec<TrustedKey>, api: Option<SocketAddr>) -> anyhow::Result<Vec<TrustedKey>> {
+    if !given.is_empty() {
+        return Ok(given);
+    }
+    let Some(api) = api else {
+        anyhow::bail!("agents need the control plane's public key: pass --trusted-key HEX (`edgeloop-control-plane keys show`) or --api to read it from the API")
+    };
+    let key: SigningKey = http::get_json(api, "/api/v1/signing-key").await?;
+    Ok(vec![TrustedKey::from_hex(&key.public_key, None).map_err(anyhow::Error::msg)?])
+}
+
 /// A reference model for `class`'s first sensor: the mean square of the features, flagging scores above
 /// `threshold`. A threshold below zero flags everything: a deliberately bad model.
 pub async fn upload_reference_model(

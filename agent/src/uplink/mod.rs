@@ -13,7 +13,7 @@ use crate::config::AgentConfig;
 use crate::health::Health;
 use crate::outbox::Outbox;
 use edgeloop_common::envelope::{self, Ack, Body, Envelope, Status, TelemetryBatch, DEFAULT_MAX_MESSAGE_BYTES};
-use edgeloop_common::signing::Signed;
+use edgeloop_common::signing::{Signed, TrustedKey};
 use edgeloop_common::topics::{self, Channel};
 use edgeloop_common::unix_millis;
 use edgeloop_common::update::UpdateReport;
@@ -39,6 +39,8 @@ pub struct UplinkCounters {
     pub batches_sent: std::sync::atomic::AtomicU64,
     pub resends: std::sync::atomic::AtomicU64,
     pub connects: std::sync::atomic::AtomicU64,
+    /// Acknowledgements refused: unsigned, not signed by a trusted key, malformed, or for another device.
+    pub acks_refused: std::sync::atomic::AtomicU64,
 }
 
 /// Everything the uplink needs.
@@ -55,6 +57,8 @@ pub struct Uplink {
     pub counters: Arc<UplinkCounters>,
     /// The device key: every envelope is signed with it.
     pub key: Arc<Ed25519KeyPair>,
+    /// The control plane's keys: only an acknowledgement signed by one of them deletes records.
+    pub trusted: Arc<[TrustedKey]>,
     /// Model updates: where desired states go, and the reports to send.
     pub updates: Option<(watch::Sender<Option<Signed>>, mpsc::UnboundedReceiver<UpdateReport>)>,
 }
@@ -99,6 +103,7 @@ impl Uplink {
             counters,
             updates: None,
             key,
+            trusted: cfg.trusted_keys.clone().into(),
         }
     }
 
@@ -116,6 +121,7 @@ impl Uplink {
         let link = tokio::spawn(event_loop(
             eventloop,
             ack_topic.clone(),
+            self.trusted.clone(),
             desired_tx,
             self.reconnect,
             tx,
@@ -334,9 +340,29 @@ fn encode_batch(
 }
 
 /// Polls the rumqttc event loop, reconnecting with exponential backoff. Does nothing else.
+/// The acknowledged point of an acknowledgement received on `ack_topic`, if it is one for this device signed
+/// by a key in `trusted` (in force at `now_ms`). Anything else deletes nothing: whoever can publish on the
+/// topic (a device on a broker without ACLs, a compromised broker) cannot make the agent drop records.
+pub fn read_ack(payload: &[u8], ack_topic: &str, trusted: &[TrustedKey], now_ms: u64) -> Result<u64, String> {
+    let env = envelope::decode(payload, DEFAULT_MAX_MESSAGE_BYTES).map_err(|e| format!("malformed: {e}"))?;
+    if topics::topic(&env.device, Channel::Ack) != ack_topic {
+        return Err(format!("it is for device `{}`", env.device));
+    }
+    let Body::Ack(Ack { upto }) = env.body else {
+        return Err(format!("a {} message on the ack topic", env.body.kind()));
+    };
+    if env.seq != upto {
+        return Err(format!("its seq {} is not its upto {upto}", env.seq));
+    }
+    env.verify_by_trusted(trusted, now_ms)
+        .map_err(|e| format!("{e} (checked against {} trusted keys)", trusted.len()))?;
+    Ok(upto)
+}
+
 async fn event_loop(
     mut eventloop: EventLoop,
     ack_topic: String,
+    trusted: Arc<[TrustedKey]>,
     desired: Option<watch::Sender<Option<Signed>>>,
     (min, max): (Duration, Duration),
     tx: mpsc::UnboundedSender<LinkEvent>,
@@ -360,19 +386,16 @@ async fn event_loop(
                 let _ = tx.send(LinkEvent::Connected);
             }
             Ok(Event::Incoming(Packet::Publish(p))) if p.topic == ack_topic => {
-                match envelope::decode(&p.payload, DEFAULT_MAX_MESSAGE_BYTES) {
-                    Ok(Envelope { body: Body::Ack(Ack { upto }), device, .. })
-                        if topics::topic(&device, Channel::Ack) == ack_topic =>
-                    {
+                match read_ack(&p.payload, &ack_topic, &trusted, unix_millis()) {
+                    Ok(upto) => {
                         let _ = tx.send(LinkEvent::Ack(upto));
                     }
-                    Ok(Envelope { body: Body::Ack(_), device, .. }) => {
-                        tracing::warn!(topic = %p.topic, %device, "acknowledgement for another device dropped");
+                    Err(why) => {
+                        let n = counters.acks_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                        if n.is_power_of_two() {
+                            tracing::warn!(topic = %p.topic, refused = n, "acknowledgement refused, nothing deleted: {why}");
+                        }
                     }
-                    Ok(other) => {
-                        tracing::warn!(topic = %p.topic, kind = other.body.kind(), "unexpected message on the ack topic")
-                    }
-                    Err(e) => tracing::warn!(topic = %p.topic, error = %e, "malformed acknowledgement dropped"),
                 }
             }
             Ok(Event::Incoming(Packet::Publish(p)))
@@ -446,5 +469,33 @@ mod tests {
         use ring::signature::KeyPair;
         assert_eq!(env.verify(key.public_key().as_ref()), Ok(()), "every batch is signed");
         assert!(encode_batch("d", 1, Vec::new(), &key).is_none());
+    }
+
+    #[test]
+    fn acks_must_be_signed_by_a_trusted_key_for_this_device() {
+        use edgeloop_common::signing::Signer;
+        let (cp, stranger) = (
+            Signer::from_pkcs8(&Signer::generate_pkcs8()).unwrap(),
+            Signer::from_pkcs8(&Signer::generate_pkcs8()).unwrap(),
+        );
+        let trusted = [cp.trusted(None)];
+        let topic = topics::topic("dev-1", Channel::Ack);
+        let ack = |device: &str, upto: u64, by: Option<&Signer>| {
+            let mut env = Envelope::new(device, upto, 1, Body::Ack(Ack { upto }));
+            if let Some(s) = by {
+                env.sign_by_control_plane(s);
+            }
+            envelope::encode(&env)
+        };
+        assert_eq!(read_ack(&ack("dev-1", 42, Some(&cp)), &topic, &trusted, 0), Ok(42));
+        let unsigned = read_ack(&ack("dev-1", 42, None), &topic, &trusted, 0).unwrap_err();
+        assert!(unsigned.contains("not signed"), "{unsigned}");
+        let forged = read_ack(&ack("dev-1", 42, Some(&stranger)), &topic, &trusted, 0).unwrap_err();
+        assert!(forged.contains("does not verify"), "{forged}");
+        // A genuine acknowledgement for another device, replayed on this one's topic.
+        let elsewhere = read_ack(&ack("dev-2", 42, Some(&cp)), &topic, &trusted, 0).unwrap_err();
+        assert!(elsewhere.contains("dev-2"), "{elsewhere}");
+        assert!(read_ack(&ack("dev-1", 42, Some(&cp)), &topic, &[], 0).is_err(), "no trusted key, no deletion");
+        assert!(read_ack(b"junk", &topic, &trusted, 0).unwrap_err().starts_with("malformed"));
     }
 }

@@ -11,14 +11,14 @@ fn bad_config_exits_2_naming_file_key_and_reason() {
     )
     .unwrap();
     let cfg = dir.path().join("agent.toml");
-    std::fs::write(&cfg, "[device]\nid = \"press-1\"\nclass_config = \"factory-vibration.toml\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:1\"\n[storage]\ndata_dir = \"state\"\n").unwrap();
+    std::fs::write(&cfg, "[device]\nid = \"press-1\"\nclass_config = \"factory-vibration.toml\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:1\"\n[storage]\ndata_dir = \"state\"\n[[trusted_keys]]\npublic_key = \"0101010101010101010101010101010101010101010101010101010101010101\"\n").unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_edgeloop-agent")).arg("--config").arg(&cfg).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("factory-vibration.toml: sensors[0].rate_hz: must be > 0"), "{stderr}");
     assert!(!dir.path().join("state").exists(), "nothing is created from a bad config");
 
-    std::fs::write(&cfg, "[device]\nid = \"press-1\"\nclass_config = \"factory-vibration.toml\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:1\"\nkeepalive = 3\n[storage]\ndata_dir = \"state\"\n").unwrap();
+    std::fs::write(&cfg, "[device]\nid = \"press-1\"\nclass_config = \"factory-vibration.toml\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:1\"\nkeepalive = 3\n[storage]\ndata_dir = \"state\"\n[[trusted_keys]]\npublic_key = \"0101010101010101010101010101010101010101010101010101010101010101\"\n").unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_edgeloop-agent")).arg("--config").arg(&cfg).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -45,7 +45,7 @@ fn runs_without_sources_until_sigterm_then_exits_0() {
     .unwrap();
     let cfg = dir.path().join("agent.toml");
     // Port 9 (discard) on loopback: nothing listens, so the uplink keeps retrying.
-    std::fs::write(&cfg, "[device]\nid = \"idle-1\"\nclass_config = \"c.toml\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:9\"\n[storage]\ndata_dir = \"state\"\n").unwrap();
+    std::fs::write(&cfg, "[device]\nid = \"idle-1\"\nclass_config = \"c.toml\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:9\"\n[storage]\ndata_dir = \"state\"\n[[trusted_keys]]\npublic_key = \"0101010101010101010101010101010101010101010101010101010101010101\"\n").unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_edgeloop-agent"))
         .arg("--config")
         .arg(&cfg)

@@ -224,9 +224,12 @@ impl Ingestor {
     }
 }
 
-/// Encodes the acknowledgement envelope for `device`.
-pub fn ack_payload(device: &str, upto: u64) -> Vec<u8> {
-    envelope::encode(&Envelope::new(device, upto, edgeloop_common::unix_millis(), Body::Ack(envelope::Ack { upto })))
+/// Encodes the acknowledgement envelope for `device`, signed with the control plane's key: an agent deletes
+/// records only on an acknowledgement that verifies against the keys it trusts.
+pub fn ack_payload(device: &str, upto: u64, signer: &edgeloop_common::signing::Signer) -> Vec<u8> {
+    let mut env = Envelope::new(device, upto, edgeloop_common::unix_millis(), Body::Ack(envelope::Ack { upto }));
+    env.sign_by_control_plane(signer);
+    envelope::encode(&env)
 }
 
 #[cfg(test)]

@@ -42,6 +42,7 @@ pub async fn run(
     metrics: Arc<Metrics>,
     commit_max: usize,
     subscribed: tokio::sync::watch::Sender<bool>,
+    signer: edgeloop_common::signing::Signer,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
     let (client, eventloop) = AsyncClient::new(options, 1024);
@@ -62,7 +63,7 @@ pub async fn run(
     let link =
         tokio::spawn(event_loop(eventloop, msg_tx, conn_tx, subscribed, intake_stop.clone(), link_cancel.clone()));
     let acks_stop = CancellationToken::new();
-    let acks = tokio::spawn(ack_task(client.clone(), pending.clone(), metrics, conn_rx, acks_stop.clone()));
+    let acks = tokio::spawn(ack_task(client.clone(), signer, pending.clone(), metrics, conn_rx, acks_stop.clone()));
 
     // Run until asked to stop, or until the ingest thread ends by itself (a store failure or a panic): then
     // stop everything and report it, so the process exits non-zero instead of running without ingest.
@@ -148,6 +149,7 @@ fn ingest_thread(
 
 async fn ack_task(
     client: AsyncClient,
+    signer: edgeloop_common::signing::Signer,
     pending: Arc<PendingAcks>,
     metrics: Arc<Metrics>,
     mut connected: mpsc::UnboundedReceiver<()>,
@@ -157,7 +159,7 @@ async fn ack_task(
         tokio::select! {
             _ = cancel.cancelled() => {
                 // Called after the ingest thread's final commit: these are its acknowledgements.
-                publish_pending(&client, &pending, &metrics).await;
+                publish_pending(&client, &signer, &pending, &metrics).await;
                 return;
             }
             c = connected.recv() => {
@@ -166,16 +168,21 @@ async fn ack_task(
                     tracing::error!(error = %e, "cannot subscribe to uplink topics");
                 }
             }
-            _ = pending.notify.notified() => publish_pending(&client, &pending, &metrics).await,
+            _ = pending.notify.notified() => publish_pending(&client, &signer, &pending, &metrics).await,
         }
     }
 }
 
-async fn publish_pending(client: &AsyncClient, pending: &PendingAcks, metrics: &Metrics) {
+async fn publish_pending(
+    client: &AsyncClient,
+    signer: &edgeloop_common::signing::Signer,
+    pending: &PendingAcks,
+    metrics: &Metrics,
+) {
     let acks: Vec<(String, u64)> = pending.acks.lock().unwrap_or_else(|p| p.into_inner()).drain().collect();
     for (device, upto) in acks {
         let topic = topics::topic(&device, Channel::Ack);
-        match client.publish(topic, QoS::AtLeastOnce, false, ack_payload(&device, upto)).await {
+        match client.publish(topic, QoS::AtLeastOnce, false, ack_payload(&device, upto, signer)).await {
             Ok(()) => {
                 metrics.acks_sent.fetch_add(1, Ordering::Relaxed);
                 tracing::trace!(%device, upto, "ack sent");

@@ -248,6 +248,7 @@ async fn run_file(cp: &ControlPlaneHandle, s: &Series, opts: &NabOptions, work: 
     let dir = work.join(&class.class);
     let mut cfg = AgentConfig::in_process(&class.class, class.clone(), cp.mqtt_addr.clone(), dir.join("agent"));
     cfg.durability = edgeloop_common::durable::Durability::Flush;
+    cfg.trusted_keys = vec![cp.trusted_key.clone()];
     let token = crate::device::enrollment_token(cp.api_addr, &class.class, 1).await?;
     cfg.identity.enroll = Some(edgeloop_agent::identity::Enroll { url: crate::http::base_url(cp.api_addr), token });
     let mut dev = Device { cfg, agent: None, sent: 0 };

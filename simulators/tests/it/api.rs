@@ -12,7 +12,8 @@ async fn api_answers_and_errors_are_json() {
     let (cp, cp_cancel) = start_cp(dir.path(), |_| {}).await;
     let cancel = CancellationToken::new();
     let class = edgeloop_simulators::class_config("city-air-quality").unwrap();
-    let mut spec = FleetSpec::new(vec![class], cp.mqtt_addr.clone(), &dir.path().join("agents"));
+    let mut spec =
+        FleetSpec::new(vec![class], cp.mqtt_addr.clone(), &dir.path().join("agents"), cp.trusted_key.clone());
     spec.enroll_with(cp.api_addr, 64).await.unwrap();
     let mut devices = fleet::start(&spec, 1, &cancel).await.unwrap();
     let samples = devices[0].generator.take(20);

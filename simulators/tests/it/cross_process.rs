@@ -34,7 +34,7 @@ async fn nothing_lost_across_process_kills() {
     .unwrap();
     std::fs::write(
         d.join("agent.toml"),
-        format!("[device]\nid = \"proc-1\"\nclass_config = \"probe.toml\"\n[mqtt]\nurl = \"mqtts://127.0.0.1:{mqtt}\"\nreconnect_max_ms = 300\n[storage]\ndata_dir = \"agent\"\n[[sources]]\nkind = \"udp\"\nlisten = \"127.0.0.1:{udp}\"\n[identity]\nenroll_url = \"https://{api}\"\nenrollment_token_file = \"enroll.token\"\n{}", crate::support::AGENT_TLS),
+        format!("[device]\nid = \"proc-1\"\nclass_config = \"probe.toml\"\n[mqtt]\nurl = \"mqtts://127.0.0.1:{mqtt}\"\nreconnect_max_ms = 300\n[storage]\ndata_dir = \"agent\"\n[[sources]]\nkind = \"udp\"\nlisten = \"127.0.0.1:{udp}\"\n[identity]\nenroll_url = \"https://{api}\"\nenrollment_token_file = \"enroll.token\"\n{}{}", crate::support::AGENT_TLS, crate::support::trusted_keys_toml(&d.join("cp"))),
     )
     .unwrap();
     let mut cp = Proc {

@@ -20,7 +20,7 @@ const DEVICES: usize = 4;
 
 async fn fleet_for(api: SocketAddr, mqtt: (String, u16), root: &Path, cancel: &CancellationToken) -> Vec<SimDevice> {
     let updates = rollouts::updater_config(api).await.unwrap();
-    let mut spec = FleetSpec::new(vec![class_config(CLASS).unwrap()], mqtt, root);
+    let mut spec = FleetSpec::new(vec![class_config(CLASS).unwrap()], mqtt, root, updates.trusted[0].clone());
     spec.customise = Arc::new(move |c| c.updates = Some(updates.clone()));
     spec.enroll_with(api, DEVICES).await.unwrap();
     fleet::start(&spec, DEVICES, cancel).await.unwrap()

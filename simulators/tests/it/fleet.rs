@@ -20,6 +20,8 @@ async fn fleet_of_every_class_drains_completely() {
         faults: true,
         slow_samples_per_tick: 20,
         enroll_api: Some(cp.api_addr),
+        // Read from the API: the key agents need to accept this control plane's acknowledgements.
+        trusted_keys: Vec::new(),
     };
     let s = run(opts, CancellationToken::new()).await.unwrap();
     assert_eq!(s.devices, 8);

@@ -19,7 +19,8 @@ async fn train_register_serve_and_retrain_offline() {
     })
     .await;
     let cancel = CancellationToken::new();
-    let mut spec = FleetSpec::new(vec![class.clone()], cp.mqtt_addr.clone(), &dir.path().join("agents"));
+    let mut spec =
+        FleetSpec::new(vec![class.clone()], cp.mqtt_addr.clone(), &dir.path().join("agents"), cp.trusted_key.clone());
     spec.enroll_with(cp.api_addr, 64).await.unwrap();
     let mut devices = fleet::start(&spec, 3, &cancel).await.unwrap();
     for d in &mut devices {

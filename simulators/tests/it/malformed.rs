@@ -24,7 +24,8 @@ async fn malformed_uplink_counted_and_good_traffic_flows() {
     let cancel = CancellationToken::new();
     let mut class = edgeloop_simulators::class_config("city-air-quality").unwrap();
     class.uplink.ack_timeout_secs = 1;
-    let mut spec = FleetSpec::new(vec![class], cp.mqtt_addr.clone(), &dir.path().join("agents"));
+    let mut spec =
+        FleetSpec::new(vec![class], cp.mqtt_addr.clone(), &dir.path().join("agents"), cp.trusted_key.clone());
     spec.enroll_with(cp.api_addr, 1).await.unwrap();
     let mut devices = fleet::start(&spec, 1, &cancel).await.unwrap();
     let device = devices[0].agent.device.clone();

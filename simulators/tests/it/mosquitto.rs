@@ -3,6 +3,7 @@
 //! `.ci/run` installs mosquitto; this test starts its own instance on a free loopback port.
 
 use crate::support::{binary, start_cp};
+use edgeloop_common::envelope::{Body, Envelope};
 use edgeloop_simulators::fleet::{self, FleetSpec};
 use edgeloop_simulators::free_port;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -52,10 +53,31 @@ impl Mosquitto {
             ),
         )
         .unwrap();
+        Self::run(bin, &conf, dir, port, passwd)
+    }
+
+    /// A broker with no access control at all: anyone may publish anywhere, as on a broker whose ACL is
+    /// missing or wrong.
+    fn start_open(dir: &Path) -> Mosquitto {
+        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("mosquitto is not installed: `apt-get install mosquitto mosquitto-clients` (.ci/run does)");
+        let port = free_port().unwrap();
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\n"),
+        )
+        .unwrap();
+        Self::run(bin, &conf, dir, port, dir.join("passwd"))
+    }
+
+    fn run(bin: &str, conf: &Path, dir: &Path, port: u16, passwd: std::path::PathBuf) -> Mosquitto {
         let m = Mosquitto {
             child: Command::new(bin)
                 .arg("-c")
-                .arg(&conf)
+                .arg(conf)
                 .stdout(Stdio::null())
                 .stderr(std::fs::File::create(dir.join("mosquitto.log")).unwrap())
                 .spawn()
@@ -187,7 +209,8 @@ async fn fleet_works_through_mosquitto() {
     .await;
     let mut class = edgeloop_simulators::class_config("city-air-quality").unwrap();
     class.uplink.ack_timeout_secs = 1;
-    let mut spec = FleetSpec::new(vec![class], ("127.0.0.1".into(), port), &dir.path().join("agents"));
+    let mut spec =
+        FleetSpec::new(vec![class], ("127.0.0.1".into(), port), &dir.path().join("agents"), cp.trusted_key.clone());
     spec.enroll_with(cp.api_addr, 2).await.unwrap();
     let mut devices = fleet::start(&spec, 2, &cancel).await.unwrap();
     // Enrollment gave each agent its credentials; the operator provisions them into the broker.
@@ -235,4 +258,68 @@ async fn fleet_works_through_mosquitto() {
     }
     cp_cancel.cancel();
     cp.join().await.unwrap();
+}
+
+/// On a broker that lets anyone publish on a device's `down/ack` (no ACL, or a wrong one), forged
+/// acknowledgements, unsigned or signed by a key the agent does not trust, delete nothing from its outbox;
+/// the control plane's signed acknowledgement still does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_ack_deletes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = Mosquitto::start_open(dir.path());
+    let signer =
+        |_| edgeloop_common::signing::Signer::from_pkcs8(&edgeloop_common::signing::Signer::generate_pkcs8()).unwrap();
+    let (control_plane, attacker) = (signer(0), signer(1));
+    let class = edgeloop_simulators::class_config("city-air-quality").unwrap();
+    let spec = FleetSpec::new(
+        vec![class],
+        ("127.0.0.1".into(), broker.port),
+        &dir.path().join("agents"),
+        control_plane.trusted(None),
+    );
+    let cancel = CancellationToken::new();
+    let mut devices = fleet::start(&spec, 1, &cancel).await.unwrap();
+    let stop = CancellationToken::new();
+    fleet::feed(&mut devices, 20, Some(Duration::from_millis(1500)), &stop, &mut |_, _| {}).await.unwrap();
+    let outbox = devices[0].agent.outbox.clone();
+    let counters = devices[0].agent.counters.clone();
+    let id = devices[0].agent.device.clone();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while outbox.stats().durable_seq < 20 {
+        assert!(std::time::Instant::now() < deadline, "the agent committed no records");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let committed = outbox.stats().durable_seq;
+    let (attacker_client, _rx) = client(broker.port, "attacker", "x").await;
+    let topic = format!("edgeloop/v1/{id}/down/ack");
+    let ack = |upto: u64, by: Option<&edgeloop_common::signing::Signer>| {
+        let mut env = Envelope::new(id.as_str(), upto, 0, Body::Ack(edgeloop_common::envelope::Ack { upto }));
+        if let Some(s) = by {
+            env.sign_by_control_plane(s);
+        }
+        edgeloop_common::envelope::encode(&env)
+    };
+    // The unsigned acknowledgement of the old protocol, retained so that it also meets every reconnect, and
+    // one signed with a key the agent does not trust.
+    attacker_client.publish(&topic, QoS::AtLeastOnce, true, ack(committed, None)).await.unwrap();
+    attacker_client.publish(&topic, QoS::AtLeastOnce, false, ack(committed, Some(&attacker))).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while counters.acks_refused.load(std::sync::atomic::Ordering::Relaxed) < 2 {
+        assert!(std::time::Instant::now() < deadline, "the forged acknowledgements never reached the agent");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stats = outbox.stats();
+    assert_eq!(stats.acked, 0, "a forged acknowledgement deleted records: {stats:?}");
+    assert!(stats.depth >= committed, "{stats:?}");
+    // The same acknowledgement signed by the control plane's key is applied.
+    attacker_client.publish(&topic, QoS::AtLeastOnce, false, ack(committed, Some(&control_plane))).await.unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while outbox.stats().acked < committed {
+        assert!(std::time::Instant::now() < deadline, "the signed acknowledgement was not applied");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cancel.cancel();
+    for d in devices {
+        d.agent.join().await.unwrap();
+    }
 }

@@ -25,7 +25,12 @@ async fn nothing_lost_through_connection_cuts() {
     class.uplink.ack_timeout_secs = 1;
     class.uplink.heartbeat_secs = 1;
     class.uplink.batch_max_records = 50;
-    let mut spec = FleetSpec::new(vec![class], ("127.0.0.1".into(), proxy.addr().port()), &dir.path().join("agents"));
+    let mut spec = FleetSpec::new(
+        vec![class],
+        ("127.0.0.1".into(), proxy.addr().port()),
+        &dir.path().join("agents"),
+        cp.trusted_key.clone(),
+    );
     spec.enroll_with(cp.api_addr, 64).await.unwrap();
     let mut devices = fleet::start(&spec, DEVICES, &cancel).await.unwrap();
 

@@ -25,7 +25,12 @@ async fn outbox_full_drops_exactly_what_it_reports() {
     class.uplink.heartbeat_secs = 1;
     class.uplink.ack_timeout_secs = 1;
     class.outbox.commit_max_records = 16;
-    let mut spec = FleetSpec::new(vec![class], ("127.0.0.1".into(), proxy.addr().port()), &dir.path().join("agents"));
+    let mut spec = FleetSpec::new(
+        vec![class],
+        ("127.0.0.1".into(), proxy.addr().port()),
+        &dir.path().join("agents"),
+        cp.trusted_key.clone(),
+    );
     spec.enroll_with(cp.api_addr, 64).await.unwrap();
     spec.customise = std::sync::Arc::new(|c| c.outbox_max_bytes = 4096);
     let mut devices = fleet::start(&spec, 1, &cancel).await.unwrap();

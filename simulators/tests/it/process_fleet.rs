@@ -22,6 +22,7 @@ async fn agents_as_processes_drain_completely() {
         duration: Duration::from_secs(4),
         slow_samples_per_tick: 5,
         agent_bin: binary("edgeloop-agent"),
+        trusted_keys: vec![cp.trusted_key.clone()],
     };
     let s = run(opts, CancellationToken::new()).await.unwrap();
     assert_eq!(s.devices, 3);

@@ -24,7 +24,7 @@ async fn fleet_for(
     cancel: &CancellationToken,
 ) -> Vec<SimDevice> {
     let updates = rollouts::updater_config(api).await.unwrap();
-    let mut spec = FleetSpec::new(vec![class_config(CLASS).unwrap()], mqtt, root);
+    let mut spec = FleetSpec::new(vec![class_config(CLASS).unwrap()], mqtt, root, updates.trusted[0].clone());
     spec.customise = Arc::new(move |c| c.updates = Some(updates.clone()));
     spec.first_index = first;
     spec.enroll_with(api, n).await.unwrap();

@@ -161,3 +161,11 @@ pub fn certs_init(dir: &Path) -> Vec<u8> {
 pub const CP_TLS: &str = "[tls]\ncert = \"tls/server.pem\"\nkey = \"tls/server.key\"\n";
 /// The `[tls]` section of an agent config pinning [`certs_init`]'s CA.
 pub const AGENT_TLS: &str = "[tls]\nca_file = \"tls/ca.pem\"\n";
+
+/// Creates the control plane's signing key at `<cp_data_dir>/signing.key` (where a control plane started
+/// on that data dir finds it) and returns the `[[trusted_keys]]` entry its agents need.
+pub fn trusted_keys_toml(cp_data_dir: &Path) -> String {
+    std::fs::create_dir_all(cp_data_dir).unwrap();
+    let signer = edgeloop_control_plane::keys::load_or_create(&cp_data_dir.join("signing.key")).unwrap();
+    format!("[[trusted_keys]]\npublic_key = \"{}\"\n", signer.public_key_hex())
+}

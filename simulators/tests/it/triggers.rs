@@ -29,7 +29,8 @@ async fn count_then_drift_trigger_retraining() {
     })
     .await;
     let cancel = CancellationToken::new();
-    let mut spec = FleetSpec::new(vec![class], cp.mqtt_addr.clone(), &dir.path().join("agents"));
+    let mut spec =
+        FleetSpec::new(vec![class], cp.mqtt_addr.clone(), &dir.path().join("agents"), cp.trusted_key.clone());
     spec.enroll_with(cp.api_addr, 64).await.unwrap();
     let mut devices = fleet::start(&spec, 2, &cancel).await.unwrap();
     for d in &mut devices {

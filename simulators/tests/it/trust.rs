@@ -117,7 +117,8 @@ async fn revoked_device_cut_off() {
     let (cp, cp_cancel) = start_cp(dir.path(), |_| {}).await;
     let mut class = edgeloop_simulators::class_config(CLASS).unwrap();
     class.uplink.ack_timeout_secs = 1;
-    let mut spec = FleetSpec::new(vec![class], cp.mqtt_addr.clone(), &dir.path().join("agents"));
+    let mut spec =
+        FleetSpec::new(vec![class], cp.mqtt_addr.clone(), &dir.path().join("agents"), cp.trusted_key.clone());
     spec.enroll_with(cp.api_addr, 1).await.unwrap();
     let cancel = CancellationToken::new();
     let mut devices = fleet::start(&spec, 1, &cancel).await.unwrap();
