@@ -6,6 +6,7 @@ mod cross_process;
 mod dashboard;
 mod demo;
 mod fleet;
+mod front;
 mod learning;
 mod load;
 mod malformed;
