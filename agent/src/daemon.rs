@@ -144,8 +144,8 @@ impl Agent {
                 .await?
                 .context("loading the device key")?,
         );
-        let http = crate::identity::http_client(cfg.tls_ca.as_deref(), Some(Duration::from_secs(30)))?;
-        if !cfg.mqtt_tls {
+        let http = crate::identity::http_client(cfg.tls_ca.as_ref(), Some(Duration::from_secs(30)))?;
+        if !cfg.mqtt_transport.is_tls() {
             tracing::warn!(broker = %format!("{}:{}", cfg.mqtt_host, cfg.mqtt_port), "plaintext MQTT (mqtt://): anyone on the network can read this device's traffic");
         }
         let credentials =
@@ -245,7 +245,7 @@ impl Agent {
                 max_artifact_bytes: ucfg.max_artifact_bytes,
             };
             let up = Updater::new(ucfg, me, files, slot, slot_events, reports_tx, health.clone(), pointer)?
-                .with_http(crate::identity::http_client(cfg.tls_ca.as_deref(), None)?);
+                .with_http(crate::identity::http_client(cfg.tls_ca.as_ref(), None)?);
             let stop = cancel.clone();
             let fut = up.run(desired_rx, cancel.child_token());
             source_tasks.push(tokio::spawn(async move {

@@ -54,6 +54,15 @@ impl ControlPlaneHandle {
 
 impl ControlPlane {
     pub async fn start(cfg: Config, cancel: CancellationToken) -> anyhow::Result<ControlPlaneHandle> {
+        // A config built in code must agree with its URL too: an mqtts:// broker is never reached in plaintext.
+        if let BrokerConfig::External { url, .. } = &cfg.broker {
+            let tls = cfg.external.transport.is_tls();
+            anyhow::ensure!(
+                url.starts_with("mqtts://") == tls,
+                "broker.url `{url}`: the resolved transport is {}; refusing to start",
+                if tls { "TLS" } else { "plaintext" }
+            );
+        }
         std::fs::create_dir_all(&cfg.data_dir)
             .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
         let dir = cfg.data_dir.join("store");
@@ -202,8 +211,9 @@ impl ControlPlane {
             if let Some(u) = &e.username {
                 o.set_credentials(u.clone(), e.password.clone().unwrap_or_default());
             }
-            if let Some(tls) = e.tls_ca.as_deref().and_then(|ca| edgeloop_common::tls::client_config(ca).ok()) {
-                o.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(Arc::new(tls))));
+            // Resolved with the config: `mqtts://` always holds a working TLS configuration here.
+            if let edgeloop_common::tls::Transport::Tls(tls) = &e.transport {
+                o.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls.clone())));
             }
         };
         let mut options =
