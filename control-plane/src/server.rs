@@ -63,8 +63,14 @@ impl ControlPlane {
                 if tls { "TLS" } else { "plaintext" }
             );
         }
-        std::fs::create_dir_all(&cfg.data_dir)
+        // The store, the artifacts and the keys live here: 0700, with nothing in it open to group or others.
+        let data_dir = cfg.data_dir.clone();
+        let tightened = tokio::task::spawn_blocking(move || edgeloop_common::private::dir(&data_dir))
+            .await?
             .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
+        if let Some(first) = tightened.first() {
+            tracing::warn!(data_dir = %cfg.data_dir.display(), paths = tightened.len(), first = %first.display(), "the data directory was open to group or others; removed their access");
+        }
         let dir = cfg.data_dir.join("store");
         let durability = cfg.durability;
         let data_dir = cfg.data_dir.clone();

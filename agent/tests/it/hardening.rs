@@ -1,7 +1,8 @@
-//! What the agent does with a broken environment: a CA it cannot use.
+//! What the agent does with a broken environment: a CA it cannot use, a data directory others can read.
 
 use edgeloop_agent::config::AgentConfig;
 use edgeloop_agent::Agent;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -124,5 +125,52 @@ async fn unreadable_ca_never_falls_back_to_plaintext() {
     let seen = broker.seen();
     assert!(!seen.contains(&Some(MQTT_CONNECT)), "a plaintext MQTT CONNECT reached the broker: {seen:?}");
     assert!(seen.iter().all(|b| *b == Some(TLS_HANDSHAKE)), "every connection opens with a TLS record: {seen:?}");
+    cancel.cancel();
+}
+
+fn mode(p: &Path) -> u32 {
+    std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o777
+}
+
+/// Every path under `root`, `root` included.
+fn walk(root: &Path) -> Vec<PathBuf> {
+    let mut out = vec![root.to_path_buf()];
+    if std::fs::symlink_metadata(root).unwrap().is_dir() {
+        for e in std::fs::read_dir(root).unwrap() {
+            out.extend(walk(&e.unwrap().path()));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn data_dir_and_outbox_are_private() {
+    let dir = tempfile::tempdir().unwrap();
+    let cancel = CancellationToken::new();
+    let broker = FirstBytes::start(cancel.clone()).await;
+    let url = format!("mqtt://127.0.0.1:{}", broker.port);
+
+    // A fresh data directory, and one an older version left open to group and others.
+    for (id, loose) in [("fresh", false), ("loose", true)] {
+        let cfg = AgentConfig::load(&agent_toml(dir.path(), id, &url, "")).unwrap();
+        let data = cfg.data_dir.clone();
+        if loose {
+            std::fs::create_dir_all(data.join("outbox")).unwrap();
+            std::fs::write(data.join("leftover"), b"x").unwrap();
+            for (p, m) in [(data.clone(), 0o755), (data.join("outbox"), 0o777), (data.join("leftover"), 0o644)] {
+                std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+            }
+        }
+        let agent_cancel = cancel.child_token();
+        let agent = Agent::start(cfg, Vec::new(), agent_cancel.clone()).await.unwrap();
+        let paths = walk(&data);
+        assert!(paths.contains(&data.join("outbox/db")) && paths.contains(&data.join("identity.key")), "{paths:?}");
+        for p in &paths {
+            assert_eq!(mode(p) & 0o077, 0, "{id}: {} is open to group or others ({:o})", p.display(), mode(p));
+        }
+        assert_eq!((mode(&data), mode(&data.join("outbox"))), (0o700, 0o700), "{id}");
+        agent_cancel.cancel();
+        tokio::time::timeout(Duration::from_secs(10), agent.join()).await.expect("the agent stops").unwrap();
+    }
     cancel.cancel();
 }
