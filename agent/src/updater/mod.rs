@@ -99,7 +99,8 @@ impl Files {
         edgeloop_common::private::dir(&self.dir)?;
         let tmp = self.dir.join("updates.cbor.tmp");
         let bytes = edgeloop_common::signing::to_cbor(p);
-        let mut f = edgeloop_common::private::create_file(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+        let mut f =
+            edgeloop_common::private::create_file(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
         f.write_all(&bytes)?;
         f.sync_all()?;
         std::fs::rename(&tmp, self.pointer())?;
