@@ -7,9 +7,11 @@
 
 use edgeloop_common::config::{display_name, load_toml, resolve_relative, Checker, ClassConfig, ConfigError};
 use edgeloop_common::durable::Durability;
+use edgeloop_common::tls::{ClientConfig, TlsError, Transport};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 fn default_keep_alive_secs() -> u64 {
@@ -182,10 +184,11 @@ pub struct AgentConfig {
     pub class: ClassConfig,
     pub mqtt_host: String,
     pub mqtt_port: u16,
-    /// `mqtts://`: TLS to the broker, checked against `tls_ca`.
-    pub mqtt_tls: bool,
-    /// The pinned CA (PEM) for the broker and the control plane's HTTPS.
-    pub tls_ca: Option<Vec<u8>>,
+    /// How the uplink reaches the broker: plaintext for `mqtt://`, TLS pinned to `[tls] ca_file` for
+    /// `mqtts://`. Resolved once: a CA that cannot be read or parsed is a configuration error, never plaintext.
+    pub mqtt_transport: Transport,
+    /// The pinned CA, parsed, for the control plane's HTTPS (enrollment and downloads).
+    pub tls_ca: Option<Arc<ClientConfig>>,
     pub keep_alive: Duration,
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
@@ -252,19 +255,15 @@ impl RawConfig {
         })?;
         let (mqtt_host, mqtt_port, mqtt_tls) = parse_broker_url(&self.mqtt.url).map_err(|r| c.fail("mqtt.url", r))?;
         let tls_ca = match &self.tls.ca_file {
-            Some(f) => {
-                let f = resolve_relative(path, f);
-                let pem = std::fs::read(&f).map_err(|e| c.fail("tls.ca_file", format!("{}: {e}", f.display())))?;
-                edgeloop_common::tls::client_config(&pem).map_err(|e| c.fail("tls.ca_file", e.to_string()))?;
-                Some(pem)
-            }
+            Some(f) => Some(
+                edgeloop_common::tls::load_ca(&resolve_relative(path, f))
+                    .map_err(|e| c.fail("tls.ca_file", e.to_string()))?,
+            ),
             None => None,
         };
-        c.check(
-            !mqtt_tls || tls_ca.is_some(),
-            "tls.ca_file",
-            "is needed for mqtts:// (the CA the broker's certificate is checked against)",
-        )?;
+        let mqtt_transport = Transport::resolve(mqtt_tls, tls_ca.as_ref()).map_err(|_| {
+            c.fail("tls.ca_file", "is needed for mqtts:// (the CA the broker's certificate is checked against)")
+        })?;
         c.check(self.mqtt.keep_alive_secs >= 5, "mqtt.keep_alive_secs", "must be at least 5")?;
         c.check(self.mqtt.reconnect_min_ms > 0, "mqtt.reconnect_min_ms", "must be > 0")?;
         c.check(
@@ -396,7 +395,7 @@ impl RawConfig {
             class,
             mqtt_host,
             mqtt_port,
-            mqtt_tls,
+            mqtt_transport,
             tls_ca,
             keep_alive: Duration::from_secs(self.mqtt.keep_alive_secs),
             reconnect_min: Duration::from_millis(self.mqtt.reconnect_min_ms),
@@ -423,7 +422,7 @@ impl AgentConfig {
             class,
             mqtt_host: mqtt.0,
             mqtt_port: mqtt.1,
-            mqtt_tls: false,
+            mqtt_transport: Transport::Plain,
             tls_ca: None,
             keep_alive: Duration::from_secs(30),
             reconnect_min: Duration::from_millis(default_reconnect_min_ms()),
@@ -437,6 +436,15 @@ impl AgentConfig {
             identity,
             trusted_keys: Vec::new(),
         }
+    }
+
+    /// Speaks `mqtts://` to the broker and HTTPS to the control plane, trusting only the CA in `ca_pem`. A CA
+    /// that does not parse is an error and leaves the config as it was.
+    pub fn use_tls(&mut self, ca_pem: &[u8]) -> Result<(), TlsError> {
+        let ca = Arc::new(edgeloop_common::tls::client_config(ca_pem)?);
+        self.mqtt_transport = Transport::Tls(ca.clone());
+        self.tls_ca = Some(ca);
+        Ok(())
     }
 }
 

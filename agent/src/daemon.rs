@@ -130,8 +130,14 @@ impl Agent {
         extra: Vec<Box<dyn Source>>,
         cancel: CancellationToken,
     ) -> anyhow::Result<AgentHandle> {
-        std::fs::create_dir_all(&cfg.data_dir)
+        // Telemetry, keys and credentials live here: 0700, with nothing in it open to group or others.
+        let data_dir = cfg.data_dir.clone();
+        let tightened = tokio::task::spawn_blocking(move || edgeloop_common::private::dir(&data_dir))
+            .await?
             .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
+        if let Some(first) = tightened.first() {
+            tracing::warn!(data_dir = %cfg.data_dir.display(), paths = tightened.len(), first = %first.display(), "the data directory was open to group or others; removed their access");
+        }
         let outbox_dir = cfg.data_dir.join("outbox");
         let (durability, max_bytes) = (cfg.durability, cfg.outbox_max_bytes);
         let outbox = tokio::task::spawn_blocking(move || Outbox::open(&outbox_dir, durability, max_bytes))
@@ -144,8 +150,8 @@ impl Agent {
                 .await?
                 .context("loading the device key")?,
         );
-        let http = crate::identity::http_client(cfg.tls_ca.as_deref(), Some(Duration::from_secs(30)))?;
-        if !cfg.mqtt_tls {
+        let http = crate::identity::http_client(cfg.tls_ca.as_ref(), Some(Duration::from_secs(30)))?;
+        if !cfg.mqtt_transport.is_tls() {
             tracing::warn!(broker = %format!("{}:{}", cfg.mqtt_host, cfg.mqtt_port), "plaintext MQTT (mqtt://): anyone on the network can read this device's traffic");
         }
         let credentials =
@@ -245,7 +251,7 @@ impl Agent {
                 max_artifact_bytes: ucfg.max_artifact_bytes,
             };
             let up = Updater::new(ucfg, me, files, slot, slot_events, reports_tx, health.clone(), pointer)?
-                .with_http(crate::identity::http_client(cfg.tls_ca.as_deref(), None)?);
+                .with_http(crate::identity::http_client(cfg.tls_ca.as_ref(), None)?);
             let stop = cancel.clone();
             let fut = up.run(desired_rx, cancel.child_token());
             source_tasks.push(tokio::spawn(async move {

@@ -87,17 +87,23 @@ impl Credentials {
     }
 }
 
-/// The agent's HTTP client: trusting only the pinned CA when one is configured. `timeout` bounds whole
-/// requests (enrollment); downloads have only connect and read deadlines.
-pub fn http_client(ca_pem: Option<&[u8]>, timeout: Option<Duration>) -> anyhow::Result<reqwest::Client> {
-    let mut b =
-        reqwest::Client::builder().connect_timeout(Duration::from_secs(10)).read_timeout(Duration::from_secs(30));
+/// The agent's HTTP client: HTTPS uses the same TLS configuration as the uplink, trusting only the pinned CA
+/// (parsed when the config was resolved). Without one, HTTPS has no trusted root at all and fails; it never
+/// falls back to another trust store. `timeout` bounds whole requests (enrollment); downloads have only connect
+/// and read deadlines.
+pub fn http_client(
+    ca: Option<&std::sync::Arc<edgeloop_common::tls::ClientConfig>>,
+    timeout: Option<Duration>,
+) -> anyhow::Result<reqwest::Client> {
+    let mut b = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .read_timeout(Duration::from_secs(30))
+        .tls_built_in_root_certs(false);
     if let Some(t) = timeout {
         b = b.timeout(t);
     }
-    if let Some(ca) = ca_pem {
-        let cert = reqwest::Certificate::from_pem(ca).context("the CA file is not a PEM certificate")?;
-        b = b.tls_built_in_root_certs(false).add_root_certificate(cert);
+    if let Some(ca) = ca {
+        b = b.use_preconfigured_tls(edgeloop_common::tls::ClientConfig::clone(ca));
     }
     b.build().context("building the HTTP client")
 }

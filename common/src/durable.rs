@@ -34,6 +34,8 @@ pub enum DurableError {
     Sync { path: PathBuf, source: std::io::Error },
     #[error("store error: {0}")]
     Sled(#[from] sled::Error),
+    #[error(transparent)]
+    Private(#[from] crate::private::PrivateError),
 }
 
 /// A sled database plus a handle on its data file for `fdatasync`.
@@ -46,8 +48,12 @@ pub struct DurableDb {
 }
 
 impl DurableDb {
+    /// Opens (or creates) the database in `dir`. The directory is made private first, and sled's files in it
+    /// after: no group or other access (see [`crate::private`]).
     pub fn open(dir: &Path, mode: Durability) -> Result<Self, DurableError> {
+        crate::private::dir(dir)?;
         let db = open_sled(dir).map_err(|source| DurableError::Open { path: dir.to_path_buf(), source })?;
+        crate::private::dir(dir)?;
         let data_path = dir.join("db");
         let data_file = match mode {
             Durability::Fsync => {
@@ -122,5 +128,45 @@ mod tests {
             let db = DurableDb::open(&path, mode).unwrap();
             assert_eq!(db.tree("t").unwrap().get(b"k").unwrap().as_deref(), Some(&b"v"[..]));
         }
+    }
+
+    /// Group and other bits of `dir` and of everything under it, by path.
+    fn open_to_others(dir: &Path) -> Vec<(PathBuf, u32)> {
+        use std::os::unix::fs::PermissionsExt;
+        let mut out = Vec::new();
+        let mode = std::fs::metadata(dir).unwrap().permissions().mode();
+        if mode & 0o077 != 0 {
+            out.push((dir.to_path_buf(), mode & 0o777));
+        }
+        if dir.is_dir() {
+            for e in std::fs::read_dir(dir).unwrap() {
+                out.extend(open_to_others(&e.unwrap().path()));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn stores_are_created_private_and_loose_ones_tightened() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().unwrap();
+        let path = root.path().join("store");
+        {
+            let db = DurableDb::open(&path, Durability::Fsync).unwrap();
+            db.tree("t").unwrap().insert(b"k", vec![7u8; 4096]).unwrap();
+            db.commit().unwrap();
+            assert!(path.join("db").is_file() && path.join("conf").is_file());
+            assert_eq!(open_to_others(&path), vec![], "a fresh store is private");
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o700);
+        }
+        // As an older version left it.
+        for p in [path.clone(), path.join("db"), path.join("conf")] {
+            let m = if p.is_dir() { 0o755 } else { 0o644 };
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(m)).unwrap();
+        }
+        let db = DurableDb::open(&path, Durability::Fsync).unwrap();
+        assert_eq!(open_to_others(&path), vec![], "reopening tightens the store");
+        assert_eq!(db.tree("t").unwrap().get(b"k").unwrap().as_deref(), Some(&[7u8; 4096][..]));
     }
 }

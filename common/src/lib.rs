@@ -13,7 +13,9 @@
 //! - [`signing`]: Ed25519 signatures over CBOR bytes, key ids and trusted-key lists (rotation).
 //! - [`tls`]: rustls client and server settings (ring provider, trust pinned to the fleet's CA).
 //! - [`update`]: the model manifest, the per-device desired state and update reports.
-//! - [`durable`]: a sled database whose commit is power-loss durable (flush, then `fdatasync`).
+//! - [`durable`]: a sled database whose commit is power-loss durable (flush, then `fdatasync`), in a private
+//!   directory.
+//! - [`private`]: data directories created 0700 and files 0600; looser modes are tightened on open.
 //!
 //! The agent and the control plane never depend on each other; whatever they must agree on lives here.
 
@@ -23,6 +25,7 @@ pub mod envelope;
 pub mod features;
 pub mod gaps;
 pub mod modbus;
+pub mod private;
 pub mod signing;
 pub mod tls;
 pub mod topics;

@@ -197,8 +197,9 @@ pub enum BrokerConfig {
 pub struct ExternalLogin {
     pub username: Option<String>,
     pub password: Option<String>,
-    /// PEM of the CA to check the broker against; `Some` means TLS.
-    pub tls_ca: Option<Vec<u8>>,
+    /// Plaintext for `mqtt://`; for `mqtts://`, TLS pinned to `[broker] ca_file`, parsed when the config was
+    /// loaded (a CA that cannot be read or parsed is a configuration error, never plaintext).
+    pub transport: edgeloop_common::tls::Transport,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -363,23 +364,21 @@ impl RawConfig {
                     "broker.username",
                     "is needed with broker.password_file",
                 )?;
-                let tls_ca = match ca_file {
+                let ca = match ca_file {
                     Some(f) => {
                         let f = match path {
                             Some(base) => resolve_relative(base, f),
                             None => f.clone(),
                         };
-                        let pem =
-                            std::fs::read(&f).map_err(|e| c.fail("broker.ca_file", format!("{}: {e}", f.display())))?;
-                        edgeloop_common::tls::client_config(&pem)
-                            .map_err(|e| c.fail("broker.ca_file", e.to_string()))?;
-                        Some(pem)
+                        Some(edgeloop_common::tls::load_ca(&f).map_err(|e| c.fail("broker.ca_file", e.to_string()))?)
                     }
                     None => None,
                 };
                 let tls = url.starts_with("mqtts://");
-                c.check(tls == tls_ca.is_some(), "broker.ca_file", "is needed with mqtts:// and only then")?;
-                ExternalLogin { username: username.clone(), password, tls_ca }
+                c.check(tls == ca.is_some(), "broker.ca_file", "is needed with mqtts:// and only then")?;
+                let transport = edgeloop_common::tls::Transport::resolve(tls, ca.as_ref())
+                    .map_err(|e| c.fail("broker.ca_file", e.to_string()))?;
+                ExternalLogin { username: username.clone(), password, transport }
             }
         };
         let i = &self.ingest;

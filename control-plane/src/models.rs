@@ -209,7 +209,7 @@ pub fn is_sha256(s: &str) -> bool {
 impl ModelRegistry {
     pub fn open(db: &DurableDb, data_dir: &Path) -> Result<ModelRegistry, StoreError> {
         let artifacts = data_dir.join("artifacts");
-        std::fs::create_dir_all(&artifacts).map_err(|e| StoreError::Corrupt {
+        edgeloop_common::private::dir(&artifacts).map_err(|e| StoreError::Corrupt {
             device: artifacts.display().to_string(),
             seq: 0,
             reason: e.to_string(),
@@ -231,7 +231,7 @@ impl ModelRegistry {
             return Ok(sha);
         }
         let tmp = self.artifacts.join(format!(".{sha}.tmp"));
-        let mut f = std::fs::File::create(&tmp)?;
+        let mut f = edgeloop_common::private::create_file(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
         std::fs::rename(&tmp, &path)?;
@@ -377,5 +377,32 @@ mod tests {
         assert_eq!(std::fs::read(r.artifact_path(&sha).unwrap()).unwrap(), b"model bytes");
         assert!(r.artifact_path("../../etc/passwd").is_none());
         assert!(r.artifact_path(&"0".repeat(64)).is_none());
+    }
+
+    #[test]
+    fn store_and_artifacts_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let db = DurableDb::open(&data.join("store"), edgeloop_common::durable::Durability::Fsync).unwrap();
+        let r = ModelRegistry::open(&db, &data).unwrap();
+        let sha = r.put_artifact(b"model bytes").unwrap();
+        db.commit().unwrap();
+        fn mode(p: &Path) -> u32 {
+            std::fs::metadata(p).unwrap().permissions().mode() & 0o777
+        }
+        let store = data.join("store");
+        let artifacts = data.join("artifacts");
+        assert_eq!((mode(&store), mode(&artifacts), mode(&artifacts.join(&sha))), (0o700, 0o700, 0o600));
+        for e in std::fs::read_dir(&store).unwrap() {
+            let p = e.unwrap().path();
+            assert_eq!(mode(&p) & 0o077, 0, "{} is open to group or others", p.display());
+        }
+
+        // An artifacts directory an older version left open is tightened when the registry opens.
+        std::fs::set_permissions(&artifacts, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(artifacts.join(&sha), std::fs::Permissions::from_mode(0o644)).unwrap();
+        ModelRegistry::open(&db, &data).unwrap();
+        assert_eq!((mode(&artifacts), mode(&artifacts.join(&sha))), (0o700, 0o600));
     }
 }

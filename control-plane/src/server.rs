@@ -60,8 +60,23 @@ impl ControlPlaneHandle {
 
 impl ControlPlane {
     pub async fn start(cfg: Config, cancel: CancellationToken) -> anyhow::Result<ControlPlaneHandle> {
-        std::fs::create_dir_all(&cfg.data_dir)
+        // A config built in code must agree with its URL too: an mqtts:// broker is never reached in plaintext.
+        if let BrokerConfig::External { url, .. } = &cfg.broker {
+            let tls = cfg.external.transport.is_tls();
+            anyhow::ensure!(
+                url.starts_with("mqtts://") == tls,
+                "broker.url `{url}`: the resolved transport is {}; refusing to start",
+                if tls { "TLS" } else { "plaintext" }
+            );
+        }
+        // The store, the artifacts and the keys live here: 0700, with nothing in it open to group or others.
+        let data_dir = cfg.data_dir.clone();
+        let tightened = tokio::task::spawn_blocking(move || edgeloop_common::private::dir(&data_dir))
+            .await?
             .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
+        if let Some(first) = tightened.first() {
+            tracing::warn!(data_dir = %cfg.data_dir.display(), paths = tightened.len(), first = %first.display(), "the data directory was open to group or others; removed their access");
+        }
         let dir = cfg.data_dir.join("store");
         let durability = cfg.durability;
         let data_dir = cfg.data_dir.clone();
@@ -234,8 +249,9 @@ impl ControlPlane {
             if let Some(u) = &e.username {
                 o.set_credentials(u.clone(), e.password.clone().unwrap_or_default());
             }
-            if let Some(tls) = e.tls_ca.as_deref().and_then(|ca| edgeloop_common::tls::client_config(ca).ok()) {
-                o.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(Arc::new(tls))));
+            // Resolved with the config: `mqtts://` always holds a working TLS configuration here.
+            if let edgeloop_common::tls::Transport::Tls(tls) = &e.transport {
+                o.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls.clone())));
             }
         };
         let mut options =

@@ -2,6 +2,7 @@
 //! signal seed, and is fed through its own in-process channel source.
 
 use crate::signals::Generator;
+use anyhow::Context;
 use edgeloop_agent::config::AgentConfig;
 use edgeloop_agent::source::channel::ChannelSource;
 use edgeloop_agent::source::Sample;
@@ -123,7 +124,7 @@ pub async fn start(spec: &FleetSpec, n: usize, cancel: &CancellationToken) -> an
         cfg.identity.enroll = spec.enroll.get(&class.class).cloned();
         cfg.trusted_keys = spec.trusted_keys.clone();
         if let Some(ca) = &spec.tls_ca {
-            (cfg.mqtt_tls, cfg.tls_ca) = (true, Some(ca.clone()));
+            cfg.use_tls(ca).with_context(|| format!("{id}: the fleet's CA"))?;
         }
         (spec.customise)(&mut cfg);
         let (tx, source) = ChannelSource::new(1024);

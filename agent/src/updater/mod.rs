@@ -96,10 +96,11 @@ impl Files {
 
     /// Replaces the pointer atomically and durably: temporary file, fsync, rename, fsync of the directory.
     pub fn save_pointer(&self, p: &Pointer) -> anyhow::Result<()> {
-        std::fs::create_dir_all(&self.dir).with_context(|| format!("creating {}", self.dir.display()))?;
+        edgeloop_common::private::dir(&self.dir)?;
         let tmp = self.dir.join("updates.cbor.tmp");
         let bytes = edgeloop_common::signing::to_cbor(p);
-        let mut f = std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+        let mut f =
+            edgeloop_common::private::create_file(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
         f.write_all(&bytes)?;
         f.sync_all()?;
         std::fs::rename(&tmp, self.pointer())?;
@@ -484,7 +485,7 @@ impl Updater {
                 return Err(e);
             }
             let dir = final2.parent().expect("models dir");
-            std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+            edgeloop_common::private::dir(dir).map_err(|e| e.to_string())?;
             std::fs::rename(&part2, &final2).map_err(|e| format!("moving the artifact into place: {e}"))?;
             std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(|e| format!("syncing {}: {e}", dir.display()))
         })
@@ -499,7 +500,11 @@ impl Updater {
         use tokio::io::AsyncWriteExt;
         let io = |e: std::io::Error| Fetch::Fatal(format!("staging file {}: {e}", part.display()));
         if let Some(dir) = part.parent() {
-            tokio::fs::create_dir_all(dir).await.map_err(io)?;
+            let dir = dir.to_path_buf();
+            tokio::task::spawn_blocking(move || edgeloop_common::private::dir(&dir))
+                .await
+                .map_err(|e| Fetch::Fatal(e.to_string()))?
+                .map_err(|e| Fetch::Fatal(e.to_string()))?;
         }
         let mut have = tokio::fs::metadata(part).await.map(|md| md.len()).unwrap_or(0);
         if have > m.size {
@@ -531,6 +536,7 @@ impl Updater {
             state::accept_chunk(have, len as usize, m.size).map_err(Fetch::Fatal)?;
         }
         let mut file = tokio::fs::OpenOptions::new()
+            .mode(0o600)
             .create(true)
             .write(true)
             .append(append)

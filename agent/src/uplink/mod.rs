@@ -72,13 +72,9 @@ impl Uplink {
         key: Arc<Ed25519KeyPair>,
     ) -> Self {
         let mut options = MqttOptions::new(cfg.device_id.clone(), cfg.mqtt_host.clone(), cfg.mqtt_port);
-        if cfg.mqtt_tls {
-            // Validated when the config was loaded.
-            if let Some(tls) = cfg.tls_ca.as_deref().and_then(|ca| edgeloop_common::tls::client_config(ca).ok()) {
-                options.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(
-                    Arc::new(tls),
-                )));
-            }
+        // Resolved with the config: `mqtts://` always holds a working TLS configuration here.
+        if let edgeloop_common::tls::Transport::Tls(tls) = &cfg.mqtt_transport {
+            options.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls.clone())));
         }
         options
             .set_keep_alive(cfg.keep_alive)

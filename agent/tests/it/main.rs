@@ -1,5 +1,7 @@
 //! The agent binary, as an operator runs it.
 
+mod hardening;
+
 use std::process::Command;
 
 #[test]

@@ -203,7 +203,7 @@ async fn fleet_works_through_mosquitto() {
         c.external = edgeloop_control_plane::config::ExternalLogin {
             username: Some("edgeloop-control-plane".into()),
             password: Some(std::fs::read_to_string(&pw).unwrap()),
-            tls_ca: None,
+            transport: edgeloop_common::tls::Transport::Plain,
         };
     })
     .await;

@@ -1,0 +1,103 @@
+//! Private directories and files.
+//!
+//! The agent's and the control plane's data directories hold telemetry, keys, credentials and models. They are
+//! created 0700, whatever the umask, and the files edgeloop writes in them 0600, so that no other local user
+//! can read them. A directory left with looser modes by an older version, a copy or a restore is tightened
+//! when it is opened: group and other lose every bit, on it and on everything under it.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// A directory or file could not be made private.
+#[derive(Debug, thiserror::Error)]
+#[error("making {} private: {source}", path.display())]
+pub struct PrivateError {
+    pub path: PathBuf,
+    pub source: std::io::Error,
+}
+
+fn at(path: &Path) -> impl FnOnce(std::io::Error) -> PrivateError + '_ {
+    move |source| PrivateError { path: path.to_path_buf(), source }
+}
+
+/// Creates `dir` with mode 0700 if it is missing (its missing parents get the usual modes), then removes
+/// group and other access from it and from everything under it. Returns the paths whose modes changed, for
+/// the caller to log; empty for a fresh directory or one that was already private.
+pub fn dir(dir: &Path) -> Result<Vec<PathBuf>, PrivateError> {
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(at(parent))?;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => {}
+        Err(e) => return Err(at(dir)(e)),
+    }
+    let mut changed = Vec::new();
+    tighten(dir, &mut changed)?;
+    Ok(changed)
+}
+
+/// Removes group and other access from `path` and, for a directory, from everything under it. Symbolic links
+/// are neither followed nor changed.
+fn tighten(path: &Path, changed: &mut Vec<PathBuf>) -> Result<(), PrivateError> {
+    let meta = std::fs::symlink_metadata(path).map_err(at(path))?;
+    if meta.file_type().is_symlink() {
+        return Ok(());
+    }
+    let mode = meta.permissions().mode();
+    if mode & 0o077 != 0 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o7700)).map_err(at(path))?;
+        changed.push(path.to_path_buf());
+    }
+    if meta.is_dir() {
+        for entry in std::fs::read_dir(path).map_err(at(path))? {
+            tighten(&entry.map_err(at(path))?.path(), changed)?;
+        }
+    }
+    Ok(())
+}
+
+/// Creates (or truncates) `path` for writing with mode 0600.
+pub fn create_file(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn fresh_directories_are_private_and_loose_ones_are_tightened() {
+        let root = tempfile::tempdir().unwrap();
+        let d = root.path().join("a/data");
+        assert_eq!(dir(&d).unwrap(), Vec::<PathBuf>::new(), "nothing to tighten in a fresh directory");
+        assert_eq!(mode(&d), 0o700);
+        let f = d.join("f");
+        drop(create_file(&f).unwrap());
+        assert_eq!(mode(&f), 0o600);
+
+        // As an older version left it: 0755 directories and 0644 files, one of them a level down.
+        let sub = d.join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        std::fs::write(sub.join("g"), b"x").unwrap();
+        for (p, m) in [(&d, 0o755), (&sub, 0o775), (&f, 0o644), (&sub.join("g"), 0o666)] {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+        }
+        let outside = root.path().join("outside");
+        std::fs::write(&outside, b"x").unwrap();
+        std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::os::unix::fs::symlink(&outside, d.join("link")).unwrap();
+
+        let mut changed = dir(&d).unwrap();
+        changed.sort();
+        assert_eq!(changed, vec![d.clone(), d.join("f"), sub.clone(), sub.join("g")]);
+        assert_eq!((mode(&d), mode(&sub), mode(&f), mode(&sub.join("g"))), (0o700, 0o700, 0o600, 0o600));
+        assert_eq!(mode(&outside), 0o644, "a link's target outside is left alone");
+        assert_eq!(dir(&d).unwrap(), Vec::<PathBuf>::new(), "tightened once");
+    }
+}
