@@ -13,12 +13,14 @@
 //! - [`signing`]: Ed25519 signatures over CBOR bytes, key ids and trusted-key lists (rotation).
 //! - [`tls`]: rustls client and server settings (ring provider, trust pinned to the fleet's CA).
 //! - [`update`]: the model manifest, the per-device desired state and update reports.
+//! - [`enroll`]: the enrollment request a device signs with its own key (proof that it holds the key).
 //! - [`durable`]: a sled database whose commit is power-loss durable (flush, then `fdatasync`).
 //!
 //! The agent and the control plane never depend on each other; whatever they must agree on lives here.
 
 pub mod config;
 pub mod durable;
+pub mod enroll;
 pub mod envelope;
 pub mod features;
 pub mod gaps;
