@@ -2,7 +2,8 @@
 //! enrolling, and the enrollment call itself.
 //!
 //! Every envelope the agent sends is signed with the key, so a client that reaches the broker still cannot
-//! speak for this device. The key never leaves the device; enrollment sends only the public half.
+//! speak for this device. The key never leaves the device; enrollment sends only the public half, in a request
+//! signed with the private half, which proves the device holds it.
 
 use anyhow::Context;
 use ring::signature::{Ed25519KeyPair, KeyPair};
@@ -134,16 +135,9 @@ impl IdentityConfig {
     }
 }
 
-#[derive(Serialize)]
-struct EnrollBody<'a> {
-    device: &'a str,
-    class: &'a str,
-    public_key: String,
-    token: &'a str,
-}
-
-/// Enrolls once. A refusal (4xx) is final and names the reason; a network or server error is `Ok(None)`, to
-/// retry.
+/// Enrolls once, with a request signed with the device key and stamped with the device's clock (the control
+/// plane refuses one more than 10 minutes off its own clock). A refusal (4xx) is final and names the reason;
+/// a network or server error is `Ok(None)`, to retry.
 pub async fn enroll_once(
     http: &reqwest::Client,
     e: &Enroll,
@@ -152,7 +146,7 @@ pub async fn enroll_once(
     pair: &Ed25519KeyPair,
 ) -> anyhow::Result<Option<Credentials>> {
     let url = format!("{}/api/v1/enroll", e.url.trim_end_matches('/'));
-    let body = EnrollBody { device, class, public_key: public_key_hex(pair), token: &e.token };
+    let body = edgeloop_common::enroll::EnrollRequest::signed(pair, device, class, &e.token, edgeloop_common::unix_millis());
     let resp = match http.post(&url).json(&body).send().await {
         Ok(r) => r,
         Err(err) => {

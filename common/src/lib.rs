@@ -13,6 +13,7 @@
 //! - [`signing`]: Ed25519 signatures over CBOR bytes, key ids and trusted-key lists (rotation).
 //! - [`tls`]: rustls client and server settings (ring provider, trust pinned to the fleet's CA).
 //! - [`update`]: the model manifest, the per-device desired state and update reports.
+//! - [`enroll`]: the enrollment request a device signs with its own key (proof that it holds the key).
 //! - [`durable`]: a sled database whose commit is power-loss durable (flush, then `fdatasync`), in a private
 //!   directory.
 //! - [`private`]: data directories created 0700 and files 0600; looser modes are tightened on open.
@@ -21,6 +22,7 @@
 
 pub mod config;
 pub mod durable;
+pub mod enroll;
 pub mod envelope;
 pub mod features;
 pub mod gaps;

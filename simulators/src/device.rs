@@ -26,11 +26,20 @@ pub async fn enrollment_token(api: SocketAddr, class: &str, uses: u32) -> anyhow
 /// Enrolls `device` of `class` with `key`; returns its MQTT credentials.
 pub async fn enroll(api: SocketAddr, device: &str, class: &str, key: &Ed25519KeyPair) -> anyhow::Result<Credentials> {
     let token = enrollment_token(api, class, 1).await?;
-    let body = serde_json::json!({
-        "device": device, "class": class, "token": token,
-        "public_key": edgeloop_common::signing::hex(key.public_key().as_ref()),
-    });
-    let (status, text) = http::post_json(api, "/api/v1/enroll", &body).await?;
+    enroll_with_token(api, device, class, key, &token).await
+}
+
+/// Enrolls `device` of `class` with `key` and an existing enrollment token, in a request signed with `key`
+/// and stamped now; returns its MQTT credentials.
+pub async fn enroll_with_token(
+    api: SocketAddr,
+    device: &str,
+    class: &str,
+    key: &Ed25519KeyPair,
+    token: &str,
+) -> anyhow::Result<Credentials> {
+    let req = edgeloop_common::enroll::EnrollRequest::signed(key, device, class, token, edgeloop_common::unix_millis());
+    let (status, text) = http::post_json(api, "/api/v1/enroll", &serde_json::to_value(&req)?).await?;
     anyhow::ensure!(status == 200, "enrolling {device}: HTTP {status}: {text}");
     Ok(serde_json::from_str(&text)?)
 }

@@ -187,13 +187,7 @@ async fn enroll_and_connect(
     id: String,
 ) -> anyhow::Result<LoadDevice> {
     let key = crate::device::new_key();
-    let body = serde_json::json!({
-        "device": id, "class": CLASS, "token": token,
-        "public_key": edgeloop_common::signing::hex(key.public_key().as_ref()),
-    });
-    let (status, text) = http::post_json(api, "/api/v1/enroll", &body).await?;
-    anyhow::ensure!(status == 200, "enrolling {id}: HTTP {status}: {text}");
-    let creds: edgeloop_agent::identity::Credentials = serde_json::from_str(&text)?;
+    let creds = crate::device::enroll_with_token(api, &id, CLASS, &key, &token).await?;
     let mut opts = MqttOptions::new(id.clone(), mqtt.0, mqtt.1);
     opts.set_max_packet_size(1 << 20, 1 << 20).set_keep_alive(Duration::from_secs(60));
     opts.set_credentials(creds.username, creds.password);

@@ -3,7 +3,7 @@
 
 use super::error::{json, ApiError};
 use super::AppState;
-use crate::enrollment::{Credentials, EnrollError, Enrolled, EnrollmentToken};
+use crate::enrollment::{Credentials, EnrollError, EnrollRequest, Enrolled, EnrollmentToken};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -14,10 +14,10 @@ impl From<EnrollError> for ApiError {
     fn from(e: EnrollError) -> Self {
         match e {
             EnrollError::Bad(d) => ApiError::bad_request(d),
-            EnrollError::Token(_) | EnrollError::Revoked(_) => {
+            EnrollError::Proof(_) | EnrollError::Token(_) | EnrollError::Replayed { .. } | EnrollError::Revoked(_) => {
                 ApiError { status: StatusCode::FORBIDDEN, error: "forbidden", detail: e.to_string() }
             }
-            EnrollError::Conflict(_) => {
+            EnrollError::Conflict(_) | EnrollError::ClassFixed { .. } => {
                 ApiError { status: StatusCode::CONFLICT, error: "conflict", detail: e.to_string() }
             }
             EnrollError::Store(d) => ApiError::internal(d),
@@ -25,27 +25,16 @@ impl From<EnrollError> for ApiError {
     }
 }
 
-#[derive(Deserialize, Serialize, Debug)]
-#[serde(deny_unknown_fields)]
-pub struct EnrollRequest {
-    pub device: String,
-    pub class: String,
-    /// The device's Ed25519 public key, 64 hex digits.
-    pub public_key: String,
-    pub token: String,
-}
-
+/// Enrolls a device from a request signed with its key (protocol.md, "Enrollment").
 pub async fn enroll(
     State(s): State<AppState>,
     body: Result<Json<EnrollRequest>, JsonRejection>,
 ) -> Result<Json<Credentials>, ApiError> {
     let r = json(body)?;
     let en = s.enrollment.clone();
-    let creds = tokio::task::spawn_blocking(move || {
-        en.enroll(&r.device, &r.class, &r.public_key, &r.token, edgeloop_common::unix_millis())
-    })
-    .await
-    .map_err(ApiError::internal)?;
+    let creds = tokio::task::spawn_blocking(move || en.enroll(&r, edgeloop_common::unix_millis()))
+        .await
+        .map_err(ApiError::internal)?;
     if let Err(e) = &creds {
         s.metrics.reject("enrollment_refused");
         tracing::warn!(error = %e, "enrollment refused");

@@ -386,11 +386,10 @@ mod tests {
         )
         .with_enrollment(Some(en.clone()));
         let key = |seed: u8| ring::signature::Ed25519KeyPair::from_seed_unchecked(&[seed; 32]).unwrap();
-        use ring::signature::KeyPair;
         let (a, b) = (key(1), key(2));
         let (_, token) = en.create_token("c", 5, u64::MAX, 0).unwrap();
-        en.enroll("dev-a", "c", &edgeloop_common::signing::hex(a.public_key().as_ref()), &token, 1).unwrap();
-        en.enroll("dev-b", "c", &edgeloop_common::signing::hex(b.public_key().as_ref()), &token, 1).unwrap();
+        en.enroll(&crate::enrollment::EnrollRequest::signed(&a, "dev-a", "c", &token, 1), 1).unwrap();
+        en.enroll(&crate::enrollment::EnrollRequest::signed(&b, "dev-b", "c", &token, 1), 1).unwrap();
         let signed = |device: &str, k: &ring::signature::Ed25519KeyPair| {
             let mut env = envelope::decode(&batch(device, 1, &[1, 2]), DEFAULT_MAX_MESSAGE_BYTES).unwrap();
             env.sign(k);

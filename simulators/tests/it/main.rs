@@ -5,6 +5,7 @@ mod chaos;
 mod cross_process;
 mod dashboard;
 mod demo;
+mod enrollment;
 mod fleet;
 mod front;
 mod learning;
