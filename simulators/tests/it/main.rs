@@ -6,6 +6,7 @@ mod cross_process;
 mod dashboard;
 mod demo;
 mod fleet;
+mod flood;
 mod learning;
 mod load;
 mod malformed;
