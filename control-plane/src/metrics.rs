@@ -10,6 +10,8 @@ pub struct Metrics {
     pub messages_received: AtomicU64,
     pub records_ingested: AtomicU64,
     pub records_duplicate: AtomicU64,
+    /// Records a device deleted past the acknowledged point that were never stored (ingest's recovery).
+    pub records_lost: AtomicU64,
     pub status_messages: AtomicU64,
     pub update_reports: AtomicU64,
     pub desired_published: AtomicU64,
@@ -50,6 +52,12 @@ impl Metrics {
             "edgeloop_records_duplicate_total",
             "Telemetry records received again and not stored twice.",
             get(&self.records_duplicate),
+        );
+        counter(
+            &mut out,
+            "edgeloop_records_lost_total",
+            "Records a device deleted past the acknowledged point that were never stored.",
+            get(&self.records_lost),
         );
         counter(&mut out, "edgeloop_status_messages_total", "Heartbeats received.", get(&self.status_messages));
         counter(&mut out, "edgeloop_update_reports_total", "Model update reports received.", get(&self.update_reports));

@@ -119,6 +119,16 @@ impl TelemetryStore {
         Ok(Some(rec))
     }
 
+    /// The sequence numbers stored for `device` within `from..=to`, ascending.
+    pub fn seqs_in(&self, device: &str, from: u64, to: u64) -> Result<Vec<u64>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.records.range(key(device, from)..=key(device, to)) {
+            let (k, _) = kv?;
+            out.push(seq_of(&k));
+        }
+        Ok(out)
+    }
+
     /// Number of records stored for `device`.
     pub fn count(&self, device: &str) -> Result<u64, StoreError> {
         let mut n = 0;

@@ -7,6 +7,7 @@ mod dashboard;
 mod demo;
 mod enrollment;
 mod fleet;
+mod flood;
 mod front;
 mod learning;
 mod load;
