@@ -3,7 +3,7 @@
 
 use crate::http;
 use edgeloop_agent::identity::Credentials;
-use ring::signature::{Ed25519KeyPair, KeyPair};
+use ring::signature::Ed25519KeyPair;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet};
 use std::net::SocketAddr;
 

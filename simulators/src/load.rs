@@ -19,7 +19,6 @@ use crate::http;
 use anyhow::Context;
 use edgeloop_common::envelope::{self, Body, Envelope, Record, TelemetryBatch};
 use edgeloop_common::topics::{self, Channel};
-use ring::signature::KeyPair;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde::Serialize;
 use std::collections::VecDeque;

@@ -548,7 +548,6 @@ mod tests {
         rate: f64,
         devices: &[&str],
     ) -> (Ingestor, Vec<ring::signature::Ed25519KeyPair>) {
-        use ring::signature::KeyPair;
         let db = DurableDb::open(dir, Durability::Flush).unwrap();
         let en = Arc::new(crate::enrollment::Enrollment::open(&db).unwrap());
         let registry = Arc::new(Registry::open(&db).unwrap());
@@ -565,7 +564,7 @@ mod tests {
             .map(|seed| ring::signature::Ed25519KeyPair::from_seed_unchecked(&[seed; 32]).unwrap())
             .collect();
         for (d, k) in devices.iter().zip(&keys) {
-            en.enroll(d, "c", &edgeloop_common::signing::hex(k.public_key().as_ref()), &token, 1).unwrap();
+            en.enroll(&crate::enrollment::EnrollRequest::signed(k, d, "c", &token, 1), 1).unwrap();
         }
         (ing, keys)
     }

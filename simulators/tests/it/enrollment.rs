@@ -233,8 +233,8 @@ async fn revoke_racing_reenrollment_stays_revoked() {
             })
         });
         let renewals: Vec<_> = renewals.collect();
-        let revoke = http::post_json(api, &format!("/api/v1/devices/{id}/revoke"), &json!({}));
-        let (status, answer) = revoke.await.unwrap();
+        let (path, body) = (format!("/api/v1/devices/{id}/revoke"), json!({}));
+        let (status, answer) = http::post_json(api, &path, &body).await.unwrap();
         assert_eq!(status, 200, "{answer}");
         let mut passwords = vec![first.password];
         for r in renewals {

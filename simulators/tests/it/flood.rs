@@ -50,7 +50,7 @@ async fn a_flooding_device_does_not_delay_the_others() {
     let cancel = CancellationToken::new();
     let mut class = edgeloop_simulators::class_config(CLASS).unwrap();
     class.uplink.ack_timeout_secs = 1;
-    let mut spec = FleetSpec::new(vec![class], cp.mqtt_addr.clone(), &dir.path().join("agents"));
+    let mut spec = FleetSpec::new(vec![class], cp.mqtt_addr.clone(), &dir.path().join("agents"), cp.trusted_key.clone());
     spec.enroll_with(cp.api_addr, 1).await.unwrap();
     let mut devices = fleet::start(&spec, 1, &cancel).await.unwrap();
     let outbox = devices[0].agent.outbox.clone();
