@@ -3,7 +3,9 @@
 //! sha256 on disk) and the operators' labels that training uses.
 //!
 //! Versions and pointers live in sled and are committed durably; an artifact file is written to a temporary
-//! name, synced and renamed before the version that points at it is recorded.
+//! name, synced and renamed before the version that points at it is recorded. Version numbers are allocated
+//! atomically from a counter per model line, so a training and an upload running side by side never get the
+//! same one, and a recorded version is never overwritten.
 
 use crate::dataset::{Label, QualityReport};
 use crate::store::StoreError;
@@ -172,9 +174,28 @@ pub fn decide(
     }
 }
 
+/// Why a version could not be allocated or recorded.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("model `{name}` version {version} is already registered; a version is never overwritten")]
+    VersionTaken { name: String, version: u32 },
+    #[error("model `{name}`: no version number is left after {last}")]
+    VersionsExhausted { name: String, last: u32 },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<sled::Error> for ModelError {
+    fn from(e: sled::Error) -> Self {
+        ModelError::Store(e.into())
+    }
+}
+
 pub struct ModelRegistry {
     db: DurableDb,
     versions: sled::Tree,
+    /// The last version number allocated per model line (big-endian `u32`).
+    allocated: sled::Tree,
     production: sled::Tree,
     labels: sled::Tree,
     artifacts: PathBuf,
@@ -216,6 +237,7 @@ impl ModelRegistry {
         })?;
         Ok(ModelRegistry {
             versions: db.tree("model_versions")?,
+            allocated: db.tree("model_version_counters")?,
             production: db.tree("production")?,
             labels: db.tree("labels")?,
             db: db.clone(),
@@ -245,28 +267,66 @@ impl ModelRegistry {
         (is_sha256(sha) && p.is_file()).then_some(p)
     }
 
-    pub fn next_version(&self, name: &str) -> Result<u32, StoreError> {
-        Ok(self.list_of(name)?.last().map_or(1, |m| m.version + 1))
+    /// Allocates the next version number of a model line: above every number allocated before and every
+    /// version recorded, and never the same for two callers, however many run at once (an atomic update of
+    /// the line's counter). A number whose model is never recorded (a training that failed after it) is a gap.
+    pub fn next_version(&self, name: &str) -> Result<u32, ModelError> {
+        // Versions recorded before the counter existed count too; after that every version comes from it.
+        let recorded = self.highest_recorded(name)?;
+        let mut exhausted = None;
+        let new = self.allocated.update_and_fetch(name.as_bytes(), |old| {
+            let last = old.and_then(|v| <[u8; 4]>::try_from(v).ok()).map_or(0, u32::from_be_bytes).max(recorded);
+            exhausted = None;
+            match last.checked_add(1) {
+                Some(next) => Some(next.to_be_bytes().to_vec()),
+                None => {
+                    exhausted = Some(last);
+                    old.map(<[u8]>::to_vec)
+                }
+            }
+        })?;
+        if let Some(last) = exhausted {
+            return Err(ModelError::VersionsExhausted { name: name.to_string(), last });
+        }
+        let next = new.and_then(|v| <[u8; 4]>::try_from(v.as_ref()).ok()).map(u32::from_be_bytes);
+        next.ok_or_else(|| {
+            ModelError::Store(StoreError::Corrupt {
+                device: format!("model_version_counters {name}"),
+                seq: 0,
+                reason: "the counter is not 4 bytes".into(),
+            })
+        })
     }
 
-    /// Records a version (and the production pointer if it was promoted), durably. Blocking.
-    pub fn insert(&self, m: &ModelVersion) -> Result<(), StoreError> {
-        self.versions.insert(version_key(&m.name, m.version), encode(m))?;
+    /// The highest version recorded for a model line (0 when none), read from the keys alone.
+    fn highest_recorded(&self, name: &str) -> Result<u32, StoreError> {
+        let mut prefix = name.as_bytes().to_vec();
+        prefix.push(0);
+        for k in self.versions.scan_prefix(&prefix).keys().rev() {
+            // A longer name that starts with this one and a NUL has a longer key: not this line.
+            if let Ok(v) = <[u8; 4]>::try_from(&k?[prefix.len()..]) {
+                return Ok(u32::from_be_bytes(v));
+            }
+        }
+        Ok(0)
+    }
+
+    /// Records a version (and the production pointer if it was promoted), durably. Refuses a version that is
+    /// already recorded: allocate it with [`ModelRegistry::next_version`]. Blocking.
+    pub fn insert(&self, m: &ModelVersion) -> Result<(), ModelError> {
+        let key = version_key(&m.name, m.version);
+        if self.versions.compare_and_swap(key, None as Option<&[u8]>, Some(encode(m)))?.is_err() {
+            return Err(ModelError::VersionTaken { name: m.name.clone(), version: m.version });
+        }
         if m.promotion.promoted {
             self.production.insert(m.name.as_bytes(), encode(&(m.name.clone(), m.version)))?;
         }
-        self.db.commit()?;
+        self.db.commit().map_err(StoreError::from)?;
         Ok(())
     }
 
     pub fn get(&self, name: &str, version: u32) -> Result<Option<ModelVersion>, StoreError> {
         self.versions.get(version_key(name, version))?.map(|v| decode(name, &v)).transpose()
-    }
-
-    fn list_of(&self, name: &str) -> Result<Vec<ModelVersion>, StoreError> {
-        let mut prefix = name.as_bytes().to_vec();
-        prefix.push(0);
-        self.versions.scan_prefix(prefix).map(|kv| decode(name, &kv?.1)).collect()
     }
 
     /// The version whose artifact has this sha256.
@@ -364,6 +424,96 @@ mod tests {
         ciborium::into_writer(&new, &mut bytes).unwrap();
         assert_eq!(ciborium::from_reader::<Promotion, _>(&bytes[..]).unwrap(), new);
         assert!(!serde_json::to_string(&decide("test_auc", 0.95, None, true, 0.0)).unwrap().contains("margin"));
+    }
+
+    /// A version of `name` whose sha256 names the caller `tag`, so that the test can tell whose it is.
+    fn sample(name: &str, version: u32, tag: u64) -> ModelVersion {
+        ModelVersion {
+            name: name.into(),
+            version,
+            class: "press".into(),
+            sensor: "t".into(),
+            kind: "autoencoder".into(),
+            sha256: format!("{tag:064}"),
+            size: 10,
+            input_shape: vec![-1, 4],
+            output_shape: vec![-1, 1],
+            gaps: Default::default(),
+            pipeline: PipelineSpec { version: 1, sensors: vec![] },
+            threshold: 1.0,
+            golden: vec![],
+            lineage: Lineage {
+                dataset_hash: String::new(),
+                dataset_report: Default::default(),
+                hyper: Default::default(),
+                trials: vec![],
+                seed: 0,
+                metrics: Metrics::default(),
+                threshold_source: String::new(),
+                code_version: String::new(),
+                reference: Default::default(),
+                selection: String::new(),
+            },
+            created_ms: 0,
+            promotion: decide("test_loss", 0.5, Some((1, 0.1)), false, 0.0),
+            frames: 1,
+        }
+    }
+
+    #[test]
+    fn concurrent_uploads_and_trainings_get_distinct_versions() {
+        use std::sync::{Arc, Barrier};
+        let dir = tempfile::tempdir().unwrap();
+        let db = DurableDb::open(&dir.path().join("db"), edgeloop_common::durable::Durability::Flush).unwrap();
+        let r = Arc::new(ModelRegistry::open(&db, dir.path()).unwrap());
+        // A version recorded before versions had a counter.
+        r.insert(&sample("press", 1, 0)).unwrap();
+        const TRAININGS: u64 = 8;
+        const UPLOADERS: u64 = 4;
+        const UPLOADS: u64 = 10;
+        // Trainings allocate their version before they export: all of them allocate before any records.
+        let exported = Arc::new(Barrier::new(TRAININGS as usize));
+        let mut threads = Vec::new();
+        for t in 0..TRAININGS {
+            let (r, exported) = (r.clone(), exported.clone());
+            threads.push(std::thread::spawn(move || {
+                let v = r.next_version("press").unwrap();
+                exported.wait();
+                r.insert(&sample("press", v, 1 + t)).unwrap();
+                vec![(v, 1 + t)]
+            }));
+        }
+        for u in 0..UPLOADERS {
+            let r = r.clone();
+            threads.push(std::thread::spawn(move || {
+                (0..UPLOADS)
+                    .map(|i| {
+                        let tag = 100 + u * UPLOADS + i;
+                        let v = r.next_version("press").unwrap();
+                        r.insert(&sample("press", v, tag)).unwrap();
+                        (v, tag)
+                    })
+                    .collect::<Vec<_>>()
+            }));
+        }
+        let got: Vec<(u32, u64)> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+        let total = (TRAININGS + UPLOADERS * UPLOADS) as usize;
+        let versions: std::collections::BTreeSet<u32> = got.iter().map(|g| g.0).collect();
+        assert_eq!(versions.len(), total, "two callers got the same version: {got:?}");
+        assert_eq!((versions.first(), versions.last()), (Some(&2), Some(&(1 + total as u32))));
+        // Every caller's model is stored under its version: none was overwritten by another.
+        for (v, tag) in &got {
+            assert_eq!(r.get("press", *v).unwrap().unwrap().sha256, format!("{tag:064}"), "version {v}");
+        }
+        assert_eq!(r.get("press", 1).unwrap().unwrap().sha256, format!("{:064}", 0));
+        // Recording a version again is refused and keeps the first.
+        let e = r.insert(&sample("press", 1, 999)).unwrap_err();
+        assert!(matches!(e, ModelError::VersionTaken { version: 1, .. }), "{e}");
+        assert_eq!(r.get("press", 1).unwrap().unwrap().sha256, format!("{:064}", 0));
+        // Another line has its own numbers, and a version recorded out of turn is skipped by the counter.
+        assert_eq!(r.next_version("press-classifier").unwrap(), 1);
+        r.insert(&sample("press-classifier", 5, 7)).unwrap();
+        assert_eq!(r.next_version("press-classifier").unwrap(), 6);
     }
 
     #[test]

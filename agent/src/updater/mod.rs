@@ -295,17 +295,12 @@ impl Updater {
             // The retained state comes again on every reconnect: the one already accepted is not news.
             Err(Rejection::Replayed { seq, last }) if seq == last => Ok(()),
             Err(r) => {
-                let unverified: Option<DesiredState> = ciborium::from_reader(&signed.payload[..]).ok();
                 tracing::warn!(reason = r.reason(), error = %r, "desired state refused");
-                // Echo the (unverified) sequence, rollout and model so that the operator and the rollout can tell
-                // which state was refused. Nothing else is taken from it.
-                let sha = unverified
-                    .as_ref()
-                    .and_then(|d| ciborium::from_reader::<Manifest, _>(&d.manifest.payload[..]).ok())
-                    .map(|m| m.sha256)
-                    .unwrap_or_default();
-                let mut rep = self.report(unverified.as_ref(), &sha, Phase::Rejected, format!("{}: {r}", r.reason()));
-                rep.seq = unverified.map_or(0, |d| d.seq);
+                // The report names the refused state only by what verified: nothing from a forgery, so that a
+                // forged state cannot pass for a refusal of one the control plane issued.
+                let refused = state::refused_state(&signed, &self.cfg.trusted, &self.me, now);
+                let mut rep = self.report(None, &refused.sha256, Phase::Rejected, r.report_reason());
+                (rep.seq, rep.rollout) = (refused.seq, refused.rollout);
                 self.send(rep);
                 Ok(())
             }

@@ -86,6 +86,41 @@ pub fn verify_desired(
     Ok((desired, manifest))
 }
 
+/// What a report of a refused desired state may say about the state: only what was signed by a trusted key
+/// for this device. Whoever made a state that does not verify chose every field of it, and a state for another
+/// device says nothing about this one: both give nothing. A verified state for this device gives its sequence
+/// and rollout and its model's sha256 (the manifest is inside what the signature covers).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RefusedState {
+    pub seq: u64,
+    pub rollout: Option<String>,
+    pub sha256: String,
+}
+
+/// The [`RefusedState`] of a desired state that [`verify_desired`] refused.
+pub fn refused_state(signed: &Signed, trusted: &[TrustedKey], me: &Identity, now_ms: u64) -> RefusedState {
+    let Ok(desired) = signed.verify::<DesiredState>(trusted, now_ms) else { return RefusedState::default() };
+    if desired.device != me.device {
+        return RefusedState::default();
+    }
+    let sha256 =
+        ciborium::from_reader::<Manifest, _>(&desired.manifest.payload[..]).map(|m| m.sha256).unwrap_or_default();
+    RefusedState { seq: desired.seq, rollout: desired.rollout, sha256 }
+}
+
+impl Rejection {
+    /// The reason a report gives: the code, and the details only where they come from a verified state (the
+    /// details of a failed signature check name a key id the sender chose).
+    pub fn report_reason(&self) -> String {
+        match self {
+            Rejection::DesiredSignature(e) => {
+                format!("{}: the desired state does not verify against a trusted key", e.reason())
+            }
+            r => format!("{}: {r}", r.reason()),
+        }
+    }
+}
+
 fn check_manifest(m: &Manifest, me: &Identity) -> Result<(), String> {
     if m.sha256.len() != 64 || !m.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(format!("sha256 `{}` is not 64 hex digits", m.sha256));

@@ -423,3 +423,47 @@ fn restart_mid_watch_with_the_new_model_gone_falls_back_to_the_previous() {
 fn watch_tracker_default_target_is_at_least_one() {
     assert_eq!(WatchTracker::new(0, 0).target, 1);
 }
+
+#[tokio::test]
+async fn refusal_of_a_forged_desired_state_reports_none_of_its_fields() {
+    let s = signer();
+    let forger = signer();
+    let (_, m) = good_model();
+    let mut r = rig(&s, "http://127.0.0.1:9", None);
+    let cancel = CancellationToken::new();
+    let state = |seq: u64, device: &str, class: &str| {
+        let now = unix_millis();
+        DesiredState {
+            device: device.into(),
+            class: class.into(),
+            seq,
+            issued_ms: now,
+            expires_ms: now + 600_000,
+            rollout: Some("r6".into()),
+            manifest: Signed::sign(&m, &s),
+            artifact: format!("/api/v1/artifacts/{}", m.sha256),
+            policy: UpdatePolicy::default(),
+        }
+    };
+    // Forgeries naming rollout r6, this model and the largest sequence: signed by an unknown key, signed by
+    // the trusted key and altered afterwards, and a genuine state for another device.
+    let unknown = Signed::sign(&state(u64::MAX, "d1", "press"), &forger);
+    let mut altered = Signed::sign(&state(1, "d1", "press"), &s);
+    altered.payload = edgeloop_common::signing::to_cbor(&state(u64::MAX, "d1", "press"));
+    let elsewhere = Signed::sign(&state(u64::MAX, "d2", "press"), &s);
+    for (forged, reason) in [(unknown, "unknown_key"), (altered, "bad_signature"), (elsewhere, "wrong_device")] {
+        r.up.handle(forged, &cancel).await.unwrap();
+        let rep = r.reports.try_recv().unwrap();
+        assert_eq!(rep.phase, Phase::Rejected);
+        assert!(rep.reason.starts_with(reason), "{}", rep.reason);
+        assert_eq!((rep.seq, rep.rollout, rep.sha256.as_str()), (0, None, ""), "{reason}: {}", rep.reason);
+        assert!(!rep.reason.contains(forger.key_id()), "{}", rep.reason);
+    }
+    assert_eq!(r.up.pointer.last_seq, 0, "nothing was accepted");
+    // A state that verified and is for this device, refused for its class, is named by its own fields.
+    r.up.handle(Signed::sign(&state(3, "d1", "city-traffic"), &s), &cancel).await.unwrap();
+    let rep = r.reports.try_recv().unwrap();
+    assert!(rep.reason.starts_with("wrong_class"), "{}", rep.reason);
+    assert_eq!((rep.seq, rep.rollout, rep.sha256), (3, Some("r6".to_string()), m.sha256.clone()));
+    assert_eq!(r.up.pointer.last_seq, 0);
+}

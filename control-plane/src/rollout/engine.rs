@@ -8,6 +8,10 @@
 //! *and* at how the model behaves on the devices: failed installs, shadow agreement, the anomaly rate against
 //! the previous model's baseline, p95 latency and devices lost offline. A breach pauses the rollout or rolls
 //! it back (a new, higher-sequence desired state pointing at the previous model on every device that got it).
+//!
+//! A device's report counts only when it is about a desired state the control plane issued to that device:
+//! the same sequence, rollout and model as the service's record ([`IssuedRun`]). Anyone can make an agent
+//! refuse a forged desired state; what it reports about the refusal is never taken as an install result.
 
 use edgeloop_common::update::{Phase, UpdatePolicy, UpdateReport};
 use serde::{Deserialize, Serialize};
@@ -251,6 +255,30 @@ pub struct Rollout {
     pub events: Vec<Event>,
 }
 
+/// What the control plane last issued to a device, as reports are judged against it: the desired states
+/// with sequences `first_seq..=last_seq`, which all carried this rollout and this model (a re-issue before
+/// expiry keeps both and takes the next sequence).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuedRun {
+    pub first_seq: u64,
+    pub last_seq: u64,
+    pub rollout: Option<String>,
+    pub sha256: String,
+}
+
+impl IssuedRun {
+    /// Whether a report is about one of these desired states.
+    pub fn covers(&self, r: &UpdateReport) -> bool {
+        (self.first_seq..=self.last_seq).contains(&r.seq) && r.rollout == self.rollout && r.sha256 == self.sha256
+    }
+
+    /// The newest report about one of these desired states, out of a device's report history: reports
+    /// about anything else (a forged desired state the agent refused, say) neither count nor hide it.
+    pub fn latest_report<'a>(&self, reports: impl IntoIterator<Item = &'a UpdateReport>) -> Option<&'a UpdateReport> {
+        reports.into_iter().filter(|r| self.covers(r)).max_by_key(|r| (r.at_ms, r.seq))
+    }
+}
+
 /// A device as the engine sees it in one tick.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FleetDevice {
@@ -260,6 +288,8 @@ pub struct FleetDevice {
     pub online: bool,
     /// Its latest update report.
     pub report: Option<UpdateReport>,
+    /// What the control plane last issued to it; `None` before anything was.
+    pub issued: Option<IssuedRun>,
 }
 
 /// A desired state for the service to issue.
@@ -392,13 +422,17 @@ impl Rollout {
         out
     }
 
-    /// Updates targets from the devices' latest reports about this rollout.
+    /// Updates targets from the devices' latest reports about this rollout. A report counts only if it is
+    /// about a desired state issued to that device: its sequence, rollout and model must be the issued ones.
     fn absorb(&mut self, fleet: &[FleetDevice]) {
         for d in fleet {
             let Some(t) = self.devices.get_mut(&d.id) else { continue };
             t.online = d.online;
             let Some(r) = &d.report else { continue };
             if r.rollout.as_deref() != Some(self.id.as_str()) || r.sha256 != t.sha256 {
+                continue;
+            }
+            if !d.issued.as_ref().is_some_and(|i| i.covers(r)) {
                 continue;
             }
             t.phase = Some(r.phase);

@@ -1,4 +1,4 @@
-//! The rollout shell: state in memory behind one lock, persisted to sled before anything is published.
+//! The rollout shell: state in memory, persisted to sled before anything is published.
 //!
 //! [`Rollouts::tick`] (blocking; the service loop calls it on the blocking pool) takes a snapshot of the fleet
 //! from the device registry, runs every live rollout's engine, turns the engine's commands into signed desired
@@ -6,9 +6,18 @@
 //! retained on `edgeloop/v1/{device}/down/desired` through its own MQTT client. At start it publishes every
 //! stored desired state again (an embedded broker forgets retained messages when it restarts), and it
 //! re-issues states that reach half their lifetime, so that none expires on a device that is merely offline.
+//!
+//! Two locks. Changes (a tick, a new rollout, an operator's action) take the writer lock, one at a time, on
+//! blocking threads: they decide with the pure engine on copies, sign and write sled, commit, and only then
+//! swap the new rollouts into the map that readers see. Readers (the API, the dashboard) take only that map's
+//! lock, for as long as it takes to clone a few `Arc`s, so they never wait for signing or a disk flush.
+//!
+//! Sequences come from the control plane's own record of what it issued to each device (the store's
+//! [`Issued`]), with checked arithmetic; the engine counts a device's report only when it is about one of
+//! those desired states.
 
-use super::engine::{Action, FleetDevice, Gates, ModelRef, OnBreach, Rollout, RolloutSpec, Stage, State};
-use super::store::{Issued, RolloutStore};
+use super::engine::{Action, FleetDevice, Gates, IssuedRun, ModelRef, OnBreach, Rollout, RolloutSpec, Stage, State};
+use super::store::{Issued, RolloutStore, SequenceExhausted};
 use crate::config::RolloutsConfig;
 use crate::metrics::Metrics;
 use crate::models::ModelRegistry;
@@ -70,7 +79,10 @@ pub enum RolloutError {
 
 pub struct Rollouts {
     store: RolloutStore,
-    rollouts: Mutex<BTreeMap<String, Rollout>>,
+    /// What readers see: every rollout as last committed. Held only to clone or swap `Arc`s.
+    rollouts: Mutex<BTreeMap<String, Arc<Rollout>>>,
+    /// Serialises changes; held across signing and sled writes, on blocking threads only. Readers never take it.
+    writer: Mutex<Writer>,
     tags: Mutex<HashMap<String, Vec<String>>>,
     signer: Signer,
     models: Arc<ModelRegistry>,
@@ -78,9 +90,25 @@ pub struct Rollouts {
     metrics: Arc<Metrics>,
     cfg: RolloutsConfig,
     offline_after_ms: u64,
-    last_refresh: Mutex<u64>,
     /// Wakes the loop early (a rollout was created or acted on).
     pub kick: tokio::sync::Notify,
+}
+
+/// What only changes need, kept under the writer lock.
+struct Writer {
+    /// What was last issued to each device, as committed: the engine judges reports against it.
+    issued: HashMap<String, IssuedRun>,
+    last_refresh: u64,
+}
+
+/// Why one desired state was not issued.
+#[derive(Debug, thiserror::Error)]
+enum IssueError {
+    /// This device can get no more desired states; the others go on.
+    #[error(transparent)]
+    Exhausted(#[from] SequenceExhausted),
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// A message for the publisher: topic and payload.
@@ -96,11 +124,13 @@ impl Rollouts {
         cfg: RolloutsConfig,
         offline_after_ms: u64,
     ) -> Result<Rollouts, StoreError> {
-        let rollouts = store.rollouts()?.into_iter().map(|r| (r.id.clone(), r)).collect();
+        let rollouts = store.rollouts()?.into_iter().map(|r| (r.id.clone(), Arc::new(r))).collect();
         let tags = store.all_tags()?;
+        let issued = store.all_issued()?.into_iter().map(|(device, i)| (device, i.run())).collect();
         Ok(Rollouts {
             store,
             rollouts: Mutex::new(rollouts),
+            writer: Mutex::new(Writer { issued, last_refresh: 0 }),
             tags: Mutex::new(tags),
             signer,
             models,
@@ -108,7 +138,6 @@ impl Rollouts {
             metrics,
             cfg,
             offline_after_ms,
-            last_refresh: Mutex::new(0),
             kick: tokio::sync::Notify::new(),
         })
     }
@@ -121,19 +150,37 @@ impl Rollouts {
         self.signer.public_key_hex()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Rollout>> {
-        self.rollouts.lock().unwrap_or_else(|p| p.into_inner())
+    /// The committed rollouts, as shared handles: the map's lock is held only while they are cloned.
+    fn snapshot(&self) -> Vec<Arc<Rollout>> {
+        self.rollouts.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+    }
+
+    /// Makes committed rollouts visible to readers.
+    fn publish_rollouts(&self, changed: Vec<Rollout>) {
+        if changed.is_empty() {
+            return;
+        }
+        let changed: Vec<Arc<Rollout>> = changed.into_iter().map(Arc::new).collect();
+        let mut all = self.rollouts.lock().unwrap_or_else(|p| p.into_inner());
+        for r in changed {
+            all.insert(r.id.clone(), r);
+        }
+    }
+
+    fn write(&self) -> std::sync::MutexGuard<'_, Writer> {
+        self.writer.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Every rollout, oldest first.
     pub fn list(&self) -> Vec<Rollout> {
-        let mut all: Vec<Rollout> = self.lock().values().cloned().collect();
+        let mut all: Vec<Rollout> = self.snapshot().iter().map(|r| Rollout::clone(r)).collect();
         all.sort_by_key(|r| (r.created_ms, r.id.len(), r.id.clone()));
         all
     }
 
     pub fn get(&self, id: &str) -> Option<Rollout> {
-        self.lock().get(id).cloned()
+        let r = self.rollouts.lock().unwrap_or_else(|p| p.into_inner()).get(id).cloned();
+        r.map(|r| Rollout::clone(&r))
     }
 
     pub fn tags(&self, device: &str) -> Vec<String> {
@@ -172,11 +219,12 @@ impl Rollouts {
                 req.model
             )));
         }
-        let mut all = self.lock();
+        let _w = self.write();
+        let all = self.snapshot();
         let previous = match &req.previous {
             Some((n, v)) => Some(self.model_ref(n, *v)?.0),
             None => all
-                .values()
+                .iter()
                 .filter(|r| r.spec.class == class && r.state == State::Completed && r.spec.model != model)
                 .max_by_key(|r| r.created_ms)
                 .map(|r| r.spec.model.clone())
@@ -202,48 +250,56 @@ impl Rollouts {
         };
         spec.validate().map_err(RolloutError::BadRequest)?;
         let id = format!("r{}", all.len() + 1);
-        for r in all.values_mut().filter(|r| r.spec.class == class && !r.superseded) {
+        let mut changed = Vec::new();
+        for old in all.iter().filter(|r| r.spec.class == class && !r.superseded) {
+            let mut r = Rollout::clone(old);
             r.supersede(&id, now_ms);
-            self.store.put_rollout(r)?;
+            self.store.put_rollout(&r)?;
+            changed.push(r);
         }
-        let r = Rollout::new(id.clone(), spec, now_ms);
+        let r = Rollout::new(id, spec, now_ms);
         self.store.put_rollout(&r)?;
         self.store.commit()?;
-        all.insert(id, r.clone());
-        drop(all);
+        changed.push(r.clone());
+        self.publish_rollouts(changed);
         self.kick.notify_one();
         Ok(r)
     }
 
     /// An operator's action on a rollout. Blocking.
     pub fn act(&self, id: &str, action: Action, now_ms: u64) -> Result<Rollout, RolloutError> {
-        let mut all = self.lock();
-        let r = all.get_mut(id).ok_or_else(|| RolloutError::NotFound(format!("no rollout `{id}`")))?;
+        let _w = self.write();
+        let mut r = self.get(id).ok_or_else(|| RolloutError::NotFound(format!("no rollout `{id}`")))?;
         r.act(action, now_ms).map_err(RolloutError::Conflict)?;
-        self.store.put_rollout(r)?;
+        self.store.put_rollout(&r)?;
         self.store.commit()?;
-        let out = r.clone();
-        drop(all);
+        self.publish_rollouts(vec![r.clone()]);
         self.kick.notify_one();
-        Ok(out)
+        Ok(r)
     }
 
-    fn fleet(&self, now_ms: u64) -> Vec<FleetDevice> {
+    /// The fleet as the engine sees it: each device's newest report about what was issued to it.
+    fn fleet(&self, now_ms: u64, issued: &HashMap<String, IssuedRun>) -> Vec<FleetDevice> {
         let tags = self.tags.lock().unwrap_or_else(|p| p.into_inner()).clone();
         self.registry
             .list()
             .into_iter()
-            .map(|d| FleetDevice {
-                tags: tags.get(&d.id).cloned().unwrap_or_default(),
-                online: now_ms.saturating_sub(d.last_seen_ms) < self.offline_after_ms,
-                report: d.latest_update().cloned(),
-                class: d.class,
-                id: d.id,
+            .map(|d| {
+                let issued = issued.get(&d.id).cloned();
+                FleetDevice {
+                    tags: tags.get(&d.id).cloned().unwrap_or_default(),
+                    online: now_ms.saturating_sub(d.last_seen_ms) < self.offline_after_ms,
+                    report: issued.as_ref().and_then(|i| i.latest_report(&d.updates)).cloned(),
+                    issued,
+                    class: d.class,
+                    id: d.id,
+                }
             })
             .collect()
     }
 
-    /// Signs and records a desired state; returns what to publish. Not yet durable.
+    /// Signs and records a desired state with the next sequence from the control plane's own record; returns
+    /// what to publish and the device's new issued run. Not yet durable.
     fn issue(
         &self,
         device: &str,
@@ -252,15 +308,15 @@ impl Rollouts {
         rollout: Option<&str>,
         policy: UpdatePolicy,
         now_ms: u64,
-    ) -> Result<Publication, StoreError> {
+    ) -> Result<(Publication, IssuedRun), IssueError> {
         let mv = self.models.get(&model.name, model.version)?.ok_or_else(|| StoreError::Corrupt {
             device: device.to_string(),
             seq: 0,
             reason: format!("model {} v{} vanished from the registry", model.name, model.version),
         })?;
-        // Above both what we issued and what the device says it accepted, in case either was lost.
-        let reported = self.registry.get(device).and_then(|d| d.updates.iter().map(|u| u.seq).max()).unwrap_or(0);
-        let seq = self.store.issued(device)?.map_or(0, |i| i.seq).max(reported) + 1;
+        let last = self.store.issued(device)?;
+        let seq = Issued::next_seq(device, last.as_ref())?;
+        let first_seq = Issued::run_start(last.as_ref(), seq, rollout, &mv.sha256);
         let expires_ms = now_ms + self.cfg.desired_ttl_secs * 1000;
         let desired = DesiredState {
             device: device.to_string(),
@@ -277,6 +333,7 @@ impl Rollouts {
         let payload = envelope::encode(&env);
         let issued = Issued {
             seq,
+            first_seq: Some(first_seq),
             rollout: rollout.map(String::from),
             name: mv.name,
             version: mv.version,
@@ -287,7 +344,7 @@ impl Rollouts {
             payload: payload.clone(),
         };
         self.store.put_issued(device, &issued)?;
-        Ok((topics::topic(device, Channel::Desired), payload))
+        Ok(((topics::topic(device, Channel::Desired), payload), issued.run()))
     }
 
     /// Auto-rollout: for each class configured for it, a production version that no rollout has carried yet
@@ -295,7 +352,7 @@ impl Rollouts {
     fn auto_rollouts(&self, now_ms: u64) -> Result<(), StoreError> {
         for auto in &self.cfg.auto {
             let Some(prod) = self.models.production(&auto.class)? else { continue };
-            let seen = self.lock().values().any(|r| r.spec.class == auto.class && r.spec.model.sha256 == prod.sha256);
+            let seen = self.snapshot().iter().any(|r| r.spec.class == auto.class && r.spec.model.sha256 == prod.sha256);
             if seen {
                 continue;
             }
@@ -322,56 +379,96 @@ impl Rollouts {
         Ok(())
     }
 
-    /// One engine step over every live rollout. Blocking (signing, sled, commit).
+    /// One engine step over every live rollout. Blocking (signing, sled, commit). The engine decides on
+    /// copies; the copies replace the rollouts readers see once they are committed, so a failed step changes
+    /// nothing in memory and the next one decides again.
     pub fn tick(&self, now_ms: u64) -> Result<Vec<Publication>, StoreError> {
         self.auto_rollouts(now_ms)?;
-        let fleet = self.fleet(now_ms);
-        let mut out = Vec::new();
-        let mut dirty = false;
-        let mut all = self.lock();
-        for r in all.values_mut() {
-            let follows = matches!(r.state, State::Completed | State::RolledBack { .. }) && !r.superseded;
-            if !(r.state.is_active() || follows) {
+        let mut w = self.write();
+        let fleet = self.fleet(now_ms, &w.issued);
+        // Decide: the pure engine, in memory.
+        let mut changed = Vec::new();
+        let mut commands = Vec::new();
+        for old in self.snapshot() {
+            let follows = matches!(old.state, State::Completed | State::RolledBack { .. }) && !old.superseded;
+            if !(old.state.is_active() || follows) {
                 continue;
             }
-            let before = r.clone();
-            let commands = r.tick(&fleet, now_ms);
-            for c in &commands {
-                out.push(self.issue(&c.device, &r.spec.class, &c.model, Some(&c.rollout), r.spec.policy, now_ms)?);
+            let mut r = Rollout::clone(&old);
+            for c in r.tick(&fleet, now_ms) {
+                commands.push((c, r.spec.class.clone(), r.spec.policy));
             }
-            if *r != before {
-                self.store.put_rollout(r)?;
-                dirty = true;
+            if r != *old {
+                changed.push(r);
             }
         }
-        drop(all);
-        out.extend(self.refresh(now_ms)?);
-        if dirty || !out.is_empty() {
+        // Sign and write.
+        let mut out = Vec::new();
+        let mut runs = Vec::new();
+        for (c, class, policy) in commands {
+            if let Some((p, run)) = self.try_issue(&c.device, &class, &c.model, Some(&c.rollout), policy, now_ms)? {
+                out.push(p);
+                runs.push((c.device, run));
+            }
+        }
+        for r in &changed {
+            self.store.put_rollout(r)?;
+        }
+        // Re-issues are checked once a minute.
+        let refresh = now_ms.saturating_sub(w.last_refresh) >= 60_000;
+        if refresh {
+            let (refreshed, refresh_runs) = self.refresh(now_ms)?;
+            out.extend(refreshed);
+            runs.extend(refresh_runs);
+        }
+        if !changed.is_empty() || !out.is_empty() {
             self.store.commit()?;
         }
+        // Durable: what readers and the next step see.
+        if refresh {
+            w.last_refresh = now_ms;
+        }
+        w.issued.extend(runs);
+        self.publish_rollouts(changed);
         Ok(out)
     }
 
-    /// Re-issues desired states past half their lifetime (checked once a minute).
-    fn refresh(&self, now_ms: u64) -> Result<Vec<Publication>, StoreError> {
-        {
-            let mut last = self.last_refresh.lock().unwrap_or_else(|p| p.into_inner());
-            if now_ms.saturating_sub(*last) < 60_000 {
-                return Ok(Vec::new());
+    /// [`Rollouts::issue`], where a device that can get no more desired states is logged and left out.
+    fn try_issue(
+        &self,
+        device: &str,
+        class: &str,
+        model: &ModelRef,
+        rollout: Option<&str>,
+        policy: UpdatePolicy,
+        now_ms: u64,
+    ) -> Result<Option<(Publication, IssuedRun)>, StoreError> {
+        match self.issue(device, class, model, rollout, policy, now_ms) {
+            Ok(issued) => Ok(Some(issued)),
+            Err(IssueError::Exhausted(e)) => {
+                tracing::error!(error = %e, "desired state not issued");
+                Ok(None)
             }
-            *last = now_ms;
+            Err(IssueError::Store(e)) => Err(e),
         }
+    }
+
+    /// Re-issues desired states past half their lifetime; returns what to publish and the devices' new runs.
+    fn refresh(&self, now_ms: u64) -> Result<(Vec<Publication>, Vec<(String, IssuedRun)>), StoreError> {
         let half = self.cfg.desired_ttl_secs * 500;
-        let mut out = Vec::new();
+        let (mut out, mut runs) = (Vec::new(), Vec::new());
         for (device, i) in self.store.all_issued()? {
             if now_ms.saturating_sub(i.issued_ms) >= half {
                 let class = self.registry.get(&device).map(|d| d.class).unwrap_or_default();
                 let policy = i.policy;
                 let model = ModelRef { name: i.name.clone(), version: i.version, sha256: i.sha256.clone() };
-                out.push(self.issue(&device, &class, &model, i.rollout.as_deref(), policy, now_ms)?);
+                if let Some((p, run)) = self.try_issue(&device, &class, &model, i.rollout.as_deref(), policy, now_ms)? {
+                    out.push(p);
+                    runs.push((device, run));
+                }
             }
         }
-        Ok(out)
+        Ok((out, runs))
     }
 
     /// Every stored desired state, to publish again at start.
@@ -499,6 +596,11 @@ mod tests {
     }
 
     fn open(dir: &std::path::Path, auto: bool) -> (Rollouts, Arc<ModelRegistry>) {
+        let (r, models, _) = open_with_registry(dir, auto);
+        (r, models)
+    }
+
+    fn open_with_registry(dir: &std::path::Path, auto: bool) -> (Rollouts, Arc<ModelRegistry>, Arc<Registry>) {
         let db = DurableDb::open(&dir.join("db"), Durability::Flush).unwrap();
         let models = Arc::new(ModelRegistry::open(&db, dir).unwrap());
         let mut cfg = RolloutsConfig::default();
@@ -510,17 +612,131 @@ mod tests {
             }];
         }
         let signer = Signer::from_pkcs8(&Signer::generate_pkcs8()).unwrap();
+        let registry = Arc::new(Registry::open(&db).unwrap());
         let r = Rollouts::open(
             RolloutStore::open(&db).unwrap(),
             signer,
             models.clone(),
-            Arc::new(Registry::open(&db).unwrap()),
+            registry.clone(),
             Arc::new(Metrics::default()),
             cfg,
             60_000,
         )
         .unwrap();
-        (r, models)
+        (r, models, registry)
+    }
+
+    /// The sequence of each desired state published, by device.
+    fn published_seqs(p: &[Publication]) -> BTreeMap<String, u64> {
+        p.iter()
+            .map(|(topic, payload)| {
+                let env = envelope::decode(payload, 1 << 20).unwrap();
+                let Body::Desired(signed) = env.body else { panic!("{topic}: not a desired state") };
+                let d: DesiredState = ciborium::from_reader(&signed.payload[..]).unwrap();
+                assert_eq!(env.seq, d.seq);
+                (d.device, d.seq)
+            })
+            .collect()
+    }
+
+    fn rollout_request(version: u32) -> CreateRollout {
+        CreateRollout {
+            model: "press".into(),
+            version,
+            class: None,
+            tags: vec![],
+            stages: Some(vec![Stage {
+                name: "all".into(),
+                share: super::super::engine::Share::Percent(100.0),
+                bake_secs: 0,
+            }]),
+            gates: None,
+            on_breach: OnBreach::Rollback,
+            manual_approval: false,
+            policy: None,
+            previous: None,
+        }
+    }
+
+    #[test]
+    fn forged_sequence_cannot_freeze_a_device() {
+        let dir = tempfile::tempdir().unwrap();
+        let (r, models, registry) = open_with_registry(dir.path(), false);
+        models.insert(&version(1, true)).unwrap();
+        models.insert(&version(2, false)).unwrap();
+        let now = 1_000_000;
+        // d1's report history holds the largest sequence there is, as when its agent echoed a forged desired
+        // state's sequence (or the device itself lies about it).
+        let forged = edgeloop_common::update::UpdateReport {
+            seq: u64::MAX,
+            rollout: Some("r1".into()),
+            sha256: version(2, false).sha256,
+            phase: edgeloop_common::update::Phase::Rejected,
+            reason: "bad_signature".into(),
+            active_sha256: None,
+            shadow_agreement: None,
+            anomaly_rate: None,
+            baseline_anomaly_rate: None,
+            p95_us: None,
+            at_ms: now,
+        };
+        for d in ["d1", "d2"] {
+            registry
+                .update(d, now, |dev| {
+                    dev.class = "press".into();
+                    if d == "d1" {
+                        dev.add_update(forged.clone());
+                    }
+                })
+                .unwrap();
+        }
+        r.create(rollout_request(2), now).unwrap();
+        // Sequences come from what the control plane issued: 1 for both, not 2^64 - 1 + 1 wrapped to 0.
+        let first = r.tick(now).unwrap();
+        let want: BTreeMap<String, u64> = [("d1".to_string(), 1), ("d2".to_string(), 1)].into();
+        assert_eq!(published_seqs(&first), want);
+        assert_eq!(r.issued("d1").unwrap().unwrap().seq, 1);
+        // Re-issued at half their lifetime, they take the next sequence of the control plane's own record.
+        let later = now + r.cfg.desired_ttl_secs * 500;
+        for d in ["d1", "d2"] {
+            registry.update(d, later, |_| {}).unwrap();
+        }
+        let again = r.tick(later).unwrap();
+        let want: BTreeMap<String, u64> = [("d1".to_string(), 2), ("d2".to_string(), 2)].into();
+        assert_eq!(published_seqs(&again), want);
+        // The forged report is about nothing issued to d1: the rollout still waits for d1's real report.
+        let r1 = r.get("r1").unwrap();
+        assert_eq!((&r1.state, r1.devices["d1"].phase), (&State::Running, None));
+        // A record at the largest sequence (written by a version that took sequences from reports) is an
+        // error for that device alone: nothing wraps to 0, nothing panics, and the others go on.
+        let mut stuck = r.issued("d1").unwrap().unwrap();
+        stuck.seq = u64::MAX;
+        r.store.put_issued("d1", &stuck).unwrap();
+        assert!(Issued::next_seq("d1", Some(&stuck)).unwrap_err().to_string().contains("device `d1`"));
+        let last = later + r.cfg.desired_ttl_secs * 500;
+        let out = r.tick(last).unwrap();
+        let want: BTreeMap<String, u64> = [("d2".to_string(), 3)].into();
+        assert_eq!(published_seqs(&out), want);
+        assert_eq!(r.issued("d1").unwrap().unwrap().seq, u64::MAX);
+    }
+
+    #[test]
+    fn readers_do_not_wait_for_a_change_in_progress() {
+        let dir = tempfile::tempdir().unwrap();
+        let (r, models) = open(dir.path(), false);
+        models.insert(&version(1, true)).unwrap();
+        let r = Arc::new(r);
+        r.create(rollout_request(1), 1).unwrap();
+        // A change holds the writer lock for as long as it signs and flushes; the API reads meanwhile.
+        let change = r.write();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = r.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send((reader.list().len(), reader.get("r1").map(|x| x.id), reader.tags("d1")));
+        });
+        let got = rx.recv_timeout(Duration::from_secs(10)).expect("a reader waited for the writer lock");
+        assert_eq!(got, (1, Some("r1".to_string()), Vec::<String>::new()));
+        drop(change);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Where rollouts, desired states and device tags live: sled trees behind a narrow type, committed durably
 //! before anything is published, so a restart resumes exactly where the control plane stopped.
 
-use super::engine::Rollout;
+use super::engine::{IssuedRun, Rollout};
 use crate::store::StoreError;
 use edgeloop_common::durable::DurableDb;
 use serde::{Deserialize, Serialize};
@@ -10,6 +10,11 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Issued {
     pub seq: u64,
+    /// The first sequence of the run of states issued to this device, up to `seq`, that all carried this
+    /// rollout and model (a re-issue keeps both). `None` in records written before runs were kept: then the
+    /// run is `seq` alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first_seq: Option<u64>,
     pub rollout: Option<String>,
     pub name: String,
     pub version: u32,
@@ -21,6 +26,43 @@ pub struct Issued {
     /// The signed envelope as published, to publish again after a restart.
     #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
+}
+
+/// A device was issued the largest sequence there is: nothing can follow it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("device `{device}`: desired-state sequence {seq} is the largest there is; no state can follow it")]
+pub struct SequenceExhausted {
+    pub device: String,
+    pub seq: u64,
+}
+
+impl Issued {
+    /// The sequence of the next desired state for a device, from the control plane's own record of what it
+    /// issued (never from what a device reports): one above the last, starting at 1.
+    pub fn next_seq(device: &str, last: Option<&Issued>) -> Result<u64, SequenceExhausted> {
+        match last {
+            None => Ok(1),
+            Some(i) => i.seq.checked_add(1).ok_or_else(|| SequenceExhausted { device: device.to_string(), seq: i.seq }),
+        }
+    }
+
+    /// Where the run that a state with this sequence, rollout and model belongs to starts, after `last`.
+    pub fn run_start(last: Option<&Issued>, seq: u64, rollout: Option<&str>, sha256: &str) -> u64 {
+        match last {
+            Some(i) if i.rollout.as_deref() == rollout && i.sha256 == sha256 => i.first_seq.unwrap_or(i.seq),
+            _ => seq,
+        }
+    }
+
+    /// The run of states this record ends, as the engine judges reports against it.
+    pub fn run(&self) -> IssuedRun {
+        IssuedRun {
+            first_seq: self.first_seq.unwrap_or(self.seq).min(self.seq),
+            last_seq: self.seq,
+            rollout: self.rollout.clone(),
+            sha256: self.sha256.clone(),
+        }
+    }
 }
 
 #[derive(Clone)]

@@ -66,6 +66,8 @@ pub enum RunError {
     Train(#[from] TrainError),
     #[error(transparent)]
     Store(#[from] StoreError),
+    #[error(transparent)]
+    Model(#[from] crate::models::ModelError),
     #[error("writing the artifact: {0}")]
     Artifact(#[from] std::io::Error),
     #[error("no firmware config for class `{0}`")]

@@ -30,6 +30,7 @@ fn fleet(n: usize) -> Vec<FleetDevice> {
             tags: vec![],
             online: true,
             report: None,
+            issued: None,
         })
         .collect()
 }
@@ -51,11 +52,25 @@ fn applied(r: &Rollout, sha: &str, rate: f32, baseline: f32) -> UpdateReport {
     }
 }
 
-/// Every device that was commanded reports `report`.
+/// Records a command as issued to its device, with the next sequence, as the service does.
+fn issue(fleet: &mut [FleetDevice], c: &Command) -> u64 {
+    let d = fleet.iter_mut().find(|d| d.id == c.device).unwrap();
+    let rollout = Some(c.rollout.clone());
+    let seq = d.issued.as_ref().map_or(1, |i| i.last_seq + 1);
+    let first_seq = match &d.issued {
+        Some(i) if i.rollout == rollout && i.sha256 == c.model.sha256 => i.first_seq,
+        _ => seq,
+    };
+    d.issued = Some(IssuedRun { first_seq, last_seq: seq, rollout, sha256: c.model.sha256.clone() });
+    seq
+}
+
+/// Every device that was commanded is issued its desired state and reports `report` about it.
 fn report_all(fleet: &mut [FleetDevice], cmds: &[Command], f: impl Fn(&Command) -> UpdateReport) {
     for c in cmds {
+        let seq = issue(fleet, c);
         let d = fleet.iter_mut().find(|d| d.id == c.device).unwrap();
-        d.report = Some(f(c));
+        d.report = Some(UpdateReport { seq, ..f(c) });
     }
 }
 
@@ -153,13 +168,34 @@ fn late_joiner_gets_rollout() {
     r.tick(&f, 1);
     assert_eq!(r.state, State::Completed);
     // A device of the class joins after completion; one of another class does not match.
-    f.push(FleetDevice { id: "new".into(), class: "press".into(), tags: vec![], online: true, report: None });
-    f.push(FleetDevice { id: "other".into(), class: "city-traffic".into(), tags: vec![], online: true, report: None });
+    f.push(FleetDevice {
+        id: "new".into(),
+        class: "press".into(),
+        tags: vec![],
+        online: true,
+        report: None,
+        issued: None,
+    });
+    f.push(FleetDevice {
+        id: "other".into(),
+        class: "city-traffic".into(),
+        tags: vec![],
+        online: true,
+        report: None,
+        issued: None,
+    });
     let late = r.tick(&f, 2);
     assert_eq!(late, vec![Command { device: "new".into(), model: model(2), rollout: "r1".into() }]);
     // Once a newer rollout for the class exists, this one stops taking in devices.
     r.supersede("r2", 3);
-    f.push(FleetDevice { id: "newer".into(), class: "press".into(), tags: vec![], online: true, report: None });
+    f.push(FleetDevice {
+        id: "newer".into(),
+        class: "press".into(),
+        tags: vec![],
+        online: true,
+        report: None,
+        issued: None,
+    });
     assert_eq!(r.tick(&f, 4), vec![]);
 }
 
@@ -176,6 +212,7 @@ fn late_joiners_during_a_stage_fill_its_share() {
         tags: vec![],
         online: true,
         report: None,
+        issued: None,
     }));
     assert_eq!(r.tick(&f, 1).len(), 2, "8 devices now: 50% is 4");
 }
@@ -271,6 +308,58 @@ fn reports_about_other_rollouts_or_models_are_ignored() {
     r.tick(&f, 1);
     assert_eq!(r.devices[&c[0].device].phase, None);
     assert_eq!(r.state, State::Running);
+}
+
+#[test]
+fn forged_desired_state_cannot_fail_a_rollout() {
+    let mut f = fleet(10);
+    let mut r = Rollout::new("r6".into(), spec(), 0);
+    let canary = r.tick(&f, 0);
+    let seq = issue(&mut f, &canary[0]);
+    let device = canary[0].device.clone();
+    let refused = |seq: u64, rollout: Option<&str>, sha256: &str| UpdateReport {
+        seq,
+        rollout: rollout.map(String::from),
+        sha256: sha256.into(),
+        phase: Phase::Rejected,
+        reason: "bad_signature: the desired state's signature did not verify".into(),
+        active_sha256: None,
+        shadow_agreement: None,
+        anomaly_rate: None,
+        baseline_anomaly_rate: None,
+        p95_us: None,
+        at_ms: 1,
+    };
+    // Someone publishes forged desired states on the canary's topic, and its agent refuses each of them.
+    let sha = model(2).sha256;
+    for forged in [
+        // What agents used to echo from the forgery: its own sequence, this rollout and this model.
+        refused(u64::MAX, Some("r6"), &sha),
+        refused(seq + 1, Some("r6"), &sha),
+        // The issued sequence, but another model or rollout than was issued.
+        refused(seq, Some("r6"), &model(1).sha256),
+        refused(seq, Some("r5"), &sha),
+        // What an agent reports now: nothing taken from a state that did not verify.
+        refused(0, None, ""),
+    ] {
+        f.iter_mut().find(|d| d.id == device).unwrap().report = Some(forged.clone());
+        for t in [20_000, 80_000] {
+            assert_eq!(r.tick(&f, t), vec![], "{forged:?}");
+            assert_eq!(r.state, State::Running, "{forged:?}");
+            assert_eq!((r.stage, r.devices.len()), (0, 1));
+            assert_eq!(r.devices[&device].phase, None, "{forged:?}");
+        }
+    }
+    // The newest report about the issued state is found behind the refusals, and a device that really
+    // refuses what it was issued still fails the rollout.
+    let real = refused(seq, Some("r6"), &sha);
+    let history = [real.clone(), refused(0, None, ""), refused(u64::MAX, Some("r6"), &sha)];
+    let issued = f.iter().find(|d| d.id == device).unwrap().issued.clone().unwrap();
+    assert_eq!(issued.latest_report(&history), Some(&real));
+    f.iter_mut().find(|d| d.id == device).unwrap().report = Some(real);
+    let back = r.tick(&f, 90_000);
+    assert!(matches!(&r.state, State::RolledBack { reason } if reason.contains("failed_installs")), "{:?}", r.state);
+    assert_eq!(back.len(), 1);
 }
 
 #[test]
