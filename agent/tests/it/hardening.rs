@@ -66,7 +66,7 @@ fn agent_toml(dir: &Path, id: &str, url: &str, tls: &str) -> PathBuf {
     std::fs::write(
         &p,
         format!(
-            "[device]\nid = \"{id}\"\nclass_config = \"c.toml\"\n[mqtt]\nurl = \"{url}\"\nreconnect_max_ms = 200\n[storage]\ndata_dir = \"{id}-state\"\n{tls}"
+            "[device]\nid = \"{id}\"\nclass_config = \"c.toml\"\n[mqtt]\nurl = \"{url}\"\nreconnect_max_ms = 200\n[storage]\ndata_dir = \"{id}-state\"\n{tls}\n[[trusted_keys]]\npublic_key = \"0101010101010101010101010101010101010101010101010101010101010101\"\n"
         ),
     )
     .unwrap();
