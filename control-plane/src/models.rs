@@ -325,6 +325,14 @@ impl ModelRegistry {
         Ok(())
     }
 
+    /// Rewrites a recorded version in place: only tests that stage a production model do this.
+    #[cfg(test)]
+    pub(crate) fn overwrite(&self, m: &ModelVersion) -> Result<(), ModelError> {
+        self.versions.insert(version_key(&m.name, m.version), encode(m))?;
+        self.db.commit().map_err(StoreError::from)?;
+        Ok(())
+    }
+
     pub fn get(&self, name: &str, version: u32) -> Result<Option<ModelVersion>, StoreError> {
         self.versions.get(version_key(name, version))?.map(|v| decode(name, &v)).transpose()
     }

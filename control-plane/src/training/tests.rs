@@ -285,7 +285,7 @@ fn a_forecaster_is_chosen_where_context_matters_and_beats_an_autoencoder_in_prod
     let mut prod = train_dataset(&ds, "sines", &req, &registry, &mut |_, _| {}).unwrap();
     prod.sha256 = registry.put_artifact(&ae_bytes).unwrap();
     (prod.kind, prod.frames, prod.input_shape) = ("autoencoder".into(), 1, vec![-1, 5]);
-    registry.insert(&prod).unwrap();
+    registry.overwrite(&prod).unwrap();
 
     req.hyper = Some(quick());
     let m = train_dataset(&ds, "sines", &req, &registry, &mut |_, _| {}).unwrap();
@@ -333,7 +333,7 @@ fn without_labels_production_is_compared_by_detection_not_by_score_scale() {
     let weak_bytes = onnx::export_autoencoder(&weak.weights, &wide, "autoencoder");
     prod.sha256 = registry.put_artifact(&weak_bytes).unwrap();
     (prod.kind, prod.frames, prod.input_shape) = ("autoencoder".into(), 1, vec![-1, 5]);
-    registry.insert(&prod).unwrap();
+    registry.overwrite(&prod).unwrap();
 
     let m = train_dataset(&ds, "synthetic", &req, &registry, &mut |_, _| {}).unwrap();
     assert_eq!((m.kind.as_str(), m.frames), ("autoencoder", 1), "{}", m.lineage.selection);

@@ -53,7 +53,8 @@ async fn reenrollment_without_the_private_key_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (cp, cancel) = start_cp(dir.path(), |_| {}).await;
     let victim = device::new_key();
-    let first = signed(&victim, "victim", CLASS, &device::enrollment_token(cp.api_addr, CLASS, 1).await.unwrap());
+    // A token with a use to spare, so that the replay below meets the replay check, not an exhausted token.
+    let first = signed(&victim, "victim", CLASS, &device::enrollment_token(cp.api_addr, CLASS, 2).await.unwrap());
     let (status, creds) = enroll_raw(cp.api_addr, &serde_json::to_value(&first).unwrap()).await;
     assert_eq!(status, 200, "{creds}");
     let password = creds["password"].as_str().unwrap().to_string();
