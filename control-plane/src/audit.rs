@@ -51,7 +51,13 @@ fn one() -> u64 {
 
 impl AuditEntry {
     /// One call, with no source.
-    pub fn new(at_ms: u64, who: impl Into<String>, action: impl Into<String>, status: u16, detail: impl Into<String>) -> Self {
+    pub fn new(
+        at_ms: u64,
+        who: impl Into<String>,
+        action: impl Into<String>,
+        status: u16,
+        detail: impl Into<String>,
+    ) -> Self {
         AuditEntry {
             at_ms,
             who: who.into(),

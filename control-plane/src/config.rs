@@ -437,7 +437,11 @@ impl RawConfig {
             "must be a number >= 0",
         )?;
         let a = &self.api;
-        c.check((1..=3600).contains(&a.header_read_timeout_secs), "api.header_read_timeout_secs", "must be between 1 and 3600")?;
+        c.check(
+            (1..=3600).contains(&a.header_read_timeout_secs),
+            "api.header_read_timeout_secs",
+            "must be between 1 and 3600",
+        )?;
         c.check((1..=3600).contains(&a.idle_timeout_secs), "api.idle_timeout_secs", "must be between 1 and 3600")?;
         c.check((1..=1_000_000).contains(&a.max_connections), "api.max_connections", "must be between 1 and 1000000")?;
         c.check(

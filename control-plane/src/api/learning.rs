@@ -206,7 +206,8 @@ pub async fn artifact(
             return Ok(r);
         }
     };
-    let mut file = tokio::fs::File::open(&path).await.map_err(|e| ApiError::internal(format!("artifact {sha}: {e}")))?;
+    let mut file =
+        tokio::fs::File::open(&path).await.map_err(|e| ApiError::internal(format!("artifact {sha}: {e}")))?;
     let len = file.metadata().await.map_err(|e| ApiError::internal(format!("artifact {sha}: {e}")))?.len();
     let etag = format!("\"{sha}\"");
     let (status, start, end) = match headers.get(header::RANGE) {
@@ -233,7 +234,9 @@ pub async fn artifact(
     let body_len = end.map_or(0, |e| e - start + 1);
     if start > 0 {
         use tokio::io::AsyncSeekExt;
-        file.seek(std::io::SeekFrom::Start(start)).await.map_err(|e| ApiError::internal(format!("artifact {sha}: {e}")))?;
+        file.seek(std::io::SeekFrom::Start(start))
+            .await
+            .map_err(|e| ApiError::internal(format!("artifact {sha}: {e}")))?;
     }
     let reader = Permitted { inner: tokio::io::AsyncReadExt::take(file, body_len), _permit: permit };
     let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(reader, ARTIFACT_CHUNK));

@@ -154,14 +154,8 @@ async fn connection(
 }
 
 /// Runs HTTP/1.1 on one connection until the client closes it, a deadline passes, or shutdown.
-async fn http<I>(
-    io: I,
-    peer: SocketAddr,
-    app: Router,
-    limits: Limits,
-    activity: Activity,
-    cancel: CancellationToken,
-) where
+async fn http<I>(io: I, peer: SocketAddr, app: Router, limits: Limits, activity: Activity, cancel: CancellationToken)
+where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
