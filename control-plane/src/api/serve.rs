@@ -93,7 +93,7 @@ pub async fn serve(
             }
             Err(e) => {
                 metrics.reject("api_accept_failed");
-                let (wait, failures) = backoff.next();
+                let (wait, failures) = backoff.failed();
                 if failures.is_power_of_two() {
                     tracing::warn!(error = %e, failures, retry_in = ?wait, "API: accepting a connection failed");
                 }
@@ -120,7 +120,7 @@ struct Backoff {
 
 impl Backoff {
     /// The wait before the next try, and how many failures in a row there have been.
-    fn next(&mut self) -> (Duration, u64) {
+    fn failed(&mut self) -> (Duration, u64) {
         self.failures += 1;
         let ms = 10u64.saturating_mul(1 << (self.failures - 1).min(7)).min(1000);
         (Duration::from_millis(ms), self.failures)
@@ -273,9 +273,9 @@ mod tests {
     #[test]
     fn accept_backoff_grows_to_a_second_and_resets() {
         let mut b = Backoff::default();
-        let waits: Vec<u64> = (0..10).map(|_| b.next().0.as_millis() as u64).collect();
+        let waits: Vec<u64> = (0..10).map(|_| b.failed().0.as_millis() as u64).collect();
         assert_eq!(waits, [10, 20, 40, 80, 160, 320, 640, 1000, 1000, 1000]);
         b.reset();
-        assert_eq!(b.next(), (Duration::from_millis(10), 1));
+        assert_eq!(b.failed(), (Duration::from_millis(10), 1));
     }
 }
