@@ -40,6 +40,9 @@ pub struct RawConfig {
     pub rollouts: RolloutsConfig,
     #[serde(default)]
     pub devices: DevicesConfig,
+    /// How much the audit log keeps.
+    #[serde(default)]
+    pub audit: crate::audit::AuditConfig,
     /// TLS for the MQTT listener and the API: `cert` and `key` (from `certs init` or your PKI), or
     /// `plaintext = true` to run without it.
     pub tls: Option<TlsSection>,
@@ -211,15 +214,47 @@ pub struct ApiConfig {
     /// leaves the API open to anyone who can reach it (a warning is logged at start).
     #[serde(default = "default_true")]
     pub require_tokens: bool,
+    /// Seconds a client has for the TLS handshake and for each request's header (also how long a kept-alive
+    /// connection may wait for its next request).
+    #[serde(default = "default_header_read_timeout_secs")]
+    pub header_read_timeout_secs: u64,
+    /// Seconds a connection may go without reading or writing a byte before it is closed.
+    #[serde(default = "default_idle_timeout_secs")]
+    pub idle_timeout_secs: u64,
+    /// Connections open at once; more wait in the kernel's listen queue.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Artifact downloads served at once; more wait for a turn (up to 10 s), then get a 503.
+    #[serde(default = "default_max_downloads")]
+    pub max_downloads: usize,
 }
 
 fn default_true() -> bool {
     true
 }
+fn default_header_read_timeout_secs() -> u64 {
+    crate::api::serve::Limits::default().header_read_timeout.as_secs()
+}
+fn default_idle_timeout_secs() -> u64 {
+    crate::api::serve::Limits::default().idle_timeout.as_secs()
+}
+fn default_max_connections() -> usize {
+    crate::api::serve::Limits::default().max_connections
+}
+fn default_max_downloads() -> usize {
+    crate::api::serve::Limits::default().max_downloads
+}
 
 impl Default for ApiConfig {
     fn default() -> Self {
-        ApiConfig { listen: default_api_listen(), require_tokens: true }
+        ApiConfig {
+            listen: default_api_listen(),
+            require_tokens: true,
+            header_read_timeout_secs: default_header_read_timeout_secs(),
+            idle_timeout_secs: default_idle_timeout_secs(),
+            max_connections: default_max_connections(),
+            max_downloads: default_max_downloads(),
+        }
     }
 }
 
@@ -268,6 +303,10 @@ pub struct Config {
     pub external: ExternalLogin,
     pub api_listen: SocketAddr,
     pub require_tokens: bool,
+    /// Timeouts and caps on the API's connections and downloads.
+    pub api_limits: crate::api::serve::Limits,
+    /// How much the audit log keeps.
+    pub audit: crate::audit::AuditConfig,
     /// Devices must enroll: the embedded broker admits only enrolled devices, and ingest accepts only
     /// envelopes signed with the sender's enrolled key (`devices.require_enrollment`).
     pub require_enrollment: bool,
@@ -302,6 +341,8 @@ impl Config {
             external: ExternalLogin::default(),
             api_listen: api,
             require_tokens: true,
+            api_limits: Default::default(),
+            audit: Default::default(),
             require_enrollment: true,
             tls: None,
             ingest: IngestConfig::default(),
@@ -394,6 +435,28 @@ impl RawConfig {
             "ingest.device_messages_per_sec",
             "must be a number >= 0",
         )?;
+        let a = &self.api;
+        c.check(
+            (1..=3600).contains(&a.header_read_timeout_secs),
+            "api.header_read_timeout_secs",
+            "must be between 1 and 3600",
+        )?;
+        c.check((1..=3600).contains(&a.idle_timeout_secs), "api.idle_timeout_secs", "must be between 1 and 3600")?;
+        c.check((1..=1_000_000).contains(&a.max_connections), "api.max_connections", "must be between 1 and 1000000")?;
+        c.check(
+            (1..=a.max_connections).contains(&a.max_downloads),
+            "api.max_downloads",
+            "must be between 1 and api.max_connections",
+        )?;
+        let api_limits = crate::api::serve::Limits {
+            header_read_timeout: std::time::Duration::from_secs(a.header_read_timeout_secs),
+            idle_timeout: std::time::Duration::from_secs(a.idle_timeout_secs),
+            max_connections: a.max_connections,
+            max_downloads: a.max_downloads,
+            ..Default::default()
+        };
+        c.check(self.audit.max_entries > 0, "audit.max_entries", "must be > 0")?;
+        c.check(self.audit.max_age_days > 0, "audit.max_age_days", "must be > 0")?;
         let t = &self.training;
         c.check((1..=1000).contains(&t.trials), "training.trials", "must be between 1 and 1000")?;
         if let Some(s) = t.max_seconds {
@@ -491,6 +554,8 @@ impl RawConfig {
             external,
             api_listen: self.api.listen,
             require_tokens: self.api.require_tokens,
+            api_limits,
+            audit: self.audit,
             require_enrollment: self.devices.require_enrollment,
             tls,
             ingest: self.ingest,

@@ -84,6 +84,7 @@ impl ControlPlane {
         // created on first start.
         let configured_key = cfg.rollouts.signing_key.clone();
         let default_key = cfg.data_dir.join("signing.key");
+        let audit_config = cfg.audit;
         let (store, registry, models, rollout_store, audit, signer, enrollment, db) =
             tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
                 let signer = match &configured_key {
@@ -94,7 +95,7 @@ impl ControlPlane {
                 let registry = Registry::open(&db)?;
                 let models = ModelRegistry::open(&db, &data_dir)?;
                 let rollout_store = RolloutStore::open(&db)?;
-                let audit = AuditLog::open(&db)?;
+                let audit = AuditLog::open_with(&db, audit_config)?;
                 let enrollment = crate::enrollment::Enrollment::open(&db)?;
                 Ok((TelemetryStore::open(db.clone())?, registry, models, rollout_store, audit, signer, enrollment, db))
             })
@@ -310,19 +311,17 @@ impl ControlPlane {
             enrollment: enrollment.clone(),
             front: front.clone(),
             tls: tls.is_some(),
+            downloads: Arc::new(api::learning::Downloads::new(&cfg.api_limits)),
         };
-        let api_cancel = cancel.clone();
         let https = tls.map(|t| t.1);
-        let api = tokio::spawn(async move {
-            let stop = async move { api_cancel.cancelled().await };
-            match https {
-                Some(acceptor) => {
-                    let listener = api::tls::TlsListener::new(listener, acceptor)?;
-                    axum::serve(listener, api::router(state)).with_graceful_shutdown(stop).await
-                }
-                None => axum::serve(listener, api::router(state)).with_graceful_shutdown(stop).await,
-            }
-        });
+        let api = tokio::spawn(api::serve::serve(
+            listener,
+            https,
+            api::router(state),
+            cfg.api_limits,
+            metrics.clone(),
+            cancel.clone(),
+        ));
         tracing::info!(%api_addr, mqtt = %format!("{}:{}", cfg.mqtt_host, cfg.mqtt_port), tls = cfg.tls.is_some(), "control plane running");
 
         let stop_all = cancel.clone();
@@ -331,7 +330,7 @@ impl ControlPlane {
             // Ingest ends on a stop request, or by itself on a store failure: either way, stop the rest.
             stop_all.cancel();
             match tokio::time::timeout(Duration::from_secs(5), api).await {
-                Ok(r) => r.context("API panicked")?.context("API server")?,
+                Ok(r) => r.context("API panicked")?,
                 Err(_) => tracing::warn!("API did not stop within 5 s; abandoned"),
             }
             match tokio::time::timeout(Duration::from_secs(5), rollout_task).await {

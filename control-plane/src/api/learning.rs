@@ -177,6 +177,11 @@ pub fn parse_range(header: &str, len: u64) -> Option<(u64, u64)> {
     (start <= end && start < len).then_some((start, end))
 }
 
+/// Serves an artifact from disk, whole or one byte range (`Range: bytes=a-b`, `a-`, `-n`; 206 with
+/// `Content-Range`, 416 for a range outside the file). The body is streamed in [`ARTIFACT_CHUNK`] pieces, so
+/// memory per download stays small whatever the file's size. Downloads need no token, so at most
+/// `api.max_downloads` run at once; the next waits up to 10 s for a turn, then gets a 503 (agents retry with
+/// back-off and resume with `Range`).
 pub async fn artifact(
     State(s): State<AppState>,
     Path(sha): Path<String>,
@@ -187,45 +192,100 @@ pub async fn artifact(
     }
     let path =
         s.learning.models.artifact_path(&sha).ok_or_else(|| ApiError::not_found(format!("no artifact {sha}")))?;
-    let bytes = tokio::fs::read(&path).await.map_err(ApiError::internal)?;
-    let len = bytes.len() as u64;
-    let etag = format!("\"{sha}\"");
-    let Some(range) = headers.get(header::RANGE) else {
-        return Ok((
-            [
-                (header::CONTENT_TYPE, "application/octet-stream".to_string()),
-                (header::ACCEPT_RANGES, "bytes".into()),
-                (header::ETAG, etag),
-            ],
-            bytes,
-        )
-            .into_response());
-    };
-    let range = range.to_str().map_err(|_| ApiError::bad_request("Range header is not text"))?;
-    match parse_range(range, len) {
-        Some((start, end)) => Ok((
-            StatusCode::PARTIAL_CONTENT,
-            [
-                (header::CONTENT_TYPE, "application/octet-stream".to_string()),
-                (header::ACCEPT_RANGES, "bytes".into()),
-                (header::ETAG, etag),
-                (header::CONTENT_RANGE, format!("bytes {start}-{end}/{len}")),
-            ],
-            Body::from(bytes[start as usize..=end as usize].to_vec()),
-        )
-            .into_response()),
-        None => {
+    let permit = match tokio::time::timeout(s.downloads.wait, s.downloads.slots.clone().acquire_owned()).await {
+        Ok(Ok(p)) => p,
+        _ => {
+            s.metrics.reject("api_downloads_busy");
             let mut r = ApiError {
-                status: StatusCode::RANGE_NOT_SATISFIABLE,
-                error: "range_not_satisfiable",
-                detail: format!("`{range}` does not fit {len} bytes"),
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                error: "busy",
+                detail: "every artifact download slot is taken (api.max_downloads); try again".into(),
             }
             .into_response();
-            if let Ok(v) = format!("bytes */{len}").parse() {
-                r.headers_mut().insert(header::CONTENT_RANGE, v);
-            }
-            Ok(r)
+            r.headers_mut().insert(header::RETRY_AFTER, axum::http::HeaderValue::from_static("5"));
+            return Ok(r);
         }
+    };
+    let mut file =
+        tokio::fs::File::open(&path).await.map_err(|e| ApiError::internal(format!("artifact {sha}: {e}")))?;
+    let len = file.metadata().await.map_err(|e| ApiError::internal(format!("artifact {sha}: {e}")))?.len();
+    let etag = format!("\"{sha}\"");
+    let (status, start, end) = match headers.get(header::RANGE) {
+        None => (StatusCode::OK, 0, len.checked_sub(1)),
+        Some(range) => {
+            let range = range.to_str().map_err(|_| ApiError::bad_request("Range header is not text"))?;
+            match parse_range(range, len) {
+                Some((start, end)) => (StatusCode::PARTIAL_CONTENT, start, Some(end)),
+                None => {
+                    let mut r = ApiError {
+                        status: StatusCode::RANGE_NOT_SATISFIABLE,
+                        error: "range_not_satisfiable",
+                        detail: format!("`{range}` does not fit {len} bytes"),
+                    }
+                    .into_response();
+                    if let Ok(v) = format!("bytes */{len}").parse() {
+                        r.headers_mut().insert(header::CONTENT_RANGE, v);
+                    }
+                    return Ok(r);
+                }
+            }
+        }
+    };
+    let body_len = end.map_or(0, |e| e - start + 1);
+    if start > 0 {
+        use tokio::io::AsyncSeekExt;
+        file.seek(std::io::SeekFrom::Start(start))
+            .await
+            .map_err(|e| ApiError::internal(format!("artifact {sha}: {e}")))?;
+    }
+    let reader = Permitted { inner: tokio::io::AsyncReadExt::take(file, body_len), _permit: permit };
+    let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(reader, ARTIFACT_CHUNK));
+    let mut r = (status, body).into_response();
+    let h = r.headers_mut();
+    let value = |v: String| axum::http::HeaderValue::try_from(v).map_err(ApiError::internal);
+    h.insert(header::CONTENT_TYPE, axum::http::HeaderValue::from_static("application/octet-stream"));
+    h.insert(header::ACCEPT_RANGES, axum::http::HeaderValue::from_static("bytes"));
+    h.insert(header::ETAG, value(etag)?);
+    h.insert(header::CONTENT_LENGTH, value(body_len.to_string())?);
+    if let (StatusCode::PARTIAL_CONTENT, Some(end)) = (status, end) {
+        h.insert(header::CONTENT_RANGE, value(format!("bytes {start}-{end}/{len}"))?);
+    }
+    Ok(r)
+}
+
+/// How much of an artifact is read at a time.
+pub const ARTIFACT_CHUNK: usize = 64 * 1024;
+
+/// The artifact download slots.
+#[derive(Debug)]
+pub struct Downloads {
+    slots: std::sync::Arc<tokio::sync::Semaphore>,
+    /// How long a download waits for a slot before it gets a 503.
+    wait: std::time::Duration,
+}
+
+impl Downloads {
+    pub fn new(limits: &super::serve::Limits) -> Downloads {
+        Downloads {
+            slots: std::sync::Arc::new(tokio::sync::Semaphore::new(limits.max_downloads.max(1))),
+            wait: limits.download_wait,
+        }
+    }
+}
+
+/// A reader that holds a download slot until the body is done with (sent, or dropped with the connection).
+struct Permitted<R> {
+    inner: R,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Permitted<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
     }
 }
 

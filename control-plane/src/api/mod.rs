@@ -8,7 +8,7 @@ pub mod error;
 pub mod identity;
 pub mod learning;
 pub mod rollouts;
-pub mod tls;
+pub mod serve;
 
 use crate::learning::Learning;
 use crate::metrics::Metrics;
@@ -48,6 +48,8 @@ pub struct AppState {
     pub front: Arc<crate::broker_front::Front>,
     /// Whether the API is served over TLS (the dashboard's session cookie is then `Secure`).
     pub tls: bool,
+    /// Slots for artifact downloads (`api.max_downloads`), which need no token.
+    pub downloads: Arc<learning::Downloads>,
 }
 
 /// The cookie the dashboard keeps the operator's token in (HttpOnly, SameSite=Strict).
@@ -118,10 +120,12 @@ pub fn required_role(method: &axum::http::Method, path: &str) -> Option<Role> {
 }
 
 /// Writes a call that tried to change something to the audit log (reads are not audited), then returns its
-/// answer; an audit log that cannot be written turns the answer into a 500.
+/// answer; an audit log that cannot be written turns the answer into a 500. Refusals (401, 403) from one
+/// source fold into one entry with a count (see [`crate::audit`]); the log cuts long paths and details.
 async fn audited(
     s: &AppState,
     who: String,
+    source: Option<String>,
     method: &axum::http::Method,
     path: &str,
     resp: axum::response::Response,
@@ -130,15 +134,22 @@ async fn audited(
     if method == axum::http::Method::GET || method == axum::http::Method::HEAD {
         return resp;
     }
+    let status = resp.status();
     let entry = crate::audit::AuditEntry {
-        at_ms: edgeloop_common::unix_millis(),
-        who,
-        action: format!("{method} {path}"),
-        status: resp.status().as_u16(),
-        detail,
+        source,
+        // The log cuts a long path or detail to its bound, and says how long it was.
+        ..crate::audit::AuditEntry::new(
+            edgeloop_common::unix_millis(),
+            who,
+            format!("{method} {path}"),
+            status.as_u16(),
+            detail,
+        )
     };
     let audit = s.audit.clone();
-    match tokio::task::spawn_blocking(move || audit.record(&entry)).await {
+    let refused = status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN;
+    let write = move || if refused { audit.record_refusal(&entry) } else { audit.record(&entry) };
+    match tokio::task::spawn_blocking(write).await {
         Ok(Ok(())) => resp,
         Ok(Err(e)) => ApiError::internal(format!("audit log: {e}")).into_response(),
         Err(e) => ApiError::internal(e).into_response(),
@@ -156,6 +167,8 @@ async fn authorize_and_audit(
     let method = req.method().clone();
     let path = req.uri().path().to_string();
     let read = method == axum::http::Method::GET || method == axum::http::Method::HEAD;
+    let source =
+        req.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip().to_string());
     let mut who = "anonymous".to_string();
     if let (Some(need), true) = (required_role(&method, &path), s.require_tokens) {
         let bearer = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_string);
@@ -174,7 +187,7 @@ async fn authorize_and_audit(
                 let mut r = ApiError { status: StatusCode::UNAUTHORIZED, error: "unauthorized", detail: e.to_string() }
                     .into_response();
                 r.headers_mut().insert(header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
-                return audited(&s, "unauthenticated".into(), &method, &path, r, e.to_string()).await;
+                return audited(&s, "unauthenticated".into(), source, &method, &path, r, e.to_string()).await;
             }
         };
         if op.role < need {
@@ -182,7 +195,7 @@ async fn authorize_and_audit(
             let detail = format!("{method} {path} needs the {need} role; token `{}` has {}", op.name, op.role);
             let r =
                 ApiError { status: StatusCode::FORBIDDEN, error: "forbidden", detail: detail.clone() }.into_response();
-            return audited(&s, format!("{} ({})", op.name, op.id), &method, &path, r, detail).await;
+            return audited(&s, format!("{} ({})", op.name, op.id), source, &method, &path, r, detail).await;
         }
         who = format!("{} ({})", op.name, op.id);
         if from_cookie && !read && !req.headers().contains_key(DASHBOARD_HEADER) {
@@ -193,7 +206,7 @@ async fn authorize_and_audit(
             );
             let r =
                 ApiError { status: StatusCode::FORBIDDEN, error: "forbidden", detail: detail.clone() }.into_response();
-            return audited(&s, who, &method, &path, r, detail).await;
+            return audited(&s, who, source, &method, &path, r, detail).await;
         }
         req.extensions_mut().insert(op);
     }
@@ -202,7 +215,7 @@ async fn authorize_and_audit(
     }
     let detail = req.uri().query().unwrap_or_default().to_string();
     let resp = next.run(req).await;
-    audited(&s, who, &method, &path, resp, detail).await
+    audited(&s, who, source, &method, &path, resp, detail).await
 }
 
 /// The dashboard's session token from the `Cookie` header, if any.

@@ -154,6 +154,9 @@ pub async fn set_tags(
     Ok(Json(Tags { tags: s.rollouts.tags(&id) }))
 }
 
+/// Largest `limit` the audit log's list takes (entries are at most a few KiB each, so a page stays small).
+pub const MAX_AUDIT_LIMIT: usize = 1_000;
+
 #[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields)]
 pub struct AuditParams {
@@ -166,8 +169,8 @@ pub async fn audit(
 ) -> Result<Json<Vec<crate::audit::AuditEntry>>, ApiError> {
     let Query(p) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let limit = p.limit.unwrap_or(200);
-    if limit == 0 || limit > 10_000 {
-        return Err(ApiError::bad_request(format!("limit must be between 1 and 10000, got {limit}")));
+    if limit == 0 || limit > MAX_AUDIT_LIMIT {
+        return Err(ApiError::bad_request(format!("limit must be between 1 and {MAX_AUDIT_LIMIT}, got {limit}")));
     }
     let a = s.audit.clone();
     let entries = tokio::task::spawn_blocking(move || a.recent(limit))

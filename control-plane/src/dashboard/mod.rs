@@ -66,12 +66,53 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
     ([(header::CONTENT_TYPE, content_type), (header::CACHE_CONTROL, "no-cache")], body).into_response()
 }
 
-/// Where to go after logging in: a local path only, never another site.
+/// Where to go after logging in: a path on this site only, never another site. Anything else goes to the
+/// dashboard's root.
 fn local_target(next: Option<&str>) -> String {
     match next {
-        Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.contains('\\') && !is_open(n) => n.to_string(),
+        Some(n) if is_same_site_path(n) && !is_open(n) => n.to_string(),
         _ => "/".to_string(),
     }
+}
+
+/// Longest `next` the login page carries back.
+const MAX_NEXT_LEN: usize = 2048;
+
+/// Whether `target` can only mean an absolute path on this site, however a browser reads it: one leading `/`,
+/// no `//` anywhere, no backslash (browsers read `\` as `/`), and no control character or whitespace (browsers
+/// drop tab and newline from URLs, so `/\t/evil.example/` would become `//evil.example/`). The path part (up
+/// to `?` or `#`) must pass the same test after one more round of percent-decoding, so an encoded form
+/// (`/%2F/evil`, `/%09/evil`) that something decodes again cannot turn into another site either.
+fn is_same_site_path(target: &str) -> bool {
+    fn plain(t: &str) -> bool {
+        t.starts_with('/')
+            && !t.contains("//")
+            && !t.contains('\\')
+            && !t.chars().any(|c| c.is_control() || c.is_whitespace())
+    }
+    let path = target.split(['?', '#']).next().unwrap_or_default();
+    target.len() <= MAX_NEXT_LEN && plain(target) && plain(&percent_decode(path))
+}
+
+/// Decodes `%XX` escapes (invalid ones stay as they are); bytes that are not UTF-8 become U+FFFD.
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (b[i], b.get(i + 1).copied().and_then(hex), b.get(i + 2).copied().and_then(hex)) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[derive(Deserialize, Debug, Default)]
@@ -159,11 +200,52 @@ mod tests {
     #[test]
     fn login_only_returns_to_local_pages() {
         assert_eq!(local_target(Some("/rollouts/r1")), "/rollouts/r1");
+        assert_eq!(local_target(Some("/models/m/3?tab=trials&x=a%20b")), "/models/m/3?tab=trials&x=a%20b");
         assert_eq!(local_target(Some("https://evil.example/")), "/");
         assert_eq!(local_target(Some("//evil.example/")), "/");
         assert_eq!(local_target(Some("/\\evil.example")), "/");
         assert_eq!(local_target(Some("/login")), "/");
         assert_eq!(local_target(None), "/");
+    }
+
+    /// The attack: a login link whose `next` a browser would follow to another site. Each `next` here is what
+    /// the login form receives after the form or query decoding; the encoded ones are what a second decoding
+    /// would turn into another site.
+    #[test]
+    fn login_next_stays_on_the_site() {
+        let attacks = [
+            "/\t/evil.example/",
+            "/\n/evil.example/",
+            "/\r\n/evil.example/",
+            "/ /evil.example/",
+            "/\u{0}/evil.example/",
+            "/\u{a0}/evil.example/",
+            "\t//evil.example/",
+            "//evil",
+            "///evil",
+            "/\\evil",
+            "\\\\evil",
+            "/x/..//evil",
+            "https://evil",
+            "http:evil",
+            "javascript:alert(1)",
+            "evil.example",
+            "",
+            "/%2F/evil.example/",
+            "/%2f%2fevil.example/",
+            "/%5Cevil.example",
+            "/%09/evil.example/",
+            "/%0a/evil.example/",
+            "/%20/evil.example/",
+        ];
+        for next in attacks {
+            assert_eq!(local_target(Some(next)), "/", "next = {next:?}");
+        }
+        let long = format!("/{}", "a".repeat(MAX_NEXT_LEN));
+        assert_eq!(local_target(Some(&long)), "/");
+        for fine in ["/", "/rollouts/r1", "/devices/dev-1?range=1h", "/audit?limit=50"] {
+            assert_eq!(local_target(Some(fine)), fine);
+        }
     }
 
     #[test]

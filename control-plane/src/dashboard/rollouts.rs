@@ -225,7 +225,8 @@ pub async fn audit(State(s): State<AppState>, who: Who) -> Response {
                 tbody {
                     @for e in &entries {
                         tr {
-                            td { (datetime(e.at_ms)) } td { (e.who) } td { code { (e.action) } }
+                            td { (datetime(e.at_ms)) } td { (e.who) }
+                            td { code { (e.action) } @if e.count > 1 { " " span.muted { "×" (e.count) } } }
                             td.num { (badge(if e.status < 400 { "ok" } else { "bad" }, &e.status.to_string())) }
                             td.small { (e.detail) }
                         }

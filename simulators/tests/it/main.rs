@@ -1,6 +1,7 @@
 //! Integration tests of the telemetry path: real broker, real agents, real store.
 
 mod api;
+mod api_limits;
 mod chaos;
 mod cross_process;
 mod dashboard;
