@@ -146,7 +146,8 @@ pub async fn enroll_once(
     pair: &Ed25519KeyPair,
 ) -> anyhow::Result<Option<Credentials>> {
     let url = format!("{}/api/v1/enroll", e.url.trim_end_matches('/'));
-    let body = edgeloop_common::enroll::EnrollRequest::signed(pair, device, class, &e.token, edgeloop_common::unix_millis());
+    let body =
+        edgeloop_common::enroll::EnrollRequest::signed(pair, device, class, &e.token, edgeloop_common::unix_millis());
     let resp = match http.post(&url).json(&body).send().await {
         Ok(r) => r,
         Err(err) => {

@@ -311,7 +311,10 @@ impl Enrollment {
     }
 
     pub fn tokens(&self) -> Result<Vec<EnrollmentToken>, StoreError> {
-        self.tokens.iter().map(|kv| decode::<TokenRecord>("enrollment token", &kv?.1).map(|t| EnrollmentToken::from(&t))).collect()
+        self.tokens
+            .iter()
+            .map(|kv| decode::<TokenRecord>("enrollment token", &kv?.1).map(|t| EnrollmentToken::from(&t)))
+            .collect()
     }
 
     /// Enrolls a device, or renews its credentials, from a signed request. Blocking.
@@ -370,7 +373,8 @@ impl Enrollment {
     }
 
     pub fn list(&self) -> Vec<Enrolled> {
-        let mut v: Vec<Enrolled> = self.cache.read().unwrap_or_else(|p| p.into_inner()).values().map(Into::into).collect();
+        let mut v: Vec<Enrolled> =
+            self.cache.read().unwrap_or_else(|p| p.into_inner()).values().map(Into::into).collect();
         v.sort_by(|a, b| a.device.cmp(&b.device));
         v
     }
@@ -442,7 +446,14 @@ mod tests {
     }
 
     /// A request signed with `k`, issued at `at`, sent at `at`.
-    fn enroll(en: &Enrollment, k: &Ed25519KeyPair, device: &str, class: &str, token: &str, at: u64) -> Result<Credentials, EnrollError> {
+    fn enroll(
+        en: &Enrollment,
+        k: &Ed25519KeyPair,
+        device: &str,
+        class: &str,
+        token: &str,
+        at: u64,
+    ) -> Result<Credentials, EnrollError> {
         en.enroll(&EnrollRequest::signed(k, device, class, token, at), at)
     }
 
@@ -456,7 +467,11 @@ mod tests {
         assert_eq!(enroll(&en, &key(3), "d3", "press", &token, 3), Err(EnrollError::Token("no uses left")));
         let (t2, token2) = en.create_token("press", 5, 10_000, 0).unwrap();
         en.revoke_token(&t2.id).unwrap();
-        assert_eq!(enroll(&en, &key(4), "d4", "press", &token2, 4), Err(EnrollError::Token("no uses left")), "withdrawn");
+        assert_eq!(
+            enroll(&en, &key(4), "d4", "press", &token2, 4),
+            Err(EnrollError::Token("no uses left")),
+            "withdrawn"
+        );
         assert!(matches!(en.revoke_token("nope"), Err(EnrollError::Bad(_))));
         assert!(en.admit("d1", "d1", &c1.password));
         assert!(!en.admit("d1", "d1", "guess"));
@@ -525,7 +540,11 @@ mod tests {
             assert_eq!(enroll(&en, &key(2), "d1", "press", &token, 2), Err(EnrollError::Conflict("d1".into())));
             assert_eq!(
                 enroll(&en, &key(1), "d1", "lathe", &other_class, 2),
-                Err(EnrollError::ClassFixed { device: "d1".into(), enrolled: "press".into(), requested: "lathe".into() })
+                Err(EnrollError::ClassFixed {
+                    device: "d1".into(),
+                    enrolled: "press".into(),
+                    requested: "lathe".into()
+                })
             );
             let renewed = enroll(&en, &key(1), "d1", "press", &token, 3).unwrap();
             assert!(!en.admit("d1", "d1", &first.password), "renewal replaces the password");

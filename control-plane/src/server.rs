@@ -69,6 +69,12 @@ impl ControlPlane {
                 if tls { "TLS" } else { "plaintext" }
             );
         }
+        // A signing key that group or others could read may have leaked: it is refused (see `keys::load`), and
+        // that check comes before the data directory is tightened, which would otherwise hide it.
+        let default_key = cfg.data_dir.join("signing.key");
+        if cfg.rollouts.signing_key.is_none() && default_key.exists() {
+            tokio::task::spawn_blocking(move || crate::keys::load(&default_key)).await??;
+        }
         // The store, the artifacts and the keys live here: 0700, with nothing in it open to group or others.
         let data_dir = cfg.data_dir.clone();
         let tightened = tokio::task::spawn_blocking(move || edgeloop_common::private::dir(&data_dir))

@@ -116,8 +116,7 @@ impl Uplink {
         let link_cancel = CancellationToken::new();
         let link = tokio::spawn(event_loop(
             eventloop,
-            ack_topic.clone(),
-            self.trusted.clone(),
+            (ack_topic.clone(), self.trusted.clone()),
             desired_tx,
             self.reconnect,
             tx,
@@ -357,8 +356,7 @@ pub fn read_ack(payload: &[u8], ack_topic: &str, trusted: &[TrustedKey], now_ms:
 
 async fn event_loop(
     mut eventloop: EventLoop,
-    ack_topic: String,
-    trusted: Arc<[TrustedKey]>,
+    (ack_topic, trusted): (String, Arc<[TrustedKey]>),
     desired: Option<watch::Sender<Option<Signed>>>,
     (min, max): (Duration, Duration),
     tx: mpsc::UnboundedSender<LinkEvent>,

@@ -114,6 +114,9 @@ enum IssueError {
 /// A message for the publisher: topic and payload.
 pub type Publication = (String, Vec<u8>);
 
+/// What a refresh re-signed: the states to publish, and the runs they extend per device.
+type Refreshed = (Vec<Publication>, Vec<(String, IssuedRun)>);
+
 impl Rollouts {
     pub fn open(
         store: RolloutStore,
@@ -454,7 +457,7 @@ impl Rollouts {
     }
 
     /// Re-issues desired states past half their lifetime; returns what to publish and the devices' new runs.
-    fn refresh(&self, now_ms: u64) -> Result<(Vec<Publication>, Vec<(String, IssuedRun)>), StoreError> {
+    fn refresh(&self, now_ms: u64) -> Result<Refreshed, StoreError> {
         let half = self.cfg.desired_ttl_secs * 500;
         let (mut out, mut runs) = (Vec::new(), Vec::new());
         for (device, i) in self.store.all_issued()? {

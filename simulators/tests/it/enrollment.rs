@@ -96,7 +96,8 @@ async fn reenrollment_without_the_private_key_refused() {
     assert!(connects(&cp, "victim", &password).await, "the victim's credentials still work");
     assert_eq!(uses_left(cp.api_addr, &token).await, 10);
     // The owner of the key renews as before.
-    let (status, renewed) = enroll_raw(cp.api_addr, &serde_json::to_value(signed(&victim, "victim", CLASS, &token)).unwrap()).await;
+    let (status, renewed) =
+        enroll_raw(cp.api_addr, &serde_json::to_value(signed(&victim, "victim", CLASS, &token)).unwrap()).await;
     assert_eq!(status, 200, "{renewed}");
     assert!(connects(&cp, "victim", renewed["password"].as_str().unwrap()).await);
     assert!(!connects(&cp, "victim", &password).await, "renewal replaced the password");
@@ -148,17 +149,23 @@ async fn viewer_sees_no_credential_hashes() {
     let password_hash = sha256_hex(creds.password.as_bytes());
     let token_hash = sha256_hex(token.rsplit('_').next().unwrap().as_bytes());
     // The admin's own answers about tokens hold no hash of a secret either.
-    let (status, created) =
-        http::post_json(cp.api_addr, "/api/v1/enrollment-tokens", &json!({"class": CLASS, "uses": 1, "expires_in_secs": 60}))
-            .await
-            .unwrap();
+    let (status, created) = http::post_json(
+        cp.api_addr,
+        "/api/v1/enrollment-tokens",
+        &json!({"class": CLASS, "uses": 1, "expires_in_secs": 60}),
+    )
+    .await
+    .unwrap();
     assert_eq!(status, 201, "{created}");
     let v: serde_json::Value = serde_json::from_str(&created).unwrap();
     let new_token_hash = sha256_hex(v["token"].as_str().unwrap().rsplit('_').next().unwrap().as_bytes());
-    let (status, withdrawn) =
-        http::post_json(cp.api_addr, &format!("/api/v1/enrollment-tokens/{}/revoke", v["id"].as_str().unwrap()), &json!({}))
-            .await
-            .unwrap();
+    let (status, withdrawn) = http::post_json(
+        cp.api_addr,
+        &format!("/api/v1/enrollment-tokens/{}/revoke", v["id"].as_str().unwrap()),
+        &json!({}),
+    )
+    .await
+    .unwrap();
     assert_eq!(status, 200, "{withdrawn}");
     let (_, tokens) = http::get(cp.api_addr, "/api/v1/enrollment-tokens").await.unwrap();
     for (what, body) in [("created", &created), ("withdrawn", &withdrawn), ("listed", &tokens)] {
@@ -189,7 +196,10 @@ async fn viewer_sees_no_credential_hashes() {
         assert!(!body.contains("password_sha256"), "{page}: {body}");
     }
     let listed: Vec<serde_json::Value> = serde_json::from_str(
-        &http::request(cp.api_addr, "GET", "/api/v1/enrollments", &[("Authorization", &auth)], None).await.unwrap().text(),
+        &http::request(cp.api_addr, "GET", "/api/v1/enrollments", &[("Authorization", &auth)], None)
+            .await
+            .unwrap()
+            .text(),
     )
     .unwrap();
     assert_eq!(listed[0]["public_key"], hex(key.public_key().as_ref()), "public keys stay listed");
@@ -199,7 +209,14 @@ async fn viewer_sees_no_credential_hashes() {
 }
 
 fn batch(device: &str) -> Envelope {
-    let rec = Record { seq: 1, ts_ms: 1_700_000_000_000, sensor: "pm25".into(), features: vec![1.0; 4], score: None, flags: 0 };
+    let rec = Record {
+        seq: 1,
+        ts_ms: 1_700_000_000_000,
+        sensor: "pm25".into(),
+        features: vec![1.0; 4],
+        score: None,
+        flags: 0,
+    };
     Envelope::new(device, 1, 0, Body::Telemetry(TelemetryBatch { from: 1, to: 1, records: vec![rec] }))
 }
 

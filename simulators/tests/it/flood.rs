@@ -50,7 +50,8 @@ async fn a_flooding_device_does_not_delay_the_others() {
     let cancel = CancellationToken::new();
     let mut class = edgeloop_simulators::class_config(CLASS).unwrap();
     class.uplink.ack_timeout_secs = 1;
-    let mut spec = FleetSpec::new(vec![class], cp.mqtt_addr.clone(), &dir.path().join("agents"), cp.trusted_key.clone());
+    let mut spec =
+        FleetSpec::new(vec![class], cp.mqtt_addr.clone(), &dir.path().join("agents"), cp.trusted_key.clone());
     spec.enroll_with(cp.api_addr, 1).await.unwrap();
     let mut devices = fleet::start(&spec, 1, &cancel).await.unwrap();
     let outbox = devices[0].agent.outbox.clone();
@@ -133,7 +134,7 @@ async fn a_flooding_device_does_not_delay_the_others() {
     // an agent would resend (see architecture.md), so the counts are not required to be exact.
     let reached = |reason| cp.metrics.rejected(reason) * 10 >= flooded * 9 && cp.metrics.rejected(reason) <= flooded;
     wait_for("the flood handled", Duration::from_secs(30), || {
-        reached("malformed_cbor")
+        reached("schema")
             && reached("bad_signature")
             && cp.registry.get("flooder").is_some_and(|d| d.rejected == cp.metrics.rejected("rate_limited"))
     })
