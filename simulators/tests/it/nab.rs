@@ -1,13 +1,13 @@
-//! The NAB replay on one shared file writes a well-formed output: one row per input row, in order, each
-//! score in [0, 1], and a scored report.
+//! The NAB replay on one NAB file (copied, with NAB's labels, into `simulators/tests/data/nab/`) writes a
+//! well-formed output: one row per input row, in order, each score in [0, 1], and a scored report.
 
 use edgeloop_simulators::nab::{self, NabOptions};
 use std::path::Path;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nab_replay_writes_well_formed_scores() {
-    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/nab");
-    assert!(data.join("labels/combined_windows.json").exists(), "the shared NAB data is missing at {}", data.display());
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/nab");
+    assert!(data.join("labels/combined_windows.json").exists(), "the NAB test data is missing at {}", data.display());
     let out = tempfile::tempdir().unwrap();
     let opts = NabOptions {
         data: data.clone(),
