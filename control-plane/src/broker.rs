@@ -49,7 +49,7 @@ pub fn start_embedded(
         server.set_auth_handler(move |client_id: String, user: String, pass: String| {
             let ok = admit(&client_id, &user, &pass);
             if !ok {
-                tracing::warn!(%client_id, %user, "broker refused a client: not enrolled, revoked or wrong credentials");
+                tracing::warn!(%client_id, %user, "internal broker refused a login that is neither the front's nor the control plane's");
             }
             std::future::ready(ok)
         });
