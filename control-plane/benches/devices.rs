@@ -16,10 +16,10 @@
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW};
-use edgeloop_control_plane::training::adam::{Adam, AdamParams};
-use edgeloop_control_plane::training::autoencoder::run_epoch;
-use edgeloop_control_plane::training::device::{cpu_threads, DeviceSetting, Devices, Target, Work};
-use edgeloop_control_plane::training::mlp::Mlp;
+use edgeloop_control_plane::ml::training::adam::{Adam, AdamParams};
+use edgeloop_control_plane::ml::training::autoencoder::run_epoch;
+use edgeloop_control_plane::ml::training::device::{cpu_threads, DeviceSetting, Devices, Target, Work};
+use edgeloop_control_plane::ml::training::mlp::Mlp;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;

@@ -5,10 +5,10 @@
 //! `cargo bench -p edgeloop-control-plane --bench training`
 
 use candle_core::Device;
-use edgeloop_control_plane::dataset::{Row, Standardizer};
-use edgeloop_control_plane::training::device::Devices;
-use edgeloop_control_plane::training::search::{self, Budget};
-use edgeloop_control_plane::training::{autoencoder, Hyper};
+use edgeloop_control_plane::ml::dataset::{Row, Standardizer};
+use edgeloop_control_plane::ml::training::device::Devices;
+use edgeloop_control_plane::ml::training::search::{self, Budget};
+use edgeloop_control_plane::ml::training::{autoencoder, Hyper};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::time::Instant;

@@ -42,7 +42,7 @@ pub struct RawConfig {
     pub devices: DevicesConfig,
     /// How much the audit log keeps.
     #[serde(default)]
-    pub audit: crate::audit::AuditConfig,
+    pub audit: crate::access::audit::AuditConfig,
     /// TLS for the MQTT listener and the API: `cert` and `key` (from `certs init` or your PKI), or
     /// `plaintext = true` to run without it.
     pub tls: Option<TlsSection>,
@@ -155,10 +155,10 @@ pub struct TrainingConfig {
     /// Where training runs: "auto" (a GPU for large enough steps when built with `cuda` and one is present,
     /// else the CPU), "cpu" or "cuda:N".
     #[serde(default)]
-    pub device: crate::training::device::DeviceSetting,
+    pub device: crate::ml::training::device::DeviceSetting,
     /// Retraining triggers, one entry per class.
     #[serde(default)]
-    pub triggers: Vec<crate::triggers::TriggerConfig>,
+    pub triggers: Vec<crate::ml::triggers::TriggerConfig>,
 }
 
 impl Default for TrainingConfig {
@@ -233,16 +233,16 @@ fn default_true() -> bool {
     true
 }
 fn default_header_read_timeout_secs() -> u64 {
-    crate::api::serve::Limits::default().header_read_timeout.as_secs()
+    crate::web::api::serve::Limits::default().header_read_timeout.as_secs()
 }
 fn default_idle_timeout_secs() -> u64 {
-    crate::api::serve::Limits::default().idle_timeout.as_secs()
+    crate::web::api::serve::Limits::default().idle_timeout.as_secs()
 }
 fn default_max_connections() -> usize {
-    crate::api::serve::Limits::default().max_connections
+    crate::web::api::serve::Limits::default().max_connections
 }
 fn default_max_downloads() -> usize {
-    crate::api::serve::Limits::default().max_downloads
+    crate::web::api::serve::Limits::default().max_downloads
 }
 
 impl Default for ApiConfig {
@@ -304,9 +304,9 @@ pub struct Config {
     pub api_listen: SocketAddr,
     pub require_tokens: bool,
     /// Timeouts and caps on the API's connections and downloads.
-    pub api_limits: crate::api::serve::Limits,
+    pub api_limits: crate::web::api::serve::Limits,
     /// How much the audit log keeps.
-    pub audit: crate::audit::AuditConfig,
+    pub audit: crate::access::audit::AuditConfig,
     /// Devices must enroll: the embedded broker admits only enrolled devices, and ingest accepts only
     /// envelopes signed with the sender's enrolled key (`devices.require_enrollment`).
     pub require_enrollment: bool,
@@ -395,7 +395,7 @@ impl RawConfig {
                         };
                         let text = std::fs::read_to_string(&f)
                             .map_err(|e| c.fail("broker.password_file", format!("{}: {e}", f.display())))?;
-                        crate::keys::warn_if_exposed(&f);
+                        crate::access::keys::warn_if_exposed(&f);
                         Some(text.trim().to_string())
                     }
                     None => None,
@@ -448,7 +448,7 @@ impl RawConfig {
             "api.max_downloads",
             "must be between 1 and api.max_connections",
         )?;
-        let api_limits = crate::api::serve::Limits {
+        let api_limits = crate::web::api::serve::Limits {
             header_read_timeout: std::time::Duration::from_secs(a.header_read_timeout_secs),
             idle_timeout: std::time::Duration::from_secs(a.idle_timeout_secs),
             max_connections: a.max_connections,
@@ -650,7 +650,7 @@ mod tests {
             "{err}"
         );
         let ok = Config::from_toml("cp.toml", &format!("{base}[training]\ndevice = \"cuda:1\"\n")).unwrap();
-        assert_eq!(ok.training.device, crate::training::device::DeviceSetting::Cuda(1));
+        assert_eq!(ok.training.device, crate::ml::training::device::DeviceSetting::Cuda(1));
         assert_eq!(Config::from_toml("cp.toml", base).unwrap().training.device, Default::default());
     }
 

@@ -8,11 +8,11 @@
 use clap::{Parser, Subcommand};
 use edgeloop_common::durable::DurableDb;
 use edgeloop_control_plane::config::Config;
-use edgeloop_control_plane::models::ModelRegistry;
-use edgeloop_control_plane::operators::{Role, TokenStore};
-use edgeloop_control_plane::registry::Registry;
-use edgeloop_control_plane::store::TelemetryStore;
-use edgeloop_control_plane::training::run::{train_class, TrainRequest};
+use edgeloop_control_plane::ml::models::ModelRegistry;
+use edgeloop_control_plane::access::operators::{Role, TokenStore};
+use edgeloop_control_plane::fleet::devices::Registry;
+use edgeloop_control_plane::fleet::telemetry::TelemetryStore;
+use edgeloop_control_plane::ml::training::run::{train_class, TrainRequest};
 use edgeloop_control_plane::ControlPlane;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -201,7 +201,7 @@ fn main() -> ExitCode {
         Command::Run { config } | Command::Train { config, .. } => config.clone(),
         Command::Tokens { command } => return tokens(command),
         Command::Broker { command: BrokerCommand::Acl { service_user, out } } => {
-            let acl = edgeloop_control_plane::acl::mosquitto_acl(service_user);
+            let acl = edgeloop_control_plane::broker::acl::mosquitto_acl(service_user);
             return match out {
                 None => {
                     print!("{acl}");
@@ -217,7 +217,7 @@ fn main() -> ExitCode {
             };
         }
         Command::Certs { command: CertsCommand::Init { dir, names } } => {
-            return match edgeloop_control_plane::certs::init(dir, names) {
+            return match edgeloop_control_plane::access::certs::init(dir, names) {
                 Ok(f) => {
                     println!("CA certificate (agents pin it):  {}", f.ca.display());
                     println!("CA key (keep it offline):        {}", f.ca_key.display());
@@ -233,8 +233,8 @@ fn main() -> ExitCode {
         }
         Command::Keys { command } => {
             let r = match command {
-                KeysCommand::Generate { out } => edgeloop_control_plane::keys::generate(out),
-                KeysCommand::Show { key } => edgeloop_control_plane::keys::load(key),
+                KeysCommand::Generate { out } => edgeloop_control_plane::access::keys::generate(out),
+                KeysCommand::Show { key } => edgeloop_control_plane::access::keys::load(key),
             };
             return match r {
                 Ok(s) => {

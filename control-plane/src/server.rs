@@ -1,18 +1,18 @@
 //! Starting and stopping a control plane: store, registry, broker, ingest and API under one cancellation
 //! token. Stopping lets ingest commit what it took, and the API finish its requests.
 
-use crate::api::{self, AppState};
-use crate::audit::AuditLog;
-use crate::broker;
+use crate::web::api::{self, AppState};
+use crate::access::audit::AuditLog;
+use crate::broker::embedded;
 use crate::config::{BrokerConfig, Config};
-use crate::ingest::{service, Ingestor};
-use crate::learning::Learning;
+use crate::fleet::ingest::{service, Ingestor};
+use crate::ml::jobs::Learning;
 use crate::metrics::Metrics;
-use crate::models::ModelRegistry;
-use crate::registry::Registry;
+use crate::ml::models::ModelRegistry;
+use crate::fleet::devices::Registry;
 use crate::rollout::store::RolloutStore;
 use crate::rollout::Rollouts;
-use crate::store::TelemetryStore;
+use crate::fleet::telemetry::TelemetryStore;
 use anyhow::Context;
 use edgeloop_common::durable::DurableDb;
 use rumqttc::MqttOptions;
@@ -39,9 +39,9 @@ pub struct ControlPlaneHandle {
     pub rollouts: Arc<Rollouts>,
     /// The admin token created on first start (also in `<data_dir>/admin.token`), if this start made one.
     pub admin_token: Option<String>,
-    pub enrollment: Arc<crate::enrollment::Enrollment>,
+    pub enrollment: Arc<crate::fleet::enrollment::Enrollment>,
     /// The embedded broker's front door (live device connections).
-    pub front: Arc<crate::broker_front::Front>,
+    pub front: Arc<crate::broker::front::Front>,
     /// The public half of the signing key: what agents list in `[[trusted_keys]]` to accept this control
     /// plane's acknowledgements and desired states.
     pub trusted_key: edgeloop_common::signing::TrustedKey,
@@ -73,7 +73,7 @@ impl ControlPlane {
         // that check comes before the data directory is tightened, which would otherwise hide it.
         let default_key = cfg.data_dir.join("signing.key");
         if cfg.rollouts.signing_key.is_none() && default_key.exists() {
-            tokio::task::spawn_blocking(move || crate::keys::load(&default_key)).await??;
+            tokio::task::spawn_blocking(move || crate::access::keys::load(&default_key)).await??;
         }
         // The store, the artifacts and the keys live here: 0700, with nothing in it open to group or others.
         let data_dir = cfg.data_dir.clone();
@@ -94,15 +94,15 @@ impl ControlPlane {
         let (store, registry, models, rollout_store, audit, signer, enrollment, db) =
             tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
                 let signer = match &configured_key {
-                    Some(path) => crate::keys::load(path).context("rollouts.signing_key")?,
-                    None => crate::keys::load_or_create(&default_key)?,
+                    Some(path) => crate::access::keys::load(path).context("rollouts.signing_key")?,
+                    None => crate::access::keys::load_or_create(&default_key)?,
                 };
                 let db = DurableDb::open(&dir, durability)?;
                 let registry = Registry::open(&db)?;
                 let models = ModelRegistry::open(&db, &data_dir)?;
                 let rollout_store = RolloutStore::open(&db)?;
                 let audit = AuditLog::open_with(&db, audit_config)?;
-                let enrollment = crate::enrollment::Enrollment::open(&db)?;
+                let enrollment = crate::fleet::enrollment::Enrollment::open(&db)?;
                 Ok((TelemetryStore::open(db.clone())?, registry, models, rollout_store, audit, signer, enrollment, db))
             })
             .await?
@@ -127,7 +127,7 @@ impl ControlPlane {
         let audit = Arc::new(audit);
         let operators = {
             let data_dir = cfg.data_dir.clone();
-            tokio::task::spawn_blocking(move || crate::operators::TokenStore::open(&data_dir)).await??
+            tokio::task::spawn_blocking(move || crate::access::operators::TokenStore::open(&data_dir)).await??
         };
         let admin_token = if cfg.require_tokens {
             let t = operators.bootstrap()?;
@@ -145,7 +145,7 @@ impl ControlPlane {
         // Probing asks the CUDA driver (in CUDA builds), a blocking call: off the async workers.
         let setting = cfg.training.device;
         let machine =
-            tokio::task::spawn_blocking(move || crate::training::device::Devices::new(setting)).await??.machine();
+            tokio::task::spawn_blocking(move || crate::ml::training::device::Devices::new(setting)).await??.machine();
         tracing::info!(
             setting = %cfg.training.device,
             cuda_built = machine.cuda_built,
@@ -161,13 +161,13 @@ impl ControlPlane {
             cfg.classes.clone(),
             cfg.training.clone(),
         )?);
-        tokio::spawn(crate::triggers::run(learning.clone(), cancel.child_token()));
+        tokio::spawn(crate::ml::triggers::run(learning.clone(), cancel.child_token()));
 
         let tls = match &cfg.tls {
             Some(files) => {
                 let read = |p: &std::path::Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
                 let (cert, key) = (read(&files.cert)?, read(&files.key)?);
-                crate::keys::warn_if_exposed(&files.key);
+                crate::access::keys::warn_if_exposed(&files.key);
                 let mqtt = edgeloop_common::tls::server_config(&cert, &key, &[])?;
                 let https = edgeloop_common::tls::server_config(&cert, &key, &[b"http/1.1"])?;
                 Some((
@@ -184,8 +184,8 @@ impl ControlPlane {
             tracing::warn!("devices.require_enrollment = false: any client that reaches the broker is admitted, and uplinks are not checked for signatures");
         }
         // The control plane's own MQTT clients log in with a per-process secret.
-        let service_secret = crate::enrollment::random_hex(24);
-        let front = Arc::new(crate::broker_front::Front::default());
+        let service_secret = crate::fleet::enrollment::random_hex(24);
+        let front = Arc::new(crate::broker::front::Front::default());
         // Where devices reach the broker: the configured port, or, for port 0 (tests and tools that start a
         // control plane in process), the one the listener was given.
         let mut device_mqtt_port = cfg.mqtt_port;
@@ -199,33 +199,33 @@ impl ControlPlane {
                 // (enrolled, not revoked, password matching its stored hash) and forwards its CONNECT under a
                 // secret made afresh by this process. rumqttd accepts only that secret and the control plane's
                 // own: a local user who knows a device's password cannot use rumqttd's loopback port.
-                let front_secret = crate::enrollment::random_hex(24);
-                let internal_admission: broker::Admission = {
+                let front_secret = crate::fleet::enrollment::random_hex(24);
+                let internal_admission: embedded::Admission = {
                     let (service, front_secret) = (service_secret.clone(), front_secret.clone());
                     Arc::new(move |client: &str, user: &str, pass: &str| {
-                        let own = client.starts_with(crate::broker_front::RESERVED_CLIENT_PREFIX);
-                        (own && user == SERVICE_USER && crate::broker_front::same_secret(pass, &service))
+                        let own = client.starts_with(crate::broker::front::RESERVED_CLIENT_PREFIX);
+                        (own && user == SERVICE_USER && crate::broker::front::same_secret(pass, &service))
                             || (!own
-                                && user == crate::broker_front::FRONT_USER
-                                && crate::broker_front::same_secret(pass, &front_secret))
+                                && user == crate::broker::front::FRONT_USER
+                                && crate::broker::front::same_secret(pass, &front_secret))
                     })
                 };
                 let max = cfg.ingest.max_message_bytes;
-                tokio::task::spawn_blocking(move || broker::start_embedded(internal, max, Some(internal_admission)))
+                tokio::task::spawn_blocking(move || embedded::start_embedded(internal, max, Some(internal_admission)))
                     .await??;
                 // rumqttd's thread outlives this control plane (it cannot be stopped), and so may connections the
                 // front still relays; they hold the enrollment store weakly, so that the store and its sled
                 // database close when the control plane stops.
-                let device_admission: Option<broker::Admission> = cfg.require_enrollment.then(|| {
+                let device_admission: Option<embedded::Admission> = cfg.require_enrollment.then(|| {
                     let enrollment = Arc::downgrade(&enrollment);
                     Arc::new(move |client: &str, user: &str, pass: &str| {
                         enrollment.upgrade().is_some_and(|e| e.admit(client, user, pass))
-                    }) as broker::Admission
+                    }) as embedded::Admission
                 });
-                let gate = crate::broker_front::Gate {
+                let gate = crate::broker::front::Gate {
                     admission: device_admission,
-                    forward_as: (crate::broker_front::FRONT_USER.to_string(), front_secret),
-                    max_packet_bytes: broker::broker_max_payload(max) + 4096,
+                    forward_as: (crate::broker::front::FRONT_USER.to_string(), front_secret),
+                    max_packet_bytes: embedded::broker_max_payload(max) + 4096,
                 };
                 let listener = tokio::net::TcpListener::bind(listen)
                     .await
@@ -234,7 +234,7 @@ impl ControlPlane {
                 device_mqtt_port = listen.port();
                 tracing::info!(%listen, "MQTT listener for devices");
                 let mqtt_tls = tls.as_ref().map(|t| t.0.clone());
-                tokio::spawn(crate::broker_front::serve(
+                tokio::spawn(crate::broker::front::serve(
                     listener,
                     internal,
                     mqtt_tls,
@@ -265,7 +265,7 @@ impl ControlPlane {
             MqttOptions::new(format!("edgeloop-cp-{}", std::process::id()), broker_host.clone(), broker_port);
         login(&mut options);
         // Accept whatever the broker forwards, so oversize messages are counted by ingest, not fatal to the link.
-        let max_packet = broker::broker_max_payload(cfg.ingest.max_message_bytes) + 4096;
+        let max_packet = embedded::broker_max_payload(cfg.ingest.max_message_bytes) + 4096;
         options
             .set_keep_alive(Duration::from_secs(30))
             .set_clean_session(true)

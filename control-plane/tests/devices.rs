@@ -4,10 +4,10 @@
 //! be used fails the test instead of quietly leaving it out.
 
 use candle_core::Device;
-use edgeloop_control_plane::dataset::{Row, Standardizer};
-use edgeloop_control_plane::training::device::{DeviceSetting, Devices, Target};
-use edgeloop_control_plane::training::mlp::DenseWeights;
-use edgeloop_control_plane::training::{autoencoder, classifier, forecaster, Hyper};
+use edgeloop_control_plane::ml::dataset::{Row, Standardizer};
+use edgeloop_control_plane::ml::training::device::{DeviceSetting, Devices, Target};
+use edgeloop_control_plane::ml::training::mlp::DenseWeights;
+use edgeloop_control_plane::ml::training::{autoencoder, classifier, forecaster, Hyper};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -155,7 +155,7 @@ fn an_explicit_gpu_setting_runs_there_or_is_refused() {
         Ok(d) => {
             assert!(probe.gpus > 0);
             let (on_gpu, plan) = d
-                .run(edgeloop_control_plane::training::device::Work { params: 10, batch: 1 }, |dev: &Device| {
+                .run(edgeloop_control_plane::ml::training::device::Work { params: 10, batch: 1 }, |dev: &Device| {
                     dev.is_cuda()
                 })
                 .unwrap();

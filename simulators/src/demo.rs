@@ -23,11 +23,11 @@ use crate::signals::{Fault, GroundTruth};
 use anyhow::Context;
 use edgeloop_common::envelope::FLAG_ANOMALY;
 use edgeloop_control_plane::config::{AutoRollout, Config};
-use edgeloop_control_plane::learning::JobState;
+use edgeloop_control_plane::ml::jobs::JobState;
 use edgeloop_control_plane::rollout::engine::{Share, Stage, State};
-use edgeloop_control_plane::store::Query;
-use edgeloop_control_plane::training::run::TrainRequest;
-use edgeloop_control_plane::triggers::{Cause, TriggerConfig};
+use edgeloop_control_plane::fleet::telemetry::Query;
+use edgeloop_control_plane::ml::training::run::TrainRequest;
+use edgeloop_control_plane::ml::triggers::{Cause, TriggerConfig};
 use edgeloop_control_plane::{ControlPlane, ControlPlaneHandle};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -192,7 +192,7 @@ fn config(data_dir: &std::path::Path, mqtt_port: u16, pace: Pace) -> anyhow::Res
     let tls_dir = data_dir.join("tls");
     let (ca, cert, key) = (tls_dir.join("ca.pem"), tls_dir.join("server.pem"), tls_dir.join("server.key"));
     if !ca.exists() {
-        edgeloop_control_plane::certs::init(&tls_dir, &[]).context("creating the demo's TLS certificates")?;
+        edgeloop_control_plane::access::certs::init(&tls_dir, &[]).context("creating the demo's TLS certificates")?;
     }
     cfg.tls = Some(edgeloop_control_plane::config::TlsFiles { cert, key });
     for c in CLASSES {
@@ -356,7 +356,7 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> anyhow::Result<S
 /// Prints what the control plane does by itself: rollout events and retraining triggers.
 async fn watch(
     rollouts: Arc<edgeloop_control_plane::rollout::Rollouts>,
-    learning: Arc<edgeloop_control_plane::learning::Learning>,
+    learning: Arc<edgeloop_control_plane::ml::jobs::Learning>,
     narrator: Narrator,
     stop: CancellationToken,
 ) {
@@ -405,7 +405,7 @@ async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool)
 }
 
 /// The version of `class` in production, if any.
-fn production(cp: &ControlPlaneHandle, class: &str) -> Option<edgeloop_control_plane::models::ModelVersion> {
+fn production(cp: &ControlPlaneHandle, class: &str) -> Option<edgeloop_control_plane::ml::models::ModelVersion> {
     cp.learning.models.production(class).ok().flatten()
 }
 
@@ -466,7 +466,7 @@ async fn tell(
     for c in &present {
         let mut req = TrainRequest::new(c);
         (req.trials, req.max_seconds) = (pace.trials, Some(pace.train_seconds));
-        req.hyper = Some(edgeloop_control_plane::training::Hyper { epochs: pace.epochs, ..Default::default() });
+        req.hyper = Some(edgeloop_control_plane::ml::training::Hyper { epochs: pace.epochs, ..Default::default() });
         let job = cp.learning.start(req, "demo: first training").map_err(|e| anyhow::anyhow!("training {c}: {e}"))?;
         jobs.push((c.to_string(), job));
     }

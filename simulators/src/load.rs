@@ -137,7 +137,7 @@ fn start_control_plane(opts: &LoadOptions) -> anyhow::Result<(ControlPlaneProces
     let mqtt = crate::free_port()?;
     let api = SocketAddr::from(([127, 0, 0, 1], crate::free_port()?));
     let tls = if opts.tls {
-        edgeloop_control_plane::certs::init(&opts.data_dir.join("tls"), &[])?;
+        edgeloop_control_plane::access::certs::init(&opts.data_dir.join("tls"), &[])?;
         "[tls]\ncert = \"tls/server.pem\"\nkey = \"tls/server.key\"\n".to_string()
     } else {
         "[tls]\nplaintext = true\n".to_string()

@@ -20,9 +20,9 @@ use super::engine::{Action, FleetDevice, Gates, IssuedRun, ModelRef, OnBreach, R
 use super::store::{Issued, RolloutStore, SequenceExhausted};
 use crate::config::RolloutsConfig;
 use crate::metrics::Metrics;
-use crate::models::ModelRegistry;
-use crate::registry::Registry;
-use crate::store::StoreError;
+use crate::ml::models::ModelRegistry;
+use crate::fleet::devices::Registry;
+use crate::fleet::telemetry::StoreError;
 use edgeloop_common::envelope::{self, Body, Envelope};
 use edgeloop_common::signing::{Signed, Signer};
 use edgeloop_common::topics::{self, Channel};
@@ -554,7 +554,7 @@ async fn publish(client: &AsyncClient, metrics: &Metrics, items: Vec<Publication
 mod tests {
     use super::*;
     use crate::config::AutoRollout;
-    use crate::models::{Lineage, Metrics as ModelMetrics, ModelVersion, Promotion};
+    use crate::ml::models::{Lineage, Metrics as ModelMetrics, ModelVersion, Promotion};
     use edgeloop_common::durable::{Durability, DurableDb};
 
     fn version(v: u32, promoted: bool) -> ModelVersion {

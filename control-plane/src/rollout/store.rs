@@ -2,7 +2,7 @@
 //! before anything is published, so a restart resumes exactly where the control plane stopped.
 
 use super::engine::{IssuedRun, Rollout};
-use crate::store::StoreError;
+use crate::fleet::telemetry::StoreError;
 use edgeloop_common::durable::DurableDb;
 use serde::{Deserialize, Serialize};
 

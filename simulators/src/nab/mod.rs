@@ -36,10 +36,10 @@ use edgeloop_agent::updater::slot::{Loaded, ModelInfo};
 use edgeloop_agent::{Agent, AgentHandle};
 use edgeloop_common::config::{ClassConfig, OutboxConfig, SensorConfig, SignalKind, UplinkConfig};
 use edgeloop_control_plane::config::Config;
-use edgeloop_control_plane::learning::JobState;
-use edgeloop_control_plane::models::ModelVersion;
-use edgeloop_control_plane::store::Query;
-use edgeloop_control_plane::training::run::TrainRequest;
+use edgeloop_control_plane::ml::jobs::JobState;
+use edgeloop_control_plane::ml::models::ModelVersion;
+use edgeloop_control_plane::fleet::telemetry::Query;
+use edgeloop_control_plane::ml::training::run::TrainRequest;
 use edgeloop_control_plane::{ControlPlane, ControlPlaneHandle};
 use serde::Serialize;
 use std::net::SocketAddr;
@@ -62,7 +62,7 @@ pub struct NabOptions {
     pub seed: u64,
     /// Retrainings keep the rows the agent flagged out of training ([`DatasetSpec::exclude_flagged`]).
     ///
-    /// [`DatasetSpec::exclude_flagged`]: edgeloop_control_plane::dataset::DatasetSpec::exclude_flagged
+    /// [`DatasetSpec::exclude_flagged`]: edgeloop_control_plane::ml::dataset::DatasetSpec::exclude_flagged
     pub exclude_flagged: bool,
 }
 

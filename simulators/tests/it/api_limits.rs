@@ -4,8 +4,8 @@
 
 use crate::support::{start_cp, stored_seqs, wait_for};
 use edgeloop_common::envelope::{self, Body, Envelope, Record, TelemetryBatch};
-use edgeloop_control_plane::api::serve::Limits;
-use edgeloop_control_plane::audit::AuditEntry;
+use edgeloop_control_plane::web::api::serve::Limits;
+use edgeloop_control_plane::access::audit::AuditEntry;
 use edgeloop_simulators::device;
 use edgeloop_simulators::http::{self, request};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
@@ -64,7 +64,7 @@ fn accepted_on(port: u16) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_api_connections_are_closed() {
     let dir = tempfile::tempdir().unwrap();
-    let files = edgeloop_control_plane::certs::init(&dir.path().join("tls"), &[]).unwrap();
+    let files = edgeloop_control_plane::access::certs::init(&dir.path().join("tls"), &[]).unwrap();
     let tls = edgeloop_control_plane::config::TlsFiles { cert: files.cert.clone(), key: files.key.clone() };
     let header = Duration::from_secs(1);
     let (cp, cancel) = start_cp(dir.path(), move |c| {

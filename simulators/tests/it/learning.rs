@@ -2,7 +2,7 @@
 //! its artifact (with Range), the same model running in the agent's tract, and the offline CLI.
 
 use crate::support::{start_cp, wait_for};
-use edgeloop_control_plane::models::ModelVersion;
+use edgeloop_control_plane::ml::models::ModelVersion;
 use edgeloop_simulators::fleet::{self, FleetSpec};
 use edgeloop_simulators::http::{get, get_json, post_json, request};
 use serde_json::json;
@@ -150,7 +150,7 @@ fn the_agents_features_across_gaps_are_the_datasets() {
     use edgeloop_agent::updater::slot::ModelSlot;
     use edgeloop_common::config::{SensorConfig, SignalKind};
     use edgeloop_common::envelope::Record;
-    use edgeloop_control_plane::dataset::{device_rows, DatasetSpec, QualityReport};
+    use edgeloop_control_plane::ml::dataset::{device_rows, DatasetSpec, QualityReport};
     use std::sync::Arc;
 
     let dir = tempfile::tempdir().unwrap();

@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_as_processes_drain_completely() {
     let dir = tempfile::tempdir().unwrap();
-    let files = edgeloop_control_plane::certs::init(&dir.path().join("tls"), &[]).unwrap();
+    let files = edgeloop_control_plane::access::certs::init(&dir.path().join("tls"), &[]).unwrap();
     let tls = edgeloop_control_plane::config::TlsFiles { cert: files.cert.clone(), key: files.key.clone() };
     let (cp, cancel) = start_cp(dir.path(), move |c| c.tls = Some(tls)).await;
     edgeloop_simulators::http::trust(cp.api_addr, &std::fs::read(&files.ca).unwrap()).unwrap();

@@ -40,7 +40,7 @@ pub async fn stored_seqs(api: SocketAddr, device: &str) -> Vec<u64> {
     let mut seqs = Vec::new();
     let mut after = 0;
     loop {
-        let page: edgeloop_control_plane::api::TelemetryPage = edgeloop_simulators::http::get_json(
+        let page: edgeloop_control_plane::web::api::TelemetryPage = edgeloop_simulators::http::get_json(
             api,
             &format!("/api/v1/devices/{device}/telemetry?limit=5000&after_seq={after}"),
         )
@@ -166,6 +166,6 @@ pub const AGENT_TLS: &str = "[tls]\nca_file = \"tls/ca.pem\"\n";
 /// on that data dir finds it) and returns the `[[trusted_keys]]` entry its agents need.
 pub fn trusted_keys_toml(cp_data_dir: &Path) -> String {
     std::fs::create_dir_all(cp_data_dir).unwrap();
-    let signer = edgeloop_control_plane::keys::load_or_create(&cp_data_dir.join("signing.key")).unwrap();
+    let signer = edgeloop_control_plane::access::keys::load_or_create(&cp_data_dir.join("signing.key")).unwrap();
     format!("[[trusted_keys]]\npublic_key = \"{}\"\n", signer.public_key_hex())
 }

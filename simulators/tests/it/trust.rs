@@ -151,8 +151,8 @@ async fn revoked_device_cut_off() {
     let (_, enrolled) = edgeloop_simulators::http::get(cp.api_addr, "/api/v1/enrollments").await.unwrap();
     assert!(enrolled.contains("\"revoked\":true"), "{enrolled}");
     // Revoking is for admins only.
-    let store = edgeloop_control_plane::operators::TokenStore::open(&dir.path().join("cp")).unwrap();
-    let (_, op) = store.create("otto", edgeloop_control_plane::operators::Role::Operator).unwrap();
+    let store = edgeloop_control_plane::access::operators::TokenStore::open(&dir.path().join("cp")).unwrap();
+    let (_, op) = store.create("otto", edgeloop_control_plane::access::operators::Role::Operator).unwrap();
     let auth = format!("Bearer {op}");
     let r = edgeloop_simulators::http::request(
         cp.api_addr,
@@ -176,8 +176,8 @@ async fn revoked_device_cut_off() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_wrong_ca_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let good = edgeloop_control_plane::certs::init(&dir.path().join("tls"), &[]).unwrap();
-    let other = edgeloop_control_plane::certs::init(&dir.path().join("other"), &[]).unwrap();
+    let good = edgeloop_control_plane::access::certs::init(&dir.path().join("tls"), &[]).unwrap();
+    let other = edgeloop_control_plane::access::certs::init(&dir.path().join("other"), &[]).unwrap();
     let tls = edgeloop_control_plane::config::TlsFiles { cert: good.cert.clone(), key: good.key.clone() };
     let (cp, cancel) = start_cp(dir.path(), move |c| c.tls = Some(tls)).await;
     let (ca, wrong_ca) = (std::fs::read(&good.ca).unwrap(), std::fs::read(&other.ca).unwrap());

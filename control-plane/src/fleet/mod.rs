@@ -1,0 +1,13 @@
+//! The fleet: devices, their identity, and the telemetry they send.
+//!
+//! - [`telemetry`]: the telemetry store: records keyed by (device, seq), and each device's cumulative
+//!   acknowledgement watermark, committed durably before any acknowledgement goes out.
+//! - [`devices`]: the device registry: class, first and last seen, counters, last heartbeat.
+//! - [`enrollment`]: device identity: enrollment tokens, enrolled keys, broker credentials, revocation.
+//! - [`ingest`]: decoding, validation, dedup and storage of uplink messages, and the MQTT service that
+//!   feeds it and publishes acknowledgements.
+
+pub mod devices;
+pub mod enrollment;
+pub mod ingest;
+pub mod telemetry;

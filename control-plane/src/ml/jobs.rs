@@ -1,0 +1,393 @@
+//! The learning service: training jobs on request, run one at a time on a blocking thread, with progress
+//! that the API shows.
+//!
+//! A job records its state (queued, running, succeeded, failed), a progress fraction and message, and its
+//! result: the registered version and whether it was promoted. Jobs and the triggers' events are kept in
+//! sled (tree `jobs` and `trigger_events`), so the API shows them after a restart; a job that was queued or
+//! running when the control plane stopped is marked failed at the next start, with that reason. Progress
+//! within a running job is kept in memory only. What jobs produce (model versions, promotion decisions) is
+//! durable in the model registry.
+
+use crate::config::TrainingConfig;
+use crate::ml::models::ModelRegistry;
+use crate::fleet::devices::Registry;
+use crate::fleet::telemetry::{StoreError, TelemetryStore};
+use crate::ml::training::run::{train_class, TrainRequest};
+use crate::ml::triggers::TriggerEvent;
+use edgeloop_common::config::ClassConfig;
+use edgeloop_common::durable::DurableDb;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::Semaphore;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Queued,
+    Running,
+    Succeeded,
+    Failed,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobResult {
+    pub name: String,
+    pub version: u32,
+    pub promoted: bool,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    pub id: u64,
+    pub class: String,
+    /// Why it runs: `api`, `cli`, or a trigger's description.
+    pub cause: String,
+    pub state: JobState,
+    pub progress: f32,
+    pub message: String,
+    pub result: Option<JobResult>,
+    pub error: Option<String>,
+    pub created_ms: u64,
+    pub finished_ms: Option<u64>,
+}
+
+/// Why a training request was refused outright.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum RequestError {
+    #[error("no firmware config for class `{0}` (see training.classes_dir)")]
+    UnknownClass(String),
+    #[error("class `{class}` has no sensor `{sensor}`")]
+    UnknownSensor { class: String, sensor: String },
+    #[error("no device of class `{0}` has reported yet")]
+    NoDevices(String),
+}
+
+pub struct Learning {
+    pub store: TelemetryStore,
+    pub devices: Arc<Registry>,
+    pub models: Arc<ModelRegistry>,
+    pub classes: BTreeMap<String, ClassConfig>,
+    pub defaults: TrainingConfig,
+    jobs: Mutex<BTreeMap<u64, Job>>,
+    next_id: AtomicU64,
+    one_at_a_time: Semaphore,
+    trigger_events: Mutex<Vec<TriggerEvent>>,
+    drift: Mutex<BTreeMap<String, DriftReading>>,
+    db: DurableDb,
+    jobs_tree: sled::Tree,
+    triggers_tree: sled::Tree,
+    /// Serialises writes to the two trees, so that the last write of a job is of its latest state.
+    write_lock: Mutex<()>,
+}
+
+/// The latest drift measurement of a class: PSI per feature against its production model's training set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DriftReading {
+    pub at_ms: u64,
+    pub psi: Vec<f64>,
+}
+
+/// Trigger events kept for the API (the oldest are forgotten first).
+const MAX_TRIGGER_EVENTS: usize = 1000;
+
+fn decode<T: serde::de::DeserializeOwned>(tree: &str, v: &[u8]) -> Result<T, StoreError> {
+    ciborium::from_reader(v).map_err(|e| StoreError::Corrupt { device: tree.into(), seq: 0, reason: e.to_string() })
+}
+
+impl Learning {
+    /// Opens the learning service on `db`, restoring the jobs and trigger events kept there. Jobs that were
+    /// queued or running when the control plane stopped are marked failed.
+    pub fn new(
+        db: &DurableDb,
+        store: TelemetryStore,
+        devices: Arc<Registry>,
+        models: Arc<ModelRegistry>,
+        classes: BTreeMap<String, ClassConfig>,
+        defaults: TrainingConfig,
+    ) -> Result<Self, StoreError> {
+        let (jobs_tree, triggers_tree) = (db.tree("jobs")?, db.tree("trigger_events")?);
+        let now = edgeloop_common::unix_millis();
+        let mut jobs = BTreeMap::new();
+        for kv in jobs_tree.iter() {
+            let (_, v) = kv?;
+            let mut job: Job = decode("jobs", &v)?;
+            if matches!(job.state, JobState::Queued | JobState::Running) {
+                job.state = JobState::Failed;
+                job.finished_ms = Some(now);
+                job.error = Some("interrupted: the control plane stopped before this training finished".into());
+                jobs_tree.insert(job.id.to_be_bytes(), edgeloop_common::signing::to_cbor(&job))?;
+            }
+            jobs.insert(job.id, job);
+        }
+        let mut events = Vec::new();
+        for kv in triggers_tree.iter().rev().take(MAX_TRIGGER_EVENTS) {
+            let (_, v) = kv?;
+            events.push(decode::<TriggerEvent>("trigger_events", &v)?);
+        }
+        events.reverse();
+        db.commit()?;
+        let next = jobs.keys().next_back().map_or(1, |id| id + 1);
+        Ok(Learning {
+            store,
+            devices,
+            models,
+            classes,
+            defaults,
+            jobs: Mutex::new(jobs),
+            next_id: AtomicU64::new(next),
+            one_at_a_time: Semaphore::new(1),
+            trigger_events: Mutex::new(events),
+            drift: Mutex::new(BTreeMap::new()),
+            db: db.clone(),
+            jobs_tree,
+            triggers_tree,
+            write_lock: Mutex::new(()),
+        })
+    }
+
+    /// Inserts into one of the service's trees and commits (flush and `fdatasync`). Blocking.
+    fn write(&self, tree: &sled::Tree, key: u64, value: Vec<u8>) -> Result<(), StoreError> {
+        tree.insert(key.to_be_bytes(), value)?;
+        self.db.commit()?;
+        Ok(())
+    }
+
+    /// Writes job `id` as it is now, durably. A failure is logged: the job goes on, and the API shows it
+    /// until the next restart. Blocking: async callers use [`Learning::persist_soon`].
+    fn persist(&self, id: u64) {
+        let _serial = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(job) = self.job(id) else { return };
+        if let Err(e) = self.write(&self.jobs_tree, id, edgeloop_common::signing::to_cbor(&job)) {
+            tracing::error!(job = id, error = %e, "cannot keep the training job in the store");
+        }
+    }
+
+    /// [`Learning::persist`] on the blocking pool, off the async workers. Each write reads the job's state
+    /// when it runs, under the write lock, so the last one written is the latest.
+    fn persist_soon(self: &Arc<Self>, id: u64) {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.persist(id));
+    }
+
+    fn jobs(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Job>> {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn job(&self, id: u64) -> Option<Job> {
+        self.jobs().get(&id).cloned()
+    }
+
+    pub fn list_jobs(&self) -> Vec<Job> {
+        self.jobs().values().cloned().collect()
+    }
+
+    fn update(&self, id: u64, f: impl FnOnce(&mut Job)) {
+        if let Some(j) = self.jobs().get_mut(&id) {
+            f(j);
+        }
+    }
+
+    /// Records accepted so far from the devices of `class`.
+    pub fn records_of(&self, class: &str) -> u64 {
+        self.devices.list().iter().filter(|d| d.class == class).map(|d| d.records).sum()
+    }
+
+    /// Keeps a trigger event, durably and in the list the API shows. Blocking.
+    pub fn record_trigger(&self, e: TriggerEvent) {
+        {
+            let _serial = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+            let key = self.triggers_tree.last().ok().flatten().map_or(1, |(k, _)| {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(&k[..8]);
+                u64::from_be_bytes(b) + 1
+            });
+            if let Err(err) = self.write(&self.triggers_tree, key, edgeloop_common::signing::to_cbor(&e)) {
+                tracing::error!(error = %err, "cannot keep the trigger event in the store");
+            }
+        }
+        let mut events = self.trigger_events.lock().unwrap_or_else(|p| p.into_inner());
+        if events.len() == MAX_TRIGGER_EVENTS {
+            events.remove(0);
+        }
+        events.push(e);
+    }
+
+    /// Keeps the latest drift measurement of `class`.
+    pub fn record_drift(&self, class: &str, reading: DriftReading) {
+        self.drift.lock().unwrap_or_else(|p| p.into_inner()).insert(class.to_string(), reading);
+    }
+
+    pub fn drift(&self, class: &str) -> Option<DriftReading> {
+        self.drift.lock().unwrap_or_else(|p| p.into_inner()).get(class).cloned()
+    }
+
+    pub fn trigger_events(&self) -> Vec<TriggerEvent> {
+        self.trigger_events.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The devices of `class` known to the registry.
+    pub fn devices_of(&self, class: &str) -> Vec<String> {
+        self.devices.list().into_iter().filter(|d| d.class == class).map(|d| d.id).collect()
+    }
+
+    /// Fills defaults and checks a request before it becomes a job.
+    pub fn prepare(&self, mut req: TrainRequest) -> Result<(TrainRequest, Vec<String>), RequestError> {
+        let class = self
+            .classes
+            .get(&req.dataset.class)
+            .ok_or_else(|| RequestError::UnknownClass(req.dataset.class.clone()))?;
+        if let Some(s) = &req.dataset.sensor {
+            if !class.sensors.iter().any(|x| &x.name == s) {
+                return Err(RequestError::UnknownSensor { class: class.class.clone(), sensor: s.clone() });
+            }
+        }
+        let devices =
+            if req.dataset.devices.is_empty() { self.devices_of(&class.class) } else { req.dataset.devices.clone() };
+        if devices.is_empty() {
+            return Err(RequestError::NoDevices(class.class.clone()));
+        }
+        if req.max_seconds.is_none() {
+            req.max_seconds = self.defaults.max_seconds;
+        }
+        req.device = self.defaults.device;
+        Ok((req, devices))
+    }
+
+    /// Queues a training job and returns its id; it runs when no other training is running.
+    pub fn start(self: &Arc<Self>, req: TrainRequest, cause: &str) -> Result<u64, RequestError> {
+        let (req, devices) = self.prepare(req)?;
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let class = req.dataset.class.clone();
+        self.jobs().insert(
+            id,
+            Job {
+                id,
+                class: class.clone(),
+                cause: cause.to_string(),
+                state: JobState::Queued,
+                progress: 0.0,
+                message: "waiting for the trainer".into(),
+                result: None,
+                error: None,
+                created_ms: edgeloop_common::unix_millis(),
+                finished_ms: None,
+            },
+        );
+        self.persist_soon(id);
+        tracing::info!(job = id, %class, cause, "training queued");
+        let this = self.clone();
+        tokio::spawn(async move {
+            let Ok(_permit) = this.one_at_a_time.acquire().await else { return };
+            this.update(id, |j| j.state = JobState::Running);
+            this.persist_soon(id);
+            let worker = this.clone();
+            let outcome = tokio::task::spawn_blocking(move || {
+                let class_cfg = worker.classes.get(&class).cloned();
+                let Some(class_cfg) = class_cfg else { return Err(format!("class `{class}` vanished")) };
+                let progress_job = worker.clone();
+                let mut progress = move |f: f32, m: &str| {
+                    progress_job.update(id, |j| {
+                        j.progress = f;
+                        j.message = m.to_string();
+                    })
+                };
+                train_class(&worker.store, &devices, &class_cfg, &worker.models, &req, &mut progress)
+                    .map_err(|e| e.to_string())
+            })
+            .await;
+            let now = edgeloop_common::unix_millis();
+            match outcome {
+                Ok(Ok(m)) => {
+                    tracing::info!(job = id, name = %m.name, version = m.version, promoted = m.promotion.promoted, reason = %m.promotion.reason, "training finished");
+                    this.update(id, |j| {
+                        j.state = JobState::Succeeded;
+                        j.progress = 1.0;
+                        j.finished_ms = Some(now);
+                        j.result = Some(JobResult {
+                            name: m.name,
+                            version: m.version,
+                            promoted: m.promotion.promoted,
+                            reason: m.promotion.reason,
+                        });
+                    });
+                    this.persist_soon(id);
+                }
+                Ok(Err(e)) => this.fail(id, now, e),
+                Err(e) => this.fail(id, now, format!("training panicked: {e}")),
+            }
+        });
+        Ok(id)
+    }
+
+    fn fail(self: &Arc<Self>, id: u64, now: u64, e: String) {
+        tracing::warn!(job = id, error = %e, "training failed");
+        self.update(id, |j| {
+            j.state = JobState::Failed;
+            j.finished_ms = Some(now);
+            j.error = Some(e);
+        });
+        self.persist_soon(id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ml::triggers::Cause;
+    use edgeloop_common::durable::Durability;
+
+    fn open(dir: &std::path::Path) -> Learning {
+        let db = DurableDb::open(&dir.join("store"), Durability::Flush).unwrap();
+        let registry = Arc::new(Registry::open(&db).unwrap());
+        let models = Arc::new(ModelRegistry::open(&db, dir).unwrap());
+        let store = TelemetryStore::open(db.clone()).unwrap();
+        Learning::new(&db, store, registry, models, BTreeMap::new(), TrainingConfig::default()).unwrap()
+    }
+
+    fn job(id: u64, state: JobState) -> Job {
+        Job {
+            id,
+            class: "press".into(),
+            cause: "api".into(),
+            state,
+            progress: 0.5,
+            message: String::new(),
+            result: None,
+            error: None,
+            created_ms: id,
+            finished_ms: None,
+        }
+    }
+
+    #[test]
+    fn jobs_and_trigger_events_survive_a_restart_and_interrupted_jobs_fail() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let l = open(dir.path());
+            for (id, state) in [(1, JobState::Succeeded), (2, JobState::Running), (3, JobState::Queued)] {
+                l.jobs().insert(id, job(id, state));
+                l.persist(id);
+            }
+            l.record_trigger(TriggerEvent {
+                class: "press".into(),
+                at_ms: 5,
+                cause: Cause::NewRecords { count: 10, threshold: 10 },
+                job: Some(1),
+                error: None,
+            });
+        }
+        let l = open(dir.path());
+        let jobs = l.list_jobs();
+        let states: Vec<(u64, JobState)> = jobs.iter().map(|j| (j.id, j.state)).collect();
+        assert_eq!(states, [(1, JobState::Succeeded), (2, JobState::Failed), (3, JobState::Failed)]);
+        assert!(jobs[1].error.as_deref().unwrap().contains("interrupted"), "{:?}", jobs[1]);
+        assert!(jobs[2].finished_ms.is_some());
+        assert_eq!(l.trigger_events().len(), 1);
+        assert_eq!(l.trigger_events()[0].job, Some(1));
+        // New jobs continue the numbering.
+        assert_eq!(l.next_id.load(Ordering::Relaxed), 4);
+    }
+}

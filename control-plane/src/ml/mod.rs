@@ -1,0 +1,17 @@
+//! Learning from the fleet's data: datasets, training, the model registry, jobs, triggers and drift.
+//!
+//! - [`dataset`]: training sets from stored telemetry: cleaning, imputation, features, time split,
+//!   standardisation, quality report.
+//! - [`training`]: candle training (autoencoder, classifier, forecaster), hyper-parameter search, ONNX
+//!   export and verification.
+//! - [`models`]: the model registry: versions, manifests, lineage, promotion, artifacts, labels.
+//! - [`jobs`]: training jobs on request, one at a time, with progress.
+//! - [`triggers`]: retraining per class on a schedule, after N new records, or on drift.
+//! - [`drift`]: population stability index of features against the training distribution.
+
+pub mod dataset;
+pub mod drift;
+pub mod jobs;
+pub mod models;
+pub mod training;
+pub mod triggers;

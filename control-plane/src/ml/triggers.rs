@@ -1,0 +1,347 @@
+//! Retraining triggers, per device class: a schedule, a number of new records since the last training, and
+//! drift (the PSI of any feature between the production model's training set and a recent window above a
+//! threshold).
+//!
+//! [`evaluate`] is the pure decision, with time passed in. [`run`] is the thin loop around it: it counts
+//! records, measures drift on a blocking thread, starts a training job when a trigger fires, and records
+//! every firing as a [`TriggerEvent`] (logged, and listed by `GET /api/v1/triggers`).
+
+use crate::ml::dataset::{self, DatasetSpec, QualityReport};
+use crate::ml::drift;
+use crate::ml::jobs::{DriftReading, JobState, Learning};
+use crate::fleet::telemetry::Query;
+use crate::ml::training::run::TrainRequest;
+use edgeloop_common::gaps::GapRule;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+fn default_drift_window_secs() -> u64 {
+    3600
+}
+fn default_check_secs() -> u64 {
+    60
+}
+fn default_min_interval_secs() -> u64 {
+    600
+}
+
+/// One class's triggers, from `[[training.triggers]]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TriggerConfig {
+    pub class: String,
+    /// Retrain this often.
+    #[serde(default)]
+    pub every_secs: Option<u64>,
+    /// Retrain once this many records arrived since the last training.
+    #[serde(default)]
+    pub new_records: Option<u64>,
+    /// Retrain when any feature's PSI over the recent window passes this.
+    #[serde(default)]
+    pub psi_threshold: Option<f64>,
+    /// The recent window compared with the training set.
+    #[serde(default = "default_drift_window_secs")]
+    pub drift_window_secs: u64,
+    /// How often the triggers are checked.
+    #[serde(default = "default_check_secs")]
+    pub check_secs: u64,
+    /// No trigger fires within this long of the class's last training, whatever started it: a drift that
+    /// outlasts one retraining (the new model's training set still holds little of the new regime) must not
+    /// start a training at every check.
+    #[serde(default = "default_min_interval_secs")]
+    pub min_interval_secs: u64,
+    /// Triggered trainings keep the rows the agents flagged out of training (`DatasetSpec::exclude_flagged`).
+    #[serde(default)]
+    pub exclude_flagged: bool,
+}
+
+/// Why a training was started.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "trigger", rename_all = "snake_case")]
+pub enum Cause {
+    Schedule { every_secs: u64, since_last_secs: Option<u64> },
+    NewRecords { count: u64, threshold: u64 },
+    Drift { feature: String, psi: f64, threshold: f64 },
+}
+
+/// What the loop remembers per class.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TriggerState {
+    pub last_train_ms: Option<u64>,
+    pub records_at_last_train: u64,
+}
+
+/// Decides whether to retrain now. `psi` holds one value per feature (empty when not measured).
+pub fn evaluate(
+    cfg: &TriggerConfig,
+    state: &TriggerState,
+    now_ms: u64,
+    records_now: u64,
+    psi: &[f64],
+    names: &[String],
+) -> Option<Cause> {
+    if state.last_train_ms.is_some_and(|t| now_ms.saturating_sub(t) < cfg.min_interval_secs * 1000) {
+        return None;
+    }
+    if let Some(every) = cfg.every_secs {
+        let since = state.last_train_ms.map(|t| now_ms.saturating_sub(t) / 1000);
+        if since.is_none_or(|s| s >= every) && records_now > 0 {
+            return Some(Cause::Schedule { every_secs: every, since_last_secs: since });
+        }
+    }
+    if let Some(n) = cfg.new_records {
+        let count = records_now.saturating_sub(state.records_at_last_train);
+        if count >= n {
+            return Some(Cause::NewRecords { count, threshold: n });
+        }
+    }
+    if let Some(t) = cfg.psi_threshold {
+        if let Some((i, &p)) = psi.iter().enumerate().filter(|(_, p)| p.is_finite()).max_by(|a, b| a.1.total_cmp(b.1)) {
+            if p > t {
+                let feature = names.get(i).cloned().unwrap_or_else(|| format!("feature {i}"));
+                return Some(Cause::Drift { feature, psi: p, threshold: t });
+            }
+        }
+    }
+    None
+}
+
+/// Moves the trigger's clock to a training that started after the last one it knows of.
+pub fn note_training(state: &mut TriggerState, started_ms: Option<u64>, records_now: u64) {
+    if let Some(t) = started_ms {
+        if state.last_train_ms.is_none_or(|last| t > last) {
+            *state = TriggerState { last_train_ms: Some(t), records_at_last_train: records_now };
+        }
+    }
+}
+
+/// A trigger that fired.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TriggerEvent {
+    pub class: String,
+    pub at_ms: u64,
+    pub cause: Cause,
+    /// The training job it started.
+    pub job: Option<u64>,
+    pub error: Option<String>,
+}
+
+/// The PSI per feature of the class's recent window against its production model. The window is the last
+/// `drift_window_secs` of event time of each device, up to its newest record, so replays and devices with
+/// skewed clocks are measured on their own time. Blocking.
+pub fn measure_drift(learning: &Learning, cfg: &TriggerConfig) -> Vec<f64> {
+    let Ok(Some(prod)) = learning.models.production(&cfg.class) else { return Vec::new() };
+    let Some(class) = learning.classes.get(&cfg.class) else { return Vec::new() };
+    let Some(sensor) = class.sensors.iter().find(|s| s.name == prod.sensor) else { return Vec::new() };
+    // Gaps filled as for the production model's training set, which its reference describes.
+    let spec = with_gap_rule(DatasetSpec::new(&cfg.class), prod.gaps);
+    let mut report = QualityReport::default();
+    let mut rows = Vec::new();
+    for device in learning.devices_of(&cfg.class) {
+        let Ok(Some(newest)) = learning.store.last(&device) else { continue };
+        let from = newest.ts_ms.saturating_sub(cfg.drift_window_secs * 1000);
+        let q = Query { after_seq: 0, from_ms: Some(from), to_ms: None, limit: 100_000 };
+        if let Ok(records) = learning.store.query(&device, q) {
+            rows.extend(dataset::device_rows(&device, &records, sensor, &spec, &[], &mut report));
+        }
+    }
+    drift::psi(&prod.lineage.reference, &rows.iter().map(|r| r.features.as_slice()).collect::<Vec<_>>())
+}
+
+/// `spec` filling gaps by `rule`.
+fn with_gap_rule(spec: DatasetSpec, rule: GapRule) -> DatasetSpec {
+    DatasetSpec { impute: rule.impute, max_gap: rule.max_gap, ..spec }
+}
+
+/// The training a trigger starts: the configured trials and seed, on the sensor the production model watches
+/// with the gap rule of its training (`production`: its sensor and rule), or on the class's first sensor with
+/// the default rule while there is none.
+fn retrain_request(
+    cfg: &TriggerConfig,
+    trials: usize,
+    seed: u64,
+    production: Option<(String, GapRule)>,
+) -> TrainRequest {
+    let mut req = TrainRequest::new(&cfg.class);
+    (req.trials, req.seed) = (trials, seed);
+    req.dataset.exclude_flagged = cfg.exclude_flagged;
+    if let Some((sensor, rule)) = production {
+        req.dataset = with_gap_rule(req.dataset, rule);
+        req.dataset.sensor = Some(sensor);
+    }
+    req
+}
+
+/// Checks every class's triggers until cancelled.
+pub async fn run(learning: Arc<Learning>, cancel: CancellationToken) {
+    let configs = learning.defaults.triggers.clone();
+    if configs.is_empty() {
+        return;
+    }
+    let mut states: BTreeMap<String, TriggerState> = BTreeMap::new();
+    for c in &configs {
+        let last = learning.models.production(&c.class).ok().flatten().map(|m| m.created_ms);
+        states.insert(
+            c.class.clone(),
+            TriggerState { last_train_ms: last, records_at_last_train: learning.records_of(&c.class) },
+        );
+    }
+    let period = Duration::from_secs(configs.iter().map(|c| c.check_secs).min().unwrap_or(60).max(1));
+    let mut tick = tokio::time::interval(period);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        for cfg in &configs {
+            let busy = learning
+                .list_jobs()
+                .iter()
+                .any(|j| j.class == cfg.class && matches!(j.state, JobState::Queued | JobState::Running));
+            if busy {
+                continue;
+            }
+            let now = edgeloop_common::unix_millis();
+            let records = learning.records_of(&cfg.class);
+            let psi = match cfg.psi_threshold {
+                Some(_) => {
+                    let (l, c) = (learning.clone(), cfg.clone());
+                    let psi = tokio::task::spawn_blocking(move || measure_drift(&l, &c)).await.unwrap_or_default();
+                    if !psi.is_empty() {
+                        learning.record_drift(&cfg.class, DriftReading { at_ms: now, psi: psi.clone() });
+                    }
+                    psi
+                }
+                None => Vec::new(),
+            };
+            let names = learning
+                .models
+                .production(&cfg.class)
+                .ok()
+                .flatten()
+                .map(|m| m.pipeline.sensors[0].feature_names())
+                .unwrap_or_default();
+            let state = states.entry(cfg.class.clone()).or_default();
+            // A training started elsewhere (the API, an operator) resets the clock as a triggered one does.
+            let latest = learning
+                .list_jobs()
+                .iter()
+                .filter(|j| j.class == cfg.class && j.state == JobState::Succeeded)
+                .map(|j| j.created_ms)
+                .max();
+            note_training(state, latest, records);
+            let Some(cause) = evaluate(cfg, state, now, records, &psi, &names) else { continue };
+            let prod = learning.models.production(&cfg.class).ok().flatten().map(|m| (m.sensor, m.gaps));
+            let req = retrain_request(cfg, learning.defaults.trials, learning.defaults.seed, prod);
+            let started = learning.start(req, &format!("trigger: {cause:?}"));
+            tracing::info!(class = %cfg.class, ?cause, job = ?started.as_ref().ok(), "retraining trigger fired");
+            let (job, error) = match started {
+                Ok(id) => (Some(id), None),
+                Err(e) => (None, Some(e.to_string())),
+            };
+            *state = TriggerState { last_train_ms: Some(now), records_at_last_train: records };
+            let event = TriggerEvent { class: cfg.class.clone(), at_ms: now, cause, job, error };
+            let l = learning.clone();
+            // A durable write (fdatasync): off the async workers.
+            if let Err(e) = tokio::task::spawn_blocking(move || l.record_trigger(event)).await {
+                tracing::error!(error = %e, "recording the trigger event panicked");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> TriggerConfig {
+        TriggerConfig {
+            class: "c".into(),
+            every_secs: None,
+            new_records: None,
+            psi_threshold: None,
+            drift_window_secs: 60,
+            check_secs: 1,
+            min_interval_secs: 0,
+            exclude_flagged: false,
+        }
+    }
+
+    #[test]
+    fn a_triggered_training_keeps_the_production_models_sensor_and_gap_rule() {
+        use edgeloop_common::gaps::ImputeMethod;
+        let c = TriggerConfig { exclude_flagged: true, ..cfg() };
+        let held = GapRule { impute: ImputeMethod::Hold, max_gap: 8 };
+        let req = retrain_request(&c, 7, 3, Some(("pm25".into(), held)));
+        assert_eq!((req.trials, req.seed, req.dataset.exclude_flagged), (7, 3, true));
+        assert_eq!(req.dataset.sensor.as_deref(), Some("pm25"));
+        assert_eq!((req.dataset.impute, req.dataset.max_gap), (ImputeMethod::Hold, 8));
+        // No production model yet: the class's first sensor, the default rule.
+        let first = retrain_request(&c, 7, 3, None);
+        assert_eq!(first.dataset.sensor, None);
+        assert_eq!(GapRule { impute: first.dataset.impute, max_gap: first.dataset.max_gap }, GapRule::default());
+    }
+
+    #[test]
+    fn schedule() {
+        let c = TriggerConfig { every_secs: Some(100), ..cfg() };
+        let fresh = TriggerState::default();
+        assert!(matches!(
+            evaluate(&c, &fresh, 5_000, 10, &[], &[]),
+            Some(Cause::Schedule { since_last_secs: None, .. })
+        ));
+        assert_eq!(evaluate(&c, &fresh, 5_000, 0, &[], &[]), None, "nothing to train on yet");
+        let trained = TriggerState { last_train_ms: Some(1_000), records_at_last_train: 10 };
+        assert_eq!(evaluate(&c, &trained, 100_999, 10, &[], &[]), None);
+        assert!(evaluate(&c, &trained, 101_000, 10, &[], &[]).is_some());
+    }
+
+    #[test]
+    fn new_records() {
+        let c = TriggerConfig { new_records: Some(1000), ..cfg() };
+        let s = TriggerState { last_train_ms: Some(0), records_at_last_train: 500 };
+        assert_eq!(evaluate(&c, &s, 1, 1499, &[], &[]), None);
+        assert_eq!(evaluate(&c, &s, 1, 1500, &[], &[]), Some(Cause::NewRecords { count: 1000, threshold: 1000 }));
+    }
+
+    #[test]
+    fn drift_names_the_worst_feature() {
+        let c = TriggerConfig { psi_threshold: Some(0.25), ..cfg() };
+        let s = TriggerState { last_train_ms: Some(0), records_at_last_train: 0 };
+        let names = vec!["value".to_string(), "delta".to_string()];
+        assert_eq!(evaluate(&c, &s, 1, 5, &[0.05, 0.2], &names), None);
+        assert_eq!(
+            evaluate(&c, &s, 1, 5, &[0.05, 0.4], &names),
+            Some(Cause::Drift { feature: "delta".into(), psi: 0.4, threshold: 0.25 })
+        );
+        assert_eq!(evaluate(&c, &s, 1, 5, &[], &names), None, "no measurement, no drift");
+    }
+
+    #[test]
+    fn nothing_fires_within_the_minimum_interval_of_the_last_training() {
+        let c = TriggerConfig { psi_threshold: Some(0.25), new_records: Some(10), min_interval_secs: 600, ..cfg() };
+        let s = TriggerState { last_train_ms: Some(1_000), records_at_last_train: 0 };
+        let names = vec!["value".to_string()];
+        assert_eq!(evaluate(&c, &s, 600_999, 50, &[0.9], &names), None, "599.999 s after the last training");
+        assert_eq!(evaluate(&c, &s, 601_000, 50, &[0.9], &names), Some(Cause::NewRecords { count: 50, threshold: 10 }));
+        let never = TriggerState::default();
+        assert!(evaluate(&c, &never, 1, 50, &[0.9], &names).is_some(), "a class never trained is not held back");
+    }
+
+    #[test]
+    fn a_training_started_elsewhere_resets_the_clock() {
+        let c = TriggerConfig { every_secs: Some(60), ..cfg() };
+        let mut st = TriggerState { last_train_ms: Some(0), records_at_last_train: 10 };
+        assert!(evaluate(&c, &st, 61_000, 20, &[], &[]).is_some(), "due without the API training");
+        note_training(&mut st, Some(30_000), 20);
+        assert_eq!(st, TriggerState { last_train_ms: Some(30_000), records_at_last_train: 20 });
+        assert_eq!(evaluate(&c, &st, 61_000, 20, &[], &[]), None, "an operator's training at 30 s counts");
+        note_training(&mut st, Some(10_000), 99);
+        assert_eq!(st.last_train_ms, Some(30_000), "an older job changes nothing");
+        note_training(&mut st, None, 99);
+        assert_eq!(st.records_at_last_train, 20);
+    }
+}

@@ -1,0 +1,122 @@
+//! API of device identity: enrollment (open: it carries its own token), enrollment tokens and revocation
+//! (admin), and the enrolled devices (viewer).
+
+use super::error::{json, ApiError};
+use super::AppState;
+use crate::fleet::enrollment::{Credentials, EnrollError, EnrollRequest, Enrolled, EnrollmentToken};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use serde::{Deserialize, Serialize};
+
+impl From<EnrollError> for ApiError {
+    fn from(e: EnrollError) -> Self {
+        match e {
+            EnrollError::Bad(d) => ApiError::bad_request(d),
+            EnrollError::Proof(_) | EnrollError::Token(_) | EnrollError::Replayed { .. } | EnrollError::Revoked(_) => {
+                ApiError { status: StatusCode::FORBIDDEN, error: "forbidden", detail: e.to_string() }
+            }
+            EnrollError::Conflict(_) | EnrollError::ClassFixed { .. } => {
+                ApiError { status: StatusCode::CONFLICT, error: "conflict", detail: e.to_string() }
+            }
+            EnrollError::Store(d) => ApiError::internal(d),
+        }
+    }
+}
+
+/// Enrolls a device from a request signed with its key (protocol.md, "Enrollment").
+pub async fn enroll(
+    State(s): State<AppState>,
+    body: Result<Json<EnrollRequest>, JsonRejection>,
+) -> Result<Json<Credentials>, ApiError> {
+    let r = json(body)?;
+    let en = s.enrollment.clone();
+    let creds = tokio::task::spawn_blocking(move || en.enroll(&r, edgeloop_common::unix_millis()))
+        .await
+        .map_err(ApiError::internal)?;
+    if let Err(e) = &creds {
+        s.metrics.reject("enrollment_refused");
+        tracing::warn!(error = %e, "enrollment refused");
+    }
+    Ok(Json(creds?))
+}
+
+#[derive(Deserialize, Serialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct NewEnrollmentToken {
+    pub class: String,
+    /// How many devices may enroll with it.
+    pub uses: u32,
+    /// How long it stays valid.
+    pub expires_in_secs: u64,
+}
+
+#[derive(Deserialize, Serialize, Debug)]
+pub struct CreatedEnrollmentToken {
+    /// Shown once; only its hash is kept.
+    pub token: String,
+    #[serde(flatten)]
+    pub entry: EnrollmentToken,
+}
+
+pub async fn create_token(
+    State(s): State<AppState>,
+    body: Result<Json<NewEnrollmentToken>, JsonRejection>,
+) -> Result<(StatusCode, Json<CreatedEnrollmentToken>), ApiError> {
+    let r = json(body)?;
+    let en = s.enrollment.clone();
+    let now = edgeloop_common::unix_millis();
+    let expires = now.saturating_add(r.expires_in_secs.saturating_mul(1000));
+    let (entry, token) = tokio::task::spawn_blocking(move || en.create_token(&r.class, r.uses, expires, now))
+        .await
+        .map_err(ApiError::internal)??;
+    Ok((StatusCode::CREATED, Json(CreatedEnrollmentToken { token, entry })))
+}
+
+pub async fn revoke_token(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<EnrollmentToken>, ApiError> {
+    let en = s.enrollment.clone();
+    let t =
+        tokio::task::spawn_blocking(move || en.revoke_token(&id)).await.map_err(ApiError::internal)?.map_err(|e| {
+            match e {
+                EnrollError::Bad(d) => ApiError::not_found(d),
+                other => other.into(),
+            }
+        })?;
+    Ok(Json(t))
+}
+
+pub async fn tokens(State(s): State<AppState>) -> Result<Json<Vec<EnrollmentToken>>, ApiError> {
+    Ok(Json(s.enrollment.tokens().map_err(ApiError::internal)?))
+}
+
+pub async fn enrolled(State(s): State<AppState>) -> Json<Vec<Enrolled>> {
+    Json(s.enrollment.list())
+}
+
+#[derive(Deserialize, Serialize, Debug)]
+pub struct Revoked {
+    pub device: String,
+    pub revoked_ms: Option<u64>,
+    /// Live broker connections of the device that were closed.
+    pub connections_cut: usize,
+}
+
+pub async fn revoke(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Revoked>, ApiError> {
+    edgeloop_common::topics::validate_device_id(&id).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let en = s.enrollment.clone();
+    let dev = id.clone();
+    let e = tokio::task::spawn_blocking(move || en.revoke(&dev, edgeloop_common::unix_millis()))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(|e| match e {
+            EnrollError::Bad(d) => ApiError::not_found(d),
+            other => other.into(),
+        })?;
+    let connections_cut = s.front.cut(&id);
+    tracing::warn!(device = %id, connections_cut, "device revoked");
+    Ok(Json(Revoked { device: id, revoked_ms: e.revoked_ms, connections_cut }))
+}

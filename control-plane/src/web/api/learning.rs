@@ -1,0 +1,350 @@
+//! API of the learning loop: training jobs, model versions, artifacts (with `Range`), labels.
+
+use super::error::{json, ApiError};
+use super::AppState;
+use crate::ml::dataset::{DatasetSpec, ImputeMethod, Label};
+use crate::ml::jobs::{Job, RequestError};
+use crate::ml::models::ModelVersion;
+use crate::ml::training::run::{ModelKind, TrainRequest};
+use axum::body::Body;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainBody {
+    pub class: String,
+    #[serde(default)]
+    pub sensor: Option<String>,
+    #[serde(default)]
+    pub devices: Vec<String>,
+    /// Unix milliseconds.
+    #[serde(default)]
+    pub from: Option<u64>,
+    #[serde(default)]
+    pub to: Option<u64>,
+    #[serde(default)]
+    pub trials: Option<usize>,
+    #[serde(default)]
+    pub max_seconds: Option<f64>,
+    #[serde(default)]
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub impute: Option<ImputeMethod>,
+    /// Keep the rows the agents flagged out of an anomaly model's training (see `DatasetSpec`).
+    #[serde(default)]
+    pub exclude_flagged: bool,
+    /// `autoencoder` (default) or `classifier`.
+    #[serde(default)]
+    pub kind: ModelKind,
+}
+
+#[derive(Serialize, Deserialize, Debug)]
+pub struct Accepted {
+    pub job: u64,
+}
+
+pub async fn train(
+    State(s): State<AppState>,
+    body: Result<Json<TrainBody>, JsonRejection>,
+) -> Result<(StatusCode, Json<Accepted>), ApiError> {
+    let b = json(body)?;
+    if let (Some(f), Some(t)) = (b.from, b.to) {
+        if f > t {
+            return Err(ApiError::bad_request(format!("from ({f}) is after to ({t})")));
+        }
+    }
+    let trials = b.trials.unwrap_or(s.learning.defaults.trials);
+    if !(1..=1000).contains(&trials) {
+        return Err(ApiError::bad_request(format!("trials must be between 1 and 1000, got {trials}")));
+    }
+    if b.max_seconds.is_some_and(|m| !(m.is_finite() && m > 0.0)) {
+        return Err(ApiError::bad_request("max_seconds must be > 0"));
+    }
+    let mut dataset = DatasetSpec::new(&b.class);
+    (dataset.sensor, dataset.devices, dataset.from_ms, dataset.to_ms) = (b.sensor, b.devices, b.from, b.to);
+    if let Some(m) = b.impute {
+        dataset.impute = m;
+    }
+    dataset.exclude_flagged = b.exclude_flagged;
+    let req = TrainRequest {
+        dataset,
+        kind: b.kind,
+        trials,
+        max_seconds: b.max_seconds,
+        seed: b.seed.unwrap_or(s.learning.defaults.seed),
+        hyper: None,
+        device: s.learning.defaults.device,
+    };
+    match s.learning.start(req, "api") {
+        Ok(job) => Ok((StatusCode::ACCEPTED, Json(Accepted { job }))),
+        Err(e @ RequestError::UnknownClass(_)) => Err(ApiError::not_found(e.to_string())),
+        Err(e) => Err(ApiError::bad_request(e.to_string())),
+    }
+}
+
+pub async fn job(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Job>, ApiError> {
+    let id: u64 = id.parse().map_err(|_| ApiError::bad_request(format!("job id `{id}` is not a number")))?;
+    s.learning.job(id).map(Json).ok_or_else(|| ApiError::not_found(format!("no job {id}")))
+}
+
+pub async fn jobs(State(s): State<AppState>) -> Json<Vec<Job>> {
+    Json(s.learning.list_jobs())
+}
+
+/// A version without its bulky parts (golden vectors, trial table).
+#[derive(Serialize, Deserialize, Debug)]
+pub struct ModelSummary {
+    pub name: String,
+    pub version: u32,
+    pub class: String,
+    pub kind: String,
+    pub sha256: String,
+    pub size: u64,
+    pub threshold: f32,
+    pub created_ms: u64,
+    pub promoted: bool,
+    pub production: bool,
+    pub test_loss: f64,
+    pub test_auc: Option<f64>,
+}
+
+pub async fn models(State(s): State<AppState>) -> Result<Json<Vec<ModelSummary>>, ApiError> {
+    let models = s.learning.models.clone();
+    let out = tokio::task::spawn_blocking(move || -> Result<Vec<ModelSummary>, crate::fleet::telemetry::StoreError> {
+        let list = models.list()?;
+        let mut out = Vec::with_capacity(list.len());
+        for m in list {
+            let production = models.production(&m.name)?.is_some_and(|p| p.version == m.version);
+            out.push(ModelSummary {
+                production,
+                promoted: m.promotion.promoted,
+                test_loss: m.lineage.metrics.test_loss,
+                test_auc: m.lineage.metrics.test_auc,
+                name: m.name,
+                version: m.version,
+                class: m.class,
+                kind: m.kind,
+                sha256: m.sha256,
+                size: m.size,
+                threshold: m.threshold,
+                created_ms: m.created_ms,
+            });
+        }
+        Ok(out)
+    })
+    .await
+    .map_err(ApiError::internal)?
+    .map_err(ApiError::internal)?;
+    Ok(Json(out))
+}
+
+pub async fn model(
+    State(s): State<AppState>,
+    Path((name, version)): Path<(String, String)>,
+) -> Result<Json<ModelVersion>, ApiError> {
+    let version: u32 =
+        version.parse().map_err(|_| ApiError::bad_request(format!("version `{version}` is not a number")))?;
+    let (models, n) = (s.learning.models.clone(), name.clone());
+    tokio::task::spawn_blocking(move || models.get(&n, version))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(ApiError::internal)?
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("no model {name} v{version}")))
+}
+
+/// `bytes=a-b`, `bytes=a-` or `bytes=-n` against a length: the inclusive range, or `None` if it cannot be
+/// satisfied (several ranges are not supported and count as unsatisfiable).
+pub fn parse_range(header: &str, len: u64) -> Option<(u64, u64)> {
+    let spec = header.trim().strip_prefix("bytes=")?;
+    if spec.contains(',') || len == 0 {
+        return None;
+    }
+    let (a, b) = spec.split_once('-')?;
+    let (start, end) = match (a.trim(), b.trim()) {
+        ("", n) => {
+            let n: u64 = n.parse().ok().filter(|&n| n > 0)?;
+            (len.saturating_sub(n), len - 1)
+        }
+        (a, "") => (a.parse().ok()?, len - 1),
+        (a, b) => (a.parse().ok()?, b.parse::<u64>().ok()?.min(len - 1)),
+    };
+    (start <= end && start < len).then_some((start, end))
+}
+
+/// Serves an artifact from disk, whole or one byte range (`Range: bytes=a-b`, `a-`, `-n`; 206 with
+/// `Content-Range`, 416 for a range outside the file). The body is streamed in [`ARTIFACT_CHUNK`] pieces, so
+/// memory per download stays small whatever the file's size. Downloads need no token, so at most
+/// `api.max_downloads` run at once; the next waits up to 10 s for a turn, then gets a 503 (agents retry with
+/// back-off and resume with `Range`).
+pub async fn artifact(
+    State(s): State<AppState>,
+    Path(sha): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    if !crate::ml::models::is_sha256(&sha) {
+        return Err(ApiError::bad_request(format!("`{sha}` is not a sha256 (64 lowercase hex digits)")));
+    }
+    let path =
+        s.learning.models.artifact_path(&sha).ok_or_else(|| ApiError::not_found(format!("no artifact {sha}")))?;
+    let permit = match tokio::time::timeout(s.downloads.wait, s.downloads.slots.clone().acquire_owned()).await {
+        Ok(Ok(p)) => p,
+        _ => {
+            s.metrics.reject("api_downloads_busy");
+            let mut r = ApiError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                error: "busy",
+                detail: "every artifact download slot is taken (api.max_downloads); try again".into(),
+            }
+            .into_response();
+            r.headers_mut().insert(header::RETRY_AFTER, axum::http::HeaderValue::from_static("5"));
+            return Ok(r);
+        }
+    };
+    let mut file =
+        tokio::fs::File::open(&path).await.map_err(|e| ApiError::internal(format!("artifact {sha}: {e}")))?;
+    let len = file.metadata().await.map_err(|e| ApiError::internal(format!("artifact {sha}: {e}")))?.len();
+    let etag = format!("\"{sha}\"");
+    let (status, start, end) = match headers.get(header::RANGE) {
+        None => (StatusCode::OK, 0, len.checked_sub(1)),
+        Some(range) => {
+            let range = range.to_str().map_err(|_| ApiError::bad_request("Range header is not text"))?;
+            match parse_range(range, len) {
+                Some((start, end)) => (StatusCode::PARTIAL_CONTENT, start, Some(end)),
+                None => {
+                    let mut r = ApiError {
+                        status: StatusCode::RANGE_NOT_SATISFIABLE,
+                        error: "range_not_satisfiable",
+                        detail: format!("`{range}` does not fit {len} bytes"),
+                    }
+                    .into_response();
+                    if let Ok(v) = format!("bytes */{len}").parse() {
+                        r.headers_mut().insert(header::CONTENT_RANGE, v);
+                    }
+                    return Ok(r);
+                }
+            }
+        }
+    };
+    let body_len = end.map_or(0, |e| e - start + 1);
+    if start > 0 {
+        use tokio::io::AsyncSeekExt;
+        file.seek(std::io::SeekFrom::Start(start))
+            .await
+            .map_err(|e| ApiError::internal(format!("artifact {sha}: {e}")))?;
+    }
+    let reader = Permitted { inner: tokio::io::AsyncReadExt::take(file, body_len), _permit: permit };
+    let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(reader, ARTIFACT_CHUNK));
+    let mut r = (status, body).into_response();
+    let h = r.headers_mut();
+    let value = |v: String| axum::http::HeaderValue::try_from(v).map_err(ApiError::internal);
+    h.insert(header::CONTENT_TYPE, axum::http::HeaderValue::from_static("application/octet-stream"));
+    h.insert(header::ACCEPT_RANGES, axum::http::HeaderValue::from_static("bytes"));
+    h.insert(header::ETAG, value(etag)?);
+    h.insert(header::CONTENT_LENGTH, value(body_len.to_string())?);
+    if let (StatusCode::PARTIAL_CONTENT, Some(end)) = (status, end) {
+        h.insert(header::CONTENT_RANGE, value(format!("bytes {start}-{end}/{len}"))?);
+    }
+    Ok(r)
+}
+
+/// How much of an artifact is read at a time.
+pub const ARTIFACT_CHUNK: usize = 64 * 1024;
+
+/// The artifact download slots.
+#[derive(Debug)]
+pub struct Downloads {
+    slots: std::sync::Arc<tokio::sync::Semaphore>,
+    /// How long a download waits for a slot before it gets a 503.
+    wait: std::time::Duration,
+}
+
+impl Downloads {
+    pub fn new(limits: &super::serve::Limits) -> Downloads {
+        Downloads {
+            slots: std::sync::Arc::new(tokio::sync::Semaphore::new(limits.max_downloads.max(1))),
+            wait: limits.download_wait,
+        }
+    }
+}
+
+/// A reader that holds a download slot until the body is done with (sent, or dropped with the connection).
+struct Permitted<R> {
+    inner: R,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Permitted<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LabelBody {
+    pub device: String,
+    pub from: u64,
+    pub to: u64,
+    /// 0 for normal, anything else for an anomaly (or a class, for classifiers).
+    pub label: u32,
+}
+
+pub async fn add_label(
+    State(s): State<AppState>,
+    body: Result<Json<LabelBody>, JsonRejection>,
+) -> Result<(StatusCode, Json<Label>), ApiError> {
+    let b = json(body)?;
+    edgeloop_common::topics::validate_device_id(&b.device).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    if b.from > b.to {
+        return Err(ApiError::bad_request(format!("from ({}) is after to ({})", b.from, b.to)));
+    }
+    let label = Label { device: b.device, from_ms: b.from, to_ms: b.to, label: b.label };
+    let models = s.learning.models.clone();
+    let l = label.clone();
+    tokio::task::spawn_blocking(move || models.add_label(&l))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(ApiError::internal)?;
+    Ok((StatusCode::CREATED, Json(label)))
+}
+
+pub async fn triggers(State(s): State<AppState>) -> Json<Vec<crate::ml::triggers::TriggerEvent>> {
+    Json(s.learning.trigger_events())
+}
+
+pub async fn labels(State(s): State<AppState>) -> Result<Json<Vec<Label>>, ApiError> {
+    let models = s.learning.models.clone();
+    tokio::task::spawn_blocking(move || models.labels())
+        .await
+        .map_err(ApiError::internal)?
+        .map(Json)
+        .map_err(ApiError::internal)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_range;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range("bytes=0-9", 100), Some((0, 9)));
+        assert_eq!(parse_range("bytes=90-", 100), Some((90, 99)));
+        assert_eq!(parse_range("bytes=-10", 100), Some((90, 99)));
+        assert_eq!(parse_range("bytes=50-500", 100), Some((50, 99)));
+        assert_eq!(parse_range("bytes=100-", 100), None);
+        assert_eq!(parse_range("bytes=5-1", 100), None);
+        assert_eq!(parse_range("bytes=0-1,5-6", 100), None);
+        assert_eq!(parse_range("items=0-1", 100), None);
+        assert_eq!(parse_range("bytes=-0", 100), None);
+    }
+}
