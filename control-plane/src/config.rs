@@ -233,16 +233,16 @@ fn default_true() -> bool {
     true
 }
 fn default_header_read_timeout_secs() -> u64 {
-    crate::web::api::serve::Limits::default().header_read_timeout.as_secs()
+    crate::web::serve::Limits::default().header_read_timeout.as_secs()
 }
 fn default_idle_timeout_secs() -> u64 {
-    crate::web::api::serve::Limits::default().idle_timeout.as_secs()
+    crate::web::serve::Limits::default().idle_timeout.as_secs()
 }
 fn default_max_connections() -> usize {
-    crate::web::api::serve::Limits::default().max_connections
+    crate::web::serve::Limits::default().max_connections
 }
 fn default_max_downloads() -> usize {
-    crate::web::api::serve::Limits::default().max_downloads
+    crate::web::serve::Limits::default().max_downloads
 }
 
 impl Default for ApiConfig {
@@ -304,7 +304,7 @@ pub struct Config {
     pub api_listen: SocketAddr,
     pub require_tokens: bool,
     /// Timeouts and caps on the API's connections and downloads.
-    pub api_limits: crate::web::api::serve::Limits,
+    pub api_limits: crate::web::serve::Limits,
     /// How much the audit log keeps.
     pub audit: crate::access::audit::AuditConfig,
     /// Devices must enroll: the embedded broker admits only enrolled devices, and ingest accepts only
@@ -448,7 +448,7 @@ impl RawConfig {
             "api.max_downloads",
             "must be between 1 and api.max_connections",
         )?;
-        let api_limits = crate::web::api::serve::Limits {
+        let api_limits = crate::web::serve::Limits {
             header_read_timeout: std::time::Duration::from_secs(a.header_read_timeout_secs),
             idle_timeout: std::time::Duration::from_secs(a.idle_timeout_secs),
             max_connections: a.max_connections,

@@ -8,11 +8,11 @@
 use clap::{Parser, Subcommand};
 use edgeloop_common::durable::DurableDb;
 use edgeloop_control_plane::config::Config;
-use edgeloop_control_plane::ml::models::ModelRegistry;
-use edgeloop_control_plane::access::operators::{Role, TokenStore};
-use edgeloop_control_plane::fleet::devices::Registry;
-use edgeloop_control_plane::fleet::telemetry::TelemetryStore;
-use edgeloop_control_plane::ml::training::run::{train_class, TrainRequest};
+use edgeloop_control_plane::ml::ModelRegistry;
+use edgeloop_control_plane::access::{Role, TokenStore};
+use edgeloop_control_plane::fleet::Registry;
+use edgeloop_control_plane::fleet::TelemetryStore;
+use edgeloop_control_plane::ml::{train_class, TrainRequest};
 use edgeloop_control_plane::ControlPlane;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -201,7 +201,7 @@ fn main() -> ExitCode {
         Command::Run { config } | Command::Train { config, .. } => config.clone(),
         Command::Tokens { command } => return tokens(command),
         Command::Broker { command: BrokerCommand::Acl { service_user, out } } => {
-            let acl = edgeloop_control_plane::broker::acl::mosquitto_acl(service_user);
+            let acl = edgeloop_control_plane::broker::mosquitto_acl(service_user);
             return match out {
                 None => {
                     print!("{acl}");

@@ -1,7 +1,7 @@
 //! Starting and stopping a control plane: store, registry, broker, ingest and API under one cancellation
 //! token. Stopping lets ingest commit what it took, and the API finish its requests.
 
-use crate::web::api::{self, AppState};
+use crate::web::{self, api, AppState};
 use crate::access::audit::AuditLog;
 use crate::broker::embedded;
 use crate::config::{BrokerConfig, Config};
@@ -320,10 +320,10 @@ impl ControlPlane {
             downloads: Arc::new(api::learning::Downloads::new(&cfg.api_limits)),
         };
         let https = tls.map(|t| t.1);
-        let api = tokio::spawn(api::serve::serve(
+        let api = tokio::spawn(web::serve::serve(
             listener,
             https,
-            api::router(state),
+            web::router(state),
             cfg.api_limits,
             metrics.clone(),
             cancel.clone(),

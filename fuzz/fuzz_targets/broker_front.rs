@@ -5,7 +5,7 @@
 #![no_main]
 
 use bytes::BytesMut;
-use edgeloop_control_plane::broker::front::{screen, Gate};
+use edgeloop_control_plane::broker::{screen, Gate};
 use libfuzzer_sys::fuzz_target;
 use rumqttc::mqttbytes::v4::Packet;
 use std::sync::Arc;

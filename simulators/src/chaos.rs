@@ -17,7 +17,7 @@ use crate::fleet::{self, FleetSpec, SimDevice};
 use crate::proxy::{FaultProxy, Mode};
 use anyhow::Context;
 use edgeloop_control_plane::config::Config;
-use edgeloop_control_plane::fleet::telemetry::Query;
+use edgeloop_control_plane::fleet::Query;
 use edgeloop_control_plane::{ControlPlane, ControlPlaneHandle};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;

@@ -23,11 +23,11 @@ use crate::signals::{Fault, GroundTruth};
 use anyhow::Context;
 use edgeloop_common::envelope::FLAG_ANOMALY;
 use edgeloop_control_plane::config::{AutoRollout, Config};
-use edgeloop_control_plane::ml::jobs::JobState;
+use edgeloop_control_plane::ml::JobState;
 use edgeloop_control_plane::rollout::engine::{Share, Stage, State};
-use edgeloop_control_plane::fleet::telemetry::Query;
-use edgeloop_control_plane::ml::training::run::TrainRequest;
-use edgeloop_control_plane::ml::triggers::{Cause, TriggerConfig};
+use edgeloop_control_plane::fleet::Query;
+use edgeloop_control_plane::ml::TrainRequest;
+use edgeloop_control_plane::ml::{Cause, TriggerConfig};
 use edgeloop_control_plane::{ControlPlane, ControlPlaneHandle};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -356,7 +356,7 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> anyhow::Result<S
 /// Prints what the control plane does by itself: rollout events and retraining triggers.
 async fn watch(
     rollouts: Arc<edgeloop_control_plane::rollout::Rollouts>,
-    learning: Arc<edgeloop_control_plane::ml::jobs::Learning>,
+    learning: Arc<edgeloop_control_plane::ml::Learning>,
     narrator: Narrator,
     stop: CancellationToken,
 ) {
@@ -405,7 +405,7 @@ async fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool)
 }
 
 /// The version of `class` in production, if any.
-fn production(cp: &ControlPlaneHandle, class: &str) -> Option<edgeloop_control_plane::ml::models::ModelVersion> {
+fn production(cp: &ControlPlaneHandle, class: &str) -> Option<edgeloop_control_plane::ml::ModelVersion> {
     cp.learning.models.production(class).ok().flatten()
 }
 

@@ -200,7 +200,7 @@ async fn drain_via_api(api: SocketAddr, procs: &[Proc], limit: Duration) {
     loop {
         let mut pending = 0;
         for p in procs {
-            let v: Option<edgeloop_control_plane::web::api::DeviceView> =
+            let v: Option<edgeloop_control_plane::web::DeviceView> =
                 crate::http::get_json(api, &format!("/api/v1/devices/{}", p.id)).await.ok();
             let done =
                 v.and_then(|v| v.device.last_status.map(|s| s.last_seq > 0 && s.last_seq == v.device.acked_upto));

@@ -6,7 +6,10 @@
 //! - [`keys`]: the Ed25519 signing key file.
 //! - [`certs`]: `certs init`, a development CA and server certificate.
 
-pub mod audit;
+pub(crate) mod audit;
 pub mod certs;
 pub mod keys;
-pub mod operators;
+pub(crate) mod operators;
+
+pub use audit::AuditEntry;
+pub use operators::{Role, TokenStore};

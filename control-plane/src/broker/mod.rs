@@ -5,6 +5,9 @@
 //! - [`front`]: the devices' MQTT listener (TLS, client ids, per-device topic rules, cutting revoked devices).
 //! - [`acl`]: the mosquitto-format ACL file for an external broker.
 
-pub mod acl;
-pub mod embedded;
-pub mod front;
+pub(crate) mod acl;
+pub(crate) mod embedded;
+pub(crate) mod front;
+
+pub use acl::mosquitto_acl;
+pub use front::{screen, Gate, FRONT_USER};

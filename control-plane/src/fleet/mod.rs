@@ -7,7 +7,12 @@
 //! - [`ingest`]: decoding, validation, dedup and storage of uplink messages, and the MQTT service that
 //!   feeds it and publishes acknowledgements.
 
-pub mod devices;
-pub mod enrollment;
-pub mod ingest;
-pub mod telemetry;
+pub(crate) mod devices;
+pub(crate) mod enrollment;
+pub(crate) mod ingest;
+pub(crate) mod telemetry;
+
+pub use devices::{Device, Registry};
+pub use enrollment::Enrollment;
+pub use ingest::{Ingestor, Outcome};
+pub use telemetry::{Query, TelemetryStore};

@@ -10,8 +10,14 @@
 //! - [`drift`]: population stability index of features against the training distribution.
 
 pub mod dataset;
-pub mod drift;
-pub mod jobs;
-pub mod models;
+pub(crate) mod drift;
+pub(crate) mod jobs;
+pub(crate) mod models;
 pub mod training;
-pub mod triggers;
+pub(crate) mod triggers;
+
+pub use jobs::{JobState, Learning};
+pub use models::{ModelRegistry, ModelVersion};
+pub use training::run::{train_class, TrainRequest};
+pub use training::Hyper;
+pub use triggers::{Cause, TriggerConfig};

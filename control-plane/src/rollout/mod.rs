@@ -6,8 +6,9 @@
 //!   persists desired states, then publishes them retained on `down/desired`.
 
 pub mod engine;
-pub mod service;
-pub mod store;
+pub(crate) mod service;
+pub(crate) mod store;
+pub(crate) mod view;
 
 pub use service::{CreateRollout, Rollouts};
 
@@ -20,3 +21,5 @@ pub fn default_stages() -> Vec<engine::Stage> {
         Stage { name: "all".into(), share: Share::Percent(100.0), bake_secs: 0 },
     ]
 }
+
+pub use view::{RolloutView, StageView};

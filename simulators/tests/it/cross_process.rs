@@ -6,7 +6,7 @@
 use crate::support::{assert_gap_free, stored_seqs, Proc};
 use edgeloop_agent::outbox::Outbox;
 use edgeloop_common::durable::Durability;
-use edgeloop_control_plane::web::api::DeviceView;
+use edgeloop_control_plane::web::DeviceView;
 use edgeloop_simulators::free_port;
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};

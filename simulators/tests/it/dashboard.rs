@@ -3,7 +3,7 @@
 //! `chromedriver`; `.ci/run` installs both). Screenshots of each page go to `docs/screenshots/`.
 
 use crate::support::{start_cp, wait_for};
-use edgeloop_control_plane::access::operators::{Role, TokenStore};
+use edgeloop_control_plane::access::{Role, TokenStore};
 use edgeloop_control_plane::rollout::engine::State;
 use edgeloop_simulators::fleet::{self, FleetSpec, SimDevice};
 use edgeloop_simulators::{class_config, free_port, rollouts};

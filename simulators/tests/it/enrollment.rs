@@ -6,8 +6,8 @@ use crate::support::start_cp;
 use edgeloop_common::enroll::EnrollRequest;
 use edgeloop_common::envelope::{self, Body, Envelope, Record, TelemetryBatch};
 use edgeloop_common::signing::{hex, sha256_hex};
-use edgeloop_control_plane::fleet::ingest::{Ingestor, Outcome};
-use edgeloop_control_plane::access::operators::{Role, TokenStore};
+use edgeloop_control_plane::fleet::{Ingestor, Outcome};
+use edgeloop_control_plane::access::{Role, TokenStore};
 use edgeloop_simulators::device::{self, Connected};
 use edgeloop_simulators::http;
 use ring::signature::{Ed25519KeyPair, KeyPair};
@@ -286,7 +286,7 @@ async fn revoke_racing_reenrollment_stays_revoked() {
         edgeloop_common::durable::Durability::Flush,
     )
     .unwrap();
-    let en = edgeloop_control_plane::fleet::enrollment::Enrollment::open(&db).unwrap();
+    let en = edgeloop_control_plane::fleet::Enrollment::open(&db).unwrap();
     for (id, _, _) in &rounds {
         assert!(en.get(id).unwrap().revoked, "{id} is not revoked after a restart");
     }

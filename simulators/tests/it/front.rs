@@ -156,7 +156,7 @@ async fn direct_connection_to_the_internal_broker_refused() {
     assert!(matches!(outcome, Connected::Refused(_)), "{outcome:?}");
     task.abort();
     // Nor does rumqttd take a client that claims the front's or the control plane's username.
-    for user in [edgeloop_control_plane::broker::front::FRONT_USER, edgeloop_control_plane::server::SERVICE_USER] {
+    for user in [edgeloop_control_plane::broker::FRONT_USER, edgeloop_control_plane::SERVICE_USER] {
         let guess = edgeloop_agent::identity::Credentials { username: user.into(), password: creds.password.clone() };
         let (_, outcome, task) = device::connect(internal.clone(), "dev-a", Some(&guess), None).await;
         assert!(matches!(outcome, Connected::Refused(_)), "{user}: {outcome:?}");

@@ -2,7 +2,7 @@
 //! its artifact (with Range), the same model running in the agent's tract, and the offline CLI.
 
 use crate::support::{start_cp, wait_for};
-use edgeloop_control_plane::ml::models::ModelVersion;
+use edgeloop_control_plane::ml::ModelVersion;
 use edgeloop_simulators::fleet::{self, FleetSpec};
 use edgeloop_simulators::http::{get, get_json, post_json, request};
 use serde_json::json;

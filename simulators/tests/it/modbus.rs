@@ -57,7 +57,7 @@ async fn agent_reads_a_simulated_machine_over_modbus_end_to_end() {
         cp.store.count("press-modbus").unwrap_or(0) >= 40
     })
     .await;
-    let q = edgeloop_control_plane::fleet::telemetry::Query { after_seq: 0, from_ms: None, to_ms: None, limit: 1000 };
+    let q = edgeloop_control_plane::fleet::Query { after_seq: 0, from_ms: None, to_ms: None, limit: 1000 };
     let records = cp.store.query("press-modbus", q).unwrap();
     let reg = &map.registers[0];
     let mut distinct = std::collections::BTreeSet::new();

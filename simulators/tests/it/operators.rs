@@ -2,7 +2,7 @@
 //! and the audit log names who did what.
 
 use crate::support::start_cp;
-use edgeloop_control_plane::access::operators::{Role, TokenStore};
+use edgeloop_control_plane::access::{Role, TokenStore};
 use edgeloop_simulators::http::request;
 use serde_json::json;
 
@@ -24,7 +24,7 @@ async fn missing_token_401() {
     assert_eq!(r.status, 401);
     assert!(r.text().contains("unknown or revoked token"), "{}", r.text());
     // The refused attempt to change something is audited, as unauthenticated.
-    let audit: Vec<edgeloop_control_plane::access::audit::AuditEntry> =
+    let audit: Vec<edgeloop_control_plane::access::AuditEntry> =
         edgeloop_simulators::http::get_json(cp.api_addr, "/api/v1/audit").await.unwrap();
     assert!(
         audit.iter().any(|e| e.who == "unauthenticated" && e.action == "POST /api/v1/rollouts" && e.status == 401),
@@ -66,7 +66,7 @@ async fn viewer_cannot_create_rollout_403() {
         .unwrap();
     assert_eq!(r.status, 404, "{}", r.text());
     let r = request(cp.api_addr, "GET", "/api/v1/audit", &[("Authorization", &o)], None).await.unwrap();
-    let audit: Vec<edgeloop_control_plane::access::audit::AuditEntry> = serde_json::from_slice(&r.body).unwrap();
+    let audit: Vec<edgeloop_control_plane::access::AuditEntry> = serde_json::from_slice(&r.body).unwrap();
     let last = &audit[0];
     assert_eq!(
         (last.who.as_str(), last.action.as_str(), last.status),

@@ -2,7 +2,7 @@
 //! it reports equal exactly what is missing from the store.
 
 use crate::support::{start_cp, stored_seqs, wait_for};
-use edgeloop_control_plane::web::api::DeviceView;
+use edgeloop_control_plane::web::DeviceView;
 use edgeloop_simulators::fleet::{self, FleetSpec};
 use edgeloop_simulators::proxy::{FaultProxy, Mode};
 use std::collections::BTreeSet;

@@ -133,7 +133,7 @@ async fn rollout_completes_then_canary_breach_rolls_back_and_late_joiner_gets_ro
         let u = cp.registry.get(id).unwrap().latest_update().cloned().unwrap();
         assert_eq!(u.active_sha256.as_deref(), Some(good.sha256.as_str()), "{id}");
     }
-    let audit: Vec<edgeloop_control_plane::access::audit::AuditEntry> =
+    let audit: Vec<edgeloop_control_plane::access::AuditEntry> =
         edgeloop_simulators::http::get_json(api, "/api/v1/audit").await.unwrap();
     let actions: Vec<&str> = audit.iter().map(|e| e.action.as_str()).collect();
     assert_eq!(actions.iter().filter(|a| **a == "POST /api/v1/rollouts").count(), 2, "{actions:?}");
@@ -190,7 +190,7 @@ async fn control_plane_restart_mid_rollout_resumes() {
     cp.join().await.unwrap();
     let cp_cancel = CancellationToken::new();
     let cp = start(cp_cancel.clone()).await.unwrap();
-    let after: edgeloop_control_plane::web::api::rollouts::RolloutView =
+    let after: edgeloop_control_plane::rollout::RolloutView =
         edgeloop_simulators::http::get_json(api_addr, &format!("/api/v1/rollouts/{}", r.id)).await.unwrap();
     assert_eq!((after.state, after.stage, after.devices.len()), (State::AwaitingApproval, 0, 1), "state survived");
 

@@ -40,7 +40,7 @@ pub async fn stored_seqs(api: SocketAddr, device: &str) -> Vec<u64> {
     let mut seqs = Vec::new();
     let mut after = 0;
     loop {
-        let page: edgeloop_control_plane::web::api::TelemetryPage = edgeloop_simulators::http::get_json(
+        let page: edgeloop_control_plane::web::TelemetryPage = edgeloop_simulators::http::get_json(
             api,
             &format!("/api/v1/devices/{device}/telemetry?limit=5000&after_seq={after}"),
         )

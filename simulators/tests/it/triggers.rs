@@ -2,7 +2,7 @@
 //! distribution shift trips the drift trigger and trains again.
 
 use crate::support::{start_cp, wait_for};
-use edgeloop_control_plane::ml::triggers::{Cause, TriggerConfig};
+use edgeloop_control_plane::ml::{Cause, TriggerConfig};
 use edgeloop_simulators::fleet::{self, FleetSpec};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -40,7 +40,7 @@ async fn count_then_drift_trigger_retraining() {
     }
     let learning = cp.learning.clone();
     wait_for("the count trigger's training", Duration::from_secs(120), || {
-        learning.list_jobs().iter().any(|j| j.state == edgeloop_control_plane::ml::jobs::JobState::Succeeded)
+        learning.list_jobs().iter().any(|j| j.state == edgeloop_control_plane::ml::JobState::Succeeded)
     })
     .await;
     let events = learning.trigger_events();

@@ -151,8 +151,8 @@ async fn revoked_device_cut_off() {
     let (_, enrolled) = edgeloop_simulators::http::get(cp.api_addr, "/api/v1/enrollments").await.unwrap();
     assert!(enrolled.contains("\"revoked\":true"), "{enrolled}");
     // Revoking is for admins only.
-    let store = edgeloop_control_plane::access::operators::TokenStore::open(&dir.path().join("cp")).unwrap();
-    let (_, op) = store.create("otto", edgeloop_control_plane::access::operators::Role::Operator).unwrap();
+    let store = edgeloop_control_plane::access::TokenStore::open(&dir.path().join("cp")).unwrap();
+    let (_, op) = store.create("otto", edgeloop_control_plane::access::Role::Operator).unwrap();
     let auth = format!("Bearer {op}");
     let r = edgeloop_simulators::http::request(
         cp.api_addr,

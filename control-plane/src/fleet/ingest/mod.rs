@@ -111,6 +111,7 @@ impl RateLimiter {
         }
     }
 
+    #[cfg(test)]
     /// Devices with a bucket now.
     pub fn tracked(&self) -> usize {
         self.buckets.lock().unwrap_or_else(|p| p.into_inner()).map.len()

@@ -1,8 +1,8 @@
 //! API of device identity: enrollment (open: it carries its own token), enrollment tokens and revocation
 //! (admin), and the enrolled devices (viewer).
 
-use super::error::{json, ApiError};
-use super::AppState;
+use crate::web::error::{json, ApiError};
+use crate::web::AppState;
 use crate::fleet::enrollment::{Credentials, EnrollError, EnrollRequest, Enrolled, EnrollmentToken};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};

@@ -1,7 +1,7 @@
 //! API of the learning loop: training jobs, model versions, artifacts (with `Range`), labels.
 
-use super::error::{json, ApiError};
-use super::AppState;
+use crate::web::error::{json, ApiError};
+use crate::web::AppState;
 use crate::ml::dataset::{DatasetSpec, ImputeMethod, Label};
 use crate::ml::jobs::{Job, RequestError};
 use crate::ml::models::ModelVersion;
@@ -265,7 +265,7 @@ pub struct Downloads {
 }
 
 impl Downloads {
-    pub fn new(limits: &super::serve::Limits) -> Downloads {
+    pub fn new(limits: &crate::web::serve::Limits) -> Downloads {
         Downloads {
             slots: std::sync::Arc::new(tokio::sync::Semaphore::new(limits.max_downloads.max(1))),
             wait: limits.download_wait,

@@ -1,11 +1,12 @@
 //! API of signed updates: rollouts and their actions, device tags, the audit log, model upload and the
 //! signing key's public half.
 
-use super::error::{json, ApiError};
-use super::AppState;
+use crate::web::error::{json, ApiError};
+use crate::web::AppState;
 use crate::ml::models::{Lineage, Metrics, ModelVersion, Promotion};
-use crate::rollout::engine::{Action, GateValue, Rollout, State as RolloutState, Target};
+use crate::rollout::engine::Action;
 use crate::rollout::service::RolloutError;
+use crate::rollout::view::{view, RolloutView};
 use crate::rollout::CreateRollout;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
@@ -15,7 +16,6 @@ use base64::Engine as _;
 use edgeloop_common::config::ClassConfig;
 use edgeloop_common::update::Golden;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
 
 impl From<RolloutError> for ApiError {
     fn from(e: RolloutError) -> Self {
@@ -25,75 +25,6 @@ impl From<RolloutError> for ApiError {
             RolloutError::Conflict(d) => ApiError { status: StatusCode::CONFLICT, error: "conflict", detail: d },
             RolloutError::Store(e) => ApiError::internal(e),
         }
-    }
-}
-
-/// One stage as the API shows it.
-#[derive(Serialize, Deserialize, Debug)]
-pub struct StageView {
-    #[serde(flatten)]
-    pub stage: crate::rollout::engine::Stage,
-    /// `done`, `current` or `pending`.
-    pub status: String,
-    /// Devices this stage took in.
-    pub devices: usize,
-    /// The gates over this stage's devices, against their thresholds.
-    pub gates: Vec<GateValue>,
-}
-
-/// A rollout with its stages, live gate values and devices per phase.
-#[derive(Serialize, Deserialize, Debug)]
-pub struct RolloutView {
-    pub id: String,
-    pub class: String,
-    pub model: crate::rollout::engine::ModelRef,
-    pub previous: Option<crate::rollout::engine::ModelRef>,
-    #[serde(flatten)]
-    pub state: RolloutState,
-    pub stage: usize,
-    pub stages: Vec<StageView>,
-    pub gates: Vec<GateValue>,
-    pub phases: BTreeMap<String, usize>,
-    pub devices: BTreeMap<String, Target>,
-    pub created_ms: u64,
-    pub events: Vec<crate::rollout::engine::Event>,
-}
-
-pub fn view(r: Rollout) -> RolloutView {
-    let finished = matches!(r.state, RolloutState::Completed);
-    let stages = r
-        .spec
-        .stages
-        .iter()
-        .enumerate()
-        .map(|(i, s)| StageView {
-            stage: s.clone(),
-            status: if i < r.stage || (i == r.stage && finished) {
-                "done"
-            } else if i == r.stage {
-                "current"
-            } else {
-                "pending"
-            }
-            .into(),
-            devices: r.devices.values().filter(|t| t.stage == i).count(),
-            gates: r.evaluate_stage(i),
-        })
-        .collect();
-    let gates = if r.gates.is_empty() { r.evaluate() } else { r.gates.clone() };
-    RolloutView {
-        phases: r.phase_counts(),
-        id: r.id,
-        class: r.spec.class,
-        model: r.spec.model,
-        previous: r.spec.previous,
-        state: r.state,
-        stage: r.stage,
-        stages,
-        gates,
-        devices: r.devices,
-        created_ms: r.created_ms,
-        events: r.events,
     }
 }
 

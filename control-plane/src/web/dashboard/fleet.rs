@@ -3,7 +3,7 @@
 
 use super::layout::{self, ago, badge, bytes, page, page_error, raw, sha, Nav, Who};
 use super::svg::{self, Point};
-use crate::web::api::AppState;
+use crate::web::AppState;
 use crate::fleet::devices::Device;
 use crate::fleet::telemetry::Query as StoreQuery;
 use crate::ml::triggers::Cause;

@@ -1,6 +1,6 @@
 //! The page frame every dashboard page shares, who is looking, and how times and numbers are written.
 
-use crate::web::api::AppState;
+use crate::web::AppState;
 use crate::access::operators::{Operator, Role};
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
@@ -21,6 +21,17 @@ impl Who {
     pub fn can_operate(&self) -> bool {
         self.role >= Role::Operator
     }
+
+    /// Anyone, where the API asks for no tokens.
+    pub fn anyone() -> Who {
+        Who { name: "anyone".into(), role: Role::Admin, open: true }
+    }
+}
+
+impl From<&Operator> for Who {
+    fn from(op: &Operator) -> Who {
+        Who { name: op.name.clone(), role: op.role, open: false }
+    }
 }
 
 impl FromRequestParts<AppState> for Who {
@@ -29,8 +40,8 @@ impl FromRequestParts<AppState> for Who {
     async fn from_request_parts(parts: &mut Parts, _: &AppState) -> Result<Who, Self::Rejection> {
         // The middleware has already refused anyone without a valid token where tokens are required.
         Ok(match parts.extensions.get::<Operator>() {
-            Some(op) => Who { name: op.name.clone(), role: op.role, open: false },
-            None => Who { name: "anyone".into(), role: Role::Admin, open: true },
+            Some(op) => Who::from(op),
+            None => Who::anyone(),
         })
     }
 }

@@ -7,7 +7,7 @@
 //!
 //! Login: the operator pastes a bearer token; it is kept in an HttpOnly, SameSite=Strict cookie, which the
 //! API accepts in place of the `Authorization` header. A change made with that cookie must also carry the
-//! [`crate::web::api::DASHBOARD_HEADER`] header, which only same-origin scripts can send.
+//! [`crate::web::DASHBOARD_HEADER`] header, which only same-origin scripts can send.
 //!
 //! - [`layout`]: the page frame, navigation, who is logged in, time formatting.
 //! - [`fleet`]: the fleet overview and the device page.
@@ -21,7 +21,7 @@ pub mod models;
 pub mod rollouts;
 pub mod svg;
 
-use crate::web::api::{AppState, SESSION_COOKIE};
+use crate::web::{AppState, SESSION_COOKIE};
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
@@ -36,8 +36,8 @@ const APP_CSS: &str = include_str!("assets/app.css");
 /// How long a login lasts, seconds.
 const SESSION_SECS: u64 = 12 * 3600;
 
-/// The dashboard's routes; the API's middleware authenticates them (see [`crate::web::api::required_role`]).
-pub fn routes() -> Router<AppState> {
+/// The dashboard's pages; they need a viewer's token or session (see [`crate::web::router`]).
+pub fn pages() -> Router<AppState> {
     Router::new()
         .route("/", get(fleet::overview))
         .route("/devices/{id}", get(fleet::device))
@@ -46,6 +46,11 @@ pub fn routes() -> Router<AppState> {
         .route("/rollouts", get(rollouts::list))
         .route("/rollouts/{id}", get(rollouts::detail))
         .route("/audit", get(rollouts::audit))
+}
+
+/// The routes anyone may fetch ([`is_open`]): the login page, logging out and the static assets.
+pub fn open_routes() -> Router<AppState> {
+    Router::new()
         .route("/login", get(login_page).post(login))
         .route("/logout", axum::routing::post(logout))
         .route("/assets/app.js", get(|| async { asset("text/javascript; charset=utf-8", APP_JS) }))

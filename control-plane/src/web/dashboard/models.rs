@@ -3,7 +3,7 @@
 
 use super::layout::{ago, badge, bytes, datetime, page, page_error, raw, sha, Nav, Who};
 use super::svg;
-use crate::web::api::AppState;
+use crate::web::AppState;
 use crate::ml::jobs::{DriftReading, JobState};
 use crate::ml::models::ModelVersion;
 use crate::ml::training::run::PROMOTION_Z;
