@@ -7,11 +7,11 @@
 
 use clap::{Parser, Subcommand};
 use edgeloop_common::durable::DurableDb;
-use edgeloop_control_plane::config::Config;
-use edgeloop_control_plane::ml::ModelRegistry;
 use edgeloop_control_plane::access::{Role, TokenStore};
+use edgeloop_control_plane::config::Config;
 use edgeloop_control_plane::fleet::Registry;
 use edgeloop_control_plane::fleet::TelemetryStore;
+use edgeloop_control_plane::ml::ModelRegistry;
 use edgeloop_control_plane::ml::{train_class, TrainRequest};
 use edgeloop_control_plane::ControlPlane;
 use std::path::PathBuf;

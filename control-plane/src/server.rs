@@ -1,18 +1,18 @@
 //! Starting and stopping a control plane: store, registry, broker, ingest and API under one cancellation
 //! token. Stopping lets ingest commit what it took, and the API finish its requests.
 
-use crate::web::{self, api, AppState};
 use crate::access::audit::AuditLog;
 use crate::broker::embedded;
 use crate::config::{BrokerConfig, Config};
-use crate::fleet::ingest::{service, Ingestor};
-use crate::ml::jobs::Learning;
-use crate::metrics::Metrics;
-use crate::ml::models::ModelRegistry;
 use crate::fleet::devices::Registry;
+use crate::fleet::ingest::{service, Ingestor};
+use crate::fleet::telemetry::TelemetryStore;
+use crate::metrics::Metrics;
+use crate::ml::jobs::Learning;
+use crate::ml::models::ModelRegistry;
 use crate::rollout::store::RolloutStore;
 use crate::rollout::Rollouts;
-use crate::fleet::telemetry::TelemetryStore;
+use crate::web::{self, api, AppState};
 use anyhow::Context;
 use edgeloop_common::durable::DurableDb;
 use rumqttc::MqttOptions;

@@ -8,12 +8,12 @@
 //! within a running job is kept in memory only. What jobs produce (model versions, promotion decisions) is
 //! durable in the model registry.
 
-use crate::config::TrainingConfig;
-use crate::ml::models::ModelRegistry;
 use crate::fleet::devices::Registry;
 use crate::fleet::telemetry::{StoreError, TelemetryStore};
+use crate::ml::config::TrainingConfig;
+use crate::ml::models::ModelRegistry;
 use crate::ml::training::run::{train_class, TrainRequest};
-use crate::ml::triggers::TriggerEvent;
+use crate::ml::triggers::rules::TriggerEvent;
 use edgeloop_common::config::ClassConfig;
 use edgeloop_common::durable::DurableDb;
 use serde::{Deserialize, Serialize};
@@ -336,7 +336,7 @@ impl Learning {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ml::triggers::Cause;
+    use crate::ml::triggers::rules::Cause;
     use edgeloop_common::durable::Durability;
 
     fn open(dir: &std::path::Path) -> Learning {

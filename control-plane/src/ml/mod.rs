@@ -9,6 +9,7 @@
 //! - [`triggers`]: retraining per class on a schedule, after N new records, or on drift.
 //! - [`drift`]: population stability index of features against the training distribution.
 
+pub mod config;
 pub mod dataset;
 pub(crate) mod drift;
 pub(crate) mod jobs;

@@ -7,8 +7,8 @@
 //! atomically from a counter per model line, so a training and an upload running side by side never get the
 //! same one, and a recorded version is never overwritten.
 
-use crate::ml::dataset::{Label, QualityReport};
 use crate::fleet::telemetry::StoreError;
+use crate::ml::dataset::{Label, QualityReport};
 use crate::ml::training::search::Trial;
 use crate::ml::training::Hyper;
 use edgeloop_common::durable::DurableDb;

@@ -5,6 +5,7 @@
 //! - [`service`]: the thin shell: ticks the engine with the registry's view of the fleet, signs and
 //!   persists desired states, then publishes them retained on `down/desired`.
 
+pub mod config;
 pub mod engine;
 pub(crate) mod service;
 pub(crate) mod store;

@@ -16,13 +16,13 @@
 //! [`Issued`]), with checked arithmetic; the engine counts a device's report only when it is about one of
 //! those desired states.
 
+use super::config::RolloutsConfig;
 use super::engine::{Action, FleetDevice, Gates, IssuedRun, ModelRef, OnBreach, Rollout, RolloutSpec, Stage, State};
 use super::store::{Issued, RolloutStore, SequenceExhausted};
-use crate::config::RolloutsConfig;
-use crate::metrics::Metrics;
-use crate::ml::models::ModelRegistry;
 use crate::fleet::devices::Registry;
 use crate::fleet::telemetry::StoreError;
+use crate::metrics::Metrics;
+use crate::ml::models::ModelRegistry;
 use edgeloop_common::envelope::{self, Body, Envelope};
 use edgeloop_common::signing::{Signed, Signer};
 use edgeloop_common::topics::{self, Channel};
@@ -553,8 +553,8 @@ async fn publish(client: &AsyncClient, metrics: &Metrics, items: Vec<Publication
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::AutoRollout;
     use crate::ml::models::{Lineage, Metrics as ModelMetrics, ModelVersion, Promotion};
+    use crate::rollout::config::AutoRollout;
     use edgeloop_common::durable::{Durability, DurableDb};
 
     fn version(v: u32, promoted: bool) -> ModelVersion {

@@ -56,7 +56,13 @@ fn is_read(method: &Method) -> bool {
 /// Checks the caller's token against `need`, or returns the refusal to send: a redirect to the login page
 /// for a browser reading a page, 401 without a valid token, 403 with too low a role or for a change
 /// authenticated by the session cookie alone without the dashboard's header.
-fn authenticate(s: &AppState, method: &Method, uri: &Uri, headers: &HeaderMap, need: Role) -> Result<Operator, Response> {
+fn authenticate(
+    s: &AppState,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    need: Role,
+) -> Result<Operator, Response> {
     let path = uri.path();
     let read = is_read(method);
     let bearer = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_string);

@@ -11,8 +11,8 @@
 
 pub(crate) mod api;
 pub(crate) mod auth;
-pub(crate) mod error;
 pub(crate) mod dashboard;
+pub(crate) mod error;
 pub mod serve;
 
 use crate::access::operators::Role;

@@ -25,9 +25,9 @@
 
 pub mod service;
 
-use crate::metrics::Metrics;
 use crate::fleet::devices::Registry;
 use crate::fleet::telemetry::{StoreError, TelemetryStore};
+use crate::metrics::Metrics;
 use edgeloop_common::envelope::{self, Body, Envelope, SeqRange, Status};
 use edgeloop_common::topics::{self, Channel};
 use std::sync::atomic::Ordering;

@@ -11,8 +11,8 @@
 //! the fleet whatever the ack task's pace.
 
 use super::{ack_payload, Ingestor, Outcome};
-use crate::metrics::Metrics;
 use crate::fleet::telemetry::StoreError;
+use crate::metrics::Metrics;
 use edgeloop_common::topics::{self, Channel};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use std::collections::HashMap;

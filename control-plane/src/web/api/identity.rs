@@ -1,9 +1,9 @@
 //! API of device identity: enrollment (open: it carries its own token), enrollment tokens and revocation
 //! (admin), and the enrolled devices (viewer).
 
+use crate::fleet::enrollment::{Credentials, EnrollError, EnrollRequest, Enrolled, EnrollmentToken};
 use crate::web::error::{json, ApiError};
 use crate::web::AppState;
-use crate::fleet::enrollment::{Credentials, EnrollError, EnrollRequest, Enrolled, EnrollmentToken};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;

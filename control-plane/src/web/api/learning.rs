@@ -1,11 +1,11 @@
 //! API of the learning loop: training jobs, model versions, artifacts (with `Range`), labels.
 
-use crate::web::error::{json, ApiError};
-use crate::web::AppState;
 use crate::ml::dataset::{DatasetSpec, ImputeMethod, Label};
 use crate::ml::jobs::{Job, RequestError};
 use crate::ml::models::ModelVersion;
 use crate::ml::training::run::{ModelKind, TrainRequest};
+use crate::web::error::{json, ApiError};
+use crate::web::AppState;
 use axum::body::Body;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};

@@ -10,14 +10,14 @@ pub mod rollouts;
 
 use crate::fleet::devices::Device;
 use crate::fleet::telemetry::Query;
+use crate::web::error::ApiError;
+use crate::web::AppState;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query as QueryParams, State};
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::Json;
 use edgeloop_common::envelope::Record;
-use crate::web::error::ApiError;
-use crate::web::AppState;
 use serde::{Deserialize, Serialize};
 
 /// Largest `limit` a telemetry query may ask for.

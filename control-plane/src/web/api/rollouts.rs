@@ -1,13 +1,13 @@
 //! API of signed updates: rollouts and their actions, device tags, the audit log, model upload and the
 //! signing key's public half.
 
-use crate::web::error::{json, ApiError};
-use crate::web::AppState;
 use crate::ml::models::{Lineage, Metrics, ModelVersion, Promotion};
 use crate::rollout::engine::Action;
 use crate::rollout::service::RolloutError;
 use crate::rollout::view::{view, RolloutView};
 use crate::rollout::CreateRollout;
+use crate::web::error::{json, ApiError};
+use crate::web::AppState;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;

@@ -3,10 +3,10 @@
 
 use super::layout::{self, ago, badge, bytes, page, page_error, raw, sha, Nav, Who};
 use super::svg::{self, Point};
-use crate::web::AppState;
 use crate::fleet::devices::Device;
 use crate::fleet::telemetry::Query as StoreQuery;
 use crate::ml::triggers::Cause;
+use crate::web::AppState;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};

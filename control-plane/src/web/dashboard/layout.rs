@@ -1,7 +1,7 @@
 //! The page frame every dashboard page shares, who is looking, and how times and numbers are written.
 
-use crate::web::AppState;
 use crate::access::operators::{Operator, Role};
+use crate::web::AppState;
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use axum::http::StatusCode;

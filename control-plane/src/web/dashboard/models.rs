@@ -3,10 +3,10 @@
 
 use super::layout::{ago, badge, bytes, datetime, page, page_error, raw, sha, Nav, Who};
 use super::svg;
-use crate::web::AppState;
 use crate::ml::jobs::{DriftReading, JobState};
 use crate::ml::models::ModelVersion;
 use crate::ml::training::run::PROMOTION_Z;
+use crate::web::AppState;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};

@@ -2,9 +2,9 @@
 //! actions) and the audit log.
 
 use super::layout::{ago, badge, datetime, page, page_error, sha, Nav, Who};
+use crate::rollout::engine::{GateValue, Share, State as RState};
 use crate::rollout::view::{view, RolloutView};
 use crate::web::AppState;
-use crate::rollout::engine::{GateValue, Share, State as RState};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
