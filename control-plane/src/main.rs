@@ -11,7 +11,7 @@ use edgeloop_control_plane::access::{Role, TokenStore};
 use edgeloop_control_plane::config::Config;
 use edgeloop_control_plane::fleet::Registry;
 use edgeloop_control_plane::fleet::TelemetryStore;
-use edgeloop_control_plane::ml::ModelRegistry;
+use edgeloop_control_plane::ml::{ModelKind, ModelRegistry};
 use edgeloop_control_plane::ml::{train_class, TrainRequest};
 use edgeloop_control_plane::ControlPlane;
 use std::path::PathBuf;
@@ -328,9 +328,9 @@ fn train_offline(cfg: Config, req: TrainRequest) -> anyhow::Result<()> {
     );
     for t in &m.lineage.trials {
         let h = &t.hyper;
-        let model = match (h.window, m.kind.as_str()) {
+        let model = match (h.window, m.kind) {
             (w, _) if w > 0 => format!("fcst/{w}"),
-            (_, "classifier") => "classifier".to_string(),
+            (_, ModelKind::Classifier) => "classifier".to_string(),
             _ => "ae".to_string(),
         };
         println!(

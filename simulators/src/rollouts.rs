@@ -6,9 +6,9 @@ use base64::Engine as _;
 use edgeloop_agent::updater::UpdaterConfig;
 use edgeloop_common::signing::TrustedKey;
 use edgeloop_common::update::Golden;
+use edgeloop_control_plane::ml::ModelVersion;
 use edgeloop_control_plane::rollout::RolloutView;
 use edgeloop_control_plane::web::SigningKey;
-use edgeloop_control_plane::ml::ModelVersion;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 

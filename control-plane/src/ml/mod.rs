@@ -18,7 +18,7 @@ pub mod training;
 pub(crate) mod triggers;
 
 pub use jobs::{JobState, Learning};
-pub use models::{ModelRegistry, ModelVersion};
+pub use models::{ModelKind, ModelRegistry, ModelVersion};
 pub use training::run::{train_class, TrainRequest};
 pub use training::Hyper;
 pub use triggers::{Cause, TriggerConfig};

@@ -73,6 +73,39 @@ pub struct Promotion {
     pub margin: Option<f64>,
 }
 
+/// What a model computes. Training is asked for an autoencoder or a classifier; the search may register a
+/// forecaster instead of an autoencoder when it scores better; operators upload models of their own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelKind {
+    /// Anomaly scores from reconstruction error; needs no labels.
+    #[default]
+    Autoencoder,
+    /// Class probabilities, from labelled rows.
+    Classifier,
+    /// Anomaly scores from the error of predicting the next feature vector from a window of them.
+    Forecaster,
+    /// An operator's own ONNX model, checked against its golden vectors on upload.
+    Uploaded,
+}
+
+impl ModelKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelKind::Autoencoder => "autoencoder",
+            ModelKind::Classifier => "classifier",
+            ModelKind::Forecaster => "forecaster",
+            ModelKind::Uploaded => "uploaded",
+        }
+    }
+}
+
+impl std::fmt::Display for ModelKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A registered model version: the manifest fields of DESIGN.md plus metrics, lineage and promotion.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelVersion {
@@ -80,7 +113,7 @@ pub struct ModelVersion {
     pub version: u32,
     pub class: String,
     pub sensor: String,
-    pub kind: String,
+    pub kind: ModelKind,
     pub sha256: String,
     pub size: u64,
     /// `-1` marks the batch dimension.
@@ -441,7 +474,7 @@ mod tests {
             version,
             class: "press".into(),
             sensor: "t".into(),
-            kind: "autoencoder".into(),
+            kind: crate::ml::models::ModelKind::Autoencoder,
             sha256: format!("{tag:064}"),
             size: 10,
             input_shape: vec![-1, 4],

@@ -563,7 +563,7 @@ mod tests {
             version: v,
             class: "press".into(),
             sensor: "t".into(),
-            kind: "autoencoder".into(),
+            kind: crate::ml::models::ModelKind::Autoencoder,
             sha256: format!("{v:064}"),
             size: 10,
             input_shape: vec![-1, 4],

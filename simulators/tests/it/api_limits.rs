@@ -4,8 +4,8 @@
 
 use crate::support::{start_cp, stored_seqs, wait_for};
 use edgeloop_common::envelope::{self, Body, Envelope, Record, TelemetryBatch};
-use edgeloop_control_plane::web::serve::Limits;
 use edgeloop_control_plane::access::AuditEntry;
+use edgeloop_control_plane::web::serve::Limits;
 use edgeloop_simulators::device;
 use edgeloop_simulators::http::{self, request};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};

@@ -15,16 +15,7 @@ use edgeloop_common::features::{FeatureKind, PipelineSpec};
 use edgeloop_common::gaps::GapRule;
 use serde::{Deserialize, Serialize};
 
-/// Which kind of model to train.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum ModelKind {
-    /// Anomaly scores from reconstruction error; needs no labels.
-    #[default]
-    Autoencoder,
-    /// Class probabilities, from labelled rows.
-    Classifier,
-}
+pub use crate::ml::models::ModelKind;
 
 /// What to train.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -72,6 +63,8 @@ pub enum RunError {
     Artifact(#[from] std::io::Error),
     #[error("no firmware config for class `{0}`")]
     UnknownClass(String),
+    #[error("a {0} cannot be asked for: ask for an autoencoder (the search registers a forecaster when it scores better) or a classifier")]
+    NotTrainable(ModelKind),
     #[error("a classifier needs at least two labels in the training split, and labelled rows in the validation and test splits")]
     NoLabels,
 }
@@ -106,6 +99,7 @@ pub fn train_dataset(
     match req.kind {
         ModelKind::Autoencoder => train_autoencoder(&devices, ds, class, req, registry, progress),
         ModelKind::Classifier => train_classifier(&devices, ds, class, req, registry, progress),
+        kind @ (ModelKind::Forecaster | ModelKind::Uploaded) => Err(RunError::NotTrainable(kind)),
     }
 }
 
@@ -229,7 +223,7 @@ fn train_autoencoder(
     let candidate = Candidate {
         name,
         version,
-        kind: "autoencoder",
+        kind: ModelKind::Autoencoder,
         bytes,
         outputs: 1,
         threshold,
@@ -359,7 +353,7 @@ fn forecaster_candidate(
     let candidate = Candidate {
         name,
         version,
-        kind: "forecaster",
+        kind: ModelKind::Forecaster,
         bytes,
         outputs: 1,
         threshold,
@@ -583,7 +577,7 @@ fn train_classifier(
     let candidate = Candidate {
         name,
         version,
-        kind: "classifier",
+        kind: ModelKind::Classifier,
         bytes,
         outputs: k,
         threshold: 0.0,
@@ -603,7 +597,7 @@ fn train_classifier(
 struct Candidate {
     name: String,
     version: u32,
-    kind: &'static str,
+    kind: ModelKind,
     bytes: Vec<u8>,
     outputs: usize,
     threshold: f32,
@@ -634,7 +628,7 @@ fn register(
         version: c.version,
         class: class.to_string(),
         sensor: ds.sensor.name.clone(),
-        kind: c.kind.into(),
+        kind: c.kind,
         sha256,
         size: c.bytes.len() as u64,
         input_shape: vec![-1, (ds.width() * c.frames) as i64],

@@ -3,7 +3,7 @@
 use super::run::{self, train_dataset, TrainRequest};
 use super::{autoencoder, eval, onnx, Hyper};
 use crate::ml::dataset::{assemble, Dataset, DatasetSpec, QualityReport, Row};
-use crate::ml::models::ModelRegistry;
+use crate::ml::models::{ModelKind, ModelRegistry};
 use candle_core::Device;
 use edgeloop_common::durable::{Durability, DurableDb};
 use edgeloop_common::features::{FeatureKind, SensorSpec};
@@ -284,12 +284,12 @@ fn a_forecaster_is_chosen_where_context_matters_and_beats_an_autoencoder_in_prod
     // then swapped for the real autoencoder's, so production is a good point-wise model.
     let mut prod = train_dataset(&ds, "sines", &req, &registry, &mut |_, _| {}).unwrap();
     prod.sha256 = registry.put_artifact(&ae_bytes).unwrap();
-    (prod.kind, prod.frames, prod.input_shape) = ("autoencoder".into(), 1, vec![-1, 5]);
+    (prod.kind, prod.frames, prod.input_shape) = (ModelKind::Autoencoder, 1, vec![-1, 5]);
     registry.overwrite(&prod).unwrap();
 
     req.hyper = Some(quick());
     let m = train_dataset(&ds, "sines", &req, &registry, &mut |_, _| {}).unwrap();
-    assert_eq!(m.kind, "forecaster", "{}", m.lineage.selection);
+    assert_eq!(m.kind, ModelKind::Forecaster, "{}", m.lineage.selection);
     assert!(m.lineage.selection.starts_with("forecaster: ROC AUC"), "{}", m.lineage.selection);
     assert!(m.lineage.selection.contains("synthetic anomalies"), "{}", m.lineage.selection);
     assert!(m.frames > 1);
@@ -332,7 +332,7 @@ fn without_labels_production_is_compared_by_detection_not_by_score_scale() {
     wide.std.iter_mut().for_each(|s| *s *= 100.0);
     let weak_bytes = onnx::export_autoencoder(&weak.weights, &wide, "autoencoder");
     prod.sha256 = registry.put_artifact(&weak_bytes).unwrap();
-    (prod.kind, prod.frames, prod.input_shape) = ("autoencoder".into(), 1, vec![-1, 5]);
+    (prod.kind, prod.frames, prod.input_shape) = (ModelKind::Autoencoder, 1, vec![-1, 5]);
     registry.overwrite(&prod).unwrap();
 
     let m = train_dataset(&ds, "synthetic", &req, &registry, &mut |_, _| {}).unwrap();

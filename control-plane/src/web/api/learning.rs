@@ -65,6 +65,13 @@ pub async fn train(
     if b.max_seconds.is_some_and(|m| !(m.is_finite() && m > 0.0)) {
         return Err(ApiError::bad_request("max_seconds must be > 0"));
     }
+    if !matches!(b.kind, ModelKind::Autoencoder | ModelKind::Classifier) {
+        return Err(ApiError::bad_request(format!(
+            "kind must be autoencoder or classifier, got {} (the search registers a forecaster when it scores \
+             better than the autoencoder)",
+            b.kind
+        )));
+    }
     let mut dataset = DatasetSpec::new(&b.class);
     (dataset.sensor, dataset.devices, dataset.from_ms, dataset.to_ms) = (b.sensor, b.devices, b.from, b.to);
     if let Some(m) = b.impute {
@@ -102,7 +109,7 @@ pub struct ModelSummary {
     pub name: String,
     pub version: u32,
     pub class: String,
-    pub kind: String,
+    pub kind: ModelKind,
     pub sha256: String,
     pub size: u64,
     pub threshold: f32,

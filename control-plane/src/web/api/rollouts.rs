@@ -253,7 +253,7 @@ fn register_upload(learning: &crate::ml::jobs::Learning, u: Upload) -> Result<Mo
         version,
         class: u.class.clone(),
         sensor,
-        kind: "uploaded".into(),
+        kind: crate::ml::models::ModelKind::Uploaded,
         sha256,
         size: onnx.len() as u64,
         input_shape: vec![-1, width as i64],
