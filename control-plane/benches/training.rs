@@ -8,7 +8,7 @@ use candle_core::Device;
 use edgeloop_control_plane::ml::dataset::{Row, Standardizer};
 use edgeloop_control_plane::ml::training::device::Devices;
 use edgeloop_control_plane::ml::training::search::{self, Budget};
-use edgeloop_control_plane::ml::training::{autoencoder, Hyper};
+use edgeloop_control_plane::ml::training::{autoencoder, Hyper, Stop};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::time::Instant;
@@ -43,6 +43,7 @@ fn main() {
                 &st,
                 &Hyper { epochs: n, ..h.clone() },
                 seed,
+                &Stop::never(),
                 &mut |_, _| {},
             )
             .expect("train");
@@ -69,6 +70,7 @@ fn main() {
         &base,
         Budget { trials: 6, max_seconds: None },
         7,
+        &Stop::never(),
         &mut |_, _| {},
     )
     .expect("search");

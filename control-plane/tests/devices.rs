@@ -7,7 +7,7 @@ use candle_core::Device;
 use edgeloop_control_plane::ml::dataset::{Row, Standardizer};
 use edgeloop_control_plane::ml::training::device::{DeviceSetting, Devices, Target};
 use edgeloop_control_plane::ml::training::mlp::DenseWeights;
-use edgeloop_control_plane::ml::training::{autoencoder, classifier, forecaster, Hyper};
+use edgeloop_control_plane::ml::training::{autoencoder, classifier, forecaster, Hyper, Stop};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -69,7 +69,9 @@ fn every_device_trains_the_same_autoencoder() {
     let mut models = Vec::new();
     for t in targets(&devices) {
         let m = devices
-            .run_on(t, |dev| autoencoder::train(dev, &train, &val, &st, &h, 7, &mut |_, l| losses.push(l)))
+            .run_on(t, |dev| {
+                autoencoder::train(dev, &train, &val, &st, &h, 7, &Stop::never(), &mut |_, l| losses.push(l))
+            })
             .unwrap_or_else(|e| panic!("{t}: {e}"))
             .unwrap_or_else(|e| panic!("{t}: {e}"));
         models.push((t, m));
@@ -110,7 +112,10 @@ fn every_device_trains_the_same_forecaster() {
     let models: Vec<_> = targets(&devices)
         .into_iter()
         .map(|t| {
-            let f = devices.run_on(t, |dev| forecaster::train(dev, &tw, &vw, 5, &st, &h, 11)).unwrap().unwrap();
+            let f = devices
+                .run_on(t, |dev| forecaster::train(dev, &tw, &vw, 5, &st, &h, 11, &Stop::never()))
+                .unwrap()
+                .unwrap();
             (t, f)
         })
         .collect();
@@ -133,7 +138,15 @@ fn every_device_trains_the_same_classifier() {
     let devices = Devices::new(DeviceSetting::Auto).expect("devices");
     let models: Vec<_> = targets(&devices)
         .into_iter()
-        .map(|t| (t, devices.run_on(t, |dev| classifier::train(dev, &train, &val, &st, &h, 3)).unwrap().unwrap()))
+        .map(|t| {
+            (
+                t,
+                devices
+                    .run_on(t, |dev| classifier::train(dev, &train, &val, &st, &h, 3, &Stop::never()))
+                    .unwrap()
+                    .unwrap(),
+            )
+        })
         .collect();
     let (_, reference) = &models[0];
     let probs = classifier::probabilities(reference, &st, &val).unwrap();

@@ -24,7 +24,6 @@ use anyhow::Context;
 use edgeloop_common::envelope::FLAG_ANOMALY;
 use edgeloop_control_plane::config::{AutoRollout, Config};
 use edgeloop_control_plane::fleet::Query;
-use edgeloop_control_plane::ml::JobState;
 use edgeloop_control_plane::ml::TrainRequest;
 use edgeloop_control_plane::ml::{Cause, TriggerConfig};
 use edgeloop_control_plane::rollout::engine::{Share, Stage, State};
@@ -474,9 +473,8 @@ async fn tell(
     let deadline = Instant::now() + Duration::from_secs(300);
     while !jobs.is_empty() {
         anyhow::ensure!(Instant::now() < deadline, "the first trainings took more than 300 s");
-        let Some(i) = jobs.iter().position(|(_, job)| {
-            cp.learning.job(*job).is_some_and(|j| matches!(j.state, JobState::Succeeded | JobState::Failed))
-        }) else {
+        let Some(i) = jobs.iter().position(|(_, job)| cp.learning.job(*job).is_some_and(|j| j.state.is_finished()))
+        else {
             tokio::time::sleep(Duration::from_millis(200)).await;
             continue;
         };
@@ -538,9 +536,7 @@ async fn tell(
     wait_until("the drift trigger's training", Duration::from_secs(240), || {
         cp.learning.trigger_events().iter().any(|e| {
             matches!(e.cause, Cause::Drift { .. })
-                && e.job.is_some_and(|j| {
-                    cp.learning.job(j).is_some_and(|j| matches!(j.state, JobState::Succeeded | JobState::Failed))
-                })
+                && e.job.is_some_and(|j| cp.learning.job(j).is_some_and(|j| j.state.is_finished()))
         })
     })
     .await?;

@@ -12,7 +12,8 @@ use crate::fleet::devices::Registry;
 use crate::fleet::telemetry::{StoreError, TelemetryStore};
 use crate::ml::config::TrainingConfig;
 use crate::ml::models::ModelRegistry;
-use crate::ml::training::run::{train_class, TrainRequest};
+use crate::ml::training::run::{train_class, RunError, TrainRequest};
+use crate::ml::training::TrainError;
 use crate::ml::triggers::rules::TriggerEvent;
 use edgeloop_common::config::ClassConfig;
 use edgeloop_common::durable::DurableDb;
@@ -21,6 +22,8 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -29,6 +32,15 @@ pub enum JobState {
     Running,
     Succeeded,
     Failed,
+    /// The control plane stopped while it was queued or running.
+    Interrupted,
+}
+
+impl JobState {
+    /// Whether the job has ended, one way or another.
+    pub fn is_finished(self) -> bool {
+        matches!(self, JobState::Succeeded | JobState::Failed | JobState::Interrupted)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -81,6 +93,10 @@ pub struct Learning {
     triggers_tree: sled::Tree,
     /// Serialises writes to the two trees, so that the last write of a job is of its latest state.
     write_lock: Mutex<()>,
+    /// Stopping the control plane cancels this: a running training stops within an epoch.
+    stop: CancellationToken,
+    /// Owns every job's tasks, so that stopping waits for them.
+    tracker: TaskTracker,
 }
 
 /// The latest drift measurement of a class: PSI per feature against its production model's training set.
@@ -115,7 +131,7 @@ impl Learning {
             let (_, v) = kv?;
             let mut job: Job = decode("jobs", &v)?;
             if matches!(job.state, JobState::Queued | JobState::Running) {
-                job.state = JobState::Failed;
+                job.state = JobState::Interrupted;
                 job.finished_ms = Some(now);
                 job.error = Some("interrupted: the control plane stopped before this training finished".into());
                 jobs_tree.insert(job.id.to_be_bytes(), edgeloop_common::signing::to_cbor(&job))?;
@@ -145,7 +161,15 @@ impl Learning {
             jobs_tree,
             triggers_tree,
             write_lock: Mutex::new(()),
+            stop: CancellationToken::new(),
+            tracker: TaskTracker::new(),
         })
+    }
+
+    /// Runs jobs under the control plane's cancellation and task tracker (by default, under their own).
+    pub fn with_tasks(mut self, stop: CancellationToken, tracker: TaskTracker) -> Self {
+        (self.stop, self.tracker) = (stop, tracker);
+        self
     }
 
     /// Inserts into one of the service's trees and commits (flush and `fdatasync`). Blocking.
@@ -279,14 +303,20 @@ impl Learning {
         self.persist_soon(id);
         tracing::info!(job = id, %class, cause, "training queued");
         let this = self.clone();
-        tokio::spawn(async move {
+        let mut req = req;
+        req.stop = crate::ml::training::Stop::on(self.stop.clone());
+        let tracker = self.tracker.clone();
+        self.tracker.spawn(async move {
             let Ok(_permit) = this.one_at_a_time.acquire().await else { return };
+            if this.stop.is_cancelled() {
+                return this.interrupt(id, edgeloop_common::unix_millis());
+            }
             this.update(id, |j| j.state = JobState::Running);
             this.persist_soon(id);
             let worker = this.clone();
-            let outcome = tokio::task::spawn_blocking(move || {
+            let outcome = tracker.spawn_blocking(move || {
                 let class_cfg = worker.classes.get(&class).cloned();
-                let Some(class_cfg) = class_cfg else { return Err(format!("class `{class}` vanished")) };
+                let Some(class_cfg) = class_cfg else { return Err(RunError::UnknownClass(class)) };
                 let progress_job = worker.clone();
                 let mut progress = move |f: f32, m: &str| {
                     progress_job.update(id, |j| {
@@ -295,7 +325,6 @@ impl Learning {
                     })
                 };
                 train_class(&worker.store, &devices, &class_cfg, &worker.models, &req, &mut progress)
-                    .map_err(|e| e.to_string())
             })
             .await;
             let now = edgeloop_common::unix_millis();
@@ -315,11 +344,22 @@ impl Learning {
                     });
                     this.persist_soon(id);
                 }
-                Ok(Err(e)) => this.fail(id, now, e),
+                Ok(Err(RunError::Train(TrainError::Stopped))) => this.interrupt(id, now),
+                Ok(Err(e)) => this.fail(id, now, e.to_string()),
                 Err(e) => this.fail(id, now, format!("training panicked: {e}")),
             }
         });
         Ok(id)
+    }
+
+    fn interrupt(self: &Arc<Self>, id: u64, now: u64) {
+        tracing::info!(job = id, "training interrupted: the control plane is stopping");
+        self.update(id, |j| {
+            j.state = JobState::Interrupted;
+            j.finished_ms = Some(now);
+            j.error = Some("interrupted: the control plane stopped before this training finished".into());
+        });
+        self.persist(id);
     }
 
     fn fail(self: &Arc<Self>, id: u64, now: u64, e: String) {
@@ -382,7 +422,7 @@ mod tests {
         let l = open(dir.path());
         let jobs = l.list_jobs();
         let states: Vec<(u64, JobState)> = jobs.iter().map(|j| (j.id, j.state)).collect();
-        assert_eq!(states, [(1, JobState::Succeeded), (2, JobState::Failed), (3, JobState::Failed)]);
+        assert_eq!(states, [(1, JobState::Succeeded), (2, JobState::Interrupted), (3, JobState::Interrupted)]);
         assert!(jobs[1].error.as_deref().unwrap().contains("interrupted"), "{:?}", jobs[1]);
         assert!(jobs[2].finished_ms.is_some());
         assert_eq!(l.trigger_events().len(), 1);

@@ -222,7 +222,7 @@ async fn await_job(cp: &ControlPlaneHandle, id: u64) -> anyhow::Result<Option<(b
                 let m = cp.learning.models.get(&r.name, r.version)?.context("registered model missing")?;
                 return Ok(Some((r.promoted, m)));
             }
-            JobState::Failed => {
+            JobState::Failed | JobState::Interrupted => {
                 tracing::warn!(error = ?job.error, "training failed; the current model stays");
                 return Ok(None);
             }

@@ -2,7 +2,7 @@
 //! its artifact (with Range), the same model running in the agent's tract, and the offline CLI.
 
 use crate::support::{start_cp, wait_for};
-use edgeloop_control_plane::ml::ModelVersion;
+use edgeloop_control_plane::ml::{JobState, ModelVersion};
 use edgeloop_simulators::fleet::{self, FleetSpec};
 use edgeloop_simulators::http::{get, get_json, post_json, request};
 use serde_json::json;
@@ -202,4 +202,64 @@ fn the_agents_features_across_gaps_are_the_datasets() {
     // The features did change across the gaps (seasonal ones too): the comparison above is not vacuous.
     assert!(records.iter().all(|r| r.features.len() == 7));
     assert!(records.iter().filter(|r| r.features[5] != 0.0).count() > 40);
+}
+
+/// Stopping the control plane while a long training runs: the stop completes within its deadline (the
+/// training checks for it between epochs and trials), and the job is marked interrupted, durably.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_during_training_finishes_within_the_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let class = edgeloop_simulators::class_config("city-air-quality").unwrap();
+    let c2 = class.clone();
+    let (cp, cp_cancel) = start_cp(dir.path(), move |c| {
+        c.classes.insert(c2.class.clone(), c2);
+    })
+    .await;
+    let cancel = CancellationToken::new();
+    let mut spec =
+        FleetSpec::new(vec![class.clone()], cp.mqtt_addr.clone(), &dir.path().join("agents"), cp.trusted_key.clone());
+    spec.enroll_with(cp.api_addr, 64).await.unwrap();
+    let mut devices = fleet::start(&spec, 2, &cancel).await.unwrap();
+    for d in &mut devices {
+        for s in d.generator.take(400) {
+            d.samples.send(s).await.unwrap();
+        }
+    }
+    let outboxes: Vec<_> = devices.iter().map(|d| d.agent.outbox.clone()).collect();
+    wait_for("telemetry stored", Duration::from_secs(30), || outboxes.iter().all(|o| o.stats().acked == 400)).await;
+    wait_for("classes known", Duration::from_secs(20), || {
+        cp.registry.list().iter().filter(|d| d.class == "city-air-quality").count() == 2
+    })
+    .await;
+    // A training far longer than any deadline: one trial of a million epochs that never stops early.
+    let mut req = edgeloop_control_plane::ml::TrainRequest::new("city-air-quality");
+    req.trials = 1;
+    req.hyper =
+        Some(edgeloop_control_plane::ml::Hyper { epochs: 1_000_000, patience: 1_000_000, ..Default::default() });
+    let learning = cp.learning.clone();
+    let id = learning.start(req, "test").unwrap();
+    wait_for("the training is past its first epochs", Duration::from_secs(60), || {
+        learning.job(id).is_some_and(|j| j.state == JobState::Running && j.progress > 0.0)
+    })
+    .await;
+
+    cancel.cancel();
+    let stopping = Instant::now();
+    cp_cancel.cancel();
+    tokio::time::timeout(Duration::from_secs(15), cp.join())
+        .await
+        .expect("the control plane stopped within its deadline")
+        .unwrap();
+    let took = stopping.elapsed();
+    let job = learning.job(id).unwrap();
+    assert_eq!(job.state, JobState::Interrupted, "{job:?} (stopped in {took:?})");
+    assert!(job.error.as_deref().unwrap().contains("interrupted"), "{job:?}");
+    drop(learning);
+
+    // Durably: a restart lists it as interrupted, not as running.
+    let (cp, cp_cancel) = start_cp(dir.path(), |_| {}).await;
+    let job = cp.learning.job(id).unwrap();
+    assert_eq!(job.state, JobState::Interrupted, "{job:?}");
+    cp_cancel.cancel();
+    cp.join().await.unwrap();
 }

@@ -74,6 +74,7 @@ pub fn train(
     st: &Standardizer,
     h: &Hyper,
     seed: u64,
+    stop_requested: &super::Stop,
     on_epoch: &mut dyn FnMut(usize, f64),
 ) -> Result<Autoencoder, TrainError> {
     let d = st.mean.len();
@@ -85,6 +86,7 @@ pub fn train(
     let mut order: Vec<u32> = (0..train.len() as u32).collect();
     let (mut stop, mut epochs_run) = (EarlyStopping::new(&model, h.patience)?, 0);
     for epoch in 0..h.epochs {
+        stop_requested.check()?;
         order.shuffle(&mut rng);
         run_epoch(&model, &xt, &order, h.batch, &mut |loss| opt.backward_step(loss))?;
         epochs_run = epoch + 1;

@@ -48,6 +48,7 @@ pub fn train(
     st: &Standardizer,
     h: &Hyper,
     seed: u64,
+    stop_requested: &super::Stop,
 ) -> Result<Classifier, TrainError> {
     let (tr, ytr) = labelled(train);
     let (va, yva) = labelled(val);
@@ -60,6 +61,7 @@ pub fn train(
     let mut order: Vec<u32> = (0..tr.len() as u32).collect();
     let (mut stop, mut epochs_run) = (EarlyStopping::new(&model, h.patience)?, 0);
     for epoch in 0..h.epochs {
+        stop_requested.check()?;
         order.shuffle(&mut rng);
         for chunk in order.chunks(h.batch.max(1)) {
             let idx = Tensor::from_slice(chunk, chunk.len(), device)?;

@@ -125,6 +125,7 @@ pub fn train(
     st: &Standardizer,
     h: &Hyper,
     seed: u64,
+    stop_requested: &super::Stop,
 ) -> Result<Forecaster, TrainError> {
     let d = st.mean.len();
     if frames < 2 || train.is_empty() || val.is_empty() {
@@ -138,6 +139,7 @@ pub fn train(
     let mut order: Vec<u32> = (0..train.len() as u32).collect();
     let (mut stop, mut epochs_run) = (EarlyStopping::new(&model, h.patience)?, 0);
     for epoch in 0..h.epochs {
+        stop_requested.check()?;
         order.shuffle(&mut rng);
         let idx = Tensor::from_slice(&order, order.len(), dev)?;
         let (hs, cs) = (ht.index_select(&idx, 0)?, ct.index_select(&idx, 0)?);
@@ -189,6 +191,7 @@ pub fn search(
     trials: usize,
     deadline: Option<std::time::Instant>,
     seed: u64,
+    stop: &super::Stop,
 ) -> Result<(Forecaster, Vec<super::search::Trial>), TrainError> {
     let d = st.mean.len();
     let mut rng = StdRng::seed_from_u64(seed ^ 0xf0ca57);
@@ -201,6 +204,7 @@ pub fn search(
     let mut best: Option<Forecaster> = None;
     let mut out = Vec::new();
     for (i, h) in configs.iter().enumerate() {
+        stop.check()?;
         if best.is_some() && deadline.is_some_and(|t| std::time::Instant::now() > t) {
             break;
         }
@@ -210,8 +214,8 @@ pub fn search(
         }
         let t0 = std::time::Instant::now();
         let work = Work::of(&sizes(h.window, d, h), h.batch);
-        let (f, plan) =
-            devices.run(work, |dev| train(dev, &tw.x, &vw.x, h.window, st, h, seed.wrapping_add(1000 + i as u64)))?;
+        let (f, plan) = devices
+            .run(work, |dev| train(dev, &tw.x, &vw.x, h.window, st, h, seed.wrapping_add(1000 + i as u64), stop))?;
         let f = f?;
         out.push(super::search::Trial::finished(i, 0, h.clone(), (f.epochs_run, f.val_loss), t0, &plan));
         if best.as_ref().is_none_or(|b| f.val_loss < b.val_loss) {
@@ -312,7 +316,7 @@ mod tests {
         let st = Standardizer::fit(&train_rows, 1);
         let h = Hyper { width: 16, depth: 1, lr: 1e-2, epochs: 40, batch: 64, patience: 5, window: 9 };
         let (tw, vw) = (windows(&train_rows, 9, 1), windows(&val_rows, 9, 1));
-        let f = train(&Device::Cpu, &tw.x, &vw.x, 9, &st, &h, 7).unwrap();
+        let f = train(&Device::Cpu, &tw.x, &vw.x, 9, &st, &h, 7, &crate::ml::training::Stop::never()).unwrap();
         let normal = score(&f, &st, &vw.x).unwrap();
         let typical = crate::ml::training::eval::quantile(&normal, 0.99);
         let jumped = sine(400, Some(300));
@@ -322,7 +326,7 @@ mod tests {
         let at_jump = s[300 - 8];
         assert!(at_jump > 5.0 * typical, "score at the jump {at_jump}, normal 99th percentile {typical}");
         // Same seed, same model.
-        let again = train(&Device::Cpu, &tw.x, &vw.x, 9, &st, &h, 7).unwrap();
+        let again = train(&Device::Cpu, &tw.x, &vw.x, 9, &st, &h, 7, &crate::ml::training::Stop::never()).unwrap();
         assert_eq!(again.weights, f.weights);
     }
 

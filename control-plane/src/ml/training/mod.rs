@@ -51,8 +51,41 @@ impl Default for Hyper {
     }
 }
 
+/// When a training gives up: checked between epochs and between trials, so that stopping the control plane
+/// stops a training within an epoch. A `Stop` is not part of what is trained: any two compare equal.
+#[derive(Debug, Clone, Default)]
+pub struct Stop(Option<tokio_util::sync::CancellationToken>);
+
+impl Stop {
+    /// A training that runs to its end.
+    pub fn never() -> Stop {
+        Stop(None)
+    }
+
+    /// A training that stops when `token` is cancelled.
+    pub fn on(token: tokio_util::sync::CancellationToken) -> Stop {
+        Stop(Some(token))
+    }
+
+    /// `Err(TrainError::Stopped)` once the token is cancelled.
+    pub fn check(&self) -> Result<(), TrainError> {
+        match &self.0 {
+            Some(t) if t.is_cancelled() => Err(TrainError::Stopped),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl PartialEq for Stop {
+    fn eq(&self, _: &Stop) -> bool {
+        true
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
+    #[error("stopped: the control plane is shutting down")]
+    Stopped,
     #[error("candle: {0}")]
     Candle(#[from] candle_core::Error),
     #[error(transparent)]

@@ -33,6 +33,9 @@ pub struct TrainRequest {
     /// Where trials run: the control plane's `training.device`, not part of an API request.
     #[serde(skip)]
     pub device: DeviceSetting,
+    /// When to give up (the control plane stopping): not part of an API request.
+    #[serde(skip)]
+    pub stop: super::Stop,
 }
 
 impl TrainRequest {
@@ -45,6 +48,7 @@ impl TrainRequest {
             seed: 0,
             hyper: None,
             device: DeviceSetting::Auto,
+            stop: super::Stop::never(),
         }
     }
 }
@@ -138,10 +142,17 @@ fn train_autoencoder(
     }
     let normal: Vec<dataset::Row> = ds.train.iter().filter(is_normal).cloned().collect();
     let normal_val: Vec<dataset::Row> = ds.val.iter().filter(is_normal).cloned().collect();
-    let outcome =
-        search::run(devices, &normal, &normal_val, &ds.standardizer, &base, budget, req.seed, &mut |f, m| {
-            progress(0.05 + 0.8 * f, m)
-        })?;
+    let outcome = search::run(
+        devices,
+        &normal,
+        &normal_val,
+        &ds.standardizer,
+        &base,
+        budget,
+        req.seed,
+        &req.stop,
+        &mut |f, m| progress(0.05 + 0.8 * f, m),
+    )?;
     let weights = &outcome.model.weights;
 
     // (a2) A forecaster over windows of the same rows, and the choice between the two on validation data.
@@ -158,7 +169,11 @@ fn train_autoencoder(
         req.trials.max(1),
         deadline,
         req.seed,
+        &req.stop,
     );
+    if let Err(TrainError::Stopped) = forecast {
+        return Err(TrainError::Stopped.into());
+    }
     let mut choice = match &forecast {
         Ok((f, _)) => choose(ds, weights, f, req.seed)?,
         Err(e) => Choice { forecaster: false, reason: format!("autoencoder: no forecaster could be trained ({e})") },
@@ -502,7 +517,15 @@ fn train_classifier(
         let work = Work::of(&classifier::sizes(ds.standardizer.mean.len(), 2, h), h.batch);
         let (c, plan) = devices
             .run(work, |dev| {
-                classifier::train(dev, &ds.train, &ds.val, &ds.standardizer, h, req.seed.wrapping_add(i as u64))
+                classifier::train(
+                    dev,
+                    &ds.train,
+                    &ds.val,
+                    &ds.standardizer,
+                    h,
+                    req.seed.wrapping_add(i as u64),
+                    &req.stop,
+                )
             })
             .map_err(TrainError::from)?;
         let c = c?;

@@ -92,6 +92,7 @@ pub fn run(
     base: &Hyper,
     budget: Budget,
     seed: u64,
+    stop: &super::Stop,
     progress: &mut dyn FnMut(f32, &str),
 ) -> Result<Outcome, TrainError> {
     let started = Instant::now();
@@ -117,6 +118,7 @@ pub fn run(
     for rung in 0.. {
         let mut results: Vec<(usize, f64)> = Vec::new();
         for &i in &survivors {
+            stop.check()?;
             if deadline.is_some_and(|d| Instant::now() > d) && best.is_some() {
                 break;
             }
@@ -124,7 +126,7 @@ pub fn run(
             let t0 = Instant::now();
             let work = Work::of(&autoencoder::sizes(st.mean.len(), &h), h.batch);
             let (model, plan) = devices.run(work, |dev| {
-                autoencoder::train(dev, train, val, st, &h, seed.wrapping_add(i as u64), &mut |_, _| {})
+                autoencoder::train(dev, train, val, st, &h, seed.wrapping_add(i as u64), stop, &mut |_, _| {})
             })?;
             let model = model?;
             let trial = Trial::finished(i, rung, h, (model.epochs_run, model.val_loss), t0, &plan);

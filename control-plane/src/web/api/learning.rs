@@ -86,6 +86,7 @@ pub async fn train(
         seed: b.seed.unwrap_or(s.learning.defaults.seed),
         hyper: None,
         device: s.learning.defaults.device,
+        stop: Default::default(),
     };
     match s.learning.start(req, "api") {
         Ok(job) => Ok((StatusCode::ACCEPTED, Json(Accepted { job }))),

@@ -76,7 +76,7 @@ pub async fn list(State(s): State<AppState>, who: Who) -> Response {
                         @for j in jobs.iter().take(20) {
                             tr {
                                 td.num { (j.id) } td { (j.class) } td.small { (j.cause) }
-                                td { (badge(match j.state { JobState::Failed => "bad", JobState::Succeeded => "ok", _ => "info" }, &format!("{:?}", j.state).to_lowercase())) }
+                                td { (badge(match j.state { JobState::Failed => "bad", JobState::Interrupted => "warn", JobState::Succeeded => "ok", _ => "info" }, &format!("{:?}", j.state).to_lowercase())) }
                                 td { progress max="1" value=(j.progress) { (format!("{:.0}%", j.progress * 100.0)) } " " span.small { (j.message) } }
                                 td.small {
                                     @if let Some(r) = &j.result { a href=(format!("/models/{}/{}", r.name, r.version)) { (r.name) " v" (r.version) } " " (r.reason) }

@@ -1,0 +1,96 @@
+//! The control plane's state, opened once: the sled database and every store in it, the signing key, the
+//! operator tokens and the metrics.
+
+use crate::access::audit::AuditLog;
+use crate::access::operators::TokenStore;
+use crate::config::Config;
+use crate::fleet::devices::Registry;
+use crate::fleet::enrollment::Enrollment;
+use crate::fleet::telemetry::TelemetryStore;
+use crate::metrics::Metrics;
+use crate::ml::models::ModelRegistry;
+use crate::rollout::store::RolloutStore;
+use anyhow::Context;
+use edgeloop_common::durable::DurableDb;
+use edgeloop_common::signing::Signer;
+use std::sync::Arc;
+
+/// Every store, opened.
+pub(crate) struct Stores {
+    pub db: DurableDb,
+    pub telemetry: TelemetryStore,
+    pub devices: Arc<Registry>,
+    pub models: Arc<ModelRegistry>,
+    /// Taken by the rollout service when it starts.
+    pub rollouts: Option<RolloutStore>,
+    pub audit: Arc<AuditLog>,
+    pub enrollment: Arc<Enrollment>,
+    pub operators: Arc<TokenStore>,
+    /// The admin token created on first start, if this start made one.
+    pub admin_token: Option<String>,
+    pub signer: Signer,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Stores {
+    /// Tightens the data directory, loads (or on first start creates) the signing key, and opens the stores.
+    pub async fn open(cfg: &Config) -> anyhow::Result<Stores> {
+        // A signing key that group or others could read may have leaked: it is refused (see `keys::load`), and
+        // that check comes before the data directory is tightened, which would otherwise hide it.
+        let default_key = cfg.data_dir.join("signing.key");
+        if cfg.rollouts.signing_key.is_none() && default_key.exists() {
+            let key = default_key.clone();
+            tokio::task::spawn_blocking(move || crate::access::keys::load(&key)).await??;
+        }
+        // The store, the artifacts and the keys live here: 0700, with nothing in it open to group or others.
+        let data_dir = cfg.data_dir.clone();
+        let tightened = tokio::task::spawn_blocking(move || edgeloop_common::private::dir(&data_dir))
+            .await?
+            .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
+        if let Some(first) = tightened.first() {
+            tracing::warn!(data_dir = %cfg.data_dir.display(), paths = tightened.len(), first = %first.display(), "the data directory was open to group or others; removed their access");
+        }
+        let (dir, durability, data_dir) = (cfg.data_dir.join("store"), cfg.durability, cfg.data_dir.clone());
+        // A configured key must exist (a typo must not silently mint a key no agent trusts); the default one is
+        // created on first start.
+        let configured_key = cfg.rollouts.signing_key.clone();
+        let audit_config = cfg.audit;
+        let operators = {
+            let data_dir = cfg.data_dir.clone();
+            Arc::new(tokio::task::spawn_blocking(move || TokenStore::open(&data_dir)).await??)
+        };
+        let mut stores = tokio::task::spawn_blocking(move || -> anyhow::Result<Stores> {
+            let signer = match &configured_key {
+                Some(path) => crate::access::keys::load(path).context("rollouts.signing_key")?,
+                None => crate::access::keys::load_or_create(&default_key)?,
+            };
+            let db = DurableDb::open(&dir, durability)?;
+            Ok(Stores {
+                devices: Arc::new(Registry::open(&db)?),
+                models: Arc::new(ModelRegistry::open(&db, &data_dir)?),
+                rollouts: Some(RolloutStore::open(&db)?),
+                audit: Arc::new(AuditLog::open_with(&db, audit_config)?),
+                enrollment: Arc::new(Enrollment::open(&db)?),
+                operators,
+                telemetry: TelemetryStore::open(db.clone())?,
+                admin_token: None,
+                signer,
+                metrics: Arc::new(Metrics::default()),
+                db,
+            })
+        })
+        .await?
+        .context("opening the store")?;
+        tracing::info!(key_id = stores.signer.key_id(), public_key = %stores.signer.public_key_hex(), "signing key loaded");
+        if cfg.require_tokens {
+            stores.admin_token = stores.operators.bootstrap()?;
+            if stores.admin_token.is_some() {
+                let path = cfg.data_dir.join("admin.token");
+                tracing::info!(path = %path.display(), "first start: an admin token was written here (mode 0600)");
+            }
+        } else {
+            tracing::warn!("api.require_tokens = false: the operator API is open to anyone who can reach it");
+        }
+        Ok(stores)
+    }
+}
