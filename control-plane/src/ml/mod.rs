@@ -16,6 +16,7 @@ pub(crate) mod jobs;
 pub(crate) mod models;
 pub mod training;
 pub(crate) mod triggers;
+pub(crate) mod upload;
 
 pub use jobs::{JobState, Learning};
 pub use models::{ModelKind, ModelRegistry, ModelVersion};

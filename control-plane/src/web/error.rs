@@ -37,9 +37,57 @@ impl ApiError {
     }
 }
 
-/// A JSON body, or a 400 naming what was wrong with it.
-pub fn json<T>(body: Result<axum::Json<T>, axum::extract::rejection::JsonRejection>) -> Result<T, ApiError> {
-    body.map(|axum::Json(b)| b).map_err(|e| ApiError::bad_request(e.body_text()))
+/// A JSON request body. A malformed one is a 400 whose detail names what was wrong (axum's rejection text:
+/// the field, line and column), in the API's error shape.
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> axum::extract::FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        let Json(v) = <Json<T> as axum::extract::FromRequest<S>>::from_request(req, state).await?;
+        Ok(ApiJson(v))
+    }
+}
+
+impl From<axum::extract::rejection::JsonRejection> for ApiError {
+    fn from(e: axum::extract::rejection::JsonRejection) -> Self {
+        ApiError::bad_request(e.body_text())
+    }
+}
+
+impl From<axum::extract::rejection::QueryRejection> for ApiError {
+    fn from(e: axum::extract::rejection::QueryRejection) -> Self {
+        ApiError::bad_request(e.body_text())
+    }
+}
+
+/// Failures that are the control plane's, not the caller's: a 500, with the cause logged.
+macro_rules! internal_from {
+    ($($t:ty),* $(,)?) => {$(
+        impl From<$t> for ApiError {
+            fn from(e: $t) -> Self {
+                ApiError::internal(e)
+            }
+        }
+    )*};
+}
+
+internal_from!(
+    tokio::task::JoinError,
+    crate::fleet::telemetry::StoreError,
+    crate::ml::models::ModelError,
+    std::io::Error,
+    axum::http::header::InvalidHeaderValue,
+);
+
+impl From<crate::ml::upload::UploadError> for ApiError {
+    fn from(e: crate::ml::upload::UploadError) -> Self {
+        match e {
+            crate::ml::upload::UploadError::Invalid { .. } => ApiError::bad_request(e.to_string()),
+            e => ApiError::internal(e),
+        }
+    }
 }
 
 impl IntoResponse for ApiError {

@@ -2,9 +2,8 @@
 //! (admin), and the enrolled devices (viewer).
 
 use crate::fleet::enrollment::{Credentials, EnrollError, EnrollRequest, Enrolled, EnrollmentToken};
-use crate::web::error::{json, ApiError};
+use crate::web::error::{ApiError, ApiJson};
 use crate::web::AppState;
-use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
@@ -28,13 +27,11 @@ impl From<EnrollError> for ApiError {
 /// Enrolls a device from a request signed with its key (protocol.md, "Enrollment").
 pub async fn enroll(
     State(s): State<AppState>,
-    body: Result<Json<EnrollRequest>, JsonRejection>,
+    ApiJson(body): ApiJson<EnrollRequest>,
 ) -> Result<Json<Credentials>, ApiError> {
-    let r = json(body)?;
+    let r = body;
     let en = s.enrollment.clone();
-    let creds = tokio::task::spawn_blocking(move || en.enroll(&r, edgeloop_common::unix_millis()))
-        .await
-        .map_err(ApiError::internal)?;
+    let creds = tokio::task::spawn_blocking(move || en.enroll(&r, edgeloop_common::unix_millis())).await?;
     if let Err(e) = &creds {
         s.metrics.reject("enrollment_refused");
         tracing::warn!(error = %e, "enrollment refused");
@@ -62,15 +59,13 @@ pub struct CreatedEnrollmentToken {
 
 pub async fn create_token(
     State(s): State<AppState>,
-    body: Result<Json<NewEnrollmentToken>, JsonRejection>,
+    ApiJson(body): ApiJson<NewEnrollmentToken>,
 ) -> Result<(StatusCode, Json<CreatedEnrollmentToken>), ApiError> {
-    let r = json(body)?;
+    let r = body;
     let en = s.enrollment.clone();
     let now = edgeloop_common::unix_millis();
     let expires = now.saturating_add(r.expires_in_secs.saturating_mul(1000));
-    let (entry, token) = tokio::task::spawn_blocking(move || en.create_token(&r.class, r.uses, expires, now))
-        .await
-        .map_err(ApiError::internal)??;
+    let (entry, token) = tokio::task::spawn_blocking(move || en.create_token(&r.class, r.uses, expires, now)).await??;
     Ok((StatusCode::CREATED, Json(CreatedEnrollmentToken { token, entry })))
 }
 
@@ -79,18 +74,15 @@ pub async fn revoke_token(
     Path(id): Path<String>,
 ) -> Result<Json<EnrollmentToken>, ApiError> {
     let en = s.enrollment.clone();
-    let t =
-        tokio::task::spawn_blocking(move || en.revoke_token(&id)).await.map_err(ApiError::internal)?.map_err(|e| {
-            match e {
-                EnrollError::Bad(d) => ApiError::not_found(d),
-                other => other.into(),
-            }
-        })?;
+    let t = tokio::task::spawn_blocking(move || en.revoke_token(&id)).await?.map_err(|e| match e {
+        EnrollError::Bad(d) => ApiError::not_found(d),
+        other => other.into(),
+    })?;
     Ok(Json(t))
 }
 
 pub async fn tokens(State(s): State<AppState>) -> Result<Json<Vec<EnrollmentToken>>, ApiError> {
-    Ok(Json(s.enrollment.tokens().map_err(ApiError::internal)?))
+    Ok(Json(s.enrollment.tokens()?))
 }
 
 pub async fn enrolled(State(s): State<AppState>) -> Json<Vec<Enrolled>> {
@@ -109,13 +101,12 @@ pub async fn revoke(State(s): State<AppState>, Path(id): Path<String>) -> Result
     edgeloop_common::topics::validate_device_id(&id).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let en = s.enrollment.clone();
     let dev = id.clone();
-    let e = tokio::task::spawn_blocking(move || en.revoke(&dev, edgeloop_common::unix_millis()))
-        .await
-        .map_err(ApiError::internal)?
-        .map_err(|e| match e {
+    let e = tokio::task::spawn_blocking(move || en.revoke(&dev, edgeloop_common::unix_millis())).await?.map_err(
+        |e| match e {
             EnrollError::Bad(d) => ApiError::not_found(d),
             other => other.into(),
-        })?;
+        },
+    )?;
     let connections_cut = s.front.cut(&id);
     tracing::warn!(device = %id, connections_cut, "device revoked");
     Ok(Json(Revoked { device: id, revoked_ms: e.revoked_ms, connections_cut }))

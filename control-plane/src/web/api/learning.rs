@@ -4,10 +4,9 @@ use crate::ml::dataset::{DatasetSpec, ImputeMethod, Label};
 use crate::ml::jobs::{Job, RequestError};
 use crate::ml::models::ModelVersion;
 use crate::ml::training::run::{ModelKind, TrainRequest};
-use crate::web::error::{json, ApiError};
+use crate::web::error::{ApiError, ApiJson};
 use crate::web::AppState;
 use axum::body::Body;
-use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -50,9 +49,9 @@ pub struct Accepted {
 
 pub async fn train(
     State(s): State<AppState>,
-    body: Result<Json<TrainBody>, JsonRejection>,
+    ApiJson(body): ApiJson<TrainBody>,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
-    let b = json(body)?;
+    let b = body;
     if let (Some(f), Some(t)) = (b.from, b.to) {
         if f > t {
             return Err(ApiError::bad_request(format!("from ({f}) is after to ({t})")));
@@ -145,9 +144,7 @@ pub async fn models(State(s): State<AppState>) -> Result<Json<Vec<ModelSummary>>
         }
         Ok(out)
     })
-    .await
-    .map_err(ApiError::internal)?
-    .map_err(ApiError::internal)?;
+    .await??;
     Ok(Json(out))
 }
 
@@ -159,9 +156,7 @@ pub async fn model(
         version.parse().map_err(|_| ApiError::bad_request(format!("version `{version}` is not a number")))?;
     let (models, n) = (s.learning.models.clone(), name.clone());
     tokio::task::spawn_blocking(move || models.get(&n, version))
-        .await
-        .map_err(ApiError::internal)?
-        .map_err(ApiError::internal)?
+        .await??
         .map(Json)
         .ok_or_else(|| ApiError::not_found(format!("no model {name} v{version}")))
 }
@@ -250,7 +245,7 @@ pub async fn artifact(
     let body = Body::from_stream(tokio_util::io::ReaderStream::with_capacity(reader, ARTIFACT_CHUNK));
     let mut r = (status, body).into_response();
     let h = r.headers_mut();
-    let value = |v: String| axum::http::HeaderValue::try_from(v).map_err(ApiError::internal);
+    let value = |v: String| axum::http::HeaderValue::try_from(v);
     h.insert(header::CONTENT_TYPE, axum::http::HeaderValue::from_static("application/octet-stream"));
     h.insert(header::ACCEPT_RANGES, axum::http::HeaderValue::from_static("bytes"));
     h.insert(header::ETAG, value(etag)?);
@@ -309,9 +304,9 @@ pub struct LabelBody {
 
 pub async fn add_label(
     State(s): State<AppState>,
-    body: Result<Json<LabelBody>, JsonRejection>,
+    ApiJson(body): ApiJson<LabelBody>,
 ) -> Result<(StatusCode, Json<Label>), ApiError> {
-    let b = json(body)?;
+    let b = body;
     edgeloop_common::topics::validate_device_id(&b.device).map_err(|e| ApiError::bad_request(e.to_string()))?;
     if b.from > b.to {
         return Err(ApiError::bad_request(format!("from ({}) is after to ({})", b.from, b.to)));
@@ -319,10 +314,7 @@ pub async fn add_label(
     let label = Label { device: b.device, from_ms: b.from, to_ms: b.to, label: b.label };
     let models = s.learning.models.clone();
     let l = label.clone();
-    tokio::task::spawn_blocking(move || models.add_label(&l))
-        .await
-        .map_err(ApiError::internal)?
-        .map_err(ApiError::internal)?;
+    tokio::task::spawn_blocking(move || models.add_label(&l)).await??;
     Ok((StatusCode::CREATED, Json(label)))
 }
 
@@ -332,11 +324,7 @@ pub async fn triggers(State(s): State<AppState>) -> Json<Vec<crate::ml::triggers
 
 pub async fn labels(State(s): State<AppState>) -> Result<Json<Vec<Label>>, ApiError> {
     let models = s.learning.models.clone();
-    tokio::task::spawn_blocking(move || models.labels())
-        .await
-        .map_err(ApiError::internal)?
-        .map(Json)
-        .map_err(ApiError::internal)
+    Ok(Json(tokio::task::spawn_blocking(move || models.labels()).await??))
 }
 
 #[cfg(test)]

@@ -106,10 +106,7 @@ pub async fn telemetry(
     let q = Query { after_seq: p.after_seq.unwrap_or(0), from_ms: p.from, to_ms: p.to, limit };
     let store = s.store.clone();
     let dev = id.clone();
-    let records = tokio::task::spawn_blocking(move || store.query(&dev, q))
-        .await
-        .map_err(ApiError::internal)?
-        .map_err(ApiError::internal)?;
+    let records = tokio::task::spawn_blocking(move || store.query(&dev, q)).await??;
     let next_after_seq = (records.len() == limit).then(|| records.last().map(|r| r.seq)).flatten();
     Ok(Json(TelemetryPage { device: id, records, next_after_seq }))
 }

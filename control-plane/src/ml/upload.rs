@@ -1,0 +1,187 @@
+//! Models operators bring: an ONNX file with golden vectors, checked and registered as the next version of
+//! its model line. It reaches devices only through a rollout, signed like a trained model.
+
+use crate::ml::models::{Lineage, Metrics, ModelError, ModelKind, ModelRegistry, ModelVersion, Promotion};
+use base64::Engine as _;
+use edgeloop_common::config::ClassConfig;
+use edgeloop_common::update::Golden;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Why an upload was refused, or could not be stored.
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    /// A field of the upload is wrong; `field` names it (`golden[2].output[0]`), `reason` says how.
+    #[error("{field}: {reason}")]
+    Invalid { field: String, reason: String },
+    #[error("storing the artifact: {0}")]
+    Artifact(#[from] std::io::Error),
+    #[error(transparent)]
+    Store(#[from] ModelError),
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> UploadError {
+    UploadError::Invalid { field: field.into(), reason: reason.into() }
+}
+
+#[derive(Deserialize, Serialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct Upload {
+    /// Model line; versions number up from 1 per name.
+    pub name: String,
+    pub class: String,
+    /// The sensor whose feature vectors it scores; default: the class's first sensor.
+    #[serde(default)]
+    pub sensor: Option<String>,
+    pub threshold: f32,
+    /// Inputs with the outputs the model must give (at least one).
+    pub golden: Vec<Golden>,
+    /// The ONNX file, base64.
+    pub onnx_base64: String,
+    #[serde(default)]
+    pub description: String,
+}
+
+/// Golden vectors an uploaded model may carry: they travel inside every desired state, which must stay well
+/// under the agent's 256 KiB message limit.
+const MAX_GOLDEN: usize = 16;
+/// Largest encoded golden vectors an upload may carry.
+const MAX_GOLDEN_BYTES: usize = 128 * 1024;
+
+/// Relative tolerance for uploaded models' golden vectors.
+const UPLOAD_TOLERANCE: f32 = 1e-3;
+
+/// Checks an operator's model and registers it as the next version of its line: the name, the threshold,
+/// the ONNX file (base64), the golden vectors (run through tract, within a relative 1e-3), and the sensor
+/// against the class's firmware config when the class is configured here. Blocking (it runs tract).
+pub fn register(
+    models: &ModelRegistry,
+    classes: &BTreeMap<String, ClassConfig>,
+    u: Upload,
+) -> Result<ModelVersion, UploadError> {
+    if u.name.is_empty()
+        || u.name.len() > 64
+        || !u.name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        return Err(invalid(
+            "name",
+            format!("`{}` must be 1 to 64 characters of A-Z, a-z, 0-9, '-', '_', '.'", u.name),
+        ));
+    }
+    if !u.threshold.is_finite() {
+        return Err(invalid("threshold", "must be a finite number"));
+    }
+    let onnx = base64::engine::general_purpose::STANDARD
+        .decode(u.onnx_base64.trim())
+        .map_err(|e| invalid("onnx_base64", format!("not base64: {e}")))?;
+    if u.golden.len() > MAX_GOLDEN {
+        return Err(invalid("golden", format!("{} vectors, at most {MAX_GOLDEN}", u.golden.len())));
+    }
+    let Some(first) = u.golden.first() else {
+        return Err(invalid("golden", "at least one golden vector is needed"));
+    };
+    let width = first.input.len();
+    if width == 0 {
+        return Err(invalid("golden[0].input", "must not be empty"));
+    }
+    let (sensor, pipeline) = match classes.get(&u.class) {
+        Some(class) => {
+            let sensor = u.sensor.clone().unwrap_or_else(|| class.sensors[0].name.clone());
+            let spec = class
+                .sensors
+                .iter()
+                .find(|x| x.name == sensor)
+                .map(ClassConfig::sensor_spec)
+                .ok_or_else(|| invalid("sensor", format!("class `{}` has no sensor `{sensor}`", u.class)))?;
+            if spec.width() != width {
+                return Err(invalid(
+                    "golden[0].input",
+                    format!(
+                        "{width} values, but sensor `{sensor}` of class `{}` gives {} features",
+                        u.class,
+                        spec.width()
+                    ),
+                ));
+            }
+            (sensor, class.pipeline())
+        }
+        None => (
+            u.sensor.clone().ok_or_else(|| {
+                invalid("sensor", format!("class `{}` is not configured here, so name the sensor", u.class))
+            })?,
+            edgeloop_common::features::PipelineSpec { version: 1, sensors: vec![] },
+        ),
+    };
+    let mut out_len = 0;
+    for (i, g) in u.golden.iter().enumerate() {
+        if g.input.len() != width {
+            return Err(invalid(format!("golden[{i}].input"), format!("{} values, expected {width}", g.input.len())));
+        }
+        let got = crate::ml::training::onnx::run_tract(&onnx, std::slice::from_ref(&g.input))
+            .map_err(|e| invalid("onnx", format!("tract cannot run it: {e}")))?;
+        if got.len() < g.output.len() || g.output.is_empty() {
+            return Err(invalid(
+                format!("golden[{i}].output"),
+                format!("the model gives {} values, the golden vector lists {}", got.len(), g.output.len()),
+            ));
+        }
+        for (j, (&want, &have)) in g.output.iter().zip(&got).enumerate() {
+            if !have.is_finite() || (have - want).abs() > UPLOAD_TOLERANCE * want.abs().max(1.0) {
+                return Err(invalid(
+                    format!("golden[{i}].output[{j}]"),
+                    format!("the model gives {have}, expected {want}"),
+                ));
+            }
+        }
+        out_len = got.len();
+    }
+    let golden_bytes = edgeloop_common::signing::to_cbor(&u.golden).len();
+    if golden_bytes > MAX_GOLDEN_BYTES {
+        return Err(invalid(
+            "golden",
+            format!("{golden_bytes} bytes encoded, over {MAX_GOLDEN_BYTES}; send fewer or shorter golden vectors"),
+        ));
+    }
+    let sha256 = models.put_artifact(&onnx)?;
+    let version = models.next_version(&u.name)?;
+    let m = ModelVersion {
+        name: u.name.clone(),
+        version,
+        class: u.class.clone(),
+        sensor,
+        kind: ModelKind::Uploaded,
+        sha256,
+        size: onnx.len() as u64,
+        input_shape: vec![-1, width as i64],
+        output_shape: vec![-1, out_len as i64],
+        gaps: Default::default(),
+        pipeline,
+        threshold: u.threshold,
+        golden: u.golden,
+        lineage: Lineage {
+            dataset_hash: String::new(),
+            dataset_report: Default::default(),
+            hyper: Default::default(),
+            trials: Vec::new(),
+            seed: 0,
+            metrics: Metrics::default(),
+            threshold_source: "given by the uploader".into(),
+            code_version: format!("uploaded: {}", u.description),
+            reference: Default::default(),
+            selection: "uploaded by an operator".into(),
+        },
+        created_ms: edgeloop_common::unix_millis(),
+        promotion: Promotion {
+            promoted: false,
+            metric: String::new(),
+            candidate: 0.0,
+            production: None,
+            production_version: None,
+            reason: "uploaded by an operator; it reaches devices through a rollout".into(),
+            margin: None,
+        },
+        frames: 1,
+    };
+    models.insert(&m)?;
+    Ok(m)
+}
