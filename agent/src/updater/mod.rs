@@ -477,7 +477,7 @@ impl Updater {
             let bytes = std::fs::read(&part2).map_err(|e| format!("reading {}: {e}", part2.display()))?;
             if let Err(e) = state::check_artifact(&bytes, &m2) {
                 let _ = std::fs::remove_file(&part2);
-                return Err(e);
+                return Err(e.to_string());
             }
             let dir = final2.parent().expect("models dir");
             edgeloop_common::private::dir(dir).map_err(|e| e.to_string())?;
@@ -528,7 +528,7 @@ impl Updater {
             have = 0;
         }
         if let Some(len) = resp.content_length() {
-            state::accept_chunk(have, len as usize, m.size).map_err(Fetch::Fatal)?;
+            state::accept_chunk(have, len as usize, m.size).map_err(|e| Fetch::Fatal(e.to_string()))?;
         }
         let mut file = tokio::fs::OpenOptions::new()
             .mode(0o600)
@@ -555,7 +555,7 @@ impl Updater {
                     return Err(e);
                 }
             };
-            state::accept_chunk(have, chunk.len(), m.size).map_err(Fetch::Fatal)?;
+            state::accept_chunk(have, chunk.len(), m.size).map_err(|e| Fetch::Fatal(e.to_string()))?;
             file.write_all(&chunk).await.map_err(io)?;
             have += chunk.len() as u64;
         }

@@ -338,20 +338,35 @@ fn encode_batch(
 /// The acknowledged point of an acknowledgement received on `ack_topic`, if it is one for this device signed
 /// by a key in `trusted` (in force at `now_ms`). Anything else deletes nothing: whoever can publish on the
 /// topic (a device on a broker without ACLs, a compromised broker) cannot make the agent drop records.
-pub fn read_ack(payload: &[u8], ack_topic: &str, trusted: &[TrustedKey], now_ms: u64) -> Result<u64, String> {
-    let env = envelope::decode(payload, DEFAULT_MAX_MESSAGE_BYTES).map_err(|e| format!("malformed: {e}"))?;
+pub fn read_ack(payload: &[u8], ack_topic: &str, trusted: &[TrustedKey], now_ms: u64) -> Result<u64, AckError> {
+    let env = envelope::decode(payload, DEFAULT_MAX_MESSAGE_BYTES)?;
     if topics::topic(&env.device, Channel::Ack) != ack_topic {
-        return Err(format!("it is for device `{}`", env.device));
+        return Err(AckError::OtherDevice(env.device));
     }
     let Body::Ack(Ack { upto }) = env.body else {
-        return Err(format!("a {} message on the ack topic", env.body.kind()));
+        return Err(AckError::NotAnAck(env.body.kind()));
     };
     if env.seq != upto {
-        return Err(format!("its seq {} is not its upto {upto}", env.seq));
+        return Err(AckError::SeqMismatch { seq: env.seq, upto });
     }
     env.verify_by_trusted(trusted, now_ms)
-        .map_err(|e| format!("{e} (checked against {} trusted keys)", trusted.len()))?;
+        .map_err(|error| AckError::Signature { error, trusted: trusted.len() })?;
     Ok(upto)
+}
+
+/// Why a message on the ack topic deletes nothing.
+#[derive(Debug, PartialEq, thiserror::Error)]
+pub enum AckError {
+    #[error("malformed: {0}")]
+    Malformed(#[from] envelope::DecodeError),
+    #[error("it is for device `{0}`")]
+    OtherDevice(String),
+    #[error("a {0} message on the ack topic")]
+    NotAnAck(&'static str),
+    #[error("its seq {seq} is not its upto {upto}")]
+    SeqMismatch { seq: u64, upto: u64 },
+    #[error("{error} (checked against {trusted} trusted keys)")]
+    Signature { error: envelope::SignatureError, trusted: usize },
 }
 
 async fn event_loop(
@@ -483,13 +498,15 @@ mod tests {
         };
         assert_eq!(read_ack(&ack("dev-1", 42, Some(&cp)), &topic, &trusted, 0), Ok(42));
         let unsigned = read_ack(&ack("dev-1", 42, None), &topic, &trusted, 0).unwrap_err();
-        assert!(unsigned.contains("not signed"), "{unsigned}");
-        let forged = read_ack(&ack("dev-1", 42, Some(&stranger)), &topic, &trusted, 0).unwrap_err();
+        assert!(unsigned.to_string().contains("not signed"), "{unsigned}");
+        assert!(matches!(unsigned, AckError::Signature { error: envelope::SignatureError::Unsigned, trusted: 1 }));
+        let forged = read_ack(&ack("dev-1", 42, Some(&stranger)), &topic, &trusted, 0).unwrap_err().to_string();
         assert!(forged.contains("does not verify"), "{forged}");
         // A genuine acknowledgement for another device, replayed on this one's topic.
         let elsewhere = read_ack(&ack("dev-2", 42, Some(&cp)), &topic, &trusted, 0).unwrap_err();
-        assert!(elsewhere.contains("dev-2"), "{elsewhere}");
+        assert_eq!(elsewhere, AckError::OtherDevice("dev-2".into()));
+        assert!(elsewhere.to_string().contains("dev-2"), "{elsewhere}");
         assert!(read_ack(&ack("dev-1", 42, Some(&cp)), &topic, &[], 0).is_err(), "no trusted key, no deletion");
-        assert!(read_ack(b"junk", &topic, &trusted, 0).unwrap_err().starts_with("malformed"));
+        assert!(read_ack(b"junk", &topic, &trusted, 0).unwrap_err().to_string().starts_with("malformed"));
     }
 }
