@@ -195,6 +195,13 @@ pub struct Updater {
 /// Download attempts before an update fails, and the first backoff between them.
 const DOWNLOAD_ATTEMPTS: u32 = 6;
 const DOWNLOAD_BACKOFF: Duration = Duration::from_millis(250);
+/// The longest wait between two download attempts (250 ms doubled four times).
+const DOWNLOAD_BACKOFF_MAX: Duration = Duration::from_secs(4);
+
+/// The waits between download attempts: from 250 ms, doubling, with jitter; one fewer than the attempts.
+fn download_backoff() -> crate::backoff::Backoff {
+    crate::backoff::Backoff::new(DOWNLOAD_BACKOFF, DOWNLOAD_BACKOFF_MAX).with_max_times(DOWNLOAD_ATTEMPTS as usize - 1)
+}
 
 impl Updater {
     #[allow(clippy::too_many_arguments)]
@@ -450,7 +457,7 @@ impl Updater {
         }
         let part = self.files.staging(&m.sha256);
         let url = self.url(&d.artifact);
-        let mut backoff = DOWNLOAD_BACKOFF;
+        let mut backoff = download_backoff();
         for attempt in 1..=DOWNLOAD_ATTEMPTS {
             match self.fetch(&url, &part, m, cancel).await {
                 Ok(()) => break,
@@ -461,14 +468,13 @@ impl Updater {
                 Err(Fetch::Cancelled) => return Err(StepError::Cancelled),
                 Err(Fetch::Retry(e)) => {
                     tracing::warn!(attempt, error = %e, %url, "artifact download interrupted; resuming");
-                    if attempt == DOWNLOAD_ATTEMPTS {
+                    let Some(delay) = backoff.next_delay() else {
                         return Err(StepError::Fail(format!("download failed {attempt} times: {e}")));
-                    }
+                    };
                     tokio::select! {
                         _ = cancel.cancelled() => return Err(StepError::Cancelled),
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(delay) => {}
                     }
-                    backoff *= 2;
                 }
             }
         }

@@ -334,7 +334,6 @@ fn encode_batch(
     }
 }
 
-/// Polls the rumqttc event loop, reconnecting with exponential backoff. Does nothing else.
 /// The acknowledged point of an acknowledgement received on `ack_topic`, if it is one for this device signed
 /// by a key in `trusted` (in force at `now_ms`). Anything else deletes nothing: whoever can publish on the
 /// topic (a device on a broker without ACLs, a compromised broker) cannot make the agent drop records.
@@ -369,6 +368,7 @@ pub enum AckError {
     Signature { error: envelope::SignatureError, trusted: usize },
 }
 
+/// Polls the rumqttc event loop, reconnecting with exponential backoff and jitter. Does nothing else.
 async fn event_loop(
     mut eventloop: EventLoop,
     (ack_topic, trusted): (String, Arc<[TrustedKey]>),
@@ -378,7 +378,7 @@ async fn event_loop(
     cancel: CancellationToken,
     counters: Arc<UplinkCounters>,
 ) {
-    let mut backoff = min;
+    let mut backoff = crate::backoff::Backoff::new(min, max);
     let mut connected = false;
     let mut failures = 0u64;
     loop {
@@ -389,7 +389,7 @@ async fn event_loop(
         match ev {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 connected = true;
-                backoff = min;
+                backoff.reset();
                 counters.connects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::info!("connected to the broker");
                 let _ = tx.send(LinkEvent::Connected);
@@ -442,9 +442,8 @@ async fn event_loop(
                 }
                 tokio::select! {
                     _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(backoff.next_delay().unwrap_or(max)) => {}
                 }
-                backoff = (backoff * 2).min(max);
             }
         }
     }
