@@ -649,4 +649,6 @@ fn state_name(s: &State) -> &'static str {
 }
 
 #[cfg(test)]
+mod props;
+#[cfg(test)]
 mod tests;
