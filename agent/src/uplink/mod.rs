@@ -39,6 +39,8 @@ pub struct UplinkCounters {
     pub batches_sent: std::sync::atomic::AtomicU64,
     pub resends: std::sync::atomic::AtomicU64,
     pub connects: std::sync::atomic::AtomicU64,
+    /// Connection attempts that failed (refused by the broker, or no broker), not counting lost connections.
+    pub connect_failures: std::sync::atomic::AtomicU64,
     /// Acknowledgements refused: unsigned, not signed by a trusted key, malformed, or for another device.
     pub acks_refused: std::sync::atomic::AtomicU64,
 }
@@ -436,6 +438,7 @@ async fn event_loop(
                     connected = false;
                 } else {
                     failures += 1;
+                    counters.connect_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     if failures.is_power_of_two() {
                         tracing::warn!(error = %e, attempts = failures, "cannot reach the broker; retrying");
                     }
