@@ -27,11 +27,8 @@ impl Backoff {
     /// Endless delays from `min` up to `max` (see the module's documentation).
     pub fn new(min: Duration, max: Duration) -> Backoff {
         let max = max.max(min);
-        let builder = ExponentialBuilder::default()
-            .with_min_delay(min)
-            .with_max_delay(max / 2)
-            .with_jitter()
-            .without_max_times();
+        let builder =
+            ExponentialBuilder::default().with_min_delay(min).with_max_delay(max / 2).with_jitter().without_max_times();
         Backoff { builder, min, max, delays: builder.build() }
     }
 

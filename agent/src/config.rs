@@ -267,7 +267,8 @@ impl RawConfig {
                 e
             }
         })?;
-        let (mqtt_host, mqtt_port, mqtt_tls) = parse_broker_url(&self.mqtt.url).map_err(|r| c.fail("mqtt.url", r.to_string()))?;
+        let (mqtt_host, mqtt_port, mqtt_tls) =
+            parse_broker_url(&self.mqtt.url).map_err(|r| c.fail("mqtt.url", r.to_string()))?;
         let tls_ca = match &self.tls.ca_file {
             Some(f) => Some(
                 edgeloop_common::tls::load_ca(&resolve_relative(path, f))

@@ -9,9 +9,9 @@
 use crate::collector::{self, Collector, CommitParams};
 use crate::config::{AgentConfig, SourceConfig};
 use crate::health::Health;
+use crate::identity::Credentials;
 use crate::inference::Model;
 use crate::outbox::Outbox;
-use crate::identity::Credentials;
 use crate::source::{modbus::ModbusSource, stdin::StdinSource, udp::UdpSource, Sample, SampleSink, Source};
 use crate::updater::slot::{Loaded, ModelInfo, ModelSlot, SlotEvent};
 use crate::updater::state::Identity;

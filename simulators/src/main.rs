@@ -1,9 +1,9 @@
 //! `edgeloop-sim`: simulated fleets and the demo.
 
 use clap::{Parser, Subcommand};
+use edgeloop_common::cli::Failure;
 use edgeloop_simulators::demo::{self, DemoOptions};
 use std::path::PathBuf;
-use edgeloop_common::cli::Failure;
 use std::process::ExitCode;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -162,8 +162,8 @@ fn process_fleet(
 ) -> Result<(), Failure> {
     edgeloop_agent::config::parse_broker_url(&broker).map_err(|e| Failure::usage(format!("--broker: {e}")))?;
     if let (Some(a), Some(t)) = (&api, &admin_token) {
-        let token = std::fs::read_to_string(t)
-            .map_err(|e| Failure::usage(format!("--admin-token {}: {e}", t.display())))?;
+        let token =
+            std::fs::read_to_string(t).map_err(|e| Failure::usage(format!("--admin-token {}: {e}", t.display())))?;
         edgeloop_simulators::http::authorize(*a, &token);
     }
     if let (Some(a), Some(ca)) = (&api, &ca) {
@@ -277,10 +277,9 @@ fn chaos(
         Ok(r)
     })?;
     if !ok.load(std::sync::atomic::Ordering::Relaxed) {
-        return Err(anyhow::anyhow!(
-            "chaos check FAILED: see lost, duplicates_stored and dropped_* in the report"
-        )
-        .into());
+        return Err(
+            anyhow::anyhow!("chaos check FAILED: see lost, duplicates_stored and dropped_* in the report").into()
+        );
     }
     Ok(())
 }

@@ -56,7 +56,10 @@ mod tests {
         assert_eq!(s, Sample { sensor: "t".into(), ts_ms: Some(5), values: vec![1.5, 2.0] });
         assert_eq!(parse_line(r#"{"sensor":"t","values":[1]}"#).unwrap().ts_ms, None);
         assert!(parse_line(r#"{"sensor":"t","values":[]}"#).unwrap_err().to_string().contains("values"));
-        assert!(parse_line(r#"{"sensor":"t","values":[1],"x":1}"#).unwrap_err().to_string().contains("unknown field `x`"));
+        assert!(parse_line(r#"{"sensor":"t","values":[1],"x":1}"#)
+            .unwrap_err()
+            .to_string()
+            .contains("unknown field `x`"));
         assert!(parse_line(r#"{"values":[1]}"#).unwrap_err().to_string().contains("missing field `sensor`"));
         assert!(matches!(parse_line("nope"), Err(LineError::Json(_))));
         assert!(matches!(parse_line(r#"{"sensor":"","values":[1]}"#), Err(LineError::EmptySensor)));

@@ -234,11 +234,7 @@ pub fn check_artifact(bytes: &[u8], m: &Manifest) -> Result<(), ArtifactError> {
 
 /// Compares a model's outputs on the golden inputs with the expected outputs (`outputs[i]`: the model's
 /// outputs on golden input `i`, or why inference failed).
-pub fn self_test(
-    golden: &[Golden],
-    outputs: &[Result<Vec<f32>, String>],
-    tolerance: f32,
-) -> Result<(), SelfTestError> {
+pub fn self_test(golden: &[Golden], outputs: &[Result<Vec<f32>, String>], tolerance: f32) -> Result<(), SelfTestError> {
     for (i, (g, out)) in golden.iter().zip(outputs).enumerate() {
         let out = out.as_ref().map_err(|e| SelfTestError::Inference { index: i, reason: e.clone() })?;
         if out.len() < g.output.len() {

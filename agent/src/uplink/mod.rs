@@ -350,8 +350,7 @@ pub fn read_ack(payload: &[u8], ack_topic: &str, trusted: &[TrustedKey], now_ms:
     if env.seq != upto {
         return Err(AckError::SeqMismatch { seq: env.seq, upto });
     }
-    env.verify_by_trusted(trusted, now_ms)
-        .map_err(|error| AckError::Signature { error, trusted: trusted.len() })?;
+    env.verify_by_trusted(trusted, now_ms).map_err(|error| AckError::Signature { error, trusted: trusted.len() })?;
     Ok(upto)
 }
 

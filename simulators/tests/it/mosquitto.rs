@@ -198,7 +198,9 @@ async fn mosquitto_acl_keeps_devices_to_their_own_topics() {
     assert!(!at_cp.iter().any(|(_, p)| p == b"forged"), "A's publish on B's topic got through: {at_cp:?}");
     let at_b = take_until(&mut b_rx, "B's acknowledgement", |got| !got.is_empty()).await;
     assert_eq!(at_b, vec![("edgeloop/v1/dev-b/down/ack".into(), b"for b".to_vec())]);
-    let at_a = take_until(&mut a_rx, "the marker on A's downlink", |got| has(got, "edgeloop/v1/dev-a/down/ack", b"for a")).await;
+    let at_a =
+        take_until(&mut a_rx, "the marker on A's downlink", |got| has(got, "edgeloop/v1/dev-a/down/ack", b"for a"))
+            .await;
     assert_eq!(at_a, vec![("edgeloop/v1/dev-a/down/ack".into(), b"for a".to_vec())], "A read B's downlink");
     // A user unknown to the broker is refused.
     let mut opts = MqttOptions::new("dev-c", "127.0.0.1", m.port);

@@ -14,8 +14,12 @@ enum Op {
     Send(u64),
     /// The control plane acknowledges up to the end of the `k`-th batch it has received (counted from the
     /// newest), or repeats an old acknowledgement.
-    Ack { back: usize },
-    Stale { back: u64 },
+    Ack {
+        back: usize,
+    },
+    Stale {
+        back: u64,
+    },
     Advance(u64),
 }
 

@@ -13,13 +13,28 @@ fn model(v: u32) -> ModelRef {
 #[derive(Debug, Clone)]
 enum Op {
     /// A device joins: of the rollout's class and tag, or not.
-    Join { matching: bool, online: bool },
+    Join {
+        matching: bool,
+        online: bool,
+    },
     /// Device `i` (modulo the fleet) reports a phase about the desired state it was last issued.
-    Report { i: usize, phase: Phase, anomaly_rate: f32 },
+    Report {
+        i: usize,
+        phase: Phase,
+        anomaly_rate: f32,
+    },
     /// Device `i` reports about a desired state that was never issued to it (a forged state it refused).
-    Forged { i: usize, phase: Phase },
-    Online { i: usize, online: bool },
-    Advance { secs: u64 },
+    Forged {
+        i: usize,
+        phase: Phase,
+    },
+    Online {
+        i: usize,
+        online: bool,
+    },
+    Advance {
+        secs: u64,
+    },
     Act(Action),
     Supersede,
 }
