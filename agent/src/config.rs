@@ -214,28 +214,42 @@ impl AgentConfig {
     }
 }
 
+/// Why a broker URL was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BrokerUrlError {
+    #[error("`{0}` must start with mqtts:// (or mqtt:// for plaintext)")]
+    Scheme(String),
+    #[error("`{0}` is not a port number")]
+    Port(String),
+    #[error("`{0}` has no host")]
+    NoHost(String),
+    /// An `mqtts://` URL where only plaintext is supported.
+    #[error("`{0}`: use mqtt:// here")]
+    TlsNotHere(String),
+}
+
 /// Splits `mqtt://host:port` (port 1883 by default).
-pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), String> {
+pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), BrokerUrlError> {
     match parse_broker_url(url)? {
         (h, p, false) => Ok((h, p)),
-        (_, _, true) => Err(format!("`{url}`: use mqtt:// here")),
+        (_, _, true) => Err(BrokerUrlError::TlsNotHere(url.to_string())),
     }
 }
 
 /// Splits `mqtt://host:port` (port 1883) or `mqtts://host:port` (TLS, port 8883); the flag says TLS.
-pub fn parse_broker_url(url: &str) -> Result<(String, u16, bool), String> {
+pub fn parse_broker_url(url: &str) -> Result<(String, u16, bool), BrokerUrlError> {
     let (rest, tls) = match (url.strip_prefix("mqtts://"), url.strip_prefix("mqtt://")) {
         (Some(r), _) => (r, true),
         (None, Some(r)) => (r, false),
-        (None, None) => return Err(format!("`{url}` must start with mqtts:// (or mqtt:// for plaintext)")),
+        (None, None) => return Err(BrokerUrlError::Scheme(url.to_string())),
     };
     let rest = rest.trim_end_matches('/');
     let (host, port) = match rest.rsplit_once(':') {
-        Some((h, p)) => (h, p.parse::<u16>().map_err(|_| format!("`{p}` is not a port number"))?),
+        Some((h, p)) => (h, p.parse::<u16>().map_err(|_| BrokerUrlError::Port(p.to_string()))?),
         None => (rest, if tls { 8883 } else { 1883 }),
     };
     if host.is_empty() {
-        return Err(format!("`{url}` has no host"));
+        return Err(BrokerUrlError::NoHost(url.to_string()));
     }
     Ok((host.trim_start_matches('[').trim_end_matches(']').to_string(), port, tls))
 }
@@ -253,7 +267,8 @@ impl RawConfig {
                 e
             }
         })?;
-        let (mqtt_host, mqtt_port, mqtt_tls) = parse_broker_url(&self.mqtt.url).map_err(|r| c.fail("mqtt.url", r))?;
+        let (mqtt_host, mqtt_port, mqtt_tls) =
+            parse_broker_url(&self.mqtt.url).map_err(|r| c.fail("mqtt.url", r.to_string()))?;
         let tls_ca = match &self.tls.ca_file {
             Some(f) => Some(
                 edgeloop_common::tls::load_ca(&resolve_relative(path, f))
@@ -335,7 +350,7 @@ impl RawConfig {
         let in_updates = self.updates.iter().flat_map(|u| u.trusted_keys.iter().enumerate());
         for (at, k) in listed.chain(in_updates.map(|(i, k)| (format!("updates.trusted_keys[{i}]"), k))) {
             let key = edgeloop_common::signing::TrustedKey::from_hex(&k.public_key, k.not_after_ms)
-                .map_err(|r| c.fail(format!("{at}.public_key"), r))?;
+                .map_err(|r| c.fail(format!("{at}.public_key"), r.to_string()))?;
             if !trusted_keys.iter().any(|t: &edgeloop_common::signing::TrustedKey| t.id == key.id) {
                 trusted_keys.push(key);
             }

@@ -1,26 +1,32 @@
 //! Starting and stopping an agent.
 //!
-//! [`Agent::start`] opens the outbox, loads the model, and spawns three subsystems that each own a task:
-//! the sources, the collector and the uplink. Shutdown runs in order, so nothing already taken is lost:
+//! [`Agent::start`] opens the outbox, loads the identity and the model, and starts the subsystems, each from the
+//! config, what it depends on, the agent's cancellation token and the [`TaskTracker`] that owns its tasks: the
+//! sources, the updater, the collector and the uplink. Shutdown runs in order, so nothing already taken is lost:
 //! sources stop first, the collector commits whatever they delivered, then the uplink sends a last heartbeat
 //! and hangs up. Each phase has a deadline.
 
 use crate::collector::{self, Collector, CommitParams};
 use crate::config::{AgentConfig, SourceConfig};
 use crate::health::Health;
+use crate::identity::Credentials;
 use crate::inference::Model;
 use crate::outbox::Outbox;
-use crate::source::{modbus::ModbusSource, stdin::StdinSource, udp::UdpSource, SampleSink, Source};
-use crate::updater::slot::{Loaded, ModelInfo, ModelSlot};
+use crate::source::{modbus::ModbusSource, stdin::StdinSource, udp::UdpSource, Sample, SampleSink, Source};
+use crate::updater::slot::{Loaded, ModelInfo, ModelSlot, SlotEvent};
 use crate::updater::state::Identity;
-use crate::updater::{self, Files, Updater};
+use crate::updater::{self, Files, Pointer, Updater};
 use crate::uplink::{Uplink, UplinkCounters};
 use anyhow::Context;
+use edgeloop_common::signing::Signed;
+use edgeloop_common::update::UpdateReport;
+use ring::signature::Ed25519KeyPair;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// How long the collector may take to commit after the sources stop.
 const COLLECTOR_DEADLINE: Duration = Duration::from_secs(10);
@@ -34,15 +40,20 @@ type Task = JoinHandle<anyhow::Result<()>>;
 /// Waits for the stop signal, or for a subsystem to fail on its own (then stops the others and reports the
 /// failure, so the process exits non-zero and its supervisor restarts it); then stops in order. The
 /// collector finishing cleanly because every source ended is not a failure: the uplink goes on draining.
+///
+/// `source_tasks` (the sources and the updater) stop on `cancel`; the collector and the uplink on their own
+/// tokens, in that order. Every task is on `tasks`, which is closed at the end and, unless the uplink had to be
+/// abandoned, empty.
 async fn supervise(
     cancel: CancellationToken,
-    source_tasks: Vec<JoinHandle<anyhow::Result<()>>>,
-    collector: Task,
-    collector_cancel: CancellationToken,
-    uplink: Task,
-    uplink_cancel: CancellationToken,
+    source_tasks: Vec<Task>,
+    collector: CollectorHandle,
+    uplink: Running,
+    tasks: TaskTracker,
 ) -> anyhow::Result<()> {
-    let (mut collector, mut uplink) = (Some(collector), Some(uplink));
+    tasks.close();
+    let (collector_cancel, uplink_cancel) = (collector.running.cancel, uplink.cancel);
+    let (mut collector, mut uplink) = (Some(collector.running.task), Some(uplink.task));
     let mut failure: Option<anyhow::Error> = None;
     loop {
         tokio::select! {
@@ -90,9 +101,14 @@ async fn supervise(
     if let Some(t) = uplink {
         match tokio::time::timeout(UPLINK_DEADLINE, t).await {
             Ok(r) => failure = failure.or(outcome("uplink", r).err()),
-            Err(_) => tracing::warn!("uplink did not stop within {UPLINK_DEADLINE:?}; abandoned"),
+            Err(_) => {
+                tracing::warn!("uplink did not stop within {UPLINK_DEADLINE:?}; abandoned");
+                return failure.map_or(Ok(()), Err);
+            }
         }
     }
+    // Every task has been joined above; this only confirms that none is left behind.
+    tasks.wait().await;
     failure.map_or(Ok(()), Err)
 }
 
@@ -112,10 +128,17 @@ pub struct AgentHandle {
     /// Where the collector takes its model from: [`ModelSlot::set_active`] swaps it between two samples,
     /// keeping the feature pipeline's state (a restart would begin its rolling and seasonal windows anew).
     pub slot: Arc<ModelSlot>,
+    tasks: TaskTracker,
     task: JoinHandle<anyhow::Result<()>>,
 }
 
 impl AgentHandle {
+    /// Every task the agent spawned (sources, updater, collector, uplink): closed once they all started, so
+    /// `tasks().wait()` returns when the last has ended.
+    pub fn tasks(&self) -> &TaskTracker {
+        &self.tasks
+    }
+
     /// Waits for the agent to stop (after its cancellation token fired, or a subsystem failed).
     pub async fn join(self) -> anyhow::Result<()> {
         self.task.await.context("agent task panicked")?
@@ -125,168 +148,294 @@ impl AgentHandle {
 impl Agent {
     /// Starts an agent with the sources in its config plus `extra` (an in-process channel, say). It runs until
     /// `cancel` fires.
+    ///
+    /// Each step below starts one subsystem from the config, what the steps before it made, the agent's
+    /// cancellation token and the task tracker that owns every task it spawns; [`supervise`] stops them in
+    /// order.
     pub async fn start(
         cfg: AgentConfig,
         extra: Vec<Box<dyn Source>>,
         cancel: CancellationToken,
     ) -> anyhow::Result<AgentHandle> {
-        // Telemetry, keys and credentials live here: 0700, with nothing in it open to group or others.
-        let data_dir = cfg.data_dir.clone();
-        let tightened = tokio::task::spawn_blocking(move || edgeloop_common::private::dir(&data_dir))
-            .await?
-            .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
-        if let Some(first) = tightened.first() {
-            tracing::warn!(data_dir = %cfg.data_dir.display(), paths = tightened.len(), first = %first.display(), "the data directory was open to group or others; removed their access");
-        }
-        let outbox_dir = cfg.data_dir.join("outbox");
-        let (durability, max_bytes) = (cfg.durability, cfg.outbox_max_bytes);
-        let outbox = tokio::task::spawn_blocking(move || Outbox::open(&outbox_dir, durability, max_bytes))
-            .await?
-            .with_context(|| format!("opening the outbox in {}", cfg.data_dir.display()))?;
-        let outbox = Arc::new(outbox);
-        let key_file = cfg.identity.key_file.clone();
-        let key = Arc::new(
-            tokio::task::spawn_blocking(move || crate::identity::load_or_create_key(&key_file))
-                .await?
-                .context("loading the device key")?,
-        );
-        let http = crate::identity::http_client(cfg.tls_ca.as_ref(), Some(Duration::from_secs(30)))?;
-        if !cfg.mqtt_transport.is_tls() {
-            tracing::warn!(broker = %format!("{}:{}", cfg.mqtt_host, cfg.mqtt_port), "plaintext MQTT (mqtt://): anyone on the network can read this device's traffic");
-        }
-        let credentials =
-            crate::identity::credentials(&cfg.identity, &http, &cfg.device_id, &cfg.class.class, &key, &cancel).await?;
-        let spec = cfg.class.pipeline();
-        let width = spec.sensors.iter().find(|s| s.name == cfg.model_sensor).map(|s| s.width()).unwrap_or(0);
+        let tasks = TaskTracker::new();
         let health = Arc::new(Health::default());
         let counters = Arc::new(UplinkCounters::default());
-        let (slot, slot_events) = ModelSlot::new(health.clone(), cfg.threshold);
-        let files = Files::new(&cfg.data_dir);
-        // The updater's pointer names the model to run; the config's model file is for devices without one.
-        let pointer = {
-            let (files, slot) = (files.clone(), slot.clone());
-            tokio::task::spawn_blocking(move || updater::restore(&files, &slot, width))
-                .await?
-                .context("restoring the updater's state")?
-        };
-        match (slot.active_info(), &cfg.model) {
-            (Some(info), _) => tracing::info!(model = info.label(), "model restored from the update pointer"),
-            (None, Some(path)) => {
-                let path = path.clone();
-                let m = tokio::task::spawn_blocking(move || Model::load_configured(&path, width))
-                    .await?
-                    .context("loading the model")?;
-                tracing::info!(version = m.version(), width, frames = m.frames(), "model loaded");
-                slot.set_active(Some(Loaded { info: ModelInfo::configured(&m), model: m }));
-            }
-            (None, None) => tracing::info!("no model yet: collecting only"),
-        }
-        let collector =
-            Collector::for_class(&cfg.class, slot.clone(), cfg.model_sensor.clone(), outbox.clone(), health.clone());
-        let handle_slot = slot.clone();
-
-        let mut sources = extra;
-        for s in &cfg.sources {
-            match s {
-                SourceConfig::Udp { listen } => {
-                    let src = UdpSource::bind(*listen).await?;
-                    tracing::info!(addr = %src.local_addr()?, "UDP source listening");
-                    sources.push(Box::new(src));
-                }
-                SourceConfig::Stdin => sources.push(Box::new(StdinSource)),
-                SourceConfig::Modbus { address, unit, poll_ms, timeout_ms } => {
-                    // Config validation guarantees the map.
-                    let map = cfg.class.modbus.clone().context("the class has no [modbus] register map")?;
-                    let names: Vec<String> = cfg.class.sensors.iter().map(|s| s.name.clone()).collect();
-                    let fastest = cfg
-                        .class
-                        .sensors
-                        .iter()
-                        .filter(|s| map.of(&s.name).next().is_some())
-                        .map(|s| s.rate_hz)
-                        .fold(0.0f64, f64::max);
-                    let poll = poll_ms.map(Duration::from_millis).unwrap_or_else(|| {
-                        Duration::from_secs_f64(if fastest > 0.0 { 1.0 / fastest } else { 1.0 })
-                            .max(Duration::from_millis(10))
-                    });
-                    let src = ModbusSource::new(*address, *unit, poll, Duration::from_millis(*timeout_ms), map, &names);
-                    tracing::info!(source = %src.name(), ?poll, "Modbus source polling");
-                    sources.push(Box::new(src));
-                }
-            }
-        }
-
-        let (tx, rx) = mpsc::channel(4096);
-        let sink = SampleSink::new(tx, health.clone());
-        let sources_cancel = cancel.child_token();
-        let mut source_tasks = Vec::new();
-        for src in sources {
-            let name = src.name();
-            let fut = src.run(sink.clone(), sources_cancel.clone());
-            let stop = cancel.clone();
-            source_tasks.push(tokio::spawn(async move {
-                // A source that fails (a socket error, say) stops the agent: the failure is reported and the
-                // process exits non-zero, rather than running on without input.
-                let r = fut.await.map_err(|e| e.context(format!("source `{name}` failed")));
-                if let Err(e) = &r {
-                    tracing::error!(error = format!("{e:#}"), "source failed; stopping the agent");
-                    stop.cancel();
-                }
-                r
-            }));
-        }
-        drop(sink);
-
+        // Durable state first: the private data directory and the outbox in it.
+        let outbox = open_storage(&cfg).await?;
+        // Who the device is: its key, and its MQTT credentials (enrolling if it has none yet).
+        let device = load_identity(&cfg, &cancel).await?;
+        // The model to score with: the updater's pointer, or the configured file.
+        let (models, slot_events) = restore_models(&cfg, &health).await?;
+        // Sources feed the collector over one channel; they stop first.
+        let (samples, mut stopped_first) = start_sources(&cfg, extra, &health, &cancel, &tasks).await?;
         // Model updates: the uplink hands over desired states and sends the updater's reports.
-        let (reports_tx, reports_rx) = mpsc::unbounded_channel();
-        let (desired_tx, desired_rx) = tokio::sync::watch::channel(None);
-        let updates_enabled = cfg.updates.is_some();
-        if let Some(ucfg) = cfg.updates.clone() {
-            let me = Identity {
-                device: cfg.device_id.clone(),
-                class: cfg.class.class.clone(),
-                sensor: cfg.model_sensor.clone(),
-                width,
-                features: spec.sensors.iter().find(|s| s.name == cfg.model_sensor).cloned(),
-                max_artifact_bytes: ucfg.max_artifact_bytes,
-            };
-            let up = Updater::new(ucfg, me, files, slot, slot_events, reports_tx, health.clone(), pointer)?
-                .with_http(crate::identity::http_client(cfg.tls_ca.as_ref(), None)?);
-            let stop = cancel.clone();
-            let fut = up.run(desired_rx, cancel.child_token());
-            source_tasks.push(tokio::spawn(async move {
-                let r = fut.await.map_err(|e| e.context("updater failed"));
-                if let Err(e) = &r {
-                    tracing::error!(error = format!("{e:#}"), "updater failed; stopping the agent");
-                    stop.cancel();
-                }
-                r
-            }));
-        } else {
-            drop((reports_tx, desired_rx, slot_events));
-        }
+        let (updater, updates) = start_updater(&cfg, &models, slot_events, &health, &cancel, &tasks)?;
+        stopped_first.extend(updater);
+        // The collector: samples to features to scores to committed outbox records.
+        let collector = start_collector(&cfg, &models, &outbox, &health, samples, &tasks);
+        // The uplink drains the outbox whenever the collector commits.
+        let uplink = start_uplink(&cfg, &outbox, &health, &counters, device, updates, &collector, &tasks);
 
-        let durable = Arc::new(Notify::new());
-        let commit = CommitParams {
-            max_records: cfg.class.outbox.commit_max_records,
-            interval: Duration::from_millis(cfg.class.outbox.commit_interval_ms),
-        };
-        let collector_cancel = CancellationToken::new();
-        let collector_task =
-            tokio::spawn(collector::run(collector, rx, commit, durable.clone(), collector_cancel.clone()));
-        let uplink_cancel = CancellationToken::new();
-        let mut uplink = Uplink::from_config(&cfg, outbox.clone(), health.clone(), counters.clone(), key);
-        if let Some(c) = credentials {
-            uplink.options.set_credentials(c.username, c.password);
-        }
-        if updates_enabled {
-            uplink.updates = Some((desired_tx, reports_rx));
-        }
-        let uplink_task = tokio::spawn(uplink.run(durable, uplink_cancel.clone()));
-
-        let device = cfg.device_id.clone();
-        let task =
-            tokio::spawn(supervise(cancel, source_tasks, collector_task, collector_cancel, uplink_task, uplink_cancel));
-        Ok(AgentHandle { device, health, outbox, counters, slot: handle_slot, task })
+        let handle_tasks = tasks.clone();
+        let task = tokio::spawn(supervise(cancel, stopped_first, collector, uplink, tasks));
+        Ok(AgentHandle {
+            device: cfg.device_id.clone(),
+            health,
+            outbox,
+            counters,
+            slot: models.slot,
+            tasks: handle_tasks,
+            task,
+        })
     }
+}
+
+/// A subsystem that runs as one task with its own stop token (the collector, the uplink): stopped in turn,
+/// not by the agent's token.
+struct Running {
+    task: Task,
+    cancel: CancellationToken,
+}
+
+/// Creates the data directory private (0700, tightening what is open to group or others) and opens the
+/// outbox in it.
+async fn open_storage(cfg: &AgentConfig) -> anyhow::Result<Arc<Outbox>> {
+    // Telemetry, keys and credentials live here: 0700, with nothing in it open to group or others.
+    let data_dir = cfg.data_dir.clone();
+    let tightened = tokio::task::spawn_blocking(move || edgeloop_common::private::dir(&data_dir))
+        .await?
+        .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
+    if let Some(first) = tightened.first() {
+        tracing::warn!(data_dir = %cfg.data_dir.display(), paths = tightened.len(), first = %first.display(), "the data directory was open to group or others; removed their access");
+    }
+    let outbox_dir = cfg.data_dir.join("outbox");
+    let (durability, max_bytes) = (cfg.durability, cfg.outbox_max_bytes);
+    let outbox = tokio::task::spawn_blocking(move || Outbox::open(&outbox_dir, durability, max_bytes))
+        .await?
+        .with_context(|| format!("opening the outbox in {}", cfg.data_dir.display()))?;
+    Ok(Arc::new(outbox))
+}
+
+/// The device key (created on first start) and the MQTT credentials.
+struct DeviceIdentity {
+    key: Arc<Ed25519KeyPair>,
+    credentials: Option<Credentials>,
+}
+
+/// Loads or creates the device key, and loads the credentials or enrolls for them (retrying until the control
+/// plane answers, or `cancel` fires).
+async fn load_identity(cfg: &AgentConfig, cancel: &CancellationToken) -> anyhow::Result<DeviceIdentity> {
+    let key_file = cfg.identity.key_file.clone();
+    let key = Arc::new(
+        tokio::task::spawn_blocking(move || crate::identity::load_or_create_key(&key_file))
+            .await?
+            .context("loading the device key")?,
+    );
+    let http = crate::identity::http_client(cfg.tls_ca.as_ref(), Some(Duration::from_secs(30)))?;
+    if !cfg.mqtt_transport.is_tls() {
+        tracing::warn!(broker = %format!("{}:{}", cfg.mqtt_host, cfg.mqtt_port), "plaintext MQTT (mqtt://): anyone on the network can read this device's traffic");
+    }
+    let credentials =
+        crate::identity::credentials(&cfg.identity, &http, &cfg.device_id, &cfg.class.class, &key, cancel).await?;
+    Ok(DeviceIdentity { key, credentials })
+}
+
+/// The model slot the collector scores through, and what the updater needs to take it over.
+struct Models {
+    slot: Arc<ModelSlot>,
+    files: Files,
+    pointer: Pointer,
+    /// Width of the scored sensor's feature vector.
+    width: usize,
+}
+
+/// Restores the model named by the updater's pointer, or loads the config's model file (devices without a
+/// pointer), or none: collecting only. Also returns the slot's events, for the updater.
+async fn restore_models(
+    cfg: &AgentConfig,
+    health: &Arc<Health>,
+) -> anyhow::Result<(Models, mpsc::UnboundedReceiver<SlotEvent>)> {
+    let spec = cfg.class.pipeline();
+    let width = spec.sensors.iter().find(|s| s.name == cfg.model_sensor).map(|s| s.width()).unwrap_or(0);
+    let (slot, slot_events) = ModelSlot::new(health.clone(), cfg.threshold);
+    let files = Files::new(&cfg.data_dir);
+    // The updater's pointer names the model to run; the config's model file is for devices without one.
+    let pointer = {
+        let (files, slot) = (files.clone(), slot.clone());
+        tokio::task::spawn_blocking(move || updater::restore(&files, &slot, width))
+            .await?
+            .context("restoring the updater's state")?
+    };
+    match (slot.active_info(), &cfg.model) {
+        (Some(info), _) => tracing::info!(model = info.label(), "model restored from the update pointer"),
+        (None, Some(path)) => {
+            let path = path.clone();
+            let m = tokio::task::spawn_blocking(move || Model::load_configured(&path, width))
+                .await?
+                .context("loading the model")?;
+            tracing::info!(version = m.version(), width, frames = m.frames(), "model loaded");
+            slot.set_active(Some(Loaded { info: ModelInfo::configured(&m), model: m }));
+        }
+        (None, None) => tracing::info!("no model yet: collecting only"),
+    }
+    Ok((Models { slot, files, pointer, width }, slot_events))
+}
+
+/// Opens the config's sources (plus `extra`) and spawns one task each, feeding the returned channel. A source
+/// that fails stops the agent.
+async fn start_sources(
+    cfg: &AgentConfig,
+    extra: Vec<Box<dyn Source>>,
+    health: &Arc<Health>,
+    cancel: &CancellationToken,
+    tasks: &TaskTracker,
+) -> anyhow::Result<(mpsc::Receiver<Sample>, Vec<Task>)> {
+    let mut sources = extra;
+    for s in &cfg.sources {
+        sources.push(open_source(cfg, s).await?);
+    }
+    let (tx, rx) = mpsc::channel(4096);
+    let sink = SampleSink::new(tx, health.clone());
+    let sources_cancel = cancel.child_token();
+    let mut source_tasks = Vec::new();
+    for src in sources {
+        let name = src.name();
+        let fut = src.run(sink.clone(), sources_cancel.clone());
+        // A source that fails (a socket error, say) stops the agent: the failure is reported and the process
+        // exits non-zero, rather than running on without input.
+        source_tasks.push(spawn_stopping_on_failure(tasks, cancel, format!("source `{name}`"), "source", fut));
+    }
+    Ok((rx, source_tasks))
+}
+
+async fn open_source(cfg: &AgentConfig, s: &SourceConfig) -> anyhow::Result<Box<dyn Source>> {
+    Ok(match s {
+        SourceConfig::Udp { listen } => {
+            let src = UdpSource::bind(*listen).await?;
+            tracing::info!(addr = %src.local_addr()?, "UDP source listening");
+            Box::new(src)
+        }
+        SourceConfig::Stdin => Box::new(StdinSource),
+        SourceConfig::Modbus { address, unit, poll_ms, timeout_ms } => {
+            // Config validation guarantees the map.
+            let map = cfg.class.modbus.clone().context("the class has no [modbus] register map")?;
+            let names: Vec<String> = cfg.class.sensors.iter().map(|s| s.name.clone()).collect();
+            let fastest = cfg
+                .class
+                .sensors
+                .iter()
+                .filter(|s| map.of(&s.name).next().is_some())
+                .map(|s| s.rate_hz)
+                .fold(0.0f64, f64::max);
+            let poll = poll_ms.map(Duration::from_millis).unwrap_or_else(|| {
+                Duration::from_secs_f64(if fastest > 0.0 { 1.0 / fastest } else { 1.0 }).max(Duration::from_millis(10))
+            });
+            let src = ModbusSource::new(*address, *unit, poll, Duration::from_millis(*timeout_ms), map, &names);
+            tracing::info!(source = %src.name(), ?poll, "Modbus source polling");
+            Box::new(src)
+        }
+    })
+}
+
+/// Spawns `fut` on `tasks`; if it fails, logs it and fires `stop` (the agent's token), so the agent stops and
+/// reports the failure. `what` names it in the error (`source `x``, `updater`), `kind` in the log line.
+fn spawn_stopping_on_failure(
+    tasks: &TaskTracker,
+    stop: &CancellationToken,
+    what: String,
+    kind: &'static str,
+    fut: impl std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+) -> Task {
+    let stop = stop.clone();
+    tasks.spawn(async move {
+        let r = fut.await.map_err(|e| e.context(format!("{what} failed")));
+        if let Err(e) = &r {
+            tracing::error!(error = format!("{e:#}"), "{kind} failed; stopping the agent");
+            stop.cancel();
+        }
+        r
+    })
+}
+
+/// The uplink's side of model updates: where desired states go, and the reports to send.
+type UplinkUpdates = (watch::Sender<Option<Signed>>, mpsc::UnboundedReceiver<UpdateReport>);
+
+/// With `[updates]` configured, spawns the updater (stopped with the sources; its failure stops the agent) and
+/// returns the uplink's side of it.
+fn start_updater(
+    cfg: &AgentConfig,
+    models: &Models,
+    slot_events: mpsc::UnboundedReceiver<SlotEvent>,
+    health: &Arc<Health>,
+    cancel: &CancellationToken,
+    tasks: &TaskTracker,
+) -> anyhow::Result<(Option<Task>, Option<UplinkUpdates>)> {
+    // Without updates the slot's events go nowhere (`slot_events` is dropped).
+    let Some(ucfg) = cfg.updates.clone() else { return Ok((None, None)) };
+    let (reports_tx, reports_rx) = mpsc::unbounded_channel();
+    let (desired_tx, desired_rx) = watch::channel(None);
+    let me = Identity {
+        device: cfg.device_id.clone(),
+        class: cfg.class.class.clone(),
+        sensor: cfg.model_sensor.clone(),
+        width: models.width,
+        features: cfg.class.pipeline().sensors.into_iter().find(|s| s.name == cfg.model_sensor),
+        max_artifact_bytes: ucfg.max_artifact_bytes,
+    };
+    let (files, slot, pointer) = (models.files.clone(), models.slot.clone(), models.pointer.clone());
+    let up = Updater::new(ucfg, me, files, slot, slot_events, reports_tx, health.clone(), pointer)?
+        .with_http(crate::identity::http_client(cfg.tls_ca.as_ref(), None)?);
+    let fut = up.run(desired_rx, cancel.child_token());
+    let task = spawn_stopping_on_failure(tasks, cancel, "updater".into(), "updater", fut);
+    Ok((Some(task), Some((desired_tx, reports_rx))))
+}
+
+/// The collector and the notification it gives the uplink on every commit.
+struct CollectorHandle {
+    running: Running,
+    durable: Arc<Notify>,
+}
+
+/// Spawns the collector. Its own token (not a child of the agent's): it stops after the sources, committing
+/// what they delivered.
+fn start_collector(
+    cfg: &AgentConfig,
+    models: &Models,
+    outbox: &Arc<Outbox>,
+    health: &Arc<Health>,
+    samples: mpsc::Receiver<Sample>,
+    tasks: &TaskTracker,
+) -> CollectorHandle {
+    let collector =
+        Collector::for_class(&cfg.class, models.slot.clone(), cfg.model_sensor.clone(), outbox.clone(), health.clone());
+    let durable = Arc::new(Notify::new());
+    let commit = CommitParams {
+        max_records: cfg.class.outbox.commit_max_records,
+        interval: Duration::from_millis(cfg.class.outbox.commit_interval_ms),
+    };
+    let cancel = CancellationToken::new();
+    let task = tasks.spawn(collector::run(collector, samples, commit, durable.clone(), cancel.clone()));
+    CollectorHandle { running: Running { task, cancel }, durable }
+}
+
+/// Spawns the uplink. Its own token: it stops last, after a last heartbeat.
+#[allow(clippy::too_many_arguments)]
+fn start_uplink(
+    cfg: &AgentConfig,
+    outbox: &Arc<Outbox>,
+    health: &Arc<Health>,
+    counters: &Arc<UplinkCounters>,
+    device: DeviceIdentity,
+    updates: Option<UplinkUpdates>,
+    collector: &CollectorHandle,
+    tasks: &TaskTracker,
+) -> Running {
+    let mut uplink = Uplink::from_config(cfg, outbox.clone(), health.clone(), counters.clone(), device.key);
+    if let Some(c) = device.credentials {
+        uplink.options.set_credentials(c.username, c.password);
+    }
+    uplink.updates = updates;
+    let cancel = CancellationToken::new();
+    let task = tasks.spawn(uplink.run(collector.durable.clone(), cancel.clone()));
+    Running { task, cancel }
 }

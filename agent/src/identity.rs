@@ -181,7 +181,7 @@ pub async fn credentials(
         return Ok(Some(c));
     }
     let Some(e) = &cfg.enroll else { return Ok(None) };
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = crate::backoff::Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
     loop {
         if let Some(c) = enroll_once(http, e, device, class, pair).await? {
             c.save(&cfg.credentials_file)?;
@@ -190,9 +190,8 @@ pub async fn credentials(
         }
         tokio::select! {
             _ = cancel.cancelled() => anyhow::bail!("stopped before enrolling"),
-            _ = tokio::time::sleep(backoff) => {}
+            _ = tokio::time::sleep(backoff.next_delay().unwrap_or(Duration::from_secs(30))) => {}
         }
-        backoff = (backoff * 2).min(Duration::from_secs(30));
     }
 }
 

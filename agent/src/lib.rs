@@ -14,8 +14,10 @@
 //!   activation, watch and automatic revert, with the model slot the collector scores through.
 //! - [`identity`]: the device key (signs every envelope), enrollment and MQTT credentials.
 //! - [`health`]: heartbeat contents (outbox depth, drops, latency percentiles, RSS).
+//! - [`backoff`]: the retry loops' delays: exponential with jitter (backon), within each loop's bounds.
 //! - [`daemon`]: starts the pieces above under one cancellation token and stops them cleanly.
 
+pub mod backoff;
 pub mod collector;
 pub mod config;
 pub mod daemon;

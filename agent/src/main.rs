@@ -5,6 +5,7 @@
 use clap::Parser;
 use edgeloop_agent::config::AgentConfig;
 use edgeloop_agent::Agent;
+use edgeloop_common::cli::Failure;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
@@ -25,27 +26,17 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let cfg = match AgentConfig::load(&cli.config) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("edgeloop-agent: bad configuration: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("edgeloop-agent: cannot start the runtime: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    match runtime.block_on(run(cfg)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("edgeloop-agent: {e:#}");
-            ExitCode::from(1)
-        }
-    }
+    edgeloop_common::cli::exit("edgeloop-agent", try_main(cli))
+}
+
+fn try_main(cli: Cli) -> Result<(), Failure> {
+    let cfg = AgentConfig::load(&cli.config).map_err(Failure::config)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot start the runtime: {e}"))?;
+    runtime.block_on(run(cfg))?;
+    Ok(())
 }
 
 async fn run(cfg: AgentConfig) -> anyhow::Result<()> {

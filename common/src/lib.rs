@@ -5,6 +5,8 @@
 //! - [`envelope`]: the wire messages (telemetry batches, status heartbeats, acknowledgements) inside the
 //!   versioned envelope, and the CBOR codec that enforces size, depth and version limits.
 //! - [`topics`]: the MQTT topic scheme `edgeloop/v1/{device}/{up|down}/{channel}`.
+//! - [`cli`]: the shape of the binaries' `main`: an error carrying its exit code (2 bad configuration or usage,
+//!   1 anything else) and the one function that prints it and exits.
 //! - [`config`]: the device-class schema that `firmware-configs/*.toml` follow, and the error type every
 //!   edgeloop config loader uses (file, key path, reason).
 //! - [`features`]: feature pipeline v1, the one implementation of feature extraction that both the agent and
@@ -20,6 +22,7 @@
 //!
 //! The agent and the control plane never depend on each other; whatever they must agree on lives here.
 
+pub mod cli;
 pub mod config;
 pub mod durable;
 pub mod enroll;

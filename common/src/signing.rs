@@ -118,13 +118,23 @@ pub struct TrustedKey {
 
 impl TrustedKey {
     /// From the hex public key (as `keys generate` prints it).
-    pub fn from_hex(public_key_hex: &str, not_after_ms: Option<u64>) -> Result<TrustedKey, String> {
+    pub fn from_hex(public_key_hex: &str, not_after_ms: Option<u64>) -> Result<TrustedKey, BadPublicKey> {
         let public_key = unhex(public_key_hex.trim())
             .filter(|k| k.len() == 32)
-            .ok_or_else(|| format!("`{public_key_hex}` is not 64 hex digits (a 32-byte Ed25519 public key)"))?;
+            .ok_or_else(|| BadPublicKey(public_key_hex.to_string()))?;
         Ok(TrustedKey { id: key_id(&public_key), public_key, not_after_ms })
     }
 }
+
+/// A trusted key's text that is not a hex Ed25519 public key (the text as given).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{0}` is not 64 hex digits (a 32-byte Ed25519 public key)")]
+pub struct BadPublicKey(pub String);
+
+/// Bytes that are not an Ed25519 private key in PKCS#8 (ring's reason).
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("not an Ed25519 PKCS#8 key: {0}")]
+pub struct BadPrivateKey(pub ring::error::KeyRejected);
 
 /// An Ed25519 signing key. Clones share the key.
 #[derive(Clone)]
@@ -146,8 +156,8 @@ impl Signer {
         Ed25519KeyPair::generate_pkcs8(&rng).expect("the system RNG works").as_ref().to_vec()
     }
 
-    pub fn from_pkcs8(bytes: &[u8]) -> Result<Signer, String> {
-        let pair = Ed25519KeyPair::from_pkcs8(bytes).map_err(|e| format!("not an Ed25519 PKCS#8 key: {e}"))?;
+    pub fn from_pkcs8(bytes: &[u8]) -> Result<Signer, BadPrivateKey> {
+        let pair = Ed25519KeyPair::from_pkcs8(bytes).map_err(BadPrivateKey)?;
         let key_id = key_id(pair.public_key().as_ref());
         Ok(Signer { pair: std::sync::Arc::new(pair), key_id })
     }
@@ -234,6 +244,8 @@ mod tests {
         let s = signer();
         let k = TrustedKey::from_hex(&s.public_key_hex(), None).unwrap();
         assert_eq!(k.id, s.key_id());
-        assert!(TrustedKey::from_hex("abcd", None).unwrap_err().contains("64 hex digits"));
+        assert_eq!(TrustedKey::from_hex("abcd", None), Err(BadPublicKey("abcd".into())));
+        assert!(TrustedKey::from_hex("abcd", None).unwrap_err().to_string().contains("64 hex digits"));
+        assert!(Signer::from_pkcs8(b"junk").unwrap_err().to_string().starts_with("not an Ed25519 PKCS#8 key: "));
     }
 }

@@ -430,7 +430,7 @@ impl RawConfig {
                 format!("no firmware config for class `{}` in training.classes_dir", a.class),
             )?;
             crate::rollout::engine::validate_stages(&a.stages)
-                .map_err(|r| c.fail(format!("rollouts.auto[{i}].stages"), r))?;
+                .map_err(|r| c.fail(format!("rollouts.auto[{i}].stages"), r.to_string()))?;
         }
         let tls = match &self.tls {
             None => {

@@ -29,13 +29,16 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let dir = tempfile::tempdir()?;
     let d = dir.path();
-    let mqtt = SocketAddr::from(([127, 0, 0, 1], edgeloop_simulators::free_port()?));
+    // Port 0: the control plane binds its broker and reports the port (`mqtt_addr`).
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
     let cancel = CancellationToken::new();
     // The agent signs its envelopes either way; this measures its memory, not enrollment.
-    let mut cfg = Config::embedded(d.join("cp"), mqtt, SocketAddr::from(([127, 0, 0, 1], 0)));
+    let mut cfg = Config::embedded(d.join("cp"), any, any);
     cfg.require_enrollment = false;
     let cp = rt.block_on(ControlPlane::start(cfg, cancel.clone()))?;
 
+    let mqtt_port = cp.mqtt_addr.1;
+    // The agent runs as its own process and cannot report the port its UDP source got: picked beforehand.
     let udp = edgeloop_simulators::free_port()?;
     std::fs::write(
         d.join("probe.toml"),
@@ -44,7 +47,7 @@ fn main() -> anyhow::Result<()> {
     std::fs::write(d.join("model.onnx"), edgeloop_agent::inference::mean_square_onnx(5))?;
     std::fs::write(
         d.join("agent.toml"),
-        format!("[device]\nid = \"rss-1\"\nclass_config = \"probe.toml\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:{}\"\n[storage]\ndata_dir = \"agent\"\n[inference]\nmodel = \"model.onnx\"\nthreshold = 1000.0\nallow_unsigned_model = true\n[[sources]]\nkind = \"udp\"\nlisten = \"127.0.0.1:{udp}\"\n[[trusted_keys]]\npublic_key = \"{}\"\n", mqtt.port(), edgeloop_common::signing::hex(&cp.trusted_key.public_key)),
+        format!("[device]\nid = \"rss-1\"\nclass_config = \"probe.toml\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:{}\"\n[storage]\ndata_dir = \"agent\"\n[inference]\nmodel = \"model.onnx\"\nthreshold = 1000.0\nallow_unsigned_model = true\n[[sources]]\nkind = \"udp\"\nlisten = \"127.0.0.1:{udp}\"\n[[trusted_keys]]\npublic_key = \"{}\"\n", mqtt_port, edgeloop_common::signing::hex(&cp.trusted_key.public_key)),
     )?;
     let mut child = Command::new(&agent_bin)
         .arg("--config")

@@ -103,8 +103,9 @@ async fn device(
 
 async fn round(mode: Durability, signed: bool) -> anyhow::Result<f64> {
     let dir = tempfile::tempdir()?;
-    let mqtt = SocketAddr::from(([127, 0, 0, 1], edgeloop_simulators::free_port()?));
-    let mut cfg = Config::embedded(dir.path().to_path_buf(), mqtt, SocketAddr::from(([127, 0, 0, 1], 0)));
+    // Port 0: the control plane binds its listeners and reports the ports (`mqtt_addr`, `api_addr`).
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    let mut cfg = Config::embedded(dir.path().to_path_buf(), any, any);
     cfg.durability = mode;
     cfg.require_enrollment = signed;
     let cancel = CancellationToken::new();

@@ -12,7 +12,7 @@ use edgeloop_control_plane::config::Config;
 use edgeloop_control_plane::rollout::engine::State;
 use edgeloop_control_plane::ControlPlane;
 use edgeloop_simulators::fleet::{self, FleetSpec};
-use edgeloop_simulators::{class_config, free_port, rollouts};
+use edgeloop_simulators::{class_config, rollouts};
 use serde_json::json;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -34,8 +34,9 @@ fn main() -> anyhow::Result<()> {
 
 async fn bench(agents: usize, runs: usize) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let mqtt = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-    let mut cfg = Config::embedded(dir.path().join("cp"), mqtt, SocketAddr::from(([127, 0, 0, 1], 0)));
+    // Port 0: the control plane binds its listeners and reports the ports (`mqtt_addr`, `api_addr`).
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    let mut cfg = Config::embedded(dir.path().join("cp"), any, any);
     cfg.rollouts.tick_ms = 100;
     let cp_cancel = CancellationToken::new();
     let cp = ControlPlane::start(cfg, cp_cancel.clone()).await?;

@@ -129,11 +129,17 @@ pub async fn run(opts: ChaosOptions, stop: CancellationToken) -> anyhow::Result<
     let mut injected = std::collections::BTreeMap::<String, u64>::new();
     let mut count = |f: Fault| *injected.entry(format!("{f:?}").to_lowercase()).or_insert(0) += 1;
 
-    let mqtt = SocketAddr::from(([127, 0, 0, 1], crate::free_port()?));
-    let api = SocketAddr::from(([127, 0, 0, 1], crate::free_port()?));
-    let mut cfg = Config::embedded(opts.data_root.join("control-plane"), mqtt, api);
-    cfg.durability = edgeloop_common::durable::Durability::Fsync;
-    let (mut cp, mut cp_cancel) = start_cp(&cfg).await?;
+    let cp_config = |mqtt: SocketAddr, api: SocketAddr| {
+        let mut cfg = Config::embedded(opts.data_root.join("control-plane"), mqtt, api);
+        cfg.durability = edgeloop_common::durable::Durability::Fsync;
+        cfg
+    };
+    // The first start binds port 0 and reports the ports it got; restarts come back on those ports, which the
+    // proxy and the rogue device keep using.
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    let (mut cp, mut cp_cancel) = start_cp(&cp_config(any, any)).await?;
+    let (mqtt, api) = (SocketAddr::from(([127, 0, 0, 1], cp.mqtt_addr.1)), cp.api_addr);
+    let cfg = cp_config(mqtt, api);
     if let Some(t) = &cp.admin_token {
         crate::http::authorize(api, t);
     }

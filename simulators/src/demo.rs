@@ -182,10 +182,11 @@ fn stages(bake_secs: u64) -> Vec<Stage> {
 
 /// The control plane's configuration for the demo: TLS, the four classes, a rollout per promoted version,
 /// and a drift trigger on the traffic class.
-fn config(data_dir: &std::path::Path, mqtt_port: u16, pace: Pace) -> anyhow::Result<Config> {
+fn config(data_dir: &std::path::Path, pace: Pace) -> anyhow::Result<Config> {
+    // Port 0 for both listeners: the control plane binds them and reports the ports (`mqtt_addr`, `api_addr`).
     let mut cfg = Config::embedded(
         data_dir.join("control-plane"),
-        SocketAddr::from(([127, 0, 0, 1], mqtt_port)),
+        SocketAddr::from(([127, 0, 0, 1], 0)),
         SocketAddr::from(([127, 0, 0, 1], 0)),
     );
     let tls_dir = data_dir.join("tls");
@@ -224,7 +225,7 @@ fn config(data_dir: &std::path::Path, mqtt_port: u16, pace: Pace) -> anyhow::Res
 /// minutes in all).
 pub async fn run(opts: DemoOptions, stop: CancellationToken) -> anyhow::Result<Summary> {
     let pace = Pace::of(opts.fast);
-    let cfg = config(&opts.data_dir, crate::free_port()?, pace)?;
+    let cfg = config(&opts.data_dir, pace)?;
     let ca = opts.data_dir.join("tls/ca.pem");
     let ca_pem = std::fs::read(&ca).with_context(|| format!("reading {}", ca.display()))?;
     let cp_cancel = CancellationToken::new();

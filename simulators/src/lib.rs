@@ -47,7 +47,9 @@ pub fn class_config(class: &str) -> anyhow::Result<edgeloop_common::config::Clas
     Ok(edgeloop_common::config::ClassConfig::from_toml(&file, text)?)
 }
 
-/// A free loopback TCP port (bound then released; a small race is accepted for tests and demos).
+/// A free loopback TCP port (bound then released; a small race is accepted for tests and demos). Only for
+/// servers that cannot report the port they bound (another process: mosquitto, chromedriver, a control plane
+/// or agent started as a process); an in-process control plane binds port 0 and reports its ports.
 pub fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }

@@ -1,6 +1,7 @@
 //! `edgeloop-sim`: simulated fleets and the demo.
 
 use clap::{Parser, Subcommand};
+use edgeloop_common::cli::Failure;
 use edgeloop_simulators::demo::{self, DemoOptions};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -158,29 +159,18 @@ fn process_fleet(
     admin_token: Option<PathBuf>,
     ca: Option<PathBuf>,
     trusted_keys: Vec<edgeloop_common::signing::TrustedKey>,
-) -> ExitCode {
-    if let Err(e) = edgeloop_agent::config::parse_broker_url(&broker) {
-        eprintln!("edgeloop-sim: --broker: {e}");
-        return ExitCode::from(2);
-    }
+) -> Result<(), Failure> {
+    edgeloop_agent::config::parse_broker_url(&broker).map_err(|e| Failure::usage(format!("--broker: {e}")))?;
     if let (Some(a), Some(t)) = (&api, &admin_token) {
-        match std::fs::read_to_string(t) {
-            Ok(token) => edgeloop_simulators::http::authorize(*a, &token),
-            Err(e) => {
-                eprintln!("edgeloop-sim: --admin-token {}: {e}", t.display());
-                return ExitCode::from(2);
-            }
-        }
+        let token =
+            std::fs::read_to_string(t).map_err(|e| Failure::usage(format!("--admin-token {}: {e}", t.display())))?;
+        edgeloop_simulators::http::authorize(*a, &token);
     }
     if let (Some(a), Some(ca)) = (&api, &ca) {
-        match std::fs::read(ca).map_err(anyhow::Error::from).and_then(|pem| edgeloop_simulators::http::trust(*a, &pem))
-        {
-            Ok(()) => {}
-            Err(e) => {
-                eprintln!("edgeloop-sim: --ca {}: {e:#}", ca.display());
-                return ExitCode::from(2);
-            }
-        }
+        std::fs::read(ca)
+            .map_err(anyhow::Error::from)
+            .and_then(|pem| edgeloop_simulators::http::trust(*a, &pem))
+            .map_err(|e| Failure::usage(format!("--ca {}: {e:#}", ca.display())))?;
     }
     let classes: Vec<String> = classes.split(',').map(|c| c.trim().to_string()).filter(|c| !c.is_empty()).collect();
     let data_root =
@@ -211,38 +201,24 @@ fn fleet(
     api: Option<std::net::SocketAddr>,
     admin_token: Option<PathBuf>,
     trusted_keys: Vec<edgeloop_common::signing::TrustedKey>,
-) -> ExitCode {
+) -> Result<(), Failure> {
     match (&api, &admin_token) {
-        (Some(a), Some(t)) => match std::fs::read_to_string(t) {
-            Ok(token) => edgeloop_simulators::http::authorize(*a, &token),
-            Err(e) => {
-                eprintln!("edgeloop-sim: --admin-token {}: {e}", t.display());
-                return ExitCode::from(2);
-            }
-        },
+        (Some(a), Some(t)) => {
+            let token = std::fs::read_to_string(t)
+                .map_err(|e| Failure::usage(format!("--admin-token {}: {e}", t.display())))?;
+            edgeloop_simulators::http::authorize(*a, &token);
+        }
         (None, None) => {}
-        _ => {
-            eprintln!("edgeloop-sim: --api and --admin-token go together");
-            return ExitCode::from(2);
-        }
+        _ => return Err(Failure::usage("--api and --admin-token go together")),
     }
-    let broker = match edgeloop_agent::config::parse_mqtt_url(&broker) {
-        Ok(b) => b,
-        Err(e) => {
-            eprintln!("edgeloop-sim: --broker: {e}");
-            return ExitCode::from(2);
-        }
-    };
+    let broker =
+        edgeloop_agent::config::parse_mqtt_url(&broker).map_err(|e| Failure::usage(format!("--broker: {e}")))?;
     if devices == 0 {
-        eprintln!("edgeloop-sim: --devices must be at least 1");
-        return ExitCode::from(2);
+        return Err(Failure::usage("--devices must be at least 1"));
     }
     let classes: Vec<String> = classes.split(',').map(|c| c.trim().to_string()).filter(|c| !c.is_empty()).collect();
     for c in &classes {
-        if let Err(e) = edgeloop_simulators::class_config(c) {
-            eprintln!("edgeloop-sim: --classes: {e:#}");
-            return ExitCode::from(2);
-        }
+        edgeloop_simulators::class_config(c).map_err(|e| Failure::usage(format!("--classes: {e:#}")))?;
     }
     let data_root =
         data_dir.unwrap_or_else(|| std::env::temp_dir().join(format!("edgeloop-fleet-{}", std::process::id())));
@@ -260,16 +236,14 @@ fn fleet(
     run_to_summary(|stop| edgeloop_simulators::fleet::run(opts, stop))
 }
 
-fn nab(opts: edgeloop_simulators::nab::NabOptions) -> ExitCode {
+fn nab(opts: edgeloop_simulators::nab::NabOptions) -> Result<(), Failure> {
     if !(opts.retrain_every > 0.0 && opts.retrain_every <= 1.0) || opts.trials == 0 {
-        eprintln!("edgeloop-sim: --retrain-every must be in (0, 1] and --trials at least 1");
-        return ExitCode::from(2);
+        return Err(Failure::usage("--retrain-every must be in (0, 1] and --trials at least 1"));
     }
     run_to_summary(|_stop| edgeloop_simulators::nab::run(opts))
 }
 
-/// Runs `work` on a multi-threaded runtime, with ctrl-c firing its stop token, and prints its result as the
-/// last line: JSON on success (exit 0), the error chain on failure (exit 1).
+/// Runs a chaos fleet (see `run_to_summary`); exit 1 also when the report's check failed.
 fn chaos(
     devices: usize,
     duration: u64,
@@ -277,17 +251,11 @@ fn chaos(
     classes: String,
     seed: u64,
     data_dir: Option<PathBuf>,
-) -> ExitCode {
-    let faults = match edgeloop_simulators::chaos::Fault::parse(&faults) {
-        Ok(f) => f,
-        Err(e) => {
-            eprintln!("edgeloop-sim: --faults: {e}");
-            return ExitCode::from(2);
-        }
-    };
+) -> Result<(), Failure> {
+    let faults =
+        edgeloop_simulators::chaos::Fault::parse(&faults).map_err(|e| Failure::usage(format!("--faults: {e}")))?;
     if devices == 0 {
-        eprintln!("edgeloop-sim: --devices must be at least 1");
-        return ExitCode::from(2);
+        return Err(Failure::usage("--devices must be at least 1"));
     }
     let classes: Vec<String> = classes.split(',').map(|c| c.trim().to_string()).filter(|c| !c.is_empty()).collect();
     let data_root =
@@ -303,34 +271,23 @@ fn chaos(
     };
     let ok = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let ok2 = ok.clone();
-    let code = run_to_summary(|stop| async move {
+    run_to_summary(|stop| async move {
         let r = edgeloop_simulators::chaos::run(opts, stop).await?;
         ok2.store(r.ok, std::sync::atomic::Ordering::Relaxed);
         Ok(r)
-    });
-    if code == ExitCode::SUCCESS && !ok.load(std::sync::atomic::Ordering::Relaxed) {
-        eprintln!("edgeloop-sim: chaos check FAILED: see lost, duplicates_stored and dropped_* in the report");
-        return ExitCode::from(1);
+    })?;
+    if !ok.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(
+            anyhow::anyhow!("chaos check FAILED: see lost, duplicates_stored and dropped_* in the report").into()
+        );
     }
-    code
+    Ok(())
 }
 
-fn modbus_device(class: String, listen: std::net::SocketAddr, seed: u64, speed: f64) -> ExitCode {
-    let class = match edgeloop_simulators::class_config(&class) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("edgeloop-sim: --class: {e:#}");
-            return ExitCode::from(2);
-        }
-    };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("edgeloop-sim: cannot start the runtime: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    let result = runtime.block_on(async move {
+fn modbus_device(class: String, listen: std::net::SocketAddr, seed: u64, speed: f64) -> Result<(), Failure> {
+    let class = edgeloop_simulators::class_config(&class).map_err(|e| Failure::usage(format!("--class: {e:#}")))?;
+    let runtime = multi_thread_runtime()?;
+    runtime.block_on(async move {
         let stop = CancellationToken::new();
         let name = class.class.clone();
         let dev = edgeloop_simulators::modbus_device::start(class, listen, seed, speed, stop.clone()).await?;
@@ -338,45 +295,35 @@ fn modbus_device(class: String, listen: std::net::SocketAddr, seed: u64, speed: 
         let _ = tokio::signal::ctrl_c().await;
         stop.cancel();
         dev.task.await?
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("edgeloop-sim: {e:#}");
-            ExitCode::from(1)
-        }
-    }
+    })?;
+    Ok(())
 }
 
-fn run_to_summary<F, Fut, T>(work: F) -> ExitCode
+fn multi_thread_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot start the runtime: {e}"))
+}
+
+/// Runs `work` on a multi-threaded runtime, with ctrl-c firing its stop token, and prints its result as the
+/// last line: JSON on success (exit 0), the error chain on failure (exit 1, printed by `main`).
+fn run_to_summary<F, Fut, T>(work: F) -> Result<(), Failure>
 where
     F: FnOnce(CancellationToken) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<T>>,
     T: serde::Serialize,
 {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("edgeloop-sim: cannot start the runtime: {e}");
-            return ExitCode::from(1);
-        }
-    };
+    let runtime = multi_thread_runtime()?;
     let stop = CancellationToken::new();
     let s = stop.clone();
     runtime.spawn(async move {
         let _ = tokio::signal::ctrl_c().await;
         s.cancel();
     });
-    match runtime.block_on(work(stop)) {
-        Ok(summary) => {
-            println!("{}", serde_json::to_string(&summary).unwrap_or_default());
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("edgeloop-sim: {e:#}");
-            ExitCode::from(1)
-        }
-    }
+    let summary = runtime.block_on(work(stop))?;
+    println!("{}", serde_json::to_string(&summary).unwrap_or_default());
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -387,7 +334,12 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let (devices, duration, data_dir, fast) = match Cli::parse().command {
+    let cli = Cli::parse();
+    edgeloop_common::cli::exit("edgeloop-sim", try_main(cli))
+}
+
+fn try_main(cli: Cli) -> Result<(), Failure> {
+    let (devices, duration, data_dir, fast) = match cli.command {
         Command::Demo { devices, duration, data_dir, fast } => (devices, duration, data_dir, fast),
         Command::Nab { data, out, only, retrain_every, trials, seed, exclude_flagged } => {
             let opts =
@@ -396,8 +348,7 @@ fn main() -> ExitCode {
         }
         Command::Load { devices, rate, duration, batch_ms, plaintext, durability, data_dir, control_plane } => {
             if durability != "fsync" && durability != "flush" {
-                eprintln!("edgeloop-sim: --durability must be fsync or flush, got `{durability}`");
-                return ExitCode::from(2);
+                return Err(Failure::usage(format!("--durability must be fsync or flush, got `{durability}`")));
             }
             let opts = edgeloop_simulators::load::LoadOptions {
                 devices,
@@ -430,13 +381,9 @@ fn main() -> ExitCode {
         } => {
             let mut keys = Vec::new();
             for k in &trusted_keys {
-                match edgeloop_common::signing::TrustedKey::from_hex(k, None) {
-                    Ok(key) => keys.push(key),
-                    Err(e) => {
-                        eprintln!("edgeloop-sim: --trusted-key: {e}");
-                        return ExitCode::from(2);
-                    }
-                }
+                let key = edgeloop_common::signing::TrustedKey::from_hex(k, None)
+                    .map_err(|e| Failure::usage(format!("--trusted-key: {e}")))?;
+                keys.push(key);
             }
             if processes {
                 return process_fleet(devices, classes, broker, duration, data_dir, api, admin_token, ca, keys);
@@ -445,8 +392,7 @@ fn main() -> ExitCode {
         }
     };
     if devices == 0 {
-        eprintln!("edgeloop-sim: --devices must be at least 1");
-        return ExitCode::from(2);
+        return Err(Failure::usage("--devices must be at least 1"));
     }
     let data_dir =
         data_dir.unwrap_or_else(|| std::env::temp_dir().join(format!("edgeloop-demo-{}", std::process::id())));

@@ -14,6 +14,11 @@ use std::time::Duration;
 use tokio_modbus::client::{Context, Reader};
 use tokio_util::sync::CancellationToken;
 
+/// The first wait before connecting again to a device that refused or did not answer.
+const RECONNECT_MIN: Duration = Duration::from_secs(1);
+/// The longest wait between two connection attempts.
+const RECONNECT_MAX: Duration = Duration::from_secs(30);
+
 pub struct ModbusSource {
     address: SocketAddr,
     unit: u8,
@@ -121,7 +126,7 @@ impl Source for ModbusSource {
     fn run(self: Box<Self>, sink: SampleSink, cancel: CancellationToken) -> SourceFuture {
         Box::pin(async move {
             let origin = self.name();
-            let mut backoff = Duration::from_secs(1);
+            let mut backoff = crate::backoff::Backoff::new(RECONNECT_MIN, RECONNECT_MAX);
             loop {
                 let connect = tokio_modbus::client::tcp::connect_slave(self.address, tokio_modbus::Slave(self.unit));
                 let connected = tokio::select! {
@@ -131,19 +136,19 @@ impl Source for ModbusSource {
                 let mut ctx = match connected {
                     Ok(Ok(ctx)) => {
                         tracing::info!(source = %origin, "Modbus device connected");
-                        backoff = Duration::from_secs(1);
+                        backoff.reset();
                         ctx
                     }
                     Ok(Err(e)) => {
-                        tracing::warn!(source = %origin, error = %e, retry_in = ?backoff, "cannot connect to the Modbus device");
-                        tokio::select! { _ = cancel.cancelled() => return Ok(()), _ = tokio::time::sleep(backoff) => {} }
-                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                        let retry_in = backoff.next_delay().unwrap_or(RECONNECT_MAX);
+                        tracing::warn!(source = %origin, error = %e, ?retry_in, "cannot connect to the Modbus device");
+                        tokio::select! { _ = cancel.cancelled() => return Ok(()), _ = tokio::time::sleep(retry_in) => {} }
                         continue;
                     }
                     Err(_) => {
-                        tracing::warn!(source = %origin, timeout = ?self.timeout, retry_in = ?backoff, "the Modbus device did not accept the connection in time");
-                        tokio::select! { _ = cancel.cancelled() => return Ok(()), _ = tokio::time::sleep(backoff) => {} }
-                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                        let retry_in = backoff.next_delay().unwrap_or(RECONNECT_MAX);
+                        tracing::warn!(source = %origin, timeout = ?self.timeout, ?retry_in, "the Modbus device did not accept the connection in time");
+                        tokio::select! { _ = cancel.cancelled() => return Ok(()), _ = tokio::time::sleep(retry_in) => {} }
                         continue;
                     }
                 };

@@ -31,7 +31,7 @@ impl Source for StdinSource {
                             return Ok(());
                         }
                     }
-                    Err(reason) => sink.reject(&format!("stdin line {n}"), &reason),
+                    Err(reason) => sink.reject(&format!("stdin line {n}"), &reason.to_string()),
                 }
             }
         })

@@ -48,7 +48,7 @@ impl Source for UdpSource {
                                 return Ok(());
                             }
                         }
-                        Err(reason) => sink.reject(&origin, &reason),
+                        Err(reason) => sink.reject(&origin, &reason.to_string()),
                     }
                 }
             }

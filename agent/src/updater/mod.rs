@@ -195,6 +195,13 @@ pub struct Updater {
 /// Download attempts before an update fails, and the first backoff between them.
 const DOWNLOAD_ATTEMPTS: u32 = 6;
 const DOWNLOAD_BACKOFF: Duration = Duration::from_millis(250);
+/// The longest wait between two download attempts (250 ms doubled four times).
+const DOWNLOAD_BACKOFF_MAX: Duration = Duration::from_secs(4);
+
+/// The waits between download attempts: from 250 ms, doubling, with jitter; one fewer than the attempts.
+fn download_backoff() -> crate::backoff::Backoff {
+    crate::backoff::Backoff::new(DOWNLOAD_BACKOFF, DOWNLOAD_BACKOFF_MAX).with_max_times(DOWNLOAD_ATTEMPTS as usize - 1)
+}
 
 impl Updater {
     #[allow(clippy::too_many_arguments)]
@@ -450,7 +457,7 @@ impl Updater {
         }
         let part = self.files.staging(&m.sha256);
         let url = self.url(&d.artifact);
-        let mut backoff = DOWNLOAD_BACKOFF;
+        let mut backoff = download_backoff();
         for attempt in 1..=DOWNLOAD_ATTEMPTS {
             match self.fetch(&url, &part, m, cancel).await {
                 Ok(()) => break,
@@ -461,14 +468,13 @@ impl Updater {
                 Err(Fetch::Cancelled) => return Err(StepError::Cancelled),
                 Err(Fetch::Retry(e)) => {
                     tracing::warn!(attempt, error = %e, %url, "artifact download interrupted; resuming");
-                    if attempt == DOWNLOAD_ATTEMPTS {
+                    let Some(delay) = backoff.next_delay() else {
                         return Err(StepError::Fail(format!("download failed {attempt} times: {e}")));
-                    }
+                    };
                     tokio::select! {
                         _ = cancel.cancelled() => return Err(StepError::Cancelled),
-                        _ = tokio::time::sleep(backoff) => {}
+                        _ = tokio::time::sleep(delay) => {}
                     }
-                    backoff *= 2;
                 }
             }
         }
@@ -477,7 +483,7 @@ impl Updater {
             let bytes = std::fs::read(&part2).map_err(|e| format!("reading {}: {e}", part2.display()))?;
             if let Err(e) = state::check_artifact(&bytes, &m2) {
                 let _ = std::fs::remove_file(&part2);
-                return Err(e);
+                return Err(e.to_string());
             }
             let dir = final2.parent().expect("models dir");
             edgeloop_common::private::dir(dir).map_err(|e| e.to_string())?;
@@ -528,7 +534,7 @@ impl Updater {
             have = 0;
         }
         if let Some(len) = resp.content_length() {
-            state::accept_chunk(have, len as usize, m.size).map_err(Fetch::Fatal)?;
+            state::accept_chunk(have, len as usize, m.size).map_err(|e| Fetch::Fatal(e.to_string()))?;
         }
         let mut file = tokio::fs::OpenOptions::new()
             .mode(0o600)
@@ -555,7 +561,7 @@ impl Updater {
                     return Err(e);
                 }
             };
-            state::accept_chunk(have, chunk.len(), m.size).map_err(Fetch::Fatal)?;
+            state::accept_chunk(have, chunk.len(), m.size).map_err(|e| Fetch::Fatal(e.to_string()))?;
             file.write_all(&chunk).await.map_err(io)?;
             have += chunk.len() as u64;
         }

@@ -2,7 +2,7 @@
 //! signed artifact, whether a model passes its golden vectors, and how the shadow and watch phases judge a
 //! candidate window by window. Time comes in as an argument; everything here is tested exhaustively.
 
-use edgeloop_common::features::SensorSpec;
+use edgeloop_common::features::{FeatureKind, SensorSpec};
 use edgeloop_common::gaps::MAX_GAP_LIMIT;
 use edgeloop_common::signing::{Signed, TrustedKey, VerifyError};
 use edgeloop_common::update::{DesiredState, Golden, Manifest};
@@ -24,7 +24,59 @@ pub enum Rejection {
     #[error("desired state expired at {expires_ms} ms (now {now_ms} ms)")]
     Expired { expires_ms: u64, now_ms: u64 },
     #[error("manifest: {0}")]
-    BadManifest(String),
+    BadManifest(ManifestError),
+}
+
+/// What is wrong with a verified manifest that this device cannot run.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ManifestError {
+    #[error("sha256 `{0}` is not 64 hex digits")]
+    Sha256NotHex(String),
+    #[error("size {size} is outside 1..={max} bytes")]
+    Size { size: u64, max: u64 },
+    #[error("model scores sensor `{model}`, this device scores `{device}`")]
+    WrongSensor { model: String, device: String },
+    #[error("a window of {0} feature vectors is outside 1..={MAX_FRAMES}")]
+    Frames(u32),
+    #[error("input shape {shape:?} does not take {frames} × {width} features")]
+    InputShape { shape: Vec<i64>, frames: u32, width: usize },
+    #[error("model was trained on features {theirs:?} of sensor `{sensor}`, this device computes {mine:?}")]
+    Features { sensor: String, theirs: FeatureKind, mine: FeatureKind },
+    #[error("threshold is not finite")]
+    ThresholdNotFinite,
+    #[error("gap rule fills up to {0} readings, over {MAX_GAP_LIMIT}")]
+    GapRule(usize),
+    #[error("no golden vectors to self-test with")]
+    NoGolden,
+}
+
+/// A download chunk that would take the file past the signed size.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("server sent {total} bytes or more; the manifest signs {signed}")]
+pub struct OversizedDownload {
+    pub total: u64,
+    pub signed: u64,
+}
+
+/// Downloaded bytes that are not the signed artifact.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ArtifactError {
+    #[error("artifact is {got} bytes, the manifest signs {signed}")]
+    Size { got: u64, signed: u64 },
+    #[error("artifact sha256 {got} does not match the signed {signed}")]
+    Sha256 { got: String, signed: String },
+}
+
+/// How a model failed its golden vectors.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SelfTestError {
+    /// Inference itself failed on golden input `index`.
+    #[error("golden[{index}]: {reason}")]
+    Inference { index: usize, reason: String },
+    #[error("golden[{index}]: {got} outputs, expected {expected}")]
+    TooFewOutputs { index: usize, got: usize, expected: usize },
+    #[error("golden[{index}] output {output}: got {got}, expected {expected} (tolerance {allowed})")]
+    Mismatch { index: usize, output: usize, got: f32, expected: f32, allowed: f32 },
 }
 
 impl Rejection {
@@ -121,75 +173,77 @@ impl Rejection {
     }
 }
 
-fn check_manifest(m: &Manifest, me: &Identity) -> Result<(), String> {
+fn check_manifest(m: &Manifest, me: &Identity) -> Result<(), ManifestError> {
     if m.sha256.len() != 64 || !m.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(format!("sha256 `{}` is not 64 hex digits", m.sha256));
+        return Err(ManifestError::Sha256NotHex(m.sha256.clone()));
     }
     if m.size == 0 || m.size > me.max_artifact_bytes {
-        return Err(format!("size {} is outside 1..={} bytes", m.size, me.max_artifact_bytes));
+        return Err(ManifestError::Size { size: m.size, max: me.max_artifact_bytes });
     }
     if m.sensor != me.sensor {
-        return Err(format!("model scores sensor `{}`, this device scores `{}`", m.sensor, me.sensor));
+        return Err(ManifestError::WrongSensor { model: m.sensor.clone(), device: me.sensor.clone() });
     }
     if !(1..=MAX_FRAMES).contains(&m.frames) {
-        return Err(format!("a window of {} feature vectors is outside 1..={MAX_FRAMES}", m.frames));
+        return Err(ManifestError::Frames(m.frames));
     }
     if m.input_width() != Some(me.width * m.frames as usize) {
-        return Err(format!("input shape {:?} does not take {} × {} features", m.input_shape, m.frames, me.width));
+        return Err(ManifestError::InputShape { shape: m.input_shape.clone(), frames: m.frames, width: me.width });
     }
     let trained_on = m.pipeline.sensors.iter().find(|s| s.name == m.sensor);
     if let (Some(theirs), Some(mine)) = (trained_on, &me.features) {
         if theirs != mine {
-            return Err(format!(
-                "model was trained on features {:?} of sensor `{}`, this device computes {:?}",
-                theirs.features, m.sensor, mine.features
-            ));
+            return Err(ManifestError::Features {
+                sensor: m.sensor.clone(),
+                theirs: theirs.features,
+                mine: mine.features,
+            });
         }
     }
     if !m.threshold.is_finite() {
-        return Err("threshold is not finite".into());
+        return Err(ManifestError::ThresholdNotFinite);
     }
     if m.gaps.max_gap > MAX_GAP_LIMIT {
-        return Err(format!("gap rule fills up to {} readings, over {MAX_GAP_LIMIT}", m.gaps.max_gap));
+        return Err(ManifestError::GapRule(m.gaps.max_gap));
     }
     if m.golden.is_empty() {
-        return Err("no golden vectors to self-test with".into());
+        return Err(ManifestError::NoGolden);
     }
     Ok(())
 }
 
 /// Guards a download: never more bytes than the signed size.
-pub fn accept_chunk(have: u64, chunk: usize, signed_size: u64) -> Result<(), String> {
+pub fn accept_chunk(have: u64, chunk: usize, signed_size: u64) -> Result<(), OversizedDownload> {
     let total = have + chunk as u64;
     if total > signed_size {
-        return Err(format!("server sent {total} bytes or more; the manifest signs {signed_size}"));
+        return Err(OversizedDownload { total, signed: signed_size });
     }
     Ok(())
 }
 
 /// Checks downloaded bytes against the manifest's size and SHA-256.
-pub fn check_artifact(bytes: &[u8], m: &Manifest) -> Result<(), String> {
+pub fn check_artifact(bytes: &[u8], m: &Manifest) -> Result<(), ArtifactError> {
     if bytes.len() as u64 != m.size {
-        return Err(format!("artifact is {} bytes, the manifest signs {}", bytes.len(), m.size));
+        return Err(ArtifactError::Size { got: bytes.len() as u64, signed: m.size });
     }
     let got = edgeloop_common::signing::sha256_hex(bytes);
     if !got.eq_ignore_ascii_case(&m.sha256) {
-        return Err(format!("artifact sha256 {got} does not match the signed {}", m.sha256));
+        return Err(ArtifactError::Sha256 { got, signed: m.sha256.clone() });
     }
     Ok(())
 }
 
-/// Compares a model's outputs on the golden inputs with the expected outputs.
-pub fn self_test(golden: &[Golden], outputs: &[Result<Vec<f32>, String>], tolerance: f32) -> Result<(), String> {
+/// Compares a model's outputs on the golden inputs with the expected outputs (`outputs[i]`: the model's
+/// outputs on golden input `i`, or why inference failed).
+pub fn self_test(golden: &[Golden], outputs: &[Result<Vec<f32>, String>], tolerance: f32) -> Result<(), SelfTestError> {
     for (i, (g, out)) in golden.iter().zip(outputs).enumerate() {
-        let out = out.as_ref().map_err(|e| format!("golden[{i}]: {e}"))?;
+        let out = out.as_ref().map_err(|e| SelfTestError::Inference { index: i, reason: e.clone() })?;
         if out.len() < g.output.len() {
-            return Err(format!("golden[{i}]: {} outputs, expected {}", out.len(), g.output.len()));
+            return Err(SelfTestError::TooFewOutputs { index: i, got: out.len(), expected: g.output.len() });
         }
         for (j, (&want, &got)) in g.output.iter().zip(out).enumerate() {
             let allowed = tolerance * want.abs().max(1.0);
             if !got.is_finite() || (got - want).abs() > allowed {
-                return Err(format!("golden[{i}] output {j}: got {got}, expected {want} (tolerance {allowed})"));
+                return Err(SelfTestError::Mismatch { index: i, output: j, got, expected: want, allowed });
             }
         }
     }
@@ -488,9 +542,9 @@ mod tests {
     fn arbitrary_software_tampered_artifact_rejected() {
         let m = manifest(b"the signed model");
         assert!(check_artifact(b"the signed model", &m).is_ok());
-        let e = check_artifact(b"the signed modeL", &m).unwrap_err();
+        let e = check_artifact(b"the signed modeL", &m).unwrap_err().to_string();
         assert!(e.contains("does not match the signed"), "{e}");
-        let e = check_artifact(b"short", &m).unwrap_err();
+        let e = check_artifact(b"short", &m).unwrap_err().to_string();
         assert!(e.contains("bytes"), "{e}");
     }
 
@@ -498,7 +552,8 @@ mod tests {
     fn endless_data_oversize_artifact_aborted() {
         assert!(accept_chunk(0, 10, 10).is_ok());
         assert!(accept_chunk(5, 5, 10).is_ok());
-        let e = accept_chunk(8, 3, 10).unwrap_err();
+        assert_eq!(accept_chunk(8, 3, 10), Err(OversizedDownload { total: 11, signed: 10 }));
+        let e = accept_chunk(8, 3, 10).unwrap_err().to_string();
         assert!(e.contains("11 bytes"), "{e}");
     }
 
@@ -506,10 +561,10 @@ mod tests {
     fn self_test_compares_within_tolerance() {
         let g = vec![Golden { input: vec![0.0], output: vec![2.0, 100.0] }];
         assert!(self_test(&g, &[Ok(vec![2.00001, 100.001])], 1e-4).is_ok());
-        assert!(self_test(&g, &[Ok(vec![2.1, 100.0])], 1e-4).unwrap_err().contains("output 0"));
+        assert!(self_test(&g, &[Ok(vec![2.1, 100.0])], 1e-4).unwrap_err().to_string().contains("output 0"));
         assert!(self_test(&g, &[Ok(vec![2.0, f32::NAN])], 1e-4).is_err());
-        assert!(self_test(&g, &[Ok(vec![2.0])], 1e-4).unwrap_err().contains("1 outputs"));
-        assert!(self_test(&g, &[Err("boom".into())], 1e-4).unwrap_err().contains("boom"));
+        assert!(self_test(&g, &[Ok(vec![2.0])], 1e-4).unwrap_err().to_string().contains("1 outputs"));
+        assert!(self_test(&g, &[Err("boom".into())], 1e-4).unwrap_err().to_string().contains("boom"));
     }
 
     #[test]

@@ -467,3 +467,11 @@ async fn refusal_of_a_forged_desired_state_reports_none_of_its_fields() {
     assert_eq!((rep.seq, rep.rollout, rep.sha256), (3, Some("r6".to_string()), m.sha256.clone()));
     assert_eq!(r.up.pointer.last_seq, 0);
 }
+
+#[test]
+fn downloads_are_tried_six_times_with_jittered_waits_up_to_four_seconds() {
+    let waits: Vec<Duration> = download_backoff().collect();
+    assert_eq!(waits.len() + 1, DOWNLOAD_ATTEMPTS as usize);
+    assert!(waits[0] >= DOWNLOAD_BACKOFF && waits[0] < 2 * DOWNLOAD_BACKOFF, "{waits:?}");
+    assert!(waits.iter().all(|w| *w >= DOWNLOAD_BACKOFF && *w <= DOWNLOAD_BACKOFF_MAX), "{waits:?}");
+}

@@ -39,6 +39,8 @@ pub struct UplinkCounters {
     pub batches_sent: std::sync::atomic::AtomicU64,
     pub resends: std::sync::atomic::AtomicU64,
     pub connects: std::sync::atomic::AtomicU64,
+    /// Connection attempts that failed (refused by the broker, or no broker), not counting lost connections.
+    pub connect_failures: std::sync::atomic::AtomicU64,
     /// Acknowledgements refused: unsigned, not signed by a trusted key, malformed, or for another device.
     pub acks_refused: std::sync::atomic::AtomicU64,
 }
@@ -334,26 +336,40 @@ fn encode_batch(
     }
 }
 
-/// Polls the rumqttc event loop, reconnecting with exponential backoff. Does nothing else.
 /// The acknowledged point of an acknowledgement received on `ack_topic`, if it is one for this device signed
 /// by a key in `trusted` (in force at `now_ms`). Anything else deletes nothing: whoever can publish on the
 /// topic (a device on a broker without ACLs, a compromised broker) cannot make the agent drop records.
-pub fn read_ack(payload: &[u8], ack_topic: &str, trusted: &[TrustedKey], now_ms: u64) -> Result<u64, String> {
-    let env = envelope::decode(payload, DEFAULT_MAX_MESSAGE_BYTES).map_err(|e| format!("malformed: {e}"))?;
+pub fn read_ack(payload: &[u8], ack_topic: &str, trusted: &[TrustedKey], now_ms: u64) -> Result<u64, AckError> {
+    let env = envelope::decode(payload, DEFAULT_MAX_MESSAGE_BYTES)?;
     if topics::topic(&env.device, Channel::Ack) != ack_topic {
-        return Err(format!("it is for device `{}`", env.device));
+        return Err(AckError::OtherDevice(env.device));
     }
     let Body::Ack(Ack { upto }) = env.body else {
-        return Err(format!("a {} message on the ack topic", env.body.kind()));
+        return Err(AckError::NotAnAck(env.body.kind()));
     };
     if env.seq != upto {
-        return Err(format!("its seq {} is not its upto {upto}", env.seq));
+        return Err(AckError::SeqMismatch { seq: env.seq, upto });
     }
-    env.verify_by_trusted(trusted, now_ms)
-        .map_err(|e| format!("{e} (checked against {} trusted keys)", trusted.len()))?;
+    env.verify_by_trusted(trusted, now_ms).map_err(|error| AckError::Signature { error, trusted: trusted.len() })?;
     Ok(upto)
 }
 
+/// Why a message on the ack topic deletes nothing.
+#[derive(Debug, PartialEq, thiserror::Error)]
+pub enum AckError {
+    #[error("malformed: {0}")]
+    Malformed(#[from] envelope::DecodeError),
+    #[error("it is for device `{0}`")]
+    OtherDevice(String),
+    #[error("a {0} message on the ack topic")]
+    NotAnAck(&'static str),
+    #[error("its seq {seq} is not its upto {upto}")]
+    SeqMismatch { seq: u64, upto: u64 },
+    #[error("{error} (checked against {trusted} trusted keys)")]
+    Signature { error: envelope::SignatureError, trusted: usize },
+}
+
+/// Polls the rumqttc event loop, reconnecting with exponential backoff and jitter. Does nothing else.
 async fn event_loop(
     mut eventloop: EventLoop,
     (ack_topic, trusted): (String, Arc<[TrustedKey]>),
@@ -363,7 +379,7 @@ async fn event_loop(
     cancel: CancellationToken,
     counters: Arc<UplinkCounters>,
 ) {
-    let mut backoff = min;
+    let mut backoff = crate::backoff::Backoff::new(min, max);
     let mut connected = false;
     let mut failures = 0u64;
     loop {
@@ -374,7 +390,7 @@ async fn event_loop(
         match ev {
             Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 connected = true;
-                backoff = min;
+                backoff.reset();
                 counters.connects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 tracing::info!("connected to the broker");
                 let _ = tx.send(LinkEvent::Connected);
@@ -421,15 +437,15 @@ async fn event_loop(
                     connected = false;
                 } else {
                     failures += 1;
+                    counters.connect_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     if failures.is_power_of_two() {
                         tracing::warn!(error = %e, attempts = failures, "cannot reach the broker; retrying");
                     }
                 }
                 tokio::select! {
                     _ = cancel.cancelled() => return,
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(backoff.next_delay().unwrap_or(max)) => {}
                 }
-                backoff = (backoff * 2).min(max);
             }
         }
     }
@@ -483,13 +499,15 @@ mod tests {
         };
         assert_eq!(read_ack(&ack("dev-1", 42, Some(&cp)), &topic, &trusted, 0), Ok(42));
         let unsigned = read_ack(&ack("dev-1", 42, None), &topic, &trusted, 0).unwrap_err();
-        assert!(unsigned.contains("not signed"), "{unsigned}");
-        let forged = read_ack(&ack("dev-1", 42, Some(&stranger)), &topic, &trusted, 0).unwrap_err();
+        assert!(unsigned.to_string().contains("not signed"), "{unsigned}");
+        assert!(matches!(unsigned, AckError::Signature { error: envelope::SignatureError::Unsigned, trusted: 1 }));
+        let forged = read_ack(&ack("dev-1", 42, Some(&stranger)), &topic, &trusted, 0).unwrap_err().to_string();
         assert!(forged.contains("does not verify"), "{forged}");
         // A genuine acknowledgement for another device, replayed on this one's topic.
         let elsewhere = read_ack(&ack("dev-2", 42, Some(&cp)), &topic, &trusted, 0).unwrap_err();
-        assert!(elsewhere.contains("dev-2"), "{elsewhere}");
+        assert_eq!(elsewhere, AckError::OtherDevice("dev-2".into()));
+        assert!(elsewhere.to_string().contains("dev-2"), "{elsewhere}");
         assert!(read_ack(&ack("dev-1", 42, Some(&cp)), &topic, &[], 0).is_err(), "no trusted key, no deletion");
-        assert!(read_ack(b"junk", &topic, &trusted, 0).unwrap_err().starts_with("malformed"));
+        assert!(read_ack(b"junk", &topic, &trusted, 0).unwrap_err().to_string().starts_with("malformed"));
     }
 }

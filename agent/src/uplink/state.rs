@@ -126,6 +126,9 @@ impl UplinkState {
 }
 
 #[cfg(test)]
+mod props;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

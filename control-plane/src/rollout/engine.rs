@@ -143,20 +143,48 @@ pub struct RolloutSpec {
     pub policy: UpdatePolicy,
 }
 
+/// What is wrong with a rollout's spec (or a list of stages), naming the field as the API and config take it.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SpecError {
+    #[error("stages: at least one stage is needed")]
+    NoStages,
+    #[error("stages[{0}].name: must not be empty")]
+    UnnamedStage(usize),
+    #[error("stages[{stage}].percent: {percent} is not in (0, 100]")]
+    Percent { stage: usize, percent: f64 },
+    #[error("stages[{0}].count: must be at least 1")]
+    ZeroCount(usize),
+    #[error("gates.max_failed_ratio: {0} is not in [0, 1]")]
+    MaxFailedRatio(f64),
+    #[error("gates.min_shadow_agreement: {0} is not in [0, 1]")]
+    MinShadowAgreement(f64),
+    #[error("gates.max_anomaly_ratio: {0} must be > 0")]
+    MaxAnomalyRatio(f64),
+    #[error("previous: is the model being rolled out")]
+    PreviousIsModel,
+}
+
+/// An operator's action that does not apply to a rollout in its state.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cannot {} a rollout that is {state}", format!("{action:?}").to_lowercase())]
+pub struct ActionRefused {
+    pub action: Action,
+    /// The rollout's state, in words (`running`, `awaiting approval`...).
+    pub state: &'static str,
+}
+
 /// Checks a list of stages: at least one, each named, with a share in range.
-pub fn validate_stages(stages: &[Stage]) -> Result<(), String> {
+pub fn validate_stages(stages: &[Stage]) -> Result<(), SpecError> {
     if stages.is_empty() {
-        return Err("stages: at least one stage is needed".into());
+        return Err(SpecError::NoStages);
     }
     for (i, s) in stages.iter().enumerate() {
         if s.name.is_empty() {
-            return Err(format!("stages[{i}].name: must not be empty"));
+            return Err(SpecError::UnnamedStage(i));
         }
         match s.share {
-            Share::Percent(p) if !(p > 0.0 && p <= 100.0) => {
-                return Err(format!("stages[{i}].percent: {p} is not in (0, 100]"))
-            }
-            Share::Count(0) => return Err(format!("stages[{i}].count: must be at least 1")),
+            Share::Percent(p) if !(p > 0.0 && p <= 100.0) => return Err(SpecError::Percent { stage: i, percent: p }),
+            Share::Count(0) => return Err(SpecError::ZeroCount(i)),
             _ => {}
         }
     }
@@ -164,25 +192,25 @@ pub fn validate_stages(stages: &[Stage]) -> Result<(), String> {
 }
 
 impl RolloutSpec {
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), SpecError> {
         validate_stages(&self.stages)?;
         let g = &self.gates;
         if !(0.0..=1.0).contains(&g.max_failed_ratio) {
-            return Err(format!("gates.max_failed_ratio: {} is not in [0, 1]", g.max_failed_ratio));
+            return Err(SpecError::MaxFailedRatio(g.max_failed_ratio));
         }
         if let Some(a) = g.min_shadow_agreement {
             if !(0.0..=1.0).contains(&a) {
-                return Err(format!("gates.min_shadow_agreement: {a} is not in [0, 1]"));
+                return Err(SpecError::MinShadowAgreement(a));
             }
         }
         if let Some(r) = g.max_anomaly_ratio {
             if r.is_nan() || r <= 0.0 {
-                return Err(format!("gates.max_anomaly_ratio: {r} must be > 0"));
+                return Err(SpecError::MaxAnomalyRatio(r));
             }
         }
         if let Some(p) = &self.previous {
             if p.sha256 == self.model.sha256 {
-                return Err("previous: is the model being rolled out".into());
+                return Err(SpecError::PreviousIsModel);
             }
         }
         Ok(())
@@ -342,7 +370,7 @@ impl Rollout {
     }
 
     /// An operator's action; returns an error naming why it does not apply.
-    pub fn act(&mut self, action: Action, now_ms: u64) -> Result<(), String> {
+    pub fn act(&mut self, action: Action, now_ms: u64) -> Result<(), ActionRefused> {
         let state = self.state.clone();
         match (action, &state) {
             (Action::Pause, State::Running | State::AwaitingApproval) => {
@@ -353,7 +381,7 @@ impl Rollout {
             }
             (Action::Abort, s) if s.is_active() => self.state = State::Aborted,
             (Action::Approve, State::AwaitingApproval) => self.advance(now_ms),
-            (a, s) => return Err(format!("cannot {a:?} a rollout that is {}", state_name(s)).to_lowercase()),
+            (action, s) => return Err(ActionRefused { action, state: state_name(s) }),
         }
         self.log(now_ms, format!("{action:?} by an operator").to_lowercase());
         Ok(())
@@ -620,5 +648,7 @@ fn state_name(s: &State) -> &'static str {
     }
 }
 
+#[cfg(test)]
+mod props;
 #[cfg(test)]
 mod tests;

@@ -251,7 +251,7 @@ impl Rollouts {
             manual_approval: req.manual_approval,
             policy: req.policy.unwrap_or_default(),
         };
-        spec.validate().map_err(RolloutError::BadRequest)?;
+        spec.validate().map_err(|e| RolloutError::BadRequest(e.to_string()))?;
         let id = format!("r{}", all.len() + 1);
         let mut changed = Vec::new();
         for old in all.iter().filter(|r| r.spec.class == class && !r.superseded) {
@@ -273,7 +273,7 @@ impl Rollouts {
     pub fn act(&self, id: &str, action: Action, now_ms: u64) -> Result<Rollout, RolloutError> {
         let _w = self.write();
         let mut r = self.get(id).ok_or_else(|| RolloutError::NotFound(format!("no rollout `{id}`")))?;
-        r.act(action, now_ms).map_err(RolloutError::Conflict)?;
+        r.act(action, now_ms).map_err(|e| RolloutError::Conflict(e.to_string()))?;
         self.store.put_rollout(&r)?;
         self.store.commit()?;
         self.publish_rollouts(vec![r.clone()]);

@@ -25,7 +25,6 @@
 pub mod data;
 pub mod scorer;
 
-use crate::free_port;
 use anyhow::Context;
 use data::Series;
 use edgeloop_agent::config::AgentConfig;
@@ -359,8 +358,9 @@ pub async fn run(opts: NabOptions) -> anyhow::Result<NabReport> {
     }
     anyhow::ensure!(!files.is_empty(), "no NAB files under {}", opts.data.display());
     let work = tempfile_dir(&opts.out)?;
-    let mqtt = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-    let mut cfg = Config::embedded(work.join("control-plane"), mqtt, SocketAddr::from(([127, 0, 0, 1], 0)));
+    // Port 0: the control plane binds its listeners and reports the ports (`mqtt_addr`, `api_addr`).
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    let mut cfg = Config::embedded(work.join("control-plane"), any, any);
     cfg.durability = edgeloop_common::durable::Durability::Flush;
     for s in &files {
         let c = class_config(s);

@@ -6,7 +6,7 @@ use crate::support::{binary, start_cp};
 use edgeloop_common::envelope::{Body, Envelope};
 use edgeloop_simulators::fleet::{self, FleetSpec};
 use edgeloop_simulators::free_port;
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, SubAck};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -109,12 +109,16 @@ impl Drop for Mosquitto {
     }
 }
 
-/// A raw client that forwards every message it receives.
-async fn client(port: u16, user: &str, password: &str) -> (AsyncClient, mpsc::UnboundedReceiver<(String, Vec<u8>)>) {
+type Inbox = mpsc::UnboundedReceiver<(String, Vec<u8>)>;
+
+/// A raw client that forwards every message it receives, and every SUBACK (see [`subscribe`]). It connects
+/// again until the broker lets it in (a user just added is let in once mosquitto has reloaded its passwords).
+async fn client(port: u16, user: &str, password: &str) -> (AsyncClient, Inbox, mpsc::UnboundedReceiver<SubAck>) {
     let mut opts = MqttOptions::new(user, "127.0.0.1", port);
     opts.set_credentials(user, password);
     let (c, mut el) = AsyncClient::new(opts, 64);
     let (tx, rx) = mpsc::unbounded_channel();
+    let (subacks_tx, subacks) = mpsc::unbounded_channel();
     let (ready_tx, ready) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
         let mut ready_tx = Some(ready_tx);
@@ -128,13 +132,37 @@ async fn client(port: u16, user: &str, password: &str) -> (AsyncClient, mpsc::Un
                 Ok(Event::Incoming(Packet::Publish(p))) => {
                     let _ = tx.send((p.topic.clone(), p.payload.to_vec()));
                 }
+                Ok(Event::Incoming(Packet::SubAck(s))) => {
+                    let _ = subacks_tx.send(s);
+                }
                 Ok(_) => {}
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
         }
     });
     tokio::time::timeout(Duration::from_secs(10), ready).await.expect("no CONNACK").unwrap();
-    (c, rx)
+    (c, rx, subacks)
+}
+
+/// Subscribes and waits for the broker's SUBACK: from then on, what is published on `filter` reaches the
+/// client (or, where the ACL forbids reading, is known not to).
+async fn subscribe(c: &AsyncClient, subacks: &mut mpsc::UnboundedReceiver<SubAck>, filter: &str) {
+    c.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+    let ack = tokio::time::timeout(Duration::from_secs(10), subacks.recv()).await.expect("no SUBACK").unwrap();
+    assert_eq!(ack.return_codes.len(), 1, "{ack:?}");
+}
+
+/// Takes messages from `rx` until `done` holds for all taken so far; fails after 10 s.
+async fn take_until(rx: &mut Inbox, what: &str, done: impl Fn(&[(String, Vec<u8>)]) -> bool) -> Vec<(String, Vec<u8>)> {
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !done(&got) {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(m)) => got.push(m),
+            _ => panic!("timed out waiting for {what}; got {got:?}"),
+        }
+    }
+    got
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -143,35 +171,37 @@ async fn mosquitto_acl_keeps_devices_to_their_own_topics() {
     let m = Mosquitto::start(dir.path());
     m.add_user("dev-a", "pass-a");
     m.add_user("dev-b", "pass-b");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let (cp, mut cp_rx) = client(m.port, "edgeloop-control-plane", "cp-secret").await;
-    let (a, mut a_rx) = client(m.port, "dev-a", "pass-a").await;
-    let (b, mut b_rx) = client(m.port, "dev-b", "pass-b").await;
-    cp.subscribe("edgeloop/v1/+/up/#", QoS::AtLeastOnce).await.unwrap();
-    b.subscribe("edgeloop/v1/dev-b/down/#", QoS::AtLeastOnce).await.unwrap();
+    let (cp, mut cp_rx, mut cp_subacks) = client(m.port, "edgeloop-control-plane", "cp-secret").await;
+    let (a, mut a_rx, mut a_subacks) = client(m.port, "dev-a", "pass-a").await;
+    let (b, mut b_rx, mut b_subacks) = client(m.port, "dev-b", "pass-b").await;
+    subscribe(&cp, &mut cp_subacks, "edgeloop/v1/+/up/#").await;
+    subscribe(&b, &mut b_subacks, "edgeloop/v1/dev-b/down/#").await;
     // A tries to listen in on B's downlink, and to speak on B's uplink.
-    a.subscribe("edgeloop/v1/dev-b/down/#", QoS::AtLeastOnce).await.unwrap();
-    a.subscribe("edgeloop/v1/+/down/#", QoS::AtLeastOnce).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    subscribe(&a, &mut a_subacks, "edgeloop/v1/dev-b/down/#").await;
+    subscribe(&a, &mut a_subacks, "edgeloop/v1/+/down/#").await;
     a.publish("edgeloop/v1/dev-b/up/telemetry", QoS::AtLeastOnce, false, b"forged".to_vec()).await.unwrap();
     a.publish("edgeloop/v1/dev-a/up/telemetry", QoS::AtLeastOnce, false, b"mine".to_vec()).await.unwrap();
     cp.publish("edgeloop/v1/dev-b/down/ack", QoS::AtLeastOnce, false, b"for b".to_vec()).await.unwrap();
+    // A marker on A's own downlink, after B's: once A has it, B's acknowledgement would have reached A before
+    // it (mosquitto forwards one client's messages in order).
+    cp.publish("edgeloop/v1/dev-a/down/ack", QoS::AtLeastOnce, false, b"for a".to_vec()).await.unwrap();
     b.publish("edgeloop/v1/dev-b/up/status", QoS::AtLeastOnce, false, b"b's own".to_vec()).await.unwrap();
 
-    let recv = |rx: &mut mpsc::UnboundedReceiver<(String, Vec<u8>)>| {
-        let mut got = Vec::new();
-        while let Ok(m) = rx.try_recv() {
-            got.push(m);
-        }
-        got
+    let has = |got: &[(String, Vec<u8>)], topic: &str, payload: &[u8]| {
+        got.iter().any(|(t, p)| t == topic && p.as_slice() == payload)
     };
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let at_cp = recv(&mut cp_rx);
-    assert!(at_cp.contains(&("edgeloop/v1/dev-a/up/telemetry".into(), b"mine".to_vec())), "{at_cp:?}");
-    assert!(at_cp.contains(&("edgeloop/v1/dev-b/up/status".into(), b"b's own".to_vec())), "{at_cp:?}");
+    // A's "forged" went out before its "mine": once "mine" is in, "forged" would be too.
+    let at_cp = take_until(&mut cp_rx, "A's and B's own uplink at the control plane", |got| {
+        has(got, "edgeloop/v1/dev-a/up/telemetry", b"mine") && has(got, "edgeloop/v1/dev-b/up/status", b"b's own")
+    })
+    .await;
     assert!(!at_cp.iter().any(|(_, p)| p == b"forged"), "A's publish on B's topic got through: {at_cp:?}");
-    assert_eq!(recv(&mut b_rx), vec![("edgeloop/v1/dev-b/down/ack".into(), b"for b".to_vec())]);
-    assert_eq!(recv(&mut a_rx), vec![], "A read B's downlink");
+    let at_b = take_until(&mut b_rx, "B's acknowledgement", |got| !got.is_empty()).await;
+    assert_eq!(at_b, vec![("edgeloop/v1/dev-b/down/ack".into(), b"for b".to_vec())]);
+    let at_a =
+        take_until(&mut a_rx, "the marker on A's downlink", |got| has(got, "edgeloop/v1/dev-a/down/ack", b"for a"))
+            .await;
+    assert_eq!(at_a, vec![("edgeloop/v1/dev-a/down/ack".into(), b"for a".to_vec())], "A read B's downlink");
     // A user unknown to the broker is refused.
     let mut opts = MqttOptions::new("dev-c", "127.0.0.1", m.port);
     opts.set_credentials("dev-c", "guess");
@@ -290,7 +320,7 @@ async fn forged_ack_deletes_nothing() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let committed = outbox.stats().durable_seq;
-    let (attacker_client, _rx) = client(broker.port, "attacker", "x").await;
+    let (attacker_client, _rx, _subacks) = client(broker.port, "attacker", "x").await;
     let topic = format!("edgeloop/v1/{id}/down/ack");
     let ack = |upto: u64, by: Option<&edgeloop_common::signing::Signer>| {
         let mut env = Envelope::new(id.as_str(), upto, 0, Body::Ack(edgeloop_common::envelope::Ack { upto }));

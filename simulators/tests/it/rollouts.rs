@@ -5,7 +5,7 @@ use crate::support::{start_cp, wait_for};
 use edgeloop_common::update::Phase;
 use edgeloop_control_plane::rollout::engine::State;
 use edgeloop_simulators::fleet::{self, FleetSpec, SimDevice};
-use edgeloop_simulators::{class_config, free_port, rollouts};
+use edgeloop_simulators::{class_config, rollouts};
 use serde_json::json;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -154,15 +154,17 @@ async fn rollout_completes_then_canary_breach_rolls_back_and_late_joiner_gets_ro
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_plane_restart_mid_rollout_resumes() {
     let dir = tempfile::tempdir().unwrap();
-    let mqtt = SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
-    let api_addr = SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
-    let start = |cancel: CancellationToken| {
-        let mut cfg = edgeloop_control_plane::config::Config::embedded(dir.path().join("cp"), mqtt, api_addr);
+    let start = |mqtt: SocketAddr, api: SocketAddr, cancel: CancellationToken| {
+        let mut cfg = edgeloop_control_plane::config::Config::embedded(dir.path().join("cp"), mqtt, api);
         cfg.rollouts.tick_ms = 50;
         edgeloop_control_plane::ControlPlane::start(cfg, cancel)
     };
+    // The first start binds port 0 and reports the ports it got; the restart comes back on those ports, which
+    // the agents keep using.
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
     let cp_cancel = CancellationToken::new();
-    let cp = start(cp_cancel.clone()).await.unwrap();
+    let cp = start(any, any, cp_cancel.clone()).await.unwrap();
+    let (mqtt, api_addr) = (SocketAddr::from(([127, 0, 0, 1], cp.mqtt_addr.1)), cp.api_addr);
     edgeloop_simulators::http::authorize(api_addr, cp.admin_token.as_deref().unwrap());
     let class = class_config(CLASS).unwrap();
     let good = rollouts::upload_reference_model(api_addr, CLASS, &class, 1e9).await.unwrap();
@@ -189,7 +191,7 @@ async fn control_plane_restart_mid_rollout_resumes() {
     cp_cancel.cancel();
     cp.join().await.unwrap();
     let cp_cancel = CancellationToken::new();
-    let cp = start(cp_cancel.clone()).await.unwrap();
+    let cp = start(mqtt, api_addr, cp_cancel.clone()).await.unwrap();
     let after: edgeloop_control_plane::rollout::RolloutView =
         edgeloop_simulators::http::get_json(api_addr, &format!("/api/v1/rollouts/{}", r.id)).await.unwrap();
     assert_eq!((after.state, after.stage, after.devices.len()), (State::AwaitingApproval, 0, 1), "state survived");

@@ -127,6 +127,7 @@ async fn revoked_device_cut_off() {
         devices[0].samples.send(s).await.unwrap();
     }
     let outbox = devices[0].agent.outbox.clone();
+    let counters = devices[0].agent.counters.clone();
     wait_for("first records acknowledged", Duration::from_secs(20), || outbox.stats().acked == 50).await;
     assert_eq!(cp.front.connections(&id), 1);
 
@@ -144,7 +145,13 @@ async fn revoked_device_cut_off() {
     for s in devices[0].generator.take(50) {
         devices[0].samples.send(s).await.unwrap();
     }
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    wait_for("the new records committed", Duration::from_secs(20), || outbox.stats().durable_seq == 100).await;
+    // Two attempts to connect again, both refused: it keeps trying, and the broker keeps it out.
+    let failed = counters.connect_failures.load(std::sync::atomic::Ordering::Relaxed);
+    wait_for("two refused reconnects", Duration::from_secs(20), || {
+        counters.connect_failures.load(std::sync::atomic::Ordering::Relaxed) >= failed + 2
+    })
+    .await;
     assert_eq!(cp.front.connections(&id), 0, "the broker does not let it back in");
     assert_eq!(cp.store.count(&id).unwrap(), 50);
     assert!(outbox.stats().acked == 50 && outbox.stats().durable_seq == 100, "{:?}", outbox.stats());

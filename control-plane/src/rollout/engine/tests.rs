@@ -366,20 +366,22 @@ fn forged_desired_state_cannot_fail_a_rollout() {
 fn specs_are_validated() {
     let mut s = spec();
     s.stages[1].share = Share::Percent(0.0);
-    assert_eq!(s.validate().unwrap_err(), "stages[1].percent: 0 is not in (0, 100]");
+    assert_eq!(s.validate().unwrap_err().to_string(), "stages[1].percent: 0 is not in (0, 100]");
+    assert_eq!(s.validate(), Err(SpecError::Percent { stage: 1, percent: 0.0 }));
     let mut s = spec();
     s.stages.clear();
-    assert!(s.validate().unwrap_err().starts_with("stages:"));
+    assert!(s.validate().unwrap_err().to_string().starts_with("stages:"));
     let mut s = spec();
     s.gates.max_failed_ratio = 2.0;
-    assert!(s.validate().unwrap_err().starts_with("gates.max_failed_ratio"));
+    assert!(s.validate().unwrap_err().to_string().starts_with("gates.max_failed_ratio"));
     assert!(spec().validate().is_ok());
 }
 
 #[test]
 fn operator_actions_follow_the_state() {
     let mut r = Rollout::new("r1".into(), spec(), 0);
-    assert_eq!(r.act(Action::Resume, 1).unwrap_err(), "cannot resume a rollout that is running");
+    assert_eq!(r.act(Action::Resume, 1).unwrap_err().to_string(), "cannot resume a rollout that is running");
+    assert_eq!(r.act(Action::Resume, 1), Err(ActionRefused { action: Action::Resume, state: "running" }));
     r.act(Action::Pause, 1).unwrap();
     r.act(Action::Abort, 2).unwrap();
     assert_eq!(r.state, State::Aborted);

@@ -1,0 +1,124 @@
+//! The one shape of edgeloop's `main` functions: parse the command line, run, and turn the outcome into an
+//! exit code, printing the error (if any) to stderr as `{program}: {error}`.
+//!
+//! Exit codes: 0 on success, 2 for a bad configuration or a bad command line, 1 for anything else.
+//!
+//! ```ignore
+//! fn main() -> ExitCode {
+//!     let cli = Cli::parse();
+//!     edgeloop_common::cli::exit("edgeloop-agent", try_main(cli))
+//! }
+//!
+//! fn try_main(cli: Cli) -> Result<(), Failure> {
+//!     let cfg = AgentConfig::load(&cli.config).map_err(Failure::config)?; // exit 2
+//!     run(cfg)?; // an anyhow::Error: exit 1
+//!     Ok(())
+//! }
+//! ```
+
+use std::fmt;
+use std::process::ExitCode;
+
+/// Why a program failed, and so which exit code it returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// The configuration file is wrong: printed as `bad configuration: {error}`, exit 2.
+    Config,
+    /// A command-line argument is wrong: printed as is, exit 2.
+    Usage,
+    /// Anything else: printed with its chain of causes, exit 1.
+    Other,
+}
+
+/// A failure of a program's `main`, carrying its exit code. Any `anyhow::Error` converts into one of
+/// [`Kind::Other`] (exit 1), so `?` works on `anyhow::Result`.
+#[derive(Debug)]
+pub struct Failure {
+    kind: Kind,
+    error: anyhow::Error,
+}
+
+impl Failure {
+    /// A bad configuration (exit 2), printed as `bad configuration: {e}` (`e`'s own message only, not its
+    /// causes).
+    pub fn config(e: impl fmt::Display) -> Failure {
+        Failure { kind: Kind::Config, error: anyhow::Error::msg(e.to_string()) }
+    }
+
+    /// A bad command line (exit 2), printed as `message` says (e.g. `--broker: {e}`).
+    pub fn usage(message: impl fmt::Display) -> Failure {
+        Failure { kind: Kind::Usage, error: anyhow::Error::msg(message.to_string()) }
+    }
+
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// 2 for a bad configuration or command line, 1 for anything else.
+    pub fn exit_code(&self) -> u8 {
+        match self.kind {
+            Kind::Config | Kind::Usage => 2,
+            Kind::Other => 1,
+        }
+    }
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(error: anyhow::Error) -> Failure {
+        Failure { kind: Kind::Other, error }
+    }
+}
+
+/// `{e}` prints the top message; `{e:#}` the chain of causes (as anyhow does).
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.kind == Kind::Config {
+            f.write_str("bad configuration: ")?;
+        }
+        if f.alternate() {
+            write!(f, "{:#}", self.error)
+        } else {
+            write!(f, "{}", self.error)
+        }
+    }
+}
+
+/// Prints a failure to stderr as `{program}: {e:#}` and returns its exit code; success is exit 0.
+pub fn exit(program: &str, result: Result<(), Failure>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{program}: {e:#}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_and_messages() {
+        let c = Failure::config("line 3: `x` is not a number");
+        assert_eq!(c.exit_code(), 2);
+        assert_eq!(format!("{c:#}"), "bad configuration: line 3: `x` is not a number");
+        let u = Failure::usage("--broker: `x` must start with mqtts://");
+        assert_eq!(u.exit_code(), 2);
+        assert_eq!(format!("{u:#}"), "--broker: `x` must start with mqtts://");
+        let o: Failure = anyhow::anyhow!("disk full").context("writing the outbox").into();
+        assert_eq!(o.exit_code(), 1);
+        assert_eq!(o.kind(), Kind::Other);
+        assert_eq!(format!("{o:#}"), "writing the outbox: disk full");
+        assert_eq!(format!("{o}"), "writing the outbox");
+    }
+
+    #[test]
+    fn question_mark_converts_anyhow() {
+        fn f() -> Result<(), Failure> {
+            Err(anyhow::anyhow!("boom"))?;
+            Ok(())
+        }
+        assert_eq!(f().unwrap_err().exit_code(), 1);
+    }
+}
