@@ -43,8 +43,7 @@ fn main() {
                 &st,
                 &Hyper { epochs: n, ..h.clone() },
                 seed,
-                &Stop::never(),
-                &mut |_, _| {},
+                &mut |_, _| Ok(()),
             )
             .expect("train");
             v.push(t.elapsed().as_secs_f64());
@@ -68,9 +67,8 @@ fn main() {
         &val,
         &st,
         &base,
-        Budget { trials: 6, max_seconds: None },
+        Budget { trials: 6, max_seconds: None, stop: Stop::never() },
         7,
-        &Stop::never(),
         &mut |_, _| {},
     )
     .expect("search");

@@ -2,7 +2,7 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: `control-plane.toml`.
+//! - [`config`]: the `control-plane.toml` file.
 //! - [`fleet`]: devices, enrollment, ingest, the telemetry store.
 //! - [`broker`]: the embedded broker, the devices' listener in front of it, the external-broker ACL.
 //! - [`ml`]: datasets, training, the model registry, jobs, triggers, drift.

@@ -70,7 +70,10 @@ fn every_device_trains_the_same_autoencoder() {
     for t in targets(&devices) {
         let m = devices
             .run_on(t, |dev| {
-                autoencoder::train(dev, &train, &val, &st, &h, 7, &Stop::never(), &mut |_, l| losses.push(l))
+                autoencoder::train(dev, &train, &val, &st, &h, 7, &mut |_, l| {
+                    losses.push(l);
+                    Ok(())
+                })
             })
             .unwrap_or_else(|e| panic!("{t}: {e}"))
             .unwrap_or_else(|e| panic!("{t}: {e}"));
@@ -113,7 +116,7 @@ fn every_device_trains_the_same_forecaster() {
         .into_iter()
         .map(|t| {
             let f = devices
-                .run_on(t, |dev| forecaster::train(dev, &tw, &vw, 5, &st, &h, 11, &Stop::never()))
+                .run_on(t, |dev| forecaster::train(dev, &tw, &vw, &st, &h, 11, &Stop::never()))
                 .unwrap()
                 .unwrap();
             (t, f)

@@ -36,7 +36,7 @@ pub async fn check_role(State((s, need)): State<(AppState, Role)>, mut req: Requ
             resp.extensions_mut().insert(caller);
             resp
         }
-        Err(refused) => refused,
+        Err(refused) => *refused,
     }
 }
 
@@ -62,7 +62,7 @@ fn authenticate(
     uri: &Uri,
     headers: &HeaderMap,
     need: Role,
-) -> Result<Operator, Response> {
+) -> Result<Operator, Box<Response>> {
     let path = uri.path();
     let read = is_read(method);
     let bearer = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_string);
@@ -73,7 +73,9 @@ fn authenticate(
         Err(_) if read && super::dashboard::is_page(path) => {
             // A browser without a (valid) session goes to the login page, and comes back after it.
             let back = uri.path_and_query().map_or("/", |p| p.as_str());
-            return Err(axum::response::Redirect::to(&format!("/login?next={}", url_encode(back))).into_response());
+            return Err(Box::new(
+                axum::response::Redirect::to(&format!("/login?next={}", url_encode(back))).into_response(),
+            ));
         }
         Err(e) => {
             s.metrics.reject("api_unauthorized");
@@ -82,7 +84,7 @@ fn authenticate(
             r.headers_mut().insert(header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
             r.extensions_mut().insert(Caller("unauthenticated".into()));
             r.extensions_mut().insert(Refusal(e.to_string()));
-            return Err(r);
+            return Err(Box::new(r));
         }
     };
     let caller = Caller(format!("{} ({})", op.name, op.id));
@@ -92,7 +94,7 @@ fn authenticate(
             ApiError { status: StatusCode::FORBIDDEN, error: "forbidden", detail: detail.clone() }.into_response();
         r.extensions_mut().insert(caller.clone());
         r.extensions_mut().insert(Refusal(detail));
-        r
+        Box::new(r)
     };
     if op.role < need {
         return Err(refuse(format!("{method} {path} needs the {need} role; token `{}` has {}", op.name, op.role)));
@@ -116,7 +118,7 @@ pub async fn fallback(State(s): State<AppState>, req: Request) -> Response {
                 let caller = Caller(format!("{} ({})", op.name, op.id));
                 (super::dashboard::layout::Who::from(&op), Some(caller))
             }
-            Err(refused) => return refused,
+            Err(refused) => return *refused,
         }
     } else {
         (super::dashboard::layout::Who::anyone(), None)

@@ -66,7 +66,7 @@ pub fn run_epoch(
     Ok(())
 }
 
-/// Trains on `device` with `train`, stopping early on `val`. `on_epoch(epoch, val_loss)` reports progress.
+/// Trains on `device` with `train`, stopping early on `val`. `on_epoch(epoch, val_loss)` reports progress; an error from it (a stop, see [`super::Stop`]) ends the training with that error.
 pub fn train(
     device: &Device,
     train: &[Row],
@@ -74,8 +74,7 @@ pub fn train(
     st: &Standardizer,
     h: &Hyper,
     seed: u64,
-    stop_requested: &super::Stop,
-    on_epoch: &mut dyn FnMut(usize, f64),
+    on_epoch: &mut dyn FnMut(usize, f64) -> Result<(), TrainError>,
 ) -> Result<Autoencoder, TrainError> {
     let d = st.mean.len();
     let model = Mlp::new(&sizes(d, h), seed, device)?;
@@ -86,12 +85,11 @@ pub fn train(
     let mut order: Vec<u32> = (0..train.len() as u32).collect();
     let (mut stop, mut epochs_run) = (EarlyStopping::new(&model, h.patience)?, 0);
     for epoch in 0..h.epochs {
-        stop_requested.check()?;
         order.shuffle(&mut rng);
         run_epoch(&model, &xt, &order, h.batch, &mut |loss| opt.backward_step(loss))?;
         epochs_run = epoch + 1;
         let vl = row_errors(&model, &xv)?.mean_all()?.to_scalar::<f32>()? as f64;
-        on_epoch(epoch, vl);
+        on_epoch(epoch, vl)?;
         if stop.observe(&model, epoch, vl)? {
             break;
         }

@@ -121,13 +121,12 @@ pub fn train(
     dev: &Device,
     train: &[Vec<f32>],
     val: &[Vec<f32>],
-    frames: usize,
     st: &Standardizer,
     h: &Hyper,
     seed: u64,
     stop_requested: &super::Stop,
 ) -> Result<Forecaster, TrainError> {
-    let d = st.mean.len();
+    let (d, frames) = (st.mean.len(), h.window);
     if frames < 2 || train.is_empty() || val.is_empty() {
         return Err(TrainError::NoTrial);
     }
@@ -214,8 +213,8 @@ pub fn search(
         }
         let t0 = std::time::Instant::now();
         let work = Work::of(&sizes(h.window, d, h), h.batch);
-        let (f, plan) = devices
-            .run(work, |dev| train(dev, &tw.x, &vw.x, h.window, st, h, seed.wrapping_add(1000 + i as u64), stop))?;
+        let (f, plan) =
+            devices.run(work, |dev| train(dev, &tw.x, &vw.x, st, h, seed.wrapping_add(1000 + i as u64), stop))?;
         let f = f?;
         out.push(super::search::Trial::finished(i, 0, h.clone(), (f.epochs_run, f.val_loss), t0, &plan));
         if best.as_ref().is_none_or(|b| f.val_loss < b.val_loss) {
@@ -316,7 +315,7 @@ mod tests {
         let st = Standardizer::fit(&train_rows, 1);
         let h = Hyper { width: 16, depth: 1, lr: 1e-2, epochs: 40, batch: 64, patience: 5, window: 9 };
         let (tw, vw) = (windows(&train_rows, 9, 1), windows(&val_rows, 9, 1));
-        let f = train(&Device::Cpu, &tw.x, &vw.x, 9, &st, &h, 7, &crate::ml::training::Stop::never()).unwrap();
+        let f = train(&Device::Cpu, &tw.x, &vw.x, &st, &h, 7, &crate::ml::training::Stop::never()).unwrap();
         let normal = score(&f, &st, &vw.x).unwrap();
         let typical = crate::ml::training::eval::quantile(&normal, 0.99);
         let jumped = sine(400, Some(300));
@@ -326,7 +325,7 @@ mod tests {
         let at_jump = s[300 - 8];
         assert!(at_jump > 5.0 * typical, "score at the jump {at_jump}, normal 99th percentile {typical}");
         // Same seed, same model.
-        let again = train(&Device::Cpu, &tw.x, &vw.x, 9, &st, &h, 7, &crate::ml::training::Stop::never()).unwrap();
+        let again = train(&Device::Cpu, &tw.x, &vw.x, &st, &h, 7, &crate::ml::training::Stop::never()).unwrap();
         assert_eq!(again.weights, f.weights);
     }
 

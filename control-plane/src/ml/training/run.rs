@@ -131,7 +131,7 @@ fn train_autoencoder(
     progress: &mut dyn FnMut(f32, &str),
 ) -> Result<ModelVersion, RunError> {
     let base = req.hyper.clone().unwrap_or_default();
-    let budget = Budget { trials: req.trials.max(1), max_seconds: req.max_seconds };
+    let budget = Budget { trials: req.trials.max(1), max_seconds: req.max_seconds, stop: req.stop.clone() };
     // The autoencoder learns normal operation: rows labelled as anomalies stay out of its training split and
     // of the validation loss that early stopping and the search minimise (the threshold still sees them), and
     // so do rows the agents flagged when the dataset asks for it (and they are few enough to be anomalies).
@@ -142,17 +142,10 @@ fn train_autoencoder(
     }
     let normal: Vec<dataset::Row> = ds.train.iter().filter(is_normal).cloned().collect();
     let normal_val: Vec<dataset::Row> = ds.val.iter().filter(is_normal).cloned().collect();
-    let outcome = search::run(
-        devices,
-        &normal,
-        &normal_val,
-        &ds.standardizer,
-        &base,
-        budget,
-        req.seed,
-        &req.stop,
-        &mut |f, m| progress(0.05 + 0.8 * f, m),
-    )?;
+    let outcome =
+        search::run(devices, &normal, &normal_val, &ds.standardizer, &base, budget, req.seed, &mut |f, m| {
+            progress(0.05 + 0.8 * f, m)
+        })?;
     let weights = &outcome.model.weights;
 
     // (a2) A forecaster over windows of the same rows, and the choice between the two on validation data.

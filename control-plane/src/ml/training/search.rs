@@ -14,11 +14,14 @@ use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use std::time::{Duration, Instant};
 
-/// How much searching to do.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+/// How much searching to do, and when to give up.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Budget {
     pub trials: usize,
     pub max_seconds: Option<f64>,
+    /// Checked between trials and epochs.
+    #[serde(skip)]
+    pub stop: super::Stop,
 }
 
 /// One trained configuration at one rung.
@@ -92,10 +95,10 @@ pub fn run(
     base: &Hyper,
     budget: Budget,
     seed: u64,
-    stop: &super::Stop,
     progress: &mut dyn FnMut(f32, &str),
 ) -> Result<Outcome, TrainError> {
     let started = Instant::now();
+    let stop = &budget.stop;
     let deadline = budget.max_seconds.map(|s| started + Duration::from_secs_f64(s));
     let configs = draw(base, budget.trials, seed);
     let mut survivors: Vec<usize> = (0..configs.len()).collect();
@@ -126,7 +129,7 @@ pub fn run(
             let t0 = Instant::now();
             let work = Work::of(&autoencoder::sizes(st.mean.len(), &h), h.batch);
             let (model, plan) = devices.run(work, |dev| {
-                autoencoder::train(dev, train, val, st, &h, seed.wrapping_add(i as u64), stop, &mut |_, _| {})
+                autoencoder::train(dev, train, val, st, &h, seed.wrapping_add(i as u64), &mut |_, _| stop.check())
             })?;
             let model = model?;
             let trial = Trial::finished(i, rung, h, (model.epochs_run, model.val_loss), t0, &plan);

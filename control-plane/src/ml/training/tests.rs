@@ -53,17 +53,8 @@ fn quick() -> Hyper {
 #[test]
 fn autoencoder_separates_injected_anomalies() {
     let ds = synthetic(3000, 1);
-    let m = autoencoder::train(
-        &Device::Cpu,
-        &ds.train,
-        &ds.val,
-        &ds.standardizer,
-        &quick(),
-        7,
-        &super::Stop::never(),
-        &mut |_, _| {},
-    )
-    .unwrap();
+    let m = autoencoder::train(&Device::Cpu, &ds.train, &ds.val, &ds.standardizer, &quick(), 7, &mut |_, _| Ok(()))
+        .unwrap();
     let scores = autoencoder::score(&m.weights, &ds.standardizer, &ds.test).unwrap();
     let labels: Vec<bool> = ds.test.iter().map(|r| r.label == Some(1)).collect();
     assert!(labels.iter().filter(|&&l| l).count() > 20);
@@ -81,8 +72,7 @@ fn export_matches_candle_and_loads_from_bytes() {
         &ds.standardizer,
         &Hyper { epochs: 5, ..quick() },
         3,
-        &super::Stop::never(),
-        &mut |_, _| {},
+        &mut |_, _| Ok(()),
     )
     .unwrap();
     let bytes = onnx::export_autoencoder(&m.weights, &ds.standardizer, "test");
@@ -101,17 +91,8 @@ fn same_seed_same_model_bytes() {
     let ds = synthetic(600, 3);
     let h = Hyper { epochs: 4, ..quick() };
     let export = |seed| {
-        let m = autoencoder::train(
-            &Device::Cpu,
-            &ds.train,
-            &ds.val,
-            &ds.standardizer,
-            &h,
-            seed,
-            &super::Stop::never(),
-            &mut |_, _| {},
-        )
-        .unwrap();
+        let m = autoencoder::train(&Device::Cpu, &ds.train, &ds.val, &ds.standardizer, &h, seed, &mut |_, _| Ok(()))
+            .unwrap();
         onnx::export_autoencoder(&m.weights, &ds.standardizer, "x")
     };
     assert_eq!(export(11), export(11));
@@ -157,9 +138,8 @@ fn search_records_every_trial_and_keeps_the_best() {
         &ds.val,
         &ds.standardizer,
         &base,
-        super::search::Budget { trials: 4, max_seconds: None },
+        super::search::Budget { trials: 4, max_seconds: None, stop: super::Stop::never() },
         1,
-        &super::Stop::never(),
         &mut |_, _| {},
     )
     .unwrap();
@@ -294,17 +274,8 @@ fn a_forecaster_is_chosen_where_context_matters_and_beats_an_autoencoder_in_prod
     let (_dir, registry) = registry();
     let ds = sines(3000, 9);
     // In production: an autoencoder of the same class, as an earlier training would have left it.
-    let ae = autoencoder::train(
-        &Device::Cpu,
-        &ds.train,
-        &ds.val,
-        &ds.standardizer,
-        &quick(),
-        1,
-        &super::Stop::never(),
-        &mut |_, _| {},
-    )
-    .unwrap();
+    let ae = autoencoder::train(&Device::Cpu, &ds.train, &ds.val, &ds.standardizer, &quick(), 1, &mut |_, _| Ok(()))
+        .unwrap();
     let ae_bytes = onnx::export_autoencoder(&ae.weights, &ds.standardizer, "autoencoder");
     let mut req = TrainRequest::new("sines");
     req.trials = 1;
@@ -355,17 +326,8 @@ fn without_labels_production_is_compared_by_detection_not_by_score_scale() {
     // In production: an autoencoder that barely trained, exported with a standardizer 100 times too wide, so
     // it scores every row near 0 and detects nothing.
     let cripple = Hyper { epochs: 1, lr: 1e-6, ..quick() };
-    let weak = autoencoder::train(
-        &Device::Cpu,
-        &ds.train,
-        &ds.val,
-        &ds.standardizer,
-        &cripple,
-        1,
-        &super::Stop::never(),
-        &mut |_, _| {},
-    )
-    .unwrap();
+    let weak = autoencoder::train(&Device::Cpu, &ds.train, &ds.val, &ds.standardizer, &cripple, 1, &mut |_, _| Ok(()))
+        .unwrap();
     let mut wide = ds.standardizer.clone();
     wide.std.iter_mut().for_each(|s| *s *= 100.0);
     let weak_bytes = onnx::export_autoencoder(&weak.weights, &wide, "autoencoder");
