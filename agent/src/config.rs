@@ -214,45 +214,7 @@ impl AgentConfig {
     }
 }
 
-/// Why a broker URL was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum BrokerUrlError {
-    #[error("`{0}` must start with mqtts:// (or mqtt:// for plaintext)")]
-    Scheme(String),
-    #[error("`{0}` is not a port number")]
-    Port(String),
-    #[error("`{0}` has no host")]
-    NoHost(String),
-    /// An `mqtts://` URL where only plaintext is supported.
-    #[error("`{0}`: use mqtt:// here")]
-    TlsNotHere(String),
-}
-
-/// Splits `mqtt://host:port` (port 1883 by default).
-pub fn parse_mqtt_url(url: &str) -> Result<(String, u16), BrokerUrlError> {
-    match parse_broker_url(url)? {
-        (h, p, false) => Ok((h, p)),
-        (_, _, true) => Err(BrokerUrlError::TlsNotHere(url.to_string())),
-    }
-}
-
-/// Splits `mqtt://host:port` (port 1883) or `mqtts://host:port` (TLS, port 8883); the flag says TLS.
-pub fn parse_broker_url(url: &str) -> Result<(String, u16, bool), BrokerUrlError> {
-    let (rest, tls) = match (url.strip_prefix("mqtts://"), url.strip_prefix("mqtt://")) {
-        (Some(r), _) => (r, true),
-        (None, Some(r)) => (r, false),
-        (None, None) => return Err(BrokerUrlError::Scheme(url.to_string())),
-    };
-    let rest = rest.trim_end_matches('/');
-    let (host, port) = match rest.rsplit_once(':') {
-        Some((h, p)) => (h, p.parse::<u16>().map_err(|_| BrokerUrlError::Port(p.to_string()))?),
-        None => (rest, if tls { 8883 } else { 1883 }),
-    };
-    if host.is_empty() {
-        return Err(BrokerUrlError::NoHost(url.to_string()));
-    }
-    Ok((host.trim_start_matches('[').trim_end_matches(']').to_string(), port, tls))
-}
+pub use edgeloop_common::broker_url::{parse_broker_url, parse_mqtt_url, BrokerUrlError};
 
 impl RawConfig {
     pub fn validate(self, path: &Path) -> Result<AgentConfig, ConfigError> {
@@ -391,7 +353,7 @@ impl RawConfig {
                 let file = resolve_relative(path, file);
                 let token = std::fs::read_to_string(&file)
                     .map_err(|e| c.fail("identity.enrollment_token_file", format!("{}: {e}", file.display())))?;
-                crate::identity::warn_if_exposed(&file);
+                edgeloop_common::private::warn_if_exposed(&file);
                 identity.enroll = Some(crate::identity::Enroll { url: url.clone(), token: token.trim().to_string() });
             }
             (None, None) => {}

@@ -8,46 +8,20 @@
 use anyhow::Context;
 use ring::signature::{Ed25519KeyPair, KeyPair};
 use serde::{Deserialize, Serialize};
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-
-/// Warns when a file holding a secret can be read by group or others.
-pub fn warn_if_exposed(path: &Path) {
-    if let Ok(m) = std::fs::metadata(path) {
-        let mode = m.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            tracing::warn!(path = %path.display(), mode = format!("{mode:o}"), "secret file is readable by others; run chmod 600");
-        }
-    }
-}
 
 fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+    edgeloop_common::private::write_atomic(path, bytes).with_context(|| format!("writing {}", path.display()))
 }
 
 /// Loads the device key, creating it on first start. Blocking.
 pub fn load_or_create_key(path: &Path) -> anyhow::Result<Ed25519KeyPair> {
     if path.exists() {
-        warn_if_exposed(path);
+        edgeloop_common::private::warn_if_exposed(path);
         let bytes = std::fs::read(path).with_context(|| format!("reading device key {}", path.display()))?;
         return Ed25519KeyPair::from_pkcs8(&bytes)
             .map_err(|e| anyhow::anyhow!("device key {} is not an Ed25519 PKCS#8 key: {e}", path.display()));
@@ -75,7 +49,7 @@ impl Credentials {
     pub fn load(path: &Path) -> anyhow::Result<Option<Credentials>> {
         match std::fs::read(path) {
             Ok(b) => {
-                warn_if_exposed(path);
+                edgeloop_common::private::warn_if_exposed(path);
                 Ok(Some(serde_json::from_slice(&b).with_context(|| format!("{} is corrupt", path.display()))?))
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -198,6 +172,7 @@ pub async fn credentials(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn key_is_created_private_and_reloaded() {

@@ -169,8 +169,7 @@ impl Outbox {
                 score: r.score,
                 flags: r.flags,
             };
-            let mut buf = Vec::with_capacity(64 + 5 * rec.features.len());
-            ciborium::into_writer(&rec, &mut buf).expect("CBOR encoding into a Vec is infallible");
+            let buf = edgeloop_common::signing::to_cbor_with_capacity(&rec, 64 + 5 * rec.features.len());
             encoded.push((rec.seq, buf));
         }
         let last = first + encoded.len() as u64 - 1;
@@ -214,9 +213,7 @@ impl Outbox {
         batch.insert(META_NEXT_SEQ, &(last + 1).to_be_bytes());
         if dropped_count > 0 {
             batch.insert(META_DROPPED_TOTAL, &(acc.dropped_total + dropped_count).to_be_bytes());
-            let mut buf = Vec::new();
-            ciborium::into_writer(&ranges, &mut buf).expect("CBOR encoding into a Vec is infallible");
-            batch.insert(META_DROPPED_RANGES, buf);
+            batch.insert(META_DROPPED_RANGES, edgeloop_common::signing::to_cbor(&ranges));
         }
         self.tree.apply_batch(batch)?;
         acc.next_seq = last + 1;

@@ -211,9 +211,7 @@ impl Envelope {
         }
         let unsigned =
             Unsigned { v: self.v, device: &self.device, seq: self.seq, sent_at: self.sent_at, body: &self.body };
-        let mut out = Vec::with_capacity(256);
-        ciborium::into_writer(&unsigned, &mut out).expect("CBOR encoding into a Vec is infallible");
-        out
+        crate::signing::to_cbor_with_capacity(&unsigned, 256)
     }
 
     /// Signs this envelope with the device's key.
@@ -294,10 +292,7 @@ impl TelemetryBatch {
 
 /// Encodes an envelope to CBOR.
 pub fn encode(env: &Envelope) -> Vec<u8> {
-    let mut out = Vec::with_capacity(256);
-    // Writing to a Vec cannot fail, and every field type serialises.
-    ciborium::into_writer(env, &mut out).expect("CBOR encoding into a Vec is infallible");
-    out
+    crate::signing::to_cbor_with_capacity(env, 256)
 }
 
 /// Decodes and validates an envelope, enforcing `max_bytes`, [`MAX_DEPTH`] and [`PROTOCOL_VERSION`].

@@ -63,6 +63,34 @@ pub fn create_file(path: &Path) -> std::io::Result<File> {
     OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)
 }
 
+/// Replaces `path` with `bytes` atomically and durably: a mode-0600 temporary file beside it (`.<name>.tmp`),
+/// fsync, rename over `path`, fsync of the directory. A crash leaves the old file or the new one, never a
+/// mix. Blocking.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let mut f = create_file(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    File::open(dir)?.sync_all()
+}
+
+/// Warns when a file holding a secret (a key, a password file) can be read by group or others.
+pub fn warn_if_exposed(path: &Path) {
+    if let Ok(m) = std::fs::metadata(path) {
+        let mode = m.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(path = %path.display(), mode = format!("{mode:o}"), "secret file is readable by others; run chmod 600");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -75,7 +75,13 @@ impl Signed {
 
 /// CBOR bytes of a value (fixed field order, definite lengths).
 pub fn to_cbor<T: Serialize>(value: &T) -> Vec<u8> {
-    let mut out = Vec::new();
+    to_cbor_with_capacity(value, 0)
+}
+
+/// [`to_cbor`] into a buffer that starts with `capacity` bytes, for hot paths that know the size.
+pub fn to_cbor_with_capacity<T: Serialize>(value: &T, capacity: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(capacity);
+    // Writing to a Vec cannot fail, and every type edgeloop encodes serialises.
     ciborium::into_writer(value, &mut out).expect("CBOR encoding into a Vec is infallible");
     out
 }

@@ -284,16 +284,9 @@ impl RawConfig {
                 (a.ip().to_string(), a.port())
             }
             BrokerConfig::External { url, .. } => {
-                let (rest, tls) = match (url.strip_prefix("mqtts://"), url.strip_prefix("mqtt://")) {
-                    (Some(r), _) => (r, true),
-                    (None, Some(r)) => (r, false),
-                    _ => return Err(c.fail("broker.url", format!("`{url}` must start with mqtts:// or mqtt://"))),
-                };
-                let default_port = if tls { "8883" } else { "1883" };
-                let (h, p) = rest.trim_end_matches('/').rsplit_once(':').unwrap_or((rest, default_port));
-                let port = p.parse::<u16>().map_err(|_| c.fail("broker.url", format!("`{p}` is not a port number")))?;
-                c.check(!h.is_empty(), "broker.url", "has no host")?;
-                (h.to_string(), port)
+                let (h, port, _) = edgeloop_common::broker_url::parse_broker_url(url)
+                    .map_err(|e| c.fail("broker.url", e.to_string()))?;
+                (h, port)
             }
         };
         let external = match &self.broker {
@@ -307,7 +300,7 @@ impl RawConfig {
                         };
                         let text = std::fs::read_to_string(&f)
                             .map_err(|e| c.fail("broker.password_file", format!("{}: {e}", f.display())))?;
-                        crate::access::keys::warn_if_exposed(&f);
+                        edgeloop_common::private::warn_if_exposed(&f);
                         Some(text.trim().to_string())
                     }
                     None => None,

@@ -5,7 +5,9 @@
 //!
 //! Exit codes: 0 after a clean stop (ctrl-c or SIGTERM), 2 for a bad config, 1 for any other failure.
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
+use edgeloop_common::cli::Failure;
 use edgeloop_common::durable::DurableDb;
 use edgeloop_control_plane::access::{Role, TokenStore};
 use edgeloop_control_plane::config::Config;
@@ -147,47 +149,6 @@ enum KeysCommand {
     },
 }
 
-fn tokens(command: &TokensCommand) -> ExitCode {
-    let (TokensCommand::Create { config, .. } | TokensCommand::List { config } | TokensCommand::Revoke { config, .. }) =
-        command;
-    let cfg = match Config::load(config) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("edgeloop-control-plane: bad configuration: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let run = || -> anyhow::Result<()> {
-        let store = TokenStore::open(&cfg.data_dir)?;
-        match command {
-            TokensCommand::Create { role, name, .. } => {
-                let role: Role = role.parse().map_err(anyhow::Error::msg)?;
-                let (e, token) = store.create(name, role)?;
-                eprintln!("created token {} for {} with role {}; it is shown once:", e.id, e.name, e.role);
-                println!("{token}");
-            }
-            TokensCommand::List { .. } => {
-                for t in store.list()? {
-                    let state = if t.revoked { "revoked" } else { "active" };
-                    println!("{}\t{}\t{}\t{state}", t.id, t.role, t.name);
-                }
-            }
-            TokensCommand::Revoke { id, .. } => {
-                let t = store.revoke(id)?;
-                println!("revoked {} ({}, {})", t.id, t.name, t.role);
-            }
-        }
-        Ok(())
-    };
-    match run() {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("edgeloop-control-plane: {e:#}");
-            ExitCode::from(1)
-        }
-    }
-}
-
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -196,75 +157,23 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let command = Cli::parse().command;
-    let config = match &command {
-        Command::Run { config } | Command::Train { config, .. } => config.clone(),
-        Command::Tokens { command } => return tokens(command),
-        Command::Broker { command: BrokerCommand::Acl { service_user, out } } => {
-            let acl = edgeloop_control_plane::broker::mosquitto_acl(service_user);
-            return match out {
-                None => {
-                    print!("{acl}");
-                    ExitCode::SUCCESS
-                }
-                Some(p) => match std::fs::write(p, acl) {
-                    Ok(()) => ExitCode::SUCCESS,
-                    Err(e) => {
-                        eprintln!("edgeloop-control-plane: writing {}: {e}", p.display());
-                        ExitCode::from(1)
-                    }
-                },
-            };
+    let cli = Cli::parse();
+    edgeloop_common::cli::exit("edgeloop-control-plane", try_main(cli.command))
+}
+
+fn try_main(command: Command) -> Result<(), Failure> {
+    match command {
+        Command::Run { config } => {
+            let cfg = Config::load(&config).map_err(Failure::config)?;
+            runtime()?.block_on(run(cfg))?;
         }
-        Command::Certs { command: CertsCommand::Init { dir, names } } => {
-            return match edgeloop_control_plane::access::certs::init(dir, names) {
-                Ok(f) => {
-                    println!("CA certificate (agents pin it):  {}", f.ca.display());
-                    println!("CA key (keep it offline):        {}", f.ca_key.display());
-                    println!("server certificate ([tls] cert): {}", f.cert.display());
-                    println!("server key ([tls] key):          {}", f.key.display());
-                    ExitCode::SUCCESS
+        Command::Train { config, class, sensor, from, to, trials, seed, exclude_flagged } => {
+            let cfg = Config::load(&config).map_err(Failure::config)?;
+            if let (Some(f), Some(t)) = (from, to) {
+                if f > t {
+                    return Err(Failure::usage(format!("--from ({f}) is after --to ({t})")));
                 }
-                Err(e) => {
-                    eprintln!("edgeloop-control-plane: {e:#}");
-                    ExitCode::from(1)
-                }
-            };
-        }
-        Command::Keys { command } => {
-            let r = match command {
-                KeysCommand::Generate { out } => edgeloop_control_plane::access::keys::generate(out),
-                KeysCommand::Show { key } => edgeloop_control_plane::access::keys::load(key),
-            };
-            return match r {
-                Ok(s) => {
-                    println!("key_id = \"{}\"\npublic_key = \"{}\"", s.key_id(), s.public_key_hex());
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("edgeloop-control-plane: {e:#}");
-                    ExitCode::from(1)
-                }
-            };
-        }
-    };
-    let cfg = match Config::load(&config) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("edgeloop-control-plane: bad configuration: {e}");
-            return ExitCode::from(2);
-        }
-    };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("edgeloop-control-plane: cannot start the runtime: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    let result = match command {
-        Command::Run { .. } => runtime.block_on(run(cfg)),
-        Command::Train { class, sensor, from, to, trials, seed, exclude_flagged, .. } => {
+            }
             let mut req = TrainRequest::new(&class);
             req.dataset.exclude_flagged = exclude_flagged;
             (req.dataset.sensor, req.dataset.from_ms, req.dataset.to_ms) = (sensor, from, to);
@@ -272,30 +181,66 @@ fn main() -> ExitCode {
             req.seed = seed.unwrap_or(cfg.training.seed);
             req.max_seconds = cfg.training.max_seconds;
             req.device = cfg.training.device;
-            if let (Some(f), Some(t)) = (from, to) {
-                if f > t {
-                    eprintln!("edgeloop-control-plane: --from ({f}) is after --to ({t})");
-                    return ExitCode::from(2);
-                }
+            train_offline(cfg, req)?;
+        }
+        Command::Tokens { command } => tokens(&command)?,
+        Command::Broker { command: BrokerCommand::Acl { service_user, out } } => {
+            let acl = edgeloop_control_plane::broker::mosquitto_acl(&service_user);
+            match out {
+                None => print!("{acl}"),
+                Some(p) => std::fs::write(&p, acl).with_context(|| format!("writing {}", p.display()))?,
             }
-            train_offline(cfg, req)
         }
-        Command::Keys { .. } | Command::Tokens { .. } | Command::Certs { .. } | Command::Broker { .. } => {
-            unreachable!("handled before the config is read")
+        Command::Certs { command: CertsCommand::Init { dir, names } } => {
+            let f = edgeloop_control_plane::access::certs::init(&dir, &names)?;
+            println!("CA certificate (agents pin it):  {}", f.ca.display());
+            println!("CA key (keep it offline):        {}", f.ca_key.display());
+            println!("server certificate ([tls] cert): {}", f.cert.display());
+            println!("server key ([tls] key):          {}", f.key.display());
         }
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("edgeloop-control-plane: {e:#}");
-            ExitCode::from(1)
+        Command::Keys { command } => {
+            let s = match command {
+                KeysCommand::Generate { out } => edgeloop_control_plane::access::keys::generate(&out)?,
+                KeysCommand::Show { key } => edgeloop_control_plane::access::keys::load(&key)?,
+            };
+            println!("key_id = \"{}\"\npublic_key = \"{}\"", s.key_id(), s.public_key_hex());
         }
     }
+    Ok(())
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")
+}
+
+fn tokens(command: &TokensCommand) -> Result<(), Failure> {
+    let (TokensCommand::Create { config, .. } | TokensCommand::List { config } | TokensCommand::Revoke { config, .. }) =
+        command;
+    let cfg = Config::load(config).map_err(Failure::config)?;
+    let store = TokenStore::open(&cfg.data_dir)?;
+    match command {
+        TokensCommand::Create { role, name, .. } => {
+            let role: Role = role.parse().map_err(anyhow::Error::msg)?;
+            let (e, token) = store.create(name, role)?;
+            eprintln!("created token {} for {} with role {}; it is shown once:", e.id, e.name, e.role);
+            println!("{token}");
+        }
+        TokensCommand::List { .. } => {
+            for t in store.list()? {
+                let state = if t.revoked { "revoked" } else { "active" };
+                println!("{}\t{}\t{}\t{state}", t.id, t.role, t.name);
+            }
+        }
+        TokensCommand::Revoke { id, .. } => {
+            let t = store.revoke(id)?;
+            println!("revoked {} ({}, {})", t.id, t.name, t.role);
+        }
+    }
+    Ok(())
 }
 
 /// `train`: opens the store directly, trains with a progress bar, prints the trial table and the decision.
 fn train_offline(cfg: Config, req: TrainRequest) -> anyhow::Result<()> {
-    use anyhow::Context;
     let class = cfg.classes.get(&req.dataset.class).cloned().with_context(|| {
         format!("no firmware config for class `{}` (set training.classes_dir in the config)", req.dataset.class)
     })?;

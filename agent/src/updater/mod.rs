@@ -31,7 +31,6 @@ use edgeloop_common::update::{DesiredState, Manifest, Phase, UpdateReport};
 use serde::{Deserialize, Serialize};
 use slot::{Loaded, ModelInfo, ModelSlot, SlotEvent};
 use state::{Identity, Rejection, WatchTracker};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -97,15 +96,9 @@ impl Files {
     /// Replaces the pointer atomically and durably: temporary file, fsync, rename, fsync of the directory.
     pub fn save_pointer(&self, p: &Pointer) -> anyhow::Result<()> {
         edgeloop_common::private::dir(&self.dir)?;
-        let tmp = self.dir.join("updates.cbor.tmp");
-        let bytes = edgeloop_common::signing::to_cbor(p);
-        let mut f =
-            edgeloop_common::private::create_file(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, self.pointer())?;
-        std::fs::File::open(&self.dir)?.sync_all()?;
-        Ok(())
+        let path = self.pointer();
+        edgeloop_common::private::write_atomic(&path, &edgeloop_common::signing::to_cbor(p))
+            .with_context(|| format!("writing {}", path.display()))
     }
 
     /// Loads a stored model, checking its hash first.

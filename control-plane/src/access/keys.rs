@@ -23,16 +23,6 @@ pub fn generate(path: &Path) -> anyhow::Result<Signer> {
     Signer::from_pkcs8(&pkcs8).map_err(anyhow::Error::msg)
 }
 
-/// Warns when a file holding a secret can be read by group or others.
-pub fn warn_if_exposed(path: &Path) {
-    if let Ok(m) = std::fs::metadata(path) {
-        let mode = m.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
-            tracing::warn!(path = %path.display(), mode = format!("{mode:o}"), "secret file is readable by others; run chmod 600");
-        }
-    }
-}
-
 /// Reads a key, refusing one that others may read.
 pub fn load(path: &Path) -> anyhow::Result<Signer> {
     let meta = std::fs::metadata(path).with_context(|| format!("reading signing key {}", path.display()))?;

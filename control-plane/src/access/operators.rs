@@ -9,6 +9,7 @@
 //! models), an admin also manages devices' enrollment and revocation.
 
 use anyhow::Context;
+use edgeloop_common::secret::{random_hex, same_secret};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -83,18 +84,6 @@ pub enum AuthError {
     Invalid,
 }
 
-fn random_hex(bytes: usize) -> String {
-    use ring::rand::SecureRandom;
-    let mut b = vec![0u8; bytes];
-    ring::rand::SystemRandom::new().fill(&mut b).expect("the system RNG works");
-    edgeloop_common::signing::hex(&b)
-}
-
-/// Equal-time comparison of two hex digests.
-fn same(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// The token file, as the control plane and the CLI use it.
 pub struct TokenStore {
     path: PathBuf,
@@ -147,12 +136,7 @@ impl TokenStore {
     fn write(&self, f: &TokenFile) -> anyhow::Result<()> {
         let dir = self.path.parent().context("token file has no directory")?;
         std::fs::create_dir_all(dir)?;
-        let tmp = dir.join(".operators.json.tmp");
-        let mut out = std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
-        out.write_all(serde_json::to_string_pretty(f)?.as_bytes())?;
-        out.sync_all()?;
-        std::fs::rename(&tmp, &self.path)?;
-        std::fs::File::open(dir)?.sync_all()?;
+        edgeloop_common::private::write_atomic(&self.path, serde_json::to_string_pretty(f)?.as_bytes())?;
         *self.cache.lock().unwrap_or_else(|p| p.into_inner()) = self.read()?;
         Ok(())
     }
@@ -204,7 +188,7 @@ impl TokenStore {
         }
         let c = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         let t = c.1.tokens.iter().find(|t| t.id == id && !t.revoked).ok_or(AuthError::Invalid)?;
-        if !same(&t.sha256, &edgeloop_common::signing::sha256_hex(secret.as_bytes())) {
+        if !same_secret(&t.sha256, &edgeloop_common::signing::sha256_hex(secret.as_bytes())) {
             return Err(AuthError::Invalid);
         }
         Ok(Operator { id: t.id.clone(), name: t.name.clone(), role: t.role })

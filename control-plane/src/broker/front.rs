@@ -86,12 +86,6 @@ impl Front {
     }
 }
 
-/// Compares two secrets in time that does not depend on where they differ.
-pub fn same_secret(a: &str, b: &str) -> bool {
-    let (a, b) = (a.as_bytes(), b.as_bytes());
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 /// Why a device's packet was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Violation {
@@ -496,13 +490,6 @@ mod tests {
         v5.protocol = Protocol::V5;
         assert_eq!(check_connect(&v5, Some(&admit)).unwrap_err().code, ConnectReturnCode::RefusedProtocolVersion);
         assert_eq!(check_connect(&connect("a/b", None), None).unwrap_err().code, ConnectReturnCode::BadClientId);
-    }
-
-    #[test]
-    fn secrets_compare_whole() {
-        assert!(same_secret("abc", "abc"));
-        assert!(!same_secret("abc", "abd"));
-        assert!(!same_secret("abc", "abcd"));
     }
 
     #[test]

@@ -234,9 +234,7 @@ impl Registry {
             let devices = self.devices.read().unwrap_or_else(|p| p.into_inner());
             for id in &ids {
                 let Some(d) = devices.get(id) else { continue };
-                let mut buf = Vec::new();
-                ciborium::into_writer(d, &mut buf).expect("CBOR encoding into a Vec is infallible");
-                if let Err(e) = self.tree.insert(id.as_bytes(), buf) {
+                if let Err(e) = self.tree.insert(id.as_bytes(), edgeloop_common::signing::to_cbor(d)) {
                     result = Err(e);
                     break;
                 }

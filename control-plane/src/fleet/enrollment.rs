@@ -21,7 +21,8 @@ use crate::fleet::telemetry::StoreError;
 use edgeloop_common::durable::DurableDb;
 pub use edgeloop_common::enroll::EnrollRequest;
 use edgeloop_common::enroll::RequestError;
-use edgeloop_common::signing::{hex, sha256_hex};
+use edgeloop_common::secret::{random_hex, same_secret};
+use edgeloop_common::signing::sha256_hex;
 use serde::{Deserialize, Serialize};
 use sled::transaction::{abort, ConflictableTransactionError, TransactionError, Transactional};
 use std::collections::HashMap;
@@ -169,18 +170,6 @@ impl From<RequestError> for EnrollError {
     }
 }
 
-/// Random bytes from the system RNG, in hex.
-pub fn random_hex(bytes: usize) -> String {
-    use ring::rand::SecureRandom;
-    let mut b = vec![0u8; bytes];
-    ring::rand::SystemRandom::new().fill(&mut b).expect("the system RNG works");
-    hex(&b)
-}
-
-fn same(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     edgeloop_common::signing::to_cbor(v)
 }
@@ -199,7 +188,7 @@ fn decode_tx<T: serde::de::DeserializeOwned>(
 
 /// Checks a token against its secret, the clock and the requested class. Pure.
 fn check_token(t: &TokenRecord, secret: &str, class: &str, now_ms: u64) -> Result<(), EnrollError> {
-    if !same(&t.sha256, &sha256_hex(secret.as_bytes())) {
+    if !same_secret(&t.sha256, &sha256_hex(secret.as_bytes())) {
         return Err(EnrollError::Token("unknown token"));
     }
     if now_ms > t.expires_ms {
@@ -395,7 +384,7 @@ impl Enrollment {
             return false;
         }
         let c = self.cache.read().unwrap_or_else(|p| p.into_inner());
-        c.get(username).is_some_and(|e| !e.revoked && same(&e.password_sha256, &sha256_hex(password.as_bytes())))
+        c.get(username).is_some_and(|e| !e.revoked && same_secret(&e.password_sha256, &sha256_hex(password.as_bytes())))
     }
 
     /// Whether the device is enrolled and not revoked now: for holders of a connection admitted earlier to

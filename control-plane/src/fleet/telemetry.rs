@@ -60,8 +60,7 @@ impl TelemetryStore {
 
     /// Stores `rec` unless (device, seq) is already there. Returns whether it was new.
     pub fn insert(&self, device: &str, rec: &Record) -> Result<bool, StoreError> {
-        let mut buf = Vec::with_capacity(64 + 5 * rec.features.len());
-        ciborium::into_writer(rec, &mut buf).expect("CBOR encoding into a Vec is infallible");
+        let buf = edgeloop_common::signing::to_cbor_with_capacity(rec, 64 + 5 * rec.features.len());
         let prev = self.records.compare_and_swap(key(device, rec.seq), None as Option<&[u8]>, Some(buf))?;
         Ok(prev.is_ok())
     }

@@ -15,7 +15,6 @@ use edgeloop_common::durable::DurableDb;
 use edgeloop_common::features::PipelineSpec;
 use edgeloop_common::gaps::GapRule;
 use serde::{Deserialize, Serialize};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub use edgeloop_common::update::Golden;
@@ -210,6 +209,9 @@ pub fn decide(
 /// Why a version could not be allocated or recorded.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
+    /// The artifacts folder or an artifact could not be created, read or written.
+    #[error("{}: {source}", path.display())]
+    Io { path: PathBuf, source: std::io::Error },
     #[error("model `{name}` version {version} is already registered; a version is never overwritten")]
     VersionTaken { name: String, version: u32 },
     #[error("model `{name}`: no version number is left after {last}")]
@@ -220,6 +222,12 @@ pub enum ModelError {
 
 impl From<sled::Error> for ModelError {
     fn from(e: sled::Error) -> Self {
+        ModelError::Store(e.into())
+    }
+}
+
+impl From<edgeloop_common::durable::DurableError> for ModelError {
+    fn from(e: edgeloop_common::durable::DurableError) -> Self {
         ModelError::Store(e.into())
     }
 }
@@ -250,9 +258,7 @@ fn decode<T: serde::de::DeserializeOwned>(what: &str, v: &[u8]) -> Result<T, Sto
 }
 
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
-    let mut buf = Vec::new();
-    ciborium::into_writer(v, &mut buf).expect("CBOR encoding into a Vec is infallible");
-    buf
+    edgeloop_common::signing::to_cbor(v)
 }
 
 /// True for a 64-digit lowercase hex sha256.
@@ -261,13 +267,10 @@ pub fn is_sha256(s: &str) -> bool {
 }
 
 impl ModelRegistry {
-    pub fn open(db: &DurableDb, data_dir: &Path) -> Result<ModelRegistry, StoreError> {
+    pub fn open(db: &DurableDb, data_dir: &Path) -> Result<ModelRegistry, ModelError> {
         let artifacts = data_dir.join("artifacts");
-        edgeloop_common::private::dir(&artifacts).map_err(|e| StoreError::Corrupt {
-            device: artifacts.display().to_string(),
-            seq: 0,
-            reason: e.to_string(),
-        })?;
+        edgeloop_common::private::dir(&artifacts)
+            .map_err(|e| ModelError::Io { path: e.path.clone(), source: e.source })?;
         Ok(ModelRegistry {
             versions: db.tree("model_versions")?,
             allocated: db.tree("model_version_counters")?,
@@ -285,12 +288,7 @@ impl ModelRegistry {
         if path.exists() {
             return Ok(sha);
         }
-        let tmp = self.artifacts.join(format!(".{sha}.tmp"));
-        let mut f = edgeloop_common::private::create_file(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path)?;
-        std::fs::File::open(&self.artifacts)?.sync_all()?;
+        edgeloop_common::private::write_atomic(&path, bytes)?;
         Ok(sha)
     }
 
@@ -595,5 +593,18 @@ mod tests {
         std::fs::set_permissions(artifacts.join(&sha), std::fs::Permissions::from_mode(0o644)).unwrap();
         ModelRegistry::open(&db, &data).unwrap();
         assert_eq!((mode(&artifacts), mode(&artifacts.join(&sha))), (0o700, 0o600));
+    }
+
+    #[test]
+    fn an_artifacts_folder_that_cannot_be_made_is_an_io_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = DurableDb::open(&dir.path().join("db"), edgeloop_common::durable::Durability::Flush).unwrap();
+        // A file where the data directory should be: the artifacts folder cannot be created under it.
+        let data = dir.path().join("data");
+        std::fs::write(&data, b"not a directory").unwrap();
+        let Err(e) = ModelRegistry::open(&db, &data) else { panic!("opened under a file") };
+        assert!(matches!(&e, ModelError::Io { path, .. } if path.starts_with(&data)), "{e:?}");
+        assert!(e.to_string().contains("data"), "{e}");
+        assert!(!e.to_string().contains("corrupt"), "{e}");
     }
 }

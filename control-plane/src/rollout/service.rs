@@ -67,12 +67,21 @@ pub struct CreateRollout {
 /// Why a rollout request or action was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum RolloutError {
-    #[error("{0}")]
-    BadRequest(String),
-    #[error("{0}")]
-    NotFound(String),
-    #[error("{0}")]
-    Conflict(String),
+    /// A device tag outside the allowed characters or length.
+    #[error("tag `{0}` must be 1 to 64 characters of A-Z, a-z, 0-9, '-', '_', '.', ':' or '='")]
+    BadTag(String),
+    /// A rollout asked for one class with a model of another.
+    #[error("class: model `{model}` is for class `{model_class}`, not `{class}`")]
+    ClassMismatch { model: String, model_class: String, class: String },
+    #[error(transparent)]
+    Spec(#[from] crate::rollout::engine::SpecError),
+    #[error("no model `{name}` version {version}")]
+    NoModel { name: String, version: u32 },
+    #[error("no rollout `{0}`")]
+    NoRollout(String),
+    /// The action does not apply in the rollout's state.
+    #[error(transparent)]
+    Refused(#[from] crate::rollout::engine::ActionRefused),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -194,9 +203,7 @@ impl Rollouts {
     pub fn set_tags(&self, device: &str, tags: Vec<String>) -> Result<(), RolloutError> {
         for t in &tags {
             if t.is_empty() || t.len() > 64 || !t.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:=".contains(&b)) {
-                return Err(RolloutError::BadRequest(format!(
-                    "tag `{t}` must be 1 to 64 characters of A-Z, a-z, 0-9, '-', '_', '.', ':' or '='"
-                )));
+                return Err(RolloutError::BadTag(t.clone()));
             }
         }
         self.store.set_tags(device, &tags)?;
@@ -205,10 +212,8 @@ impl Rollouts {
     }
 
     fn model_ref(&self, name: &str, version: u32) -> Result<(ModelRef, String), RolloutError> {
-        let m = self
-            .models
-            .get(name, version)?
-            .ok_or_else(|| RolloutError::NotFound(format!("no model `{name}` version {version}")))?;
+        let m =
+            self.models.get(name, version)?.ok_or_else(|| RolloutError::NoModel { name: name.to_string(), version })?;
         Ok((ModelRef { name: m.name, version: m.version, sha256: m.sha256 }, m.class))
     }
 
@@ -217,10 +222,7 @@ impl Rollouts {
         let (model, model_class) = self.model_ref(&req.model, req.version)?;
         let class = req.class.clone().unwrap_or(model_class.clone());
         if class != model_class {
-            return Err(RolloutError::BadRequest(format!(
-                "class: model `{}` is for class `{model_class}`, not `{class}`",
-                req.model
-            )));
+            return Err(RolloutError::ClassMismatch { model: req.model, model_class, class });
         }
         let _w = self.write();
         let all = self.snapshot();
@@ -251,7 +253,7 @@ impl Rollouts {
             manual_approval: req.manual_approval,
             policy: req.policy.unwrap_or_default(),
         };
-        spec.validate().map_err(|e| RolloutError::BadRequest(e.to_string()))?;
+        spec.validate()?;
         let id = format!("r{}", all.len() + 1);
         let mut changed = Vec::new();
         for old in all.iter().filter(|r| r.spec.class == class && !r.superseded) {
@@ -272,8 +274,8 @@ impl Rollouts {
     /// An operator's action on a rollout. Blocking.
     pub fn act(&self, id: &str, action: Action, now_ms: u64) -> Result<Rollout, RolloutError> {
         let _w = self.write();
-        let mut r = self.get(id).ok_or_else(|| RolloutError::NotFound(format!("no rollout `{id}`")))?;
-        r.act(action, now_ms).map_err(|e| RolloutError::Conflict(e.to_string()))?;
+        let mut r = self.get(id).ok_or_else(|| RolloutError::NoRollout(id.to_string()))?;
+        r.act(action, now_ms)?;
         self.store.put_rollout(&r)?;
         self.store.commit()?;
         self.publish_rollouts(vec![r.clone()]);
@@ -784,7 +786,7 @@ mod tests {
             policy: None,
             previous: None,
         };
-        assert!(matches!(r.create(req(9, None), 1), Err(RolloutError::NotFound(_))));
+        assert!(matches!(r.create(req(9, None), 1), Err(RolloutError::NoModel { version: 9, .. })));
         let e = r.create(req(1, Some("city-traffic")), 1).unwrap_err();
         assert!(e.to_string().contains("is for class `press`"), "{e}");
         assert_eq!(r.create(req(1, None), 1).unwrap().id, "r1");

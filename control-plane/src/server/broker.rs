@@ -6,6 +6,7 @@ use crate::broker::{embedded, front};
 use crate::config::{BrokerConfig, Config};
 use crate::fleet::enrollment::Enrollment;
 use anyhow::Context;
+use edgeloop_common::secret::{random_hex, same_secret};
 use rumqttc::MqttOptions;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -28,7 +29,7 @@ impl Tls {
         };
         let read = |p: &std::path::Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
         let (cert, key) = (read(&files.cert)?, read(&files.key)?);
-        crate::access::keys::warn_if_exposed(&files.key);
+        edgeloop_common::private::warn_if_exposed(&files.key);
         let mqtt = edgeloop_common::tls::server_config(&cert, &key, &[])?;
         let https = edgeloop_common::tls::server_config(&cert, &key, &[b"http/1.1"])?;
         Ok(Some(Tls { mqtt: TlsAcceptor::from(Arc::new(mqtt)), https: TlsAcceptor::from(Arc::new(https)) }))
@@ -68,7 +69,7 @@ impl Broker {
         let mut broker = Broker {
             host: cfg.mqtt_host.clone(),
             port: cfg.mqtt_port,
-            service_secret: crate::fleet::enrollment::random_hex(24),
+            service_secret: random_hex(24),
             device_port: cfg.mqtt_port,
             internal: None,
             front: Arc::new(front::Front::default()),
@@ -82,13 +83,13 @@ impl Broker {
         // not revoked, password matching its stored hash) and forwards its CONNECT under a secret made afresh
         // by this process. rumqttd accepts only that secret and the control plane's own: a local user who
         // knows a device's password cannot use rumqttd's loopback port.
-        let front_secret = crate::fleet::enrollment::random_hex(24);
+        let front_secret = random_hex(24);
         let internal_admission: embedded::Admission = {
             let (service, front_secret) = (broker.service_secret.clone(), front_secret.clone());
             Arc::new(move |client: &str, user: &str, pass: &str| {
                 let own = client.starts_with(front::RESERVED_CLIENT_PREFIX);
-                (own && user == SERVICE_USER && front::same_secret(pass, &service))
-                    || (!own && user == front::FRONT_USER && front::same_secret(pass, &front_secret))
+                (own && user == SERVICE_USER && same_secret(pass, &service))
+                    || (!own && user == front::FRONT_USER && same_secret(pass, &front_secret))
             })
         };
         let max = cfg.ingest.max_message_bytes;

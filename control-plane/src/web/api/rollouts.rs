@@ -18,9 +18,13 @@ use serde::{Deserialize, Serialize};
 impl From<RolloutError> for ApiError {
     fn from(e: RolloutError) -> Self {
         match e {
-            RolloutError::BadRequest(d) => ApiError::bad_request(d),
-            RolloutError::NotFound(d) => ApiError::not_found(d),
-            RolloutError::Conflict(d) => ApiError { status: StatusCode::CONFLICT, error: "conflict", detail: d },
+            RolloutError::BadTag(_) | RolloutError::ClassMismatch { .. } | RolloutError::Spec(_) => {
+                ApiError::bad_request(e.to_string())
+            }
+            RolloutError::NoModel { .. } | RolloutError::NoRollout(_) => ApiError::not_found(e.to_string()),
+            RolloutError::Refused(_) => {
+                ApiError { status: StatusCode::CONFLICT, error: "conflict", detail: e.to_string() }
+            }
             RolloutError::Store(e) => ApiError::internal(e),
         }
     }

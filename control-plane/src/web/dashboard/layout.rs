@@ -7,6 +7,7 @@ use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
 use maud::{html, Markup, PreEscaped, DOCTYPE};
+use time::macros::format_description;
 
 /// The operator looking at a page. With `api.require_tokens = false` everyone is an admin.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,7 +88,7 @@ pub fn page(title: &str, who: &Who, nav: Nav, refresh_ms: u32, body: Markup) -> 
                 div #flash role="alert" aria-live="assertive" {}
                 main #main data-refresh-ms=(refresh_ms) {
                     (body)
-                    p.muted.updated { "Updated " span #updated { (clock_utc(edgeloop_common::unix_millis())) } " UTC"
+                    p.muted.updated { "Updated " span #updated { (clock(edgeloop_common::unix_millis())) } " UTC"
                         @if refresh_ms > 0 { ", live" } }
                 }
             },
@@ -136,27 +137,19 @@ pub fn page_error(who: Option<&Who>, status: StatusCode, message: &str) -> Respo
 
 /// `YYYY-MM-DD HH:MM:SS` (UTC) of a Unix millisecond time.
 pub fn datetime(ms: u64) -> String {
-    let secs = ms / 1000;
-    let (y, m, d) = civil(secs / 86_400);
-    format!("{y:04}-{m:02}-{d:02} {}", clock_utc(ms))
+    utc(ms, format_description!("[year]-[month]-[day] [hour]:[minute]:[second]"))
 }
 
-pub fn clock_utc(ms: u64) -> String {
-    super::svg::clock(ms)
+/// `HH:MM:SS` (UTC) of a Unix millisecond time.
+pub fn clock(ms: u64) -> String {
+    utc(ms, format_description!("[hour]:[minute]:[second]"))
 }
 
-/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (Howard Hinnant's algorithm).
-fn civil(days: u64) -> (i64, u32, u32) {
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
+fn utc(ms: u64, format: &[time::format_description::BorrowedFormatItem<'_>]) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(format).ok())
+        .unwrap_or_else(|| format!("{ms} ms"))
 }
 
 /// How long ago `then_ms` was, in words: `12 s ago`, `5 min ago`, `3 h ago`, `2 d ago`.

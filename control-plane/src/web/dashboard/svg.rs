@@ -31,11 +31,7 @@ pub fn short(v: f64) -> String {
     }
 }
 
-/// `HH:MM:SS` (UTC) of a Unix millisecond time.
-pub fn clock(ms: u64) -> String {
-    let s = ms / 1000;
-    format!("{:02}:{:02}:{:02}", (s / 3600) % 24, (s / 60) % 60, s % 60)
-}
+pub use super::layout::clock;
 
 /// A line chart of `points` (non-finite values are left out). Flagged points are drawn as red dots and
 /// `threshold`, if any, as a dashed line. `data-points` on the `<svg>` says how many points were drawn.
