@@ -70,7 +70,7 @@ fn main() -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    let stored = cp.metrics.records_ingested.load(std::sync::atomic::Ordering::Relaxed);
+    let stored = cp.metrics.records_ingested.get();
     let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
     let _ = child.wait();
     samples.sort_unstable();

@@ -129,13 +129,12 @@ async fn round(mode: Durability, signed: bool) -> anyhow::Result<f64> {
     let progress = tokio::spawn(async move {
         while std::env::var("BENCH_DEBUG").is_ok() {
             tokio::time::sleep(Duration::from_secs(2)).await;
-            use std::sync::atomic::Ordering::Relaxed;
             eprintln!(
                 "  ... ingested {} acks {} commits {} msgs {}",
-                m.records_ingested.load(Relaxed),
-                m.acks_sent.load(Relaxed),
-                m.commits.load(Relaxed),
-                m.messages_received.load(Relaxed)
+                m.records_ingested.get(),
+                m.acks_sent.get(),
+                m.commits.get(),
+                m.messages_received.get()
             );
         }
     });
@@ -153,7 +152,7 @@ async fn round(mode: Durability, signed: bool) -> anyhow::Result<f64> {
     if resends > 0 {
         eprintln!("  ({resends} resends after an ack timeout)");
     }
-    let stored = cp.metrics.records_ingested.load(std::sync::atomic::Ordering::Relaxed);
+    let stored = cp.metrics.records_ingested.get();
     anyhow::ensure!(stored == DEVICES as u64 * BATCHES * BATCH, "stored {stored}");
     cancel.cancel();
     cp.join().await?;

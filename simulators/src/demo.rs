@@ -286,7 +286,7 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> anyhow::Result<S
                     });
                     narrator.say(format_args!(
                         "  fleet: {gen} records generated, {acked} acknowledged, {} stored",
-                        ingested.records_ingested.load(std::sync::atomic::Ordering::Relaxed)
+                        ingested.records_ingested.get()
                     ));
                 }
             };

@@ -543,7 +543,7 @@ async fn publish(client: &AsyncClient, metrics: &Metrics, items: Vec<Publication
     for (topic, payload) in items {
         match client.publish(topic.clone(), QoS::AtLeastOnce, true, payload).await {
             Ok(()) => {
-                metrics.desired_published.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                metrics.desired_published.inc_by(1);
             }
             Err(e) => {
                 tracing::error!(%topic, error = %e, "cannot queue a desired state; it is published again at start")

@@ -9,7 +9,6 @@ use edgeloop_simulators::device;
 use edgeloop_simulators::fleet::{self, FleetSpec};
 use ring::signature::Ed25519KeyPair;
 use rumqttc::QoS;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -66,10 +65,7 @@ async fn a_flooding_device_does_not_delay_the_others() {
         let payload = signed(report(seq, 150_000), seq, &key);
         client.publish("edgeloop/v1/flooder/up/report", QoS::AtLeastOnce, false, payload).await.unwrap();
     }
-    wait_for("the large reports handled", Duration::from_secs(60), || {
-        cp.metrics.update_reports.load(Ordering::Relaxed) == 64
-    })
-    .await;
+    wait_for("the large reports handled", Duration::from_secs(60), || cp.metrics.update_reports.get() == 64).await;
 
     // Then the flood, about 1,000 messages a second, stopping by itself.
     let other = device::new_key();

@@ -65,7 +65,7 @@ async fn nothing_lost_through_connection_cuts() {
         let seqs = stored_seqs(cp.api_addr, &d.agent.device).await;
         assert_gap_free(&d.agent.device, &seqs, RECORDS);
     }
-    let ingested = cp.metrics.records_ingested.load(std::sync::atomic::Ordering::Relaxed);
+    let ingested = cp.metrics.records_ingested.get();
     assert_eq!(ingested, DEVICES as u64 * RECORDS, "each record ingested once");
 
     cancel.cancel();

@@ -30,7 +30,6 @@ use crate::fleet::telemetry::{StoreError, TelemetryStore};
 use crate::metrics::Metrics;
 use edgeloop_common::envelope::{self, Body, Envelope, SeqRange, Status};
 use edgeloop_common::topics::{self, Channel};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// What one message led to.
@@ -217,7 +216,7 @@ impl Ingestor {
         let stored = self.store.seqs_in(device, range.from, range.to)?;
         let lost = never_stored(range, &stored, &status.dropped_ranges);
         self.store.set_watermark(device, claimed)?;
-        self.metrics.records_lost.fetch_add(lost, Ordering::Relaxed);
+        self.metrics.records_lost.inc_by(lost);
         tracing::warn!(
             device,
             from = range.from,
@@ -231,7 +230,7 @@ impl Ingestor {
 
     /// Handles one message. Writes are not durable until [`Ingestor::commit`].
     pub fn handle(&self, topic: &str, payload: &[u8], now_ms: u64) -> Result<Outcome, StoreError> {
-        self.metrics.messages_received.fetch_add(1, Ordering::Relaxed);
+        self.metrics.messages_received.inc_by(1);
         let (device, channel) = match topics::parse(topic) {
             Ok(x) => x,
             Err(e) => return self.reject(None, topic, "bad_topic", &e.to_string()),
@@ -281,8 +280,8 @@ impl Ingestor {
                     upto = batch.to;
                     self.store.set_watermark(device, upto)?;
                 }
-                self.metrics.records_ingested.fetch_add(new, Ordering::Relaxed);
-                self.metrics.records_duplicate.fetch_add(dup, Ordering::Relaxed);
+                self.metrics.records_ingested.inc_by(new);
+                self.metrics.records_duplicate.inc_by(dup);
                 self.registry.update(device, now_ms, |d| {
                     d.records += new;
                     d.duplicates += dup;
@@ -306,7 +305,7 @@ impl Ingestor {
                 )
             }
             (Channel::Status, Body::Status(status)) => {
-                self.metrics.status_messages.fetch_add(1, Ordering::Relaxed);
+                self.metrics.status_messages.inc_by(1);
                 let lost = self.recover_gap(device, &status)?;
                 self.registry.update(device, now_ms, |d| {
                     if let Some(u) = status.update.clone() {
@@ -321,7 +320,7 @@ impl Ingestor {
                 Ok(Outcome::Status)
             }
             (Channel::Report, Body::Report(report)) => {
-                self.metrics.update_reports.fetch_add(1, Ordering::Relaxed);
+                self.metrics.update_reports.inc_by(1);
                 self.registry.update(device, now_ms, |d| d.add_update(report))?;
                 Ok(Outcome::Status)
             }
@@ -337,7 +336,7 @@ impl Ingestor {
     pub fn commit(&self) -> Result<(), StoreError> {
         self.registry.write_dirty()?;
         self.store.commit()?;
-        self.metrics.commits.fetch_add(1, Ordering::Relaxed);
+        self.metrics.commits.inc_by(1);
         Ok(())
     }
 }
@@ -400,7 +399,7 @@ mod tests {
             Outcome::Ack { device: "d1".into(), upto: 9 }
         );
         assert_eq!(ing.store().count("d1").unwrap(), 9);
-        assert_eq!(ing.metrics.records_duplicate.load(Ordering::Relaxed), 3);
+        assert_eq!(ing.metrics.records_duplicate.get(), 3);
         // A batch whose range covers dropped records (10..12 never sent) advances over them.
         assert_eq!(ing.handle(T, &batch("d1", 10, &[13]), 5).unwrap(), Outcome::Ack { device: "d1".into(), upto: 13 });
         let d = ing.registry.get("d1").unwrap();
@@ -718,7 +717,7 @@ mod tests {
         assert_eq!(ing.store().watermark("d1").unwrap(), 10);
         let d = ing.registry.get("d1").unwrap();
         assert_eq!((d.lost, d.lost_ranges.clone(), d.acked_upto), (5, vec![SeqRange { from: 4, to: 10 }], 10));
-        assert_eq!(ing.metrics.records_lost.load(Ordering::Relaxed), 5);
+        assert_eq!(ing.metrics.records_lost.get(), 5);
         // The resent batch is acknowledged again.
         assert_eq!(
             ing.handle(T, &batch("d1", 11, &[11, 12]), 6).unwrap(),

@@ -265,7 +265,7 @@ async fn publish_pending(
         let topic = topics::topic(&device, Channel::Ack);
         match client.publish(topic, QoS::AtLeastOnce, false, ack_payload(&device, upto, signer)).await {
             Ok(()) => {
-                metrics.acks_sent.fetch_add(1, Ordering::Relaxed);
+                metrics.acks_sent.inc_by(1);
                 tracing::trace!(%device, upto, "ack sent");
             }
             Err(e) => {

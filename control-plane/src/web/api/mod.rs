@@ -112,5 +112,5 @@ pub async fn telemetry(
 }
 
 pub async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
-    (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain; version=0.0.4")], s.metrics.render(s.registry.len()))
+    (StatusCode::OK, [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], s.metrics.render(s.registry.len()))
 }
