@@ -4,6 +4,7 @@
 use crate::ml::models::{Lineage, Metrics, ModelError, ModelKind, ModelRegistry, ModelVersion, Promotion};
 use base64::Engine as _;
 use edgeloop_common::config::ClassConfig;
+use edgeloop_common::features::PipelineSpec;
 use edgeloop_common::update::Golden;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -59,6 +60,47 @@ pub fn register(
     classes: &BTreeMap<String, ClassConfig>,
     u: Upload,
 ) -> Result<ModelVersion, UploadError> {
+    check_name_and_threshold(&u)?;
+    let onnx = base64::engine::general_purpose::STANDARD
+        .decode(u.onnx_base64.trim())
+        .map_err(|e| invalid("onnx_base64", format!("not base64: {e}")))?;
+    let width = golden_width(&u.golden)?;
+    let (sensor, pipeline) = sensor_and_pipeline(classes, &u, width)?;
+    let out_len = check_golden(&onnx, &u.golden, width)?;
+    let sha256 = models.put_artifact(&onnx)?;
+    let version = models.next_version(&u.name)?;
+    let m = ModelVersion {
+        name: u.name.clone(),
+        version,
+        class: u.class.clone(),
+        sensor,
+        kind: ModelKind::Uploaded,
+        sha256,
+        size: onnx.len() as u64,
+        input_shape: vec![-1, width as i64],
+        output_shape: vec![-1, out_len as i64],
+        gaps: Default::default(),
+        pipeline,
+        threshold: u.threshold,
+        golden: u.golden,
+        lineage: lineage(&u.description),
+        created_ms: edgeloop_common::unix_millis(),
+        promotion: Promotion {
+            promoted: false,
+            metric: String::new(),
+            candidate: 0.0,
+            production: None,
+            production_version: None,
+            reason: "uploaded by an operator; it reaches devices through a rollout".into(),
+            margin: None,
+        },
+        frames: 1,
+    };
+    models.insert(&m)?;
+    Ok(m)
+}
+
+fn check_name_and_threshold(u: &Upload) -> Result<(), UploadError> {
     if u.name.is_empty()
         || u.name.len() > 64
         || !u.name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
@@ -71,53 +113,69 @@ pub fn register(
     if !u.threshold.is_finite() {
         return Err(invalid("threshold", "must be a finite number"));
     }
-    let onnx = base64::engine::general_purpose::STANDARD
-        .decode(u.onnx_base64.trim())
-        .map_err(|e| invalid("onnx_base64", format!("not base64: {e}")))?;
-    if u.golden.len() > MAX_GOLDEN {
-        return Err(invalid("golden", format!("{} vectors, at most {MAX_GOLDEN}", u.golden.len())));
+    Ok(())
+}
+
+/// The input width the golden vectors give: at least one vector, at most [`MAX_GOLDEN`], not empty, and
+/// at most [`MAX_GOLDEN_BYTES`] encoded (they travel inside every desired state).
+fn golden_width(golden: &[Golden]) -> Result<usize, UploadError> {
+    if golden.len() > MAX_GOLDEN {
+        return Err(invalid("golden", format!("{} vectors, at most {MAX_GOLDEN}", golden.len())));
     }
-    let Some(first) = u.golden.first() else {
+    let Some(first) = golden.first() else {
         return Err(invalid("golden", "at least one golden vector is needed"));
     };
-    let width = first.input.len();
-    if width == 0 {
+    if first.input.is_empty() {
         return Err(invalid("golden[0].input", "must not be empty"));
     }
-    let (sensor, pipeline) = match classes.get(&u.class) {
-        Some(class) => {
-            let sensor = u.sensor.clone().unwrap_or_else(|| class.sensors[0].name.clone());
-            let spec = class
-                .sensors
-                .iter()
-                .find(|x| x.name == sensor)
-                .map(ClassConfig::sensor_spec)
-                .ok_or_else(|| invalid("sensor", format!("class `{}` has no sensor `{sensor}`", u.class)))?;
-            if spec.width() != width {
-                return Err(invalid(
-                    "golden[0].input",
-                    format!(
-                        "{width} values, but sensor `{sensor}` of class `{}` gives {} features",
-                        u.class,
-                        spec.width()
-                    ),
-                ));
-            }
-            (sensor, class.pipeline())
-        }
-        None => (
-            u.sensor.clone().ok_or_else(|| {
-                invalid("sensor", format!("class `{}` is not configured here, so name the sensor", u.class))
-            })?,
-            edgeloop_common::features::PipelineSpec { version: 1, sensors: vec![] },
-        ),
+    let golden_bytes = edgeloop_common::signing::to_cbor(&golden).len();
+    if golden_bytes > MAX_GOLDEN_BYTES {
+        return Err(invalid(
+            "golden",
+            format!("{golden_bytes} bytes encoded, over {MAX_GOLDEN_BYTES}; send fewer or shorter golden vectors"),
+        ));
+    }
+    Ok(first.input.len())
+}
+
+/// The sensor the model scores and the feature pipeline of its class: checked against the class's
+/// firmware config when the class is configured here, else as the uploader names it.
+fn sensor_and_pipeline(
+    classes: &BTreeMap<String, ClassConfig>,
+    u: &Upload,
+    width: usize,
+) -> Result<(String, PipelineSpec), UploadError> {
+    let Some(class) = classes.get(&u.class) else {
+        let sensor = u.sensor.clone().ok_or_else(|| {
+            invalid("sensor", format!("class `{}` is not configured here, so name the sensor", u.class))
+        })?;
+        return Ok((sensor, PipelineSpec { version: 1, sensors: vec![] }));
     };
+    let sensor = u.sensor.clone().unwrap_or_else(|| class.sensors[0].name.clone());
+    let spec = class
+        .sensors
+        .iter()
+        .find(|x| x.name == sensor)
+        .map(ClassConfig::sensor_spec)
+        .ok_or_else(|| invalid("sensor", format!("class `{}` has no sensor `{sensor}`", u.class)))?;
+    if spec.width() != width {
+        return Err(invalid(
+            "golden[0].input",
+            format!("{width} values, but sensor `{sensor}` of class `{}` gives {} features", u.class, spec.width()),
+        ));
+    }
+    Ok((sensor, class.pipeline()))
+}
+
+/// Runs every golden input through tract and compares with its outputs (relative [`UPLOAD_TOLERANCE`]);
+/// returns the model's output width.
+fn check_golden(onnx: &[u8], golden: &[Golden], width: usize) -> Result<usize, UploadError> {
     let mut out_len = 0;
-    for (i, g) in u.golden.iter().enumerate() {
+    for (i, g) in golden.iter().enumerate() {
         if g.input.len() != width {
             return Err(invalid(format!("golden[{i}].input"), format!("{} values, expected {width}", g.input.len())));
         }
-        let got = crate::ml::training::onnx::run_tract(&onnx, std::slice::from_ref(&g.input))
+        let got = crate::ml::training::onnx::run_tract(onnx, std::slice::from_ref(&g.input))
             .map_err(|e| invalid("onnx", format!("tract cannot run it: {e}")))?;
         if got.len() < g.output.len() || g.output.is_empty() {
             return Err(invalid(
@@ -135,53 +193,20 @@ pub fn register(
         }
         out_len = got.len();
     }
-    let golden_bytes = edgeloop_common::signing::to_cbor(&u.golden).len();
-    if golden_bytes > MAX_GOLDEN_BYTES {
-        return Err(invalid(
-            "golden",
-            format!("{golden_bytes} bytes encoded, over {MAX_GOLDEN_BYTES}; send fewer or shorter golden vectors"),
-        ));
+    Ok(out_len)
+}
+
+fn lineage(description: &str) -> Lineage {
+    Lineage {
+        dataset_hash: String::new(),
+        dataset_report: Default::default(),
+        hyper: Default::default(),
+        trials: Vec::new(),
+        seed: 0,
+        metrics: Metrics::default(),
+        threshold_source: "given by the uploader".into(),
+        code_version: format!("uploaded: {description}"),
+        reference: Default::default(),
+        selection: "uploaded by an operator".into(),
     }
-    let sha256 = models.put_artifact(&onnx)?;
-    let version = models.next_version(&u.name)?;
-    let m = ModelVersion {
-        name: u.name.clone(),
-        version,
-        class: u.class.clone(),
-        sensor,
-        kind: ModelKind::Uploaded,
-        sha256,
-        size: onnx.len() as u64,
-        input_shape: vec![-1, width as i64],
-        output_shape: vec![-1, out_len as i64],
-        gaps: Default::default(),
-        pipeline,
-        threshold: u.threshold,
-        golden: u.golden,
-        lineage: Lineage {
-            dataset_hash: String::new(),
-            dataset_report: Default::default(),
-            hyper: Default::default(),
-            trials: Vec::new(),
-            seed: 0,
-            metrics: Metrics::default(),
-            threshold_source: "given by the uploader".into(),
-            code_version: format!("uploaded: {}", u.description),
-            reference: Default::default(),
-            selection: "uploaded by an operator".into(),
-        },
-        created_ms: edgeloop_common::unix_millis(),
-        promotion: Promotion {
-            promoted: false,
-            metric: String::new(),
-            candidate: 0.0,
-            production: None,
-            production_version: None,
-            reason: "uploaded by an operator; it reaches devices through a rollout".into(),
-            margin: None,
-        },
-        frames: 1,
-    };
-    models.insert(&m)?;
-    Ok(m)
 }

@@ -23,4 +23,5 @@ pub fn default_stages() -> Vec<engine::Stage> {
     ]
 }
 
+pub use engine::{Share, Stage, State};
 pub use view::{RolloutView, StageView};
