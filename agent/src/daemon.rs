@@ -202,12 +202,9 @@ struct Running {
 async fn open_storage(cfg: &AgentConfig) -> anyhow::Result<Arc<Outbox>> {
     // Telemetry, keys and credentials live here: 0700, with nothing in it open to group or others.
     let data_dir = cfg.data_dir.clone();
-    let tightened = tokio::task::spawn_blocking(move || edgeloop_common::private::dir(&data_dir))
+    tokio::task::spawn_blocking(move || edgeloop_common::private::data_dir(&data_dir))
         .await?
         .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
-    if let Some(first) = tightened.first() {
-        tracing::warn!(data_dir = %cfg.data_dir.display(), paths = tightened.len(), first = %first.display(), "the data directory was open to group or others; removed their access");
-    }
     let outbox_dir = cfg.data_dir.join("outbox");
     let (durability, max_bytes) = (cfg.durability, cfg.outbox_max_bytes);
     let outbox = tokio::task::spawn_blocking(move || Outbox::open(&outbox_dir, durability, max_bytes))

@@ -45,33 +45,11 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let agent = Agent::start(cfg, Vec::new(), cancel.clone()).await?;
     let mut stopped = tokio::spawn(agent.join());
     tokio::select! {
-        _ = shutdown_signal() => {
+        _ = edgeloop_common::cli::shutdown_signal() => {
             tracing::info!("shutdown requested");
             cancel.cancel();
             stopped.await?
         }
         r = &mut stopped => r?,
-    }
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
     }
 }

@@ -94,6 +94,27 @@ pub fn exit(program: &str, result: Result<(), Failure>) -> ExitCode {
     }
 }
 
+/// Resolves on Ctrl-C or SIGTERM (what systemd sends on stop): the binaries stop cleanly on either.
+#[cfg(feature = "signals")]
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
+            let _ = ctrl_c.await;
+            return;
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

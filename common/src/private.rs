@@ -58,6 +58,16 @@ fn tighten(path: &Path, changed: &mut Vec<PathBuf>) -> Result<(), PrivateError> 
     Ok(())
 }
 
+/// A program's data directory: created or tightened as [`dir`] does, with a warning naming what had been
+/// open to group or others. Blocking.
+pub fn data_dir(path: &Path) -> Result<(), PrivateError> {
+    let tightened = dir(path)?;
+    if let Some(first) = tightened.first() {
+        tracing::warn!(data_dir = %path.display(), paths = tightened.len(), first = %first.display(), "the data directory was open to group or others; removed their access");
+    }
+    Ok(())
+}
+
 /// Creates (or truncates) `path` for writing with mode 0600.
 pub fn create_file(path: &Path) -> std::io::Result<File> {
     OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)

@@ -310,27 +310,12 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     println!("mqtt: {mqtt}://{}:{}", cp.mqtt_addr.0, cp.mqtt_addr.1);
     let mut stopped = tokio::spawn(cp.join());
     tokio::select! {
-        _ = shutdown_signal() => {
+        _ = edgeloop_common::cli::shutdown_signal() => {
             tracing::info!("shutdown requested");
             cancel.cancel();
             stopped.await?
         }
         // The control plane stopped by itself (a store failure): exit non-zero so a supervisor restarts it.
         r = &mut stopped => r?.and_then(|()| Err(anyhow::anyhow!("the control plane stopped unexpectedly"))),
-    }
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = ctrl_c.await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = ctrl_c => {}
-        _ = term.recv() => {}
     }
 }

@@ -44,12 +44,9 @@ impl Stores {
         }
         // The store, the artifacts and the keys live here: 0700, with nothing in it open to group or others.
         let data_dir = cfg.data_dir.clone();
-        let tightened = tokio::task::spawn_blocking(move || edgeloop_common::private::dir(&data_dir))
+        tokio::task::spawn_blocking(move || edgeloop_common::private::data_dir(&data_dir))
             .await?
             .with_context(|| format!("creating data dir {}", cfg.data_dir.display()))?;
-        if let Some(first) = tightened.first() {
-            tracing::warn!(data_dir = %cfg.data_dir.display(), paths = tightened.len(), first = %first.display(), "the data directory was open to group or others; removed their access");
-        }
         let (dir, durability, data_dir) = (cfg.data_dir.join("store"), cfg.durability, cfg.data_dir.clone());
         // A configured key must exist (a typo must not silently mint a key no agent trusts); the default one is
         // created on first start.
