@@ -25,14 +25,19 @@ pub enum Role {
     Admin,
 }
 
+/// A role name that is not `viewer`, `operator` or `admin`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown role `{0}`; use viewer, operator or admin")]
+pub struct UnknownRole(pub String);
+
 impl std::str::FromStr for Role {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Role, String> {
+    type Err = UnknownRole;
+    fn from_str(s: &str) -> Result<Role, UnknownRole> {
         match s {
             "viewer" => Ok(Role::Viewer),
             "operator" => Ok(Role::Operator),
             "admin" => Ok(Role::Admin),
-            other => Err(format!("unknown role `{other}`; use viewer, operator or admin")),
+            other => Err(UnknownRole(other.to_string())),
         }
     }
 }
@@ -232,7 +237,7 @@ mod tests {
         TokenStore::open(dir.path()).unwrap().revoke(&e.id).unwrap();
         assert_eq!(s.authenticate(Some(&format!("Bearer {token}"))), Err(AuthError::Invalid));
         assert!(Role::Admin > Role::Operator && Role::Operator > Role::Viewer);
-        assert!("root".parse::<Role>().unwrap_err().contains("unknown role"));
+        assert!("root".parse::<Role>().unwrap_err().to_string().contains("unknown role"));
     }
 
     #[test]

@@ -114,6 +114,33 @@ impl std::fmt::Display for Violation {
     }
 }
 
+impl std::error::Error for Violation {}
+
+/// Why the front closed a device's connection, or screened a stream out.
+#[derive(Debug, thiserror::Error)]
+pub enum Closed {
+    #[error("TLS handshake: {0}")]
+    Tls(std::io::Error),
+    #[error("TLS handshake took too long")]
+    TlsTimeout,
+    #[error("no CONNECT in time")]
+    NoConnect,
+    #[error("the first packet is not CONNECT")]
+    NotConnect,
+    /// `check_connect` refused it (the client was sent a refusing CONNACK).
+    #[error("{0}")]
+    Refused(String),
+    /// A packet that does not decode or breaks the topic rules.
+    #[error(transparent)]
+    Violation(#[from] Violation),
+    #[error("reaching the broker: {0}")]
+    Broker(std::io::Error),
+    #[error("re-encoding: {0}")]
+    Encode(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
 /// Why a CONNECT was refused, with the CONNACK code the client is sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
@@ -216,29 +243,29 @@ async fn next_packet<R: AsyncRead + Unpin>(
 /// What the front forwards of a whole byte stream from one client: the CONNECT as rewritten (or why it was
 /// refused), then each packet up to the first that breaks a rule or does not decode. The same code as the
 /// relay's, without the sockets: for the fuzz target and tests.
-pub fn screen(bytes: &[u8], gate: &Gate) -> Result<Vec<Packet>, String> {
+pub fn screen(bytes: &[u8], gate: &Gate) -> Result<Vec<Packet>, Closed> {
     let mut buf = BytesMut::from(bytes);
     let mut out = Vec::new();
     let connect = match Packet::read(&mut buf, MAX_CONNECT_BYTES) {
         Ok(Packet::Connect(c)) => c,
-        Ok(_) => return Err("the first packet is not CONNECT".into()),
-        Err(e) => return Err(format!("malformed packet: {e}")),
+        Ok(_) => return Err(Closed::NotConnect),
+        Err(e) => return Err(Violation::Malformed(e.to_string()).into()),
     };
-    let id = check_connect(&connect, gate.admission.as_ref()).map_err(|r| r.reason)?;
+    let id = check_connect(&connect, gate.admission.as_ref()).map_err(|r| Closed::Refused(r.reason))?;
     let mut connect = connect;
     connect.login = Some(Login { username: gate.forward_as.0.clone(), password: gate.forward_as.1.clone() });
     out.push(Packet::Connect(connect));
     while !buf.is_empty() {
-        let packet = Packet::read(&mut buf, gate.max_packet_bytes).map_err(|e| format!("malformed packet: {e}"))?;
-        check_packet(&id, &packet).map_err(|v| v.to_string())?;
+        let packet = Packet::read(&mut buf, gate.max_packet_bytes).map_err(|e| Violation::Malformed(e.to_string()))?;
+        check_packet(&id, &packet)?;
         out.push(packet);
     }
     Ok(out)
 }
 
-fn encode(packet: &Packet, max: usize) -> Result<BytesMut, String> {
+fn encode(packet: &Packet, max: usize) -> Result<BytesMut, Closed> {
     let mut out = BytesMut::with_capacity(packet.size() + 8);
-    packet.write(&mut out, max + 8).map_err(|e| format!("re-encoding: {e}"))?;
+    packet.write(&mut out, max + 8).map_err(|e| Closed::Encode(e.to_string()))?;
     Ok(out)
 }
 
@@ -273,8 +300,8 @@ pub async fn serve(
             let r = match tls {
                 Some(acceptor) => match tokio::time::timeout(HANDSHAKE_DEADLINE, acceptor.accept(sock)).await {
                     Ok(Ok(s)) => relay(s, upstream, &front, &gate, &cancel).await,
-                    Ok(Err(e)) => Err(format!("TLS handshake: {e}")),
-                    Err(_) => Err("TLS handshake took too long".into()),
+                    Ok(Err(e)) => Err(Closed::Tls(e)),
+                    Err(_) => Err(Closed::TlsTimeout),
                 },
                 None => relay(sock, upstream, &front, &gate, &cancel).await,
             };
@@ -291,14 +318,13 @@ async fn relay<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     front: &Front,
     gate: &Arc<Gate>,
     cancel: &CancellationToken,
-) -> Result<(), String> {
+) -> Result<(), Closed> {
     let mut buf = BytesMut::with_capacity(1024);
     let first = tokio::time::timeout(HANDSHAKE_DEADLINE, next_packet(&mut client, &mut buf, MAX_CONNECT_BYTES))
         .await
-        .map_err(|_| "no CONNECT in time".to_string())?
-        .map_err(|v| v.to_string())?;
+        .map_err(|_| Closed::NoConnect)??;
     let Some(Packet::Connect(mut connect)) = first else {
-        return Err("the first packet is not CONNECT".into());
+        return Err(Closed::NotConnect);
     };
     let client_id = match check_connect(&connect, gate.admission.as_ref()) {
         Ok(id) => id,
@@ -308,14 +334,14 @@ async fn relay<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
                 let _ = client.write_all(&b).await;
                 let _ = client.shutdown().await;
             }
-            return Err(r.reason);
+            return Err(Closed::Refused(r.reason));
         }
     };
     let own_login =
         connect.login.replace(Login { username: gate.forward_as.0.clone(), password: gate.forward_as.1.clone() });
-    let mut broker = TcpStream::connect(upstream).await.map_err(|e| format!("reaching the broker: {e}"))?;
+    let mut broker = TcpStream::connect(upstream).await.map_err(Closed::Broker)?;
     let _ = broker.set_nodelay(true);
-    broker.write_all(&encode(&Packet::Connect(connect), MAX_CONNECT_BYTES)?).await.map_err(|e| e.to_string())?;
+    broker.write_all(&encode(&Packet::Connect(connect), MAX_CONNECT_BYTES)?).await?;
     let cancel = cancel.clone();
     let (id, task_gate) = (client_id.clone(), gate.clone());
     let (registered_tx, registered) = tokio::sync::oneshot::channel::<()>();
@@ -359,13 +385,13 @@ async fn guard_uplink<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     mut buf: BytesMut,
     client_id: &str,
     max: usize,
-) -> Result<(), String> {
+) -> Result<(), Closed> {
     loop {
-        let Some(packet) = next_packet(from, &mut buf, max).await.map_err(|v| v.to_string())? else {
+        let Some(packet) = next_packet(from, &mut buf, max).await? else {
             return Ok(());
         };
-        check_packet(client_id, &packet).map_err(|v| v.to_string())?;
-        to.write_all(&encode(&packet, max)?).await.map_err(|e| e.to_string())?;
+        check_packet(client_id, &packet)?;
+        to.write_all(&encode(&packet, max)?).await?;
     }
 }
 
@@ -507,7 +533,7 @@ mod tests {
         let Packet::Connect(c) = &forwarded[0] else { panic!("not a CONNECT") };
         assert_eq!(c.login, Some(Login { username: "front".into(), password: "s3cret".into() }));
         stream.extend(bytes_of(&publish("edgeloop/v1/dev-b/down/ack", false)));
-        assert!(screen(&stream, &gate).unwrap_err().contains("dev-b/down/ack"));
+        assert!(screen(&stream, &gate).unwrap_err().to_string().contains("dev-b/down/ack"));
         let big = bytes_of(&Packet::Publish(Publish::new(
             "edgeloop/v1/dev-a/up/telemetry",
             QoS::AtMostOnce,
@@ -515,6 +541,9 @@ mod tests {
         )));
         let mut over = bytes_of(&Packet::Connect(connect("dev-a", None)));
         over.extend(big);
-        assert!(screen(&over, &gate).unwrap_err().contains("malformed"), "a packet over the cap");
+        assert!(
+            matches!(screen(&over, &gate), Err(Closed::Violation(Violation::Malformed(_)))),
+            "a packet over the cap"
+        );
     }
 }

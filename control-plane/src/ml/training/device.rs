@@ -28,11 +28,16 @@ pub enum DeviceSetting {
     Cuda(usize),
 }
 
-impl FromStr for DeviceSetting {
-    type Err = String;
+/// A `training.device` that is not `auto`, `cpu` or `cuda:N`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("expected \"auto\", \"cpu\" or \"cuda:N\" (N a GPU number), got \"{0}\"")]
+pub struct BadDeviceSetting(pub String);
 
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("expected \"auto\", \"cpu\" or \"cuda:N\" (N a GPU number), got \"{s}\"");
+impl FromStr for DeviceSetting {
+    type Err = BadDeviceSetting;
+
+    fn from_str(s: &str) -> Result<Self, BadDeviceSetting> {
+        let bad = || BadDeviceSetting(s.to_string());
         match s {
             "auto" => Ok(DeviceSetting::Auto),
             "cpu" => Ok(DeviceSetting::Cpu),
@@ -47,9 +52,9 @@ impl FromStr for DeviceSetting {
 }
 
 impl TryFrom<String> for DeviceSetting {
-    type Error = String;
+    type Error = BadDeviceSetting;
 
-    fn try_from(s: String) -> Result<Self, String> {
+    fn try_from(s: String) -> Result<Self, BadDeviceSetting> {
         s.parse()
     }
 }
@@ -322,7 +327,7 @@ mod tests {
         }
         for bad in ["", "gpu", "cuda", "cuda:", "cuda:x", "cuda:-1", "CPU", "cuda:0 "] {
             let err = bad.parse::<DeviceSetting>().unwrap_err();
-            assert!(err.contains(&format!("got \"{bad}\"")), "{err}");
+            assert!(err.to_string().contains(&format!("got \"{bad}\"")), "{err}");
         }
         assert_eq!(serde_json::from_str::<DeviceSetting>("\"cuda:1\"").unwrap(), DeviceSetting::Cuda(1));
         assert_eq!(serde_json::to_string(&DeviceSetting::Auto).unwrap(), "\"auto\"");
