@@ -110,15 +110,12 @@ async fn round(mode: Durability, signed: bool) -> anyhow::Result<f64> {
     cfg.require_enrollment = signed;
     let cancel = CancellationToken::new();
     let cp = ControlPlane::start(cfg, cancel.clone()).await?;
+    let api = edgeloop_simulators::http::Api::of(&cp);
     let mut identities = Vec::new();
     for i in 0..DEVICES {
         identities.push(if signed {
-            if let Some(t) = &cp.admin_token {
-                edgeloop_simulators::http::authorize(cp.api_addr, t);
-            }
             let key = edgeloop_simulators::device::new_key();
-            let creds =
-                edgeloop_simulators::device::enroll(cp.api_addr, &format!("bench-{i:03}"), "bench", &key).await?;
+            let creds = edgeloop_simulators::device::enroll(&api, &format!("bench-{i:03}"), "bench", &key).await?;
             Some((key, creds))
         } else {
             None

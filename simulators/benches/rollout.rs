@@ -40,8 +40,7 @@ async fn bench(agents: usize, runs: usize) -> anyhow::Result<()> {
     cfg.rollouts.tick_ms = 100;
     let cp_cancel = CancellationToken::new();
     let cp = ControlPlane::start(cfg, cp_cancel.clone()).await?;
-    let api = cp.api_addr;
-    edgeloop_simulators::http::authorize(api, cp.admin_token.as_deref().unwrap_or_default());
+    let api = &edgeloop_simulators::http::Api::of(&cp);
     let class = class_config("city-air-quality")?;
     let updates = rollouts::updater_config(api).await?;
     let mut spec =

@@ -140,9 +140,7 @@ pub async fn run(opts: ChaosOptions, stop: CancellationToken) -> anyhow::Result<
     let (mut cp, mut cp_cancel) = start_cp(&cp_config(any, any)).await?;
     let (mqtt, api) = (SocketAddr::from(([127, 0, 0, 1], cp.mqtt_addr.1)), cp.api_addr);
     let cfg = cp_config(mqtt, api);
-    if let Some(t) = &cp.admin_token {
-        crate::http::authorize(api, t);
-    }
+    let client = crate::http::Api::of(&cp);
     let proxy_cancel = CancellationToken::new();
     let proxy = FaultProxy::start(mqtt, proxy_cancel.clone()).await?;
 
@@ -152,7 +150,7 @@ pub async fn run(opts: ChaosOptions, stop: CancellationToken) -> anyhow::Result<
         &opts.data_root.join("agents"),
         cp.trusted_key.clone(),
     );
-    spec.enroll_with(api, opts.devices).await?;
+    spec.enroll_with(&client, opts.devices).await?;
     if has(Fault::DiskFull) {
         // Every fifth device has a small disk: its outbox overflows while the link is down, and drops oldest.
         spec.customise = std::sync::Arc::new(|c| {
@@ -181,7 +179,7 @@ pub async fn run(opts: ChaosOptions, stop: CancellationToken) -> anyhow::Result<
     // The rogue device for corrupted payloads: enrolled in its own name, speaking on others' topics.
     let rogue = if has(Fault::Corrupt) {
         let key = crate::device::new_key();
-        let creds = crate::device::enroll(api, "chaos-rogue", &spec.classes[0].class, &key).await?;
+        let creds = crate::device::enroll(&client, "chaos-rogue", &spec.classes[0].class, &key).await?;
         let (client, _, task) =
             crate::device::connect(("127.0.0.1".into(), mqtt.port()), "chaos-rogue", Some(&creds), None).await;
         Some((client, task))

@@ -234,8 +234,7 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> anyhow::Result<S
     let token_path = opts.data_dir.join("control-plane/admin.token");
     let token = std::fs::read_to_string(&token_path)
         .with_context(|| format!("reading the admin token {}", token_path.display()))?;
-    crate::http::authorize(api, &token);
-    crate::http::trust(api, &ca_pem)?;
+    let client = crate::http::Api::tls(api, &ca_pem)?.with_token(&token);
     println!(
         "edgeloop demo: {} devices across {} classes{}",
         opts.devices,
@@ -254,11 +253,11 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> anyhow::Result<S
     println!("  data:         {}", opts.data_dir.display());
 
     let classes = CLASSES.iter().map(|c| crate::class_config(c)).collect::<anyhow::Result<Vec<_>>>()?;
-    let updates = rollouts::updater_config(api).await?;
+    let updates = rollouts::updater_config(&client).await?;
     let mut spec = FleetSpec::new(classes, cp.mqtt_addr.clone(), &opts.data_dir.join("agents"), cp.trusted_key.clone());
     spec.customise = Arc::new(move |cfg| cfg.updates = Some(updates.clone()));
     spec.tls_ca = Some(ca_pem.clone());
-    spec.enroll_with(api, opts.devices).await?;
+    spec.enroll_with(&client, opts.devices).await?;
     let fleet_cancel = CancellationToken::new();
     let mut devices = fleet::start(&spec, opts.devices, &fleet_cancel).await?;
     let classes_of: BTreeMap<String, String> =

@@ -1,11 +1,10 @@
 //! A raw simulated device: its own key, enrolled through the API, speaking MQTT directly. For tests and
 //! tools that need to craft messages an agent would never send (junk, forgeries, replays).
 
-use crate::http;
+use crate::http::Api;
 use edgeloop_agent::identity::Credentials;
 use ring::signature::Ed25519KeyPair;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet};
-use std::net::SocketAddr;
 
 /// A fresh Ed25519 key.
 pub fn new_key() -> Ed25519KeyPair {
@@ -14,17 +13,17 @@ pub fn new_key() -> Ed25519KeyPair {
     Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).expect("a fresh key parses")
 }
 
-/// Creates a one-use enrollment token for `class` (with the admin token registered for `api`).
-pub async fn enrollment_token(api: SocketAddr, class: &str, uses: u32) -> anyhow::Result<String> {
+/// Creates an enrollment token for `class`, good for `uses` devices (`api` carries an admin token).
+pub async fn enrollment_token(api: &Api, class: &str, uses: u32) -> anyhow::Result<String> {
     let body = serde_json::json!({"class": class, "uses": uses, "expires_in_secs": 3600});
-    let (status, text) = http::post_json(api, "/api/v1/enrollment-tokens", &body).await?;
+    let (status, text) = api.post_json("/api/v1/enrollment-tokens", &body).await?;
     anyhow::ensure!(status == 201, "creating an enrollment token: HTTP {status}: {text}");
     let v: serde_json::Value = serde_json::from_str(&text)?;
     Ok(v["token"].as_str().unwrap_or_default().to_string())
 }
 
 /// Enrolls `device` of `class` with `key`; returns its MQTT credentials.
-pub async fn enroll(api: SocketAddr, device: &str, class: &str, key: &Ed25519KeyPair) -> anyhow::Result<Credentials> {
+pub async fn enroll(api: &Api, device: &str, class: &str, key: &Ed25519KeyPair) -> anyhow::Result<Credentials> {
     let token = enrollment_token(api, class, 1).await?;
     enroll_with_token(api, device, class, key, &token).await
 }
@@ -32,14 +31,14 @@ pub async fn enroll(api: SocketAddr, device: &str, class: &str, key: &Ed25519Key
 /// Enrolls `device` of `class` with `key` and an existing enrollment token, in a request signed with `key`
 /// and stamped now; returns its MQTT credentials.
 pub async fn enroll_with_token(
-    api: SocketAddr,
+    api: &Api,
     device: &str,
     class: &str,
     key: &Ed25519KeyPair,
     token: &str,
 ) -> anyhow::Result<Credentials> {
     let req = edgeloop_common::enroll::EnrollRequest::signed(key, device, class, token, edgeloop_common::unix_millis());
-    let (status, text) = http::post_json(api, "/api/v1/enroll", &serde_json::to_value(&req)?).await?;
+    let (status, text) = api.post_json("/api/v1/enroll", &serde_json::to_value(&req)?).await?;
     anyhow::ensure!(status == 200, "enrolling {device}: HTTP {status}: {text}");
     Ok(serde_json::from_str(&text)?)
 }

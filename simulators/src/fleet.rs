@@ -79,16 +79,16 @@ pub struct FleetSpec {
 pub type Customise = std::sync::Arc<dyn Fn(&mut AgentConfig) + Send + Sync>;
 
 impl FleetSpec {
-    /// Creates an enrollment token for each class through the control plane's API at `api` (the caller's
-    /// admin token must be registered with [`crate::http::authorize`]), good for `uses` devices each.
-    pub async fn enroll_with(&mut self, api: std::net::SocketAddr, uses: usize) -> anyhow::Result<()> {
+    /// Creates an enrollment token for each class through the control plane's API (`api` carries an admin
+    /// token), good for `uses` devices each.
+    pub async fn enroll_with(&mut self, api: &crate::http::Api, uses: usize) -> anyhow::Result<()> {
         for c in &self.classes {
             let body = serde_json::json!({"class": c.class, "uses": uses.max(1), "expires_in_secs": 3600});
-            let (status, text) = crate::http::post_json(api, "/api/v1/enrollment-tokens", &body).await?;
+            let (status, text) = api.post_json("/api/v1/enrollment-tokens", &body).await?;
             anyhow::ensure!(status == 201, "creating an enrollment token for {}: HTTP {status}: {text}", c.class);
             let v: serde_json::Value = serde_json::from_str(&text)?;
             let token = v["token"].as_str().unwrap_or_default().to_string();
-            let e = edgeloop_agent::identity::Enroll { url: crate::http::base_url(api), token };
+            let e = edgeloop_agent::identity::Enroll { url: api.base_url().to_string(), token };
             self.enroll.insert(c.class.clone(), e);
         }
         Ok(())
@@ -224,8 +224,8 @@ pub struct RunOptions {
     pub faults: bool,
     /// Event time advanced per 100 ms tick for slow classes, in samples (fast classes run in real time).
     pub slow_samples_per_tick: usize,
-    /// The control plane's API, to enroll the agents (with the admin token registered for it).
-    pub enroll_api: Option<std::net::SocketAddr>,
+    /// The control plane's API, to enroll the agents (with an admin token).
+    pub enroll_api: Option<crate::http::Api>,
     /// The control plane's keys; when empty, the signing key is read from `enroll_api`.
     pub trusted_keys: Vec<edgeloop_common::signing::TrustedKey>,
 }
@@ -246,10 +246,10 @@ pub struct RunSummary {
 pub async fn run(opts: RunOptions, stop: CancellationToken) -> anyhow::Result<RunSummary> {
     let classes = opts.classes.iter().map(|c| crate::class_config(c)).collect::<anyhow::Result<Vec<_>>>()?;
     anyhow::ensure!(!classes.is_empty(), "name at least one class");
-    let mut keys = crate::rollouts::control_plane_keys(opts.trusted_keys.clone(), opts.enroll_api).await?;
+    let mut keys = crate::rollouts::control_plane_keys(opts.trusted_keys.clone(), opts.enroll_api.as_ref()).await?;
     let mut spec = FleetSpec::new(classes, opts.broker.clone(), &opts.data_root, keys.remove(0));
     spec.trusted_keys.extend(keys);
-    if let Some(api) = opts.enroll_api {
+    if let Some(api) = &opts.enroll_api {
         spec.enroll_with(api, opts.devices).await?;
     }
     let cancel = CancellationToken::new();

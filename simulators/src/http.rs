@@ -1,9 +1,9 @@
-//! A minimal HTTP/1.1 client (`Connection: close`) for the operator API. Enough for tests, the demo and
-//! tools; not a general client.
+//! A client of the operator API for tests, the demo and tools: [`Api`], a reqwest client bound to one control
+//! plane, with the CA it trusts and the bearer token it sends. Each client owns its state: two clients of
+//! the same address (a port reused by another test's control plane) share nothing.
 
 use anyhow::Context;
 use std::net::SocketAddr;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A response: status, headers (names lower-cased) and body bytes.
 #[derive(Debug, Clone)]
@@ -22,146 +22,129 @@ impl Response {
     }
 }
 
-/// Bearer tokens per server, added to every request to that server that does not set its own
-/// `Authorization` header (like a netrc file for the operator API).
-static TOKENS: std::sync::OnceLock<std::sync::Mutex<std::collections::HashMap<SocketAddr, String>>> =
-    std::sync::OnceLock::new();
-
-/// Sends `token` as the bearer token on later requests to `addr`.
-pub fn authorize(addr: SocketAddr, token: &str) {
-    let map = TOKENS.get_or_init(Default::default);
-    map.lock().unwrap_or_else(|p| p.into_inner()).insert(addr, token.trim().to_string());
+/// The operator API of one control plane: `http://` or `https://` (trusting only a given CA), and the bearer
+/// token sent with every request that does not set its own `Authorization` header.
+///
+/// Redirects are not followed (a test sees the 303 itself), no proxy is used, and each request has a
+/// connection of its own, closed after the response (a control plane restarted on the same port finds no
+/// stale connection to it, and idle-connection limits see only the connections a test opens).
+#[derive(Clone)]
+pub struct Api {
+    base: String,
+    client: reqwest::Client,
+    token: Option<String>,
 }
 
-fn token_for(addr: SocketAddr) -> Option<String> {
-    TOKENS.get()?.lock().unwrap_or_else(|p| p.into_inner()).get(&addr).cloned()
-}
-
-type TlsMap = std::collections::HashMap<SocketAddr, std::sync::Arc<rustls::ClientConfig>>;
-static TLS: std::sync::OnceLock<std::sync::Mutex<TlsMap>> = std::sync::OnceLock::new();
-
-/// Speaks HTTPS to `addr` from now on, trusting only the CA in `ca_pem`.
-pub fn trust(addr: SocketAddr, ca_pem: &[u8]) -> anyhow::Result<()> {
-    let cfg = edgeloop_common::tls::client_config(ca_pem)?;
-    TLS.get_or_init(Default::default).lock().unwrap_or_else(|p| p.into_inner()).insert(addr, std::sync::Arc::new(cfg));
-    Ok(())
-}
-
-/// Speaks plain HTTP to `addr` again (a port reused by a server without TLS).
-pub fn forget_tls(addr: SocketAddr) {
-    if let Some(m) = TLS.get() {
-        m.lock().unwrap_or_else(|p| p.into_inner()).remove(&addr);
+impl std::fmt::Debug for Api {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Api").field("base", &self.base).field("token", &self.token.as_ref().map(|_| "…")).finish()
     }
 }
 
-fn tls_for(addr: SocketAddr) -> Option<std::sync::Arc<rustls::ClientConfig>> {
-    TLS.get()?.lock().unwrap_or_else(|p| p.into_inner()).get(&addr).cloned()
+fn builder() -> reqwest::ClientBuilder {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(reqwest::header::CONNECTION, reqwest::header::HeaderValue::from_static("close"));
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .pool_max_idle_per_host(0)
+        .default_headers(headers)
+        .tls_built_in_root_certs(false)
 }
 
-/// The base URL of a server: `https://` once [`trust`] was called for it.
-pub fn base_url(addr: SocketAddr) -> String {
-    if tls_for(addr).is_some() {
-        format!("https://{addr}")
-    } else {
-        format!("http://{addr}")
+impl Api {
+    /// Plain HTTP to `addr`.
+    pub fn new(addr: SocketAddr) -> Api {
+        // Building fails only when the TLS backend cannot start, which a plain client does not need.
+        let client = builder().build().expect("a plain HTTP client builds");
+        Api { base: format!("http://{addr}"), client, token: None }
     }
-}
 
-trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
-
-/// Sends one request. `body` is sent as JSON when present.
-pub async fn request(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: Option<&[u8]>,
-) -> anyhow::Result<Response> {
-    let tcp = tokio::net::TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
-    let mut s: Box<dyn Stream> = match tls_for(addr) {
-        Some(cfg) => {
-            let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
-            let tls = tokio_rustls::TlsConnector::from(cfg)
-                .connect(name, tcp)
-                .await
-                .with_context(|| format!("TLS to {addr}"))?;
-            Box::new(tls)
-        }
-        None => Box::new(tcp),
-    };
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    for (n, v) in headers {
-        head.push_str(&format!("{n}: {v}\r\n"));
+    /// HTTPS to `addr`, trusting only the CA in `ca_pem`.
+    pub fn tls(addr: SocketAddr, ca_pem: &[u8]) -> anyhow::Result<Api> {
+        let cfg = edgeloop_common::tls::client_config(ca_pem)?;
+        let client = builder().use_preconfigured_tls(cfg).build().context("building the HTTPS client")?;
+        Ok(Api { base: format!("https://{addr}"), client, token: None })
     }
-    if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("authorization")) {
-        if let Some(t) = token_for(addr) {
-            head.push_str(&format!("Authorization: Bearer {t}\r\n"));
+
+    /// Plain HTTP to an in-process control plane, with the admin token it created on its first start, if it
+    /// did.
+    pub fn of(cp: &edgeloop_control_plane::ControlPlaneHandle) -> Api {
+        let api = Api::new(cp.api_addr);
+        match &cp.admin_token {
+            Some(t) => api.with_token(t),
+            None => api,
         }
     }
-    if let Some(b) = body {
-        head.push_str(&format!("Content-Type: application/json\r\nContent-Length: {}\r\n", b.len()));
+
+    /// Sends `token` (surrounding whitespace trimmed, as read from a file) as the bearer token.
+    pub fn with_token(mut self, token: &str) -> Api {
+        self.token = Some(token.trim().to_string());
+        self
     }
-    head.push_str("\r\n");
-    s.write_all(head.as_bytes()).await?;
-    if let Some(b) = body {
-        s.write_all(b).await?;
+
+    /// `http://host:port` or `https://host:port`, without a trailing slash.
+    pub fn base_url(&self) -> &str {
+        &self.base
     }
-    let mut buf = Vec::new();
-    if let Err(e) = s.read_to_end(&mut buf).await {
-        // A TLS peer that closes without close_notify after a complete response is not an error here.
-        if e.kind() != std::io::ErrorKind::UnexpectedEof || buf.is_empty() {
-            return Err(e.into());
+
+    /// Sends one request. `body` is sent as JSON when present. An `Authorization` header in `headers`
+    /// replaces the client's token.
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> anyhow::Result<Response> {
+        let url = format!("{}{path}", self.base);
+        let m = reqwest::Method::from_bytes(method.as_bytes()).with_context(|| format!("method {method}"))?;
+        let mut req = self.client.request(m, &url);
+        for (n, v) in headers {
+            req = req.header(*n, *v);
         }
-    }
-    let end = buf.windows(4).position(|w| w == b"\r\n\r\n").context("response has no header end")?;
-    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-    let raw = &buf[end + 4..];
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|c| c.parse().ok())
-        .context("response has no status code")?;
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    let chunked = headers.iter().any(|(n, v)| n == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
-    let body = if chunked { dechunk(raw)? } else { raw.to_vec() };
-    Ok(Response { status, headers, body })
-}
-
-/// Sends `GET path` and returns the status code and body text.
-pub async fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    let r = request(addr, "GET", path, &[], None).await?;
-    Ok((r.status, r.text()))
-}
-
-/// GET and parse JSON, failing on a non-2xx status.
-pub async fn get_json<T: serde::de::DeserializeOwned>(addr: SocketAddr, path: &str) -> anyhow::Result<T> {
-    let (status, body) = get(addr, path).await?;
-    anyhow::ensure!((200..300).contains(&status), "GET {path}: status {status}: {body}");
-    serde_json::from_str(&body).with_context(|| format!("GET {path}: body is not the expected JSON"))
-}
-
-/// POSTs a JSON value; returns the status and body text.
-pub async fn post_json(addr: SocketAddr, path: &str, body: &serde_json::Value) -> anyhow::Result<(u16, String)> {
-    let r = request(addr, "POST", path, &[], Some(body.to_string().as_bytes())).await?;
-    Ok((r.status, r.text()))
-}
-
-fn dechunk(mut s: &[u8]) -> anyhow::Result<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let line_end = s.windows(2).position(|w| w == b"\r\n").context("bad chunk header")?;
-        let size = std::str::from_utf8(&s[..line_end]).context("bad chunk header")?;
-        let n = usize::from_str_radix(size.trim(), 16).context("bad chunk size")?;
-        if n == 0 {
-            return Ok(out);
+        if let Some(t) = &self.token {
+            if !headers.iter().any(|(n, _)| n.eq_ignore_ascii_case("authorization")) {
+                req = req.bearer_auth(t);
+            }
         }
-        let rest = &s[line_end + 2..];
-        out.extend_from_slice(rest.get(..n).context("short chunk")?);
-        s = rest.get(n + 2..).context("short chunk")?;
+        if let Some(b) = body {
+            req = req.header(reqwest::header::CONTENT_TYPE, "application/json").body(b.to_vec());
+        }
+        let r = req.send().await.map_err(|e| {
+            let what = if e.is_connect() && url.starts_with("https:") {
+                format!("connecting to {} (TLS)", self.base)
+            } else {
+                format!("{method} {url}")
+            };
+            anyhow::Error::new(e).context(what)
+        })?;
+        let status = r.status().as_u16();
+        let headers = r
+            .headers()
+            .iter()
+            .map(|(n, v)| (n.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).trim().to_string()))
+            .collect();
+        let body = r.bytes().await.with_context(|| format!("{method} {url}: reading the body"))?.to_vec();
+        Ok(Response { status, headers, body })
+    }
+
+    /// Sends `GET path` and returns the status code and body text.
+    pub async fn get(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        let r = self.request("GET", path, &[], None).await?;
+        Ok((r.status, r.text()))
+    }
+
+    /// GET and parse JSON, failing on a non-2xx status.
+    pub async fn get_json<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        let (status, body) = self.get(path).await?;
+        anyhow::ensure!((200..300).contains(&status), "GET {path}: status {status}: {body}");
+        serde_json::from_str(&body).with_context(|| format!("GET {path}: body is not the expected JSON"))
+    }
+
+    /// POSTs a JSON value; returns the status and body text.
+    pub async fn post_json(&self, path: &str, body: &serde_json::Value) -> anyhow::Result<(u16, String)> {
+        let r = self.request("POST", path, &[], Some(body.to_string().as_bytes())).await?;
+        Ok((r.status, r.text()))
     }
 }

@@ -12,7 +12,7 @@
 //! - [`load`]: `edgeloop-sim load`: a control-plane process under N devices' telemetry; throughput, latency,
 //!   CPU and memory.
 //! - [`rollouts`]: uploading models and driving rollouts through the operator API; agents' trust config.
-//! - [`http`]: a minimal HTTP/1.1 client for talking to the operator API from tests and tools.
+//! - [`http`]: [`http::Api`], a client of the operator API (reqwest) for tests and tools, with its own CA and token.
 //! - [`modbus_device`]: `edgeloop-sim modbus-device`: a class's simulated device as a Modbus TCP server.
 //! - [`nab`]: the Numenta Anomaly Benchmark replayed through the real loop, and NAB's scorer.
 

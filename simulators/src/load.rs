@@ -15,7 +15,7 @@
 //! machine beside the control plane, and what is measured here is the control plane. The wire traffic is the
 //! agents': the same topics, envelopes, signatures and acknowledgements.
 
-use crate::http;
+use crate::http::Api;
 use anyhow::Context;
 use edgeloop_common::envelope::{self, Body, Envelope, Record, TelemetryBatch};
 use edgeloop_common::topics::{self, Channel};
@@ -179,7 +179,7 @@ struct LoadDevice {
 }
 
 async fn enroll_and_connect(
-    api: SocketAddr,
+    api: &Api,
     mqtt: (String, u16),
     ca: Option<Arc<rustls::ClientConfig>>,
     token: String,
@@ -299,8 +299,8 @@ async fn send(
     }
 }
 
-async fn records_stored(api: SocketAddr) -> anyhow::Result<u64> {
-    let (status, text) = http::get(api, "/metrics").await?;
+async fn records_stored(api: &Api) -> anyhow::Result<u64> {
+    let (status, text) = api.get("/metrics").await?;
     anyhow::ensure!(status == 200, "/metrics: HTTP {status}");
     text.lines()
         .find_map(|l| l.strip_prefix("edgeloop_records_ingested_total "))
@@ -316,16 +316,14 @@ pub async fn run(opts: LoadOptions, stop: CancellationToken) -> anyhow::Result<L
     let setup = Instant::now();
     let (cp, api, mqtt) = start_control_plane(&opts)?;
     let pid = cp.child.id().to_string();
-    let ca = if opts.tls {
+    let (client, ca) = if opts.tls {
         let pem = std::fs::read(opts.data_dir.join("tls/ca.pem"))?;
-        http::trust(api, &pem)?;
-        Some(Arc::new(edgeloop_common::tls::client_config(&pem)?))
+        (Api::tls(api, &pem)?, Some(Arc::new(edgeloop_common::tls::client_config(&pem)?)))
     } else {
-        http::forget_tls(api);
-        None
+        (Api::new(api), None)
     };
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !matches!(http::get(api, "/api/v1/health").await, Ok((200, _))) {
+    while !matches!(client.get("/api/v1/health").await, Ok((200, _))) {
         anyhow::ensure!(
             Instant::now() < deadline,
             "the control plane did not answer within 60 s; see {}",
@@ -334,9 +332,9 @@ pub async fn run(opts: LoadOptions, stop: CancellationToken) -> anyhow::Result<L
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let token = std::fs::read_to_string(opts.data_dir.join("cp/admin.token"))?;
-    http::authorize(api, &token);
+    let api = client.with_token(&token);
     let body = serde_json::json!({"class": CLASS, "uses": opts.devices, "expires_in_secs": 3600});
-    let (status, text) = http::post_json(api, "/api/v1/enrollment-tokens", &body).await?;
+    let (status, text) = api.post_json("/api/v1/enrollment-tokens", &body).await?;
     anyhow::ensure!(status == 201, "creating an enrollment token: HTTP {status}: {text}");
     let enroll_token =
         serde_json::from_str::<serde_json::Value>(&text)?["token"].as_str().unwrap_or_default().to_string();
@@ -345,10 +343,11 @@ pub async fn run(opts: LoadOptions, stop: CancellationToken) -> anyhow::Result<L
     let limit = Arc::new(tokio::sync::Semaphore::new(32));
     let mut set = tokio::task::JoinSet::new();
     for i in 0..opts.devices {
-        let (limit, mqtt, ca, token) = (limit.clone(), mqtt.clone(), ca.clone(), enroll_token.clone());
+        let (limit, api, mqtt, ca, token) =
+            (limit.clone(), api.clone(), mqtt.clone(), ca.clone(), enroll_token.clone());
         set.spawn(async move {
             let _permit = limit.acquire_owned().await;
-            enroll_and_connect(api, mqtt, ca, token, format!("load-{i:05}")).await
+            enroll_and_connect(&api, mqtt, ca, token, format!("load-{i:05}")).await
         });
     }
     let mut devices = Vec::with_capacity(opts.devices);
@@ -362,7 +361,7 @@ pub async fn run(opts: LoadOptions, stop: CancellationToken) -> anyhow::Result<L
     tracing::info!(devices = devices.len(), setup_s, "every device connected; sending");
 
     // Send for `duration`, devices spread evenly over the batch interval.
-    let stored_before = records_stored(api).await?;
+    let stored_before = records_stored(&api).await?;
     let (cpu0, gen0, t0) = (cpu_seconds(&pid).unwrap_or(0.0), cpu_seconds("self").unwrap_or(0.0), Instant::now());
     let sending = CancellationToken::new();
     let mut senders = tokio::task::JoinSet::new();
@@ -403,7 +402,7 @@ pub async fn run(opts: LoadOptions, stop: CancellationToken) -> anyhow::Result<L
     while pending() > 0 && Instant::now() < drain {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let stored = records_stored(api).await? - stored_before;
+    let stored = records_stored(&api).await? - stored_before;
     let (mut gen_us, mut send_us) = (Vec::new(), Vec::new());
     let (mut sent, mut acked, mut unacked) = (0, 0, 0);
     for d in &devices {

@@ -148,6 +148,31 @@ enum Command {
     },
 }
 
+/// The client of `--api`: HTTPS trusting only `--ca` when given, with the admin token in `--admin-token`.
+fn api_client(
+    api: std::net::SocketAddr,
+    admin_token: Option<&std::path::Path>,
+    ca: Option<&std::path::Path>,
+) -> Result<edgeloop_simulators::http::Api, Failure> {
+    let token = match admin_token {
+        Some(t) => Some(
+            std::fs::read_to_string(t).map_err(|e| Failure::usage(format!("--admin-token {}: {e}", t.display())))?,
+        ),
+        None => None,
+    };
+    let client = match ca {
+        Some(ca) => std::fs::read(ca)
+            .map_err(anyhow::Error::from)
+            .and_then(|pem| edgeloop_simulators::http::Api::tls(api, &pem))
+            .map_err(|e| Failure::usage(format!("--ca {}: {e:#}", ca.display())))?,
+        None => edgeloop_simulators::http::Api::new(api),
+    };
+    Ok(match token {
+        Some(t) => client.with_token(&t),
+        None => client,
+    })
+}
+
 #[allow(clippy::too_many_arguments)]
 fn process_fleet(
     devices: usize,
@@ -161,17 +186,10 @@ fn process_fleet(
     trusted_keys: Vec<edgeloop_common::signing::TrustedKey>,
 ) -> Result<(), Failure> {
     edgeloop_agent::config::parse_broker_url(&broker).map_err(|e| Failure::usage(format!("--broker: {e}")))?;
-    if let (Some(a), Some(t)) = (&api, &admin_token) {
-        let token =
-            std::fs::read_to_string(t).map_err(|e| Failure::usage(format!("--admin-token {}: {e}", t.display())))?;
-        edgeloop_simulators::http::authorize(*a, &token);
-    }
-    if let (Some(a), Some(ca)) = (&api, &ca) {
-        std::fs::read(ca)
-            .map_err(anyhow::Error::from)
-            .and_then(|pem| edgeloop_simulators::http::trust(*a, &pem))
-            .map_err(|e| Failure::usage(format!("--ca {}: {e:#}", ca.display())))?;
-    }
+    let api = match api {
+        Some(a) => Some(api_client(a, admin_token.as_deref(), ca.as_deref())?),
+        None => None,
+    };
     let classes: Vec<String> = classes.split(',').map(|c| c.trim().to_string()).filter(|c| !c.is_empty()).collect();
     let data_root =
         data_dir.unwrap_or_else(|| std::env::temp_dir().join(format!("edgeloop-fleet-{}", std::process::id())));
@@ -202,15 +220,11 @@ fn fleet(
     admin_token: Option<PathBuf>,
     trusted_keys: Vec<edgeloop_common::signing::TrustedKey>,
 ) -> Result<(), Failure> {
-    match (&api, &admin_token) {
-        (Some(a), Some(t)) => {
-            let token = std::fs::read_to_string(t)
-                .map_err(|e| Failure::usage(format!("--admin-token {}: {e}", t.display())))?;
-            edgeloop_simulators::http::authorize(*a, &token);
-        }
-        (None, None) => {}
+    let api = match (api, &admin_token) {
+        (Some(a), Some(t)) => Some(api_client(a, Some(t), None)?),
+        (None, None) => None,
         _ => return Err(Failure::usage("--api and --admin-token go together")),
-    }
+    };
     let broker =
         edgeloop_agent::config::parse_mqtt_url(&broker).map_err(|e| Failure::usage(format!("--broker: {e}")))?;
     if devices == 0 {

@@ -5,7 +5,7 @@
 
 use crate::signals::Generator;
 use anyhow::Context;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -18,8 +18,8 @@ pub struct ProcessFleetOptions {
     pub classes: Vec<String>,
     /// `mqtts://host:port` or `mqtt://host:port`.
     pub broker_url: String,
-    /// The control plane's API (with the admin token registered for it): agents enroll through it.
-    pub api: Option<SocketAddr>,
+    /// The control plane's API (with an admin token): agents enroll through it.
+    pub api: Option<crate::http::Api>,
     /// The CA agents pin (needed for mqtts:// and https://).
     pub ca_file: Option<PathBuf>,
     pub data_root: PathBuf,
@@ -62,10 +62,10 @@ fn write_config(
         "[device]\nid = \"{id}\"\nclass_config = \"../classes/{class}.toml\"\n[mqtt]\nurl = \"{}\"\nreconnect_max_ms = 1000\n[storage]\ndata_dir = \"data\"\n[[sources]]\nkind = \"udp\"\nlisten = \"127.0.0.1:{udp}\"\n",
         opts.broker_url
     );
-    if let (Some(api), Some(token)) = (opts.api, token_file) {
+    if let (Some(api), Some(token)) = (&opts.api, token_file) {
         text.push_str(&format!(
             "[identity]\nenroll_url = \"{}\"\nenrollment_token_file = \"{}\"\n",
-            crate::http::base_url(api),
+            api.base_url(),
             token.display()
         ));
     }
@@ -100,14 +100,14 @@ pub async fn run(opts: ProcessFleetOptions, stop: CancellationToken) -> anyhow::
             .find(|(f, _)| *f == format!("{c}.toml"))
             .with_context(|| format!("no built-in firmware config for class `{c}`"))?;
         std::fs::write(classes_dir.join(format!("{c}.toml")), text)?;
-        if let Some(api) = opts.api {
+        if let Some(api) = &opts.api {
             let token = crate::device::enrollment_token(api, c, opts.devices as u32).await?;
             let f = classes_dir.join(format!("{c}.enroll"));
             std::fs::write(&f, token)?;
             tokens.insert(c.clone(), f);
         }
     }
-    let keys = crate::rollouts::control_plane_keys(opts.trusted_keys.clone(), opts.api).await?;
+    let keys = crate::rollouts::control_plane_keys(opts.trusted_keys.clone(), opts.api.as_ref()).await?;
     let now = edgeloop_common::unix_millis();
     let mut procs = Vec::new();
     for i in 0..opts.devices {
@@ -156,7 +156,7 @@ pub async fn run(opts: ProcessFleetOptions, stop: CancellationToken) -> anyhow::
             }
         }
     }
-    if let Some(api) = opts.api {
+    if let Some(api) = &opts.api {
         drain_via_api(api, &procs, Duration::from_secs(120)).await;
     } else {
         tokio::time::sleep(Duration::from_secs(5)).await;
@@ -195,13 +195,13 @@ pub async fn run(opts: ProcessFleetOptions, stop: CancellationToken) -> anyhow::
 }
 
 /// Waits until every agent's latest heartbeat shows its last record acknowledged.
-async fn drain_via_api(api: SocketAddr, procs: &[Proc], limit: Duration) {
+async fn drain_via_api(api: &crate::http::Api, procs: &[Proc], limit: Duration) {
     let deadline = Instant::now() + limit;
     loop {
         let mut pending = 0;
         for p in procs {
             let v: Option<edgeloop_control_plane::web::DeviceView> =
-                crate::http::get_json(api, &format!("/api/v1/devices/{}", p.id)).await.ok();
+                api.get_json(&format!("/api/v1/devices/{}", p.id)).await.ok();
             let done =
                 v.and_then(|v| v.device.last_status.map(|s| s.last_seq > 0 && s.last_seq == v.device.acked_upto));
             if done != Some(true) {

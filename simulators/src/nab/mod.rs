@@ -242,14 +242,20 @@ struct Replay {
 }
 
 /// Runs one file through the loop.
-async fn run_file(cp: &ControlPlaneHandle, s: &Series, opts: &NabOptions, work: &Path) -> anyhow::Result<Replay> {
+async fn run_file(
+    cp: &ControlPlaneHandle,
+    api: &crate::http::Api,
+    s: &Series,
+    opts: &NabOptions,
+    work: &Path,
+) -> anyhow::Result<Replay> {
     let class = class_config(s);
     let dir = work.join(&class.class);
     let mut cfg = AgentConfig::in_process(&class.class, class.clone(), cp.mqtt_addr.clone(), dir.join("agent"));
     cfg.durability = edgeloop_common::durable::Durability::Flush;
     cfg.trusted_keys = vec![cp.trusted_key.clone()];
-    let token = crate::device::enrollment_token(cp.api_addr, &class.class, 1).await?;
-    cfg.identity.enroll = Some(edgeloop_agent::identity::Enroll { url: crate::http::base_url(cp.api_addr), token });
+    let token = crate::device::enrollment_token(api, &class.class, 1).await?;
+    cfg.identity.enroll = Some(edgeloop_agent::identity::Enroll { url: api.base_url().to_string(), token });
     let mut dev = Device { cfg, agent: None, sent: 0 };
     dev.start().await?;
     let n = s.values.len();
@@ -368,16 +374,14 @@ pub async fn run(opts: NabOptions) -> anyhow::Result<NabReport> {
     }
     let cancel = CancellationToken::new();
     let cp = ControlPlane::start(cfg, cancel.clone()).await?;
-    if let Some(t) = &cp.admin_token {
-        crate::http::authorize(cp.api_addr, t);
-    }
+    let api = crate::http::Api::of(&cp);
     let (mut scored, mut raw) = (Vec::new(), Vec::new());
     let mut per_file = Vec::new();
     let (mut trainings, mut promoted, mut rows) = (0, 0, 0);
     for s in &files {
         let t0 = Instant::now();
         let Replay { scores, chosen, trainings: t, promoted: p, scored: scored_rows } =
-            run_file(&cp, s, &opts, &work).await.with_context(|| format!("replaying {}", s.key))?;
+            run_file(&cp, &api, s, &opts, &work).await.with_context(|| format!("replaying {}", s.key))?;
         let models = chosen.len();
         tracing::info!(file = %s.key, rows = s.values.len(), models, seconds = t0.elapsed().as_secs_f64(), "replayed");
         eprintln!("  {:<60} {:>6} rows  {} models  {:.1} s", s.key, s.values.len(), models, t0.elapsed().as_secs_f64());

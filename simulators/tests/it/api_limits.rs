@@ -7,7 +7,7 @@ use edgeloop_common::envelope::{self, Body, Envelope, Record, TelemetryBatch};
 use edgeloop_control_plane::access::AuditEntry;
 use edgeloop_control_plane::web::serve::Limits;
 use edgeloop_simulators::device;
-use edgeloop_simulators::http::{self, request};
+use edgeloop_simulators::http::Api;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -79,7 +79,7 @@ async fn idle_api_connections_are_closed() {
     .await;
     let api = cp.api_addr;
     let ca = std::fs::read(&files.ca).unwrap();
-    http::trust(api, &ca).unwrap();
+    let client = crate::support::api_tls(&cp, &ca);
     let connector = tokio_rustls::TlsConnector::from(Arc::new(edgeloop_common::tls::client_config(&ca).unwrap()));
     let tls_to = |connector: tokio_rustls::TlsConnector| async move {
         let tcp = TcpStream::connect(api).await.unwrap();
@@ -160,7 +160,7 @@ async fn idle_api_connections_are_closed() {
     }
     assert!((1..=16).contains(&most), "the server held {most} of 40 idle connections at once; the cap is 16");
     let t0 = Instant::now();
-    let r = tokio::time::timeout(Duration::from_secs(15), http::get(api, "/api/v1/health")).await;
+    let r = tokio::time::timeout(Duration::from_secs(15), client.get("/api/v1/health")).await;
     assert!(matches!(r, Ok(Ok((200, _)))), "health while 40 idle connections are held: {r:?}");
     assert!(t0.elapsed() < Duration::from_secs(10));
     drop(idle);
@@ -256,11 +256,10 @@ async fn fd_exhaustion_does_not_stop_the_control_plane() {
     let lines: Vec<&str> = text.lines().collect();
     let api: SocketAddr = lines[0].parse().unwrap();
     let mqtt = (lines[1].to_string(), lines[2].parse::<u16>().unwrap());
-    http::forget_tls(api);
-    http::authorize(api, lines[3]);
+    let operator = Api::new(api).with_token(lines[3]);
 
     let key = device::new_key();
-    let creds = device::enroll(api, "fd-dev", CLASS, &key).await.unwrap();
+    let creds = device::enroll(&operator, "fd-dev", CLASS, &key).await.unwrap();
     let (client, mut acks, task) = device_with_acks(mqtt, "fd-dev", &creds).await;
     client
         .publish("edgeloop/v1/fd-dev/up/telemetry", QoS::AtLeastOnce, false, batch("fd-dev", &key, 1, 10))
@@ -308,7 +307,7 @@ async fn fd_exhaustion_does_not_stop_the_control_plane() {
     drop(flood);
 
     let t0 = Instant::now();
-    while !matches!(http::get(api, "/api/v1/health").await, Ok((200, _))) {
+    while !matches!(operator.get("/api/v1/health").await, Ok((200, _))) {
         assert!(t0.elapsed() < Duration::from_secs(20), "the API did not answer after the attack\n{}", child_log());
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -318,7 +317,7 @@ async fn fd_exhaustion_does_not_stop_the_control_plane() {
         .await
         .unwrap();
     assert!(next_ack(&mut acks, Duration::from_secs(15)).await, "no ack after the attack\n{}", child_log());
-    assert_eq!(stored_seqs(api, "fd-dev").await, (1..=30).collect::<Vec<u64>>());
+    assert_eq!(stored_seqs(&operator, "fd-dev").await, (1..=30).collect::<Vec<u64>>());
     task.abort();
 
     std::fs::write(d.join("stop"), "").unwrap();
@@ -370,12 +369,13 @@ async fn fd_exhaustion_child() {
 async fn refused_requests_do_not_grow_the_audit_log() {
     let dir = tempfile::tempdir().unwrap();
     let (cp, cancel) = start_cp(dir.path(), |_| {}).await;
+    let api = crate::support::api(&cp);
     let path = format!("/api/v1/rollouts/{}", "a".repeat(60_000));
     for _ in 0..300 {
-        let r = request(cp.api_addr, "POST", &path, &[("Authorization", "Bearer nope")], Some(b"{}")).await.unwrap();
+        let r = api.request("POST", &path, &[("Authorization", "Bearer nope")], Some(b"{}")).await.unwrap();
         assert_eq!(r.status, 401);
     }
-    let audit: Vec<AuditEntry> = http::get_json(cp.api_addr, "/api/v1/audit?limit=1000").await.unwrap();
+    let audit: Vec<AuditEntry> = api.get_json("/api/v1/audit?limit=1000").await.unwrap();
     let refused: Vec<&AuditEntry> = audit.iter().filter(|e| e.who == "unauthenticated").collect();
     assert_eq!(refused.len(), 1, "{} entries", refused.len());
     assert_eq!(refused[0].count, 300);
@@ -390,10 +390,11 @@ async fn refused_requests_do_not_grow_the_audit_log() {
 async fn audit_list_limit_is_capped() {
     let dir = tempfile::tempdir().unwrap();
     let (cp, cancel) = start_cp(dir.path(), |_| {}).await;
-    let (status, body) = http::get(cp.api_addr, "/api/v1/audit?limit=10000").await.unwrap();
+    let api = crate::support::api(&cp);
+    let (status, body) = api.get("/api/v1/audit?limit=10000").await.unwrap();
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("limit must be between 1 and 1000, got 10000"), "{body}");
-    let (status, _) = http::get(cp.api_addr, "/api/v1/audit?limit=1000").await.unwrap();
+    let (status, _) = api.get("/api/v1/audit?limit=1000").await.unwrap();
     assert_eq!(status, 200);
     cancel.cancel();
     cp.join().await.unwrap();
@@ -417,6 +418,7 @@ async fn artifacts_stream_with_ranges_and_bounded_downloads() {
     })
     .await;
     let api = cp.api_addr;
+    let client = crate::support::api(&cp);
     let bytes: Vec<u8> = (0..64u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
     let models = cp.learning.models.clone();
     let b2 = bytes.clone();
@@ -424,15 +426,15 @@ async fn artifacts_stream_with_ranges_and_bounded_downloads() {
     let url = format!("/api/v1/artifacts/{sha}");
     let len = bytes.len();
 
-    let r = request(api, "GET", &url, &[("Range", "bytes=1000-1999")], None).await.unwrap();
+    let r = client.request("GET", &url, &[("Range", "bytes=1000-1999")], None).await.unwrap();
     assert_eq!(r.status, 206);
     assert_eq!(r.header("content-range"), Some(format!("bytes 1000-1999/{len}").as_str()));
     assert_eq!(r.body, bytes[1000..2000]);
-    let r = request(api, "GET", &url, &[("Range", "bytes=-10")], None).await.unwrap();
+    let r = client.request("GET", &url, &[("Range", "bytes=-10")], None).await.unwrap();
     assert_eq!((r.status, &r.body[..]), (206, &bytes[len - 10..]));
-    let r = request(api, "GET", &url, &[("Range", &format!("bytes={}-", len - 5))], None).await.unwrap();
+    let r = client.request("GET", &url, &[("Range", &format!("bytes={}-", len - 5))], None).await.unwrap();
     assert_eq!((r.status, &r.body[..]), (206, &bytes[len - 5..]));
-    let r = request(api, "GET", &url, &[("Range", &format!("bytes={len}-"))], None).await.unwrap();
+    let r = client.request("GET", &url, &[("Range", &format!("bytes={len}-"))], None).await.unwrap();
     assert_eq!(r.status, 416);
     assert_eq!(r.header("content-range"), Some(format!("bytes */{len}").as_str()));
 
@@ -454,14 +456,14 @@ async fn artifacts_stream_with_ranges_and_bounded_downloads() {
     assert!(grown < 200 << 20, "memory grew by {} MiB for 8 stalled downloads", grown >> 20);
 
     // A ninth finds every slot taken: 503 with Retry-After, after a short wait.
-    let r = request(api, "GET", &url, &[], None).await.unwrap();
+    let r = client.request("GET", &url, &[], None).await.unwrap();
     assert_eq!(r.status, 503, "{}", r.text());
     assert!(r.header("retry-after").is_some());
     // Once they go, whole downloads work again, byte for byte.
     drop(stalled);
     let t0 = Instant::now();
     let whole = loop {
-        let r = request(api, "GET", &url, &[], None).await.unwrap();
+        let r = client.request("GET", &url, &[], None).await.unwrap();
         if r.status == 200 {
             break r;
         }

@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-async fn device(api: SocketAddr, id: &str) -> Option<DeviceView> {
-    edgeloop_simulators::http::get_json(api, &format!("/api/v1/devices/{id}")).await.ok()
+async fn device(api: &edgeloop_simulators::http::Api, id: &str) -> Option<DeviceView> {
+    api.get_json(&format!("/api/v1/devices/{id}")).await.ok()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -26,7 +26,7 @@ async fn nothing_lost_across_process_kills() {
     let ca = crate::support::certs_init(d);
     let tls = crate::support::CP_TLS;
     std::fs::write(d.join("cp.toml"), format!("data_dir = \"cp\"\n[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:{mqtt}\"\n[api]\nlisten = \"{api}\"\n{tls}")).unwrap();
-    edgeloop_simulators::http::trust(api, &ca).unwrap();
+    let client = edgeloop_simulators::http::Api::tls(api, &ca).unwrap();
     std::fs::write(
         d.join("probe.toml"),
         "class = \"probe\"\n[[sensors]]\nname = \"t\"\nkind = \"slow\"\nrate_hz = 100\n[uplink]\nheartbeat_secs = 1\nack_timeout_secs = 1\nbatch_max_records = 50\n",
@@ -50,9 +50,9 @@ async fn nothing_lost_across_process_kills() {
         child: None,
     };
     cp.start();
-    crate::support::authorize_from_file(api, &d.join("cp/admin.token")).await;
-    crate::support::wait_for_api(api).await;
-    let token = edgeloop_simulators::device::enrollment_token(api, "probe", 1).await.unwrap();
+    let client = crate::support::authorize_from_file(client, &d.join("cp/admin.token")).await;
+    crate::support::wait_for_api(&client).await;
+    let token = edgeloop_simulators::device::enrollment_token(&client, "probe", 1).await.unwrap();
     std::fs::write(d.join("enroll.token"), token).unwrap();
     agent.start();
 
@@ -104,7 +104,7 @@ async fn nothing_lost_across_process_kills() {
     let deadline = Instant::now() + Duration::from_secs(60);
     let last = loop {
         pause(1500).await;
-        let v = device(api, "proc-1").await;
+        let v = device(&client, "proc-1").await;
         let drained = v.as_ref().and_then(|v| v.device.last_status.as_ref().map(|s| (s.last_seq, v.device.acked_upto)));
         if let Some((appended, acked)) = drained {
             if appended > 0 && appended == acked {
@@ -125,7 +125,7 @@ async fn nothing_lost_across_process_kills() {
         );
     };
     assert!(last > 1000 && last <= sent, "appended {last} of {sent} samples sent");
-    let seqs = stored_seqs(api, "proc-1").await;
+    let seqs = stored_seqs(&client, "proc-1").await;
     assert_gap_free("proc-1", &seqs, last);
     cp.sigterm();
     let cp_log = std::fs::read_to_string(d.join("cp.log")).unwrap();

@@ -9,7 +9,6 @@ use edgeloop_simulators::fleet::{self, FleetSpec, SimDevice};
 use edgeloop_simulators::{class_config, free_port, rollouts};
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{json, Value};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,7 +17,12 @@ use tokio_util::sync::CancellationToken;
 const CLASS: &str = "city-air-quality";
 const DEVICES: usize = 4;
 
-async fn fleet_for(api: SocketAddr, mqtt: (String, u16), root: &Path, cancel: &CancellationToken) -> Vec<SimDevice> {
+async fn fleet_for(
+    api: &edgeloop_simulators::http::Api,
+    mqtt: (String, u16),
+    root: &Path,
+    cancel: &CancellationToken,
+) -> Vec<SimDevice> {
     let updates = rollouts::updater_config(api).await.unwrap();
     let mut spec = FleetSpec::new(vec![class_config(CLASS).unwrap()], mqtt, root, updates.trusted[0].clone());
     spec.customise = Arc::new(move |c| c.updates = Some(updates.clone()));
@@ -221,8 +225,8 @@ async fn login(c: &Client, token: &str) {
 async fn operator_and_viewer_use_the_dashboard_in_headless_chromium() {
     let dir = tempfile::tempdir().unwrap();
     let (cp, cp_cancel) = start_cp(dir.path(), |c| c.rollouts.tick_ms = 100).await;
-    let api = cp.api_addr;
-    let base = format!("http://{api}");
+    let api = &crate::support::api(&cp);
+    let base = api.base_url().to_string();
     let admin = cp.admin_token.clone().unwrap();
     let (_, viewer) = TokenStore::open(&dir.path().join("cp")).unwrap().create("vera", Role::Viewer).unwrap();
     let class = class_config(CLASS).unwrap();

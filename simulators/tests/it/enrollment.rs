@@ -9,17 +9,16 @@ use edgeloop_common::signing::{hex, sha256_hex};
 use edgeloop_control_plane::access::{Role, TokenStore};
 use edgeloop_control_plane::fleet::{Ingestor, Outcome};
 use edgeloop_simulators::device::{self, Connected};
-use edgeloop_simulators::http;
+use edgeloop_simulators::http::Api;
 use ring::signature::{Ed25519KeyPair, KeyPair};
 use serde_json::json;
-use std::net::SocketAddr;
 
 const CLASS: &str = "city-air-quality";
 const OTHER_CLASS: &str = "factory-vibration";
 
 /// `POST /api/v1/enroll` with `body`; the status and the answer.
-async fn enroll_raw(api: SocketAddr, body: &serde_json::Value) -> (u16, serde_json::Value) {
-    let (status, text) = http::post_json(api, "/api/v1/enroll", body).await.unwrap();
+async fn enroll_raw(api: &Api, body: &serde_json::Value) -> (u16, serde_json::Value) {
+    let (status, text) = api.post_json("/api/v1/enroll", body).await.unwrap();
     (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
 }
 
@@ -33,9 +32,9 @@ fn unsigned(device: &str, class: &str, public_key: &str, token: &str) -> serde_j
     json!({"device": device, "class": class, "public_key": public_key, "token": token})
 }
 
-async fn uses_left(api: SocketAddr, token: &str) -> u64 {
+async fn uses_left(api: &Api, token: &str) -> u64 {
     let id = &token[4..12];
-    let (_, text) = http::get(api, "/api/v1/enrollment-tokens").await.unwrap();
+    let (_, text) = api.get("/api/v1/enrollment-tokens").await.unwrap();
     let all: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
     all.iter().find(|t| t["id"] == id).and_then(|t| t["uses_left"].as_u64()).unwrap()
 }
@@ -52,10 +51,11 @@ async fn connects(cp: &edgeloop_control_plane::ControlPlaneHandle, device: &str,
 async fn reenrollment_without_the_private_key_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (cp, cancel) = start_cp(dir.path(), |_| {}).await;
+    let api = crate::support::api(&cp);
     let victim = device::new_key();
     // A token with a use to spare, so that the replay below meets the replay check, not an exhausted token.
-    let first = signed(&victim, "victim", CLASS, &device::enrollment_token(cp.api_addr, CLASS, 2).await.unwrap());
-    let (status, creds) = enroll_raw(cp.api_addr, &serde_json::to_value(&first).unwrap()).await;
+    let first = signed(&victim, "victim", CLASS, &device::enrollment_token(&api, CLASS, 2).await.unwrap());
+    let (status, creds) = enroll_raw(&api, &serde_json::to_value(&first).unwrap()).await;
     assert_eq!(status, 200, "{creds}");
     let password = creds["password"].as_str().unwrap().to_string();
 
@@ -64,40 +64,40 @@ async fn reenrollment_without_the_private_key_refused() {
     let store = TokenStore::open(&dir.path().join("cp")).unwrap();
     let (_, viewer) = store.create("vera", Role::Viewer).unwrap();
     let auth = format!("Bearer {viewer}");
-    let r = http::request(cp.api_addr, "GET", "/api/v1/enrollments", &[("Authorization", &auth)], None).await.unwrap();
+    let r = api.request("GET", "/api/v1/enrollments", &[("Authorization", &auth)], None).await.unwrap();
     assert_eq!(r.status, 200);
     let listed: Vec<serde_json::Value> = serde_json::from_slice(&r.body).unwrap();
     let public_key = listed[0]["public_key"].as_str().unwrap().to_string();
     assert_eq!(public_key, hex(victim.public_key().as_ref()));
-    let token = device::enrollment_token(cp.api_addr, CLASS, 10).await.unwrap();
+    let token = device::enrollment_token(&api, CLASS, 10).await.unwrap();
 
     // 1. The request as it used to be: the public key and a token, nothing signed.
-    let (status, answer) = enroll_raw(cp.api_addr, &unsigned("victim", CLASS, &public_key, &token)).await;
+    let (status, answer) = enroll_raw(&api, &unsigned("victim", CLASS, &public_key, &token)).await;
     assert_eq!(status, 400, "{answer}");
     // 2. The victim's key, signed with the attacker's own key.
     let attacker = device::new_key();
     let mut forged = signed(&attacker, "victim", CLASS, &token);
     forged.public_key = public_key.clone();
-    let (status, answer) = enroll_raw(cp.api_addr, &serde_json::to_value(&forged).unwrap()).await;
+    let (status, answer) = enroll_raw(&api, &serde_json::to_value(&forged).unwrap()).await;
     assert_eq!(status, 403, "{answer}");
     assert!(answer["detail"].as_str().unwrap().starts_with("signature: does not verify"), "{answer}");
     // 3. The victim's own signed request, captured and sent again.
-    let (status, answer) = enroll_raw(cp.api_addr, &serde_json::to_value(&first).unwrap()).await;
+    let (status, answer) = enroll_raw(&api, &serde_json::to_value(&first).unwrap()).await;
     assert_eq!(status, 403, "{answer}");
     assert!(answer["detail"].as_str().unwrap().contains("each request is used once"), "{answer}");
     // 4. The captured signature under a fresh timestamp, or with the attacker's token.
     let mut restamped = first.clone();
     restamped.issued_at_ms = edgeloop_common::unix_millis();
     restamped.token = token.clone();
-    let (status, answer) = enroll_raw(cp.api_addr, &serde_json::to_value(&restamped).unwrap()).await;
+    let (status, answer) = enroll_raw(&api, &serde_json::to_value(&restamped).unwrap()).await;
     assert_eq!(status, 403, "{answer}");
 
     // Nothing was issued: the victim's password still works, and no use of the token was spent.
     assert!(connects(&cp, "victim", &password).await, "the victim's credentials still work");
-    assert_eq!(uses_left(cp.api_addr, &token).await, 10);
+    assert_eq!(uses_left(&api, &token).await, 10);
     // The owner of the key renews as before.
     let (status, renewed) =
-        enroll_raw(cp.api_addr, &serde_json::to_value(signed(&victim, "victim", CLASS, &token)).unwrap()).await;
+        enroll_raw(&api, &serde_json::to_value(signed(&victim, "victim", CLASS, &token)).unwrap()).await;
     assert_eq!(status, 200, "{renewed}");
     assert!(connects(&cp, "victim", renewed["password"].as_str().unwrap()).await);
     assert!(!connects(&cp, "victim", &password).await, "renewal replaced the password");
@@ -110,30 +110,30 @@ async fn reenrollment_without_the_private_key_refused() {
 async fn reenrollment_cannot_change_class() {
     let dir = tempfile::tempdir().unwrap();
     let (cp, cancel) = start_cp(dir.path(), |_| {}).await;
+    let api = crate::support::api(&cp);
     let key = device::new_key();
-    let creds = device::enroll(cp.api_addr, "dev-a", CLASS, &key).await.unwrap();
-    let other = device::enrollment_token(cp.api_addr, OTHER_CLASS, 10).await.unwrap();
+    let creds = device::enroll(&api, "dev-a", CLASS, &key).await.unwrap();
+    let other = device::enrollment_token(&api, OTHER_CLASS, 10).await.unwrap();
     let public_key = hex(key.public_key().as_ref());
 
     // With the device's own key and a token of another class, signed and unsigned.
     let (status, answer) =
-        enroll_raw(cp.api_addr, &serde_json::to_value(signed(&key, "dev-a", OTHER_CLASS, &other)).unwrap()).await;
+        enroll_raw(&api, &serde_json::to_value(signed(&key, "dev-a", OTHER_CLASS, &other)).unwrap()).await;
     assert_eq!(status, 409, "{answer}");
     let detail = answer["detail"].as_str().unwrap();
     assert!(detail.contains(&format!("enrolled in class `{CLASS}`, not `{OTHER_CLASS}`")), "{detail}");
-    let (status, answer) = enroll_raw(cp.api_addr, &unsigned("dev-a", OTHER_CLASS, &public_key, &other)).await;
+    let (status, answer) = enroll_raw(&api, &unsigned("dev-a", OTHER_CLASS, &public_key, &other)).await;
     assert_eq!(status, 400, "{answer}");
     // The enrolled class with the other class's token.
-    let (status, answer) =
-        enroll_raw(cp.api_addr, &serde_json::to_value(signed(&key, "dev-a", CLASS, &other)).unwrap()).await;
+    let (status, answer) = enroll_raw(&api, &serde_json::to_value(signed(&key, "dev-a", CLASS, &other)).unwrap()).await;
     assert_eq!(status, 403, "{answer}");
     assert!(answer["detail"].as_str().unwrap().contains("issued for another device class"), "{answer}");
 
-    let enrolled: Vec<serde_json::Value> = http::get_json(cp.api_addr, "/api/v1/enrollments").await.unwrap();
+    let enrolled: Vec<serde_json::Value> = api.get_json("/api/v1/enrollments").await.unwrap();
     assert_eq!(enrolled.len(), 1);
     assert_eq!(enrolled[0]["class"], CLASS, "the class is unchanged");
     assert!(connects(&cp, "dev-a", &creds.password).await, "and the device's credentials still work");
-    assert_eq!(uses_left(cp.api_addr, &other).await, 10);
+    assert_eq!(uses_left(&api, &other).await, 10);
 
     cancel.cancel();
     cp.join().await.unwrap();
@@ -143,31 +143,26 @@ async fn reenrollment_cannot_change_class() {
 async fn viewer_sees_no_credential_hashes() {
     let dir = tempfile::tempdir().unwrap();
     let (cp, cancel) = start_cp(dir.path(), |_| {}).await;
+    let api = crate::support::api(&cp);
     let key = device::new_key();
-    let token = device::enrollment_token(cp.api_addr, CLASS, 3).await.unwrap();
-    let creds = device::enroll_with_token(cp.api_addr, "dev-a", CLASS, &key, &token).await.unwrap();
+    let token = device::enrollment_token(&api, CLASS, 3).await.unwrap();
+    let creds = device::enroll_with_token(&api, "dev-a", CLASS, &key, &token).await.unwrap();
     let password_hash = sha256_hex(creds.password.as_bytes());
     let token_hash = sha256_hex(token.rsplit('_').next().unwrap().as_bytes());
     // The admin's own answers about tokens hold no hash of a secret either.
-    let (status, created) = http::post_json(
-        cp.api_addr,
-        "/api/v1/enrollment-tokens",
-        &json!({"class": CLASS, "uses": 1, "expires_in_secs": 60}),
-    )
-    .await
-    .unwrap();
+    let (status, created) = api
+        .post_json("/api/v1/enrollment-tokens", &json!({"class": CLASS, "uses": 1, "expires_in_secs": 60}))
+        .await
+        .unwrap();
     assert_eq!(status, 201, "{created}");
     let v: serde_json::Value = serde_json::from_str(&created).unwrap();
     let new_token_hash = sha256_hex(v["token"].as_str().unwrap().rsplit('_').next().unwrap().as_bytes());
-    let (status, withdrawn) = http::post_json(
-        cp.api_addr,
-        &format!("/api/v1/enrollment-tokens/{}/revoke", v["id"].as_str().unwrap()),
-        &json!({}),
-    )
-    .await
-    .unwrap();
+    let (status, withdrawn) = api
+        .post_json(&format!("/api/v1/enrollment-tokens/{}/revoke", v["id"].as_str().unwrap()), &json!({}))
+        .await
+        .unwrap();
     assert_eq!(status, 200, "{withdrawn}");
-    let (_, tokens) = http::get(cp.api_addr, "/api/v1/enrollment-tokens").await.unwrap();
+    let (_, tokens) = api.get("/api/v1/enrollment-tokens").await.unwrap();
     for (what, body) in [("created", &created), ("withdrawn", &withdrawn), ("listed", &tokens)] {
         assert!(!body.contains(&token_hash) && !body.contains(&new_token_hash), "{what}: {body}");
         assert!(!body.contains("sha256"), "{what}: {body}");
@@ -187,7 +182,7 @@ async fn viewer_sees_no_credential_hashes() {
         "/audit",
     ];
     for page in pages {
-        let r = http::request(cp.api_addr, "GET", page, &[("Authorization", &auth)], None).await.unwrap();
+        let r = api.request("GET", page, &[("Authorization", &auth)], None).await.unwrap();
         let body = r.text();
         assert!(r.status == 200 || r.status == 404, "{page}: {} {body}", r.status);
         for secret in [&password_hash, &token_hash, &creds.password] {
@@ -196,10 +191,7 @@ async fn viewer_sees_no_credential_hashes() {
         assert!(!body.contains("password_sha256"), "{page}: {body}");
     }
     let listed: Vec<serde_json::Value> = serde_json::from_str(
-        &http::request(cp.api_addr, "GET", "/api/v1/enrollments", &[("Authorization", &auth)], None)
-            .await
-            .unwrap()
-            .text(),
+        &api.request("GET", "/api/v1/enrollments", &[("Authorization", &auth)], None).await.unwrap().text(),
     )
     .unwrap();
     assert_eq!(listed[0]["public_key"], hex(key.public_key().as_ref()), "public keys stay listed");
@@ -227,22 +219,23 @@ async fn revoke_racing_reenrollment_stays_revoked() {
     const RENEWALS: u64 = 3;
     let dir = tempfile::tempdir().unwrap();
     let (cp, cancel) = start_cp(dir.path(), |_| {}).await;
-    let api = cp.api_addr;
-    let token = device::enrollment_token(api, CLASS, (ROUNDS as u64 * (1 + RENEWERS * RENEWALS)) as u32).await.unwrap();
+    let api = crate::support::api(&cp);
+    let token =
+        device::enrollment_token(&api, CLASS, (ROUNDS as u64 * (1 + RENEWERS * RENEWALS)) as u32).await.unwrap();
     let mut rounds = Vec::new();
     for round in 0..ROUNDS {
         let id = format!("racer-{round:02}");
         let key = std::sync::Arc::new(device::new_key());
-        let first = device::enroll_with_token(api, &id, CLASS, &key, &token).await.unwrap();
+        let first = device::enroll_with_token(&api, &id, CLASS, &key, &token).await.unwrap();
         // Renewals from several clients at once (each a fresh, validly signed request), and a revocation.
         let base = edgeloop_common::unix_millis();
         let renewals = (0..RENEWERS).map(|r| {
-            let (key, id, token) = (key.clone(), id.clone(), token.clone());
+            let (key, id, token, api) = (key.clone(), id.clone(), token.clone(), api.clone());
             tokio::spawn(async move {
                 let mut passwords = Vec::new();
                 for n in 0..RENEWALS {
                     let req = EnrollRequest::signed(&key, &id, CLASS, &token, base + 1 + r * RENEWALS + n);
-                    let (status, answer) = enroll_raw(api, &serde_json::to_value(&req).unwrap()).await;
+                    let (status, answer) = enroll_raw(&api, &serde_json::to_value(&req).unwrap()).await;
                     if status == 200 {
                         passwords.push(answer["password"].as_str().unwrap().to_string());
                     }
@@ -252,7 +245,7 @@ async fn revoke_racing_reenrollment_stays_revoked() {
         });
         let renewals: Vec<_> = renewals.collect();
         let (path, body) = (format!("/api/v1/devices/{id}/revoke"), json!({}));
-        let (status, answer) = http::post_json(api, &path, &body).await.unwrap();
+        let (status, answer) = api.post_json(&path, &body).await.unwrap();
         assert_eq!(status, 200, "{answer}");
         let mut passwords = vec![first.password];
         for r in renewals {
@@ -261,7 +254,7 @@ async fn revoke_racing_reenrollment_stays_revoked() {
         rounds.push((id, key, passwords));
     }
 
-    let enrolled: Vec<serde_json::Value> = http::get_json(api, "/api/v1/enrollments").await.unwrap();
+    let enrolled: Vec<serde_json::Value> = api.get_json("/api/v1/enrollments").await.unwrap();
     let ingest = Ingestor::new(cp.store.clone(), cp.registry.clone(), cp.metrics.clone(), 256 * 1024)
         .with_enrollment(Some(cp.enrollment.clone()));
     for (id, key, passwords) in &rounds {

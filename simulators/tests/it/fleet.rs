@@ -19,7 +19,7 @@ async fn fleet_of_every_class_drains_completely() {
         duration: Some(Duration::from_secs(3)),
         faults: true,
         slow_samples_per_tick: 20,
-        enroll_api: Some(cp.api_addr),
+        enroll_api: Some(crate::support::api(&cp)),
         // Read from the API: the key agents need to accept this control plane's acknowledgements.
         trusted_keys: Vec::new(),
     };

@@ -44,6 +44,7 @@ fn signed(body: Body, seq: u64, key: &Ed25519KeyPair) -> Vec<u8> {
 async fn a_flooding_device_does_not_delay_the_others() {
     let dir = tempfile::tempdir().unwrap();
     let (cp, cp_cancel) = start_cp(dir.path(), |_| {}).await;
+    let api = crate::support::api(&cp);
 
     // The other device: a real agent.
     let cancel = CancellationToken::new();
@@ -51,13 +52,13 @@ async fn a_flooding_device_does_not_delay_the_others() {
     class.uplink.ack_timeout_secs = 1;
     let mut spec =
         FleetSpec::new(vec![class], cp.mqtt_addr.clone(), &dir.path().join("agents"), cp.trusted_key.clone());
-    spec.enroll_with(cp.api_addr, 1).await.unwrap();
+    spec.enroll_with(&api, 1).await.unwrap();
     let mut devices = fleet::start(&spec, 1, &cancel).await.unwrap();
     let outbox = devices[0].agent.outbox.clone();
 
     // The flooder: enrolled, with its own key, speaking MQTT directly on its own topics.
     let key = device::new_key();
-    let creds = device::enroll(cp.api_addr, "flooder", CLASS, &key).await.unwrap();
+    let creds = device::enroll(&api, "flooder", CLASS, &key).await.unwrap();
     let (client, connected, el) = device::connect(cp.mqtt_addr.clone(), "flooder", Some(&creds), None).await;
     assert_eq!(connected, device::Connected::Yes);
     // First, a full update history of large reports (150 KB each), all accepted.

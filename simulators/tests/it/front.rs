@@ -56,9 +56,10 @@ fn forged_ack(victim: &str, upto: u64) -> Vec<u8> {
 async fn will_on_another_devices_topic_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (cp, cancel) = start_cp(dir.path(), |_| {}).await;
+    let api = crate::support::api(&cp);
     let (key_a, key_b) = (device::new_key(), device::new_key());
-    let creds_a = device::enroll(cp.api_addr, "dev-a", CLASS, &key_a).await.unwrap();
-    let creds_b = device::enroll(cp.api_addr, "dev-b", CLASS, &key_b).await.unwrap();
+    let creds_a = device::enroll(&api, "dev-a", CLASS, &key_a).await.unwrap();
+    let creds_b = device::enroll(&api, "dev-b", CLASS, &key_b).await.unwrap();
     // The victim listens on its acknowledgement topic, as its agent does.
     let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel::<String>();
     let mut opts = MqttOptions::new("dev-b", cp.mqtt_addr.0.clone(), cp.mqtt_addr.1);
@@ -116,8 +117,9 @@ async fn will_on_another_devices_topic_refused() {
 async fn device_retained_publish_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (cp, cancel) = start_cp(dir.path(), |_| {}).await;
+    let api = crate::support::api(&cp);
     let key = device::new_key();
-    let creds = device::enroll(cp.api_addr, "dev-a", CLASS, &key).await.unwrap();
+    let creds = device::enroll(&api, "dev-a", CLASS, &key).await.unwrap();
     let (client, outcome, task) = device::connect(cp.mqtt_addr.clone(), "dev-a", Some(&creds), None).await;
     assert_eq!(outcome, Connected::Yes);
     wait_for("A connected", Duration::from_secs(10), || cp.front.connections("dev-a") == 1).await;
@@ -147,8 +149,9 @@ async fn device_retained_publish_refused() {
 async fn direct_connection_to_the_internal_broker_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (cp, cancel) = start_cp(dir.path(), |_| {}).await;
+    let api = crate::support::api(&cp);
     let key = device::new_key();
-    let creds = device::enroll(cp.api_addr, "dev-a", CLASS, &key).await.unwrap();
+    let creds = device::enroll(&api, "dev-a", CLASS, &key).await.unwrap();
     let internal = cp.internal_broker.expect("the embedded broker's loopback port");
     let internal = (internal.ip().to_string(), internal.port());
     // The device's own, valid credentials, straight to rumqttd: refused.
@@ -176,8 +179,9 @@ async fn direct_connection_to_the_internal_broker_refused() {
 async fn invented_subscription_filters_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (cp, cancel) = start_cp(dir.path(), |_| {}).await;
+    let api = crate::support::api(&cp);
     let key = device::new_key();
-    let creds = device::enroll(cp.api_addr, "dev-a", CLASS, &key).await.unwrap();
+    let creds = device::enroll(&api, "dev-a", CLASS, &key).await.unwrap();
     let (client, outcome, task) = device::connect(cp.mqtt_addr.clone(), "dev-a", Some(&creds), None).await;
     assert_eq!(outcome, Connected::Yes);
     client.subscribe("edgeloop/v1/dev-a/down/ack", QoS::AtLeastOnce).await.unwrap();

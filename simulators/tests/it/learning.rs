@@ -4,7 +4,6 @@
 use crate::support::{start_cp, wait_for};
 use edgeloop_control_plane::ml::{JobState, ModelVersion};
 use edgeloop_simulators::fleet::{self, FleetSpec};
-use edgeloop_simulators::http::{get, get_json, post_json, request};
 use serde_json::json;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -18,10 +17,11 @@ async fn train_register_serve_and_retrain_offline() {
         c.classes.insert(c2.class.clone(), c2);
     })
     .await;
+    let api = crate::support::api(&cp);
     let cancel = CancellationToken::new();
     let mut spec =
         FleetSpec::new(vec![class.clone()], cp.mqtt_addr.clone(), &dir.path().join("agents"), cp.trusted_key.clone());
-    spec.enroll_with(cp.api_addr, 64).await.unwrap();
+    spec.enroll_with(&api, 64).await.unwrap();
     let mut devices = fleet::start(&spec, 3, &cancel).await.unwrap();
     for d in &mut devices {
         for s in d.generator.take(600) {
@@ -35,27 +35,26 @@ async fn train_register_serve_and_retrain_offline() {
         cp.registry.list().iter().filter(|d| d.class == "city-air-quality").count() == 3
     })
     .await;
-    let api = cp.api_addr;
 
     // Refusals first.
-    let (status, body) = post_json(api, "/api/v1/train", &json!({"class": "no-such-class"})).await.unwrap();
+    let (status, body) = api.post_json("/api/v1/train", &json!({"class": "no-such-class"})).await.unwrap();
     assert_eq!(status, 404, "{body}");
     assert!(body.contains("no-such-class"));
     let (status, body) =
-        post_json(api, "/api/v1/train", &json!({"class": "city-air-quality", "trials": 0})).await.unwrap();
+        api.post_json("/api/v1/train", &json!({"class": "city-air-quality", "trials": 0})).await.unwrap();
     assert_eq!(status, 400, "{body}");
-    let r = request(api, "POST", "/api/v1/train", &[], Some(b"{not json")).await.unwrap();
+    let r = api.request("POST", "/api/v1/train", &[], Some(b"{not json")).await.unwrap();
     assert_eq!(r.status, 400, "{}", r.text());
     assert!(r.text().contains("\"error\":\"bad_request\""));
 
     let (status, body) =
-        post_json(api, "/api/v1/train", &json!({"class": "city-air-quality", "trials": 2, "seed": 3})).await.unwrap();
+        api.post_json("/api/v1/train", &json!({"class": "city-air-quality", "trials": 2, "seed": 3})).await.unwrap();
     assert_eq!(status, 202, "{body}");
     let job: serde_json::Value = serde_json::from_str(&body).unwrap();
     let id = job["job"].as_u64().unwrap();
     let deadline = Instant::now() + Duration::from_secs(180);
     let job = loop {
-        let j: serde_json::Value = get_json(api, &format!("/api/v1/jobs/{id}")).await.unwrap();
+        let j: serde_json::Value = api.get_json(&format!("/api/v1/jobs/{id}")).await.unwrap();
         match j["state"].as_str() {
             Some("succeeded") => break j,
             Some("failed") => panic!("training failed: {j}"),
@@ -68,10 +67,10 @@ async fn train_register_serve_and_retrain_offline() {
     assert_eq!(job["result"]["promoted"], true);
     assert_eq!(job["progress"], 1.0);
 
-    let models: serde_json::Value = get_json(api, "/api/v1/models").await.unwrap();
+    let models: serde_json::Value = api.get_json("/api/v1/models").await.unwrap();
     assert_eq!(models.as_array().unwrap().len(), 1);
     assert_eq!(models[0]["production"], true);
-    let m: ModelVersion = get_json(api, "/api/v1/models/city-air-quality/1").await.unwrap();
+    let m: ModelVersion = api.get_json("/api/v1/models/city-air-quality/1").await.unwrap();
     assert_eq!(m.sensor, "pm25");
     // An autoencoder takes one vector of 5 features, a forecaster a window of them; the choice is recorded.
     assert_eq!(m.input_shape, vec![-1, 5 * m.frames as i64]);
@@ -83,21 +82,22 @@ async fn train_register_serve_and_retrain_offline() {
     assert!(m.lineage.metrics.export_max_rel_error <= 1e-4);
 
     // The artifact: whole, and by range.
-    let whole = request(api, "GET", &format!("/api/v1/artifacts/{}", m.sha256), &[], None).await.unwrap();
+    let whole = api.request("GET", &format!("/api/v1/artifacts/{}", m.sha256), &[], None).await.unwrap();
     assert_eq!(whole.status, 200);
     assert_eq!(whole.body.len() as u64, m.size);
     let digest = ring::digest::digest(&ring::digest::SHA256, &whole.body);
     assert_eq!(edgeloop_common::signing::hex(digest.as_ref()), m.sha256);
     let part =
-        request(api, "GET", &format!("/api/v1/artifacts/{}", m.sha256), &[("Range", "bytes=10-")], None).await.unwrap();
+        api.request("GET", &format!("/api/v1/artifacts/{}", m.sha256), &[("Range", "bytes=10-")], None).await.unwrap();
     assert_eq!(part.status, 206);
     assert_eq!(part.body, whole.body[10..]);
     assert_eq!(part.header("content-range"), Some(format!("bytes 10-{}/{}", m.size - 1, m.size).as_str()));
-    let bad = request(api, "GET", &format!("/api/v1/artifacts/{}", m.sha256), &[("Range", "bytes=99999999-")], None)
+    let bad = api
+        .request("GET", &format!("/api/v1/artifacts/{}", m.sha256), &[("Range", "bytes=99999999-")], None)
         .await
         .unwrap();
     assert_eq!(bad.status, 416);
-    let (status, _) = get(api, &format!("/api/v1/artifacts/{}", "a".repeat(64))).await.unwrap();
+    let (status, _) = api.get(&format!("/api/v1/artifacts/{}", "a".repeat(64))).await.unwrap();
     assert_eq!(status, 404);
 
     // The agent's own inference runs the exported model and reproduces the golden vectors.
@@ -108,10 +108,10 @@ async fn train_register_serve_and_retrain_offline() {
     }
 
     let (status, body) =
-        post_json(api, "/api/v1/labels", &json!({"device": "sim-0000", "from": 1, "to": 2, "label": 1})).await.unwrap();
+        api.post_json("/api/v1/labels", &json!({"device": "sim-0000", "from": 1, "to": 2, "label": 1})).await.unwrap();
     assert_eq!(status, 201, "{body}");
     let (status, _) =
-        post_json(api, "/api/v1/labels", &json!({"device": "sim-0000", "from": 5, "to": 2, "label": 1})).await.unwrap();
+        api.post_json("/api/v1/labels", &json!({"device": "sim-0000", "from": 5, "to": 2, "label": 1})).await.unwrap();
     assert_eq!(status, 400);
 
     // Stop everything, then train again offline with the CLI on the same store.
@@ -218,7 +218,7 @@ async fn stop_during_training_finishes_within_the_deadline() {
     let cancel = CancellationToken::new();
     let mut spec =
         FleetSpec::new(vec![class.clone()], cp.mqtt_addr.clone(), &dir.path().join("agents"), cp.trusted_key.clone());
-    spec.enroll_with(cp.api_addr, 64).await.unwrap();
+    spec.enroll_with(&crate::support::api(&cp), 64).await.unwrap();
     let mut devices = fleet::start(&spec, 2, &cancel).await.unwrap();
     for d in &mut devices {
         for s in d.generator.take(400) {

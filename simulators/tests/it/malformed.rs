@@ -21,19 +21,20 @@ fn metric(text: &str, name: &str) -> u64 {
 async fn malformed_uplink_counted_and_good_traffic_flows() {
     let dir = tempfile::tempdir().unwrap();
     let (cp, cp_cancel) = start_cp(dir.path(), |c| c.ingest.max_message_bytes = 64 * 1024).await;
+    let api = crate::support::api(&cp);
     let cancel = CancellationToken::new();
     let mut class = edgeloop_simulators::class_config("city-air-quality").unwrap();
     class.uplink.ack_timeout_secs = 1;
     let mut spec =
         FleetSpec::new(vec![class], cp.mqtt_addr.clone(), &dir.path().join("agents"), cp.trusted_key.clone());
-    spec.enroll_with(cp.api_addr, 1).await.unwrap();
+    spec.enroll_with(&api, 1).await.unwrap();
     let mut devices = fleet::start(&spec, 1, &cancel).await.unwrap();
     let device = devices[0].agent.device.clone();
 
     // The attacker: an enrolled device of its own, publishing junk on its own topic (the broker's front lets a
     // device publish nowhere else); ingest refuses it by reason while the victim's traffic flows.
     let key = device::new_key();
-    let creds = device::enroll(cp.api_addr, "attacker", "city-air-quality", &key).await.unwrap();
+    let creds = device::enroll(&api, "attacker", "city-air-quality", &key).await.unwrap();
     let (client, connected, el) = device::connect(cp.mqtt_addr.clone(), "attacker", Some(&creds), None).await;
     assert_eq!(connected, device::Connected::Yes);
     let topic = "edgeloop/v1/attacker/up/telemetry".to_string();
@@ -64,14 +65,14 @@ async fn malformed_uplink_counted_and_good_traffic_flows() {
     })
     .await;
 
-    let (status, text) = edgeloop_simulators::http::get(cp.api_addr, "/metrics").await.unwrap();
+    let (status, text) = api.get("/metrics").await.unwrap();
     assert_eq!(status, 200);
     assert_eq!(metric(&text, "edgeloop_messages_rejected_total{reason=\"too_large\"}"), 1, "{text}");
     assert_eq!(metric(&text, "edgeloop_messages_rejected_total{reason=\"unsupported_version\"}"), 1, "{text}");
     assert!(metric(&text, "edgeloop_messages_rejected_total{reason=\"malformed_cbor\"}") > 0, "{text}");
     assert_eq!(metric(&text, "edgeloop_records_ingested_total"), 300, "{text}");
     assert!(metric(&text, "edgeloop_acks_sent_total") > 0, "{text}");
-    assert_eq!(stored_seqs(cp.api_addr, &device).await.len(), 300);
+    assert_eq!(stored_seqs(&api, &device).await.len(), 300);
 
     el.abort();
     cancel.cancel();

@@ -17,7 +17,7 @@ async fn agent(
     modbus: std::net::SocketAddr,
     cp: &edgeloop_control_plane::ControlPlaneHandle,
 ) -> Proc {
-    let token = device::enrollment_token(cp.api_addr, CLASS, 1).await.unwrap();
+    let token = device::enrollment_token(&crate::support::api(cp), CLASS, 1).await.unwrap();
     std::fs::write(dir.join(format!("{id}.enroll")), token).unwrap();
     let cfg = format!(
         "[device]\nid = \"{id}\"\nclass_config = \"{class_file}\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:{}\"\nreconnect_max_ms = 500\n[storage]\ndata_dir = \"{id}\"\n[[sources]]\nkind = \"modbus\"\naddress = \"{modbus}\"\npoll_ms = 100\n[identity]\nenroll_url = \"http://{}\"\nenrollment_token_file = \"{id}.enroll\"\n[[trusted_keys]]\npublic_key = \"{}\"\n",

@@ -241,7 +241,7 @@ async fn fleet_works_through_mosquitto() {
     class.uplink.ack_timeout_secs = 1;
     let mut spec =
         FleetSpec::new(vec![class], ("127.0.0.1".into(), port), &dir.path().join("agents"), cp.trusted_key.clone());
-    spec.enroll_with(cp.api_addr, 2).await.unwrap();
+    spec.enroll_with(&crate::support::api(&cp), 2).await.unwrap();
     let mut devices = fleet::start(&spec, 2, &cancel).await.unwrap();
     // Enrollment gave each agent its credentials; the operator provisions them into the broker.
     for d in &devices {

@@ -18,6 +18,7 @@ async fn nothing_lost_through_connection_cuts() {
     // The devices' links are cut. The control plane's own link to its embedded broker is in-process loopback
     // and is not cut here; mosquitto::fleet_works_through_mosquitto cuts it for an external broker.
     let (cp, cp_cancel) = start_cp(dir.path(), |_| {}).await;
+    let api = crate::support::api(&cp);
     let broker = SocketAddr::from(([127, 0, 0, 1], cp.mqtt_addr.1));
     let proxy = FaultProxy::start(broker, cancel.clone()).await.unwrap();
 
@@ -31,7 +32,7 @@ async fn nothing_lost_through_connection_cuts() {
         &dir.path().join("agents"),
         cp.trusted_key.clone(),
     );
-    spec.enroll_with(cp.api_addr, 64).await.unwrap();
+    spec.enroll_with(&api, 64).await.unwrap();
     let mut devices = fleet::start(&spec, DEVICES, &cancel).await.unwrap();
 
     // 20 rounds of 100 samples per device, 100 ms apart; cut everything every 5th round.
@@ -62,7 +63,7 @@ async fn nothing_lost_through_connection_cuts() {
 
     for d in &devices {
         assert_eq!(d.agent.outbox.stats().depth, 0, "{}: acknowledged records leave the outbox", d.agent.device);
-        let seqs = stored_seqs(cp.api_addr, &d.agent.device).await;
+        let seqs = stored_seqs(&api, &d.agent.device).await;
         assert_gap_free(&d.agent.device, &seqs, RECORDS);
     }
     let ingested = cp.metrics.records_ingested.get();

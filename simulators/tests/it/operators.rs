@@ -3,16 +3,16 @@
 
 use crate::support::start_cp;
 use edgeloop_control_plane::access::{Role, TokenStore};
-use edgeloop_simulators::http::request;
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_token_401() {
     let dir = tempfile::tempdir().unwrap();
     let (cp, cancel) = start_cp(dir.path(), |_| {}).await;
+    let api = crate::support::api(&cp);
     let none: &[(&str, &str)] = &[("Authorization", "")];
     for (method, path) in [("GET", "/api/v1/devices"), ("GET", "/metrics"), ("POST", "/api/v1/rollouts")] {
-        let r = request(cp.api_addr, method, path, none, None).await.unwrap();
+        let r = api.request(method, path, none, None).await.unwrap();
         assert_eq!(r.status, 401, "{method} {path}: {}", r.text());
         assert_eq!(r.header("www-authenticate"), Some("Bearer"));
         let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
@@ -20,18 +20,17 @@ async fn missing_token_401() {
         assert!(body["detail"].as_str().unwrap().contains("no bearer token"), "{body}");
     }
     let forged = [("Authorization", "Bearer elt_00000000_0000")];
-    let r = request(cp.api_addr, "GET", "/api/v1/devices", &forged, None).await.unwrap();
+    let r = api.request("GET", "/api/v1/devices", &forged, None).await.unwrap();
     assert_eq!(r.status, 401);
     assert!(r.text().contains("unknown or revoked token"), "{}", r.text());
     // The refused attempt to change something is audited, as unauthenticated.
-    let audit: Vec<edgeloop_control_plane::access::AuditEntry> =
-        edgeloop_simulators::http::get_json(cp.api_addr, "/api/v1/audit").await.unwrap();
+    let audit: Vec<edgeloop_control_plane::access::AuditEntry> = api.get_json("/api/v1/audit").await.unwrap();
     assert!(
         audit.iter().any(|e| e.who == "unauthenticated" && e.action == "POST /api/v1/rollouts" && e.status == 401),
         "{audit:?}"
     );
     // Health stays open for load balancers; it tells nothing but liveness.
-    let r = request(cp.api_addr, "GET", "/api/v1/health", none, None).await.unwrap();
+    let r = api.request("GET", "/api/v1/health", none, None).await.unwrap();
     assert_eq!(r.status, 200);
     cancel.cancel();
     cp.join().await.unwrap();
@@ -41,6 +40,7 @@ async fn missing_token_401() {
 async fn viewer_cannot_create_rollout_403() {
     let dir = tempfile::tempdir().unwrap();
     let (cp, cancel) = start_cp(dir.path(), |_| {}).await;
+    let api = crate::support::api(&cp);
     // Tokens made by another handle on the same file, as the CLI does while the control plane runs.
     let store = TokenStore::open(&dir.path().join("cp")).unwrap();
     let (_, viewer) = store.create("vera", Role::Viewer).unwrap();
@@ -49,11 +49,9 @@ async fn viewer_cannot_create_rollout_403() {
     let body = json!({"model": "nope", "version": 1}).to_string();
 
     let v = auth(&viewer);
-    let r = request(cp.api_addr, "GET", "/api/v1/rollouts", &[("Authorization", &v)], None).await.unwrap();
+    let r = api.request("GET", "/api/v1/rollouts", &[("Authorization", &v)], None).await.unwrap();
     assert_eq!(r.status, 200, "viewers read");
-    let r = request(cp.api_addr, "POST", "/api/v1/rollouts", &[("Authorization", &v)], Some(body.as_bytes()))
-        .await
-        .unwrap();
+    let r = api.request("POST", "/api/v1/rollouts", &[("Authorization", &v)], Some(body.as_bytes())).await.unwrap();
     assert_eq!(r.status, 403, "{}", r.text());
     let e: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
     assert_eq!(e["error"], "forbidden");
@@ -61,11 +59,9 @@ async fn viewer_cannot_create_rollout_403() {
 
     // An operator gets through to the handler (404: no such model), and the audit log says who.
     let o = auth(&operator);
-    let r = request(cp.api_addr, "POST", "/api/v1/rollouts", &[("Authorization", &o)], Some(body.as_bytes()))
-        .await
-        .unwrap();
+    let r = api.request("POST", "/api/v1/rollouts", &[("Authorization", &o)], Some(body.as_bytes())).await.unwrap();
     assert_eq!(r.status, 404, "{}", r.text());
-    let r = request(cp.api_addr, "GET", "/api/v1/audit", &[("Authorization", &o)], None).await.unwrap();
+    let r = api.request("GET", "/api/v1/audit", &[("Authorization", &o)], None).await.unwrap();
     let audit: Vec<edgeloop_control_plane::access::AuditEntry> = serde_json::from_slice(&r.body).unwrap();
     let last = &audit[0];
     assert_eq!(
@@ -79,7 +75,7 @@ async fn viewer_cannot_create_rollout_403() {
 
     // Revoked from the CLI's side: the next request is 401.
     store.revoke(&op_entry.id).unwrap();
-    let r = request(cp.api_addr, "GET", "/api/v1/rollouts", &[("Authorization", &o)], None).await.unwrap();
+    let r = api.request("GET", "/api/v1/rollouts", &[("Authorization", &o)], None).await.unwrap();
     assert_eq!(r.status, 401);
     cancel.cancel();
     cp.join().await.unwrap();

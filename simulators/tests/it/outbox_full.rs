@@ -16,6 +16,7 @@ const RECORDS: u64 = 300;
 async fn outbox_full_drops_exactly_what_it_reports() {
     let dir = tempfile::tempdir().unwrap();
     let (cp, cp_cancel) = start_cp(dir.path(), |_| {}).await;
+    let api = crate::support::api(&cp);
     let cancel = CancellationToken::new();
     let broker: SocketAddr = format!("{}:{}", cp.mqtt_addr.0, cp.mqtt_addr.1).parse().unwrap();
     let proxy = FaultProxy::start(broker, cancel.clone()).await.unwrap();
@@ -31,7 +32,7 @@ async fn outbox_full_drops_exactly_what_it_reports() {
         &dir.path().join("agents"),
         cp.trusted_key.clone(),
     );
-    spec.enroll_with(cp.api_addr, 64).await.unwrap();
+    spec.enroll_with(&api, 64).await.unwrap();
     spec.customise = std::sync::Arc::new(|c| c.outbox_max_bytes = 4096);
     let mut devices = fleet::start(&spec, 1, &cancel).await.unwrap();
     let d = &mut devices[0];
@@ -48,11 +49,9 @@ async fn outbox_full_drops_exactly_what_it_reports() {
     proxy.set_mode(Mode::Pass);
     wait_for("remaining records acknowledged", Duration::from_secs(30), || outbox.stats().acked == RECORDS).await;
     let device = d.agent.device.clone();
-    let api = cp.api_addr;
     let mut view: Option<DeviceView> = None;
     for _ in 0..100 {
-        let v: DeviceView =
-            edgeloop_simulators::http::get_json(api, &format!("/api/v1/devices/{device}")).await.unwrap();
+        let v: DeviceView = api.get_json(&format!("/api/v1/devices/{device}")).await.unwrap();
         if v.device
             .last_status
             .as_ref()
@@ -66,7 +65,7 @@ async fn outbox_full_drops_exactly_what_it_reports() {
     let view = view.expect("a heartbeat with the final dropped count reaches the control plane");
     let status = view.device.last_status.unwrap();
 
-    let stored: BTreeSet<u64> = stored_seqs(api, &device).await.into_iter().collect();
+    let stored: BTreeSet<u64> = stored_seqs(&api, &device).await.into_iter().collect();
     let dropped: BTreeSet<u64> = status.dropped_ranges.iter().flat_map(|r| r.from..=r.to).collect();
     let missing: BTreeSet<u64> = (1..=RECORDS).filter(|s| !stored.contains(s)).collect();
     assert_eq!(dropped.len() as u64, status.dropped_total, "ranges cover the total");

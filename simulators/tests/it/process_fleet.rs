@@ -11,12 +11,12 @@ async fn agents_as_processes_drain_completely() {
     let files = edgeloop_control_plane::access::certs::init(&dir.path().join("tls"), &[]).unwrap();
     let tls = edgeloop_control_plane::config::TlsFiles { cert: files.cert.clone(), key: files.key.clone() };
     let (cp, cancel) = start_cp(dir.path(), move |c| c.tls = Some(tls)).await;
-    edgeloop_simulators::http::trust(cp.api_addr, &std::fs::read(&files.ca).unwrap()).unwrap();
+    let api = crate::support::api_tls(&cp, &std::fs::read(&files.ca).unwrap());
     let opts = ProcessFleetOptions {
         devices: 3,
         classes: vec!["city-air-quality".into(), "factory-machine-temperature".into()],
         broker_url: format!("mqtts://127.0.0.1:{}", cp.mqtt_addr.1),
-        api: Some(cp.api_addr),
+        api: Some(api),
         ca_file: Some(files.ca.clone()),
         data_root: dir.path().join("fleet"),
         duration: Duration::from_secs(4),

@@ -9,7 +9,8 @@ use edgeloop_common::update::{Golden, Phase};
 use edgeloop_control_plane::ml::ModelVersion;
 use edgeloop_control_plane::rollout::engine::State;
 use edgeloop_control_plane::web::DeviceView;
-use edgeloop_simulators::{free_port, http, rollouts};
+use edgeloop_simulators::http::Api;
+use edgeloop_simulators::{free_port, rollouts};
 use serde_json::json;
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
@@ -23,6 +24,8 @@ const PROBE: &str = "class = \"probe\"\n[[sensors]]\nname = \"t\"\nkind = \"slow
 struct Site {
     dir: PathBuf,
     api: SocketAddr,
+    /// The operator API over HTTPS, with the admin token.
+    client: Api,
     mqtt: u16,
     public_key: String,
     cp: Proc,
@@ -45,11 +48,11 @@ async fn site(d: &Path) -> Site {
     std::fs::write(d.join("probe.toml"), PROBE).unwrap();
     let ca = crate::support::certs_init(d);
     let mut attempt = 0;
-    let (cp, api, mqtt) = loop {
+    let (cp, api, client, mqtt) = loop {
         attempt += 1;
         let (mqtt, api_port) = (free_port().unwrap(), free_port().unwrap());
         let api = SocketAddr::from(([127, 0, 0, 1], api_port));
-        edgeloop_simulators::http::trust(api, &ca).unwrap();
+        let client = Api::tls(api, &ca).unwrap();
         std::fs::write(
             d.join("cp.toml"),
             format!("data_dir = \"cp\"\n[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:{mqtt}\"\n[api]\nlisten = \"{api}\"\n[rollouts]\nsigning_key = \"signing.key\"\ntick_ms = 100\n{}", crate::support::CP_TLS),
@@ -64,7 +67,7 @@ async fn site(d: &Path) -> Site {
         cp.start();
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         let mut exited = false;
-        while http::get(api, "/api/v1/health").await.is_err() {
+        while client.get("/api/v1/health").await.is_err() {
             exited = cp.child.as_mut().is_some_and(|c| c.try_wait().unwrap().is_some());
             let log = std::fs::read_to_string(d.join("cp.log")).unwrap_or_default();
             assert!(!exited || log.contains("binding"), "control plane exited:\n{log}");
@@ -75,14 +78,14 @@ async fn site(d: &Path) -> Site {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         if !exited {
-            break (cp, api, mqtt);
+            break (cp, api, client, mqtt);
         }
         cp.child = None;
         assert!(attempt < 5, "no free ports after {attempt} attempts");
     };
-    crate::support::authorize_from_file(api, &d.join("cp/admin.token")).await;
-    let enrollment_token = edgeloop_simulators::device::enrollment_token(api, "probe", 10).await.unwrap();
-    Site { dir: d.to_path_buf(), api, mqtt, public_key, cp, enrollment_token }
+    let client = crate::support::authorize_from_file(client, &d.join("cp/admin.token")).await;
+    let enrollment_token = edgeloop_simulators::device::enrollment_token(&client, "probe", 10).await.unwrap();
+    Site { dir: d.to_path_buf(), api, client, mqtt, public_key, cp, enrollment_token }
 }
 
 /// An agent process fed over UDP (mqtts, enrolled), trusting the site's key and fetching artifacts from the
@@ -124,7 +127,7 @@ fn feed(ports: Vec<u16>, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
 }
 
 /// Uploads the mean-square model for the probe class, padded with `pad` bytes of doc string.
-async fn upload(api: SocketAddr, pad: usize) -> ModelVersion {
+async fn upload(api: &Api, pad: usize) -> ModelVersion {
     let class = ClassConfig::from_toml("probe.toml", PROBE).unwrap();
     let width = class.pipeline().sensors[0].width();
     let onnx = edgeloop_agent::inference::mean_square_onnx_with_doc(width, &"edgeloop ".repeat(pad / 9));
@@ -135,7 +138,7 @@ async fn upload(api: SocketAddr, pad: usize) -> ModelVersion {
         "golden": [Golden { input, output: vec![ms] }],
         "onnx_base64": base64::engine::general_purpose::STANDARD.encode(&onnx),
     });
-    let (status, text) = http::post_json(api, "/api/v1/models", &body).await.unwrap();
+    let (status, text) = api.post_json("/api/v1/models", &body).await.unwrap();
     assert_eq!(status, 201, "{text}");
     serde_json::from_str(&text).unwrap()
 }
@@ -148,8 +151,8 @@ fn active_on_disk(data_dir: &Path) -> Option<String> {
     Some(edgeloop_common::signing::sha256_hex(&bytes))
 }
 
-async fn device(api: SocketAddr, id: &str) -> Option<DeviceView> {
-    http::get_json(api, &format!("/api/v1/devices/{id}")).await.ok()
+async fn device(api: &Api, id: &str) -> Option<DeviceView> {
+    api.get_json(&format!("/api/v1/devices/{id}")).await.ok()
 }
 
 fn policy() -> serde_json::Value {
@@ -171,10 +174,10 @@ async fn real_processes_roll_out_a_signed_model() {
     }
     let stop = Arc::new(AtomicBool::new(false));
     let feeder = feed(ports, stop.clone());
-    let model = upload(site.api, 0).await;
+    let model = upload(&site.client, 0).await;
     for id in ids {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while device(site.api, id).await.is_none_or(|d| d.device.class != "probe") {
+        while device(&site.client, id).await.is_none_or(|d| d.device.class != "probe") {
             assert!(std::time::Instant::now() < deadline, "{id} never reported");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -184,15 +187,17 @@ async fn real_processes_roll_out_a_signed_model() {
         {"name": "half", "share": {"percent": 50.0}, "bake_secs": 0},
         {"name": "all", "share": {"percent": 100.0}, "bake_secs": 0},
     ]);
-    let r = rollouts::create(site.api, &json!({"model": "probe", "version": 1, "stages": stages, "policy": policy()}))
-        .await
-        .unwrap();
-    let done = rollouts::wait(site.api, &r.id, Duration::from_secs(90), |v| v.state == State::Completed).await.unwrap();
+    let r =
+        rollouts::create(&site.client, &json!({"model": "probe", "version": 1, "stages": stages, "policy": policy()}))
+            .await
+            .unwrap();
+    let done =
+        rollouts::wait(&site.client, &r.id, Duration::from_secs(90), |v| v.state == State::Completed).await.unwrap();
     assert_eq!(done.phases.get("applied"), Some(&3), "{:?}", done.phases);
     for (id, stage) in ids.iter().map(|id| (id, done.devices[*id].stage)) {
         assert!(stage <= 2, "{id} stage {stage}");
         assert_eq!(active_on_disk(&dir.path().join(id)).as_deref(), Some(model.sha256.as_str()), "{id}");
-        let v = device(site.api, id).await.unwrap();
+        let v = device(&site.client, id).await.unwrap();
         let phases: Vec<Phase> = v.device.updates.iter().map(|u| u.phase).collect();
         assert_eq!(phases, vec![Phase::Downloading, Phase::Verified, Phase::Watching, Phase::Applied], "{id}");
     }
@@ -278,17 +283,18 @@ async fn agent_killed_mid_download_resumes() {
     let stop = Arc::new(AtomicBool::new(false));
     let feeder = feed(vec![udp], stop.clone());
     // About 2 MiB: some 2.5 s through the slow server.
-    let model = upload(site.api, 2 << 20).await;
+    let model = upload(&site.client, 2 << 20).await;
     assert!(model.size > 2_000_000);
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while device(site.api, "proc-k").await.is_none_or(|d| d.device.class != "probe") {
+    while device(&site.client, "proc-k").await.is_none_or(|d| d.device.class != "probe") {
         assert!(std::time::Instant::now() < deadline, "proc-k never reported");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let stages = json!([{"name": "all", "share": {"percent": 100.0}, "bake_secs": 0}]);
-    let r = rollouts::create(site.api, &json!({"model": "probe", "version": 1, "stages": stages, "policy": policy()}))
-        .await
-        .unwrap();
+    let r =
+        rollouts::create(&site.client, &json!({"model": "probe", "version": 1, "stages": stages, "policy": policy()}))
+            .await
+            .unwrap();
 
     // SIGKILL once a good part, but not all, of the artifact is staged.
     let staging = Files::new(&dir.path().join("proc-k")).staging(&model.sha256);
@@ -302,7 +308,8 @@ async fn agent_killed_mid_download_resumes() {
     assert!(kept > 0 && kept < size, "staged {kept} of {size}");
     p.start();
 
-    let done = rollouts::wait(site.api, &r.id, Duration::from_secs(60), |v| v.state == State::Completed).await.unwrap();
+    let done =
+        rollouts::wait(&site.client, &r.id, Duration::from_secs(60), |v| v.state == State::Completed).await.unwrap();
     assert_eq!(done.devices["proc-k"].phase, Some(Phase::Applied));
     assert_eq!(active_on_disk(&dir.path().join("proc-k")).as_deref(), Some(model.sha256.as_str()));
     let starts = starts.lock().unwrap().clone();

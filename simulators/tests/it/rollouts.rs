@@ -5,6 +5,7 @@ use crate::support::{start_cp, wait_for};
 use edgeloop_common::update::Phase;
 use edgeloop_control_plane::rollout::engine::State;
 use edgeloop_simulators::fleet::{self, FleetSpec, SimDevice};
+use edgeloop_simulators::http::Api;
 use edgeloop_simulators::{class_config, rollouts};
 use serde_json::json;
 use std::net::SocketAddr;
@@ -16,7 +17,7 @@ const CLASS: &str = "city-air-quality";
 
 /// Starts `n` agents that trust the control plane at `api`, and feeds them until `stop` fires.
 async fn fleet_for(
-    api: SocketAddr,
+    api: &Api,
     mqtt: (String, u16),
     root: &std::path::Path,
     n: usize,
@@ -55,7 +56,7 @@ fn history(cp: &edgeloop_control_plane::ControlPlaneHandle, device: &str) -> Vec
 async fn rollout_completes_then_canary_breach_rolls_back_and_late_joiner_gets_rollout() {
     let dir = tempfile::tempdir().unwrap();
     let (cp, cp_cancel) = start_cp(dir.path(), |c| c.rollouts.tick_ms = 50).await;
-    let api = cp.api_addr;
+    let api = &crate::support::api(&cp);
     let class = class_config(CLASS).unwrap();
     let good = rollouts::upload_reference_model(api, CLASS, &class, 1e9).await.unwrap();
     let bad = rollouts::upload_reference_model(api, CLASS, &class, -1.0).await.unwrap();
@@ -133,8 +134,7 @@ async fn rollout_completes_then_canary_breach_rolls_back_and_late_joiner_gets_ro
         let u = cp.registry.get(id).unwrap().latest_update().cloned().unwrap();
         assert_eq!(u.active_sha256.as_deref(), Some(good.sha256.as_str()), "{id}");
     }
-    let audit: Vec<edgeloop_control_plane::access::AuditEntry> =
-        edgeloop_simulators::http::get_json(api, "/api/v1/audit").await.unwrap();
+    let audit: Vec<edgeloop_control_plane::access::AuditEntry> = api.get_json("/api/v1/audit").await.unwrap();
     let actions: Vec<&str> = audit.iter().map(|e| e.action.as_str()).collect();
     assert_eq!(actions.iter().filter(|a| **a == "POST /api/v1/rollouts").count(), 2, "{actions:?}");
     assert_eq!(actions.iter().filter(|a| **a == "POST /api/v1/models").count(), 2, "{actions:?}");
@@ -165,11 +165,12 @@ async fn control_plane_restart_mid_rollout_resumes() {
     let cp_cancel = CancellationToken::new();
     let cp = start(any, any, cp_cancel.clone()).await.unwrap();
     let (mqtt, api_addr) = (SocketAddr::from(([127, 0, 0, 1], cp.mqtt_addr.1)), cp.api_addr);
-    edgeloop_simulators::http::authorize(api_addr, cp.admin_token.as_deref().unwrap());
+    // Built once: the restarted control plane comes back on the same address, with the same admin token.
+    let api = &crate::support::api(&cp);
     let class = class_config(CLASS).unwrap();
-    let good = rollouts::upload_reference_model(api_addr, CLASS, &class, 1e9).await.unwrap();
+    let good = rollouts::upload_reference_model(api, CLASS, &class, 1e9).await.unwrap();
     let fleet_cancel = CancellationToken::new();
-    let devices = fleet_for(api_addr, cp.mqtt_addr.clone(), &dir.path().join("fleet"), 4, 0, &fleet_cancel).await;
+    let devices = fleet_for(api, cp.mqtt_addr.clone(), &dir.path().join("fleet"), 4, 0, &fleet_cancel).await;
     let ids: Vec<String> = devices.iter().map(|d| d.agent.device.clone()).collect();
     let stop_feed = CancellationToken::new();
     let feeding = feed_forever(devices, stop_feed.clone());
@@ -177,14 +178,11 @@ async fn control_plane_restart_mid_rollout_resumes() {
         ids.iter().all(|id| cp.registry.get(id).is_some_and(|d| d.class == CLASS))
     })
     .await;
-    let r = rollouts::create(
-        api_addr,
-        &json!({"model": CLASS, "version": 1, "stages": stages(0), "manual_approval": true}),
-    )
-    .await
-    .unwrap();
+    let r = rollouts::create(api, &json!({"model": CLASS, "version": 1, "stages": stages(0), "manual_approval": true}))
+        .await
+        .unwrap();
     let held =
-        rollouts::wait(api_addr, &r.id, Duration::from_secs(60), |v| v.state == State::AwaitingApproval).await.unwrap();
+        rollouts::wait(api, &r.id, Duration::from_secs(60), |v| v.state == State::AwaitingApproval).await.unwrap();
     assert_eq!(held.devices.len(), 1);
 
     // The control plane stops (its broker with it) and comes back on the same data dir and ports.
@@ -193,40 +191,29 @@ async fn control_plane_restart_mid_rollout_resumes() {
     let cp_cancel = CancellationToken::new();
     let cp = start(mqtt, api_addr, cp_cancel.clone()).await.unwrap();
     let after: edgeloop_control_plane::rollout::RolloutView =
-        edgeloop_simulators::http::get_json(api_addr, &format!("/api/v1/rollouts/{}", r.id)).await.unwrap();
+        api.get_json(&format!("/api/v1/rollouts/{}", r.id)).await.unwrap();
     assert_eq!((after.state, after.stage, after.devices.len()), (State::AwaitingApproval, 0, 1), "state survived");
 
-    let (status, body) =
-        edgeloop_simulators::http::post_json(api_addr, &format!("/api/v1/rollouts/{}/approve", r.id), &json!({}))
-            .await
-            .unwrap();
+    let (status, body) = api.post_json(&format!("/api/v1/rollouts/{}/approve", r.id), &json!({})).await.unwrap();
     assert_eq!(status, 200, "{body}");
-    let done = rollouts::wait(api_addr, &r.id, Duration::from_secs(60), |v| {
-        v.state == State::AwaitingApproval && v.stage == 1
-    })
-    .await
-    .unwrap();
-    assert_eq!(done.devices.len(), 2);
-    let (status, _) =
-        edgeloop_simulators::http::post_json(api_addr, &format!("/api/v1/rollouts/{}/approve", r.id), &json!({}))
+    let done =
+        rollouts::wait(api, &r.id, Duration::from_secs(60), |v| v.state == State::AwaitingApproval && v.stage == 1)
             .await
             .unwrap();
+    assert_eq!(done.devices.len(), 2);
+    let (status, _) = api.post_json(&format!("/api/v1/rollouts/{}/approve", r.id), &json!({})).await.unwrap();
     assert_eq!(status, 200);
-    let done = rollouts::wait(api_addr, &r.id, Duration::from_secs(60), |v| v.state == State::Completed).await.unwrap();
+    let done = rollouts::wait(api, &r.id, Duration::from_secs(60), |v| v.state == State::Completed).await.unwrap();
     assert_eq!(done.phases.get("applied"), Some(&4), "{:?}", done.phases);
     for id in &ids {
         let u = cp.registry.get(id).unwrap().latest_update().cloned().unwrap();
         assert_eq!(u.active_sha256.as_deref(), Some(good.sha256.as_str()), "{id}");
     }
     // A wrong action is refused with a reason, and unknown rollouts are 404.
-    let (status, body) =
-        edgeloop_simulators::http::post_json(api_addr, &format!("/api/v1/rollouts/{}/resume", r.id), &json!({}))
-            .await
-            .unwrap();
+    let (status, body) = api.post_json(&format!("/api/v1/rollouts/{}/resume", r.id), &json!({})).await.unwrap();
     assert_eq!(status, 409, "{body}");
     assert!(body.contains("cannot resume a rollout that is completed"), "{body}");
-    let (status, _) =
-        edgeloop_simulators::http::post_json(api_addr, "/api/v1/rollouts/r99/pause", &json!({})).await.unwrap();
+    let (status, _) = api.post_json("/api/v1/rollouts/r99/pause", &json!({})).await.unwrap();
     assert_eq!(status, 404);
 
     stop_feed.cancel();

@@ -2,6 +2,7 @@
 
 use edgeloop_control_plane::config::Config;
 use edgeloop_control_plane::{ControlPlane, ControlPlaneHandle};
+use edgeloop_simulators::http::Api;
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -17,13 +18,21 @@ pub async fn start_cp(dir: &Path, tweak: impl FnOnce(&mut Config)) -> (ControlPl
     tweak(&mut cfg);
     let cancel = CancellationToken::new();
     let cp = ControlPlane::start(cfg, cancel.clone()).await.unwrap();
-    if let Some(t) = &cp.admin_token {
-        edgeloop_simulators::http::authorize(cp.api_addr, t);
-    }
-    // Ports are reused across the tests of this binary: a plaintext control plane must not inherit a CA
-    // another test registered for the same address (a TLS one registers its own after this).
-    edgeloop_simulators::http::forget_tls(cp.api_addr);
     (cp, cancel)
+}
+
+/// The operator API of `cp` over plain HTTP, with its admin token.
+pub fn api(cp: &ControlPlaneHandle) -> Api {
+    Api::of(cp)
+}
+
+/// The operator API of `cp` over HTTPS trusting only `ca_pem`, with its admin token.
+pub fn api_tls(cp: &ControlPlaneHandle, ca_pem: &[u8]) -> Api {
+    let api = Api::tls(cp.api_addr, ca_pem).unwrap();
+    match &cp.admin_token {
+        Some(t) => api.with_token(t),
+        None => api,
+    }
 }
 
 /// Polls `cond` every 50 ms until it holds; panics with `what` after `limit`.
@@ -36,16 +45,12 @@ pub async fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> boo
 }
 
 /// Every stored sequence number of `device`, read through the operator API page by page.
-pub async fn stored_seqs(api: SocketAddr, device: &str) -> Vec<u64> {
+pub async fn stored_seqs(api: &Api, device: &str) -> Vec<u64> {
     let mut seqs = Vec::new();
     let mut after = 0;
     loop {
-        let page: edgeloop_control_plane::web::TelemetryPage = edgeloop_simulators::http::get_json(
-            api,
-            &format!("/api/v1/devices/{device}/telemetry?limit=5000&after_seq={after}"),
-        )
-        .await
-        .unwrap();
+        let page: edgeloop_control_plane::web::TelemetryPage =
+            api.get_json(&format!("/api/v1/devices/{device}/telemetry?limit=5000&after_seq={after}")).await.unwrap();
         seqs.extend(page.records.iter().map(|r| r.seq));
         match page.next_after_seq {
             Some(n) => after = n,
@@ -130,18 +135,18 @@ impl Drop for Proc {
     }
 }
 
-/// Waits for a control-plane process to write its first-start admin token, then uses it for `api`.
-pub async fn authorize_from_file(api: SocketAddr, token_file: &Path) {
+/// Waits for a control-plane process to write its first-start admin token, then returns `api` sending it.
+pub async fn authorize_from_file(api: Api, token_file: &Path) -> Api {
     wait_for("the control plane's admin token", Duration::from_secs(30), || token_file.is_file()).await;
     let token = std::fs::read_to_string(token_file).unwrap();
-    edgeloop_simulators::http::authorize(api, &token);
+    api.with_token(&token)
 }
 
 /// Waits until the operator API answers.
-pub async fn wait_for_api(api: SocketAddr) {
+pub async fn wait_for_api(api: &Api) {
     let deadline = Instant::now() + Duration::from_secs(30);
-    while edgeloop_simulators::http::get(api, "/api/v1/health").await.is_err() {
-        assert!(Instant::now() < deadline, "the API at {api} did not come up");
+    while api.get("/api/v1/health").await.is_err() {
+        assert!(Instant::now() < deadline, "the API at {} did not come up", api.base_url());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

@@ -28,10 +28,11 @@ async fn count_then_drift_trigger_retraining() {
         }];
     })
     .await;
+    let api = crate::support::api(&cp);
     let cancel = CancellationToken::new();
     let mut spec =
         FleetSpec::new(vec![class], cp.mqtt_addr.clone(), &dir.path().join("agents"), cp.trusted_key.clone());
-    spec.enroll_with(cp.api_addr, 64).await.unwrap();
+    spec.enroll_with(&api, 64).await.unwrap();
     let mut devices = fleet::start(&spec, 2, &cancel).await.unwrap();
     for d in &mut devices {
         for s in d.generator.take(800) {
@@ -64,7 +65,7 @@ async fn count_then_drift_trigger_retraining() {
     let Cause::Drift { psi, threshold, .. } = &drift.cause else { unreachable!() };
     assert!(psi > threshold);
     assert!(drift.job.is_some(), "{drift:?}");
-    let (status, body) = edgeloop_simulators::http::get(cp.api_addr, "/api/v1/triggers").await.unwrap();
+    let (status, body) = api.get("/api/v1/triggers").await.unwrap();
     assert_eq!(status, 200);
     assert!(body.contains("\"trigger\":\"drift\"") && body.contains("\"trigger\":\"new_records\""), "{body}");
 

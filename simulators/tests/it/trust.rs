@@ -29,12 +29,13 @@ fn batch(device: &str, from: u64, to: u64) -> Envelope {
 async fn unenrolled_client_refused_by_broker() {
     let dir = tempfile::tempdir().unwrap();
     let (cp, cancel) = start_cp(dir.path(), |_| {}).await;
+    let api = crate::support::api(&cp);
     let (_, outcome, task) = device::connect(cp.mqtt_addr.clone(), "stranger", None, None).await;
     assert!(matches!(outcome, Connected::Refused(_)), "{outcome:?}");
     task.abort();
     // Credentials of one device do not work under another client id, nor a guessed password.
     let key = device::new_key();
-    let creds = device::enroll(cp.api_addr, "dev-a", CLASS, &key).await.unwrap();
+    let creds = device::enroll(&api, "dev-a", CLASS, &key).await.unwrap();
     let (_, outcome, task) = device::connect(cp.mqtt_addr.clone(), "dev-b", Some(&creds), None).await;
     assert!(matches!(outcome, Connected::Refused(_)), "{outcome:?}");
     task.abort();
@@ -53,9 +54,10 @@ async fn unenrolled_client_refused_by_broker() {
 async fn forged_uplink_other_device_rejected() {
     let dir = tempfile::tempdir().unwrap();
     let (cp, cancel) = start_cp(dir.path(), |_| {}).await;
+    let api = crate::support::api(&cp);
     let (key_a, key_b) = (device::new_key(), device::new_key());
-    let creds_a = device::enroll(cp.api_addr, "dev-a", CLASS, &key_a).await.unwrap();
-    device::enroll(cp.api_addr, "dev-b", CLASS, &key_b).await.unwrap();
+    let creds_a = device::enroll(&api, "dev-a", CLASS, &key_a).await.unwrap();
+    device::enroll(&api, "dev-b", CLASS, &key_b).await.unwrap();
     let (client, outcome, task) = device::connect(cp.mqtt_addr.clone(), "dev-a", Some(&creds_a), None).await;
     assert_eq!(outcome, Connected::Yes);
     // A's own, properly signed: accepted.
@@ -89,8 +91,9 @@ async fn forged_uplink_other_device_rejected() {
 async fn replayed_uplink_not_double_counted() {
     let dir = tempfile::tempdir().unwrap();
     let (cp, cancel) = start_cp(dir.path(), |_| {}).await;
+    let api = crate::support::api(&cp);
     let key = device::new_key();
-    let creds = device::enroll(cp.api_addr, "dev-a", CLASS, &key).await.unwrap();
+    let creds = device::enroll(&api, "dev-a", CLASS, &key).await.unwrap();
     let (client, outcome, task) = device::connect(cp.mqtt_addr.clone(), "dev-a", Some(&creds), None).await;
     assert_eq!(outcome, Connected::Yes);
     let mut env = batch("dev-a", 1, 10);
@@ -104,7 +107,7 @@ async fn replayed_uplink_not_double_counted() {
         cp.registry.get("dev-a").is_some_and(|d| d.duplicates == 30)
     })
     .await;
-    assert_eq!(stored_seqs(cp.api_addr, "dev-a").await, (1..=10).collect::<Vec<u64>>());
+    assert_eq!(stored_seqs(&api, "dev-a").await, (1..=10).collect::<Vec<u64>>());
     assert_eq!(cp.registry.get("dev-a").unwrap().records, 10);
     task.abort();
     cancel.cancel();
@@ -115,11 +118,12 @@ async fn replayed_uplink_not_double_counted() {
 async fn revoked_device_cut_off() {
     let dir = tempfile::tempdir().unwrap();
     let (cp, cp_cancel) = start_cp(dir.path(), |_| {}).await;
+    let api = crate::support::api(&cp);
     let mut class = edgeloop_simulators::class_config(CLASS).unwrap();
     class.uplink.ack_timeout_secs = 1;
     let mut spec =
         FleetSpec::new(vec![class], cp.mqtt_addr.clone(), &dir.path().join("agents"), cp.trusted_key.clone());
-    spec.enroll_with(cp.api_addr, 1).await.unwrap();
+    spec.enroll_with(&api, 1).await.unwrap();
     let cancel = CancellationToken::new();
     let mut devices = fleet::start(&spec, 1, &cancel).await.unwrap();
     let id = devices[0].agent.device.clone();
@@ -131,13 +135,7 @@ async fn revoked_device_cut_off() {
     wait_for("first records acknowledged", Duration::from_secs(20), || outbox.stats().acked == 50).await;
     assert_eq!(cp.front.connections(&id), 1);
 
-    let (status, body) = edgeloop_simulators::http::post_json(
-        cp.api_addr,
-        &format!("/api/v1/devices/{id}/revoke"),
-        &serde_json::json!({}),
-    )
-    .await
-    .unwrap();
+    let (status, body) = api.post_json(&format!("/api/v1/devices/{id}/revoke"), &serde_json::json!({})).await.unwrap();
     assert_eq!(status, 200, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["connections_cut"], 1);
@@ -155,21 +153,16 @@ async fn revoked_device_cut_off() {
     assert_eq!(cp.front.connections(&id), 0, "the broker does not let it back in");
     assert_eq!(cp.store.count(&id).unwrap(), 50);
     assert!(outbox.stats().acked == 50 && outbox.stats().durable_seq == 100, "{:?}", outbox.stats());
-    let (_, enrolled) = edgeloop_simulators::http::get(cp.api_addr, "/api/v1/enrollments").await.unwrap();
+    let (_, enrolled) = api.get("/api/v1/enrollments").await.unwrap();
     assert!(enrolled.contains("\"revoked\":true"), "{enrolled}");
     // Revoking is for admins only.
     let store = edgeloop_control_plane::access::TokenStore::open(&dir.path().join("cp")).unwrap();
     let (_, op) = store.create("otto", edgeloop_control_plane::access::Role::Operator).unwrap();
     let auth = format!("Bearer {op}");
-    let r = edgeloop_simulators::http::request(
-        cp.api_addr,
-        "POST",
-        &format!("/api/v1/devices/{id}/revoke"),
-        &[("Authorization", &auth)],
-        Some(b"{}"),
-    )
-    .await
-    .unwrap();
+    let r = api
+        .request("POST", &format!("/api/v1/devices/{id}/revoke"), &[("Authorization", &auth)], Some(b"{}"))
+        .await
+        .unwrap();
     assert_eq!(r.status, 403);
 
     cancel.cancel();
@@ -190,17 +183,18 @@ async fn tls_wrong_ca_refused() {
     let (ca, wrong_ca) = (std::fs::read(&good.ca).unwrap(), std::fs::read(&other.ca).unwrap());
 
     // HTTPS: plaintext is refused, the wrong CA fails the handshake, the right one works.
-    assert!(edgeloop_simulators::http::get(cp.api_addr, "/api/v1/health").await.is_err(), "plaintext to a TLS API");
-    edgeloop_simulators::http::trust(cp.api_addr, &wrong_ca).unwrap();
-    let e = edgeloop_simulators::http::get(cp.api_addr, "/api/v1/health").await.unwrap_err();
+    let plaintext = crate::support::api(&cp).get("/api/v1/health").await;
+    assert!(plaintext.is_err(), "plaintext to a TLS API");
+    let wrong = edgeloop_simulators::http::Api::tls(cp.api_addr, &wrong_ca).unwrap();
+    let e = wrong.get("/api/v1/health").await.unwrap_err();
     assert!(format!("{e:#}").contains("TLS"), "{e:#}");
-    edgeloop_simulators::http::trust(cp.api_addr, &ca).unwrap();
-    let (status, _) = edgeloop_simulators::http::get(cp.api_addr, "/api/v1/health").await.unwrap();
+    let api = crate::support::api_tls(&cp, &ca);
+    let (status, _) = api.get("/api/v1/health").await.unwrap();
     assert_eq!(status, 200);
 
     // MQTT: an enrolled device that pins another CA never gets to CONNECT; with the right CA it does.
     let key = device::new_key();
-    let creds = device::enroll(cp.api_addr, "dev-a", CLASS, &key).await.unwrap();
+    let creds = device::enroll(&api, "dev-a", CLASS, &key).await.unwrap();
     let (_, outcome, task) = device::connect(cp.mqtt_addr.clone(), "dev-a", Some(&creds), Some(&wrong_ca)).await;
     assert!(
         matches!(&outcome, Connected::Refused(e) if e.to_lowercase().contains("certificate") || e.contains("Tls")),
