@@ -5,7 +5,7 @@
 use clap::Parser;
 use edgeloop_agent::config::AgentConfig;
 use edgeloop_agent::Agent;
-use edgeloop_common::cli::Failure;
+use edgeloop_common::cli::{Failure, LogFormat};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
@@ -16,16 +16,14 @@ struct Cli {
     /// Path to agent.toml.
     #[arg(long, short)]
     config: PathBuf,
+    /// Log format on stderr: text, or json (one object a line, for log collectors).
+    #[arg(long, default_value = "text")]
+    log_format: LogFormat,
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info,rumqttc=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    edgeloop_common::cli::init_logging(cli.log_format, "info,rumqttc=warn");
     edgeloop_common::cli::exit("edgeloop-agent", try_main(cli))
 }
 

@@ -88,14 +88,56 @@ pub fn exit(program: &str, result: Result<(), Failure>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("{program}: {e:#}");
+            // With JSON logs, the failure is one more JSON line, so that a log collector sees it.
+            if JSON_LOGS.get() == Some(&true) {
+                tracing::error!(program, exit_code = e.exit_code(), error = %format!("{e:#}"), "stopped with an error");
+            } else {
+                eprintln!("{program}: {e:#}");
+            }
             ExitCode::from(e.exit_code())
         }
     }
 }
 
+/// How the binaries write their logs (to stderr): `text` for people (the default), `json` for log
+/// collectors: one JSON object a line with `timestamp`, `level`, `target`, `message` and the event's fields
+/// at the top level, under the names the code gives them everywhere (`device`, `class`, `rollout`, `job`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+impl std::str::FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<LogFormat, String> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!("`{other}`: use text or json")),
+        }
+    }
+}
+
+/// Installs the global logger: `RUST_LOG` if set, else `default_filter`, in `format`, to stderr.
+/// Set by [`init_logging`]: whether [`exit`] reports a failure as a JSON log line.
+static JSON_LOGS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+
+#[cfg(feature = "cli")]
+pub fn init_logging(format: LogFormat, default_filter: &str) {
+    let _ = JSON_LOGS.set(format == LogFormat::Json);
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+    }
+}
+
 /// Resolves on Ctrl-C or SIGTERM (what systemd sends on stop): the binaries stop cleanly on either.
-#[cfg(feature = "signals")]
+#[cfg(feature = "cli")]
 pub async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]

@@ -7,7 +7,7 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use edgeloop_common::cli::Failure;
+use edgeloop_common::cli::{Failure, LogFormat};
 use edgeloop_common::durable::DurableDb;
 use edgeloop_control_plane::access::{Role, TokenStore};
 use edgeloop_control_plane::config::Config;
@@ -25,6 +25,9 @@ use tokio_util::sync::CancellationToken;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log format on stderr: text, or json (one object a line, for log collectors).
+    #[arg(long, global = true, default_value = "text")]
+    log_format: LogFormat,
 }
 
 #[derive(Subcommand)]
@@ -150,14 +153,8 @@ enum KeysCommand {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,rumqttd=warn,rumqttc=warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    edgeloop_common::cli::init_logging(cli.log_format, "info,rumqttd=warn,rumqttc=warn");
     edgeloop_common::cli::exit("edgeloop-control-plane", try_main(cli.command))
 }
 

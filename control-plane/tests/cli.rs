@@ -51,3 +51,33 @@ fn tokens_create_list_revoke() {
     let stored = std::fs::read_to_string(dir.path().join("cp/operators.json")).unwrap();
     assert!(!stored.contains(&token[13..]), "only the hash is stored");
 }
+
+/// `--log-format json`: the control plane's log lines, and the error it stops with, are JSON objects with
+/// their fields at the top level.
+#[test]
+fn json_logs_are_one_object_a_line_to_the_last() {
+    let dir = tempfile::tempdir().unwrap();
+    // The MQTT port is taken (by this test), so the start gets past opening the stores and then fails.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let cfg = dir.path().join("cp.toml");
+    std::fs::write(
+        &cfg,
+        format!("data_dir = \"cp\"\n[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:{port}\"\n[tls]\nplaintext = true\n"),
+    )
+    .unwrap();
+    let bin = env!("CARGO_BIN_EXE_edgeloop-control-plane");
+    let out = Command::new(bin).args(["run", "--log-format", "json", "--config"]).arg(&cfg).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let events: Vec<serde_json::Value> = String::from_utf8(out.stderr)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let loaded = events.iter().find(|e| e["message"] == "signing key loaded").expect("the key was loaded");
+    assert!(loaded["key_id"].as_str().unwrap().starts_with("ed25519:"), "{loaded}");
+    let last = events.last().unwrap();
+    assert_eq!((last["level"].as_str(), last["exit_code"].as_u64()), (Some("ERROR"), Some(1)), "{last}");
+    assert!(last["error"].as_str().unwrap().contains(&format!("127.0.0.1:{port}")), "{last}");
+    drop(taken);
+}
