@@ -221,14 +221,7 @@ impl RawConfig {
         let file = display_name(path);
         let c = Checker::new(&file);
         edgeloop_common::topics::validate_device_id(&self.device.id).map_err(|e| c.fail("device.id", e.to_string()))?;
-        let class_path = resolve_relative(path, &self.device.class_config);
-        let class = ClassConfig::load(&class_path).map_err(|e| {
-            if e.reason.starts_with("cannot read") {
-                c.fail("device.class_config", format!("{}: {}", class_path.display(), e.reason))
-            } else {
-                e
-            }
-        })?;
+        let class = load_class(&c, path, &self.device)?;
         let (mqtt_host, mqtt_port, mqtt_tls) =
             parse_broker_url(&self.mqtt.url).map_err(|r| c.fail("mqtt.url", r.to_string()))?;
         let tls_ca = match &self.tls.ca_file {
@@ -241,129 +234,28 @@ impl RawConfig {
         let mqtt_transport = Transport::resolve(mqtt_tls, tls_ca.as_ref()).map_err(|_| {
             c.fail("tls.ca_file", "is needed for mqtts:// (the CA the broker's certificate is checked against)")
         })?;
-        c.check(self.mqtt.keep_alive_secs >= 5, "mqtt.keep_alive_secs", "must be at least 5")?;
-        c.check(self.mqtt.reconnect_min_ms > 0, "mqtt.reconnect_min_ms", "must be > 0")?;
-        c.check(
-            self.mqtt.reconnect_max_ms >= self.mqtt.reconnect_min_ms,
-            "mqtt.reconnect_max_ms",
-            "must be at least mqtt.reconnect_min_ms",
-        )?;
-        for (i, s) in self.sources.iter().enumerate() {
-            if let SourceConfig::Modbus { poll_ms, timeout_ms, .. } = s {
-                c.check(
-                    class.modbus.is_some(),
-                    format!("sources[{i}]"),
-                    format!("a modbus source needs a [modbus] register map in the class file of `{}`", class.class),
-                )?;
-                if let Some(p) = poll_ms {
-                    c.check(
-                        (10..=3_600_000).contains(p),
-                        format!("sources[{i}].poll_ms"),
-                        "must be between 10 and 3600000",
-                    )?;
-                }
-                c.check(
-                    (10..=600_000).contains(timeout_ms),
-                    format!("sources[{i}].timeout_ms"),
-                    "must be between 10 and 600000",
-                )?;
-            }
-        }
+        check_mqtt(&c, &self.mqtt)?;
+        check_sources(&c, &self.sources, &class)?;
         let outbox_max_bytes = self.storage.outbox_max_bytes.unwrap_or(class.outbox.max_bytes);
         c.check(outbox_max_bytes >= 1024, "storage.outbox_max_bytes", "must be at least 1024")?;
-        let model_sensor = match &self.inference.sensor {
-            Some(s) => {
-                c.check(
-                    class.sensors.iter().any(|x| &x.name == s),
-                    "inference.sensor",
-                    format!("class `{}` has no sensor `{s}`", class.class),
-                )?;
-                s.clone()
-            }
-            None => class.sensors[0].name.clone(),
-        };
-        if let Some(t) = self.inference.threshold {
-            c.check(t.is_finite(), "inference.threshold", "must be a finite number")?;
-        }
-        let model = self.inference.model.map(|m| resolve_relative(path, &m));
-        if let Some(m) = &model {
-            c.check(
-                self.inference.allow_unsigned_model,
-                "inference.model",
-                "a local model file is not signed; set inference.allow_unsigned_model = true to run it anyway, or deliver models as signed updates",
-            )?;
-            c.check(m.is_file(), "inference.model", format!("{} is not a readable file", m.display()))?;
-        }
-        let pinned = |key: &str, url: &str| {
+        let (model, model_sensor) = check_inference(&c, path, &self.inference, &class)?;
+        // An HTTPS URL is only reached with the pinned CA.
+        let https_urls = [
+            ("updates.artifact_base_url", self.updates.as_ref().map(|u| u.artifact_base_url.as_str())),
+            ("identity.enroll_url", self.identity.enroll_url.as_deref()),
+        ];
+        for (key, url) in https_urls {
+            let Some(url) = url else { continue };
             c.check(
                 !url.starts_with("https://") || tls_ca.is_some(),
                 key,
                 format!("`{url}` is HTTPS: set tls.ca_file to the CA its certificate chains to"),
-            )
-        };
-        if let Some(u) = &self.updates {
-            pinned("updates.artifact_base_url", &u.artifact_base_url)?;
+            )?;
         }
-        if let Some(u) = &self.identity.enroll_url {
-            pinned("identity.enroll_url", u)?;
-        }
-        let mut trusted_keys = Vec::new();
-        let listed = self.trusted_keys.iter().enumerate().map(|(i, k)| (format!("trusted_keys[{i}]"), k));
-        let in_updates = self.updates.iter().flat_map(|u| u.trusted_keys.iter().enumerate());
-        for (at, k) in listed.chain(in_updates.map(|(i, k)| (format!("updates.trusted_keys[{i}]"), k))) {
-            let key = edgeloop_common::signing::TrustedKey::from_hex(&k.public_key, k.not_after_ms)
-                .map_err(|r| c.fail(format!("{at}.public_key"), r.to_string()))?;
-            if !trusted_keys.iter().any(|t: &edgeloop_common::signing::TrustedKey| t.id == key.id) {
-                trusted_keys.push(key);
-            }
-        }
-        c.check(
-            !trusted_keys.is_empty(),
-            "trusted_keys",
-            "must list the control plane's public key (`edgeloop-control-plane keys show`): acknowledgements are signed, and the agent deletes nothing from its outbox without a verified one",
-        )?;
-        let updates = match self.updates {
-            None => None,
-            Some(u) => {
-                c.check(
-                    u.artifact_base_url.starts_with("http://") || u.artifact_base_url.starts_with("https://"),
-                    "updates.artifact_base_url",
-                    format!("`{}` must start with http:// or https://", u.artifact_base_url),
-                )?;
-                c.check(u.max_artifact_bytes > 0, "updates.max_artifact_bytes", "must be > 0")?;
-                Some(crate::updater::UpdaterConfig {
-                    trusted: trusted_keys.clone(),
-                    artifact_base: u.artifact_base_url,
-                    max_artifact_bytes: u.max_artifact_bytes,
-                })
-            }
-        };
+        let trusted_keys = trusted_keys(&c, &self.trusted_keys, self.updates.as_ref())?;
+        let updates = self.updates.map(|u| updater_config(&c, u, &trusted_keys)).transpose()?;
         let data_dir = resolve_relative(path, &self.storage.data_dir);
-        let mut identity = crate::identity::IdentityConfig::in_data_dir(&data_dir);
-        if let Some(k) = &self.identity.key_file {
-            identity.key_file = resolve_relative(path, k);
-        }
-        match (&self.identity.enroll_url, &self.identity.enrollment_token_file) {
-            (Some(url), Some(file)) => {
-                c.check(
-                    url.starts_with("http://") || url.starts_with("https://"),
-                    "identity.enroll_url",
-                    format!("`{url}` must start with http:// or https://"),
-                )?;
-                let file = resolve_relative(path, file);
-                let token = std::fs::read_to_string(&file)
-                    .map_err(|e| c.fail("identity.enrollment_token_file", format!("{}: {e}", file.display())))?;
-                edgeloop_common::private::warn_if_exposed(&file);
-                identity.enroll = Some(crate::identity::Enroll { url: url.clone(), token: token.trim().to_string() });
-            }
-            (None, None) => {}
-            (Some(_), None) => {
-                return Err(c.fail("identity.enrollment_token_file", "is needed with identity.enroll_url"))
-            }
-            (None, Some(_)) => {
-                return Err(c.fail("identity.enroll_url", "is needed with identity.enrollment_token_file"))
-            }
-        }
+        let identity = identity_config(&c, path, &self.identity, &data_dir)?;
         Ok(AgentConfig {
             identity,
             updates,
@@ -377,7 +269,7 @@ impl RawConfig {
             keep_alive: Duration::from_secs(self.mqtt.keep_alive_secs),
             reconnect_min: Duration::from_millis(self.mqtt.reconnect_min_ms),
             reconnect_max: Duration::from_millis(self.mqtt.reconnect_max_ms),
-            data_dir: resolve_relative(path, &self.storage.data_dir),
+            data_dir,
             durability: self.storage.durability,
             outbox_max_bytes,
             model,
@@ -386,6 +278,151 @@ impl RawConfig {
             sources: self.sources,
         })
     }
+}
+
+/// The class file `device.class_config` names, relative to `agent.toml`.
+fn load_class(c: &Checker, path: &Path, device: &DeviceSection) -> Result<ClassConfig, ConfigError> {
+    let class_path = resolve_relative(path, &device.class_config);
+    ClassConfig::load(&class_path).map_err(|e| {
+        if e.reason.starts_with("cannot read") {
+            c.fail("device.class_config", format!("{}: {}", class_path.display(), e.reason))
+        } else {
+            e
+        }
+    })
+}
+
+fn check_mqtt(c: &Checker, m: &MqttSection) -> Result<(), ConfigError> {
+    c.check(m.keep_alive_secs >= 5, "mqtt.keep_alive_secs", "must be at least 5")?;
+    c.check(m.reconnect_min_ms > 0, "mqtt.reconnect_min_ms", "must be > 0")?;
+    c.check(m.reconnect_max_ms >= m.reconnect_min_ms, "mqtt.reconnect_max_ms", "must be at least mqtt.reconnect_min_ms")
+}
+
+/// A Modbus source needs the class's register map, and sane poll and timeout periods.
+fn check_sources(c: &Checker, sources: &[SourceConfig], class: &ClassConfig) -> Result<(), ConfigError> {
+    for (i, s) in sources.iter().enumerate() {
+        let SourceConfig::Modbus { poll_ms, timeout_ms, .. } = s else { continue };
+        c.check(
+            class.modbus.is_some(),
+            format!("sources[{i}]"),
+            format!("a modbus source needs a [modbus] register map in the class file of `{}`", class.class),
+        )?;
+        if let Some(p) = poll_ms {
+            c.check((10..=3_600_000).contains(p), format!("sources[{i}].poll_ms"), "must be between 10 and 3600000")?;
+        }
+        c.check(
+            (10..=600_000).contains(timeout_ms),
+            format!("sources[{i}].timeout_ms"),
+            "must be between 10 and 600000",
+        )?;
+    }
+    Ok(())
+}
+
+/// The local model file (allowed only unsigned on purpose) and the sensor it scores.
+fn check_inference(
+    c: &Checker,
+    path: &Path,
+    inference: &InferenceSection,
+    class: &ClassConfig,
+) -> Result<(Option<PathBuf>, String), ConfigError> {
+    let model_sensor = match &inference.sensor {
+        Some(s) => {
+            c.check(
+                class.sensors.iter().any(|x| &x.name == s),
+                "inference.sensor",
+                format!("class `{}` has no sensor `{s}`", class.class),
+            )?;
+            s.clone()
+        }
+        None => class.sensors[0].name.clone(),
+    };
+    if let Some(t) = inference.threshold {
+        c.check(t.is_finite(), "inference.threshold", "must be a finite number")?;
+    }
+    let model = inference.model.as_ref().map(|m| resolve_relative(path, m));
+    if let Some(m) = &model {
+        c.check(
+            inference.allow_unsigned_model,
+            "inference.model",
+            "a local model file is not signed; set inference.allow_unsigned_model = true to run it anyway, or deliver models as signed updates",
+        )?;
+        c.check(m.is_file(), "inference.model", format!("{} is not a readable file", m.display()))?;
+    }
+    Ok((model, model_sensor))
+}
+
+/// `[[trusted_keys]]` and `[[updates.trusted_keys]]` together, each key once; at least one is required.
+fn trusted_keys(
+    c: &Checker,
+    listed: &[TrustedKeyConfig],
+    updates: Option<&UpdatesSection>,
+) -> Result<Vec<edgeloop_common::signing::TrustedKey>, ConfigError> {
+    let mut keys: Vec<edgeloop_common::signing::TrustedKey> = Vec::new();
+    let listed = listed.iter().enumerate().map(|(i, k)| (format!("trusted_keys[{i}]"), k));
+    let in_updates = updates.iter().flat_map(|u| u.trusted_keys.iter().enumerate());
+    for (at, k) in listed.chain(in_updates.map(|(i, k)| (format!("updates.trusted_keys[{i}]"), k))) {
+        let key = edgeloop_common::signing::TrustedKey::from_hex(&k.public_key, k.not_after_ms)
+            .map_err(|r| c.fail(format!("{at}.public_key"), r.to_string()))?;
+        if !keys.iter().any(|t| t.id == key.id) {
+            keys.push(key);
+        }
+    }
+    c.check(
+        !keys.is_empty(),
+        "trusted_keys",
+        "must list the control plane's public key (`edgeloop-control-plane keys show`): acknowledgements are signed, and the agent deletes nothing from its outbox without a verified one",
+    )?;
+    Ok(keys)
+}
+
+fn updater_config(
+    c: &Checker,
+    u: UpdatesSection,
+    trusted: &[edgeloop_common::signing::TrustedKey],
+) -> Result<crate::updater::UpdaterConfig, ConfigError> {
+    c.check(
+        u.artifact_base_url.starts_with("http://") || u.artifact_base_url.starts_with("https://"),
+        "updates.artifact_base_url",
+        format!("`{}` must start with http:// or https://", u.artifact_base_url),
+    )?;
+    c.check(u.max_artifact_bytes > 0, "updates.max_artifact_bytes", "must be > 0")?;
+    Ok(crate::updater::UpdaterConfig {
+        trusted: trusted.to_vec(),
+        artifact_base: u.artifact_base_url,
+        max_artifact_bytes: u.max_artifact_bytes,
+    })
+}
+
+/// The device key's file, and enrollment: a URL and a token file together, or neither.
+fn identity_config(
+    c: &Checker,
+    path: &Path,
+    s: &IdentitySection,
+    data_dir: &Path,
+) -> Result<crate::identity::IdentityConfig, ConfigError> {
+    let mut identity = crate::identity::IdentityConfig::in_data_dir(data_dir);
+    if let Some(k) = &s.key_file {
+        identity.key_file = resolve_relative(path, k);
+    }
+    match (&s.enroll_url, &s.enrollment_token_file) {
+        (Some(url), Some(file)) => {
+            c.check(
+                url.starts_with("http://") || url.starts_with("https://"),
+                "identity.enroll_url",
+                format!("`{url}` must start with http:// or https://"),
+            )?;
+            let file = resolve_relative(path, file);
+            let token = std::fs::read_to_string(&file)
+                .map_err(|e| c.fail("identity.enrollment_token_file", format!("{}: {e}", file.display())))?;
+            edgeloop_common::private::warn_if_exposed(&file);
+            identity.enroll = Some(crate::identity::Enroll { url: url.clone(), token: token.trim().to_string() });
+        }
+        (None, None) => {}
+        (Some(_), None) => return Err(c.fail("identity.enrollment_token_file", "is needed with identity.enroll_url")),
+        (None, Some(_)) => return Err(c.fail("identity.enroll_url", "is needed with identity.enrollment_token_file")),
+    }
+    Ok(identity)
 }
 
 impl AgentConfig {

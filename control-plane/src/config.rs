@@ -277,181 +277,25 @@ fn loopback_for(addr: SocketAddr) -> SocketAddr {
 impl RawConfig {
     pub fn validate(self, file: &str, path: Option<&Path>) -> Result<Config, ConfigError> {
         let c = Checker::new(file);
-        let (mqtt_host, mqtt_port) = match &self.broker {
-            BrokerConfig::Embedded { listen } => {
-                c.check(listen.port() != 0, "broker.listen", "needs an explicit port")?;
-                let a = loopback_for(*listen);
-                (a.ip().to_string(), a.port())
-            }
-            BrokerConfig::External { url, .. } => {
-                let (h, port, _) = edgeloop_common::broker_url::parse_broker_url(url)
-                    .map_err(|e| c.fail("broker.url", e.to_string()))?;
-                (h, port)
-            }
-        };
-        let external = match &self.broker {
-            BrokerConfig::Embedded { .. } => ExternalLogin::default(),
-            BrokerConfig::External { url, username, password_file, ca_file } => {
-                let password = match password_file {
-                    Some(f) => {
-                        let f = match path {
-                            Some(base) => resolve_relative(base, f),
-                            None => f.clone(),
-                        };
-                        let text = std::fs::read_to_string(&f)
-                            .map_err(|e| c.fail("broker.password_file", format!("{}: {e}", f.display())))?;
-                        edgeloop_common::private::warn_if_exposed(&f);
-                        Some(text.trim().to_string())
-                    }
-                    None => None,
-                };
-                c.check(
-                    password.is_none() || username.is_some(),
-                    "broker.username",
-                    "is needed with broker.password_file",
-                )?;
-                let ca = match ca_file {
-                    Some(f) => {
-                        let f = match path {
-                            Some(base) => resolve_relative(base, f),
-                            None => f.clone(),
-                        };
-                        Some(edgeloop_common::tls::load_ca(&f).map_err(|e| c.fail("broker.ca_file", e.to_string()))?)
-                    }
-                    None => None,
-                };
-                let tls = url.starts_with("mqtts://");
-                c.check(tls == ca.is_some(), "broker.ca_file", "is needed with mqtts:// and only then")?;
-                let transport = edgeloop_common::tls::Transport::resolve(tls, ca.as_ref())
-                    .map_err(|e| c.fail("broker.ca_file", e.to_string()))?;
-                ExternalLogin { username: username.clone(), password, transport }
-            }
-        };
-        let i = &self.ingest;
-        c.check(
-            (1024..=16 << 20).contains(&i.max_message_bytes),
-            "ingest.max_message_bytes",
-            "must be between 1024 and 16777216",
-        )?;
-        c.check(i.commit_max_messages > 0, "ingest.commit_max_messages", "must be > 0")?;
-        c.check(i.offline_after_secs > 0, "ingest.offline_after_secs", "must be > 0")?;
-        c.check(
-            i.device_messages_per_sec.is_finite() && i.device_messages_per_sec >= 0.0,
-            "ingest.device_messages_per_sec",
-            "must be a number >= 0",
-        )?;
-        let a = &self.api;
-        c.check(
-            (1..=3600).contains(&a.header_read_timeout_secs),
-            "api.header_read_timeout_secs",
-            "must be between 1 and 3600",
-        )?;
-        c.check((1..=3600).contains(&a.idle_timeout_secs), "api.idle_timeout_secs", "must be between 1 and 3600")?;
-        c.check((1..=1_000_000).contains(&a.max_connections), "api.max_connections", "must be between 1 and 1000000")?;
-        c.check(
-            (1..=a.max_connections).contains(&a.max_downloads),
-            "api.max_downloads",
-            "must be between 1 and api.max_connections",
-        )?;
-        let api_limits = crate::web::serve::Limits {
-            header_read_timeout: std::time::Duration::from_secs(a.header_read_timeout_secs),
-            idle_timeout: std::time::Duration::from_secs(a.idle_timeout_secs),
-            max_connections: a.max_connections,
-            max_downloads: a.max_downloads,
-            ..Default::default()
-        };
-        c.check(self.audit.max_entries > 0, "audit.max_entries", "must be > 0")?;
-        c.check(self.audit.max_age_days > 0, "audit.max_age_days", "must be > 0")?;
-        let t = &self.training;
-        c.check((1..=1000).contains(&t.trials), "training.trials", "must be between 1 and 1000")?;
-        if let Some(s) = t.max_seconds {
-            c.check(s.is_finite() && s > 0.0, "training.max_seconds", "must be > 0")?;
-        }
         let resolve = |p: &Path| match path {
             Some(base) => resolve_relative(base, p),
             None => p.to_path_buf(),
         };
-        let mut classes = std::collections::BTreeMap::new();
-        if let Some(dir) = &t.classes_dir {
-            let dir = resolve(dir);
-            let entries = std::fs::read_dir(&dir)
-                .map_err(|e| c.fail("training.classes_dir", format!("{}: {e}", dir.display())))?;
-            let mut files: Vec<PathBuf> = entries
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-                .collect();
-            files.sort();
-            for f in files {
-                let class = ClassConfig::load(&f)?;
-                let name = class.class.clone();
-                if classes.insert(name.clone(), class).is_some() {
-                    return Err(ConfigError::new(
-                        display_name(&f),
-                        "class",
-                        format!("class `{name}` is already defined by another file in {}", dir.display()),
-                    ));
-                }
-            }
-        }
-        for (i, trig) in t.triggers.iter().enumerate() {
-            let key = |k: &str| format!("training.triggers[{i}].{k}");
-            c.check(
-                classes.contains_key(&trig.class),
-                key("class"),
-                format!("no firmware config for class `{}` in training.classes_dir", trig.class),
-            )?;
-            c.check(trig.check_secs > 0, key("check_secs"), "must be > 0")?;
-            c.check(trig.drift_window_secs > 0, key("drift_window_secs"), "must be > 0")?;
-            c.check(trig.every_secs != Some(0), key("every_secs"), "must be > 0")?;
-            c.check(trig.new_records != Some(0), key("new_records"), "must be > 0")?;
-            if let Some(p) = trig.psi_threshold {
-                c.check(p.is_finite() && p > 0.0, key("psi_threshold"), "must be > 0")?;
-            }
-            c.check(
-                trig.every_secs.is_some() || trig.new_records.is_some() || trig.psi_threshold.is_some(),
-                format!("training.triggers[{i}]"),
-                "needs at least one of every_secs, new_records, psi_threshold",
-            )?;
-        }
-        let r = &self.rollouts;
-        c.check((10..=60_000).contains(&r.tick_ms), "rollouts.tick_ms", "must be between 10 and 60000")?;
-        c.check(r.desired_ttl_secs >= 60, "rollouts.desired_ttl_secs", "must be at least 60")?;
-        for (i, a) in r.auto.iter().enumerate() {
-            c.check(
-                classes.is_empty() || classes.contains_key(&a.class),
-                format!("rollouts.auto[{i}].class"),
-                format!("no firmware config for class `{}` in training.classes_dir", a.class),
-            )?;
-            crate::rollout::engine::validate_stages(&a.stages)
-                .map_err(|r| c.fail(format!("rollouts.auto[{i}].stages"), r.to_string()))?;
-        }
-        let tls = match &self.tls {
-            None => {
-                return Err(c.fail(
-                    "tls",
-                    "missing: set cert and key (`edgeloop-control-plane certs init` makes a development pair), or plaintext = true",
-                ))
-            }
-            Some(TlsSection { plaintext: true, cert: None, key: None }) => None,
-            Some(TlsSection { plaintext: true, .. }) => {
-                return Err(c.fail("tls.plaintext", "cannot be true together with cert and key"))
-            }
-            Some(TlsSection { cert: Some(cert), key: Some(key), .. }) => {
-                let (cert, key) = (resolve(cert), resolve(key));
-                for (k, p) in [("tls.cert", &cert), ("tls.key", &key)] {
-                    c.check(p.is_file(), k, format!("{} is not a readable file", p.display()))?;
-                }
-                Some(TlsFiles { cert, key })
-            }
-            Some(TlsSection { cert: None, .. }) => return Err(c.fail("tls.cert", "is needed (with tls.key)")),
-            Some(TlsSection { key: None, .. }) => return Err(c.fail("tls.key", "is needed (with tls.cert)")),
-        };
+        let (mqtt_host, mqtt_port) = broker_address(&c, &self.broker)?;
+        let external = external_login(&c, &self.broker, &resolve)?;
+        check_ingest(&c, &self.ingest)?;
+        let api_limits = api_limits(&c, &self.api)?;
+        c.check(self.audit.max_entries > 0, "audit.max_entries", "must be > 0")?;
+        c.check(self.audit.max_age_days > 0, "audit.max_age_days", "must be > 0")?;
+        let classes = load_classes(&c, &self.training, &resolve)?;
+        check_triggers(&c, &self.training, &classes)?;
+        check_rollouts(&c, &self.rollouts, &classes)?;
+        let tls = tls_files(&c, self.tls.as_ref(), &resolve)?;
         let mut rollouts = self.rollouts;
         rollouts.signing_key = rollouts.signing_key.map(|k| resolve(&k));
-        let data_dir = resolve(&self.data_dir);
         Ok(Config {
             rollouts,
-            data_dir,
+            data_dir: resolve(&self.data_dir),
             durability: self.durability,
             broker: self.broker,
             mqtt_host,
@@ -467,6 +311,199 @@ impl RawConfig {
             training: self.training,
             classes,
         })
+    }
+}
+
+/// Where the control plane's own clients reach the broker: the embedded one on loopback, or the external URL.
+fn broker_address(c: &Checker, broker: &BrokerConfig) -> Result<(String, u16), ConfigError> {
+    match broker {
+        BrokerConfig::Embedded { listen } => {
+            c.check(listen.port() != 0, "broker.listen", "needs an explicit port")?;
+            let a = loopback_for(*listen);
+            Ok((a.ip().to_string(), a.port()))
+        }
+        BrokerConfig::External { url, .. } => {
+            let (h, port, _) =
+                edgeloop_common::broker_url::parse_broker_url(url).map_err(|e| c.fail("broker.url", e.to_string()))?;
+            Ok((h, port))
+        }
+    }
+}
+
+/// The external broker's login and transport: the password file read (and warned about if others can read
+/// it), and TLS exactly when the URL is `mqtts://`, trusting the configured CA.
+fn external_login(
+    c: &Checker,
+    broker: &BrokerConfig,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+) -> Result<ExternalLogin, ConfigError> {
+    let BrokerConfig::External { url, username, password_file, ca_file } = broker else {
+        return Ok(ExternalLogin::default());
+    };
+    let password = match password_file {
+        Some(f) => {
+            let f = resolve(f);
+            let text = std::fs::read_to_string(&f)
+                .map_err(|e| c.fail("broker.password_file", format!("{}: {e}", f.display())))?;
+            edgeloop_common::private::warn_if_exposed(&f);
+            Some(text.trim().to_string())
+        }
+        None => None,
+    };
+    c.check(password.is_none() || username.is_some(), "broker.username", "is needed with broker.password_file")?;
+    let ca = match ca_file {
+        Some(f) => {
+            Some(edgeloop_common::tls::load_ca(&resolve(f)).map_err(|e| c.fail("broker.ca_file", e.to_string()))?)
+        }
+        None => None,
+    };
+    let tls = url.starts_with("mqtts://");
+    c.check(tls == ca.is_some(), "broker.ca_file", "is needed with mqtts:// and only then")?;
+    let transport = edgeloop_common::tls::Transport::resolve(tls, ca.as_ref())
+        .map_err(|e| c.fail("broker.ca_file", e.to_string()))?;
+    Ok(ExternalLogin { username: username.clone(), password, transport })
+}
+
+fn check_ingest(c: &Checker, i: &IngestConfig) -> Result<(), ConfigError> {
+    c.check(
+        (1024..=16 << 20).contains(&i.max_message_bytes),
+        "ingest.max_message_bytes",
+        "must be between 1024 and 16777216",
+    )?;
+    c.check(i.commit_max_messages > 0, "ingest.commit_max_messages", "must be > 0")?;
+    c.check(i.offline_after_secs > 0, "ingest.offline_after_secs", "must be > 0")?;
+    c.check(
+        i.device_messages_per_sec.is_finite() && i.device_messages_per_sec >= 0.0,
+        "ingest.device_messages_per_sec",
+        "must be a number >= 0",
+    )
+}
+
+fn api_limits(c: &Checker, a: &ApiConfig) -> Result<crate::web::serve::Limits, ConfigError> {
+    c.check(
+        (1..=3600).contains(&a.header_read_timeout_secs),
+        "api.header_read_timeout_secs",
+        "must be between 1 and 3600",
+    )?;
+    c.check((1..=3600).contains(&a.idle_timeout_secs), "api.idle_timeout_secs", "must be between 1 and 3600")?;
+    c.check((1..=1_000_000).contains(&a.max_connections), "api.max_connections", "must be between 1 and 1000000")?;
+    c.check(
+        (1..=a.max_connections).contains(&a.max_downloads),
+        "api.max_downloads",
+        "must be between 1 and api.max_connections",
+    )?;
+    Ok(crate::web::serve::Limits {
+        header_read_timeout: std::time::Duration::from_secs(a.header_read_timeout_secs),
+        idle_timeout: std::time::Duration::from_secs(a.idle_timeout_secs),
+        max_connections: a.max_connections,
+        max_downloads: a.max_downloads,
+        ..Default::default()
+    })
+}
+
+/// The `[training]` limits, and the class files of `training.classes_dir` (each class defined once).
+fn load_classes(
+    c: &Checker,
+    t: &TrainingConfig,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+) -> Result<std::collections::BTreeMap<String, ClassConfig>, ConfigError> {
+    c.check((1..=1000).contains(&t.trials), "training.trials", "must be between 1 and 1000")?;
+    if let Some(s) = t.max_seconds {
+        c.check(s.is_finite() && s > 0.0, "training.max_seconds", "must be > 0")?;
+    }
+    let mut classes = std::collections::BTreeMap::new();
+    let Some(dir) = &t.classes_dir else { return Ok(classes) };
+    let dir = resolve(dir);
+    let entries =
+        std::fs::read_dir(&dir).map_err(|e| c.fail("training.classes_dir", format!("{}: {e}", dir.display())))?;
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
+        .collect();
+    files.sort();
+    for f in files {
+        let class = ClassConfig::load(&f)?;
+        let name = class.class.clone();
+        if classes.insert(name.clone(), class).is_some() {
+            return Err(ConfigError::new(
+                display_name(&f),
+                "class",
+                format!("class `{name}` is already defined by another file in {}", dir.display()),
+            ));
+        }
+    }
+    Ok(classes)
+}
+
+fn check_triggers(
+    c: &Checker,
+    t: &TrainingConfig,
+    classes: &std::collections::BTreeMap<String, ClassConfig>,
+) -> Result<(), ConfigError> {
+    for (i, trig) in t.triggers.iter().enumerate() {
+        let key = |k: &str| format!("training.triggers[{i}].{k}");
+        c.check(
+            classes.contains_key(&trig.class),
+            key("class"),
+            format!("no firmware config for class `{}` in training.classes_dir", trig.class),
+        )?;
+        c.check(trig.check_secs > 0, key("check_secs"), "must be > 0")?;
+        c.check(trig.drift_window_secs > 0, key("drift_window_secs"), "must be > 0")?;
+        c.check(trig.every_secs != Some(0), key("every_secs"), "must be > 0")?;
+        c.check(trig.new_records != Some(0), key("new_records"), "must be > 0")?;
+        if let Some(p) = trig.psi_threshold {
+            c.check(p.is_finite() && p > 0.0, key("psi_threshold"), "must be > 0")?;
+        }
+        c.check(
+            trig.every_secs.is_some() || trig.new_records.is_some() || trig.psi_threshold.is_some(),
+            format!("training.triggers[{i}]"),
+            "needs at least one of every_secs, new_records, psi_threshold",
+        )?;
+    }
+    Ok(())
+}
+
+fn check_rollouts(
+    c: &Checker,
+    r: &RolloutsConfig,
+    classes: &std::collections::BTreeMap<String, ClassConfig>,
+) -> Result<(), ConfigError> {
+    c.check((10..=60_000).contains(&r.tick_ms), "rollouts.tick_ms", "must be between 10 and 60000")?;
+    c.check(r.desired_ttl_secs >= 60, "rollouts.desired_ttl_secs", "must be at least 60")?;
+    for (i, a) in r.auto.iter().enumerate() {
+        c.check(
+            classes.is_empty() || classes.contains_key(&a.class),
+            format!("rollouts.auto[{i}].class"),
+            format!("no firmware config for class `{}` in training.classes_dir", a.class),
+        )?;
+        crate::rollout::engine::validate_stages(&a.stages)
+            .map_err(|r| c.fail(format!("rollouts.auto[{i}].stages"), r.to_string()))?;
+    }
+    Ok(())
+}
+
+/// `[tls]`: a certificate and key that exist, or an explicit `plaintext = true`, never both or neither.
+fn tls_files(
+    c: &Checker,
+    tls: Option<&TlsSection>,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+) -> Result<Option<TlsFiles>, ConfigError> {
+    match tls {
+        None => Err(c.fail(
+            "tls",
+            "missing: set cert and key (`edgeloop-control-plane certs init` makes a development pair), or plaintext = true",
+        )),
+        Some(TlsSection { plaintext: true, cert: None, key: None }) => Ok(None),
+        Some(TlsSection { plaintext: true, .. }) => Err(c.fail("tls.plaintext", "cannot be true together with cert and key")),
+        Some(TlsSection { cert: Some(cert), key: Some(key), .. }) => {
+            let (cert, key) = (resolve(cert), resolve(key));
+            for (k, p) in [("tls.cert", &cert), ("tls.key", &key)] {
+                c.check(p.is_file(), k, format!("{} is not a readable file", p.display()))?;
+            }
+            Ok(Some(TlsFiles { cert, key }))
+        }
+        Some(TlsSection { cert: None, .. }) => Err(c.fail("tls.cert", "is needed (with tls.key)")),
+        Some(TlsSection { key: None, .. }) => Err(c.fail("tls.key", "is needed (with tls.cert)")),
     }
 }
 
