@@ -179,12 +179,29 @@ fn train_autoencoder(
         Ok((f, t)) => (Some(f), t),
         Err(_) => (None, Vec::new()),
     };
+    let mut trials = outcome.trials.clone();
+    trials.extend(f_trials);
     if let (true, Some(f)) = (choice.forecaster, forecast) {
-        let mut trials = outcome.trials;
-        trials.extend(f_trials);
         return forecaster_candidate(ds, class, req, registry, f, trials, choice.reason, progress);
     }
+    autoencoder_candidate(ds, class, req, registry, &outcome, trials, choice.reason, progress)
+}
 
+/// The autoencoder the search chose: its threshold (best F1 where the validation split has labelled
+/// anomalies, else a stretched quantile), ONNX export checked with tract, test metrics, the decision against
+/// production, golden vectors, registered.
+#[allow(clippy::too_many_arguments)]
+fn autoencoder_candidate(
+    ds: &Dataset,
+    class: &str,
+    req: &TrainRequest,
+    registry: &ModelRegistry,
+    outcome: &search::Outcome,
+    trials: Vec<search::Trial>,
+    selection: String,
+    progress: &mut dyn FnMut(f32, &str),
+) -> Result<ModelVersion, RunError> {
+    let weights = &outcome.model.weights;
     let val_scores = autoencoder::score(weights, &ds.standardizer, &ds.val)?;
     let labelled = ds.has_labels();
     let (threshold, threshold_source) = if labelled && anomalous(&ds.val).iter().any(|&a| a) {
@@ -238,15 +255,11 @@ fn train_autoencoder(
         threshold_source,
         golden,
         hyper: outcome.best.hyper.clone(),
-        trials: {
-            let mut t = outcome.trials;
-            t.extend(f_trials);
-            t
-        },
+        trials,
         metrics,
         promotion,
         frames: 1,
-        selection: choice.reason,
+        selection,
     };
     register(ds, class, req, registry, candidate, progress)
 }
@@ -495,7 +508,17 @@ fn train_classifier(
     if train_labels.iter().all(|&l| l == train_labels[0]) || val_labels.is_empty() || test_labels.is_empty() {
         return Err(RunError::NoLabels);
     }
-    // Random search: each drawn configuration trained in full; the best validation loss wins.
+    let (best_trial, model, trials) = search_classifier(devices, ds, req, progress)?;
+    classifier_candidate(ds, class, req, registry, (best_trial, model), trials, progress)
+}
+
+/// Random search: each drawn configuration trained in full; the best validation loss wins.
+fn search_classifier(
+    devices: &Devices,
+    ds: &Dataset,
+    req: &TrainRequest,
+    progress: &mut dyn FnMut(f32, &str),
+) -> Result<(search::Trial, classifier::Classifier, Vec<search::Trial>), RunError> {
     let base = req.hyper.clone().unwrap_or_default();
     let configs = search::draw(&base, req.trials.max(1), req.seed);
     let mut trials = Vec::new();
@@ -530,7 +553,20 @@ fn train_classifier(
         trials.push(trial);
     }
     let (best_trial, model) = best.ok_or(TrainError::NoTrial)?;
+    Ok((best_trial, model, trials))
+}
 
+/// The classifier the search chose: ONNX export checked with tract, test accuracy against the majority class
+/// and (paired, McNemar's) against production, golden vectors, registered.
+fn classifier_candidate(
+    ds: &Dataset,
+    class: &str,
+    req: &TrainRequest,
+    registry: &ModelRegistry,
+    (best_trial, model): (search::Trial, classifier::Classifier),
+    trials: Vec<search::Trial>,
+    progress: &mut dyn FnMut(f32, &str),
+) -> Result<ModelVersion, RunError> {
     progress(0.88, "exporting to ONNX and verifying with tract");
     let (val_rows, _) = classifier::labelled(&ds.val);
     let val_probs = classifier::probabilities(&model, &ds.standardizer, &val_rows)?;
