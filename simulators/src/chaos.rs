@@ -125,168 +125,283 @@ pub async fn run(opts: ChaosOptions, stop: CancellationToken) -> anyhow::Result<
     let classes = opts.classes.iter().map(|c| crate::class_config(c)).collect::<anyhow::Result<Vec<_>>>()?;
     anyhow::ensure!(!classes.is_empty(), "name at least one class");
     let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed);
-    let has = |f: Fault| opts.faults.contains(&f);
-    let mut injected = std::collections::BTreeMap::<String, u64>::new();
-    let mut count = |f: Fault| *injected.entry(format!("{f:?}").to_lowercase()).or_insert(0) += 1;
+    let mut injected = Injected::default();
 
-    let cp_config = |mqtt: SocketAddr, api: SocketAddr| {
-        let mut cfg = Config::embedded(opts.data_root.join("control-plane"), mqtt, api);
-        cfg.durability = edgeloop_common::durable::Durability::Fsync;
-        cfg
-    };
-    // The first start binds port 0 and reports the ports it got; restarts come back on those ports, which the
-    // proxy and the rogue device keep using.
-    let any = SocketAddr::from(([127, 0, 0, 1], 0));
-    let (mut cp, mut cp_cancel) = start_cp(&cp_config(any, any)).await?;
-    let (mqtt, api) = (SocketAddr::from(([127, 0, 0, 1], cp.mqtt_addr.1)), cp.api_addr);
-    let cfg = cp_config(mqtt, api);
-    let client = crate::http::Api::of(&cp);
+    let mut cp = ChaosControlPlane::start(&opts.data_root).await?;
+    let api = crate::http::Api::of(&cp.handle);
     let proxy_cancel = CancellationToken::new();
-    let proxy = FaultProxy::start(mqtt, proxy_cancel.clone()).await?;
+    let proxy = FaultProxy::start(cp.mqtt, proxy_cancel.clone()).await?;
+    let spec = fleet_spec(&opts, classes, &proxy, &cp.handle, &api).await?;
+    let fleet_cancel = CancellationToken::new();
+    let mut devices = fleet::start(&spec, opts.devices, &fleet_cancel).await?;
+    standing_faults(&opts.faults, &mut devices, &spec, &mut injected);
+    let rogue = if opts.faults.contains(&Fault::Corrupt) {
+        Some(Rogue::enroll(&api, cp.mqtt, &spec.classes[0].class).await?)
+    } else {
+        None
+    };
 
-    let mut spec = FleetSpec::new(
-        classes.clone(),
-        ("127.0.0.1".into(), proxy.addr().port()),
-        &opts.data_root.join("agents"),
-        cp.trusted_key.clone(),
-    );
-    spec.enroll_with(&client, opts.devices).await?;
-    if has(Fault::DiskFull) {
-        // Every fifth device has a small disk: its outbox overflows while the link is down, and drops oldest.
+    let started = Instant::now();
+    let mut schedule = Schedule::new(&opts.faults, &mut rng);
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    while started.elapsed() < opts.duration && !stop.is_cancelled() {
+        tick.tick().await;
+        feed_once(&mut devices);
+        if schedule.heal_due() {
+            heal(&proxy);
+        }
+        let Some(f) = schedule.next_fault(&mut rng) else { continue };
+        injected.count(f);
+        match f {
+            Fault::Cut => proxy.cut_all(),
+            Fault::Blackhole => {
+                proxy.set_mode(Mode::Blackhole);
+                schedule.heal_after(rng.gen_range(2_000..5_000));
+            }
+            Fault::Delay => {
+                proxy.set_delay(Duration::from_millis(rng.gen_range(50..300)));
+                schedule.heal_after(rng.gen_range(1_000..3_000));
+            }
+            Fault::RestartControlPlane => cp = cp.restart(&proxy, &mut rng).await?,
+            Fault::RestartAgents => restart_some_agents(&mut devices, &fleet_cancel, &mut rng).await?,
+            Fault::Corrupt => {
+                if let Some(r) = &rogue {
+                    corrupt_some(&r.client, &devices, &mut rng).await;
+                }
+            }
+            Fault::DiskFull | Fault::ClockSkew => {}
+        }
+    }
+
+    heal(&proxy);
+    fleet::drain(&devices, opts.drain_timeout).await;
+    let mut report = check(&cp.handle, devices, &fleet_cancel, started.elapsed(), injected.0).await?;
+    report.corrupted_rejected += cp.corrupted_before;
+    report.control_plane_unclean_stops = cp.unclean_stops;
+    if let Some(r) = rogue {
+        r.task.abort();
+    }
+    proxy_cancel.cancel();
+    cp.stop().await?;
+    Ok(report)
+}
+
+/// Faults injected, by kind (`cut`, `disk_full`...; one for each device a standing fault applies to).
+#[derive(Default)]
+struct Injected(std::collections::BTreeMap<String, u64>);
+
+impl Injected {
+    fn count(&mut self, f: Fault) {
+        *self.0.entry(format!("{f:?}").to_lowercase()).or_insert(0) += 1;
+    }
+}
+
+/// The control plane under test: stopped and started again on the same data dir and ports.
+struct ChaosControlPlane {
+    handle: ControlPlaneHandle,
+    cancel: CancellationToken,
+    /// The config of every restart: the ports the first start got, which the proxy and the rogue keep using.
+    cfg: Config,
+    /// The broker's address (the proxy's upstream).
+    mqtt: SocketAddr,
+    /// Stops that missed their deadline.
+    unclean_stops: u64,
+    /// Corrupted uplinks refused by the instances stopped so far (each starts its metrics at zero).
+    corrupted_before: u64,
+}
+
+impl ChaosControlPlane {
+    /// The first start binds port 0 and reports the ports it got; restarts come back on those ports.
+    async fn start(data_root: &std::path::Path) -> anyhow::Result<ChaosControlPlane> {
+        let config = |mqtt: SocketAddr, api: SocketAddr| {
+            let mut cfg = Config::embedded(data_root.join("control-plane"), mqtt, api);
+            cfg.durability = edgeloop_common::durable::Durability::Fsync;
+            cfg
+        };
+        let any = SocketAddr::from(([127, 0, 0, 1], 0));
+        let (handle, cancel) = start_cp(&config(any, any)).await?;
+        let mqtt = SocketAddr::from(([127, 0, 0, 1], handle.mqtt_addr.1));
+        let cfg = config(mqtt, handle.api_addr);
+        Ok(ChaosControlPlane { handle, cancel, cfg, mqtt, unclean_stops: 0, corrupted_before: 0 })
+    }
+
+    /// Stops the control plane, cuts the fleet's connections, waits a moment and starts it again.
+    async fn restart(self, proxy: &FaultProxy, rng: &mut rand::rngs::StdRng) -> anyhow::Result<ChaosControlPlane> {
+        let ChaosControlPlane { handle, cancel, cfg, mqtt, mut unclean_stops, mut corrupted_before } = self;
+        corrupted_before += corrupted_rejected(&handle);
+        cancel.cancel();
+        if let Err(e) = handle.join().await {
+            // An overloaded control plane may miss its stop deadline; what it did not acknowledge is sent
+            // again, which is exactly what the checker verifies.
+            tracing::warn!(error = format!("{e:#}"), "control plane stopped uncleanly");
+            unclean_stops += 1;
+        }
+        proxy.cut_all();
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(200..1_500))).await;
+        // After an unclean stop, the old ingest may hold the store a little longer: a process would have
+        // exited; in process, wait for it to let go.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let (handle, cancel) = loop {
+            match start_cp(&cfg).await {
+                Ok(x) => break x,
+                Err(e) if Instant::now() < deadline => {
+                    tracing::warn!(error = format!("{e:#}"), "control plane not restartable yet; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        Ok(ChaosControlPlane { handle, cancel, cfg, mqtt, unclean_stops, corrupted_before })
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        self.cancel.cancel();
+        self.handle.join().await
+    }
+}
+
+/// Corrupted or forged uplinks a control plane refused since it started.
+fn corrupted_rejected(cp: &ControlPlaneHandle) -> u64 {
+    CORRUPT_REASONS.iter().map(|x| cp.metrics.rejected(x)).sum()
+}
+
+/// The fleet's spec: agents connect through the proxy and enroll through `api`; with the disk-full fault,
+/// every fifth device has a small disk (its outbox overflows while the link is down, and drops oldest).
+async fn fleet_spec(
+    opts: &ChaosOptions,
+    classes: Vec<edgeloop_common::config::ClassConfig>,
+    proxy: &FaultProxy,
+    cp: &ControlPlaneHandle,
+    api: &crate::http::Api,
+) -> anyhow::Result<FleetSpec> {
+    let mqtt = ("127.0.0.1".to_string(), proxy.addr().port());
+    let mut spec = FleetSpec::new(classes, mqtt, &opts.data_root.join("agents"), cp.trusted_key.clone());
+    spec.enroll_with(api, opts.devices).await?;
+    if opts.faults.contains(&Fault::DiskFull) {
         spec.customise = std::sync::Arc::new(|c| {
             if c.device_id.ends_with('0') || c.device_id.ends_with('5') {
                 c.outbox_max_bytes = SMALL_DISK;
             }
         });
     }
-    let fleet_cancel = CancellationToken::new();
-    let mut devices = fleet::start(&spec, opts.devices, &fleet_cancel).await?;
-    if has(Fault::DiskFull) {
-        for _ in devices.iter().filter(|d| d.cfg.outbox_max_bytes == SMALL_DISK) {
-            count(Fault::DiskFull);
-        }
+    Ok(spec)
+}
+
+/// The faults that stand from the start: small disks (set in the spec, counted here) and skewed clocks.
+fn standing_faults(faults: &[Fault], devices: &mut [SimDevice], spec: &FleetSpec, injected: &mut Injected) {
+    if faults.contains(&Fault::DiskFull) {
+        devices.iter().filter(|d| d.cfg.outbox_max_bytes == SMALL_DISK).for_each(|_| injected.count(Fault::DiskFull));
     }
-    if has(Fault::ClockSkew) {
-        // Every seventh device's clock is hours off, ahead or behind.
-        let now = edgeloop_common::unix_millis();
-        for (i, d) in devices.iter_mut().enumerate().filter(|(i, _)| i % 7 == 3) {
-            let skew: i64 = if i % 2 == 0 { 3 * 3_600_000 } else { -5 * 3_600_000 };
-            let class = spec.classes[i % spec.classes.len()].clone();
-            d.generator = crate::signals::Generator::new(class, i as u64, now.saturating_add_signed(skew));
-            count(Fault::ClockSkew);
-        }
+    if faults.contains(&Fault::ClockSkew) {
+        skew_clocks(devices, spec, injected);
     }
-    // The rogue device for corrupted payloads: enrolled in its own name, speaking on others' topics.
-    let rogue = if has(Fault::Corrupt) {
+}
+
+/// Every seventh device's clock is hours off, ahead or behind.
+fn skew_clocks(devices: &mut [SimDevice], spec: &FleetSpec, injected: &mut Injected) {
+    let now = edgeloop_common::unix_millis();
+    for (i, d) in devices.iter_mut().enumerate().filter(|(i, _)| i % 7 == 3) {
+        let skew: i64 = if i % 2 == 0 { 3 * 3_600_000 } else { -5 * 3_600_000 };
+        let class = spec.classes[i % spec.classes.len()].clone();
+        d.generator = crate::signals::Generator::new(class, i as u64, now.saturating_add_signed(skew));
+        injected.count(Fault::ClockSkew);
+    }
+}
+
+/// The device that sends corrupted payloads: enrolled in its own name, connected straight to the broker.
+struct Rogue {
+    client: rumqttc::AsyncClient,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Rogue {
+    async fn enroll(api: &crate::http::Api, mqtt: SocketAddr, class: &str) -> anyhow::Result<Rogue> {
         let key = crate::device::new_key();
-        let creds = crate::device::enroll(&client, "chaos-rogue", &spec.classes[0].class, &key).await?;
+        let creds = crate::device::enroll(api, "chaos-rogue", class, &key).await?;
         let (client, _, task) =
             crate::device::connect(("127.0.0.1".into(), mqtt.port()), "chaos-rogue", Some(&creds), None).await;
-        Some((client, task))
-    } else {
-        None
-    };
+        Ok(Rogue { client, task })
+    }
+}
 
-    let started = Instant::now();
-    let mut next_fault = Instant::now() + Duration::from_secs(2);
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
-    // Scheduled faults come round in a seeded order, so that every kind fires in a short run too.
-    let mut schedule: Vec<Fault> =
-        opts.faults.iter().copied().filter(|f| !matches!(f, Fault::DiskFull | Fault::ClockSkew)).collect();
-    {
+/// When the scheduled faults fire and when a passing one (blackhole, delay) heals. Faults come round in a
+/// seeded order, so that every kind fires in a short run too; the standing ones (disk full, clock skew) are
+/// applied at the start instead.
+struct Schedule {
+    faults: Vec<Fault>,
+    turn: usize,
+    next_at: Instant,
+    heal_at: Option<Instant>,
+}
+
+impl Schedule {
+    fn new(faults: &[Fault], rng: &mut rand::rngs::StdRng) -> Schedule {
         use rand::seq::SliceRandom;
-        schedule.shuffle(&mut rng);
+        let next_at = Instant::now() + Duration::from_secs(2);
+        let mut faults: Vec<Fault> =
+            faults.iter().copied().filter(|f| !matches!(f, Fault::DiskFull | Fault::ClockSkew)).collect();
+        faults.shuffle(rng);
+        Schedule { faults, turn: 0, next_at, heal_at: None }
     }
-    let mut turn = 0usize;
-    let mut heal_at: Option<Instant> = None;
-    let mut corrupted_before = 0u64;
-    let mut unclean_stops = 0u64;
-    while started.elapsed() < opts.duration && !stop.is_cancelled() {
-        tick.tick().await;
-        for d in devices.iter_mut() {
-            let n = if d.fast { 200 } else { 5 };
-            for s in d.generator.take(n) {
-                if d.samples.try_send(s).is_ok() {
-                    d.sent += 1;
-                }
-            }
+
+    /// Whether a passing fault is due to heal now (then it is forgotten).
+    fn heal_due(&mut self) -> bool {
+        let due = self.heal_at.is_some_and(|t| Instant::now() >= t);
+        if due {
+            self.heal_at = None;
         }
-        if heal_at.is_some_and(|t| Instant::now() >= t) {
-            proxy.set_mode(Mode::Pass);
-            proxy.set_delay(Duration::ZERO);
-            heal_at = None;
+        due
+    }
+
+    /// Heals the proxy `ms` milliseconds from now.
+    fn heal_after(&mut self, ms: u64) {
+        self.heal_at = Some(Instant::now() + Duration::from_millis(ms));
+    }
+
+    /// The fault to inject now, if one is due; the next comes 1.5 to 4 s later.
+    fn next_fault(&mut self, rng: &mut rand::rngs::StdRng) -> Option<Fault> {
+        if Instant::now() < self.next_at || self.faults.is_empty() {
+            return None;
         }
-        if Instant::now() < next_fault || schedule.is_empty() {
-            continue;
-        }
-        next_fault = Instant::now() + Duration::from_millis(rng.gen_range(1_500..4_000));
-        let f = schedule[turn % schedule.len()];
-        turn += 1;
-        count(f);
-        match f {
-            Fault::Cut => proxy.cut_all(),
-            Fault::Blackhole => {
-                proxy.set_mode(Mode::Blackhole);
-                heal_at = Some(Instant::now() + Duration::from_millis(rng.gen_range(2_000..5_000)));
+        self.next_at = Instant::now() + Duration::from_millis(rng.gen_range(1_500..4_000));
+        let f = self.faults[self.turn % self.faults.len()];
+        self.turn += 1;
+        Some(f)
+    }
+}
+
+/// One 100 ms tick of samples for every device (200 for fast classes, 5 for slow ones); a full queue drops
+/// them, as a sensor's buffer would.
+fn feed_once(devices: &mut [SimDevice]) {
+    for d in devices.iter_mut() {
+        let n = if d.fast { 200 } else { 5 };
+        for s in d.generator.take(n) {
+            if d.samples.try_send(s).is_ok() {
+                d.sent += 1;
             }
-            Fault::Delay => {
-                proxy.set_delay(Duration::from_millis(rng.gen_range(50..300)));
-                heal_at = Some(Instant::now() + Duration::from_millis(rng.gen_range(1_000..3_000)));
-            }
-            Fault::RestartControlPlane => {
-                corrupted_before += CORRUPT_REASONS.iter().map(|x| cp.metrics.rejected(x)).sum::<u64>();
-                cp_cancel.cancel();
-                if let Err(e) = cp.join().await {
-                    // An overloaded control plane may miss its stop deadline; what it did not acknowledge is
-                    // sent again, which is exactly what the checker verifies.
-                    tracing::warn!(error = format!("{e:#}"), "control plane stopped uncleanly");
-                    unclean_stops += 1;
-                }
-                proxy.cut_all();
-                tokio::time::sleep(Duration::from_millis(rng.gen_range(200..1_500))).await;
-                // After an unclean stop, the old ingest may hold the store a little longer: a process would have
-                // exited; in process, wait for it to let go.
-                let deadline = Instant::now() + Duration::from_secs(120);
-                (cp, cp_cancel) = loop {
-                    match start_cp(&cfg).await {
-                        Ok(x) => break x,
-                        Err(e) if Instant::now() < deadline => {
-                            tracing::warn!(error = format!("{e:#}"), "control plane not restartable yet; retrying");
-                            tokio::time::sleep(Duration::from_secs(1)).await;
-                        }
-                        Err(e) => return Err(e),
-                    }
-                };
-            }
-            Fault::RestartAgents => {
-                let k = (devices.len() / 4).max(1);
-                for _ in 0..k {
-                    let i = rng.gen_range(0..devices.len());
-                    let d = devices.remove(i);
-                    devices.insert(i, d.restart(&fleet_cancel).await.with_context(|| format!("restarting agent {i}"))?);
-                }
-            }
-            Fault::Corrupt => {
-                if let Some((client, _)) = &rogue {
-                    corrupt_some(client, &devices, &mut rng).await;
-                }
-            }
-            Fault::DiskFull | Fault::ClockSkew => {}
         }
     }
+}
+
+/// Lets traffic through the proxy again, without delay.
+fn heal(proxy: &FaultProxy) {
     proxy.set_mode(Mode::Pass);
     proxy.set_delay(Duration::ZERO);
-    fleet::drain(&devices, opts.drain_timeout).await;
-    let mut report = check(&cp, devices, &fleet_cancel, started.elapsed(), injected).await?;
-    report.corrupted_rejected += corrupted_before;
-    report.control_plane_unclean_stops = unclean_stops;
-    if let Some((_, task)) = rogue {
-        task.abort();
+}
+
+/// Restarts a quarter of the agents (at least one), picked at random.
+async fn restart_some_agents(
+    devices: &mut Vec<SimDevice>,
+    fleet_cancel: &CancellationToken,
+    rng: &mut rand::rngs::StdRng,
+) -> anyhow::Result<()> {
+    let k = (devices.len() / 4).max(1);
+    for _ in 0..k {
+        let i = rng.gen_range(0..devices.len());
+        let d = devices.remove(i);
+        devices.insert(i, d.restart(fleet_cancel).await.with_context(|| format!("restarting agent {i}"))?);
     }
-    proxy_cancel.cancel();
-    cp_cancel.cancel();
-    cp.join().await?;
-    Ok(report)
+    Ok(())
 }
 
 /// Publishes bit-flipped copies of plausible payloads on some devices' telemetry topics.
@@ -343,7 +458,7 @@ async fn check(
         dropped_by_policy: 0,
         dropped_reported: 0,
         unacknowledged: 0,
-        corrupted_rejected: CORRUPT_REASONS.iter().map(|x| cp.metrics.rejected(x)).sum(),
+        corrupted_rejected: corrupted_rejected(cp),
         control_plane_unclean_stops: 0,
         ok: false,
     };

@@ -230,11 +230,44 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> anyhow::Result<S
     let ca_pem = std::fs::read(&ca).with_context(|| format!("reading {}", ca.display()))?;
     let cp_cancel = CancellationToken::new();
     let cp = ControlPlane::start(cfg, cp_cancel.clone()).await.context("starting the control plane")?;
-    let api = cp.api_addr;
     let token_path = opts.data_dir.join("control-plane/admin.token");
     let token = std::fs::read_to_string(&token_path)
         .with_context(|| format!("reading the admin token {}", token_path.display()))?;
-    let client = crate::http::Api::tls(api, &ca_pem)?.with_token(&token);
+    let api = crate::http::Api::tls(cp.api_addr, &ca_pem)?.with_token(&token);
+    print_welcome(&opts, &cp, &ca, &token_path);
+
+    let fleet_cancel = CancellationToken::new();
+    let devices = start_fleet(&opts, &cp, &api, ca_pem, &fleet_cancel).await?;
+    let classes_of: BTreeMap<String, String> =
+        devices.iter().map(|d| (d.agent.device.clone(), d.class.clone())).collect();
+    let narrator = Narrator { started: Instant::now() };
+    let injections: Injections = Arc::default();
+    let feed_stop = stop.child_token();
+    let feed_task = spawn_feeding(devices, pace, &cp, &narrator, &injections, &feed_stop);
+    let watcher = tokio::spawn(watch(cp.rollouts.clone(), cp.learning.clone(), narrator.clone(), feed_stop.clone()));
+
+    // The story, until it ends, the duration passes or the demo is stopped.
+    let chapters = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let story = tell(&cp, &classes_of, pace, &narrator, &injections, &chapters);
+    tell_until_the_end(story, opts.duration, &stop, &narrator, cp.api_addr).await?;
+    let_rollouts_settle(&cp, &stop).await;
+
+    feed_stop.cancel();
+    let _ = watcher.await;
+    let (devices, fed) = feed_task.await.context("feeding task")?;
+    fed?;
+    narrator.say("draining every outbox");
+    fleet::drain(&devices, opts.drain_timeout).await;
+    fleet_cancel.cancel();
+    let summary = summarise(&cp, devices, chapters.load(std::sync::atomic::Ordering::Relaxed)).await?;
+    cp_cancel.cancel();
+    cp.join().await?;
+    Ok(summary)
+}
+
+/// Where to look: the dashboard, the API, the admin token, the broker, the data.
+fn print_welcome(opts: &DemoOptions, cp: &ControlPlaneHandle, ca: &std::path::Path, token_path: &std::path::Path) {
+    let api = cp.api_addr;
     println!(
         "edgeloop demo: {} devices across {} classes{}",
         opts.devices,
@@ -251,65 +284,83 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> anyhow::Result<S
     println!("  devices:      enrolled with per-class tokens; every uplink signed and verified");
     println!("  signing key:  {} (agents trust it)", cp.rollouts.key_id());
     println!("  data:         {}", opts.data_dir.display());
+}
 
+/// The fleet: agents of the four classes, enrolled through `api`, pinning the CA and taking signed updates.
+async fn start_fleet(
+    opts: &DemoOptions,
+    cp: &ControlPlaneHandle,
+    api: &crate::http::Api,
+    ca_pem: Vec<u8>,
+    fleet_cancel: &CancellationToken,
+) -> anyhow::Result<Vec<SimDevice>> {
     let classes = CLASSES.iter().map(|c| crate::class_config(c)).collect::<anyhow::Result<Vec<_>>>()?;
-    let updates = rollouts::updater_config(&client).await?;
+    let updates = rollouts::updater_config(api).await?;
     let mut spec = FleetSpec::new(classes, cp.mqtt_addr.clone(), &opts.data_dir.join("agents"), cp.trusted_key.clone());
     spec.customise = Arc::new(move |cfg| cfg.updates = Some(updates.clone()));
-    spec.tls_ca = Some(ca_pem.clone());
-    spec.enroll_with(&client, opts.devices).await?;
-    let fleet_cancel = CancellationToken::new();
-    let mut devices = fleet::start(&spec, opts.devices, &fleet_cancel).await?;
-    let classes_of: BTreeMap<String, String> =
-        devices.iter().map(|d| (d.agent.device.clone(), d.class.clone())).collect();
+    spec.tls_ca = Some(ca_pem);
+    spec.enroll_with(api, opts.devices).await?;
+    fleet::start(&spec, opts.devices, fleet_cancel).await
+}
 
-    let narrator = Narrator { started: Instant::now() };
-    let injections: Injections = Arc::default();
-    let feed_stop = stop.child_token();
-    let feed_task = {
-        let (feed_stop, injections, ingested) = (feed_stop.clone(), injections.clone(), cp.metrics.clone());
-        let narrator = narrator.clone();
-        tokio::spawn(async move {
-            let mut last_report = Instant::now();
-            let mut on_tick = |_: Duration, devices: &mut [SimDevice]| {
-                for (device, fault, len_ms) in injections.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
-                    if let Some(d) = devices.iter_mut().find(|d| d.agent.device == device) {
-                        d.generator.inject(fault, len_ms);
-                    }
+/// Feeds the fleet until `stop` in a task of its own, applying the story's injections at each tick and
+/// saying how the fleet is doing every 10 s; the task gives the devices back.
+fn spawn_feeding(
+    mut devices: Vec<SimDevice>,
+    pace: Pace,
+    cp: &ControlPlaneHandle,
+    narrator: &Narrator,
+    injections: &Injections,
+    stop: &CancellationToken,
+) -> tokio::task::JoinHandle<(Vec<SimDevice>, anyhow::Result<()>)> {
+    let (stop, injections, ingested, narrator) =
+        (stop.clone(), injections.clone(), cp.metrics.clone(), narrator.clone());
+    tokio::spawn(async move {
+        let mut last_report = Instant::now();
+        let mut on_tick = |_: Duration, devices: &mut [SimDevice]| {
+            for (device, fault, len_ms) in injections.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+                if let Some(d) = devices.iter_mut().find(|d| d.agent.device == device) {
+                    d.generator.inject(fault, len_ms);
                 }
-                if last_report.elapsed() >= Duration::from_secs(10) {
-                    last_report = Instant::now();
-                    let (gen, acked) = devices.iter().fold((0, 0), |(g, a), d| {
-                        let s = d.agent.outbox.stats();
-                        (g + s.durable_seq, a + s.acked)
-                    });
-                    narrator.say(format_args!(
-                        "  fleet: {gen} records generated, {acked} acknowledged, {} stored",
-                        ingested.records_ingested.get()
-                    ));
-                }
-            };
-            // Slow classes: as many samples of each sensor as its rate gives in `tick_event_ms` of event time.
-            let per_tick = move |d: &SimDevice| {
-                if d.fast {
-                    200
-                } else {
-                    let cfg = &d.cfg.class;
-                    let n = cfg.sensors.iter().map(|s| s.rate_hz * pace.tick_event_ms as f64 / 1000.0).sum::<f64>();
-                    n.round().max(1.0) as usize
-                }
-            };
-            let r = fleet::feed_ticks(&mut devices, &per_tick, None, &feed_stop, &mut on_tick).await;
-            (devices, r)
-        })
-    };
-    let watcher = tokio::spawn(watch(cp.rollouts.clone(), cp.learning.clone(), narrator.clone(), feed_stop.clone()));
+            }
+            if last_report.elapsed() >= Duration::from_secs(10) {
+                last_report = Instant::now();
+                let (gen, acked) = devices.iter().fold((0, 0), |(g, a), d| {
+                    let s = d.agent.outbox.stats();
+                    (g + s.durable_seq, a + s.acked)
+                });
+                narrator.say(format_args!(
+                    "  fleet: {gen} records generated, {acked} acknowledged, {} stored",
+                    ingested.records_ingested.get()
+                ));
+            }
+        };
+        // Slow classes: as many samples of each sensor as its rate gives in `tick_event_ms` of event time.
+        let per_tick = move |d: &SimDevice| {
+            if d.fast {
+                200
+            } else {
+                let cfg = &d.cfg.class;
+                let n = cfg.sensors.iter().map(|s| s.rate_hz * pace.tick_event_ms as f64 / 1000.0).sum::<f64>();
+                n.round().max(1.0) as usize
+            }
+        };
+        let r = fleet::feed_ticks(&mut devices, &per_tick, None, &stop, &mut on_tick).await;
+        (devices, r)
+    })
+}
 
-    // The story, until it ends, the duration passes or the demo is stopped.
-    let chapters = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let story = tell(&cp, &classes_of, pace, &narrator, &injections, &chapters);
+/// Tells the story until it ends (then streams on until the duration, or for the afterword without one),
+/// the duration passes or `stop` fires.
+async fn tell_until_the_end(
+    story: impl std::future::Future<Output = anyhow::Result<()>>,
+    duration: Option<Duration>,
+    stop: &CancellationToken,
+    narrator: &Narrator,
+    api: SocketAddr,
+) -> anyhow::Result<()> {
     let deadline = async {
-        match opts.duration {
+        match duration {
             Some(d) => tokio::time::sleep(d).await,
             None => std::future::pending().await,
         }
@@ -318,7 +369,7 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> anyhow::Result<S
     tokio::select! {
         r = story => {
             r?;
-            match opts.duration {
+            match duration {
                 Some(_) => narrator.say("the story is told; streaming on until the demo's duration"),
                 None => narrator.say(format_args!(
                     "the story is told; the fleet streams on for {}s: open https://{api}/ to look around \
@@ -327,29 +378,22 @@ pub async fn run(opts: DemoOptions, stop: CancellationToken) -> anyhow::Result<S
             let afterword = tokio::time::sleep(AFTERWORD);
             tokio::select! {
                 _ = &mut deadline => {}
-                _ = afterword, if opts.duration.is_none() => {}
+                _ = afterword, if duration.is_none() => {}
                 _ = stop.cancelled() => {}
             }
         }
         _ = &mut deadline => narrator.say("the demo's duration is up"),
         _ = stop.cancelled() => narrator.say("stopping"),
     }
-    // Let rollouts under way finish (they need windows flowing), unless told to stop now.
+    Ok(())
+}
+
+/// Lets rollouts under way finish (they need windows flowing), for up to a minute, unless told to stop now.
+async fn let_rollouts_settle(cp: &ControlPlaneHandle, stop: &CancellationToken) {
     let grace = Instant::now() + Duration::from_secs(60);
     while cp.rollouts.list().iter().any(|r| r.state.is_active()) && Instant::now() < grace && !stop.is_cancelled() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    feed_stop.cancel();
-    let _ = watcher.await;
-    let (devices, fed) = feed_task.await.context("feeding task")?;
-    fed?;
-    narrator.say("draining every outbox");
-    fleet::drain(&devices, opts.drain_timeout).await;
-    fleet_cancel.cancel();
-    let summary = summarise(&cp, devices, chapters.load(std::sync::atomic::Ordering::Relaxed)).await?;
-    cp_cancel.cancel();
-    cp.join().await?;
-    Ok(summary)
 }
 
 /// Prints what the control plane does by itself: rollout events and retraining triggers.
@@ -450,26 +494,70 @@ async fn tell(
     let present: Vec<&str> = CLASSES.iter().copied().filter(|c| classes_of.values().any(|v| v == c)).collect();
 
     chapter(1, "The fleet starts with no model and collects data");
+    collect(cp, classes_of, &present, pace, say).await?;
+
+    chapter(2, "The first model of each class is trained (candle, CPU), exported to ONNX and verified");
+    let jobs = start_first_trainings(cp, &present, pace)?;
+    say_how_trainings_end(cp, jobs, say).await?;
+
+    chapter(3, "Each promoted version rolls out signed: canary, then half the class, then all of it");
+    for c in &present {
+        rolled_out(cp, say, c, Duration::from_secs(180)).await?;
+    }
+
+    chapter(4, "A bearing fault on a factory machine");
+    if let Some((device, _)) = classes_of.iter().find(|(_, c)| c.as_str() == FAULT_CLASS) {
+        bearing_fault(cp, device, pace, say, injections).await;
+    }
+
+    chapter(5, "Holidays change the city's traffic; the drift trigger retrains and the new version rolls out");
+    let traffic: Vec<&String> = classes_of.iter().filter(|(_, c)| c.as_str() == DRIFT_CLASS).map(|(d, _)| d).collect();
+    if traffic.is_empty() || production(cp, DRIFT_CLASS).is_none() {
+        say.say("  no traffic devices in this fleet; nothing to drift");
+        return Ok(());
+    }
+    holidays(cp, &traffic, say, injections).await
+}
+
+/// Waits for every device to connect, then lets the fleet stream for the collection time.
+async fn collect(
+    cp: &ControlPlaneHandle,
+    classes_of: &BTreeMap<String, String>,
+    present: &[&str],
+    pace: Pace,
+    say: &Narrator,
+) -> anyhow::Result<()> {
     wait_until("every device to connect", Duration::from_secs(60), || {
         classes_of.keys().all(|id| cp.registry.get(id).is_some_and(|d| !d.class.is_empty()))
     })
     .await?;
     say.say(format_args!("  {} devices connected: {}", classes_of.len(), present.join(", ")));
     tokio::time::sleep(pace.collect).await;
-    for c in &present {
+    for c in present {
         say.say(format_args!("  {c}: {} records stored", cp.learning.records_of(c)));
     }
+    Ok(())
+}
 
-    chapter(2, "The first model of each class is trained (candle, CPU), exported to ONNX and verified");
+/// Starts the first training of each class; returns (class, job).
+fn start_first_trainings(cp: &ControlPlaneHandle, present: &[&str], pace: Pace) -> anyhow::Result<Vec<(String, u64)>> {
     let mut jobs = Vec::new();
-    for c in &present {
+    for c in present {
         let mut req = TrainRequest::new(c);
         (req.trials, req.max_seconds) = (pace.trials, Some(pace.train_seconds));
         req.hyper = Some(edgeloop_control_plane::ml::training::Hyper { epochs: pace.epochs, ..Default::default() });
         let job = cp.learning.start(req, "demo: first training").map_err(|e| anyhow::anyhow!("training {c}: {e}"))?;
         jobs.push((c.to_string(), job));
     }
-    // Say how each training ended, in the order they end.
+    Ok(jobs)
+}
+
+/// Says how each training ended, in the order they end; fails if one failed or all take more than 300 s.
+async fn say_how_trainings_end(
+    cp: &ControlPlaneHandle,
+    mut jobs: Vec<(String, u64)>,
+    say: &Narrator,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(300);
     while !jobs.is_empty() {
         anyhow::ensure!(Instant::now() < deadline, "the first trainings took more than 300 s");
@@ -499,36 +587,31 @@ async fn tell(
             (None, e) => anyhow::bail!("training {class} failed: {}", e.clone().unwrap_or_default()),
         }
     }
+    Ok(())
+}
 
-    chapter(3, "Each promoted version rolls out signed: canary, then half the class, then all of it");
-    for c in &present {
-        rolled_out(cp, say, c, Duration::from_secs(180)).await?;
-    }
+/// Injects an outer-race bearing defect into `device` and says how many windows its model flagged.
+async fn bearing_fault(cp: &ControlPlaneHandle, device: &str, pace: Pace, say: &Narrator, injections: &Injections) {
+    let len_ms = pace.fault.as_millis() as u64;
+    injections.lock().unwrap_or_else(|p| p.into_inner()).push((device.to_string(), Fault::BearingOuter, len_ms));
+    say.say(format_args!("  injected an outer-race bearing defect (BPFO tones) into {device} for {:?}", pace.fault));
+    let since = cp.registry.get(device).map_or(0, |d| d.anomalies);
+    tokio::time::sleep(pace.fault + Duration::from_secs(2)).await;
+    let now = cp.registry.get(device).map_or(0, |d| d.anomalies);
+    say.say(format_args!("  {device} flagged {} windows during the fault with the model it runs", now - since));
+}
 
-    chapter(4, "A bearing fault on a factory machine");
-    if let Some((device, _)) = classes_of.iter().find(|(_, c)| c.as_str() == FAULT_CLASS) {
-        let len_ms = pace.fault.as_millis() as u64;
-        injections.lock().unwrap_or_else(|p| p.into_inner()).push((device.clone(), Fault::BearingOuter, len_ms));
-        say.say(format_args!(
-            "  injected an outer-race bearing defect (BPFO tones) into {device} for {:?}",
-            pace.fault
-        ));
-        let since = cp.registry.get(device).map_or(0, |d| d.anomalies);
-        tokio::time::sleep(pace.fault + Duration::from_secs(2)).await;
-        let now = cp.registry.get(device).map_or(0, |d| d.anomalies);
-        say.say(format_args!("  {device} flagged {} windows during the fault with the model it runs", now - since));
-    }
-
-    chapter(5, "Holidays change the city's traffic; the drift trigger retrains and the new version rolls out");
-    let before = production(cp, DRIFT_CLASS).map(|m| m.version);
-    let traffic: Vec<&String> = classes_of.iter().filter(|(_, c)| c.as_str() == DRIFT_CLASS).map(|(d, _)| d).collect();
-    if traffic.is_empty() || before.is_none() {
-        say.say("  no traffic devices in this fleet; nothing to drift");
-        return Ok(());
-    }
+/// Holidays on the traffic devices; waits for the drift trigger's training and, if it promoted a version,
+/// for its rollout.
+async fn holidays(
+    cp: &ControlPlaneHandle,
+    traffic: &[&String],
+    say: &Narrator,
+    injections: &Injections,
+) -> anyhow::Result<()> {
     {
         let mut q = injections.lock().unwrap_or_else(|p| p.into_inner());
-        for d in &traffic {
+        for d in traffic {
             q.push((d.to_string(), Fault::Holiday, HOLIDAY_DAYS * 86_400_000));
         }
     }

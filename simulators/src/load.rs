@@ -314,16 +314,61 @@ pub async fn run(opts: LoadOptions, stop: CancellationToken) -> anyhow::Result<L
     anyhow::ensure!(opts.rate > 0.0 && opts.rate.is_finite(), "--rate must be a positive number of records a second");
     anyhow::ensure!((10..=60_000).contains(&opts.batch_ms), "--batch-ms must be between 10 and 60000");
     let setup = Instant::now();
-    let (cp, api, mqtt) = start_control_plane(&opts)?;
+    let (cp, api_addr, mqtt) = start_control_plane(&opts)?;
     let pid = cp.child.id().to_string();
-    let (client, ca) = if opts.tls {
+    let (api, ca) = operator_api(&opts, api_addr).await?;
+    let enroll_token = crate::device::enrollment_token(&api, CLASS, opts.devices as u32).await?;
+    let devices = connect_all(&opts, &api, mqtt, ca, enroll_token, &stop).await?;
+    let setup_s = setup.elapsed().as_secs_f64();
+    tracing::info!(devices = devices.len(), setup_s, "every device connected; sending");
+
+    let stored_before = records_stored(&api).await?;
+    let usage = send_for_duration(&opts, &devices, &pid, &stop).await?;
+    await_acks(&devices, Duration::from_secs(10)).await;
+    let stored = records_stored(&api).await? - stored_before;
+    let mut totals = Totals::of(&devices);
+    for d in &devices {
+        let _ = d.client.disconnect().await;
+    }
+    drop(cp);
+    Ok(LoadReport {
+        devices: opts.devices,
+        rate_per_device: opts.rate,
+        batch_ms: opts.batch_ms,
+        tls: opts.tls,
+        durability: opts.durability.clone(),
+        duration_s: usage.elapsed,
+        setup_s,
+        offered_records_per_s: opts.rate * opts.devices as f64,
+        sent: totals.sent,
+        acknowledged: totals.acked,
+        stored,
+        unacknowledged: totals.unacked,
+        throughput_records_per_s: totals.acked as f64 / usage.elapsed,
+        gen_to_ack_ms: Percentiles::of(&mut totals.gen_us),
+        send_to_ack_ms: Percentiles::of(&mut totals.send_us),
+        cp_cpu_cores_mean: usage.cp_cpu / usage.elapsed,
+        cp_cpu_cores_peak: usage.peak_cores,
+        cp_rss_mib_end: usage.rss_end,
+        cp_rss_mib_peak: usage.peak_rss.max(usage.hwm),
+        generator_cpu_cores_mean: usage.gen_cpu / usage.elapsed,
+    })
+}
+
+/// The operator API of the control plane at `addr` (HTTPS trusting its CA unless plaintext), once it answers,
+/// with its first-start admin token; and the TLS config devices connect to the broker with.
+async fn operator_api(
+    opts: &LoadOptions,
+    addr: SocketAddr,
+) -> anyhow::Result<(Api, Option<Arc<rustls::ClientConfig>>)> {
+    let (api, ca) = if opts.tls {
         let pem = std::fs::read(opts.data_dir.join("tls/ca.pem"))?;
-        (Api::tls(api, &pem)?, Some(Arc::new(edgeloop_common::tls::client_config(&pem)?)))
+        (Api::tls(addr, &pem)?, Some(Arc::new(edgeloop_common::tls::client_config(&pem)?)))
     } else {
-        (Api::new(api), None)
+        (Api::new(addr), None)
     };
     let deadline = Instant::now() + Duration::from_secs(60);
-    while !matches!(client.get("/api/v1/health").await, Ok((200, _))) {
+    while !matches!(api.get("/api/v1/health").await, Ok((200, _))) {
         anyhow::ensure!(
             Instant::now() < deadline,
             "the control plane did not answer within 60 s; see {}",
@@ -332,14 +377,18 @@ pub async fn run(opts: LoadOptions, stop: CancellationToken) -> anyhow::Result<L
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let token = std::fs::read_to_string(opts.data_dir.join("cp/admin.token"))?;
-    let api = client.with_token(&token);
-    let body = serde_json::json!({"class": CLASS, "uses": opts.devices, "expires_in_secs": 3600});
-    let (status, text) = api.post_json("/api/v1/enrollment-tokens", &body).await?;
-    anyhow::ensure!(status == 201, "creating an enrollment token: HTTP {status}: {text}");
-    let enroll_token =
-        serde_json::from_str::<serde_json::Value>(&text)?["token"].as_str().unwrap_or_default().to_string();
+    Ok((api.with_token(&token), ca))
+}
 
-    // Enroll and connect every device, 32 at a time.
+/// Enrolls and connects every device, 32 at a time.
+async fn connect_all(
+    opts: &LoadOptions,
+    api: &Api,
+    mqtt: (String, u16),
+    ca: Option<Arc<rustls::ClientConfig>>,
+    enroll_token: String,
+    stop: &CancellationToken,
+) -> anyhow::Result<Vec<Arc<LoadDevice>>> {
     let limit = Arc::new(tokio::sync::Semaphore::new(32));
     let mut set = tokio::task::JoinSet::new();
     for i in 0..opts.devices {
@@ -357,12 +406,33 @@ pub async fn run(opts: LoadOptions, stop: CancellationToken) -> anyhow::Result<L
             anyhow::bail!("stopped while connecting");
         }
     }
-    let setup_s = setup.elapsed().as_secs_f64();
-    tracing::info!(devices = devices.len(), setup_s, "every device connected; sending");
+    Ok(devices)
+}
 
-    // Send for `duration`, devices spread evenly over the batch interval.
-    let stored_before = records_stored(&api).await?;
-    let (cpu0, gen0, t0) = (cpu_seconds(&pid).unwrap_or(0.0), cpu_seconds("self").unwrap_or(0.0), Instant::now());
+/// What the measurement cost: its length and the control plane's (and the generator's) CPU and memory.
+struct Usage {
+    /// Seconds of sending.
+    elapsed: f64,
+    /// CPU seconds of the control plane and of this process while sending.
+    cp_cpu: f64,
+    gen_cpu: f64,
+    /// The control plane's cores at the busiest second.
+    peak_cores: f64,
+    /// The control plane's RSS at the end and its high-water mark (sampled each second, and at the end), MiB.
+    rss_end: f64,
+    peak_rss: f64,
+    hwm: f64,
+}
+
+/// Has every device send for `duration`, spread evenly over the batch interval, sampling the control plane
+/// (`pid`) each second.
+async fn send_for_duration(
+    opts: &LoadOptions,
+    devices: &[Arc<LoadDevice>],
+    pid: &str,
+    stop: &CancellationToken,
+) -> anyhow::Result<Usage> {
+    let (cpu0, gen0, t0) = (cpu_seconds(pid).unwrap_or(0.0), cpu_seconds("self").unwrap_or(0.0), Instant::now());
     let sending = CancellationToken::new();
     let mut senders = tokio::task::JoinSet::new();
     for (i, d) in devices.iter().enumerate() {
@@ -375,14 +445,14 @@ pub async fn run(opts: LoadOptions, stop: CancellationToken) -> anyhow::Result<L
     let (mut last_cpu, mut last_t) = (cpu0, t0);
     while t0.elapsed() < opts.duration && !stop.is_cancelled() {
         tokio::time::sleep(Duration::from_secs(1).min(opts.duration.saturating_sub(t0.elapsed()))).await;
-        if let Some(c) = cpu_seconds(&pid) {
+        if let Some(c) = cpu_seconds(pid) {
             let dt = last_t.elapsed().as_secs_f64();
             if dt > 0.5 {
                 peak_cores = peak_cores.max((c - last_cpu) / dt);
             }
             (last_cpu, last_t) = (c, Instant::now());
         }
-        if let Some((_, hwm)) = rss_mib(&pid) {
+        if let Some((_, hwm)) = rss_mib(pid) {
             peak_rss = peak_rss.max(hwm);
         }
     }
@@ -391,54 +461,44 @@ pub async fn run(opts: LoadOptions, stop: CancellationToken) -> anyhow::Result<L
         r??;
     }
     let elapsed = t0.elapsed().as_secs_f64();
-    let cp_cpu = cpu_seconds(&pid).unwrap_or(cpu0) - cpu0;
+    let cp_cpu = cpu_seconds(pid).unwrap_or(cpu0) - cpu0;
     let gen_cpu = cpu_seconds("self").unwrap_or(gen0) - gen0;
-    let (rss_end, hwm) = rss_mib(&pid).unwrap_or((0.0, 0.0));
+    let (rss_end, hwm) = rss_mib(pid).unwrap_or((0.0, 0.0));
+    Ok(Usage { elapsed, cp_cpu, gen_cpu, peak_cores, rss_end, peak_rss, hwm })
+}
 
-    // Wait up to 10 s for what is still in flight.
+/// Waits up to `limit` for what is still in flight to be acknowledged.
+async fn await_acks(devices: &[Arc<LoadDevice>], limit: Duration) {
     let pending =
         || devices.iter().map(|d| d.stats.lock().unwrap_or_else(|e| e.into_inner()).pending.len()).sum::<usize>();
-    let drain = Instant::now() + Duration::from_secs(10);
-    while pending() > 0 && Instant::now() < drain {
+    let deadline = Instant::now() + limit;
+    while pending() > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let stored = records_stored(&api).await? - stored_before;
-    let (mut gen_us, mut send_us) = (Vec::new(), Vec::new());
-    let (mut sent, mut acked, mut unacked) = (0, 0, 0);
-    for d in &devices {
-        let mut st = d.stats.lock().unwrap_or_else(|e| e.into_inner());
-        sent += st.sent;
-        acked += st.acked;
-        unacked += st.pending.len() as u64;
-        gen_us.append(&mut st.gen_to_ack_us);
-        send_us.append(&mut st.send_to_ack_us);
+}
+
+/// Every device's numbers, added up; the latency samples of all of them.
+struct Totals {
+    sent: u64,
+    acked: u64,
+    unacked: u64,
+    gen_us: Vec<u32>,
+    send_us: Vec<u32>,
+}
+
+impl Totals {
+    fn of(devices: &[Arc<LoadDevice>]) -> Totals {
+        let mut t = Totals { sent: 0, acked: 0, unacked: 0, gen_us: Vec::new(), send_us: Vec::new() };
+        for d in devices {
+            let mut st = d.stats.lock().unwrap_or_else(|e| e.into_inner());
+            t.sent += st.sent;
+            t.acked += st.acked;
+            t.unacked += st.pending.len() as u64;
+            t.gen_us.append(&mut st.gen_to_ack_us);
+            t.send_us.append(&mut st.send_to_ack_us);
+        }
+        t
     }
-    for d in &devices {
-        let _ = d.client.disconnect().await;
-    }
-    drop(cp);
-    Ok(LoadReport {
-        devices: opts.devices,
-        rate_per_device: opts.rate,
-        batch_ms: opts.batch_ms,
-        tls: opts.tls,
-        durability: opts.durability.clone(),
-        duration_s: elapsed,
-        setup_s,
-        offered_records_per_s: opts.rate * opts.devices as f64,
-        sent,
-        acknowledged: acked,
-        stored,
-        unacknowledged: unacked,
-        throughput_records_per_s: acked as f64 / elapsed,
-        gen_to_ack_ms: Percentiles::of(&mut gen_us),
-        send_to_ack_ms: Percentiles::of(&mut send_us),
-        cp_cpu_cores_mean: cp_cpu / elapsed,
-        cp_cpu_cores_peak: peak_cores,
-        cp_rss_mib_end: rss_end,
-        cp_rss_mib_peak: peak_rss.max(hwm),
-        generator_cpu_cores_mean: gen_cpu / elapsed,
-    })
 }
 
 /// The `edgeloop-control-plane` binary next to the running executable.
