@@ -9,7 +9,7 @@
 
 use edgeloop_common::update::Phase;
 use edgeloop_control_plane::config::Config;
-use edgeloop_control_plane::rollout::engine::State;
+use edgeloop_control_plane::rollout::State;
 use edgeloop_control_plane::ControlPlane;
 use edgeloop_simulators::fleet::{self, FleetSpec};
 use edgeloop_simulators::{class_config, rollouts};

@@ -26,7 +26,7 @@ use edgeloop_control_plane::config::{AutoRollout, Config};
 use edgeloop_control_plane::fleet::Query;
 use edgeloop_control_plane::ml::TrainRequest;
 use edgeloop_control_plane::ml::{Cause, TriggerConfig};
-use edgeloop_control_plane::rollout::engine::{Share, Stage, State};
+use edgeloop_control_plane::rollout::{Share, Stage, State};
 use edgeloop_control_plane::{ControlPlane, ControlPlaneHandle};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -545,7 +545,7 @@ fn start_first_trainings(cp: &ControlPlaneHandle, present: &[&str], pace: Pace) 
     for c in present {
         let mut req = TrainRequest::new(c);
         (req.trials, req.max_seconds) = (pace.trials, Some(pace.train_seconds));
-        req.hyper = Some(edgeloop_control_plane::ml::training::Hyper { epochs: pace.epochs, ..Default::default() });
+        req.hyper = Some(edgeloop_control_plane::ml::Hyper { epochs: pace.epochs, ..Default::default() });
         let job = cp.learning.start(req, "demo: first training").map_err(|e| anyhow::anyhow!("training {c}: {e}"))?;
         jobs.push((c.to_string(), job));
     }

@@ -4,7 +4,7 @@
 
 use crate::support::{start_cp, wait_for};
 use edgeloop_control_plane::access::{Role, TokenStore};
-use edgeloop_control_plane::rollout::engine::State;
+use edgeloop_control_plane::rollout::State;
 use edgeloop_simulators::fleet::{self, FleetSpec, SimDevice};
 use edgeloop_simulators::{class_config, free_port, rollouts};
 use fantoccini::{Client, ClientBuilder, Locator};

@@ -8,33 +8,51 @@ use serde_json::json;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn train_register_serve_and_retrain_offline() {
-    let dir = tempfile::tempdir().unwrap();
+/// A control plane that knows the air-quality class, and `n` enrolled in-process devices of it that have each
+/// had `samples` samples stored and reported their class. The devices run until the token is cancelled.
+async fn air_quality_fleet(
+    dir: &std::path::Path,
+    n: usize,
+    samples: usize,
+) -> (
+    edgeloop_control_plane::ControlPlaneHandle,
+    CancellationToken,
+    CancellationToken,
+    Vec<edgeloop_simulators::fleet::SimDevice>,
+) {
     let class = edgeloop_simulators::class_config("city-air-quality").unwrap();
     let c2 = class.clone();
-    let (cp, cp_cancel) = start_cp(dir.path(), move |c| {
+    let (cp, cp_cancel) = start_cp(dir, move |c| {
         c.classes.insert(c2.class.clone(), c2);
     })
     .await;
-    let api = crate::support::api(&cp);
     let cancel = CancellationToken::new();
-    let mut spec =
-        FleetSpec::new(vec![class.clone()], cp.mqtt_addr.clone(), &dir.path().join("agents"), cp.trusted_key.clone());
-    spec.enroll_with(&api, 64).await.unwrap();
-    let mut devices = fleet::start(&spec, 3, &cancel).await.unwrap();
+    let mut spec = FleetSpec::new(vec![class], cp.mqtt_addr.clone(), &dir.join("agents"), cp.trusted_key.clone());
+    spec.enroll_with(&crate::support::api(&cp), 64).await.unwrap();
+    let mut devices = fleet::start(&spec, n, &cancel).await.unwrap();
     for d in &mut devices {
-        for s in d.generator.take(600) {
+        for s in d.generator.take(samples) {
             d.samples.send(s).await.unwrap();
         }
     }
     let outboxes: Vec<_> = devices.iter().map(|d| d.agent.outbox.clone()).collect();
-    wait_for("telemetry stored", Duration::from_secs(30), || outboxes.iter().all(|o| o.stats().acked == 600)).await;
-    // Heartbeats tell the registry each device's class.
-    wait_for("classes known", Duration::from_secs(20), || {
-        cp.registry.list().iter().filter(|d| d.class == "city-air-quality").count() == 3
+    wait_for("telemetry stored", Duration::from_secs(30), || {
+        outboxes.iter().all(|o| o.stats().acked == samples as u64)
     })
     .await;
+    // Heartbeats tell the registry each device's class.
+    wait_for("classes known", Duration::from_secs(20), || {
+        cp.registry.list().iter().filter(|d| d.class == "city-air-quality").count() == n
+    })
+    .await;
+    (cp, cp_cancel, cancel, devices)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn train_register_serve_and_retrain_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cp, cp_cancel, cancel, devices) = air_quality_fleet(dir.path(), 3, 600).await;
+    let api = crate::support::api(&cp);
 
     // Refusals first.
     let (status, body) = api.post_json("/api/v1/train", &json!({"class": "no-such-class"})).await.unwrap();
@@ -209,28 +227,7 @@ fn the_agents_features_across_gaps_are_the_datasets() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_during_training_finishes_within_the_deadline() {
     let dir = tempfile::tempdir().unwrap();
-    let class = edgeloop_simulators::class_config("city-air-quality").unwrap();
-    let c2 = class.clone();
-    let (cp, cp_cancel) = start_cp(dir.path(), move |c| {
-        c.classes.insert(c2.class.clone(), c2);
-    })
-    .await;
-    let cancel = CancellationToken::new();
-    let mut spec =
-        FleetSpec::new(vec![class.clone()], cp.mqtt_addr.clone(), &dir.path().join("agents"), cp.trusted_key.clone());
-    spec.enroll_with(&crate::support::api(&cp), 64).await.unwrap();
-    let mut devices = fleet::start(&spec, 2, &cancel).await.unwrap();
-    for d in &mut devices {
-        for s in d.generator.take(400) {
-            d.samples.send(s).await.unwrap();
-        }
-    }
-    let outboxes: Vec<_> = devices.iter().map(|d| d.agent.outbox.clone()).collect();
-    wait_for("telemetry stored", Duration::from_secs(30), || outboxes.iter().all(|o| o.stats().acked == 400)).await;
-    wait_for("classes known", Duration::from_secs(20), || {
-        cp.registry.list().iter().filter(|d| d.class == "city-air-quality").count() == 2
-    })
-    .await;
+    let (cp, cp_cancel, cancel, _devices) = air_quality_fleet(dir.path(), 2, 400).await;
     // A training far longer than any deadline: one trial of a million epochs that never stops early.
     let mut req = edgeloop_control_plane::ml::TrainRequest::new("city-air-quality");
     req.trials = 1;

@@ -7,7 +7,7 @@ use edgeloop_agent::updater::Files;
 use edgeloop_common::config::ClassConfig;
 use edgeloop_common::update::{Golden, Phase};
 use edgeloop_control_plane::ml::ModelVersion;
-use edgeloop_control_plane::rollout::engine::State;
+use edgeloop_control_plane::rollout::State;
 use edgeloop_control_plane::web::DeviceView;
 use edgeloop_simulators::http::Api;
 use edgeloop_simulators::{free_port, rollouts};

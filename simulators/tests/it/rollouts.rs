@@ -3,7 +3,7 @@
 
 use crate::support::{start_cp, wait_for};
 use edgeloop_common::update::Phase;
-use edgeloop_control_plane::rollout::engine::State;
+use edgeloop_control_plane::rollout::State;
 use edgeloop_simulators::fleet::{self, FleetSpec, SimDevice};
 use edgeloop_simulators::http::Api;
 use edgeloop_simulators::{class_config, rollouts};
