@@ -37,17 +37,20 @@ fn missing_config_file_exits_2() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("agent.toml: cannot read"));
 }
 
+/// `agent.toml` for an agent with no sources whose broker is port 9 (discard) on loopback: nothing listens, so
+/// the uplink keeps retrying and the agent runs until it is stopped.
+fn idle_agent(dir: &std::path::Path, id: &str) -> std::path::PathBuf {
+    std::fs::write(dir.join("c.toml"), "class = \"c\"\n[[sensors]]\nname = \"t\"\nkind = \"slow\"\nrate_hz = 1\n")
+        .unwrap();
+    let cfg = dir.join("agent.toml");
+    std::fs::write(&cfg, format!("[device]\nid = \"{id}\"\nclass_config = \"c.toml\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:9\"\n[storage]\ndata_dir = \"state\"\n[[trusted_keys]]\npublic_key = \"0101010101010101010101010101010101010101010101010101010101010101\"\n")).unwrap();
+    cfg
+}
+
 #[test]
 fn runs_without_sources_until_sigterm_then_exits_0() {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("c.toml"),
-        "class = \"c\"\n[[sensors]]\nname = \"t\"\nkind = \"slow\"\nrate_hz = 1\n",
-    )
-    .unwrap();
-    let cfg = dir.path().join("agent.toml");
-    // Port 9 (discard) on loopback: nothing listens, so the uplink keeps retrying.
-    std::fs::write(&cfg, "[device]\nid = \"idle-1\"\nclass_config = \"c.toml\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:9\"\n[storage]\ndata_dir = \"state\"\n[[trusted_keys]]\npublic_key = \"0101010101010101010101010101010101010101010101010101010101010101\"\n").unwrap();
+    let cfg = idle_agent(dir.path(), "idle-1");
     let mut child = Command::new(env!("CARGO_BIN_EXE_edgeloop-agent"))
         .arg("--config")
         .arg(&cfg)
@@ -70,13 +73,7 @@ fn runs_without_sources_until_sigterm_then_exits_0() {
 fn json_logs_are_one_object_a_line_with_named_fields() {
     use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("c.toml"),
-        "class = \"c\"\n[[sensors]]\nname = \"t\"\nkind = \"slow\"\nrate_hz = 1\n",
-    )
-    .unwrap();
-    let cfg = dir.path().join("agent.toml");
-    std::fs::write(&cfg, "[device]\nid = \"json-1\"\nclass_config = \"c.toml\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:9\"\n[storage]\ndata_dir = \"state\"\n[[trusted_keys]]\npublic_key = \"0101010101010101010101010101010101010101010101010101010101010101\"\n").unwrap();
+    let cfg = idle_agent(dir.path(), "json-1");
     let mut child = Command::new(env!("CARGO_BIN_EXE_edgeloop-agent"))
         .args(["--log-format", "json", "--config"])
         .arg(&cfg)
