@@ -37,6 +37,17 @@ pub enum JobState {
 }
 
 impl JobState {
+    /// The state in one word, as the API and metrics name it.
+    pub fn word(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Interrupted => "interrupted",
+        }
+    }
+
     /// Whether the job has ended, one way or another.
     pub fn is_finished(self) -> bool {
         matches!(self, JobState::Succeeded | JobState::Failed | JobState::Interrupted)

@@ -230,6 +230,19 @@ pub enum State {
 }
 
 impl State {
+    /// The state in one word, as metrics label it.
+    pub fn word(&self) -> &'static str {
+        match self {
+            State::Running => "running",
+            State::AwaitingApproval => "awaiting_approval",
+            State::Paused { .. } => "paused",
+            State::Completed => "completed",
+            State::RolledBack { .. } => "rolled_back",
+            State::Aborted => "aborted",
+            State::Superseded { .. } => "superseded",
+        }
+    }
+
     /// Whether the rollout still changes anything.
     pub fn is_active(&self) -> bool {
         matches!(self, State::Running | State::AwaitingApproval | State::Paused { .. })

@@ -78,7 +78,7 @@ fn authenticate(
             ));
         }
         Err(e) => {
-            s.metrics.reject("api_unauthorized");
+            s.metrics.api_refused("unauthorized");
             let mut r = ApiError { status: StatusCode::UNAUTHORIZED, error: "unauthorized", detail: e.to_string() }
                 .into_response();
             r.headers_mut().insert(header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
@@ -89,7 +89,7 @@ fn authenticate(
     };
     let caller = Caller(format!("{} ({})", op.name, op.id));
     let refuse = |detail: String| {
-        s.metrics.reject("api_forbidden");
+        s.metrics.api_refused("forbidden");
         let mut r =
             ApiError { status: StatusCode::FORBIDDEN, error: "forbidden", detail: detail.clone() }.into_response();
         r.extensions_mut().insert(caller.clone());

@@ -92,7 +92,7 @@ pub async fn serve(
                 x
             }
             Err(e) => {
-                metrics.reject("api_accept_failed");
+                metrics.api_refused("accept_failed");
                 let (wait, failures) = backoff.failed();
                 if failures.is_power_of_two() {
                     tracing::warn!(error = %e, failures, retry_in = ?wait, "API: accepting a connection failed");

@@ -13,6 +13,7 @@ mod front;
 mod learning;
 mod load;
 mod malformed;
+mod metrics;
 mod modbus;
 mod mosquitto;
 mod nab;

@@ -33,7 +33,7 @@ pub async fn enroll(
     let en = s.enrollment.clone();
     let creds = tokio::task::spawn_blocking(move || en.enroll(&r, edgeloop_common::unix_millis())).await?;
     if let Err(e) = &creds {
-        s.metrics.reject("enrollment_refused");
+        s.metrics.api_refused("enrollment_refused");
         tracing::warn!(error = %e, "enrollment refused");
     }
     Ok(Json(creds?))

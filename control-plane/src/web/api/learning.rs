@@ -198,7 +198,7 @@ pub async fn artifact(
     let permit = match tokio::time::timeout(s.downloads.wait, s.downloads.slots.clone().acquire_owned()).await {
         Ok(Ok(p)) => p,
         _ => {
-            s.metrics.reject("api_downloads_busy");
+            s.metrics.api_refused("downloads_busy");
             let mut r = ApiError {
                 status: StatusCode::SERVICE_UNAVAILABLE,
                 error: "busy",

@@ -111,6 +111,25 @@ pub async fn telemetry(
     Ok(Json(TelemetryPage { device: id, records, next_after_seq }))
 }
 
-pub async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
-    (StatusCode::OK, [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], s.metrics.render(s.registry.len()))
+/// `/metrics`: the Prometheus text format, or OpenMetrics for a scraper whose `Accept` asks for it. The
+/// scrape-time gauges are read on the blocking pool (the store's size walks its files).
+pub async fn metrics(State(s): State<AppState>, headers: axum::http::HeaderMap) -> Result<impl IntoResponse, ApiError> {
+    let openmetrics = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| a.contains("application/openmetrics-text"));
+    let (body, content_type) = tokio::task::spawn_blocking(move || {
+        let scrape = crate::metrics::Scrape {
+            now_ms: edgeloop_common::unix_millis(),
+            offline_after_ms: s.offline_after_ms,
+            devices: s.registry.list().into_iter().map(|d| (d.class, d.last_seen_ms, d.anomalies)).collect(),
+            rollouts: s.rollouts.list().iter().map(|r| r.state.word()).collect(),
+            jobs: s.learning.list_jobs().iter().map(|j| j.state.word()).collect(),
+            drift: s.learning.classes.keys().filter_map(|c| s.learning.drift(c).map(|d| (c.clone(), d.psi))).collect(),
+            store_bytes: s.store.db().db().size_on_disk().ok(),
+        };
+        s.metrics.render_for(&scrape, openmetrics)
+    })
+    .await?;
+    Ok((StatusCode::OK, [(header::CONTENT_TYPE, content_type)], body))
 }

@@ -162,7 +162,7 @@ async fn login(State(s): State<AppState>, Form(f): Form<LoginForm>) -> Response 
     let op = match s.operators.authenticate(Some(&format!("Bearer {token}"))) {
         Ok(op) => op,
         Err(e) => {
-            s.metrics.reject("api_unauthorized");
+            s.metrics.api_refused("unauthorized");
             return login_form(
                 StatusCode::UNAUTHORIZED,
                 f.next.as_deref(),

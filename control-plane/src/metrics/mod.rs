@@ -1,0 +1,377 @@
+//! What an operator graphs and alerts on, served on `/metrics` and encoded by `prometheus-client`: counters
+//! the services increment as things happen, and gauges set at each scrape from the stores ([`Scrape`]): the
+//! fleet by class and state, heartbeat ages, rollouts by state, training jobs by state, drift, the store's
+//! size, the build and the process.
+//!
+//! The default answer is the Prometheus text format (0.0.4), which `promtool check metrics` and every
+//! Prometheus read; a scraper that asks for OpenMetrics gets it ([`Metrics::render_for`]).
+
+mod process;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+/// The content type of OpenMetrics text.
+pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// The content type of the Prometheus text format.
+pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+/// The content type of [`Metrics::render`]'s output.
+pub const CONTENT_TYPE: &str = PROMETHEUS_TEXT;
+
+/// After this long without a message a device is `stale`, not merely `offline`.
+pub const STALE_AFTER_MS: u64 = 24 * 3600 * 1000;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Reason {
+    reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClassState {
+    class: String,
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClassLabel {
+    class: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Feature {
+    class: String,
+    feature: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Build {
+    version: String,
+}
+
+/// What `/metrics` reads from the stores and services at scrape time.
+#[derive(Debug, Default)]
+pub struct Scrape {
+    pub now_ms: u64,
+    pub offline_after_ms: u64,
+    /// Per device: class, last message (Unix ms), anomalies it flagged.
+    pub devices: Vec<(String, u64, u64)>,
+    /// Each rollout's state, in words (`running`, `completed`, ...).
+    pub rollouts: Vec<&'static str>,
+    /// Each training job's state, in words.
+    pub jobs: Vec<&'static str>,
+    /// Per class, the latest PSI of each feature against its production model's training set.
+    pub drift: Vec<(String, Vec<f64>)>,
+    /// The store's size on disk.
+    pub store_bytes: Option<u64>,
+}
+
+#[derive(Debug)]
+pub struct Metrics {
+    pub messages_received: Counter,
+    pub records_ingested: Counter,
+    pub records_duplicate: Counter,
+    /// Records a device deleted past the acknowledged point that were never stored (ingest's recovery).
+    pub records_lost: Counter,
+    pub status_messages: Counter,
+    pub update_reports: Counter,
+    pub desired_published: Counter,
+    pub acks_sent: Counter,
+    pub commits: Counter,
+    rejected: Family<Reason, Counter>,
+    api_refusals: Family<Reason, Counter>,
+    devices: Gauge,
+    fleet: Family<ClassState, Gauge>,
+    heartbeat_age: Family<ClassLabel, Gauge>,
+    anomalies: Family<ClassLabel, Gauge>,
+    rollouts: Family<StateLabel, Gauge>,
+    jobs: Family<StateLabel, Gauge>,
+    drift: Family<Feature, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    store_bytes: Gauge,
+    build: Family<Build, Gauge>,
+    process: process::Process,
+    registry: Registry,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let m = Metrics {
+            messages_received: Counter::default(),
+            records_ingested: Counter::default(),
+            records_duplicate: Counter::default(),
+            records_lost: Counter::default(),
+            status_messages: Counter::default(),
+            update_reports: Counter::default(),
+            desired_published: Counter::default(),
+            acks_sent: Counter::default(),
+            commits: Counter::default(),
+            rejected: Family::default(),
+            api_refusals: Family::default(),
+            devices: Gauge::default(),
+            fleet: Family::default(),
+            heartbeat_age: Family::default(),
+            anomalies: Family::default(),
+            rollouts: Family::default(),
+            jobs: Family::default(),
+            drift: Family::default(),
+            store_bytes: Gauge::default(),
+            build: Family::default(),
+            process: Default::default(),
+            registry: Registry::default(),
+        };
+        // Counters are shared handles: the registry encodes the same atomics the fields count with.
+        let mut registry = Registry::default();
+        let counters: [(&str, &str, &Counter); 9] = [
+            ("edgeloop_messages_received", "Uplink MQTT messages received", &m.messages_received),
+            ("edgeloop_records_ingested", "Telemetry records stored (first copy)", &m.records_ingested),
+            (
+                "edgeloop_records_duplicate",
+                "Telemetry records received again and not stored twice",
+                &m.records_duplicate,
+            ),
+            (
+                "edgeloop_records_lost",
+                "Records a device deleted past the acknowledged point that were never stored",
+                &m.records_lost,
+            ),
+            ("edgeloop_status_messages", "Heartbeats received", &m.status_messages),
+            ("edgeloop_update_reports", "Model update reports received", &m.update_reports),
+            ("edgeloop_desired_published", "Signed desired states published", &m.desired_published),
+            ("edgeloop_acks_sent", "End-to-end acknowledgements published", &m.acks_sent),
+            ("edgeloop_store_commits", "Durable store commits (group commits)", &m.commits),
+        ];
+        for (name, help, c) in counters {
+            registry.register(name, help, c.clone());
+        }
+        registry.register("edgeloop_messages_rejected", "Uplink messages refused, by reason", m.rejected.clone());
+        registry.register(
+            "edgeloop_api_refusals",
+            "Operator API calls refused, by reason (unauthorized, forbidden)",
+            m.api_refusals.clone(),
+        );
+        registry.register("edgeloop_devices", "Devices in the registry", m.devices.clone());
+        registry.register(
+            "edgeloop_fleet_devices",
+            "Devices by class and state: online (a message within api.offline_after_secs), offline, stale (none for a day)",
+            m.fleet.clone(),
+        );
+        registry.register(
+            "edgeloop_class_oldest_message_age_seconds",
+            "Seconds since the class's least recently heard device sent anything",
+            m.heartbeat_age.clone(),
+        );
+        registry.register(
+            "edgeloop_class_anomalies_flagged",
+            "Anomalies the class's devices flagged, since they enrolled (only grows)",
+            m.anomalies.clone(),
+        );
+        registry.register("edgeloop_rollouts", "Rollouts by state", m.rollouts.clone());
+        registry.register("edgeloop_training_jobs", "Training jobs by state", m.jobs.clone());
+        registry.register(
+            "edgeloop_drift_psi",
+            "Population stability index of each feature against the production model's training set",
+            m.drift.clone(),
+        );
+        registry.register_with_unit(
+            "edgeloop_store_size",
+            "Size of the store on disk",
+            prometheus_client::registry::Unit::Bytes,
+            m.store_bytes.clone(),
+        );
+        m.build.get_or_create(&Build { version: env!("CARGO_PKG_VERSION").to_string() }).set(1);
+        registry.register("edgeloop_build_info", "The running build (always 1)", m.build.clone());
+        m.process.register(&mut registry);
+        Metrics { registry, ..m }
+    }
+}
+
+impl Metrics {
+    pub fn reject(&self, reason: &'static str) {
+        self.rejected.get_or_create(&Reason { reason: reason.to_string() }).inc();
+    }
+
+    /// An operator API call refused (401 `unauthorized`, 403 `forbidden`).
+    pub fn api_refused(&self, reason: &'static str) {
+        self.api_refusals.get_or_create(&Reason { reason: reason.to_string() }).inc();
+    }
+
+    pub fn api_refusals(&self, reason: &str) -> u64 {
+        self.api_refusals.get(&Reason { reason: reason.to_string() }).map_or(0, |c| c.get())
+    }
+
+    pub fn rejected(&self, reason: &str) -> u64 {
+        self.rejected.get(&Reason { reason: reason.to_string() }).map_or(0, |c| c.get())
+    }
+
+    /// Every series in the Prometheus text format, with `devices` as the registry's size now.
+    pub fn render(&self, devices: usize) -> String {
+        self.devices.set(i64::try_from(devices).unwrap_or(i64::MAX));
+        to_prometheus_text(&self.encode())
+    }
+
+    /// Every series after setting the gauges from `scrape`, in OpenMetrics when `openmetrics`, else in the
+    /// Prometheus text format. Returns the body and its content type.
+    pub fn render_for(&self, scrape: &Scrape, openmetrics: bool) -> (String, &'static str) {
+        self.update(scrape);
+        let text = self.encode();
+        if openmetrics {
+            (text, OPENMETRICS)
+        } else {
+            (to_prometheus_text(&text), PROMETHEUS_TEXT)
+        }
+    }
+
+    fn encode(&self) -> String {
+        let mut out = String::new();
+        // Encoding into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Sets the scrape-time gauges; families are cleared first, so a class or state that is gone disappears.
+    fn update(&self, s: &Scrape) {
+        use std::collections::BTreeMap;
+        let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        if !s.devices.is_empty() {
+            self.devices.set(gauge(s.devices.len()));
+        }
+        self.fleet.clear();
+        self.heartbeat_age.clear();
+        self.anomalies.clear();
+        let mut oldest: BTreeMap<&str, u64> = BTreeMap::new();
+        let mut flagged: BTreeMap<&str, u64> = BTreeMap::new();
+        for (class, last_seen_ms, anomalies) in &s.devices {
+            let silent = s.now_ms.saturating_sub(*last_seen_ms);
+            let state = if silent < s.offline_after_ms {
+                "online"
+            } else if silent < STALE_AFTER_MS {
+                "offline"
+            } else {
+                "stale"
+            };
+            self.fleet.get_or_create(&ClassState { class: class.clone(), state: state.into() }).inc();
+            let o = oldest.entry(class).or_insert(0);
+            *o = (*o).max(silent);
+            *flagged.entry(class).or_insert(0) += anomalies;
+        }
+        for (class, silent_ms) in oldest {
+            self.heartbeat_age.get_or_create(&ClassLabel { class: class.into() }).set(gauge(silent_ms as usize / 1000));
+        }
+        for (class, n) in flagged {
+            self.anomalies.get_or_create(&ClassLabel { class: class.into() }).set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+        self.rollouts.clear();
+        for state in &s.rollouts {
+            self.rollouts.get_or_create(&StateLabel { state: (*state).into() }).inc();
+        }
+        self.jobs.clear();
+        for state in &s.jobs {
+            self.jobs.get_or_create(&StateLabel { state: (*state).into() }).inc();
+        }
+        self.drift.clear();
+        for (class, psi) in &s.drift {
+            for (i, v) in psi.iter().enumerate() {
+                self.drift.get_or_create(&Feature { class: class.clone(), feature: i.to_string() }).set(*v);
+            }
+        }
+        if let Some(b) = s.store_bytes {
+            self.store_bytes.set(i64::try_from(b).unwrap_or(i64::MAX));
+        }
+        self.process.update();
+    }
+}
+
+/// OpenMetrics text as the Prometheus text format (0.0.4): a counter's `# HELP` and `# TYPE` name its
+/// `_total` samples, and `# UNIT` and `# EOF` lines go.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::BTreeSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line.starts_with("# UNIT ") || line == "# EOF" {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|p| {
+            let rest = line.strip_prefix(p)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters.contains(name).then(|| format!("{p}{name}_total {tail}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_by_reason() {
+        let m = Metrics::default();
+        m.reject("too_large");
+        m.reject("too_large");
+        m.records_ingested.inc_by(3);
+        assert_eq!(m.rejected("too_large"), 2);
+        assert_eq!(m.rejected("never_seen"), 0);
+        let text = m.render(2);
+        assert!(text.contains("edgeloop_messages_rejected_total{reason=\"too_large\"} 2"), "{text}");
+        assert!(text.contains("edgeloop_records_ingested_total 3"), "{text}");
+        assert!(text.contains("# TYPE edgeloop_records_ingested_total counter"), "{text}");
+        assert!(text.contains("edgeloop_devices 2"), "{text}");
+        assert!(!text.contains("never_seen"), "asking for a count creates no series: {text}");
+        assert!(!text.contains("# EOF"), "{text}");
+        let (om, kind) = m.render_for(&Scrape::default(), true);
+        assert_eq!(kind, OPENMETRICS);
+        assert!(om.contains("# TYPE edgeloop_records_ingested counter") && om.ends_with("# EOF\n"), "{om}");
+    }
+
+    #[test]
+    fn the_fleet_rollouts_jobs_and_drift_are_set_at_each_scrape() {
+        let m = Metrics::default();
+        let now = 10 * STALE_AFTER_MS;
+        let scrape = Scrape {
+            now_ms: now,
+            offline_after_ms: 60_000,
+            devices: vec![
+                ("press".into(), now - 1_000, 2),
+                ("press".into(), now - 120_000, 3),
+                ("air".into(), now - 2 * STALE_AFTER_MS, 0),
+            ],
+            rollouts: vec!["running", "completed", "completed"],
+            jobs: vec!["succeeded", "interrupted"],
+            drift: vec![("press".into(), vec![0.05, 0.3])],
+            store_bytes: Some(4096),
+        };
+        let (text, _) = m.render_for(&scrape, false);
+        for line in [
+            "edgeloop_fleet_devices{class=\"press\",state=\"online\"} 1",
+            "edgeloop_fleet_devices{class=\"press\",state=\"offline\"} 1",
+            "edgeloop_fleet_devices{class=\"air\",state=\"stale\"} 1",
+            "edgeloop_class_oldest_message_age_seconds{class=\"press\"} 120",
+            "edgeloop_class_anomalies_flagged{class=\"press\"} 5",
+            "edgeloop_rollouts{state=\"completed\"} 2",
+            "edgeloop_training_jobs{state=\"interrupted\"} 1",
+            "edgeloop_drift_psi{class=\"press\",feature=\"1\"} 0.3",
+            "edgeloop_store_size_bytes 4096",
+            "edgeloop_devices 3",
+        ] {
+            assert!(text.contains(line), "no `{line}` in:\n{text}");
+        }
+        assert!(text.contains(&format!("edgeloop_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"))));
+        assert!(text.contains("process_resident_memory_bytes "), "{text}");
+        // A class that is gone disappears at the next scrape.
+        let (text, _) = m.render_for(&Scrape { now_ms: now, offline_after_ms: 60_000, ..Default::default() }, false);
+        assert!(!text.contains("class=\"air\""), "{text}");
+    }
+}
