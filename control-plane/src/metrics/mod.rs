@@ -12,6 +12,7 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 /// The content type of OpenMetrics text.
@@ -20,6 +21,10 @@ pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; char
 pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// The content type of [`Metrics::render`]'s output.
 pub const CONTENT_TYPE: &str = PROMETHEUS_TEXT;
+
+/// Ingest latency buckets, seconds: a fleet on a LAN commits in milliseconds, one behind a cellular link or
+/// resending after an outage in seconds to minutes.
+const LATENCY_BUCKETS: [f64; 14] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
 
 /// After this long without a message a device is `stale`, not merely `offline`.
 pub const STALE_AFTER_MS: u64 = 24 * 3600 * 1000;
@@ -85,6 +90,8 @@ pub struct Metrics {
     pub desired_published: Counter,
     pub acks_sent: Counter,
     pub commits: Counter,
+    /// Seconds from a telemetry batch's sending (device clock) to its durable commit.
+    pub ingest_latency: Histogram,
     rejected: Family<Reason, Counter>,
     api_refusals: Family<Reason, Counter>,
     devices: Gauge,
@@ -112,6 +119,7 @@ impl Default for Metrics {
             desired_published: Counter::default(),
             acks_sent: Counter::default(),
             commits: Counter::default(),
+            ingest_latency: Histogram::new(LATENCY_BUCKETS),
             rejected: Family::default(),
             api_refusals: Family::default(),
             devices: Gauge::default(),
@@ -150,6 +158,12 @@ impl Default for Metrics {
         for (name, help, c) in counters {
             registry.register(name, help, c.clone());
         }
+        registry.register_with_unit(
+            "edgeloop_ingest_latency",
+            "From a telemetry batch's sending (device clock) to its durable commit",
+            prometheus_client::registry::Unit::Seconds,
+            m.ingest_latency.clone(),
+        );
         registry.register("edgeloop_messages_rejected", "Uplink messages refused, by reason", m.rejected.clone());
         registry.register(
             "edgeloop_api_refusals",

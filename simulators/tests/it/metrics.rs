@@ -27,6 +27,8 @@ async fn a_live_scrape_passes_promtool_and_reports_the_fleet() {
             d.samples.send(s).await.unwrap();
         }
     }
+    let outboxes: Vec<_> = devices.iter().map(|d| d.agent.outbox.clone()).collect();
+    wait_for("telemetry stored", Duration::from_secs(30), || outboxes.iter().all(|o| o.stats().acked == 50)).await;
     wait_for("both devices known", Duration::from_secs(30), || {
         cp.registry.list().iter().filter(|d| d.class == "city-air-quality").count() == 2
     })
@@ -58,6 +60,10 @@ async fn a_live_scrape_passes_promtool_and_reports_the_fleet() {
         assert!(value(&text, series).is_some_and(|v| v >= 0.0), "{series} in:\n{text}");
     }
     assert!(value(&text, "edgeloop_store_size_bytes").unwrap() > 0.0);
+    // Every stored batch was timed from its sending to its commit.
+    let batches = value(&text, "edgeloop_ingest_latency_seconds_count").unwrap();
+    assert!(batches >= 2.0, "{text}");
+    assert_eq!(value(&text, "edgeloop_ingest_latency_seconds_bucket{le=\"+Inf\"}"), Some(batches), "{text}");
 
     // promtool reads it as Prometheus does, and finds nothing to complain about.
     let mut promtool = std::process::Command::new("promtool")
