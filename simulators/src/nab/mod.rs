@@ -78,6 +78,11 @@ pub struct NabReport {
     pub threshold: f64,
     /// The same, scoring the agent's mapped scores as they are (without the [`onset`] step).
     pub standard_score_without_onset: f64,
+    /// NAB's other two profiles, each with its own threshold optimised over these files.
+    pub low_fp_score: f64,
+    pub low_fn_score: f64,
+    /// The standard score of each category's files, at the one threshold chosen for all of them.
+    pub per_category: std::collections::BTreeMap<String, f64>,
     pub per_file: Vec<FileReport>,
 }
 
@@ -411,6 +416,8 @@ pub async fn run(opts: NabOptions) -> anyhow::Result<NabReport> {
     for (f, r) in per_file.iter_mut().zip(&best.per_file) {
         (f.tp, f.fp, f.fn_) = (r.tp, r.fp, r.fn_);
     }
+    let keys: Vec<&str> = per_file.iter().map(|f| f.file.as_str()).collect();
+    let per_category = scorer::by_category(&keys, &scored, best.threshold);
     Ok(NabReport {
         files: files.len(),
         rows,
@@ -420,6 +427,9 @@ pub async fn run(opts: NabOptions) -> anyhow::Result<NabReport> {
         standard_score: best.score,
         threshold: best.threshold,
         standard_score_without_onset: scorer::optimise(&raw).score,
+        low_fp_score: scorer::optimise_with(&scored, &scorer::LOW_FP).score,
+        low_fn_score: scorer::optimise_with(&scored, &scorer::LOW_FN).score,
+        per_category,
         per_file,
     })
 }

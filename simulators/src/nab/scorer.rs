@@ -236,6 +236,17 @@ pub fn optimise_with(files: &[FileScores], p: &Profile) -> Corpus {
     Corpus { threshold: best_threshold, score, per_file }
 }
 
+/// The standard score of each category (the part of a file's key before `/`) at one `threshold`, normalised
+/// over that category's windows: how the corpus threshold serves each kind of data.
+pub fn by_category(keys: &[&str], files: &[FileScores], threshold: f64) -> std::collections::BTreeMap<String, f64> {
+    let mut groups: std::collections::BTreeMap<String, Vec<FileScores>> = Default::default();
+    for (key, f) in keys.iter().zip(files) {
+        let category = key.split_once('/').map_or(*key, |(c, _)| c);
+        groups.entry(category.to_string()).or_default().push(f.clone());
+    }
+    groups.into_iter().map(|(c, fs)| (c, normalised(&fs, threshold).0)).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -315,6 +326,18 @@ mod tests {
             // Scoring again at the chosen threshold gives the same figure.
             assert!((normalised_with(&files, ours.threshold, &profile).0 - ours.score).abs() < 1e-9);
         }
+    }
+
+    #[test]
+    fn categories_are_scored_apart_at_one_threshold() {
+        let mut hit = vec![0.0; 100];
+        hit[50] = 1.0;
+        let perfect = file(hit, vec![(50, 59)]);
+        let missed = file(vec![0.0; 100], vec![(50, 59)]);
+        let scores = by_category(&["a/x.csv", "a/y.csv", "b/z.csv"], &[perfect.clone(), perfect, missed], 0.5);
+        assert_eq!(scores.len(), 2);
+        assert!((scores["a"] - 100.0).abs() < 1e-9, "{scores:?}");
+        assert!(scores["b"].abs() < 1e-9, "{scores:?}");
     }
 
     #[test]
