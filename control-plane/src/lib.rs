@@ -9,7 +9,7 @@
 //! - [`rollout`]: staged rollouts of signed models, gated on install results and model behaviour.
 //! - [`access`]: operators, the audit log, the signing key, certificates.
 //! - [`web`]: the operator API and dashboard.
-//! - [`metrics`]: counters, encoded by prometheus-client in the OpenMetrics text format.
+//! - [`metrics`]: counters and scrape-time gauges, encoded by prometheus-client (Prometheus text or OpenMetrics).
 //! - [`server`]: starts all of the above under one cancellation token.
 
 pub mod access;

@@ -19,8 +19,6 @@ use prometheus_client::registry::Registry;
 pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 /// The content type of the Prometheus text format.
 pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
-/// The content type of [`Metrics::render`]'s output.
-pub const CONTENT_TYPE: &str = PROMETHEUS_TEXT;
 
 /// Ingest latency buckets, seconds: a fleet on a LAN commits in milliseconds, one behind a cellular link or
 /// resending after an outage in seconds to minutes.
@@ -224,12 +222,6 @@ impl Metrics {
         self.rejected.get(&Reason { reason: reason.to_string() }).map_or(0, |c| c.get())
     }
 
-    /// Every series in the Prometheus text format, with `devices` as the registry's size now.
-    pub fn render(&self, devices: usize) -> String {
-        self.devices.set(i64::try_from(devices).unwrap_or(i64::MAX));
-        to_prometheus_text(&self.encode())
-    }
-
     /// Every series after setting the gauges from `scrape`, in OpenMetrics when `openmetrics`, else in the
     /// Prometheus text format. Returns the body and its content type.
     pub fn render_for(&self, scrape: &Scrape, openmetrics: bool) -> (String, &'static str) {
@@ -253,9 +245,7 @@ impl Metrics {
     fn update(&self, s: &Scrape) {
         use std::collections::BTreeMap;
         let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
-        if !s.devices.is_empty() {
-            self.devices.set(gauge(s.devices.len()));
-        }
+        self.devices.set(gauge(s.devices.len()));
         self.fleet.clear();
         self.heartbeat_age.clear();
         self.anomalies.clear();
@@ -338,7 +328,8 @@ mod tests {
         m.records_ingested.inc_by(3);
         assert_eq!(m.rejected("too_large"), 2);
         assert_eq!(m.rejected("never_seen"), 0);
-        let text = m.render(2);
+        let two = Scrape { devices: vec![("press".into(), 0, 0); 2], ..Default::default() };
+        let (text, _) = m.render_for(&two, false);
         assert!(text.contains("edgeloop_messages_rejected_total{reason=\"too_large\"} 2"), "{text}");
         assert!(text.contains("edgeloop_records_ingested_total 3"), "{text}");
         assert!(text.contains("# TYPE edgeloop_records_ingested_total counter"), "{text}");

@@ -320,7 +320,7 @@ impl Learning {
         self.tracker.spawn(async move {
             let Ok(_permit) = this.one_at_a_time.acquire().await else { return };
             if this.stop.is_cancelled() {
-                return this.interrupt(id, edgeloop_common::unix_millis());
+                return this.interrupt(id, edgeloop_common::unix_millis()).await;
             }
             this.update(id, |j| j.state = JobState::Running);
             this.persist_soon(id);
@@ -355,7 +355,7 @@ impl Learning {
                     });
                     this.persist_soon(id);
                 }
-                Ok(Err(RunError::Train(TrainError::Stopped))) => this.interrupt(id, now),
+                Ok(Err(RunError::Train(TrainError::Stopped))) => this.interrupt(id, now).await,
                 Ok(Err(e)) => this.fail(id, now, e.to_string()),
                 Err(e) => this.fail(id, now, format!("training panicked: {e}")),
             }
@@ -363,14 +363,17 @@ impl Learning {
         Ok(id)
     }
 
-    fn interrupt(self: &Arc<Self>, id: u64, now: u64) {
+    /// Marks a job interrupted and writes it before returning (on the blocking pool), so that the tracked
+    /// task ends only once the state is durable.
+    async fn interrupt(self: &Arc<Self>, id: u64, now: u64) {
         tracing::info!(job = id, "training interrupted: the control plane is stopping");
         self.update(id, |j| {
             j.state = JobState::Interrupted;
             j.finished_ms = Some(now);
             j.error = Some("interrupted: the control plane stopped before this training finished".into());
         });
-        self.persist(id);
+        let this = self.clone();
+        let _ = tokio::task::spawn_blocking(move || this.persist(id)).await;
     }
 
     fn fail(self: &Arc<Self>, id: u64, now: u64, e: String) {
