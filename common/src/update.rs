@@ -147,6 +147,39 @@ impl Phase {
     }
 }
 
+/// Why an update ended badly, so that the control plane tells a broken model or a hostile server from a
+/// device that simply ran out of time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Failure {
+    /// The desired state expired before the update could finish: the artifact server stayed unreachable
+    /// through every retry, or the state arrived already expired. Not the model's fault, and not a success.
+    TimedOut,
+    /// A signature, key, device, class or sequence check refused the desired state or its manifest.
+    Refused,
+    /// The artifact's size or hash is not what the manifest signs.
+    Integrity,
+    /// The artifact server answered with a refusal that retrying cannot fix (404, 403, ...).
+    Download,
+    /// The model did not load, or failed its golden vectors.
+    SelfTest,
+    /// The device's own storage failed (a full disk, say).
+    Storage,
+    /// The activated model misbehaved while watched and the previous one was restored.
+    Misbehaved,
+    /// A kind this build does not know (a newer agent's).
+    #[serde(other)]
+    Other,
+}
+
+impl Failure {
+    /// Whether the update failed for a reason that counts against the model or the rollout: everything but
+    /// running out of time.
+    pub fn is_real(self) -> bool {
+        self != Failure::TimedOut
+    }
+}
+
 /// One transition of an update on a device, sent on `up/report` and repeated in every heartbeat.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UpdateReport {
@@ -167,6 +200,22 @@ pub struct UpdateReport {
     /// p95 inference latency of the new model while watched, microseconds.
     pub p95_us: Option<u32>,
     pub at_ms: u64,
+    /// With a failure phase: what kind of failure it was. Absent from agents that predate it, whose failures
+    /// all count as real ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<Failure>,
+}
+
+impl UpdateReport {
+    /// Whether the report ends the update badly for a reason that counts against it (see [`Failure::is_real`]).
+    pub fn is_real_failure(&self) -> bool {
+        self.phase.is_failure() && self.failure.is_none_or(Failure::is_real)
+    }
+
+    /// Whether the update ran out of time on the device.
+    pub fn timed_out(&self) -> bool {
+        self.phase.is_failure() && self.failure == Some(Failure::TimedOut)
+    }
 }
 
 #[cfg(test)]
@@ -219,5 +268,48 @@ mod tests {
         assert_eq!(gaps[0].1.as_text(), Some("hold"));
         let back: Manifest = ciborium::from_reader(crate::signing::to_cbor(&held).as_slice()).unwrap();
         assert_eq!(back, held);
+    }
+
+    fn report(failure: Option<Failure>) -> UpdateReport {
+        UpdateReport {
+            seq: 4,
+            rollout: Some("r1".into()),
+            sha256: "a".repeat(64),
+            phase: Phase::Failed,
+            reason: "download".into(),
+            active_sha256: None,
+            shadow_agreement: None,
+            anomaly_rate: None,
+            baseline_anomaly_rate: None,
+            p95_us: None,
+            at_ms: 9,
+            failure,
+        }
+    }
+
+    #[test]
+    fn the_failure_kind_is_optional_on_the_wire_and_unknown_kinds_decode_as_other() {
+        // A report without a kind encodes as before, and one from an older agent counts as a real failure.
+        let old = report(None);
+        let bytes = crate::signing::to_cbor(&old);
+        let v: ciborium::Value = ciborium::from_reader(bytes.as_slice()).unwrap();
+        assert!(!v.as_map().unwrap().iter().any(|(k, _)| k.as_text() == Some("failure")));
+        let back: UpdateReport = ciborium::from_reader(bytes.as_slice()).unwrap();
+        assert!(back.is_real_failure() && !back.timed_out());
+        // A timed-out report is a failure phase that is not a real failure.
+        let late = report(Some(Failure::TimedOut));
+        let back: UpdateReport = ciborium::from_reader(crate::signing::to_cbor(&late).as_slice()).unwrap();
+        assert_eq!(back, late);
+        assert!(back.timed_out() && !back.is_real_failure());
+        // A kind from a newer agent decodes, and counts as real.
+        let mut map = ciborium::from_reader::<ciborium::Value, _>(bytes.as_slice()).unwrap().into_map().unwrap();
+        map.push((ciborium::Value::Text("failure".into()), ciborium::Value::Text("cosmic_ray".into())));
+        let mut newer = Vec::new();
+        ciborium::into_writer(&ciborium::Value::Map(map), &mut newer).unwrap();
+        let back: UpdateReport = ciborium::from_reader(newer.as_slice()).unwrap();
+        assert_eq!(back.failure, Some(Failure::Other));
+        assert!(back.is_real_failure());
+        // Applied is never a failure, whatever the kind says.
+        assert!(!UpdateReport { phase: Phase::Applied, ..late }.timed_out());
     }
 }

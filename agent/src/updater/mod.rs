@@ -7,7 +7,9 @@
 //! 2. it is verified (signature by a trusted key, device, class, sequence above the persisted one, expiry);
 //!    the accepted sequence and the pending update are persisted before anything else happens;
 //! 3. the artifact is downloaded into `staging/<sha256>.part`, resuming with `Range` after an interruption or
-//!    a restart, never accepting more bytes than the signed size;
+//!    a restart, never accepting more bytes than the signed size. Network trouble is retried, with growing
+//!    jittered waits, until the desired state expires (or a newer one arrives): an outage of minutes delays
+//!    the install, and only an expired state ends it, as [`Failure::TimedOut`];
 //! 4. its sha256 is checked, then it moves to `models/<sha256>.onnx`;
 //! 5. it is loaded into tract and self-tested on the manifest's golden vectors;
 //! 6. optionally it runs in shadow beside the active model;
@@ -15,7 +17,8 @@
 //!    names it active and the old model previous;
 //! 8. it is watched; the slot reverts to the previous model by itself on NaN or slowness.
 //!
-//! Every transition is an [`UpdateReport`] on `up/report` (and in every heartbeat). After a crash, the pointer
+//! Every transition is an [`UpdateReport`] on `up/report` (and in every heartbeat); a failure says its kind
+//! ([`Failure`]), so that the control plane counts a device that ran out of time apart from a broken model. After a crash, the pointer
 //! file says where to resume: a pending download resumes, a watch restarts, and the active model is whatever
 //! the pointer names, so an agent that had a working model never comes back without one.
 
@@ -27,7 +30,7 @@ use crate::inference::Model;
 use anyhow::Context;
 use edgeloop_common::signing::{Signed, TrustedKey};
 use edgeloop_common::unix_millis;
-use edgeloop_common::update::{DesiredState, Manifest, Phase, UpdateReport};
+use edgeloop_common::update::{DesiredState, Failure, Manifest, Phase, UpdateReport};
 use serde::{Deserialize, Serialize};
 use slot::{Loaded, ModelInfo, ModelSlot, SlotEvent};
 use state::{Identity, Rejection, WatchTracker};
@@ -167,10 +170,18 @@ pub fn restore(files: &Files, slot: &ModelSlot, width: usize) -> anyhow::Result<
 /// Why an update step failed.
 #[derive(Debug)]
 enum StepError {
-    /// The update is abandoned with this report phase and reason.
-    Fail(String),
+    /// The update is abandoned: a `failed` report of this kind, with this reason.
+    Fail(Failure, String),
     /// The agent is stopping.
     Cancelled,
+    /// A newer desired state arrived while this one waited to retry its download; the newer one takes over.
+    Superseded,
+}
+
+impl StepError {
+    fn storage(e: impl std::fmt::Display) -> StepError {
+        StepError::Fail(Failure::Storage, e.to_string())
+    }
 }
 
 pub struct Updater {
@@ -183,17 +194,19 @@ pub struct Updater {
     pub health: Arc<Health>,
     pub pointer: Pointer,
     http: reqwest::Client,
+    /// Newer desired states, seen while a download waits to retry (set by [`Updater::run`]).
+    newer: Option<watch::Receiver<Option<Signed>>>,
 }
 
-/// Download attempts before an update fails, and the first backoff between them.
-const DOWNLOAD_ATTEMPTS: u32 = 6;
+/// The first wait between two download attempts.
 const DOWNLOAD_BACKOFF: Duration = Duration::from_millis(250);
-/// The longest wait between two download attempts (250 ms doubled four times).
-const DOWNLOAD_BACKOFF_MAX: Duration = Duration::from_secs(4);
+/// The longest wait between two download attempts: after an outage the download resumes within this.
+const DOWNLOAD_BACKOFF_MAX: Duration = Duration::from_secs(30);
 
-/// The waits between download attempts: from 250 ms, doubling, with jitter; one fewer than the attempts.
+/// The waits between download attempts: from 250 ms, doubling, with jitter, up to 30 s, for as long as the
+/// desired state is valid.
 fn download_backoff() -> crate::backoff::Backoff {
-    crate::backoff::Backoff::new(DOWNLOAD_BACKOFF, DOWNLOAD_BACKOFF_MAX).with_max_times(DOWNLOAD_ATTEMPTS as usize - 1)
+    crate::backoff::Backoff::new(DOWNLOAD_BACKOFF, DOWNLOAD_BACKOFF_MAX)
 }
 
 impl Updater {
@@ -213,7 +226,7 @@ impl Updater {
             .read_timeout(Duration::from_secs(30))
             .build()
             .context("building the HTTP client")?;
-        Ok(Updater { cfg, me, files, slot, events, reports, health, pointer, http })
+        Ok(Updater { cfg, me, files, slot, events, reports, health, pointer, http, newer: None })
     }
 
     /// Uses `http` for downloads (the agent's client, pinned to the fleet's CA).
@@ -235,6 +248,7 @@ impl Updater {
             baseline_anomaly_rate: None,
             p95_us: None,
             at_ms: unix_millis(),
+            failure: None,
         }
     }
 
@@ -255,6 +269,7 @@ impl Updater {
         mut desired: watch::Receiver<Option<Signed>>,
         cancel: CancellationToken,
     ) -> anyhow::Result<()> {
+        self.newer = Some(desired.clone());
         if let Some(p) = self.pointer.pending.clone() {
             tracing::info!(seq = p.desired.seq, phase = ?p.phase, "resuming the update interrupted by a restart");
             self.apply(p.desired, p.manifest, p.phase == Phase::Watching, &cancel).await?;
@@ -267,6 +282,7 @@ impl Updater {
                         return Ok(());
                     }
                     let signed = desired.borrow_and_update().clone();
+                    self.newer = Some(desired.clone());
                     if let Some(signed) = signed {
                         self.handle(signed, &cancel).await?;
                     }
@@ -301,6 +317,8 @@ impl Updater {
                 let refused = state::refused_state(&signed, &self.cfg.trusted, &self.me, now);
                 let mut rep = self.report(None, &refused.sha256, Phase::Rejected, r.report_reason());
                 (rep.seq, rep.rollout) = (refused.seq, refused.rollout);
+                rep.failure =
+                    Some(if matches!(r, Rejection::Expired { .. }) { Failure::TimedOut } else { Failure::Refused });
                 self.send(rep);
                 Ok(())
             }
@@ -334,10 +352,16 @@ impl Updater {
         match outcome {
             Ok(()) => Ok(()),
             Err(StepError::Cancelled) => Ok(()),
-            Err(StepError::Fail(reason)) => {
+            Err(StepError::Superseded) => {
+                tracing::info!(seq = d.seq, "a newer desired state takes over from the download");
+                Ok(())
+            }
+            Err(StepError::Fail(kind, reason)) => {
                 self.pointer.pending = None;
                 self.save().await?;
-                self.send(self.report(Some(&d), &m.sha256, Phase::Failed, reason));
+                let mut r = self.report(Some(&d), &m.sha256, Phase::Failed, reason);
+                r.failure = Some(kind);
+                self.send(r);
                 Ok(())
             }
         }
@@ -347,7 +371,7 @@ impl Updater {
         if let Some(p) = self.pointer.pending.as_mut() {
             p.phase = phase;
         }
-        self.save().await.map_err(|e| StepError::Fail(format!("saving the update pointer: {e:#}")))
+        self.save().await.map_err(|e| StepError::storage(format!("saving the update pointer: {e:#}")))
     }
 
     async fn install(&mut self, d: &DesiredState, m: &Manifest, cancel: &CancellationToken) -> Result<(), StepError> {
@@ -364,7 +388,7 @@ impl Updater {
         if self.slot.active_info().is_some_and(|a| same(&a)) {
             // Already running it (a re-issued state, or a rollback to the model still active).
             self.pointer.pending = None;
-            self.save().await.map_err(|e| StepError::Fail(format!("{e:#}")))?;
+            self.save().await.map_err(|e| StepError::storage(format!("{e:#}")))?;
             self.send(self.report(Some(d), &m.sha256, Phase::Applied, "already active"));
             return Ok(());
         }
@@ -426,9 +450,10 @@ impl Updater {
                 SlotEvent::ShadowDone { .. } => continue,
             };
             self.pointer.pending = None;
-            self.save().await.map_err(|e| StepError::Fail(format!("{e:#}")))?;
+            self.save().await.map_err(|e| StepError::storage(format!("{e:#}")))?;
             let mut r = self.report(Some(d), &m.sha256, phase, reason);
             (r.anomaly_rate, r.baseline_anomaly_rate, r.p95_us) = (Some(rate), Some(baseline), p95);
+            r.failure = (phase == Phase::Reverted).then_some(Failure::Misbehaved);
             self.send(r);
             return Ok(());
         }
@@ -443,7 +468,7 @@ impl Updater {
     }
 
     /// Downloads into the staging file (resuming), checks size and hash, and moves it into `models/`.
-    async fn download(&self, d: &DesiredState, m: &Manifest, cancel: &CancellationToken) -> Result<(), StepError> {
+    async fn download(&mut self, d: &DesiredState, m: &Manifest, cancel: &CancellationToken) -> Result<(), StepError> {
         let final_path = self.files.model(&m.sha256);
         if final_path.is_file() {
             return Ok(());
@@ -451,54 +476,105 @@ impl Updater {
         let part = self.files.staging(&m.sha256);
         let url = self.url(&d.artifact);
         let mut backoff = download_backoff();
-        for attempt in 1..=DOWNLOAD_ATTEMPTS {
+        let mut attempt = 0u64;
+        let mut last_error = String::new();
+        loop {
+            let now = unix_millis();
+            if now >= d.expires_ms {
+                let why = if attempt == 0 {
+                    "before the download began".to_string()
+                } else {
+                    format!("after {attempt} download attempts; the last: {last_error}")
+                };
+                return Err(StepError::Fail(Failure::TimedOut, format!("the desired state expired {why}")));
+            }
+            attempt += 1;
             match self.fetch(&url, &part, m, cancel).await {
                 Ok(()) => break,
-                Err(Fetch::Fatal(e)) => {
+                Err(Fetch::Fatal(kind, e)) => {
                     let _ = std::fs::remove_file(&part);
-                    return Err(StepError::Fail(e));
+                    return Err(StepError::Fail(kind, e));
                 }
                 Err(Fetch::Cancelled) => return Err(StepError::Cancelled),
                 Err(Fetch::Retry(e)) => {
                     tracing::warn!(attempt, error = %e, %url, "artifact download interrupted; resuming");
-                    let Some(delay) = backoff.next_delay() else {
-                        return Err(StepError::Fail(format!("download failed {attempt} times: {e}")));
-                    };
-                    tokio::select! {
-                        _ = cancel.cancelled() => return Err(StepError::Cancelled),
-                        _ = tokio::time::sleep(delay) => {}
-                    }
+                    last_error = e;
+                    let delay = backoff.next_delay().unwrap_or(DOWNLOAD_BACKOFF_MAX);
+                    let left = Duration::from_millis(d.expires_ms.saturating_sub(unix_millis()));
+                    self.wait_to_retry(delay.min(left), d, cancel).await?;
                 }
             }
         }
         let (part2, final2, m2) = (part.clone(), final_path.clone(), m.clone());
-        tokio::task::spawn_blocking(move || -> Result<(), String> {
-            let bytes = std::fs::read(&part2).map_err(|e| format!("reading {}: {e}", part2.display()))?;
+        tokio::task::spawn_blocking(move || -> Result<(), StepError> {
+            let bytes =
+                std::fs::read(&part2).map_err(|e| StepError::storage(format!("reading {}: {e}", part2.display())))?;
             if let Err(e) = state::check_artifact(&bytes, &m2) {
                 let _ = std::fs::remove_file(&part2);
-                return Err(e.to_string());
+                return Err(StepError::Fail(Failure::Integrity, e.to_string()));
             }
             let dir = final2.parent().expect("models dir");
-            edgeloop_common::private::dir(dir).map_err(|e| e.to_string())?;
-            std::fs::rename(&part2, &final2).map_err(|e| format!("moving the artifact into place: {e}"))?;
-            std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(|e| format!("syncing {}: {e}", dir.display()))
+            edgeloop_common::private::dir(dir).map_err(StepError::storage)?;
+            std::fs::rename(&part2, &final2)
+                .map_err(|e| StepError::storage(format!("moving the artifact into place: {e}")))?;
+            std::fs::File::open(dir)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| StepError::storage(format!("syncing {}: {e}", dir.display())))
         })
         .await
-        .map_err(|e| StepError::Fail(e.to_string()))?
-        .map_err(StepError::Fail)?;
+        .map_err(StepError::storage)??;
         Ok(())
+    }
+
+    /// Waits `delay` before the next download attempt; returns early when the agent stops, or when a newer
+    /// desired state that verifies arrives (a forged or replayed one does not interrupt the download).
+    async fn wait_to_retry(
+        &mut self,
+        delay: Duration,
+        d: &DesiredState,
+        cancel: &CancellationToken,
+    ) -> Result<(), StepError> {
+        let sleep = tokio::time::sleep(delay);
+        tokio::pin!(sleep);
+        loop {
+            let newer = async {
+                match self.newer.as_mut() {
+                    Some(rx) => rx.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => return Err(StepError::Cancelled),
+                _ = &mut sleep => return Ok(()),
+                open = newer => {
+                    if !open {
+                        // The uplink is gone: only the sleep and the cancellation are left to wait for.
+                        self.newer = None;
+                        continue;
+                    }
+                    let signed = self.newer.as_mut().and_then(|rx| rx.borrow_and_update().clone());
+                    let now = unix_millis();
+                    let verified = signed.is_some_and(|s| {
+                        state::verify_desired(&s, &self.cfg.trusted, &self.me, d.seq, now).is_ok()
+                    });
+                    if verified {
+                        return Err(StepError::Superseded);
+                    }
+                }
+            }
+        }
     }
 
     /// One HTTP request: continues the staging file from its length.
     async fn fetch(&self, url: &str, part: &Path, m: &Manifest, cancel: &CancellationToken) -> Result<(), Fetch> {
         use tokio::io::AsyncWriteExt;
-        let io = |e: std::io::Error| Fetch::Fatal(format!("staging file {}: {e}", part.display()));
+        let io = |e: std::io::Error| Fetch::Fatal(Failure::Storage, format!("staging file {}: {e}", part.display()));
         if let Some(dir) = part.parent() {
             let dir = dir.to_path_buf();
             tokio::task::spawn_blocking(move || edgeloop_common::private::dir(&dir))
                 .await
-                .map_err(|e| Fetch::Fatal(e.to_string()))?
-                .map_err(|e| Fetch::Fatal(e.to_string()))?;
+                .map_err(|e| Fetch::Fatal(Failure::Storage, e.to_string()))?
+                .map_err(|e| Fetch::Fatal(Failure::Storage, e.to_string()))?;
         }
         let mut have = tokio::fs::metadata(part).await.map(|md| md.len()).unwrap_or(0);
         if have > m.size {
@@ -519,15 +595,23 @@ impl Updater {
         let append = match status.as_u16() {
             206 if have > 0 => true,
             200 => false,
-            404 => return Err(Fetch::Fatal(format!("{url}: 404, the control plane has no such artifact"))),
+            404 => {
+                return Err(Fetch::Fatal(
+                    Failure::Download,
+                    format!("{url}: 404, the control plane has no such artifact"),
+                ))
+            }
+            // The server is busy, overloaded or restarting: it may answer later.
+            s @ (408 | 429) => return Err(Fetch::Retry(format!("{url}: HTTP {s}"))),
             s if s >= 500 => return Err(Fetch::Retry(format!("{url}: HTTP {s}"))),
-            s => return Err(Fetch::Fatal(format!("{url}: HTTP {s}"))),
+            s => return Err(Fetch::Fatal(Failure::Download, format!("{url}: HTTP {s}"))),
         };
         if !append {
             have = 0;
         }
         if let Some(len) = resp.content_length() {
-            state::accept_chunk(have, len as usize, m.size).map_err(|e| Fetch::Fatal(e.to_string()))?;
+            state::accept_chunk(have, len as usize, m.size)
+                .map_err(|e| Fetch::Fatal(Failure::Integrity, e.to_string()))?;
         }
         let mut file = tokio::fs::OpenOptions::new()
             .mode(0o600)
@@ -554,7 +638,8 @@ impl Updater {
                     return Err(e);
                 }
             };
-            state::accept_chunk(have, chunk.len(), m.size).map_err(|e| Fetch::Fatal(e.to_string()))?;
+            state::accept_chunk(have, chunk.len(), m.size)
+                .map_err(|e| Fetch::Fatal(Failure::Integrity, e.to_string()))?;
             file.write_all(&chunk).await.map_err(io)?;
             have += chunk.len() as u64;
         }
@@ -583,14 +668,17 @@ impl Updater {
             Ok(Loaded { model, info })
         })
         .await
-        .map_err(|e| StepError::Fail(e.to_string()))?
-        .map_err(StepError::Fail)
+        .map_err(|e| StepError::Fail(Failure::SelfTest, e.to_string()))?
+        .map_err(|e| StepError::Fail(Failure::SelfTest, e))
     }
 }
 
+/// How one download request ended, when it did not end with the whole artifact.
 enum Fetch {
+    /// Network trouble or a busy server: try again after a wait.
     Retry(String),
-    Fatal(String),
+    /// Retrying cannot help.
+    Fatal(Failure, String),
     Cancelled,
 }
 

@@ -23,6 +23,8 @@ struct Behaviour {
     cut_first_after: Option<usize>,
     /// Send this many extra bytes beyond the body, with no Content-Length (an endless server).
     extra: usize,
+    /// After the first request, close every connection unanswered for this long (the server is down).
+    outage_after_first: Option<Duration>,
 }
 
 /// Serves `behaviour` at any path; records each request's Range header.
@@ -33,8 +35,17 @@ async fn serve(b: Behaviour) -> (String, Arc<Mutex<Vec<Option<String>>>>) {
     let seen = ranges.clone();
     tokio::spawn(async move {
         let mut n = 0;
+        let mut down_until = None;
         while let Ok((mut sock, _)) = listener.accept().await {
+            if down_until.is_some_and(|t| std::time::Instant::now() < t) {
+                seen.lock().unwrap().push(Some("refused".to_string()));
+                drop(sock);
+                continue;
+            }
             n += 1;
+            if n == 1 {
+                down_until = b.outage_after_first.map(|d| std::time::Instant::now() + d);
+            }
             let mut buf = vec![0u8; 4096];
             let mut len = 0;
             while !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
@@ -98,16 +109,21 @@ fn info(name: &str, version: u32, sha256: &str, threshold: Option<f32>) -> Model
 }
 
 fn desired(s: &Signer, m: &Manifest, seq: u64, policy: UpdatePolicy) -> Signed {
+    desired_at(s, m, seq, policy, &format!("/api/v1/artifacts/{}", m.sha256), 600_000)
+}
+
+/// A desired state fetching its artifact from `artifact` and valid for `valid_ms` from now.
+fn desired_at(s: &Signer, m: &Manifest, seq: u64, policy: UpdatePolicy, artifact: &str, valid_ms: u64) -> Signed {
     let now = unix_millis();
     let d = DesiredState {
         device: "d1".into(),
         class: "press".into(),
         seq,
         issued_ms: now,
-        expires_ms: now + 600_000,
+        expires_ms: now + valid_ms,
         rollout: Some("r1".into()),
         manifest: Signed::sign(m, s),
-        artifact: format!("/api/v1/artifacts/{}", m.sha256),
+        artifact: artifact.to_string(),
         policy,
     };
     Signed::sign(&d, s)
@@ -139,6 +155,11 @@ fn rig(s: &Signer, base: &str, dir: Option<tempfile::TempDir>) -> Rig {
     };
     let up = Updater::new(cfg, me, files.clone(), slot.clone(), events, tx, health, pointer).unwrap();
     Rig { up, reports, slot, files, _dir: dir }
+}
+
+/// Every report sent so far.
+fn reports(rx: &mut mpsc::UnboundedReceiver<UpdateReport>) -> Vec<UpdateReport> {
+    std::iter::from_fn(|| rx.try_recv().ok()).collect()
 }
 
 fn phases(rx: &mut mpsc::UnboundedReceiver<UpdateReport>) -> Vec<(Phase, String)> {
@@ -237,10 +258,10 @@ async fn arbitrary_software_tampered_artifact_rejected() {
     let (base, _) = serve(Behaviour { body: bytes, ..Default::default() }).await;
     let mut r = rig(&s, &base, None);
     r.up.handle(desired(&s, &m, 1, UpdatePolicy::default()), &CancellationToken::new()).await.unwrap();
-    let got = phases(&mut r.reports);
-    let (phase, reason) = got.last().unwrap();
-    assert_eq!(*phase, Phase::Failed);
-    assert!(reason.contains("does not match the signed"), "{reason}");
+    let last = reports(&mut r.reports).pop().unwrap();
+    assert_eq!((last.phase, last.failure), (Phase::Failed, Some(Failure::Integrity)));
+    assert!(last.reason.contains("does not match the signed"), "{}", last.reason);
+    assert!(last.is_real_failure(), "a tampered artifact counts against the rollout");
     assert!(r.slot.active_info().is_none(), "the tampered model never runs");
     assert!(!r.files.model(&m.sha256).exists() && !r.files.staging(&m.sha256).exists());
 }
@@ -288,8 +309,9 @@ async fn selftest_failure_keeps_active_model() {
         model: old,
     }));
     r.up.handle(desired(&s, &m, 1, UpdatePolicy::default()), &CancellationToken::new()).await.unwrap();
-    let (phase, reason) = phases(&mut r.reports).pop().unwrap();
-    assert_eq!(phase, Phase::Failed);
+    let last = reports(&mut r.reports).pop().unwrap();
+    assert_eq!((last.phase, last.failure), (Phase::Failed, Some(Failure::SelfTest)));
+    let reason = last.reason;
     assert!(reason.starts_with("self-test: golden[0] output 0: got 7.5, expected 8"), "{reason}");
     assert_eq!(r.slot.active_info().unwrap().sha256, "0".repeat(64), "the active model is unchanged");
     assert!(r.files.load_pointer().unwrap().pending.is_none());
@@ -469,9 +491,102 @@ async fn refusal_of_a_forged_desired_state_reports_none_of_its_fields() {
 }
 
 #[test]
-fn downloads_are_tried_six_times_with_jittered_waits_up_to_four_seconds() {
-    let waits: Vec<Duration> = download_backoff().collect();
-    assert_eq!(waits.len() + 1, DOWNLOAD_ATTEMPTS as usize);
+fn download_retries_never_run_out_and_wait_at_most_thirty_seconds() {
+    let waits: Vec<Duration> = download_backoff().take(40).collect();
+    assert_eq!(waits.len(), 40, "the waits go on for as long as the desired state is valid");
     assert!(waits[0] >= DOWNLOAD_BACKOFF && waits[0] < 2 * DOWNLOAD_BACKOFF, "{waits:?}");
     assert!(waits.iter().all(|w| *w >= DOWNLOAD_BACKOFF && *w <= DOWNLOAD_BACKOFF_MAX), "{waits:?}");
+    // They grow: the last ten are all at least half the ceiling.
+    assert!(waits[30..].iter().all(|w| *w >= DOWNLOAD_BACKOFF_MAX / 2), "{waits:?}");
+}
+
+#[tokio::test]
+async fn a_minute_long_outage_mid_download_delays_the_install_and_does_not_fail_it() {
+    let s = signer();
+    let (bytes, m) = good_model();
+    let half = bytes.len() / 2;
+    let outage = Duration::from_secs(60);
+    let (base, ranges) = serve(Behaviour {
+        body: bytes,
+        cut_first_after: Some(half),
+        outage_after_first: Some(outage),
+        ..Default::default()
+    })
+    .await;
+    let mut r = rig(&s, &base, None);
+    let feeder = feed_forever(&r.slot, [1.0; WIDTH], Duration::from_millis(5));
+    let policy = UpdatePolicy { shadow_windows: 0, watch_windows: 3, latency_budget_us: 0 };
+    let started = std::time::Instant::now();
+    r.up.handle(desired(&s, &m, 1, policy), &CancellationToken::new()).await.unwrap();
+    feeder.abort();
+    assert!(started.elapsed() >= outage, "the install waited the outage out ({:?})", started.elapsed());
+    let got: Vec<Phase> = reports(&mut r.reports).iter().map(|r| r.phase).collect();
+    assert_eq!(got, vec![Phase::Downloading, Phase::Verified, Phase::Watching, Phase::Applied]);
+    let ranges = ranges.lock().unwrap().clone();
+    let refused = ranges.iter().filter(|r| r.as_deref() == Some("refused")).count();
+    assert!(refused >= 5, "the agent kept trying through the outage: {ranges:?}");
+    assert_eq!(ranges.first(), Some(&None));
+    assert_eq!(ranges.last(), Some(&Some(half.to_string())), "the download resumed where it was cut: {ranges:?}");
+    assert_eq!(r.slot.active_info().unwrap().sha256, m.sha256);
+}
+
+#[tokio::test]
+async fn a_download_that_outlives_its_desired_state_times_out_and_is_no_failure() {
+    let s = signer();
+    let (bytes, m) = good_model();
+    let (base, ranges) = serve(Behaviour {
+        body: bytes,
+        cut_first_after: Some(10),
+        outage_after_first: Some(Duration::from_secs(3600)),
+        ..Default::default()
+    })
+    .await;
+    let mut r = rig(&s, &base, None);
+    let artifact = format!("/api/v1/artifacts/{}", m.sha256);
+    r.up.handle(desired_at(&s, &m, 1, UpdatePolicy::default(), &artifact, 3_000), &CancellationToken::new())
+        .await
+        .unwrap();
+    let last = reports(&mut r.reports).pop().unwrap();
+    assert_eq!((last.phase, last.failure), (Phase::Failed, Some(Failure::TimedOut)));
+    assert!(last.reason.starts_with("the desired state expired after"), "{}", last.reason);
+    assert!(last.timed_out() && !last.is_real_failure());
+    assert!(ranges.lock().unwrap().len() >= 3, "it retried until the state expired");
+    assert!(r.up.pointer.pending.is_none() && r.slot.active_info().is_none());
+}
+
+#[tokio::test]
+async fn a_newer_desired_state_takes_over_from_a_download_waiting_to_retry_and_a_forged_one_does_not() {
+    let s = signer();
+    let (bytes, m) = good_model();
+    let (base, _) = serve(Behaviour { body: bytes, ..Default::default() }).await;
+    // The first state's artifact server is down for good; the second's answers.
+    let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let r = rig(&s, &base, None);
+    let (tx, rx) = watch::channel(None);
+    let cancel = CancellationToken::new();
+    let Rig { up, reports: mut reps, slot, _dir, .. } = r;
+    let feeder = feed_forever(&slot, [1.0; WIDTH], Duration::from_millis(5));
+    let task = tokio::spawn(up.run(rx, cancel.clone()));
+    let policy = UpdatePolicy { shadow_windows: 0, watch_windows: 3, latency_budget_us: 0 };
+    tx.send_replace(Some(desired_at(&s, &m, 1, policy, &format!("http://{dead}/a"), 600_000)));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // A forged state with a higher sequence does not stop the retries...
+    let forged = desired_at(&signer(), &m, 9, policy, &format!("{base}/b"), 600_000);
+    tx.send_replace(Some(forged));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(slot.active_info().is_none());
+    // ...a verified one does.
+    tx.send_replace(Some(desired_at(&s, &m, 2, policy, &format!("{base}/b"), 600_000)));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut seen = Vec::new();
+    while !seen.iter().any(|r: &UpdateReport| r.seq == 2 && r.phase == Phase::Applied) {
+        assert!(std::time::Instant::now() < deadline, "the newer state was not installed: {seen:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        seen.extend(reports(&mut reps));
+    }
+    cancel.cancel();
+    feeder.abort();
+    task.await.unwrap().unwrap();
+    assert!(!seen.iter().any(|r| r.seq == 1 && r.phase == Phase::Failed), "the first was superseded, not failed");
+    assert_eq!(slot.active_info().unwrap().sha256, m.sha256);
 }

@@ -330,6 +330,7 @@ mod tests {
             baseline_anomaly_rate: None,
             p95_us: None,
             at_ms: i,
+            failure: None,
         }
     }
 

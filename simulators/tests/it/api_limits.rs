@@ -291,6 +291,7 @@ async fn fd_exhaustion_does_not_stop_the_control_plane() {
         baseline_anomaly_rate: None,
         p95_us: None,
         at_ms: edgeloop_common::unix_millis(),
+        failure: None,
     };
     let mut env = Envelope::new("fd-dev", 1, edgeloop_common::unix_millis(), Body::Report(report));
     env.sign(&key);

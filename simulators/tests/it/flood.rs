@@ -31,6 +31,7 @@ fn report(seq: u64, reason_bytes: usize) -> Body {
         baseline_anomaly_rate: None,
         p95_us: None,
         at_ms: seq,
+        failure: None,
     })
 }
 

@@ -417,6 +417,7 @@ mod tests {
             baseline_anomaly_rate: None,
             p95_us: None,
             at_ms: now - 500,
+            failure: None,
         });
         let drift = TriggerEvent {
             class: "city-traffic".into(),
