@@ -479,6 +479,24 @@ fn check_rollouts(
         crate::rollout::engine::validate_stages(&a.stages)
             .map_err(|r| c.fail(format!("rollouts.auto[{i}].stages"), r.to_string()))?;
     }
+    let mut names = std::collections::BTreeSet::new();
+    for (i, w) in r.windows.iter().enumerate() {
+        let at = |field: &str| format!("rollouts.windows[{i}].{field}");
+        c.check(!w.name.is_empty() && names.insert(w.name.as_str()), at("name"), "must be set and unique")?;
+        if let Some(class) = &w.class {
+            c.check(
+                classes.is_empty() || classes.contains_key(class),
+                at("class"),
+                format!("no firmware config for class `{class}` in training.classes_dir"),
+            )?;
+        }
+        c.check(!w.weekly.is_empty(), at("weekly"), "needs at least one span, such as \"Sat 01:00-05:00\"")?;
+        if let Err(e) = w.schedule() {
+            let field =
+                if matches!(e, crate::rollout::window::WindowError::Zone { .. }) { "time_zone" } else { "weekly" };
+            return Err(c.fail(at(field), e.to_string()));
+        }
+    }
     Ok(())
 }
 
@@ -594,6 +612,37 @@ mod tests {
         let ok = Config::from_toml("cp.toml", &format!("{base}[training]\ndevice = \"cuda:1\"\n")).unwrap();
         assert_eq!(ok.training.device, crate::ml::training::device::DeviceSetting::Cuda(1));
         assert_eq!(Config::from_toml("cp.toml", base).unwrap().training.device, Default::default());
+    }
+
+    #[test]
+    fn maintenance_windows_load_and_a_bad_one_is_named() {
+        let base =
+            "data_dir = \"d\"\n[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:1\"\n[tls]\nplaintext = true\n";
+        let window = |name: &str, weekly: &str, zone: &str| {
+            format!("[[rollouts.windows]]\nname = \"{name}\"\ntag = \"site:berlin\"\nweekly = [\"{weekly}\"]\ntime_zone = \"{zone}\"\n")
+        };
+        let good = format!("{base}{}", window("night", "Sat 01:00-05:00", "Europe/Berlin"));
+        let c = Config::from_toml("cp.toml", &good).unwrap();
+        assert_eq!(c.rollouts.windows[0].tag.as_deref(), Some("site:berlin"));
+        let cases = [
+            (
+                window("night", "Sat 01:00", "Europe/Berlin"),
+                "rollouts.windows[0].weekly: `Sat 01:00` is not of the form",
+            ),
+            (
+                window("night", "Sat 01:00-05:00", "Europe/Atlantis"),
+                "rollouts.windows[0].time_zone: time zone `Europe/Atlantis`",
+            ),
+            (window("", "Sat 01:00-05:00", "UTC"), "rollouts.windows[0].name: must be set and unique"),
+            (
+                format!("{}{}", window("a", "Sat 01:00-05:00", "UTC"), window("a", "Sun 01:00-05:00", "UTC")),
+                "rollouts.windows[1].name: must be set and unique",
+            ),
+        ];
+        for (w, want) in cases {
+            let e = Config::from_toml("cp.toml", &format!("{base}{w}")).unwrap_err().to_string();
+            assert!(e.starts_with(&format!("cp.toml: {want}")), "{e}");
+        }
     }
 
     #[test]

@@ -174,9 +174,9 @@ type Injections = Arc<Mutex<Vec<(String, Fault, u64)>>>;
 
 fn stages(bake_secs: u64) -> Vec<Stage> {
     vec![
-        Stage { name: "canary".into(), share: Share::Count(1), bake_secs },
-        Stage { name: "half".into(), share: Share::Percent(50.0), bake_secs },
-        Stage { name: "all".into(), share: Share::Percent(100.0), bake_secs: 0 },
+        Stage { name: "canary".into(), share: Share::Count(1), bake_secs, timeout_secs: None },
+        Stage { name: "half".into(), share: Share::Percent(50.0), bake_secs, timeout_secs: None },
+        Stage { name: "all".into(), share: Share::Percent(100.0), bake_secs: 0, timeout_secs: None },
     ]
 }
 
@@ -201,6 +201,7 @@ fn config(data_dir: &std::path::Path, pace: Pace) -> anyhow::Result<Config> {
             class: c.to_string(),
             stages: stages(pace.bake_secs),
             gates: Default::default(),
+            timeouts: Default::default(),
         });
     }
     (cfg.training.trials, cfg.training.max_seconds) = (pace.trials, Some(pace.train_seconds));

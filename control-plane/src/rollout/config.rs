@@ -29,6 +29,36 @@ pub struct RolloutsConfig {
     /// Classes whose newly promoted models roll out by themselves, and how.
     #[serde(default)]
     pub auto: Vec<AutoRollout>,
+    /// Maintenance windows: a device receives a desired state only while one that applies to it is open.
+    #[serde(default)]
+    pub windows: Vec<WindowConfig>,
+}
+
+/// A maintenance window for a class, a tag, or devices of a class with a tag. A device under several
+/// windows may receive a desired state while any of them is open; one under none, at any time.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WindowConfig {
+    pub name: String,
+    #[serde(default)]
+    pub class: Option<String>,
+    #[serde(default)]
+    pub tag: Option<String>,
+    /// Weekly spans of local time: `"Sat 01:00-05:00"`, `"Mon-Fri 22:00-04:00"`, `"daily 02:00-03:00"`.
+    pub weekly: Vec<String>,
+    /// An IANA time zone name, such as `Europe/Berlin`.
+    pub time_zone: String,
+}
+
+impl WindowConfig {
+    /// Whether the window applies to a device of `class` with `tags`.
+    pub fn applies(&self, class: &str, tags: &[String]) -> bool {
+        self.class.as_deref().is_none_or(|c| c == class) && self.tag.as_ref().is_none_or(|t| tags.contains(t))
+    }
+
+    pub fn schedule(&self) -> Result<super::window::Schedule, super::window::WindowError> {
+        super::window::Schedule::new(&self.name, &self.weekly, &self.time_zone)
+    }
 }
 
 impl Default for RolloutsConfig {
@@ -38,6 +68,7 @@ impl Default for RolloutsConfig {
             tick_ms: default_tick_ms(),
             desired_ttl_secs: default_desired_ttl_secs(),
             auto: Vec::new(),
+            windows: Vec::new(),
         }
     }
 }
@@ -51,4 +82,6 @@ pub struct AutoRollout {
     pub stages: Vec<super::engine::Stage>,
     #[serde(default)]
     pub gates: super::engine::Gates,
+    #[serde(default)]
+    pub timeouts: super::engine::Timeouts,
 }

@@ -9,11 +9,23 @@
 //! the previous model's baseline, p95 latency and devices lost offline. A breach pauses the rollout or rolls
 //! it back (a new, higher-sequence desired state pointing at the previous model on every device that got it).
 //!
+//! Nothing waits forever. A device has an install deadline, counted from when its desired state was sent; one
+//! that misses it (or whose agent gave up when the desired state expired) is *timed out*: neither a failure
+//! nor a success. A stage has a timeout too. What a timeout does is the rollout's choice ([`OnTimeout`]):
+//! skip the device (another takes its place, and the stage goes on without it), pause, or roll back. A
+//! rollout also says what it waits for ([`Waiting`]): a start time, reports, devices that are all offline,
+//! maintenance windows, bake time or approval.
+//!
+//! When: a rollout may start at a set time, and a device receives its desired state only while its
+//! maintenance window is open ([`FleetDevice::window`]); a stage waits for its devices' windows. A rollback
+//! is sent at once, windows or not: it restores what ran before.
+//!
 //! A device's report counts only when it is about a desired state the control plane issued to that device:
 //! the same sequence, rollout and model as the service's record ([`IssuedRun`]). Anyone can make an agent
 //! refuse a forged desired state; what it reports about the refusal is never taken as an install result.
 
-use edgeloop_common::update::{Phase, UpdatePolicy, UpdateReport};
+use super::window::Opening;
+use edgeloop_common::update::{Failure, Phase, UpdatePolicy, UpdateReport};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -51,6 +63,43 @@ pub struct Stage {
     pub share: Share,
     #[serde(default)]
     pub bake_secs: u64,
+    /// Seconds the stage may run before the devices it still waits for count as timed out; overrides the
+    /// rollout's `timeouts.stage_secs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<u64>,
+}
+
+/// What a device that misses its install deadline, or a stage that runs past its timeout, does to the
+/// rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum OnTimeout {
+    /// The device counts as timed out and no longer holds its stage; in a stage that is not the last, the
+    /// next device in order takes its place. A stage that times out with reports goes on; one with none
+    /// pauses, since nothing says the model works.
+    #[default]
+    Skip,
+    Pause,
+    /// Back to the previous model (pauses when there is none).
+    Rollback,
+}
+
+/// How long a rollout waits, and what it does when that runs out.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Timeouts {
+    /// Seconds a device has, from when its desired state is sent, to report how the install ended (0: no
+    /// deadline).
+    pub install_secs: u64,
+    /// Seconds each stage may run before the devices it still waits for count as timed out (0: none).
+    pub stage_secs: u64,
+    pub on_timeout: OnTimeout,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts { install_secs: 3600, stage_secs: 24 * 3600, on_timeout: OnTimeout::Skip }
+    }
 }
 
 /// The limits a stage must stay within. `None` turns a gate off.
@@ -141,6 +190,11 @@ pub struct RolloutSpec {
     pub manual_approval: bool,
     #[serde(default)]
     pub policy: UpdatePolicy,
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    /// When the rollout starts (Unix ms); before that it is `scheduled`. `None`: at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_at_ms: Option<u64>,
 }
 
 /// What is wrong with a rollout's spec (or a list of stages), naming the field as the API and config take it.
@@ -162,6 +216,8 @@ pub enum SpecError {
     MaxAnomalyRatio(f64),
     #[error("previous: is the model being rolled out")]
     PreviousIsModel,
+    #[error("stages[{stage}].timeout_secs: {timeout} s is not longer than the stage's bake time ({bake} s)")]
+    TimeoutWithinBake { stage: usize, timeout: u64, bake: u64 },
 }
 
 /// An operator's action that does not apply to a rollout in its state.
@@ -213,26 +269,61 @@ impl RolloutSpec {
                 return Err(SpecError::PreviousIsModel);
             }
         }
+        for (i, s) in self.stages.iter().enumerate() {
+            let timeout = s.timeout_secs.unwrap_or(self.timeouts.stage_secs);
+            if timeout > 0 && timeout <= s.bake_secs {
+                return Err(SpecError::TimeoutWithinBake { stage: i, timeout, bake: s.bake_secs });
+            }
+        }
         Ok(())
     }
+}
+
+/// What a running rollout waits for, so that an operator sees why it does not move.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "for", rename_all = "snake_case")]
+pub enum Waiting {
+    /// Scheduled: it starts at `at_ms`.
+    Start { at_ms: u64 },
+    /// These devices have their desired state and have not reported yet.
+    Reports { devices: usize },
+    /// Every device the stage still waits for is offline: nothing happens until one comes back or times out.
+    Offline { devices: usize },
+    /// No device can be taken into the stage: the matching ones are all offline (or there are none).
+    NoDevices { matching: usize },
+    /// These devices wait for their maintenance window; the first opens at `opens_ms`.
+    Window { devices: usize, opens_ms: Option<u64> },
+    /// The stage's bake time runs until `until_ms`.
+    Bake { until_ms: u64 },
+    /// The stage is done and an operator must approve the next.
+    Approval,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum State {
+    /// Created with a start time still to come.
+    Scheduled,
     Running,
     AwaitingApproval,
-    Paused { reason: String },
+    Paused {
+        reason: String,
+    },
     Completed,
-    RolledBack { reason: String },
+    RolledBack {
+        reason: String,
+    },
     Aborted,
-    Superseded { by: String },
+    Superseded {
+        by: String,
+    },
 }
 
 impl State {
     /// The state in one word, as metrics label it.
     pub fn word(&self) -> &'static str {
         match self {
+            State::Scheduled => "scheduled",
             State::Running => "running",
             State::AwaitingApproval => "awaiting_approval",
             State::Paused { .. } => "paused",
@@ -245,7 +336,7 @@ impl State {
 
     /// Whether the rollout still changes anything.
     pub fn is_active(&self) -> bool {
-        matches!(self, State::Running | State::AwaitingApproval | State::Paused { .. })
+        matches!(self, State::Scheduled | State::Running | State::AwaitingApproval | State::Paused { .. })
     }
 }
 
@@ -265,6 +356,59 @@ pub struct Target {
     pub p95_us: Option<u32>,
     #[serde(default)]
     pub online: bool,
+    /// When its desired state was sent (`None` in records from before windows: then `assigned_ms`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent_ms: Option<u64>,
+    /// Taken into the rollout, but its maintenance window has not opened since: nothing was sent yet.
+    #[serde(default)]
+    pub awaiting_window: bool,
+    /// When it was found to have missed its install deadline (or its stage's timeout).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timed_out_ms: Option<u64>,
+    /// The kind of failure its report names, if it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<Failure>,
+}
+
+impl Target {
+    fn new(stage: usize, sha256: String, online: bool, now_ms: u64, send: bool) -> Target {
+        Target {
+            stage,
+            assigned_ms: now_ms,
+            sha256,
+            phase: None,
+            reason: String::new(),
+            shadow_agreement: None,
+            anomaly_rate: None,
+            baseline_anomaly_rate: None,
+            p95_us: None,
+            online,
+            sent_ms: send.then_some(now_ms),
+            awaiting_window: !send,
+            timed_out_ms: None,
+            failure: None,
+        }
+    }
+
+    /// It reported how its install ended in a way that counts: applied, or a real failure.
+    pub fn reported(&self) -> bool {
+        self.phase.is_some_and(Phase::is_final) && self.failure != Some(Failure::TimedOut)
+    }
+
+    /// It reported a real failure.
+    pub fn failed(&self) -> bool {
+        self.reported() && self.phase.is_some_and(Phase::is_failure)
+    }
+
+    /// It ran out of time: it missed its deadline, or its agent gave up when the desired state expired.
+    pub fn timed_out(&self) -> bool {
+        !self.reported() && (self.timed_out_ms.is_some() || self.failure == Some(Failure::TimedOut))
+    }
+
+    /// The rollout still waits to hear from it.
+    pub fn pending(&self) -> bool {
+        !self.reported() && !self.timed_out()
+    }
 }
 
 /// A gate's live value against its limit.
@@ -294,6 +438,9 @@ pub struct Rollout {
     pub devices: BTreeMap<String, Target>,
     pub gates: Vec<GateValue>,
     pub events: Vec<Event>,
+    /// What it waits for while it runs or is scheduled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<Waiting>,
 }
 
 /// What the control plane last issued to a device, as reports are judged against it: the desired states
@@ -331,6 +478,8 @@ pub struct FleetDevice {
     pub report: Option<UpdateReport>,
     /// What the control plane last issued to it; `None` before anything was.
     pub issued: Option<IssuedRun>,
+    /// Whether its maintenance window lets it receive a desired state now.
+    pub window: Opening,
 }
 
 /// A desired state for the service to issue.
@@ -358,10 +507,11 @@ pub fn rank(rollout: &str, device: &str) -> u64 {
 
 impl Rollout {
     pub fn new(id: String, spec: RolloutSpec, now_ms: u64) -> Rollout {
+        let scheduled = spec.start_at_ms.is_some_and(|at| at > now_ms);
         let mut r = Rollout {
             id,
             spec,
-            state: State::Running,
+            state: if scheduled { State::Scheduled } else { State::Running },
             stage: 0,
             stage_started_ms: now_ms,
             created_ms: now_ms,
@@ -369,8 +519,13 @@ impl Rollout {
             devices: BTreeMap::new(),
             gates: Vec::new(),
             events: Vec::new(),
+            waiting: None,
         };
         r.log(now_ms, format!("created: {} v{} to class {}", r.spec.model.name, r.spec.model.version, r.spec.class));
+        if let Some(at_ms) = r.spec.start_at_ms.filter(|_| scheduled) {
+            r.log(now_ms, format!("scheduled to start at {}", iso(at_ms)));
+            r.waiting = Some(Waiting::Start { at_ms });
+        }
         r
     }
 
@@ -386,13 +541,16 @@ impl Rollout {
     pub fn act(&mut self, action: Action, now_ms: u64) -> Result<(), ActionRefused> {
         let state = self.state.clone();
         match (action, &state) {
-            (Action::Pause, State::Running | State::AwaitingApproval) => {
+            (Action::Pause, State::Scheduled | State::Running | State::AwaitingApproval) => {
                 self.state = State::Paused { reason: "paused by an operator".into() };
             }
             (Action::Resume, State::Paused { .. }) => {
                 self.state = State::Running;
             }
-            (Action::Abort, s) if s.is_active() => self.state = State::Aborted,
+            (Action::Abort, s) if s.is_active() => {
+                self.state = State::Aborted;
+                self.waiting = None;
+            }
             (Action::Approve, State::AwaitingApproval) => self.advance(now_ms),
             (action, s) => return Err(ActionRefused { action, state: state_name(s) }),
         }
@@ -413,15 +571,26 @@ impl Rollout {
         self.superseded = true;
         if self.state.is_active() {
             self.state = State::Superseded { by: by.to_string() };
+            self.waiting = None;
         }
         self.log(now_ms, format!("superseded by {by}"));
     }
 
-    /// One step: take in reports, assign devices, judge gates, move stages. Returns the desired states to
-    /// issue; [`Rollout`] changes in place.
+    /// One step: take in reports, time out the late, assign devices, judge gates, move stages. Returns the
+    /// desired states to issue; [`Rollout`] changes in place.
     pub fn tick(&mut self, fleet: &[FleetDevice], now_ms: u64) -> Vec<Command> {
         self.absorb(fleet);
+        if !self.started(now_ms) {
+            return Vec::new();
+        }
         let mut out = Vec::new();
+        if self.state == State::Running {
+            if let Some(reason) = self.expire_devices(now_ms) {
+                out.extend(self.stop(self.spec.timeouts.on_timeout, reason, now_ms));
+                self.waiting = None;
+                return out;
+            }
+        }
         let assigning = match self.state {
             State::Running | State::AwaitingApproval => true,
             // Late joiners of a finished rollout get the model too, unless a newer rollout took over.
@@ -430,6 +599,7 @@ impl Rollout {
         };
         if assigning {
             out.extend(self.assign(fleet, now_ms));
+            out.extend(self.send_due(fleet, now_ms));
         }
         // A rolled-back rollout only follows its devices back to the previous model.
         if let State::RolledBack { .. } = self.state {
@@ -448,19 +618,195 @@ impl Rollout {
                 );
                 out.extend(self.breach(reason, now_ms));
             } else if self.stage_done(now_ms) {
-                if self.stage + 1 == self.spec.stages.len() {
-                    self.state = State::Completed;
-                    self.log(now_ms, "completed".into());
-                } else if self.spec.manual_approval {
-                    self.state = State::AwaitingApproval;
-                    self.log(now_ms, format!("stage {} done; waiting for approval", self.stage));
-                } else {
-                    self.advance(now_ms);
-                    out.extend(self.assign(fleet, now_ms));
-                }
+                out.extend(self.finish_stage(fleet, now_ms));
+            } else if self.stage_deadline().is_some_and(|d| now_ms >= d) {
+                out.extend(self.stage_timed_out(fleet, now_ms));
             }
         }
+        self.note_waiting(fleet, now_ms);
         out
+    }
+
+    /// Holds a scheduled rollout until its start time; returns whether it runs (or is in any other state).
+    fn started(&mut self, now_ms: u64) -> bool {
+        if !matches!(self.state, State::Scheduled | State::Running) {
+            return true;
+        }
+        match self.spec.start_at_ms {
+            Some(at_ms) if now_ms < at_ms => {
+                self.state = State::Scheduled;
+                self.waiting = Some(Waiting::Start { at_ms });
+                false
+            }
+            _ => {
+                if self.state == State::Scheduled {
+                    self.state = State::Running;
+                    self.stage_started_ms = now_ms;
+                    self.log(now_ms, "started at its scheduled time".into());
+                }
+                true
+            }
+        }
+    }
+
+    /// The stage is done: the rollout completes, waits for approval, or moves to the next stage.
+    fn finish_stage(&mut self, fleet: &[FleetDevice], now_ms: u64) -> Vec<Command> {
+        if self.stage + 1 == self.spec.stages.len() {
+            self.state = State::Completed;
+            self.log(now_ms, "completed".into());
+            Vec::new()
+        } else if self.spec.manual_approval {
+            self.state = State::AwaitingApproval;
+            self.log(now_ms, format!("stage {} done; waiting for approval", self.stage));
+            Vec::new()
+        } else {
+            self.advance(now_ms);
+            let mut out = self.assign(fleet, now_ms);
+            out.extend(self.send_due(fleet, now_ms));
+            out
+        }
+    }
+
+    /// When a device's install deadline passes: its desired state's sending plus `timeouts.install_secs`.
+    fn install_deadline(&self, t: &Target) -> Option<u64> {
+        let secs = self.spec.timeouts.install_secs;
+        (secs > 0 && !t.awaiting_window).then(|| t.sent_ms.unwrap_or(t.assigned_ms).saturating_add(secs * 1000))
+    }
+
+    /// When the current stage times out.
+    fn stage_deadline(&self) -> Option<u64> {
+        let stage = &self.spec.stages[self.stage];
+        let secs = stage.timeout_secs.unwrap_or(self.spec.timeouts.stage_secs);
+        (secs > 0).then(|| self.stage_started_ms.saturating_add(secs * 1000))
+    }
+
+    /// Marks devices past their install deadline (or whose agent gave up on an expired desired state) as
+    /// timed out. Returns why to stop when that happened and the rollout does not skip timed-out devices.
+    fn expire_devices(&mut self, now_ms: u64) -> Option<String> {
+        let late: Vec<String> = self
+            .devices
+            .iter()
+            .filter(|(_, t)| t.timed_out_ms.is_none() && !t.reported())
+            .filter(|(_, t)| t.timed_out() || self.install_deadline(t).is_some_and(|d| now_ms >= d))
+            .map(|(id, _)| id.clone())
+            .collect();
+        if late.is_empty() {
+            return None;
+        }
+        for id in &late {
+            if let Some(t) = self.devices.get_mut(id) {
+                t.timed_out_ms = Some(now_ms);
+            }
+        }
+        let what = format!(
+            "{} timed out (install deadline {} s): {}",
+            plural(late.len(), "device"),
+            self.spec.timeouts.install_secs,
+            names(&late)
+        );
+        let skip = self.spec.timeouts.on_timeout == OnTimeout::Skip;
+        self.log(now_ms, if skip { format!("{what}; skipped") } else { what.clone() });
+        (!skip).then_some(what)
+    }
+
+    /// The stage ran past its timeout: every device it still waits for is timed out, and the rollout does
+    /// what `on_timeout` says. Skipping moves on only when some device reported.
+    fn stage_timed_out(&mut self, fleet: &[FleetDevice], now_ms: u64) -> Vec<Command> {
+        let late: Vec<String> = self.devices.iter().filter(|(_, t)| t.pending()).map(|(id, _)| id.clone()).collect();
+        for id in &late {
+            if let Some(t) = self.devices.get_mut(id) {
+                t.timed_out_ms = Some(now_ms);
+            }
+        }
+        let stage = &self.spec.stages[self.stage];
+        let what = format!(
+            "stage {} ({}) timed out after {} s with {} still pending{}",
+            self.stage,
+            stage.name,
+            stage.timeout_secs.unwrap_or(self.spec.timeouts.stage_secs),
+            plural(late.len(), "device"),
+            if late.is_empty() { String::new() } else { format!(": {}", names(&late)) }
+        );
+        match self.spec.timeouts.on_timeout {
+            OnTimeout::Skip if self.devices.values().any(Target::reported) => {
+                self.log(now_ms, format!("{what}; skipped"));
+                self.finish_stage(fleet, now_ms)
+            }
+            OnTimeout::Skip => {
+                let reason = format!("{what}; no device reported, so nothing says the model works");
+                self.stop(OnTimeout::Pause, reason, now_ms)
+            }
+            how => self.stop(how, what, now_ms),
+        }
+    }
+
+    /// Pauses, or rolls back (pausing when there is nothing to roll back to).
+    fn stop(&mut self, how: OnTimeout, reason: String, now_ms: u64) -> Vec<Command> {
+        match how {
+            OnTimeout::Rollback => {
+                self.log(now_ms, reason.clone());
+                self.roll_back(reason, now_ms)
+            }
+            _ => {
+                self.log(now_ms, reason.clone());
+                self.state = State::Paused { reason };
+                Vec::new()
+            }
+        }
+    }
+
+    /// Says what the rollout waits for; logs once when that becomes devices that are all offline.
+    fn note_waiting(&mut self, fleet: &[FleetDevice], now_ms: u64) {
+        let waiting = self.waiting_for(fleet, now_ms);
+        let stalled = |w: &Option<Waiting>| matches!(w, Some(Waiting::Offline { .. } | Waiting::NoDevices { .. }));
+        if stalled(&waiting) && !stalled(&self.waiting) {
+            let what = match &waiting {
+                Some(Waiting::Offline { devices }) => {
+                    format!("every device the stage waits for ({}) is offline", plural(*devices, "device"))
+                }
+                Some(Waiting::NoDevices { matching }) => {
+                    format!("no device can join stage {}: {} match, none online", self.stage, matching)
+                }
+                _ => unreachable!("checked above"),
+            };
+            self.log(now_ms, what);
+        }
+        self.waiting = waiting;
+    }
+
+    fn waiting_for(&self, fleet: &[FleetDevice], now_ms: u64) -> Option<Waiting> {
+        match self.state {
+            State::Running => {}
+            State::AwaitingApproval => return Some(Waiting::Approval),
+            State::Scheduled => return self.spec.start_at_ms.map(|at_ms| Waiting::Start { at_ms }),
+            _ => return None,
+        }
+        let pending: Vec<(&String, &Target)> = self.devices.iter().filter(|(_, t)| t.pending()).collect();
+        let waiting_window: Vec<&String> =
+            pending.iter().filter(|(_, t)| t.awaiting_window).map(|(id, _)| *id).collect();
+        if !waiting_window.is_empty() {
+            let opens_ms = fleet
+                .iter()
+                .filter(|d| waiting_window.contains(&&d.id))
+                .filter_map(|d| match d.window {
+                    Opening::Closed { opens_ms } => Some(opens_ms),
+                    _ => None,
+                })
+                .min();
+            return Some(Waiting::Window { devices: waiting_window.len(), opens_ms });
+        }
+        if !pending.is_empty() {
+            if pending.iter().all(|(_, t)| !t.online) {
+                return Some(Waiting::Offline { devices: pending.len() });
+            }
+            return Some(Waiting::Reports { devices: pending.len() });
+        }
+        if !self.devices.values().any(Target::reported) {
+            let matching = fleet.iter().filter(|d| self.matches(d)).count();
+            return Some(Waiting::NoDevices { matching });
+        }
+        let until_ms = self.stage_started_ms + self.spec.stages[self.stage].bake_secs * 1000;
+        (now_ms < until_ms).then_some(Waiting::Bake { until_ms })
     }
 
     /// Updates targets from the devices' latest reports about this rollout. A report counts only if it is
@@ -477,6 +823,7 @@ impl Rollout {
                 continue;
             }
             t.phase = Some(r.phase);
+            t.failure = r.failure.filter(|_| r.phase.is_failure());
             t.reason = r.reason.clone();
             t.shadow_agreement = r.shadow_agreement.or(t.shadow_agreement);
             t.anomaly_rate = r.anomaly_rate.or(t.anomaly_rate);
@@ -485,37 +832,46 @@ impl Rollout {
         }
     }
 
-    /// Brings the number of targeted devices up to the current stage's share.
+    /// Brings the number of targeted devices up to the current stage's share. Timed-out devices do not
+    /// count towards it, so the next device in order takes each one's place. Online devices come first, and
+    /// a stage before the last takes no offline one (an offline canary proves nothing); the last takes every
+    /// matching device, to receive the model when it connects. A device outside its maintenance window is
+    /// taken in, and sent its desired state once the window opens.
     fn assign(&mut self, fleet: &[FleetDevice], now_ms: u64) -> Vec<Command> {
+        let last_stage = self.stage + 1 == self.spec.stages.len();
         let mut matching: Vec<&FleetDevice> = fleet.iter().filter(|d| self.matches(d)).collect();
-        matching.sort_by_key(|d| (rank(&self.id, &d.id), d.id.clone()));
+        matching.sort_by_key(|d| (!d.online, rank(&self.id, &d.id), d.id.clone()));
         let want = self.spec.stages[self.stage].share.of(matching.len());
-        let mut have = matching.iter().filter(|d| self.devices.contains_key(&d.id)).count();
+        let mut have = matching.iter().filter(|d| self.devices.get(&d.id).is_some_and(|t| !t.timed_out())).count();
         let mut out = Vec::new();
         for d in matching {
             if have >= want {
                 break;
             }
-            if self.devices.contains_key(&d.id) {
+            if self.devices.contains_key(&d.id) || (!d.online && !last_stage) {
                 continue;
             }
-            self.devices.insert(
-                d.id.clone(),
-                Target {
-                    stage: self.stage,
-                    assigned_ms: now_ms,
-                    sha256: self.spec.model.sha256.clone(),
-                    phase: None,
-                    reason: String::new(),
-                    shadow_agreement: None,
-                    anomaly_rate: None,
-                    baseline_anomaly_rate: None,
-                    p95_us: None,
-                    online: d.online,
-                },
-            );
-            out.push(Command { device: d.id.clone(), model: self.spec.model.clone(), rollout: self.id.clone() });
+            let send = d.window.is_open();
+            self.devices
+                .insert(d.id.clone(), Target::new(self.stage, self.spec.model.sha256.clone(), d.online, now_ms, send));
+            if send {
+                out.push(Command { device: d.id.clone(), model: self.spec.model.clone(), rollout: self.id.clone() });
+            }
             have += 1;
+        }
+        out
+    }
+
+    /// Sends the desired state to devices taken in while their window was closed, once it opens.
+    fn send_due(&mut self, fleet: &[FleetDevice], now_ms: u64) -> Vec<Command> {
+        let mut out = Vec::new();
+        for d in fleet.iter().filter(|d| d.window.is_open()) {
+            let Some(t) = self.devices.get_mut(&d.id) else { continue };
+            if t.awaiting_window {
+                t.awaiting_window = false;
+                t.sent_ms = Some(now_ms);
+                out.push(Command { device: d.id.clone(), model: self.spec.model.clone(), rollout: self.id.clone() });
+            }
         }
         out
     }
@@ -532,8 +888,9 @@ impl Rollout {
 
     fn evaluate_over(&self, targets: Vec<&Target>) -> Vec<GateValue> {
         let g = &self.spec.gates;
-        let finals: Vec<&&Target> = targets.iter().filter(|t| t.phase.is_some_and(Phase::is_final)).collect();
-        let failed = finals.iter().filter(|t| t.phase.is_some_and(Phase::is_failure)).count();
+        // Timed-out devices are neither: they count in no gate but `offline_devices`.
+        let finals: Vec<&&Target> = targets.iter().filter(|t| t.reported()).collect();
+        let failed = finals.iter().filter(|t| t.failed()).count();
         let mut out = Vec::new();
         let ratio = (!finals.is_empty()).then(|| failed as f64 / finals.len() as f64);
         out.push(GateValue {
@@ -594,15 +951,16 @@ impl Rollout {
         out
     }
 
-    /// Every online device reached has reported a final phase (offline ones do not hold the stage, but at
-    /// least one device must have reported: an offline canary proves nothing), and the bake time has passed.
+    /// Every online device reached has reported a final phase or timed out (offline ones do not hold the
+    /// stage, but at least one device must have reported: an offline canary proves nothing), and the bake
+    /// time has passed.
     fn stage_done(&self, now_ms: u64) -> bool {
         let bake = self.spec.stages[self.stage].bake_secs * 1000;
         let mut finals = 0;
         for t in self.devices.values() {
-            if t.phase.is_some_and(Phase::is_final) {
+            if t.reported() {
                 finals += 1;
-            } else if t.online {
+            } else if t.pending() && t.online {
                 return false;
             }
         }
@@ -611,46 +969,79 @@ impl Rollout {
 
     fn breach(&mut self, reason: String, now_ms: u64) -> Vec<Command> {
         self.log(now_ms, reason.clone());
-        match (self.spec.on_breach, self.spec.previous.clone()) {
-            (OnBreach::Rollback, Some(prev)) => {
-                self.state = State::RolledBack { reason };
-                let mut out = Vec::new();
-                for (id, t) in self.devices.iter_mut() {
-                    t.sha256 = prev.sha256.clone();
-                    t.phase = None;
-                    t.reason = "rolling back".into();
-                    (t.anomaly_rate, t.baseline_anomaly_rate, t.shadow_agreement, t.p95_us) = (None, None, None, None);
-                    out.push(Command { device: id.clone(), model: prev.clone(), rollout: self.id.clone() });
-                }
-                self.log(now_ms, format!("rolled back {} devices to {} v{}", out.len(), prev.name, prev.version));
-                out
-            }
-            (OnBreach::Rollback, None) => {
-                self.state = State::Paused { reason: format!("{reason}; no previous model to roll back to") };
-                Vec::new()
-            }
-            (OnBreach::Pause, _) => {
+        match self.spec.on_breach {
+            OnBreach::Rollback => self.roll_back(reason, now_ms),
+            OnBreach::Pause => {
                 self.state = State::Paused { reason };
                 Vec::new()
             }
         }
     }
 
-    /// Devices per update phase (`pending` for those with no report yet).
+    /// Points every device the rollout reached back at the previous model, at once (maintenance windows
+    /// or not: it restores what ran before). Pauses instead when there is no previous model.
+    fn roll_back(&mut self, reason: String, now_ms: u64) -> Vec<Command> {
+        let Some(prev) = self.spec.previous.clone() else {
+            self.state = State::Paused { reason: format!("{reason}; no previous model to roll back to") };
+            return Vec::new();
+        };
+        self.state = State::RolledBack { reason };
+        // Devices still waiting for their window never got the model: they leave the rollout.
+        self.devices.retain(|_, t| !t.awaiting_window);
+        let mut out = Vec::new();
+        for (id, t) in self.devices.iter_mut() {
+            *t = Target {
+                reason: "rolling back".into(),
+                ..Target::new(t.stage, prev.sha256.clone(), t.online, now_ms, true)
+            };
+            out.push(Command { device: id.clone(), model: prev.clone(), rollout: self.id.clone() });
+        }
+        self.log(now_ms, format!("rolled back {} devices to {} v{}", out.len(), prev.name, prev.version));
+        out
+    }
+
+    /// Devices per update phase: `pending` for those with no report yet, `awaiting_window` for those whose
+    /// window has not opened, `timed_out` for those that ran out of time.
     pub fn phase_counts(&self) -> BTreeMap<String, usize> {
         let mut m = BTreeMap::new();
         for t in self.devices.values() {
-            let k = t.phase.map_or("pending".to_string(), |p| {
-                serde_json::to_value(p).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
-            });
+            let k = if t.timed_out() {
+                "timed_out".to_string()
+            } else if t.awaiting_window {
+                "awaiting_window".to_string()
+            } else {
+                t.phase.map_or("pending".to_string(), |p| {
+                    serde_json::to_value(p).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
+                })
+            };
             *m.entry(k).or_insert(0) += 1;
         }
         m
     }
 }
 
+/// `3 devices`, `1 device`.
+fn plural(n: usize, what: &str) -> String {
+    format!("{n} {what}{}", if n == 1 { "" } else { "s" })
+}
+
+/// Device names for a log line: the first five, then how many more.
+fn names(ids: &[String]) -> String {
+    let mut s = ids.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
+    if ids.len() > 5 {
+        s.push_str(&format!(" and {} more", ids.len() - 5));
+    }
+    s
+}
+
+/// A Unix time in milliseconds as RFC 3339 UTC.
+pub fn iso(ms: u64) -> String {
+    jiff::Timestamp::from_millisecond(ms as i64).map_or_else(|_| format!("{ms} ms"), |t| t.to_string())
+}
+
 fn state_name(s: &State) -> &'static str {
     match s {
+        State::Scheduled => "scheduled",
         State::Running => "running",
         State::AwaitingApproval => "awaiting approval",
         State::Paused { .. } => "paused",
@@ -665,3 +1056,5 @@ fn state_name(s: &State) -> &'static str {
 mod props;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod timing_tests;

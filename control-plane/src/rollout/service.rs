@@ -17,8 +17,11 @@
 //! those desired states.
 
 use super::config::RolloutsConfig;
-use super::engine::{Action, FleetDevice, Gates, IssuedRun, ModelRef, OnBreach, Rollout, RolloutSpec, Stage, State};
+use super::engine::{
+    Action, FleetDevice, Gates, IssuedRun, ModelRef, OnBreach, Rollout, RolloutSpec, Stage, State, Timeouts,
+};
 use super::store::{Issued, RolloutStore, SequenceExhausted};
+use super::window::{self, Opening, Schedule};
 use crate::fleet::devices::Registry;
 use crate::fleet::telemetry::StoreError;
 use crate::metrics::Metrics;
@@ -62,6 +65,22 @@ pub struct CreateRollout {
     /// rollout, else the production version of the class.
     #[serde(default)]
     pub previous: Option<(String, u32)>,
+    /// Install deadline, stage timeout and what a timeout does. Default: 1 hour per device, 1 day per
+    /// stage, skip the device.
+    #[serde(default)]
+    pub timeouts: Option<Timeouts>,
+    /// When to start, RFC 3339 (`2026-12-12T01:00:00+01:00`). Default: at once.
+    #[serde(default)]
+    pub start_at: Option<String>,
+}
+
+/// A maintenance window as the API shows it: its configuration, and whether it is open now (until when) or
+/// when it next opens.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WindowView {
+    #[serde(flatten)]
+    pub window: super::config::WindowConfig,
+    pub now: Opening,
 }
 
 /// Why a rollout request or action was refused.
@@ -79,6 +98,8 @@ pub enum RolloutError {
     NoModel { name: String, version: u32 },
     #[error("no rollout `{0}`")]
     NoRollout(String),
+    #[error("start_at: `{value}` is not an RFC 3339 time with an offset ({reason})")]
+    StartAt { value: String, reason: String },
     /// The action does not apply in the rollout's state.
     #[error(transparent)]
     Refused(#[from] crate::rollout::engine::ActionRefused),
@@ -98,6 +119,8 @@ pub struct Rollouts {
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     cfg: RolloutsConfig,
+    /// The configured maintenance windows, parsed.
+    windows: Vec<(super::config::WindowConfig, Schedule)>,
     offline_after_ms: u64,
     /// Wakes the loop early (a rollout was created or acted on).
     pub kick: tokio::sync::Notify,
@@ -139,7 +162,20 @@ impl Rollouts {
         let rollouts = store.rollouts()?.into_iter().map(|r| (r.id.clone(), Arc::new(r))).collect();
         let tags = store.all_tags()?;
         let issued = store.all_issued()?.into_iter().map(|(device, i)| (device, i.run())).collect();
+        // The config was validated when it was loaded; a window that no longer parses is left out, loudly.
+        let windows = cfg
+            .windows
+            .iter()
+            .filter_map(|w| match w.schedule() {
+                Ok(s) => Some((w.clone(), s)),
+                Err(e) => {
+                    tracing::error!(window = %w.name, error = %e, "maintenance window left out");
+                    None
+                }
+            })
+            .collect();
         Ok(Rollouts {
+            windows,
             store,
             rollouts: Mutex::new(rollouts),
             writer: Mutex::new(Writer { issued, last_refresh: 0 }),
@@ -242,7 +278,10 @@ impl Rollouts {
                     })
                 }),
         };
+        let start_at_ms = req.start_at.as_deref().map(parse_start_at).transpose()?;
         let spec = RolloutSpec {
+            start_at_ms,
+            timeouts: req.timeouts.unwrap_or_default(),
             class: class.clone(),
             tags: req.tags,
             model,
@@ -291,8 +330,10 @@ impl Rollouts {
             .into_iter()
             .map(|d| {
                 let issued = issued.get(&d.id).cloned();
+                let tags = tags.get(&d.id).cloned().unwrap_or_default();
                 FleetDevice {
-                    tags: tags.get(&d.id).cloned().unwrap_or_default(),
+                    window: self.opening(&d.class, &tags, now_ms),
+                    tags,
                     online: now_ms.saturating_sub(d.last_seen_ms) < self.offline_after_ms,
                     report: issued.as_ref().and_then(|i| i.latest_report(&d.updates)).cloned(),
                     issued,
@@ -301,6 +342,21 @@ impl Rollouts {
                 }
             })
             .collect()
+    }
+
+    /// The maintenance windows that apply to a device of `class` with `tags`.
+    pub fn schedules(&self, class: &str, tags: &[String]) -> Vec<&Schedule> {
+        self.windows.iter().filter(|(w, _)| w.applies(class, tags)).map(|(_, s)| s).collect()
+    }
+
+    /// Every configured maintenance window, with whether it is open at `now_ms` and when that changes.
+    pub fn windows(&self, now_ms: u64) -> Vec<WindowView> {
+        self.windows.iter().map(|(w, s)| WindowView { window: w.clone(), now: window::opening(&[s], now_ms) }).collect()
+    }
+
+    /// Whether a device of `class` with `tags` may receive a desired state at `now_ms`, and when that changes.
+    pub fn opening(&self, class: &str, tags: &[String], now_ms: u64) -> Opening {
+        window::opening(&self.schedules(class, tags), now_ms)
     }
 
     /// Signs and records a desired state with the next sequence from the control plane's own record; returns
@@ -372,6 +428,8 @@ impl Rollouts {
                 manual_approval: false,
                 policy: None,
                 previous: None,
+                timeouts: Some(auto.timeouts.clone()),
+                start_at: None,
             };
             match self.create(req, now_ms) {
                 Ok(r) => {
@@ -490,6 +548,13 @@ impl Rollouts {
     pub fn issued(&self, device: &str) -> Result<Option<Issued>, StoreError> {
         self.store.issued(device)
     }
+}
+
+/// `start_at` as the API takes it: RFC 3339 with an offset.
+fn parse_start_at(value: &str) -> Result<u64, RolloutError> {
+    let bad = |reason: String| RolloutError::StartAt { value: value.to_string(), reason };
+    let t: jiff::Timestamp = value.parse().map_err(|e: jiff::Error| bad(e.to_string()))?;
+    u64::try_from(t.as_millisecond()).map_err(|_| bad("before 1970".into()))
 }
 
 /// Runs the engine every `tick_ms` (or when kicked) and publishes what it issues, until cancelled.
@@ -614,6 +679,7 @@ mod tests {
                 class: "press".into(),
                 stages: super::super::default_stages(),
                 gates: Gates::default(),
+                timeouts: Default::default(),
             }];
         }
         let signer = Signer::from_pkcs8(&Signer::generate_pkcs8()).unwrap();
@@ -654,12 +720,15 @@ mod tests {
                 name: "all".into(),
                 share: super::super::engine::Share::Percent(100.0),
                 bake_secs: 0,
+                timeout_secs: None,
             }]),
             gates: None,
             on_breach: OnBreach::Rollback,
             manual_approval: false,
             policy: None,
             previous: None,
+            timeouts: None,
+            start_at: None,
         }
     }
 
@@ -684,6 +753,7 @@ mod tests {
             baseline_anomaly_rate: None,
             p95_us: None,
             at_ms: now,
+            failure: None,
         };
         for d in ["d1", "d2"] {
             registry
@@ -695,7 +765,9 @@ mod tests {
                 })
                 .unwrap();
         }
-        r.create(rollout_request(2), now).unwrap();
+        // No deadlines: this test passes days to reach the re-issue, and is about what counts as a report.
+        let timeouts = Timeouts { install_secs: 0, stage_secs: 0, ..Timeouts::default() };
+        r.create(CreateRollout { timeouts: Some(timeouts), ..rollout_request(2) }, now).unwrap();
         // Sequences come from what the control plane issued: 1 for both, not 2^64 - 1 + 1 wrapped to 0.
         let first = r.tick(now).unwrap();
         let want: BTreeMap<String, u64> = [("d1".to_string(), 1), ("d2".to_string(), 1)].into();
@@ -785,6 +857,8 @@ mod tests {
             manual_approval: false,
             policy: None,
             previous: None,
+            timeouts: None,
+            start_at: None,
         };
         assert!(matches!(r.create(req(9, None), 1), Err(RolloutError::NoModel { version: 9, .. })));
         let e = r.create(req(1, Some("city-traffic")), 1).unwrap_err();

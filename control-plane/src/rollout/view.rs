@@ -34,6 +34,9 @@ pub struct RolloutView {
     pub devices: BTreeMap<String, Target>,
     pub created_ms: u64,
     pub events: Vec<crate::rollout::engine::Event>,
+    /// What it waits for while it runs or is scheduled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<crate::rollout::engine::Waiting>,
 }
 
 pub fn view(r: Rollout) -> RolloutView {
@@ -71,5 +74,6 @@ pub fn view(r: Rollout) -> RolloutView {
         devices: r.devices,
         created_ms: r.created_ms,
         events: r.events,
+        waiting: r.waiting,
     }
 }

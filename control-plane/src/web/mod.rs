@@ -74,6 +74,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/triggers", get(api::learning::triggers))
         .route("/api/v1/rollouts", get(api::rollouts::list))
         .route("/api/v1/rollouts/{id}", get(api::rollouts::get))
+        .route("/api/v1/windows", get(api::rollouts::windows))
         .route("/api/v1/audit", get(api::rollouts::audit))
         .route("/api/v1/enrollments", get(api::identity::enrolled))
         .route("/api/v1/signing-key", get(api::rollouts::signing_key))

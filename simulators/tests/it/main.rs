@@ -26,3 +26,4 @@ mod rollouts;
 mod support;
 mod triggers;
 mod trust;
+mod update_timing;

@@ -32,6 +32,11 @@ enum Op {
         i: usize,
         online: bool,
     },
+    /// Device `i`'s maintenance window opens (or there is none) or closes.
+    Window {
+        i: usize,
+        open: bool,
+    },
     Advance {
         secs: u64,
     },
@@ -58,6 +63,7 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(i, phase, anomaly_rate)| Op::Report { i, phase, anomaly_rate }),
         10 => (0..64usize, phase()).prop_map(|(i, phase)| Op::Forged { i, phase }),
         10 => (0..64usize, any::<bool>()).prop_map(|(i, online)| Op::Online { i, online }),
+        10 => (0..64usize, prop::bool::weighted(0.7)).prop_map(|(i, open)| Op::Window { i, open }),
         50 => (0..30u64).prop_map(|secs| Op::Advance { secs }),
         20 => prop_oneof![1 => Just(Action::Pause), 3 => Just(Action::Resume), 3 => Just(Action::Approve)]
             .prop_map(Op::Act),
@@ -81,26 +87,37 @@ fn stages() -> impl Strategy<Value = Vec<Stage>> {
                     (false, true) => Share::Percent(100.0),
                     (false, false) => Share::Percent(f64::from(steps[i])),
                 };
-                Stage { name: format!("s{i}"), share, bake_secs }
+                Stage { name: format!("s{i}"), share, bake_secs, timeout_secs: None }
             })
             .collect()
     })
 }
 
+/// No deadline or one of 10 to 60 s per device; no timeout or one of 20 to 200 s per stage (bake times are
+/// under 20 s); any action on a timeout.
+fn timeouts() -> impl Strategy<Value = Timeouts> {
+    let on = prop_oneof![Just(OnTimeout::Skip), Just(OnTimeout::Pause), Just(OnTimeout::Rollback)];
+    (prop_oneof![Just(0u64), 10..60u64], prop_oneof![Just(0u64), 20..200u64], on)
+        .prop_map(|(install_secs, stage_secs, on_timeout)| Timeouts { install_secs, stage_secs, on_timeout })
+}
+
 fn spec() -> impl Strategy<Value = RolloutSpec> {
-    (stages(), any::<bool>(), any::<bool>(), any::<bool>(), 0.1f64..0.8, prop::option::of(0usize..3)).prop_map(
-        |(stages, rollback, has_previous, manual_approval, max_failed_ratio, max_offline)| RolloutSpec {
-            class: "press".into(),
-            tags: vec!["hall-a".into()],
-            model: model(2),
-            previous: has_previous.then(|| model(1)),
-            stages,
-            gates: Gates { max_failed_ratio, max_offline, ..Gates::default() },
-            on_breach: if rollback { OnBreach::Rollback } else { OnBreach::Pause },
-            manual_approval,
-            policy: UpdatePolicy::default(),
-        },
-    )
+    ((stages(), any::<bool>(), any::<bool>(), any::<bool>(), 0.1f64..0.8, prop::option::of(0usize..3)), timeouts())
+        .prop_map(|((stages, rollback, has_previous, manual_approval, max_failed_ratio, max_offline), timeouts)| {
+            RolloutSpec {
+                class: "press".into(),
+                tags: vec!["hall-a".into()],
+                model: model(2),
+                previous: has_previous.then(|| model(1)),
+                stages,
+                gates: Gates { max_failed_ratio, max_offline, ..Gates::default() },
+                on_breach: if rollback { OnBreach::Rollback } else { OnBreach::Pause },
+                manual_approval,
+                policy: UpdatePolicy::default(),
+                timeouts,
+                start_at_ms: None,
+            }
+        })
 }
 
 fn device(n: usize, matching: bool, online: bool) -> FleetDevice {
@@ -111,6 +128,7 @@ fn device(n: usize, matching: bool, online: bool) -> FleetDevice {
         online,
         report: None,
         issued: None,
+        window: Opening::Always,
     }
 }
 
@@ -139,6 +157,7 @@ fn report(seq: u64, sha256: String, rollout: Option<String>, phase: Phase, rate:
         baseline_anomaly_rate: Some(0.05),
         p95_us: Some(100),
         at_ms: 0,
+        failure: None,
     }
 }
 
@@ -197,6 +216,10 @@ proptest! {
                     let after = copy.devices.get(&fleet[i % n].id).map(|t| t.phase);
                     prop_assert_eq!(before, after, "a report about a state never issued changed the target");
                 }
+                Op::Window { i, open } if !fleet.is_empty() => {
+                    let n = fleet.len();
+                    fleet[i % n].window = if open { Opening::Always } else { Opening::Closed { opens_ms: now + 60_000 } };
+                }
                 Op::Online { i, online } if !fleet.is_empty() => {
                     let n = fleet.len();
                     fleet[i % n].online = online;
@@ -232,12 +255,28 @@ proptest! {
             if r.state == State::Completed {
                 prop_assert_eq!(r.stage + 1, r.spec.stages.len(), "completed before the last stage");
             }
-            // Never more devices than the current (cumulative) stage allows, and only matching ones.
+            // Never more devices than the current (cumulative) stage allows, not counting those that timed
+            // out (each gives its place to the next), and only matching ones.
             let allowed = r.spec.stages[r.stage].share.of(matching);
+            // (A device that timed out and reported later is not counted: its place was already given.)
+            let live = |r: &Rollout| r.devices.values().filter(|t| !t.timed_out() && t.timed_out_ms.is_none()).count();
             if !cmds.is_empty() && rolled_back.is_none() && !matches!(r.state, State::RolledBack { .. }) {
-                prop_assert!(r.devices.len() <= allowed, "{} devices targeted, stage allows {}", r.devices.len(), allowed);
+                prop_assert!(live(&r) <= allowed, "{} devices targeted, stage allows {}", live(&r), allowed);
             }
-            prop_assert!(r.devices.len() <= allowed.max(before.devices.len()));
+            // (A rollback starts every device's tracking afresh, timed out or not.)
+            if !matches!(r.state, State::RolledBack { .. }) {
+                prop_assert!(live(&r) <= allowed.max(live(&before)));
+            }
+            // Nothing waits forever: a running rollout has no device past its install deadline that still
+            // holds it, and its stage is within its timeout.
+            if r.state == State::Running {
+                for (id, t) in &r.devices {
+                    if t.pending() {
+                        prop_assert!(r.install_deadline(t).is_none_or(|d| now < d), "{} is past its install deadline", id);
+                    }
+                }
+                prop_assert!(r.stage_deadline().is_none_or(|d| now < d), "stage {} is past its timeout", r.stage);
+            }
             for id in r.devices.keys() {
                 let d = fleet.iter().find(|d| &d.id == id).expect("targets are fleet devices");
                 prop_assert!(matches(&r, d), "{} does not match the selector", id);
@@ -255,7 +294,12 @@ proptest! {
                 if c.model == r.spec.model {
                     prop_assert!(rolled_back.is_none(), "the new model sent after a rollback");
                     prop_assert!(commanded.insert(c.device.clone()), "{} commanded twice", c.device);
-                    prop_assert!(!before.devices.contains_key(&c.device), "{} was already a target", c.device);
+                    prop_assert!(
+                        before.devices.get(&c.device).is_none_or(|t| t.awaiting_window),
+                        "{} was already a target and had been sent its state", c.device
+                    );
+                    let d = fleet.iter().find(|d| d.id == c.device).expect("a fleet device");
+                    prop_assert!(d.window.is_open(), "{} sent its state outside its maintenance window", c.device);
                 } else {
                     prop_assert_eq!(Some(&c.model), r.spec.previous.as_ref(), "a command for a third model");
                 }

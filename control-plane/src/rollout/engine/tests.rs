@@ -1,28 +1,30 @@
 use super::*;
 
-fn model(v: u32) -> ModelRef {
+pub(super) fn model(v: u32) -> ModelRef {
     ModelRef { name: "press".into(), version: v, sha256: format!("{v:064}") }
 }
 
-fn spec() -> RolloutSpec {
+pub(super) fn spec() -> RolloutSpec {
     RolloutSpec {
         class: "press".into(),
         tags: vec![],
         model: model(2),
         previous: Some(model(1)),
         stages: vec![
-            Stage { name: "canary".into(), share: Share::Count(1), bake_secs: 10 },
-            Stage { name: "half".into(), share: Share::Percent(50.0), bake_secs: 10 },
-            Stage { name: "all".into(), share: Share::Percent(100.0), bake_secs: 0 },
+            Stage { name: "canary".into(), share: Share::Count(1), bake_secs: 10, timeout_secs: None },
+            Stage { name: "half".into(), share: Share::Percent(50.0), bake_secs: 10, timeout_secs: None },
+            Stage { name: "all".into(), share: Share::Percent(100.0), bake_secs: 0, timeout_secs: None },
         ],
         gates: Gates::default(),
         on_breach: OnBreach::Rollback,
         manual_approval: false,
         policy: UpdatePolicy::default(),
+        timeouts: Timeouts::default(),
+        start_at_ms: None,
     }
 }
 
-fn fleet(n: usize) -> Vec<FleetDevice> {
+pub(super) fn fleet(n: usize) -> Vec<FleetDevice> {
     (0..n)
         .map(|i| FleetDevice {
             id: format!("d{i:02}"),
@@ -31,12 +33,13 @@ fn fleet(n: usize) -> Vec<FleetDevice> {
             online: true,
             report: None,
             issued: None,
+            window: Opening::Always,
         })
         .collect()
 }
 
 /// The report a well-behaved device sends once the update is applied.
-fn applied(r: &Rollout, sha: &str, rate: f32, baseline: f32) -> UpdateReport {
+pub(super) fn applied(r: &Rollout, sha: &str, rate: f32, baseline: f32) -> UpdateReport {
     UpdateReport {
         seq: 1,
         rollout: Some(r.id.clone()),
@@ -49,11 +52,12 @@ fn applied(r: &Rollout, sha: &str, rate: f32, baseline: f32) -> UpdateReport {
         baseline_anomaly_rate: Some(baseline),
         p95_us: Some(100),
         at_ms: 0,
+        failure: None,
     }
 }
 
 /// Records a command as issued to its device, with the next sequence, as the service does.
-fn issue(fleet: &mut [FleetDevice], c: &Command) -> u64 {
+pub(super) fn issue(fleet: &mut [FleetDevice], c: &Command) -> u64 {
     let d = fleet.iter_mut().find(|d| d.id == c.device).unwrap();
     let rollout = Some(c.rollout.clone());
     let seq = d.issued.as_ref().map_or(1, |i| i.last_seq + 1);
@@ -66,7 +70,7 @@ fn issue(fleet: &mut [FleetDevice], c: &Command) -> u64 {
 }
 
 /// Every device that was commanded is issued its desired state and reports `report` about it.
-fn report_all(fleet: &mut [FleetDevice], cmds: &[Command], f: impl Fn(&Command) -> UpdateReport) {
+pub(super) fn report_all(fleet: &mut [FleetDevice], cmds: &[Command], f: impl Fn(&Command) -> UpdateReport) {
     for c in cmds {
         let seq = issue(fleet, c);
         let d = fleet.iter_mut().find(|d| d.id == c.device).unwrap();
@@ -160,7 +164,7 @@ fn failed_installs_pause_when_configured_to() {
 fn late_joiner_gets_rollout() {
     let mut f = fleet(4);
     let mut s = spec();
-    s.stages = vec![Stage { name: "all".into(), share: Share::Percent(100.0), bake_secs: 0 }];
+    s.stages = vec![Stage { name: "all".into(), share: Share::Percent(100.0), bake_secs: 0, timeout_secs: None }];
     let mut r = Rollout::new("r1".into(), s, 0);
     let first = r.tick(&f, 0);
     assert_eq!(first.len(), 4);
@@ -175,6 +179,7 @@ fn late_joiner_gets_rollout() {
         online: true,
         report: None,
         issued: None,
+        window: Opening::Always,
     });
     f.push(FleetDevice {
         id: "other".into(),
@@ -183,6 +188,7 @@ fn late_joiner_gets_rollout() {
         online: true,
         report: None,
         issued: None,
+        window: Opening::Always,
     });
     let late = r.tick(&f, 2);
     assert_eq!(late, vec![Command { device: "new".into(), model: model(2), rollout: "r1".into() }]);
@@ -195,6 +201,7 @@ fn late_joiner_gets_rollout() {
         online: true,
         report: None,
         issued: None,
+        window: Opening::Always,
     });
     assert_eq!(r.tick(&f, 4), vec![]);
 }
@@ -213,6 +220,7 @@ fn late_joiners_during_a_stage_fill_its_share() {
         online: true,
         report: None,
         issued: None,
+        window: Opening::Always,
     }));
     assert_eq!(r.tick(&f, 1).len(), 2, "8 devices now: 50% is 4");
 }
@@ -242,7 +250,7 @@ fn selector_tags_limit_the_devices() {
     }
     let mut s = spec();
     s.tags = vec!["site-a".into()];
-    s.stages = vec![Stage { name: "all".into(), share: Share::Percent(100.0), bake_secs: 0 }];
+    s.stages = vec![Stage { name: "all".into(), share: Share::Percent(100.0), bake_secs: 0, timeout_secs: None }];
     let mut r = Rollout::new("r1".into(), s, 0);
     let mut got: Vec<String> = r.tick(&f, 0).into_iter().map(|c| c.device).collect();
     got.sort();
@@ -270,7 +278,7 @@ fn manual_approval_holds_between_stages() {
 fn offline_devices_do_not_block_but_count_against_their_gate() {
     let mut f = fleet(4);
     let mut s = spec();
-    s.stages = vec![Stage { name: "all".into(), share: Share::Percent(100.0), bake_secs: 0 }];
+    s.stages = vec![Stage { name: "all".into(), share: Share::Percent(100.0), bake_secs: 0, timeout_secs: None }];
     s.gates.max_offline = Some(1);
     let mut r = Rollout::new("r1".into(), s, 0);
     let c = r.tick(&f, 0);
@@ -329,6 +337,7 @@ fn forged_desired_state_cannot_fail_a_rollout() {
         baseline_anomaly_rate: None,
         p95_us: None,
         at_ms: 1,
+        failure: None,
     };
     // Someone publishes forged desired states on the canary's topic, and its agent refuses each of them.
     let sha = model(2).sha256;

@@ -47,15 +47,21 @@ pub struct DeviceView {
     #[serde(flatten)]
     pub device: Device,
     pub online: bool,
+    /// Whether its maintenance window lets it receive a desired state now (until when), or when the next
+    /// one opens; `always` where no window applies.
+    #[serde(default)]
+    pub window: crate::rollout::window::Opening,
 }
 
-fn view(d: Device, offline_after_ms: u64) -> DeviceView {
-    let online = edgeloop_common::unix_millis().saturating_sub(d.last_seen_ms) < offline_after_ms;
-    DeviceView { device: d, online }
+fn view(s: &AppState, d: Device) -> DeviceView {
+    let now = edgeloop_common::unix_millis();
+    let online = now.saturating_sub(d.last_seen_ms) < s.offline_after_ms;
+    let window = s.rollouts.opening(&d.class, &s.rollouts.tags(&d.id), now);
+    DeviceView { device: d, online, window }
 }
 
 pub async fn devices(State(s): State<AppState>) -> Json<Vec<DeviceView>> {
-    Json(s.registry.list().into_iter().map(|d| view(d, s.offline_after_ms)).collect())
+    Json(s.registry.list().into_iter().map(|d| view(&s, d)).collect())
 }
 
 fn known_device(s: &AppState, id: &str) -> Result<Device, ApiError> {
@@ -65,7 +71,7 @@ fn known_device(s: &AppState, id: &str) -> Result<Device, ApiError> {
 
 pub async fn device(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<DeviceView>, ApiError> {
     let d = known_device(&s, &id)?;
-    Ok(Json(view(d, s.offline_after_ms)))
+    Ok(Json(view(&s, d)))
 }
 
 #[derive(Deserialize, Debug)]

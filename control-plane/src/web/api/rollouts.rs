@@ -18,9 +18,10 @@ use serde::{Deserialize, Serialize};
 impl From<RolloutError> for ApiError {
     fn from(e: RolloutError) -> Self {
         match e {
-            RolloutError::BadTag(_) | RolloutError::ClassMismatch { .. } | RolloutError::Spec(_) => {
-                ApiError::bad_request(e.to_string())
-            }
+            RolloutError::BadTag(_)
+            | RolloutError::ClassMismatch { .. }
+            | RolloutError::Spec(_)
+            | RolloutError::StartAt { .. } => ApiError::bad_request(e.to_string()),
             RolloutError::NoModel { .. } | RolloutError::NoRollout(_) => ApiError::not_found(e.to_string()),
             RolloutError::Refused(_) => {
                 ApiError { status: StatusCode::CONFLICT, error: "conflict", detail: e.to_string() }
@@ -127,4 +128,9 @@ pub async fn upload(
     let learning = s.learning.clone();
     let m = tokio::task::spawn_blocking(move || upload::register(&learning.models, &learning.classes, u)).await??;
     Ok((StatusCode::CREATED, Json(m)))
+}
+
+/// `GET /api/v1/windows`: every maintenance window, open now (until when) or when it next opens.
+pub async fn windows(State(s): State<AppState>) -> Json<Vec<crate::rollout::WindowView>> {
+    Json(s.rollouts.windows(edgeloop_common::unix_millis()))
 }

@@ -2,7 +2,7 @@
 //! actions) and the audit log.
 
 use super::layout::{ago, badge, datetime, page, page_error, sha, Nav, Who};
-use crate::rollout::engine::{GateValue, Share, State as RState};
+use crate::rollout::engine::{iso, GateValue, Share, State as RState, Target, Waiting};
 use crate::rollout::view::{view, RolloutView};
 use crate::web::AppState;
 use axum::extract::{Path, State};
@@ -12,6 +12,7 @@ use maud::{html, Markup};
 
 fn state_badge(s: &RState) -> Markup {
     let (kind, text, why) = match s {
+        RState::Scheduled => ("muted", "scheduled", None),
         RState::Running => ("info", "running", None),
         RState::AwaitingApproval => ("warn", "awaiting approval", None),
         RState::Paused { reason } => ("warn", "paused", Some(reason.as_str())),
@@ -36,6 +37,47 @@ fn gate_cell(g: &GateValue) -> Markup {
         span class=(if g.ok { "gate ok" } else { "gate bad" }) title=(format!("{}: {value} against {}", g.gate, g.threshold)) {
             (if g.ok { "✓ " } else { "✗ " }) (g.gate.replace('_', " ")) " " strong { (value) } " / " (format!("{}", g.threshold))
         }
+    }
+}
+
+/// What a running rollout waits for, in words.
+fn waiting_text(w: &Waiting) -> String {
+    let n = |k: usize| format!("{k} device{}", if k == 1 { "" } else { "s" });
+    match w {
+        Waiting::Start { at_ms } => format!("starts at {}", iso(*at_ms)),
+        Waiting::Reports { devices } => format!("waiting for {} to report", n(*devices)),
+        Waiting::Offline { devices } => format!("every device the stage waits for is offline ({})", n(*devices)),
+        Waiting::NoDevices { matching } => format!("no online device to take in ({matching} match)"),
+        Waiting::Window { devices, opens_ms } => format!(
+            "{} wait for their maintenance window{}",
+            n(*devices),
+            opens_ms.map_or(String::new(), |t| format!("; the next opens at {}", iso(t)))
+        ),
+        Waiting::Bake { until_ms } => format!("baking until {}", iso(*until_ms)),
+        Waiting::Approval => "waiting for an operator's approval".into(),
+    }
+}
+
+/// A device's phase in a rollout, as a badge.
+fn target_badge(t: &Target) -> Markup {
+    if t.timed_out() {
+        return badge("warn", "timed out");
+    }
+    if t.awaiting_window {
+        return badge("muted", "awaiting window");
+    }
+    match t.phase {
+        Some(p) => badge(
+            if t.failed() {
+                "bad"
+            } else if p.is_final() {
+                "ok"
+            } else {
+                "info"
+            },
+            &format!("{p:?}").to_lowercase(),
+        ),
+        None => html! { span.muted { "waiting" } },
     }
 }
 
@@ -145,6 +187,7 @@ pub async fn detail(State(s): State<AppState>, who: Who, Path(id): Path<String>)
             h2 #state-h.visually-hidden { "State" }
             p.lead { (r.model.name) " v" (r.model.version) " " (sha(&r.model.sha256)) " to class " strong { (r.class) } " · "
                 (state_badge(&r.state)) " · " span #stage-text data-stage=(r.stage) { (progress_text(&r)) } }
+            @if let Some(w) = &r.waiting { p #waiting data-waiting=(serde_json::to_value(w).ok().and_then(|v| v["for"].as_str().map(String::from)).unwrap_or_default()) { "Now: " (waiting_text(w)) "." } }
             @if let Some(p) = &r.previous { p.small { "A rollback returns devices to " (p.name) " v" (p.version) "." } }
             div.stagebar aria-hidden="true" {
                 @for st in &r.stages { span class=(format!("seg {}", st.status)) style=(format!("width: {:.2}%", 100.0 / n as f64)) { (st.stage.name) } }
@@ -185,7 +228,7 @@ pub async fn detail(State(s): State<AppState>, who: Who, Path(id): Path<String>)
                         tr {
                             td { a href=(format!("/devices/{d}")) { (d) } }
                             td.num { (r.stages.get(t.stage).map_or("?", |s| s.stage.name.as_str())) }
-                            td { @match t.phase { Some(p) => { (badge(if p.is_failure() { "bad" } else if p.is_final() { "ok" } else { "info" }, &format!("{p:?}").to_lowercase())) } None => { span.muted { "waiting" } } } }
+                            td { (target_badge(t)) }
                             td.small { (t.reason) }
                             td { @if t.online { "yes" } @else { "no" } }
                             td { (ago(now, t.assigned_ms)) }
