@@ -371,14 +371,7 @@ fn start_updater(
     let Some(ucfg) = cfg.updates.clone() else { return Ok((None, None)) };
     let (reports_tx, reports_rx) = mpsc::unbounded_channel();
     let (desired_tx, desired_rx) = watch::channel(None);
-    let me = Identity {
-        device: cfg.device_id.clone(),
-        class: cfg.class.class.clone(),
-        sensor: cfg.model_sensor.clone(),
-        width: models.width,
-        features: cfg.class.pipeline().sensors.into_iter().find(|s| s.name == cfg.model_sensor),
-        max_artifact_bytes: ucfg.max_artifact_bytes,
-    };
+    let me = Identity { width: models.width, ..updater::bundle::identity(cfg, &ucfg) };
     let (files, slot, pointer) = (models.files.clone(), models.slot.clone(), models.pointer.clone());
     let up = Updater::new(ucfg, me, files, slot, slot_events, reports_tx, health.clone(), pointer)?
         .with_http(crate::identity::http_client(cfg.tls_ca.as_ref(), None)?);

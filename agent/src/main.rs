@@ -1,8 +1,10 @@
 //! `edgeloop-agent --config agent.toml`: the edge daemon.
+//! `edgeloop-agent --config agent.toml install --bundle FILE`: queues an update bundle (sites with no network).
 //!
-//! Exit codes: 0 after a clean stop (ctrl-c or SIGTERM), 2 for a bad config, 1 for any other failure.
+//! Exit codes: 0 after a clean stop (ctrl-c or SIGTERM) or a queued bundle, 2 for a bad config, 1 for any
+//! other failure (a refused bundle included).
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use edgeloop_agent::config::AgentConfig;
 use edgeloop_agent::Agent;
 use edgeloop_common::cli::{Failure, LogFormat};
@@ -13,12 +15,26 @@ use tokio_util::sync::CancellationToken;
 #[derive(Parser)]
 #[command(name = "edgeloop-agent", version, about = "The edgeloop edge agent")]
 struct Cli {
-    /// Path to agent.toml.
-    #[arg(long, short)]
-    config: PathBuf,
+    /// Path to agent.toml (required; before or after the command).
+    #[arg(long, short, global = true)]
+    config: Option<PathBuf>,
     /// Log format on stderr: text, or json (one object a line, for log collectors).
-    #[arg(long, default_value = "text")]
+    #[arg(long, global = true, default_value = "text")]
     log_format: LogFormat,
+    /// Without a command: run the agent.
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check an update bundle (`edgeloop-control-plane bundle`) against this device's trusted keys, class and
+    /// sequence, and queue it: the agent installs it at once if it runs, else at its next start, through the
+    /// same self-test and watch as an online update.
+    Install {
+        #[arg(long)]
+        bundle: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -28,7 +44,21 @@ fn main() -> ExitCode {
 }
 
 fn try_main(cli: Cli) -> Result<(), Failure> {
-    let cfg = AgentConfig::load(&cli.config).map_err(Failure::config)?;
+    let path = cli.config.ok_or_else(|| Failure::usage("--config agent.toml is required"))?;
+    let cfg = AgentConfig::load(&path).map_err(Failure::config)?;
+    if let Some(Command::Install { bundle }) = cli.command {
+        let q = edgeloop_agent::updater::bundle::queue(&cfg, &bundle, edgeloop_common::unix_millis())?;
+        println!(
+            "queued {} v{} (sha256 {}, sequence {}, valid until {} ms) in {}: the agent installs it now if it runs, else at its next start, and reports the result when it next reaches the control plane",
+            q.manifest.name,
+            q.manifest.version,
+            q.manifest.sha256,
+            q.desired.seq,
+            q.desired.expires_ms,
+            q.path.display()
+        );
+        return Ok(());
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -49,5 +79,26 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
             stopped.await?
         }
         r = &mut stopped => r?,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed_and_takes_config_before_or_after_install() {
+        Cli::command().debug_assert();
+        let run = Cli::try_parse_from(["edgeloop-agent", "--config", "a.toml"]).unwrap();
+        assert!(run.command.is_none() && run.config.is_some());
+        for args in [
+            ["edgeloop-agent", "--config", "a.toml", "install", "--bundle", "b"],
+            ["edgeloop-agent", "install", "--bundle", "b", "--config", "a.toml"],
+        ] {
+            let cli = Cli::try_parse_from(args).unwrap();
+            assert_eq!(cli.config.as_deref(), Some(std::path::Path::new("a.toml")));
+            assert!(matches!(cli.command, Some(Command::Install { bundle }) if bundle == std::path::Path::new("b")));
+        }
     }
 }

@@ -26,6 +26,7 @@
 //! The agent and the control plane never depend on each other; whatever they must agree on lives here.
 
 pub mod broker_url;
+pub mod bundle;
 pub mod cli;
 pub mod config;
 #[cfg(feature = "durable")]

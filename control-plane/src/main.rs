@@ -63,6 +63,23 @@ enum Command {
         #[arg(long)]
         exclude_flagged: bool,
     },
+    /// Write an update bundle for sites with no network: the signed manifest, the artifact and a desired state
+    /// for every device of the class, valid for --valid-days (`edgeloop-agent install --bundle FILE` installs
+    /// it). Offline: stop the control plane first, or use POST /api/v1/bundles while it runs.
+    Bundle {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The model, as NAME@VERSION.
+        #[arg(long)]
+        model: String,
+        /// Default: the model's class.
+        #[arg(long)]
+        class: Option<String>,
+        #[arg(long, default_value_t = 30)]
+        valid_days: u64,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Manage operator bearer tokens (works while the control plane runs).
     Tokens {
         #[command(subcommand)]
@@ -180,6 +197,31 @@ fn try_main(command: Command) -> Result<(), Failure> {
             req.device = cfg.training.device;
             train_offline(cfg, req)?;
         }
+        Command::Bundle { config, model, class, valid_days, out } => {
+            let cfg = Config::load(&config).map_err(Failure::config)?;
+            let (name, version) = model
+                .rsplit_once('@')
+                .and_then(|(n, v)| Some((n.to_string(), v.parse::<u32>().ok()?)))
+                .ok_or_else(|| Failure::usage(format!("--model: `{model}` is not NAME@VERSION (press@3)")))?;
+            let req = edgeloop_control_plane::rollout::bundle::BundleRequest {
+                model: name,
+                version,
+                class,
+                valid_secs: valid_days.saturating_mul(24 * 3600),
+                policy: None,
+            };
+            let r = bundle_offline(&cfg, &req, &out)?;
+            println!(
+                "{}: {} v{} for class {} (sequence {}, valid until {} ms) written to {}",
+                r.id,
+                r.model,
+                r.version,
+                r.class,
+                r.seq,
+                r.expires_ms,
+                out.display()
+            );
+        }
         Command::Tokens { command } => tokens(&command)?,
         Command::Broker { command: BrokerCommand::Acl { service_user, out } } => {
             let acl = edgeloop_control_plane::broker::mosquitto_acl(&service_user);
@@ -237,6 +279,27 @@ fn tokens(command: &TokensCommand) -> Result<(), Failure> {
 }
 
 /// `train`: opens the store directly, trains with a progress bar, prints the trial table and the decision.
+/// `bundle`: makes an update bundle from the stopped control plane's store and writes it to `out`.
+fn bundle_offline(
+    cfg: &Config,
+    req: &edgeloop_control_plane::rollout::bundle::BundleRequest,
+    out: &std::path::Path,
+) -> anyhow::Result<edgeloop_control_plane::rollout::bundle::BundleRecord> {
+    let signer = match &cfg.rollouts.signing_key {
+        Some(path) => edgeloop_control_plane::access::keys::load(path).context("rollouts.signing_key")?,
+        None => edgeloop_control_plane::access::keys::load(&cfg.data_dir.join("signing.key"))
+            .context("the control plane's signing key (start it once to create it)")?,
+    };
+    let db = DurableDb::open(&cfg.data_dir.join("store"), cfg.durability)
+        .context("opening the store (is the control plane running? stop it, or use POST /api/v1/bundles)")?;
+    let models = ModelRegistry::open(&db, &cfg.data_dir)?;
+    let store = edgeloop_control_plane::rollout::store::RolloutStore::open(&db)?;
+    let (record, bytes) =
+        edgeloop_control_plane::rollout::bundle::make(&store, &models, &signer, req, edgeloop_common::unix_millis())?;
+    edgeloop_common::private::write_atomic(out, &bytes).with_context(|| format!("writing {}", out.display()))?;
+    Ok(record)
+}
+
 fn train_offline(cfg: Config, req: TrainRequest) -> anyhow::Result<()> {
     let class = cfg.classes.get(&req.dataset.class).cloned().with_context(|| {
         format!("no firmware config for class `{}` (set training.classes_dir in the config)", req.dataset.class)
@@ -314,5 +377,28 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         }
         // The control plane stopped by itself (a store failure): exit non-zero so a supervisor restarts it.
         r = &mut stopped => r?.and_then(|()| Err(anyhow::anyhow!("the control plane stopped unexpectedly"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from([
+            "edgeloop-control-plane",
+            "bundle",
+            "-c",
+            "cp.toml",
+            "--model",
+            "press@3",
+            "--out",
+            "f",
+        ])
+        .unwrap();
+        assert!(matches!(cli.command, Command::Bundle { valid_days: 30, .. }));
     }
 }

@@ -22,6 +22,7 @@
 //! file says where to resume: a pending download resumes, a watch restarts, and the active model is whatever
 //! the pointer names, so an agent that had a working model never comes back without one.
 
+pub mod bundle;
 pub mod slot;
 pub mod state;
 
@@ -85,6 +86,10 @@ impl Files {
     }
     pub fn staging(&self, sha256: &str) -> PathBuf {
         self.dir.join("staging").join(format!("{sha256}.part"))
+    }
+    /// Where `install --bundle` queues bundles for the updater.
+    pub fn inbox(&self) -> PathBuf {
+        self.dir.join("inbox")
     }
 
     pub fn load_pointer(&self) -> anyhow::Result<Pointer> {
@@ -198,6 +203,9 @@ pub struct Updater {
     newer: Option<watch::Receiver<Option<Signed>>>,
 }
 
+/// How often the updater looks for bundles queued by `install --bundle`.
+const INBOX_EVERY: Duration = Duration::from_secs(2);
+
 /// The first wait between two download attempts.
 const DOWNLOAD_BACKOFF: Duration = Duration::from_millis(250);
 /// The longest wait between two download attempts: after an outage the download resumes within this.
@@ -274,9 +282,15 @@ impl Updater {
             tracing::info!(seq = p.desired.seq, phase = ?p.phase, "resuming the update interrupted by a restart");
             self.apply(p.desired, p.manifest, p.phase == Phase::Watching, &cancel).await?;
         }
+        let mut inbox = tokio::time::interval(INBOX_EVERY);
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
+                _ = inbox.tick() => {
+                    for path in bundle::waiting(&self.files) {
+                        self.install_bundle(&path, &cancel).await?;
+                    }
+                }
                 changed = desired.changed() => {
                     if changed.is_err() {
                         return Ok(());
@@ -320,6 +334,50 @@ impl Updater {
                 rep.failure =
                     Some(if matches!(r, Rejection::Expired { .. }) { Failure::TimedOut } else { Failure::Refused });
                 self.send(rep);
+                Ok(())
+            }
+        }
+    }
+
+    /// Installs a bundle queued in the inbox: checked again (the agent may have accepted a newer state since
+    /// it was queued), then taken through the same steps as an online update, its artifact already in place.
+    /// A refused bundle is reported and renamed `*.refused`, so that it is not tried again.
+    pub async fn install_bundle(&mut self, path: &Path, cancel: &CancellationToken) -> anyhow::Result<()> {
+        let now = unix_millis();
+        let (p, max) = (path.to_path_buf(), self.cfg.max_artifact_bytes);
+        let read = tokio::task::spawn_blocking(move || bundle::read(&p, max)).await?;
+        let checked = read.and_then(|b| {
+            let (d, m) = bundle::check(&b, &self.cfg.trusted, &self.me, self.pointer.last_seq, now)?;
+            Ok((b, d, m))
+        });
+        match checked {
+            Ok((b, d, m)) => {
+                let (files, path2) = (self.files.clone(), path.to_path_buf());
+                let (d2, m2) = (d.clone(), m.clone());
+                tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+                    bundle::keep(&files, &b, &d2, &m2)?;
+                    std::fs::remove_file(&path2).with_context(|| format!("removing {}", path2.display()))
+                })
+                .await??;
+                tracing::info!(seq = d.seq, model = %m.name, version = m.version, "installing an update bundle");
+                self.pointer.last_seq = d.seq;
+                self.pointer.pending =
+                    Some(Pending { desired: d.clone(), manifest: m.clone(), phase: Phase::Downloading });
+                self.save().await?;
+                self.apply(d, m, false, cancel).await
+            }
+            Err(e) => {
+                tracing::warn!(bundle = %path.display(), error = %e, "update bundle refused");
+                let refused = tokio::fs::read(path)
+                    .await
+                    .ok()
+                    .and_then(|bytes| edgeloop_common::bundle::Bundle::decode(&bytes).ok())
+                    .map(|b| state::refused_bundle_state(&b.desired, &self.cfg.trusted, &self.me, now))
+                    .unwrap_or_default();
+                let mut rep = self.report(None, &refused.sha256, Phase::Rejected, format!("bundle: {e}"));
+                (rep.seq, rep.rollout, rep.failure) = (refused.seq, refused.rollout, Some(e.failure()));
+                self.send(rep);
+                let _ = tokio::fs::rename(path, path.with_extension("refused")).await;
                 Ok(())
             }
         }

@@ -117,8 +117,32 @@ pub fn verify_desired(
     last_seq: u64,
     now_ms: u64,
 ) -> Result<(DesiredState, Manifest), Rejection> {
+    verify(signed, trusted, me, last_seq, now_ms, false)
+}
+
+/// As [`verify_desired`], for the desired state of an update bundle: it may name
+/// [`edgeloop_common::bundle::ANY_DEVICE`] (every device of its class) instead of this device.
+pub fn verify_bundle_state(
+    signed: &Signed,
+    trusted: &[TrustedKey],
+    me: &Identity,
+    last_seq: u64,
+    now_ms: u64,
+) -> Result<(DesiredState, Manifest), Rejection> {
+    verify(signed, trusted, me, last_seq, now_ms, true)
+}
+
+fn verify(
+    signed: &Signed,
+    trusted: &[TrustedKey],
+    me: &Identity,
+    last_seq: u64,
+    now_ms: u64,
+    from_bundle: bool,
+) -> Result<(DesiredState, Manifest), Rejection> {
     let desired: DesiredState = signed.verify(trusted, now_ms).map_err(Rejection::DesiredSignature)?;
-    if desired.device != me.device {
+    let any = from_bundle && desired.device == edgeloop_common::bundle::ANY_DEVICE;
+    if desired.device != me.device && !any {
         return Err(Rejection::WrongDevice(desired.device));
     }
     if desired.class != me.class {
@@ -151,8 +175,18 @@ pub struct RefusedState {
 
 /// The [`RefusedState`] of a desired state that [`verify_desired`] refused.
 pub fn refused_state(signed: &Signed, trusted: &[TrustedKey], me: &Identity, now_ms: u64) -> RefusedState {
+    refused(signed, trusted, me, now_ms, false)
+}
+
+/// The [`RefusedState`] of a bundle's desired state that [`verify_bundle_state`] refused.
+pub fn refused_bundle_state(signed: &Signed, trusted: &[TrustedKey], me: &Identity, now_ms: u64) -> RefusedState {
+    refused(signed, trusted, me, now_ms, true)
+}
+
+fn refused(signed: &Signed, trusted: &[TrustedKey], me: &Identity, now_ms: u64, from_bundle: bool) -> RefusedState {
     let Ok(desired) = signed.verify::<DesiredState>(trusted, now_ms) else { return RefusedState::default() };
-    if desired.device != me.device {
+    let any = from_bundle && desired.device == edgeloop_common::bundle::ANY_DEVICE;
+    if desired.device != me.device && !any {
         return RefusedState::default();
     }
     let sha256 =

@@ -590,3 +590,5 @@ async fn a_newer_desired_state_takes_over_from_a_download_waiting_to_retry_and_a
     assert!(!seen.iter().any(|r| r.seq == 1 && r.phase == Phase::Failed), "the first was superseded, not failed");
     assert_eq!(slot.active_info().unwrap().sha256, m.sha256);
 }
+
+mod bundles;

@@ -7,10 +7,11 @@
 //! - [`service`]: the thin shell: ticks the engine with the registry's view of the fleet, signs and
 //!   persists desired states, then publishes them retained on `down/desired`.
 
+pub mod bundle;
 pub mod config;
 pub mod engine;
 pub(crate) mod service;
-pub(crate) mod store;
+pub mod store;
 pub(crate) mod view;
 pub mod window;
 

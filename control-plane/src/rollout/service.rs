@@ -310,6 +310,24 @@ impl Rollouts {
         Ok(r)
     }
 
+    /// Makes an update bundle (see [`super::bundle`]), one at a time with issuing desired states. Blocking.
+    pub fn bundle(
+        &self,
+        req: &super::bundle::BundleRequest,
+        now_ms: u64,
+    ) -> Result<(super::bundle::BundleRecord, Vec<u8>), super::bundle::BundleError> {
+        let _w = self.write();
+        super::bundle::make(&self.store, &self.models, &self.signer, req, now_ms)
+    }
+
+    /// The bundles made, with each device's latest report about them.
+    pub fn bundles(&self) -> Result<Vec<super::bundle::BundleView>, StoreError> {
+        let devices = self.registry.list();
+        let reports: Vec<(&str, &[edgeloop_common::update::UpdateReport])> =
+            devices.iter().map(|d| (d.id.as_str(), d.updates.as_slice())).collect();
+        Ok(super::bundle::views(self.store.bundles()?, reports.iter().copied()))
+    }
+
     /// An operator's action on a rollout. Blocking.
     pub fn act(&self, id: &str, action: Action, now_ms: u64) -> Result<Rollout, RolloutError> {
         let _w = self.write();
@@ -376,7 +394,9 @@ impl Rollouts {
             reason: format!("model {} v{} vanished from the registry", model.name, model.version),
         })?;
         let last = self.store.issued(device)?;
-        let seq = Issued::next_seq(device, last.as_ref())?;
+        // Above the last state issued to the device, and above any bundle made for its class (which the device
+        // may have installed).
+        let seq = Issued::next_seq(device, last.as_ref())?.max(self.store.bundle_floor(class)?.saturating_add(1));
         let first_seq = Issued::run_start(last.as_ref(), seq, rollout, &mv.sha256);
         let expires_ms = now_ms + self.cfg.desired_ttl_secs * 1000;
         let desired = DesiredState {
@@ -698,6 +718,49 @@ mod tests {
     }
 
     /// The sequence of each desired state published, by device.
+    #[test]
+    fn a_bundle_goes_above_every_issued_sequence_and_later_states_go_above_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (r, models, registry) = open_with_registry(dir.path(), false);
+        for v in [1, 2] {
+            models.insert(&version(v, false)).unwrap();
+            let artifacts = dir.path().join("artifacts");
+            std::fs::create_dir_all(&artifacts).unwrap();
+            std::fs::write(artifacts.join(format!("{v:064}")), b"0123456789").unwrap();
+        }
+        let now = 1_000_000;
+        for d in ["d1", "d2"] {
+            registry.update(d, now, |dev| dev.class = "press".into()).unwrap();
+        }
+        r.create(rollout_request(1), now).unwrap();
+        assert_eq!(published_seqs(&r.tick(now).unwrap()).values().copied().collect::<Vec<_>>(), vec![1, 1]);
+        let req = crate::rollout::bundle::BundleRequest {
+            model: "press".into(),
+            version: 2,
+            class: None,
+            valid_secs: 3600,
+            policy: None,
+        };
+        let (b, bytes) = r.bundle(&req, now).unwrap();
+        assert_eq!((b.seq, b.id.as_str(), b.class.as_str()), (2, "bundle-2", "press"));
+        // The file holds a desired state for every device of the class, with the artifact.
+        let file = edgeloop_common::bundle::Bundle::decode(&bytes).unwrap();
+        let d: DesiredState = ciborium::from_reader(&file.desired.payload[..]).unwrap();
+        assert_eq!((d.device.as_str(), d.seq, d.expires_ms), (edgeloop_common::bundle::ANY_DEVICE, 2, now + 3_600_000));
+        assert_eq!(file.artifact, b"0123456789");
+        // The next online states for the class go above the bundle, whatever each device was issued.
+        r.create(rollout_request(2), now + 1).unwrap();
+        let next = published_seqs(&r.tick(now + 1).unwrap());
+        assert_eq!(next.values().copied().collect::<Vec<_>>(), vec![3, 3], "{next:?}");
+        // A second bundle goes above those; a bad request says what is wrong.
+        assert_eq!(r.bundle(&req, now + 2).unwrap().0.seq, 4);
+        let e = r.bundle(&crate::rollout::bundle::BundleRequest { valid_secs: 1, ..req.clone() }, now).unwrap_err();
+        assert!(e.to_string().starts_with("valid_secs: 1"), "{e}");
+        let e = r.bundle(&crate::rollout::bundle::BundleRequest { version: 9, ..req }, now).unwrap_err();
+        assert!(e.to_string().contains("no model `press` version 9"), "{e}");
+        assert_eq!(r.store.bundles().unwrap().len(), 2);
+    }
+
     fn published_seqs(p: &[Publication]) -> BTreeMap<String, u64> {
         p.iter()
             .map(|(topic, payload)| {

@@ -71,6 +71,7 @@ pub struct RolloutStore {
     rollouts: sled::Tree,
     issued: sled::Tree,
     tags: sled::Tree,
+    bundles: sled::Tree,
 }
 
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
@@ -91,6 +92,7 @@ impl RolloutStore {
             rollouts: db.tree("rollouts")?,
             issued: db.tree("desired")?,
             tags: db.tree("device_tags")?,
+            bundles: db.tree("bundles")?,
             db: db.clone(),
         })
     }
@@ -149,6 +151,29 @@ impl RolloutStore {
     pub fn set_tags(&self, device: &str, tags: &[String]) -> Result<(), StoreError> {
         self.tags.insert(device.as_bytes(), encode(&tags))?;
         self.commit()
+    }
+
+    /// Every update bundle made, oldest first.
+    pub fn bundles(&self) -> Result<Vec<super::bundle::BundleRecord>, StoreError> {
+        let mut v: Vec<super::bundle::BundleRecord> = self
+            .bundles
+            .iter()
+            .map(|kv| kv.map_err(StoreError::from).and_then(|(k, v)| decode("bundle", &k, &v)))
+            .collect::<Result<_, _>>()?;
+        v.sort_by_key(|b| b.seq);
+        Ok(v)
+    }
+
+    /// Records a bundle (not yet durable: call [`RolloutStore::commit`]).
+    pub fn put_bundle(&self, b: &super::bundle::BundleRecord) -> Result<(), StoreError> {
+        self.bundles.insert(b.id.as_bytes(), encode(b))?;
+        Ok(())
+    }
+
+    /// The highest sequence of any bundle made for `class` (0 if none): online desired states for the class
+    /// go above it.
+    pub fn bundle_floor(&self, class: &str) -> Result<u64, StoreError> {
+        Ok(self.bundles()?.iter().filter(|b| b.class == class).map(|b| b.seq).max().unwrap_or(0))
     }
 
     /// Makes everything written durable. Blocking.

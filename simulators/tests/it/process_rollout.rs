@@ -321,3 +321,87 @@ async fn agent_killed_mid_download_resumes() {
     p.sigterm();
     site.cp.sigterm();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bundle_from_the_cli_installs_on_an_agent_process_with_no_network() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut site = site(dir.path()).await;
+    let (mut p, udp) = agent(&site, "proc-x", &format!("https://{}", site.api));
+    p.start();
+    let stop = Arc::new(AtomicBool::new(false));
+    let feeder = feed(vec![udp], stop.clone());
+    let model = upload(&site.client, 0).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while device(&site.client, "proc-x").await.is_none_or(|d| d.device.class != "probe") {
+        assert!(std::time::Instant::now() < deadline, "proc-x never reported");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The site goes dark: the control plane stops (the offline CLI needs its store), the agent runs on alone.
+    site.cp.sigterm();
+    let cp_bin = crate::support::binary("edgeloop-control-plane");
+    let cp_toml = dir.path().join("cp.toml");
+    let file = dir.path().join("site.bundle");
+    let out = std::process::Command::new(&cp_bin)
+        .args(["bundle", "--model", "probe@one", "--out"])
+        .arg(&file)
+        .arg("--config")
+        .arg(&cp_toml)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("`probe@one` is not NAME@VERSION"));
+    let out = std::process::Command::new(&cp_bin)
+        .args(["bundle", "--model", "probe@1", "--valid-days", "7", "--out"])
+        .arg(&file)
+        .arg("--config")
+        .arg(&cp_toml)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("probe v1 for class probe"));
+
+    // A tampered copy is refused by `install`, naming the artifact; the real one is queued and installed.
+    let agent_bin = crate::support::binary("edgeloop-agent");
+    let agent_toml = dir.path().join("proc-x.toml");
+    let mut bytes = std::fs::read(&file).unwrap();
+    let tampered = dir.path().join("tampered.bundle");
+    let n = bytes.len();
+    bytes[n - 1] ^= 0xff;
+    std::fs::write(&tampered, &bytes).unwrap();
+    let install = |f: &Path| {
+        std::process::Command::new(&agent_bin)
+            .arg("--config")
+            .arg(&agent_toml)
+            .args(["install", "--bundle"])
+            .arg(f)
+            .output()
+            .unwrap()
+    };
+    let out = install(&tampered);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("artifact:"), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = install(&file);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("queued probe v1"));
+    wait_for("the bundle's model runs on the agent", Duration::from_secs(60), || {
+        active_on_disk(&dir.path().join("proc-x")).as_deref() == Some(model.sha256.as_str())
+    })
+    .await;
+
+    // The site comes back: the device reports the install and the control plane records it.
+    site.cp.start();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let views: Vec<serde_json::Value> = site.client.get_json("/api/v1/bundles").await.unwrap_or_default();
+        let phase = views.first().and_then(|v| v["devices"]["proc-x"]["phase"].as_str().map(String::from));
+        if phase.as_deref() == Some("applied") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the install was not reported: {views:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    feeder.join().unwrap();
+    p.sigterm();
+    site.cp.sigterm();
+}

@@ -134,3 +134,44 @@ pub async fn upload(
 pub async fn windows(State(s): State<AppState>) -> Json<Vec<crate::rollout::WindowView>> {
     Json(s.rollouts.windows(edgeloop_common::unix_millis()))
 }
+
+impl From<crate::rollout::bundle::BundleError> for ApiError {
+    fn from(e: crate::rollout::bundle::BundleError) -> Self {
+        use crate::rollout::bundle::BundleError as B;
+        match e {
+            B::NoModel { .. } => ApiError::not_found(e.to_string()),
+            B::ClassMismatch { .. } | B::Validity(_) => ApiError::bad_request(e.to_string()),
+            B::Exhausted(_) => ApiError { status: StatusCode::CONFLICT, error: "conflict", detail: e.to_string() },
+            B::NoArtifact(_) | B::Io(_) => ApiError::internal(e.to_string()),
+            B::Store(e) => ApiError::internal(e),
+        }
+    }
+}
+
+/// The media type of an update bundle file.
+pub const BUNDLE_TYPE: &str = "application/vnd.edgeloop.bundle+cbor";
+
+/// `POST /api/v1/bundles`: makes an update bundle for sites with no network and answers with the file
+/// (`edgeloop-agent install --bundle FILE` installs it). Its id is in `X-Edgeloop-Bundle`.
+pub async fn make_bundle(
+    State(s): State<AppState>,
+    ApiJson(req): ApiJson<crate::rollout::bundle::BundleRequest>,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::http::header;
+    use axum::response::IntoResponse;
+    let r = s.rollouts.clone();
+    let (record, bytes) = tokio::task::spawn_blocking(move || r.bundle(&req, edgeloop_common::unix_millis())).await??;
+    let name = format!("attachment; filename=\"{}-{}-v{}.bundle\"", record.id, record.model, record.version);
+    let headers = [
+        (header::CONTENT_TYPE, BUNDLE_TYPE.to_string()),
+        (header::CONTENT_DISPOSITION, name),
+        (header::HeaderName::from_static("x-edgeloop-bundle"), record.id),
+    ];
+    Ok((StatusCode::CREATED, headers, bytes).into_response())
+}
+
+/// `GET /api/v1/bundles`: the bundles made, with what each device reported about them.
+pub async fn bundles(State(s): State<AppState>) -> Result<Json<Vec<crate::rollout::bundle::BundleView>>, ApiError> {
+    let r = s.rollouts.clone();
+    Ok(Json(tokio::task::spawn_blocking(move || r.bundles()).await??))
+}
