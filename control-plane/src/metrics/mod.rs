@@ -1,12 +1,16 @@
 //! What an operator graphs and alerts on, served on `/metrics` and encoded by `prometheus-client`: counters
 //! the services increment as things happen, and gauges set at each scrape from the stores ([`Scrape`]): the
 //! fleet by class and state, heartbeat ages, rollouts by state, training jobs by state, drift, the store's
-//! size, the build and the process.
+//! size, the build and the process, and ([`detail`]) live rollouts' gates, waits and phases, training
+//! durations, outbox drops and certificate expiry.
 //!
 //! The default answer is the Prometheus text format (0.0.4), which `promtool check metrics` and every
 //! Prometheus read; a scraper that asks for OpenMetrics gets it ([`Metrics::render_for`]).
 
+mod detail;
 mod process;
+
+pub use detail::{not_after, JobScrape, RolloutScrape};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -74,6 +78,14 @@ pub struct Scrape {
     pub drift: Vec<(String, Vec<f64>)>,
     /// The store's size on disk.
     pub store_bytes: Option<u64>,
+    /// Every live rollout (scheduled, running, awaiting approval, paused).
+    pub live_rollouts: Vec<RolloutScrape>,
+    /// Every training job.
+    pub training: Vec<JobScrape>,
+    /// Per device: its class and the records its outbox dropped since its first start (its last heartbeat).
+    pub outbox_dropped: Vec<(String, u64)>,
+    /// The certificates served, by name, with when they expire (Unix seconds).
+    pub certificates: Vec<(String, u64)>,
 }
 
 #[derive(Debug)]
@@ -102,6 +114,7 @@ pub struct Metrics {
     store_bytes: Gauge,
     build: Family<Build, Gauge>,
     process: process::Process,
+    detail: detail::Detail,
     registry: Registry,
 }
 
@@ -130,6 +143,7 @@ impl Default for Metrics {
             store_bytes: Gauge::default(),
             build: Family::default(),
             process: Default::default(),
+            detail: Default::default(),
             registry: Registry::default(),
         };
         // Counters are shared handles: the registry encodes the same atomics the fields count with.
@@ -200,6 +214,7 @@ impl Default for Metrics {
         m.build.get_or_create(&Build { version: env!("CARGO_PKG_VERSION").to_string() }).set(1);
         registry.register("edgeloop_build_info", "The running build (always 1)", m.build.clone());
         m.process.register(&mut registry);
+        m.detail.register(&mut registry);
         Metrics { registry, ..m }
     }
 }
@@ -288,6 +303,7 @@ impl Metrics {
         if let Some(b) = s.store_bytes {
             self.store_bytes.set(i64::try_from(b).unwrap_or(i64::MAX));
         }
+        self.detail.update(s);
         self.process.update();
     }
 }
@@ -357,6 +373,7 @@ mod tests {
             jobs: vec!["succeeded", "interrupted"],
             drift: vec![("press".into(), vec![0.05, 0.3])],
             store_bytes: Some(4096),
+            ..Default::default()
         };
         let (text, _) = m.render_for(&scrape, false);
         for line in [
@@ -378,5 +395,73 @@ mod tests {
         // A class that is gone disappears at the next scrape.
         let (text, _) = m.render_for(&Scrape { now_ms: now, offline_after_ms: 60_000, ..Default::default() }, false);
         assert!(!text.contains("class=\"air\""), "{text}");
+    }
+
+    #[test]
+    fn live_rollouts_training_drops_and_certificates_are_set_at_each_scrape() {
+        let m = Metrics::default();
+        let now = 1_000_000_000;
+        let scrape = Scrape {
+            now_ms: now,
+            live_rollouts: vec![RolloutScrape {
+                id: "r3".into(),
+                class: "press".into(),
+                stage: 1,
+                stage_started_ms: now - 90_000,
+                waiting: Some("offline".into()),
+                gates: vec![("failed_installs".into(), Some(0.25), 0.2), ("anomaly_ratio".into(), None, 3.0)],
+                phases: [("applied".to_string(), 4), ("timed_out".to_string(), 1)].into(),
+            }],
+            training: vec![
+                JobScrape {
+                    class: "press".into(),
+                    state: "succeeded",
+                    created_ms: now - 500_000,
+                    finished_ms: Some(now - 380_000),
+                },
+                JobScrape {
+                    class: "press".into(),
+                    state: "failed",
+                    created_ms: now - 100_000,
+                    finished_ms: Some(now - 95_000),
+                },
+                JobScrape { class: "air".into(), state: "running", created_ms: now - 42_000, finished_ms: None },
+            ],
+            outbox_dropped: vec![("press".into(), 7), ("press".into(), 5), ("air".into(), 0)],
+            certificates: vec![("tls".into(), 1_800_000_000)],
+            ..Default::default()
+        };
+        let (text, _) = m.render_for(&scrape, false);
+        for line in [
+            "edgeloop_rollout_gate_value{rollout=\"r3\",class=\"press\",gate=\"failed_installs\"} 0.25",
+            "edgeloop_rollout_gate_threshold{rollout=\"r3\",class=\"press\",gate=\"failed_installs\"} 0.2",
+            "edgeloop_rollout_gate_threshold{rollout=\"r3\",class=\"press\",gate=\"anomaly_ratio\"} 3.0",
+            "edgeloop_rollout_waiting{rollout=\"r3\",class=\"press\",waiting_for=\"offline\"} 1",
+            "edgeloop_rollout_stage{rollout=\"r3\",class=\"press\"} 1",
+            "edgeloop_rollout_stage_age_seconds{rollout=\"r3\",class=\"press\"} 90",
+            "edgeloop_rollout_devices{rollout=\"r3\",class=\"press\",phase=\"timed_out\"} 1",
+            "edgeloop_training_last_duration_seconds{class=\"press\",state=\"failed\"} 5.0",
+            "edgeloop_training_running_seconds{class=\"air\"} 42.0",
+            "edgeloop_outbox_dropped_records{class=\"press\"} 12",
+            "edgeloop_certificate_expiry_timestamp_seconds{certificate=\"tls\"} 1800000000",
+        ] {
+            assert!(text.contains(line), "no `{line}` in:\n{text}");
+        }
+        assert!(!text.contains("gate=\"anomaly_ratio\"} 0"), "no value until a device reported one: {text}");
+        assert!(!text.contains("edgeloop_training_last_duration_seconds{class=\"press\",state=\"succeeded\"}"));
+        // A finished rollout leaves no series behind.
+        let (text, _) = m.render_for(&Scrape { now_ms: now, ..Default::default() }, false);
+        assert!(!text.contains("rollout=\"r3\""), "{text}");
+    }
+
+    #[test]
+    fn a_certificate_s_expiry_is_read_from_its_pem() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = crate::access::certs::init(dir.path(), &["localhost".to_string()]).unwrap();
+        let pem = std::fs::read(&files.cert).unwrap();
+        let t = not_after(&pem).expect("an rcgen certificate parses");
+        let now = edgeloop_common::unix_millis() / 1000;
+        assert!(t > now + 30 * 86_400, "{t} vs {now}");
+        assert_eq!(not_after(b"-----BEGIN CERTIFICATE-----\nnonsense\n-----END CERTIFICATE-----\n"), None);
     }
 }

@@ -19,6 +19,8 @@ use tokio_util::task::TaskTracker;
 pub(crate) struct Tls {
     pub mqtt: TlsAcceptor,
     pub https: TlsAcceptor,
+    /// When the served certificate expires, Unix seconds (`None` if it could not be read as X.509).
+    pub not_after: Option<u64>,
 }
 
 impl Tls {
@@ -32,7 +34,8 @@ impl Tls {
         edgeloop_common::private::warn_if_exposed(&files.key);
         let mqtt = edgeloop_common::tls::server_config(&cert, &key, &[])?;
         let https = edgeloop_common::tls::server_config(&cert, &key, &[b"http/1.1"])?;
-        Ok(Some(Tls { mqtt: TlsAcceptor::from(Arc::new(mqtt)), https: TlsAcceptor::from(Arc::new(https)) }))
+        let not_after = crate::metrics::not_after(&cert);
+        Ok(Some(Tls { mqtt: TlsAcceptor::from(Arc::new(mqtt)), https: TlsAcceptor::from(Arc::new(https)), not_after }))
     }
 }
 

@@ -140,6 +140,7 @@ pub(crate) async fn api(
         front: broker.front.clone(),
         tls: tls.is_some(),
         downloads: Arc::new(web::api::learning::Downloads::new(&cfg.api_limits)),
+        certificates: tls.as_ref().and_then(|t| t.not_after).map(|t| vec![("tls".to_string(), t)]).unwrap_or_default(),
     };
     let https = tls.map(|t| t.https);
     let task = tracker.spawn(web::serve::serve(

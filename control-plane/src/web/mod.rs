@@ -43,6 +43,8 @@ pub struct AppState {
     pub tls: bool,
     /// Slots for artifact downloads (`api.max_downloads`), which need no token.
     pub downloads: Arc<api::learning::Downloads>,
+    /// The certificates served (`tls`: the API's and the broker's), with when they expire, Unix seconds.
+    pub certificates: Vec<(String, u64)>,
 }
 
 /// The cookie the dashboard keeps the operator's token in (HttpOnly, SameSite=Strict).

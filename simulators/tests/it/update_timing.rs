@@ -175,6 +175,9 @@ async fn windows_hold_desired_states_and_the_api_says_when_they_open() {
     let (status, page) = api.get(&format!("/rollouts/{}", r.id)).await.unwrap();
     assert_eq!(status, 200, "{page}");
     assert!(page.contains("wait for their maintenance window; the next opens at"), "{page}");
+    let (status, page) = api.get(&format!("/devices/{}", ids[0])).await.unwrap();
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("Maintenance window") && page.contains("next opens"), "{page}");
 
     // A scheduled rollout waits for its time; a bad time is refused, naming the field.
     let at = jiff::Timestamp::from_millisecond((now + 3600 * 1000) as i64).unwrap();

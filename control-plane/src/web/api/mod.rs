@@ -125,17 +125,52 @@ pub async fn metrics(State(s): State<AppState>, headers: axum::http::HeaderMap) 
         .and_then(|v| v.to_str().ok())
         .is_some_and(|a| a.contains("application/openmetrics-text"));
     let (body, content_type) = tokio::task::spawn_blocking(move || {
+        let devices = s.registry.list();
+        let rollouts = s.rollouts.list();
+        let jobs = s.learning.list_jobs();
         let scrape = crate::metrics::Scrape {
             now_ms: edgeloop_common::unix_millis(),
             offline_after_ms: s.offline_after_ms,
-            devices: s.registry.list().into_iter().map(|d| (d.class, d.last_seen_ms, d.anomalies)).collect(),
-            rollouts: s.rollouts.list().iter().map(|r| r.state.word()).collect(),
-            jobs: s.learning.list_jobs().iter().map(|j| j.state.word()).collect(),
+            outbox_dropped: devices
+                .iter()
+                .map(|d| (d.class.clone(), d.last_status.as_ref().map_or(0, |st| st.dropped_total)))
+                .collect(),
+            devices: devices.into_iter().map(|d| (d.class, d.last_seen_ms, d.anomalies)).collect(),
+            rollouts: rollouts.iter().map(|r| r.state.word()).collect(),
+            live_rollouts: rollouts.iter().filter(|r| r.state.is_active()).map(rollout_scrape).collect(),
+            jobs: jobs.iter().map(|j| j.state.word()).collect(),
+            training: jobs
+                .iter()
+                .map(|j| crate::metrics::JobScrape {
+                    class: j.class.clone(),
+                    state: j.state.word(),
+                    created_ms: j.created_ms,
+                    finished_ms: j.finished_ms,
+                })
+                .collect(),
             drift: s.learning.classes.keys().filter_map(|c| s.learning.drift(c).map(|d| (c.clone(), d.psi))).collect(),
             store_bytes: s.store.db().db().size_on_disk().ok(),
+            certificates: s.certificates.clone(),
         };
         s.metrics.render_for(&scrape, openmetrics)
     })
     .await?;
     Ok((StatusCode::OK, [(header::CONTENT_TYPE, content_type)], body))
+}
+
+/// A live rollout as `/metrics` reads it: its gates as of the engine's last tick (computed now before the first).
+fn rollout_scrape(r: &crate::rollout::engine::Rollout) -> crate::metrics::RolloutScrape {
+    let gates = if r.gates.is_empty() { r.evaluate() } else { r.gates.clone() };
+    let waiting = r.waiting.as_ref().and_then(|w| {
+        serde_json::to_value(w).ok().and_then(|v| v.get("for").and_then(|f| f.as_str()).map(String::from))
+    });
+    crate::metrics::RolloutScrape {
+        id: r.id.clone(),
+        class: r.spec.class.clone(),
+        stage: r.stage,
+        stage_started_ms: r.stage_started_ms,
+        waiting,
+        gates: gates.into_iter().map(|g| (g.gate, g.value, g.threshold)).collect(),
+        phases: r.phase_counts(),
+    }
 }

@@ -1,11 +1,12 @@
 //! The fleet overview (devices by class, status and model; alerts) and the device page (live charts of
 //! features and score, update history, heartbeat metrics).
 
-use super::layout::{self, ago, badge, bytes, page, page_error, raw, sha, Nav, Who};
+use super::layout::{self, ago, badge, bytes, datetime, page, page_error, raw, sha, Nav, Who};
 use super::svg::{self, Point};
 use crate::fleet::devices::Device;
 use crate::fleet::telemetry::Query as StoreQuery;
 use crate::ml::triggers::Cause;
+use crate::rollout::window::Opening;
 use crate::web::AppState;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
@@ -303,6 +304,7 @@ pub async fn device(State(s): State<AppState>, who: Who, Path(id): Path<String>)
         sensors.entry(r.sensor.as_str()).or_default().push(r);
     }
     let tags = s.rollouts.tags(&id);
+    let window = s.rollouts.opening(&d.class, &tags, now);
     let st = d.last_status.clone().unwrap_or_default();
     let on = online(&d, now, s.offline_after_ms);
     let body = html! {
@@ -315,6 +317,11 @@ pub async fn device(State(s): State<AppState>, who: Who, Path(id): Path<String>)
                 li { "Records " strong { (d.records) } }
                 li { "Flagged " strong { (d.anomalies) } }
                 @if !tags.is_empty() { li { "Tags " @for t in &tags { span.chip { (t) } " " } } }
+                @match window {
+                    Opening::Always => {}
+                    Opening::Open { closes_ms } => { li #window { "Maintenance window " (badge("ok", "open")) " until " (datetime(closes_ms)) } }
+                    Opening::Closed { opens_ms } => { li #window { "Maintenance window " (badge("muted", "closed")) "; next opens " (datetime(opens_ms)) } }
+                }
             }
         }
         section #charts data-live aria-labelledby="charts-h" {
