@@ -259,6 +259,16 @@ impl Registry {
         self.devices.read().unwrap_or_else(|p| p.into_inner()).get(id).cloned()
     }
 
+    /// Removes a decommissioned device's entry, in memory and in sled (durable at the store's next commit).
+    /// Returns the entry it had.
+    pub fn remove(&self, id: &str) -> Result<Option<Device>, StoreError> {
+        let mut devices = self.devices.write().unwrap_or_else(|p| p.into_inner());
+        let gone = devices.remove(id);
+        self.dirty.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
+        self.tree.remove(id.as_bytes())?;
+        Ok(gone)
+    }
+
     pub fn list(&self) -> Vec<Device> {
         self.devices.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
     }

@@ -812,6 +812,13 @@ impl Rollout {
     /// Updates targets from the devices' latest reports about this rollout. A report counts only if it is
     /// about a desired state issued to that device: its sequence, rollout and model must be the issued ones.
     fn absorb(&mut self, fleet: &[FleetDevice]) {
+        // A device that left the fleet (decommissioned) is offline for good.
+        let present: std::collections::BTreeSet<&str> = fleet.iter().map(|d| d.id.as_str()).collect();
+        for (id, t) in self.devices.iter_mut() {
+            if !present.contains(id.as_str()) {
+                t.online = false;
+            }
+        }
         for d in fleet {
             let Some(t) = self.devices.get_mut(&d.id) else { continue };
             t.online = d.online;

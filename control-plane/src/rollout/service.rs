@@ -124,6 +124,8 @@ pub struct Rollouts {
     offline_after_ms: u64,
     /// Wakes the loop early (a rollout was created or acted on).
     pub kick: tokio::sync::Notify,
+    /// Messages for the loop to publish at its next step (a decommissioned device's cleared desired state).
+    outgoing: Mutex<Vec<Publication>>,
 }
 
 /// What only changes need, kept under the writer lock.
@@ -187,6 +189,7 @@ impl Rollouts {
             cfg,
             offline_after_ms,
             kick: tokio::sync::Notify::new(),
+            outgoing: Mutex::new(Vec::new()),
         })
     }
 
@@ -326,6 +329,24 @@ impl Rollouts {
         let reports: Vec<(&str, &[edgeloop_common::update::UpdateReport])> =
             devices.iter().map(|d| (d.id.as_str(), d.updates.as_slice())).collect();
         Ok(super::bundle::views(self.store.bundles()?, reports.iter().copied()))
+    }
+
+    /// Forgets a decommissioned device: its last desired state and tags go from the store (so nothing
+    /// publishes them again), and an empty retained message clears its desired-state topic on the broker at
+    /// the loop's next step. Returns whether the device had been issued a desired state. Blocking.
+    pub fn forget(&self, device: &str) -> Result<bool, StoreError> {
+        let mut w = self.write();
+        let had = self.store.issued(device)?.is_some();
+        self.store.forget(device)?;
+        self.store.commit()?;
+        w.issued.remove(device);
+        self.tags.lock().unwrap_or_else(|p| p.into_inner()).remove(device);
+        self.outgoing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((topics::topic(device, Channel::Desired), Vec::new()));
+        self.kick.notify_one();
+        Ok(had)
     }
 
     /// An operator's action on a rollout. Blocking.
@@ -513,6 +534,8 @@ impl Rollouts {
         }
         w.issued.extend(runs);
         self.publish_rollouts(changed);
+        // Cleared topics of decommissioned devices: taken only by a step that succeeded.
+        out.extend(std::mem::take(&mut *self.outgoing.lock().unwrap_or_else(|p| p.into_inner())));
         Ok(out)
     }
 

@@ -124,6 +124,13 @@ impl RolloutStore {
             .collect()
     }
 
+    /// Forgets a decommissioned device: its last desired state and its tags (not yet durable).
+    pub fn forget(&self, device: &str) -> Result<(), StoreError> {
+        self.issued.remove(device.as_bytes())?;
+        self.tags.remove(device.as_bytes())?;
+        Ok(())
+    }
+
     pub fn put_issued(&self, device: &str, i: &Issued) -> Result<(), StoreError> {
         self.issued.insert(device.as_bytes(), encode(i))?;
         Ok(())

@@ -100,6 +100,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/enrollment-tokens", get(api::identity::tokens).post(api::identity::create_token))
         .route("/api/v1/enrollment-tokens/{id}/revoke", post(api::identity::revoke_token))
         .route("/api/v1/devices/{id}/revoke", post(api::identity::revoke))
+        .route("/api/v1/devices/{id}", axum::routing::delete(api::identity::decommission))
         .route_layer(from_fn_with_state((state.clone(), Role::Admin), auth::check_role));
     Router::new()
         .merge(open)

@@ -353,3 +353,97 @@ async fn forged_ack_deletes_nothing() {
         d.agent.join().await.unwrap();
     }
 }
+
+/// Decommissioning a device (`DELETE /api/v1/devices/{id}`) revokes it, forgets it, and clears its retained
+/// desired state on the broker: a subscriber to its topic gets nothing afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decommissioned_device_is_revoked_forgotten_and_its_desired_state_cleared() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = Mosquitto::start(dir.path());
+    let port = m.port;
+    let (cp, cp_cancel) = start_cp(dir.path(), move |c| {
+        c.rollouts.tick_ms = 50;
+        c.broker = edgeloop_control_plane::config::BrokerConfig::External {
+            url: format!("mqtt://127.0.0.1:{port}"),
+            username: Some("edgeloop-control-plane".into()),
+            password_file: None,
+            ca_file: None,
+        };
+        (c.mqtt_host, c.mqtt_port) = ("127.0.0.1".into(), port);
+        c.external = edgeloop_control_plane::config::ExternalLogin {
+            username: Some("edgeloop-control-plane".into()),
+            password: Some("cp-secret".into()),
+            transport: edgeloop_common::tls::Transport::Plain,
+        };
+    })
+    .await;
+    let api = crate::support::api(&cp);
+    let class = edgeloop_simulators::class_config("city-air-quality").unwrap();
+    let updates = edgeloop_simulators::rollouts::updater_config(&api).await.unwrap();
+    let mut spec = FleetSpec::new(
+        vec![class.clone()],
+        ("127.0.0.1".into(), port),
+        &dir.path().join("agents"),
+        cp.trusted_key.clone(),
+    );
+    spec.customise = std::sync::Arc::new(move |c| c.updates = Some(updates.clone()));
+    spec.enroll_with(&api, 1).await.unwrap();
+    let cancel = CancellationToken::new();
+    let mut devices = fleet::start(&spec, 1, &cancel).await.unwrap();
+    let id = devices[0].agent.device.clone();
+    let creds =
+        edgeloop_agent::identity::Credentials::load(&dir.path().join("agents").join(&id).join("credentials.json"))
+            .unwrap()
+            .unwrap();
+    m.add_user(&creds.username, &creds.password);
+    for s in devices[0].generator.take(5) {
+        devices[0].samples.send(s).await.unwrap();
+    }
+    crate::support::wait_for("the device registered", Duration::from_secs(30), || {
+        cp.registry.get(&id).is_some_and(|d| d.class == "city-air-quality")
+    })
+    .await;
+    edgeloop_simulators::rollouts::upload_reference_model(&api, "city-air-quality", &class, 1e9).await.unwrap();
+    let req = serde_json::json!({"model": "city-air-quality", "version": 1, "stages": [{"name": "all", "share": {"percent": 100.0}}]});
+    edgeloop_simulators::rollouts::create(&api, &req).await.unwrap();
+    crate::support::wait_for("a desired state issued", Duration::from_secs(30), || {
+        cp.rollouts.issued(&id).unwrap().is_some()
+    })
+    .await;
+    // The agent stops; the broker still holds its retained desired state.
+    cancel.cancel();
+    devices.pop().unwrap().agent.join().await.unwrap();
+    let topic = format!("edgeloop/v1/{id}/down/desired");
+    let (c, mut rx, mut subacks) = client(port, &creds.username, &creds.password).await;
+    subscribe(&c, &mut subacks, &topic).await;
+    let got = take_until(&mut rx, "the retained desired state", |g| !g.is_empty()).await;
+    assert!(!got[0].1.is_empty());
+
+    let r = api.request("DELETE", &format!("/api/v1/devices/{id}"), &[], None).await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let body: serde_json::Value = serde_json::from_str(&r.text()).unwrap();
+    assert_eq!(
+        (body["enrollment_revoked"].as_bool(), body["desired_cleared"].as_bool()),
+        (Some(true), Some(true)),
+        "{body}"
+    );
+    // The subscriber sees the topic cleared (an empty message), and a new one finds nothing retained.
+    let cleared = take_until(&mut rx, "the cleared desired state", |g| g.iter().any(|(_, p)| p.is_empty())).await;
+    assert!(cleared.iter().all(|(t, _)| *t == topic));
+    let (c2, mut rx2, mut subacks2) = client(port, &creds.username, &creds.password).await;
+    subscribe(&c2, &mut subacks2, &topic).await;
+    assert!(tokio::time::timeout(Duration::from_secs(2), rx2.recv()).await.is_err(), "nothing retained any more");
+    // Forgotten: not in the fleet, no desired state to publish again at a restart; revoked; audited.
+    assert_eq!(api.get(&format!("/api/v1/devices/{id}")).await.unwrap().0, 404);
+    assert!(cp.rollouts.issued(&id).unwrap().is_none());
+    let enrolled: serde_json::Value = api.get_json("/api/v1/enrollments").await.unwrap();
+    let me = enrolled.as_array().unwrap().iter().find(|e| e["device"] == id.as_str()).unwrap().clone();
+    assert_eq!(me["revoked"], true, "{me}");
+    let audit: Vec<edgeloop_control_plane::access::AuditEntry> = api.get_json("/api/v1/audit").await.unwrap();
+    assert!(audit.iter().any(|e| e.action == format!("DELETE /api/v1/devices/{id}")), "{audit:?}");
+    // An unknown device is a 404 (a second DELETE of this one answers 200 again: it is idempotent); a bad id a 400.
+    assert_eq!(api.request("DELETE", &format!("/api/v1/devices/{id}-x"), &[], None).await.unwrap().status, 404);
+    assert_eq!(api.request("DELETE", "/api/v1/devices/bad%20id", &[], None).await.unwrap().status, 400);
+    cp_cancel.cancel();
+    cp.join().await.unwrap();
+}

@@ -111,3 +111,52 @@ pub async fn revoke(State(s): State<AppState>, Path(id): Path<String>) -> Result
     tracing::warn!(device = %id, connections_cut, "device revoked");
     Ok(Json(Revoked { device: id, revoked_ms: e.revoked_ms, connections_cut }))
 }
+
+/// What `DELETE /api/v1/devices/{id}` did.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Decommissioned {
+    pub device: String,
+    pub decommissioned_ms: u64,
+    /// Whether the device was enrolled (its credentials are now revoked).
+    pub enrollment_revoked: bool,
+    pub connections_cut: usize,
+    /// Whether a desired state had been issued to it (its retained message is now cleared).
+    pub desired_cleared: bool,
+}
+
+/// `DELETE /api/v1/devices/{id}`: decommissions a device. Its enrollment is revoked and its connections cut,
+/// its retained desired state is cleared from the broker and forgotten, its tags go, and it leaves the
+/// registry (and so the fleet's metrics and every rollout's view of the fleet). Its stored telemetry stays.
+pub async fn decommission(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Decommissioned>, ApiError> {
+    edgeloop_common::topics::validate_device_id(&id).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let (st, dev) = (s.clone(), id.clone());
+    let now = edgeloop_common::unix_millis();
+    let (known, enrollment_revoked, desired_cleared) = tokio::task::spawn_blocking(move || -> Result<_, ApiError> {
+        let known = st.registry.get(&dev).is_some() || st.rollouts.issued(&dev)?.is_some();
+        let enrolled = match st.enrollment.revoke(&dev, now) {
+            Ok(_) => true,
+            Err(EnrollError::Bad(_)) => false,
+            Err(e) => return Err(e.into()),
+        };
+        if !known && !enrolled {
+            return Ok((false, false, false));
+        }
+        let cleared = st.rollouts.forget(&dev)?;
+        st.registry.remove(&dev)?;
+        st.store.db().commit().map_err(|e| ApiError::internal(e.to_string()))?;
+        Ok((true, enrolled, cleared))
+    })
+    .await??;
+    if !known {
+        return Err(ApiError::not_found(format!("no device `{id}`")));
+    }
+    let connections_cut = s.front.cut(&id);
+    tracing::warn!(device = %id, enrollment_revoked, desired_cleared, connections_cut, "device decommissioned");
+    Ok(Json(Decommissioned {
+        device: id,
+        decommissioned_ms: now,
+        enrollment_revoked,
+        connections_cut,
+        desired_cleared,
+    }))
+}
