@@ -43,6 +43,9 @@ pub struct RawConfig {
     /// How much the audit log keeps.
     #[serde(default)]
     pub audit: crate::access::audit::AuditConfig,
+    /// How long telemetry is kept.
+    #[serde(default)]
+    pub retention: crate::fleet::retention::RetentionConfig,
     /// TLS for the MQTT listener and the API: `cert` and `key` (from `certs init` or your PKI), or
     /// `plaintext = true` to run without it.
     pub tls: Option<TlsSection>,
@@ -219,6 +222,8 @@ pub struct Config {
     pub api_limits: crate::web::serve::Limits,
     /// How much the audit log keeps.
     pub audit: crate::access::audit::AuditConfig,
+    /// How long telemetry is kept.
+    pub retention: crate::fleet::retention::RetentionConfig,
     /// Devices must enroll: the embedded broker admits only enrolled devices, and ingest accepts only
     /// envelopes signed with the sender's enrolled key (`devices.require_enrollment`).
     pub require_enrollment: bool,
@@ -255,6 +260,7 @@ impl Config {
             require_tokens: true,
             api_limits: Default::default(),
             audit: Default::default(),
+            retention: Default::default(),
             require_enrollment: true,
             tls: None,
             ingest: IngestConfig::default(),
@@ -287,7 +293,19 @@ impl RawConfig {
         let api_limits = api_limits(&c, &self.api)?;
         c.check(self.audit.max_entries > 0, "audit.max_entries", "must be > 0")?;
         c.check(self.audit.max_age_days > 0, "audit.max_age_days", "must be > 0")?;
+        c.check(
+            (60..=86_400).contains(&self.retention.every_secs),
+            "retention.every_secs",
+            "must be between 60 and 86400",
+        )?;
         let classes = load_classes(&c, &self.training, &resolve)?;
+        for class in self.retention.classes.keys() {
+            c.check(
+                classes.is_empty() || classes.contains_key(class),
+                format!("retention.classes.{class}"),
+                format!("no firmware config for class `{class}` in training.classes_dir"),
+            )?;
+        }
         check_triggers(&c, &self.training, &classes)?;
         check_rollouts(&c, &self.rollouts, &classes)?;
         let tls = tls_files(&c, self.tls.as_ref(), &resolve)?;
@@ -305,6 +323,7 @@ impl RawConfig {
             require_tokens: self.api.require_tokens,
             api_limits,
             audit: self.audit,
+            retention: self.retention,
             require_enrollment: self.devices.require_enrollment,
             tls,
             ingest: self.ingest,
@@ -643,6 +662,20 @@ mod tests {
             let e = Config::from_toml("cp.toml", &format!("{base}{w}")).unwrap_err().to_string();
             assert!(e.starts_with(&format!("cp.toml: {want}")), "{e}");
         }
+    }
+
+    #[test]
+    fn retention_loads_and_a_bad_one_is_named() {
+        let base =
+            "data_dir = \"d\"\n[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:1\"\n[tls]\nplaintext = true\n";
+        let c =
+            Config::from_toml("cp.toml", &format!("{base}[retention]\ndays = 90\n[retention.classes]\npress = 7\n"))
+                .unwrap();
+        assert_eq!((c.retention.days_for("press"), c.retention.days_for("air"), c.retention.every_secs), (7, 90, 3600));
+        let e = Config::from_toml("cp.toml", &format!("{base}[retention]\nevery_secs = 5\n")).unwrap_err();
+        assert_eq!(e.to_string(), "cp.toml: retention.every_secs: must be between 60 and 86400");
+        let e = Config::from_toml("cp.toml", &format!("{base}[retention]\nweeks = 5\n")).unwrap_err();
+        assert!(e.to_string().starts_with("cp.toml: retention.weeks: unknown field"), "{e}");
     }
 
     #[test]

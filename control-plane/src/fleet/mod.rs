@@ -6,10 +6,12 @@
 //! - [`enrollment`]: device identity: enrollment tokens, enrolled keys, broker credentials, revocation.
 //! - [`ingest`]: decoding, validation, dedup and storage of uplink messages, and the MQTT service that
 //!   feeds it and publishes acknowledgements.
+//! - [`retention`]: pruning acknowledged records past their class's retention.
 
 pub(crate) mod devices;
 pub(crate) mod enrollment;
 pub(crate) mod ingest;
+pub mod retention;
 pub(crate) mod telemetry;
 
 pub use devices::{Device, Registry};

@@ -128,6 +128,31 @@ impl TelemetryStore {
         Ok(out)
     }
 
+    /// Removes `device`'s acknowledged records (at or below its watermark) with an event time before
+    /// `before_ms`, in sequence order up to the first younger one, at most `max`. Returns how many went. Not
+    /// durable until [`TelemetryStore::commit`].
+    pub fn prune(&self, device: &str, before_ms: u64, max: usize) -> Result<u64, StoreError> {
+        let upto = self.watermark(device)?;
+        let mut gone = 0;
+        for kv in self.records.range(key(device, 0)..=key(device, upto)) {
+            if gone as usize >= max {
+                break;
+            }
+            let (k, v) = kv?;
+            let rec: Record = ciborium::from_reader(&v[..]).map_err(|e| StoreError::Corrupt {
+                device: device.to_string(),
+                seq: seq_of(&k),
+                reason: e.to_string(),
+            })?;
+            if rec.ts_ms >= before_ms {
+                break;
+            }
+            self.records.remove(k)?;
+            gone += 1;
+        }
+        Ok(gone)
+    }
+
     /// Number of records stored for `device`.
     pub fn count(&self, device: &str) -> Result<u64, StoreError> {
         let mut n = 0;

@@ -100,6 +100,10 @@ pub struct Metrics {
     pub desired_published: Counter,
     pub acks_sent: Counter,
     pub commits: Counter,
+    /// Records pruned by telemetry retention.
+    pub records_pruned: Counter,
+    /// Artifact files removed because no model version names them.
+    pub artifacts_collected: Counter,
     /// Seconds from a telemetry batch's sending (device clock) to its durable commit.
     pub ingest_latency: Histogram,
     rejected: Family<Reason, Counter>,
@@ -130,6 +134,8 @@ impl Default for Metrics {
             desired_published: Counter::default(),
             acks_sent: Counter::default(),
             commits: Counter::default(),
+            records_pruned: Counter::default(),
+            artifacts_collected: Counter::default(),
             ingest_latency: Histogram::new(LATENCY_BUCKETS),
             rejected: Family::default(),
             api_refusals: Family::default(),
@@ -148,7 +154,7 @@ impl Default for Metrics {
         };
         // Counters are shared handles: the registry encodes the same atomics the fields count with.
         let mut registry = Registry::default();
-        let counters: [(&str, &str, &Counter); 9] = [
+        let counters: [(&str, &str, &Counter); 11] = [
             ("edgeloop_messages_received", "Uplink MQTT messages received", &m.messages_received),
             ("edgeloop_records_ingested", "Telemetry records stored (first copy)", &m.records_ingested),
             (
@@ -166,6 +172,12 @@ impl Default for Metrics {
             ("edgeloop_desired_published", "Signed desired states published", &m.desired_published),
             ("edgeloop_acks_sent", "End-to-end acknowledgements published", &m.acks_sent),
             ("edgeloop_store_commits", "Durable store commits (group commits)", &m.commits),
+            ("edgeloop_records_pruned", "Telemetry records pruned by retention", &m.records_pruned),
+            (
+                "edgeloop_artifacts_collected",
+                "Artifact files removed because no model version names them",
+                &m.artifacts_collected,
+            ),
         ];
         for (name, help, c) in counters {
             registry.register(name, help, c.clone());

@@ -292,6 +292,33 @@ impl ModelRegistry {
         Ok(sha)
     }
 
+    /// Deletes artifact files that no model version names and that are older than `min_age` (an upload or a
+    /// training writes its artifact before it records the version). Returns the files removed. Blocking.
+    pub fn collect_garbage(&self, min_age: std::time::Duration) -> Result<Vec<String>, ModelError> {
+        let named: std::collections::BTreeSet<String> = self.list()?.into_iter().map(|v| v.sha256).collect();
+        let io = |path: &Path, source: std::io::Error| ModelError::Io { path: path.to_path_buf(), source };
+        let mut gone = Vec::new();
+        for e in std::fs::read_dir(&self.artifacts).map_err(|e| io(&self.artifacts, e))?.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if named.contains(&name) {
+                continue;
+            }
+            // Only this registry's files: a sha256 name, or a temporary file left by a write that died.
+            let ours = is_sha256(&name) || name.ends_with(".tmp");
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|a| a >= min_age);
+            if ours && old {
+                std::fs::remove_file(e.path()).map_err(|err| io(&e.path(), err))?;
+                gone.push(name);
+            }
+        }
+        Ok(gone)
+    }
+
     /// The file of an artifact, if the id is a sha256 we hold.
     pub fn artifact_path(&self, sha: &str) -> Option<PathBuf> {
         let p = self.artifacts.join(sha);
@@ -497,6 +524,23 @@ mod tests {
             promotion: decide("test_loss", 0.5, Some((1, 0.1)), false, 0.0),
             frames: 1,
         }
+    }
+
+    #[test]
+    fn artifacts_no_version_names_are_collected_after_their_grace() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = DurableDb::open(&dir.path().join("db"), edgeloop_common::durable::Durability::Flush).unwrap();
+        let r = ModelRegistry::open(&db, dir.path()).unwrap();
+        let named = r.put_artifact(b"the model a version names").unwrap();
+        let orphan = r.put_artifact(b"an upload whose version was never recorded").unwrap();
+        r.insert(&ModelVersion { sha256: named.clone(), ..sample("press", 1, 0) }).unwrap();
+        // A stranger's file in the directory is not the registry's to remove.
+        std::fs::write(dir.path().join("artifacts/README"), "notes").unwrap();
+        // Within the grace period nothing goes: a training writes its artifact before it records the version.
+        assert!(r.collect_garbage(std::time::Duration::from_secs(3600)).unwrap().is_empty());
+        assert_eq!(r.collect_garbage(std::time::Duration::ZERO).unwrap(), vec![orphan.clone()]);
+        assert!(r.artifact_path(&named).is_some() && r.artifact_path(&orphan).is_none());
+        assert!(dir.path().join("artifacts/README").exists());
     }
 
     #[test]

@@ -67,6 +67,7 @@ impl ControlPlane {
         let tracker = TaskTracker::new();
         let mut stores = stores::Stores::open(&cfg).await?;
         let learning = services::learning(&cfg, &stores, &cancel, &tracker).await?;
+        services::housekeeping(&cfg, &stores, &learning, &cancel, &tracker);
         let tls = broker::Tls::load(&cfg)?;
         let broker = broker::Broker::start(&cfg, &stores.enrollment, tls.as_ref(), &cancel, &tracker).await?;
         let ingest = services::ingest(&cfg, &stores, &broker, &cancel).await;

@@ -49,6 +49,70 @@ pub(crate) async fn learning(
     Ok(learning)
 }
 
+/// Artifacts no model version names are older than this before they are collected.
+const ARTIFACT_GRACE: Duration = Duration::from_secs(3600);
+
+/// Housekeeping, every `retention.every_secs`: collects artifacts no model version names (an hour after
+/// they were written), and prunes acknowledged telemetry past its class's retention (`[retention]`). Both
+/// wait while a training job is queued or running, so a job never loses rows or an artifact it is writing.
+pub(crate) fn housekeeping(
+    cfg: &Config,
+    stores: &Stores,
+    learning: &Arc<Learning>,
+    cancel: &CancellationToken,
+    tracker: &TaskTracker,
+) {
+    let rc = cfg.retention.clone();
+    let models = stores.models.clone();
+    let (store, registry, metrics, learning, cancel) = (
+        stores.telemetry.clone(),
+        stores.devices.clone(),
+        stores.metrics.clone(),
+        learning.clone(),
+        cancel.child_token(),
+    );
+    tracker.spawn(async move {
+        let every = Duration::from_secs(rc.every_secs);
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+            if learning.list_jobs().iter().any(|j| !j.state.is_finished()) {
+                tracing::debug!("housekeeping: a training job is queued or running; it waits for the next pass");
+                continue;
+            }
+            let m = models.clone();
+            match tokio::task::spawn_blocking(move || m.collect_garbage(ARTIFACT_GRACE)).await {
+                Ok(Ok(gone)) if !gone.is_empty() => {
+                    metrics.artifacts_collected.inc_by(gone.len() as u64);
+                    tracing::info!(artifacts = gone.len(), "housekeeping: removed artifacts no model version names");
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "artifact collection failed; it runs again at the next pass"),
+                Err(e) => tracing::error!(error = %e, "artifact collection panicked"),
+            }
+            if !rc.prunes() {
+                continue;
+            }
+            let (store, registry, rc) = (store.clone(), registry.clone(), rc.clone());
+            let pass = tokio::task::spawn_blocking(move || {
+                crate::fleet::retention::prune_once(&store, &registry, &rc, edgeloop_common::unix_millis())
+            });
+            match pass.await {
+                Ok(Ok(n)) => {
+                    metrics.records_pruned.inc_by(n);
+                    if n > 0 {
+                        tracing::info!(records = n, "retention: pruned records past their class's retention");
+                    }
+                }
+                Ok(Err(e)) => tracing::error!(error = %e, "retention pass failed; it runs again at the next pass"),
+                Err(e) => tracing::error!(error = %e, "retention pass panicked"),
+            }
+        }
+    });
+}
+
 /// Ingest: subscribes to the uplink, stores, acknowledges (signed). Returns the task, which ends on a stop
 /// request or by itself on a store failure. Waits briefly for the subscription, so that a fresh fleet starts
 /// without the delay of resending what it published before ingest subscribed.
