@@ -175,6 +175,8 @@ impl Agent {
         let collector = start_collector(&cfg, &models, &outbox, &health, samples, &tasks);
         // The uplink drains the outbox whenever the collector commits.
         let uplink = start_uplink(&cfg, &outbox, &health, &counters, device, updates, &collector, &tasks);
+        // The status file a technician reads with `edgeloop-agent status`.
+        start_status_file(&cfg, &health, &outbox, &counters, &cancel, &tasks);
 
         let handle_tasks = tasks.clone();
         let task = tokio::spawn(supervise(cancel, stopped_first, collector, uplink, tasks));
@@ -188,6 +190,41 @@ impl Agent {
             task,
         })
     }
+}
+
+/// Writes `<data_dir>/status.json` every few seconds, and once more when the agent stops.
+fn start_status_file(
+    cfg: &AgentConfig,
+    health: &Arc<Health>,
+    outbox: &Arc<Outbox>,
+    counters: &Arc<UplinkCounters>,
+    cancel: &CancellationToken,
+    tasks: &TaskTracker,
+) {
+    let (dir, device, class) = (cfg.data_dir.clone(), cfg.device_id.clone(), cfg.class.class.clone());
+    let (health, outbox, counters, cancel) = (health.clone(), outbox.clone(), counters.clone(), cancel.clone());
+    tasks.spawn(async move {
+        let mut every = tokio::time::interval(crate::local_status::EVERY);
+        loop {
+            let stopping = tokio::select! {
+                _ = cancel.cancelled() => true,
+                _ = every.tick() => false,
+            };
+            let (dir, device, class) = (dir.clone(), device.clone(), class.clone());
+            let (health, outbox, counters) = (health.clone(), outbox.clone(), counters.clone());
+            let written = tokio::task::spawn_blocking(move || {
+                let s = crate::local_status::snapshot(&device, &class, &health, &outbox, &counters);
+                crate::local_status::write(&dir, &s)
+            })
+            .await;
+            if let Ok(Err(e)) = written {
+                tracing::warn!(error = %e, "cannot write the status file");
+            }
+            if stopping {
+                return;
+            }
+        }
+    });
 }
 
 /// A subsystem that runs as one task with its own stop token (the collector, the uplink): stopped in turn,

@@ -24,6 +24,7 @@ pub mod daemon;
 pub mod health;
 pub mod identity;
 pub mod inference;
+pub mod local_status;
 pub mod outbox;
 pub mod source;
 pub mod updater;

@@ -1,5 +1,6 @@
 //! `edgeloop-agent --config agent.toml`: the edge daemon.
 //! `edgeloop-agent --config agent.toml install --bundle FILE`: queues an update bundle (sites with no network).
+//! `edgeloop-agent --config agent.toml status`: the agent's local state, for a technician at the device.
 //!
 //! Exit codes: 0 after a clean stop (ctrl-c or SIGTERM) or a queued bundle, 2 for a bad config, 1 for any
 //! other failure (a refused bundle included).
@@ -35,6 +36,13 @@ enum Command {
         #[arg(long)]
         bundle: PathBuf,
     },
+    /// Print the agent's local state (model, update, broker link, outbox) without the control plane, from the
+    /// files the running agent writes; safe while it runs.
+    Status {
+        /// The status file as JSON, with the update pointer.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -46,6 +54,17 @@ fn main() -> ExitCode {
 fn try_main(cli: Cli) -> Result<(), Failure> {
     let path = cli.config.ok_or_else(|| Failure::usage("--config agent.toml is required"))?;
     let cfg = AgentConfig::load(&path).map_err(Failure::config)?;
+    if let Some(Command::Status { json }) = cli.command {
+        let status = edgeloop_agent::local_status::read(&cfg.data_dir)?;
+        let pointer = edgeloop_agent::updater::Files::new(&cfg.data_dir).load_pointer()?;
+        if json {
+            let v = serde_json::json!({"status": status, "pointer": pointer});
+            println!("{}", serde_json::to_string_pretty(&v).map_err(anyhow::Error::from)?);
+        } else {
+            print!("{}", edgeloop_agent::local_status::render(&status, &pointer, edgeloop_common::unix_millis()));
+        }
+        return Ok(());
+    }
     if let Some(Command::Install { bundle }) = cli.command {
         let q = edgeloop_agent::updater::bundle::queue(&cfg, &bundle, edgeloop_common::unix_millis())?;
         println!(

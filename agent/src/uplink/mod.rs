@@ -43,6 +43,10 @@ pub struct UplinkCounters {
     pub connect_failures: std::sync::atomic::AtomicU64,
     /// Acknowledgements refused: unsigned, not signed by a trusted key, malformed, or for another device.
     pub acks_refused: std::sync::atomic::AtomicU64,
+    /// Whether the broker connection is up now.
+    pub connected: std::sync::atomic::AtomicBool,
+    /// When the last acknowledgement was taken, Unix ms (0: none since the agent started).
+    pub last_ack_ms: std::sync::atomic::AtomicU64,
 }
 
 /// Everything the uplink needs.
@@ -197,6 +201,7 @@ impl Driver<'_> {
                     Some(LinkEvent::Connected) => {
                         let now = self.now_ms();
                         self.state.connected(now);
+                        self.up.counters.connected.store(true, std::sync::atomic::Ordering::Relaxed);
                         or_stop(&cancel, self.client.subscribe(ack_topic, QoS::AtLeastOnce)).await?;
                         if self.reports.is_some() {
                             let desired = topics::topic(&self.up.device, Channel::Desired);
@@ -204,7 +209,10 @@ impl Driver<'_> {
                         }
                         or_stop(&cancel, self.send_status()).await?;
                     }
-                    Some(LinkEvent::Disconnected) => self.state.disconnected(),
+                    Some(LinkEvent::Disconnected) => {
+                        self.state.disconnected();
+                        self.up.counters.connected.store(false, std::sync::atomic::Ordering::Relaxed);
+                    }
                     Some(LinkEvent::Ack(upto)) => {
                         let now = self.now_ms();
                         let appended = self.up.outbox.stats().durable_seq;
@@ -212,6 +220,7 @@ impl Driver<'_> {
                             // Acknowledging what was never sent would delete future records unseen.
                             tracing::warn!(device = %self.up.device, upto, appended, "acknowledgement beyond the last record ignored");
                         } else if let Some(upto) = self.state.ack(upto, now) {
+                            self.up.counters.last_ack_ms.store(unix_millis(), std::sync::atomic::Ordering::Relaxed);
                             let outbox = self.up.outbox.clone();
                             tokio::task::spawn_blocking(move || outbox.ack(upto)).await??;
                             self.deletions_pending = true;

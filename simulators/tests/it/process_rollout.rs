@@ -387,6 +387,37 @@ async fn a_bundle_from_the_cli_installs_on_an_agent_process_with_no_network() {
         active_on_disk(&dir.path().join("proc-x")).as_deref() == Some(model.sha256.as_str())
     })
     .await;
+    // A technician at the device asks the agent how it is, with no control plane to ask.
+    let status = |json: bool| {
+        let mut c = std::process::Command::new(&agent_bin);
+        c.arg("--config").arg(&agent_toml).arg("status");
+        if json {
+            c.arg("--json");
+        }
+        c.output().unwrap()
+    };
+    let mut text = String::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = status(false);
+        text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() && text.contains("update:     applied") {
+            break;
+        }
+        let log = std::fs::read_to_string(dir.path().join("proc-x.log")).unwrap_or_default();
+        assert!(std::time::Instant::now() < deadline, "{text}\n{log}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(text.starts_with("running: pid "), "{text}");
+    assert!(text.contains("model:      probe v1"), "{text}");
+    assert!(text.contains("broker:     NOT connected"), "{text}");
+    let taken: u64 =
+        text.split("samples:    ").nth(1).and_then(|t| t.split(' ').next()).and_then(|n| n.parse().ok()).unwrap();
+    assert!(taken > 0, "{text}");
+    let out = status(true);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["status"]["device"], "proc-x");
+    assert_eq!(v["pointer"]["active"]["sha256"], model.sha256.as_str());
 
     // The site comes back: the device reports the install and the control plane records it.
     site.cp.start();
