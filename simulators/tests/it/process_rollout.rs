@@ -396,18 +396,17 @@ async fn a_bundle_from_the_cli_installs_on_an_agent_process_with_no_network() {
         }
         c.output().unwrap()
     };
-    let mut text = String::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
+    let text = loop {
         let out = status(false);
-        text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
         if out.status.success() && text.contains("update:     applied") {
-            break;
+            break text;
         }
         let log = std::fs::read_to_string(dir.path().join("proc-x.log")).unwrap_or_default();
         assert!(std::time::Instant::now() < deadline, "{text}\n{log}");
         tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    };
     assert!(text.starts_with("running: pid "), "{text}");
     assert!(text.contains("model:      probe v1"), "{text}");
     assert!(text.contains("broker:     NOT connected"), "{text}");
