@@ -72,6 +72,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/jobs/{id}", get(api::learning::job))
         .route("/api/v1/models", get(api::learning::models))
         .route("/api/v1/models/{name}/{version}", get(api::learning::model))
+        .route("/api/v1/models/{name}/{version}/manifest", get(api::learning::manifest))
         .route("/api/v1/labels", get(api::learning::labels))
         .route("/api/v1/triggers", get(api::learning::triggers))
         .route("/api/v1/rollouts", get(api::rollouts::list))

@@ -98,6 +98,12 @@ async fn train_register_serve_and_retrain_offline() {
     assert!(m.lineage.trials.len() >= 2);
     assert_eq!(m.golden.len(), 8);
     assert!(m.lineage.metrics.export_max_rel_error <= 1e-4);
+    // The manifest agents receive, as it is, with its golden tolerance.
+    let manifest: edgeloop_common::update::Manifest =
+        api.get_json("/api/v1/models/city-air-quality/1/manifest").await.unwrap();
+    assert_eq!(manifest, m.manifest());
+    assert!(manifest.golden_tolerance > 0.0 && manifest.golden.len() == 8);
+    assert_eq!(api.get("/api/v1/models/city-air-quality/9/manifest").await.unwrap().0, 404);
 
     // The artifact: whole, and by range.
     let whole = api.request("GET", &format!("/api/v1/artifacts/{}", m.sha256), &[], None).await.unwrap();

@@ -161,6 +161,16 @@ pub async fn model(
         .ok_or_else(|| ApiError::not_found(format!("no model {name} v{version}")))
 }
 
+/// `GET /api/v1/models/{name}/{version}/manifest`: the manifest exactly as agents receive it in their desired
+/// states (golden tolerance included).
+pub async fn manifest(
+    State(s): State<AppState>,
+    Path((name, version)): Path<(String, String)>,
+) -> Result<Json<edgeloop_common::update::Manifest>, ApiError> {
+    let Json(m) = model(State(s), Path((name, version))).await?;
+    Ok(Json(m.manifest()))
+}
+
 /// `bytes=a-b`, `bytes=a-` or `bytes=-n` against a length: the inclusive range, or `None` if it cannot be
 /// satisfied (several ranges are not supported and count as unsatisfiable).
 pub fn parse_range(header: &str, len: u64) -> Option<(u64, u64)> {
