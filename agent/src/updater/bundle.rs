@@ -91,8 +91,9 @@ pub struct Queued {
     pub path: PathBuf,
 }
 
-/// Keeps a checked bundle's artifact under `models/` (content-addressed) and queues the bundle in the inbox.
-pub fn keep(files: &Files, bundle: &Bundle, d: &DesiredState, m: &Manifest) -> anyhow::Result<PathBuf> {
+/// Keeps a checked bundle's artifact under `models/` (content-addressed), where the updater finds it instead
+/// of downloading it.
+pub fn keep_artifact(files: &Files, bundle: &Bundle, m: &Manifest) -> anyhow::Result<()> {
     let model = files.model(&m.sha256);
     if !model.is_file() {
         let dir = model.parent().expect("models dir");
@@ -100,6 +101,12 @@ pub fn keep(files: &Files, bundle: &Bundle, d: &DesiredState, m: &Manifest) -> a
         edgeloop_common::private::write_atomic(&model, &bundle.artifact)
             .with_context(|| format!("writing {}", model.display()))?;
     }
+    Ok(())
+}
+
+/// Keeps a checked bundle's artifact and queues the bundle in the inbox.
+pub fn keep(files: &Files, bundle: &Bundle, d: &DesiredState, m: &Manifest) -> anyhow::Result<PathBuf> {
+    keep_artifact(files, bundle, m)?;
     let inbox = files.inbox();
     edgeloop_common::private::dir(&inbox)?;
     let path = inbox.join(format!("{:020}-{}.bundle", d.seq, &m.sha256[..16]));

@@ -352,19 +352,21 @@ impl Updater {
         });
         match checked {
             Ok((b, d, m)) => {
-                let (files, path2) = (self.files.clone(), path.to_path_buf());
-                let (d2, m2) = (d.clone(), m.clone());
-                tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
-                    bundle::keep(&files, &b, &d2, &m2)?;
-                    std::fs::remove_file(&path2).with_context(|| format!("removing {}", path2.display()))
-                })
-                .await??;
+                let (files, m2) = (self.files.clone(), m.clone());
+                tokio::task::spawn_blocking(move || bundle::keep_artifact(&files, &b, &m2)).await??;
                 tracing::info!(seq = d.seq, model = %m.name, version = m.version, "installing an update bundle");
+                // The pointer first: a crash from here on resumes the install, and finds this file accepted.
                 self.pointer.last_seq = d.seq;
                 self.pointer.pending =
                     Some(Pending { desired: d.clone(), manifest: m.clone(), phase: Phase::Downloading });
                 self.save().await?;
+                tokio::fs::remove_file(path).await.with_context(|| format!("removing {}", path.display()))?;
                 self.apply(d, m, false, cancel).await
+            }
+            // The bundle this device accepted last, left in the inbox by a crash after it was accepted: done.
+            Err(bundle::BundleRefusal::Rejected(Rejection::Replayed { seq, last })) if seq == last => {
+                let _ = tokio::fs::remove_file(path).await;
+                Ok(())
             }
             Err(e) => {
                 tracing::warn!(bundle = %path.display(), error = %e, "update bundle refused");

@@ -52,8 +52,13 @@ async fn a_good_bundle_installs_through_the_updater_with_no_network() {
     assert_eq!(r.slot.active_info().unwrap().sha256, m.sha256);
     let p = r.files.load_pointer().unwrap();
     assert_eq!((p.last_seq, p.pending.is_none()), (7, true));
-    // The same bundle again is a replay.
-    let again = install(&mut r, &b).await;
+    // Nothing else was left in the inbox.
+    assert_eq!(std::fs::read_dir(r.files.inbox()).unwrap().count(), 0);
+    // The same bundle again (left in the inbox by a crash after it was accepted) is taken away silently...
+    assert!(install(&mut r, &b).await.is_empty());
+    // ...and an older one is a replay, reported.
+    let (older, _) = make(&s, "press", ANY_DEVICE, 6, 600_000);
+    let again = install(&mut r, &older).await;
     assert_eq!((again[0].phase, again[0].failure), (Phase::Rejected, Some(Failure::Refused)));
     assert!(again[0].reason.contains("replayed"), "{}", again[0].reason);
 }
