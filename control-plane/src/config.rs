@@ -497,6 +497,14 @@ fn check_rollouts(
         )?;
         crate::rollout::engine::validate_stages(&a.stages)
             .map_err(|r| c.fail(format!("rollouts.auto[{i}].stages"), r.to_string()))?;
+        let max = crate::rollout::engine::MAX_DURATION_SECS;
+        for (field, secs) in [("install_secs", a.timeouts.install_secs), ("stage_secs", a.timeouts.stage_secs)] {
+            c.check(
+                secs <= max,
+                format!("rollouts.auto[{i}].timeouts.{field}"),
+                format!("{secs} s is more than {max} s (ten years)"),
+            )?;
+        }
     }
     let mut names = std::collections::BTreeSet::new();
     for (i, w) in r.windows.iter().enumerate() {

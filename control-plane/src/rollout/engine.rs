@@ -218,7 +218,12 @@ pub enum SpecError {
     PreviousIsModel,
     #[error("stages[{stage}].timeout_secs: {timeout} s is not longer than the stage's bake time ({bake} s)")]
     TimeoutWithinBake { stage: usize, timeout: u64, bake: u64 },
+    #[error("{field}: {secs} s is more than {MAX_DURATION_SECS} s (ten years)")]
+    TooLong { field: String, secs: u64 },
 }
+
+/// The longest bake time, timeout or deadline a rollout takes, in seconds: ten years.
+pub const MAX_DURATION_SECS: u64 = 10 * 365 * 86_400;
 
 /// An operator's action that does not apply to a rollout in its state.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -238,6 +243,11 @@ pub fn validate_stages(stages: &[Stage]) -> Result<(), SpecError> {
         if s.name.is_empty() {
             return Err(SpecError::UnnamedStage(i));
         }
+        for (field, secs) in [("bake_secs", Some(s.bake_secs)), ("timeout_secs", s.timeout_secs)] {
+            if let Some(secs) = secs.filter(|&v| v > MAX_DURATION_SECS) {
+                return Err(SpecError::TooLong { field: format!("stages[{i}].{field}"), secs });
+            }
+        }
         match s.share {
             Share::Percent(p) if !(p > 0.0 && p <= 100.0) => return Err(SpecError::Percent { stage: i, percent: p }),
             Share::Count(0) => return Err(SpecError::ZeroCount(i)),
@@ -250,6 +260,13 @@ pub fn validate_stages(stages: &[Stage]) -> Result<(), SpecError> {
 impl RolloutSpec {
     pub fn validate(&self) -> Result<(), SpecError> {
         validate_stages(&self.stages)?;
+        for (field, secs) in
+            [("timeouts.install_secs", self.timeouts.install_secs), ("timeouts.stage_secs", self.timeouts.stage_secs)]
+        {
+            if secs > MAX_DURATION_SECS {
+                return Err(SpecError::TooLong { field: field.into(), secs });
+            }
+        }
         let g = &self.gates;
         if !(0.0..=1.0).contains(&g.max_failed_ratio) {
             return Err(SpecError::MaxFailedRatio(g.max_failed_ratio));
@@ -670,14 +687,15 @@ impl Rollout {
     /// When a device's install deadline passes: its desired state's sending plus `timeouts.install_secs`.
     fn install_deadline(&self, t: &Target) -> Option<u64> {
         let secs = self.spec.timeouts.install_secs;
-        (secs > 0 && !t.awaiting_window).then(|| t.sent_ms.unwrap_or(t.assigned_ms).saturating_add(secs * 1000))
+        (secs > 0 && !t.awaiting_window)
+            .then(|| t.sent_ms.unwrap_or(t.assigned_ms).saturating_add(secs.saturating_mul(1000)))
     }
 
     /// When the current stage times out.
     fn stage_deadline(&self) -> Option<u64> {
         let stage = &self.spec.stages[self.stage];
         let secs = stage.timeout_secs.unwrap_or(self.spec.timeouts.stage_secs);
-        (secs > 0).then(|| self.stage_started_ms.saturating_add(secs * 1000))
+        (secs > 0).then(|| self.stage_started_ms.saturating_add(secs.saturating_mul(1000)))
     }
 
     /// Marks devices past their install deadline (or whose agent gave up on an expired desired state) as
@@ -805,7 +823,8 @@ impl Rollout {
             let matching = fleet.iter().filter(|d| self.matches(d)).count();
             return Some(Waiting::NoDevices { matching });
         }
-        let until_ms = self.stage_started_ms + self.spec.stages[self.stage].bake_secs * 1000;
+        let until_ms =
+            self.stage_started_ms.saturating_add(self.spec.stages[self.stage].bake_secs.saturating_mul(1000));
         (now_ms < until_ms).then_some(Waiting::Bake { until_ms })
     }
 
@@ -962,7 +981,7 @@ impl Rollout {
     /// stage, but at least one device must have reported: an offline canary proves nothing), and the bake
     /// time has passed.
     fn stage_done(&self, now_ms: u64) -> bool {
-        let bake = self.spec.stages[self.stage].bake_secs * 1000;
+        let bake = self.spec.stages[self.stage].bake_secs.saturating_mul(1000);
         let mut finals = 0;
         for t in self.devices.values() {
             if t.reported() {

@@ -242,3 +242,34 @@ fn a_weekly_window_across_the_spring_daylight_saving_change() {
     assert!(r.devices["late"].awaiting_window);
     assert_eq!(f[2].window, Opening::Closed { opens_ms: utc("2026-04-04T23:00:00Z") });
 }
+
+#[test]
+fn durations_past_ten_years_are_refused_naming_the_field() {
+    let mut s = timed(MAX_DURATION_SECS + 1, OnTimeout::Skip);
+    assert_eq!(
+        s.validate().unwrap_err().to_string(),
+        format!("timeouts.install_secs: {} s is more than {MAX_DURATION_SECS} s (ten years)", MAX_DURATION_SECS + 1)
+    );
+    s.timeouts.install_secs = 60;
+    s.stages[1].bake_secs = u64::MAX;
+    assert!(s
+        .validate()
+        .unwrap_err()
+        .to_string()
+        .starts_with("stages[1].bake_secs: 18446744073709551615 s is more than"));
+    // A rollout that skipped validation (one stored by an older version, say) still never overflows.
+    let mut r = Rollout::new(
+        "r1".into(),
+        RolloutSpec {
+            timeouts: Timeouts { install_secs: u64::MAX, stage_secs: u64::MAX, on_timeout: OnTimeout::Pause },
+            ..spec()
+        },
+        0,
+    );
+    r.spec.stages[0].bake_secs = u64::MAX;
+    let mut f = fleet(2);
+    let c = r.tick(&f, 0);
+    report_all(&mut f, &c, |c| applied(&r, &c.model.sha256, 0.0, 0.0));
+    assert_eq!(r.tick(&f, u64::MAX - 1), vec![]);
+    assert_eq!(r.state, State::Running);
+}
