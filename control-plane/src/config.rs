@@ -488,7 +488,11 @@ fn check_rollouts(
     classes: &std::collections::BTreeMap<String, ClassConfig>,
 ) -> Result<(), ConfigError> {
     c.check((10..=60_000).contains(&r.tick_ms), "rollouts.tick_ms", "must be between 10 and 60000")?;
-    c.check(r.desired_ttl_secs >= 60, "rollouts.desired_ttl_secs", "must be at least 60")?;
+    c.check(
+        (60..=crate::rollout::engine::MAX_DURATION_SECS).contains(&r.desired_ttl_secs),
+        "rollouts.desired_ttl_secs",
+        "must be between 60 and 315360000 (ten years)",
+    )?;
     for (i, a) in r.auto.iter().enumerate() {
         c.check(
             classes.is_empty() || classes.contains_key(&a.class),
