@@ -2,7 +2,7 @@
 //! `edgeloop-agent --config agent.toml status`.
 //!
 //! The running agent writes `<data_dir>/status.json` every [`EVERY`] and when it stops (a temporary file,
-//! synced and renamed, so a reader never sees half of one); `status` reads it and the updater's pointer
+//! renamed, so a reader never sees half of one; not synced, which would only wear flash); `status` reads it and the updater's pointer
 //! file, both read-only, and never touches the outbox, whose store the running agent holds locked.
 
 use crate::health::Health;
@@ -85,10 +85,11 @@ pub fn snapshot(device: &str, class: &str, health: &Health, outbox: &Outbox, lin
     }
 }
 
-/// Writes the status file atomically. Blocking.
+/// Replaces the status file atomically, without syncing it (written every 5 s: a sync would wear flash, and
+/// a status lost in a power cut is rewritten at the next start). Blocking.
 pub fn write(data_dir: &Path, s: &LocalStatus) -> std::io::Result<()> {
     let json = serde_json::to_vec_pretty(s).map_err(std::io::Error::other)?;
-    edgeloop_common::private::write_atomic(&path(data_dir), &json)
+    edgeloop_common::private::replace(&path(data_dir), &json)
 }
 
 /// Reads the status file, naming it in the error.

@@ -91,6 +91,21 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Replaces a file atomically (a reader sees the old file or the new one, never half of one), without syncing:
+/// for files rewritten every few seconds that may be lost in a power cut (the agent's status file), where a
+/// sync would only wear a device's flash.
+pub fn replace(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp"));
+    create_file(&tmp)?.write_all(bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
 /// Warns when a file holding a secret (a key, a password file) can be read by group or others.
 pub fn warn_if_exposed(path: &Path) {
     if let Ok(m) = std::fs::metadata(path) {
