@@ -19,7 +19,7 @@ pub mod fleet;
 pub mod metrics;
 pub mod ml;
 pub mod rollout;
-pub(crate) mod server;
+pub mod server;
 pub mod web;
 
 pub use server::{ControlPlane, ControlPlaneHandle, SERVICE_USER};

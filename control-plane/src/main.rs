@@ -80,6 +80,22 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Back the control plane's state up into a new directory: the store, the artifacts, the operator tokens
+    /// and the signing key. While the control plane runs it writes the backup itself, at this command's
+    /// request; stopped, this command writes it.
+    Backup {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Fill a new data directory (the config's `data_dir`, which must hold no store) from a backup.
+    Restore {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        from: PathBuf,
+    },
     /// Manage operator bearer tokens (works while the control plane runs).
     Tokens {
         #[command(subcommand)]
@@ -222,6 +238,24 @@ fn try_main(command: Command) -> Result<(), Failure> {
                 out.display()
             );
         }
+        Command::Backup { config, out } => {
+            let cfg = Config::load(&config).map_err(Failure::config)?;
+            let out = std::path::absolute(&out).with_context(|| format!("{}", out.display()))?;
+            println!("{}", backup(&cfg, &out)?);
+        }
+        Command::Restore { config, from } => {
+            let cfg = Config::load(&config).map_err(Failure::config)?;
+            let m = edgeloop_control_plane::server::backup::restore(&from, &cfg.data_dir, cfg.durability)?;
+            println!(
+                "restored {} entries in {} trees and {} artifacts from {} (made {} ms) into {}",
+                m.trees.values().sum::<u64>(),
+                m.trees.len(),
+                m.artifacts,
+                from.display(),
+                m.created_ms,
+                cfg.data_dir.display()
+            );
+        }
         Command::Tokens { command } => tokens(&command)?,
         Command::Broker { command: BrokerCommand::Acl { service_user, out } } => {
             let acl = edgeloop_control_plane::broker::mosquitto_acl(&service_user);
@@ -279,6 +313,43 @@ fn tokens(command: &TokensCommand) -> Result<(), Failure> {
 }
 
 /// `train`: opens the store directly, trains with a progress bar, prints the trial table and the decision.
+/// `backup`: written by this command when the control plane is stopped, else requested from the running one
+/// (which alone may open its store) through the data directory, waiting up to 30 minutes for its answer.
+fn backup(cfg: &Config, out: &std::path::Path) -> anyhow::Result<String> {
+    use edgeloop_control_plane::server::backup::{self as b, Answer, Request};
+    anyhow::ensure!(
+        cfg.data_dir.join("store").is_dir(),
+        "{} holds no store: is data_dir the control plane's?",
+        cfg.data_dir.display()
+    );
+    if let Ok(db) = DurableDb::open(&cfg.data_dir.join("store"), cfg.durability) {
+        let m = b::write(&db, &cfg.data_dir, out, edgeloop_common::unix_millis())?;
+        return Ok(format!(
+            "backup written to {} (the control plane is stopped): {} entries",
+            out.display(),
+            m.trees.values().sum::<u64>()
+        ));
+    }
+    let result = cfg.data_dir.join(b::RESULT);
+    let _ = std::fs::remove_file(&result);
+    let req = Request { out: out.to_path_buf(), requested_ms: edgeloop_common::unix_millis() };
+    edgeloop_common::private::write_atomic(&cfg.data_dir.join(b::REQUEST), &serde_json::to_vec(&req)?)?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1800);
+    loop {
+        if let Ok(bytes) = std::fs::read(&result) {
+            let a: Answer = serde_json::from_slice(&bytes)?;
+            anyhow::ensure!(a.ok, "the control plane could not write the backup: {}", a.detail);
+            return Ok(format!("backup written to {} by the running control plane: {}", a.out.display(), a.detail));
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "no answer from the control plane in 30 minutes (is it running with data_dir {}?)",
+            cfg.data_dir.display()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
 /// `bundle`: makes an update bundle from the stopped control plane's store and writes it to `out`.
 fn bundle_offline(
     cfg: &Config,

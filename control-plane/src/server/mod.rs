@@ -7,6 +7,7 @@
 //!   control plane's own MQTT logins;
 //! - [`services`]: ingest, the rollout service, learning and the API.
 
+pub mod backup;
 mod broker;
 mod services;
 mod stores;
@@ -68,6 +69,7 @@ impl ControlPlane {
         let mut stores = stores::Stores::open(&cfg).await?;
         let learning = services::learning(&cfg, &stores, &cancel, &tracker).await?;
         services::housekeeping(&cfg, &stores, &learning, &cancel, &tracker);
+        services::backups(&cfg, &stores, &cancel, &tracker);
         let tls = broker::Tls::load(&cfg)?;
         let broker = broker::Broker::start(&cfg, &stores.enrollment, tls.as_ref(), &cancel, &tracker).await?;
         let ingest = services::ingest(&cfg, &stores, &broker, &cancel).await;

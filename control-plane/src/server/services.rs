@@ -49,6 +49,34 @@ pub(crate) async fn learning(
     Ok(learning)
 }
 
+/// Answers `edgeloop-control-plane backup` while running: looks for a request in the data directory every
+/// second and writes the backup it asks for (see [`super::backup`]).
+pub(crate) fn backups(cfg: &Config, stores: &Stores, cancel: &CancellationToken, tracker: &TaskTracker) {
+    let (db, data_dir, cancel) = (stores.db.clone(), cfg.data_dir.clone(), cancel.child_token());
+    tracker.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            if !data_dir.join(super::backup::REQUEST).exists() {
+                continue;
+            }
+            let (db, dir) = (db.clone(), data_dir.clone());
+            let done = tokio::task::spawn_blocking(move || {
+                super::backup::serve_request(&db, &dir, edgeloop_common::unix_millis())
+            })
+            .await;
+            match done {
+                Ok(Some(a)) if a.ok => tracing::info!(out = %a.out.display(), detail = %a.detail, "backup written"),
+                Ok(Some(a)) => tracing::error!(out = %a.out.display(), error = %a.detail, "backup failed"),
+                Ok(None) => {}
+                Err(e) => tracing::error!(error = %e, "backup panicked"),
+            }
+        }
+    });
+}
+
 /// Artifacts no model version names are older than this before they are collected.
 const ARTIFACT_GRACE: Duration = Duration::from_secs(3600);
 

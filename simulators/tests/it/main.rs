@@ -2,6 +2,7 @@
 
 mod api;
 mod api_limits;
+mod backup;
 mod bundles;
 mod chaos;
 mod cross_process;
