@@ -385,6 +385,9 @@ pub struct Target {
     /// The kind of failure its report names, if it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<Failure>,
+    /// An operator asked to retry it: its next desired state starts a new run.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub retry: bool,
 }
 
 impl Target {
@@ -404,6 +407,7 @@ impl Target {
             awaiting_window: !send,
             timed_out_ms: None,
             failure: None,
+            retry: false,
         }
     }
 
@@ -458,6 +462,9 @@ pub struct Rollout {
     /// What it waits for while it runs or is scheduled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiting: Option<Waiting>,
+    /// Archived by an operator once it ended: left out of the list, and it takes no late joiners.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub archived: bool,
 }
 
 /// What the control plane last issued to a device, as reports are judged against it: the desired states
@@ -505,6 +512,9 @@ pub struct Command {
     pub device: String,
     pub model: ModelRef,
     pub rollout: String,
+    /// Starts a new run of desired states for the device (an operator's retry): reports about the states
+    /// issued before it no longer count.
+    pub fresh_run: bool,
 }
 
 /// An operator's action.
@@ -514,6 +524,14 @@ pub enum Action {
     Resume,
     Abort,
     Approve,
+    /// Refuses the next stage of a rollout awaiting approval: it pauses there.
+    Deny,
+    /// Sends the model again to the devices whose install failed or timed out; their results so far stop
+    /// counting.
+    Retry,
+    /// Takes a rollout that has ended out of the list (`DELETE /api/v1/rollouts/{id}`; see
+    /// `Rollouts::archive`).
+    Archive,
 }
 
 /// Stable pseudo-random rank of a device within a rollout.
@@ -537,6 +555,7 @@ impl Rollout {
             gates: Vec::new(),
             events: Vec::new(),
             waiting: None,
+            archived: false,
         };
         r.log(now_ms, format!("created: {} v{} to class {}", r.spec.model.name, r.spec.model.version, r.spec.class));
         if let Some(at_ms) = r.spec.start_at_ms.filter(|_| scheduled) {
@@ -569,6 +588,29 @@ impl Rollout {
                 self.waiting = None;
             }
             (Action::Approve, State::AwaitingApproval) => self.advance(now_ms),
+            (Action::Deny, State::AwaitingApproval) => {
+                let next = self.stage + 1;
+                let name = self.spec.stages.get(next).map_or("", |s| s.name.as_str());
+                self.state = State::Paused { reason: format!("stage {next} ({name}) denied by an operator") };
+            }
+            (Action::Retry, State::Running | State::AwaitingApproval | State::Paused { .. } | State::Completed)
+                if !self.superseded && self.devices.values().any(|t| t.failed() || t.timed_out()) =>
+            {
+                let model = self.spec.model.sha256.clone();
+                let mut again = 0;
+                for t in self.devices.values_mut().filter(|t| t.failed() || t.timed_out()) {
+                    // Sent again at the next tick (through the same path as a device whose window opened).
+                    *t = Target { retry: true, ..Target::new(t.stage, model.clone(), t.online, now_ms, false) };
+                    again += 1;
+                }
+                self.log(now_ms, format!("retry by an operator: {} sent the model again", plural(again, "device")));
+                return Ok(());
+            }
+            (Action::Retry, State::Running | State::AwaitingApproval | State::Paused { .. } | State::Completed)
+                if !self.superseded =>
+            {
+                return Err(ActionRefused { action, state: "without a failed or timed-out device" });
+            }
             (action, s) => return Err(ActionRefused { action, state: state_name(s) }),
         }
         self.log(now_ms, format!("{action:?} by an operator").to_lowercase());
@@ -841,6 +883,11 @@ impl Rollout {
         for d in fleet {
             let Some(t) = self.devices.get_mut(&d.id) else { continue };
             t.online = d.online;
+            // Not sent yet (its window is closed, or an operator's retry waits for the next tick): any report
+            // is about an earlier state.
+            if t.awaiting_window {
+                continue;
+            }
             let Some(r) = &d.report else { continue };
             if r.rollout.as_deref() != Some(self.id.as_str()) || r.sha256 != t.sha256 {
                 continue;
@@ -881,7 +928,12 @@ impl Rollout {
             self.devices
                 .insert(d.id.clone(), Target::new(self.stage, self.spec.model.sha256.clone(), d.online, now_ms, send));
             if send {
-                out.push(Command { device: d.id.clone(), model: self.spec.model.clone(), rollout: self.id.clone() });
+                out.push(Command {
+                    device: d.id.clone(),
+                    model: self.spec.model.clone(),
+                    rollout: self.id.clone(),
+                    fresh_run: false,
+                });
             }
             have += 1;
         }
@@ -896,7 +948,12 @@ impl Rollout {
             if t.awaiting_window {
                 t.awaiting_window = false;
                 t.sent_ms = Some(now_ms);
-                out.push(Command { device: d.id.clone(), model: self.spec.model.clone(), rollout: self.id.clone() });
+                out.push(Command {
+                    device: d.id.clone(),
+                    model: self.spec.model.clone(),
+                    rollout: self.id.clone(),
+                    fresh_run: std::mem::take(&mut t.retry),
+                });
             }
         }
         out
@@ -1020,7 +1077,7 @@ impl Rollout {
                 reason: "rolling back".into(),
                 ..Target::new(t.stage, prev.sha256.clone(), t.online, now_ms, true)
             };
-            out.push(Command { device: id.clone(), model: prev.clone(), rollout: self.id.clone() });
+            out.push(Command { device: id.clone(), model: prev.clone(), rollout: self.id.clone(), fresh_run: false });
         }
         self.log(now_ms, format!("rolled back {} devices to {} v{}", out.len(), prev.name, prev.version));
         out

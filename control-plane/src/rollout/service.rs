@@ -349,6 +349,27 @@ impl Rollouts {
         Ok(had)
     }
 
+    /// Archives a rollout that has ended (completed, rolled back, aborted or superseded): it leaves the list and
+    /// takes no more late joiners; `GET /api/v1/rollouts/{id}` still shows it. Blocking.
+    pub fn archive(&self, id: &str, now_ms: u64) -> Result<Rollout, RolloutError> {
+        let _w = self.write();
+        let mut r = self.get(id).ok_or_else(|| RolloutError::NoRollout(id.to_string()))?;
+        if r.state.is_active() {
+            return Err(RolloutError::Refused(super::engine::ActionRefused {
+                action: Action::Archive,
+                state: r.state.word(),
+            }));
+        }
+        if !r.archived {
+            r.archived = true;
+            r.events.push(super::engine::Event { at_ms: now_ms, what: "archived by an operator".into() });
+            self.store.put_rollout(&r)?;
+            self.store.commit()?;
+            self.publish_rollouts(vec![r.clone()]);
+        }
+        Ok(r)
+    }
+
     /// An operator's action on a rollout. Blocking.
     pub fn act(&self, id: &str, action: Action, now_ms: u64) -> Result<Rollout, RolloutError> {
         let _w = self.write();
@@ -400,6 +421,7 @@ impl Rollouts {
 
     /// Signs and records a desired state with the next sequence from the control plane's own record; returns
     /// what to publish and the device's new issued run. Not yet durable.
+    #[allow(clippy::too_many_arguments)]
     fn issue(
         &self,
         device: &str,
@@ -407,6 +429,7 @@ impl Rollouts {
         model: &ModelRef,
         rollout: Option<&str>,
         policy: UpdatePolicy,
+        fresh_run: bool,
         now_ms: u64,
     ) -> Result<(Publication, IssuedRun), IssueError> {
         let mv = self.models.get(&model.name, model.version)?.ok_or_else(|| StoreError::Corrupt {
@@ -418,7 +441,7 @@ impl Rollouts {
         // Above the last state issued to the device, and above any bundle made for its class (which the device
         // may have installed).
         let seq = Issued::next_seq(device, last.as_ref())?.max(self.store.bundle_floor(class)?.saturating_add(1));
-        let first_seq = Issued::run_start(last.as_ref(), seq, rollout, &mv.sha256);
+        let first_seq = if fresh_run { seq } else { Issued::run_start(last.as_ref(), seq, rollout, &mv.sha256) };
         let expires_ms = now_ms + self.cfg.desired_ttl_secs * 1000;
         let desired = DesiredState {
             device: device.to_string(),
@@ -494,7 +517,8 @@ impl Rollouts {
         let mut changed = Vec::new();
         let mut commands = Vec::new();
         for old in self.snapshot() {
-            let follows = matches!(old.state, State::Completed | State::RolledBack { .. }) && !old.superseded;
+            let follows =
+                matches!(old.state, State::Completed | State::RolledBack { .. }) && !old.superseded && !old.archived;
             if !(old.state.is_active() || follows) {
                 continue;
             }
@@ -510,7 +534,9 @@ impl Rollouts {
         let mut out = Vec::new();
         let mut runs = Vec::new();
         for (c, class, policy) in commands {
-            if let Some((p, run)) = self.try_issue(&c.device, &class, &c.model, Some(&c.rollout), policy, now_ms)? {
+            if let Some((p, run)) =
+                self.try_issue(&c.device, &class, &c.model, Some(&c.rollout), policy, c.fresh_run, now_ms)?
+            {
                 out.push(p);
                 runs.push((c.device, run));
             }
@@ -540,6 +566,7 @@ impl Rollouts {
     }
 
     /// [`Rollouts::issue`], where a device that can get no more desired states is logged and left out.
+    #[allow(clippy::too_many_arguments)]
     fn try_issue(
         &self,
         device: &str,
@@ -547,9 +574,10 @@ impl Rollouts {
         model: &ModelRef,
         rollout: Option<&str>,
         policy: UpdatePolicy,
+        fresh_run: bool,
         now_ms: u64,
     ) -> Result<Option<(Publication, IssuedRun)>, StoreError> {
-        match self.issue(device, class, model, rollout, policy, now_ms) {
+        match self.issue(device, class, model, rollout, policy, fresh_run, now_ms) {
             Ok(issued) => Ok(Some(issued)),
             Err(IssueError::Exhausted(e)) => {
                 tracing::error!(error = %e, "desired state not issued");
@@ -568,7 +596,9 @@ impl Rollouts {
                 let class = self.registry.get(&device).map(|d| d.class).unwrap_or_default();
                 let policy = i.policy;
                 let model = ModelRef { name: i.name.clone(), version: i.version, sha256: i.sha256.clone() };
-                if let Some((p, run)) = self.try_issue(&device, &class, &model, i.rollout.as_deref(), policy, now_ms)? {
+                if let Some((p, run)) =
+                    self.try_issue(&device, &class, &model, i.rollout.as_deref(), policy, false, now_ms)?
+                {
                     out.push(p);
                     runs.push((device, run));
                 }

@@ -37,6 +37,8 @@ pub struct RolloutView {
     /// What it waits for while it runs or is scheduled.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiting: Option<crate::rollout::engine::Waiting>,
+    #[serde(default)]
+    pub archived: bool,
 }
 
 pub fn view(r: Rollout) -> RolloutView {
@@ -75,5 +77,6 @@ pub fn view(r: Rollout) -> RolloutView {
         created_ms: r.created_ms,
         events: r.events,
         waiting: r.waiting,
+        archived: r.archived,
     }
 }

@@ -78,6 +78,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/rollouts", get(api::rollouts::list))
         .route("/api/v1/rollouts/{id}", get(api::rollouts::get))
         .route("/api/v1/windows", get(api::rollouts::windows))
+        .route("/api/v1/devices/{id}/tags", get(api::rollouts::tags))
         .route("/api/v1/bundles", get(api::rollouts::bundles))
         .route("/api/v1/audit", get(api::rollouts::audit))
         .route("/api/v1/enrollments", get(api::identity::enrolled))
@@ -94,6 +95,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/labels", post(api::learning::add_label))
         .route("/api/v1/rollouts", post(api::rollouts::create))
         .route("/api/v1/rollouts/{id}/{action}", post(api::rollouts::act))
+        .route("/api/v1/rollouts/{id}", axum::routing::delete(api::rollouts::archive))
         .route("/api/v1/bundles", post(api::rollouts::make_bundle))
         .route("/api/v1/devices/{id}/tags", post(api::rollouts::set_tags))
         .route_layer(from_fn_with_state((state.clone(), Role::Operator), auth::check_role));

@@ -111,6 +111,39 @@ async fn a_canary_silent_mid_install_times_out_and_the_rollout_completes_without
         assert_eq!((u.phase, u.active_sha256.as_deref()), (Phase::Applied, Some(good.sha256.as_str())), "{id}");
     }
 
+    // An operator retries the device that ran out of time: it is sent the model again under a new sequence,
+    // and no longer counts as timed out.
+    let seq_before = cp.rollouts.issued(&canary).unwrap().unwrap().seq;
+    let (status, body) = api.post_json(&format!("/api/v1/rollouts/{}/retry", r.id), &json!({})).await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let v = rollouts::wait(api, &r.id, Duration::from_secs(10), |v| {
+        v.devices[&canary].sent_ms.is_some_and(|t| t > 0) && !v.devices[&canary].timed_out()
+    })
+    .await
+    .unwrap();
+    assert_eq!(v.phases.get("timed_out"), None, "{:?}", v.phases);
+    assert!(cp.rollouts.issued(&canary).unwrap().unwrap().seq > seq_before);
+    // Denying a rollout that awaits no approval is a 409.
+    let (status, body) = api.post_json(&format!("/api/v1/rollouts/{}/deny", r.id), &json!({})).await.unwrap();
+    assert_eq!(status, 409, "{body}");
+    // Archived once it has ended: out of the list, still readable, and listed on request.
+    let (status, _) = api.post_json(&format!("/api/v1/rollouts/{}/abort", r.id), &json!({})).await.unwrap();
+    assert!(status == 200 || status == 409);
+    let del = api.request("DELETE", &format!("/api/v1/rollouts/{}", r.id), &[], None).await.unwrap();
+    assert_eq!(del.status, 200, "{}", del.text());
+    let listed: Vec<serde_json::Value> = api.get_json("/api/v1/rollouts").await.unwrap();
+    assert!(listed.iter().all(|v| v["id"] != r.id.as_str()));
+    let all: Vec<serde_json::Value> = api.get_json("/api/v1/rollouts?archived=true").await.unwrap();
+    assert!(all.iter().any(|v| v["id"] == r.id.as_str() && v["archived"] == true));
+    let live = rollouts::create(api, &json!({"model": CLASS, "version": 1, "start_at": "2099-01-01T00:00:00Z"}))
+        .await
+        .unwrap();
+    let del = api.request("DELETE", &format!("/api/v1/rollouts/{}", live.id), &[], None).await.unwrap();
+    assert_eq!(del.status, 409, "{}", del.text());
+    assert!(del.text().contains("cannot archive a rollout that is scheduled"), "{}", del.text());
+    let tags: serde_json::Value = api.get_json(&format!("/api/v1/devices/{canary}/tags")).await.unwrap();
+    assert_eq!(tags, json!({"tags": []}));
+
     stop_feed.cancel();
     let devices = feeding.await.unwrap();
     for (_, stop) in &stops {

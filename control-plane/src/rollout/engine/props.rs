@@ -65,7 +65,7 @@ fn op() -> impl Strategy<Value = Op> {
         10 => (0..64usize, any::<bool>()).prop_map(|(i, online)| Op::Online { i, online }),
         10 => (0..64usize, prop::bool::weighted(0.7)).prop_map(|(i, open)| Op::Window { i, open }),
         50 => (0..30u64).prop_map(|secs| Op::Advance { secs }),
-        20 => prop_oneof![1 => Just(Action::Pause), 3 => Just(Action::Resume), 3 => Just(Action::Approve)]
+        20 => prop_oneof![1 => Just(Action::Pause), 3 => Just(Action::Resume), 3 => Just(Action::Approve), 1 => Just(Action::Deny)]
             .prop_map(Op::Act),
         1 => Just(Op::Act(Action::Abort)),
         1 => Just(Op::Supersede),
@@ -175,7 +175,9 @@ fn act_applies(a: Action, before: &State) -> bool {
         Action::Pause => matches!(before, State::Running | State::AwaitingApproval),
         Action::Resume => matches!(before, State::Paused { .. }),
         Action::Abort => before.is_active(),
-        Action::Approve => matches!(before, State::AwaitingApproval),
+        Action::Approve | Action::Deny => matches!(before, State::AwaitingApproval),
+        // Not drawn by `op()`: a retry sends the model to a device a second time, on purpose.
+        Action::Retry | Action::Archive => false,
     }
 }
 

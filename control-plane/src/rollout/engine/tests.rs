@@ -62,7 +62,7 @@ pub(super) fn issue(fleet: &mut [FleetDevice], c: &Command) -> u64 {
     let rollout = Some(c.rollout.clone());
     let seq = d.issued.as_ref().map_or(1, |i| i.last_seq + 1);
     let first_seq = match &d.issued {
-        Some(i) if i.rollout == rollout && i.sha256 == c.model.sha256 => i.first_seq,
+        Some(i) if !c.fresh_run && i.rollout == rollout && i.sha256 == c.model.sha256 => i.first_seq,
         _ => seq,
     };
     d.issued = Some(IssuedRun { first_seq, last_seq: seq, rollout, sha256: c.model.sha256.clone() });
@@ -191,7 +191,7 @@ fn late_joiner_gets_rollout() {
         window: Opening::Always,
     });
     let late = r.tick(&f, 2);
-    assert_eq!(late, vec![Command { device: "new".into(), model: model(2), rollout: "r1".into() }]);
+    assert_eq!(late, vec![Command { device: "new".into(), model: model(2), rollout: "r1".into(), fresh_run: false }]);
     // Once a newer rollout for the class exists, this one stops taking in devices.
     r.supersede("r2", 3);
     f.push(FleetDevice {

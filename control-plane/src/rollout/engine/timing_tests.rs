@@ -49,7 +49,10 @@ fn a_timeout_pauses_or_rolls_back_when_the_rollout_says_so() {
         let out = r.tick(&f, 60_000);
         if rolled_back {
             assert!(matches!(&r.state, State::RolledBack { reason } if reason.contains("timed out")), "{:?}", r.state);
-            assert_eq!(out, vec![Command { device: c[0].device.clone(), model: model(1), rollout: "r1".into() }]);
+            assert_eq!(
+                out,
+                vec![Command { device: c[0].device.clone(), model: model(1), rollout: "r1".into(), fresh_run: false }]
+            );
         } else {
             assert!(
                 matches!(&r.state, State::Paused { reason } if reason.contains("install deadline 60 s")),
@@ -272,4 +275,60 @@ fn durations_past_ten_years_are_refused_naming_the_field() {
     report_all(&mut f, &c, |c| applied(&r, &c.model.sha256, 0.0, 0.0));
     assert_eq!(r.tick(&f, u64::MAX - 1), vec![]);
     assert_eq!(r.state, State::Running);
+}
+
+#[test]
+fn retry_sends_the_model_again_to_failed_and_timed_out_devices_only_and_deny_pauses_at_approval() {
+    let mut s = timed(60, OnTimeout::Skip);
+    s.stages = vec![Stage { name: "all".into(), share: Share::Percent(100.0), bake_secs: 0, timeout_secs: None }];
+    s.gates.max_failed_ratio = 1.0;
+    let mut f = fleet(3);
+    let mut r = Rollout::new("r1".into(), s, 0);
+    assert!(r.act(Action::Retry, 0).is_err(), "nothing to retry yet");
+    let c = r.tick(&f, 0);
+    // One applies, one fails for real, one stays silent past its deadline.
+    report_all(&mut f, &c[..1], |c| applied(&r, &c.model.sha256, 0.0, 0.0));
+    report_all(&mut f, &c[1..2], |c| UpdateReport {
+        phase: Phase::Failed,
+        failure: Some(Failure::SelfTest),
+        ..applied(&r, &c.model.sha256, 0.0, 0.0)
+    });
+    issue(&mut f, &c[2]);
+    r.tick(&f, 61_000);
+    assert_eq!(r.state, State::Completed);
+    r.act(Action::Retry, 62_000).unwrap();
+    let again = r.tick(&f, 62_000);
+    let mut sent: Vec<&str> = again.iter().map(|c| c.device.as_str()).collect();
+    sent.sort();
+    let mut want = vec![c[1].device.as_str(), c[2].device.as_str()];
+    want.sort();
+    assert_eq!(sent, want, "the applied device is left alone");
+    assert!(r.devices.values().filter(|t| t.pending()).count() == 2);
+    assert!(r.events.iter().any(|e| e.what == "retry by an operator: 2 devices sent the model again"));
+    // The retried states start a new run: the old failure does not count again, a new report does.
+    for c in &again {
+        assert!(c.fresh_run);
+        issue(&mut f, c);
+    }
+    r.tick(&f, 63_000);
+    assert_eq!(r.devices.values().filter(|t| t.pending()).count(), 2, "the old reports no longer count");
+    report_all(&mut f, &again, |c| applied(&r, &c.model.sha256, 0.0, 0.0));
+    r.tick(&f, 64_000);
+    assert_eq!(r.phase_counts().get("applied"), Some(&3));
+    // Deny at an approval pauses the rollout there.
+    let mut s = spec();
+    s.manual_approval = true;
+    let mut f = fleet(4);
+    let mut r = Rollout::new("r2".into(), s, 0);
+    let c = r.tick(&f, 0);
+    report_all(&mut f, &c, |c| applied(&r, &c.model.sha256, 0.0, 0.0));
+    r.tick(&f, 20_000);
+    assert_eq!(r.state, State::AwaitingApproval);
+    r.act(Action::Deny, 20_001).unwrap();
+    assert!(
+        matches!(&r.state, State::Paused { reason } if reason == "stage 1 (half) denied by an operator"),
+        "{:?}",
+        r.state
+    );
+    assert!(r.act(Action::Deny, 20_002).is_err());
 }

@@ -41,8 +41,27 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(view(created))))
 }
 
-pub async fn list(State(s): State<AppState>) -> Json<Vec<RolloutView>> {
-    Json(s.rollouts.list().into_iter().map(view).collect())
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct ListParams {
+    /// Include archived rollouts.
+    #[serde(default)]
+    pub archived: bool,
+}
+
+pub async fn list(
+    State(s): State<AppState>,
+    params: Result<Query<ListParams>, QueryRejection>,
+) -> Result<Json<Vec<RolloutView>>, ApiError> {
+    let Query(p) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    Ok(Json(s.rollouts.list().into_iter().filter(|r| p.archived || !r.archived).map(view).collect()))
+}
+
+/// `DELETE /api/v1/rollouts/{id}`: archives a rollout that has ended (409 while it is live).
+pub async fn archive(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<RolloutView>, ApiError> {
+    let r = s.rollouts.clone();
+    let out = tokio::task::spawn_blocking(move || r.archive(&id, edgeloop_common::unix_millis())).await??;
+    Ok(Json(view(out)))
 }
 
 pub async fn get(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<RolloutView>, ApiError> {
@@ -58,7 +77,13 @@ pub async fn act(
         "resume" => Action::Resume,
         "abort" => Action::Abort,
         "approve" => Action::Approve,
-        other => return Err(ApiError::not_found(format!("no action `{other}`; use pause, resume, abort or approve"))),
+        "deny" => Action::Deny,
+        "retry" => Action::Retry,
+        other => {
+            return Err(ApiError::not_found(format!(
+                "no action `{other}`; use pause, resume, abort, approve, deny or retry"
+            )))
+        }
     };
     let r = s.rollouts.clone();
     let out = tokio::task::spawn_blocking(move || r.act(&id, action, edgeloop_common::unix_millis())).await??;
@@ -69,6 +94,12 @@ pub async fn act(
 #[serde(deny_unknown_fields)]
 pub struct Tags {
     pub tags: Vec<String>,
+}
+
+/// `GET /api/v1/devices/{id}/tags`.
+pub async fn tags(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Tags>, ApiError> {
+    edgeloop_common::topics::validate_device_id(&id).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    Ok(Json(Tags { tags: s.rollouts.tags(&id) }))
 }
 
 pub async fn set_tags(
