@@ -350,6 +350,10 @@ async fn operator_and_viewer_use_the_dashboard_in_headless_chromium() {
     assert_eq!(js(&c, "return document.getElementById('flash').textContent;").await, "Rollout paused.");
     assert!(matches!(cp.rollouts.get(&id).unwrap().state, State::Paused { .. }));
     assert_eq!(js(&c, "return document.getElementById('action-resume').disabled;").await, false);
+    // No device failed, so there is nothing to retry; a live rollout cannot be archived.
+    assert_eq!(js(&c, "return document.getElementById('action-retry').disabled;").await, true);
+    assert_eq!(js(&c, "return document.getElementById('action-deny').disabled;").await, true);
+    assert_eq!(js(&c, "return !document.getElementById('action-archive');").await, true);
     fits(&c, "the rollout page at 1024 px").await;
     shot(&c, "rollout").await;
     c.set_window_size(768, 1024).await.unwrap();

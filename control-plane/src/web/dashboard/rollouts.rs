@@ -95,7 +95,7 @@ fn progress_text(r: &RolloutView) -> String {
 }
 
 pub async fn list(State(s): State<AppState>, who: Who) -> Response {
-    let mut rollouts: Vec<RolloutView> = s.rollouts.list().into_iter().map(view).collect();
+    let mut rollouts: Vec<RolloutView> = s.rollouts.list().into_iter().filter(|r| !r.archived).map(view).collect();
     rollouts.sort_by_key(|r| std::cmp::Reverse(r.created_ms));
     let models = s.learning.models.clone();
     let mut versions =
@@ -154,20 +154,27 @@ pub async fn list(State(s): State<AppState>, who: Who) -> Response {
 
 fn actions(r: &RolloutView, who: &Who) -> Markup {
     if !who.can_operate() {
-        return html! { p.muted #read-only { "Viewers can watch this rollout; pausing, resuming, aborting and approving need the operator role." } };
+        return html! { p.muted #read-only { "Viewers can watch this rollout; pausing, resuming, aborting, approving, retrying and archiving need the operator role." } };
     }
     let active = r.state.is_active();
+    let retryable = r.devices.values().any(|t| t.failed() || t.timed_out())
+        && matches!(r.state, RState::Running | RState::AwaitingApproval | RState::Paused { .. } | RState::Completed);
     let can = |a: &str| match a {
-        "pause" => matches!(r.state, RState::Running | RState::AwaitingApproval),
+        "pause" => matches!(r.state, RState::Scheduled | RState::Running | RState::AwaitingApproval),
         "resume" => matches!(r.state, RState::Paused { .. }),
-        "approve" => matches!(r.state, RState::AwaitingApproval),
+        "approve" | "deny" => matches!(r.state, RState::AwaitingApproval),
+        "retry" => retryable,
         _ => active,
     };
     html! {
         div.actions role="group" aria-label="Rollout actions" {
-            @for (a, label, done) in [("pause", "Pause", "Rollout paused."), ("resume", "Resume", "Rollout resumed."), ("approve", "Approve next stage", "Next stage approved."), ("abort", "Abort", "Rollout aborted.")] {
+            @for (a, label, done) in [("pause", "Pause", "Rollout paused."), ("resume", "Resume", "Rollout resumed."), ("approve", "Approve next stage", "Next stage approved."), ("deny", "Deny next stage", "Next stage denied; the rollout is paused."), ("retry", "Retry failed devices", "The failed and timed-out devices get the model again."), ("abort", "Abort", "Rollout aborted.")] {
                 button id=(format!("action-{a}")) type="button" data-action=(format!("/api/v1/rollouts/{}/{a}", r.id))
                     data-done=(done) disabled[!can(a)] class=(if a == "abort" { "danger" } else { "" }) { (label) }
+            }
+            @if !active && !r.archived {
+                button #action-archive type="button" data-method="DELETE" data-action=(format!("/api/v1/rollouts/{}", r.id))
+                    data-done="Rollout archived: it leaves the list." { "Archive" }
             }
         }
     }

@@ -80,7 +80,7 @@ document.addEventListener('click', async (ev) => {
   ev.preventDefault();
   button.disabled = true;
   try {
-    await call('POST', button.dataset.action);
+    await call(button.dataset.method || 'POST', button.dataset.action);
     flash(button.dataset.done || 'Done.', true);
     await refresh();
   } catch (e) {
