@@ -385,14 +385,21 @@ impl Rollouts {
     /// The fleet as the engine sees it: each device's newest report about what was issued to it.
     fn fleet(&self, now_ms: u64, issued: &HashMap<String, IssuedRun>) -> Vec<FleetDevice> {
         let tags = self.tags.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        // A device's opening depends only on which windows apply to it: computed once per set of windows.
+        let mut openings: HashMap<Vec<usize>, Opening> = HashMap::new();
         self.registry
             .list()
             .into_iter()
             .map(|d| {
                 let issued = issued.get(&d.id).cloned();
                 let tags = tags.get(&d.id).cloned().unwrap_or_default();
+                let applying: Vec<usize> =
+                    (0..self.windows.len()).filter(|&i| self.windows[i].0.applies(&d.class, &tags)).collect();
+                let window = *openings.entry(applying).or_insert_with_key(|set| {
+                    window::opening(&set.iter().map(|&i| &self.windows[i].1).collect::<Vec<_>>(), now_ms)
+                });
                 FleetDevice {
-                    window: self.opening(&d.class, &tags, now_ms),
+                    window,
                     tags,
                     online: now_ms.saturating_sub(d.last_seen_ms) < self.offline_after_ms,
                     report: issued.as_ref().and_then(|i| i.latest_report(&d.updates)).cloned(),
