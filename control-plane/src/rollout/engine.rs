@@ -913,9 +913,13 @@ impl Rollout {
     fn assign(&mut self, fleet: &[FleetDevice], now_ms: u64) -> Vec<Command> {
         let last_stage = self.stage + 1 == self.spec.stages.len();
         let mut matching: Vec<&FleetDevice> = fleet.iter().filter(|d| self.matches(d)).collect();
-        matching.sort_by_key(|d| (!d.online, rank(&self.id, &d.id), d.id.clone()));
         let want = self.spec.stages[self.stage].share.of(matching.len());
         let mut have = matching.iter().filter(|d| self.devices.get(&d.id).is_some_and(|t| !t.timed_out())).count();
+        // The stage's share is reached (the usual case): nothing to rank.
+        if have >= want {
+            return Vec::new();
+        }
+        matching.sort_by_key(|d| (!d.online, rank(&self.id, &d.id), d.id.clone()));
         let mut out = Vec::new();
         for d in matching {
             if have >= want {
