@@ -73,17 +73,22 @@ pub fn create_file(path: &Path) -> std::io::Result<File> {
     OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(path)
 }
 
-/// Replaces `path` with `bytes` atomically and durably: a mode-0600 temporary file beside it (`.<name>.tmp`),
-/// fsync, rename over `path`, fsync of the directory. A crash leaves the old file or the new one, never a
-/// mix. Blocking.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
+/// The directory of `path`, and the temporary file (`.<name>.tmp`) a replacement of it is written to first.
+fn temporary_beside(path: &Path) -> (&Path, std::path::PathBuf) {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp"));
+    (dir, dir.join(format!(".{name}.tmp")))
+}
+
+/// Replaces `path` with `bytes` atomically and durably: a mode-0600 temporary file beside it (`.<name>.tmp`),
+/// fsync, rename over `path`, fsync of the directory. A crash leaves the old file or the new one, never a
+/// mix. Blocking.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let (dir, tmp) = temporary_beside(path);
     let mut f = create_file(&tmp)?;
     f.write_all(bytes)?;
     f.sync_all()?;
@@ -96,12 +101,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// sync would only wear a device's flash.
 pub fn replace(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp"));
+    let (_, tmp) = temporary_beside(path);
     create_file(&tmp)?.write_all(bytes)?;
     std::fs::rename(&tmp, path)
 }

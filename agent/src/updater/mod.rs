@@ -346,6 +346,11 @@ impl Updater {
         let now = unix_millis();
         let (p, max) = (path.to_path_buf(), self.cfg.max_artifact_bytes);
         let read = tokio::task::spawn_blocking(move || bundle::read(&p, max)).await?;
+        // What a refusal may report of the bundle's state: only what verified (see `refused_bundle_state`).
+        let refused = read
+            .as_ref()
+            .map(|b| state::refused_bundle_state(&b.desired, &self.cfg.trusted, &self.me, now))
+            .unwrap_or_default();
         let checked = read.and_then(|b| {
             let (d, m) = bundle::check(&b, &self.cfg.trusted, &self.me, self.pointer.last_seq, now)?;
             Ok((b, d, m))
@@ -370,12 +375,6 @@ impl Updater {
             }
             Err(e) => {
                 tracing::warn!(bundle = %path.display(), error = %e, "update bundle refused");
-                let refused = tokio::fs::read(path)
-                    .await
-                    .ok()
-                    .and_then(|bytes| edgeloop_common::bundle::Bundle::decode(&bytes).ok())
-                    .map(|b| state::refused_bundle_state(&b.desired, &self.cfg.trusted, &self.me, now))
-                    .unwrap_or_default();
                 let mut rep = self.report(None, &refused.sha256, Phase::Rejected, format!("bundle: {e}"));
                 (rep.seq, rep.rollout, rep.failure) = (refused.seq, refused.rollout, Some(e.failure()));
                 self.send(rep);

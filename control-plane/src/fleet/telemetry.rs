@@ -43,6 +43,15 @@ fn key(device: &str, seq: u64) -> Vec<u8> {
     k
 }
 
+/// A stored record, or why it cannot be read.
+fn decode(device: &str, key: &[u8], value: &[u8]) -> Result<Record, StoreError> {
+    ciborium::from_reader(value).map_err(|e| StoreError::Corrupt {
+        device: device.to_string(),
+        seq: seq_of(key),
+        reason: e.to_string(),
+    })
+}
+
 fn seq_of(key: &[u8]) -> u64 {
     let mut b = [0u8; 8];
     b.copy_from_slice(&key[key.len() - 8..]);
@@ -93,11 +102,7 @@ impl TelemetryStore {
                 break;
             }
             let (k, v) = kv?;
-            let rec: Record = ciborium::from_reader(&v[..]).map_err(|e| StoreError::Corrupt {
-                device: device.to_string(),
-                seq: seq_of(&k),
-                reason: e.to_string(),
-            })?;
+            let rec = decode(device, &k, &v)?;
             if q.from_ms.is_some_and(|f| rec.ts_ms < f) || q.to_ms.is_some_and(|t| rec.ts_ms > t) {
                 continue;
             }
@@ -110,11 +115,7 @@ impl TelemetryStore {
     pub fn last(&self, device: &str) -> Result<Option<Record>, StoreError> {
         let Some(kv) = self.records.range(key(device, 0)..=key(device, u64::MAX)).next_back() else { return Ok(None) };
         let (k, v) = kv?;
-        let rec = ciborium::from_reader(&v[..]).map_err(|e| StoreError::Corrupt {
-            device: device.to_string(),
-            seq: seq_of(&k),
-            reason: e.to_string(),
-        })?;
+        let rec = decode(device, &k, &v)?;
         Ok(Some(rec))
     }
 
@@ -139,11 +140,7 @@ impl TelemetryStore {
                 break;
             }
             let (k, v) = kv?;
-            let rec: Record = ciborium::from_reader(&v[..]).map_err(|e| StoreError::Corrupt {
-                device: device.to_string(),
-                seq: seq_of(&k),
-                reason: e.to_string(),
-            })?;
+            let rec = decode(device, &k, &v)?;
             if rec.ts_ms >= before_ms {
                 break;
             }
