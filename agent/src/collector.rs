@@ -150,10 +150,20 @@ impl Collector {
 }
 
 /// Group-commit settings.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CommitParams {
     pub max_records: usize,
     pub interval: Duration,
+}
+
+impl CommitParams {
+    /// A class's group commit (`[outbox]`).
+    pub fn of(class: &edgeloop_common::config::ClassConfig) -> CommitParams {
+        CommitParams {
+            max_records: class.outbox.commit_max_records,
+            interval: Duration::from_millis(class.outbox.commit_interval_ms),
+        }
+    }
 }
 
 /// The async loop around a [`Collector`]. Returns when cancelled (after committing what it took) or when
@@ -161,7 +171,7 @@ pub struct CommitParams {
 pub async fn run(
     mut collector: Collector,
     mut rx: mpsc::Receiver<Sample>,
-    params: CommitParams,
+    params: tokio::sync::watch::Receiver<CommitParams>,
     durable: Arc<Notify>,
     cancel: CancellationToken,
 ) -> anyhow::Result<()> {
@@ -173,6 +183,8 @@ pub async fn run(
         };
         let Some(first) = first else { break };
         group.push(first);
+        // A class configuration rolled out may change the group commit while the agent runs.
+        let params = *params.borrow();
         let deadline = tokio::time::sleep(params.interval);
         tokio::pin!(deadline);
         while group.len() < params.max_records {
@@ -345,7 +357,7 @@ mod tests {
         let cancel = CancellationToken::new();
         cancel.cancel();
         let params = CommitParams { max_records: 10, interval: Duration::from_secs(60) };
-        run(c, rx, params, Arc::new(Notify::new()), cancel).await.unwrap();
+        run(c, rx, tokio::sync::watch::channel(params).1, Arc::new(Notify::new()), cancel).await.unwrap();
         assert_eq!(outbox.stats().durable_seq, 50);
     }
 }

@@ -13,6 +13,7 @@ use crate::identity::Credentials;
 use crate::inference::Model;
 use crate::outbox::Outbox;
 use crate::source::{modbus::ModbusSource, stdin::StdinSource, udp::UdpSource, Sample, SampleSink, Source};
+use crate::updater::config::{ConfigFiles, ConfigUpdater};
 use crate::updater::slot::{Loaded, ModelInfo, ModelSlot, SlotEvent};
 use crate::updater::state::Identity;
 use crate::updater::{self, Files, Pointer, Updater};
@@ -153,13 +154,15 @@ impl Agent {
     /// cancellation token and the task tracker that owns every task it spawns; [`supervise`] stops them in
     /// order.
     pub async fn start(
-        cfg: AgentConfig,
+        mut cfg: AgentConfig,
         extra: Vec<Box<dyn Source>>,
         cancel: CancellationToken,
     ) -> anyhow::Result<AgentHandle> {
         let tasks = TaskTracker::new();
         let health = Arc::new(Health::default());
         let counters = Arc::new(UplinkCounters::default());
+        // The class configuration last rolled out, if any, in place of the class file's.
+        let classes = restore_class(&mut cfg).await?;
         // Durable state first: the private data directory and the outbox in it.
         let outbox = open_storage(&cfg).await?;
         // Who the device is: its key, and its MQTT credentials (enrolling if it has none yet).
@@ -171,10 +174,22 @@ impl Agent {
         // Model updates: the uplink hands over desired states and sends the updater's reports.
         let (updater, updates) = start_updater(&cfg, &models, slot_events, &health, &cancel, &tasks)?;
         stopped_first.extend(updater);
+        // Class configurations: applied in place, watched, reverted when the device stops being healthy.
+        let live = LiveClass::new(&cfg, classes, &outbox);
+        let configs = match &updates {
+            Some((_, _, reports)) => {
+                let (task, configs) = start_config_updater(&cfg, &live, &counters, &health, reports, &cancel, &tasks)?;
+                stopped_first.push(task);
+                Some(configs)
+            }
+            None => None,
+        };
         // The collector: samples to features to scores to committed outbox records.
-        let collector = start_collector(&cfg, &models, &outbox, &health, samples, &tasks);
+        let collector = start_collector(&cfg, &models, &outbox, &health, samples, &live, &tasks);
         // The uplink drains the outbox whenever the collector commits.
-        let uplink = start_uplink(&cfg, &outbox, &health, &counters, device, updates, &collector, &tasks);
+        let updates = updates.map(|(desired, reports, _)| (desired, reports));
+        let uplink =
+            start_uplink(&cfg, &outbox, &health, &counters, device, (updates, configs, &live), &collector, &tasks);
         // The status file a technician reads with `edgeloop-agent status`.
         start_status_file(&cfg, &health, &outbox, &counters, &cancel, &tasks);
 
@@ -190,6 +205,84 @@ impl Agent {
             task,
         })
     }
+}
+
+/// The class configurations an agent starts with: the class file's, and the one in force.
+struct Classes {
+    file: edgeloop_common::config::ClassConfig,
+    /// The device's own outbox bound (`storage.outbox_max_bytes` other than its class file's), which no class
+    /// configuration overrides.
+    outbox_override: Option<u64>,
+}
+
+/// Puts the class configuration last rolled out (if any, and if it still fits the class file) in place of the
+/// class file's in `cfg`.
+async fn restore_class(cfg: &mut AgentConfig) -> anyhow::Result<Classes> {
+    let file = cfg.class.clone();
+    let outbox_override = (cfg.outbox_max_bytes != file.outbox.max_bytes).then_some(cfg.outbox_max_bytes);
+    let (files, f) = (ConfigFiles::new(&cfg.data_dir), file.clone());
+    cfg.class = tokio::task::spawn_blocking(move || updater::config::restore(&files, &f)).await?;
+    cfg.outbox_max_bytes = outbox_override.unwrap_or(cfg.class.outbox.max_bytes);
+    Ok(Classes { file, outbox_override })
+}
+
+/// The class configuration in force, shared by the config updater (which changes it) and the subsystems
+/// that follow it.
+struct LiveClass {
+    classes: Classes,
+    config: watch::Sender<Arc<edgeloop_common::config::ClassConfig>>,
+    commit: watch::Sender<CommitParams>,
+    outbox: Arc<Outbox>,
+}
+
+impl LiveClass {
+    fn new(cfg: &AgentConfig, classes: Classes, outbox: &Arc<Outbox>) -> LiveClass {
+        LiveClass {
+            classes,
+            config: watch::channel(Arc::new(cfg.class.clone())).0,
+            commit: watch::channel(CommitParams::of(&cfg.class)).0,
+            outbox: outbox.clone(),
+        }
+    }
+
+    fn handle(&self) -> updater::config::Live {
+        updater::config::Live {
+            config: self.config.clone(),
+            commit: self.commit.clone(),
+            outbox: self.outbox.clone(),
+            outbox_override: self.classes.outbox_override,
+        }
+    }
+}
+
+/// Spawns the class-configuration updater (stopped with the sources); returns its task and where the uplink
+/// hands it desired configurations.
+fn start_config_updater(
+    cfg: &AgentConfig,
+    live: &LiveClass,
+    counters: &Arc<UplinkCounters>,
+    health: &Arc<Health>,
+    reports: &mpsc::UnboundedSender<UpdateReport>,
+    cancel: &CancellationToken,
+    tasks: &TaskTracker,
+) -> anyhow::Result<(Task, watch::Sender<Option<Signed>>)> {
+    let files = ConfigFiles::new(&cfg.data_dir);
+    let pointer = files.load_pointer()?;
+    let (tx, rx) = watch::channel(None);
+    let up = ConfigUpdater {
+        trusted: cfg.updates.as_ref().map(|u| u.trusted.clone()).unwrap_or_else(|| cfg.trusted_keys.clone()),
+        device: cfg.device_id.clone(),
+        class: cfg.class.class.clone(),
+        files,
+        pointer,
+        base: live.classes.file.clone(),
+        live: live.handle(),
+        counters: counters.clone(),
+        reports: reports.clone(),
+        health: health.clone(),
+    };
+    let fut = up.run(rx, cancel.child_token());
+    Ok((spawn_stopping_on_failure(tasks, cancel, "config updater".into(), "config updater", fut), tx))
 }
 
 /// Writes `<data_dir>/status.json` every few seconds, and once more when the agent stops.
@@ -391,8 +484,10 @@ fn spawn_stopping_on_failure(
     })
 }
 
-/// The uplink's side of model updates: where desired states go, and the reports to send.
-type UplinkUpdates = (watch::Sender<Option<Signed>>, mpsc::UnboundedReceiver<UpdateReport>);
+/// The uplink's side of model updates: where desired states go, and the reports to send (and a sender of
+/// them, for the config updater).
+type UplinkUpdates =
+    (watch::Sender<Option<Signed>>, mpsc::UnboundedReceiver<UpdateReport>, mpsc::UnboundedSender<UpdateReport>);
 
 /// With `[updates]` configured, spawns the updater (stopped with the sources; its failure stops the agent) and
 /// returns the uplink's side of it.
@@ -410,11 +505,11 @@ fn start_updater(
     let (desired_tx, desired_rx) = watch::channel(None);
     let me = Identity { width: models.width, ..updater::bundle::identity(cfg, &ucfg) };
     let (files, slot, pointer) = (models.files.clone(), models.slot.clone(), models.pointer.clone());
-    let up = Updater::new(ucfg, me, files, slot, slot_events, reports_tx, health.clone(), pointer)?
+    let up = Updater::new(ucfg, me, files, slot, slot_events, reports_tx.clone(), health.clone(), pointer)?
         .with_http(crate::identity::http_client(cfg.tls_ca.as_ref(), None)?);
     let fut = up.run(desired_rx, cancel.child_token());
     let task = spawn_stopping_on_failure(tasks, cancel, "updater".into(), "updater", fut);
-    Ok((Some(task), Some((desired_tx, reports_rx))))
+    Ok((Some(task), Some((desired_tx, reports_rx, reports_tx))))
 }
 
 /// The collector and the notification it gives the uplink on every commit.
@@ -431,15 +526,13 @@ fn start_collector(
     outbox: &Arc<Outbox>,
     health: &Arc<Health>,
     samples: mpsc::Receiver<Sample>,
+    live: &LiveClass,
     tasks: &TaskTracker,
 ) -> CollectorHandle {
     let collector =
         Collector::for_class(&cfg.class, models.slot.clone(), cfg.model_sensor.clone(), outbox.clone(), health.clone());
     let durable = Arc::new(Notify::new());
-    let commit = CommitParams {
-        max_records: cfg.class.outbox.commit_max_records,
-        interval: Duration::from_millis(cfg.class.outbox.commit_interval_ms),
-    };
+    let commit = live.commit.subscribe();
     let cancel = CancellationToken::new();
     let task = tasks.spawn(collector::run(collector, samples, commit, durable.clone(), cancel.clone()));
     CollectorHandle { running: Running { task, cancel }, durable }
@@ -453,7 +546,11 @@ fn start_uplink(
     health: &Arc<Health>,
     counters: &Arc<UplinkCounters>,
     device: DeviceIdentity,
-    updates: Option<UplinkUpdates>,
+    (updates, configs, live): (
+        Option<(watch::Sender<Option<Signed>>, mpsc::UnboundedReceiver<UpdateReport>)>,
+        Option<watch::Sender<Option<Signed>>>,
+        &LiveClass,
+    ),
     collector: &CollectorHandle,
     tasks: &TaskTracker,
 ) -> Running {
@@ -462,6 +559,8 @@ fn start_uplink(
         uplink.options.set_credentials(c.username, c.password);
     }
     uplink.updates = updates;
+    uplink.configs = configs;
+    uplink.live = Some(live.config.subscribe());
     let cancel = CancellationToken::new();
     let task = tasks.spawn(uplink.run(collector.durable.clone(), cancel.clone()));
     Running { task, cancel }

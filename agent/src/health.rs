@@ -24,6 +24,7 @@ pub struct Health {
     pub inference_errors: AtomicU64,
     model_version: Mutex<Option<String>>,
     update: Mutex<Option<UpdateReport>>,
+    config_update: Mutex<Option<UpdateReport>>,
     latencies_us: Mutex<VecDeque<u32>>,
 }
 
@@ -37,6 +38,7 @@ impl Default for Health {
             inference_errors: AtomicU64::new(0),
             model_version: Mutex::new(None),
             update: Mutex::new(None),
+            config_update: Mutex::new(None),
             latencies_us: Mutex::new(VecDeque::with_capacity(LATENCY_WINDOW)),
         }
     }
@@ -53,7 +55,13 @@ impl Health {
 
     /// The latest update report, repeated in every heartbeat.
     pub fn set_update(&self, r: UpdateReport) {
-        *self.update.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+        let slot = if r.component.is_model() { &self.update } else { &self.config_update };
+        *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
+    }
+
+    /// The latest class-configuration update report, repeated in every heartbeat.
+    pub fn config_update(&self) -> Option<UpdateReport> {
+        self.config_update.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     pub fn update(&self) -> Option<UpdateReport> {
@@ -90,6 +98,7 @@ impl Health {
         status.rss_bytes = rss_bytes();
         status.bad_samples = self.bad_samples.load(Ordering::Relaxed);
         status.update = self.update();
+        status.config_update = self.config_update();
     }
 }
 

@@ -83,7 +83,8 @@ struct Accounting {
 pub struct Outbox {
     db: DurableDb,
     tree: sled::Tree,
-    max_bytes: u64,
+    /// The bound on stored record bytes; a class configuration rolled out changes it while the agent runs.
+    max_bytes: std::sync::atomic::AtomicU64,
     acc: Mutex<Accounting>,
 }
 
@@ -143,7 +144,7 @@ impl Outbox {
         // Whatever survived a restart becomes durable before the uplink may read it.
         db.commit()?;
         acc.durable_seq = acc.next_seq - 1;
-        Ok(Outbox { db, tree, max_bytes, acc: Mutex::new(acc) })
+        Ok(Outbox { db, tree, max_bytes: max_bytes.into(), acc: Mutex::new(acc) })
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Accounting> {
@@ -179,10 +180,11 @@ impl Outbox {
         let mut dropped: Vec<SeqRange> = Vec::new();
         let mut bytes = acc.bytes;
         let mut depth = acc.depth;
+        let max_bytes = self.max_bytes();
         // Drop stored records, oldest first, until the new ones fit.
-        if bytes + new_bytes > self.max_bytes {
+        if bytes + new_bytes > max_bytes {
             for kv in self.tree.scan_prefix([RECORD_PREFIX]) {
-                if bytes + new_bytes <= self.max_bytes {
+                if bytes + new_bytes <= max_bytes {
                     break;
                 }
                 let (k, v) = kv?;
@@ -196,7 +198,7 @@ impl Outbox {
         // If the new records alone pass the bound, the oldest of them go too.
         let mut kept_bytes = new_bytes;
         for (seq, buf) in &encoded {
-            if bytes + kept_bytes > self.max_bytes {
+            if bytes + kept_bytes > max_bytes {
                 kept_bytes -= buf.len() as u64;
                 push_range(&mut dropped, SeqRange { from: *seq, to: *seq });
             } else {
@@ -270,6 +272,16 @@ impl Outbox {
         acc.depth -= n;
         acc.bytes -= freed;
         Ok(n)
+    }
+
+    /// The bound on stored record bytes.
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Changes the bound; records already stored stay until the next append needs their room.
+    pub fn set_max_bytes(&self, max_bytes: u64) {
+        self.max_bytes.store(max_bytes, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn stats(&self) -> OutboxStats {

@@ -46,6 +46,8 @@ pub enum Body {
     Ack(Ack),
     /// The control plane's signed [`crate::update::DesiredState`], on `down/desired` (retained).
     Desired(crate::signing::Signed),
+    /// The control plane's signed [`crate::update::DesiredConfig`], on `down/config` (retained).
+    Config(crate::signing::Signed),
     /// An update's progress, on `up/report`.
     Report(crate::update::UpdateReport),
 }
@@ -58,6 +60,7 @@ impl Body {
             Body::Status(_) => "status",
             Body::Ack(_) => "ack",
             Body::Desired(_) => "desired",
+            Body::Config(_) => "config",
             Body::Report(_) => "report",
         }
     }
@@ -140,6 +143,9 @@ pub struct Status {
     /// The latest model update and where it stands.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub update: Option<crate::update::UpdateReport>,
+    /// The latest class-configuration update and where it stands (`component: config`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_update: Option<crate::update::UpdateReport>,
 }
 
 /// Cumulative end-to-end acknowledgement: every record of this device with `seq <= upto` is durably stored by

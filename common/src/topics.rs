@@ -1,5 +1,5 @@
 //! The MQTT topic scheme: `edgeloop/v1/{device}/up/{telemetry|status|report}` from devices and
-//! `edgeloop/v1/{device}/down/{desired|ack}` to them. Per-device topics keep authorisation simple on any broker.
+//! `edgeloop/v1/{device}/down/{desired|config|ack}` to them. Per-device topics keep authorisation simple on any broker.
 //!
 //! This module builds and parses topic strings and validates device ids; it knows nothing of payloads.
 
@@ -17,6 +17,8 @@ pub enum Channel {
     Status,
     Report,
     Desired,
+    /// The signed desired class configuration (retained), apart from the model's desired state.
+    Config,
     Ack,
 }
 
@@ -24,7 +26,7 @@ impl Channel {
     pub fn direction(self) -> &'static str {
         match self {
             Channel::Telemetry | Channel::Status | Channel::Report => "up",
-            Channel::Desired | Channel::Ack => "down",
+            Channel::Desired | Channel::Config | Channel::Ack => "down",
         }
     }
     pub fn name(self) -> &'static str {
@@ -33,6 +35,7 @@ impl Channel {
             Channel::Status => "status",
             Channel::Report => "report",
             Channel::Desired => "desired",
+            Channel::Config => "config",
             Channel::Ack => "ack",
         }
     }
@@ -77,6 +80,7 @@ pub fn parse(topic: &str) -> Result<(&str, Channel), TopicError> {
         ("up", "status") => Channel::Status,
         ("up", "report") => Channel::Report,
         ("down", "desired") => Channel::Desired,
+        ("down", "config") => Channel::Config,
         ("down", "ack") => Channel::Ack,
         _ => {
             return Err(TopicError::Channel {
@@ -109,7 +113,9 @@ mod tests {
 
     #[test]
     fn build_and_parse_agree() {
-        for ch in [Channel::Telemetry, Channel::Status, Channel::Report, Channel::Desired, Channel::Ack] {
+        for ch in
+            [Channel::Telemetry, Channel::Status, Channel::Report, Channel::Desired, Channel::Config, Channel::Ack]
+        {
             let t = topic("press-01", ch);
             assert_eq!(parse(&t), Ok(("press-01", ch)));
         }

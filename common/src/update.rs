@@ -114,6 +114,57 @@ pub struct DesiredState {
     pub policy: UpdatePolicy,
 }
 
+/// A class configuration as the control plane publishes it: the text of a `firmware-configs/<class>.toml`,
+/// checked by the same validator as the file, numbered per class and signed. Carried inside a
+/// [`DesiredConfig`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ConfigRelease {
+    pub class: String,
+    /// Per class, from 1.
+    pub version: u32,
+    /// SHA-256 of `toml`, hex: what reports and rollouts name the configuration by.
+    pub sha256: String,
+    /// The class file, exactly as published.
+    pub toml: String,
+    pub created_ms: u64,
+}
+
+/// What class configuration one device should run. Published retained on
+/// `edgeloop/v1/{device}/down/config`, signed, beside (never instead of) the model's [`DesiredState`]; its
+/// `seq` is a sequence of its own, per device, strictly increasing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DesiredConfig {
+    pub device: String,
+    pub class: String,
+    pub seq: u64,
+    pub issued_ms: u64,
+    /// The agent refuses the state after this time.
+    pub expires_ms: u64,
+    pub rollout: Option<String>,
+    /// The signed [`ConfigRelease`].
+    pub release: Signed,
+    /// How long the agent gives the new configuration to prove itself (connected, and every record waiting
+    /// acknowledged or none waiting; no record dropped) before it restores the previous one.
+    pub health_secs: u32,
+}
+
+/// What an [`UpdateReport`] is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Component {
+    /// A model, from a [`DesiredState`].
+    #[default]
+    Model,
+    /// A class configuration, from a [`DesiredConfig`].
+    Config,
+}
+
+impl Component {
+    pub fn is_model(&self) -> bool {
+        *self == Component::Model
+    }
+}
+
 /// The phases an update goes through on a device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -204,6 +255,10 @@ pub struct UpdateReport {
     /// all count as real ones.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<Failure>,
+    /// What the report is about: absent for a model (as agents that predate configurations send it), and
+    /// `config` for a class configuration, whose `sha256` is then the configuration's.
+    #[serde(default, skip_serializing_if = "Component::is_model")]
+    pub component: Component,
 }
 
 impl UpdateReport {
@@ -284,6 +339,7 @@ mod tests {
             p95_us: None,
             at_ms: 9,
             failure,
+            component: Component::Model,
         }
     }
 

@@ -22,6 +22,8 @@ fn model(v: u32) -> ModelRef {
 
 fn spec() -> RolloutSpec {
     RolloutSpec {
+        kind: Default::default(),
+        health_secs: 60,
         class: "press".into(),
         tags: vec![],
         model: model(2),

@@ -96,6 +96,13 @@ enum Command {
         #[arg(long)]
         from: PathBuf,
     },
+    /// Class configurations: publish `firmware-configs/<class>.toml` files as signed, numbered versions that
+    /// roll out like models (`POST /api/v1/rollouts` with `{"class": C, "config": VERSION}`). Offline: stop the
+    /// control plane first, or use POST /api/v1/configs while it runs.
+    Configs {
+        #[command(subcommand)]
+        command: ConfigsCommand,
+    },
     /// Manage operator bearer tokens (works while the control plane runs).
     Tokens {
         #[command(subcommand)]
@@ -141,6 +148,26 @@ enum CertsCommand {
         /// A further host name or IP address the server is reached by (repeatable).
         #[arg(long = "name")]
         names: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigsCommand {
+    /// Check each class file with the agent's validator and publish it as the next version of its class (a
+    /// file whose text is the latest version's already publishes nothing).
+    Publish {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Class files, e.g. firmware-configs/*.toml.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// List the versions published.
+    List {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        class: Option<String>,
     },
 }
 
@@ -256,6 +283,7 @@ fn try_main(command: Command) -> Result<(), Failure> {
                 cfg.data_dir.display()
             );
         }
+        Command::Configs { command } => configs(command)?,
         Command::Tokens { command } => tokens(&command)?,
         Command::Broker { command: BrokerCommand::Acl { service_user, out } } => {
             let acl = edgeloop_control_plane::broker::mosquitto_acl(&service_user);
@@ -351,16 +379,54 @@ fn backup(cfg: &Config, out: &std::path::Path) -> anyhow::Result<String> {
 }
 
 /// `bundle`: makes an update bundle from the stopped control plane's store and writes it to `out`.
+/// `configs publish` and `configs list`, on the stopped control plane's store.
+fn configs(command: ConfigsCommand) -> Result<(), Failure> {
+    let (config, class) = match &command {
+        ConfigsCommand::Publish { config, .. } => (config, None),
+        ConfigsCommand::List { config, class } => (config, class.as_deref()),
+    };
+    let cfg = Config::load(config).map_err(Failure::config)?;
+    let db = DurableDb::open(&cfg.data_dir.join("store"), cfg.durability)
+        .context("opening the store (is the control plane running? stop it, or use the /api/v1/configs API)")?;
+    let store = edgeloop_control_plane::rollout::store::RolloutStore::open(&db).map_err(anyhow::Error::from)?;
+    let ConfigsCommand::Publish { files, .. } = &command else {
+        for c in store.configs(class).map_err(anyhow::Error::from)? {
+            println!("{} v{} sha256 {} published {} ms", c.class, c.version, c.sha256, c.created_ms);
+        }
+        return Ok(());
+    };
+    let signer = load_signer(&cfg)?;
+    for file in files {
+        let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        let source = file.display().to_string();
+        let now = edgeloop_common::unix_millis();
+        let (c, new) = edgeloop_control_plane::rollout::configs::publish(&store, &signer, &source, &text, now)
+            .map_err(|e| match e {
+                edgeloop_control_plane::rollout::configs::PublishError::Invalid(e) => Failure::config(e),
+                e => Failure::from(anyhow::Error::from(e)),
+            })?;
+        store.commit().map_err(anyhow::Error::from)?;
+        let what = if new { "published as" } else { "unchanged: already" };
+        println!("{source}: {what} {} v{} (sha256 {})", c.class, c.version, c.sha256);
+    }
+    Ok(())
+}
+
+/// The control plane's signing key, from the config or the data directory.
+fn load_signer(cfg: &Config) -> anyhow::Result<edgeloop_common::signing::Signer> {
+    Ok(match &cfg.rollouts.signing_key {
+        Some(path) => edgeloop_control_plane::access::keys::load(path).context("rollouts.signing_key")?,
+        None => edgeloop_control_plane::access::keys::load(&cfg.data_dir.join("signing.key"))
+            .context("the control plane's signing key (start it once to create it)")?,
+    })
+}
+
 fn bundle_offline(
     cfg: &Config,
     req: &edgeloop_control_plane::rollout::bundle::BundleRequest,
     out: &std::path::Path,
 ) -> anyhow::Result<edgeloop_control_plane::rollout::bundle::BundleRecord> {
-    let signer = match &cfg.rollouts.signing_key {
-        Some(path) => edgeloop_control_plane::access::keys::load(path).context("rollouts.signing_key")?,
-        None => edgeloop_control_plane::access::keys::load(&cfg.data_dir.join("signing.key"))
-            .context("the control plane's signing key (start it once to create it)")?,
-    };
+    let signer = load_signer(cfg)?;
     let db = DurableDb::open(&cfg.data_dir.join("store"), cfg.durability)
         .context("opening the store (is the control plane running? stop it, or use POST /api/v1/bundles)")?;
     let models = ModelRegistry::open(&db, &cfg.data_dir)?;

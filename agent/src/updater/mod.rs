@@ -23,6 +23,7 @@
 //! the pointer names, so an agent that had a working model never comes back without one.
 
 pub mod bundle;
+pub mod config;
 pub mod slot;
 pub mod state;
 
@@ -257,6 +258,7 @@ impl Updater {
             p95_us: None,
             at_ms: unix_millis(),
             failure: None,
+            component: Default::default(),
         }
     }
 

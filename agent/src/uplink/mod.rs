@@ -67,6 +67,10 @@ pub struct Uplink {
     pub trusted: Arc<[TrustedKey]>,
     /// Model updates: where desired states go, and the reports to send.
     pub updates: Option<(watch::Sender<Option<Signed>>, mpsc::UnboundedReceiver<UpdateReport>)>,
+    /// Class-configuration updates: where desired configurations go.
+    pub configs: Option<watch::Sender<Option<Signed>>>,
+    /// The class configuration in force: batching, heartbeat and acknowledgement timing follow it.
+    pub live: Option<watch::Receiver<Arc<edgeloop_common::config::ClassConfig>>>,
 }
 
 impl Uplink {
@@ -104,6 +108,8 @@ impl Uplink {
             health,
             counters,
             updates: None,
+            configs: None,
+            live: None,
             key,
             trusted: cfg.trusted_keys.clone().into(),
         }
@@ -120,10 +126,13 @@ impl Uplink {
         };
         // Not a child of `cancel`: the event loop must outlive the driver, which still publishes while it stops.
         let link_cancel = CancellationToken::new();
+        let configs = self.configs.take();
+        let subscribe_configs = configs.is_some();
+        let live = self.live.take();
         let link = tokio::spawn(event_loop(
             eventloop,
             (ack_topic.clone(), self.trusted.clone()),
-            desired_tx,
+            (desired_tx, configs),
             self.reconnect,
             tx,
             link_cancel.clone(),
@@ -138,8 +147,11 @@ impl Uplink {
             deletions_pending: false,
             last_commit: Instant::now(),
             reports,
+            subscribe_configs,
+            batch_max: self.batch_max,
+            heartbeat_every: self.heartbeat,
         }
-        .run(rx, &ack_topic, durable, cancel)
+        .run(rx, &ack_topic, durable, live, cancel)
         .await;
         // Let the last heartbeat go out, then hang up.
         let _ = client.try_disconnect();
@@ -162,6 +174,11 @@ struct Driver<'a> {
     deletions_pending: bool,
     last_commit: Instant,
     reports: Option<mpsc::UnboundedReceiver<UpdateReport>>,
+    /// Whether to subscribe to `down/config`.
+    subscribe_configs: bool,
+    /// Records per batch and the heartbeat period, as the class configuration in force says.
+    batch_max: usize,
+    heartbeat_every: Duration,
 }
 
 /// How often acknowledged deletions are committed. Losing them to a crash only means resending records the
@@ -188,10 +205,11 @@ impl Driver<'_> {
         mut rx: mpsc::UnboundedReceiver<LinkEvent>,
         ack_topic: &str,
         durable: Arc<Notify>,
+        mut live: Option<watch::Receiver<Arc<edgeloop_common::config::ClassConfig>>>,
         cancel: CancellationToken,
     ) -> anyhow::Result<()> {
         let mut tick = tokio::time::interval(Duration::from_millis(100));
-        let mut heartbeat = tokio::time::interval(self.up.heartbeat);
+        let mut heartbeat = tokio::time::interval(self.heartbeat_every);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             self.send_ready(&cancel).await?;
@@ -206,6 +224,10 @@ impl Driver<'_> {
                         if self.reports.is_some() {
                             let desired = topics::topic(&self.up.device, Channel::Desired);
                             or_stop(&cancel, self.client.subscribe(desired, QoS::AtLeastOnce)).await?;
+                        }
+                        if self.subscribe_configs {
+                            let configs = topics::topic(&self.up.device, Channel::Config);
+                            or_stop(&cancel, self.client.subscribe(configs, QoS::AtLeastOnce)).await?;
                         }
                         or_stop(&cancel, self.send_status()).await?;
                     }
@@ -229,6 +251,15 @@ impl Driver<'_> {
                     None => break,
                 },
                 _ = durable.notified() => {}
+                changed = async { live.as_mut().expect("checked").changed().await }, if live.is_some() => {
+                    match changed {
+                        Ok(()) => {
+                            let c = live.as_mut().expect("checked").borrow_and_update().clone();
+                            self.follow(&c.uplink, &mut heartbeat);
+                        }
+                        Err(_) => live = None,
+                    }
+                }
                 Some(report) = async { self.reports.as_mut()?.recv().await }, if self.reports.is_some() => {
                     // Offline, the report waits for the next heartbeat, which carries the latest one.
                     if self.state.is_connected() {
@@ -261,11 +292,25 @@ impl Driver<'_> {
         Ok(())
     }
 
+    /// Takes new uplink settings from a class configuration: the next batch, heartbeat and resend follow them.
+    fn follow(&mut self, u: &edgeloop_common::config::UplinkConfig, heartbeat: &mut tokio::time::Interval) {
+        self.batch_max = u.batch_max_records;
+        self.state.params =
+            UplinkParams { max_inflight_batches: u.max_inflight_batches, ack_timeout_ms: u.ack_timeout_secs * 1000 };
+        let every = Duration::from_secs(u.heartbeat_secs);
+        if every != self.heartbeat_every {
+            self.heartbeat_every = every;
+            *heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        }
+        tracing::info!(batch_max = self.batch_max, heartbeat = ?every, "uplink follows the new class configuration");
+    }
+
     /// Publishes batches while the state machine allows and the outbox has committed records.
     async fn send_ready(&mut self, cancel: &CancellationToken) -> anyhow::Result<()> {
         while let Some(from) = self.state.next_from() {
             let outbox = self.up.outbox.clone();
-            let max = self.up.batch_max;
+            let max = self.batch_max;
             let records = tokio::task::spawn_blocking(move || outbox.read_batch(from, max)).await??;
             let Some((to, payload)) = encode_batch(&self.up.device, from, records, &self.up.key) else { return Ok(()) };
             let topic = topics::topic(&self.up.device, Channel::Telemetry);
@@ -382,7 +427,7 @@ pub enum AckError {
 async fn event_loop(
     mut eventloop: EventLoop,
     (ack_topic, trusted): (String, Arc<[TrustedKey]>),
-    desired: Option<watch::Sender<Option<Signed>>>,
+    (desired, configs): (Option<watch::Sender<Option<Signed>>>, Option<watch::Sender<Option<Signed>>>),
     (min, max): (Duration, Duration),
     tx: mpsc::UnboundedSender<LinkEvent>,
     cancel: CancellationToken,
@@ -432,6 +477,23 @@ async fn event_loop(
                         tracing::warn!(topic = %p.topic, device = %other.device, kind = other.body.kind(), "unexpected message on the desired topic")
                     }
                     Err(e) => tracing::warn!(topic = %p.topic, error = %e, "malformed desired state dropped"),
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(p)))
+                if configs.is_some() && topics::parse(&p.topic).ok().map(|t| t.1) == Some(Channel::Config) =>
+            {
+                match envelope::decode(&p.payload, DEFAULT_MAX_MESSAGE_BYTES) {
+                    Ok(Envelope { body: Body::Config(signed), device, .. })
+                        if topics::topic(&device, Channel::Ack) == ack_topic =>
+                    {
+                        if let Some(c) = &configs {
+                            c.send_replace(Some(signed));
+                        }
+                    }
+                    Ok(other) => {
+                        tracing::warn!(topic = %p.topic, device = %other.device, kind = other.body.kind(), "unexpected message on the configuration topic")
+                    }
+                    Err(e) => tracing::warn!(topic = %p.topic, error = %e, "malformed desired configuration dropped"),
                 }
             }
             Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {

@@ -29,7 +29,7 @@ pub enum Tick {
 
 #[derive(Debug, Clone)]
 pub struct UplinkState {
-    params: UplinkParams,
+    pub params: UplinkParams,
     connected: bool,
     acked: u64,
     /// Next sequence number to read for sending.

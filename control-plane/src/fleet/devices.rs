@@ -134,6 +134,7 @@ impl Device {
             clip(v, REPORT_ID_MAX);
         }
         status.update = status.update.map(bounded_report);
+        status.config_update = status.config_update.map(bounded_report);
         self.last_status = Some(status);
     }
 
@@ -341,6 +342,7 @@ mod tests {
             p95_us: None,
             at_ms: i,
             failure: None,
+            component: Default::default(),
         }
     }
 

@@ -172,9 +172,44 @@ pub enum OnBreach {
     Rollback,
 }
 
+/// What a rollout moves onto the fleet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// A model version, in desired states on `down/desired`.
+    #[default]
+    Model,
+    /// A class configuration version, in desired configurations on `down/config`: `model` then names it, with
+    /// the class as `name`.
+    Config,
+}
+
+impl Kind {
+    pub fn is_model(&self) -> bool {
+        *self == Kind::Model
+    }
+}
+
+/// How long a device gives a new class configuration to prove itself, by default.
+pub const DEFAULT_CONFIG_HEALTH_SECS: u32 = 60;
+
+fn default_config_health_secs() -> u32 {
+    DEFAULT_CONFIG_HEALTH_SECS
+}
+
+fn is_default_config_health(v: &u32) -> bool {
+    *v == DEFAULT_CONFIG_HEALTH_SECS
+}
+
 /// What an operator asks for.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RolloutSpec {
+    /// A model (absent) or a class configuration.
+    #[serde(default, skip_serializing_if = "Kind::is_model")]
+    pub kind: Kind,
+    /// Class configurations: the seconds a device gives the new one to prove itself before it reverts.
+    #[serde(default = "default_config_health_secs", skip_serializing_if = "is_default_config_health")]
+    pub health_secs: u32,
     pub class: String,
     #[serde(default)]
     pub tags: Vec<String>,

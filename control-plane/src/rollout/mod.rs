@@ -9,6 +9,7 @@
 
 pub mod bundle;
 pub mod config;
+pub mod configs;
 pub mod engine;
 pub(crate) mod service;
 pub mod store;

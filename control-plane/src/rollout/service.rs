@@ -18,7 +18,7 @@
 
 use super::config::RolloutsConfig;
 use super::engine::{
-    Action, FleetDevice, Gates, IssuedRun, ModelRef, OnBreach, Rollout, RolloutSpec, Stage, State, Timeouts,
+    Action, FleetDevice, Gates, IssuedRun, Kind, ModelRef, OnBreach, Rollout, RolloutSpec, Stage, State, Timeouts,
 };
 use super::store::{Issued, RolloutStore, SequenceExhausted};
 use super::window::{self, Opening, Schedule};
@@ -30,7 +30,7 @@ use edgeloop_common::envelope::{self, Body, Envelope};
 use edgeloop_common::signing::{Signed, Signer};
 use edgeloop_common::topics::{self, Channel};
 use edgeloop_common::unix_millis;
-use edgeloop_common::update::{DesiredState, UpdatePolicy};
+use edgeloop_common::update::{DesiredConfig, DesiredState, UpdatePolicy};
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -42,9 +42,20 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateRollout {
-    /// Model line and version, as in `/api/v1/models/{name}/{version}`.
+    /// Model line and version, as in `/api/v1/models/{name}/{version}` (leave both out for a class
+    /// configuration).
+    #[serde(default)]
     pub model: String,
+    #[serde(default)]
     pub version: u32,
+    /// A class configuration version of `class`, as in `/api/v1/configs/{class}/{version}`, instead of a
+    /// model.
+    #[serde(default)]
+    pub config: Option<u32>,
+    /// Class configurations: how long a device gives the new one to prove itself before it reverts
+    /// (default 60 s).
+    #[serde(default)]
+    pub health_secs: Option<u32>,
     /// Default: the model's class.
     #[serde(default)]
     pub class: Option<String>,
@@ -96,6 +107,12 @@ pub enum RolloutError {
     Spec(#[from] crate::rollout::engine::SpecError),
     #[error("no model `{name}` version {version}")]
     NoModel { name: String, version: u32 },
+    #[error("no class configuration `{class}` version {version}")]
+    NoConfig { class: String, version: u32 },
+    /// The request names neither or both of a model and a class configuration, or a configuration without
+    /// its class.
+    #[error("{0}")]
+    Release(String),
     #[error("no rollout `{0}`")]
     NoRollout(String),
     #[error("start_at: `{value}` is not an RFC 3339 time with an offset ({reason})")]
@@ -132,6 +149,8 @@ pub struct Rollouts {
 struct Writer {
     /// What was last issued to each device, as committed: the engine judges reports against it.
     issued: HashMap<String, IssuedRun>,
+    /// The same for desired class configurations.
+    issued_configs: HashMap<String, IssuedRun>,
     last_refresh: u64,
 }
 
@@ -148,8 +167,24 @@ enum IssueError {
 /// A message for the publisher: topic and payload.
 pub type Publication = (String, Vec<u8>);
 
-/// What a refresh re-signed: the states to publish, and the runs they extend per device.
-type Refreshed = (Vec<Publication>, Vec<(String, IssuedRun)>);
+/// What a refresh re-signed: the states to publish, and the runs they extend per kind and device.
+type Refreshed = (Vec<Publication>, Vec<(Kind, String, IssuedRun)>);
+
+impl Writer {
+    fn runs(&self, kind: Kind) -> &HashMap<String, IssuedRun> {
+        match kind {
+            Kind::Model => &self.issued,
+            Kind::Config => &self.issued_configs,
+        }
+    }
+
+    fn runs_mut(&mut self, kind: Kind) -> &mut HashMap<String, IssuedRun> {
+        match kind {
+            Kind::Model => &mut self.issued,
+            Kind::Config => &mut self.issued_configs,
+        }
+    }
+}
 
 impl Rollouts {
     pub fn open(
@@ -164,6 +199,8 @@ impl Rollouts {
         let rollouts = store.rollouts()?.into_iter().map(|r| (r.id.clone(), Arc::new(r))).collect();
         let tags = store.all_tags()?;
         let issued = store.all_issued()?.into_iter().map(|(device, i)| (device, i.run())).collect();
+        let issued_configs =
+            store.all_issued_of(Kind::Config)?.into_iter().map(|(device, i)| (device, i.run())).collect();
         // The config was validated when it was loaded; a window that no longer parses is left out, loudly.
         let windows = cfg
             .windows
@@ -180,7 +217,7 @@ impl Rollouts {
             windows,
             store,
             rollouts: Mutex::new(rollouts),
-            writer: Mutex::new(Writer { issued, last_refresh: 0 }),
+            writer: Mutex::new(Writer { issued, issued_configs, last_refresh: 0 }),
             tags: Mutex::new(tags),
             signer,
             models,
@@ -256,33 +293,68 @@ impl Rollouts {
         Ok((ModelRef { name: m.name, version: m.version, sha256: m.sha256 }, m.class))
     }
 
-    /// Starts a rollout, superseding any live one for the same class. Blocking.
-    pub fn create(&self, req: CreateRollout, now_ms: u64) -> Result<Rollout, RolloutError> {
-        let (model, model_class) = self.model_ref(&req.model, req.version)?;
-        let class = req.class.clone().unwrap_or(model_class.clone());
-        if class != model_class {
-            return Err(RolloutError::ClassMismatch { model: req.model, model_class, class });
+    /// A published class configuration, as a rollout names it.
+    fn config_ref(&self, class: &str, version: u32) -> Result<ModelRef, RolloutError> {
+        let c = self
+            .store
+            .config(class, version)?
+            .ok_or_else(|| RolloutError::NoConfig { class: class.to_string(), version })?;
+        Ok(ModelRef { name: c.class, version: c.version, sha256: c.sha256 })
+    }
+
+    /// What a request rolls out, its kind and its class.
+    fn release(&self, req: &CreateRollout) -> Result<(Kind, ModelRef, String), RolloutError> {
+        match req.config {
+            Some(version) => {
+                if !req.model.is_empty() {
+                    return Err(RolloutError::Release(
+                        "model, config: a rollout carries a model or a class configuration, not both".into(),
+                    ));
+                }
+                let class = req.class.clone().ok_or_else(|| {
+                    RolloutError::Release("class: is required with config (the class whose configuration it is)".into())
+                })?;
+                Ok((Kind::Config, self.config_ref(&class, version)?, class))
+            }
+            None if req.model.is_empty() => {
+                Err(RolloutError::Release("model: give a model and version, or a class configuration (config)".into()))
+            }
+            None => {
+                let (model, model_class) = self.model_ref(&req.model, req.version)?;
+                let class = req.class.clone().unwrap_or(model_class.clone());
+                if class != model_class {
+                    return Err(RolloutError::ClassMismatch { model: req.model.clone(), model_class, class });
+                }
+                Ok((Kind::Model, model, class))
+            }
         }
+    }
+
+    /// Starts a rollout, superseding any live one of the same kind for the same class. Blocking.
+    pub fn create(&self, req: CreateRollout, now_ms: u64) -> Result<Rollout, RolloutError> {
+        let (kind, model, class) = self.release(&req)?;
         let _w = self.write();
         let all = self.snapshot();
-        let previous = match &req.previous {
-            Some((n, v)) => Some(self.model_ref(n, *v)?.0),
-            None => all
-                .iter()
-                .filter(|r| r.spec.class == class && r.state == State::Completed && r.spec.model != model)
-                .max_by_key(|r| r.created_ms)
-                .map(|r| r.spec.model.clone())
-                .or_else(|| {
-                    let p = self.models.production(&class).ok().flatten()?;
-                    (p.sha256 != model.sha256).then_some(ModelRef {
-                        name: p.name,
-                        version: p.version,
-                        sha256: p.sha256,
-                    })
-                }),
+        let last_completed = all
+            .iter()
+            .filter(|r| {
+                r.spec.class == class && r.spec.kind == kind && r.state == State::Completed && r.spec.model != model
+            })
+            .max_by_key(|r| r.created_ms)
+            .map(|r| r.spec.model.clone());
+        let previous = match (&req.previous, kind) {
+            (Some((n, v)), Kind::Model) => Some(self.model_ref(n, *v)?.0),
+            (Some((_, v)), Kind::Config) => Some(self.config_ref(&class, *v)?),
+            (None, Kind::Config) => last_completed,
+            (None, Kind::Model) => last_completed.or_else(|| {
+                let p = self.models.production(&class).ok().flatten()?;
+                (p.sha256 != model.sha256).then_some(ModelRef { name: p.name, version: p.version, sha256: p.sha256 })
+            }),
         };
         let start_at_ms = req.start_at.as_deref().map(parse_start_at).transpose()?;
         let spec = RolloutSpec {
+            kind,
+            health_secs: req.health_secs.unwrap_or(super::engine::DEFAULT_CONFIG_HEALTH_SECS),
             start_at_ms,
             timeouts: req.timeouts.unwrap_or_default(),
             class: class.clone(),
@@ -298,7 +370,7 @@ impl Rollouts {
         spec.validate()?;
         let id = format!("r{}", all.len() + 1);
         let mut changed = Vec::new();
-        for old in all.iter().filter(|r| r.spec.class == class && !r.superseded) {
+        for old in all.iter().filter(|r| r.spec.class == class && r.spec.kind == kind && !r.superseded) {
             let mut r = Rollout::clone(old);
             r.supersede(&id, now_ms);
             self.store.put_rollout(&r)?;
@@ -336,15 +408,16 @@ impl Rollouts {
     /// the loop's next step. Returns whether the device had been issued a desired state. Blocking.
     pub fn forget(&self, device: &str) -> Result<bool, StoreError> {
         let mut w = self.write();
-        let had = self.store.issued(device)?.is_some();
+        let had = self.store.issued(device)?.is_some() || self.store.issued_of(Kind::Config, device)?.is_some();
         self.store.forget(device)?;
         self.store.commit()?;
         w.issued.remove(device);
+        w.issued_configs.remove(device);
         self.tags.lock().unwrap_or_else(|p| p.into_inner()).remove(device);
-        self.outgoing
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push((topics::topic(device, Channel::Desired), Vec::new()));
+        self.outgoing.lock().unwrap_or_else(|p| p.into_inner()).extend([
+            (topics::topic(device, Channel::Desired), Vec::new()),
+            (topics::topic(device, Channel::Config), Vec::new()),
+        ]);
         self.kick.notify_one();
         Ok(had)
     }
@@ -473,10 +546,86 @@ impl Rollouts {
             issued_ms: now_ms,
             expires_ms,
             policy,
+            health_secs: None,
             payload: payload.clone(),
         };
         self.store.put_issued(device, &issued)?;
         Ok(((topics::topic(device, Channel::Desired), payload), issued.run()))
+    }
+
+    /// Signs and records a desired class configuration with the device's next configuration sequence; returns
+    /// what to publish and the device's new issued run. Not yet durable.
+    #[allow(clippy::too_many_arguments)]
+    fn issue_config(
+        &self,
+        device: &str,
+        class: &str,
+        config: &ModelRef,
+        rollout: Option<&str>,
+        health_secs: u32,
+        fresh_run: bool,
+        now_ms: u64,
+    ) -> Result<(Publication, IssuedRun), IssueError> {
+        let c = self.store.config(&config.name, config.version)?.ok_or_else(|| StoreError::Corrupt {
+            device: device.to_string(),
+            seq: 0,
+            reason: format!("class configuration {} v{} vanished from the store", config.name, config.version),
+        })?;
+        let last = self.store.issued_of(Kind::Config, device)?;
+        let seq = Issued::next_seq(device, last.as_ref())?;
+        let first_seq = if fresh_run { seq } else { Issued::run_start(last.as_ref(), seq, rollout, &c.sha256) };
+        let expires_ms = now_ms + self.cfg.desired_ttl_secs * 1000;
+        let desired = DesiredConfig {
+            device: device.to_string(),
+            class: class.to_string(),
+            seq,
+            issued_ms: now_ms,
+            expires_ms,
+            rollout: rollout.map(String::from),
+            release: c.signed.clone(),
+            health_secs,
+        };
+        let env = Envelope::new(device, seq, now_ms, Body::Config(Signed::sign(&desired, &self.signer)));
+        let payload = envelope::encode(&env);
+        let issued = Issued {
+            seq,
+            first_seq: Some(first_seq),
+            rollout: rollout.map(String::from),
+            name: c.class,
+            version: c.version,
+            sha256: c.sha256,
+            issued_ms: now_ms,
+            expires_ms,
+            policy: UpdatePolicy::default(),
+            health_secs: Some(health_secs),
+            payload: payload.clone(),
+        };
+        self.store.put_issued_of(Kind::Config, device, &issued)?;
+        Ok(((topics::topic(device, Channel::Config), payload), issued.run()))
+    }
+
+    /// Publishes and records a class configuration (see [`super::configs::publish`]). Blocking.
+    pub fn publish_config(
+        &self,
+        source: &str,
+        toml: &str,
+        now_ms: u64,
+    ) -> Result<(super::configs::ConfigVersion, bool), super::configs::PublishError> {
+        let _w = self.write();
+        let out = super::configs::publish(&self.store, &self.signer, source, toml, now_ms)?;
+        if out.1 {
+            self.store.commit()?;
+        }
+        Ok(out)
+    }
+
+    /// Every class configuration published (for `class`, or every class), oldest first.
+    pub fn configs(&self, class: Option<&str>) -> Result<Vec<super::configs::ConfigVersion>, StoreError> {
+        self.store.configs(class)
+    }
+
+    pub fn config(&self, class: &str, version: u32) -> Result<Option<super::configs::ConfigVersion>, StoreError> {
+        self.store.config(class, version)
     }
 
     /// Auto-rollout: for each class configured for it, a production version that no rollout has carried yet
@@ -484,13 +633,17 @@ impl Rollouts {
     fn auto_rollouts(&self, now_ms: u64) -> Result<(), StoreError> {
         for auto in &self.cfg.auto {
             let Some(prod) = self.models.production(&auto.class)? else { continue };
-            let seen = self.snapshot().iter().any(|r| r.spec.class == auto.class && r.spec.model.sha256 == prod.sha256);
+            let seen = self.snapshot().iter().any(|r| {
+                r.spec.class == auto.class && r.spec.kind == Kind::Model && r.spec.model.sha256 == prod.sha256
+            });
             if seen {
                 continue;
             }
             let req = CreateRollout {
                 model: prod.name.clone(),
                 version: prod.version,
+                config: None,
+                health_secs: None,
                 class: Some(auto.class.clone()),
                 tags: Vec::new(),
                 stages: Some(auto.stages.clone()),
@@ -519,7 +672,8 @@ impl Rollouts {
     pub fn tick(&self, now_ms: u64) -> Result<Vec<Publication>, StoreError> {
         self.auto_rollouts(now_ms)?;
         let mut w = self.write();
-        let fleet = self.fleet(now_ms, &w.issued);
+        // The fleet as each kind of rollout sees it, built once per tick for the kinds that have a rollout.
+        let mut fleets: HashMap<Kind, Vec<FleetDevice>> = HashMap::new();
         // Decide: the pure engine, in memory.
         let mut changed = Vec::new();
         let mut commands = Vec::new();
@@ -529,9 +683,11 @@ impl Rollouts {
             if !(old.state.is_active() || follows) {
                 continue;
             }
+            let kind = old.spec.kind;
+            let fleet = fleets.entry(kind).or_insert_with(|| self.fleet(now_ms, w.runs(kind)));
             let mut r = Rollout::clone(&old);
-            for c in r.tick(&fleet, now_ms) {
-                commands.push((c, r.spec.class.clone(), r.spec.policy));
+            for c in r.tick(fleet, now_ms) {
+                commands.push((c, r.spec.clone()));
             }
             if r != *old {
                 changed.push(r);
@@ -540,12 +696,30 @@ impl Rollouts {
         // Sign and write.
         let mut out = Vec::new();
         let mut runs = Vec::new();
-        for (c, class, policy) in commands {
-            if let Some((p, run)) =
-                self.try_issue(&c.device, &class, &c.model, Some(&c.rollout), policy, c.fresh_run, now_ms)?
-            {
+        for (c, spec) in commands {
+            let issued = match spec.kind {
+                Kind::Model => self.try_issue(
+                    &c.device,
+                    &spec.class,
+                    &c.model,
+                    Some(&c.rollout),
+                    spec.policy,
+                    c.fresh_run,
+                    now_ms,
+                )?,
+                Kind::Config => self.try_issue_config(
+                    &c.device,
+                    &spec.class,
+                    &c.model,
+                    Some(&c.rollout),
+                    spec.health_secs,
+                    c.fresh_run,
+                    now_ms,
+                )?,
+            };
+            if let Some((p, run)) = issued {
                 out.push(p);
-                runs.push((c.device, run));
+                runs.push((spec.kind, c.device, run));
             }
         }
         for r in &changed {
@@ -565,7 +739,9 @@ impl Rollouts {
         if refresh {
             w.last_refresh = now_ms;
         }
-        w.issued.extend(runs);
+        for (kind, device, run) in runs {
+            w.runs_mut(kind).insert(device, run);
+        }
         self.publish_rollouts(changed);
         // Cleared topics of decommissioned devices: taken only by a step that succeeded.
         out.extend(std::mem::take(&mut *self.outgoing.lock().unwrap_or_else(|p| p.into_inner())));
@@ -594,34 +770,70 @@ impl Rollouts {
         }
     }
 
-    /// Re-issues desired states past half their lifetime; returns what to publish and the devices' new runs.
+    /// [`Rollouts::issue_config`], where a device that can get no more desired configurations is logged and
+    /// left out.
+    #[allow(clippy::too_many_arguments)]
+    fn try_issue_config(
+        &self,
+        device: &str,
+        class: &str,
+        config: &ModelRef,
+        rollout: Option<&str>,
+        health_secs: u32,
+        fresh_run: bool,
+        now_ms: u64,
+    ) -> Result<Option<(Publication, IssuedRun)>, StoreError> {
+        match self.issue_config(device, class, config, rollout, health_secs, fresh_run, now_ms) {
+            Ok(issued) => Ok(Some(issued)),
+            Err(IssueError::Exhausted(e)) => {
+                tracing::error!(error = %e, "desired configuration not issued");
+                Ok(None)
+            }
+            Err(IssueError::Store(e)) => Err(e),
+        }
+    }
+
+    /// Re-issues desired states and configurations past half their lifetime; returns what to publish and the
+    /// devices' new runs.
     fn refresh(&self, now_ms: u64) -> Result<Refreshed, StoreError> {
         let half = self.cfg.desired_ttl_secs * 500;
         let (mut out, mut runs) = (Vec::new(), Vec::new());
-        for (device, i) in self.store.all_issued()? {
-            if now_ms.saturating_sub(i.issued_ms) >= half {
+        for kind in [Kind::Model, Kind::Config] {
+            for (device, i) in self.store.all_issued_of(kind)? {
+                if now_ms.saturating_sub(i.issued_ms) < half {
+                    continue;
+                }
                 let class = self.registry.get(&device).map(|d| d.class).unwrap_or_default();
-                let policy = i.policy;
-                let model = ModelRef { name: i.name.clone(), version: i.version, sha256: i.sha256.clone() };
-                if let Some((p, run)) =
-                    self.try_issue(&device, &class, &model, i.rollout.as_deref(), policy, false, now_ms)?
-                {
+                let release = ModelRef { name: i.name.clone(), version: i.version, sha256: i.sha256.clone() };
+                let rollout = i.rollout.as_deref();
+                let issued = match kind {
+                    Kind::Model => self.try_issue(&device, &class, &release, rollout, i.policy, false, now_ms)?,
+                    Kind::Config => {
+                        let health = i.health_secs.unwrap_or(super::engine::DEFAULT_CONFIG_HEALTH_SECS);
+                        self.try_issue_config(&device, &class, &release, rollout, health, false, now_ms)?
+                    }
+                };
+                if let Some((p, run)) = issued {
                     out.push(p);
-                    runs.push((device, run));
+                    runs.push((kind, device, run));
                 }
             }
         }
         Ok((out, runs))
     }
 
-    /// Every stored desired state, to publish again at start.
+    /// Every stored desired state and configuration, to publish again at start.
     pub fn republish_all(&self) -> Result<Vec<Publication>, StoreError> {
-        Ok(self
-            .store
-            .all_issued()?
-            .into_iter()
-            .map(|(device, i)| (topics::topic(&device, Channel::Desired), i.payload))
-            .collect())
+        let mut out = Vec::new();
+        for (kind, channel) in [(Kind::Model, Channel::Desired), (Kind::Config, Channel::Config)] {
+            out.extend(
+                self.store
+                    .all_issued_of(kind)?
+                    .into_iter()
+                    .map(|(device, i)| (topics::topic(&device, channel), i.payload)),
+            );
+        }
+        Ok(out)
     }
 
     /// The desired state last issued to a device.
@@ -821,6 +1033,100 @@ mod tests {
         assert_eq!(r.store.bundles().unwrap().len(), 2);
     }
 
+    const PRESS_CLASS: &str = "class = \"press\"\n[[sensors]]\nname = \"t\"\nkind = \"slow\"\nrate_hz = 1.0\n";
+
+    /// The desired configurations published on `down/config`, by device, verified with the control plane's key.
+    fn published_configs(r: &Rollouts, p: &[Publication], now: u64) -> BTreeMap<String, (DesiredConfig, u32)> {
+        let trusted = [r.signer.trusted(None)];
+        p.iter()
+            .filter(|(topic, _)| topic.ends_with("/down/config"))
+            .map(|(_, payload)| {
+                let env = envelope::decode(payload, 1 << 20).unwrap();
+                let Body::Config(signed) = env.body else { panic!("not a desired configuration") };
+                let d: DesiredConfig = signed.verify(&trusted, now).unwrap();
+                let release: edgeloop_common::update::ConfigRelease = d.release.verify(&trusted, now).unwrap();
+                assert_eq!((env.seq, release.class.as_str()), (d.seq, "press"));
+                (d.device.clone(), (d, release.version))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_class_configuration_rolls_out_on_its_own_topic_beside_a_model_rollout_and_counts_config_reports() {
+        let dir = tempfile::tempdir().unwrap();
+        let (r, models, registry) = open_with_registry(dir.path(), false);
+        models.insert(&version(1, false)).unwrap();
+        let now = 1_000_000;
+        for d in ["d1", "d2"] {
+            registry.update(d, now, |dev| dev.class = "press".into()).unwrap();
+        }
+        let model_rollout = r.create(rollout_request(1), now).unwrap();
+        let first = r.tick(now).unwrap();
+        assert!(first.iter().all(|(t, _)| t.ends_with("/down/desired")), "{first:?}");
+        // Publish two versions; the second is what rolls out.
+        let (v1, _) = r.publish_config("press.toml", PRESS_CLASS, now).unwrap();
+        let tuned = format!("{PRESS_CLASS}[uplink]\nbatch_max_records = 20\n");
+        let (v2, new) = r.publish_config("press.toml", &tuned, now).unwrap();
+        assert_eq!((v1.version, v2.version, new), (1, 2, true));
+        // A request must name one thing, and a configuration its class.
+        let bad = CreateRollout { config: Some(2), ..rollout_request(1) };
+        assert!(matches!(r.create(bad, now), Err(RolloutError::Release(_))));
+        let config_req = CreateRollout {
+            model: String::new(),
+            version: 0,
+            config: Some(2),
+            health_secs: Some(15),
+            ..rollout_request(1)
+        };
+        assert!(matches!(r.create(config_req.clone(), now), Err(RolloutError::Release(m)) if m.starts_with("class:")));
+        let missing = CreateRollout { class: Some("press".into()), config: Some(9), ..config_req.clone() };
+        assert!(matches!(r.create(missing, now), Err(RolloutError::NoConfig { version: 9, .. })));
+        let cr = r.create(CreateRollout { class: Some("press".into()), ..config_req }, now + 1).unwrap();
+        assert_eq!((cr.spec.kind, cr.spec.model.version, cr.spec.health_secs), (Kind::Config, 2, 15));
+        // The model rollout goes on: a configuration does not supersede it.
+        assert!(!r.get(&model_rollout.id).unwrap().superseded);
+        let out = r.tick(now + 1).unwrap();
+        let configs = published_configs(&r, &out, now + 1);
+        assert_eq!(configs.keys().collect::<Vec<_>>(), ["d1", "d2"]);
+        assert!(configs.values().all(|(d, v)| d.seq == 1
+            && *v == 2
+            && d.health_secs == 15
+            && d.rollout.as_deref() == Some(cr.id.as_str())));
+        // The model's retained desired states are not touched.
+        assert!(!out.iter().any(|(t, _)| t.ends_with("/down/desired")), "{out:?}");
+        // Config reports complete the rollout; the model rollout's runs are unchanged.
+        for d in ["d1", "d2"] {
+            let report = edgeloop_common::update::UpdateReport {
+                seq: 1,
+                rollout: Some(cr.id.clone()),
+                sha256: v2.sha256.clone(),
+                phase: edgeloop_common::update::Phase::Applied,
+                reason: "healthy".into(),
+                active_sha256: Some(v2.sha256.clone()),
+                shadow_agreement: None,
+                anomaly_rate: None,
+                baseline_anomaly_rate: None,
+                p95_us: None,
+                at_ms: now + 2,
+                failure: None,
+                component: edgeloop_common::update::Component::Config,
+            };
+            registry.update(d, now + 2, |dev| dev.add_update(report)).unwrap();
+        }
+        r.tick(now + 3).unwrap();
+        let done = r.get(&cr.id).unwrap();
+        assert_eq!(done.state, State::Completed, "{:?}", done.events);
+        assert_eq!(r.store.issued("d1").unwrap().unwrap().sha256, format!("{:064}", 1));
+        // Both kinds are published again at start, each on its own topic.
+        let again = r.republish_all().unwrap();
+        assert_eq!(again.iter().filter(|(t, _)| t.ends_with("/down/config")).count(), 2);
+        assert_eq!(again.iter().filter(|(t, _)| t.ends_with("/down/desired")).count(), 2);
+        // A decommissioned device's configuration topic is cleared too.
+        assert!(r.forget("d2").unwrap());
+        let cleared = r.tick(now + 4).unwrap();
+        assert!(cleared.contains(&("edgeloop/v1/d2/down/config".to_string(), Vec::new())), "{cleared:?}");
+    }
+
     fn published_seqs(p: &[Publication]) -> BTreeMap<String, u64> {
         p.iter()
             .map(|(topic, payload)| {
@@ -837,6 +1143,8 @@ mod tests {
         CreateRollout {
             model: "press".into(),
             version,
+            config: None,
+            health_secs: None,
             class: None,
             tags: vec![],
             stages: Some(vec![Stage {
@@ -877,6 +1185,7 @@ mod tests {
             p95_us: None,
             at_ms: now,
             failure: None,
+            component: Default::default(),
         };
         for d in ["d1", "d2"] {
             registry
@@ -972,6 +1281,8 @@ mod tests {
         let req = |v: u32, class: Option<&str>| CreateRollout {
             model: "press".into(),
             version: v,
+            config: None,
+            health_secs: None,
             class: class.map(String::from),
             tags: vec![],
             stages: None,

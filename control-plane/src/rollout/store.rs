@@ -1,7 +1,7 @@
 //! Where rollouts, desired states and device tags live: sled trees behind a narrow type, committed durably
 //! before anything is published, so a restart resumes exactly where the control plane stopped.
 
-use super::engine::{IssuedRun, Rollout};
+use super::engine::{IssuedRun, Kind, Rollout};
 use crate::fleet::telemetry::StoreError;
 use edgeloop_common::durable::DurableDb;
 use serde::{Deserialize, Serialize};
@@ -23,6 +23,9 @@ pub struct Issued {
     pub expires_ms: u64,
     #[serde(default)]
     pub policy: edgeloop_common::update::UpdatePolicy,
+    /// A desired configuration's health period (absent for a model's desired state).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_secs: Option<u32>,
     /// The signed envelope as published, to publish again after a restart.
     #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
@@ -65,6 +68,13 @@ impl Issued {
     }
 }
 
+/// `class/` then the version big-endian, so that a class's versions sort in order.
+fn config_key(class: &str, version: u32) -> Vec<u8> {
+    let mut k = format!("{class}/").into_bytes();
+    k.extend_from_slice(&version.to_be_bytes());
+    k
+}
+
 #[derive(Clone)]
 pub struct RolloutStore {
     db: DurableDb,
@@ -72,6 +82,10 @@ pub struct RolloutStore {
     issued: sled::Tree,
     tags: sled::Tree,
     bundles: sled::Tree,
+    /// Class configurations published, keyed `class/version` (version big-endian).
+    configs: sled::Tree,
+    /// The last desired configuration issued to each device.
+    issued_configs: sled::Tree,
 }
 
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
@@ -93,6 +107,8 @@ impl RolloutStore {
             issued: db.tree("desired")?,
             tags: db.tree("device_tags")?,
             bundles: db.tree("bundles")?,
+            configs: db.tree("class_configs")?,
+            issued_configs: db.tree("desired_configs")?,
             db: db.clone(),
         })
     }
@@ -110,12 +126,29 @@ impl RolloutStore {
         Ok(())
     }
 
+    /// The tree of what was issued for rollouts of `kind`.
+    fn issued_tree(&self, kind: Kind) -> &sled::Tree {
+        match kind {
+            Kind::Model => &self.issued,
+            Kind::Config => &self.issued_configs,
+        }
+    }
+
     pub fn issued(&self, device: &str) -> Result<Option<Issued>, StoreError> {
-        self.issued.get(device.as_bytes())?.map(|v| decode("desired", device.as_bytes(), &v)).transpose()
+        self.issued_of(Kind::Model, device)
+    }
+
+    /// The last desired state (`Kind::Model`) or desired configuration (`Kind::Config`) issued to a device.
+    pub fn issued_of(&self, kind: Kind, device: &str) -> Result<Option<Issued>, StoreError> {
+        self.issued_tree(kind).get(device.as_bytes())?.map(|v| decode("desired", device.as_bytes(), &v)).transpose()
     }
 
     pub fn all_issued(&self) -> Result<Vec<(String, Issued)>, StoreError> {
-        self.issued
+        self.all_issued_of(Kind::Model)
+    }
+
+    pub fn all_issued_of(&self, kind: Kind) -> Result<Vec<(String, Issued)>, StoreError> {
+        self.issued_tree(kind)
             .iter()
             .map(|kv| {
                 let (k, v) = kv?;
@@ -127,12 +160,37 @@ impl RolloutStore {
     /// Forgets a decommissioned device: its last desired state and its tags (not yet durable).
     pub fn forget(&self, device: &str) -> Result<(), StoreError> {
         self.issued.remove(device.as_bytes())?;
+        self.issued_configs.remove(device.as_bytes())?;
         self.tags.remove(device.as_bytes())?;
         Ok(())
     }
 
     pub fn put_issued(&self, device: &str, i: &Issued) -> Result<(), StoreError> {
-        self.issued.insert(device.as_bytes(), encode(i))?;
+        self.put_issued_of(Kind::Model, device, i)
+    }
+
+    pub fn put_issued_of(&self, kind: Kind, device: &str, i: &Issued) -> Result<(), StoreError> {
+        self.issued_tree(kind).insert(device.as_bytes(), encode(i))?;
+        Ok(())
+    }
+
+    /// Every class configuration published for `class` (every class with `None`), oldest version first.
+    pub fn configs(&self, class: Option<&str>) -> Result<Vec<super::configs::ConfigVersion>, StoreError> {
+        let prefix = class.map(|c| format!("{c}/")).unwrap_or_default();
+        self.configs
+            .scan_prefix(prefix.as_bytes())
+            .map(|kv| kv.map_err(StoreError::from).and_then(|(k, v)| decode("class configuration", &k, &v)))
+            .collect()
+    }
+
+    pub fn config(&self, class: &str, version: u32) -> Result<Option<super::configs::ConfigVersion>, StoreError> {
+        let key = config_key(class, version);
+        self.configs.get(&key)?.map(|v| decode("class configuration", &key, &v)).transpose()
+    }
+
+    /// Records a class configuration (not yet durable: call [`RolloutStore::commit`]).
+    pub fn put_config(&self, c: &super::configs::ConfigVersion) -> Result<(), StoreError> {
+        self.configs.insert(config_key(&c.class, c.version), encode(c))?;
         Ok(())
     }
 

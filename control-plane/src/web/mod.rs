@@ -80,6 +80,8 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/windows", get(api::rollouts::windows))
         .route("/api/v1/devices/{id}/tags", get(api::rollouts::tags))
         .route("/api/v1/bundles", get(api::rollouts::bundles))
+        .route("/api/v1/configs", get(api::configs::list))
+        .route("/api/v1/configs/{class}/{version}", get(api::configs::get))
         .route("/api/v1/audit", get(api::rollouts::audit))
         .route("/api/v1/enrollments", get(api::identity::enrolled))
         .route("/api/v1/signing-key", get(api::rollouts::signing_key))
@@ -97,6 +99,10 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/rollouts/{id}/{action}", post(api::rollouts::act))
         .route("/api/v1/rollouts/{id}", axum::routing::delete(api::rollouts::archive))
         .route("/api/v1/bundles", post(api::rollouts::make_bundle))
+        .route(
+            "/api/v1/configs",
+            post(api::configs::publish).layer(DefaultBodyLimit::max(api::configs::MAX_CONFIG_BYTES)),
+        )
         .route("/api/v1/devices/{id}/tags", post(api::rollouts::set_tags))
         .route_layer(from_fn_with_state((state.clone(), Role::Operator), auth::check_role));
     let admin = Router::new()

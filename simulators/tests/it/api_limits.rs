@@ -292,6 +292,7 @@ async fn fd_exhaustion_does_not_stop_the_control_plane() {
         p95_us: None,
         at_ms: edgeloop_common::unix_millis(),
         failure: None,
+        component: Default::default(),
     };
     let mut env = Envelope::new("fd-dev", 1, edgeloop_common::unix_millis(), Body::Report(report));
     env.sign(&key);

@@ -32,6 +32,7 @@ fn report(seq: u64, reason_bytes: usize) -> Body {
         p95_us: None,
         at_ms: seq,
         failure: None,
+        component: Default::default(),
     })
 }
 

@@ -321,7 +321,7 @@ impl Ingestor {
                 self.metrics.status_messages.inc_by(1);
                 let lost = self.recover_gap(device, &status)?;
                 self.registry.update(device, now_ms, |d| {
-                    if let Some(u) = status.update.clone() {
+                    for u in [status.update.clone(), status.config_update.clone()].into_iter().flatten() {
                         d.add_update(u);
                     }
                     if let Some((range, n)) = lost {

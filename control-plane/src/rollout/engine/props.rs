@@ -105,6 +105,8 @@ fn spec() -> impl Strategy<Value = RolloutSpec> {
     ((stages(), any::<bool>(), any::<bool>(), any::<bool>(), 0.1f64..0.8, prop::option::of(0usize..3)), timeouts())
         .prop_map(|((stages, rollback, has_previous, manual_approval, max_failed_ratio, max_offline), timeouts)| {
             RolloutSpec {
+                kind: Default::default(),
+                health_secs: 60,
                 class: "press".into(),
                 tags: vec!["hall-a".into()],
                 model: model(2),
@@ -158,6 +160,7 @@ fn report(seq: u64, sha256: String, rollout: Option<String>, phase: Phase, rate:
         p95_us: Some(100),
         at_ms: 0,
         failure: None,
+        component: Default::default(),
     }
 }
 

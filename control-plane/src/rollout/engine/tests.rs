@@ -6,6 +6,8 @@ pub(super) fn model(v: u32) -> ModelRef {
 
 pub(super) fn spec() -> RolloutSpec {
     RolloutSpec {
+        kind: Default::default(),
+        health_secs: 60,
         class: "press".into(),
         tags: vec![],
         model: model(2),
@@ -53,6 +55,7 @@ pub(super) fn applied(r: &Rollout, sha: &str, rate: f32, baseline: f32) -> Updat
         p95_us: Some(100),
         at_ms: 0,
         failure: None,
+        component: Default::default(),
     }
 }
 
@@ -338,6 +341,7 @@ fn forged_desired_state_cannot_fail_a_rollout() {
         p95_us: None,
         at_ms: 1,
         failure: None,
+        component: Default::default(),
     };
     // Someone publishes forged desired states on the canary's topic, and its agent refuses each of them.
     let sha = model(2).sha256;

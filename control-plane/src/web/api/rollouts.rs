@@ -21,8 +21,11 @@ impl From<RolloutError> for ApiError {
             RolloutError::BadTag(_)
             | RolloutError::ClassMismatch { .. }
             | RolloutError::Spec(_)
-            | RolloutError::StartAt { .. } => ApiError::bad_request(e.to_string()),
-            RolloutError::NoModel { .. } | RolloutError::NoRollout(_) => ApiError::not_found(e.to_string()),
+            | RolloutError::StartAt { .. }
+            | RolloutError::Release(_) => ApiError::bad_request(e.to_string()),
+            RolloutError::NoModel { .. } | RolloutError::NoConfig { .. } | RolloutError::NoRollout(_) => {
+                ApiError::not_found(e.to_string())
+            }
             RolloutError::Refused(_) => {
                 ApiError { status: StatusCode::CONFLICT, error: "conflict", detail: e.to_string() }
             }

@@ -425,6 +425,7 @@ mod tests {
             p95_us: None,
             at_ms: now - 500,
             failure: None,
+            component: Default::default(),
         });
         let drift = TriggerEvent {
             class: "city-traffic".into(),
