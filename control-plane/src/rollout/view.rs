@@ -22,6 +22,10 @@ pub struct StageView {
 #[derive(Serialize, Deserialize, Debug)]
 pub struct RolloutView {
     pub id: String,
+    /// `config` for a class configuration (then `model` names it: the class, and the configuration's
+    /// version and hash); absent for a model.
+    #[serde(default, skip_serializing_if = "crate::rollout::engine::Kind::is_model")]
+    pub kind: crate::rollout::engine::Kind,
     pub class: String,
     pub model: crate::rollout::engine::ModelRef,
     pub previous: Option<crate::rollout::engine::ModelRef>,
@@ -66,6 +70,7 @@ pub fn view(r: Rollout) -> RolloutView {
     RolloutView {
         phases: r.phase_counts(),
         id: r.id,
+        kind: r.spec.kind,
         class: r.spec.class,
         model: r.spec.model,
         previous: r.spec.previous,

@@ -5,6 +5,7 @@ mod api_limits;
 mod backup;
 mod bundles;
 mod chaos;
+mod config_rollouts;
 mod cross_process;
 mod dashboard;
 mod demo;

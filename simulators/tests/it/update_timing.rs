@@ -22,7 +22,13 @@ use tokio_util::sync::CancellationToken;
 const CLASS: &str = "city-air-quality";
 
 /// `n` agents that trust the control plane at `api` and download artifacts from `artifacts`.
-async fn agents(api: &Api, mqtt: (String, u16), root: &std::path::Path, n: usize, artifacts: String) -> Vec<SimDevice> {
+pub(crate) async fn agents(
+    api: &Api,
+    mqtt: (String, u16),
+    root: &std::path::Path,
+    n: usize,
+    artifacts: String,
+) -> Vec<SimDevice> {
     let mut updates = rollouts::updater_config(api).await.unwrap();
     updates.artifact_base = artifacts;
     let mut spec = FleetSpec::new(vec![class_config(CLASS).unwrap()], mqtt, root, updates.trusted[0].clone());
