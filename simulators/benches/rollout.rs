@@ -4,8 +4,12 @@
 //! rollout until every agent has reported it applied, over several rollouts (each a new version, so every
 //! agent downloads, verifies, self-tests and activates again), and where that time goes.
 //!
+//! Then the same for class configurations: each run publishes a new version of the class file (another batch
+//! size) and rolls it out in the same three stages with a one-second health watch, timed from creating the
+//! rollout until every agent has reported it applied.
+//!
 //! `cargo bench -p edgeloop-simulators --bench rollout` (`EDGELOOP_BENCH_AGENTS` and `EDGELOOP_BENCH_RUNS`
-//! change the fleet size and the number of rollouts).
+//! change the fleet size and the number of rollouts of each kind).
 
 use edgeloop_common::update::Phase;
 use edgeloop_control_plane::config::Config;
@@ -131,6 +135,27 @@ async fn bench(agents: usize, runs: usize) -> anyhow::Result<()> {
         median(half_s),
         median(to_verified)
     );
+    let text = edgeloop_simulators::FIRMWARE_CONFIGS
+        .iter()
+        .find(|(f, _)| *f == "city-air-quality.toml")
+        .map(|(_, t)| t.to_string())
+        .expect("shipped class file");
+    let mut config_totals = Vec::new();
+    for run in 1..=runs {
+        let tuned = text.replace("batch_max_records = 100", &format!("batch_max_records = {}", 100 + run));
+        let r = api.request("POST", "/api/v1/configs", &[], Some(tuned.as_bytes())).await?;
+        anyhow::ensure!(r.status == 201, "publishing a class configuration: {} {}", r.status, r.text());
+        let version = serde_json::from_str::<serde_json::Value>(&r.text())?["version"].as_u64().unwrap_or(0);
+        let t0 = Instant::now();
+        let req = json!({"class": "city-air-quality", "config": version, "health_secs": 1, "stages": stages});
+        let r = rollouts::create(api, &req).await?;
+        let done = rollouts::wait(api, &r.id, Duration::from_secs(300), |v| v.state == State::Completed).await?;
+        let total = t0.elapsed().as_secs_f64();
+        anyhow::ensure!(done.phases.get("applied") == Some(&agents), "not all applied: {:?}", done.phases);
+        println!("config run {run}: all {agents} applied v{version} in {total:.2} s (1 s health watch per stage)");
+        config_totals.push(total);
+    }
+    println!("config median of {runs}: {:.2} s to all applied", median(config_totals));
     feed_stop.cancel();
     let (devices, ()) = feeding.await?;
     fleet_cancel.cancel();

@@ -2,7 +2,7 @@
 //! actions) and the audit log.
 
 use super::layout::{ago, badge, datetime, page, page_error, sha, Nav, Who};
-use crate::rollout::engine::{iso, GateValue, Share, State as RState, Target, Waiting};
+use crate::rollout::engine::{iso, GateValue, Kind, Share, State as RState, Target, Waiting};
 use crate::rollout::view::{view, RolloutView};
 use crate::web::AppState;
 use axum::extract::{Path, State};
@@ -109,12 +109,12 @@ pub async fn list(State(s): State<AppState>, who: Who) -> Response {
             @if rollouts.is_empty() { p.muted { "No rollout yet." } }
             @else {
                 div.scroll { table #rollout-table {
-                    thead { tr { th { "Rollout" } th { "Class" } th { "Model" } th { "State" } th { "Progress" } th { "Devices by phase" } th { "Started" } } }
+                    thead { tr { th { "Rollout" } th { "Class" } th { "Model or configuration" } th { "State" } th { "Progress" } th { "Devices by phase" } th { "Started" } } }
                     tbody {
                         @for r in &rollouts {
                             tr {
                                 td { a href=(format!("/rollouts/{}", r.id)) { (r.id) } }
-                                td { (r.class) } td { (r.model.name) " v" (r.model.version) }
+                                td { (r.class) } td { (release_label(r)) }
                                 td { (state_badge(&r.state)) } td { (progress_text(r)) }
                                 td { @for (p, n) in &r.phases { span.chip { (p) " " (n) } " " } }
                                 td { (ago(now, r.created_ms)) }
@@ -192,10 +192,10 @@ pub async fn detail(State(s): State<AppState>, who: Who, Path(id): Path<String>)
         h1 { "Rollout " (r.id) }
         section #rollout-state data-live aria-labelledby="state-h" {
             h2 #state-h.visually-hidden { "State" }
-            p.lead { (r.model.name) " v" (r.model.version) " " (sha(&r.model.sha256)) " to class " strong { (r.class) } " · "
+            p.lead { (release_label(&r)) " " (sha(&r.model.sha256)) " to class " strong { (r.class) } " · "
                 (state_badge(&r.state)) " · " span #stage-text data-stage=(r.stage) { (progress_text(&r)) } }
             @if let Some(w) = &r.waiting { p #waiting data-waiting=(serde_json::to_value(w).ok().and_then(|v| v["for"].as_str().map(String::from)).unwrap_or_default()) { "Now: " (waiting_text(w)) "." } }
-            @if let Some(p) = &r.previous { p.small { "A rollback returns devices to " (p.name) " v" (p.version) "." } }
+            @if let Some(p) = &r.previous { p.small { "A rollback returns devices to " @if r.kind == Kind::Config { "class configuration " } (p.name) " v" (p.version) "." } }
             div.stagebar aria-hidden="true" {
                 @for st in &r.stages { span class=(format!("seg {}", st.status)) style=(format!("width: {:.2}%", 100.0 / n as f64)) { (st.stage.name) } }
             }
@@ -286,4 +286,12 @@ pub async fn audit(State(s): State<AppState>, who: Who) -> Response {
         }
     };
     page("Audit log", &who, Nav::Audit, 5000, body).into_response()
+}
+
+/// What a rollout carries, as a person reads it: `press v3`, or `class configuration press v2`.
+fn release_label(r: &RolloutView) -> String {
+    match r.kind {
+        Kind::Model => format!("{} v{}", r.model.name, r.model.version),
+        Kind::Config => format!("class configuration {} v{}", r.model.name, r.model.version),
+    }
 }
