@@ -9,13 +9,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if ! [ -x /usr/sbin/mosquitto ] || ! command -v mosquitto_passwd >/dev/null \
-  || ! [ -x /usr/bin/chromium ] || ! command -v chromedriver >/dev/null || ! command -v promtool >/dev/null; then
+  || ! [ -x /usr/bin/chromium ] || ! command -v chromedriver >/dev/null || ! command -v promtool >/dev/null || ! command -v strip >/dev/null; then
   SUDO=""
   if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
   export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get update -q
   $SUDO apt-get install -y -q --no-install-recommends \
-    mosquitto mosquitto-clients chromium chromium-driver prometheus
+    mosquitto mosquitto-clients chromium chromium-driver prometheus binutils
 fi
 /usr/sbin/mosquitto -h | head -1 || true
 chromium --version || true

@@ -84,6 +84,13 @@ pub struct UpdatesSection {
     pub trusted_keys: Vec<TrustedKeyConfig>,
     #[serde(default = "default_max_artifact_bytes")]
     pub max_artifact_bytes: u64,
+    /// The largest agent build the agent downloads to update itself.
+    #[serde(default = "default_max_agent_bytes")]
+    pub max_agent_bytes: u64,
+}
+
+fn default_max_agent_bytes() -> u64 {
+    256 << 20
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -204,13 +211,18 @@ pub struct AgentConfig {
     /// The control plane's keys. The uplink deletes records only on an acknowledgement signed by one of them,
     /// and the updater installs only desired states signed by one of them.
     pub trusted_keys: Vec<edgeloop_common::signing::TrustedKey>,
+    /// The file this config was loaded from (`None` for one built in code): a new agent build is self-tested
+    /// with it.
+    pub path: Option<PathBuf>,
 }
 
 impl AgentConfig {
     /// Loads `agent.toml` and the class file it names.
     pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
         let raw: RawConfig = load_toml(path)?;
-        raw.validate(path)
+        let mut cfg = raw.validate(path)?;
+        cfg.path = Some(std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()));
+        Ok(cfg)
     }
 }
 
@@ -276,6 +288,7 @@ impl RawConfig {
             model_sensor,
             threshold: self.inference.threshold,
             sources: self.sources,
+            path: None,
         })
     }
 }
@@ -387,10 +400,12 @@ fn updater_config(
         format!("`{}` must start with http:// or https://", u.artifact_base_url),
     )?;
     c.check(u.max_artifact_bytes > 0, "updates.max_artifact_bytes", "must be > 0")?;
+    c.check(u.max_agent_bytes > 0, "updates.max_agent_bytes", "must be > 0")?;
     Ok(crate::updater::UpdaterConfig {
         trusted: trusted.to_vec(),
         artifact_base: u.artifact_base_url,
         max_artifact_bytes: u.max_artifact_bytes,
+        max_agent_bytes: u.max_agent_bytes,
     })
 }
 
@@ -449,6 +464,7 @@ impl AgentConfig {
             updates: None,
             identity,
             trusted_keys: Vec::new(),
+            path: None,
         }
     }
 

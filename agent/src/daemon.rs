@@ -13,6 +13,7 @@ use crate::identity::Credentials;
 use crate::inference::Model;
 use crate::outbox::Outbox;
 use crate::source::{modbus::ModbusSource, stdin::StdinSource, udp::UdpSource, Sample, SampleSink, Source};
+use crate::updater::agent::{AgentFiles, AgentUpdater};
 use crate::updater::config::{ConfigFiles, ConfigUpdater};
 use crate::updater::slot::{Loaded, ModelInfo, ModelSlot, SlotEvent};
 use crate::updater::state::Identity;
@@ -20,8 +21,10 @@ use crate::updater::{self, Files, Pointer, Updater};
 use crate::uplink::{Uplink, UplinkCounters};
 use anyhow::Context;
 use edgeloop_common::signing::Signed;
+use edgeloop_common::topics::Channel;
 use edgeloop_common::update::UpdateReport;
 use ring::signature::Ed25519KeyPair;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch, Notify};
@@ -129,6 +132,11 @@ pub struct AgentHandle {
     /// Where the collector takes its model from: [`ModelSlot::set_active`] swaps it between two samples,
     /// keeping the feature pipeline's state (a restart would begin its rolling and seasonal windows anew).
     pub slot: Arc<ModelSlot>,
+    /// The class configuration in force (the class file's, or one rolled out).
+    pub class: watch::Receiver<Arc<edgeloop_common::config::ClassConfig>>,
+    /// Set when the agent stopped to be started again: into a new build of itself, or back to the old one.
+    /// `edgeloop-agent` then exits with [`updater::agent::RESTART_EXIT_CODE`].
+    pub restart: Arc<AtomicBool>,
     tasks: TaskTracker,
     task: JoinHandle<anyhow::Result<()>>,
 }
@@ -176,20 +184,24 @@ impl Agent {
         stopped_first.extend(updater);
         // Class configurations: applied in place, watched, reverted when the device stops being healthy.
         let live = LiveClass::new(&cfg, classes, &outbox);
-        let configs = match &updates {
-            Some((_, _, reports)) => {
-                let (task, configs) = start_config_updater(&cfg, &live, &counters, &health, reports, &cancel, &tasks)?;
-                stopped_first.push(task);
-                Some(configs)
-            }
-            None => None,
-        };
+        // The agent's own binary: installed up to a restart into it, watched after one.
+        let restart = Arc::new(AtomicBool::new(false));
+        let mut downlinks = Vec::new();
+        if let Some((_, _, reports)) = &updates {
+            let (task, configs) = start_config_updater(&cfg, &live, &counters, &health, reports, &cancel, &tasks)?;
+            stopped_first.push(task);
+            downlinks.push((Channel::Config, configs));
+            let (task, agents) =
+                start_agent_updater(&cfg, (&outbox, &counters, &health, reports), &restart, &cancel, &tasks).await?;
+            stopped_first.push(task);
+            downlinks.push((Channel::Agent, agents));
+        }
         // The collector: samples to features to scores to committed outbox records.
         let collector = start_collector(&cfg, &models, &outbox, &health, samples, &live, &tasks);
         // The uplink drains the outbox whenever the collector commits.
         let updates = updates.map(|(desired, reports, _)| (desired, reports));
         let uplink =
-            start_uplink(&cfg, &outbox, &health, &counters, device, (updates, configs, &live), &collector, &tasks);
+            start_uplink(&cfg, &outbox, &health, &counters, device, (updates, downlinks, &live), &collector, &tasks);
         // The status file a technician reads with `edgeloop-agent status`.
         start_status_file(&cfg, &health, &outbox, &counters, &cancel, &tasks);
 
@@ -201,10 +213,40 @@ impl Agent {
             outbox,
             counters,
             slot: models.slot,
+            class: live.config.subscribe(),
+            restart,
             tasks: handle_tasks,
             task,
         })
     }
+}
+
+/// `edgeloop-agent self-test`: what a start needs that can fail, without starting: the config (already
+/// loaded), the class configuration in force, and the model the update pointer names (its hash checked and
+/// loaded by tract) or the configured one. Opens nothing a running agent holds. Returns a summary. Blocking.
+pub fn self_test(mut cfg: AgentConfig) -> anyhow::Result<String> {
+    cfg.class = updater::config::restore(&ConfigFiles::new(&cfg.data_dir), &cfg.class);
+    let spec = cfg.class.pipeline();
+    let width = spec.sensors.iter().find(|s| s.name == cfg.model_sensor).map(|s| s.width()).unwrap_or(0);
+    let files = Files::new(&cfg.data_dir);
+    let pointer = files.load_pointer()?;
+    let model = match (&pointer.active, &cfg.model) {
+        (Some(info), _) => {
+            files.load_model(info, width).with_context(|| format!("model {}", info.label()))?;
+            info.label()
+        }
+        (None, Some(path)) => {
+            let m = Model::load_configured(path, width).with_context(|| format!("model {}", path.display()))?;
+            format!("configured v{}", m.version())
+        }
+        (None, None) => "none".into(),
+    };
+    Ok(format!(
+        "edgeloop-agent {} ({}): config, class {} and model {model} load",
+        crate::version::build(),
+        std::env::consts::ARCH,
+        cfg.class.class
+    ))
 }
 
 /// The class configurations an agent starts with: the class file's, and the one in force.
@@ -283,6 +325,50 @@ fn start_config_updater(
     };
     let fut = up.run(rx, cancel.child_token());
     Ok((spawn_stopping_on_failure(tasks, cancel, "config updater".into(), "config updater", fut), tx))
+}
+
+/// Spawns the agent-binary updater (stopped with the sources); returns its task and where the uplink hands
+/// it desired agent builds.
+async fn start_agent_updater(
+    cfg: &AgentConfig,
+    (outbox, counters, health, reports): (
+        &Arc<Outbox>,
+        &Arc<UplinkCounters>,
+        &Arc<Health>,
+        &mpsc::UnboundedSender<UpdateReport>,
+    ),
+    restart: &Arc<AtomicBool>,
+    cancel: &CancellationToken,
+    tasks: &TaskTracker,
+) -> anyhow::Result<(Task, watch::Sender<Option<Signed>>)> {
+    let ucfg = cfg.updates.clone().context("self-update needs [updates]")?;
+    let files = AgentFiles::new(&cfg.data_dir);
+    let f = files.clone();
+    let pointer = tokio::task::spawn_blocking(move || f.load_pointer()).await??;
+    let (tx, rx) = watch::channel(None);
+    let up = AgentUpdater {
+        me: updater::agent::Me {
+            device: cfg.device_id.clone(),
+            class: cfg.class.class.clone(),
+            arch: std::env::consts::ARCH.to_string(),
+            max_bytes: ucfg.max_agent_bytes,
+        },
+        trusted: ucfg.trusted,
+        files,
+        pointer,
+        http: crate::identity::http_client(cfg.tls_ca.as_ref(), None)?,
+        artifact_base: ucfg.artifact_base,
+        config_path: cfg.path.clone(),
+        own_sha256: None,
+        counters: counters.clone(),
+        outbox: outbox.clone(),
+        reports: reports.clone(),
+        health: health.clone(),
+        restart: restart.clone(),
+        stop: cancel.clone(),
+    };
+    let fut = up.run(rx, cancel.child_token());
+    Ok((spawn_stopping_on_failure(tasks, cancel, "agent updater".into(), "agent updater", fut), tx))
 }
 
 /// Writes `<data_dir>/status.json` every few seconds, and once more when the agent stops.
@@ -548,7 +634,7 @@ fn start_uplink(
     device: DeviceIdentity,
     (updates, configs, live): (
         Option<(watch::Sender<Option<Signed>>, mpsc::UnboundedReceiver<UpdateReport>)>,
-        Option<watch::Sender<Option<Signed>>>,
+        Vec<(Channel, watch::Sender<Option<Signed>>)>,
         &LiveClass,
     ),
     collector: &CollectorHandle,
@@ -559,7 +645,7 @@ fn start_uplink(
         uplink.options.set_credentials(c.username, c.password);
     }
     uplink.updates = updates;
-    uplink.configs = configs;
+    uplink.downlinks = configs;
     uplink.live = Some(live.config.subscribe());
     let cancel = CancellationToken::new();
     let task = tasks.spawn(uplink.run(collector.durable.clone(), cancel.clone()));

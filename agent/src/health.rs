@@ -25,6 +25,7 @@ pub struct Health {
     model_version: Mutex<Option<String>>,
     update: Mutex<Option<UpdateReport>>,
     config_update: Mutex<Option<UpdateReport>>,
+    agent_update: Mutex<Option<UpdateReport>>,
     latencies_us: Mutex<VecDeque<u32>>,
 }
 
@@ -39,6 +40,7 @@ impl Default for Health {
             model_version: Mutex::new(None),
             update: Mutex::new(None),
             config_update: Mutex::new(None),
+            agent_update: Mutex::new(None),
             latencies_us: Mutex::new(VecDeque::with_capacity(LATENCY_WINDOW)),
         }
     }
@@ -55,7 +57,11 @@ impl Health {
 
     /// The latest update report, repeated in every heartbeat.
     pub fn set_update(&self, r: UpdateReport) {
-        let slot = if r.component.is_model() { &self.update } else { &self.config_update };
+        let slot = match r.component {
+            edgeloop_common::update::Component::Model => &self.update,
+            edgeloop_common::update::Component::Config => &self.config_update,
+            edgeloop_common::update::Component::Agent => &self.agent_update,
+        };
         *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(r);
     }
 
@@ -99,6 +105,9 @@ impl Health {
         status.bad_samples = self.bad_samples.load(Ordering::Relaxed);
         status.update = self.update();
         status.config_update = self.config_update();
+        status.agent_update = self.agent_update.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        status.agent_version = Some(crate::version::build());
+        status.arch = Some(std::env::consts::ARCH.to_string());
     }
 }
 

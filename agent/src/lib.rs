@@ -29,5 +29,6 @@ pub mod outbox;
 pub mod source;
 pub mod updater;
 pub mod uplink;
+pub mod version;
 
 pub use daemon::{Agent, AgentHandle};

@@ -1,12 +1,15 @@
 //! `edgeloop-agent --config agent.toml`: the edge daemon.
 //! `edgeloop-agent --config agent.toml install --bundle FILE`: queues an update bundle (sites with no network).
 //! `edgeloop-agent --config agent.toml status`: the agent's local state, for a technician at the device.
+//! `edgeloop-agent --config agent.toml self-test`: loads the config and the model, and exits 0 if they load.
 //!
-//! Exit codes: 0 after a clean stop (ctrl-c or SIGTERM) or a queued bundle, 2 for a bad config, 1 for any
-//! other failure (a refused bundle included).
+//! Exit codes: 0 after a clean stop (ctrl-c or SIGTERM) or a queued bundle, 2 for a bad config, 75 to be
+//! started again (into a new build of itself, or back to the previous one: the supervisor's `Restart=` does
+//! it), 1 for any other failure (a refused bundle and a failed self-test included).
 
 use clap::{Parser, Subcommand};
 use edgeloop_agent::config::AgentConfig;
+use edgeloop_agent::updater::agent::RESTART_EXIT_CODE;
 use edgeloop_agent::Agent;
 use edgeloop_common::cli::{Failure, LogFormat};
 use std::path::PathBuf;
@@ -14,7 +17,7 @@ use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "edgeloop-agent", version, about = "The edgeloop edge agent")]
+#[command(name = "edgeloop-agent", version = &*Box::leak(edgeloop_agent::version::build().into_boxed_str()), about = "The edgeloop edge agent")]
 struct Cli {
     /// Path to agent.toml (required; before or after the command).
     #[arg(long, short, global = true)]
@@ -43,6 +46,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Load the config, the class configuration in force and the model, and exit 0 if they load (what a new
+    /// build of the agent must pass before it replaces the running one). Safe while the agent runs.
+    SelfTest,
 }
 
 fn main() -> ExitCode {
@@ -65,6 +71,10 @@ fn try_main(cli: Cli) -> Result<(), Failure> {
         }
         return Ok(());
     }
+    if let Some(Command::SelfTest) = cli.command {
+        println!("{}", edgeloop_agent::daemon::self_test(cfg)?);
+        return Ok(());
+    }
     if let Some(Command::Install { bundle }) = cli.command {
         let q = edgeloop_agent::updater::bundle::queue(&cfg, &bundle, edgeloop_common::unix_millis())?;
         println!(
@@ -78,27 +88,37 @@ fn try_main(cli: Cli) -> Result<(), Failure> {
         );
         return Ok(());
     }
+    if cfg.updates.is_some() {
+        // Self-update: another build may be the one to run (this call then does not return).
+        edgeloop_agent::updater::agent::launch(&cfg.data_dir)?;
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(|e| anyhow::anyhow!("cannot start the runtime: {e}"))?;
-    runtime.block_on(run(cfg))?;
+    if runtime.block_on(run(cfg))? {
+        tracing::info!(code = RESTART_EXIT_CODE, "stopped to be started again by the supervisor");
+        std::process::exit(i32::from(RESTART_EXIT_CODE));
+    }
     Ok(())
 }
 
-async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+/// Runs the agent until it stops; returns whether it asks to be started again.
+async fn run(cfg: AgentConfig) -> anyhow::Result<bool> {
     let cancel = CancellationToken::new();
-    tracing::info!(device = %cfg.device_id, class = %cfg.class.class, broker = %format!("{}:{}", cfg.mqtt_host, cfg.mqtt_port), "starting");
+    tracing::info!(device = %cfg.device_id, class = %cfg.class.class, build = %edgeloop_agent::version::build(), broker = %format!("{}:{}", cfg.mqtt_host, cfg.mqtt_port), "starting");
     let agent = Agent::start(cfg, Vec::new(), cancel.clone()).await?;
+    let restart = agent.restart.clone();
     let mut stopped = tokio::spawn(agent.join());
     tokio::select! {
         _ = edgeloop_common::cli::shutdown_signal() => {
             tracing::info!("shutdown requested");
             cancel.cancel();
-            stopped.await?
+            stopped.await??
         }
-        r = &mut stopped => r?,
+        r = &mut stopped => r??,
     }
+    Ok(restart.load(std::sync::atomic::Ordering::SeqCst))
 }
 
 #[cfg(test)]

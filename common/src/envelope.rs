@@ -48,6 +48,8 @@ pub enum Body {
     Desired(crate::signing::Signed),
     /// The control plane's signed [`crate::update::DesiredConfig`], on `down/config` (retained).
     Config(crate::signing::Signed),
+    /// The control plane's signed [`crate::update::DesiredAgent`], on `down/agent` (retained).
+    Agent(crate::signing::Signed),
     /// An update's progress, on `up/report`.
     Report(crate::update::UpdateReport),
 }
@@ -61,6 +63,7 @@ impl Body {
             Body::Ack(_) => "ack",
             Body::Desired(_) => "desired",
             Body::Config(_) => "config",
+            Body::Agent(_) => "agent",
             Body::Report(_) => "report",
         }
     }
@@ -146,6 +149,14 @@ pub struct Status {
     /// The latest class-configuration update and where it stands (`component: config`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_update: Option<crate::update::UpdateReport>,
+    /// The latest agent-binary update and where it stands (`component: agent`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_update: Option<crate::update::UpdateReport>,
+    /// The running agent's build (`edgeloop-agent --version`) and CPU architecture.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arch: Option<String>,
 }
 
 /// Cumulative end-to-end acknowledgement: every record of this device with `seq <= upto` is durably stored by

@@ -1,5 +1,5 @@
 //! The MQTT topic scheme: `edgeloop/v1/{device}/up/{telemetry|status|report}` from devices and
-//! `edgeloop/v1/{device}/down/{desired|config|ack}` to them. Per-device topics keep authorisation simple on any broker.
+//! `edgeloop/v1/{device}/down/{desired|config|agent|ack}` to them. Per-device topics keep authorisation simple on any broker.
 //!
 //! This module builds and parses topic strings and validates device ids; it knows nothing of payloads.
 
@@ -19,6 +19,8 @@ pub enum Channel {
     Desired,
     /// The signed desired class configuration (retained), apart from the model's desired state.
     Config,
+    /// The signed desired agent binary (retained).
+    Agent,
     Ack,
 }
 
@@ -26,7 +28,7 @@ impl Channel {
     pub fn direction(self) -> &'static str {
         match self {
             Channel::Telemetry | Channel::Status | Channel::Report => "up",
-            Channel::Desired | Channel::Config | Channel::Ack => "down",
+            Channel::Desired | Channel::Config | Channel::Agent | Channel::Ack => "down",
         }
     }
     pub fn name(self) -> &'static str {
@@ -36,6 +38,7 @@ impl Channel {
             Channel::Report => "report",
             Channel::Desired => "desired",
             Channel::Config => "config",
+            Channel::Agent => "agent",
             Channel::Ack => "ack",
         }
     }
@@ -81,6 +84,7 @@ pub fn parse(topic: &str) -> Result<(&str, Channel), TopicError> {
         ("up", "report") => Channel::Report,
         ("down", "desired") => Channel::Desired,
         ("down", "config") => Channel::Config,
+        ("down", "agent") => Channel::Agent,
         ("down", "ack") => Channel::Ack,
         _ => {
             return Err(TopicError::Channel {
@@ -113,9 +117,15 @@ mod tests {
 
     #[test]
     fn build_and_parse_agree() {
-        for ch in
-            [Channel::Telemetry, Channel::Status, Channel::Report, Channel::Desired, Channel::Config, Channel::Ack]
-        {
+        for ch in [
+            Channel::Telemetry,
+            Channel::Status,
+            Channel::Report,
+            Channel::Desired,
+            Channel::Config,
+            Channel::Agent,
+            Channel::Ack,
+        ] {
             let t = topic("press-01", ch);
             assert_eq!(parse(&t), Ok(("press-01", ch)));
         }

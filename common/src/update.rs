@@ -148,6 +148,42 @@ pub struct DesiredConfig {
     pub health_secs: u32,
 }
 
+/// A build of the agent for a device class and CPU architecture, as the control plane publishes it: the
+/// binary is an artifact like a model's (`/api/v1/artifacts/{sha256}`). Carried inside a [`DesiredAgent`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentRelease {
+    pub class: String,
+    /// `std::env::consts::ARCH` of the devices that can run it: `x86_64`, `aarch64`, `arm`, ...
+    pub arch: String,
+    /// The build's own version string, as `edgeloop-agent --version` and heartbeats say it.
+    pub version: String,
+    /// Per class, from 1: what rollouts name the release by.
+    pub number: u32,
+    /// SHA-256 of the binary, hex.
+    pub sha256: String,
+    pub size: u64,
+    pub created_ms: u64,
+}
+
+/// What agent binary one device should run. Published retained on `edgeloop/v1/{device}/down/agent`, signed,
+/// with a sequence of its own per device.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DesiredAgent {
+    pub device: String,
+    pub class: String,
+    pub seq: u64,
+    pub issued_ms: u64,
+    pub expires_ms: u64,
+    pub rollout: Option<String>,
+    /// The signed [`AgentRelease`].
+    pub release: Signed,
+    /// Where to download the binary: a path on the control plane's API (or an absolute URL).
+    pub artifact: String,
+    /// How long the new binary has, from its first start, to prove itself (connected, records
+    /// acknowledged) before the previous one comes back.
+    pub health_secs: u32,
+}
+
 /// What an [`UpdateReport`] is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -157,6 +193,8 @@ pub enum Component {
     Model,
     /// A class configuration, from a [`DesiredConfig`].
     Config,
+    /// The agent's own binary, from a [`DesiredAgent`].
+    Agent,
 }
 
 impl Component {

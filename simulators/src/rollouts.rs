@@ -19,6 +19,7 @@ pub async fn updater_config(api: &Api) -> anyhow::Result<UpdaterConfig> {
         trusted: vec![trusted],
         artifact_base: api.base_url().to_string(),
         max_artifact_bytes: 64 << 20,
+        max_agent_bytes: 256 << 20,
     })
 }
 

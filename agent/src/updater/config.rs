@@ -12,9 +12,10 @@
 //! 3. persists the text (`config/<sha256>.toml`) and the pointer (`config/config.cbor`: the last sequence,
 //!    the active and previous configurations, the trial), then applies it: the outbox's bound, the uplink's
 //!    batching, heartbeat and acknowledgement timing, and the collector's group commit change in place;
-//! 4. watches it ([`judge`]): within `health_secs` the uplink must be connected with every record waiting
-//!    acknowledged (or none waiting), and the outbox must drop nothing. Then it is `applied`; else the
-//!    previous configuration comes back and the report says `reverted`.
+//! 4. watches it for `health_secs` ([`judge`]): the outbox must drop nothing, and at the end the uplink must
+//!    be connected with an acknowledgement since the change (or nothing waiting). Then it is `applied`; else
+//!    the previous configuration comes back and the report says `reverted`. A configuration whose outbox
+//!    bound is below what the outbox holds is refused before it is applied ([`would_drop`]).
 //!
 //! Each step is an [`UpdateReport`] with `component: config`. After a restart the active configuration is
 //! read back from the pointer before anything starts, and a trial in progress starts its watch again.
@@ -161,6 +162,7 @@ pub enum ConfigRejection {
     Sha256 { got: String, signed: String },
     #[error("{0}")]
     Invalid(String),
+    /// It would change the features, or drop records stored now.
     #[error("{0}")]
     Incompatible(String),
 }
@@ -176,7 +178,7 @@ impl ConfigRejection {
             ConfigRejection::Expired { .. } => "expired",
             ConfigRejection::Sha256 { .. } => "sha256_mismatch",
             ConfigRejection::Invalid(_) => "invalid_config",
-            ConfigRejection::Incompatible(_) => "changes_features",
+            ConfigRejection::Incompatible(_) => "incompatible",
         }
     }
 
@@ -311,27 +313,40 @@ pub enum Verdict {
     Unhealthy(String),
 }
 
-/// Judges a trial at `now_ms`: unhealthy as soon as the outbox drops a record, healthy once the uplink is
-/// connected and has had an acknowledgement since the trial began (or has nothing waiting), unhealthy when
-/// `health_secs` pass without that.
+/// Judges a trial at `now_ms`. The watch lasts `health_secs`: unhealthy as soon as the outbox drops a
+/// record; at the end, healthy if the uplink is connected and has had an acknowledgement since the change (or
+/// has nothing waiting), unhealthy if not.
 pub fn judge(trial: &Trial, probe: Probe, now_ms: u64) -> Verdict {
     let dropped = probe.dropped_total.saturating_sub(trial.dropped_before);
     if dropped > 0 {
         return Verdict::Unhealthy(format!("the outbox dropped {dropped} records under the new configuration"));
     }
+    let deadline = trial.since_ms.saturating_add(u64::from(trial.desired.health_secs) * 1000);
+    if now_ms < deadline {
+        return Verdict::Wait;
+    }
     if probe.connected && (probe.last_ack_ms >= trial.since_ms || probe.waiting == 0) {
         return Verdict::Healthy;
     }
-    let deadline = trial.since_ms.saturating_add(u64::from(trial.desired.health_secs) * 1000);
-    if now_ms >= deadline {
-        let what = if probe.connected {
-            format!("no acknowledgement of the {} records waiting", probe.waiting)
-        } else {
-            "no connection to the broker".to_string()
-        };
-        return Verdict::Unhealthy(format!("{what} within {} s of the change", trial.desired.health_secs));
+    let what = if probe.connected {
+        format!("no acknowledgement of the {} records waiting", probe.waiting)
+    } else {
+        "no connection to the broker".to_string()
+    };
+    Verdict::Unhealthy(format!("{what} within {} s of the change", trial.desired.health_secs))
+}
+
+/// Whether applying `new` would drop records at once: its outbox bound (unless the device sets its own) below
+/// what the outbox holds now.
+pub fn would_drop(new: &ClassConfig, outbox_override: Option<u64>, stored_bytes: u64) -> Result<(), String> {
+    if outbox_override.is_none() && new.outbox.max_bytes < stored_bytes {
+        return Err(format!(
+            "outbox.max_bytes: {} is below the {stored_bytes} bytes the outbox holds now; applying it would drop \
+             records",
+            new.outbox.max_bytes
+        ));
     }
-    Verdict::Wait
+    Ok(())
 }
 
 /// How often a trial is judged.
@@ -456,6 +471,8 @@ impl ConfigUpdater {
             .and_then(|v| {
                 let current = self.live.config.borrow().clone();
                 check_compatible(&current, &v.config).map_err(ConfigRejection::Incompatible)?;
+                would_drop(&v.config, self.live.outbox_override, self.live.outbox.stats().bytes)
+                    .map_err(ConfigRejection::Incompatible)?;
                 Ok(v)
             });
         let v = match verified {

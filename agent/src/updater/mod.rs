@@ -22,8 +22,10 @@
 //! file says where to resume: a pending download resumes, a watch restarts, and the active model is whatever
 //! the pointer names, so an agent that had a working model never comes back without one.
 
+pub mod agent;
 pub mod bundle;
 pub mod config;
+pub mod download;
 pub mod slot;
 pub mod state;
 
@@ -49,6 +51,8 @@ pub struct UpdaterConfig {
     /// Base URL artifact paths are resolved against, e.g. `http://control-plane:8080`.
     pub artifact_base: String,
     pub max_artifact_bytes: u64,
+    /// The largest agent build downloaded for self-update.
+    pub max_agent_bytes: u64,
 }
 
 /// An update in progress, persisted so that a restart resumes it.
@@ -550,14 +554,14 @@ impl Updater {
                 return Err(StepError::Fail(Failure::TimedOut, format!("the desired state expired {why}")));
             }
             attempt += 1;
-            match self.fetch(&url, &part, m, cancel).await {
+            match download::fetch(&self.http, &url, &part, m.size, cancel).await {
                 Ok(()) => break,
-                Err(Fetch::Fatal(kind, e)) => {
+                Err(download::Fetch::Fatal(kind, e)) => {
                     let _ = std::fs::remove_file(&part);
                     return Err(StepError::Fail(kind, e));
                 }
-                Err(Fetch::Cancelled) => return Err(StepError::Cancelled),
-                Err(Fetch::Retry(e)) => {
+                Err(download::Fetch::Cancelled) => return Err(StepError::Cancelled),
+                Err(download::Fetch::Retry(e)) => {
                     tracing::warn!(attempt, error = %e, %url, "artifact download interrupted; resuming");
                     last_error = e;
                     let delay = backoff.next_delay().unwrap_or(DOWNLOAD_BACKOFF_MAX);
@@ -626,91 +630,6 @@ impl Updater {
         }
     }
 
-    /// One HTTP request: continues the staging file from its length.
-    async fn fetch(&self, url: &str, part: &Path, m: &Manifest, cancel: &CancellationToken) -> Result<(), Fetch> {
-        use tokio::io::AsyncWriteExt;
-        let io = |e: std::io::Error| Fetch::Fatal(Failure::Storage, format!("staging file {}: {e}", part.display()));
-        if let Some(dir) = part.parent() {
-            let dir = dir.to_path_buf();
-            tokio::task::spawn_blocking(move || edgeloop_common::private::dir(&dir))
-                .await
-                .map_err(|e| Fetch::Fatal(Failure::Storage, e.to_string()))?
-                .map_err(|e| Fetch::Fatal(Failure::Storage, e.to_string()))?;
-        }
-        let mut have = tokio::fs::metadata(part).await.map(|md| md.len()).unwrap_or(0);
-        if have > m.size {
-            have = 0;
-        }
-        if have == m.size {
-            return Ok(());
-        }
-        let mut req = self.http.get(url);
-        if have > 0 {
-            req = req.header(reqwest::header::RANGE, format!("bytes={have}-"));
-        }
-        let mut resp = tokio::select! {
-            _ = cancel.cancelled() => return Err(Fetch::Cancelled),
-            r = req.send() => r.map_err(|e| Fetch::Retry(format!("{e}")))?,
-        };
-        let status = resp.status();
-        let append = match status.as_u16() {
-            206 if have > 0 => true,
-            200 => false,
-            404 => {
-                return Err(Fetch::Fatal(
-                    Failure::Download,
-                    format!("{url}: 404, the control plane has no such artifact"),
-                ))
-            }
-            // The server is busy, overloaded or restarting: it may answer later.
-            s @ (408 | 429) => return Err(Fetch::Retry(format!("{url}: HTTP {s}"))),
-            s if s >= 500 => return Err(Fetch::Retry(format!("{url}: HTTP {s}"))),
-            s => return Err(Fetch::Fatal(Failure::Download, format!("{url}: HTTP {s}"))),
-        };
-        if !append {
-            have = 0;
-        }
-        if let Some(len) = resp.content_length() {
-            state::accept_chunk(have, len as usize, m.size)
-                .map_err(|e| Fetch::Fatal(Failure::Integrity, e.to_string()))?;
-        }
-        let mut file = tokio::fs::OpenOptions::new()
-            .mode(0o600)
-            .create(true)
-            .write(true)
-            .append(append)
-            .truncate(!append)
-            .open(part)
-            .await
-            .map_err(io)?;
-        loop {
-            let chunk = tokio::select! {
-                _ = cancel.cancelled() => {
-                    let _ = file.sync_data().await;
-                    return Err(Fetch::Cancelled);
-                }
-                c = resp.chunk() => c.map_err(|e| Fetch::Retry(format!("{e}"))),
-            };
-            let chunk = match chunk {
-                Ok(Some(c)) => c,
-                Ok(None) => break,
-                Err(e) => {
-                    let _ = file.sync_data().await;
-                    return Err(e);
-                }
-            };
-            state::accept_chunk(have, chunk.len(), m.size)
-                .map_err(|e| Fetch::Fatal(Failure::Integrity, e.to_string()))?;
-            file.write_all(&chunk).await.map_err(io)?;
-            have += chunk.len() as u64;
-        }
-        file.sync_data().await.map_err(io)?;
-        if have < m.size {
-            return Err(Fetch::Retry(format!("connection closed at {have} of {} bytes", m.size)));
-        }
-        Ok(())
-    }
-
     async fn load_and_self_test(&self, m: &Manifest) -> Result<Loaded, StepError> {
         let (files, m2, width) = (self.files.clone(), m.clone(), self.me.width);
         tokio::task::spawn_blocking(move || -> Result<Loaded, String> {
@@ -732,15 +651,6 @@ impl Updater {
         .map_err(|e| StepError::Fail(Failure::SelfTest, e.to_string()))?
         .map_err(|e| StepError::Fail(Failure::SelfTest, e))
     }
-}
-
-/// How one download request ended, when it did not end with the whole artifact.
-enum Fetch {
-    /// Network trouble or a busy server: try again after a wait.
-    Retry(String),
-    /// Retrying cannot help.
-    Fatal(Failure, String),
-    Cancelled,
 }
 
 #[cfg(test)]

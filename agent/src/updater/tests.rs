@@ -144,7 +144,12 @@ fn rig(s: &Signer, base: &str, dir: Option<tempfile::TempDir>) -> Rig {
     let files = Files::new(dir.path());
     let pointer = restore(&files, &slot, WIDTH).unwrap();
     let (tx, reports) = mpsc::unbounded_channel();
-    let cfg = UpdaterConfig { trusted: vec![s.trusted(None)], artifact_base: base.into(), max_artifact_bytes: 1 << 20 };
+    let cfg = UpdaterConfig {
+        trusted: vec![s.trusted(None)],
+        artifact_base: base.into(),
+        max_artifact_bytes: 1 << 20,
+        max_agent_bytes: 1 << 20,
+    };
     let me = Identity {
         device: "d1".into(),
         class: "press".into(),

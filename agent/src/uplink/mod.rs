@@ -67,8 +67,9 @@ pub struct Uplink {
     pub trusted: Arc<[TrustedKey]>,
     /// Model updates: where desired states go, and the reports to send.
     pub updates: Option<(watch::Sender<Option<Signed>>, mpsc::UnboundedReceiver<UpdateReport>)>,
-    /// Class-configuration updates: where desired configurations go.
-    pub configs: Option<watch::Sender<Option<Signed>>>,
+    /// Class-configuration and agent-binary updates: where the signed desired configurations (`down/config`)
+    /// and desired agent builds (`down/agent`) go.
+    pub downlinks: Vec<(Channel, watch::Sender<Option<Signed>>)>,
     /// The class configuration in force: batching, heartbeat and acknowledgement timing follow it.
     pub live: Option<watch::Receiver<Arc<edgeloop_common::config::ClassConfig>>>,
 }
@@ -108,7 +109,7 @@ impl Uplink {
             health,
             counters,
             updates: None,
-            configs: None,
+            downlinks: Vec::new(),
             live: None,
             key,
             trusted: cfg.trusted_keys.clone().into(),
@@ -126,13 +127,13 @@ impl Uplink {
         };
         // Not a child of `cancel`: the event loop must outlive the driver, which still publishes while it stops.
         let link_cancel = CancellationToken::new();
-        let configs = self.configs.take();
-        let subscribe_configs = configs.is_some();
+        let downlinks = std::mem::take(&mut self.downlinks);
+        let subscribe: Vec<Channel> = downlinks.iter().map(|(c, _)| *c).collect();
         let live = self.live.take();
         let link = tokio::spawn(event_loop(
             eventloop,
             (ack_topic.clone(), self.trusted.clone()),
-            (desired_tx, configs),
+            (desired_tx, downlinks),
             self.reconnect,
             tx,
             link_cancel.clone(),
@@ -147,7 +148,7 @@ impl Uplink {
             deletions_pending: false,
             last_commit: Instant::now(),
             reports,
-            subscribe_configs,
+            subscribe,
             batch_max: self.batch_max,
             heartbeat_every: self.heartbeat,
         }
@@ -174,8 +175,8 @@ struct Driver<'a> {
     deletions_pending: bool,
     last_commit: Instant,
     reports: Option<mpsc::UnboundedReceiver<UpdateReport>>,
-    /// Whether to subscribe to `down/config`.
-    subscribe_configs: bool,
+    /// The downlinks to subscribe to besides `down/ack` and `down/desired`.
+    subscribe: Vec<Channel>,
     /// Records per batch and the heartbeat period, as the class configuration in force says.
     batch_max: usize,
     heartbeat_every: Duration,
@@ -225,9 +226,9 @@ impl Driver<'_> {
                             let desired = topics::topic(&self.up.device, Channel::Desired);
                             or_stop(&cancel, self.client.subscribe(desired, QoS::AtLeastOnce)).await?;
                         }
-                        if self.subscribe_configs {
-                            let configs = topics::topic(&self.up.device, Channel::Config);
-                            or_stop(&cancel, self.client.subscribe(configs, QoS::AtLeastOnce)).await?;
+                        for ch in self.subscribe.clone() {
+                            let topic = topics::topic(&self.up.device, ch);
+                            or_stop(&cancel, self.client.subscribe(topic, QoS::AtLeastOnce)).await?;
                         }
                         or_stop(&cancel, self.send_status()).await?;
                     }
@@ -427,7 +428,7 @@ pub enum AckError {
 async fn event_loop(
     mut eventloop: EventLoop,
     (ack_topic, trusted): (String, Arc<[TrustedKey]>),
-    (desired, configs): (Option<watch::Sender<Option<Signed>>>, Option<watch::Sender<Option<Signed>>>),
+    (desired, downlinks): (Option<watch::Sender<Option<Signed>>>, Vec<(Channel, watch::Sender<Option<Signed>>)>),
     (min, max): (Duration, Duration),
     tx: mpsc::UnboundedSender<LinkEvent>,
     cancel: CancellationToken,
@@ -479,21 +480,25 @@ async fn event_loop(
                     Err(e) => tracing::warn!(topic = %p.topic, error = %e, "malformed desired state dropped"),
                 }
             }
-            Ok(Event::Incoming(Packet::Publish(p)))
-                if configs.is_some() && topics::parse(&p.topic).ok().map(|t| t.1) == Some(Channel::Config) =>
-            {
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let Some((ch, to)) =
+                    topics::parse(&p.topic).ok().and_then(|(_, ch)| downlinks.iter().find(|(c, _)| *c == ch))
+                else {
+                    continue;
+                };
                 match envelope::decode(&p.payload, DEFAULT_MAX_MESSAGE_BYTES) {
-                    Ok(Envelope { body: Body::Config(signed), device, .. })
-                        if topics::topic(&device, Channel::Ack) == ack_topic =>
-                    {
-                        if let Some(c) = &configs {
-                            c.send_replace(Some(signed));
+                    Ok(env) if topics::topic(&env.device, Channel::Ack) == ack_topic => match (ch, env.body) {
+                        (Channel::Config, Body::Config(signed)) | (Channel::Agent, Body::Agent(signed)) => {
+                            to.send_replace(Some(signed));
                         }
-                    }
+                        (_, other) => {
+                            tracing::warn!(topic = %p.topic, kind = other.kind(), "unexpected message on a downlink topic")
+                        }
+                    },
                     Ok(other) => {
-                        tracing::warn!(topic = %p.topic, device = %other.device, kind = other.body.kind(), "unexpected message on the configuration topic")
+                        tracing::warn!(topic = %p.topic, device = %other.device, "message for another device dropped")
                     }
-                    Err(e) => tracing::warn!(topic = %p.topic, error = %e, "malformed desired configuration dropped"),
+                    Err(e) => tracing::warn!(topic = %p.topic, error = %e, "malformed downlink message dropped"),
                 }
             }
             Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) => {

@@ -3,7 +3,7 @@
 //!
 //! Each device, logged in with its device id as username, may publish only to its own
 //! `edgeloop/v1/{id}/up/{telemetry,status,report}` and subscribe only to its own
-//! `edgeloop/v1/{id}/down/{ack,desired,config}` (the exact topics of the protocol, so a device cannot make the
+//! `edgeloop/v1/{id}/down/{ack,desired,config,agent}` (the exact topics of the protocol, so a device cannot make the
 //! broker hold state for topics of its own invention); the
 //! control plane's user reads every uplink and writes every downlink. The rules use `%u` (the username), so
 //! the file does not change as the fleet grows. Integrity does not rest on these rules (uplinks and desired
@@ -31,7 +31,8 @@ pub fn mosquitto_acl(service_user: &str) -> String {
          pattern write {PREFIX}/%u/up/report\n\
          pattern read {PREFIX}/%u/down/ack\n\
          pattern read {PREFIX}/%u/down/desired\n\
-         pattern read {PREFIX}/%u/down/config\n"
+         pattern read {PREFIX}/%u/down/config\n\
+         pattern read {PREFIX}/%u/down/agent\n"
     )
 }
 
@@ -46,7 +47,7 @@ mod tests {
         for ch in ["telemetry", "status", "report"] {
             assert!(acl.contains(&format!("pattern write edgeloop/v1/%u/up/{ch}\n")), "{ch}");
         }
-        for ch in ["ack", "desired", "config"] {
+        for ch in ["ack", "desired", "config", "agent"] {
             assert!(acl.contains(&format!("pattern read edgeloop/v1/%u/down/{ch}\n")), "{ch}");
         }
         assert!(!acl.lines().any(|l| l.starts_with("pattern") && l.contains('+')), "no wildcards for devices");

@@ -9,7 +9,7 @@
 //!   publish rules below, and its credentials are replaced by this process's secret, the only device login
 //!   rumqttd accepts ([`Gate`]);
 //! - each PUBLISH: only to the device's own `up/telemetry`, `up/status` or `up/report`, never retained;
-//! - each SUBSCRIBE: only to the device's own `down/ack`, `down/desired` and `down/config`.
+//! - each SUBSCRIBE: only to the device's own `down/ack`, `down/desired`, `down/config` and `down/agent`.
 //!
 //! The first packet that breaks a rule closes the connection. The front keeps every live connection by
 //! client id, so that revoking a device cuts its connection at once ([`Front::cut`]).
@@ -105,7 +105,10 @@ impl std::fmt::Display for Violation {
             }
             Violation::Retained(t) => write!(f, "retained publish to `{t}`: devices may not retain messages"),
             Violation::Subscribe(t) => {
-                write!(f, "subscription to `{t}`, which is not its own down/ack, down/desired or down/config")
+                write!(
+                    f,
+                    "subscription to `{t}`, which is not its own down/ack, down/desired, down/config or down/agent"
+                )
             }
             Violation::Will(why) => write!(f, "will refused: {why}"),
             Violation::Malformed(w) => write!(f, "malformed packet: {w}"),
@@ -157,7 +160,9 @@ fn publish_allowed(client_id: &str, topic: &str) -> bool {
 }
 
 fn subscribe_allowed(client_id: &str, filter: &str) -> bool {
-    [Channel::Ack, Channel::Desired, Channel::Config].into_iter().any(|c| topics::topic(client_id, c) == filter)
+    [Channel::Ack, Channel::Desired, Channel::Config, Channel::Agent]
+        .into_iter()
+        .any(|c| topics::topic(client_id, c) == filter)
 }
 
 /// The rules for a CONNECT: MQTT 3.1.1, a valid device id that is not reserved for the control plane, a will
@@ -468,7 +473,8 @@ mod tests {
             ok(&subscribe(&[
                 "edgeloop/v1/dev-a/down/ack",
                 "edgeloop/v1/dev-a/down/desired",
-                "edgeloop/v1/dev-a/down/config"
+                "edgeloop/v1/dev-a/down/config",
+                "edgeloop/v1/dev-a/down/agent"
             ])),
             Ok(())
         );

@@ -135,6 +135,10 @@ impl Device {
         }
         status.update = status.update.map(bounded_report);
         status.config_update = status.config_update.map(bounded_report);
+        status.agent_update = status.agent_update.map(bounded_report);
+        for v in [&mut status.agent_version, &mut status.arch].into_iter().flatten() {
+            clip(v, REPORT_ID_MAX);
+        }
         self.last_status = Some(status);
     }
 

@@ -292,10 +292,16 @@ impl ModelRegistry {
         Ok(sha)
     }
 
-    /// Deletes artifact files that no model version names and that are older than `min_age` (an upload or a
-    /// training writes its artifact before it records the version). Returns the files removed. Blocking.
-    pub fn collect_garbage(&self, min_age: std::time::Duration) -> Result<Vec<String>, ModelError> {
-        let named: std::collections::BTreeSet<String> = self.list()?.into_iter().map(|v| v.sha256).collect();
+    /// Deletes artifact files that no model version names, that are not in `keep` (agent builds), and that are
+    /// older than `min_age` (an upload or a training writes its artifact before it records the version).
+    /// Returns the files removed. Blocking.
+    pub fn collect_garbage(
+        &self,
+        min_age: std::time::Duration,
+        keep: &std::collections::BTreeSet<String>,
+    ) -> Result<Vec<String>, ModelError> {
+        let mut named: std::collections::BTreeSet<String> = self.list()?.into_iter().map(|v| v.sha256).collect();
+        named.extend(keep.iter().cloned());
         let io = |path: &Path, source: std::io::Error| ModelError::Io { path: path.to_path_buf(), source };
         let mut gone = Vec::new();
         for e in std::fs::read_dir(&self.artifacts).map_err(|e| io(&self.artifacts, e))?.flatten() {
@@ -537,8 +543,11 @@ mod tests {
         // A stranger's file in the directory is not the registry's to remove.
         std::fs::write(dir.path().join("artifacts/README"), "notes").unwrap();
         // Within the grace period nothing goes: a training writes its artifact before it records the version.
-        assert!(r.collect_garbage(std::time::Duration::from_secs(3600)).unwrap().is_empty());
-        assert_eq!(r.collect_garbage(std::time::Duration::ZERO).unwrap(), vec![orphan.clone()]);
+        let none = Default::default();
+        assert!(r.collect_garbage(std::time::Duration::from_secs(3600), &none).unwrap().is_empty());
+        let kept = std::collections::BTreeSet::from([orphan.clone()]);
+        assert!(r.collect_garbage(std::time::Duration::ZERO, &kept).unwrap().is_empty());
+        assert_eq!(r.collect_garbage(std::time::Duration::ZERO, &none).unwrap(), vec![orphan.clone()]);
         assert!(r.artifact_path(&named).is_some() && r.artifact_path(&orphan).is_none());
         assert!(dir.path().join("artifacts/README").exists());
     }

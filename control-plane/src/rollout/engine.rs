@@ -182,6 +182,9 @@ pub enum Kind {
     /// A class configuration version, in desired configurations on `down/config`: `model` then names it, with
     /// the class as `name`.
     Config,
+    /// An agent build, in desired agent builds on `down/agent`: `model` then names it, with the class as
+    /// `name` and the release number as `version`.
+    Agent,
 }
 
 impl Kind {

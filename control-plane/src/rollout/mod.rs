@@ -11,6 +11,7 @@ pub mod bundle;
 pub mod config;
 pub mod configs;
 pub mod engine;
+pub mod releases;
 pub(crate) mod service;
 pub mod store;
 pub(crate) mod view;

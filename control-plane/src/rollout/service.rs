@@ -30,7 +30,11 @@ use edgeloop_common::envelope::{self, Body, Envelope};
 use edgeloop_common::signing::{Signed, Signer};
 use edgeloop_common::topics::{self, Channel};
 use edgeloop_common::unix_millis;
-use edgeloop_common::update::{DesiredConfig, DesiredState, UpdatePolicy};
+use edgeloop_common::update::{DesiredAgent, DesiredConfig, DesiredState, UpdatePolicy};
+
+/// The tag an agent-build rollout selects devices of its architecture by: `arch=x86_64`, from each device's
+/// heartbeat.
+pub const ARCH_TAG: &str = "arch=";
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -52,8 +56,12 @@ pub struct CreateRollout {
     /// model.
     #[serde(default)]
     pub config: Option<u32>,
-    /// Class configurations: how long a device gives the new one to prove itself before it reverts
-    /// (default 60 s).
+    /// An agent build of `class`, by its release number, as in `/api/v1/agent-releases`, instead of a model:
+    /// it goes to the devices of the release's architecture.
+    #[serde(default)]
+    pub agent: Option<u32>,
+    /// Class configurations and agent builds: how long a device gives the new one to prove itself before it
+    /// reverts (default 60 s).
     #[serde(default)]
     pub health_secs: Option<u32>,
     /// Default: the model's class.
@@ -109,6 +117,8 @@ pub enum RolloutError {
     NoModel { name: String, version: u32 },
     #[error("no class configuration `{class}` version {version}")]
     NoConfig { class: String, version: u32 },
+    #[error("no agent release {number} for class `{class}`")]
+    NoAgentRelease { class: String, number: u32 },
     /// The request names neither or both of a model and a class configuration, or a configuration without
     /// its class.
     #[error("{0}")]
@@ -149,8 +159,9 @@ pub struct Rollouts {
 struct Writer {
     /// What was last issued to each device, as committed: the engine judges reports against it.
     issued: HashMap<String, IssuedRun>,
-    /// The same for desired class configurations.
+    /// The same for desired class configurations, and for desired agent builds.
     issued_configs: HashMap<String, IssuedRun>,
+    issued_agents: HashMap<String, IssuedRun>,
     last_refresh: u64,
 }
 
@@ -175,6 +186,7 @@ impl Writer {
         match kind {
             Kind::Model => &self.issued,
             Kind::Config => &self.issued_configs,
+            Kind::Agent => &self.issued_agents,
         }
     }
 
@@ -182,6 +194,7 @@ impl Writer {
         match kind {
             Kind::Model => &mut self.issued,
             Kind::Config => &mut self.issued_configs,
+            Kind::Agent => &mut self.issued_agents,
         }
     }
 }
@@ -201,6 +214,8 @@ impl Rollouts {
         let issued = store.all_issued()?.into_iter().map(|(device, i)| (device, i.run())).collect();
         let issued_configs =
             store.all_issued_of(Kind::Config)?.into_iter().map(|(device, i)| (device, i.run())).collect();
+        let issued_agents =
+            store.all_issued_of(Kind::Agent)?.into_iter().map(|(device, i)| (device, i.run())).collect();
         // The config was validated when it was loaded; a window that no longer parses is left out, loudly.
         let windows = cfg
             .windows
@@ -217,7 +232,7 @@ impl Rollouts {
             windows,
             store,
             rollouts: Mutex::new(rollouts),
-            writer: Mutex::new(Writer { issued, issued_configs, last_refresh: 0 }),
+            writer: Mutex::new(Writer { issued, issued_configs, issued_agents, last_refresh: 0 }),
             tags: Mutex::new(tags),
             signer,
             models,
@@ -302,8 +317,28 @@ impl Rollouts {
         Ok(ModelRef { name: c.class, version: c.version, sha256: c.sha256 })
     }
 
-    /// What a request rolls out, its kind and its class.
-    fn release(&self, req: &CreateRollout) -> Result<(Kind, ModelRef, String), RolloutError> {
+    /// What a request rolls out, its kind and its class (and, for an agent build, its architecture).
+    fn release(&self, req: &CreateRollout) -> Result<(Kind, ModelRef, String, Option<String>), RolloutError> {
+        if let Some(number) = req.agent {
+            if !req.model.is_empty() || req.config.is_some() {
+                return Err(RolloutError::Release(
+                    "agent: a rollout carries one of a model, a class configuration or an agent build".into(),
+                ));
+            }
+            let class = req.class.clone().ok_or_else(|| {
+                RolloutError::Release("class: is required with agent (the class whose build it is)".into())
+            })?;
+            let r = self
+                .store
+                .agent_release(&class, number)?
+                .ok_or_else(|| RolloutError::NoAgentRelease { class: class.clone(), number })?;
+            return Ok((
+                Kind::Agent,
+                ModelRef { name: r.class, version: r.number, sha256: r.sha256 },
+                class,
+                Some(r.arch),
+            ));
+        }
         match req.config {
             Some(version) => {
                 if !req.model.is_empty() {
@@ -314,7 +349,7 @@ impl Rollouts {
                 let class = req.class.clone().ok_or_else(|| {
                     RolloutError::Release("class: is required with config (the class whose configuration it is)".into())
                 })?;
-                Ok((Kind::Config, self.config_ref(&class, version)?, class))
+                Ok((Kind::Config, self.config_ref(&class, version)?, class, None))
             }
             None if req.model.is_empty() => {
                 Err(RolloutError::Release("model: give a model and version, or a class configuration (config)".into()))
@@ -325,14 +360,14 @@ impl Rollouts {
                 if class != model_class {
                     return Err(RolloutError::ClassMismatch { model: req.model.clone(), model_class, class });
                 }
-                Ok((Kind::Model, model, class))
+                Ok((Kind::Model, model, class, None))
             }
         }
     }
 
     /// Starts a rollout, superseding any live one of the same kind for the same class. Blocking.
     pub fn create(&self, req: CreateRollout, now_ms: u64) -> Result<Rollout, RolloutError> {
-        let (kind, model, class) = self.release(&req)?;
+        let (kind, model, class, arch) = self.release(&req)?;
         let _w = self.write();
         let all = self.snapshot();
         let last_completed = all
@@ -345,7 +380,14 @@ impl Rollouts {
         let previous = match (&req.previous, kind) {
             (Some((n, v)), Kind::Model) => Some(self.model_ref(n, *v)?.0),
             (Some((_, v)), Kind::Config) => Some(self.config_ref(&class, *v)?),
-            (None, Kind::Config) => last_completed,
+            (Some((_, v)), Kind::Agent) => {
+                let r = self
+                    .store
+                    .agent_release(&class, *v)?
+                    .ok_or_else(|| RolloutError::NoAgentRelease { class: class.clone(), number: *v })?;
+                Some(ModelRef { name: r.class, version: r.number, sha256: r.sha256 })
+            }
+            (None, Kind::Config | Kind::Agent) => last_completed,
             (None, Kind::Model) => last_completed.or_else(|| {
                 let p = self.models.production(&class).ok().flatten()?;
                 (p.sha256 != model.sha256).then_some(ModelRef { name: p.name, version: p.version, sha256: p.sha256 })
@@ -358,7 +400,8 @@ impl Rollouts {
             start_at_ms,
             timeouts: req.timeouts.unwrap_or_default(),
             class: class.clone(),
-            tags: req.tags,
+            // An agent build goes only to devices of its architecture (their heartbeats say which).
+            tags: req.tags.into_iter().chain(arch.map(|a| format!("{ARCH_TAG}{a}"))).collect(),
             model,
             previous,
             stages: req.stages.unwrap_or_else(super::default_stages),
@@ -408,15 +451,20 @@ impl Rollouts {
     /// the loop's next step. Returns whether the device had been issued a desired state. Blocking.
     pub fn forget(&self, device: &str) -> Result<bool, StoreError> {
         let mut w = self.write();
-        let had = self.store.issued(device)?.is_some() || self.store.issued_of(Kind::Config, device)?.is_some();
+        let mut had = false;
+        for kind in [Kind::Model, Kind::Config, Kind::Agent] {
+            had |= self.store.issued_of(kind, device)?.is_some();
+        }
         self.store.forget(device)?;
         self.store.commit()?;
         w.issued.remove(device);
         w.issued_configs.remove(device);
+        w.issued_agents.remove(device);
         self.tags.lock().unwrap_or_else(|p| p.into_inner()).remove(device);
         self.outgoing.lock().unwrap_or_else(|p| p.into_inner()).extend([
             (topics::topic(device, Channel::Desired), Vec::new()),
             (topics::topic(device, Channel::Config), Vec::new()),
+            (topics::topic(device, Channel::Agent), Vec::new()),
         ]);
         self.kick.notify_one();
         Ok(had)
@@ -456,7 +504,7 @@ impl Rollouts {
     }
 
     /// The fleet as the engine sees it: each device's newest report about what was issued to it.
-    fn fleet(&self, now_ms: u64, issued: &HashMap<String, IssuedRun>) -> Vec<FleetDevice> {
+    fn fleet(&self, now_ms: u64, kind: Kind, issued: &HashMap<String, IssuedRun>) -> Vec<FleetDevice> {
         let tags = self.tags.lock().unwrap_or_else(|p| p.into_inner()).clone();
         // A device's opening depends only on which windows apply to it: computed once per set of windows.
         let mut openings: HashMap<Vec<usize>, Opening> = HashMap::new();
@@ -465,7 +513,12 @@ impl Rollouts {
             .into_iter()
             .map(|d| {
                 let issued = issued.get(&d.id).cloned();
-                let tags = tags.get(&d.id).cloned().unwrap_or_default();
+                let mut tags = tags.get(&d.id).cloned().unwrap_or_default();
+                if kind == Kind::Agent {
+                    if let Some(arch) = d.last_status.as_ref().and_then(|s| s.arch.as_deref()) {
+                        tags.push(format!("{ARCH_TAG}{arch}"));
+                    }
+                }
                 let applying: Vec<usize> =
                     (0..self.windows.len()).filter(|&i| self.windows[i].0.applies(&d.class, &tags)).collect();
                 let window = *openings.entry(applying).or_insert_with_key(|set| {
@@ -604,6 +657,78 @@ impl Rollouts {
         Ok(((topics::topic(device, Channel::Config), payload), issued.run()))
     }
 
+    /// Signs and records a desired agent build with the device's next agent sequence; returns what to publish
+    /// and the device's new issued run. Not yet durable.
+    #[allow(clippy::too_many_arguments)]
+    fn issue_agent(
+        &self,
+        device: &str,
+        class: &str,
+        release: &ModelRef,
+        rollout: Option<&str>,
+        health_secs: u32,
+        fresh_run: bool,
+        now_ms: u64,
+    ) -> Result<(Publication, IssuedRun), IssueError> {
+        let r = self.store.agent_release(&release.name, release.version)?.ok_or_else(|| StoreError::Corrupt {
+            device: device.to_string(),
+            seq: 0,
+            reason: format!("agent release {} of {} vanished from the store", release.version, release.name),
+        })?;
+        let last = self.store.issued_of(Kind::Agent, device)?;
+        let seq = Issued::next_seq(device, last.as_ref())?;
+        let first_seq = if fresh_run { seq } else { Issued::run_start(last.as_ref(), seq, rollout, &r.sha256) };
+        let expires_ms = now_ms + self.cfg.desired_ttl_secs * 1000;
+        let desired = DesiredAgent {
+            device: device.to_string(),
+            class: class.to_string(),
+            seq,
+            issued_ms: now_ms,
+            expires_ms,
+            rollout: rollout.map(String::from),
+            release: r.signed.clone(),
+            artifact: format!("/api/v1/artifacts/{}", r.sha256),
+            health_secs,
+        };
+        let env = Envelope::new(device, seq, now_ms, Body::Agent(Signed::sign(&desired, &self.signer)));
+        let payload = envelope::encode(&env);
+        let issued = Issued {
+            seq,
+            first_seq: Some(first_seq),
+            rollout: rollout.map(String::from),
+            name: r.class,
+            version: r.number,
+            sha256: r.sha256,
+            issued_ms: now_ms,
+            expires_ms,
+            policy: UpdatePolicy::default(),
+            health_secs: Some(health_secs),
+            payload: payload.clone(),
+        };
+        self.store.put_issued_of(Kind::Agent, device, &issued)?;
+        Ok(((topics::topic(device, Channel::Agent), payload), issued.run()))
+    }
+
+    /// Publishes an agent build (see [`super::releases::publish`]). Blocking.
+    pub fn publish_agent_release(
+        &self,
+        req: &super::releases::PublishRelease,
+        binary: &[u8],
+        now_ms: u64,
+    ) -> Result<(super::releases::ReleaseRecord, bool), super::releases::ReleaseError> {
+        let _w = self.write();
+        let out = super::releases::publish(&self.store, &self.models, &self.signer, req, binary, now_ms)?;
+        if out.1 {
+            self.store.commit()?;
+        }
+        Ok(out)
+    }
+
+    /// Every agent build published, oldest first.
+    pub fn agent_releases(&self, class: Option<&str>) -> Result<Vec<super::releases::ReleaseRecord>, StoreError> {
+        self.store.agent_releases(class)
+    }
+
     /// Publishes and records a class configuration (see [`super::configs::publish`]). Blocking.
     pub fn publish_config(
         &self,
@@ -643,6 +768,7 @@ impl Rollouts {
                 model: prod.name.clone(),
                 version: prod.version,
                 config: None,
+                agent: None,
                 health_secs: None,
                 class: Some(auto.class.clone()),
                 tags: Vec::new(),
@@ -684,7 +810,7 @@ impl Rollouts {
                 continue;
             }
             let kind = old.spec.kind;
-            let fleet = fleets.entry(kind).or_insert_with(|| self.fleet(now_ms, w.runs(kind)));
+            let fleet = fleets.entry(kind).or_insert_with(|| self.fleet(now_ms, kind, w.runs(kind)));
             let mut r = Rollout::clone(&old);
             for c in r.tick(fleet, now_ms) {
                 commands.push((c, r.spec.clone()));
@@ -707,7 +833,8 @@ impl Rollouts {
                     c.fresh_run,
                     now_ms,
                 )?,
-                Kind::Config => self.try_issue_config(
+                Kind::Config | Kind::Agent => self.try_issue_other(
+                    spec.kind,
                     &c.device,
                     &spec.class,
                     &c.model,
@@ -770,20 +897,25 @@ impl Rollouts {
         }
     }
 
-    /// [`Rollouts::issue_config`], where a device that can get no more desired configurations is logged and
-    /// left out.
+    /// [`Rollouts::issue_config`] or [`Rollouts::issue_agent`], where a device that can get no more is logged
+    /// and left out.
     #[allow(clippy::too_many_arguments)]
-    fn try_issue_config(
+    fn try_issue_other(
         &self,
+        kind: Kind,
         device: &str,
         class: &str,
-        config: &ModelRef,
+        release: &ModelRef,
         rollout: Option<&str>,
         health_secs: u32,
         fresh_run: bool,
         now_ms: u64,
     ) -> Result<Option<(Publication, IssuedRun)>, StoreError> {
-        match self.issue_config(device, class, config, rollout, health_secs, fresh_run, now_ms) {
+        let issued = match kind {
+            Kind::Agent => self.issue_agent(device, class, release, rollout, health_secs, fresh_run, now_ms),
+            _ => self.issue_config(device, class, release, rollout, health_secs, fresh_run, now_ms),
+        };
+        match issued {
             Ok(issued) => Ok(Some(issued)),
             Err(IssueError::Exhausted(e)) => {
                 tracing::error!(error = %e, "desired configuration not issued");
@@ -798,7 +930,7 @@ impl Rollouts {
     fn refresh(&self, now_ms: u64) -> Result<Refreshed, StoreError> {
         let half = self.cfg.desired_ttl_secs * 500;
         let (mut out, mut runs) = (Vec::new(), Vec::new());
-        for kind in [Kind::Model, Kind::Config] {
+        for kind in [Kind::Model, Kind::Config, Kind::Agent] {
             for (device, i) in self.store.all_issued_of(kind)? {
                 if now_ms.saturating_sub(i.issued_ms) < half {
                     continue;
@@ -808,9 +940,9 @@ impl Rollouts {
                 let rollout = i.rollout.as_deref();
                 let issued = match kind {
                     Kind::Model => self.try_issue(&device, &class, &release, rollout, i.policy, false, now_ms)?,
-                    Kind::Config => {
+                    Kind::Config | Kind::Agent => {
                         let health = i.health_secs.unwrap_or(super::engine::DEFAULT_CONFIG_HEALTH_SECS);
-                        self.try_issue_config(&device, &class, &release, rollout, health, false, now_ms)?
+                        self.try_issue_other(kind, &device, &class, &release, rollout, health, false, now_ms)?
                     }
                 };
                 if let Some((p, run)) = issued {
@@ -825,7 +957,9 @@ impl Rollouts {
     /// Every stored desired state and configuration, to publish again at start.
     pub fn republish_all(&self) -> Result<Vec<Publication>, StoreError> {
         let mut out = Vec::new();
-        for (kind, channel) in [(Kind::Model, Channel::Desired), (Kind::Config, Channel::Config)] {
+        for (kind, channel) in
+            [(Kind::Model, Channel::Desired), (Kind::Config, Channel::Config), (Kind::Agent, Channel::Agent)]
+        {
             out.extend(
                 self.store
                     .all_issued_of(kind)?
@@ -1145,6 +1279,7 @@ mod tests {
             version,
             config: None,
             health_secs: None,
+            agent: None,
             class: None,
             tags: vec![],
             stages: Some(vec![Stage {
@@ -1282,6 +1417,7 @@ mod tests {
             model: "press".into(),
             version: v,
             config: None,
+            agent: None,
             health_secs: None,
             class: class.map(String::from),
             tags: vec![],

@@ -86,6 +86,10 @@ pub struct RolloutStore {
     configs: sled::Tree,
     /// The last desired configuration issued to each device.
     issued_configs: sled::Tree,
+    /// Agent builds published, keyed `class/number` (number big-endian).
+    agent_releases: sled::Tree,
+    /// The last desired agent build issued to each device.
+    issued_agents: sled::Tree,
 }
 
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
@@ -109,6 +113,8 @@ impl RolloutStore {
             bundles: db.tree("bundles")?,
             configs: db.tree("class_configs")?,
             issued_configs: db.tree("desired_configs")?,
+            agent_releases: db.tree("agent_releases")?,
+            issued_agents: db.tree("desired_agents")?,
             db: db.clone(),
         })
     }
@@ -131,6 +137,7 @@ impl RolloutStore {
         match kind {
             Kind::Model => &self.issued,
             Kind::Config => &self.issued_configs,
+            Kind::Agent => &self.issued_agents,
         }
     }
 
@@ -161,6 +168,7 @@ impl RolloutStore {
     pub fn forget(&self, device: &str) -> Result<(), StoreError> {
         self.issued.remove(device.as_bytes())?;
         self.issued_configs.remove(device.as_bytes())?;
+        self.issued_agents.remove(device.as_bytes())?;
         self.tags.remove(device.as_bytes())?;
         Ok(())
     }
@@ -186,6 +194,30 @@ impl RolloutStore {
     pub fn config(&self, class: &str, version: u32) -> Result<Option<super::configs::ConfigVersion>, StoreError> {
         let key = config_key(class, version);
         self.configs.get(&key)?.map(|v| decode("class configuration", &key, &v)).transpose()
+    }
+
+    /// Every agent build published for `class` (every class with `None`), oldest first.
+    pub fn agent_releases(&self, class: Option<&str>) -> Result<Vec<super::releases::ReleaseRecord>, StoreError> {
+        let prefix = class.map(|c| format!("{c}/")).unwrap_or_default();
+        self.agent_releases
+            .scan_prefix(prefix.as_bytes())
+            .map(|kv| kv.map_err(StoreError::from).and_then(|(k, v)| decode("agent release", &k, &v)))
+            .collect()
+    }
+
+    pub fn agent_release(
+        &self,
+        class: &str,
+        number: u32,
+    ) -> Result<Option<super::releases::ReleaseRecord>, StoreError> {
+        let key = config_key(class, number);
+        self.agent_releases.get(&key)?.map(|v| decode("agent release", &key, &v)).transpose()
+    }
+
+    /// Records an agent build (not yet durable: call [`RolloutStore::commit`]).
+    pub fn put_agent_release(&self, r: &super::releases::ReleaseRecord) -> Result<(), StoreError> {
+        self.agent_releases.insert(config_key(&r.class, r.number), encode(r))?;
+        Ok(())
     }
 
     /// Records a class configuration (not yet durable: call [`RolloutStore::commit`]).

@@ -92,6 +92,7 @@ pub(crate) fn housekeeping(
 ) {
     let rc = cfg.retention.clone();
     let models = stores.models.clone();
+    let releases = stores.rollouts.clone();
     let (store, registry, metrics, learning, cancel) = (
         stores.telemetry.clone(),
         stores.devices.clone(),
@@ -110,8 +111,16 @@ pub(crate) fn housekeeping(
                 tracing::debug!("housekeeping: a training job is queued or running; it waits for the next pass");
                 continue;
             }
-            let m = models.clone();
-            match tokio::task::spawn_blocking(move || m.collect_garbage(ARTIFACT_GRACE)).await {
+            let (m, releases) = (models.clone(), releases.clone());
+            let collect = move || -> anyhow::Result<Vec<String>> {
+                // Agent builds are artifacts too: kept while a release names them.
+                let keep = match &releases {
+                    Some(r) => r.agent_releases(None)?.into_iter().map(|r| r.sha256).collect(),
+                    None => Default::default(),
+                };
+                Ok(m.collect_garbage(ARTIFACT_GRACE, &keep)?)
+            };
+            match tokio::task::spawn_blocking(collect).await {
                 Ok(Ok(gone)) if !gone.is_empty() => {
                     metrics.artifacts_collected.inc_by(gone.len() as u64);
                     tracing::info!(artifacts = gone.len(), "housekeeping: removed artifacts no model version names");

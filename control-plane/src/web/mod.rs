@@ -81,6 +81,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/devices/{id}/tags", get(api::rollouts::tags))
         .route("/api/v1/bundles", get(api::rollouts::bundles))
         .route("/api/v1/configs", get(api::configs::list))
+        .route("/api/v1/agent-releases", get(api::releases::list))
         .route("/api/v1/configs/{class}/{version}", get(api::configs::get))
         .route("/api/v1/audit", get(api::rollouts::audit))
         .route("/api/v1/enrollments", get(api::identity::enrolled))
@@ -102,6 +103,10 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/api/v1/configs",
             post(api::configs::publish).layer(DefaultBodyLimit::max(api::configs::MAX_CONFIG_BYTES)),
+        )
+        .route(
+            "/api/v1/agent-releases",
+            post(api::releases::publish).layer(DefaultBodyLimit::max(api::releases::MAX_AGENT_BYTES)),
         )
         .route("/api/v1/devices/{id}/tags", post(api::rollouts::set_tags))
         .route_layer(from_fn_with_state((state.clone(), Role::Operator), auth::check_role));

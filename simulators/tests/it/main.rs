@@ -1,5 +1,6 @@
 //! Integration tests of the telemetry path: real broker, real agents, real store.
 
+mod agent_update;
 mod api;
 mod api_limits;
 mod backup;

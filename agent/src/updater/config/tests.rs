@@ -110,22 +110,32 @@ fn trial() -> Trial {
 }
 
 #[test]
-fn a_trial_is_healthy_once_connected_and_acknowledged_and_reverts_on_drops_or_silence() {
+fn a_trial_is_judged_at_the_end_of_its_watch_and_reverts_at_once_on_drops() {
     let t = trial();
     let probe =
         |connected, last_ack_ms, waiting, dropped_total| Probe { connected, last_ack_ms, waiting, dropped_total };
-    // Records waiting, the last acknowledgement from before the change: not yet.
-    assert_eq!(judge(&t, probe(true, NOW - 1, 40, 5), NOW + 1_000), Verdict::Wait);
-    // Acknowledged since: healthy. Connected with nothing waiting: healthy too.
-    assert_eq!(judge(&t, probe(true, NOW + 500, 40, 5), NOW + 1_000), Verdict::Healthy);
-    assert_eq!(judge(&t, probe(true, 0, 0, 5), NOW + 1_000), Verdict::Healthy);
-    // Disconnected: waits until the health period ends, then reverts, saying why.
-    assert_eq!(judge(&t, probe(false, NOW + 500, 0, 5), NOW + 29_999), Verdict::Wait);
+    // During the watch: nothing decided, whatever the link does.
+    assert_eq!(judge(&t, probe(true, NOW + 500, 40, 5), NOW + 29_999), Verdict::Wait);
+    assert_eq!(judge(&t, probe(false, 0, 40, 5), NOW + 1_000), Verdict::Wait);
+    // At the end: acknowledged since the change, or nothing waiting, while connected: healthy.
+    assert_eq!(judge(&t, probe(true, NOW + 500, 40, 5), NOW + 30_000), Verdict::Healthy);
+    assert_eq!(judge(&t, probe(true, 0, 0, 5), NOW + 30_000), Verdict::Healthy);
+    // Records waiting and the last acknowledgement from before the change, or no connection: reverted, saying why.
+    let Verdict::Unhealthy(why) = judge(&t, probe(true, NOW - 1, 40, 5), NOW + 30_000) else { panic!() };
+    assert!(why.contains("no acknowledgement of the 40 records") && why.contains("30 s"), "{why}");
     let Verdict::Unhealthy(why) = judge(&t, probe(false, NOW + 500, 0, 5), NOW + 30_000) else { panic!() };
-    assert!(why.contains("no connection") && why.contains("30 s"), "{why}");
+    assert!(why.contains("no connection"), "{why}");
     // A record dropped under the new bound reverts at once, even while connected and acknowledged.
     let Verdict::Unhealthy(why) = judge(&t, probe(true, NOW + 500, 0, 7), NOW + 1) else { panic!() };
     assert!(why.contains("dropped 2 records"), "{why}");
+}
+
+#[test]
+fn a_bound_below_what_the_outbox_holds_is_refused_unless_the_device_sets_its_own() {
+    let small = ClassConfig::from_toml("a", &format!("{CLASS_TOML}[outbox]\nmax_bytes = 4096\n")).unwrap();
+    assert_eq!(would_drop(&small, None, 4096), Ok(()));
+    assert!(would_drop(&small, None, 4097).unwrap_err().starts_with("outbox.max_bytes: 4096 is below the 4097"));
+    assert_eq!(would_drop(&small, Some(1 << 20), 1 << 19), Ok(()));
 }
 
 #[test]

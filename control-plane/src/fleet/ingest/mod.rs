@@ -321,7 +321,10 @@ impl Ingestor {
                 self.metrics.status_messages.inc_by(1);
                 let lost = self.recover_gap(device, &status)?;
                 self.registry.update(device, now_ms, |d| {
-                    for u in [status.update.clone(), status.config_update.clone()].into_iter().flatten() {
+                    for u in [status.update.clone(), status.config_update.clone(), status.agent_update.clone()]
+                        .into_iter()
+                        .flatten()
+                    {
                         d.add_update(u);
                     }
                     if let Some((range, n)) = lost {

@@ -7,6 +7,7 @@
 pub mod configs;
 pub mod identity;
 pub mod learning;
+pub mod releases;
 pub mod rollouts;
 
 use crate::fleet::devices::Device;

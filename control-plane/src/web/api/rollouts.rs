@@ -23,9 +23,10 @@ impl From<RolloutError> for ApiError {
             | RolloutError::Spec(_)
             | RolloutError::StartAt { .. }
             | RolloutError::Release(_) => ApiError::bad_request(e.to_string()),
-            RolloutError::NoModel { .. } | RolloutError::NoConfig { .. } | RolloutError::NoRollout(_) => {
-                ApiError::not_found(e.to_string())
-            }
+            RolloutError::NoModel { .. }
+            | RolloutError::NoConfig { .. }
+            | RolloutError::NoAgentRelease { .. }
+            | RolloutError::NoRollout(_) => ApiError::not_found(e.to_string()),
             RolloutError::Refused(_) => {
                 ApiError { status: StatusCode::CONFLICT, error: "conflict", detail: e.to_string() }
             }

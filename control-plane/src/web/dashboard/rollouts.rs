@@ -195,7 +195,7 @@ pub async fn detail(State(s): State<AppState>, who: Who, Path(id): Path<String>)
             p.lead { (release_label(&r)) " " (sha(&r.model.sha256)) " to class " strong { (r.class) } " · "
                 (state_badge(&r.state)) " · " span #stage-text data-stage=(r.stage) { (progress_text(&r)) } }
             @if let Some(w) = &r.waiting { p #waiting data-waiting=(serde_json::to_value(w).ok().and_then(|v| v["for"].as_str().map(String::from)).unwrap_or_default()) { "Now: " (waiting_text(w)) "." } }
-            @if let Some(p) = &r.previous { p.small { "A rollback returns devices to " @if r.kind == Kind::Config { "class configuration " } (p.name) " v" (p.version) "." } }
+            @if let Some(p) = &r.previous { p.small { "A rollback returns devices to " @if r.kind == Kind::Config { "class configuration " } @if r.kind == Kind::Agent { "agent build " } (p.name) " v" (p.version) "." } }
             div.stagebar aria-hidden="true" {
                 @for st in &r.stages { span class=(format!("seg {}", st.status)) style=(format!("width: {:.2}%", 100.0 / n as f64)) { (st.stage.name) } }
             }
@@ -293,5 +293,6 @@ fn release_label(r: &RolloutView) -> String {
     match r.kind {
         Kind::Model => format!("{} v{}", r.model.name, r.model.version),
         Kind::Config => format!("class configuration {} v{}", r.model.name, r.model.version),
+        Kind::Agent => format!("agent build {} #{}", r.model.name, r.model.version),
     }
 }
