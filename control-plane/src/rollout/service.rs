@@ -1261,6 +1261,67 @@ mod tests {
         assert!(cleared.contains(&("edgeloop/v1/d2/down/config".to_string(), Vec::new())), "{cleared:?}");
     }
 
+    #[test]
+    fn an_agent_build_goes_only_to_devices_of_its_architecture_on_its_own_topic() {
+        let dir = tempfile::tempdir().unwrap();
+        let (r, _models, registry) = open_with_registry(dir.path(), false);
+        let now = 1_000_000;
+        for (d, arch) in [("d1", "x86_64"), ("d2", "aarch64"), ("d3", "x86_64")] {
+            registry
+                .update(d, now, |dev| {
+                    dev.class = "press".into();
+                    dev.set_status(edgeloop_common::envelope::Status {
+                        class: "press".into(),
+                        arch: Some(arch.into()),
+                        ..Default::default()
+                    });
+                })
+                .unwrap();
+        }
+        let req = super::super::releases::PublishRelease {
+            class: "press".into(),
+            arch: "x86_64".into(),
+            version: "0.2.0".into(),
+        };
+        let (rel, new) = r.publish_agent_release(&req, b"\x7fELF-build-0.2.0", now).unwrap();
+        assert_eq!((rel.number, new), (1, true));
+        assert_eq!(r.publish_agent_release(&req, b"\x7fELF-build-0.2.0", now).unwrap().1, false);
+        let bad = super::super::releases::PublishRelease { arch: "x86 64".into(), ..req.clone() };
+        assert!(r.publish_agent_release(&bad, b"\x7fELF", now).unwrap_err().to_string().starts_with("arch:"));
+        // The binary is served as an artifact, and housekeeping keeps it.
+        assert!(r.models.artifact_path(&rel.sha256).is_some());
+        let req = CreateRollout {
+            model: String::new(),
+            version: 0,
+            agent: Some(1),
+            class: Some("press".into()),
+            health_secs: Some(5),
+            ..rollout_request(1)
+        };
+        let ro = r.create(req, now).unwrap();
+        assert_eq!((ro.spec.kind, ro.spec.tags.clone()), (Kind::Agent, vec!["arch=x86_64".to_string()]));
+        let out = r.tick(now).unwrap();
+        let trusted = [r.signer.trusted(None)];
+        let mut got: Vec<String> = out
+            .iter()
+            .map(|(topic, payload)| {
+                assert!(topic.ends_with("/down/agent"), "{topic}");
+                let env = envelope::decode(payload, 1 << 20).unwrap();
+                let Body::Agent(signed) = env.body else { panic!("not a desired agent build") };
+                let d: DesiredAgent = signed.verify(&trusted, now).unwrap();
+                let rel2: edgeloop_common::update::AgentRelease = d.release.verify(&trusted, now).unwrap();
+                assert_eq!(
+                    (rel2.sha256.as_str(), d.artifact.as_str(), d.health_secs),
+                    (rel.sha256.as_str(), format!("/api/v1/artifacts/{}", rel.sha256).as_str(), 5)
+                );
+                d.device
+            })
+            .collect();
+        got.sort();
+        assert_eq!(got, ["d1", "d3"], "the aarch64 device is not sent an x86_64 build");
+        assert_eq!(r.republish_all().unwrap().iter().filter(|(t, _)| t.ends_with("/down/agent")).count(), 2);
+    }
+
     fn published_seqs(p: &[Publication]) -> BTreeMap<String, u64> {
         p.iter()
             .map(|(topic, payload)| {
