@@ -570,8 +570,10 @@ fn spawn_stopping_on_failure(
     })
 }
 
-/// The uplink's side of model updates: where desired states go, and the reports to send (and a sender of
-/// them, for the config updater).
+/// The uplink's side of model updates: where desired states go, and the reports to send.
+type ModelUpdates = (watch::Sender<Option<Signed>>, mpsc::UnboundedReceiver<UpdateReport>);
+
+/// The uplink's side of model updates, and a sender of reports for the config and agent updaters.
 type UplinkUpdates =
     (watch::Sender<Option<Signed>>, mpsc::UnboundedReceiver<UpdateReport>, mpsc::UnboundedSender<UpdateReport>);
 
@@ -632,11 +634,7 @@ fn start_uplink(
     health: &Arc<Health>,
     counters: &Arc<UplinkCounters>,
     device: DeviceIdentity,
-    (updates, configs, live): (
-        Option<(watch::Sender<Option<Signed>>, mpsc::UnboundedReceiver<UpdateReport>)>,
-        Vec<(Channel, watch::Sender<Option<Signed>>)>,
-        &LiveClass,
-    ),
+    (updates, configs, live): (Option<ModelUpdates>, crate::uplink::Downlinks, &LiveClass),
     collector: &CollectorHandle,
     tasks: &TaskTracker,
 ) -> Running {

@@ -103,9 +103,9 @@ impl Health {
         }
         status.rss_bytes = rss_bytes();
         status.bad_samples = self.bad_samples.load(Ordering::Relaxed);
-        status.update = self.update();
-        status.config_update = self.config_update();
-        status.agent_update = self.agent_update.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        status.update = self.update().map(Box::new);
+        status.config_update = self.config_update().map(Box::new);
+        status.agent_update = self.agent_update.lock().unwrap_or_else(|p| p.into_inner()).clone().map(Box::new);
         status.agent_version = Some(crate::version::build());
         status.arch = Some(std::env::consts::ARCH.to_string());
     }

@@ -145,13 +145,13 @@ pub struct Status {
     pub bad_samples: u64,
     /// The latest model update and where it stands.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub update: Option<crate::update::UpdateReport>,
+    pub update: Option<Box<crate::update::UpdateReport>>,
     /// The latest class-configuration update and where it stands (`component: config`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub config_update: Option<crate::update::UpdateReport>,
+    pub config_update: Option<Box<crate::update::UpdateReport>>,
     /// The latest agent-binary update and where it stands (`component: agent`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub agent_update: Option<crate::update::UpdateReport>,
+    pub agent_update: Option<Box<crate::update::UpdateReport>>,
     /// The running agent's build (`edgeloop-agent --version`) and CPU architecture.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_version: Option<String>,

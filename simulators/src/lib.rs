@@ -28,6 +28,7 @@ pub mod processes;
 pub mod proxy;
 pub mod rollouts;
 pub mod signals;
+pub mod supervisor;
 
 /// The firmware configs shipped in `firmware-configs/`, built in so the binaries run from anywhere.
 pub const FIRMWARE_CONFIGS: &[(&str, &str)] = &[

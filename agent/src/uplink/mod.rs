@@ -69,7 +69,7 @@ pub struct Uplink {
     pub updates: Option<(watch::Sender<Option<Signed>>, mpsc::UnboundedReceiver<UpdateReport>)>,
     /// Class-configuration and agent-binary updates: where the signed desired configurations (`down/config`)
     /// and desired agent builds (`down/agent`) go.
-    pub downlinks: Vec<(Channel, watch::Sender<Option<Signed>>)>,
+    pub downlinks: Downlinks,
     /// The class configuration in force: batching, heartbeat and acknowledgement timing follow it.
     pub live: Option<watch::Receiver<Arc<edgeloop_common::config::ClassConfig>>>,
 }
@@ -424,11 +424,14 @@ pub enum AckError {
     Signature { error: envelope::SignatureError, trusted: usize },
 }
 
+/// Where signed messages on downlink topics other than `down/desired` go, by channel.
+pub type Downlinks = Vec<(Channel, watch::Sender<Option<Signed>>)>;
+
 /// Polls the rumqttc event loop, reconnecting with exponential backoff and jitter. Does nothing else.
 async fn event_loop(
     mut eventloop: EventLoop,
     (ack_topic, trusted): (String, Arc<[TrustedKey]>),
-    (desired, downlinks): (Option<watch::Sender<Option<Signed>>>, Vec<(Channel, watch::Sender<Option<Signed>>)>),
+    (desired, downlinks): (Option<watch::Sender<Option<Signed>>>, Downlinks),
     (min, max): (Duration, Duration),
     tx: mpsc::UnboundedSender<LinkEvent>,
     cancel: CancellationToken,

@@ -133,9 +133,9 @@ impl Device {
         if let Some(v) = &mut status.model_version {
             clip(v, REPORT_ID_MAX);
         }
-        status.update = status.update.map(bounded_report);
-        status.config_update = status.config_update.map(bounded_report);
-        status.agent_update = status.agent_update.map(bounded_report);
+        status.update = status.update.map(|r| Box::new(bounded_report(*r)));
+        status.config_update = status.config_update.map(|r| Box::new(bounded_report(*r)));
+        status.agent_update = status.agent_update.map(|r| Box::new(bounded_report(*r)));
         for v in [&mut status.agent_version, &mut status.arch].into_iter().flatten() {
             clip(v, REPORT_ID_MAX);
         }
@@ -380,7 +380,7 @@ mod tests {
             class: "c".repeat(200_000),
             model_version: Some("m".repeat(200_000)),
             dropped_ranges: (1..=10_000).map(|i| SeqRange { from: 2 * i, to: 2 * i }).collect(),
-            update: Some(r),
+            update: Some(Box::new(r)),
             ..Default::default()
         };
         d.set_status(status);

@@ -1285,7 +1285,7 @@ mod tests {
         };
         let (rel, new) = r.publish_agent_release(&req, b"\x7fELF-build-0.2.0", now).unwrap();
         assert_eq!((rel.number, new), (1, true));
-        assert_eq!(r.publish_agent_release(&req, b"\x7fELF-build-0.2.0", now).unwrap().1, false);
+        assert!(!r.publish_agent_release(&req, b"\x7fELF-build-0.2.0", now).unwrap().1);
         let bad = super::super::releases::PublishRelease { arch: "x86 64".into(), ..req.clone() };
         assert!(r.publish_agent_release(&bad, b"\x7fELF", now).unwrap_err().to_string().starts_with("arch:"));
         // The binary is served as an artifact, and housekeeping keeps it.

@@ -9,95 +9,19 @@ use edgeloop_control_plane::rollout::State;
 use edgeloop_control_plane::ControlPlaneHandle;
 use edgeloop_simulators::http::Api;
 use edgeloop_simulators::rollouts;
+use edgeloop_simulators::supervisor::{stamp, Supervisor};
 use serde_json::json;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 const CLASS: &str = "probe";
 const PROBE: &str =
     "class = \"probe\"\n[[sensors]]\nname = \"t\"\nkind = \"slow\"\nrate_hz = 1\n[uplink]\nheartbeat_secs = 1\n";
 
-/// Restarts the installed binary whenever it exits, as `Restart=always` does, until stopped; keeps each exit
-/// code.
-struct Supervisor {
-    stop: Arc<AtomicBool>,
-    pid: Arc<Mutex<Option<u32>>>,
-    exits: Arc<Mutex<Vec<i32>>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Supervisor {
-    fn start(binary: PathBuf, config: PathBuf, log: PathBuf) -> Supervisor {
-        let (stop, pid, exits) = (Arc::new(AtomicBool::new(false)), Arc::new(Mutex::new(None)), Arc::default());
-        let (s, p, e): (Arc<AtomicBool>, Arc<Mutex<Option<u32>>>, Arc<Mutex<Vec<i32>>>) =
-            (stop.clone(), pid.clone(), Arc::clone(&exits));
-        let thread = std::thread::spawn(move || {
-            while !s.load(Ordering::SeqCst) {
-                let out = std::fs::OpenOptions::new().create(true).append(true).open(&log).unwrap();
-                let mut child = std::process::Command::new(&binary)
-                    .arg("--config")
-                    .arg(&config)
-                    .env("RUST_LOG", "info,rumqttc=warn")
-                    .stdin(std::process::Stdio::null())
-                    .stdout(out.try_clone().unwrap())
-                    .stderr(out)
-                    .spawn()
-                    .unwrap();
-                *p.lock().unwrap() = Some(child.id());
-                let status = child.wait().unwrap();
-                *p.lock().unwrap() = None;
-                e.lock().unwrap().push(status.code().unwrap_or(-1));
-                std::thread::sleep(Duration::from_millis(300));
-            }
-        });
-        Supervisor { stop, pid, exits, thread: Some(thread) }
-    }
-
-    fn exits(&self) -> Vec<i32> {
-        self.exits.lock().unwrap().clone()
-    }
-
-    /// SIGTERM to the running agent, and no more restarts.
-    fn stop(mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        for _ in 0..100 {
-            if let Some(pid) = *self.pid.lock().unwrap() {
-                let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        self.thread.take().unwrap().join().unwrap();
-    }
-}
-
-/// A stripped copy of the workspace's agent binary (the debug build is mostly debug information), with its
-/// version marker set to `version`.
+/// A build stamped `version` from the workspace's agent binary, in `dir` as `name`.
 fn build(dir: &Path, name: &str, version: &str) -> (PathBuf, Vec<u8>) {
     let path = dir.join(name);
-    let st = std::process::Command::new("strip")
-        .arg("-o")
-        .arg(&path)
-        .arg(crate::support::binary("edgeloop-agent"))
-        .status()
-        .expect("strip (binutils) is installed");
-    assert!(st.success());
-    let mut bytes = std::fs::read(&path).unwrap();
-    let from = edgeloop_agent::version::marker_for(&edgeloop_agent::version::build()).unwrap();
-    let to = edgeloop_agent::version::marker_for(version).unwrap();
-    let mut n = 0;
-    for i in 0..bytes.len() - from.len() {
-        if bytes[i..i + from.len()] == from {
-            bytes[i..i + from.len()].copy_from_slice(&to);
-            n += 1;
-        }
-    }
-    assert!(n >= 1, "no version marker in {}", path.display());
-    std::fs::write(&path, &bytes).unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bytes = stamp(&crate::support::binary("edgeloop-agent"), &path, version).unwrap();
     (path, bytes)
 }
 

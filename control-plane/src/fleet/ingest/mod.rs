@@ -321,9 +321,9 @@ impl Ingestor {
                 self.metrics.status_messages.inc_by(1);
                 let lost = self.recover_gap(device, &status)?;
                 self.registry.update(device, now_ms, |d| {
-                    for u in [status.update.clone(), status.config_update.clone(), status.agent_update.clone()]
+                    for u in [&status.update, &status.config_update, &status.agent_update]
                         .into_iter()
-                        .flatten()
+                        .filter_map(|u| u.as_deref().cloned())
                     {
                         d.add_update(u);
                     }
