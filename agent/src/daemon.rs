@@ -180,7 +180,9 @@ impl Agent {
         // Sources feed the collector over one channel; they stop first.
         let (samples, mut stopped_first) = start_sources(&cfg, extra, &health, &cancel, &tasks).await?;
         // Model updates: the uplink hands over desired states and sends the updater's reports.
-        let (updater, updates) = start_updater(&cfg, &models, slot_events, &health, &cancel, &tasks)?;
+        // A bundle's class configuration goes from the model updater, which takes bundles, to the config updater.
+        let (bundled_tx, bundled_rx) = mpsc::unbounded_channel();
+        let (updater, updates) = start_updater(&cfg, &models, slot_events, &health, bundled_tx, &cancel, &tasks)?;
         stopped_first.extend(updater);
         // Class configurations: applied in place, watched, reverted when the device stops being healthy.
         let live = LiveClass::new(&cfg, classes, &outbox);
@@ -188,7 +190,8 @@ impl Agent {
         let restart = Arc::new(AtomicBool::new(false));
         let mut downlinks = Vec::new();
         if let Some((_, _, reports)) = &updates {
-            let (task, configs) = start_config_updater(&cfg, &live, &counters, &health, reports, &cancel, &tasks)?;
+            let (task, configs) =
+                start_config_updater(&cfg, &live, (&counters, &health, reports), bundled_rx, &cancel, &tasks)?;
             stopped_first.push(task);
             downlinks.push((Channel::Config, configs));
             let (task, agents) =
@@ -302,9 +305,8 @@ impl LiveClass {
 fn start_config_updater(
     cfg: &AgentConfig,
     live: &LiveClass,
-    counters: &Arc<UplinkCounters>,
-    health: &Arc<Health>,
-    reports: &mpsc::UnboundedSender<UpdateReport>,
+    (counters, health, reports): (&Arc<UplinkCounters>, &Arc<Health>, &mpsc::UnboundedSender<UpdateReport>),
+    bundled: mpsc::UnboundedReceiver<Signed>,
     cancel: &CancellationToken,
     tasks: &TaskTracker,
 ) -> anyhow::Result<(Task, watch::Sender<Option<Signed>>)> {
@@ -322,6 +324,7 @@ fn start_config_updater(
         counters: counters.clone(),
         reports: reports.clone(),
         health: health.clone(),
+        bundled: Some(bundled),
     };
     let fut = up.run(rx, cancel.child_token());
     Ok((spawn_stopping_on_failure(tasks, cancel, "config updater".into(), "config updater", fut), tx))
@@ -584,6 +587,7 @@ fn start_updater(
     models: &Models,
     slot_events: mpsc::UnboundedReceiver<SlotEvent>,
     health: &Arc<Health>,
+    bundled_configs: mpsc::UnboundedSender<Signed>,
     cancel: &CancellationToken,
     tasks: &TaskTracker,
 ) -> anyhow::Result<(Option<Task>, Option<UplinkUpdates>)> {
@@ -593,8 +597,9 @@ fn start_updater(
     let (desired_tx, desired_rx) = watch::channel(None);
     let me = Identity { width: models.width, ..updater::bundle::identity(cfg, &ucfg) };
     let (files, slot, pointer) = (models.files.clone(), models.slot.clone(), models.pointer.clone());
-    let up = Updater::new(ucfg, me, files, slot, slot_events, reports_tx.clone(), health.clone(), pointer)?
+    let mut up = Updater::new(ucfg, me, files, slot, slot_events, reports_tx.clone(), health.clone(), pointer)?
         .with_http(crate::identity::http_client(cfg.tls_ca.as_ref(), None)?);
+    up.bundled_configs = Some(bundled_configs);
     let fut = up.run(desired_rx, cancel.child_token());
     let task = spawn_stopping_on_failure(tasks, cancel, "updater".into(), "updater", fut);
     Ok((Some(task), Some((desired_tx, reports_rx, reports_tx))))

@@ -77,8 +77,13 @@ fn try_main(cli: Cli) -> Result<(), Failure> {
     }
     if let Some(Command::Install { bundle }) = cli.command {
         let q = edgeloop_agent::updater::bundle::queue(&cfg, &bundle, edgeloop_common::unix_millis())?;
+        let config = q
+            .config
+            .as_ref()
+            .map(|(v, sha)| format!(" and class configuration v{v} (sha256 {sha})"))
+            .unwrap_or_default();
         println!(
-            "queued {} v{} (sha256 {}, sequence {}, valid until {} ms) in {}: the agent installs it now if it runs, else at its next start, and reports the result when it next reaches the control plane",
+            "queued {} v{} (sha256 {}, sequence {}, valid until {} ms){config} in {}: the agent installs it now if it runs, else at its next start, and reports the result when it next reaches the control plane",
             q.manifest.name,
             q.manifest.version,
             q.manifest.sha256,

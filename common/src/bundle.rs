@@ -26,6 +26,10 @@ pub struct Bundle {
     /// The model file the manifest inside `desired` describes.
     #[serde(with = "serde_bytes")]
     pub artifact: Vec<u8>,
+    /// A signed [`crate::update::DesiredConfig`] for [`ANY_DEVICE`] of the class: a class configuration to
+    /// apply with the model. Absent from bundles that carry a model only (and from those of older builds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<Signed>,
 }
 
 /// Why a file is not a bundle this build can read.
@@ -61,9 +65,14 @@ mod tests {
             format: FORMAT,
             desired: Signed { payload: vec![1, 2], key_id: "k".into(), sig: vec![3] },
             artifact: vec![9; 1000],
+            config: None,
         };
         assert_eq!(Bundle::decode(&b.encode()).unwrap(), b);
         assert!(matches!(Bundle::decode(b"PK\x03\x04 a zip file"), Err(BundleError::Decode(_))));
+        // A bundle with a class configuration round-trips too; one without encodes as before.
+        let with = Bundle { config: Some(Signed { payload: vec![5], key_id: "k".into(), sig: vec![6] }), ..b.clone() };
+        assert_eq!(Bundle::decode(&with.encode()).unwrap(), with);
+        assert!(with.encode().len() > b.encode().len());
         let newer = Bundle { format: 2, ..b };
         assert_eq!(Bundle::decode(&newer.encode()).unwrap_err(), BundleError::Format(2));
     }

@@ -75,6 +75,10 @@ enum Command {
         /// Default: the model's class.
         #[arg(long)]
         class: Option<String>,
+        /// A class configuration version of the class to carry too (`configs list`), applied and watched on
+        /// each device like one rolled out.
+        #[arg(long)]
+        class_config: Option<u32>,
         #[arg(long, default_value_t = 30)]
         valid_days: u64,
         #[arg(long)]
@@ -240,7 +244,7 @@ fn try_main(command: Command) -> Result<(), Failure> {
             req.device = cfg.training.device;
             train_offline(cfg, req)?;
         }
-        Command::Bundle { config, model, class, valid_days, out } => {
+        Command::Bundle { config, model, class, class_config, valid_days, out } => {
             let cfg = Config::load(&config).map_err(Failure::config)?;
             let (name, version) = model
                 .rsplit_once('@')
@@ -252,8 +256,13 @@ fn try_main(command: Command) -> Result<(), Failure> {
                 class,
                 valid_secs: valid_days.saturating_mul(24 * 3600),
                 policy: None,
+                config: class_config,
+                health_secs: None,
             };
             let r = bundle_offline(&cfg, &req, &out)?;
+            if let Some(c) = &r.config {
+                println!("{}: with class configuration v{} (sha256 {}, sequence {})", r.id, c.version, c.sha256, c.seq);
+            }
             println!(
                 "{}: {} v{} for class {} (sequence {}, valid until {} ms) written to {}",
                 r.id,

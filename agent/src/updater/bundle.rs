@@ -31,6 +31,8 @@ pub enum BundleRefusal {
     Rejected(#[from] Rejection),
     #[error("artifact: {0}")]
     Artifact(#[from] ArtifactError),
+    #[error("class configuration: {}", .0.report_reason())]
+    Config(super::config::ConfigRejection),
 }
 
 impl BundleRefusal {
@@ -40,6 +42,7 @@ impl BundleRefusal {
             BundleRefusal::Rejected(Rejection::Expired { .. }) => Failure::TimedOut,
             BundleRefusal::Artifact(_) => Failure::Integrity,
             BundleRefusal::Read { .. } => Failure::Storage,
+            BundleRefusal::Config(super::config::ConfigRejection::Expired { .. }) => Failure::TimedOut,
             _ => Failure::Refused,
         }
     }
@@ -89,6 +92,8 @@ pub struct Queued {
     pub desired: DesiredState,
     pub manifest: Manifest,
     pub path: PathBuf,
+    /// The class configuration in the bundle, if any: its version and hash.
+    pub config: Option<(u32, String)>,
 }
 
 /// Keeps a checked bundle's artifact under `models/` (content-addressed), where the updater finds it instead
@@ -123,8 +128,18 @@ pub fn queue(cfg: &AgentConfig, file: &Path, now_ms: u64) -> anyhow::Result<Queu
     let pointer = files.load_pointer()?;
     let bundle = read(file, ucfg.max_artifact_bytes)?;
     let (desired, manifest) = check(&bundle, &ucfg.trusted, &me, pointer.last_seq, now_ms)?;
+    let config = match &bundle.config {
+        Some(signed) => {
+            let last = super::config::ConfigFiles::new(&cfg.data_dir).load_pointer()?.last_seq;
+            let who = (cfg.device_id.as_str(), cfg.class.class.as_str());
+            let v = super::config::verify_bundled(signed, &ucfg.trusted, who, last, now_ms)
+                .map_err(BundleRefusal::Config)?;
+            Some((v.release.version, v.release.sha256))
+        }
+        None => None,
+    };
     let path = keep(&files, &bundle, &desired, &manifest)?;
-    Ok(Queued { desired, manifest, path })
+    Ok(Queued { desired, manifest, path, config })
 }
 
 /// The bundles waiting in the inbox, oldest sequence first.

@@ -52,6 +52,10 @@ pub struct Trial {
     pub since_ms: u64,
     /// Records the outbox had dropped in total when the watch started.
     pub dropped_before: u64,
+    /// From an update bundle: the device may be at a site with no network, so the watch asks only that no
+    /// record be dropped.
+    #[serde(default)]
+    pub from_bundle: bool,
 }
 
 /// The persisted pointer: the last sequence accepted, what runs, the last configuration proven good before it
@@ -214,12 +218,36 @@ pub struct Verified {
 pub fn verify(
     signed: &Signed,
     trusted: &[TrustedKey],
-    (device, class): (&str, &str),
+    who: (&str, &str),
     last_seq: u64,
     now_ms: u64,
 ) -> Result<Verified, ConfigRejection> {
+    verify_from(signed, trusted, who, last_seq, now_ms, false)
+}
+
+/// As [`verify`], for the configuration in an update bundle: it may name every device of its class
+/// ([`edgeloop_common::bundle::ANY_DEVICE`]) instead of this one.
+pub fn verify_bundled(
+    signed: &Signed,
+    trusted: &[TrustedKey],
+    who: (&str, &str),
+    last_seq: u64,
+    now_ms: u64,
+) -> Result<Verified, ConfigRejection> {
+    verify_from(signed, trusted, who, last_seq, now_ms, true)
+}
+
+fn verify_from(
+    signed: &Signed,
+    trusted: &[TrustedKey],
+    (device, class): (&str, &str),
+    last_seq: u64,
+    now_ms: u64,
+    from_bundle: bool,
+) -> Result<Verified, ConfigRejection> {
     let desired: DesiredConfig = signed.verify(trusted, now_ms).map_err(ConfigRejection::DesiredSignature)?;
-    if desired.device != device {
+    let any = from_bundle && desired.device == edgeloop_common::bundle::ANY_DEVICE;
+    if desired.device != device && !any {
         return Err(ConfigRejection::WrongDevice(desired.device));
     }
     if desired.class != class {
@@ -250,7 +278,7 @@ pub fn verify(
 /// What a refused desired configuration may be reported as: its sequence and rollout only if it verified.
 fn refused_ids(signed: &Signed, trusted: &[TrustedKey], device: &str, now_ms: u64) -> (u64, Option<String>, String) {
     match signed.verify::<DesiredConfig>(trusted, now_ms) {
-        Ok(d) if d.device == device => {
+        Ok(d) if d.device == device || d.device == edgeloop_common::bundle::ANY_DEVICE => {
             let sha = ciborium::from_reader::<ConfigRelease, _>(&d.release.payload[..]).map(|r| r.sha256);
             (d.seq, d.rollout, sha.unwrap_or_default())
         }
@@ -315,7 +343,8 @@ pub enum Verdict {
 
 /// Judges a trial at `now_ms`. The watch lasts `health_secs`: unhealthy as soon as the outbox drops a
 /// record; at the end, healthy if the uplink is connected and has had an acknowledgement since the change (or
-/// has nothing waiting), unhealthy if not.
+/// has nothing waiting), unhealthy if not. A configuration from a bundle is healthy at the end if it dropped
+/// nothing: the site may have no network at all.
 pub fn judge(trial: &Trial, probe: Probe, now_ms: u64) -> Verdict {
     let dropped = probe.dropped_total.saturating_sub(trial.dropped_before);
     if dropped > 0 {
@@ -325,7 +354,7 @@ pub fn judge(trial: &Trial, probe: Probe, now_ms: u64) -> Verdict {
     if now_ms < deadline {
         return Verdict::Wait;
     }
-    if probe.connected && (probe.last_ack_ms >= trial.since_ms || probe.waiting == 0) {
+    if trial.from_bundle || probe.connected && (probe.last_ack_ms >= trial.since_ms || probe.waiting == 0) {
         return Verdict::Healthy;
     }
     let what = if probe.connected {
@@ -385,6 +414,8 @@ pub struct ConfigUpdater {
     pub counters: Arc<UplinkCounters>,
     pub reports: mpsc::UnboundedSender<UpdateReport>,
     pub health: Arc<crate::health::Health>,
+    /// Configurations from update bundles the model updater took from the inbox.
+    pub bundled: Option<mpsc::UnboundedReceiver<Signed>>,
 }
 
 impl ConfigUpdater {
@@ -460,15 +491,24 @@ impl ConfigUpdater {
                     }
                 }
                 _ = every.tick(), if self.pointer.trial.is_some() => self.judge_trial().await?,
+                Some(signed) = async { self.bundled.as_mut()?.recv().await }, if self.bundled.is_some() => {
+                    self.handle_from(signed, true).await?;
+                }
             }
         }
     }
 
     /// Verifies a desired configuration and applies it if it is good.
     pub async fn handle(&mut self, signed: Signed) -> anyhow::Result<()> {
+        self.handle_from(signed, false).await
+    }
+
+    /// [`ConfigUpdater::handle`], for a configuration from MQTT or (`from_bundle`) from an update bundle.
+    async fn handle_from(&mut self, signed: Signed, from_bundle: bool) -> anyhow::Result<()> {
         let now = unix_millis();
-        let verified = verify(&signed, &self.trusted, (&self.device, &self.class), self.pointer.last_seq, now)
-            .and_then(|v| {
+        let who = (self.device.as_str(), self.class.as_str());
+        let verified =
+            verify_from(&signed, &self.trusted, who, self.pointer.last_seq, now, from_bundle).and_then(|v| {
                 let current = self.live.config.borrow().clone();
                 check_compatible(&current, &v.config).map_err(ConfigRejection::Incompatible)?;
                 would_drop(&v.config, self.live.outbox_override, self.live.outbox.stats().bytes)
@@ -524,6 +564,7 @@ impl ConfigUpdater {
             since_ms: unix_millis(),
             dropped_before: self.live.outbox.stats().dropped_total,
             desired: d.clone(),
+            from_bundle,
         };
         self.pointer.trial = Some(trial);
         // The pointer first: a crash from here comes back to the new configuration and its watch.

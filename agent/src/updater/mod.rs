@@ -206,6 +206,8 @@ pub struct Updater {
     http: reqwest::Client,
     /// Newer desired states, seen while a download waits to retry (set by [`Updater::run`]).
     newer: Option<watch::Receiver<Option<Signed>>>,
+    /// Where the class configuration of a bundle taken from the inbox goes (the config updater).
+    pub bundled_configs: Option<mpsc::UnboundedSender<Signed>>,
 }
 
 /// How often the updater looks for bundles queued by `install --bundle`.
@@ -239,7 +241,7 @@ impl Updater {
             .read_timeout(Duration::from_secs(30))
             .build()
             .context("building the HTTP client")?;
-        Ok(Updater { cfg, me, files, slot, events, reports, health, pointer, http, newer: None })
+        Ok(Updater { cfg, me, files, slot, events, reports, health, pointer, http, newer: None, bundled_configs: None })
     }
 
     /// Uses `http` for downloads (the agent's client, pinned to the fleet's CA).
@@ -362,7 +364,8 @@ impl Updater {
             Ok((b, d, m))
         });
         match checked {
-            Ok((b, d, m)) => {
+            Ok((mut b, d, m)) => {
+                let config = b.config.take();
                 let (files, m2) = (self.files.clone(), m.clone());
                 tokio::task::spawn_blocking(move || bundle::keep_artifact(&files, &b, &m2)).await??;
                 tracing::info!(seq = d.seq, model = %m.name, version = m.version, "installing an update bundle");
@@ -372,6 +375,11 @@ impl Updater {
                     Some(Pending { desired: d.clone(), manifest: m.clone(), phase: Phase::Downloading });
                 self.save().await?;
                 tokio::fs::remove_file(path).await.with_context(|| format!("removing {}", path.display()))?;
+                // The bundle's class configuration goes to the config updater, which checks it again and
+                // applies and watches it like one from the control plane.
+                if let (Some(c), Some(to)) = (config, &self.bundled_configs) {
+                    let _ = to.send(c);
+                }
                 self.apply(d, m, false, cancel).await
             }
             // The bundle this device accepted last, left in the inbox by a crash after it was accepted: done.

@@ -28,6 +28,18 @@ pub struct BundleRecord {
     pub seq: u64,
     pub created_ms: u64,
     pub expires_ms: u64,
+    /// The class configuration the bundle carries, if any: its version, hash and the sequence of its desired
+    /// configuration (a sequence of the configuration kind).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<BundledConfig>,
+}
+
+/// A class configuration in a bundle.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BundledConfig {
+    pub version: u32,
+    pub sha256: String,
+    pub seq: u64,
 }
 
 /// A bundle request (`POST /api/v1/bundles`).
@@ -44,6 +56,12 @@ pub struct BundleRequest {
     pub valid_secs: u64,
     #[serde(default)]
     pub policy: Option<UpdatePolicy>,
+    /// A class configuration version of the class to carry with the model (`/api/v1/configs/{class}/{version}`).
+    #[serde(default)]
+    pub config: Option<u32>,
+    /// How long a device watches the bundle's class configuration before it keeps it (default 60 s).
+    #[serde(default)]
+    pub health_secs: Option<u32>,
 }
 
 fn default_valid_secs() -> u64 {
@@ -55,6 +73,8 @@ fn default_valid_secs() -> u64 {
 pub enum BundleError {
     #[error("no model `{name}` version {version}")]
     NoModel { name: String, version: u32 },
+    #[error("config: no class configuration `{class}` version {version}")]
+    NoConfig { class: String, version: u32 },
     #[error("class: model `{model}` is for class `{model_class}`, not `{class}`")]
     ClassMismatch { model: String, model_class: String, class: String },
     #[error("valid_secs: {0} is not between 60 and 31536000 (a year)")]
@@ -107,7 +127,29 @@ pub fn make(
         artifact: format!("bundle:{}", mv.sha256),
         policy: req.policy.unwrap_or_default(),
     };
-    let bundle = Bundle { format: FORMAT, desired: Signed::sign(&desired, signer), artifact };
+    let (config, bundled) = match req.config {
+        None => (None, None),
+        Some(version) => {
+            let c = store
+                .config(&class, version)?
+                .ok_or_else(|| BundleError::NoConfig { class: class.clone(), version })?;
+            // Above every configuration issued to any device and in any bundle, as for the model's state.
+            let top = store.config_seq_floor()?;
+            let cseq = top.checked_add(1).ok_or(BundleError::Exhausted(top))?;
+            let d = edgeloop_common::update::DesiredConfig {
+                device: ANY_DEVICE.to_string(),
+                class: class.clone(),
+                seq: cseq,
+                issued_ms: now_ms,
+                expires_ms,
+                rollout: Some(id.clone()),
+                release: c.signed.clone(),
+                health_secs: req.health_secs.unwrap_or(super::engine::DEFAULT_CONFIG_HEALTH_SECS),
+            };
+            (Some(Signed::sign(&d, signer)), Some(BundledConfig { version, sha256: c.sha256, seq: cseq }))
+        }
+    };
+    let bundle = Bundle { format: FORMAT, desired: Signed::sign(&desired, signer), artifact, config };
     let record = BundleRecord {
         id,
         class,
@@ -117,6 +159,7 @@ pub fn make(
         seq,
         created_ms: now_ms,
         expires_ms,
+        config: bundled,
     };
     store.put_bundle(&record)?;
     store.commit()?;
@@ -145,7 +188,12 @@ pub fn views<'a>(
             for (id, reports) in devices.clone() {
                 let about = reports
                     .iter()
-                    .filter(|r| r.rollout.as_deref() == Some(b.id.as_str()) && r.seq == b.seq && r.sha256 == b.sha256)
+                    .filter(|r| {
+                        r.component.is_model()
+                            && r.rollout.as_deref() == Some(b.id.as_str())
+                            && r.seq == b.seq
+                            && r.sha256 == b.sha256
+                    })
                     .max_by_key(|r| r.at_ms);
                 if let Some(r) = about {
                     seen.insert(id.to_string(), r.clone());

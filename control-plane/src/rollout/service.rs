@@ -625,7 +625,9 @@ impl Rollouts {
             reason: format!("class configuration {} v{} vanished from the store", config.name, config.version),
         })?;
         let last = self.store.issued_of(Kind::Config, device)?;
-        let seq = Issued::next_seq(device, last.as_ref())?;
+        // Above the last configuration issued to the device, and above any bundle's for its class.
+        let seq =
+            Issued::next_seq(device, last.as_ref())?.max(self.store.config_bundle_floor(class)?.saturating_add(1));
         let first_seq = if fresh_run { seq } else { Issued::run_start(last.as_ref(), seq, rollout, &c.sha256) };
         let expires_ms = now_ms + self.cfg.desired_ttl_secs * 1000;
         let desired = DesiredConfig {
@@ -1146,6 +1148,8 @@ mod tests {
             class: None,
             valid_secs: 3600,
             policy: None,
+            config: None,
+            health_secs: None,
         };
         let (b, bytes) = r.bundle(&req, now).unwrap();
         assert_eq!((b.seq, b.id.as_str(), b.class.as_str()), (2, "bundle-2", "press"));
@@ -1259,6 +1263,52 @@ mod tests {
         assert!(r.forget("d2").unwrap());
         let cleared = r.tick(now + 4).unwrap();
         assert!(cleared.contains(&("edgeloop/v1/d2/down/config".to_string(), Vec::new())), "{cleared:?}");
+    }
+
+    #[test]
+    fn a_bundles_class_configuration_goes_above_issued_ones_and_later_ones_go_above_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (r, models, registry) = open_with_registry(dir.path(), false);
+        models.insert(&version(1, false)).unwrap();
+        let artifacts = dir.path().join("artifacts");
+        std::fs::create_dir_all(&artifacts).unwrap();
+        std::fs::write(artifacts.join(format!("{:064}", 1)), b"0123456789").unwrap();
+        let now = 1_000_000;
+        registry.update("d1", now, |dev| dev.class = "press".into()).unwrap();
+        r.publish_config("press.toml", PRESS_CLASS, now).unwrap();
+        let config_rollout = |v: u32| CreateRollout {
+            model: String::new(),
+            version: 0,
+            config: Some(v),
+            class: Some("press".into()),
+            ..rollout_request(1)
+        };
+        r.create(config_rollout(1), now).unwrap();
+        let first = published_configs(&r, &r.tick(now).unwrap(), now);
+        assert_eq!(first["d1"].0.seq, 1);
+        let req = crate::rollout::bundle::BundleRequest {
+            model: "press".into(),
+            version: 1,
+            class: None,
+            valid_secs: 3600,
+            policy: None,
+            config: Some(1),
+            health_secs: Some(5),
+        };
+        let (b, bytes) = r.bundle(&req, now).unwrap();
+        let c = b.config.clone().unwrap();
+        assert_eq!((c.version, c.seq), (1, 2), "above the configuration issued to d1");
+        let file = edgeloop_common::bundle::Bundle::decode(&bytes).unwrap();
+        let d: DesiredConfig = file.config.unwrap().verify(&[r.signer.trusted(None)], now).unwrap();
+        assert_eq!((d.device.as_str(), d.seq, d.health_secs), (edgeloop_common::bundle::ANY_DEVICE, 2, 5));
+        let missing = crate::rollout::bundle::BundleRequest { config: Some(9), ..req };
+        assert!(r.bundle(&missing, now).unwrap_err().to_string().contains("no class configuration"));
+        // The next online configuration for the class goes above the bundle's.
+        let tuned = format!("{PRESS_CLASS}[uplink]\nbatch_max_records = 20\n");
+        r.publish_config("press.toml", &tuned, now).unwrap();
+        r.create(config_rollout(2), now + 1).unwrap();
+        let next = published_configs(&r, &r.tick(now + 1).unwrap(), now + 1);
+        assert_eq!(next["d1"].0.seq, 3);
     }
 
     #[test]

@@ -273,6 +273,26 @@ impl RolloutStore {
         Ok(self.bundles()?.iter().filter(|b| b.class == class).map(|b| b.seq).max().unwrap_or(0))
     }
 
+    /// The highest desired-configuration sequence issued to any device or put in a bundle (0 if none): a
+    /// bundle's configuration goes above it.
+    pub fn config_seq_floor(&self) -> Result<u64, StoreError> {
+        let issued = self.all_issued_of(Kind::Config)?.into_iter().map(|(_, i)| i.seq).max().unwrap_or(0);
+        let bundled = self.bundles()?.iter().filter_map(|b| b.config.as_ref().map(|c| c.seq)).max().unwrap_or(0);
+        Ok(issued.max(bundled))
+    }
+
+    /// The highest configuration sequence in a bundle for `class` (0 if none): online desired
+    /// configurations for the class go above it.
+    pub fn config_bundle_floor(&self, class: &str) -> Result<u64, StoreError> {
+        Ok(self
+            .bundles()?
+            .iter()
+            .filter(|b| b.class == class)
+            .filter_map(|b| b.config.as_ref().map(|c| c.seq))
+            .max()
+            .unwrap_or(0))
+    }
+
     /// Makes everything written durable. Blocking.
     pub fn commit(&self) -> Result<(), StoreError> {
         self.db.commit()?;

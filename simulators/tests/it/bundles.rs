@@ -27,11 +27,14 @@ async fn a_bundle_installs_with_no_network_and_is_reported_when_the_device_conne
     let v1 = rollouts::upload_reference_model(api, CLASS, &class, 1e9).await.unwrap();
     let v2 = rollouts::upload_reference_model(api, CLASS, &class, 1e8).await.unwrap();
 
+    // A class configuration to carry along: smaller batches.
+    let text = edgeloop_simulators::FIRMWARE_CONFIGS.iter().find(|(f, _)| *f == format!("{CLASS}.toml")).unwrap().1;
+    let tuned = text.replace("batch_max_records = 100", "batch_max_records = 25");
+    let r = api.request("POST", "/api/v1/configs", &[], Some(tuned.as_bytes())).await.unwrap();
+    assert_eq!(r.status, 201, "{}", r.text());
     // The bundle, from the API: a file, its id in a header.
-    let resp = api
-        .request("POST", "/api/v1/bundles", &[], Some(json!({"model": CLASS, "version": 1}).to_string().as_bytes()))
-        .await
-        .unwrap();
+    let req = json!({"model": CLASS, "version": 1, "config": 1, "health_secs": 2});
+    let resp = api.request("POST", "/api/v1/bundles", &[], Some(req.to_string().as_bytes())).await.unwrap();
     assert_eq!(resp.status, 201, "{}", resp.text());
     let header = |n: &str| resp.headers.iter().find(|(k, _)| k == n).map(|(_, v)| v.clone()).unwrap_or_default();
     assert_eq!(header("content-type"), "application/vnd.edgeloop.bundle+cbor");
@@ -44,6 +47,9 @@ async fn a_bundle_installs_with_no_network_and_is_reported_when_the_device_conne
     let (status, body) =
         api.post_json("/api/v1/bundles", &json!({"model": CLASS, "version": 1, "valid_secs": 5})).await.unwrap();
     assert_eq!((status, body.contains("valid_secs: 5")), (400, true), "{body}");
+    let (status, body) =
+        api.post_json("/api/v1/bundles", &json!({"model": CLASS, "version": 1, "config": 7})).await.unwrap();
+    assert_eq!((status, body.contains("no class configuration")), (404, true), "{body}");
 
     // An agent whose broker is out of reach (enrollment went through the API before the site went dark).
     let (host, port) = cp.mqtt_addr.clone();
@@ -69,6 +75,8 @@ async fn a_bundle_installs_with_no_network_and_is_reported_when_the_device_conne
         (queued.manifest.sha256.as_str(), queued.desired.rollout.as_deref()),
         (v1.sha256.as_str(), Some(id.as_str()))
     );
+    assert_eq!(queued.config.as_ref().map(|c| c.0), Some(1));
+    let class_in_force = devices[0].agent.class.clone();
     let stop_feed = CancellationToken::new();
     let feeding = {
         let stop = stop_feed.clone();
@@ -84,6 +92,14 @@ async fn a_bundle_installs_with_no_network_and_is_reported_when_the_device_conne
             .is_ok_and(|p| p.pending.is_none() && p.active.as_ref().is_some_and(|a| a.sha256 == v1.sha256))
     })
     .await;
+    // The bundle's class configuration is applied and kept, with no network: the watch asks only that no
+    // record be dropped.
+    let configs = edgeloop_agent::updater::config::ConfigFiles::new(&cfg.data_dir);
+    wait_for("the bundle's class configuration is kept", Duration::from_secs(30), || {
+        configs.load_pointer().is_ok_and(|p| p.trial.is_none() && p.active.is_some_and(|a| a.version == 1))
+    })
+    .await;
+    assert_eq!(class_in_force.borrow().uplink.batch_max_records, 25);
     assert!(cp.registry.get(&device).is_none_or(|d| d.updates.is_empty()), "nothing reached the control plane yet");
     // The same file again is refused by the check: the device is past its sequence.
     let e = bundle::queue(&cfg, &file, edgeloop_common::unix_millis()).unwrap_err();
@@ -104,6 +120,18 @@ async fn a_bundle_installs_with_no_network_and_is_reported_when_the_device_conne
     };
     let views = tokio::time::timeout(Duration::from_secs(60), seen).await.expect("the bundle install was reported");
     assert_eq!(views[0].bundle.sha256, v1.sha256);
+    let bundled = views[0].bundle.config.clone().unwrap();
+    wait_for("the bundle's configuration reported applied", Duration::from_secs(30), || {
+        cp.registry.get(&device).is_some_and(|d| {
+            d.updates.iter().any(|u| {
+                u.component == edgeloop_common::update::Component::Config
+                    && u.phase == Phase::Applied
+                    && u.rollout.as_deref() == Some(id.as_str())
+                    && u.sha256 == bundled.sha256
+            })
+        })
+    })
+    .await;
 
     // An online rollout afterwards reaches the device: its sequence goes above the bundle's.
     let req = json!({"model": CLASS, "version": 2, "stages": [{"name": "all", "share": {"percent": 100.0}}]});

@@ -106,7 +106,14 @@ fn uplink_outbox_and_ranges_may_change_but_features_may_not() {
 fn trial() -> Trial {
     let s = signer();
     let r = release(CLASS_TOML, 2);
-    Trial { desired: desired(&s, &r, 3), version: 2, sha256: r.sha256, since_ms: NOW, dropped_before: 5 }
+    Trial {
+        desired: desired(&s, &r, 3),
+        version: 2,
+        sha256: r.sha256,
+        since_ms: NOW,
+        dropped_before: 5,
+        from_bundle: false,
+    }
 }
 
 #[test]
@@ -128,6 +135,31 @@ fn a_trial_is_judged_at_the_end_of_its_watch_and_reverts_at_once_on_drops() {
     // A record dropped under the new bound reverts at once, even while connected and acknowledged.
     let Verdict::Unhealthy(why) = judge(&t, probe(true, NOW + 500, 0, 7), NOW + 1) else { panic!() };
     assert!(why.contains("dropped 2 records"), "{why}");
+    // From a bundle, at a site with no network: only drops count.
+    let offline = Trial { from_bundle: true, ..t };
+    assert_eq!(judge(&offline, probe(false, 0, 40, 5), NOW + 30_000), Verdict::Healthy);
+    assert!(matches!(judge(&offline, probe(false, 0, 40, 6), NOW + 1), Verdict::Unhealthy(_)));
+}
+
+#[test]
+fn a_bundle_may_name_every_device_of_the_class_but_mqtt_may_not() {
+    let s = signer();
+    let any =
+        DesiredConfig { device: edgeloop_common::bundle::ANY_DEVICE.into(), ..desired(&s, &release(CLASS_TOML, 1), 5) };
+    let signed = Signed::sign(&any, &s);
+    let trusted = [s.trusted(None)];
+    assert_eq!(verify(&signed, &trusted, ("d1", "press"), 4, NOW).unwrap_err().reason(), "wrong_device");
+    assert_eq!(verify_bundled(&signed, &trusted, ("d1", "press"), 4, NOW).unwrap().desired.seq, 5);
+    // Every other check still applies to a bundle.
+    assert_eq!(verify_bundled(&signed, &trusted, ("d1", "press"), 5, NOW).unwrap_err().reason(), "replayed");
+    assert_eq!(verify_bundled(&signed, &trusted, ("d1", "lathe"), 4, NOW).unwrap_err().reason(), "wrong_class");
+    let stranger = signer();
+    assert_eq!(
+        verify_bundled(&signed, &[stranger.trusted(None)], ("d1", "press"), 4, NOW).unwrap_err().reason(),
+        "unknown_key"
+    );
+    let late = Signed::sign(&DesiredConfig { expires_ms: NOW - 1, ..any }, &s);
+    assert_eq!(verify_bundled(&late, &trusted, ("d1", "press"), 4, NOW).unwrap_err().reason(), "expired");
 }
 
 #[test]

@@ -22,7 +22,7 @@ fn make(s: &Signer, class: &str, device: &str, seq: u64, valid_ms: i64) -> (Bund
         artifact: format!("bundle:{}", m.sha256),
         policy: UpdatePolicy { shadow_windows: 0, watch_windows: 3, latency_budget_us: 0 },
     };
-    (Bundle { format: FORMAT, desired: Signed::sign(&d, s), artifact: bytes }, m)
+    (Bundle { format: FORMAT, desired: Signed::sign(&d, s), artifact: bytes, config: None }, m)
 }
 
 /// Queues `b` in the rig's inbox as `install --bundle` does (bypassing its checks, as a file dropped there

@@ -174,7 +174,7 @@ impl From<crate::rollout::bundle::BundleError> for ApiError {
     fn from(e: crate::rollout::bundle::BundleError) -> Self {
         use crate::rollout::bundle::BundleError as B;
         match e {
-            B::NoModel { .. } => ApiError::not_found(e.to_string()),
+            B::NoModel { .. } | B::NoConfig { .. } => ApiError::not_found(e.to_string()),
             B::ClassMismatch { .. } | B::Validity(_) => ApiError::bad_request(e.to_string()),
             B::Exhausted(_) => ApiError { status: StatusCode::CONFLICT, error: "conflict", detail: e.to_string() },
             B::NoArtifact(_) | B::Io(_) => ApiError::internal(e.to_string()),
