@@ -88,20 +88,12 @@ impl ConfigFiles {
     }
 
     pub fn load_pointer(&self) -> anyhow::Result<ConfigPointer> {
-        let path = self.pointer();
-        match std::fs::read(&path) {
-            Ok(bytes) => ciborium::from_reader(&bytes[..]).with_context(|| format!("{} is corrupt", path.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ConfigPointer::default()),
-            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
-        }
+        super::load_cbor(&self.pointer())
     }
 
     /// Replaces the pointer atomically and durably.
     pub fn save_pointer(&self, p: &ConfigPointer) -> anyhow::Result<()> {
-        edgeloop_common::private::dir(&self.dir)?;
-        let path = self.pointer();
-        edgeloop_common::private::write_atomic(&path, &edgeloop_common::signing::to_cbor(p))
-            .with_context(|| format!("writing {}", path.display()))
+        super::save_cbor(&self.pointer(), p)
     }
 
     /// Keeps a configuration's text, durably, under its hash.

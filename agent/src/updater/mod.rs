@@ -98,20 +98,12 @@ impl Files {
     }
 
     pub fn load_pointer(&self) -> anyhow::Result<Pointer> {
-        let path = self.pointer();
-        match std::fs::read(&path) {
-            Ok(bytes) => ciborium::from_reader(&bytes[..]).with_context(|| format!("{} is corrupt", path.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Pointer::default()),
-            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
-        }
+        load_cbor(&self.pointer())
     }
 
     /// Replaces the pointer atomically and durably: temporary file, fsync, rename, fsync of the directory.
     pub fn save_pointer(&self, p: &Pointer) -> anyhow::Result<()> {
-        edgeloop_common::private::dir(&self.dir)?;
-        let path = self.pointer();
-        edgeloop_common::private::write_atomic(&path, &edgeloop_common::signing::to_cbor(p))
-            .with_context(|| format!("writing {}", path.display()))
+        save_cbor(&self.pointer(), p)
     }
 
     /// Loads a stored model, checking its hash first.
@@ -123,6 +115,24 @@ impl Files {
         let frames = (info.frames as usize).max(1);
         Ok(Model::load_bytes(&bytes, width * frames)?.windowed(frames)?)
     }
+}
+
+/// A pointer file's value (the updaters keep theirs in CBOR), or the default where there is no file yet.
+pub(crate) fn load_cbor<T: serde::de::DeserializeOwned + Default>(path: &Path) -> anyhow::Result<T> {
+    match std::fs::read(path) {
+        Ok(bytes) => ciborium::from_reader(&bytes[..]).with_context(|| format!("{} is corrupt", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(T::default()),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+/// Replaces a pointer file atomically and durably, creating its private directory.
+pub(crate) fn save_cbor<T: Serialize>(path: &Path, value: &T) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent() {
+        edgeloop_common::private::dir(dir)?;
+    }
+    edgeloop_common::private::write_atomic(path, &edgeloop_common::signing::to_cbor(value))
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// Restores the model the pointer names into the slot (falling back to the previous one), and returns the

@@ -606,64 +606,13 @@ impl Rollouts {
         Ok(((topics::topic(device, Channel::Desired), payload), issued.run()))
     }
 
-    /// Signs and records a desired class configuration with the device's next configuration sequence; returns
-    /// what to publish and the device's new issued run. Not yet durable.
+    /// Signs and records a desired class configuration (`Kind::Config`) or agent build (`Kind::Agent`) with
+    /// the device's next sequence of that kind; returns what to publish and the device's new issued run. Not
+    /// yet durable.
     #[allow(clippy::too_many_arguments)]
-    fn issue_config(
+    fn issue_other(
         &self,
-        device: &str,
-        class: &str,
-        config: &ModelRef,
-        rollout: Option<&str>,
-        health_secs: u32,
-        fresh_run: bool,
-        now_ms: u64,
-    ) -> Result<(Publication, IssuedRun), IssueError> {
-        let c = self.store.config(&config.name, config.version)?.ok_or_else(|| StoreError::Corrupt {
-            device: device.to_string(),
-            seq: 0,
-            reason: format!("class configuration {} v{} vanished from the store", config.name, config.version),
-        })?;
-        let last = self.store.issued_of(Kind::Config, device)?;
-        // Above the last configuration issued to the device, and above any bundle's for its class.
-        let seq =
-            Issued::next_seq(device, last.as_ref())?.max(self.store.config_bundle_floor(class)?.saturating_add(1));
-        let first_seq = if fresh_run { seq } else { Issued::run_start(last.as_ref(), seq, rollout, &c.sha256) };
-        let expires_ms = now_ms + self.cfg.desired_ttl_secs * 1000;
-        let desired = DesiredConfig {
-            device: device.to_string(),
-            class: class.to_string(),
-            seq,
-            issued_ms: now_ms,
-            expires_ms,
-            rollout: rollout.map(String::from),
-            release: c.signed.clone(),
-            health_secs,
-        };
-        let env = Envelope::new(device, seq, now_ms, Body::Config(Signed::sign(&desired, &self.signer)));
-        let payload = envelope::encode(&env);
-        let issued = Issued {
-            seq,
-            first_seq: Some(first_seq),
-            rollout: rollout.map(String::from),
-            name: c.class,
-            version: c.version,
-            sha256: c.sha256,
-            issued_ms: now_ms,
-            expires_ms,
-            policy: UpdatePolicy::default(),
-            health_secs: Some(health_secs),
-            payload: payload.clone(),
-        };
-        self.store.put_issued_of(Kind::Config, device, &issued)?;
-        Ok(((topics::topic(device, Channel::Config), payload), issued.run()))
-    }
-
-    /// Signs and records a desired agent build with the device's next agent sequence; returns what to publish
-    /// and the device's new issued run. Not yet durable.
-    #[allow(clippy::too_many_arguments)]
-    fn issue_agent(
-        &self,
+        kind: Kind,
         device: &str,
         class: &str,
         release: &ModelRef,
@@ -672,43 +621,82 @@ impl Rollouts {
         fresh_run: bool,
         now_ms: u64,
     ) -> Result<(Publication, IssuedRun), IssueError> {
-        let r = self.store.agent_release(&release.name, release.version)?.ok_or_else(|| StoreError::Corrupt {
+        let vanished = |what: &str| StoreError::Corrupt {
             device: device.to_string(),
             seq: 0,
-            reason: format!("agent release {} of {} vanished from the store", release.version, release.name),
-        })?;
-        let last = self.store.issued_of(Kind::Agent, device)?;
-        let seq = Issued::next_seq(device, last.as_ref())?;
-        let first_seq = if fresh_run { seq } else { Issued::run_start(last.as_ref(), seq, rollout, &r.sha256) };
-        let expires_ms = now_ms + self.cfg.desired_ttl_secs * 1000;
-        let desired = DesiredAgent {
-            device: device.to_string(),
-            class: class.to_string(),
-            seq,
-            issued_ms: now_ms,
-            expires_ms,
-            rollout: rollout.map(String::from),
-            release: r.signed.clone(),
-            artifact: format!("/api/v1/artifacts/{}", r.sha256),
-            health_secs,
+            reason: format!("{what} {} v{} vanished from the store", release.name, release.version),
         };
-        let env = Envelope::new(device, seq, now_ms, Body::Agent(Signed::sign(&desired, &self.signer)));
-        let payload = envelope::encode(&env);
+        // What it carries, by hash: the signed release inside the state.
+        let (signed_release, sha256) = match kind {
+            Kind::Agent => {
+                let r = self
+                    .store
+                    .agent_release(&release.name, release.version)?
+                    .ok_or_else(|| vanished("agent release"))?;
+                (r.signed, r.sha256)
+            }
+            _ => {
+                let c = self
+                    .store
+                    .config(&release.name, release.version)?
+                    .ok_or_else(|| vanished("class configuration"))?;
+                (c.signed, c.sha256)
+            }
+        };
+        let last = self.store.issued_of(kind, device)?;
+        let mut seq = Issued::next_seq(device, last.as_ref())?;
+        if kind == Kind::Config {
+            // Above any bundle's configuration for the class too.
+            seq = seq.max(self.store.config_bundle_floor(class)?.saturating_add(1));
+        }
+        let first_seq = if fresh_run { seq } else { Issued::run_start(last.as_ref(), seq, rollout, &sha256) };
+        let expires_ms = now_ms + self.cfg.desired_ttl_secs * 1000;
+        let (device_s, class_s, rollout_s) = (device.to_string(), class.to_string(), rollout.map(String::from));
+        let (body, channel) = match kind {
+            Kind::Agent => {
+                let d = DesiredAgent {
+                    device: device_s,
+                    class: class_s,
+                    seq,
+                    issued_ms: now_ms,
+                    expires_ms,
+                    rollout: rollout_s,
+                    release: signed_release,
+                    artifact: format!("/api/v1/artifacts/{sha256}"),
+                    health_secs,
+                };
+                (Body::Agent(Signed::sign(&d, &self.signer)), Channel::Agent)
+            }
+            _ => {
+                let d = DesiredConfig {
+                    device: device_s,
+                    class: class_s,
+                    seq,
+                    issued_ms: now_ms,
+                    expires_ms,
+                    rollout: rollout_s,
+                    release: signed_release,
+                    health_secs,
+                };
+                (Body::Config(Signed::sign(&d, &self.signer)), Channel::Config)
+            }
+        };
+        let payload = envelope::encode(&Envelope::new(device, seq, now_ms, body));
         let issued = Issued {
             seq,
             first_seq: Some(first_seq),
             rollout: rollout.map(String::from),
-            name: r.class,
-            version: r.number,
-            sha256: r.sha256,
+            name: release.name.clone(),
+            version: release.version,
+            sha256,
             issued_ms: now_ms,
             expires_ms,
             policy: UpdatePolicy::default(),
             health_secs: Some(health_secs),
             payload: payload.clone(),
         };
-        self.store.put_issued_of(Kind::Agent, device, &issued)?;
-        Ok(((topics::topic(device, Channel::Agent), payload), issued.run()))
+        self.store.put_issued_of(kind, device, &issued)?;
+        Ok(((topics::topic(device, channel), payload), issued.run()))
     }
 
     /// Publishes an agent build (see [`super::releases::publish`]). Blocking.
@@ -899,8 +887,7 @@ impl Rollouts {
         }
     }
 
-    /// [`Rollouts::issue_config`] or [`Rollouts::issue_agent`], where a device that can get no more is logged
-    /// and left out.
+    /// [`Rollouts::issue_other`], where a device that can get no more is logged and left out.
     #[allow(clippy::too_many_arguments)]
     fn try_issue_other(
         &self,
@@ -913,11 +900,7 @@ impl Rollouts {
         fresh_run: bool,
         now_ms: u64,
     ) -> Result<Option<(Publication, IssuedRun)>, StoreError> {
-        let issued = match kind {
-            Kind::Agent => self.issue_agent(device, class, release, rollout, health_secs, fresh_run, now_ms),
-            _ => self.issue_config(device, class, release, rollout, health_secs, fresh_run, now_ms),
-        };
-        match issued {
+        match self.issue_other(kind, device, class, release, rollout, health_secs, fresh_run, now_ms) {
             Ok(issued) => Ok(Some(issued)),
             Err(IssueError::Exhausted(e)) => {
                 tracing::error!(error = %e, "desired configuration not issued");
