@@ -49,6 +49,17 @@ enum Command {
     /// Load the config, the class configuration in force and the model, and exit 0 if they load (what a new
     /// build of the agent must pass before it replaces the running one). Safe while the agent runs.
     SelfTest,
+    /// Started by the agent itself when it starts a new build on trial: gives the trial up and kills the
+    /// build if it has not proved itself within `--secs`.
+    #[command(hide = true)]
+    TrialWatchdog {
+        #[arg(long)]
+        pid: u32,
+        #[arg(long)]
+        sha256: String,
+        #[arg(long)]
+        secs: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -69,6 +80,10 @@ fn try_main(cli: Cli) -> Result<(), Failure> {
         } else {
             print!("{}", edgeloop_agent::local_status::render(&status, &pointer, edgeloop_common::unix_millis()));
         }
+        return Ok(());
+    }
+    if let Some(Command::TrialWatchdog { pid, sha256, secs }) = &cli.command {
+        edgeloop_agent::updater::agent::trial_watchdog(&cfg.data_dir, *pid, sha256, *secs)?;
         return Ok(());
     }
     if let Some(Command::SelfTest) = cli.command {
@@ -95,7 +110,7 @@ fn try_main(cli: Cli) -> Result<(), Failure> {
     }
     if cfg.updates.is_some() {
         // Self-update: another build may be the one to run (this call then does not return).
-        edgeloop_agent::updater::agent::launch(&cfg.data_dir)?;
+        edgeloop_agent::updater::agent::launch(&path, &cfg.data_dir)?;
     }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

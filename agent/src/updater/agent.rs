@@ -44,6 +44,14 @@ pub const MAX_BOOTS: u32 = 3;
 pub const LAUNCHER_ENV: &str = "EDGELOOP_AGENT_LAUNCHER_SHA256";
 /// How long a self-test may run.
 const SELF_TEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Time a new build has to start, on top of twice its `health_secs`, before the trial watchdog gives it up.
+const START_GRACE_SECS: u64 = 10;
+
+/// How long after its start a new build may take to prove itself before the trial watchdog gives it up:
+/// twice its health watch, plus [`START_GRACE_SECS`].
+pub fn trial_deadline_secs(health_secs: u32) -> u64 {
+    2 * u64::from(health_secs) + START_GRACE_SECS
+}
 
 /// A build, by hash and version.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -232,8 +240,10 @@ fn report(d: &DesiredAgent, r: &AgentRelease, phase: Phase, reason: String, now_
 }
 
 /// At the start of `edgeloop-agent run`: with self-update in use, decides which build runs and, for another
-/// one, replaces this process with it (never returning); otherwise returns to run here. Blocking.
-pub fn launch(data_dir: &Path) -> anyhow::Result<()> {
+/// one, replaces this process with it (never returning); otherwise returns to run here. Before it starts a
+/// build on trial it starts a watchdog (`trial-watchdog`, this binary) that gives the trial up if the build
+/// hangs without proving itself. Blocking.
+pub fn launch(config: &Path, data_dir: &Path) -> anyhow::Result<()> {
     let files = AgentFiles::new(data_dir);
     if !files.exists() {
         return Ok(());
@@ -246,12 +256,55 @@ pub fn launch(data_dir: &Path) -> anyhow::Result<()> {
         files.save_pointer(&p)?;
     }
     let Boot::Exec(sha) = decision else { return Ok(()) };
+    if let Some(t) = p.trial.as_ref().filter(|t| t.release.sha256 == sha) {
+        // The process keeps its id through the exec: the watchdog watches this one.
+        let secs = trial_deadline_secs(t.desired.health_secs);
+        let watchdog = std::process::Command::new(std::env::current_exe()?)
+            .arg("--config")
+            .arg(config)
+            .args(["trial-watchdog", "--pid", &std::process::id().to_string(), "--sha256", &sha])
+            .args(["--secs", &secs.to_string()])
+            .stdin(std::process::Stdio::null())
+            .spawn();
+        if let Err(e) = watchdog {
+            tracing::warn!(error = %e, "cannot start the trial watchdog; a build that hangs is not given up");
+        }
+    }
     let path = files.binary(&sha);
     tracing::info!(build = %sha, path = %path.display(), "starting the agent build the update pointer names");
     use std::os::unix::process::CommandExt;
     let err = std::process::Command::new(&path).args(std::env::args_os().skip(1)).env(LAUNCHER_ENV, &launcher).exec();
     // exec returns only when it failed: this build runs, and the next start tries again (counted).
     tracing::error!(error = %err, path = %path.display(), "cannot start the agent build; running the installed one");
+    Ok(())
+}
+
+/// `edgeloop-agent trial-watchdog`: waits `secs`; if the build `sha256` is then still on trial (it neither
+/// proved itself nor gave up), gives the trial up in the pointer, as a crash loop would, and kills process
+/// `pid` (the hung build), so that the supervisor starts the previous build. Returns early when the trial
+/// ends. Blocking.
+pub fn trial_watchdog(data_dir: &Path, pid: u32, sha256: &str, secs: u64) -> anyhow::Result<()> {
+    let files = AgentFiles::new(data_dir);
+    let on_trial = |p: &AgentPointer| p.trial.as_ref().is_some_and(|t| t.release.sha256 == sha256);
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    while std::time::Instant::now() < deadline {
+        if !on_trial(&files.load_pointer()?) {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let mut p = files.load_pointer()?;
+    let Some(t) = p.trial.take().filter(|t| t.release.sha256 == sha256) else { return Ok(()) };
+    let restored = p.good.as_ref().map_or("the installed build".to_string(), |g| g.version.clone());
+    let why =
+        format!("{}: it did not prove itself within {secs} s of its start; {restored} restored", t.release.version);
+    let mut r = report(&t.desired, &t.release, Phase::Reverted, why.clone(), unix_millis());
+    r.failure = Some(Failure::Misbehaved);
+    p.outcome = Some(r);
+    files.save_pointer(&p)?;
+    tracing::error!(pid, build = %sha256, "{why}: stopping it");
+    let killed = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+    anyhow::ensure!(killed.is_ok_and(|s| s.success()), "cannot kill process {pid}");
     Ok(())
 }
 

@@ -1,6 +1,6 @@
 //! The agent updates itself, with real processes under a supervisor this test runs the way systemd's
 //! `Restart=` would: an upgrade to a build that differs only in its version string, a build that crashes at
-//! start and goes back by itself, and a tampered build that is refused.
+//! start and one that hangs, each given up by itself, and a tampered build that is refused.
 
 use crate::support::{start_cp, wait_for};
 use edgeloop_agent::updater::agent::{AgentFiles, RESTART_EXIT_CODE};
@@ -53,7 +53,7 @@ async fn roll_out(api: &Api, number: u64) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_agent_upgrades_itself_goes_back_from_a_crashing_build_and_refuses_a_tampered_one() {
+async fn the_agent_upgrades_itself_goes_back_from_a_crashing_or_hanging_build_and_refuses_a_tampered_one() {
     let dir = tempfile::tempdir().unwrap();
     let (cp, cp_cancel) = start_cp(dir.path(), |c| c.rollouts.tick_ms = 50).await;
     let api = &crate::support::api(&cp);
@@ -142,7 +142,33 @@ async fn the_agent_upgrades_itself_goes_back_from_a_crashing_build_and_refuses_a
     })
     .await;
 
-    // 3. A tampered build: the binary on the server is not what the release signs. Refused, nothing swapped.
+    // 3. A build that passes its self-test and then hangs: the trial watchdog gives it up after twice its
+    // health watch plus 10 s, and the good build comes back.
+    let hangs = b"#!/bin/sh\nfor a in \"$@\"; do [ \"$a\" = self-test ] && exit 0; done\nexec sleep 600\n";
+    let r = publish(api, "0.0.0-hangs", hangs).await;
+    let hang_sha = r["sha256"].as_str().unwrap().to_string();
+    let id = roll_out(api, r["number"].as_u64().unwrap()).await;
+    rollouts::wait(api, &id, Duration::from_secs(120), |v| {
+        matches!(v.state, State::Paused { .. } | State::RolledBack { .. })
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", read_log()));
+    wait_for("the hung build given up", Duration::from_secs(30), || {
+        cp.registry.get("upd-1").is_some_and(|d| {
+            d.updates.iter().any(|u| {
+                u.sha256 == hang_sha
+                    && u.phase == Phase::Reverted
+                    && u.reason.contains("did not prove itself within 16 s")
+            })
+        })
+    })
+    .await;
+    wait_for("the good build running again", Duration::from_secs(30), || {
+        heartbeat_version(&cp, "upd-1").as_deref() == Some(v2.as_str())
+    })
+    .await;
+
+    // 4. A tampered build: the binary on the server is not what the release signs. Refused, nothing swapped.
     let v3 = format!("{v1}+v3");
     let (_, v3_bytes) = build(dir.path(), "agent-v3", &v3);
     let r3 = publish(api, &v3, &v3_bytes).await;

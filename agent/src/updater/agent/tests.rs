@@ -132,3 +132,37 @@ fn own_hash_is_the_file_name_of_a_kept_build_and_the_bytes_of_any_other() {
     std::fs::write(&f, b"abc").unwrap();
     assert_eq!(sha256_file(&f).unwrap(), edgeloop_common::signing::sha256_hex(b"abc"));
 }
+
+#[test]
+fn the_trial_watchdog_gives_up_a_build_that_hangs_and_leaves_one_that_proved_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = AgentFiles::new(dir.path());
+    let good = Build { sha256: sha('2'), version: "0.2.0".into(), launcher_sha256: sha('1') };
+    let hung = trial(&sha('3'), 1);
+    files
+        .save_pointer(&AgentPointer { last_seq: 3, good: Some(good.clone()), trial: Some(hung), outcome: None })
+        .unwrap();
+    let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+    trial_watchdog(dir.path(), child.id(), &sha('3'), 1).unwrap();
+    // The hung process is gone, the trial is given up, and the outcome says why.
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "{status}");
+    let p = files.load_pointer().unwrap();
+    assert!(p.trial.is_none());
+    assert_eq!(p.good, Some(good.clone()));
+    let o = p.outcome.unwrap();
+    assert_eq!((o.phase, o.failure), (Phase::Reverted, Some(Failure::Misbehaved)));
+    assert!(
+        o.reason.contains("did not prove itself within 1 s") && o.reason.contains("0.2.0 restored"),
+        "{}",
+        o.reason
+    );
+    // A trial that ended before the deadline: the watchdog leaves everything alone.
+    files.save_pointer(&AgentPointer { last_seq: 3, good: Some(good), trial: None, outcome: None }).unwrap();
+    let mut child = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+    trial_watchdog(dir.path(), child.id(), &sha('3'), 5).unwrap();
+    assert!(child.try_wait().unwrap().is_none(), "a process whose trial ended is not killed");
+    child.kill().unwrap();
+    let _ = child.wait();
+    assert_eq!(trial_deadline_secs(3), 16);
+}
