@@ -25,6 +25,9 @@ struct Cli {
     /// Log format on stderr: text, or json (one object a line, for log collectors).
     #[arg(long, global = true, default_value = "text")]
     log_format: LogFormat,
+    /// The same as the `self-test` command.
+    #[arg(long = "self-test")]
+    self_test: bool,
     /// Without a command: run the agent.
     #[command(subcommand)]
     command: Option<Command>,
@@ -86,7 +89,7 @@ fn try_main(cli: Cli) -> Result<(), Failure> {
         edgeloop_agent::updater::agent::trial_watchdog(&cfg.data_dir, *pid, sha256, *secs)?;
         return Ok(());
     }
-    if let Some(Command::SelfTest) = cli.command {
+    if cli.self_test || matches!(cli.command, Some(Command::SelfTest)) {
         println!("{}", edgeloop_agent::daemon::self_test(cfg)?);
         return Ok(());
     }
