@@ -107,6 +107,13 @@ enum Command {
         #[command(subcommand)]
         command: ConfigsCommand,
     },
+    /// Agent builds: publish `edgeloop-agent` binaries per class and architecture, which roll out like models
+    /// (`POST /api/v1/rollouts` with `{"class": C, "agent": NUMBER}`). Offline: stop the control plane first,
+    /// or use POST /api/v1/agent-releases while it runs.
+    AgentReleases {
+        #[command(subcommand)]
+        command: AgentReleasesCommand,
+    },
     /// Manage operator bearer tokens (works while the control plane runs).
     Tokens {
         #[command(subcommand)]
@@ -167,6 +174,32 @@ enum ConfigsCommand {
         files: Vec<PathBuf>,
     },
     /// List the versions published.
+    List {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        class: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum AgentReleasesCommand {
+    /// Publish an `edgeloop-agent` binary as the next release of a class, for one CPU architecture (a binary
+    /// already published for that class and architecture publishes nothing).
+    Publish {
+        #[arg(long, short)]
+        config: PathBuf,
+        #[arg(long)]
+        class: String,
+        /// `x86_64`, `aarch64`, `arm`, ... (Rust's std::env::consts::ARCH of the devices).
+        #[arg(long)]
+        arch: String,
+        /// The build's version string (what its `--version` prints).
+        #[arg(long)]
+        version: String,
+        binary: PathBuf,
+    },
+    /// List the releases published.
     List {
         #[arg(long, short)]
         config: PathBuf,
@@ -293,6 +326,7 @@ fn try_main(command: Command) -> Result<(), Failure> {
             );
         }
         Command::Configs { command } => configs(command)?,
+        Command::AgentReleases { command } => agent_releases(command)?,
         Command::Tokens { command } => tokens(&command)?,
         Command::Broker { command: BrokerCommand::Acl { service_user, out } } => {
             let acl = edgeloop_control_plane::broker::mosquitto_acl(&service_user);
@@ -387,7 +421,6 @@ fn backup(cfg: &Config, out: &std::path::Path) -> anyhow::Result<String> {
     }
 }
 
-/// `bundle`: makes an update bundle from the stopped control plane's store and writes it to `out`.
 /// `configs publish` and `configs list`, on the stopped control plane's store.
 fn configs(command: ConfigsCommand) -> Result<(), Failure> {
     let (config, class) = match &command {
@@ -421,6 +454,50 @@ fn configs(command: ConfigsCommand) -> Result<(), Failure> {
     Ok(())
 }
 
+/// `agent-releases publish` and `agent-releases list`, on the stopped control plane's store.
+fn agent_releases(command: AgentReleasesCommand) -> Result<(), Failure> {
+    let (config, class) = match &command {
+        AgentReleasesCommand::Publish { config, .. } => (config, None),
+        AgentReleasesCommand::List { config, class } => (config, class.as_deref()),
+    };
+    let cfg = Config::load(config).map_err(Failure::config)?;
+    let db = DurableDb::open(&cfg.data_dir.join("store"), cfg.durability)
+        .context("opening the store (is the control plane running? stop it, or use the /api/v1/agent-releases API)")?;
+    let store = edgeloop_control_plane::rollout::store::RolloutStore::open(&db).map_err(anyhow::Error::from)?;
+    let AgentReleasesCommand::Publish { class, arch, version, binary, .. } = &command else {
+        for r in store.agent_releases(class).map_err(anyhow::Error::from)? {
+            println!("{} #{} {} {} sha256 {} ({} bytes)", r.class, r.number, r.arch, r.version, r.sha256, r.size);
+        }
+        return Ok(());
+    };
+    let bytes = std::fs::read(binary).with_context(|| format!("reading {}", binary.display()))?;
+    let models = ModelRegistry::open(&db, &cfg.data_dir).map_err(anyhow::Error::from)?;
+    let signer = load_signer(&cfg)?;
+    let req = edgeloop_control_plane::rollout::releases::PublishRelease {
+        class: class.clone(),
+        arch: arch.clone(),
+        version: version.clone(),
+    };
+    let now = edgeloop_common::unix_millis();
+    let (r, new) = edgeloop_control_plane::rollout::releases::publish(&store, &models, &signer, &req, &bytes, now)
+        .map_err(|e| match e {
+            edgeloop_control_plane::rollout::releases::ReleaseError::Invalid(e) => Failure::usage(e),
+            e => Failure::from(anyhow::Error::from(e)),
+        })?;
+    store.commit().map_err(anyhow::Error::from)?;
+    let what = if new { "published as" } else { "unchanged: already" };
+    println!(
+        "{}: {what} {} #{} for {} ({}, sha256 {})",
+        binary.display(),
+        r.class,
+        r.number,
+        r.arch,
+        r.version,
+        r.sha256
+    );
+    Ok(())
+}
+
 /// The control plane's signing key, from the config or the data directory.
 fn load_signer(cfg: &Config) -> anyhow::Result<edgeloop_common::signing::Signer> {
     Ok(match &cfg.rollouts.signing_key {
@@ -430,6 +507,7 @@ fn load_signer(cfg: &Config) -> anyhow::Result<edgeloop_common::signing::Signer>
     })
 }
 
+/// `bundle`: makes an update bundle from the stopped control plane's store and writes it to `out`.
 fn bundle_offline(
     cfg: &Config,
     req: &edgeloop_control_plane::rollout::bundle::BundleRequest,
@@ -546,5 +624,24 @@ mod tests {
         ])
         .unwrap();
         assert!(matches!(cli.command, Command::Bundle { valid_days: 30, .. }));
+        let cli = Cli::try_parse_from([
+            "edgeloop-control-plane",
+            "agent-releases",
+            "publish",
+            "-c",
+            "cp.toml",
+            "--class",
+            "press",
+            "--arch",
+            "aarch64",
+            "--version",
+            "0.2.0",
+            "edgeloop-agent",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::AgentReleases { command: AgentReleasesCommand::Publish { arch, .. } } if arch == "aarch64"
+        ));
     }
 }

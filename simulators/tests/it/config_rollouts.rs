@@ -204,3 +204,54 @@ async fn a_configuration_that_drops_records_is_reverted_by_the_canary_and_goes_n
     cp_cancel.cancel();
     cp.join().await.unwrap();
 }
+
+#[test]
+fn the_cli_publishes_class_files_and_agent_builds_into_a_stopped_control_planes_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let cp = crate::support::binary("edgeloop-control-plane");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(&cp).current_dir(d).args(args).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    assert_eq!(run(&["keys", "generate", "--out", "signing.key"]).0, Some(0));
+    std::fs::write(
+        d.join("cp.toml"),
+        "data_dir = \"cp\"\n[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:1\"\n[api]\nlisten = \"127.0.0.1:1\"\n\
+         [rollouts]\nsigning_key = \"signing.key\"\n[tls]\nplaintext = true\n",
+    )
+    .unwrap();
+    std::fs::write(d.join("city-air-quality.toml"), class_text()).unwrap();
+    std::fs::write(d.join("bad.toml"), class_text().replace("batch_max_records = 100", "batch_max_records = 0"))
+        .unwrap();
+    std::fs::write(d.join("agent.bin"), b"\x7fELF a build").unwrap();
+
+    let (code, out, err) = run(&["configs", "publish", "-c", "cp.toml", "city-air-quality.toml"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("published as city-air-quality v1"), "{out}");
+    let (_, out, _) = run(&["configs", "publish", "-c", "cp.toml", "city-air-quality.toml"]);
+    assert!(out.contains("unchanged: already city-air-quality v1"), "{out}");
+    let (code, _, err) = run(&["configs", "publish", "-c", "cp.toml", "bad.toml"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("bad.toml") && err.contains("uplink.batch_max_records"), "{err}");
+    let agent = ["agent-releases", "publish", "-c", "cp.toml", "--class", CLASS, "--version", "0.2.0"];
+    let (code, out, err) = run(&[&agent[..], &["--arch", "aarch64", "agent.bin"]].concat());
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains(&format!("published as {CLASS} #1 for aarch64")), "{out}");
+    let (code, _, err) = run(&[&agent[..], &["--arch", "arm 64", "agent.bin"]].concat());
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("arch: `arm 64`"), "{err}");
+
+    // What the store holds: one configuration version, signed, and one release whose binary is an artifact.
+    let db = edgeloop_common::durable::DurableDb::open(&d.join("cp/store"), Default::default()).unwrap();
+    let store = edgeloop_control_plane::rollout::store::RolloutStore::open(&db).unwrap();
+    let configs = store.configs(Some(CLASS)).unwrap();
+    assert_eq!(configs.iter().map(|c| c.version).collect::<Vec<_>>(), [1]);
+    let releases = store.agent_releases(Some(CLASS)).unwrap();
+    assert_eq!((releases.len(), releases[0].arch.as_str()), (1, "aarch64"));
+    assert_eq!(std::fs::read(d.join("cp/artifacts").join(&releases[0].sha256)).unwrap(), b"\x7fELF a build");
+}
