@@ -300,6 +300,33 @@ pub struct UpdateReport {
 }
 
 impl UpdateReport {
+    /// A report of `component` about the state with sequence `seq` (and `rollout`) and the thing of hash
+    /// `sha256`, with no measurements, no failure kind and no active hash yet.
+    pub fn new(
+        component: Component,
+        (seq, rollout): (u64, Option<String>),
+        sha256: impl Into<String>,
+        phase: Phase,
+        reason: impl Into<String>,
+        at_ms: u64,
+    ) -> UpdateReport {
+        UpdateReport {
+            seq,
+            rollout,
+            sha256: sha256.into(),
+            phase,
+            reason: reason.into(),
+            active_sha256: None,
+            shadow_agreement: None,
+            anomaly_rate: None,
+            baseline_anomaly_rate: None,
+            p95_us: None,
+            at_ms,
+            failure: None,
+            component,
+        }
+    }
+
     /// Whether the report ends the update badly for a reason that counts against it (see [`Failure::is_real`]).
     pub fn is_real_failure(&self) -> bool {
         self.phase.is_failure() && self.failure.is_none_or(Failure::is_real)

@@ -421,16 +421,26 @@ fn backup(cfg: &Config, out: &std::path::Path) -> anyhow::Result<String> {
     }
 }
 
+/// The config, the store and its rollout trees of a stopped control plane, for the commands that work on
+/// them; the error for a running one names `api`, the online way to do the same.
+fn offline_rollout_store(
+    config: &std::path::Path,
+    api: &str,
+) -> Result<(Config, DurableDb, edgeloop_control_plane::rollout::store::RolloutStore), Failure> {
+    let cfg = Config::load(config).map_err(Failure::config)?;
+    let db = DurableDb::open(&cfg.data_dir.join("store"), cfg.durability)
+        .with_context(|| format!("opening the store (is the control plane running? stop it, or use the {api} API)"))?;
+    let store = edgeloop_control_plane::rollout::store::RolloutStore::open(&db).map_err(anyhow::Error::from)?;
+    Ok((cfg, db, store))
+}
+
 /// `configs publish` and `configs list`, on the stopped control plane's store.
 fn configs(command: ConfigsCommand) -> Result<(), Failure> {
     let (config, class) = match &command {
         ConfigsCommand::Publish { config, .. } => (config, None),
         ConfigsCommand::List { config, class } => (config, class.as_deref()),
     };
-    let cfg = Config::load(config).map_err(Failure::config)?;
-    let db = DurableDb::open(&cfg.data_dir.join("store"), cfg.durability)
-        .context("opening the store (is the control plane running? stop it, or use the /api/v1/configs API)")?;
-    let store = edgeloop_control_plane::rollout::store::RolloutStore::open(&db).map_err(anyhow::Error::from)?;
+    let (cfg, _db, store) = offline_rollout_store(config, "/api/v1/configs")?;
     let ConfigsCommand::Publish { files, .. } = &command else {
         for c in store.configs(class).map_err(anyhow::Error::from)? {
             println!("{} v{} sha256 {} published {} ms", c.class, c.version, c.sha256, c.created_ms);
@@ -460,10 +470,7 @@ fn agent_releases(command: AgentReleasesCommand) -> Result<(), Failure> {
         AgentReleasesCommand::Publish { config, .. } => (config, None),
         AgentReleasesCommand::List { config, class } => (config, class.as_deref()),
     };
-    let cfg = Config::load(config).map_err(Failure::config)?;
-    let db = DurableDb::open(&cfg.data_dir.join("store"), cfg.durability)
-        .context("opening the store (is the control plane running? stop it, or use the /api/v1/agent-releases API)")?;
-    let store = edgeloop_control_plane::rollout::store::RolloutStore::open(&db).map_err(anyhow::Error::from)?;
+    let (cfg, db, store) = offline_rollout_store(config, "/api/v1/agent-releases")?;
     let AgentReleasesCommand::Publish { class, arch, version, binary, .. } = &command else {
         for r in store.agent_releases(class).map_err(anyhow::Error::from)? {
             println!("{} #{} {} {} sha256 {} ({} bytes)", r.class, r.number, r.arch, r.version, r.sha256, r.size);

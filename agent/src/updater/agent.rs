@@ -222,21 +222,7 @@ fn good_boot(p: &mut AgentPointer, own: &str, launcher: &str, exists: &impl Fn(&
 }
 
 fn report(d: &DesiredAgent, r: &AgentRelease, phase: Phase, reason: String, now_ms: u64) -> UpdateReport {
-    UpdateReport {
-        seq: d.seq,
-        rollout: d.rollout.clone(),
-        sha256: r.sha256.clone(),
-        phase,
-        reason,
-        active_sha256: None,
-        shadow_agreement: None,
-        anomaly_rate: None,
-        baseline_anomaly_rate: None,
-        p95_us: None,
-        at_ms: now_ms,
-        failure: None,
-        component: Component::Agent,
-    }
+    UpdateReport::new(Component::Agent, (d.seq, d.rollout.clone()), &r.sha256, phase, reason, now_ms)
 }
 
 /// At the start of `edgeloop-agent run`: with self-update in use, decides which build runs and, for another
@@ -569,17 +555,12 @@ impl AgentUpdater {
             Err(e) => {
                 tracing::warn!(reason = e.reason(), error = %e, "desired agent build refused");
                 let ids = signed.verify::<DesiredAgent>(&self.trusted, now).ok().filter(|d| d.device == self.me.device);
-                let mut rep = UpdateReport {
-                    seq: ids.as_ref().map_or(0, |d| d.seq),
-                    rollout: ids.as_ref().and_then(|d| d.rollout.clone()),
-                    sha256: ids
-                        .and_then(|d| ciborium::from_reader::<AgentRelease, _>(&d.release.payload[..]).ok())
-                        .map(|r| r.sha256)
-                        .unwrap_or_default(),
-                    ..report_blank(now)
-                };
-                rep.phase = Phase::Rejected;
-                rep.reason = e.report_reason();
+                let seq = (ids.as_ref().map_or(0, |d| d.seq), ids.as_ref().and_then(|d| d.rollout.clone()));
+                let sha256 = ids
+                    .and_then(|d| ciborium::from_reader::<AgentRelease, _>(&d.release.payload[..]).ok())
+                    .map(|r| r.sha256)
+                    .unwrap_or_default();
+                let mut rep = UpdateReport::new(Component::Agent, seq, sha256, Phase::Rejected, e.report_reason(), now);
                 rep.failure = Some(if matches!(e, AgentRejection::Expired { .. }) {
                     Failure::TimedOut
                 } else {
@@ -716,24 +697,6 @@ impl AgentUpdater {
         })
         .await
         .map_err(|e| (Failure::Storage, e.to_string()))?
-    }
-}
-
-fn report_blank(now_ms: u64) -> UpdateReport {
-    UpdateReport {
-        seq: 0,
-        rollout: None,
-        sha256: String::new(),
-        phase: Phase::Rejected,
-        reason: String::new(),
-        active_sha256: None,
-        shadow_agreement: None,
-        anomaly_rate: None,
-        baseline_anomaly_rate: None,
-        p95_us: None,
-        at_ms: now_ms,
-        failure: None,
-        component: Component::Agent,
     }
 }
 

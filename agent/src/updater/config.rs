@@ -422,21 +422,9 @@ impl ConfigUpdater {
     }
 
     fn report(&self, seq: u64, rollout: Option<String>, sha256: &str, phase: Phase, reason: String) -> UpdateReport {
-        UpdateReport {
-            seq,
-            rollout,
-            sha256: sha256.to_string(),
-            phase,
-            reason,
-            active_sha256: self.pointer.active.as_ref().map(|a| a.sha256.clone()),
-            shadow_agreement: None,
-            anomaly_rate: None,
-            baseline_anomaly_rate: None,
-            p95_us: None,
-            at_ms: unix_millis(),
-            failure: None,
-            component: Component::Config,
-        }
+        let mut r = UpdateReport::new(Component::Config, (seq, rollout), sha256, phase, reason, unix_millis());
+        r.active_sha256 = self.pointer.active.as_ref().map(|a| a.sha256.clone());
+        r
     }
 
     fn send(&self, r: UpdateReport) {

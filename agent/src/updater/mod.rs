@@ -34,7 +34,7 @@ use crate::inference::Model;
 use anyhow::Context;
 use edgeloop_common::signing::{Signed, TrustedKey};
 use edgeloop_common::unix_millis;
-use edgeloop_common::update::{DesiredState, Failure, Manifest, Phase, UpdateReport};
+use edgeloop_common::update::{Component, DesiredState, Failure, Manifest, Phase, UpdateReport};
 use serde::{Deserialize, Serialize};
 use slot::{Loaded, ModelInfo, ModelSlot, SlotEvent};
 use state::{Identity, Rejection, WatchTracker};
@@ -261,21 +261,10 @@ impl Updater {
     }
 
     fn report(&self, d: Option<&DesiredState>, sha256: &str, phase: Phase, reason: impl Into<String>) -> UpdateReport {
-        UpdateReport {
-            seq: d.map_or(0, |d| d.seq),
-            rollout: d.and_then(|d| d.rollout.clone()),
-            sha256: sha256.to_string(),
-            phase,
-            reason: reason.into(),
-            active_sha256: self.slot.active_info().map(|i| i.sha256),
-            shadow_agreement: None,
-            anomaly_rate: None,
-            baseline_anomaly_rate: None,
-            p95_us: None,
-            at_ms: unix_millis(),
-            failure: None,
-            component: Default::default(),
-        }
+        let ids = (d.map_or(0, |d| d.seq), d.and_then(|d| d.rollout.clone()));
+        let mut r = UpdateReport::new(Component::Model, ids, sha256, phase, reason, unix_millis());
+        r.active_sha256 = self.slot.active_info().map(|i| i.sha256);
+        r
     }
 
     fn send(&self, r: UpdateReport) {

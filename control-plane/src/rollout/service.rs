@@ -877,14 +877,7 @@ impl Rollouts {
         fresh_run: bool,
         now_ms: u64,
     ) -> Result<Option<(Publication, IssuedRun)>, StoreError> {
-        match self.issue(device, class, model, rollout, policy, fresh_run, now_ms) {
-            Ok(issued) => Ok(Some(issued)),
-            Err(IssueError::Exhausted(e)) => {
-                tracing::error!(error = %e, "desired state not issued");
-                Ok(None)
-            }
-            Err(IssueError::Store(e)) => Err(e),
-        }
+        skip_exhausted(self.issue(device, class, model, rollout, policy, fresh_run, now_ms))
     }
 
     /// [`Rollouts::issue_other`], where a device that can get no more is logged and left out.
@@ -900,14 +893,7 @@ impl Rollouts {
         fresh_run: bool,
         now_ms: u64,
     ) -> Result<Option<(Publication, IssuedRun)>, StoreError> {
-        match self.issue_other(kind, device, class, release, rollout, health_secs, fresh_run, now_ms) {
-            Ok(issued) => Ok(Some(issued)),
-            Err(IssueError::Exhausted(e)) => {
-                tracing::error!(error = %e, "desired configuration not issued");
-                Ok(None)
-            }
-            Err(IssueError::Store(e)) => Err(e),
-        }
+        skip_exhausted(self.issue_other(kind, device, class, release, rollout, health_secs, fresh_run, now_ms))
     }
 
     /// Re-issues desired states and configurations past half their lifetime; returns what to publish and the
@@ -958,6 +944,19 @@ impl Rollouts {
     /// The desired state last issued to a device.
     pub fn issued(&self, device: &str) -> Result<Option<Issued>, StoreError> {
         self.store.issued(device)
+    }
+}
+
+/// An issue's outcome, where a device that can get no more states of a kind is logged and left out (the
+/// others go on); a store error stops the step.
+fn skip_exhausted<T>(issued: Result<T, IssueError>) -> Result<Option<T>, StoreError> {
+    match issued {
+        Ok(issued) => Ok(Some(issued)),
+        Err(IssueError::Exhausted(e)) => {
+            tracing::error!(error = %e, "not issued");
+            Ok(None)
+        }
+        Err(IssueError::Store(e)) => Err(e),
     }
 }
 

@@ -126,7 +126,7 @@ fn a_start_runs_the_trial_build_then_the_good_one_and_a_crash_loop_goes_back_by_
 }
 
 #[test]
-fn own_hash_is_the_file_name_of_a_kept_build_and_the_bytes_of_any_other() {
+fn a_file_hashed_in_pieces_has_the_sha256_of_its_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("x");
     std::fs::write(&f, b"abc").unwrap();
