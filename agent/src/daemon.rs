@@ -171,6 +171,12 @@ impl Agent {
         let counters = Arc::new(UplinkCounters::default());
         // The class configuration last rolled out, if any, in place of the class file's.
         let classes = restore_class(&mut cfg).await?;
+        // From here on, this agent's warnings and errors are kept for the control plane (`up/logs`).
+        let logs = crate::logs::LogHub::global().register(
+            &cfg.device_id,
+            cfg.class.logs.clone(),
+            edgeloop_common::unix_millis(),
+        );
         // Durable state first: the private data directory and the outbox in it.
         let outbox = open_storage(&cfg).await?;
         // Who the device is: its key, and its MQTT credentials (enrolling if it has none yet).
@@ -203,8 +209,16 @@ impl Agent {
         let collector = start_collector(&cfg, &models, &outbox, &health, samples, &live, &tasks);
         // The uplink drains the outbox whenever the collector commits.
         let updates = updates.map(|(desired, reports, _)| (desired, reports));
-        let uplink =
-            start_uplink(&cfg, &outbox, &health, &counters, device, (updates, downlinks, &live), &collector, &tasks);
+        let uplink = start_uplink(
+            &cfg,
+            &outbox,
+            &health,
+            &counters,
+            device,
+            (updates, downlinks, &live, logs),
+            &collector,
+            &tasks,
+        );
         // The status file a technician reads with `edgeloop-agent status`.
         start_status_file(&cfg, &health, &outbox, &counters, &cancel, &tasks);
 
@@ -639,7 +653,12 @@ fn start_uplink(
     health: &Arc<Health>,
     counters: &Arc<UplinkCounters>,
     device: DeviceIdentity,
-    (updates, configs, live): (Option<ModelUpdates>, crate::uplink::Downlinks, &LiveClass),
+    (updates, configs, live, logs): (
+        Option<ModelUpdates>,
+        crate::uplink::Downlinks,
+        &LiveClass,
+        crate::logs::Registration,
+    ),
     collector: &CollectorHandle,
     tasks: &TaskTracker,
 ) -> Running {
@@ -650,6 +669,7 @@ fn start_uplink(
     uplink.updates = updates;
     uplink.downlinks = configs;
     uplink.live = Some(live.config.subscribe());
+    uplink.logs = Some(logs);
     let cancel = CancellationToken::new();
     let task = tasks.spawn(uplink.run(collector.durable.clone(), cancel.clone()));
     Running { task, cancel }

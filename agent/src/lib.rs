@@ -13,6 +13,8 @@
 //! - [`updater`]: signed model updates: verification, resumable download, self-test, shadow, atomic
 //!   activation, watch and automatic revert, with the model slot the collector scores through.
 //! - [`identity`]: the device key (signs every envelope), enrollment and MQTT credentials.
+//! - [`logs`]: the agent's own warnings and errors: a bounded ring fed by a `tracing` layer, shipped on
+//!   `up/logs` within the class's budget.
 //! - [`health`]: heartbeat contents (outbox depth, drops, latency percentiles, RSS).
 //! - [`backoff`]: the retry loops' delays: exponential with jitter (backon), within each loop's bounds.
 //! - [`daemon`]: starts the pieces above under one cancellation token and stops them cleanly.
@@ -25,6 +27,7 @@ pub mod health;
 pub mod identity;
 pub mod inference;
 pub mod local_status;
+pub mod logs;
 pub mod outbox;
 pub mod source;
 pub mod updater;

@@ -127,13 +127,31 @@ static JSON_LOGS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
 
 #[cfg(feature = "cli")]
 pub fn init_logging(format: LogFormat, default_filter: &str) {
+    init_logging_with::<tracing_subscriber::layer::Identity>(format, default_filter, None);
+}
+
+/// [`init_logging`], plus `warnings`: a layer that sees every WARN and ERROR event whatever the filter on
+/// stderr (the agent's log ring, which ships them to the control plane).
+#[cfg(feature = "cli")]
+pub fn init_logging_with<L>(format: LogFormat, default_filter: &str, warnings: Option<L>)
+where
+    L: tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync + 'static,
+{
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    use tracing_subscriber::Layer as _;
+    type Boxed = Box<dyn tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync>;
     let _ = JSON_LOGS.set(format == LogFormat::Json);
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let mut layers: Vec<Boxed> = vec![match format {
+        LogFormat::Text => fmt.with_filter(filter).boxed(),
+        LogFormat::Json => fmt.json().flatten_event(true).with_current_span(false).with_filter(filter).boxed(),
+    }];
+    if let Some(w) = warnings {
+        layers.push(w.with_filter(tracing_subscriber::filter::LevelFilter::WARN).boxed());
     }
+    let _ = tracing_subscriber::registry().with(layers).try_init();
 }
 
 /// Resolves on Ctrl-C or SIGTERM (what systemd sends on stop): the binaries stop cleanly on either.

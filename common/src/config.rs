@@ -126,6 +126,21 @@ fn default_commit_max_records() -> usize {
 fn default_commit_interval_ms() -> u64 {
     50
 }
+fn default_true() -> bool {
+    true
+}
+fn default_log_lines_per_minute() -> u32 {
+    60
+}
+fn default_log_burst() -> u32 {
+    120
+}
+fn default_log_ring_entries() -> usize {
+    1000
+}
+fn default_log_batch_secs() -> u64 {
+    10
+}
 
 /// Fast or slow, as the pipeline treats it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -216,6 +231,39 @@ impl Default for OutboxConfig {
     }
 }
 
+/// How the agent ships its own warnings and errors on `up/logs`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogsConfig {
+    /// Whether to ship them at all. The local ring is kept either way.
+    #[serde(default = "default_true")]
+    pub ship: bool,
+    /// The budget: lines shipped per minute on average, and how many may go at once after a quiet spell.
+    /// Lines over it are counted and reported as suppressed, never queued.
+    #[serde(default = "default_log_lines_per_minute")]
+    pub lines_per_minute: u32,
+    #[serde(default = "default_log_burst")]
+    pub burst: u32,
+    /// How many lines the agent keeps in memory while it cannot send them (the oldest go first).
+    #[serde(default = "default_log_ring_entries")]
+    pub ring_entries: usize,
+    /// How often a batch goes up while lines are waiting.
+    #[serde(default = "default_log_batch_secs")]
+    pub batch_secs: u64,
+}
+
+impl Default for LogsConfig {
+    fn default() -> Self {
+        LogsConfig {
+            ship: true,
+            lines_per_minute: default_log_lines_per_minute(),
+            burst: default_log_burst(),
+            ring_entries: default_log_ring_entries(),
+            batch_secs: default_log_batch_secs(),
+        }
+    }
+}
+
 /// A device class, as written in `firmware-configs/<class>.toml`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -228,6 +276,8 @@ pub struct ClassConfig {
     pub uplink: UplinkConfig,
     #[serde(default)]
     pub outbox: OutboxConfig,
+    #[serde(default)]
+    pub logs: LogsConfig,
     /// Where a Modbus device of this class holds each sensor's values (for the agent's Modbus source).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub modbus: Option<crate::modbus::ModbusMap>,
@@ -303,6 +353,15 @@ impl ClassConfig {
         c.check(o.max_bytes >= 1024, "outbox.max_bytes", "must be at least 1024")?;
         c.check(o.commit_max_records > 0, "outbox.commit_max_records", "must be > 0")?;
         c.check(o.commit_interval_ms > 0, "outbox.commit_interval_ms", "must be > 0")?;
+        let l = &self.logs;
+        c.check((1..=6000).contains(&l.lines_per_minute), "logs.lines_per_minute", "must be between 1 and 6000")?;
+        c.check(
+            l.burst >= 1 && l.burst <= 10 * l.lines_per_minute.max(100),
+            "logs.burst",
+            "must be between 1 and ten times lines_per_minute (at least 1000)",
+        )?;
+        c.check((10..=100_000).contains(&l.ring_entries), "logs.ring_entries", "must be between 10 and 100000")?;
+        c.check((1..=3600).contains(&l.batch_secs), "logs.batch_secs", "must be between 1 and 3600")?;
         if let Some(m) = &self.modbus {
             m.check(|name| self.sensors.iter().find(|s| s.name == name).map(|s| s.channels))
                 .map_err(|(key, reason)| c.fail(key, reason))?;
@@ -402,6 +461,10 @@ window = 256
             (GOOD.replace("factory-vibration", "bad class"), "class"),
             (format!("{GOOD}valid_min = 5.0\nvalid_max = 1.0\n"), "sensors[0].valid_max"),
             (format!("{GOOD}season = 288\n"), "sensors[0].season"),
+            (format!("{GOOD}\n[logs]\nlines_per_minute = 0"), "logs.lines_per_minute"),
+            (format!("{GOOD}\n[logs]\nring_entries = 5"), "logs.ring_entries"),
+            (format!("{GOOD}\n[logs]\nbatch_secs = 0"), "logs.batch_secs"),
+            (format!("{GOOD}\n[logs]\nburst = 0"), "logs.burst"),
         ];
         for (text, key) in cases {
             let err = ClassConfig::from_toml("x.toml", &text).unwrap_err();

@@ -52,6 +52,8 @@ pub enum Body {
     Agent(crate::signing::Signed),
     /// An update's progress, on `up/report`.
     Report(crate::update::UpdateReport),
+    /// The device's own warnings and errors, on `up/logs`.
+    Logs(LogBatch),
 }
 
 impl Body {
@@ -65,6 +67,7 @@ impl Body {
             Body::Config(_) => "config",
             Body::Agent(_) => "agent",
             Body::Report(_) => "report",
+            Body::Logs(_) => "logs",
         }
     }
 }
@@ -94,6 +97,91 @@ pub struct Record {
     /// Bit set of `FLAG_*` values.
     #[serde(default)]
     pub flags: u32,
+}
+
+/// Most entries in one [`LogBatch`].
+pub const MAX_LOG_ENTRIES: usize = 200;
+/// Longest [`LogEntry::message`], in bytes (an agent cuts longer ones at a character boundary).
+pub const MAX_LOG_MESSAGE_BYTES: usize = 1024;
+/// Longest [`LogEntry::target`], in bytes.
+pub const MAX_LOG_TARGET_BYTES: usize = 128;
+
+/// A run of the device's own warnings and errors, oldest first. Logs are best effort: they are not in the
+/// outbox, not acknowledged and never resent, and a device sends them only within its budget.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct LogBatch {
+    pub entries: Vec<LogEntry>,
+    /// Lines the device left out since its previous batch: over its budget, or pushed out of its ring.
+    #[serde(default)]
+    pub suppressed: u64,
+}
+
+/// One warning or error as the agent logged it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogEntry {
+    /// When it was logged, by the device's clock, ms since the Unix epoch.
+    pub ts_ms: u64,
+    pub level: LogLevel,
+    /// The module that logged it (`edgeloop_agent::uplink`, `rumqttc::state`).
+    pub target: String,
+    /// The message with its fields, as the agent's text log prints them (`outbox full dropped=12`).
+    pub message: String,
+}
+
+/// The levels a device ships.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogLevel {
+    Warn,
+    Error,
+}
+
+impl LogLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Warn => "warn",
+            LogLevel::Error => "error",
+        }
+    }
+}
+
+impl std::str::FromStr for LogLevel {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<LogLevel, String> {
+        match s {
+            "warn" => Ok(LogLevel::Warn),
+            "error" => Ok(LogLevel::Error),
+            other => Err(format!("`{other}` is not a log level; use warn or error")),
+        }
+    }
+}
+
+impl LogBatch {
+    /// At most [`MAX_LOG_ENTRIES`] entries, each within the message and target limits.
+    pub fn validate(&self) -> Result<(), DecodeError> {
+        if self.entries.len() > MAX_LOG_ENTRIES {
+            return Err(DecodeError::Invalid(format!(
+                "a log batch holds {} entries, over the limit of {MAX_LOG_ENTRIES}",
+                self.entries.len()
+            )));
+        }
+        for (i, e) in self.entries.iter().enumerate() {
+            if e.message.len() > MAX_LOG_MESSAGE_BYTES {
+                return Err(DecodeError::Invalid(format!(
+                    "entries[{i}].message is {} bytes, over the limit of {MAX_LOG_MESSAGE_BYTES}",
+                    e.message.len()
+                )));
+            }
+            if e.target.len() > MAX_LOG_TARGET_BYTES {
+                return Err(DecodeError::Invalid(format!(
+                    "entries[{i}].target is {} bytes, over the limit of {MAX_LOG_TARGET_BYTES}",
+                    e.target.len()
+                )));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// An inclusive range of sequence numbers.
@@ -277,8 +365,10 @@ impl Envelope {
     /// Checks that hold for any well-formed message, whatever its origin.
     pub fn validate(&self) -> Result<(), DecodeError> {
         crate::topics::validate_device_id(&self.device).map_err(|e| DecodeError::Invalid(e.to_string()))?;
-        if let Body::Telemetry(batch) = &self.body {
-            batch.validate()?;
+        match &self.body {
+            Body::Telemetry(batch) => batch.validate()?,
+            Body::Logs(batch) => batch.validate()?,
+            _ => {}
         }
         Ok(())
     }
@@ -360,6 +450,15 @@ mod tests {
                 ..Default::default()
             }),
             Body::Ack(Ack { upto: 42 }),
+            Body::Logs(LogBatch {
+                entries: vec![LogEntry {
+                    ts_ms: 5,
+                    level: LogLevel::Error,
+                    target: "edgeloop_agent::uplink".into(),
+                    message: "outbox full dropped=3".into(),
+                }],
+                suppressed: 7,
+            }),
         ];
         for body in bodies {
             let env = Envelope::new("dev-1", 7, 9, body);
@@ -397,6 +496,52 @@ mod tests {
     fn garbage_is_malformed() {
         let err = decode(&[0xff, 0x00, 0x13], DEFAULT_MAX_MESSAGE_BYTES).unwrap_err();
         assert_eq!(err.reason(), "malformed_cbor");
+    }
+
+    #[test]
+    fn log_batches_over_their_limits_are_refused_by_name() {
+        let entry = |message: String, target: &str| LogEntry {
+            ts_ms: 1,
+            level: LogLevel::Warn,
+            target: target.into(),
+            message,
+        };
+        let cases = [
+            (LogBatch { entries: vec![entry("x".into(), "t"); MAX_LOG_ENTRIES + 1], suppressed: 0 }, "201 entries"),
+            (
+                LogBatch { entries: vec![entry("x".repeat(MAX_LOG_MESSAGE_BYTES + 1), "t")], suppressed: 0 },
+                "entries[0].message",
+            ),
+            (LogBatch { entries: vec![entry("x".into(), &"t".repeat(129))], suppressed: 0 }, "entries[0].target"),
+        ];
+        for (batch, named) in cases {
+            let err =
+                decode(&encode(&Envelope::new("d", 1, 2, Body::Logs(batch))), DEFAULT_MAX_MESSAGE_BYTES).unwrap_err();
+            assert_eq!(err.reason(), "invalid");
+            assert!(err.to_string().contains(named), "{err}");
+        }
+        // A level the protocol does not know is a schema error, not a silent default.
+        let mut v: ciborium::Value = ciborium::from_reader(
+            &encode(&Envelope::new(
+                "d",
+                1,
+                2,
+                Body::Logs(LogBatch { entries: vec![entry("m".into(), "t")], suppressed: 0 }),
+            ))[..],
+        )
+        .unwrap();
+        fn set_level(v: &mut ciborium::Value) {
+            match v {
+                ciborium::Value::Text(t) if t == "warn" => *t = "info".into(),
+                ciborium::Value::Map(m) => m.iter_mut().for_each(|(_, v)| set_level(v)),
+                ciborium::Value::Array(a) => a.iter_mut().for_each(set_level),
+                _ => {}
+            }
+        }
+        set_level(&mut v);
+        let mut bytes = Vec::new();
+        ciborium::into_writer(&v, &mut bytes).unwrap();
+        assert_eq!(decode(&bytes, DEFAULT_MAX_MESSAGE_BYTES).unwrap_err().reason(), "schema");
     }
 
     #[test]

@@ -1,4 +1,4 @@
-//! The MQTT topic scheme: `edgeloop/v1/{device}/up/{telemetry|status|report}` from devices and
+//! The MQTT topic scheme: `edgeloop/v1/{device}/up/{telemetry|status|report|logs}` from devices and
 //! `edgeloop/v1/{device}/down/{desired|config|agent|ack}` to them. Per-device topics keep authorisation simple on any broker.
 //!
 //! This module builds and parses topic strings and validates device ids; it knows nothing of payloads.
@@ -16,6 +16,8 @@ pub enum Channel {
     Telemetry,
     Status,
     Report,
+    /// The device's own warnings and errors, batched and budgeted.
+    Logs,
     Desired,
     /// The signed desired class configuration (retained), apart from the model's desired state.
     Config,
@@ -27,7 +29,7 @@ pub enum Channel {
 impl Channel {
     pub fn direction(self) -> &'static str {
         match self {
-            Channel::Telemetry | Channel::Status | Channel::Report => "up",
+            Channel::Telemetry | Channel::Status | Channel::Report | Channel::Logs => "up",
             Channel::Desired | Channel::Config | Channel::Agent | Channel::Ack => "down",
         }
     }
@@ -36,6 +38,7 @@ impl Channel {
             Channel::Telemetry => "telemetry",
             Channel::Status => "status",
             Channel::Report => "report",
+            Channel::Logs => "logs",
             Channel::Desired => "desired",
             Channel::Config => "config",
             Channel::Agent => "agent",
@@ -82,6 +85,7 @@ pub fn parse(topic: &str) -> Result<(&str, Channel), TopicError> {
         ("up", "telemetry") => Channel::Telemetry,
         ("up", "status") => Channel::Status,
         ("up", "report") => Channel::Report,
+        ("up", "logs") => Channel::Logs,
         ("down", "desired") => Channel::Desired,
         ("down", "config") => Channel::Config,
         ("down", "agent") => Channel::Agent,
@@ -121,6 +125,7 @@ mod tests {
             Channel::Telemetry,
             Channel::Status,
             Channel::Report,
+            Channel::Logs,
             Channel::Desired,
             Channel::Config,
             Channel::Agent,

@@ -188,6 +188,15 @@ pub struct IngestConfig {
     /// are refused and counted as `rate_limited` (agents send them again). 0 turns the limit off.
     #[serde(default = "default_device_rate")]
     pub device_messages_per_sec: f64,
+    /// Device log lines a minute each device may have stored on average (bursts of twice that), apart from
+    /// its message rate; lines over it are cut and counted. Agents keep to their class's `[logs]` budget,
+    /// 60 a minute by default, so this only stops a device that does not.
+    #[serde(default = "default_device_log_lines")]
+    pub device_log_lines_per_minute: f64,
+}
+
+fn default_device_log_lines() -> f64 {
+    120.0
 }
 
 fn default_device_rate() -> f64 {
@@ -201,6 +210,7 @@ impl Default for IngestConfig {
             commit_max_messages: default_commit_max_messages(),
             offline_after_secs: default_offline_after_secs(),
             device_messages_per_sec: default_device_rate(),
+            device_log_lines_per_minute: default_device_log_lines(),
         }
     }
 }
@@ -298,6 +308,7 @@ impl RawConfig {
             "retention.every_secs",
             "must be between 60 and 86400",
         )?;
+        c.check((1..=3650).contains(&self.retention.log_days), "retention.log_days", "must be between 1 and 3650")?;
         let classes = load_classes(&c, &self.training, &resolve)?;
         for class in self.retention.classes.keys() {
             c.check(
@@ -395,6 +406,11 @@ fn check_ingest(c: &Checker, i: &IngestConfig) -> Result<(), ConfigError> {
         i.device_messages_per_sec.is_finite() && i.device_messages_per_sec >= 0.0,
         "ingest.device_messages_per_sec",
         "must be a number >= 0",
+    )?;
+    c.check(
+        i.device_log_lines_per_minute.is_finite() && (1.0..=1e6).contains(&i.device_log_lines_per_minute),
+        "ingest.device_log_lines_per_minute",
+        "must be between 1 and 1000000",
     )
 }
 

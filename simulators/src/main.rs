@@ -341,13 +341,12 @@ where
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,rumqttd::server::broker=off,rumqttd::router::routing=off".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // Simulated devices ship the warnings and errors that name them (`device = ...`) on `up/logs`, as agents do.
+    edgeloop_common::cli::init_logging_with(
+        edgeloop_common::cli::LogFormat::Text,
+        "warn,rumqttd::server::broker=off,rumqttd::router::routing=off",
+        Some(edgeloop_agent::logs::RingLayer::global()),
+    );
     let cli = Cli::parse();
     edgeloop_common::cli::exit("edgeloop-sim", try_main(cli))
 }

@@ -72,6 +72,8 @@ pub struct Uplink {
     pub downlinks: Downlinks,
     /// The class configuration in force: batching, heartbeat and acknowledgement timing follow it.
     pub live: Option<watch::Receiver<Arc<edgeloop_common::config::ClassConfig>>>,
+    /// The agent's own warnings and errors, shipped on `up/logs` every `[logs] batch_secs`.
+    pub logs: Option<crate::logs::Registration>,
 }
 
 impl Uplink {
@@ -111,6 +113,7 @@ impl Uplink {
             updates: None,
             downlinks: Vec::new(),
             live: None,
+            logs: None,
             key,
             trusted: cfg.trusted_keys.clone().into(),
         }
@@ -151,6 +154,7 @@ impl Uplink {
             subscribe,
             batch_max: self.batch_max,
             heartbeat_every: self.heartbeat,
+            logs: self.logs.as_ref().map(|r| r.ring().clone()),
         }
         .run(rx, &ack_topic, durable, live, cancel)
         .await;
@@ -180,6 +184,7 @@ struct Driver<'a> {
     /// Records per batch and the heartbeat period, as the class configuration in force says.
     batch_max: usize,
     heartbeat_every: Duration,
+    logs: Option<crate::logs::SharedRing>,
 }
 
 /// How often acknowledged deletions are committed. Losing them to a crash only means resending records the
@@ -212,6 +217,9 @@ impl Driver<'_> {
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         let mut heartbeat = tokio::time::interval(self.heartbeat_every);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut log_every = self.log_config().map_or(Duration::from_secs(10), |c| Duration::from_secs(c.batch_secs));
+        let mut log_tick = tokio::time::interval(log_every);
+        log_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             self.send_ready(&cancel).await?;
             tokio::select! {
@@ -257,6 +265,15 @@ impl Driver<'_> {
                         Ok(()) => {
                             let c = live.as_mut().expect("checked").borrow_and_update().clone();
                             self.follow(&c.uplink, &mut heartbeat);
+                            if let Some(ring) = &self.logs {
+                                ring.lock().unwrap_or_else(|p| p.into_inner()).follow(c.logs.clone());
+                                let every = Duration::from_secs(c.logs.batch_secs);
+                                if every != log_every {
+                                    log_every = every;
+                                    log_tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+                                    log_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                                }
+                            }
                         }
                         Err(_) => live = None,
                     }
@@ -284,12 +301,48 @@ impl Driver<'_> {
                         or_stop(&cancel, self.send_status()).await?;
                     }
                 }
+                _ = log_tick.tick(), if self.logs.is_some() => {
+                    if self.state.is_connected() {
+                        or_stop(&cancel, self.send_logs()).await?;
+                    }
+                }
             }
         }
         self.commit_deletions(true).await?;
         if self.state.is_connected() {
-            let _ = tokio::time::timeout(Duration::from_millis(500), self.send_status()).await;
+            // The last words first: why the agent stops is often in them.
+            let _ = tokio::time::timeout(Duration::from_millis(500), async {
+                self.send_logs().await?;
+                self.send_status().await
+            })
+            .await;
         }
+        Ok(())
+    }
+
+    /// The `[logs]` section in force, if the agent ships logs.
+    fn log_config(&self) -> Option<edgeloop_common::config::LogsConfig> {
+        Some(self.logs.as_ref()?.lock().unwrap_or_else(|p| p.into_inner()).config().clone())
+    }
+
+    /// Sends what the log ring holds (one batch at most), if shipping is on and there is anything to say. Called
+    /// after the telemetry that is ready has gone, and at most once every `[logs] batch_secs`.
+    async fn send_logs(&mut self) -> anyhow::Result<()> {
+        let Some(ring) = &self.logs else { return Ok(()) };
+        // No logging while the ring is locked: the logging layer takes the same lock.
+        let batch = {
+            let mut r = ring.lock().unwrap_or_else(|p| p.into_inner());
+            if !r.config().ship || !r.has_news() {
+                return Ok(());
+            }
+            r.take_batch()
+        };
+        self.status_seq += 1;
+        let mut env = Envelope::new(self.up.device.clone(), self.status_seq, unix_millis(), Body::Logs(batch));
+        env.sign(&self.up.key);
+        self.client
+            .publish(topics::topic(&self.up.device, Channel::Logs), QoS::AtLeastOnce, false, envelope::encode(&env))
+            .await?;
         Ok(())
     }
 

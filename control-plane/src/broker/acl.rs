@@ -2,14 +2,14 @@
 //! through their file-based authorizers).
 //!
 //! Each device, logged in with its device id as username, may publish only to its own
-//! `edgeloop/v1/{id}/up/{telemetry,status,report}` and subscribe only to its own
+//! `edgeloop/v1/{id}/up/{telemetry,status,report,logs}` and subscribe only to its own
 //! `edgeloop/v1/{id}/down/{ack,desired,config,agent}` (the exact topics of the protocol, so a device cannot make the
 //! broker hold state for topics of its own invention); the
 //! control plane's user reads every uplink and writes every downlink. The rules use `%u` (the username), so
 //! the file does not change as the fleet grows. Integrity does not rest on these rules (uplinks and desired
 //! states and acknowledgements are signed); they keep one device from reading another's downlinks or flooding
 //! its topics. mosquitto's ACLs cannot refuse retained messages on a topic a client may write, so on mosquitto
-//! a device can leave one retained message on each of its own three uplink topics; ingest does not treat a
+//! a device can leave one retained message on each of its own four uplink topics; ingest does not treat a
 //! retained message differently.
 
 use edgeloop_common::topics::PREFIX;
@@ -29,6 +29,7 @@ pub fn mosquitto_acl(service_user: &str) -> String {
          pattern write {PREFIX}/%u/up/telemetry\n\
          pattern write {PREFIX}/%u/up/status\n\
          pattern write {PREFIX}/%u/up/report\n\
+         pattern write {PREFIX}/%u/up/logs\n\
          pattern read {PREFIX}/%u/down/ack\n\
          pattern read {PREFIX}/%u/down/desired\n\
          pattern read {PREFIX}/%u/down/config\n\
@@ -44,7 +45,7 @@ mod tests {
     fn rules_name_only_the_devices_own_topics() {
         let acl = mosquitto_acl("cp");
         assert!(acl.contains("user cp\ntopic read edgeloop/v1/+/up/#\ntopic write edgeloop/v1/+/down/#\n"));
-        for ch in ["telemetry", "status", "report"] {
+        for ch in ["telemetry", "status", "report", "logs"] {
             assert!(acl.contains(&format!("pattern write edgeloop/v1/%u/up/{ch}\n")), "{ch}");
         }
         for ch in ["ack", "desired", "config", "agent"] {

@@ -8,7 +8,7 @@
 //! - the CONNECT: the device is admitted here (enrolled, not revoked, password matching), its will obeys the
 //!   publish rules below, and its credentials are replaced by this process's secret, the only device login
 //!   rumqttd accepts ([`Gate`]);
-//! - each PUBLISH: only to the device's own `up/telemetry`, `up/status` or `up/report`, never retained;
+//! - each PUBLISH: only to the device's own `up/telemetry`, `up/status`, `up/report` or `up/logs`, never retained;
 //! - each SUBSCRIBE: only to the device's own `down/ack`, `down/desired`, `down/config` and `down/agent`.
 //!
 //! The first packet that breaks a rule closes the connection. The front keeps every live connection by
@@ -101,7 +101,7 @@ impl std::fmt::Display for Violation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Violation::Publish(t) => {
-                write!(f, "publish to `{t}`, which is not its own up/telemetry, up/status or up/report")
+                write!(f, "publish to `{t}`, which is not its own up/telemetry, up/status, up/report or up/logs")
             }
             Violation::Retained(t) => write!(f, "retained publish to `{t}`: devices may not retain messages"),
             Violation::Subscribe(t) => {
@@ -156,7 +156,9 @@ fn refuse(code: ConnectReturnCode, reason: impl Into<String>) -> Refusal {
 }
 
 fn publish_allowed(client_id: &str, topic: &str) -> bool {
-    [Channel::Telemetry, Channel::Status, Channel::Report].into_iter().any(|c| topics::topic(client_id, c) == topic)
+    [Channel::Telemetry, Channel::Status, Channel::Report, Channel::Logs]
+        .into_iter()
+        .any(|c| topics::topic(client_id, c) == topic)
 }
 
 fn subscribe_allowed(client_id: &str, filter: &str) -> bool {
@@ -454,7 +456,7 @@ mod tests {
     #[test]
     fn devices_keep_to_their_own_topics() {
         let ok = |p: &Packet| check_packet("dev-a", p);
-        for ch in ["telemetry", "status", "report"] {
+        for ch in ["telemetry", "status", "report", "logs"] {
             assert_eq!(ok(&publish(&format!("edgeloop/v1/dev-a/up/{ch}"), false)), Ok(()));
         }
         for bad in [

@@ -6,15 +6,18 @@
 //! - [`enrollment`]: device identity: enrollment tokens, enrolled keys, broker credentials, revocation.
 //! - [`ingest`]: decoding, validation, dedup and storage of uplink messages, and the MQTT service that
 //!   feeds it and publishes acknowledgements.
+//! - [`logs`]: the warnings and errors devices ship, searchable and kept for `retention.log_days`.
 //! - [`retention`]: pruning acknowledged records past their class's retention.
 
 pub(crate) mod devices;
 pub(crate) mod enrollment;
 pub(crate) mod ingest;
+pub mod logs;
 pub mod retention;
 pub(crate) mod telemetry;
 
 pub use devices::{Device, Registry};
 pub use enrollment::Enrollment;
 pub use ingest::{Ingestor, Outcome};
+pub use logs::LogStore;
 pub use telemetry::{Query, TelemetryStore};

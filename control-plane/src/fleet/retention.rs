@@ -14,6 +14,10 @@ fn default_every_secs() -> u64 {
     3600
 }
 
+fn default_log_days() -> u64 {
+    14
+}
+
 /// `[retention]` in `control-plane.toml`.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -27,11 +31,19 @@ pub struct RetentionConfig {
     /// How often the pruner runs, seconds.
     #[serde(default = "default_every_secs")]
     pub every_secs: u64,
+    /// Days device log lines are kept (by when they arrived).
+    #[serde(default = "default_log_days")]
+    pub log_days: u64,
 }
 
 impl Default for RetentionConfig {
     fn default() -> Self {
-        RetentionConfig { days: 0, classes: BTreeMap::new(), every_secs: default_every_secs() }
+        RetentionConfig {
+            days: 0,
+            classes: BTreeMap::new(),
+            every_secs: default_every_secs(),
+            log_days: default_log_days(),
+        }
     }
 }
 
@@ -44,6 +56,21 @@ impl RetentionConfig {
     /// Whether anything is ever pruned.
     pub fn prunes(&self) -> bool {
         self.days > 0 || self.classes.values().any(|d| *d > 0)
+    }
+}
+
+/// Removes device log lines received more than `days` ago, committing every [`BATCH`]. Returns how many went.
+/// Blocking.
+pub fn prune_logs(logs: &super::logs::LogStore, days: u64, now_ms: u64) -> Result<u64, StoreError> {
+    let before_ms = now_ms.saturating_sub(days.saturating_mul(86_400_000));
+    let mut total = 0;
+    loop {
+        let n = logs.prune(before_ms, BATCH)?;
+        if n == 0 {
+            return Ok(total);
+        }
+        logs.commit()?;
+        total += n;
     }
 }
 
@@ -109,6 +136,7 @@ mod tests {
             days: 0,
             classes: [("air".to_string(), 3), ("press".to_string(), 0)].into(),
             every_secs: 3600,
+            log_days: 14,
         };
         assert_eq!(cfg.days_for("other"), 0);
         assert!(cfg.prunes());
@@ -124,7 +152,7 @@ mod tests {
         assert_eq!(left, vec![7, 8, 9, 10]);
         assert_eq!((store.count("p1").unwrap(), store.count("x1").unwrap()), (10, 10), "kept forever");
         // Unacknowledged records are never pruned, however old.
-        let old = RetentionConfig { days: 1, classes: BTreeMap::new(), every_secs: 3600 };
+        let old = RetentionConfig { days: 1, classes: BTreeMap::new(), every_secs: 3600, log_days: 14 };
         let gone = prune_once(&store, &registry, &old, now + 30 * DAY).unwrap();
         assert_eq!(gone, 2 + 8 + 8, "a1: 7 and 8; p1 and x1: 1..=8");
         for d in ["a1", "p1", "x1"] {

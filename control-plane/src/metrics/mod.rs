@@ -48,6 +48,11 @@ struct ClassLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabel {
     state: String,
 }
@@ -107,6 +112,7 @@ pub struct Metrics {
     /// Seconds from a telemetry batch's sending (device clock) to its durable commit.
     pub ingest_latency: Histogram,
     rejected: Family<Reason, Counter>,
+    log_lines: Family<OutcomeLabel, Counter>,
     api_refusals: Family<Reason, Counter>,
     devices: Gauge,
     fleet: Family<ClassState, Gauge>,
@@ -138,6 +144,7 @@ impl Default for Metrics {
             artifacts_collected: Counter::default(),
             ingest_latency: Histogram::new(LATENCY_BUCKETS),
             rejected: Family::default(),
+            log_lines: Family::default(),
             api_refusals: Family::default(),
             devices: Gauge::default(),
             fleet: Family::default(),
@@ -190,6 +197,11 @@ impl Default for Metrics {
         );
         registry.register("edgeloop_messages_rejected", "Uplink messages refused, by reason", m.rejected.clone());
         registry.register(
+            "edgeloop_device_log_lines",
+            "Device log lines: stored; cut by ingest (over the control plane's budget); suppressed (left out by the device itself)",
+            m.log_lines.clone(),
+        );
+        registry.register(
             "edgeloop_api_refusals",
             "Operator API calls refused, by reason (unauthorized, forbidden)",
             m.api_refusals.clone(),
@@ -234,6 +246,17 @@ impl Default for Metrics {
 impl Metrics {
     pub fn reject(&self, reason: &'static str) {
         self.rejected.get_or_create(&Reason { reason: reason.to_string() }).inc();
+    }
+
+    /// Device log lines by outcome: `stored`, `cut` (ingest's budget), `suppressed` (the device's own).
+    pub fn log_lines(&self, outcome: &'static str, n: u64) {
+        if n > 0 {
+            self.log_lines.get_or_create(&OutcomeLabel { outcome }).inc_by(n);
+        }
+    }
+
+    pub fn log_lines_counted(&self, outcome: &'static str) -> u64 {
+        self.log_lines.get(&OutcomeLabel { outcome }).map_or(0, |c| c.get())
     }
 
     /// An operator API call refused (401 `unauthorized`, 403 `forbidden`).

@@ -80,9 +80,10 @@ pub(crate) fn backups(cfg: &Config, stores: &Stores, cancel: &CancellationToken,
 /// Artifacts no model version names are older than this before they are collected.
 const ARTIFACT_GRACE: Duration = Duration::from_secs(3600);
 
-/// Housekeeping, every `retention.every_secs`: collects artifacts no model version names (an hour after
-/// they were written), and prunes acknowledged telemetry past its class's retention (`[retention]`). Both
-/// wait while a training job is queued or running, so a job never loses rows or an artifact it is writing.
+/// Housekeeping, every `retention.every_secs`: prunes device log lines past `retention.log_days`, collects
+/// artifacts no model version names (an hour after they were written), and prunes acknowledged telemetry past
+/// its class's retention (`[retention]`). The last two wait while a training job is queued or running, so a
+/// job never loses rows or an artifact it is writing.
 pub(crate) fn housekeeping(
     cfg: &Config,
     stores: &Stores,
@@ -93,6 +94,7 @@ pub(crate) fn housekeeping(
     let rc = cfg.retention.clone();
     let models = stores.models.clone();
     let releases = stores.rollouts.clone();
+    let logs = stores.logs.clone();
     let (store, registry, metrics, learning, cancel) = (
         stores.telemetry.clone(),
         stores.devices.clone(),
@@ -106,6 +108,16 @@ pub(crate) fn housekeeping(
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(every) => {}
+            }
+            let (l, days) = (logs.clone(), rc.log_days);
+            let pass = tokio::task::spawn_blocking(move || {
+                crate::fleet::retention::prune_logs(&l, days, edgeloop_common::unix_millis())
+            });
+            match pass.await {
+                Ok(Ok(n)) if n > 0 => tracing::info!(lines = n, "retention: pruned device log lines"),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "log retention failed; it runs again at the next pass"),
+                Err(e) => tracing::error!(error = %e, "log retention panicked"),
             }
             if learning.list_jobs().iter().any(|j| !j.state.is_finished()) {
                 tracing::debug!("housekeeping: a training job is queued or running; it waits for the next pass");
@@ -170,7 +182,8 @@ pub(crate) async fn ingest(
         cfg.ingest.max_message_bytes,
     )
     .with_enrollment(cfg.require_enrollment.then(|| stores.enrollment.clone()))
-    .with_rate_limit(cfg.ingest.device_messages_per_sec);
+    .with_rate_limit(cfg.ingest.device_messages_per_sec)
+    .with_logs(stores.logs.clone(), cfg.ingest.device_log_lines_per_minute);
     let (subscribed_tx, mut subscribed) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(service::run(
         options,
@@ -228,6 +241,7 @@ pub(crate) async fn api(
     let addr = listener.local_addr()?;
     let state = AppState {
         store: stores.telemetry.clone(),
+        logs: stores.logs.clone(),
         registry: stores.devices.clone(),
         metrics: stores.metrics.clone(),
         started: Instant::now(),

@@ -19,6 +19,7 @@ use std::sync::Arc;
 pub(crate) struct Stores {
     pub db: DurableDb,
     pub telemetry: TelemetryStore,
+    pub logs: crate::fleet::LogStore,
     pub devices: Arc<Registry>,
     pub models: Arc<ModelRegistry>,
     /// Taken by the rollout service when it starts.
@@ -70,6 +71,7 @@ impl Stores {
                 enrollment: Arc::new(Enrollment::open(&db)?),
                 operators,
                 telemetry: TelemetryStore::open(db.clone())?,
+                logs: crate::fleet::LogStore::open(db.clone())?,
                 admin_token: None,
                 signer,
                 metrics: Arc::new(Metrics::default()),

@@ -27,6 +27,7 @@ use std::time::Instant;
 #[derive(Clone)]
 pub struct AppState {
     pub store: crate::fleet::telemetry::TelemetryStore,
+    pub logs: crate::fleet::LogStore,
     pub registry: Arc<crate::fleet::devices::Registry>,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub started: Instant,
@@ -68,6 +69,8 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/devices", get(api::devices))
         .route("/api/v1/devices/{id}", get(api::device))
         .route("/api/v1/devices/{id}/telemetry", get(api::telemetry))
+        .route("/api/v1/devices/{id}/logs", get(api::logs::device))
+        .route("/api/v1/logs", get(api::logs::search))
         .route("/api/v1/jobs", get(api::learning::jobs))
         .route("/api/v1/jobs/{id}", get(api::learning::job))
         .route("/api/v1/models", get(api::learning::models))

@@ -160,6 +160,7 @@ fn class_config(s: &Series) -> ClassConfig {
             max_inflight_batches: 16,
         },
         outbox: OutboxConfig { max_bytes: 256 << 20, commit_max_records: 1000, commit_interval_ms: 20 },
+        logs: Default::default(),
         modbus: None,
     }
 }

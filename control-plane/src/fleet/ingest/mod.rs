@@ -39,6 +39,8 @@ pub enum Outcome {
     Ack { device: String, upto: u64 },
     /// A heartbeat, recorded.
     Status,
+    /// Device log lines: how many were stored, and how many cut for going over the control plane's budget.
+    Logs { stored: u64, cut: u64 },
     /// Refused, for this reason (also counted in metrics).
     Rejected(&'static str),
 }
@@ -51,6 +53,10 @@ pub struct Ingestor {
     /// When set, every envelope must be signed with its device's enrolled key.
     enrollment: Option<Arc<crate::fleet::enrollment::Enrollment>>,
     limiter: RateLimiter,
+    /// Where device log lines go, and each device's budget of lines (apart from its message rate, so that a
+    /// device's logs never cost its telemetry).
+    logs: Option<crate::fleet::logs::LogStore>,
+    log_budget: RateLimiter,
     /// When each telemetry batch since the last commit was sent (device clock, Unix ms): observed as ingest
     /// latency once the commit makes them durable.
     uncommitted_sent_ms: std::sync::Mutex<Vec<u64>>,
@@ -79,11 +85,16 @@ impl RateLimiter {
     /// Buckets kept before the first pruning.
     pub const MIN_PRUNE_AT: usize = 1024;
 
-    /// `rate` of 0 turns the limit off.
+    /// `rate` tokens a second (bursts of twice that); a `rate` of 0 turns the limit off.
     pub fn new(rate: f64) -> RateLimiter {
+        RateLimiter::with_burst(rate, rate * 2.0)
+    }
+
+    /// `rate` tokens a second, bursts of up to `burst`.
+    pub fn with_burst(rate: f64, burst: f64) -> RateLimiter {
         RateLimiter {
             rate,
-            burst: (rate * 2.0).max(1.0),
+            burst: burst.max(1.0),
             buckets: std::sync::Mutex::new(Buckets { prune_at: Self::MIN_PRUNE_AT, ..Default::default() }),
         }
     }
@@ -94,8 +105,13 @@ impl RateLimiter {
 
     /// Takes one message's token for `device` at `now_ms`; false when the device is over its rate.
     pub fn admit(&self, device: &str, now_ms: u64) -> bool {
+        self.take(device, now_ms, 1) == 1
+    }
+
+    /// Takes up to `want` tokens for `device` at `now_ms`; returns how many it got.
+    pub fn take(&self, device: &str, now_ms: u64, want: u64) -> u64 {
         if self.rate <= 0.0 {
-            return true;
+            return want;
         }
         let mut b = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         if !b.map.contains_key(device) && b.map.len() >= b.prune_at {
@@ -105,12 +121,9 @@ impl RateLimiter {
         let bucket = b.map.entry(device.to_string()).or_insert((self.burst, now_ms));
         let (tokens, last) = (self.refilled(*bucket, now_ms), bucket.1);
         *bucket = (tokens, now_ms.max(last));
-        if tokens >= 1.0 {
-            bucket.0 -= 1.0;
-            true
-        } else {
-            false
-        }
+        let got = (tokens.floor() as u64).min(want);
+        bucket.0 -= got as f64;
+        got
     }
 
     #[cfg(test)]
@@ -162,6 +175,8 @@ impl Ingestor {
             max_message_bytes,
             enrollment: None,
             limiter: RateLimiter::new(0.0),
+            logs: None,
+            log_budget: RateLimiter::new(0.0),
             uncommitted_sent_ms: Default::default(),
         }
     }
@@ -171,6 +186,14 @@ impl Ingestor {
     /// is lost.
     pub fn with_rate_limit(mut self, per_sec: f64) -> Self {
         self.limiter = RateLimiter::new(per_sec);
+        self
+    }
+
+    /// Stores device log lines in `logs`, at most `lines_per_minute` per device (bursts of twice that); lines
+    /// over it are cut and counted. Without this, log messages are refused as `logs_not_kept`.
+    pub fn with_logs(mut self, logs: crate::fleet::logs::LogStore, lines_per_minute: f64) -> Self {
+        self.logs = Some(logs);
+        self.log_budget = RateLimiter::with_burst(lines_per_minute / 60.0, lines_per_minute * 2.0);
         self
     }
 
@@ -271,8 +294,9 @@ impl Ingestor {
                 return self.reject(None, topic, reason, &e.to_string());
             }
         }
-        // The device's own message (without enrollment, as far as can be told): now it spends its budget.
-        if !self.limiter.admit(device, now_ms) {
+        // The device's own message (without enrollment, as far as can be told): now it spends its budget. Logs
+        // spend a budget of their own, in lines (below).
+        if channel != Channel::Logs && !self.limiter.admit(device, now_ms) {
             return self.reject(Some(device), topic, "rate_limited", "over the per-device message rate");
         }
         let sent_at = env.sent_at;
@@ -340,11 +364,42 @@ impl Ingestor {
                 self.registry.update(device, now_ms, |d| d.add_update(report))?;
                 Ok(Outcome::Status)
             }
+            (Channel::Logs, Body::Logs(batch)) => self.store_logs(device, topic, batch, now_ms),
             (ch, body) => {
                 let detail = format!("a {} body on the {ch} topic", body.kind());
                 self.reject(Some(device), topic, "wrong_channel", &detail)
             }
         }
+    }
+
+    /// Stores a device's log lines within its budget: the oldest lines of the batch first, the rest cut and
+    /// counted. Even an empty batch costs one line, so that empty batches cannot flood either.
+    fn store_logs(
+        &self,
+        device: &str,
+        topic: &str,
+        batch: envelope::LogBatch,
+        now_ms: u64,
+    ) -> Result<Outcome, StoreError> {
+        let Some(logs) = &self.logs else {
+            return self.reject(Some(device), topic, "logs_not_kept", "this ingest keeps no device logs");
+        };
+        let n = batch.entries.len() as u64;
+        let got = self.log_budget.take(device, now_ms, n.max(1));
+        if got == 0 {
+            self.metrics.log_lines("cut", n);
+            self.metrics.log_lines("suppressed", batch.suppressed);
+            logs.append(device, "", &[], (batch.suppressed, n), now_ms)?;
+            return self.reject(Some(device), topic, "rate_limited", "over the device's budget of log lines");
+        }
+        let kept = got.min(n) as usize;
+        let cut = n - kept as u64;
+        let class = self.registry.get(device).map(|d| d.class).unwrap_or_default();
+        logs.append(device, &class, &batch.entries[..kept], (batch.suppressed, cut), now_ms)?;
+        self.metrics.log_lines("stored", kept as u64);
+        self.metrics.log_lines("cut", cut);
+        self.metrics.log_lines("suppressed", batch.suppressed);
+        Ok(Outcome::Logs { stored: kept as u64, cut })
     }
 
     /// Makes everything handled so far durable, the registry entries changed since the last commit included
@@ -509,6 +564,74 @@ mod tests {
         assert!(!l.admit("d1", 1_100));
         assert_eq!((0..50).filter(|_| l.admit("d1", 10_000)).count(), 20, "refills to the burst, not beyond");
         assert!((0..1000).all(|_| RateLimiter::new(0.0).admit("d", 0)), "0 turns it off");
+    }
+
+    #[test]
+    fn device_logs_are_stored_within_their_own_budget_and_never_cost_telemetry() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = DurableDb::open(dir.path(), Durability::Flush).unwrap();
+        let registry = Arc::new(Registry::open(&db).unwrap());
+        let logs = crate::fleet::logs::LogStore::open(db.clone()).unwrap();
+        // One message a second for telemetry (bursts of 2); 60 log lines a minute (bursts of 120).
+        let ing = Ingestor::new(
+            TelemetryStore::open(db).unwrap(),
+            registry.clone(),
+            Arc::new(Metrics::default()),
+            DEFAULT_MAX_MESSAGE_BYTES,
+        )
+        .with_rate_limit(1.0)
+        .with_logs(logs.clone(), 60.0);
+        registry.update("d1", 0, |d| d.class = "press".into()).unwrap();
+        let lines = |n: usize, suppressed: u64| {
+            let entries = (0..n)
+                .map(|i| envelope::LogEntry {
+                    ts_ms: i as u64,
+                    level: envelope::LogLevel::Warn,
+                    target: "edgeloop_agent::collector".into(),
+                    message: format!("bad sample refused {i}"),
+                })
+                .collect();
+            envelope::encode(&Envelope::new("d1", 1, 0, Body::Logs(envelope::LogBatch { entries, suppressed })))
+        };
+        let topic = "edgeloop/v1/d1/up/logs";
+        // A flood: ten full batches at once. The first 120 lines are stored, the rest cut and counted.
+        let mut outcomes = Vec::new();
+        for _ in 0..10 {
+            outcomes.push(ing.handle(topic, &lines(100, 50), 1_000).unwrap());
+        }
+        assert_eq!(outcomes[0], Outcome::Logs { stored: 100, cut: 0 });
+        assert_eq!(outcomes[1], Outcome::Logs { stored: 20, cut: 80 });
+        assert!(outcomes[2..].iter().all(|o| *o == Outcome::Rejected("rate_limited")), "{outcomes:?}");
+        // Telemetry still has its whole budget.
+        assert_eq!(
+            ing.handle("edgeloop/v1/d1/up/telemetry", &batch("d1", 1, &[1]), 1_000).unwrap(),
+            Outcome::Ack { device: "d1".into(), upto: 1 }
+        );
+        assert_eq!(
+            ing.handle("edgeloop/v1/d1/up/telemetry", &batch("d1", 2, &[2]), 1_000).unwrap(),
+            Outcome::Ack { device: "d1".into(), upto: 2 }
+        );
+        ing.commit().unwrap();
+        assert_eq!(logs.stats("d1").unwrap(), crate::fleet::logs::LogStats { stored: 120, suppressed: 500, cut: 880 });
+        assert_eq!(ing.metrics.log_lines_counted("stored"), 120);
+        assert_eq!(ing.metrics.log_lines_counted("cut"), 880);
+        let page = logs
+            .search(&crate::fleet::logs::LogQuery { device: Some("d1".into()), limit: 1000, ..Default::default() })
+            .unwrap();
+        assert_eq!(page.entries.len(), 120);
+        assert_eq!(page.entries[0].class, "press");
+        assert_eq!(
+            page.entries.last().unwrap().message,
+            "bad sample refused 0",
+            "the oldest lines of a batch are kept"
+        );
+        // A minute later the budget is back: 60 lines.
+        assert_eq!(ing.handle(topic, &lines(100, 0), 61_000).unwrap(), Outcome::Logs { stored: 60, cut: 40 });
+        // Logs on another topic are refused as such.
+        assert_eq!(
+            ing.handle("edgeloop/v1/d1/up/status", &lines(1, 0), 61_000).unwrap(),
+            Outcome::Rejected("wrong_channel")
+        );
     }
 
     #[test]

@@ -7,6 +7,7 @@
 pub mod configs;
 pub mod identity;
 pub mod learning;
+pub mod logs;
 pub mod releases;
 pub mod rollouts;
 
@@ -66,7 +67,7 @@ pub async fn devices(State(s): State<AppState>) -> Json<Vec<DeviceView>> {
     Json(s.registry.list().into_iter().map(|d| view(&s, d)).collect())
 }
 
-fn known_device(s: &AppState, id: &str) -> Result<Device, ApiError> {
+pub(crate) fn known_device(s: &AppState, id: &str) -> Result<Device, ApiError> {
     edgeloop_common::topics::validate_device_id(id).map_err(|e| ApiError::bad_request(e.to_string()))?;
     s.registry.get(id).ok_or_else(|| ApiError::not_found(format!("no device `{id}`")))
 }
