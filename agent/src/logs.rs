@@ -10,8 +10,9 @@
 //! - [`RingLayer`] is the `tracing` layer that feeds the rings with every WARN and ERROR event, whatever the
 //!   log filter on stderr says.
 //! - [`LogHub`] routes an event to its agent's ring: by the `device` field of the event or of a span around
-//!   it, or to the only agent when a process runs one (the `edgeloop-agent` binary). A process that runs many
-//!   agents (the fleet simulator) attributes only events that name their device.
+//!   it, or, in a process that is one agent and nothing else (the `edgeloop-agent` binary, which says so with
+//!   [`LogHub::sole_agent`]), to that agent. A process that runs many agents or a control plane beside them (the
+//!   fleet simulator) attributes only events that name their device.
 
 use edgeloop_common::config::LogsConfig;
 use edgeloop_common::envelope::{
@@ -135,6 +136,8 @@ pub type SharedRing = Arc<Mutex<LogRing>>;
 #[derive(Debug, Default)]
 pub struct LogHub {
     rings: RwLock<HashMap<String, SharedRing>>,
+    /// Whether the process is one agent: events that name no device are its own.
+    sole_agent: std::sync::atomic::AtomicBool,
 }
 
 static GLOBAL: LazyLock<Arc<LogHub>> = LazyLock::new(Default::default);
@@ -168,6 +171,11 @@ impl LogHub {
         GLOBAL.clone()
     }
 
+    /// Declares the process one agent and nothing else: events that name no device go to its ring.
+    pub fn sole_agent(&self) {
+        self.sole_agent.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Gives `device` a ring with `cfg`; events for it go there until the registration is dropped.
     pub fn register(self: &Arc<Self>, device: &str, cfg: LogsConfig, now_ms: u64) -> Registration {
         let ring = Arc::new(Mutex::new(LogRing::new(cfg, now_ms)));
@@ -180,7 +188,9 @@ impl LogHub {
         let rings = self.rings.read().unwrap_or_else(|p| p.into_inner());
         match device {
             Some(d) => rings.get(d).cloned(),
-            None if rings.len() == 1 => rings.values().next().cloned(),
+            None if rings.len() == 1 && self.sole_agent.load(std::sync::atomic::Ordering::Relaxed) => {
+                rings.values().next().cloned()
+            }
             None => None,
         }
     }
@@ -342,6 +352,7 @@ mod tests {
     #[test]
     fn the_layer_routes_warnings_and_errors_to_their_device_and_skips_the_rest() {
         let hub = Arc::new(LogHub::default());
+        hub.sole_agent();
         let a = hub.register("dev-a", cfg(6000, 1000, 100), edgeloop_common::unix_millis());
         let subscriber = tracing_subscriber::registry().with(RingLayer::new(hub.clone()));
         tracing::subscriber::with_default(subscriber, || {
@@ -366,5 +377,14 @@ mod tests {
             [(LogLevel::Warn, "bad sample refused reason=bad json"), (LogLevel::Warn, "outbox full from=3")]
         );
         assert!(batch.entries[0].target.ends_with("logs::tests"), "{}", batch.entries[0].target);
+        // A process that is not only an agent (a simulator with its control plane) keeps unnamed events out.
+        let shared = Arc::new(LogHub::default());
+        let c = shared.register("dev-c", cfg(6000, 1000, 100), 0);
+        tracing::subscriber::with_default(tracing_subscriber::registry().with(RingLayer::new(shared.clone())), || {
+            tracing::warn!("ingest: a message refused");
+            tracing::warn!(device = "dev-c", "its own");
+        });
+        let got: Vec<String> = c.ring().lock().unwrap().take_batch().entries.into_iter().map(|e| e.message).collect();
+        assert_eq!(got, ["its own"]);
     }
 }

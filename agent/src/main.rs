@@ -69,6 +69,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // Warnings and errors also go to the log ring that ships them to the control plane (`[logs]`).
     let ring = edgeloop_agent::logs::RingLayer::global();
+    edgeloop_agent::logs::LogHub::global().sole_agent();
     edgeloop_common::cli::init_logging_with(cli.log_format, "info,rumqttc=warn", Some(ring));
     edgeloop_common::cli::exit("edgeloop-agent", try_main(cli))
 }

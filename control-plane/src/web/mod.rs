@@ -129,5 +129,6 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+pub use api::logs::LogPageView;
 pub use api::rollouts::SigningKey;
 pub use api::{DeviceView, TelemetryPage};

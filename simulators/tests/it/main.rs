@@ -10,6 +10,7 @@ mod config_rollouts;
 mod cross_process;
 mod dashboard;
 mod demo;
+mod device_logs;
 mod enrollment;
 mod fleet;
 mod flood;

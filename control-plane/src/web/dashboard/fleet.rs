@@ -265,6 +265,9 @@ fn feature_names(
         .collect()
 }
 
+/// Log lines the device page shows.
+const LOG_LINES: usize = 50;
+
 pub async fn device(State(s): State<AppState>, who: Who, Path(id): Path<String>) -> Response {
     if edgeloop_common::topics::validate_device_id(&id).is_err() {
         return page_error(Some(&who), StatusCode::BAD_REQUEST, &format!("`{id}` is not a device id."));
@@ -282,9 +285,12 @@ pub async fn device(State(s): State<AppState>, who: Who, Path(id): Path<String>)
     let read = tokio::task::spawn_blocking(move || -> Result<_, String> {
         let records = recent(&st, &dev, CHART_RECORDS).map_err(|e| e.to_string())?;
         let models = st.learning.models.list().map_err(|e| e.to_string())?;
-        Ok((records, models))
+        let q = crate::fleet::logs::LogQuery { device: Some(dev.clone()), limit: LOG_LINES, ..Default::default() };
+        let logs = st.logs.search(&q).map_err(|e| e.to_string())?.entries;
+        let log_stats = st.logs.stats(&dev).map_err(|e| e.to_string())?;
+        Ok((records, models, (logs, log_stats)))
     });
-    let (records, models) = match read.await.map_err(|e| e.to_string()).and_then(|r| r) {
+    let (records, models, (logs, log_stats)) = match read.await.map_err(|e| e.to_string()).and_then(|r| r) {
         Ok(r) => r,
         Err(e) => {
             return page_error(
@@ -350,6 +356,28 @@ pub async fn device(State(s): State<AppState>, who: Who, Path(id): Path<String>)
                     dt { "Malformed samples refused" } dd { (st.bad_samples) }
                     dt { "Duplicates / refused messages" } dd { (d.duplicates) " / " (d.rejected) }
                 }
+            }
+        }
+        section #logs data-live aria-labelledby="logs-h" {
+            h2 #logs-h { "Device log" span.muted { " (its latest warnings and errors; "
+                (log_stats.stored) " shipped, " (log_stats.suppressed) " left out by the device's budget, "
+                (log_stats.cut) " cut by the control plane's)" } }
+            @if logs.is_empty() { p.muted { "No warning or error from this device." } }
+            @else {
+                div.scroll { table {
+                    thead { tr { th { "When (device clock)" } th { "Level" } th { "Where" } th { "Message" } } }
+                    tbody {
+                        @for l in &logs {
+                            tr {
+                                td { (layout::datetime(l.ts_ms)) }
+                                td { (badge(if l.level == edgeloop_common::envelope::LogLevel::Error { "bad" } else { "warn" }, l.level.as_str())) }
+                                td { code { (l.target) } }
+                                td { (l.message) }
+                            }
+                        }
+                    }
+                } }
+                p.muted { "Older lines and searches: " code { "GET /api/v1/devices/" (d.id) "/logs?level=&q=&since=&until=&cursor=" } }
             }
         }
         section #updates data-live aria-labelledby="updates-h" {
