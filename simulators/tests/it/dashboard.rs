@@ -287,6 +287,10 @@ async fn operator_and_viewer_use_the_dashboard_in_headless_chromium() {
     let points = wait_js(&c, "a chart with data points", Duration::from_secs(15),
         "const n = [...document.querySelectorAll('#charts svg[data-points]')].map(e => +e.dataset.points); return n.length > 0 && Math.max(...n) >= 10 && Math.max(...n);").await;
     assert!(points.as_u64().unwrap() >= 10, "{points}");
+    // Its log section is there, with its counters (this fleet logs nothing, so it says so).
+    let logs = js(&c, "const s = document.getElementById('logs'); return s ? s.textContent : '';").await;
+    let logs = logs.as_str().unwrap_or_default();
+    assert!(logs.contains("Device log") && logs.contains("0 shipped") && logs.contains("No warning or error"), "{logs}");
     fits(&c, "the device page").await;
     shot(&c, "device").await;
 
