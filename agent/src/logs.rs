@@ -75,7 +75,18 @@ impl LogRing {
     }
 
     /// Takes a line logged at `now_ms`, if the budget allows. Returns whether it was kept.
-    pub fn push(&mut self, mut entry: LogEntry, now_ms: u64) -> bool {
+    pub fn push(&mut self, entry: LogEntry, now_ms: u64) -> bool {
+        let admitted = self.admit(now_ms);
+        if admitted {
+            self.keep(entry);
+        }
+        admitted
+    }
+
+    /// Spends one line of the budget at `now_ms`; a line with none left is counted as suppressed. A line
+    /// admitted must then be [`LogRing::keep`]-ed. Apart from `push` so that the logging layer formats only
+    /// the lines it keeps: a flood costs a counter.
+    pub fn admit(&mut self, now_ms: u64) -> bool {
         let (tokens, last) = self.bucket;
         let rate_per_ms = f64::from(self.cfg.lines_per_minute) / 60_000.0;
         let tokens = (tokens + now_ms.saturating_sub(last) as f64 * rate_per_ms).min(f64::from(self.cfg.burst));
@@ -85,6 +96,11 @@ impl LogRing {
             return false;
         }
         self.bucket.0 -= 1.0;
+        true
+    }
+
+    /// Keeps a line [`LogRing::admit`] let in: cut to the protocol's limits, the oldest pushed out of a full ring.
+    pub fn keep(&mut self, mut entry: LogEntry) {
         cut(&mut entry.message, MAX_LOG_MESSAGE_BYTES);
         cut(&mut entry.target, MAX_LOG_TARGET_BYTES);
         if self.entries.len() >= self.cfg.ring_entries {
@@ -92,7 +108,6 @@ impl LogRing {
             self.left_out(1);
         }
         self.entries.push_back(entry);
-        true
     }
 
     /// Whether a batch is worth sending: lines are waiting, or lines were left out since the last batch.
@@ -216,19 +231,36 @@ impl RingLayer {
 /// A span's `device` field, kept in its extensions.
 struct SpanDevice(String);
 
-/// Collects an event's message and fields as the text log prints them, and its `device` field.
+/// Reads only an event's `device` field.
+#[derive(Default)]
+struct DeviceField(Option<String>);
+
+impl Visit for DeviceField {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "device" {
+            self.0 = Some(value.to_string());
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "device" {
+            self.0 = Some(format!("{value:?}"));
+        }
+    }
+}
+
+/// Collects an event's message and fields as the text log prints them (but `device`: the line is the device's).
 #[derive(Default)]
 struct Line {
     message: String,
     fields: String,
-    device: Option<String>,
 }
 
 impl Visit for Line {
     fn record_str(&mut self, field: &Field, value: &str) {
         match field.name() {
             "message" => self.message.push_str(value),
-            "device" => self.device = Some(value.to_string()),
+            "device" => {}
             name => {
                 let _ = write!(self.fields, " {name}={value}");
             }
@@ -240,7 +272,7 @@ impl Visit for Line {
             "message" => {
                 let _ = write!(self.message, "{value:?}");
             }
-            "device" => self.device = Some(format!("{value:?}")),
+            "device" => {}
             name => {
                 let _ = write!(self.fields, " {name}={value:?}");
             }
@@ -253,9 +285,9 @@ where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
     fn on_new_span(&self, attrs: &tracing::span::Attributes<'_>, id: &tracing::span::Id, ctx: Context<'_, S>) {
-        let mut line = Line::default();
-        attrs.record(&mut line);
-        if let (Some(device), Some(span)) = (line.device, ctx.span(id)) {
+        let mut named = DeviceField::default();
+        attrs.record(&mut named);
+        if let (Some(device), Some(span)) = (named.0, ctx.span(id)) {
             span.extensions_mut().insert(SpanDevice(device));
         }
     }
@@ -266,22 +298,23 @@ where
             Level::WARN => LogLevel::Warn,
             _ => return,
         };
-        let mut line = Line::default();
-        event.record(&mut line);
-        let device = line.device.take().or_else(|| {
+        let mut named = DeviceField::default();
+        event.record(&mut named);
+        let device = named.0.or_else(|| {
             ctx.event_scope(event)?.find_map(|span| span.extensions().get::<SpanDevice>().map(|d| d.0.clone()))
         });
         let Some(ring) = self.hub.route(device.as_deref()) else { return };
+        let now = edgeloop_common::unix_millis();
+        // The budget first: a line over it is counted, never formatted.
+        if !ring.lock().unwrap_or_else(|p| p.into_inner()).admit(now) {
+            return;
+        }
+        let mut line = Line::default();
+        event.record(&mut line);
         let mut message = line.message;
         message.push_str(&line.fields);
-        let entry = LogEntry {
-            ts_ms: edgeloop_common::unix_millis(),
-            level,
-            target: event.metadata().target().to_string(),
-            message,
-        };
-        let now = entry.ts_ms;
-        ring.lock().unwrap_or_else(|p| p.into_inner()).push(entry, now);
+        let entry = LogEntry { ts_ms: now, level, target: event.metadata().target().to_string(), message };
+        ring.lock().unwrap_or_else(|p| p.into_inner()).keep(entry);
     }
 }
 

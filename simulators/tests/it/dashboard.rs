@@ -290,7 +290,10 @@ async fn operator_and_viewer_use_the_dashboard_in_headless_chromium() {
     // Its log section is there, with its counters (this fleet logs nothing, so it says so).
     let logs = js(&c, "const s = document.getElementById('logs'); return s ? s.textContent : '';").await;
     let logs = logs.as_str().unwrap_or_default();
-    assert!(logs.contains("Device log") && logs.contains("0 shipped") && logs.contains("No warning or error"), "{logs}");
+    assert!(
+        logs.contains("Device log") && logs.contains("0 shipped") && logs.contains("No warning or error"),
+        "{logs}"
+    );
     fits(&c, "the device page").await;
     shot(&c, "device").await;
 
