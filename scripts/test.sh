@@ -4,18 +4,26 @@
 #   loopback port;
 # - Debian's chromium and chromium-driver: the dashboard's browser tests drive headless Chromium through
 #   chromedriver;
-# - Debian's prometheus: `promtool check metrics` reads a live scrape of `/metrics`.
+# - Debian's prometheus: `promtool check metrics` reads a live scrape of `/metrics`;
+# - Python 3 with venv, and from PyPI paho-mqtt, cbor2 and cryptography in target/py-venv: the Python device of
+#   docs/protocol.md runs against a live control plane.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 if ! [ -x /usr/sbin/mosquitto ] || ! command -v mosquitto_passwd >/dev/null \
-  || ! [ -x /usr/bin/chromium ] || ! command -v chromedriver >/dev/null || ! command -v promtool >/dev/null || ! command -v strip >/dev/null; then
+  || ! [ -x /usr/bin/chromium ] || ! command -v chromedriver >/dev/null || ! command -v promtool >/dev/null || ! command -v strip >/dev/null \
+  || ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
   SUDO=""
   if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
   export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get update -q
   $SUDO apt-get install -y -q --no-install-recommends \
-    mosquitto mosquitto-clients chromium chromium-driver prometheus binutils
+    mosquitto mosquitto-clients chromium chromium-driver prometheus binutils python3 python3-venv
+fi
+if ! target/py-venv/bin/python3 -c 'import paho.mqtt, cbor2, cryptography' 2>/dev/null; then
+  rm -rf target/py-venv
+  python3 -m venv target/py-venv
+  target/py-venv/bin/pip install -q "paho-mqtt>=2,<3" "cbor2>=5.4,<7" "cryptography>=41"
 fi
 /usr/sbin/mosquitto -h | head -1 || true
 chromium --version || true

@@ -27,6 +27,7 @@ mod operators;
 mod outbox_full;
 mod process_fleet;
 mod process_rollout;
+mod python_device;
 mod rollouts;
 mod support;
 mod triggers;
