@@ -8,7 +8,7 @@ use edgeloop_agent::outbox::Outbox;
 use edgeloop_common::durable::Durability;
 use edgeloop_control_plane::web::DeviceView;
 use edgeloop_simulators::free_port;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::UdpSocket;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,39 +21,22 @@ async fn device(api: &edgeloop_simulators::http::Api, id: &str) -> Option<Device
 async fn nothing_lost_across_process_kills() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let (mqtt, api_port, udp) = (free_port().unwrap(), free_port().unwrap(), free_port().unwrap());
-    let api = SocketAddr::from(([127, 0, 0, 1], api_port));
     let ca = crate::support::certs_init(d);
-    let tls = crate::support::CP_TLS;
-    std::fs::write(d.join("cp.toml"), format!("data_dir = \"cp\"\n[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:{mqtt}\"\n[api]\nlisten = \"{api}\"\n{tls}")).unwrap();
-    let client = edgeloop_simulators::http::Api::tls(api, &ca).unwrap();
+    let cp = crate::support::cp_process(d, &ca, "").await;
+    let udp = free_port().unwrap();
     std::fs::write(
         d.join("probe.toml"),
         "class = \"probe\"\n[[sensors]]\nname = \"t\"\nkind = \"slow\"\nrate_hz = 100\n[uplink]\nheartbeat_secs = 1\nack_timeout_secs = 1\nbatch_max_records = 50\n",
     )
     .unwrap();
-    std::fs::write(
-        d.join("agent.toml"),
-        format!("[device]\nid = \"proc-1\"\nclass_config = \"probe.toml\"\n[mqtt]\nurl = \"mqtts://127.0.0.1:{mqtt}\"\nreconnect_max_ms = 300\n[storage]\ndata_dir = \"agent\"\n[[sources]]\nkind = \"udp\"\nlisten = \"127.0.0.1:{udp}\"\n[identity]\nenroll_url = \"https://{api}\"\nenrollment_token_file = \"enroll.token\"\n{}{}", crate::support::AGENT_TLS, crate::support::trusted_keys_toml(&d.join("cp"))),
-    )
-    .unwrap();
-    let mut cp = Proc {
-        name: "edgeloop-control-plane",
-        args: vec!["run".into(), "--config".into(), d.join("cp.toml").display().to_string()],
-        log: d.join("cp.log"),
-        child: None,
-    };
-    let mut agent = Proc {
-        name: "edgeloop-agent",
-        args: vec!["--config".into(), d.join("agent.toml").display().to_string()],
-        log: d.join("agent.log"),
-        child: None,
-    };
-    cp.start();
-    let client = crate::support::authorize_from_file(client, &d.join("cp/admin.token")).await;
-    crate::support::wait_for_api(&client).await;
-    let token = edgeloop_simulators::device::enrollment_token(&client, "probe", 1).await.unwrap();
-    std::fs::write(d.join("enroll.token"), token).unwrap();
+    crate::support::write_udp_agent(d, "proc-1", &cp, udp);
+    let crate::support::CpProcess { proc: mut cp, api: client, .. } = cp;
+    crate::support::enrollment_token_file(&client, d, "probe", 1).await;
+    let mut agent = Proc::new(
+        "edgeloop-agent",
+        vec!["--config".into(), d.join("agent.toml").display().to_string()],
+        d.join("agent.log"),
+    );
     agent.start();
 
     // Feed samples over UDP at about 500 per second, whatever is running.

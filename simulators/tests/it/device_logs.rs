@@ -7,7 +7,7 @@ use edgeloop_common::envelope::LogLevel;
 use edgeloop_control_plane::web::LogPageView;
 use edgeloop_simulators::fleet::{self, FleetSpec};
 use edgeloop_simulators::free_port;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -21,39 +21,22 @@ async fn logs(api: &edgeloop_simulators::http::Api, path: &str) -> LogPageView {
 async fn a_devices_warning_reaches_the_api_and_the_dashboard() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let (mqtt, api_port, udp) = (free_port().unwrap(), free_port().unwrap(), free_port().unwrap());
-    let api = SocketAddr::from(([127, 0, 0, 1], api_port));
     let ca = crate::support::certs_init(d);
-    let tls = crate::support::CP_TLS;
-    std::fs::write(d.join("cp.toml"), format!("data_dir = \"cp\"\n[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:{mqtt}\"\n[api]\nlisten = \"{api}\"\n{tls}")).unwrap();
-    let client = edgeloop_simulators::http::Api::tls(api, &ca).unwrap();
+    let cp = crate::support::cp_process(d, &ca, "").await;
+    let udp = free_port().unwrap();
     std::fs::write(
         d.join("probe.toml"),
         "class = \"probe\"\n[[sensors]]\nname = \"t\"\nkind = \"slow\"\nrate_hz = 100\n[uplink]\nheartbeat_secs = 1\n[logs]\nbatch_secs = 1\n",
     )
     .unwrap();
-    std::fs::write(
-        d.join("agent.toml"),
-        format!("[device]\nid = \"logs-1\"\nclass_config = \"probe.toml\"\n[mqtt]\nurl = \"mqtts://127.0.0.1:{mqtt}\"\nreconnect_max_ms = 300\n[storage]\ndata_dir = \"agent\"\n[[sources]]\nkind = \"udp\"\nlisten = \"127.0.0.1:{udp}\"\n[identity]\nenroll_url = \"https://{api}\"\nenrollment_token_file = \"enroll.token\"\n{}{}", crate::support::AGENT_TLS, crate::support::trusted_keys_toml(&d.join("cp"))),
-    )
-    .unwrap();
-    let mut cp = Proc {
-        name: "edgeloop-control-plane",
-        args: vec!["run".into(), "--config".into(), d.join("cp.toml").display().to_string()],
-        log: d.join("cp.log"),
-        child: None,
-    };
-    let mut agent = Proc {
-        name: "edgeloop-agent",
-        args: vec!["--config".into(), d.join("agent.toml").display().to_string()],
-        log: d.join("agent.log"),
-        child: None,
-    };
-    cp.start();
-    let client = crate::support::authorize_from_file(client, &d.join("cp/admin.token")).await;
-    crate::support::wait_for_api(&client).await;
-    let token = edgeloop_simulators::device::enrollment_token(&client, "probe", 1).await.unwrap();
-    std::fs::write(d.join("enroll.token"), token).unwrap();
+    crate::support::write_udp_agent(d, "logs-1", &cp, udp);
+    let crate::support::CpProcess { proc: mut cp, api: client, .. } = cp;
+    crate::support::enrollment_token_file(&client, d, "probe", 1).await;
+    let mut agent = Proc::new(
+        "edgeloop-agent",
+        vec!["--config".into(), d.join("agent.toml").display().to_string()],
+        d.join("agent.log"),
+    );
     agent.start();
     let deadline = Instant::now() + Duration::from_secs(60);
     while client.get_json::<serde_json::Value>("/api/v1/devices/logs-1").await.is_err() {

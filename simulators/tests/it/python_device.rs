@@ -2,9 +2,7 @@
 //! the real control-plane binary over TLS: it enrolls, signs its telemetry with its own float encoding, and
 //! gets every record acknowledged; the store holds exactly what it sent. The document shows the file as it is.
 
-use crate::support::{stored_seqs, Proc};
-use edgeloop_simulators::free_port;
-use std::net::SocketAddr;
+use crate::support::stored_seqs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -46,26 +44,13 @@ async fn the_python_device_enrolls_and_its_telemetry_is_stored_and_acknowledged(
     let python = python();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let (mqtt, api_port) = (free_port().unwrap(), free_port().unwrap());
-    let api = SocketAddr::from(([127, 0, 0, 1], api_port));
     let ca = crate::support::certs_init(d);
-    let tls = crate::support::CP_TLS;
-    std::fs::write(d.join("cp.toml"), format!("data_dir = \"cp\"\n[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:{mqtt}\"\n[api]\nlisten = \"{api}\"\n{tls}")).unwrap();
     // The control plane's signing key, made before it starts: the device trusts its public half.
     std::fs::create_dir_all(d.join("cp")).unwrap();
     let signer = edgeloop_control_plane::access::keys::load_or_create(&d.join("cp/signing.key")).unwrap();
-    let mut cp = Proc {
-        name: "edgeloop-control-plane",
-        args: vec!["run".into(), "--config".into(), d.join("cp.toml").display().to_string()],
-        log: d.join("cp.log"),
-        child: None,
-    };
-    cp.start();
-    let client = edgeloop_simulators::http::Api::tls(api, &ca).unwrap();
-    let client = crate::support::authorize_from_file(client, &d.join("cp/admin.token")).await;
-    crate::support::wait_for_api(&client).await;
-    let token = edgeloop_simulators::device::enrollment_token(&client, "probe", 1).await.unwrap();
-    std::fs::write(d.join("enroll.token"), token).unwrap();
+    let crate::support::CpProcess { proc: mut cp, api: client, api_addr: api, mqtt_port: mqtt } =
+        crate::support::cp_process(d, &ca, "").await;
+    crate::support::enrollment_token_file(&client, d, "probe", 1).await;
 
     const RECORDS: u64 = 53;
     let script = workspace().join("docs/examples/python_device.py");

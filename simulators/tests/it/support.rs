@@ -174,3 +174,57 @@ pub fn trusted_keys_toml(cp_data_dir: &Path) -> String {
     let signer = edgeloop_control_plane::access::keys::load_or_create(&cp_data_dir.join("signing.key")).unwrap();
     format!("[[trusted_keys]]\npublic_key = \"{}\"\n", signer.public_key_hex())
 }
+
+impl Proc {
+    /// A workspace binary with `args`, logging stdout and stderr to `log`; not started yet.
+    pub fn new(name: &'static str, args: Vec<String>, log: PathBuf) -> Proc {
+        Proc { name, args, log, child: None }
+    }
+}
+
+/// A control-plane process on free ports, over TLS with [`certs_init`]'s files, its data in `<dir>/cp`.
+pub struct CpProcess {
+    pub proc: Proc,
+    /// Its API with the first start's admin token.
+    pub api: Api,
+    pub api_addr: SocketAddr,
+    pub mqtt_port: u16,
+}
+
+/// Starts `edgeloop-control-plane run` with an embedded broker, `extra` appended to its config, and waits for
+/// its API. [`certs_init`] must have run in `dir`.
+pub async fn cp_process(dir: &Path, ca_pem: &[u8], extra: &str) -> CpProcess {
+    let (mqtt_port, api_port) = (edgeloop_simulators::free_port().unwrap(), edgeloop_simulators::free_port().unwrap());
+    let api_addr = SocketAddr::from(([127, 0, 0, 1], api_port));
+    std::fs::write(
+        dir.join("cp.toml"),
+        format!("data_dir = \"cp\"\n[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:{mqtt_port}\"\n[api]\nlisten = \"{api_addr}\"\n{CP_TLS}{extra}"),
+    )
+    .unwrap();
+    let mut proc = Proc::new(
+        "edgeloop-control-plane",
+        vec!["run".into(), "--config".into(), dir.join("cp.toml").display().to_string()],
+        dir.join("cp.log"),
+    );
+    proc.start();
+    let api = authorize_from_file(Api::tls(api_addr, ca_pem).unwrap(), &dir.join("cp/admin.token")).await;
+    wait_for_api(&api).await;
+    CpProcess { proc, api, api_addr, mqtt_port }
+}
+
+/// Writes an enrollment token for `class` (good for `uses` devices) to `<dir>/enroll.token`.
+pub async fn enrollment_token_file(api: &Api, dir: &Path, class: &str, uses: u32) {
+    let token = edgeloop_simulators::device::enrollment_token(api, class, uses).await.unwrap();
+    std::fs::write(dir.join("enroll.token"), token).unwrap();
+}
+
+/// Writes `<dir>/agent.toml` for device `id` of the class in `<dir>/probe.toml`: samples from UDP on `udp`, the
+/// control plane of [`cp_process`] over TLS, enrolling with `<dir>/enroll.token`, trusting its signing key.
+pub fn write_udp_agent(dir: &Path, id: &str, cp: &CpProcess, udp: u16) {
+    let (mqtt, api) = (cp.mqtt_port, cp.api_addr);
+    std::fs::write(
+        dir.join("agent.toml"),
+        format!("[device]\nid = \"{id}\"\nclass_config = \"probe.toml\"\n[mqtt]\nurl = \"mqtts://127.0.0.1:{mqtt}\"\nreconnect_max_ms = 300\n[storage]\ndata_dir = \"agent\"\n[[sources]]\nkind = \"udp\"\nlisten = \"127.0.0.1:{udp}\"\n[identity]\nenroll_url = \"https://{api}\"\nenrollment_token_file = \"enroll.token\"\n{AGENT_TLS}{}", trusted_keys_toml(&dir.join("cp"))),
+    )
+    .unwrap();
+}
