@@ -3,11 +3,10 @@
 //! After the drain, each stored sequence is one gap-free run with no duplicates, up to the last sequence
 //! the agent appended. (Samples in the agent's memory at a kill never got a sequence number.)
 
-use crate::support::{assert_gap_free, stored_seqs, Proc};
+use crate::support::{assert_gap_free, stored_seqs};
 use edgeloop_agent::outbox::Outbox;
 use edgeloop_common::durable::Durability;
 use edgeloop_control_plane::web::DeviceView;
-use edgeloop_simulators::free_port;
 use std::net::UdpSocket;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -21,22 +20,12 @@ async fn device(api: &edgeloop_simulators::http::Api, id: &str) -> Option<Device
 async fn nothing_lost_across_process_kills() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let ca = crate::support::certs_init(d);
-    let cp = crate::support::cp_process(d, &ca, "").await;
-    let udp = free_port().unwrap();
-    std::fs::write(
-        d.join("probe.toml"),
+    let (mut cp, client, mut agent, udp) = crate::support::udp_device(
+        d,
+        "proc-1",
         "class = \"probe\"\n[[sensors]]\nname = \"t\"\nkind = \"slow\"\nrate_hz = 100\n[uplink]\nheartbeat_secs = 1\nack_timeout_secs = 1\nbatch_max_records = 50\n",
     )
-    .unwrap();
-    crate::support::write_udp_agent(d, "proc-1", &cp, udp);
-    let crate::support::CpProcess { proc: mut cp, api: client, .. } = cp;
-    crate::support::enrollment_token_file(&client, d, "probe", 1).await;
-    let mut agent = Proc::new(
-        "edgeloop-agent",
-        vec!["--config".into(), d.join("agent.toml").display().to_string()],
-        d.join("agent.log"),
-    );
+    .await;
     agent.start();
 
     // Feed samples over UDP at about 500 per second, whatever is running.

@@ -1,12 +1,11 @@
 //! Device logs end to end: an agent's warning reaches the operator API and the dashboard, and a device that
 //! floods its log is cut to its budget while its telemetry keeps flowing, nothing lost.
 
-use crate::support::{stored_seqs, wait_for, Proc};
+use crate::support::{stored_seqs, wait_for};
 use edgeloop_common::config::LogsConfig;
 use edgeloop_common::envelope::LogLevel;
 use edgeloop_control_plane::web::LogPageView;
 use edgeloop_simulators::fleet::{self, FleetSpec};
-use edgeloop_simulators::free_port;
 use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -21,22 +20,12 @@ async fn logs(api: &edgeloop_simulators::http::Api, path: &str) -> LogPageView {
 async fn a_devices_warning_reaches_the_api_and_the_dashboard() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let ca = crate::support::certs_init(d);
-    let cp = crate::support::cp_process(d, &ca, "").await;
-    let udp = free_port().unwrap();
-    std::fs::write(
-        d.join("probe.toml"),
+    let (mut cp, client, mut agent, udp) = crate::support::udp_device(
+        d,
+        "logs-1",
         "class = \"probe\"\n[[sensors]]\nname = \"t\"\nkind = \"slow\"\nrate_hz = 100\n[uplink]\nheartbeat_secs = 1\n[logs]\nbatch_secs = 1\n",
     )
-    .unwrap();
-    crate::support::write_udp_agent(d, "logs-1", &cp, udp);
-    let crate::support::CpProcess { proc: mut cp, api: client, .. } = cp;
-    crate::support::enrollment_token_file(&client, d, "probe", 1).await;
-    let mut agent = Proc::new(
-        "edgeloop-agent",
-        vec!["--config".into(), d.join("agent.toml").display().to_string()],
-        d.join("agent.log"),
-    );
+    .await;
     agent.start();
     let deadline = Instant::now() + Duration::from_secs(60);
     while client.get_json::<serde_json::Value>("/api/v1/devices/logs-1").await.is_err() {

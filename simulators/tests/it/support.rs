@@ -218,13 +218,24 @@ pub async fn enrollment_token_file(api: &Api, dir: &Path, class: &str, uses: u32
     std::fs::write(dir.join("enroll.token"), token).unwrap();
 }
 
-/// Writes `<dir>/agent.toml` for device `id` of the class in `<dir>/probe.toml`: samples from UDP on `udp`, the
-/// control plane of [`cp_process`] over TLS, enrolling with `<dir>/enroll.token`, trusting its signing key.
-pub fn write_udp_agent(dir: &Path, id: &str, cp: &CpProcess, udp: u16) {
-    let (mqtt, api) = (cp.mqtt_port, cp.api_addr);
+/// A control plane ([`cp_process`]) and an agent process for device `id` of class `probe` (`class_toml`, written
+/// to `<dir>/probe.toml`), fed with UDP samples on the returned port, enrolling with a token of its own,
+/// trusting the control plane's signing key. The agent is not started yet.
+pub async fn udp_device(dir: &Path, id: &str, class_toml: &str) -> (Proc, Api, Proc, u16) {
+    let ca = certs_init(dir);
+    let CpProcess { proc, api, api_addr, mqtt_port } = cp_process(dir, &ca, "").await;
+    let udp = edgeloop_simulators::free_port().unwrap();
+    std::fs::write(dir.join("probe.toml"), class_toml).unwrap();
     std::fs::write(
         dir.join("agent.toml"),
-        format!("[device]\nid = \"{id}\"\nclass_config = \"probe.toml\"\n[mqtt]\nurl = \"mqtts://127.0.0.1:{mqtt}\"\nreconnect_max_ms = 300\n[storage]\ndata_dir = \"agent\"\n[[sources]]\nkind = \"udp\"\nlisten = \"127.0.0.1:{udp}\"\n[identity]\nenroll_url = \"https://{api}\"\nenrollment_token_file = \"enroll.token\"\n{AGENT_TLS}{}", trusted_keys_toml(&dir.join("cp"))),
+        format!("[device]\nid = \"{id}\"\nclass_config = \"probe.toml\"\n[mqtt]\nurl = \"mqtts://127.0.0.1:{mqtt_port}\"\nreconnect_max_ms = 300\n[storage]\ndata_dir = \"agent\"\n[[sources]]\nkind = \"udp\"\nlisten = \"127.0.0.1:{udp}\"\n[identity]\nenroll_url = \"https://{api_addr}\"\nenrollment_token_file = \"enroll.token\"\n{AGENT_TLS}{}", trusted_keys_toml(&dir.join("cp"))),
     )
     .unwrap();
+    enrollment_token_file(&api, dir, "probe", 1).await;
+    let agent = Proc::new(
+        "edgeloop-agent",
+        vec!["--config".into(), dir.join("agent.toml").display().to_string()],
+        dir.join("agent.log"),
+    );
+    (proc, api, agent, udp)
 }
