@@ -25,9 +25,11 @@ fn invalid(field: impl Into<String>, reason: impl Into<String>) -> UploadError {
     UploadError::Invalid { field: field.into(), reason: reason.into() }
 }
 
+/// What an upload says about its model: the `metadata` part of a multipart upload, or the JSON form's fields
+/// but `onnx_base64`.
 #[derive(Deserialize, Serialize, Debug)]
 #[serde(deny_unknown_fields)]
-pub struct Upload {
+pub struct UploadMeta {
     /// Model line; versions number up from 1 per name.
     pub name: String,
     pub class: String,
@@ -37,10 +39,49 @@ pub struct Upload {
     pub threshold: f32,
     /// Inputs with the outputs the model must give (at least one).
     pub golden: Vec<Golden>,
-    /// The ONNX file, base64.
-    pub onnx_base64: String,
     #[serde(default)]
     pub description: String,
+}
+
+/// An upload: what it says, and the ONNX file.
+#[derive(Debug)]
+pub struct Upload {
+    pub meta: UploadMeta,
+    pub onnx: Vec<u8>,
+}
+
+/// Largest ONNX file an upload may carry.
+pub const MAX_ONNX_BYTES: usize = 64 << 20;
+
+impl Upload {
+    /// The JSON form: the metadata's fields and `onnx_base64`, the file in base64.
+    pub fn from_json(mut v: serde_json::Value) -> Result<Upload, UploadError> {
+        let obj = v.as_object_mut().ok_or_else(|| invalid("body", "must be a JSON object"))?;
+        let b64 = match obj.remove("onnx_base64") {
+            Some(serde_json::Value::String(s)) => s,
+            Some(_) => return Err(invalid("onnx_base64", "must be a string (the ONNX file in base64)")),
+            None => {
+                return Err(invalid(
+                    "onnx_base64",
+                    "missing (or send the file as the `model` part of a multipart/form-data upload)",
+                ))
+            }
+        };
+        let onnx = base64::engine::general_purpose::STANDARD
+            .decode(b64.trim())
+            .map_err(|e| invalid("onnx_base64", format!("not base64: {e}")))?;
+        Ok(Upload { meta: UploadMeta::from_value(v)?, onnx })
+    }
+}
+
+impl UploadMeta {
+    /// Reads the metadata, naming the field that is wrong.
+    pub fn from_value(v: serde_json::Value) -> Result<UploadMeta, UploadError> {
+        serde_path_to_error::deserialize(v).map_err(|e| {
+            let path = e.path().to_string();
+            invalid(if path == "." { "metadata".to_string() } else { path }, e.into_inner().to_string())
+        })
+    }
 }
 
 /// Golden vectors an uploaded model may carry: they travel inside every desired state, which must stay well
@@ -58,12 +99,15 @@ const UPLOAD_TOLERANCE: f32 = 1e-3;
 pub fn register(
     models: &ModelRegistry,
     classes: &BTreeMap<String, ClassConfig>,
-    u: Upload,
+    Upload { meta: u, onnx }: Upload,
 ) -> Result<ModelVersion, UploadError> {
     check_name_and_threshold(&u)?;
-    let onnx = base64::engine::general_purpose::STANDARD
-        .decode(u.onnx_base64.trim())
-        .map_err(|e| invalid("onnx_base64", format!("not base64: {e}")))?;
+    if onnx.is_empty() || onnx.len() > MAX_ONNX_BYTES {
+        return Err(invalid(
+            "onnx",
+            format!("{} bytes; an ONNX file of 1 to {MAX_ONNX_BYTES} bytes is needed", onnx.len()),
+        ));
+    }
     let width = golden_width(&u.golden)?;
     let (sensor, pipeline) = sensor_and_pipeline(classes, &u, width)?;
     let out_len = check_golden(&onnx, &u.golden, width)?;
@@ -100,7 +144,7 @@ pub fn register(
     Ok(m)
 }
 
-fn check_name_and_threshold(u: &Upload) -> Result<(), UploadError> {
+fn check_name_and_threshold(u: &UploadMeta) -> Result<(), UploadError> {
     if u.name.is_empty()
         || u.name.len() > 64
         || !u.name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
@@ -142,7 +186,7 @@ fn golden_width(golden: &[Golden]) -> Result<usize, UploadError> {
 /// firmware config when the class is configured here, else as the uploader names it.
 fn sensor_and_pipeline(
     classes: &BTreeMap<String, ClassConfig>,
-    u: &Upload,
+    u: &UploadMeta,
     width: usize,
 ) -> Result<(String, PipelineSpec), UploadError> {
     let Some(class) = classes.get(&u.class) else {

@@ -33,3 +33,4 @@ mod support;
 mod triggers;
 mod trust;
 mod update_timing;
+mod upload;

@@ -10,7 +10,7 @@ use crate::rollout::CreateRollout;
 use crate::web::error::{ApiError, ApiJson};
 use crate::web::AppState;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequest, Path, Query, State};
 use axum::http::StatusCode;
 use axum::Json;
 use serde::{Deserialize, Serialize};
@@ -151,18 +151,62 @@ pub async fn signing_key(State(s): State<AppState>) -> Json<SigningKey> {
     Json(SigningKey { key_id: s.rollouts.key_id().to_string(), public_key: s.rollouts.public_key_hex() })
 }
 
-/// `POST /api/v1/models`: an ONNX file from elsewhere (PyTorch, scikit-learn) with what devices need to run it.
 /// Largest `POST /api/v1/models` body: a 64 MiB model in base64, plus its golden vectors. Every other route
 /// keeps axum's 2 MiB default.
 pub const MAX_UPLOAD_BYTES: usize = 96 << 20;
 
+/// `POST /api/v1/models`: an ONNX file from elsewhere (PyTorch, scikit-learn) with what devices need to run it.
+/// Either `multipart/form-data` with a `metadata` part (JSON: name, class, sensor, threshold, golden,
+/// description) and a `model` part (the ONNX file), or a JSON body with the same fields and `onnx_base64`.
 pub async fn upload(
     State(s): State<AppState>,
-    ApiJson(u): ApiJson<Upload>,
+    req: axum::extract::Request,
 ) -> Result<(StatusCode, Json<ModelVersion>), ApiError> {
+    let multipart = req
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.to_ascii_lowercase().starts_with("multipart/form-data"));
+    let u = if multipart {
+        let m = axum::extract::Multipart::from_request(req, &s)
+            .await
+            .map_err(|e| ApiError::bad_request(format!("multipart: {}", e.body_text())))?;
+        read_multipart(m).await?
+    } else {
+        let ApiJson(v) = ApiJson::<serde_json::Value>::from_request(req, &s).await?;
+        Upload::from_json(v)?
+    };
     let learning = s.learning.clone();
     let m = tokio::task::spawn_blocking(move || upload::register(&learning.models, &learning.classes, u)).await??;
     Ok((StatusCode::CREATED, Json(m)))
+}
+
+/// The parts of a multipart upload: `metadata` (JSON) and `model` (the ONNX file), each once, nothing else.
+async fn read_multipart(mut m: axum::extract::Multipart) -> Result<Upload, ApiError> {
+    let bad = |detail: String| ApiError::bad_request(detail);
+    let (mut meta, mut onnx) = (None, None);
+    while let Some(field) = m.next_field().await.map_err(|e| bad(format!("multipart: {}", e.body_text())))? {
+        let name = field.name().unwrap_or_default().to_string();
+        let bytes = field.bytes().await.map_err(|e| bad(format!("multipart part `{name}`: {}", e.body_text())))?;
+        let slot = match name.as_str() {
+            "metadata" => &mut meta,
+            "model" => &mut onnx,
+            other => {
+                return Err(bad(format!(
+                    "multipart: unknown part `{other}`; send `metadata` (JSON) and `model` (the ONNX file)"
+                )))
+            }
+        };
+        if slot.replace(bytes).is_some() {
+            return Err(bad(format!("multipart: the part `{name}` is there twice")));
+        }
+    }
+    let meta = meta.ok_or_else(|| {
+        bad("multipart: no `metadata` part (the model's name, class, threshold and golden vectors, as JSON)".into())
+    })?;
+    let onnx = onnx.ok_or_else(|| bad("multipart: no `model` part (the ONNX file)".into()))?;
+    let v: serde_json::Value = serde_json::from_slice(&meta).map_err(|e| bad(format!("metadata: not JSON: {e}")))?;
+    Ok(Upload { meta: upload::UploadMeta::from_value(v)?, onnx: onnx.to_vec() })
 }
 
 /// `GET /api/v1/windows`: every maintenance window, open now (until when) or when it next opens.

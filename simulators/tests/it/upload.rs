@@ -1,0 +1,121 @@
+//! Model upload as `multipart/form-data` (a JSON `metadata` part and the ONNX file as the `model` part), beside
+//! the JSON form with the file in base64; and the multipart mistakes a client makes, each a 400 that names it.
+
+use crate::support::{api, start_cp};
+use edgeloop_common::update::Golden;
+
+const BOUNDARY: &str = "edgeloop-test-boundary-7d1f";
+
+fn part(name: &str, filename: Option<&str>, content_type: &str, bytes: &[u8]) -> Vec<u8> {
+    let filename = filename.map(|f| format!("; filename=\"{f}\"")).unwrap_or_default();
+    let mut p = format!(
+        "--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"{name}\"{filename}\r\nContent-Type: {content_type}\r\n\r\n"
+    )
+    .into_bytes();
+    p.extend_from_slice(bytes);
+    p.extend_from_slice(b"\r\n");
+    p
+}
+
+fn multipart(parts: &[Vec<u8>]) -> Vec<u8> {
+    let mut body: Vec<u8> = parts.concat();
+    body.extend_from_slice(format!("--{BOUNDARY}--\r\n").as_bytes());
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_upload_as_multipart_and_as_json_and_bad_parts_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cp, cancel) = start_cp(dir.path(), |_| {}).await;
+    let api = api(&cp);
+    let width = 5;
+    let onnx = edgeloop_agent::inference::mean_square_onnx_with_doc(width, "an operator's model");
+    let input: Vec<f32> = (0..width).map(|i| i as f32 * 0.5).collect();
+    let ms = input.iter().map(|x| x * x).sum::<f32>() / width as f32;
+    let golden = vec![Golden { input, output: vec![ms] }];
+    let metadata = serde_json::json!({
+        "name": "uploaded-ms", "class": "probe", "sensor": "t", "threshold": 2.5, "golden": golden,
+        "description": "mean square, from a notebook",
+    });
+    let content_type = format!("multipart/form-data; boundary={BOUNDARY}");
+    let post = |body: Vec<u8>| {
+        let (api, content_type) = (api.clone(), content_type.clone());
+        async move {
+            let r =
+                api.request("POST", "/api/v1/models", &[("content-type", &content_type)], Some(&body)).await.unwrap();
+            (r.status, String::from_utf8_lossy(&r.body).to_string())
+        }
+    };
+    let meta_part = part("metadata", None, "application/json", metadata.to_string().as_bytes());
+    let model_part = part("model", Some("model.onnx"), "application/octet-stream", &onnx);
+
+    // Multipart: the file as it is.
+    let (status, body) = post(multipart(&[meta_part.clone(), model_part.clone()])).await;
+    assert_eq!(status, 201, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let sha = edgeloop_common::signing::sha256_hex(&onnx);
+    assert_eq!(
+        (v["name"].as_str(), v["version"].as_u64(), v["sha256"].as_str()),
+        (Some("uploaded-ms"), Some(1), Some(sha.as_str()))
+    );
+    assert_eq!(v["size"].as_u64(), Some(onnx.len() as u64));
+    let stored = api.request("GET", &format!("/api/v1/artifacts/{sha}"), &[], None).await.unwrap();
+    assert_eq!(stored.body, onnx, "the stored artifact is the uploaded file, byte for byte");
+
+    // The JSON form still works: the next version.
+    let mut json = metadata.clone();
+    json["onnx_base64"] = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, &onnx).into();
+    let (status, body) = api.post_json("/api/v1/models", &json).await.unwrap();
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&body).unwrap()["version"].as_u64(), Some(2));
+
+    // Mistakes, each named.
+    let mut wrong_type = metadata.clone();
+    wrong_type["threshold"] = "high".into();
+    let mut wrong_golden = metadata.clone();
+    wrong_golden["golden"][0]["output"][0] = 99.0.into();
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (multipart(std::slice::from_ref(&meta_part)), "no `model` part (the ONNX file)"),
+        (multipart(std::slice::from_ref(&model_part)), "no `metadata` part"),
+        (multipart(&[meta_part.clone(), model_part.clone(), model_part.clone()]), "the part `model` is there twice"),
+        (
+            multipart(&[meta_part.clone(), part("weights", None, "text/plain", b"x"), model_part.clone()]),
+            "unknown part `weights`",
+        ),
+        (
+            multipart(&[part("metadata", None, "application/json", b"{not json"), model_part.clone()]),
+            "metadata: not JSON",
+        ),
+        (
+            multipart(&[
+                part("metadata", None, "application/json", wrong_type.to_string().as_bytes()),
+                model_part.clone(),
+            ]),
+            "threshold: invalid type",
+        ),
+        (
+            multipart(&[
+                part("metadata", None, "application/json", wrong_golden.to_string().as_bytes()),
+                model_part.clone(),
+            ]),
+            "golden[0].output[0]: the model gives",
+        ),
+        (
+            multipart(&[meta_part.clone(), part("model", None, "application/octet-stream", b"not onnx")]),
+            "onnx: tract cannot run it",
+        ),
+        (b"--nothing here".to_vec(), "multipart"),
+    ];
+    for (body, named) in cases {
+        let (status, text) = post(body).await;
+        assert_eq!(status, 400, "{named}: {text}");
+        assert!(text.contains(named), "expected `{named}` in {text}");
+    }
+    let (status, text) = api.post_json("/api/v1/models", &metadata).await.unwrap();
+    assert_eq!(status, 400);
+    assert!(text.contains("onnx_base64: missing"), "{text}");
+    let versions: Vec<serde_json::Value> = api.get_json("/api/v1/models").await.unwrap();
+    assert_eq!(versions.iter().filter(|m| m["name"] == "uploaded-ms").count(), 2, "refused uploads register nothing");
+    cancel.cancel();
+    cp.join().await.unwrap();
+}
