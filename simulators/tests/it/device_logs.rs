@@ -156,6 +156,10 @@ fn a_device_that_floods_its_log_is_cut_to_its_budget_while_its_telemetry_flows()
         let elapsed_min = started.elapsed().as_secs_f64() / 60.0;
         let budget = 20.0 + 60.0 * elapsed_min;
         let stored = page.logs.len() as f64;
+        eprintln!(
+            "flood: {FLOOD} warnings in {flood_secs:.1} s with {sent} samples; {stored} lines stored, {} suppressed, {} cut; budget {budget:.0}",
+            stats.suppressed, stats.cut
+        );
         assert!(stored >= 20.0, "the burst is shipped: {stored}");
         assert!(
             stored <= budget + 1.0,
