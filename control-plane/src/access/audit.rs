@@ -286,6 +286,42 @@ impl AuditLog {
     }
 
     /// The newest `limit` entries, newest first.
+    /// Entries newest first, from before `before` (a key a previous page ended on), matching `keep`: at most
+    /// `limit` of them, with the key of the last when more may follow. Reads at most [`MAX_SCANNED`] entries.
+    pub fn page(
+        &self,
+        before: Option<[u8; 16]>,
+        limit: usize,
+        keep: impl Fn(&AuditEntry) -> bool,
+    ) -> Result<(Vec<AuditEntry>, Option<[u8; 16]>), StoreError> {
+        let iter = match before {
+            Some(k) => self.tree.range(..k.to_vec()),
+            None => self.tree.iter(),
+        };
+        let (mut out, mut scanned, mut last) = (Vec::new(), 0usize, None);
+        for kv in iter.rev() {
+            let (k, v) = kv?;
+            scanned += 1;
+            last = k.as_ref().try_into().ok();
+            let e: AuditEntry = ciborium::from_reader(&v[..]).map_err(|e| StoreError::Corrupt {
+                device: "audit".into(),
+                seq: 0,
+                reason: e.to_string(),
+            })?;
+            if keep(&e) {
+                out.push(e);
+                if out.len() == limit {
+                    break;
+                }
+            }
+            if scanned >= MAX_SCANNED {
+                break;
+            }
+        }
+        let more = out.len() == limit || scanned >= MAX_SCANNED;
+        Ok((out, if more { last } else { None }))
+    }
+
     pub fn recent(&self, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
         self.tree
             .iter()
@@ -302,6 +338,9 @@ impl AuditLog {
             .collect()
     }
 }
+
+/// Entries one audit page reads at most before it returns what it found with a cursor.
+pub const MAX_SCANNED: usize = 100_000;
 
 /// A key is the entry's time then a counter, both big-endian `u64`.
 fn key_time(k: &[u8]) -> u64 {

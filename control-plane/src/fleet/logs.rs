@@ -68,6 +68,15 @@ pub struct LogQuery {
 pub struct LogCursor([u8; 16]);
 
 impl LogCursor {
+    /// The 16-byte key the cursor stands for (a log line's, or an audit entry's: time then counter).
+    pub fn bytes(&self) -> [u8; 16] {
+        self.0
+    }
+
+    pub fn from_bytes(k: [u8; 16]) -> LogCursor {
+        LogCursor(k)
+    }
+
     pub fn encode(&self) -> String {
         self.0.iter().map(|b| format!("{b:02x}")).collect()
     }

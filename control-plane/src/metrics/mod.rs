@@ -31,6 +31,18 @@ const LATENCY_BUCKETS: [f64; 14] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.
 /// After this long without a message a device is `stale`, not merely `offline`.
 pub const STALE_AFTER_MS: u64 = 24 * 3600 * 1000;
 
+/// A device's state after `silent_ms` without a message: `online` (within `offline_after_ms`), `offline`, or
+/// `stale` (a day or more).
+pub fn device_state(silent_ms: u64, offline_after_ms: u64) -> &'static str {
+    if silent_ms < offline_after_ms {
+        "online"
+    } else if silent_ms < STALE_AFTER_MS {
+        "offline"
+    } else {
+        "stale"
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Reason {
     reason: String,
@@ -303,13 +315,7 @@ impl Metrics {
         let mut flagged: BTreeMap<&str, u64> = BTreeMap::new();
         for (class, last_seen_ms, anomalies) in &s.devices {
             let silent = s.now_ms.saturating_sub(*last_seen_ms);
-            let state = if silent < s.offline_after_ms {
-                "online"
-            } else if silent < STALE_AFTER_MS {
-                "offline"
-            } else {
-                "stale"
-            };
+            let state = device_state(silent, s.offline_after_ms);
             self.fleet.get_or_create(&ClassState { class: class.clone(), state: state.into() }).inc();
             let o = oldest.entry(class).or_insert(0);
             *o = (*o).max(silent);

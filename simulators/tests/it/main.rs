@@ -25,6 +25,7 @@ mod nab;
 mod nothing_lost;
 mod operators;
 mod outbox_full;
+mod paging;
 mod process_fleet;
 mod process_rollout;
 mod python_device;

@@ -99,8 +99,43 @@ pub async fn job(State(s): State<AppState>, Path(id): Path<String>) -> Result<Js
     s.learning.job(id).map(Json).ok_or_else(|| ApiError::not_found(format!("no job {id}")))
 }
 
-pub async fn jobs(State(s): State<AppState>) -> Json<Vec<Job>> {
-    Json(s.learning.list_jobs())
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct JobParams {
+    /// `queued`, `running`, `succeeded`, `failed` or `interrupted`.
+    pub state: Option<String>,
+    pub class: Option<String>,
+    /// A job id: the page starts after it.
+    pub cursor: Option<String>,
+    pub limit: Option<usize>,
+}
+
+const JOB_STATES: [&str; 5] = ["queued", "running", "succeeded", "failed", "interrupted"];
+
+/// `GET /api/v1/jobs`: by id, paged ([`super::paging`]), filtered by state and class.
+pub async fn jobs(
+    State(s): State<AppState>,
+    uri: axum::http::Uri,
+    params: Result<axum::extract::Query<JobParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<super::paging::Paged<Job>, ApiError> {
+    let axum::extract::Query(p) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let limit = super::paging::limit(p.limit)?;
+    if let Some(st) = p.state.as_deref() {
+        if !JOB_STATES.contains(&st) {
+            return Err(ApiError::bad_request(format!("state: `{st}` is not one of {}", JOB_STATES.join(", "))));
+        }
+    }
+    let after = match &p.cursor {
+        Some(c) => Some(c.parse::<u64>().map_err(|_| ApiError::bad_request(format!("cursor: `{c}` is not a job id")))?),
+        None => None,
+    };
+    let mut all = s.learning.list_jobs();
+    all.sort_by_key(|j| j.id);
+    let matching = all.into_iter().filter(|j| {
+        p.state.as_deref().is_none_or(|st| j.state.word() == st) && p.class.as_ref().is_none_or(|c| *c == j.class)
+    });
+    let (items, next) = super::paging::take(matching, |j| j.id, after.as_ref(), limit);
+    Ok(super::paging::Paged { items, next: next.map(|id| id.to_string()), uri })
 }
 
 /// A version without its bulky parts (golden vectors, trial table).
@@ -120,10 +155,38 @@ pub struct ModelSummary {
     pub test_auc: Option<f64>,
 }
 
-pub async fn models(State(s): State<AppState>) -> Result<Json<Vec<ModelSummary>>, ApiError> {
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ModelParams {
+    /// One model line.
+    pub name: Option<String>,
+    pub class: Option<String>,
+    /// `<name>/<version>`: the page starts after that version.
+    pub cursor: Option<String>,
+    pub limit: Option<usize>,
+}
+
+/// `GET /api/v1/models`: by name, then version, paged ([`super::paging`]), filtered by name and class.
+pub async fn models(
+    State(s): State<AppState>,
+    uri: axum::http::Uri,
+    params: Result<axum::extract::Query<ModelParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<super::paging::Paged<ModelSummary>, ApiError> {
+    let axum::extract::Query(p) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let limit = super::paging::limit(p.limit)?;
+    let after = match &p.cursor {
+        Some(c) => Some(
+            c.rsplit_once('/')
+                .and_then(|(n, v)| Some((n.to_string(), v.parse::<u32>().ok()?)))
+                .ok_or_else(|| ApiError::bad_request(format!("cursor: `{c}` is not <name>/<version>")))?,
+        ),
+        None => None,
+    };
     let models = s.learning.models.clone();
     let out = tokio::task::spawn_blocking(move || -> Result<Vec<ModelSummary>, crate::fleet::telemetry::StoreError> {
-        let list = models.list()?;
+        let mut list = models.list()?;
+        list.retain(|m| p.name.as_ref().is_none_or(|n| *n == m.name) && p.class.as_ref().is_none_or(|c| *c == m.class));
+        list.sort_by(|a, b| (&a.name, a.version).cmp(&(&b.name, b.version)));
         let mut out = Vec::with_capacity(list.len());
         for m in list {
             let production = models.production(&m.name)?.is_some_and(|p| p.version == m.version);
@@ -145,7 +208,8 @@ pub async fn models(State(s): State<AppState>) -> Result<Json<Vec<ModelSummary>>
         Ok(out)
     })
     .await??;
-    Ok(Json(out))
+    let (items, next) = super::paging::take(out, |m| (m.name.clone(), m.version), after.as_ref(), limit);
+    Ok(super::paging::Paged { items, next: next.map(|(n, v)| format!("{n}/{v}")), uri })
 }
 
 pub async fn model(

@@ -8,6 +8,7 @@ pub mod configs;
 pub mod identity;
 pub mod learning;
 pub mod logs;
+pub mod paging;
 pub mod releases;
 pub mod rollouts;
 
@@ -63,8 +64,56 @@ fn view(s: &AppState, d: Device) -> DeviceView {
     DeviceView { device: d, online, window }
 }
 
-pub async fn devices(State(s): State<AppState>) -> Json<Vec<DeviceView>> {
-    Json(s.registry.list().into_iter().map(|d| view(&s, d)).collect())
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceParams {
+    pub class: Option<String>,
+    /// One of the device's tags.
+    pub tag: Option<String>,
+    /// `online`, `offline` or `stale` (silent for a day or more).
+    pub state: Option<String>,
+    /// The model it runs, by its last heartbeat: a model line (`city-air-quality`), one version
+    /// (`city-air-quality/3`), or `none`.
+    pub model: Option<String>,
+    pub cursor: Option<String>,
+    pub limit: Option<usize>,
+}
+
+/// Whether `model_version` (`<name> v<version> (sha256:...)`, as heartbeats carry it) is what `want` names.
+fn runs_model(model_version: Option<&str>, want: &str) -> bool {
+    let Some(mv) = model_version else { return want == "none" };
+    match want.split_once('/') {
+        Some((name, version)) => mv.starts_with(&format!("{name} v{version} ")),
+        None => mv.strip_prefix(want).is_some_and(|rest| rest.starts_with(" v")),
+    }
+}
+
+/// `GET /api/v1/devices`: devices by id, paged ([`paging`]) and filtered by class, tag, state and model.
+pub async fn devices(
+    State(s): State<AppState>,
+    uri: axum::http::Uri,
+    params: Result<QueryParams<DeviceParams>, QueryRejection>,
+) -> Result<paging::Paged<DeviceView>, ApiError> {
+    let QueryParams(p) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let limit = paging::limit(p.limit)?;
+    if let Some(st) = p.state.as_deref() {
+        if !["online", "offline", "stale"].contains(&st) {
+            return Err(ApiError::bad_request(format!("state: `{st}` is not online, offline or stale")));
+        }
+    }
+    let now = edgeloop_common::unix_millis();
+    let matching = s.registry.list().into_iter().filter(|d| {
+        p.class.as_ref().is_none_or(|c| *c == d.class)
+            && p.state.as_deref().is_none_or(|st| {
+                crate::metrics::device_state(now.saturating_sub(d.last_seen_ms), s.offline_after_ms) == st
+            })
+            && p.model
+                .as_deref()
+                .is_none_or(|m| runs_model(d.last_status.as_ref().and_then(|st| st.model_version.as_deref()), m))
+            && p.tag.as_ref().is_none_or(|t| s.rollouts.tags(&d.id).contains(t))
+    });
+    let (page, next) = paging::take(matching, |d| d.id.clone(), p.cursor.as_ref(), limit);
+    Ok(paging::Paged { items: page.into_iter().map(|d| view(&s, d)).collect(), next, uri })
 }
 
 pub(crate) fn known_device(s: &AppState, id: &str) -> Result<Device, ApiError> {

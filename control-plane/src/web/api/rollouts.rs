@@ -51,14 +51,47 @@ pub struct ListParams {
     /// Include archived rollouts.
     #[serde(default)]
     pub archived: bool,
+    /// `scheduled`, `running`, `awaiting_approval`, `paused`, `completed`, `rolled_back`, `aborted` or `superseded`.
+    pub state: Option<String>,
+    pub class: Option<String>,
+    /// A rollout id: the page starts after it.
+    pub cursor: Option<String>,
+    pub limit: Option<usize>,
 }
 
+/// The rollout states, as `state` filters and views name them.
+const ROLLOUT_STATES: [&str; 8] =
+    ["scheduled", "running", "awaiting_approval", "paused", "completed", "rolled_back", "aborted", "superseded"];
+
+/// `GET /api/v1/rollouts`: oldest first, paged ([`super::paging`]), filtered by state and class.
 pub async fn list(
     State(s): State<AppState>,
+    uri: axum::http::Uri,
     params: Result<Query<ListParams>, QueryRejection>,
-) -> Result<Json<Vec<RolloutView>>, ApiError> {
+) -> Result<super::paging::Paged<RolloutView>, ApiError> {
     let Query(p) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    Ok(Json(s.rollouts.list().into_iter().filter(|r| p.archived || !r.archived).map(view).collect()))
+    let limit = super::paging::limit(p.limit)?;
+    if let Some(st) = p.state.as_deref() {
+        if !ROLLOUT_STATES.contains(&st) {
+            return Err(ApiError::bad_request(format!("state: `{st}` is not one of {}", ROLLOUT_STATES.join(", "))));
+        }
+    }
+    let all = s.rollouts.list();
+    // The list's order: when created, then the id.
+    let key = |r: &crate::rollout::engine::Rollout| (r.created_ms, r.id.len(), r.id.clone());
+    let after = match &p.cursor {
+        Some(c) => Some(all.iter().find(|r| r.id == *c).map(key).ok_or_else(|| {
+            ApiError::bad_request(format!("cursor: no rollout `{c}` (pass the X-Next-Cursor of the previous page)"))
+        })?),
+        None => None,
+    };
+    let matching = all.into_iter().filter(|r| {
+        (p.archived || !r.archived)
+            && p.state.as_deref().is_none_or(|st| r.state.word() == st)
+            && p.class.as_ref().is_none_or(|c| *c == r.spec.class)
+    });
+    let (page, next) = super::paging::take(matching, key, after.as_ref(), limit);
+    Ok(super::paging::Paged { items: page.into_iter().map(view).collect(), next: next.map(|(_, _, id)| id), uri })
 }
 
 /// `DELETE /api/v1/rollouts/{id}`: archives a rollout that has ended (409 while it is live).
@@ -125,20 +158,48 @@ pub const MAX_AUDIT_LIMIT: usize = 1_000;
 #[serde(deny_unknown_fields)]
 pub struct AuditParams {
     pub limit: Option<usize>,
+    /// The operator (`who`), exactly.
+    pub actor: Option<String>,
+    /// Bounds on the entry's time, Unix ms, inclusive.
+    pub since: Option<u64>,
+    pub until: Option<u64>,
+    /// The `X-Next-Cursor` of the previous (newer) page.
+    pub cursor: Option<String>,
 }
 
+/// `GET /api/v1/audit`: newest first, 200 a page by default, filtered by actor and time, paged with a cursor.
 pub async fn audit(
     State(s): State<AppState>,
+    uri: axum::http::Uri,
     params: Result<Query<AuditParams>, QueryRejection>,
-) -> Result<Json<Vec<crate::access::audit::AuditEntry>>, ApiError> {
+) -> Result<super::paging::Paged<crate::access::audit::AuditEntry>, ApiError> {
     let Query(p) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let limit = p.limit.unwrap_or(200);
     if limit == 0 || limit > MAX_AUDIT_LIMIT {
         return Err(ApiError::bad_request(format!("limit must be between 1 and {MAX_AUDIT_LIMIT}, got {limit}")));
     }
+    if let (Some(a), Some(b)) = (p.since, p.until) {
+        if a > b {
+            return Err(ApiError::bad_request(format!("since ({a}) is after until ({b})")));
+        }
+    }
+    let before = match &p.cursor {
+        Some(c) => Some(
+            crate::fleet::logs::LogCursor::parse(c).map_err(|e| ApiError::bad_request(format!("cursor: {e}")))?.bytes(),
+        ),
+        None => None,
+    };
     let a = s.audit.clone();
-    let entries = tokio::task::spawn_blocking(move || a.recent(limit)).await??;
-    Ok(Json(entries))
+    let (items, next) = tokio::task::spawn_blocking(move || {
+        a.page(before, limit, |e| {
+            p.actor.as_ref().is_none_or(|w| *w == e.who)
+                && p.since.is_none_or(|t| e.at_ms >= t)
+                && p.until.is_none_or(|t| e.at_ms <= t)
+        })
+    })
+    .await??;
+    let next = next.map(|k| crate::fleet::logs::LogCursor::from_bytes(k).encode());
+    Ok(super::paging::Paged { items, next, uri })
 }
 
 #[derive(Serialize, Deserialize, Debug)]
