@@ -429,6 +429,20 @@ pub struct Target {
 }
 
 impl Target {
+    /// Where the device stands, as `phases` counts it: `timed_out`, `awaiting_window`, `pending` (no report
+    /// yet), or its report's phase (`downloading`, `applied`, `failed`, ...).
+    pub fn phase_name(&self) -> String {
+        if self.timed_out() {
+            "timed_out".to_string()
+        } else if self.awaiting_window {
+            "awaiting_window".to_string()
+        } else {
+            self.phase.map_or("pending".to_string(), |p| {
+                serde_json::to_value(p).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
+            })
+        }
+    }
+
     fn new(stage: usize, sha256: String, online: bool, now_ms: u64, send: bool) -> Target {
         Target {
             stage,
@@ -1130,16 +1144,7 @@ impl Rollout {
     pub fn phase_counts(&self) -> BTreeMap<String, usize> {
         let mut m = BTreeMap::new();
         for t in self.devices.values() {
-            let k = if t.timed_out() {
-                "timed_out".to_string()
-            } else if t.awaiting_window {
-                "awaiting_window".to_string()
-            } else {
-                t.phase.map_or("pending".to_string(), |p| {
-                    serde_json::to_value(p).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
-                })
-            };
-            *m.entry(k).or_insert(0) += 1;
+            *m.entry(t.phase_name()).or_insert(0) += 1;
         }
         m
     }

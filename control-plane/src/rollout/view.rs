@@ -35,6 +35,9 @@ pub struct RolloutView {
     pub stages: Vec<StageView>,
     pub gates: Vec<GateValue>,
     pub phases: BTreeMap<String, usize>,
+    /// Each device's target. `GET /api/v1/rollouts/{id}` has them; the list leaves them out (see
+    /// `GET /api/v1/rollouts/{id}/devices`, paged).
+    #[serde(default)]
     pub devices: BTreeMap<String, Target>,
     pub created_ms: u64,
     pub events: Vec<crate::rollout::engine::Event>,

@@ -80,6 +80,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/triggers", get(api::learning::triggers))
         .route("/api/v1/rollouts", get(api::rollouts::list))
         .route("/api/v1/rollouts/{id}", get(api::rollouts::get))
+        .route("/api/v1/rollouts/{id}/devices", get(api::rollouts::devices))
         .route("/api/v1/windows", get(api::rollouts::windows))
         .route("/api/v1/devices/{id}/tags", get(api::rollouts::tags))
         .route("/api/v1/bundles", get(api::rollouts::bundles))

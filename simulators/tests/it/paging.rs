@@ -74,9 +74,36 @@ async fn lists_page_with_a_cursor_and_filter() {
     assert_eq!(r.header("x-next-cursor"), Some("m-a/1"));
     assert_eq!(walk(&api, "/api/v1/models?name=m-b", "version").await.0, ["1", "2"]);
 
-    // Jobs and rollouts: none yet, and their filters are checked.
+    // Jobs: none yet.
     assert!(walk(&api, "/api/v1/jobs?state=failed", "id").await.0.is_empty());
-    assert!(walk(&api, "/api/v1/rollouts?state=running&class=city-air-quality", "id").await.0.is_empty());
+    // A rollout to the three air-quality devices: the list leaves its devices out, the sub-resource pages them.
+    assert!(walk(&api, "/api/v1/rollouts?class=city-air-quality", "id").await.0.is_empty());
+    let stages = serde_json::json!([{"name": "all", "share": {"percent": 100.0}}]);
+    let (status, body) = api
+        .post_json("/api/v1/rollouts", &serde_json::json!({"model": "m-a", "version": 1, "stages": stages}))
+        .await
+        .unwrap();
+    assert_eq!(status, 201, "{body}");
+    let rollout = serde_json::from_str::<serde_json::Value>(&body).unwrap()["id"].as_str().unwrap().to_string();
+    assert_eq!(walk(&api, "/api/v1/rollouts?class=city-air-quality", "id").await.0, std::slice::from_ref(&rollout));
+    assert!(walk(&api, "/api/v1/rollouts?class=factory-vibration", "id").await.0.is_empty());
+    let listed: Vec<serde_json::Value> = api.get_json("/api/v1/rollouts").await.unwrap();
+    assert!(listed[0].get("devices").is_none() && listed[0]["phases"].is_object(), "{}", listed[0]);
+    let air = [ids[0].clone(), ids[2].clone(), ids[4].clone()];
+    wait_for("the rollout takes in its devices", Duration::from_secs(10), || {
+        cp.rollouts.get(&rollout).is_some_and(|r| r.devices.len() == 3)
+    })
+    .await;
+    let (targets, pages) = walk(&api, &format!("/api/v1/rollouts/{rollout}/devices?limit=2"), "device").await;
+    assert_eq!((targets, pages), (air.to_vec(), 2));
+    assert_eq!(walk(&api, &format!("/api/v1/rollouts/{rollout}/devices?stage=0"), "device").await.0.len(), 3);
+    assert!(walk(&api, &format!("/api/v1/rollouts/{rollout}/devices?stage=1"), "device").await.0.is_empty());
+    let one: Vec<serde_json::Value> = api.get_json(&format!("/api/v1/rollouts/{rollout}/devices")).await.unwrap();
+    let phase = one[0]["phase"].as_str().unwrap().to_string();
+    let same: Vec<String> = walk(&api, &format!("/api/v1/rollouts/{rollout}/devices?phase={phase}"), "phase").await.0;
+    assert!(!same.is_empty() && same.iter().all(|p| *p == phase), "{same:?}");
+    let (status, _) = status_of(&api, "/api/v1/rollouts/r-404/devices").await;
+    assert_eq!(status, 404);
 
     // The audit log: newest first, by actor and time, the pages together equal one big page.
     let (all, _) = walk(&api, "/api/v1/audit?limit=1000", "at_ms").await;

@@ -68,7 +68,7 @@ pub async fn list(
     State(s): State<AppState>,
     uri: axum::http::Uri,
     params: Result<Query<ListParams>, QueryRejection>,
-) -> Result<super::paging::Paged<RolloutView>, ApiError> {
+) -> Result<super::paging::Paged<serde_json::Value>, ApiError> {
     let Query(p) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let limit = super::paging::limit(p.limit)?;
     if let Some(st) = p.state.as_deref() {
@@ -91,7 +91,59 @@ pub async fn list(
             && p.class.as_ref().is_none_or(|c| *c == r.spec.class)
     });
     let (page, next) = super::paging::take(matching, key, after.as_ref(), limit);
-    Ok(super::paging::Paged { items: page.into_iter().map(view).collect(), next: next.map(|(_, _, id)| id), uri })
+    // Without the per-device targets, which `/api/v1/rollouts/{id}/devices` pages through.
+    let items = page
+        .into_iter()
+        .map(|mut r| {
+            r.devices.clear();
+            let mut v = serde_json::to_value(view(r)).unwrap_or_default();
+            if let Some(o) = v.as_object_mut() {
+                o.remove("devices");
+            }
+            v
+        })
+        .collect();
+    Ok(super::paging::Paged { items, next: next.map(|(_, _, id)| id), uri })
+}
+
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutDeviceParams {
+    /// Where the device stands, as the rollout's `phases` names it (`pending`, `applied`, `failed`,
+    /// `timed_out`, ...).
+    pub phase: Option<String>,
+    /// The stage that took it in (0 is the first).
+    pub stage: Option<usize>,
+    /// A device id: the page starts after it.
+    pub cursor: Option<String>,
+    pub limit: Option<usize>,
+}
+
+/// One device of a rollout: its id, where it stands (as the rollout's `phases` counts it), and its target.
+#[derive(Serialize, Deserialize, Debug)]
+pub struct RolloutDevice {
+    pub device: String,
+    pub phase: String,
+    pub target: crate::rollout::engine::Target,
+}
+
+/// `GET /api/v1/rollouts/{id}/devices`: the rollout's devices by id, paged, filtered by phase and stage.
+pub async fn devices(
+    State(s): State<AppState>,
+    Path(id): Path<String>,
+    uri: axum::http::Uri,
+    params: Result<Query<RolloutDeviceParams>, QueryRejection>,
+) -> Result<super::paging::Paged<RolloutDevice>, ApiError> {
+    let Query(p) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    let limit = super::paging::limit(p.limit)?;
+    let r = s.rollouts.get(&id).ok_or_else(|| ApiError::not_found(format!("no rollout `{id}`")))?;
+    let matching = r.devices.into_iter().filter_map(|(device, target)| {
+        let phase = target.phase_name();
+        let keep = p.phase.as_ref().is_none_or(|want| *want == phase) && p.stage.is_none_or(|st| st == target.stage);
+        keep.then_some(RolloutDevice { device, phase, target })
+    });
+    let (items, next) = super::paging::take(matching, |d| d.device.clone(), p.cursor.as_ref(), limit);
+    Ok(super::paging::Paged { items, next, uri })
 }
 
 /// `DELETE /api/v1/rollouts/{id}`: archives a rollout that has ended (409 while it is live).
