@@ -123,7 +123,7 @@ async fn lists_page_with_a_cursor_and_filter() {
     for (path, named) in [
         ("/api/v1/devices?limit=0", "limit must be between 1 and 1000"),
         ("/api/v1/devices?limit=1001", "limit must be between 1 and 1000"),
-        ("/api/v1/devices?state=asleep", "state: `asleep` is not online, offline or stale"),
+        ("/api/v1/devices?state=asleep", "state: `asleep` is not one of online, offline, stale"),
         ("/api/v1/devices?colour=red", "unknown field `colour`"),
         ("/api/v1/rollouts?state=done", "state: `done` is not one of"),
         ("/api/v1/rollouts?cursor=r-404", "cursor: no rollout `r-404`"),

@@ -120,11 +120,7 @@ pub async fn jobs(
 ) -> Result<super::paging::Paged<Job>, ApiError> {
     let axum::extract::Query(p) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let limit = super::paging::limit(p.limit)?;
-    if let Some(st) = p.state.as_deref() {
-        if !JOB_STATES.contains(&st) {
-            return Err(ApiError::bad_request(format!("state: `{st}` is not one of {}", JOB_STATES.join(", "))));
-        }
-    }
+    super::paging::one_of("state", p.state.as_deref(), &JOB_STATES)?;
     let after = match &p.cursor {
         Some(c) => Some(c.parse::<u64>().map_err(|_| ApiError::bad_request(format!("cursor: `{c}` is not a job id")))?),
         None => None,

@@ -96,11 +96,7 @@ pub async fn devices(
 ) -> Result<paging::Paged<DeviceView>, ApiError> {
     let QueryParams(p) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let limit = paging::limit(p.limit)?;
-    if let Some(st) = p.state.as_deref() {
-        if !["online", "offline", "stale"].contains(&st) {
-            return Err(ApiError::bad_request(format!("state: `{st}` is not online, offline or stale")));
-        }
-    }
+    paging::one_of("state", p.state.as_deref(), &["online", "offline", "stale"])?;
     let now = edgeloop_common::unix_millis();
     let matching = s.registry.list().into_iter().filter(|d| {
         p.class.as_ref().is_none_or(|c| *c == d.class)

@@ -27,6 +27,16 @@ pub fn limit(limit: Option<usize>) -> Result<usize, ApiError> {
     Ok(l)
 }
 
+/// A filter that takes one of a few words: `value`, if given, must be in `allowed`.
+pub fn one_of(param: &str, value: Option<&str>, allowed: &[&str]) -> Result<(), ApiError> {
+    match value {
+        Some(v) if !allowed.contains(&v) => {
+            Err(ApiError::bad_request(format!("{param}: `{v}` is not one of {}", allowed.join(", "))))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// The items after `after` (by `key`, ascending), `limit` of them, and the key of the last one when more follow.
 /// `items` must already be in ascending key order.
 pub fn take<T, K: Ord>(

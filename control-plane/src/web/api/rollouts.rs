@@ -71,11 +71,7 @@ pub async fn list(
 ) -> Result<super::paging::Paged<serde_json::Value>, ApiError> {
     let Query(p) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
     let limit = super::paging::limit(p.limit)?;
-    if let Some(st) = p.state.as_deref() {
-        if !ROLLOUT_STATES.contains(&st) {
-            return Err(ApiError::bad_request(format!("state: `{st}` is not one of {}", ROLLOUT_STATES.join(", "))));
-        }
-    }
+    super::paging::one_of("state", p.state.as_deref(), &ROLLOUT_STATES)?;
     let all = s.rollouts.list();
     // The list's order: when created, then the id.
     let key = |r: &crate::rollout::engine::Rollout| (r.created_ms, r.id.len(), r.id.clone());
