@@ -116,7 +116,7 @@ async fn unreadable_ca_never_falls_back_to_plaintext() {
     let agent_cancel = cancel.child_token();
     let agent = Agent::start(cfg, Vec::new(), agent_cancel.clone()).await.unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while broker.seen().len() < 3 {
+    while broker.seen().iter().filter(|b| **b == Some(TLS_HANDSHAKE)).count() < 3 {
         assert!(Instant::now() < deadline, "the agent made only {:?} connections", broker.seen());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -124,7 +124,14 @@ async fn unreadable_ca_never_falls_back_to_plaintext() {
     tokio::time::timeout(Duration::from_secs(10), agent.join()).await.expect("the agent stops").unwrap();
     let seen = broker.seen();
     assert!(!seen.contains(&Some(MQTT_CONNECT)), "a plaintext MQTT CONNECT reached the broker: {seen:?}");
-    assert!(seen.iter().all(|b| *b == Some(TLS_HANDSHAKE)), "every connection opens with a TLS record: {seen:?}");
+    // Every connection that sent anything opened with a TLS record. One that sent nothing (`None`: the
+    // connection the stop cut short, or a handshake slower than the recorder's second on a loaded machine)
+    // carried no plaintext either.
+    assert!(
+        seen.iter().flatten().all(|b| *b == TLS_HANDSHAKE),
+        "every connection that sent bytes opens with a TLS record: {seen:?}"
+    );
+    assert!(seen.iter().filter(|b| **b == Some(TLS_HANDSHAKE)).count() >= 3, "three TLS connections: {seen:?}");
     cancel.cancel();
 }
 
