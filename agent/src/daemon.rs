@@ -209,6 +209,7 @@ impl Agent {
         let collector = start_collector(&cfg, &models, &outbox, &health, samples, &live, &tasks);
         // The uplink drains the outbox whenever the collector commits.
         let updates = updates.map(|(desired, reports, _)| (desired, reports));
+        let log_ring = logs.ring().clone();
         let uplink = start_uplink(
             &cfg,
             &outbox,
@@ -220,7 +221,7 @@ impl Agent {
             &tasks,
         );
         // The status file a technician reads with `edgeloop-agent status`.
-        start_status_file(&cfg, &health, &outbox, &counters, &cancel, &tasks);
+        start_status_file(&cfg, (&health, &outbox, &counters, &log_ring), &cancel, &tasks);
 
         let handle_tasks = tasks.clone();
         let task = tokio::spawn(supervise(cancel, stopped_first, collector, uplink, tasks));
@@ -391,14 +392,13 @@ async fn start_agent_updater(
 /// Writes `<data_dir>/status.json` every few seconds, and once more when the agent stops.
 fn start_status_file(
     cfg: &AgentConfig,
-    health: &Arc<Health>,
-    outbox: &Arc<Outbox>,
-    counters: &Arc<UplinkCounters>,
+    (health, outbox, counters, logs): (&Arc<Health>, &Arc<Outbox>, &Arc<UplinkCounters>, &crate::logs::SharedRing),
     cancel: &CancellationToken,
     tasks: &TaskTracker,
 ) {
     let (dir, device, class) = (cfg.data_dir.clone(), cfg.device_id.clone(), cfg.class.class.clone());
     let (health, outbox, counters, cancel) = (health.clone(), outbox.clone(), counters.clone(), cancel.clone());
+    let logs = logs.clone();
     tasks.spawn(async move {
         let mut every = tokio::time::interval(crate::local_status::EVERY);
         loop {
@@ -407,9 +407,9 @@ fn start_status_file(
                 _ = every.tick() => false,
             };
             let (dir, device, class) = (dir.clone(), device.clone(), class.clone());
-            let (health, outbox, counters) = (health.clone(), outbox.clone(), counters.clone());
+            let (health, outbox, counters, logs) = (health.clone(), outbox.clone(), counters.clone(), logs.clone());
             let written = tokio::task::spawn_blocking(move || {
-                let s = crate::local_status::snapshot(&device, &class, &health, &outbox, &counters);
+                let s = crate::local_status::snapshot((&device, &class), &health, &outbox, &counters, &logs);
                 crate::local_status::write(&dir, &s)
             })
             .await;

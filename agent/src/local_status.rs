@@ -50,6 +50,9 @@ pub struct LocalStatus {
     pub samples: u64,
     pub bad_samples: u64,
     pub rss_bytes: Option<u64>,
+    /// The agent's own warnings and errors: the newest, and how many went up or were left out.
+    #[serde(default)]
+    pub logs: crate::logs::LogsView,
 }
 
 pub fn path(data_dir: &Path) -> PathBuf {
@@ -57,7 +60,13 @@ pub fn path(data_dir: &Path) -> PathBuf {
 }
 
 /// The agent's state now. Blocking (it reads the oldest outbox record).
-pub fn snapshot(device: &str, class: &str, health: &Health, outbox: &Outbox, link: &UplinkCounters) -> LocalStatus {
+pub fn snapshot(
+    (device, class): (&str, &str),
+    health: &Health,
+    outbox: &Outbox,
+    link: &UplinkCounters,
+    logs: &crate::logs::SharedRing,
+) -> LocalStatus {
     let st = outbox.stats();
     let oldest = outbox.read_batch(st.acked + 1, 1).ok().and_then(|r| r.first().map(|r| r.ts_ms));
     let last_ack = link.last_ack_ms.load(Ordering::Relaxed);
@@ -82,6 +91,7 @@ pub fn snapshot(device: &str, class: &str, health: &Health, outbox: &Outbox, lin
         samples: health.samples.load(Ordering::Relaxed),
         bad_samples: health.bad_samples.load(Ordering::Relaxed),
         rss_bytes: crate::health::rss_bytes(),
+        logs: logs.lock().unwrap_or_else(|p| p.into_inner()).view(),
     }
 }
 
@@ -156,6 +166,20 @@ pub fn render(s: &LocalStatus, pointer: &Pointer, now_ms: u64) -> String {
         o.dropped_total
     ));
     out.push(format!("samples:    {} taken, {} refused", s.samples, s.bad_samples));
+    let l = &s.logs;
+    out.push(format!(
+        "log:        {} warnings and errors sent to the control plane, {} waiting, {} left out by the budget",
+        l.shipped_total, l.waiting, l.suppressed_total
+    ));
+    for e in &l.recent {
+        out.push(format!(
+            "            {} {} {}: {}",
+            ago(now_ms, e.ts_ms),
+            e.level.as_str().to_uppercase(),
+            e.target,
+            e.message
+        ));
+    }
     out.join("\n") + "\n"
 }
 
@@ -186,6 +210,17 @@ mod tests {
             samples: 1000,
             bad_samples: 2,
             rss_bytes: None,
+            logs: crate::logs::LogsView {
+                waiting: 1,
+                shipped_total: 7,
+                suppressed_total: 3,
+                recent: vec![edgeloop_common::envelope::LogEntry {
+                    ts_ms: written_ms - 30_000,
+                    level: edgeloop_common::envelope::LogLevel::Warn,
+                    target: "edgeloop_agent::source".into(),
+                    message: "bad sample refused rejected_total=2".into(),
+                }],
+            },
         }
     }
 
@@ -211,6 +246,8 @@ mod tests {
             "highest sequence accepted 7",
             "broker:     NOT connected; last acknowledgement 91 s ago",
             "outbox:     12 records waiting (3000 bytes), oldest 10 min ago; last sequence 112, acknowledged up to 100",
+            "log:        7 warnings and errors sent to the control plane, 1 waiting, 3 left out by the budget",
+            "31 s ago WARN edgeloop_agent::source: bad sample refused rejected_total=2",
         ] {
             assert!(text.contains(want), "no `{want}` in:\n{text}");
         }

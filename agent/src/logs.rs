@@ -39,6 +39,22 @@ pub struct LogRing {
     pub suppressed_total: u64,
     /// Lines shipped (taken in batches) since the agent started.
     pub shipped_total: u64,
+    /// The newest lines kept, shipped or not: what `edgeloop-agent status` shows at the device.
+    recent: VecDeque<LogEntry>,
+}
+
+/// The newest lines [`LogRing::recent`] keeps.
+pub const RECENT: usize = 5;
+
+/// The ring, as the device's status file shows it.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LogsView {
+    /// Lines waiting to go up.
+    pub waiting: usize,
+    pub shipped_total: u64,
+    pub suppressed_total: u64,
+    /// The newest lines kept, oldest first.
+    pub recent: Vec<LogEntry>,
 }
 
 impl LogRing {
@@ -51,6 +67,17 @@ impl LogRing {
             suppressed: 0,
             suppressed_total: 0,
             shipped_total: 0,
+            recent: VecDeque::new(),
+        }
+    }
+
+    /// What the status file shows.
+    pub fn view(&self) -> LogsView {
+        LogsView {
+            waiting: self.entries.len(),
+            shipped_total: self.shipped_total,
+            suppressed_total: self.suppressed_total,
+            recent: self.recent.iter().cloned().collect(),
         }
     }
 
@@ -107,6 +134,10 @@ impl LogRing {
             self.entries.pop_front();
             self.left_out(1);
         }
+        if self.recent.len() == RECENT {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(entry.clone());
         self.entries.push_back(entry);
     }
 
@@ -346,6 +377,10 @@ mod tests {
         assert_eq!(batch.suppressed, 95 + 95 + 1);
         assert!(!ring.has_news());
         assert_eq!((ring.shipped_total, ring.suppressed_total), (12, 191));
+        // The device's own view keeps the newest kept lines after they were shipped.
+        let v = ring.view();
+        assert_eq!((v.waiting, v.shipped_total, v.suppressed_total, v.recent.len()), (0, 12, 191, RECENT));
+        assert_eq!(v.recent.last().unwrap().message, "line 1");
     }
 
     #[test]

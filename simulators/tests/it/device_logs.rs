@@ -79,6 +79,25 @@ async fn a_devices_warning_reaches_the_api_and_the_dashboard() {
     let (status, html) = client.get("/devices/logs-1").await.unwrap();
     assert_eq!(status, 200);
     assert!(html.contains("Device log") && html.contains("bad sample refused"), "{html}");
+
+    // A technician at the device sees it too, with no control plane to ask (the status file is rewritten every 5 s).
+    let status = || {
+        let out = std::process::Command::new(crate::support::binary("edgeloop-agent"))
+            .arg("--config")
+            .arg(d.join("agent.toml"))
+            .arg("status")
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut text = status();
+    while !text.contains("log:        1 warnings and errors sent") {
+        assert!(Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        text = status();
+    }
+    assert!(text.contains("WARN edgeloop_agent::source: bad sample refused"), "{text}");
     agent.sigterm();
     cp.sigterm();
 }
