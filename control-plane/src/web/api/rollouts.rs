@@ -87,12 +87,14 @@ pub async fn list(
             && p.class.as_ref().is_none_or(|c| *c == r.spec.class)
     });
     let (page, next) = super::paging::take(matching, key, after.as_ref(), limit);
-    // Without the per-device targets, which `/api/v1/rollouts/{id}/devices` pages through.
+    // Without the per-device targets, which `/api/v1/rollouts/{id}/devices` pages through; `phases` and the
+    // stages' device counts are taken from them first.
     let items = page
         .into_iter()
-        .map(|mut r| {
-            r.devices.clear();
-            let mut v = serde_json::to_value(view(r)).unwrap_or_default();
+        .map(|r| {
+            let mut rv = view(r);
+            rv.devices.clear();
+            let mut v = serde_json::to_value(rv).unwrap_or_default();
             if let Some(o) = v.as_object_mut() {
                 o.remove("devices");
             }
