@@ -2,6 +2,7 @@
 //! its model line. It reaches devices only through a rollout, signed like a trained model.
 
 use crate::ml::models::{Lineage, Metrics, ModelError, ModelKind, ModelRegistry, ModelVersion, Promotion};
+use crate::ml::onnx_ml::{self, RewriteError, ScoreSpec};
 use base64::Engine as _;
 use edgeloop_common::config::ClassConfig;
 use edgeloop_common::features::PipelineSpec;
@@ -41,6 +42,10 @@ pub struct UploadMeta {
     pub golden: Vec<Golden>,
     #[serde(default)]
     pub description: String,
+    /// Which output is the score, its column, and whether to negate it; the golden vectors' outputs are that
+    /// output's values as the uploaded model gives them.
+    #[serde(default)]
+    pub score: ScoreSpec,
 }
 
 /// An upload: what it says, and the ONNX file.
@@ -110,8 +115,13 @@ pub fn register(
     }
     let width = golden_width(&u.golden)?;
     let (sensor, pipeline) = sensor_and_pipeline(classes, &u, width)?;
-    let out_len = check_golden(&onnx, &u.golden, width)?;
-    let sha256 = models.put_artifact(&onnx)?;
+    let served = onnx_ml::prepare(&onnx, &u.score).map_err(|e| match e {
+        RewriteError::Score(reason) => invalid("score.output", reason),
+        other => invalid("onnx", other.to_string()),
+    })?;
+    let golden = served_golden(&u.golden, &u.score)?;
+    let out_len = check_golden(&served.onnx, &golden, width)?;
+    let sha256 = models.put_artifact(&served.onnx)?;
     let version = models.next_version(&u.name)?;
     let m = ModelVersion {
         name: u.name.clone(),
@@ -120,14 +130,14 @@ pub fn register(
         sensor,
         kind: ModelKind::Uploaded,
         sha256,
-        size: onnx.len() as u64,
+        size: served.onnx.len() as u64,
         input_shape: vec![-1, width as i64],
         output_shape: vec![-1, out_len as i64],
         gaps: Default::default(),
         pipeline,
         threshold: u.threshold,
-        golden: u.golden,
-        lineage: lineage(&u.description),
+        golden,
+        lineage: lineage(&u.description, &served.summary(&u.score)),
         created_ms: edgeloop_common::unix_millis(),
         promotion: Promotion {
             promoted: false,
@@ -240,7 +250,30 @@ fn check_golden(onnx: &[u8], golden: &[Golden], width: usize) -> Result<usize, U
     Ok(out_len)
 }
 
-fn lineage(description: &str) -> Lineage {
+/// The golden vectors of the served model: the score's column of each, negated when the score is.
+fn served_golden(golden: &[Golden], score: &ScoreSpec) -> Result<Vec<Golden>, UploadError> {
+    golden
+        .iter()
+        .enumerate()
+        .map(|(i, g)| {
+            let mut output = match score.index {
+                None => g.output.clone(),
+                Some(k) => vec![*g.output.get(k).ok_or_else(|| {
+                    invalid(
+                        format!("golden[{i}].output"),
+                        format!("{} values, but the score is column {k} (`score.index`)", g.output.len()),
+                    )
+                })?],
+            };
+            if score.negate {
+                output.iter_mut().for_each(|v| *v = -*v);
+            }
+            Ok(Golden { input: g.input.clone(), output })
+        })
+        .collect()
+}
+
+fn lineage(description: &str, served: &str) -> Lineage {
     Lineage {
         dataset_hash: String::new(),
         dataset_report: Default::default(),
@@ -249,7 +282,7 @@ fn lineage(description: &str) -> Lineage {
         seed: 0,
         metrics: Metrics::default(),
         threshold_source: "given by the uploader".into(),
-        code_version: format!("uploaded: {description}"),
+        code_version: format!("uploaded: {description} ({served})"),
         reference: Default::default(),
         selection: "uploaded by an operator".into(),
     }

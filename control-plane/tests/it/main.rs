@@ -28,3 +28,5 @@ fn bad_config_exits_2_naming_file_key_and_reason() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("control-plane.toml: broker") && stderr.contains("carrier-pigeon"), "{stderr}");
 }
+
+mod onnx_ml;

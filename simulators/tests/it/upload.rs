@@ -102,7 +102,7 @@ async fn models_upload_as_multipart_and_as_json_and_bad_parts_are_named() {
         ),
         (
             multipart(&[meta_part.clone(), part("model", None, "application/octet-stream", b"not onnx")]),
-            "onnx: tract cannot run it",
+            "onnx: not an ONNX model",
         ),
         (b"--nothing here".to_vec(), "multipart"),
     ];
@@ -116,6 +116,82 @@ async fn models_upload_as_multipart_and_as_json_and_bad_parts_are_named() {
     assert!(text.contains("onnx_base64: missing"), "{text}");
     let versions: Vec<serde_json::Value> = api.get_json("/api/v1/models").await.unwrap();
     assert_eq!(versions.iter().filter(|m| m["name"] == "uploaded-ms").count(), 2, "refused uploads register nothing");
+    cancel.cancel();
+    cp.join().await.unwrap();
+}
+
+fn sklearn_fixture(name: &str) -> (Vec<u8>, serde_json::Value) {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../control-plane/tests/fixtures/onnx_ml");
+    let onnx = std::fs::read(format!("{dir}/{name}.onnx")).unwrap();
+    (onnx, serde_json::from_slice(&std::fs::read(format!("{dir}/{name}.json")).unwrap()).unwrap())
+}
+
+fn floats(v: &serde_json::Value) -> Vec<f32> {
+    v.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()
+}
+
+/// A scikit-learn IsolationForest, exported with skl2onnx, goes in through the API with its score named and
+/// its golden vectors from onnxruntime; the signed artifact is a model the agent's tract loads and scores as
+/// onnxruntime did, negated. Without the score named, its int64 label is refused as a score.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_isolation_forest_uploads_with_its_score_named_and_the_agent_scores_it_as_onnxruntime() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cp, cancel) = start_cp(dir.path(), |_| {}).await;
+    let api = api(&cp);
+    let (onnx, doc) = sklearn_fixture("isolation_forest");
+    let inputs: Vec<Vec<f32>> = doc["input"].as_array().unwrap().iter().map(floats).collect();
+    let scores: Vec<f32> = doc["outputs"]["scores"].as_array().unwrap().iter().map(|r| floats(r)[0]).collect();
+    let golden: Vec<Golden> =
+        inputs.iter().zip(&scores).take(4).map(|(i, s)| Golden { input: i.clone(), output: vec![*s] }).collect();
+    let mut metadata = serde_json::json!({
+        "name": "iforest", "class": "probe", "sensor": "t", "threshold": 0.0, "golden": golden,
+        "description": "skl2onnx IsolationForest",
+    });
+    let content_type = format!("multipart/form-data; boundary={BOUNDARY}");
+    let model_part = part("model", Some("iforest.onnx"), "application/octet-stream", &onnx);
+    let upload = |metadata: serde_json::Value| {
+        let body = multipart(&[
+            part("metadata", None, "application/json", metadata.to_string().as_bytes()),
+            model_part.clone(),
+        ]);
+        let (api, content_type) = (api.clone(), content_type.clone());
+        async move {
+            let r =
+                api.request("POST", "/api/v1/models", &[("content-type", &content_type)], Some(&body)).await.unwrap();
+            (r.status, String::from_utf8_lossy(&r.body).to_string())
+        }
+    };
+
+    // The first output is the label: never a score.
+    let (status, text) = upload(metadata.clone()).await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("score.output: output `label` is int64, not a score") && text.contains(": scores"), "{text}");
+
+    metadata["score"] = serde_json::json!({"output": "scores", "negate": true});
+    let (status, text) = upload(metadata.clone()).await;
+    assert_eq!(status, 201, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let lineage = v["lineage"]["code_version"].as_str().unwrap();
+    assert!(lineage.contains("TreeEnsembleRegressor ×12") && lineage.contains("negated"), "{lineage}");
+    let stored =
+        api.request("GET", &format!("/api/v1/artifacts/{}", v["sha256"].as_str().unwrap()), &[], None).await.unwrap();
+    assert_eq!(stored.status, 200);
+    assert_eq!(
+        v["golden"][0]["output"][0].as_f64().unwrap() as f32,
+        -scores[0],
+        "the served golden vectors are negated"
+    );
+
+    // The device's side: the agent's tract loads the signed artifact and scores every row as onnxruntime did.
+    let mut model = edgeloop_agent::inference::Model::load_bytes(&stored.body, inputs[0].len()).unwrap();
+    for (i, (input, want)) in inputs.iter().zip(&scores).enumerate() {
+        let (got, _) = model.score(input).unwrap();
+        assert!((got + want).abs() <= 1e-4 * want.abs().max(1.0), "row {i}: agent {got}, onnxruntime {want}");
+    }
+    // And it flags what the forest calls an outlier: a negative decision function.
+    let flagged = inputs.iter().filter(|x| model.score(x).unwrap().0 > 0.0).count();
+    assert!(flagged > 0);
+    assert_eq!(flagged, scores.iter().filter(|s| **s < 0.0).count());
     cancel.cancel();
     cp.join().await.unwrap();
 }
