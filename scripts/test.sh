@@ -6,7 +6,8 @@
 #   chromedriver;
 # - Debian's prometheus: `promtool check metrics` reads a live scrape of `/metrics`;
 # - Python 3 with venv, and from PyPI paho-mqtt, cbor2 and cryptography in target/py-venv: the Python device of
-#   docs/protocol.md runs against a live control plane.
+#   docs/protocol.md runs against a live control plane; and the Python client of python/ with its test extras:
+#   its pytest suite drives the loop against a live control plane and fleet.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,6 +26,9 @@ if ! target/py-venv/bin/python3 -c 'import paho.mqtt, cbor2, cryptography' 2>/de
   python3 -m venv target/py-venv
   target/py-venv/bin/pip install -q "paho-mqtt>=2,<3" "cbor2>=5.4,<7" "cryptography>=41"
 fi
+# The Python client, installed as its README says, with what its pytest suite needs (scikit-learn, skl2onnx,
+# onnxruntime, pandas, pytest). The suite imports the working tree's package first.
+target/py-venv/bin/pip install -q "./python[test]"
 /usr/sbin/mosquitto -h | head -1 || true
 chromium --version || true
 chromedriver --version || true

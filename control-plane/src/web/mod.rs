@@ -77,6 +77,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/models/{name}/{version}", get(api::learning::model))
         .route("/api/v1/models/{name}/{version}/manifest", get(api::learning::manifest))
         .route("/api/v1/labels", get(api::learning::labels))
+        .route("/api/v1/datasets/{class}", get(api::learning::dataset))
         .route("/api/v1/triggers", get(api::learning::triggers))
         .route("/api/v1/rollouts", get(api::rollouts::list))
         .route("/api/v1/rollouts/{id}", get(api::rollouts::get))

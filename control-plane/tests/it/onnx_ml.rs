@@ -139,3 +139,11 @@ fn a_core_model_with_one_output_is_served_byte_for_byte() {
     assert_eq!(again.onnx, served.onnx);
     assert!(again.rewritten.is_empty());
 }
+
+#[test]
+fn a_pytorch_autoencoder_is_served_as_exported_and_scores_as_onnxruntime_does() {
+    // torch.onnx.export's default exporter (opset 18, a symbolic batch): core operators only, one output.
+    assert!(matches_onnxruntime("torch_autoencoder", spec("score", None, false)).is_empty());
+    let (onnx, _) = fixture("torch_autoencoder");
+    assert_eq!(prepare(&onnx, &ScoreSpec::default()).unwrap().onnx, onnx, "served byte for byte");
+}

@@ -28,6 +28,7 @@ mod outbox_full;
 mod paging;
 mod process_fleet;
 mod process_rollout;
+mod python_client;
 mod python_device;
 mod rollouts;
 mod support;

@@ -6,13 +6,14 @@ use crate::support::stored_seqs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-fn workspace() -> PathBuf {
+pub(crate) fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
-/// The Python with paho-mqtt, cbor2 and cryptography that scripts/test.sh installs in `target/py-venv`
+/// The Python that scripts/test.sh prepares in `target/py-venv` (paho-mqtt, cbor2 and cryptography for the
+/// device; the client of `python/` with its test extras)
 /// (or `EDGELOOP_PYTHON`).
-fn python() -> PathBuf {
+pub(crate) fn python() -> PathBuf {
     let p = std::env::var_os("EDGELOOP_PYTHON")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace().join("target/py-venv/bin/python3"));

@@ -1,43 +1,16 @@
 //! Signed rollouts end to end, in process: a real control plane (embedded broker, API, rollout engine) and
 //! simulated agents that download, verify, self-test, activate and watch real ONNX models.
 
-use crate::support::{start_cp, wait_for};
+use crate::support::{feed_forever, fleet_for, start_cp, wait_for};
 use edgeloop_common::update::Phase;
 use edgeloop_control_plane::rollout::State;
-use edgeloop_simulators::fleet::{self, FleetSpec, SimDevice};
-use edgeloop_simulators::http::Api;
 use edgeloop_simulators::{class_config, rollouts};
 use serde_json::json;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 const CLASS: &str = "city-air-quality";
-
-/// Starts `n` agents that trust the control plane at `api`, and feeds them until `stop` fires.
-async fn fleet_for(
-    api: &Api,
-    mqtt: (String, u16),
-    root: &std::path::Path,
-    n: usize,
-    first: usize,
-    cancel: &CancellationToken,
-) -> Vec<SimDevice> {
-    let updates = rollouts::updater_config(api).await.unwrap();
-    let mut spec = FleetSpec::new(vec![class_config(CLASS).unwrap()], mqtt, root, updates.trusted[0].clone());
-    spec.customise = Arc::new(move |c| c.updates = Some(updates.clone()));
-    spec.first_index = first;
-    spec.enroll_with(api, n).await.unwrap();
-    fleet::start(&spec, n, cancel).await.unwrap()
-}
-
-fn feed_forever(mut devices: Vec<SimDevice>, stop: CancellationToken) -> tokio::task::JoinHandle<Vec<SimDevice>> {
-    tokio::spawn(async move {
-        fleet::feed(&mut devices, 10, None, &stop, &mut |_, _| {}).await.unwrap();
-        devices
-    })
-}
 
 fn stages(canary_bake: u64) -> serde_json::Value {
     json!([
@@ -63,7 +36,7 @@ async fn rollout_completes_then_canary_breach_rolls_back_and_late_joiner_gets_ro
     assert_eq!((good.version, bad.version), (1, 2));
 
     let fleet_cancel = CancellationToken::new();
-    let devices = fleet_for(api, cp.mqtt_addr.clone(), &dir.path().join("fleet"), 6, 0, &fleet_cancel).await;
+    let devices = fleet_for(CLASS, api, cp.mqtt_addr.clone(), &dir.path().join("fleet"), 6, 0, &fleet_cancel).await;
     let ids: Vec<String> = devices.iter().map(|d| d.agent.device.clone()).collect();
     let stop_feed = CancellationToken::new();
     let feeding = feed_forever(devices, stop_feed.clone());
@@ -94,7 +67,7 @@ async fn rollout_completes_then_canary_breach_rolls_back_and_late_joiner_gets_ro
     }
 
     // 2. late_joiner_gets_rollout: a device that joins after completion receives the model too.
-    let late = fleet_for(api, cp.mqtt_addr.clone(), &dir.path().join("fleet"), 1, 6, &fleet_cancel).await;
+    let late = fleet_for(CLASS, api, cp.mqtt_addr.clone(), &dir.path().join("fleet"), 1, 6, &fleet_cancel).await;
     let late_id = late[0].agent.device.clone();
     let late_feed_stop = CancellationToken::new();
     let late_feeding = feed_forever(late, late_feed_stop.clone());
@@ -170,7 +143,7 @@ async fn control_plane_restart_mid_rollout_resumes() {
     let class = class_config(CLASS).unwrap();
     let good = rollouts::upload_reference_model(api, CLASS, &class, 1e9).await.unwrap();
     let fleet_cancel = CancellationToken::new();
-    let devices = fleet_for(api, cp.mqtt_addr.clone(), &dir.path().join("fleet"), 4, 0, &fleet_cancel).await;
+    let devices = fleet_for(CLASS, api, cp.mqtt_addr.clone(), &dir.path().join("fleet"), 4, 0, &fleet_cancel).await;
     let ids: Vec<String> = devices.iter().map(|d| d.agent.device.clone()).collect();
     let stop_feed = CancellationToken::new();
     let feeding = feed_forever(devices, stop_feed.clone());

@@ -239,3 +239,37 @@ pub async fn udp_device(dir: &Path, id: &str, class_toml: &str) -> (Proc, Api, P
     );
     (proc, api, agent, udp)
 }
+
+/// Starts `n` agents of `class` that trust the control plane at `api` and take its rollouts; `feed_forever`
+/// then feeds them until `stop` fires.
+pub async fn fleet_for(
+    class: &str,
+    api: &Api,
+    mqtt: (String, u16),
+    root: &std::path::Path,
+    n: usize,
+    first: usize,
+    cancel: &CancellationToken,
+) -> Vec<edgeloop_simulators::fleet::SimDevice> {
+    let updates = edgeloop_simulators::rollouts::updater_config(api).await.unwrap();
+    let mut spec = edgeloop_simulators::fleet::FleetSpec::new(
+        vec![edgeloop_simulators::class_config(class).unwrap()],
+        mqtt,
+        root,
+        updates.trusted[0].clone(),
+    );
+    spec.customise = std::sync::Arc::new(move |c| c.updates = Some(updates.clone()));
+    spec.first_index = first;
+    spec.enroll_with(api, n).await.unwrap();
+    edgeloop_simulators::fleet::start(&spec, n, cancel).await.unwrap()
+}
+
+pub fn feed_forever(
+    mut devices: Vec<edgeloop_simulators::fleet::SimDevice>,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<Vec<edgeloop_simulators::fleet::SimDevice>> {
+    tokio::spawn(async move {
+        edgeloop_simulators::fleet::feed(&mut devices, 10, None, &stop, &mut |_, _| {}).await.unwrap();
+        devices
+    })
+}

@@ -414,3 +414,99 @@ mod tests {
         assert_eq!(parse_range("bytes=-0", 100), None);
     }
 }
+
+/// `GET /api/v1/datasets/{class}`: what a training of the class would learn from, built the same way (the
+/// same cleaning, imputation, features, time split and quality report), for a notebook.
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetParams {
+    pub sensor: Option<String>,
+    /// Comma-separated device ids; default: every device of the class.
+    pub devices: Option<String>,
+    /// Unix milliseconds, inclusive.
+    pub from: Option<u64>,
+    pub to: Option<u64>,
+    pub impute: Option<ImputeMethod>,
+    #[serde(default)]
+    pub exclude_flagged: bool,
+}
+
+/// One row of a dataset, with the split it falls in.
+#[derive(Serialize, Deserialize, Debug)]
+pub struct DatasetRow {
+    pub split: &'static str,
+    #[serde(flatten)]
+    pub row: crate::ml::dataset::Row,
+}
+
+#[derive(Serialize, Debug)]
+pub struct DatasetView {
+    pub class: String,
+    pub sensor: String,
+    /// `sha256:<hex>` of the spec and every row, as a trained model's lineage names its dataset.
+    pub hash: String,
+    pub feature_names: Vec<String>,
+    pub report: crate::ml::dataset::QualityReport,
+    /// Fitted on the training split; trained models standardise their inputs with it.
+    pub standardizer: crate::ml::dataset::Standardizer,
+    pub rows: Vec<DatasetRow>,
+}
+
+/// Most rows a dataset answer carries: narrow a larger one with `from`, `to` or `devices`.
+pub const MAX_DATASET_ROWS: usize = 200_000;
+
+pub async fn dataset(
+    State(s): State<AppState>,
+    Path(class): Path<String>,
+    params: Result<axum::extract::Query<DatasetParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<DatasetView>, ApiError> {
+    let axum::extract::Query(p) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
+    if let (Some(f), Some(t)) = (p.from, p.to) {
+        if f > t {
+            return Err(ApiError::bad_request(format!("from ({f}) is after to ({t})")));
+        }
+    }
+    let config =
+        s.learning.classes.get(&class).cloned().ok_or_else(|| {
+            ApiError::not_found(format!("class `{class}` is not configured here (training.classes_dir)"))
+        })?;
+    let mut spec = DatasetSpec::new(&class);
+    spec.sensor = p.sensor;
+    spec.devices =
+        p.devices.map(|d| d.split(',').filter(|x| !x.is_empty()).map(String::from).collect()).unwrap_or_default();
+    (spec.from_ms, spec.to_ms, spec.exclude_flagged) = (p.from, p.to, p.exclude_flagged);
+    if let Some(m) = p.impute {
+        spec.impute = m;
+    }
+    let learning = s.learning.clone();
+    let store = s.store.clone();
+    let ds = tokio::task::spawn_blocking(move || {
+        let devices = if spec.devices.is_empty() { learning.devices_of(&class) } else { spec.devices.clone() };
+        let labels = learning.models.labels()?;
+        crate::ml::dataset::build(&store, &config, &devices, &labels, &spec)
+    })
+    .await?
+    .map_err(|e| match e {
+        crate::ml::dataset::DatasetError::Store(e) => ApiError::from(e),
+        other => ApiError::bad_request(other.to_string()),
+    })?;
+    if ds.report.rows as usize > MAX_DATASET_ROWS {
+        return Err(ApiError::bad_request(format!(
+            "{} rows, over {MAX_DATASET_ROWS}: narrow the dataset with from, to or devices",
+            ds.report.rows
+        )));
+    }
+    let split = |name: &'static str, rows: Vec<crate::ml::dataset::Row>| {
+        rows.into_iter().map(move |row| DatasetRow { split: name, row })
+    };
+    let rows = split("train", ds.train).chain(split("val", ds.val)).chain(split("test", ds.test)).collect();
+    Ok(Json(DatasetView {
+        class: ds.spec.class,
+        sensor: ds.sensor.name.clone(),
+        hash: ds.hash,
+        feature_names: ds.feature_names,
+        report: ds.report,
+        standardizer: ds.standardizer,
+        rows,
+    }))
+}
