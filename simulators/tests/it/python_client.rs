@@ -80,6 +80,8 @@ async fn the_python_client_drives_the_loop_from_dataset_to_a_completed_rollout()
     }
     stop_feed.cancel();
     let devices = feeding.await.unwrap();
+    // The forest scores slower than the autoencoder it replaced: let the collectors catch up before stopping.
+    edgeloop_simulators::fleet::drain(&devices, Duration::from_secs(60)).await;
     fleet_cancel.cancel();
     for d in devices {
         d.agent.join().await.unwrap();

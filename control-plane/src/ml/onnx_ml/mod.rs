@@ -25,7 +25,7 @@ mod trees;
 use graph::{Emit, DOUBLE, FLOAT};
 use prost::Message;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use tract_onnx::pb::{self, type_proto, ModelProto, NodeProto, ValueInfoProto};
 
 /// Which output of an uploaded model is the score, and how.
@@ -111,6 +111,11 @@ pub fn prepare(bytes: &[u8], score: &ScoreSpec) -> Result<Prepared, RewriteError
     let opset = model.opset_import.iter().find(|o| o.domain.is_empty() || o.domain == "ai.onnx").map(|o| o.version);
     let graph = model.graph.as_mut().ok_or_else(|| RewriteError::Model("the model has no graph".into()))?;
     check_input(graph)?;
+    // Shape hints on inner values, and symbolic output shapes: an exporter's symbolic batch (`batch`, `s0`)
+    // there cannot unify with the fixed batch tract runs at, so the served model has none; tract infers every
+    // shape itself.
+    let hints = !graph.value_info.is_empty() || graph.output.iter().any(symbolic);
+    graph.value_info.clear();
     let (output, source, served_type) = score_source(graph, score)?;
 
     // The tail that makes the score: a cast to float, a column, a negation.
@@ -135,30 +140,48 @@ pub fn prepare(bytes: &[u8], score: &ScoreSpec) -> Result<Prepared, RewriteError
     let before = (graph.node.len(), graph.output.len(), graph.output[0].name == final_name);
     prune(graph, &final_name, &tail.nodes);
     // A model already in that form is served byte for byte as uploaded.
-    let unchanged = before == (graph.node.len(), 1, true) && tail.nodes.is_empty();
+    let unchanged = before == (graph.node.len(), 1, true) && tail.nodes.is_empty() && !hints;
     let mut rewritten = BTreeMap::new();
     let mut nodes = Vec::with_capacity(graph.node.len());
     let mut constants = Vec::new();
-    for (i, node) in std::mem::take(&mut graph.node).into_iter().enumerate() {
+    let all = std::mem::take(&mut graph.node);
+    let (groups, followers) = tree_groups(&all, &graph.initializer);
+    for (i, node) in all.iter().enumerate() {
+        if followers.contains(&i) {
+            continue; // emitted with the first ensemble of its group
+        }
+        if let Some((input, members)) = groups.get(&i) {
+            if opset.is_some_and(|v| v < 11) {
+                return Err(RewriteError::node(node, "its rewrite needs opset 11 or later of the default domain"));
+            }
+            let mut e = Emit::new(format!("edgeloop/trees{i}"));
+            let members: Vec<trees::Member> =
+                members.iter().map(|(k, columns)| trees::Member { node: &all[*k], columns: columns.clone() }).collect();
+            trees::regressors_merged(input, &members, &mut e)?;
+            *rewritten.entry(node.op_type.clone()).or_insert(0) += members.len();
+            nodes.extend(e.nodes);
+            constants.extend(e.constants);
+            continue;
+        }
         let domain = node.domain.as_str();
         if domain != ML || NATIVE.contains(&node.op_type.as_str()) {
-            nodes.push(node);
+            nodes.push(node.clone());
             continue;
         }
         let prefix = format!("edgeloop/{}", if node.name.is_empty() { format!("node{i}") } else { node.name.clone() });
         let mut e = Emit::new(prefix);
         let needs_opset = match node.op_type.as_str() {
-            "Scaler" => ops::scaler(&node, &mut e).map(|_| 7)?,
-            "ArrayFeatureExtractor" => ops::array_feature_extractor(&node, &mut e, opset.unwrap_or(13)).map(|_| 1)?,
-            "LabelEncoder" => ops::label_encoder(&node, &mut e).map(|_| 9)?,
-            "TreeEnsembleRegressor" => trees::regressor(&node, &mut e).map(|_| 11)?,
-            "SVMRegressor" => svm::regressor(&node, &mut e).map(|_| 9)?,
+            "Scaler" => ops::scaler(node, &mut e).map(|_| 7)?,
+            "ArrayFeatureExtractor" => ops::array_feature_extractor(node, &mut e, opset.unwrap_or(13)).map(|_| 1)?,
+            "LabelEncoder" => ops::label_encoder(node, &mut e).map(|_| 9)?,
+            "TreeEnsembleRegressor" => trees::regressor(node, &mut e).map(|_| 11)?,
+            "SVMRegressor" => svm::regressor(node, &mut e).map(|_| 9)?,
             "ZipMap" => {
-                return Err(RewriteError::node(&node, "feeds another node; only a ZipMap at an output is left out"))
+                return Err(RewriteError::node(node, "feeds another node; only a ZipMap at an output is left out"))
             }
             other => {
                 return Err(RewriteError::node(
-                    &node,
+                    node,
                     format!(
                         "operator {other} of {ML} is not supported; supported: {}, {}",
                         NATIVE.join(", "),
@@ -169,7 +192,7 @@ pub fn prepare(bytes: &[u8], score: &ScoreSpec) -> Result<Prepared, RewriteError
         };
         if opset.is_some_and(|v| v < needs_opset) {
             return Err(RewriteError::node(
-                &node,
+                node,
                 format!(
                     "its rewrite needs opset {needs_opset} or later of the default domain; the model imports {}",
                     opset.unwrap_or(0)
@@ -184,6 +207,8 @@ pub fn prepare(bytes: &[u8], score: &ScoreSpec) -> Result<Prepared, RewriteError
     constants.extend(tail.constants);
     graph.node = nodes;
     graph.initializer.extend(constants);
+    // What merged walks left unread (the column `Gather`s in front of each tree).
+    prune(graph, &final_name, &[]);
     graph.output = vec![ValueInfoProto {
         name: final_name,
         r#type: Some(pb::TypeProto {
@@ -192,8 +217,6 @@ pub fn prepare(bytes: &[u8], score: &ScoreSpec) -> Result<Prepared, RewriteError
         }),
         ..Default::default()
     }];
-    let names: HashSet<&String> = graph.node.iter().flat_map(|n| n.output.iter()).collect();
-    graph.value_info.retain(|v| v.r#type.is_some() && names.contains(&v.name));
     if opset.is_none() {
         // A model of ONNX-ML operators only: its rewrite is in core operators.
         model.opset_import.push(pb::OperatorSetIdProto { domain: String::new(), version: 13 });
@@ -222,6 +245,16 @@ fn check_input(graph: &pb::GraphProto) -> Result<(), RewriteError> {
             type_name(t)
         ))),
     }
+}
+
+/// Whether a value's declared shape names a symbolic dimension.
+fn symbolic(v: &ValueInfoProto) -> bool {
+    let Some(type_proto::Value::TensorType(t)) = v.r#type.as_ref().and_then(|t| t.value.as_ref()) else {
+        return false;
+    };
+    t.shape.as_ref().is_some_and(|s| {
+        s.dim.iter().any(|d| matches!(d.value, Some(pb::tensor_shape_proto::dimension::Value::DimParam(_))))
+    })
 }
 
 fn elem_type(v: &ValueInfoProto) -> Option<i32> {
@@ -265,6 +298,57 @@ fn score_source(graph: &pb::GraphProto, score: &ScoreSpec) -> Result<(String, St
             if floats.is_empty() { String::new() } else { format!(": {}", floats.join(", ")) }
         ))),
     }
+}
+
+/// Single-target `TreeEnsembleRegressor`s that read the same tensor, directly or through a `Gather` of constant
+/// columns (axis 1): by the index of the first of each group of two or more, its input and its members with
+/// their columns; and the indices of the other members.
+#[allow(clippy::type_complexity)]
+fn tree_groups(
+    nodes: &[NodeProto],
+    initializers: &[pb::TensorProto],
+) -> (HashMap<usize, (String, Vec<(usize, Option<Vec<i64>>)>)>, HashSet<usize>) {
+    let producer: HashMap<&str, &NodeProto> =
+        nodes.iter().flat_map(|n| n.output.iter().map(move |o| (o.as_str(), n))).collect();
+    let constant = |name: &str| {
+        initializers.iter().find(|t| t.name == name && t.dims.len() == 1).and_then(|t| graph::tensor_ints(t).ok())
+    };
+    let mut order: Vec<String> = Vec::new();
+    let mut by_input: HashMap<String, Vec<(usize, Option<Vec<i64>>)>> = HashMap::new();
+    for (i, n) in nodes.iter().enumerate() {
+        if n.domain != ML || n.op_type != "TreeEnsembleRegressor" || !trees::mergeable(n) {
+            continue;
+        }
+        let Some(input) = n.input.first() else { continue };
+        let (source, columns) = match producer.get(input.as_str()) {
+            Some(g)
+                if (g.domain.is_empty() || g.domain == "ai.onnx")
+                    && g.op_type == "Gather"
+                    && graph::Attrs::of(g).int("axis", 0) == 1
+                    && g.input.len() == 2 =>
+            {
+                match constant(&g.input[1]) {
+                    Some(columns) => (g.input[0].clone(), Some(columns)),
+                    None => (input.clone(), None),
+                }
+            }
+            _ => (input.clone(), None),
+        };
+        if !by_input.contains_key(&source) {
+            order.push(source.clone());
+        }
+        by_input.entry(source).or_default().push((i, columns));
+    }
+    let (mut groups, mut followers) = (HashMap::new(), HashSet::new());
+    for source in order {
+        let members = by_input.remove(&source).unwrap_or_default();
+        if members.len() < 2 {
+            continue;
+        }
+        followers.extend(members.iter().skip(1).map(|(k, _)| *k));
+        groups.insert(members[0].0, (source, members));
+    }
+    (groups, followers)
 }
 
 /// Keeps the nodes the score needs (and the constants they read): a label's branch, and whatever it holds

@@ -179,12 +179,7 @@ pub(crate) fn regressor(node: &NodeProto, e: &mut Emit) -> Result<(), RewriteErr
         return Err(a.err(format!("`n_targets` is {targets}")));
     }
     let targets = targets as usize;
-    let aggregate = a.string("aggregate_function", "SUM");
-    let scale = match aggregate.as_str() {
-        "SUM" => 1.0,
-        "AVERAGE" => 1.0 / flat.roots.len() as f32,
-        other => return Err(a.err(format!("aggregate function {other}: only SUM and AVERAGE are supported"))),
-    };
+    let scale = aggregate_scale(&a, flat.roots.len())?;
     let leaves = leaf_values(&a, &flat, targets)?;
     let base = a.floats("base_values")?;
     if !base.is_empty() && base.len() != targets {
@@ -220,6 +215,96 @@ pub(crate) fn regressor(node: &NodeProto, e: &mut Emit) -> Result<(), RewriteErr
         "LOGISTIC" => e.op_into("Sigmoid", &[&y], vec![], output(node)?),
         "SOFTMAX" => e.op_into("Softmax", &[&y], vec![attr_int("axis", 1)], output(node)?),
         _ => e.op_into("Identity", &[&y], vec![], output(node)?),
+    }
+    Ok(())
+}
+
+/// What each tree's value is multiplied by: 1 to sum, 1/trees to average.
+fn aggregate_scale(a: &Attrs, trees: usize) -> Result<f32, RewriteError> {
+    match a.string("aggregate_function", "SUM").as_str() {
+        "SUM" => Ok(1.0),
+        "AVERAGE" => Ok(1.0 / trees as f32),
+        other => Err(a.err(format!("aggregate function {other}: only SUM and AVERAGE are supported"))),
+    }
+}
+
+/// Whether a node can join a merged walk: one target, no post transform.
+pub(crate) fn mergeable(node: &NodeProto) -> bool {
+    let a = Attrs::of(node);
+    a.int("n_targets", 1) == 1 && a.string("post_transform", "NONE") == "NONE"
+}
+
+/// One ensemble of a merged walk: the node, and the columns of the walk's input its features name (`None`: the
+/// same columns).
+pub(crate) struct Member<'a> {
+    pub node: &'a NodeProto,
+    pub columns: Option<Vec<i64>>,
+}
+
+/// Several single-target ensembles reading the same tensor, directly or through a constant column `Gather`
+/// (skl2onnx makes one ensemble per tree of a forest, each behind its own `Gather`): one walk over all their
+/// trees, then one `MatMul` that sums each ensemble's trees into its own column, and a `Gather` of the column
+/// into each ensemble's output. A forest of 100 trees walks once instead of 100 times.
+pub(crate) fn regressors_merged(input: &str, members: &[Member], e: &mut Emit) -> Result<(), RewriteError> {
+    let mut all = Flat {
+        feature: Vec::new(),
+        threshold: Vec::new(),
+        true_next: Vec::new(),
+        false_next: Vec::new(),
+        mode: Vec::new(),
+        nan_true: Vec::new(),
+        roots: Vec::new(),
+        depth: 0,
+    };
+    let (mut leaves, mut owner, mut bases) = (Vec::new(), Vec::new(), Vec::new());
+    for (j, m) in members.iter().enumerate() {
+        let a = Attrs::of(m.node);
+        let mut flat = flatten(&a)?;
+        if let Some(columns) = &m.columns {
+            for (g, f) in flat.feature.iter_mut().enumerate() {
+                if flat.mode[g] == Mode::Leaf {
+                    continue;
+                }
+                *f = *usize::try_from(*f).ok().and_then(|i| columns.get(i)).ok_or_else(|| {
+                    a.err(format!("a node tests feature {f}, but its input has {} columns", columns.len()))
+                })?;
+            }
+        }
+        let values = leaf_values(&a, &flat, 1)?.pop().expect("one target");
+        let scale = aggregate_scale(&a, flat.roots.len())?;
+        let base = a.floats("base_values")?;
+        if base.len() > 1 {
+            return Err(a.err(format!("{} base values for one target", base.len())));
+        }
+        let offset = all.mode.len() as i64;
+        all.feature.extend(flat.feature);
+        all.threshold.extend(flat.threshold);
+        all.true_next.extend(flat.true_next.iter().map(|g| g + offset));
+        all.false_next.extend(flat.false_next.iter().map(|g| g + offset));
+        all.mode.extend(flat.mode);
+        all.nan_true.extend(flat.nan_true);
+        owner.extend(std::iter::repeat_n((j, scale), flat.roots.len()));
+        all.roots.extend(flat.roots.iter().map(|g| g + offset));
+        all.depth = all.depth.max(flat.depth);
+        leaves.extend(values);
+        bases.push(base.first().copied().unwrap_or(0.0));
+    }
+    let x = e.cast(input, FLOAT);
+    let node_at = walk(e, &all, &x);
+    let table = e.floats(&[all.mode.len() as i64], leaves);
+    let per_tree = e.gather(&table, &node_at, 0);
+    let (trees, groups) = (owner.len(), members.len());
+    let mut select = vec![0.0f32; trees * groups];
+    for (t, &(j, scale)) in owner.iter().enumerate() {
+        select[t * groups + j] = scale;
+    }
+    let select = e.floats(&[trees as i64, groups as i64], select);
+    let sums = e.op("MatMul", &[&per_tree, &select], vec![]);
+    let base = e.floats(&[groups as i64], bases);
+    let y = e.op("Add", &[&sums, &base], vec![]);
+    for (j, m) in members.iter().enumerate() {
+        let column = e.ints(&[1], vec![j as i64]);
+        e.op_into("Gather", &[&y, &column], vec![attr_int("axis", 1)], output(m.node)?);
     }
     Ok(())
 }
