@@ -2,39 +2,18 @@
 //! plain HTTP, then an operator and a viewer in headless Chromium (Debian's `chromium` driven through
 //! `chromedriver`; `.ci/run` installs both). Screenshots of each page go to `docs/screenshots/`.
 
-use crate::support::{start_cp, wait_for};
+use crate::support::{feed_forever, fleet_for, start_cp, wait_for};
 use edgeloop_control_plane::access::{Role, TokenStore};
 use edgeloop_control_plane::rollout::State;
-use edgeloop_simulators::fleet::{self, FleetSpec, SimDevice};
 use edgeloop_simulators::{class_config, free_port, rollouts};
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 const CLASS: &str = "city-air-quality";
 const DEVICES: usize = 4;
-
-async fn fleet_for(
-    api: &edgeloop_simulators::http::Api,
-    mqtt: (String, u16),
-    root: &Path,
-    cancel: &CancellationToken,
-) -> Vec<SimDevice> {
-    let updates = rollouts::updater_config(api).await.unwrap();
-    let mut spec = FleetSpec::new(vec![class_config(CLASS).unwrap()], mqtt, root, updates.trusted[0].clone());
-    spec.customise = Arc::new(move |c| c.updates = Some(updates.clone()));
-    spec.enroll_with(api, DEVICES).await.unwrap();
-    fleet::start(&spec, DEVICES, cancel).await.unwrap()
-}
-
-fn feed_forever(mut devices: Vec<SimDevice>, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        fleet::feed(&mut devices, 10, None, &stop, &mut |_, _| {}).await.unwrap();
-    })
-}
 
 fn http() -> reqwest::Client {
     reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap()
@@ -233,7 +212,8 @@ async fn operator_and_viewer_use_the_dashboard_in_headless_chromium() {
     let model = rollouts::upload_reference_model(api, CLASS, &class, 1e9).await.unwrap();
 
     let fleet_cancel = CancellationToken::new();
-    let devices = fleet_for(api, cp.mqtt_addr.clone(), &dir.path().join("fleet"), &fleet_cancel).await;
+    let devices =
+        fleet_for(CLASS, api, cp.mqtt_addr.clone(), &dir.path().join("fleet"), DEVICES, 0, &fleet_cancel).await;
     let ids: Vec<String> = devices.iter().map(|d| d.agent.device.clone()).collect();
     let stop_feed = CancellationToken::new();
     let feeding = feed_forever(devices, stop_feed.clone());

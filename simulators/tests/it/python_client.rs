@@ -14,17 +14,7 @@ const DEVICES: usize = 3;
 
 #[test]
 fn the_python_readme_shows_the_example_as_it_is() {
-    let readme = std::fs::read_to_string(workspace().join("python/README.md")).unwrap();
-    let example = std::fs::read_to_string(workspace().join("python/examples/sklearn_to_rollout.py")).unwrap();
-    let start =
-        readme.find("<!-- sklearn_to_rollout.py -->\n```python\n").expect("the marked block in python/README.md");
-    let body = &readme[start + "<!-- sklearn_to_rollout.py -->\n```python\n".len()..];
-    let end = body.find("\n```\n").unwrap();
-    assert_eq!(
-        &body[..end + 1],
-        example,
-        "python/README.md's example differs from python/examples/sklearn_to_rollout.py"
-    );
+    crate::python_device::assert_shown_as_it_is("python/README.md", "python/examples/sklearn_to_rollout.py");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -25,19 +25,22 @@ pub(crate) fn python() -> PathBuf {
     p
 }
 
+/// Asserts that the document `doc` shows the file `file` (both relative to the workspace) as it is, in the
+/// ```` ```python ```` block after the marker `<!-- NAME -->`, NAME being the file's name.
+pub(crate) fn assert_shown_as_it_is(doc: &str, file: &str) {
+    let text = std::fs::read_to_string(workspace().join(doc)).unwrap();
+    let script = std::fs::read_to_string(workspace().join(file)).unwrap();
+    let name = std::path::Path::new(file).file_name().unwrap().to_string_lossy();
+    let marker = format!("<!-- {name} -->\n```python\n");
+    let start = text.find(&marker).unwrap_or_else(|| panic!("no block marked `<!-- {name} -->` in {doc}"));
+    let body = &text[start + marker.len()..];
+    let end = body.find("\n```\n").unwrap();
+    assert_eq!(&body[..end + 1], script, "{doc} shows {file} differently");
+}
+
 #[test]
 fn protocol_md_shows_the_python_device_as_it_is() {
-    let doc = std::fs::read_to_string(workspace().join("docs/protocol.md")).unwrap();
-    let script = std::fs::read_to_string(workspace().join("docs/examples/python_device.py")).unwrap();
-    let start = doc.find("<!-- python_device.py -->\n```python\n").expect("the marked block in protocol.md");
-    let body = &doc[start..];
-    let body = &body[body.find("```python\n").unwrap() + "```python\n".len()..];
-    let end = body.find("\n```\n").unwrap();
-    assert_eq!(
-        &body[..end + 1],
-        script,
-        "docs/protocol.md's Python device differs from docs/examples/python_device.py"
-    );
+    assert_shown_as_it_is("docs/protocol.md", "docs/examples/python_device.py");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
