@@ -159,3 +159,18 @@ fn a_pytorch_autoencoder_is_served_without_its_shape_hints_and_scores_as_onnxrun
     let model = ModelProto::decode(&prepare(&onnx, &ScoreSpec::default()).unwrap().onnx[..]).unwrap();
     assert!(model.graph.unwrap().value_info.is_empty(), "the served model leaves the hints out");
 }
+
+#[test]
+fn boosted_and_extra_trees_as_onnxruntime_does() {
+    // Gradient boosting: SUM with a base value; extra trees: AVERAGE.
+    assert_eq!(matches_onnxruntime("gradient_boosting", spec("variable", None, false)), ["TreeEnsembleRegressor"]);
+    assert_eq!(matches_onnxruntime("extra_trees", spec("variable", None, false)), ["TreeEnsembleRegressor"]);
+}
+
+#[test]
+fn local_outlier_factor_and_other_scalers_as_onnxruntime_does() {
+    // LocalOutlierFactor (novelty) is core operators only (TopK, Scan, ...); its decision function is negated.
+    assert!(matches_onnxruntime("local_outlier_factor", spec("scores", None, true)).is_empty());
+    assert!(matches_onnxruntime("minmax_pca", spec("variable", None, false)).is_empty());
+    assert_eq!(matches_onnxruntime("robust_pca", spec("variable", None, false)), ["Scaler"]);
+}

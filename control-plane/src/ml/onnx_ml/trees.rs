@@ -385,3 +385,296 @@ fn walk(e: &mut Emit, f: &Flat, x: &str) -> String {
     }
     node
 }
+
+#[cfg(test)]
+mod tests {
+    //! Random ensembles, rewritten and run by tract, against a direct walk of the same trees: every mode,
+    //! missing values that track true, several targets, sums and averages, base values, node and tree ids
+    //! out of order, and ensembles merged behind column `Gather`s.
+
+    use super::super::graph::{attr_int, FLOAT, INT64};
+    use super::super::{prepare, ScoreSpec};
+    use crate::ml::training::onnx::run_tract;
+    use prost::Message;
+    use rand::{Rng, SeedableRng};
+    use tract_onnx::pb::{self, attribute_proto::AttributeType, type_proto, AttributeProto, NodeProto};
+
+    const MODES: [&str; 6] = ["BRANCH_LEQ", "BRANCH_LT", "BRANCH_GTE", "BRANCH_GT", "BRANCH_EQ", "BRANCH_NEQ"];
+
+    struct TreeNode {
+        id: i64,
+        mode: &'static str,
+        feature: usize,
+        value: f32,
+        nan_true: bool,
+        yes: usize,
+        no: usize,
+        weights: Vec<(usize, f32)>,
+    }
+
+    /// One random ensemble: trees of nodes (indices into `nodes`), with ids shuffled.
+    struct Ensemble {
+        trees: Vec<(i64, Vec<TreeNode>)>,
+        targets: usize,
+        average: bool,
+        base: Vec<f32>,
+        /// The input columns it reads (through a `Gather`), or all of them.
+        columns: Option<Vec<i64>>,
+    }
+
+    fn grow(
+        rng: &mut rand::rngs::StdRng,
+        nodes: &mut Vec<TreeNode>,
+        depth: usize,
+        width: usize,
+        targets: usize,
+        grid: &[f32],
+    ) -> usize {
+        let i = nodes.len();
+        let leaf = depth == 0 || rng.gen_bool(0.25);
+        nodes.push(TreeNode {
+            id: 0,
+            mode: if leaf { "LEAF" } else { MODES[rng.gen_range(0..MODES.len())] },
+            feature: rng.gen_range(0..width),
+            value: grid[rng.gen_range(0..grid.len())],
+            nan_true: rng.gen_bool(0.5),
+            yes: i,
+            no: i,
+            weights: if leaf {
+                (0..rng.gen_range(1..3)).map(|_| (rng.gen_range(0..targets), rng.gen_range(-2.0..2.0))).collect()
+            } else {
+                vec![]
+            },
+        });
+        if !leaf {
+            let yes = grow(rng, nodes, depth - 1, width, targets, grid);
+            let no = grow(rng, nodes, depth - 1, width, targets, grid);
+            (nodes[i].yes, nodes[i].no) = (yes, no);
+        }
+        i
+    }
+
+    fn random_ensemble(rng: &mut rand::rngs::StdRng, width: usize, grid: &[f32], merged: bool) -> Ensemble {
+        let targets = if merged { 1 } else { rng.gen_range(1..3) };
+        let columns =
+            merged.then(|| (0..rng.gen_range(1..=width)).map(|_| rng.gen_range(0..width as i64)).collect::<Vec<_>>());
+        let read = columns.as_ref().map_or(width, |c| c.len());
+        let trees = (0..rng.gen_range(1..4))
+            .map(|t| {
+                let mut nodes = Vec::new();
+                let depth = rng.gen_range(0..5);
+                grow(rng, &mut nodes, depth, read, targets, grid);
+                // Ids out of order: a shuffled permutation, offset.
+                let mut ids: Vec<i64> = (0..nodes.len() as i64).map(|i| i * 3 + 5).collect();
+                for i in (1..ids.len()).rev() {
+                    ids.swap(i, rng.gen_range(0..=i));
+                }
+                for (n, id) in nodes.iter_mut().zip(ids) {
+                    n.id = id;
+                }
+                (t as i64 * 7 + 2, nodes)
+            })
+            .collect();
+        let base = if rng.gen_bool(0.5) { (0..targets).map(|_| rng.gen_range(-1.0..1.0)).collect() } else { vec![] };
+        Ensemble { trees, targets, average: rng.gen_bool(0.5), base, columns }
+    }
+
+    fn goes_true(n: &TreeNode, x: f32) -> bool {
+        if x.is_nan() && n.nan_true {
+            return true;
+        }
+        match n.mode {
+            "BRANCH_LEQ" => x <= n.value,
+            "BRANCH_LT" => x < n.value,
+            "BRANCH_GTE" => x >= n.value,
+            "BRANCH_GT" => x > n.value,
+            "BRANCH_EQ" => x == n.value,
+            _ => x != n.value,
+        }
+    }
+
+    /// The ensemble's outputs for one row, walking the trees directly.
+    fn reference(e: &Ensemble, row: &[f32]) -> Vec<f32> {
+        let x: Vec<f32> = match &e.columns {
+            Some(c) => c.iter().map(|&i| row[i as usize]).collect(),
+            None => row.to_vec(),
+        };
+        let mut out = vec![0.0f32; e.targets];
+        for (_, nodes) in &e.trees {
+            let mut at = 0;
+            while nodes[at].mode != "LEAF" {
+                at = if goes_true(&nodes[at], x[nodes[at].feature]) { nodes[at].yes } else { nodes[at].no };
+            }
+            for &(t, w) in &nodes[at].weights {
+                out[t] += w;
+            }
+        }
+        let scale = if e.average { 1.0 / e.trees.len() as f32 } else { 1.0 };
+        out.iter().enumerate().map(|(t, v)| v * scale + e.base.get(t).copied().unwrap_or(0.0)).collect()
+    }
+
+    fn ints(name: &str, v: Vec<i64>) -> AttributeProto {
+        AttributeProto { name: name.into(), r#type: AttributeType::Ints as i32, ints: v, ..Default::default() }
+    }
+    fn floats(name: &str, v: Vec<f32>) -> AttributeProto {
+        AttributeProto { name: name.into(), r#type: AttributeType::Floats as i32, floats: v, ..Default::default() }
+    }
+    fn strings(name: &str, v: Vec<&str>) -> AttributeProto {
+        let strings = v.into_iter().map(|s| s.as_bytes().to_vec()).collect();
+        AttributeProto { name: name.into(), r#type: AttributeType::Strings as i32, strings, ..Default::default() }
+    }
+    fn string(name: &str, v: &str) -> AttributeProto {
+        AttributeProto {
+            name: name.into(),
+            r#type: AttributeType::String as i32,
+            s: v.as_bytes().to_vec(),
+            ..Default::default()
+        }
+    }
+
+    fn node_of(e: &Ensemble, input: &str, output: &str) -> NodeProto {
+        let mut a: Vec<AttributeProto> = vec![attr_int("n_targets", e.targets as i64)];
+        let all = || e.trees.iter().flat_map(|(t, nodes)| nodes.iter().map(move |n| (*t, n, nodes)));
+        a.push(ints("nodes_treeids", all().map(|(t, _, _)| t).collect()));
+        a.push(ints("nodes_nodeids", all().map(|(_, n, _)| n.id).collect()));
+        a.push(ints("nodes_featureids", all().map(|(_, n, _)| n.feature as i64).collect()));
+        a.push(strings("nodes_modes", all().map(|(_, n, _)| n.mode).collect()));
+        a.push(floats("nodes_values", all().map(|(_, n, _)| n.value).collect()));
+        a.push(ints(
+            "nodes_truenodeids",
+            all().map(|(_, n, ns)| if n.mode == "LEAF" { 0 } else { ns[n.yes].id }).collect(),
+        ));
+        a.push(ints(
+            "nodes_falsenodeids",
+            all().map(|(_, n, ns)| if n.mode == "LEAF" { 0 } else { ns[n.no].id }).collect(),
+        ));
+        a.push(ints("nodes_missing_value_tracks_true", all().map(|(_, n, _)| n.nan_true as i64).collect()));
+        let weights: Vec<(i64, i64, usize, f32)> =
+            all().flat_map(|(t, n, _)| n.weights.iter().map(move |&(k, w)| (t, n.id, k, w))).collect();
+        a.push(ints("target_treeids", weights.iter().map(|w| w.0).collect()));
+        a.push(ints("target_nodeids", weights.iter().map(|w| w.1).collect()));
+        a.push(ints("target_ids", weights.iter().map(|w| w.2 as i64).collect()));
+        a.push(floats("target_weights", weights.iter().map(|w| w.3).collect()));
+        a.push(string("aggregate_function", if e.average { "AVERAGE" } else { "SUM" }));
+        if !e.base.is_empty() {
+            a.push(floats("base_values", e.base.clone()));
+        }
+        NodeProto {
+            input: vec![input.into()],
+            output: vec![output.into()],
+            op_type: "TreeEnsembleRegressor".into(),
+            domain: "ai.onnx.ml".into(),
+            attribute: a,
+            ..Default::default()
+        }
+    }
+
+    /// A model of the ensembles, each behind its `Gather` when it has columns, outputs concatenated.
+    fn model(ensembles: &[Ensemble], width: usize) -> Vec<u8> {
+        let mut graph = pb::GraphProto::default();
+        let mut outs = Vec::new();
+        for (i, e) in ensembles.iter().enumerate() {
+            let mut input = "X".to_string();
+            if let Some(c) = &e.columns {
+                let idx = format!("cols{i}");
+                graph.initializer.push(pb::TensorProto {
+                    name: idx.clone(),
+                    dims: vec![c.len() as i64],
+                    data_type: INT64,
+                    int64_data: c.clone(),
+                    ..Default::default()
+                });
+                input = format!("x{i}");
+                graph.node.push(NodeProto {
+                    input: vec!["X".into(), idx],
+                    output: vec![input.clone()],
+                    op_type: "Gather".into(),
+                    attribute: vec![attr_int("axis", 1)],
+                    ..Default::default()
+                });
+            }
+            let out = format!("y{i}");
+            graph.node.push(node_of(e, &input, &out));
+            outs.push(out);
+        }
+        graph.node.push(NodeProto {
+            input: outs,
+            output: vec!["Y".into()],
+            op_type: "Concat".into(),
+            attribute: vec![attr_int("axis", 1)],
+            ..Default::default()
+        });
+        let tensor = |dims: Vec<i64>| pb::TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor {
+                elem_type: FLOAT,
+                shape: Some(pb::TensorShapeProto {
+                    dim: dims
+                        .into_iter()
+                        .map(|d| pb::tensor_shape_proto::Dimension {
+                            value: Some(pb::tensor_shape_proto::dimension::Value::DimValue(d)),
+                            ..Default::default()
+                        })
+                        .collect(),
+                }),
+            })),
+            ..Default::default()
+        };
+        graph.input.push(pb::ValueInfoProto {
+            name: "X".into(),
+            r#type: Some(tensor(vec![1, width as i64])),
+            ..Default::default()
+        });
+        graph.output.push(pb::ValueInfoProto {
+            name: "Y".into(),
+            r#type: Some(pb::TypeProto {
+                value: Some(type_proto::Value::TensorType(type_proto::Tensor { elem_type: FLOAT, shape: None })),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        pb::ModelProto {
+            ir_version: 8,
+            opset_import: vec![
+                pb::OperatorSetIdProto { domain: String::new(), version: 17 },
+                pb::OperatorSetIdProto { domain: "ai.onnx.ml".into(), version: 3 },
+            ],
+            graph: Some(graph),
+            ..Default::default()
+        }
+        .encode_to_vec()
+    }
+
+    #[test]
+    fn random_ensembles_give_what_a_direct_walk_gives() {
+        let width = 4;
+        let grid: Vec<f32> = vec![-2.0, -0.5, 0.0, 0.25, 1.0, 3.5];
+        for seed in 0..40u64 {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            // Half the models: several single-target ensembles behind column Gathers, merged into one walk.
+            let merged = seed % 2 == 0;
+            let ensembles: Vec<Ensemble> = (0..if merged { rng.gen_range(2..5) } else { 1 })
+                .map(|_| random_ensemble(&mut rng, width, &grid, merged))
+                .collect();
+            let onnx = model(&ensembles, width);
+            let served = prepare(&onnx, &ScoreSpec::default()).unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+            // Rows on the thresholds, between them, and missing.
+            let rows: Vec<Vec<f32>> = (0..24)
+                .map(|_| {
+                    (0..width)
+                        .map(|_| match rng.gen_range(0..4) {
+                            0 => f32::NAN,
+                            1 => rng.gen_range(-3.0..4.0),
+                            _ => grid[rng.gen_range(0..grid.len())],
+                        })
+                        .collect()
+                })
+                .collect();
+            let got = run_tract(&served.onnx, &rows).unwrap_or_else(|e| panic!("seed {seed}: tract: {e}"));
+            let want: Vec<f32> = rows.iter().flat_map(|r| ensembles.iter().flat_map(|e| reference(e, r))).collect();
+            assert_eq!(got.len(), want.len(), "seed {seed}");
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!((g - w).abs() <= 1e-5 * w.abs().max(1.0), "seed {seed} value {i}: tract {g}, direct walk {w}");
+            }
+        }
+    }
+}
