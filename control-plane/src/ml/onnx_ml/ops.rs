@@ -163,3 +163,146 @@ pub(crate) fn input(node: &NodeProto, i: usize) -> Result<&str, RewriteError> {
 pub(crate) fn output(node: &NodeProto) -> Result<&str, RewriteError> {
     node.output.first().map(String::as_str).ok_or_else(|| RewriteError::node(node, "has no output"))
 }
+
+#[cfg(test)]
+mod tests {
+    //! `LabelEncoder`s of every numeric form, rewritten and run by tract, against a direct lookup.
+
+    use super::super::graph::{attr_int, FLOAT, INT64};
+    use super::super::{prepare, ScoreSpec};
+    use crate::ml::training::onnx::run_tract;
+    use prost::Message;
+    use tract_onnx::pb::{self, attribute_proto::AttributeType, type_proto, AttributeProto, NodeProto};
+
+    fn attr(name: &str, ints: Vec<i64>, floats: Vec<f32>) -> AttributeProto {
+        let r#type = if ints.is_empty() { AttributeType::Floats } else { AttributeType::Ints } as i32;
+        AttributeProto { name: name.into(), r#type, ints, floats, ..Default::default() }
+    }
+
+    /// X (float) → [Cast to int64 when `int_keys`] → LabelEncoder → [Cast to float when `int_values`] → Y.
+    fn model(int_keys: bool, int_values: bool, attrs: Vec<AttributeProto>) -> Vec<u8> {
+        let mut nodes = Vec::new();
+        let mut x = "X".to_string();
+        if int_keys {
+            nodes.push(NodeProto {
+                input: vec![x],
+                output: vec!["xi".into()],
+                op_type: "Cast".into(),
+                attribute: vec![attr_int("to", INT64 as i64)],
+                ..Default::default()
+            });
+            x = "xi".into();
+        }
+        let encoded = if int_values { "yi" } else { "Y" };
+        nodes.push(NodeProto {
+            input: vec![x],
+            output: vec![encoded.into()],
+            op_type: "LabelEncoder".into(),
+            domain: "ai.onnx.ml".into(),
+            attribute: attrs,
+            ..Default::default()
+        });
+        if int_values {
+            nodes.push(NodeProto {
+                input: vec!["yi".into()],
+                output: vec!["Y".into()],
+                op_type: "Cast".into(),
+                attribute: vec![attr_int("to", FLOAT as i64)],
+                ..Default::default()
+            });
+        }
+        let float = || pb::TypeProto {
+            value: Some(type_proto::Value::TensorType(type_proto::Tensor { elem_type: FLOAT, shape: None })),
+            ..Default::default()
+        };
+        pb::ModelProto {
+            ir_version: 8,
+            opset_import: vec![
+                pb::OperatorSetIdProto { domain: String::new(), version: 17 },
+                pb::OperatorSetIdProto { domain: "ai.onnx.ml".into(), version: 2 },
+            ],
+            graph: Some(pb::GraphProto {
+                node: nodes,
+                input: vec![pb::ValueInfoProto { name: "X".into(), r#type: Some(float()), ..Default::default() }],
+                output: vec![pb::ValueInfoProto { name: "Y".into(), r#type: Some(float()), ..Default::default() }],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+        .encode_to_vec()
+    }
+
+    fn check(what: &str, onnx: Vec<u8>, lookup: impl Fn(f32) -> f32) {
+        let served = prepare(&onnx, &ScoreSpec::default()).unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(served.rewritten.get("LabelEncoder"), Some(&1), "{what}");
+        let rows: Vec<Vec<f32>> =
+            vec![vec![-3.0, 0.0, 1.0, 2.0], vec![5.0, 7.0, 100_000.0, -1.0], vec![0.5, 2.5, 7.0, 9.0]];
+        let got = run_tract(&served.onnx, &rows).unwrap_or_else(|e| panic!("{what}: tract: {e}"));
+        let want: Vec<f32> = rows.iter().flatten().map(|&x| lookup(x)).collect();
+        assert_eq!(got, want, "{what}");
+    }
+
+    #[test]
+    fn numeric_label_encoders_give_what_a_lookup_gives() {
+        let keys = vec![-1i64, 0, 2, 7];
+        let values = vec![10.5f32, 11.0, -4.0, 3.25];
+        // Integer keys see the input cast to int64, which truncates (2.5 is 2).
+        let find =
+            |x: f32, default: f32| keys.iter().position(|&k| k as f32 == x.trunc()).map_or(default, |i| values[i]);
+        // Integer keys over a short span: a table.
+        let a = vec![attr("keys_int64s", keys.clone(), vec![]), attr("values_floats", vec![], values.clone())];
+        check("dense int keys", model(true, false, a), |x| find(x, 0.0));
+        // Integer keys spread wide: compared one by one; a default given.
+        let wide = vec![-1i64, 0, 100_000, 7_000_000];
+        let mut a = vec![attr("keys_int64s", wide.clone(), vec![]), attr("values_floats", vec![], values.clone())];
+        a.push(AttributeProto {
+            name: "default_float".into(),
+            r#type: AttributeType::Float as i32,
+            f: -9.0,
+            ..Default::default()
+        });
+        check("sparse int keys", model(true, false, a), |x| {
+            wide.iter().position(|&k| k as f32 == x.trunc()).map_or(-9.0, |i| values[i])
+        });
+        // Float keys to int values, the default -1.
+        let fkeys = vec![0.5f32, 2.5, 7.0];
+        let a = vec![attr("keys_floats", vec![], fkeys.clone()), attr("values_int64s", vec![4, 5, 6], vec![])];
+        check("float keys", model(false, true, a), |x| {
+            fkeys.iter().position(|&k| k == x).map_or(-1.0, |i| (4 + i) as f32)
+        });
+        // The tensor form (ai.onnx.ml 4).
+        let tensor = |name: &str, t: pb::TensorProto| AttributeProto {
+            name: name.into(),
+            r#type: AttributeType::Tensor as i32,
+            t: Some(t),
+            ..Default::default()
+        };
+        let a = vec![
+            tensor(
+                "keys_tensor",
+                pb::TensorProto { dims: vec![4], data_type: INT64, int64_data: keys.clone(), ..Default::default() },
+            ),
+            tensor(
+                "values_tensor",
+                pb::TensorProto { dims: vec![4], data_type: FLOAT, float_data: values.clone(), ..Default::default() },
+            ),
+            tensor(
+                "default_tensor",
+                pb::TensorProto { dims: vec![1], data_type: FLOAT, float_data: vec![42.0], ..Default::default() },
+            ),
+        ];
+        check("tensor attributes", model(true, false, a), |x| find(x, 42.0));
+    }
+
+    #[test]
+    fn string_label_encoders_are_refused_naming_the_node() {
+        let a = vec![AttributeProto {
+            name: "keys_strings".into(),
+            r#type: AttributeType::Strings as i32,
+            strings: vec![b"a".to_vec()],
+            ..Default::default()
+        }];
+        let err = prepare(&model(false, false, a), &ScoreSpec::default()).unwrap_err().to_string();
+        assert!(err.contains("(LabelEncoder): string keys: only numeric keys and values are supported"), "{err}");
+    }
+}
