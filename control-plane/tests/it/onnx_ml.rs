@@ -174,3 +174,11 @@ fn local_outlier_factor_and_other_scalers_as_onnxruntime_does() {
     assert!(matches_onnxruntime("minmax_pca", spec("variable", None, false)).is_empty());
     assert_eq!(matches_onnxruntime("robust_pca", spec("variable", None, false)), ["Scaler"]);
 }
+
+#[test]
+fn support_vector_regressors_of_every_kernel_as_onnxruntime_does() {
+    for kernel in ["linear", "poly", "sigmoid"] {
+        let name = format!("svr_{kernel}");
+        assert_eq!(matches_onnxruntime(&name, spec("variable", None, false)), ["SVMRegressor", "Scaler"], "{name}");
+    }
+}
