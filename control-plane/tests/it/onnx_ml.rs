@@ -74,6 +74,9 @@ fn isolation_forest_scores_as_onnxruntime_does() {
     let graph = ModelProto::decode(&served.onnx[..]).unwrap().graph.unwrap();
     let walks = graph.node.iter().filter(|n| n.op_type == "GatherElements").count();
     assert!((1..=8).contains(&walks), "{walks} walk steps");
+    // Its 24 LabelEncoders (two per tree, reading the walk's outputs) look up in one table, one range check.
+    assert_eq!(served.rewritten["LabelEncoder"], 24);
+    assert_eq!(graph.node.iter().filter(|n| n.op_type == "Not").count(), 1);
 }
 
 #[test]

@@ -146,9 +146,19 @@ pub fn prepare(bytes: &[u8], score: &ScoreSpec) -> Result<Prepared, RewriteError
     let mut constants = Vec::new();
     let all = std::mem::take(&mut graph.node);
     let (groups, followers) = tree_groups(&all, &graph.initializer);
+    let (encoders, encoder_followers) = encoder_groups(&all, &groups);
     for (i, node) in all.iter().enumerate() {
-        if followers.contains(&i) {
-            continue; // emitted with the first ensemble of its group
+        if followers.contains(&i) || encoder_followers.contains(&i) {
+            continue; // emitted with the first of its group
+        }
+        if let Some(members) = encoders.get(&i) {
+            let mut e = Emit::new(format!("edgeloop/encoders{i}"));
+            let members: Vec<(&NodeProto, String)> = members.iter().map(|(k, s)| (&all[*k], s.clone())).collect();
+            ops::label_encoders_batched(&members, &mut e)?;
+            *rewritten.entry(node.op_type.clone()).or_insert(0) += members.len();
+            nodes.extend(e.nodes);
+            constants.extend(e.constants);
+            continue;
         }
         if let Some((input, members)) = groups.get(&i) {
             if opset.is_some_and(|v| v < 11) {
@@ -349,6 +359,45 @@ fn tree_groups(
         groups.insert(members[0].0, (source, members));
     }
     (groups, followers)
+}
+
+/// Batchable `LabelEncoder`s that read, through a `Cast` to int64, an output of a merged tree walk (`groups`):
+/// by the index of the first of each group of two or more (one group per walk), its members with the float
+/// tensor each casts; and the indices of the other members.
+#[allow(clippy::type_complexity)]
+fn encoder_groups(
+    nodes: &[NodeProto],
+    groups: &HashMap<usize, (String, Vec<(usize, Option<Vec<i64>>)>)>,
+) -> (HashMap<usize, Vec<(usize, String)>>, HashSet<usize>) {
+    let walk_of: HashMap<&str, usize> = groups
+        .iter()
+        .flat_map(|(leader, (_, members))| members.iter().map(move |(k, _)| (nodes[*k].output[0].as_str(), *leader)))
+        .collect();
+    let producer: HashMap<&str, &NodeProto> =
+        nodes.iter().flat_map(|n| n.output.iter().map(move |o| (o.as_str(), n))).collect();
+    let mut by_walk: BTreeMap<usize, Vec<(usize, String)>> = BTreeMap::new();
+    for (i, n) in nodes.iter().enumerate() {
+        if n.domain != ML || n.op_type != "LabelEncoder" || !ops::batchable_encoder(n) {
+            continue;
+        }
+        let Some(cast) = n.input.first().and_then(|x| producer.get(x.as_str())) else { continue };
+        if !(cast.domain.is_empty() || cast.domain == "ai.onnx")
+            || cast.op_type != "Cast"
+            || graph::Attrs::of(cast).int("to", 0) != graph::INT64 as i64
+        {
+            continue;
+        }
+        let Some(source) = cast.input.first() else { continue };
+        if let Some(&walk) = walk_of.get(source.as_str()) {
+            by_walk.entry(walk).or_default().push((i, source.clone()));
+        }
+    }
+    let (mut out, mut followers) = (HashMap::new(), HashSet::new());
+    for members in by_walk.into_values().filter(|m| m.len() >= 2) {
+        followers.extend(members.iter().skip(1).map(|(k, _)| *k));
+        out.insert(members[0].0, members);
+    }
+    (out, followers)
 }
 
 /// Keeps the nodes the score needs (and the constants they read): a label's branch, and whatever it holds

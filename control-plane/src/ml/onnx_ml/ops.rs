@@ -128,6 +128,66 @@ pub(crate) fn label_encoder(node: &NodeProto, e: &mut Emit) -> Result<(), Rewrit
     Ok(())
 }
 
+/// Whether a `LabelEncoder` can join a batched lookup: integer keys over a bounded span, float values.
+pub(crate) fn batchable_encoder(node: &NodeProto) -> bool {
+    let a = Attrs::of(node);
+    match (numbers(&a, "keys"), numbers(&a, "values")) {
+        (Ok(Numbers::Int(k)), Ok(Numbers::Float(v))) => {
+            k.len() == v.len()
+                && !k.is_empty()
+                && k.iter().max().unwrap().abs_diff(*k.iter().min().unwrap()) < MAX_TABLE as u64
+        }
+        _ => false,
+    }
+}
+
+/// Batchable `LabelEncoder`s (see [`batchable_encoder`]), each reading a float `[N, 1]` tensor cast to int64
+/// (skl2onnx's two per tree of an IsolationForest, after a merged walk): one lookup in one table for all of
+/// them, then a `Gather` of each one's column into its output. `members` pairs each encoder with the float
+/// tensor before its cast.
+pub(crate) fn label_encoders_batched(members: &[(&NodeProto, String)], e: &mut Emit) -> Result<(), RewriteError> {
+    let (mut table, mut lows, mut spans, mut offsets, mut defaults) = (vec![], vec![], vec![], vec![], vec![]);
+    for (node, _) in members {
+        let a = Attrs::of(node);
+        let (Numbers::Int(keys), Numbers::Float(values)) = (numbers(&a, "keys")?, numbers(&a, "values")?) else {
+            return Err(a.err("integer keys and float values were expected"));
+        };
+        let default = match a.tensor("default_tensor") {
+            Some(t) => *tensor_floats(t).map_err(|r| a.err(format!("`default_tensor`: {r}")))?.first().unwrap_or(&0.0),
+            None => a.float("default_float", 0.0),
+        };
+        let lo = *keys.iter().min().ok_or_else(|| a.err("no keys"))?;
+        let span = (keys.iter().max().unwrap() - lo + 1) as usize;
+        let mut segment = vec![default; span];
+        keys.iter().zip(&values).for_each(|(&k, &v)| segment[(k - lo) as usize] = v);
+        offsets.push(table.len() as i64);
+        table.extend(segment);
+        (lows.push(lo), spans.push(span as i64), defaults.push(default));
+    }
+    let m = members.len() as i64;
+    let sources: Vec<&str> = members.iter().map(|(_, s)| s.as_str()).collect();
+    let x = e.op("Concat", &sources, vec![attr_int("axis", 1)]);
+    let xi = e.cast(&x, INT64);
+    let (lo, span, offset) = (e.ints(&[m], lows), e.ints(&[m], spans), e.ints(&[m], offsets));
+    let zero = e.ints(&[], vec![0]);
+    let idx = e.op("Sub", &[&xi, &lo], vec![]);
+    let below = e.op("Less", &[&idx, &zero], vec![]);
+    let above = e.op("Less", &[&idx, &span], vec![]);
+    let not_below = e.op("Not", &[&below], vec![]);
+    let inside = e.op("And", &[&not_below, &above], vec![]);
+    let safe = e.op("Where", &[&inside, &idx, &zero], vec![]);
+    let at = e.op("Add", &[&safe, &offset], vec![]);
+    let table = e.floats(&[table.len() as i64], table);
+    let found = e.gather(&table, &at, 0);
+    let defaults = e.floats(&[m], defaults);
+    let y = e.op("Where", &[&inside, &found, &defaults], vec![]);
+    for (j, (node, _)) in members.iter().enumerate() {
+        let column = e.ints(&[1], vec![j as i64]);
+        e.op_into("Gather", &[&y, &column], vec![attr_int("axis", 1)], output(node)?);
+    }
+    Ok(())
+}
+
 /// A `LabelEncoder`'s keys or values: `{what}_int64s`, `{what}_floats` or `{what}_tensor`.
 fn numbers(a: &Attrs, what: &str) -> Result<Numbers, RewriteError> {
     if let Some(t) = a.tensor(&format!("{what}_tensor")) {
