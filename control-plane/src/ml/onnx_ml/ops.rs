@@ -162,7 +162,9 @@ pub(crate) fn label_encoders_batched(members: &[(&NodeProto, String)], e: &mut E
         keys.iter().zip(&values).for_each(|(&k, &v)| segment[(k - lo) as usize] = v);
         offsets.push(table.len() as i64);
         table.extend(segment);
-        (lows.push(lo), spans.push(span as i64), defaults.push(default));
+        lows.push(lo);
+        spans.push(span as i64);
+        defaults.push(default);
     }
     let m = members.len() as i64;
     let sources: Vec<&str> = members.iter().map(|(_, s)| s.as_str()).collect();
