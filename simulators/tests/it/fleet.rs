@@ -16,7 +16,8 @@ async fn fleet_of_every_class_drains_completely() {
         classes: classes.iter().map(|c| c.to_string()).collect(),
         broker: cp.mqtt_addr.clone(),
         data_root: dir.path().join("fleet"),
-        duration: Some(Duration::from_secs(3)),
+        // Long enough for 500 samples even when the other tests of `it` hold both cores.
+        duration: Some(Duration::from_secs(6)),
         faults: true,
         slow_samples_per_tick: 20,
         enroll_api: Some(crate::support::api(&cp)),

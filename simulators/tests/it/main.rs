@@ -9,7 +9,6 @@ mod chaos;
 mod config_rollouts;
 mod cross_process;
 mod dashboard;
-mod demo;
 mod device_logs;
 mod enrollment;
 mod fleet;

@@ -2,6 +2,10 @@
 //! fault is flagged on the device. The story needs about 90 s on an idle machine; the first trainings (four
 //! in a row, unoptimised in a debug build) take up to twice as long when the machine is shared, so the run
 //! is given 150 s. Every assertion is the same.
+//!
+//! A test binary of its own: cargo runs test binaries one after another, so no other test shares the two
+//! cores with the demo's eight agents at full rate (beside the training and fleet tests of `it`, their
+//! outboxes filled and dropped records, which the demo must never do).
 
 use edgeloop_simulators::demo::{run, DemoOptions};
 use std::time::Duration;
