@@ -84,6 +84,18 @@ fn export_matches_candle_and_loads_from_bytes() {
     let mut wrong = expected.clone();
     wrong[3] *= 1.01;
     assert!(onnx::verify(&bytes, &rows, &wrong).is_err());
+    // Rounding on a score far under the median is measured against the median; a 1% error on a typical score
+    // is still caught.
+    let mut order: Vec<usize> = (0..expected.len()).collect();
+    order.sort_by(|&a, &b| expected[a].abs().total_cmp(&expected[b].abs()));
+    let (smallest, median) = (order[0], order[order.len() / 2]);
+    assert!(expected[smallest].abs() * 10.0 < expected[median].abs(), "a spread of scores to test with");
+    let mut rounded = expected.clone();
+    rounded[smallest] += expected[median].abs() * 2e-5;
+    onnx::verify(&bytes, &rows, &rounded).unwrap();
+    let mut off = expected.clone();
+    off[median] *= 1.01;
+    assert!(onnx::verify(&bytes, &rows, &off).is_err());
 }
 
 #[test]
