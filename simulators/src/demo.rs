@@ -99,6 +99,10 @@ impl Pace {
     }
 }
 
+/// Most unacknowledged records a device's outbox holds before the demo feeds it again (about 8 s of a slow
+/// class in `--fast`, a few MiB, well under every class's outbox bound).
+const BACKLOG_LIMIT: u64 = 10_000;
+
 /// Without a duration, how long the fleet streams on after the story, before the summary.
 const AFTERWORD: Duration = Duration::from_secs(30);
 
@@ -337,7 +341,14 @@ fn spawn_feeding(
             }
         };
         // Slow classes: as many samples of each sensor as its rate gives in `tick_event_ms` of event time.
+        // The demo tells a story; it is not a load test: a device whose outbox holds more than
+        // `BACKLOG_LIMIT` unacknowledged records waits for the next tick (its event time waits with it), so
+        // that a slow disk slows the story down instead of filling outboxes until they drop records.
         let per_tick = move |d: &SimDevice| {
+            let s = d.agent.outbox.stats();
+            if s.durable_seq.saturating_sub(s.acked) > BACKLOG_LIMIT {
+                return 0;
+            }
             if d.fast {
                 200
             } else {
