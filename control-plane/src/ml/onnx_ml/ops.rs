@@ -99,15 +99,9 @@ pub(crate) fn label_encoder(node: &NodeProto, e: &mut Emit) -> Result<(), Rewrit
                 }
                 _ => unreachable!("the default has the values' type"),
             };
-            let (lo_c, span_c, zero) = (e.ints(&[], vec![lo]), e.ints(&[], vec![span as i64]), e.ints(&[], vec![0]));
+            let (lo_c, span_c) = (e.ints(&[], vec![lo]), e.ints(&[], vec![span as i64]));
             let xi = e.cast(x, INT64);
-            let idx = e.op("Sub", &[&xi, &lo_c], vec![]);
-            let below = e.op("Less", &[&idx, &zero], vec![]);
-            let above = e.op("Less", &[&idx, &span_c], vec![]);
-            let not_below = e.op("Not", &[&below], vec![]);
-            let inside = e.op("And", &[&not_below, &above], vec![]);
-            let safe = e.op("Where", &[&inside, &idx, &zero], vec![]);
-            let found = e.gather(&table, &safe, 0);
+            let (inside, found) = table_lookup(e, &xi, &lo_c, &span_c, None, &table);
             e.op_into("Where", &[&inside, &found, &default_c], vec![], out);
         }
         _ if keys.len() <= MAX_COMPARED => {
@@ -171,16 +165,8 @@ pub(crate) fn label_encoders_batched(members: &[(&NodeProto, String)], e: &mut E
     let x = e.op("Concat", &sources, vec![attr_int("axis", 1)]);
     let xi = e.cast(&x, INT64);
     let (lo, span, offset) = (e.ints(&[m], lows), e.ints(&[m], spans), e.ints(&[m], offsets));
-    let zero = e.ints(&[], vec![0]);
-    let idx = e.op("Sub", &[&xi, &lo], vec![]);
-    let below = e.op("Less", &[&idx, &zero], vec![]);
-    let above = e.op("Less", &[&idx, &span], vec![]);
-    let not_below = e.op("Not", &[&below], vec![]);
-    let inside = e.op("And", &[&not_below, &above], vec![]);
-    let safe = e.op("Where", &[&inside, &idx, &zero], vec![]);
-    let at = e.op("Add", &[&safe, &offset], vec![]);
     let table = e.floats(&[table.len() as i64], table);
-    let found = e.gather(&table, &at, 0);
+    let (inside, found) = table_lookup(e, &xi, &lo, &span, Some(&offset), &table);
     let defaults = e.floats(&[m], defaults);
     let y = e.op("Where", &[&inside, &found, &defaults], vec![]);
     for (j, (node, _)) in members.iter().enumerate() {
@@ -188,6 +174,24 @@ pub(crate) fn label_encoders_batched(members: &[(&NodeProto, String)], e: &mut E
         e.op_into("Gather", &[&y, &column], vec![attr_int("axis", 1)], output(node)?);
     }
     Ok(())
+}
+
+/// Looks integer keys `xi` up in `table`: a key is at `xi - lo` (plus `offset`, where several tables share one)
+/// when `0 <= xi - lo < span`. Returns whether each key is inside, and what the table holds there (slot 0 of
+/// the segment for keys outside, to be replaced by the default).
+fn table_lookup(e: &mut Emit, xi: &str, lo: &str, span: &str, offset: Option<&str>, table: &str) -> (String, String) {
+    let zero = e.ints(&[], vec![0]);
+    let idx = e.op("Sub", &[xi, lo], vec![]);
+    let below = e.op("Less", &[&idx, &zero], vec![]);
+    let above = e.op("Less", &[&idx, span], vec![]);
+    let not_below = e.op("Not", &[&below], vec![]);
+    let inside = e.op("And", &[&not_below, &above], vec![]);
+    let mut at = e.op("Where", &[&inside, &idx, &zero], vec![]);
+    if let Some(offset) = offset {
+        at = e.op("Add", &[&at, offset], vec![]);
+    }
+    let found = e.gather(table, &at, 0);
+    (inside, found)
 }
 
 /// A `LabelEncoder`'s keys or values: `{what}_int64s`, `{what}_floats` or `{what}_tensor`.

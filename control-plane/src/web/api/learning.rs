@@ -52,11 +52,7 @@ pub async fn train(
     ApiJson(body): ApiJson<TrainBody>,
 ) -> Result<(StatusCode, Json<Accepted>), ApiError> {
     let b = body;
-    if let (Some(f), Some(t)) = (b.from, b.to) {
-        if f > t {
-            return Err(ApiError::bad_request(format!("from ({f}) is after to ({t})")));
-        }
-    }
+    super::time_range(b.from, b.to)?;
     let trials = b.trials.unwrap_or(s.learning.defaults.trials);
     if !(1..=1000).contains(&trials) {
         return Err(ApiError::bad_request(format!("trials must be between 1 and 1000, got {trials}")));
@@ -378,9 +374,7 @@ pub async fn add_label(
 ) -> Result<(StatusCode, Json<Label>), ApiError> {
     let b = body;
     edgeloop_common::topics::validate_device_id(&b.device).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    if b.from > b.to {
-        return Err(ApiError::bad_request(format!("from ({}) is after to ({})", b.from, b.to)));
-    }
+    super::time_range(Some(b.from), Some(b.to))?;
     let label = Label { device: b.device, from_ms: b.from, to_ms: b.to, label: b.label };
     let models = s.learning.models.clone();
     let l = label.clone();
@@ -461,11 +455,7 @@ pub async fn dataset(
     params: Result<axum::extract::Query<DatasetParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<DatasetView>, ApiError> {
     let axum::extract::Query(p) = params.map_err(|e| ApiError::bad_request(e.body_text()))?;
-    if let (Some(f), Some(t)) = (p.from, p.to) {
-        if f > t {
-            return Err(ApiError::bad_request(format!("from ({f}) is after to ({t})")));
-        }
-    }
+    super::time_range(p.from, p.to)?;
     let config =
         s.learning.classes.get(&class).cloned().ok_or_else(|| {
             ApiError::not_found(format!("class `{class}` is not configured here (training.classes_dir)"))

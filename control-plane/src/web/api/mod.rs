@@ -152,17 +152,21 @@ pub async fn telemetry(
     if limit == 0 || limit > MAX_LIMIT {
         return Err(ApiError::bad_request(format!("limit must be between 1 and {MAX_LIMIT}, got {limit}")));
     }
-    if let (Some(f), Some(t)) = (p.from, p.to) {
-        if f > t {
-            return Err(ApiError::bad_request(format!("from ({f}) is after to ({t})")));
-        }
-    }
+    time_range(p.from, p.to)?;
     let q = Query { after_seq: p.after_seq.unwrap_or(0), from_ms: p.from, to_ms: p.to, limit };
     let store = s.store.clone();
     let dev = id.clone();
     let records = tokio::task::spawn_blocking(move || store.query(&dev, q)).await??;
     let next_after_seq = (records.len() == limit).then(|| records.last().map(|r| r.seq)).flatten();
     Ok(Json(TelemetryPage { device: id, records, next_after_seq }))
+}
+
+/// Refuses a time range whose `from` is after its `to` (both Unix milliseconds, either may be open).
+pub(crate) fn time_range(from: Option<u64>, to: Option<u64>) -> Result<(), ApiError> {
+    match (from, to) {
+        (Some(f), Some(t)) if f > t => Err(ApiError::bad_request(format!("from ({f}) is after to ({t})"))),
+        _ => Ok(()),
+    }
 }
 
 /// `/metrics`: the Prometheus text format, or OpenMetrics for a scraper whose `Accept` asks for it. The
