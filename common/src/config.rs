@@ -183,6 +183,7 @@ pub struct SensorConfig {
 /// How the agent uploads.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UplinkConfig {
     #[serde(default = "default_batch_max_records")]
     pub batch_max_records: usize,
@@ -209,6 +210,7 @@ impl Default for UplinkConfig {
 /// How the agent buffers.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct OutboxConfig {
     /// Bound on stored record bytes; past it the oldest records are dropped and reported.
     #[serde(default = "default_outbox_max_bytes")]

@@ -26,6 +26,7 @@ pub const FRESHNESS_MS: u64 = 10 * 60 * 1000;
 /// The body of `POST /api/v1/enroll`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct EnrollRequest {
     pub device: String,
     pub class: String,
@@ -35,8 +36,8 @@ pub struct EnrollRequest {
     pub token: String,
     /// When the device made the request, by its clock, Unix ms.
     pub issued_at_ms: u64,
-    /// Ed25519 signature (64 bytes, as 128 hex digits) over [`EnrollRequest::signing_bytes`], made with the
-    /// private half of `public_key`.
+    /// Ed25519 signature (64 bytes, as 128 hex digits) over the signing bytes (docs/protocol.md,
+    /// "Enrollment"), made with the private half of `public_key`.
     pub signature: String,
 }
 

@@ -84,6 +84,7 @@ pub struct TelemetryBatch {
 
 /// One feature vector with its score: the unit the outbox stores and the control plane keeps.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Record {
     /// Per-device sequence number, starting at 1, monotonic across agent restarts.
     pub seq: u64,
@@ -131,6 +132,7 @@ pub struct LogEntry {
 /// The levels a device ships.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum LogLevel {
     Warn,
     Error,
@@ -186,6 +188,7 @@ impl LogBatch {
 
 /// An inclusive range of sequence numbers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SeqRange {
     pub from: u64,
     pub to: u64,
@@ -205,6 +208,7 @@ impl SeqRange {
 
 /// A heartbeat: the agent's health and the outbox's bookkeeping.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Status {
     /// Device class, as named in its firmware config.
     pub class: String,

@@ -41,6 +41,7 @@ const SLOW_SEASON_FEATURES: [&str; 7] = {
 /// The whole pipeline: one entry per sensor.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct PipelineSpec {
     /// Pipeline version; this build implements 1.
     pub version: u32,
@@ -50,6 +51,7 @@ pub struct PipelineSpec {
 /// How one sensor's samples become features.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct SensorSpec {
     pub name: String,
     /// Values per sample (for example 3 for a three-axis accelerometer).
@@ -60,6 +62,7 @@ pub struct SensorSpec {
 /// The two feature families of pipeline v1.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum FeatureKind {
     /// Windowed statistics; a vector every `hop` samples once `window` samples are buffered.
     Window { window: usize, hop: usize },

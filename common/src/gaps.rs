@@ -17,6 +17,7 @@ pub const MAX_GAP_LIMIT: usize = 1000;
 /// How short gaps are filled.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum ImputeMethod {
     #[default]
     Linear,
@@ -25,6 +26,7 @@ pub enum ImputeMethod {
 
 /// The gap rule a model was trained under, which the agent then applies to the readings it scores with it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct GapRule {
     /// How short gaps are filled.
     pub impute: ImputeMethod,

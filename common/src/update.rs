@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 /// An input with the output the model must give for it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Golden {
     pub input: Vec<f32>,
     pub output: Vec<f32>,
@@ -20,6 +21,7 @@ pub struct Golden {
 
 /// Where a model came from, as far as a device needs to know.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ManifestLineage {
     pub dataset_hash: String,
     /// Hyper-parameters and metrics, as JSON text.
@@ -30,6 +32,7 @@ pub struct ManifestLineage {
 
 /// Everything a device needs to verify and run one model version (DESIGN.md, Model manifest).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Manifest {
     pub name: String,
     pub version: u32,
@@ -80,6 +83,7 @@ impl Manifest {
 /// How the agent should bring the model in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UpdatePolicy {
     /// Windows the candidate runs beside the active model before it is activated (0: no shadow phase).
     pub shadow_windows: u32,
@@ -184,9 +188,10 @@ pub struct DesiredAgent {
     pub health_secs: u32,
 }
 
-/// What an [`UpdateReport`] is about.
+/// What an update report is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Component {
     /// A model, from a [`DesiredState`].
     #[default]
@@ -206,6 +211,7 @@ impl Component {
 /// The phases an update goes through on a device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Phase {
     /// Verified and accepted; the artifact is being downloaded.
     Downloading,
@@ -240,6 +246,7 @@ impl Phase {
 /// device that simply ran out of time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Failure {
     /// The desired state expired before the update could finish: the artifact server stayed unreachable
     /// through every retry, or the state arrived already expired. Not the model's fault, and not a success.
@@ -271,6 +278,7 @@ impl Failure {
 
 /// One transition of an update on a device, sent on `up/report` and repeated in every heartbeat.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct UpdateReport {
     /// The desired-state sequence this is about (0 if the state could not be read).
     pub seq: u64,

@@ -134,6 +134,9 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Print the operator API's OpenAPI 3.1 document (what `GET /api/v1/openapi.json` serves), to generate a
+    /// client from without a running control plane.
+    Openapi,
 }
 
 #[derive(Subcommand)]
@@ -341,6 +344,9 @@ fn try_main(command: Command) -> Result<(), Failure> {
             println!("CA key (keep it offline):        {}", f.ca_key.display());
             println!("server certificate ([tls] cert): {}", f.cert.display());
             println!("server key ([tls] key):          {}", f.key.display());
+        }
+        Command::Openapi => {
+            println!("{}", edgeloop_control_plane::web::openapi().to_pretty_json().map_err(anyhow::Error::from)?);
         }
         Command::Keys { command } => {
             let s = match command {

@@ -23,7 +23,7 @@ pub const MAX_DETAIL_BYTES: usize = 1024;
 /// from that source starts a new one).
 const MAX_OPEN_AGGREGATES: usize = 1024;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AuditEntry {
     pub at_ms: u64,
     /// The operator, as far as the API knows them.

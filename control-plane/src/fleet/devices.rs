@@ -21,7 +21,7 @@ use std::sync::{Mutex, RwLock};
 
 use crate::fleet::telemetry::StoreError;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct Device {
     pub id: String,
     /// From the latest heartbeat; empty until one arrives.
@@ -33,7 +33,7 @@ pub struct Device {
     pub rejected: u64,
     pub acked_upto: u64,
     pub last_status: Option<Status>,
-    /// The latest update reports, oldest first (the newest [`UPDATE_HISTORY`] are kept).
+    /// The latest update reports, oldest first (the newest 64 are kept).
     #[serde(default)]
     pub updates: Vec<UpdateReport>,
     /// Stored records the device's model flagged as anomalous, and when the latest of them arrived
@@ -42,8 +42,8 @@ pub struct Device {
     pub anomalies: u64,
     #[serde(default)]
     pub last_anomaly_ms: Option<u64>,
-    /// Records the device deleted from its outbox that the control plane never stored (see
-    /// [`Device::record_lost`]), and their ranges, merged, oldest first (the newest [`LOST_RANGES`] are kept).
+    /// Records the device deleted from its outbox that the control plane never stored (its outbox was full),
+    /// and their ranges, merged, oldest first (the newest 64 are kept).
     #[serde(default)]
     pub lost: u64,
     #[serde(default)]

@@ -40,7 +40,7 @@ struct TokenRecord {
 }
 
 /// An enrollment token as the API shows it: no secret, and nothing derived from one.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EnrollmentToken {
     pub id: String,
     pub class: String,
@@ -80,7 +80,7 @@ struct Record {
 }
 
 /// An enrolled device as the API shows it: public key, no credential.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Enrolled {
     pub device: String,
     pub class: String,
@@ -105,7 +105,7 @@ impl From<&Record> for Enrolled {
 }
 
 /// What a device gets back from enrolling.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Credentials {
     pub username: String,
     pub password: String,

@@ -22,7 +22,7 @@ pub const MAX_SCANNED: usize = 50_000;
 pub const MAX_LIMIT: usize = 1000;
 
 /// One stored line.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StoredLog {
     pub device: String,
     /// The device's class when the line arrived.
@@ -37,7 +37,7 @@ pub struct StoredLog {
 }
 
 /// A device's log counters.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogStats {
     /// Lines stored since the device's first.
     pub stored: u64,

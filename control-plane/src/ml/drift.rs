@@ -14,7 +14,8 @@ pub const BINS: usize = 10;
 const FLOOR: f64 = 1e-4;
 
 /// The training distribution of each feature.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[schema(as = DriftReference)]
 pub struct Reference {
     /// Per feature, the inner bin edges (`BINS - 1` of them, ascending).
     pub edges: Vec<Vec<f32>>,

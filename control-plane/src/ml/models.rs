@@ -19,7 +19,8 @@ use std::path::{Path, PathBuf};
 
 pub use edgeloop_common::update::Golden;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[schema(as = ModelMetrics)]
 pub struct Metrics {
     pub val_loss: f64,
     /// Mean score over the test split (reconstruction error), computed with the exported model.
@@ -38,7 +39,7 @@ pub struct Metrics {
 }
 
 /// Where a model came from.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Lineage {
     pub dataset_hash: String,
     pub dataset_report: QualityReport,
@@ -58,7 +59,7 @@ pub struct Lineage {
 }
 
 /// Whether a version became production, and on what numbers.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Promotion {
     pub promoted: bool,
     pub metric: String,
@@ -74,7 +75,7 @@ pub struct Promotion {
 
 /// What a model computes. Training is asked for an autoencoder or a classifier; the search may register a
 /// forecaster instead of an autoencoder when it scores better; operators upload models of their own.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(utoipa::ToSchema, Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum ModelKind {
     /// Anomaly scores from reconstruction error; needs no labels.
@@ -106,7 +107,7 @@ impl std::fmt::Display for ModelKind {
 }
 
 /// A registered model version: the manifest fields of DESIGN.md plus metrics, lineage and promotion.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModelVersion {
     pub name: String,
     pub version: u32,

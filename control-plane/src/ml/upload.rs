@@ -28,7 +28,7 @@ fn invalid(field: impl Into<String>, reason: impl Into<String>) -> UploadError {
 
 /// What an upload says about its model: the `metadata` part of a multipart upload, or the JSON form's fields
 /// but `onnx_base64`.
-#[derive(Deserialize, Serialize, Debug)]
+#[derive(utoipa::ToSchema, Deserialize, Serialize, Debug)]
 #[serde(deny_unknown_fields)]
 pub struct UploadMeta {
     /// Model line; versions number up from 1 per name.

@@ -17,7 +17,7 @@ use edgeloop_common::update::{DesiredState, UpdatePolicy, UpdateReport};
 use serde::{Deserialize, Serialize};
 
 /// A bundle the control plane made, as the API lists it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BundleRecord {
     /// Also the `rollout` its desired state and the devices' reports about it carry.
     pub id: String,
@@ -35,7 +35,7 @@ pub struct BundleRecord {
 }
 
 /// A class configuration in a bundle.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BundledConfig {
     pub version: u32,
     pub sha256: String,
@@ -43,7 +43,7 @@ pub struct BundledConfig {
 }
 
 /// A bundle request (`POST /api/v1/bundles`).
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BundleRequest {
     pub model: String,
@@ -167,7 +167,7 @@ pub fn make(
 }
 
 /// A bundle with what devices reported about it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Serialize, Deserialize)]
 pub struct BundleView {
     #[serde(flatten)]
     pub bundle: BundleRecord,

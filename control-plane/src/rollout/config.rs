@@ -36,7 +36,7 @@ pub struct RolloutsConfig {
 
 /// A maintenance window for a class, a tag, or devices of a class with a tag. A device under several
 /// windows may receive a desired state while any of them is open; one under none, at any time.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct WindowConfig {
     pub name: String,

@@ -26,7 +26,7 @@ pub struct ConfigVersion {
 }
 
 /// A class configuration as the API shows it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ConfigView {
     pub class: String,
     pub version: u32,

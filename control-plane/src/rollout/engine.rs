@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// A model version as rollouts name it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ModelRef {
     pub name: String,
     pub version: u32,
@@ -38,7 +38,7 @@ pub struct ModelRef {
 }
 
 /// How much of the matching fleet a stage covers (cumulative).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Share {
     Percent(f64),
@@ -56,7 +56,8 @@ impl Share {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[schema(as = RolloutStage)]
 #[serde(deny_unknown_fields)]
 pub struct Stage {
     pub name: String,
@@ -71,7 +72,7 @@ pub struct Stage {
 
 /// What a device that misses its install deadline, or a stage that runs past its timeout, does to the
 /// rollout.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(utoipa::ToSchema, Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum OnTimeout {
     /// The device counts as timed out and no longer holds its stage; in a stage that is not the last, the
@@ -85,7 +86,7 @@ pub enum OnTimeout {
 }
 
 /// How long a rollout waits, and what it does when that runs out.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Timeouts {
     /// Seconds a device has, from when its desired state is sent, to report how the install ended (0: no
@@ -103,7 +104,7 @@ impl Default for Timeouts {
 }
 
 /// The limits a stage must stay within. `None` turns a gate off.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Gates {
     /// Largest share of final reports that may be failures (rejected, failed, reverted)...
@@ -164,7 +165,7 @@ impl Default for Gates {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(utoipa::ToSchema, Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum OnBreach {
     Pause,
@@ -173,7 +174,8 @@ pub enum OnBreach {
 }
 
 /// What a rollout moves onto the fleet.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[schema(as = RolloutKind)]
 #[serde(rename_all = "snake_case")]
 pub enum Kind {
     /// A model version, in desired states on `down/desired`.
@@ -335,7 +337,7 @@ impl RolloutSpec {
 }
 
 /// What a running rollout waits for, so that an operator sees why it does not move.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "for", rename_all = "snake_case")]
 pub enum Waiting {
     /// Scheduled: it starts at `at_ms`.
@@ -354,7 +356,8 @@ pub enum Waiting {
     Approval,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[schema(as = RolloutState)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum State {
     /// Created with a start time still to come.
@@ -396,7 +399,8 @@ impl State {
 }
 
 /// One device in a rollout.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[schema(as = RolloutTarget)]
 pub struct Target {
     /// The stage that took it in.
     pub stage: usize,
@@ -485,7 +489,7 @@ impl Target {
 }
 
 /// A gate's live value against its limit.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GateValue {
     pub gate: String,
     pub value: Option<f64>,
@@ -493,7 +497,8 @@ pub struct GateValue {
     pub ok: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[schema(as = RolloutEvent)]
 pub struct Event {
     pub at_ms: u64,
     pub what: String,

@@ -24,7 +24,7 @@ pub struct ReleaseRecord {
 }
 
 /// An agent build as the API shows it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ReleaseView {
     pub class: String,
     pub arch: String,
@@ -50,7 +50,8 @@ impl ReleaseRecord {
 }
 
 /// What an operator publishes.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(utoipa::IntoParams, Debug, Clone, Deserialize, Serialize)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct PublishRelease {
     pub class: String,

@@ -43,7 +43,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// A request to start a rollout (`POST /api/v1/rollouts`).
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateRollout {
     /// Model line and version, as in `/api/v1/models/{name}/{version}` (leave both out for a class
@@ -95,7 +95,7 @@ pub struct CreateRollout {
 
 /// A maintenance window as the API shows it: its configuration, and whether it is open now (until when) or
 /// when it next opens.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Serialize, Deserialize)]
 pub struct WindowView {
     #[serde(flatten)]
     pub window: super::config::WindowConfig,

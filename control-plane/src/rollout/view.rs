@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
 /// One stage as the API shows it.
-#[derive(Serialize, Deserialize, Debug)]
+#[derive(utoipa::ToSchema, Serialize, Deserialize, Debug)]
 pub struct StageView {
     #[serde(flatten)]
     pub stage: crate::rollout::engine::Stage,
@@ -19,7 +19,7 @@ pub struct StageView {
 }
 
 /// A rollout with its stages, live gate values and devices per phase.
-#[derive(Serialize, Deserialize, Debug)]
+#[derive(utoipa::ToSchema, Serialize, Deserialize, Debug)]
 pub struct RolloutView {
     pub id: String,
     /// `config` for a class configuration (then `model` names it: the class, and the configuration's

@@ -120,7 +120,7 @@ pub struct Schedule {
 }
 
 /// Whether a device may receive a desired state now, and when that changes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum Opening {
     /// No window applies: any time.

@@ -13,9 +13,13 @@ pub struct ApiError {
     pub detail: String,
 }
 
-#[derive(Serialize)]
-struct Body<'a> {
+/// The body of every error the API answers with.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorBody<'a> {
+    /// A stable word for the kind of error: `bad_request`, `unauthorized`, `forbidden`, `not_found`,
+    /// `conflict`, `payload_too_large`, `busy`, `internal`, ...
     error: &'a str,
+    /// What was wrong and where, for a person.
     detail: &'a str,
 }
 
@@ -92,6 +96,59 @@ impl From<crate::ml::upload::UploadError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(Body { error: self.error, detail: &self.detail })).into_response()
+        (self.status, Json(ErrorBody { error: self.error, detail: &self.detail })).into_response()
     }
+}
+
+/// The word an error answer carries for `status`.
+fn word(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 => "bad_request",
+        401 => "unauthorized",
+        403 => "forbidden",
+        404 => "not_found",
+        405 => "method_not_allowed",
+        406 => "not_acceptable",
+        409 => "conflict",
+        411 => "length_required",
+        413 => "payload_too_large",
+        415 => "unsupported_media_type",
+        416 => "range_not_satisfiable",
+        422 => "unprocessable",
+        429 => "too_many_requests",
+        503 => "busy",
+        s if s >= 500 => "internal",
+        _ => "error",
+    }
+}
+
+/// Gives the errors axum answers by itself under `/api/` the API's shape: a path segment of the wrong type,
+/// a body over its limit, a method a path does not take. They come as plain text (or empty); this layer turns
+/// them into `{error, detail}` with the same status and headers (`Allow` on a 405), so that a client reads
+/// every error the same way and the OpenAPI document's error schema holds for all of them.
+pub async fn uniform(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let api = req.uri().path().starts_with("/api/");
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let json = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with("application/json"));
+    if !api || json || !(status.is_client_error() || status.is_server_error()) {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 16 * 1024).await.map(|b| String::from_utf8_lossy(&b).trim().to_string());
+    let detail = match text {
+        Ok(t) if !t.is_empty() => t,
+        _ => status.canonical_reason().unwrap_or("error").to_string(),
+    };
+    let mut out = ApiError { status, error: word(status), detail }.into_response();
+    for (name, value) in parts.headers.iter() {
+        if name != axum::http::header::CONTENT_TYPE && name != axum::http::header::CONTENT_LENGTH {
+            out.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    out
 }

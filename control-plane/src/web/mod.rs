@@ -17,11 +17,14 @@ pub mod serve;
 
 use crate::access::operators::Role;
 use axum::extract::DefaultBodyLimit;
+use axum::http::header;
 use axum::middleware::from_fn_with_state;
-use axum::routing::{get, post};
+use axum::routing::get;
 use axum::Router;
 use std::sync::Arc;
 use std::time::Instant;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 /// What every handler reads: the stores and services of the control plane.
 #[derive(Clone)]
@@ -57,80 +60,124 @@ pub const DASHBOARD_HEADER: &str = "x-edgeloop-dashboard";
 /// Every route, grouped by the role it needs. A group's `route_layer` checks the caller's token (or the
 /// dashboard's session cookie) before its handlers run; the outer layer writes every change to the audit
 /// log. Unknown paths need a viewer (reads) or an operator (changes), like the routes around them.
+///
+/// API routes are registered with `routes!`, which adds each to the router and to the OpenAPI document
+/// ([`api::openapi`]) at once; the document is served at [`api::openapi::PATH`].
 pub fn router(state: AppState) -> Router {
-    // Open: health; artifacts (devices fetch them; they are content-addressed and only run after their signed
-    // manifest checks out); enrollment (it carries its own token); the login page and static assets.
-    let open = Router::new()
-        .route("/api/v1/health", get(api::health))
-        .route("/api/v1/artifacts/{sha256}", get(api::learning::artifact))
-        .route("/api/v1/enroll", post(api::identity::enroll))
-        .merge(dashboard::open_routes());
-    let viewer = Router::new()
-        .route("/api/v1/devices", get(api::devices))
-        .route("/api/v1/devices/{id}", get(api::device))
-        .route("/api/v1/devices/{id}/telemetry", get(api::telemetry))
-        .route("/api/v1/devices/{id}/logs", get(api::logs::device))
-        .route("/api/v1/logs", get(api::logs::search))
-        .route("/api/v1/jobs", get(api::learning::jobs))
-        .route("/api/v1/jobs/{id}", get(api::learning::job))
-        .route("/api/v1/models", get(api::learning::models))
-        .route("/api/v1/models/{name}/{version}", get(api::learning::model))
-        .route("/api/v1/models/{name}/{version}/manifest", get(api::learning::manifest))
-        .route("/api/v1/labels", get(api::learning::labels))
-        .route("/api/v1/datasets/{class}", get(api::learning::dataset))
-        .route("/api/v1/triggers", get(api::learning::triggers))
-        .route("/api/v1/rollouts", get(api::rollouts::list))
-        .route("/api/v1/rollouts/{id}", get(api::rollouts::get))
-        .route("/api/v1/rollouts/{id}/devices", get(api::rollouts::devices))
-        .route("/api/v1/windows", get(api::rollouts::windows))
-        .route("/api/v1/devices/{id}/tags", get(api::rollouts::tags))
-        .route("/api/v1/bundles", get(api::rollouts::bundles))
-        .route("/api/v1/configs", get(api::configs::list))
-        .route("/api/v1/agent-releases", get(api::releases::list))
-        .route("/api/v1/configs/{class}/{version}", get(api::configs::get))
-        .route("/api/v1/audit", get(api::rollouts::audit))
-        .route("/api/v1/enrollments", get(api::identity::enrolled))
-        .route("/api/v1/signing-key", get(api::rollouts::signing_key))
-        .route("/metrics", get(api::metrics))
-        .merge(dashboard::pages())
-        .route_layer(from_fn_with_state((state.clone(), Role::Viewer), auth::check_role));
-    let operator = Router::new()
-        .route("/api/v1/train", post(api::learning::train))
-        .route(
-            "/api/v1/models",
-            post(api::rollouts::upload).layer(DefaultBodyLimit::max(api::rollouts::MAX_UPLOAD_BYTES)),
-        )
-        .route("/api/v1/labels", post(api::learning::add_label))
-        .route("/api/v1/rollouts", post(api::rollouts::create))
-        .route("/api/v1/rollouts/{id}/{action}", post(api::rollouts::act))
-        .route("/api/v1/rollouts/{id}", axum::routing::delete(api::rollouts::archive))
-        .route("/api/v1/bundles", post(api::rollouts::make_bundle))
-        .route(
-            "/api/v1/configs",
-            post(api::configs::publish).layer(DefaultBodyLimit::max(api::configs::MAX_CONFIG_BYTES)),
-        )
-        .route(
-            "/api/v1/agent-releases",
-            post(api::releases::publish).layer(DefaultBodyLimit::max(api::releases::MAX_AGENT_BYTES)),
-        )
-        .route("/api/v1/devices/{id}/tags", post(api::rollouts::set_tags))
-        .route_layer(from_fn_with_state((state.clone(), Role::Operator), auth::check_role));
-    let admin = Router::new()
-        .route("/api/v1/enrollment-tokens", get(api::identity::tokens).post(api::identity::create_token))
-        .route("/api/v1/enrollment-tokens/{id}/revoke", post(api::identity::revoke_token))
-        .route("/api/v1/devices/{id}/revoke", post(api::identity::revoke))
-        .route("/api/v1/devices/{id}", axum::routing::delete(api::identity::decommission))
-        .route_layer(from_fn_with_state((state.clone(), Role::Admin), auth::check_role));
-    Router::new()
-        .merge(open)
-        .merge(viewer)
-        .merge(operator)
-        .merge(admin)
+    let layer_state = state.clone();
+    let (router, doc) = routes(&move |group, role| {
+        group.route_layer(from_fn_with_state((layer_state.clone(), role), auth::check_role))
+    })
+    .split_for_parts();
+    let doc = std::sync::Arc::new(doc.to_pretty_json().unwrap_or_default());
+    let serve_doc = get(move || async move { ([(header::CONTENT_TYPE, "application/json")], doc.to_string()) });
+    router
+        .route(api::openapi::PATH, serve_doc)
         .fallback(auth::fallback)
+        .layer(axum::middleware::from_fn(error::uniform))
         .layer(from_fn_with_state(state.clone(), auth::audit))
         .with_state(state)
+}
+
+/// The OpenAPI document alone, as `GET /api/v1/openapi.json` serves it.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    routes(&|group, _| group).split_for_parts().1
+}
+
+/// A group of routes with the check of the role it needs.
+type Guard<'a> = &'a dyn Fn(OpenApiRouter<AppState>, Role) -> OpenApiRouter<AppState>;
+
+/// The routes and their description, before the state and the outer layers; `guard` adds each group's role
+/// check.
+fn routes(guard: Guard) -> OpenApiRouter<AppState> {
+    // Open: health; artifacts (devices fetch them; they are content-addressed and only run after their signed
+    // manifest checks out); enrollment (it carries its own token); the login page and static assets.
+    let open = OpenApiRouter::new()
+        .routes(routes!(api::health))
+        .routes(routes!(api::learning::artifact))
+        .routes(routes!(api::identity::enroll))
+        .merge(dashboard::open_routes().into());
+    let viewer = OpenApiRouter::new()
+        .routes(routes!(api::devices))
+        .routes(routes!(api::device))
+        .routes(routes!(api::telemetry))
+        .routes(routes!(api::logs::device))
+        .routes(routes!(api::logs::search))
+        .routes(routes!(api::learning::jobs))
+        .routes(routes!(api::learning::job))
+        .routes(routes!(api::learning::models))
+        .routes(routes!(api::learning::model))
+        .routes(routes!(api::learning::manifest))
+        .routes(routes!(api::learning::labels))
+        .routes(routes!(api::learning::dataset))
+        .routes(routes!(api::learning::triggers))
+        .routes(routes!(api::rollouts::list))
+        .routes(routes!(api::rollouts::get))
+        .routes(routes!(api::rollouts::devices))
+        .routes(routes!(api::rollouts::windows))
+        .routes(routes!(api::rollouts::tags))
+        .routes(routes!(api::rollouts::bundles))
+        .routes(routes!(api::configs::list))
+        .routes(routes!(api::releases::list))
+        .routes(routes!(api::configs::get))
+        .routes(routes!(api::rollouts::audit))
+        .routes(routes!(api::identity::enrolled))
+        .routes(routes!(api::rollouts::signing_key))
+        .routes(routes!(api::metrics));
+    let viewer = guard(api::openapi::guarded(viewer, Role::Viewer).merge(dashboard::pages().into()), Role::Viewer);
+    let operator = OpenApiRouter::new()
+        .routes(routes!(api::learning::train))
+        .routes(limited(routes!(api::rollouts::upload), api::rollouts::MAX_UPLOAD_BYTES))
+        .routes(routes!(api::learning::add_label))
+        .routes(routes!(api::rollouts::create))
+        .routes(routes!(api::rollouts::act))
+        .routes(routes!(api::rollouts::archive))
+        .routes(routes!(api::rollouts::make_bundle))
+        .routes(limited(routes!(api::configs::publish), api::configs::MAX_CONFIG_BYTES))
+        .routes(limited(routes!(api::releases::publish), api::releases::MAX_AGENT_BYTES))
+        .routes(routes!(api::rollouts::set_tags));
+    let operator = guard(api::openapi::guarded(operator, Role::Operator), Role::Operator);
+    let admin = OpenApiRouter::new()
+        .routes(routes!(api::identity::tokens, api::identity::create_token))
+        .routes(routes!(api::identity::revoke_token))
+        .routes(routes!(api::identity::revoke))
+        .routes(routes!(api::identity::decommission));
+    let admin = guard(api::openapi::guarded(admin, Role::Admin), Role::Admin);
+    let mut all =
+        OpenApiRouter::with_openapi(api::openapi::frame()).merge(open).merge(viewer).merge(operator).merge(admin);
+    api::openapi::complete(all.get_openapi_mut());
+    all
+}
+
+/// A route whose body may be larger than axum's 2 MiB default.
+fn limited(
+    (schemas, paths, route): utoipa_axum::router::UtoipaMethodRouter<AppState>,
+    max: usize,
+) -> utoipa_axum::router::UtoipaMethodRouter<AppState> {
+    (schemas, paths, route.layer(DefaultBodyLimit::max(max)))
 }
 
 pub use api::logs::LogPageView;
 pub use api::rollouts::SigningKey;
 pub use api::{DeviceView, TelemetryPage};
+
+#[cfg(test)]
+mod tests {
+    /// Every API route is registered with `routes!`, which describes it in the OpenAPI document: none is
+    /// added with a plain `.route(...)` but the document's own.
+    #[test]
+    fn every_api_route_is_in_the_openapi_document() {
+        let source = include_str!("mod.rs").split("#[cfg(test)]").next().unwrap();
+        let plain: Vec<&str> =
+            source.lines().filter(|l| l.contains(".route(") && !l.contains("api::openapi::PATH")).collect();
+        assert!(plain.is_empty(), "routes outside the OpenAPI document: {plain:?}");
+        let doc = super::openapi();
+        let operations: usize = serde_json::to_value(&doc).unwrap()["paths"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|p| p.as_object().unwrap().len())
+            .sum();
+        assert_eq!(operations, 44);
+    }
+}

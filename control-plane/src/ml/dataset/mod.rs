@@ -91,7 +91,8 @@ impl DatasetSpec {
 }
 
 /// One training example.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[schema(as = DatasetValues)]
 pub struct Row {
     pub device: String,
     pub ts_ms: u64,
@@ -108,7 +109,7 @@ fn is_false(b: &bool) -> bool {
 }
 
 /// Per-feature mean and standard deviation, fitted on the training split.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Standardizer {
     pub mean: Vec<f32>,
     pub std: Vec<f32>,
@@ -140,7 +141,7 @@ impl Standardizer {
 }
 
 /// What building did to the data.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct QualityReport {
     pub devices: usize,
     pub records_in: u64,
@@ -209,7 +210,7 @@ pub enum DatasetError {
 }
 
 /// A labelled time range of one device.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Label {
     pub device: String,
     #[serde(rename = "from")]

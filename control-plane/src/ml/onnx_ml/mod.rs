@@ -29,7 +29,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use tract_onnx::pb::{self, type_proto, ModelProto, NodeProto, ValueInfoProto};
 
 /// Which output of an uploaded model is the score, and how.
-#[derive(Deserialize, Serialize, Debug, Clone, Default, PartialEq)]
+#[derive(utoipa::ToSchema, Deserialize, Serialize, Debug, Clone, Default, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ScoreSpec {
     /// The output's name; default: the first output, when it is a float tensor.

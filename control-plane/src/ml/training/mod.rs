@@ -28,7 +28,7 @@ pub mod search;
 use serde::{Deserialize, Serialize};
 
 /// Hyper-parameters of one trial.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Hyper {
     /// Width of the first hidden layer.
     pub width: usize,

@@ -25,7 +25,7 @@ pub struct Budget {
 }
 
 /// One trained configuration at one rung.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Trial {
     pub id: usize,
     pub rung: usize,

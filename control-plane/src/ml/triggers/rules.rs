@@ -44,7 +44,8 @@ pub struct TriggerConfig {
 }
 
 /// Why a training was started.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[schema(as = TriggerCause)]
 #[serde(tag = "trigger", rename_all = "snake_case")]
 pub enum Cause {
     Schedule { every_secs: u64, since_last_secs: Option<u64> },
@@ -104,7 +105,7 @@ pub fn note_training(state: &mut TriggerState, started_ms: Option<u64>, records_
 }
 
 /// A trigger that fired.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TriggerEvent {
     pub class: String,
     pub at_ms: u64,

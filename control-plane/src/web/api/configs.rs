@@ -25,7 +25,8 @@ impl From<PublishError> for ApiError {
     }
 }
 
-#[derive(Deserialize, Debug)]
+#[derive(utoipa::IntoParams, Deserialize, Debug)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct PublishParams {
     /// The name errors call the text by (default `body`), such as the file it came from.
@@ -35,6 +36,12 @@ pub struct PublishParams {
 
 /// `POST /api/v1/configs`: the body is the class file's TOML text. 201 with the new version, or 200 with the
 /// latest one when it has the same text; 400 naming the key when the text is not a valid class file.
+#[utoipa::path(post, path = "/api/v1/configs", tag = "configs", operation_id = "publish_config",
+    params(PublishParams),
+    request_body(content = String, content_type = "text/plain", description = "The class file's TOML text (UTF-8)."),
+    responses((status = 201, description = "A new version.", body = ConfigView),
+        (status = 200, description = "The latest version already has this text.", body = ConfigView),
+        (status = 409, description = "Versions are exhausted.", body = crate::web::error::ErrorBody)))]
 pub async fn publish(
     State(s): State<AppState>,
     params: Result<Query<PublishParams>, QueryRejection>,
@@ -53,7 +60,8 @@ pub async fn publish(
     Ok((if new { StatusCode::CREATED } else { StatusCode::OK }, Json(c.view())))
 }
 
-#[derive(Deserialize, Debug)]
+#[derive(utoipa::IntoParams, Deserialize, Debug)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListParams {
     #[serde(default)]
@@ -61,6 +69,9 @@ pub struct ListParams {
 }
 
 /// `GET /api/v1/configs[?class=C]`: every version published, oldest first.
+#[utoipa::path(get, path = "/api/v1/configs", tag = "configs", operation_id = "list_configs",
+    params(ListParams),
+    responses((status = 200, description = "Every version published, oldest first.", body = Vec<ConfigView>)))]
 pub async fn list(
     State(s): State<AppState>,
     params: Result<Query<ListParams>, QueryRejection>,
@@ -72,6 +83,9 @@ pub async fn list(
 }
 
 /// `GET /api/v1/configs/{class}/{version}`.
+#[utoipa::path(get, path = "/api/v1/configs/{class}/{version}", tag = "configs", operation_id = "get_config",
+    params(("class" = String, Path, description = "The device class."), ("version" = u32, Path, description = "The version.")),
+    responses((status = 200, description = "The version.", body = ConfigView), (status = 404, description = "No such version.", body = crate::web::error::ErrorBody)))]
 pub async fn get(
     State(s): State<AppState>,
     Path((class, version)): Path<(String, u32)>,

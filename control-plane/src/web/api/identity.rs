@@ -25,6 +25,11 @@ impl From<EnrollError> for ApiError {
 }
 
 /// Enrolls a device from a request signed with its key (protocol.md, "Enrollment").
+#[utoipa::path(post, path = "/api/v1/enroll", tag = "identity", operation_id = "enroll",
+    request_body = EnrollRequest,
+    responses((status = 200, description = "The device's credentials.", body = Credentials),
+        (status = 403, description = "The token, proof or device is refused.", body = crate::web::error::ErrorBody),
+        (status = 409, description = "The device id is taken, or its class is fixed.", body = crate::web::error::ErrorBody)))]
 pub async fn enroll(
     State(s): State<AppState>,
     ApiJson(body): ApiJson<EnrollRequest>,
@@ -39,7 +44,7 @@ pub async fn enroll(
     Ok(Json(creds?))
 }
 
-#[derive(Deserialize, Serialize, Debug)]
+#[derive(utoipa::ToSchema, Deserialize, Serialize, Debug)]
 #[serde(deny_unknown_fields)]
 pub struct NewEnrollmentToken {
     pub class: String,
@@ -49,7 +54,7 @@ pub struct NewEnrollmentToken {
     pub expires_in_secs: u64,
 }
 
-#[derive(Deserialize, Serialize, Debug)]
+#[derive(utoipa::ToSchema, Deserialize, Serialize, Debug)]
 pub struct CreatedEnrollmentToken {
     /// Shown once; only its hash is kept.
     pub token: String,
@@ -57,6 +62,9 @@ pub struct CreatedEnrollmentToken {
     pub entry: EnrollmentToken,
 }
 
+#[utoipa::path(post, path = "/api/v1/enrollment-tokens", tag = "identity", operation_id = "create_enrollment_token",
+    request_body = NewEnrollmentToken,
+    responses((status = 201, description = "The token, shown once.", body = CreatedEnrollmentToken)))]
 pub async fn create_token(
     State(s): State<AppState>,
     ApiJson(body): ApiJson<NewEnrollmentToken>,
@@ -69,6 +77,9 @@ pub async fn create_token(
     Ok((StatusCode::CREATED, Json(CreatedEnrollmentToken { token, entry })))
 }
 
+#[utoipa::path(post, path = "/api/v1/enrollment-tokens/{id}/revoke", tag = "identity", operation_id = "revoke_enrollment_token",
+    params(("id" = String, Path, description = "The token's id.")),
+    responses((status = 200, description = "The token, revoked.", body = EnrollmentToken), (status = 404, description = "No such token.", body = crate::web::error::ErrorBody)))]
 pub async fn revoke_token(
     State(s): State<AppState>,
     Path(id): Path<String>,
@@ -81,15 +92,19 @@ pub async fn revoke_token(
     Ok(Json(t))
 }
 
+#[utoipa::path(get, path = "/api/v1/enrollment-tokens", tag = "identity", operation_id = "list_enrollment_tokens",
+    responses((status = 200, description = "Every enrollment token (hashes only).", body = Vec<EnrollmentToken>)))]
 pub async fn tokens(State(s): State<AppState>) -> Result<Json<Vec<EnrollmentToken>>, ApiError> {
     Ok(Json(s.enrollment.tokens()?))
 }
 
+#[utoipa::path(get, path = "/api/v1/enrollments", tag = "identity", operation_id = "list_enrollments",
+    responses((status = 200, description = "Every enrolled device.", body = Vec<Enrolled>)))]
 pub async fn enrolled(State(s): State<AppState>) -> Json<Vec<Enrolled>> {
     Json(s.enrollment.list())
 }
 
-#[derive(Deserialize, Serialize, Debug)]
+#[derive(utoipa::ToSchema, Deserialize, Serialize, Debug)]
 pub struct Revoked {
     pub device: String,
     pub revoked_ms: Option<u64>,
@@ -97,6 +112,9 @@ pub struct Revoked {
     pub connections_cut: usize,
 }
 
+#[utoipa::path(post, path = "/api/v1/devices/{id}/revoke", tag = "identity", operation_id = "revoke_device",
+    params(("id" = String, Path, description = "The device's id.", pattern = "^[A-Za-z0-9._-]{1,64}$")),
+    responses((status = 200, description = "The device's credentials are revoked.", body = Revoked), (status = 404, description = "The device is not enrolled.", body = crate::web::error::ErrorBody)))]
 pub async fn revoke(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Revoked>, ApiError> {
     edgeloop_common::topics::validate_device_id(&id).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let en = s.enrollment.clone();
@@ -113,7 +131,7 @@ pub async fn revoke(State(s): State<AppState>, Path(id): Path<String>) -> Result
 }
 
 /// What `DELETE /api/v1/devices/{id}` did.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Serialize, Deserialize)]
 pub struct Decommissioned {
     pub device: String,
     pub decommissioned_ms: u64,
@@ -127,6 +145,9 @@ pub struct Decommissioned {
 /// `DELETE /api/v1/devices/{id}`: decommissions a device. Its enrollment is revoked and its connections cut,
 /// its retained desired state is cleared from the broker and forgotten, its tags go, and it leaves the
 /// registry (and so the fleet's metrics and every rollout's view of the fleet). Its stored telemetry stays.
+#[utoipa::path(delete, path = "/api/v1/devices/{id}", tag = "devices", operation_id = "decommission_device",
+    params(("id" = String, Path, description = "The device's id.", pattern = "^[A-Za-z0-9._-]{1,64}$")),
+    responses((status = 200, description = "The device is decommissioned.", body = Decommissioned), (status = 404, description = "No such device.", body = crate::web::error::ErrorBody)))]
 pub async fn decommission(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Decommissioned>, ApiError> {
     edgeloop_common::topics::validate_device_id(&id).map_err(|e| ApiError::bad_request(e.to_string()))?;
     let (st, dev) = (s.clone(), id.clone());

@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainBody {
     pub class: String,
@@ -42,11 +42,14 @@ pub struct TrainBody {
     pub kind: ModelKind,
 }
 
-#[derive(Serialize, Deserialize, Debug)]
+#[derive(utoipa::ToSchema, Serialize, Deserialize, Debug)]
 pub struct Accepted {
     pub job: u64,
 }
 
+#[utoipa::path(post, path = "/api/v1/train", tag = "learning", operation_id = "train",
+    request_body = TrainBody,
+    responses((status = 202, description = "The job is queued.", body = Accepted), (status = 404, description = "The class is not configured.", body = crate::web::error::ErrorBody)))]
 pub async fn train(
     State(s): State<AppState>,
     ApiJson(body): ApiJson<TrainBody>,
@@ -90,25 +93,38 @@ pub async fn train(
     }
 }
 
+#[utoipa::path(get, path = "/api/v1/jobs/{id}", tag = "learning", operation_id = "get_job",
+    params(("id" = u64, Path, description = "The job's id.")),
+    responses((status = 200, description = "The job.", body = Job), (status = 404, description = "No such job.", body = crate::web::error::ErrorBody)))]
 pub async fn job(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Job>, ApiError> {
     let id: u64 = id.parse().map_err(|_| ApiError::bad_request(format!("job id `{id}` is not a number")))?;
     s.learning.job(id).map(Json).ok_or_else(|| ApiError::not_found(format!("no job {id}")))
 }
 
-#[derive(Deserialize, Debug, Default)]
+#[derive(utoipa::IntoParams, Deserialize, Debug, Default)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct JobParams {
     /// `queued`, `running`, `succeeded`, `failed` or `interrupted`.
+    #[param(pattern = "^(queued|running|succeeded|failed|interrupted)$")]
     pub state: Option<String>,
     pub class: Option<String>,
     /// A job id: the page starts after it.
     pub cursor: Option<String>,
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<usize>,
 }
 
 const JOB_STATES: [&str; 5] = ["queued", "running", "succeeded", "failed", "interrupted"];
 
-/// `GET /api/v1/jobs`: by id, paged ([`super::paging`]), filtered by state and class.
+/// `GET /api/v1/jobs`: by id, paged with `limit` and `cursor`, filtered by state and class.
+#[utoipa::path(get, path = "/api/v1/jobs", tag = "learning", operation_id = "list_jobs",
+    params(JobParams),
+    responses((status = 200, description = "Training jobs by id.", body = Vec<Job>,
+            headers(
+                ("x-next-cursor" = String, description = "The next page's cursor; absent on the last page."),
+                ("link" = String, description = "The next page's address, `<...>; rel=\"next\"`; absent on the last page."),
+            ))))]
 pub async fn jobs(
     State(s): State<AppState>,
     uri: axum::http::Uri,
@@ -131,7 +147,7 @@ pub async fn jobs(
 }
 
 /// A version without its bulky parts (golden vectors, trial table).
-#[derive(Serialize, Deserialize, Debug)]
+#[derive(utoipa::ToSchema, Serialize, Deserialize, Debug)]
 pub struct ModelSummary {
     pub name: String,
     pub version: u32,
@@ -147,7 +163,8 @@ pub struct ModelSummary {
     pub test_auc: Option<f64>,
 }
 
-#[derive(Deserialize, Debug, Default)]
+#[derive(utoipa::IntoParams, Deserialize, Debug, Default)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ModelParams {
     /// One model line.
@@ -155,10 +172,18 @@ pub struct ModelParams {
     pub class: Option<String>,
     /// `<name>/<version>`: the page starts after that version.
     pub cursor: Option<String>,
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<usize>,
 }
 
-/// `GET /api/v1/models`: by name, then version, paged ([`super::paging`]), filtered by name and class.
+/// `GET /api/v1/models`: by name, then version, paged with `limit` and `cursor`, filtered by name and class.
+#[utoipa::path(get, path = "/api/v1/models", tag = "learning", operation_id = "list_models",
+    params(ModelParams),
+    responses((status = 200, description = "Model versions by name, then version.", body = Vec<ModelSummary>,
+            headers(
+                ("x-next-cursor" = String, description = "The next page's cursor; absent on the last page."),
+                ("link" = String, description = "The next page's address, `<...>; rel=\"next\"`; absent on the last page."),
+            ))))]
 pub async fn models(
     State(s): State<AppState>,
     uri: axum::http::Uri,
@@ -204,6 +229,9 @@ pub async fn models(
     Ok(super::paging::Paged { items, next: next.map(|(n, v)| format!("{n}/{v}")), uri })
 }
 
+#[utoipa::path(get, path = "/api/v1/models/{name}/{version}", tag = "learning", operation_id = "get_model",
+    params(("name" = String, Path, description = "The model line."), ("version" = u32, Path, description = "The version.")),
+    responses((status = 200, description = "The version, with its lineage, promotion decision and golden vectors.", body = ModelVersion), (status = 404, description = "No such version.", body = crate::web::error::ErrorBody)))]
 pub async fn model(
     State(s): State<AppState>,
     Path((name, version)): Path<(String, String)>,
@@ -219,6 +247,9 @@ pub async fn model(
 
 /// `GET /api/v1/models/{name}/{version}/manifest`: the manifest exactly as agents receive it in their desired
 /// states (golden tolerance included).
+#[utoipa::path(get, path = "/api/v1/models/{name}/{version}/manifest", tag = "learning", operation_id = "get_manifest",
+    params(("name" = String, Path, description = "The model line."), ("version" = u32, Path, description = "The version.")),
+    responses((status = 200, description = "The manifest exactly as agents receive it.", body = edgeloop_common::update::Manifest), (status = 404, description = "No such version.", body = crate::web::error::ErrorBody)))]
 pub async fn manifest(
     State(s): State<AppState>,
     Path((name, version)): Path<(String, String)>,
@@ -247,10 +278,22 @@ pub fn parse_range(header: &str, len: u64) -> Option<(u64, u64)> {
 }
 
 /// Serves an artifact from disk, whole or one byte range (`Range: bytes=a-b`, `a-`, `-n`; 206 with
-/// `Content-Range`, 416 for a range outside the file). The body is streamed in [`ARTIFACT_CHUNK`] pieces, so
+/// `Content-Range`, 416 for a range outside the file). The body is streamed in 64 KiB pieces, so
 /// memory per download stays small whatever the file's size. Downloads need no token, so at most
 /// `api.max_downloads` run at once; the next waits up to 10 s for a turn, then gets a 503 (agents retry with
 /// back-off and resume with `Range`).
+#[utoipa::path(get, path = "/api/v1/artifacts/{sha256}", tag = "learning", operation_id = "get_artifact",
+    params(("sha256" = String, Path, description = "The artifact's SHA-256, 64 lowercase hex digits.", pattern = "^[0-9a-f]{64}$"),
+        ("range" = Option<String>, Header, description = "One byte range: `bytes=a-b`, `bytes=a-` or `bytes=-n`.")),
+    responses(
+        (status = 200, description = "The whole file.", content_type = "application/octet-stream", body = inline(super::openapi::Binary),
+            headers(("etag" = String, description = "The SHA-256, quoted."), ("accept-ranges" = String))),
+        (status = 206, description = "One byte range.", content_type = "application/octet-stream", body = inline(super::openapi::Binary),
+            headers(("content-range" = String, description = "`bytes a-b/len`."))),
+        (status = 404, description = "No such artifact.", body = crate::web::error::ErrorBody),
+        (status = 416, description = "The range does not fit the file.", body = crate::web::error::ErrorBody),
+        (status = 503, description = "Every download slot is taken (`api.max_downloads`); retry after `Retry-After`.", body = crate::web::error::ErrorBody),
+    ))]
 pub async fn artifact(
     State(s): State<AppState>,
     Path(sha): Path<String>,
@@ -358,7 +401,7 @@ impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Permitted<R> {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(utoipa::ToSchema, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LabelBody {
     pub device: String,
@@ -368,6 +411,9 @@ pub struct LabelBody {
     pub label: u32,
 }
 
+#[utoipa::path(post, path = "/api/v1/labels", tag = "learning", operation_id = "add_label",
+    request_body = LabelBody,
+    responses((status = 201, description = "The label is stored.", body = Label)))]
 pub async fn add_label(
     State(s): State<AppState>,
     ApiJson(body): ApiJson<LabelBody>,
@@ -382,10 +428,14 @@ pub async fn add_label(
     Ok((StatusCode::CREATED, Json(label)))
 }
 
+#[utoipa::path(get, path = "/api/v1/triggers", tag = "learning", operation_id = "list_triggers",
+    responses((status = 200, description = "Retraining triggers that fired.", body = Vec<crate::ml::triggers::TriggerEvent>)))]
 pub async fn triggers(State(s): State<AppState>) -> Json<Vec<crate::ml::triggers::TriggerEvent>> {
     Json(s.learning.trigger_events())
 }
 
+#[utoipa::path(get, path = "/api/v1/labels", tag = "learning", operation_id = "list_labels",
+    responses((status = 200, description = "Every label.", body = Vec<Label>)))]
 pub async fn labels(State(s): State<AppState>) -> Result<Json<Vec<Label>>, ApiError> {
     let models = s.learning.models.clone();
     Ok(Json(tokio::task::spawn_blocking(move || models.labels()).await??))
@@ -411,7 +461,8 @@ mod tests {
 
 /// `GET /api/v1/datasets/{class}`: what a training of the class would learn from, built the same way (the
 /// same cleaning, imputation, features, time split and quality report), for a notebook.
-#[derive(Deserialize, Debug, Default)]
+#[derive(utoipa::IntoParams, Deserialize, Debug, Default)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct DatasetParams {
     pub sensor: Option<String>,
@@ -426,14 +477,14 @@ pub struct DatasetParams {
 }
 
 /// One row of a dataset, with the split it falls in.
-#[derive(Serialize, Deserialize, Debug)]
+#[derive(utoipa::ToSchema, Serialize, Deserialize, Debug)]
 pub struct DatasetRow {
     pub split: &'static str,
     #[serde(flatten)]
     pub row: crate::ml::dataset::Row,
 }
 
-#[derive(Serialize, Debug)]
+#[derive(utoipa::ToSchema, Serialize, Debug)]
 pub struct DatasetView {
     pub class: String,
     pub sensor: String,
@@ -449,6 +500,9 @@ pub struct DatasetView {
 /// Most rows a dataset answer carries: narrow a larger one with `from`, `to` or `devices`.
 pub const MAX_DATASET_ROWS: usize = 200_000;
 
+#[utoipa::path(get, path = "/api/v1/datasets/{class}", tag = "learning", operation_id = "get_dataset",
+    params(("class" = String, Path, description = "The device class."), DatasetParams),
+    responses((status = 200, description = "The dataset a training would learn from.", body = DatasetView), (status = 404, description = "The class is not configured.", body = crate::web::error::ErrorBody)))]
 pub async fn dataset(
     State(s): State<AppState>,
     Path(class): Path<String>,

@@ -12,13 +12,15 @@ use serde::{Deserialize, Serialize};
 
 const DEFAULT_LIMIT: usize = 100;
 
-#[derive(Deserialize, Debug, Default)]
+#[derive(utoipa::IntoParams, Deserialize, Debug, Default)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct LogParams {
     /// Fleet-wide search only: one device.
     pub device: Option<String>,
     pub class: Option<String>,
     /// The lowest level: `warn` (warnings and errors) or `error`.
+    #[param(pattern = "^(warn|error)$")]
     pub level: Option<String>,
     /// Text the message or the target contains, ignoring case.
     pub q: Option<String>,
@@ -27,11 +29,12 @@ pub struct LogParams {
     pub until: Option<u64>,
     /// `next_cursor` of the previous page.
     pub cursor: Option<String>,
+    #[param(minimum = 1, maximum = 10000)]
     pub limit: Option<usize>,
 }
 
 /// A page of log lines, newest first.
-#[derive(Serialize, Deserialize, Debug)]
+#[derive(utoipa::ToSchema, Serialize, Deserialize, Debug)]
 pub struct LogPageView {
     pub logs: Vec<StoredLog>,
     /// Pass as `cursor` for the next (older) page; absent at the end.
@@ -90,6 +93,9 @@ async fn run(s: &AppState, q: LogQuery, with_stats: bool) -> Result<LogPageView,
 
 /// `GET /api/v1/devices/{id}/logs`: one device's lines, with its counters (stored, suppressed by the device,
 /// cut by ingest).
+#[utoipa::path(get, path = "/api/v1/devices/{id}/logs", tag = "logs", operation_id = "device_logs",
+    params(("id" = String, Path, description = "The device's id.", pattern = "^[A-Za-z0-9._-]{1,64}$"), LogParams),
+    responses((status = 200, description = "The device's log lines, newest first, with its counters.", body = LogPageView), (status = 404, description = "No such device.", body = crate::web::error::ErrorBody)))]
 pub async fn device(
     State(s): State<AppState>,
     Path(id): Path<String>,
@@ -106,6 +112,9 @@ pub async fn device(
 }
 
 /// `GET /api/v1/logs`: every device's lines.
+#[utoipa::path(get, path = "/api/v1/logs", tag = "logs", operation_id = "search_logs",
+    params(LogParams),
+    responses((status = 200, description = "Log lines of the fleet, newest first.", body = LogPageView)))]
 pub async fn search(
     State(s): State<AppState>,
     params: Result<QueryParams<LogParams>, QueryRejection>,

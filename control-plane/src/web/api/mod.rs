@@ -8,6 +8,7 @@ pub mod configs;
 pub mod identity;
 pub mod learning;
 pub mod logs;
+pub mod openapi;
 pub mod paging;
 pub mod releases;
 pub mod rollouts;
@@ -28,7 +29,7 @@ use serde::{Deserialize, Serialize};
 pub const MAX_LIMIT: usize = 10_000;
 const DEFAULT_LIMIT: usize = 1_000;
 
-#[derive(Serialize)]
+#[derive(utoipa::ToSchema, Serialize)]
 pub struct Health {
     status: &'static str,
     version: &'static str,
@@ -36,6 +37,8 @@ pub struct Health {
     devices: usize,
 }
 
+#[utoipa::path(get, path = "/api/v1/health", tag = "health", operation_id = "health",
+    responses((status = 200, description = "The control plane is up.", body = Health)))]
 pub async fn health(State(s): State<AppState>) -> Json<Health> {
     Json(Health {
         status: "ok",
@@ -46,7 +49,7 @@ pub async fn health(State(s): State<AppState>) -> Json<Health> {
 }
 
 /// A device as the API shows it.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[derive(utoipa::ToSchema, Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct DeviceView {
     #[serde(flatten)]
     pub device: Device,
@@ -64,18 +67,21 @@ fn view(s: &AppState, d: Device) -> DeviceView {
     DeviceView { device: d, online, window }
 }
 
-#[derive(Deserialize, Debug, Default)]
+#[derive(utoipa::IntoParams, Deserialize, Debug, Default)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceParams {
     pub class: Option<String>,
     /// One of the device's tags.
     pub tag: Option<String>,
     /// `online`, `offline` or `stale` (silent for a day or more).
+    #[param(pattern = "^(online|offline|stale)$")]
     pub state: Option<String>,
     /// The model it runs, by its last heartbeat: a model line (`city-air-quality`), one version
     /// (`city-air-quality/3`), or `none`.
     pub model: Option<String>,
     pub cursor: Option<String>,
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<usize>,
 }
 
@@ -88,7 +94,14 @@ fn runs_model(model_version: Option<&str>, want: &str) -> bool {
     }
 }
 
-/// `GET /api/v1/devices`: devices by id, paged ([`paging`]) and filtered by class, tag, state and model.
+/// `GET /api/v1/devices`: devices by id, paged with `limit` and `cursor`, and filtered by class, tag, state and model.
+#[utoipa::path(get, path = "/api/v1/devices", tag = "devices", operation_id = "list_devices",
+    params(DeviceParams),
+    responses((status = 200, description = "Devices by id.", body = Vec<DeviceView>,
+            headers(
+                ("x-next-cursor" = String, description = "The next page's cursor; absent on the last page."),
+                ("link" = String, description = "The next page's address, `<...>; rel=\"next\"`; absent on the last page."),
+            ))))]
 pub async fn devices(
     State(s): State<AppState>,
     uri: axum::http::Uri,
@@ -117,23 +130,28 @@ pub(crate) fn known_device(s: &AppState, id: &str) -> Result<Device, ApiError> {
     s.registry.get(id).ok_or_else(|| ApiError::not_found(format!("no device `{id}`")))
 }
 
+#[utoipa::path(get, path = "/api/v1/devices/{id}", tag = "devices", operation_id = "get_device",
+    params(("id" = String, Path, description = "The device's id.", pattern = "^[A-Za-z0-9._-]{1,64}$")),
+    responses((status = 200, description = "The device.", body = DeviceView), (status = 404, description = "No such device.", body = crate::web::error::ErrorBody)))]
 pub async fn device(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<DeviceView>, ApiError> {
     let d = known_device(&s, &id)?;
     Ok(Json(view(&s, d)))
 }
 
-#[derive(Deserialize, Debug)]
+#[derive(utoipa::IntoParams, Deserialize, Debug)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct TelemetryParams {
     /// Event-time bounds in Unix milliseconds, inclusive.
     pub from: Option<u64>,
     pub to: Option<u64>,
+    #[param(minimum = 1, maximum = 10000)]
     pub limit: Option<usize>,
     /// Paging: only records with a higher sequence number.
     pub after_seq: Option<u64>,
 }
 
-#[derive(Serialize, Deserialize, Debug)]
+#[derive(utoipa::ToSchema, Serialize, Deserialize, Debug)]
 pub struct TelemetryPage {
     pub device: String,
     pub records: Vec<Record>,
@@ -141,6 +159,9 @@ pub struct TelemetryPage {
     pub next_after_seq: Option<u64>,
 }
 
+#[utoipa::path(get, path = "/api/v1/devices/{id}/telemetry", tag = "telemetry", operation_id = "device_telemetry",
+    params(("id" = String, Path, description = "The device's id.", pattern = "^[A-Za-z0-9._-]{1,64}$"), TelemetryParams),
+    responses((status = 200, description = "Stored records by sequence number.", body = TelemetryPage), (status = 404, description = "No such device.", body = crate::web::error::ErrorBody)))]
 pub async fn telemetry(
     State(s): State<AppState>,
     Path(id): Path<String>,
@@ -171,6 +192,12 @@ pub(crate) fn time_range(from: Option<u64>, to: Option<u64>) -> Result<(), ApiEr
 
 /// `/metrics`: the Prometheus text format, or OpenMetrics for a scraper whose `Accept` asks for it. The
 /// scrape-time gauges are read on the blocking pool (the store's size walks its files).
+#[utoipa::path(get, path = "/metrics", tag = "metrics", operation_id = "metrics",
+    responses((status = 200, description = "The Prometheus text format (OpenMetrics when `Accept` asks for `application/openmetrics-text`).",
+        content(
+            (String = "text/plain; version=0.0.4; charset=utf-8"),
+            (String = "application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        ))))]
 pub async fn metrics(State(s): State<AppState>, headers: axum::http::HeaderMap) -> Result<impl IntoResponse, ApiError> {
     let openmetrics = headers
         .get(header::ACCEPT)

@@ -28,6 +28,12 @@ impl From<ReleaseError> for ApiError {
 
 /// `POST /api/v1/agent-releases?class=C&arch=A&version=V`: the body is the binary. 201 with the new release,
 /// 200 with the existing one for the same binary, class and architecture; 400 naming the bad parameter.
+#[utoipa::path(post, path = "/api/v1/agent-releases", tag = "agent-releases", operation_id = "publish_agent_release",
+    params(PublishRelease),
+    request_body(content = inline(super::openapi::Binary), content_type = "application/octet-stream", description = "The `edgeloop-agent` binary."),
+    responses((status = 201, description = "A new build.", body = ReleaseView),
+        (status = 200, description = "This binary is already published for the class and architecture.", body = ReleaseView),
+        (status = 409, description = "Build numbers are exhausted.", body = crate::web::error::ErrorBody)))]
 pub async fn publish(
     State(s): State<AppState>,
     params: Result<Query<PublishRelease>, QueryRejection>,
@@ -44,7 +50,8 @@ pub async fn publish(
     Ok((if new { StatusCode::CREATED } else { StatusCode::OK }, Json(rec.view())))
 }
 
-#[derive(Deserialize, Debug)]
+#[derive(utoipa::IntoParams, Deserialize, Debug)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListParams {
     #[serde(default)]
@@ -52,6 +59,9 @@ pub struct ListParams {
 }
 
 /// `GET /api/v1/agent-releases[?class=C]`.
+#[utoipa::path(get, path = "/api/v1/agent-releases", tag = "agent-releases", operation_id = "list_agent_releases",
+    params(ListParams),
+    responses((status = 200, description = "Agent builds.", body = Vec<ReleaseView>)))]
 pub async fn list(
     State(s): State<AppState>,
     params: Result<Query<ListParams>, QueryRejection>,
