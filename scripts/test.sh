@@ -7,7 +7,8 @@
 # - Debian's prometheus: `promtool check metrics` reads a live scrape of `/metrics`;
 # - Python 3 with venv, and from PyPI paho-mqtt, cbor2 and cryptography in target/py-venv: the Python device of
 #   docs/protocol.md runs against a live control plane; and the Python client of python/ with its test extras:
-#   its pytest suite drives the loop against a live control plane and fleet.
+#   its pytest suite drives the loop against a live control plane and fleet; and openapi-spec-validator and
+#   schemathesis, which check the API's OpenAPI document and a live control plane against it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,6 +30,9 @@ fi
 # The Python client, installed as its README says, with what its pytest suite needs (scikit-learn, skl2onnx,
 # onnxruntime, pandas, pytest). The suite imports the working tree's package first.
 target/py-venv/bin/pip install -q "./python[test]"
+# The OpenAPI document's checkers (simulators/tests/it/openapi.rs): openapi-spec-validator validates it, and
+# schemathesis calls every operation of a live control plane against it.
+target/py-venv/bin/pip install -q "openapi-spec-validator>=0.7,<1" "schemathesis>=4.3,<5"
 /usr/sbin/mosquitto -h | head -1 || true
 chromium --version || true
 chromedriver --version || true

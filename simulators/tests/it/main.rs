@@ -22,6 +22,7 @@ mod modbus;
 mod mosquitto;
 mod nab;
 mod nothing_lost;
+mod openapi;
 mod operators;
 mod outbox_full;
 mod paging;
