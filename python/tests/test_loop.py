@@ -3,8 +3,10 @@ starts both and sets EDGELOOP_URL, EDGELOOP_TOKEN, EDGELOOP_CLASS and EDGELOOP_D
 
 The tests run in file order: training and the rollout build on what comes before them.
 """
+import json
 import os
 import pathlib
+import re
 import sys
 
 import pytest
@@ -12,6 +14,30 @@ import pytest
 from edgeloop import ApiError, Client, LoopError
 
 HERE = pathlib.Path(__file__).resolve().parent
+
+# Every call any client made in this suite (the example's too): (method, path, query names, status,
+# content type, body as JSON or None), checked against the OpenAPI document by the last test.
+CALLS = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def recorded():
+    original = Client.request
+
+    def request(self, method, path, query=None, body=None, content_type=None):
+        names = sorted(k for k, v in (query or {}).items() if v is not None)
+        try:
+            status, headers, raw = original(self, method, path, query, body, content_type)
+        except ApiError as e:
+            CALLS.append((method, path, names, e.status, "application/json", {"error": e.error, "detail": e.detail}))
+            raise
+        kind = headers.get("Content-Type", "").split(";")[0].strip()
+        CALLS.append((method, path, names, status, kind, json.loads(raw) if kind == "application/json" else None))
+        return status, headers, raw
+
+    Client.request = request
+    yield
+    Client.request = original
 
 
 def env(name):
@@ -134,3 +160,43 @@ def test_mistakes_are_api_errors_naming_them(cp, cls):
     assert e.value.status == 400 and "score.output" in e.value.detail and "label" in e.value.detail
     with pytest.raises(LoopError):
         cp.wait_job(cp.train(cls, trials=1, devices=["no-such-device"]), timeout=120)
+
+
+def test_every_call_the_client_made_is_in_the_openapi_document(cp):
+    """The client is kept by hand; this holds it to the API's OpenAPI document: every call it made in this
+    suite is an operation there, with parameters the operation declares, a status it documents, and a body
+    that validates against the documented schema."""
+    import jsonschema
+    import referencing
+    import referencing.jsonschema
+
+    doc = cp.get("/api/v1/openapi.json")
+    # Schemas refer to each other as `#/components/schemas/X`: resolve them inside the document.
+    text = json.dumps(doc).replace('"#/components/', '"urn:edgeloop:openapi#/components/')
+    rebased = json.loads(text)
+    registry = referencing.Registry().with_resource(
+        "urn:edgeloop:openapi", referencing.jsonschema.DRAFT202012.create_resource(rebased))
+
+    def operation(method, path):
+        found = []
+        for template, item in rebased["paths"].items():
+            pattern = "^" + re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(template)) + "$"
+            if re.match(pattern, path) and method.lower() in item:
+                found.append((template.count("{"), template, item[method.lower()]))
+        assert found, f"{method} {path} is not in the OpenAPI document"
+        return min(found)[1:]
+
+    checked = 0
+    for method, path, names, status, kind, body in CALLS:
+        if path == "/api/v1/openapi.json":
+            continue
+        template, op = operation(method, path)
+        declared = {p["name"] for p in op.get("parameters", []) if p["in"] == "query"}
+        assert set(names) <= declared, (method, template, set(names) - declared)
+        answer = op["responses"].get(str(status)) or op["responses"].get("default")
+        assert answer, f"{method} {template} answered {status}, which the document does not name"
+        if body is not None:
+            schema = answer["content"][kind]["schema"]
+            jsonschema.Draft202012Validator(schema, registry=registry).validate(body)
+        checked += 1
+    assert checked >= 30, CALLS
