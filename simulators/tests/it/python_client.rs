@@ -59,7 +59,7 @@ async fn the_python_client_drives_the_loop_from_dataset_to_a_completed_rollout()
     let out = tokio::task::spawn_blocking(move || cmd.output()).await.unwrap().unwrap();
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "the Python client's suite failed:\n{stdout}\n{stderr}");
-    assert!(stdout.contains("6 passed"), "{stdout}");
+    assert!(stdout.contains("7 passed"), "{stdout}");
 
     // What the suite did, seen from the control plane: every device runs the uploaded forest.
     let versions: Vec<serde_json::Value> = api.get_json(&format!("/api/v1/models?name={CLASS}-iforest")).await.unwrap();
