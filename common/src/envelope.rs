@@ -91,6 +91,9 @@ pub struct Record {
     /// Event time of the last sample in the window, milliseconds since the Unix epoch.
     pub ts_ms: u64,
     pub sensor: String,
+    /// In JSON (the operator API), a value that is not finite (NaN, ±infinity, which a device may send and
+    /// training cleans out) is `null`: JSON has no number for it.
+    #[cfg_attr(feature = "openapi", schema(value_type = Vec<Option<f32>>))]
     pub features: Vec<f32>,
     /// The active model's score, if a model was loaded.
     #[serde(default, skip_serializing_if = "Option::is_none")]

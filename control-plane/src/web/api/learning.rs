@@ -26,9 +26,13 @@ pub struct TrainBody {
     pub from: Option<u64>,
     #[serde(default)]
     pub to: Option<u64>,
+    /// Hyper-parameter configurations to try (default: `training.trials`).
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 1000)]
     pub trials: Option<usize>,
+    /// A time budget for the search, seconds.
     #[serde(default)]
+    #[schema(exclusive_minimum = 0.0)]
     pub max_seconds: Option<f64>,
     #[serde(default)]
     pub seed: Option<u64>,
