@@ -30,6 +30,8 @@ pub struct Collector {
     model_sensor: String,
     outbox: Arc<Outbox>,
     health: Arc<Health>,
+    /// The alert rule over the model's scores, with the class configuration in force (its `[alerts]`).
+    alerts: Option<(Arc<crate::alerts::AlertBook>, tokio::sync::watch::Receiver<Arc<ClassConfig>>)>,
 }
 
 impl Collector {
@@ -40,7 +42,25 @@ impl Collector {
         outbox: Arc<Outbox>,
         health: Arc<Health>,
     ) -> Self {
-        Collector { pipeline: Pipeline::new(spec), gaps: HashMap::new(), slot, model_sensor, outbox, health }
+        Collector {
+            pipeline: Pipeline::new(spec),
+            gaps: HashMap::new(),
+            slot,
+            model_sensor,
+            outbox,
+            health,
+            alerts: None,
+        }
+    }
+
+    /// Raises alerts on the model's scores, by the `[alerts]` rule of the class configuration in force.
+    pub fn with_alerts(
+        mut self,
+        book: Arc<crate::alerts::AlertBook>,
+        class: tokio::sync::watch::Receiver<Arc<ClassConfig>>,
+    ) -> Self {
+        self.alerts = Some((book, class));
+        self
     }
 
     /// The collector for a device class: its feature pipeline, and the gap rule on each slow sensor at its
@@ -118,6 +138,13 @@ impl Collector {
                 }
             };
             let (score, flagged) = if model_sensor { self.slot.score(&features) } else { (None, false) };
+            if let (Some(score), Some((book, class))) = (score, &self.alerts) {
+                let policy = class.borrow().alerts.clone();
+                let model = self.slot.active_info().map(|m| m.label());
+                if let Err(e) = book.observe(&policy, &s.sensor, ts_ms, score, flagged, model.as_deref()) {
+                    tracing::error!(error = %e, "alert state not written");
+                }
+            }
             let flags = if flagged { FLAG_ANOMALY } else { 0 };
             out.push(NewRecord { ts_ms, sensor: s.sensor, features, score, flags });
         }

@@ -179,6 +179,10 @@ impl Agent {
         );
         // Durable state first: the private data directory and the outbox in it.
         let outbox = open_storage(&cfg).await?;
+        let alerts = {
+            let o = outbox.clone();
+            Arc::new(tokio::task::spawn_blocking(move || crate::alerts::AlertBook::open(&o)).await??)
+        };
         // Who the device is: its key, and its MQTT credentials (enrolling if it has none yet).
         let device = load_identity(&cfg, &cancel).await?;
         // The model to score with: the updater's pointer, or the configured file.
@@ -206,7 +210,7 @@ impl Agent {
             downlinks.push((Channel::Agent, agents));
         }
         // The collector: samples to features to scores to committed outbox records.
-        let collector = start_collector(&cfg, &models, &outbox, &health, samples, &live, &tasks);
+        let collector = start_collector(&cfg, &models, (&outbox, &alerts), &health, samples, &live, &tasks);
         // The uplink drains the outbox whenever the collector commits.
         let updates = updates.map(|(desired, reports, _)| (desired, reports));
         let log_ring = logs.ring().clone();
@@ -217,7 +221,7 @@ impl Agent {
             &counters,
             device,
             (updates, downlinks, &live, logs),
-            &collector,
+            (&collector, alerts),
             &tasks,
         );
         // The status file a technician reads with `edgeloop-agent status`.
@@ -630,14 +634,15 @@ struct CollectorHandle {
 fn start_collector(
     cfg: &AgentConfig,
     models: &Models,
-    outbox: &Arc<Outbox>,
+    (outbox, alerts): (&Arc<Outbox>, &Arc<crate::alerts::AlertBook>),
     health: &Arc<Health>,
     samples: mpsc::Receiver<Sample>,
     live: &LiveClass,
     tasks: &TaskTracker,
 ) -> CollectorHandle {
     let collector =
-        Collector::for_class(&cfg.class, models.slot.clone(), cfg.model_sensor.clone(), outbox.clone(), health.clone());
+        Collector::for_class(&cfg.class, models.slot.clone(), cfg.model_sensor.clone(), outbox.clone(), health.clone())
+            .with_alerts(alerts.clone(), live.config.subscribe());
     let durable = Arc::new(Notify::new());
     let commit = live.commit.subscribe();
     let cancel = CancellationToken::new();
@@ -659,7 +664,7 @@ fn start_uplink(
         &LiveClass,
         crate::logs::Registration,
     ),
-    collector: &CollectorHandle,
+    (collector, alerts): (&CollectorHandle, Arc<crate::alerts::AlertBook>),
     tasks: &TaskTracker,
 ) -> Running {
     let mut uplink = Uplink::from_config(cfg, outbox.clone(), health.clone(), counters.clone(), device.key);
@@ -670,6 +675,7 @@ fn start_uplink(
     uplink.downlinks = configs;
     uplink.live = Some(live.config.subscribe());
     uplink.logs = Some(logs);
+    uplink.alerts = Some(alerts);
     let cancel = CancellationToken::new();
     let task = tasks.spawn(uplink.run(collector.durable.clone(), cancel.clone()));
     Running { task, cancel }

@@ -19,6 +19,7 @@
 //! - [`backoff`]: the retry loops' delays: exponential with jitter (backon), within each loop's bounds.
 //! - [`daemon`]: starts the pieces above under one cancellation token and stops them cleanly.
 
+pub mod alerts;
 pub mod backoff;
 pub mod collector;
 pub mod config;

@@ -275,6 +275,11 @@ impl Outbox {
     }
 
     /// The bound on stored record bytes.
+    /// Another tree of the outbox's database, committed by [`Outbox::commit`] with the records (the alerts).
+    pub fn tree(&self, name: &str) -> Result<sled::Tree, OutboxError> {
+        Ok(self.db.tree(name)?)
+    }
+
     pub fn max_bytes(&self) -> u64 {
         self.max_bytes.load(std::sync::atomic::Ordering::Relaxed)
     }

@@ -280,6 +280,9 @@ pub struct ClassConfig {
     pub outbox: OutboxConfig,
     #[serde(default)]
     pub logs: LogsConfig,
+    /// How flagged windows become alerts.
+    #[serde(default)]
+    pub alerts: crate::alerts::AlertPolicy,
     /// Where a Modbus device of this class holds each sensor's values (for the agent's Modbus source).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub modbus: Option<crate::modbus::ModbusMap>,
@@ -364,6 +367,11 @@ impl ClassConfig {
         )?;
         c.check((10..=100_000).contains(&l.ring_entries), "logs.ring_entries", "must be between 10 and 100000")?;
         c.check((1..=3600).contains(&l.batch_secs), "logs.batch_secs", "must be between 1 and 3600")?;
+        let a = &self.alerts;
+        let windows = 1..=crate::alerts::MAX_ALERT_WINDOWS;
+        c.check(windows.contains(&a.open_after), "alerts.open_after", "must be between 1 and 10000")?;
+        c.check(windows.contains(&a.close_after), "alerts.close_after", "must be between 1 and 10000")?;
+        c.check(a.cooldown_secs <= crate::alerts::MAX_COOLDOWN_SECS, "alerts.cooldown_secs", "must be at most 604800")?;
         if let Some(m) = &self.modbus {
             m.check(|name| self.sensors.iter().find(|s| s.name == name).map(|s| s.channels))
                 .map_err(|(key, reason)| c.fail(key, reason))?;
@@ -466,6 +474,8 @@ window = 256
             (format!("{GOOD}\n[logs]\nlines_per_minute = 0"), "logs.lines_per_minute"),
             (format!("{GOOD}\n[logs]\nring_entries = 5"), "logs.ring_entries"),
             (format!("{GOOD}\n[logs]\nbatch_secs = 0"), "logs.batch_secs"),
+            (format!("{GOOD}\n[alerts]\nopen_after = 0"), "alerts.open_after"),
+            (format!("{GOOD}\n[alerts]\ncooldown_secs = 9999999"), "alerts.cooldown_secs"),
             (format!("{GOOD}\n[logs]\nburst = 0"), "logs.burst"),
         ];
         for (text, key) in cases {

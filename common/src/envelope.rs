@@ -54,6 +54,8 @@ pub enum Body {
     Report(crate::update::UpdateReport),
     /// The device's own warnings and errors, on `up/logs`.
     Logs(LogBatch),
+    /// An alert the device raised, on `up/alerts`.
+    Alert(crate::alerts::AlertEvent),
 }
 
 impl Body {
@@ -68,6 +70,7 @@ impl Body {
             Body::Agent(_) => "agent",
             Body::Report(_) => "report",
             Body::Logs(_) => "logs",
+            Body::Alert(_) => "alert",
         }
     }
 }
@@ -259,6 +262,14 @@ pub struct Status {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ack {
     pub upto: u64,
+    /// Every alert snapshot of this device with `rev <= alerts` is durably stored (absent, and 0, in an
+    /// acknowledgement of telemetry only).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub alerts: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Why an envelope's signature was refused.
@@ -375,6 +386,7 @@ impl Envelope {
         match &self.body {
             Body::Telemetry(batch) => batch.validate()?,
             Body::Logs(batch) => batch.validate()?,
+            Body::Alert(alert) => alert.validate().map_err(DecodeError::Invalid)?,
             _ => {}
         }
         Ok(())
@@ -456,7 +468,7 @@ mod tests {
                 dropped_ranges: vec![SeqRange { from: 2, to: 2 }],
                 ..Default::default()
             }),
-            Body::Ack(Ack { upto: 42 }),
+            Body::Ack(Ack { upto: 42, alerts: 0 }),
             Body::Logs(LogBatch {
                 entries: vec![LogEntry {
                     ts_ms: 5,
@@ -476,7 +488,7 @@ mod tests {
 
     #[test]
     fn body_type_is_a_plain_key() {
-        let bytes = encode(&Envelope::new("d", 1, 2, Body::Ack(Ack { upto: 5 })));
+        let bytes = encode(&Envelope::new("d", 1, 2, Body::Ack(Ack { upto: 5, alerts: 0 })));
         let v: ciborium::Value = ciborium::from_reader(&bytes[..]).unwrap();
         let body = v.as_map().unwrap().iter().find(|(k, _)| k.as_text() == Some("body")).unwrap().1.clone();
         let keys: Vec<_> = body.as_map().unwrap().iter().map(|(k, _)| k.as_text().unwrap().to_string()).collect();
@@ -580,7 +592,7 @@ mod tests {
 
     #[test]
     fn bad_device_id_rejected() {
-        let env = Envelope::new("a/b", 1, 1, Body::Ack(Ack { upto: 1 }));
+        let env = Envelope::new("a/b", 1, 1, Body::Ack(Ack { upto: 1, alerts: 0 }));
         assert_eq!(decode(&encode(&env), DEFAULT_MAX_MESSAGE_BYTES).unwrap_err().reason(), "invalid");
     }
 
@@ -646,7 +658,7 @@ mod tests {
             Signer::from_pkcs8(&Signer::generate_pkcs8()).unwrap(),
         );
         let trusted = [old.trusted(Some(1_000)), cp.trusted(None)];
-        let ack = |upto| Envelope::new("dev-1", upto, 5, Body::Ack(Ack { upto }));
+        let ack = |upto| Envelope::new("dev-1", upto, 5, Body::Ack(Ack { upto, alerts: 0 }));
         let mut signed = ack(9);
         signed.sign_by_control_plane(&cp);
         let got = decode(&encode(&signed), DEFAULT_MAX_MESSAGE_BYTES).unwrap();
@@ -658,7 +670,7 @@ mod tests {
         // The signature covers the device and the acknowledged point.
         let (mut other_device, mut raised) = (got.clone(), got.clone());
         other_device.device = "dev-2".into();
-        raised.body = Body::Ack(Ack { upto: 10_000 });
+        raised.body = Body::Ack(Ack { upto: 10_000, alerts: 0 });
         assert_eq!(other_device.verify_by_trusted(&trusted, 0), Err(SignatureError::BadSignature));
         assert_eq!(raised.verify_by_trusted(&trusted, 0), Err(SignatureError::BadSignature));
         // A key past its grace period verifies nothing.

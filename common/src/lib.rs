@@ -2,6 +2,8 @@
 //!
 //! # Layout
 //!
+//! - [`alerts`]: the alert rule (one fault, one alert: hysteresis and a cool-down over flagged windows) and
+//!   the alert snapshots devices send.
 //! - [`envelope`]: the wire messages (telemetry batches, status heartbeats, acknowledgements) inside the
 //!   versioned envelope, and the CBOR codec that enforces size, depth and version limits.
 //! - [`topics`]: the MQTT topic scheme `edgeloop/v1/{device}/{up|down}/{channel}`.
@@ -25,6 +27,7 @@
 //!
 //! The agent and the control plane never depend on each other; whatever they must agree on lives here.
 
+pub mod alerts;
 pub mod broker_url;
 pub mod bundle;
 pub mod cli;

@@ -18,6 +18,8 @@ pub enum Channel {
     Report,
     /// The device's own warnings and errors, batched and budgeted.
     Logs,
+    /// Alerts the device raised: a snapshot when one opens, closes or reopens.
+    Alerts,
     Desired,
     /// The signed desired class configuration (retained), apart from the model's desired state.
     Config,
@@ -27,9 +29,15 @@ pub enum Channel {
 }
 
 impl Channel {
+    /// What a device publishes.
+    pub const UPLINK: [Channel; 5] =
+        [Channel::Telemetry, Channel::Status, Channel::Report, Channel::Logs, Channel::Alerts];
+    /// What a device reads.
+    pub const DOWNLINK: [Channel; 4] = [Channel::Ack, Channel::Desired, Channel::Config, Channel::Agent];
+
     pub fn direction(self) -> &'static str {
         match self {
-            Channel::Telemetry | Channel::Status | Channel::Report | Channel::Logs => "up",
+            Channel::Telemetry | Channel::Status | Channel::Report | Channel::Logs | Channel::Alerts => "up",
             Channel::Desired | Channel::Config | Channel::Agent | Channel::Ack => "down",
         }
     }
@@ -39,6 +47,7 @@ impl Channel {
             Channel::Status => "status",
             Channel::Report => "report",
             Channel::Logs => "logs",
+            Channel::Alerts => "alerts",
             Channel::Desired => "desired",
             Channel::Config => "config",
             Channel::Agent => "agent",
@@ -86,6 +95,7 @@ pub fn parse(topic: &str) -> Result<(&str, Channel), TopicError> {
         ("up", "status") => Channel::Status,
         ("up", "report") => Channel::Report,
         ("up", "logs") => Channel::Logs,
+        ("up", "alerts") => Channel::Alerts,
         ("down", "desired") => Channel::Desired,
         ("down", "config") => Channel::Config,
         ("down", "agent") => Channel::Agent,

@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 pub enum LinkEvent {
     Connected,
     Disconnected,
-    Ack(u64),
+    Ack(Ack),
 }
 
 /// Counters for tests and the fleet runner.
@@ -74,6 +74,8 @@ pub struct Uplink {
     pub live: Option<watch::Receiver<Arc<edgeloop_common::config::ClassConfig>>>,
     /// The agent's own warnings and errors, shipped on `up/logs` every `[logs] batch_secs`.
     pub logs: Option<crate::logs::Registration>,
+    /// Alerts raised on the model's scores, sent on `up/alerts` ahead of telemetry until acknowledged.
+    pub alerts: Option<Arc<crate::alerts::AlertBook>>,
 }
 
 impl Uplink {
@@ -114,6 +116,7 @@ impl Uplink {
             downlinks: Vec::new(),
             live: None,
             logs: None,
+            alerts: None,
             key,
             trusted: cfg.trusted_keys.clone().into(),
         }
@@ -155,6 +158,7 @@ impl Uplink {
             batch_max: self.batch_max,
             heartbeat_every: self.heartbeat,
             logs: self.logs.as_ref().map(|r| r.ring().clone()),
+            alerts: AlertsSent::default(),
         }
         .run(rx, &ack_topic, durable, live, cancel)
         .await;
@@ -185,6 +189,16 @@ struct Driver<'a> {
     batch_max: usize,
     heartbeat_every: Duration,
     logs: Option<crate::logs::SharedRing>,
+    alerts: AlertsSent,
+}
+
+/// Where the alert snapshots stand on this link: the highest `rev` sent, the highest acknowledged, and when
+/// the oldest unacknowledged one went.
+#[derive(Debug, Default)]
+struct AlertsSent {
+    sent: u64,
+    acked: u64,
+    since_ms: u64,
 }
 
 /// How often acknowledged deletions are committed. Losing them to a crash only means resending records the
@@ -221,6 +235,7 @@ impl Driver<'_> {
         let mut log_tick = tokio::time::interval(log_every);
         log_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            self.send_alerts(&cancel).await?;
             self.send_ready(&cancel).await?;
             tokio::select! {
                 _ = cancel.cancelled() => break,
@@ -230,6 +245,8 @@ impl Driver<'_> {
                         self.state.connected(now);
                         self.up.counters.connected.store(true, std::sync::atomic::Ordering::Relaxed);
                         or_stop(&cancel, self.client.subscribe(ack_topic, QoS::AtLeastOnce)).await?;
+                        // Snapshots sent on the last connection may be lost with it: send them again.
+                        self.alerts.sent = self.alerts.acked;
                         if self.reports.is_some() {
                             let desired = topics::topic(&self.up.device, Channel::Desired);
                             or_stop(&cancel, self.client.subscribe(desired, QoS::AtLeastOnce)).await?;
@@ -244,7 +261,13 @@ impl Driver<'_> {
                         self.state.disconnected();
                         self.up.counters.connected.store(false, std::sync::atomic::Ordering::Relaxed);
                     }
-                    Some(LinkEvent::Ack(upto)) => {
+                    Some(LinkEvent::Ack(Ack { upto, alerts })) => {
+                        if let (Some(book), true) = (self.up.alerts.clone(), alerts > self.alerts.acked) {
+                            tokio::task::spawn_blocking(move || book.ack(alerts)).await??;
+                            self.alerts.acked = alerts;
+                            self.alerts.sent = self.alerts.sent.max(alerts);
+                            self.deletions_pending = true;
+                        }
                         let now = self.now_ms();
                         let appended = self.up.outbox.stats().durable_seq;
                         if upto > appended {
@@ -291,6 +314,12 @@ impl Driver<'_> {
                 _ = tick.tick() => {
                     self.commit_deletions(false).await?;
                     let now = self.now_ms();
+                    if self.alerts.sent > self.alerts.acked
+                        && now.saturating_sub(self.alerts.since_ms) >= self.state.params.ack_timeout_ms
+                    {
+                        tracing::debug!(device = %self.up.device, from = self.alerts.acked + 1, "no acknowledgement of alerts in time; sending again");
+                        self.alerts.sent = self.alerts.acked;
+                    }
                     if let Tick::Resend { from } = self.state.tick(now) {
                         self.up.counters.resends.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         tracing::debug!(device = %self.up.device, from, "no acknowledgement in time; sending again");
@@ -358,6 +387,33 @@ impl Driver<'_> {
             heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         }
         tracing::info!(batch_max = self.batch_max, heartbeat = ?every, "uplink follows the new class configuration");
+    }
+
+    /// Publishes the alert snapshots not sent on this connection yet, oldest first: before any telemetry, so
+    /// that an alert raised offline is not stuck behind the backlog.
+    async fn send_alerts(&mut self, cancel: &CancellationToken) -> anyhow::Result<()> {
+        let Some(book) = self.up.alerts.clone() else { return Ok(()) };
+        if !self.state.is_connected() {
+            return Ok(());
+        }
+        let pending = tokio::task::spawn_blocking(move || book.pending(64)).await??;
+        let from = self.alerts.sent;
+        for alert in pending.into_iter().filter(|a| a.rev > from) {
+            let rev = alert.rev;
+            self.status_seq += 1;
+            let mut env = Envelope::new(self.up.device.clone(), self.status_seq, unix_millis(), Body::Alert(alert));
+            env.sign(&self.up.key);
+            let topic = topics::topic(&self.up.device, Channel::Alerts);
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                r = self.client.publish(topic, QoS::AtLeastOnce, false, envelope::encode(&env)) => r?,
+            }
+            if self.alerts.sent == self.alerts.acked {
+                self.alerts.since_ms = self.now_ms();
+            }
+            self.alerts.sent = rev;
+        }
+        Ok(())
     }
 
     /// Publishes batches while the state machine allows and the outbox has committed records.
@@ -447,19 +503,19 @@ fn encode_batch(
 /// The acknowledged point of an acknowledgement received on `ack_topic`, if it is one for this device signed
 /// by a key in `trusted` (in force at `now_ms`). Anything else deletes nothing: whoever can publish on the
 /// topic (a device on a broker without ACLs, a compromised broker) cannot make the agent drop records.
-pub fn read_ack(payload: &[u8], ack_topic: &str, trusted: &[TrustedKey], now_ms: u64) -> Result<u64, AckError> {
+pub fn read_ack(payload: &[u8], ack_topic: &str, trusted: &[TrustedKey], now_ms: u64) -> Result<Ack, AckError> {
     let env = envelope::decode(payload, DEFAULT_MAX_MESSAGE_BYTES)?;
     if topics::topic(&env.device, Channel::Ack) != ack_topic {
         return Err(AckError::OtherDevice(env.device));
     }
-    let Body::Ack(Ack { upto }) = env.body else {
+    let Body::Ack(ack) = env.body else {
         return Err(AckError::NotAnAck(env.body.kind()));
     };
-    if env.seq != upto {
-        return Err(AckError::SeqMismatch { seq: env.seq, upto });
+    if env.seq != ack.upto {
+        return Err(AckError::SeqMismatch { seq: env.seq, upto: ack.upto });
     }
     env.verify_by_trusted(trusted, now_ms).map_err(|error| AckError::Signature { error, trusted: trusted.len() })?;
-    Ok(upto)
+    Ok(ack)
 }
 
 /// Why a message on the ack topic deletes nothing.
@@ -508,8 +564,8 @@ async fn event_loop(
             }
             Ok(Event::Incoming(Packet::Publish(p))) if p.topic == ack_topic => {
                 match read_ack(&p.payload, &ack_topic, &trusted, unix_millis()) {
-                    Ok(upto) => {
-                        let _ = tx.send(LinkEvent::Ack(upto));
+                    Ok(ack) => {
+                        let _ = tx.send(LinkEvent::Ack(ack));
                     }
                     Err(why) => {
                         let n = counters.acks_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
@@ -623,13 +679,13 @@ mod tests {
         let trusted = [cp.trusted(None)];
         let topic = topics::topic("dev-1", Channel::Ack);
         let ack = |device: &str, upto: u64, by: Option<&Signer>| {
-            let mut env = Envelope::new(device, upto, 1, Body::Ack(Ack { upto }));
+            let mut env = Envelope::new(device, upto, 1, Body::Ack(Ack { upto, alerts: 0 }));
             if let Some(s) = by {
                 env.sign_by_control_plane(s);
             }
             envelope::encode(&env)
         };
-        assert_eq!(read_ack(&ack("dev-1", 42, Some(&cp)), &topic, &trusted, 0), Ok(42));
+        assert_eq!(read_ack(&ack("dev-1", 42, Some(&cp)), &topic, &trusted, 0), Ok(Ack { upto: 42, alerts: 0 }));
         let unsigned = read_ack(&ack("dev-1", 42, None), &topic, &trusted, 0).unwrap_err();
         assert!(unsigned.to_string().contains("not signed"), "{unsigned}");
         assert!(matches!(unsigned, AckError::Signature { error: envelope::SignatureError::Unsigned, trusted: 1 }));

@@ -161,6 +161,7 @@ fn class_config(s: &Series) -> ClassConfig {
         },
         outbox: OutboxConfig { max_bytes: 256 << 20, commit_max_records: 1000, commit_interval_ms: 20 },
         logs: Default::default(),
+        alerts: Default::default(),
         modbus: None,
     }
 }

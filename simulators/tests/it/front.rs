@@ -49,7 +49,7 @@ async fn connect_with_will(
 }
 
 fn forged_ack(victim: &str, upto: u64) -> Vec<u8> {
-    envelope::encode(&Envelope::new(victim, upto, 0, Body::Ack(Ack { upto })))
+    envelope::encode(&Envelope::new(victim, upto, 0, Body::Ack(Ack { upto, alerts: 0 })))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -323,7 +323,8 @@ async fn forged_ack_deletes_nothing() {
     let (attacker_client, _rx, _subacks) = client(broker.port, "attacker", "x").await;
     let topic = format!("edgeloop/v1/{id}/down/ack");
     let ack = |upto: u64, by: Option<&edgeloop_common::signing::Signer>| {
-        let mut env = Envelope::new(id.as_str(), upto, 0, Body::Ack(edgeloop_common::envelope::Ack { upto }));
+        let mut env =
+            Envelope::new(id.as_str(), upto, 0, Body::Ack(edgeloop_common::envelope::Ack { upto, alerts: 0 }));
         if let Some(s) = by {
             env.sign_by_control_plane(s);
         }

@@ -79,7 +79,7 @@ async fn forged_uplink_other_device_rejected() {
     let (client, outcome, task) = device::connect(cp.mqtt_addr.clone(), "dev-a", Some(&creds_a), None).await;
     assert_eq!(outcome, Connected::Yes);
     wait_for("A back", Duration::from_secs(10), || cp.front.connections("dev-a") == 1).await;
-    let ack = envelope::encode(&Envelope::new("dev-b", 99, 0, Body::Ack(envelope::Ack { upto: 99 })));
+    let ack = envelope::encode(&Envelope::new("dev-b", 99, 0, Body::Ack(envelope::Ack { upto: 99, alerts: 0 })));
     client.publish("edgeloop/v1/dev-b/down/ack", QoS::AtLeastOnce, false, ack).await.unwrap();
     wait_for("A cut off again", Duration::from_secs(10), || cp.front.connections("dev-a") == 0).await;
     task.abort();

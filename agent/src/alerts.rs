@@ -1,0 +1,149 @@
+//! The device's alerts: common's alert rule ([`AlertTracker`]) over the model's scores, and the snapshots
+//! waiting for the control plane's acknowledgement.
+//!
+//! Both live in the outbox's database (tree `alerts`) and are committed with the records the collector scored,
+//! so a power cut neither loses an alert nor reuses its number. Snapshots wait, keyed by `rev`, until an
+//! acknowledgement names them (`Ack::alerts`); the uplink sends them before any telemetry, so that an alert
+//! raised offline is not stuck behind the backlog it was raised in.
+
+use crate::outbox::{Outbox, OutboxError};
+use edgeloop_common::alerts::{AlertEvent, AlertPolicy, AlertTracker};
+use std::sync::Mutex;
+
+const STATE_KEY: &[u8] = b"state";
+const QUEUE_PREFIX: u8 = b'q';
+
+fn queue_key(rev: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = QUEUE_PREFIX;
+    k[1..].copy_from_slice(&rev.to_be_bytes());
+    k
+}
+
+fn corrupt(what: &str, e: impl std::fmt::Display) -> OutboxError {
+    OutboxError::Corrupt { seq: 0, reason: format!("alerts: {what}: {e}") }
+}
+
+/// The alert state and the snapshots to send.
+#[derive(Debug)]
+pub struct AlertBook {
+    tree: sled::Tree,
+    tracker: Mutex<AlertTracker>,
+}
+
+impl AlertBook {
+    /// Opens the book in the outbox's database.
+    pub fn open(outbox: &Outbox) -> Result<AlertBook, OutboxError> {
+        let tree = outbox.tree("alerts")?;
+        let tracker = match tree.get(STATE_KEY)? {
+            Some(v) => ciborium::from_reader(&v[..]).map_err(|e| corrupt("state", e))?,
+            None => AlertTracker::default(),
+        };
+        Ok(AlertBook { tree, tracker: Mutex::new(tracker) })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, AlertTracker> {
+        self.tracker.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Runs the rule on one scored window; a snapshot it makes waits to be sent. Written, not yet durable:
+    /// the collector's commit of the same records makes it so.
+    pub fn observe(
+        &self,
+        policy: &AlertPolicy,
+        sensor: &str,
+        ts_ms: u64,
+        score: f32,
+        flagged: bool,
+        model: Option<&str>,
+    ) -> Result<Option<AlertEvent>, OutboxError> {
+        let mut t = self.lock();
+        let before = t.clone();
+        let event = t.observe(policy, sensor, ts_ms, score, flagged, model);
+        if *t != before {
+            let mut state = Vec::new();
+            ciborium::into_writer(&*t, &mut state).map_err(|e| corrupt("state", e))?;
+            let mut batch = sled::Batch::default();
+            batch.insert(STATE_KEY, state);
+            if let Some(ev) = &event {
+                let mut bytes = Vec::new();
+                ciborium::into_writer(ev, &mut bytes).map_err(|e| corrupt("snapshot", e))?;
+                batch.insert(&queue_key(ev.rev), bytes);
+            }
+            self.tree.apply_batch(batch)?;
+        }
+        if let Some(ev) = &event {
+            tracing::warn!(alert = ev.id, sensor = %ev.sensor, onset_ms = ev.onset_ms, open = ev.is_open(), "alert");
+        }
+        Ok(event)
+    }
+
+    /// The open alert, if any.
+    pub fn open_alert(&self) -> Option<AlertEvent> {
+        self.lock().open_alert().cloned()
+    }
+
+    /// Snapshots waiting for an acknowledgement, oldest first, at most `max`.
+    pub fn pending(&self, max: usize) -> Result<Vec<AlertEvent>, OutboxError> {
+        let mut out = Vec::new();
+        for kv in self.tree.scan_prefix([QUEUE_PREFIX]).take(max) {
+            let (_, v) = kv?;
+            out.push(ciborium::from_reader(&v[..]).map_err(|e| corrupt("snapshot", e))?);
+        }
+        Ok(out)
+    }
+
+    /// Forgets the snapshots up to `rev`, which the control plane has stored. Returns how many went; the
+    /// deletion is committed with the outbox's next commit (a crash before it only sends them again).
+    pub fn ack(&self, rev: u64) -> Result<usize, OutboxError> {
+        let mut batch = sled::Batch::default();
+        let mut n = 0;
+        for kv in self.tree.range(queue_key(0)..=queue_key(rev)) {
+            let (k, _) = kv?;
+            batch.remove(k);
+            n += 1;
+        }
+        self.tree.apply_batch(batch)?;
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edgeloop_common::durable::Durability;
+
+    const P: AlertPolicy = AlertPolicy { open_after: 2, close_after: 2, cooldown_secs: 0 };
+
+    fn flag(book: &AlertBook, ts_s: u64, flagged: bool) -> Option<AlertEvent> {
+        book.observe(&P, "s", ts_s * 1000, if flagged { 5.0 } else { 0.0 }, flagged, Some("m v1")).unwrap()
+    }
+
+    #[test]
+    fn alerts_survive_a_restart_and_go_once_acknowledged() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let outbox = Outbox::open(dir.path(), Durability::Flush, 1 << 20).unwrap();
+            let book = AlertBook::open(&outbox).unwrap();
+            assert_eq!(flag(&book, 1, true), None);
+            let opened = flag(&book, 2, true).unwrap();
+            assert_eq!((opened.id, opened.rev), (1, 1));
+            outbox.commit().unwrap();
+        }
+        // After a restart: the open alert goes on (no new number), and its snapshot still waits.
+        let outbox = Outbox::open(dir.path(), Durability::Flush, 1 << 20).unwrap();
+        let book = AlertBook::open(&outbox).unwrap();
+        assert_eq!(book.open_alert().map(|a| a.id), Some(1));
+        assert_eq!(flag(&book, 3, false), None);
+        let closed = flag(&book, 4, false).unwrap();
+        assert_eq!((closed.id, closed.rev, closed.end_ms), (1, 2, Some(4000)));
+        assert_eq!(book.pending(10).unwrap().iter().map(|a| a.rev).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(book.ack(1).unwrap(), 1);
+        assert_eq!(book.pending(10).unwrap().iter().map(|a| a.rev).collect::<Vec<_>>(), [2]);
+        assert_eq!(book.ack(2).unwrap(), 1);
+        assert!(book.pending(10).unwrap().is_empty());
+        // The next alert takes the next number.
+        flag(&book, 10, true);
+        assert_eq!(flag(&book, 11, true).map(|a| (a.id, a.rev)), Some((2, 3)));
+    }
+}
