@@ -30,6 +30,7 @@ pub fn mosquitto_acl(service_user: &str) -> String {
          pattern write {PREFIX}/%u/up/status\n\
          pattern write {PREFIX}/%u/up/report\n\
          pattern write {PREFIX}/%u/up/logs\n\
+         pattern write {PREFIX}/%u/up/alerts\n\
          pattern read {PREFIX}/%u/down/ack\n\
          pattern read {PREFIX}/%u/down/desired\n\
          pattern read {PREFIX}/%u/down/config\n\
@@ -45,7 +46,7 @@ mod tests {
     fn rules_name_only_the_devices_own_topics() {
         let acl = mosquitto_acl("cp");
         assert!(acl.contains("user cp\ntopic read edgeloop/v1/+/up/#\ntopic write edgeloop/v1/+/down/#\n"));
-        for ch in ["telemetry", "status", "report", "logs"] {
+        for ch in ["telemetry", "status", "report", "logs", "alerts"] {
             assert!(acl.contains(&format!("pattern write edgeloop/v1/%u/up/{ch}\n")), "{ch}");
         }
         for ch in ["ack", "desired", "config", "agent"] {

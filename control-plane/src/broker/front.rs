@@ -8,7 +8,8 @@
 //! - the CONNECT: the device is admitted here (enrolled, not revoked, password matching), its will obeys the
 //!   publish rules below, and its credentials are replaced by this process's secret, the only device login
 //!   rumqttd accepts ([`Gate`]);
-//! - each PUBLISH: only to the device's own `up/telemetry`, `up/status`, `up/report` or `up/logs`, never retained;
+//! - each PUBLISH: only to the device's own `up/telemetry`, `up/status`, `up/report`, `up/logs` or `up/alerts`,
+//!   never retained;
 //! - each SUBSCRIBE: only to the device's own `down/ack`, `down/desired`, `down/config` and `down/agent`.
 //!
 //! The first packet that breaks a rule closes the connection. The front keeps every live connection by
@@ -101,7 +102,10 @@ impl std::fmt::Display for Violation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Violation::Publish(t) => {
-                write!(f, "publish to `{t}`, which is not its own up/telemetry, up/status, up/report or up/logs")
+                write!(
+                    f,
+                    "publish to `{t}`, which is not its own up/telemetry, up/status, up/report, up/logs or up/alerts"
+                )
             }
             Violation::Retained(t) => write!(f, "retained publish to `{t}`: devices may not retain messages"),
             Violation::Subscribe(t) => {
@@ -156,15 +160,11 @@ fn refuse(code: ConnectReturnCode, reason: impl Into<String>) -> Refusal {
 }
 
 fn publish_allowed(client_id: &str, topic: &str) -> bool {
-    [Channel::Telemetry, Channel::Status, Channel::Report, Channel::Logs]
-        .into_iter()
-        .any(|c| topics::topic(client_id, c) == topic)
+    Channel::UPLINK.into_iter().any(|c| topics::topic(client_id, c) == topic)
 }
 
 fn subscribe_allowed(client_id: &str, filter: &str) -> bool {
-    [Channel::Ack, Channel::Desired, Channel::Config, Channel::Agent]
-        .into_iter()
-        .any(|c| topics::topic(client_id, c) == filter)
+    Channel::DOWNLINK.into_iter().any(|c| topics::topic(client_id, c) == filter)
 }
 
 /// The rules for a CONNECT: MQTT 3.1.1, a valid device id that is not reserved for the control plane, a will
@@ -456,7 +456,7 @@ mod tests {
     #[test]
     fn devices_keep_to_their_own_topics() {
         let ok = |p: &Packet| check_packet("dev-a", p);
-        for ch in ["telemetry", "status", "report", "logs"] {
+        for ch in ["telemetry", "status", "report", "logs", "alerts"] {
             assert_eq!(ok(&publish(&format!("edgeloop/v1/dev-a/up/{ch}"), false)), Ok(()));
         }
         for bad in [

@@ -6,9 +6,11 @@
 //! - [`enrollment`]: device identity: enrollment tokens, enrolled keys, broker credentials, revocation.
 //! - [`ingest`]: decoding, validation, dedup and storage of uplink messages, and the MQTT service that
 //!   feeds it and publishes acknowledgements.
+//! - [`alerts`]: the alerts devices raise, with operators' acknowledgements and verdicts.
 //! - [`logs`]: the warnings and errors devices ship, searchable and kept for `retention.log_days`.
 //! - [`retention`]: pruning acknowledged records past their class's retention.
 
+pub mod alerts;
 pub(crate) mod devices;
 pub(crate) mod enrollment;
 pub(crate) mod ingest;
@@ -16,6 +18,7 @@ pub mod logs;
 pub mod retention;
 pub(crate) mod telemetry;
 
+pub use alerts::AlertStore;
 pub use devices::{Device, Registry};
 pub use enrollment::Enrollment;
 pub use ingest::{Ingestor, Outcome};

@@ -116,6 +116,8 @@ pub struct Metrics {
     pub update_reports: Counter,
     pub desired_published: Counter,
     pub acks_sent: Counter,
+    /// Alert snapshots devices sent (an alert's opening, closing or reopening).
+    pub alert_snapshots: Counter,
     pub commits: Counter,
     /// Records pruned by telemetry retention.
     pub records_pruned: Counter,
@@ -151,6 +153,7 @@ impl Default for Metrics {
             update_reports: Counter::default(),
             desired_published: Counter::default(),
             acks_sent: Counter::default(),
+            alert_snapshots: Counter::default(),
             commits: Counter::default(),
             records_pruned: Counter::default(),
             artifacts_collected: Counter::default(),
@@ -173,7 +176,7 @@ impl Default for Metrics {
         };
         // Counters are shared handles: the registry encodes the same atomics the fields count with.
         let mut registry = Registry::default();
-        let counters: [(&str, &str, &Counter); 11] = [
+        let counters: [(&str, &str, &Counter); 12] = [
             ("edgeloop_messages_received", "Uplink MQTT messages received", &m.messages_received),
             ("edgeloop_records_ingested", "Telemetry records stored (first copy)", &m.records_ingested),
             (
@@ -190,6 +193,11 @@ impl Default for Metrics {
             ("edgeloop_update_reports", "Model update reports received", &m.update_reports),
             ("edgeloop_desired_published", "Signed desired states published", &m.desired_published),
             ("edgeloop_acks_sent", "End-to-end acknowledgements published", &m.acks_sent),
+            (
+                "edgeloop_alert_snapshots",
+                "Alert snapshots devices sent: an alert opening, closing or reopening",
+                &m.alert_snapshots,
+            ),
             ("edgeloop_store_commits", "Durable store commits (group commits)", &m.commits),
             ("edgeloop_records_pruned", "Telemetry records pruned by retention", &m.records_pruned),
             (

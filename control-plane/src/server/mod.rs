@@ -37,6 +37,8 @@ pub struct ControlPlaneHandle {
     /// Where agents connect.
     pub mqtt_addr: (String, u16),
     pub store: TelemetryStore,
+    /// The alerts devices raised.
+    pub alerts: crate::fleet::AlertStore,
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
     pub learning: Arc<Learning>,
@@ -82,6 +84,7 @@ impl ControlPlane {
             api_addr,
             mqtt_addr: (cfg.mqtt_host, broker.device_port),
             store: stores.telemetry,
+            alerts: stores.alerts,
             registry: stores.devices,
             metrics: stores.metrics,
             learning,

@@ -183,7 +183,8 @@ pub(crate) async fn ingest(
     )
     .with_enrollment(cfg.require_enrollment.then(|| stores.enrollment.clone()))
     .with_rate_limit(cfg.ingest.device_messages_per_sec)
-    .with_logs(stores.logs.clone(), cfg.ingest.device_log_lines_per_minute);
+    .with_logs(stores.logs.clone(), cfg.ingest.device_log_lines_per_minute)
+    .with_alerts(stores.alerts.clone());
     let (subscribed_tx, mut subscribed) = tokio::sync::watch::channel(false);
     let task = tokio::spawn(service::run(
         options,
@@ -242,6 +243,7 @@ pub(crate) async fn api(
     let state = AppState {
         store: stores.telemetry.clone(),
         logs: stores.logs.clone(),
+        alerts: stores.alerts.clone(),
         registry: stores.devices.clone(),
         metrics: stores.metrics.clone(),
         started: Instant::now(),

@@ -20,6 +20,7 @@ pub(crate) struct Stores {
     pub db: DurableDb,
     pub telemetry: TelemetryStore,
     pub logs: crate::fleet::LogStore,
+    pub alerts: crate::fleet::AlertStore,
     pub devices: Arc<Registry>,
     pub models: Arc<ModelRegistry>,
     /// Taken by the rollout service when it starts.
@@ -72,6 +73,7 @@ impl Stores {
                 operators,
                 telemetry: TelemetryStore::open(db.clone())?,
                 logs: crate::fleet::LogStore::open(db.clone())?,
+                alerts: crate::fleet::AlertStore::open(&db)?,
                 admin_token: None,
                 signer,
                 metrics: Arc::new(Metrics::default()),

@@ -31,6 +31,7 @@ use utoipa_axum::routes;
 pub struct AppState {
     pub store: crate::fleet::telemetry::TelemetryStore,
     pub logs: crate::fleet::LogStore,
+    pub alerts: crate::fleet::AlertStore,
     pub registry: Arc<crate::fleet::devices::Registry>,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub started: Instant,
@@ -103,6 +104,8 @@ fn routes(guard: Guard) -> OpenApiRouter<AppState> {
         .routes(routes!(api::telemetry))
         .routes(routes!(api::logs::device))
         .routes(routes!(api::logs::search))
+        .routes(routes!(api::alerts::list))
+        .routes(routes!(api::alerts::get))
         .routes(routes!(api::learning::jobs))
         .routes(routes!(api::learning::job))
         .routes(routes!(api::learning::models))
@@ -135,7 +138,8 @@ fn routes(guard: Guard) -> OpenApiRouter<AppState> {
         .routes(routes!(api::rollouts::make_bundle))
         .routes(limited(routes!(api::configs::publish), api::configs::MAX_CONFIG_BYTES))
         .routes(limited(routes!(api::releases::publish), api::releases::MAX_AGENT_BYTES))
-        .routes(routes!(api::rollouts::set_tags));
+        .routes(routes!(api::rollouts::set_tags))
+        .routes(routes!(api::alerts::acknowledge));
     let operator = guard(api::openapi::guarded(operator, Role::Operator), Role::Operator);
     let admin = OpenApiRouter::new()
         .routes(routes!(api::identity::tokens, api::identity::create_token))
@@ -178,6 +182,6 @@ mod tests {
             .values()
             .map(|p| p.as_object().unwrap().len())
             .sum();
-        assert_eq!(operations, 44);
+        assert_eq!(operations, 47);
     }
 }

@@ -1,6 +1,7 @@
 //! Integration tests of the telemetry path: real broker, real agents, real store.
 
 mod agent_update;
+mod alerts;
 mod api;
 mod api_limits;
 mod backup;

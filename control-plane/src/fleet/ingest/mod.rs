@@ -41,6 +41,8 @@ pub enum Outcome {
     Status,
     /// Device log lines: how many were stored, and how many cut for going over the control plane's budget.
     Logs { stored: u64, cut: u64 },
+    /// An alert snapshot handled: acknowledge `alerts` (and the telemetry watermark `upto`) once committed.
+    AlertAck { device: String, upto: u64, alerts: u64 },
     /// Refused, for this reason (also counted in metrics).
     Rejected(&'static str),
 }
@@ -57,6 +59,8 @@ pub struct Ingestor {
     /// device's logs never cost its telemetry).
     logs: Option<crate::fleet::logs::LogStore>,
     log_budget: RateLimiter,
+    /// Where device alerts go.
+    alerts: Option<crate::fleet::alerts::AlertStore>,
     /// When each telemetry batch since the last commit was sent (device clock, Unix ms): observed as ingest
     /// latency once the commit makes them durable.
     uncommitted_sent_ms: std::sync::Mutex<Vec<u64>>,
@@ -176,6 +180,7 @@ impl Ingestor {
             enrollment: None,
             limiter: RateLimiter::new(0.0),
             logs: None,
+            alerts: None,
             log_budget: RateLimiter::new(0.0),
             uncommitted_sent_ms: Default::default(),
         }
@@ -194,6 +199,13 @@ impl Ingestor {
     pub fn with_logs(mut self, logs: crate::fleet::logs::LogStore, lines_per_minute: f64) -> Self {
         self.logs = Some(logs);
         self.log_budget = RateLimiter::with_burst(lines_per_minute / 60.0, lines_per_minute * 2.0);
+        self
+    }
+
+    /// Stores the alerts devices raise in `alerts`. Without this, alert messages are refused as
+    /// `alerts_not_kept`.
+    pub fn with_alerts(mut self, alerts: crate::fleet::alerts::AlertStore) -> Self {
+        self.alerts = Some(alerts);
         self
     }
 
@@ -365,6 +377,18 @@ impl Ingestor {
                 Ok(Outcome::Status)
             }
             (Channel::Logs, Body::Logs(batch)) => self.store_logs(device, topic, batch, now_ms),
+            (Channel::Alerts, Body::Alert(alert)) => {
+                let Some(alerts) = &self.alerts else {
+                    return self.reject(Some(device), topic, "alerts_not_kept", "this ingest keeps no alerts");
+                };
+                let class = self.registry.get(device).map(|d| d.class).unwrap_or_default();
+                let open = alert.is_open();
+                let id = alert.id;
+                let acked = alerts.put(device, &class, alert, now_ms)?;
+                self.metrics.alert_snapshots.inc_by(1);
+                tracing::info!(device, class, alert = id, open, "alert");
+                Ok(Outcome::AlertAck { device: device.to_string(), upto: self.store.watermark(device)?, alerts: acked })
+            }
             (ch, body) => {
                 let detail = format!("a {} body on the {ch} topic", body.kind());
                 self.reject(Some(device), topic, "wrong_channel", &detail)
@@ -421,8 +445,8 @@ impl Ingestor {
 
 /// Encodes the acknowledgement envelope for `device`, signed with the control plane's key: an agent deletes
 /// records only on an acknowledgement that verifies against the keys it trusts.
-pub fn ack_payload(device: &str, upto: u64, signer: &edgeloop_common::signing::Signer) -> Vec<u8> {
-    let mut env = Envelope::new(device, upto, edgeloop_common::unix_millis(), Body::Ack(envelope::Ack { upto }));
+pub fn ack_payload(device: &str, ack: envelope::Ack, signer: &edgeloop_common::signing::Signer) -> Vec<u8> {
+    let mut env = Envelope::new(device, ack.upto, edgeloop_common::unix_millis(), Body::Ack(ack));
     env.sign_by_control_plane(signer);
     envelope::encode(&env)
 }

@@ -13,6 +13,7 @@
 use super::{ack_payload, Ingestor, Outcome};
 use crate::fleet::telemetry::StoreError;
 use crate::metrics::Metrics;
+use edgeloop_common::envelope::Ack;
 use edgeloop_common::topics::{self, Channel};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
 use std::collections::HashMap;
@@ -22,12 +23,18 @@ use std::time::Duration;
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
+/// Folds an acknowledgement into the newest one per device: both marks only move up.
+fn merge(acks: &mut HashMap<String, Ack>, device: String, ack: Ack) {
+    let e = acks.entry(device).or_insert(Ack { upto: 0, alerts: 0 });
+    (e.upto, e.alerts) = (e.upto.max(ack.upto), e.alerts.max(ack.alerts));
+}
+
 /// A topic and its payload.
 type Message = (String, Vec<u8>);
 
 #[derive(Default)]
 struct PendingAcks {
-    acks: Mutex<HashMap<String, u64>>,
+    acks: Mutex<HashMap<String, Ack>>,
     notify: Notify,
     /// When the ingest thread's current commit began (Unix ms), or 0 when it is not committing.
     commit_since_ms: std::sync::atomic::AtomicU64,
@@ -167,14 +174,12 @@ fn ingest_thread(
             }
         }
         let now = edgeloop_common::unix_millis();
-        let mut acks: HashMap<String, u64> = HashMap::new();
+        let mut acks: HashMap<String, Ack> = HashMap::new();
         let mut transient = None;
         for (topic, payload) in &group {
             match ingestor.handle(topic, payload, now) {
-                Ok(Outcome::Ack { device, upto }) => {
-                    let e = acks.entry(device).or_default();
-                    *e = (*e).max(upto);
-                }
+                Ok(Outcome::Ack { device, upto }) => merge(&mut acks, device, Ack { upto, alerts: 0 }),
+                Ok(Outcome::AlertAck { device, upto, alerts }) => merge(&mut acks, device, Ack { upto, alerts }),
                 Ok(_) => {}
                 // Out of descriptors or buffers for a moment (an API flooded with connections, say): not a
                 // broken store. Acknowledge nothing from this group, so agents send it again; what it stored
@@ -217,9 +222,8 @@ fn ingest_thread(
         wait = TRANSIENT_FIRST_WAIT;
         if !acks.is_empty() {
             let mut p = pending.acks.lock().unwrap_or_else(|p| p.into_inner());
-            for (d, upto) in acks {
-                let e = p.entry(d).or_default();
-                *e = (*e).max(upto);
+            for (d, ack) in acks {
+                merge(&mut p, d, ack);
             }
             drop(p);
             pending.notify.notify_one();
@@ -260,13 +264,13 @@ async fn publish_pending(
     pending: &PendingAcks,
     metrics: &Metrics,
 ) {
-    let acks: Vec<(String, u64)> = pending.acks.lock().unwrap_or_else(|p| p.into_inner()).drain().collect();
-    for (device, upto) in acks {
+    let acks: Vec<(String, Ack)> = pending.acks.lock().unwrap_or_else(|p| p.into_inner()).drain().collect();
+    for (device, ack) in acks {
         let topic = topics::topic(&device, Channel::Ack);
-        match client.publish(topic, QoS::AtLeastOnce, false, ack_payload(&device, upto, signer)).await {
+        match client.publish(topic, QoS::AtLeastOnce, false, ack_payload(&device, ack, signer)).await {
             Ok(()) => {
                 metrics.acks_sent.inc_by(1);
-                tracing::trace!(%device, upto, "ack sent");
+                tracing::trace!(%device, upto = ack.upto, alerts = ack.alerts, "ack sent");
             }
             Err(e) => {
                 tracing::warn!(%device, error = %e, "ack not sent; the agent will resend and be acknowledged then")

@@ -4,6 +4,7 @@
 //! Routes and the role each needs are in [`crate::web::router`]. Handlers are thin: they validate the request, call the store or registry (scans run on the blocking
 //! pool) and shape JSON. Every error is an [`error::ApiError`].
 
+pub mod alerts;
 pub mod configs;
 pub mod identity;
 pub mod learning;

@@ -16,8 +16,10 @@ use maud::{html, Markup};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 
-/// An anomaly is an alert for this long after it arrived.
-const ANOMALY_ALERT_MS: u64 = 15 * 60 * 1000;
+/// A closed alert stays on the overview for this long after it closed.
+const CLOSED_ALERT_MS: u64 = 15 * 60 * 1000;
+/// Alerts shown on a device's page.
+const DEVICE_ALERTS: usize = 20;
 /// A drift trigger is an alert for this long.
 const DRIFT_ALERT_MS: u64 = 24 * 3600 * 1000;
 /// Devices listed on the overview at most (the class table counts all of them).
@@ -48,18 +50,61 @@ pub struct Alert {
     pub link: String,
 }
 
-/// The fleet's alerts, newest first: recent anomalies, drift triggers and failed updates.
-pub fn alerts(devices: &[Device], triggers: &[crate::ml::triggers::TriggerEvent], now: u64) -> Vec<Alert> {
+/// One line about an alert a device raised.
+fn describe(a: &crate::fleet::alerts::StoredAlert) -> String {
+    let e = &a.alert;
+    let state = if a.open { "open".to_string() } else { format!("closed after {}", span(e.duration_ms())) };
+    let ack = match &a.ack {
+        None => "not acknowledged".to_string(),
+        Some(k) => match k.verdict {
+            Some(true) => format!("a real fault, says {}", k.by),
+            Some(false) => format!("a false alarm, says {}", k.by),
+            None => format!("seen by {}", k.by),
+        },
+    };
+    format!(
+        "{} ({}): alert {} on {}, {state}; peak score {:.3}, {} flagged windows; {}; {ack}",
+        a.device,
+        a.class,
+        e.id,
+        e.sensor,
+        e.peak_score,
+        e.windows,
+        e.model.as_deref().unwrap_or("no model named"),
+    )
+}
+
+/// A duration, in the largest unit that fits.
+fn span(ms: u64) -> String {
+    match ms / 1000 {
+        s if s < 120 => format!("{s} s"),
+        s if s < 7200 => format!("{} min", s / 60),
+        s => format!("{} h", s / 3600),
+    }
+}
+
+/// The fleet's alerts, newest first: the alerts devices raised (open ones, and those closed in the last 15
+/// minutes), drift triggers and failed updates.
+pub fn alerts(
+    devices: &[Device],
+    raised: &[crate::fleet::alerts::StoredAlert],
+    triggers: &[crate::ml::triggers::TriggerEvent],
+    now: u64,
+) -> Vec<Alert> {
     let mut out = Vec::new();
-    for d in devices {
-        if let Some(at) = d.last_anomaly_ms.filter(|&t| now.saturating_sub(t) < ANOMALY_ALERT_MS) {
+    for a in raised {
+        let closed_long_ago =
+            a.alert.end_ms.is_some_and(|e| now.saturating_sub(a.received_ms.max(e)) >= CLOSED_ALERT_MS);
+        if !closed_long_ago {
             out.push(Alert {
-                kind: "anomaly",
-                at_ms: at,
-                text: format!("{} ({}) flagged an anomaly; {} flagged windows in all", d.id, d.class, d.anomalies),
-                link: format!("/devices/{}", d.id),
+                kind: "alert",
+                at_ms: a.alert.onset_ms,
+                text: describe(a),
+                link: format!("/devices/{}", a.device),
             });
         }
+    }
+    for d in devices {
         if let Some(u) = d.latest_update().filter(|u| u.phase.is_failure()) {
             out.push(Alert {
                 kind: "update",
@@ -129,7 +174,24 @@ pub async fn overview(State(s): State<AppState>, who: Who, Query(q): Query<Fleet
     let mut devices = s.registry.list();
     devices.sort_by(|a, b| (&a.class, &a.id).cmp(&(&b.class, &b.id)));
     let classes = by_class(&devices, now, s.offline_after_ms);
-    let alerts = alerts(&devices, &s.learning.trigger_events(), now);
+    let raised = {
+        let store = s.alerts.clone();
+        tokio::task::spawn_blocking(move || store.page(None, 200, 10_000, |_| true).map(|(a, _)| a))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()))
+    };
+    let raised = match raised {
+        Ok(r) => r,
+        Err(e) => {
+            return page_error(
+                Some(&who),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &format!("Reading the alerts failed: {e}"),
+            )
+        }
+    };
+    let alerts = alerts(&devices, &raised, &s.learning.trigger_events(), now);
     let on = devices.iter().filter(|d| online(d, now, s.offline_after_ms)).count();
     let active_rollouts = s.rollouts.list().iter().filter(|r| r.state.is_active()).count();
     let shown: Vec<&Device> =
@@ -149,7 +211,7 @@ pub async fn overview(State(s): State<AppState>, who: Who, Query(q): Query<Fleet
         }
         section #alerts data-live aria-labelledby="alerts-h" {
             h2 #alerts-h { "Alerts" }
-            @if alerts.is_empty() { p.muted { "No anomalies in the last 15 minutes, no drift today, no failed updates." } }
+            @if alerts.is_empty() { p.muted { "No open alert, none closed in the last 15 minutes, no drift today, no failed updates." } }
             @else {
                 ul.alerts {
                     @for a in alerts.iter().take(50) {
@@ -288,9 +350,10 @@ pub async fn device(State(s): State<AppState>, who: Who, Path(id): Path<String>)
         let q = crate::fleet::logs::LogQuery { device: Some(dev.clone()), limit: LOG_LINES, ..Default::default() };
         let logs = st.logs.search(&q).map_err(|e| e.to_string())?.entries;
         let log_stats = st.logs.stats(&dev).map_err(|e| e.to_string())?;
-        Ok((records, models, (logs, log_stats)))
+        let raised = st.alerts.page(None, DEVICE_ALERTS, 100_000, |a| a.device == dev).map_err(|e| e.to_string())?.0;
+        Ok((records, models, (logs, log_stats), raised))
     });
-    let (records, models, (logs, log_stats)) = match read.await.map_err(|e| e.to_string()).and_then(|r| r) {
+    let (records, models, (logs, log_stats), raised) = match read.await.map_err(|e| e.to_string()).and_then(|r| r) {
         Ok(r) => r,
         Err(e) => {
             return page_error(
@@ -356,6 +419,21 @@ pub async fn device(State(s): State<AppState>, who: Who, Path(id): Path<String>)
                     dt { "Malformed samples refused" } dd { (st.bad_samples) }
                     dt { "Duplicates / refused messages" } dd { (d.duplicates) " / " (d.rejected) }
                 }
+            }
+        }
+        section #device-alerts data-live aria-labelledby="device-alerts-h" {
+            h2 #device-alerts-h { "Alerts" span.muted { " (its latest " (DEVICE_ALERTS) "; one fault is one alert)" } }
+            @if raised.is_empty() { p.muted { "This device has raised no alert." } }
+            @else {
+                ul.alerts {
+                    @for a in &raised {
+                        li class=(if a.open { "alert open" } else { "alert" }) {
+                            (badge(if a.open { "bad" } else { "muted" }, if a.open { "open" } else { "closed" })) " "
+                            (describe(a)) " " span.muted { "since " (datetime(a.alert.onset_ms)) }
+                        }
+                    }
+                }
+                p.muted { "Acknowledge one, with a verdict that labels its span for training: " code { "POST /api/v1/alerts/" (d.id) "/{id}/ack {\"verdict\": true}" } }
             }
         }
         section #logs data-live aria-labelledby="logs-h" {
@@ -433,12 +511,30 @@ mod tests {
     }
 
     #[test]
-    fn alerts_list_recent_anomalies_drift_and_failed_updates_newest_first() {
+    fn alerts_list_raised_alerts_drift_and_failed_updates_newest_first() {
         let now = 100 * 60 * 1000;
-        let mut fresh = dev("fresh", "press", now);
-        (fresh.anomalies, fresh.last_anomaly_ms) = (3, Some(now - 1000));
-        let mut stale = dev("stale", "press", now);
-        (stale.anomalies, stale.last_anomaly_ms) = (9, Some(now - ANOMALY_ALERT_MS - 1));
+        let alert = |id: u64, onset_ms: u64, end_ms: Option<u64>| crate::fleet::alerts::StoredAlert {
+            device: "fresh".into(),
+            class: "press".into(),
+            alert: edgeloop_common::alerts::AlertEvent {
+                id,
+                rev: id,
+                sensor: "vibration".into(),
+                model: Some("press v2 (sha256:abc)".into()),
+                onset_ms,
+                last_ms: onset_ms + 1000,
+                peak_score: 4.5,
+                peak_ms: onset_ms,
+                windows: 7,
+                end_ms,
+            },
+            received_ms: end_ms.unwrap_or(onset_ms),
+            open: end_ms.is_none(),
+            ack: None,
+        };
+        // Open; closed a minute ago; closed long ago (not listed).
+        let raised =
+            [alert(3, now - 1000, None), alert(2, now - 4000, Some(now - 60_000)), alert(1, 0, Some(CLOSED_ALERT_MS))];
         let mut failed = dev("failed", "press", now);
         failed.add_update(UpdateReport {
             seq: 1,
@@ -464,11 +560,13 @@ mod tests {
         };
         let schedule =
             TriggerEvent { cause: Cause::Schedule { every_secs: 60, since_last_secs: None }, ..drift.clone() };
-        let a = alerts(&[fresh, stale, failed], &[drift, schedule], now);
+        let a = alerts(&[failed], &raised, &[drift, schedule], now);
         let kinds: Vec<&str> = a.iter().map(|x| x.kind).collect();
-        assert_eq!(kinds, ["update", "anomaly", "drift"]);
+        assert_eq!(kinds, ["update", "alert", "drift", "alert"]);
         assert!(a[0].text.contains("reverted") && a[0].text.contains("NaN output"), "{}", a[0].text);
-        assert!(a[1].text.contains("fresh") && a[1].link == "/devices/fresh");
+        assert!(a[1].text.contains("alert 3") && a[1].text.contains("open") && a[1].link == "/devices/fresh");
+        assert!(a[1].text.contains("press v2") && a[1].text.contains("not acknowledged"), "{}", a[1].text);
         assert!(a[2].text.contains("PSI 0.410") && a[2].text.contains("job 4"), "{}", a[2].text);
+        assert!(a[3].text.contains("alert 2") && a[3].text.contains("closed after"), "{}", a[3].text);
     }
 }

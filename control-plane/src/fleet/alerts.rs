@@ -1,0 +1,297 @@
+//! The alerts devices raised: the latest snapshot of each (an alert is sent when it opens, closes and
+//! reopens), with who acknowledged it and their verdict, newest onset first.
+//!
+//! Trees: `alerts` (device, 0, id → the alert), `alerts_by_onset` (onset, device, 0, id → nothing: the
+//! list's order), and `alert_marks` (device → the highest `rev` up to which every snapshot is stored, which
+//! acknowledgements name). A snapshot that arrives after a gap is stored but does not move the mark: the
+//! device sends the missing one again and is acknowledged then.
+
+use crate::fleet::telemetry::StoreError;
+use edgeloop_common::alerts::AlertEvent;
+use edgeloop_common::durable::DurableDb;
+use serde::{Deserialize, Serialize};
+
+/// An alert as the control plane keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct StoredAlert {
+    pub device: String,
+    /// The device's class when the alert arrived.
+    pub class: String,
+    #[serde(flatten)]
+    pub alert: AlertEvent,
+    /// When the control plane stored its latest snapshot (Unix ms).
+    pub received_ms: u64,
+    /// Whether it is open (no `end_ms` yet).
+    pub open: bool,
+    /// Who acknowledged it, when, and what they said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ack: Option<AlertAck>,
+}
+
+/// An operator's acknowledgement of an alert.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct AlertAck {
+    /// The operator's token name and id.
+    pub by: String,
+    pub at_ms: u64,
+    /// `true`: a real fault; `false`: a false alarm; absent: seen, no verdict. A verdict is also a training
+    /// label of the alert's span (`1` for a fault, `0` for normal).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verdict: Option<bool>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub note: String,
+}
+
+/// Where a page of alerts ends: the next page starts after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlertCursor {
+    pub onset_ms: u64,
+    pub device: String,
+    pub id: u64,
+}
+
+impl AlertCursor {
+    pub fn encode(&self) -> String {
+        format!("{}.{}.{}", self.onset_ms, self.id, self.device)
+    }
+
+    pub fn parse(s: &str) -> Result<AlertCursor, String> {
+        let mut parts = s.splitn(3, '.');
+        let (Some(onset), Some(id), Some(device)) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(format!("`{s}` is not a cursor this API gave"));
+        };
+        let bad = || format!("`{s}` is not a cursor this API gave");
+        Ok(AlertCursor {
+            onset_ms: onset.parse().map_err(|_| bad())?,
+            id: id.parse().map_err(|_| bad())?,
+            device: device.to_string(),
+        })
+    }
+
+    fn index_key(&self) -> Vec<u8> {
+        let mut k = self.onset_ms.to_be_bytes().to_vec();
+        k.extend_from_slice(&alert_key(&self.device, self.id));
+        k
+    }
+}
+
+fn alert_key(device: &str, id: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(device.len() + 9);
+    k.extend_from_slice(device.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&id.to_be_bytes());
+    k
+}
+
+fn corrupt(device: &str, id: u64, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt { device: device.to_string(), seq: id, reason: format!("alert: {e}") }
+}
+
+#[derive(Debug, Clone)]
+pub struct AlertStore {
+    alerts: sled::Tree,
+    by_onset: sled::Tree,
+    marks: sled::Tree,
+}
+
+impl AlertStore {
+    pub fn open(db: &DurableDb) -> Result<AlertStore, StoreError> {
+        Ok(AlertStore {
+            alerts: db.tree("alerts")?,
+            by_onset: db.tree("alerts_by_onset")?,
+            marks: db.tree("alert_marks")?,
+        })
+    }
+
+    fn decode(&self, device: &str, id: u64, bytes: &[u8]) -> Result<StoredAlert, StoreError> {
+        serde_json::from_slice(bytes).map_err(|e| corrupt(device, id, e))
+    }
+
+    fn write(&self, a: &StoredAlert) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(a).map_err(|e| corrupt(&a.device, a.alert.id, e))?;
+        self.alerts.insert(alert_key(&a.device, a.alert.id), bytes)?;
+        Ok(())
+    }
+
+    /// The highest `rev` of `device` up to which every snapshot is stored.
+    pub fn mark(&self, device: &str) -> Result<u64, StoreError> {
+        Ok(self.marks.get(device.as_bytes())?.map_or(0, |v| u64::from_be_bytes(v[..8].try_into().unwrap_or_default())))
+    }
+
+    /// Stores a snapshot from `device` (of `class`) unless a later one of the same alert is already here, and
+    /// returns the device's mark to acknowledge. Not durable until the store's next commit.
+    pub fn put(&self, device: &str, class: &str, alert: AlertEvent, now_ms: u64) -> Result<u64, StoreError> {
+        let mark = self.mark(device)?;
+        let (id, rev) = (alert.id, alert.rev);
+        let existing = match self.alerts.get(alert_key(device, id))? {
+            Some(v) => Some(self.decode(device, id, &v)?),
+            None => None,
+        };
+        match existing {
+            Some(old) if old.alert.rev >= rev => {}
+            old => {
+                if old.as_ref().is_none_or(|o| o.alert.onset_ms != alert.onset_ms) {
+                    if let Some(o) = &old {
+                        let c = AlertCursor { onset_ms: o.alert.onset_ms, device: device.into(), id };
+                        self.by_onset.remove(c.index_key())?;
+                    }
+                    let c = AlertCursor { onset_ms: alert.onset_ms, device: device.into(), id };
+                    self.by_onset.insert(c.index_key(), &[])?;
+                }
+                let ack = old.and_then(|o| o.ack);
+                let open = alert.is_open();
+                self.write(&StoredAlert {
+                    device: device.into(),
+                    class: class.into(),
+                    alert,
+                    received_ms: now_ms,
+                    open,
+                    ack,
+                })?;
+            }
+        }
+        if rev == mark + 1 {
+            self.marks.insert(device.as_bytes(), &rev.to_be_bytes())?;
+            return Ok(rev);
+        }
+        Ok(mark)
+    }
+
+    pub fn get(&self, device: &str, id: u64) -> Result<Option<StoredAlert>, StoreError> {
+        match self.alerts.get(alert_key(device, id))? {
+            Some(v) => Ok(Some(self.decode(device, id, &v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Newest onset first: the alerts after `after` that `keep`, at most `limit`, and the cursor of the next
+    /// page when more may follow. Reads at most `scan_max` alerts.
+    pub fn page(
+        &self,
+        after: Option<&AlertCursor>,
+        limit: usize,
+        scan_max: usize,
+        keep: impl Fn(&StoredAlert) -> bool,
+    ) -> Result<(Vec<StoredAlert>, Option<AlertCursor>), StoreError> {
+        let range = match after {
+            Some(c) => self.by_onset.range(..c.index_key()),
+            None => self.by_onset.range::<&[u8], _>(..),
+        };
+        let mut out = Vec::new();
+        let mut last = None;
+        for (scanned, kv) in range.rev().enumerate() {
+            let (k, _) = kv?;
+            if out.len() == limit || scanned == scan_max {
+                return Ok((out, last));
+            }
+            let onset_ms = u64::from_be_bytes(k[..8].try_into().unwrap_or_default());
+            let rest = &k[8..];
+            let split = rest.len().saturating_sub(9);
+            let device = String::from_utf8_lossy(&rest[..split]).into_owned();
+            let id = u64::from_be_bytes(rest[split + 1..].try_into().unwrap_or_default());
+            last = Some(AlertCursor { onset_ms, device: device.clone(), id });
+            if let Some(a) = self.get(&device, id)? {
+                if keep(&a) {
+                    out.push(a);
+                }
+            }
+        }
+        Ok((out, None))
+    }
+
+    /// Records an operator's acknowledgement; `None` if there is no such alert.
+    pub fn acknowledge(&self, device: &str, id: u64, ack: AlertAck) -> Result<Option<StoredAlert>, StoreError> {
+        let Some(mut a) = self.get(device, id)? else { return Ok(None) };
+        a.ack = Some(ack);
+        self.write(&a)?;
+        Ok(Some(a))
+    }
+
+    /// Open alerts by class, for `/metrics`.
+    pub fn open_by_class(&self) -> Result<std::collections::BTreeMap<String, u64>, StoreError> {
+        let mut out = std::collections::BTreeMap::new();
+        for kv in self.alerts.iter() {
+            let (k, v) = kv?;
+            let a: StoredAlert = serde_json::from_slice(&v).map_err(|e| corrupt(&String::from_utf8_lossy(&k), 0, e))?;
+            if a.open {
+                *out.entry(a.class).or_default() += 1;
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use edgeloop_common::alerts::{AlertPolicy, AlertTracker};
+    use edgeloop_common::durable::Durability;
+
+    fn store() -> (tempfile::TempDir, AlertStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = DurableDb::open(dir.path(), Durability::Flush).unwrap();
+        (dir, AlertStore::open(&db).unwrap())
+    }
+
+    /// The snapshots a device sends for `alerts` faults of 3 flagged windows each, 100 s apart.
+    fn snapshots(alerts: u64) -> Vec<AlertEvent> {
+        let p = AlertPolicy { open_after: 2, close_after: 2, cooldown_secs: 0 };
+        let mut t = AlertTracker::default();
+        let mut out = Vec::new();
+        for k in 0..alerts {
+            for (i, flagged) in [true, true, true, false, false].into_iter().enumerate() {
+                let ts = (k * 100 + i as u64) * 1000;
+                out.extend(t.observe(&p, "s", ts, if flagged { 3.0 } else { 0.0 }, flagged, None));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn the_latest_snapshot_wins_and_the_mark_waits_for_gaps() {
+        let (_d, s) = store();
+        let snaps = snapshots(2); // revs 1 (open), 2 (close), 3 (open), 4 (close)
+        assert_eq!(s.put("d1", "c", snaps[0].clone(), 10).unwrap(), 1);
+        // rev 3 before rev 2: stored, but the mark stays at 1 until 2 arrives.
+        assert_eq!(s.put("d1", "c", snaps[2].clone(), 11).unwrap(), 1);
+        assert_eq!(s.put("d1", "c", snaps[1].clone(), 12).unwrap(), 2);
+        // A resend of what is already here changes nothing.
+        assert_eq!(s.put("d1", "c", snaps[0].clone(), 13).unwrap(), 2);
+        let first = s.get("d1", 1).unwrap().unwrap();
+        assert!(!first.open && first.alert.rev == 2 && first.received_ms == 12);
+        assert!(s.get("d1", 2).unwrap().unwrap().open);
+    }
+
+    #[test]
+    fn pages_are_newest_first_and_filtered() {
+        let (_d, s) = store();
+        for (k, snap) in snapshots(5).into_iter().enumerate() {
+            s.put("d1", "c", snap, k as u64).unwrap();
+        }
+        let (page, next) = s.page(None, 2, 1000, |_| true).unwrap();
+        assert_eq!(page.iter().map(|a| a.alert.id).collect::<Vec<_>>(), [5, 4]);
+        let (page, next) = s.page(next.as_ref(), 2, 1000, |_| true).unwrap();
+        assert_eq!(page.iter().map(|a| a.alert.id).collect::<Vec<_>>(), [3, 2]);
+        let (page, next) = s.page(next.as_ref(), 2, 1000, |_| true).unwrap();
+        assert_eq!((page.iter().map(|a| a.alert.id).collect::<Vec<_>>(), next), (vec![1], None));
+        let cursor = AlertCursor { onset_ms: 5, device: "a.b".into(), id: 7 };
+        assert_eq!(AlertCursor::parse(&cursor.encode()).unwrap(), cursor);
+        assert!(AlertCursor::parse("x").is_err());
+        let (odd, _) = s.page(None, 10, 1000, |a| a.alert.id % 2 == 1).unwrap();
+        assert_eq!(odd.iter().map(|a| a.alert.id).collect::<Vec<_>>(), [5, 3, 1]);
+    }
+
+    #[test]
+    fn an_acknowledgement_is_kept_across_later_snapshots() {
+        let (_d, s) = store();
+        let snaps = snapshots(1);
+        s.put("d1", "c", snaps[0].clone(), 1).unwrap();
+        let ack = AlertAck { by: "ops (t1)".into(), at_ms: 5, verdict: Some(true), note: String::new() };
+        assert!(s.acknowledge("d1", 1, ack.clone()).unwrap().is_some());
+        assert!(s.acknowledge("d1", 9, ack.clone()).unwrap().is_none());
+        s.put("d1", "c", snaps[1].clone(), 2).unwrap();
+        let a = s.get("d1", 1).unwrap().unwrap();
+        assert_eq!((a.open, a.ack), (false, Some(ack)));
+        assert_eq!(s.open_by_class().unwrap().get("c"), None);
+    }
+}

@@ -1,0 +1,153 @@
+//! Alerts devices raised: `GET /api/v1/alerts` (newest onset first, paged, filtered by class, device, state,
+//! acknowledgement and onset time), `GET /api/v1/alerts/{device}/{id}`, and
+//! `POST /api/v1/alerts/{device}/{id}/ack`, where an operator says whether it was a real fault. A verdict is
+//! also a training label of the alert's span, so the class's next training learns from it.
+
+use super::paging;
+use crate::access::operators::Operator;
+use crate::fleet::alerts::{AlertAck, AlertCursor, StoredAlert};
+use crate::ml::dataset::Label;
+use crate::web::error::{ApiError, ApiJson};
+use crate::web::AppState;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::{Extension, Json};
+use serde::Deserialize;
+
+/// Most alerts one page reads before it answers (a rare filter can give a short page with a cursor).
+const SCAN_MAX: usize = 100_000;
+/// Longest note an acknowledgement takes.
+pub const MAX_NOTE_BYTES: usize = 1000;
+
+#[derive(Deserialize, Debug, Default, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct AlertParams {
+    pub class: Option<String>,
+    #[param(pattern = "^[A-Za-z0-9._-]{1,64}$")]
+    pub device: Option<String>,
+    /// `open` or `closed`.
+    #[param(pattern = "^(open|closed)$")]
+    pub state: Option<String>,
+    /// Only acknowledged (`true`) or unacknowledged (`false`) alerts.
+    pub acked: Option<bool>,
+    /// Bounds on the alert's onset (device clock), Unix ms, inclusive.
+    pub since: Option<u64>,
+    pub until: Option<u64>,
+    /// The `X-Next-Cursor` of the previous page.
+    pub cursor: Option<String>,
+    #[param(minimum = 1, maximum = 1000)]
+    pub limit: Option<usize>,
+}
+
+#[utoipa::path(get, path = "/api/v1/alerts", tag = "alerts", operation_id = "list_alerts",
+    params(AlertParams),
+    responses((status = 200, description = "Alerts, newest onset first.", body = Vec<StoredAlert>,
+            headers(
+                ("x-next-cursor" = String, description = "The next page's cursor; absent on the last page."),
+                ("link" = String, description = "The next page's address, `<...>; rel=\"next\"`; absent on the last page."),
+            ))))]
+/// `GET /api/v1/alerts`: newest onset first, paged with `limit` and `cursor`, filtered.
+pub async fn list(
+    State(s): State<AppState>,
+    uri: axum::http::Uri,
+    params: Result<Query<AlertParams>, QueryRejection>,
+) -> Result<paging::Paged<StoredAlert>, ApiError> {
+    let Query(p) = params?;
+    let limit = paging::limit(p.limit)?;
+    paging::one_of("state", p.state.as_deref(), &["open", "closed"])?;
+    super::time_range(p.since, p.until)?;
+    if let Some(d) = &p.device {
+        edgeloop_common::topics::validate_device_id(d).map_err(|e| ApiError::bad_request(format!("device: {e}")))?;
+    }
+    let after = match &p.cursor {
+        Some(c) => Some(AlertCursor::parse(c).map_err(|e| ApiError::bad_request(format!("cursor: {e}")))?),
+        None => None,
+    };
+    let alerts = s.alerts.clone();
+    let (items, next) = tokio::task::spawn_blocking(move || {
+        alerts.page(after.as_ref(), limit, SCAN_MAX, |a| {
+            p.class.as_ref().is_none_or(|c| *c == a.class)
+                && p.device.as_ref().is_none_or(|d| *d == a.device)
+                && p.state.as_deref().is_none_or(|st| (st == "open") == a.open)
+                && p.acked.is_none_or(|k| k == a.ack.is_some())
+                && p.since.is_none_or(|t| a.alert.onset_ms >= t)
+                && p.until.is_none_or(|t| a.alert.onset_ms <= t)
+        })
+    })
+    .await??;
+    Ok(paging::Paged { items, next: next.map(|c| c.encode()), uri })
+}
+
+fn known(s: &AppState, device: &str, id: u64) -> Result<StoredAlert, ApiError> {
+    edgeloop_common::topics::validate_device_id(device).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    s.alerts.get(device, id)?.ok_or_else(|| ApiError::not_found(format!("no alert {id} of device `{device}`")))
+}
+
+#[utoipa::path(get, path = "/api/v1/alerts/{device}/{id}", tag = "alerts", operation_id = "get_alert",
+    params(("device" = String, Path, description = "The device's id.", pattern = "^[A-Za-z0-9._-]{1,64}$"),
+        ("id" = u64, Path, description = "The device's alert number.")),
+    responses((status = 200, description = "The alert.", body = StoredAlert),
+        (status = 404, description = "No such alert.", body = crate::web::error::ErrorBody)))]
+/// `GET /api/v1/alerts/{device}/{id}`.
+pub async fn get(
+    State(s): State<AppState>,
+    Path((device, id)): Path<(String, u64)>,
+) -> Result<Json<StoredAlert>, ApiError> {
+    let st = s.clone();
+    Ok(Json(tokio::task::spawn_blocking(move || known(&st, &device, id)).await??))
+}
+
+/// An operator's acknowledgement.
+#[derive(Deserialize, Debug, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AckBody {
+    /// `true`: a real fault (its span becomes a training label 1); `false`: a false alarm (label 0, normal);
+    /// absent: seen, no verdict.
+    #[serde(default)]
+    pub verdict: Option<bool>,
+    /// Up to 1000 bytes.
+    #[serde(default)]
+    #[schema(max_length = 1000)]
+    pub note: String,
+}
+
+#[utoipa::path(post, path = "/api/v1/alerts/{device}/{id}/ack", tag = "alerts", operation_id = "acknowledge_alert",
+    params(("device" = String, Path, description = "The device's id.", pattern = "^[A-Za-z0-9._-]{1,64}$"),
+        ("id" = u64, Path, description = "The device's alert number.")),
+    request_body = AckBody,
+    responses((status = 200, description = "The alert, acknowledged.", body = StoredAlert),
+        (status = 404, description = "No such alert.", body = crate::web::error::ErrorBody)))]
+/// `POST /api/v1/alerts/{device}/{id}/ack`: acknowledges an alert, with a verdict that also labels its span
+/// for training. Acknowledging again replaces the verdict and its label.
+pub async fn acknowledge(
+    State(s): State<AppState>,
+    operator: Option<Extension<Operator>>,
+    Path((device, id)): Path<(String, u64)>,
+    ApiJson(body): ApiJson<AckBody>,
+) -> Result<Json<StoredAlert>, ApiError> {
+    if body.note.len() > MAX_NOTE_BYTES {
+        return Err(ApiError::bad_request(format!("note: {} bytes, over {MAX_NOTE_BYTES}", body.note.len())));
+    }
+    let by = operator.map_or_else(
+        || "anyone (api.require_tokens = false)".to_string(),
+        |Extension(o)| format!("{} ({})", o.name, o.id),
+    );
+    let st = s.clone();
+    let alert = tokio::task::spawn_blocking(move || -> Result<StoredAlert, ApiError> {
+        let a = known(&st, &device, id)?;
+        if let Some(verdict) = body.verdict {
+            let to_ms = a.alert.end_ms.unwrap_or(a.alert.last_ms).max(a.alert.onset_ms);
+            let label = Label { device: device.clone(), from_ms: a.alert.onset_ms, to_ms, label: u32::from(verdict) };
+            st.learning.models.add_label(&label)?;
+        }
+        let ack = AlertAck { by, at_ms: edgeloop_common::unix_millis(), verdict: body.verdict, note: body.note };
+        let a =
+            st.alerts.acknowledge(&device, id, ack)?.ok_or_else(|| ApiError::not_found(format!("no alert {id}")))?;
+        st.store.db().commit().map_err(|e| ApiError::internal(e.to_string()))?;
+        Ok(a)
+    })
+    .await??;
+    tracing::info!(device = %alert.device, alert = alert.alert.id, verdict = ?alert.ack.as_ref().and_then(|a| a.verdict), "alert acknowledged");
+    Ok(Json(alert))
+}
