@@ -122,18 +122,33 @@ pub struct Detection {
     pub true_positives: u64,
     pub precision: Option<f64>,
     pub recall: Option<f64>,
+    /// Event level: the alerts devices raised (one per fault, by the class's `[alerts]` rule), those that
+    /// overlap an injected fault, the faults, and those some alert overlaps.
+    pub alerts: u64,
+    pub alerts_true: u64,
+    pub faults: u64,
+    pub faults_caught: u64,
+    /// `alerts_true / alerts` and `faults_caught / faults`.
+    pub event_precision: Option<f64>,
+    pub event_recall: Option<f64>,
 }
 
 impl Detection {
     fn finish(&mut self) {
         self.precision = (self.flagged > 0).then(|| self.true_positives as f64 / self.flagged as f64);
         self.recall = (self.in_fault > 0).then(|| self.true_positives as f64 / self.in_fault as f64);
+        self.event_precision = (self.alerts > 0).then(|| self.alerts_true as f64 / self.alerts as f64);
+        self.event_recall = (self.faults > 0).then(|| self.faults_caught as f64 / self.faults as f64);
     }
     fn add(&mut self, o: &Detection) {
         self.scored += o.scored;
         self.flagged += o.flagged;
         self.in_fault += o.in_fault;
         self.true_positives += o.true_positives;
+        self.alerts += o.alerts;
+        self.alerts_true += o.alerts_true;
+        self.faults += o.faults;
+        self.faults_caught += o.faults_caught;
     }
 }
 
@@ -156,6 +171,10 @@ pub struct Summary {
     /// Precision and recall of the flags over all classes, against the injected faults.
     pub precision: Option<f64>,
     pub recall: Option<f64>,
+    /// Alerts the devices raised, and their event-level precision and recall over all classes.
+    pub alerts_raised: u64,
+    pub event_precision: Option<f64>,
+    pub event_recall: Option<f64>,
     pub detection: BTreeMap<String, Detection>,
     /// The chapters of the story that were told (1 to 5).
     pub chapters: usize,
@@ -608,9 +627,24 @@ async fn bearing_fault(cp: &ControlPlaneHandle, device: &str, pace: Pace, say: &
     injections.lock().unwrap_or_else(|p| p.into_inner()).push((device.to_string(), Fault::BearingOuter, len_ms));
     say.say(format_args!("  injected an outer-race bearing defect (BPFO tones) into {device} for {:?}", pace.fault));
     let since = cp.registry.get(device).map_or(0, |d| d.anomalies);
+    let started_ms = edgeloop_common::unix_millis();
     tokio::time::sleep(pace.fault + Duration::from_secs(2)).await;
     let now = cp.registry.get(device).map_or(0, |d| d.anomalies);
     say.say(format_args!("  {device} flagged {} windows during the fault with the model it runs", now - since));
+    let raised = cp.alerts.page(None, 100, 100_000, |a| a.device == device && a.received_ms >= started_ms);
+    match raised.map(|(a, _)| a) {
+        Ok(a) if a.is_empty() => say.say(format_args!("  and raised no alert")),
+        Ok(a) => say.say(format_args!(
+            "  and raised {} alert{} (one fault, one alert: {})",
+            a.len(),
+            if a.len() == 1 { "" } else { "s" },
+            a.iter()
+                .map(|a| format!("alert {} peak {:.3}, {} windows", a.alert.id, a.alert.peak_score, a.alert.windows))
+                .collect::<Vec<_>>()
+                .join("; ")
+        )),
+        Err(e) => say.say(format_args!("  (its alerts could not be read: {e})")),
+    }
 }
 
 /// Holidays on the traffic devices; waits for the drift trigger's training and, if it promoted a version,
@@ -672,6 +706,15 @@ fn detection(cp: &ControlPlaneHandle, device: &str, labels: &[GroundTruth]) -> a
             _ => break,
         }
     }
+    // Events: an alert is true when its span overlaps a fault; a fault is caught when an alert overlaps it.
+    let (alerts, _) = cp.alerts.page(None, 100_000, 1_000_000, |a| a.device == device)?;
+    let spans: Vec<(u64, u64)> =
+        alerts.iter().map(|a| (a.alert.onset_ms, a.alert.end_ms.unwrap_or(a.alert.last_ms))).collect();
+    let overlaps = |(a, b): (u64, u64), l: &GroundTruth| a <= l.to_ms && l.from_ms <= b;
+    out.alerts = spans.len() as u64;
+    out.alerts_true = spans.iter().filter(|s| faults.iter().any(|l| overlaps(**s, l))).count() as u64;
+    out.faults = faults.len() as u64;
+    out.faults_caught = faults.iter().filter(|l| spans.iter().any(|s| overlaps(*s, l))).count() as u64;
     Ok(out)
 }
 
@@ -689,6 +732,9 @@ async fn summarise(cp: &ControlPlaneHandle, devices: Vec<SimDevice>, chapters: u
         anomalies_flagged: 0,
         precision: None,
         recall: None,
+        alerts_raised: 0,
+        event_precision: None,
+        event_recall: None,
         detection: BTreeMap::new(),
         chapters,
     };
@@ -715,5 +761,7 @@ async fn summarise(cp: &ControlPlaneHandle, devices: Vec<SimDevice>, chapters: u
     summary.detection.values_mut().for_each(Detection::finish);
     all.finish();
     (summary.anomalies_flagged, summary.precision, summary.recall) = (all.flagged, all.precision, all.recall);
+    (summary.alerts_raised, summary.event_precision, summary.event_recall) =
+        (all.alerts, all.event_precision, all.event_recall);
     Ok(summary)
 }
