@@ -286,10 +286,19 @@ class Client:
                 out.setdefault(labels.get("class"), {})[labels.get("feature")] = value
         return out
 
-    def alerts(self, cls=None):
-        """Devices with flagged anomalies, most first: [(device id, class, anomalies)]."""
-        flagged = [(d["id"], d["class"], d.get("anomalies", 0)) for d in self.devices(cls=cls)]
-        return sorted([f for f in flagged if f[2] > 0], key=lambda f: -f[2])
+    def alerts(self, cls=None, device=None, state=None, acked=None, since_ms=None, until_ms=None):
+        """The alerts devices raised (one per fault: onset, peak, duration, model), newest onset first.
+        `state` is "open" or "closed"; `acked` True or False."""
+        return list(self.pages("/api/v1/alerts", **{"class": cls, "device": device, "state": state,
+                                                    "acked": acked, "since": since_ms, "until": until_ms}))
+
+    def acknowledge(self, device_id, alert_id, verdict=None, note=""):
+        """Acknowledges an alert. `verdict` True (a real fault) or False (a false alarm) also labels its span
+        for the class's next training (1 or 0)."""
+        body = {"note": note}
+        if verdict is not None:
+            body["verdict"] = bool(verdict)
+        return self.post(f"/api/v1/alerts/{_seg(device_id)}/{int(alert_id)}/ack", body)
 
 
 def _seg(s):

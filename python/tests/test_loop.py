@@ -134,9 +134,10 @@ def test_monitoring_reads_gates_drift_and_alerts(cp, cls):
     assert sum(online) >= 1, metrics["edgeloop_fleet_devices"]
     for klass, features in cp.drift().items():
         assert all(isinstance(v, float) and v >= 0 for v in features.values()), (klass, features)
-    for device, klass, anomalies in cp.alerts(cls=cls):
-        assert klass == cls and anomalies > 0
-        assert len(cp.anomalies(device)) > 0
+    for alert in cp.alerts(cls=cls):
+        assert alert["class"] == cls and alert["windows"] >= 1 and alert["onset_ms"] <= alert["last_ms"]
+        assert len(cp.anomalies(alert["device"])) > 0
+    assert cp.alerts(cls="no-such-class") == []
 
 
 def test_mistakes_are_api_errors_naming_them(cp, cls):
