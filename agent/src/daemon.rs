@@ -221,11 +221,11 @@ impl Agent {
             &counters,
             device,
             (updates, downlinks, &live, logs),
-            (&collector, alerts),
+            (&collector, alerts.clone()),
             &tasks,
         );
         // The status file a technician reads with `edgeloop-agent status`.
-        start_status_file(&cfg, (&health, &outbox, &counters, &log_ring), &cancel, &tasks);
+        start_status_file(&cfg, (&health, &outbox, &counters, &log_ring, &alerts), &cancel, &tasks);
 
         let handle_tasks = tasks.clone();
         let task = tokio::spawn(supervise(cancel, stopped_first, collector, uplink, tasks));
@@ -396,13 +396,19 @@ async fn start_agent_updater(
 /// Writes `<data_dir>/status.json` every few seconds, and once more when the agent stops.
 fn start_status_file(
     cfg: &AgentConfig,
-    (health, outbox, counters, logs): (&Arc<Health>, &Arc<Outbox>, &Arc<UplinkCounters>, &crate::logs::SharedRing),
+    (health, outbox, counters, logs, alerts): (
+        &Arc<Health>,
+        &Arc<Outbox>,
+        &Arc<UplinkCounters>,
+        &crate::logs::SharedRing,
+        &Arc<crate::alerts::AlertBook>,
+    ),
     cancel: &CancellationToken,
     tasks: &TaskTracker,
 ) {
     let (dir, device, class) = (cfg.data_dir.clone(), cfg.device_id.clone(), cfg.class.class.clone());
     let (health, outbox, counters, cancel) = (health.clone(), outbox.clone(), counters.clone(), cancel.clone());
-    let logs = logs.clone();
+    let (logs, alerts) = (logs.clone(), alerts.clone());
     tasks.spawn(async move {
         let mut every = tokio::time::interval(crate::local_status::EVERY);
         loop {
@@ -412,8 +418,9 @@ fn start_status_file(
             };
             let (dir, device, class) = (dir.clone(), device.clone(), class.clone());
             let (health, outbox, counters, logs) = (health.clone(), outbox.clone(), counters.clone(), logs.clone());
+            let alerts = alerts.clone();
             let written = tokio::task::spawn_blocking(move || {
-                let s = crate::local_status::snapshot((&device, &class), &health, &outbox, &counters, &logs);
+                let s = crate::local_status::snapshot((&device, &class), &health, &outbox, &counters, &logs, &alerts);
                 crate::local_status::write(&dir, &s)
             })
             .await;

@@ -53,6 +53,16 @@ pub struct LocalStatus {
     /// The agent's own warnings and errors: the newest, and how many went up or were left out.
     #[serde(default)]
     pub logs: crate::logs::LogsView,
+    /// The open alert, if any, and the alert snapshots waiting for the control plane's acknowledgement.
+    #[serde(default)]
+    pub alerts: AlertsView,
+}
+
+/// The device's alerts, as the status file shows them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct AlertsView {
+    pub open: Option<edgeloop_common::alerts::AlertEvent>,
+    pub waiting: u64,
 }
 
 pub fn path(data_dir: &Path) -> PathBuf {
@@ -66,6 +76,7 @@ pub fn snapshot(
     outbox: &Outbox,
     link: &UplinkCounters,
     logs: &crate::logs::SharedRing,
+    alerts: &crate::alerts::AlertBook,
 ) -> LocalStatus {
     let st = outbox.stats();
     let oldest = outbox.read_batch(st.acked + 1, 1).ok().and_then(|r| r.first().map(|r| r.ts_ms));
@@ -92,6 +103,10 @@ pub fn snapshot(
         bad_samples: health.bad_samples.load(Ordering::Relaxed),
         rss_bytes: crate::health::rss_bytes(),
         logs: logs.lock().unwrap_or_else(|p| p.into_inner()).view(),
+        alerts: AlertsView {
+            open: alerts.open_alert(),
+            waiting: alerts.pending(usize::MAX).map_or(0, |p| p.len() as u64),
+        },
     }
 }
 
@@ -171,6 +186,19 @@ pub fn render(s: &LocalStatus, pointer: &Pointer, now_ms: u64) -> String {
         "log:        {} warnings and errors sent to the control plane, {} waiting, {} left out by the budget",
         l.shipped_total, l.waiting, l.suppressed_total
     ));
+    let a = &s.alerts;
+    out.push(format!(
+        "alerts:     {}; {} snapshot(s) waiting to be sent",
+        a.open.as_ref().map_or("none open".to_string(), |o| format!(
+            "alert {} OPEN on {} since {} (peak score {:.3}, {} flagged windows)",
+            o.id,
+            o.sensor,
+            ago(now_ms, o.onset_ms),
+            o.peak_score,
+            o.windows
+        )),
+        a.waiting
+    ));
     for e in &l.recent {
         out.push(format!(
             "            {} {} {}: {}",
@@ -221,6 +249,21 @@ mod tests {
                     message: "bad sample refused rejected_total=2".into(),
                 }],
             },
+            alerts: AlertsView {
+                open: Some(edgeloop_common::alerts::AlertEvent {
+                    id: 4,
+                    rev: 9,
+                    sensor: "vibration".into(),
+                    model: Some("press v3".into()),
+                    onset_ms: written_ms - 120_000,
+                    last_ms: written_ms - 5_000,
+                    peak_score: 2.5,
+                    peak_ms: written_ms - 60_000,
+                    windows: 31,
+                    end_ms: None,
+                }),
+                waiting: 1,
+            },
         }
     }
 
@@ -248,6 +291,7 @@ mod tests {
             "outbox:     12 records waiting (3000 bytes), oldest 10 min ago; last sequence 112, acknowledged up to 100",
             "log:        7 warnings and errors sent to the control plane, 1 waiting, 3 left out by the budget",
             "31 s ago WARN edgeloop_agent::source: bad sample refused rejected_total=2",
+            "alerts:     alert 4 OPEN on vibration since 2 min ago (peak score 2.500, 31 flagged windows); 1 snapshot(s) waiting",
         ] {
             assert!(text.contains(want), "no `{want}` in:\n{text}");
         }
