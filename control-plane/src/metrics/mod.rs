@@ -93,6 +93,8 @@ pub struct Scrape {
     pub jobs: Vec<&'static str>,
     /// Per class, the latest PSI of each feature against its production model's training set.
     pub drift: Vec<(String, Vec<f64>)>,
+    /// Alerts open now, by class.
+    pub alerts_open: Vec<(String, u64)>,
     /// The store's size on disk.
     pub store_bytes: Option<u64>,
     /// Every live rollout (scheduled, running, awaiting approval, paused).
@@ -132,6 +134,7 @@ pub struct Metrics {
     fleet: Family<ClassState, Gauge>,
     heartbeat_age: Family<ClassLabel, Gauge>,
     anomalies: Family<ClassLabel, Gauge>,
+    alerts_open: Family<ClassLabel, Gauge>,
     rollouts: Family<StateLabel, Gauge>,
     jobs: Family<StateLabel, Gauge>,
     drift: Family<Feature, Gauge<f64, std::sync::atomic::AtomicU64>>,
@@ -165,6 +168,7 @@ impl Default for Metrics {
             fleet: Family::default(),
             heartbeat_age: Family::default(),
             anomalies: Family::default(),
+            alerts_open: Family::default(),
             rollouts: Family::default(),
             jobs: Family::default(),
             drift: Family::default(),
@@ -241,6 +245,11 @@ impl Default for Metrics {
             "edgeloop_class_anomalies_flagged",
             "Anomalies the class's devices flagged, since they enrolled (only grows)",
             m.anomalies.clone(),
+        );
+        registry.register(
+            "edgeloop_alerts_open",
+            "Alerts the class's devices raised that are open now (one per fault)",
+            m.alerts_open.clone(),
         );
         registry.register("edgeloop_rollouts", "Rollouts by state", m.rollouts.clone());
         registry.register("edgeloop_training_jobs", "Training jobs by state", m.jobs.clone());
@@ -338,6 +347,12 @@ impl Metrics {
         self.rollouts.clear();
         for state in &s.rollouts {
             self.rollouts.get_or_create(&StateLabel { state: (*state).into() }).inc();
+        }
+        self.alerts_open.clear();
+        for (class, n) in &s.alerts_open {
+            self.alerts_open
+                .get_or_create(&ClassLabel { class: class.clone() })
+                .set(i64::try_from(*n).unwrap_or(i64::MAX));
         }
         self.jobs.clear();
         for state in &s.jobs {

@@ -230,6 +230,13 @@ pub async fn metrics(State(s): State<AppState>, headers: axum::http::HeaderMap) 
                 .collect(),
             drift: s.learning.classes.keys().filter_map(|c| s.learning.drift(c).map(|d| (c.clone(), d.psi))).collect(),
             store_bytes: s.store.db().db().size_on_disk().ok(),
+            alerts_open: match s.alerts.open_by_class() {
+                Ok(open) => open.into_iter().collect(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "open alerts not read for /metrics");
+                    Vec::new()
+                }
+            },
             certificates: s.certificates.clone(),
         };
         s.metrics.render_for(&scrape, openmetrics)
