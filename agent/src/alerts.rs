@@ -8,9 +8,12 @@
 
 use crate::outbox::{Outbox, OutboxError};
 use edgeloop_common::alerts::{AlertEvent, AlertPolicy, AlertTracker};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 const STATE_KEY: &[u8] = b"state";
+/// The highest `rev` acknowledged (and so deleted): sent with every snapshot as its `floor`.
+const ACKED_KEY: &[u8] = b"acked";
 const QUEUE_PREFIX: u8 = b'q';
 
 fn queue_key(rev: u64) -> [u8; 9] {
@@ -29,17 +32,38 @@ fn corrupt(what: &str, e: impl std::fmt::Display) -> OutboxError {
 pub struct AlertBook {
     tree: sled::Tree,
     tracker: Mutex<AlertTracker>,
+    /// The highest `rev` written, and the highest made durable by a commit: only those are sent, so that a
+    /// power cut cannot take back a snapshot the control plane already has (and reuse its number).
+    written: AtomicU64,
+    durable: AtomicU64,
 }
 
 impl AlertBook {
     /// Opens the book in the outbox's database.
     pub fn open(outbox: &Outbox) -> Result<AlertBook, OutboxError> {
         let tree = outbox.tree("alerts")?;
-        let tracker = match tree.get(STATE_KEY)? {
+        let tracker: AlertTracker = match tree.get(STATE_KEY)? {
             Some(v) => ciborium::from_reader(&v[..]).map_err(|e| corrupt("state", e))?,
             None => AlertTracker::default(),
         };
-        Ok(AlertBook { tree, tracker: Mutex::new(tracker) })
+        // What survived a restart is durable: the outbox committed it when it opened.
+        let last = tracker.last_rev();
+        Ok(AlertBook { tree, tracker: Mutex::new(tracker), written: last.into(), durable: last.into() })
+    }
+
+    /// The outbox committed: every snapshot written so far is durable and may be sent.
+    pub fn committed(&self) {
+        self.durable.fetch_max(self.written.load(Ordering::Acquire), Ordering::AcqRel);
+    }
+
+    /// The last snapshot number handed out.
+    pub fn last_rev(&self) -> u64 {
+        self.lock().last_rev()
+    }
+
+    /// The highest `rev` acknowledged so far (0 if none).
+    pub fn floor(&self) -> Result<u64, OutboxError> {
+        Ok(self.tree.get(ACKED_KEY)?.map_or(0, |v| u64::from_be_bytes(v[..8].try_into().unwrap_or_default())))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, AlertTracker> {
@@ -71,6 +95,9 @@ impl AlertBook {
                 batch.insert(&queue_key(ev.rev), bytes);
             }
             self.tree.apply_batch(batch)?;
+            if let Some(ev) = &event {
+                self.written.fetch_max(ev.rev, Ordering::AcqRel);
+            }
         }
         if let Some(ev) = &event {
             tracing::warn!(alert = ev.id, sensor = %ev.sensor, onset_ms = ev.onset_ms, open = ev.is_open(), "alert");
@@ -83,10 +110,11 @@ impl AlertBook {
         self.lock().open_alert().cloned()
     }
 
-    /// Snapshots waiting for an acknowledgement, oldest first, at most `max`.
+    /// Durable snapshots waiting for an acknowledgement, oldest first, at most `max`.
     pub fn pending(&self, max: usize) -> Result<Vec<AlertEvent>, OutboxError> {
         let mut out = Vec::new();
-        for kv in self.tree.scan_prefix([QUEUE_PREFIX]).take(max) {
+        let durable = self.durable.load(Ordering::Acquire);
+        for kv in self.tree.range(queue_key(0)..=queue_key(durable)).take(max) {
             let (_, v) = kv?;
             out.push(ciborium::from_reader(&v[..]).map_err(|e| corrupt("snapshot", e))?);
         }
@@ -102,6 +130,9 @@ impl AlertBook {
             let (k, _) = kv?;
             batch.remove(k);
             n += 1;
+        }
+        if rev > self.floor()? {
+            batch.insert(ACKED_KEY, &rev.to_be_bytes());
         }
         self.tree.apply_batch(batch)?;
         Ok(n)
@@ -128,7 +159,11 @@ mod tests {
             assert_eq!(flag(&book, 1, true), None);
             let opened = flag(&book, 2, true).unwrap();
             assert_eq!((opened.id, opened.rev), (1, 1));
+            // Not sent before the commit that makes it durable.
+            assert!(book.pending(10).unwrap().is_empty());
             outbox.commit().unwrap();
+            book.committed();
+            assert_eq!(book.pending(10).unwrap().len(), 1);
         }
         // After a restart: the open alert goes on (no new number), and its snapshot still waits.
         let outbox = Outbox::open(dir.path(), Durability::Flush, 1 << 20).unwrap();
@@ -137,11 +172,13 @@ mod tests {
         assert_eq!(flag(&book, 3, false), None);
         let closed = flag(&book, 4, false).unwrap();
         assert_eq!((closed.id, closed.rev, closed.end_ms), (1, 2, Some(4000)));
+        book.committed();
         assert_eq!(book.pending(10).unwrap().iter().map(|a| a.rev).collect::<Vec<_>>(), [1, 2]);
         assert_eq!(book.ack(1).unwrap(), 1);
         assert_eq!(book.pending(10).unwrap().iter().map(|a| a.rev).collect::<Vec<_>>(), [2]);
         assert_eq!(book.ack(2).unwrap(), 1);
         assert!(book.pending(10).unwrap().is_empty());
+        assert_eq!((book.floor().unwrap(), book.last_rev()), (2, 2));
         // The next alert takes the next number.
         flag(&book, 10, true);
         assert_eq!(flag(&book, 11, true).map(|a| (a.id, a.rev)), Some((2, 3)));

@@ -168,6 +168,9 @@ impl Collector {
         let n = records.len() as u64;
         let outcome = self.outbox.append(records)?;
         self.outbox.commit()?;
+        if let Some((book, _)) = &self.alerts {
+            book.committed();
+        }
         self.health.records_appended.fetch_add(n, Ordering::Relaxed);
         for r in &outcome.dropped {
             tracing::warn!(from = r.from, to = r.to, "outbox full: oldest records dropped (reported in status)");

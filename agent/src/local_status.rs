@@ -261,6 +261,7 @@ mod tests {
                     peak_ms: written_ms - 60_000,
                     windows: 31,
                     end_ms: None,
+                    floor: 0,
                 }),
                 waiting: 1,
             },

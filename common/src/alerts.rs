@@ -82,6 +82,24 @@ pub struct AlertEvent {
     /// When it closed (the event time of the window that closed it); absent while it is open.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub end_ms: Option<u64>,
+    /// Set by the sender: every snapshot of the device up to this `rev` has been acknowledged and is gone
+    /// from it, so it is never sent again (a control plane restored from an older backup moves its mark up to
+    /// here instead of waiting for them). 0 when none was.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub floor: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// `s` cut to at most [`MAX_ALERT_TEXT`] bytes, at a character boundary.
+fn bounded(s: &str) -> String {
+    let mut end = s.len().min(MAX_ALERT_TEXT);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
 }
 
 impl AlertEvent {
@@ -124,7 +142,10 @@ impl AlertEvent {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 struct Run {
     windows: u32,
+    /// The earliest and latest event time in the run (a clock that steps back keeps them in order).
     onset_ms: u64,
+    #[serde(default)]
+    last_ms: u64,
     peak_score: f32,
     peak_ms: u64,
 }
@@ -147,6 +168,11 @@ impl AlertTracker {
     /// The open alert, if any.
     pub fn open_alert(&self) -> Option<&AlertEvent> {
         self.current.as_ref().filter(|a| a.is_open())
+    }
+
+    /// The last snapshot number handed out (0 before the first).
+    pub fn last_rev(&self) -> u64 {
+        self.last_rev
     }
 
     fn snapshot(&mut self) -> Option<AlertEvent> {
@@ -190,16 +216,18 @@ impl AlertTracker {
         }
         if !flagged {
             self.run = Run::default();
+            let cooldown_ms = policy.cooldown_secs.saturating_mul(1000);
             let cooled =
-                self.current.as_ref().and_then(|a| a.end_ms).is_some_and(|e| ts_ms > e + policy.cooldown_secs * 1000);
+                self.current.as_ref().and_then(|a| a.end_ms).is_some_and(|e| ts_ms > e.saturating_add(cooldown_ms));
             if cooled {
                 self.current = None;
             }
             return None;
         }
         // A flagged window soon after the last alert closed: the same fault, so the same alert.
+        let cooldown_ms = policy.cooldown_secs.saturating_mul(1000);
         if let Some(a) =
-            self.current.as_mut().filter(|a| a.end_ms.is_some_and(|e| ts_ms <= e + policy.cooldown_secs * 1000))
+            self.current.as_mut().filter(|a| a.end_ms.is_some_and(|e| ts_ms <= e.saturating_add(cooldown_ms)))
         {
             a.end_ms = None;
             a.windows = a.windows.saturating_add(1);
@@ -211,9 +239,10 @@ impl AlertTracker {
             return self.snapshot();
         }
         if self.run.windows == 0 {
-            self.run = Run { windows: 0, onset_ms: ts_ms, peak_score: score, peak_ms: ts_ms };
+            self.run = Run { windows: 0, onset_ms: ts_ms, last_ms: ts_ms, peak_score: score, peak_ms: ts_ms };
         }
         self.run.windows += 1;
+        (self.run.onset_ms, self.run.last_ms) = (self.run.onset_ms.min(ts_ms), self.run.last_ms.max(ts_ms));
         if score > self.run.peak_score {
             (self.run.peak_score, self.run.peak_ms) = (score, ts_ms);
         }
@@ -225,14 +254,15 @@ impl AlertTracker {
         self.current = Some(AlertEvent {
             id: self.last_id,
             rev: 0,
-            sensor: sensor.to_string(),
-            model: model.map(str::to_string),
+            sensor: bounded(sensor),
+            model: model.map(bounded),
             onset_ms: run.onset_ms,
-            last_ms: ts_ms,
+            last_ms: run.last_ms,
             peak_score: run.peak_score,
-            peak_ms: run.peak_ms,
+            peak_ms: run.peak_ms.clamp(run.onset_ms, run.last_ms),
             windows: run.windows,
             end_ms: None,
+            floor: 0,
         });
         self.quiet = 0;
         self.snapshot()
@@ -272,6 +302,29 @@ mod tests {
         assert_eq!((closed.peak_score, closed.peak_ms), (25.0, 16000));
         assert_eq!(closed.duration_ms(), 14000);
         closed.validate().unwrap();
+    }
+
+    #[test]
+    fn a_clock_that_steps_back_still_makes_valid_snapshots() {
+        let mut t = AlertTracker::default();
+        let long = "é".repeat(300);
+        let mut out = Vec::new();
+        for ts in [10_000, 4_000, 12_000, 11_000, u64::MAX - 5] {
+            out.extend(t.observe(&P, &long, ts, ts as f32, true, None));
+        }
+        for ts in [1_000, 2_000, 3_000, 4_000] {
+            out.extend(t.observe(&P, &long, ts, 0.0, false, None));
+        }
+        assert_eq!(out.len(), 2, "{out:?}");
+        for e in &out {
+            e.validate().unwrap();
+            assert!(e.sensor.len() <= MAX_ALERT_TEXT);
+        }
+        // Long after, with the clock back: a new alert, and the cool-down arithmetic does not overflow.
+        for ts in [5_000, 6_000, 7_000] {
+            out.extend(t.observe(&P, "s", ts, 1.0, true, None));
+        }
+        assert!(out.iter().all(|e| e.validate().is_ok()));
     }
 
     #[test]

@@ -261,7 +261,12 @@ impl Driver<'_> {
                         self.state.disconnected();
                         self.up.counters.connected.store(false, std::sync::atomic::Ordering::Relaxed);
                     }
-                    Some(LinkEvent::Ack(Ack { upto, alerts })) => {
+                    Some(LinkEvent::Ack(Ack { upto, mut alerts })) => {
+                        if let Some(last) = self.up.alerts.as_ref().map(|b| b.last_rev()).filter(|&l| alerts > l) {
+                            // Acknowledging snapshots never made would drop future ones unseen.
+                            tracing::warn!(device = %self.up.device, alerts, last, "alert acknowledgement beyond the last snapshot; capped");
+                            alerts = last;
+                        }
                         if let (Some(book), true) = (self.up.alerts.clone(), alerts > self.alerts.acked) {
                             tokio::task::spawn_blocking(move || book.ack(alerts)).await??;
                             self.alerts.acked = alerts;
@@ -396,10 +401,14 @@ impl Driver<'_> {
         if !self.state.is_connected() {
             return Ok(());
         }
-        let pending = tokio::task::spawn_blocking(move || book.pending(64)).await??;
+        let (pending, floor) = tokio::task::spawn_blocking(move || {
+            Ok::<_, crate::outbox::OutboxError>((book.pending(64)?, book.floor()?))
+        })
+        .await??;
         let from = self.alerts.sent;
-        for alert in pending.into_iter().filter(|a| a.rev > from) {
+        for mut alert in pending.into_iter().filter(|a| a.rev > from) {
             let rev = alert.rev;
+            alert.floor = floor;
             self.status_seq += 1;
             let mut env = Envelope::new(self.up.device.clone(), self.status_seq, unix_millis(), Body::Alert(alert));
             env.sign(&self.up.key);
