@@ -40,6 +40,9 @@ pub struct AlertAck {
     pub verdict: Option<bool>,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub note: String,
+    /// The training label the verdict wrote (replaced, or removed, by the next acknowledgement).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<crate::ml::dataset::Label>,
 }
 
 /// Where a page of alerts ends: the next page starts after it.
@@ -92,6 +95,9 @@ pub struct AlertStore {
     alerts: sled::Tree,
     by_onset: sled::Tree,
     marks: sled::Tree,
+    /// Ingest's snapshots and operators' acknowledgements each read, change and write an alert: one at a time,
+    /// so that neither undoes the other.
+    writing: std::sync::Arc<std::sync::Mutex<()>>,
 }
 
 impl AlertStore {
@@ -100,6 +106,7 @@ impl AlertStore {
             alerts: db.tree("alerts")?,
             by_onset: db.tree("alerts_by_onset")?,
             marks: db.tree("alert_marks")?,
+            writing: Default::default(),
         })
     }
 
@@ -121,7 +128,14 @@ impl AlertStore {
     /// Stores a snapshot from `device` (of `class`) unless a later one of the same alert is already here, and
     /// returns the device's mark to acknowledge. Not durable until the store's next commit.
     pub fn put(&self, device: &str, class: &str, alert: AlertEvent, now_ms: u64) -> Result<u64, StoreError> {
-        let mark = self.mark(device)?;
+        let _one = self.writing.lock().unwrap_or_else(|p| p.into_inner());
+        // Snapshots up to the sender's floor are gone from it: never wait for them (a store restored from an
+        // older backup would otherwise never acknowledge again).
+        let mut mark = self.mark(device)?;
+        if alert.floor > mark {
+            mark = alert.floor;
+            self.marks.insert(device.as_bytes(), &mark.to_be_bytes())?;
+        }
         let (id, rev) = (alert.id, alert.rev);
         let existing = match self.alerts.get(alert_key(device, id))? {
             Some(v) => Some(self.decode(device, id, &v)?),
@@ -199,10 +213,17 @@ impl AlertStore {
         Ok((out, None))
     }
 
-    /// Records an operator's acknowledgement; `None` if there is no such alert.
-    pub fn acknowledge(&self, device: &str, id: u64, ack: AlertAck) -> Result<Option<StoredAlert>, StoreError> {
+    /// Records an operator's acknowledgement, made by `make` from the alert as it stands (under the same
+    /// lock as ingest's snapshots); `None` if there is no such alert.
+    pub fn acknowledge<E: From<StoreError>>(
+        &self,
+        device: &str,
+        id: u64,
+        make: impl FnOnce(&StoredAlert) -> Result<AlertAck, E>,
+    ) -> Result<Option<StoredAlert>, E> {
+        let _one = self.writing.lock().unwrap_or_else(|p| p.into_inner());
         let Some(mut a) = self.get(device, id)? else { return Ok(None) };
-        a.ack = Some(ack);
+        a.ack = Some(make(&a)?);
         self.write(&a)?;
         Ok(Some(a))
     }
@@ -260,6 +281,9 @@ mod tests {
         let first = s.get("d1", 1).unwrap().unwrap();
         assert!(!first.open && first.alert.rev == 2 && first.received_ms == 12);
         assert!(s.get("d1", 2).unwrap().unwrap().open);
+        // A sender whose snapshots up to 5 are acknowledged and gone: the mark moves up to its floor.
+        let later = AlertEvent { floor: 5, rev: 7, ..snaps[3].clone() };
+        assert_eq!(s.put("d1", "c", later, 14).unwrap(), 5);
     }
 
     #[test]
@@ -286,9 +310,10 @@ mod tests {
         let (_d, s) = store();
         let snaps = snapshots(1);
         s.put("d1", "c", snaps[0].clone(), 1).unwrap();
-        let ack = AlertAck { by: "ops (t1)".into(), at_ms: 5, verdict: Some(true), note: String::new() };
-        assert!(s.acknowledge("d1", 1, ack.clone()).unwrap().is_some());
-        assert!(s.acknowledge("d1", 9, ack.clone()).unwrap().is_none());
+        let ack = AlertAck { by: "ops (t1)".into(), at_ms: 5, verdict: Some(true), note: String::new(), label: None };
+        let make = |_: &StoredAlert| Ok::<_, StoreError>(ack.clone());
+        assert!(s.acknowledge("d1", 1, make).unwrap().is_some());
+        assert!(s.acknowledge("d1", 9, make).unwrap().is_none());
         s.put("d1", "c", snaps[1].clone(), 2).unwrap();
         let a = s.get("d1", 1).unwrap().unwrap();
         assert_eq!((a.open, a.ack), (false, Some(ack)));

@@ -430,6 +430,17 @@ impl ModelRegistry {
         Ok(())
     }
 
+    /// Removes a label recorded with [`ModelRegistry::add_label`] (nothing if there is none). Blocking.
+    pub fn remove_label(&self, l: &Label) -> Result<(), StoreError> {
+        let mut k = l.device.as_bytes().to_vec();
+        k.push(0);
+        k.extend_from_slice(&l.from_ms.to_be_bytes());
+        k.extend_from_slice(&l.to_ms.to_be_bytes());
+        self.labels.remove(k)?;
+        self.db.commit()?;
+        Ok(())
+    }
+
     pub fn labels(&self) -> Result<Vec<Label>, StoreError> {
         self.labels.iter().map(|kv| decode("label", &kv?.1)).collect()
     }

@@ -16,8 +16,8 @@ use serde::Deserialize;
 
 /// Most alerts one page reads before it answers (a rare filter can give a short page with a cursor).
 const SCAN_MAX: usize = 100_000;
-/// Longest note an acknowledgement takes.
-pub const MAX_NOTE_BYTES: usize = 1000;
+/// Longest note an acknowledgement takes, in characters.
+pub const MAX_NOTE_CHARS: usize = 1000;
 
 #[derive(Deserialize, Debug, Default, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -106,7 +106,7 @@ pub struct AckBody {
     /// absent: seen, no verdict.
     #[serde(default)]
     pub verdict: Option<bool>,
-    /// Up to 1000 bytes.
+    /// Up to 1000 characters.
     #[serde(default)]
     #[schema(max_length = 1000)]
     pub note: String,
@@ -126,8 +126,9 @@ pub async fn acknowledge(
     Path((device, id)): Path<(String, u64)>,
     ApiJson(body): ApiJson<AckBody>,
 ) -> Result<Json<StoredAlert>, ApiError> {
-    if body.note.len() > MAX_NOTE_BYTES {
-        return Err(ApiError::bad_request(format!("note: {} bytes, over {MAX_NOTE_BYTES}", body.note.len())));
+    let chars = body.note.chars().count();
+    if chars > MAX_NOTE_CHARS {
+        return Err(ApiError::bad_request(format!("note: {chars} characters, over {MAX_NOTE_CHARS}")));
     }
     let by = operator.map_or_else(
         || "anyone (api.require_tokens = false)".to_string(),
@@ -135,15 +136,25 @@ pub async fn acknowledge(
     );
     let st = s.clone();
     let alert = tokio::task::spawn_blocking(move || -> Result<StoredAlert, ApiError> {
-        let a = known(&st, &device, id)?;
-        if let Some(verdict) = body.verdict {
-            let to_ms = a.alert.end_ms.unwrap_or(a.alert.last_ms).max(a.alert.onset_ms);
-            let label = Label { device: device.clone(), from_ms: a.alert.onset_ms, to_ms, label: u32::from(verdict) };
-            st.learning.models.add_label(&label)?;
-        }
-        let ack = AlertAck { by, at_ms: edgeloop_common::unix_millis(), verdict: body.verdict, note: body.note };
-        let a =
-            st.alerts.acknowledge(&device, id, ack)?.ok_or_else(|| ApiError::not_found(format!("no alert {id}")))?;
+        known(&st, &device, id)?;
+        let models = st.learning.models.clone();
+        let acked = st.alerts.acknowledge(&device, id, |a| -> Result<AlertAck, ApiError> {
+            // The previous verdict's label goes; the new verdict's covers the alert's span as it is now.
+            if let Some(old) = a.ack.as_ref().and_then(|k| k.label.as_ref()) {
+                models.remove_label(old)?;
+            }
+            let label = body.verdict.map(|verdict| Label {
+                device: device.clone(),
+                from_ms: a.alert.onset_ms,
+                to_ms: a.alert.end_ms.unwrap_or(a.alert.last_ms).max(a.alert.onset_ms),
+                label: u32::from(verdict),
+            });
+            if let Some(l) = &label {
+                models.add_label(l)?;
+            }
+            Ok(AlertAck { by, at_ms: edgeloop_common::unix_millis(), verdict: body.verdict, note: body.note, label })
+        })?;
+        let a = acked.ok_or_else(|| ApiError::not_found(format!("no alert {id} of device `{device}`")))?;
         st.store.db().commit().map_err(|e| ApiError::internal(e.to_string()))?;
         Ok(a)
     })

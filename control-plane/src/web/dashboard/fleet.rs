@@ -176,10 +176,15 @@ pub async fn overview(State(s): State<AppState>, who: Who, Query(q): Query<Fleet
     let classes = by_class(&devices, now, s.offline_after_ms);
     let raised = {
         let store = s.alerts.clone();
-        tokio::task::spawn_blocking(move || store.page(None, 200, 10_000, |_| true).map(|(a, _)| a))
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r.map_err(|e| e.to_string()))
+        // Every open alert (however many newer closed ones there are), and the newest closed ones.
+        tokio::task::spawn_blocking(move || {
+            let (mut open, _) = store.page(None, 200, 1_000_000, |a| a.open)?;
+            open.extend(store.page(None, 200, 10_000, |a| !a.open)?.0);
+            Ok::<_, crate::fleet::telemetry::StoreError>(open)
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()))
     };
     let raised = match raised {
         Ok(r) => r,
@@ -527,6 +532,7 @@ mod tests {
                 peak_ms: onset_ms,
                 windows: 7,
                 end_ms,
+                floor: 0,
             },
             received_ms: end_ms.unwrap_or(onset_ms),
             open: end_ms.is_none(),
