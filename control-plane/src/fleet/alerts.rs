@@ -2,9 +2,13 @@
 //! reopens), with who acknowledged it and their verdict, newest onset first.
 //!
 //! Trees: `alerts` (device, 0, id → the alert), `alerts_by_onset` (onset, device, 0, id → nothing: the
-//! list's order), and `alert_marks` (device → the highest `rev` up to which every snapshot is stored, which
-//! acknowledgements name). A snapshot that arrives after a gap is stored but does not move the mark: the
-//! device sends the missing one again and is acknowledged then.
+//! list's order), `alerts_open` (device, 0, id → class: the open ones, which `/metrics` counts), and
+//! `alert_marks` (device → the highest `rev` up to which every snapshot is stored, which acknowledgements
+//! name). A snapshot that arrives after a gap is stored but does not move the mark: the device sends the
+//! missing one again and is acknowledged then.
+//!
+//! A device keeps at most [`MAX_ALERTS_PER_DEVICE`] alerts here: past it, its lowest-numbered ones go, so that
+//! a device that floods `up/alerts` (within its message rate) cannot fill the disk.
 
 use crate::fleet::telemetry::StoreError;
 use edgeloop_common::alerts::AlertEvent;
@@ -90,11 +94,17 @@ fn corrupt(device: &str, id: u64, e: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt { device: device.to_string(), seq: id, reason: format!("alert: {e}") }
 }
 
+/// Most alerts kept per device; past it its oldest (lowest id) go.
+pub const MAX_ALERTS_PER_DEVICE: usize = 10_000;
+
 #[derive(Debug, Clone)]
 pub struct AlertStore {
     alerts: sled::Tree,
     by_onset: sled::Tree,
+    open_index: sled::Tree,
     marks: sled::Tree,
+    /// Alerts kept per device (device → count), for the cap.
+    counts: sled::Tree,
     /// Ingest's snapshots and operators' acknowledgements each read, change and write an alert: one at a time,
     /// so that neither undoes the other.
     writing: std::sync::Arc<std::sync::Mutex<()>>,
@@ -105,7 +115,9 @@ impl AlertStore {
         Ok(AlertStore {
             alerts: db.tree("alerts")?,
             by_onset: db.tree("alerts_by_onset")?,
+            open_index: db.tree("alerts_open")?,
             marks: db.tree("alert_marks")?,
+            counts: db.tree("alert_counts")?,
             writing: Default::default(),
         })
     }
@@ -116,7 +128,37 @@ impl AlertStore {
 
     fn write(&self, a: &StoredAlert) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec(a).map_err(|e| corrupt(&a.device, a.alert.id, e))?;
-        self.alerts.insert(alert_key(&a.device, a.alert.id), bytes)?;
+        let key = alert_key(&a.device, a.alert.id);
+        self.alerts.insert(key.clone(), bytes)?;
+        if a.open {
+            self.open_index.insert(key, a.class.as_bytes())?;
+        } else {
+            self.open_index.remove(key)?;
+        }
+        Ok(())
+    }
+
+    fn count(&self, device: &str) -> Result<u64, StoreError> {
+        Ok(self.counts.get(device.as_bytes())?.map_or(0, |v| u64::from_be_bytes(v[..8].try_into().unwrap_or_default())))
+    }
+
+    /// Makes room for one more alert of `device`: removes its lowest-numbered one when it is at the cap.
+    fn make_room(&self, device: &str) -> Result<(), StoreError> {
+        let n = self.count(device)?;
+        if (n as usize) < MAX_ALERTS_PER_DEVICE {
+            self.counts.insert(device.as_bytes(), &(n + 1).to_be_bytes())?;
+            return Ok(());
+        }
+        let mut prefix = device.as_bytes().to_vec();
+        prefix.push(0);
+        if let Some((k, v)) = self.alerts.scan_prefix(&prefix).next().transpose()? {
+            let id = u64::from_be_bytes(k[prefix.len()..].try_into().unwrap_or_default());
+            let old = self.decode(device, id, &v)?;
+            let c = AlertCursor { onset_ms: old.alert.onset_ms, device: device.into(), id };
+            self.by_onset.remove(c.index_key())?;
+            self.open_index.remove(&k)?;
+            self.alerts.remove(&k)?;
+        }
         Ok(())
     }
 
@@ -144,6 +186,9 @@ impl AlertStore {
         match existing {
             Some(old) if old.alert.rev >= rev => {}
             old => {
+                if old.is_none() {
+                    self.make_room(device)?;
+                }
                 if old.as_ref().is_none_or(|o| o.alert.onset_ms != alert.onset_ms) {
                     if let Some(o) = &old {
                         let c = AlertCursor { onset_ms: o.alert.onset_ms, device: device.into(), id };
@@ -228,15 +273,12 @@ impl AlertStore {
         Ok(Some(a))
     }
 
-    /// Open alerts by class, for `/metrics`.
+    /// Open alerts by class, for `/metrics` (from the index of open alerts: no alert is decoded).
     pub fn open_by_class(&self) -> Result<std::collections::BTreeMap<String, u64>, StoreError> {
         let mut out = std::collections::BTreeMap::new();
-        for kv in self.alerts.iter() {
-            let (k, v) = kv?;
-            let a: StoredAlert = serde_json::from_slice(&v).map_err(|e| corrupt(&String::from_utf8_lossy(&k), 0, e))?;
-            if a.open {
-                *out.entry(a.class).or_default() += 1;
-            }
+        for kv in self.open_index.iter() {
+            let (_, class) = kv?;
+            *out.entry(String::from_utf8_lossy(&class).into_owned()).or_default() += 1;
         }
         Ok(out)
     }
@@ -303,6 +345,36 @@ mod tests {
         assert!(AlertCursor::parse("x").is_err());
         let (odd, _) = s.page(None, 10, 1000, |a| a.alert.id % 2 == 1).unwrap();
         assert_eq!(odd.iter().map(|a| a.alert.id).collect::<Vec<_>>(), [5, 3, 1]);
+    }
+
+    #[test]
+    fn a_device_keeps_at_most_its_cap_and_open_alerts_are_counted() {
+        let (_d, s) = store();
+        let open = |id: u64| AlertEvent {
+            id,
+            rev: id,
+            sensor: "s".into(),
+            model: None,
+            onset_ms: id,
+            last_ms: id,
+            peak_score: 1.0,
+            peak_ms: id,
+            windows: 1,
+            end_ms: None,
+            floor: 0,
+        };
+        for id in 1..=(MAX_ALERTS_PER_DEVICE as u64 + 5) {
+            s.put("flood", "c", open(id), id).unwrap();
+        }
+        s.put("calm", "d", open(1), 1).unwrap();
+        assert!(s.get("flood", 5).unwrap().is_none() && s.get("flood", 6).unwrap().is_some());
+        let (page, _) = s.page(None, 1000, 1_000_000, |a| a.device == "flood").unwrap();
+        assert_eq!(page.len(), 1000);
+        let open_now = s.open_by_class().unwrap();
+        assert_eq!((open_now["c"], open_now["d"]), (MAX_ALERTS_PER_DEVICE as u64, 1));
+        // Closing one takes it out of the count.
+        s.put("calm", "d", AlertEvent { end_ms: Some(2), rev: 2, last_ms: 1, ..open(1) }, 2).unwrap();
+        assert_eq!(s.open_by_class().unwrap().get("d"), None);
     }
 
     #[test]
