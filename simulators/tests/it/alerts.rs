@@ -4,7 +4,9 @@
 
 use crate::support::{fleet_for, start_cp, wait_for};
 use edgeloop_agent::source::Sample;
+use edgeloop_common::config::ClassConfig;
 use edgeloop_simulators::fleet::SimDevice;
+use edgeloop_simulators::http::Api;
 use serde_json::{json, Value};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -21,6 +23,27 @@ async fn send(d: &mut SimDevice, n: usize, value: f64) {
         d.samples.send(s).await.unwrap();
         sent += 1;
     }
+}
+
+/// Rolls the reference model (mean square of the features, flagging a window over 100) out to the device,
+/// feeding it calm readings of 0 (which score 0) until the rollout completes, then 60 more.
+async fn run_reference_model(api: &Api, class: &ClassConfig, d: &mut SimDevice) {
+    edgeloop_simulators::rollouts::upload_reference_model(api, "ms", class, 100.0).await.unwrap();
+    let stages = json!([{"name": "all", "share": {"percent": 100.0}}]);
+    let r = edgeloop_simulators::rollouts::create(api, &json!({"model": "ms", "version": 1, "stages": stages}))
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        send(d, 5, 0.0).await;
+        let v: Value = api.get_json(&format!("/api/v1/rollouts/{}", r.id)).await.unwrap();
+        if v["state"] == "completed" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the rollout did not complete: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    send(d, 60, 0.0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -40,23 +63,7 @@ async fn one_fault_is_one_alert_served_acknowledged_and_labelled() {
     let d = &mut devices[0];
     let id = d.agent.device.clone();
 
-    // The reference model (mean square of the features) flags a window over 100: calm readings of 0 score 0.
-    edgeloop_simulators::rollouts::upload_reference_model(&api, "ms", &class, 100.0).await.unwrap();
-    let stages = json!([{"name": "all", "share": {"percent": 100.0}}]);
-    let r = edgeloop_simulators::rollouts::create(&api, &json!({"model": "ms", "version": 1, "stages": stages}))
-        .await
-        .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        send(d, 5, 0.0).await;
-        let v: Value = api.get_json(&format!("/api/v1/rollouts/{}", r.id)).await.unwrap();
-        if v["state"] == "completed" {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "the rollout did not complete: {v}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    send(d, 60, 0.0).await;
+    run_reference_model(&api, &class, d).await;
     let (_, list) = api.get("/api/v1/alerts").await.unwrap();
     assert_eq!(serde_json::from_str::<Value>(&list).unwrap(), json!([]), "calm readings raise nothing");
 
@@ -157,22 +164,7 @@ async fn an_alert_raised_offline_arrives_after_reconnecting() {
     let mut devices =
         fleet_for(CLASS, &api, cp.mqtt_addr.clone(), &dir.path().join("fleet"), 1, 0, &fleet_cancel).await;
     let d = &mut devices[0];
-    edgeloop_simulators::rollouts::upload_reference_model(&api, "ms", &class, 100.0).await.unwrap();
-    let stages = json!([{"name": "all", "share": {"percent": 100.0}}]);
-    let r = edgeloop_simulators::rollouts::create(&api, &json!({"model": "ms", "version": 1, "stages": stages}))
-        .await
-        .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    loop {
-        send(d, 5, 0.0).await;
-        let v: Value = api.get_json(&format!("/api/v1/rollouts/{}", r.id)).await.unwrap();
-        if v["state"] == "completed" {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "the rollout did not complete: {v}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    send(d, 60, 0.0).await;
+    run_reference_model(&api, &class, d).await;
     let outbox = d.agent.outbox.clone();
     wait_for("calm readings stored", Duration::from_secs(30), || outbox.stats().depth == 0).await;
 
@@ -191,11 +183,7 @@ async fn an_alert_raised_offline_arrives_after_reconnecting() {
         c.classes.insert(for_cp.class.clone(), for_cp);
     })
     .await;
-    let api = crate::support::authorize_from_file(
-        edgeloop_simulators::http::Api::new(cp.api_addr),
-        &cp_dir.join("cp/admin.token"),
-    )
-    .await;
+    let api = crate::support::authorize_from_file(Api::new(cp.api_addr), &cp_dir.join("cp/admin.token")).await;
     let mut alerts = Vec::new();
     for _ in 0..600 {
         alerts = api.get_json::<Vec<Value>>("/api/v1/alerts").await.unwrap();

@@ -136,7 +136,7 @@ pub async fn acknowledge(
     );
     let st = s.clone();
     let alert = tokio::task::spawn_blocking(move || -> Result<StoredAlert, ApiError> {
-        known(&st, &device, id)?;
+        edgeloop_common::topics::validate_device_id(&device).map_err(|e| ApiError::bad_request(e.to_string()))?;
         let models = st.learning.models.clone();
         let acked = st.alerts.acknowledge(&device, id, |a| -> Result<AlertAck, ApiError> {
             // The previous verdict's label goes; the new verdict's covers the alert's span as it is now.
