@@ -146,6 +146,19 @@ enum Command {
         #[arg(long)]
         exclude_flagged: bool,
     },
+    /// Score a detector's NAB results (NAB's layout: `<results>/<category>/<prefix><file>.csv` with `timestamp`
+    /// and `anomaly_score` columns) as NAB's scorer does, per category and leaving each category out.
+    NabScore {
+        /// NAB data folder: `<category>/<file>.csv` and `labels/combined_windows.json`.
+        #[arg(long)]
+        data: PathBuf,
+        /// The results folder (`edgeloop-sim nab --out`, or a NAB detector's `results/<name>`).
+        #[arg(long)]
+        results: PathBuf,
+        /// Prefix of each result file's name (NAB's detectors write `<detector>_<file>.csv`).
+        #[arg(long, default_value = "")]
+        prefix: String,
+    },
 }
 
 /// The client of `--api`: HTTPS trusting only `--ca` when given, with the admin token in `--admin-token`.
@@ -358,6 +371,11 @@ fn try_main(cli: Cli) -> Result<(), Failure> {
             let opts =
                 edgeloop_simulators::nab::NabOptions { data, out, only, retrain_every, trials, seed, exclude_flagged };
             return nab(opts);
+        }
+        Command::NabScore { data, results, prefix } => {
+            let report = edgeloop_simulators::nab::score_results(&data, &results, &prefix)?;
+            println!("{}", serde_json::to_string(&report).map_err(anyhow::Error::from)?);
+            return Ok(());
         }
         Command::Load { devices, rate, duration, batch_ms, plaintext, durability, data_dir, control_plane } => {
             if durability != "fsync" && durability != "flush" {

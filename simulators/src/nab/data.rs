@@ -109,6 +109,36 @@ pub fn read_windows(root: &Path) -> anyhow::Result<BTreeMap<String, Vec<(u64, u6
         .collect()
 }
 
+/// A detector's scores for one file, as NAB lays its results out: `<results>/<category>/<prefix><name>` with
+/// a header naming `timestamp` and `anomaly_score` columns (others, such as `value` or `label`, are ignored).
+/// Errors name the file and line.
+pub fn read_results(results: &Path, key: &str, prefix: &str) -> anyhow::Result<(Vec<u64>, Vec<f64>)> {
+    let (category, name) = key.split_once('/').with_context(|| format!("`{key}` is not `<category>/<file>`"))?;
+    let path = results.join(category).join(format!("{prefix}{name}"));
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap_or("").split(',').map(str::trim).collect();
+    let column = |name: &str| {
+        header.iter().position(|h| *h == name).with_context(|| format!("{}: no `{name}` column", path.display()))
+    };
+    let (t_col, s_col) = (column("timestamp")?, column("anomaly_score")?);
+    let (mut ts, mut scores) = (Vec::new(), Vec::new());
+    for (i, line) in lines.enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let cells: Vec<&str> = line.split(',').collect();
+        let cell =
+            |c: usize| cells.get(c).copied().with_context(|| format!("{}:{}: too few columns", path.display(), i + 2));
+        let (t, s) = (cell(t_col)?, cell(s_col)?);
+        ts.push(parse_timestamp(t).with_context(|| format!("{}:{}: bad timestamp `{t}`", path.display(), i + 2))?);
+        let score: f64 =
+            s.trim().parse().with_context(|| format!("{}:{}: bad anomaly_score `{s}`", path.display(), i + 2))?;
+        scores.push(score);
+    }
+    Ok((ts, scores))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -247,6 +247,32 @@ pub fn by_category(keys: &[&str], files: &[FileScores], threshold: f64) -> std::
     groups.into_iter().map(|(c, fs)| (c, normalised(&fs, threshold).0)).collect()
 }
 
+/// One category scored at the threshold chosen without it.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct LeftOut {
+    /// The best standard-profile threshold over the other categories' files.
+    pub threshold: f64,
+    /// This category's standard score at that threshold, normalised over its own windows.
+    pub score: f64,
+}
+
+/// Leave one category out: for each category, the threshold is chosen on the other categories' files and the
+/// category is scored at it, as a detector tuned without ever seeing that kind of data would score on it.
+pub fn leave_one_category_out(keys: &[&str], files: &[FileScores]) -> std::collections::BTreeMap<String, LeftOut> {
+    let category = |key: &str| key.split_once('/').map_or(key, |(c, _)| c).to_string();
+    let categories: std::collections::BTreeSet<String> = keys.iter().map(|k| category(k)).collect();
+    categories
+        .into_iter()
+        .map(|c| {
+            let (inside, others): (Vec<_>, Vec<_>) = keys.iter().zip(files).partition(|(k, _)| category(k) == c);
+            let others: Vec<FileScores> = others.into_iter().map(|(_, f)| f.clone()).collect();
+            let inside: Vec<FileScores> = inside.into_iter().map(|(_, f)| f.clone()).collect();
+            let threshold = optimise(&others).threshold;
+            (c, LeftOut { threshold, score: normalised(&inside, threshold).0 })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -305,17 +331,8 @@ mod tests {
         let files: Vec<FileScores> = windows
             .iter()
             .map(|(key, w)| {
-                let (category, name) = key.split_once('/').unwrap();
-                let path = data.join(format!("nab-reference/numenta/{category}/numenta_{name}"));
-                let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-                let (ts, scores) = text
-                    .lines()
-                    .skip(1)
-                    .map(|l| {
-                        let (t, s) = l.split_once(',').unwrap();
-                        (super::super::data::parse_timestamp(t).unwrap(), s.trim().parse::<f64>().unwrap())
-                    })
-                    .unzip();
+                let (ts, scores) =
+                    super::super::data::read_results(&data.join("nab-reference/numenta"), key, "numenta_").unwrap();
                 FileScores { ts, scores, windows: w.clone() }
             })
             .collect();
@@ -338,6 +355,25 @@ mod tests {
         assert_eq!(scores.len(), 2);
         assert!((scores["a"] - 100.0).abs() < 1e-9, "{scores:?}");
         assert!(scores["b"].abs() < 1e-9, "{scores:?}");
+    }
+
+    #[test]
+    fn a_left_out_category_is_scored_at_the_others_threshold() {
+        // Category a's true detections score 0.9 and its false positives 0.5; b's only detection scores 0.4.
+        let mut a = vec![0.0; 100];
+        a[50] = 0.9;
+        a[20] = 0.5;
+        let mut b = vec![0.0; 100];
+        b[50] = 0.4;
+        let keys = ["a/x.csv", "b/y.csv"];
+        let files = [file(a, vec![(50, 59)]), file(b, vec![(50, 59)])];
+        let out = leave_one_category_out(&keys, &files);
+        // Chosen on a alone, the threshold is above 0.5, so b's 0.4 is missed: b scores 0.
+        assert!(out["b"].threshold > 0.5, "{out:?}");
+        assert!(out["b"].score.abs() < 1e-9, "{out:?}");
+        // Chosen on b alone, the threshold is 0.4: a gets its detection and a false positive.
+        assert!((out["a"].threshold - 0.4).abs() < 1e-9, "{out:?}");
+        assert!((out["a"].score - (100.0 - 100.0 * 0.11 / 2.0)).abs() < 1e-9, "{out:?}");
     }
 
     #[test]
