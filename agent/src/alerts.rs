@@ -1,5 +1,6 @@
-//! The device's alerts: common's alert rule ([`AlertTracker`]) over the model's scores, and the snapshots
-//! waiting for the control plane's acknowledgement.
+//! The device's alerts: common's alert rule ([`AlertTracker`]) over the model's scores and the readings out of
+//! the range the device has seen ([`SeenRange`]), and the snapshots waiting for the control plane's
+//! acknowledgement.
 //!
 //! Both live in the outbox's database (tree `alerts`) and are committed with the records the collector scored,
 //! so a power cut neither loses an alert nor reuses its number. Snapshots wait, keyed by `rev`, until an
@@ -8,10 +9,13 @@
 
 use crate::outbox::{Outbox, OutboxError};
 use edgeloop_common::alerts::{AlertEvent, AlertPolicy, AlertTracker};
+use edgeloop_common::seen_range::SeenRange;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 const STATE_KEY: &[u8] = b"state";
+/// The model sensor's [`SeenRange`].
+const RANGE_KEY: &[u8] = b"range";
 /// The highest `rev` acknowledged (and so deleted): sent with every snapshot as its `floor`.
 const ACKED_KEY: &[u8] = b"acked";
 const QUEUE_PREFIX: u8 = b'q';
@@ -32,6 +36,7 @@ fn corrupt(what: &str, e: impl std::fmt::Display) -> OutboxError {
 pub struct AlertBook {
     tree: sled::Tree,
     tracker: Mutex<AlertTracker>,
+    range: Mutex<SeenRange>,
     /// The highest `rev` written, and the highest made durable by a commit: only those are sent, so that a
     /// power cut cannot take back a snapshot the control plane already has (and reuse its number).
     written: AtomicU64,
@@ -46,9 +51,19 @@ impl AlertBook {
             Some(v) => ciborium::from_reader(&v[..]).map_err(|e| corrupt("state", e))?,
             None => AlertTracker::default(),
         };
+        let range: SeenRange = match tree.get(RANGE_KEY)? {
+            Some(v) => ciborium::from_reader(&v[..]).map_err(|e| corrupt("range", e))?,
+            None => SeenRange::default(),
+        };
         // What survived a restart is durable: the outbox committed it when it opened.
         let last = tracker.last_rev();
-        Ok(AlertBook { tree, tracker: Mutex::new(tracker), written: last.into(), durable: last.into() })
+        Ok(AlertBook {
+            tree,
+            tracker: Mutex::new(tracker),
+            range: Mutex::new(range),
+            written: last.into(),
+            durable: last.into(),
+        })
     }
 
     /// The outbox committed: every snapshot written so far is durable and may be sent.
@@ -68,6 +83,22 @@ impl AlertBook {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, AlertTracker> {
         self.tracker.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Judges one reading of the model's sensor (one value per channel) against the range seen before it, when
+    /// `judge` (a model scored its window), then takes it into the range. Returns whether it was out of range
+    /// by the policy's `range_tolerance`. A changed range is written with the records the collector commits.
+    pub fn reading(&self, policy: &AlertPolicy, values: &[f64], judge: bool) -> Result<bool, OutboxError> {
+        let mut r = self.range.lock().unwrap_or_else(|p| p.into_inner());
+        let out = judge && r.is_out(values, policy.range_tolerance);
+        // Only a new extreme is written: the count alone moves no decision once learning is done.
+        let learning = r.readings() < edgeloop_common::seen_range::LEARN_READINGS;
+        if r.take(values) || learning {
+            let mut bytes = Vec::new();
+            ciborium::into_writer(&*r, &mut bytes).map_err(|e| corrupt("range", e))?;
+            self.tree.insert(RANGE_KEY, bytes)?;
+        }
+        Ok(out)
     }
 
     /// Runs the rule on one scored window; a snapshot it makes waits to be sent. Written, not yet durable:
@@ -144,7 +175,7 @@ mod tests {
     use super::*;
     use edgeloop_common::durable::Durability;
 
-    const P: AlertPolicy = AlertPolicy { open_after: 2, close_after: 2, cooldown_secs: 0 };
+    const P: AlertPolicy = AlertPolicy { open_after: 2, close_after: 2, cooldown_secs: 0, range_tolerance: 0.02 };
 
     fn flag(book: &AlertBook, ts_s: u64, flagged: bool) -> Option<AlertEvent> {
         book.observe(&P, "s", ts_s * 1000, if flagged { 5.0 } else { 0.0 }, flagged, Some("m v1")).unwrap()
@@ -182,5 +213,28 @@ mod tests {
         // The next alert takes the next number.
         flag(&book, 10, true);
         assert_eq!(flag(&book, 11, true).map(|a| (a.id, a.rev)), Some((2, 3)));
+    }
+
+    #[test]
+    fn the_seen_range_is_judged_before_it_grows_and_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let outbox = Outbox::open(dir.path(), Durability::Flush, 1 << 20).unwrap();
+            let book = AlertBook::open(&outbox).unwrap();
+            for i in 0..200 {
+                assert!(!book.reading(&P, &[(i % 10) as f64], true).unwrap(), "inside the range at {i}");
+            }
+            // 0..9: past 9 by more than 2% of 9 is out; not judged without a model's score.
+            assert!(book.reading(&P, &[12.0], true).unwrap());
+            assert!(!book.reading(&P, &[20.0], false).unwrap());
+            outbox.commit().unwrap();
+        }
+        let outbox = Outbox::open(dir.path(), Durability::Flush, 1 << 20).unwrap();
+        let book = AlertBook::open(&outbox).unwrap();
+        // The range (now 0..20) came back: 15 is inside it, 25 is out, and with the rule off nothing is.
+        assert!(!book.reading(&P, &[15.0], true).unwrap());
+        assert!(book.reading(&P, &[25.0], true).unwrap());
+        let off = AlertPolicy { range_tolerance: 0.0, ..P };
+        assert!(!book.reading(&off, &[99.0], true).unwrap());
     }
 }

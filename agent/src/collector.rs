@@ -11,7 +11,7 @@ use crate::outbox::{NewRecord, Outbox, OutboxError};
 use crate::source::Sample;
 use crate::updater::slot::ModelSlot;
 use edgeloop_common::config::{ClassConfig, SignalKind};
-use edgeloop_common::envelope::FLAG_ANOMALY;
+use edgeloop_common::envelope::{FLAG_ANOMALY, FLAG_OUT_OF_RANGE};
 use edgeloop_common::features::{as_stored, FeatureKind, Pipeline, PipelineSpec};
 use edgeloop_common::gaps::{Gap, GapFiller, ImputeMethod, DEFAULT_MAX_GAP};
 use std::collections::HashMap;
@@ -138,14 +138,26 @@ impl Collector {
                 }
             };
             let (score, flagged) = if model_sensor { self.slot.score(&features) } else { (None, false) };
-            if let (Some(score), Some((book, class))) = (score, &self.alerts) {
+            let mut out_of_range = false;
+            if let (true, Some((book, class))) = (model_sensor, &self.alerts) {
                 let policy = class.borrow().alerts.clone();
-                let model = self.slot.active_info().map(|m| m.label());
-                if let Err(e) = book.observe(&policy, &s.sensor, ts_ms, score, flagged, model.as_deref()) {
-                    tracing::error!(error = %e, "alert state not written");
+                // A slow reading is judged against the range the device has seen (a fast sensor's window is
+                // the model's to judge).
+                if matches!(p.spec().features, FeatureKind::Slow { .. }) {
+                    match book.reading(&policy, &values, score.is_some()) {
+                        Ok(out) => out_of_range = out,
+                        Err(e) => tracing::error!(error = %e, "seen range not written"),
+                    }
+                }
+                if let Some(score) = score {
+                    let model = self.slot.active_info().map(|m| m.label());
+                    let counts = flagged || out_of_range;
+                    if let Err(e) = book.observe(&policy, &s.sensor, ts_ms, score, counts, model.as_deref()) {
+                        tracing::error!(error = %e, "alert state not written");
+                    }
                 }
             }
-            let flags = if flagged { FLAG_ANOMALY } else { 0 };
+            let flags = if flagged { FLAG_ANOMALY } else { 0 } | if out_of_range { FLAG_OUT_OF_RANGE } else { 0 };
             out.push(NewRecord { ts_ms, sensor: s.sensor, features, score, flags });
         }
         out

@@ -14,7 +14,7 @@
 use serde::{Deserialize, Serialize};
 
 /// A class's alert rule, the `[alerts]` section of its class file.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct AlertPolicy {
@@ -27,6 +27,11 @@ pub struct AlertPolicy {
     /// A flagged window this soon after an alert closed reopens it, seconds.
     #[serde(default = "default_cooldown_secs")]
     pub cooldown_secs: u64,
+    /// A reading of the model's sensor past the range the device has seen by more than this share of the
+    /// range counts as a flagged window, and its record is flagged out of range ([`crate::seen_range`]).
+    /// 0 turns the rule off.
+    #[serde(default = "default_range_tolerance")]
+    pub range_tolerance: f64,
 }
 
 fn default_open_after() -> u32 {
@@ -38,6 +43,9 @@ fn default_close_after() -> u32 {
 fn default_cooldown_secs() -> u64 {
     300
 }
+fn default_range_tolerance() -> f64 {
+    0.02
+}
 
 impl Default for AlertPolicy {
     fn default() -> Self {
@@ -45,6 +53,7 @@ impl Default for AlertPolicy {
             open_after: default_open_after(),
             close_after: default_close_after(),
             cooldown_secs: default_cooldown_secs(),
+            range_tolerance: default_range_tolerance(),
         }
     }
 }
@@ -273,7 +282,7 @@ impl AlertTracker {
 mod tests {
     use super::*;
 
-    const P: AlertPolicy = AlertPolicy { open_after: 3, close_after: 4, cooldown_secs: 10 };
+    const P: AlertPolicy = AlertPolicy { open_after: 3, close_after: 4, cooldown_secs: 10, range_tolerance: 0.02 };
 
     /// Feeds one flag pattern (`x` flagged, `.` not), a window a second from t = 1 s; returns the snapshots.
     fn feed(t: &mut AlertTracker, pattern: &str, start_s: u64) -> Vec<AlertEvent> {

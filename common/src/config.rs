@@ -372,6 +372,11 @@ impl ClassConfig {
         c.check(windows.contains(&a.open_after), "alerts.open_after", "must be between 1 and 10000")?;
         c.check(windows.contains(&a.close_after), "alerts.close_after", "must be between 1 and 10000")?;
         c.check(a.cooldown_secs <= crate::alerts::MAX_COOLDOWN_SECS, "alerts.cooldown_secs", "must be at most 604800")?;
+        c.check(
+            a.range_tolerance.is_finite() && (0.0..=10.0).contains(&a.range_tolerance),
+            "alerts.range_tolerance",
+            "must be between 0 (off) and 10",
+        )?;
         if let Some(m) = &self.modbus {
             m.check(|name| self.sensors.iter().find(|s| s.name == name).map(|s| s.channels))
                 .map_err(|(key, reason)| c.fail(key, reason))?;
@@ -476,6 +481,8 @@ window = 256
             (format!("{GOOD}\n[logs]\nbatch_secs = 0"), "logs.batch_secs"),
             (format!("{GOOD}\n[alerts]\nopen_after = 0"), "alerts.open_after"),
             (format!("{GOOD}\n[alerts]\ncooldown_secs = 9999999"), "alerts.cooldown_secs"),
+            (format!("{GOOD}\n[alerts]\nrange_tolerance = -0.5"), "alerts.range_tolerance"),
+            (format!("{GOOD}\n[alerts]\nrange_tolerance = nan"), "alerts.range_tolerance"),
             (format!("{GOOD}\n[logs]\nburst = 0"), "logs.burst"),
         ];
         for (text, key) in cases {

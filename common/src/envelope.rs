@@ -19,6 +19,9 @@ pub const MAX_DEPTH: usize = 16;
 
 /// Flag bit set on a record whose score crossed the model's decision threshold.
 pub const FLAG_ANOMALY: u32 = 1;
+/// Flag bit set on a record of the model's sensor whose reading was out of the range the device had seen
+/// (`[alerts] range_tolerance`, [`crate::seen_range`]).
+pub const FLAG_OUT_OF_RANGE: u32 = 2;
 
 /// One message on the wire.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

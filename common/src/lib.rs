@@ -12,6 +12,8 @@
 //!   1 anything else) and the one function that prints it and exits.
 //! - [`config`]: the device-class schema that `firmware-configs/*.toml` follow, and the error type every
 //!   edgeloop config loader uses (file, key path, reason).
+//! - [`seen_range`]: the range of readings a device has seen, and the rule that calls a reading well outside
+//!   it out of range (it counts towards alerts like a flagged window).
 //! - [`features`]: feature pipeline v1, the one implementation of feature extraction that both the agent and
 //!   the control plane run, with its serialisable spec.
 //! - [`modbus`]: a class's Modbus register map (tables, addresses, types, scale and offset).
@@ -41,6 +43,7 @@ pub mod gaps;
 pub mod modbus;
 pub mod private;
 pub mod secret;
+pub mod seen_range;
 pub mod signing;
 #[cfg(feature = "tls")]
 pub mod tls;

@@ -17,8 +17,11 @@
 //! at the file's median spacing) and, within the rolling window of the last score kept, also above 1.25 times
 //! that one; else 0: [`onset`]. NAB counts one detection per anomaly window and charges every flagged row
 //! outside one, so an alert is worth raising when a score climbs, not again at each row while it stays high.
-//! The step is causal (it looks only back). The agent's mapped scores as they are go to
-//! `<out>/without-onset/<category>/<file>.csv`, and the report gives the score with and without the step.
+//! The step is causal (it looks only back). A row whose record the agent flagged out of range (a reading
+//! past the range the device had seen by more than the class's `[alerts] range_tolerance`,
+//! [`edgeloop_common::seen_range`]) scores 1 whatever the model said. The agent's mapped scores as they are go
+//! to `<out>/without-onset/<category>/<file>.csv`, and the report gives the score with both steps, without
+//! the range rule, and without either.
 //!
 //! [`scorer`] then computes NAB's standard-profile score over the files.
 
@@ -34,6 +37,7 @@ use edgeloop_agent::source::Sample;
 use edgeloop_agent::updater::slot::{Loaded, ModelInfo};
 use edgeloop_agent::{Agent, AgentHandle};
 use edgeloop_common::config::{ClassConfig, OutboxConfig, SensorConfig, SignalKind, UplinkConfig};
+use edgeloop_common::envelope::FLAG_OUT_OF_RANGE;
 use edgeloop_control_plane::config::Config;
 use edgeloop_control_plane::fleet::Query;
 use edgeloop_control_plane::ml::JobState;
@@ -76,14 +80,65 @@ pub struct NabReport {
     /// NAB standard profile, normalised (0 null, 100 perfect), threshold optimised over these files.
     pub standard_score: f64,
     pub threshold: f64,
-    /// The same, scoring the agent's mapped scores as they are (without the [`onset`] step).
+    /// The same, scoring the agent's mapped scores as they are (without the [`onset`] step or the range rule).
     pub standard_score_without_onset: f64,
+    /// The same, with the [`onset`] step but without the range rule.
+    pub standard_score_without_range: f64,
     /// NAB's other two profiles, each with its own threshold optimised over these files.
     pub low_fp_score: f64,
     pub low_fn_score: f64,
     /// The standard score of each category's files, at the one threshold chosen for all of them.
     pub per_category: std::collections::BTreeMap<String, f64>,
+    /// Each category scored at the threshold chosen on the others ([`scorer::leave_one_category_out`]).
+    pub left_out: std::collections::BTreeMap<String, scorer::LeftOut>,
     pub per_file: Vec<FileReport>,
+}
+
+/// A detector's results scored: `edgeloop-sim nab-score`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScoreReport {
+    pub files: usize,
+    /// NAB's standard profile, normalised, threshold optimised over all the files.
+    pub standard_score: f64,
+    pub threshold: f64,
+    pub low_fp_score: f64,
+    pub low_fn_score: f64,
+    pub per_category: std::collections::BTreeMap<String, f64>,
+    pub left_out: std::collections::BTreeMap<String, scorer::LeftOut>,
+}
+
+/// Scores a detector's result files (`<results>/<category>/<prefix><file>.csv`, NAB's layout, with
+/// `timestamp` and `anomaly_score` columns) for every labelled file under `data`, as NAB's scorer does, and
+/// adds the per-category and leave-one-category-out scores.
+pub fn score_results(data: &Path, results: &Path, prefix: &str) -> anyhow::Result<ScoreReport> {
+    let windows = data::read_windows(data)?;
+    let mut keys = Vec::new();
+    let mut files = Vec::new();
+    for p in data::find_series(data)? {
+        let s = data::read_series(data, &p)?;
+        let (ts, scores) = data::read_results(results, &s.key, prefix)?;
+        anyhow::ensure!(
+            ts == s.ts_ms,
+            "{}: the results' timestamps are not the data file's ({} rows against {})",
+            s.key,
+            ts.len(),
+            s.ts_ms.len()
+        );
+        files.push(scorer::FileScores { ts, scores, windows: windows.get(&s.key).cloned().unwrap_or_default() });
+        keys.push(s.key);
+    }
+    anyhow::ensure!(!files.is_empty(), "no NAB files under {}", data.display());
+    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let best = scorer::optimise(&files);
+    Ok(ScoreReport {
+        files: files.len(),
+        standard_score: best.score,
+        threshold: best.threshold,
+        low_fp_score: scorer::optimise_with(&files, &scorer::LOW_FP).score,
+        low_fn_score: scorer::optimise_with(&files, &scorer::LOW_FN).score,
+        per_category: scorer::by_category(&keys, &files, best.threshold),
+        left_out: scorer::leave_one_category_out(&keys, &files),
+    })
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -241,6 +296,8 @@ async fn await_job(cp: &ControlPlaneHandle, id: u64) -> anyhow::Result<Option<(b
 struct Replay {
     /// Per row, in [0, 1].
     scores: Vec<f64>,
+    /// Per row: the agent flagged its record out of range.
+    out_of_range: Vec<bool>,
     chosen: Vec<String>,
     trainings: usize,
     promoted: usize,
@@ -344,18 +401,19 @@ async fn run_file(
             let threshold = models.iter().rev().find(|(from, _)| r.seq >= *from).map(|m| m.1);
             if let (Some(score), Some(t)) = (r.score, threshold) {
                 let t = t.max(f32::MIN_POSITIVE) as f64;
-                by_ts.insert(r.ts_ms, score as f64 / (score as f64 + t));
+                by_ts.insert(r.ts_ms, (score as f64 / (score as f64 + t), r.flags & FLAG_OUT_OF_RANGE != 0));
             }
         }
     }
     let mut scored = 0;
+    let mut out_of_range = vec![false; n];
     for (k, ts) in s.ts_ms.iter().enumerate() {
-        if let Some(v) = by_ts.get(ts) {
-            scores[k] = *v;
+        if let Some(&(v, out)) = by_ts.get(ts) {
+            (scores[k], out_of_range[k]) = (v, out);
             scored += 1;
         }
     }
-    Ok(Replay { scores, chosen, trainings, promoted, scored })
+    Ok(Replay { scores, out_of_range, chosen, trainings, promoted, scored })
 }
 
 /// Runs every selected file, writes the outputs, and scores them.
@@ -382,19 +440,20 @@ pub async fn run(opts: NabOptions) -> anyhow::Result<NabReport> {
     let cancel = CancellationToken::new();
     let cp = ControlPlane::start(cfg, cancel.clone()).await?;
     let api = crate::http::Api::of(&cp);
-    let (mut scored, mut raw) = (Vec::new(), Vec::new());
+    let (mut scored, mut raw, mut no_range) = (Vec::new(), Vec::new(), Vec::new());
     let mut per_file = Vec::new();
     let (mut trainings, mut promoted, mut rows) = (0, 0, 0);
     for s in &files {
         let t0 = Instant::now();
-        let Replay { scores, chosen, trainings: t, promoted: p, scored: scored_rows } =
+        let Replay { scores, out_of_range, chosen, trainings: t, promoted: p, scored: scored_rows } =
             run_file(&cp, &api, s, &opts, &work).await.with_context(|| format!("replaying {}", s.key))?;
         let models = chosen.len();
         tracing::info!(file = %s.key, rows = s.values.len(), models, seconds = t0.elapsed().as_secs_f64(), "replayed");
         eprintln!("  {:<60} {:>6} rows  {} models  {:.1} s", s.key, s.values.len(), models, t0.elapsed().as_secs_f64());
         (trainings, promoted, rows) = (trainings + t, promoted + p, rows + s.values.len());
         let day_rows = (86_400_000 / period_ms(&s.ts_ms)).max(1) as usize;
-        let alerts = onset(&scores, day_rows, ROLLING);
+        let onsets = onset(&scores, day_rows, ROLLING);
+        let alerts: Vec<f64> = onsets.iter().zip(&out_of_range).map(|(&o, &out)| if out { 1.0 } else { o }).collect();
         write_output(&opts.out, s, &alerts)?;
         write_output(&opts.out.join("without-onset"), s, &scores)?;
         per_file.push(FileReport {
@@ -409,6 +468,7 @@ pub async fn run(opts: NabOptions) -> anyhow::Result<NabReport> {
         });
         let file_windows = windows.get(&s.key).cloned().unwrap_or_default();
         raw.push(scorer::FileScores { ts: s.ts_ms.clone(), scores, windows: file_windows.clone() });
+        no_range.push(scorer::FileScores { ts: s.ts_ms.clone(), scores: onsets, windows: file_windows.clone() });
         scored.push(scorer::FileScores { ts: s.ts_ms.clone(), scores: alerts, windows: file_windows });
     }
     cancel.cancel();
@@ -420,6 +480,7 @@ pub async fn run(opts: NabOptions) -> anyhow::Result<NabReport> {
     }
     let keys: Vec<&str> = per_file.iter().map(|f| f.file.as_str()).collect();
     let per_category = scorer::by_category(&keys, &scored, best.threshold);
+    let left_out = scorer::leave_one_category_out(&keys, &scored);
     Ok(NabReport {
         files: files.len(),
         rows,
@@ -429,9 +490,11 @@ pub async fn run(opts: NabOptions) -> anyhow::Result<NabReport> {
         standard_score: best.score,
         threshold: best.threshold,
         standard_score_without_onset: scorer::optimise(&raw).score,
+        standard_score_without_range: scorer::optimise(&no_range).score,
         low_fp_score: scorer::optimise_with(&scored, &scorer::LOW_FP).score,
         low_fn_score: scorer::optimise_with(&scored, &scorer::LOW_FN).score,
         per_category,
+        left_out,
         per_file,
     })
 }
