@@ -89,6 +89,9 @@ pub struct NabReport {
     pub low_fn_score: f64,
     /// The standard score of each category's files, at the one threshold chosen for all of them.
     pub per_category: std::collections::BTreeMap<String, f64>,
+    /// False-positive rows of each category at that threshold (a category without windows scores 0 whatever
+    /// it flags).
+    pub false_positives: std::collections::BTreeMap<String, usize>,
     /// Each category scored at the threshold chosen on the others ([`scorer::leave_one_category_out`]).
     pub left_out: std::collections::BTreeMap<String, scorer::LeftOut>,
     pub per_file: Vec<FileReport>,
@@ -104,6 +107,9 @@ pub struct ScoreReport {
     pub low_fp_score: f64,
     pub low_fn_score: f64,
     pub per_category: std::collections::BTreeMap<String, f64>,
+    /// False-positive rows of each category at that threshold (a category without windows scores 0 whatever
+    /// it flags).
+    pub false_positives: std::collections::BTreeMap<String, usize>,
     pub left_out: std::collections::BTreeMap<String, scorer::LeftOut>,
 }
 
@@ -137,6 +143,7 @@ pub fn score_results(data: &Path, results: &Path, prefix: &str) -> anyhow::Resul
         low_fp_score: scorer::optimise_with(&files, &scorer::LOW_FP).score,
         low_fn_score: scorer::optimise_with(&files, &scorer::LOW_FN).score,
         per_category: scorer::by_category(&keys, &files, best.threshold),
+        false_positives: scorer::false_positives_by_category(&keys, &files, best.threshold),
         left_out: scorer::leave_one_category_out(&keys, &files),
     })
 }
@@ -480,6 +487,7 @@ pub async fn run(opts: NabOptions) -> anyhow::Result<NabReport> {
     }
     let keys: Vec<&str> = per_file.iter().map(|f| f.file.as_str()).collect();
     let per_category = scorer::by_category(&keys, &scored, best.threshold);
+    let false_positives = scorer::false_positives_by_category(&keys, &scored, best.threshold);
     let left_out = scorer::leave_one_category_out(&keys, &scored);
     Ok(NabReport {
         files: files.len(),
@@ -494,6 +502,7 @@ pub async fn run(opts: NabOptions) -> anyhow::Result<NabReport> {
         low_fp_score: scorer::optimise_with(&scored, &scorer::LOW_FP).score,
         low_fn_score: scorer::optimise_with(&scored, &scorer::LOW_FN).score,
         per_category,
+        false_positives,
         left_out,
         per_file,
     })

@@ -247,6 +247,21 @@ pub fn by_category(keys: &[&str], files: &[FileScores], threshold: f64) -> std::
     groups.into_iter().map(|(c, fs)| (c, normalised(&fs, threshold).0)).collect()
 }
 
+/// False-positive rows per category at one `threshold`: what the normalised score cannot show for a category
+/// without anomaly windows (NAB's `artificialNoAnomaly`), whose null and perfect scores are both 0.
+pub fn false_positives_by_category(
+    keys: &[&str],
+    files: &[FileScores],
+    threshold: f64,
+) -> std::collections::BTreeMap<String, usize> {
+    let mut out = std::collections::BTreeMap::new();
+    for (key, f) in keys.iter().zip(files) {
+        let category = key.split_once('/').map_or(*key, |(c, _)| c);
+        *out.entry(category.to_string()).or_insert(0) += raw_score(f, threshold).fp;
+    }
+    out
+}
+
 /// One category scored at the threshold chosen without it.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct LeftOut {
@@ -355,6 +370,15 @@ mod tests {
         assert_eq!(scores.len(), 2);
         assert!((scores["a"] - 100.0).abs() < 1e-9, "{scores:?}");
         assert!(scores["b"].abs() < 1e-9, "{scores:?}");
+        // A category without windows scores 0 whatever it flags; its false positives say what it did.
+        let mut noisy = vec![0.0; 100];
+        (noisy[30], noisy[40]) = (0.9, 0.8);
+        let keys = ["a/x.csv", "quiet/y.csv"];
+        let files = [file(vec![0.0; 100], vec![(50, 59)]), file(noisy, vec![])];
+        assert_eq!(by_category(&keys, &files, 0.5)["quiet"], 0.0);
+        let fp = false_positives_by_category(&keys, &files, 0.5);
+        assert_eq!((fp["a"], fp["quiet"]), (0, 2));
+        assert_eq!(false_positives_by_category(&keys, &files, 0.85)["quiet"], 1);
     }
 
     #[test]
