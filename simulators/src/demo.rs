@@ -9,7 +9,7 @@
 //! 3. Each promoted version rolls out by itself, signed: one canary device, then half the class, then all of it.
 //! 4. A bearing fault is injected into one factory machine; its agent flags it with the model it now runs.
 //! 5. Holidays come to the city: the traffic pattern drifts, the drift trigger retrains, and the new version
-//!    rolls out.
+//!    rolls out if it beats the old on the same test split (the story says which, with both figures).
 //!
 //! Vibration devices are fed in real time (2 kHz). Slow classes run hundreds to thousands of times faster than
 //! real time, so that days of traffic pass in seconds. `--fast` compresses the story further for CI. With a
@@ -541,7 +541,10 @@ async fn tell(
         bearing_fault(cp, device, pace, say, injections).await;
     }
 
-    chapter(5, "Holidays change the city's traffic; the drift trigger retrains and the new version rolls out");
+    chapter(
+        5,
+        "Holidays change the city's traffic; the drift trigger retrains; a version that beats the old rolls out",
+    );
     let traffic: Vec<&String> = classes_of.iter().filter(|(_, c)| c.as_str() == DRIFT_CLASS).map(|(d, _)| d).collect();
     if traffic.is_empty() || production(cp, DRIFT_CLASS).is_none() {
         say.say("  no traffic devices in this fleet; nothing to drift");
