@@ -41,14 +41,29 @@ async fn nab_replay_writes_well_formed_scores() {
         let s: f64 = cols[2].parse().unwrap();
         assert!((0.0..=1.0).contains(&s), "{o}");
     }
-    // The agent's scores as they are, beside: the onset step only zeroes rows, and keeps some.
+    // The agent's scores as they are, beside: the onset step only zeroes rows, and keeps some; a row scores 1
+    // instead only where its reading was past the range of every reading before it by more than 2% of that
+    // range (the agent flagged its record out of range).
     let raw = std::fs::read_to_string(out.path().join("without-onset/realTraffic/speed_7578.csv")).unwrap();
     let raw: Vec<&str> = raw.lines().collect();
     assert_eq!(raw.len(), outp.len());
     let score = |line: &str| line.rsplit(',').next().unwrap().parse::<f64>().unwrap();
-    let (mut kept, mut zeroed) = (0, 0);
-    for (r, o) in raw.iter().zip(&outp).skip(1) {
+    let values: Vec<f64> = inp.iter().skip(1).map(|l| l.split_once(',').unwrap().1.parse().unwrap()).collect();
+    let (mut kept, mut zeroed, mut out_of_range) = (0, 0, 0);
+    for (k, (r, o)) in raw.iter().zip(&outp).skip(1).enumerate() {
         let (r, o) = (score(r), score(o));
+        if o == 1.0 && r != 1.0 {
+            let before = &values[..k];
+            let (lo, hi) = before.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+            let margin = 0.02 * (hi - lo);
+            assert!(
+                values[k] > hi + margin || values[k] < lo - margin,
+                "row {k}: scored 1 but {} is inside {lo}..{hi} (2%: {margin})",
+                values[k]
+            );
+            out_of_range += 1;
+            continue;
+        }
         assert!(o == r || o == 0.0, "onset changed a score: {r} -> {o}");
         if o > 0.0 {
             kept += 1;
@@ -57,7 +72,10 @@ async fn nab_replay_writes_well_formed_scores() {
         }
     }
     assert!(kept > 0 && zeroed > kept, "{kept} kept, {zeroed} zeroed");
+    // Seven of speed_7578's readings after its probation pass every reading before them by more than 2%.
+    assert!(out_of_range > 0, "no reading was out of range");
     assert!((0.0..=100.0).contains(&report.standard_score_without_onset), "{report:?}");
+    assert!((0.0..=100.0).contains(&report.standard_score_without_range), "{report:?}");
     // Rows after the first model (trained on the first 15%, 169 rows) carry the agent's scores, except a
     // forecaster's first readings after each of the file's long gaps (50 of them), where its window starts over
     // as the dataset's windows do.
