@@ -30,6 +30,25 @@ pub struct StoredAlert {
     /// Who acknowledged it, when, and what they said.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ack: Option<AlertAck>,
+    /// Where the list puts it, when not at its onset: an alert whose onset was more than a day ahead of the
+    /// control plane's clock when it first arrived (a device clock that runs ahead, or a simulator's event
+    /// time) is kept, and listed at the time it arrived, so that it cannot stay first in every list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listed_ms: Option<u64>,
+}
+
+/// How far ahead of the control plane's clock an onset may be and still be listed at it.
+pub const MAX_ONSET_AHEAD_MS: u64 = 24 * 3600 * 1000;
+
+impl StoredAlert {
+    /// Its place in the list: the onset, or the time it arrived when the onset was too far ahead.
+    pub fn list_ms(&self) -> u64 {
+        self.listed_ms.unwrap_or(self.alert.onset_ms)
+    }
+
+    fn cursor(&self) -> AlertCursor {
+        AlertCursor { onset_ms: self.list_ms(), device: self.device.clone(), id: self.alert.id }
+    }
 }
 
 /// An operator's acknowledgement of an alert.
@@ -154,8 +173,7 @@ impl AlertStore {
         if let Some((k, v)) = self.alerts.scan_prefix(&prefix).next().transpose()? {
             let id = u64::from_be_bytes(k[prefix.len()..].try_into().unwrap_or_default());
             let old = self.decode(device, id, &v)?;
-            let c = AlertCursor { onset_ms: old.alert.onset_ms, device: device.into(), id };
-            self.by_onset.remove(c.index_key())?;
+            self.by_onset.remove(old.cursor().index_key())?;
             self.open_index.remove(&k)?;
             self.alerts.remove(&k)?;
         }
@@ -189,24 +207,27 @@ impl AlertStore {
                 if old.is_none() {
                     self.make_room(device)?;
                 }
-                if old.as_ref().is_none_or(|o| o.alert.onset_ms != alert.onset_ms) {
-                    if let Some(o) = &old {
-                        let c = AlertCursor { onset_ms: o.alert.onset_ms, device: device.into(), id };
-                        self.by_onset.remove(c.index_key())?;
-                    }
-                    let c = AlertCursor { onset_ms: alert.onset_ms, device: device.into(), id };
-                    self.by_onset.insert(c.index_key(), &[])?;
-                }
-                let ack = old.and_then(|o| o.ack);
+                // Listed at its onset, or, when that was too far ahead when the alert first arrived, at then.
+                let first_ms = old.as_ref().and_then(|o| o.listed_ms).unwrap_or(now_ms);
+                let listed_ms = (alert.onset_ms > first_ms.saturating_add(MAX_ONSET_AHEAD_MS)).then_some(first_ms);
+                let ack = old.as_ref().and_then(|o| o.ack.clone());
                 let open = alert.is_open();
-                self.write(&StoredAlert {
+                let stored = StoredAlert {
                     device: device.into(),
                     class: class.into(),
                     alert,
                     received_ms: now_ms,
                     open,
                     ack,
-                })?;
+                    listed_ms,
+                };
+                if old.as_ref().is_none_or(|o| o.list_ms() != stored.list_ms()) {
+                    if let Some(o) = &old {
+                        self.by_onset.remove(o.cursor().index_key())?;
+                    }
+                    self.by_onset.insert(stored.cursor().index_key(), &[])?;
+                }
+                self.write(&stored)?;
             }
         }
         if rev == mark + 1 {
@@ -375,6 +396,40 @@ mod tests {
         // Closing one takes it out of the count.
         s.put("calm", "d", AlertEvent { end_ms: Some(2), rev: 2, last_ms: 1, ..open(1) }, 2).unwrap();
         assert_eq!(s.open_by_class().unwrap().get("d"), None);
+    }
+
+    #[test]
+    fn an_onset_far_ahead_is_kept_and_listed_when_it_arrived() {
+        let (_d, s) = store();
+        let day = MAX_ONSET_AHEAD_MS;
+        let snaps = snapshots(2);
+        let now = 10 * day;
+        // Alert 1's onset is two days ahead of this clock (a device clock that runs ahead); alert 2's an hour
+        // ahead, within the day allowed.
+        let ahead =
+            AlertEvent { onset_ms: now + 2 * day, last_ms: now + 2 * day, peak_ms: now + 2 * day, ..snaps[0].clone() };
+        let behind = AlertEvent {
+            onset_ms: now + 3_600_000,
+            last_ms: now + 3_600_000,
+            peak_ms: now + 3_600_000,
+            ..snaps[2].clone()
+        };
+        assert_eq!(s.put("d1", "c", ahead.clone(), now).unwrap(), 1);
+        s.put("d1", "c", behind, now + 1).unwrap();
+        let kept = s.get("d1", 1).unwrap().unwrap();
+        assert_eq!((kept.alert.onset_ms, kept.listed_ms, kept.list_ms()), (now + 2 * day, Some(now), now));
+        assert_eq!(s.get("d1", 2).unwrap().unwrap().listed_ms, None);
+        // Listed at its arrival, it comes after alert 2 (listed an hour after that) and does not stay first.
+        let (page, _) = s.page(None, 10, 1000, |_| true).unwrap();
+        assert_eq!(page.iter().map(|a| a.alert.id).collect::<Vec<_>>(), [2, 1]);
+        // Its close, a day later, keeps its place (one index entry, at the first arrival).
+        let closed = AlertEvent { end_ms: Some(now + 3 * day), last_ms: now + 2 * day, rev: 2, ..ahead };
+        s.put("d1", "c", closed, now + day).unwrap();
+        let a = s.get("d1", 1).unwrap().unwrap();
+        assert_eq!((a.open, a.listed_ms), (false, Some(now)));
+        let (page, _) = s.page(None, 10, 1000, |_| true).unwrap();
+        assert_eq!(page.iter().map(|a| a.alert.id).collect::<Vec<_>>(), [2, 1]);
+        assert_eq!(s.by_onset.len(), 2);
     }
 
     #[test]

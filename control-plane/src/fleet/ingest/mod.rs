@@ -381,11 +381,8 @@ impl Ingestor {
                 let Some(alerts) = &self.alerts else {
                     return self.reject(Some(device), topic, "alerts_not_kept", "this ingest keeps no alerts");
                 };
-                // A device clock a day ahead would keep its alerts first in every list for as long.
-                if alert.onset_ms > now_ms.saturating_add(24 * 3600 * 1000) {
-                    let detail = format!("alert {} has its onset more than a day ahead of this clock", alert.id);
-                    return self.reject(Some(device), topic, "invalid", &detail);
-                }
+                // An onset far ahead of this clock is kept, listed at the time it arrived (the store's
+                // `listed_ms`): refusing it would lose the alert and have the device send it forever.
                 let class = self.registry.get(device).map(|d| d.class).unwrap_or_default();
                 let open = alert.is_open();
                 let id = alert.id;

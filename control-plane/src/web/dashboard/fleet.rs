@@ -537,6 +537,7 @@ mod tests {
             received_ms: end_ms.unwrap_or(onset_ms),
             open: end_ms.is_none(),
             ack: None,
+            listed_ms: None,
         };
         // Open; closed a minute ago; closed long ago (not listed).
         let raised =
