@@ -81,7 +81,6 @@ impl Broker {
         };
         let BrokerConfig::Embedded { listen } = cfg.broker else { return Ok(broker) };
         // rumqttd listens on loopback only; devices reach it through the front (TLS, revocation).
-        let internal = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
         // Devices never log in to rumqttd with their own credentials. The front admits each device (enrolled,
         // not revoked, password matching its stored hash) and forwards its CONNECT under a secret made afresh
         // by this process. rumqttd accepts only that secret and the control plane's own: a local user who
@@ -96,8 +95,8 @@ impl Broker {
             })
         };
         let max = cfg.ingest.max_message_bytes;
-        tokio::task::spawn_blocking(move || embedded::start_embedded(internal, max, Some(internal_admission)))
-            .await??;
+        let internal =
+            tokio::task::spawn_blocking(move || embedded::start_on_loopback(max, internal_admission)).await??;
         // rumqttd's thread outlives this control plane (it cannot be stopped), and so may connections the front
         // still relays; they hold the enrollment store weakly, so that the store and its sled database close
         // when the control plane stops.

@@ -32,9 +32,7 @@ struct Site {
     enrollment_token: String,
 }
 
-/// Writes a signing key with the CLI, a control-plane config using it, and starts the control plane. Ports are
-/// picked free and then released, so another test may take one first: a start that cannot bind is retried
-/// on new ports.
+/// Writes a signing key with the CLI, a control-plane config using it, and starts the control plane.
 async fn site(d: &Path) -> Site {
     let out = std::process::Command::new(crate::support::binary("edgeloop-control-plane"))
         .args(["keys", "generate", "--out"])
@@ -47,43 +45,8 @@ async fn site(d: &Path) -> Site {
         stdout.lines().find_map(|l| l.strip_prefix("public_key = \"")).unwrap().trim_end_matches('"').to_string();
     std::fs::write(d.join("probe.toml"), PROBE).unwrap();
     let ca = crate::support::certs_init(d);
-    let mut attempt = 0;
-    let (cp, api, client, mqtt) = loop {
-        attempt += 1;
-        let (mqtt, api_port) = (free_port().unwrap(), free_port().unwrap());
-        let api = SocketAddr::from(([127, 0, 0, 1], api_port));
-        let client = Api::tls(api, &ca).unwrap();
-        std::fs::write(
-            d.join("cp.toml"),
-            format!("data_dir = \"cp\"\n[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:{mqtt}\"\n[api]\nlisten = \"{api}\"\n[rollouts]\nsigning_key = \"signing.key\"\ntick_ms = 100\n{}", crate::support::CP_TLS),
-        )
-        .unwrap();
-        let mut cp = Proc {
-            name: "edgeloop-control-plane",
-            args: vec!["run".into(), "--config".into(), d.join("cp.toml").display().to_string()],
-            log: d.join("cp.log"),
-            child: None,
-        };
-        cp.start();
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        let mut exited = false;
-        while client.get("/api/v1/health").await.is_err() {
-            exited = cp.child.as_mut().is_some_and(|c| c.try_wait().unwrap().is_some());
-            let log = std::fs::read_to_string(d.join("cp.log")).unwrap_or_default();
-            assert!(!exited || log.contains("binding"), "control plane exited:\n{log}");
-            assert!(std::time::Instant::now() < deadline, "control plane did not start:\n{log}");
-            if exited {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        if !exited {
-            break (cp, api, client, mqtt);
-        }
-        cp.child = None;
-        assert!(attempt < 5, "no free ports after {attempt} attempts");
-    };
-    let client = crate::support::authorize_from_file(client, &d.join("cp/admin.token")).await;
+    let crate::support::CpProcess { proc: cp, api: client, api_addr: api, mqtt_port: mqtt } =
+        crate::support::cp_process(d, &ca, "[rollouts]\nsigning_key = \"signing.key\"\ntick_ms = 100\n").await;
     let enrollment_token = edgeloop_simulators::device::enrollment_token(&client, "probe", 10).await.unwrap();
     Site { dir: d.to_path_buf(), api, client, mqtt, public_key, cp, enrollment_token }
 }

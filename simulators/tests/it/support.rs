@@ -142,15 +142,6 @@ pub async fn authorize_from_file(api: Api, token_file: &Path) -> Api {
     api.with_token(&token)
 }
 
-/// Waits until the operator API answers.
-pub async fn wait_for_api(api: &Api) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while api.get("/api/v1/health").await.is_err() {
-        assert!(Instant::now() < deadline, "the API at {} did not come up", api.base_url());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// Runs `edgeloop-control-plane certs init --dir <dir>/tls`; returns the CA's PEM.
 pub fn certs_init(dir: &Path) -> Vec<u8> {
     let out = Command::new(binary("edgeloop-control-plane"))
@@ -192,24 +183,52 @@ pub struct CpProcess {
 }
 
 /// Starts `edgeloop-control-plane run` with an embedded broker, `extra` appended to its config, and waits for
-/// its API. [`certs_init`] must have run in `dir`.
+/// its API. [`certs_init`] must have run in `dir`. The ports are picked free just before the start, so another
+/// process can take one first: then the control plane exits naming the address, and new ports are picked.
 pub async fn cp_process(dir: &Path, ca_pem: &[u8], extra: &str) -> CpProcess {
-    let (mqtt_port, api_port) = (edgeloop_simulators::free_port().unwrap(), edgeloop_simulators::free_port().unwrap());
-    let api_addr = SocketAddr::from(([127, 0, 0, 1], api_port));
-    std::fs::write(
-        dir.join("cp.toml"),
-        format!("data_dir = \"cp\"\n[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:{mqtt_port}\"\n[api]\nlisten = \"{api_addr}\"\n{CP_TLS}{extra}"),
+    for _ in 0..3 {
+        let (mqtt_port, api_port) =
+            (edgeloop_simulators::free_port().unwrap(), edgeloop_simulators::free_port().unwrap());
+        let api_addr = SocketAddr::from(([127, 0, 0, 1], api_port));
+        std::fs::write(
+            dir.join("cp.toml"),
+            format!("data_dir = \"cp\"\n[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:{mqtt_port}\"\n[api]\nlisten = \"{api_addr}\"\n{CP_TLS}{extra}"),
+        )
+        .unwrap();
+        let mut proc = Proc::new(
+            "edgeloop-control-plane",
+            vec!["run".into(), "--config".into(), dir.join("cp.toml").display().to_string()],
+            dir.join("cp.log"),
+        );
+        proc.start();
+        let api = Api::tls(api_addr, ca_pem).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while api.get("/api/v1/health").await.is_err() {
+            if let Some(status) = proc.child.as_mut().unwrap().try_wait().unwrap() {
+                let log = std::fs::read_to_string(&proc.log).unwrap_or_default();
+                proc.child = None;
+                if log.contains("Address already in use") {
+                    break;
+                }
+                panic!("the control plane exited with {status} before its API came up; log:\n{log}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the API at {api_addr} did not come up within 60 s; log:\n{}",
+                std::fs::read_to_string(&proc.log).unwrap_or_default()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        if proc.child.is_none() {
+            continue;
+        }
+        let api = authorize_from_file(api, &dir.join("cp/admin.token")).await;
+        return CpProcess { proc, api, api_addr, mqtt_port };
+    }
+    panic!(
+        "the control plane found a port taken three times; log:\n{}",
+        std::fs::read_to_string(dir.join("cp.log")).unwrap_or_default()
     )
-    .unwrap();
-    let mut proc = Proc::new(
-        "edgeloop-control-plane",
-        vec!["run".into(), "--config".into(), dir.join("cp.toml").display().to_string()],
-        dir.join("cp.log"),
-    );
-    proc.start();
-    let api = authorize_from_file(Api::tls(api_addr, ca_pem).unwrap(), &dir.join("cp/admin.token")).await;
-    wait_for_api(&api).await;
-    CpProcess { proc, api, api_addr, mqtt_port }
 }
 
 /// Writes an enrollment token for `class` (good for `uses` devices) to `<dir>/enroll.token`.
