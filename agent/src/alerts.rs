@@ -1,6 +1,6 @@
-//! The device's alerts: common's alert rule ([`AlertTracker`]) over the model's scores and the readings out of
-//! the range the device has seen ([`SeenRange`]), and the snapshots waiting for the control plane's
-//! acknowledgement.
+//! The device's alerts: common's alert rule ([`AlertTracker`]) over the model's scores (those past the tail of
+//! the device's own scores, [`ScoreTail`]) and the readings out of the range the device has seen
+//! ([`SeenRange`]), and the snapshots waiting for the control plane's acknowledgement.
 //!
 //! Both live in the outbox's database (tree `alerts`) and are committed with the records the collector scored,
 //! so a power cut neither loses an alert nor reuses its number. Snapshots wait, keyed by `rev`, until an
@@ -8,7 +8,9 @@
 //! raised offline is not stuck behind the backlog it was raised in.
 
 use crate::outbox::{Outbox, OutboxError};
+use crate::updater::slot::ModelInfo;
 use edgeloop_common::alerts::{AlertEvent, AlertPolicy, AlertTracker};
+use edgeloop_common::score_tail::{ScoreTail, Verdict};
 use edgeloop_common::seen_range::SeenRange;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -16,6 +18,8 @@ use std::sync::Mutex;
 const STATE_KEY: &[u8] = b"state";
 /// The model sensor's [`SeenRange`].
 const RANGE_KEY: &[u8] = b"range";
+/// The model's [`ScoreTail`] on this device.
+const TAIL_KEY: &[u8] = b"tail";
 /// The highest `rev` acknowledged (and so deleted): sent with every snapshot as its `floor`.
 const ACKED_KEY: &[u8] = b"acked";
 const QUEUE_PREFIX: u8 = b'q';
@@ -37,6 +41,7 @@ pub struct AlertBook {
     tree: sled::Tree,
     tracker: Mutex<AlertTracker>,
     range: Mutex<SeenRange>,
+    tail: Mutex<ScoreTail>,
     /// The highest `rev` written, and the highest made durable by a commit: only those are sent, so that a
     /// power cut cannot take back a snapshot the control plane already has (and reuse its number).
     written: AtomicU64,
@@ -55,12 +60,17 @@ impl AlertBook {
             Some(v) => ciborium::from_reader(&v[..]).map_err(|e| corrupt("range", e))?,
             None => SeenRange::default(),
         };
+        let tail: ScoreTail = match tree.get(TAIL_KEY)? {
+            Some(v) => ciborium::from_reader(&v[..]).map_err(|e| corrupt("tail", e))?,
+            None => ScoreTail::default(),
+        };
         // What survived a restart is durable: the outbox committed it when it opened.
         let last = tracker.last_rev();
         Ok(AlertBook {
             tree,
             tracker: Mutex::new(tracker),
             range: Mutex::new(range),
+            tail: Mutex::new(tail),
             written: last.into(),
             durable: last.into(),
         })
@@ -99,6 +109,32 @@ impl AlertBook {
             self.tree.insert(RANGE_KEY, bytes)?;
         }
         Ok(out)
+    }
+
+    /// Takes one window's `score` at event time `ts_ms` under `model` into the device's score tail, and says
+    /// whether a flag of the model on it should count towards an alert: its score is past the tail for the
+    /// policy's `tail_risk` (the model's own tail while the device's is learnt), or neither tail is known yet
+    /// (the model's flag then decides alone), or the rule is off. A changed tail is written with the records
+    /// the collector commits.
+    pub fn past_tail(
+        &self,
+        policy: &AlertPolicy,
+        model: &ModelInfo,
+        ts_ms: u64,
+        score: f32,
+    ) -> Result<bool, OutboxError> {
+        if policy.tail_risk <= 0.0 {
+            return Ok(true);
+        }
+        let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
+        let (verdict, changed) =
+            tail.observe(&model.label(), ts_ms, score, policy.tail_risk, model.score_tail.as_ref());
+        if changed {
+            let mut bytes = Vec::new();
+            ciborium::into_writer(&*tail, &mut bytes).map_err(|e| corrupt("tail", e))?;
+            self.tree.insert(TAIL_KEY, bytes)?;
+        }
+        Ok(verdict != Verdict::Below)
     }
 
     /// Runs the rule on one scored window; a snapshot it makes waits to be sent. Written, not yet durable:
@@ -175,7 +211,8 @@ mod tests {
     use super::*;
     use edgeloop_common::durable::Durability;
 
-    const P: AlertPolicy = AlertPolicy { open_after: 2, close_after: 2, cooldown_secs: 0, range_tolerance: 0.02 };
+    const P: AlertPolicy =
+        AlertPolicy { open_after: 2, close_after: 2, cooldown_secs: 0, range_tolerance: 0.02, tail_risk: 1e-4 };
 
     fn flag(book: &AlertBook, ts_s: u64, flagged: bool) -> Option<AlertEvent> {
         book.observe(&P, "s", ts_s * 1000, if flagged { 5.0 } else { 0.0 }, flagged, Some("m v1")).unwrap()
@@ -236,5 +273,46 @@ mod tests {
         assert!(book.reading(&P, &[25.0], true).unwrap());
         let off = AlertPolicy { range_tolerance: 0.0, ..P };
         assert!(!book.reading(&off, &[99.0], true).unwrap());
+    }
+
+    #[test]
+    fn a_flag_counts_only_past_the_devices_own_tail_once_learnt_and_the_tail_survives_a_restart() {
+        use edgeloop_common::score_tail::TailFit;
+        let dir = tempfile::tempdir().unwrap();
+        // A window every quarter of an hour, so that the first 1,000 span the week the tail learns over.
+        let (score, ts) = (|i: u64| (i % 100) as f32 / 100.0, |i: u64| i * 15 * 60_000);
+        let model = |version: u32, score_tail: Option<TailFit>| ModelInfo {
+            name: "m".into(),
+            version,
+            sha256: "ab".repeat(32),
+            threshold: Some(0.5),
+            frames: 1,
+            gaps: Default::default(),
+            score_tail,
+        };
+        let v1 = model(1, None);
+        {
+            let outbox = Outbox::open(dir.path(), Durability::Flush, 1 << 20).unwrap();
+            let book = AlertBook::open(&outbox).unwrap();
+            for i in 0..edgeloop_common::score_tail::CALIBRATION_WINDOWS {
+                assert!(book.past_tail(&P, &v1, ts(i), score(i)).unwrap(), "learning: the flag decides at {i}");
+            }
+            // Learnt: the device's ordinary scores no longer count, far beyond them they do.
+            assert!(!book.past_tail(&P, &v1, ts(1000), 0.99).unwrap());
+            assert!(book.past_tail(&P, &v1, ts(1001), 5.0).unwrap());
+            outbox.commit().unwrap();
+        }
+        let outbox = Outbox::open(dir.path(), Durability::Flush, 1 << 20).unwrap();
+        let book = AlertBook::open(&outbox).unwrap();
+        assert!(!book.past_tail(&P, &v1, ts(1002), 0.99).unwrap(), "the tail came back");
+        assert!(book.past_tail(&P, &v1, ts(1003), 5.0).unwrap());
+        // Off: every flag counts.
+        assert!(book.past_tail(&AlertPolicy { tail_risk: 0.0, ..P }, &v1, ts(1004), 0.5).unwrap());
+        // A new model learns afresh; with its training's tail, that tail judges meanwhile.
+        assert!(book.past_tail(&P, &model(2, None), ts(1005), 0.5).unwrap());
+        let prior = TailFit { peak_threshold: 1.0, shape: 0.0, scale: 0.1, peak_share: 0.02 };
+        let v3 = model(3, Some(prior));
+        assert!(!book.past_tail(&P, &v3, ts(1006), 1.2).unwrap());
+        assert!(book.past_tail(&P, &v3, ts(1007), 2.0).unwrap());
     }
 }

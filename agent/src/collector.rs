@@ -150,8 +150,17 @@ impl Collector {
                     }
                 }
                 if let Some(score) = score {
-                    let model = self.slot.active_info().map(|m| m.label());
-                    let counts = flagged || out_of_range;
+                    let active = self.slot.active_info();
+                    let model = active.as_ref().map(|m| m.label());
+                    // The model's flag counts when the score is also past the device's tail (or the model's,
+                    // while the device's is learnt).
+                    let past_tail = active.as_ref().is_none_or(|a| {
+                        book.past_tail(&policy, a, ts_ms, score).unwrap_or_else(|e| {
+                            tracing::error!(error = %e, "score tail not written");
+                            true
+                        })
+                    });
+                    let counts = (flagged && past_tail) || out_of_range;
                     if let Err(e) = book.observe(&policy, &s.sensor, ts_ms, score, counts, model.as_deref()) {
                         tracing::error!(error = %e, "alert state not written");
                     }

@@ -280,6 +280,7 @@ mod tests {
                 threshold: Some(1.0),
                 frames: 1,
                 gaps: Default::default(),
+                score_tail: None,
             }),
             ..Pointer::default()
         };

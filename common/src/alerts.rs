@@ -32,6 +32,13 @@ pub struct AlertPolicy {
     /// 0 turns the rule off.
     #[serde(default = "default_range_tolerance")]
     pub range_tolerance: f64,
+    /// How rarely a normal window may count towards an alert: a window the model flags counts only if its
+    /// score is also above the score the device's own windows pass once in `1 / tail_risk`, learnt from the
+    /// device's scores under the model it runs ([`crate::score_tail`]). Until that is learnt (at least 1,000
+    /// windows over a week), the tail of the model's validation scores judges, and without one the model's
+    /// flag counts alone. 0 turns the rule off.
+    #[serde(default = "default_tail_risk")]
+    pub tail_risk: f64,
 }
 
 fn default_open_after() -> u32 {
@@ -46,6 +53,11 @@ fn default_cooldown_secs() -> u64 {
 fn default_range_tolerance() -> f64 {
     0.02
 }
+fn default_tail_risk() -> f64 {
+    1e-4
+}
+/// The largest `tail_risk`: below the share of windows the tail is fitted to.
+pub const MAX_TAIL_RISK: f64 = 0.01;
 
 impl Default for AlertPolicy {
     fn default() -> Self {
@@ -54,6 +66,7 @@ impl Default for AlertPolicy {
             close_after: default_close_after(),
             cooldown_secs: default_cooldown_secs(),
             range_tolerance: default_range_tolerance(),
+            tail_risk: default_tail_risk(),
         }
     }
 }
@@ -282,7 +295,8 @@ impl AlertTracker {
 mod tests {
     use super::*;
 
-    const P: AlertPolicy = AlertPolicy { open_after: 3, close_after: 4, cooldown_secs: 10, range_tolerance: 0.02 };
+    const P: AlertPolicy =
+        AlertPolicy { open_after: 3, close_after: 4, cooldown_secs: 10, range_tolerance: 0.02, tail_risk: 1e-4 };
 
     /// Feeds one flag pattern (`x` flagged, `.` not), a window a second from t = 1 s; returns the snapshots.
     fn feed(t: &mut AlertTracker, pattern: &str, start_s: u64) -> Vec<AlertEvent> {

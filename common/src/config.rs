@@ -377,6 +377,11 @@ impl ClassConfig {
             "alerts.range_tolerance",
             "must be between 0 (off) and 10",
         )?;
+        c.check(
+            a.tail_risk == 0.0 || (1e-9..=crate::alerts::MAX_TAIL_RISK).contains(&a.tail_risk),
+            "alerts.tail_risk",
+            "must be 0 (off) or between 1e-9 and 0.01",
+        )?;
         if let Some(m) = &self.modbus {
             m.check(|name| self.sensors.iter().find(|s| s.name == name).map(|s| s.channels))
                 .map_err(|(key, reason)| c.fail(key, reason))?;
@@ -483,6 +488,9 @@ window = 256
             (format!("{GOOD}\n[alerts]\ncooldown_secs = 9999999"), "alerts.cooldown_secs"),
             (format!("{GOOD}\n[alerts]\nrange_tolerance = -0.5"), "alerts.range_tolerance"),
             (format!("{GOOD}\n[alerts]\nrange_tolerance = nan"), "alerts.range_tolerance"),
+            (format!("{GOOD}\n[alerts]\ntail_risk = 0.5"), "alerts.tail_risk"),
+            (format!("{GOOD}\n[alerts]\ntail_risk = -1e-4"), "alerts.tail_risk"),
+            (format!("{GOOD}\n[alerts]\ntail_risk = nan"), "alerts.tail_risk"),
             (format!("{GOOD}\n[logs]\nburst = 0"), "logs.burst"),
         ];
         for (text, key) in cases {

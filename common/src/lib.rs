@@ -42,6 +42,7 @@ pub mod features;
 pub mod gaps;
 pub mod modbus;
 pub mod private;
+pub mod score_tail;
 pub mod secret;
 pub mod seen_range;
 pub mod signing;

@@ -63,6 +63,11 @@ pub struct Manifest {
     /// with the default encodes as before.
     #[serde(default, skip_serializing_if = "GapRule::is_default")]
     pub gaps: GapRule,
+    /// The tail of the model's scores on its validation split ([`crate::score_tail::TailFit`]): it judges
+    /// which flags count towards an alert until the device has learnt the tail of its own scores. Absent on
+    /// models without one (uploaded models), and a manifest without it encodes as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score_tail: Option<crate::score_tail::TailFit>,
 }
 
 fn one() -> u32 {
@@ -369,6 +374,7 @@ mod tests {
             created_ms: 0,
             frames: 1,
             gaps: GapRule::default(),
+            score_tail: None,
         }
     }
 

@@ -640,14 +640,7 @@ impl Updater {
     async fn load_and_self_test(&self, m: &Manifest) -> Result<Loaded, StepError> {
         let (files, m2, width) = (self.files.clone(), m.clone(), self.me.width);
         tokio::task::spawn_blocking(move || -> Result<Loaded, String> {
-            let info = ModelInfo {
-                name: m2.name.clone(),
-                version: m2.version,
-                sha256: m2.sha256.clone(),
-                threshold: Some(m2.threshold),
-                frames: m2.frames,
-                gaps: m2.gaps,
-            };
+            let info = ModelInfo::from_manifest(&m2);
             let mut model = files.load_model(&info, width).map_err(|e| format!("load: {e:#}"))?;
             let outputs: Vec<Result<Vec<f32>, String>> =
                 m2.golden.iter().map(|g| model.outputs(&g.input).map_err(|e| e.to_string())).collect();

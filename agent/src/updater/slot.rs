@@ -10,6 +10,8 @@ use super::state::{ShadowTracker, Verdict, WatchTracker, WindowOutcome, MAX_FRAM
 use crate::health::Health;
 use crate::inference::{InferenceError, Model};
 use edgeloop_common::gaps::GapRule;
+use edgeloop_common::score_tail::TailFit;
+use edgeloop_common::update::Manifest;
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -29,6 +31,10 @@ pub struct ModelInfo {
     /// How gaps in the model's sensor are filled while it runs: the rule its training used.
     #[serde(default)]
     pub gaps: GapRule,
+    /// The tail of the model's validation scores, which judges alerts until the device has learnt its own
+    /// (`edgeloop_common::score_tail`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score_tail: Option<TailFit>,
 }
 
 fn one() -> u32 {
@@ -45,6 +51,20 @@ impl ModelInfo {
             threshold: None,
             frames: model.frames() as u32,
             gaps: GapRule::default(),
+            score_tail: None,
+        }
+    }
+
+    /// The model a verified manifest describes.
+    pub fn from_manifest(m: &Manifest) -> ModelInfo {
+        ModelInfo {
+            name: m.name.clone(),
+            version: m.version,
+            sha256: m.sha256.clone(),
+            threshold: Some(m.threshold),
+            frames: m.frames,
+            gaps: m.gaps,
+            score_tail: m.score_tail,
         }
     }
 
@@ -323,6 +343,7 @@ mod tests {
             threshold: None,
             frames: 3,
             gaps: GapRule::default(),
+            score_tail: None,
         };
         Loaded { model, info }
     }

@@ -44,6 +44,8 @@ pub enum ManifestError {
     Features { sensor: String, theirs: FeatureKind, mine: FeatureKind },
     #[error("threshold is not finite")]
     ThresholdNotFinite,
+    #[error("{0}")]
+    ScoreTail(String),
     #[error("gap rule fills up to {0} readings, over {MAX_GAP_LIMIT}")]
     GapRule(usize),
     #[error("no golden vectors to self-test with")]
@@ -235,6 +237,9 @@ fn check_manifest(m: &Manifest, me: &Identity) -> Result<(), ManifestError> {
     }
     if !m.threshold.is_finite() {
         return Err(ManifestError::ThresholdNotFinite);
+    }
+    if let Some(tail) = &m.score_tail {
+        tail.validate().map_err(ManifestError::ScoreTail)?;
     }
     if m.gaps.max_gap > MAX_GAP_LIMIT {
         return Err(ManifestError::GapRule(m.gaps.max_gap));
@@ -436,6 +441,7 @@ mod tests {
             created_ms: 0,
             frames: 1,
             gaps: Default::default(),
+            score_tail: None,
         }
     }
 
@@ -547,6 +553,17 @@ mod tests {
             (|m| m.input_shape = vec![-1, 5], "input shape"),
             (|m| m.golden.clear(), "golden"),
             (|m| m.threshold = f32::NAN, "threshold"),
+            (
+                |m| {
+                    m.score_tail = Some(edgeloop_common::score_tail::TailFit {
+                        peak_threshold: 1.0,
+                        shape: 0.1,
+                        scale: -2.0,
+                        peak_share: 0.02,
+                    })
+                },
+                "score_tail",
+            ),
             (|m| m.gaps.max_gap = 1_000_000, "gap rule"),
             // Trained on a rolling window of 8 where this device computes one of 4.
             (|m| m.pipeline.sensors = vec![temp_features(8)], "trained on features"),

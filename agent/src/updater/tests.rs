@@ -100,12 +100,21 @@ fn manifest(bytes: &[u8], golden_out: f32) -> Manifest {
         created_ms: 0,
         frames: 1,
         gaps: Default::default(),
+        score_tail: None,
     }
 }
 
 /// What the slot holds for a delivered model of one vector per input, trained with the default gap rule.
 fn info(name: &str, version: u32, sha256: &str, threshold: Option<f32>) -> ModelInfo {
-    ModelInfo { name: name.into(), version, sha256: sha256.into(), threshold, frames: 1, gaps: Default::default() }
+    ModelInfo {
+        name: name.into(),
+        version,
+        sha256: sha256.into(),
+        threshold,
+        frames: 1,
+        gaps: Default::default(),
+        score_tail: None,
+    }
 }
 
 fn desired(s: &Signer, m: &Manifest, seq: u64, policy: UpdatePolicy) -> Signed {

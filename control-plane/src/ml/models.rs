@@ -132,6 +132,10 @@ pub struct ModelVersion {
     /// do not fill), carried in the manifest so that agents fill gaps the same way while they run it.
     #[serde(default)]
     pub gaps: GapRule,
+    /// The tail of its scores on the validation split, shipped in the manifest: devices judge alerts by it
+    /// until they have learnt the tail of their own scores. Absent for classifiers and uploaded models.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub score_tail: Option<edgeloop_common::score_tail::TailFit>,
 }
 
 fn one() -> u32 {
@@ -159,6 +163,7 @@ impl ModelVersion {
             golden_tolerance: 1e-3,
             frames: self.frames,
             gaps: self.gaps,
+            score_tail: self.score_tail,
             lineage: edgeloop_common::update::ManifestLineage {
                 dataset_hash: l.dataset_hash.clone(),
                 hyper: serde_json::to_string(&l.hyper).unwrap_or_default(),
@@ -523,6 +528,7 @@ mod tests {
             input_shape: vec![-1, 4],
             output_shape: vec![-1, 1],
             gaps: Default::default(),
+            score_tail: None,
             pipeline: PipelineSpec { version: 1, sensors: vec![] },
             threshold: 1.0,
             golden: vec![],

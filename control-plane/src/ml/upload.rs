@@ -134,6 +134,7 @@ pub fn register(
         input_shape: vec![-1, width as i64],
         output_shape: vec![-1, out_len as i64],
         gaps: Default::default(),
+        score_tail: None,
         pipeline,
         threshold: u.threshold,
         golden,

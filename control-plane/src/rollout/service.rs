@@ -1046,6 +1046,7 @@ mod tests {
             input_shape: vec![-1, 4],
             output_shape: vec![-1, 1],
             gaps: Default::default(),
+            score_tail: None,
             pipeline: edgeloop_common::features::PipelineSpec { version: 1, sensors: vec![] },
             threshold: 1.0,
             golden: vec![],

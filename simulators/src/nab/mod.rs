@@ -373,14 +373,7 @@ async fn run_file(
             let agent = &dev.handle()?.0;
             // Everything sent so far is committed: the next record is the new model's first.
             let from_seq = agent.outbox.stats().last_seq + 1;
-            let info = ModelInfo {
-                name: m.name.clone(),
-                version: m.version,
-                sha256: m.sha256.clone(),
-                threshold: Some(m.threshold),
-                frames: m.frames,
-                gaps: m.gaps,
-            };
+            let info = ModelInfo::from_manifest(&m.manifest());
             agent.slot.set_active(Some(Loaded { model, info }));
             models.push((from_seq, m.threshold));
             tracing::info!(class = %class.class, version = m.version, kind = %m.kind, selection = %m.lineage.selection, "installed");

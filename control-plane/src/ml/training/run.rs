@@ -13,6 +13,7 @@ use crate::ml::models::{decide, Golden, Lineage, Metrics, ModelRegistry, ModelVe
 use edgeloop_common::config::ClassConfig;
 use edgeloop_common::features::{FeatureKind, PipelineSpec};
 use edgeloop_common::gaps::GapRule;
+use edgeloop_common::score_tail::TailFit;
 use serde::{Deserialize, Serialize};
 
 pub use crate::ml::models::ModelKind;
@@ -260,6 +261,7 @@ fn autoencoder_candidate(
         promotion,
         frames: 1,
         selection,
+        score_tail: normal_tail(&val_scores, &anomalous(&ds.val)),
     };
     register(ds, class, req, registry, candidate, progress)
 }
@@ -386,6 +388,7 @@ fn forecaster_candidate(
         promotion,
         frames,
         selection,
+        score_tail: normal_tail(&val_scores, &vw.anomalous),
     };
     register(ds, class, req, registry, candidate, progress)
 }
@@ -641,6 +644,7 @@ fn classifier_candidate(
         promotion,
         frames: 1,
         selection: "classifier: asked for".into(),
+        score_tail: None,
     };
     register(ds, class, req, registry, candidate, progress)
 }
@@ -663,6 +667,20 @@ struct Candidate {
     frames: usize,
     /// Why this kind of model was chosen.
     selection: String,
+    /// The tail of its scores on the validation split's normal windows (anomaly models).
+    score_tail: Option<TailFit>,
+}
+
+/// The tail of the validation scores of the windows not labelled anomalous: devices judge alerts by it until
+/// they have learnt their own (`edgeloop_common::score_tail`).
+fn normal_tail(scores: &[f32], anomalous: &[bool]) -> Option<TailFit> {
+    let normal: Vec<f32> = scores
+        .iter()
+        .zip(anomalous.iter().chain(std::iter::repeat(&false)))
+        .filter(|(_, a)| !**a)
+        .map(|(s, _)| *s)
+        .collect();
+    TailFit::from_scores(&normal)
 }
 
 /// Stores the artifact, records the version with its lineage (and the production pointer if promoted).
@@ -693,6 +711,7 @@ fn register(
         pipeline: PipelineSpec { version: 1, sensors: vec![ds.sensor.clone()] },
         threshold: c.threshold,
         golden: c.golden,
+        score_tail: c.score_tail,
         lineage: Lineage {
             dataset_hash: ds.hash.clone(),
             dataset_report: ds.report.clone(),

@@ -214,6 +214,7 @@ fn classifier_beats_the_majority_class_by_a_wide_margin() {
         ("clusters-classifier", "classifier", vec![-1, 3])
     );
     assert!(m.promotion.promoted);
+    assert_eq!(m.score_tail, None, "a classifier has no anomaly score");
     // Golden probabilities sum to one and reproduce through tract.
     let bytes = std::fs::read(registry.artifact_path(&m.sha256).unwrap()).unwrap();
     let inputs: Vec<Vec<f32>> = m.golden.iter().map(|g| g.input.clone()).collect();
@@ -408,6 +409,26 @@ fn the_datasets_gap_rule_goes_into_the_version_and_its_manifest() {
     let fast = train_dataset(&ds, "synthetic", &req, &registry, &mut |_, _| {}).unwrap();
     assert_eq!(fast.gaps, GapRule::default());
     assert_eq!(fast.manifest().gaps, GapRule::default());
+}
+
+#[test]
+fn an_anomaly_models_manifest_carries_the_tail_of_its_normal_validation_scores() {
+    let (_dir, registry) = registry();
+    // Too few validation windows (300, 6 past the 98th percentile) make no tail.
+    let mut req = TrainRequest::new("synthetic");
+    req.trials = 1;
+    req.hyper = Some(quick());
+    let small = train_dataset(&synthetic(1500, 4), "synthetic", &req, &registry, &mut |_, _| {}).unwrap();
+    assert_eq!(small.score_tail, None);
+    let ds = synthetic(4000, 4);
+    let m = train_dataset(&ds, "synthetic", &req, &registry, &mut |_, _| {}).unwrap();
+    let tail = m.score_tail.expect("an anomaly model has a score tail");
+    assert_eq!(tail.validate(), Ok(()));
+    assert!((0.01..=0.03).contains(&tail.peak_share), "{tail:?}");
+    let (common, rare) = (tail.threshold(1e-2).unwrap(), tail.threshold(1e-5).unwrap());
+    assert!(tail.peak_threshold < rare && common < rare, "{tail:?}");
+    assert_eq!(m.manifest().score_tail, Some(tail));
+    assert_eq!(registry.get("synthetic", m.version).unwrap().unwrap().score_tail, Some(tail));
 }
 
 #[test]
