@@ -113,22 +113,23 @@ impl AlertBook {
 
     /// Takes one window's `score` at event time `ts_ms` under `model` into the device's score tail, and says
     /// whether a flag of the model on it should count towards an alert: its score is past the tail for the
-    /// policy's `tail_risk` (the model's own tail while the device's is learnt), or neither tail is known yet
-    /// (the model's flag then decides alone), or the rule is off. A changed tail is written with the records
+    /// policy's `tail_days` for windows `window_secs` apart (the model's own tail while the device's is
+    /// learnt), or neither tail is known yet (the model's flag then decides alone), or the rule is off. A changed tail is written with the records
     /// the collector commits.
     pub fn past_tail(
         &self,
         policy: &AlertPolicy,
+        window_secs: f64,
         model: &ModelInfo,
         ts_ms: u64,
         score: f32,
     ) -> Result<bool, OutboxError> {
-        if policy.tail_risk <= 0.0 {
+        let risk = policy.tail_risk(window_secs);
+        if risk <= 0.0 {
             return Ok(true);
         }
         let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
-        let (verdict, changed) =
-            tail.observe(&model.label(), ts_ms, score, policy.tail_risk, model.score_tail.as_ref());
+        let (verdict, changed) = tail.observe(&model.label(), ts_ms, score, risk, model.score_tail.as_ref());
         if changed {
             let mut bytes = Vec::new();
             ciborium::into_writer(&*tail, &mut bytes).map_err(|e| corrupt("tail", e))?;
@@ -212,7 +213,7 @@ mod tests {
     use edgeloop_common::durable::Durability;
 
     const P: AlertPolicy =
-        AlertPolicy { open_after: 2, close_after: 2, cooldown_secs: 0, range_tolerance: 0.02, tail_risk: 1e-4 };
+        AlertPolicy { open_after: 2, close_after: 2, cooldown_secs: 0, range_tolerance: 0.02, tail_days: 365.0 };
 
     fn flag(book: &AlertBook, ts_s: u64, flagged: bool) -> Option<AlertEvent> {
         book.observe(&P, "s", ts_s * 1000, if flagged { 5.0 } else { 0.0 }, flagged, Some("m v1")).unwrap()
@@ -280,6 +281,7 @@ mod tests {
         use edgeloop_common::score_tail::TailFit;
         let dir = tempfile::tempdir().unwrap();
         // A window every quarter of an hour, so that the first 1,000 span the week the tail learns over.
+        const WINDOW_SECS: f64 = 900.0;
         let (score, ts) = (|i: u64| (i % 100) as f32 / 100.0, |i: u64| i * 15 * 60_000);
         let model = |version: u32, score_tail: Option<TailFit>| ModelInfo {
             name: "m".into(),
@@ -295,24 +297,27 @@ mod tests {
             let outbox = Outbox::open(dir.path(), Durability::Flush, 1 << 20).unwrap();
             let book = AlertBook::open(&outbox).unwrap();
             for i in 0..edgeloop_common::score_tail::CALIBRATION_WINDOWS {
-                assert!(book.past_tail(&P, &v1, ts(i), score(i)).unwrap(), "learning: the flag decides at {i}");
+                assert!(
+                    book.past_tail(&P, WINDOW_SECS, &v1, ts(i), score(i)).unwrap(),
+                    "learning: the flag decides at {i}"
+                );
             }
             // Learnt: the device's ordinary scores no longer count, far beyond them they do.
-            assert!(!book.past_tail(&P, &v1, ts(1000), 0.99).unwrap());
-            assert!(book.past_tail(&P, &v1, ts(1001), 5.0).unwrap());
+            assert!(!book.past_tail(&P, WINDOW_SECS, &v1, ts(1000), 0.99).unwrap());
+            assert!(book.past_tail(&P, WINDOW_SECS, &v1, ts(1001), 5.0).unwrap());
             outbox.commit().unwrap();
         }
         let outbox = Outbox::open(dir.path(), Durability::Flush, 1 << 20).unwrap();
         let book = AlertBook::open(&outbox).unwrap();
-        assert!(!book.past_tail(&P, &v1, ts(1002), 0.99).unwrap(), "the tail came back");
-        assert!(book.past_tail(&P, &v1, ts(1003), 5.0).unwrap());
+        assert!(!book.past_tail(&P, WINDOW_SECS, &v1, ts(1002), 0.99).unwrap(), "the tail came back");
+        assert!(book.past_tail(&P, WINDOW_SECS, &v1, ts(1003), 5.0).unwrap());
         // Off: every flag counts.
-        assert!(book.past_tail(&AlertPolicy { tail_risk: 0.0, ..P }, &v1, ts(1004), 0.5).unwrap());
+        assert!(book.past_tail(&AlertPolicy { tail_days: 0.0, ..P }, WINDOW_SECS, &v1, ts(1004), 0.5).unwrap());
         // A new model learns afresh; with its training's tail, that tail judges meanwhile.
-        assert!(book.past_tail(&P, &model(2, None), ts(1005), 0.5).unwrap());
+        assert!(book.past_tail(&P, WINDOW_SECS, &model(2, None), ts(1005), 0.5).unwrap());
         let prior = TailFit { peak_threshold: 1.0, shape: 0.0, scale: 0.1, peak_share: 0.02 };
         let v3 = model(3, Some(prior));
-        assert!(!book.past_tail(&P, &v3, ts(1006), 1.2).unwrap());
-        assert!(book.past_tail(&P, &v3, ts(1007), 2.0).unwrap());
+        assert!(!book.past_tail(&P, WINDOW_SECS, &v3, ts(1006), 1.2).unwrap());
+        assert!(book.past_tail(&P, WINDOW_SECS, &v3, ts(1007), 2.0).unwrap());
     }
 }

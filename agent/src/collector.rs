@@ -140,7 +140,10 @@ impl Collector {
             let (score, flagged) = if model_sensor { self.slot.score(&features) } else { (None, false) };
             let mut out_of_range = false;
             if let (true, Some((book, class))) = (model_sensor, &self.alerts) {
-                let policy = class.borrow().alerts.clone();
+                let (policy, window_secs) = {
+                    let c = class.borrow();
+                    (c.alerts.clone(), c.window_secs(&s.sensor).unwrap_or(0.0))
+                };
                 // A slow reading is judged against the range the device has seen (a fast sensor's window is
                 // the model's to judge).
                 if matches!(p.spec().features, FeatureKind::Slow { .. }) {
@@ -155,7 +158,7 @@ impl Collector {
                     // The model's flag counts when the score is also past the device's tail (or the model's,
                     // while the device's is learnt).
                     let past_tail = active.as_ref().is_none_or(|a| {
-                        book.past_tail(&policy, a, ts_ms, score).unwrap_or_else(|e| {
+                        book.past_tail(&policy, window_secs, a, ts_ms, score).unwrap_or_else(|e| {
                             tracing::error!(error = %e, "score tail not written");
                             true
                         })

@@ -32,13 +32,14 @@ pub struct AlertPolicy {
     /// 0 turns the rule off.
     #[serde(default = "default_range_tolerance")]
     pub range_tolerance: f64,
-    /// How rarely a normal window may count towards an alert: a window the model flags counts only if its
-    /// score is also above the score the device's own windows pass once in `1 / tail_risk`, learnt from the
-    /// device's scores under the model it runs ([`crate::score_tail`]). Until that is learnt (at least 1,000
-    /// windows over a week), the tail of the model's validation scores judges, and without one the model's
-    /// flag counts alone. 0 turns the rule off.
-    #[serde(default = "default_tail_risk")]
-    pub tail_risk: f64,
+    /// How rarely a normal window may count towards an alert, in days of the sensor's readings: a window the
+    /// model flags counts only if its score is also above the score the device's own windows pass about once
+    /// in `tail_days` (a share of its windows, [`AlertPolicy::tail_risk`]), learnt from the device's scores
+    /// under the model it runs ([`crate::score_tail`]). Until that is learnt (at least 1,000 windows over a
+    /// week), the tail of the model's validation scores judges, and without one the model's flag counts
+    /// alone. 0 turns the rule off.
+    #[serde(default = "default_tail_days")]
+    pub tail_days: f64,
 }
 
 fn default_open_after() -> u32 {
@@ -53,11 +54,27 @@ fn default_cooldown_secs() -> u64 {
 fn default_range_tolerance() -> f64 {
     0.02
 }
-fn default_tail_risk() -> f64 {
-    1e-4
+fn default_tail_days() -> f64 {
+    365.0
 }
-/// The largest `tail_risk`: below the share of windows the tail is fitted to.
+/// The largest share of windows the alert tail may let through: below the share the tail is fitted to.
 pub const MAX_TAIL_RISK: f64 = 0.01;
+/// The smallest: one window in a million. Past it the fit reaches too far beyond what a device shows in the
+/// week it learns from (a sensor that scores a window every 128 ms makes 4.7 million windows a week).
+pub const MIN_TAIL_RISK: f64 = 1e-6;
+/// The longest `tail_days`: a century.
+pub const MAX_TAIL_DAYS: f64 = 36_500.0;
+
+impl AlertPolicy {
+    /// The share of normal windows the alert tail lets through, for windows `window_secs` apart: one in
+    /// `tail_days` of them, between [`MIN_TAIL_RISK`] and [`MAX_TAIL_RISK`]. 0 when the rule is off.
+    pub fn tail_risk(&self, window_secs: f64) -> f64 {
+        if !(self.tail_days > 0.0 && window_secs > 0.0) {
+            return 0.0;
+        }
+        (window_secs / (self.tail_days * 86_400.0)).clamp(MIN_TAIL_RISK, MAX_TAIL_RISK)
+    }
+}
 
 impl Default for AlertPolicy {
     fn default() -> Self {
@@ -66,7 +83,7 @@ impl Default for AlertPolicy {
             close_after: default_close_after(),
             cooldown_secs: default_cooldown_secs(),
             range_tolerance: default_range_tolerance(),
-            tail_risk: default_tail_risk(),
+            tail_days: default_tail_days(),
         }
     }
 }
@@ -296,7 +313,7 @@ mod tests {
     use super::*;
 
     const P: AlertPolicy =
-        AlertPolicy { open_after: 3, close_after: 4, cooldown_secs: 10, range_tolerance: 0.02, tail_risk: 1e-4 };
+        AlertPolicy { open_after: 3, close_after: 4, cooldown_secs: 10, range_tolerance: 0.02, tail_days: 365.0 };
 
     /// Feeds one flag pattern (`x` flagged, `.` not), a window a second from t = 1 s; returns the snapshots.
     fn feed(t: &mut AlertTracker, pattern: &str, start_s: u64) -> Vec<AlertEvent> {
@@ -309,6 +326,18 @@ mod tests {
                 t.observe(&P, "s", ts, if flagged { 10.0 + i as f32 } else { 0.1 }, flagged, Some("m v1"))
             })
             .collect()
+    }
+
+    #[test]
+    fn the_tail_lets_one_window_in_tail_days_through_within_bounds() {
+        let p = AlertPolicy::default();
+        // A reading a minute: one in the 525,600 of a year.
+        assert!((p.tail_risk(60.0) - 60.0 / (365.0 * 86_400.0)).abs() < 1e-15);
+        // A window every 128 ms would be one in 246 million: held at one in a million.
+        assert_eq!(p.tail_risk(0.128), MIN_TAIL_RISK);
+        assert_eq!(AlertPolicy { tail_days: 1.0 / 24.0, ..p.clone() }.tail_risk(3600.0), MAX_TAIL_RISK);
+        assert_eq!(AlertPolicy { tail_days: 0.0, ..p.clone() }.tail_risk(60.0), 0.0);
+        assert_eq!(p.tail_risk(0.0), 0.0);
     }
 
     #[test]

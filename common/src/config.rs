@@ -378,9 +378,9 @@ impl ClassConfig {
             "must be between 0 (off) and 10",
         )?;
         c.check(
-            a.tail_risk == 0.0 || (1e-9..=crate::alerts::MAX_TAIL_RISK).contains(&a.tail_risk),
-            "alerts.tail_risk",
-            "must be 0 (off) or between 1e-9 and 0.01",
+            a.tail_days == 0.0 || (1.0 / 24.0..=crate::alerts::MAX_TAIL_DAYS).contains(&a.tail_days),
+            "alerts.tail_days",
+            "must be 0 (off) or between 1/24 (an hour) and 36500",
         )?;
         if let Some(m) = &self.modbus {
             m.check(|name| self.sensors.iter().find(|s| s.name == name).map(|s| s.channels))
@@ -397,6 +397,17 @@ impl ClassConfig {
     /// The nominal time between two readings of a sensor, in ms.
     pub fn period_ms(s: &SensorConfig) -> f64 {
         1000.0 / s.rate_hz
+    }
+
+    /// The nominal time between two of a sensor's feature vectors (the windows a model scores), in seconds: a
+    /// reading of a slow sensor, a hop of a fast one. `None` for a sensor the class does not have.
+    pub fn window_secs(&self, sensor: &str) -> Option<f64> {
+        let s = self.sensors.iter().find(|s| s.name == sensor)?;
+        let readings = match Self::sensor_spec(s).features {
+            FeatureKind::Window { hop, .. } => hop as f64,
+            FeatureKind::Slow { .. } => 1.0,
+        };
+        Some(readings / s.rate_hz)
     }
 
     /// How one sensor's samples become features.
@@ -438,6 +449,15 @@ rate_hz = 2000
 channels = 3
 window = 256
 "#;
+
+    #[test]
+    fn a_windows_spacing_is_a_hop_of_a_fast_sensor_and_a_reading_of_a_slow_one() {
+        let c = ClassConfig::from_toml("f.toml", GOOD).unwrap();
+        assert_eq!(c.window_secs("accel"), Some(0.128));
+        let slow = format!("{GOOD}[[sensors]]\nname = \"t\"\nkind = \"slow\"\nrate_hz = 0.2\n");
+        let c = ClassConfig::from_toml("f.toml", &slow).unwrap();
+        assert_eq!((c.window_secs("t"), c.window_secs("nope")), (Some(5.0), None));
+    }
 
     #[test]
     fn good_config_resolves_pipeline() {
@@ -488,9 +508,10 @@ window = 256
             (format!("{GOOD}\n[alerts]\ncooldown_secs = 9999999"), "alerts.cooldown_secs"),
             (format!("{GOOD}\n[alerts]\nrange_tolerance = -0.5"), "alerts.range_tolerance"),
             (format!("{GOOD}\n[alerts]\nrange_tolerance = nan"), "alerts.range_tolerance"),
-            (format!("{GOOD}\n[alerts]\ntail_risk = 0.5"), "alerts.tail_risk"),
-            (format!("{GOOD}\n[alerts]\ntail_risk = -1e-4"), "alerts.tail_risk"),
-            (format!("{GOOD}\n[alerts]\ntail_risk = nan"), "alerts.tail_risk"),
+            (format!("{GOOD}\n[alerts]\ntail_days = 0.001"), "alerts.tail_days"),
+            (format!("{GOOD}\n[alerts]\ntail_days = -365"), "alerts.tail_days"),
+            (format!("{GOOD}\n[alerts]\ntail_days = nan"), "alerts.tail_days"),
+            (format!("{GOOD}\n[alerts]\ntail_days = 100000"), "alerts.tail_days"),
             (format!("{GOOD}\n[logs]\nburst = 0"), "logs.burst"),
         ];
         for (text, key) in cases {

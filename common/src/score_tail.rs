@@ -21,8 +21,11 @@
 //! This is SPOT, "Anomaly Detection in Streams with Extreme Value Theory" (Siffer et al., KDD 2017), with the
 //! distribution fitted by probability-weighted moments. It generalises because it assumes nothing about a score's
 //! scale or shape, only that the device's recent past is mostly normal, and its one setting is a rate that
-//! means the same on every class. A new model starts it over (its scores are on another scale); until it has
-//! calibrated, [`Verdict::Calibrating`] says so and the model's own flag decides alone.
+//! means the same on every class. A new model starts it over (its scores are on another scale). Until the
+//! week is in, a window is judged by the higher of two thresholds, where known: the model's own tail (a
+//! [`TailFit`] its training made on its validation scores, shipped in the manifest) and a provisional fit of
+//! what the device has shown so far (after [`CALIBRATION_WINDOWS`]); every calibration window is taken in,
+//! whatever it scored. With neither, [`Verdict::Calibrating`] says so and the model's own flag decides alone.
 //!
 //! The state is a few thousand numbers at most; the agent commits it with its alert state.
 
@@ -167,9 +170,17 @@ impl ScoreTail {
         self.peak_threshold.is_some()
     }
 
-    /// The device's own fit, once calibrated and with enough peaks.
+    /// The device's own fit: once calibrated, from its peaks; while calibrating, a provisional one from the
+    /// highest scores so far, once [`CALIBRATION_WINDOWS`] are in (it judges beside the model's tail, never
+    /// alone, as it has not seen the week yet).
     pub fn fit(&self) -> Option<TailFit> {
-        let t = self.peak_threshold?;
+        let Some(t) = self.peak_threshold else {
+            if self.calibration_windows < CALIBRATION_WINDOWS {
+                return None;
+            }
+            let (t, peaks) = self.calibration_peaks();
+            return TailFit::from_peaks(t, &peaks, peaks.len() as f64 / self.calibration_windows as f64);
+        };
         if self.peaks.len() < MIN_PEAKS || self.windows <= 0.0 {
             return None;
         }
@@ -202,6 +213,17 @@ impl ScoreTail {
             *self = ScoreTail { model: model.to_string(), since_ms: ts_ms, ..ScoreTail::default() };
         }
         let Some(t) = self.peak_threshold else {
+            // Judged before it is taken in, by the higher of the model's tail and what the device has shown so far.
+            let own = self.fitted(risk);
+            let z = match (prior.and_then(|p| p.threshold(risk)), own) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
+            };
+            let verdict = match z {
+                Some(z) if score > z => Verdict::Above,
+                Some(_) => Verdict::Below,
+                None => Verdict::Calibrating,
+            };
             self.calibration_windows += 1;
             self.since_ms = if self.calibration_windows == 1 { ts_ms } else { self.since_ms.min(ts_ms) };
             if self.calibration.len() < MAX_PEAKS || score > self.calibration[0] {
@@ -210,17 +232,13 @@ impl ScoreTail {
                 if self.calibration.len() > MAX_PEAKS {
                     self.calibration.remove(0);
                 }
+                self.fitted = None;
             }
             let done = self.calibration_windows >= CALIBRATION_WINDOWS
                 && ts_ms >= self.since_ms.saturating_add(CALIBRATION_SPAN_MS);
             if done {
                 self.fit_calibration();
             }
-            let verdict = match prior.and_then(|p| p.threshold(risk)) {
-                Some(z) if score > z => Verdict::Above,
-                Some(_) => Verdict::Below,
-                None => Verdict::Calibrating,
-            };
             return (verdict, done || self.calibration_windows % CALIBRATION_WRITE_EVERY == 1);
         };
         if self.fitted(risk).is_some_and(|z| score > z) {
@@ -257,14 +275,20 @@ impl ScoreTail {
     /// Sets `t` at the [`PEAK_QUANTILE`] quantile of the calibration windows (or at the lowest score kept, when
     /// the windows were so many that fewer than 2% of them fit in [`MAX_PEAKS`]), and the peaks over it.
     fn fit_calibration(&mut self) {
-        let top = std::mem::take(&mut self.calibration);
+        let (t, peaks) = self.calibration_peaks();
+        (self.windows, self.over) = (self.calibration_windows as f64, peaks.len() as f64);
+        self.peaks = peaks.into();
+        self.peak_threshold = Some(t);
+        (self.calibration, self.calibration_windows, self.fitted) = (Vec::new(), 0, None);
+    }
+
+    /// `t` and the excesses over it of the calibration's highest scores.
+    fn calibration_peaks(&self) -> (f32, Vec<f32>) {
+        let top = &self.calibration;
         let n = self.calibration_windows;
         let over = (((1.0 - PEAK_QUANTILE) * n as f64).ceil() as usize).clamp(1, top.len().saturating_sub(1).max(1));
-        let t = top[top.len().saturating_sub(over + 1)];
-        self.peaks = top.iter().filter(|&&s| s > t).map(|&s| s - t).collect();
-        (self.windows, self.over) = (n as f64, self.peaks.len() as f64);
-        self.peak_threshold = Some(t);
-        self.calibration_windows = 0;
+        let t = top.get(top.len().saturating_sub(over + 1)).copied().unwrap_or(0.0);
+        (t, top.iter().filter(|&&s| s > t).map(|&s| s - t).collect())
     }
 }
 
@@ -341,15 +365,18 @@ mod tests {
     fn calibrates_over_a_week_then_judges_and_a_fault_does_not_raise_its_own_bar() {
         let mut u = Uniform(5);
         let mut tail = ScoreTail::default();
-        // A window a second: 1,000 windows are not a week, so it goes on learning.
+        // A window a second: the first 1,000 are not judged (no model tail here), the next by what they showed.
         for i in 0..5000u64 {
             let (v, changed) = tail.observe("m v1", i * 1000, u.next() as f32, 1e-4, None);
-            assert_eq!(v, Verdict::Calibrating, "window {i}");
+            let judged = if i < CALIBRATION_WINDOWS { Verdict::Calibrating } else { Verdict::Below };
+            assert_eq!(v, judged, "window {i}");
             assert_eq!(changed, i % CALIBRATION_WRITE_EVERY == 0, "window {i}");
         }
+        assert_eq!(tail.observe("m v1", 5_000_000, 50.0, 1e-4, None).0, Verdict::Above);
+        // 1,000 windows are not a week: it goes on learning until a week has passed.
         assert!(!tail.calibrated());
         let (v, changed) = tail.observe("m v1", CALIBRATION_SPAN_MS, u.next() as f32, 1e-4, None);
-        assert_eq!((v, changed), (Verdict::Calibrating, true));
+        assert_eq!((v, changed), (Verdict::Below, true));
         assert!(tail.calibrated());
         let z = tail.threshold(1e-4).unwrap();
         // A fault: a hundred windows far above the threshold, each judged above, none taken in.
@@ -420,7 +447,14 @@ mod tests {
         assert_eq!(tail.observe("m v1", 0, z + 1.0, 1e-4, Some(&prior)).0, Verdict::Above);
         assert_eq!(tail.observe("m v1", STEP_MS, z - 1.0, 1e-4, Some(&prior)).0, Verdict::Below);
         assert!(!tail.calibrated());
-        // The device's own scores run ten times higher: once learnt, its own tail judges.
+        // The device's own scores run ten times higher. A window a second: after 1,000 windows, well within the
+        // week, what the device has shown already raises the bar the model's tail set.
+        for i in 0..1000 {
+            tail.observe("m v1", 2000 + i * 1000, 10.0 * -(u.next().ln()) as f32, 1e-4, Some(&prior));
+        }
+        assert!(!tail.calibrated());
+        assert_eq!(tail.observe("m v1", 1_002_000, z + 1.0, 1e-4, Some(&prior)).0, Verdict::Below);
+        // Once learnt, its own tail judges alone.
         feed(&mut tail, (0..2000).map(|_| 10.0 * -(u.next().ln()) as f32), 2, 1e-4);
         assert!(tail.calibrated());
         assert_eq!(tail.observe("m v1", 3000 * STEP_MS, z + 1.0, 1e-4, Some(&prior)).0, Verdict::Below);

@@ -319,7 +319,8 @@ mod tests {
 
     /// The snapshots a device sends for `alerts` faults of 3 flagged windows each, 100 s apart.
     fn snapshots(alerts: u64) -> Vec<AlertEvent> {
-        let p = AlertPolicy { open_after: 2, close_after: 2, cooldown_secs: 0, range_tolerance: 0.02, tail_risk: 1e-4 };
+        let p =
+            AlertPolicy { open_after: 2, close_after: 2, cooldown_secs: 0, range_tolerance: 0.02, tail_days: 365.0 };
         let mut t = AlertTracker::default();
         let mut out = Vec::new();
         for k in 0..alerts {
