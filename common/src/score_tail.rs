@@ -36,6 +36,12 @@ use std::collections::VecDeque;
 pub const CALIBRATION_WINDOWS: u64 = 1000;
 /// Event time the scores taken in before the tail is fitted must span: a week.
 pub const CALIBRATION_SPAN_MS: u64 = 7 * 86_400_000;
+/// The most one step forward in event time counts towards that week (a step back counts nothing): an outage,
+/// or a clock set right after starting at some early date, does not cut the week short.
+const MAX_STEP_MS: u64 = 86_400_000;
+/// While calibrating, the provisional fit is worked out again at least this often (the peak share moves with
+/// the window count).
+const REFIT_EVERY: u64 = 50;
 /// The quantile of the calibration scores above which a score is a peak.
 pub const PEAK_QUANTILE: f64 = 0.98;
 /// Peaks kept (the oldest are forgotten), and the highest calibration scores kept.
@@ -45,6 +51,8 @@ pub const MAX_PEAKS: usize = 2000;
 const CALIBRATION_WRITE_EVERY: u64 = 100;
 /// Windows counted before the counts are halved, so that the peak rate follows the device's recent past.
 const MAX_COUNTED: f64 = 200_000.0;
+/// How far past the largest excess seen a sharply bounded tail ends at the least, as a factor.
+const END_MARGIN: f64 = 1.01;
 /// Fewest peaks a fit is made from.
 const MIN_PEAKS: usize = 10;
 /// The fitted shape is kept within these bounds (past 1 the excesses have no mean).
@@ -92,11 +100,20 @@ impl TailFit {
         let a0 = sorted.iter().sum::<f64>() / n;
         let a1 = sorted.iter().enumerate().map(|(i, y)| y * (1.0 - (i as f64 + 0.65) / n)).sum::<f64>() / n;
         let d = a0 - 2.0 * a1;
+        let largest = sorted.last().copied().unwrap_or(0.0).max(0.0);
         let (shape, scale) = if a0 > 0.0 && d > 0.0 {
-            ((2.0 - a0 / d).clamp(-MAX_SHAPE, MAX_SHAPE), 2.0 * a0 * a1 / d)
+            let (shape, scale) = (2.0 - a0 / d, 2.0 * a0 * a1 / d);
+            if shape < -1.0 {
+                // A tail bounded more sharply than uniform: keep its end (scale / -shape) as shape -1 does, and
+                // no sooner than a little past the largest excess seen: the highest score a device has shown
+                // is not a rare one.
+                (-1.0, (scale / -shape).max(END_MARGIN * largest))
+            } else {
+                (shape.min(MAX_SHAPE), scale)
+            }
         } else {
             // Excesses with no spread: a bounded tail ending at the largest.
-            (-1.0, sorted.last().copied().unwrap_or(0.0).max(0.0))
+            (-1.0, largest)
         };
         let fit = TailFit { peak_threshold, shape: shape as f32, scale: scale as f32, peak_share };
         fit.validate().ok().map(|()| fit)
@@ -148,10 +165,11 @@ pub struct ScoreTail {
     /// The model the scores came from.
     model: String,
     /// While calibrating: the highest scores taken in (at most [`MAX_PEAKS`], ascending), how many windows,
-    /// and the event time of the first. Emptied once the tail is fitted.
+    /// the event time they span (see [`MAX_STEP_MS`]) and the latest. Emptied once the tail is fitted.
     calibration: Vec<f32>,
     calibration_windows: u64,
-    since_ms: u64,
+    span_ms: u64,
+    last_ms: u64,
     /// The peak threshold `t`, once calibrated.
     peak_threshold: Option<f32>,
     /// Excesses over `t`, oldest first.
@@ -162,6 +180,19 @@ pub struct ScoreTail {
     /// The last threshold worked out, and the risk it was for: refitted only when a peak comes in.
     #[serde(skip)]
     fitted: Option<(u64, Option<f32>)>,
+}
+
+/// Above the higher of the thresholds known, below it, or [`Verdict::Calibrating`] with none.
+fn judge(score: f32, model: Option<f32>, own: Option<f32>) -> Verdict {
+    let z = match (model, own) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    };
+    match z {
+        Some(z) if score > z => Verdict::Above,
+        Some(_) => Verdict::Below,
+        None => Verdict::Calibrating,
+    }
 }
 
 impl ScoreTail {
@@ -210,22 +241,20 @@ impl ScoreTail {
             return (if self.calibrated() { Verdict::Below } else { Verdict::Calibrating }, false);
         }
         if self.model != model {
-            *self = ScoreTail { model: model.to_string(), since_ms: ts_ms, ..ScoreTail::default() };
+            *self = ScoreTail { model: model.to_string(), ..ScoreTail::default() };
         }
         let Some(t) = self.peak_threshold else {
             // Judged before it is taken in, by the higher of the model's tail and what the device has shown so far.
             let own = self.fitted(risk);
-            let z = match (prior.and_then(|p| p.threshold(risk)), own) {
-                (Some(a), Some(b)) => Some(a.max(b)),
-                (a, b) => a.or(b),
-            };
-            let verdict = match z {
-                Some(z) if score > z => Verdict::Above,
-                Some(_) => Verdict::Below,
-                None => Verdict::Calibrating,
-            };
+            let verdict = judge(score, prior.and_then(|p| p.threshold(risk)), own);
+            if self.calibration_windows > 0 {
+                self.span_ms += ts_ms.saturating_sub(self.last_ms).min(MAX_STEP_MS);
+            }
+            self.last_ms = ts_ms;
             self.calibration_windows += 1;
-            self.since_ms = if self.calibration_windows == 1 { ts_ms } else { self.since_ms.min(ts_ms) };
+            if self.calibration_windows % REFIT_EVERY == 0 {
+                self.fitted = None;
+            }
             if self.calibration.len() < MAX_PEAKS || score > self.calibration[0] {
                 let at = self.calibration.partition_point(|&s| s < score);
                 self.calibration.insert(at, score);
@@ -234,15 +263,22 @@ impl ScoreTail {
                 }
                 self.fitted = None;
             }
+            // Enough windows over a week, and enough of them above `t` to fit (a sensor whose top scores tie
+            // goes on calibrating).
             let done = self.calibration_windows >= CALIBRATION_WINDOWS
-                && ts_ms >= self.since_ms.saturating_add(CALIBRATION_SPAN_MS);
+                && self.span_ms >= CALIBRATION_SPAN_MS
+                && self.calibration_peaks().1.len() >= MIN_PEAKS;
             if done {
                 self.fit_calibration();
             }
             return (verdict, done || self.calibration_windows % CALIBRATION_WRITE_EVERY == 1);
         };
-        if self.fitted(risk).is_some_and(|z| score > z) {
-            return (Verdict::Above, false);
+        match self.fitted(risk) {
+            Some(z) if score > z => return (Verdict::Above, false),
+            Some(_) => {}
+            // No fit to judge by (never after a calibration that found its peaks): the model's tail judges, and
+            // nothing is learnt.
+            None => return (judge(score, prior.and_then(|p| p.threshold(risk)), None), false),
         }
         self.windows += 1.0;
         if self.windows > MAX_COUNTED {
@@ -373,18 +409,56 @@ mod tests {
             assert_eq!(changed, i % CALIBRATION_WRITE_EVERY == 0, "window {i}");
         }
         assert_eq!(tail.observe("m v1", 5_000_000, 50.0, 1e-4, None).0, Verdict::Above);
-        // 1,000 windows are not a week: it goes on learning until a week has passed.
+        // 1,000 windows are not a week: it goes on learning until a week has passed. A jump of a week counts
+        // a day; a window a day then fills the week.
         assert!(!tail.calibrated());
-        let (v, changed) = tail.observe("m v1", CALIBRATION_SPAN_MS, u.next() as f32, 1e-4, None);
+        let day = 86_400_000;
+        for d in 1..=6 {
+            assert_eq!(tail.observe("m v1", 5_000_000 + d * day, u.next() as f32, 1e-4, None).0, Verdict::Below);
+            assert!(!tail.calibrated(), "day {d}");
+        }
+        let (v, changed) = tail.observe("m v1", 5_000_000 + 7 * day, u.next() as f32, 1e-4, None);
         assert_eq!((v, changed), (Verdict::Below, true));
         assert!(tail.calibrated());
+        let end = 5_000_000 + 7 * day;
         let z = tail.threshold(1e-4).unwrap();
         // A fault: a hundred windows far above the threshold, each judged above, none taken in.
         for i in 0..100 {
-            assert_eq!(tail.observe("m v1", CALIBRATION_SPAN_MS + i, 50.0, 1e-4, None), (Verdict::Above, false));
+            assert_eq!(tail.observe("m v1", end + i, 50.0, 1e-4, None), (Verdict::Above, false));
         }
         assert_eq!(tail.threshold(1e-4), Some(z));
-        assert_eq!(tail.observe("m v1", CALIBRATION_SPAN_MS + 100, 0.1, 1e-4, None).0, Verdict::Below);
+        assert_eq!(tail.observe("m v1", end + 100, 0.1, 1e-4, None).0, Verdict::Below);
+    }
+
+    #[test]
+    fn a_clock_set_back_or_tied_top_scores_do_not_end_the_learning_early() {
+        // Windows dated from 1970 until the clock is set, then today's: the jump counts a day, not 56 years.
+        let mut tail = ScoreTail::default();
+        let mut u = Uniform(23);
+        feed(&mut tail, (0..1000).map(|_| u.next() as f32), 0, 1e-4);
+        assert!(tail.calibrated(), "1,000 windows a quarter of an hour apart span ten days");
+        let mut early = ScoreTail::default();
+        for i in 0..1000u64 {
+            early.observe("m v1", i * 1000, u.next() as f32, 1e-4, None);
+        }
+        early.observe("m v1", 1_765_000_000_000, 0.5, 1e-4, None);
+        assert!(!early.calibrated());
+        // A score that is most often at its highest value: too few windows above the 98th percentile to fit,
+        // so it goes on learning (and judging by what it has) rather than stopping on nothing.
+        let mut flat = ScoreTail::default();
+        feed(&mut flat, (0..3000).map(|i| if i % 10 == 0 { 0.5 } else { 1.0 }), 0, 1e-4);
+        assert!(!flat.calibrated());
+    }
+
+    #[test]
+    fn a_sharply_bounded_tail_keeps_its_end() {
+        // Excesses with most of their mass at the top (scores capped at a maximum of 1 over t): the fitted
+        // threshold stays at the cap, not beyond it.
+        let peaks: Vec<f32> = (0..100).map(|i| if i < 70 { 1.0 } else { 0.01 * i as f32 }).collect();
+        let fit = TailFit::from_peaks(0.0, &peaks, 0.02).unwrap();
+        assert_eq!(fit.shape, -1.0);
+        let z = fit.threshold(1e-6).unwrap();
+        assert!(z > 1.0 && z <= 1.0 + 0.011, "{z}: past the largest excess, and not far");
     }
 
     #[test]

@@ -200,6 +200,8 @@ pub async fn cp_process(dir: &Path, ca_pem: &[u8], extra: &str) -> CpProcess {
             vec!["run".into(), "--config".into(), dir.join("cp.toml").display().to_string()],
             dir.join("cp.log"),
         );
+        // The log is appended to across starts: only what this start wrote says why it ended.
+        let before = std::fs::metadata(&proc.log).map_or(0, |m| m.len() as usize);
         proc.start();
         let api = Api::tls(api_addr, ca_pem).unwrap();
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -207,7 +209,7 @@ pub async fn cp_process(dir: &Path, ca_pem: &[u8], extra: &str) -> CpProcess {
             if let Some(status) = proc.child.as_mut().unwrap().try_wait().unwrap() {
                 let log = std::fs::read_to_string(&proc.log).unwrap_or_default();
                 proc.child = None;
-                if log.contains("Address already in use") {
+                if log.get(before..).is_some_and(|new| new.contains("Address already in use")) {
                     break;
                 }
                 panic!("the control plane exited with {status} before its API came up; log:\n{log}");
