@@ -72,19 +72,29 @@ pub struct NabOptions {
 /// What the run reports.
 #[derive(Debug, Clone, Serialize)]
 pub struct NabReport {
-    pub files: usize,
+    /// The files, NAB's three profiles, per category and left out, for the replay's alerts (onset step and
+    /// range rule).
+    #[serde(flatten)]
+    pub score: ScoreReport,
     pub rows: usize,
     pub seconds: f64,
     pub trainings: usize,
     pub promoted: usize,
-    /// NAB standard profile, normalised (0 null, 100 perfect), threshold optimised over these files.
-    pub standard_score: f64,
-    pub threshold: f64,
-    /// The same, scoring the agent's mapped scores as they are (without the [`onset`] step or the range rule).
+    /// The standard score, scoring the agent's mapped scores as they are (without the [`onset`] step or the range rule).
     pub standard_score_without_onset: f64,
     /// The same, with the [`onset`] step but without the range rule.
     pub standard_score_without_range: f64,
-    /// NAB's other two profiles, each with its own threshold optimised over these files.
+    pub per_file: Vec<FileReport>,
+}
+
+/// A detector's results scored: `edgeloop-sim nab-score`.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScoreReport {
+    pub files: usize,
+    /// NAB's standard profile, normalised (0 null, 100 perfect), threshold optimised over all the files.
+    pub standard_score: f64,
+    pub threshold: f64,
+    /// NAB's other two profiles, each with its own threshold optimised over the files.
     pub low_fp_score: f64,
     pub low_fn_score: f64,
     /// The standard score of each category's files, at the one threshold chosen for all of them.
@@ -94,23 +104,22 @@ pub struct NabReport {
     pub false_positives: std::collections::BTreeMap<String, usize>,
     /// Each category scored at the threshold chosen on the others ([`scorer::leave_one_category_out`]).
     pub left_out: std::collections::BTreeMap<String, scorer::LeftOut>,
-    pub per_file: Vec<FileReport>,
 }
 
-/// A detector's results scored: `edgeloop-sim nab-score`.
-#[derive(Debug, Clone, Serialize)]
-pub struct ScoreReport {
-    pub files: usize,
-    /// NAB's standard profile, normalised, threshold optimised over all the files.
-    pub standard_score: f64,
-    pub threshold: f64,
-    pub low_fp_score: f64,
-    pub low_fn_score: f64,
-    pub per_category: std::collections::BTreeMap<String, f64>,
-    /// False-positive rows of each category at that threshold (a category without windows scores 0 whatever
-    /// it flags).
-    pub false_positives: std::collections::BTreeMap<String, usize>,
-    pub left_out: std::collections::BTreeMap<String, scorer::LeftOut>,
+impl ScoreReport {
+    /// Scores `files` (named by `keys`), given `best`, their standard-profile optimum.
+    fn of(keys: &[&str], files: &[scorer::FileScores], best: &scorer::Corpus) -> ScoreReport {
+        ScoreReport {
+            files: files.len(),
+            standard_score: best.score,
+            threshold: best.threshold,
+            low_fp_score: scorer::optimise_with(files, &scorer::LOW_FP).score,
+            low_fn_score: scorer::optimise_with(files, &scorer::LOW_FN).score,
+            per_category: scorer::by_category(keys, files, best.threshold),
+            false_positives: scorer::false_positives_by_category(keys, files, best.threshold),
+            left_out: scorer::leave_one_category_out(keys, files),
+        }
+    }
 }
 
 /// Scores a detector's result files (`<results>/<category>/<prefix><file>.csv`, NAB's layout, with
@@ -135,17 +144,7 @@ pub fn score_results(data: &Path, results: &Path, prefix: &str) -> anyhow::Resul
     }
     anyhow::ensure!(!files.is_empty(), "no NAB files under {}", data.display());
     let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-    let best = scorer::optimise(&files);
-    Ok(ScoreReport {
-        files: files.len(),
-        standard_score: best.score,
-        threshold: best.threshold,
-        low_fp_score: scorer::optimise_with(&files, &scorer::LOW_FP).score,
-        low_fn_score: scorer::optimise_with(&files, &scorer::LOW_FN).score,
-        per_category: scorer::by_category(&keys, &files, best.threshold),
-        false_positives: scorer::false_positives_by_category(&keys, &files, best.threshold),
-        left_out: scorer::leave_one_category_out(&keys, &files),
-    })
+    Ok(ScoreReport::of(&keys, &files, &scorer::optimise(&files)))
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -479,24 +478,15 @@ pub async fn run(opts: NabOptions) -> anyhow::Result<NabReport> {
         (f.tp, f.fp, f.fn_) = (r.tp, r.fp, r.fn_);
     }
     let keys: Vec<&str> = per_file.iter().map(|f| f.file.as_str()).collect();
-    let per_category = scorer::by_category(&keys, &scored, best.threshold);
-    let false_positives = scorer::false_positives_by_category(&keys, &scored, best.threshold);
-    let left_out = scorer::leave_one_category_out(&keys, &scored);
+    let score = ScoreReport::of(&keys, &scored, &best);
     Ok(NabReport {
-        files: files.len(),
+        score,
         rows,
         seconds: started.elapsed().as_secs_f64(),
         trainings,
         promoted,
-        standard_score: best.score,
-        threshold: best.threshold,
         standard_score_without_onset: scorer::optimise(&raw).score,
         standard_score_without_range: scorer::optimise(&no_range).score,
-        low_fp_score: scorer::optimise_with(&scored, &scorer::LOW_FP).score,
-        low_fn_score: scorer::optimise_with(&scored, &scorer::LOW_FN).score,
-        per_category,
-        false_positives,
-        left_out,
         per_file,
     })
 }

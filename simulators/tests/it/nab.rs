@@ -19,13 +19,13 @@ async fn nab_replay_writes_well_formed_scores() {
         exclude_flagged: true,
     };
     let report = nab::run(opts).await.unwrap();
-    assert_eq!((report.files, report.rows), (1, 1127));
+    assert_eq!((report.score.files, report.rows), (1, 1127));
     assert!(report.trainings >= 2 && report.promoted >= 1, "{report:?}");
-    assert!((0.0..=100.0).contains(&report.standard_score), "{report:?}");
+    assert!((0.0..=100.0).contains(&report.score.standard_score), "{report:?}");
     // One category here, scored at the corpus threshold: the standard score itself.
-    assert_eq!(report.per_category.keys().collect::<Vec<_>>(), ["realTraffic"], "{report:?}");
-    assert!((report.per_category["realTraffic"] - report.standard_score).abs() < 1e-9, "{report:?}");
-    assert!(report.low_fp_score <= 100.0 && report.low_fn_score <= 100.0, "{report:?}");
+    assert_eq!(report.score.per_category.keys().collect::<Vec<_>>(), ["realTraffic"], "{report:?}");
+    assert!((report.score.per_category["realTraffic"] - report.score.standard_score).abs() < 1e-9, "{report:?}");
+    assert!(report.score.low_fp_score <= 100.0 && report.score.low_fn_score <= 100.0, "{report:?}");
 
     let input = std::fs::read_to_string(data.join("realTraffic/speed_7578.csv")).unwrap();
     let output = std::fs::read_to_string(out.path().join("realTraffic/speed_7578.csv")).unwrap();
