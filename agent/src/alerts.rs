@@ -8,9 +8,8 @@
 //! raised offline is not stuck behind the backlog it was raised in.
 
 use crate::outbox::{Outbox, OutboxError};
-use crate::updater::slot::ModelInfo;
 use edgeloop_common::alerts::{AlertEvent, AlertPolicy, AlertTracker};
-use edgeloop_common::score_tail::{ScoreTail, Verdict};
+use edgeloop_common::score_tail::{ScoreTail, TailFit, Verdict};
 use edgeloop_common::seen_range::SeenRange;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -29,6 +28,20 @@ fn queue_key(rev: u64) -> [u8; 9] {
     k[0] = QUEUE_PREFIX;
     k[1..].copy_from_slice(&rev.to_be_bytes());
     k
+}
+
+/// The CBOR value under `key`, or the default where there is none.
+fn load<T: serde::de::DeserializeOwned + Default>(tree: &sled::Tree, key: &[u8], what: &str) -> Result<T, OutboxError> {
+    match tree.get(key)? {
+        Some(v) => ciborium::from_reader(&v[..]).map_err(|e| corrupt(what, e)),
+        None => Ok(T::default()),
+    }
+}
+
+fn cbor(value: &impl serde::Serialize, what: &str) -> Result<Vec<u8>, OutboxError> {
+    let mut bytes = Vec::new();
+    ciborium::into_writer(value, &mut bytes).map_err(|e| corrupt(what, e))?;
+    Ok(bytes)
 }
 
 fn corrupt(what: &str, e: impl std::fmt::Display) -> OutboxError {
@@ -52,18 +65,9 @@ impl AlertBook {
     /// Opens the book in the outbox's database.
     pub fn open(outbox: &Outbox) -> Result<AlertBook, OutboxError> {
         let tree = outbox.tree("alerts")?;
-        let tracker: AlertTracker = match tree.get(STATE_KEY)? {
-            Some(v) => ciborium::from_reader(&v[..]).map_err(|e| corrupt("state", e))?,
-            None => AlertTracker::default(),
-        };
-        let range: SeenRange = match tree.get(RANGE_KEY)? {
-            Some(v) => ciborium::from_reader(&v[..]).map_err(|e| corrupt("range", e))?,
-            None => SeenRange::default(),
-        };
-        let tail: ScoreTail = match tree.get(TAIL_KEY)? {
-            Some(v) => ciborium::from_reader(&v[..]).map_err(|e| corrupt("tail", e))?,
-            None => ScoreTail::default(),
-        };
+        let tracker: AlertTracker = load(&tree, STATE_KEY, "state")?;
+        let range: SeenRange = load(&tree, RANGE_KEY, "range")?;
+        let tail: ScoreTail = load(&tree, TAIL_KEY, "tail")?;
         // What survived a restart is durable: the outbox committed it when it opened.
         let last = tracker.last_rev();
         Ok(AlertBook {
@@ -104,23 +108,21 @@ impl AlertBook {
         // Only a new extreme is written: the count alone moves no decision once learning is done.
         let learning = r.readings() < edgeloop_common::seen_range::LEARN_READINGS;
         if r.take(values) || learning {
-            let mut bytes = Vec::new();
-            ciborium::into_writer(&*r, &mut bytes).map_err(|e| corrupt("range", e))?;
-            self.tree.insert(RANGE_KEY, bytes)?;
+            self.tree.insert(RANGE_KEY, cbor(&*r, "range")?)?;
         }
         Ok(out)
     }
 
-    /// Takes one window's `score` at event time `ts_ms` under `model` into the device's score tail, and says
-    /// whether a flag of the model on it should count towards an alert: its score is past the tail for the
-    /// policy's `tail_days` for windows `window_secs` apart (the model's own tail while the device's is
-    /// learnt), or neither tail is known yet (the model's flag then decides alone), or the rule is off. A changed tail is written with the records
-    /// the collector commits.
+    /// Takes one window's `score` at event time `ts_ms` under `model` (its label) into the device's score tail,
+    /// and says whether a flag of the model on it should count towards an alert: its score is past the tail for
+    /// the policy's `tail_days` for windows `window_secs` apart (the model's own tail, `prior`, while the
+    /// device's is learnt), or neither tail is known yet (the model's flag then decides alone), or the rule is
+    /// off. A changed tail is written with the records the collector commits.
     pub fn past_tail(
         &self,
         policy: &AlertPolicy,
         window_secs: f64,
-        model: &ModelInfo,
+        (model, prior): (&str, Option<&TailFit>),
         ts_ms: u64,
         score: f32,
     ) -> Result<bool, OutboxError> {
@@ -129,11 +131,9 @@ impl AlertBook {
             return Ok(true);
         }
         let mut tail = self.tail.lock().unwrap_or_else(|p| p.into_inner());
-        let (verdict, changed) = tail.observe(&model.label(), ts_ms, score, risk, model.score_tail.as_ref());
+        let (verdict, changed) = tail.observe(model, ts_ms, score, risk, prior);
         if changed {
-            let mut bytes = Vec::new();
-            ciborium::into_writer(&*tail, &mut bytes).map_err(|e| corrupt("tail", e))?;
-            self.tree.insert(TAIL_KEY, bytes)?;
+            self.tree.insert(TAIL_KEY, cbor(&*tail, "tail")?)?;
         }
         Ok(verdict != Verdict::Below)
     }
@@ -153,14 +153,10 @@ impl AlertBook {
         let before = t.clone();
         let event = t.observe(policy, sensor, ts_ms, score, flagged, model);
         if *t != before {
-            let mut state = Vec::new();
-            ciborium::into_writer(&*t, &mut state).map_err(|e| corrupt("state", e))?;
             let mut batch = sled::Batch::default();
-            batch.insert(STATE_KEY, state);
+            batch.insert(STATE_KEY, cbor(&*t, "state")?);
             if let Some(ev) = &event {
-                let mut bytes = Vec::new();
-                ciborium::into_writer(ev, &mut bytes).map_err(|e| corrupt("snapshot", e))?;
-                batch.insert(&queue_key(ev.rev), bytes);
+                batch.insert(&queue_key(ev.rev), cbor(ev, "snapshot")?);
             }
             self.tree.apply_batch(batch)?;
             if let Some(ev) = &event {
@@ -210,6 +206,7 @@ impl AlertBook {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::updater::slot::ModelInfo;
     use edgeloop_common::durable::Durability;
 
     const P: AlertPolicy =
@@ -292,32 +289,32 @@ mod tests {
             gaps: Default::default(),
             score_tail,
         };
+        let past = |book: &AlertBook, p: &AlertPolicy, m: &ModelInfo, t: u64, s: f32| {
+            book.past_tail(p, WINDOW_SECS, (&m.label(), m.score_tail.as_ref()), t, s)
+        };
         let v1 = model(1, None);
         {
             let outbox = Outbox::open(dir.path(), Durability::Flush, 1 << 20).unwrap();
             let book = AlertBook::open(&outbox).unwrap();
             for i in 0..edgeloop_common::score_tail::CALIBRATION_WINDOWS {
-                assert!(
-                    book.past_tail(&P, WINDOW_SECS, &v1, ts(i), score(i)).unwrap(),
-                    "learning: the flag decides at {i}"
-                );
+                assert!(past(&book, &P, &v1, ts(i), score(i)).unwrap(), "learning: the flag decides at {i}");
             }
             // Learnt: the device's ordinary scores no longer count, far beyond them they do.
-            assert!(!book.past_tail(&P, WINDOW_SECS, &v1, ts(1000), 0.99).unwrap());
-            assert!(book.past_tail(&P, WINDOW_SECS, &v1, ts(1001), 5.0).unwrap());
+            assert!(!past(&book, &P, &v1, ts(1000), 0.99).unwrap());
+            assert!(past(&book, &P, &v1, ts(1001), 5.0).unwrap());
             outbox.commit().unwrap();
         }
         let outbox = Outbox::open(dir.path(), Durability::Flush, 1 << 20).unwrap();
         let book = AlertBook::open(&outbox).unwrap();
-        assert!(!book.past_tail(&P, WINDOW_SECS, &v1, ts(1002), 0.99).unwrap(), "the tail came back");
-        assert!(book.past_tail(&P, WINDOW_SECS, &v1, ts(1003), 5.0).unwrap());
+        assert!(!past(&book, &P, &v1, ts(1002), 0.99).unwrap(), "the tail came back");
+        assert!(past(&book, &P, &v1, ts(1003), 5.0).unwrap());
         // Off: every flag counts.
-        assert!(book.past_tail(&AlertPolicy { tail_days: 0.0, ..P }, WINDOW_SECS, &v1, ts(1004), 0.5).unwrap());
+        assert!(past(&book, &AlertPolicy { tail_days: 0.0, ..P }, &v1, ts(1004), 0.5).unwrap());
         // A new model learns afresh; with its training's tail, that tail judges meanwhile.
-        assert!(book.past_tail(&P, WINDOW_SECS, &model(2, None), ts(1005), 0.5).unwrap());
+        assert!(past(&book, &P, &model(2, None), ts(1005), 0.5).unwrap());
         let prior = TailFit { peak_threshold: 1.0, shape: 0.0, scale: 0.1, peak_share: 0.02 };
         let v3 = model(3, Some(prior));
-        assert!(!book.past_tail(&P, WINDOW_SECS, &v3, ts(1006), 1.2).unwrap());
-        assert!(book.past_tail(&P, WINDOW_SECS, &v3, ts(1007), 2.0).unwrap());
+        assert!(!past(&book, &P, &v3, ts(1006), 1.2).unwrap());
+        assert!(past(&book, &P, &v3, ts(1007), 2.0).unwrap());
     }
 }

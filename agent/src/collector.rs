@@ -157,11 +157,12 @@ impl Collector {
                     let model = active.as_ref().map(|m| m.label());
                     // The model's flag counts when the score is also past the device's tail (or the model's,
                     // while the device's is learnt).
-                    let past_tail = active.as_ref().is_none_or(|a| {
-                        book.past_tail(&policy, window_secs, a, ts_ms, score).unwrap_or_else(|e| {
-                            tracing::error!(error = %e, "score tail not written");
-                            true
-                        })
+                    let past_tail = active.as_ref().zip(model.as_deref()).is_none_or(|(a, label)| {
+                        book.past_tail(&policy, window_secs, (label, a.score_tail.as_ref()), ts_ms, score)
+                            .unwrap_or_else(|e| {
+                                tracing::error!(error = %e, "score tail not written");
+                                true
+                            })
                     });
                     let counts = (flagged && past_tail) || out_of_range;
                     if let Err(e) = book.observe(&policy, &s.sensor, ts_ms, score, counts, model.as_deref()) {
