@@ -3,6 +3,7 @@
 //! - [`device`]: where each trial runs (`training.device`), and the CPU thread pools;
 //! - [`adam`]: the optimiser, two fused passes per parameter tensor;
 //! - [`mlp`]: the dense network with seeded weights we can export;
+//! - [`dense_cpu`]: a dense layer's forward and backward pass on the CPU, as one candle op;
 //! - [`autoencoder`]: anomaly scores as reconstruction error;
 //! - [`forecaster`]: anomaly scores as the standardised residual of a one-step forecast over a window;
 //! - [`search`]: random search with successive halving over the hyper-parameters;
@@ -17,6 +18,7 @@
 pub mod adam;
 pub mod autoencoder;
 pub mod classifier;
+pub mod dense_cpu;
 pub mod device;
 pub mod eval;
 pub mod forecaster;
