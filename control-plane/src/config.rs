@@ -309,6 +309,7 @@ impl RawConfig {
             "must be between 60 and 86400",
         )?;
         c.check((1..=3650).contains(&self.retention.log_days), "retention.log_days", "must be between 1 and 3650")?;
+        c.check(self.retention.alert_days <= 36_500, "retention.alert_days", "must be between 0 (keep) and 36500")?;
         let classes = load_classes(&c, &self.training, &resolve)?;
         for class in self.retention.classes.keys() {
             c.check(
@@ -702,6 +703,13 @@ mod tests {
         assert_eq!((c.retention.days_for("press"), c.retention.days_for("air"), c.retention.every_secs), (7, 90, 3600));
         let e = Config::from_toml("cp.toml", &format!("{base}[retention]\nevery_secs = 5\n")).unwrap_err();
         assert_eq!(e.to_string(), "cp.toml: retention.every_secs: must be between 60 and 86400");
+        let c = Config::from_toml("cp.toml", &format!("{base}[retention]\nalert_days = 30\n")).unwrap();
+        assert_eq!(
+            (c.retention.alert_days, Config::from_toml("cp.toml", base).unwrap().retention.alert_days),
+            (30, 365)
+        );
+        let e = Config::from_toml("cp.toml", &format!("{base}[retention]\nalert_days = 40000\n")).unwrap_err();
+        assert_eq!(e.to_string(), "cp.toml: retention.alert_days: must be between 0 (keep) and 36500");
         let e = Config::from_toml("cp.toml", &format!("{base}[retention]\nweeks = 5\n")).unwrap_err();
         assert!(e.to_string().starts_with("cp.toml: retention.weeks: unknown field"), "{e}");
     }

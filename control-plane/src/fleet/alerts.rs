@@ -203,6 +203,9 @@ impl AlertStore {
         };
         match existing {
             Some(old) if old.alert.rev >= rev => {}
+            // Acknowledged before and since removed (by retention or the per-device cap): a resent snapshot
+            // does not bring it back.
+            None if rev <= mark => {}
             old => {
                 if old.is_none() {
                     self.make_room(device)?;
@@ -292,6 +295,43 @@ impl AlertStore {
         a.ack = Some(make(&a)?);
         self.write(&a)?;
         Ok(Some(a))
+    }
+
+    /// Removes closed alerts whose latest snapshot arrived before `before_ms`, oldest listed first, at most
+    /// `max`, and returns how many went. Open alerts stay, however old. Training labels an acknowledgement
+    /// wrote are kept apart (the model registry's) and stay too. Not durable until the store's next commit.
+    pub fn prune(&self, before_ms: u64, max: usize) -> Result<usize, StoreError> {
+        let _one = self.writing.lock().unwrap_or_else(|p| p.into_inner());
+        let mut gone = Vec::new();
+        // Listed before the cutoff: every alert last heard of before it is among these (an onset is never
+        // after the alert's latest snapshot arrived, except by a device clock's lead, which only delays it).
+        for kv in self.by_onset.range(..before_ms.to_be_bytes().to_vec()) {
+            if gone.len() == max {
+                break;
+            }
+            let (k, _) = kv?;
+            let rest = &k[8..];
+            let split = rest.len().saturating_sub(9);
+            let device = String::from_utf8_lossy(&rest[..split]).into_owned();
+            let id = u64::from_be_bytes(rest[split + 1..].try_into().unwrap_or_default());
+            match self.get(&device, id)? {
+                Some(a) if !a.open && a.received_ms < before_ms => gone.push((k, a)),
+                Some(_) => {}
+                // An index entry without its alert (a crash between two writes): it goes too.
+                None => {
+                    self.by_onset.remove(&k)?;
+                }
+            }
+        }
+        for (index_key, a) in &gone {
+            let key = alert_key(&a.device, a.alert.id);
+            self.alerts.remove(&key)?;
+            self.open_index.remove(&key)?;
+            self.by_onset.remove(index_key)?;
+            let n = self.count(&a.device)?.saturating_sub(1);
+            self.counts.insert(a.device.as_bytes(), &n.to_be_bytes())?;
+        }
+        Ok(gone.len())
     }
 
     /// Open alerts by class, for `/metrics` (from the index of open alerts: no alert is decoded).
@@ -431,6 +471,40 @@ mod tests {
         let (page, _) = s.page(None, 10, 1000, |_| true).unwrap();
         assert_eq!(page.iter().map(|a| a.alert.id).collect::<Vec<_>>(), [2, 1]);
         assert_eq!(s.by_onset.len(), 2);
+    }
+
+    #[test]
+    fn retention_removes_closed_alerts_heard_of_before_the_cutoff_and_they_do_not_come_back() {
+        let (_d, s) = store();
+        let snaps = snapshots(3); // alerts 1, 2, 3 of d1: revs 1 and 2, 3 and 4, 5 and 6 (open, then closed)
+        for (i, snap) in snaps.iter().enumerate() {
+            // Each snapshot arrives as it happens, but alert 3's close arrives late, at 500 s.
+            let now = if i == 5 { 500_000 } else { snap.last_ms + 1 };
+            s.put("d1", "c", snap.clone(), now).unwrap();
+        }
+        // An alert of d2 that opened long ago and is still open.
+        s.put("d2", "c", snaps[0].clone(), snaps[0].last_ms + 1).unwrap();
+        assert_eq!((s.count("d1").unwrap(), s.count("d2").unwrap()), (3, 1));
+
+        // At 300 s: alerts 1 and 2 closed before it; alert 3 was last heard of after it; d2's is open.
+        assert_eq!(s.prune(300_000, 100).unwrap(), 2);
+        assert!(s.get("d1", 1).unwrap().is_none() && s.get("d1", 2).unwrap().is_none());
+        assert!(!s.get("d1", 3).unwrap().unwrap().open);
+        assert!(s.get("d2", 1).unwrap().unwrap().open);
+        let (page, _) = s.page(None, 10, 1000, |_| true).unwrap();
+        let listed: Vec<(&str, u64)> = page.iter().map(|a| (a.device.as_str(), a.alert.id)).collect();
+        assert_eq!(listed, [("d1", 3), ("d2", 1)]);
+        assert_eq!(s.count("d1").unwrap(), 1);
+
+        // A device resending a removed alert's snapshot (acknowledged long ago) does not bring it back.
+        assert_eq!(s.put("d1", "c", snaps[1].clone(), 600_000).unwrap(), 6);
+        assert!(s.get("d1", 1).unwrap().is_none());
+
+        // At most `max` a call; the open alert stays however late the cutoff.
+        assert_eq!(s.prune(u64::MAX, 0).unwrap(), 0);
+        assert_eq!(s.prune(u64::MAX, 5).unwrap(), 1);
+        assert!(s.get("d1", 3).unwrap().is_none() && s.get("d2", 1).unwrap().is_some());
+        assert_eq!(s.prune(u64::MAX, 5).unwrap(), 0);
     }
 
     #[test]

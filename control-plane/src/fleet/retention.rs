@@ -18,6 +18,10 @@ fn default_log_days() -> u64 {
     14
 }
 
+fn default_alert_days() -> u64 {
+    365
+}
+
 /// `[retention]` in `control-plane.toml`.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -34,6 +38,9 @@ pub struct RetentionConfig {
     /// Days device log lines are kept (by when they arrived).
     #[serde(default = "default_log_days")]
     pub log_days: u64,
+    /// Days a closed alert is kept after its last snapshot arrived; 0 keeps alerts (up to the per-device cap).
+    #[serde(default = "default_alert_days")]
+    pub alert_days: u64,
 }
 
 impl Default for RetentionConfig {
@@ -43,6 +50,7 @@ impl Default for RetentionConfig {
             classes: BTreeMap::new(),
             every_secs: default_every_secs(),
             log_days: default_log_days(),
+            alert_days: default_alert_days(),
         }
     }
 }
@@ -71,6 +79,29 @@ pub fn prune_logs(logs: &super::logs::LogStore, days: u64, now_ms: u64) -> Resul
         }
         logs.commit()?;
         total += n;
+    }
+}
+
+/// Removes closed alerts whose last snapshot arrived more than `days` ago (none when `days` is 0), committing
+/// every [`BATCH`]. Returns how many went. Blocking.
+pub fn prune_alerts(
+    alerts: &super::alerts::AlertStore,
+    db: &edgeloop_common::durable::DurableDb,
+    days: u64,
+    now_ms: u64,
+) -> Result<u64, StoreError> {
+    if days == 0 {
+        return Ok(0);
+    }
+    let before_ms = now_ms.saturating_sub(days.saturating_mul(86_400_000));
+    let mut total = 0;
+    loop {
+        let n = alerts.prune(before_ms, BATCH)?;
+        if n == 0 {
+            return Ok(total);
+        }
+        db.commit()?;
+        total += n as u64;
     }
 }
 
@@ -136,7 +167,7 @@ mod tests {
             days: 0,
             classes: [("air".to_string(), 3), ("press".to_string(), 0)].into(),
             every_secs: 3600,
-            log_days: 14,
+            ..Default::default()
         };
         assert_eq!(cfg.days_for("other"), 0);
         assert!(cfg.prunes());
@@ -152,7 +183,8 @@ mod tests {
         assert_eq!(left, vec![7, 8, 9, 10]);
         assert_eq!((store.count("p1").unwrap(), store.count("x1").unwrap()), (10, 10), "kept forever");
         // Unacknowledged records are never pruned, however old.
-        let old = RetentionConfig { days: 1, classes: BTreeMap::new(), every_secs: 3600, log_days: 14 };
+        let old =
+            RetentionConfig { days: 1, classes: BTreeMap::new(), every_secs: 3600, log_days: 14, alert_days: 365 };
         let gone = prune_once(&store, &registry, &old, now + 30 * DAY).unwrap();
         assert_eq!(gone, 2 + 8 + 8, "a1: 7 and 8; p1 and x1: 1..=8");
         for d in ["a1", "p1", "x1"] {
@@ -168,5 +200,37 @@ mod tests {
         drop((store, registry, db));
         let store = TelemetryStore::open(DurableDb::open(dir.path(), Durability::Flush).unwrap()).unwrap();
         assert_eq!(store.count("a1").unwrap(), 2);
+    }
+
+    #[test]
+    fn closed_alerts_go_after_alert_days_and_zero_keeps_them() {
+        use edgeloop_common::alerts::AlertEvent;
+        let dir = tempfile::tempdir().unwrap();
+        let db = DurableDb::open(dir.path(), Durability::Flush).unwrap();
+        let alerts = super::super::alerts::AlertStore::open(&db).unwrap();
+        let now = 100 * DAY;
+        let alert = |id: u64, end: Option<u64>| AlertEvent {
+            id,
+            rev: id,
+            sensor: "s".into(),
+            model: None,
+            onset_ms: id * DAY,
+            last_ms: id * DAY,
+            end_ms: end,
+            peak_score: 5.0,
+            peak_ms: id * DAY,
+            windows: 3,
+            floor: 0,
+        };
+        // 1: closed, heard of 10 days ago; 2: closed, an hour ago; 3: open since 10 days ago.
+        alerts.put("d1", "c", alert(1, Some(DAY)), now - 10 * DAY).unwrap();
+        alerts.put("d1", "c", alert(2, Some(2 * DAY)), now - 3_600_000).unwrap();
+        alerts.put("d1", "c", alert(3, None), now - 10 * DAY).unwrap();
+        db.commit().unwrap();
+        assert_eq!(prune_alerts(&alerts, &db, 0, now).unwrap(), 0);
+        assert_eq!(prune_alerts(&alerts, &db, 7, now).unwrap(), 1);
+        assert!(alerts.get("d1", 1).unwrap().is_none());
+        assert!(alerts.get("d1", 2).unwrap().is_some() && alerts.get("d1", 3).unwrap().is_some());
+        assert_eq!(prune_alerts(&alerts, &db, 7, now).unwrap(), 0);
     }
 }

@@ -125,6 +125,8 @@ pub struct Metrics {
     pub records_pruned: Counter,
     /// Artifact files removed because no model version names them.
     pub artifacts_collected: Counter,
+    /// Closed alerts removed by `[retention] alert_days`.
+    pub alerts_pruned: Counter,
     /// Seconds from a telemetry batch's sending (device clock) to its durable commit.
     pub ingest_latency: Histogram,
     rejected: Family<Reason, Counter>,
@@ -160,6 +162,7 @@ impl Default for Metrics {
             commits: Counter::default(),
             records_pruned: Counter::default(),
             artifacts_collected: Counter::default(),
+            alerts_pruned: Counter::default(),
             ingest_latency: Histogram::new(LATENCY_BUCKETS),
             rejected: Family::default(),
             log_lines: Family::default(),
@@ -180,7 +183,7 @@ impl Default for Metrics {
         };
         // Counters are shared handles: the registry encodes the same atomics the fields count with.
         let mut registry = Registry::default();
-        let counters: [(&str, &str, &Counter); 12] = [
+        let counters: [(&str, &str, &Counter); 13] = [
             ("edgeloop_messages_received", "Uplink MQTT messages received", &m.messages_received),
             ("edgeloop_records_ingested", "Telemetry records stored (first copy)", &m.records_ingested),
             (
@@ -204,6 +207,7 @@ impl Default for Metrics {
             ),
             ("edgeloop_store_commits", "Durable store commits (group commits)", &m.commits),
             ("edgeloop_records_pruned", "Telemetry records pruned by retention", &m.records_pruned),
+            ("edgeloop_alerts_pruned", "Closed alerts removed by retention", &m.alerts_pruned),
             (
                 "edgeloop_artifacts_collected",
                 "Artifact files removed because no model version names them",

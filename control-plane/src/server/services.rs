@@ -80,7 +80,8 @@ pub(crate) fn backups(cfg: &Config, stores: &Stores, cancel: &CancellationToken,
 /// Artifacts no model version names are older than this before they are collected.
 const ARTIFACT_GRACE: Duration = Duration::from_secs(3600);
 
-/// Housekeeping, every `retention.every_secs`: prunes device log lines past `retention.log_days`, collects
+/// Housekeeping, every `retention.every_secs`: prunes device log lines past `retention.log_days` and closed
+/// alerts past `retention.alert_days`, collects
 /// artifacts no model version names (an hour after they were written), and prunes acknowledged telemetry past
 /// its class's retention (`[retention]`). The last two wait while a training job is queued or running, so a
 /// job never loses rows or an artifact it is writing.
@@ -95,6 +96,7 @@ pub(crate) fn housekeeping(
     let models = stores.models.clone();
     let releases = stores.rollouts.clone();
     let logs = stores.logs.clone();
+    let alerts = stores.alerts.clone();
     let (store, registry, metrics, learning, cancel) = (
         stores.telemetry.clone(),
         stores.devices.clone(),
@@ -118,6 +120,19 @@ pub(crate) fn housekeeping(
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => tracing::error!(error = %e, "log retention failed; it runs again at the next pass"),
                 Err(e) => tracing::error!(error = %e, "log retention panicked"),
+            }
+            let (a, db, days) = (alerts.clone(), store.db().clone(), rc.alert_days);
+            let pass = tokio::task::spawn_blocking(move || {
+                crate::fleet::retention::prune_alerts(&a, &db, days, edgeloop_common::unix_millis())
+            });
+            match pass.await {
+                Ok(Ok(n)) if n > 0 => {
+                    metrics.alerts_pruned.inc_by(n);
+                    tracing::info!(alerts = n, "retention: removed closed alerts past retention.alert_days");
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::error!(error = %e, "alert retention failed; it runs again at the next pass"),
+                Err(e) => tracing::error!(error = %e, "alert retention panicked"),
             }
             if learning.list_jobs().iter().any(|j| !j.state.is_finished()) {
                 tracing::debug!("housekeeping: a training job is queued or running; it waits for the next pass");
