@@ -6,10 +6,12 @@
 //! rows and exported by `ml::training::onnx`, standardisation and score inside. Each is timed four ways, in
 //! interleaved rounds so that the machine's noise falls on all of them alike:
 //! - `agent`: `edgeloop_agent::inference::Model::outputs`, the agent's scoring call;
-//! - `tract`: a `TypedSimpleState` run on a reused input tensor, tract without the agent's wrapper;
+//! - `tract`: a bare `TypedSimpleState` run, the row copied into a tensor and the first output read, without
+//!   the agent's checks and output vector;
 //! - `ort`: an ONNX Runtime session, one intra-op and one inter-op thread, all graph optimisations, input
 //!   from a borrowed slice;
-//! - their ratio (tract over ONNX Runtime; under 1 means tract is faster).
+//! - their ratio (tract over ONNX Runtime; under 1 means tract is faster): the median of the rounds' ratios,
+//!   each round timing all of them back to back.
 //!
 //! Every call's output is checked against the others (within 1e-4 relative) before anything is timed.
 //! Per model: 2,000 warm-up calls each, then 9 rounds of 5,000 calls each; the figure is the median round's
@@ -148,7 +150,7 @@ fn main() {
             assert!((a - t).abs() <= 1e-4 * a.abs().max(1.0), "{name}: agent {a} against tract {t}");
             if let Some(o) = ort.as_mut() {
                 let r = o.run(x);
-                assert!((a - r).abs() <= 1e-4 * a.abs().max(1.0), "{name}: tract {a} against ONNX Runtime {r}");
+                assert!((a - r).abs() <= 1e-4 * a.abs().max(1.0), "{name}: agent {a} against ONNX Runtime {r}");
             }
         }
         let mut sink = 0f32;
@@ -176,13 +178,14 @@ fn main() {
             }
         }
         let us = |v: &[f64]| median(v.to_vec()) * 1e6;
+        let ratio = |x: &[f64]| median(x.iter().zip(&o).map(|(x, o)| x / o).collect());
         let mut line = format!("{name}: agent {:.2} µs, tract {:.2} µs", us(&a), us(&t));
         if !o.is_empty() {
             line.push_str(&format!(
                 ", ONNX Runtime {:.2} µs; tract / ORT {:.2}, agent / ORT {:.2}",
                 us(&o),
-                us(&t) / us(&o),
-                us(&a) / us(&o)
+                ratio(&t),
+                ratio(&a)
             ));
         }
         println!("{line} (median of {ROUNDS} rounds of {CALLS} batch-1 calls, one thread; checksum {sink:.1})");

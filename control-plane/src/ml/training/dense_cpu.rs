@@ -10,8 +10,13 @@
 //! writes the bias, adds the product and clips in one buffer; the backward pass masks the gradient once and
 //! derives the three gradients from it.
 //!
-//! Results are deterministic for a thread count: every output row (forward, input gradient) or weight row
-//! (weight gradient) is computed by one task, in one order.
+//! Results do not depend on the thread count: every output row (forward, input gradient) or weight row
+//! (weight gradient) is computed by one task, and matrixmultiply sums each element over the inner dimension
+//! in the same order however the rows are split (`tests/devices.rs` finds one and several threads identical).
+//!
+//! ReLU's gradient at exactly zero is 0 here, as in PyTorch; candle's own ReLU (still used on GPUs) passes it
+//! through there. It matters only for a pre-activation of exactly 0.0, and `tests/devices.rs` bounds the
+//! difference between devices.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Shape, Storage, Tensor};
 use ndarray::linalg::general_mat_mul;
@@ -112,7 +117,8 @@ impl CustomOp3 for Dense {
         let (m, k) = x.dims2()?;
         let n = w.dim(1)?;
         let grad_y = grad_y.contiguous()?;
-        // The gradient through ReLU: zero where the output was clipped (y = max(z, 0) > 0 exactly when z > 0).
+        // The gradient through ReLU: zero where the output was clipped (y = max(z, 0) > 0 exactly when z > 0;
+        // at z = 0 the gradient is 0, see the module's note).
         let g: Vec<f32> = {
             let (gs, gl) = grad_y.storage_and_layout();
             let Storage::Cpu(gs) = &*gs else { return Err(msg("the gradient is not on the CPU".into())) };
@@ -128,7 +134,7 @@ impl CustomOp3 for Dense {
         let gm = matrix(&g, m, n, "output gradient")?;
         let grad_b = b.track_op().then(|| {
             let mut sums = vec![0f32; n];
-            for row in g.chunks_exact(n) {
+            for row in g.chunks_exact(n.max(1)) {
                 sums.iter_mut().zip(row).for_each(|(s, v)| *s += v);
             }
             sums
