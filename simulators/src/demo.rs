@@ -245,8 +245,8 @@ fn config(data_dir: &std::path::Path, pace: Pace) -> anyhow::Result<Config> {
 }
 
 /// Runs the demo until `duration` passes (then returns the summary), or until `stop` fires. Without a
-/// duration, the story runs to its end and the fleet streams on for half a minute more (a little over three
-/// minutes in all).
+/// duration, the story runs to its end and the fleet streams on for half a minute more (about two minutes in
+/// all on two cores).
 pub async fn run(opts: DemoOptions, stop: CancellationToken) -> anyhow::Result<Summary> {
     let pace = Pace::of(opts.fast);
     let cfg = config(&opts.data_dir, pace)?;
