@@ -70,16 +70,8 @@ impl RetentionConfig {
 /// Removes device log lines received more than `days` ago, committing every [`BATCH`]. Returns how many went.
 /// Blocking.
 pub fn prune_logs(logs: &super::logs::LogStore, days: u64, now_ms: u64) -> Result<u64, StoreError> {
-    let before_ms = now_ms.saturating_sub(days.saturating_mul(86_400_000));
-    let mut total = 0;
-    loop {
-        let n = logs.prune(before_ms, BATCH)?;
-        if n == 0 {
-            return Ok(total);
-        }
-        logs.commit()?;
-        total += n;
-    }
+    let before_ms = cutoff_ms(now_ms, days);
+    in_batches(|| logs.prune(before_ms, BATCH), || logs.commit())
 }
 
 /// Removes closed alerts whose last snapshot arrived more than `days` ago (none when `days` is 0), committing
@@ -93,15 +85,29 @@ pub fn prune_alerts(
     if days == 0 {
         return Ok(0);
     }
-    let before_ms = now_ms.saturating_sub(days.saturating_mul(86_400_000));
+    let before_ms = cutoff_ms(now_ms, days);
+    in_batches(|| Ok(alerts.prune(before_ms, BATCH)? as u64), || Ok(db.commit()?))
+}
+
+/// `days` before `now_ms`.
+fn cutoff_ms(now_ms: u64, days: u64) -> u64 {
+    now_ms.saturating_sub(days.saturating_mul(86_400_000))
+}
+
+/// Calls `prune` (at most [`BATCH`] a call) and `commit` after each call that removed something, until a call
+/// removes nothing. Returns how many went.
+fn in_batches(
+    mut prune: impl FnMut() -> Result<u64, StoreError>,
+    mut commit: impl FnMut() -> Result<(), StoreError>,
+) -> Result<u64, StoreError> {
     let mut total = 0;
     loop {
-        let n = alerts.prune(before_ms, BATCH)?;
+        let n = prune()?;
         if n == 0 {
             return Ok(total);
         }
-        db.commit()?;
-        total += n as u64;
+        commit()?;
+        total += n;
     }
 }
 
@@ -122,15 +128,8 @@ pub fn prune_once(
         if days == 0 {
             continue;
         }
-        let before_ms = now_ms.saturating_sub(days.saturating_mul(86_400_000));
-        loop {
-            let n = store.prune(&d.id, before_ms, BATCH)?;
-            if n == 0 {
-                break;
-            }
-            store.commit()?;
-            total += n;
-        }
+        let before_ms = cutoff_ms(now_ms, days);
+        total += in_batches(|| store.prune(&d.id, before_ms, BATCH), || store.commit())?;
     }
     Ok(total)
 }
