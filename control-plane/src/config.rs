@@ -107,7 +107,23 @@ pub enum BrokerConfig {
         /// The CA the broker's certificate must chain to (needed for mqtts://).
         #[serde(default)]
         ca_file: Option<PathBuf>,
+        /// How enrolled devices get their login on the broker: by hand (`none`), or through mosquitto 2's
+        /// dynamic-security plugin (`mosquitto-dynsec`).
+        #[serde(default)]
+        provisioning: Provisioning,
     },
+}
+
+/// How an external broker learns the devices' credentials.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Provisioning {
+    /// The operator adds each device to the broker (its password file, or its own authentication).
+    #[default]
+    None,
+    /// The control plane creates each enrolled device's client and role in mosquitto's dynamic-security
+    /// plugin, and disables the client when the device is revoked.
+    MosquittoDynsec,
 }
 
 /// How the control plane logs in to an external broker.
@@ -368,7 +384,7 @@ fn external_login(
     broker: &BrokerConfig,
     resolve: &dyn Fn(&Path) -> PathBuf,
 ) -> Result<ExternalLogin, ConfigError> {
-    let BrokerConfig::External { url, username, password_file, ca_file } = broker else {
+    let BrokerConfig::External { url, username, password_file, ca_file, .. } = broker else {
         return Ok(ExternalLogin::default());
     };
     let password = match password_file {
@@ -591,6 +607,25 @@ mod tests {
         )
         .unwrap();
         assert_eq!((c.mqtt_host.as_str(), c.mqtt_port), ("mq.local", 8883));
+        assert!(matches!(c.broker, BrokerConfig::External { provisioning: Provisioning::None, .. }));
+        let with = |p: &str| {
+            Config::from_toml(
+                "cp.toml",
+                &format!("data_dir = \"d\"\n[broker]\nmode = \"external\"\nurl = \"mqtt://mq:1883\"\nprovisioning = \"{p}\"\n[tls]\nplaintext = true\n"),
+            )
+        };
+        let c = with("mosquitto-dynsec").unwrap();
+        assert!(matches!(c.broker, BrokerConfig::External { provisioning: Provisioning::MosquittoDynsec, .. }));
+        let e = with("emqx").unwrap_err().to_string();
+        assert!(e.contains("cp.toml") && e.contains("emqx") && e.contains("mosquitto-dynsec"), "{e}");
+        // Provisioning is for an external broker only.
+        let e = Config::from_toml(
+            "cp.toml",
+            "data_dir = \"d\"\n[broker]\nmode = \"embedded\"\nlisten = \"0.0.0.0:1883\"\nprovisioning = \"mosquitto-dynsec\"\n[tls]\nplaintext = true\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("provisioning"), "{e}");
     }
 
     #[test]

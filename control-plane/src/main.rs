@@ -217,7 +217,7 @@ enum TokensCommand {
     Create {
         #[arg(long, short)]
         config: PathBuf,
-        /// viewer, operator or admin.
+        /// broker, viewer, operator or admin.
         #[arg(long)]
         role: String,
         /// Who or what uses it.

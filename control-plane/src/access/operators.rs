@@ -5,8 +5,9 @@
 //! in `<data_dir>/operators.json`, written atomically with mode 0600. The CLI (`tokens create|list|revoke`)
 //! edits that file while the control plane runs; the control plane re-reads it when it changes.
 //!
-//! Roles are ordered: a viewer reads, an operator also changes things (training, labels, rollouts, tags,
-//! models), an admin also manages devices' enrollment and revocation.
+//! Roles are ordered: a broker may only call the external brokers' authentication hooks, a viewer reads, an
+//! operator also changes things (training, labels, rollouts, tags, models), an admin also manages devices'
+//! enrollment and revocation.
 
 use anyhow::Context;
 use edgeloop_common::secret::{random_hex, same_secret};
@@ -20,6 +21,9 @@ use std::time::SystemTime;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
+    /// An external broker asking whether a device may connect, publish or subscribe (`/api/v1/broker/...`),
+    /// and nothing else.
+    Broker,
     Viewer,
     Operator,
     Admin,
@@ -27,13 +31,14 @@ pub enum Role {
 
 /// A role name that is not `viewer`, `operator` or `admin`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown role `{0}`; use viewer, operator or admin")]
+#[error("unknown role `{0}`; use broker, viewer, operator or admin")]
 pub struct UnknownRole(pub String);
 
 impl std::str::FromStr for Role {
     type Err = UnknownRole;
     fn from_str(s: &str) -> Result<Role, UnknownRole> {
         match s {
+            "broker" => Ok(Role::Broker),
             "viewer" => Ok(Role::Viewer),
             "operator" => Ok(Role::Operator),
             "admin" => Ok(Role::Admin),
@@ -45,6 +50,7 @@ impl std::str::FromStr for Role {
 impl std::fmt::Display for Role {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
+            Role::Broker => "broker",
             Role::Viewer => "viewer",
             Role::Operator => "operator",
             Role::Admin => "admin",

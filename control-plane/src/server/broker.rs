@@ -3,7 +3,7 @@
 
 use super::SERVICE_USER;
 use crate::broker::{embedded, front};
-use crate::config::{BrokerConfig, Config};
+use crate::config::{BrokerConfig, Config, Provisioning};
 use crate::fleet::enrollment::Enrollment;
 use anyhow::Context;
 use edgeloop_common::secret::{random_hex, same_secret};
@@ -54,6 +54,9 @@ pub(crate) struct Broker {
     pub front: Arc<front::Front>,
     embedded: bool,
     external: crate::config::ExternalLogin,
+    /// With `[broker] provisioning = "mosquitto-dynsec"`: the client that creates and disables devices in the
+    /// external mosquitto.
+    pub provisioner: Option<Arc<crate::broker::dynsec::Dynsec>>,
 }
 
 impl Broker {
@@ -78,7 +81,17 @@ impl Broker {
             front: Arc::new(front::Front::default()),
             embedded: false,
             external: cfg.external.clone(),
+            provisioner: None,
         };
+        if let BrokerConfig::External { provisioning: Provisioning::MosquittoDynsec, .. } = cfg.broker {
+            let options = broker.client_options(format!("edgeloop-cp-dynsec-{}", std::process::id()));
+            let dynsec = crate::broker::dynsec::Dynsec::start(options, cancel.child_token());
+            // Every revoked device's client is disabled again at start: a revocation whose broker call failed
+            // before a restart still reaches the broker.
+            dynsec.queue_disables(enrollment.list().into_iter().filter(|e| e.revoked).map(|e| e.device));
+            tracker.spawn(dynsec.clone().run_disables(Duration::from_secs(5), cancel.child_token()));
+            broker.provisioner = Some(dynsec);
+        }
         let BrokerConfig::Embedded { listen } = cfg.broker else { return Ok(broker) };
         // rumqttd listens on loopback only; devices reach it through the front (TLS, revocation).
         // Devices never log in to rumqttd with their own credentials. The front admits each device (enrolled,

@@ -270,6 +270,7 @@ pub(crate) async fn api(
         require_tokens: cfg.require_tokens,
         enrollment: stores.enrollment.clone(),
         front: broker.front.clone(),
+        provisioner: broker.provisioner.clone(),
         tls: tls.is_some(),
         downloads: Arc::new(web::api::learning::Downloads::new(&cfg.api_limits)),
         certificates: tls.as_ref().and_then(|t| t.not_after).map(|t| vec![("tls".to_string(), t)]).unwrap_or_default(),

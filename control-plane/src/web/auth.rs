@@ -65,7 +65,11 @@ fn authenticate(
 ) -> Result<Operator, Box<Response>> {
     let path = uri.path();
     let read = is_read(method);
-    let bearer = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| broker_query_token(uri).map(|t| format!("Bearer {t}")));
     let cookie = session_cookie(headers).map(|t| format!("Bearer {t}"));
     let from_cookie = bearer.is_none() && cookie.is_some();
     let op = match s.operators.authenticate(bearer.or(cookie).as_deref()) {
@@ -148,9 +152,14 @@ pub async fn audit(State(s): State<AppState>, req: Request, next: Next) -> Respo
         req.extensions().get::<axum::extract::ConnectInfo<std::net::SocketAddr>>().map(|c| c.0.ip().to_string());
     let query = req.uri().query().unwrap_or_default().to_string();
     let resp = next.run(req).await;
+    let status = resp.status();
+    let refused = status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN;
+    if path.starts_with(crate::web::api::broker::PREFIX) && !refused {
+        // A broker's question about a device changes nothing; only refused callers are worth a record.
+        return resp;
+    }
     let who = resp.extensions().get::<Caller>().map_or_else(|| "anonymous".to_string(), |c| c.0.clone());
     let detail = resp.extensions().get::<Refusal>().map_or(query, |r| r.0.clone());
-    let status = resp.status();
     let entry = crate::access::audit::AuditEntry {
         source,
         // The log cuts a long path or detail to its bound, and says how long it was.
@@ -163,13 +172,21 @@ pub async fn audit(State(s): State<AppState>, req: Request, next: Next) -> Respo
         )
     };
     let audit = s.audit.clone();
-    let refused = status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN;
     let write = move || if refused { audit.record_refusal(&entry) } else { audit.record(&entry) };
     match tokio::task::spawn_blocking(write).await {
         Ok(Ok(())) => resp,
         Ok(Err(e)) => ApiError::internal(format!("audit log: {e}")).into_response(),
         Err(e) => ApiError::internal(e).into_response(),
     }
+}
+
+/// The token of a broker hook call that carries it as `?token=` (VerneMQ's webhooks and mosquitto-go-auth
+/// cannot send headers of their own); only the broker hooks take a token that way.
+fn broker_query_token(uri: &Uri) -> Option<String> {
+    if !uri.path().starts_with(crate::web::api::broker::PREFIX) {
+        return None;
+    }
+    uri.query()?.split('&').filter_map(|kv| kv.split_once('=')).find(|(k, _)| *k == "token").map(|(_, v)| v.to_string())
 }
 
 /// The dashboard's session token from the `Cookie` header, if any.

@@ -44,6 +44,8 @@ pub struct AppState {
     pub require_tokens: bool,
     pub enrollment: Arc<crate::fleet::enrollment::Enrollment>,
     pub front: Arc<crate::broker::front::Front>,
+    /// Provisioning into an external mosquitto's dynamic-security plugin, when configured.
+    pub provisioner: Option<Arc<crate::broker::dynsec::Dynsec>>,
     /// Whether the API is served over TLS (the dashboard's session cookie is then `Secure`).
     pub tls: bool,
     /// Slots for artifact downloads (`api.max_downloads`), which need no token.
@@ -147,8 +149,20 @@ fn routes(guard: Guard) -> OpenApiRouter<AppState> {
         .routes(routes!(api::identity::revoke))
         .routes(routes!(api::identity::decommission));
     let admin = guard(api::openapi::guarded(admin, Role::Admin), Role::Admin);
-    let mut all =
-        OpenApiRouter::with_openapi(api::openapi::frame()).merge(open).merge(viewer).merge(operator).merge(admin);
+    let broker = OpenApiRouter::new()
+        .routes(routes!(api::broker::emqx_authn))
+        .routes(routes!(api::broker::emqx_authz))
+        .routes(routes!(api::broker::vernemq_hook))
+        .routes(routes!(api::broker::go_auth_user))
+        .routes(routes!(api::broker::go_auth_superuser))
+        .routes(routes!(api::broker::go_auth_acl));
+    let broker = guard(api::openapi::guarded(broker, Role::Broker), Role::Broker);
+    let mut all = OpenApiRouter::with_openapi(api::openapi::frame())
+        .merge(open)
+        .merge(viewer)
+        .merge(operator)
+        .merge(admin)
+        .merge(broker);
     api::openapi::complete(all.get_openapi_mut());
     all
 }
@@ -182,6 +196,6 @@ mod tests {
             .values()
             .map(|p| p.as_object().unwrap().len())
             .sum();
-        assert_eq!(operations, 47);
+        assert_eq!(operations, 53);
     }
 }

@@ -5,6 +5,7 @@ mod alerts;
 mod api;
 mod api_limits;
 mod backup;
+mod broker_hooks;
 mod bundles;
 mod chaos;
 mod config_rollouts;

@@ -73,6 +73,67 @@ impl Mosquitto {
         Self::run(bin, &conf, dir, port, dir.join("passwd"))
     }
 
+    /// A broker with the dynamic-security plugin and no password file, set up as operations.md says: an
+    /// admin made offline with `mosquitto_ctrl dynsec init`, then the control plane's role and user made with
+    /// `mosquitto_ctrl` against the running broker. Devices are the control plane's to add.
+    fn start_dynsec(dir: &Path) -> Mosquitto {
+        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("mosquitto is not installed: `apt-get install mosquitto mosquitto-clients` (.ci/run does)");
+        let plugin = [
+            "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so",
+            "/usr/lib/aarch64-linux-gnu/mosquitto_dynamic_security.so",
+            "/usr/lib/mosquitto_dynamic_security.so",
+        ]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("mosquitto's dynamic-security plugin is missing (Debian's mosquitto package ships it)");
+        let port = free_port().unwrap();
+        let state = dir.join("dynamic-security.json");
+        let ok = Command::new("mosquitto_ctrl")
+            .args(["dynsec", "init"])
+            .arg(&state)
+            .args(["admin", "admin-secret"])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(ok.success(), "mosquitto_ctrl dynsec init failed");
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous false\nplugin {plugin}\nplugin_opt_config_file {}\npersistence false\nlog_dest stderr\n",
+                state.display()
+            ),
+        )
+        .unwrap();
+        let m = Self::run(bin, &conf, dir, port, dir.join("passwd"));
+        let p = port.to_string();
+        let ctrl = |args: &[&str]| {
+            let out = Command::new("mosquitto_ctrl")
+                .args(["-h", "127.0.0.1", "-p", &p, "-u", "admin", "-P", "admin-secret", "dynsec"])
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "mosquitto_ctrl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        let role = "edgeloop-control-plane";
+        ctrl(&["createRole", role]);
+        for (acltype, topic) in [
+            ("subscribePattern", "edgeloop/v1/+/up/#"),
+            ("publishClientSend", "edgeloop/v1/+/down/#"),
+            ("publishClientSend", "$CONTROL/dynamic-security/v1"),
+            ("subscribeLiteral", "$CONTROL/dynamic-security/v1/response"),
+            ("publishClientReceive", "$CONTROL/dynamic-security/v1/response"),
+        ] {
+            ctrl(&["addRoleACL", role, acltype, topic, "allow"]);
+        }
+        ctrl(&["createClient", "edgeloop-control-plane", "-p", "cp-secret"]);
+        ctrl(&["addClientRole", "edgeloop-control-plane", role]);
+        m
+    }
+
     fn run(bin: &str, conf: &Path, dir: &Path, port: u16, passwd: std::path::PathBuf) -> Mosquitto {
         let m = Mosquitto {
             child: Command::new(bin)
@@ -228,6 +289,7 @@ async fn fleet_works_through_mosquitto() {
             username: Some("edgeloop-control-plane".into()),
             password_file: None,
             ca_file: None,
+            provisioning: Default::default(),
         };
         (c.mqtt_host, c.mqtt_port) = ("127.0.0.1".into(), link_port);
         c.external = edgeloop_control_plane::config::ExternalLogin {
@@ -369,6 +431,7 @@ async fn a_decommissioned_device_is_revoked_forgotten_and_its_desired_state_clea
             username: Some("edgeloop-control-plane".into()),
             password_file: None,
             ca_file: None,
+            provisioning: Default::default(),
         };
         (c.mqtt_host, c.mqtt_port) = ("127.0.0.1".into(), port);
         c.external = edgeloop_control_plane::config::ExternalLogin {
@@ -445,6 +508,143 @@ async fn a_decommissioned_device_is_revoked_forgotten_and_its_desired_state_clea
     // An unknown device is a 404 (a second DELETE of this one answers 200 again: it is idempotent); a bad id a 400.
     assert_eq!(api.request("DELETE", &format!("/api/v1/devices/{id}-x"), &[], None).await.unwrap().status, 404);
     assert_eq!(api.request("DELETE", "/api/v1/devices/bad%20id", &[], None).await.unwrap().status, 400);
+    cp_cancel.cancel();
+    cp.join().await.unwrap();
+}
+
+/// A control plane on `m` that provisions devices into its dynamic-security plugin.
+async fn dynsec_cp(dir: &Path, port: u16) -> (edgeloop_control_plane::ControlPlaneHandle, CancellationToken) {
+    start_cp(dir, move |c| {
+        c.broker = edgeloop_control_plane::config::BrokerConfig::External {
+            url: format!("mqtt://127.0.0.1:{port}"),
+            username: Some("edgeloop-control-plane".into()),
+            password_file: None,
+            ca_file: None,
+            provisioning: edgeloop_control_plane::config::Provisioning::MosquittoDynsec,
+        };
+        (c.mqtt_host, c.mqtt_port) = ("127.0.0.1".into(), port);
+        c.external = edgeloop_control_plane::config::ExternalLogin {
+            username: Some("edgeloop-control-plane".into()),
+            password: Some("cp-secret".into()),
+            transport: edgeloop_common::tls::Transport::Plain,
+        };
+    })
+    .await
+}
+
+/// Enrollment alone lets a device in: no password file, no `mosquitto_passwd`, no reload. Its telemetry is
+/// stored and acknowledged through mosquitto; its credentials work only with its own client id; enrolling
+/// again replaces its password at the broker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrolled_device_admitted_by_mosquitto_dynsec() {
+    use edgeloop_simulators::device::{self, Connected};
+    let dir = tempfile::tempdir().unwrap();
+    let m = Mosquitto::start_dynsec(dir.path());
+    let (cp, cp_cancel) = dynsec_cp(dir.path(), m.port).await;
+    let mut class = edgeloop_simulators::class_config("city-air-quality").unwrap();
+    class.uplink.ack_timeout_secs = 1;
+    let mut spec =
+        FleetSpec::new(vec![class], ("127.0.0.1".into(), m.port), &dir.path().join("agents"), cp.trusted_key.clone());
+    spec.enroll_with(&crate::support::api(&cp), 1).await.unwrap();
+    let cancel = CancellationToken::new();
+    let mut devices = fleet::start(&spec, 1, &cancel).await.unwrap();
+    for s in devices[0].generator.take(50) {
+        devices[0].samples.send(s).await.unwrap();
+    }
+    let (id, outbox) = (devices[0].agent.device.clone(), devices[0].agent.outbox.clone());
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while outbox.stats().acked < 50 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not acknowledged through mosquitto: {:?}\n{}",
+            outbox.stats(),
+            std::fs::read_to_string(dir.path().join("mosquitto.log")).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(cp.store.count(&id).unwrap(), 50);
+    cancel.cancel();
+    devices.pop().unwrap().agent.join().await.unwrap();
+
+    // A device of its own, enrolled by hand: its password works only under its own client id.
+    let api = crate::support::api(&cp);
+    let key = device::new_key();
+    let first = device::enroll(&api, "press-07", "city-air-quality", &key).await.unwrap();
+    let broker = ("127.0.0.1".to_string(), m.port);
+    let (_c, got, task) = device::connect(broker.clone(), "press-07", Some(&first), None).await;
+    assert_eq!(got, Connected::Yes);
+    task.abort();
+    let (_c, got, task) = device::connect(broker.clone(), "not-press-07", Some(&first), None).await;
+    assert!(matches!(got, Connected::Refused(_)), "{got:?}");
+    task.abort();
+    // Enrolling again (a lost credentials file) replaces the password at the broker too.
+    let second = device::enroll(&api, "press-07", "city-air-quality", &key).await.unwrap();
+    assert_ne!(first.password, second.password);
+    let (_c, got, task) = device::connect(broker.clone(), "press-07", Some(&first), None).await;
+    assert!(matches!(got, Connected::Refused(_)), "the old password still works: {got:?}");
+    task.abort();
+    let (_c, got, task) = device::connect(broker, "press-07", Some(&second), None).await;
+    assert_eq!(got, Connected::Yes);
+    task.abort();
+    cp_cancel.cancel();
+    cp.join().await.unwrap();
+}
+
+/// Revoking a device disables its client in mosquitto, which disconnects it at once and refuses it from
+/// then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_device_kicked_by_mosquitto_dynsec() {
+    use edgeloop_simulators::device::{self, Connected};
+    let dir = tempfile::tempdir().unwrap();
+    let m = Mosquitto::start_dynsec(dir.path());
+    let (cp, cp_cancel) = dynsec_cp(dir.path(), m.port).await;
+    let api = crate::support::api(&cp);
+    let creds = device::enroll(&api, "press-08", "city-air-quality", &device::new_key()).await.unwrap();
+    // A connected device that notices when the broker drops it.
+    let mut opts = MqttOptions::new("press-08", "127.0.0.1", m.port);
+    opts.set_credentials(creds.username.clone(), creds.password.clone());
+    let (_client, mut el) = AsyncClient::new(opts, 8);
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let e = el.poll().await;
+            let stop = e.is_err();
+            let _ = events_tx.send(e.map(|e| format!("{e:?}")).map_err(|e| e.to_string()));
+            if stop {
+                return;
+            }
+        }
+    });
+    let connected = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(e) = events.recv().await {
+            if e.as_deref().is_ok_and(|e| e.contains("ConnAck")) {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(connected, Ok(true), "the enrolled device never got in");
+
+    let (status, text) = api.post_json("/api/v1/devices/press-08/revoke", &serde_json::json!({})).await.unwrap();
+    assert_eq!(status, 200, "{text}");
+    let body: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(body["broker_disabled"], true, "{body}");
+    let dropped = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match events.recv().await {
+                Some(Err(e)) => return e,
+                Some(Ok(_)) => continue,
+                None => return "event loop ended".into(),
+            }
+        }
+    })
+    .await
+    .expect("the revoked device is still connected 10 s after its revocation");
+    assert!(!dropped.is_empty());
+    let (_c, got, task) = device::connect(("127.0.0.1".into(), m.port), "press-08", Some(&creds), None).await;
+    assert!(matches!(got, Connected::Refused(_)), "a revoked device got in again: {got:?}");
+    task.abort();
     cp_cancel.cancel();
     cp.join().await.unwrap();
 }

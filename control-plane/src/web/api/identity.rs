@@ -29,7 +29,8 @@ impl From<EnrollError> for ApiError {
     request_body = EnrollRequest,
     responses((status = 200, description = "The device's credentials.", body = Credentials),
         (status = 403, description = "The token, proof or device is refused.", body = crate::web::error::ErrorBody),
-        (status = 409, description = "The device id is taken, or its class is fixed.", body = crate::web::error::ErrorBody)))]
+        (status = 409, description = "The device id is taken, or its class is fixed.", body = crate::web::error::ErrorBody),
+        (status = 503, description = "Enrolled, but the external broker did not take the device's credentials (`[broker] provisioning`); enroll again.", body = crate::web::error::ErrorBody)))]
 pub async fn enroll(
     State(s): State<AppState>,
     ApiJson(body): ApiJson<EnrollRequest>,
@@ -41,7 +42,37 @@ pub async fn enroll(
         s.metrics.api_refused("enrollment_refused");
         tracing::warn!(error = %e, "enrollment refused");
     }
-    Ok(Json(creds?))
+    let creds = creds?;
+    if let Some(p) = &s.provisioner {
+        // The device gets its credentials only once the broker knows them; if it does not, the device enrolls
+        // again (its agent retries), with new credentials.
+        if let Err(e) = p.provision(&creds.username, &creds.password).await {
+            tracing::error!(device = %creds.username, error = %e, "enrolled, but the broker did not take the credentials");
+            return Err(ApiError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                error: "broker_unavailable",
+                detail: format!(
+                    "device `{}` enrolled, but the broker did not take its credentials ({e}); enroll again",
+                    creds.username
+                ),
+            });
+        }
+    }
+    Ok(Json(creds))
+}
+
+/// Disables a revoked device's client in the external broker, when the control plane provisions it there:
+/// `Some(true)` once the broker confirmed it (and so disconnected the device), `Some(false)` if the broker did
+/// not answer (the control plane keeps trying in the background), `None` without provisioning.
+async fn disable_at_broker(s: &AppState, device: &str) -> Option<bool> {
+    let p = s.provisioner.as_ref()?;
+    match p.disable(device).await {
+        Ok(()) => Some(true),
+        Err(e) => {
+            tracing::error!(device, error = %e, "revoked, but the broker did not disable the device yet; retrying");
+            Some(false)
+        }
+    }
 }
 
 #[derive(utoipa::ToSchema, Deserialize, Serialize, Debug)]
@@ -108,8 +139,12 @@ pub async fn enrolled(State(s): State<AppState>) -> Json<Vec<Enrolled>> {
 pub struct Revoked {
     pub device: String,
     pub revoked_ms: Option<u64>,
-    /// Live broker connections of the device that were closed.
+    /// Live broker connections of the device that were closed (embedded broker).
     pub connections_cut: usize,
+    /// With `[broker] provisioning`: whether the external broker confirmed it disabled the device's client
+    /// (and disconnected it); false means the control plane keeps trying. Absent without provisioning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broker_disabled: Option<bool>,
 }
 
 #[utoipa::path(post, path = "/api/v1/devices/{id}/revoke", tag = "identity", operation_id = "revoke_device",
@@ -126,8 +161,9 @@ pub async fn revoke(State(s): State<AppState>, Path(id): Path<String>) -> Result
         },
     )?;
     let connections_cut = s.front.cut(&id);
-    tracing::warn!(device = %id, connections_cut, "device revoked");
-    Ok(Json(Revoked { device: id, revoked_ms: e.revoked_ms, connections_cut }))
+    let broker_disabled = disable_at_broker(&s, &id).await;
+    tracing::warn!(device = %id, connections_cut, ?broker_disabled, "device revoked");
+    Ok(Json(Revoked { device: id, revoked_ms: e.revoked_ms, connections_cut, broker_disabled }))
 }
 
 /// What `DELETE /api/v1/devices/{id}` did.
@@ -138,6 +174,10 @@ pub struct Decommissioned {
     /// Whether the device was enrolled (its credentials are now revoked).
     pub enrollment_revoked: bool,
     pub connections_cut: usize,
+    /// As in revocation: whether the external broker disabled the device's client (absent without
+    /// provisioning, or if the device was not enrolled).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broker_disabled: Option<bool>,
     /// Whether a desired state had been issued to it (its retained message is now cleared).
     pub desired_cleared: bool,
 }
@@ -172,12 +212,14 @@ pub async fn decommission(State(s): State<AppState>, Path(id): Path<String>) -> 
         return Err(ApiError::not_found(format!("no device `{id}`")));
     }
     let connections_cut = s.front.cut(&id);
-    tracing::warn!(device = %id, enrollment_revoked, desired_cleared, connections_cut, "device decommissioned");
+    let broker_disabled = if enrollment_revoked { disable_at_broker(&s, &id).await } else { None };
+    tracing::warn!(device = %id, enrollment_revoked, desired_cleared, connections_cut, ?broker_disabled, "device decommissioned");
     Ok(Json(Decommissioned {
         device: id,
         decommissioned_ms: now,
         enrollment_revoked,
         connections_cut,
+        broker_disabled,
         desired_cleared,
     }))
 }

@@ -5,6 +5,7 @@
 //! pool) and shape JSON. Every error is an [`error::ApiError`].
 
 pub mod alerts;
+pub mod broker;
 pub mod configs;
 pub mod identity;
 pub mod learning;
