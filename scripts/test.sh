@@ -5,6 +5,8 @@
 # - Debian's chromium and chromium-driver: the dashboard's browser tests drive headless Chromium through
 #   chromedriver;
 # - Debian's prometheus: `promtool check metrics` reads a live scrape of `/metrics`;
+# - Debian's postgresql (15): the PostgreSQL back-end's tests start their own cluster (initdb, pg_ctl; as the
+#   `postgres` user when run as root) in a temporary directory, on a free loopback port;
 # - Python 3 with venv, and from PyPI paho-mqtt, cbor2 and cryptography in target/py-venv: the Python device of
 #   docs/protocol.md runs against a live control plane; and the Python client of python/ with its test extras:
 #   its pytest suite drives the loop against a live control plane and fleet; and openapi-spec-validator and
@@ -14,13 +16,14 @@ cd "$(dirname "$0")/.."
 
 if ! [ -x /usr/sbin/mosquitto ] || ! command -v mosquitto_passwd >/dev/null \
   || ! [ -x /usr/bin/chromium ] || ! command -v chromedriver >/dev/null || ! command -v promtool >/dev/null || ! command -v strip >/dev/null \
-  || ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
+  || ! python3 -c 'import ensurepip, venv' 2>/dev/null \
+  || ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
   SUDO=""
   if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
   export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get update -q
   $SUDO apt-get install -y -q --no-install-recommends \
-    mosquitto mosquitto-clients chromium chromium-driver prometheus binutils python3 python3-venv
+    mosquitto mosquitto-clients chromium chromium-driver prometheus binutils python3 python3-venv postgresql
 fi
 if ! target/py-venv/bin/python3 -c 'import paho.mqtt, cbor2, cryptography' 2>/dev/null; then
   rm -rf target/py-venv
@@ -37,5 +40,6 @@ target/py-venv/bin/pip install -q "openapi-spec-validator>=0.7,<1" "schemathesis
 chromium --version || true
 chromedriver --version || true
 promtool --version | head -1 || true
+ls -d /usr/lib/postgresql/*/bin | tail -1 || true
 
 cargo test --workspace "$@"

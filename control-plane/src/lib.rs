@@ -10,6 +10,7 @@
 //! - [`access`]: operators, the audit log, the signing key, certificates.
 //! - [`web`]: the operator API and dashboard.
 //! - [`metrics`]: counters and scrape-time gauges, encoded by prometheus-client (Prometheus text or OpenMetrics).
+//! - [`storage`]: the PostgreSQL back-end (pool, migrations, the stores kept there).
 //! - [`server`]: starts all of the above under one cancellation token.
 
 pub mod access;
@@ -20,6 +21,7 @@ pub mod metrics;
 pub mod ml;
 pub mod rollout;
 pub mod server;
+pub mod storage;
 pub mod web;
 
 pub use server::{ControlPlane, ControlPlaneHandle, SERVICE_USER};

@@ -24,6 +24,7 @@ pub mod http;
 pub mod load;
 pub mod modbus_device;
 pub mod nab;
+pub mod postgres;
 pub mod processes;
 pub mod proxy;
 pub mod rollouts;

@@ -28,6 +28,7 @@ mod openapi;
 mod operators;
 mod outbox_full;
 mod paging;
+mod postgres_store;
 mod process_fleet;
 mod process_rollout;
 mod python_client;

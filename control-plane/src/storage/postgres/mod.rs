@@ -1,0 +1,146 @@
+//! The PostgreSQL back-end: a pool of connections (deadpool over tokio-postgres), the schema migrations, and
+//! the stores kept there.
+//!
+//! - [`migrate`]: versioned migrations, applied once at start under an advisory lock, never edited once
+//!   released (a changed one stops the start, by name).
+//! - [`telemetry`]: records keyed by (device, seq), exactly-once across replicas, and watermarks.
+
+pub mod migrate;
+pub mod telemetry;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use std::time::Duration;
+
+pub use telemetry::{BatchStored, Group, PgTelemetry};
+
+/// What went wrong with PostgreSQL, said with what the control plane was doing.
+#[derive(Debug, thiserror::Error)]
+pub enum PgError {
+    #[error("postgres url: {0}")]
+    Url(String),
+    #[error("connecting to postgres at {at}: {source}")]
+    Connect { at: String, source: tokio_postgres::Error },
+    #[error("postgres pool: {0}")]
+    Pool(String),
+    #[error("postgres, {doing}: {source}")]
+    Query { doing: &'static str, source: tokio_postgres::Error },
+    #[error("postgres schema: {0}")]
+    Schema(String),
+    #[error("{0}")]
+    Bad(String),
+}
+
+impl PgError {
+    pub(crate) fn query(doing: &'static str) -> impl FnOnce(tokio_postgres::Error) -> PgError {
+        move |source| PgError::Query { doing, source }
+    }
+
+    /// Whether the database gave up on a transaction that may succeed when tried again (a deadlock between
+    /// replicas, a serialisation failure, a connection lost): nothing it wrote stays.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            PgError::Query { source, .. } | PgError::Connect { source, .. } => {
+                source.is_closed()
+                    || source.code().is_some_and(|c| {
+                        *c == tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED
+                            || *c == tokio_postgres::error::SqlState::T_R_SERIALIZATION_FAILURE
+                    })
+            }
+            PgError::Pool(_) => true,
+            _ => false,
+        }
+    }
+}
+
+/// A pool of connections to one database.
+#[derive(Clone)]
+pub struct Pg {
+    pool: Pool,
+    /// Where it connects, without the password (for messages).
+    at: String,
+}
+
+impl std::fmt::Debug for Pg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Pg({})", self.at)
+    }
+}
+
+impl Pg {
+    /// A pool of up to `max` connections to `url` (`postgres://user@host:port/db`), logging in with
+    /// `password` when given (from `[storage] password_file`, never from the URL in configs). Connects once
+    /// to check, then applies the migrations.
+    pub async fn open(url: &str, password: Option<&str>, max: usize) -> Result<Pg, PgError> {
+        let mut cfg: tokio_postgres::Config =
+            url.parse().map_err(|e| PgError::Url(format!("`{}`: {e}", redact(url))))?;
+        if let Some(p) = password {
+            cfg.password(p);
+        }
+        cfg.application_name("edgeloop-control-plane");
+        cfg.connect_timeout(Duration::from_secs(10));
+        let at = describe(&cfg);
+        let mgr =
+            Manager::from_config(cfg, tokio_postgres::NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let pool = Pool::builder(mgr)
+            .max_size(max.max(2))
+            .wait_timeout(Some(Duration::from_secs(30)))
+            .create_timeout(Some(Duration::from_secs(10)))
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .map_err(|e| PgError::Pool(e.to_string()))?;
+        let pg = Pg { pool, at };
+        let mut c = pg.client().await?;
+        migrate::migrate(&mut c).await?;
+        Ok(pg)
+    }
+
+    /// A connection from the pool.
+    pub async fn client(&self) -> Result<deadpool_postgres::Object, PgError> {
+        self.pool.get().await.map_err(|e| match e {
+            deadpool_postgres::PoolError::Backend(source) => PgError::Connect { at: self.at.clone(), source },
+            other => PgError::Pool(format!("{}: {other}", self.at)),
+        })
+    }
+
+    /// Where it connects: `user@host:port/db`, no password.
+    pub fn at(&self) -> &str {
+        &self.at
+    }
+}
+
+fn describe(cfg: &tokio_postgres::Config) -> String {
+    let host = cfg
+        .get_hosts()
+        .first()
+        .map(|h| match h {
+            tokio_postgres::config::Host::Tcp(h) => h.clone(),
+            tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+        })
+        .unwrap_or_default();
+    let port = cfg.get_ports().first().copied().unwrap_or(5432);
+    format!("{}@{host}:{port}/{}", cfg.get_user().unwrap_or("?"), cfg.get_dbname().unwrap_or("?"))
+}
+
+/// `url` with any password replaced by `***`.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.find('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let userinfo = &url[s + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn passwords_never_reach_messages() {
+        assert_eq!(super::redact("postgres://cp:s3cret@db:5432/edgeloop"), "postgres://cp:***@db:5432/edgeloop");
+        assert_eq!(super::redact("postgres://cp@db/edgeloop"), "postgres://cp@db/edgeloop");
+        assert_eq!(super::redact("host=db user=cp"), "host=db user=cp");
+    }
+}

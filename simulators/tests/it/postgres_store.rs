@@ -1,0 +1,249 @@
+//! The PostgreSQL back-end against a real PostgreSQL (Debian's, started by the test in a temporary directory):
+//! migrations, exactly-once storage when two replicas store batches of the same device at the same time or
+//! when a batch is delivered again after its replica died, and the same answers as the embedded store.
+
+use edgeloop_common::durable::{Durability, DurableDb};
+use edgeloop_common::envelope::{Record, TelemetryBatch, FLAG_ANOMALY};
+use edgeloop_control_plane::fleet::{Query, TelemetryStore};
+use edgeloop_control_plane::storage::postgres::{migrate, Pg, PgTelemetry};
+use edgeloop_simulators::postgres::{PgCluster, PASSWORD};
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+fn rec(seq: u64, ts: u64) -> Record {
+    Record { seq, ts_ms: ts, sensor: "t".into(), features: vec![seq as f32, 0.5], score: Some(0.1), flags: 0 }
+}
+
+fn batch(from: u64, to: u64) -> TelemetryBatch {
+    TelemetryBatch { from, to, records: (from..=to).map(|s| rec(s, 1000 + s)).collect() }
+}
+
+async fn open(c: &PgCluster) -> Pg {
+    Pg::open(&c.url(), Some(PASSWORD), 8).await.unwrap_or_else(|e| panic!("{e}\n{}", c.log()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrations_apply_once_and_an_edited_one_stops_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = PgCluster::start(dir.path()).unwrap();
+    // Two replicas starting together: each migration is applied once.
+    let (a, b) = tokio::join!(open(&c), open(&c));
+    let applied =
+        c.psql("SELECT string_agg(version || ':' || name, ',' ORDER BY version) FROM edgeloop_migrations").unwrap();
+    let want: Vec<String> = migrate::MIGRATIONS.iter().map(|m| format!("{}:{}", m.version, m.name)).collect();
+    assert_eq!(applied, want.join(","));
+    let mut client = a.client().await.unwrap();
+    assert_eq!(migrate::migrate(&mut client).await.unwrap(), Vec::<i32>::new(), "nothing left to apply");
+    // This build's migration 1 with other text, as if someone edited a released file.
+    let mut edited = migrate::MIGRATIONS.to_vec();
+    edited[0].sql = "CREATE TABLE telemetry_v2 (x int);";
+    let e = migrate::migrate_with(&mut client, &edited).await.unwrap_err().to_string();
+    assert!(e.contains("migration 1 (telemetry) differs"), "{e}");
+    // A database a newer build migrated further.
+    let e = migrate::migrate_with(&mut client, &[]).await.unwrap_err().to_string();
+    assert!(e.contains("migration 1 (telemetry)") && e.contains("does not know"), "{e}");
+    drop(b);
+    // A wrong password is refused with where it connected, and no password in the message.
+    let e = Pg::open(&c.url(), Some("wrong"), 2).await.unwrap_err().to_string();
+    assert!(e.contains("edgeloop@127.0.0.1") && !e.contains("wrong"), "{e}");
+    let e = Pg::open("postgres://edgeloop:hunter2@127.0.0.1:1/x?bogus=1", None, 2).await.unwrap_err().to_string();
+    assert!(e.contains("postgres url") && !e.contains("hunter2"), "{e}");
+}
+
+/// Replica B stores a batch that overlaps one replica A has stored but not committed: B waits for A, then
+/// stores only what A did not. If A dies before its commit instead, B stores everything. Either way every
+/// record is stored exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_storing_one_device_at_once_store_each_record_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = PgCluster::start(dir.path()).unwrap();
+    let (a, b) = (PgTelemetry::new(open(&c).await), PgTelemetry::new(open(&c).await));
+
+    let mut ga = a.begin().await.unwrap();
+    let first = ga.store_batch("d1", &batch(1, 100)).await.unwrap();
+    assert_eq!((first.new, first.duplicate, first.upto), (100, 0, 100));
+    assert_eq!(b.count("d1").await.unwrap(), 0, "nothing is visible before the commit");
+    let b2 = b.clone();
+    let second = tokio::spawn(async move {
+        let mut gb = b2.begin().await.unwrap();
+        let s = gb.store_batch("d1", &batch(51, 150)).await.unwrap();
+        gb.commit().await.unwrap();
+        s
+    });
+    ga.commit().await.unwrap();
+    let second = second.await.unwrap();
+    assert_eq!((second.new, second.duplicate, second.upto), (50, 50, 150));
+    assert_eq!(a.count("d1").await.unwrap(), 150);
+    assert_eq!(a.seqs_in("d1", 1, 150).await.unwrap(), (1..=150).collect::<Vec<_>>());
+    assert_eq!(b.watermark("d1").await.unwrap(), 150);
+
+    // A stores a batch and dies before committing (its connection closes); B, handed the same batch again,
+    // stores all of it.
+    let mut ga = a.begin().await.unwrap();
+    assert_eq!(ga.store_batch("d2", &batch(1, 40)).await.unwrap().new, 40);
+    let b2 = b.clone();
+    let redelivered = tokio::spawn(async move {
+        let mut gb = b2.begin().await.unwrap();
+        let s = gb.store_batch("d2", &batch(1, 40)).await.unwrap();
+        gb.commit().await.unwrap();
+        s
+    });
+    drop(ga);
+    let redelivered = redelivered.await.unwrap();
+    assert_eq!((redelivered.new, redelivered.duplicate, redelivered.upto), (40, 0, 40));
+    assert_eq!(a.count("d2").await.unwrap(), 40);
+
+    // A committed but died before acknowledging: the device sends the batch again, B finds it all stored.
+    let mut ga = a.begin().await.unwrap();
+    ga.store_batch("d3", &batch(1, 10)).await.unwrap();
+    ga.commit().await.unwrap();
+    let mut gb = b.begin().await.unwrap();
+    let again = gb.store_batch("d3", &batch(1, 10)).await.unwrap();
+    gb.commit().await.unwrap();
+    assert_eq!((again.new, again.duplicate, again.upto), (0, 10, 10));
+    assert_eq!(b.count("d3").await.unwrap(), 10);
+}
+
+/// Four replicas store overlapping batches of three devices at once, each group in device order, as ingest
+/// does: no deadlock, no error, and each device ends with exactly the union of what was sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_replicas_storing_overlapping_batches_lose_and_duplicate_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = PgCluster::start(dir.path()).unwrap();
+    let pg = open(&c).await;
+    let devices = ["a", "b", "c"];
+    let mut tasks = Vec::new();
+    for replica in 0..4u64 {
+        let store = PgTelemetry::new(pg.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut sent: Vec<(&str, u64, u64)> = Vec::new();
+            for round in 0..25u64 {
+                let mut g = store.begin().await.unwrap();
+                for d in devices {
+                    // Batches of 20 starting at a different offset per replica: every seq is sent by several.
+                    let from = 1 + (round * 10 + replica * 7) % 400;
+                    g.store_batch(d, &batch(from, from + 19)).await.unwrap();
+                    sent.push((d, from, from + 19));
+                }
+                g.commit().await.unwrap();
+            }
+            sent
+        }));
+    }
+    let mut want: std::collections::BTreeMap<&str, BTreeSet<u64>> = Default::default();
+    for t in tasks {
+        for (d, from, to) in t.await.unwrap() {
+            want.entry(d).or_default().extend(from..=to);
+        }
+    }
+    let store = PgTelemetry::new(pg);
+    for d in devices {
+        let stored = store.seqs_in(d, 0, u64::MAX).await.unwrap();
+        assert_eq!(stored, want[d].iter().copied().collect::<Vec<_>>(), "device {d}");
+        assert_eq!(store.count(d).await.unwrap(), want[d].len() as u64);
+    }
+    let dups =
+        c.psql("SELECT count(*) FROM (SELECT device, seq FROM telemetry GROUP BY 1, 2 HAVING count(*) > 1) x").unwrap();
+    assert_eq!(dups, "0");
+}
+
+/// The same writes and reads on the embedded store and on PostgreSQL give the same answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_back_ends_answer_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = PgCluster::start(dir.path()).unwrap();
+    let pg = PgTelemetry::new(open(&c).await);
+    let sled = TelemetryStore::open(DurableDb::open(&dir.path().join("sled"), Durability::Flush).unwrap()).unwrap();
+
+    // A flagged record, a gap, a duplicate, an out-of-order batch, another device sharing a prefix.
+    let mut b1 = batch(1, 5);
+    b1.records[2].flags = FLAG_ANOMALY;
+    let script: Vec<(&str, TelemetryBatch)> =
+        vec![("a", b1), ("a", batch(8, 10)), ("a", batch(4, 7)), ("a", batch(1, 3)), ("ab", batch(1, 2))];
+    let mut g = pg.begin().await.unwrap();
+    for (d, b) in &script {
+        let got = g.store_batch(d, b).await.unwrap();
+        // The embedded store's way, as ingest does it.
+        let (mut new, mut flagged) = (0, 0);
+        for r in &b.records {
+            if sled.insert(d, r).unwrap() {
+                new += 1;
+                flagged += u64::from(r.flags & FLAG_ANOMALY != 0);
+            }
+        }
+        let mut upto = sled.watermark(d).unwrap();
+        if b.from <= upto + 1 && b.to > upto {
+            upto = b.to;
+            sled.set_watermark(d, upto).unwrap();
+        }
+        assert_eq!(
+            (got.new, got.duplicate, got.flagged, got.upto),
+            (new, b.records.len() as u64 - new, flagged, upto),
+            "{d} {}..{}",
+            b.from,
+            b.to
+        );
+    }
+    g.commit().await.unwrap();
+    sled.commit().unwrap();
+
+    let q = Query { after_seq: 0, from_ms: None, to_ms: None, limit: 100 };
+    for (d, q) in [
+        ("a", q),
+        ("a", Query { after_seq: 3, ..q }),
+        ("a", Query { from_ms: Some(1004), to_ms: Some(1008), ..q }),
+        ("a", Query { limit: 2, ..q }),
+        ("ab", q),
+        ("nobody", q),
+    ] {
+        assert_eq!(pg.query(d, q).await.unwrap(), sled.query(d, q).unwrap(), "{d} {q:?}");
+    }
+    for d in ["a", "ab", "nobody"] {
+        assert_eq!(pg.last(d).await.unwrap(), sled.last(d).unwrap(), "{d}");
+        assert_eq!(pg.count(d).await.unwrap(), sled.count(d).unwrap(), "{d}");
+        assert_eq!(pg.watermark(d).await.unwrap(), sled.watermark(d).unwrap(), "{d}");
+        assert_eq!(pg.seqs_in(d, 2, 9).await.unwrap(), sled.seqs_in(d, 2, 9).unwrap(), "{d}");
+    }
+    // Pruning: acknowledged records older than the cut, in seq order, up to the first younger one.
+    for (before, max) in [(1003, 100), (1100, 2), (1100, 100)] {
+        assert_eq!(pg.prune("a", before, max).await.unwrap(), sled.prune("a", before, max).unwrap(), "{before} {max}");
+        assert_eq!(pg.query("a", q).await.unwrap(), sled.query("a", q).unwrap());
+    }
+    // Recovery moves a watermark up, never down.
+    let mut g = pg.begin().await.unwrap();
+    assert_eq!(g.raise_watermark("ab", 7).await.unwrap(), 7);
+    assert_eq!(g.raise_watermark("ab", 3).await.unwrap(), 7);
+    assert_eq!(g.watermark("ab").await.unwrap(), 7);
+    assert_eq!(g.seqs_in("ab", 1, 7).await.unwrap(), vec![1, 2]);
+    g.commit().await.unwrap();
+    // A seq the store cannot keep is an error naming it, and nothing of that batch is stored.
+    let mut g = pg.begin().await.unwrap();
+    let e = g
+        .store_batch("big", &TelemetryBatch { from: 1, to: u64::MAX, records: vec![rec(1, 1), rec(u64::MAX, 2)] })
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("device `big`: seq 18446744073709551615"), "{e}");
+    drop(g);
+    assert_eq!(pg.count("big").await.unwrap(), 0);
+}
+
+/// A commit survives the server stopping at once (as in a crash) and starting again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn committed_records_survive_a_postgres_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = PgCluster::start(dir.path()).unwrap();
+    let pg = PgTelemetry::new(open(&c).await);
+    let mut g = pg.begin().await.unwrap();
+    g.store_batch("d", &batch(1, 50)).await.unwrap();
+    g.commit().await.unwrap();
+    let mut g = pg.begin().await.unwrap();
+    g.store_batch("d", &batch(51, 60)).await.unwrap();
+    c.stop(); // crash with 51..60 uncommitted
+    drop(g);
+    let restarted = c.restart();
+    restarted.unwrap_or_else(|e| panic!("{e}\n{}", c.log()));
+    c.wait_ready(Duration::from_secs(30)).unwrap();
+    let pg = PgTelemetry::new(open(&c).await);
+    assert_eq!(pg.count("d").await.unwrap(), 50);
+    assert_eq!(pg.watermark("d").await.unwrap(), 50);
+}
