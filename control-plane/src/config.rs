@@ -49,7 +49,67 @@ pub struct RawConfig {
     /// TLS for the MQTT listener and the API: `cert` and `key` (from `certs init` or your PKI), or
     /// `plaintext = true` to run without it.
     pub tls: Option<TlsSection>,
+    /// Where state is kept: the embedded sled store, or PostgreSQL.
+    #[serde(default)]
+    pub storage: StorageSection,
 }
+
+/// `[storage]` as written.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageSection {
+    #[serde(default)]
+    pub backend: Backend,
+    /// `postgres://user@host:port/database` (postgres only); the password goes in `password_file`.
+    #[serde(default)]
+    pub url: Option<String>,
+    /// A file holding the database user's password (postgres only).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// Connections the control plane keeps to PostgreSQL at most.
+    #[serde(default)]
+    pub pool_size: Option<usize>,
+}
+
+/// Which engine keeps the state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// sled in `data_dir/store`.
+    #[default]
+    Embedded,
+    /// PostgreSQL 15 or newer (telemetry and watermarks so far; the rest stays in `data_dir`).
+    Postgres,
+}
+
+/// A validated `[storage]`.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub enum Storage {
+    #[default]
+    Embedded,
+    Postgres {
+        url: String,
+        password: Option<String>,
+        pool_size: usize,
+    },
+}
+
+impl std::fmt::Debug for Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Storage::Embedded => f.write_str("Embedded"),
+            Storage::Postgres { url, password, pool_size } => f
+                .debug_struct("Postgres")
+                .field("url", url)
+                .field("password", &password.as_ref().map(|_| "***"))
+                .field("pool_size", pool_size)
+                .finish(),
+        }
+    }
+}
+
+/// The PostgreSQL pool's default size.
+pub const DEFAULT_POOL_SIZE: usize = 16;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -260,6 +320,8 @@ pub struct Config {
     pub rollouts: RolloutsConfig,
     /// Device classes known to training, by name, loaded from `training.classes_dir`.
     pub classes: std::collections::BTreeMap<String, ClassConfig>,
+    /// Where state is kept.
+    pub storage: Storage,
 }
 
 impl Config {
@@ -293,6 +355,7 @@ impl Config {
             training: TrainingConfig::default(),
             rollouts: RolloutsConfig::default(),
             classes: Default::default(),
+            storage: Storage::Embedded,
         }
     }
 }
@@ -337,6 +400,7 @@ impl RawConfig {
         check_triggers(&c, &self.training, &classes)?;
         check_rollouts(&c, &self.rollouts, &classes)?;
         let tls = tls_files(&c, self.tls.as_ref(), &resolve)?;
+        let storage = storage(&c, &self.storage, &resolve)?;
         let mut rollouts = self.rollouts;
         rollouts.signing_key = rollouts.signing_key.map(|k| resolve(&k));
         Ok(Config {
@@ -357,8 +421,50 @@ impl RawConfig {
             ingest: self.ingest,
             training: self.training,
             classes,
+            storage,
         })
     }
+}
+
+/// `[storage]`: PostgreSQL needs a `postgres://` URL without a password (that goes in `password_file`, read
+/// here); the embedded store takes none of these keys.
+fn storage(c: &Checker, s: &StorageSection, resolve: &dyn Fn(&Path) -> PathBuf) -> Result<Storage, ConfigError> {
+    if s.backend == Backend::Embedded {
+        for (key, set) in [
+            ("url", s.url.is_some()),
+            ("password_file", s.password_file.is_some()),
+            ("pool_size", s.pool_size.is_some()),
+        ] {
+            c.check(!set, format!("storage.{key}"), "is for backend = \"postgres\" only")?;
+        }
+        return Ok(Storage::Embedded);
+    }
+    let url = s.url.clone().ok_or_else(|| c.fail("storage.url", "required with backend = \"postgres\""))?;
+    c.check(
+        url.starts_with("postgres://") || url.starts_with("postgresql://"),
+        "storage.url",
+        "must start with postgres:// or postgresql://",
+    )?;
+    let userinfo =
+        url.split_once("://").map(|(_, rest)| rest.split(['/', '?']).next().unwrap_or_default()).unwrap_or_default();
+    c.check(
+        !userinfo.split_once('@').is_some_and(|(user, _)| user.contains(':')),
+        "storage.url",
+        "holds a password; put it in storage.password_file instead",
+    )?;
+    let password = match &s.password_file {
+        Some(f) => {
+            let f = resolve(f);
+            let text = std::fs::read_to_string(&f)
+                .map_err(|e| c.fail("storage.password_file", format!("{}: {e}", f.display())))?;
+            edgeloop_common::private::warn_if_exposed(&f);
+            Some(text.trim().to_string())
+        }
+        None => None,
+    };
+    let pool_size = s.pool_size.unwrap_or(DEFAULT_POOL_SIZE);
+    c.check((2..=1000).contains(&pool_size), "storage.pool_size", "must be between 2 and 1000")?;
+    Ok(Storage::Postgres { url, password, pool_size })
 }
 
 /// Where the control plane's own clients reach the broker: the embedded one on loopback, or the external URL.
@@ -626,6 +732,48 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("provisioning"), "{e}");
+    }
+
+    #[test]
+    fn storage_is_embedded_or_postgres_with_its_password_in_a_file() {
+        let base =
+            "data_dir = \"d\"\n[broker]\nmode = \"embedded\"\nlisten = \"0.0.0.0:1883\"\n[tls]\nplaintext = true\n";
+        assert_eq!(Config::from_toml("cp.toml", base).unwrap().storage, Storage::Embedded);
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("pg.password");
+        std::fs::write(&pw, "s3cret\n").unwrap();
+        let text = format!(
+            "{base}[storage]\nbackend = \"postgres\"\nurl = \"postgres://edgeloop@db:5432/edgeloop\"\npassword_file = \"{}\"\n",
+            pw.display()
+        );
+        let c = Config::from_toml("cp.toml", &text).unwrap();
+        assert_eq!(
+            c.storage,
+            Storage::Postgres {
+                url: "postgres://edgeloop@db:5432/edgeloop".into(),
+                password: Some("s3cret".into()),
+                pool_size: DEFAULT_POOL_SIZE
+            }
+        );
+        assert!(!format!("{c:?}").contains("s3cret"), "the password stays out of Debug");
+        for (section, want) in [
+            ("backend = \"postgres\"\n", "storage.url: required"),
+            ("backend = \"postgres\"\nurl = \"mysql://x\"\n", "storage.url: must start with postgres://"),
+            ("backend = \"postgres\"\nurl = \"postgres://u:pw@db/x\"\n", "storage.url: holds a password"),
+            (
+                "backend = \"postgres\"\nurl = \"postgres://u@db/x\"\npassword_file = \"/nonexistent/pw\"\n",
+                "storage.password_file: /nonexistent/pw",
+            ),
+            (
+                "backend = \"postgres\"\nurl = \"postgres://u@db/x\"\npool_size = 1\n",
+                "storage.pool_size: must be between 2 and 1000",
+            ),
+            ("url = \"postgres://u@db/x\"\n", "storage.url: is for backend = \"postgres\" only"),
+            ("backend = \"mongodb\"\n", "mongodb"),
+        ] {
+            let e = Config::from_toml("cp.toml", &format!("{base}[storage]\n{section}")).unwrap_err().to_string();
+            assert!(e.contains("cp.toml") && e.contains(want), "{section}: {e}");
+        }
     }
 
     #[test]

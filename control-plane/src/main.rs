@@ -545,7 +545,24 @@ fn train_offline(cfg: Config, req: TrainRequest) -> anyhow::Result<()> {
         .context("opening the store (is the control plane running? stop it, or use POST /api/v1/train)")?;
     let devices_registry = Registry::open(&db)?;
     let models = ModelRegistry::open(&db, &cfg.data_dir)?;
-    let store = TelemetryStore::open(db)?;
+    // With PostgreSQL, telemetry is read from there, on a runtime of this command's own.
+    let rt = match &cfg.storage {
+        edgeloop_control_plane::config::Storage::Embedded => None,
+        edgeloop_control_plane::config::Storage::Postgres { .. } => Some(runtime()?),
+    };
+    let store = match (&cfg.storage, &rt) {
+        (edgeloop_control_plane::config::Storage::Postgres { url, password, pool_size }, Some(rt)) => {
+            let pg = rt
+                .block_on(edgeloop_control_plane::storage::postgres::Pg::open(url, password.as_deref(), *pool_size))
+                .context("[storage] backend = \"postgres\"")?;
+            TelemetryStore::postgres(
+                db,
+                edgeloop_control_plane::storage::postgres::PgTelemetry::new(pg),
+                rt.handle().clone(),
+            )
+        }
+        _ => TelemetryStore::open(db)?,
+    };
     let devices: Vec<String> = if req.dataset.devices.is_empty() {
         devices_registry.list().into_iter().filter(|d| d.class == class.class).map(|d| d.id).collect()
     } else {

@@ -5,12 +5,17 @@
 //! Each device is enrolled and signs its batches, and ingest verifies each one, except in the rounds with
 //! signatures off (`devices.require_enrollment = false`), which measure what verification costs.
 //!
+//! With PostgreSQL installed (Debian's `postgresql`), it also runs rounds on the PostgreSQL back-end
+//! (`[storage] backend = "postgres"`, a cluster the bench starts in a temporary directory), interleaved with
+//! the others, and prints what PostgreSQL spent per record: WAL bytes and its processes' CPU time.
+//!
 //! `cargo bench -p edgeloop-simulators --bench ingest`
 
 use edgeloop_common::durable::Durability;
 use edgeloop_common::envelope::{self, Body, Envelope, Record, TelemetryBatch};
 use edgeloop_control_plane::config::Config;
 use edgeloop_control_plane::ControlPlane;
+use edgeloop_simulators::postgres::PgCluster;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -101,13 +106,42 @@ async fn device(
     Ok(resends)
 }
 
-async fn round(mode: Durability, signed: bool) -> anyhow::Result<f64> {
+/// What PostgreSQL spent in a round.
+#[derive(Default, Clone, Copy)]
+struct PgCost {
+    wal_bytes: f64,
+    cpu_secs: f64,
+}
+
+/// CPU seconds (user + system) of the cluster's processes: the postmaster and its children.
+fn pg_cpu_secs(pg: &PgCluster) -> f64 {
+    let Ok(pid) = std::fs::read_to_string(pg.data_dir().join("postmaster.pid")) else { return 0.0 };
+    let Some(pid) = pid.lines().next().map(str::trim).map(str::to_string) else { return 0.0 };
+    let out = std::process::Command::new("ps").args(["-o", "times=", "--pid", &pid, "--ppid", &pid]).output();
+    out.map(|o| String::from_utf8_lossy(&o.stdout).split_whitespace().filter_map(|t| t.parse::<f64>().ok()).sum())
+        .unwrap_or(0.0)
+}
+
+fn wal_lsn(pg: &PgCluster) -> anyhow::Result<String> {
+    pg.psql("SELECT pg_current_wal_lsn()")
+}
+
+async fn round(mode: Durability, signed: bool, pg: Option<&PgCluster>) -> anyhow::Result<(f64, PgCost)> {
     let dir = tempfile::tempdir()?;
     // Port 0: the control plane binds its listeners and reports the ports (`mqtt_addr`, `api_addr`).
     let any = SocketAddr::from(([127, 0, 0, 1], 0));
     let mut cfg = Config::embedded(dir.path().to_path_buf(), any, any);
     cfg.durability = mode;
     cfg.require_enrollment = signed;
+    if let Some(pg) = pg {
+        // A fresh start for each round: the same device ids would otherwise be duplicates.
+        let _ = pg.psql("TRUNCATE telemetry, watermarks");
+        cfg.storage = edgeloop_control_plane::config::Storage::Postgres {
+            url: pg.url(),
+            password: Some(edgeloop_simulators::postgres::PASSWORD.into()),
+            pool_size: 8,
+        };
+    }
     let cancel = CancellationToken::new();
     let cp = ControlPlane::start(cfg, cancel.clone()).await?;
     let api = edgeloop_simulators::http::Api::of(&cp);
@@ -121,6 +155,10 @@ async fn round(mode: Durability, signed: bool) -> anyhow::Result<f64> {
             None
         });
     }
+    let before = match pg {
+        Some(pg) => Some((wal_lsn(pg)?, pg_cpu_secs(pg))),
+        None => None,
+    };
     let started = Instant::now();
     let m = cp.metrics.clone();
     let progress = tokio::spawn(async move {
@@ -151,9 +189,19 @@ async fn round(mode: Durability, signed: bool) -> anyhow::Result<f64> {
     }
     let stored = cp.metrics.records_ingested.get();
     anyhow::ensure!(stored == DEVICES as u64 * BATCHES * BATCH, "stored {stored}");
+    let cost = match (pg, before) {
+        (Some(pg), Some((lsn, cpu))) => {
+            let cpu_secs = pg_cpu_secs(pg) - cpu;
+            let wal: f64 = pg.psql(&format!("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '{lsn}')"))?.parse()?;
+            let rows: u64 = pg.psql("SELECT count(*) FROM telemetry")?.parse()?;
+            anyhow::ensure!(rows == stored, "PostgreSQL holds {rows} records, ingest stored {stored}");
+            PgCost { wal_bytes: wal, cpu_secs }
+        }
+        _ => PgCost::default(),
+    };
     cancel.cancel();
     cp.join().await?;
-    Ok(stored as f64 / secs)
+    Ok((stored as f64 / secs, cost))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -166,11 +214,25 @@ fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "error".into()))
         .init();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let (mut durable, mut flush, mut unsigned) = (Vec::new(), Vec::new(), Vec::new());
+    let pg_dir = tempfile::tempdir()?;
+    let pg = match PgCluster::start(pg_dir.path()) {
+        Ok(pg) => Some(pg),
+        Err(e) => {
+            eprintln!("no PostgreSQL rounds: {e}");
+            None
+        }
+    };
+    let (mut durable, mut flush, mut unsigned, mut postgres) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut costs = Vec::new();
     for _ in 0..3 {
-        durable.push(rt.block_on(round(Durability::Fsync, true))?);
-        unsigned.push(rt.block_on(round(Durability::Fsync, false))?);
-        flush.push(rt.block_on(round(Durability::Flush, true))?);
+        durable.push(rt.block_on(round(Durability::Fsync, true, None))?.0);
+        unsigned.push(rt.block_on(round(Durability::Fsync, false, None))?.0);
+        flush.push(rt.block_on(round(Durability::Flush, true, None))?.0);
+        if let Some(pg) = &pg {
+            let (rate, cost) = rt.block_on(round(Durability::Fsync, true, Some(pg)))?;
+            postgres.push(rate);
+            costs.push(cost);
+        }
     }
     let (d, f, u) = (median(durable), median(flush), median(unsigned));
     println!("ingest end to end (publish -> stored -> committed -> acked), {DEVICES} devices x {BATCHES} batches x {BATCH} records");
@@ -179,6 +241,20 @@ fn main() -> anyhow::Result<()> {
     println!("  flush only, signed uplinks verified:    median {f:>10.0} records/s");
     println!("  verified / signatures off: {:.2}", d / u);
     println!("  durable / flush-only: {:.2}", d / f);
+    if !postgres.is_empty() {
+        let p = median(postgres);
+        let records = (DEVICES as u64 * BATCHES * BATCH) as f64;
+        let wal = median(costs.iter().map(|c| c.wal_bytes / records).collect());
+        let cpu = median(costs.iter().map(|c| c.cpu_secs * 1e6 / records).collect());
+        println!("  PostgreSQL back-end, signed, verified:  median {p:>10.0} records/s");
+        println!("  PostgreSQL / embedded (fsync): {:.2}", p / d);
+        println!("  PostgreSQL per record: median {wal:.0} WAL bytes, {cpu:.1} us of its processes' CPU");
+        println!(
+            "  PostgreSQL per message ({BATCH} records): {:.0} WAL bytes, {:.0} us CPU",
+            wal * BATCH as f64,
+            cpu * BATCH as f64
+        );
+    }
     // rumqttd's broker thread cannot be stopped; leave without waiting for it.
     std::process::exit(0);
 }

@@ -100,6 +100,11 @@ impl PgCluster {
         Ok(())
     }
 
+    /// The cluster's data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.data
+    }
+
     /// `postgres://edgeloop@127.0.0.1:PORT/edgeloop`; the password is [`PASSWORD`].
     pub fn url(&self) -> String {
         format!("postgres://edgeloop@127.0.0.1:{}/edgeloop", self.port)

@@ -1,11 +1,20 @@
 //! The telemetry store: every accepted record, keyed by (device, seq), and each device's cumulative
 //! acknowledgement watermark.
 //!
-//! Writes go to sled; [`TelemetryStore::commit`] makes them durable (flush plus `fdatasync`, see common's
-//! `durable`), and ingest acknowledges nothing before that commit returns. Callers never see trees or keys.
+//! Kept in sled (the embedded back-end) or in PostgreSQL (`[storage] backend = "postgres"`, see
+//! `storage::postgres::telemetry`). With sled, writes go to the trees and [`TelemetryStore::commit`] makes
+//! them durable (flush plus `fdatasync`, see common's `durable`); with PostgreSQL, ingest's writes go into
+//! one transaction that [`TelemetryStore::commit`] commits. Either way ingest acknowledges nothing before that
+//! commit returns. Callers never see trees, keys or SQL.
+//!
+//! The PostgreSQL back-end is async; this store's methods are blocking, like sled's. They run the query on
+//! the runtime that opened the pool: from a thread outside it (ingest's), directly; from one of its threads,
+//! inside `block_in_place`, so the runtime moves its other tasks elsewhere meanwhile.
 
+use crate::storage::postgres::{Group, PgError, PgTelemetry};
 use edgeloop_common::durable::{DurableDb, DurableError};
-use edgeloop_common::envelope::Record;
+use edgeloop_common::envelope::{Record, TelemetryBatch, FLAG_ANOMALY};
+use std::sync::{Arc, Mutex};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -15,6 +24,19 @@ pub enum StoreError {
     Sled(#[from] sled::Error),
     #[error("stored record {device}/{seq} is corrupt: {reason}")]
     Corrupt { device: String, seq: u64, reason: String },
+    #[error(transparent)]
+    Postgres(#[from] PgError),
+}
+
+/// What storing one batch did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BatchStored {
+    pub new: u64,
+    pub duplicate: u64,
+    /// New records flagged as anomalies.
+    pub flagged: u64,
+    /// The device's watermark afterwards.
+    pub upto: u64,
 }
 
 /// A query over one device's records.
@@ -30,9 +52,78 @@ pub struct Query {
 
 #[derive(Debug, Clone)]
 pub struct TelemetryStore {
+    /// The embedded database: the records with the sled back-end, and in both cases what else commits with
+    /// ingest (the device registry).
     db: DurableDb,
-    records: sled::Tree,
-    watermarks: sled::Tree,
+    backend: Backend,
+}
+
+#[derive(Debug, Clone)]
+enum Backend {
+    Sled { records: sled::Tree, watermarks: sled::Tree },
+    Postgres(Pg),
+}
+
+/// The PostgreSQL back-end: the store, the runtime its pool belongs to, and the open write transaction with
+/// the thread that opened it (ingest's). That thread's reads go through it (they see its writes) and its
+/// [`TelemetryStore::commit`] commits it; every other thread reads committed state from the pool, and its
+/// commit leaves the transaction alone, so nothing another thread does can end ingest's transaction behind
+/// its back.
+#[derive(Clone)]
+struct Pg {
+    store: PgTelemetry,
+    rt: tokio::runtime::Handle,
+    group: Arc<Mutex<Option<(Group, std::thread::ThreadId)>>>,
+}
+
+impl std::fmt::Debug for Pg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.store)
+    }
+}
+
+impl Pg {
+    /// Runs `f` to completion on the pool's runtime, from any thread.
+    fn block<T: Send>(&self, f: impl std::future::Future<Output = T> + Send) -> T {
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread => {
+                // block_in_place is not available here; a helper thread blocks instead.
+                std::thread::scope(|s| s.spawn(|| self.rt.block_on(f)).join().expect("a PostgreSQL call panicked"))
+            }
+            Ok(_) => tokio::task::block_in_place(|| self.rt.block_on(f)),
+            Err(_) => self.rt.block_on(f),
+        }
+    }
+
+    /// Whether this thread opened the write transaction that is open now.
+    fn owns_group(&self) -> bool {
+        let me = std::thread::current().id();
+        self.group.lock().unwrap_or_else(|p| p.into_inner()).as_ref().is_some_and(|(_, owner)| *owner == me)
+    }
+
+    /// Runs `op` in ingest's open transaction, starting one if none is open. An error rolls it back.
+    fn in_group(&self, op: Op<'_>) -> Result<Done, StoreError> {
+        let mut slot = self.group.lock().unwrap_or_else(|p| p.into_inner());
+        let mut group = slot.take();
+        let done = self.block(async {
+            let (g, _) = match &mut group {
+                Some(g) => g,
+                None => group.insert((self.store.begin().await?, std::thread::current().id())),
+            };
+            match op {
+                Op::Store(d, b) => g.store_batch(d, b).await.map(Done::Stored),
+                Op::Watermark(d) => g.watermark(d).await.map(Done::Upto),
+                Op::Raise(d, upto) => g.raise_watermark(d, upto).await.map(Done::Upto),
+                Op::SeqsIn(d, from, to) => g.seqs_in(d, from, to).await.map(Done::Seqs),
+            }
+        });
+        // After an error PostgreSQL has aborted the transaction: dropping it closes its connection, nothing of
+        // it stays, and the next write opens another.
+        if done.is_ok() {
+            *slot = group;
+        }
+        Ok(done?)
+    }
 }
 
 fn key(device: &str, seq: u64) -> Vec<u8> {
@@ -58,46 +149,164 @@ fn seq_of(key: &[u8]) -> u64 {
     u64::from_be_bytes(b)
 }
 
+/// What ingest does in its open PostgreSQL transaction.
+enum Op<'a> {
+    Store(&'a str, &'a TelemetryBatch),
+    Watermark(&'a str),
+    Raise(&'a str, u64),
+    SeqsIn(&'a str, u64, u64),
+}
+
+enum Done {
+    Stored(BatchStored),
+    Upto(u64),
+    Seqs(Vec<u64>),
+}
+
+impl Done {
+    fn stored(self) -> BatchStored {
+        match self {
+            Done::Stored(s) => s,
+            _ => unreachable!("a store answers with what it stored"),
+        }
+    }
+    fn upto(self) -> u64 {
+        match self {
+            Done::Upto(u) => u,
+            _ => unreachable!("a watermark operation answers with the watermark"),
+        }
+    }
+    fn seqs(self) -> Vec<u64> {
+        match self {
+            Done::Seqs(s) => s,
+            _ => unreachable!("a seq listing answers with seqs"),
+        }
+    }
+}
+
 impl TelemetryStore {
+    /// The embedded back-end: the records in `db`.
     pub fn open(db: DurableDb) -> Result<Self, StoreError> {
-        Ok(TelemetryStore { records: db.tree("telemetry")?, watermarks: db.tree("watermarks")?, db })
+        let backend = Backend::Sled { records: db.tree("telemetry")?, watermarks: db.tree("watermarks")? };
+        Ok(TelemetryStore { db, backend })
+    }
+
+    /// The PostgreSQL back-end: the records in `store`, whose pool belongs to `rt`; `db` still commits with
+    /// ingest.
+    pub fn postgres(db: DurableDb, store: PgTelemetry, rt: tokio::runtime::Handle) -> Self {
+        TelemetryStore { db, backend: Backend::Postgres(Pg { store, rt, group: Default::default() }) }
     }
 
     pub fn db(&self) -> &DurableDb {
         &self.db
     }
 
+    /// Which back-end keeps the records: `embedded` or `postgres`.
+    pub fn backend(&self) -> &'static str {
+        match self.backend {
+            Backend::Sled { .. } => "embedded",
+            Backend::Postgres(_) => "postgres",
+        }
+    }
+
     /// Stores `rec` unless (device, seq) is already there. Returns whether it was new.
     pub fn insert(&self, device: &str, rec: &Record) -> Result<bool, StoreError> {
-        let buf = edgeloop_common::signing::to_cbor_with_capacity(rec, 64 + 5 * rec.features.len());
-        let prev = self.records.compare_and_swap(key(device, rec.seq), None as Option<&[u8]>, Some(buf))?;
-        Ok(prev.is_ok())
+        let one = TelemetryBatch { from: rec.seq, to: rec.seq, records: vec![rec.clone()] };
+        match &self.backend {
+            Backend::Sled { records, .. } => sled_insert(records, device, rec),
+            // Stored alone, its watermark moves only if it is the next one (as `store_batch` would).
+            Backend::Postgres(pg) => Ok(pg.in_group(Op::Store(device, &one))?.stored().new == 1),
+        }
     }
 
+    /// Stores the records of `batch` not stored yet, and moves the device's watermark to the batch's end when
+    /// the batch starts at or below the next expected seq. Not durable until [`TelemetryStore::commit`].
+    pub fn store_batch(&self, device: &str, batch: &TelemetryBatch) -> Result<BatchStored, StoreError> {
+        let (records, watermarks) = match &self.backend {
+            Backend::Sled { records, watermarks } => (records, watermarks),
+            Backend::Postgres(pg) => return Ok(pg.in_group(Op::Store(device, batch))?.stored()),
+        };
+        let mut out = BatchStored::default();
+        for rec in &batch.records {
+            if sled_insert(records, device, rec)? {
+                out.new += 1;
+                out.flagged += u64::from(rec.flags & FLAG_ANOMALY != 0);
+            } else {
+                out.duplicate += 1;
+            }
+        }
+        out.upto = sled_watermark(watermarks, device)?;
+        if batch.from <= out.upto.saturating_add(1) && batch.to > out.upto {
+            out.upto = batch.to;
+            watermarks.insert(device.as_bytes(), &out.upto.to_be_bytes())?;
+        }
+        Ok(out)
+    }
+
+    /// The device's watermark (with PostgreSQL: as the thread's own open transaction sees it, if it has one;
+    /// committed state otherwise).
     pub fn watermark(&self, device: &str) -> Result<u64, StoreError> {
-        Ok(self.watermarks.get(device.as_bytes())?.map_or(0, |v| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&v[..8.min(v.len())]);
-            u64::from_be_bytes(b)
-        }))
+        match &self.backend {
+            Backend::Sled { watermarks, .. } => sled_watermark(watermarks, device),
+            Backend::Postgres(pg) if pg.owns_group() => Ok(pg.in_group(Op::Watermark(device))?.upto()),
+            Backend::Postgres(pg) => Ok(pg.block(pg.store.watermark(device))?),
+        }
     }
 
+    /// Moves the device's watermark up to `upto`, never down. Returns it after.
+    pub fn raise_watermark(&self, device: &str, upto: u64) -> Result<u64, StoreError> {
+        match &self.backend {
+            Backend::Sled { watermarks, .. } => {
+                let now = sled_watermark(watermarks, device)?.max(upto);
+                watermarks.insert(device.as_bytes(), &now.to_be_bytes())?;
+                Ok(now)
+            }
+            Backend::Postgres(pg) => Ok(pg.in_group(Op::Raise(device, upto))?.upto()),
+        }
+    }
+
+    /// Sets the device's watermark (the embedded back-end's tests and tools; ingest raises it).
     pub fn set_watermark(&self, device: &str, upto: u64) -> Result<(), StoreError> {
-        self.watermarks.insert(device.as_bytes(), &upto.to_be_bytes())?;
-        Ok(())
+        match &self.backend {
+            Backend::Sled { watermarks, .. } => {
+                watermarks.insert(device.as_bytes(), &upto.to_be_bytes())?;
+                Ok(())
+            }
+            Backend::Postgres(pg) => pg.in_group(Op::Raise(device, upto)).map(drop),
+        }
     }
 
-    /// Makes every write so far durable. Blocking.
+    /// Makes every write so far durable: with PostgreSQL, commits the open write transaction if this thread
+    /// opened it (ingest's commit); then the embedded database. Blocking.
     pub fn commit(&self) -> Result<(), StoreError> {
+        if let Backend::Postgres(pg) = &self.backend {
+            let mine = {
+                let mut slot = pg.group.lock().unwrap_or_else(|p| p.into_inner());
+                match slot.take() {
+                    Some((g, owner)) if owner == std::thread::current().id() => Some(g),
+                    other => {
+                        *slot = other;
+                        None
+                    }
+                }
+            };
+            if let Some(g) = mine {
+                pg.block(g.commit())?;
+            }
+        }
         Ok(self.db.commit()?)
     }
 
     /// Records of `device` matching `q`, in seq order.
     pub fn query(&self, device: &str, q: Query) -> Result<Vec<Record>, StoreError> {
+        let records = match &self.backend {
+            Backend::Sled { records, .. } => records,
+            Backend::Postgres(pg) => return Ok(pg.block(pg.store.query(device, q))?),
+        };
         let mut out = Vec::new();
         let start = key(device, q.after_seq.saturating_add(1));
         let end = key(device, u64::MAX);
-        for kv in self.records.range(start..=end) {
+        for kv in records.range(start..=end) {
             if out.len() >= q.limit {
                 break;
             }
@@ -113,16 +322,26 @@ impl TelemetryStore {
 
     /// The newest record (highest seq) of `device`.
     pub fn last(&self, device: &str) -> Result<Option<Record>, StoreError> {
-        let Some(kv) = self.records.range(key(device, 0)..=key(device, u64::MAX)).next_back() else { return Ok(None) };
+        let records = match &self.backend {
+            Backend::Sled { records, .. } => records,
+            Backend::Postgres(pg) => return Ok(pg.block(pg.store.last(device))?),
+        };
+        let Some(kv) = records.range(key(device, 0)..=key(device, u64::MAX)).next_back() else { return Ok(None) };
         let (k, v) = kv?;
         let rec = decode(device, &k, &v)?;
         Ok(Some(rec))
     }
 
-    /// The sequence numbers stored for `device` within `from..=to`, ascending.
+    /// The sequence numbers stored for `device` within `from..=to`, ascending (with PostgreSQL, as for
+    /// [`TelemetryStore::watermark`]).
     pub fn seqs_in(&self, device: &str, from: u64, to: u64) -> Result<Vec<u64>, StoreError> {
+        let records = match &self.backend {
+            Backend::Sled { records, .. } => records,
+            Backend::Postgres(pg) if pg.owns_group() => return Ok(pg.in_group(Op::SeqsIn(device, from, to))?.seqs()),
+            Backend::Postgres(pg) => return Ok(pg.block(pg.store.seqs_in(device, from, to))?),
+        };
         let mut out = Vec::new();
-        for kv in self.records.range(key(device, from)..=key(device, to)) {
+        for kv in records.range(key(device, from)..=key(device, to)) {
             let (k, _) = kv?;
             out.push(seq_of(&k));
         }
@@ -131,11 +350,15 @@ impl TelemetryStore {
 
     /// Removes `device`'s acknowledged records (at or below its watermark) with an event time before
     /// `before_ms`, in sequence order up to the first younger one, at most `max`. Returns how many went. Not
-    /// durable until [`TelemetryStore::commit`].
+    /// durable until [`TelemetryStore::commit`] with sled; committed at once with PostgreSQL.
     pub fn prune(&self, device: &str, before_ms: u64, max: usize) -> Result<u64, StoreError> {
-        let upto = self.watermark(device)?;
+        let (records, watermarks) = match &self.backend {
+            Backend::Sled { records, watermarks } => (records, watermarks),
+            Backend::Postgres(pg) => return Ok(pg.block(pg.store.prune(device, before_ms, max))?),
+        };
+        let upto = sled_watermark(watermarks, device)?;
         let mut gone = 0;
-        for kv in self.records.range(key(device, 0)..=key(device, upto)) {
+        for kv in records.range(key(device, 0)..=key(device, upto)) {
             if gone as usize >= max {
                 break;
             }
@@ -144,7 +367,7 @@ impl TelemetryStore {
             if rec.ts_ms >= before_ms {
                 break;
             }
-            self.records.remove(k)?;
+            records.remove(k)?;
             gone += 1;
         }
         Ok(gone)
@@ -152,13 +375,31 @@ impl TelemetryStore {
 
     /// Number of records stored for `device`.
     pub fn count(&self, device: &str) -> Result<u64, StoreError> {
+        let records = match &self.backend {
+            Backend::Sled { records, .. } => records,
+            Backend::Postgres(pg) => return Ok(pg.block(pg.store.count(device))?),
+        };
         let mut n = 0;
-        for kv in self.records.range(key(device, 0)..=key(device, u64::MAX)) {
+        for kv in records.range(key(device, 0)..=key(device, u64::MAX)) {
             kv?;
             n += 1;
         }
         Ok(n)
     }
+}
+
+fn sled_insert(records: &sled::Tree, device: &str, rec: &Record) -> Result<bool, StoreError> {
+    let buf = edgeloop_common::signing::to_cbor_with_capacity(rec, 64 + 5 * rec.features.len());
+    let prev = records.compare_and_swap(key(device, rec.seq), None as Option<&[u8]>, Some(buf))?;
+    Ok(prev.is_ok())
+}
+
+fn sled_watermark(watermarks: &sled::Tree, device: &str) -> Result<u64, StoreError> {
+    Ok(watermarks.get(device.as_bytes())?.map_or(0, |v| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&v[..8.min(v.len())]);
+        u64::from_be_bytes(b)
+    }))
 }
 
 #[cfg(test)]

@@ -58,6 +58,18 @@ impl Stores {
             let data_dir = cfg.data_dir.clone();
             Arc::new(tokio::task::spawn_blocking(move || TokenStore::open(&data_dir)).await??)
         };
+        // With `[storage] backend = "postgres"`, telemetry lives there: connect (and migrate) before anything
+        // else opens, so that a database that cannot be reached stops the start with its address.
+        let pg = match &cfg.storage {
+            crate::config::Storage::Embedded => None,
+            crate::config::Storage::Postgres { url, password, pool_size } => {
+                let pg = crate::storage::postgres::Pg::open(url, password.as_deref(), *pool_size)
+                    .await
+                    .context("[storage] backend = \"postgres\"")?;
+                tracing::info!(at = pg.at(), "telemetry is kept in PostgreSQL");
+                Some((crate::storage::postgres::PgTelemetry::new(pg), tokio::runtime::Handle::current()))
+            }
+        };
         let mut stores = tokio::task::spawn_blocking(move || -> anyhow::Result<Stores> {
             let signer = match &configured_key {
                 Some(path) => crate::access::keys::load(path).context("rollouts.signing_key")?,
@@ -71,7 +83,10 @@ impl Stores {
                 audit: Arc::new(AuditLog::open_with(&db, audit_config)?),
                 enrollment: Arc::new(Enrollment::open(&db)?),
                 operators,
-                telemetry: TelemetryStore::open(db.clone())?,
+                telemetry: match pg {
+                    None => TelemetryStore::open(db.clone())?,
+                    Some((pg, rt)) => TelemetryStore::postgres(db.clone(), pg, rt),
+                },
                 logs: crate::fleet::LogStore::open(db.clone())?,
                 alerts: crate::fleet::AlertStore::open(&db)?,
                 admin_token: None,

@@ -261,7 +261,7 @@ impl Ingestor {
         let range = SeqRange { from: w + 1, to: claimed };
         let stored = self.store.seqs_in(device, range.from, range.to)?;
         let lost = never_stored(range, &stored, &status.dropped_ranges);
-        self.store.set_watermark(device, claimed)?;
+        self.store.raise_watermark(device, claimed)?;
         self.metrics.records_lost.inc_by(lost);
         tracing::warn!(
             device,
@@ -315,20 +315,8 @@ impl Ingestor {
         match (channel, env.body) {
             (Channel::Telemetry, Body::Telemetry(batch)) => {
                 self.uncommitted_sent_ms.lock().unwrap_or_else(|p| p.into_inner()).push(sent_at);
-                let (mut new, mut dup, mut flagged) = (0u64, 0u64, 0u64);
-                for rec in &batch.records {
-                    if self.store.insert(device, rec)? {
-                        new += 1;
-                        flagged += u64::from(rec.flags & edgeloop_common::envelope::FLAG_ANOMALY != 0);
-                    } else {
-                        dup += 1;
-                    }
-                }
-                let mut upto = self.store.watermark(device)?;
-                if batch.from <= upto.saturating_add(1) && batch.to > upto {
-                    upto = batch.to;
-                    self.store.set_watermark(device, upto)?;
-                }
+                let stored = self.store.store_batch(device, &batch)?;
+                let (new, dup, flagged, upto) = (stored.new, stored.duplicate, stored.flagged, stored.upto);
                 self.metrics.records_ingested.inc_by(new);
                 self.metrics.records_duplicate.inc_by(dup);
                 self.registry.update(device, now_ms, |d| {

@@ -135,9 +135,14 @@ const COMMIT_DEADLINE: Duration = Duration::from_secs(60);
 
 /// Whether a store error may go away by itself: the process or the system ran out of descriptors, kernel
 /// buffers or memory for a moment (`EMFILE`, `ENFILE`, `ENOBUFS`, `ENOMEM`, `EAGAIN`, `EINTR`), so a later
-/// write can succeed. Anything else (an I/O error on the disk, a full disk, corruption) is not.
+/// write can succeed; or PostgreSQL gave up on the transaction (a deadlock, a serialisation failure, a lost
+/// connection), which left nothing behind. Anything else (an I/O error on the disk, a full disk, corruption)
+/// is not.
 pub fn is_transient(e: &StoreError) -> bool {
     use edgeloop_common::durable::DurableError;
+    if let StoreError::Postgres(pg) = e {
+        return pg.is_retryable();
+    }
     let io = match e {
         StoreError::Sled(sled::Error::Io(io)) | StoreError::Durable(DurableError::Sled(sled::Error::Io(io))) => io,
         _ => return false,
@@ -173,6 +178,9 @@ fn ingest_thread(
                 Err(_) => break,
             }
         }
+        // Devices in one order (each device's messages in the order they came): with PostgreSQL, replicas
+        // then take the devices' rows in the same order and never wait for each other in a cycle.
+        group.sort_by(|a, b| device_of(&a.0).cmp(device_of(&b.0)));
         let now = edgeloop_common::unix_millis();
         let mut acks: HashMap<String, Ack> = HashMap::new();
         let mut transient = None;
@@ -212,11 +220,28 @@ fn ingest_thread(
         pending.commit_since_ms.store(edgeloop_common::unix_millis().max(1), Ordering::Relaxed);
         let committed = ingestor.commit();
         pending.commit_since_ms.store(0, Ordering::Relaxed);
-        if let Err(e) = committed {
+        match committed {
+            // PostgreSQL dropped the transaction (a lost connection, a failover): nothing is acknowledged, the
+            // devices send the group again, and what did get committed is found stored and not kept twice.
+            Err(e) if matches!(e, StoreError::Postgres(_)) && is_transient(&e) => {
+                metrics.reject("store_busy");
+                let since = *failing_since.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() >= TRANSIENT_GIVE_UP {
+                    tracing::error!(error = %e, "commits to PostgreSQL kept failing for {TRANSIENT_GIVE_UP:?}; stopping ingest");
+                    return Err(anyhow::Error::new(e).context("store commit failed"));
+                }
+                tracing::warn!(error = %e, retry_in = ?wait, "commit to PostgreSQL failed; this group is not acknowledged");
+                std::thread::sleep(wait);
+                wait = (wait * 2).min(TRANSIENT_MAX_WAIT);
+                continue;
+            }
             // After a failed fdatasync the kernel may have dropped the dirty pages, and a later sync can succeed
             // without them: later acknowledgements would cover lost data. Stop instead.
-            tracing::error!(error = %e, "store commit failed; stopping ingest without acknowledging this group");
-            return Err(anyhow::Error::new(e).context("store commit failed"));
+            Err(e) => {
+                tracing::error!(error = %e, "store commit failed; stopping ingest without acknowledging this group");
+                return Err(anyhow::Error::new(e).context("store commit failed"));
+            }
+            Ok(()) => {}
         }
         failing_since = None;
         wait = TRANSIENT_FIRST_WAIT;
@@ -230,6 +255,12 @@ fn ingest_thread(
         }
     }
     Ok(())
+}
+
+/// The device a topic names (`edgeloop/v1/<device>/...`), or the whole topic if it names none; only for
+/// ordering a group, so a malformed topic just sorts somewhere (ingest refuses it by name).
+fn device_of(topic: &str) -> &str {
+    topic.split('/').nth(2).unwrap_or(topic)
 }
 
 async fn ack_task(
@@ -349,5 +380,24 @@ mod tests {
         assert!(!is_transient(&io(5)), "EIO");
         assert!(!is_transient(&io(28)), "ENOSPC");
         assert!(!is_transient(&StoreError::Corrupt { device: "d".into(), seq: 1, reason: "bad".into() }));
+        let pg = StoreError::Postgres;
+        assert!(is_transient(&pg(crate::storage::postgres::PgError::Pool("timed out".into()))));
+        assert!(!is_transient(&pg(crate::storage::postgres::PgError::Bad("seq too large".into()))));
+    }
+
+    #[test]
+    fn a_group_is_ordered_by_device_keeping_each_devices_own_order() {
+        let m = |t: &str, n: u8| (t.to_string(), vec![n]);
+        let mut group = [
+            m("edgeloop/v1/b/up/telemetry", 1),
+            m("edgeloop/v1/a/up/telemetry", 2),
+            m("edgeloop/v1/b/up/status", 3),
+            m("bad", 4),
+            m("edgeloop/v1/a/up/logs", 5),
+            m("edgeloop/v1/b/up/alerts", 6),
+        ];
+        group.sort_by(|a, b| device_of(&a.0).cmp(device_of(&b.0)));
+        let order: Vec<u8> = group.iter().map(|(_, p)| p[0]).collect();
+        assert_eq!(order, vec![2, 5, 1, 3, 6, 4], "a's then b's, each in arrival order; the malformed one last");
     }
 }

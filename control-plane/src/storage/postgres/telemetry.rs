@@ -18,16 +18,7 @@ use super::{Pg, PgError};
 use crate::fleet::telemetry::Query;
 use edgeloop_common::envelope::{Record, TelemetryBatch, FLAG_ANOMALY};
 
-/// What storing one batch did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct BatchStored {
-    pub new: u64,
-    pub duplicate: u64,
-    /// New records flagged as anomalies.
-    pub flagged: u64,
-    /// The device's watermark afterwards.
-    pub upto: u64,
-}
+pub use crate::fleet::telemetry::BatchStored;
 
 /// Telemetry kept in PostgreSQL.
 #[derive(Clone, Debug)]
