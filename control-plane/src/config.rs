@@ -69,6 +69,10 @@ pub struct StorageSection {
     /// Connections the control plane keeps to PostgreSQL at most.
     #[serde(default)]
     pub pool_size: Option<usize>,
+    /// The CA PostgreSQL's certificate must chain to: with it, the connection is TLS (required, and the
+    /// certificate must name the URL's host); without it, plaintext.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// Which engine keeps the state.
@@ -91,6 +95,8 @@ pub enum Storage {
         url: String,
         password: Option<String>,
         pool_size: usize,
+        /// TLS pinned to `ca_file`, or plaintext.
+        transport: edgeloop_common::tls::Transport,
     },
 }
 
@@ -98,11 +104,12 @@ impl std::fmt::Debug for Storage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Storage::Embedded => f.write_str("Embedded"),
-            Storage::Postgres { url, password, pool_size } => f
+            Storage::Postgres { url, password, pool_size, transport } => f
                 .debug_struct("Postgres")
                 .field("url", url)
                 .field("password", &password.as_ref().map(|_| "***"))
                 .field("pool_size", pool_size)
+                .field("tls", &transport.is_tls())
                 .finish(),
         }
     }
@@ -434,6 +441,7 @@ fn storage(c: &Checker, s: &StorageSection, resolve: &dyn Fn(&Path) -> PathBuf) 
             ("url", s.url.is_some()),
             ("password_file", s.password_file.is_some()),
             ("pool_size", s.pool_size.is_some()),
+            ("ca_file", s.ca_file.is_some()),
         ] {
             c.check(!set, format!("storage.{key}"), "is for backend = \"postgres\" only")?;
         }
@@ -464,7 +472,23 @@ fn storage(c: &Checker, s: &StorageSection, resolve: &dyn Fn(&Path) -> PathBuf) 
     };
     let pool_size = s.pool_size.unwrap_or(DEFAULT_POOL_SIZE);
     c.check((2..=1000).contains(&pool_size), "storage.pool_size", "must be between 2 and 1000")?;
-    Ok(Storage::Postgres { url, password, pool_size })
+    let transport = match &s.ca_file {
+        Some(f) => {
+            let f = resolve(f);
+            let ca = edgeloop_common::tls::load_ca(&f).map_err(|e| c.fail("storage.ca_file", e.to_string()))?;
+            edgeloop_common::tls::Transport::Tls(ca)
+        }
+        None => {
+            // Asking PostgreSQL for TLS without saying whom to trust would not verify anything.
+            c.check(
+                !url.contains("sslmode=require"),
+                "storage.url",
+                "asks for sslmode=require; set storage.ca_file to the CA of PostgreSQL's certificate instead",
+            )?;
+            edgeloop_common::tls::Transport::Plain
+        }
+    };
+    Ok(Storage::Postgres { url, password, pool_size, transport })
 }
 
 /// Where the control plane's own clients reach the broker: the embedded one on loopback, or the external URL.
@@ -752,7 +776,8 @@ mod tests {
             Storage::Postgres {
                 url: "postgres://edgeloop@db:5432/edgeloop".into(),
                 password: Some("s3cret".into()),
-                pool_size: DEFAULT_POOL_SIZE
+                pool_size: DEFAULT_POOL_SIZE,
+                transport: edgeloop_common::tls::Transport::Plain,
             }
         );
         assert!(!format!("{c:?}").contains("s3cret"), "the password stays out of Debug");
@@ -770,6 +795,11 @@ mod tests {
             ),
             ("url = \"postgres://u@db/x\"\n", "storage.url: is for backend = \"postgres\" only"),
             ("backend = \"mongodb\"\n", "mongodb"),
+            ("backend = \"postgres\"\nurl = \"postgres://u@db/x?sslmode=require\"\n", "set storage.ca_file"),
+            (
+                "backend = \"postgres\"\nurl = \"postgres://u@db/x\"\nca_file = \"/nonexistent/ca.pem\"\n",
+                "storage.ca_file: ",
+            ),
         ] {
             let e = Config::from_toml("cp.toml", &format!("{base}[storage]\n{section}")).unwrap_err().to_string();
             assert!(e.contains("cp.toml") && e.contains(want), "{section}: {e}");

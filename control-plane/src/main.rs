@@ -551,9 +551,14 @@ fn train_offline(cfg: Config, req: TrainRequest) -> anyhow::Result<()> {
         edgeloop_control_plane::config::Storage::Postgres { .. } => Some(runtime()?),
     };
     let store = match (&cfg.storage, &rt) {
-        (edgeloop_control_plane::config::Storage::Postgres { url, password, pool_size }, Some(rt)) => {
+        (edgeloop_control_plane::config::Storage::Postgres { url, password, pool_size, transport }, Some(rt)) => {
             let pg = rt
-                .block_on(edgeloop_control_plane::storage::postgres::Pg::open(url, password.as_deref(), *pool_size))
+                .block_on(edgeloop_control_plane::storage::postgres::Pg::open(
+                    url,
+                    password.as_deref(),
+                    *pool_size,
+                    transport,
+                ))
                 .context("[storage] backend = \"postgres\"")?;
             TelemetryStore::postgres(
                 db,

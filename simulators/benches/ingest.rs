@@ -140,6 +140,7 @@ async fn round(mode: Durability, signed: bool, pg: Option<&PgCluster>) -> anyhow
             url: pg.url(),
             password: Some(edgeloop_simulators::postgres::PASSWORD.into()),
             pool_size: 8,
+            transport: edgeloop_common::tls::Transport::Plain,
         };
     }
     let cancel = CancellationToken::new();

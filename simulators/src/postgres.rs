@@ -17,6 +17,8 @@ pub struct PgCluster {
     data: PathBuf,
     run_as: Option<String>,
     pub port: u16,
+    /// With TLS: the CA that signed the server's certificate (for `[storage] ca_file`).
+    pub ca: Option<PathBuf>,
 }
 
 /// The newest PostgreSQL (15 or later) installed the Debian way, or the one on the PATH.
@@ -42,6 +44,16 @@ fn bin_dir() -> anyhow::Result<PathBuf> {
 impl PgCluster {
     /// Creates and starts a cluster under `dir` (which must exist; `dir/pg` is created).
     pub fn start(dir: &Path) -> anyhow::Result<PgCluster> {
+        Self::create(dir, false)
+    }
+
+    /// The same, serving TLS too (`ssl = on`) with a certificate for `127.0.0.1` and `localhost` signed by a
+    /// development CA made for it ([`PgCluster::ca`]); plaintext connections are still accepted.
+    pub fn start_tls(dir: &Path) -> anyhow::Result<PgCluster> {
+        Self::create(dir, true)
+    }
+
+    fn create(dir: &Path, tls: bool) -> anyhow::Result<PgCluster> {
         let bin = bin_dir()?;
         let root = dir.join("pg");
         std::fs::create_dir_all(&root)?;
@@ -64,7 +76,7 @@ impl PgCluster {
         }
         let data = root.join("data");
         let port = crate::free_port()?;
-        let c = PgCluster { bin, data: data.clone(), run_as, port };
+        let mut c = PgCluster { bin, data: data.clone(), run_as, port, ca: None };
         c.run(
             "initdb",
             &[
@@ -82,6 +94,19 @@ impl PgCluster {
                 "--no-instructions",
             ],
         )?;
+        if tls {
+            let certs = edgeloop_control_plane::access::certs::init(&dir.join("pg-certs"), &[])?;
+            std::fs::copy(&certs.cert, root.join("server.pem"))?;
+            std::fs::copy(&certs.key, root.join("server.key"))?;
+            if let Some(user) = &c.run_as {
+                Command::new("chown")
+                    .arg(format!("{user}:"))
+                    .arg(root.join("server.pem"))
+                    .arg(root.join("server.key"))
+                    .status()?;
+            }
+            c.ca = Some(certs.ca);
+        }
         c.restart()?;
         c.run("createdb", &["-h", path(&root), "-p", &port.to_string(), "-U", "edgeloop", "edgeloop"])?;
         Ok(c)
@@ -90,11 +115,18 @@ impl PgCluster {
     /// Starts the server (again, after [`PgCluster::stop`]) on the same port and data.
     pub fn restart(&self) -> anyhow::Result<()> {
         let root = self.data.parent().unwrap_or(&self.data);
-        let opts = format!(
+        let mut opts = format!(
             "-c listen_addresses=127.0.0.1 -p {} -c unix_socket_directories={} -c fsync=on -c max_connections=200",
             self.port,
             path(root)
         );
+        if self.ca.is_some() {
+            opts += &format!(
+                " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                path(&root.join("server.pem")),
+                path(&root.join("server.key"))
+            );
+        }
         let log = root.join("server.log");
         self.run("pg_ctl", &["-D", path(&self.data), "-l", path(&log), "-w", "-t", "60", "-o", &opts, "start"])?;
         Ok(())

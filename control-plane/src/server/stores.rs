@@ -62,8 +62,8 @@ impl Stores {
         // else opens, so that a database that cannot be reached stops the start with its address.
         let pg = match &cfg.storage {
             crate::config::Storage::Embedded => None,
-            crate::config::Storage::Postgres { url, password, pool_size } => {
-                let pg = crate::storage::postgres::Pg::open(url, password.as_deref(), *pool_size)
+            crate::config::Storage::Postgres { url, password, pool_size, transport } => {
+                let pg = crate::storage::postgres::Pg::open(url, password.as_deref(), *pool_size, transport)
                     .await
                     .context("[storage] backend = \"postgres\"")?;
                 tracing::info!(at = pg.at(), "telemetry is kept in PostgreSQL");

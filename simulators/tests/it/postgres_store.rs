@@ -4,6 +4,7 @@
 
 use edgeloop_common::durable::{Durability, DurableDb};
 use edgeloop_common::envelope::{Record, TelemetryBatch, FLAG_ANOMALY};
+use edgeloop_common::tls::Transport;
 use edgeloop_control_plane::fleet::{Query, TelemetryStore};
 use edgeloop_control_plane::storage::postgres::{migrate, Pg, PgTelemetry};
 use edgeloop_simulators::postgres::{PgCluster, PASSWORD};
@@ -19,7 +20,7 @@ fn batch(from: u64, to: u64) -> TelemetryBatch {
 }
 
 async fn open(c: &PgCluster) -> Pg {
-    Pg::open(&c.url(), Some(PASSWORD), 8).await.unwrap_or_else(|e| panic!("{e}\n{}", c.log()))
+    Pg::open(&c.url(), Some(PASSWORD), 8, &Transport::Plain).await.unwrap_or_else(|e| panic!("{e}\n{}", c.log()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -44,9 +45,12 @@ async fn migrations_apply_once_and_an_edited_one_stops_the_start() {
     assert!(e.contains("migration 1 (telemetry)") && e.contains("does not know"), "{e}");
     drop(b);
     // A wrong password is refused with where it connected, and no password in the message.
-    let e = Pg::open(&c.url(), Some("wrong"), 2).await.unwrap_err().to_string();
+    let e = Pg::open(&c.url(), Some("wrong"), 2, &Transport::Plain).await.unwrap_err().to_string();
     assert!(e.contains("edgeloop@127.0.0.1") && !e.contains("wrong"), "{e}");
-    let e = Pg::open("postgres://edgeloop:hunter2@127.0.0.1:1/x?bogus=1", None, 2).await.unwrap_err().to_string();
+    let e = Pg::open("postgres://edgeloop:hunter2@127.0.0.1:1/x?bogus=1", None, 2, &Transport::Plain)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("postgres url") && !e.contains("hunter2"), "{e}");
 }
 
@@ -260,6 +264,7 @@ async fn a_fleet_streams_into_postgres_and_nothing_is_lost_or_doubled() {
         url: c.url(),
         password: Some(PASSWORD.into()),
         pool_size: 8,
+        transport: Transport::Plain,
     };
     let s2 = storage.clone();
     let (cp, cp_cancel) = crate::support::start_cp(dir.path(), move |cfg| cfg.storage = s2).await;
@@ -299,4 +304,31 @@ async fn a_fleet_streams_into_postgres_and_nothing_is_lost_or_doubled() {
     assert_eq!(cp.store.watermark("sim-0000").unwrap(), cp.store.count("sim-0000").unwrap());
     cp_cancel.cancel();
     cp.join().await.unwrap();
+}
+
+/// `[storage] ca_file`: the connection is TLS, pinned to that CA; a server whose certificate another CA signed
+/// is refused, never reached in plaintext.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_over_tls_is_pinned_to_its_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = PgCluster::start_tls(dir.path()).unwrap();
+    let ca = edgeloop_common::tls::load_ca(c.ca.as_ref().unwrap()).unwrap();
+    let pg =
+        Pg::open(&c.url(), Some(PASSWORD), 4, &Transport::Tls(ca)).await.unwrap_or_else(|e| panic!("{e}\n{}", c.log()));
+    assert!(pg.at().ends_with("(TLS)"), "{}", pg.at());
+    let client = pg.client().await.unwrap();
+    let row = client.query_one("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()", &[]).await.unwrap();
+    assert!(row.get::<_, bool>(0), "the session is not encrypted");
+    drop(client);
+    // It works as a store over TLS too.
+    let store = PgTelemetry::new(pg);
+    let mut g = store.begin().await.unwrap();
+    assert_eq!(g.store_batch("d", &batch(1, 3)).await.unwrap().new, 3);
+    g.commit().await.unwrap();
+    assert_eq!(store.count("d").await.unwrap(), 3);
+    // Another CA: refused at the handshake.
+    let other = edgeloop_control_plane::access::certs::init(&dir.path().join("other-ca"), &[]).unwrap();
+    let wrong = edgeloop_common::tls::load_ca(&other.ca).unwrap();
+    let e = Pg::open(&c.url(), Some(PASSWORD), 2, &Transport::Tls(wrong)).await.unwrap_err().to_string();
+    assert!(e.contains("(TLS)") && e.to_lowercase().contains("certificate"), "{e}");
 }

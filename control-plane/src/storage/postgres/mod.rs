@@ -18,16 +18,31 @@ pub use telemetry::{BatchStored, Group, PgTelemetry};
 pub enum PgError {
     #[error("postgres url: {0}")]
     Url(String),
-    #[error("connecting to postgres at {at}: {source}")]
+    #[error("connecting to postgres at {at}: {}", chain(source))]
     Connect { at: String, source: tokio_postgres::Error },
     #[error("postgres pool: {0}")]
     Pool(String),
-    #[error("postgres, {doing}: {source}")]
+    #[error("postgres, {doing}: {}", chain(source))]
     Query { doing: &'static str, source: tokio_postgres::Error },
     #[error("postgres schema: {0}")]
     Schema(String),
     #[error("{0}")]
     Bad(String),
+}
+
+/// An error with its causes, `outer: inner: innermost` (tokio-postgres says "error performing TLS handshake"
+/// and keeps why in its source).
+fn chain(e: &tokio_postgres::Error) -> String {
+    let mut s = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !s.contains(&text) {
+            s = format!("{s}: {text}");
+        }
+        cause = c.source();
+    }
+    s
 }
 
 impl PgError {
@@ -68,9 +83,15 @@ impl std::fmt::Debug for Pg {
 
 impl Pg {
     /// A pool of up to `max` connections to `url` (`postgres://user@host:port/db`), logging in with
-    /// `password` when given (from `[storage] password_file`, never from the URL in configs). Connects once
-    /// to check, then applies the migrations.
-    pub async fn open(url: &str, password: Option<&str>, max: usize) -> Result<Pg, PgError> {
+    /// `password` when given (from `[storage] password_file`, never from the URL in configs), over TLS
+    /// pinned to a CA (required then, and the server's certificate must name the URL's host) or plaintext.
+    /// Connects once to check, then applies the migrations.
+    pub async fn open(
+        url: &str,
+        password: Option<&str>,
+        max: usize,
+        transport: &edgeloop_common::tls::Transport,
+    ) -> Result<Pg, PgError> {
         let mut cfg: tokio_postgres::Config =
             url.parse().map_err(|e| PgError::Url(format!("`{}`: {e}", redact(url))))?;
         if let Some(p) = password {
@@ -78,9 +99,19 @@ impl Pg {
         }
         cfg.application_name("edgeloop-control-plane");
         cfg.connect_timeout(Duration::from_secs(10));
-        let at = describe(&cfg);
-        let mgr =
-            Manager::from_config(cfg, tokio_postgres::NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let recycling = ManagerConfig { recycling_method: RecyclingMethod::Fast };
+        let (mgr, at) = match transport {
+            edgeloop_common::tls::Transport::Plain => {
+                let at = describe(&cfg, false);
+                (Manager::from_config(cfg, tokio_postgres::NoTls, recycling), at)
+            }
+            edgeloop_common::tls::Transport::Tls(tls) => {
+                cfg.ssl_mode(tokio_postgres::config::SslMode::Require);
+                let at = describe(&cfg, true);
+                let connect = tokio_postgres_rustls::MakeRustlsConnect::new((**tls).clone());
+                (Manager::from_config(cfg, connect, recycling), at)
+            }
+        };
         let pool = Pool::builder(mgr)
             .max_size(max.max(2))
             .wait_timeout(Some(Duration::from_secs(30)))
@@ -108,7 +139,7 @@ impl Pg {
     }
 }
 
-fn describe(cfg: &tokio_postgres::Config) -> String {
+fn describe(cfg: &tokio_postgres::Config, tls: bool) -> String {
     let host = cfg
         .get_hosts()
         .first()
@@ -118,7 +149,9 @@ fn describe(cfg: &tokio_postgres::Config) -> String {
         })
         .unwrap_or_default();
     let port = cfg.get_ports().first().copied().unwrap_or(5432);
-    format!("{}@{host}:{port}/{}", cfg.get_user().unwrap_or("?"), cfg.get_dbname().unwrap_or("?"))
+    let user = cfg.get_user().unwrap_or("?");
+    let db = cfg.get_dbname().unwrap_or("?");
+    format!("{user}@{host}:{port}/{db}{}", if tls { " (TLS)" } else { "" })
 }
 
 /// `url` with any password replaced by `***`.
