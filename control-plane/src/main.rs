@@ -93,6 +93,16 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Copy the embedded store's telemetry records and watermarks into PostgreSQL (the config's `[storage]`,
+    /// which must say `backend = "postgres"`), with the control plane stopped. Running it again finishes an
+    /// interrupted copy; nothing is stored twice.
+    Migrate {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Where to: `postgres`.
+        #[arg(long)]
+        to: String,
+    },
     /// Fill a new data directory (the config's `data_dir`, which must hold no store) from a backup.
     Restore {
         #[arg(long, short)]
@@ -315,6 +325,15 @@ fn try_main(command: Command) -> Result<(), Failure> {
             let out = std::path::absolute(&out).with_context(|| format!("{}", out.display()))?;
             println!("{}", backup(&cfg, &out)?);
         }
+        Command::Migrate { config, to } => {
+            if to != "postgres" {
+                return Err(Failure::usage(format!(
+                    "--to: `{to}` is not a back-end edgeloop migrates to; use postgres"
+                )));
+            }
+            let cfg = Config::load(&config).map_err(Failure::config)?;
+            println!("{}", migrate_to_postgres(&cfg)?);
+        }
         Command::Restore { config, from } => {
             let cfg = Config::load(&config).map_err(Failure::config)?;
             let m = edgeloop_control_plane::server::backup::restore(&from, &cfg.data_dir, cfg.durability)?;
@@ -535,6 +554,47 @@ fn bundle_offline(
         edgeloop_control_plane::rollout::bundle::make(&store, &models, &signer, req, edgeloop_common::unix_millis())?;
     edgeloop_common::private::write_atomic(out, &bytes).with_context(|| format!("writing {}", out.display()))?;
     Ok(record)
+}
+
+/// `migrate --to postgres`: the embedded store's telemetry into the config's PostgreSQL.
+fn migrate_to_postgres(cfg: &Config) -> Result<String, Failure> {
+    let edgeloop_control_plane::config::Storage::Postgres { url, password, pool_size, transport } = &cfg.storage else {
+        return Err(Failure::usage(
+            "the config's [storage] must say backend = \"postgres\", with its url: that is where the telemetry goes"
+                .to_string(),
+        ));
+    };
+    let dir = cfg.data_dir.join("store");
+    if !dir.exists() {
+        return Err(anyhow::anyhow!("no embedded store in {} to copy", dir.display()).into());
+    }
+    let db = DurableDb::open(&dir, cfg.durability)
+        .context("opening the embedded store (is the control plane running? stop it first)")?;
+    let from = TelemetryStore::open(db).map_err(anyhow::Error::from)?;
+    let rt = runtime()?;
+    let copied = rt.block_on(async {
+        let pg = edgeloop_control_plane::storage::postgres::Pg::open(url, password.as_deref(), *pool_size, transport)
+            .await
+            .context("[storage] backend = \"postgres\"")?;
+        let to = edgeloop_control_plane::storage::postgres::PgTelemetry::new(pg);
+        let started = std::time::Instant::now();
+        let copied = edgeloop_control_plane::storage::copy::embedded_to_postgres(&from, &to, |n| {
+            eprint!("\rcopied {n} records ({:.0} s)", started.elapsed().as_secs_f64());
+        })
+        .await?;
+        eprintln!();
+        anyhow::Ok(copied)
+    })?;
+    Ok(format!(
+        "copied {} records of {} devices ({} were there already) and {} watermarks from {} into PostgreSQL; \
+         the embedded copy stays in {} until you remove it",
+        copied.records,
+        copied.devices,
+        copied.already_there,
+        copied.watermarks,
+        dir.display(),
+        dir.display()
+    ))
 }
 
 fn train_offline(cfg: Config, req: TrainRequest) -> anyhow::Result<()> {

@@ -388,6 +388,46 @@ impl TelemetryStore {
     }
 }
 
+impl TelemetryStore {
+    /// Up to `limit` records of every device, in (device, seq) order, after `after` (a device and seq
+    /// returned last time). The embedded back-end only (for copying it elsewhere): `None` on PostgreSQL.
+    pub fn scan(&self, after: Option<(&str, u64)>, limit: usize) -> Result<Option<Vec<(String, Record)>>, StoreError> {
+        let Backend::Sled { records, .. } = &self.backend else { return Ok(None) };
+        let start = match after {
+            Some((d, s)) if s < u64::MAX => key(d, s + 1),
+            Some((d, _)) => {
+                let mut k = d.as_bytes().to_vec();
+                k.push(1);
+                k
+            }
+            None => Vec::new(),
+        };
+        let mut out = Vec::with_capacity(limit.min(10_000));
+        for kv in records.range(start..) {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = kv?;
+            let device = String::from_utf8_lossy(&k[..k.len().saturating_sub(9)]).into_owned();
+            out.push((device.clone(), decode(&device, &k, &v)?));
+        }
+        Ok(Some(out))
+    }
+
+    /// Every device's watermark. The embedded back-end only: `None` on PostgreSQL.
+    pub fn watermarks(&self) -> Result<Option<Vec<(String, u64)>>, StoreError> {
+        let Backend::Sled { watermarks, .. } = &self.backend else { return Ok(None) };
+        let mut out = Vec::new();
+        for kv in watermarks.iter() {
+            let (k, v) = kv?;
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&v[..8.min(v.len())]);
+            out.push((String::from_utf8_lossy(&k).into_owned(), u64::from_be_bytes(b)));
+        }
+        Ok(Some(out))
+    }
+}
+
 fn sled_insert(records: &sled::Tree, device: &str, rec: &Record) -> Result<bool, StoreError> {
     let buf = edgeloop_common::signing::to_cbor_with_capacity(rec, 64 + 5 * rec.features.len());
     let prev = records.compare_and_swap(key(device, rec.seq), None as Option<&[u8]>, Some(buf))?;

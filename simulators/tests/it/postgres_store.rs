@@ -332,3 +332,90 @@ async fn postgres_over_tls_is_pinned_to_its_ca() {
     let e = Pg::open(&c.url(), Some(PASSWORD), 2, &Transport::Tls(wrong)).await.unwrap_err().to_string();
     assert!(e.contains("(TLS)") && e.to_lowercase().contains("certificate"), "{e}");
 }
+
+/// `edgeloop-control-plane migrate --to postgres`: an embedded installation's telemetry moves into
+/// PostgreSQL (refused while the control plane runs), a second run stores nothing twice, and a control plane
+/// on the PostgreSQL back-end then serves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_to_postgres_moves_an_embedded_installation() {
+    use edgeloop_simulators::fleet::{run, RunOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let c = PgCluster::start(dir.path()).unwrap();
+    let (cp, cp_cancel) = crate::support::start_cp(dir.path(), |_| {}).await;
+    let opts = RunOptions {
+        devices: 2,
+        classes: vec!["city-air-quality".into()],
+        broker: cp.mqtt_addr.clone(),
+        data_root: dir.path().join("fleet"),
+        duration: Some(Duration::from_secs(3)),
+        faults: false,
+        slow_samples_per_tick: 20,
+        enroll_api: Some(crate::support::api(&cp)),
+        trusted_keys: Vec::new(),
+    };
+    let s = run(opts, tokio_util::sync::CancellationToken::new()).await.unwrap();
+    assert!(s.generated > 20 && s.acknowledged == s.generated, "{s:?}");
+    let watermarks: Vec<u64> = (0..2).map(|i| cp.store.watermark(&format!("sim-{i:04}")).unwrap()).collect();
+
+    std::fs::write(dir.path().join("pg.password"), PASSWORD).unwrap();
+    let config = dir.path().join("cp.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = \"{}\"\n[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:1\"\n[tls]\nplaintext = true\n\
+             [storage]\nbackend = \"postgres\"\nurl = \"{}\"\npassword_file = \"pg.password\"\n",
+            dir.path().join("cp").display(),
+            c.url()
+        ),
+    )
+    .unwrap();
+    let migrate = || {
+        std::process::Command::new(crate::support::binary("edgeloop-control-plane"))
+            .args(["migrate", "--to", "postgres", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap()
+    };
+    // Not while the control plane holds the store.
+    let out = migrate();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is the control plane running?"), "{out:?}");
+    cp_cancel.cancel();
+    cp.join().await.unwrap();
+
+    let out = migrate();
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{said}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        said.contains(&format!("copied {} records of 2 devices (0 were there already) and 2 watermarks", s.generated)),
+        "{said}"
+    );
+    assert_eq!(c.psql("SELECT count(*) FROM telemetry").unwrap(), s.generated.to_string());
+    // Again: everything is found there already, nothing is stored twice.
+    let out = migrate();
+    let said = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(said.contains(&format!("({} were there already)", s.generated)), "{said}");
+    assert_eq!(c.psql("SELECT count(*) FROM telemetry").unwrap(), s.generated.to_string());
+    // `--to` names the back-end.
+    let out = std::process::Command::new(crate::support::binary("edgeloop-control-plane"))
+        .args(["migrate", "--to", "mysql", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+
+    // The control plane on PostgreSQL serves the same records and watermarks.
+    let storage = edgeloop_control_plane::config::Storage::Postgres {
+        url: c.url(),
+        password: Some(PASSWORD.into()),
+        pool_size: 4,
+        transport: Transport::Plain,
+    };
+    let (cp, cp_cancel) = crate::support::start_cp(dir.path(), move |cfg| cfg.storage = storage).await;
+    let counted: u64 = (0..2).map(|i| cp.store.count(&format!("sim-{i:04}")).unwrap()).sum();
+    assert_eq!(counted, s.generated);
+    let after: Vec<u64> = (0..2).map(|i| cp.store.watermark(&format!("sim-{i:04}")).unwrap()).collect();
+    assert_eq!(after, watermarks);
+    cp_cancel.cancel();
+    cp.join().await.unwrap();
+}

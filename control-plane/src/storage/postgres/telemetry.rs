@@ -179,6 +179,25 @@ impl Group {
         Ok(BatchStored { new: stored, duplicate: batch.records.len() as u64 - stored, flagged, upto: upto as u64 })
     }
 
+    /// Stores `records` of `device` that are not stored yet, leaving the watermark alone (copying a store);
+    /// returns how many were new.
+    pub async fn insert_records(&mut self, device: &str, records: &[Record]) -> Result<u64, PgError> {
+        let mut seqs = Vec::with_capacity(records.len());
+        let mut ts = Vec::with_capacity(records.len());
+        let mut bodies = Vec::with_capacity(records.len());
+        for r in records {
+            seqs.push(seq_i64(device, r.seq)?);
+            ts.push(r.ts_ms.min(i64::MAX as u64) as i64);
+            bodies.push(edgeloop_common::signing::to_cbor_with_capacity(r, 64 + 5 * r.features.len()));
+        }
+        let rows = self
+            .client()
+            .query(INSERT, &[&device, &seqs, &ts, &bodies])
+            .await
+            .map_err(PgError::query("copying records"))?;
+        Ok(rows.len() as u64)
+    }
+
     /// The device's watermark as this transaction sees it.
     pub async fn watermark(&mut self, device: &str) -> Result<u64, PgError> {
         let row =

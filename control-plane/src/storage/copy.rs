@@ -1,0 +1,83 @@
+//! `edgeloop-control-plane migrate --to postgres`: copies an embedded store's telemetry records and watermarks
+//! into PostgreSQL, with the control plane stopped.
+//!
+//! Records go in batches of [`BATCH`], each batch in one transaction, with the same `ON CONFLICT (device, seq)
+//! DO NOTHING` as ingest, so a copy that stopped half-way (or ran twice) is finished by running it again: what
+//! is there already is counted, not stored twice. Watermarks are copied last and only ever raised, so a
+//! watermark never covers a record that is not in PostgreSQL yet. The copy then counts each device's records
+//! on both sides and fails, naming the device, if PostgreSQL holds fewer.
+
+use super::postgres::{PgError, PgTelemetry};
+use crate::fleet::telemetry::{StoreError, TelemetryStore};
+use edgeloop_common::envelope::Record;
+
+/// Records per transaction.
+pub const BATCH: usize = 5_000;
+
+/// What a copy did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Copied {
+    pub devices: u64,
+    pub records: u64,
+    /// Of those, records PostgreSQL already held.
+    pub already_there: u64,
+    pub watermarks: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    #[error("reading the embedded store: {0}")]
+    Embedded(#[from] StoreError),
+    #[error(transparent)]
+    Postgres(#[from] PgError),
+    #[error("the source is not an embedded store")]
+    NotEmbedded,
+    #[error("device `{device}`: the embedded store holds {embedded} records, PostgreSQL {postgres} after the copy")]
+    Short { device: String, embedded: u64, postgres: u64 },
+}
+
+/// Copies `from` (an embedded store) into `to`. `progress` is called after each batch with the records copied
+/// so far. Blocking calls on `from`; async on `to`.
+pub async fn embedded_to_postgres(
+    from: &TelemetryStore,
+    to: &PgTelemetry,
+    mut progress: impl FnMut(u64),
+) -> Result<Copied, CopyError> {
+    let mut out = Copied::default();
+    let mut after: Option<(String, u64)> = None;
+    let mut counts: std::collections::BTreeMap<String, u64> = Default::default();
+    loop {
+        let batch = from.scan(after.as_ref().map(|(d, s)| (d.as_str(), *s)), BATCH)?.ok_or(CopyError::NotEmbedded)?;
+        let Some(last) = batch.last() else { break };
+        after = Some((last.0.clone(), last.1.seq));
+        let mut g = to.begin().await?;
+        // One statement per device run within the batch.
+        let mut i = 0;
+        while i < batch.len() {
+            let device = &batch[i].0;
+            let run: Vec<Record> = batch[i..].iter().take_while(|(d, _)| d == device).map(|(_, r)| r.clone()).collect();
+            let new = g.insert_records(device, &run).await?;
+            *counts.entry(device.clone()).or_default() += run.len() as u64;
+            out.records += run.len() as u64;
+            out.already_there += run.len() as u64 - new;
+            i += run.len();
+        }
+        g.commit().await?;
+        progress(out.records);
+    }
+    let watermarks = from.watermarks()?.ok_or(CopyError::NotEmbedded)?;
+    let mut g = to.begin().await?;
+    for (device, upto) in &watermarks {
+        g.raise_watermark(device, *upto).await?;
+    }
+    g.commit().await?;
+    out.watermarks = watermarks.len() as u64;
+    for (device, embedded) in &counts {
+        let postgres = to.count(device).await?;
+        if postgres < *embedded {
+            return Err(CopyError::Short { device: device.clone(), embedded: *embedded, postgres });
+        }
+    }
+    out.devices = counts.len() as u64;
+    Ok(out)
+}
