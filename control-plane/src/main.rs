@@ -570,12 +570,18 @@ fn migrate_to_postgres(cfg: &Config) -> Result<String, Failure> {
     }
     let db = DurableDb::open(&dir, cfg.durability)
         .context("opening the embedded store (is the control plane running? stop it first)")?;
+    let enrollment = edgeloop_control_plane::fleet::Enrollment::open(&db).map_err(anyhow::Error::from)?;
     let from = TelemetryStore::open(db).map_err(anyhow::Error::from)?;
     let rt = runtime()?;
     let copied = rt.block_on(async {
         let pg = edgeloop_control_plane::storage::postgres::Pg::open(url, password.as_deref(), *pool_size, transport)
             .await
             .context("[storage] backend = \"postgres\"")?;
+        let enrolled = edgeloop_control_plane::storage::copy::enrollment_to_postgres(
+            &enrollment,
+            &edgeloop_control_plane::storage::postgres::PgEnrollment::new(pg.clone()),
+        )
+        .await?;
         let to = edgeloop_control_plane::storage::postgres::PgTelemetry::new(pg);
         let started = std::time::Instant::now();
         let copied = edgeloop_control_plane::storage::copy::embedded_to_postgres(&from, &to, |n| {
@@ -583,16 +589,21 @@ fn migrate_to_postgres(cfg: &Config) -> Result<String, Failure> {
         })
         .await?;
         eprintln!();
-        anyhow::Ok(copied)
+        anyhow::Ok((copied, enrolled))
     })?;
+    let (copied, enrolled) = copied;
     Ok(format!(
         "copied {} records of {} devices ({} were there already) and {} watermarks from {} into PostgreSQL; \
-         the embedded copy stays in {} until you remove it",
+         enrollment: {} tokens ({} new) and {} enrolled devices ({} new); the embedded copy stays in {}",
         copied.records,
         copied.devices,
         copied.already_there,
         copied.watermarks,
         dir.display(),
+        enrolled.tokens,
+        enrolled.tokens_new,
+        enrolled.devices,
+        enrolled.devices_new,
         dir.display()
     ))
 }

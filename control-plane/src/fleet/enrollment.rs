@@ -26,17 +26,17 @@ use edgeloop_common::signing::sha256_hex;
 use serde::{Deserialize, Serialize};
 use sled::transaction::{abort, ConflictableTransactionError, TransactionError, Transactional};
 use std::collections::HashMap;
-use std::sync::{Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 /// An enrollment token as stored: with the SHA-256 of its secret.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct TokenRecord {
-    id: String,
-    class: String,
-    sha256: String,
-    uses_left: u32,
-    expires_ms: u64,
-    created_ms: u64,
+pub(crate) struct TokenRecord {
+    pub(crate) id: String,
+    pub(crate) class: String,
+    pub(crate) sha256: String,
+    pub(crate) uses_left: u32,
+    pub(crate) expires_ms: u64,
+    pub(crate) created_ms: u64,
 }
 
 /// An enrollment token as the API shows it: no secret, and nothing derived from one.
@@ -63,20 +63,20 @@ impl From<&TokenRecord> for EnrollmentToken {
 
 /// An enrolled device as stored: with the SHA-256 of its MQTT password.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct Record {
-    device: String,
-    class: String,
+pub(crate) struct Record {
+    pub(crate) device: String,
+    pub(crate) class: String,
     /// Ed25519 public key, hex.
-    public_key: String,
-    password_sha256: String,
-    enrolled_ms: u64,
-    revoked: bool,
+    pub(crate) public_key: String,
+    pub(crate) password_sha256: String,
+    pub(crate) enrolled_ms: u64,
+    pub(crate) revoked: bool,
     #[serde(default)]
-    revoked_ms: Option<u64>,
+    pub(crate) revoked_ms: Option<u64>,
     /// `issued_at_ms` of the last request accepted for this device; a later one must be newer (0 for
     /// records from before requests were signed).
     #[serde(default)]
-    last_request_ms: u64,
+    pub(crate) last_request_ms: u64,
 }
 
 /// An enrolled device as the API shows it: public key, no credential.
@@ -187,7 +187,7 @@ fn decode_tx<T: serde::de::DeserializeOwned>(
 }
 
 /// Checks a token against its secret, the clock and the requested class. Pure.
-fn check_token(t: &TokenRecord, secret: &str, class: &str, now_ms: u64) -> Result<(), EnrollError> {
+pub(crate) fn check_token(t: &TokenRecord, secret: &str, class: &str, now_ms: u64) -> Result<(), EnrollError> {
     if !same_secret(&t.sha256, &sha256_hex(secret.as_bytes())) {
         return Err(EnrollError::Token("unknown token"));
     }
@@ -204,7 +204,11 @@ fn check_token(t: &TokenRecord, secret: &str, class: &str, now_ms: u64) -> Resul
 }
 
 /// Whether a verified request may (re-)enroll over the device's current record. Pure.
-fn check_record(existing: Option<&Record>, req: &EnrollRequest, public_key_hex: &str) -> Result<(), EnrollError> {
+pub(crate) fn check_record(
+    existing: Option<&Record>,
+    req: &EnrollRequest,
+    public_key_hex: &str,
+) -> Result<(), EnrollError> {
     let Some(e) = existing else { return Ok(()) };
     if e.revoked {
         return Err(EnrollError::Revoked(e.device.clone()));
@@ -226,13 +230,19 @@ fn check_record(existing: Option<&Record>, req: &EnrollRequest, public_key_hex: 
 }
 
 pub struct Enrollment {
-    db: DurableDb,
-    tokens: sled::Tree,
-    devices: sled::Tree,
-    /// Mirrors the `enrolled` tree; written only under `write_lock`, right after each transaction.
-    cache: RwLock<HashMap<String, Record>>,
+    store: Store,
+    /// Mirrors the enrolled devices. With sled: written only under `write_lock`, right after each transaction.
+    /// With PostgreSQL: also by the listener that follows other replicas' changes.
+    cache: Arc<RwLock<HashMap<String, Record>>>,
     /// One writer at a time for tokens and device records, so that the mirror follows sled's order.
     write_lock: Mutex<()>,
+    /// Stops the PostgreSQL listener when the store goes.
+    _follow: Option<tokio_util::sync::DropGuard>,
+}
+
+enum Store {
+    Sled { db: DurableDb, tokens: sled::Tree, devices: sled::Tree },
+    Postgres { pg: crate::storage::postgres::PgEnrollment, rt: tokio::runtime::Handle },
 }
 
 impl Enrollment {
@@ -245,12 +255,48 @@ impl Enrollment {
             cache.insert(e.device.clone(), e);
         }
         Ok(Enrollment {
-            tokens: db.tree("enrollment_tokens")?,
-            devices,
-            db: db.clone(),
-            cache: RwLock::new(cache),
+            store: Store::Sled { tokens: db.tree("enrollment_tokens")?, devices, db: db.clone() },
+            cache: Arc::new(RwLock::new(cache)),
             write_lock: Mutex::new(()),
+            _follow: None,
         })
+    }
+
+    /// Enrollment in PostgreSQL, shared with every replica on the database: loads the enrolled devices, then
+    /// follows the changes other replicas make (on `rt`, until this store is dropped). Blocking.
+    pub fn open_postgres(
+        pg: crate::storage::postgres::PgEnrollment,
+        rt: tokio::runtime::Handle,
+    ) -> Result<Enrollment, StoreError> {
+        let all = crate::storage::postgres::block_on(&rt, pg.all())?;
+        let cache = Arc::new(RwLock::new(all.into_iter().map(|r| (r.device.clone(), r)).collect()));
+        let stop = tokio_util::sync::CancellationToken::new();
+        rt.spawn(pg.clone().follow(cache.clone(), stop.clone()));
+        Ok(Enrollment {
+            store: Store::Postgres { pg, rt },
+            cache,
+            write_lock: Mutex::new(()),
+            _follow: Some(stop.drop_guard()),
+        })
+    }
+
+    /// Enrolled devices and tokens as stored (for copying the embedded store elsewhere).
+    pub(crate) fn export(&self) -> Result<(Vec<TokenRecord>, Vec<Record>), StoreError> {
+        match &self.store {
+            Store::Sled { tokens, devices, .. } => {
+                let t = tokens
+                    .iter()
+                    .map(|kv| decode::<TokenRecord>("enrollment token", &kv?.1))
+                    .collect::<Result<_, _>>()?;
+                let d = devices.iter().map(|kv| decode::<Record>("enrolled", &kv?.1)).collect::<Result<_, _>>()?;
+                Ok((t, d))
+            }
+            Store::Postgres { pg, rt } => {
+                let t = crate::storage::postgres::block_on(rt, pg.tokens())?;
+                let d = crate::storage::postgres::block_on(rt, pg.all())?;
+                Ok((t, d))
+            }
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ()> {
@@ -281,26 +327,49 @@ impl Enrollment {
             expires_ms,
             created_ms: now_ms,
         };
-        self.tokens.insert(id.as_bytes(), encode(&t))?;
-        self.db.commit().map_err(StoreError::from)?;
+        match &self.store {
+            Store::Sled { db, tokens, .. } => {
+                tokens.insert(id.as_bytes(), encode(&t))?;
+                db.commit().map_err(StoreError::from)?;
+            }
+            Store::Postgres { pg, rt } => {
+                crate::storage::postgres::block_on(rt, pg.insert_token(&t)).map_err(StoreError::from)?
+            }
+        }
         Ok((EnrollmentToken::from(&t), format!("ele_{id}_{secret}")))
     }
 
     /// Withdraws an enrollment token: no device can enroll with it any more. Blocking.
     pub fn revoke_token(&self, id: &str) -> Result<EnrollmentToken, EnrollError> {
         let _one_writer = self.lock();
-        let mut t: TokenRecord = match self.tokens.get(id.as_bytes())? {
+        let (db, tokens) = match &self.store {
+            Store::Sled { db, tokens, .. } => (db, tokens),
+            Store::Postgres { pg, rt } => {
+                return match crate::storage::postgres::block_on(rt, pg.revoke_token(id)).map_err(StoreError::from)? {
+                    Some(t) => Ok(EnrollmentToken::from(&t)),
+                    None => Err(EnrollError::Bad(format!("no enrollment token `{id}`"))),
+                }
+            }
+        };
+        let mut t: TokenRecord = match tokens.get(id.as_bytes())? {
             Some(v) => decode("enrollment token", &v)?,
             None => return Err(EnrollError::Bad(format!("no enrollment token `{id}`"))),
         };
         t.uses_left = 0;
-        self.tokens.insert(id.as_bytes(), encode(&t))?;
-        self.db.commit().map_err(StoreError::from)?;
+        tokens.insert(id.as_bytes(), encode(&t))?;
+        db.commit().map_err(StoreError::from)?;
         Ok(EnrollmentToken::from(&t))
     }
 
     pub fn tokens(&self) -> Result<Vec<EnrollmentToken>, StoreError> {
-        self.tokens
+        let tokens = match &self.store {
+            Store::Sled { tokens, .. } => tokens,
+            Store::Postgres { pg, rt } => {
+                let all = crate::storage::postgres::block_on(rt, pg.tokens())?;
+                return Ok(all.iter().map(EnrollmentToken::from).collect());
+            }
+        };
+        tokens
             .iter()
             .map(|kv| decode::<TokenRecord>("enrollment token", &kv?.1).map(|t| EnrollmentToken::from(&t)))
             .collect()
@@ -332,7 +401,15 @@ impl Enrollment {
             last_request_ms: req.issued_at_ms,
         };
         let _one_writer = self.lock();
-        (&self.tokens, &self.devices).transaction(|(tokens, devices)| {
+        let (db, tokens, devices) = match &self.store {
+            Store::Sled { db, tokens, devices } => (db, tokens, devices),
+            Store::Postgres { pg, rt } => {
+                crate::storage::postgres::block_on(rt, pg.enroll(id, secret, req, &record, now_ms))?;
+                self.mirror(record);
+                return Ok(Credentials { username: req.device.clone(), password });
+            }
+        };
+        (tokens, devices).transaction(|(tokens, devices)| {
             let mut t: TokenRecord = match tokens.get(id.as_bytes())? {
                 Some(v) => decode_tx("enrollment token", &v)?,
                 None => return abort(EnrollError::Token("unknown token")),
@@ -353,7 +430,7 @@ impl Enrollment {
             Ok(())
         })?;
         self.mirror(record);
-        self.db.commit().map_err(StoreError::from)?;
+        db.commit().map_err(StoreError::from)?;
         Ok(Credentials { username: req.device.clone(), password })
     }
 
@@ -402,7 +479,18 @@ impl Enrollment {
     /// time.
     pub fn revoke(&self, device: &str, now_ms: u64) -> Result<Enrolled, EnrollError> {
         let _one_writer = self.lock();
-        let revoked = self.devices.transaction(|devices| {
+        let (db, devices) = match &self.store {
+            Store::Sled { db, devices, .. } => (db, devices),
+            Store::Postgres { pg, rt } => {
+                let r = crate::storage::postgres::block_on(rt, pg.revoke(device, now_ms))
+                    .map_err(StoreError::from)?
+                    .ok_or_else(|| EnrollError::Bad(format!("device `{device}` is not enrolled")))?;
+                let view = Enrolled::from(&r);
+                self.mirror(r);
+                return Ok(view);
+            }
+        };
+        let revoked = devices.transaction(|devices| {
             let mut e: Record = match devices.get(device.as_bytes())? {
                 Some(v) => decode_tx("enrolled", &v)?,
                 None => return abort(EnrollError::Bad(format!("device `{device}` is not enrolled"))),
@@ -416,7 +504,7 @@ impl Enrollment {
         })?;
         let view = Enrolled::from(&revoked);
         self.mirror(revoked);
-        self.db.commit().map_err(StoreError::from)?;
+        db.commit().map_err(StoreError::from)?;
         Ok(view)
     }
 }
@@ -485,7 +573,8 @@ mod tests {
         let mut bad_key = EnrollRequest::signed(&k, "d1", "press", &token, 1);
         bad_key.public_key = "abc".into();
         assert!(matches!(en.enroll(&bad_key, 1), Err(EnrollError::Bad(d)) if d.starts_with("public_key: ")));
-        assert!(!std::str::from_utf8(&en.tokens.get(t.id.as_bytes()).unwrap().unwrap())
+        let Store::Sled { tokens, .. } = &en.store else { unreachable!("an embedded store") };
+        assert!(!std::str::from_utf8(&tokens.get(t.id.as_bytes()).unwrap().unwrap())
             .unwrap_or("")
             .contains(&token[13..]));
         assert_eq!(en.tokens().unwrap()[0].uses_left, 5, "no refusal spends a use");

@@ -20,7 +20,7 @@ pub(crate) mod telemetry;
 
 pub use alerts::AlertStore;
 pub use devices::{Device, Registry};
-pub use enrollment::Enrollment;
+pub use enrollment::{EnrollError, Enrollment};
 pub use ingest::{Ingestor, Outcome};
 pub use logs::LogStore;
 pub use telemetry::{Query, TelemetryStore};

@@ -85,14 +85,7 @@ impl std::fmt::Debug for Pg {
 impl Pg {
     /// Runs `f` to completion on the pool's runtime, from any thread.
     fn block<T: Send>(&self, f: impl std::future::Future<Output = T> + Send) -> T {
-        match tokio::runtime::Handle::try_current() {
-            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread => {
-                // block_in_place is not available here; a helper thread blocks instead.
-                std::thread::scope(|s| s.spawn(|| self.rt.block_on(f)).join().expect("a PostgreSQL call panicked"))
-            }
-            Ok(_) => tokio::task::block_in_place(|| self.rt.block_on(f)),
-            Err(_) => self.rt.block_on(f),
-        }
+        crate::storage::postgres::block_on(&self.rt, f)
     }
 
     /// Whether this thread opened the write transaction that is open now.

@@ -66,8 +66,8 @@ impl Stores {
                 let pg = crate::storage::postgres::Pg::open(url, password.as_deref(), *pool_size, transport)
                     .await
                     .context("[storage] backend = \"postgres\"")?;
-                tracing::info!(at = pg.at(), "telemetry is kept in PostgreSQL");
-                Some((crate::storage::postgres::PgTelemetry::new(pg), tokio::runtime::Handle::current()))
+                tracing::info!(at = pg.at(), "telemetry and enrollment are kept in PostgreSQL");
+                Some((pg, tokio::runtime::Handle::current()))
             }
         };
         let mut stores = tokio::task::spawn_blocking(move || -> anyhow::Result<Stores> {
@@ -81,11 +81,18 @@ impl Stores {
                 models: Arc::new(ModelRegistry::open(&db, &data_dir)?),
                 rollouts: Some(RolloutStore::open(&db)?),
                 audit: Arc::new(AuditLog::open_with(&db, audit_config)?),
-                enrollment: Arc::new(Enrollment::open(&db)?),
+                enrollment: Arc::new(match &pg {
+                    None => Enrollment::open(&db)?,
+                    Some((pg, rt)) => {
+                        Enrollment::open_postgres(crate::storage::postgres::PgEnrollment::new(pg.clone()), rt.clone())?
+                    }
+                }),
                 operators,
                 telemetry: match pg {
                     None => TelemetryStore::open(db.clone())?,
-                    Some((pg, rt)) => TelemetryStore::postgres(db.clone(), pg, rt),
+                    Some((pg, rt)) => {
+                        TelemetryStore::postgres(db.clone(), crate::storage::postgres::PgTelemetry::new(pg), rt)
+                    }
                 },
                 logs: crate::fleet::LogStore::open(db.clone())?,
                 alerts: crate::fleet::AlertStore::open(&db)?,

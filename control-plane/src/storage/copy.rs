@@ -36,6 +36,26 @@ pub enum CopyError {
     Short { device: String, embedded: u64, postgres: u64 },
 }
 
+/// What copying enrollment did: tokens and enrolled devices, how many there were and how many were new.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CopiedEnrollment {
+    pub tokens: u64,
+    pub tokens_new: u64,
+    pub devices: u64,
+    pub devices_new: u64,
+}
+
+/// Copies the embedded store's enrollment tokens and enrolled devices (keys, password hashes, revocations)
+/// into PostgreSQL, in one transaction; rows already there (by id) are left as they are.
+pub async fn enrollment_to_postgres(
+    from: &crate::fleet::Enrollment,
+    to: &super::postgres::PgEnrollment,
+) -> Result<CopiedEnrollment, CopyError> {
+    let (tokens, devices) = from.export()?;
+    let (tokens_new, devices_new) = to.copy_in(&tokens, &devices).await?;
+    Ok(CopiedEnrollment { tokens: tokens.len() as u64, tokens_new, devices: devices.len() as u64, devices_new })
+}
+
 /// Copies `from` (an embedded store) into `to`. `progress` is called after each batch with the records copied
 /// so far. Blocking calls on `from`; async on `to`.
 pub async fn embedded_to_postgres(

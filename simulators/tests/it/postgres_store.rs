@@ -390,6 +390,7 @@ async fn migrate_to_postgres_moves_an_embedded_installation() {
         said.contains(&format!("copied {} records of 2 devices (0 were there already) and 2 watermarks", s.generated)),
         "{said}"
     );
+    assert!(said.contains("and 2 enrolled devices (2 new)"), "{said}");
     assert_eq!(c.psql("SELECT count(*) FROM telemetry").unwrap(), s.generated.to_string());
     // Again: everything is found there already, nothing is stored twice.
     let out = migrate();
@@ -416,6 +417,112 @@ async fn migrate_to_postgres_moves_an_embedded_installation() {
     assert_eq!(counted, s.generated);
     let after: Vec<u64> = (0..2).map(|i| cp.store.watermark(&format!("sim-{i:04}")).unwrap()).collect();
     assert_eq!(after, watermarks);
+    // The devices' enrollment came along: their keys verify their uplinks on the new back-end.
+    assert!(cp.enrollment.is_active("sim-0000") && cp.enrollment.is_active("sim-0001"));
     cp_cancel.cancel();
     cp.join().await.unwrap();
+}
+
+/// Enrollment on PostgreSQL, seen from two replicas (two stores on one database): what one enrolls the other
+/// admits, the rules (replay, another key, a token's uses) hold across them, two replicas enrolling one new id
+/// with different keys at once let exactly one in, and a revocation on one reaches the other's hot path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrollment_on_postgres_holds_across_replicas() {
+    use edgeloop_common::enroll::EnrollRequest;
+    use edgeloop_control_plane::fleet::{EnrollError, Enrollment};
+    use edgeloop_control_plane::storage::postgres::PgEnrollment;
+    let dir = tempfile::tempdir().unwrap();
+    let c = PgCluster::start(dir.path()).unwrap();
+    let rt = tokio::runtime::Handle::current();
+    let a = std::sync::Arc::new(Enrollment::open_postgres(PgEnrollment::new(open(&c).await), rt.clone()).unwrap());
+    let b = std::sync::Arc::new(Enrollment::open_postgres(PgEnrollment::new(open(&c).await), rt.clone()).unwrap());
+    let now = edgeloop_common::unix_millis();
+    let key = |seed: u8| ring::signature::Ed25519KeyPair::from_seed_unchecked(&[seed; 32]).unwrap();
+    let (_, token) = a.create_token("press", 3, now + 60_000, now).unwrap();
+
+    let creds = a.enroll(&EnrollRequest::signed(&key(1), "d1", "press", &token, now), now).unwrap();
+    let until = |what: &str, f: &dyn Fn() -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    until("B admits what A enrolled", &|| b.admit("d1", "d1", &creds.password));
+    assert_eq!(b.tokens().unwrap()[0].uses_left, 2);
+    // The same request again, at B: a replay.
+    let again = b.enroll(&EnrollRequest::signed(&key(1), "d1", "press", &token, now), now);
+    assert!(matches!(again, Err(EnrollError::Replayed { .. })), "{again:?}");
+    // Another key for d1, at B: refused.
+    let other = b.enroll(&EnrollRequest::signed(&key(2), "d1", "press", &token, now + 1), now + 1);
+    assert!(matches!(other, Err(EnrollError::Conflict(_))), "{other:?}");
+
+    // A new id, two keys, two replicas at once: one gets it, the other is refused.
+    let (a2, b2, t2) = (a.clone(), b.clone(), token.clone());
+    let ja = tokio::task::spawn_blocking(move || {
+        a2.enroll(&EnrollRequest::signed(&key(3), "d2", "press", &t2, now + 2), now + 2)
+    });
+    let t3 = token.clone();
+    let jb = tokio::task::spawn_blocking(move || {
+        b2.enroll(&EnrollRequest::signed(&key(4), "d2", "press", &t3, now + 2), now + 2)
+    });
+    let (ra, rb) = (ja.await.unwrap(), jb.await.unwrap());
+    assert_eq!(ra.is_ok() as u8 + rb.is_ok() as u8, 1, "{ra:?} {rb:?}");
+    assert!(matches!(ra.as_ref().err().or(rb.as_ref().err()), Some(EnrollError::Conflict(_))), "{ra:?} {rb:?}");
+    // Two uses of three are gone; the third and last goes to d3, then the token is spent.
+    b.enroll(&EnrollRequest::signed(&key(5), "d3", "press", &token, now + 3), now + 3).unwrap();
+    let spent = a.enroll(&EnrollRequest::signed(&key(6), "d4", "press", &token, now + 4), now + 4);
+    assert_eq!(spent.unwrap_err(), EnrollError::Token("no uses left"));
+
+    // Revoked at B: A's hot path (ingest's key lookup, admission) refuses d1 within moments.
+    b.revoke("d1", now + 5).unwrap();
+    until("A sees B's revocation", &|| !a.is_active("d1"));
+    assert_eq!(a.public_key("d1"), Err("revoked"));
+    assert!(!a.admit("d1", "d1", &creds.password));
+    let (_, token2) = a.create_token("press", 1, now + 60_000, now).unwrap();
+    let back = a.enroll(&EnrollRequest::signed(&key(1), "d1", "press", &token2, now + 6), now + 6);
+    assert!(matches!(back, Err(EnrollError::Revoked(_))), "revocation is final: {back:?}");
+    assert!(matches!(a.revoke("nobody", now), Err(EnrollError::Bad(_))));
+    assert_eq!(c.psql("SELECT count(*) FROM enrolled").unwrap(), "3");
+}
+
+/// Two control planes on one database: a device enrolled through one's API is listed by the other's, and a
+/// revocation through the other's reaches the first's admission and ingest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_control_planes_on_one_database_share_enrollment() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = PgCluster::start(dir.path()).unwrap();
+    let storage = edgeloop_control_plane::config::Storage::Postgres {
+        url: c.url(),
+        password: Some(PASSWORD.into()),
+        pool_size: 4,
+        transport: Transport::Plain,
+    };
+    let s2 = storage.clone();
+    let (a, a_cancel) = crate::support::start_cp(&dir.path().join("a"), move |cfg| cfg.storage = s2).await;
+    let (b, b_cancel) = crate::support::start_cp(&dir.path().join("b"), move |cfg| cfg.storage = storage).await;
+    let (api_a, api_b) = (crate::support::api(&a), crate::support::api(&b));
+    let creds = edgeloop_simulators::device::enroll(
+        &api_a,
+        "press-09",
+        "city-air-quality",
+        &edgeloop_simulators::device::new_key(),
+    )
+    .await
+    .unwrap();
+    let listed: serde_json::Value = api_b.get_json("/api/v1/enrollments").await.unwrap();
+    assert_eq!(listed[0]["device"], "press-09", "{listed}");
+    assert!(b.enrollment.admit("press-09", "press-09", &creds.password));
+    let (status, text) = api_b.post_json("/api/v1/devices/press-09/revoke", &serde_json::json!({})).await.unwrap();
+    assert_eq!(status, 200, "{text}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while a.enrollment.is_active("press-09") {
+        assert!(std::time::Instant::now() < deadline, "A still admits the device B revoked");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!a.enrollment.admit("press-09", "press-09", &creds.password));
+    a_cancel.cancel();
+    b_cancel.cancel();
+    a.join().await.unwrap();
+    b.join().await.unwrap();
 }

@@ -19,8 +19,10 @@ pub struct Migration {
 }
 
 /// Every migration of this build, in order.
-pub const MIGRATIONS: &[Migration] =
-    &[Migration { version: 1, name: "telemetry", sql: include_str!("../../../migrations/0001_telemetry.sql") }];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration { version: 1, name: "telemetry", sql: include_str!("../../../migrations/0001_telemetry.sql") },
+    Migration { version: 2, name: "enrollment", sql: include_str!("../../../migrations/0002_enrollment.sql") },
+];
 
 /// The advisory lock replicas take while migrating (an arbitrary constant: "edgeloop" in ASCII, truncated).
 const LOCK: i64 = 0x6564_6765_6c6f_6f70;

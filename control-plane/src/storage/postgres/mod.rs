@@ -5,12 +5,14 @@
 //!   released (a changed one stops the start, by name).
 //! - [`telemetry`]: records keyed by (device, seq), exactly-once across replicas, and watermarks.
 
+pub mod enrollment;
 pub mod migrate;
 pub mod telemetry;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use std::time::Duration;
 
+pub use enrollment::PgEnrollment;
 pub use telemetry::{BatchStored, Group, PgTelemetry};
 
 /// What went wrong with PostgreSQL, said with what the control plane was doing.
@@ -73,6 +75,9 @@ pub struct Pg {
     pool: Pool,
     /// Where it connects, without the password (for messages).
     at: String,
+    /// For connections of their own (LISTEN), outside the pool.
+    cfg: std::sync::Arc<tokio_postgres::Config>,
+    transport: edgeloop_common::tls::Transport,
 }
 
 impl std::fmt::Debug for Pg {
@@ -103,13 +108,13 @@ impl Pg {
         let (mgr, at) = match transport {
             edgeloop_common::tls::Transport::Plain => {
                 let at = describe(&cfg, false);
-                (Manager::from_config(cfg, tokio_postgres::NoTls, recycling), at)
+                (Manager::from_config(cfg.clone(), tokio_postgres::NoTls, recycling), at)
             }
             edgeloop_common::tls::Transport::Tls(tls) => {
                 cfg.ssl_mode(tokio_postgres::config::SslMode::Require);
                 let at = describe(&cfg, true);
                 let connect = tokio_postgres_rustls::MakeRustlsConnect::new((**tls).clone());
-                (Manager::from_config(cfg, connect, recycling), at)
+                (Manager::from_config(cfg.clone(), connect, recycling), at)
             }
         };
         let pool = Pool::builder(mgr)
@@ -119,7 +124,7 @@ impl Pg {
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
             .map_err(|e| PgError::Pool(e.to_string()))?;
-        let pg = Pg { pool, at };
+        let pg = Pg { pool, at, cfg: std::sync::Arc::new(cfg), transport: transport.clone() };
         let mut c = pg.client().await?;
         migrate::migrate(&mut c).await?;
         Ok(pg)
@@ -136,6 +141,61 @@ impl Pg {
     /// Where it connects: `user@host:port/db`, no password.
     pub fn at(&self) -> &str {
         &self.at
+    }
+
+    /// A connection of its own that has run `LISTEN channel`, and the payloads of the notifications it
+    /// receives. The receiver ends when the connection does.
+    pub async fn listen(
+        &self,
+        channel: &str,
+    ) -> Result<(tokio_postgres::Client, tokio::sync::mpsc::UnboundedReceiver<String>), PgError> {
+        let (client, rx) = match &self.transport {
+            edgeloop_common::tls::Transport::Plain => notifications(&self.cfg, tokio_postgres::NoTls).await,
+            edgeloop_common::tls::Transport::Tls(tls) => {
+                notifications(&self.cfg, tokio_postgres_rustls::MakeRustlsConnect::new((**tls).clone())).await
+            }
+        }
+        .map_err(|source| PgError::Connect { at: self.at.clone(), source })?;
+        client.batch_execute(&format!("LISTEN {channel}")).await.map_err(PgError::query("LISTEN"))?;
+        Ok((client, rx))
+    }
+}
+
+/// Connects, and forwards the connection's notifications until it ends.
+async fn notifications<T>(
+    cfg: &tokio_postgres::Config,
+    tls: T,
+) -> Result<(tokio_postgres::Client, tokio::sync::mpsc::UnboundedReceiver<String>), tokio_postgres::Error>
+where
+    T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket>,
+    T::Stream: Send + 'static,
+{
+    use futures_util::StreamExt;
+    let (client, mut conn) = cfg.connect(tls).await?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
+        while let Some(Ok(m)) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = m {
+                if tx.send(n.payload().to_string()).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    Ok((client, rx))
+}
+
+/// Runs `f` to completion on `rt` from blocking code on any thread: directly from a thread outside the
+/// runtime, inside `block_in_place` from one of a multi-thread runtime's threads, and on a helper thread from
+/// a current-thread runtime (which has no `block_in_place`).
+pub fn block_on<T: Send>(rt: &tokio::runtime::Handle, f: impl std::future::Future<Output = T> + Send) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread => {
+            std::thread::scope(|s| s.spawn(|| rt.block_on(f)).join().expect("a PostgreSQL call panicked"))
+        }
+        Ok(_) => tokio::task::block_in_place(|| rt.block_on(f)),
+        Err(_) => rt.block_on(f),
     }
 }
 
