@@ -386,7 +386,26 @@ fn tokens(command: &TokensCommand) -> Result<(), Failure> {
     let (TokensCommand::Create { config, .. } | TokensCommand::List { config } | TokensCommand::Revoke { config, .. }) =
         command;
     let cfg = Config::load(config).map_err(Failure::config)?;
-    let store = TokenStore::open(&cfg.data_dir)?;
+    // With PostgreSQL the tokens are there, for every control plane on the database.
+    let rt = runtime()?;
+    let store = match &cfg.storage {
+        edgeloop_control_plane::config::Storage::Embedded => TokenStore::open(&cfg.data_dir)?,
+        edgeloop_control_plane::config::Storage::Postgres { url, password, pool_size, transport } => {
+            let pg = rt
+                .block_on(edgeloop_control_plane::storage::postgres::Pg::open(
+                    url,
+                    password.as_deref(),
+                    *pool_size,
+                    transport,
+                ))
+                .context("[storage] backend = \"postgres\"")?;
+            TokenStore::open_postgres(
+                &cfg.data_dir,
+                edgeloop_control_plane::storage::postgres::operators::PgOperators::new(pg),
+                rt.handle().clone(),
+            )?
+        }
+    };
     match command {
         TokensCommand::Create { role, name, .. } => {
             let role: Role = role.parse().map_err(anyhow::Error::msg)?;
@@ -577,6 +596,11 @@ fn migrate_to_postgres(cfg: &Config) -> Result<String, Failure> {
         let pg = edgeloop_control_plane::storage::postgres::Pg::open(url, password.as_deref(), *pool_size, transport)
             .await
             .context("[storage] backend = \"postgres\"")?;
+        let operators = edgeloop_control_plane::storage::copy::operators_to_postgres(
+            &TokenStore::open(&cfg.data_dir)?,
+            &edgeloop_control_plane::storage::postgres::operators::PgOperators::new(pg.clone()),
+        )
+        .await?;
         let enrolled = edgeloop_control_plane::storage::copy::enrollment_to_postgres(
             &enrollment,
             &edgeloop_control_plane::storage::postgres::PgEnrollment::new(pg.clone()),
@@ -589,12 +613,13 @@ fn migrate_to_postgres(cfg: &Config) -> Result<String, Failure> {
         })
         .await?;
         eprintln!();
-        anyhow::Ok((copied, enrolled))
+        anyhow::Ok((copied, enrolled, operators))
     })?;
-    let (copied, enrolled) = copied;
+    let (copied, enrolled, operators) = copied;
     Ok(format!(
         "copied {} records of {} devices ({} were there already) and {} watermarks from {} into PostgreSQL; \
-         enrollment: {} tokens ({} new) and {} enrolled devices ({} new); the embedded copy stays in {}",
+         enrollment: {} tokens ({} new) and {} enrolled devices ({} new); operator tokens: {} ({} new); \
+         the embedded copy stays in {}",
         copied.records,
         copied.devices,
         copied.already_there,
@@ -604,6 +629,8 @@ fn migrate_to_postgres(cfg: &Config) -> Result<String, Failure> {
         enrolled.tokens_new,
         enrolled.devices,
         enrolled.devices_new,
+        operators.0,
+        operators.1,
         dir.display()
     ))
 }

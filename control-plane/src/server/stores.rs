@@ -54,21 +54,32 @@ impl Stores {
         // created on first start.
         let configured_key = cfg.rollouts.signing_key.clone();
         let audit_config = cfg.audit;
-        let operators = {
-            let data_dir = cfg.data_dir.clone();
-            Arc::new(tokio::task::spawn_blocking(move || TokenStore::open(&data_dir)).await??)
-        };
-        // With `[storage] backend = "postgres"`, telemetry lives there: connect (and migrate) before anything
-        // else opens, so that a database that cannot be reached stops the start with its address.
+        // With `[storage] backend = "postgres"`, telemetry, enrollment and operator tokens live there: connect
+        // (and migrate) before anything else opens, so that a database that cannot be reached stops the start
+        // with its address.
         let pg = match &cfg.storage {
             crate::config::Storage::Embedded => None,
             crate::config::Storage::Postgres { url, password, pool_size, transport } => {
                 let pg = crate::storage::postgres::Pg::open(url, password.as_deref(), *pool_size, transport)
                     .await
                     .context("[storage] backend = \"postgres\"")?;
-                tracing::info!(at = pg.at(), "telemetry and enrollment are kept in PostgreSQL");
+                tracing::info!(at = pg.at(), "telemetry, enrollment and operator tokens are kept in PostgreSQL");
                 Some((pg, tokio::runtime::Handle::current()))
             }
+        };
+        let operators = {
+            let (data_dir, pg) = (cfg.data_dir.clone(), pg.clone());
+            Arc::new(
+                tokio::task::spawn_blocking(move || match pg {
+                    None => TokenStore::open(&data_dir),
+                    Some((pg, rt)) => TokenStore::open_postgres(
+                        &data_dir,
+                        crate::storage::postgres::operators::PgOperators::new(pg),
+                        rt,
+                    ),
+                })
+                .await??,
+            )
         };
         let mut stores = tokio::task::spawn_blocking(move || -> anyhow::Result<Stores> {
             let signer = match &configured_key {

@@ -30,6 +30,8 @@ pub enum CopyError {
     Embedded(#[from] StoreError),
     #[error(transparent)]
     Postgres(#[from] PgError),
+    #[error("reading operators.json: {0}")]
+    Operators(String),
     #[error("the source is not an embedded store")]
     NotEmbedded,
     #[error("device `{device}`: the embedded store holds {embedded} records, PostgreSQL {postgres} after the copy")]
@@ -54,6 +56,17 @@ pub async fn enrollment_to_postgres(
     let (tokens, devices) = from.export()?;
     let (tokens_new, devices_new) = to.copy_in(&tokens, &devices).await?;
     Ok(CopiedEnrollment { tokens: tokens.len() as u64, tokens_new, devices: devices.len() as u64, devices_new })
+}
+
+/// Copies `operators.json`'s tokens (hashes, roles, revocations) into PostgreSQL; those already there (by id)
+/// are left as they are. Returns how many there were and how many were new.
+pub async fn operators_to_postgres(
+    from: &crate::access::TokenStore,
+    to: &super::postgres::operators::PgOperators,
+) -> Result<(u64, u64), CopyError> {
+    let all = from.list().map_err(|e| CopyError::Operators(format!("{e:#}")))?;
+    let new = to.copy_in(&all).await?;
+    Ok((all.len() as u64, new))
 }
 
 /// Copies `from` (an embedded store) into `to`. `progress` is called after each batch with the records copied

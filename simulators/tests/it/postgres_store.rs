@@ -390,7 +390,7 @@ async fn migrate_to_postgres_moves_an_embedded_installation() {
         said.contains(&format!("copied {} records of 2 devices (0 were there already) and 2 watermarks", s.generated)),
         "{said}"
     );
-    assert!(said.contains("and 2 enrolled devices (2 new)"), "{said}");
+    assert!(said.contains("and 2 enrolled devices (2 new); operator tokens: 1 (1 new)"), "{said}");
     assert_eq!(c.psql("SELECT count(*) FROM telemetry").unwrap(), s.generated.to_string());
     // Again: everything is found there already, nothing is stored twice.
     let out = migrate();
@@ -486,8 +486,10 @@ async fn enrollment_on_postgres_holds_across_replicas() {
     assert_eq!(c.psql("SELECT count(*) FROM enrolled").unwrap(), "3");
 }
 
-/// Two control planes on one database: a device enrolled through one's API is listed by the other's, and a
-/// revocation through the other's reaches the first's admission and ingest.
+/// Two control planes on one database: only the first makes an admin token, which works on both; a device
+/// enrolled through one's API is listed by the other's, and a revocation through the other's reaches the
+/// first's admission and ingest; an operator token made (and revoked) with the CLI's store is honoured (and
+/// refused) by both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_control_planes_on_one_database_share_enrollment() {
     let dir = tempfile::tempdir().unwrap();
@@ -501,7 +503,10 @@ async fn two_control_planes_on_one_database_share_enrollment() {
     let s2 = storage.clone();
     let (a, a_cancel) = crate::support::start_cp(&dir.path().join("a"), move |cfg| cfg.storage = s2).await;
     let (b, b_cancel) = crate::support::start_cp(&dir.path().join("b"), move |cfg| cfg.storage = storage).await;
-    let (api_a, api_b) = (crate::support::api(&a), crate::support::api(&b));
+    // The first control plane on the new database made the admin token; the second made none and takes it.
+    assert!(b.admin_token.is_none());
+    let admin = a.admin_token.clone().expect("A bootstrapped the database");
+    let (api_a, api_b) = (crate::support::api(&a), edgeloop_simulators::http::Api::new(b.api_addr).with_token(&admin));
     let creds = edgeloop_simulators::device::enroll(
         &api_a,
         "press-09",
@@ -521,6 +526,39 @@ async fn two_control_planes_on_one_database_share_enrollment() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(!a.enrollment.admit("press-09", "press-09", &creds.password));
+
+    // An operator token made with the CLI's store works on both; revoked, on neither.
+    let rt = tokio::runtime::Handle::current();
+    let pg = open(&c).await;
+    let tokens = tokio::task::spawn_blocking(move || {
+        edgeloop_control_plane::access::TokenStore::open_postgres(
+            std::path::Path::new("/nonexistent"),
+            edgeloop_control_plane::storage::postgres::operators::PgOperators::new(pg),
+            rt,
+        )
+        .unwrap()
+    })
+    .await
+    .unwrap();
+    let (entry, viewer) = tokens.create("grafana", edgeloop_control_plane::access::Role::Viewer).unwrap();
+    for cp in [&a, &b] {
+        let api = edgeloop_simulators::http::Api::new(cp.api_addr).with_token(&viewer);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while api.get("/api/v1/devices").await.unwrap().0 != 200 {
+            assert!(std::time::Instant::now() < deadline, "the new token does not work on {}", cp.api_addr);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    tokens.revoke(&entry.id).unwrap();
+    for cp in [&a, &b] {
+        let api = edgeloop_simulators::http::Api::new(cp.api_addr).with_token(&viewer);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while api.get("/api/v1/devices").await.unwrap().0 != 401 {
+            assert!(std::time::Instant::now() < deadline, "the revoked token still works on {}", cp.api_addr);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    drop(tokens);
     a_cancel.cancel();
     b_cancel.cancel();
     a.join().await.unwrap();

@@ -13,7 +13,6 @@ use super::{Pg, PgError};
 use crate::fleet::enrollment::{check_record, check_token, EnrollError, EnrollRequest, Record, TokenRecord};
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
 /// The notification channel.
 pub const CHANNEL: &str = "edgeloop_enrollment";
@@ -223,42 +222,25 @@ impl PgEnrollment {
         mirror: Arc<RwLock<HashMap<String, Record>>>,
         stop: tokio_util::sync::CancellationToken,
     ) {
-        loop {
-            match self.pg.listen(CHANNEL).await {
-                Ok((_client, mut rx)) => {
-                    match self.all().await {
-                        Ok(all) => {
-                            let fresh: HashMap<String, Record> =
-                                all.into_iter().map(|r| (r.device.clone(), r)).collect();
-                            *mirror.write().unwrap_or_else(|p| p.into_inner()) = fresh;
-                        }
-                        Err(e) => tracing::warn!(error = %e, "reloading enrolled devices"),
+        let pg = self.pg.clone();
+        super::follow(pg, CHANNEL, stop, move |device| {
+            let (store, mirror) = (self.clone(), mirror.clone());
+            async move {
+                match device {
+                    None => {
+                        let fresh: HashMap<String, Record> =
+                            store.all().await?.into_iter().map(|r| (r.device.clone(), r)).collect();
+                        *mirror.write().unwrap_or_else(|p| p.into_inner()) = fresh;
                     }
-                    loop {
-                        let device = tokio::select! {
-                            _ = stop.cancelled() => return,
-                            d = rx.recv() => d,
-                        };
-                        let Some(device) = device else { break };
-                        match self.one(&device).await {
-                            Ok(Some(r)) => {
-                                mirror.write().unwrap_or_else(|p| p.into_inner()).insert(device, r);
-                            }
-                            Ok(None) => {}
-                            Err(e) => {
-                                tracing::warn!(error = %e, device, "reloading an enrolled device; reloading all");
-                                break;
-                            }
+                    Some(d) => {
+                        if let Some(r) = store.one(&d).await? {
+                            mirror.write().unwrap_or_else(|p| p.into_inner()).insert(d, r);
                         }
                     }
-                    tracing::warn!("enrollment notifications lost their connection; reconnecting");
                 }
-                Err(e) => tracing::warn!(error = %e, "listening for enrollment changes; retrying"),
+                Ok(())
             }
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            }
-        }
+        })
+        .await
     }
 }

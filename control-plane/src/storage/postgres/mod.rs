@@ -7,6 +7,7 @@
 
 pub mod enrollment;
 pub mod migrate;
+pub mod operators;
 pub mod telemetry;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
@@ -158,6 +159,40 @@ impl Pg {
         .map_err(|source| PgError::Connect { at: self.at.clone(), source })?;
         client.batch_execute(&format!("LISTEN {channel}")).await.map_err(PgError::query("LISTEN"))?;
         Ok((client, rx))
+    }
+}
+
+/// Follows `channel` until `stop`: after each (re)connection `on_change(None)` (reload everything, as a
+/// notification may have been missed while disconnected), then `on_change(Some(payload))` for each
+/// notification. A failed reload, or a lost connection, leads to a reconnection a second later.
+pub async fn follow<F, Fut>(pg: Pg, channel: &'static str, stop: tokio_util::sync::CancellationToken, mut on_change: F)
+where
+    F: FnMut(Option<String>) -> Fut,
+    Fut: std::future::Future<Output = Result<(), PgError>>,
+{
+    loop {
+        match pg.listen(channel).await {
+            Ok((_client, mut rx)) => {
+                let mut next = on_change(None).await;
+                while next.is_ok() {
+                    let payload = tokio::select! {
+                        _ = stop.cancelled() => return,
+                        p = rx.recv() => p,
+                    };
+                    let Some(payload) = payload else { break };
+                    next = on_change(Some(payload)).await;
+                }
+                match next {
+                    Err(e) => tracing::warn!(channel, error = %e, "reloading after a change; reconnecting"),
+                    Ok(()) => tracing::warn!(channel, "lost the connection that listens for changes; reconnecting"),
+                }
+            }
+            Err(e) => tracing::warn!(channel, error = %e, "listening for changes; retrying"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+        }
     }
 }
 
