@@ -178,6 +178,10 @@ pub enum BrokerConfig {
         /// dynamic-security plugin (`mosquitto-dynsec`).
         #[serde(default)]
         provisioning: Provisioning,
+        /// Subscribe to the uplink as a member of this shared-subscription group (`$share/NAME/...`), so
+        /// that the broker spreads devices' messages over the control planes in the group.
+        #[serde(default)]
+        shared_group: Option<String>,
     },
 }
 
@@ -384,6 +388,13 @@ impl RawConfig {
             None => p.to_path_buf(),
         };
         let (mqtt_host, mqtt_port) = broker_address(&c, &self.broker)?;
+        if let BrokerConfig::External { shared_group: Some(g), .. } = &self.broker {
+            c.check(
+                !g.is_empty() && g.len() <= 64 && g.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)),
+                "broker.shared_group",
+                format!("`{g}` must be 1 to 64 characters of A-Z, a-z, 0-9, '-', '_', '.'"),
+            )?;
+        }
         let external = external_login(&c, &self.broker, &resolve)?;
         check_ingest(&c, &self.ingest)?;
         let api_limits = api_limits(&c, &self.api)?;

@@ -24,6 +24,8 @@ pub fn mosquitto_acl(service_user: &str) -> String {
          user {service_user}\n\
          topic read {PREFIX}/+/up/#\n\
          topic write {PREFIX}/+/down/#\n\
+         # The same uplink through a shared subscription (`[broker] shared_group`, several control planes).\n\
+         topic read $share/+/{PREFIX}/+/up/#\n\
          \n\
          # Every device: its own uplink topics to publish, its own downlink topics to read.\n\
          pattern write {PREFIX}/%u/up/telemetry\n\
@@ -46,6 +48,7 @@ mod tests {
     fn rules_name_only_the_devices_own_topics() {
         let acl = mosquitto_acl("cp");
         assert!(acl.contains("user cp\ntopic read edgeloop/v1/+/up/#\ntopic write edgeloop/v1/+/down/#\n"));
+        assert!(acl.contains("\ntopic read $share/+/edgeloop/v1/+/up/#\n"), "the uplink through a shared group");
         for ch in ["telemetry", "status", "report", "logs", "alerts"] {
             assert!(acl.contains(&format!("pattern write edgeloop/v1/%u/up/{ch}\n")), "{ch}");
         }

@@ -201,8 +201,15 @@ pub(crate) async fn ingest(
     .with_logs(stores.logs.clone(), cfg.ingest.device_log_lines_per_minute)
     .with_alerts(stores.alerts.clone());
     let (subscribed_tx, mut subscribed) = tokio::sync::watch::channel(false);
+    // The whole uplink, or this control plane's share of it.
+    let uplink = match &cfg.broker {
+        crate::config::BrokerConfig::External { shared_group: Some(g), .. } => {
+            format!("$share/{g}/{}", edgeloop_common::topics::ALL_UPLINK)
+        }
+        _ => edgeloop_common::topics::ALL_UPLINK.to_string(),
+    };
     let task = tokio::spawn(service::run(
-        options,
+        service::Link { options, uplink },
         ingestor,
         stores.metrics.clone(),
         cfg.ingest.commit_max_messages,

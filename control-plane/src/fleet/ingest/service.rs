@@ -46,8 +46,15 @@ struct PendingAcks {
 /// Shutdown: intake stops first (messages arriving later are never acknowledged, so agents resend them to the
 /// next run); the ingest thread commits what it took; its acknowledgements are published; then the MQTT
 /// link closes. Each wait has a deadline.
+/// How ingest reaches the broker: the client's options, and the filter it subscribes the uplink with (the
+/// whole uplink, or a shared subscription's `$share/GROUP/...`).
+pub struct Link {
+    pub options: MqttOptions,
+    pub uplink: String,
+}
+
 pub async fn run(
-    options: MqttOptions,
+    Link { options, uplink }: Link,
     ingestor: Ingestor,
     metrics: Arc<Metrics>,
     commit_max: usize,
@@ -74,7 +81,8 @@ pub async fn run(
     let link =
         tokio::spawn(event_loop(eventloop, msg_tx, conn_tx, subscribed, intake_stop.clone(), link_cancel.clone()));
     let acks_stop = CancellationToken::new();
-    let acks = tokio::spawn(ack_task(client.clone(), signer, pending.clone(), metrics, conn_rx, acks_stop.clone()));
+    let acks =
+        tokio::spawn(ack_task(client.clone(), uplink, signer, pending.clone(), metrics, conn_rx, acks_stop.clone()));
 
     // Run until asked to stop, or until the ingest thread ends by itself (a store failure or a panic), or its
     // commit hangs: then stop everything and report it, so the process exits non-zero instead of running
@@ -265,6 +273,7 @@ fn device_of(topic: &str) -> &str {
 
 async fn ack_task(
     client: AsyncClient,
+    uplink: String,
     signer: edgeloop_common::signing::Signer,
     pending: Arc<PendingAcks>,
     metrics: Arc<Metrics>,
@@ -280,7 +289,7 @@ async fn ack_task(
             }
             c = connected.recv() => {
                 if c.is_none() { return; }
-                if let Err(e) = client.subscribe(topics::ALL_UPLINK, QoS::AtLeastOnce).await {
+                if let Err(e) = client.subscribe(uplink.clone(), QoS::AtLeastOnce).await {
                     tracing::error!(error = %e, "cannot subscribe to uplink topics");
                 }
             }
@@ -335,8 +344,17 @@ async fn event_loop(
                 tracing::info!("ingest connected to the broker");
                 let _ = connected.send(());
             }
-            Ok(Event::Incoming(Packet::SubAck(_))) => {
-                subscribed.send_replace(true);
+            Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                if ack.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {
+                    // Nothing would ever arrive: say so on every (re)connection, loudly.
+                    tracing::error!(
+                        "the broker refused the uplink subscription: ingest receives nothing; allow the control \
+                         plane's user to subscribe to its uplink filter (with a shared group, the filter starts \
+                         with $share/GROUP/; see operations.md, \"External broker setup\")"
+                    );
+                } else {
+                    subscribed.send_replace(true);
+                }
             }
             Ok(Event::Incoming(Packet::Publish(p))) => {
                 let Some(tx) = &msgs else { continue };
