@@ -10,6 +10,10 @@
 //! the others, and prints what PostgreSQL spent per record: WAL bytes and its processes' CPU time.
 //!
 //! `cargo bench -p edgeloop-simulators --bench ingest`
+//!
+//! `EDGELOOP_BENCH_REPLICAS=1 cargo bench -p edgeloop-simulators --bench ingest` runs instead the same fleet
+//! through Debian's mosquitto into one control plane on sled, one on PostgreSQL, and two sharing the uplink
+//! (`[broker] shared_group`) on PostgreSQL.
 
 use edgeloop_common::durable::Durability;
 use edgeloop_common::envelope::{self, Body, Envelope, Record, TelemetryBatch};
@@ -205,6 +209,123 @@ async fn round(mode: Durability, signed: bool, pg: Option<&PgCluster>) -> anyhow
     Ok((stored as f64 / secs, cost))
 }
 
+/// Debian's mosquitto on a free loopback port, open to anyone, with no limit on queued messages (the control
+/// plane's subscription carries the whole fleet).
+struct Mosquitto {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    fn start() -> anyhow::Result<Mosquitto> {
+        let dir = tempfile::tempdir()?;
+        let port = edgeloop_simulators::free_port()?;
+        let conf = dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 0\n\
+                 max_inflight_messages 0\nlog_dest none\n"
+            ),
+        )?;
+        let child = std::process::Command::new("/usr/sbin/mosquitto").arg("-c").arg(&conf).spawn()?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            anyhow::ensure!(Instant::now() < deadline, "mosquitto did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Mosquitto { child, port, _dir: dir })
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `replicas` control planes in this process sharing the uplink of `broker` (a shared group when more than
+/// one), storing in `pg` (or each in its own sled when `None`); devices unsigned. Records/s end to end.
+async fn round_replicas(broker: &Mosquitto, replicas: usize, pg: Option<&PgCluster>) -> anyhow::Result<f64> {
+    let dir = tempfile::tempdir()?;
+    if let Some(pg) = pg {
+        let _ = pg.psql("TRUNCATE telemetry, watermarks");
+    }
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    let mut cps = Vec::new();
+    let cancel = CancellationToken::new();
+    for r in 0..replicas {
+        let mut cfg = Config::embedded(dir.path().join(format!("cp{r}")), any, any);
+        cfg.require_enrollment = false;
+        cfg.broker = edgeloop_control_plane::config::BrokerConfig::External {
+            url: format!("mqtt://127.0.0.1:{}", broker.port),
+            username: None,
+            password_file: None,
+            ca_file: None,
+            provisioning: Default::default(),
+            shared_group: (replicas > 1).then(|| "bench".to_string()),
+        };
+        (cfg.mqtt_host, cfg.mqtt_port) = ("127.0.0.1".into(), broker.port);
+        cfg.external = edgeloop_control_plane::config::ExternalLogin::default();
+        if let Some(pg) = pg {
+            cfg.storage = edgeloop_control_plane::config::Storage::Postgres {
+                url: pg.url(),
+                password: Some(edgeloop_simulators::postgres::PASSWORD.into()),
+                pool_size: 8,
+                transport: edgeloop_common::tls::Transport::Plain,
+            };
+        }
+        cps.push(ControlPlane::start(cfg, cancel.clone()).await?);
+    }
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..DEVICES)
+        .map(|i| tokio::spawn(device(format!("bench-{i:03}"), "127.0.0.1".into(), broker.port, None)))
+        .collect();
+    let mut resends = 0;
+    for t in tasks {
+        resends += t.await??;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    if resends > 0 {
+        eprintln!("  ({resends} resends after an ack timeout)");
+    }
+    let stored: u64 = cps.iter().map(|cp| cp.metrics.records_ingested.get()).sum();
+    anyhow::ensure!(stored == DEVICES as u64 * BATCHES * BATCH, "stored {stored}");
+    if replicas > 1 {
+        let shares: Vec<u64> = cps.iter().map(|cp| cp.metrics.records_ingested.get()).collect();
+        eprintln!("  shares of the records per replica: {shares:?}");
+    }
+    cancel.cancel();
+    for cp in cps {
+        cp.join().await?;
+    }
+    Ok(stored as f64 / secs)
+}
+
+/// `EDGELOOP_BENCH_REPLICAS=1`: through mosquitto, one control plane on sled, one on PostgreSQL, and two
+/// sharing the uplink on PostgreSQL, interleaved, three rounds each.
+fn replicas(rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
+    let pg_dir = tempfile::tempdir()?;
+    let pg = PgCluster::start(pg_dir.path())?;
+    let broker = Mosquitto::start()?;
+    let (mut sled, mut one, mut two) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..3 {
+        sled.push(rt.block_on(round_replicas(&broker, 1, None))?);
+        one.push(rt.block_on(round_replicas(&broker, 1, Some(&pg)))?);
+        two.push(rt.block_on(round_replicas(&broker, 2, Some(&pg)))?);
+    }
+    let (s, o, t) = (median(sled), median(one), median(two));
+    let per = BATCH as f64;
+    println!("ingest through mosquitto, {DEVICES} devices x {BATCHES} batches x {BATCH} records, unsigned, all in one process on this machine");
+    println!("  1 control plane, embedded store:     median {s:>10.0} records/s ({:>6.0} messages/s)", s / per);
+    println!("  1 control plane, PostgreSQL:         median {o:>10.0} records/s ({:>6.0} messages/s)", o / per);
+    println!("  2 control planes sharing, PostgreSQL: median {t:>10.0} records/s ({:>6.0} messages/s)", t / per);
+    println!("  2 / 1 on PostgreSQL: {:.2}; PostgreSQL / embedded: {:.2}", t / o, o / s);
+    std::process::exit(0);
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -215,6 +336,9 @@ fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "error".into()))
         .init();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    if std::env::var("EDGELOOP_BENCH_REPLICAS").is_ok() {
+        return replicas(&rt);
+    }
     let pg_dir = tempfile::tempdir()?;
     let pg = match PgCluster::start(pg_dir.path()) {
         Ok(pg) => Some(pg),

@@ -213,7 +213,8 @@ impl TelemetryStore {
     }
 
     /// Stores the records of `batch` not stored yet, and moves the device's watermark to the batch's end when
-    /// the batch starts at or below the next expected seq. Not durable until [`TelemetryStore::commit`].
+    /// the batch starts at or below the next expected seq, then on over records already stored right after
+    /// it (a later batch that arrived first). Not durable until [`TelemetryStore::commit`].
     pub fn store_batch(&self, device: &str, batch: &TelemetryBatch) -> Result<BatchStored, StoreError> {
         let (records, watermarks) = match &self.backend {
             Backend::Sled { records, watermarks } => (records, watermarks),
@@ -228,9 +229,20 @@ impl TelemetryStore {
                 out.duplicate += 1;
             }
         }
-        out.upto = sled_watermark(watermarks, device)?;
+        let before = sled_watermark(watermarks, device)?;
+        out.upto = before;
         if batch.from <= out.upto.saturating_add(1) && batch.to > out.upto {
             out.upto = batch.to;
+        }
+        // On over records already stored right after it (a later batch that came first).
+        for kv in records.range(key(device, out.upto.saturating_add(1))..=key(device, u64::MAX)) {
+            let (k, _) = kv?;
+            if seq_of(&k) != out.upto + 1 {
+                break;
+            }
+            out.upto += 1;
+        }
+        if out.upto != before {
             watermarks.insert(device.as_bytes(), &out.upto.to_be_bytes())?;
         }
         Ok(out)

@@ -57,6 +57,8 @@ pub(crate) struct Broker {
     /// With `[broker] provisioning = "mosquitto-dynsec"`: the client that creates and disables devices in the
     /// external mosquitto.
     pub provisioner: Option<Arc<crate::broker::dynsec::Dynsec>>,
+    /// This start's part of the client ids (process id and 4 random bytes).
+    instance: String,
 }
 
 impl Broker {
@@ -82,9 +84,10 @@ impl Broker {
             embedded: false,
             external: cfg.external.clone(),
             provisioner: None,
+            instance: format!("{}-{}", std::process::id(), random_hex(4)),
         };
         if let BrokerConfig::External { provisioning: Provisioning::MosquittoDynsec, .. } = cfg.broker {
-            let options = broker.client_options(format!("edgeloop-cp-dynsec-{}", std::process::id()));
+            let options = broker.client_options(broker.client_id("dynsec"));
             let dynsec = crate::broker::dynsec::Dynsec::start(options, cancel.child_token());
             // Every revoked device's client is disabled again at start: a revocation whose broker call failed
             // before a restart still reaches the broker.
@@ -142,7 +145,14 @@ impl Broker {
         Ok(broker)
     }
 
-    /// Options for one of the control plane's own clients (`edgeloop-cp-<role>-<pid>`), logged in.
+    /// The client id of one of the control plane's own clients: `edgeloop-cp-<role>-<instance>`, the instance
+    /// made afresh by each start, so that control planes sharing a broker (replicas, or several started with
+    /// the same process id in containers) never take each other's session.
+    pub fn client_id(&self, role: &str) -> String {
+        format!("edgeloop-cp-{role}-{}", self.instance)
+    }
+
+    /// Options for one of the control plane's own clients ([`Broker::client_id`]), logged in.
     pub fn client_options(&self, client_id: String) -> MqttOptions {
         let mut o = MqttOptions::new(client_id, self.host.clone(), self.port);
         o.set_keep_alive(Duration::from_secs(30)).set_clean_session(true).set_inflight(1024);

@@ -186,7 +186,7 @@ pub(crate) async fn ingest(
     broker: &Broker,
     cancel: &CancellationToken,
 ) -> JoinHandle<anyhow::Result<()>> {
-    let mut options = broker.client_options(format!("edgeloop-cp-{}", std::process::id()));
+    let mut options = broker.client_options(broker.client_id("ingest"));
     // Accept whatever the broker forwards, so oversize messages are counted by ingest, not fatal to the link.
     let max_packet = crate::broker::embedded::broker_max_payload(cfg.ingest.max_message_bytes) + 4096;
     options.set_max_packet_size(max_packet, max_packet);
@@ -243,7 +243,7 @@ pub(crate) fn rollouts(
         cfg.rollouts.clone(),
         cfg.ingest.offline_after_secs * 1000,
     )?);
-    let options = broker.client_options(format!("edgeloop-cp-rollouts-{}", std::process::id()));
+    let options = broker.client_options(broker.client_id("rollouts"));
     let task = tracker.spawn(crate::rollout::service::run(rollouts.clone(), options, cancel.child_token()));
     Ok((rollouts, task))
 }

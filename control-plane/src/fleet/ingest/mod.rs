@@ -477,14 +477,15 @@ mod tests {
             ing.handle(T, &batch("d1", 1, &[1, 2, 3]), 1).unwrap(),
             Outcome::Ack { device: "d1".into(), upto: 3 }
         );
-        // Batch 7..9 arrives before 4..6 (lost, resent later): stored, watermark waits.
+        // Batch 7..9 arrives before 4..6 (lost and resent later, or handled by another replica): stored, the
+        // watermark waits; 4..6 closes the gap and the watermark moves over both.
         assert_eq!(
             ing.handle(T, &batch("d1", 7, &[7, 8, 9]), 2).unwrap(),
             Outcome::Ack { device: "d1".into(), upto: 3 }
         );
         assert_eq!(
             ing.handle(T, &batch("d1", 4, &[4, 5, 6]), 3).unwrap(),
-            Outcome::Ack { device: "d1".into(), upto: 6 }
+            Outcome::Ack { device: "d1".into(), upto: 9 }
         );
         assert_eq!(
             ing.handle(T, &batch("d1", 7, &[7, 8, 9]), 4).unwrap(),

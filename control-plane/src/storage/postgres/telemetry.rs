@@ -6,7 +6,10 @@
 //! already stored (a redelivery, or another replica's copy of the same batch) is counted as a duplicate and
 //! never stored twice: when two replicas insert the same (device, seq) at the same time, the second waits for
 //! the first to commit or roll back, then skips it or stores it. The watermark moves in the same transaction,
-//! in one statement that reads and writes the device's row under its lock. Nothing is visible to others, or
+//! under the device's row lock: to the batch's end when the batch starts at or below the next expected seq,
+//! then on over records already stored right after it. Replicas sharing the uplink receive a device's
+//! batches in any order (the broker spreads messages, not devices), so a batch that arrives before the one
+//! before it is stored but cannot move the watermark; the one that closes the gap then moves it past both. Nothing is visible to others, or
 //! acknowledged, before the commit; a replica that dies before it leaves nothing behind.
 //!
 //! A group locks devices' rows in the order it stores them. Two replicas that store several devices each in
@@ -47,6 +50,17 @@ const ADVANCE: &str = "INSERT INTO watermarks AS w (device, upto)
     VALUES ($1, CASE WHEN $2::bigint <= 1 THEN $3::bigint ELSE 0 END)
     ON CONFLICT (device) DO UPDATE
         SET upto = CASE WHEN $2::bigint <= w.upto + 1 AND $3::bigint > w.upto THEN $3::bigint ELSE w.upto END
+    RETURNING upto";
+
+/// Then moves it on over records already stored right after it (batches that came before the one that
+/// closed the gap: another replica's, or an earlier delivery's), under the row lock ADVANCE took; a statement
+/// of its own, so it sees what other transactions committed while this one waited for that lock.
+const EXTEND: &str = "UPDATE watermarks SET upto = CASE
+        WHEN EXISTS (SELECT 1 FROM telemetry WHERE device = $1 AND seq = $2::bigint + 1)
+        THEN (SELECT min(t.seq) FROM telemetry t WHERE t.device = $1 AND t.seq > $2::bigint
+              AND NOT EXISTS (SELECT 1 FROM telemetry n WHERE n.device = $1 AND n.seq = t.seq + 1))
+        ELSE $2::bigint END
+    WHERE device = $1
     RETURNING upto";
 
 const RAISE: &str = "INSERT INTO watermarks AS w (device, upto) VALUES ($1, $2)
@@ -175,6 +189,8 @@ impl Group {
         let (from, to) = (seq_i64(device, batch.from)?, seq_i64(device, batch.to)?);
         let upto: i64 =
             c.query_one(ADVANCE, &[&device, &from, &to]).await.map_err(PgError::query("moving a watermark"))?.get(0);
+        let upto: i64 =
+            c.query_one(EXTEND, &[&device, &upto]).await.map_err(PgError::query("moving a watermark on"))?.get(0);
         let stored = new.len() as u64;
         Ok(BatchStored { new: stored, duplicate: batch.records.len() as u64 - stored, flagged, upto: upto as u64 })
     }
