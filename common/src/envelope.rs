@@ -390,20 +390,34 @@ impl Envelope {
             Body::Telemetry(batch) => batch.validate()?,
             Body::Logs(batch) => batch.validate()?,
             Body::Alert(alert) => alert.validate().map_err(DecodeError::Invalid)?,
+            Body::Status(s) if s.last_seq > MAX_SEQ || s.acked_upto > MAX_SEQ => {
+                return Err(DecodeError::Invalid(format!(
+                    "status last_seq={} acked_upto={}: sequence numbers stop at {MAX_SEQ}",
+                    s.last_seq, s.acked_upto
+                )))
+            }
             _ => {}
         }
         Ok(())
     }
 }
 
+/// The largest sequence number (2^63 - 1): what every store keeps, PostgreSQL's `bigint` included. An agent
+/// numbering one record a millisecond reaches it after 292 million years.
+pub const MAX_SEQ: u64 = i64::MAX as u64;
+
 impl TelemetryBatch {
-    /// `from <= to`, records strictly ascending inside `from..=to`, sequence numbers start at 1.
+    /// `from <= to`, records strictly ascending inside `from..=to`, sequence numbers from 1 to
+    /// [`MAX_SEQ`].
     pub fn validate(&self) -> Result<(), DecodeError> {
         if self.from == 0 || self.from > self.to {
             return Err(DecodeError::Invalid(format!(
                 "telemetry range from={} to={} is empty or starts at 0",
                 self.from, self.to
             )));
+        }
+        if self.to > MAX_SEQ {
+            return Err(DecodeError::Invalid(format!("telemetry range to={} is above {MAX_SEQ}", self.to)));
         }
         let mut prev = self.from - 1;
         for (i, r) in self.records.iter().enumerate() {
@@ -591,6 +605,24 @@ mod tests {
         assert!(err.to_string().contains("records[1].seq=4"), "{err}");
         let env = telemetry(vec![record(9)], 1, 5);
         assert_eq!(decode(&encode(&env), DEFAULT_MAX_MESSAGE_BYTES).unwrap_err().reason(), "invalid");
+        // Sequence numbers stop at 2^63 - 1, what every store keeps.
+        let env = telemetry(vec![record(MAX_SEQ)], MAX_SEQ, MAX_SEQ);
+        assert!(decode(&encode(&env), DEFAULT_MAX_MESSAGE_BYTES).is_ok());
+        let env = telemetry(vec![record(MAX_SEQ + 1)], MAX_SEQ, MAX_SEQ + 1);
+        let err = decode(&encode(&env), DEFAULT_MAX_MESSAGE_BYTES).unwrap_err();
+        assert!(err.to_string().contains("is above 9223372036854775807"), "{err}");
+        // And a heartbeat's: a store could not move a watermark there.
+        for (last_seq, acked_upto) in [(MAX_SEQ + 1, 1), (MAX_SEQ + 1, MAX_SEQ + 1), (1, MAX_SEQ + 1)] {
+            let env = Envelope::new("d", 1, 1, Body::Status(Status { last_seq, acked_upto, ..Default::default() }));
+            assert_eq!(decode(&encode(&env), DEFAULT_MAX_MESSAGE_BYTES).unwrap_err().reason(), "invalid");
+        }
+        let env = Envelope::new(
+            "d",
+            1,
+            1,
+            Body::Status(Status { last_seq: MAX_SEQ, acked_upto: MAX_SEQ, ..Default::default() }),
+        );
+        assert!(decode(&encode(&env), DEFAULT_MAX_MESSAGE_BYTES).is_ok());
     }
 
     #[test]

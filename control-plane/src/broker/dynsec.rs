@@ -27,6 +27,8 @@ pub const COMMAND_TOPIC: &str = "$CONTROL/dynamic-security/v1";
 pub const RESPONSE_TOPIC: &str = "$CONTROL/dynamic-security/v1/response";
 /// How long one batch of commands may wait for its answer.
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often every revoked device is disabled again.
+pub const REDISABLE_EVERY: Duration = Duration::from_secs(600);
 
 /// The role that holds one device's topic rules.
 pub fn device_role(device: &str) -> String {
@@ -106,6 +108,8 @@ pub struct Answer {
     pub index: usize,
     pub command: String,
     pub error: Option<String>,
+    /// What the command returned (`getClient`'s client, for one).
+    pub data: Option<Value>,
 }
 
 /// Reads a response message. Answers to commands of other clients (no `correlationData` of ours) are left out.
@@ -124,9 +128,22 @@ pub fn parse_response(payload: &[u8]) -> Result<Vec<Answer>, DynsecError> {
                 index: index.parse().ok()?,
                 command: r.get("command").and_then(Value::as_str).unwrap_or_default().to_string(),
                 error: r.get("error").and_then(Value::as_str).map(str::to_string),
+                data: r.get("data").cloned(),
             })
         })
         .collect())
+}
+
+/// Whether `getClient`'s answer is a device's client: the device's role only, no group.
+pub fn is_device_client(device: &str, data: Option<&Value>) -> bool {
+    let Some(c) = data.and_then(|d| d.get("client")) else { return false };
+    let roles: Vec<&str> = c
+        .get("roles")
+        .and_then(Value::as_array)
+        .map(|r| r.iter().filter_map(|x| x.get("rolename").and_then(Value::as_str)).collect())
+        .unwrap_or_default();
+    let groups = c.get("groups").and_then(Value::as_array).map_or(0, Vec::len);
+    roles == [device_role(device).as_str()] && groups == 0
 }
 
 /// The plugin's words for "already there" and "not there", which the steps below take as success.
@@ -149,6 +166,8 @@ pub struct Dynsec {
     client: AsyncClient,
     pending: Pending,
     next: std::sync::atomic::AtomicU64,
+    /// Random, per start: tells this control plane's batches from other ones'.
+    instance: String,
     /// Devices whose client still has to be disabled (a revocation while the broker did not answer, or every
     /// revoked device at start); [`Dynsec::retry_disables`] works through them.
     to_disable: Mutex<BTreeSet<String>>,
@@ -164,6 +183,7 @@ impl Dynsec {
             client: client.clone(),
             pending: pending.clone(),
             next: Default::default(),
+            instance: edgeloop_common::secret::random_hex(8),
             to_disable: Default::default(),
         });
         tokio::spawn(async move {
@@ -199,7 +219,9 @@ impl Dynsec {
 
     /// Sends `commands` as one batch and returns each one's answer, in order.
     pub async fn call(&self, commands: &[Value]) -> Result<Vec<Answer>, DynsecError> {
-        let batch = format!("edgeloop-{}-{}", std::process::id(), self.next.fetch_add(1, Ordering::Relaxed));
+        // mosquitto sends the plugin's answers to every client subscribed to the response topic, other
+        // control planes' included: the batch id must be this process's alone.
+        let batch = format!("edgeloop-{}-{}", self.instance, self.next.fetch_add(1, Ordering::Relaxed));
         let (tx, rx) = oneshot::channel();
         lock(&self.pending).insert(batch.clone(), (commands.len(), Vec::new(), tx));
         let payload = request(&batch, commands);
@@ -225,6 +247,16 @@ impl Dynsec {
         let answers = self.call(&[create_role(device), create_client(device, password)]).await?;
         first_refusal(&answers, &[ROLE_EXISTS, CLIENT_EXISTS])?;
         if answers.iter().any(|a| a.error.as_deref() == Some(CLIENT_EXISTS)) {
+            // Only a client that is this device's (its role and nothing else) is taken over: never a user an
+            // operator made by hand under a name a device enrolled with.
+            let got = self.call(&[json!({"command": "getClient", "username": device})]).await?;
+            first_refusal(&got, &[])?;
+            if !is_device_client(device, got.first().and_then(|a| a.data.as_ref())) {
+                return Err(DynsecError::Refused {
+                    command: "createClient".into(),
+                    error: format!("a client `{device}` exists in mosquitto and is not this device's (roles other than {}); rename one of them", device_role(device)),
+                });
+            }
             let answers = self.call(&[modify_client(device, password), enable_client(device)]).await?;
             first_refusal(&answers, &[])?;
         }
@@ -234,17 +266,22 @@ impl Dynsec {
     /// Disables a revoked device's client (and so disconnects it). A device the plugin does not know is
     /// already refused. On failure the device is kept for [`Dynsec::retry_disables`].
     pub async fn disable(&self, device: &str) -> Result<(), DynsecError> {
-        let done = self.disable_all(&[device.to_string()]).await;
-        if done.is_err() {
+        let done = match self.disable_all(&[device.to_string()]).await {
+            Ok(mut each) => each.pop().unwrap_or(Ok(())),
+            Err(e) => Err(e),
+        };
+        if matches!(done, Err(DynsecError::NoAnswer(_))) {
             lock(&self.to_disable).insert(device.to_string());
         }
         done
     }
 
-    async fn disable_all(&self, devices: &[String]) -> Result<(), DynsecError> {
+    /// Disables `devices` in one batch; each one's outcome, in order (`Err` for the whole batch only when
+    /// the plugin did not answer).
+    async fn disable_all(&self, devices: &[String]) -> Result<Vec<Result<(), DynsecError>>, DynsecError> {
         let commands: Vec<Value> = devices.iter().map(|d| disable_client(d)).collect();
         let answers = self.call(&commands).await?;
-        first_refusal(&answers, &[CLIENT_NOT_FOUND])
+        Ok(answers.iter().map(|a| first_refusal(std::slice::from_ref(a), &[CLIENT_NOT_FOUND])).collect())
     }
 
     /// Queues devices to disable (every revoked device, at start).
@@ -257,7 +294,8 @@ impl Dynsec {
         lock(&self.to_disable).len()
     }
 
-    /// Disables queued devices, 100 per batch, until the queue is empty or the broker fails to answer.
+    /// Disables queued devices, 100 per batch, until the queue is empty or the broker fails to answer. A
+    /// device the plugin refuses is logged and leaves the queue, so it cannot hold up the others.
     pub async fn retry_disables(&self) -> Result<usize, DynsecError> {
         let mut done = 0;
         loop {
@@ -265,18 +303,33 @@ impl Dynsec {
             if batch.is_empty() {
                 return Ok(done);
             }
-            self.disable_all(&batch).await?;
+            let each = self.disable_all(&batch).await?;
             let mut q = lock(&self.to_disable);
-            for d in &batch {
+            for (d, r) in batch.iter().zip(each) {
+                if let Err(e) = r {
+                    tracing::error!(device = %d, error = %e, "mosquitto refused to disable a revoked device");
+                }
                 q.remove(d);
             }
             done += batch.len();
         }
     }
 
-    /// Works through the disable queue every `every` until `cancel`.
-    pub async fn run_disables(self: Arc<Self>, every: Duration, cancel: CancellationToken) {
+    /// Works through the disable queue every `every` until `cancel`; every [`REDISABLE_EVERY`] it queues
+    /// `revoked()` again, so that a revocation that raced an enrollment elsewhere (an `enableClient` that
+    /// reached mosquitto after the `disableClient`) does not stay undone.
+    pub async fn run_disables(
+        self: Arc<Self>,
+        every: Duration,
+        revoked: impl Fn() -> Vec<String> + Send + 'static,
+        cancel: CancellationToken,
+    ) {
+        let mut last_sweep = std::time::Instant::now();
         loop {
+            if last_sweep.elapsed() >= REDISABLE_EVERY {
+                self.queue_disables(revoked());
+                last_sweep = std::time::Instant::now();
+            }
             if self.disables_waiting() > 0 {
                 match self.retry_disables().await {
                     Ok(0) => {}
@@ -304,11 +357,12 @@ fn deliver(pending: &Pending, answers: Vec<Answer>) {
     for a in answers {
         let batch = a.batch.clone();
         let complete = match p.get_mut(&batch) {
-            Some((n, got, _)) => {
+            // Each command answers once; an index out of range or seen already is not this batch's.
+            Some((n, got, _)) if a.index < *n && !got.iter().any(|g| g.index == a.index) => {
                 got.push(a);
                 got.len() >= *n
             }
-            None => false,
+            _ => false,
         };
         if complete {
             if let Some((_, got, tx)) = p.remove(&batch) {
@@ -383,13 +437,36 @@ mod tests {
     }
 
     #[test]
+    fn only_a_devices_own_client_is_taken_over() {
+        let client =
+            |roles: Value, groups: Value| json!({"client": {"username": "d1", "roles": roles, "groups": groups}});
+        assert!(is_device_client(
+            "d1",
+            Some(&client(json!([{"rolename": "edgeloop-device-d1", "priority": -1}]), json!([])))
+        ));
+        assert!(!is_device_client("d1", Some(&client(json!([{"rolename": "admin"}]), json!([])))), "an admin");
+        assert!(!is_device_client(
+            "d1",
+            Some(&client(json!([{"rolename": "edgeloop-device-d1"}, {"rolename": "admin"}]), json!([])))
+        ));
+        assert!(!is_device_client(
+            "d1",
+            Some(&client(json!([{"rolename": "edgeloop-device-d1"}]), json!([{"groupname": "g"}])))
+        ));
+        assert!(!is_device_client("d1", None));
+    }
+
+    #[test]
     fn a_call_gets_its_answers_once_all_have_come() {
         let pending: Pending = Arc::default();
         let (tx, mut rx) = oneshot::channel();
         lock(&pending).insert("b".into(), (2, Vec::new(), tx));
-        let a = |i| Answer { batch: "b".into(), index: i, command: "c".into(), error: None };
+        let a = |i| Answer { batch: "b".into(), index: i, command: "c".into(), error: None, data: None };
         deliver(&pending, vec![a(1)]);
         assert!(rx.try_recv().is_err(), "one answer of two");
+        // The same index again (another control plane's batch of the same name), or one out of range: ignored.
+        deliver(&pending, vec![a(1), a(7)]);
+        assert!(rx.try_recv().is_err(), "still one answer of two");
         deliver(&pending, vec![Answer { batch: "other".into(), ..a(0) }, a(0)]);
         assert_eq!(rx.try_recv().unwrap().len(), 2);
         assert!(lock(&pending).is_empty());

@@ -186,6 +186,16 @@ fn decode_tx<T: serde::de::DeserializeOwned>(
     decode(what, v).map_err(|e| ConflictableTransactionError::Abort(e.into()))
 }
 
+/// Puts `r` in a mirror, unless the mirror already says the device is revoked and `r` does not: revocation is
+/// final, so a record read or written before it never undoes it (another control plane's revocation may
+/// reach the mirror before this one's own enrollment does).
+pub(crate) fn mirror_into(cache: &mut HashMap<String, Record>, r: Record) {
+    if cache.get(&r.device).is_some_and(|e| e.revoked) && !r.revoked {
+        return;
+    }
+    cache.insert(r.device.clone(), r);
+}
+
 /// Checks a token against its secret, the clock and the requested class. Pure.
 pub(crate) fn check_token(t: &TokenRecord, secret: &str, class: &str, now_ms: u64) -> Result<(), EnrollError> {
     if !same_secret(&t.sha256, &sha256_hex(secret.as_bytes())) {
@@ -228,6 +238,11 @@ pub(crate) fn check_record(
     }
     Ok(())
 }
+
+/// Device ids may not start with this: it names the control plane's own broker users and clients, and the
+/// broker users operators add beside them (an external broker's hooks and dynamic security would otherwise
+/// let a device take such a name over).
+pub const RESERVED_PREFIX: &str = "edgeloop-";
 
 pub struct Enrollment {
     store: Store,
@@ -304,7 +319,7 @@ impl Enrollment {
     }
 
     fn mirror(&self, r: Record) {
-        self.cache.write().unwrap_or_else(|p| p.into_inner()).insert(r.device.clone(), r);
+        mirror_into(&mut self.cache.write().unwrap_or_else(|p| p.into_inner()), r);
     }
 
     /// Creates a token for `class`, good for `uses` enrollments until `expires_ms`. Blocking.
@@ -317,6 +332,10 @@ impl Enrollment {
     ) -> Result<(EnrollmentToken, String), EnrollError> {
         if class.is_empty() || uses == 0 || expires_ms <= now_ms {
             return Err(EnrollError::Bad("class must be set, uses at least 1, and the expiry in the future".into()));
+        }
+        if class.len() > 256 || class.chars().any(char::is_control) {
+            // As an enrollment request's class must be: a token for any other could never be used.
+            return Err(EnrollError::Bad("class must be 1 to 256 characters, none of them a control character".into()));
         }
         let (id, secret) = (random_hex(4), random_hex(32));
         let t = TokenRecord {
@@ -382,6 +401,11 @@ impl Enrollment {
     /// a newer request). The token's use and the record are written in one transaction.
     pub fn enroll(&self, req: &EnrollRequest, now_ms: u64) -> Result<Credentials, EnrollError> {
         req.verify()?;
+        if req.device.starts_with(RESERVED_PREFIX) {
+            return Err(EnrollError::Bad(format!(
+                "device: ids starting with `{RESERVED_PREFIX}` are reserved for the control plane's and the broker's own users"
+            )));
+        }
         req.check_fresh(now_ms)?;
         let public_key = req.public_key.to_ascii_lowercase();
         let (id, secret) = req
@@ -532,6 +556,17 @@ mod tests {
         at: u64,
     ) -> Result<Credentials, EnrollError> {
         en.enroll(&EnrollRequest::signed(k, device, class, token, at), at)
+    }
+
+    #[test]
+    fn ids_of_the_control_planes_own_users_are_reserved() {
+        let dir = tempfile::tempdir().unwrap();
+        let en = open(dir.path());
+        let (_, token) = en.create_token("press", 2, 10_000, 0).unwrap();
+        let e = enroll(&en, &key(1), "edgeloop-control-plane", "press", &token, 1).unwrap_err();
+        assert!(matches!(&e, EnrollError::Bad(d) if d.contains("reserved")), "{e}");
+        assert_eq!(en.tokens().unwrap()[0].uses_left, 2, "a refusal spends no use");
+        assert!(matches!(en.create_token("pr\u{0}ess", 1, 10_000, 0), Err(EnrollError::Bad(_))));
     }
 
     #[test]

@@ -110,9 +110,10 @@ impl Pg {
                 Op::SeqsIn(d, from, to) => g.seqs_in(d, from, to).await.map(Done::Seqs),
             }
         });
-        // After an error PostgreSQL has aborted the transaction: dropping it closes its connection, nothing of
-        // it stays, and the next write opens another.
-        if done.is_ok() {
+        // After a query's error PostgreSQL has aborted the transaction: dropping it closes its connection,
+        // nothing of it stays, and the next write opens another. An error found before any query (a value the
+        // store cannot keep) leaves the transaction as it was.
+        if matches!(done, Ok(_) | Err(PgError::Bad(_))) {
             *slot = group;
         }
         Ok(done?)
@@ -300,6 +301,17 @@ impl TelemetryStore {
             }
         }
         Ok(self.db.commit()?)
+    }
+
+    /// Drops this thread's open write transaction without committing it (PostgreSQL rolls it back and
+    /// releases its row locks at once); nothing with sled, whose writes stay for the next commit.
+    pub fn abandon(&self) {
+        if let Backend::Postgres(pg) = &self.backend {
+            let mut slot = pg.group.lock().unwrap_or_else(|p| p.into_inner());
+            if slot.as_ref().is_some_and(|(_, owner)| *owner == std::thread::current().id()) {
+                *slot = None;
+            }
+        }
     }
 
     /// Records of `device` matching `q`, in seq order.

@@ -92,7 +92,9 @@ impl Broker {
             // Every revoked device's client is disabled again at start: a revocation whose broker call failed
             // before a restart still reaches the broker.
             dynsec.queue_disables(enrollment.list().into_iter().filter(|e| e.revoked).map(|e| e.device));
-            tracker.spawn(dynsec.clone().run_disables(Duration::from_secs(5), cancel.child_token()));
+            let en = enrollment.clone();
+            let revoked = move || en.list().into_iter().filter(|e| e.revoked).map(|e| e.device).collect();
+            tracker.spawn(dynsec.clone().run_disables(Duration::from_secs(5), revoked, cancel.child_token()));
             broker.provisioner = Some(dynsec);
         }
         let BrokerConfig::Embedded { listen } = cfg.broker else { return Ok(broker) };

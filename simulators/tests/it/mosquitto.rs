@@ -133,6 +133,9 @@ impl Mosquitto {
         }
         ctrl(&["createClient", "edgeloop-control-plane", "-p", "cp-secret"]);
         ctrl(&["addClientRole", "edgeloop-control-plane", role]);
+        // A user an operator made by hand, under a name a device could enroll with.
+        ctrl(&["createClient", "ops", "-p", "ops-secret"]);
+        ctrl(&["addClientRole", "ops", role]);
         m
     }
 
@@ -588,8 +591,25 @@ async fn enrolled_device_admitted_by_mosquitto_dynsec() {
     let (_c, got, task) = device::connect(broker.clone(), "press-07", Some(&first), None).await;
     assert!(matches!(got, Connected::Refused(_)), "the old password still works: {got:?}");
     task.abort();
-    let (_c, got, task) = device::connect(broker, "press-07", Some(&second), None).await;
+    let (_c, got, task) = device::connect(broker.clone(), "press-07", Some(&second), None).await;
     assert_eq!(got, Connected::Yes);
+    task.abort();
+    // A device enrolling under the name of a user an operator made by hand does not take it over: the
+    // enrollment is refused at the broker, and the user's password still works.
+    let token = device::enrollment_token(&api, "city-air-quality", 1).await.unwrap();
+    let req = edgeloop_common::enroll::EnrollRequest::signed(
+        &device::new_key(),
+        "ops",
+        "city-air-quality",
+        &token,
+        edgeloop_common::unix_millis(),
+    );
+    let (status, text) = api.post_json("/api/v1/enroll", &serde_json::to_value(&req).unwrap()).await.unwrap();
+    assert_eq!(status, 503, "{text}");
+    assert!(text.contains("is not this device's"), "{text}");
+    let ops = edgeloop_agent::identity::Credentials { username: "ops".into(), password: "ops-secret".into() };
+    let (_c, got, task) = device::connect(broker, "any-client-id", Some(&ops), None).await;
+    assert_eq!(got, Connected::Yes, "the hand-made user lost its login");
     task.abort();
     cp_cancel.cancel();
     cp.join().await.unwrap();

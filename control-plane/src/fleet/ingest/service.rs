@@ -204,6 +204,12 @@ fn ingest_thread(
                     transient = Some(e);
                     break;
                 }
+                // A value this store cannot keep (checked before any write): that message is refused, the rest
+                // of the group goes on.
+                Err(StoreError::Postgres(crate::storage::postgres::PgError::Bad(why))) => {
+                    metrics.reject("store_refused");
+                    tracing::warn!(topic, reason = %why, "uplink message refused by the store");
+                }
                 // A store that cannot take writes (disk full, I/O error) is not to be trusted with later
                 // ones either: stop ingest, acknowledging nothing from this group. The process exits non-zero,
                 // restarts from what is on disk, and agents resend whatever was not acknowledged.
@@ -214,6 +220,9 @@ fn ingest_thread(
             }
         }
         if let Some(e) = transient {
+            // Nothing of this group is acknowledged: with PostgreSQL, roll its transaction back now rather
+            // than hold its devices' row locks (which other replicas wait on) through the back-off.
+            ingestor.store().abandon();
             metrics.reject("store_busy");
             let since = *failing_since.get_or_insert_with(std::time::Instant::now);
             if since.elapsed() >= TRANSIENT_GIVE_UP {

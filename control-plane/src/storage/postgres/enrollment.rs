@@ -178,25 +178,32 @@ impl PgEnrollment {
         Ok(row.as_ref().map(record))
     }
 
-    /// Stores tokens and device records copied from another store, leaving alone those already here (by id);
-    /// returns how many of each were new.
+    /// Stores tokens and device records copied from another store; those already here (by id) keep their
+    /// own, except that a revocation or a spent use in the copy is carried over (a second copy after a
+    /// revocation must not leave the device active). Returns how many of each were new.
     pub(crate) async fn copy_in(&self, tokens: &[TokenRecord], devices: &[Record]) -> Result<(u64, u64), PgError> {
         let mut c = self.pg.client().await?;
         let tx = c.transaction().await.map_err(PgError::query("starting the enrollment copy"))?;
         let mut new = (0, 0);
         for t in tokens {
             new.0 += tx
-                .execute(
-                    "INSERT INTO enrollment_tokens (id, class, sha256, uses_left, expires_ms, created_ms)                      VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (id) DO NOTHING",
+                .query_one(
+                    "INSERT INTO enrollment_tokens (id, class, sha256, uses_left, expires_ms, created_ms)                      VALUES ($1, $2, $3, $4, $5, $6) \
+                     ON CONFLICT (id) DO UPDATE SET uses_left = LEAST(enrollment_tokens.uses_left, EXCLUDED.uses_left) \
+                     RETURNING (xmax = 0)",
                     &[&t.id, &t.class, &t.sha256, &i64::from(t.uses_left), &ms(t.expires_ms), &ms(t.created_ms)],
                 )
                 .await
-                .map_err(PgError::query("copying a token"))?;
+                .map_err(PgError::query("copying a token"))?
+                .get::<_, bool>(0) as u64;
         }
         for d in devices {
             new.1 += tx
-                .execute(
-                    "INSERT INTO enrolled (device, class, public_key, password_sha256, enrolled_ms, revoked, revoked_ms, last_request_ms)                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (device) DO NOTHING",
+                .query_one(
+                    "INSERT INTO enrolled (device, class, public_key, password_sha256, enrolled_ms, revoked, revoked_ms, last_request_ms)                      VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+                     ON CONFLICT (device) DO UPDATE SET revoked = enrolled.revoked OR EXCLUDED.revoked, \
+                         revoked_ms = coalesce(enrolled.revoked_ms, EXCLUDED.revoked_ms) \
+                     RETURNING (xmax = 0)",
                     &[
                         &d.device,
                         &d.class,
@@ -209,7 +216,8 @@ impl PgEnrollment {
                     ],
                 )
                 .await
-                .map_err(PgError::query("copying an enrolled device"))?;
+                .map_err(PgError::query("copying an enrolled device"))?
+                .get::<_, bool>(0) as u64;
         }
         tx.commit().await.map_err(PgError::query("committing the enrollment copy"))?;
         Ok(new)
@@ -234,7 +242,10 @@ impl PgEnrollment {
                     }
                     Some(d) => {
                         if let Some(r) = store.one(&d).await? {
-                            mirror.write().unwrap_or_else(|p| p.into_inner()).insert(d, r);
+                            crate::fleet::enrollment::mirror_into(
+                                &mut mirror.write().unwrap_or_else(|p| p.into_inner()),
+                                r,
+                            );
                         }
                     }
                 }

@@ -56,15 +56,28 @@ impl PgError {
     /// Whether the database gave up on a transaction that may succeed when tried again (a deadlock between
     /// replicas, a serialisation failure, a connection lost): nothing it wrote stays.
     pub fn is_retryable(&self) -> bool {
+        use tokio_postgres::error::SqlState;
         match self {
-            PgError::Query { source, .. } | PgError::Connect { source, .. } => {
+            // The server could not be reached, or let this connection in, for now.
+            PgError::Connect { .. } | PgError::Pool(_) => true,
+            PgError::Query { source, .. } => {
                 source.is_closed()
                     || source.code().is_some_and(|c| {
-                        *c == tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED
-                            || *c == tokio_postgres::error::SqlState::T_R_SERIALIZATION_FAILURE
+                        [
+                            SqlState::T_R_DEADLOCK_DETECTED,
+                            SqlState::T_R_SERIALIZATION_FAILURE,
+                            SqlState::LOCK_NOT_AVAILABLE,
+                            SqlState::QUERY_CANCELED,
+                            SqlState::ADMIN_SHUTDOWN,
+                            SqlState::CRASH_SHUTDOWN,
+                            SqlState::CANNOT_CONNECT_NOW,
+                            SqlState::TOO_MANY_CONNECTIONS,
+                            SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT,
+                        ]
+                        .contains(c)
+                            || c.code().starts_with("08")
                     })
             }
-            PgError::Pool(_) => true,
             _ => false,
         }
     }
@@ -105,6 +118,11 @@ impl Pg {
         }
         cfg.application_name("edgeloop-control-plane");
         cfg.connect_timeout(Duration::from_secs(10));
+        // A peer that vanished is noticed (the LISTEN connections idle for long), and no wait is unbounded: a
+        // replica cut off while holding a device's row lock holds up the others for at most `lock_timeout`,
+        // and its transaction ends after `idle_in_transaction_session_timeout`.
+        cfg.keepalives(true).keepalives_idle(Duration::from_secs(30));
+        cfg.options("-c lock_timeout=30000 -c statement_timeout=120000 -c idle_in_transaction_session_timeout=60000");
         let recycling = ManagerConfig { recycling_method: RecyclingMethod::Fast };
         let (mgr, at) = match transport {
             edgeloop_common::tls::Transport::Plain => {
@@ -162,6 +180,9 @@ impl Pg {
     }
 }
 
+/// How often a follower reloads everything even without a notification.
+pub const FOLLOW_RELOAD: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Follows `channel` until `stop`: after each (re)connection `on_change(None)` (reload everything, as a
 /// notification may have been missed while disconnected), then `on_change(Some(payload))` for each
 /// notification. A failed reload, or a lost connection, leads to a reconnection a second later.
@@ -174,13 +195,20 @@ where
         match pg.listen(channel).await {
             Ok((_client, mut rx)) => {
                 let mut next = on_change(None).await;
+                // Everything again now and then too: a connection can die without a word (a peer gone, a
+                // network cut), and what was notified meanwhile must not stay missed for long.
+                let mut sweep = tokio::time::interval(FOLLOW_RELOAD);
+                sweep.tick().await;
                 while next.is_ok() {
                     let payload = tokio::select! {
                         _ = stop.cancelled() => return,
-                        p = rx.recv() => p,
+                        _ = sweep.tick() => None,
+                        p = rx.recv() => match p {
+                            Some(p) => Some(p),
+                            None => break,
+                        },
                     };
-                    let Some(payload) = payload else { break };
-                    next = on_change(Some(payload)).await;
+                    next = on_change(payload).await;
                 }
                 match next {
                     Err(e) => tracing::warn!(channel, error = %e, "reloading after a change; reconnecting"),

@@ -45,25 +45,30 @@ impl PgOperators {
     }
 
     pub(crate) async fn insert(&self, e: &TokenEntry) -> Result<(), PgError> {
-        let c = self.pg.client().await?;
-        insert_on(&c, e).await?;
-        c.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &e.id])
+        // The change and its notification in one transaction: no control plane can miss it.
+        let mut c = self.pg.client().await?;
+        let tx = c.transaction().await.map_err(PgError::query("starting a token's insert"))?;
+        insert_on(&tx, e).await?;
+        tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &e.id])
             .await
             .map_err(PgError::query("notifying replicas"))?;
+        tx.commit().await.map_err(PgError::query("committing a token"))?;
         Ok(())
     }
 
     /// Marks a token revoked; `None` if there is no such token.
     pub(crate) async fn revoke(&self, id: &str) -> Result<Option<TokenEntry>, PgError> {
-        let c = self.pg.client().await?;
-        let row = c
+        let mut c = self.pg.client().await?;
+        let tx = c.transaction().await.map_err(PgError::query("starting a token's revocation"))?;
+        let row = tx
             .query_opt(
                 "UPDATE operator_tokens SET revoked = true WHERE id = $1 RETURNING id, name, role, sha256, created_ms, revoked",
                 &[&id],
             )
             .await
             .map_err(PgError::query("revoking an operator token"))?;
-        c.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &id]).await.map_err(PgError::query("notifying replicas"))?;
+        tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &id]).await.map_err(PgError::query("notifying replicas"))?;
+        tx.commit().await.map_err(PgError::query("committing a token's revocation"))?;
         row.as_ref().map(entry).transpose()
     }
 
@@ -98,13 +103,15 @@ impl PgOperators {
         let mut new = 0;
         for e in entries {
             new += c
-                .execute(
+                .query_one(
                     "INSERT INTO operator_tokens (id, name, role, sha256, created_ms, revoked) VALUES ($1, $2, $3, $4, $5, $6) \
-                     ON CONFLICT (id) DO NOTHING",
+                     ON CONFLICT (id) DO UPDATE SET revoked = operator_tokens.revoked OR EXCLUDED.revoked \
+                     RETURNING (xmax = 0)",
                     &[&e.id, &e.name, &e.role.to_string(), &e.sha256, &(e.created_ms.min(i64::MAX as u64) as i64), &e.revoked],
                 )
                 .await
-                .map_err(PgError::query("copying an operator token"))?;
+                .map_err(PgError::query("copying an operator token"))?
+                .get::<_, bool>(0) as u64;
         }
         Ok(new)
     }

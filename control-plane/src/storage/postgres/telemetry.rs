@@ -63,6 +63,9 @@ const EXTEND: &str = "UPDATE watermarks SET upto = CASE
     WHERE device = $1
     RETURNING upto";
 
+const LOCK_ROW_INSERT: &str = "INSERT INTO watermarks (device, upto) VALUES ($1, 0) ON CONFLICT (device) DO NOTHING";
+const LOCK_ROW: &str = "SELECT upto FROM watermarks WHERE device = $1 FOR UPDATE";
+
 const RAISE: &str = "INSERT INTO watermarks AS w (device, upto) VALUES ($1, $2)
     ON CONFLICT (device) DO UPDATE SET upto = GREATEST(w.upto, EXCLUDED.upto)
     RETURNING upto";
@@ -181,6 +184,10 @@ impl Group {
             bodies.push(edgeloop_common::signing::to_cbor_with_capacity(r, 64 + 5 * r.features.len()));
         }
         let c = self.client();
+        // The device's watermark row first, locked until the commit: writers of one device go one at a time,
+        // and each takes its devices' rows in the same (sorted) order, so none waits for another in a cycle.
+        c.execute(LOCK_ROW_INSERT, &[&device]).await.map_err(PgError::query("creating a watermark"))?;
+        c.execute(LOCK_ROW, &[&device]).await.map_err(PgError::query("locking a watermark"))?;
         let rows = c.query(INSERT, &[&device, &seqs, &ts, &bodies]).await.map_err(PgError::query("storing records"))?;
         let new: std::collections::HashSet<i64> = rows.iter().map(|r| r.get(0)).collect();
         let flagged =

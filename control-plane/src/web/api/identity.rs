@@ -46,7 +46,12 @@ pub async fn enroll(
     if let Some(p) = &s.provisioner {
         // The device gets its credentials only once the broker knows them; if it does not, the device enrolls
         // again (its agent retries), with new credentials.
-        if let Err(e) = p.provision(&creds.username, &creds.password).await {
+        let provisioned = p.provision(&creds.username, &creds.password).await;
+        if !s.enrollment.is_active(&creds.username) {
+            // Revoked while mosquitto was taking the credentials: take them back (queued if it does not answer).
+            let _ = p.disable(&creds.username).await;
+        }
+        if let Err(e) = provisioned {
             tracing::error!(device = %creds.username, error = %e, "enrolled, but the broker did not take the credentials");
             return Err(ApiError {
                 status: StatusCode::SERVICE_UNAVAILABLE,
