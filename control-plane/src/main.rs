@@ -5,6 +5,12 @@
 //!
 //! Exit codes: 0 after a clean stop (ctrl-c or SIGTERM), 2 for a bad config, 1 for any other failure.
 
+use edgeloop_control_plane::storage::copy;
+use edgeloop_control_plane::storage::postgres::operators::PgOperators;
+use edgeloop_control_plane::storage::postgres::{Pg, PgEnrollment, PgTelemetry};
+
+/// The context of every failure to reach the configured PostgreSQL.
+const POSTGRES: &str = "[storage] backend = \"postgres\"";
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use edgeloop_common::cli::{Failure, LogFormat};
@@ -388,23 +394,9 @@ fn tokens(command: &TokensCommand) -> Result<(), Failure> {
     let cfg = Config::load(config).map_err(Failure::config)?;
     // With PostgreSQL the tokens are there, for every control plane on the database.
     let rt = runtime()?;
-    let store = match &cfg.storage {
-        edgeloop_control_plane::config::Storage::Embedded => TokenStore::open(&cfg.data_dir)?,
-        edgeloop_control_plane::config::Storage::Postgres { url, password, pool_size, transport } => {
-            let pg = rt
-                .block_on(edgeloop_control_plane::storage::postgres::Pg::open(
-                    url,
-                    password.as_deref(),
-                    *pool_size,
-                    transport,
-                ))
-                .context("[storage] backend = \"postgres\"")?;
-            TokenStore::open_postgres(
-                &cfg.data_dir,
-                edgeloop_control_plane::storage::postgres::operators::PgOperators::new(pg),
-                rt.handle().clone(),
-            )?
-        }
+    let store = match rt.block_on(Pg::from_config(&cfg.storage)).context(POSTGRES)? {
+        None => TokenStore::open(&cfg.data_dir)?,
+        Some(pg) => TokenStore::open_postgres(&cfg.data_dir, PgOperators::new(pg), rt.handle().clone())?,
     };
     match command {
         TokensCommand::Create { role, name, .. } => {
@@ -577,7 +569,7 @@ fn bundle_offline(
 
 /// `migrate --to postgres`: the embedded store's telemetry into the config's PostgreSQL.
 fn migrate_to_postgres(cfg: &Config) -> Result<String, Failure> {
-    let edgeloop_control_plane::config::Storage::Postgres { url, password, pool_size, transport } = &cfg.storage else {
+    if cfg.storage == edgeloop_control_plane::config::Storage::Embedded {
         return Err(Failure::usage(
             "the config's [storage] must say backend = \"postgres\", with its url: that is where the telemetry goes"
                 .to_string(),
@@ -593,22 +585,13 @@ fn migrate_to_postgres(cfg: &Config) -> Result<String, Failure> {
     let from = TelemetryStore::open(db).map_err(anyhow::Error::from)?;
     let rt = runtime()?;
     let copied = rt.block_on(async {
-        let pg = edgeloop_control_plane::storage::postgres::Pg::open(url, password.as_deref(), *pool_size, transport)
-            .await
-            .context("[storage] backend = \"postgres\"")?;
-        let operators = edgeloop_control_plane::storage::copy::operators_to_postgres(
-            &TokenStore::open(&cfg.data_dir)?,
-            &edgeloop_control_plane::storage::postgres::operators::PgOperators::new(pg.clone()),
-        )
-        .await?;
-        let enrolled = edgeloop_control_plane::storage::copy::enrollment_to_postgres(
-            &enrollment,
-            &edgeloop_control_plane::storage::postgres::PgEnrollment::new(pg.clone()),
-        )
-        .await?;
-        let to = edgeloop_control_plane::storage::postgres::PgTelemetry::new(pg);
+        let pg = Pg::from_config(&cfg.storage).await.context(POSTGRES)?.context("no PostgreSQL configured")?;
+        let operators =
+            copy::operators_to_postgres(&TokenStore::open(&cfg.data_dir)?, &PgOperators::new(pg.clone())).await?;
+        let enrolled = copy::enrollment_to_postgres(&enrollment, &PgEnrollment::new(pg.clone())).await?;
+        let to = PgTelemetry::new(pg);
         let started = std::time::Instant::now();
-        let copied = edgeloop_control_plane::storage::copy::embedded_to_postgres(&from, &to, |n| {
+        let copied = copy::embedded_to_postgres(&from, &to, |n| {
             eprint!("\rcopied {n} records ({:.0} s)", started.elapsed().as_secs_f64());
         })
         .await?;
@@ -644,27 +627,10 @@ fn train_offline(cfg: Config, req: TrainRequest) -> anyhow::Result<()> {
     let devices_registry = Registry::open(&db)?;
     let models = ModelRegistry::open(&db, &cfg.data_dir)?;
     // With PostgreSQL, telemetry is read from there, on a runtime of this command's own.
-    let rt = match &cfg.storage {
-        edgeloop_control_plane::config::Storage::Embedded => None,
-        edgeloop_control_plane::config::Storage::Postgres { .. } => Some(runtime()?),
-    };
-    let store = match (&cfg.storage, &rt) {
-        (edgeloop_control_plane::config::Storage::Postgres { url, password, pool_size, transport }, Some(rt)) => {
-            let pg = rt
-                .block_on(edgeloop_control_plane::storage::postgres::Pg::open(
-                    url,
-                    password.as_deref(),
-                    *pool_size,
-                    transport,
-                ))
-                .context("[storage] backend = \"postgres\"")?;
-            TelemetryStore::postgres(
-                db,
-                edgeloop_control_plane::storage::postgres::PgTelemetry::new(pg),
-                rt.handle().clone(),
-            )
-        }
-        _ => TelemetryStore::open(db)?,
+    let rt = runtime()?;
+    let store = match rt.block_on(Pg::from_config(&cfg.storage)).context(POSTGRES)? {
+        None => TelemetryStore::open(db)?,
+        Some(pg) => TelemetryStore::postgres(db, PgTelemetry::new(pg), rt.handle().clone()),
     };
     let devices: Vec<String> = if req.dataset.devices.is_empty() {
         devices_registry.list().into_iter().filter(|d| d.class == class.class).map(|d| d.id).collect()

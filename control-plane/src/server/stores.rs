@@ -57,16 +57,13 @@ impl Stores {
         // With `[storage] backend = "postgres"`, telemetry, enrollment and operator tokens live there: connect
         // (and migrate) before anything else opens, so that a database that cannot be reached stops the start
         // with its address.
-        let pg = match &cfg.storage {
-            crate::config::Storage::Embedded => None,
-            crate::config::Storage::Postgres { url, password, pool_size, transport } => {
-                let pg = crate::storage::postgres::Pg::open(url, password.as_deref(), *pool_size, transport)
-                    .await
-                    .context("[storage] backend = \"postgres\"")?;
+        let pg = crate::storage::postgres::Pg::from_config(&cfg.storage)
+            .await
+            .context("[storage] backend = \"postgres\"")?
+            .map(|pg| {
                 tracing::info!(at = pg.at(), "telemetry, enrollment and operator tokens are kept in PostgreSQL");
-                Some((pg, tokio::runtime::Handle::current()))
-            }
-        };
+                (pg, tokio::runtime::Handle::current())
+            });
         let operators = {
             let (data_dir, pg) = (cfg.data_dir.clone(), pg.clone());
             Arc::new(

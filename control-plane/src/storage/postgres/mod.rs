@@ -149,6 +149,16 @@ impl Pg {
         Ok(pg)
     }
 
+    /// The pool `[storage]` asks for (connected and migrated); `None` for the embedded store.
+    pub async fn from_config(storage: &crate::config::Storage) -> Result<Option<Pg>, PgError> {
+        match storage {
+            crate::config::Storage::Embedded => Ok(None),
+            crate::config::Storage::Postgres { url, password, pool_size, transport } => {
+                Pg::open(url, password.as_deref(), *pool_size, transport).await.map(Some)
+            }
+        }
+    }
+
     /// A connection from the pool.
     pub async fn client(&self) -> Result<deadpool_postgres::Object, PgError> {
         self.pool.get().await.map_err(|e| match e {
