@@ -271,7 +271,8 @@ impl TelemetryStore {
         }
     }
 
-    /// Sets the device's watermark (the embedded back-end's tests and tools; ingest raises it).
+    /// Sets the device's watermark with sled; with PostgreSQL only raises it (watermarks never move back
+    /// there). For tests and tools; ingest raises it.
     pub fn set_watermark(&self, device: &str, upto: u64) -> Result<(), StoreError> {
         match &self.backend {
             Backend::Sled { watermarks, .. } => {

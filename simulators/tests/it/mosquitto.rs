@@ -289,20 +289,7 @@ async fn fleet_works_through_mosquitto() {
         edgeloop_simulators::proxy::FaultProxy::start(([127, 0, 0, 1], port).into(), cancel.clone()).await.unwrap();
     let link_port = link.addr().port();
     let (cp, cp_cancel) = start_cp(dir.path(), move |c| {
-        c.broker = edgeloop_control_plane::config::BrokerConfig::External {
-            url: format!("mqtt://127.0.0.1:{link_port}"),
-            username: Some("edgeloop-control-plane".into()),
-            password_file: None,
-            ca_file: None,
-            provisioning: Default::default(),
-            shared_group: None,
-        };
-        (c.mqtt_host, c.mqtt_port) = ("127.0.0.1".into(), link_port);
-        c.external = edgeloop_control_plane::config::ExternalLogin {
-            username: Some("edgeloop-control-plane".into()),
-            password: Some(std::fs::read_to_string(&pw).unwrap()),
-            transport: edgeloop_common::tls::Transport::Plain,
-        };
+        external_broker(c, link_port, std::fs::read_to_string(&pw).unwrap(), Default::default());
     })
     .await;
     let mut class = edgeloop_simulators::class_config("city-air-quality").unwrap();
@@ -432,20 +419,7 @@ async fn a_decommissioned_device_is_revoked_forgotten_and_its_desired_state_clea
     let port = m.port;
     let (cp, cp_cancel) = start_cp(dir.path(), move |c| {
         c.rollouts.tick_ms = 50;
-        c.broker = edgeloop_control_plane::config::BrokerConfig::External {
-            url: format!("mqtt://127.0.0.1:{port}"),
-            username: Some("edgeloop-control-plane".into()),
-            password_file: None,
-            ca_file: None,
-            provisioning: Default::default(),
-            shared_group: None,
-        };
-        (c.mqtt_host, c.mqtt_port) = ("127.0.0.1".into(), port);
-        c.external = edgeloop_control_plane::config::ExternalLogin {
-            username: Some("edgeloop-control-plane".into()),
-            password: Some("cp-secret".into()),
-            transport: edgeloop_common::tls::Transport::Plain,
-        };
+        external_broker(c, port, "cp-secret".into(), Default::default());
     })
     .await;
     let api = crate::support::api(&cp);
@@ -519,23 +493,34 @@ async fn a_decommissioned_device_is_revoked_forgotten_and_its_desired_state_clea
     cp.join().await.unwrap();
 }
 
+/// Points `c` at the external broker on loopback `port`, logging in as `edgeloop-control-plane` with
+/// `password`, plaintext.
+fn external_broker(
+    c: &mut edgeloop_control_plane::config::Config,
+    port: u16,
+    password: String,
+    provisioning: edgeloop_control_plane::config::Provisioning,
+) {
+    c.broker = edgeloop_control_plane::config::BrokerConfig::External {
+        url: format!("mqtt://127.0.0.1:{port}"),
+        username: Some("edgeloop-control-plane".into()),
+        password_file: None,
+        ca_file: None,
+        provisioning,
+        shared_group: None,
+    };
+    (c.mqtt_host, c.mqtt_port) = ("127.0.0.1".into(), port);
+    c.external = edgeloop_control_plane::config::ExternalLogin {
+        username: Some("edgeloop-control-plane".into()),
+        password: Some(password),
+        transport: edgeloop_common::tls::Transport::Plain,
+    };
+}
+
 /// A control plane on `m` that provisions devices into its dynamic-security plugin.
 async fn dynsec_cp(dir: &Path, port: u16) -> (edgeloop_control_plane::ControlPlaneHandle, CancellationToken) {
     start_cp(dir, move |c| {
-        c.broker = edgeloop_control_plane::config::BrokerConfig::External {
-            url: format!("mqtt://127.0.0.1:{port}"),
-            username: Some("edgeloop-control-plane".into()),
-            password_file: None,
-            ca_file: None,
-            provisioning: edgeloop_control_plane::config::Provisioning::MosquittoDynsec,
-            shared_group: None,
-        };
-        (c.mqtt_host, c.mqtt_port) = ("127.0.0.1".into(), port);
-        c.external = edgeloop_control_plane::config::ExternalLogin {
-            username: Some("edgeloop-control-plane".into()),
-            password: Some("cp-secret".into()),
-            transport: edgeloop_common::tls::Transport::Plain,
-        };
+        external_broker(c, port, "cp-secret".into(), edgeloop_control_plane::config::Provisioning::MosquittoDynsec);
     })
     .await
 }

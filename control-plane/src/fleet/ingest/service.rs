@@ -168,6 +168,35 @@ pub fn is_transient(e: &StoreError) -> bool {
         )
 }
 
+/// Transient store failures in a row: since when, and the next wait.
+struct Backoff {
+    failing_since: Option<std::time::Instant>,
+    wait: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff { failing_since: None, wait: TRANSIENT_FIRST_WAIT }
+    }
+}
+
+impl Backoff {
+    /// Sleeps the next wait (doubling up to [`TRANSIENT_MAX_WAIT`]) after a transient failure `e` of `what`,
+    /// or gives up with it once failures have gone on for [`TRANSIENT_GIVE_UP`]. Nothing of the group that
+    /// failed is acknowledged either way.
+    fn wait_or_give_up(&mut self, e: StoreError, what: &'static str) -> anyhow::Result<()> {
+        let since = *self.failing_since.get_or_insert_with(std::time::Instant::now);
+        if since.elapsed() >= TRANSIENT_GIVE_UP {
+            tracing::error!(error = %e, "{what} for {TRANSIENT_GIVE_UP:?} in a row; stopping ingest");
+            return Err(anyhow::Error::new(e).context(what));
+        }
+        tracing::warn!(error = %e, retry_in = ?self.wait, "{what} for now; this group is not acknowledged");
+        std::thread::sleep(self.wait);
+        self.wait = (self.wait * 2).min(TRANSIENT_MAX_WAIT);
+        Ok(())
+    }
+}
+
 fn ingest_thread(
     ingestor: Ingestor,
     mut rx: mpsc::Receiver<Message>,
@@ -176,8 +205,7 @@ fn ingest_thread(
     metrics: &Metrics,
 ) -> anyhow::Result<()> {
     // Since when store writes have been failing with transient errors, and the next wait.
-    let mut failing_since: Option<std::time::Instant> = None;
-    let mut wait = TRANSIENT_FIRST_WAIT;
+    let mut backoff = Backoff::default();
     while let Some(first) = rx.blocking_recv() {
         let mut group = vec![first];
         while group.len() < commit_max {
@@ -224,14 +252,7 @@ fn ingest_thread(
             // than hold its devices' row locks (which other replicas wait on) through the back-off.
             ingestor.store().abandon();
             metrics.reject("store_busy");
-            let since = *failing_since.get_or_insert_with(std::time::Instant::now);
-            if since.elapsed() >= TRANSIENT_GIVE_UP {
-                tracing::error!(error = %e, "store writes kept failing for {TRANSIENT_GIVE_UP:?}; stopping ingest");
-                return Err(anyhow::Error::new(e).context("store write failed"));
-            }
-            tracing::warn!(error = %e, retry_in = ?wait, "store write failed for now; this group is not acknowledged");
-            std::thread::sleep(wait);
-            wait = (wait * 2).min(TRANSIENT_MAX_WAIT);
+            backoff.wait_or_give_up(e, "store write failed")?;
             continue;
         }
         pending.commit_since_ms.store(edgeloop_common::unix_millis().max(1), Ordering::Relaxed);
@@ -242,14 +263,7 @@ fn ingest_thread(
             // devices send the group again, and what did get committed is found stored and not kept twice.
             Err(e) if matches!(e, StoreError::Postgres(_)) && is_transient(&e) => {
                 metrics.reject("store_busy");
-                let since = *failing_since.get_or_insert_with(std::time::Instant::now);
-                if since.elapsed() >= TRANSIENT_GIVE_UP {
-                    tracing::error!(error = %e, "commits to PostgreSQL kept failing for {TRANSIENT_GIVE_UP:?}; stopping ingest");
-                    return Err(anyhow::Error::new(e).context("store commit failed"));
-                }
-                tracing::warn!(error = %e, retry_in = ?wait, "commit to PostgreSQL failed; this group is not acknowledged");
-                std::thread::sleep(wait);
-                wait = (wait * 2).min(TRANSIENT_MAX_WAIT);
+                backoff.wait_or_give_up(e, "store commit failed")?;
                 continue;
             }
             // After a failed fdatasync the kernel may have dropped the dirty pages, and a later sync can succeed
@@ -260,8 +274,7 @@ fn ingest_thread(
             }
             Ok(()) => {}
         }
-        failing_since = None;
-        wait = TRANSIENT_FIRST_WAIT;
+        backoff = Backoff::default();
         if !acks.is_empty() {
             let mut p = pending.acks.lock().unwrap_or_else(|p| p.into_inner());
             for (d, ack) in acks {

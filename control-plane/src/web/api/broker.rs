@@ -32,11 +32,12 @@ fn log(hook: &str, who: &str, v: &Verdict) {
     }
 }
 
-/// What EMQX's HTTP authenticator sends, with a body template such as
+/// A login to check, as EMQX's HTTP authenticator sends it with a body template such as
 /// `{"username": "${username}", "password": "${password}", "clientid": "${clientid}"}` (placeholders render
-/// as strings, missing values as ""). Other fields (`peerhost`, ...) are ignored.
+/// as strings, missing values as ""), and as mosquitto-go-auth's user check sends it in JSON mode. Other
+/// fields (`peerhost`, ...) are ignored.
 #[derive(utoipa::ToSchema, Deserialize, Debug)]
-pub struct EmqxAuthn {
+pub struct Login {
     #[serde(default)]
     pub username: String,
     #[serde(default)]
@@ -77,9 +78,9 @@ fn emqx(v: &Verdict) -> &'static str {
 
 /// EMQX 5's HTTP authenticator: may this client connect?
 #[utoipa::path(post, path = "/api/v1/broker/emqx/authn", tag = "broker", operation_id = "emqx_authn",
-    request_body = EmqxAuthn,
+    request_body = Login,
     responses((status = 200, description = "`allow`, `deny`, or `ignore` for a username that is no enrolled device.", body = EmqxResult)))]
-pub async fn emqx_authn(State(s): State<AppState>, ApiJson(r): ApiJson<EmqxAuthn>) -> Json<EmqxResult> {
+pub async fn emqx_authn(State(s): State<AppState>, ApiJson(r): ApiJson<Login>) -> Json<EmqxResult> {
     let v = hooks::authenticate(&s.enrollment, &r.username, &r.clientid, &r.password);
     log("emqx_authn", &r.username, &v);
     Json(EmqxResult { result: emqx(&v).into(), is_superuser: Some(false) })
@@ -189,17 +190,6 @@ pub async fn vernemq_hook(
     Ok(Json(vernemq(&v)))
 }
 
-/// mosquitto-go-auth's user check (`http_getuser_uri`), JSON parameters.
-#[derive(utoipa::ToSchema, Deserialize, Debug)]
-pub struct GoAuthUser {
-    #[serde(default)]
-    pub username: String,
-    #[serde(default)]
-    pub password: String,
-    #[serde(default)]
-    pub clientid: String,
-}
-
 /// mosquitto-go-auth's superuser check (`http_superuser_uri`).
 #[derive(utoipa::ToSchema, Deserialize, Debug)]
 pub struct GoAuthSuperuser {
@@ -238,9 +228,9 @@ fn go_auth(v: &Verdict) -> GoAuthResult {
 
 /// mosquitto-go-auth's user check: may this client connect?
 #[utoipa::path(post, path = "/api/v1/broker/go-auth/user", tag = "broker", operation_id = "go_auth_user",
-    request_body = GoAuthUser,
+    request_body = Login,
     responses((status = 200, description = "`ok` true when the device may connect.", body = GoAuthResult)))]
-pub async fn go_auth_user(State(s): State<AppState>, ApiJson(r): ApiJson<GoAuthUser>) -> Json<GoAuthResult> {
+pub async fn go_auth_user(State(s): State<AppState>, ApiJson(r): ApiJson<Login>) -> Json<GoAuthResult> {
     let v = hooks::authenticate(&s.enrollment, &r.username, &r.clientid, &r.password);
     log("go_auth_user", &r.username, &v);
     Json(go_auth(&v))
