@@ -6,6 +6,8 @@
 //! Exit codes: 0 after a clean stop (ctrl-c or SIGTERM), 2 for a bad config, 1 for any other failure.
 
 use edgeloop_control_plane::storage::copy;
+use edgeloop_control_plane::storage::kv::Backend;
+use edgeloop_control_plane::storage::postgres::devices::PgDevices;
 use edgeloop_control_plane::storage::postgres::operators::PgOperators;
 use edgeloop_control_plane::storage::postgres::{Pg, PgEnrollment, PgTelemetry};
 
@@ -459,15 +461,28 @@ fn backup(cfg: &Config, out: &std::path::Path) -> anyhow::Result<String> {
 
 /// The config, the store and its rollout trees of a stopped control plane, for the commands that work on
 /// them; the error for a running one names `api`, the online way to do the same.
-fn offline_rollout_store(
-    config: &std::path::Path,
-    api: &str,
-) -> Result<(Config, DurableDb, edgeloop_control_plane::rollout::store::RolloutStore), Failure> {
+/// Where the state of the config's control plane lives, for a command run beside it: the embedded store,
+/// or (with `[storage] backend = "postgres"`) PostgreSQL, reached on a runtime of the command's own that the
+/// caller keeps alive while it uses the back-end.
+fn offline_backend(cfg: &Config, db: &DurableDb) -> anyhow::Result<(Backend, Option<tokio::runtime::Runtime>)> {
+    if cfg.storage == edgeloop_control_plane::config::Storage::Embedded {
+        return Ok((Backend::Embedded(db.clone()), None));
+    }
+    let rt = runtime()?;
+    let pg = rt.block_on(Pg::from_config(&cfg.storage)).context(POSTGRES)?.context("no PostgreSQL configured")?;
+    Ok((Backend::postgres(pg, rt.handle().clone()), Some(rt)))
+}
+
+/// The state a command works on beside the control plane, and the runtime that reaches PostgreSQL (if used).
+type Offline = (Config, Backend, edgeloop_control_plane::rollout::store::RolloutStore, Option<tokio::runtime::Runtime>);
+
+fn offline_rollout_store(config: &std::path::Path, api: &str) -> Result<Offline, Failure> {
     let cfg = Config::load(config).map_err(Failure::config)?;
     let db = DurableDb::open(&cfg.data_dir.join("store"), cfg.durability)
         .with_context(|| format!("opening the store (is the control plane running? stop it, or use the {api} API)"))?;
-    let store = edgeloop_control_plane::rollout::store::RolloutStore::open(&db).map_err(anyhow::Error::from)?;
-    Ok((cfg, db, store))
+    let (backend, rt) = offline_backend(&cfg, &db)?;
+    let store = edgeloop_control_plane::rollout::store::RolloutStore::open_on(&backend).map_err(anyhow::Error::from)?;
+    Ok((cfg, backend, store, rt))
 }
 
 /// `configs publish` and `configs list`, on the stopped control plane's store.
@@ -476,7 +491,7 @@ fn configs(command: ConfigsCommand) -> Result<(), Failure> {
         ConfigsCommand::Publish { config, .. } => (config, None),
         ConfigsCommand::List { config, class } => (config, class.as_deref()),
     };
-    let (cfg, _db, store) = offline_rollout_store(config, "/api/v1/configs")?;
+    let (cfg, _backend, store, _rt) = offline_rollout_store(config, "/api/v1/configs")?;
     let ConfigsCommand::Publish { files, .. } = &command else {
         for c in store.configs(class).map_err(anyhow::Error::from)? {
             println!("{} v{} sha256 {} published {} ms", c.class, c.version, c.sha256, c.created_ms);
@@ -506,7 +521,7 @@ fn agent_releases(command: AgentReleasesCommand) -> Result<(), Failure> {
         AgentReleasesCommand::Publish { config, .. } => (config, None),
         AgentReleasesCommand::List { config, class } => (config, class.as_deref()),
     };
-    let (cfg, db, store) = offline_rollout_store(config, "/api/v1/agent-releases")?;
+    let (cfg, backend, store, _rt) = offline_rollout_store(config, "/api/v1/agent-releases")?;
     let AgentReleasesCommand::Publish { class, arch, version, binary, .. } = &command else {
         for r in store.agent_releases(class).map_err(anyhow::Error::from)? {
             println!("{} #{} {} {} sha256 {} ({} bytes)", r.class, r.number, r.arch, r.version, r.sha256, r.size);
@@ -514,7 +529,7 @@ fn agent_releases(command: AgentReleasesCommand) -> Result<(), Failure> {
         return Ok(());
     };
     let bytes = std::fs::read(binary).with_context(|| format!("reading {}", binary.display()))?;
-    let models = ModelRegistry::open(&db, &cfg.data_dir).map_err(anyhow::Error::from)?;
+    let models = ModelRegistry::open_on(&backend, &cfg.data_dir).map_err(anyhow::Error::from)?;
     let signer = load_signer(&cfg)?;
     let req = edgeloop_control_plane::rollout::releases::PublishRelease {
         class: class.clone(),
@@ -559,8 +574,9 @@ fn bundle_offline(
     let signer = load_signer(cfg)?;
     let db = DurableDb::open(&cfg.data_dir.join("store"), cfg.durability)
         .context("opening the store (is the control plane running? stop it, or use POST /api/v1/bundles)")?;
-    let models = ModelRegistry::open(&db, &cfg.data_dir)?;
-    let store = edgeloop_control_plane::rollout::store::RolloutStore::open(&db)?;
+    let (backend, _rt) = offline_backend(cfg, &db)?;
+    let models = ModelRegistry::open_on(&backend, &cfg.data_dir)?;
+    let store = edgeloop_control_plane::rollout::store::RolloutStore::open_on(&backend)?;
     let (record, bytes) =
         edgeloop_control_plane::rollout::bundle::make(&store, &models, &signer, req, edgeloop_common::unix_millis())?;
     edgeloop_common::private::write_atomic(out, &bytes).with_context(|| format!("writing {}", out.display()))?;
@@ -582,6 +598,8 @@ fn migrate_to_postgres(cfg: &Config) -> Result<String, Failure> {
     let db = DurableDb::open(&dir, cfg.durability)
         .context("opening the embedded store (is the control plane running? stop it first)")?;
     let enrollment = edgeloop_control_plane::fleet::Enrollment::open(&db).map_err(anyhow::Error::from)?;
+    let registry = Registry::open(&db).map_err(anyhow::Error::from)?;
+    let state_db = db.clone();
     let from = TelemetryStore::open(db).map_err(anyhow::Error::from)?;
     let rt = runtime()?;
     let copied = rt.block_on(async {
@@ -589,6 +607,14 @@ fn migrate_to_postgres(cfg: &Config) -> Result<String, Failure> {
         let operators =
             copy::operators_to_postgres(&TokenStore::open(&cfg.data_dir)?, &PgOperators::new(pg.clone())).await?;
         let enrolled = copy::enrollment_to_postgres(&enrollment, &PgEnrollment::new(pg.clone())).await?;
+        let state = copy::state_to_postgres(
+            &state_db,
+            &cfg.data_dir.join("artifacts"),
+            &registry.list(),
+            &edgeloop_control_plane::storage::postgres::kv::PgKv::new(pg.clone()),
+            &PgDevices::new(pg.clone()),
+        )
+        .await?;
         let to = PgTelemetry::new(pg);
         let started = std::time::Instant::now();
         let copied = copy::embedded_to_postgres(&from, &to, |n| {
@@ -596,13 +622,14 @@ fn migrate_to_postgres(cfg: &Config) -> Result<String, Failure> {
         })
         .await?;
         eprintln!();
-        anyhow::Ok((copied, enrolled, operators))
+        anyhow::Ok((copied, enrolled, operators, state))
     })?;
-    let (copied, enrolled, operators) = copied;
+    let (copied, enrolled, operators, state) = copied;
     Ok(format!(
         "copied {} records of {} devices ({} were there already) and {} watermarks from {} into PostgreSQL; \
          enrollment: {} tokens ({} new) and {} enrolled devices ({} new); operator tokens: {} ({} new); \
-         the embedded copy stays in {}",
+         {} documents of rollouts, desired states, models and labels ({} new), {} artifacts ({} new), \
+         {} device registry entries ({} new); the embedded copy stays in {}",
         copied.records,
         copied.devices,
         copied.already_there,
@@ -614,6 +641,12 @@ fn migrate_to_postgres(cfg: &Config) -> Result<String, Failure> {
         enrolled.devices_new,
         operators.0,
         operators.1,
+        state.documents,
+        state.documents_new,
+        state.artifacts,
+        state.artifacts_new,
+        state.devices,
+        state.devices_new,
         dir.display()
     ))
 }
@@ -624,13 +657,18 @@ fn train_offline(cfg: Config, req: TrainRequest) -> anyhow::Result<()> {
     })?;
     let db = DurableDb::open(&cfg.data_dir.join("store"), cfg.durability)
         .context("opening the store (is the control plane running? stop it, or use POST /api/v1/train)")?;
-    let devices_registry = Registry::open(&db)?;
-    let models = ModelRegistry::open(&db, &cfg.data_dir)?;
-    // With PostgreSQL, telemetry is read from there, on a runtime of this command's own.
+    // With PostgreSQL, telemetry, devices and models are there, reached on a runtime of this command's own.
     let rt = runtime()?;
-    let store = match rt.block_on(Pg::from_config(&cfg.storage)).context(POSTGRES)? {
-        None => TelemetryStore::open(db)?,
-        Some(pg) => TelemetryStore::postgres(db, PgTelemetry::new(pg), rt.handle().clone()),
+    let (devices_registry, models, store) = match rt.block_on(Pg::from_config(&cfg.storage)).context(POSTGRES)? {
+        None => (Registry::open(&db)?, ModelRegistry::open(&db, &cfg.data_dir)?, TelemetryStore::open(db)?),
+        Some(pg) => {
+            let backend = Backend::postgres(pg.clone(), rt.handle().clone());
+            (
+                Registry::open_postgres(PgDevices::new(pg.clone()), rt.handle().clone())?,
+                ModelRegistry::open_on(&backend, &cfg.data_dir)?,
+                TelemetryStore::postgres(db, PgTelemetry::new(pg), rt.handle().clone()),
+            )
+        }
     };
     let devices: Vec<String> = if req.dataset.devices.is_empty() {
         devices_registry.list().into_iter().filter(|d| d.class == class.class).map(|d| d.id).collect()

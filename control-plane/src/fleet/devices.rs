@@ -10,13 +10,18 @@
 //! An entry is bounded in bytes whatever a device sends: each stored update report's text fields are clipped
 //! ([`REPORT_TEXT_MAX`], [`REPORT_ID_MAX`]), the history keeps at most [`UPDATE_HISTORY`] reports and
 //! [`UPDATE_HISTORY_BYTES`] bytes, and the heartbeat kept is clipped the same way ([`Device::set_status`]).
+//!
+//! With `[storage] backend = "postgres"` the entries are shared by replicas, each of which sees part of a
+//! device's messages: a write merges the difference a replica made into the row ([`Device::merge`]), and
+//! [`Registry::follow`] reads the others' changes into memory every second.
 
+use crate::storage::postgres::{block_on, devices::PgDevices};
 use edgeloop_common::durable::DurableDb;
 use edgeloop_common::envelope::{SeqRange, Status};
 use edgeloop_common::update::UpdateReport;
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 
 use crate::fleet::telemetry::StoreError;
@@ -165,19 +170,150 @@ impl Device {
     pub fn dropped_ranges(&self) -> &[SeqRange] {
         self.last_status.as_ref().map_or(&[], |s| &s.dropped_ranges)
     }
+
+    /// `stored` with what changed from `before` to `after` in another copy of the entry (a replica's, which
+    /// saw part of the device's messages): counters add the difference, times and the watermark take the
+    /// later, the class and heartbeat come from `after` when it changed them (the heartbeat only if it is not
+    /// older than the stored one), and update reports and lost ranges that `after` gained are added.
+    pub fn merge(stored: &Device, before: &Device, after: &Device) -> Device {
+        let add = |s: u64, b: u64, a: u64| s.saturating_add(a.saturating_sub(b));
+        let mut m = stored.clone();
+        m.first_seen_ms = match (stored.first_seen_ms, after.first_seen_ms) {
+            (0, a) => a,
+            (s, 0) => s,
+            (s, a) => s.min(a),
+        };
+        m.last_seen_ms = stored.last_seen_ms.max(after.last_seen_ms);
+        m.records = add(stored.records, before.records, after.records);
+        m.duplicates = add(stored.duplicates, before.duplicates, after.duplicates);
+        m.rejected = add(stored.rejected, before.rejected, after.rejected);
+        m.anomalies = add(stored.anomalies, before.anomalies, after.anomalies);
+        m.lost = add(stored.lost, before.lost, after.lost);
+        m.acked_upto = stored.acked_upto.max(after.acked_upto);
+        m.last_anomaly_ms = stored.last_anomaly_ms.max(after.last_anomaly_ms);
+        if after.last_status != before.last_status {
+            let seq = |d: &Device| d.last_status.as_ref().map(|s| s.last_seq);
+            if seq(after) >= seq(stored) {
+                m.last_status = after.last_status.clone();
+                m.class = after.class.clone();
+            }
+        } else if after.class != before.class {
+            m.class = after.class.clone();
+        }
+        for u in after.updates.iter().filter(|u| !before.updates.contains(u)) {
+            if !m.updates.contains(u) {
+                m.add_update(u.clone());
+            }
+        }
+        m.updates.sort_by_key(|u| (u.at_ms, u.seq));
+        for r in after.lost_ranges.iter().filter(|r| !before.lost_ranges.contains(r)) {
+            if !m.lost_ranges.contains(r) {
+                m.lost_ranges.push(*r);
+            }
+        }
+        m.lost_ranges.sort_by_key(|r| r.from);
+        let len = m.lost_ranges.len();
+        if len > LOST_RANGES {
+            m.lost_ranges.drain(..len - LOST_RANGES);
+        }
+        m
+    }
 }
 
 #[derive(Debug)]
 pub struct Registry {
-    tree: sled::Tree,
+    store: Store,
     devices: RwLock<BTreeMap<String, Device>>,
-    /// Entries changed since the last [`Registry::write_dirty`].
-    dirty: Mutex<BTreeSet<String>>,
-    /// Entries written to sled so far.
+    /// Entries changed since the last [`Registry::write_dirty`], with what each was before the first of those
+    /// changes (kept with PostgreSQL only, where a write merges the difference).
+    dirty: Mutex<BTreeMap<String, Option<Device>>>,
+    /// Entries written so far.
     writes: AtomicU64,
 }
 
+/// Where entries are written.
+#[derive(Debug)]
+enum Store {
+    Sled(sled::Tree),
+    Postgres {
+        pg: PgDevices,
+        rt: tokio::runtime::Handle,
+        /// The revision of the row each entry in memory was last read or written at.
+        revs: Mutex<std::collections::HashMap<String, i64>>,
+        /// The highest revision read from the change feed.
+        seen: AtomicI64,
+    },
+}
+
+/// Rows read from the change feed at a time.
+const FEED_BATCH: i64 = 5_000;
+
 impl Registry {
+    /// The registry on PostgreSQL, shared with other replicas: every entry read now, the others' changes
+    /// read by [`Registry::follow`].
+    pub fn open_postgres(pg: PgDevices, rt: tokio::runtime::Handle) -> Result<Registry, StoreError> {
+        let r = Registry {
+            store: Store::Postgres { pg, rt, revs: Default::default(), seen: AtomicI64::new(0) },
+            devices: Default::default(),
+            dirty: Default::default(),
+            writes: AtomicU64::new(0),
+        };
+        while r.catch_up()? == FEED_BATCH as usize {}
+        Ok(r)
+    }
+
+    /// Reads what other replicas wrote since the last call into memory; returns how many rows it read.
+    /// Nothing on the embedded store. Blocking.
+    pub fn catch_up(&self) -> Result<usize, StoreError> {
+        let Store::Postgres { pg, rt, revs, seen } = &self.store else { return Ok(0) };
+        let changes = block_on(rt, pg.changes(seen.load(Ordering::Acquire), FEED_BATCH))?;
+        let n = changes.len();
+        let mut devices = self.devices.write().unwrap_or_else(|p| p.into_inner());
+        let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+        let mut revs = revs.lock().unwrap_or_else(|p| p.into_inner());
+        for (rev, id, row) in changes {
+            seen.fetch_max(rev, Ordering::AcqRel);
+            if revs.get(&id).is_some_and(|known| *known >= rev) {
+                continue;
+            }
+            revs.insert(id.clone(), rev);
+            match row {
+                None => {
+                    devices.remove(&id);
+                    dirty.remove(&id);
+                }
+                Some(row) => match (dirty.get_mut(&id), devices.get(&id)) {
+                    // Changed here since the last write: the row plus what changed here.
+                    (Some(Some(before)), Some(now)) => {
+                        let merged = Device::merge(&row, before, now);
+                        *before = row;
+                        devices.insert(id, merged);
+                    }
+                    _ => {
+                        devices.insert(id, row);
+                    }
+                },
+            }
+        }
+        Ok(n)
+    }
+
+    /// Reads other replicas' changes every second until `stop`.
+    pub async fn follow(self: std::sync::Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+            }
+            let r = self.clone();
+            match tokio::task::spawn_blocking(move || r.catch_up()).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "reading other replicas' device changes; retrying"),
+                Err(e) => tracing::error!(error = %e, "reading device changes panicked"),
+            }
+        }
+    }
+
     pub fn open(db: &DurableDb) -> Result<Registry, StoreError> {
         let tree = db.tree("devices")?;
         let mut devices = BTreeMap::new();
@@ -191,13 +327,21 @@ impl Registry {
             })?;
             devices.insert(id, d);
         }
-        Ok(Registry { tree, devices: RwLock::new(devices), dirty: Default::default(), writes: AtomicU64::new(0) })
+        Ok(Registry {
+            store: Store::Sled(tree),
+            devices: RwLock::new(devices),
+            dirty: Default::default(),
+            writes: AtomicU64::new(0),
+        })
     }
 
-    fn mark_dirty(&self, id: &str) {
+    /// Marks an entry changed; `before` makes what it was before the change (called only the first time, and
+    /// only where writes merge).
+    fn mark_dirty(&self, id: &str, before: impl FnOnce() -> Device) {
         let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
-        if !dirty.contains(id) {
-            dirty.insert(id.to_string());
+        if !dirty.contains_key(id) {
+            let before = matches!(self.store, Store::Postgres { .. }).then(before);
+            dirty.insert(id.to_string(), before);
         }
     }
 
@@ -210,10 +354,9 @@ impl Registry {
             first_seen_ms: now_ms,
             ..Default::default()
         });
+        self.mark_dirty(id, || d.clone());
         d.last_seen_ms = d.last_seen_ms.max(now_ms);
         f(d);
-        drop(devices);
-        self.mark_dirty(id);
         Ok(())
     }
 
@@ -223,9 +366,8 @@ impl Registry {
     pub fn count_rejection(&self, id: &str) -> Result<bool, StoreError> {
         let mut devices = self.devices.write().unwrap_or_else(|p| p.into_inner());
         let Some(d) = devices.get_mut(id) else { return Ok(false) };
+        self.mark_dirty(id, || d.clone());
         d.rejected += 1;
-        drop(devices);
-        self.mark_dirty(id);
         Ok(true)
     }
 
@@ -233,13 +375,17 @@ impl Registry {
     /// by itself: ingest calls it just before its commit, which covers these writes with the telemetry.
     pub fn write_dirty(&self) -> Result<usize, StoreError> {
         let ids = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|p| p.into_inner()));
+        let tree = match &self.store {
+            Store::Sled(tree) => tree,
+            Store::Postgres { pg, rt, revs, .. } => return self.write_merged(ids, pg, rt, revs),
+        };
         let mut written = 0;
         let mut result = Ok(());
         {
             let devices = self.devices.read().unwrap_or_else(|p| p.into_inner());
-            for id in &ids {
+            for id in ids.keys() {
                 let Some(d) = devices.get(id) else { continue };
-                if let Err(e) = self.tree.insert(id.as_bytes(), edgeloop_common::signing::to_cbor(d)) {
+                if let Err(e) = tree.insert(id.as_bytes(), edgeloop_common::signing::to_cbor(d)) {
                     result = Err(e);
                     break;
                 }
@@ -253,6 +399,59 @@ impl Registry {
             return Err(e.into());
         }
         Ok(written)
+    }
+
+    /// [`Registry::write_dirty`] on PostgreSQL: each changed entry's difference merged into its row, committed
+    /// (PostgreSQL's commit, not the embedded store's), and the rows as merged taken back into memory with
+    /// whatever changed here meanwhile.
+    fn write_merged(
+        &self,
+        ids: BTreeMap<String, Option<Device>>,
+        pg: &PgDevices,
+        rt: &tokio::runtime::Handle,
+        revs: &Mutex<std::collections::HashMap<String, i64>>,
+    ) -> Result<usize, StoreError> {
+        let pairs: Vec<(Device, Device)> = {
+            let devices = self.devices.read().unwrap_or_else(|p| p.into_inner());
+            ids.iter()
+                .filter_map(|(id, before)| {
+                    let now = devices.get(id)?.clone();
+                    Some((before.clone().unwrap_or_else(|| Device { id: id.clone(), ..Default::default() }), now))
+                })
+                .collect()
+        };
+        if pairs.is_empty() {
+            return Ok(0);
+        }
+        let written = match block_on(rt, pg.write(&pairs)) {
+            Ok(w) => w,
+            Err(e) => {
+                // Nothing is lost: the differences are written at the next call, from where they started.
+                let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+                for (id, before) in ids {
+                    dirty.insert(id, before);
+                }
+                return Err(e.into());
+            }
+        };
+        let mut devices = self.devices.write().unwrap_or_else(|p| p.into_inner());
+        let mut dirty = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+        let mut revs = revs.lock().unwrap_or_else(|p| p.into_inner());
+        for ((_, sent), (rev, row)) in pairs.iter().zip(written) {
+            revs.insert(row.id.clone(), rev);
+            match (dirty.get_mut(&row.id), devices.get(&row.id)) {
+                (Some(Some(before)), Some(now)) => {
+                    let merged = Device::merge(&row, sent, now);
+                    *before = row.clone();
+                    devices.insert(row.id.clone(), merged);
+                }
+                _ => {
+                    devices.insert(row.id.clone(), row);
+                }
+            }
+        }
+        self.writes.fetch_add(pairs.len() as u64, Ordering::Relaxed);
+        Ok(pairs.len())
     }
 
     /// Entries written to sled since the registry was opened.
@@ -270,7 +469,12 @@ impl Registry {
         let mut devices = self.devices.write().unwrap_or_else(|p| p.into_inner());
         let gone = devices.remove(id);
         self.dirty.lock().unwrap_or_else(|p| p.into_inner()).remove(id);
-        self.tree.remove(id.as_bytes())?;
+        match &self.store {
+            Store::Sled(tree) => {
+                tree.remove(id.as_bytes())?;
+            }
+            Store::Postgres { pg, rt, .. } => block_on(rt, pg.remove(id))?,
+        }
         Ok(gone)
     }
 
@@ -399,6 +603,42 @@ mod tests {
         d.add_update(big.clone());
         d.add_update(big);
         assert_eq!(d.updates.len(), 1);
+    }
+
+    #[test]
+    fn merging_adds_counters_and_keeps_the_newest_heartbeat() {
+        let status = |last_seq| Status { class: "press".into(), last_seq, ..Default::default() };
+        // Stored: another replica's view. Here: 10 records and a heartbeat with last_seq 50 since `before`.
+        let stored = Device {
+            id: "d".into(),
+            first_seen_ms: 5,
+            last_seen_ms: 100,
+            records: 40,
+            acked_upto: 40,
+            last_status: Some(status(60)),
+            class: "press".into(),
+            ..Default::default()
+        };
+        let before = Device { id: "d".into(), first_seen_ms: 3, last_seen_ms: 50, records: 20, ..Default::default() };
+        let mut after = before.clone();
+        after.records += 10;
+        after.acked_upto = 30;
+        after.last_seen_ms = 90;
+        after.set_status(status(50));
+        after.add_update(report(7, "ok".into()));
+        after.record_lost(SeqRange { from: 1, to: 2 }, 2);
+        let m = Device::merge(&stored, &before, &after);
+        assert_eq!((m.records, m.lost, m.acked_upto), (50, 2, 40), "counters add, the watermark takes the max");
+        assert_eq!((m.first_seen_ms, m.last_seen_ms), (3, 100));
+        assert_eq!(m.last_status.as_ref().unwrap().last_seq, 60, "an older heartbeat does not replace a newer one");
+        assert_eq!((m.updates.len(), m.lost_ranges.len()), (1, 1));
+        // The same difference merged from a copy that is now the row changes nothing more.
+        let again = Device::merge(&m, &after, &after);
+        assert_eq!(again, m);
+        // A newer heartbeat wins.
+        let mut newer = after.clone();
+        newer.set_status(status(70));
+        assert_eq!(Device::merge(&m, &after, &newer).last_status.unwrap().last_seq, 70);
     }
 
     #[test]

@@ -129,6 +129,8 @@ pub struct Metrics {
     pub alerts_pruned: Counter,
     /// Seconds from a telemetry batch's sending (device clock) to its durable commit.
     pub ingest_latency: Histogram,
+    /// 1 while this control plane leads the work that runs once across replicas.
+    pub leader: Gauge,
     rejected: Family<Reason, Counter>,
     log_lines: Family<OutcomeLabel, Counter>,
     api_refusals: Family<Reason, Counter>,
@@ -164,6 +166,7 @@ impl Default for Metrics {
             artifacts_collected: Counter::default(),
             alerts_pruned: Counter::default(),
             ingest_latency: Histogram::new(LATENCY_BUCKETS),
+            leader: Gauge::default(),
             rejected: Family::default(),
             log_lines: Family::default(),
             api_refusals: Family::default(),
@@ -235,6 +238,12 @@ impl Default for Metrics {
             m.api_refusals.clone(),
         );
         registry.register("edgeloop_devices", "Devices in the registry", m.devices.clone());
+        registry.register(
+            "edgeloop_leader",
+            "1 while this control plane leads the work that runs once across replicas (rollout steps, \
+             triggers); always 1 on the embedded store",
+            m.leader.clone(),
+        );
         registry.register(
             "edgeloop_fleet_devices",
             "Devices by class and state: online (a message within api.offline_after_secs), offline, stale (none for a day)",

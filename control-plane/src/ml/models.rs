@@ -11,6 +11,7 @@ use crate::fleet::telemetry::StoreError;
 use crate::ml::dataset::{Label, QualityReport};
 use crate::ml::training::search::Trial;
 use crate::ml::training::Hyper;
+use crate::storage::kv::{Backend, Tree};
 use edgeloop_common::durable::DurableDb;
 use edgeloop_common::features::PipelineSpec;
 use edgeloop_common::gaps::GapRule;
@@ -239,12 +240,14 @@ impl From<edgeloop_common::durable::DurableError> for ModelError {
 }
 
 pub struct ModelRegistry {
-    db: DurableDb,
-    versions: sled::Tree,
+    backend: Backend,
+    versions: Tree,
     /// The last version number allocated per model line (big-endian `u32`).
-    allocated: sled::Tree,
-    production: sled::Tree,
-    labels: sled::Tree,
+    allocated: Tree,
+    production: Tree,
+    labels: Tree,
+    /// The artifacts' files: every artifact with the embedded store; with PostgreSQL, which holds them all,
+    /// a cache of those this replica wrote or served.
     artifacts: PathBuf,
 }
 
@@ -273,23 +276,34 @@ pub fn is_sha256(s: &str) -> bool {
 }
 
 impl ModelRegistry {
+    /// The registry in the embedded database.
     pub fn open(db: &DurableDb, data_dir: &Path) -> Result<ModelRegistry, ModelError> {
+        ModelRegistry::open_on(&Backend::Embedded(db.clone()), data_dir)
+    }
+
+    pub fn open_on(backend: &Backend, data_dir: &Path) -> Result<ModelRegistry, ModelError> {
         let artifacts = data_dir.join("artifacts");
         edgeloop_common::private::dir(&artifacts)
             .map_err(|e| ModelError::Io { path: e.path.clone(), source: e.source })?;
         Ok(ModelRegistry {
-            versions: db.tree("model_versions")?,
-            allocated: db.tree("model_version_counters")?,
-            production: db.tree("production")?,
-            labels: db.tree("labels")?,
-            db: db.clone(),
+            versions: backend.tree("model_versions")?,
+            allocated: backend.tree("model_version_counters")?,
+            production: backend.tree("production")?,
+            labels: backend.tree("labels")?,
+            backend: backend.clone(),
             artifacts,
         })
     }
 
-    /// Stores an artifact under its sha256 (hex) and returns it. Idempotent. Blocking.
+    /// Stores an artifact under its sha256 (hex) and returns it: a file in the artifacts folder, and with
+    /// PostgreSQL a row there too, for every replica. Idempotent. Blocking.
     pub fn put_artifact(&self, bytes: &[u8]) -> std::io::Result<String> {
         let sha = edgeloop_common::signing::sha256_hex(bytes);
+        let now = edgeloop_common::unix_millis();
+        self.backend
+            .on_postgres(|kv| Box::pin(kv.put_artifact(&sha, bytes, now)))
+            .transpose()
+            .map_err(|e| std::io::Error::other(format!("storing artifact {sha} in {e}")))?;
         let path = self.artifacts.join(&sha);
         if path.exists() {
             return Ok(sha);
@@ -308,6 +322,15 @@ impl ModelRegistry {
     ) -> Result<Vec<String>, ModelError> {
         let mut named: std::collections::BTreeSet<String> = self.list()?.into_iter().map(|v| v.sha256).collect();
         named.extend(keep.iter().cloned());
+        let before = edgeloop_common::unix_millis().saturating_sub(min_age.as_millis() as u64);
+        let named_list: Vec<String> = named.iter().cloned().collect();
+        let shared = self.backend.on_postgres(|kv| Box::pin(kv.collect_artifacts(&named_list, before)));
+        if let Some(gone) = shared {
+            let gone = gone.map_err(StoreError::from)?;
+            if !gone.is_empty() {
+                tracing::info!(artifacts = gone.len(), "collected from PostgreSQL");
+            }
+        }
         let io = |path: &Path, source: std::io::Error| ModelError::Io { path: path.to_path_buf(), source };
         let mut gone = Vec::new();
         for e in std::fs::read_dir(&self.artifacts).map_err(|e| io(&self.artifacts, e))?.flatten() {
@@ -331,10 +354,37 @@ impl ModelRegistry {
         Ok(gone)
     }
 
-    /// The file of an artifact, if the id is a sha256 we hold.
+    /// The file of an artifact, if the id is a sha256 we hold. With PostgreSQL, an artifact another replica
+    /// stored is fetched into the cache first. Blocking.
     pub fn artifact_path(&self, sha: &str) -> Option<PathBuf> {
+        if !is_sha256(sha) {
+            return None;
+        }
         let p = self.artifacts.join(sha);
-        (is_sha256(sha) && p.is_file()).then_some(p)
+        if p.is_file() {
+            return Some(p);
+        }
+        let fetched = self.backend.on_postgres(|kv| Box::pin(kv.artifact(sha)))?;
+        match fetched {
+            Ok(Some(bytes)) if edgeloop_common::signing::sha256_hex(&bytes) == sha => {
+                match edgeloop_common::private::write_atomic(&p, &bytes) {
+                    Ok(()) => Some(p),
+                    Err(e) => {
+                        tracing::error!(artifact = sha, error = %e, "caching an artifact from PostgreSQL");
+                        None
+                    }
+                }
+            }
+            Ok(Some(_)) => {
+                tracing::error!(artifact = sha, "an artifact in PostgreSQL does not match its sha256; not served");
+                None
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::error!(artifact = sha, error = %e, "reading an artifact from PostgreSQL");
+                None
+            }
+        }
     }
 
     /// Allocates the next version number of a model line: above every number allocated before and every
@@ -344,7 +394,7 @@ impl ModelRegistry {
         // Versions recorded before the counter existed count too; after that every version comes from it.
         let recorded = self.highest_recorded(name)?;
         let mut exhausted = None;
-        let new = self.allocated.update_and_fetch(name.as_bytes(), |old| {
+        let new = self.allocated.update_and_fetch(name.as_bytes(), |old: Option<&[u8]>| {
             let last = old.and_then(|v| <[u8; 4]>::try_from(v).ok()).map_or(0, u32::from_be_bytes).max(recorded);
             exhausted = None;
             match last.checked_add(1) {
@@ -372,9 +422,9 @@ impl ModelRegistry {
     fn highest_recorded(&self, name: &str) -> Result<u32, StoreError> {
         let mut prefix = name.as_bytes().to_vec();
         prefix.push(0);
-        for k in self.versions.scan_prefix(&prefix).keys().rev() {
+        for (k, _) in self.versions.scan_prefix(&prefix)?.into_iter().rev() {
             // A longer name that starts with this one and a NUL has a longer key: not this line.
-            if let Ok(v) = <[u8; 4]>::try_from(&k?[prefix.len()..]) {
+            if let Ok(v) = <[u8; 4]>::try_from(&k[prefix.len()..]) {
                 return Ok(u32::from_be_bytes(v));
             }
         }
@@ -385,13 +435,13 @@ impl ModelRegistry {
     /// already recorded: allocate it with [`ModelRegistry::next_version`]. Blocking.
     pub fn insert(&self, m: &ModelVersion) -> Result<(), ModelError> {
         let key = version_key(&m.name, m.version);
-        if self.versions.compare_and_swap(key, None as Option<&[u8]>, Some(encode(m)))?.is_err() {
+        if !self.versions.insert_new(key, encode(m))? {
             return Err(ModelError::VersionTaken { name: m.name.clone(), version: m.version });
         }
         if m.promotion.promoted {
             self.production.insert(m.name.as_bytes(), encode(&(m.name.clone(), m.version)))?;
         }
-        self.db.commit().map_err(StoreError::from)?;
+        self.backend.commit()?;
         Ok(())
     }
 
@@ -399,7 +449,7 @@ impl ModelRegistry {
     #[cfg(test)]
     pub(crate) fn overwrite(&self, m: &ModelVersion) -> Result<(), ModelError> {
         self.versions.insert(version_key(&m.name, m.version), encode(m))?;
-        self.db.commit().map_err(StoreError::from)?;
+        self.backend.commit()?;
         Ok(())
     }
 
@@ -413,7 +463,7 @@ impl ModelRegistry {
     }
 
     pub fn list(&self) -> Result<Vec<ModelVersion>, StoreError> {
-        self.versions.iter().map(|kv| decode("model", &kv?.1)).collect()
+        self.versions.all()?.into_iter().map(|(_, v)| decode("model", &v)).collect()
     }
 
     /// The production version of a model line (`<class>` for anomaly models, `<class>-classifier` for
@@ -431,7 +481,7 @@ impl ModelRegistry {
         k.extend_from_slice(&l.from_ms.to_be_bytes());
         k.extend_from_slice(&l.to_ms.to_be_bytes());
         self.labels.insert(k, encode(l))?;
-        self.db.commit()?;
+        self.backend.commit()?;
         Ok(())
     }
 
@@ -442,12 +492,12 @@ impl ModelRegistry {
         k.extend_from_slice(&l.from_ms.to_be_bytes());
         k.extend_from_slice(&l.to_ms.to_be_bytes());
         self.labels.remove(k)?;
-        self.db.commit()?;
+        self.backend.commit()?;
         Ok(())
     }
 
     pub fn labels(&self) -> Result<Vec<Label>, StoreError> {
-        self.labels.iter().map(|kv| decode("label", &kv?.1)).collect()
+        self.labels.all()?.into_iter().map(|(_, v)| decode("label", &v)).collect()
     }
 }
 

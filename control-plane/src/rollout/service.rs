@@ -163,6 +163,35 @@ struct Writer {
     issued_configs: HashMap<String, IssuedRun>,
     issued_agents: HashMap<String, IssuedRun>,
     last_refresh: u64,
+    /// With a shared store: the generation of the store that this copy was read at.
+    generation: i64,
+}
+
+/// The writer lock, and with a shared store the cluster-wide one: released (in that order) when dropped.
+struct WriteGuard<'a> {
+    writer: std::sync::MutexGuard<'a, Writer>,
+    cluster: Option<(crate::storage::postgres::kv::WriteLock, &'a RolloutStore)>,
+}
+
+impl std::ops::Deref for WriteGuard<'_> {
+    type Target = Writer;
+    fn deref(&self) -> &Writer {
+        &self.writer
+    }
+}
+
+impl std::ops::DerefMut for WriteGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Writer {
+        &mut self.writer
+    }
+}
+
+impl Drop for WriteGuard<'_> {
+    fn drop(&mut self) {
+        if let Some((lock, store)) = self.cluster.take() {
+            store.unlock(lock);
+        }
+    }
 }
 
 /// Why one desired state was not issued.
@@ -232,7 +261,7 @@ impl Rollouts {
             windows,
             store,
             rollouts: Mutex::new(rollouts),
-            writer: Mutex::new(Writer { issued, issued_configs, issued_agents, last_refresh: 0 }),
+            writer: Mutex::new(Writer { issued, issued_configs, issued_agents, last_refresh: 0, generation: -1 }),
             tags: Mutex::new(tags),
             signer,
             models,
@@ -270,8 +299,48 @@ impl Rollouts {
         }
     }
 
-    fn write(&self) -> std::sync::MutexGuard<'_, Writer> {
-        self.writer.lock().unwrap_or_else(|p| p.into_inner())
+    /// Takes the writer lock. With a shared store (PostgreSQL) it takes the cluster's too, and reads the store
+    /// again if another replica wrote it since this one last did: every change decides on what is stored.
+    fn write(&self) -> Result<WriteGuard<'_>, StoreError> {
+        let mut writer = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(lock) = self.store.lock()? else { return Ok(WriteGuard { writer, cluster: None }) };
+        let stale = lock.previous != writer.generation;
+        writer.generation = lock.generation;
+        let mut guard = WriteGuard { writer, cluster: Some((lock, &self.store)) };
+        if stale {
+            if let Err(e) = self.reload(&mut guard.writer) {
+                // Read again by the next change.
+                guard.writer.generation = -1;
+                return Err(e);
+            }
+        }
+        Ok(guard)
+    }
+
+    /// Reads everything again from the store: the rollouts and tags readers see, and what was issued.
+    fn reload(&self, w: &mut Writer) -> Result<(), StoreError> {
+        self.reload_readers()?;
+        w.issued = self.store.all_issued()?.into_iter().map(|(device, i)| (device, i.run())).collect();
+        w.issued_configs =
+            self.store.all_issued_of(Kind::Config)?.into_iter().map(|(device, i)| (device, i.run())).collect();
+        w.issued_agents =
+            self.store.all_issued_of(Kind::Agent)?.into_iter().map(|(device, i)| (device, i.run())).collect();
+        Ok(())
+    }
+
+    /// Reads the rollouts and tags again from the store, for readers: another replica changed them.
+    /// Blocking.
+    pub fn reload_readers(&self) -> Result<(), StoreError> {
+        let rollouts = self.store.rollouts()?.into_iter().map(|r| (r.id.clone(), Arc::new(r))).collect();
+        let tags = self.store.all_tags()?;
+        *self.rollouts.lock().unwrap_or_else(|p| p.into_inner()) = rollouts;
+        *self.tags.lock().unwrap_or_else(|p| p.into_inner()) = tags;
+        Ok(())
+    }
+
+    /// Whether other replicas share this store.
+    pub fn is_shared(&self) -> bool {
+        self.store.is_shared()
     }
 
     /// Every rollout, oldest first.
@@ -297,6 +366,7 @@ impl Rollouts {
                 return Err(RolloutError::BadTag(t.clone()));
             }
         }
+        let _w = self.write()?;
         self.store.set_tags(device, &tags)?;
         self.tags.lock().unwrap_or_else(|p| p.into_inner()).insert(device.to_string(), tags);
         Ok(())
@@ -368,7 +438,7 @@ impl Rollouts {
     /// Starts a rollout, superseding any live one of the same kind for the same class. Blocking.
     pub fn create(&self, req: CreateRollout, now_ms: u64) -> Result<Rollout, RolloutError> {
         let (kind, model, class, arch) = self.release(&req)?;
-        let _w = self.write();
+        let _w = self.write()?;
         let all = self.snapshot();
         let last_completed = all
             .iter()
@@ -434,7 +504,7 @@ impl Rollouts {
         req: &super::bundle::BundleRequest,
         now_ms: u64,
     ) -> Result<(super::bundle::BundleRecord, Vec<u8>), super::bundle::BundleError> {
-        let _w = self.write();
+        let _w = self.write()?;
         super::bundle::make(&self.store, &self.models, &self.signer, req, now_ms)
     }
 
@@ -450,7 +520,7 @@ impl Rollouts {
     /// publishes them again), and an empty retained message clears its desired-state topic on the broker at
     /// the loop's next step. Returns whether the device had been issued a desired state. Blocking.
     pub fn forget(&self, device: &str) -> Result<bool, StoreError> {
-        let mut w = self.write();
+        let mut w = self.write()?;
         let mut had = false;
         for kind in [Kind::Model, Kind::Config, Kind::Agent] {
             had |= self.store.issued_of(kind, device)?.is_some();
@@ -473,7 +543,7 @@ impl Rollouts {
     /// Archives a rollout that has ended (completed, rolled back, aborted or superseded): it leaves the list and
     /// takes no more late joiners; `GET /api/v1/rollouts/{id}` still shows it. Blocking.
     pub fn archive(&self, id: &str, now_ms: u64) -> Result<Rollout, RolloutError> {
-        let _w = self.write();
+        let _w = self.write()?;
         let mut r = self.get(id).ok_or_else(|| RolloutError::NoRollout(id.to_string()))?;
         if r.state.is_active() {
             return Err(RolloutError::Refused(super::engine::ActionRefused {
@@ -493,7 +563,7 @@ impl Rollouts {
 
     /// An operator's action on a rollout. Blocking.
     pub fn act(&self, id: &str, action: Action, now_ms: u64) -> Result<Rollout, RolloutError> {
-        let _w = self.write();
+        let _w = self.write()?;
         let mut r = self.get(id).ok_or_else(|| RolloutError::NoRollout(id.to_string()))?;
         r.act(action, now_ms)?;
         self.store.put_rollout(&r)?;
@@ -706,7 +776,7 @@ impl Rollouts {
         binary: &[u8],
         now_ms: u64,
     ) -> Result<(super::releases::ReleaseRecord, bool), super::releases::ReleaseError> {
-        let _w = self.write();
+        let _w = self.write()?;
         let out = super::releases::publish(&self.store, &self.models, &self.signer, req, binary, now_ms)?;
         if out.1 {
             self.store.commit()?;
@@ -726,7 +796,7 @@ impl Rollouts {
         toml: &str,
         now_ms: u64,
     ) -> Result<(super::configs::ConfigVersion, bool), super::configs::PublishError> {
-        let _w = self.write();
+        let _w = self.write()?;
         let out = super::configs::publish(&self.store, &self.signer, source, toml, now_ms)?;
         if out.1 {
             self.store.commit()?;
@@ -787,7 +857,7 @@ impl Rollouts {
     /// nothing in memory and the next one decides again.
     pub fn tick(&self, now_ms: u64) -> Result<Vec<Publication>, StoreError> {
         self.auto_rollouts(now_ms)?;
-        let mut w = self.write();
+        let mut w = self.write()?;
         // The fleet as each kind of rollout sees it, built once per tick for the kinds that have a rollout.
         let mut fleets: HashMap<Kind, Vec<FleetDevice>> = HashMap::new();
         // Decide: the pure engine, in memory.
@@ -967,8 +1037,16 @@ fn parse_start_at(value: &str) -> Result<u64, RolloutError> {
     u64::try_from(t.as_millisecond()).map_err(|_| bad("before 1970".into()))
 }
 
-/// Runs the engine every `tick_ms` (or when kicked) and publishes what it issues, until cancelled.
-pub async fn run(rollouts: Arc<Rollouts>, options: MqttOptions, cancel: CancellationToken) -> anyhow::Result<()> {
+/// Runs the engine every `tick_ms` (or when kicked) and publishes what it issues, until cancelled, while this
+/// control plane leads (`lease`; always, for a single control plane). A replica that takes the lead publishes
+/// every stored desired state again first, and its first step reads the store again (the last leader's
+/// writes), so a rollout goes on from where the last leader left it.
+pub async fn run(
+    rollouts: Arc<Rollouts>,
+    options: MqttOptions,
+    mut lease: crate::storage::postgres::lease::Lease,
+    cancel: CancellationToken,
+) -> anyhow::Result<()> {
     let (client, mut eventloop) = AsyncClient::new(options, 1024);
     let link_cancel = cancel.clone();
     let link = tokio::spawn(async move {
@@ -986,26 +1064,46 @@ pub async fn run(rollouts: Arc<Rollouts>, options: MqttOptions, cancel: Cancella
             }
         }
     });
-    let r = rollouts.clone();
-    let again = tokio::task::spawn_blocking(move || r.republish_all()).await??;
-    if !again.is_empty() {
-        tracing::info!(devices = again.len(), "desired states published again");
-    }
-    publish(&client, &rollouts.metrics, again).await;
     let tick = Duration::from_millis(rollouts.cfg.tick_ms);
-    loop {
+    'lead: loop {
         tokio::select! {
             _ = cancel.cancelled() => break,
-            _ = tokio::time::sleep(tick) => {}
-            _ = rollouts.kick.notified() => {}
+            held = lease.acquired() => if !held { break },
         }
         let r = rollouts.clone();
-        match tokio::task::spawn_blocking(move || r.tick(unix_millis())).await? {
-            Ok(p) => publish(&client, &rollouts.metrics, p).await,
-            Err(e) => {
-                // Nothing was published for this step. The next one starts from the state in memory; desired
-                // states written but not published are published again at the next start.
-                tracing::error!(error = %e, "rollout step failed");
+        match tokio::task::spawn_blocking(move || r.republish_all()).await? {
+            Ok(again) => {
+                if !again.is_empty() {
+                    tracing::info!(devices = again.len(), "desired states published again");
+                }
+                publish(&client, &rollouts.metrics, again).await;
+            }
+            Err(e) if rollouts.is_shared() => {
+                tracing::error!(error = %e, "reading desired states to publish them again; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        }
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break 'lead,
+                _ = lease.lost() => continue 'lead,
+                _ = tokio::time::sleep(tick) => {}
+                _ = rollouts.kick.notified() => {}
+            }
+            if !lease.is_leader() {
+                continue 'lead;
+            }
+            let r = rollouts.clone();
+            match tokio::task::spawn_blocking(move || r.tick(unix_millis())).await? {
+                Ok(p) => publish(&client, &rollouts.metrics, p).await,
+                Err(e) => {
+                    // Nothing was published for this step. The next one starts from the state in memory (or
+                    // the store's, if another replica wrote it); desired states written but not published are
+                    // published again at the next start or change of leader.
+                    tracing::error!(error = %e, "rollout step failed");
+                }
             }
         }
     }

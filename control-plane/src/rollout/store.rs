@@ -3,6 +3,8 @@
 
 use super::engine::{IssuedRun, Kind, Rollout};
 use crate::fleet::telemetry::StoreError;
+use crate::storage::kv::{Backend, Tree};
+use crate::storage::postgres::kv::WriteLock;
 use edgeloop_common::durable::DurableDb;
 use serde::{Deserialize, Serialize};
 
@@ -77,20 +79,25 @@ fn config_key(class: &str, version: u32) -> Vec<u8> {
 
 #[derive(Clone)]
 pub struct RolloutStore {
-    db: DurableDb,
-    rollouts: sled::Tree,
-    issued: sled::Tree,
-    tags: sled::Tree,
-    bundles: sled::Tree,
+    backend: Backend,
+    rollouts: Tree,
+    issued: Tree,
+    tags: Tree,
+    bundles: Tree,
     /// Class configurations published, keyed `class/version` (version big-endian).
-    configs: sled::Tree,
+    configs: Tree,
     /// The last desired configuration issued to each device.
-    issued_configs: sled::Tree,
+    issued_configs: Tree,
     /// Agent builds published, keyed `class/number` (number big-endian).
-    agent_releases: sled::Tree,
+    agent_releases: Tree,
     /// The last desired agent build issued to each device.
-    issued_agents: sled::Tree,
+    issued_agents: Tree,
 }
+
+/// The group of trees replicas lock together ([`RolloutStore::lock`]), and the channel that tells them of a
+/// change.
+pub const DOMAIN: &str = "rollouts";
+pub const CHANNEL: &str = "edgeloop_rollouts";
 
 fn encode<T: Serialize>(v: &T) -> Vec<u8> {
     edgeloop_common::signing::to_cbor(v)
@@ -105,25 +112,43 @@ fn decode<T: serde::de::DeserializeOwned>(what: &str, key: &[u8], v: &[u8]) -> R
 }
 
 impl RolloutStore {
+    /// The store in the embedded database.
     pub fn open(db: &DurableDb) -> Result<RolloutStore, StoreError> {
+        RolloutStore::open_on(&Backend::Embedded(db.clone()))
+    }
+
+    pub fn open_on(backend: &Backend) -> Result<RolloutStore, StoreError> {
         Ok(RolloutStore {
-            rollouts: db.tree("rollouts")?,
-            issued: db.tree("desired")?,
-            tags: db.tree("device_tags")?,
-            bundles: db.tree("bundles")?,
-            configs: db.tree("class_configs")?,
-            issued_configs: db.tree("desired_configs")?,
-            agent_releases: db.tree("agent_releases")?,
-            issued_agents: db.tree("desired_agents")?,
-            db: db.clone(),
+            rollouts: backend.tree("rollouts")?,
+            issued: backend.tree("desired")?,
+            tags: backend.tree("device_tags")?,
+            bundles: backend.tree("bundles")?,
+            configs: backend.tree("class_configs")?,
+            issued_configs: backend.tree("desired_configs")?,
+            agent_releases: backend.tree("agent_releases")?,
+            issued_agents: backend.tree("desired_agents")?,
+            backend: backend.clone(),
         })
     }
 
+    /// Whether other replicas may write this store (it is in PostgreSQL).
+    pub fn is_shared(&self) -> bool {
+        matches!(self.backend, Backend::Postgres { .. })
+    }
+
+    /// Takes the cluster-wide write lock of a shared store (`None` for the embedded one, which only this
+    /// process writes). Blocking.
+    pub fn lock(&self) -> Result<Option<WriteLock>, StoreError> {
+        Ok(self.backend.on_postgres(|kv| Box::pin(kv.lock(DOMAIN))).transpose()?)
+    }
+
+    /// Releases a write lock. Blocking.
+    pub fn unlock(&self, lock: WriteLock) {
+        self.backend.on_postgres(|_| Box::pin(lock.release()));
+    }
+
     pub fn rollouts(&self) -> Result<Vec<Rollout>, StoreError> {
-        self.rollouts
-            .iter()
-            .map(|kv| kv.map_err(StoreError::from).and_then(|(k, v)| decode("rollout", &k, &v)))
-            .collect()
+        self.rollouts.all()?.into_iter().map(|(k, v)| decode("rollout", &k, &v)).collect()
     }
 
     /// Writes rollouts (not yet durable: call [`RolloutStore::commit`]).
@@ -133,7 +158,7 @@ impl RolloutStore {
     }
 
     /// The tree of what was issued for rollouts of `kind`.
-    fn issued_tree(&self, kind: Kind) -> &sled::Tree {
+    fn issued_tree(&self, kind: Kind) -> &Tree {
         match kind {
             Kind::Model => &self.issued,
             Kind::Config => &self.issued_configs,
@@ -156,11 +181,9 @@ impl RolloutStore {
 
     pub fn all_issued_of(&self, kind: Kind) -> Result<Vec<(String, Issued)>, StoreError> {
         self.issued_tree(kind)
-            .iter()
-            .map(|kv| {
-                let (k, v) = kv?;
-                Ok((String::from_utf8_lossy(&k).into_owned(), decode("desired", &k, &v)?))
-            })
+            .all()?
+            .into_iter()
+            .map(|(k, v)| Ok((String::from_utf8_lossy(&k).into_owned(), decode("desired", &k, &v)?)))
             .collect()
     }
 
@@ -186,8 +209,9 @@ impl RolloutStore {
     pub fn configs(&self, class: Option<&str>) -> Result<Vec<super::configs::ConfigVersion>, StoreError> {
         let prefix = class.map(|c| format!("{c}/")).unwrap_or_default();
         self.configs
-            .scan_prefix(prefix.as_bytes())
-            .map(|kv| kv.map_err(StoreError::from).and_then(|(k, v)| decode("class configuration", &k, &v)))
+            .scan_prefix(prefix.as_bytes())?
+            .into_iter()
+            .map(|(k, v)| decode("class configuration", &k, &v))
             .collect()
     }
 
@@ -200,8 +224,9 @@ impl RolloutStore {
     pub fn agent_releases(&self, class: Option<&str>) -> Result<Vec<super::releases::ReleaseRecord>, StoreError> {
         let prefix = class.map(|c| format!("{c}/")).unwrap_or_default();
         self.agent_releases
-            .scan_prefix(prefix.as_bytes())
-            .map(|kv| kv.map_err(StoreError::from).and_then(|(k, v)| decode("agent release", &k, &v)))
+            .scan_prefix(prefix.as_bytes())?
+            .into_iter()
+            .map(|(k, v)| decode("agent release", &k, &v))
             .collect()
     }
 
@@ -237,11 +262,9 @@ impl RolloutStore {
 
     pub fn all_tags(&self) -> Result<std::collections::HashMap<String, Vec<String>>, StoreError> {
         self.tags
-            .iter()
-            .map(|kv| {
-                let (k, v) = kv?;
-                Ok((String::from_utf8_lossy(&k).into_owned(), decode("tags", &k, &v)?))
-            })
+            .all()?
+            .into_iter()
+            .map(|(k, v)| Ok((String::from_utf8_lossy(&k).into_owned(), decode("tags", &k, &v)?)))
             .collect()
     }
 
@@ -252,11 +275,8 @@ impl RolloutStore {
 
     /// Every update bundle made, oldest first.
     pub fn bundles(&self) -> Result<Vec<super::bundle::BundleRecord>, StoreError> {
-        let mut v: Vec<super::bundle::BundleRecord> = self
-            .bundles
-            .iter()
-            .map(|kv| kv.map_err(StoreError::from).and_then(|(k, v)| decode("bundle", &k, &v)))
-            .collect::<Result<_, _>>()?;
+        let mut v: Vec<super::bundle::BundleRecord> =
+            self.bundles.all()?.into_iter().map(|(k, v)| decode("bundle", &k, &v)).collect::<Result<_, _>>()?;
         v.sort_by_key(|b| b.seq);
         Ok(v)
     }
@@ -293,9 +313,13 @@ impl RolloutStore {
             .unwrap_or(0))
     }
 
-    /// Makes everything written durable. Blocking.
+    /// Makes everything written durable, and tells other replicas of a shared store that it changed.
+    /// Blocking.
     pub fn commit(&self) -> Result<(), StoreError> {
-        self.db.commit()?;
+        self.backend.commit()?;
+        self.backend
+            .on_postgres(|kv| Box::pin(kv.notify(CHANNEL, crate::storage::postgres::kv::replica_id())))
+            .transpose()?;
         Ok(())
     }
 }

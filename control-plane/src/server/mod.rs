@@ -18,6 +18,7 @@ use crate::fleet::telemetry::TelemetryStore;
 use crate::metrics::Metrics;
 use crate::ml::jobs::Learning;
 use crate::rollout::Rollouts;
+use crate::storage::postgres::lease::Lease;
 use anyhow::Context;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -69,13 +70,34 @@ impl ControlPlane {
         check_broker_transport(&cfg)?;
         let tracker = TaskTracker::new();
         let mut stores = stores::Stores::open(&cfg).await?;
-        let learning = services::learning(&cfg, &stores, &cancel, &tracker).await?;
+        // Work that runs once across replicas (rollout steps, triggers) runs where the lease is held: always
+        // here on the embedded store; on PostgreSQL, on one replica at a time.
+        let lease = match &stores.shared {
+            None => Lease::always(),
+            Some(pg) => {
+                tracker.spawn(stores.devices.clone().follow(cancel.child_token()));
+                Lease::spawn(pg.clone(), "singletons", cancel.child_token(), &tracker)
+            }
+        };
+        {
+            let (mut lease, metrics, stop) = (lease.clone(), stores.metrics.clone(), cancel.child_token());
+            tracker.spawn(async move {
+                loop {
+                    metrics.leader.set(i64::from(lease.is_leader()));
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        more = lease.changed() => if !more { return },
+                    }
+                }
+            });
+        }
+        let learning = services::learning(&cfg, &stores, &lease, &cancel, &tracker).await?;
         services::housekeeping(&cfg, &stores, &learning, &cancel, &tracker);
         services::backups(&cfg, &stores, &cancel, &tracker);
         let tls = broker::Tls::load(&cfg)?;
         let broker = broker::Broker::start(&cfg, &stores.enrollment, tls.as_ref(), &cancel, &tracker).await?;
         let ingest = services::ingest(&cfg, &stores, &broker, &cancel).await;
-        let (rollouts, rollout_task) = services::rollouts(&cfg, &mut stores, &broker, &cancel, &tracker)?;
+        let (rollouts, rollout_task) = services::rollouts(&cfg, &mut stores, &broker, &lease, &cancel, &tracker)?;
         let (api_addr, api_task) =
             services::api(&cfg, &stores, &broker, (learning.clone(), rollouts.clone()), tls, &cancel, &tracker).await?;
         tracing::info!(%api_addr, mqtt = %format!("{}:{}", cfg.mqtt_host, cfg.mqtt_port), tls = cfg.tls.is_some(), "control plane running");

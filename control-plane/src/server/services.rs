@@ -7,6 +7,7 @@ use crate::config::Config;
 use crate::fleet::ingest::{service, Ingestor};
 use crate::ml::jobs::Learning;
 use crate::rollout::Rollouts;
+use crate::storage::postgres::lease::Lease;
 use crate::web::{self, AppState};
 use anyhow::Context;
 use std::net::SocketAddr;
@@ -21,6 +22,7 @@ use tokio_util::task::TaskTracker;
 pub(crate) async fn learning(
     cfg: &Config,
     stores: &Stores,
+    lease: &Lease,
     cancel: &CancellationToken,
     tracker: &TaskTracker,
 ) -> anyhow::Result<Arc<Learning>> {
@@ -45,7 +47,7 @@ pub(crate) async fn learning(
     )?
     .with_tasks(cancel.child_token(), tracker.clone());
     let learning = Arc::new(learning);
-    tracker.spawn(crate::ml::triggers::run(learning.clone(), cancel.child_token()));
+    tracker.spawn(crate::ml::triggers::run(learning.clone(), lease.clone(), cancel.child_token()));
     Ok(learning)
 }
 
@@ -230,6 +232,7 @@ pub(crate) fn rollouts(
     cfg: &Config,
     stores: &mut Stores,
     broker: &Broker,
+    lease: &Lease,
     cancel: &CancellationToken,
     tracker: &TaskTracker,
 ) -> anyhow::Result<(Arc<Rollouts>, JoinHandle<anyhow::Result<()>>)> {
@@ -244,7 +247,29 @@ pub(crate) fn rollouts(
         cfg.ingest.offline_after_secs * 1000,
     )?);
     let options = broker.client_options(broker.client_id("rollouts"));
-    let task = tracker.spawn(crate::rollout::service::run(rollouts.clone(), options, cancel.child_token()));
+    let task =
+        tracker.spawn(crate::rollout::service::run(rollouts.clone(), options, lease.clone(), cancel.child_token()));
+    if let Some(pg) = &stores.shared {
+        // Readers here see what other replicas change: rollouts and tags read again on their notification.
+        let r = rollouts.clone();
+        tracker.spawn(crate::storage::postgres::follow(
+            pg.clone(),
+            crate::rollout::store::CHANNEL,
+            cancel.child_token(),
+            move |from| {
+                let r = r.clone();
+                async move {
+                    if from.as_deref() == Some(crate::storage::postgres::kv::replica_id()) {
+                        return Ok(());
+                    }
+                    tokio::task::spawn_blocking(move || r.reload_readers())
+                        .await
+                        .map_err(|e| crate::storage::postgres::PgError::Bad(e.to_string()))?
+                        .map_err(|e| crate::storage::postgres::PgError::Bad(e.to_string()))
+                }
+            },
+        ));
+    }
     Ok((rollouts, task))
 }
 

@@ -32,6 +32,8 @@ pub(crate) struct Stores {
     pub admin_token: Option<String>,
     pub signer: Signer,
     pub metrics: Arc<Metrics>,
+    /// The PostgreSQL the state is shared in, with `[storage] backend = "postgres"`.
+    pub shared: Option<crate::storage::postgres::Pg>,
 }
 
 impl Stores {
@@ -61,7 +63,11 @@ impl Stores {
             .await
             .context("[storage] backend = \"postgres\"")?
             .map(|pg| {
-                tracing::info!(at = pg.at(), "telemetry, enrollment and operator tokens are kept in PostgreSQL");
+                tracing::info!(
+                    at = pg.at(),
+                    "telemetry, the device registry, enrollment, operator tokens, models, artifacts and rollouts \
+                     are kept in PostgreSQL"
+                );
                 (pg, tokio::runtime::Handle::current())
             });
         let operators = {
@@ -84,10 +90,21 @@ impl Stores {
                 None => crate::access::keys::load_or_create(&default_key)?,
             };
             let db = DurableDb::open(&dir, durability)?;
+            let backend = match &pg {
+                None => crate::storage::kv::Backend::Embedded(db.clone()),
+                Some((pg, rt)) => crate::storage::kv::Backend::postgres(pg.clone(), rt.clone()),
+            };
             Ok(Stores {
-                devices: Arc::new(Registry::open(&db)?),
-                models: Arc::new(ModelRegistry::open(&db, &data_dir)?),
-                rollouts: Some(RolloutStore::open(&db)?),
+                devices: Arc::new(match &pg {
+                    None => Registry::open(&db)?,
+                    Some((pg, rt)) => Registry::open_postgres(
+                        crate::storage::postgres::devices::PgDevices::new(pg.clone()),
+                        rt.clone(),
+                    )?,
+                }),
+                models: Arc::new(ModelRegistry::open_on(&backend, &data_dir)?),
+                rollouts: Some(RolloutStore::open_on(&backend)?),
+                shared: pg.as_ref().map(|(pg, _)| pg.clone()),
                 audit: Arc::new(AuditLog::open_with(&db, audit_config)?),
                 enrollment: Arc::new(match &pg {
                     None => Enrollment::open(&db)?,

@@ -32,6 +32,8 @@ pub enum CopyError {
     Postgres(#[from] PgError),
     #[error("reading operators.json: {0}")]
     Operators(String),
+    #[error("copying artifacts: {0}")]
+    Artifacts(String),
     #[error("the source is not an embedded store")]
     NotEmbedded,
     #[error("device `{device}`: the embedded store holds {embedded} records, PostgreSQL {postgres} after the copy")]
@@ -56,6 +58,95 @@ pub async fn enrollment_to_postgres(
     let (tokens, devices) = from.export()?;
     let (tokens_new, devices_new) = to.copy_in(&tokens, &devices).await?;
     Ok(CopiedEnrollment { tokens: tokens.len() as u64, tokens_new, devices: devices.len() as u64, devices_new })
+}
+
+/// What copying the rest of the state did: how many of each there were, and how many were new.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CopiedState {
+    pub documents: u64,
+    pub documents_new: u64,
+    pub artifacts: u64,
+    pub artifacts_new: u64,
+    pub devices: u64,
+    pub devices_new: u64,
+}
+
+/// The embedded store's trees that live in PostgreSQL's `kv` table with the postgres back-end.
+pub const SHARED_TREES: &[&str] = &[
+    "rollouts",
+    "desired",
+    "device_tags",
+    "bundles",
+    "class_configs",
+    "desired_configs",
+    "agent_releases",
+    "desired_agents",
+    "model_versions",
+    "model_version_counters",
+    "production",
+    "labels",
+];
+
+/// Copies the rest of an embedded installation's state into PostgreSQL: the rollout and model trees (entries
+/// already there by key are left as they are), the artifact files, and the device registry (entries already
+/// there are left as they are).
+pub async fn state_to_postgres(
+    db: &edgeloop_common::durable::DurableDb,
+    artifacts: &std::path::Path,
+    devices: &[crate::fleet::devices::Device],
+    kv: &super::postgres::kv::PgKv,
+    to_devices: &super::postgres::devices::PgDevices,
+) -> Result<CopiedState, CopyError> {
+    let mut out = CopiedState::default();
+    for name in SHARED_TREES {
+        let tree = db.tree(name).map_err(StoreError::from)?;
+        for kv_pair in tree.iter() {
+            let (k, v) = kv_pair.map_err(StoreError::from)?;
+            out.documents += 1;
+            out.documents_new += u64::from(kv.put_new(name, &k, &v).await?);
+        }
+    }
+    if artifacts.is_dir() {
+        let entries =
+            std::fs::read_dir(artifacts).map_err(|e| CopyError::Artifacts(format!("{}: {e}", artifacts.display())))?;
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !crate::ml::models::is_sha256(&name) {
+                continue;
+            }
+            let bytes = std::fs::read(e.path())
+                .map_err(|err| CopyError::Artifacts(format!("{}: {err}", e.path().display())))?;
+            if edgeloop_common::signing::sha256_hex(&bytes) != name {
+                return Err(CopyError::Artifacts(format!(
+                    "{}: the content does not match its name",
+                    e.path().display()
+                )));
+            }
+            out.artifacts += 1;
+            if kv.artifact(&name).await?.is_none() {
+                kv.put_artifact(&name, &bytes, edgeloop_common::unix_millis()).await?;
+                out.artifacts_new += 1;
+            }
+        }
+    }
+    let there: std::collections::HashSet<String> = to_devices
+        .changes(0, i64::MAX)
+        .await?
+        .into_iter()
+        .filter(|(_, _, d)| d.is_some())
+        .map(|(_, id, _)| id)
+        .collect();
+    let new: Vec<_> = devices
+        .iter()
+        .filter(|d| !there.contains(&d.id))
+        .map(|d| (crate::fleet::devices::Device { id: d.id.clone(), ..Default::default() }, d.clone()))
+        .collect();
+    out.devices = devices.len() as u64;
+    out.devices_new = new.len() as u64;
+    for chunk in new.chunks(1000) {
+        to_devices.write(chunk).await?;
+    }
+    Ok(out)
 }
 
 /// Copies `operators.json`'s tokens (hashes, roles, revocations) into PostgreSQL; those already there (by id)

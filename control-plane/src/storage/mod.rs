@@ -6,4 +6,5 @@
 //! - [`copy`]: `migrate --to postgres`, an embedded store's telemetry copied into PostgreSQL.
 
 pub mod copy;
+pub mod kv;
 pub mod postgres;

@@ -8,6 +8,7 @@ mod backup;
 mod broker_hooks;
 mod bundles;
 mod chaos;
+mod cluster;
 mod config_rollouts;
 mod cross_process;
 mod dashboard;

@@ -13,9 +13,9 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-struct Mosquitto {
+pub(crate) struct Mosquitto {
     child: Child,
-    port: u16,
+    pub(crate) port: u16,
     passwd: std::path::PathBuf,
 }
 
@@ -76,7 +76,7 @@ impl Mosquitto {
     /// A broker with the dynamic-security plugin and no password file, set up as operations.md says: an
     /// admin made offline with `mosquitto_ctrl dynsec init`, then the control plane's role and user made with
     /// `mosquitto_ctrl` against the running broker. Devices are the control plane's to add.
-    fn start_dynsec(dir: &Path) -> Mosquitto {
+    pub(crate) fn start_dynsec(dir: &Path) -> Mosquitto {
         let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
             .into_iter()
             .find(|p| Path::new(p).exists())
@@ -665,51 +665,13 @@ async fn revoked_device_kicked_by_mosquitto_dynsec() {
 /// stored once: nothing lost, nothing doubled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replica_killed_mid_stream_loses_nothing() {
-    use crate::support::Proc;
-    use edgeloop_simulators::postgres::{PgCluster, PASSWORD};
     let dir = tempfile::tempdir().unwrap();
-    let m = Mosquitto::start_dynsec(dir.path());
-    let pg = PgCluster::start(dir.path()).unwrap();
-    std::fs::write(dir.path().join("pg.password"), PASSWORD).unwrap();
-    std::fs::write(dir.path().join("cp.password"), "cp-secret").unwrap();
-    // One signing key for both: agents accept either's acknowledgements.
-    let signer = edgeloop_control_plane::access::keys::load_or_create(&dir.path().join("signing.key")).unwrap();
-    let replica = |name: &str| {
-        let api = std::net::SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
-        let conf = dir.path().join(format!("{name}.toml"));
-        std::fs::write(
-            &conf,
-            format!(
-                "data_dir = \"{name}\"\n[broker]\nmode = \"external\"\nurl = \"mqtt://127.0.0.1:{}\"\n\
-                 username = \"edgeloop-control-plane\"\npassword_file = \"cp.password\"\n\
-                 provisioning = \"mosquitto-dynsec\"\nshared_group = \"ingest\"\n[api]\nlisten = \"{api}\"\n\
-                 [tls]\nplaintext = true\n[rollouts]\nsigning_key = \"signing.key\"\n[ingest]\ncommit_max_messages = 64\n\
-                 [storage]\nbackend = \"postgres\"\nurl = \"{}\"\npassword_file = \"pg.password\"\n",
-                m.port,
-                pg.url()
-            ),
-        )
-        .unwrap();
-        let proc = Proc::new(
-            "edgeloop-control-plane",
-            vec!["run".into(), "--config".into(), conf.display().to_string()],
-            dir.path().join(format!("{name}.log")),
-        );
-        (proc, api)
-    };
-    let (mut a, a_api) = replica("a");
-    a.start();
-    let api_a = crate::support::authorize_from_file(
-        edgeloop_simulators::http::Api::new(a_api),
-        &dir.path().join("a/admin.token"),
-    )
-    .await;
-    let (mut b, b_api) = replica("b");
-    b.start();
-    // B finds A's admin token in the shared database.
-    let admin = std::fs::read_to_string(dir.path().join("a/admin.token")).unwrap();
-    let api_b = edgeloop_simulators::http::Api::new(b_api).with_token(&admin);
-    crate::support::wait_for("B's API", Duration::from_secs(60), || std::net::TcpStream::connect(b_api).is_ok()).await;
+    let c = crate::cluster::Cluster::start(dir.path());
+    let m = &c.mosquitto;
+    let pg = &c.pg;
+    let signer = &c.signer;
+    let (mut a, api_a) = c.first_replica("").await;
+    let (mut b, api_b) = c.replica("b", "").await;
 
     let mut class = edgeloop_simulators::class_config("city-air-quality").unwrap();
     class.uplink.ack_timeout_secs = 1;

@@ -347,6 +347,16 @@ async fn migrate_to_postgres_moves_an_embedded_installation() {
     let s = run(opts, tokio_util::sync::CancellationToken::new()).await.unwrap();
     assert!(s.generated > 20 && s.acknowledged == s.generated, "{s:?}");
     let watermarks: Vec<u64> = (0..2).map(|i| cp.store.watermark(&format!("sim-{i:04}")).unwrap()).collect();
+    // A model and a rollout of it: they move too.
+    let api = crate::support::api(&cp);
+    let class = edgeloop_simulators::class_config("city-air-quality").unwrap();
+    let model =
+        edgeloop_simulators::rollouts::upload_reference_model(&api, "city-air-quality", &class, 1e9).await.unwrap();
+    let rollout =
+        edgeloop_simulators::rollouts::create(&api, &serde_json::json!({"model": "city-air-quality", "version": 1}))
+            .await
+            .unwrap();
+    let records: Vec<u64> = (0..2).map(|i| cp.registry.get(&format!("sim-{i:04}")).unwrap().records).collect();
 
     std::fs::write(dir.path().join("pg.password"), PASSWORD).unwrap();
     let config = dir.path().join("cp.toml");
@@ -382,6 +392,7 @@ async fn migrate_to_postgres_moves_an_embedded_installation() {
         "{said}"
     );
     assert!(said.contains("and 2 enrolled devices (2 new); operator tokens: 1 (1 new)"), "{said}");
+    assert!(said.contains("1 artifacts (1 new), 2 device registry entries (2 new)"), "{said}");
     assert_eq!(c.psql("SELECT count(*) FROM telemetry").unwrap(), s.generated.to_string());
     // Again: everything is found there already, nothing is stored twice.
     let out = migrate();
@@ -410,6 +421,15 @@ async fn migrate_to_postgres_moves_an_embedded_installation() {
     assert_eq!(after, watermarks);
     // The devices' enrollment came along: their keys verify their uplinks on the new back-end.
     assert!(cp.enrollment.is_active("sim-0000") && cp.enrollment.is_active("sim-0001"));
+    // So did the registry, the model, its artifact (served from PostgreSQL once the file is gone) and the
+    // rollout.
+    let now: Vec<u64> = (0..2).map(|i| cp.registry.get(&format!("sim-{i:04}")).unwrap().records).collect();
+    assert_eq!(now, records);
+    assert_eq!(cp.learning.models.get("city-air-quality", 1).unwrap().map(|m| m.sha256), Some(model.sha256.clone()));
+    std::fs::remove_file(dir.path().join("cp/artifacts").join(&model.sha256)).unwrap();
+    let path = cp.learning.models.artifact_path(&model.sha256).expect("the artifact is not in PostgreSQL");
+    assert_eq!(edgeloop_common::signing::sha256_hex(&std::fs::read(path).unwrap()), model.sha256);
+    assert_eq!(cp.rollouts.get(&rollout.id).map(|r| r.spec.model.sha256), Some(model.sha256));
     cp_cancel.cancel();
     cp.join().await.unwrap();
 }

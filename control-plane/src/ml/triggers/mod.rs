@@ -67,8 +67,8 @@ fn retrain_request(
     req
 }
 
-/// Checks every class's triggers until cancelled.
-pub async fn run(learning: Arc<Learning>, cancel: CancellationToken) {
+/// Checks every class's triggers until cancelled, while this control plane leads (`lease`).
+pub async fn run(learning: Arc<Learning>, lease: crate::storage::postgres::lease::Lease, cancel: CancellationToken) {
     let configs = learning.defaults.triggers.clone();
     if configs.is_empty() {
         return;
@@ -87,6 +87,10 @@ pub async fn run(learning: Arc<Learning>, cancel: CancellationToken) {
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tick.tick() => {}
+        }
+        // Replicas evaluate triggers only where they lead: one training per trigger across the cluster.
+        if !lease.is_leader() {
+            continue;
         }
         for cfg in &configs {
             let busy = learning

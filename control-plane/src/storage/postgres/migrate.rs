@@ -23,6 +23,7 @@ pub const MIGRATIONS: &[Migration] = &[
     Migration { version: 1, name: "telemetry", sql: include_str!("../../../migrations/0001_telemetry.sql") },
     Migration { version: 2, name: "enrollment", sql: include_str!("../../../migrations/0002_enrollment.sql") },
     Migration { version: 3, name: "operators", sql: include_str!("../../../migrations/0003_operators.sql") },
+    Migration { version: 4, name: "state", sql: include_str!("../../../migrations/0004_state.sql") },
 ];
 
 /// The advisory lock replicas take while migrating (an arbitrary constant: "edgeloop" in ASCII, truncated).

@@ -5,7 +5,10 @@
 //!   released (a changed one stops the start, by name).
 //! - [`telemetry`]: records keyed by (device, seq), exactly-once across replicas, and watermarks.
 
+pub mod devices;
 pub mod enrollment;
+pub mod kv;
+pub mod lease;
 pub mod migrate;
 pub mod operators;
 pub mod telemetry;
@@ -172,19 +175,30 @@ impl Pg {
         &self.at
     }
 
+    /// A connection of its own, outside the pool (a lease's: the lock lives as long as the session).
+    pub async fn own_connection(&self) -> Result<tokio_postgres::Client, PgError> {
+        Ok(self.connect_own().await?.0)
+    }
+
+    async fn connect_own(
+        &self,
+    ) -> Result<(tokio_postgres::Client, tokio::sync::mpsc::UnboundedReceiver<String>), PgError> {
+        match &self.transport {
+            edgeloop_common::tls::Transport::Plain => notifications(&self.cfg, tokio_postgres::NoTls).await,
+            edgeloop_common::tls::Transport::Tls(tls) => {
+                notifications(&self.cfg, tokio_postgres_rustls::MakeRustlsConnect::new((**tls).clone())).await
+            }
+        }
+        .map_err(|source| PgError::Connect { at: self.at.clone(), source })
+    }
+
     /// A connection of its own that has run `LISTEN channel`, and the payloads of the notifications it
     /// receives. The receiver ends when the connection does.
     pub async fn listen(
         &self,
         channel: &str,
     ) -> Result<(tokio_postgres::Client, tokio::sync::mpsc::UnboundedReceiver<String>), PgError> {
-        let (client, rx) = match &self.transport {
-            edgeloop_common::tls::Transport::Plain => notifications(&self.cfg, tokio_postgres::NoTls).await,
-            edgeloop_common::tls::Transport::Tls(tls) => {
-                notifications(&self.cfg, tokio_postgres_rustls::MakeRustlsConnect::new((**tls).clone())).await
-            }
-        }
-        .map_err(|source| PgError::Connect { at: self.at.clone(), source })?;
+        let (client, rx) = self.connect_own().await?;
         client.batch_execute(&format!("LISTEN {channel}")).await.map_err(PgError::query("LISTEN"))?;
         Ok((client, rx))
     }
