@@ -52,6 +52,37 @@ pub struct RawConfig {
     /// Where state is kept: the embedded sled store, or PostgreSQL.
     #[serde(default)]
     pub storage: StorageSection,
+    /// What this control plane does: `ingest` (the broker link, ingest, the API, rollouts and triggers) and
+    /// `train` (runs training jobs). Both by default; a replica with one of them needs PostgreSQL.
+    #[serde(default = "all_roles")]
+    pub roles: Vec<RoleName>,
+}
+
+/// One of a control plane's roles, as `roles` names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RoleName {
+    Ingest,
+    Train,
+}
+
+fn all_roles() -> Vec<RoleName> {
+    vec![RoleName::Ingest, RoleName::Train]
+}
+
+/// What a control plane does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Roles {
+    /// The broker link, ingest, the operator API, the rollout engine and the triggers.
+    pub ingest: bool,
+    /// Runs training jobs: queued ones from PostgreSQL's queue, or its own with the embedded store.
+    pub train: bool,
+}
+
+impl Default for Roles {
+    fn default() -> Self {
+        Roles { ingest: true, train: true }
+    }
 }
 
 /// `[storage]` as written.
@@ -82,7 +113,7 @@ pub enum Backend {
     /// sled in `data_dir/store`.
     #[default]
     Embedded,
-    /// PostgreSQL 15 or newer (telemetry and watermarks so far; the rest stays in `data_dir`).
+    /// PostgreSQL 15 or newer, shared by replicas (see `docs/scale-out.md` for what stays in `data_dir`).
     Postgres,
 }
 
@@ -333,6 +364,8 @@ pub struct Config {
     pub classes: std::collections::BTreeMap<String, ClassConfig>,
     /// Where state is kept.
     pub storage: Storage,
+    /// What this control plane does.
+    pub roles: Roles,
 }
 
 impl Config {
@@ -367,6 +400,7 @@ impl Config {
             rollouts: RolloutsConfig::default(),
             classes: Default::default(),
             storage: Storage::Embedded,
+            roles: Roles::default(),
         }
     }
 }
@@ -416,9 +450,23 @@ impl RawConfig {
             )?;
         }
         check_triggers(&c, &self.training, &classes)?;
+        c.check(
+            (4..=3600).contains(&self.training.claim_timeout_secs),
+            "training.claim_timeout_secs",
+            "must be between 4 and 3600",
+        )?;
         check_rollouts(&c, &self.rollouts, &classes)?;
         let tls = tls_files(&c, self.tls.as_ref(), &resolve)?;
         let storage = storage(&c, &self.storage, &resolve)?;
+        let roles =
+            Roles { ingest: self.roles.contains(&RoleName::Ingest), train: self.roles.contains(&RoleName::Train) };
+        c.check(!self.roles.is_empty(), "roles", "names nothing to do; use \"ingest\", \"train\" or both")?;
+        c.check(
+            roles == Roles::default() || storage != Storage::Embedded,
+            "roles",
+            "a control plane that does not both ingest and train shares its work with others: it needs \
+             [storage] backend = \"postgres\"",
+        )?;
         let mut rollouts = self.rollouts;
         rollouts.signing_key = rollouts.signing_key.map(|k| resolve(&k));
         Ok(Config {
@@ -440,6 +488,7 @@ impl RawConfig {
             training: self.training,
             classes,
             storage,
+            roles,
         })
     }
 }
@@ -767,6 +816,26 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("provisioning"), "{e}");
+    }
+
+    #[test]
+    fn roles_split_work_only_on_postgres() {
+        let base =
+            "data_dir = \"d\"\n[broker]\nmode = \"embedded\"\nlisten = \"0.0.0.0:1883\"\n[tls]\nplaintext = true\n";
+        assert_eq!(Config::from_toml("cp.toml", base).unwrap().roles, Roles { ingest: true, train: true });
+        let pg = "[storage]\nbackend = \"postgres\"\nurl = \"postgres://edgeloop@db/edgeloop\"\n";
+        let c = Config::from_toml("cp.toml", &format!("roles = [\"train\"]\n{base}{pg}")).unwrap();
+        assert_eq!(c.roles, Roles { ingest: false, train: true });
+        let e = Config::from_toml("cp.toml", &format!("roles = [\"ingest\"]\n{base}")).unwrap_err().to_string();
+        assert!(e.contains("roles") && e.contains("backend = \"postgres\""), "{e}");
+        let e = Config::from_toml("cp.toml", &format!("roles = []\n{base}{pg}")).unwrap_err().to_string();
+        assert!(e.contains("roles: names nothing to do"), "{e}");
+        let e = Config::from_toml("cp.toml", &format!("roles = [\"gpu\"]\n{base}{pg}")).unwrap_err().to_string();
+        assert!(e.contains("gpu"), "{e}");
+        let e = Config::from_toml("cp.toml", &format!("{base}[training]\nclaim_timeout_secs = 1\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("training.claim_timeout_secs"), "{e}");
     }
 
     #[test]

@@ -724,6 +724,13 @@ fn train_offline(cfg: Config, req: TrainRequest) -> anyhow::Result<()> {
 
 async fn run(cfg: Config) -> anyhow::Result<()> {
     let cancel = CancellationToken::new();
+    if !cfg.roles.ingest {
+        let trainer = tokio::spawn(edgeloop_control_plane::server::run_trainer(cfg, cancel.clone()));
+        edgeloop_common::cli::shutdown_signal().await;
+        tracing::info!("shutdown requested");
+        cancel.cancel();
+        return trainer.await?;
+    }
     let tls = cfg.tls.is_some();
     let cp = ControlPlane::start(cfg, cancel.clone()).await?;
     let (http, mqtt) = if tls { ("https", "mqtts") } else { ("http", "mqtt") };

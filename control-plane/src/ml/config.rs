@@ -31,6 +31,14 @@ pub struct TrainingConfig {
     /// Retraining triggers, one entry per class.
     #[serde(default)]
     pub triggers: Vec<crate::ml::triggers::rules::TriggerConfig>,
+    /// With PostgreSQL's training queue: a running job whose trainer has written nothing for this long is
+    /// claimed by another trainer (seconds).
+    #[serde(default = "default_claim_timeout")]
+    pub claim_timeout_secs: u64,
+}
+
+fn default_claim_timeout() -> u64 {
+    30
 }
 
 impl Default for TrainingConfig {
@@ -42,6 +50,7 @@ impl Default for TrainingConfig {
             seed: 0,
             device: Default::default(),
             triggers: Vec::new(),
+            claim_timeout_secs: default_claim_timeout(),
         }
     }
 }

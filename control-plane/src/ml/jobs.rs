@@ -15,6 +15,8 @@ use crate::ml::models::ModelRegistry;
 use crate::ml::training::run::{train_class, RunError, TrainRequest};
 use crate::ml::training::TrainError;
 use crate::ml::triggers::rules::TriggerEvent;
+use crate::storage::postgres::block_on;
+use crate::storage::postgres::jobs::PgJobs;
 use edgeloop_common::config::ClassConfig;
 use edgeloop_common::durable::DurableDb;
 use serde::{Deserialize, Serialize};
@@ -86,6 +88,8 @@ pub enum RequestError {
     UnknownSensor { class: String, sensor: String },
     #[error("no device of class `{0}` has reported yet")]
     NoDevices(String),
+    #[error("queueing the job: {0}")]
+    Queue(String),
 }
 
 pub struct Learning {
@@ -108,7 +112,52 @@ pub struct Learning {
     stop: CancellationToken,
     /// Owns every job's tasks, so that stopping waits for them.
     tracker: TaskTracker,
+    /// With PostgreSQL: the shared queue that jobs go to, and that trainer replicas claim them from.
+    queue: Option<Queue>,
 }
+
+struct Queue {
+    jobs: PgJobs,
+    rt: tokio::runtime::Handle,
+}
+
+/// How a training ended, as its job records it.
+type Outcome = Result<Result<crate::ml::models::ModelVersion, RunError>, tokio::task::JoinError>;
+
+/// Records a training's outcome in its job.
+fn conclude(j: &mut Job, outcome: Outcome, now: u64) {
+    j.finished_ms = Some(now);
+    match outcome {
+        Ok(Ok(m)) => {
+            tracing::info!(job = j.id, name = %m.name, version = m.version, promoted = m.promotion.promoted, reason = %m.promotion.reason, "training finished");
+            j.state = JobState::Succeeded;
+            j.progress = 1.0;
+            j.result = Some(JobResult {
+                name: m.name,
+                version: m.version,
+                promoted: m.promotion.promoted,
+                reason: m.promotion.reason,
+            });
+        }
+        Ok(Err(RunError::Train(TrainError::Stopped))) => {
+            tracing::info!(job = j.id, "training interrupted: the control plane is stopping");
+            j.state = JobState::Interrupted;
+            j.error = Some(INTERRUPTED.into());
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(job = j.id, error = %e, "training failed");
+            j.state = JobState::Failed;
+            j.error = Some(e.to_string());
+        }
+        Err(e) => {
+            tracing::warn!(job = j.id, error = %e, "training panicked");
+            j.state = JobState::Failed;
+            j.error = Some(format!("training panicked: {e}"));
+        }
+    }
+}
+
+const INTERRUPTED: &str = "interrupted: the control plane stopped before this training finished";
 
 /// The latest drift measurement of a class: PSI per feature against its production model's training set.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -144,7 +193,7 @@ impl Learning {
             if matches!(job.state, JobState::Queued | JobState::Running) {
                 job.state = JobState::Interrupted;
                 job.finished_ms = Some(now);
-                job.error = Some("interrupted: the control plane stopped before this training finished".into());
+                job.error = Some(INTERRUPTED.into());
                 jobs_tree.insert(job.id.to_be_bytes(), edgeloop_common::signing::to_cbor(&job))?;
             }
             jobs.insert(job.id, job);
@@ -174,7 +223,15 @@ impl Learning {
             write_lock: Mutex::new(()),
             stop: CancellationToken::new(),
             tracker: TaskTracker::new(),
+            queue: None,
         })
+    }
+
+    /// Sends jobs to PostgreSQL's queue, where trainer replicas claim them ([`Learning::serve_queue`]),
+    /// instead of running them here.
+    pub fn with_queue(mut self, jobs: PgJobs, rt: tokio::runtime::Handle) -> Self {
+        self.queue = Some(Queue { jobs, rt });
+        self
     }
 
     /// Runs jobs under the control plane's cancellation and task tracker (by default, under their own).
@@ -211,12 +268,26 @@ impl Learning {
         self.jobs.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// A job: from the shared queue with PostgreSQL (a failure to read it is logged, and reads as none).
     pub fn job(&self, id: u64) -> Option<Job> {
-        self.jobs().get(&id).cloned()
+        match &self.queue {
+            None => self.jobs().get(&id).cloned(),
+            Some(q) => block_on(&q.rt, q.jobs.get(id)).unwrap_or_else(|e| {
+                tracing::error!(job = id, error = %e, "reading a training job");
+                None
+            }),
+        }
     }
 
+    /// Every job: from the shared queue with PostgreSQL (a failure to read it is logged, and reads as none).
     pub fn list_jobs(&self) -> Vec<Job> {
-        self.jobs().values().cloned().collect()
+        match &self.queue {
+            None => self.jobs().values().cloned().collect(),
+            Some(q) => block_on(&q.rt, q.jobs.list()).unwrap_or_else(|e| {
+                tracing::error!(error = %e, "listing training jobs");
+                Vec::new()
+            }),
+        }
     }
 
     fn update(&self, id: u64, f: impl FnOnce(&mut Job)) {
@@ -291,26 +362,32 @@ impl Learning {
         Ok((req, devices))
     }
 
-    /// Queues a training job and returns its id; it runs when no other training is running.
+    /// Queues a training job and returns its id; it runs when no other training is running (with
+    /// PostgreSQL: when a trainer replica claims it).
     pub fn start(self: &Arc<Self>, req: TrainRequest, cause: &str) -> Result<u64, RequestError> {
         let (req, devices) = self.prepare(req)?;
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let class = req.dataset.class.clone();
-        self.jobs().insert(
+        let queued = |id| Job {
             id,
-            Job {
-                id,
-                class: class.clone(),
-                cause: cause.to_string(),
-                state: JobState::Queued,
-                progress: 0.0,
-                message: "waiting for the trainer".into(),
-                result: None,
-                error: None,
-                created_ms: edgeloop_common::unix_millis(),
-                finished_ms: None,
-            },
-        );
+            class: class.clone(),
+            cause: cause.to_string(),
+            state: JobState::Queued,
+            progress: 0.0,
+            message: "waiting for the trainer".into(),
+            result: None,
+            error: None,
+            created_ms: edgeloop_common::unix_millis(),
+            finished_ms: None,
+        };
+        if let Some(q) = &self.queue {
+            let request = edgeloop_common::signing::to_cbor(&(&req, &devices));
+            let job =
+                block_on(&q.rt, q.jobs.enqueue(&request, queued)).map_err(|e| RequestError::Queue(e.to_string()))?;
+            tracing::info!(job = job.id, %class, cause, "training queued for the trainers");
+            return Ok(job.id);
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.jobs().insert(id, queued(id));
         self.persist_soon(id);
         tracing::info!(job = id, %class, cause, "training queued");
         let this = self.clone();
@@ -319,13 +396,33 @@ impl Learning {
         let tracker = self.tracker.clone();
         self.tracker.spawn(async move {
             let Ok(_permit) = this.one_at_a_time.acquire().await else { return };
-            if this.stop.is_cancelled() {
-                return this.interrupt(id, edgeloop_common::unix_millis()).await;
-            }
-            this.update(id, |j| j.state = JobState::Running);
-            this.persist_soon(id);
-            let worker = this.clone();
-            let outcome = tracker.spawn_blocking(move || {
+            let outcome = if this.stop.is_cancelled() {
+                Ok(Err(RunError::Train(TrainError::Stopped)))
+            } else {
+                this.update(id, |j| j.state = JobState::Running);
+                this.persist_soon(id);
+                this.train(&tracker, id, class, devices, req).await
+            };
+            this.update(id, |j| conclude(j, outcome, edgeloop_common::unix_millis()));
+            // Written before the tracked task ends, so that a stop waits until the job's end is durable.
+            let this = this.clone();
+            let _ = tokio::task::spawn_blocking(move || this.persist(id)).await;
+        });
+        Ok(id)
+    }
+
+    /// Trains job `id` on the blocking pool, its progress kept in the job in memory.
+    async fn train(
+        self: &Arc<Self>,
+        tracker: &TaskTracker,
+        id: u64,
+        class: String,
+        devices: Vec<String>,
+        req: TrainRequest,
+    ) -> Outcome {
+        let worker = self.clone();
+        tracker
+            .spawn_blocking(move || {
                 let class_cfg = worker.classes.get(&class).cloned();
                 let Some(class_cfg) = class_cfg else { return Err(RunError::UnknownClass(class)) };
                 let progress_job = worker.clone();
@@ -337,53 +434,93 @@ impl Learning {
                 };
                 train_class(&worker.store, &devices, &class_cfg, &worker.models, &req, &mut progress)
             })
-            .await;
+            .await
+    }
+
+    /// Claims jobs from PostgreSQL's queue and trains them, one at a time, until `stop`: what a replica with
+    /// the `train` role does. `me` names this trainer in the queue. While a job trains, its progress and a
+    /// heartbeat are written every quarter of `claim_timeout`; a trainer that lost its claim (it went silent
+    /// for longer, and another took the job) stops the training. A job whose trainer went silent for longer
+    /// than `claim_timeout` is claimed again here.
+    pub async fn serve_queue(self: Arc<Self>, me: String, claim_timeout: std::time::Duration, stop: CancellationToken) {
+        let Some(q) = &self.queue else { return };
+        let beat = claim_timeout / 4;
+        tracing::info!(trainer = %me, "claiming training jobs");
+        loop {
             let now = edgeloop_common::unix_millis();
-            match outcome {
-                Ok(Ok(m)) => {
-                    tracing::info!(job = id, name = %m.name, version = m.version, promoted = m.promotion.promoted, reason = %m.promotion.reason, "training finished");
-                    this.update(id, |j| {
-                        j.state = JobState::Succeeded;
-                        j.progress = 1.0;
-                        j.finished_ms = Some(now);
-                        j.result = Some(JobResult {
-                            name: m.name,
-                            version: m.version,
-                            promoted: m.promotion.promoted,
-                            reason: m.promotion.reason,
-                        });
-                    });
-                    this.persist_soon(id);
+            let stale = now.saturating_sub(claim_timeout.as_millis() as u64);
+            let claimed = match q.jobs.claim(&me, now, stale).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "claiming a training job; retrying");
+                    None
                 }
-                Ok(Err(RunError::Train(TrainError::Stopped))) => this.interrupt(id, now).await,
-                Ok(Err(e)) => this.fail(id, now, e.to_string()),
-                Err(e) => this.fail(id, now, format!("training panicked: {e}")),
+            };
+            let Some(claimed) = claimed else {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => continue,
+                }
+            };
+            let id = claimed.job.id;
+            let request: Result<(TrainRequest, Vec<String>), _> = ciborium::from_reader(&claimed.request[..]);
+            let mut job = claimed.job;
+            let Ok((mut req, devices)) = request else {
+                conclude(&mut job, Ok(Err(RunError::Request("the queued request cannot be read".into()))), now);
+                let _ = q.jobs.write(&me, &job, now).await;
+                continue;
+            };
+            tracing::info!(job = id, class = %job.class, attempt = claimed.attempt, "training claimed");
+            req.device = self.defaults.device;
+            // Stops with the control plane, or when this trainer learns it lost the claim.
+            let lost = self.stop.child_token();
+            req.stop = crate::ml::training::Stop::on(lost.clone());
+            self.jobs().insert(id, job.clone());
+            let class = job.class.clone();
+            let training = self.train(&self.tracker, id, class, devices, req);
+            tokio::pin!(training);
+            let outcome = loop {
+                tokio::select! {
+                    outcome = &mut training => break outcome,
+                    _ = tokio::time::sleep(beat) => {
+                        let Some(now_job) = self.jobs().get(&id).cloned() else { continue };
+                        match q.jobs.write(&me, &now_job, edgeloop_common::unix_millis()).await {
+                            Ok(true) => {}
+                            Ok(false) => {
+                                tracing::warn!(job = id, "another trainer took this job over; stopping it here");
+                                lost.cancel();
+                            }
+                            Err(e) => tracing::warn!(job = id, error = %e, "writing a training job's progress"),
+                        }
+                    }
+                }
+            };
+            let mut done = self.jobs().remove(&id).unwrap_or(job);
+            conclude(&mut done, outcome, edgeloop_common::unix_millis());
+            if done.state == JobState::Interrupted && stop.is_cancelled() {
+                // This trainer is stopping: the job goes back to the queue for another.
+                done.state = JobState::Queued;
+                (done.progress, done.finished_ms, done.error) = (0.0, None, None);
+                done.message = format!("back in the queue: {me} stopped while training it");
             }
-        });
-        Ok(id)
-    }
-
-    /// Marks a job interrupted and writes it before returning (on the blocking pool), so that the tracked
-    /// task ends only once the state is durable.
-    async fn interrupt(self: &Arc<Self>, id: u64, now: u64) {
-        tracing::info!(job = id, "training interrupted: the control plane is stopping");
-        self.update(id, |j| {
-            j.state = JobState::Interrupted;
-            j.finished_ms = Some(now);
-            j.error = Some("interrupted: the control plane stopped before this training finished".into());
-        });
-        let this = self.clone();
-        let _ = tokio::task::spawn_blocking(move || this.persist(id)).await;
-    }
-
-    fn fail(self: &Arc<Self>, id: u64, now: u64, e: String) {
-        tracing::warn!(job = id, error = %e, "training failed");
-        self.update(id, |j| {
-            j.state = JobState::Failed;
-            j.finished_ms = Some(now);
-            j.error = Some(e);
-        });
-        self.persist_soon(id);
+            // The end is written until it is, unless the claim was lost (the job is another trainer's now).
+            loop {
+                match q.jobs.write(&me, &done, edgeloop_common::unix_millis()).await {
+                    Ok(true) => break,
+                    Ok(false) => {
+                        tracing::warn!(job = id, "the job is another trainer's now; this one's end is not recorded");
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(job = id, error = %e, "writing a training job's end; retrying");
+                        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                    }
+                }
+            }
+            if stop.is_cancelled() {
+                return;
+            }
+        }
     }
 }
 

@@ -435,11 +435,14 @@ impl ModelRegistry {
     /// already recorded: allocate it with [`ModelRegistry::next_version`]. Blocking.
     pub fn insert(&self, m: &ModelVersion) -> Result<(), ModelError> {
         let key = version_key(&m.name, m.version);
-        if !self.versions.insert_new(key, encode(m))? {
+        // The version and its production pointer together: never one without the other.
+        let pointer: Vec<(&Tree, Vec<u8>, Vec<u8>)> = if m.promotion.promoted {
+            vec![(&self.production, m.name.as_bytes().to_vec(), encode(&(m.name.clone(), m.version)))]
+        } else {
+            Vec::new()
+        };
+        if !self.versions.insert_new_with(key, encode(m), &pointer)? {
             return Err(ModelError::VersionTaken { name: m.name.clone(), version: m.version });
-        }
-        if m.promotion.promoted {
-            self.production.insert(m.name.as_bytes(), encode(&(m.name.clone(), m.version)))?;
         }
         self.backend.commit()?;
         Ok(())

@@ -68,6 +68,7 @@ impl ControlPlaneHandle {
 impl ControlPlane {
     pub async fn start(cfg: Config, cancel: CancellationToken) -> anyhow::Result<ControlPlaneHandle> {
         check_broker_transport(&cfg)?;
+        anyhow::ensure!(cfg.roles.ingest, "roles = [\"train\"]: a trainer replica runs with server::run_trainer");
         let tracker = TaskTracker::new();
         let mut stores = stores::Stores::open(&cfg).await?;
         // Work that runs once across replicas (rollout steps, triggers) runs where the lease is held: always
@@ -119,6 +120,26 @@ impl ControlPlane {
             task,
         })
     }
+}
+
+/// A trainer replica (`roles = ["train"]`, PostgreSQL): claims training jobs from the shared queue and runs
+/// them, with no broker, no API and none of the work that runs once. Returns when stopped.
+pub async fn run_trainer(cfg: Config, cancel: CancellationToken) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        cfg.storage != crate::config::Storage::Embedded,
+        "a trainer replica needs [storage] backend = \"postgres\""
+    );
+    let tracker = TaskTracker::new();
+    let stores = stores::Stores::open(&cfg).await?;
+    tracker.spawn(stores.devices.clone().follow(cancel.child_token()));
+    let _learning = services::learning(&cfg, &stores, &Lease::never(), &cancel, &tracker).await?;
+    tracing::info!(device = %cfg.training.device, "trainer running: no broker, no API");
+    cancel.cancelled().await;
+    tracker.close();
+    if tokio::time::timeout(STOP_DEADLINE * 6, tracker.wait()).await.is_err() {
+        tracing::warn!("training still running 30 s after the stop; abandoned (another trainer claims it again)");
+    }
+    Ok(())
 }
 
 /// A config built in code must agree with its URL too: an mqtts:// broker is never reached in plaintext.

@@ -46,7 +46,17 @@ pub(crate) async fn learning(
         cfg.training.clone(),
     )?
     .with_tasks(cancel.child_token(), tracker.clone());
+    let learning = match &stores.shared {
+        None => learning,
+        Some(pg) => learning
+            .with_queue(crate::storage::postgres::jobs::PgJobs::new(pg.clone()), tokio::runtime::Handle::current()),
+    };
     let learning = Arc::new(learning);
+    if stores.shared.is_some() && cfg.roles.train {
+        let me = format!("trainer-{}", crate::storage::postgres::kv::replica_id());
+        let timeout = Duration::from_secs(cfg.training.claim_timeout_secs);
+        tracker.spawn(learning.clone().serve_queue(me, timeout, cancel.child_token()));
+    }
     tracker.spawn(crate::ml::triggers::run(learning.clone(), lease.clone(), cancel.child_token()));
     Ok(learning)
 }

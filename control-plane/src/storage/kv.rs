@@ -84,6 +84,42 @@ impl Tree {
         }
     }
 
+    /// [`Tree::insert_new`], and if it stored the value, `also` (each a tree of the same back-end, a key and
+    /// a value) too: in one transaction on PostgreSQL; on sled, one after the other, durable together at the
+    /// next commit.
+    pub fn insert_new_with(
+        &self,
+        key: impl AsRef<[u8]>,
+        value: impl AsRef<[u8]>,
+        also: &[(&Tree, Vec<u8>, Vec<u8>)],
+    ) -> Result<bool, StoreError> {
+        match self {
+            Tree::Sled(_) => {
+                if !self.insert_new(key, value)? {
+                    return Ok(false);
+                }
+                for (t, k, v) in also {
+                    t.insert(k, v)?;
+                }
+                Ok(true)
+            }
+            Tree::Pg { kv, rt, name } => {
+                let also: Vec<(&str, Vec<u8>, Vec<u8>)> = also
+                    .iter()
+                    .map(|(t, k, v)| match t {
+                        Tree::Pg { name, .. } => Ok((*name, k.clone(), v.clone())),
+                        Tree::Sled(_) => Err(StoreError::Corrupt {
+                            device: (*name).to_string(),
+                            seq: 0,
+                            reason: "a write across back-ends".into(),
+                        }),
+                    })
+                    .collect::<Result<_, _>>()?;
+                Ok(block_on(rt, kv.put_new_with(name, key.as_ref(), value.as_ref(), &also))?)
+            }
+        }
+    }
+
     pub fn remove(&self, key: impl AsRef<[u8]>) -> Result<(), StoreError> {
         match self {
             Tree::Sled(t) => {

@@ -16,6 +16,20 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
+/// What a replica's config adds: top-level lines (`roles`), lines of `[rollouts]`, and sections at the end.
+#[derive(Default)]
+pub(crate) struct Opts {
+    pub top: String,
+    pub rollouts: String,
+    pub tail: String,
+}
+
+impl Opts {
+    fn rollouts(lines: &str) -> Opts {
+        Opts { rollouts: lines.into(), ..Default::default() }
+    }
+}
+
 pub(crate) struct Cluster {
     dir: PathBuf,
     pub mosquitto: Mosquitto,
@@ -35,21 +49,24 @@ impl Cluster {
         Cluster { dir: dir.to_path_buf(), mosquitto, pg, signer }
     }
 
-    /// A replica's process (not started) and its API address; `rollouts` adds lines to its `[rollouts]`.
-    fn proc(&self, name: &str, rollouts: &str) -> (Proc, std::net::SocketAddr) {
+    /// A replica's process (not started) and its API address.
+    fn proc(&self, name: &str, o: &Opts) -> (Proc, std::net::SocketAddr) {
         let api = std::net::SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
         let conf = self.dir.join(format!("{name}.toml"));
         std::fs::write(
             &conf,
             format!(
-                "data_dir = \"{name}\"\n[broker]\nmode = \"external\"\nurl = \"mqtt://127.0.0.1:{}\"\n\
+                "data_dir = \"{name}\"\n{}\n[broker]\nmode = \"external\"\nurl = \"mqtt://127.0.0.1:{}\"\n\
                  username = \"edgeloop-control-plane\"\npassword_file = \"cp.password\"\n\
                  provisioning = \"mosquitto-dynsec\"\nshared_group = \"ingest\"\n[api]\nlisten = \"{api}\"\n\
-                 [tls]\nplaintext = true\n[rollouts]\nsigning_key = \"signing.key\"\n{rollouts}\n\
+                 [tls]\nplaintext = true\n[rollouts]\nsigning_key = \"signing.key\"\n{}\n\
                  [ingest]\ncommit_max_messages = 64\n\
-                 [storage]\nbackend = \"postgres\"\nurl = \"{}\"\npassword_file = \"pg.password\"\n",
+                 [storage]\nbackend = \"postgres\"\nurl = \"{}\"\npassword_file = \"pg.password\"\n{}\n",
+                o.top,
                 self.mosquitto.port,
-                self.pg.url()
+                o.rollouts,
+                self.pg.url(),
+                o.tail,
             ),
         )
         .unwrap();
@@ -62,16 +79,17 @@ impl Cluster {
     }
 
     /// Starts the first replica, `a`, which makes the admin token; returns it and its API with that token.
-    pub async fn first_replica(&self, rollouts: &str) -> (Proc, Api) {
-        let (mut p, addr) = self.proc("a", rollouts);
+    pub async fn first_replica(&self, o: &Opts) -> (Proc, Api) {
+        let (mut p, addr) = self.proc("a", o);
         p.start();
         let api = crate::support::authorize_from_file(Api::new(addr), &self.dir.join("a/admin.token")).await;
+        wait_for("a's API", Duration::from_secs(60), || std::net::TcpStream::connect(addr).is_ok()).await;
         (p, api)
     }
 
     /// Starts another replica; it finds the admin token in the shared database.
-    pub async fn replica(&self, name: &str, rollouts: &str) -> (Proc, Api) {
-        let (mut p, addr) = self.proc(name, rollouts);
+    pub async fn replica(&self, name: &str, o: &Opts) -> (Proc, Api) {
+        let (mut p, addr) = self.proc(name, o);
         p.start();
         let admin = std::fs::read_to_string(self.dir.join("a/admin.token")).unwrap();
         wait_for(&format!("{name}'s API"), Duration::from_secs(60), || std::net::TcpStream::connect(addr).is_ok())
@@ -112,9 +130,9 @@ const CLASS: &str = "city-air-quality";
 async fn leader_killed_mid_rollout_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let c = Cluster::start(dir.path());
-    let (mut a, api_a) = c.first_replica("tick_ms = 100").await;
+    let (mut a, api_a) = c.first_replica(&Opts::rollouts("tick_ms = 100")).await;
     wait_until_leader(&api_a, "a, the only replica", Duration::from_secs(30)).await;
-    let (mut b, api_b) = c.replica("b", "tick_ms = 100").await;
+    let (mut b, api_b) = c.replica("b", &Opts::rollouts("tick_ms = 100")).await;
     assert_eq!(metric(&api_b, "edgeloop_leader").await, 0.0, "two leaders");
 
     // The model goes in through A; the devices enroll, and fetch artifacts, through B.
@@ -201,8 +219,8 @@ async fn leader_killed_mid_rollout_resumes() {
 async fn api_is_the_same_on_every_replica() {
     let dir = tempfile::tempdir().unwrap();
     let c = Cluster::start(dir.path());
-    let (mut a, api_a) = c.first_replica("").await;
-    let (mut b, api_b) = c.replica("b", "").await;
+    let (mut a, api_a) = c.first_replica(&Opts::default()).await;
+    let (mut b, api_b) = c.replica("b", &Opts::default()).await;
     // A token made with A's config (the CLI, on the shared database), used on B.
     let out = std::process::Command::new(crate::support::binary("edgeloop-control-plane"))
         .args(["tokens", "create", "--role", "operator", "--name", "ci", "--config"])
@@ -250,4 +268,110 @@ async fn api_is_the_same_on_every_replica() {
     }
     a.sigterm();
     b.sigterm();
+}
+
+/// A training job queued on an ingest-only replica waits for a trainer (`roles = ["train"]`, no broker, no
+/// API); the trainer that claims it is SIGKILLed mid-training, and another claims the job once the first has
+/// been silent for the claim timeout, trains it and records one model version: the job is neither lost nor
+/// half-done, and the ingest replica never trains.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trainer_killed_mid_job_is_requeued() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Cluster::start(dir.path());
+    let classes = Path::new(env!("CARGO_MANIFEST_DIR")).join("../firmware-configs");
+    let training = format!("[training]\nclasses_dir = \"{}\"\nclaim_timeout_secs = 4\n", classes.display());
+    let role = |r: &str| Opts { top: format!("roles = [\"{r}\"]"), tail: training.clone(), ..Default::default() };
+    let (mut a, api) = c.first_replica(&role("ingest")).await;
+
+    // Telemetry from 3 devices, stored through the ingest replica.
+    let class = edgeloop_simulators::class_config(CLASS).unwrap();
+    let cancel = CancellationToken::new();
+    let mut spec = edgeloop_simulators::fleet::FleetSpec::new(
+        vec![class],
+        ("127.0.0.1".into(), c.mosquitto.port),
+        &dir.path().join("agents"),
+        c.signer.trusted(None),
+    );
+    spec.enroll_with(&api, 3).await.unwrap();
+    let mut devices = edgeloop_simulators::fleet::start(&spec, 3, &cancel).await.unwrap();
+    for d in &mut devices {
+        for s in d.generator.take(1500) {
+            d.samples.send(s).await.unwrap();
+        }
+    }
+    let outboxes: Vec<_> = devices.iter().map(|d| d.agent.outbox.clone()).collect();
+    wait_for("telemetry stored", Duration::from_secs(60), || outboxes.iter().all(|o| o.stats().acked == 1500)).await;
+    for d in &devices {
+        let id = d.agent.device.clone();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while api.get_json::<DeviceView>(&format!("/api/v1/devices/{id}")).await.map(|v| v.device.class).ok()
+            != Some(CLASS.to_string())
+        {
+            assert!(Instant::now() < deadline, "{id}'s class never reached the registry");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    let (status, text) =
+        api.post_json("/api/v1/train", &json!({"class": CLASS, "trials": 100, "seed": 1})).await.unwrap();
+    assert_eq!(status, 202, "{text}");
+    let id = serde_json::from_str::<serde_json::Value>(&text).unwrap()["job"].as_u64().unwrap();
+    let job = |api: &Api| {
+        let api = api.clone();
+        async move { api.get_json::<serde_json::Value>(&format!("/api/v1/jobs/{id}")).await.unwrap() }
+    };
+    // The ingest replica does not train it.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(job(&api).await["state"], "queued", "the ingest-only replica took the job");
+
+    let trainer = |name: &str| {
+        let (p, _) = c.proc(name, &role("train"));
+        p
+    };
+    let mut t1 = trainer("t1");
+    t1.start();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let j = job(&api).await;
+        if j["state"] == "running" && j["progress"].as_f64().unwrap_or(0.0) > 0.0 {
+            break;
+        }
+        assert_ne!(j["state"], "succeeded", "the training ended before the trainer could be killed");
+        assert!(Instant::now() < deadline, "t1 never trained the job: {j}\n{}", c.log("t1"));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    t1.sigkill();
+    let first = c.pg.psql(&format!("SELECT claimed_by FROM training_jobs WHERE id = {id}")).unwrap();
+
+    let mut t2 = trainer("t2");
+    t2.start();
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let done = loop {
+        let j = job(&api).await;
+        if j["state"] == "succeeded" {
+            break j;
+        }
+        assert!(!matches!(j["state"].as_str(), Some("failed" | "interrupted")), "{j}\nt2: {}", c.log("t2"));
+        assert!(Instant::now() < deadline, "t2 did not finish the job: {j}\n{}", c.log("t2"));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let row = c.pg.psql(&format!("SELECT attempts, claimed_by FROM training_jobs WHERE id = {id}")).unwrap();
+    let (attempts, second) = row.split_once('|').unwrap();
+    assert_eq!(attempts, "2", "{row}");
+    assert_ne!(second, first, "the same trainer finished it");
+    // One version recorded, the one the job names; production points at it if it was promoted.
+    let (status, models) = api.get(&format!("/api/v1/models?class={CLASS}")).await.unwrap();
+    assert_eq!(status, 200, "{models}");
+    let models: serde_json::Value = serde_json::from_str(&models).unwrap();
+    let items = models.as_array().unwrap();
+    assert_eq!(items.len(), 1, "{models}");
+    assert_eq!(items[0]["version"], done["result"]["version"]);
+    assert_eq!(items[0]["promoted"], done["result"]["promoted"]);
+    assert_eq!(items[0]["production"], done["result"]["promoted"], "the production pointer disagrees: {models}");
+    cancel.cancel();
+    for d in devices {
+        d.agent.join().await.unwrap();
+    }
+    t2.sigterm();
+    a.sigterm();
 }

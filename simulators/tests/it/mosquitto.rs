@@ -670,8 +670,8 @@ async fn replica_killed_mid_stream_loses_nothing() {
     let m = &c.mosquitto;
     let pg = &c.pg;
     let signer = &c.signer;
-    let (mut a, api_a) = c.first_replica("").await;
-    let (mut b, api_b) = c.replica("b", "").await;
+    let (mut a, api_a) = c.first_replica(&crate::cluster::Opts::default()).await;
+    let (mut b, api_b) = c.replica("b", &crate::cluster::Opts::default()).await;
 
     let mut class = edgeloop_simulators::class_config("city-air-quality").unwrap();
     class.uplink.ack_timeout_secs = 1;

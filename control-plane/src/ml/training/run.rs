@@ -68,6 +68,8 @@ pub enum RunError {
     Artifact(#[from] std::io::Error),
     #[error("no firmware config for class `{0}`")]
     UnknownClass(String),
+    #[error("the training request: {0}")]
+    Request(String),
     #[error("a {0} cannot be asked for: ask for an autoencoder (the search registers a forecaster when it scores better) or a classifier")]
     NotTrainable(ModelKind),
     #[error("a classifier needs at least two labels in the training split, and labelled rows in the validation and test splits")]

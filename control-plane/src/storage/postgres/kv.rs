@@ -129,6 +129,38 @@ impl PgKv {
         Ok(n == 1)
     }
 
+    /// [`PgKv::put_new`], and if it stored the value, the `also` writes too, in the same transaction.
+    pub async fn put_new_with(
+        &self,
+        tree: &str,
+        key: &[u8],
+        value: &[u8],
+        also: &[(&str, Vec<u8>, Vec<u8>)],
+    ) -> Result<bool, PgError> {
+        let mut c = self.pg.client().await?;
+        let tx = c.transaction().await.map_err(PgError::query("starting a write"))?;
+        let n = tx
+            .execute(
+                "INSERT INTO kv (tree, key, value) VALUES ($1, $2, $3) ON CONFLICT (tree, key) DO NOTHING",
+                &[&tree, &key, &value],
+            )
+            .await
+            .map_err(PgError::query("writing a new stored document"))?;
+        if n == 1 {
+            for (t, k, v) in also {
+                tx.execute(
+                    "INSERT INTO kv (tree, key, value) VALUES ($1, $2, $3) \
+                     ON CONFLICT (tree, key) DO UPDATE SET value = EXCLUDED.value",
+                    &[t, k, v],
+                )
+                .await
+                .map_err(PgError::query("writing a stored document"))?;
+            }
+        }
+        tx.commit().await.map_err(PgError::query("committing a write"))?;
+        Ok(n == 1)
+    }
+
     pub async fn remove(&self, tree: &str, key: &[u8]) -> Result<(), PgError> {
         let c = self.pg.client().await?;
         c.execute("DELETE FROM kv WHERE tree = $1 AND key = $2", &[&tree, &key])

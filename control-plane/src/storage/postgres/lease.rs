@@ -35,6 +35,13 @@ impl Lease {
         Lease { rx }
     }
 
+    /// A lease this replica never holds (a trainer, which runs none of the work that needs one).
+    pub fn never() -> Lease {
+        let (tx, rx) = watch::channel(false);
+        std::mem::forget(tx);
+        Lease { rx }
+    }
+
     /// Starts trying to lead for `name` until `stop`.
     pub fn spawn(
         pg: Pg,

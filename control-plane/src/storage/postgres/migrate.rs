@@ -24,6 +24,7 @@ pub const MIGRATIONS: &[Migration] = &[
     Migration { version: 2, name: "enrollment", sql: include_str!("../../../migrations/0002_enrollment.sql") },
     Migration { version: 3, name: "operators", sql: include_str!("../../../migrations/0003_operators.sql") },
     Migration { version: 4, name: "state", sql: include_str!("../../../migrations/0004_state.sql") },
+    Migration { version: 5, name: "training_jobs", sql: include_str!("../../../migrations/0005_training_jobs.sql") },
 ];
 
 /// The advisory lock replicas take while migrating (an arbitrary constant: "edgeloop" in ASCII, truncated).

@@ -7,6 +7,7 @@
 
 pub mod devices;
 pub mod enrollment;
+pub mod jobs;
 pub mod kv;
 pub mod lease;
 pub mod migrate;
