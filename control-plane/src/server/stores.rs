@@ -130,6 +130,9 @@ impl Stores {
         .await?
         .context("opening the store")?;
         tracing::info!(key_id = stores.signer.key_id(), public_key = %stores.signer.public_key_hex(), "signing key loaded");
+        if let Some(pg) = &stores.shared {
+            one_signing_key(pg, &stores.signer.public_key_hex()).await?;
+        }
         if cfg.require_tokens {
             stores.admin_token = stores.operators.bootstrap()?;
             if stores.admin_token.is_some() {
@@ -142,3 +145,25 @@ impl Stores {
         Ok(stores)
     }
 }
+
+/// Every replica on one database signs with one key (agents trust one list of keys, and a desired state one
+/// replica issued is published again by another): the first start records the key's public part; a replica
+/// with another key refuses to start, naming both.
+async fn one_signing_key(pg: &crate::storage::postgres::Pg, public_key: &str) -> anyhow::Result<()> {
+    let kv = crate::storage::postgres::kv::PgKv::new(pg.clone());
+    if kv.put_new(SIGNING_KEYS, b"current", public_key.as_bytes()).await? {
+        tracing::info!(public_key, "signing key's public part recorded in PostgreSQL for the other replicas");
+        return Ok(());
+    }
+    let recorded = kv.get(SIGNING_KEYS, b"current").await?.unwrap_or_default();
+    let recorded = String::from_utf8_lossy(&recorded);
+    anyhow::ensure!(
+        recorded == public_key,
+        "this control plane's signing key (public key {public_key}) is not the one the other replicas on this \
+         database sign with ({recorded}): give every replica the same rollouts.signing_key"
+    );
+    Ok(())
+}
+
+/// The tree of the signing key's public part, in PostgreSQL's `kv` table.
+const SIGNING_KEYS: &str = "signing_keys";

@@ -513,6 +513,17 @@ async fn two_control_planes_on_one_database_share_enrollment() {
     };
     let s2 = storage.clone();
     let (a, a_cancel) = crate::support::start_cp(&dir.path().join("a"), move |cfg| cfg.storage = s2).await;
+    // A second control plane with a key of its own is refused: replicas sign with one key.
+    let mut cfg = edgeloop_control_plane::config::Config::embedded(
+        dir.path().join("b/cp"),
+        std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+    );
+    cfg.storage = storage.clone();
+    let refused = edgeloop_control_plane::ControlPlane::start(cfg, tokio_util::sync::CancellationToken::new()).await;
+    let e = format!("{:#}", refused.err().expect("a control plane with another signing key started"));
+    assert!(e.contains("is not the one the other replicas on this database sign with"), "{e}");
+    std::fs::copy(dir.path().join("a/cp/signing.key"), dir.path().join("b/cp/signing.key")).unwrap();
     let (b, b_cancel) = crate::support::start_cp(&dir.path().join("b"), move |cfg| cfg.storage = storage).await;
     // The first control plane on the new database made the admin token; the second made none and takes it.
     assert!(b.admin_token.is_none());
