@@ -91,6 +91,9 @@ pub struct ChaosOptions {
     pub seed: u64,
     /// Longest wait for the fleet to drain once the faults stop.
     pub drain_timeout: Duration,
+    /// Against control-plane replica processes on PostgreSQL and mosquitto ([`crate::chaos_cluster`]),
+    /// where `restart-control-plane` SIGKILLs a replica; `corrupt` is not run there.
+    pub cluster: bool,
 }
 
 /// The checker's report.
@@ -111,6 +114,8 @@ pub struct ChaosReport {
     pub corrupted_rejected: u64,
     /// Control-plane stops that missed their deadline (ingest's last commit); nothing acknowledged is at risk.
     pub control_plane_unclean_stops: u64,
+    /// With `--cluster`: replicas SIGKILLed mid-stream (and started again).
+    pub replica_kills: u64,
     pub ok: bool,
 }
 
@@ -122,6 +127,9 @@ async fn start_cp(cfg: &Config) -> anyhow::Result<(ControlPlaneHandle, Cancellat
 
 /// Runs the fleet under faults, drains, checks, and returns the report.
 pub async fn run(opts: ChaosOptions, stop: CancellationToken) -> anyhow::Result<ChaosReport> {
+    if opts.cluster {
+        return run_cluster(opts, stop).await;
+    }
     let classes = opts.classes.iter().map(|c| crate::class_config(c)).collect::<anyhow::Result<Vec<_>>>()?;
     anyhow::ensure!(!classes.is_empty(), "name at least one class");
     let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed);
@@ -131,7 +139,7 @@ pub async fn run(opts: ChaosOptions, stop: CancellationToken) -> anyhow::Result<
     let api = crate::http::Api::of(&cp.handle);
     let proxy_cancel = CancellationToken::new();
     let proxy = FaultProxy::start(cp.mqtt, proxy_cancel.clone()).await?;
-    let spec = fleet_spec(&opts, classes, &proxy, &cp.handle, &api).await?;
+    let spec = fleet_spec(&opts, classes, &proxy, cp.handle.trusted_key.clone(), &api).await?;
     let fleet_cancel = CancellationToken::new();
     let mut devices = fleet::start(&spec, opts.devices, &fleet_cancel).await?;
     standing_faults(&opts.faults, &mut devices, &spec, &mut injected);
@@ -175,8 +183,23 @@ pub async fn run(opts: ChaosOptions, stop: CancellationToken) -> anyhow::Result<
 
     heal(&proxy);
     fleet::drain(&devices, opts.drain_timeout).await;
-    let mut report = check(&cp.handle, devices, &fleet_cancel, started.elapsed(), injected.0).await?;
-    report.corrupted_rejected += cp.corrupted_before;
+    let outboxes = stop_fleet(devices, &fleet_cancel).await?;
+    let handle = &cp.handle;
+    let reported = |id: &str| handle.registry.get(id).and_then(|d| d.last_status).map_or(0, |st| st.dropped_total);
+    let stored = async |id: &str| -> anyhow::Result<Vec<u64>> {
+        let mut out = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = handle.store.query(id, Query { after_seq: after, from_ms: None, to_ms: None, limit: 10_000 })?;
+            out.extend(page.iter().map(|r| r.seq));
+            match page.last() {
+                Some(last) if page.len() == 10_000 => after = last.seq,
+                _ => return Ok(out),
+            }
+        }
+    };
+    let mut report = check(outboxes, stored, reported, started.elapsed(), injected.0).await?;
+    report.corrupted_rejected = corrupted_rejected(handle) + cp.corrupted_before;
     report.control_plane_unclean_stops = cp.unclean_stops;
     if let Some(r) = rogue {
         r.task.abort();
@@ -271,11 +294,11 @@ async fn fleet_spec(
     opts: &ChaosOptions,
     classes: Vec<edgeloop_common::config::ClassConfig>,
     proxy: &FaultProxy,
-    cp: &ControlPlaneHandle,
+    trusted_key: edgeloop_common::signing::TrustedKey,
     api: &crate::http::Api,
 ) -> anyhow::Result<FleetSpec> {
     let mqtt = ("127.0.0.1".to_string(), proxy.addr().port());
-    let mut spec = FleetSpec::new(classes, mqtt, &opts.data_root.join("agents"), cp.trusted_key.clone());
+    let mut spec = FleetSpec::new(classes, mqtt, &opts.data_root.join("agents"), trusted_key);
     spec.enroll_with(api, opts.devices).await?;
     if opts.faults.contains(&Fault::DiskFull) {
         spec.customise = std::sync::Arc::new(|c| {
@@ -438,16 +461,36 @@ async fn corrupt_some(client: &rumqttc::AsyncClient, devices: &[SimDevice], rng:
     }
 }
 
-/// Stops every agent (their last heartbeats report their drops), then compares outboxes with the store.
-async fn check(
-    cp: &ControlPlaneHandle,
+/// Stops every agent (their last heartbeats report their drops, which travel through the broker to ingest);
+/// returns each agent's outbox.
+async fn stop_fleet(
     devices: Vec<SimDevice>,
     fleet_cancel: &CancellationToken,
+) -> anyhow::Result<Vec<(String, std::sync::Arc<edgeloop_agent::outbox::Outbox>)>> {
+    fleet_cancel.cancel();
+    let mut outboxes = Vec::new();
+    for d in devices {
+        let outbox = d.agent.outbox.clone();
+        let id = d.agent.device.clone();
+        drop(d.samples);
+        d.agent.join().await.with_context(|| format!("stopping agent {id}"))?;
+        outboxes.push((id, outbox));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    Ok(outboxes)
+}
+
+/// Compares each agent's outbox with what the control plane stored (`stored`: a device's stored sequences)
+/// and with the drops its heartbeats reported (`reported`).
+async fn check(
+    outboxes: Vec<(String, std::sync::Arc<edgeloop_agent::outbox::Outbox>)>,
+    stored: impl AsyncFn(&str) -> anyhow::Result<Vec<u64>>,
+    reported: impl Fn(&str) -> u64,
     elapsed: Duration,
     injected: std::collections::BTreeMap<String, u64>,
 ) -> anyhow::Result<ChaosReport> {
     let mut r = ChaosReport {
-        devices: devices.len(),
+        devices: outboxes.len(),
         duration_s: elapsed.as_secs(),
         faults_injected: injected,
         generated: 0,
@@ -458,42 +501,23 @@ async fn check(
         dropped_by_policy: 0,
         dropped_reported: 0,
         unacknowledged: 0,
-        corrupted_rejected: corrupted_rejected(cp),
+        corrupted_rejected: 0,
         control_plane_unclean_stops: 0,
+        replica_kills: 0,
         ok: false,
     };
-    fleet_cancel.cancel();
-    let mut outboxes = Vec::new();
-    for d in devices {
-        let outbox = d.agent.outbox.clone();
-        let id = d.agent.device.clone();
-        drop(d.samples);
-        d.agent.join().await.with_context(|| format!("stopping agent {id}"))?;
-        outboxes.push((id, outbox));
-    }
-    // The last heartbeats travel through the broker to ingest.
-    tokio::time::sleep(Duration::from_secs(2)).await;
     for (id, outbox) in outboxes {
         let s = outbox.stats();
         r.generated += s.last_seq;
         r.acknowledged += s.acked;
         r.unacknowledged += s.last_seq - s.acked.min(s.last_seq);
         r.dropped_by_policy += s.dropped_total;
-        let reported = cp.registry.get(&id).and_then(|d| d.last_status).map_or(0, |st| st.dropped_total);
-        r.dropped_reported += reported;
+        r.dropped_reported += reported(&id);
         let mut seen = BTreeSet::new();
-        let mut after = 0;
-        loop {
-            let page = cp.store.query(&id, Query { after_seq: after, from_ms: None, to_ms: None, limit: 10_000 })?;
-            for rec in &page {
-                if !seen.insert(rec.seq) {
-                    r.duplicates_stored += 1;
-                }
-            }
-            r.stored += page.len() as u64;
-            match page.last() {
-                Some(last) if page.len() == 10_000 => after = last.seq,
-                _ => break,
+        for seq in stored(&id).await? {
+            r.stored += 1;
+            if !seen.insert(seq) {
+                r.duplicates_stored += 1;
             }
         }
         let dropped: Vec<_> = s.dropped_ranges.clone();
@@ -501,4 +525,71 @@ async fn check(
     }
     r.ok = r.lost == 0 && r.duplicates_stored == 0 && r.dropped_by_policy == r.dropped_reported;
     Ok(r)
+}
+
+/// [`run`] against [`crate::chaos_cluster::ChaosCluster`]: the same fleet, schedule and check, with a replica
+/// SIGKILLed where the single control plane is restarted.
+async fn run_cluster(opts: ChaosOptions, stop: CancellationToken) -> anyhow::Result<ChaosReport> {
+    anyhow::ensure!(
+        !opts.faults.contains(&Fault::Corrupt),
+        "the corrupt fault is not run with --cluster (its refusals are counted by the single control plane)"
+    );
+    let classes = opts.classes.iter().map(|c| crate::class_config(c)).collect::<anyhow::Result<Vec<_>>>()?;
+    anyhow::ensure!(!classes.is_empty(), "name at least one class");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed);
+    let mut injected = Injected::default();
+    let mut cluster = crate::chaos_cluster::ChaosCluster::start(&opts.data_root.join("cluster")).await?;
+    let proxy_cancel = CancellationToken::new();
+    let proxy = FaultProxy::start(cluster.mqtt, proxy_cancel.clone()).await?;
+    let spec = fleet_spec(&opts, classes, &proxy, cluster.trusted_key.clone(), &cluster.api).await?;
+    let fleet_cancel = CancellationToken::new();
+    let mut devices = fleet::start(&spec, opts.devices, &fleet_cancel).await?;
+    standing_faults(&opts.faults, &mut devices, &spec, &mut injected);
+
+    let started = Instant::now();
+    let mut schedule = Schedule::new(&opts.faults, &mut rng);
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    while started.elapsed() < opts.duration && !stop.is_cancelled() {
+        tick.tick().await;
+        feed_once(&mut devices);
+        if schedule.heal_due() {
+            heal(&proxy);
+        }
+        let Some(f) = schedule.next_fault(&mut rng) else { continue };
+        injected.count(f);
+        match f {
+            Fault::Cut => proxy.cut_all(),
+            Fault::Blackhole => {
+                proxy.set_mode(Mode::Blackhole);
+                schedule.heal_after(rng.gen_range(2_000..5_000));
+            }
+            Fault::Delay => {
+                proxy.set_delay(Duration::from_millis(rng.gen_range(50..300)));
+                schedule.heal_after(rng.gen_range(1_000..3_000));
+            }
+            Fault::RestartControlPlane => cluster.kill_one(&mut rng).await?,
+            Fault::RestartAgents => restart_some_agents(&mut devices, &fleet_cancel, &mut rng).await?,
+            Fault::Corrupt | Fault::DiskFull | Fault::ClockSkew => {}
+        }
+    }
+
+    heal(&proxy);
+    fleet::drain(&devices, opts.drain_timeout).await;
+    let outboxes = stop_fleet(devices, &fleet_cancel).await?;
+    // The registry's last heartbeats reach PostgreSQL with the replicas' next commit.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let reported = cluster.dropped_reported().await?;
+    let cl = &cluster;
+    let mut report = check(
+        outboxes,
+        async |id: &str| cl.stored_seqs(id).await,
+        |id: &str| reported.get(id).copied().unwrap_or(0),
+        started.elapsed(),
+        injected.0,
+    )
+    .await?;
+    report.replica_kills = cluster.kills;
+    proxy_cancel.cancel();
+    report.control_plane_unclean_stops = cluster.stop();
+    Ok(report)
 }

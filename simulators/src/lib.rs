@@ -17,16 +17,19 @@
 //! - [`nab`]: the Numenta Anomaly Benchmark replayed through the real loop, and NAB's scorer.
 
 pub mod chaos;
+pub mod chaos_cluster;
 pub mod demo;
 pub mod device;
 pub mod fleet;
 pub mod http;
 pub mod load;
 pub mod modbus_device;
+pub mod mosquitto;
 pub mod nab;
 pub mod postgres;
 pub mod processes;
 pub mod proxy;
+pub mod replicas;
 pub mod rollouts;
 pub mod signals;
 pub mod supervisor;

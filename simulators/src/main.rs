@@ -82,6 +82,11 @@ enum Command {
         seed: u64,
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Against 2 control-plane replica processes on PostgreSQL and mosquitto (started here; Debian's
+        /// postgresql and mosquitto packages, and `edgeloop-control-plane` built beside this binary), where
+        /// restart-control-plane SIGKILLs a replica. `all` leaves out corrupt there.
+        #[arg(long)]
+        cluster: bool,
     },
     /// Start a control-plane process, connect N devices sending `rate` records a second each, and measure
     /// throughput, generation-to-ack latency (p50/p95/p99) and the control plane's CPU and RSS (JSON report).
@@ -278,9 +283,16 @@ fn chaos(
     classes: String,
     seed: u64,
     data_dir: Option<PathBuf>,
+    cluster: bool,
 ) -> Result<(), Failure> {
-    let faults =
-        edgeloop_simulators::chaos::Fault::parse(&faults).map_err(|e| Failure::usage(format!("--faults: {e}")))?;
+    use edgeloop_simulators::chaos::Fault;
+    let all = faults == "all";
+    let mut faults = Fault::parse(&faults).map_err(|e| Failure::usage(format!("--faults: {e}")))?;
+    if cluster && all {
+        faults.retain(|f| *f != Fault::Corrupt);
+    } else if cluster && faults.contains(&Fault::Corrupt) {
+        return Err(Failure::usage("--faults: corrupt is not run with --cluster"));
+    }
     if devices == 0 {
         return Err(Failure::usage("--devices must be at least 1"));
     }
@@ -295,6 +307,7 @@ fn chaos(
         data_root,
         seed,
         drain_timeout: Duration::from_secs(180),
+        cluster,
     };
     let ok = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let ok2 = ok.clone();
@@ -394,8 +407,8 @@ fn try_main(cli: Cli) -> Result<(), Failure> {
             return run_to_summary(|stop| edgeloop_simulators::load::run(opts, stop));
         }
         Command::ModbusDevice { class, listen, seed, speed } => return modbus_device(class, listen, seed, speed),
-        Command::Chaos { devices, duration, faults, classes, seed, data_dir } => {
-            return chaos(devices, duration, faults, classes, seed, data_dir)
+        Command::Chaos { devices, duration, faults, classes, seed, data_dir, cluster } => {
+            return chaos(devices, duration, faults, classes, seed, data_dir, cluster)
         }
         Command::Fleet {
             devices,

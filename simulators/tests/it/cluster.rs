@@ -9,25 +9,17 @@ use edgeloop_control_plane::rollout::{RolloutView, State};
 use edgeloop_control_plane::web::DeviceView;
 use edgeloop_simulators::free_port;
 use edgeloop_simulators::http::Api;
-use edgeloop_simulators::postgres::{PgCluster, PASSWORD};
+use edgeloop_simulators::postgres::PgCluster;
 use edgeloop_simulators::rollouts;
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
-/// What a replica's config adds: top-level lines (`roles`), lines of `[rollouts]`, and sections at the end.
-#[derive(Default)]
-pub(crate) struct Opts {
-    pub top: String,
-    pub rollouts: String,
-    pub tail: String,
-}
+pub(crate) use edgeloop_simulators::replicas::ReplicaOpts as Opts;
 
-impl Opts {
-    fn rollouts(lines: &str) -> Opts {
-        Opts { rollouts: lines.into(), ..Default::default() }
-    }
+fn rollouts_opts(lines: &str) -> Opts {
+    Opts { rollouts: lines.into(), ..Default::default() }
 }
 
 pub(crate) struct Cluster {
@@ -40,12 +32,9 @@ pub(crate) struct Cluster {
 impl Cluster {
     /// mosquitto with dynamic security, a PostgreSQL cluster, their password files and a signing key in `dir`.
     pub fn start(dir: &Path) -> Cluster {
-        let mosquitto = Mosquitto::start_dynsec(dir);
+        let mosquitto = Mosquitto::start_dynsec(dir).unwrap();
         let pg = PgCluster::start(dir).unwrap();
-        std::fs::write(dir.join("pg.password"), PASSWORD).unwrap();
-        std::fs::write(dir.join("cp.password"), "cp-secret").unwrap();
-        // One signing key for every replica: agents accept any replica's acknowledgements and desired states.
-        let signer = edgeloop_control_plane::access::keys::load_or_create(&dir.join("signing.key")).unwrap();
+        let signer = edgeloop_simulators::replicas::shared_files(dir).unwrap();
         Cluster { dir: dir.to_path_buf(), mosquitto, pg, signer }
     }
 
@@ -53,23 +42,8 @@ impl Cluster {
     fn proc(&self, name: &str, o: &Opts) -> (Proc, std::net::SocketAddr) {
         let api = std::net::SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
         let conf = self.dir.join(format!("{name}.toml"));
-        std::fs::write(
-            &conf,
-            format!(
-                "data_dir = \"{name}\"\n{}\n[broker]\nmode = \"external\"\nurl = \"mqtt://127.0.0.1:{}\"\n\
-                 username = \"edgeloop-control-plane\"\npassword_file = \"cp.password\"\n\
-                 provisioning = \"mosquitto-dynsec\"\nshared_group = \"ingest\"\n[api]\nlisten = \"{api}\"\n\
-                 [tls]\nplaintext = true\n[rollouts]\nsigning_key = \"signing.key\"\n{}\n\
-                 [ingest]\ncommit_max_messages = 64\n\
-                 [storage]\nbackend = \"postgres\"\nurl = \"{}\"\npassword_file = \"pg.password\"\n{}\n",
-                o.top,
-                self.mosquitto.port,
-                o.rollouts,
-                self.pg.url(),
-                o.tail,
-            ),
-        )
-        .unwrap();
+        std::fs::write(&conf, edgeloop_simulators::replicas::config(name, self.mosquitto.port, &self.pg.url(), api, o))
+            .unwrap();
         let proc = Proc::new(
             "edgeloop-control-plane",
             vec!["run".into(), "--config".into(), conf.display().to_string()],
@@ -130,9 +104,9 @@ const CLASS: &str = "city-air-quality";
 async fn leader_killed_mid_rollout_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let c = Cluster::start(dir.path());
-    let (mut a, api_a) = c.first_replica(&Opts::rollouts("tick_ms = 100")).await;
+    let (mut a, api_a) = c.first_replica(&rollouts_opts("tick_ms = 100")).await;
     wait_until_leader(&api_a, "a, the only replica", Duration::from_secs(30)).await;
-    let (mut b, api_b) = c.replica("b", &Opts::rollouts("tick_ms = 100")).await;
+    let (mut b, api_b) = c.replica("b", &rollouts_opts("tick_ms = 100")).await;
     assert_eq!(metric(&api_b, "edgeloop_leader").await, 0.0, "two leaders");
 
     // The model goes in through A; the devices enroll, and fetch artifacts, through B.

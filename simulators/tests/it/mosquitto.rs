@@ -8,171 +8,67 @@ use edgeloop_simulators::fleet::{self, FleetSpec};
 use edgeloop_simulators::free_port;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, SubAck};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-pub(crate) struct Mosquitto {
-    child: Child,
-    pub(crate) port: u16,
-    passwd: std::path::PathBuf,
+pub(crate) use edgeloop_simulators::mosquitto::Mosquitto;
+
+/// A broker with a password file and the ACL file `edgeloop-control-plane broker acl` writes.
+fn with_acl(dir: &Path) -> Mosquitto {
+    let bin = edgeloop_simulators::mosquitto::binary().unwrap();
+    let port = free_port().unwrap();
+    let passwd = dir.join("passwd");
+    std::fs::write(&passwd, "").unwrap();
+    // The control plane's user exists before mosquitto starts (a SIGHUP before it has installed its
+    // handlers would kill it).
+    let ok = Command::new("mosquitto_passwd")
+        .arg("-b")
+        .arg(&passwd)
+        .args(["edgeloop-control-plane", "cp-secret"])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let out = Command::new(binary("edgeloop-control-plane"))
+        .args(["broker", "acl", "--out"])
+        .arg(dir.join("acl"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let conf = dir.join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\nacl_file {}\npersistence false\nlog_dest stderr\n",
+            passwd.display(),
+            dir.join("acl").display()
+        ),
+    )
+    .unwrap();
+    Mosquitto::run(bin, &conf, dir, port, passwd).unwrap()
 }
 
-impl Mosquitto {
-    fn start(dir: &Path) -> Mosquitto {
-        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .expect("mosquitto is not installed: `apt-get install mosquitto mosquitto-clients` (.ci/run does)");
-        let port = free_port().unwrap();
-        let passwd = dir.join("passwd");
-        std::fs::write(&passwd, "").unwrap();
-        // The control plane's user exists before mosquitto starts (a SIGHUP before it has installed its
-        // handlers would kill it).
-        let ok = Command::new("mosquitto_passwd")
-            .arg("-b")
-            .arg(&passwd)
-            .args(["edgeloop-control-plane", "cp-secret"])
-            .status()
-            .unwrap();
-        assert!(ok.success());
-        let out = Command::new(binary("edgeloop-control-plane"))
-            .args(["broker", "acl", "--out"])
-            .arg(dir.join("acl"))
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let conf = dir.join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\nacl_file {}\npersistence false\nlog_dest stderr\n",
-                passwd.display(),
-                dir.join("acl").display()
-            ),
-        )
-        .unwrap();
-        Self::run(bin, &conf, dir, port, passwd)
-    }
-
-    /// A broker with no access control at all: anyone may publish anywhere, as on a broker whose ACL is
-    /// missing or wrong.
-    fn start_open(dir: &Path) -> Mosquitto {
-        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .expect("mosquitto is not installed: `apt-get install mosquitto mosquitto-clients` (.ci/run does)");
-        let port = free_port().unwrap();
-        let conf = dir.join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\n"),
-        )
-        .unwrap();
-        Self::run(bin, &conf, dir, port, dir.join("passwd"))
-    }
-
-    /// A broker with the dynamic-security plugin and no password file, set up as operations.md says: an
-    /// admin made offline with `mosquitto_ctrl dynsec init`, then the control plane's role and user made with
-    /// `mosquitto_ctrl` against the running broker. Devices are the control plane's to add.
-    pub(crate) fn start_dynsec(dir: &Path) -> Mosquitto {
-        let bin = ["/usr/sbin/mosquitto", "/usr/bin/mosquitto"]
-            .into_iter()
-            .find(|p| Path::new(p).exists())
-            .expect("mosquitto is not installed: `apt-get install mosquitto mosquitto-clients` (.ci/run does)");
-        let plugin = [
-            "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so",
-            "/usr/lib/aarch64-linux-gnu/mosquitto_dynamic_security.so",
-            "/usr/lib/mosquitto_dynamic_security.so",
-        ]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .expect("mosquitto's dynamic-security plugin is missing (Debian's mosquitto package ships it)");
-        let port = free_port().unwrap();
-        let state = dir.join("dynamic-security.json");
-        let ok = Command::new("mosquitto_ctrl")
-            .args(["dynsec", "init"])
-            .arg(&state)
-            .args(["admin", "admin-secret"])
-            .stdout(Stdio::null())
-            .status()
-            .unwrap();
-        assert!(ok.success(), "mosquitto_ctrl dynsec init failed");
-        let conf = dir.join("mosquitto.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "listener {port} 127.0.0.1\nallow_anonymous false\nplugin {plugin}\nplugin_opt_config_file {}\npersistence false\nlog_dest stderr\n",
-                state.display()
-            ),
-        )
-        .unwrap();
-        let m = Self::run(bin, &conf, dir, port, dir.join("passwd"));
-        let p = port.to_string();
-        let ctrl = |args: &[&str]| {
-            let out = Command::new("mosquitto_ctrl")
-                .args(["-h", "127.0.0.1", "-p", &p, "-u", "admin", "-P", "admin-secret", "dynsec"])
-                .args(args)
-                .output()
-                .unwrap();
-            assert!(out.status.success(), "mosquitto_ctrl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        };
-        let role = "edgeloop-control-plane";
-        ctrl(&["createRole", role]);
-        for (acltype, topic) in [
-            ("subscribePattern", "edgeloop/v1/+/up/#"),
-            // Dynamic security checks a shared subscription's whole filter, `$share/` prefix included.
-            ("subscribePattern", "$share/+/edgeloop/v1/+/up/#"),
-            ("publishClientSend", "edgeloop/v1/+/down/#"),
-            ("publishClientSend", "$CONTROL/dynamic-security/v1"),
-            ("subscribeLiteral", "$CONTROL/dynamic-security/v1/response"),
-            ("publishClientReceive", "$CONTROL/dynamic-security/v1/response"),
-        ] {
-            ctrl(&["addRoleACL", role, acltype, topic, "allow"]);
-        }
-        ctrl(&["createClient", "edgeloop-control-plane", "-p", "cp-secret"]);
-        ctrl(&["addClientRole", "edgeloop-control-plane", role]);
-        // A user an operator made by hand, under a name a device could enroll with.
-        ctrl(&["createClient", "ops", "-p", "ops-secret"]);
-        ctrl(&["addClientRole", "ops", role]);
-        m
-    }
-
-    fn run(bin: &str, conf: &Path, dir: &Path, port: u16, passwd: std::path::PathBuf) -> Mosquitto {
-        let m = Mosquitto {
-            child: Command::new(bin)
-                .arg("-c")
-                .arg(conf)
-                .stdout(Stdio::null())
-                .stderr(std::fs::File::create(dir.join("mosquitto.log")).unwrap())
-                .spawn()
-                .unwrap(),
-            port,
-            passwd,
-        };
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(std::time::Instant::now() < deadline, "mosquitto did not start listening");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        m
-    }
-
-    /// Adds a user to the password file and makes mosquitto reload it.
-    fn add_user(&self, user: &str, password: &str) {
-        let ok = Command::new("mosquitto_passwd").arg("-b").arg(&self.passwd).args([user, password]).status().unwrap();
-        assert!(ok.success());
-        let ok = Command::new("kill").args(["-HUP", &self.child.id().to_string()]).status().unwrap();
-        assert!(ok.success());
-    }
+/// A broker with no access control at all: anyone may publish anywhere, as on a broker whose ACL is missing
+/// or wrong.
+fn open_broker(dir: &Path) -> Mosquitto {
+    let bin = edgeloop_simulators::mosquitto::binary().unwrap();
+    let port = free_port().unwrap();
+    let conf = dir.join("mosquitto.conf");
+    std::fs::write(
+        &conf,
+        format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nlog_dest stderr\n"),
+    )
+    .unwrap();
+    Mosquitto::run(bin, &conf, dir, port, dir.join("passwd")).unwrap()
 }
 
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Adds a user to the password file and makes mosquitto reload it.
+fn add_user(m: &Mosquitto, user: &str, password: &str) {
+    let ok = Command::new("mosquitto_passwd").arg("-b").arg(&m.passwd).args([user, password]).status().unwrap();
+    assert!(ok.success());
+    let ok = Command::new("kill").args(["-HUP", &m.child.id().to_string()]).status().unwrap();
+    assert!(ok.success());
 }
 
 type Inbox = mpsc::UnboundedReceiver<(String, Vec<u8>)>;
@@ -234,9 +130,9 @@ async fn take_until(rx: &mut Inbox, what: &str, done: impl Fn(&[(String, Vec<u8>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mosquitto_acl_keeps_devices_to_their_own_topics() {
     let dir = tempfile::tempdir().unwrap();
-    let m = Mosquitto::start(dir.path());
-    m.add_user("dev-a", "pass-a");
-    m.add_user("dev-b", "pass-b");
+    let m = with_acl(dir.path());
+    add_user(&m, "dev-a", "pass-a");
+    add_user(&m, "dev-b", "pass-b");
     let (cp, mut cp_rx, mut cp_subacks) = client(m.port, "edgeloop-control-plane", "cp-secret").await;
     let (a, mut a_rx, mut a_subacks) = client(m.port, "dev-a", "pass-a").await;
     let (b, mut b_rx, mut b_subacks) = client(m.port, "dev-b", "pass-b").await;
@@ -278,7 +174,7 @@ async fn mosquitto_acl_keeps_devices_to_their_own_topics() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fleet_works_through_mosquitto() {
     let dir = tempfile::tempdir().unwrap();
-    let m = Mosquitto::start(dir.path());
+    let m = with_acl(dir.path());
     std::fs::write(dir.path().join("cp.password"), "cp-secret").unwrap();
     let port = m.port;
     let pw = dir.path().join("cp.password");
@@ -305,7 +201,7 @@ async fn fleet_works_through_mosquitto() {
         )
         .unwrap()
         .unwrap();
-        m.add_user(&creds.username, &creds.password);
+        add_user(&m, &creds.username, &creds.password);
     }
     // 5 rounds of 20 samples per device; the control plane's link is cut after each of the first three.
     for round in 0..5 {
@@ -351,7 +247,7 @@ async fn fleet_works_through_mosquitto() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_ack_deletes_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = Mosquitto::start_open(dir.path());
+    let broker = open_broker(dir.path());
     let signer =
         |_| edgeloop_common::signing::Signer::from_pkcs8(&edgeloop_common::signing::Signer::generate_pkcs8()).unwrap();
     let (control_plane, attacker) = (signer(0), signer(1));
@@ -415,7 +311,7 @@ async fn forged_ack_deletes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_decommissioned_device_is_revoked_forgotten_and_its_desired_state_cleared() {
     let dir = tempfile::tempdir().unwrap();
-    let m = Mosquitto::start(dir.path());
+    let m = with_acl(dir.path());
     let port = m.port;
     let (cp, cp_cancel) = start_cp(dir.path(), move |c| {
         c.rollouts.tick_ms = 50;
@@ -440,7 +336,7 @@ async fn a_decommissioned_device_is_revoked_forgotten_and_its_desired_state_clea
         edgeloop_agent::identity::Credentials::load(&dir.path().join("agents").join(&id).join("credentials.json"))
             .unwrap()
             .unwrap();
-    m.add_user(&creds.username, &creds.password);
+    add_user(&m, &creds.username, &creds.password);
     for s in devices[0].generator.take(5) {
         devices[0].samples.send(s).await.unwrap();
     }
@@ -532,7 +428,7 @@ async fn dynsec_cp(dir: &Path, port: u16) -> (edgeloop_control_plane::ControlPla
 async fn enrolled_device_admitted_by_mosquitto_dynsec() {
     use edgeloop_simulators::device::{self, Connected};
     let dir = tempfile::tempdir().unwrap();
-    let m = Mosquitto::start_dynsec(dir.path());
+    let m = Mosquitto::start_dynsec(dir.path()).unwrap();
     let (cp, cp_cancel) = dynsec_cp(dir.path(), m.port).await;
     let mut class = edgeloop_simulators::class_config("city-air-quality").unwrap();
     class.uplink.ack_timeout_secs = 1;
@@ -606,7 +502,7 @@ async fn enrolled_device_admitted_by_mosquitto_dynsec() {
 async fn revoked_device_kicked_by_mosquitto_dynsec() {
     use edgeloop_simulators::device::{self, Connected};
     let dir = tempfile::tempdir().unwrap();
-    let m = Mosquitto::start_dynsec(dir.path());
+    let m = Mosquitto::start_dynsec(dir.path()).unwrap();
     let (cp, cp_cancel) = dynsec_cp(dir.path(), m.port).await;
     let api = crate::support::api(&cp);
     let creds = device::enroll(&api, "press-08", "city-air-quality", &device::new_key()).await.unwrap();
