@@ -131,6 +131,8 @@ pub struct Metrics {
     pub ingest_latency: Histogram,
     /// 1 while this control plane leads the work that runs once across replicas.
     pub leader: Gauge,
+    /// Ingest replicas alive on the database (1 on the embedded store).
+    pub replicas: Gauge,
     rejected: Family<Reason, Counter>,
     log_lines: Family<OutcomeLabel, Counter>,
     api_refusals: Family<Reason, Counter>,
@@ -167,6 +169,7 @@ impl Default for Metrics {
             alerts_pruned: Counter::default(),
             ingest_latency: Histogram::new(LATENCY_BUCKETS),
             leader: Gauge::default(),
+            replicas: Gauge::default(),
             rejected: Family::default(),
             log_lines: Family::default(),
             api_refusals: Family::default(),
@@ -243,6 +246,13 @@ impl Default for Metrics {
             "1 while this control plane leads the work that runs once across replicas (rollout steps, \
              triggers); always 1 on the embedded store",
             m.leader.clone(),
+        );
+        m.replicas.set(1);
+        registry.register(
+            "edgeloop_replicas",
+            "Ingest replicas alive on the database, among which each device's rate limit is shared (1 on the \
+             embedded store)",
+            m.replicas.clone(),
         );
         registry.register(
             "edgeloop_fleet_devices",

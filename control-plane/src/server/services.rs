@@ -212,6 +212,31 @@ pub(crate) async fn ingest(
     .with_rate_limit(cfg.ingest.device_messages_per_sec)
     .with_logs(stores.logs.clone(), cfg.ingest.device_log_lines_per_minute)
     .with_alerts(stores.alerts.clone());
+    if let Some(pg) = &stores.shared {
+        // Each device's rate limit is shared among the live ingest replicas: each sees about its share of a
+        // device's messages.
+        let replicas = crate::storage::postgres::replicas::PgReplicas::new(pg.clone());
+        let (limiter, metrics) = (ingestor.rate_limiter(), stores.metrics.clone());
+        let (me, stop) = (format!("ingest-{}", crate::storage::postgres::kv::replica_id()), cancel.child_token());
+        tokio::spawn(async move {
+            loop {
+                match replicas.beat(&me, "ingest", edgeloop_common::unix_millis()).await {
+                    Ok(n) => {
+                        limiter.set_replicas(n);
+                        metrics.replicas.set(n as i64);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "writing this replica's row; the rate limit share stays"),
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(crate::storage::postgres::replicas::BEAT) => {}
+                }
+            }
+            if let Err(e) = replicas.leave(&me).await {
+                tracing::debug!(error = %e, "removing this replica's row");
+            }
+        });
+    }
     let (subscribed_tx, mut subscribed) = tokio::sync::watch::channel(false);
     // The whole uplink, or this control plane's share of it.
     let uplink = match &cfg.broker {

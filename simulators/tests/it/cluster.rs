@@ -240,6 +240,14 @@ async fn api_is_the_same_on_every_replica() {
         assert!(Instant::now() < deadline, "B still shows {:?}", v.state);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Both count two ingest replicas, and so share each device's rate limit in halves.
+    for api in [&api_a, &api_b] {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while metric(api, "edgeloop_replicas").await != 2.0 {
+            assert!(Instant::now() < deadline, "{} does not count 2 replicas", api.base_url());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
     a.sigterm();
     b.sigterm();
 }

@@ -54,7 +54,7 @@ pub struct Ingestor {
     max_message_bytes: usize,
     /// When set, every envelope must be signed with its device's enrolled key.
     enrollment: Option<Arc<crate::fleet::enrollment::Enrollment>>,
-    limiter: RateLimiter,
+    limiter: std::sync::Arc<RateLimiter>,
     /// Where device log lines go, and each device's budget of lines (apart from its message rate, so that a
     /// device's logs never cost its telemetry).
     logs: Option<crate::fleet::logs::LogStore>,
@@ -75,6 +75,8 @@ pub struct Ingestor {
 pub struct RateLimiter {
     rate: f64,
     burst: f64,
+    /// Ingest replicas sharing the uplink (1 alone): each gives a device its share of the rate and burst.
+    replicas: std::sync::atomic::AtomicUsize,
     buckets: std::sync::Mutex<Buckets>,
 }
 
@@ -99,12 +101,26 @@ impl RateLimiter {
         RateLimiter {
             rate,
             burst: burst.max(1.0),
+            replicas: std::sync::atomic::AtomicUsize::new(1),
             buckets: std::sync::Mutex::new(Buckets { prune_at: Self::MIN_PRUNE_AT, ..Default::default() }),
         }
     }
 
+    /// Shares the limit among `n` replicas that each see about one `n`th of every device's messages (a
+    /// broker's shared subscription spreads them), so that a device gets the configured rate in all.
+    pub fn set_replicas(&self, n: usize) {
+        self.replicas.store(n.max(1), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// This replica's share of the rate and of the burst (at least one message).
+    fn share(&self) -> (f64, f64) {
+        let n = self.replicas.load(std::sync::atomic::Ordering::Relaxed).max(1) as f64;
+        (self.rate / n, (self.burst / n).max(1.0))
+    }
+
     fn refilled(&self, (tokens, last): (f64, u64), now_ms: u64) -> f64 {
-        (tokens + now_ms.saturating_sub(last) as f64 / 1000.0 * self.rate).min(self.burst)
+        let (rate, burst) = self.share();
+        (tokens + now_ms.saturating_sub(last) as f64 / 1000.0 * rate).min(burst)
     }
 
     /// Takes one message's token for `device` at `now_ms`; false when the device is over its rate.
@@ -119,10 +135,11 @@ impl RateLimiter {
         }
         let mut b = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         if !b.map.contains_key(device) && b.map.len() >= b.prune_at {
-            b.map.retain(|_, v| self.refilled(*v, now_ms) < self.burst);
+            let burst = self.share().1;
+            b.map.retain(|_, v| self.refilled(*v, now_ms) < burst);
             b.prune_at = (b.map.len() * 2).max(Self::MIN_PRUNE_AT);
         }
-        let bucket = b.map.entry(device.to_string()).or_insert((self.burst, now_ms));
+        let bucket = b.map.entry(device.to_string()).or_insert((self.share().1, now_ms));
         let (tokens, last) = (self.refilled(*bucket, now_ms), bucket.1);
         *bucket = (tokens, now_ms.max(last));
         let got = (tokens.floor() as u64).min(want);
@@ -178,7 +195,7 @@ impl Ingestor {
             metrics,
             max_message_bytes,
             enrollment: None,
-            limiter: RateLimiter::new(0.0),
+            limiter: std::sync::Arc::new(RateLimiter::new(0.0)),
             logs: None,
             alerts: None,
             log_budget: RateLimiter::new(0.0),
@@ -190,8 +207,13 @@ impl Ingestor {
     /// Refused messages are counted as `rate_limited`; agents send unacknowledged records again, so nothing
     /// is lost.
     pub fn with_rate_limit(mut self, per_sec: f64) -> Self {
-        self.limiter = RateLimiter::new(per_sec);
+        self.limiter = std::sync::Arc::new(RateLimiter::new(per_sec));
         self
+    }
+
+    /// The per-device rate limiter, to share it among replicas ([`RateLimiter::set_replicas`]).
+    pub fn rate_limiter(&self) -> std::sync::Arc<RateLimiter> {
+        self.limiter.clone()
     }
 
     /// Stores device log lines in `logs`, at most `lines_per_minute` per device (bursts of twice that); lines
@@ -566,6 +588,17 @@ mod tests {
         let d = ing.registry.get("d1").unwrap();
         assert_eq!(d.class, "c");
         assert_eq!(d.dropped_ranges(), &[SeqRange { from: 1, to: 3 }]);
+    }
+
+    #[test]
+    fn a_replicas_share_of_the_rate_is_its_part() {
+        let l = RateLimiter::new(10.0);
+        l.set_replicas(2);
+        // Half the burst (10 of 20) here, and half the refill rate (5 a second).
+        assert_eq!(l.take("d", 0, 100), 10);
+        assert_eq!(l.take("d", 1000, 100), 5);
+        l.set_replicas(1);
+        assert_eq!(l.take("d", 2000, 100), 10);
     }
 
     #[test]

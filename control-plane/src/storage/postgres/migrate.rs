@@ -25,6 +25,7 @@ pub const MIGRATIONS: &[Migration] = &[
     Migration { version: 3, name: "operators", sql: include_str!("../../../migrations/0003_operators.sql") },
     Migration { version: 4, name: "state", sql: include_str!("../../../migrations/0004_state.sql") },
     Migration { version: 5, name: "training_jobs", sql: include_str!("../../../migrations/0005_training_jobs.sql") },
+    Migration { version: 6, name: "replicas", sql: include_str!("../../../migrations/0006_replicas.sql") },
 ];
 
 /// The advisory lock replicas take while migrating (an arbitrary constant: "edgeloop" in ASCII, truncated).

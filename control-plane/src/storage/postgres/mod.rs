@@ -12,6 +12,7 @@ pub mod kv;
 pub mod lease;
 pub mod migrate;
 pub mod operators;
+pub mod replicas;
 pub mod telemetry;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
