@@ -1,4 +1,5 @@
-//! The audit log: every mutating operator call, with who, what and when, kept durably in sled in time order.
+//! The audit log: every mutating operator call, with who, what and when, kept durably in sled in time order,
+//! or (`[storage] backend = "postgres"`) in PostgreSQL's `audit` table, one log for every replica.
 //!
 //! What one caller can make it keep is bounded, because refused calls come from anyone who reaches the API:
 //! - an entry's `action` and `detail` are cut to [`MAX_ACTION_BYTES`] and [`MAX_DETAIL_BYTES`], marked as
@@ -9,6 +10,8 @@
 //!   [`AuditConfig::max_age_days`]; the oldest go first.
 
 use crate::fleet::telemetry::StoreError;
+use crate::storage::postgres::audit::PgAudit;
+use crate::storage::postgres::block_on;
 use edgeloop_common::durable::DurableDb;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -189,6 +192,15 @@ pub struct AuditLog {
     len: AtomicU64,
     config: AuditConfig,
     refusals: Mutex<Refusals>,
+    /// With PostgreSQL: the log every replica writes, instead of `tree`.
+    shared: Option<(PgAudit, tokio::runtime::Handle)>,
+}
+
+/// Entries appended between two prunings of the shared log.
+const PRUNE_EVERY: u64 = 64;
+
+fn decode(v: &[u8]) -> Result<AuditEntry, StoreError> {
+    ciborium::from_reader(v).map_err(|e| StoreError::Corrupt { device: "audit".into(), seq: 0, reason: e.to_string() })
 }
 
 impl AuditLog {
@@ -209,6 +221,7 @@ impl AuditLog {
             len: AtomicU64::new(len),
             config,
             refusals: Mutex::new(Refusals::default()),
+            shared: None,
         };
         if log.prune(edgeloop_common::unix_millis())? > 0 {
             log.db.commit()?;
@@ -216,11 +229,26 @@ impl AuditLog {
         Ok(log)
     }
 
+    /// The log in PostgreSQL, shared by every replica on the database, with `config`'s bounds.
+    pub fn open_postgres(
+        db: &DurableDb,
+        config: AuditConfig,
+        pg: PgAudit,
+        rt: tokio::runtime::Handle,
+    ) -> Result<AuditLog, StoreError> {
+        let mut log = AuditLog::open_with(db, config)?;
+        log.shared = Some((pg, rt));
+        log.prune(edgeloop_common::unix_millis())?;
+        Ok(log)
+    }
+
     /// Appends an entry durably (its action and detail cut to their bounds), then removes what the retention
     /// bounds no longer allow. Blocking.
     pub fn record(&self, e: &AuditEntry) -> Result<(), StoreError> {
         self.insert(e.clone().bounded())?;
-        self.db.commit()?;
+        if self.shared.is_none() {
+            self.db.commit()?;
+        }
         Ok(())
     }
 
@@ -232,14 +260,21 @@ impl AuditLog {
         let window_ms = self.config.refusal_window_secs.saturating_mul(1000);
         let mut refusals = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(open) = refusals.fold(&e, window_ms) {
-            if self.tree.contains_key(&open.key)? {
+            if let Some((pg, rt)) = &self.shared {
+                let key: [u8; 16] = open.key.as_slice().try_into().unwrap_or_default();
+                if block_on(rt, pg.replace(&key, &edgeloop_common::signing::to_cbor(&open.entry)))? {
+                    return Ok(());
+                }
+            } else if self.tree.contains_key(&open.key)? {
                 self.tree.insert(open.key, edgeloop_common::signing::to_cbor(&open.entry))?;
                 return Ok(());
             }
             refusals.forget(&open.entry); // removed by retention: start a new entry
         }
         let key = self.insert(e.clone())?;
-        self.db.commit()?;
+        if self.shared.is_none() {
+            self.db.commit()?;
+        }
         if window_ms > 0 {
             refusals.opened(key, e, window_ms);
         }
@@ -249,6 +284,13 @@ impl AuditLog {
     /// Writes `e` under a new key and applies the retention bounds; returns the key. Not committed.
     fn insert(&self, e: AuditEntry) -> Result<Vec<u8>, StoreError> {
         let n = self.counter.fetch_add(1, Ordering::Relaxed) + 1;
+        if let Some((pg, rt)) = &self.shared {
+            let key = block_on(rt, pg.insert(e.at_ms, &edgeloop_common::signing::to_cbor(&e)))?;
+            if n % PRUNE_EVERY == 0 {
+                self.prune(e.at_ms.max(edgeloop_common::unix_millis()))?;
+            }
+            return Ok(key.to_vec());
+        }
         let mut key = e.at_ms.to_be_bytes().to_vec();
         key.extend_from_slice(&n.to_be_bytes());
         if self.tree.insert(key.clone(), edgeloop_common::signing::to_cbor(&e))?.is_none() {
@@ -262,6 +304,9 @@ impl AuditLog {
     /// `max_age_days` at `now_ms`. Returns how many went. Not committed.
     fn prune(&self, now_ms: u64) -> Result<u64, StoreError> {
         let oldest_kept = now_ms.saturating_sub(self.config.max_age_days.saturating_mul(24 * 3600 * 1000));
+        if let Some((pg, rt)) = &self.shared {
+            return Ok(block_on(rt, pg.prune(oldest_kept, self.config.max_entries))?);
+        }
         let mut removed = 0;
         while let Some((k, _)) = self.tree.first()? {
             let too_many = self.len.load(Ordering::Relaxed) > self.config.max_entries;
@@ -276,9 +321,15 @@ impl AuditLog {
         Ok(removed)
     }
 
-    /// How many entries the log holds.
+    /// How many entries the log holds (on PostgreSQL, counted there; 0 if that fails).
     pub fn len(&self) -> u64 {
-        self.len.load(Ordering::Relaxed)
+        match &self.shared {
+            Some((pg, rt)) => block_on(rt, pg.count()).unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "counting audit entries");
+                0
+            }),
+            None => self.len.load(Ordering::Relaxed),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -294,6 +345,30 @@ impl AuditLog {
         limit: usize,
         keep: impl Fn(&AuditEntry) -> bool,
     ) -> Result<(Vec<AuditEntry>, Option<[u8; 16]>), StoreError> {
+        if let Some((pg, rt)) = &self.shared {
+            let (mut out, mut scanned, mut cursor) = (Vec::new(), 0usize, before);
+            'pages: loop {
+                let want = 1000.min(MAX_SCANNED - scanned) as i64;
+                let rows = block_on(rt, pg.before(cursor, want))?;
+                let full = rows.len() as i64 == want;
+                for (k, v) in rows {
+                    scanned += 1;
+                    cursor = Some(k);
+                    let e = decode(&v)?;
+                    if keep(&e) {
+                        out.push(e);
+                        if out.len() == limit {
+                            break 'pages;
+                        }
+                    }
+                }
+                if !full || scanned >= MAX_SCANNED {
+                    break;
+                }
+            }
+            let more = out.len() == limit || scanned >= MAX_SCANNED;
+            return Ok((out, if more { cursor } else { None }));
+        }
         let iter = match before {
             Some(k) => self.tree.range(..k.to_vec()),
             None => self.tree.iter(),
@@ -323,6 +398,9 @@ impl AuditLog {
     }
 
     pub fn recent(&self, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
+        if self.shared.is_some() {
+            return Ok(self.page(None, limit, |_| true)?.0);
+        }
         self.tree
             .iter()
             .rev()

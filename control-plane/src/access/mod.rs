@@ -6,7 +6,7 @@
 //! - [`keys`]: the Ed25519 signing key file.
 //! - [`certs`]: `certs init`, a development CA and server certificate.
 
-pub(crate) mod audit;
+pub mod audit;
 pub mod certs;
 pub mod keys;
 pub(crate) mod operators;

@@ -119,6 +119,8 @@ pub struct Learning {
 struct Queue {
     jobs: PgJobs,
     rt: tokio::runtime::Handle,
+    /// The trigger events of every replica (the leader records them), keyed by time then a random number.
+    triggers: crate::storage::kv::Tree,
 }
 
 /// How a training ended, as its job records it.
@@ -229,8 +231,14 @@ impl Learning {
 
     /// Sends jobs to PostgreSQL's queue, where trainer replicas claim them ([`Learning::serve_queue`]),
     /// instead of running them here.
-    pub fn with_queue(mut self, jobs: PgJobs, rt: tokio::runtime::Handle) -> Self {
-        self.queue = Some(Queue { jobs, rt });
+    /// Trigger events go to PostgreSQL too, where every replica's API reads them.
+    pub fn with_queue(mut self, pg: crate::storage::postgres::Pg, rt: tokio::runtime::Handle) -> Self {
+        let triggers = crate::storage::kv::Tree::Pg {
+            kv: crate::storage::postgres::kv::PgKv::new(pg.clone()),
+            rt: rt.clone(),
+            name: "trigger_events",
+        };
+        self.queue = Some(Queue { jobs: PgJobs::new(pg), rt, triggers });
         self
     }
 
@@ -303,6 +311,22 @@ impl Learning {
 
     /// Keeps a trigger event, durably and in the list the API shows. Blocking.
     pub fn record_trigger(&self, e: TriggerEvent) {
+        if let Some(q) = &self.queue {
+            let mut key = e.at_ms.to_be_bytes().to_vec();
+            key.extend_from_slice(&rand::random::<u64>().to_be_bytes());
+            let kept = q.triggers.insert(&key, edgeloop_common::signing::to_cbor(&e)).and_then(|()| {
+                // The oldest beyond the bound go.
+                let all = q.triggers.all()?;
+                for (k, _) in all.iter().take(all.len().saturating_sub(MAX_TRIGGER_EVENTS)) {
+                    q.triggers.remove(k)?;
+                }
+                Ok(())
+            });
+            if let Err(err) = kept {
+                tracing::error!(error = %err, "cannot keep the trigger event in PostgreSQL");
+            }
+            return;
+        }
         {
             let _serial = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
             let key = self.triggers_tree.last().ok().flatten().map_or(1, |(k, _)| {
@@ -330,7 +354,18 @@ impl Learning {
         self.drift.lock().unwrap_or_else(|p| p.into_inner()).get(class).cloned()
     }
 
+    /// The trigger events kept, oldest first (with PostgreSQL, every replica's; a failure to read them is
+    /// logged and reads as none).
     pub fn trigger_events(&self) -> Vec<TriggerEvent> {
+        if let Some(q) = &self.queue {
+            let all = q.triggers.all().and_then(|rows| {
+                rows.iter().map(|(_, v)| decode::<TriggerEvent>("trigger_events", v)).collect::<Result<Vec<_>, _>>()
+            });
+            return all.unwrap_or_else(|e| {
+                tracing::error!(error = %e, "reading trigger events");
+                Vec::new()
+            });
+        }
         self.trigger_events.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 

@@ -48,8 +48,7 @@ pub(crate) async fn learning(
     .with_tasks(cancel.child_token(), tracker.clone());
     let learning = match &stores.shared {
         None => learning,
-        Some(pg) => learning
-            .with_queue(crate::storage::postgres::jobs::PgJobs::new(pg.clone()), tokio::runtime::Handle::current()),
+        Some(pg) => learning.with_queue(pg.clone(), tokio::runtime::Handle::current()),
     };
     let learning = Arc::new(learning);
     if stores.shared.is_some() && cfg.roles.train {

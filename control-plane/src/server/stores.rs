@@ -105,7 +105,15 @@ impl Stores {
                 models: Arc::new(ModelRegistry::open_on(&backend, &data_dir)?),
                 rollouts: Some(RolloutStore::open_on(&backend)?),
                 shared: pg.as_ref().map(|(pg, _)| pg.clone()),
-                audit: Arc::new(AuditLog::open_with(&db, audit_config)?),
+                audit: Arc::new(match &pg {
+                    None => AuditLog::open_with(&db, audit_config)?,
+                    Some((pg, rt)) => AuditLog::open_postgres(
+                        &db,
+                        audit_config,
+                        crate::storage::postgres::audit::PgAudit::new(pg.clone()),
+                        rt.clone(),
+                    )?,
+                }),
                 enrollment: Arc::new(match &pg {
                     None => Enrollment::open(&db)?,
                     Some((pg, rt)) => {

@@ -240,6 +240,17 @@ async fn api_is_the_same_on_every_replica() {
         assert!(Instant::now() < deadline, "B still shows {:?}", v.state);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // One audit log: B lists the abort A answered, and A the rollout B created; refusals fold across them.
+    let audit: Vec<edgeloop_control_plane::access::AuditEntry> =
+        on_b.get_json("/api/v1/audit?limit=1000").await.unwrap();
+    let abort = format!("POST /api/v1/rollouts/{}/abort", r.id);
+    assert!(audit.iter().any(|e| e.action == abort && e.status == 200), "B's audit lacks {abort}: {audit:?}");
+    let audit: Vec<edgeloop_control_plane::access::AuditEntry> =
+        api_a.get_json("/api/v1/audit?limit=1000").await.unwrap();
+    assert!(audit.iter().any(|e| e.action == "POST /api/v1/rollouts" && e.status == 201), "{audit:?}");
+    // Trigger events and training jobs read the same everywhere too (none here: both lists empty and equal).
+    let (jobs_a, jobs_b) = (api_a.get("/api/v1/jobs").await.unwrap(), on_b.get("/api/v1/jobs").await.unwrap());
+    assert_eq!(jobs_a, jobs_b);
     // Both count two ingest replicas, and so share each device's rate limit in halves.
     for api in [&api_a, &api_b] {
         let deadline = Instant::now() + Duration::from_secs(15);

@@ -26,6 +26,7 @@ pub const MIGRATIONS: &[Migration] = &[
     Migration { version: 4, name: "state", sql: include_str!("../../../migrations/0004_state.sql") },
     Migration { version: 5, name: "training_jobs", sql: include_str!("../../../migrations/0005_training_jobs.sql") },
     Migration { version: 6, name: "replicas", sql: include_str!("../../../migrations/0006_replicas.sql") },
+    Migration { version: 7, name: "audit", sql: include_str!("../../../migrations/0007_audit.sql") },
 ];
 
 /// The advisory lock replicas take while migrating (an arbitrary constant: "edgeloop" in ASCII, truncated).

@@ -5,6 +5,7 @@
 //!   released (a changed one stops the start, by name).
 //! - [`telemetry`]: records keyed by (device, seq), exactly-once across replicas, and watermarks.
 
+pub mod audit;
 pub mod devices;
 pub mod enrollment;
 pub mod jobs;
