@@ -537,8 +537,16 @@ async fn two_control_planes_on_one_database_share_enrollment() {
     )
     .await
     .unwrap();
-    let listed: serde_json::Value = api_b.get_json("/api/v1/enrollments").await.unwrap();
-    assert_eq!(listed[0]["device"], "press-09", "{listed}");
+    // B follows A's change through NOTIFY, within milliseconds.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let listed: serde_json::Value = api_b.get_json("/api/v1/enrollments").await.unwrap();
+        if listed[0]["device"] == "press-09" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "B never listed the device A enrolled: {listed}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert!(b.enrollment.admit("press-09", "press-09", &creds.password));
     let (status, text) = api_b.post_json("/api/v1/devices/press-09/revoke", &serde_json::json!({})).await.unwrap();
     assert_eq!(status, 200, "{text}");

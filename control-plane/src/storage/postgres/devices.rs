@@ -4,7 +4,8 @@
 //! A replica writes what changed in its copy since it last wrote, as a pair (the entry as it was, the entry as
 //! it is), and the row takes the merge ([`crate::fleet::devices::Device::merge`]): counters add up, the newest
 //! heartbeat and the latest times win. Writes take one transaction-scoped lock, so rows get their `rev` in the
-//! order they commit, and a replica that reads `rev > last` misses nothing.
+//! order they commit, and a replica that reads `rev > last` misses nothing. A write of any number of devices
+//! is one transaction of three statements (the lock, one read, one upsert).
 
 use super::{Pg, PgError};
 use crate::fleet::devices::Device;
@@ -29,37 +30,44 @@ impl PgDevices {
         PgDevices { pg }
     }
 
-    /// Merges each `(before, after)` into its row, in one transaction; returns each row as written, with its
-    /// revision.
+    /// Merges each `(before, after)` into its row, in one transaction of three statements whatever the number
+    /// of devices; returns each row as written, with its revision, in the order given.
     pub async fn write(&self, changes: &[(Device, Device)]) -> Result<Vec<(i64, Device)>, PgError> {
         let mut c = self.pg.client().await?;
         let tx = c.transaction().await.map_err(PgError::query("starting a registry write"))?;
         tx.batch_execute(WRITE_LOCK).await.map_err(PgError::query("locking the registry"))?;
-        let mut out = Vec::with_capacity(changes.len());
-        for (before, after) in changes {
-            let row = tx
-                .query_opt("SELECT doc, removed FROM devices WHERE id = $1", &[&after.id])
-                .await
-                .map_err(PgError::query("reading a device"))?;
-            let merged = match row {
-                Some(r) if !r.get::<_, bool>(1) => Device::merge(&decode(&after.id, r.get(0))?, before, after),
-                _ => after.clone(),
-            };
-            let doc = edgeloop_common::signing::to_cbor(&merged);
-            let rev: i64 = tx
-                .query_one(
-                    "INSERT INTO devices (id, rev, removed, doc) VALUES ($1, nextval('devices_rev'), false, $2) \
-                     ON CONFLICT (id) DO UPDATE SET rev = EXCLUDED.rev, removed = false, doc = EXCLUDED.doc \
-                     RETURNING rev",
-                    &[&merged.id, &doc],
-                )
-                .await
-                .map_err(PgError::query("writing a device"))?
-                .get(0);
-            out.push((rev, merged));
+        let ids: Vec<&str> = changes.iter().map(|(_, a)| a.id.as_str()).collect();
+        let rows = tx
+            .query("SELECT id, doc FROM devices WHERE id = ANY($1) AND NOT removed", &[&ids])
+            .await
+            .map_err(PgError::query("reading devices"))?;
+        let mut stored: std::collections::HashMap<String, Device> = std::collections::HashMap::new();
+        for r in &rows {
+            let id: String = r.get(0);
+            let d = decode(&id, r.get(1))?;
+            stored.insert(id, d);
         }
+        let merged: Vec<Device> = changes
+            .iter()
+            .map(|(before, after)| match stored.get(&after.id) {
+                Some(s) => Device::merge(s, before, after),
+                None => after.clone(),
+            })
+            .collect();
+        let docs: Vec<Vec<u8>> = merged.iter().map(edgeloop_common::signing::to_cbor).collect();
+        let revs = tx
+            .query(
+                "INSERT INTO devices (id, rev, removed, doc) \
+                 SELECT u.id, nextval('devices_rev'), false, u.doc FROM unnest($1::text[], $2::bytea[]) AS u(id, doc) \
+                 ON CONFLICT (id) DO UPDATE SET rev = EXCLUDED.rev, removed = false, doc = EXCLUDED.doc \
+                 RETURNING id, rev",
+                &[&ids, &docs],
+            )
+            .await
+            .map_err(PgError::query("writing devices"))?;
+        let revs: std::collections::HashMap<String, i64> = revs.iter().map(|r| (r.get(0), r.get(1))).collect();
         tx.commit().await.map_err(PgError::query("committing a registry write"))?;
-        Ok(out)
+        Ok(merged.into_iter().map(|d| (revs.get(&d.id).copied().unwrap_or(0), d)).collect())
     }
 
     /// Marks a device removed (decommissioned): every replica forgets it.
