@@ -13,7 +13,7 @@
 //!
 //! With `[storage] backend = "postgres"` the entries are shared by replicas, each of which sees part of a
 //! device's messages: a write merges the difference a replica made into the row ([`Device::merge`]), and
-//! [`Registry::follow`] reads the others' changes into memory every second.
+//! [`Registry::follow`] writes this replica's changes and reads the others' every half second, off ingest's path.
 
 use crate::storage::postgres::{block_on, devices::PgDevices};
 use edgeloop_common::durable::DurableDb;
@@ -248,6 +248,9 @@ enum Store {
 /// Rows read from the change feed at a time.
 const FEED_BATCH: i64 = 5_000;
 
+/// How often a replica writes its registry changes to PostgreSQL and reads the others'.
+pub const SHARED_FLUSH: std::time::Duration = std::time::Duration::from_millis(500);
+
 impl Registry {
     /// The registry on PostgreSQL, shared with other replicas: every entry read now, the others' changes
     /// read by [`Registry::follow`].
@@ -299,19 +302,38 @@ impl Registry {
     }
 
     /// Reads other replicas' changes every second until `stop`.
+    /// On PostgreSQL: every [`SHARED_FLUSH`], writes this replica's changes and reads the others', until
+    /// `stop` (then writes what is left). Off ingest's path: ingest's commit does not wait for the registry.
     pub async fn follow(self: std::sync::Arc<Self>, stop: tokio_util::sync::CancellationToken) {
         loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
-            }
+            let stopping = tokio::select! {
+                _ = stop.cancelled() => true,
+                _ = tokio::time::sleep(SHARED_FLUSH) => false,
+            };
             let r = self.clone();
-            match tokio::task::spawn_blocking(move || r.catch_up()).await {
+            let pass = tokio::task::spawn_blocking(move || {
+                let written = r.flush_shared();
+                if stopping {
+                    return written;
+                }
+                written.and(r.catch_up())
+            });
+            match pass.await {
                 Ok(Ok(_)) => {}
-                Ok(Err(e)) => tracing::warn!(error = %e, "reading other replicas' device changes; retrying"),
-                Err(e) => tracing::error!(error = %e, "reading device changes panicked"),
+                Ok(Err(e)) => tracing::warn!(error = %e, "writing or reading the shared device registry; retrying"),
+                Err(e) => tracing::error!(error = %e, "the shared device registry's pass panicked"),
+            }
+            if stopping {
+                return;
             }
         }
+    }
+
+    /// Writes the changes made here to PostgreSQL (nothing on the embedded store). Blocking.
+    pub fn flush_shared(&self) -> Result<usize, StoreError> {
+        let Store::Postgres { pg, rt, revs, .. } = &self.store else { return Ok(0) };
+        let ids = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|p| p.into_inner()));
+        self.write_merged(ids, pg, rt, revs)
     }
 
     pub fn open(db: &DurableDb) -> Result<Registry, StoreError> {
@@ -372,13 +394,14 @@ impl Registry {
     }
 
     /// Writes every entry changed since the last call to sled, once each, and returns how many. Not durable
-    /// by itself: ingest calls it just before its commit, which covers these writes with the telemetry.
+    /// by itself: ingest calls it just before its commit, which covers these writes with the telemetry. On
+    /// PostgreSQL it writes nothing: [`Registry::follow`] writes the changes every [`SHARED_FLUSH`].
     pub fn write_dirty(&self) -> Result<usize, StoreError> {
-        let ids = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|p| p.into_inner()));
         let tree = match &self.store {
             Store::Sled(tree) => tree,
-            Store::Postgres { pg, rt, revs, .. } => return self.write_merged(ids, pg, rt, revs),
+            Store::Postgres { .. } => return Ok(0),
         };
+        let ids = std::mem::take(&mut *self.dirty.lock().unwrap_or_else(|p| p.into_inner()));
         let mut written = 0;
         let mut result = Ok(());
         {

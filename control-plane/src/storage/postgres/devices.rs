@@ -5,7 +5,9 @@
 //! it is), and the row takes the merge ([`crate::fleet::devices::Device::merge`]): counters add up, the newest
 //! heartbeat and the latest times win. Writes take one transaction-scoped lock, so rows get their `rev` in the
 //! order they commit, and a replica that reads `rev > last` misses nothing. A write of any number of devices
-//! is one transaction of three statements (the lock, one read, one upsert).
+//! is one transaction of three statements (the lock, one read, one upsert), committed without waiting for the
+//! WAL flush (a crash of PostgreSQL can take back its last fraction of a second: heartbeats say the status
+//! again, the counters miss it).
 
 use super::{Pg, PgError};
 use crate::fleet::devices::Device;
@@ -35,7 +37,12 @@ impl PgDevices {
     pub async fn write(&self, changes: &[(Device, Device)]) -> Result<Vec<(i64, Device)>, PgError> {
         let mut c = self.pg.client().await?;
         let tx = c.transaction().await.map_err(PgError::query("starting a registry write"))?;
-        tx.batch_execute(WRITE_LOCK).await.map_err(PgError::query("locking the registry"))?;
+        // The registry is statistics and what devices last said: its commit does not wait for the WAL flush
+        // (the telemetry's does). A PostgreSQL crash can take back the last fraction of a second of it: the next
+        // heartbeats say the status and reports again, and the counters miss what that moment added.
+        tx.batch_execute(&format!("SET LOCAL synchronous_commit = off; {WRITE_LOCK}"))
+            .await
+            .map_err(PgError::query("locking the registry"))?;
         let ids: Vec<&str> = changes.iter().map(|(_, a)| a.id.as_str()).collect();
         let rows = tx
             .query("SELECT id, doc FROM devices WHERE id = ANY($1) AND NOT removed", &[&ids])
