@@ -79,6 +79,8 @@ fn main() -> anyhow::Result<()> {
     let d = dir.path();
     let pg = PgCluster::start(d)?;
     std::fs::write(d.join("pg.password"), PASSWORD)?;
+    // Replicas on one database sign with one key.
+    edgeloop_control_plane::access::keys::load_or_create(&d.join("signing.key"))?;
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let mut replicas = Vec::new();
     for name in ["a", "b"] {
@@ -89,6 +91,7 @@ fn main() -> anyhow::Result<()> {
             format!(
                 "data_dir = \"{name}\"\n[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:{mqtt}\"\n\
                  [api]\nlisten = \"127.0.0.1:{api}\"\n[tls]\nplaintext = true\n\
+                 [rollouts]\nsigning_key = \"signing.key\"\n\
                  [storage]\nbackend = \"postgres\"\nurl = \"{}\"\npassword_file = \"pg.password\"\n",
                 pg.url()
             ),

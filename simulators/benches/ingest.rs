@@ -138,8 +138,7 @@ async fn round(mode: Durability, signed: bool, pg: Option<&PgCluster>) -> anyhow
     cfg.durability = mode;
     cfg.require_enrollment = signed;
     if let Some(pg) = pg {
-        // A fresh start for each round: the same device ids would otherwise be duplicates.
-        let _ = pg.psql("TRUNCATE telemetry, watermarks");
+        fresh(pg)?;
         cfg.storage = edgeloop_control_plane::config::Storage::Postgres {
             url: pg.url(),
             password: Some(edgeloop_simulators::postgres::PASSWORD.into()),
@@ -251,13 +250,17 @@ impl Drop for Mosquitto {
 async fn round_replicas(broker: &Mosquitto, replicas: usize, pg: Option<&PgCluster>) -> anyhow::Result<f64> {
     let dir = tempfile::tempdir()?;
     if let Some(pg) = pg {
-        let _ = pg.psql("TRUNCATE telemetry, watermarks");
+        fresh(pg)?;
     }
     let any = SocketAddr::from(([127, 0, 0, 1], 0));
     let mut cps = Vec::new();
     let cancel = CancellationToken::new();
+    // Replicas on one database sign with one key.
+    let key = dir.path().join("signing.key");
+    edgeloop_control_plane::access::keys::load_or_create(&key)?;
     for r in 0..replicas {
         let mut cfg = Config::embedded(dir.path().join(format!("cp{r}")), any, any);
+        cfg.rollouts.signing_key = Some(key.clone());
         cfg.require_enrollment = false;
         cfg.broker = edgeloop_control_plane::config::BrokerConfig::External {
             url: format!("mqtt://127.0.0.1:{}", broker.port),
@@ -323,7 +326,24 @@ fn replicas(rt: &tokio::runtime::Runtime) -> anyhow::Result<()> {
     println!("  1 control plane, PostgreSQL:         median {o:>10.0} records/s ({:>6.0} messages/s)", o / per);
     println!("  2 control planes sharing, PostgreSQL: median {t:>10.0} records/s ({:>6.0} messages/s)", t / per);
     println!("  2 / 1 on PostgreSQL: {:.2}; PostgreSQL / embedded: {:.2}", t / o, o / s);
+    // `exit` runs no destructors: stop mosquitto and PostgreSQL first.
+    drop(broker);
+    drop(pg);
     std::process::exit(0);
+}
+
+/// A fresh database for each round (each round's control planes have a data directory, and so a signing key,
+/// of their own, and the same device ids would otherwise be duplicates).
+fn fresh(pg: &PgCluster) -> anyhow::Result<()> {
+    // Before the first control plane has migrated it, the database has no tables to empty.
+    if pg.psql("SELECT to_regclass('public.telemetry') IS NOT NULL")? != "t" {
+        return Ok(());
+    }
+    pg.psql(
+        "TRUNCATE telemetry, watermarks, devices, kv, kv_generations, artifacts, enrolled, enrollment_tokens, \
+         operator_tokens, training_jobs, replicas, audit",
+    )?;
+    Ok(())
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -380,6 +400,8 @@ fn main() -> anyhow::Result<()> {
             cpu * BATCH as f64
         );
     }
-    // rumqttd's broker thread cannot be stopped; leave without waiting for it.
+    // rumqttd's broker thread cannot be stopped; leave without waiting for it (PostgreSQL stopped first:
+    // `exit` runs no destructors).
+    drop(pg);
     std::process::exit(0);
 }
