@@ -154,22 +154,9 @@ pub async fn run(opts: ChaosOptions, stop: CancellationToken) -> anyhow::Result<
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     while started.elapsed() < opts.duration && !stop.is_cancelled() {
         tick.tick().await;
-        feed_once(&mut devices);
-        if schedule.heal_due() {
-            heal(&proxy);
-        }
-        let Some(f) = schedule.next_fault(&mut rng) else { continue };
-        injected.count(f);
+        let Some(f) = step(&mut devices, &proxy, &mut schedule, &mut rng, &mut injected) else { continue };
         match f {
-            Fault::Cut => proxy.cut_all(),
-            Fault::Blackhole => {
-                proxy.set_mode(Mode::Blackhole);
-                schedule.heal_after(rng.gen_range(2_000..5_000));
-            }
-            Fault::Delay => {
-                proxy.set_delay(Duration::from_millis(rng.gen_range(50..300)));
-                schedule.heal_after(rng.gen_range(1_000..3_000));
-            }
+            Fault::Cut | Fault::Blackhole | Fault::Delay => {}
             Fault::RestartControlPlane => cp = cp.restart(&proxy, &mut rng).await?,
             Fault::RestartAgents => restart_some_agents(&mut devices, &fleet_cancel, &mut rng).await?,
             Fault::Corrupt => {
@@ -207,6 +194,36 @@ pub async fn run(opts: ChaosOptions, stop: CancellationToken) -> anyhow::Result<
     proxy_cancel.cancel();
     cp.stop().await?;
     Ok(report)
+}
+
+/// One step of the schedule: feeds the fleet, heals what is due, and picks the next fault. The network's
+/// (cut, blackhole, delay) are injected here; the caller injects the others.
+fn step(
+    devices: &mut [SimDevice],
+    proxy: &FaultProxy,
+    schedule: &mut Schedule,
+    rng: &mut rand::rngs::StdRng,
+    injected: &mut Injected,
+) -> Option<Fault> {
+    feed_once(devices);
+    if schedule.heal_due() {
+        heal(proxy);
+    }
+    let f = schedule.next_fault(rng)?;
+    injected.count(f);
+    match f {
+        Fault::Cut => proxy.cut_all(),
+        Fault::Blackhole => {
+            proxy.set_mode(Mode::Blackhole);
+            schedule.heal_after(rng.gen_range(2_000..5_000));
+        }
+        Fault::Delay => {
+            proxy.set_delay(Duration::from_millis(rng.gen_range(50..300)));
+            schedule.heal_after(rng.gen_range(1_000..3_000));
+        }
+        _ => {}
+    }
+    Some(f)
 }
 
 /// Faults injected, by kind (`cut`, `disk_full`...; one for each device a standing fault applies to).
@@ -551,22 +568,9 @@ async fn run_cluster(opts: ChaosOptions, stop: CancellationToken) -> anyhow::Res
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     while started.elapsed() < opts.duration && !stop.is_cancelled() {
         tick.tick().await;
-        feed_once(&mut devices);
-        if schedule.heal_due() {
-            heal(&proxy);
-        }
-        let Some(f) = schedule.next_fault(&mut rng) else { continue };
-        injected.count(f);
+        let Some(f) = step(&mut devices, &proxy, &mut schedule, &mut rng, &mut injected) else { continue };
         match f {
-            Fault::Cut => proxy.cut_all(),
-            Fault::Blackhole => {
-                proxy.set_mode(Mode::Blackhole);
-                schedule.heal_after(rng.gen_range(2_000..5_000));
-            }
-            Fault::Delay => {
-                proxy.set_delay(Duration::from_millis(rng.gen_range(50..300)));
-                schedule.heal_after(rng.gen_range(1_000..3_000));
-            }
+            Fault::Cut | Fault::Blackhole | Fault::Delay => {}
             Fault::RestartControlPlane => cluster.kill_one(&mut rng).await?,
             Fault::RestartAgents => restart_some_agents(&mut devices, &fleet_cancel, &mut rng).await?,
             Fault::Corrupt | Fault::DiskFull | Fault::ClockSkew => {}
