@@ -5,7 +5,7 @@
 //! connection lives, and checks that connection every [`RETRY`] too. When the leader dies, PostgreSQL ends its
 //! session and releases the lock (at once for a process that was killed, whose socket closes; after the
 //! server's TCP keepalive settings for a machine that vanished), and another replica takes over at its next
-//! try. A leader that cannot reach the database steps down at once. Leading is an optimisation, not the
+//! try. A leader whose connection fails, or whose check takes over 5 s, steps down then. Leading is an optimisation, not the
 //! safety: every change of shared state is made under that state's write lock ([`super::kv::PgKv::lock`]), so
 //! two replicas that briefly both believe they lead still take turns, each reading what the other wrote.
 
@@ -24,22 +24,24 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Clone, Debug)]
 pub struct Lease {
     rx: watch::Receiver<bool>,
+    /// The sender of a lease whose value never changes, kept so the value never reads as closed.
+    _fixed: Option<std::sync::Arc<watch::Sender<bool>>>,
 }
 
 impl Lease {
     /// A lease this replica always holds (a single control plane, on the embedded store).
     pub fn always() -> Lease {
-        let (tx, rx) = watch::channel(true);
-        // The sender is kept alive for as long as a receiver is, so the value never reads as closed.
-        std::mem::forget(tx);
-        Lease { rx }
+        Lease::fixed(true)
     }
 
     /// A lease this replica never holds (a trainer, which runs none of the work that needs one).
     pub fn never() -> Lease {
-        let (tx, rx) = watch::channel(false);
-        std::mem::forget(tx);
-        Lease { rx }
+        Lease::fixed(false)
+    }
+
+    fn fixed(leads: bool) -> Lease {
+        let (tx, rx) = watch::channel(leads);
+        Lease { rx, _fixed: Some(std::sync::Arc::new(tx)) }
     }
 
     /// Starts trying to lead for `name` until `stop`.
@@ -51,7 +53,7 @@ impl Lease {
     ) -> Lease {
         let (tx, rx) = watch::channel(false);
         tracker.spawn(run(pg, name, tx, stop));
-        Lease { rx }
+        Lease { rx, _fixed: None }
     }
 
     pub fn is_leader(&self) -> bool {
