@@ -11,6 +11,8 @@ use tokio_util::sync::CancellationToken;
 
 const CLASS: &str = "city-air-quality";
 const DEVICES: usize = 3;
+/// 26 hours of readings, one a minute.
+const DATASET_READINGS: usize = 26 * 60;
 
 #[test]
 fn the_python_readme_shows_the_example_as_it_is() {
@@ -31,14 +33,19 @@ async fn the_python_client_drives_the_loop_from_dataset_to_a_completed_rollout()
     let fleet_cancel = CancellationToken::new();
     let mut devices =
         fleet_for(CLASS, &api, cp.mqtt_addr.clone(), &dir.path().join("fleet"), DEVICES, 0, &fleet_cancel).await;
-    // Enough stored telemetry for a dataset, then a steady feed while the suite runs.
+    // Enough stored telemetry for a dataset, then a steady feed while the suite runs. One reading a minute:
+    // the dataset spans more than a day, so that the feed during the rollout (later hours of the daily cycle)
+    // is nothing the forest has not seen.
     for d in &mut devices {
-        for s in d.generator.take(600) {
+        for s in d.generator.take(DATASET_READINGS) {
             d.samples.send(s).await.unwrap();
         }
     }
     let outboxes: Vec<_> = devices.iter().map(|d| d.agent.outbox.clone()).collect();
-    wait_for("telemetry stored", Duration::from_secs(60), || outboxes.iter().all(|o| o.stats().acked >= 600)).await;
+    wait_for("telemetry stored", Duration::from_secs(120), || {
+        outboxes.iter().all(|o| o.stats().acked >= DATASET_READINGS as u64)
+    })
+    .await;
     let ids: Vec<String> = devices.iter().map(|d| d.agent.device.clone()).collect();
     wait_for("devices registered with their class", Duration::from_secs(20), || {
         ids.iter().all(|id| cp.registry.get(id).is_some_and(|d| d.class == CLASS))
