@@ -11,6 +11,7 @@
 //! a device that floods `up/alerts` (within its message rate) cannot fill the disk.
 
 use crate::fleet::telemetry::StoreError;
+use crate::storage::postgres::{alerts::PgAlerts, block_on};
 use edgeloop_common::alerts::AlertEvent;
 use edgeloop_common::durable::DurableDb;
 use serde::{Deserialize, Serialize};
@@ -46,7 +47,7 @@ impl StoredAlert {
         self.listed_ms.unwrap_or(self.alert.onset_ms)
     }
 
-    fn cursor(&self) -> AlertCursor {
+    pub(crate) fn cursor(&self) -> AlertCursor {
         AlertCursor { onset_ms: self.list_ms(), device: self.device.clone(), id: self.alert.id }
     }
 }
@@ -116,8 +117,68 @@ fn corrupt(device: &str, id: u64, e: impl std::fmt::Display) -> StoreError {
 /// Most alerts kept per device; past it its oldest (lowest id) go.
 pub const MAX_ALERTS_PER_DEVICE: usize = 10_000;
 
+/// What storing one snapshot changes, decided alike on both back-ends.
+#[derive(Debug)]
+pub(crate) struct PutPlan {
+    /// The alert as stored before, if it was.
+    pub old: Option<StoredAlert>,
+    /// The alert to store, if the snapshot is newer than what is stored.
+    pub store: Option<StoredAlert>,
+    /// The device's mark afterwards: what to acknowledge.
+    pub mark: u64,
+}
+
+/// Decides what a snapshot from `device` changes, given the device's `mark` and the alert as stored (`old`).
+pub(crate) fn plan_put(
+    device: &str,
+    class: &str,
+    alert: AlertEvent,
+    now_ms: u64,
+    mark: u64,
+    old: Option<StoredAlert>,
+) -> PutPlan {
+    // Snapshots up to the sender's floor are gone from it: never wait for them (a store restored from an
+    // older backup would otherwise never acknowledge again).
+    let mark = mark.max(alert.floor);
+    let rev = alert.rev;
+    let store = match &old {
+        Some(o) if o.alert.rev >= rev => None,
+        // Acknowledged before and since removed (by retention or the per-device cap): a resent snapshot does
+        // not bring it back.
+        None if rev <= mark => None,
+        old => {
+            // Listed at its onset, or, when that was too far ahead when the alert first arrived, at then.
+            let first_ms = old.as_ref().and_then(|o| o.listed_ms).unwrap_or(now_ms);
+            let listed_ms = (alert.onset_ms > first_ms.saturating_add(MAX_ONSET_AHEAD_MS)).then_some(first_ms);
+            let ack = old.as_ref().and_then(|o| o.ack.clone());
+            let open = alert.is_open();
+            Some(StoredAlert {
+                device: device.into(),
+                class: class.into(),
+                alert,
+                received_ms: now_ms,
+                open,
+                ack,
+                listed_ms,
+            })
+        }
+    };
+    PutPlan { old, store, mark: if rev == mark + 1 { rev } else { mark } }
+}
+
 #[derive(Debug, Clone)]
 pub struct AlertStore {
+    backend: Backend,
+}
+
+#[derive(Debug, Clone)]
+enum Backend {
+    Sled(SledAlerts),
+    Postgres { store: PgAlerts, rt: tokio::runtime::Handle },
+}
+
+#[derive(Debug, Clone)]
+struct SledAlerts {
     alerts: sled::Tree,
     by_onset: sled::Tree,
     open_index: sled::Tree,
@@ -132,15 +193,149 @@ pub struct AlertStore {
 impl AlertStore {
     pub fn open(db: &DurableDb) -> Result<AlertStore, StoreError> {
         Ok(AlertStore {
-            alerts: db.tree("alerts")?,
-            by_onset: db.tree("alerts_by_onset")?,
-            open_index: db.tree("alerts_open")?,
-            marks: db.tree("alert_marks")?,
-            counts: db.tree("alert_counts")?,
-            writing: Default::default(),
+            backend: Backend::Sled(SledAlerts {
+                alerts: db.tree("alerts")?,
+                by_onset: db.tree("alerts_by_onset")?,
+                open_index: db.tree("alerts_open")?,
+                marks: db.tree("alert_marks")?,
+                counts: db.tree("alert_counts")?,
+                writing: Default::default(),
+            }),
         })
     }
 
+    /// The alerts in PostgreSQL, shared by every replica on it. Calls block on `rt`.
+    pub fn postgres(store: PgAlerts, rt: tokio::runtime::Handle) -> AlertStore {
+        AlertStore { backend: Backend::Postgres { store, rt } }
+    }
+
+    /// The highest `rev` of `device` up to which every snapshot is stored.
+    pub fn mark(&self, device: &str) -> Result<u64, StoreError> {
+        match &self.backend {
+            Backend::Sled(s) => s.mark(device),
+            Backend::Postgres { store, rt } => Ok(block_on(rt, store.mark(device))?),
+        }
+    }
+
+    /// Stores a snapshot from `device` (of `class`) unless a later one of the same alert is already here, and
+    /// returns the device's mark to acknowledge. Not durable until the store's next commit on the embedded
+    /// store; committed before it returns on PostgreSQL.
+    pub fn put(&self, device: &str, class: &str, alert: AlertEvent, now_ms: u64) -> Result<u64, StoreError> {
+        let s = match &self.backend {
+            Backend::Sled(s) => s,
+            Backend::Postgres { store, rt } => {
+                return Ok(block_on(rt, store.put(device, class, alert, now_ms, MAX_ALERTS_PER_DEVICE))?);
+            }
+        };
+        let _one = s.writing.lock().unwrap_or_else(|p| p.into_inner());
+        let mark = s.mark(device)?;
+        let old = s.get(device, alert.id)?;
+        let plan = plan_put(device, class, alert, now_ms, mark, old);
+        if let Some(stored) = &plan.store {
+            if plan.old.is_none() {
+                s.make_room(device)?;
+            }
+            if plan.old.as_ref().is_none_or(|o| o.list_ms() != stored.list_ms()) {
+                if let Some(o) = &plan.old {
+                    s.by_onset.remove(o.cursor().index_key())?;
+                }
+                s.by_onset.insert(stored.cursor().index_key(), &[])?;
+            }
+            s.write(stored)?;
+        }
+        if plan.mark != mark {
+            s.marks.insert(device.as_bytes(), &plan.mark.to_be_bytes())?;
+        }
+        Ok(plan.mark)
+    }
+    pub fn get(&self, device: &str, id: u64) -> Result<Option<StoredAlert>, StoreError> {
+        match &self.backend {
+            Backend::Sled(s) => s.get(device, id),
+            Backend::Postgres { store, rt } => Ok(block_on(rt, store.get(device, id))?),
+        }
+    }
+
+    /// Newest onset first: the alerts after `after` that `keep`, at most `limit`, and the cursor of the next
+    /// page when more may follow. Reads at most `scan_max` alerts.
+    pub fn page(
+        &self,
+        after: Option<&AlertCursor>,
+        limit: usize,
+        scan_max: usize,
+        keep: impl Fn(&StoredAlert) -> bool,
+    ) -> Result<(Vec<StoredAlert>, Option<AlertCursor>), StoreError> {
+        let (store, rt) = match &self.backend {
+            Backend::Sled(s) => return s.page(after, limit, scan_max, keep),
+            Backend::Postgres { store, rt } => (store, rt),
+        };
+        let (mut out, mut last, mut from, mut scanned) = (Vec::new(), None, after.cloned(), 0usize);
+        loop {
+            let want = (scan_max - scanned).saturating_add(1).min(PG_CHUNK);
+            let chunk = block_on(rt, store.listed_before(from.as_ref(), want))?;
+            if chunk.is_empty() {
+                return Ok((out, None));
+            }
+            for a in chunk {
+                if out.len() == limit || scanned == scan_max {
+                    return Ok((out, last));
+                }
+                scanned += 1;
+                last = Some(a.cursor());
+                if keep(&a) {
+                    out.push(a);
+                }
+            }
+            from = last.clone();
+        }
+    }
+
+    /// Records an operator's acknowledgement, made by `make` from the alert as it stands (under the same
+    /// lock as ingest's snapshots, which on PostgreSQL every replica takes); `None` if there is no such alert.
+    pub fn acknowledge<E: From<StoreError>>(
+        &self,
+        device: &str,
+        id: u64,
+        make: impl FnOnce(&StoredAlert) -> Result<AlertAck, E>,
+    ) -> Result<Option<StoredAlert>, E> {
+        let (store, rt) = match &self.backend {
+            Backend::Sled(s) => return s.acknowledge(device, id, make),
+            Backend::Postgres { store, rt } => (store, rt),
+        };
+        let lock = block_on(rt, store.lock(device)).map_err(StoreError::from)?;
+        let acked = (|| -> Result<Option<StoredAlert>, E> {
+            let Some(mut a) = block_on(rt, store.get(device, id)).map_err(StoreError::from)? else { return Ok(None) };
+            a.ack = Some(make(&a)?);
+            block_on(rt, store.replace(&a)).map_err(StoreError::from)?;
+            Ok(Some(a))
+        })();
+        block_on(rt, lock.release());
+        acked
+    }
+
+    /// Removes closed alerts whose latest snapshot arrived before `before_ms`, oldest listed first, at most
+    /// `max`, and returns how many went. Open alerts stay, however old. Training labels an acknowledgement
+    /// wrote are kept apart (the model registry's) and stay too. Not durable until the store's next commit on
+    /// the embedded store.
+    pub fn prune(&self, before_ms: u64, max: usize) -> Result<usize, StoreError> {
+        match &self.backend {
+            Backend::Sled(s) => s.prune(before_ms, max),
+            Backend::Postgres { store, rt } => Ok(block_on(rt, store.prune(before_ms, max))?),
+        }
+    }
+
+    /// Open alerts by class, for `/metrics`.
+    pub fn open_by_class(&self) -> Result<std::collections::BTreeMap<String, u64>, StoreError> {
+        match &self.backend {
+            Backend::Sled(s) => s.open_by_class(),
+            Backend::Postgres { store, rt } => Ok(block_on(rt, store.open_by_class())?),
+        }
+    }
+}
+
+/// Alerts read from PostgreSQL per round trip while paging.
+const PG_CHUNK: usize = 256;
+
+impl SledAlerts {
     fn decode(&self, device: &str, id: u64, bytes: &[u8]) -> Result<StoredAlert, StoreError> {
         serde_json::from_slice(bytes).map_err(|e| corrupt(device, id, e))
     }
@@ -180,76 +375,18 @@ impl AlertStore {
         Ok(())
     }
 
-    /// The highest `rev` of `device` up to which every snapshot is stored.
-    pub fn mark(&self, device: &str) -> Result<u64, StoreError> {
+    fn mark(&self, device: &str) -> Result<u64, StoreError> {
         Ok(self.marks.get(device.as_bytes())?.map_or(0, |v| u64::from_be_bytes(v[..8].try_into().unwrap_or_default())))
     }
 
-    /// Stores a snapshot from `device` (of `class`) unless a later one of the same alert is already here, and
-    /// returns the device's mark to acknowledge. Not durable until the store's next commit.
-    pub fn put(&self, device: &str, class: &str, alert: AlertEvent, now_ms: u64) -> Result<u64, StoreError> {
-        let _one = self.writing.lock().unwrap_or_else(|p| p.into_inner());
-        // Snapshots up to the sender's floor are gone from it: never wait for them (a store restored from an
-        // older backup would otherwise never acknowledge again).
-        let mut mark = self.mark(device)?;
-        if alert.floor > mark {
-            mark = alert.floor;
-            self.marks.insert(device.as_bytes(), &mark.to_be_bytes())?;
-        }
-        let (id, rev) = (alert.id, alert.rev);
-        let existing = match self.alerts.get(alert_key(device, id))? {
-            Some(v) => Some(self.decode(device, id, &v)?),
-            None => None,
-        };
-        match existing {
-            Some(old) if old.alert.rev >= rev => {}
-            // Acknowledged before and since removed (by retention or the per-device cap): a resent snapshot
-            // does not bring it back.
-            None if rev <= mark => {}
-            old => {
-                if old.is_none() {
-                    self.make_room(device)?;
-                }
-                // Listed at its onset, or, when that was too far ahead when the alert first arrived, at then.
-                let first_ms = old.as_ref().and_then(|o| o.listed_ms).unwrap_or(now_ms);
-                let listed_ms = (alert.onset_ms > first_ms.saturating_add(MAX_ONSET_AHEAD_MS)).then_some(first_ms);
-                let ack = old.as_ref().and_then(|o| o.ack.clone());
-                let open = alert.is_open();
-                let stored = StoredAlert {
-                    device: device.into(),
-                    class: class.into(),
-                    alert,
-                    received_ms: now_ms,
-                    open,
-                    ack,
-                    listed_ms,
-                };
-                if old.as_ref().is_none_or(|o| o.list_ms() != stored.list_ms()) {
-                    if let Some(o) = &old {
-                        self.by_onset.remove(o.cursor().index_key())?;
-                    }
-                    self.by_onset.insert(stored.cursor().index_key(), &[])?;
-                }
-                self.write(&stored)?;
-            }
-        }
-        if rev == mark + 1 {
-            self.marks.insert(device.as_bytes(), &rev.to_be_bytes())?;
-            return Ok(rev);
-        }
-        Ok(mark)
-    }
-
-    pub fn get(&self, device: &str, id: u64) -> Result<Option<StoredAlert>, StoreError> {
+    fn get(&self, device: &str, id: u64) -> Result<Option<StoredAlert>, StoreError> {
         match self.alerts.get(alert_key(device, id))? {
             Some(v) => Ok(Some(self.decode(device, id, &v)?)),
             None => Ok(None),
         }
     }
 
-    /// Newest onset first: the alerts after `after` that `keep`, at most `limit`, and the cursor of the next
-    /// page when more may follow. Reads at most `scan_max` alerts.
-    pub fn page(
+    fn page(
         &self,
         after: Option<&AlertCursor>,
         limit: usize,
@@ -282,9 +419,7 @@ impl AlertStore {
         Ok((out, None))
     }
 
-    /// Records an operator's acknowledgement, made by `make` from the alert as it stands (under the same
-    /// lock as ingest's snapshots); `None` if there is no such alert.
-    pub fn acknowledge<E: From<StoreError>>(
+    fn acknowledge<E: From<StoreError>>(
         &self,
         device: &str,
         id: u64,
@@ -297,10 +432,7 @@ impl AlertStore {
         Ok(Some(a))
     }
 
-    /// Removes closed alerts whose latest snapshot arrived before `before_ms`, oldest listed first, at most
-    /// `max`, and returns how many went. Open alerts stay, however old. Training labels an acknowledgement
-    /// wrote are kept apart (the model registry's) and stay too. Not durable until the store's next commit.
-    pub fn prune(&self, before_ms: u64, max: usize) -> Result<usize, StoreError> {
+    fn prune(&self, before_ms: u64, max: usize) -> Result<usize, StoreError> {
         let _one = self.writing.lock().unwrap_or_else(|p| p.into_inner());
         let mut gone = Vec::new();
         // Listed before the cutoff: every alert last heard of before it is among these (an onset is never
@@ -339,8 +471,8 @@ impl AlertStore {
         Ok(gone.len())
     }
 
-    /// Open alerts by class, for `/metrics` (from the index of open alerts: no alert is decoded).
-    pub fn open_by_class(&self) -> Result<std::collections::BTreeMap<String, u64>, StoreError> {
+    /// From the index of open alerts: no alert is decoded.
+    fn open_by_class(&self) -> Result<std::collections::BTreeMap<String, u64>, StoreError> {
         let mut out = std::collections::BTreeMap::new();
         for kv in self.open_index.iter() {
             let (_, class) = kv?;

@@ -7,11 +7,16 @@
 //! cursor (the last key returned), and read at most [`MAX_SCANNED`] lines per page: a page can come back short
 //! with a cursor to go on from, but never costs more than that.
 //!
+//! With `[storage] backend = "postgres"` the lines live in PostgreSQL instead
+//! ([`crate::storage::postgres::logs`]), searched the same way and with the same cursors, so that every
+//! replica sees every device's lines.
+//!
 //! Per device, `device_log_stats` counts what was stored, what the device said it left out (over its own
 //! budget, or pushed out of its ring) and what ingest cut because the device went over the control plane's
 //! budget anyway.
 
 use super::telemetry::StoreError;
+use crate::storage::postgres::{block_on, logs::PgLogs};
 use edgeloop_common::durable::DurableDb;
 use edgeloop_common::envelope::{LogEntry, LogLevel};
 use serde::{Deserialize, Serialize};
@@ -104,6 +109,17 @@ pub struct LogPage {
 
 #[derive(Debug, Clone)]
 pub struct LogStore {
+    backend: Backend,
+}
+
+#[derive(Debug, Clone)]
+enum Backend {
+    Sled(SledLogs),
+    Postgres { store: PgLogs, rt: tokio::runtime::Handle },
+}
+
+#[derive(Debug, Clone)]
+struct SledLogs {
     db: DurableDb,
     lines: sled::Tree,
     by_device: sled::Tree,
@@ -143,16 +159,82 @@ impl LogQuery {
 impl LogStore {
     pub fn open(db: DurableDb) -> Result<LogStore, StoreError> {
         Ok(LogStore {
-            lines: db.tree("device_logs")?,
-            by_device: db.tree("device_logs_by_device")?,
-            stats: db.tree("device_log_stats")?,
-            db,
+            backend: Backend::Sled(SledLogs {
+                lines: db.tree("device_logs")?,
+                by_device: db.tree("device_logs_by_device")?,
+                stats: db.tree("device_log_stats")?,
+                db,
+            }),
         })
     }
 
+    /// The lines in PostgreSQL, shared by every replica on it. Calls block on `rt`.
+    pub fn postgres(store: PgLogs, rt: tokio::runtime::Handle) -> LogStore {
+        LogStore { backend: Backend::Postgres { store, rt } }
+    }
+
     /// Stores `entries` from `device` (of `class`) received at `received_ms`, and adds to its counters the
-    /// lines it left out (`suppressed`) and the lines ingest cut (`cut`). Not durable until the next commit.
+    /// lines it left out (`suppressed`) and the lines ingest cut (`cut`). Not durable until the next commit
+    /// on the embedded store; committed before it returns on PostgreSQL.
     pub fn append(
+        &self,
+        device: &str,
+        class: &str,
+        entries: &[LogEntry],
+        counts: (u64, u64),
+        received_ms: u64,
+    ) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Sled(s) => s.append(device, class, entries, counts, received_ms),
+            Backend::Postgres { store, rt } => {
+                Ok(block_on(rt, store.append(device, class, entries, counts, received_ms))?)
+            }
+        }
+    }
+
+    pub fn stats(&self, device: &str) -> Result<LogStats, StoreError> {
+        match &self.backend {
+            Backend::Sled(s) => s.stats(device),
+            Backend::Postgres { store, rt } => Ok(block_on(rt, store.stats(device))?),
+        }
+    }
+
+    /// Lines matching `q`, newest first.
+    pub fn search(&self, q: &LogQuery) -> Result<LogPage, StoreError> {
+        let limit = q.limit.clamp(1, MAX_LIMIT);
+        match &self.backend {
+            Backend::Sled(s) => s.search(q, limit),
+            Backend::Postgres { store, rt } => Ok(block_on(rt, store.search(q, limit, MAX_SCANNED))?),
+        }
+    }
+
+    /// Removes lines received before `before_ms`, at most `max` of them, oldest first. Returns how many went.
+    pub fn prune(&self, before_ms: u64, max: usize) -> Result<u64, StoreError> {
+        match &self.backend {
+            Backend::Sled(s) => s.prune(before_ms, max),
+            Backend::Postgres { store, rt } => Ok(block_on(rt, store.prune(before_ms, max))?),
+        }
+    }
+
+    /// Lines stored now.
+    pub fn len(&self) -> Result<u64, StoreError> {
+        match &self.backend {
+            Backend::Sled(s) => Ok(s.lines.len() as u64),
+            Backend::Postgres { store, rt } => Ok(block_on(rt, store.count())?),
+        }
+    }
+
+    /// Makes every append and prune so far durable (on PostgreSQL, each already is).
+    pub fn commit(&self) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Sled(s) => Ok(s.db.commit()?),
+            Backend::Postgres { .. } => Ok(()),
+        }
+    }
+}
+
+impl SledLogs {
+    fn append(
         &self,
         device: &str,
         class: &str,
@@ -185,7 +267,7 @@ impl LogStore {
         Ok(())
     }
 
-    pub fn stats(&self, device: &str) -> Result<LogStats, StoreError> {
+    fn stats(&self, device: &str) -> Result<LogStats, StoreError> {
         Ok(match self.stats.get(device.as_bytes())? {
             Some(v) => ciborium::from_reader(&v[..]).map_err(|e| StoreError::Corrupt {
                 device: device.to_string(),
@@ -196,9 +278,7 @@ impl LogStore {
         })
     }
 
-    /// Lines matching `q`, newest first.
-    pub fn search(&self, q: &LogQuery) -> Result<LogPage, StoreError> {
-        let limit = q.limit.clamp(1, MAX_LIMIT);
+    fn search(&self, q: &LogQuery, limit: usize) -> Result<LogPage, StoreError> {
         let mut entries = Vec::new();
         let mut scanned = 0usize;
         let mut last: Option<[u8; 16]> = None;
@@ -249,8 +329,7 @@ impl LogStore {
         Ok(LogPage { entries, next: if more { last.map(LogCursor) } else { None } })
     }
 
-    /// Removes lines received before `before_ms`, at most `max` of them, oldest first. Returns how many went.
-    pub fn prune(&self, before_ms: u64, max: usize) -> Result<u64, StoreError> {
+    fn prune(&self, before_ms: u64, max: usize) -> Result<u64, StoreError> {
         let mut n = 0;
         for kv in self.lines.range(..before_ms.to_be_bytes().to_vec()).take(max) {
             let (k, v) = kv?;
@@ -262,19 +341,6 @@ impl LogStore {
             n += 1;
         }
         Ok(n)
-    }
-
-    /// Lines stored now.
-    pub fn len(&self) -> usize {
-        self.lines.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.lines.is_empty()
-    }
-
-    pub fn commit(&self) -> Result<(), StoreError> {
-        Ok(self.db.commit()?)
     }
 }
 
@@ -364,10 +430,11 @@ mod tests {
         s.commit().unwrap();
         drop(s);
         let s = store(dir.path());
-        assert_eq!(s.len(), 1);
+        assert_eq!(s.len().unwrap(), 1);
         let page = s.search(&LogQuery { device: Some("d".into()), limit: 10, ..Default::default() }).unwrap();
         assert_eq!(messages(&page), ["line 2"]);
-        assert_eq!(s.by_device.len(), 1, "the index lost the pruned lines too");
+        let Backend::Sled(sled) = &s.backend else { unreachable!("opened on sled") };
+        assert_eq!(sled.by_device.len(), 1, "the index lost the pruned lines too");
         assert_eq!(s.stats("d").unwrap().stored, 3, "counters are totals");
     }
 }

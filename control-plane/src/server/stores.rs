@@ -65,8 +65,8 @@ impl Stores {
             .map(|pg| {
                 tracing::info!(
                     at = pg.at(),
-                    "telemetry, the device registry, enrollment, operator tokens, models, artifacts and rollouts \
-                     are kept in PostgreSQL"
+                    "telemetry, the device registry, enrollment, operator tokens, models, artifacts, rollouts, \
+                     device logs and alerts are kept in PostgreSQL"
                 );
                 (pg, tokio::runtime::Handle::current())
             });
@@ -121,14 +121,26 @@ impl Stores {
                     }
                 }),
                 operators,
+                logs: match &pg {
+                    None => crate::fleet::LogStore::open(db.clone())?,
+                    Some((pg, rt)) => crate::fleet::LogStore::postgres(
+                        crate::storage::postgres::logs::PgLogs::new(pg.clone()),
+                        rt.clone(),
+                    ),
+                },
+                alerts: match &pg {
+                    None => crate::fleet::AlertStore::open(&db)?,
+                    Some((pg, rt)) => crate::fleet::AlertStore::postgres(
+                        crate::storage::postgres::alerts::PgAlerts::new(pg.clone()),
+                        rt.clone(),
+                    ),
+                },
                 telemetry: match pg {
                     None => TelemetryStore::open(db.clone())?,
                     Some((pg, rt)) => {
                         TelemetryStore::postgres(db.clone(), crate::storage::postgres::PgTelemetry::new(pg), rt)
                     }
                 },
-                logs: crate::fleet::LogStore::open(db.clone())?,
-                alerts: crate::fleet::AlertStore::open(&db)?,
                 admin_token: None,
                 signer,
                 metrics: Arc::new(Metrics::default()),

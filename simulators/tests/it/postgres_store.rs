@@ -643,3 +643,199 @@ async fn the_audit_log_on_postgres_is_one_log_for_every_replica() {
     let (odd, _) = a.page(None, 100, |e| e.who == "op-1").unwrap();
     assert_eq!(odd.len(), 25);
 }
+
+fn log_line(
+    ts_ms: u64,
+    level: edgeloop_common::envelope::LogLevel,
+    message: &str,
+) -> edgeloop_common::envelope::LogEntry {
+    edgeloop_common::envelope::LogEntry {
+        ts_ms,
+        level,
+        target: "edgeloop_agent::uplink".into(),
+        message: message.into(),
+    }
+}
+
+/// Lines stored through `w`, searched through `r`: the same answers on both back-ends. Blocking.
+fn logs_scenario(w: &edgeloop_control_plane::fleet::LogStore, r: &edgeloop_control_plane::fleet::LogStore) {
+    use edgeloop_common::envelope::LogLevel::{Error, Warn};
+    use edgeloop_control_plane::fleet::logs::{LogCursor, LogQuery, LogStats};
+    w.append("a1", "air", &[log_line(10, Warn, "broker refused"), log_line(11, Error, "Disk full")], (3, 0), 1000)
+        .unwrap();
+    w.append("p1", "press", &[log_line(20, Warn, "bad sample refused")], (0, 2), 2000).unwrap();
+    r.append("a1", "air", &[log_line(30, Warn, "bad sample refused")], (0, 0), 3000).unwrap();
+    let q = |f: &dyn Fn(&mut LogQuery)| {
+        let mut q = LogQuery { limit: 100, ..Default::default() };
+        f(&mut q);
+        r.search(&q).unwrap().entries.into_iter().map(|l| (l.device, l.message)).collect::<Vec<_>>()
+    };
+    let msgs = |v: Vec<(String, String)>| v.into_iter().map(|(_, m)| m).collect::<Vec<_>>();
+    assert_eq!(msgs(q(&|_| {})), ["bad sample refused", "bad sample refused", "Disk full", "broker refused"]);
+    assert_eq!(q(&|_| {})[1].0, "p1");
+    assert_eq!(msgs(q(&|q| q.device = Some("a1".into()))), ["bad sample refused", "Disk full", "broker refused"]);
+    assert_eq!(msgs(q(&|q| q.class = Some("press".into()))), ["bad sample refused"]);
+    assert_eq!(msgs(q(&|q| q.level = Some(Error))), ["Disk full"]);
+    assert_eq!(msgs(q(&|q| q.text = Some("DISK".into()))), ["Disk full"]);
+    assert_eq!(q(&|q| q.text = Some("uplink".into())).len(), 4, "the target matches too");
+    assert_eq!(msgs(q(&|q| (q.since_ms, q.until_ms) = (Some(11), Some(20)))), ["bad sample refused", "Disk full"]);
+    assert!(q(&|q| q.device = Some("a".into())).is_empty(), "a device id is not a prefix");
+    // Pages of one, following the cursor through its text form, cover everything once.
+    for device in [None, Some("a1")] {
+        let (mut seen, mut cursor) = (Vec::new(), None);
+        loop {
+            let page =
+                r.search(&LogQuery { device: device.map(Into::into), cursor, limit: 1, ..Default::default() }).unwrap();
+            seen.extend(page.entries.iter().map(|l| l.ts_ms));
+            match page.next {
+                Some(c) => cursor = Some(LogCursor::parse(&c.encode()).unwrap()),
+                None => break,
+            }
+        }
+        assert_eq!(seen, if device.is_none() { vec![30, 20, 11, 10] } else { vec![30, 11, 10] });
+    }
+    assert_eq!(r.stats("a1").unwrap(), LogStats { stored: 3, suppressed: 3, cut: 0 });
+    assert_eq!(w.stats("p1").unwrap(), LogStats { stored: 1, suppressed: 0, cut: 2 });
+    // Retention, oldest first, at most `max` a call; the counters are totals and stay.
+    assert_eq!(w.prune(2500, 1).unwrap(), 1, "at most `max`");
+    assert_eq!(r.prune(2500, 10).unwrap(), 2);
+    w.commit().unwrap();
+    assert_eq!(r.len().unwrap(), 1);
+    assert_eq!(msgs(q(&|q| q.device = Some("a1".into()))), ["bad sample refused"]);
+    assert_eq!(r.stats("a1").unwrap().stored, 3);
+}
+
+fn alert(id: u64, rev: u64, onset_ms: u64, end_ms: Option<u64>) -> edgeloop_common::alerts::AlertEvent {
+    edgeloop_common::alerts::AlertEvent {
+        id,
+        rev,
+        sensor: "s".into(),
+        model: None,
+        onset_ms,
+        last_ms: onset_ms + 2000,
+        peak_score: 3.0,
+        peak_ms: onset_ms + 1000,
+        windows: 3,
+        end_ms,
+        floor: 0,
+    }
+}
+
+/// Snapshots stored through `w` and `r`, acknowledged through `r`: the same answers on both back-ends.
+/// Blocking.
+fn alerts_scenario(w: &edgeloop_control_plane::fleet::AlertStore, r: &edgeloop_control_plane::fleet::AlertStore) {
+    use edgeloop_control_plane::fleet::alerts::AlertAck;
+
+    // Alert 1 opens (rev 1) and closes (rev 2); alert 2 opens (rev 3). Rev 3 arrives before rev 2, on the
+    // other replica: stored, but the mark waits for rev 2.
+    assert_eq!(w.put("d1", "c", alert(1, 1, 1, None), 10).unwrap(), 1);
+    assert_eq!(r.put("d1", "c", alert(2, 3, 5, None), 11).unwrap(), 1);
+    assert_eq!(w.put("d1", "c", alert(1, 2, 1, Some(2)), 12).unwrap(), 2);
+    assert_eq!(r.put("d1", "c", alert(1, 1, 1, None), 13).unwrap(), 2, "a resend changes nothing");
+    // The device sends rev 3 again (it was not acknowledged): now the mark covers it.
+    assert_eq!(w.put("d1", "c", alert(2, 3, 5, None), 13).unwrap(), 3);
+    assert_eq!(r.mark("d1").unwrap(), 3);
+    let first = r.get("d1", 1).unwrap().unwrap();
+    assert!(!first.open && first.alert.rev == 2 && first.received_ms == 12, "{first:?}");
+    assert_eq!(r.open_by_class().unwrap(), [("c".to_string(), 1)].into());
+    // An operator acknowledges alert 2 on one replica; the device's next snapshot on the other keeps it.
+    let acked = r
+        .acknowledge("d1", 2, |a| -> Result<AlertAck, anyhow::Error> {
+            assert_eq!(a.alert.rev, 3);
+            Ok(AlertAck { by: "op".into(), at_ms: 50, verdict: Some(true), note: "bearing".into(), label: None })
+        })
+        .unwrap()
+        .unwrap();
+    assert_eq!(acked.ack.as_ref().unwrap().note, "bearing");
+    assert!(r.acknowledge("d1", 9, |_| -> Result<AlertAck, anyhow::Error> { unreachable!() }).unwrap().is_none());
+    assert_eq!(w.put("d1", "c", alert(2, 4, 5, Some(6)), 14).unwrap(), 4);
+    let second = r.get("d1", 2).unwrap().unwrap();
+    assert!(!second.open && second.ack.as_ref().is_some_and(|a| a.verdict == Some(true)), "{second:?}");
+    assert!(r.open_by_class().unwrap().is_empty());
+    // Three devices' alerts (onsets before their arrival, as device clocks have them), paged newest onset first across both replicas' writes.
+    for (i, dev) in ["d2", "d3"].into_iter().enumerate() {
+        w.put(dev, "c", alert(1, 1, 3 + i as u64, None), 20).unwrap();
+    }
+    let (mut seen, mut cursor) = (Vec::new(), None);
+    loop {
+        let (page, next) = r.page(cursor.as_ref(), 2, 1000, |_| true).unwrap();
+        seen.extend(page.into_iter().map(|a| (a.device, a.alert.id)));
+        match next {
+            Some(c) => cursor = Some(edgeloop_control_plane::fleet::alerts::AlertCursor::parse(&c.encode()).unwrap()),
+            None => break,
+        }
+    }
+    let want: Vec<(String, u64)> = vec![("d1".into(), 2), ("d3".into(), 1), ("d2".into(), 1), ("d1".into(), 1)];
+    assert_eq!(seen, want);
+    let (open, _) = w.page(None, 10, 1000, |a| a.open).unwrap();
+    assert_eq!(open.len(), 2);
+    // Retention takes the closed alerts heard of before the cutoff; a resent snapshot does not bring one back.
+    assert_eq!(r.prune(13, 10).unwrap(), 1);
+    assert!(w.get("d1", 1).unwrap().is_none() && w.get("d1", 2).unwrap().is_some());
+    assert_eq!(w.put("d1", "c", alert(1, 2, 1, Some(2)), 30).unwrap(), 4);
+    assert!(r.get("d1", 1).unwrap().is_none());
+}
+
+/// Device logs and alerts on PostgreSQL: what one replica stores, another finds, with the same answers as
+/// the embedded store; snapshots of one device from two replicas at once all land, and the mark counts them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_logs_and_alerts_on_postgres_are_one_for_every_replica() {
+    use edgeloop_control_plane::fleet::{AlertStore, LogStore};
+    use edgeloop_control_plane::storage::postgres::{alerts::PgAlerts, logs::PgLogs};
+    let dir = tempfile::tempdir().unwrap();
+    let c = PgCluster::start(dir.path()).unwrap();
+    let pg = open(&c).await;
+    let rt = tokio::runtime::Handle::current();
+    let db = DurableDb::open(&dir.path().join("embedded"), Durability::Flush).unwrap();
+    let (logs, alerts) = (LogStore::open(db.clone()).unwrap(), AlertStore::open(&db).unwrap());
+    let pg_logs = |_: u8| LogStore::postgres(PgLogs::new(pg.clone()), rt.clone());
+    let pg_alerts = |_: u8| AlertStore::postgres(PgAlerts::new(pg.clone()), rt.clone());
+    let (la, lb, aa, ab) = (pg_logs(0), pg_logs(1), pg_alerts(0), pg_alerts(1));
+    tokio::task::spawn_blocking(move || {
+        logs_scenario(&logs, &logs);
+        logs_scenario(&la, &lb);
+        alerts_scenario(&alerts, &alerts);
+        alerts_scenario(&aa, &ab);
+        // A device's snapshots of one alert through one replica while an operator acknowledges it again and
+        // again through the other: the last snapshot and the last acknowledgement both stand.
+        use edgeloop_control_plane::fleet::alerts::AlertAck;
+        let n = 200u64;
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for rev in 1..=n {
+                    assert_eq!(aa.put("busy", "c", alert(1, rev, 1000, None), 40).unwrap(), rev);
+                }
+            });
+            s.spawn(|| {
+                for i in 0..40 {
+                    ab.acknowledge("busy", 1, |_| -> Result<AlertAck, anyhow::Error> {
+                        Ok(AlertAck {
+                            by: "op".into(),
+                            at_ms: i,
+                            verdict: None,
+                            note: format!("look {i}"),
+                            label: None,
+                        })
+                    })
+                    .unwrap();
+                }
+            });
+        });
+        let a = ab.get("busy", 1).unwrap().unwrap();
+        assert_eq!(a.alert.rev, n);
+        assert_eq!(a.ack.map(|k| k.note).as_deref(), Some("look 39"), "an acknowledgement was lost to a snapshot");
+    })
+    .await
+    .unwrap();
+    // The per-device cap: past it, the lowest-numbered alert goes.
+    let store = PgAlerts::new(pg.clone());
+    for id in 1..=4 {
+        store.put("capped", "c", alert(id, id, id * 1000, None), 50, 3).await.unwrap();
+    }
+    let left: Vec<u64> = (1..=4)
+        .filter(|id| {
+            c.psql(&format!("SELECT count(*) FROM alerts WHERE device = 'capped' AND id = {id}")).unwrap() == "1"
+        })
+        .collect();
+    assert_eq!(left, [2, 3, 4]);
+}

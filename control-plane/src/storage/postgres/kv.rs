@@ -227,6 +227,15 @@ impl PgKv {
         Ok(new)
     }
 
+    /// Takes the cluster-wide lock on `name` alone (waiting for whoever holds it), with no generation: for
+    /// a read-modify-write that calls back into other stores between its read and its write.
+    pub async fn hold(&self, name: &str) -> Result<WriteLock, PgError> {
+        let c = self.pg.client().await?;
+        let key = lock_key(name);
+        c.execute("SELECT pg_advisory_lock($1)", &[&key]).await.map_err(PgError::query("taking a lock"))?;
+        Ok(WriteLock { conn: Some(c), key, previous: 0, generation: 0 })
+    }
+
     /// Takes `domain`'s write lock (waiting for the replica that holds it) and raises its generation.
     pub async fn lock(&self, domain: &str) -> Result<WriteLock, PgError> {
         let c = self.pg.client().await?;

@@ -27,6 +27,7 @@ pub const MIGRATIONS: &[Migration] = &[
     Migration { version: 5, name: "training_jobs", sql: include_str!("../../../migrations/0005_training_jobs.sql") },
     Migration { version: 6, name: "replicas", sql: include_str!("../../../migrations/0006_replicas.sql") },
     Migration { version: 7, name: "audit", sql: include_str!("../../../migrations/0007_audit.sql") },
+    Migration { version: 8, name: "logs_alerts", sql: include_str!("../../../migrations/0008_logs_alerts.sql") },
 ];
 
 /// The advisory lock replicas take while migrating (an arbitrary constant: "edgeloop" in ASCII, truncated).

@@ -5,12 +5,14 @@
 //!   released (a changed one stops the start, by name).
 //! - [`telemetry`]: records keyed by (device, seq), exactly-once across replicas, and watermarks.
 
+pub mod alerts;
 pub mod audit;
 pub mod devices;
 pub mod enrollment;
 pub mod jobs;
 pub mod kv;
 pub mod lease;
+pub mod logs;
 pub mod migrate;
 pub mod operators;
 pub mod replicas;
