@@ -217,7 +217,7 @@ impl LogStore {
     }
 
     /// Lines stored now.
-    pub fn len(&self) -> Result<u64, StoreError> {
+    pub fn count(&self) -> Result<u64, StoreError> {
         match &self.backend {
             Backend::Sled(s) => Ok(s.lines.len() as u64),
             Backend::Postgres { store, rt } => Ok(block_on(rt, store.count())?),
@@ -430,7 +430,7 @@ mod tests {
         s.commit().unwrap();
         drop(s);
         let s = store(dir.path());
-        assert_eq!(s.len().unwrap(), 1);
+        assert_eq!(s.count().unwrap(), 1);
         let page = s.search(&LogQuery { device: Some("d".into()), limit: 10, ..Default::default() }).unwrap();
         assert_eq!(messages(&page), ["line 2"]);
         let Backend::Sled(sled) = &s.backend else { unreachable!("opened on sled") };

@@ -700,7 +700,7 @@ fn logs_scenario(w: &edgeloop_control_plane::fleet::LogStore, r: &edgeloop_contr
     assert_eq!(w.prune(2500, 1).unwrap(), 1, "at most `max`");
     assert_eq!(r.prune(2500, 10).unwrap(), 2);
     w.commit().unwrap();
-    assert_eq!(r.len().unwrap(), 1);
+    assert_eq!(r.count().unwrap(), 1);
     assert_eq!(msgs(q(&|q| q.device = Some("a1".into()))), ["bad sample refused"]);
     assert_eq!(r.stats("a1").unwrap().stored, 3);
 }
