@@ -615,6 +615,7 @@ fn migrate_to_postgres(cfg: &Config) -> Result<String, Failure> {
             &PgDevices::new(pg.clone()),
         )
         .await?;
+        let history = copy::history_to_postgres(&state_db, &pg).await?;
         let to = PgTelemetry::new(pg);
         let started = std::time::Instant::now();
         let copied = copy::embedded_to_postgres(&from, &to, |n| {
@@ -622,14 +623,22 @@ fn migrate_to_postgres(cfg: &Config) -> Result<String, Failure> {
         })
         .await?;
         eprintln!();
-        anyhow::Ok((copied, enrolled, operators, state))
+        anyhow::Ok((copied, enrolled, operators, state, history))
     })?;
-    let (copied, enrolled, operators, state) = copied;
+    let (copied, enrolled, operators, state, history) = copied;
+    let history = if history.already_copied {
+        "device logs, alerts and the audit log: copied by an earlier run, not again".to_string()
+    } else {
+        format!(
+            "{} device log lines, {} alerts and {} audit entries",
+            history.log_lines, history.alerts, history.audit_entries
+        )
+    };
     Ok(format!(
         "copied {} records of {} devices ({} were there already) and {} watermarks from {} into PostgreSQL; \
          enrollment: {} tokens ({} new) and {} enrolled devices ({} new); operator tokens: {} ({} new); \
          {} documents of rollouts, desired states, models and labels ({} new), {} artifacts ({} new), \
-         {} device registry entries ({} new); the embedded copy stays in {}",
+         {} device registry entries ({} new); {}; the embedded copy stays in {}",
         copied.records,
         copied.devices,
         copied.already_there,
@@ -647,6 +656,7 @@ fn migrate_to_postgres(cfg: &Config) -> Result<String, Failure> {
         state.artifacts_new,
         state.devices,
         state.devices_new,
+        history,
         dir.display()
     ))
 }

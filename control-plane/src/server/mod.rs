@@ -40,6 +40,8 @@ pub struct ControlPlaneHandle {
     pub store: TelemetryStore,
     /// The alerts devices raised.
     pub alerts: crate::fleet::AlertStore,
+    /// The warnings and errors devices shipped.
+    pub logs: crate::fleet::LogStore,
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
     pub learning: Arc<Learning>,
@@ -108,6 +110,7 @@ impl ControlPlane {
             mqtt_addr: (cfg.mqtt_host, broker.device_port),
             store: stores.telemetry,
             alerts: stores.alerts,
+            logs: stores.logs,
             registry: stores.devices,
             metrics: stores.metrics,
             learning,

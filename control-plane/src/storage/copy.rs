@@ -205,3 +205,126 @@ pub async fn embedded_to_postgres(
     out.devices = counts.len() as u64;
     Ok(out)
 }
+
+/// What copying the history (device logs, alerts, the audit log) did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CopiedHistory {
+    pub log_lines: u64,
+    pub alerts: u64,
+    pub audit_entries: u64,
+    /// A previous run copied the history already: nothing was copied again.
+    pub already_copied: bool,
+}
+
+/// The `kv` row that says the history was copied, written in the copy's transaction.
+const HISTORY_DONE: (&str, &[u8]) = ("migrations_done", b"history");
+
+fn int(v: u64) -> i64 {
+    v.min(i64::MAX as u64) as i64
+}
+
+fn be_u64(k: &[u8]) -> u64 {
+    u64::from_be_bytes(k.get(..8).and_then(|b| b.try_into().ok()).unwrap_or_default())
+}
+
+/// Copies an embedded installation's history into PostgreSQL: its device log lines and counters, its alerts
+/// and their marks, and its audit log, all in one transaction that also records that it ran. Log lines and
+/// audit entries have no key of their own to skip by, so a second run copies nothing (and says so) rather
+/// than storing them twice.
+pub async fn history_to_postgres(
+    db: &edgeloop_common::durable::DurableDb,
+    pg: &super::postgres::Pg,
+) -> Result<CopiedHistory, CopyError> {
+    use crate::fleet::alerts::StoredAlert;
+    use crate::fleet::logs::{LogStats, StoredLog};
+    let tree = |name: &str| db.tree(name).map_err(StoreError::from);
+    let corrupt = |what: &str, e: &dyn std::fmt::Display| {
+        CopyError::Embedded(StoreError::Corrupt { device: what.to_string(), seq: 0, reason: e.to_string() })
+    };
+    let mut out = CopiedHistory::default();
+    let mut c = pg.client().await?;
+    let tx = c.transaction().await.map_err(PgError::query("starting the history copy"))?;
+    let done = tx
+        .query_opt("SELECT 1 FROM kv WHERE tree = $1 AND key = $2", &[&HISTORY_DONE.0, &HISTORY_DONE.1])
+        .await
+        .map_err(PgError::query("reading whether the history was copied"))?;
+    if done.is_some() {
+        return Ok(CopiedHistory { already_copied: true, ..Default::default() });
+    }
+    let lines: Vec<StoredLog> = tree("device_logs")?
+        .iter()
+        .map(|kv| {
+            let (_, v) = kv.map_err(StoreError::from)?;
+            ciborium::from_reader(&v[..]).map_err(|e| corrupt("a device log line", &e))
+        })
+        .collect::<Result<_, CopyError>>()?;
+    for chunk in lines.chunks(BATCH) {
+        let col = |f: &dyn Fn(&StoredLog) -> String| chunk.iter().map(f).collect::<Vec<String>>();
+        let num = |f: &dyn Fn(&StoredLog) -> i64| chunk.iter().map(f).collect::<Vec<i64>>();
+        let levels: Vec<i16> =
+            chunk.iter().map(|l| i16::from(l.level == edgeloop_common::envelope::LogLevel::Error)).collect();
+        tx.execute(
+            "INSERT INTO device_logs (received_ms, device, class, level, target, message, ts_ms) \
+             SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::smallint[], $5::text[], $6::text[], \
+             $7::bigint[]) ORDER BY 1",
+            &[
+                &num(&|l| int(l.received_ms)),
+                &col(&|l| l.device.clone()),
+                &col(&|l| l.class.clone()),
+                &levels,
+                &col(&|l| l.target.clone()),
+                &col(&|l| l.message.clone()),
+                &num(&|l| int(l.ts_ms)),
+            ],
+        )
+        .await
+        .map_err(PgError::query("copying device log lines"))?;
+    }
+    out.log_lines = lines.len() as u64;
+    for kv in tree("device_log_stats")?.iter() {
+        let (k, v) = kv.map_err(StoreError::from)?;
+        let s: LogStats = ciborium::from_reader(&v[..]).map_err(|e| corrupt("device log counters", &e))?;
+        tx.execute(
+            "INSERT INTO device_log_stats (device, stored, suppressed, cut) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (device) DO UPDATE SET stored = device_log_stats.stored + excluded.stored, \
+             suppressed = device_log_stats.suppressed + excluded.suppressed, cut = device_log_stats.cut + excluded.cut",
+            &[&String::from_utf8_lossy(&k).as_ref(), &int(s.stored), &int(s.suppressed), &int(s.cut)],
+        )
+        .await
+        .map_err(PgError::query("copying device log counters"))?;
+    }
+    for kv in tree("alerts")?.iter() {
+        let (_, v) = kv.map_err(StoreError::from)?;
+        let a: StoredAlert = serde_json::from_slice(&v).map_err(|e| corrupt("an alert", &e))?;
+        tx.execute(
+            "INSERT INTO alerts (device, id, list_ms, received_ms, open, class, doc) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (device, id) DO NOTHING",
+            &[&a.device, &(a.alert.id as i64), &int(a.list_ms()), &int(a.received_ms), &a.open, &a.class, &v.as_ref()],
+        )
+        .await
+        .map_err(PgError::query("copying alerts"))?;
+        out.alerts += 1;
+    }
+    for kv in tree("alert_marks")?.iter() {
+        let (k, v) = kv.map_err(StoreError::from)?;
+        tx.execute(
+            "INSERT INTO alert_marks (device, mark) VALUES ($1, $2) \
+             ON CONFLICT (device) DO UPDATE SET mark = GREATEST(alert_marks.mark, excluded.mark)",
+            &[&String::from_utf8_lossy(&k).as_ref(), &int(be_u64(&v))],
+        )
+        .await
+        .map_err(PgError::query("copying alert marks"))?;
+    }
+    for kv in tree("audit")?.iter() {
+        let (k, v) = kv.map_err(StoreError::from)?;
+        tx.execute("INSERT INTO audit (at_ms, entry) VALUES ($1, $2)", &[&int(be_u64(&k)), &v.as_ref()])
+            .await
+            .map_err(PgError::query("copying the audit log"))?;
+        out.audit_entries += 1;
+    }
+    tx.execute("INSERT INTO kv (tree, key, value) VALUES ($1, $2, '')", &[&HISTORY_DONE.0, &HISTORY_DONE.1])
+        .await
+        .map_err(PgError::query("recording that the history was copied"))?;
+    tx.commit().await.map_err(PgError::query("committing the history copy"))?;
+    Ok(out)
+}

@@ -357,6 +357,12 @@ async fn migrate_to_postgres_moves_an_embedded_installation() {
             .await
             .unwrap();
     let records: Vec<u64> = (0..2).map(|i| cp.registry.get(&format!("sim-{i:04}")).unwrap().records).collect();
+    // An alert and log lines of a device: the history moves too, with the audit log.
+    let at = edgeloop_common::unix_millis();
+    assert_eq!(cp.alerts.put("sim-0000", "city-air-quality", alert(1, 1, at - 5000, None), at).unwrap(), 1);
+    let lines = [log_line(at - 10, edgeloop_common::envelope::LogLevel::Error, "sensor pm25 stuck")];
+    cp.logs.append("sim-0001", "city-air-quality", &lines, (2, 0), at).unwrap();
+    cp.store.commit().unwrap();
 
     std::fs::write(dir.path().join("pg.password"), PASSWORD).unwrap();
     let config = dir.path().join("cp.toml");
@@ -394,11 +400,17 @@ async fn migrate_to_postgres_moves_an_embedded_installation() {
     assert!(said.contains("and 2 enrolled devices (2 new); operator tokens: 1 (1 new)"), "{said}");
     assert!(said.contains("1 artifacts (1 new), 2 device registry entries (2 new)"), "{said}");
     assert_eq!(c.psql("SELECT count(*) FROM telemetry").unwrap(), s.generated.to_string());
+    let audited = c.psql("SELECT count(*) FROM audit").unwrap();
+    assert!(said.contains(&format!("1 device log lines, 1 alerts and {audited} audit entries")), "{said}");
+    assert!(audited.parse::<u64>().unwrap() >= 2, "the upload and the rollout were audited: {audited}");
     // Again: everything is found there already, nothing is stored twice.
     let out = migrate();
     let said = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(said.contains(&format!("({} were there already)", s.generated)), "{said}");
+    assert!(said.contains("the audit log: copied by an earlier run, not again"), "{said}");
     assert_eq!(c.psql("SELECT count(*) FROM telemetry").unwrap(), s.generated.to_string());
+    assert_eq!(c.psql("SELECT count(*) FROM device_logs").unwrap(), "1");
+    assert_eq!(c.psql("SELECT count(*) FROM audit").unwrap(), audited);
     // `--to` names the back-end.
     let out = std::process::Command::new(crate::support::binary("edgeloop-control-plane"))
         .args(["migrate", "--to", "mysql", "--config"])
@@ -430,6 +442,23 @@ async fn migrate_to_postgres_moves_an_embedded_installation() {
     let path = cp.learning.models.artifact_path(&model.sha256).expect("the artifact is not in PostgreSQL");
     assert_eq!(edgeloop_common::signing::sha256_hex(&std::fs::read(path).unwrap()), model.sha256);
     assert_eq!(cp.rollouts.get(&rollout.id).map(|r| r.spec.model.sha256), Some(model.sha256));
+    // The device's alert and log lines, and the counters of what it left out.
+    let (alerts, logs) = (cp.alerts.clone(), cp.logs.clone());
+    tokio::task::spawn_blocking(move || {
+        let a = alerts.get("sim-0000", 1).unwrap().expect("the alert in PostgreSQL");
+        assert!(a.open && a.alert.onset_ms == at - 5000);
+        assert_eq!(alerts.mark("sim-0000").unwrap(), 1);
+        let q = edgeloop_control_plane::fleet::logs::LogQuery {
+            device: Some("sim-0001".into()),
+            limit: 10,
+            ..Default::default()
+        };
+        let page = logs.search(&q).unwrap();
+        assert_eq!(page.entries.iter().map(|l| l.message.as_str()).collect::<Vec<_>>(), ["sensor pm25 stuck"]);
+        assert_eq!(logs.stats("sim-0001").unwrap().suppressed, 2);
+    })
+    .await
+    .unwrap();
     cp_cancel.cancel();
     cp.join().await.unwrap();
 }
