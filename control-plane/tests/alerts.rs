@@ -23,7 +23,7 @@ fn promtool(args: &[&str]) -> (bool, String) {
 fn alerting_rules_load_and_fire_as_their_tests_say() {
     let (ok, out) = promtool(&["check", "rules", "edgeloop-alerts.yml"]);
     assert!(ok, "{out}");
-    assert!(out.contains("SUCCESS: 18 rules found"), "{out}");
+    assert!(out.contains("SUCCESS: 19 rules found"), "{out}");
     let (ok, out) = promtool(&["test", "rules", "edgeloop-alerts.test.yml"]);
     assert!(ok, "{out}");
 

@@ -133,6 +133,8 @@ pub struct Metrics {
     pub leader: Gauge,
     /// Ingest replicas alive on the database (1 on the embedded store).
     pub replicas: Gauge,
+    /// Replicas that train alive on the database (1 on the embedded store).
+    pub trainers: Gauge,
     rejected: Family<Reason, Counter>,
     log_lines: Family<OutcomeLabel, Counter>,
     api_refusals: Family<Reason, Counter>,
@@ -170,6 +172,7 @@ impl Default for Metrics {
             ingest_latency: Histogram::new(LATENCY_BUCKETS),
             leader: Gauge::default(),
             replicas: Gauge::default(),
+            trainers: Gauge::default(),
             rejected: Family::default(),
             log_lines: Family::default(),
             api_refusals: Family::default(),
@@ -253,6 +256,13 @@ impl Default for Metrics {
             "Ingest replicas alive on the database, among which each device's rate limit is shared (1 on the \
              embedded store)",
             m.replicas.clone(),
+        );
+        m.trainers.set(1);
+        registry.register(
+            "edgeloop_trainers",
+            "Replicas that claim training jobs alive on the database (roles with \"train\"), as this ingest \
+             replica counts them; 1 on the embedded store, which trains in-process",
+            m.trainers.clone(),
         );
         registry.register(
             "edgeloop_fleet_devices",

@@ -54,7 +54,10 @@ pub(crate) async fn learning(
     if stores.shared.is_some() && cfg.roles.train {
         let me = format!("trainer-{}", crate::storage::postgres::kv::replica_id());
         let timeout = Duration::from_secs(cfg.training.claim_timeout_secs);
-        tracker.spawn(learning.clone().serve_queue(me, timeout, cancel.child_token()));
+        tracker.spawn(learning.clone().serve_queue(me.clone(), timeout, cancel.child_token()));
+        // Counted by the ingest replicas' `edgeloop_trainers`.
+        let replicas = crate::storage::postgres::replicas::PgReplicas::new(stores.shared.clone().expect("checked"));
+        tracker.spawn(replicas.keep_alive(me, "train", cancel.child_token()));
     }
     tracker.spawn(crate::ml::triggers::run(learning.clone(), lease.clone(), cancel.child_token()));
     Ok(learning)
@@ -225,6 +228,10 @@ pub(crate) async fn ingest(
                         metrics.replicas.set(n as i64);
                     }
                     Err(e) => tracing::warn!(error = %e, "writing this replica's row; the rate limit share stays"),
+                }
+                match replicas.alive("train", edgeloop_common::unix_millis()).await {
+                    Ok(n) => metrics.trainers.set(n as i64),
+                    Err(e) => tracing::debug!(error = %e, "counting the trainers"),
                 }
                 tokio::select! {
                     _ = stop.cancelled() => break,

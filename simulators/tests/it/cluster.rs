@@ -316,6 +316,7 @@ async fn trainer_killed_mid_job_is_requeued() {
     // The ingest replica does not train it.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(job(&api).await["state"], "queued", "the ingest-only replica took the job");
+    assert_eq!(metric(&api, "edgeloop_trainers").await, 0.0, "no replica trains yet");
 
     let trainer = |name: &str| {
         let (p, _) = c.proc(name, &role("train"));
@@ -361,6 +362,13 @@ async fn trainer_killed_mid_job_is_requeued() {
     assert_eq!(items[0]["version"], done["result"]["version"]);
     assert_eq!(items[0]["promoted"], done["result"]["promoted"]);
     assert_eq!(items[0]["production"], done["result"]["promoted"], "the production pointer disagrees: {models}");
+    // The ingest replica counts the live trainers: t2, once t1's row (it was killed, and never left) is older
+    // than 15 s.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metric(&api, "edgeloop_trainers").await != 1.0 {
+        assert!(Instant::now() < deadline, "edgeloop_trainers: {}", metric(&api, "edgeloop_trainers").await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     cancel.cancel();
     for d in devices {
         d.agent.join().await.unwrap();

@@ -1,5 +1,6 @@
-//! The replicas alive on one database: each ingest replica writes its row every [`BEAT`], and counts the rows
-//! written within [`ALIVE`]. Ingest shares each device's rate limit among them.
+//! The replicas alive on one database: each ingest replica, and each replica that trains, writes its row (by
+//! role) every [`BEAT`], and the rows written within [`ALIVE`] are the live ones. Ingest shares each device's
+//! rate limit among the ingest replicas; `/metrics` counts the trainers, so that a queue nobody serves shows.
 
 use super::{Pg, PgError};
 use std::time::Duration;
@@ -36,13 +37,35 @@ impl PgReplicas {
         c.execute("DELETE FROM replicas WHERE seen_ms < $1", &[&(now - day)])
             .await
             .map_err(PgError::query("forgetting replicas long gone"))?;
-        let alive = now - ALIVE.as_millis() as i64;
+        Ok(self.alive(role, now_ms).await?.max(1))
+    }
+
+    /// How many replicas of `role` wrote their row within [`ALIVE`] of `now_ms`.
+    pub async fn alive(&self, role: &str, now_ms: u64) -> Result<usize, PgError> {
+        let alive = now_ms.min(i64::MAX as u64) as i64 - ALIVE.as_millis() as i64;
+        let c = self.pg.client().await?;
         let n: i64 = c
             .query_one("SELECT count(*) FROM replicas WHERE role = $1 AND seen_ms >= $2", &[&role, &alive])
             .await
             .map_err(PgError::query("counting live replicas"))?
             .get(0);
-        Ok(n.max(1) as usize)
+        Ok(n as usize)
+    }
+
+    /// Writes `id`'s row as `role` every [`BEAT`] until `stop`, then removes it.
+    pub async fn keep_alive(self, id: String, role: &'static str, stop: tokio_util::sync::CancellationToken) {
+        loop {
+            if let Err(e) = self.beat(&id, role, edgeloop_common::unix_millis()).await {
+                tracing::warn!(error = %e, role, "writing this replica's row");
+            }
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tokio::time::sleep(BEAT) => {}
+            }
+        }
+        if let Err(e) = self.leave(&id).await {
+            tracing::debug!(error = %e, "removing this replica's row");
+        }
     }
 
     /// Removes `id`'s row (a replica stopping).
