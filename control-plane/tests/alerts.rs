@@ -31,7 +31,7 @@ fn alerting_rules_load_and_fire_as_their_tests_say() {
     let rules = std::fs::read_to_string(deploy().join("edgeloop-alerts.yml")).unwrap();
     let tests = std::fs::read_to_string(deploy().join("edgeloop-alerts.test.yml")).unwrap();
     let alerts: Vec<&str> = rules.lines().filter_map(|l| l.trim().strip_prefix("- alert: ")).collect();
-    assert_eq!(alerts.len(), 18);
+    assert_eq!(alerts.len(), 19);
     for a in alerts {
         assert!(tests.contains(&format!("alertname: {a}\n")), "no unit test for {a}");
     }

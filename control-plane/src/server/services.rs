@@ -230,7 +230,9 @@ pub(crate) async fn ingest(
                     Err(e) => tracing::warn!(error = %e, "writing this replica's row; the rate limit share stays"),
                 }
                 match replicas.alive("train", edgeloop_common::unix_millis()).await {
-                    Ok(n) => metrics.trainers.set(n as i64),
+                    Ok(n) => {
+                        metrics.trainers.set(n as i64);
+                    }
                     Err(e) => tracing::debug!(error = %e, "counting the trainers"),
                 }
                 tokio::select! {
