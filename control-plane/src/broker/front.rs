@@ -242,6 +242,9 @@ async fn next_packet<R: AsyncRead + Unpin>(
             Ok(0) if buf.is_empty() => return Ok(None),
             Ok(0) => return Err(Violation::Malformed("the connection closed inside a packet".into())),
             Ok(_) => {}
+            // A device that closes its socket without TLS's close_notify, between two packets: MQTT's packets
+            // carry their length, so nothing was cut short; a close like any other.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && buf.is_empty() => return Ok(None),
             Err(e) => return Err(Violation::Malformed(format!("reading: {e}"))),
         }
     }
@@ -415,6 +418,36 @@ mod tests {
     async fn decode_one(bytes: &[u8], max: usize) -> Result<Option<Packet>, Violation> {
         let mut buf = BytesMut::new();
         next_packet(&mut &bytes[..], &mut buf, max).await
+    }
+
+    /// A stream that yields `bytes`, then fails as TLS does when the peer closes without close_notify.
+    struct CutShort(std::io::Cursor<Vec<u8>>);
+
+    impl AsyncRead for CutShort {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            out: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            if self.0.position() as usize == self.0.get_ref().len() {
+                let eof = std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "peer closed without close_notify");
+                return std::task::Poll::Ready(Err(eof));
+            }
+            std::pin::Pin::new(&mut self.0).poll_read(cx, out)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_close_without_close_notify_between_packets_is_a_close_and_inside_one_is_malformed() {
+        let whole = bytes_of(&publish("edgeloop/v1/d1/up/telemetry", false));
+        let mut buf = BytesMut::new();
+        let mut r = CutShort(std::io::Cursor::new(whole.clone()));
+        assert!(matches!(next_packet(&mut r, &mut buf, 1 << 20).await, Ok(Some(Packet::Publish(_)))));
+        assert_eq!(next_packet(&mut r, &mut buf, 1 << 20).await, Ok(None));
+        let mut buf = BytesMut::new();
+        let mut r = CutShort(std::io::Cursor::new(whole[..whole.len() - 1].to_vec()));
+        let cut = next_packet(&mut r, &mut buf, 1 << 20).await;
+        assert!(matches!(&cut, Err(Violation::Malformed(w)) if w.contains("close_notify")), "{cut:?}");
     }
 
     fn publish(topic: &str, retain: bool) -> Packet {
