@@ -263,7 +263,7 @@ fn autoencoder_candidate(
         promotion,
         frames: 1,
         selection,
-        score_tail: normal_tail(&val_scores, &anomalous(&ds.val)),
+        score_tail: normal_tail(&[&val_scores[..], &test_scores[..]], &[&anomalous(&ds.val)[..], &labels_test[..]]),
     };
     register(ds, class, req, registry, candidate, progress)
 }
@@ -390,7 +390,7 @@ fn forecaster_candidate(
         promotion,
         frames,
         selection,
-        score_tail: normal_tail(&val_scores, &vw.anomalous),
+        score_tail: normal_tail(&[&val_scores[..], &test_scores[..]], &[&vw.anomalous[..], &tw.anomalous[..]]),
     };
     register(ds, class, req, registry, candidate, progress)
 }
@@ -673,15 +673,21 @@ struct Candidate {
     score_tail: Option<TailFit>,
 }
 
-/// The tail of the validation scores of the windows not labelled anomalous: devices judge alerts by it until
-/// they have learnt their own (`edgeloop_common::score_tail`).
-fn normal_tail(scores: &[f32], anomalous: &[bool]) -> Option<TailFit> {
-    let normal: Vec<f32> = scores
-        .iter()
-        .zip(anomalous.iter().chain(std::iter::repeat(&false)))
-        .filter(|(_, a)| !**a)
-        .map(|(s, _)| *s)
-        .collect();
+/// The tail of the scores of the windows not labelled anomalous, over the validation and test splits
+/// (`splits`: each split's scores with its labels): devices judge alerts by it until they have learnt their
+/// own (`edgeloop_common::score_tail`). The test split is the latest data, closest to what the model will
+/// score: a model retrained because the data drifted (a new regime, such as holidays on a road) has only the
+/// start of the new regime there, and a tail of the validation split alone (the older regime) would let the
+/// new regime's ordinary windows count towards alerts until the devices have learnt their own tail. Twice
+/// the windows also steady the fit of the extreme quantile.
+fn normal_tail(splits: &[&[f32]], anomalous: &[&[bool]]) -> Option<TailFit> {
+    let mut normal = Vec::new();
+    for (i, scores) in splits.iter().enumerate() {
+        let labels = anomalous.get(i).copied().unwrap_or(&[]);
+        normal.extend(
+            scores.iter().zip(labels.iter().chain(std::iter::repeat(&false))).filter(|(_, a)| !**a).map(|(s, _)| *s),
+        );
+    }
     TailFit::from_scores(&normal)
 }
 

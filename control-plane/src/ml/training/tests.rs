@@ -412,14 +412,17 @@ fn the_datasets_gap_rule_goes_into_the_version_and_its_manifest() {
 }
 
 #[test]
-fn an_anomaly_models_manifest_carries_the_tail_of_its_normal_validation_scores() {
+fn an_anomaly_models_manifest_carries_the_tail_of_its_normal_validation_and_test_scores() {
     let (_dir, registry) = registry();
-    // Too few validation windows (300, 6 past the 98th percentile) make no tail.
     let mut req = TrainRequest::new("synthetic");
     req.trials = 1;
     req.hyper = Some(quick());
-    let small = train_dataset(&synthetic(1500, 4), "synthetic", &req, &registry, &mut |_, _| {}).unwrap();
+    // Too few windows (140 of validation and 140 of test, 5 or 6 past the 98th percentile) make no tail.
+    let small = train_dataset(&synthetic(700, 4), "synthetic", &req, &registry, &mut |_, _| {}).unwrap();
     assert_eq!(small.score_tail, None);
+    // 300 of each: too few in the validation split alone, enough with the test split's.
+    let both = train_dataset(&synthetic(1500, 4), "synthetic", &req, &registry, &mut |_, _| {}).unwrap();
+    assert!(both.score_tail.is_some(), "the test split's windows count towards the tail");
     let ds = synthetic(4000, 4);
     let m = train_dataset(&ds, "synthetic", &req, &registry, &mut |_, _| {}).unwrap();
     let tail = m.score_tail.expect("an anomaly model has a score tail");
