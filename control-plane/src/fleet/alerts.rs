@@ -264,14 +264,29 @@ impl AlertStore {
         scan_max: usize,
         keep: impl Fn(&StoredAlert) -> bool,
     ) -> Result<(Vec<StoredAlert>, Option<AlertCursor>), StoreError> {
+        self.page_of(None, after, limit, scan_max, keep)
+    }
+
+    /// [`AlertStore::page`] of one device's alerts when `device` is set: on PostgreSQL only that device's are
+    /// read (and count towards `scan_max`); the embedded store reads everyone's and keeps the device's.
+    pub fn page_of(
+        &self,
+        device: Option<&str>,
+        after: Option<&AlertCursor>,
+        limit: usize,
+        scan_max: usize,
+        keep: impl Fn(&StoredAlert) -> bool,
+    ) -> Result<(Vec<StoredAlert>, Option<AlertCursor>), StoreError> {
         let (store, rt) = match &self.backend {
-            Backend::Sled(s) => return s.page(after, limit, scan_max, keep),
+            Backend::Sled(s) => {
+                return s.page(after, limit, scan_max, |a| device.is_none_or(|d| d == a.device) && keep(a));
+            }
             Backend::Postgres { store, rt } => (store, rt),
         };
         let (mut out, mut last, mut from, mut scanned) = (Vec::new(), None, after.cloned(), 0usize);
         loop {
             let want = (scan_max - scanned).saturating_add(1).min(PG_CHUNK);
-            let chunk = block_on(rt, store.listed_before(from.as_ref(), want))?;
+            let chunk = block_on(rt, store.listed_before(device, from.as_ref(), want))?;
             if chunk.is_empty() {
                 return Ok((out, None));
             }

@@ -798,6 +798,11 @@ fn alerts_scenario(w: &edgeloop_control_plane::fleet::AlertStore, r: &edgeloop_c
     assert_eq!(seen, want);
     let (open, _) = w.page(None, 10, 1000, |a| a.open).unwrap();
     assert_eq!(open.len(), 2);
+    let (mine, next) = r.page_of(Some("d1"), None, 10, 1000, |_| true).unwrap();
+    assert_eq!((mine.iter().map(|a| a.alert.id).collect::<Vec<_>>(), next), (vec![2, 1], None));
+    let (one, next) = r.page_of(Some("d1"), None, 1, 1000, |_| true).unwrap();
+    let (rest, _) = r.page_of(Some("d1"), next.as_ref(), 1, 1000, |_| true).unwrap();
+    assert_eq!((one[0].alert.id, rest[0].alert.id), (2, 1));
     // Retention takes the closed alerts heard of before the cutoff; a resent snapshot does not bring one back.
     assert_eq!(r.prune(13, 10).unwrap(), 1);
     assert!(w.get("d1", 1).unwrap().is_none() && w.get("d1", 2).unwrap().is_some());

@@ -138,23 +138,31 @@ impl PgAlerts {
         Ok(())
     }
 
-    /// Up to `n` alerts listed before `after` (all when `None`), newest first: by list time, then device and
-    /// id, as the embedded store orders them.
-    pub async fn listed_before(&self, after: Option<&AlertCursor>, n: usize) -> Result<Vec<StoredAlert>, PgError> {
+    /// Up to `n` alerts (of `device`, or everyone's) listed before `after` (all when `None`), newest first:
+    /// by list time, then device and id, as the embedded store orders them.
+    pub async fn listed_before(
+        &self,
+        device: Option<&str>,
+        after: Option<&AlertCursor>,
+        n: usize,
+    ) -> Result<Vec<StoredAlert>, PgError> {
         let c = self.pg.client().await?;
-        let n = n as i64;
-        let rows = match after {
-            Some(a) => {
-                c.query(
-                    "SELECT doc FROM alerts WHERE (list_ms, device, id) < ($1, $2, $3) \
-                     ORDER BY list_ms DESC, device DESC, id DESC LIMIT $4",
-                    &[&int(a.onset_ms), &a.device, &(a.id as i64), &n],
-                )
-                .await
-            }
-            None => c.query("SELECT doc FROM alerts ORDER BY list_ms DESC, device DESC, id DESC LIMIT $1", &[&n]).await,
-        }
-        .map_err(PgError::query("listing alerts"))?;
+        let whose = if device.is_some() { "device = $5" } else { "$5::text IS NULL" };
+        let (at, dev, id) = match after {
+            Some(a) => (int(a.onset_ms), a.device.clone(), a.id as i64),
+            None => (i64::MAX, String::new(), 0),
+        };
+        // Without a cursor every alert is before (i64::MAX, '', 0) but those listed at i64::MAX itself.
+        let rows = c
+            .query(
+                &format!(
+                    "SELECT doc FROM alerts WHERE {whose} AND ($6 OR (list_ms, device, id) < ($1, $2, $3)) \
+                     ORDER BY list_ms DESC, device DESC, id DESC LIMIT $4"
+                ),
+                &[&at, &dev, &id, &(n as i64), &device, &after.is_none()],
+            )
+            .await
+            .map_err(PgError::query("listing alerts"))?;
         rows.iter().map(|r| decode(r.get(0))).collect()
     }
 

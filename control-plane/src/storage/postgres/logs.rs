@@ -48,10 +48,15 @@ fn split(c: &LogCursor) -> (i64, i64) {
     )
 }
 
-const SEARCH: &str = "\
+/// The search, reading one device's lines (through `device_logs_by_device`) or everyone's (through the
+/// primary key): two statements, so that each keeps its index in a generic plan.
+fn search_sql(one_device: bool) -> String {
+    let whose = if one_device { "device = $1" } else { "$1::text IS NULL" };
+    format!(
+        "\
 WITH scan AS MATERIALIZED (
     SELECT received_ms, id, device, class, level, target, message, ts_ms FROM device_logs
-    WHERE ($1::text IS NULL OR device = $1) AND (received_ms, id) < ($2, $3)
+    WHERE {whose} AND (received_ms, id) < ($2, $3)
     ORDER BY received_ms DESC, id DESC LIMIT $4)
 SELECT * FROM (
     SELECT *, true AS hit FROM scan
@@ -61,7 +66,9 @@ SELECT * FROM (
     ORDER BY received_ms DESC, id DESC LIMIT $10) hits
 UNION ALL
 SELECT * FROM (SELECT *, false AS hit FROM scan ORDER BY received_ms, id LIMIT 1) oldest
-WHERE (SELECT count(*) FROM scan) = $4";
+WHERE (SELECT count(*) FROM scan) = $4"
+    )
+}
 
 impl PgLogs {
     pub fn new(pg: Pg) -> PgLogs {
@@ -127,7 +134,7 @@ impl PgLogs {
         let c = self.pg.client().await?;
         let rows = c
             .query(
-                SEARCH,
+                &search_sql(q.device.is_some()),
                 &[
                     &q.device,
                     &at,

@@ -66,7 +66,7 @@ pub async fn list(
     };
     let alerts = s.alerts.clone();
     let (items, next) = tokio::task::spawn_blocking(move || {
-        alerts.page(after.as_ref(), limit, SCAN_MAX, |a| {
+        alerts.page_of(p.device.as_deref(), after.as_ref(), limit, SCAN_MAX, |a| {
             p.class.as_ref().is_none_or(|c| *c == a.class)
                 && p.device.as_ref().is_none_or(|d| *d == a.device)
                 && p.state.as_deref().is_none_or(|st| (st == "open") == a.open)

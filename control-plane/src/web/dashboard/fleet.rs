@@ -355,7 +355,8 @@ pub async fn device(State(s): State<AppState>, who: Who, Path(id): Path<String>)
         let q = crate::fleet::logs::LogQuery { device: Some(dev.clone()), limit: LOG_LINES, ..Default::default() };
         let logs = st.logs.search(&q).map_err(|e| e.to_string())?.entries;
         let log_stats = st.logs.stats(&dev).map_err(|e| e.to_string())?;
-        let raised = st.alerts.page(None, DEVICE_ALERTS, 100_000, |a| a.device == dev).map_err(|e| e.to_string())?.0;
+        let raised =
+            st.alerts.page_of(Some(&dev), None, DEVICE_ALERTS, 100_000, |_| true).map_err(|e| e.to_string())?.0;
         Ok((records, models, (logs, log_stats), raised))
     });
     let (records, models, (logs, log_stats), raised) = match read.await.map_err(|e| e.to_string()).and_then(|r| r) {
