@@ -23,6 +23,7 @@ use crate::signals::{Fault, GroundTruth};
 use anyhow::Context;
 use edgeloop_common::envelope::FLAG_ANOMALY;
 use edgeloop_control_plane::config::{AutoRollout, Config};
+use edgeloop_control_plane::fleet::alerts::AlertWhere;
 use edgeloop_control_plane::fleet::Query;
 use edgeloop_control_plane::ml::TrainRequest;
 use edgeloop_control_plane::ml::{Cause, TriggerConfig};
@@ -634,7 +635,9 @@ async fn bearing_fault(cp: &ControlPlaneHandle, device: &str, pace: Pace, say: &
     tokio::time::sleep(pace.fault + Duration::from_secs(2)).await;
     let now = cp.registry.get(device).map_or(0, |d| d.anomalies);
     say.say(format_args!("  {device} flagged {} windows during the fault with the model it runs", now - since));
-    let raised = cp.alerts.page_of(Some(device), None, 100, 100_000, |a| a.received_ms >= started_ms);
+    let raised = cp.alerts.page_where(AlertWhere { device: Some(device), open: None }, None, 100, 100_000, |a| {
+        a.received_ms >= started_ms
+    });
     match raised.map(|(a, _)| a) {
         Ok(a) if a.is_empty() => say.say(format_args!("  and raised no alert")),
         Ok(a) => say.say(format_args!(
@@ -710,7 +713,8 @@ fn detection(cp: &ControlPlaneHandle, device: &str, labels: &[GroundTruth]) -> a
         }
     }
     // Events: an alert is true when its span overlaps a fault; a fault is caught when an alert overlaps it.
-    let (alerts, _) = cp.alerts.page_of(Some(device), None, 100_000, 1_000_000, |_| true)?;
+    let (alerts, _) =
+        cp.alerts.page_where(AlertWhere { device: Some(device), open: None }, None, 100_000, 1_000_000, |_| true)?;
     let spans: Vec<(u64, u64)> =
         alerts.iter().map(|a| (a.alert.onset_ms, a.alert.end_ms.unwrap_or(a.alert.last_ms))).collect();
     let overlaps = |(a, b): (u64, u64), l: &GroundTruth| a <= l.to_ms && l.from_ms <= b;

@@ -264,29 +264,27 @@ impl AlertStore {
         scan_max: usize,
         keep: impl Fn(&StoredAlert) -> bool,
     ) -> Result<(Vec<StoredAlert>, Option<AlertCursor>), StoreError> {
-        self.page_of(None, after, limit, scan_max, keep)
+        self.page_where(AlertWhere::default(), after, limit, scan_max, keep)
     }
 
-    /// [`AlertStore::page`] of one device's alerts when `device` is set: on PostgreSQL only that device's are
-    /// read (and count towards `scan_max`); the embedded store reads everyone's and keeps the device's.
-    pub fn page_of(
+    /// [`AlertStore::page`] of the alerts `select` names: on PostgreSQL only those are read (and count
+    /// towards `scan_max`); the embedded store reads every alert and keeps those.
+    pub fn page_where(
         &self,
-        device: Option<&str>,
+        select: AlertWhere<'_>,
         after: Option<&AlertCursor>,
         limit: usize,
         scan_max: usize,
         keep: impl Fn(&StoredAlert) -> bool,
     ) -> Result<(Vec<StoredAlert>, Option<AlertCursor>), StoreError> {
         let (store, rt) = match &self.backend {
-            Backend::Sled(s) => {
-                return s.page(after, limit, scan_max, |a| device.is_none_or(|d| d == a.device) && keep(a));
-            }
+            Backend::Sled(s) => return s.page(after, limit, scan_max, |a| select.matches(a) && keep(a)),
             Backend::Postgres { store, rt } => (store, rt),
         };
         let (mut out, mut last, mut from, mut scanned) = (Vec::new(), None, after.cloned(), 0usize);
         loop {
             let want = (scan_max - scanned).saturating_add(1).min(PG_CHUNK);
-            let chunk = block_on(rt, store.listed_before(device, from.as_ref(), want))?;
+            let chunk = block_on(rt, store.listed_before(select, from.as_ref(), want))?;
             if chunk.is_empty() {
                 return Ok((out, None));
             }
@@ -344,6 +342,19 @@ impl AlertStore {
             Backend::Sled(s) => s.open_by_class(),
             Backend::Postgres { store, rt } => Ok(block_on(rt, store.open_by_class())?),
         }
+    }
+}
+
+/// What a page of alerts is drawn from: one device's, open or closed ones (each `None`: all).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AlertWhere<'a> {
+    pub device: Option<&'a str>,
+    pub open: Option<bool>,
+}
+
+impl AlertWhere<'_> {
+    pub fn matches(&self, a: &StoredAlert) -> bool {
+        self.device.is_none_or(|d| d == a.device) && self.open.is_none_or(|o| o == a.open)
     }
 }
 

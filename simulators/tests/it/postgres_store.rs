@@ -753,7 +753,7 @@ fn alert(id: u64, rev: u64, onset_ms: u64, end_ms: Option<u64>) -> edgeloop_comm
 /// Snapshots stored through `w` and `r`, acknowledged through `r`: the same answers on both back-ends.
 /// Blocking.
 fn alerts_scenario(w: &edgeloop_control_plane::fleet::AlertStore, r: &edgeloop_control_plane::fleet::AlertStore) {
-    use edgeloop_control_plane::fleet::alerts::AlertAck;
+    use edgeloop_control_plane::fleet::alerts::{AlertAck, AlertWhere};
 
     // Alert 1 opens (rev 1) and closes (rev 2); alert 2 opens (rev 3). Rev 3 arrives before rev 2, on the
     // other replica: stored, but the mark waits for rev 2.
@@ -798,10 +798,13 @@ fn alerts_scenario(w: &edgeloop_control_plane::fleet::AlertStore, r: &edgeloop_c
     assert_eq!(seen, want);
     let (open, _) = w.page(None, 10, 1000, |a| a.open).unwrap();
     assert_eq!(open.len(), 2);
-    let (mine, next) = r.page_of(Some("d1"), None, 10, 1000, |_| true).unwrap();
+    let (also_open, _) = r.page_where(AlertWhere { device: None, open: Some(true) }, None, 10, 1000, |_| true).unwrap();
+    assert_eq!(also_open, open);
+    let (mine, next) = r.page_where(AlertWhere { device: Some("d1"), open: None }, None, 10, 1000, |_| true).unwrap();
     assert_eq!((mine.iter().map(|a| a.alert.id).collect::<Vec<_>>(), next), (vec![2, 1], None));
-    let (one, next) = r.page_of(Some("d1"), None, 1, 1000, |_| true).unwrap();
-    let (rest, _) = r.page_of(Some("d1"), next.as_ref(), 1, 1000, |_| true).unwrap();
+    let (one, next) = r.page_where(AlertWhere { device: Some("d1"), open: None }, None, 1, 1000, |_| true).unwrap();
+    let (rest, _) =
+        r.page_where(AlertWhere { device: Some("d1"), open: None }, next.as_ref(), 1, 1000, |_| true).unwrap();
     assert_eq!((one[0].alert.id, rest[0].alert.id), (2, 1));
     // Retention takes the closed alerts heard of before the cutoff; a resent snapshot does not bring one back.
     assert_eq!(r.prune(13, 10).unwrap(), 1);

@@ -9,7 +9,7 @@
 
 use super::kv::{lock_key, PgKv, WriteLock};
 use super::{Pg, PgError};
-use crate::fleet::alerts::{plan_put, AlertCursor, StoredAlert};
+use crate::fleet::alerts::{plan_put, AlertCursor, AlertWhere, StoredAlert};
 use edgeloop_common::alerts::AlertEvent;
 
 /// The alerts' tables.
@@ -138,16 +138,23 @@ impl PgAlerts {
         Ok(())
     }
 
-    /// Up to `n` alerts (of `device`, or everyone's) listed before `after` (all when `None`), newest first:
-    /// by list time, then device and id, as the embedded store orders them.
+    /// Up to `n` of the alerts `select` names listed before `after` (all when `None`), newest first: by list
+    /// time, then device and id, as the embedded store orders them.
     pub async fn listed_before(
         &self,
-        device: Option<&str>,
+        select: AlertWhere<'_>,
         after: Option<&AlertCursor>,
         n: usize,
     ) -> Result<Vec<StoredAlert>, PgError> {
         let c = self.pg.client().await?;
-        let whose = if device.is_some() { "device = $5" } else { "$5::text IS NULL" };
+        let whose = match select.device {
+            Some(_) => "device = $5",
+            None => "$5::text IS NULL",
+        };
+        let which = match select.open {
+            Some(_) => "open = $7",
+            None => "$7::boolean IS NULL",
+        };
         let (at, dev, id) = match after {
             Some(a) => (int(a.onset_ms), a.device.clone(), a.id as i64),
             None => (i64::MAX, String::new(), 0),
@@ -156,10 +163,10 @@ impl PgAlerts {
         let rows = c
             .query(
                 &format!(
-                    "SELECT doc FROM alerts WHERE {whose} AND ($6 OR (list_ms, device, id) < ($1, $2, $3)) \
+                    "SELECT doc FROM alerts WHERE {whose} AND {which} AND ($6 OR (list_ms, device, id) < ($1, $2, $3)) \
                      ORDER BY list_ms DESC, device DESC, id DESC LIMIT $4"
                 ),
-                &[&at, &dev, &id, &(n as i64), &device, &after.is_none()],
+                &[&at, &dev, &id, &(n as i64), &select.device, &after.is_none(), &select.open],
             )
             .await
             .map_err(PgError::query("listing alerts"))?;

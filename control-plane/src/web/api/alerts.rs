@@ -66,7 +66,9 @@ pub async fn list(
     };
     let alerts = s.alerts.clone();
     let (items, next) = tokio::task::spawn_blocking(move || {
-        alerts.page_of(p.device.as_deref(), after.as_ref(), limit, SCAN_MAX, |a| {
+        let open = p.state.as_deref().map(|st| st == "open");
+        let select = crate::fleet::alerts::AlertWhere { device: p.device.as_deref(), open };
+        alerts.page_where(select, after.as_ref(), limit, SCAN_MAX, |a| {
             p.class.as_ref().is_none_or(|c| *c == a.class)
                 && p.device.as_ref().is_none_or(|d| *d == a.device)
                 && p.state.as_deref().is_none_or(|st| (st == "open") == a.open)

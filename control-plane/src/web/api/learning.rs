@@ -90,7 +90,9 @@ pub async fn train(
         device: s.learning.defaults.device,
         stop: Default::default(),
     };
-    match s.learning.start(req, "api") {
+    // With PostgreSQL, queueing the job is a round trip: off the async workers.
+    let learning = s.learning.clone();
+    match tokio::task::spawn_blocking(move || learning.start(req, "api")).await? {
         Ok(job) => Ok((StatusCode::ACCEPTED, Json(Accepted { job }))),
         Err(e @ RequestError::UnknownClass(_)) => Err(ApiError::not_found(e.to_string())),
         Err(e) => Err(ApiError::bad_request(e.to_string())),
@@ -102,7 +104,9 @@ pub async fn train(
     responses((status = 200, description = "The job.", body = Job), (status = 404, description = "No such job.", body = crate::web::error::ErrorBody)))]
 pub async fn job(State(s): State<AppState>, Path(id): Path<String>) -> Result<Json<Job>, ApiError> {
     let id: u64 = id.parse().map_err(|_| ApiError::bad_request(format!("job id `{id}` is not a number")))?;
-    s.learning.job(id).map(Json).ok_or_else(|| ApiError::not_found(format!("no job {id}")))
+    let learning = s.learning.clone();
+    let job = tokio::task::spawn_blocking(move || learning.job(id)).await?;
+    job.map(Json).ok_or_else(|| ApiError::not_found(format!("no job {id}")))
 }
 
 #[derive(utoipa::IntoParams, Deserialize, Debug, Default)]
@@ -141,7 +145,8 @@ pub async fn jobs(
         Some(c) => Some(c.parse::<u64>().map_err(|_| ApiError::bad_request(format!("cursor: `{c}` is not a job id")))?),
         None => None,
     };
-    let mut all = s.learning.list_jobs();
+    let learning = s.learning.clone();
+    let mut all = tokio::task::spawn_blocking(move || learning.list_jobs()).await?;
     all.sort_by_key(|j| j.id);
     let matching = all.into_iter().filter(|j| {
         p.state.as_deref().is_none_or(|st| j.state.word() == st) && p.class.as_ref().is_none_or(|c| *c == j.class)
@@ -434,8 +439,9 @@ pub async fn add_label(
 
 #[utoipa::path(get, path = "/api/v1/triggers", tag = "learning", operation_id = "list_triggers",
     responses((status = 200, description = "Retraining triggers that fired.", body = Vec<crate::ml::triggers::TriggerEvent>)))]
-pub async fn triggers(State(s): State<AppState>) -> Json<Vec<crate::ml::triggers::TriggerEvent>> {
-    Json(s.learning.trigger_events())
+pub async fn triggers(State(s): State<AppState>) -> Result<Json<Vec<crate::ml::triggers::TriggerEvent>>, ApiError> {
+    let learning = s.learning.clone();
+    Ok(Json(tokio::task::spawn_blocking(move || learning.trigger_events()).await?))
 }
 
 #[utoipa::path(get, path = "/api/v1/labels", tag = "learning", operation_id = "list_labels",

@@ -178,8 +178,19 @@ pub async fn overview(State(s): State<AppState>, who: Who, Query(q): Query<Fleet
         let store = s.alerts.clone();
         // Every open alert (however many newer closed ones there are), and the newest closed ones.
         tokio::task::spawn_blocking(move || {
-            let (mut open, _) = store.page(None, 200, 1_000_000, |a| a.open)?;
-            open.extend(store.page(None, 200, 10_000, |a| !a.open)?.0);
+            use crate::fleet::alerts::AlertWhere;
+            let (mut open, _) = store.page_where(
+                AlertWhere { open: Some(true), ..Default::default() },
+                None,
+                200,
+                1_000_000,
+                |_| true,
+            )?;
+            open.extend(
+                store
+                    .page_where(AlertWhere { open: Some(false), ..Default::default() }, None, 200, 10_000, |_| true)?
+                    .0,
+            );
             Ok::<_, crate::fleet::telemetry::StoreError>(open)
         })
         .await
@@ -196,7 +207,9 @@ pub async fn overview(State(s): State<AppState>, who: Who, Query(q): Query<Fleet
             )
         }
     };
-    let alerts = alerts(&devices, &raised, &s.learning.trigger_events(), now);
+    let learning = s.learning.clone();
+    let events = tokio::task::spawn_blocking(move || learning.trigger_events()).await.unwrap_or_default();
+    let alerts = alerts(&devices, &raised, &events, now);
     let on = devices.iter().filter(|d| online(d, now, s.offline_after_ms)).count();
     let active_rollouts = s.rollouts.list().iter().filter(|r| r.state.is_active()).count();
     let shown: Vec<&Device> =
@@ -355,8 +368,17 @@ pub async fn device(State(s): State<AppState>, who: Who, Path(id): Path<String>)
         let q = crate::fleet::logs::LogQuery { device: Some(dev.clone()), limit: LOG_LINES, ..Default::default() };
         let logs = st.logs.search(&q).map_err(|e| e.to_string())?.entries;
         let log_stats = st.logs.stats(&dev).map_err(|e| e.to_string())?;
-        let raised =
-            st.alerts.page_of(Some(&dev), None, DEVICE_ALERTS, 100_000, |_| true).map_err(|e| e.to_string())?.0;
+        let raised = st
+            .alerts
+            .page_where(
+                crate::fleet::alerts::AlertWhere { device: Some(&dev), open: None },
+                None,
+                DEVICE_ALERTS,
+                100_000,
+                |_| true,
+            )
+            .map_err(|e| e.to_string())?
+            .0;
         Ok((records, models, (logs, log_stats), raised))
     });
     let (records, models, (logs, log_stats), raised) = match read.await.map_err(|e| e.to_string()).and_then(|r| r) {

@@ -38,7 +38,8 @@ pub async fn list(State(s): State<AppState>, who: Who) -> Response {
         }
     };
     versions.sort_by(|a, b| (&a.name, std::cmp::Reverse(a.version)).cmp(&(&b.name, std::cmp::Reverse(b.version))));
-    let mut jobs = s.learning.list_jobs();
+    let learning = s.learning.clone();
+    let mut jobs = tokio::task::spawn_blocking(move || learning.list_jobs()).await.unwrap_or_default();
     jobs.reverse();
     let now = edgeloop_common::unix_millis();
     let classes: Vec<&String> = s.learning.classes.keys().collect();
