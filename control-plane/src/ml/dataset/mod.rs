@@ -57,6 +57,11 @@ pub struct DatasetSpec {
     /// than [`MAX_EXCLUDED_FLAGGED`] of the training split, which is drift to learn rather than anomalies.
     #[serde(default)]
     pub exclude_flagged: bool,
+    /// Rows from this time on (Unix ms, event time) are a new regime: the drift a retraining trigger saw.
+    /// Each regime is then split by time on its own, so that the new one is in the training, validation and
+    /// test splits alike: the model learns it, and promotion judges it ([`split_by_regime`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub regime_from_ms: Option<u64>,
 }
 
 /// Above this share of flagged training rows, `exclude_flagged` keeps them all: the flags mean the
@@ -86,6 +91,7 @@ impl DatasetSpec {
             train_share: default_train_share(),
             val_share: default_val_share(),
             exclude_flagged: false,
+            regime_from_ms: None,
         }
     }
 }
@@ -305,6 +311,31 @@ pub fn split_by_time(mut rows: Vec<Row>, train: f64, val: f64) -> (Vec<Row>, Vec
     out
 }
 
+/// Fewest rows a regime must have for [`split_by_regime`] to split it on its own.
+pub const MIN_REGIME_ROWS: usize = 3 * MIN_ROWS;
+
+/// [`split_by_time`], but with `regime_from_ms` set, the rows before it and the rows from it on are each
+/// split by time on their own and the splits joined: the latest regime is then in every split, not only in
+/// the test split as a plain split by time would leave it. Within each regime no split sees the future of
+/// the one before. A regime with fewer than [`MIN_REGIME_ROWS`] rows is not split apart.
+pub fn split_by_regime(
+    rows: Vec<Row>,
+    train: f64,
+    val: f64,
+    regime_from_ms: Option<u64>,
+) -> (Vec<Row>, Vec<Row>, Vec<Row>) {
+    let Some(from) = regime_from_ms else { return split_by_time(rows, train, val) };
+    let (old, new): (Vec<Row>, Vec<Row>) = rows.into_iter().partition(|r| r.ts_ms < from);
+    if old.len() < MIN_REGIME_ROWS || new.len() < MIN_REGIME_ROWS {
+        return split_by_time(old.into_iter().chain(new).collect(), train, val);
+    }
+    let (mut a, b) = (split_by_time(old, train, val), split_by_time(new, train, val));
+    a.0.extend(b.0);
+    a.1.extend(b.1);
+    a.2.extend(b.2);
+    a
+}
+
 /// Fewest rows a dataset may have.
 pub const MIN_ROWS: usize = 30;
 
@@ -377,7 +408,7 @@ pub fn assemble(spec: DatasetSpec, sensor: SensorSpec, rows: Vec<Row>, mut repor
         *report.class_balance.entry(key).or_default() += 1;
         report.flagged += r.flagged as u64;
     }
-    let (train, val, test) = split_by_time(rows, spec.train_share, spec.val_share);
+    let (train, val, test) = split_by_regime(rows, spec.train_share, spec.val_share, spec.regime_from_ms);
     let feature_names = sensor.feature_names();
     let standardizer = Standardizer::fit(&train, feature_names.len());
     report.rows = (train.len() + val.len() + test.len()) as u64;
@@ -398,6 +429,26 @@ mod tests {
     fn row(ts: u64, x: f32) -> Row {
         // Five features, as a one-channel slow sensor produces.
         Row { device: "d".into(), ts_ms: ts, features: vec![x, 2.0 * x, 0.0, 0.0, 0.0], label: None, flagged: false }
+    }
+
+    #[test]
+    fn a_new_regime_is_split_on_its_own_into_every_split() {
+        // 1,000 rows of the old regime, then 200 of the new from t = 10,000.
+        let rows: Vec<Row> = (0..1200u64).map(|i| row(if i < 1000 { i } else { 10_000 + i }, i as f32)).collect();
+        let (train, val, test) = split_by_regime(rows.clone(), 0.7, 0.15, Some(10_000));
+        let new = |s: &[Row]| s.iter().filter(|r| r.ts_ms >= 10_000).count();
+        assert_eq!((new(&train), new(&val), new(&test)), (140, 30, 30));
+        assert_eq!((train.len(), val.len(), test.len()), (840, 180, 180));
+        // Within each regime, time order holds across the splits.
+        let old_max = |s: &[Row]| s.iter().filter(|r| r.ts_ms < 10_000).map(|r| r.ts_ms).max().unwrap();
+        let old_min = |s: &[Row]| s.iter().filter(|r| r.ts_ms < 10_000).map(|r| r.ts_ms).min().unwrap();
+        assert!(old_max(&train) < old_min(&val) && old_max(&val) < old_min(&test));
+        // Without a regime, or with one too small to split, the plain split by time: the new rows are all
+        // in the test split.
+        let (_, _, test) = split_by_regime(rows.clone(), 0.7, 0.15, None);
+        assert_eq!(new(&test), 180);
+        let (train, _, _) = split_by_regime(rows, 0.7, 0.15, Some(10_000 + 1200 - 50));
+        assert_eq!(new(&train), 0, "a regime of 50 rows is not split apart");
     }
 
     #[test]

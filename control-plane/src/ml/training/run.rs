@@ -442,13 +442,15 @@ fn against_production(
         return Ok(paired_decision(metric, new.test_scores, &old, &labels, prod.version));
     }
     let window = pf.max(frames);
-    let w = forecaster::windows(&ds.test, window, d);
+    let (w, new_regime) = judged_windows(ds, window, d);
     let labelled = w.anomalous.iter().any(|a| *a) && w.anomalous.iter().any(|a| !*a);
-    let (x, y, name) = if labelled {
-        (w.x.clone(), w.anomalous.clone(), "test_auc_same_windows")
-    } else {
-        let (x, y) = forecaster::with_synthetic_anomalies(&w, &ds.standardizer, seed);
-        (x, y, "test_synthetic_anomaly_auc")
+    let (x, y, name) = match (labelled, new_regime) {
+        (true, false) => (w.x.clone(), w.anomalous.clone(), "test_auc_same_windows"),
+        (true, true) => (w.x.clone(), w.anomalous.clone(), "new_regime_auc_same_windows"),
+        (false, _) => {
+            let (x, y) = forecaster::with_synthetic_anomalies(&w, &ds.standardizer, seed);
+            (x, y, if new_regime { "new_regime_synthetic_anomaly_auc" } else { "test_synthetic_anomaly_auc" })
+        }
     };
     if !y.iter().any(|a| *a) {
         // No anomaly to find: neither model can show anything, and the candidate has not beaten production.
@@ -471,6 +473,25 @@ fn against_production(
     let cut = |n: usize| -> Vec<Vec<f32>> { x.iter().map(|v| v[v.len() - n * d..].to_vec()).collect() };
     let (new, old) = (onnx::run_tract(new.bytes, &cut(frames))?, onnx::run_tract(&pb, &cut(pf))?);
     Ok(paired_decision(name, &new, &old, &y, prod.version))
+}
+
+/// Fewest test windows of a new regime that promotion judges on their own.
+pub const MIN_REGIME_WINDOWS: usize = 200;
+
+/// The test windows of `window` rows that promotion judges: with a new regime in the dataset (a retraining
+/// for drift, `regime_from_ms`), the new regime's, when there are at least [`MIN_REGIME_WINDOWS`] of them
+/// (`true`): the question a drift retraining asks is whether the candidate serves the data as it is now, and
+/// both models would otherwise be judged mostly on the old regime, which production was trained for. Else
+/// every test window (`false`).
+fn judged_windows(ds: &Dataset, window: usize, d: usize) -> (forecaster::Windows, bool) {
+    if let Some(from) = ds.spec.regime_from_ms {
+        let recent: Vec<_> = ds.test.iter().filter(|r| r.ts_ms >= from).cloned().collect();
+        let w = forecaster::windows(&recent, window, d);
+        if w.len() >= MIN_REGIME_WINDOWS {
+            return (w, true);
+        }
+    }
+    (forecaster::windows(&ds.test, window, d), false)
 }
 
 /// A trained model up for promotion: its exported file, its window, and its scores of the test split's

@@ -43,6 +43,17 @@ pub fn measure_drift(learning: &Learning, cfg: &TriggerConfig) -> Vec<f64> {
     drift::psi(&prod.lineage.reference, &rows.iter().map(|r| r.features.as_slice()).collect::<Vec<_>>())
 }
 
+/// Where the recent window [`measure_drift`] measures begins: the earliest start over the class's devices
+/// (`None` without records). A retraining for drift takes the rows from there on as the new regime. Blocking.
+pub fn drift_window_start(learning: &Learning, cfg: &TriggerConfig) -> Option<u64> {
+    learning
+        .devices_of(&cfg.class)
+        .iter()
+        .filter_map(|d| learning.store.last(d).ok().flatten())
+        .map(|newest| newest.ts_ms.saturating_sub(cfg.drift_window_secs * 1000))
+        .min()
+}
+
 /// `spec` filling gaps by `rule`.
 fn with_gap_rule(spec: DatasetSpec, rule: GapRule) -> DatasetSpec {
     DatasetSpec { impute: rule.impute, max_gap: rule.max_gap, ..spec }
@@ -50,16 +61,20 @@ fn with_gap_rule(spec: DatasetSpec, rule: GapRule) -> DatasetSpec {
 
 /// The training a trigger starts: the configured trials and seed, on the sensor the production model watches
 /// with the gap rule of its training (`production`: its sensor and rule), or on the class's first sensor with
-/// the default rule while there is none.
+/// the default rule while there is none. A retraining for drift names where the drifted window began
+/// (`regime_from_ms`): its dataset splits the new regime on its own, so the model learns it and promotion
+/// judges it.
 fn retrain_request(
     cfg: &TriggerConfig,
     trials: usize,
     seed: u64,
     production: Option<(String, GapRule)>,
+    regime_from_ms: Option<u64>,
 ) -> TrainRequest {
     let mut req = TrainRequest::new(&cfg.class);
     (req.trials, req.seed) = (trials, seed);
     req.dataset.exclude_flagged = cfg.exclude_flagged;
+    req.dataset.regime_from_ms = regime_from_ms;
     if let Some((sensor, rule)) = production {
         req.dataset = with_gap_rule(req.dataset, rule);
         req.dataset.sensor = Some(sensor);
@@ -131,7 +146,14 @@ pub async fn run(learning: Arc<Learning>, lease: crate::storage::postgres::lease
             note_training(state, latest, records);
             let Some(cause) = evaluate(cfg, state, now, records, &psi, &names) else { continue };
             let prod = learning.models.production(&cfg.class).ok().flatten().map(|m| (m.sensor, m.gaps));
-            let req = retrain_request(cfg, learning.defaults.trials, learning.defaults.seed, prod);
+            let regime = match &cause {
+                Cause::Drift { .. } => {
+                    let (l, c) = (learning.clone(), cfg.clone());
+                    tokio::task::spawn_blocking(move || drift_window_start(&l, &c)).await.ok().flatten()
+                }
+                _ => None,
+            };
+            let req = retrain_request(cfg, learning.defaults.trials, learning.defaults.seed, prod, regime);
             let started = learning.start(req, &format!("trigger: {cause:?}"));
             tracing::info!(class = %cfg.class, ?cause, job = ?started.as_ref().ok(), "retraining trigger fired");
             let (job, error) = match started {
@@ -171,12 +193,15 @@ mod tests {
         use edgeloop_common::gaps::ImputeMethod;
         let c = TriggerConfig { exclude_flagged: true, ..cfg() };
         let held = GapRule { impute: ImputeMethod::Hold, max_gap: 8 };
-        let req = retrain_request(&c, 7, 3, Some(("pm25".into(), held)));
+        let req = retrain_request(&c, 7, 3, Some(("pm25".into(), held)), None);
         assert_eq!((req.trials, req.seed, req.dataset.exclude_flagged), (7, 3, true));
+        assert_eq!(req.dataset.regime_from_ms, None);
+        let drifted = retrain_request(&c, 7, 3, Some(("pm25".into(), held)), Some(42_000));
+        assert_eq!(drifted.dataset.regime_from_ms, Some(42_000), "a drift retraining names the new regime");
         assert_eq!(req.dataset.sensor.as_deref(), Some("pm25"));
         assert_eq!((req.dataset.impute, req.dataset.max_gap), (ImputeMethod::Hold, 8));
         // No production model yet: the class's first sensor, the default rule.
-        let first = retrain_request(&c, 7, 3, None);
+        let first = retrain_request(&c, 7, 3, None, None);
         assert_eq!(first.dataset.sensor, None);
         assert_eq!(GapRule { impute: first.dataset.impute, max_gap: first.dataset.max_gap }, GapRule::default());
     }
