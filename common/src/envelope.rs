@@ -14,6 +14,10 @@ use serde::{Deserialize, Serialize};
 pub const PROTOCOL_VERSION: u16 = 1;
 /// Default cap on one encoded message, in bytes.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 256 * 1024;
+/// The largest MQTT packet an agent takes (a message, its topic and the packet's header), and so the largest
+/// the control plane's own clients send: an MQTT client's default limit (10 KiB in rumqttc) is far below
+/// what a desired state with its golden vectors can reach.
+pub const MAX_PACKET_BYTES: usize = DEFAULT_MAX_MESSAGE_BYTES + 1024;
 /// Cap on CBOR nesting depth. The deepest legal message nests about 6 levels.
 pub const MAX_DEPTH: usize = 16;
 

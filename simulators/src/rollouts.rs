@@ -44,9 +44,20 @@ pub async fn upload_reference_model(
     class: &edgeloop_common::config::ClassConfig,
     threshold: f32,
 ) -> anyhow::Result<ModelVersion> {
+    upload_reference_model_with(api, name, class, threshold, 3).await
+}
+
+/// [`upload_reference_model`] with `golden` golden vectors (at most 16), which travel in every desired state.
+pub async fn upload_reference_model_with(
+    api: &Api,
+    name: &str,
+    class: &edgeloop_common::config::ClassConfig,
+    threshold: f32,
+    golden: usize,
+) -> anyhow::Result<ModelVersion> {
     let width = class.pipeline().sensors[0].width();
     let onnx = edgeloop_agent::inference::mean_square_onnx_with_doc(width, &format!("{name}, threshold {threshold}"));
-    let golden: Vec<Golden> = (0..3)
+    let golden: Vec<Golden> = (0..golden)
         .map(|k| {
             let input: Vec<f32> = (0..width).map(|i| (i as f32 * 0.5 - k as f32).sin()).collect();
             let ms = input.iter().map(|x| x * x).sum::<f32>() / width as f32;

@@ -94,7 +94,10 @@ impl Uplink {
         options
             .set_keep_alive(cfg.keep_alive)
             .set_clean_session(true)
-            .set_max_packet_size(DEFAULT_MAX_MESSAGE_BYTES + 1024, DEFAULT_MAX_MESSAGE_BYTES + 1024)
+            .set_max_packet_size(
+                edgeloop_common::envelope::MAX_PACKET_BYTES,
+                edgeloop_common::envelope::MAX_PACKET_BYTES,
+            )
             .set_inflight(64)
             .set_request_channel_capacity(64);
         let u = &cfg.class.uplink;

@@ -1057,7 +1057,7 @@ pub async fn run(
                     Ok(Event::Incoming(Packet::ConnAck(_))) => tracing::debug!("rollout publisher connected"),
                     Ok(_) => {}
                     Err(e) => {
-                        tracing::debug!(error = %e, "rollout publisher: broker connection lost; reconnecting");
+                        tracing::warn!(error = %e, "rollout publisher: broker connection lost; reconnecting");
                         tokio::time::sleep(Duration::from_millis(200)).await;
                     }
                 }
@@ -1114,6 +1114,17 @@ pub async fn run(
 
 async fn publish(client: &AsyncClient, metrics: &Metrics, items: Vec<Publication>) {
     for (topic, payload) in items {
+        // A PUBLISH's fixed header (up to 5 bytes), topic length (2) and packet id (2), with room to spare.
+        let packet = payload.len() + topic.len() + 16;
+        if packet > edgeloop_common::envelope::MAX_PACKET_BYTES {
+            tracing::error!(
+                %topic,
+                bytes = packet,
+                limit = edgeloop_common::envelope::MAX_PACKET_BYTES,
+                "a desired state is larger than agents take; not published (send fewer or shorter golden vectors)"
+            );
+            continue;
+        }
         match client.publish(topic.clone(), QoS::AtLeastOnce, true, payload).await {
             Ok(()) => {
                 metrics.desired_published.inc_by(1);

@@ -158,6 +158,10 @@ impl Broker {
     pub fn client_options(&self, client_id: String) -> MqttOptions {
         let mut o = MqttOptions::new(client_id, self.host.clone(), self.port);
         o.set_keep_alive(Duration::from_secs(30)).set_clean_session(true).set_inflight(1024);
+        // What agents take: the client's own default (10 KiB) would drop a desired state with wide golden
+        // vectors, and the rollout waiting for it would wait for ever.
+        let max = edgeloop_common::envelope::MAX_PACKET_BYTES;
+        o.set_max_packet_size(max, max);
         if self.embedded {
             o.set_credentials(SERVICE_USER, self.service_secret.clone());
             return o;

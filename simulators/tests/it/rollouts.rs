@@ -198,3 +198,62 @@ async fn control_plane_restart_mid_rollout_resumes() {
     cp_cancel.cancel();
     cp.join().await.unwrap();
 }
+
+/// A model whose desired state is larger than an MQTT client's default packet limit (10 KiB): a fast sensor
+/// of 24 channels (192 features) and 16 golden vectors, which travel in the desired state. It reaches its
+/// device, which applies it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_with_a_large_desired_state_reaches_its_devices() {
+    use edgeloop_simulators::fleet::{self, FleetSpec};
+    let dir = tempfile::tempdir().unwrap();
+    let mut class = class_config("factory-vibration").unwrap();
+    class.class = "wide-vibration".into();
+    class.sensors[0].channels = 24;
+    let c2 = class.clone();
+    let (cp, cp_cancel) = start_cp(dir.path(), move |c| {
+        c.rollouts.tick_ms = 50;
+        c.classes.insert(c2.class.clone(), c2);
+    })
+    .await;
+    let api = crate::support::api(&cp);
+    let model = rollouts::upload_reference_model_with(&api, "wide-vibration", &class, 1e9, 16).await.unwrap();
+    let cancel = CancellationToken::new();
+    let updates = rollouts::updater_config(&api).await.unwrap();
+    let mut spec = FleetSpec::new(
+        vec![class.clone()],
+        cp.mqtt_addr.clone(),
+        &dir.path().join("agents"),
+        updates.trusted[0].clone(),
+    );
+    spec.customise = std::sync::Arc::new(move |c| c.updates = Some(updates.clone()));
+    spec.enroll_with(&api, 2).await.unwrap();
+    let devices = fleet::start(&spec, 2, &cancel).await.unwrap();
+    let ids: Vec<String> = devices.iter().map(|d| d.agent.device.clone()).collect();
+    let stop = CancellationToken::new();
+    let feeding = feed_forever(devices, stop.clone());
+    wait_for("the devices registered with their class", Duration::from_secs(20), || {
+        ids.iter().all(|id| cp.registry.get(id).is_some_and(|d| d.class == "wide-vibration"))
+    })
+    .await;
+    let r =
+        rollouts::create(&api, &json!({"model": "wide-vibration", "version": 1, "stages": stages(0)})).await.unwrap();
+    let done = rollouts::wait(&api, &r.id, Duration::from_secs(60), |v| v.state == State::Completed)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(done.phases.get("applied"), Some(&2), "{:?}", done.phases);
+    let issued = cp.rollouts.issued(&ids[0]).unwrap();
+    let bytes = issued.map_or(0, |i| i.payload.len());
+    assert!(bytes > 10 * 1024, "the desired state is {bytes} bytes: the test needs one over 10 KiB");
+    for id in &ids {
+        let d = cp.registry.get(id).unwrap();
+        assert_eq!(d.latest_update().unwrap().active_sha256.as_deref(), Some(model.sha256.as_str()), "{id}");
+    }
+    stop.cancel();
+    let devices = feeding.await.unwrap();
+    cancel.cancel();
+    for d in devices {
+        d.agent.join().await.unwrap();
+    }
+    cp_cancel.cancel();
+    cp.join().await.unwrap();
+}
