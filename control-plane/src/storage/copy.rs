@@ -219,9 +219,7 @@ pub struct CopiedHistory {
 /// The `kv` row that says the history was copied, written in the copy's transaction.
 const HISTORY_DONE: (&str, &[u8]) = ("migrations_done", b"history");
 
-fn int(v: u64) -> i64 {
-    v.min(i64::MAX as u64) as i64
-}
+use super::postgres::int;
 
 fn be_u64(k: &[u8]) -> u64 {
     u64::from_be_bytes(k.get(..8).and_then(|b| b.try_into().ok()).unwrap_or_default())
@@ -261,8 +259,7 @@ pub async fn history_to_postgres(
     for chunk in lines.chunks(BATCH) {
         let col = |f: &dyn Fn(&StoredLog) -> String| chunk.iter().map(f).collect::<Vec<String>>();
         let num = |f: &dyn Fn(&StoredLog) -> i64| chunk.iter().map(f).collect::<Vec<i64>>();
-        let levels: Vec<i16> =
-            chunk.iter().map(|l| i16::from(l.level == edgeloop_common::envelope::LogLevel::Error)).collect();
+        let levels: Vec<i16> = chunk.iter().map(|l| super::postgres::logs::level_code(l.level)).collect();
         tx.execute(
             "INSERT INTO device_logs (received_ms, device, class, level, target, message, ts_ms) \
              SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::smallint[], $5::text[], $6::text[], \

@@ -8,7 +8,7 @@
 //! would sort first.
 
 use super::kv::{lock_key, PgKv, WriteLock};
-use super::{Pg, PgError};
+use super::{int, Pg, PgError};
 use crate::fleet::alerts::{plan_put, AlertCursor, AlertWhere, StoredAlert};
 use edgeloop_common::alerts::AlertEvent;
 
@@ -16,10 +16,6 @@ use edgeloop_common::alerts::AlertEvent;
 #[derive(Clone, Debug)]
 pub struct PgAlerts {
     pg: Pg,
-}
-
-fn int(v: u64) -> i64 {
-    v.min(i64::MAX as u64) as i64
 }
 
 fn lock_name(device: &str) -> String {
@@ -55,6 +51,15 @@ impl PgAlerts {
 
     /// Stores a snapshot (see [`crate::fleet::alerts::AlertStore::put`]) in one transaction under the
     /// device's lock, keeping at most `cap` alerts of the device; returns the mark to acknowledge.
+    /// Writes an alert's row, new or replacing the one there.
+    async fn upsert(c: &impl deadpool_postgres::GenericClient, a: &StoredAlert) -> Result<(), PgError> {
+        let doc = encode(a)?;
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 7] =
+            [&a.device, &(a.alert.id as i64), &int(a.list_ms()), &int(a.received_ms), &a.open, &a.class, &doc];
+        c.execute(UPSERT, &params).await.map_err(PgError::query("storing an alert"))?;
+        Ok(())
+    }
+
     pub async fn put(
         &self,
         device: &str,
@@ -96,10 +101,7 @@ impl PgAlerts {
                     .map_err(PgError::query("removing a device's oldest alert"))?;
                 }
             }
-            let doc = encode(a)?;
-            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 7] =
-                [&device, &(a.alert.id as i64), &int(a.list_ms()), &int(a.received_ms), &a.open, &a.class, &doc];
-            tx.execute(UPSERT, &params).await.map_err(PgError::query("storing an alert"))?;
+            Self::upsert(&tx, a).await?;
         }
         if plan.mark != mark {
             tx.execute(
@@ -130,12 +132,8 @@ impl PgAlerts {
 
     /// Writes an alert back as it is (an acknowledgement changed it); call under [`PgAlerts::lock`].
     pub async fn replace(&self, a: &StoredAlert) -> Result<(), PgError> {
-        let doc = encode(a)?;
         let c = self.pg.client().await?;
-        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 7] =
-            [&a.device, &(a.alert.id as i64), &int(a.list_ms()), &int(a.received_ms), &a.open, &a.class, &doc];
-        c.execute(UPSERT, &params).await.map_err(PgError::query("storing an alert"))?;
-        Ok(())
+        Self::upsert(&c, a).await
     }
 
     /// Up to `n` of the alerts `select` names listed before `after` (all when `None`), newest first: by list

@@ -4,7 +4,7 @@
 //! A search reads at most `scan_max` lines of the device (or of the fleet) newest first, then filters them,
 //! as the embedded store does: a page costs the same whatever the filters.
 
-use super::{Pg, PgError};
+use super::{int, Pg, PgError};
 use crate::fleet::logs::{LogCursor, LogPage, LogQuery, LogStats, StoredLog};
 use edgeloop_common::envelope::{LogEntry, LogLevel};
 
@@ -14,11 +14,8 @@ pub struct PgLogs {
     pg: Pg,
 }
 
-fn int(v: u64) -> i64 {
-    v.min(i64::MAX as u64) as i64
-}
-
-fn level_code(l: LogLevel) -> i16 {
+/// A level as the `level` column keeps it: 0 warn, 1 error.
+pub(crate) fn level_code(l: LogLevel) -> i16 {
     match l {
         LogLevel::Warn => 0,
         LogLevel::Error => 1,

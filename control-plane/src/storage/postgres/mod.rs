@@ -281,6 +281,11 @@ where
 /// Runs `f` to completion on `rt` from blocking code on any thread: directly from a thread outside the
 /// runtime, inside `block_in_place` from one of a multi-thread runtime's threads, and on a helper thread from
 /// a current-thread runtime (which has no `block_in_place`).
+/// A `u64` as a `bigint`, past `i64::MAX` clamped to it (times and counters never get there).
+pub(crate) fn int(v: u64) -> i64 {
+    v.min(i64::MAX as u64) as i64
+}
+
 pub fn block_on<T: Send>(rt: &tokio::runtime::Handle, f: impl std::future::Future<Output = T> + Send) -> T {
     match tokio::runtime::Handle::try_current() {
         Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread => {
