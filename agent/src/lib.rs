@@ -15,6 +15,7 @@
 //! - [`identity`]: the device key (signs every envelope), enrollment and MQTT credentials.
 //! - [`logs`]: the agent's own warnings and errors: a bounded ring fed by a `tracing` layer, shipped on
 //!   `up/logs` within the class's budget.
+//! - [`memory`]: handing start-up-only code pages back to the kernel once the agent binary has settled.
 //! - [`health`]: heartbeat contents (outbox depth, drops, latency percentiles, RSS).
 //! - [`backoff`]: the retry loops' delays: exponential with jitter (backon), within each loop's bounds.
 //! - [`daemon`]: starts the pieces above under one cancellation token and stops them cleanly.
@@ -29,6 +30,7 @@ pub mod identity;
 pub mod inference;
 pub mod local_status;
 pub mod logs;
+pub mod memory;
 pub mod outbox;
 pub mod source;
 pub mod updater;

@@ -135,6 +135,7 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<bool> {
     tracing::info!(device = %cfg.device_id, class = %cfg.class.class, build = %edgeloop_agent::version::build(), broker = %format!("{}:{}", cfg.mqtt_host, cfg.mqtt_port), "starting");
     let agent = Agent::start(cfg, Vec::new(), cancel.clone()).await?;
     let restart = agent.restart.clone();
+    tokio::spawn(release_file_pages());
     let mut stopped = tokio::spawn(agent.join());
     tokio::select! {
         _ = edgeloop_common::cli::shutdown_signal() => {
@@ -145,6 +146,27 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<bool> {
         r = &mut stopped => r??,
     }
     Ok(restart.load(std::sync::atomic::Ordering::SeqCst))
+}
+
+/// Hands start-up-only code back to the kernel once the agent has settled, and again now and then
+/// (`edgeloop_agent::memory`). Runs until the process ends.
+async fn release_file_pages() {
+    use edgeloop_agent::memory;
+    tokio::time::sleep(memory::SETTLE).await;
+    loop {
+        match tokio::task::spawn_blocking(memory::release_file_pages).await {
+            Ok(Ok(r)) => tracing::info!(
+                mappings = r.mappings,
+                file_resident_kib_before = r.rss_file_kib.0,
+                file_resident_kib_after = r.rss_file_kib.1,
+                "released start-up pages"
+            ),
+            // Memory stays as it was; nothing else depends on this.
+            Ok(Err(e)) => tracing::debug!(error = %e, "cannot release start-up pages"),
+            Err(_) => return,
+        }
+        tokio::time::sleep(memory::AGAIN).await;
+    }
 }
 
 #[cfg(test)]
