@@ -11,6 +11,11 @@
 //! - the control plane's CPU (cores, from `/proc/<pid>/stat`) and memory (RSS and peak, from
 //!   `/proc/<pid>/status`), and the load generator's own CPU, since both share the machine.
 //!
+//! With `--broker mosquitto` the devices connect to Debian's mosquitto instead (TLS on its own listener,
+//! dynamic security provisioned by the control plane at enrollment), and the control plane runs in its
+//! external-broker mode: the broker's CPU and memory are then measured on their own, beside the control
+//! plane's.
+//!
 //! The devices are not full agents (no sled outbox, no inference): 5,000 agents do not fit on a 2-core
 //! machine beside the control plane, and what is measured here is the control plane. The wire traffic is the
 //! agents': the same topics, envelopes, signatures and acknowledgements.
@@ -47,6 +52,27 @@ pub struct LoadOptions {
     pub tls: bool,
     /// `fsync` (the default) or `flush`.
     pub durability: String,
+    /// Where devices connect: the control plane's embedded broker, or mosquitto in front of it.
+    pub broker: LoadBroker,
+}
+
+/// The broker of a load run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoadBroker {
+    Embedded,
+    Mosquitto,
+}
+
+impl std::str::FromStr for LoadBroker {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "embedded" => Ok(LoadBroker::Embedded),
+            "mosquitto" => Ok(LoadBroker::Mosquitto),
+            other => Err(format!("--broker must be embedded or mosquitto, got `{other}`")),
+        }
+    }
 }
 
 /// p50, p95, p99 and max, in milliseconds.
@@ -96,6 +122,15 @@ pub struct LoadReport {
     pub cp_rss_mib_end: f64,
     pub cp_rss_mib_peak: f64,
     pub generator_cpu_cores_mean: f64,
+    pub broker: LoadBroker,
+    /// mosquitto's own CPU and memory (`--broker mosquitto`); with the embedded broker they are the control
+    /// plane's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broker_cpu_cores_mean: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broker_rss_mib_end: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broker_rss_mib_peak: Option<f64>,
 }
 
 /// CPU time (user + system) of a process in seconds, from `/proc/<pid>/stat` (USER_HZ is 100 on Linux).
@@ -120,9 +155,10 @@ fn rss_mib(pid: &str) -> Option<(f64, f64)> {
     Some((kib("VmRSS:")? / 1024.0, kib("VmHWM:")? / 1024.0))
 }
 
-/// The control-plane process, killed when dropped.
+/// The control-plane process, killed when dropped, and the mosquitto in front of it, if any.
 struct ControlPlaneProcess {
     child: std::process::Child,
+    mosquitto: Option<crate::mosquitto::Mosquitto>,
 }
 
 impl Drop for ControlPlaneProcess {
@@ -142,8 +178,32 @@ fn start_control_plane(opts: &LoadOptions) -> anyhow::Result<(ControlPlaneProces
     } else {
         "[tls]\nplaintext = true\n".to_string()
     };
+    let (broker, mosquitto, devices_port) = match opts.broker {
+        LoadBroker::Embedded => (format!("[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:{mqtt}\"\n"), None, mqtt),
+        LoadBroker::Mosquitto => {
+            // Devices on a TLS listener of mosquitto's with the fleet's certificate; the control plane on its
+            // loopback listener, provisioning devices into dynamic security as they enroll.
+            let dir = opts.data_dir.join("mosquitto");
+            std::fs::create_dir_all(&dir)?;
+            let extra = if opts.tls {
+                let (cert, key) = mosquitto_key_pair(&opts.data_dir.join("tls"), &dir)?;
+                format!("listener {mqtt} 127.0.0.1\ncertfile {}\nkeyfile {}\n", cert.display(), key.display())
+            } else {
+                String::new()
+            };
+            let m = crate::mosquitto::Mosquitto::start_dynsec_with(&dir, &extra)?;
+            let devices_port = if opts.tls { mqtt } else { m.port };
+            std::fs::write(opts.data_dir.join("cp.password"), crate::mosquitto::CONTROL_PLANE_USER.1)?;
+            let section = format!(
+                "[broker]\nmode = \"external\"\nurl = \"mqtt://127.0.0.1:{}\"\nusername = \"{}\"\npassword_file = \"cp.password\"\nprovisioning = \"mosquitto-dynsec\"\n",
+                m.port,
+                crate::mosquitto::CONTROL_PLANE_USER.0
+            );
+            (section, Some(m), devices_port)
+        }
+    };
     let cfg = format!(
-        "data_dir = \"cp\"\ndurability = \"{}\"\n[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:{mqtt}\"\n[api]\nlisten = \"{api}\"\n[ingest]\noffline_after_secs = 600\n{tls}",
+        "data_dir = \"cp\"\ndurability = \"{}\"\n{broker}[api]\nlisten = \"{api}\"\n[ingest]\noffline_after_secs = 600\n{tls}",
         opts.durability
     );
     let path = opts.data_dir.join("control-plane.toml");
@@ -156,7 +216,33 @@ fn start_control_plane(opts: &LoadOptions) -> anyhow::Result<(ControlPlaneProces
         .stderr(log)
         .spawn()
         .with_context(|| format!("starting {}", opts.cp_bin.display()))?;
-    Ok((ControlPlaneProcess { child }, api, ("127.0.0.1".to_string(), mqtt)))
+    Ok((ControlPlaneProcess { child, mosquitto }, api, ("127.0.0.1".to_string(), devices_port)))
+}
+
+/// The server certificate and key in `tls`, copied into mosquitto's folder `dir` where mosquitto can read
+/// them: started as root, it drops to its `mosquitto` user before it loads them, so the key's copy is given to
+/// that user (0600) where it exists.
+fn mosquitto_key_pair(tls: &std::path::Path, dir: &std::path::Path) -> anyhow::Result<(PathBuf, PathBuf)> {
+    let dir = std::path::absolute(dir)?;
+    let (cert, key) = (dir.join("server.pem"), dir.join("server.key"));
+    std::fs::copy(tls.join("server.pem"), &cert)?;
+    std::fs::copy(tls.join("server.key"), &key)?;
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let user = passwd.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.first() == Some(&"mosquitto")).then(|| Some((f.get(2)?.parse().ok()?, f.get(3)?.parse().ok()?)))?
+    });
+    if let (Some((uid, gid)), true) = (user, is_root()) {
+        std::os::unix::fs::chown(&key, Some(uid), Some(gid)).with_context(|| format!("chown {}", key.display()))?;
+    }
+    Ok((cert, key))
+}
+
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Uid:")).map(|v| v.split_whitespace().next() == Some("0")))
+        .unwrap_or(false)
 }
 
 /// What one device measured.
@@ -316,6 +402,7 @@ pub async fn run(opts: LoadOptions, stop: CancellationToken) -> anyhow::Result<L
     let setup = Instant::now();
     let (cp, api_addr, mqtt) = start_control_plane(&opts)?;
     let pid = cp.child.id().to_string();
+    let broker_pid = cp.mosquitto.as_ref().map(|m| m.child.id().to_string());
     let (api, ca) = operator_api(&opts, api_addr).await?;
     let enroll_token = crate::device::enrollment_token(&api, CLASS, opts.devices as u32).await?;
     let devices = connect_all(&opts, &api, mqtt, ca, enroll_token, &stop).await?;
@@ -323,7 +410,7 @@ pub async fn run(opts: LoadOptions, stop: CancellationToken) -> anyhow::Result<L
     tracing::info!(devices = devices.len(), setup_s, "every device connected; sending");
 
     let stored_before = records_stored(&api).await?;
-    let usage = send_for_duration(&opts, &devices, &pid, &stop).await?;
+    let usage = send_for_duration(&opts, &devices, (&pid, broker_pid.as_deref()), &stop).await?;
     await_acks(&devices, Duration::from_secs(10)).await;
     let stored = records_stored(&api).await? - stored_before;
     let mut totals = Totals::of(&devices);
@@ -352,6 +439,10 @@ pub async fn run(opts: LoadOptions, stop: CancellationToken) -> anyhow::Result<L
         cp_rss_mib_end: usage.rss_end,
         cp_rss_mib_peak: usage.peak_rss.max(usage.hwm),
         generator_cpu_cores_mean: usage.gen_cpu / usage.elapsed,
+        broker: opts.broker,
+        broker_cpu_cores_mean: usage.broker.map(|b| b.cpu / usage.elapsed),
+        broker_rss_mib_end: usage.broker.map(|b| b.rss_end),
+        broker_rss_mib_peak: usage.broker.map(|b| b.rss_peak),
     })
 }
 
@@ -422,6 +513,15 @@ struct Usage {
     rss_end: f64,
     peak_rss: f64,
     hwm: f64,
+    /// mosquitto's, when it runs.
+    broker: Option<BrokerUsage>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct BrokerUsage {
+    cpu: f64,
+    rss_end: f64,
+    rss_peak: f64,
 }
 
 /// Has every device send for `duration`, spread evenly over the batch interval, sampling the control plane
@@ -429,10 +529,12 @@ struct Usage {
 async fn send_for_duration(
     opts: &LoadOptions,
     devices: &[Arc<LoadDevice>],
-    pid: &str,
+    (pid, broker_pid): (&str, Option<&str>),
     stop: &CancellationToken,
 ) -> anyhow::Result<Usage> {
     let (cpu0, gen0, t0) = (cpu_seconds(pid).unwrap_or(0.0), cpu_seconds("self").unwrap_or(0.0), Instant::now());
+    let broker0 = broker_pid.and_then(cpu_seconds).unwrap_or(0.0);
+    let mut broker_peak = 0.0f64;
     let sending = CancellationToken::new();
     let mut senders = tokio::task::JoinSet::new();
     for (i, d) in devices.iter().enumerate() {
@@ -455,6 +557,9 @@ async fn send_for_duration(
         if let Some((_, hwm)) = rss_mib(pid) {
             peak_rss = peak_rss.max(hwm);
         }
+        if let Some((_, hwm)) = broker_pid.and_then(rss_mib) {
+            broker_peak = broker_peak.max(hwm);
+        }
     }
     sending.cancel();
     while let Some(r) = senders.join_next().await {
@@ -464,7 +569,11 @@ async fn send_for_duration(
     let cp_cpu = cpu_seconds(pid).unwrap_or(cpu0) - cpu0;
     let gen_cpu = cpu_seconds("self").unwrap_or(gen0) - gen0;
     let (rss_end, hwm) = rss_mib(pid).unwrap_or((0.0, 0.0));
-    Ok(Usage { elapsed, cp_cpu, gen_cpu, peak_cores, rss_end, peak_rss, hwm })
+    let broker = broker_pid.map(|b| {
+        let (end, hwm) = rss_mib(b).unwrap_or((0.0, 0.0));
+        BrokerUsage { cpu: cpu_seconds(b).unwrap_or(broker0) - broker0, rss_end: end, rss_peak: broker_peak.max(hwm) }
+    });
+    Ok(Usage { elapsed, cp_cpu, gen_cpu, peak_cores, rss_end, peak_rss, hwm, broker })
 }
 
 /// Waits up to `limit` for what is still in flight to be acknowledged.

@@ -113,6 +113,10 @@ enum Command {
         /// The control-plane binary (default: `edgeloop-control-plane` next to this one).
         #[arg(long)]
         control_plane: Option<PathBuf>,
+        /// Where devices connect: `embedded` (the control plane's broker) or `mosquitto` (Debian's, with
+        /// dynamic security, the control plane in its external-broker mode).
+        #[arg(long, default_value = "embedded")]
+        broker: String,
     },
     /// Serve a simulated device of a class as a Modbus TCP server, its registers following the class's
     /// `[modbus]` map and fed by the class's generator, until Ctrl-C.
@@ -390,10 +394,11 @@ fn try_main(cli: Cli) -> Result<(), Failure> {
             println!("{}", serde_json::to_string(&report).map_err(anyhow::Error::from)?);
             return Ok(());
         }
-        Command::Load { devices, rate, duration, batch_ms, plaintext, durability, data_dir, control_plane } => {
+        Command::Load { devices, rate, duration, batch_ms, plaintext, durability, data_dir, control_plane, broker } => {
             if durability != "fsync" && durability != "flush" {
                 return Err(Failure::usage(format!("--durability must be fsync or flush, got `{durability}`")));
             }
+            let broker = broker.parse().map_err(Failure::usage)?;
             let opts = edgeloop_simulators::load::LoadOptions {
                 devices,
                 rate,
@@ -403,6 +408,7 @@ fn try_main(cli: Cli) -> Result<(), Failure> {
                 cp_bin: control_plane.unwrap_or_else(edgeloop_simulators::load::control_plane_binary),
                 tls: !plaintext,
                 durability,
+                broker,
             };
             return run_to_summary(|stop| edgeloop_simulators::load::run(opts, stop));
         }

@@ -33,6 +33,11 @@ impl Mosquitto {
     /// ([`CONTROL_PLANE_USER`]) made with `mosquitto_ctrl` against the running broker, and a user `ops` an
     /// operator made by hand. Devices are the control plane's to add.
     pub fn start_dynsec(dir: &Path) -> anyhow::Result<Mosquitto> {
+        Self::start_dynsec_with(dir, "")
+    }
+
+    /// [`Mosquitto::start_dynsec`], its config ending with `extra` (another listener, say).
+    pub fn start_dynsec_with(dir: &Path, extra: &str) -> anyhow::Result<Mosquitto> {
         let bin = binary()?;
         let plugin = [
             "/usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so",
@@ -56,7 +61,7 @@ impl Mosquitto {
         std::fs::write(
             &conf,
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous false\nplugin {plugin}\nplugin_opt_config_file {}\npersistence false\nlog_dest stderr\n",
+                "listener {port} 127.0.0.1\nallow_anonymous false\nplugin {plugin}\nplugin_opt_config_file {}\npersistence false\nlog_dest stderr\n{extra}",
                 state.display()
             ),
         )?;
