@@ -43,3 +43,6 @@ promtool --version | head -1 || true
 ls -d /usr/lib/postgresql/*/bin | tail -1 || true
 
 cargo test --workspace "$@"
+# The agent as it ships, without the `onnx` feature the workspace build turns on for it: its unit tests
+# again, NNEF only.
+cargo test -p edgeloop-agent --lib "$@"

@@ -288,6 +288,7 @@ mod tests {
             frames: 1,
             gaps: Default::default(),
             score_tail,
+            nnef_sha256: None,
         };
         let past = |book: &AlertBook, p: &AlertPolicy, m: &ModelInfo, t: u64, s: f32| {
             book.past_tail(p, WINDOW_SECS, (&m.label(), m.score_tail.as_ref()), t, s)

@@ -303,7 +303,7 @@ mod tests {
         let health = Arc::new(Health::default());
         let (slot, _events) = ModelSlot::new(health.clone(), Some(50.0));
         if model {
-            let model = Model::load_bytes(&crate::inference::mean_square_onnx(10), 10).unwrap();
+            let model = Model::load_bytes(&crate::inference::mean_square_nnef(10), 10).unwrap();
             slot.set_active(Some(Loaded { info: ModelInfo::configured(&model), model }));
         }
         Collector::new(&spec, slot, "t".into(), outbox, health)
@@ -353,7 +353,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut c = collector(dir.path(), true);
         if let Some(rule) = rule {
-            let model = Model::load_bytes(&crate::inference::mean_square_onnx(10), 10).unwrap();
+            let model = Model::load_bytes(&crate::inference::mean_square_nnef(10), 10).unwrap();
             let info = ModelInfo { gaps: rule, ..ModelInfo::configured(&model) };
             c.slot.set_active(Some(Loaded { info, model }));
         }

@@ -1,8 +1,14 @@
-//! Running an ONNX model with tract.
+//! Running a model with tract.
 //!
 //! A [`Model`] is loaded once (from a file or from bytes), optimised for a fixed input of one feature
 //! vector `[1, width]`, and run with one reused tract state, the cheap path. Its output's first value is
 //! the record's score. A non-finite output is an error, never a score.
+//!
+//! Models come as tract's NNEF archives: the control plane converts every model it signs from ONNX, checks
+//! the conversion against the golden vectors, and signs both files, so the agent needs no ONNX parser
+//! (tract-nnef is a fraction of tract-onnx's code, on flash and in memory). A build with the `onnx` cargo
+//! feature also loads ONNX files: a model named by `[inference] model`, or one from a control plane that
+//! did not convert it. [`Model::load_bytes`] tells the two apart by their first bytes.
 //!
 //! A windowed model (a forecaster) takes the last `frames` feature vectors at once, `[1, frames × width]`,
 //! oldest first: [`Model::score`] keeps that history itself and scores from the `frames`-th vector on, so the
@@ -11,16 +17,20 @@
 //! This module runs models; choosing, verifying and swapping them is the updater's job. Calls are blocking
 //! CPU work: the collector makes them from a blocking thread.
 
+use edgeloop_common::update::ModelFormat;
 use std::path::Path;
 use std::time::Instant;
-use tract_onnx::prelude::*;
+use tract_nnef::prelude::*;
 
 #[derive(Debug, thiserror::Error)]
 pub enum InferenceError {
     #[error("reading model {path}: {source}")]
     Read { path: String, source: std::io::Error },
-    #[error("loading ONNX model: {0:#}")]
+    #[error("loading the model: {0:#}")]
     Load(String),
+    /// An ONNX file given to a build without the `onnx` feature.
+    #[error("this agent was built without ONNX support (cargo feature `onnx`): it runs NNEF archives, which the control plane converts every model it signs to; convert a local model with `edgeloop-control-plane convert-model`, or build the agent with `--features onnx`")]
+    OnnxUnsupported,
     #[error("model expects {expected} features, got {got}")]
     Width { expected: usize, got: usize },
     #[error("running model: {0:#}")]
@@ -40,9 +50,9 @@ pub struct Model {
     frames: usize,
     /// The latest `frames` feature vectors, flattened, oldest first (windowed models only).
     history: std::collections::VecDeque<f32>,
-    /// `sha256:<first 12 hex digits>` of the ONNX bytes.
+    /// `sha256:<first 12 hex digits>` of the model file.
     version: String,
-    /// SHA-256 of the ONNX bytes, hex.
+    /// SHA-256 of the model file, hex.
     sha256: String,
 }
 
@@ -59,17 +69,13 @@ impl Model {
         Model::load_bytes(&bytes, width)
     }
 
-    /// Loads ONNX bytes for an input of `[1, width]` f32 features.
+    /// Loads a model file's bytes (NNEF, or ONNX in a build with the `onnx` feature) for an input of
+    /// `[1, width]` f32 features.
     pub fn load_bytes(bytes: &[u8], width: usize) -> Result<Model, InferenceError> {
-        let load = || -> TractResult<TypedSimpleState> {
-            let model = tract_onnx::onnx()
-                .model_for_read(&mut &bytes[..])?
-                .with_input_fact(0, f32::fact([1, width]).into())?
-                .into_optimized()?
-                .into_runnable()?;
-            TypedSimpleState::new(&model)
+        let state = match ModelFormat::sniff(bytes) {
+            ModelFormat::Nnef => load_nnef(bytes, width)?,
+            ModelFormat::Onnx => load_onnx(bytes, width)?,
         };
-        let state = load().map_err(|e| InferenceError::Load(format!("{e:#}")))?;
         let sha256 = edgeloop_common::signing::sha256_hex(bytes);
         Ok(Model {
             state,
@@ -86,7 +92,7 @@ impl Model {
     pub fn load_configured(path: &Path, frame_width: usize) -> Result<Model, InferenceError> {
         let bytes =
             std::fs::read(path).map_err(|source| InferenceError::Read { path: path.display().to_string(), source })?;
-        let frames = declared_width(&bytes)
+        let frames = declared_width(&bytes)?
             .filter(|&w| frame_width > 0 && w > frame_width && w % frame_width == 0)
             .map_or(1, |w| w / frame_width);
         Model::load_bytes(&bytes, frame_width * frames)?.windowed(frames)
@@ -195,8 +201,79 @@ impl Model {
     }
 }
 
+fn load_error(e: TractError) -> InferenceError {
+    InferenceError::Load(format!("{e:#}"))
+}
+
+/// An NNEF archive's graph, with the registries the control plane's conversion writes with (tract's core
+/// operators, and the ONNX ones tract keeps as its own).
+fn nnef_model(bytes: &[u8]) -> Result<TypedModel, InferenceError> {
+    use tract_onnx_opl::WithOnnx;
+    tract_nnef::nnef().with_onnx().model_for_read(&mut &bytes[..]).map_err(load_error)
+}
+
+/// The concrete shape an NNEF graph declares for its first input.
+fn nnef_input_shape(model: &TypedModel) -> Result<Vec<usize>, InferenceError> {
+    let fact = model.input_fact(0).map_err(load_error)?;
+    fact.shape
+        .as_concrete()
+        .map(<[usize]>::to_vec)
+        .ok_or_else(|| InferenceError::Load(format!("the NNEF model's input shape {:?} is not concrete", fact.shape)))
+}
+
+fn load_nnef(bytes: &[u8], width: usize) -> Result<TypedSimpleState, InferenceError> {
+    let model = nnef_model(bytes)?;
+    let shape = nnef_input_shape(&model)?;
+    if shape != [1, width] {
+        return Err(InferenceError::Load(format!(
+            "the NNEF model takes an input of shape {shape:?}, not [1, {width}]"
+        )));
+    }
+    let plan = model.into_optimized().and_then(|m| m.into_runnable()).map_err(load_error)?;
+    TypedSimpleState::new(&plan).map_err(load_error)
+}
+
+#[cfg(feature = "onnx")]
+fn load_onnx(bytes: &[u8], width: usize) -> Result<TypedSimpleState, InferenceError> {
+    use tract_onnx::prelude::*;
+    let load = || -> TractResult<TypedSimpleState> {
+        let model = tract_onnx::onnx()
+            .model_for_read(&mut &bytes[..])?
+            .with_input_fact(0, f32::fact([1, width]).into())?
+            .into_optimized()?
+            .into_runnable()?;
+        TypedSimpleState::new(&model)
+    };
+    load().map_err(load_error)
+}
+
+#[cfg(not(feature = "onnx"))]
+fn load_onnx(_: &[u8], _: usize) -> Result<TypedSimpleState, InferenceError> {
+    Err(InferenceError::OnnxUnsupported)
+}
+
+/// The width a model file declares for its first input (the last dimension): `None` where an ONNX file
+/// declares no number there; an error where the file cannot be read as a model this build runs.
+pub fn declared_width(bytes: &[u8]) -> Result<Option<usize>, InferenceError> {
+    match ModelFormat::sniff(bytes) {
+        ModelFormat::Nnef => Ok(nnef_input_shape(&nnef_model(bytes)?)?.last().copied()),
+        ModelFormat::Onnx => onnx_declared_width(bytes),
+    }
+}
+
+#[cfg(not(feature = "onnx"))]
+fn onnx_declared_width(_: &[u8]) -> Result<Option<usize>, InferenceError> {
+    Err(InferenceError::OnnxUnsupported)
+}
+
 /// The width an ONNX model declares for its first input (the last dimension), when it declares a number.
-pub fn declared_width(bytes: &[u8]) -> Option<usize> {
+#[cfg(feature = "onnx")]
+fn onnx_declared_width(bytes: &[u8]) -> Result<Option<usize>, InferenceError> {
+    Ok(onnx_width(bytes))
+}
+
+#[cfg(feature = "onnx")]
+fn onnx_width(bytes: &[u8]) -> Option<usize> {
     use prost::Message;
     use tract_onnx::pb;
     let model = pb::ModelProto::decode(bytes).ok()?;
@@ -208,15 +285,59 @@ pub fn declared_width(bytes: &[u8]) -> Option<usize> {
     }
 }
 
+/// A reference model for benchmarks and tests: the mean square of the feature vector, `[1, width] -> [1, 1]`,
+/// as an NNEF archive (`mul`, `sum_reduce` over axis 1, times `1 / width`), which every build runs.
+pub fn mean_square_nnef(width: usize) -> Vec<u8> {
+    mean_square_nnef_with_doc(width, "")
+}
+
+/// [`mean_square_nnef`] whose score is named after `doc` (its letters, digits and underscores), which makes
+/// otherwise identical files distinct artifacts.
+pub fn mean_square_nnef_with_doc(width: usize, doc: &str) -> Vec<u8> {
+    use tract_nnef::internal::*;
+    let doc: String = doc.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+    let name = if doc.is_empty() { "score".to_string() } else { format!("score_{doc}") };
+    let build = || -> TractResult<Vec<u8>> {
+        let mut m = TypedModel::default();
+        let x = m.add_source("features", f32::fact([1, width]))?;
+        let squared = m.wire_node("squared", tract_core::ops::math::mul(), &[x, x])?;
+        let sum = m.wire_node(
+            "sum",
+            tract_core::ops::nn::Reduce { axes: tvec![1], reducer: tract_core::ops::nn::Reducer::Sum },
+            &squared,
+        )?;
+        let k = m.add_const("inverse_width", tensor2(&[[1.0 / width.max(1) as f32]]))?;
+        let score = m.wire_node(&name, tract_core::ops::math::mul(), &[sum[0], k])?;
+        m.select_output_outlets(&score)?;
+        tract_nnef::nnef().write_to_tar_with_config(&m, Vec::new(), false, true)
+    };
+    build().expect("the reference model is well formed")
+}
+
 /// A reference model for a fresh fleet, benchmarks and tests: the mean square of the feature vector,
 /// `[1, width] -> [1, 1]`, as a standard ONNX graph (opset 13: `Mul`, then `ReduceMean` over axis 1).
+#[cfg(feature = "onnx")]
 pub fn mean_square_onnx(width: usize) -> Vec<u8> {
     mean_square_onnx_with_doc(width, "")
 }
 
 /// [`mean_square_onnx`] with a doc string in the graph, which makes otherwise identical files distinct
 /// artifacts (a re-thresholded copy, say).
+#[cfg(feature = "onnx")]
 pub fn mean_square_onnx_with_doc(width: usize, doc: &str) -> Vec<u8> {
+    mean_square_onnx_graph(width, doc, 0)
+}
+
+/// [`mean_square_onnx`] carrying about `bytes` bytes of weights that change nothing: the features times a
+/// `[width, k]` matrix of zeros, averaged and added to the score. Its NNEF conversion keeps them, so both files
+/// are that large (download tests).
+#[cfg(feature = "onnx")]
+pub fn mean_square_onnx_with_weights(width: usize, bytes: usize) -> Vec<u8> {
+    mean_square_onnx_graph(width, "", (bytes / 4 / width.max(1)).max(1))
+}
+
+#[cfg(feature = "onnx")]
+fn mean_square_onnx_graph(width: usize, doc: &str, zero_columns: usize) -> Vec<u8> {
     use prost::Message;
     use tract_onnx::pb;
     let tensor_type = |dims: &[i64]| pb::TypeProto {
@@ -254,12 +375,29 @@ pub fn mean_square_onnx_with_doc(width: usize, doc: &str) -> Vec<u8> {
         i: 1,
         ..Default::default()
     };
+    let mut nodes = vec![node("Mul", &["features", "features"], "squared", vec![])];
+    let mut initializer = Vec::new();
+    if zero_columns == 0 {
+        nodes.push(node("ReduceMean", &["squared"], "score", vec![axes, keepdims]));
+    } else {
+        initializer.push(pb::TensorProto {
+            name: "zeros".into(),
+            dims: vec![width as i64, zero_columns as i64],
+            data_type: pb::tensor_proto::DataType::Float as i32,
+            float_data: vec![0.0; width * zero_columns],
+            ..Default::default()
+        });
+        nodes.extend([
+            node("ReduceMean", &["squared"], "mean_square", vec![axes.clone(), keepdims.clone()]),
+            node("MatMul", &["features", "zeros"], "nothing", vec![]),
+            node("ReduceMean", &["nothing"], "no_sum", vec![axes, keepdims]),
+            node("Add", &["mean_square", "no_sum"], "score", vec![]),
+        ]);
+    }
     let graph = pb::GraphProto {
         name: "mean_square".into(),
-        node: vec![
-            node("Mul", &["features", "features"], "squared", vec![]),
-            node("ReduceMean", &["squared"], "score", vec![axes, keepdims]),
-        ],
+        node: nodes,
+        initializer,
         input: vec![pb::ValueInfoProto {
             name: "features".into(),
             r#type: Some(tensor_type(&[1, width as i64])),
@@ -290,7 +428,7 @@ mod tests {
     #[test]
     fn a_windowed_model_scores_the_latest_vectors_once_it_has_enough() {
         // Three vectors of two features: the model sees [oldest, middle, newest].
-        let mut m = Model::load_bytes(&mean_square_onnx(6), 6).unwrap().windowed(3).unwrap();
+        let mut m = Model::load_bytes(&mean_square_nnef(6), 6).unwrap().windowed(3).unwrap();
         assert_eq!(m.frames(), 3);
         assert!(matches!(m.score(&[1.0, 1.0]), Err(InferenceError::WarmingUp { have: 1, need: 3 })));
         assert!(matches!(m.score(&[1.0, 1.0]), Err(InferenceError::WarmingUp { have: 2, need: 3 })));
@@ -300,21 +438,64 @@ mod tests {
         assert!(matches!(m.score(&[1.0; 6]), Err(InferenceError::Width { expected: 2, got: 6 })));
         // The self-test feeds whole windows.
         assert_eq!(m.outputs(&[0.0, 0.0, 0.0, 0.0, 3.0, 3.0]).unwrap(), vec![3.0]);
-        assert!(Model::load_bytes(&mean_square_onnx(6), 6).unwrap().windowed(4).is_err(), "4 does not divide 6");
+        assert!(Model::load_bytes(&mean_square_nnef(6), 6).unwrap().windowed(4).is_err(), "4 does not divide 6");
         // A configured file declaring 6 inputs, for vectors of 2: a window of 3.
+        configured_files_are_windowed_by_their_declared_width(&mean_square_nnef(6));
+    }
+
+    fn configured_files_are_windowed_by_their_declared_width(file: &[u8]) {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("m.onnx");
-        std::fs::write(&path, mean_square_onnx(6)).unwrap();
-        assert_eq!(declared_width(&mean_square_onnx(6)), Some(6));
+        let path = dir.path().join("model");
+        std::fs::write(&path, file).unwrap();
+        assert_eq!(declared_width(file).unwrap(), Some(6));
         assert_eq!(Model::load_configured(&path, 2).unwrap().frames(), 3);
         assert_eq!(Model::load_configured(&path, 6).unwrap().frames(), 1);
-        assert_eq!(Model::load_configured(&path, 4).unwrap().frames(), 1, "6 is no whole multiple of 4");
+        // 6 is no whole multiple of 4: loaded for vectors of 4 as it is, which an NNEF archive, whose shapes
+        // are fixed, refuses, naming both.
+        match ModelFormat::sniff(file) {
+            ModelFormat::Onnx => assert_eq!(Model::load_configured(&path, 4).unwrap().frames(), 1),
+            ModelFormat::Nnef => {
+                let e = Model::load_configured(&path, 4).unwrap_err().to_string();
+                assert!(e.contains("[1, 6]") && e.contains("[1, 4]"), "{e}");
+            }
+        }
+    }
+
+    #[cfg(feature = "onnx")]
+    #[test]
+    fn an_onnx_build_runs_onnx_files_as_it_runs_their_nnef_conversion() {
+        configured_files_are_windowed_by_their_declared_width(&mean_square_onnx(6));
+        let mut onnx = Model::load_bytes(&mean_square_onnx(4), 4).unwrap();
+        let mut nnef = Model::load_bytes(&mean_square_nnef(4), 4).unwrap();
+        let x = [1.0, -2.0, 3.5, 4.0];
+        assert!((onnx.score(&x).unwrap().0 - nnef.score(&x).unwrap().0).abs() < 1e-5);
+    }
+
+    #[cfg(not(feature = "onnx"))]
+    #[test]
+    fn a_build_without_onnx_names_what_to_do_with_an_onnx_file() {
+        let onnx = [0x08u8, 0x08, 0x12, 0x04, b'x', b'x', b'x', b'x'];
+        let e = Model::load_bytes(&onnx, 4).unwrap_err();
+        assert!(matches!(e, InferenceError::OnnxUnsupported), "{e}");
+        assert!(e.to_string().contains("NNEF") && e.to_string().contains("`onnx`"), "{e}");
+    }
+
+    #[test]
+    fn an_nnef_model_of_another_width_is_a_load_error_that_names_both() {
+        let e = Model::load_bytes(&mean_square_nnef(5), 4).unwrap_err();
+        assert!(e.to_string().contains("[1, 5]") && e.to_string().contains("[1, 4]"), "{e}");
+    }
+
+    #[test]
+    fn the_reference_model_is_the_same_file_every_time() {
+        assert_eq!(mean_square_nnef(3), mean_square_nnef(3));
+        assert_ne!(mean_square_nnef(3), mean_square_nnef(4));
     }
 
     #[test]
     fn a_primed_windowed_model_scores_from_the_next_vector() {
         let recent: std::collections::VecDeque<f32> = [9.0, 9.0, 1.0, 1.0, 2.0, 2.0].into_iter().collect();
-        let mut m = Model::load_bytes(&mean_square_onnx(6), 6).unwrap().windowed(3).unwrap();
+        let mut m = Model::load_bytes(&mean_square_nnef(6), 6).unwrap().windowed(3).unwrap();
         m.prime(2, &recent);
         // The two newest vectors and the new one: [1, 1, 2, 2, 3, 3] -> (2 + 8 + 18) / 6.
         assert!((m.score(&[3.0, 3.0]).unwrap().0 - 28.0 / 6.0).abs() < 1e-5);
@@ -333,7 +514,7 @@ mod tests {
 
     #[test]
     fn reference_model_scores_mean_square() {
-        let mut m = Model::load_bytes(&mean_square_onnx(4), 4).unwrap();
+        let mut m = Model::load_bytes(&mean_square_nnef(4), 4).unwrap();
         let (score, _) = m.score(&[1.0, 2.0, 3.0, 4.0]).unwrap();
         assert!((score - 7.5).abs() < 1e-6, "{score}");
         assert!(m.version().starts_with("sha256:"));
@@ -342,12 +523,17 @@ mod tests {
 
     #[test]
     fn garbage_model_is_a_load_error() {
+        let mut bad_archive = mean_square_nnef(4);
+        bad_archive.truncate(bad_archive.len() / 2);
+        bad_archive[600] ^= 0xff;
+        assert!(matches!(Model::load_bytes(&bad_archive, 4), Err(InferenceError::Load(_))));
+        #[cfg(feature = "onnx")]
         assert!(matches!(Model::load_bytes(b"not onnx", 4), Err(InferenceError::Load(_))));
     }
 
     #[test]
     fn overflow_is_non_finite() {
-        let mut m = Model::load_bytes(&mean_square_onnx(1), 1).unwrap();
+        let mut m = Model::load_bytes(&mean_square_nnef(1), 1).unwrap();
         assert!(matches!(m.score(&[f32::MAX]), Err(InferenceError::NonFinite(_))));
     }
 }

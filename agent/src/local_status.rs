@@ -281,6 +281,7 @@ mod tests {
                 frames: 1,
                 gaps: Default::default(),
                 score_tail: None,
+                nnef_sha256: None,
             }),
             ..Pointer::default()
         };

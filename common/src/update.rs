@@ -30,6 +30,39 @@ pub struct ManifestLineage {
     pub code_version: String,
 }
 
+/// A file a manifest signs besides the model's ONNX file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ArtifactRef {
+    /// SHA-256 of the file, hex.
+    pub sha256: String,
+    pub size: u64,
+}
+
+/// How a model file is encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelFormat {
+    /// ONNX (protobuf): what training exports and operators upload.
+    Onnx,
+    /// tract's NNEF archive (a tar, gzipped or not), converted from the ONNX file by the control plane: what
+    /// agents run, since loading it needs no ONNX parser.
+    Nnef,
+}
+
+impl ModelFormat {
+    /// The format of a model file by its first bytes: a gzip or tar archive is NNEF, anything else is taken
+    /// for ONNX (whose parser then says what is wrong with it).
+    pub fn sniff(bytes: &[u8]) -> ModelFormat {
+        let gzip = bytes.starts_with(&[0x1f, 0x8b]);
+        let tar = bytes.get(257..262) == Some(b"ustar");
+        if gzip || tar {
+            ModelFormat::Nnef
+        } else {
+            ModelFormat::Onnx
+        }
+    }
+}
+
 /// Everything a device needs to verify and run one model version (DESIGN.md, Model manifest).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
@@ -39,9 +72,15 @@ pub struct Manifest {
     pub class: String,
     /// The sensor whose feature vectors the model scores.
     pub sensor: String,
-    /// SHA-256 of the ONNX file, hex.
+    /// SHA-256 of the ONNX file, hex: the model's identity in reports, rollouts and the API.
     pub sha256: String,
     pub size: u64,
+    /// The same model as an NNEF archive, which the control plane converted from the ONNX file and checked
+    /// against the golden vectors. An agent runs this file where the manifest names one (see
+    /// [`Manifest::file`]). Absent on models registered before conversion existed, and a manifest without it
+    /// encodes as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nnef: Option<ArtifactRef>,
     /// `-1` marks the batch dimension.
     pub input_shape: Vec<i64>,
     pub output_shape: Vec<i64>,
@@ -83,6 +122,15 @@ impl Manifest {
     pub fn input_width(&self) -> Option<usize> {
         self.input_shape.last().and_then(|&w| usize::try_from(w).ok()).filter(|&w| w > 0)
     }
+
+    /// The file a device downloads, checks and runs: the NNEF archive where the manifest names one, else
+    /// the ONNX file. Its SHA-256, size and format.
+    pub fn file(&self) -> (&str, u64, ModelFormat) {
+        match &self.nnef {
+            Some(a) => (&a.sha256, a.size, ModelFormat::Nnef),
+            None => (&self.sha256, self.size, ModelFormat::Onnx),
+        }
+    }
 }
 
 /// How the agent should bring the model in.
@@ -121,6 +169,21 @@ pub struct DesiredState {
     /// Where to download the artifact: a path on the control plane's API (or an absolute URL).
     pub artifact: String,
     pub policy: UpdatePolicy,
+    /// Where to download the manifest's NNEF archive, where it names one. Absent otherwise, and a state
+    /// without it encodes as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nnef_artifact: Option<String>,
+}
+
+impl DesiredState {
+    /// Where to download the file [`Manifest::file`] names: `artifact` for the ONNX file, `nnef_artifact`
+    /// for the NNEF archive (`None` where the state does not say).
+    pub fn artifact_for(&self, m: &Manifest) -> Option<&str> {
+        match m.file().2 {
+            ModelFormat::Onnx => Some(&self.artifact),
+            ModelFormat::Nnef => self.nnef_artifact.as_deref(),
+        }
+    }
 }
 
 /// A class configuration as the control plane publishes it: the text of a `firmware-configs/<class>.toml`,
@@ -364,6 +427,7 @@ mod tests {
             sensor: "t".into(),
             sha256: "0".repeat(64),
             size: 1,
+            nnef: None,
             input_shape: vec![-1, 5],
             output_shape: vec![-1, 1],
             pipeline: PipelineSpec { version: 1, sensors: vec![] },
@@ -385,6 +449,30 @@ mod tests {
         let keys = map.iter().filter_map(|(k, _)| k.as_text().map(str::to_string)).collect();
         let value = map.into_iter().find(|(k, _)| k.as_text() == Some(key)).map(|(_, v)| v);
         (keys, value)
+    }
+
+    #[test]
+    fn a_manifest_names_the_file_a_device_runs_and_without_nnef_encodes_as_before() {
+        let m = manifest();
+        let (keys, _) = encoded(&m, "nnef");
+        assert!(!keys.iter().any(|k| k == "nnef"), "{keys:?}");
+        assert_eq!(m.file(), (m.sha256.as_str(), 1, ModelFormat::Onnx));
+        let nnef = ArtifactRef { sha256: "1".repeat(64), size: 7 };
+        let with = Manifest { nnef: Some(nnef.clone()), ..m };
+        assert_eq!(with.file(), (nnef.sha256.as_str(), 7, ModelFormat::Nnef));
+        let back: Manifest = ciborium::from_reader(crate::signing::to_cbor(&with).as_slice()).unwrap();
+        assert_eq!(back, with);
+    }
+
+    #[test]
+    fn model_files_are_told_apart_by_their_first_bytes() {
+        assert_eq!(ModelFormat::sniff(&[0x1f, 0x8b, 8, 0]), ModelFormat::Nnef);
+        let mut tar = vec![0u8; 512];
+        tar[257..262].copy_from_slice(b"ustar");
+        assert_eq!(ModelFormat::sniff(&tar), ModelFormat::Nnef);
+        // An ONNX file starts with its protobuf fields (`ir_version` is field 1).
+        assert_eq!(ModelFormat::sniff(&[0x08, 0x08, 0x12, 0x04]), ModelFormat::Onnx);
+        assert_eq!(ModelFormat::sniff(b""), ModelFormat::Onnx);
     }
 
     #[test]

@@ -92,6 +92,19 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Convert an ONNX model file to the NNEF archive agents run (`[inference] model` on an agent built
+    /// without ONNX support), checked against the ONNX model on a few inputs. Models the control plane
+    /// registers are converted when they are registered.
+    ConvertModel {
+        /// The ONNX file.
+        #[arg(long)]
+        onnx: PathBuf,
+        /// Features per input; default: what the file declares.
+        #[arg(long)]
+        width: Option<usize>,
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Back the control plane's state up into a new directory: the store, the artifacts, the operator tokens
     /// and the signing key. While the control plane runs it writes the backup itself, at this command's
     /// request; stopped, this command writes it.
@@ -371,6 +384,23 @@ fn try_main(command: Command) -> Result<(), Failure> {
             println!("CA key (keep it offline):        {}", f.ca_key.display());
             println!("server certificate ([tls] cert): {}", f.cert.display());
             println!("server key ([tls] key):          {}", f.key.display());
+        }
+        Command::ConvertModel { onnx, width, out } => {
+            use edgeloop_control_plane::ml::nnef;
+            let bytes = std::fs::read(&onnx).map_err(|e| Failure::usage(format!("--onnx {}: {e}", onnx.display())))?;
+            let width = width
+                .or_else(|| nnef::declared_width(&bytes))
+                .ok_or_else(|| Failure::usage(format!("{} declares no input width: pass --width", onnx.display())))?;
+            let archive =
+                nnef::convert_checked(&bytes, width).map_err(|e| Failure::usage(format!("{}: {e}", onnx.display())))?;
+            std::fs::write(&out, &archive).map_err(|e| anyhow::anyhow!("writing {}: {e}", out.display()))?;
+            println!(
+                "wrote {} ({} bytes, sha256 {}): {width} features, the same outputs as the ONNX model on {} inputs",
+                out.display(),
+                archive.len(),
+                edgeloop_common::signing::sha256_hex(&archive),
+                nnef::CHECK_INPUTS
+            );
         }
         Command::Openapi => {
             println!("{}", edgeloop_control_plane::web::openapi().to_pretty_json().map_err(anyhow::Error::from)?);

@@ -2,7 +2,7 @@
 //! second over UDP (each one a scored record), connected to a control plane with its embedded broker.
 //! Prints the median and maximum RSS over the last 20 of 30 seconds.
 //!
-//! `cargo build --release --bin edgeloop-agent && cargo bench -p edgeloop-simulators --bench agent_rss`
+//! `cargo build --release -p edgeloop-agent && cargo bench -p edgeloop-simulators --bench agent_rss`
 
 use anyhow::Context;
 use edgeloop_control_plane::config::Config;
@@ -23,7 +23,7 @@ fn main() -> anyhow::Result<()> {
     let agent_bin = exe.parent().and_then(Path::parent).context("bench path")?.join("edgeloop-agent");
     anyhow::ensure!(
         agent_bin.exists(),
-        "{} is missing: run `cargo build --release --bin edgeloop-agent` first",
+        "{} is missing: run `cargo build --release -p edgeloop-agent` first",
         agent_bin.display()
     );
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -44,10 +44,17 @@ fn main() -> anyhow::Result<()> {
         d.join("probe.toml"),
         "class = \"probe\"\n[[sensors]]\nname = \"t\"\nkind = \"slow\"\nrate_hz = 100\n",
     )?;
-    std::fs::write(d.join("model.onnx"), edgeloop_agent::inference::mean_square_onnx(5))?;
+    // An NNEF archive, which every build of the agent runs (the device build runs nothing else); with
+    // `EDGELOOP_BENCH_MODEL=onnx`, the ONNX file instead, for an agent built with `--features onnx` or
+    // before NNEF.
+    let model = match std::env::var("EDGELOOP_BENCH_MODEL").as_deref() {
+        Ok("onnx") => edgeloop_agent::inference::mean_square_onnx(5),
+        _ => edgeloop_agent::inference::mean_square_nnef(5),
+    };
+    std::fs::write(d.join("model.nnef"), model)?;
     std::fs::write(
         d.join("agent.toml"),
-        format!("[device]\nid = \"rss-1\"\nclass_config = \"probe.toml\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:{}\"\n[storage]\ndata_dir = \"agent\"\n[inference]\nmodel = \"model.onnx\"\nthreshold = 1000.0\nallow_unsigned_model = true\n[[sources]]\nkind = \"udp\"\nlisten = \"127.0.0.1:{udp}\"\n[[trusted_keys]]\npublic_key = \"{}\"\n", mqtt_port, edgeloop_common::signing::hex(&cp.trusted_key.public_key)),
+        format!("[device]\nid = \"rss-1\"\nclass_config = \"probe.toml\"\n[mqtt]\nurl = \"mqtt://127.0.0.1:{}\"\n[storage]\ndata_dir = \"agent\"\n[inference]\nmodel = \"model.nnef\"\nthreshold = 1000.0\nallow_unsigned_model = true\n[[sources]]\nkind = \"udp\"\nlisten = \"127.0.0.1:{udp}\"\n[[trusted_keys]]\npublic_key = \"{}\"\n", mqtt_port, edgeloop_common::signing::hex(&cp.trusted_key.public_key)),
     )?;
     let mut child = Command::new(&agent_bin)
         .arg("--config")

@@ -99,7 +99,7 @@ pub struct Queued {
 /// Keeps a checked bundle's artifact under `models/` (content-addressed), where the updater finds it instead
 /// of downloading it.
 pub fn keep_artifact(files: &Files, bundle: &Bundle, m: &Manifest) -> anyhow::Result<()> {
-    let model = files.model(&m.sha256);
+    let model = files.model_of(m);
     if !model.is_file() {
         let dir = model.parent().expect("models dir");
         edgeloop_common::private::dir(dir)?;

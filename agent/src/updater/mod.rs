@@ -10,7 +10,8 @@
 //!    a restart, never accepting more bytes than the signed size. Network trouble is retried, with growing
 //!    jittered waits, until the desired state expires (or a newer one arrives): an outage of minutes delays
 //!    the install, and only an expired state ends it, as [`Failure::TimedOut`];
-//! 4. its sha256 is checked, then it moves to `models/<sha256>.onnx`;
+//! 4. its sha256 is checked, then it moves to `models/<sha256>.nnef` (the NNEF archive the manifest signs
+//!    beside the ONNX file) or, where the manifest names none, `models/<sha256>.onnx`;
 //! 5. it is loaded into tract and self-tested on the manifest's golden vectors;
 //! 6. optionally it runs in shadow beside the active model;
 //! 7. it is activated: the pointer file (`updates.cbor`, written to a temporary file, synced and renamed)
@@ -34,7 +35,7 @@ use crate::inference::Model;
 use anyhow::Context;
 use edgeloop_common::signing::{Signed, TrustedKey};
 use edgeloop_common::unix_millis;
-use edgeloop_common::update::{Component, DesiredState, Failure, Manifest, Phase, UpdateReport};
+use edgeloop_common::update::{Component, DesiredState, Failure, Manifest, ModelFormat, Phase, UpdateReport};
 use serde::{Deserialize, Serialize};
 use slot::{Loaded, ModelInfo, ModelSlot, SlotEvent};
 use state::{Identity, Rejection, WatchTracker};
@@ -86,8 +87,19 @@ impl Files {
     fn pointer(&self) -> PathBuf {
         self.dir.join("updates.cbor")
     }
-    pub fn model(&self, sha256: &str) -> PathBuf {
-        self.dir.join("models").join(format!("{sha256}.onnx"))
+    /// Where a model file of this SHA-256 and format is kept.
+    pub fn model(&self, sha256: &str, format: ModelFormat) -> PathBuf {
+        let ext = match format {
+            ModelFormat::Onnx => "onnx",
+            ModelFormat::Nnef => "nnef",
+        };
+        self.dir.join("models").join(format!("{sha256}.{ext}"))
+    }
+
+    /// Where the file a manifest has a device run ([`Manifest::file`]) is kept.
+    pub fn model_of(&self, m: &Manifest) -> PathBuf {
+        let (sha256, _, format) = m.file();
+        self.model(sha256, format)
     }
     pub fn staging(&self, sha256: &str) -> PathBuf {
         self.dir.join("staging").join(format!("{sha256}.part"))
@@ -108,10 +120,11 @@ impl Files {
 
     /// Loads a stored model, checking its hash first.
     pub fn load_model(&self, info: &ModelInfo, width: usize) -> anyhow::Result<Model> {
-        let path = self.model(&info.sha256);
+        let (sha256, format) = info.file();
+        let path = self.model(sha256, format);
         let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
         let got = edgeloop_common::signing::sha256_hex(&bytes);
-        anyhow::ensure!(got == info.sha256, "{} has sha256 {got}, expected {}", path.display(), info.sha256);
+        anyhow::ensure!(got == sha256, "{} has sha256 {got}, expected {sha256}", path.display());
         let frames = (info.frames as usize).max(1);
         Ok(Model::load_bytes(&bytes, width * frames)?.windowed(frames)?)
     }
@@ -326,7 +339,7 @@ impl Updater {
                 self.pointer.pending =
                     Some(Pending { desired: d.clone(), manifest: m.clone(), phase: Phase::Downloading });
                 self.save().await?;
-                self.clean_staging(&m.sha256).await;
+                self.clean_staging(m.file().0).await;
                 self.apply(d, m, false, cancel).await
             }
             // The retained state comes again on every reconnect: the one already accepted is not news.
@@ -464,7 +477,7 @@ impl Updater {
             self.send(self.report(Some(d), &m.sha256, Phase::Applied, "already active"));
             return Ok(());
         }
-        self.send(self.report(Some(d), &m.sha256, Phase::Downloading, format!("{} bytes", m.size)));
+        self.send(self.report(Some(d), &m.sha256, Phase::Downloading, format!("{} bytes", m.file().1)));
         self.download(d, m, cancel).await?;
         let candidate = self.load_and_self_test(m).await?;
         self.set_phase(Phase::Verified).await?;
@@ -541,12 +554,19 @@ impl Updater {
 
     /// Downloads into the staging file (resuming), checks size and hash, and moves it into `models/`.
     async fn download(&mut self, d: &DesiredState, m: &Manifest, cancel: &CancellationToken) -> Result<(), StepError> {
-        let final_path = self.files.model(&m.sha256);
+        let final_path = self.files.model_of(m);
         if final_path.is_file() {
             return Ok(());
         }
-        let part = self.files.staging(&m.sha256);
-        let url = self.url(&d.artifact);
+        let (sha256, size, _) = m.file();
+        let part = self.files.staging(sha256);
+        let artifact = d.artifact_for(m).ok_or_else(|| {
+            StepError::Fail(
+                Failure::Download,
+                "the manifest names an NNEF archive, and the desired state does not say where to download it".into(),
+            )
+        })?;
+        let url = self.url(artifact);
         let mut backoff = download_backoff();
         let mut attempt = 0u64;
         let mut last_error = String::new();
@@ -561,7 +581,7 @@ impl Updater {
                 return Err(StepError::Fail(Failure::TimedOut, format!("the desired state expired {why}")));
             }
             attempt += 1;
-            match download::fetch(&self.http, &url, &part, m.size, cancel).await {
+            match download::fetch(&self.http, &url, &part, size, cancel).await {
                 Ok(()) => break,
                 Err(download::Fetch::Fatal(kind, e)) => {
                     let _ = std::fs::remove_file(&part);

@@ -11,7 +11,7 @@ use crate::health::Health;
 use crate::inference::{InferenceError, Model};
 use edgeloop_common::gaps::GapRule;
 use edgeloop_common::score_tail::TailFit;
-use edgeloop_common::update::Manifest;
+use edgeloop_common::update::{Manifest, ModelFormat};
 use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -35,6 +35,10 @@ pub struct ModelInfo {
     /// (`edgeloop_common::score_tail`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub score_tail: Option<TailFit>,
+    /// SHA-256 of the NNEF archive the device runs, where the manifest named one; `None`: the device runs
+    /// the ONNX file `sha256` names (a model installed before conversion existed, or a configured file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nnef_sha256: Option<String>,
 }
 
 fn one() -> u32 {
@@ -52,6 +56,7 @@ impl ModelInfo {
             frames: model.frames() as u32,
             gaps: GapRule::default(),
             score_tail: None,
+            nnef_sha256: None,
         }
     }
 
@@ -65,6 +70,15 @@ impl ModelInfo {
             frames: m.frames,
             gaps: m.gaps,
             score_tail: m.score_tail,
+            nnef_sha256: m.nnef.as_ref().map(|a| a.sha256.clone()),
+        }
+    }
+
+    /// The file the device runs: its SHA-256 and format.
+    pub fn file(&self) -> (&str, ModelFormat) {
+        match &self.nnef_sha256 {
+            Some(sha256) => (sha256, ModelFormat::Nnef),
+            None => (&self.sha256, ModelFormat::Onnx),
         }
     }
 
@@ -331,11 +345,11 @@ impl ModelSlot {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::inference::mean_square_onnx;
+    use crate::inference::mean_square_nnef;
 
     /// Mean square over a window of three vectors of two features.
     fn windowed(version: u32) -> Loaded {
-        let model = Model::load_bytes(&mean_square_onnx(6), 6).unwrap().windowed(3).unwrap();
+        let model = Model::load_bytes(&mean_square_nnef(6), 6).unwrap().windowed(3).unwrap();
         let info = ModelInfo {
             name: "m".into(),
             version,
@@ -344,6 +358,7 @@ mod tests {
             frames: 3,
             gaps: GapRule::default(),
             score_tail: None,
+            nnef_sha256: None,
         };
         Loaded { model, info }
     }

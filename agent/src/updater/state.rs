@@ -50,6 +50,8 @@ pub enum ManifestError {
     GapRule(usize),
     #[error("no golden vectors to self-test with")]
     NoGolden,
+    #[error("the model comes as ONNX only, and this agent build runs NNEF archives (it was built without the `onnx` feature): the control plane converts the models it registers; one registered before conversion existed must be registered again")]
+    OnnxOnly,
 }
 
 /// A download chunk that would take the file past the signed size.
@@ -210,11 +212,17 @@ impl Rejection {
 }
 
 fn check_manifest(m: &Manifest, me: &Identity) -> Result<(), ManifestError> {
-    if m.sha256.len() != 64 || !m.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(ManifestError::Sha256NotHex(m.sha256.clone()));
+    let nnef = m.nnef.as_ref().map(|a| (&a.sha256, a.size));
+    for (sha256, size) in std::iter::once((&m.sha256, m.size)).chain(nnef) {
+        if sha256.len() != 64 || !sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(ManifestError::Sha256NotHex(sha256.clone()));
+        }
+        if size == 0 || size > me.max_artifact_bytes {
+            return Err(ManifestError::Size { size, max: me.max_artifact_bytes });
+        }
     }
-    if m.size == 0 || m.size > me.max_artifact_bytes {
-        return Err(ManifestError::Size { size: m.size, max: me.max_artifact_bytes });
+    if m.nnef.is_none() && !cfg!(feature = "onnx") {
+        return Err(ManifestError::OnnxOnly);
     }
     if m.sensor != me.sensor {
         return Err(ManifestError::WrongSensor { model: m.sensor.clone(), device: me.sensor.clone() });
@@ -259,14 +267,16 @@ pub fn accept_chunk(have: u64, chunk: usize, signed_size: u64) -> Result<(), Ove
     Ok(())
 }
 
-/// Checks downloaded bytes against the manifest's size and SHA-256.
+/// Checks downloaded bytes against the size and SHA-256 the manifest signs for the file a device runs
+/// ([`Manifest::file`]: the NNEF archive where it names one).
 pub fn check_artifact(bytes: &[u8], m: &Manifest) -> Result<(), ArtifactError> {
-    if bytes.len() as u64 != m.size {
-        return Err(ArtifactError::Size { got: bytes.len() as u64, signed: m.size });
+    let (sha256, size, _) = m.file();
+    if bytes.len() as u64 != size {
+        return Err(ArtifactError::Size { got: bytes.len() as u64, signed: size });
     }
     let got = edgeloop_common::signing::sha256_hex(bytes);
-    if !got.eq_ignore_ascii_case(&m.sha256) {
-        return Err(ArtifactError::Sha256 { got, signed: m.sha256.clone() });
+    if !got.eq_ignore_ascii_case(sha256) {
+        return Err(ArtifactError::Sha256 { got, signed: sha256.to_string() });
     }
     Ok(())
 }
@@ -403,7 +413,7 @@ mod tests {
     use super::*;
     use edgeloop_common::features::{FeatureKind, PipelineSpec};
     use edgeloop_common::signing::{to_cbor, Signer};
-    use edgeloop_common::update::{ManifestLineage, UpdatePolicy};
+    use edgeloop_common::update::{ArtifactRef, ManifestLineage, UpdatePolicy};
 
     const NOW: u64 = 1_000_000;
 
@@ -429,8 +439,9 @@ mod tests {
             version: 2,
             class: "press".into(),
             sensor: "temp".into(),
-            sha256: edgeloop_common::signing::sha256_hex(bytes),
-            size: bytes.len() as u64,
+            sha256: edgeloop_common::signing::sha256_hex(b"the ONNX file"),
+            size: 13,
+            nnef: Some(ArtifactRef { sha256: edgeloop_common::signing::sha256_hex(bytes), size: bytes.len() as u64 }),
             input_shape: vec![-1, 4],
             output_shape: vec![-1, 1],
             pipeline: PipelineSpec { version: 1, sensors: vec![] },
@@ -456,6 +467,7 @@ mod tests {
             manifest: Signed::sign(m, signer),
             artifact: format!("/api/v1/artifacts/{}", m.sha256),
             policy: UpdatePolicy::default(),
+            nnef_artifact: m.nnef.as_ref().map(|a| format!("/api/v1/artifacts/{}", a.sha256)),
         }
     }
 
@@ -549,6 +561,8 @@ mod tests {
         let cases: Vec<(Breaker, &str)> = vec![
             (|m| m.sha256 = "xyz".into(), "sha256"),
             (|m| m.size = 2 << 20, "size"),
+            (|m| m.nnef.as_mut().unwrap().sha256 = "xyz".into(), "sha256"),
+            (|m| m.nnef.as_mut().unwrap().size = 0, "size"),
             (|m| m.sensor = "vibration".into(), "sensor"),
             (|m| m.input_shape = vec![-1, 5], "input shape"),
             (|m| m.golden.clear(), "golden"),
@@ -587,6 +601,17 @@ mod tests {
         m.gaps.max_gap = MAX_GAP_LIMIT;
         let signed = Signed::sign(&desired(&s, &m, 5), &s);
         assert!(verify_desired(&signed, &[s.trusted(None)], &me(), 0, NOW).is_ok());
+        // A model with its ONNX file only runs on a build that loads ONNX, and a build without says why.
+        let mut m = manifest(b"onnx");
+        m.nnef = None;
+        let signed = Signed::sign(&desired(&s, &m, 5), &s);
+        let verdict = verify_desired(&signed, &[s.trusted(None)], &me(), 0, NOW);
+        if cfg!(feature = "onnx") {
+            assert!(verdict.is_ok(), "{verdict:?}");
+        } else {
+            let r = verdict.unwrap_err();
+            assert!(r.to_string().contains("ONNX only") && r.to_string().contains("`onnx`"), "{r}");
+        }
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use super::slot::{Loaded, ModelInfo, ModelSlot};
 use super::state::{Identity, WatchTracker};
 use super::*;
-use crate::inference::mean_square_onnx;
+use crate::inference::mean_square_nnef;
 use edgeloop_common::features::PipelineSpec;
 use edgeloop_common::gaps::{GapRule, ImputeMethod};
 use edgeloop_common::signing::Signer;
@@ -88,8 +88,14 @@ fn manifest(bytes: &[u8], golden_out: f32) -> Manifest {
         version: 2,
         class: "press".into(),
         sensor: "temp".into(),
+        // The device runs the NNEF archive; the ONNX file it was converted from is not needed here, and its
+        // identity is taken to be the archive's.
         sha256: edgeloop_common::signing::sha256_hex(bytes),
         size: bytes.len() as u64,
+        nnef: Some(edgeloop_common::update::ArtifactRef {
+            sha256: edgeloop_common::signing::sha256_hex(bytes),
+            size: bytes.len() as u64,
+        }),
         input_shape: vec![-1, WIDTH as i64],
         output_shape: vec![-1, 1],
         pipeline: PipelineSpec { version: 1, sensors: vec![] },
@@ -114,6 +120,7 @@ fn info(name: &str, version: u32, sha256: &str, threshold: Option<f32>) -> Model
         frames: 1,
         gaps: Default::default(),
         score_tail: None,
+        nnef_sha256: Some(sha256.into()),
     }
 }
 
@@ -134,6 +141,7 @@ fn desired_at(s: &Signer, m: &Manifest, seq: u64, policy: UpdatePolicy, artifact
         manifest: Signed::sign(m, s),
         artifact: artifact.to_string(),
         policy,
+        nnef_artifact: Some(artifact.to_string()),
     };
     Signed::sign(&d, s)
 }
@@ -186,7 +194,7 @@ fn phases(rx: &mut mpsc::UnboundedReceiver<UpdateReport>) -> Vec<(Phase, String)
 
 /// The reference model scores mean square: 7.5 for the golden input.
 fn good_model() -> (Vec<u8>, Manifest) {
-    let bytes = mean_square_onnx(WIDTH);
+    let bytes = mean_square_nnef(WIDTH);
     let m = manifest(&bytes, 7.5);
     (bytes, m)
 }
@@ -235,7 +243,7 @@ async fn installs_activates_and_applies_after_the_watch() {
     assert_eq!(r.slot.gap_rule(), m.gaps);
     let active = p.active.unwrap();
     assert_eq!((p.last_seq, active.sha256, active.gaps, p.pending), (1, m.sha256.clone(), m.gaps, None));
-    assert_eq!(std::fs::read(r.files.model(&m.sha256)).unwrap(), bytes);
+    assert_eq!(std::fs::read(r.files.model_of(&m)).unwrap(), bytes);
 }
 
 #[tokio::test]
@@ -277,7 +285,7 @@ async fn arbitrary_software_tampered_artifact_rejected() {
     assert!(last.reason.contains("does not match the signed"), "{}", last.reason);
     assert!(last.is_real_failure(), "a tampered artifact counts against the rollout");
     assert!(r.slot.active_info().is_none(), "the tampered model never runs");
-    assert!(!r.files.model(&m.sha256).exists() && !r.files.staging(&m.sha256).exists());
+    assert!(!r.files.model_of(&m).exists() && !r.files.staging(&m.sha256).exists());
 }
 
 #[tokio::test]
@@ -312,7 +320,7 @@ async fn interrupted_download_resumes_with_range() {
 #[tokio::test]
 async fn selftest_failure_keeps_active_model() {
     let s = signer();
-    let old = Model::load_bytes(&mean_square_onnx(WIDTH), WIDTH).unwrap();
+    let old = Model::load_bytes(&mean_square_nnef(WIDTH), WIDTH).unwrap();
     // A different model (the reference for width 4 scores 7.5), whose manifest promises another output.
     let (bytes, mut m) = good_model();
     m.golden[0].output = vec![8.0];
@@ -337,7 +345,7 @@ async fn runtime_nan_auto_reverts() {
     let (bytes, m) = good_model();
     let (base, _) = serve(Behaviour { body: bytes, ..Default::default() }).await;
     let mut r = rig(&s, &base, None);
-    let previous = Model::load_bytes(&mean_square_onnx(WIDTH), WIDTH).unwrap();
+    let previous = Model::load_bytes(&mean_square_nnef(WIDTH), WIDTH).unwrap();
     let prev_info = ModelInfo { sha256: "a".repeat(64), ..ModelInfo::configured(&previous) };
     r.slot.set_active(Some(Loaded { info: prev_info.clone(), model: previous }));
     r.up.pointer.active = Some(prev_info.clone());
@@ -361,7 +369,7 @@ async fn shadow_reports_agreement_then_activates() {
     let (bytes, m) = good_model();
     let (base, _) = serve(Behaviour { body: bytes, ..Default::default() }).await;
     let mut r = rig(&s, &base, None);
-    let old = Model::load_bytes(&mean_square_onnx(WIDTH), WIDTH).unwrap();
+    let old = Model::load_bytes(&mean_square_nnef(WIDTH), WIDTH).unwrap();
     r.slot.set_active(Some(Loaded {
         info: ModelInfo { sha256: "b".repeat(64), threshold: Some(0.5), ..ModelInfo::configured(&old) },
         model: old,
@@ -390,8 +398,8 @@ async fn restart_mid_watch_resumes_the_watch_with_the_previous_model_at_hand() {
     let (bytes, m) = good_model();
     let dir = tempfile::tempdir().unwrap();
     let files = Files::new(dir.path());
-    std::fs::create_dir_all(files.model("x").parent().unwrap()).unwrap();
-    std::fs::write(files.model(&m.sha256), &bytes).unwrap();
+    std::fs::create_dir_all(files.model("x", ModelFormat::Nnef).parent().unwrap()).unwrap();
+    std::fs::write(files.model_of(&m), &bytes).unwrap();
     let prev_info = info("p", 1, &m.sha256, None);
     let new_info = info("press", 2, &m.sha256, Some(100.0));
     let d: DesiredState =
@@ -431,10 +439,10 @@ fn restart_mid_watch_with_the_new_model_gone_falls_back_to_the_previous() {
     let (bytes, m) = good_model();
     let dir = tempfile::tempdir().unwrap();
     let files = Files::new(dir.path());
-    std::fs::create_dir_all(files.model("x").parent().unwrap()).unwrap();
-    let prev_bytes = crate::inference::mean_square_onnx_with_doc(WIDTH, "previous");
+    std::fs::create_dir_all(files.model("x", ModelFormat::Nnef).parent().unwrap()).unwrap();
+    let prev_bytes = crate::inference::mean_square_nnef_with_doc(WIDTH, "previous");
     let prev_sha = edgeloop_common::signing::sha256_hex(&prev_bytes);
-    std::fs::write(files.model(&prev_sha), &prev_bytes).unwrap();
+    std::fs::write(files.model(&prev_sha, ModelFormat::Nnef), &prev_bytes).unwrap();
     let prev_info = info("p", 1, &prev_sha, None);
     let new_info = info("press", 2, &m.sha256, Some(100.0));
     let _ = bytes; // the new model's file was never written (or was lost)
@@ -479,6 +487,7 @@ async fn refusal_of_a_forged_desired_state_reports_none_of_its_fields() {
             manifest: Signed::sign(&m, &s),
             artifact: format!("/api/v1/artifacts/{}", m.sha256),
             policy: UpdatePolicy::default(),
+            nnef_artifact: Some(format!("/api/v1/artifacts/{}", m.sha256)),
         }
     };
     // Forgeries naming rollout r6, this model and the largest sequence: signed by an unknown key, signed by

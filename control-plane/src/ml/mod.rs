@@ -14,6 +14,7 @@ pub mod dataset;
 pub(crate) mod drift;
 pub(crate) mod jobs;
 pub(crate) mod models;
+pub mod nnef;
 pub mod onnx_ml;
 pub mod training;
 pub(crate) mod triggers;

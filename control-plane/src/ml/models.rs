@@ -115,8 +115,14 @@ pub struct ModelVersion {
     pub class: String,
     pub sensor: String,
     pub kind: ModelKind,
+    /// SHA-256 of the ONNX file, hex: the model's identity.
     pub sha256: String,
     pub size: u64,
+    /// The NNEF archive agents run, converted from the ONNX file and checked on the golden vectors at
+    /// registration (`ml::nnef`); absent where the model did not convert, or was registered before
+    /// conversion existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nnef: Option<edgeloop_common::update::ArtifactRef>,
     /// `-1` marks the batch dimension.
     pub input_shape: Vec<i64>,
     pub output_shape: Vec<i64>,
@@ -154,14 +160,13 @@ impl ModelVersion {
             sensor: self.sensor.clone(),
             sha256: self.sha256.clone(),
             size: self.size,
+            nnef: self.nnef.clone(),
             input_shape: self.input_shape.clone(),
             output_shape: self.output_shape.clone(),
             pipeline: self.pipeline.clone(),
             threshold: self.threshold,
             golden: self.golden.clone(),
-            // tract on another CPU may differ from the exporter in the last bits; 1e-3 relative is far below
-            // any difference a wrong model makes.
-            golden_tolerance: 1e-3,
+            golden_tolerance: GOLDEN_TOLERANCE,
             frames: self.frames,
             gaps: self.gaps,
             score_tail: self.score_tail,
@@ -175,6 +180,11 @@ impl ModelVersion {
         }
     }
 }
+
+/// How far a device's outputs on the golden vectors may be from the expected ones, relative to
+/// `max(1, |expected|)`: tract on another CPU, or the NNEF conversion, may differ from the exporter in the last
+/// bits; 1e-3 is far below any difference a wrong model makes.
+pub const GOLDEN_TOLERANCE: f32 = 1e-3;
 
 /// Decides promotion: the first version of a class is promoted; a later one only if it beats production on
 /// the same test split by more than `margin` (in the metric's units; 0 for any improvement).
@@ -320,7 +330,8 @@ impl ModelRegistry {
         min_age: std::time::Duration,
         keep: &std::collections::BTreeSet<String>,
     ) -> Result<Vec<String>, ModelError> {
-        let mut named: std::collections::BTreeSet<String> = self.list()?.into_iter().map(|v| v.sha256).collect();
+        let mut named: std::collections::BTreeSet<String> =
+            self.list()?.into_iter().flat_map(|v| std::iter::once(v.sha256).chain(v.nnef.map(|a| a.sha256))).collect();
         named.extend(keep.iter().cloned());
         let before = edgeloop_common::unix_millis().saturating_sub(min_age.as_millis() as u64);
         let named_list: Vec<String> = named.iter().cloned().collect();
@@ -578,6 +589,7 @@ mod tests {
             kind: crate::ml::models::ModelKind::Autoencoder,
             sha256: format!("{tag:064}"),
             size: 10,
+            nnef: None,
             input_shape: vec![-1, 4],
             output_shape: vec![-1, 1],
             gaps: Default::default(),
@@ -610,7 +622,9 @@ mod tests {
         let r = ModelRegistry::open(&db, dir.path()).unwrap();
         let named = r.put_artifact(b"the model a version names").unwrap();
         let orphan = r.put_artifact(b"an upload whose version was never recorded").unwrap();
-        r.insert(&ModelVersion { sha256: named.clone(), ..sample("press", 1, 0) }).unwrap();
+        let archive = r.put_artifact(b"the NNEF archive the version names").unwrap();
+        let nnef = Some(edgeloop_common::update::ArtifactRef { sha256: archive.clone(), size: 34 });
+        r.insert(&ModelVersion { sha256: named.clone(), nnef, ..sample("press", 1, 0) }).unwrap();
         // A stranger's file in the directory is not the registry's to remove.
         std::fs::write(dir.path().join("artifacts/README"), "notes").unwrap();
         // Within the grace period nothing goes: a training writes its artifact before it records the version.
@@ -620,6 +634,7 @@ mod tests {
         assert!(r.collect_garbage(std::time::Duration::ZERO, &kept).unwrap().is_empty());
         assert_eq!(r.collect_garbage(std::time::Duration::ZERO, &none).unwrap(), vec![orphan.clone()]);
         assert!(r.artifact_path(&named).is_some() && r.artifact_path(&orphan).is_none());
+        assert!(r.artifact_path(&archive).is_some(), "a version's NNEF archive is kept with it");
         assert!(dir.path().join("artifacts/README").exists());
     }
 

@@ -1,7 +1,9 @@
 //! Models operators bring: an ONNX file with golden vectors, checked and registered as the next version of
 //! its model line. It reaches devices only through a rollout, signed like a trained model.
 
-use crate::ml::models::{Lineage, Metrics, ModelError, ModelKind, ModelRegistry, ModelVersion, Promotion};
+use crate::ml::models::{
+    Lineage, Metrics, ModelError, ModelKind, ModelRegistry, ModelVersion, Promotion, GOLDEN_TOLERANCE,
+};
 use crate::ml::onnx_ml::{self, RewriteError, ScoreSpec};
 use base64::Engine as _;
 use edgeloop_common::config::ClassConfig;
@@ -122,6 +124,7 @@ pub fn register(
     let golden = served_golden(&u.golden, &u.score)?;
     let out_len = check_golden(&served.onnx, &golden, width)?;
     let sha256 = models.put_artifact(&served.onnx)?;
+    let nnef = crate::ml::nnef::derive(models, &u.name, &served.onnx, width, &golden, GOLDEN_TOLERANCE)?;
     let version = models.next_version(&u.name)?;
     let m = ModelVersion {
         name: u.name.clone(),
@@ -131,6 +134,7 @@ pub fn register(
         kind: ModelKind::Uploaded,
         sha256,
         size: served.onnx.len() as u64,
+        nnef,
         input_shape: vec![-1, width as i64],
         output_shape: vec![-1, out_len as i64],
         gaps: Default::default(),

@@ -108,7 +108,10 @@ pub fn make(
     if class != mv.class {
         return Err(BundleError::ClassMismatch { model: req.model.clone(), model_class: mv.class.clone(), class });
     }
-    let path = models.artifact_path(&mv.sha256).ok_or_else(|| BundleError::NoArtifact(mv.name.clone()))?;
+    // The file a device runs: the NNEF archive where the model has one, else the ONNX file.
+    let manifest = mv.manifest();
+    let runs = manifest.file().0.to_string();
+    let path = models.artifact_path(&runs).ok_or_else(|| BundleError::NoArtifact(mv.name.clone()))?;
     let artifact = std::fs::read(&path).map_err(|e| BundleError::Io(format!("{}: {e}", path.display())))?;
     let issued = store.all_issued()?.into_iter().map(|(_, i)| i.seq).max().unwrap_or(0);
     let bundled = store.bundles()?.iter().map(|b| b.seq).max().unwrap_or(0);
@@ -123,9 +126,10 @@ pub fn make(
         issued_ms: now_ms,
         expires_ms,
         rollout: Some(id.clone()),
-        manifest: Signed::sign(&mv.manifest(), signer),
+        manifest: Signed::sign(&manifest, signer),
         artifact: format!("bundle:{}", mv.sha256),
         policy: req.policy.unwrap_or_default(),
+        nnef_artifact: mv.nnef.as_ref().map(|a| format!("bundle:{}", a.sha256)),
     };
     let (config, bundled) = match req.config {
         None => (None, None),

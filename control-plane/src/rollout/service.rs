@@ -656,6 +656,7 @@ impl Rollouts {
             manifest: Signed::sign(&mv.manifest(), &self.signer),
             artifact: format!("/api/v1/artifacts/{}", mv.sha256),
             policy,
+            nnef_artifact: mv.nnef.as_ref().map(|a| format!("/api/v1/artifacts/{}", a.sha256)),
         };
         let env = Envelope::new(device, seq, now_ms, Body::Desired(Signed::sign(&desired, &self.signer)));
         let payload = envelope::encode(&env);
@@ -1152,6 +1153,7 @@ mod tests {
             kind: crate::ml::models::ModelKind::Autoencoder,
             sha256: format!("{v:064}"),
             size: 10,
+            nnef: None,
             input_shape: vec![-1, 4],
             output_shape: vec![-1, 1],
             gaps: Default::default(),

@@ -89,11 +89,15 @@ fn feed(ports: Vec<u16>, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
     })
 }
 
-/// Uploads the mean-square model for the probe class, padded with `pad` bytes of doc string.
+/// Uploads the mean-square model for the probe class, carrying `pad` bytes of weights that change nothing
+/// (in its ONNX file and in the NNEF archive devices download).
 async fn upload(api: &Api, pad: usize) -> ModelVersion {
     let class = ClassConfig::from_toml("probe.toml", PROBE).unwrap();
     let width = class.pipeline().sensors[0].width();
-    let onnx = edgeloop_agent::inference::mean_square_onnx_with_doc(width, &"edgeloop ".repeat(pad / 9));
+    let onnx = match pad {
+        0 => edgeloop_agent::inference::mean_square_onnx(width),
+        _ => edgeloop_agent::inference::mean_square_onnx_with_weights(width, pad),
+    };
     let input: Vec<f32> = (0..width).map(|i| i as f32 * 0.25).collect();
     let ms = input.iter().map(|x| x * x).sum::<f32>() / width as f32;
     let body = json!({
@@ -106,12 +110,16 @@ async fn upload(api: &Api, pad: usize) -> ModelVersion {
     serde_json::from_str(&text).unwrap()
 }
 
-/// The model an agent process runs, read from its own files: the pointer's active model, hashed on disk.
+/// The model an agent process runs, read from its own files: the pointer's active model, its file hashed on
+/// disk. Returns the model's identity (its ONNX file's SHA-256) once the file on disk is the one the pointer
+/// names: the NNEF archive the control plane converted the model to.
 fn active_on_disk(data_dir: &Path) -> Option<String> {
     let files = Files::new(data_dir);
     let active = files.load_pointer().ok()?.active?;
-    let bytes = std::fs::read(files.model(&active.sha256)).ok()?;
-    Some(edgeloop_common::signing::sha256_hex(&bytes))
+    let (sha256, format) = active.file();
+    assert_eq!(format, edgeloop_common::update::ModelFormat::Nnef, "devices run the NNEF archive");
+    let bytes = std::fs::read(files.model(sha256, format)).ok()?;
+    (edgeloop_common::signing::sha256_hex(&bytes) == sha256).then_some(active.sha256)
 }
 
 async fn device(api: &Api, id: &str) -> Option<DeviceView> {
@@ -247,7 +255,8 @@ async fn agent_killed_mid_download_resumes() {
     let feeder = feed(vec![udp], stop.clone());
     // About 2 MiB: some 2.5 s through the slow server.
     let model = upload(&site.client, 2 << 20).await;
-    assert!(model.size > 2_000_000);
+    let nnef = model.nnef.clone().expect("the model converts to NNEF");
+    assert!(nnef.size > 2_000_000, "{nnef:?}");
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while device(&site.client, "proc-k").await.is_none_or(|d| d.device.class != "probe") {
         assert!(std::time::Instant::now() < deadline, "proc-k never reported");
@@ -260,8 +269,8 @@ async fn agent_killed_mid_download_resumes() {
             .unwrap();
 
     // SIGKILL once a good part, but not all, of the artifact is staged.
-    let staging = Files::new(&dir.path().join("proc-k")).staging(&model.sha256);
-    let size = model.size;
+    let staging = Files::new(&dir.path().join("proc-k")).staging(&nnef.sha256);
+    let size = nnef.size;
     wait_for("a partial download", Duration::from_secs(30), || {
         std::fs::metadata(&staging).is_ok_and(|m| m.len() > 256 * 1024 && m.len() < size)
     })

@@ -182,16 +182,67 @@ async fn an_isolation_forest_uploads_with_its_score_named_and_the_agent_scores_i
         "the served golden vectors are negated"
     );
 
-    // The device's side: the agent's tract loads the signed artifact and scores every row as onnxruntime did.
-    let mut model = edgeloop_agent::inference::Model::load_bytes(&stored.body, inputs[0].len()).unwrap();
-    for (i, (input, want)) in inputs.iter().zip(&scores).enumerate() {
-        let (got, _) = model.score(input).unwrap();
-        assert!((got + want).abs() <= 1e-4 * want.abs().max(1.0), "row {i}: agent {got}, onnxruntime {want}");
+    // The device's side: the agent's tract loads the signed artifacts (the ONNX file, and the NNEF archive
+    // converted from it that devices download) and scores every row as onnxruntime did.
+    let nnef = v["nnef"]["sha256"].as_str().expect("the forest converts to NNEF");
+    let archive = api.request("GET", &format!("/api/v1/artifacts/{nnef}"), &[], None).await.unwrap();
+    assert_eq!(archive.status, 200);
+    assert_eq!(edgeloop_common::update::ModelFormat::sniff(&archive.body), edgeloop_common::update::ModelFormat::Nnef);
+    for file in [&archive.body, &stored.body] {
+        let mut model = edgeloop_agent::inference::Model::load_bytes(file, inputs[0].len()).unwrap();
+        for (i, (input, want)) in inputs.iter().zip(&scores).enumerate() {
+            let (got, _) = model.score(input).unwrap();
+            assert!((got + want).abs() <= 1e-4 * want.abs().max(1.0), "row {i}: agent {got}, onnxruntime {want}");
+        }
     }
+    let mut model = edgeloop_agent::inference::Model::load_bytes(&archive.body, inputs[0].len()).unwrap();
     // And it flags what the forest calls an outlier: a negative decision function.
     let flagged = inputs.iter().filter(|x| model.score(x).unwrap().0 > 0.0).count();
     assert!(flagged > 0);
     assert_eq!(flagged, scores.iter().filter(|s| **s < 0.0).count());
     cancel.cancel();
     cp.join().await.unwrap();
+}
+
+/// `edgeloop-control-plane convert-model`: a local ONNX file becomes an NNEF archive that scores as the ONNX
+/// file does; a file that is no model, or that declares no width without `--width`, is refused, naming it.
+#[test]
+fn the_cli_converts_a_local_onnx_file_to_an_archive_that_scores_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let (onnx, out) = (dir.path().join("model.onnx"), dir.path().join("model.nnef"));
+    std::fs::write(&onnx, edgeloop_agent::inference::mean_square_onnx(5)).unwrap();
+    let run = |args: &[&std::ffi::OsStr]| {
+        std::process::Command::new(crate::support::binary("edgeloop-control-plane"))
+            .arg("convert-model")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    assert!(!run(&[]).status.success(), "--onnx and --out are required");
+    let ok = run(&["--onnx".as_ref(), onnx.as_os_str(), "--out".as_ref(), out.as_os_str()]);
+    let stdout = String::from_utf8_lossy(&ok.stdout);
+    assert!(ok.status.success(), "{stdout}{}", String::from_utf8_lossy(&ok.stderr));
+    assert!(stdout.contains("5 features"), "{stdout}");
+    let archive = std::fs::read(&out).unwrap();
+    assert_eq!(edgeloop_common::update::ModelFormat::sniff(&archive), edgeloop_common::update::ModelFormat::Nnef);
+    let mut model = edgeloop_agent::inference::Model::load_bytes(&archive, 5).unwrap();
+    let (score, _) = model.score(&[1.0, 2.0, 3.0, 4.0, 5.0]).unwrap();
+    assert!((score - 11.0).abs() < 1e-5, "{score}");
+
+    let garbage = dir.path().join("notes.txt");
+    std::fs::write(&garbage, "not a model").unwrap();
+    let refused = run(&[
+        "--onnx".as_ref(),
+        garbage.as_os_str(),
+        "--out".as_ref(),
+        out.as_os_str(),
+        "--width".as_ref(),
+        "5".as_ref(),
+    ]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("notes.txt"), "{stderr}");
+    let no_width = run(&["--onnx".as_ref(), garbage.as_os_str(), "--out".as_ref(), out.as_os_str()]);
+    let stderr = String::from_utf8_lossy(&no_width.stderr);
+    assert!(stderr.contains("declares no input width") && stderr.contains("--width"), "{stderr}");
 }

@@ -20,6 +20,7 @@ fn make(s: &Signer, class: &str, device: &str, seq: u64, valid_ms: i64) -> (Bund
         rollout: Some(format!("bundle-{seq}")),
         manifest: Signed::sign(&m, s),
         artifact: format!("bundle:{}", m.sha256),
+        nnef_artifact: Some(format!("bundle:{}", m.sha256)),
         policy: UpdatePolicy { shadow_windows: 0, watch_windows: 3, latency_budget_us: 0 },
     };
     (Bundle { format: FORMAT, desired: Signed::sign(&d, s), artifact: bytes, config: None }, m)
@@ -97,7 +98,10 @@ async fn every_attack_on_the_online_path_is_refused_from_a_bundle_too() {
         assert!(got[0].reason.contains(reason), "{what}: {}", got[0].reason);
         assert!(r.slot.active_info().is_none(), "{what}: nothing runs");
         assert_eq!(r.up.pointer.last_seq, 3, "{what}: the sequence did not move");
-        assert!(!r.files.model(&edgeloop_common::signing::sha256_hex(&b.artifact)).exists(), "{what}: nothing kept");
+        assert!(
+            !r.files.model(&edgeloop_common::signing::sha256_hex(&b.artifact), ModelFormat::Nnef).exists(),
+            "{what}: nothing kept"
+        );
         let refused: Vec<_> = std::fs::read_dir(r.files.inbox()).unwrap().flatten().collect();
         assert_eq!(refused.len(), 1, "{what}: the refused file is kept, renamed");
         assert!(refused[0].path().extension().is_some_and(|x| x == "refused"));

@@ -186,7 +186,10 @@ fn table_lookup(e: &mut Emit, xi: &str, lo: &str, span: &str, offset: Option<&st
     let above = e.op("Less", &[&idx, span], vec![]);
     let not_below = e.op("Not", &[&below], vec![]);
     let inside = e.op("And", &[&not_below, &above], vec![]);
-    let mut at = e.op("Where", &[&inside, &idx, &zero], vec![]);
+    // `idx` where inside, else 0: a product rather than an integer `Where` with a scalar, which tract's NNEF
+    // archive reads back with mismatched integer types, so that the conversion agents run is possible.
+    let keep = e.cast(&inside, INT64);
+    let mut at = e.op("Mul", &[&idx, &keep], vec![]);
     if let Some(offset) = offset {
         at = e.op("Add", &[&at, offset], vec![]);
     }

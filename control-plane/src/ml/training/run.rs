@@ -9,7 +9,7 @@ use super::search::{self, Budget};
 use super::{autoencoder, classifier, eval, onnx, Hyper, TrainError};
 use crate::fleet::telemetry::{StoreError, TelemetryStore};
 use crate::ml::dataset::{self, Dataset, DatasetError, DatasetSpec, Row};
-use crate::ml::models::{decide, Golden, Lineage, Metrics, ModelRegistry, ModelVersion, Promotion};
+use crate::ml::models::{decide, Golden, Lineage, Metrics, ModelRegistry, ModelVersion, Promotion, GOLDEN_TOLERANCE};
 use edgeloop_common::config::ClassConfig;
 use edgeloop_common::features::{FeatureKind, PipelineSpec};
 use edgeloop_common::gaps::GapRule;
@@ -722,6 +722,8 @@ fn register(
     progress: &mut dyn FnMut(f32, &str),
 ) -> Result<ModelVersion, RunError> {
     let sha256 = registry.put_artifact(&c.bytes)?;
+    let width = ds.width() * c.frames;
+    let nnef = crate::ml::nnef::derive(registry, &c.name, &c.bytes, width, &c.golden, GOLDEN_TOLERANCE)?;
     let m = ModelVersion {
         name: c.name,
         version: c.version,
@@ -730,7 +732,8 @@ fn register(
         kind: c.kind,
         sha256,
         size: c.bytes.len() as u64,
-        input_shape: vec![-1, (ds.width() * c.frames) as i64],
+        nnef,
+        input_shape: vec![-1, width as i64],
         frames: c.frames as u32,
         gaps: match ds.sensor.features {
             FeatureKind::Slow { .. } => GapRule { impute: ds.spec.impute, max_gap: ds.spec.max_gap },

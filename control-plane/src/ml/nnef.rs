@@ -1,0 +1,215 @@
+//! Models as agents run them: every model the control plane registers, trained or uploaded, is converted
+//! from ONNX to tract's NNEF archive, run on its golden vectors the way an agent runs it, and stored beside
+//! the ONNX file. Its manifest signs both (`Manifest::nnef`), and agents download and run the archive: loading
+//! it takes tract-nnef alone, a fraction of tract-onnx's code on a device's flash and in its memory.
+//!
+//! The ONNX file stays the model's identity (reports, rollouts, the API) and what operators download.
+
+use super::models::ModelRegistry;
+use edgeloop_common::update::{ArtifactRef, Golden};
+use tract_onnx::prelude::*;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NnefError {
+    #[error("converting the ONNX model to NNEF: {0}")]
+    Convert(String),
+    #[error("loading the NNEF archive: {0}")]
+    Load(String),
+    #[error("the NNEF archive gives {got} for output {output} of golden vector {index}, not {expected} (allowed: {allowed})")]
+    Golden { index: usize, output: usize, got: f32, expected: f32, allowed: f32 },
+    #[error("the NNEF archive fails on golden vector {index}: {reason}")]
+    Run { index: usize, reason: String },
+}
+
+/// Converts ONNX bytes for an input of `[1, width]` f32 features to an NNEF archive (an uncompressed tar with
+/// fixed timestamps: the same model always gives the same bytes).
+pub fn convert(onnx: &[u8], width: usize) -> Result<Vec<u8>, NnefError> {
+    let run = || -> TractResult<Vec<u8>> {
+        let model = tract_onnx::onnx()
+            .model_for_read(&mut &onnx[..])?
+            .with_input_fact(0, f32::fact([1, width]).into())?
+            .into_typed()?
+            .into_decluttered()?;
+        tract_nnef::nnef().with_onnx().write_to_tar_with_config(&model, Vec::new(), false, true)
+    };
+    run().map_err(|e| NnefError::Convert(format!("{e:#}")))
+}
+
+/// Runs an archive as an agent does (tract-nnef with tract's ONNX operators, optimised for `[1, width]`) on
+/// every golden input, and compares each output with the expected one within `tolerance`, relative to
+/// `max(1, |expected|)` (the agent's self-test).
+pub fn check(nnef: &[u8], width: usize, golden: &[Golden], tolerance: f32) -> Result<(), NnefError> {
+    let plan = tract_nnef::nnef()
+        .with_onnx()
+        .model_for_read(&mut &nnef[..])
+        .and_then(|m| m.into_optimized())
+        .and_then(|m| m.into_runnable())
+        .map_err(|e| NnefError::Load(format!("{e:#}")))?;
+    for (index, g) in golden.iter().enumerate() {
+        let run = |reason: TractError| NnefError::Run { index, reason: format!("{reason:#}") };
+        let input = Tensor::from_shape(&[1, width], &g.input).map_err(run)?;
+        let out = plan.run(tvec!(input.into())).map_err(run)?;
+        let got = out[0].to_plain_array_view::<f32>().map_err(run)?;
+        let got: Vec<f32> = got.iter().copied().collect();
+        if got.len() < g.output.len() {
+            return Err(NnefError::Run {
+                index,
+                reason: format!("{} outputs, {} expected", got.len(), g.output.len()),
+            });
+        }
+        for (output, (&expected, &got)) in g.output.iter().zip(&got).enumerate() {
+            let allowed = tolerance * expected.abs().max(1.0);
+            if !got.is_finite() || (got - expected).abs() > allowed {
+                return Err(NnefError::Golden { index, output, got, expected, allowed });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The outputs tract-onnx gives for `inputs` (each of `width` features), as golden vectors.
+pub fn golden_of(onnx: &[u8], width: usize, inputs: &[Vec<f32>]) -> Result<Vec<Golden>, NnefError> {
+    let plan = tract_onnx::onnx()
+        .model_for_read(&mut &onnx[..])
+        .and_then(|m| m.with_input_fact(0, f32::fact([1, width]).into()))
+        .and_then(|m| m.into_optimized())
+        .and_then(|m| m.into_runnable())
+        .map_err(|e| NnefError::Convert(format!("{e:#}")))?;
+    let mut golden = Vec::with_capacity(inputs.len());
+    for (index, input) in inputs.iter().enumerate() {
+        let run = |reason: TractError| NnefError::Run { index, reason: format!("the ONNX model: {reason:#}") };
+        let x = Tensor::from_shape(&[1, width], input).map_err(run)?;
+        let out = plan.run(tvec!(x.into())).map_err(run)?;
+        let output = out[0].to_plain_array_view::<f32>().map_err(run)?.iter().copied().collect();
+        golden.push(Golden { input: input.clone(), output });
+    }
+    Ok(golden)
+}
+
+/// Converts an ONNX file that has no golden vectors (a model for an agent's `[inference] model`), checked on
+/// `CHECK_INPUTS` spread inputs against the ONNX model itself: `edgeloop-control-plane convert-model`.
+pub fn convert_checked(onnx: &[u8], width: usize) -> Result<Vec<u8>, NnefError> {
+    let inputs: Vec<Vec<f32>> = (0..CHECK_INPUTS)
+        .map(|i| (0..width).map(|j| (((i * width + j) as f32 + 1.0) * 0.618).sin() * 3.0).collect())
+        .collect();
+    let golden = golden_of(onnx, width, &inputs)?;
+    let nnef = convert(onnx, width)?;
+    check(&nnef, width, &golden, super::models::GOLDEN_TOLERANCE)?;
+    Ok(nnef)
+}
+
+/// Inputs [`convert_checked`] compares the two files on.
+pub const CHECK_INPUTS: usize = 8;
+
+/// The width an ONNX file declares for its first input (its last dimension), when it declares a number.
+pub fn declared_width(onnx: &[u8]) -> Option<usize> {
+    use prost::Message;
+    use tract_onnx::pb;
+    let model = pb::ModelProto::decode(onnx).ok()?;
+    let input = model.graph?.input.into_iter().next()?;
+    let Some(pb::type_proto::Value::TensorType(t)) = input.r#type?.value else { return None };
+    match t.shape?.dim.last()?.value.clone()? {
+        pb::tensor_shape_proto::dimension::Value::DimValue(v) => usize::try_from(v).ok(),
+        _ => None,
+    }
+}
+
+/// The NNEF archive of a model being registered: converted, checked on the golden vectors and stored as an
+/// artifact. `None`, with a warning that says why, where the model does not convert or its conversion does
+/// not give the golden outputs: the model is still registered, and agents built with ONNX support run its
+/// ONNX file; agents without refuse it, naming why. Blocking.
+pub fn derive(
+    models: &ModelRegistry,
+    name: &str,
+    onnx: &[u8],
+    width: usize,
+    golden: &[Golden],
+    tolerance: f32,
+) -> std::io::Result<Option<ArtifactRef>> {
+    let nnef = match convert(onnx, width).and_then(|b| check(&b, width, golden, tolerance).map(|()| b)) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(model = name, error = %e, "no NNEF archive: agents without ONNX support cannot run this model");
+            return Ok(None);
+        }
+    };
+    let sha256 = models.put_artifact(&nnef)?;
+    Ok(Some(ArtifactRef { sha256, size: nnef.len() as u64 }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A small network in ONNX as training exports it: standardisation, `relu(x·W1 + b1)·W2 + b2`, then
+    /// the reconstruction error (an autoencoder) or a softmax (a classifier of `width` classes).
+    fn exported(width: usize, classifier: bool) -> Vec<u8> {
+        use crate::ml::training::mlp::DenseWeights;
+        let layer = |inputs: usize, outputs: usize, relu: bool, seed: f32| DenseWeights {
+            inputs,
+            outputs,
+            w: (0..inputs * outputs).map(|i| ((i as f32 + seed) * 0.37).sin()).collect(),
+            b: (0..outputs).map(|i| i as f32 * 0.1 - 0.2).collect(),
+            relu,
+        };
+        let st = crate::ml::dataset::Standardizer { mean: vec![0.5; width], std: vec![2.0; width] };
+        let layers = [layer(width, 8, true, 1.0), layer(8, width, false, 2.0)];
+        if classifier {
+            crate::ml::training::onnx::export_classifier(&layers, &st, "")
+        } else {
+            crate::ml::training::onnx::export_autoencoder(&layers, &st, "")
+        }
+    }
+
+    /// A forecaster over windows of 3 vectors of 2 features (inputs of 6), as training exports it.
+    fn forecaster() -> Vec<u8> {
+        use crate::ml::training::mlp::DenseWeights;
+        let layer = |inputs: usize, outputs: usize, relu: bool| DenseWeights {
+            inputs,
+            outputs,
+            w: (0..inputs * outputs).map(|i| (i as f32 * 0.71).cos()).collect(),
+            b: vec![0.05; outputs],
+            relu,
+        };
+        let f = crate::ml::training::forecaster::Forecaster {
+            frames: 3,
+            weights: vec![layer(4, 8, true), layer(8, 2, false)],
+            residual_std: vec![0.5, 2.0],
+            val_loss: 0.0,
+            epochs_run: 1,
+        };
+        let st = crate::ml::dataset::Standardizer { mean: vec![1.0, -1.0], std: vec![1.5, 0.5] };
+        crate::ml::training::onnx::export_forecaster(&f, &st, "")
+    }
+
+    #[test]
+    fn a_trained_model_converts_to_the_same_archive_every_time_and_runs_as_its_onnx() {
+        converts_and_runs_as_its_onnx(&exported(4, false), 4);
+        converts_and_runs_as_its_onnx(&exported(4, true), 4);
+        converts_and_runs_as_its_onnx(&forecaster(), 6);
+    }
+
+    fn converts_and_runs_as_its_onnx(onnx: &[u8], width: usize) {
+        let nnef = convert(onnx, width).unwrap();
+        assert_eq!(convert(onnx, width).unwrap(), nnef, "the archive is reproducible");
+        assert_eq!(edgeloop_common::update::ModelFormat::sniff(&nnef), edgeloop_common::update::ModelFormat::Nnef);
+        // The golden outputs come from the ONNX file run by tract-onnx.
+        let input: Vec<f32> = (0..width).map(|i| [0.5, -1.0, 2.0, 0.25][i % 4] * (1 + i / 4) as f32).collect();
+        let golden = golden_of(onnx, width, &[input]).unwrap();
+        check(&nnef, width, &golden, 1e-5).unwrap();
+        assert_eq!(declared_width(onnx), Some(width));
+        assert_eq!(convert_checked(onnx, width).unwrap(), nnef);
+        // A wrong expected output is named.
+        let Golden { input, output } = golden[0].clone();
+        let wrong = vec![Golden { input, output: output.iter().map(|v| v + 1.0).collect() }];
+        let e = check(&nnef, width, &wrong, 1e-5).unwrap_err();
+        assert!(matches!(e, NnefError::Golden { index: 0, output: 0, .. }), "{e}");
+    }
+
+    #[test]
+    fn what_does_not_convert_or_load_is_an_error_that_says_so() {
+        assert!(matches!(convert(b"not onnx", 4), Err(NnefError::Convert(_))));
+        let e = check(b"not an archive", 4, &[], 1e-3).unwrap_err();
+        assert!(matches!(e, NnefError::Load(_)), "{e}");
+    }
+}
