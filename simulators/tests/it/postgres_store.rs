@@ -398,7 +398,8 @@ async fn migrate_to_postgres_moves_an_embedded_installation() {
         "{said}"
     );
     assert!(said.contains("and 2 enrolled devices (2 new); operator tokens: 1 (1 new)"), "{said}");
-    assert!(said.contains("1 artifacts (1 new), 2 device registry entries (2 new)"), "{said}");
+    // The model's ONNX file and the NNEF archive converted from it.
+    assert!(said.contains("2 artifacts (2 new), 2 device registry entries (2 new)"), "{said}");
     assert_eq!(c.psql("SELECT count(*) FROM telemetry").unwrap(), s.generated.to_string());
     let audited = c.psql("SELECT count(*) FROM audit").unwrap();
     assert!(said.contains(&format!("1 device log lines, 1 alerts and {audited} audit entries")), "{said}");
@@ -441,6 +442,11 @@ async fn migrate_to_postgres_moves_an_embedded_installation() {
     std::fs::remove_file(dir.path().join("cp/artifacts").join(&model.sha256)).unwrap();
     let path = cp.learning.models.artifact_path(&model.sha256).expect("the artifact is not in PostgreSQL");
     assert_eq!(edgeloop_common::signing::sha256_hex(&std::fs::read(path).unwrap()), model.sha256);
+    // And the NNEF archive devices download.
+    let archive = model.nnef.clone().expect("the model converted to NNEF").sha256;
+    std::fs::remove_file(dir.path().join("cp/artifacts").join(&archive)).unwrap();
+    let path = cp.learning.models.artifact_path(&archive).expect("the archive is not in PostgreSQL");
+    assert_eq!(edgeloop_common::signing::sha256_hex(&std::fs::read(path).unwrap()), archive);
     assert_eq!(cp.rollouts.get(&rollout.id).map(|r| r.spec.model.sha256), Some(model.sha256));
     // The device's alert and log lines, and the counters of what it left out.
     let (alerts, logs) = (cp.alerts.clone(), cp.logs.clone());
