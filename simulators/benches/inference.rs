@@ -5,7 +5,9 @@
 //! 5 slow-signal features (45 inputs, the city classes' shape), each trained for a few epochs on synthetic
 //! rows and exported by `ml::training::onnx`, standardisation and score inside. Each is timed four ways, in
 //! interleaved rounds so that the machine's noise falls on all of them alike:
-//! - `agent`: `edgeloop_agent::inference::Model::outputs`, the agent's scoring call;
+//! - `agent`: `edgeloop_agent::inference::Model::outputs`, the agent's scoring call, on the ONNX file;
+//! - `agent NNEF`: the same call on the NNEF archive the control plane converts the file to, which is what
+//!   devices download and run;
 //! - `tract`: a bare `TypedSimpleState` run, the row copied into a tensor and the first output read, without
 //!   the agent's checks and output vector;
 //! - `ort`: an ONNX Runtime session, one intra-op and one inter-op thread, all graph optimisations, input
@@ -139,6 +141,8 @@ fn main() {
     };
     for (name, bytes, width) in models() {
         let mut agent = Model::load_bytes(&bytes, width).expect("agent model");
+        let archive = edgeloop_control_plane::ml::nnef::convert(&bytes, width).expect("NNEF conversion");
+        let mut agent_nnef = Model::load_bytes(&archive, width).expect("agent NNEF model");
         let mut raw = RawTract::new(&bytes, width).expect("tract model");
         let mut ort = ort_env.as_ref().map(|env| Ort::new(env, &bytes, width).expect("ort session"));
         // Inputs: standardised-scale rows, cycled through.
@@ -148,6 +152,8 @@ fn main() {
             let a = agent.outputs(x).expect("agent output")[0];
             let t = raw.run(x);
             assert!((a - t).abs() <= 1e-4 * a.abs().max(1.0), "{name}: agent {a} against tract {t}");
+            let n = agent_nnef.outputs(x).expect("agent NNEF output")[0];
+            assert!((a - n).abs() <= 1e-4 * a.abs().max(1.0), "{name}: agent {a} against its NNEF archive {n}");
             if let Some(o) = ort.as_mut() {
                 let r = o.run(x);
                 assert!((a - r).abs() <= 1e-4 * a.abs().max(1.0), "{name}: agent {a} against ONNX Runtime {r}");
@@ -163,15 +169,18 @@ fn main() {
         };
         let mut agent_run = |x: &[f32]| agent.outputs(x).expect("agent")[0];
         let mut raw_run = |x: &[f32]| raw.run(x);
+        let mut nnef_run = |x: &[f32]| agent_nnef.outputs(x).expect("agent NNEF")[0];
         time(&mut agent_run, WARMUP);
+        time(&mut nnef_run, WARMUP);
         time(&mut raw_run, WARMUP);
         let mut ort_run = ort.as_mut().map(|o| move |x: &[f32]| o.run(x));
         if let Some(f) = ort_run.as_mut() {
             time(f, WARMUP);
         }
-        let (mut a, mut t, mut o) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut a, mut t, mut o, mut n) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..ROUNDS {
             a.push(time(&mut agent_run, CALLS));
+            n.push(time(&mut nnef_run, CALLS));
             t.push(time(&mut raw_run, CALLS));
             if let Some(f) = ort_run.as_mut() {
                 o.push(time(f, CALLS));
@@ -179,13 +188,14 @@ fn main() {
         }
         let us = |v: &[f64]| median(v.to_vec()) * 1e6;
         let ratio = |x: &[f64]| median(x.iter().zip(&o).map(|(x, o)| x / o).collect());
-        let mut line = format!("{name}: agent {:.2} µs, tract {:.2} µs", us(&a), us(&t));
+        let mut line = format!("{name}: agent {:.2} µs, agent NNEF {:.2} µs, tract {:.2} µs", us(&a), us(&n), us(&t));
         if !o.is_empty() {
             line.push_str(&format!(
-                ", ONNX Runtime {:.2} µs; tract / ORT {:.2}, agent / ORT {:.2}",
+                ", ONNX Runtime {:.2} µs; tract / ORT {:.2}, agent / ORT {:.2}, agent NNEF / ORT {:.2}",
                 us(&o),
                 ratio(&t),
-                ratio(&a)
+                ratio(&a),
+                ratio(&n)
             ));
         }
         println!("{line} (median of {ROUNDS} rounds of {CALLS} batch-1 calls, one thread; checksum {sink:.1})");
