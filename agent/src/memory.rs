@@ -154,10 +154,62 @@ garbage line
     #[cfg(target_os = "linux")]
     #[test]
     fn releasing_drops_file_pages_of_this_process() {
-        // This test binary's own code is mapped from its file; at least part of it is released.
+        // A file of 8 MiB on disk (beside the crate: a temporary directory may be in memory, where there is
+        // nothing to page out to), mapped read-only by this process alone and read through, so that its
+        // pages are resident and this process's own, whatever else maps this test binary.
+        const LEN: usize = 8 << 20;
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let path = dir.path().join("resident");
+        std::fs::write(&path, vec![7u8; LEN]).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        let map = MappedFile::new(&file, LEN);
+        assert_eq!(map.sum(), 7 * LEN as u64);
         let r = release_file_pages().unwrap();
-        assert!(r.mappings > 0 && r.bytes > 0, "{r:?}");
+        assert!(r.mappings > 0 && r.bytes >= LEN as u64, "{r:?}");
         let (before, after) = r.rss_file_kib;
-        assert!(after < before, "file-backed RSS went from {before} to {after} KiB");
+        assert!(
+            before >= after + 4 * 1024,
+            "file-backed RSS went from {before} to {after} KiB: the file's 8 MiB stayed"
+        );
+        // The pages read back as they were.
+        assert_eq!(map.sum(), 7 * LEN as u64);
+    }
+
+    /// A read-only private mapping of a file, unmapped when dropped (the test's own, since the crate maps
+    /// nothing itself).
+    #[cfg(target_os = "linux")]
+    struct MappedFile {
+        at: *const u8,
+        len: usize,
+    }
+
+    #[cfg(target_os = "linux")]
+    #[allow(unsafe_code)]
+    impl MappedFile {
+        fn new(file: &std::fs::File, len: usize) -> MappedFile {
+            use std::os::fd::AsRawFd;
+            // SAFETY: a fresh read-only mapping of `len` bytes of a file this test wrote and no one changes.
+            let at = unsafe {
+                libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_PRIVATE, file.as_raw_fd(), 0)
+            };
+            assert_ne!(at, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
+            MappedFile { at: at as *const u8, len }
+        }
+
+        /// Reads every byte (which makes every page resident).
+        fn sum(&self) -> u64 {
+            // SAFETY: `at` maps `len` readable bytes until `drop`.
+            let bytes = unsafe { std::slice::from_raw_parts(self.at, self.len) };
+            bytes.iter().map(|&b| u64::from(b)).sum()
+        }
+    }
+
+    #[cfg(target_os = "linux")]
+    #[allow(unsafe_code)]
+    impl Drop for MappedFile {
+        fn drop(&mut self) {
+            // SAFETY: unmaps the mapping `new` made, once; no reference into it outlives `sum`.
+            unsafe { libc::munmap(self.at as *mut libc::c_void, self.len) };
+        }
     }
 }
