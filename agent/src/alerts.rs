@@ -164,7 +164,13 @@ impl AlertBook {
             }
         }
         if let Some(ev) = &event {
-            tracing::warn!(alert = ev.id, sensor = %ev.sensor, onset_ms = ev.onset_ms, open = ev.is_open(), "alert");
+            // A warning (which the device's logs carry to the control plane) once per alert; its later
+            // snapshots (a new peak, closing, reopening within the cool-down) are information.
+            if before.raises(ev) {
+                tracing::warn!(alert = ev.id, sensor = %ev.sensor, onset_ms = ev.onset_ms, "alert raised");
+            } else {
+                tracing::info!(alert = ev.id, sensor = %ev.sensor, open = ev.is_open(), peak = ev.peak_score, "alert updated");
+            }
         }
         Ok(event)
     }

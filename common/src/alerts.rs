@@ -209,6 +209,12 @@ impl AlertTracker {
         self.current.as_ref().filter(|a| a.is_open())
     }
 
+    /// Whether `ev`, a snapshot [`AlertTracker::observe`] made from this state, raises a new alert rather
+    /// than updating the open one or reopening the last within its cool-down.
+    pub fn raises(&self, ev: &AlertEvent) -> bool {
+        self.current.as_ref().map(|a| a.id) != Some(ev.id)
+    }
+
     /// The last snapshot number handed out (0 before the first).
     pub fn last_rev(&self) -> u64 {
         self.last_rev
@@ -400,6 +406,23 @@ mod tests {
         // Long after the cool-down: a new alert, a new number.
         events.extend(feed(&mut t, "...........xxx", 17));
         assert_eq!((events[4].id, events[4].rev), (2, 5));
+    }
+
+    #[test]
+    fn only_the_first_snapshot_of_an_alert_raises_it() {
+        let mut t = AlertTracker::default();
+        let mut seen = Vec::new();
+        // Opens and closes, reopens within the cool-down and closes, then a new alert long after.
+        for (pattern, start) in [("xxx....", 1), ("x", 12), ("....", 13), ("...........xxx", 17)] {
+            for (i, c) in pattern.chars().enumerate() {
+                let before = t.clone();
+                for ev in feed(&mut t, &c.to_string(), start + i as u64) {
+                    seen.push((ev.id, ev.is_open(), before.raises(&ev)));
+                }
+            }
+        }
+        let want = [(1, true, true), (1, false, false), (1, true, false), (1, false, false), (2, true, true)];
+        assert_eq!(seen, want);
     }
 
     #[test]
