@@ -471,6 +471,25 @@ impl ModelRegistry {
         self.versions.get(version_key(name, version))?.map(|v| decode(name, &v)).transpose()
     }
 
+    /// Records the NNEF archive of a version registered without one (`ml::nnef::backfill`). Versions are
+    /// otherwise never changed; a version that has an archive already keeps it. Returns whether it recorded.
+    pub fn record_nnef(
+        &self,
+        name: &str,
+        version: u32,
+        nnef: &edgeloop_common::update::ArtifactRef,
+    ) -> Result<bool, ModelError> {
+        let key = version_key(name, version);
+        let Some(mut m) = self.get(name, version)? else { return Ok(false) };
+        if m.nnef.is_some() {
+            return Ok(false);
+        }
+        m.nnef = Some(nnef.clone());
+        self.versions.insert(key, encode(&m))?;
+        self.backend.commit()?;
+        Ok(true)
+    }
+
     /// The version whose artifact has this sha256.
     pub fn by_sha(&self, sha: &str) -> Result<Option<ModelVersion>, StoreError> {
         Ok(self.list()?.into_iter().find(|m| m.sha256 == sha))
@@ -516,7 +535,7 @@ impl ModelRegistry {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -580,7 +599,7 @@ mod tests {
     }
 
     /// A version of `name` whose sha256 names the caller `tag`, so that the test can tell whose it is.
-    fn sample(name: &str, version: u32, tag: u64) -> ModelVersion {
+    pub(crate) fn sample(name: &str, version: u32, tag: u64) -> ModelVersion {
         ModelVersion {
             name: name.into(),
             version,

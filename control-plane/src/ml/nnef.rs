@@ -137,6 +137,33 @@ pub fn derive(
     Ok(Some(ArtifactRef { sha256, size: nnef.len() as u64 }))
 }
 
+/// Gives the versions registered before conversion existed their archive: each version without one whose
+/// ONNX file is at hand is converted and checked as at registration, and the archive recorded in the version
+/// (`ModelRegistry::record_nnef`). The control plane runs it once at start. Rollouts issued after it point
+/// agents at the archive. Returns how many versions got one; one that does not convert is left as it was, with
+/// `derive`'s warning. Blocking.
+pub fn backfill(models: &ModelRegistry) -> Result<usize, super::models::ModelError> {
+    let mut done = 0;
+    for v in models.list()?.into_iter().filter(|v| v.nnef.is_none()) {
+        let Some(path) = models.artifact_path(&v.sha256) else { continue };
+        let Some(width) = v.input_shape.last().and_then(|&w| usize::try_from(w).ok()).filter(|&w| w > 0) else {
+            continue;
+        };
+        let onnx =
+            std::fs::read(&path).map_err(|source| super::models::ModelError::Io { path: path.clone(), source })?;
+        let tolerance = super::models::GOLDEN_TOLERANCE;
+        let derived = derive(models, &v.name, &onnx, width, &v.golden, tolerance);
+        let derived = derived.map_err(|source| super::models::ModelError::Io { path: path.clone(), source })?;
+        if let Some(nnef) = derived {
+            if models.record_nnef(&v.name, v.version, &nnef)? {
+                tracing::info!(model = %v.name, version = v.version, nnef = %nnef.sha256, "NNEF archive made for a version registered without one");
+                done += 1;
+            }
+        }
+    }
+    Ok(done)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -204,6 +231,44 @@ mod tests {
         let wrong = vec![Golden { input, output: output.iter().map(|v| v + 1.0).collect() }];
         let e = check(&nnef, width, &wrong, 1e-5).unwrap_err();
         assert!(matches!(e, NnefError::Golden { index: 0, output: 0, .. }), "{e}");
+    }
+
+    #[test]
+    fn versions_registered_without_an_archive_get_one_and_keep_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let durability = edgeloop_common::durable::Durability::Flush;
+        let db = edgeloop_common::durable::DurableDb::open(&dir.path().join("db"), durability).unwrap();
+        let models = ModelRegistry::open(&db, dir.path()).unwrap();
+        let onnx = exported(4, false);
+        let golden = golden_of(&onnx, 4, &[vec![1.0, 2.0, 3.0, 4.0]]).unwrap();
+        let sha256 = models.put_artifact(&onnx).unwrap();
+        let version = |n: u32, sha256: &str, size: u64, golden: Vec<Golden>| crate::ml::models::ModelVersion {
+            sha256: sha256.to_string(),
+            size,
+            golden,
+            ..crate::ml::models::tests::sample("press", n, 0)
+        };
+        let old = version(1, &sha256, onnx.len() as u64, golden.clone());
+        assert!(old.nnef.is_none());
+        models.insert(&old).unwrap();
+        // A version whose file does not convert stays as it was.
+        let junk = models.put_artifact(b"no model").unwrap();
+        models.insert(&version(2, &junk, 8, golden)).unwrap();
+        assert_eq!(backfill(&models).unwrap(), 1);
+        let nnef = models.get("press", 1).unwrap().unwrap().nnef.expect("the version got its archive");
+        let archive = std::fs::read(models.artifact_path(&nnef.sha256).unwrap()).unwrap();
+        assert_eq!(
+            (edgeloop_common::signing::sha256_hex(&archive), archive.len() as u64),
+            (nnef.sha256.clone(), nnef.size)
+        );
+        assert_eq!(archive, convert(&onnx, 4).unwrap());
+        assert!(models.get("press", 2).unwrap().unwrap().nnef.is_none());
+        // Everything else of the version is as it was, and a second pass changes nothing.
+        assert_eq!(
+            models.get("press", 1).unwrap().unwrap(),
+            crate::ml::models::ModelVersion { nnef: Some(nnef), ..old }
+        );
+        assert_eq!(backfill(&models).unwrap(), 0);
     }
 
     #[test]

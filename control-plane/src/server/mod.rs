@@ -96,6 +96,7 @@ impl ControlPlane {
         }
         let learning = services::learning(&cfg, &stores, &lease, &cancel, &tracker).await?;
         services::housekeeping(&cfg, &stores, &learning, &cancel, &tracker);
+        services::nnef_backfill(&stores, &tracker);
         services::backups(&cfg, &stores, &cancel, &tracker);
         let tls = broker::Tls::load(&cfg)?;
         let broker = broker::Broker::start(&cfg, &stores.enrollment, tls.as_ref(), &cancel, &tracker).await?;

@@ -94,6 +94,20 @@ pub(crate) fn backups(cfg: &Config, stores: &Stores, cancel: &CancellationToken,
 /// Artifacts no model version names are older than this before they are collected.
 const ARTIFACT_GRACE: Duration = Duration::from_secs(3600);
 
+/// Gives model versions registered before NNEF conversion existed their archive, once, in the background
+/// (`ml::nnef::backfill`): after an upgrade, rollouts then send agents archives for the old versions too.
+pub(crate) fn nnef_backfill(stores: &Stores, tracker: &TaskTracker) {
+    let models = stores.models.clone();
+    tracker.spawn(async move {
+        match tokio::task::spawn_blocking(move || crate::ml::nnef::backfill(&models)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => tracing::info!(versions = n, "NNEF archives made for versions registered without one"),
+            Ok(Err(e)) => tracing::error!(error = %e, "making NNEF archives for older versions failed; it runs again at the next start"),
+            Err(e) => tracing::error!(error = %e, "making NNEF archives for older versions panicked"),
+        }
+    });
+}
+
 /// Housekeeping, every `retention.every_secs`: prunes device log lines past `retention.log_days` and closed
 /// alerts past `retention.alert_days`, collects
 /// artifacts no model version names (an hour after they were written), and prunes acknowledged telemetry past
