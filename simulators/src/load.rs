@@ -221,28 +221,17 @@ fn start_control_plane(opts: &LoadOptions) -> anyhow::Result<(ControlPlaneProces
 
 /// The server certificate and key in `tls`, copied into mosquitto's folder `dir` where mosquitto can read
 /// them: started as root, it drops to its `mosquitto` user before it loads them, so the key's copy is given to
-/// that user (0600) where it exists.
+/// that user (0600).
 fn mosquitto_key_pair(tls: &std::path::Path, dir: &std::path::Path) -> anyhow::Result<(PathBuf, PathBuf)> {
     let dir = std::path::absolute(dir)?;
     let (cert, key) = (dir.join("server.pem"), dir.join("server.key"));
     std::fs::copy(tls.join("server.pem"), &cert)?;
     std::fs::copy(tls.join("server.key"), &key)?;
-    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-    let user = passwd.lines().find_map(|l| {
-        let f: Vec<&str> = l.split(':').collect();
-        (f.first() == Some(&"mosquitto")).then(|| Some((f.get(2)?.parse().ok()?, f.get(3)?.parse().ok()?)))?
-    });
-    if let (Some((uid, gid)), true) = (user, is_root()) {
-        std::os::unix::fs::chown(&key, Some(uid), Some(gid)).with_context(|| format!("chown {}", key.display()))?;
+    if crate::postgres::running_as_root() {
+        let ok = std::process::Command::new("chown").arg("mosquitto:").arg(&key).status()?;
+        anyhow::ensure!(ok.success(), "chown mosquitto: {} failed", key.display());
     }
     Ok((cert, key))
-}
-
-fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Uid:")).map(|v| v.split_whitespace().next() == Some("0")))
-        .unwrap_or(false)
 }
 
 /// What one device measured.

@@ -67,23 +67,14 @@ pub fn check(nnef: &[u8], width: usize, golden: &[Golden], tolerance: f32) -> Re
     Ok(())
 }
 
-/// The outputs tract-onnx gives for `inputs` (each of `width` features), as golden vectors.
-pub fn golden_of(onnx: &[u8], width: usize, inputs: &[Vec<f32>]) -> Result<Vec<Golden>, NnefError> {
-    let plan = tract_onnx::onnx()
-        .model_for_read(&mut &onnx[..])
-        .and_then(|m| m.with_input_fact(0, f32::fact([1, width]).into()))
-        .and_then(|m| m.into_optimized())
-        .and_then(|m| m.into_runnable())
-        .map_err(|e| NnefError::Convert(format!("{e:#}")))?;
-    let mut golden = Vec::with_capacity(inputs.len());
-    for (index, input) in inputs.iter().enumerate() {
-        let run = |reason: TractError| NnefError::Run { index, reason: format!("the ONNX model: {reason:#}") };
-        let x = Tensor::from_shape(&[1, width], input).map_err(run)?;
-        let out = plan.run(tvec!(x.into())).map_err(run)?;
-        let output = out[0].to_plain_array_view::<f32>().map_err(run)?.iter().copied().collect();
-        golden.push(Golden { input: input.clone(), output });
-    }
-    Ok(golden)
+/// The outputs tract-onnx gives for `inputs`, one at a time as a device runs them, as golden vectors.
+pub fn golden_of(onnx: &[u8], inputs: &[Vec<f32>]) -> Result<Vec<Golden>, NnefError> {
+    let run = |(index, input): (usize, &Vec<f32>)| {
+        let output = crate::ml::training::onnx::run_tract(onnx, std::slice::from_ref(input))
+            .map_err(|e| NnefError::Run { index, reason: format!("the ONNX model: {e}") })?;
+        Ok(Golden { input: input.clone(), output })
+    };
+    inputs.iter().enumerate().map(run).collect()
 }
 
 /// Converts an ONNX file that has no golden vectors (a model for an agent's `[inference] model`), checked on
@@ -92,7 +83,7 @@ pub fn convert_checked(onnx: &[u8], width: usize) -> Result<Vec<u8>, NnefError> 
     let inputs: Vec<Vec<f32>> = (0..CHECK_INPUTS)
         .map(|i| (0..width).map(|j| (((i * width + j) as f32 + 1.0) * 0.618).sin() * 3.0).collect())
         .collect();
-    let golden = golden_of(onnx, width, &inputs)?;
+    let golden = golden_of(onnx, &inputs)?;
     let nnef = convert(onnx, width)?;
     check(&nnef, width, &golden, super::models::GOLDEN_TOLERANCE)?;
     Ok(nnef)
@@ -222,7 +213,7 @@ mod tests {
         assert_eq!(edgeloop_common::update::ModelFormat::sniff(&nnef), edgeloop_common::update::ModelFormat::Nnef);
         // The golden outputs come from the ONNX file run by tract-onnx.
         let input: Vec<f32> = (0..width).map(|i| [0.5, -1.0, 2.0, 0.25][i % 4] * (1 + i / 4) as f32).collect();
-        let golden = golden_of(onnx, width, &[input]).unwrap();
+        let golden = golden_of(onnx, &[input]).unwrap();
         check(&nnef, width, &golden, 1e-5).unwrap();
         assert_eq!(declared_width(onnx), Some(width));
         assert_eq!(convert_checked(onnx, width).unwrap(), nnef);
@@ -240,7 +231,7 @@ mod tests {
         let db = edgeloop_common::durable::DurableDb::open(&dir.path().join("db"), durability).unwrap();
         let models = ModelRegistry::open(&db, dir.path()).unwrap();
         let onnx = exported(4, false);
-        let golden = golden_of(&onnx, 4, &[vec![1.0, 2.0, 3.0, 4.0]]).unwrap();
+        let golden = golden_of(&onnx, &[vec![1.0, 2.0, 3.0, 4.0]]).unwrap();
         let sha256 = models.put_artifact(&onnx).unwrap();
         let version = |n: u32, sha256: &str, size: u64, golden: Vec<Golden>| crate::ml::models::ModelVersion {
             sha256: sha256.to_string(),
