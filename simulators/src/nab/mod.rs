@@ -84,6 +84,9 @@ pub struct NabReport {
     pub standard_score_without_onset: f64,
     /// The same, with the [`onset`] step but without the range rule.
     pub standard_score_without_range: f64,
+    /// The score with the onset step and the range rule on each row's own score instead of the mean of the
+    /// last [`EVIDENCE_ROWS`] ([`evidence`]).
+    pub standard_score_without_evidence: f64,
     pub per_file: Vec<FileReport>,
 }
 
@@ -439,7 +442,7 @@ pub async fn run(opts: NabOptions) -> anyhow::Result<NabReport> {
     let cancel = CancellationToken::new();
     let cp = ControlPlane::start(cfg, cancel.clone()).await?;
     let api = crate::http::Api::of(&cp);
-    let (mut scored, mut raw, mut no_range) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut scored, mut raw, mut no_range, mut single_row) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut per_file = Vec::new();
     let (mut trainings, mut promoted, mut rows) = (0, 0, 0);
     for s in &files {
@@ -451,8 +454,12 @@ pub async fn run(opts: NabOptions) -> anyhow::Result<NabReport> {
         eprintln!("  {:<60} {:>6} rows  {} models  {:.1} s", s.key, s.values.len(), models, t0.elapsed().as_secs_f64());
         (trainings, promoted, rows) = (trainings + t, promoted + p, rows + s.values.len());
         let day_rows = (86_400_000 / period_ms(&s.ts_ms)).max(1) as usize;
-        let onsets = onset(&scores, day_rows, ROLLING);
-        let alerts: Vec<f64> = onsets.iter().zip(&out_of_range).map(|(&o, &out)| if out { 1.0 } else { o }).collect();
+        let with_range = |o: Vec<f64>| -> Vec<f64> {
+            o.iter().zip(&out_of_range).map(|(&o, &out)| if out { 1.0 } else { o }).collect()
+        };
+        let onsets = onset(&evidence(&scores, EVIDENCE_ROWS), day_rows, ROLLING);
+        let alerts = with_range(onsets.clone());
+        let single = with_range(onset(&scores, day_rows, ROLLING));
         write_output(&opts.out, s, &alerts)?;
         write_output(&opts.out.join("without-onset"), s, &scores)?;
         per_file.push(FileReport {
@@ -468,6 +475,7 @@ pub async fn run(opts: NabOptions) -> anyhow::Result<NabReport> {
         let file_windows = windows.get(&s.key).cloned().unwrap_or_default();
         raw.push(scorer::FileScores { ts: s.ts_ms.clone(), scores, windows: file_windows.clone() });
         no_range.push(scorer::FileScores { ts: s.ts_ms.clone(), scores: onsets, windows: file_windows.clone() });
+        single_row.push(scorer::FileScores { ts: s.ts_ms.clone(), scores: single, windows: file_windows.clone() });
         scored.push(scorer::FileScores { ts: s.ts_ms.clone(), scores: alerts, windows: file_windows });
     }
     cancel.cancel();
@@ -487,8 +495,22 @@ pub async fn run(opts: NabOptions) -> anyhow::Result<NabReport> {
         promoted,
         standard_score_without_onset: scorer::optimise(&raw).score,
         standard_score_without_range: scorer::optimise(&no_range).score,
+        standard_score_without_evidence: scorer::optimise(&single_row).score,
         per_file,
     })
+}
+
+/// The rows whose scores [`evidence`] averages: the windows in a row that open an alert on the agent by
+/// default ([`edgeloop_common::alerts::AlertPolicy::open_after`]).
+pub const EVIDENCE_ROWS: usize = 3;
+
+/// Each row's score made the mean of its own and the `rows - 1` before it (rows before the first count as
+/// 0). The agent opens an alert on [`EVIDENCE_ROWS`] flagged windows in a row, not on one; this is the
+/// graded form of that rule: a lone high score weighs a third, a score that stays high weighs in full.
+/// Looks only back.
+pub fn evidence(scores: &[f64], rows: usize) -> Vec<f64> {
+    let rows = rows.max(1);
+    (0..scores.len()).map(|i| scores[(i + 1).saturating_sub(rows)..=i].iter().sum::<f64>() / rows as f64).collect()
 }
 
 /// A climb's later rows are kept only if they exceed the last kept score by this factor.
@@ -557,6 +579,21 @@ mod tests {
         assert_eq!(onset(&slow, 4, 12), vec![0.55, 0.0, 0.0, 0.70]);
         // Without the climb rule each of them is a new high.
         assert_eq!(onset(&slow, 4, 0), slow.to_vec());
+    }
+
+    #[test]
+    fn evidence_is_the_mean_of_the_last_rows_and_weighs_a_lone_score_a_third() {
+        let s = [0.0, 0.9, 0.0, 0.0, 0.6, 0.6, 0.6, 0.0];
+        let e = evidence(&s, 3);
+        let want = [0.0, 0.3, 0.3, 0.3, 0.2, 0.4, 0.6, 0.4];
+        assert!(e.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-12), "{e:?}");
+        // A score held for three rows outweighs a higher one alone, so onset ranks it first.
+        assert!(e[6] > e[1]);
+        // One row of evidence is the score itself.
+        assert_eq!(evidence(&s, 1), s.to_vec());
+        assert_eq!(evidence(&s, 0), s.to_vec());
+        // It is the agent's own opening rule, graded.
+        assert_eq!(EVIDENCE_ROWS, edgeloop_common::alerts::AlertPolicy::default().open_after as usize);
     }
 
     #[test]

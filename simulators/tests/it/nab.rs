@@ -76,6 +76,7 @@ async fn nab_replay_writes_well_formed_scores() {
     assert!(out_of_range > 0, "no reading was out of range");
     assert!((0.0..=100.0).contains(&report.standard_score_without_onset), "{report:?}");
     assert!((0.0..=100.0).contains(&report.standard_score_without_range), "{report:?}");
+    assert!((0.0..=100.0).contains(&report.standard_score_without_evidence), "{report:?}");
     // Rows after the first model (trained on the first 15%, 169 rows) carry the agent's scores, except a
     // forecaster's first readings after each of the file's long gaps (50 of them), where its window starts over
     // as the dataset's windows do.
