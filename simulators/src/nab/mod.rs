@@ -13,15 +13,17 @@
 //! store and mapped into [0, 1] as `s / (s + threshold)` of the model that made it (0 before the first model).
 //!
 //! The `anomaly_score` column written to `<out>/<category>/<file>.csv` (`timestamp,value,anomaly_score`, one
-//! row per input row) is that score where it rises above every score of the day before it (one day of rows
-//! at the file's median spacing) and, within the rolling window of the last score kept, also above 1.25 times
-//! that one; else 0: [`onset`]. NAB counts one detection per anomaly window and charges every flagged row
+//! row per input row) starts from the mean of each row's score and the two before it ([`evidence`]: the agent
+//! opens an alert on three flagged windows in a row, not on one), and is that mean where it rises above every
+//! one of the day before it (one day of rows at the file's median spacing) and, within the rolling window of
+//! the last score kept, also above 1.25 times that one; else 0: [`onset`]. NAB counts one detection per anomaly window and charges every flagged row
 //! outside one, so an alert is worth raising when a score climbs, not again at each row while it stays high.
 //! The step is causal (it looks only back). A row whose record the agent flagged out of range (a reading
 //! past the range the device had seen by more than the class's `[alerts] range_tolerance`,
 //! [`edgeloop_common::seen_range`]) scores 1 whatever the model said. The agent's mapped scores as they are go
-//! to `<out>/without-onset/<category>/<file>.csv`, and the report gives the score with both steps, without
-//! the range rule, and without either.
+//! to `<out>/without-onset/<category>/<file>.csv`, and the report gives the score with every step, without
+//! the mean, without the range rule, and without the onset step and the range rule (the agent's scores as
+//! they are).
 //!
 //! [`scorer`] then computes NAB's standard-profile score over the files.
 
