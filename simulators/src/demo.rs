@@ -23,7 +23,7 @@ use crate::signals::{Fault, GroundTruth};
 use anyhow::Context;
 use edgeloop_common::envelope::FLAG_ANOMALY;
 use edgeloop_control_plane::config::{AutoRollout, Config};
-use edgeloop_control_plane::fleet::alerts::AlertWhere;
+use edgeloop_control_plane::fleet::alerts::{explain_drift, AlertWhere, StoredAlert};
 use edgeloop_control_plane::fleet::Query;
 use edgeloop_control_plane::ml::TrainRequest;
 use edgeloop_control_plane::ml::{Cause, TriggerConfig};
@@ -123,12 +123,17 @@ pub struct Detection {
     pub true_positives: u64,
     pub precision: Option<f64>,
     pub recall: Option<f64>,
-    /// Event level: the alerts devices raised (one per fault, by the class's `[alerts]` rule), those that
-    /// overlap an injected fault, the faults, and those some alert overlaps.
+    /// Event level: the alerts devices raised (one per fault, by the class's `[alerts]` rule) that no drift
+    /// explains, those that overlap an injected fault, the faults, and those such an alert overlaps.
     pub alerts: u64,
     pub alerts_true: u64,
     pub faults: u64,
     pub faults_caught: u64,
+    /// Alerts the control plane found explained by drift (`drift` in the API: raised by the model the
+    /// class's drift trigger measured, in the drifted window), and those of them that overlap the ground
+    /// truth's drift (the holidays), where the explanation is right.
+    pub alerts_drift: u64,
+    pub alerts_drift_true: u64,
     /// `alerts_true / alerts` and `faults_caught / faults`.
     pub event_precision: Option<f64>,
     pub event_recall: Option<f64>,
@@ -150,6 +155,8 @@ impl Detection {
         self.alerts_true += o.alerts_true;
         self.faults += o.faults;
         self.faults_caught += o.faults_caught;
+        self.alerts_drift += o.alerts_drift;
+        self.alerts_drift_true += o.alerts_drift_true;
     }
 }
 
@@ -176,6 +183,8 @@ pub struct Summary {
     pub alerts_raised: u64,
     pub event_precision: Option<f64>,
     pub event_recall: Option<f64>,
+    /// Alerts a drift explains, not in `alerts_raised`.
+    pub alerts_explained_by_drift: u64,
     pub detection: BTreeMap<String, Detection>,
     /// The chapters of the story that were told (1 to 5).
     pub chapters: usize,
@@ -686,7 +695,31 @@ async fn holidays(
         Some(r) => say.say(format_args!("  {} v{} was not promoted: {}", r.name, r.version, r.reason)),
         None => say.say(format_args!("  the retraining failed: {}", j.error.unwrap_or_default())),
     }
+    holiday_alerts(cp, say, &events);
     Ok(())
+}
+
+/// Tells the alerts the drift class's devices raised so far, and which of them the drift explains.
+fn holiday_alerts(cp: &ControlPlaneHandle, say: &Narrator, triggers: &[edgeloop_control_plane::ml::TriggerEvent]) {
+    let (mut alerts, _) =
+        match cp.alerts.page_where(AlertWhere::default(), None, 1000, 100_000, |a| a.class == DRIFT_CLASS) {
+            Ok(page) => page,
+            Err(e) => return say.say(format_args!("  ({DRIFT_CLASS}'s alerts could not be read: {e})")),
+        };
+    explain_drift(&mut alerts, triggers);
+    if alerts.is_empty() {
+        return say.say(format_args!("  no {DRIFT_CLASS} device raised an alert at the holidays"));
+    }
+    for a in &alerts {
+        let model = a.alert.model.as_deref().and_then(|m| m.split(" (").next()).unwrap_or("no model");
+        match &a.drift {
+            Some(d) => say.say(format_args!(
+                "  {}'s alert {} ({model}) is explained by the drift ({} PSI {:.2} from that model): drift, not a fault",
+                a.device, a.alert.id, d.feature, d.psi
+            )),
+            None => say.say(format_args!("  {}'s alert {} ({model}): no drift explains it", a.device, a.alert.id)),
+        }
+    }
 }
 
 /// Scores every stored record of `device` against its ground truth.
@@ -713,11 +746,17 @@ fn detection(cp: &ControlPlaneHandle, device: &str, labels: &[GroundTruth]) -> a
         }
     }
     // Events: an alert is true when its span overlaps a fault; a fault is caught when an alert overlaps it.
-    let (alerts, _) =
+    // An alert a drift explains is counted apart, and catches no fault: the operator is told it is drift.
+    let (mut alerts, _) =
         cp.alerts.page_where(AlertWhere { device: Some(device), open: None }, None, 100_000, 1_000_000, |_| true)?;
-    let spans: Vec<(u64, u64)> =
-        alerts.iter().map(|a| (a.alert.onset_ms, a.alert.end_ms.unwrap_or(a.alert.last_ms))).collect();
+    explain_drift(&mut alerts, &cp.learning.trigger_events());
+    let span = |a: &StoredAlert| (a.alert.onset_ms, a.alert.end_ms.unwrap_or(a.alert.last_ms));
     let overlaps = |(a, b): (u64, u64), l: &GroundTruth| a <= l.to_ms && l.from_ms <= b;
+    let drifts: Vec<&GroundTruth> = labels.iter().filter(|l| l.fault == Fault::Holiday).collect();
+    let (drifted, alerts): (Vec<&StoredAlert>, Vec<&StoredAlert>) = alerts.iter().partition(|a| a.drift.is_some());
+    out.alerts_drift = drifted.len() as u64;
+    out.alerts_drift_true = drifted.iter().filter(|a| drifts.iter().any(|l| overlaps(span(a), l))).count() as u64;
+    let spans: Vec<(u64, u64)> = alerts.iter().map(|a| span(a)).collect();
     out.alerts = spans.len() as u64;
     out.alerts_true = spans.iter().filter(|s| faults.iter().any(|l| overlaps(**s, l))).count() as u64;
     out.faults = faults.len() as u64;
@@ -742,6 +781,7 @@ async fn summarise(cp: &ControlPlaneHandle, devices: Vec<SimDevice>, chapters: u
         alerts_raised: 0,
         event_precision: None,
         event_recall: None,
+        alerts_explained_by_drift: 0,
         detection: BTreeMap::new(),
         chapters,
     };
@@ -768,7 +808,7 @@ async fn summarise(cp: &ControlPlaneHandle, devices: Vec<SimDevice>, chapters: u
     summary.detection.values_mut().for_each(Detection::finish);
     all.finish();
     (summary.anomalies_flagged, summary.precision, summary.recall) = (all.flagged, all.precision, all.recall);
-    (summary.alerts_raised, summary.event_precision, summary.event_recall) =
-        (all.alerts, all.event_precision, all.event_recall);
+    (summary.alerts_raised, summary.event_precision, summary.event_recall, summary.alerts_explained_by_drift) =
+        (all.alerts, all.event_precision, all.event_recall, all.alerts_drift);
     Ok(summary)
 }

@@ -36,6 +36,57 @@ pub struct StoredAlert {
     /// time) is kept, and listed at the time it arrived, so that it cannot stay first in every list.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub listed_ms: Option<u64>,
+    /// Set where the readings it was raised on had drifted from what its model learnt: the drift trigger of
+    /// its class measured that window against that very model ([`drift_explaining`]). Worked out when the
+    /// alert is read, never stored: the alert itself stays as the device raised it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drift: Option<AlertDrift>,
+}
+
+/// The drift that explains an alert: its class's readings had moved away from what the model that raised it
+/// learnt (a holiday, a new season, a changed process), so the alert is most likely that change and not a
+/// fault. The trigger started a retraining on the new readings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct AlertDrift {
+    /// When the trigger fired (the control plane's clock, Unix ms).
+    pub at_ms: u64,
+    /// The feature that drifted most, and its PSI.
+    pub feature: String,
+    pub psi: f64,
+    /// The retraining it started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<u64>,
+}
+
+/// The drift that explains `alert`, if any: the latest drift trigger of the alert's class whose drifted
+/// window holds the alert's onset (event time) and which measured that window against the model that
+/// raised the alert (its sha256, as the alert's model label names it). An alert of another model (the
+/// retrained one, say) or outside the window is not explained: a model trained on the new readings that
+/// still alerts has found something else.
+pub fn drift_explaining(alert: &StoredAlert, triggers: &[crate::ml::triggers::TriggerEvent]) -> Option<AlertDrift> {
+    let label_sha = alert.alert.model.as_deref().and_then(|m| m.split("(sha256:").nth(1)?.split(')').next())?;
+    triggers
+        .iter()
+        .filter(|t| t.class == alert.class)
+        .filter_map(|t| {
+            let crate::ml::triggers::Cause::Drift { feature, psi, .. } = &t.cause else { return None };
+            let w = t.drifted.as_ref()?;
+            let same_model = label_sha.len() >= w.model_sha256.len().min(12) && w.model_sha256.starts_with(label_sha);
+            (same_model && (w.from_ms..=w.to_ms).contains(&alert.alert.onset_ms)).then(|| AlertDrift {
+                at_ms: t.at_ms,
+                feature: feature.clone(),
+                psi: *psi,
+                job: t.job,
+            })
+        })
+        .max_by_key(|d| d.at_ms)
+}
+
+/// [`drift_explaining`] for each of `alerts`.
+pub fn explain_drift(alerts: &mut [StoredAlert], triggers: &[crate::ml::triggers::TriggerEvent]) {
+    for a in alerts {
+        a.drift = drift_explaining(a, triggers);
+    }
 }
 
 /// How far ahead of the control plane's clock an onset may be and still be listed at it.
@@ -160,6 +211,7 @@ pub(crate) fn plan_put(
                 open,
                 ack,
                 listed_ms,
+                drift: None,
             })
         }
     };
@@ -540,6 +592,54 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn a_drift_explains_the_alerts_its_model_raised_in_the_drifted_window_only() {
+        use crate::ml::triggers::{Cause, DriftedWindow, TriggerEvent};
+        let (v1, v2) = ("a1".repeat(32), "b2".repeat(32));
+        let alert = |class: &str, sha: &str, onset_ms: u64| {
+            let mut e = snapshots(1)[0].clone();
+            e.model = Some(format!("city-traffic v1 (sha256:{})", &sha[..12]));
+            (e.onset_ms, e.last_ms, e.peak_ms) = (onset_ms, onset_ms, onset_ms);
+            plan_put("d1", class, e, 0, 0, None).store.unwrap()
+        };
+        let drift = |at_ms: u64, psi: f64, window: Option<(u64, u64)>| TriggerEvent {
+            class: "city-traffic".into(),
+            at_ms,
+            cause: Cause::Drift { feature: "rolling_mean".into(), psi, threshold: 0.25 },
+            job: Some(5),
+            error: None,
+            drifted: window.map(|(from_ms, to_ms)| DriftedWindow { from_ms, to_ms, model_sha256: v1.clone() }),
+        };
+        let triggers = [drift(10, 0.31, Some((1_000, 2_000))), drift(20, 0.40, Some((1_500, 3_000)))];
+        // v1's alert in the first window, and in both (the latest trigger explains it).
+        let d = drift_explaining(&alert("city-traffic", &v1, 1_200), &triggers).unwrap();
+        assert_eq!((d.at_ms, d.feature.as_str(), d.job), (10, "rolling_mean", Some(5)));
+        assert_eq!(drift_explaining(&alert("city-traffic", &v1, 1_800), &triggers).unwrap().psi, 0.40);
+        // Outside every window, another model's, another class's, or no model named: not explained.
+        assert_eq!(drift_explaining(&alert("city-traffic", &v1, 999), &triggers), None);
+        assert_eq!(drift_explaining(&alert("city-traffic", &v1, 3_001), &triggers), None);
+        assert_eq!(drift_explaining(&alert("city-traffic", &v2, 1_200), &triggers), None);
+        assert_eq!(drift_explaining(&alert("city-air", &v1, 1_200), &triggers), None);
+        let mut unnamed = alert("city-traffic", &v1, 1_200);
+        unnamed.alert.model = None;
+        assert_eq!(drift_explaining(&unnamed, &triggers), None);
+        // A label that names too little of a sha256 matches nothing.
+        unnamed.alert.model = Some("city-traffic v1 (sha256:a1)".into());
+        assert_eq!(drift_explaining(&unnamed, &triggers), None);
+        // A drift trigger that recorded no window (before windows were recorded), or another cause: none.
+        let old = [drift(10, 0.31, None)];
+        assert_eq!(drift_explaining(&alert("city-traffic", &v1, 1_200), &old), None);
+        // Filled on read, never stored.
+        let mut listed = vec![alert("city-traffic", &v1, 1_200), alert("city-traffic", &v2, 1_200)];
+        explain_drift(&mut listed, &triggers);
+        assert!(listed[0].drift.is_some() && listed[1].drift.is_none());
+        let (_d, s) = store();
+        let mut e = snapshots(1)[0].clone();
+        e.model = listed[0].alert.model.clone();
+        s.put("d1", "city-traffic", e, 0).unwrap();
+        assert_eq!(s.get("d1", 1).unwrap().unwrap().drift, None);
     }
 
     #[test]

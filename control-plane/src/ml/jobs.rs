@@ -603,6 +603,7 @@ mod tests {
                 cause: Cause::NewRecords { count: 10, threshold: 10 },
                 job: Some(1),
                 error: None,
+                drifted: None,
             });
         }
         let l = open(dir.path());

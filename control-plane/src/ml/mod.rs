@@ -24,4 +24,4 @@ pub use jobs::{JobState, Learning};
 pub use models::{ModelKind, ModelRegistry, ModelVersion};
 pub use training::run::{train_class, TrainRequest};
 pub use training::Hyper;
-pub use triggers::{Cause, TriggerConfig};
+pub use triggers::{Cause, DriftedWindow, TriggerConfig, TriggerEvent};

@@ -130,6 +130,32 @@ async fn one_fault_is_one_alert_served_acknowledged_and_labelled() {
     let (status, body) =
         api.post_json(&format!("/api/v1/alerts/{id}/1/ack"), &json!({"verdict": "yes"})).await.unwrap();
     assert_eq!(status, 400, "{body}");
+    // The class's drift trigger fires, having measured a window over the alert's onset against the model
+    // that raised it: the alert is served as explained by drift (and stays stored as the device sent it).
+    assert!(a.get("drift").is_none(), "{a}");
+    assert!(api.get_json::<Vec<Value>>("/api/v1/alerts?drift=true").await.unwrap().is_empty());
+    let sha = cp.learning.models.list().unwrap().into_iter().find(|m| m.name == "ms").unwrap().sha256;
+    let drift = |from_ms: u64, to_ms: u64, job: u64| edgeloop_control_plane::ml::TriggerEvent {
+        class: CLASS.into(),
+        at_ms: edgeloop_common::unix_millis(),
+        cause: edgeloop_control_plane::ml::Cause::Drift { feature: "pm25_mean".into(), psi: 0.4, threshold: 0.25 },
+        job: Some(job),
+        error: None,
+        drifted: Some(edgeloop_control_plane::ml::DriftedWindow { from_ms, to_ms, model_sha256: sha.clone() }),
+    };
+    // A window after the alert explains nothing.
+    cp.learning.record_trigger(drift(end + 1, end + 1000, 8));
+    assert!(api.get_json::<Vec<Value>>("/api/v1/alerts?drift=true").await.unwrap().is_empty());
+    cp.learning.record_trigger(drift(onset - 1000, end, 9));
+    let explained: Vec<Value> = api.get_json("/api/v1/alerts?drift=true").await.unwrap();
+    assert_eq!(explained.len(), 1, "{explained:?}");
+    assert_eq!(explained[0]["drift"]["feature"], "pm25_mean", "{}", explained[0]);
+    assert_eq!((explained[0]["drift"]["psi"].as_f64(), explained[0]["drift"]["job"].as_u64()), (Some(0.4), Some(9)));
+    assert!(api.get_json::<Vec<Value>>("/api/v1/alerts?drift=false").await.unwrap().is_empty());
+    let one: Value = api.get_json(&format!("/api/v1/alerts/{id}/1")).await.unwrap();
+    assert_eq!(one["drift"]["job"], 9, "{one}");
+    assert_eq!(api.get("/api/v1/alerts?drift=maybe").await.unwrap().0, 400);
+
     // The dashboard shows it on the device's page.
     let (status, page) = api.get(&format!("/devices/{id}")).await.unwrap();
     assert_eq!(status, 200);

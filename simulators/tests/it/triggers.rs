@@ -65,6 +65,14 @@ async fn count_then_drift_trigger_retraining() {
     let Cause::Drift { psi, threshold, .. } = &drift.cause else { unreachable!() };
     assert!(psi > threshold);
     assert!(drift.job.is_some(), "{drift:?}");
+    // It names the window it measured (event time: the last 100 minutes of readings, over both devices) and
+    // the production model it measured against (v1: the drift retraining is v2).
+    let v1 = learning.models.list().unwrap().into_iter().find(|m| m.version == 1).unwrap();
+    let w = drift.drifted.as_ref().expect("a drift firing names its window");
+    assert_eq!(w.model_sha256, v1.sha256, "{drift:?}");
+    let newest = devices.iter().map(|d| cp.store.last(&d.agent.device).unwrap().unwrap().ts_ms).max().unwrap();
+    assert!(w.to_ms <= newest && newest - w.to_ms <= 300 * 60_000, "{w:?}, newest {newest}");
+    assert!(w.to_ms - w.from_ms >= 6_000_000, "at least the drift window: {w:?}");
     let (status, body) = api.get("/api/v1/triggers").await.unwrap();
     assert_eq!(status, 200);
     assert!(body.contains("\"trigger\":\"drift\"") && body.contains("\"trigger\":\"new_records\""), "{body}");

@@ -8,7 +8,7 @@
 
 pub mod rules;
 
-pub use rules::{evaluate, note_training, Cause, TriggerConfig, TriggerEvent, TriggerState};
+pub use rules::{evaluate, note_training, Cause, DriftedWindow, TriggerConfig, TriggerEvent, TriggerState};
 
 use crate::fleet::telemetry::Query;
 use crate::ml::dataset::{self, DatasetSpec, QualityReport};
@@ -43,15 +43,18 @@ pub fn measure_drift(learning: &Learning, cfg: &TriggerConfig) -> Vec<f64> {
     drift::psi(&prod.lineage.reference, &rows.iter().map(|r| r.features.as_slice()).collect::<Vec<_>>())
 }
 
-/// Where the recent window [`measure_drift`] measures begins: the earliest start over the class's devices
-/// (`None` without records). A retraining for drift takes the rows from there on as the new regime. Blocking.
-pub fn drift_window_start(learning: &Learning, cfg: &TriggerConfig) -> Option<u64> {
-    learning
+/// The recent window [`measure_drift`] measures, in event time: from the earliest start to the latest
+/// reading over the class's devices (`None` without records). A retraining for drift takes the rows from
+/// its start on as the new regime. Blocking.
+pub fn drift_window(learning: &Learning, cfg: &TriggerConfig) -> Option<(u64, u64)> {
+    let newest: Vec<u64> = learning
         .devices_of(&cfg.class)
         .iter()
         .filter_map(|d| learning.store.last(d).ok().flatten())
-        .map(|newest| newest.ts_ms.saturating_sub(cfg.drift_window_secs * 1000))
-        .min()
+        .map(|r| r.ts_ms)
+        .collect();
+    let from = newest.iter().map(|t| t.saturating_sub(cfg.drift_window_secs * 1000)).min()?;
+    Some((from, newest.iter().copied().max()?))
 }
 
 /// `spec` filling gaps by `rule`.
@@ -145,14 +148,21 @@ pub async fn run(learning: Arc<Learning>, lease: crate::storage::postgres::lease
                 .max();
             note_training(state, latest, records);
             let Some(cause) = evaluate(cfg, state, now, records, &psi, &names) else { continue };
-            let prod = learning.models.production(&cfg.class).ok().flatten().map(|m| (m.sensor, m.gaps));
-            let regime = match &cause {
+            let production = learning.models.production(&cfg.class).ok().flatten();
+            let window = match &cause {
                 Cause::Drift { .. } => {
                     let (l, c) = (learning.clone(), cfg.clone());
-                    tokio::task::spawn_blocking(move || drift_window_start(&l, &c)).await.ok().flatten()
+                    tokio::task::spawn_blocking(move || drift_window(&l, &c)).await.ok().flatten()
                 }
                 _ => None,
             };
+            let drifted = window.zip(production.as_ref()).map(|((from_ms, to_ms), m)| DriftedWindow {
+                from_ms,
+                to_ms,
+                model_sha256: m.sha256.clone(),
+            });
+            let prod = production.map(|m| (m.sensor, m.gaps));
+            let regime = window.map(|w| w.0);
             let req = retrain_request(cfg, learning.defaults.trials, learning.defaults.seed, prod, regime);
             let started = learning.start(req, &format!("trigger: {cause:?}"));
             tracing::info!(class = %cfg.class, ?cause, job = ?started.as_ref().ok(), "retraining trigger fired");
@@ -161,7 +171,7 @@ pub async fn run(learning: Arc<Learning>, lease: crate::storage::postgres::lease
                 Err(e) => (None, Some(e.to_string())),
             };
             *state = TriggerState { last_train_ms: Some(now), records_at_last_train: records };
-            let event = TriggerEvent { class: cfg.class.clone(), at_ms: now, cause, job, error };
+            let event = TriggerEvent { class: cfg.class.clone(), at_ms: now, cause, job, error, drifted };
             let l = learning.clone();
             // A durable write (fdatasync): off the async workers.
             if let Err(e) = tokio::task::spawn_blocking(move || l.record_trigger(event)).await {

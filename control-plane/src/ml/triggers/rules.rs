@@ -113,4 +113,19 @@ pub struct TriggerEvent {
     /// The training job it started.
     pub job: Option<u64>,
     pub error: Option<String>,
+    /// For drift: the window whose readings drifted (event time, Unix ms, inclusive) and the production model
+    /// they drifted from (its sha256). Alerts that model raised in that window are explained by the drift
+    /// ([`crate::fleet::alerts::drift_explaining`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drifted: Option<DriftedWindow>,
+}
+
+/// The readings a drift trigger measured, and the model it measured them against.
+#[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DriftedWindow {
+    /// Event time of the window's first and last readings over the class's devices, Unix ms.
+    pub from_ms: u64,
+    pub to_ms: u64,
+    /// The production model's sha256 when the trigger fired.
+    pub model_sha256: String,
 }

@@ -5,7 +5,7 @@
 
 use super::paging;
 use crate::access::operators::Operator;
-use crate::fleet::alerts::{AlertAck, AlertCursor, StoredAlert};
+use crate::fleet::alerts::{drift_explaining, explain_drift, AlertAck, AlertCursor, StoredAlert};
 use crate::ml::dataset::Label;
 use crate::web::error::{ApiError, ApiJson};
 use crate::web::AppState;
@@ -31,6 +31,9 @@ pub struct AlertParams {
     pub state: Option<String>,
     /// Only acknowledged (`true`) or unacknowledged (`false`) alerts.
     pub acked: Option<bool>,
+    /// Only alerts a drift of their class explains (`true`: `drift` is set) or only those it does not
+    /// (`false`).
+    pub drift: Option<bool>,
     /// Bounds on the alert's onset (device clock), Unix ms, inclusive.
     pub since: Option<u64>,
     pub until: Option<u64>,
@@ -64,26 +67,34 @@ pub async fn list(
         Some(c) => Some(AlertCursor::parse(c).map_err(|e| ApiError::bad_request(format!("cursor: {e}")))?),
         None => None,
     };
-    let alerts = s.alerts.clone();
+    let (alerts, learning) = (s.alerts.clone(), s.learning.clone());
     let (items, next) = tokio::task::spawn_blocking(move || {
+        let triggers = learning.trigger_events();
         let open = p.state.as_deref().map(|st| st == "open");
         let select = crate::fleet::alerts::AlertWhere { device: p.device.as_deref(), open };
-        alerts.page_where(select, after.as_ref(), limit, SCAN_MAX, |a| {
+        let (mut items, next) = alerts.page_where(select, after.as_ref(), limit, SCAN_MAX, |a| {
             p.class.as_ref().is_none_or(|c| *c == a.class)
                 && p.device.as_ref().is_none_or(|d| *d == a.device)
                 && p.state.as_deref().is_none_or(|st| (st == "open") == a.open)
                 && p.acked.is_none_or(|k| k == a.ack.is_some())
                 && p.since.is_none_or(|t| a.alert.onset_ms >= t)
                 && p.until.is_none_or(|t| a.alert.onset_ms <= t)
-        })
+                && p.drift.is_none_or(|d| d == drift_explaining(a, &triggers).is_some())
+        })?;
+        explain_drift(&mut items, &triggers);
+        Ok::<_, crate::fleet::telemetry::StoreError>((items, next))
     })
     .await??;
     Ok(paging::Paged { items, next: next.map(|c| c.encode()), uri })
 }
 
+/// The alert, with the drift that explains it.
 fn known(s: &AppState, device: &str, id: u64) -> Result<StoredAlert, ApiError> {
     edgeloop_common::topics::validate_device_id(device).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    s.alerts.get(device, id)?.ok_or_else(|| ApiError::not_found(format!("no alert {id} of device `{device}`")))
+    let mut a =
+        s.alerts.get(device, id)?.ok_or_else(|| ApiError::not_found(format!("no alert {id} of device `{device}`")))?;
+    a.drift = drift_explaining(&a, &s.learning.trigger_events());
+    Ok(a)
 }
 
 #[utoipa::path(get, path = "/api/v1/alerts/{device}/{id}", tag = "alerts", operation_id = "get_alert",

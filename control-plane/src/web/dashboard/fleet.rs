@@ -96,12 +96,17 @@ pub fn alerts(
         let closed_long_ago =
             a.alert.end_ms.is_some_and(|e| now.saturating_sub(a.received_ms.max(e)) >= CLOSED_ALERT_MS);
         if !closed_long_ago {
-            out.push(Alert {
-                kind: "alert",
-                at_ms: a.alert.onset_ms,
-                text: describe(a),
-                link: format!("/devices/{}", a.device),
-            });
+            let mut text = describe(a);
+            if let Some(d) = crate::fleet::alerts::drift_explaining(a, triggers) {
+                text.push_str(&format!(
+                    "; most likely drift, not a fault: {}'s {} drifted from this model (PSI {:.3}){}",
+                    a.class,
+                    d.feature,
+                    d.psi,
+                    d.job.map(|j| format!(", retraining in job {j}")).unwrap_or_default()
+                ));
+            }
+            out.push(Alert { kind: "alert", at_ms: a.alert.onset_ms, text, link: format!("/devices/{}", a.device) });
         }
     }
     for d in devices {
@@ -548,7 +553,7 @@ mod tests {
                 id,
                 rev: id,
                 sensor: "vibration".into(),
-                model: Some("press v2 (sha256:abc)".into()),
+                model: Some("press v2 (sha256:abcdef012345)".into()),
                 onset_ms,
                 last_ms: onset_ms + 1000,
                 peak_score: 4.5,
@@ -561,6 +566,7 @@ mod tests {
             open: end_ms.is_none(),
             ack: None,
             listed_ms: None,
+            drift: None,
         };
         // Open; closed a minute ago; closed long ago (not listed).
         let raised =
@@ -587,10 +593,11 @@ mod tests {
             cause: Cause::Drift { feature: "mean".into(), psi: 0.41, threshold: 0.25 },
             job: Some(4),
             error: None,
+            drifted: None,
         };
         let schedule =
             TriggerEvent { cause: Cause::Schedule { every_secs: 60, since_last_secs: None }, ..drift.clone() };
-        let a = alerts(&[failed], &raised, &[drift, schedule], now);
+        let a = alerts(&[failed], &raised, &[drift.clone(), schedule], now);
         let kinds: Vec<&str> = a.iter().map(|x| x.kind).collect();
         assert_eq!(kinds, ["update", "alert", "drift", "alert"]);
         assert!(a[0].text.contains("reverted") && a[0].text.contains("NaN output"), "{}", a[0].text);
@@ -598,5 +605,24 @@ mod tests {
         assert!(a[1].text.contains("press v2") && a[1].text.contains("not acknowledged"), "{}", a[1].text);
         assert!(a[2].text.contains("PSI 0.410") && a[2].text.contains("job 4"), "{}", a[2].text);
         assert!(a[3].text.contains("alert 2") && a[3].text.contains("closed after"), "{}", a[3].text);
+        assert!(a.iter().all(|x| !x.text.contains("drift, not a fault")));
+        // A drift of the alert's class, measured against the model that raised it, over its onset: the
+        // alert says so.
+        let press_drift = TriggerEvent {
+            class: "press".into(),
+            job: Some(7),
+            drifted: Some(crate::ml::triggers::DriftedWindow {
+                from_ms: now - 2000,
+                to_ms: now,
+                model_sha256: format!("abcdef012345{}", "0".repeat(52)),
+            }),
+            ..drift
+        };
+        let a = alerts(&[], &raised, &[press_drift], now);
+        let texts: Vec<&str> = a.iter().filter(|x| x.kind == "alert").map(|x| x.text.as_str()).collect();
+        assert!(texts[0].contains("alert 3") && texts[0].contains("most likely drift, not a fault"), "{}", texts[0]);
+        assert!(texts[0].contains("press's mean drifted") && texts[0].contains("retraining in job 7"), "{}", texts[0]);
+        // Alert 2 began before the drifted window.
+        assert!(texts[1].contains("alert 2") && !texts[1].contains("drift"), "{}", texts[1]);
     }
 }
