@@ -14,7 +14,7 @@ use crate::ml::config::TrainingConfig;
 use crate::ml::models::ModelRegistry;
 use crate::ml::training::run::{train_class, RunError, TrainRequest};
 use crate::ml::training::TrainError;
-use crate::ml::triggers::rules::TriggerEvent;
+use crate::ml::triggers::rules::{grow_latest_drift, Cause, TriggerEvent};
 use crate::storage::postgres::block_on;
 use crate::storage::postgres::jobs::PgJobs;
 use edgeloop_common::config::ClassConfig;
@@ -345,6 +345,49 @@ impl Learning {
         events.push(e);
     }
 
+    /// A check measured `class` still drifted from `model_sha256` over `window` (event time) without firing:
+    /// the latest drift firing of the class grows to hold it, durably, if it was measured against the same
+    /// model ([`grow_latest_drift`]), so that the model's alerts in it are explained too. Returns whether a
+    /// firing grew; a failure to write is logged. Blocking.
+    pub fn grow_drift(&self, class: &str, model_sha256: &str, window: (u64, u64)) -> bool {
+        let grown = (|| -> Result<bool, StoreError> {
+            if let Some(q) = &self.queue {
+                let rows = q.triggers.all()?;
+                let mut events = rows
+                    .iter()
+                    .map(|(_, v)| decode::<TriggerEvent>("trigger_events", v))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let Some(i) = grow_latest_drift(&mut events, class, model_sha256, window) else { return Ok(false) };
+                q.triggers.insert(&rows[i].0, edgeloop_common::signing::to_cbor(&events[i]))?;
+                return Ok(true);
+            }
+            let _serial = self.write_lock.lock().unwrap_or_else(|p| p.into_inner());
+            let mut latest = None;
+            for kv in self.triggers_tree.iter().rev() {
+                let (k, v) = kv?;
+                let e = decode::<TriggerEvent>("trigger_events", &v)?;
+                if e.class == class && matches!(e.cause, Cause::Drift { .. }) {
+                    latest = Some((k, e));
+                    break;
+                }
+            }
+            let Some((key, e)) = latest else { return Ok(false) };
+            let mut one = [e];
+            if grow_latest_drift(&mut one, class, model_sha256, window).is_none() {
+                return Ok(false);
+            }
+            self.triggers_tree.insert(key, edgeloop_common::signing::to_cbor(&one[0]))?;
+            self.db.commit()?;
+            let mut events = self.trigger_events.lock().unwrap_or_else(|p| p.into_inner());
+            grow_latest_drift(&mut events, class, model_sha256, window);
+            Ok(true)
+        })();
+        grown.unwrap_or_else(|e| {
+            tracing::error!(error = %e, class, "cannot grow the drift firing's window");
+            false
+        })
+    }
+
     /// Keeps the latest drift measurement of `class`.
     pub fn record_drift(&self, class: &str, reading: DriftReading) {
         self.drift.lock().unwrap_or_else(|p| p.into_inner()).insert(class.to_string(), reading);
@@ -616,5 +659,41 @@ mod tests {
         assert_eq!(l.trigger_events()[0].job, Some(1));
         // New jobs continue the numbering.
         assert_eq!(l.next_id.load(Ordering::Relaxed), 4);
+    }
+
+    #[test]
+    fn a_drift_firings_window_grows_durably_while_the_drift_lasts() {
+        let dir = tempfile::tempdir().unwrap();
+        let (v1, v2) = ("a1".repeat(32), "b2".repeat(32));
+        let drift = |at_ms: u64, sha: &str| TriggerEvent {
+            class: "city-traffic".into(),
+            at_ms,
+            cause: Cause::Drift { feature: "rolling_mean".into(), psi: 0.31, threshold: 0.25 },
+            job: Some(5),
+            error: None,
+            drifted: Some(crate::ml::triggers::DriftedWindow {
+                from_ms: 1_000,
+                to_ms: 2_000,
+                model_sha256: sha.into(),
+            }),
+        };
+        {
+            let l = open(dir.path());
+            assert!(!l.grow_drift("city-traffic", &v1, (1_500, 5_000)), "no firing yet");
+            l.record_trigger(drift(10, &v1));
+            assert!(l.grow_drift("city-traffic", &v1, (1_500, 5_000)));
+            assert!(!l.grow_drift("city-traffic", &v1, (1_500, 4_000)), "already held");
+            assert!(!l.grow_drift("city-traffic", &v2, (1_500, 9_000)), "another model");
+            let w = l.trigger_events()[0].drifted.clone().unwrap();
+            assert_eq!((w.from_ms, w.to_ms), (1_000, 5_000));
+        }
+        // Kept across a restart; a newer firing against another model stops the older one growing.
+        let l = open(dir.path());
+        assert_eq!(l.trigger_events()[0].drifted.as_ref().map(|w| w.to_ms), Some(5_000));
+        l.record_trigger(drift(20, &v2));
+        assert!(!l.grow_drift("city-traffic", &v1, (1_500, 9_000)));
+        assert!(l.grow_drift("city-traffic", &v2, (1_500, 9_000)));
+        let ends: Vec<u64> = l.trigger_events().iter().map(|e| e.drifted.as_ref().unwrap().to_ms).collect();
+        assert_eq!(ends, [5_000, 9_000]);
     }
 }

@@ -882,3 +882,60 @@ async fn device_logs_and_alerts_on_postgres_are_one_for_every_replica() {
         .collect();
     assert_eq!(left, [2, 3, 4]);
 }
+
+/// A drift firing kept in PostgreSQL grows its window while later checks measure the class still drifted
+/// from the same model, and only then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drift_firing_on_postgres_grows_while_the_drift_lasts() {
+    use edgeloop_control_plane::ml::{Cause, DriftedWindow, TriggerEvent};
+    let dir = tempfile::tempdir().unwrap();
+    let c = PgCluster::start(dir.path()).unwrap();
+    let storage = edgeloop_control_plane::config::Storage::Postgres {
+        url: c.url(),
+        password: Some(PASSWORD.into()),
+        pool_size: 4,
+        transport: Transport::Plain,
+    };
+    let (cp, cancel) = crate::support::start_cp(&dir.path().join("a"), move |cfg| cfg.storage = storage).await;
+    let (w1, w2) = ("a1".repeat(32), "b2".repeat(32));
+    let learning = cp.learning.clone();
+    let windows = tokio::task::spawn_blocking(move || {
+        let drift = |class: &str, at_ms: u64| TriggerEvent {
+            class: class.into(),
+            at_ms,
+            cause: Cause::Drift { feature: "rolling_mean".into(), psi: 0.31, threshold: 0.25 },
+            job: Some(5),
+            error: None,
+            drifted: Some(DriftedWindow { from_ms: 1_000, to_ms: 2_000, model_sha256: w1.clone() }),
+        };
+        learning.record_trigger(drift("city-traffic", 10));
+        learning.record_trigger(drift("city-air-quality", 11));
+        let grew = [
+            // Still drifted from v1, later: grows (and only this class's firing).
+            learning.grow_drift("city-traffic", &w1, (1_500, 5_000)),
+            // A window it already holds, or drift from another model (a retrained one): no change.
+            learning.grow_drift("city-traffic", &w1, (1_200, 4_000)),
+            learning.grow_drift("city-traffic", &w2, (1_500, 9_000)),
+            learning.grow_drift("factory-vibration", &w1, (1_500, 9_000)),
+        ];
+        let windows: Vec<(String, u64, u64)> = learning
+            .trigger_events()
+            .into_iter()
+            .map(|e| {
+                let w = e.drifted.unwrap();
+                (e.class, w.from_ms, w.to_ms)
+            })
+            .collect();
+        (grew, windows)
+    })
+    .await
+    .unwrap();
+    assert_eq!(windows.0, [true, false, false, false]);
+    assert_eq!(
+        windows.1,
+        [("city-traffic".to_string(), 1_000, 5_000), ("city-air-quality".to_string(), 1_000, 2_000)],
+        "read back from PostgreSQL"
+    );
+    cancel.cancel();
+    cp.join().await.unwrap();
+}

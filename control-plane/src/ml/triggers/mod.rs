@@ -147,6 +147,16 @@ pub async fn run(learning: Arc<Learning>, lease: crate::storage::postgres::lease
                 .map(|j| j.created_ms)
                 .max();
             note_training(state, latest, records);
+            // Still drifted from the model the last drift firing measured: that firing's window grows, so
+            // the model's alerts since are explained too (whether or not a new firing follows).
+            let drifted = cfg.psi_threshold.is_some_and(|t| psi.iter().any(|p| p.is_finite() && *p > t));
+            if let Some(m) = learning.models.production(&cfg.class).ok().flatten().filter(|_| drifted) {
+                let (l, c) = (learning.clone(), cfg.clone());
+                let grow = move || drift_window(&l, &c).is_some_and(|w| l.grow_drift(&c.class, &m.sha256, w));
+                if tokio::task::spawn_blocking(grow).await.unwrap_or(false) {
+                    tracing::debug!(class = %cfg.class, "the drift firing's window grew");
+                }
+            }
             let Some(cause) = evaluate(cfg, state, now, records, &psi, &names) else { continue };
             let production = learning.models.production(&cfg.class).ok().flatten();
             let window = match &cause {
@@ -184,6 +194,42 @@ pub async fn run(learning: Arc<Learning>, lease: crate::storage::postgres::lease
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_latest_drift_firing_of_the_class_grows_and_only_against_its_model() {
+        let event = |class: &str, cause: Cause, sha: Option<&str>| TriggerEvent {
+            class: class.into(),
+            at_ms: 0,
+            cause,
+            job: None,
+            error: None,
+            drifted: sha.map(|s| DriftedWindow { from_ms: 100, to_ms: 200, model_sha256: s.into() }),
+        };
+        let drift = || Cause::Drift { feature: "f".into(), psi: 0.4, threshold: 0.25 };
+        let schedule = Cause::Schedule { every_secs: 60, since_last_secs: None };
+        let mut events = vec![
+            event("c", drift(), Some("v1")),
+            event("c", drift(), Some("v1")),
+            event("other", drift(), Some("v1")),
+            event("c", schedule, None),
+        ];
+        // The second firing is the latest drift of class c (a later schedule firing is not a drift).
+        assert_eq!(rules::grow_latest_drift(&mut events, "c", "v1", (150, 300)), Some(1));
+        let span = |e: &TriggerEvent| e.drifted.as_ref().map(|w| (w.from_ms, w.to_ms));
+        assert_eq!(
+            events.iter().map(span).collect::<Vec<_>>(),
+            [Some((100, 200)), Some((100, 300)), Some((100, 200)), None]
+        );
+        // Earlier readings widen it at the start; a window it holds changes nothing.
+        assert_eq!(rules::grow_latest_drift(&mut events, "c", "v1", (50, 250)), Some(1));
+        assert_eq!(span(&events[1]), Some((50, 300)));
+        assert_eq!(rules::grow_latest_drift(&mut events, "c", "v1", (60, 290)), None);
+        // Against another model, for a class without a drift firing, or a firing without a window: none.
+        assert_eq!(rules::grow_latest_drift(&mut events, "c", "v2", (0, 999)), None);
+        assert_eq!(rules::grow_latest_drift(&mut events, "nope", "v1", (0, 999)), None);
+        events.push(event("c", drift(), None));
+        assert_eq!(rules::grow_latest_drift(&mut events, "c", "v1", (0, 999)), None);
+    }
 
     fn cfg() -> TriggerConfig {
         TriggerConfig {

@@ -123,9 +123,31 @@ pub struct TriggerEvent {
 /// The readings a drift trigger measured, and the model it measured them against.
 #[derive(utoipa::ToSchema, Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct DriftedWindow {
-    /// Event time of the window's first and last readings over the class's devices, Unix ms.
+    /// Event time of the window's first and last readings over the class's devices, Unix ms. It grows while
+    /// later checks still measure the class drifted from the same model ([`grow_latest_drift`]).
     pub from_ms: u64,
     pub to_ms: u64,
     /// The production model's sha256 when the trigger fired.
     pub model_sha256: String,
+}
+
+/// A check measured `class` drifted (PSI over the trigger's threshold) from `model_sha256` over
+/// `from_ms..=to_ms` without firing (the minimum interval holds it back): the latest drift firing of the
+/// class, if it was measured against that same model, grows to hold that window too. Returns the index in
+/// `events` (oldest first) of the firing that grew, if one did. A firing against another model (the class
+/// has been retrained since) does not grow: its model's alerts after it are no longer explained.
+pub fn grow_latest_drift(
+    events: &mut [TriggerEvent],
+    class: &str,
+    model_sha256: &str,
+    (from_ms, to_ms): (u64, u64),
+) -> Option<usize> {
+    let i = events.iter().rposition(|e| e.class == class && matches!(e.cause, Cause::Drift { .. }))?;
+    let w = events[i].drifted.as_mut().filter(|w| w.model_sha256 == model_sha256)?;
+    let grown = (w.from_ms.min(from_ms), w.to_ms.max(to_ms));
+    if grown == (w.from_ms, w.to_ms) {
+        return None;
+    }
+    (w.from_ms, w.to_ms) = grown;
+    Some(i)
 }
