@@ -19,6 +19,16 @@ fn batch(from: u64, to: u64) -> TelemetryBatch {
     TelemetryBatch { from, to, records: (from..=to).map(|s| rec(s, 1000 + s)).collect() }
 }
 
+/// `[storage] backend = "postgres"` on `c`, with a pool of `pool_size`.
+fn storage_on(c: &PgCluster, pool_size: usize) -> edgeloop_control_plane::config::Storage {
+    edgeloop_control_plane::config::Storage::Postgres {
+        url: c.url(),
+        password: Some(PASSWORD.into()),
+        pool_size,
+        transport: Transport::Plain,
+    }
+}
+
 async fn open(c: &PgCluster) -> Pg {
     Pg::open(&c.url(), Some(PASSWORD), 8, &Transport::Plain).await.unwrap_or_else(|e| panic!("{e}\n{}", c.log()))
 }
@@ -251,12 +261,7 @@ async fn a_fleet_streams_into_postgres_and_nothing_is_lost_or_doubled() {
     use edgeloop_simulators::fleet::{run, RunOptions};
     let dir = tempfile::tempdir().unwrap();
     let c = PgCluster::start(dir.path()).unwrap();
-    let storage = edgeloop_control_plane::config::Storage::Postgres {
-        url: c.url(),
-        password: Some(PASSWORD.into()),
-        pool_size: 8,
-        transport: Transport::Plain,
-    };
+    let storage = storage_on(&c, 8);
     let s2 = storage.clone();
     let (cp, cp_cancel) = crate::support::start_cp(dir.path(), move |cfg| cfg.storage = s2).await;
     assert_eq!(cp.store.backend(), "postgres");
@@ -421,12 +426,7 @@ async fn migrate_to_postgres_moves_an_embedded_installation() {
     assert_eq!(out.status.code(), Some(2), "{out:?}");
 
     // The control plane on PostgreSQL serves the same records and watermarks.
-    let storage = edgeloop_control_plane::config::Storage::Postgres {
-        url: c.url(),
-        password: Some(PASSWORD.into()),
-        pool_size: 4,
-        transport: Transport::Plain,
-    };
+    let storage = storage_on(&c, 4);
     let (cp, cp_cancel) = crate::support::start_cp(dir.path(), move |cfg| cfg.storage = storage).await;
     let counted: u64 = (0..2).map(|i| cp.store.count(&format!("sim-{i:04}")).unwrap()).sum();
     assert_eq!(counted, s.generated);
@@ -540,12 +540,7 @@ async fn enrollment_on_postgres_holds_across_replicas() {
 async fn two_control_planes_on_one_database_share_enrollment() {
     let dir = tempfile::tempdir().unwrap();
     let c = PgCluster::start(dir.path()).unwrap();
-    let storage = edgeloop_control_plane::config::Storage::Postgres {
-        url: c.url(),
-        password: Some(PASSWORD.into()),
-        pool_size: 4,
-        transport: Transport::Plain,
-    };
+    let storage = storage_on(&c, 4);
     let s2 = storage.clone();
     let (a, a_cancel) = crate::support::start_cp(&dir.path().join("a"), move |cfg| cfg.storage = s2).await;
     // A second control plane with a key of its own is refused: replicas sign with one key.
@@ -890,12 +885,7 @@ async fn a_drift_firing_on_postgres_grows_while_the_drift_lasts() {
     use edgeloop_control_plane::ml::{Cause, DriftedWindow, TriggerEvent};
     let dir = tempfile::tempdir().unwrap();
     let c = PgCluster::start(dir.path()).unwrap();
-    let storage = edgeloop_control_plane::config::Storage::Postgres {
-        url: c.url(),
-        password: Some(PASSWORD.into()),
-        pool_size: 4,
-        transport: Transport::Plain,
-    };
+    let storage = storage_on(&c, 4);
     let (cp, cancel) = crate::support::start_cp(&dir.path().join("a"), move |cfg| cfg.storage = storage).await;
     let (w1, w2) = ("a1".repeat(32), "b2".repeat(32));
     let learning = cp.learning.clone();
