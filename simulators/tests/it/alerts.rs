@@ -156,10 +156,11 @@ async fn one_fault_is_one_alert_served_acknowledged_and_labelled() {
     assert_eq!(one["drift"]["job"], 9, "{one}");
     assert_eq!(api.get("/api/v1/alerts?drift=maybe").await.unwrap().0, 400);
 
-    // The dashboard shows it on the device's page.
+    // The dashboard shows it on the device's page, with the drift that explains it.
     let (status, page) = api.get(&format!("/devices/{id}")).await.unwrap();
     assert_eq!(status, 200);
     assert!(page.contains("alert 1 on pm25") && page.contains("a false alarm"), "{page}");
+    assert!(page.contains("most likely drift, not a fault") && page.contains("retraining in job 9"), "{page}");
 
     fleet_cancel.cancel();
     for d in devices {

@@ -3,6 +3,7 @@
 
 use super::layout::{self, ago, badge, bytes, datetime, page, page_error, raw, sha, Nav, Who};
 use super::svg::{self, Point};
+use crate::fleet::alerts::{drift_explaining, explain_drift, StoredAlert};
 use crate::fleet::devices::Device;
 use crate::fleet::telemetry::Query as StoreQuery;
 use crate::ml::triggers::Cause;
@@ -50,8 +51,8 @@ pub struct Alert {
     pub link: String,
 }
 
-/// One line about an alert a device raised.
-fn describe(a: &crate::fleet::alerts::StoredAlert) -> String {
+/// One line about an alert a device raised, and the drift that explains it, where `drift` is set.
+fn describe(a: &StoredAlert) -> String {
     let e = &a.alert;
     let state = if a.open { "open".to_string() } else { format!("closed after {}", span(e.duration_ms())) };
     let ack = match &a.ack {
@@ -62,8 +63,17 @@ fn describe(a: &crate::fleet::alerts::StoredAlert) -> String {
             None => format!("seen by {}", k.by),
         },
     };
+    let drift = a.drift.as_ref().map_or(String::new(), |d| {
+        format!(
+            "; most likely drift, not a fault: {}'s {} drifted from this model (PSI {:.3}){}",
+            a.class,
+            d.feature,
+            d.psi,
+            d.job.map(|j| format!(", retraining in job {j}")).unwrap_or_default()
+        )
+    });
     format!(
-        "{} ({}): alert {} on {}, {state}; peak score {:.3}, {} flagged windows; {}; {ack}",
+        "{} ({}): alert {} on {}, {state}; peak score {:.3}, {} flagged windows; {}; {ack}{drift}",
         a.device,
         a.class,
         e.id,
@@ -96,17 +106,13 @@ pub fn alerts(
         let closed_long_ago =
             a.alert.end_ms.is_some_and(|e| now.saturating_sub(a.received_ms.max(e)) >= CLOSED_ALERT_MS);
         if !closed_long_ago {
-            let mut text = describe(a);
-            if let Some(d) = crate::fleet::alerts::drift_explaining(a, triggers) {
-                text.push_str(&format!(
-                    "; most likely drift, not a fault: {}'s {} drifted from this model (PSI {:.3}){}",
-                    a.class,
-                    d.feature,
-                    d.psi,
-                    d.job.map(|j| format!(", retraining in job {j}")).unwrap_or_default()
-                ));
-            }
-            out.push(Alert { kind: "alert", at_ms: a.alert.onset_ms, text, link: format!("/devices/{}", a.device) });
+            let explained = StoredAlert { drift: drift_explaining(a, triggers), ..a.clone() };
+            out.push(Alert {
+                kind: "alert",
+                at_ms: a.alert.onset_ms,
+                text: describe(&explained),
+                link: format!("/devices/{}", a.device),
+            });
         }
     }
     for d in devices {
@@ -384,6 +390,8 @@ pub async fn device(State(s): State<AppState>, who: Who, Path(id): Path<String>)
             )
             .map_err(|e| e.to_string())?
             .0;
+        let mut raised = raised;
+        explain_drift(&mut raised, &st.learning.trigger_events());
         Ok((records, models, (logs, log_stats), raised))
     });
     let (records, models, (logs, log_stats), raised) = match read.await.map_err(|e| e.to_string()).and_then(|r| r) {
