@@ -722,8 +722,14 @@ fn holiday_alerts(cp: &ControlPlaneHandle, say: &Narrator, triggers: &[edgeloop_
     }
 }
 
-/// Scores every stored record of `device` against its ground truth.
-fn detection(cp: &ControlPlaneHandle, device: &str, labels: &[GroundTruth]) -> anyhow::Result<Detection> {
+/// Scores every stored record of `device` against its ground truth, and its alerts, those a drift firing of
+/// `triggers` explains apart.
+fn detection(
+    cp: &ControlPlaneHandle,
+    device: &str,
+    labels: &[GroundTruth],
+    triggers: &[edgeloop_control_plane::ml::TriggerEvent],
+) -> anyhow::Result<Detection> {
     let faults: Vec<&GroundTruth> = labels.iter().filter(|l| l.fault != Fault::Holiday).collect();
     let mut out = Detection::default();
     let mut after = 0;
@@ -749,7 +755,7 @@ fn detection(cp: &ControlPlaneHandle, device: &str, labels: &[GroundTruth]) -> a
     // An alert a drift explains is counted apart, and catches no fault: the operator is told it is drift.
     let (mut alerts, _) =
         cp.alerts.page_where(AlertWhere { device: Some(device), open: None }, None, 100_000, 1_000_000, |_| true)?;
-    explain_drift(&mut alerts, &cp.learning.trigger_events());
+    explain_drift(&mut alerts, triggers);
     let span = |a: &StoredAlert| (a.alert.onset_ms, a.alert.end_ms.unwrap_or(a.alert.last_ms));
     let overlaps = |(a, b): (u64, u64), l: &GroundTruth| a <= l.to_ms && l.from_ms <= b;
     let drifts: Vec<&GroundTruth> = labels.iter().filter(|l| l.fault == Fault::Holiday).collect();
@@ -786,6 +792,7 @@ async fn summarise(cp: &ControlPlaneHandle, devices: Vec<SimDevice>, chapters: u
         chapters,
     };
     let mut all = Detection::default();
+    let triggers = cp.learning.trigger_events();
     for d in devices {
         drop(d.samples);
         let outbox = d.agent.outbox.clone();
@@ -801,7 +808,7 @@ async fn summarise(cp: &ControlPlaneHandle, devices: Vec<SimDevice>, chapters: u
         summary.acknowledged += s.acked;
         summary.dropped += s.dropped_total;
         summary.stored += cp.store.count(&id)?;
-        let det = detection(cp, &id, d.generator.labels())?;
+        let det = detection(cp, &id, d.generator.labels(), &triggers)?;
         summary.detection.entry(d.class.clone()).or_default().add(&det);
         all.add(&det);
     }

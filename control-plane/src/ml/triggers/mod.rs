@@ -131,13 +131,13 @@ pub async fn run(learning: Arc<Learning>, lease: crate::storage::postgres::lease
                 }
                 None => Vec::new(),
             };
-            let names = learning
-                .models
-                .production(&cfg.class)
-                .ok()
-                .flatten()
-                .map(|m| m.pipeline.sensors[0].feature_names())
-                .unwrap_or_default();
+            // The production model, read once per check, off the async workers (the registry may be in
+            // PostgreSQL).
+            let production = {
+                let (l, class) = (learning.clone(), cfg.class.clone());
+                tokio::task::spawn_blocking(move || l.models.production(&class).ok().flatten()).await.ok().flatten()
+            };
+            let names = production.as_ref().map(|m| m.pipeline.sensors[0].feature_names()).unwrap_or_default();
             let state = states.entry(cfg.class.clone()).or_default();
             // A training started elsewhere (the API, an operator) resets the clock as a triggered one does.
             let latest = learning
@@ -147,25 +147,24 @@ pub async fn run(learning: Arc<Learning>, lease: crate::storage::postgres::lease
                 .map(|j| j.created_ms)
                 .max();
             note_training(state, latest, records);
+            // The window the drift was measured over, when the class drifted (the same test as `evaluate`'s).
+            let drifted = cfg.psi_threshold.is_some_and(|t| psi.iter().any(|p| p.is_finite() && *p > t));
+            let window = if drifted {
+                let (l, c) = (learning.clone(), cfg.clone());
+                tokio::task::spawn_blocking(move || drift_window(&l, &c)).await.ok().flatten()
+            } else {
+                None
+            };
             // Still drifted from the model the last drift firing measured: that firing's window grows, so
             // the model's alerts since are explained too (whether or not a new firing follows).
-            let drifted = cfg.psi_threshold.is_some_and(|t| psi.iter().any(|p| p.is_finite() && *p > t));
-            if let Some(m) = learning.models.production(&cfg.class).ok().flatten().filter(|_| drifted) {
-                let (l, c) = (learning.clone(), cfg.clone());
-                let grow = move || drift_window(&l, &c).is_some_and(|w| l.grow_drift(&c.class, &m.sha256, w));
-                if tokio::task::spawn_blocking(grow).await.unwrap_or(false) {
+            if let Some((w, m)) = window.zip(production.as_ref()) {
+                let (l, class, sha) = (learning.clone(), cfg.class.clone(), m.sha256.clone());
+                if tokio::task::spawn_blocking(move || l.grow_drift(&class, &sha, w)).await.unwrap_or(false) {
                     tracing::debug!(class = %cfg.class, "the drift firing's window grew");
                 }
             }
             let Some(cause) = evaluate(cfg, state, now, records, &psi, &names) else { continue };
-            let production = learning.models.production(&cfg.class).ok().flatten();
-            let window = match &cause {
-                Cause::Drift { .. } => {
-                    let (l, c) = (learning.clone(), cfg.clone());
-                    tokio::task::spawn_blocking(move || drift_window(&l, &c)).await.ok().flatten()
-                }
-                _ => None,
-            };
+            let window = window.filter(|_| matches!(cause, Cause::Drift { .. }));
             let drifted = window.zip(production.as_ref()).map(|((from_ms, to_ms), m)| DriftedWindow {
                 from_ms,
                 to_ms,
