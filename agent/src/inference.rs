@@ -1,8 +1,10 @@
 //! Running a model with tract.
 //!
-//! A [`Model`] is loaded once (from a file or from bytes), optimised for a fixed input of one feature
-//! vector `[1, width]`, and run with one reused tract state, the cheap path. Its output's first value is
-//! the record's score. A non-finite output is an error, never a score.
+//! A [`Model`] is loaded once (from a file or from bytes) for an input of one feature vector `[1, width]`,
+//! optimised, and run with one reused tract state, the cheap path. Of the two plans tract can make of it
+//! (for exactly one row, or for any number of rows run with one), it keeps the one that gives the same
+//! outputs and runs faster on this machine (`tract_plan`). Its output's first value is the record's score.
+//! A non-finite output is an error, never a score.
 //!
 //! Models come as tract's NNEF archives: the control plane converts every model it signs from ONNX, checks
 //! the conversion against the golden vectors, and signs both files, so the agent needs no ONNX parser
@@ -17,6 +19,7 @@
 //! This module runs models; choosing, verifying and swapping them is the updater's job. Calls are blocking
 //! CPU work: the collector makes them from a blocking thread.
 
+pub use crate::tract_plan::PlanKind;
 use edgeloop_common::update::ModelFormat;
 use std::path::Path;
 use std::time::Instant;
@@ -45,6 +48,8 @@ pub enum InferenceError {
 /// A loaded, optimised model and its reusable state.
 pub struct Model {
     state: TypedSimpleState,
+    /// Which of tract's plans runs it (`tract_plan`).
+    plan: PlanKind,
     /// Input width: `frames` feature vectors.
     width: usize,
     frames: usize,
@@ -58,7 +63,11 @@ pub struct Model {
 
 impl std::fmt::Debug for Model {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Model").field("width", &self.width).field("version", &self.version).finish()
+        f.debug_struct("Model")
+            .field("width", &self.width)
+            .field("version", &self.version)
+            .field("plan", &self.plan)
+            .finish()
     }
 }
 
@@ -72,13 +81,14 @@ impl Model {
     /// Loads a model file's bytes (NNEF, or ONNX in a build with the `onnx` feature) for an input of
     /// `[1, width]` f32 features.
     pub fn load_bytes(bytes: &[u8], width: usize) -> Result<Model, InferenceError> {
-        let state = match ModelFormat::sniff(bytes) {
+        let (state, plan) = match ModelFormat::sniff(bytes) {
             ModelFormat::Nnef => load_nnef(bytes, width)?,
             ModelFormat::Onnx => load_onnx(bytes, width)?,
         };
         let sha256 = edgeloop_common::signing::sha256_hex(bytes);
         Ok(Model {
             state,
+            plan,
             width,
             frames: 1,
             history: std::collections::VecDeque::new(),
@@ -126,6 +136,12 @@ impl Model {
 
     pub fn width(&self) -> usize {
         self.width
+    }
+
+    /// Which of tract's plans runs the model: the one-row plan, or the open-batch one where it measured faster
+    /// here (`tract_plan`).
+    pub fn plan(&self) -> PlanKind {
+        self.plan
     }
 
     /// Every value of the model's first output for one feature vector (the self-test compares them all).
@@ -212,43 +228,40 @@ fn nnef_model(bytes: &[u8]) -> Result<TypedModel, InferenceError> {
     tract_nnef::nnef().with_onnx().model_for_read(&mut &bytes[..]).map_err(load_error)
 }
 
-/// The concrete shape an NNEF graph declares for its first input.
-fn nnef_input_shape(model: &TypedModel) -> Result<Vec<usize>, InferenceError> {
-    let fact = model.input_fact(0).map_err(load_error)?;
-    fact.shape
-        .as_concrete()
-        .map(<[usize]>::to_vec)
-        .ok_or_else(|| InferenceError::Load(format!("the NNEF model's input shape {:?} is not concrete", fact.shape)))
+/// The shape an NNEF graph declares for its first input: numbers, or a symbol for an open batch axis.
+fn nnef_input_shape(model: &TypedModel) -> Result<TVec<TDim>, InferenceError> {
+    Ok(model.input_fact(0).map_err(load_error)?.shape.to_tvec())
 }
 
-fn load_nnef(bytes: &[u8], width: usize) -> Result<TypedSimpleState, InferenceError> {
+fn load_nnef(bytes: &[u8], width: usize) -> Result<(TypedSimpleState, PlanKind), InferenceError> {
     let model = nnef_model(bytes)?;
     let shape = nnef_input_shape(&model)?;
-    if shape != [1, width] {
+    let one_row = shape.len() == 2 && shape[1] == width.to_dim() && matches!(shape[0], TDim::Val(1) | TDim::Sym(_));
+    if !one_row {
+        let shape: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
         return Err(InferenceError::Load(format!(
-            "the NNEF model takes an input of shape {shape:?}, not [1, {width}]"
+            "the NNEF model takes an input of shape [{}], not [1, {width}] or [N, {width}]",
+            shape.join(", ")
         )));
     }
-    let plan = model.into_optimized().and_then(|m| m.into_runnable()).map_err(load_error)?;
-    TypedSimpleState::new(&plan).map_err(load_error)
+    crate::tract_plan::fastest(model, width).map_err(load_error)
 }
 
 #[cfg(feature = "onnx")]
-fn load_onnx(bytes: &[u8], width: usize) -> Result<TypedSimpleState, InferenceError> {
+fn load_onnx(bytes: &[u8], width: usize) -> Result<(TypedSimpleState, PlanKind), InferenceError> {
     use tract_onnx::prelude::*;
-    let load = || -> TractResult<TypedSimpleState> {
-        let model = tract_onnx::onnx()
-            .model_for_read(&mut &bytes[..])?
-            .with_input_fact(0, f32::fact([1, width]).into())?
-            .into_optimized()?
-            .into_runnable()?;
-        TypedSimpleState::new(&model)
+    // Typed with an open batch axis, so that both of tract's plans are tried; a file that cannot be typed
+    // that way (a reshape to one row, say) is typed for one row.
+    let typed = |open: bool| -> TractResult<TypedModel> {
+        let model = tract_onnx::onnx().model_for_read(&mut &bytes[..])?;
+        let batch = if open { model.symbols.sym("N").to_dim() } else { 1.to_dim() };
+        model.with_input_fact(0, f32::fact(&[batch, width.to_dim()]).into())?.into_typed()?.into_decluttered()
     };
-    load().map_err(load_error)
+    typed(true).or_else(|_| typed(false)).and_then(|m| crate::tract_plan::fastest(m, width)).map_err(load_error)
 }
 
 #[cfg(not(feature = "onnx"))]
-fn load_onnx(_: &[u8], _: usize) -> Result<TypedSimpleState, InferenceError> {
+fn load_onnx(_: &[u8], _: usize) -> Result<(TypedSimpleState, PlanKind), InferenceError> {
     Err(InferenceError::OnnxUnsupported)
 }
 
@@ -256,7 +269,10 @@ fn load_onnx(_: &[u8], _: usize) -> Result<TypedSimpleState, InferenceError> {
 /// declares no number there; an error where the file cannot be read as a model this build runs.
 pub fn declared_width(bytes: &[u8]) -> Result<Option<usize>, InferenceError> {
     match ModelFormat::sniff(bytes) {
-        ModelFormat::Nnef => Ok(nnef_input_shape(&nnef_model(bytes)?)?.last().copied()),
+        ModelFormat::Nnef => Ok(nnef_input_shape(&nnef_model(bytes)?)?
+            .last()
+            .and_then(|d| d.as_i64())
+            .and_then(|w| usize::try_from(w).ok())),
         ModelFormat::Onnx => onnx_declared_width(bytes),
     }
 }

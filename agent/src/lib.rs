@@ -33,6 +33,7 @@ pub mod logs;
 pub mod memory;
 pub mod outbox;
 pub mod source;
+pub mod tract_plan;
 pub mod updater;
 pub mod uplink;
 pub mod version;

@@ -188,7 +188,14 @@ fn main() {
         }
         let us = |v: &[f64]| median(v.to_vec()) * 1e6;
         let ratio = |x: &[f64]| median(x.iter().zip(&o).map(|(x, o)| x / o).collect());
-        let mut line = format!("{name}: agent {:.2} µs, agent NNEF {:.2} µs, tract {:.2} µs", us(&a), us(&n), us(&t));
+        let mut line = format!(
+            "{name}: agent ({} plan) {:.2} µs, agent NNEF ({} plan) {:.2} µs, tract (one-row plan) {:.2} µs",
+            agent.plan(),
+            us(&a),
+            agent_nnef.plan(),
+            us(&n),
+            us(&t)
+        );
         if !o.is_empty() {
             line.push_str(&format!(
                 ", ONNX Runtime {:.2} µs; tract / ORT {:.2}, agent / ORT {:.2}, agent NNEF / ORT {:.2}",

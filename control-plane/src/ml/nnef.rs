@@ -21,30 +21,64 @@ pub enum NnefError {
     Run { index: usize, reason: String },
 }
 
-/// Converts ONNX bytes for an input of `[1, width]` f32 features to an NNEF archive (an uncompressed tar with
-/// fixed timestamps: the same model always gives the same bytes).
+/// Converts ONNX bytes for an input of one row of `width` f32 features to an NNEF archive (an uncompressed tar
+/// with fixed timestamps: the same model always gives the same bytes).
+///
+/// The archive's batch axis is left open, `[N, width]`, where the graph allows it, so that an agent can try
+/// both of tract's plans for one row (`edgeloop_agent::tract_plan`); a graph that only holds for one row (a
+/// reshape to `[1, ...]`, say) is converted for `[1, width]`.
 pub fn convert(onnx: &[u8], width: usize) -> Result<Vec<u8>, NnefError> {
+    convert_for(onnx, width, true).or_else(|_| convert_for(onnx, width, false))
+}
+
+/// Converts for an open batch axis (`open`) or for one row.
+fn convert_for(onnx: &[u8], width: usize, open: bool) -> Result<Vec<u8>, NnefError> {
     let run = || -> TractResult<Vec<u8>> {
-        let model = tract_onnx::onnx()
-            .model_for_read(&mut &onnx[..])?
-            .with_input_fact(0, f32::fact([1, width]).into())?
-            .into_typed()?
-            .into_decluttered()?;
+        let model = tract_onnx::onnx().model_for_read(&mut &onnx[..])?;
+        let batch = if open { model.symbols.sym("N").to_dim() } else { 1.to_dim() };
+        let model =
+            model.with_input_fact(0, f32::fact(&[batch, width.to_dim()]).into())?.into_typed()?.into_decluttered()?;
         tract_nnef::nnef().with_onnx().write_to_tar_with_config(&model, Vec::new(), false, true)
     };
     run().map_err(|e| NnefError::Convert(format!("{e:#}")))
 }
 
-/// Runs an archive as an agent does (tract-nnef with tract's ONNX operators, optimised for `[1, width]`) on
-/// every golden input, and compares each output with the expected one within `tolerance`, relative to
-/// `max(1, |expected|)` (the agent's self-test).
+/// Converts and checks on the golden vectors; an open-batch archive that fails its check is converted again
+/// for one row and checked again (the error is then the one-row archive's).
+pub fn convert_and_check(onnx: &[u8], width: usize, golden: &[Golden], tolerance: f32) -> Result<Vec<u8>, NnefError> {
+    let checked = |open: bool| {
+        let nnef = convert_for(onnx, width, open)?;
+        check(&nnef, width, golden, tolerance)?;
+        Ok(nnef)
+    };
+    checked(true).or_else(|_: NnefError| checked(false))
+}
+
+/// Runs an archive as an agent does (tract-nnef with tract's ONNX operators, optimised for one row) on every
+/// golden input, and compares each output with the expected one within `tolerance`, relative to
+/// `max(1, |expected|)` (the agent's self-test). An archive with an open batch axis is checked with both plans
+/// an agent may run it with: optimised for `[N, width]`, and with `N` bound to 1.
 pub fn check(nnef: &[u8], width: usize, golden: &[Golden], tolerance: f32) -> Result<(), NnefError> {
-    let plan = tract_nnef::nnef()
-        .with_onnx()
-        .model_for_read(&mut &nnef[..])
-        .and_then(|m| m.into_optimized())
-        .and_then(|m| m.into_runnable())
-        .map_err(|e| NnefError::Load(format!("{e:#}")))?;
+    let load = |e: TractError| NnefError::Load(format!("{e:#}"));
+    let model = tract_nnef::nnef().with_onnx().model_for_read(&mut &nnef[..]).map_err(load)?;
+    let mut models = Vec::new();
+    if let Some(TDim::Sym(n)) = model.input_fact(0).map_err(load)?.shape.to_tvec().first().cloned() {
+        models.push(model.set_symbols(&std::collections::HashMap::from([(n, TDim::Val(1))])).map_err(load)?);
+    }
+    models.push(model);
+    for model in models {
+        let plan = model.into_optimized().and_then(|m| m.into_runnable()).map_err(load)?;
+        check_plan(&plan, width, golden, tolerance)?;
+    }
+    Ok(())
+}
+
+fn check_plan(
+    plan: &std::sync::Arc<TypedSimplePlan>,
+    width: usize,
+    golden: &[Golden],
+    tolerance: f32,
+) -> Result<(), NnefError> {
     for (index, g) in golden.iter().enumerate() {
         let run = |reason: TractError| NnefError::Run { index, reason: format!("{reason:#}") };
         let input = Tensor::from_shape(&[1, width], &g.input).map_err(run)?;
@@ -84,9 +118,7 @@ pub fn convert_checked(onnx: &[u8], width: usize) -> Result<Vec<u8>, NnefError> 
         .map(|i| (0..width).map(|j| (((i * width + j) as f32 + 1.0) * 0.618).sin() * 3.0).collect())
         .collect();
     let golden = golden_of(onnx, &inputs)?;
-    let nnef = convert(onnx, width)?;
-    check(&nnef, width, &golden, super::models::GOLDEN_TOLERANCE)?;
-    Ok(nnef)
+    convert_and_check(onnx, width, &golden, super::models::GOLDEN_TOLERANCE)
 }
 
 /// Inputs [`convert_checked`] compares the two files on.
@@ -117,7 +149,7 @@ pub fn derive(
     golden: &[Golden],
     tolerance: f32,
 ) -> std::io::Result<Option<ArtifactRef>> {
-    let nnef = match convert(onnx, width).and_then(|b| check(&b, width, golden, tolerance).map(|()| b)) {
+    let nnef = match convert_and_check(onnx, width, golden, tolerance) {
         Ok(b) => b,
         Err(e) => {
             tracing::warn!(model = name, error = %e, "no NNEF archive: agents without ONNX support cannot run this model");
@@ -207,8 +239,17 @@ mod tests {
         converts_and_runs_as_its_onnx(&forecaster(), 6);
     }
 
+    /// The batch axis an archive declares: `None` where it is a symbol (open).
+    fn batch_of(nnef: &[u8]) -> Option<usize> {
+        let model = tract_nnef::nnef().with_onnx().model_for_read(&mut &nnef[..]).unwrap();
+        let batch = model.input_fact(0).unwrap().shape[0].clone();
+        assert!(matches!(batch, TDim::Val(_) | TDim::Sym(_)), "{batch}");
+        batch.as_i64().map(|b| b as usize)
+    }
+
     fn converts_and_runs_as_its_onnx(onnx: &[u8], width: usize) {
         let nnef = convert(onnx, width).unwrap();
+        assert_eq!(batch_of(&nnef), None, "a trained model's archive leaves its batch axis open");
         assert_eq!(convert(onnx, width).unwrap(), nnef, "the archive is reproducible");
         assert_eq!(edgeloop_common::update::ModelFormat::sniff(&nnef), edgeloop_common::update::ModelFormat::Nnef);
         // The golden outputs come from the ONNX file run by tract-onnx.
@@ -222,6 +263,75 @@ mod tests {
         let wrong = vec![Golden { input, output: output.iter().map(|v| v + 1.0).collect() }];
         let e = check(&nnef, width, &wrong, 1e-5).unwrap_err();
         assert!(matches!(e, NnefError::Golden { index: 0, output: 0, .. }), "{e}");
+    }
+
+    /// `[N, width]` reshaped to `[1, width]`, then its mean square: a graph that holds for one row only.
+    fn one_row_only(width: usize) -> Vec<u8> {
+        use prost::Message;
+        use tract_onnx::pb;
+        let dim = |v: pb::tensor_shape_proto::dimension::Value| pb::tensor_shape_proto::Dimension {
+            value: Some(v),
+            ..Default::default()
+        };
+        let info = |name: &str, dims: Vec<pb::tensor_shape_proto::dimension::Value>| pb::ValueInfoProto {
+            name: name.into(),
+            r#type: Some(pb::TypeProto {
+                value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                    elem_type: pb::tensor_proto::DataType::Float as i32,
+                    shape: Some(pb::TensorShapeProto { dim: dims.into_iter().map(dim).collect() }),
+                })),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        use pb::tensor_shape_proto::dimension::Value::{DimParam, DimValue};
+        let node = |op: &str, inputs: &[&str], output: &str, attribute: Vec<pb::AttributeProto>| pb::NodeProto {
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![output.into()],
+            op_type: op.into(),
+            attribute,
+            ..Default::default()
+        };
+        let keep = pb::AttributeProto {
+            name: "axes".into(),
+            r#type: pb::attribute_proto::AttributeType::Ints as i32,
+            ints: vec![1],
+            ..Default::default()
+        };
+        let graph = pb::GraphProto {
+            node: vec![
+                node("Reshape", &["features", "one_row"], "row", vec![]),
+                node("Mul", &["row", "row"], "squared", vec![]),
+                node("ReduceMean", &["squared"], "score", vec![keep]),
+            ],
+            initializer: vec![pb::TensorProto {
+                name: "one_row".into(),
+                dims: vec![2],
+                data_type: pb::tensor_proto::DataType::Int64 as i32,
+                int64_data: vec![1, width as i64],
+                ..Default::default()
+            }],
+            input: vec![info("features", vec![DimParam("N".into()), DimValue(width as i64)])],
+            output: vec![info("score", vec![DimValue(1), DimValue(1)])],
+            ..Default::default()
+        };
+        pb::ModelProto {
+            ir_version: 8,
+            opset_import: vec![pb::OperatorSetIdProto { domain: String::new(), version: 13 }],
+            graph: Some(graph),
+            ..Default::default()
+        }
+        .encode_to_vec()
+    }
+
+    #[test]
+    fn a_graph_that_holds_for_one_row_only_converts_for_one_row() {
+        let onnx = one_row_only(3);
+        let nnef = convert_checked(&onnx, 3).unwrap();
+        assert_eq!(batch_of(&nnef), Some(1));
+        let golden = golden_of(&onnx, &[vec![1.0, 2.0, 2.0]]).unwrap();
+        assert!((golden[0].output[0] - 3.0).abs() < 1e-6, "{:?}", golden[0].output);
+        check(&nnef, 3, &golden, 1e-6).unwrap();
     }
 
     #[test]

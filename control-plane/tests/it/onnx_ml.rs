@@ -65,7 +65,7 @@ fn matches_onnxruntime(name: &str, score: ScoreSpec) -> Vec<String> {
         .zip(&expected)
         .map(|(input, output)| edgeloop_common::update::Golden { input: input.clone(), output: output.clone() })
         .collect();
-    let converted = nnef::convert(&served.onnx, features).and_then(|a| nnef::check(&a, features, &golden, 1e-4));
+    let converted = nnef::convert_and_check(&served.onnx, features, &golden, 1e-4);
     if NO_NNEF.contains(&name) {
         // Registered without an archive: agents built with ONNX support run its ONNX file, others refuse it.
         assert!(converted.is_err(), "{name}: the archive loads now; take it off NO_NNEF");
