@@ -267,61 +267,20 @@ mod tests {
 
     /// `[N, width]` reshaped to `[1, width]`, then its mean square: a graph that holds for one row only.
     fn one_row_only(width: usize) -> Vec<u8> {
-        use prost::Message;
-        use tract_onnx::pb;
-        let dim = |v: pb::tensor_shape_proto::dimension::Value| pb::tensor_shape_proto::Dimension {
-            value: Some(v),
+        use crate::ml::training::onnx::{ints, model, node};
+        let one_row = tract_onnx::pb::TensorProto {
+            name: "one_row".into(),
+            dims: vec![2],
+            data_type: tract_onnx::pb::tensor_proto::DataType::Int64 as i32,
+            int64_data: vec![1, width as i64],
             ..Default::default()
         };
-        let info = |name: &str, dims: Vec<pb::tensor_shape_proto::dimension::Value>| pb::ValueInfoProto {
-            name: name.into(),
-            r#type: Some(pb::TypeProto {
-                value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
-                    elem_type: pb::tensor_proto::DataType::Float as i32,
-                    shape: Some(pb::TensorShapeProto { dim: dims.into_iter().map(dim).collect() }),
-                })),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        use pb::tensor_shape_proto::dimension::Value::{DimParam, DimValue};
-        let node = |op: &str, inputs: &[&str], output: &str, attribute: Vec<pb::AttributeProto>| pb::NodeProto {
-            input: inputs.iter().map(|s| s.to_string()).collect(),
-            output: vec![output.into()],
-            op_type: op.into(),
-            attribute,
-            ..Default::default()
-        };
-        let keep = pb::AttributeProto {
-            name: "axes".into(),
-            r#type: pb::attribute_proto::AttributeType::Ints as i32,
-            ints: vec![1],
-            ..Default::default()
-        };
-        let graph = pb::GraphProto {
-            node: vec![
-                node("Reshape", &["features", "one_row"], "row", vec![]),
-                node("Mul", &["row", "row"], "squared", vec![]),
-                node("ReduceMean", &["squared"], "score", vec![keep]),
-            ],
-            initializer: vec![pb::TensorProto {
-                name: "one_row".into(),
-                dims: vec![2],
-                data_type: pb::tensor_proto::DataType::Int64 as i32,
-                int64_data: vec![1, width as i64],
-                ..Default::default()
-            }],
-            input: vec![info("features", vec![DimParam("N".into()), DimValue(width as i64)])],
-            output: vec![info("score", vec![DimValue(1), DimValue(1)])],
-            ..Default::default()
-        };
-        pb::ModelProto {
-            ir_version: 8,
-            opset_import: vec![pb::OperatorSetIdProto { domain: String::new(), version: 13 }],
-            graph: Some(graph),
-            ..Default::default()
-        }
-        .encode_to_vec()
+        let nodes = vec![
+            node("Reshape", &["features", "one_row"], "row", vec![]),
+            node("Mul", &["row", "row"], "squared", vec![]),
+            node("ReduceMean", &["squared"], "score", vec![ints("axes", &[1])]),
+        ];
+        model("one_row_only", nodes, vec![one_row], width as i64, 1, "")
     }
 
     #[test]

@@ -51,7 +51,7 @@ fn tensor(name: &str, dims: &[i64], data: &[f32]) -> pb::TensorProto {
     }
 }
 
-fn node(op: &str, inputs: &[&str], output: &str, attribute: Vec<pb::AttributeProto>) -> pb::NodeProto {
+pub(crate) fn node(op: &str, inputs: &[&str], output: &str, attribute: Vec<pb::AttributeProto>) -> pb::NodeProto {
     pb::NodeProto {
         input: inputs.iter().map(|s| s.to_string()).collect(),
         output: vec![output.to_string()],
@@ -62,7 +62,7 @@ fn node(op: &str, inputs: &[&str], output: &str, attribute: Vec<pb::AttributePro
     }
 }
 
-fn ints(name: &str, v: &[i64]) -> pb::AttributeProto {
+pub(crate) fn ints(name: &str, v: &[i64]) -> pb::AttributeProto {
     pb::AttributeProto {
         name: name.into(),
         r#type: pb::attribute_proto::AttributeType::Ints as i32,
@@ -176,7 +176,7 @@ pub fn export_classifier(weights: &[DenseWeights], st: &Standardizer, doc: &str)
     model("edgeloop_classifier", nodes, initializer, st.mean.len() as i64, k, doc)
 }
 
-fn model(
+pub(crate) fn model(
     name: &str,
     nodes: Vec<pb::NodeProto>,
     initializer: Vec<pb::TensorProto>,
