@@ -127,10 +127,28 @@ impl ScoreReport {
     }
 }
 
+/// A detector's results scored, with each file's detections at the corpus threshold.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScoredResults {
+    #[serde(flatten)]
+    pub score: ScoreReport,
+    pub per_file: Vec<FileRaw>,
+}
+
+/// One file at the corpus threshold: its raw standard-profile score and its detections.
+#[derive(Debug, Clone, Serialize)]
+pub struct FileRaw {
+    pub file: String,
+    pub raw: f64,
+    pub tp: usize,
+    pub fp: usize,
+    pub fn_: usize,
+}
+
 /// Scores a detector's result files (`<results>/<category>/<prefix><file>.csv`, NAB's layout, with
 /// `timestamp` and `anomaly_score` columns) for every labelled file under `data`, as NAB's scorer does, and
 /// adds the per-category and leave-one-category-out scores.
-pub fn score_results(data: &Path, results: &Path, prefix: &str) -> anyhow::Result<ScoreReport> {
+pub fn score_results(data: &Path, results: &Path, prefix: &str) -> anyhow::Result<ScoredResults> {
     let windows = data::read_windows(data)?;
     let mut keys = Vec::new();
     let mut files = Vec::new();
@@ -148,8 +166,14 @@ pub fn score_results(data: &Path, results: &Path, prefix: &str) -> anyhow::Resul
         keys.push(s.key);
     }
     anyhow::ensure!(!files.is_empty(), "no NAB files under {}", data.display());
+    let best = scorer::optimise(&files);
+    let per_file = keys
+        .iter()
+        .zip(&best.per_file)
+        .map(|(k, r)| FileRaw { file: k.clone(), raw: r.score, tp: r.tp, fp: r.fp, fn_: r.fn_ })
+        .collect();
     let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
-    Ok(ScoreReport::of(&keys, &files, &scorer::optimise(&files)))
+    Ok(ScoredResults { score: ScoreReport::of(&keys, &files, &best), per_file })
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -462,8 +486,8 @@ pub async fn run(opts: NabOptions) -> anyhow::Result<NabReport> {
         let onsets = onset(&evidence(&scores, EVIDENCE_ROWS), day_rows, ROLLING);
         let alerts = with_range(onsets.clone());
         let single = with_range(onset(&scores, day_rows, ROLLING));
-        write_output(&opts.out, s, &alerts)?;
-        write_output(&opts.out.join("without-onset"), s, &scores)?;
+        write_output(&opts.out, s, &alerts, None)?;
+        write_output(&opts.out.join("without-onset"), s, &scores, Some(&out_of_range))?;
         per_file.push(FileReport {
             file: s.key.clone(),
             rows: s.values.len(),
@@ -546,14 +570,24 @@ fn tempfile_dir(out: &Path) -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
-fn write_output(out: &Path, s: &Series, scores: &[f64]) -> anyhow::Result<()> {
+/// Writes one file's scores in NAB's layout; with `out_of_range`, a fourth column says which rows the agent
+/// flagged out of range (1) or not (0), so that the steps after the agent can be studied offline.
+fn write_output(out: &Path, s: &Series, scores: &[f64], out_of_range: Option<&[bool]>) -> anyhow::Result<()> {
     let path = out.join(&s.key);
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)?;
     }
-    let mut text = String::from("timestamp,value,anomaly_score\n");
-    for ((stamp, v), sc) in s.stamps.iter().zip(&s.values).zip(scores) {
-        text.push_str(&format!("{stamp},{v},{:.6}\n", sc.clamp(0.0, 1.0)));
+    let mut text = String::from(if out_of_range.is_some() {
+        "timestamp,value,anomaly_score,out_of_range\n"
+    } else {
+        "timestamp,value,anomaly_score\n"
+    });
+    for (k, ((stamp, v), sc)) in s.stamps.iter().zip(&s.values).zip(scores).enumerate() {
+        text.push_str(&format!("{stamp},{v},{:.6}", sc.clamp(0.0, 1.0)));
+        if let Some(flags) = out_of_range {
+            text.push_str(if flags[k] { ",1" } else { ",0" });
+        }
+        text.push('\n');
     }
     std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
     Ok(())

@@ -48,13 +48,25 @@ async fn nab_replay_writes_well_formed_scores() {
     let raw = std::fs::read_to_string(out.path().join("without-onset/realTraffic/speed_7578.csv")).unwrap();
     let raw: Vec<&str> = raw.lines().collect();
     assert_eq!(raw.len(), outp.len());
-    let score = |line: &str| line.rsplit(',').next().unwrap().parse::<f64>().unwrap();
+    // Beside each score, whether the agent flagged the record out of range.
+    assert_eq!(raw[0], "timestamp,value,anomaly_score,out_of_range");
+    let score = |line: &str| line.split(',').nth(2).unwrap().parse::<f64>().unwrap();
     let values: Vec<f64> = inp.iter().skip(1).map(|l| l.split_once(',').unwrap().1.parse().unwrap()).collect();
     let raw_scores: Vec<f64> = raw.iter().skip(1).map(|l| score(l)).collect();
+    let flagged: Vec<bool> = raw
+        .iter()
+        .skip(1)
+        .map(|l| match l.rsplit(',').next().unwrap() {
+            "1" => true,
+            "0" => false,
+            other => panic!("out_of_range is `{other}` in `{l}`"),
+        })
+        .collect();
     let (mut kept, mut zeroed, mut out_of_range) = (0, 0, 0);
     for (k, o) in outp.iter().skip(1).enumerate() {
         let (r, o) = (raw_scores[k], score(o));
         if o == 1.0 && r != 1.0 {
+            assert!(flagged[k], "row {k} scored 1 without the agent's out-of-range flag");
             let before = &values[..k];
             let (lo, hi) = before.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &v| (lo.min(v), hi.max(v)));
             let margin = 0.02 * (hi - lo);
@@ -79,6 +91,10 @@ async fn nab_replay_writes_well_formed_scores() {
     assert!(kept < raw_scores.iter().filter(|&&r| r > 0.0).count(), "the onset step kept every scored row");
     // Seven of speed_7578's readings after its probation pass every reading before them by more than 2%.
     assert!(out_of_range > 0, "no reading was out of range");
+    // And every row the agent flagged scores 1.
+    for (k, &f) in flagged.iter().enumerate() {
+        assert!(!f || score(outp[k + 1]) == 1.0, "row {k} was flagged out of range but scored {}", outp[k + 1]);
+    }
     assert!((0.0..=100.0).contains(&report.standard_score_without_onset), "{report:?}");
     assert!((0.0..=100.0).contains(&report.standard_score_without_range), "{report:?}");
     assert!((0.0..=100.0).contains(&report.standard_score_without_evidence), "{report:?}");
@@ -87,4 +103,10 @@ async fn nab_replay_writes_well_formed_scores() {
     // as the dataset's windows do.
     let scored = report.per_file[0].scored;
     assert!((800..=1127 - 169).contains(&scored), "{scored} rows scored");
+    // `nab-score` on the written results gives the run's own score, and the same detections per file.
+    let rescored = nab::score_results(&data, out.path(), "").unwrap();
+    assert!((rescored.score.standard_score - report.score.standard_score).abs() < 0.05, "{rescored:?}");
+    let (f, r) = (&rescored.per_file[0], &report.per_file[0]);
+    assert_eq!((f.file.as_str(), f.tp, f.fp, f.fn_), (r.file.as_str(), r.tp, r.fp, r.fn_), "{rescored:?}");
+    assert!(f.tp + f.fn_ > 0, "speed_7578 has labelled windows: {rescored:?}");
 }
