@@ -676,7 +676,10 @@ async fn holidays(
             q.push((d.to_string(), Fault::Holiday, HOLIDAY_DAYS * 86_400_000));
         }
     }
-    say.say(format_args!("  {HOLIDAY_DAYS} days of holidays begin on {} traffic devices", traffic.len()));
+    say.say(format_args!(
+        "  {HOLIDAY_DAYS} days of holidays begin at the next midnight on {} traffic devices",
+        traffic.len()
+    ));
     wait_until("the drift trigger's training", Duration::from_secs(240), || {
         cp.learning.trigger_events().iter().any(|e| {
             matches!(e.cause, Cause::Drift { .. })

@@ -8,7 +8,8 @@
 //! - **city-air-quality**: PM2.5 and NO2 with daily and weekly cycles and weather episodes; sensor faults:
 //!   stuck value, drift, dropouts.
 //! - **city-traffic**: occupancy and speed with weekday and weekend patterns, incidents, and holidays that
-//!   move a weekday to the weekend pattern (a drift that should trigger retraining).
+//!   move a weekday to the weekend pattern (a drift that should trigger retraining), whole calendar days from
+//!   midnight to midnight.
 //!
 //! [`Generator::new`] gives normal operation. [`Generator::with_faults`] schedules faults (seeded) and
 //! records each as a [`GroundTruth`] window: the labels, which exist only in simulation. The same seed gives
@@ -130,7 +131,10 @@ impl Generator {
         while t < start_ms + horizon_ms {
             let fault = kinds[k % kinds.len()];
             let len = match fault {
-                Fault::Holiday => 86_400_000,
+                Fault::Holiday => {
+                    t = next_midnight(t);
+                    DAY_MS
+                }
                 _ => rng.gen_range(len_ms.0..=len_ms.1),
             };
             g.labels.push(GroundTruth { from_ms: t, to_ms: t + len, fault });
@@ -161,8 +165,15 @@ impl Generator {
 
     /// Injects `fault` from the next sample on, for `len_ms` of event time, and records it as ground truth.
     /// Returns the window.
+    /// A holiday is whole calendar days (UTC, event time): it begins at the next midnight and lasts `len_ms`
+    /// rounded up to days, as a city's holidays do. One that began and ended at the hour it was injected
+    /// would switch the traffic from a weekend's pattern to a weekday's within one reading, at rush hour as
+    /// likely as not: the jump an incident makes, not the drift a holiday is.
     pub fn inject(&mut self, fault: Fault, len_ms: u64) -> GroundTruth {
-        let from_ms = self.now_ms();
+        let (from_ms, len_ms) = match fault {
+            Fault::Holiday => (next_midnight(self.now_ms()), len_ms.div_ceil(DAY_MS).max(1) * DAY_MS),
+            _ => (self.now_ms(), len_ms),
+        };
         let window = GroundTruth { from_ms, to_ms: from_ms + len_ms, fault };
         self.labels.push(window.clone());
         window
@@ -292,6 +303,14 @@ impl Generator {
     }
 }
 
+/// A day of event time, in milliseconds.
+const DAY_MS: u64 = 86_400_000;
+
+/// The first midnight (UTC) at or after `ts_ms`.
+fn next_midnight(ts_ms: u64) -> u64 {
+    ts_ms.div_ceil(DAY_MS) * DAY_MS
+}
+
 /// The magnitude of one frequency in `xs` sampled at `rate_hz` (Goertzel), normalised by length.
 pub fn tone(xs: &[f64], rate_hz: f64, freq: f64) -> f64 {
     let w = 2.0 * PI * freq / rate_hz;
@@ -415,6 +434,28 @@ mod tests {
         let incident = labels.iter().find(|l| l.fault == Fault::Incident).unwrap();
         let mid = (incident.from_ms + incident.to_ms) / 2;
         assert!(occ(mid) > occ(mid + 7 * DAY).min(occ(mid + 14 * DAY)) + 15.0);
-        assert!(labels.iter().any(|l| l.fault == Fault::Holiday));
+        let holidays: Vec<&GroundTruth> = labels.iter().filter(|l| l.fault == Fault::Holiday).collect();
+        assert!(!holidays.is_empty());
+        // Holidays are calendar days: they begin and end at midnight, where the weekday's and the weekend's
+        // patterns meet, so the traffic does not jump as it does at an incident.
+        let jump_at = |ts: u64| {
+            let occ: Vec<f64> = samples
+                .iter()
+                .filter(|s| s.sensor == "occupancy" && s.ts_ms.unwrap().abs_diff(ts) <= 15 * 60_000)
+                .map(|s| s.values[0])
+                .collect();
+            occ.windows(2).map(|w| (w[1] - w[0]).abs()).fold(0.0, f64::max)
+        };
+        for h in &holidays {
+            assert_eq!((h.from_ms % DAY, h.to_ms % DAY), (0, 0), "{h:?}");
+            if h.to_ms < 55 * DAY {
+                assert!(jump_at(h.from_ms) < 5.0 && jump_at(h.to_ms) < 5.0, "{h:?}");
+            }
+        }
+        assert!(jump_at(incident.from_ms) > 20.0, "an incident's onset is a jump");
+        // An injected holiday too, from the next midnight, whole days.
+        let now = g.now_ms();
+        let h = g.inject(Fault::Holiday, 3 * DAY - 1000);
+        assert_eq!((h.from_ms, h.to_ms - h.from_ms), (now.div_ceil(DAY) * DAY, 3 * DAY));
     }
 }
