@@ -165,6 +165,7 @@ impl Generator {
 
     /// Injects `fault` from the next sample on, for `len_ms` of event time, and records it as ground truth.
     /// Returns the window.
+    ///
     /// A holiday is whole calendar days (UTC, event time): it begins at the next midnight and lasts `len_ms`
     /// rounded up to days, as a city's holidays do. One that began and ended at the hour it was injected
     /// would switch the traffic from a weekend's pattern to a weekday's within one reading, at rush hour as
